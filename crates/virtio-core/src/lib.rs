@@ -1,0 +1,19 @@
+//! `virtio-core`: the transport-independent heart of the virtio stack.
+//!
+//! - [`types`]: spec constants (device types, status, generic feature bits);
+//! - [`platform`]: traits a platform implements once (DMA, PCI config space, BARs, interrupts);
+//! - [`transport`]: what a transport (virtio-pci modern/legacy) offers to the core;
+//! - [`ring`]: split-ring wire layouts; [`queue`]: the split virtqueue (the hot path);
+//! - [`bus`]: the interface device drivers use, and [`device::VirtioDevice`], its in-process
+//!   implementation over any transport (feature negotiation, lifecycle, interrupts).
+#![no_std]
+
+extern crate alloc;
+
+pub mod error;
+pub mod platform;
+pub mod transport;
+pub mod types;
+
+pub use error::{Error, Result, TransportError};
+pub use types::{DeviceStatus, DeviceType, Features, RingLayoutKind};

@@ -1,0 +1,152 @@
+//! What a platform (an IOKit kext, the bare-metal QEMU guest, the in-process simulation)
+//! implements once so that the transports and device drivers run on it.
+//!
+//! Every trait here documents how the two real platforms implement it:
+//! - **IOKit shim** (`kexts/`): the C++ side calls into IOKit and hands results to Rust.
+//! - **Bare-metal guest** (`tests/guest/`): identity-mapped memory, port I/O, its own APIC code.
+
+use crate::error::Result;
+use core::ptr::NonNull;
+
+/// A device (DMA) address: what goes into descriptors and queue address registers.
+/// With an IOMMU this is an IOVA, not a physical address.
+pub type DeviceAddr = u64;
+
+/// Direction of a streaming DMA mapping, from the device's point of view.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum DmaDirection {
+    /// The device reads the buffer (driver → device, e.g. a transmitted frame).
+    ToDevice,
+    /// The device writes the buffer (device → driver, e.g. a receive buffer).
+    FromDevice,
+    Bidirectional,
+}
+
+/// Coherent, zeroed, physically contiguous memory shared with the device.
+#[derive(Debug)]
+pub struct DmaRegion {
+    /// Where the CPU sees it.
+    pub vaddr: NonNull<u8>,
+    /// Where the device sees it.
+    pub daddr: DeviceAddr,
+    /// Size in bytes (at least what was asked for).
+    pub len: usize,
+}
+
+// SAFETY: a DmaRegion is a description of memory owned by whoever allocated it; moving the
+// description between threads is fine, and all accesses through it are volatile/atomic.
+unsafe impl Send for DmaRegion {}
+// SAFETY: as above; shared references only hand out the addresses.
+unsafe impl Sync for DmaRegion {}
+
+impl DmaRegion {
+    /// Pointer to byte `offset`, or `None` if `offset + len` leaves the region.
+    pub fn ptr_at(&self, offset: usize, len: usize) -> Option<NonNull<u8>> {
+        let end = offset.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: offset <= self.len, so the result stays within (or one past) the region.
+        Some(unsafe { self.vaddr.add(offset) })
+    }
+}
+
+/// DMA memory for rings and device buffers.
+///
+/// - IOKit: `IOBufferMemoryDescriptor::inTaskWithPhysicalMask(kernel_task,
+///   kIODirectionInOut | kIOMemoryPhysicallyContiguous, len, mask)` prepared with an
+///   `IODMACommand` (`withSpecification(kIODMACommandOutputHost64, 64, ...)` +
+///   `gen64IOVMSegments`) for the device address; `map` uses an `IODMACommand` on the
+///   caller's memory descriptor. Never a raw physical address: an IOMMU (VT-d, DART) may
+///   be present.
+/// - Bare-metal guest: identity mapping; `alloc_coherent` takes page-aligned zeroed memory
+///   from the heap and `daddr == vaddr`; `map` returns the virtual address.
+pub trait Dma {
+    /// Allocates zeroed coherent memory aligned to at least `align` (a power of two <= 4096).
+    /// Called only at setup time.
+    fn alloc_coherent(&self, len: usize, align: usize) -> Result<DmaRegion>;
+
+    /// Frees a region from [`Dma::alloc_coherent`].
+    ///
+    /// # Safety
+    /// The device must no longer access it (queue reset or device reset first), and the
+    /// region must not be used afterwards.
+    unsafe fn free_coherent(&self, region: DmaRegion);
+
+    /// Makes `len` bytes at `vaddr` visible to the device and returns the device address.
+    /// Must not allocate on platforms where it is used on an I/O path.
+    fn map(&self, vaddr: NonNull<u8>, len: usize, dir: DmaDirection) -> Result<DeviceAddr>;
+
+    /// Ends a mapping from [`Dma::map`] (syncs caches for `FromDevice` where needed).
+    fn unmap(&self, daddr: DeviceAddr, len: usize, dir: DmaDirection);
+}
+
+/// PCI configuration space of one function.
+///
+/// - IOKit: `IOPCIDevice::configRead8/16/32` / `configWrite8/16/32`.
+/// - Bare-metal guest: mechanism #1, ports 0xCF8 (address) / 0xCFC (data).
+///
+/// Offsets are below 256 (the legacy config header and capability list).
+pub trait PciConfigSpace {
+    fn read8(&self, offset: u16) -> u8;
+    fn read16(&self, offset: u16) -> u16;
+    fn read32(&self, offset: u16) -> u32;
+    fn write8(&self, offset: u16, value: u8);
+    fn write16(&self, offset: u16, value: u16);
+    fn write32(&self, offset: u16, value: u32);
+}
+
+/// Register access to the function's BARs, memory or I/O, little-endian registers.
+///
+/// - IOKit: memory BARs through `IOPCIDevice::mapDeviceMemoryWithRegister` (an `IOMemoryMap`
+///   whose virtual address is accessed volatile); I/O BARs through `IOPCIDevice::ioRead*`
+///   / `ioWrite*` with the BAR's `IOMemoryMap`.
+/// - Bare-metal guest: identity-mapped MMIO with volatile access; `in`/`out` for I/O BARs.
+///
+/// Implementations must check `offset + width` against the BAR length and return `None`
+/// (read) / do nothing (write) when outside: the transport validates offsets from the
+/// device's capabilities before use, this is the second line of defence.
+pub trait BarAccess {
+    /// Length of BAR `bar` (0..=5) in bytes, or `None` if it is not implemented/assigned.
+    fn bar_len(&self, bar: u8) -> Option<u64>;
+    /// Whether BAR `bar` is an I/O-space BAR.
+    fn bar_is_io(&self, bar: u8) -> bool;
+    fn read8(&self, bar: u8, offset: u64) -> Option<u8>;
+    fn read16(&self, bar: u8, offset: u64) -> Option<u16>;
+    fn read32(&self, bar: u8, offset: u64) -> Option<u32>;
+    fn write8(&self, bar: u8, offset: u64, value: u8);
+    fn write16(&self, bar: u8, offset: u64, value: u16);
+    fn write32(&self, bar: u8, offset: u64, value: u32);
+}
+
+/// How the platform delivers this function's interrupts.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum InterruptMode {
+    /// MSI-X with `vectors` vectors enabled (MSI-X table entries 0..vectors).
+    MsiX { vectors: u16 },
+    /// Legacy INTx (level-triggered, shared): the bus reads the ISR to demultiplex.
+    Intx,
+    /// No interrupts: the driver polls.
+    Polling,
+}
+
+/// Interrupt plumbing of one PCI function.
+///
+/// - IOKit: `IOPCIDevice::getInterruptType` to find `kIOInterruptTypePCIMessaged` sources
+///   (MSI-X index k), one `IOFilterInterruptEventSource` per vector on the family's work
+///   loop; INTx is the source whose type is not messaged. IOKit programs the MSI-X table.
+/// - Bare-metal guest: programs the MSI-X table (address 0xFEE0_0000 | apic id, data =
+///   IDT vector) and sets MSI-X Enable in the capability; INTx through the I/O APIC using
+///   the interrupt line from config space.
+///
+/// The transport asks in the fallback order of virtio 1.2 §4.1.4.8 practice (Linux,
+/// FreeBSD): one vector per queue plus config → two vectors (config + all queues) → INTx.
+pub trait InterruptPlatform {
+    /// Enables MSI-X with exactly `vectors` vectors, routed to handlers that call the bus's
+    /// interrupt entry with the vector index. Returns false if impossible.
+    fn enable_msix(&mut self, vectors: u16) -> bool;
+    /// Enables INTx delivery. Returns false if the function has no interrupt pin/line.
+    fn enable_intx(&mut self) -> bool;
+    /// Disables whatever was enabled (MSI-X or INTx); called on reset/stop.
+    fn disable(&mut self);
+}
