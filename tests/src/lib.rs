@@ -1,0 +1,5 @@
+//! Test support for the virtio stack.
+//!
+//! - `sim`: an in-process virtio-pci function (register model) whose rings are served by
+//!   rust-vmm's `virtio-queue` over identity-mapped `vm-memory`;
+//! - `qemu`: the host-side runner that builds the bare-metal guest and drives QEMU.
