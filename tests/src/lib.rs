@@ -3,3 +3,5 @@
 //! - `sim`: an in-process virtio-pci function (register model) whose rings are served by
 //!   rust-vmm's `virtio-queue` over identity-mapped `vm-memory`;
 //! - `qemu`: the host-side runner that builds the bare-metal guest and drives QEMU.
+
+pub mod mem;
