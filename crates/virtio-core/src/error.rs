@@ -38,7 +38,11 @@ pub enum Error {
     /// The device claims to have written more than the chain's writable capacity.
     UsedLenTooLarge { queue: u16, len: u32, max: u32 },
     /// The used index advanced by more than the ring size since we last looked.
-    UsedIdxJump { queue: u16, used_idx: u16, last_seen: u16 },
+    UsedIdxJump {
+        queue: u16,
+        used_idx: u16,
+        last_seen: u16,
+    },
     /// An earlier device fault broke this queue; it refuses use until the device is reset.
     QueueBroken { queue: u16 },
     /// The platform could not allocate or map DMA memory.
@@ -112,14 +116,20 @@ impl fmt::Display for Error {
             Error::UsedLenTooLarge { queue, len, max } => {
                 write!(f, "queue {queue}: device wrote {len} bytes, capacity {max}")
             }
-            Error::UsedIdxJump { queue, used_idx, last_seen } => write!(
+            Error::UsedIdxJump {
+                queue,
+                used_idx,
+                last_seen,
+            } => write!(
                 f,
                 "queue {queue}: used idx jumped from {last_seen} to {used_idx}"
             ),
             Error::QueueBroken { queue } => write!(f, "queue {queue} broken by device fault"),
             Error::DmaAlloc => write!(f, "DMA allocation failed"),
             Error::Transport(t) => write!(f, "transport: {t:?}"),
-            Error::VectorRejected { queue: Some(q) } => write!(f, "MSI-X vector rejected for queue {q}"),
+            Error::VectorRejected { queue: Some(q) } => {
+                write!(f, "MSI-X vector rejected for queue {q}")
+            }
             Error::VectorRejected { queue: None } => write!(f, "MSI-X config vector rejected"),
             Error::DeviceProtocol { what } => write!(f, "device protocol violation: {what}"),
             Error::DeviceStatus { status } => write!(f, "device returned status {status}"),

@@ -17,3 +17,11 @@ pub mod types;
 
 pub use error::{Error, Result, TransportError};
 pub use types::{DeviceStatus, DeviceType, Features, RingLayoutKind};
+pub mod bus;
+pub mod device;
+pub mod queue;
+pub mod ring;
+
+pub use bus::{Bus, InterruptCause, QueueMask, QueueSpec};
+pub use device::VirtioDevice;
+pub use queue::{QueueStats, Segment, SplitQueue, Used};

@@ -102,7 +102,7 @@ bitflags! {
 
 impl Features {
     /// Mask of the device-specific bit ranges (0..=23 and 50..=127 per §6; here 0..=23 and 50..=63).
-    pub const DEVICE_SPECIFIC: u64 = (1 << 24) - 1 | !((1u64 << 50) - 1);
+    pub const DEVICE_SPECIFIC: u64 = ((1 << 24) - 1) | !((1u64 << 50) - 1);
 
     /// The ring/transport features this crate's virtqueue implements, and may be acknowledged
     /// when offered. Everything else generic is refused on purpose:
@@ -169,6 +169,9 @@ mod tests {
     #[test]
     fn ring_supported_never_contains_bad_feature() {
         assert!(!Features::RING_SUPPORTED.contains(Features::BAD_FEATURE));
-        assert_eq!(Features::RING_SUPPORTED.bits() & Features::DEVICE_SPECIFIC, 0);
+        assert_eq!(
+            Features::RING_SUPPORTED.bits() & Features::DEVICE_SPECIFIC,
+            0
+        );
     }
 }

@@ -1,0 +1,182 @@
+//! The bus interface: everything a device driver (virtio-net, -blk, -balloon, -console)
+//! may ask of its bus. Modelled on FreeBSD's `virtio_bus_if.m` + `virtqueue.h`.
+//!
+//! Device crates are generic over [`Bus`] and never see the transport. In-process (tests,
+//! the QEMU guest) the implementation is [`crate::device::VirtioDevice`]; in the kexts,
+//! `VirtioFamily.kext` exports these operations as C functions and each device kext
+//! implements this trait over them.
+
+use crate::error::Result;
+use crate::platform::{Dma, InterruptMode};
+use crate::queue::{QueueStats, Segment, Used};
+use crate::types::{DeviceType, Features};
+
+/// A queue the driver wants, in `setup_queues`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct QueueSpec {
+    /// Queue index as the device numbers it.
+    pub index: u16,
+    /// Wanted size; 0 = the device's maximum. Rounded down to a power of two and clamped to
+    /// the device maximum (legacy devices: always their fixed size).
+    pub size: u16,
+    /// Whether completions on this queue should interrupt (false: the driver polls it,
+    /// e.g. a transmit queue reclaimed on the next send).
+    pub interrupts: bool,
+    /// Longest chain the driver will post as one indirect table (0: never use indirect).
+    pub max_indirect: u16,
+}
+
+impl QueueSpec {
+    pub const fn new(index: u16) -> Self {
+        QueueSpec {
+            index,
+            size: 0,
+            interrupts: true,
+            max_indirect: 0,
+        }
+    }
+    pub const fn size(mut self, size: u16) -> Self {
+        self.size = size;
+        self
+    }
+    pub const fn interrupts(mut self, on: bool) -> Self {
+        self.interrupts = on;
+        self
+    }
+    pub const fn indirect(mut self, max: u16) -> Self {
+        self.max_indirect = max;
+        self
+    }
+}
+
+/// Bit set of queue indices (0..128).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueueMask(pub u128);
+
+impl QueueMask {
+    pub fn insert(&mut self, q: u16) {
+        if q < 128 {
+            self.0 |= 1 << q;
+        }
+    }
+    pub fn contains(self, q: u16) -> bool {
+        q < 128 && self.0 & (1 << q) != 0
+    }
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    pub fn iter(self) -> impl Iterator<Item = u16> {
+        (0..128u16).filter(move |&q| self.contains(q))
+    }
+}
+
+/// What an interrupt meant, after the bus demultiplexed it.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct InterruptCause {
+    /// Queues that may have completions.
+    pub queues: QueueMask,
+    /// The device configuration changed (link status, capacity, balloon target, ...).
+    pub config_changed: bool,
+    /// The device set DEVICE_NEEDS_RESET (comes with a config change, §2.1.2).
+    pub needs_reset: bool,
+}
+
+impl InterruptCause {
+    pub fn is_empty(&self) -> bool {
+        self.queues.is_empty() && !self.config_changed && !self.needs_reset
+    }
+}
+
+/// The operations a device driver uses. All queue operations take the queue index.
+pub trait Bus {
+    type Dma: Dma;
+
+    /// DMA allocation and mapping for the driver's own buffers.
+    fn dma(&self) -> &Self::Dma;
+    fn device_type(&self) -> DeviceType;
+
+    /// Runs the spec's initialisation up to FEATURES_OK (§3.1.1 steps 1–6): reset, ACK,
+    /// DRIVER, accept `offered ∩ (driver ∪ bus ring features) ∩ transport allow-list`
+    /// (never bit 30), FEATURES_OK with read-back. On error the device is left FAILED.
+    /// Returns the negotiated set. `driver` holds device-specific bits and any generic bits
+    /// the driver additionally wants (e.g. ANY_LAYOUT).
+    fn negotiate_features(&mut self, driver: Features) -> Result<Features>;
+    /// What the device offered (valid after `negotiate_features`).
+    fn offered_features(&self) -> Features;
+    /// The negotiated set.
+    fn features(&self) -> Features;
+    fn has_feature(&self, f: Features) -> bool {
+        self.features().contains(f)
+    }
+
+    /// Reads device-specific config consistently across `config_generation` (§4.1.4.3.1),
+    /// with accesses of natural width.
+    fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<()>;
+    fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<()>;
+    fn read_config_u8(&self, offset: u32) -> Result<u8> {
+        let mut b = [0; 1];
+        self.read_config(offset, &mut b)?;
+        Ok(b[0])
+    }
+    fn read_config_u16(&self, offset: u32) -> Result<u16> {
+        let mut b = [0; 2];
+        self.read_config(offset, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+    fn read_config_u32(&self, offset: u32) -> Result<u32> {
+        let mut b = [0; 4];
+        self.read_config(offset, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn read_config_u64(&self, offset: u32) -> Result<u64> {
+        let mut b = [0; 8];
+        self.read_config(offset, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Number of queues the device has.
+    fn num_queues(&mut self) -> u16;
+    /// Maximum size of queue `index` (0: absent).
+    fn max_queue_size(&mut self, index: u16) -> u16;
+    /// Allocates and programs the queues and their interrupt vectors (MSI-X per queue →
+    /// MSI-X shared → INTx → polling). Call after `negotiate_features`, before `driver_ok`.
+    fn setup_queues(&mut self, specs: &[QueueSpec]) -> Result<()>;
+    /// Sets DRIVER_OK (§3.1.1 step 8): the device is live.
+    fn driver_ok(&mut self) -> Result<()>;
+    /// Resets the device and releases its queues; `reclaim` receives every in-flight token
+    /// (so the driver frees its buffers). Negotiation must be redone afterwards.
+    fn reset(&mut self, reclaim: &mut dyn FnMut(u16, usize));
+    /// DEVICE_NEEDS_RESET is set.
+    fn needs_reset(&self) -> bool;
+    /// How interrupts are delivered after `setup_queues`.
+    fn interrupt_mode(&self) -> InterruptMode;
+
+    /// Adds a chain (readable segments first, then writable) tagged with `token`.
+    fn add(
+        &mut self,
+        queue: u16,
+        readable: &[Segment],
+        writable: &[Segment],
+        token: usize,
+    ) -> Result<()>;
+    /// Notifies the device if it asked to be (EVENT_IDX or flags). Returns whether it did.
+    fn kick(&mut self, queue: u16) -> Result<bool>;
+    /// Next completion, in device order; hostile values become errors.
+    fn pop_used(&mut self, queue: u16) -> Result<Option<Used>>;
+    /// Re-enables interrupts; true if completions arrived meanwhile (process them now).
+    fn enable_interrupts(&mut self, queue: u16) -> Result<bool>;
+    /// Re-enables interrupts after ~3/4 of the in-flight chains completed (EVENT_IDX).
+    fn enable_interrupts_delayed(&mut self, queue: u16) -> Result<bool>;
+    fn disable_interrupts(&mut self, queue: u16) -> Result<()>;
+    /// Free descriptors (a chain of n segments needs n, or 1 with indirect).
+    fn free_descriptors(&self, queue: u16) -> Result<u16>;
+    /// The size the queue was set up with.
+    fn queue_size(&self, queue: u16) -> Result<u16>;
+    /// Longest chain `add` accepts on this queue.
+    fn max_chain(&self, queue: u16) -> Result<u16>;
+    fn queue_stats(&self, queue: u16) -> Result<QueueStats>;
+
+    /// Entry point from the platform's interrupt handler: `vector` is the MSI-X vector index,
+    /// or `None` for INTx (and for polling), where the ISR is read (and cleared).
+    fn handle_interrupt(&mut self, vector: Option<u16>) -> InterruptCause;
+}

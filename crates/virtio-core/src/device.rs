@@ -1,0 +1,625 @@
+//! [`VirtioDevice`]: the in-process bus over any [`Transport`] — the spec's initialisation
+//! order, feature negotiation, queue and interrupt-vector setup with fallback, config
+//! access consistent across generations, and interrupt demultiplexing.
+
+use alloc::vec::Vec;
+
+use crate::bus::{Bus, InterruptCause, QueueSpec};
+use crate::error::{Error, Result};
+use crate::platform::{Dma, InterruptMode, InterruptPlatform};
+use crate::queue::{QueueConfig, QueueStats, Segment, SplitQueue, Used};
+use crate::ring::{MAX_QUEUE_SIZE, SplitRingLayout};
+use crate::transport::{NO_VECTOR, Transport};
+use crate::types::{DeviceStatus, DeviceType, Features, RingLayoutKind};
+
+/// Bounded waits: status polls after reset, and config re-reads while the generation moves.
+const RESET_POLLS: u32 = 1_000_000;
+const CONFIG_RETRIES: u32 = 64;
+
+/// Generic features the bus implements and accepts when offered, unless masked.
+/// (See [`Features::RING_SUPPORTED`] for what is refused and why; NOTIFY_ON_EMPTY and
+/// ANY_LAYOUT only when the device driver asks, since they change its behaviour.)
+pub const BUS_FEATURES: Features = Features::INDIRECT_DESC
+    .union(Features::EVENT_IDX)
+    .union(Features::VERSION_1)
+    .union(Features::ACCESS_PLATFORM);
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum State {
+    Reset,
+    FeaturesOk,
+    QueuesReady,
+    DriverOk,
+    Failed,
+}
+
+/// How interrupt vectors map to queues.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum VectorPlan {
+    /// Vector 0: config; vector k+1: k-th queue that wants interrupts.
+    PerQueue,
+    /// Vector 0: config; vector 1: every queue.
+    Shared,
+    /// INTx or polling: the ISR says what happened.
+    Isr,
+}
+
+struct QueueSlot {
+    queue: SplitQueue,
+    interrupts: bool,
+    /// MSI-X vector this queue raises, or NO_VECTOR.
+    vector: u16,
+}
+
+/// One virtio device driven through a transport `T`, with DMA `D` and interrupts `I`.
+pub struct VirtioDevice<T: Transport, D: Dma, I: InterruptPlatform> {
+    transport: T,
+    dma: D,
+    irq: I,
+    state: State,
+    offered: Features,
+    negotiated: Features,
+    driver_features: Features,
+    /// Bits the platform forbids (e.g. a test turning EVENT_IDX off).
+    mask: Features,
+    /// Modern transports require VERSION_1; legacy ones cannot have it.
+    queues: Vec<Option<QueueSlot>>,
+    mode: InterruptMode,
+    plan: VectorPlan,
+    /// Interrupts seen per vector (index 0.. for MSI-X; `isr_interrupts` for INTx/poll).
+    vector_interrupts: Vec<u64>,
+    isr_interrupts: u64,
+    spurious_interrupts: u64,
+}
+
+impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
+    pub fn new(transport: T, dma: D, irq: I) -> Self {
+        VirtioDevice {
+            transport,
+            dma,
+            irq,
+            state: State::Reset,
+            offered: Features::empty(),
+            negotiated: Features::empty(),
+            driver_features: Features::empty(),
+            mask: Features::empty(),
+            queues: Vec::new(),
+            mode: InterruptMode::Polling,
+            plan: VectorPlan::Isr,
+            vector_interrupts: Vec::new(),
+            isr_interrupts: 0,
+            spurious_interrupts: 0,
+        }
+    }
+
+    /// Never accept these bits, even if the driver and device both support them.
+    pub fn set_feature_mask(&mut self, mask: Features) {
+        self.mask = mask;
+    }
+
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+    pub fn transport_mut(&mut self) -> &mut T {
+        &mut self.transport
+    }
+    pub fn interrupt_platform(&mut self) -> &mut I {
+        &mut self.irq
+    }
+
+    /// Interrupts taken per MSI-X vector (empty without MSI-X), and through the ISR.
+    pub fn interrupt_counts(&self) -> (&[u64], u64) {
+        (&self.vector_interrupts, self.isr_interrupts)
+    }
+    /// Interrupts that found nothing to do (INTx shared line, ISR 0).
+    pub fn spurious_interrupts(&self) -> u64 {
+        self.spurious_interrupts
+    }
+
+    /// Writes 0 and waits until the device reads back 0 (§2.1.2, §4.1.4.3.2).
+    fn reset_device(&mut self) -> Result<()> {
+        self.transport.set_status(DeviceStatus::empty());
+        for _ in 0..RESET_POLLS {
+            if self.transport.status().is_empty() {
+                return Ok(());
+            }
+            core::hint::spin_loop();
+        }
+        Err(Error::ResetTimeout)
+    }
+
+    fn add_status(&mut self, bits: DeviceStatus) {
+        let s = self.transport.status();
+        self.transport.set_status(s | bits);
+    }
+
+    fn fail(&mut self, e: Error) -> Error {
+        log::error!(
+            "virtio {}: {e}; marking device FAILED",
+            self.transport.device_type().name()
+        );
+        self.add_status(DeviceStatus::FAILED);
+        self.state = State::Failed;
+        e
+    }
+
+    fn release_queues(&mut self, reclaim: &mut dyn FnMut(u16, usize)) {
+        for slot in self.queues.drain(..).flatten() {
+            let mut q = slot.queue;
+            let index = q.index();
+            q.reclaim_after_reset(|t| reclaim(index, t));
+            let (ring, indirect) = q.into_regions();
+            // SAFETY: the device was reset (or never started) before we get here, so it no
+            // longer accesses the rings; the regions came from `self.dma`.
+            unsafe {
+                self.dma.free_coherent(ring);
+                if let Some(p) = indirect {
+                    self.dma.free_coherent(p);
+                }
+            }
+        }
+        self.irq.disable();
+        self.transport.set_msix_enabled(false);
+        self.mode = InterruptMode::Polling;
+        self.plan = VectorPlan::Isr;
+        self.vector_interrupts.clear();
+    }
+
+    fn negotiate(&mut self, driver: Features) -> Result<Features> {
+        // §3.1.1 steps 1–3.
+        self.reset_device()?;
+        self.add_status(DeviceStatus::ACKNOWLEDGE);
+        self.add_status(DeviceStatus::DRIVER);
+        // Step 4.
+        let offered = Features::from_bits_retain(self.transport.device_features());
+        self.offered = offered;
+        let legacy = self.transport.ring_layout() == RingLayoutKind::Legacy;
+        let wanted = (driver | BUS_FEATURES) & !self.mask;
+        // Generic bits: only those the ring code implements; device bits: what the driver
+        // asked. Bit 30 is excluded by construction (not in RING_SUPPORTED nor device range).
+        let allowed =
+            Features::RING_SUPPORTED | Features::from_bits_retain(Features::DEVICE_SPECIFIC);
+        let mut accept = offered & wanted & allowed;
+        accept.remove(Features::BAD_FEATURE);
+        if legacy {
+            // A legacy interface has 32 feature bits; VERSION_1 cannot be negotiated there.
+            accept = Features::from_bits_retain(accept.bits() & 0xFFFF_FFFF);
+        } else if !accept.contains(Features::VERSION_1) {
+            // §6.1: a modern driver MUST accept VERSION_1; a device that lacks it is legacy.
+            return Err(self.fail(Error::MissingFeature { bit: 32 }));
+        }
+        self.transport.set_driver_features(accept.bits());
+        if !legacy {
+            // Steps 5–6: FEATURES_OK, then re-read it (§3.1.1). Legacy devices have no
+            // FEATURES_OK (§3.1.2).
+            self.add_status(DeviceStatus::FEATURES_OK);
+            if !self.transport.status().contains(DeviceStatus::FEATURES_OK) {
+                return Err(self.fail(Error::FeaturesNotAccepted {
+                    offered: offered.bits(),
+                    requested: accept.bits(),
+                }));
+            }
+        }
+        self.negotiated = accept;
+        self.driver_features = driver;
+        self.state = State::FeaturesOk;
+        log::debug!(
+            "virtio {}: offered {:#x}, negotiated {:#x}",
+            self.transport.device_type().name(),
+            offered.bits(),
+            accept.bits()
+        );
+        Ok(accept)
+    }
+
+    fn queue_size_for(&mut self, spec: &QueueSpec) -> Result<u16> {
+        let max = self.transport.max_queue_size(spec.index);
+        if max == 0 {
+            return Err(Error::NoSuchQueue { queue: spec.index });
+        }
+        // Legacy: the size is fixed by the device (§4.1.5.1.3 legacy). Its power-of-two-ness
+        // is checked by `SplitRingLayout::new`.
+        if !self.transport.queue_size_settable() {
+            return Ok(max);
+        }
+        let max = max.min(MAX_QUEUE_SIZE);
+        let want = if spec.size == 0 {
+            max
+        } else {
+            spec.size.min(max)
+        };
+        // Largest power of two <= want (a device max that is not a power of two is allowed
+        // for modern devices; we then use less).
+        Ok(1 << (15 - want.leading_zeros()))
+    }
+
+    fn build_queue(&mut self, spec: &QueueSpec) -> Result<SplitQueue> {
+        let size = self.queue_size_for(spec)?;
+        let kind = self.transport.ring_layout();
+        let layout = SplitRingLayout::new(kind, size).ok_or(Error::BadQueueSize {
+            queue: spec.index,
+            size,
+        })?;
+        let ring = self.dma.alloc_coherent(layout.total, layout.align)?;
+        let max_indirect = if self.negotiated.contains(Features::INDIRECT_DESC) {
+            spec.max_indirect.min(size)
+        } else {
+            0
+        };
+        let indirect = if max_indirect > 1 {
+            match self
+                .dma
+                .alloc_coherent(size as usize * max_indirect as usize * 16, 16)
+            {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    // SAFETY: just allocated, never given to the device.
+                    unsafe { self.dma.free_coherent(ring) };
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let config = QueueConfig {
+            size,
+            max_indirect,
+            event_idx: self.negotiated.contains(Features::EVENT_IDX),
+        };
+        SplitQueue::new(spec.index, layout, ring, indirect, config)
+    }
+
+    /// One attempt at programming all queues with a vector plan.
+    fn try_setup(&mut self, specs: &[QueueSpec], plan: VectorPlan) -> Result<()> {
+        let msix = plan != VectorPlan::Isr;
+        if msix {
+            self.transport.set_config_vector(0)?;
+        }
+        let mut next_vector = 1u16;
+        for spec in specs {
+            let queue = self.build_queue(spec)?;
+            let vector = match plan {
+                _ if !spec.interrupts => NO_VECTOR,
+                VectorPlan::PerQueue => {
+                    let v = next_vector;
+                    next_vector += 1;
+                    v
+                }
+                VectorPlan::Shared => 1,
+                VectorPlan::Isr => NO_VECTOR,
+            };
+            let addrs = queue.addresses();
+            let size = queue.size();
+            let slot_index = spec.index as usize;
+            if self.queues.len() <= slot_index {
+                self.queues.resize_with(slot_index + 1, || None);
+            }
+            // Keep the queue even if programming fails, so `release_queues` frees it.
+            self.queues[slot_index] = Some(QueueSlot {
+                queue,
+                interrupts: spec.interrupts,
+                vector,
+            });
+            self.transport
+                .setup_queue(spec.index, size, addrs, vector)?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
+    type Dma = D;
+
+    fn dma(&self) -> &D {
+        &self.dma
+    }
+
+    fn device_type(&self) -> DeviceType {
+        self.transport.device_type()
+    }
+
+    fn negotiate_features(&mut self, driver: Features) -> Result<Features> {
+        self.release_queues(&mut |_, _| {});
+        self.negotiate(driver)
+    }
+
+    fn offered_features(&self) -> Features {
+        self.offered
+    }
+
+    fn features(&self) -> Features {
+        self.negotiated
+    }
+
+    fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<()> {
+        let len = u32::try_from(buf.len()).map_err(|_| Error::ConfigOutOfRange {
+            offset,
+            len: u32::MAX,
+        })?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(Error::ConfigOutOfRange { offset, len })?;
+        if end > self.transport.config_len() {
+            return Err(Error::ConfigOutOfRange { offset, len });
+        }
+        // §4.1.4.3.1 / §2.5.1: re-read until config_generation is stable across the read.
+        for _ in 0..CONFIG_RETRIES {
+            let before = self.transport.config_generation();
+            let mut pos = 0usize;
+            while pos < buf.len() {
+                let off = offset + pos as u32;
+                let rest = buf.len() - pos;
+                // Natural-width aligned accesses (§4.1.3.1).
+                if off % 4 == 0 && rest >= 4 {
+                    let v = self.transport.read_config32(off)?;
+                    buf[pos..pos + 4].copy_from_slice(&v.to_le_bytes());
+                    pos += 4;
+                } else if off % 2 == 0 && rest >= 2 {
+                    let v = self.transport.read_config16(off)?;
+                    buf[pos..pos + 2].copy_from_slice(&v.to_le_bytes());
+                    pos += 2;
+                } else {
+                    buf[pos] = self.transport.read_config8(off)?;
+                    pos += 1;
+                }
+            }
+            if self.transport.config_generation() == before {
+                return Ok(());
+            }
+        }
+        Err(Error::ConfigUnstable)
+    }
+
+    fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<()> {
+        let len = u32::try_from(data.len()).map_err(|_| Error::ConfigOutOfRange {
+            offset,
+            len: u32::MAX,
+        })?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(Error::ConfigOutOfRange { offset, len })?;
+        if end > self.transport.config_len() {
+            return Err(Error::ConfigOutOfRange { offset, len });
+        }
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let off = offset + pos as u32;
+            let rest = data.len() - pos;
+            if off % 4 == 0 && rest >= 4 {
+                let v =
+                    u32::from_le_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]);
+                self.transport.write_config32(off, v)?;
+                pos += 4;
+            } else if off % 2 == 0 && rest >= 2 {
+                self.transport
+                    .write_config16(off, u16::from_le_bytes([data[pos], data[pos + 1]]))?;
+                pos += 2;
+            } else {
+                self.transport.write_config8(off, data[pos])?;
+                pos += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn num_queues(&mut self) -> u16 {
+        self.transport.num_queues()
+    }
+
+    fn max_queue_size(&mut self, index: u16) -> u16 {
+        self.transport.max_queue_size(index)
+    }
+
+    fn setup_queues(&mut self, specs: &[QueueSpec]) -> Result<()> {
+        if self.state != State::FeaturesOk {
+            return Err(Error::InvalidState);
+        }
+        let wanting = specs.iter().filter(|s| s.interrupts).count() as u16;
+        // Fallback order (Linux vp_find_vqs, FreeBSD vtpci_alloc_interrupts): one MSI-X
+        // vector per queue + config → two vectors (config, all queues) → INTx → polling.
+        let attempts = [
+            (
+                VectorPlan::PerQueue,
+                InterruptMode::MsiX {
+                    vectors: wanting + 1,
+                },
+            ),
+            (VectorPlan::Shared, InterruptMode::MsiX { vectors: 2 }),
+            (VectorPlan::Isr, InterruptMode::Intx),
+            (VectorPlan::Isr, InterruptMode::Polling),
+        ];
+        let mut last_err = Error::Unsupported;
+        for (plan, mode) in attempts {
+            let enabled = match mode {
+                InterruptMode::MsiX { vectors } => self.irq.enable_msix(vectors),
+                InterruptMode::Intx => self.irq.enable_intx(),
+                InterruptMode::Polling => true,
+            };
+            if !enabled {
+                continue;
+            }
+            let msix = matches!(mode, InterruptMode::MsiX { .. });
+            // The legacy config offset moves with MSI-X (§4.1.5.1.2.1 legacy: 24 vs 20).
+            self.transport.set_msix_enabled(msix);
+            match self.try_setup(specs, plan) {
+                Ok(()) => {
+                    self.mode = mode;
+                    self.plan = plan;
+                    if let InterruptMode::MsiX { vectors } = mode {
+                        self.vector_interrupts = alloc::vec![0; vectors as usize];
+                    }
+                    self.state = State::QueuesReady;
+                    return Ok(());
+                }
+                Err(e @ Error::VectorRejected { .. }) => {
+                    // Queues may already be enabled on the device: only a reset takes that
+                    // back (modern §4.1.4.3.2), so reset and renegotiate, then try the next
+                    // plan.
+                    log::warn!(
+                        "virtio {}: {e}; falling back",
+                        self.transport.device_type().name()
+                    );
+                    last_err = e;
+                    self.release_queues(&mut |_, _| {});
+                    self.negotiate(self.driver_features)?;
+                }
+                Err(e) => {
+                    self.release_queues(&mut |_, _| {});
+                    return Err(self.fail(e));
+                }
+            }
+        }
+        Err(self.fail(last_err))
+    }
+
+    fn driver_ok(&mut self) -> Result<()> {
+        if self.state != State::QueuesReady && self.state != State::FeaturesOk {
+            return Err(Error::InvalidState);
+        }
+        self.add_status(DeviceStatus::DRIVER_OK);
+        if self.needs_reset() {
+            return Err(Error::DeviceNeedsReset);
+        }
+        self.state = State::DriverOk;
+        Ok(())
+    }
+
+    fn reset(&mut self, reclaim: &mut dyn FnMut(u16, usize)) {
+        // A device that will not reset is already as stopped as we can make it.
+        let _ = self.reset_device();
+        self.release_queues(reclaim);
+        self.state = State::Reset;
+        self.negotiated = Features::empty();
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.transport
+            .status()
+            .contains(DeviceStatus::DEVICE_NEEDS_RESET)
+    }
+
+    fn interrupt_mode(&self) -> InterruptMode {
+        self.mode
+    }
+
+    fn add(
+        &mut self,
+        queue: u16,
+        readable: &[Segment],
+        writable: &[Segment],
+        token: usize,
+    ) -> Result<()> {
+        self.queue_mut(queue)?.add(readable, writable, token)
+    }
+
+    fn kick(&mut self, queue: u16) -> Result<bool> {
+        let q = self.queue_mut(queue)?;
+        let notify = q.kick_prepare();
+        if notify {
+            self.transport.notify(queue);
+        }
+        Ok(notify)
+    }
+
+    fn pop_used(&mut self, queue: u16) -> Result<Option<Used>> {
+        self.queue_mut(queue)?.pop_used()
+    }
+
+    fn enable_interrupts(&mut self, queue: u16) -> Result<bool> {
+        Ok(self.queue_mut(queue)?.enable_interrupts())
+    }
+
+    fn enable_interrupts_delayed(&mut self, queue: u16) -> Result<bool> {
+        Ok(self.queue_mut(queue)?.enable_interrupts_delayed())
+    }
+
+    fn disable_interrupts(&mut self, queue: u16) -> Result<()> {
+        self.queue_mut(queue)?.disable_interrupts();
+        Ok(())
+    }
+
+    fn free_descriptors(&self, queue: u16) -> Result<u16> {
+        Ok(self.queue_ref(queue)?.num_free())
+    }
+
+    fn queue_size(&self, queue: u16) -> Result<u16> {
+        Ok(self.queue_ref(queue)?.size())
+    }
+
+    fn max_chain(&self, queue: u16) -> Result<u16> {
+        Ok(self.queue_ref(queue)?.max_chain())
+    }
+
+    fn queue_stats(&self, queue: u16) -> Result<QueueStats> {
+        Ok(self.queue_ref(queue)?.stats())
+    }
+
+    fn handle_interrupt(&mut self, vector: Option<u16>) -> InterruptCause {
+        let mut cause = InterruptCause::default();
+        match (vector, self.plan) {
+            (Some(v), VectorPlan::PerQueue | VectorPlan::Shared) => {
+                if let Some(c) = self.vector_interrupts.get_mut(v as usize) {
+                    *c += 1;
+                }
+                if v == 0 {
+                    cause.config_changed = true;
+                } else {
+                    for slot in self.queues.iter_mut().flatten() {
+                        if slot.interrupts && slot.vector == v {
+                            cause.queues.insert(slot.queue.index());
+                            slot.queue.stats_mut().interrupts += 1;
+                        }
+                    }
+                }
+            }
+            _ => {
+                // INTx / polling: reading the ISR tells (and de-asserts the line, §4.1.4.5).
+                let isr = self.transport.read_isr();
+                if isr.0 == 0 {
+                    self.spurious_interrupts += 1;
+                    return cause;
+                }
+                self.isr_interrupts += 1;
+                cause.config_changed = isr.config_changed();
+                if isr.queue() {
+                    for slot in self.queues.iter_mut().flatten() {
+                        if slot.interrupts {
+                            cause.queues.insert(slot.queue.index());
+                            slot.queue.stats_mut().interrupts += 1;
+                        }
+                    }
+                }
+            }
+        }
+        if cause.config_changed && self.needs_reset() {
+            cause.needs_reset = true;
+        }
+        cause
+    }
+}
+
+impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
+    fn queue_ref(&self, index: u16) -> Result<&SplitQueue> {
+        match self.queues.get(index as usize) {
+            Some(Some(slot)) => Ok(&slot.queue),
+            _ => Err(Error::QueueNotReady { queue: index }),
+        }
+    }
+
+    fn queue_mut(&mut self, index: u16) -> Result<&mut SplitQueue> {
+        match self.queues.get_mut(index as usize) {
+            Some(Some(slot)) => Ok(&mut slot.queue),
+            _ => Err(Error::QueueNotReady { queue: index }),
+        }
+    }
+
+    /// Direct access to a queue (tests, benchmarks).
+    pub fn queue(&self, index: u16) -> Option<&SplitQueue> {
+        self.queue_ref(index).ok()
+    }
+
+    /// Queues that exist, with their masks of interrupt use (for reports).
+    pub fn queue_indices(&self) -> impl Iterator<Item = u16> + '_ {
+        self.queues.iter().flatten().map(|s| s.queue.index())
+    }
+}
