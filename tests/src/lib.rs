@@ -5,3 +5,4 @@
 //! - `qemu`: the host-side runner that builds the bare-metal guest and drives QEMU.
 
 pub mod mem;
+pub mod ring_device;
