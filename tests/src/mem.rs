@@ -57,7 +57,8 @@ impl IdentityMemory {
 
     /// A zeroed buffer inside guest memory, for tests that hand buffers to the device.
     pub fn alloc_buffer(&self, len: usize) -> DmaRegion {
-        self.alloc_coherent(len.max(1), 16).expect("test guest memory exhausted")
+        self.alloc_coherent(len.max(1), 16)
+            .expect("test guest memory exhausted")
     }
 
     /// Bytes of a region (test helper).
@@ -69,7 +70,10 @@ impl IdentityMemory {
 
     /// Bytes at a device address (test helper; panics outside guest memory).
     pub fn bytes_at(&self, addr: u64, len: usize) -> &mut [u8] {
-        assert!(self.contains(addr, len), "address {addr:#x}+{len} outside guest memory");
+        assert!(
+            self.contains(addr, len),
+            "address {addr:#x}+{len} outside guest memory"
+        );
         // SAFETY: checked to be inside the live mapping above.
         unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) }
     }
@@ -82,7 +86,8 @@ impl Dma for IdentityMemory {
         let mut free = self.inner.free.lock().map_err(|_| Error::DmaAlloc)?;
         for i in 0..free.len() {
             let (off, flen) = free[i];
-            let start = ((self.inner.base as usize + off).next_multiple_of(align)) - self.inner.base as usize;
+            let start = ((self.inner.base as usize + off).next_multiple_of(align))
+                - self.inner.base as usize;
             let pad = start - off;
             if pad + len > flen {
                 continue;
@@ -111,7 +116,9 @@ impl Dma for IdentityMemory {
 
     unsafe fn free_coherent(&self, region: DmaRegion) {
         let off = (region.daddr - self.inner.base) as usize;
-        let Ok(mut free) = self.inner.free.lock() else { return };
+        let Ok(mut free) = self.inner.free.lock() else {
+            return;
+        };
         let pos = free.partition_point(|&(o, _)| o < off);
         free.insert(pos, (off, region.len));
         // Coalesce neighbours so long tests do not fragment the arena.
