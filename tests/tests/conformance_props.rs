@@ -274,3 +274,91 @@ proptest! {
         run(kind, event_idx, indirect, &ops)?;
     }
 }
+
+/// A device that writes arbitrary used-ring contents: the driver must never panic, never
+/// hand out a token twice or one not in flight, never report more than the writable
+/// capacity, and after the reset every token is accounted for exactly once.
+fn hostile(
+    kind: RingLayoutKind,
+    event_idx: bool,
+    writes: &[(u16, u16, u32, u32)],
+    chains: u8,
+) -> Result<(), TestCaseError> {
+    use vm_memory::{Bytes, GuestAddress};
+    let size = 8u16;
+    let mem = IdentityMemory::new(4 << 20);
+    let layout = SplitRingLayout::new(kind, size).unwrap();
+    let ring = mem.alloc_coherent(layout.total, layout.align).unwrap();
+    let base = ring.daddr;
+    let mut drv = SplitQueue::new(
+        0,
+        layout,
+        ring,
+        None,
+        QueueConfig {
+            size,
+            max_indirect: 0,
+            event_idx,
+        },
+    )
+    .unwrap();
+    let buf = mem.alloc_buffer(256).daddr;
+    let mut capacity = HashMap::new();
+    for t in 0..chains as usize {
+        let w = [Segment::new(buf, 16 * (t as u32 % 4))];
+        match drv.add(&[Segment::new(buf, 8)], &w[..usize::from(t % 4 != 0)], t) {
+            Ok(()) => {
+                capacity.insert(t, if t % 4 != 0 { 16 * (t as u32 % 4) } else { 0 });
+            }
+            Err(Error::QueueFull) => break,
+            Err(e) => return Err(TestCaseError::fail(format!("{e}"))),
+        }
+    }
+    let g = mem.guest_memory();
+    let mut seen = std::collections::HashSet::new();
+    for &(slot, idx, id, len) in writes {
+        let at = base + layout.used_ring(slot) as u64;
+        g.write_obj(id.to_le(), GuestAddress(at)).unwrap();
+        g.write_obj(len.to_le(), GuestAddress(at + 4)).unwrap();
+        g.write_obj(idx.to_le(), GuestAddress(base + layout.used_idx() as u64))
+            .unwrap();
+        for _ in 0..4 {
+            match drv.pop_used() {
+                Ok(Some(u)) => {
+                    prop_assert!(seen.insert(u.token), "token {} completed twice", u.token);
+                    let cap = capacity.get(&u.token).copied();
+                    prop_assert!(cap.is_some(), "token {} never added", u.token);
+                    prop_assert!(Some(u.len) <= cap);
+                }
+                Ok(None) => break,
+                Err(_) => prop_assert!(drv.is_broken()),
+            }
+        }
+    }
+    let mut reclaimed = Vec::new();
+    drv.reclaim_after_reset(|t| reclaimed.push(t));
+    for t in &reclaimed {
+        prop_assert!(seen.insert(*t), "token {} reclaimed after completing", t);
+    }
+    prop_assert_eq!(seen.len(), capacity.len(), "every token accounted for once");
+    prop_assert_eq!(drv.num_free(), size);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn hostile_used_ring_never_panics_or_double_completes(
+        legacy in any::<bool>(),
+        event_idx in any::<bool>(),
+        chains in 0u8..10,
+        writes in proptest::collection::vec(
+            (0u16..8, prop_oneof![0u16..12, any::<u16>()], prop_oneof![0u32..10, any::<u32>()], prop_oneof![0u32..80, any::<u32>()]),
+            1..40,
+        ),
+    ) {
+        let kind = if legacy { RingLayoutKind::Legacy } else { RingLayoutKind::Modern };
+        hostile(kind, event_idx, &writes, chains)?;
+    }
+}

@@ -294,8 +294,11 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
             if self.queues.len() <= slot_index {
                 self.queues.resize_with(slot_index + 1, || None);
             }
+            let Some(entry) = self.queues.get_mut(slot_index) else {
+                return Err(Error::NoSuchQueue { queue: spec.index });
+            };
             // Keep the queue even if programming fails, so `release_queues` frees it.
-            self.queues[slot_index] = Some(QueueSlot {
+            *entry = Some(QueueSlot {
                 queue,
                 interrupts: spec.interrupts,
                 vector,
@@ -345,23 +348,19 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
         // §4.1.4.3.1 / §2.5.1: re-read until config_generation is stable across the read.
         for _ in 0..CONFIG_RETRIES {
             let before = self.transport.config_generation();
-            let mut pos = 0usize;
-            while pos < buf.len() {
-                let off = offset + pos as u32;
-                let rest = buf.len() - pos;
+            let mut off = offset;
+            let mut rest = &mut buf[..];
+            while !rest.is_empty() {
                 // Natural-width aligned accesses (§4.1.3.1).
-                if off % 4 == 0 && rest >= 4 {
-                    let v = self.transport.read_config32(off)?;
-                    buf[pos..pos + 4].copy_from_slice(&v.to_le_bytes());
-                    pos += 4;
-                } else if off % 2 == 0 && rest >= 2 {
-                    let v = self.transport.read_config16(off)?;
-                    buf[pos..pos + 2].copy_from_slice(&v.to_le_bytes());
-                    pos += 2;
-                } else {
-                    buf[pos] = self.transport.read_config8(off)?;
-                    pos += 1;
+                let width = access_width(off, rest.len());
+                let (chunk, tail) = rest.split_at_mut(width);
+                match width {
+                    4 => chunk.copy_from_slice(&self.transport.read_config32(off)?.to_le_bytes()),
+                    2 => chunk.copy_from_slice(&self.transport.read_config16(off)?.to_le_bytes()),
+                    _ => chunk.copy_from_slice(&[self.transport.read_config8(off)?]),
                 }
+                off += width as u32;
+                rest = tail;
             }
             if self.transport.config_generation() == before {
                 return Ok(());
@@ -381,23 +380,28 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
         if end > self.transport.config_len() {
             return Err(Error::ConfigOutOfRange { offset, len });
         }
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let off = offset + pos as u32;
-            let rest = data.len() - pos;
-            if off % 4 == 0 && rest >= 4 {
-                let v =
-                    u32::from_le_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]);
-                self.transport.write_config32(off, v)?;
-                pos += 4;
-            } else if off % 2 == 0 && rest >= 2 {
-                self.transport
-                    .write_config16(off, u16::from_le_bytes([data[pos], data[pos + 1]]))?;
-                pos += 2;
-            } else {
-                self.transport.write_config8(off, data[pos])?;
-                pos += 1;
+        let mut off = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let width = access_width(off, rest.len());
+            let (chunk, tail) = rest.split_at(width);
+            match *chunk {
+                [a, b, c, d] => self
+                    .transport
+                    .write_config32(off, u32::from_le_bytes([a, b, c, d]))?,
+                [a, b] => self
+                    .transport
+                    .write_config16(off, u16::from_le_bytes([a, b]))?,
+                [a] => self.transport.write_config8(off, a)?,
+                _ => {
+                    return Err(Error::ConfigOutOfRange {
+                        offset: off,
+                        len: width as u32,
+                    });
+                }
             }
+            off += width as u32;
+            rest = tail;
         }
         Ok(())
     }
@@ -621,5 +625,16 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
     /// Queues that exist, with their masks of interrupt use (for reports).
     pub fn queue_indices(&self) -> impl Iterator<Item = u16> + '_ {
         self.queues.iter().flatten().map(|s| s.queue.index())
+    }
+}
+
+/// Widest natural access (4, 2 or 1 bytes) that is aligned at `offset` and fits in `left`.
+fn access_width(offset: u32, left: usize) -> usize {
+    if offset % 4 == 0 && left >= 4 {
+        4
+    } else if offset % 2 == 0 && left >= 2 {
+        2
+    } else {
+        1
     }
 }

@@ -257,7 +257,7 @@ impl SplitQueue {
             }
             let table_addr = self.indirect_daddr(head);
             self.write_desc_at(head, table_addr, table_len, DescFlags::INDIRECT, 0);
-            self.free_head = self.next[head as usize];
+            self.free_head = self.link(head);
             self.stats.indirect += 1;
         } else {
             let mut idx = head;
@@ -267,7 +267,7 @@ impl SplitQueue {
                 } else {
                     DescFlags::empty()
                 };
-                let next = self.next[idx as usize];
+                let next = self.link(idx);
                 if i + 1 < total {
                     flags |= DescFlags::NEXT;
                 }
@@ -277,11 +277,14 @@ impl SplitQueue {
             self.free_head = idx;
         }
         self.num_free -= descs;
-        self.slots[head as usize] = Slot::InFlight {
-            token,
-            descs,
-            writable: writable_len,
-        };
+        self.set_slot(
+            head,
+            Slot::InFlight {
+                token,
+                descs,
+                writable: writable_len,
+            },
+        );
 
         // Publish: ring entry, then (after the barrier) the index (§2.7.13.1–2.7.13.3).
         let slot = self.avail_idx;
@@ -385,12 +388,12 @@ impl SplitQueue {
         let head = id as u16;
         let mut last = head;
         for _ in 1..descs {
-            last = self.next[last as usize];
+            last = self.link(last);
         }
-        self.next[last as usize] = self.free_head;
+        self.set_link(last, self.free_head);
         self.free_head = head;
         self.num_free += descs;
-        self.slots[head as usize] = Slot::Idle;
+        self.set_slot(head, Slot::Idle);
         self.last_used = self.last_used.wrapping_add(1);
         self.stats.completions += 1;
         if self.event_idx && self.interrupts_enabled {
@@ -475,6 +478,26 @@ impl SplitQueue {
             // region (inside the allocation, checked by `ptr_at`) restores its initial state.
             unsafe { core::ptr::write_bytes(p.as_ptr(), 0, len) };
         }
+    }
+
+    // Driver-private free-list and slot state. Every index passed here is either produced by
+    // the driver itself (free list links, all < size by construction in `new` and preserved
+    // by splicing) or a device id already validated against `slots.len()` in `pop_used`.
+    // These are the only indexing sites in the crate.
+    #[allow(clippy::indexing_slicing)]
+    #[inline]
+    fn link(&self, i: u16) -> u16 {
+        self.next[i as usize]
+    }
+    #[allow(clippy::indexing_slicing)]
+    #[inline]
+    fn set_link(&mut self, i: u16, to: u16) {
+        self.next[i as usize] = to;
+    }
+    #[allow(clippy::indexing_slicing)]
+    #[inline]
+    fn set_slot(&mut self, i: u16, slot: Slot) {
+        self.slots[i as usize] = slot;
     }
 
     fn fail(&mut self, e: Error) -> Error {
