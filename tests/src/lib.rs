@@ -6,3 +6,4 @@
 
 pub mod mem;
 pub mod ring_device;
+pub mod sim;

@@ -1,0 +1,1500 @@
+//! A register-level model of one virtio-pci function, laid out like QEMU 7.2's, whose rings
+//! are served by rust-vmm's `virtio-queue` over [`IdentityMemory`].
+//!
+//! Layout (all modes share one state, like QEMU's proxy):
+//! - config space: vendor 0x1AF4, capability list `0x34 → 0x98 MSI-X → 0x84 PCI_CFG →
+//!   0x70 NOTIFY → 0x60 DEVICE → 0x50 ISR → 0x40 COMMON` (the offsets `lspci` shows for
+//!   QEMU's virtio-net); free room at 0xA4..0x100 for test-inserted capabilities;
+//! - BAR0: legacy I/O registers (transitional and legacy modes), device config at 20, or 24
+//!   while MSI-X is enabled in the capability;
+//! - BAR1: MSI-X table (0x000) and PBA (0x800), when the function has MSI-X vectors;
+//! - BAR4: modern region, COMMON 0x0, ISR 0x1000, DEVICE 0x2000, NOTIFY 0x3000 with
+//!   `notify_off_multiplier` 4 and `queue_notify_off == queue index`.
+//!
+//! Modes: [`SimMode::Modern`] (device ID 0x1040 + type, revision 1, no BAR0),
+//! [`SimMode::Transitional`] (0x1000-range ID, subsystem ID = type, revision 0, both
+//! interfaces), [`SimMode::Legacy`] (0x1000-range ID, no virtio capabilities; the MSI-X
+//! capability is still there when it has vectors, as in QEMU with `disable-modern=on`;
+//! build with `.msix_vectors(0)` for a function without any capability list).
+//!
+//! The handles ([`SimConfig`], [`SimBars`], [`SimIrq`]) implement the platform traits and
+//! share state with the [`Sim`] the test keeps for the device side.
+//!
+//! Deviations from QEMU, on purpose: a config change sets only ISR bit 1 (QEMU sets 0x3);
+//! the PCI_CFG access window is present but not functional.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use virtio_core::platform::{BarAccess, InterruptMode, InterruptPlatform, PciConfigSpace};
+use virtio_core::transport::NO_VECTOR;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::mem::IdentityMemory;
+
+/// Feature bits the sim itself looks at.
+const F_EVENT_IDX: u64 = 1 << 29;
+const F_VERSION_1: u64 = 1 << 32;
+
+const STATUS_ACK: u8 = 1;
+const STATUS_DRIVER: u8 = 2;
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_NEEDS_RESET: u8 = 64;
+const STATUS_FAILED: u8 = 128;
+
+/// Config-space and BAR layout constants of the model.
+pub mod layout {
+    pub const CAP_MSIX: u8 = 0x98;
+    pub const CAP_PCI_CFG: u8 = 0x84;
+    pub const CAP_NOTIFY: u8 = 0x70;
+    pub const CAP_DEVICE: u8 = 0x60;
+    pub const CAP_ISR: u8 = 0x50;
+    pub const CAP_COMMON: u8 = 0x40;
+    /// Slots for capabilities inserted by tests (20 bytes each).
+    pub const FREE_CAP_SLOTS: [u8; 4] = [0xA4, 0xB8, 0xCC, 0xE0];
+
+    pub const BAR_LEGACY: u8 = 0;
+    pub const BAR_MSIX: u8 = 1;
+    pub const BAR_MODERN: u8 = 4;
+    pub const MODERN_BAR_LEN: u64 = 0x4000;
+    pub const MSIX_BAR_LEN: u64 = 0x1000;
+    pub const MSIX_PBA_OFFSET: u64 = 0x800;
+
+    pub const COMMON_OFFSET: u64 = 0x0000;
+    pub const ISR_OFFSET: u64 = 0x1000;
+    pub const DEVICE_OFFSET: u64 = 0x2000;
+    pub const NOTIFY_OFFSET: u64 = 0x3000;
+    pub const REGION_LEN: u64 = 0x1000;
+    pub const NOTIFY_MULTIPLIER: u32 = 4;
+}
+use layout::*;
+
+/// Which interfaces the function offers.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum SimMode {
+    Modern,
+    Transitional,
+    Legacy,
+}
+
+/// Builder for a [`Sim`].
+#[derive(Clone)]
+pub struct SimBuilder {
+    mode: SimMode,
+    device_type: u32,
+    features: u64,
+    queue_sizes: Vec<u16>,
+    device_config: Vec<u8>,
+    accept_features_ok: bool,
+    msix_vectors: Option<u16>,
+    intx_pin: bool,
+    mem: Option<IdentityMemory>,
+}
+
+impl SimBuilder {
+    /// A function of `device_type` in `mode`, offering VERSION_1 (modern/transitional) and
+    /// one queue of 256 entries; 1 MiB of guest memory unless [`SimBuilder::memory`] is used.
+    pub fn new(mode: SimMode, device_type: u32) -> Self {
+        SimBuilder {
+            mode,
+            device_type,
+            features: if mode == SimMode::Legacy { 0 } else { F_VERSION_1 },
+            queue_sizes: vec![256],
+            device_config: Vec::new(),
+            accept_features_ok: true,
+            msix_vectors: None,
+            intx_pin: true,
+            mem: None,
+        }
+    }
+    /// Offered features (64-bit; the legacy interface shows bits 0..=31 only).
+    pub fn features(mut self, features: u64) -> Self {
+        self.features = features;
+        self
+    }
+    /// Number of queues and each one's maximum size (0: the queue does not exist).
+    pub fn queues(mut self, sizes: &[u16]) -> Self {
+        self.queue_sizes = sizes.to_vec();
+        self
+    }
+    pub fn device_config(mut self, bytes: &[u8]) -> Self {
+        self.device_config = bytes.to_vec();
+        self
+    }
+    /// Whether the device keeps FEATURES_OK when the driver sets it (false: refuse always).
+    pub fn accept_features_ok(mut self, accept: bool) -> Self {
+        self.accept_features_ok = accept;
+        self
+    }
+    /// MSI-X table size (0: no MSI-X capability, like QEMU's balloon). Default: queues + 1.
+    pub fn msix_vectors(mut self, vectors: u16) -> Self {
+        self.msix_vectors = Some(vectors);
+        self
+    }
+    /// Whether the function has an INTx pin (default yes).
+    pub fn intx(mut self, present: bool) -> Self {
+        self.intx_pin = present;
+        self
+    }
+    pub fn memory(mut self, mem: IdentityMemory) -> Self {
+        self.mem = Some(mem);
+        self
+    }
+
+    pub fn build(self) -> Sim {
+        let mem = self.mem.clone().unwrap_or_else(|| IdentityMemory::new(1 << 20));
+        let msix_vectors = self
+            .msix_vectors
+            .unwrap_or_else(|| u16::try_from(self.queue_sizes.len() + 1).unwrap_or(u16::MAX))
+            .min(2048);
+        let queues = self
+            .queue_sizes
+            .iter()
+            .map(|&max| SimQueue::new(max))
+            .collect();
+        let mut state = State {
+            mode: self.mode,
+            device_type: self.device_type,
+            features: self.features,
+            accept_features_ok: self.accept_features_ok,
+            msix_vectors,
+            intx_pin: self.intx_pin,
+            cfg: [0; 256],
+            next_free_cap: 0,
+            queues,
+            dev_config: self.device_config,
+            config_generation: 0,
+            generation_churn: 0,
+            status: 0,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            config_vector: NO_VECTOR,
+            queue_select: 0,
+            isr: 0,
+            rejected_vectors: BTreeSet::new(),
+            msix_table: vec![0; MSIX_BAR_LEN as usize],
+            events: Vec::new(),
+            interrupts: Vec::new(),
+            dropped_interrupts: 0,
+            irq_mode: None,
+            irq_calls: Vec::new(),
+            max_platform_vectors: u16::MAX,
+            mem,
+        };
+        state.build_config_space();
+        Sim { inner: Arc::new(Mutex::new(state)) }
+    }
+}
+
+/// One queue of the device side.
+struct SimQueue {
+    max_size: u16,
+    size: u16,
+    vector: u16,
+    enabled: bool,
+    reset_flag: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+    pfn: u32,
+    kicks: u64,
+    queue: Option<Queue>,
+}
+
+impl SimQueue {
+    fn new(max_size: u16) -> Self {
+        SimQueue {
+            max_size,
+            size: max_size,
+            vector: NO_VECTOR,
+            enabled: false,
+            reset_flag: false,
+            desc: 0,
+            driver: 0,
+            device: 0,
+            pfn: 0,
+            kicks: 0,
+            queue: None,
+        }
+    }
+
+    fn reset(&mut self) {
+        let kicks = self.kicks;
+        *self = SimQueue::new(self.max_size);
+        self.kicks = kicks;
+    }
+}
+
+/// Everything the device model records, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SimEvent {
+    /// Status 0 written (device reset).
+    Reset,
+    /// Status written; `kept` is what the device holds afterwards (FEATURES_OK may be refused).
+    Status { written: u8, kept: u8 },
+    /// `device_feature` (or legacy features) read with this select.
+    DeviceFeaturesRead { select: u32 },
+    /// One 32-bit word of driver features written (legacy: select 0).
+    DriverFeatures { select: u32, value: u32 },
+    QueueSize { queue: u16, size: u16 },
+    QueueEnabled { queue: u16 },
+    QueueReset { queue: u16 },
+    LegacyPfn { queue: u16, pfn: u32 },
+    ConfigVector { requested: u16, accepted: u16 },
+    QueueVector { queue: u16, requested: u16, accepted: u16 },
+    Notify { queue: u16 },
+    DeviceConfigWrite { offset: u32, value: u32, width: u8 },
+    /// An access the model does not implement (wrong width, unknown register, out of range).
+    BadAccess(String),
+}
+
+/// Steps of device initialisation, as the device saw them (virtio 1.2 §3.1.1).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LifecycleStep {
+    Reset,
+    Acknowledge,
+    Driver,
+    FeaturesRead,
+    FeaturesWritten,
+    FeaturesOk,
+    QueueEnabled(u16),
+    DriverOk,
+    Failed,
+}
+
+/// An interrupt the device sent.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SimInterrupt {
+    /// MSI-X message for this vector.
+    Msix(u16),
+    /// INTx asserted (the ISR says why).
+    Intx,
+}
+
+/// What the platform-side [`InterruptPlatform`] handle was asked to do.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum IrqCall {
+    EnableMsix { vectors: u16, granted: bool },
+    EnableIntx { granted: bool },
+    Disable,
+}
+
+/// A snapshot of one descriptor.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct SimDesc {
+    pub addr: u64,
+    pub len: u32,
+    pub write_only: bool,
+}
+
+/// A snapshot of an available descriptor chain popped by the device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chain {
+    pub head: u16,
+    pub descs: Vec<SimDesc>,
+}
+
+impl Chain {
+    pub fn readable_len(&self) -> u32 {
+        self.descs.iter().filter(|d| !d.write_only).map(|d| d.len).sum()
+    }
+    pub fn writable_len(&self) -> u32 {
+        self.descs.iter().filter(|d| d.write_only).map(|d| d.len).sum()
+    }
+}
+
+/// What the driver programmed for one queue.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct QueueInfo {
+    pub max_size: u16,
+    pub size: u16,
+    pub vector: u16,
+    pub enabled: bool,
+    pub desc: u64,
+    pub driver: u64,
+    pub device: u64,
+    pub kicks: u64,
+    /// Whether the device-side `virtio_queue::Queue` exists and is ready.
+    pub ready: bool,
+    /// Whether the device-side queue uses EVENT_IDX.
+    pub event_idx: bool,
+    /// Addresses as the device-side `virtio_queue::Queue` holds them.
+    pub device_side: Option<(u64, u64, u64)>,
+}
+
+struct State {
+    mode: SimMode,
+    device_type: u32,
+    features: u64,
+    accept_features_ok: bool,
+    msix_vectors: u16,
+    intx_pin: bool,
+    cfg: [u8; 256],
+    next_free_cap: usize,
+    queues: Vec<SimQueue>,
+    dev_config: Vec<u8>,
+    config_generation: u8,
+    generation_churn: u32,
+    status: u8,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    config_vector: u16,
+    queue_select: u16,
+    isr: u8,
+    rejected_vectors: BTreeSet<u16>,
+    msix_table: Vec<u8>,
+    events: Vec<SimEvent>,
+    interrupts: Vec<SimInterrupt>,
+    dropped_interrupts: u64,
+    irq_mode: Option<InterruptMode>,
+    irq_calls: Vec<IrqCall>,
+    max_platform_vectors: u16,
+    mem: IdentityMemory,
+}
+
+enum IrqSource {
+    Queue(u16),
+    Config,
+}
+
+impl State {
+    fn has_legacy(&self) -> bool {
+        self.mode != SimMode::Modern
+    }
+    fn has_modern(&self) -> bool {
+        self.mode != SimMode::Legacy
+    }
+
+    fn put(&mut self, at: usize, bytes: &[u8]) {
+        if let Some(dst) = self.cfg.get_mut(at..at + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    }
+
+    fn vendor_cap(&mut self, at: u8, next: u8, cfg_type: u8, bar: u8, offset: u32, length: u32, extra: Option<u32>) {
+        let len = if extra.is_some() { 20 } else { 16 };
+        let mut b = vec![0x09, next, len, cfg_type, bar, 0, 0, 0];
+        b.extend_from_slice(&offset.to_le_bytes());
+        b.extend_from_slice(&length.to_le_bytes());
+        if let Some(x) = extra {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+        self.put(usize::from(at), &b);
+    }
+
+    fn build_config_space(&mut self) {
+        let device_id: u16 = match self.mode {
+            SimMode::Modern => 0x1040 + self.device_type as u16,
+            _ => legacy_device_id(self.device_type),
+        };
+        let revision = if self.mode == SimMode::Modern { 1 } else { 0 };
+        self.put(0x00, &0x1AF4u16.to_le_bytes());
+        self.put(0x02, &device_id.to_le_bytes());
+        self.cfg[0x08] = revision;
+        let class: [u8; 3] = match self.device_type {
+            1 => [0x00, 0x00, 0x02],
+            2 => [0x00, 0x00, 0x01],
+            3 => [0x00, 0x80, 0x07],
+            _ => [0x00, 0xFF, 0x00],
+        };
+        self.put(0x09, &class);
+        self.put(0x2C, &0x1AF4u16.to_le_bytes());
+        self.put(0x2E, &(self.device_type as u16).to_le_bytes());
+        if self.has_legacy() {
+            self.put(0x10, &0xC001u32.to_le_bytes());
+        }
+        if self.msix_vectors > 0 {
+            self.put(0x14, &0xFEBF_1000u32.to_le_bytes());
+        }
+        if self.has_modern() {
+            self.put(0x20, &0xFE00_000Cu32.to_le_bytes());
+        }
+        if self.intx_pin {
+            self.cfg[0x3C] = 11;
+            self.cfg[0x3D] = 1;
+        }
+        let mut head = 0u8;
+        if self.has_modern() {
+            self.vendor_cap(CAP_COMMON, 0, 1, BAR_MODERN, COMMON_OFFSET as u32, REGION_LEN as u32, None);
+            self.vendor_cap(CAP_ISR, CAP_COMMON, 3, BAR_MODERN, ISR_OFFSET as u32, REGION_LEN as u32, None);
+            self.vendor_cap(CAP_DEVICE, CAP_ISR, 4, BAR_MODERN, DEVICE_OFFSET as u32, REGION_LEN as u32, None);
+            self.vendor_cap(
+                CAP_NOTIFY,
+                CAP_DEVICE,
+                2,
+                BAR_MODERN,
+                NOTIFY_OFFSET as u32,
+                REGION_LEN as u32,
+                Some(NOTIFY_MULTIPLIER),
+            );
+            self.vendor_cap(CAP_PCI_CFG, CAP_NOTIFY, 5, 0, 0, 0, Some(0));
+            head = CAP_PCI_CFG;
+        }
+        if self.msix_vectors > 0 {
+            let control = self.msix_vectors - 1;
+            let mut b = vec![0x11, head];
+            b.extend_from_slice(&control.to_le_bytes());
+            b.extend_from_slice(&u32::from(BAR_MSIX).to_le_bytes());
+            b.extend_from_slice(&(MSIX_PBA_OFFSET as u32 | u32::from(BAR_MSIX)).to_le_bytes());
+            self.put(usize::from(CAP_MSIX), &b);
+            head = CAP_MSIX;
+        }
+        if head != 0 {
+            self.cfg[0x34] = head;
+            self.cfg[0x06] |= 0x10;
+        }
+    }
+
+    fn msix_control(&self) -> u16 {
+        if self.msix_vectors == 0 {
+            return 0;
+        }
+        let at = usize::from(CAP_MSIX) + 2;
+        u16::from_le_bytes([self.cfg[at], self.cfg[at + 1]])
+    }
+
+    fn msix_enabled(&self) -> bool {
+        self.msix_control() & 0x8000 != 0
+    }
+
+    fn set_msix_control(&mut self, enable: bool, mask: Option<bool>) {
+        if self.msix_vectors == 0 {
+            return;
+        }
+        let mut c = self.msix_control();
+        c = if enable { c | 0x8000 } else { c & !0x8000 };
+        if let Some(m) = mask {
+            c = if m { c | 0x4000 } else { c & !0x4000 };
+        }
+        self.put(usize::from(CAP_MSIX) + 2, &c.to_le_bytes());
+    }
+
+    fn bad(&mut self, what: String) {
+        log::debug!("sim: bad access: {what}");
+        self.events.push(SimEvent::BadAccess(what));
+    }
+
+    // ---- config space ----
+
+    fn cfg_read(&self, offset: u16, width: usize) -> u64 {
+        let at = usize::from(offset);
+        let mut v = 0u64;
+        for i in 0..width {
+            let b = self.cfg.get(at + i).copied().unwrap_or(0xFF);
+            v |= u64::from(b) << (8 * i);
+        }
+        v
+    }
+
+    fn cfg_write(&mut self, offset: u16, width: usize, value: u64) {
+        for i in 0..width {
+            let at = usize::from(offset) + i;
+            let b = (value >> (8 * i)) as u8;
+            let msix_ctl_hi = usize::from(CAP_MSIX) + 3;
+            match at {
+                // Command register (low byte and INTx disable in the high byte).
+                0x04 => self.cfg[at] = b & 0x07,
+                0x05 => self.cfg[at] = b & 0x04,
+                0x3C => self.cfg[at] = b,
+                _ if self.msix_vectors > 0 && at == msix_ctl_hi => self.cfg[at] = b & 0xC0,
+                _ => {}
+            }
+        }
+    }
+
+    // ---- lifecycle ----
+
+    fn device_reset(&mut self) {
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.config_vector = NO_VECTOR;
+        self.queue_select = 0;
+        self.isr = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.events.push(SimEvent::Reset);
+    }
+
+    fn write_status(&mut self, value: u8, modern: bool) {
+        if value == 0 {
+            self.device_reset();
+            return;
+        }
+        let mut kept = value;
+        let newly = value & !self.status;
+        if modern && newly & STATUS_FEATURES_OK != 0 {
+            let unoffered = self.driver_features & !self.features;
+            let no_version_1 = self.mode == SimMode::Modern && self.driver_features & F_VERSION_1 == 0;
+            if !self.accept_features_ok || unoffered != 0 || no_version_1 {
+                kept &= !STATUS_FEATURES_OK;
+            }
+        }
+        // DEVICE_NEEDS_RESET is the device's bit; the driver cannot set or clear it.
+        kept = (kept & !STATUS_NEEDS_RESET) | (self.status & STATUS_NEEDS_RESET);
+        self.status = kept;
+        self.events.push(SimEvent::Status { written: value, kept });
+    }
+
+    fn accept_vector(&self, v: u16) -> u16 {
+        if v == NO_VECTOR || v >= self.msix_vectors || self.rejected_vectors.contains(&v) {
+            NO_VECTOR
+        } else {
+            v
+        }
+    }
+
+    fn selected(&mut self) -> Option<&mut SimQueue> {
+        let sel = usize::from(self.queue_select);
+        self.queues.get_mut(sel).filter(|q| q.max_size != 0)
+    }
+
+    fn event_idx(&self) -> bool {
+        self.driver_features & F_EVENT_IDX != 0
+    }
+
+    /// Creates the device-side `virtio_queue::Queue` from what the driver programmed.
+    fn activate_queue(&mut self, index: u16) {
+        let event_idx = self.event_idx();
+        let Some(q) = self.queues.get_mut(usize::from(index)) else {
+            return;
+        };
+        let mut errors = Vec::new();
+        match Queue::new(q.max_size) {
+            Ok(mut vq) => {
+                if vq.try_set_size(q.size).is_err() {
+                    errors.push(format!("queue {index}: size {} refused by virtio-queue", q.size));
+                }
+                if vq.try_set_desc_table_address(GuestAddress(q.desc)).is_err()
+                    || vq.try_set_avail_ring_address(GuestAddress(q.driver)).is_err()
+                    || vq.try_set_used_ring_address(GuestAddress(q.device)).is_err()
+                {
+                    errors.push(format!("queue {index}: misaligned ring addresses"));
+                }
+                vq.set_event_idx(event_idx);
+                vq.set_ready(true);
+                q.queue = Some(vq);
+                q.enabled = true;
+            }
+            Err(e) => errors.push(format!("queue {index}: max size {} refused: {e:?}", q.max_size)),
+        }
+        for e in errors {
+            self.bad(e);
+        }
+        self.events.push(SimEvent::QueueEnabled { queue: index });
+    }
+
+    // ---- modern BAR4 ----
+
+    fn common_read(&mut self, off: u64, width: usize) -> u64 {
+        let sel = self.queue_select;
+        let q = self.queues.get(usize::from(sel)).filter(|q| q.max_size != 0);
+        let v: u64 = match (off, width) {
+            (0x00, 4) => u64::from(self.device_feature_select),
+            (0x04, 4) => {
+                self.events.push(SimEvent::DeviceFeaturesRead { select: self.device_feature_select });
+                match self.device_feature_select {
+                    0 => self.features & 0xFFFF_FFFF,
+                    1 => self.features >> 32,
+                    _ => 0,
+                }
+            }
+            (0x08, 4) => u64::from(self.driver_feature_select),
+            (0x0C, 4) => match self.driver_feature_select {
+                0 => self.driver_features & 0xFFFF_FFFF,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            (0x10, 2) => u64::from(self.config_vector),
+            (0x12, 2) => self.queues.len() as u64,
+            (0x14, 1) => u64::from(self.status),
+            (0x15, 1) => u64::from(self.config_generation),
+            (0x16, 2) => u64::from(sel),
+            (0x18, 2) => q.map_or(0, |q| u64::from(q.size)),
+            (0x1A, 2) => q.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),
+            (0x1C, 2) => q.map_or(0, |q| u64::from(q.enabled)),
+            (0x1E, 2) => q.map_or(0, |_| u64::from(sel)),
+            (0x20, 4) => q.map_or(0, |q| q.desc & 0xFFFF_FFFF),
+            (0x24, 4) => q.map_or(0, |q| q.desc >> 32),
+            (0x28, 4) => q.map_or(0, |q| q.driver & 0xFFFF_FFFF),
+            (0x2C, 4) => q.map_or(0, |q| q.driver >> 32),
+            (0x30, 4) => q.map_or(0, |q| q.device & 0xFFFF_FFFF),
+            (0x34, 4) => q.map_or(0, |q| q.device >> 32),
+            (0x38, 2) => 0,
+            (0x3A, 2) => q.map_or(0, |q| u64::from(q.reset_flag)),
+            _ => {
+                self.bad(format!("common cfg read {off:#x}/{width}"));
+                0
+            }
+        };
+        v
+    }
+
+    fn common_write(&mut self, off: u64, width: usize, value: u64) {
+        let v32 = value as u32;
+        let v16 = value as u16;
+        let sel = self.queue_select;
+        match (off, width) {
+            (0x00, 4) => self.device_feature_select = v32,
+            (0x08, 4) => self.driver_feature_select = v32,
+            (0x0C, 4) => {
+                let select = self.driver_feature_select;
+                match select {
+                    0 => self.driver_features = (self.driver_features & !0xFFFF_FFFF) | u64::from(v32),
+                    1 => self.driver_features = (self.driver_features & 0xFFFF_FFFF) | (u64::from(v32) << 32),
+                    _ => {}
+                }
+                self.events.push(SimEvent::DriverFeatures { select, value: v32 });
+            }
+            (0x10, 2) => {
+                let accepted = self.accept_vector(v16);
+                self.config_vector = accepted;
+                self.events.push(SimEvent::ConfigVector { requested: v16, accepted });
+            }
+            (0x14, 1) => self.write_status(value as u8, true),
+            (0x16, 2) => self.queue_select = v16,
+            (0x18, 2) => {
+                if let Some(q) = self.selected() {
+                    if q.enabled {
+                        self.bad(format!("queue {sel}: size written while enabled"));
+                    } else if v16 == 0 || v16 > q.max_size || !v16.is_power_of_two() {
+                        self.bad(format!("queue {sel}: bad size {v16}"));
+                    } else {
+                        q.size = v16;
+                        self.events.push(SimEvent::QueueSize { queue: sel, size: v16 });
+                    }
+                }
+            }
+            (0x1A, 2) => {
+                let accepted = self.accept_vector(v16);
+                if let Some(q) = self.selected() {
+                    q.vector = accepted;
+                    self.events.push(SimEvent::QueueVector { queue: sel, requested: v16, accepted });
+                }
+            }
+            (0x1C, 2) => {
+                if v16 != 1 {
+                    self.bad(format!("queue {sel}: queue_enable written {v16}"));
+                } else if let Some(q) = self.selected() {
+                    q.reset_flag = false;
+                    self.activate_queue(sel);
+                }
+            }
+            (0x20..=0x34, 4) => {
+                let Some(q) = self.selected() else {
+                    return;
+                };
+                if q.enabled {
+                    self.bad(format!("queue {sel}: address written while enabled"));
+                    return;
+                }
+                let field = match off {
+                    0x20 | 0x24 => &mut q.desc,
+                    0x28 | 0x2C => &mut q.driver,
+                    _ => &mut q.device,
+                };
+                if off % 8 == 0 {
+                    *field = (*field & !0xFFFF_FFFF) | u64::from(v32);
+                } else {
+                    *field = (*field & 0xFFFF_FFFF) | (u64::from(v32) << 32);
+                }
+            }
+            (0x3A, 2) => {
+                if self.driver_features & (1 << 40) == 0 {
+                    self.bad(format!("queue {sel}: queue_reset without RING_RESET"));
+                } else if let Some(q) = self.selected() {
+                    q.reset();
+                    q.reset_flag = true;
+                    self.events.push(SimEvent::QueueReset { queue: sel });
+                }
+            }
+            _ => self.bad(format!("common cfg write {off:#x}/{width} = {value:#x}")),
+        }
+    }
+
+    fn device_config_read(&mut self, off: u64, width: usize) -> u64 {
+        if self.generation_churn > 0 {
+            self.generation_churn -= 1;
+            self.config_generation = self.config_generation.wrapping_add(1);
+        }
+        let mut v = 0u64;
+        for i in 0..width {
+            let b = usize::try_from(off)
+                .ok()
+                .and_then(|o| self.dev_config.get(o + i))
+                .copied()
+                .unwrap_or(0);
+            v |= u64::from(b) << (8 * i);
+        }
+        v
+    }
+
+    fn device_config_write(&mut self, off: u64, width: usize, value: u64) {
+        for i in 0..width {
+            if let Some(b) = usize::try_from(off).ok().and_then(|o| self.dev_config.get_mut(o + i)) {
+                *b = (value >> (8 * i)) as u8;
+            }
+        }
+        self.events.push(SimEvent::DeviceConfigWrite { offset: off as u32, value: value as u32, width: width as u8 });
+    }
+
+    fn notify_queue(&mut self, queue: u16) {
+        if let Some(q) = self.queues.get_mut(usize::from(queue)) {
+            q.kicks += 1;
+        } else {
+            self.bad(format!("notify for nonexistent queue {queue}"));
+        }
+        if self.status & STATUS_DRIVER_OK == 0 {
+            self.bad(format!("notify for queue {queue} before DRIVER_OK"));
+        }
+        self.events.push(SimEvent::Notify { queue });
+    }
+
+    fn read_isr(&mut self) -> u8 {
+        let v = self.isr;
+        self.isr = 0;
+        v
+    }
+
+    fn modern_read(&mut self, off: u64, width: usize) -> u64 {
+        match off {
+            o if o < ISR_OFFSET => self.common_read(o - COMMON_OFFSET, width),
+            o if o < DEVICE_OFFSET => {
+                if o == ISR_OFFSET && width == 1 {
+                    u64::from(self.read_isr())
+                } else {
+                    self.bad(format!("ISR read {o:#x}/{width}"));
+                    0
+                }
+            }
+            o if o < NOTIFY_OFFSET => self.device_config_read(o - DEVICE_OFFSET, width),
+            o => {
+                self.bad(format!("notify region read {o:#x}/{width}"));
+                0
+            }
+        }
+    }
+
+    fn modern_write(&mut self, off: u64, width: usize, value: u64) {
+        match off {
+            o if o < ISR_OFFSET => self.common_write(o - COMMON_OFFSET, width, value),
+            o if o < DEVICE_OFFSET => self.bad(format!("ISR write {o:#x}")),
+            o if o < NOTIFY_OFFSET => self.device_config_write(o - DEVICE_OFFSET, width, value),
+            o => {
+                let rel = o - NOTIFY_OFFSET;
+                let queue = (rel / u64::from(NOTIFY_MULTIPLIER)) as u16;
+                if width != 2 || rel % u64::from(NOTIFY_MULTIPLIER) != 0 {
+                    self.bad(format!("notify write {o:#x}/{width}"));
+                    return;
+                }
+                if value != u64::from(queue) {
+                    self.bad(format!("notify at queue {queue}'s address carries {value}"));
+                }
+                self.notify_queue(queue);
+            }
+        }
+    }
+
+    // ---- legacy BAR0 ----
+
+    fn legacy_config_offset(&self) -> u64 {
+        if self.msix_enabled() { 24 } else { 20 }
+    }
+
+    fn legacy_bar_len(&self) -> u64 {
+        (24 + self.dev_config.len() as u64).next_power_of_two().max(32)
+    }
+
+    fn legacy_read(&mut self, off: u64, width: usize) -> u64 {
+        let cfg_off = self.legacy_config_offset();
+        if off >= cfg_off {
+            return self.device_config_read(off - cfg_off, width);
+        }
+        let sel = usize::from(self.queue_select);
+        let q = self.queues.get(sel);
+        match (off, width) {
+            (0, 4) => {
+                self.events.push(SimEvent::DeviceFeaturesRead { select: 0 });
+                self.features & 0xFFFF_FFFF
+            }
+            (4, 4) => self.driver_features & 0xFFFF_FFFF,
+            (8, 4) => q.map_or(0, |q| u64::from(q.pfn)),
+            (12, 2) => q.map_or(0, |q| u64::from(q.max_size)),
+            (14, 2) => u64::from(self.queue_select),
+            (18, 1) => u64::from(self.status),
+            (19, 1) => u64::from(self.read_isr()),
+            (20, 2) => u64::from(self.config_vector),
+            (22, 2) => q.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector)),
+            _ => {
+                self.bad(format!("legacy read {off}/{width}"));
+                0
+            }
+        }
+    }
+
+    fn legacy_write(&mut self, off: u64, width: usize, value: u64) {
+        let cfg_off = self.legacy_config_offset();
+        if off >= cfg_off {
+            self.device_config_write(off - cfg_off, width, value);
+            return;
+        }
+        let sel = self.queue_select;
+        match (off, width) {
+            (4, 4) => {
+                self.driver_features = value & 0xFFFF_FFFF;
+                self.events.push(SimEvent::DriverFeatures { select: 0, value: value as u32 });
+                let event_idx = self.event_idx();
+                for q in self.queues.iter_mut().filter_map(|q| q.queue.as_mut()) {
+                    q.set_event_idx(event_idx);
+                }
+            }
+            (8, 4) => {
+                let pfn = value as u32;
+                if self.selected().is_none() {
+                    self.bad(format!("PFN written for nonexistent queue {sel}"));
+                    return;
+                }
+                self.events.push(SimEvent::LegacyPfn { queue: sel, pfn });
+                let Some(q) = self.selected() else {
+                    return;
+                };
+                if pfn == 0 {
+                    q.reset();
+                    return;
+                }
+                let size = q.max_size;
+                let desc = u64::from(pfn) << 12;
+                let driver = desc + 16 * u64::from(size);
+                let device = (driver + 6 + 2 * u64::from(size)).next_multiple_of(4096);
+                q.pfn = pfn;
+                q.size = size;
+                q.desc = desc;
+                q.driver = driver;
+                q.device = device;
+                self.activate_queue(sel);
+            }
+            (14, 2) => self.queue_select = value as u16,
+            (16, 2) => self.notify_queue(value as u16),
+            (18, 1) => self.write_status(value as u8, false),
+            (20, 2) => {
+                let requested = value as u16;
+                let accepted = self.accept_vector(requested);
+                self.config_vector = accepted;
+                self.events.push(SimEvent::ConfigVector { requested, accepted });
+            }
+            (22, 2) => {
+                let requested = value as u16;
+                let accepted = self.accept_vector(requested);
+                if let Some(q) = self.selected() {
+                    q.vector = accepted;
+                    self.events.push(SimEvent::QueueVector { queue: sel, requested, accepted });
+                }
+            }
+            _ => self.bad(format!("legacy write {off}/{width} = {value:#x}")),
+        }
+    }
+
+    // ---- BAR dispatch ----
+
+    fn bar_len(&self, bar: u8) -> Option<u64> {
+        match bar {
+            BAR_LEGACY if self.has_legacy() => Some(self.legacy_bar_len()),
+            BAR_MSIX if self.msix_vectors > 0 => Some(MSIX_BAR_LEN),
+            BAR_MODERN if self.has_modern() => Some(MODERN_BAR_LEN),
+            _ => None,
+        }
+    }
+
+    fn in_bar(&mut self, bar: u8, off: u64, width: usize) -> bool {
+        let ok = self.bar_len(bar).is_some_and(|len| off.checked_add(width as u64).is_some_and(|e| e <= len));
+        if !ok {
+            self.bad(format!("BAR{bar} access {off:#x}/{width} out of range"));
+        }
+        ok
+    }
+
+    fn bar_read(&mut self, bar: u8, off: u64, width: usize) -> Option<u64> {
+        if !self.in_bar(bar, off, width) {
+            return None;
+        }
+        Some(match bar {
+            BAR_LEGACY => self.legacy_read(off, width),
+            BAR_MSIX => {
+                let mut v = 0;
+                for i in 0..width {
+                    v |= u64::from(self.msix_table[off as usize + i]) << (8 * i);
+                }
+                v
+            }
+            _ => self.modern_read(off, width),
+        })
+    }
+
+    fn bar_write(&mut self, bar: u8, off: u64, width: usize, value: u64) {
+        if !self.in_bar(bar, off, width) {
+            return;
+        }
+        match bar {
+            BAR_LEGACY => self.legacy_write(off, width, value),
+            BAR_MSIX => {
+                if off < MSIX_PBA_OFFSET {
+                    for i in 0..width {
+                        self.msix_table[off as usize + i] = (value >> (8 * i)) as u8;
+                    }
+                }
+            }
+            _ => self.modern_write(off, width, value),
+        }
+    }
+
+    // ---- interrupts ----
+
+    fn raise(&mut self, source: IrqSource) {
+        let (bit, vector) = match source {
+            IrqSource::Queue(q) => (1, self.queues.get(usize::from(q)).map_or(NO_VECTOR, |q| q.vector)),
+            IrqSource::Config => (2, self.config_vector),
+        };
+        self.isr |= bit;
+        if self.msix_enabled() {
+            if vector == NO_VECTOR || self.msix_control() & 0x4000 != 0 {
+                self.dropped_interrupts += 1;
+            } else {
+                self.interrupts.push(SimInterrupt::Msix(vector));
+            }
+        } else if self.intx_pin {
+            self.interrupts.push(SimInterrupt::Intx);
+        } else {
+            self.dropped_interrupts += 1;
+        }
+    }
+}
+
+fn legacy_device_id(device_type: u32) -> u16 {
+    match device_type {
+        1 => 0x1000,
+        2 => 0x1001,
+        5 => 0x1002,
+        3 => 0x1003,
+        8 => 0x1004,
+        4 => 0x1005,
+        9 => 0x1009,
+        // Other types have no fixed transitional ID; any ID in the range with the
+        // subsystem ID = type is a transitional device.
+        _ => 0x103F,
+    }
+}
+
+/// The device side of a simulated virtio-pci function, plus a test API.
+#[derive(Clone)]
+pub struct Sim {
+    inner: Arc<Mutex<State>>,
+}
+
+/// PCI config space handle ([`PciConfigSpace`]).
+#[derive(Clone)]
+pub struct SimConfig {
+    inner: Arc<Mutex<State>>,
+}
+
+/// BAR handle ([`BarAccess`]).
+#[derive(Clone)]
+pub struct SimBars {
+    inner: Arc<Mutex<State>>,
+}
+
+/// Interrupt platform handle ([`InterruptPlatform`]): enabling MSI-X sets MSI-X Enable in
+/// the capability, as a real platform would.
+#[derive(Clone)]
+pub struct SimIrq {
+    inner: Arc<Mutex<State>>,
+}
+
+fn lock(inner: &Arc<Mutex<State>>) -> MutexGuard<'_, State> {
+    // A panicking test thread must not hide the state from the others.
+    inner.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Sim {
+    fn st(&self) -> MutexGuard<'_, State> {
+        lock(&self.inner)
+    }
+
+    pub fn config_space(&self) -> SimConfig {
+        SimConfig { inner: self.inner.clone() }
+    }
+    pub fn bars(&self) -> SimBars {
+        SimBars { inner: self.inner.clone() }
+    }
+    pub fn irq(&self) -> SimIrq {
+        SimIrq { inner: self.inner.clone() }
+    }
+    /// The guest memory the device side reads rings and buffers from.
+    pub fn memory(&self) -> IdentityMemory {
+        self.st().mem.clone()
+    }
+
+    // ---- inspection ----
+
+    pub fn status(&self) -> u8 {
+        self.st().status
+    }
+    pub fn driver_features(&self) -> u64 {
+        self.st().driver_features
+    }
+    pub fn offered_features(&self) -> u64 {
+        self.st().features
+    }
+    pub fn config_generation(&self) -> u8 {
+        self.st().config_generation
+    }
+    pub fn config_vector(&self) -> u16 {
+        self.st().config_vector
+    }
+    /// ISR value without reading (clearing) it.
+    pub fn peek_isr(&self) -> u8 {
+        self.st().isr
+    }
+    pub fn msix_enabled(&self) -> bool {
+        self.st().msix_enabled()
+    }
+    pub fn events(&self) -> Vec<SimEvent> {
+        self.st().events.clone()
+    }
+    pub fn clear_events(&self) {
+        self.st().events.clear();
+    }
+    /// Accesses the model did not expect (wrong width, unknown registers, notify before
+    /// DRIVER_OK, ...). A correct driver produces none.
+    pub fn bad_accesses(&self) -> Vec<String> {
+        self.st()
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                SimEvent::BadAccess(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+    pub fn kicks(&self, queue: u16) -> u64 {
+        self.st().queues.get(usize::from(queue)).map_or(0, |q| q.kicks)
+    }
+    pub fn queue_info(&self, queue: u16) -> Option<QueueInfo> {
+        let st = self.st();
+        let q = st.queues.get(usize::from(queue))?;
+        Some(QueueInfo {
+            max_size: q.max_size,
+            size: q.size,
+            vector: q.vector,
+            enabled: q.enabled,
+            desc: q.desc,
+            driver: q.driver,
+            device: q.device,
+            kicks: q.kicks,
+            ready: q.queue.as_ref().is_some_and(|vq| vq.ready()),
+            event_idx: q.queue.as_ref().is_some_and(|vq| vq.event_idx_enabled()),
+            device_side: q.queue.as_ref().map(|vq| (vq.desc_table(), vq.avail_ring(), vq.used_ring())),
+        })
+    }
+    /// The interrupt mode the platform handle enabled, if any.
+    pub fn interrupt_mode(&self) -> Option<InterruptMode> {
+        self.st().irq_mode
+    }
+    pub fn irq_calls(&self) -> Vec<IrqCall> {
+        self.st().irq_calls.clone()
+    }
+
+    /// Initialisation steps derived from the recorded events.
+    pub fn lifecycle(&self) -> Vec<LifecycleStep> {
+        let st = self.st();
+        let mut steps: Vec<LifecycleStep> = Vec::new();
+        let mut status = 0u8;
+        for e in &st.events {
+            let mut push = |s: LifecycleStep, dedup: bool| {
+                if !(dedup && steps.last() == Some(&s)) {
+                    steps.push(s);
+                }
+            };
+            match e {
+                SimEvent::Reset => {
+                    status = 0;
+                    push(LifecycleStep::Reset, false);
+                }
+                SimEvent::Status { kept, written } => {
+                    let new = written & !status;
+                    for (bit, step) in [
+                        (STATUS_ACK, LifecycleStep::Acknowledge),
+                        (STATUS_DRIVER, LifecycleStep::Driver),
+                        (STATUS_FEATURES_OK, LifecycleStep::FeaturesOk),
+                        (STATUS_DRIVER_OK, LifecycleStep::DriverOk),
+                        (STATUS_FAILED, LifecycleStep::Failed),
+                    ] {
+                        if new & bit != 0 && (bit != STATUS_FEATURES_OK || kept & bit != 0) {
+                            push(step, false);
+                        }
+                    }
+                    status = *kept;
+                }
+                SimEvent::DeviceFeaturesRead { .. } => push(LifecycleStep::FeaturesRead, true),
+                SimEvent::DriverFeatures { .. } => push(LifecycleStep::FeaturesWritten, true),
+                SimEvent::QueueEnabled { queue } => push(LifecycleStep::QueueEnabled(*queue), false),
+                _ => {}
+            }
+        }
+        steps
+    }
+
+    /// Checks the last initialisation against virtio 1.2 §3.1.1: reset → ACKNOWLEDGE →
+    /// DRIVER → features read → features written → FEATURES_OK (modern) → queues → DRIVER_OK.
+    pub fn check_init_order(&self) -> Result<(), String> {
+        let steps = self.lifecycle();
+        let start = steps
+            .iter()
+            .rposition(|s| *s == LifecycleStep::Reset)
+            .ok_or_else(|| format!("no reset in {steps:?}"))?;
+        let steps = &steps[start..];
+        let modern = self.driver_features() & F_VERSION_1 != 0;
+        let rank = |s: &LifecycleStep| match s {
+            LifecycleStep::Reset => 0,
+            LifecycleStep::Acknowledge => 1,
+            LifecycleStep::Driver => 2,
+            LifecycleStep::FeaturesRead => 3,
+            LifecycleStep::FeaturesWritten => 4,
+            LifecycleStep::FeaturesOk => 5,
+            LifecycleStep::QueueEnabled(_) => 6,
+            LifecycleStep::DriverOk => 7,
+            LifecycleStep::Failed => 8,
+        };
+        let mut last = 0;
+        for s in steps {
+            let r = rank(s);
+            if r < last {
+                return Err(format!("{s:?} out of order in {steps:?}"));
+            }
+            last = r;
+        }
+        let mut required = vec![
+            LifecycleStep::Acknowledge,
+            LifecycleStep::Driver,
+            LifecycleStep::FeaturesRead,
+            LifecycleStep::FeaturesWritten,
+            LifecycleStep::DriverOk,
+        ];
+        if modern {
+            required.push(LifecycleStep::FeaturesOk);
+        }
+        for r in required {
+            if !steps.contains(&r) {
+                return Err(format!("{r:?} missing in {steps:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    // ---- interrupts ----
+
+    /// Interrupts sent since the last call, in order.
+    pub fn take_interrupts(&self) -> Vec<SimInterrupt> {
+        std::mem::take(&mut self.st().interrupts)
+    }
+    /// Interrupts sent and not yet taken.
+    pub fn interrupts(&self) -> Vec<SimInterrupt> {
+        self.st().interrupts.clone()
+    }
+    /// Interrupts that could not be delivered (MSI-X on with NO_VECTOR, masked, or no pin).
+    pub fn dropped_interrupts(&self) -> u64 {
+        self.st().dropped_interrupts
+    }
+    /// Makes the device refuse this MSI-X vector (reads back NO_VECTOR).
+    pub fn reject_vector(&self, vector: u16) {
+        self.st().rejected_vectors.insert(vector);
+    }
+    /// Makes the platform handle refuse `enable_msix` with more than `max` vectors.
+    pub fn limit_platform_vectors(&self, max: u16) {
+        self.st().max_platform_vectors = max;
+    }
+
+    // ---- device-side changes ----
+
+    /// Changes device config bytes, bumps `config_generation` and sends a config interrupt.
+    pub fn set_device_config(&self, offset: usize, bytes: &[u8]) {
+        let mut st = self.st();
+        let end = offset + bytes.len();
+        if st.dev_config.len() < end {
+            st.dev_config.resize(end, 0);
+        }
+        st.dev_config[offset..end].copy_from_slice(bytes);
+        st.config_generation = st.config_generation.wrapping_add(1);
+        st.raise(IrqSource::Config);
+    }
+    pub fn device_config(&self) -> Vec<u8> {
+        self.st().dev_config.clone()
+    }
+    /// The next `reads` device-config reads each bump `config_generation` (a device whose
+    /// config keeps changing under the driver).
+    pub fn set_generation_churn(&self, reads: u32) {
+        self.st().generation_churn = reads;
+    }
+    /// Sets DEVICE_NEEDS_RESET and sends a config interrupt (virtio 1.2 §2.1.2).
+    pub fn trigger_needs_reset(&self) {
+        let mut st = self.st();
+        st.status |= STATUS_NEEDS_RESET;
+        st.raise(IrqSource::Config);
+    }
+    /// Sends a config-change interrupt without changing anything.
+    pub fn raise_config_interrupt(&self) {
+        self.st().raise(IrqSource::Config);
+    }
+
+    // ---- raw config space (capability tests) ----
+
+    pub fn read_config_raw(&self, offset: usize, len: usize) -> Vec<u8> {
+        self.st().cfg[offset..offset + len].to_vec()
+    }
+    /// Writes config-space bytes directly (bypassing register semantics).
+    pub fn write_config_raw(&self, offset: usize, bytes: &[u8]) {
+        self.st().put(offset, bytes);
+    }
+    /// Inserts a 20-byte virtio vendor capability at the head of the capability list, in
+    /// the next free slot, and returns its offset. `multiplier` is written as the trailing
+    /// dword (NOTIFY's `notify_off_multiplier`).
+    pub fn insert_vendor_cap(&self, cfg_type: u8, bar: u8, offset: u32, length: u32, multiplier: u32) -> u8 {
+        let mut st = self.st();
+        let slot = *FREE_CAP_SLOTS.get(st.next_free_cap).expect("no free capability slot left");
+        st.next_free_cap += 1;
+        let head = st.cfg[0x34];
+        st.vendor_cap(slot, head, cfg_type, bar, offset, length, Some(multiplier));
+        st.cfg[0x34] = slot;
+        st.cfg[0x06] |= 0x10;
+        slot
+    }
+
+    // ---- serving queues ----
+
+    /// Pops every available chain of `queue` (device side).
+    pub fn pop_chains(&self, queue: u16) -> Vec<Chain> {
+        let mut st = self.st();
+        let mem = st.mem.clone();
+        let Some(vq) = st.queues.get_mut(usize::from(queue)).and_then(|q| q.queue.as_mut()) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        while let Some(chain) = vq.pop_descriptor_chain(mem.guest_memory()) {
+            let head = chain.head_index();
+            let descs = chain
+                .map(|d: Descriptor| SimDesc { addr: d.addr().0, len: d.len(), write_only: d.is_write_only() })
+                .collect();
+            out.push(Chain { head, descs });
+        }
+        out
+    }
+
+    /// The bytes of a chain's device-readable descriptors, concatenated.
+    pub fn read_chain(&self, chain: &Chain) -> Vec<u8> {
+        let mem = self.memory();
+        let mut out = Vec::new();
+        for d in chain.descs.iter().filter(|d| !d.write_only) {
+            let mut buf = vec![0u8; d.len as usize];
+            mem.guest_memory()
+                .read_slice(&mut buf, GuestAddress(d.addr))
+                .expect("readable descriptor outside guest memory");
+            out.extend_from_slice(&buf);
+        }
+        out
+    }
+
+    /// Writes `data` across a chain's device-writable descriptors; returns bytes written.
+    pub fn write_chain(&self, chain: &Chain, data: &[u8]) -> u32 {
+        let mem = self.memory();
+        let mut rest = data;
+        let mut written = 0u32;
+        for d in chain.descs.iter().filter(|d| d.write_only) {
+            if rest.is_empty() {
+                break;
+            }
+            let n = rest.len().min(d.len as usize);
+            mem.guest_memory()
+                .write_slice(&rest[..n], GuestAddress(d.addr))
+                .expect("writable descriptor outside guest memory");
+            rest = &rest[n..];
+            written += n as u32;
+        }
+        written
+    }
+
+    /// Puts `head` on the used ring with `written_len` bytes.
+    pub fn complete(&self, queue: u16, head: u16, written_len: u32) {
+        let mut st = self.st();
+        let mem = st.mem.clone();
+        let vq = st
+            .queues
+            .get_mut(usize::from(queue))
+            .and_then(|q| q.queue.as_mut())
+            .expect("complete on a queue that is not enabled");
+        vq.add_used(mem.guest_memory(), head, written_len).expect("add_used");
+    }
+
+    /// Writes a raw used-ring entry (any id/len, for hostile-device tests) and advances
+    /// the used index by one.
+    pub fn complete_raw(&self, queue: u16, id: u32, len: u32) {
+        let mut st = self.st();
+        let mem = st.mem.clone();
+        let vq = st
+            .queues
+            .get_mut(usize::from(queue))
+            .and_then(|q| q.queue.as_mut())
+            .expect("complete_raw on a queue that is not enabled");
+        let next = vq.next_used();
+        let slot = u64::from(next % vq.size());
+        let used = vq.used_ring();
+        let gm = mem.guest_memory();
+        gm.write_obj(id, GuestAddress(used + 4 + slot * 8)).expect("used ring");
+        gm.write_obj(len, GuestAddress(used + 8 + slot * 8)).expect("used ring");
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        gm.write_obj(next.wrapping_add(1), GuestAddress(used + 2)).expect("used ring");
+        vq.set_next_used(next.wrapping_add(1));
+    }
+
+    /// Sends the queue's interrupt if the driver wants one (EVENT_IDX `used_event`, else the
+    /// avail ring's NO_INTERRUPT flag). Returns whether it was sent.
+    pub fn signal_used(&self, queue: u16) -> bool {
+        let mut st = self.st();
+        let mem = st.mem.clone();
+        let Some(vq) = st.queues.get_mut(usize::from(queue)).and_then(|q| q.queue.as_mut()) else {
+            return false;
+        };
+        let gm = mem.guest_memory();
+        let needed = vq.needs_notification(gm).unwrap_or(true);
+        let suppressed = !vq.event_idx_enabled()
+            && gm.read_obj::<u16>(GuestAddress(vq.avail_ring())).is_ok_and(|flags| flags & 1 != 0);
+        if needed && !suppressed {
+            st.raise(IrqSource::Queue(queue));
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Serves every available chain of `queue` with `f` (which returns the bytes written),
+    /// then signals once. Returns the number of chains served.
+    pub fn serve(&self, queue: u16, mut f: impl FnMut(&Chain) -> u32) -> usize {
+        let chains = self.pop_chains(queue);
+        for c in &chains {
+            let len = f(c);
+            self.complete(queue, c.head, len);
+        }
+        if !chains.is_empty() {
+            self.signal_used(queue);
+        }
+        chains.len()
+    }
+
+    /// A short human-readable dump of the device state (for failing tests).
+    pub fn describe(&self) -> String {
+        let st = self.st();
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "mode {:?} type {} status {:#x} features {:#x}/{:#x} msix {} isr {:#x}",
+            st.mode,
+            st.device_type,
+            st.status,
+            st.driver_features,
+            st.features,
+            st.msix_enabled(),
+            st.isr
+        );
+        for (i, q) in st.queues.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "  q{i}: size {}/{} vec {:#x} en {} desc {:#x} kicks {}",
+                q.size, q.max_size, q.vector, q.enabled, q.desc, q.kicks
+            );
+        }
+        s
+    }
+}
+
+impl PciConfigSpace for SimConfig {
+    fn read8(&self, offset: u16) -> u8 {
+        lock(&self.inner).cfg_read(offset, 1) as u8
+    }
+    fn read16(&self, offset: u16) -> u16 {
+        lock(&self.inner).cfg_read(offset, 2) as u16
+    }
+    fn read32(&self, offset: u16) -> u32 {
+        lock(&self.inner).cfg_read(offset, 4) as u32
+    }
+    fn write8(&self, offset: u16, value: u8) {
+        lock(&self.inner).cfg_write(offset, 1, value.into());
+    }
+    fn write16(&self, offset: u16, value: u16) {
+        lock(&self.inner).cfg_write(offset, 2, value.into());
+    }
+    fn write32(&self, offset: u16, value: u32) {
+        lock(&self.inner).cfg_write(offset, 4, value.into());
+    }
+}
+
+impl BarAccess for SimBars {
+    fn bar_len(&self, bar: u8) -> Option<u64> {
+        lock(&self.inner).bar_len(bar)
+    }
+    fn bar_is_io(&self, bar: u8) -> bool {
+        bar == BAR_LEGACY && lock(&self.inner).has_legacy()
+    }
+    fn read8(&self, bar: u8, offset: u64) -> Option<u8> {
+        lock(&self.inner).bar_read(bar, offset, 1).map(|v| v as u8)
+    }
+    fn read16(&self, bar: u8, offset: u64) -> Option<u16> {
+        lock(&self.inner).bar_read(bar, offset, 2).map(|v| v as u16)
+    }
+    fn read32(&self, bar: u8, offset: u64) -> Option<u32> {
+        lock(&self.inner).bar_read(bar, offset, 4).map(|v| v as u32)
+    }
+    fn write8(&self, bar: u8, offset: u64, value: u8) {
+        lock(&self.inner).bar_write(bar, offset, 1, value.into());
+    }
+    fn write16(&self, bar: u8, offset: u64, value: u16) {
+        lock(&self.inner).bar_write(bar, offset, 2, value.into());
+    }
+    fn write32(&self, bar: u8, offset: u64, value: u32) {
+        lock(&self.inner).bar_write(bar, offset, 4, value.into());
+    }
+}
+
+impl InterruptPlatform for SimIrq {
+    fn enable_msix(&mut self, vectors: u16) -> bool {
+        let mut st = lock(&self.inner);
+        let granted = vectors > 0 && vectors <= st.msix_vectors && vectors <= st.max_platform_vectors;
+        if granted {
+            st.set_msix_control(true, Some(false));
+            st.irq_mode = Some(InterruptMode::MsiX { vectors });
+        }
+        st.irq_calls.push(IrqCall::EnableMsix { vectors, granted });
+        granted
+    }
+    fn enable_intx(&mut self) -> bool {
+        let mut st = lock(&self.inner);
+        let granted = st.intx_pin;
+        if granted {
+            st.set_msix_control(false, None);
+            st.irq_mode = Some(InterruptMode::Intx);
+        }
+        st.irq_calls.push(IrqCall::EnableIntx { granted });
+        granted
+    }
+    fn disable(&mut self) {
+        let mut st = lock(&self.inner);
+        st.set_msix_control(false, None);
+        st.irq_mode = None;
+        st.irq_calls.push(IrqCall::Disable);
+    }
+}
