@@ -1,0 +1,122 @@
+//! Scenarios: one module each, listed in [`SCENARIOS`]. A scenario gets an [`Env`] (the
+//! command line, the chipset and the enumerated PCI functions), prints `CHECK`/`STAT`
+//! lines through `crate::report` / `crate::check!`, and returns; `run` then prints `DONE`
+//! and exits (success iff every check passed).
+//!
+//! Adding a scenario: write `scenarios/<name>.rs` with `pub fn run(env: &mut Env)`, add a
+//! row to `SCENARIOS`, and a row to the device table in `tests/src/qemu.rs`.
+
+mod boot;
+
+use crate::cmdline::{Cmdline, IrqMode};
+use crate::pci::{Chipset, PciFunction};
+use crate::platform::{GuestDma, PciBars, PciConfig, PciInterrupts};
+use crate::report;
+use alloc::vec::Vec;
+use virtio_core::platform::{InterruptMode, InterruptPlatform};
+
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub run: fn(&mut Env),
+}
+
+pub const SCENARIOS: &[Scenario] = &[Scenario {
+    name: "boot",
+    about: "enumerate PCI, list virtio functions, self-test timer/IPI/IOAPIC/MSI-X/INTx delivery",
+    run: boot::run,
+}];
+
+/// Everything a scenario starts from.
+pub struct Env {
+    pub cmdline: Cmdline,
+    pub irq: IrqMode,
+    pub chipset: Chipset,
+    pub pci: Vec<PciFunction>,
+}
+
+/// Platform handles for one PCI function, ready for `virtio-pci`.
+#[allow(dead_code)] // `func`/`dma` are for the device scenarios
+pub struct Device {
+    pub func: PciFunction,
+    pub config: PciConfig,
+    pub bars: PciBars,
+    pub irq: PciInterrupts,
+    pub dma: GuestDma,
+}
+
+impl Env {
+    pub fn virtio_functions(&self) -> impl Iterator<Item = &PciFunction> {
+        self.pci.iter().filter(|f| f.is_virtio())
+    }
+
+    #[allow(dead_code)] // API for the device scenarios
+    /// First virtio function of device type `ty` (1 net, 2 blk, 3 console, 5 balloon).
+    pub fn find_virtio(&self, ty: u16) -> Option<&PciFunction> {
+        self.virtio_functions().find(|f| f.virtio_type() == Some(ty))
+    }
+
+    /// Enables decoding and bus mastering, maps the BARs, and returns the platform
+    /// handles. Interrupts stay off until [`Env::enable_irq`] (or the transport) asks.
+    pub fn open(&self, func: &PciFunction) -> Device {
+        func.enable();
+        Device {
+            func: func.clone(),
+            config: func.config(),
+            bars: func.bar_access(),
+            irq: PciInterrupts::new(func, self.chipset),
+            dma: GuestDma,
+        }
+    }
+
+    #[allow(dead_code)] // API for the device scenarios
+    /// Enables interrupts per the command line's `irq=` mode: MSI-X with `vectors`
+    /// vectors (falling back to INTx if the function has none), INTx, or none for `poll`.
+    pub fn enable_irq(&self, irq: &mut PciInterrupts, vectors: u16) -> InterruptMode {
+        match self.irq {
+            IrqMode::MsiX if irq.enable_msix(vectors) => {}
+            IrqMode::MsiX | IrqMode::Intx => {
+                irq.enable_intx();
+            }
+            IrqMode::Poll => {}
+        }
+        irq.mode()
+    }
+}
+
+/// Prints the per-function interrupt counters as `STAT <name>.irq[.<index>]=<n>`.
+pub fn irq_stats(name: &str, irq: &PciInterrupts) {
+    match irq.mode() {
+        InterruptMode::MsiX { vectors } => {
+            for i in 0..vectors {
+                report::stat(&alloc::format!("{name}.irq.msix{i}"), irq.count(i));
+            }
+        }
+        InterruptMode::Intx => report::stat(&alloc::format!("{name}.irq.intx"), irq.count(crate::platform::INTX_INDEX)),
+        InterruptMode::Polling => {}
+    }
+    report::stat(&alloc::format!("{name}.irq"), irq.total());
+}
+
+pub fn run(cmdline: Cmdline) -> ! {
+    let chipset = Chipset::detect();
+    let pci = crate::pci::enumerate();
+    let irq = cmdline.irq;
+    let Some(scenario) = SCENARIOS.iter().find(|s| s.name == cmdline.scenario) else {
+        crate::println!("FATAL: unknown scenario {:?}; known:", cmdline.scenario);
+        for s in SCENARIOS {
+            crate::println!("  {:10} {}", s.name, s.about);
+        }
+        crate::exit::exit(crate::exit::ExitCode::Usage)
+    };
+    crate::println!("SCENARIO {} machine={} irq={}", scenario.name, chipset.name(), irq.name());
+    let mut env = Env { cmdline, irq, chipset, pci };
+    (scenario.run)(&mut env);
+    let (used, free) = crate::heap::usage();
+    report::stat("heap.used", used);
+    report::stat("heap.free", free);
+    for (v, n) in crate::interrupts::nonzero_counts() {
+        report::stat(&alloc::format!("vector.{v:#04x}"), n);
+    }
+    report::done()
+}
