@@ -102,7 +102,11 @@ impl SimBuilder {
         SimBuilder {
             mode,
             device_type,
-            features: if mode == SimMode::Legacy { 0 } else { F_VERSION_1 },
+            features: if mode == SimMode::Legacy {
+                0
+            } else {
+                F_VERSION_1
+            },
             queue_sizes: vec![256],
             device_config: Vec::new(),
             accept_features_ok: true,
@@ -146,7 +150,10 @@ impl SimBuilder {
     }
 
     pub fn build(self) -> Sim {
-        let mem = self.mem.clone().unwrap_or_else(|| IdentityMemory::new(1 << 20));
+        let mem = self
+            .mem
+            .clone()
+            .unwrap_or_else(|| IdentityMemory::new(1 << 20));
         let msix_vectors = self
             .msix_vectors
             .unwrap_or_else(|| u16::try_from(self.queue_sizes.len() + 1).unwrap_or(u16::MAX))
@@ -187,7 +194,9 @@ impl SimBuilder {
             mem,
         };
         state.build_config_space();
-        Sim { inner: Arc::new(Mutex::new(state)) }
+        Sim {
+            inner: Arc::new(Mutex::new(state)),
+        }
     }
 }
 
@@ -236,19 +245,50 @@ pub enum SimEvent {
     /// Status 0 written (device reset).
     Reset,
     /// Status written; `kept` is what the device holds afterwards (FEATURES_OK may be refused).
-    Status { written: u8, kept: u8 },
+    Status {
+        written: u8,
+        kept: u8,
+    },
     /// `device_feature` (or legacy features) read with this select.
-    DeviceFeaturesRead { select: u32 },
+    DeviceFeaturesRead {
+        select: u32,
+    },
     /// One 32-bit word of driver features written (legacy: select 0).
-    DriverFeatures { select: u32, value: u32 },
-    QueueSize { queue: u16, size: u16 },
-    QueueEnabled { queue: u16 },
-    QueueReset { queue: u16 },
-    LegacyPfn { queue: u16, pfn: u32 },
-    ConfigVector { requested: u16, accepted: u16 },
-    QueueVector { queue: u16, requested: u16, accepted: u16 },
-    Notify { queue: u16 },
-    DeviceConfigWrite { offset: u32, value: u32, width: u8 },
+    DriverFeatures {
+        select: u32,
+        value: u32,
+    },
+    QueueSize {
+        queue: u16,
+        size: u16,
+    },
+    QueueEnabled {
+        queue: u16,
+    },
+    QueueReset {
+        queue: u16,
+    },
+    LegacyPfn {
+        queue: u16,
+        pfn: u32,
+    },
+    ConfigVector {
+        requested: u16,
+        accepted: u16,
+    },
+    QueueVector {
+        queue: u16,
+        requested: u16,
+        accepted: u16,
+    },
+    Notify {
+        queue: u16,
+    },
+    DeviceConfigWrite {
+        offset: u32,
+        value: u32,
+        width: u8,
+    },
     /// An access the model does not implement (wrong width, unknown register, out of range).
     BadAccess(String),
 }
@@ -301,10 +341,18 @@ pub struct Chain {
 
 impl Chain {
     pub fn readable_len(&self) -> u32 {
-        self.descs.iter().filter(|d| !d.write_only).map(|d| d.len).sum()
+        self.descs
+            .iter()
+            .filter(|d| !d.write_only)
+            .map(|d| d.len)
+            .sum()
     }
     pub fn writable_len(&self) -> u32 {
-        self.descs.iter().filter(|d| d.write_only).map(|d| d.len).sum()
+        self.descs
+            .iter()
+            .filter(|d| d.write_only)
+            .map(|d| d.len)
+            .sum()
     }
 }
 
@@ -377,7 +425,16 @@ impl State {
         }
     }
 
-    fn vendor_cap(&mut self, at: u8, next: u8, cfg_type: u8, bar: u8, offset: u32, length: u32, extra: Option<u32>) {
+    fn vendor_cap(
+        &mut self,
+        at: u8,
+        next: u8,
+        cfg_type: u8,
+        bar: u8,
+        offset: u32,
+        length: u32,
+        extra: Option<u32>,
+    ) {
         let len = if extra.is_some() { 20 } else { 16 };
         let mut b = vec![0x09, next, len, cfg_type, bar, 0, 0, 0];
         b.extend_from_slice(&offset.to_le_bytes());
@@ -421,9 +478,33 @@ impl State {
         }
         let mut head = 0u8;
         if self.has_modern() {
-            self.vendor_cap(CAP_COMMON, 0, 1, BAR_MODERN, COMMON_OFFSET as u32, REGION_LEN as u32, None);
-            self.vendor_cap(CAP_ISR, CAP_COMMON, 3, BAR_MODERN, ISR_OFFSET as u32, REGION_LEN as u32, None);
-            self.vendor_cap(CAP_DEVICE, CAP_ISR, 4, BAR_MODERN, DEVICE_OFFSET as u32, REGION_LEN as u32, None);
+            self.vendor_cap(
+                CAP_COMMON,
+                0,
+                1,
+                BAR_MODERN,
+                COMMON_OFFSET as u32,
+                REGION_LEN as u32,
+                None,
+            );
+            self.vendor_cap(
+                CAP_ISR,
+                CAP_COMMON,
+                3,
+                BAR_MODERN,
+                ISR_OFFSET as u32,
+                REGION_LEN as u32,
+                None,
+            );
+            self.vendor_cap(
+                CAP_DEVICE,
+                CAP_ISR,
+                4,
+                BAR_MODERN,
+                DEVICE_OFFSET as u32,
+                REGION_LEN as u32,
+                None,
+            );
             self.vendor_cap(
                 CAP_NOTIFY,
                 CAP_DEVICE,
@@ -533,7 +614,8 @@ impl State {
         let newly = value & !self.status;
         if modern && newly & STATUS_FEATURES_OK != 0 {
             let unoffered = self.driver_features & !self.features;
-            let no_version_1 = self.mode == SimMode::Modern && self.driver_features & F_VERSION_1 == 0;
+            let no_version_1 =
+                self.mode == SimMode::Modern && self.driver_features & F_VERSION_1 == 0;
             if !self.accept_features_ok || unoffered != 0 || no_version_1 {
                 kept &= !STATUS_FEATURES_OK;
             }
@@ -541,7 +623,10 @@ impl State {
         // DEVICE_NEEDS_RESET is the device's bit; the driver cannot set or clear it.
         kept = (kept & !STATUS_NEEDS_RESET) | (self.status & STATUS_NEEDS_RESET);
         self.status = kept;
-        self.events.push(SimEvent::Status { written: value, kept });
+        self.events.push(SimEvent::Status {
+            written: value,
+            kept,
+        });
     }
 
     fn accept_vector(&self, v: u16) -> u16 {
@@ -571,11 +656,18 @@ impl State {
         match Queue::new(q.max_size) {
             Ok(mut vq) => {
                 if vq.try_set_size(q.size).is_err() {
-                    errors.push(format!("queue {index}: size {} refused by virtio-queue", q.size));
+                    errors.push(format!(
+                        "queue {index}: size {} refused by virtio-queue",
+                        q.size
+                    ));
                 }
                 if vq.try_set_desc_table_address(GuestAddress(q.desc)).is_err()
-                    || vq.try_set_avail_ring_address(GuestAddress(q.driver)).is_err()
-                    || vq.try_set_used_ring_address(GuestAddress(q.device)).is_err()
+                    || vq
+                        .try_set_avail_ring_address(GuestAddress(q.driver))
+                        .is_err()
+                    || vq
+                        .try_set_used_ring_address(GuestAddress(q.device))
+                        .is_err()
                 {
                     errors.push(format!("queue {index}: misaligned ring addresses"));
                 }
@@ -584,7 +676,10 @@ impl State {
                 q.queue = Some(vq);
                 q.enabled = true;
             }
-            Err(e) => errors.push(format!("queue {index}: max size {} refused: {e:?}", q.max_size)),
+            Err(e) => errors.push(format!(
+                "queue {index}: max size {} refused: {e:?}",
+                q.max_size
+            )),
         }
         for e in errors {
             self.bad(e);
@@ -596,11 +691,16 @@ impl State {
 
     fn common_read(&mut self, off: u64, width: usize) -> u64 {
         let sel = self.queue_select;
-        let q = self.queues.get(usize::from(sel)).filter(|q| q.max_size != 0);
+        let q = self
+            .queues
+            .get(usize::from(sel))
+            .filter(|q| q.max_size != 0);
         let v: u64 = match (off, width) {
             (0x00, 4) => u64::from(self.device_feature_select),
             (0x04, 4) => {
-                self.events.push(SimEvent::DeviceFeaturesRead { select: self.device_feature_select });
+                self.events.push(SimEvent::DeviceFeaturesRead {
+                    select: self.device_feature_select,
+                });
                 match self.device_feature_select {
                     0 => self.features & 0xFFFF_FFFF,
                     1 => self.features >> 32,
@@ -648,16 +748,26 @@ impl State {
             (0x0C, 4) => {
                 let select = self.driver_feature_select;
                 match select {
-                    0 => self.driver_features = (self.driver_features & !0xFFFF_FFFF) | u64::from(v32),
-                    1 => self.driver_features = (self.driver_features & 0xFFFF_FFFF) | (u64::from(v32) << 32),
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xFFFF_FFFF) | u64::from(v32)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xFFFF_FFFF) | (u64::from(v32) << 32)
+                    }
                     _ => {}
                 }
-                self.events.push(SimEvent::DriverFeatures { select, value: v32 });
+                self.events
+                    .push(SimEvent::DriverFeatures { select, value: v32 });
             }
             (0x10, 2) => {
                 let accepted = self.accept_vector(v16);
                 self.config_vector = accepted;
-                self.events.push(SimEvent::ConfigVector { requested: v16, accepted });
+                self.events.push(SimEvent::ConfigVector {
+                    requested: v16,
+                    accepted,
+                });
             }
             (0x14, 1) => self.write_status(value as u8, true),
             (0x16, 2) => self.queue_select = v16,
@@ -669,7 +779,10 @@ impl State {
                         self.bad(format!("queue {sel}: bad size {v16}"));
                     } else {
                         q.size = v16;
-                        self.events.push(SimEvent::QueueSize { queue: sel, size: v16 });
+                        self.events.push(SimEvent::QueueSize {
+                            queue: sel,
+                            size: v16,
+                        });
                     }
                 }
             }
@@ -677,7 +790,11 @@ impl State {
                 let accepted = self.accept_vector(v16);
                 if let Some(q) = self.selected() {
                     q.vector = accepted;
-                    self.events.push(SimEvent::QueueVector { queue: sel, requested: v16, accepted });
+                    self.events.push(SimEvent::QueueVector {
+                        queue: sel,
+                        requested: v16,
+                        accepted,
+                    });
                 }
             }
             (0x1C, 2) => {
@@ -739,11 +856,18 @@ impl State {
 
     fn device_config_write(&mut self, off: u64, width: usize, value: u64) {
         for i in 0..width {
-            if let Some(b) = usize::try_from(off).ok().and_then(|o| self.dev_config.get_mut(o + i)) {
+            if let Some(b) = usize::try_from(off)
+                .ok()
+                .and_then(|o| self.dev_config.get_mut(o + i))
+            {
                 *b = (value >> (8 * i)) as u8;
             }
         }
-        self.events.push(SimEvent::DeviceConfigWrite { offset: off as u32, value: value as u32, width: width as u8 });
+        self.events.push(SimEvent::DeviceConfigWrite {
+            offset: off as u32,
+            value: value as u32,
+            width: width as u8,
+        });
     }
 
     fn notify_queue(&mut self, queue: u16) {
@@ -810,7 +934,9 @@ impl State {
     }
 
     fn legacy_bar_len(&self) -> u64 {
-        (24 + self.dev_config.len() as u64).next_power_of_two().max(32)
+        (24 + self.dev_config.len() as u64)
+            .next_power_of_two()
+            .max(32)
     }
 
     fn legacy_read(&mut self, off: u64, width: usize) -> u64 {
@@ -850,7 +976,10 @@ impl State {
         match (off, width) {
             (4, 4) => {
                 self.driver_features = value & 0xFFFF_FFFF;
-                self.events.push(SimEvent::DriverFeatures { select: 0, value: value as u32 });
+                self.events.push(SimEvent::DriverFeatures {
+                    select: 0,
+                    value: value as u32,
+                });
                 let event_idx = self.event_idx();
                 for q in self.queues.iter_mut().filter_map(|q| q.queue.as_mut()) {
                     q.set_event_idx(event_idx);
@@ -888,14 +1017,21 @@ impl State {
                 let requested = value as u16;
                 let accepted = self.accept_vector(requested);
                 self.config_vector = accepted;
-                self.events.push(SimEvent::ConfigVector { requested, accepted });
+                self.events.push(SimEvent::ConfigVector {
+                    requested,
+                    accepted,
+                });
             }
             (22, 2) => {
                 let requested = value as u16;
                 let accepted = self.accept_vector(requested);
                 if let Some(q) = self.selected() {
                     q.vector = accepted;
-                    self.events.push(SimEvent::QueueVector { queue: sel, requested, accepted });
+                    self.events.push(SimEvent::QueueVector {
+                        queue: sel,
+                        requested,
+                        accepted,
+                    });
                 }
             }
             _ => self.bad(format!("legacy write {off}/{width} = {value:#x}")),
@@ -914,7 +1050,9 @@ impl State {
     }
 
     fn in_bar(&mut self, bar: u8, off: u64, width: usize) -> bool {
-        let ok = self.bar_len(bar).is_some_and(|len| off.checked_add(width as u64).is_some_and(|e| e <= len));
+        let ok = self
+            .bar_len(bar)
+            .is_some_and(|len| off.checked_add(width as u64).is_some_and(|e| e <= len));
         if !ok {
             self.bad(format!("BAR{bar} access {off:#x}/{width} out of range"));
         }
@@ -959,7 +1097,12 @@ impl State {
 
     fn raise(&mut self, source: IrqSource) {
         let (bit, vector) = match source {
-            IrqSource::Queue(q) => (1, self.queues.get(usize::from(q)).map_or(NO_VECTOR, |q| q.vector)),
+            IrqSource::Queue(q) => (
+                1,
+                self.queues
+                    .get(usize::from(q))
+                    .map_or(NO_VECTOR, |q| q.vector),
+            ),
             IrqSource::Config => (2, self.config_vector),
         };
         self.isr |= bit;
@@ -1028,13 +1171,19 @@ impl Sim {
     }
 
     pub fn config_space(&self) -> SimConfig {
-        SimConfig { inner: self.inner.clone() }
+        SimConfig {
+            inner: self.inner.clone(),
+        }
     }
     pub fn bars(&self) -> SimBars {
-        SimBars { inner: self.inner.clone() }
+        SimBars {
+            inner: self.inner.clone(),
+        }
     }
     pub fn irq(&self) -> SimIrq {
-        SimIrq { inner: self.inner.clone() }
+        SimIrq {
+            inner: self.inner.clone(),
+        }
     }
     /// The guest memory the device side reads rings and buffers from.
     pub fn memory(&self) -> IdentityMemory {
@@ -1084,7 +1233,10 @@ impl Sim {
             .collect()
     }
     pub fn kicks(&self, queue: u16) -> u64 {
-        self.st().queues.get(usize::from(queue)).map_or(0, |q| q.kicks)
+        self.st()
+            .queues
+            .get(usize::from(queue))
+            .map_or(0, |q| q.kicks)
     }
     pub fn queue_info(&self, queue: u16) -> Option<QueueInfo> {
         let st = self.st();
@@ -1100,7 +1252,10 @@ impl Sim {
             kicks: q.kicks,
             ready: q.queue.as_ref().is_some_and(|vq| vq.ready()),
             event_idx: q.queue.as_ref().is_some_and(|vq| vq.event_idx_enabled()),
-            device_side: q.queue.as_ref().map(|vq| (vq.desc_table(), vq.avail_ring(), vq.used_ring())),
+            device_side: q
+                .queue
+                .as_ref()
+                .map(|vq| (vq.desc_table(), vq.avail_ring(), vq.used_ring())),
         })
     }
     /// The interrupt mode the platform handle enabled, if any.
@@ -1144,7 +1299,9 @@ impl Sim {
                 }
                 SimEvent::DeviceFeaturesRead { .. } => push(LifecycleStep::FeaturesRead, true),
                 SimEvent::DriverFeatures { .. } => push(LifecycleStep::FeaturesWritten, true),
-                SimEvent::QueueEnabled { queue } => push(LifecycleStep::QueueEnabled(*queue), false),
+                SimEvent::QueueEnabled { queue } => {
+                    push(LifecycleStep::QueueEnabled(*queue), false)
+                }
                 _ => {}
             }
         }
@@ -1265,9 +1422,18 @@ impl Sim {
     /// Inserts a 20-byte virtio vendor capability at the head of the capability list, in
     /// the next free slot, and returns its offset. `multiplier` is written as the trailing
     /// dword (NOTIFY's `notify_off_multiplier`).
-    pub fn insert_vendor_cap(&self, cfg_type: u8, bar: u8, offset: u32, length: u32, multiplier: u32) -> u8 {
+    pub fn insert_vendor_cap(
+        &self,
+        cfg_type: u8,
+        bar: u8,
+        offset: u32,
+        length: u32,
+        multiplier: u32,
+    ) -> u8 {
         let mut st = self.st();
-        let slot = *FREE_CAP_SLOTS.get(st.next_free_cap).expect("no free capability slot left");
+        let slot = *FREE_CAP_SLOTS
+            .get(st.next_free_cap)
+            .expect("no free capability slot left");
         st.next_free_cap += 1;
         let head = st.cfg[0x34];
         st.vendor_cap(slot, head, cfg_type, bar, offset, length, Some(multiplier));
@@ -1282,14 +1448,22 @@ impl Sim {
     pub fn pop_chains(&self, queue: u16) -> Vec<Chain> {
         let mut st = self.st();
         let mem = st.mem.clone();
-        let Some(vq) = st.queues.get_mut(usize::from(queue)).and_then(|q| q.queue.as_mut()) else {
+        let Some(vq) = st
+            .queues
+            .get_mut(usize::from(queue))
+            .and_then(|q| q.queue.as_mut())
+        else {
             return Vec::new();
         };
         let mut out = Vec::new();
         while let Some(chain) = vq.pop_descriptor_chain(mem.guest_memory()) {
             let head = chain.head_index();
             let descs = chain
-                .map(|d: Descriptor| SimDesc { addr: d.addr().0, len: d.len(), write_only: d.is_write_only() })
+                .map(|d: Descriptor| SimDesc {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    write_only: d.is_write_only(),
+                })
                 .collect();
             out.push(Chain { head, descs });
         }
@@ -1338,7 +1512,8 @@ impl Sim {
             .get_mut(usize::from(queue))
             .and_then(|q| q.queue.as_mut())
             .expect("complete on a queue that is not enabled");
-        vq.add_used(mem.guest_memory(), head, written_len).expect("add_used");
+        vq.add_used(mem.guest_memory(), head, written_len)
+            .expect("add_used");
     }
 
     /// Writes a raw used-ring entry (any id/len, for hostile-device tests) and advances
@@ -1355,10 +1530,13 @@ impl Sim {
         let slot = u64::from(next % vq.size());
         let used = vq.used_ring();
         let gm = mem.guest_memory();
-        gm.write_obj(id, GuestAddress(used + 4 + slot * 8)).expect("used ring");
-        gm.write_obj(len, GuestAddress(used + 8 + slot * 8)).expect("used ring");
+        gm.write_obj(id, GuestAddress(used + 4 + slot * 8))
+            .expect("used ring");
+        gm.write_obj(len, GuestAddress(used + 8 + slot * 8))
+            .expect("used ring");
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        gm.write_obj(next.wrapping_add(1), GuestAddress(used + 2)).expect("used ring");
+        gm.write_obj(next.wrapping_add(1), GuestAddress(used + 2))
+            .expect("used ring");
         vq.set_next_used(next.wrapping_add(1));
     }
 
@@ -1367,13 +1545,19 @@ impl Sim {
     pub fn signal_used(&self, queue: u16) -> bool {
         let mut st = self.st();
         let mem = st.mem.clone();
-        let Some(vq) = st.queues.get_mut(usize::from(queue)).and_then(|q| q.queue.as_mut()) else {
+        let Some(vq) = st
+            .queues
+            .get_mut(usize::from(queue))
+            .and_then(|q| q.queue.as_mut())
+        else {
             return false;
         };
         let gm = mem.guest_memory();
         let needed = vq.needs_notification(gm).unwrap_or(true);
         let suppressed = !vq.event_idx_enabled()
-            && gm.read_obj::<u16>(GuestAddress(vq.avail_ring())).is_ok_and(|flags| flags & 1 != 0);
+            && gm
+                .read_obj::<u16>(GuestAddress(vq.avail_ring()))
+                .is_ok_and(|flags| flags & 1 != 0);
         if needed && !suppressed {
             st.raise(IrqSource::Queue(queue));
             true
@@ -1473,7 +1657,8 @@ impl BarAccess for SimBars {
 impl InterruptPlatform for SimIrq {
     fn enable_msix(&mut self, vectors: u16) -> bool {
         let mut st = lock(&self.inner);
-        let granted = vectors > 0 && vectors <= st.msix_vectors && vectors <= st.max_platform_vectors;
+        let granted =
+            vectors > 0 && vectors <= st.msix_vectors && vectors <= st.max_platform_vectors;
         if granted {
             st.set_msix_control(true, Some(false));
             st.irq_mode = Some(InterruptMode::MsiX { vectors });

@@ -9,6 +9,17 @@
 //! Everything the device provides (capabilities, offsets, lengths, vectors, sizes) is
 //! validated before use; failures are [`TransportError`]s / [`Error`]s, never panics.
 #![no_std]
+// The device is untrusted: no panicking construct may be reachable from device-provided
+// values. Enforced by clippy for all non-test code (same rule as virtio-core).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 
 pub mod caps;
 pub mod ids;
