@@ -5,5 +5,6 @@
 //! - `qemu`: the host-side runner that builds the bare-metal guest and drives QEMU.
 
 pub mod mem;
+pub mod qemu;
 pub mod ring_device;
 pub mod sim;
