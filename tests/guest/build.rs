@@ -14,7 +14,10 @@ fn main() {
     // Only the bare-metal build links with our script; `cargo clippy` for the host target
     // (see xtask) never links.
     if std::env::var("TARGET").as_deref() == Ok("x86_64-unknown-none") {
-        println!("cargo:rustc-link-arg=-T{}", manifest.join("linker.ld").display());
+        println!(
+            "cargo:rustc-link-arg=-T{}",
+            manifest.join("linker.ld").display()
+        );
         println!("cargo:rustc-link-arg=--no-pie");
     }
 
@@ -29,7 +32,9 @@ fn main() {
         }
         writeln!(s, "    push {v}\n    jmp isr_common").unwrap();
     }
-    s.push_str(".section .rodata.isr_table, \"a\"\n.balign 8\n.global isr_stub_table\nisr_stub_table:\n");
+    s.push_str(
+        ".section .rodata.isr_table, \"a\"\n.balign 8\n.global isr_stub_table\nisr_stub_table:\n",
+    );
     for v in 0..256u32 {
         writeln!(s, "    .quad isr_stub_{v}").unwrap();
     }

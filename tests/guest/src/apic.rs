@@ -46,7 +46,10 @@ fn lapic_write(reg: u32, v: u32) {
 /// Remaps the 8259s away from the exception vectors and masks every line: all interrupts
 /// go through the I/O APIC. A spurious PIC interrupt then lands on 0xE7/0xEF (ignored).
 fn disable_pic() {
-    for (cmd, data, base, cascade) in [(0x20, 0x21, PIC_BASE_VECTOR, 4u8), (0xA0, 0xA1, PIC_BASE_VECTOR + 8, 2)] {
+    for (cmd, data, base, cascade) in [
+        (0x20, 0x21, PIC_BASE_VECTOR, 4u8),
+        (0xA0, 0xA1, PIC_BASE_VECTOR + 8, 2),
+    ] {
         outb(cmd, 0x11); // ICW1: init, ICW4 follows
         outb(data, base); // ICW2: vector base
         outb(data, cascade); // ICW3
@@ -173,7 +176,13 @@ pub enum Polarity {
 }
 
 /// Routes I/O APIC pin `gsi` to `vector` on this CPU (fixed, physical), masked or not.
-pub fn ioapic_route(gsi: u32, vector: u8, trigger: Trigger, polarity: Polarity, masked: bool) -> bool {
+pub fn ioapic_route(
+    gsi: u32,
+    vector: u8,
+    trigger: Trigger,
+    polarity: Polarity,
+    masked: bool,
+) -> bool {
     if gsi >= ioapic_pins() {
         return false;
     }
@@ -196,7 +205,11 @@ pub fn ioapic_route(gsi: u32, vector: u8, trigger: Trigger, polarity: Polarity, 
 
 pub fn ioapic_set_masked(gsi: u32, masked: bool) {
     let lo = ioapic_read(0x10 + 2 * gsi);
-    let lo = if masked { lo | LVT_MASKED } else { lo & !LVT_MASKED };
+    let lo = if masked {
+        lo | LVT_MASKED
+    } else {
+        lo & !LVT_MASKED
+    };
     ioapic_write(0x10 + 2 * gsi, lo);
 }
 
@@ -204,4 +217,3 @@ pub fn ioapic_set_masked(gsi: u32, masked: bool) {
 pub fn ioapic_entry(gsi: u32) -> u32 {
     ioapic_read(0x10 + 2 * gsi)
 }
-

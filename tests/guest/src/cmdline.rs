@@ -35,7 +35,12 @@ impl Cmdline {
             let (k, v) = word.split_once('=').unwrap_or((word, ""));
             args.push((k.to_string(), v.to_string()));
         }
-        let get = |k: &str| args.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| {
+            args.iter()
+                .rev()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
         let scenario = get("scenario").unwrap_or("boot").to_string();
         let irq = match get("irq").unwrap_or("msix") {
             "msix" => IrqMode::MsiX,
@@ -43,12 +48,20 @@ impl Cmdline {
             "poll" => IrqMode::Poll,
             other => return Err(alloc::format!("irq={other}: expected msix, intx or poll")),
         };
-        Ok(Self { scenario, irq, args })
+        Ok(Self {
+            scenario,
+            irq,
+            args,
+        })
     }
 
     /// Last value given for `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.args.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.args
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// `key` parsed as a number (for scenario parameters such as sizes and counts), (decimal or 0x-hex), or `default`.

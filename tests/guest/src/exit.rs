@@ -24,6 +24,9 @@ pub enum ExitCode {
 pub fn exit(code: ExitCode) -> ! {
     outl(DEBUG_EXIT_PORT, code as u32);
     // Only reached without the isa-debug-exit device; the runner's timeout catches it.
-    crate::println!("EXIT-FAILED: no isa-debug-exit device (code {:#x})", code as u32);
+    crate::println!(
+        "EXIT-FAILED: no isa-debug-exit device (code {:#x})",
+        code as u32
+    );
     halt_forever()
 }

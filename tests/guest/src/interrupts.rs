@@ -117,23 +117,53 @@ struct IdtEntry {
 #[repr(C, align(16))]
 struct Idt([IdtEntry; 256]);
 
-static mut IDT: Idt = Idt(
-    [IdtEntry { offset_lo: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_hi: 0, zero: 0 };
-        256],
-);
+static mut IDT: Idt = Idt([IdtEntry {
+    offset_lo: 0,
+    selector: 0,
+    ist: 0,
+    type_attr: 0,
+    offset_mid: 0,
+    offset_hi: 0,
+    zero: 0,
+}; 256]);
 
 unsafe extern "C" {
     static isr_stub_table: [u64; 256];
 }
 
 const EXCEPTION_NAMES: [&str; 32] = [
-    "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow", "#BR bound range",
-    "#UD invalid opcode", "#NM device not available", "#DF double fault", "coprocessor overrun",
-    "#TS invalid TSS", "#NP segment not present", "#SS stack fault", "#GP general protection",
-    "#PF page fault", "reserved 15", "#MF x87 error", "#AC alignment check", "#MC machine check",
-    "#XM SIMD error", "#VE virtualization", "#CP control protection", "reserved 22",
-    "reserved 23", "reserved 24", "reserved 25", "reserved 26", "reserved 27",
-    "#HV hypervisor injection", "#VC VMM communication", "#SX security", "reserved 31",
+    "#DE divide error",
+    "#DB debug",
+    "NMI",
+    "#BP breakpoint",
+    "#OF overflow",
+    "#BR bound range",
+    "#UD invalid opcode",
+    "#NM device not available",
+    "#DF double fault",
+    "coprocessor overrun",
+    "#TS invalid TSS",
+    "#NP segment not present",
+    "#SS stack fault",
+    "#GP general protection",
+    "#PF page fault",
+    "reserved 15",
+    "#MF x87 error",
+    "#AC alignment check",
+    "#MC machine check",
+    "#XM SIMD error",
+    "#VE virtualization",
+    "#CP control protection",
+    "reserved 22",
+    "reserved 23",
+    "reserved 24",
+    "reserved 25",
+    "reserved 26",
+    "reserved 27",
+    "#HV hypervisor injection",
+    "#VC VMM communication",
+    "#SX security",
+    "reserved 31",
 ];
 
 /// Interrupts taken, per vector (all 256, exceptions included).
@@ -155,12 +185,11 @@ pub struct HandlerId(u64);
 
 /// Loads the IDT with all 256 stubs (interrupt gates: IF is cleared on entry).
 pub fn init() {
-    // SAFETY: runs once at boot before interrupts are enabled; nothing else references IDT.
-    let idt = unsafe { &mut *(&raw mut IDT) };
-    for (v, e) in idt.0.iter_mut().enumerate() {
-        // SAFETY: isr_stub_table is an immutable table of 256 code addresses (build.rs).
-        let addr = unsafe { isr_stub_table[v] };
-        *e = IdtEntry {
+    let idt = &raw mut IDT;
+    // SAFETY: isr_stub_table is an immutable table of 256 code addresses (build.rs).
+    let stubs = unsafe { &isr_stub_table };
+    for (v, &addr) in stubs.iter().enumerate() {
+        let entry = IdtEntry {
             offset_lo: addr as u16,
             selector: 0x08,
             ist: 0,
@@ -169,15 +198,23 @@ pub fn init() {
             offset_hi: (addr >> 32) as u32,
             zero: 0,
         };
+        // SAFETY: runs once at boot before interrupts are enabled; nothing else accesses
+        // the IDT yet.
+        unsafe { (*idt).0[v] = entry };
     }
     #[repr(C, packed)]
     struct Pointer {
         limit: u16,
         base: u64,
     }
-    let ptr = Pointer { limit: (core::mem::size_of::<Idt>() - 1) as u16, base: idt as *const Idt as u64 };
+    let ptr = Pointer {
+        limit: (core::mem::size_of::<Idt>() - 1) as u16,
+        base: idt as u64,
+    };
     // SAFETY: the IDT is static and fully initialised; every entry points at a stub.
-    unsafe { core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags)) };
+    unsafe {
+        core::arch::asm!("lidt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags))
+    };
 }
 
 extern "C" fn isr_dispatch(frame: &mut Frame) {
@@ -201,14 +238,29 @@ extern "C" fn isr_dispatch(frame: &mut Frame) {
 fn exception(frame: &Frame) -> ! {
     crate::serial::enter_emergency();
     let v = frame.vector as usize;
-    crate::println!("EXCEPTION {} (vector {}) error={:#x}", EXCEPTION_NAMES[v], v, frame.error);
+    crate::println!(
+        "EXCEPTION {} (vector {}) error={:#x}",
+        EXCEPTION_NAMES[v],
+        v,
+        frame.error
+    );
     crate::println!(
         "  rip={:#018x} cs={:#x} rflags={:#x} rsp={:#018x} cr2={:#018x}",
-        frame.rip, frame.cs, frame.rflags, frame.rsp, arch::read_cr2()
+        frame.rip,
+        frame.cs,
+        frame.rflags,
+        frame.rsp,
+        arch::read_cr2()
     );
     crate::println!(
         "  rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}",
-        frame.rax, frame.rbx, frame.rcx, frame.rdx, frame.rsi, frame.rdi, frame.rbp
+        frame.rax,
+        frame.rbx,
+        frame.rcx,
+        frame.rdx,
+        frame.rsi,
+        frame.rdi,
+        frame.rbp
     );
     crate::exit::exit(crate::exit::ExitCode::Exception)
 }
@@ -230,7 +282,9 @@ pub fn unregister(vector: u8, id: HandlerId) {
     let removed = arch::without_interrupts(|| {
         let mut all = HANDLERS.lock();
         let list = &mut all[vector as usize];
-        list.iter().position(|(i, _)| *i == id).map(|pos| list.remove(pos))
+        list.iter()
+            .position(|(i, _)| *i == id)
+            .map(|pos| list.remove(pos))
     });
     // Dropped here, with interrupts enabled again and outside the lock.
     drop(removed);
@@ -252,5 +306,8 @@ pub fn free_vector(vector: u8) {
 
 /// (vector, count) for every vector taken at least once.
 pub fn nonzero_counts() -> Vec<(u8, u64)> {
-    (0..=255u8).map(|v| (v, count(v))).filter(|&(_, c)| c > 0).collect()
+    (0..=255u8)
+        .map(|v| (v, count(v)))
+        .filter(|&(_, c)| c > 0)
+        .collect()
 }

@@ -31,7 +31,11 @@ use exit::{ExitCode, exit};
 /// Called by the entry code in long mode, on the boot stack, interrupts disabled.
 extern "C" fn rust_entry(start_info: u32) -> ! {
     serial::init();
-    println!("virtio-test-guest {}: PVH entry, start_info at {:#x}", env!("CARGO_PKG_VERSION"), start_info);
+    println!(
+        "virtio-test-guest {}: PVH entry, start_info at {:#x}",
+        env!("CARGO_PKG_VERSION"),
+        start_info
+    );
     // SAFETY: start_info is %ebx from the PVH entry; nothing has been allocated yet.
     let boot = match unsafe { pvh::read(u64::from(start_info)) } {
         Ok(b) => b,
@@ -65,7 +69,12 @@ extern "C" fn rust_entry(start_info: u32) -> ! {
     for e in boot.memmap() {
         log::debug!("memmap {:#012x}+{:#012x} type {}", e.addr, e.size, e.kind);
     }
-    println!("heap: {:#x}+{:#x} ({} MiB)", heap_start, heap_size, heap_size >> 20);
+    println!(
+        "heap: {:#x}+{:#x} ({} MiB)",
+        heap_start,
+        heap_size,
+        heap_size >> 20
+    );
 
     let tsc_hz = time::calibrate(20);
     apic::init();
@@ -75,7 +84,13 @@ extern "C" fn rust_entry(start_info: u32) -> ! {
     } else {
         time::start_tick();
     }
-    println!("tsc: {} MHz, lapic id {} version {:#x}, irq mode {}", tsc_hz / 1_000_000, apic::id(), apic::version(), cmdline.irq.name());
+    println!(
+        "tsc: {} MHz, lapic id {} version {:#x}, irq mode {}",
+        tsc_hz / 1_000_000,
+        apic::id(),
+        apic::version(),
+        cmdline.irq.name()
+    );
     scenarios::run(cmdline)
 }
 

@@ -39,10 +39,15 @@ pub fn map_mmio(base: u64, len: u64) -> Result<(), OutOfReach> {
                 // SAFETY: boot_pd is the live page directory array (interrupts off, single
                 // CPU: nobody else edits it); we only change cache attributes of identity
                 // entries, never the frame they map.
-                unsafe { (*(&raw mut boot_pd))[gib * 512 + idx] = entry };
+                unsafe {
+                    (&raw mut boot_pd)
+                        .cast::<u64>()
+                        .add(gib * 512 + idx)
+                        .write(entry)
+                };
             } else {
                 // SAFETY: boot_pdpt is the live level-3 table; same argument as above.
-                let slot = unsafe { &mut (*(&raw mut boot_pdpt))[gib] };
+                let slot = unsafe { &mut *(&raw mut boot_pdpt).cast::<u64>().add(gib) };
                 if *slot & PRESENT == 0 {
                     let layout = Layout::from_size_align(4096, 4096).expect("static layout");
                     // SAFETY: non-zero size. The page is never freed: it becomes a live page

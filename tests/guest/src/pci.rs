@@ -2,7 +2,7 @@
 //! PCI-to-PCI bridges (q35's `pcie-root-port`s put devices on bus 1+), BAR decoding and
 //! INTx routing.
 
-use crate::arch::{self, inl, inw, inb, outb, outl, outw};
+use crate::arch::{self, inb, inl, inw, outb, outl, outw};
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -130,7 +130,13 @@ impl fmt::Display for Bar {
             BarKind::Mem32 => "mem32",
             BarKind::Mem64 => "mem64",
         };
-        write!(f, "{kind}{}:{:#x}/{:#x}", if self.prefetchable { "p" } else { "" }, self.base, self.len)
+        write!(
+            f,
+            "{kind}{}:{:#x}/{:#x}",
+            if self.prefetchable { "p" } else { "" },
+            self.base,
+            self.len
+        )
     }
 }
 
@@ -204,7 +210,10 @@ impl PciFunction {
     }
 
     pub fn find_cap(&self, id: u8) -> Option<u8> {
-        self.caps.iter().find(|(c, _)| *c == id).map(|&(_, off)| off)
+        self.caps
+            .iter()
+            .find(|(c, _)| *c == id)
+            .map(|&(_, off)| off)
     }
 
     /// MSI-X table size, if the function has MSI-X.
@@ -218,7 +227,11 @@ impl PciFunction {
     pub fn enable(&self) {
         let mut cmd = self.addr.command() | CMD_BUS_MASTER;
         for bar in self.bars.iter().flatten() {
-            cmd |= if bar.kind == BarKind::Io { CMD_IO } else { CMD_MEMORY };
+            cmd |= if bar.kind == BarKind::Io {
+                CMD_IO
+            } else {
+                CMD_MEMORY
+            };
         }
         self.addr.set_command(cmd);
     }
@@ -279,7 +292,16 @@ fn decode_bar(addr: PciAddress, i: usize) -> (Option<Bar>, bool) {
         let size_mask = mask & 0xFFFF_FFFC;
         let len = u64::from((!size_mask).wrapping_add(1) & 0xFFFF);
         let base = u64::from(orig & 0xFFFF_FFFC);
-        (Some(Bar { kind: BarKind::Io, base, len, prefetchable: false }).filter(|_| size_mask != 0), false)
+        (
+            Some(Bar {
+                kind: BarKind::Io,
+                base,
+                len,
+                prefetchable: false,
+            })
+            .filter(|_| size_mask != 0),
+            false,
+        )
     } else {
         let prefetchable = orig & 0x8 != 0;
         match (orig >> 1) & 3 {
@@ -292,13 +314,31 @@ fn decode_bar(addr: PciAddress, i: usize) -> (Option<Bar>, bool) {
                 let mask64 = (u64::from(mask_hi) << 32) | u64::from(mask & 0xFFFF_FFF0);
                 let len = (!mask64).wrapping_add(1);
                 let base = (u64::from(orig_hi) << 32) | u64::from(orig & 0xFFFF_FFF0);
-                (Some(Bar { kind: BarKind::Mem64, base, len, prefetchable }).filter(|_| mask64 != 0), true)
+                (
+                    Some(Bar {
+                        kind: BarKind::Mem64,
+                        base,
+                        len,
+                        prefetchable,
+                    })
+                    .filter(|_| mask64 != 0),
+                    true,
+                )
             }
             _ => {
                 let size_mask = mask & 0xFFFF_FFF0;
                 let len = u64::from((!size_mask).wrapping_add(1));
                 let base = u64::from(orig & 0xFFFF_FFF0);
-                (Some(Bar { kind: BarKind::Mem32, base, len, prefetchable }).filter(|_| size_mask != 0), false)
+                (
+                    Some(Bar {
+                        kind: BarKind::Mem32,
+                        base,
+                        len,
+                        prefetchable,
+                    })
+                    .filter(|_| size_mask != 0),
+                    false,
+                )
             }
         }
     };
@@ -340,7 +380,11 @@ fn probe(addr: PciAddress, bridge_path: &[u8]) -> PciFunction {
         bars[i] = bar;
         i += if wide { 2 } else { 1 };
     }
-    let (subsys_vendor, subsys_id) = if header_type == 0 { (addr.read16(0x2C), addr.read16(0x2E)) } else { (0, 0) };
+    let (subsys_vendor, subsys_id) = if header_type == 0 {
+        (addr.read16(0x2C), addr.read16(0x2E))
+    } else {
+        (0, 0)
+    };
     PciFunction {
         addr,
         vendor: addr.vendor(),
@@ -360,7 +404,12 @@ fn probe(addr: PciAddress, bridge_path: &[u8]) -> PciFunction {
     }
 }
 
-fn scan_bus(bus: u8, bridge_path: &mut Vec<u8>, out: &mut Vec<PciFunction>, visited: &mut [bool; 256]) {
+fn scan_bus(
+    bus: u8,
+    bridge_path: &mut Vec<u8>,
+    out: &mut Vec<PciFunction>,
+    visited: &mut [bool; 256],
+) {
     if visited[bus as usize] {
         return; // a misprogrammed bridge pointing back: do not loop
     }

@@ -16,7 +16,8 @@ use alloc::vec::Vec;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use virtio_core::platform::{
-    BarAccess, DeviceAddr, Dma, DmaDirection, DmaRegion, InterruptMode, InterruptPlatform, PciConfigSpace,
+    BarAccess, DeviceAddr, Dma, DmaDirection, DmaRegion, InterruptMode, InterruptPlatform,
+    PciConfigSpace,
 };
 use virtio_core::{Error, Result};
 
@@ -42,11 +43,16 @@ impl Dma for GuestDma {
         // SAFETY: layout has non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
         let vaddr = NonNull::new(ptr).ok_or(Error::DmaAlloc)?;
-        Ok(DmaRegion { vaddr, daddr: ptr as u64, len })
+        Ok(DmaRegion {
+            vaddr,
+            daddr: ptr as u64,
+            len,
+        })
     }
 
     unsafe fn free_coherent(&self, region: DmaRegion) {
-        let layout = Layout::from_size_align(region.len, DMA_ALIGN).expect("layout was valid at allocation");
+        let layout =
+            Layout::from_size_align(region.len, DMA_ALIGN).expect("layout was valid at allocation");
         // SAFETY: per the trait contract the region came from alloc_coherent (same layout)
         // and neither the device nor the driver uses it any more.
         unsafe { dealloc(region.vaddr.as_ptr(), layout) };
@@ -55,7 +61,9 @@ impl Dma for GuestDma {
     fn map(&self, vaddr: NonNull<u8>, len: usize, _dir: DmaDirection) -> Result<DeviceAddr> {
         let addr = vaddr.as_ptr() as u64;
         // Everything the guest can point at is identity-mapped below the paging reach.
-        addr.checked_add(len as u64).filter(|&end| end <= crate::paging::MAX_MAPPED).ok_or(Error::DmaAlloc)?;
+        addr.checked_add(len as u64)
+            .filter(|&end| end <= crate::paging::MAX_MAPPED)
+            .ok_or(Error::DmaAlloc)?;
         Ok(addr)
     }
 
@@ -72,13 +80,25 @@ pub struct PciConfig(pub PciAddress);
 
 impl PciConfigSpace for PciConfig {
     fn read8(&self, offset: u16) -> u8 {
-        if offset >= 256 { 0xFF } else { self.0.read8(offset) }
+        if offset >= 256 {
+            0xFF
+        } else {
+            self.0.read8(offset)
+        }
     }
     fn read16(&self, offset: u16) -> u16 {
-        if offset >= 255 || offset & 1 != 0 { 0xFFFF } else { self.0.read16(offset) }
+        if offset >= 255 || offset & 1 != 0 {
+            0xFFFF
+        } else {
+            self.0.read16(offset)
+        }
     }
     fn read32(&self, offset: u16) -> u32 {
-        if offset >= 253 || offset & 3 != 0 { 0xFFFF_FFFF } else { self.0.read32(offset) }
+        if offset >= 253 || offset & 3 != 0 {
+            0xFFFF_FFFF
+        } else {
+            self.0.read32(offset)
+        }
     }
     fn write8(&self, offset: u16, value: u8) {
         if offset < 256 {
@@ -110,7 +130,8 @@ pub struct PciBars {
 
 impl PciBars {
     pub fn new(f: &PciFunction) -> Self {
-        f.map_bars().expect("BAR beyond the 512 GiB identity-map reach");
+        f.map_bars()
+            .expect("BAR beyond the 512 GiB identity-map reach");
         Self { bars: f.bars }
     }
 
@@ -118,7 +139,7 @@ impl PciBars {
     fn locate(&self, bar: u8, offset: u64, width: u64) -> Option<(BarKind, u64)> {
         let b = self.bars.get(usize::from(bar)).copied().flatten()?;
         let end = offset.checked_add(width)?;
-        if end > b.len || offset % width != 0 {
+        if end > b.len || !offset.is_multiple_of(width) {
             return None;
         }
         let addr = b.base.checked_add(offset)?;
@@ -142,7 +163,8 @@ macro_rules! bar_rw {
             })
         }
         fn $write(&self, bar: u8, offset: u64, value: $t) {
-            if let Some((kind, addr)) = self.locate(bar, offset, core::mem::size_of::<$t>() as u64) {
+            if let Some((kind, addr)) = self.locate(bar, offset, core::mem::size_of::<$t>() as u64)
+            {
                 if kind == BarKind::Io {
                     $outp(addr as u16, value)
                 } else {
@@ -156,10 +178,18 @@ macro_rules! bar_rw {
 
 impl BarAccess for PciBars {
     fn bar_len(&self, bar: u8) -> Option<u64> {
-        self.bars.get(usize::from(bar)).copied().flatten().map(|b| b.len)
+        self.bars
+            .get(usize::from(bar))
+            .copied()
+            .flatten()
+            .map(|b| b.len)
     }
     fn bar_is_io(&self, bar: u8) -> bool {
-        self.bars.get(usize::from(bar)).copied().flatten().is_some_and(|b| b.kind == BarKind::Io)
+        self.bars
+            .get(usize::from(bar))
+            .copied()
+            .flatten()
+            .is_some_and(|b| b.kind == BarKind::Io)
     }
     bar_rw!(read8, write8, u8, inb, outb);
     bar_rw!(read16, write16, u16, inw, outw);
@@ -219,8 +249,14 @@ static INTX_LINES: spin::Mutex<Vec<IntxLine>> = spin::Mutex::new(Vec::new());
 
 enum Enabled {
     None,
-    MsiX { vectors: Vec<(u8, HandlerId)> },
-    Intx { gsi: u32, vector: u8, handler: HandlerId },
+    MsiX {
+        vectors: Vec<(u8, HandlerId)>,
+    },
+    Intx {
+        gsi: u32,
+        vector: u8,
+        handler: HandlerId,
+    },
 }
 
 /// Interrupt plumbing of one function: implements `InterruptPlatform`, and gives the
@@ -239,13 +275,20 @@ pub struct PciInterrupts {
 
 impl PciInterrupts {
     pub fn new(func: &PciFunction, chipset: Chipset) -> Self {
-        Self { func: func.clone(), chipset, state: Arc::new(IrqState::new()), enabled: Enabled::None }
+        Self {
+            func: func.clone(),
+            chipset,
+            state: Arc::new(IrqState::new()),
+            enabled: Enabled::None,
+        }
     }
 
     pub fn mode(&self) -> InterruptMode {
         match &self.enabled {
             Enabled::None => InterruptMode::Polling,
-            Enabled::MsiX { vectors } => InterruptMode::MsiX { vectors: vectors.len() as u16 },
+            Enabled::MsiX { vectors } => InterruptMode::MsiX {
+                vectors: vectors.len() as u16,
+            },
             Enabled::Intx { .. } => InterruptMode::Intx,
         }
     }
@@ -278,12 +321,19 @@ impl PciInterrupts {
 
     /// Interrupts taken for `index` since enable.
     pub fn count(&self, index: u16) -> u64 {
-        self.state.counts.get(usize::from(index)).map_or(0, |c| c.load(Ordering::Relaxed))
+        self.state
+            .counts
+            .get(usize::from(index))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// Sum over all indices.
     pub fn total(&self) -> u64 {
-        self.state.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.state
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Waits (halting, or spinning in `irq=poll`) until any of `mask`'s bits is pending.
@@ -295,12 +345,21 @@ impl PciInterrupts {
     /// no sharer still has an INTx pending.
     #[allow(dead_code)] // API for the device scenarios
     pub fn intx_done(&self) {
-        let Enabled::Intx { gsi, .. } = self.enabled else { return };
-        self.state.pending.fetch_and(!(1 << INTX_INDEX), Ordering::AcqRel);
+        let Enabled::Intx { gsi, .. } = self.enabled else {
+            return;
+        };
+        self.state
+            .pending
+            .fetch_and(!(1 << INTX_INDEX), Ordering::AcqRel);
         crate::arch::without_interrupts(|| {
             let lines = INTX_LINES.lock();
-            let Some(line) = lines.iter().find(|l| l.gsi == gsi) else { return };
-            let busy = line.sharers.iter().any(|s| s.pending.load(Ordering::Acquire) & (1 << INTX_INDEX) != 0);
+            let Some(line) = lines.iter().find(|l| l.gsi == gsi) else {
+                return;
+            };
+            let busy = line
+                .sharers
+                .iter()
+                .any(|s| s.pending.load(Ordering::Acquire) & (1 << INTX_INDEX) != 0);
             if !busy {
                 for s in &line.sharers {
                     s.intx_masked.store(false, Ordering::Relaxed);
@@ -318,7 +377,11 @@ impl PciInterrupts {
         let e = off + 16 * u64::from(index);
         let lo = bars.read32(bar, e)?;
         let hi = bars.read32(bar, e + 4)?;
-        Some(((u64::from(hi) << 32) | u64::from(lo), bars.read32(bar, e + 8)?, bars.read32(bar, e + 12)?))
+        Some((
+            (u64::from(hi) << 32) | u64::from(lo),
+            bars.read32(bar, e + 8)?,
+            bars.read32(bar, e + 12)?,
+        ))
     }
 
     fn msix_table(&self) -> Option<(u8, u64)> {
@@ -339,14 +402,18 @@ const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 impl InterruptPlatform for PciInterrupts {
     fn enable_msix(&mut self, vectors: u16) -> bool {
         self.disable();
-        let (Some((bar, table)), Some(size)) = (self.msix_table(), self.func.msix_table_size()) else {
+        let (Some((bar, table)), Some(size)) = (self.msix_table(), self.func.msix_table_size())
+        else {
             return false;
         };
         if vectors == 0 || vectors > size || vectors > MAX_MSIX {
             return false;
         }
         let bars = self.func.bar_access();
-        if bars.bar_len(bar).is_none_or(|len| table + 16 * u64::from(vectors) > len) {
+        if bars
+            .bar_len(bar)
+            .is_none_or(|len| table + 16 * u64::from(vectors) > len)
+        {
             return false;
         }
         let mut allocated = Vec::new();
@@ -362,10 +429,14 @@ impl InterruptPlatform for PciInterrupts {
             let id = interrupts::register(v, alloc::boxed::Box::new(move |_| state.fire(index)));
             allocated.push((v, id));
         }
-        let Some((ctrl_off, ctrl)) = self.msix_control() else { return false };
+        let Some((ctrl_off, ctrl)) = self.msix_control() else {
+            return false;
+        };
         // Program the table with the whole function masked (PCI 3.0 §6.8.2.9: entries may
         // change only while masked), then unmask.
-        self.func.addr.write16(ctrl_off, ctrl | MSIX_ENABLE | MSIX_FUNCTION_MASK);
+        self.func
+            .addr
+            .write16(ctrl_off, ctrl | MSIX_ENABLE | MSIX_FUNCTION_MASK);
         for (index, &(v, _)) in allocated.iter().enumerate() {
             let (addr, data) = apic::msi_message(v);
             let e = table + 16 * index as u64;
@@ -376,14 +447,18 @@ impl InterruptPlatform for PciInterrupts {
         }
         let cmd = self.func.addr.command();
         self.func.addr.set_command(cmd | CMD_INTX_DISABLE);
-        self.func.addr.write16(ctrl_off, (ctrl | MSIX_ENABLE) & !MSIX_FUNCTION_MASK);
+        self.func
+            .addr
+            .write16(ctrl_off, (ctrl | MSIX_ENABLE) & !MSIX_FUNCTION_MASK);
         self.enabled = Enabled::MsiX { vectors: allocated };
         true
     }
 
     fn enable_intx(&mut self) -> bool {
         self.disable();
-        let Some(gsi) = self.func.intx_gsi(self.chipset) else { return false };
+        let Some(gsi) = self.func.intx_gsi(self.chipset) else {
+            return false;
+        };
         let state = self.state.clone();
         let vector = crate::arch::without_interrupts(|| {
             let mut lines = INTX_LINES.lock();
@@ -392,7 +467,11 @@ impl InterruptPlatform for PciInterrupts {
                 return Some(line.vector);
             }
             let vector = interrupts::alloc_vector()?;
-            lines.push(IntxLine { gsi, vector, sharers: alloc::vec![state.clone()] });
+            lines.push(IntxLine {
+                gsi,
+                vector,
+                sharers: alloc::vec![state.clone()],
+            });
             Some(vector)
         });
         let Some(vector) = vector else { return false };
@@ -411,14 +490,22 @@ impl InterruptPlatform for PciInterrupts {
         // PCI INTx is level-triggered. GSIs >= 16 (q35's direct PIRQ pins, PCI-only) are
         // active-low as PCI specifies; ISA-numbered pins fed by the PIIX/ICH9 PIRQ router
         // are active-high (what QEMU's ACPI LNKx/GSIx objects declare).
-        let polarity = if gsi >= 16 { Polarity::Low } else { Polarity::High };
+        let polarity = if gsi >= 16 {
+            Polarity::Low
+        } else {
+            Polarity::High
+        };
         let cmd = self.func.addr.command();
         self.func.addr.set_command(cmd & !CMD_INTX_DISABLE);
         if !apic::ioapic_route(gsi, vector, Trigger::Level, polarity, false) {
             interrupts::unregister(vector, handler);
             return false;
         }
-        self.enabled = Enabled::Intx { gsi, vector, handler };
+        self.enabled = Enabled::Intx {
+            gsi,
+            vector,
+            handler,
+        };
         true
     }
 
@@ -434,7 +521,11 @@ impl InterruptPlatform for PciInterrupts {
                     interrupts::free_vector(v);
                 }
             }
-            Enabled::Intx { gsi, vector, handler } => {
+            Enabled::Intx {
+                gsi,
+                vector,
+                handler,
+            } => {
                 let cmd = self.func.addr.command();
                 self.func.addr.set_command(cmd | CMD_INTX_DISABLE);
                 interrupts::unregister(vector, handler);

@@ -77,7 +77,12 @@ pub unsafe fn read(paddr: u64) -> Result<BootInfo, PvhError> {
     let mut info = BootInfo {
         cmdline: [0; MAX_CMDLINE],
         cmdline_len: 0,
-        memmap: [MemmapEntry { addr: 0, size: 0, kind: 0, reserved: 0 }; MAX_MEMMAP],
+        memmap: [MemmapEntry {
+            addr: 0,
+            size: 0,
+            kind: 0,
+            reserved: 0,
+        }; MAX_MEMMAP],
         memmap_len: 0,
         rsdp: si.rsdp_paddr,
     };

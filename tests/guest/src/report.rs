@@ -21,7 +21,12 @@ pub fn check(name: &str, pass: bool, detail: fmt::Arguments<'_>) -> bool {
     if !pass {
         FAILED.fetch_add(1, Ordering::Relaxed);
     }
-    crate::println!("CHECK {} {} {}", name, if pass { "PASS" } else { "FAIL" }, detail);
+    crate::println!(
+        "CHECK {} {} {}",
+        name,
+        if pass { "PASS" } else { "FAIL" },
+        detail
+    );
     pass
 }
 
@@ -46,6 +51,10 @@ pub fn failed() -> u32 {
 pub fn done() -> ! {
     let (n, f) = (CHECKS.load(Ordering::Relaxed), failed());
     crate::println!("DONE checks={} failed={}", n, f);
-    let code = if n > 0 && f == 0 { crate::exit::ExitCode::Success } else { crate::exit::ExitCode::Failure };
+    let code = if n > 0 && f == 0 {
+        crate::exit::ExitCode::Success
+    } else {
+        crate::exit::ExitCode::Failure
+    };
     crate::exit::exit(code)
 }

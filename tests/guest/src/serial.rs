@@ -85,7 +85,12 @@ impl log::Log for SerialLogger {
 
     fn log(&self, record: &log::Record<'_>) {
         // One call per line so concurrent (interrupt) output never splits a record.
-        crate::println!("[{:5} {}] {}", record.level(), record.target(), record.args());
+        crate::println!(
+            "[{:5} {}] {}",
+            record.level(),
+            record.target(),
+            record.args()
+        );
     }
 
     fn flush(&self) {}

@@ -43,11 +43,28 @@ pub fn run(env: &mut Env) {
     for f in &env.pci {
         crate::println!(
             "PCI {} {:04x}:{:04x} class {:02x}.{:02x}.{:02x} rev {:#04x} pin {} line {}",
-            f.addr, f.vendor, f.device, f.class, f.subclass, f.prog_if, f.revision, f.irq_pin, f.irq_line
+            f.addr,
+            f.vendor,
+            f.device,
+            f.class,
+            f.subclass,
+            f.prog_if,
+            f.revision,
+            f.irq_pin,
+            f.irq_line
         );
     }
-    let host_bridge = env.pci.iter().any(|f| f.addr.bus == 0 && f.addr.dev == 0 && f.class == 0x06);
-    check!("pci.enumerate", host_bridge, "{} functions, machine {}", env.pci.len(), env.chipset.name());
+    let host_bridge = env
+        .pci
+        .iter()
+        .any(|f| f.addr.bus == 0 && f.addr.dev == 0 && f.class == 0x06);
+    check!(
+        "pci.enumerate",
+        host_bridge,
+        "{} functions, machine {}",
+        env.pci.len(),
+        env.chipset.name()
+    );
 
     list_virtio(env);
     check_bars(env);
@@ -82,7 +99,12 @@ fn list_virtio(env: &Env) {
         );
         match f.intx_gsi(env.chipset) {
             Some(gsi) => {
-                let _ = write!(line, " intx=INT{}:gsi{}", char::from(b'A' + f.irq_pin - 1), gsi);
+                let _ = write!(
+                    line,
+                    " intx=INT{}:gsi{}",
+                    char::from(b'A' + f.irq_pin - 1),
+                    gsi
+                );
             }
             None => line.push_str(" intx=none"),
         }
@@ -99,10 +121,21 @@ fn list_virtio(env: &Env) {
         Some(expected) => {
             let mut want: Vec<u16> = expected.split(',').filter_map(|t| t.parse().ok()).collect();
             want.sort_unstable();
-            check!("pci.virtio_devices", want == types, "found types {:?}, expected {:?}", types, want);
+            check!(
+                "pci.virtio_devices",
+                want == types,
+                "found types {:?}, expected {:?}",
+                types,
+                want
+            );
         }
         None => {
-            check!("pci.virtio_devices", !types.is_empty(), "found types {:?}", types);
+            check!(
+                "pci.virtio_devices",
+                !types.is_empty(),
+                "found types {:?}",
+                types
+            );
         }
     }
 }
@@ -115,15 +148,22 @@ fn check_bars(env: &Env) {
     for f in env.virtio_functions() {
         let dev = env.open(f);
         for bar in 0..6u8 {
-            let Some(len) = dev.bars.bar_len(bar) else { continue };
-            let inside = dev.bars.read8(bar, 0).is_some() && dev.bars.read32(bar, len - 4).is_some();
+            let Some(len) = dev.bars.bar_len(bar) else {
+                continue;
+            };
+            let inside =
+                dev.bars.read8(bar, 0).is_some() && dev.bars.read32(bar, len - 4).is_some();
             let outside = dev.bars.read8(bar, len).is_none()
                 && dev.bars.read32(bar, len - 2).is_none()
                 && dev.bars.read16(bar, 1).is_none()
                 && dev.bars.read32(bar, u64::MAX - 1).is_none();
             if !inside || !outside {
                 ok = false;
-                let _ = write!(detail, " {} bar{bar}: inside={inside} bounds={outside};", f.addr);
+                let _ = write!(
+                    detail,
+                    " {} bar{bar}: inside={inside} bounds={outside};",
+                    f.addr
+                );
             }
         }
         // Config space through the trait: vendor ID, and out-of-range offsets refused.
@@ -136,7 +176,16 @@ fn check_bars(env: &Env) {
             let _ = write!(detail, " {} high bar at {:#x};", f.addr, b.base);
         }
     }
-    check!("pci.bar_access", ok, "{}", if detail.is_empty() { "all virtio BARs readable and bounded" } else { &detail });
+    check!(
+        "pci.bar_access",
+        ok,
+        "{}",
+        if detail.is_empty() {
+            "all virtio BARs readable and bounded"
+        } else {
+            &detail
+        }
+    );
 }
 
 static SELFTEST_HITS: AtomicU64 = AtomicU64::new(0);
@@ -147,15 +196,29 @@ fn check_timer_and_ipi(env: &Env) {
         crate::time::delay_ns(50_000_000);
         let ticks = interrupts::count(TIMER_VECTOR) - before;
         // 100 Hz over 50 ms: 5 expected; TCG timing is loose, demand at least 2.
-        check!("irq.lapic_timer", ticks >= 2, "{ticks} ticks in 50 ms at {} Hz", crate::time::TICK_HZ);
+        check!(
+            "irq.lapic_timer",
+            ticks >= 2,
+            "{ticks} ticks in 50 ms at {} Hz",
+            crate::time::TICK_HZ
+        );
     }
-    let id = interrupts::register(SELFTEST_VECTOR, alloc::boxed::Box::new(|_| {
-        SELFTEST_HITS.fetch_add(1, Ordering::Relaxed);
-    }));
+    let id = interrupts::register(
+        SELFTEST_VECTOR,
+        alloc::boxed::Box::new(|_| {
+            SELFTEST_HITS.fetch_add(1, Ordering::Relaxed);
+        }),
+    );
     apic::self_ipi(SELFTEST_VECTOR);
     let ok = crate::time::wait_until(1000, || SELFTEST_HITS.load(Ordering::Relaxed) >= 1);
     interrupts::unregister(SELFTEST_VECTOR, id);
-    check!("irq.self_ipi", ok, "vector {:#x} handler ran {} time(s)", SELFTEST_VECTOR, SELFTEST_HITS.load(Ordering::Relaxed));
+    check!(
+        "irq.self_ipi",
+        ok,
+        "vector {:#x} handler ran {} time(s)",
+        SELFTEST_VECTOR,
+        SELFTEST_HITS.load(Ordering::Relaxed)
+    );
 }
 
 static PIT_HITS: AtomicU64 = AtomicU64::new(0);
@@ -168,9 +231,12 @@ fn check_ioapic_pit() {
         check!("irq.ioapic_pit", false, "no free vector");
         return;
     };
-    let id = interrupts::register(vector, alloc::boxed::Box::new(|_| {
-        PIT_HITS.fetch_add(1, Ordering::Relaxed);
-    }));
+    let id = interrupts::register(
+        vector,
+        alloc::boxed::Box::new(|_| {
+            PIT_HITS.fetch_add(1, Ordering::Relaxed);
+        }),
+    );
     // Stop whatever SeaBIOS left running (mode 2, 18.2 Hz) before routing the pin.
     outb(0x43, 0x30); // channel 0, lobyte/hibyte, mode 0
     outb(0x40, 0);
@@ -184,7 +250,12 @@ fn check_ioapic_pit() {
     apic::ioapic_set_masked(PIT_GSI, true);
     interrupts::unregister(vector, id);
     interrupts::free_vector(vector);
-    check!("irq.ioapic_pit", ok, "GSI {PIT_GSI} -> vector {vector:#x}: {} interrupt(s)", PIT_HITS.load(Ordering::Relaxed));
+    check!(
+        "irq.ioapic_pit",
+        ok,
+        "GSI {PIT_GSI} -> vector {vector:#x}: {} interrupt(s)",
+        PIT_HITS.load(Ordering::Relaxed)
+    );
 }
 
 /// Per virtio function with MSI-X: program two entries through `InterruptPlatform`, read
@@ -192,7 +263,10 @@ fn check_ioapic_pit() {
 /// (a dword write of the entry's data to the entry's address, which QEMU's APIC treats as
 /// an MSI). Device-originated MSI-X is exercised by the device scenarios.
 fn check_msix(env: &Env) {
-    for f in env.virtio_functions().filter(|f| f.find_cap(CAP_MSIX).is_some()) {
+    for f in env
+        .virtio_functions()
+        .filter(|f| f.find_cap(CAP_MSIX).is_some())
+    {
         let mut dev = env.open(f);
         let name = format!("irq.msix.{}", f.addr);
         if !dev.irq.enable_msix(2) {
@@ -224,7 +298,11 @@ fn check_msix(env: &Env) {
         );
         super::irq_stats(&format!("dev.{}", f.addr), &dev.irq);
         dev.irq.disable();
-        check!(&format!("{name}.disable"), dev.config.read16(cap + 2) & (1 << 15) == 0, "MSI-X Enable cleared");
+        check!(
+            &format!("{name}.disable"),
+            dev.config.read16(cap + 2) & (1 << 15) == 0,
+            "MSI-X Enable cleared"
+        );
     }
 }
 
@@ -235,15 +313,31 @@ fn check_intx(env: &Env) {
         let mut dev = env.open(f);
         let name = format!("irq.intx.{}", f.addr);
         if !dev.irq.enable_intx() {
-            check!(&name, f.irq_pin == 0, "enable_intx refused (pin {})", f.irq_pin);
+            check!(
+                &name,
+                f.irq_pin == 0,
+                "enable_intx refused (pin {})",
+                f.irq_pin
+            );
             continue;
         }
-        let (gsi, vector) = (dev.irq.gsi().unwrap_or(0), dev.irq.vector(INTX_INDEX).unwrap_or(0));
+        let (gsi, vector) = (
+            dev.irq.gsi().unwrap_or(0),
+            dev.irq.vector(INTX_INDEX).unwrap_or(0),
+        );
         let entry = apic::ioapic_entry(gsi);
         let level = entry & (1 << 15) != 0;
         let unmasked = entry & (1 << 16) == 0;
-        let ok = dev.irq.mode() == InterruptMode::Intx && entry & 0xFF == u32::from(vector) && level && unmasked;
-        check!(&name, ok, "gsi {gsi} vector {vector:#x} ioapic entry {entry:#x} (line {})", f.irq_line);
+        let ok = dev.irq.mode() == InterruptMode::Intx
+            && entry & 0xFF == u32::from(vector)
+            && level
+            && unmasked;
+        check!(
+            &name,
+            ok,
+            "gsi {gsi} vector {vector:#x} ioapic entry {entry:#x} (line {})",
+            f.irq_line
+        );
         dev.irq.disable();
     }
 }

@@ -53,7 +53,8 @@ impl Env {
     #[allow(dead_code)] // API for the device scenarios
     /// First virtio function of device type `ty` (1 net, 2 blk, 3 console, 5 balloon).
     pub fn find_virtio(&self, ty: u16) -> Option<&PciFunction> {
-        self.virtio_functions().find(|f| f.virtio_type() == Some(ty))
+        self.virtio_functions()
+            .find(|f| f.virtio_type() == Some(ty))
     }
 
     /// Enables decoding and bus mastering, maps the BARs, and returns the platform
@@ -92,7 +93,10 @@ pub fn irq_stats(name: &str, irq: &PciInterrupts) {
                 report::stat(&alloc::format!("{name}.irq.msix{i}"), irq.count(i));
             }
         }
-        InterruptMode::Intx => report::stat(&alloc::format!("{name}.irq.intx"), irq.count(crate::platform::INTX_INDEX)),
+        InterruptMode::Intx => report::stat(
+            &alloc::format!("{name}.irq.intx"),
+            irq.count(crate::platform::INTX_INDEX),
+        ),
         InterruptMode::Polling => {}
     }
     report::stat(&alloc::format!("{name}.irq"), irq.total());
@@ -109,8 +113,18 @@ pub fn run(cmdline: Cmdline) -> ! {
         }
         crate::exit::exit(crate::exit::ExitCode::Usage)
     };
-    crate::println!("SCENARIO {} machine={} irq={}", scenario.name, chipset.name(), irq.name());
-    let mut env = Env { cmdline, irq, chipset, pci };
+    crate::println!(
+        "SCENARIO {} machine={} irq={}",
+        scenario.name,
+        chipset.name(),
+        irq.name()
+    );
+    let mut env = Env {
+        cmdline,
+        irq,
+        chipset,
+        pci,
+    };
     (scenario.run)(&mut env);
     let (used, free) = crate::heap::usage();
     report::stat("heap.used", used);
