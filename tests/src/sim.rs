@@ -1,5 +1,6 @@
 //! A register-level model of one virtio-pci function, laid out like QEMU 7.2's, whose rings
-//! are served by rust-vmm's `virtio-queue` over [`IdentityMemory`].
+//! are served by rust-vmm's `virtio-queue` over identity-mapped guest memory ([`SimMemory`]:
+//! [`LowMemory`] by default, so legacy PFNs fit, or a given [`IdentityMemory`]).
 //!
 //! Layout (all modes share one state, like QEMU's proxy):
 //! - config space: vendor 0x1AF4, capability list `0x34 → 0x98 MSI-X → 0x84 PCI_CFG →
@@ -92,7 +93,8 @@ pub struct SimBuilder {
     accept_features_ok: bool,
     msix_vectors: Option<u16>,
     intx_pin: bool,
-    mem: Option<IdentityMemory>,
+    mem: Option<SimMemory>,
+    mem_len: usize,
 }
 
 impl SimBuilder {
@@ -113,6 +115,7 @@ impl SimBuilder {
             msix_vectors: None,
             intx_pin: true,
             mem: None,
+            mem_len: 1 << 20,
         }
     }
     /// Offered features (64-bit; the legacy interface shows bits 0..=31 only).
@@ -144,8 +147,15 @@ impl SimBuilder {
         self.intx_pin = present;
         self
     }
-    pub fn memory(mut self, mem: IdentityMemory) -> Self {
-        self.mem = Some(mem);
+    /// Serve from this memory instead of a fresh [`LowMemory`]. With [`IdentityMemory`],
+    /// legacy queues cannot be set up (their addresses do not fit a 32-bit PFN).
+    pub fn memory(mut self, mem: impl Into<SimMemory>) -> Self {
+        self.mem = Some(mem.into());
+        self
+    }
+    /// Size of the default guest memory (1 MiB unless set).
+    pub fn memory_len(mut self, len: usize) -> Self {
+        self.mem_len = len;
         self
     }
 
@@ -153,7 +163,13 @@ impl SimBuilder {
         let mem = self
             .mem
             .clone()
-            .unwrap_or_else(|| IdentityMemory::new(1 << 20));
+            .unwrap_or_else(|| match LowMemory::new(self.mem_len) {
+                Some(m) => SimMemory::Low(m),
+                None => {
+                    log::warn!("sim: no guest memory below 16 TiB; legacy queues will not work");
+                    SimMemory::Identity(IdentityMemory::new(self.mem_len))
+                }
+            });
         let msix_vectors = self
             .msix_vectors
             .unwrap_or_else(|| u16::try_from(self.queue_sizes.len() + 1).unwrap_or(u16::MAX))
@@ -403,7 +419,7 @@ struct State {
     irq_mode: Option<InterruptMode>,
     irq_calls: Vec<IrqCall>,
     max_platform_vectors: u16,
-    mem: IdentityMemory,
+    mem: SimMemory,
 }
 
 enum IrqSource {
@@ -425,6 +441,7 @@ impl State {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn vendor_cap(
         &mut self,
         at: u8,
@@ -818,7 +835,7 @@ impl State {
                     0x28 | 0x2C => &mut q.driver,
                     _ => &mut q.device,
                 };
-                if off % 8 == 0 {
+                if off.is_multiple_of(8) {
                     *field = (*field & !0xFFFF_FFFF) | u64::from(v32);
                 } else {
                     *field = (*field & 0xFFFF_FFFF) | (u64::from(v32) << 32);
@@ -915,7 +932,7 @@ impl State {
             o => {
                 let rel = o - NOTIFY_OFFSET;
                 let queue = (rel / u64::from(NOTIFY_MULTIPLIER)) as u16;
-                if width != 2 || rel % u64::from(NOTIFY_MULTIPLIER) != 0 {
+                if width != 2 || !rel.is_multiple_of(u64::from(NOTIFY_MULTIPLIER)) {
                     self.bad(format!("notify write {o:#x}/{width}"));
                     return;
                 }
@@ -1186,7 +1203,7 @@ impl Sim {
         }
     }
     /// The guest memory the device side reads rings and buffers from.
-    pub fn memory(&self) -> IdentityMemory {
+    pub fn memory(&self) -> SimMemory {
         self.st().mem.clone()
     }
 
@@ -1687,7 +1704,7 @@ impl InterruptPlatform for SimIrq {
 /// A minimal driver-side split ring written with plain memory accesses, so transport tests
 /// can exercise the device side without the real virtqueue (which `virtio-core` tests).
 pub struct TestRing {
-    mem: IdentityMemory,
+    mem: SimMemory,
     pub size: u16,
     pub desc: u64,
     pub driver: u64,
@@ -1700,25 +1717,46 @@ pub struct TestRing {
 impl TestRing {
     /// A ring of `size` entries; `legacy` lays it out as one 4096-aligned area (virtio 1.2
     /// §2.7.2 legacy), otherwise as three separately allocated areas.
-    pub fn new(mem: &IdentityMemory, size: u16, legacy: bool) -> Self {
+    pub fn new(mem: &SimMemory, size: u16, legacy: bool) -> Self {
         use virtio_core::platform::Dma;
         let n = u64::from(size);
         let (desc, driver, device) = if legacy {
             let used_off = (16 * n + 6 + 2 * n).next_multiple_of(4096);
             let total = used_off + 6 + 8 * n;
-            let r = mem.alloc_coherent(total as usize, 4096).expect("ring memory");
+            let r = mem
+                .alloc_coherent(total as usize, 4096)
+                .expect("ring memory");
             (r.daddr, r.daddr + 16 * n, r.daddr + used_off)
         } else {
-            let d = mem.alloc_coherent(16 * size as usize, 16).expect("ring memory");
-            let a = mem.alloc_coherent(6 + 2 * size as usize, 2).expect("ring memory");
-            let u = mem.alloc_coherent(6 + 8 * size as usize, 4).expect("ring memory");
+            let d = mem
+                .alloc_coherent(16 * size as usize, 16)
+                .expect("ring memory");
+            let a = mem
+                .alloc_coherent(6 + 2 * size as usize, 2)
+                .expect("ring memory");
+            let u = mem
+                .alloc_coherent(6 + 8 * size as usize, 4)
+                .expect("ring memory");
             (d.daddr, a.daddr, u.daddr)
         };
-        TestRing { mem: mem.clone(), size, desc, driver, device, next_desc: 0, avail_idx: 0, last_used: 0 }
+        TestRing {
+            mem: mem.clone(),
+            size,
+            desc,
+            driver,
+            device,
+            next_desc: 0,
+            avail_idx: 0,
+            last_used: 0,
+        }
     }
 
     pub fn addrs(&self) -> virtio_core::transport::RingAddresses {
-        virtio_core::transport::RingAddresses { desc: self.desc, driver: self.driver, device: self.device }
+        virtio_core::transport::RingAddresses {
+            desc: self.desc,
+            driver: self.driver,
+            device: self.device,
+        }
     }
 
     /// Posts one chain (device-readable segments, then device-writable) and publishes it.
@@ -1740,40 +1778,343 @@ impl TestRing {
             gm.write_obj(addr, at).expect("desc");
             gm.write_obj(len, GuestAddress(at.0 + 8)).expect("desc");
             gm.write_obj(flags, GuestAddress(at.0 + 12)).expect("desc");
-            gm.write_obj(if more { next } else { 0 }, GuestAddress(at.0 + 14)).expect("desc");
+            gm.write_obj(if more { next } else { 0 }, GuestAddress(at.0 + 14))
+                .expect("desc");
             self.next_desc = next;
         }
         let slot = u64::from(self.avail_idx % self.size);
-        gm.write_obj(head, GuestAddress(self.driver + 4 + 2 * slot)).expect("avail");
+        gm.write_obj(head, GuestAddress(self.driver + 4 + 2 * slot))
+            .expect("avail");
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        gm.write_obj(self.avail_idx, GuestAddress(self.driver + 2)).expect("avail");
+        gm.write_obj(self.avail_idx, GuestAddress(self.driver + 2))
+            .expect("avail");
         head
     }
 
     /// Sets or clears VRING_AVAIL_F_NO_INTERRUPT.
     pub fn set_no_interrupt(&self, on: bool) {
-        self.mem.guest_memory().write_obj(u16::from(on), GuestAddress(self.driver)).expect("avail flags");
+        self.mem
+            .guest_memory()
+            .write_obj(u16::from(on), GuestAddress(self.driver))
+            .expect("avail flags");
     }
 
     /// Writes `used_event` (EVENT_IDX).
     pub fn set_used_event(&self, value: u16) {
         let at = self.driver + 4 + 2 * u64::from(self.size);
-        self.mem.guest_memory().write_obj(value, GuestAddress(at)).expect("used_event");
+        self.mem
+            .guest_memory()
+            .write_obj(value, GuestAddress(at))
+            .expect("used_event");
     }
 
     /// New used entries since the last call, as (id, len).
     pub fn take_used(&mut self) -> Vec<(u32, u32)> {
         let gm = self.mem.guest_memory();
-        let idx: u16 = gm.read_obj(GuestAddress(self.device + 2)).expect("used idx");
+        let idx: u16 = gm
+            .read_obj(GuestAddress(self.device + 2))
+            .expect("used idx");
         let mut out = Vec::new();
         while self.last_used != idx {
             let slot = u64::from(self.last_used % self.size);
-            let id: u32 = gm.read_obj(GuestAddress(self.device + 4 + 8 * slot)).expect("used");
-            let len: u32 = gm.read_obj(GuestAddress(self.device + 8 + 8 * slot)).expect("used");
+            let id: u32 = gm
+                .read_obj(GuestAddress(self.device + 4 + 8 * slot))
+                .expect("used");
+            let len: u32 = gm
+                .read_obj(GuestAddress(self.device + 8 + 8 * slot))
+                .expect("used");
             out.push((id, len));
             self.last_used = self.last_used.wrapping_add(1);
         }
         out
+    }
+}
+
+/// Identity-mapped guest memory placed below 16 TiB, so that legacy queue PFNs
+/// (`address >> 12` in a 32-bit register) can express its addresses. [`IdentityMemory`]
+/// lands wherever the kernel puts anonymous mappings (around 2^47 on x86_64), which the
+/// legacy interface cannot reach.
+#[derive(Clone)]
+pub struct LowMemory {
+    inner: Arc<LowInner>,
+}
+
+struct LowInner {
+    mem: vm_memory::GuestMemoryMmap,
+    base: u64,
+    len: usize,
+    /// Free blocks as (offset, len), sorted by offset.
+    free: Mutex<Vec<(usize, usize)>>,
+}
+
+impl Drop for LowInner {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by `LowMemory::new` with exactly this address and
+        // length, `MmapRegion::build_raw` does not own it, and no reference into it outlives
+        // `self` (every accessor borrows from the `LowMemory` that keeps this alive).
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Next candidate address for a low mapping (256 GiB upwards; PFNs fit 32 bits to 16 TiB).
+static NEXT_LOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x40_0000_0000);
+
+impl LowMemory {
+    /// Maps `len` bytes (rounded up to 4 KiB) below 16 TiB. `None` if no address worked.
+    pub fn new(len: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        let len = len.max(4096).next_multiple_of(4096);
+        let stride = (len as u64).next_multiple_of(1 << 21) + (1 << 21);
+        for _ in 0..256 {
+            let want = NEXT_LOW.fetch_add(stride, Ordering::Relaxed);
+            if want + len as u64 > 1 << 44 {
+                return None;
+            }
+            // SAFETY: an anonymous private mapping at a hint address; MAP_FIXED_NOREPLACE
+            // never replaces an existing mapping (a kernel that does not know the flag
+            // treats the address as a hint, which is checked below).
+            let got = unsafe {
+                libc::mmap(
+                    want as *mut libc::c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE
+                        | libc::MAP_ANONYMOUS
+                        | libc::MAP_NORESERVE
+                        | libc::MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+            };
+            if got == libc::MAP_FAILED {
+                continue;
+            }
+            if got as u64 != want {
+                // SAFETY: `got` is the mapping just created, of `len` bytes, unused.
+                unsafe { libc::munmap(got, len) };
+                continue;
+            }
+            // SAFETY: [want, want + len) is the live mapping created above; it is unmapped
+            // only when `LowInner` drops, after the region built here.
+            let region = unsafe {
+                vm_memory::MmapRegion::build_raw(
+                    want as *mut u8,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                )
+            };
+            let mem = region
+                .ok()
+                .and_then(|r| vm_memory::GuestRegionMmap::new(r, GuestAddress(want)))
+                .and_then(|r| vm_memory::GuestMemoryMmap::from_regions(vec![r]).ok());
+            let Some(mem) = mem else {
+                // SAFETY: as above; nothing references the mapping.
+                unsafe { libc::munmap(got, len) };
+                return None;
+            };
+            return Some(LowMemory {
+                inner: Arc::new(LowInner {
+                    mem,
+                    base: want,
+                    len,
+                    free: Mutex::new(vec![(0, len)]),
+                }),
+            });
+        }
+        None
+    }
+
+    pub fn guest_memory(&self) -> &vm_memory::GuestMemoryMmap {
+        &self.inner.mem
+    }
+
+    pub fn contains(&self, addr: u64, len: usize) -> bool {
+        addr >= self.inner.base
+            && addr
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= self.inner.base + self.inner.len as u64)
+    }
+}
+
+impl virtio_core::platform::Dma for LowMemory {
+    fn alloc_coherent(
+        &self,
+        len: usize,
+        align: usize,
+    ) -> virtio_core::Result<virtio_core::platform::DmaRegion> {
+        let align = align.max(16);
+        let len = len.max(1).next_multiple_of(16);
+        let base = self.inner.base as usize;
+        let mut free = self
+            .inner
+            .free
+            .lock()
+            .map_err(|_| virtio_core::Error::DmaAlloc)?;
+        let pick = free.iter().enumerate().find_map(|(i, &(off, flen))| {
+            let start = (base + off).next_multiple_of(align) - base;
+            (start - off + len <= flen).then_some((i, off, flen, start))
+        });
+        let Some((i, off, flen, start)) = pick else {
+            return Err(virtio_core::Error::DmaAlloc);
+        };
+        free.remove(i);
+        let tail = off + flen - (start + len);
+        if tail > 0 {
+            free.insert(i, (start + len, tail));
+        }
+        if start > off {
+            free.insert(i, (off, start - off));
+        }
+        let addr = self.inner.base + start as u64;
+        // SAFETY: [addr, addr + len) is inside the mapping and was free.
+        unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len) };
+        Ok(virtio_core::platform::DmaRegion {
+            vaddr: std::ptr::NonNull::new(addr as *mut u8).ok_or(virtio_core::Error::DmaAlloc)?,
+            daddr: addr,
+            len,
+        })
+    }
+
+    unsafe fn free_coherent(&self, region: virtio_core::platform::DmaRegion) {
+        let Ok(mut free) = self.inner.free.lock() else {
+            return;
+        };
+        let off = (region.daddr - self.inner.base) as usize;
+        let pos = free.partition_point(|&(o, _)| o < off);
+        free.insert(pos, (off, region.len));
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(free.len());
+        for &(o, l) in free.iter() {
+            match merged.last_mut() {
+                Some(last) if last.0 + last.1 == o => last.1 += l,
+                _ => merged.push((o, l)),
+            }
+        }
+        *free = merged;
+    }
+
+    fn map(
+        &self,
+        vaddr: std::ptr::NonNull<u8>,
+        len: usize,
+        _dir: virtio_core::platform::DmaDirection,
+    ) -> virtio_core::Result<u64> {
+        let addr = vaddr.as_ptr() as u64;
+        if self.contains(addr, len) {
+            Ok(addr)
+        } else {
+            Err(virtio_core::Error::DmaAlloc)
+        }
+    }
+
+    fn unmap(&self, _daddr: u64, _len: usize, _dir: virtio_core::platform::DmaDirection) {}
+}
+
+/// The guest memory a [`Sim`] serves from: [`IdentityMemory`] (given to the builder) or
+/// [`LowMemory`] (the default, so legacy queues work too). Both are identity mapped
+/// (device address == host pointer) and implement [`virtio_core::platform::Dma`].
+#[derive(Clone)]
+pub enum SimMemory {
+    Identity(IdentityMemory),
+    Low(LowMemory),
+}
+
+impl SimMemory {
+    pub fn guest_memory(&self) -> &vm_memory::GuestMemoryMmap {
+        match self {
+            SimMemory::Identity(m) => m.guest_memory(),
+            SimMemory::Low(m) => m.guest_memory(),
+        }
+    }
+
+    /// A zeroed buffer inside guest memory.
+    pub fn alloc_buffer(&self, len: usize) -> virtio_core::platform::DmaRegion {
+        use virtio_core::platform::Dma;
+        self.alloc_coherent(len.max(1), 16)
+            .expect("test guest memory exhausted")
+    }
+
+    /// Bytes of a region allocated from this memory.
+    #[allow(clippy::mut_from_ref)]
+    pub fn slice(&self, region: &virtio_core::platform::DmaRegion) -> &mut [u8] {
+        assert!(
+            self.contains(region.daddr, region.len),
+            "region outside guest memory"
+        );
+        // SAFETY: checked to be inside the live mapping, which `self` keeps alive; tests only
+        // use this while the device is not writing the buffer.
+        unsafe { std::slice::from_raw_parts_mut(region.vaddr.as_ptr(), region.len) }
+    }
+
+    /// Bytes at a device address (panics outside guest memory).
+    #[allow(clippy::mut_from_ref)]
+    pub fn bytes_at(&self, addr: u64, len: usize) -> &mut [u8] {
+        assert!(
+            self.contains(addr, len),
+            "address {addr:#x}+{len} outside guest memory"
+        );
+        // SAFETY: checked to be inside the live mapping above.
+        unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) }
+    }
+
+    pub fn contains(&self, addr: u64, len: usize) -> bool {
+        match self {
+            SimMemory::Identity(m) => m.contains(addr, len),
+            SimMemory::Low(m) => m.contains(addr, len),
+        }
+    }
+}
+
+impl virtio_core::platform::Dma for SimMemory {
+    fn alloc_coherent(
+        &self,
+        len: usize,
+        align: usize,
+    ) -> virtio_core::Result<virtio_core::platform::DmaRegion> {
+        match self {
+            SimMemory::Identity(m) => m.alloc_coherent(len, align),
+            SimMemory::Low(m) => m.alloc_coherent(len, align),
+        }
+    }
+
+    unsafe fn free_coherent(&self, region: virtio_core::platform::DmaRegion) {
+        match self {
+            // SAFETY: forwarded with the caller's guarantees.
+            SimMemory::Identity(m) => unsafe { m.free_coherent(region) },
+            // SAFETY: forwarded with the caller's guarantees.
+            SimMemory::Low(m) => unsafe { m.free_coherent(region) },
+        }
+    }
+
+    fn map(
+        &self,
+        vaddr: std::ptr::NonNull<u8>,
+        len: usize,
+        dir: virtio_core::platform::DmaDirection,
+    ) -> virtio_core::Result<u64> {
+        match self {
+            SimMemory::Identity(m) => m.map(vaddr, len, dir),
+            SimMemory::Low(m) => m.map(vaddr, len, dir),
+        }
+    }
+
+    fn unmap(&self, daddr: u64, len: usize, dir: virtio_core::platform::DmaDirection) {
+        match self {
+            SimMemory::Identity(m) => m.unmap(daddr, len, dir),
+            SimMemory::Low(m) => m.unmap(daddr, len, dir),
+        }
+    }
+}
+
+impl From<IdentityMemory> for SimMemory {
+    fn from(m: IdentityMemory) -> Self {
+        SimMemory::Identity(m)
+    }
+}
+
+impl From<LowMemory> for SimMemory {
+    fn from(m: LowMemory) -> Self {
+        SimMemory::Low(m)
     }
 }

@@ -5,14 +5,19 @@ use virtio_core::transport::{NO_VECTOR, RingAddresses, Transport};
 use virtio_core::{DeviceStatus, Error, Features, TransportError};
 use virtio_pci::{PciTransport, Preference, TransportKind, probe};
 use virtio_tests::sim::{
-    LifecycleStep, Sim, SimBars, SimBuilder, SimConfig, SimEvent, SimInterrupt, SimMode, TestRing, layout,
+    LifecycleStep, Sim, SimBars, SimBuilder, SimConfig, SimEvent, SimInterrupt, SimMode, TestRing,
+    layout,
 };
 
 const MAC: [u8; 8] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 0x01, 0x00];
 const OFFERED: u64 = (1 << 32) | (1 << 29) | (1 << 28) | (1 << 5) | (1 << 0) | (1 << 40);
 
 fn sim_with(mode: SimMode) -> Sim {
-    SimBuilder::new(mode, 1).features(OFFERED).queues(&[256, 128, 64]).device_config(&MAC).build()
+    SimBuilder::new(mode, 1)
+        .features(OFFERED)
+        .queues(&[256, 128, 64])
+        .device_config(&MAC)
+        .build()
 }
 
 fn modern(s: &Sim) -> PciTransport<SimConfig, SimBars> {
@@ -72,7 +77,9 @@ fn status_reset_and_features_ok() {
     assert_eq!(s.driver_features(), 0);
 
     // A device that refuses FEATURES_OK: the bit does not stick.
-    let s = SimBuilder::new(SimMode::Modern, 2).accept_features_ok(false).build();
+    let s = SimBuilder::new(SimMode::Modern, 2)
+        .accept_features_ok(false)
+        .build();
     let mut t = modern(&s);
     t.reset().unwrap();
     t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
@@ -81,7 +88,9 @@ fn status_reset_and_features_ok() {
     assert!(!t.status().contains(DeviceStatus::FEATURES_OK));
 
     // Features not offered are refused by the device too.
-    let s = SimBuilder::new(SimMode::Modern, 2).features(1 << 32).build();
+    let s = SimBuilder::new(SimMode::Modern, 2)
+        .features(1 << 32)
+        .build();
     let mut t = modern(&s);
     t.set_driver_features((1 << 32) | (1 << 30));
     t.set_status(DeviceStatus::FEATURES_OK);
@@ -110,13 +119,37 @@ fn config_reads_writes_and_bounds() {
     assert_eq!(t.read_config16(6).unwrap(), 1);
     assert_eq!(t.read_config32(0).unwrap(), 0x1200_5452);
     assert_eq!(t.read_config8(0xFFF).unwrap(), 0);
-    assert_eq!(t.read_config8(0x1000), Err(Error::ConfigOutOfRange { offset: 0x1000, len: 1 }));
-    assert_eq!(t.read_config32(0xFFE), Err(Error::ConfigOutOfRange { offset: 0xFFE, len: 4 }));
-    assert_eq!(t.read_config16(1), Err(Error::ConfigOutOfRange { offset: 1, len: 2 }));
-    assert_eq!(t.read_config32(u32::MAX - 3), Err(Error::ConfigOutOfRange { offset: u32::MAX - 3, len: 4 }));
+    assert_eq!(
+        t.read_config8(0x1000),
+        Err(Error::ConfigOutOfRange {
+            offset: 0x1000,
+            len: 1
+        })
+    );
+    assert_eq!(
+        t.read_config32(0xFFE),
+        Err(Error::ConfigOutOfRange {
+            offset: 0xFFE,
+            len: 4
+        })
+    );
+    assert_eq!(
+        t.read_config16(1),
+        Err(Error::ConfigOutOfRange { offset: 1, len: 2 })
+    );
+    assert_eq!(
+        t.read_config32(u32::MAX - 3),
+        Err(Error::ConfigOutOfRange {
+            offset: u32::MAX - 3,
+            len: 4
+        })
+    );
     t.write_config8(7, 9).unwrap();
     t.write_config16(0, 0xABCD).unwrap();
-    assert_eq!(&s.device_config()[..8], &[0xCD, 0xAB, 0, 0x12, 0x34, 0x56, 1, 9]);
+    assert_eq!(
+        &s.device_config()[..8],
+        &[0xCD, 0xAB, 0, 0x12, 0x34, 0x56, 1, 9]
+    );
     assert!(t.write_config32(0x1000, 1).is_err());
 
     // Device-side change: generation moves, config interrupt on the config vector / ISR.
@@ -153,22 +186,38 @@ fn queue_setup_reaches_device_side_queue() {
     t.setup_queue(1, 64, ring.addrs(), 2).unwrap();
     let info = s.queue_info(1).unwrap();
     assert_eq!((info.size, info.vector, info.enabled), (64, 2, true));
-    assert_eq!((info.desc, info.driver, info.device), (ring.desc, ring.driver, ring.device));
+    assert_eq!(
+        (info.desc, info.driver, info.device),
+        (ring.desc, ring.driver, ring.device)
+    );
     assert!(info.ready);
     assert!(info.event_idx, "EVENT_IDX was negotiated");
-    assert_eq!(info.device_side, Some((ring.desc, ring.driver, ring.device)));
+    assert_eq!(
+        info.device_side,
+        Some((ring.desc, ring.driver, ring.device))
+    );
     // High address halves arrive too.
     let s2 = sim_with(SimMode::Modern);
     let mut t2 = modern(&s2);
     negotiate(&mut t2, 1 << 32);
-    let far = RingAddresses { desc: 0x1_2345_6000, driver: 0x2_0000_1000, device: 0x3_0000_2000 };
+    let far = RingAddresses {
+        desc: 0x1_2345_6000,
+        driver: 0x2_0000_1000,
+        device: 0x3_0000_2000,
+    };
     t2.setup_queue(0, 256, far, NO_VECTOR).unwrap();
     let info = s2.queue_info(0).unwrap();
-    assert_eq!((info.desc, info.driver, info.device), (far.desc, far.driver, far.device));
+    assert_eq!(
+        (info.desc, info.driver, info.device),
+        (far.desc, far.driver, far.device)
+    );
     assert!(!info.event_idx);
 
     // Re-setup of an enabled queue is refused; the device has not changed.
-    assert_eq!(t.setup_queue(1, 64, ring.addrs(), 2), Err(Error::InvalidState));
+    assert_eq!(
+        t.setup_queue(1, 64, ring.addrs(), 2),
+        Err(Error::InvalidState)
+    );
     assert!(s.bad_accesses().is_empty(), "{:?}", s.bad_accesses());
     assert!(s.check_init_order().is_err(), "no DRIVER_OK yet");
     driver_ok(&mut t);
@@ -186,11 +235,32 @@ fn bad_queue_parameters() {
     negotiate(&mut t, 1 << 32);
     let ring = TestRing::new(&mem, 256, false);
     let a = ring.addrs();
-    assert_eq!(t.setup_queue(0, 0, a, NO_VECTOR), Err(Error::BadQueueSize { queue: 0, size: 0 }));
-    assert_eq!(t.setup_queue(0, 100, a, NO_VECTOR), Err(Error::BadQueueSize { queue: 0, size: 100 }));
-    assert_eq!(t.setup_queue(2, 128, a, NO_VECTOR), Err(Error::BadQueueSize { queue: 2, size: 128 }));
-    assert_eq!(t.setup_queue(3, 64, a, NO_VECTOR), Err(Error::NoSuchQueue { queue: 3 }));
-    assert_eq!(t.setup_queue(u16::MAX, 64, a, NO_VECTOR), Err(Error::NoSuchQueue { queue: u16::MAX }));
+    assert_eq!(
+        t.setup_queue(0, 0, a, NO_VECTOR),
+        Err(Error::BadQueueSize { queue: 0, size: 0 })
+    );
+    assert_eq!(
+        t.setup_queue(0, 100, a, NO_VECTOR),
+        Err(Error::BadQueueSize {
+            queue: 0,
+            size: 100
+        })
+    );
+    assert_eq!(
+        t.setup_queue(2, 128, a, NO_VECTOR),
+        Err(Error::BadQueueSize {
+            queue: 2,
+            size: 128
+        })
+    );
+    assert_eq!(
+        t.setup_queue(3, 64, a, NO_VECTOR),
+        Err(Error::NoSuchQueue { queue: 3 })
+    );
+    assert_eq!(
+        t.setup_queue(u16::MAX, 64, a, NO_VECTOR),
+        Err(Error::NoSuchQueue { queue: u16::MAX })
+    );
     assert!(s.queue_info(0).is_some_and(|q| !q.enabled));
 }
 
@@ -207,7 +277,9 @@ fn notify_offset_validated_against_notify_region() {
     t.setup_queue(1, 128, r1.addrs(), NO_VECTOR).unwrap();
     assert_eq!(
         t.setup_queue(2, 64, r2.addrs(), NO_VECTOR),
-        Err(Error::Transport(TransportError::CapabilityOutOfBar { cfg_type: 2 }))
+        Err(Error::Transport(TransportError::CapabilityOutOfBar {
+            cfg_type: 2
+        }))
     );
     assert!(!s.queue_info(2).unwrap().enabled);
 }
@@ -219,9 +291,13 @@ fn notify_reaches_the_right_queue() {
         let mem = s.memory();
         let mut t = modern(&s);
         negotiate(&mut t, 1 << 32);
-        let rings: Vec<_> = [256u16, 128, 64].iter().map(|&n| TestRing::new(&mem, n, false)).collect();
+        let rings: Vec<_> = [256u16, 128, 64]
+            .iter()
+            .map(|&n| TestRing::new(&mem, n, false))
+            .collect();
         for (i, r) in rings.iter().enumerate() {
-            t.setup_queue(i as u16, r.size, r.addrs(), NO_VECTOR).unwrap();
+            t.setup_queue(i as u16, r.size, r.addrs(), NO_VECTOR)
+                .unwrap();
         }
         driver_ok(&mut t);
         t.notify(2);
@@ -246,15 +322,30 @@ fn msix_vector_read_back_failure() {
     negotiate(&mut t, 1 << 32);
     s.reject_vector(1);
     let ring = TestRing::new(&mem, 256, false);
-    assert_eq!(t.setup_queue(0, 256, ring.addrs(), 1), Err(Error::VectorRejected { queue: Some(0) }));
-    assert!(!s.queue_info(0).unwrap().enabled, "queue must not be enabled after a rejected vector");
+    assert_eq!(
+        t.setup_queue(0, 256, ring.addrs(), 1),
+        Err(Error::VectorRejected { queue: Some(0) })
+    );
+    assert!(
+        !s.queue_info(0).unwrap().enabled,
+        "queue must not be enabled after a rejected vector"
+    );
     // Beyond the MSI-X table (4 entries).
-    assert_eq!(t.setup_queue(0, 256, ring.addrs(), 4), Err(Error::VectorRejected { queue: Some(0) }));
+    assert_eq!(
+        t.setup_queue(0, 256, ring.addrs(), 4),
+        Err(Error::VectorRejected { queue: Some(0) })
+    );
     t.setup_queue(0, 256, ring.addrs(), 2).unwrap();
     assert_eq!(s.queue_info(0).unwrap().vector, 2);
 
-    assert_eq!(t.set_config_vector(1), Err(Error::VectorRejected { queue: None }));
-    assert_eq!(t.set_config_vector(9), Err(Error::VectorRejected { queue: None }));
+    assert_eq!(
+        t.set_config_vector(1),
+        Err(Error::VectorRejected { queue: None })
+    );
+    assert_eq!(
+        t.set_config_vector(9),
+        Err(Error::VectorRejected { queue: None })
+    );
     t.set_config_vector(0).unwrap();
     assert_eq!(s.config_vector(), 0);
     t.set_config_vector(NO_VECTOR).unwrap();
@@ -293,7 +384,10 @@ fn ring_round_trip_with_msix_and_intx() {
         let chains = s.pop_chains(1);
         assert_eq!(chains.len(), 1);
         assert_eq!(chains[0].head, head);
-        assert_eq!((chains[0].readable_len(), chains[0].writable_len()), (5, 64));
+        assert_eq!(
+            (chains[0].readable_len(), chains[0].writable_len()),
+            (5, 64)
+        );
         assert_eq!(s.read_chain(&chains[0]), b"hello");
         let n = s.write_chain(&chains[0], b"world!");
         s.complete(1, head, n);
@@ -355,7 +449,10 @@ fn teardown_uses_queue_reset_only_when_negotiated() {
     let ring = TestRing::new(&mem, 256, false);
     t.setup_queue(0, 256, ring.addrs(), NO_VECTOR).unwrap();
     t.teardown_queue(0);
-    assert!(s.queue_info(0).unwrap().enabled, "without RING_RESET the queue lives until reset");
+    assert!(
+        s.queue_info(0).unwrap().enabled,
+        "without RING_RESET the queue lives until reset"
+    );
     assert!(s.bad_accesses().is_empty(), "{:?}", s.bad_accesses());
 
     let s = sim_with(SimMode::Modern);
@@ -382,5 +479,10 @@ fn no_accesses_outside_the_model() {
     for q in 0..t.num_queues() {
         let _ = t.max_queue_size(q);
     }
-    assert!(s.bad_accesses().is_empty(), "{:?}\n{}", s.bad_accesses(), s.describe());
+    assert!(
+        s.bad_accesses().is_empty(),
+        "{:?}\n{}",
+        s.bad_accesses(),
+        s.describe()
+    );
 }
