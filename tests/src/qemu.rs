@@ -16,7 +16,9 @@ mod devices;
 mod toolchain;
 
 pub use devices::{BLK_SERIAL, DISK_BYTES, DeviceKind, NET_MAC, SCENARIOS, ScenarioSpec, scenario};
-pub use toolchain::{GuestToolchain, build_guest, ensure as ensure_toolchain, guest_dir, target_dir};
+pub use toolchain::{
+    GuestToolchain, build_guest, ensure as ensure_toolchain, guest_dir, target_dir,
+};
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -191,7 +193,10 @@ impl fmt::Display for GuestExit {
             GuestExit::ChecksFailed => write!(f, "checks failed"),
             GuestExit::Panic => write!(f, "guest panic"),
             GuestExit::Exception => write!(f, "guest CPU exception"),
-            GuestExit::Usage => write!(f, "guest usage error (unknown scenario or bad command line)"),
+            GuestExit::Usage => write!(
+                f,
+                "guest usage error (unknown scenario or bad command line)"
+            ),
             GuestExit::Reset => write!(f, "guest reset (triple fault?)"),
             GuestExit::QemuError => write!(f, "QEMU error (see qemu.stderr)"),
             GuestExit::Other(c) => write!(f, "unexpected QEMU status {c}"),
@@ -234,10 +239,18 @@ impl TraceCounts {
                 continue;
             }
             let fields: Vec<&str> = words.collect();
-            let field = |name: &str| fields.iter().position(|w| *w == name).and_then(|i| fields.get(i + 1)).copied();
+            let field = |name: &str| {
+                fields
+                    .iter()
+                    .position(|w| *w == name)
+                    .and_then(|i| fields.get(i + 1))
+                    .copied()
+            };
             *t.events.entry(event.to_string()).or_default() += 1;
             if let Some(vdev) = field("vdev") {
-                *t.per_device.entry((event.to_string(), vdev.to_string())).or_default() += 1;
+                *t.per_device
+                    .entry((event.to_string(), vdev.to_string()))
+                    .or_default() += 1;
                 if event == "virtio_queue_notify"
                     && let Some(n) = field("n").and_then(|n| n.parse().ok())
                 {
@@ -255,7 +268,10 @@ impl TraceCounts {
 
     /// Interrupts QEMU sent (`virtio_notify` + `virtio_notify_irqfd`).
     pub fn interrupts(&self) -> u64 {
-        ["virtio_notify", "virtio_notify_irqfd"].iter().map(|e| self.events.get(*e).copied().unwrap_or(0)).sum()
+        ["virtio_notify", "virtio_notify_irqfd"]
+            .iter()
+            .map(|e| self.events.get(*e).copied().unwrap_or(0))
+            .sum()
     }
 }
 
@@ -287,7 +303,10 @@ pub struct RunReport {
 impl RunReport {
     /// Passed: guest exited with success, printed DONE, ran at least one check, none failed.
     pub fn passed(&self) -> bool {
-        self.exit == GuestExit::Success && self.done && !self.checks.is_empty() && self.checks.iter().all(|c| c.passed)
+        self.exit == GuestExit::Success
+            && self.done
+            && !self.checks.is_empty()
+            && self.checks.iter().all(|c| c.passed)
     }
 
     pub fn check(&self, name: &str) -> Option<&Check> {
@@ -319,7 +338,13 @@ impl RunReport {
             self.duration.as_secs_f64()
         );
         for c in &self.checks {
-            let _ = writeln!(s, "  {} {:32} {}", if c.passed { "PASS" } else { "FAIL" }, c.name, c.detail);
+            let _ = writeln!(
+                s,
+                "  {} {:32} {}",
+                if c.passed { "PASS" } else { "FAIL" },
+                c.name,
+                c.detail
+            );
         }
         if self.checks.is_empty() {
             let _ = writeln!(s, "  (no checks reported)");
@@ -331,7 +356,13 @@ impl RunReport {
             let _ = writeln!(s, "  {f}");
         }
         if let Some(t) = &self.trace {
-            let _ = writeln!(s, "  trace: kicks={} interrupts={} {:?}", t.kicks(), t.interrupts(), t.events);
+            let _ = writeln!(
+                s,
+                "  trace: kicks={} interrupts={} {:?}",
+                t.kicks(),
+                t.interrupts(),
+                t.events
+            );
         }
         if !self.passed() {
             if self.kept {
@@ -358,10 +389,15 @@ impl RunReport {
                 let name = parts.next().unwrap_or("").to_string();
                 let passed = parts.next() == Some("PASS");
                 let detail = parts.next().unwrap_or("").trim().to_string();
-                self.checks.push(Check { name, passed, detail });
+                self.checks.push(Check {
+                    name,
+                    passed,
+                    detail,
+                });
             } else if let Some(rest) = line.strip_prefix("STAT ") {
                 if let Some((k, v)) = rest.split_once('=') {
-                    self.stats.insert(k.trim().to_string(), v.trim().to_string());
+                    self.stats
+                        .insert(k.trim().to_string(), v.trim().to_string());
                 }
             } else if let Some(rest) = line.strip_prefix("DEVICE ") {
                 let map = rest
@@ -372,7 +408,10 @@ impl RunReport {
                 self.devices.push(map);
             } else if line.starts_with("DONE") {
                 self.done = true;
-            } else if ["PANIC", "EXCEPTION", "FATAL", "EXIT-FAILED"].iter().any(|p| line.starts_with(p)) {
+            } else if ["PANIC", "EXCEPTION", "FATAL", "EXIT-FAILED"]
+                .iter()
+                .any(|p| line.starts_with(p))
+            {
                 self.fatal.push(line.to_string());
             }
         }
@@ -407,7 +446,10 @@ impl std::error::Error for RunError {}
 /// `target/qemu-runs/<scenario>-<config>`; if another live process holds that directory
 /// (same scenario and config run concurrently), `...-<pid>` instead.
 fn claim_run_dir(cfg: &RunConfig) -> Result<PathBuf, RunError> {
-    let base = target_dir().join("qemu-runs").join(format!("{}-{}", cfg.scenario, cfg.config_name()));
+    let base =
+        target_dir()
+            .join("qemu-runs")
+            .join(format!("{}-{}", cfg.scenario, cfg.config_name()));
     let me = std::process::id();
     let io = |what: &str, p: &Path, e| RunError::Io(format!("{what} {}", p.display()), e);
     let owner_alive = |dir: &Path| {
@@ -416,18 +458,27 @@ fn claim_run_dir(cfg: &RunConfig) -> Result<PathBuf, RunError> {
             .and_then(|s| s.trim().parse::<u32>().ok())
             .is_some_and(|pid| pid != me && Path::new(&format!("/proc/{pid}")).exists())
     };
-    let dir = if owner_alive(&base) { base.with_file_name(format!("{}-{}-{me}", cfg.scenario, cfg.config_name())) } else { base };
+    let dir = if owner_alive(&base) {
+        base.with_file_name(format!("{}-{}-{me}", cfg.scenario, cfg.config_name()))
+    } else {
+        base
+    };
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| io("cannot clear", &dir, e))?;
     }
     std::fs::create_dir_all(&dir).map_err(|e| io("cannot create", &dir, e))?;
-    std::fs::write(dir.join("owner.pid"), me.to_string()).map_err(|e| io("cannot write in", &dir, e))?;
+    std::fs::write(dir.join("owner.pid"), me.to_string())
+        .map_err(|e| io("cannot write in", &dir, e))?;
     Ok(dir)
 }
 
 /// The guest command line for `cfg`.
 pub fn guest_cmdline(cfg: &RunConfig, spec: &ScenarioSpec) -> String {
-    let mut types: Vec<String> = spec.devices.iter().map(|d| d.virtio_type().to_string()).collect();
+    let mut types: Vec<String> = spec
+        .devices
+        .iter()
+        .map(|d| d.virtio_type().to_string())
+        .collect();
     types.sort();
     let mut words = vec![
         format!("scenario={}", cfg.scenario),
@@ -446,14 +497,16 @@ pub fn guest_cmdline(cfg: &RunConfig, spec: &ScenarioSpec) -> String {
 
 /// Builds the guest if needed and runs one scenario.
 pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
-    let spec = scenario(&cfg.scenario).ok_or_else(|| RunError::UnknownScenario(cfg.scenario.clone()))?;
+    let spec =
+        scenario(&cfg.scenario).ok_or_else(|| RunError::UnknownScenario(cfg.scenario.clone()))?;
     let toolchain = toolchain::ensure(cfg.install_missing).map_err(RunError::Toolchain)?;
     let elf = build_guest(&toolchain).map_err(RunError::Build)?;
     let dir = claim_run_dir(cfg)?;
     let serial = dir.join("serial.log");
     let trace_log = dir.join("trace.log");
-    let (device_args, files) = devices::qemu_args(spec.devices, cfg.machine, cfg.transport, &dir)
-        .map_err(|e| RunError::Io("cannot prepare device files".into(), e))?;
+    let (device_args, files) =
+        devices::qemu_args(spec.devices, cfg.machine, cfg.transport, &dir)
+            .map_err(|e| RunError::Io("cannot prepare device files".into(), e))?;
 
     let mut args: Vec<String> = vec![
         "-accel".into(),
@@ -479,7 +532,11 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
         guest_cmdline(cfg, spec),
     ];
     if spec.trace {
-        for ev in ["virtio_queue_notify", "virtio_notify", "virtio_notify_irqfd"] {
+        for ev in [
+            "virtio_queue_notify",
+            "virtio_notify",
+            "virtio_notify_irqfd",
+        ] {
             args.push("-trace".into());
             args.push(ev.into());
         }
@@ -491,7 +548,8 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
     let _ = std::fs::write(dir.join("qemu.cmd"), shell_words(QEMU, &args));
 
     let stderr_path = dir.join("qemu.stderr");
-    let stderr_file = std::fs::File::create(&stderr_path).map_err(|e| RunError::Io("cannot create qemu.stderr".into(), e))?;
+    let stderr_file = std::fs::File::create(&stderr_path)
+        .map_err(|e| RunError::Io("cannot create qemu.stderr".into(), e))?;
     let start = Instant::now();
     let mut child = Command::new(QEMU)
         .args(&args)
@@ -500,7 +558,9 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
         .stderr(stderr_file)
         .spawn()
         .map_err(|e| RunError::Io(format!("cannot start {QEMU}"), e))?;
-    let timeout = cfg.timeout.unwrap_or(Duration::from_secs(spec.timeout_secs));
+    let timeout = cfg
+        .timeout
+        .unwrap_or(Duration::from_secs(spec.timeout_secs));
     let exit = loop {
         match child.try_wait() {
             Ok(Some(status)) => break GuestExit::from_status(status),
@@ -523,9 +583,12 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
         devices: Vec::new(),
         done: false,
         fatal: Vec::new(),
-        trace: spec.trace.then(|| TraceCounts::parse(&std::fs::read_to_string(&trace_log).unwrap_or_default())),
+        trace: spec
+            .trace
+            .then(|| TraceCounts::parse(&std::fs::read_to_string(&trace_log).unwrap_or_default())),
         console_output: files.console.as_ref().and_then(|p| std::fs::read(p).ok()),
-        serial_log: String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default()).into_owned(),
+        serial_log: String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default())
+            .into_owned(),
         qemu_stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
         qemu_command: std::iter::once(QEMU.to_string()).chain(args).collect(),
         run_dir: dir.clone(),
@@ -542,13 +605,21 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
 /// A copy-pasteable command line.
 fn shell_words(program: &str, args: &[String]) -> String {
     let quote = |a: &str| {
-        if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_=,.:/@+".contains(c)) && !a.is_empty() {
+        if a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_=,.:/@+".contains(c))
+            && !a.is_empty()
+        {
             a.to_string()
         } else {
             format!("'{}'", a.replace('\'', "'\\''"))
         }
     };
-    std::iter::once(program).chain(args.iter().map(String::as_str)).map(quote).collect::<Vec<_>>().join(" ") + "\n"
+    std::iter::once(program)
+        .chain(args.iter().map(String::as_str))
+        .map(quote)
+        .collect::<Vec<_>>()
+        .join(" ")
+        + "\n"
 }
 
 #[cfg(test)]
@@ -578,7 +649,10 @@ mod tests {
         };
         r.parse_serial();
         assert_eq!(r.checks.len(), 2);
-        assert_eq!(r.check("a.b").map(|c| (c.passed, c.detail.as_str())), Some((true, "all good here")));
+        assert_eq!(
+            r.check("a.b").map(|c| (c.passed, c.detail.as_str())),
+            Some((true, "all good here"))
+        );
         assert!(!r.check("c").unwrap().passed);
         assert_eq!(r.stat_u64("x.y"), Some(42));
         assert_eq!(r.devices[0]["type"], "1");
@@ -610,8 +684,14 @@ mod tests {
 
     #[test]
     fn transport_mapping() {
-        assert_eq!(devices::transport_props(Transport::Modern), ",disable-legacy=on,disable-modern=off");
-        assert_eq!(devices::transport_props(Transport::Legacy), ",disable-modern=on,disable-legacy=off");
+        assert_eq!(
+            devices::transport_props(Transport::Modern),
+            ",disable-legacy=on,disable-modern=off"
+        );
+        assert_eq!(
+            devices::transport_props(Transport::Legacy),
+            ",disable-modern=on,disable-legacy=off"
+        );
         assert_eq!(devices::transport_props(Transport::Transitional), "");
         assert_eq!("q35".parse::<Machine>(), Ok(Machine::Q35));
         assert!("kvm".parse::<IrqMode>().is_err());

@@ -4,36 +4,56 @@
 use virtio_tests::qemu::{IrqMode, Machine, RunConfig, Transport, run_scenario};
 
 fn run(cfg: RunConfig) {
-    let report = run_scenario(&cfg).unwrap_or_else(|e| panic!("{} [{}]: {e}", cfg.scenario, cfg.config_name()));
+    let report = run_scenario(&cfg)
+        .unwrap_or_else(|e| panic!("{} [{}]: {e}", cfg.scenario, cfg.config_name()));
     println!("{}", report.summary());
     assert!(report.passed(), "{}", report.summary());
     // The runner attached net, blk, balloon and console: the guest must list all four.
-    let mut types: Vec<&str> = report.devices.iter().filter_map(|d| d.get("type").map(String::as_str)).collect();
+    let mut types: Vec<&str> = report
+        .devices
+        .iter()
+        .filter_map(|d| d.get("type").map(String::as_str))
+        .collect();
     types.sort();
     assert_eq!(types, ["1", "2", "3", "5"], "{}", report.summary());
 }
 
 #[test]
 fn boot_q35_modern_msix() {
-    run(RunConfig::new("boot").machine(Machine::Q35).transport(Transport::Modern).irq(IrqMode::Msix));
+    run(RunConfig::new("boot")
+        .machine(Machine::Q35)
+        .transport(Transport::Modern)
+        .irq(IrqMode::Msix));
 }
 
 #[test]
 fn boot_pc_transitional_msix() {
-    run(RunConfig::new("boot").machine(Machine::Pc).transport(Transport::Transitional).irq(IrqMode::Msix));
+    run(RunConfig::new("boot")
+        .machine(Machine::Pc)
+        .transport(Transport::Transitional)
+        .irq(IrqMode::Msix));
 }
 
 #[test]
 fn boot_q35_modern_intx() {
-    run(RunConfig::new("boot").machine(Machine::Q35).transport(Transport::Modern).irq(IrqMode::Intx));
+    run(RunConfig::new("boot")
+        .machine(Machine::Q35)
+        .transport(Transport::Modern)
+        .irq(IrqMode::Intx));
 }
 
 #[test]
 fn boot_pc_legacy_intx() {
-    run(RunConfig::new("boot").machine(Machine::Pc).transport(Transport::Legacy).irq(IrqMode::Intx));
+    run(RunConfig::new("boot")
+        .machine(Machine::Pc)
+        .transport(Transport::Legacy)
+        .irq(IrqMode::Intx));
 }
 
 #[test]
 fn boot_q35_transitional_poll() {
-    run(RunConfig::new("boot").machine(Machine::Q35).transport(Transport::Transitional).irq(IrqMode::Poll));
+    run(RunConfig::new("boot")
+        .machine(Machine::Q35)
+        .transport(Transport::Transitional)
+        .irq(IrqMode::Poll));
 }

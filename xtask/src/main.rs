@@ -1,1 +1,279 @@
-fn main() {}
+//! Developer tasks: `cargo xtask <command>`.
+//!
+//! - `qemu <scenario> [--transport modern|transitional|legacy] [--machine q35|pc]
+//!   [--irq msix|intx|poll] [--timeout SECS] [--keep] [--verbose] [--guest-arg K=V]...
+//!   [-- extra qemu args]`: build the guest, run one scenario, print the report;
+//! - `demo`: boot the guest with all four devices and describe what it found;
+//! - `test`: fmt, clippy (workspace and guest), guest build, `cargo test --workspace`.
+
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+use virtio_tests::qemu::{self, IrqMode, Machine, RunConfig, RunReport, Transport};
+
+const USAGE: &str = "usage:
+  cargo xtask qemu <scenario> [--transport modern|transitional|legacy] [--machine q35|pc]
+                   [--irq msix|intx|poll] [--timeout SECS] [--keep] [--verbose]
+                   [--guest-arg KEY=VALUE]... [-- extra qemu args]
+  cargo xtask demo
+  cargo xtask test";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("qemu") => cmd_qemu(&args[1..]),
+        Some("demo") => cmd_demo(),
+        Some("test") => cmd_test(),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(true)
+        }
+        _ => Err(format!("unknown or missing command\n{USAGE}")),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn parse_qemu_args(args: &[String]) -> Result<(RunConfig, bool), String> {
+    let mut it = args.iter();
+    let mut cfg: Option<RunConfig> = None;
+    let mut verbose = false;
+    let (mut transport, mut machine, mut irq) = (None, None, None);
+    let (mut timeout, mut keep, mut guest_args, mut extra) = (None, false, Vec::new(), Vec::new());
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--transport" => transport = Some(value("--transport")?.parse::<Transport>()?),
+            "--machine" => machine = Some(value("--machine")?.parse::<Machine>()?),
+            "--irq" => irq = Some(value("--irq")?.parse::<IrqMode>()?),
+            "--timeout" => {
+                let secs: u64 = value("--timeout")?
+                    .parse()
+                    .map_err(|e| format!("--timeout: {e}"))?;
+                timeout = Some(std::time::Duration::from_secs(secs));
+            }
+            "--guest-arg" => guest_args.push(value("--guest-arg")?),
+            "--keep" => keep = true,
+            "--verbose" | "-v" => verbose = true,
+            "--" => {
+                extra.extend(it.by_ref().cloned());
+            }
+            s if s.starts_with('-') => return Err(format!("unknown option {s}\n{USAGE}")),
+            s if cfg.is_none() => cfg = Some(RunConfig::new(s)),
+            s => return Err(format!("unexpected argument {s}\n{USAGE}")),
+        }
+    }
+    let mut cfg = cfg.ok_or_else(|| format!("missing scenario\n{USAGE}"))?;
+    cfg.transport = transport.unwrap_or(cfg.transport);
+    cfg.machine = machine.unwrap_or(cfg.machine);
+    cfg.irq = irq.unwrap_or(cfg.irq);
+    cfg.timeout = timeout;
+    cfg.keep_run_dir = keep;
+    cfg.extra_guest_args = guest_args;
+    cfg.extra_qemu_args = extra;
+    cfg.install_missing = true;
+    Ok((cfg, verbose))
+}
+
+fn run(cfg: &RunConfig) -> Result<RunReport, String> {
+    eprintln!(
+        "xtask: building guest and running {} [{}]...",
+        cfg.scenario,
+        cfg.config_name()
+    );
+    qemu::run_scenario(cfg).map_err(|e| e.to_string())
+}
+
+fn cmd_qemu(args: &[String]) -> Result<bool, String> {
+    let (cfg, verbose) = parse_qemu_args(args)?;
+    let report = run(&cfg)?;
+    if verbose {
+        println!("$ {}", report.qemu_command.join(" "));
+        println!("--- serial ---\n{}--- end serial ---", report.serial_log);
+    }
+    print!("{}", report.summary());
+    if !report.stats.is_empty() {
+        println!("  stats:");
+        for (k, v) in &report.stats {
+            println!("    {k} = {v}");
+        }
+    }
+    if let Some(out) = &report.console_output
+        && !out.is_empty()
+    {
+        println!("  virtconsole output: {:?}", String::from_utf8_lossy(out));
+    }
+    if report.kept {
+        println!("  run directory: {}", report.run_dir.display());
+    }
+    Ok(report.passed())
+}
+
+fn cmd_demo() -> Result<bool, String> {
+    let mut cfg = RunConfig::new("boot");
+    cfg.install_missing = true;
+    let report = run(&cfg)?;
+    println!(
+        "Virtio test guest on QEMU ({}, TCG), booted in {:.1} s",
+        cfg.config_name(),
+        report.duration.as_secs_f64()
+    );
+    println!();
+    println!("Devices the guest found on its PCI bus:");
+    for d in &report.devices {
+        let get = |k: &str| d.get(k).map(String::as_str).unwrap_or("?");
+        let bars: Vec<String> = (0..6)
+            .filter_map(|i| d.get(&format!("bar{i}")).map(|b| format!("BAR{i} {b}")))
+            .collect();
+        println!(
+            "  {} virtio-{:8} id {} (subsystem {}), MSI-X vectors: {}, INTx: {}",
+            get("bdf"),
+            get("name"),
+            get("id"),
+            get("subsys"),
+            get("msix"),
+            get("intx")
+        );
+        println!("        {}", bars.join(", "));
+    }
+    println!();
+    println!("Harness self-checks:");
+    for c in &report.checks {
+        println!(
+            "  {} {:30} {}",
+            if c.passed { "ok  " } else { "FAIL" },
+            c.name,
+            c.detail
+        );
+    }
+    println!();
+    println!(
+        "{}",
+        if report.passed() {
+            "All checks passed."
+        } else {
+            "Some checks FAILED; see above."
+        }
+    );
+    if !report.passed() {
+        print!("{}", report.summary());
+    }
+    Ok(report.passed())
+}
+
+struct Step {
+    name: String,
+    ok: bool,
+    secs: f64,
+}
+
+fn step(steps: &mut Vec<Step>, name: &str, mut cmd: Command) {
+    println!("\n=== xtask test: {name} ===");
+    let start = Instant::now();
+    let ok = cmd.status().is_ok_and(|s| s.success());
+    steps.push(Step {
+        name: name.to_string(),
+        ok,
+        secs: start.elapsed().as_secs_f64(),
+    });
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn cmd_test() -> Result<bool, String> {
+    let workspace = qemu::guest_dir()
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.to_path_buf())
+        .ok_or("no workspace root")?;
+    let guest = qemu::guest_dir();
+    let guest_clippy_dir = qemu::target_dir().join("guest-clippy");
+    let toolchain = qemu::ensure_toolchain(true)?;
+    let mut steps = Vec::new();
+
+    let mut c = cargo();
+    c.current_dir(&workspace).args(["fmt", "--all", "--check"]);
+    step(&mut steps, "cargo fmt --all --check", c);
+
+    // The guest is its own workspace; rustfmt needs no target, so the host toolchain works.
+    let mut c = cargo();
+    c.current_dir(&guest).args(["fmt", "--check"]);
+    step(&mut steps, "cargo fmt --check (tests/guest)", c);
+
+    let mut c = cargo();
+    c.current_dir(&workspace).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    step(
+        &mut steps,
+        "cargo clippy --workspace --all-targets -D warnings",
+        c,
+    );
+
+    // Clippy for the guest: the Debian toolchain has no clippy, and rustup's has no
+    // rust-src for x86_64-unknown-none; linting (not linting + linking) the same code for
+    // the host target with rustup's prebuilt `core`/`alloc` covers all of it.
+    let mut c = cargo();
+    c.current_dir(&guest)
+        .args([
+            "clippy",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "--target-dir",
+        ])
+        .arg(&guest_clippy_dir)
+        .args(["--", "-D", "warnings"]);
+    step(
+        &mut steps,
+        "cargo clippy (tests/guest, host target) -D warnings",
+        c,
+    );
+
+    println!(
+        "\n=== xtask test: guest build ({}) ===",
+        toolchain.describe()
+    );
+    let start = Instant::now();
+    let built = qemu::build_guest(&toolchain);
+    if let Err(e) = &built {
+        eprintln!("{e}");
+    }
+    steps.push(Step {
+        name: "guest build".into(),
+        ok: built.is_ok(),
+        secs: start.elapsed().as_secs_f64(),
+    });
+
+    let mut c = cargo();
+    c.current_dir(&workspace).args(["test", "--workspace"]);
+    step(&mut steps, "cargo test --workspace", c);
+
+    println!("\n=== xtask test: summary ===");
+    for s in &steps {
+        println!(
+            "  {} {:55} {:6.1} s",
+            if s.ok { "ok  " } else { "FAIL" },
+            s.name,
+            s.secs
+        );
+    }
+    let ok = steps.iter().all(|s| s.ok);
+    println!("{}", if ok { "all steps passed" } else { "FAILED" });
+    Ok(ok)
+}

@@ -55,12 +55,42 @@ const ALL: &[DeviceKind] = &[Net, Blk, Balloon, Console];
 /// One row per scenario. The guest side of every scenario but `boot` is written with the
 /// device crates; until then the guest answers an unknown scenario with a usage exit.
 pub const SCENARIOS: &[ScenarioSpec] = &[
-    ScenarioSpec { name: "boot", devices: ALL, trace: false, timeout_secs: 60 },
-    ScenarioSpec { name: "smoke", devices: ALL, trace: true, timeout_secs: 120 },
-    ScenarioSpec { name: "net", devices: &[Net], trace: true, timeout_secs: 180 },
-    ScenarioSpec { name: "blk", devices: &[Blk], trace: true, timeout_secs: 180 },
-    ScenarioSpec { name: "console", devices: &[Console], trace: true, timeout_secs: 120 },
-    ScenarioSpec { name: "balloon", devices: &[Balloon], trace: true, timeout_secs: 120 },
+    ScenarioSpec {
+        name: "boot",
+        devices: ALL,
+        trace: false,
+        timeout_secs: 60,
+    },
+    ScenarioSpec {
+        name: "smoke",
+        devices: ALL,
+        trace: true,
+        timeout_secs: 120,
+    },
+    ScenarioSpec {
+        name: "net",
+        devices: &[Net],
+        trace: true,
+        timeout_secs: 180,
+    },
+    ScenarioSpec {
+        name: "blk",
+        devices: &[Blk],
+        trace: true,
+        timeout_secs: 180,
+    },
+    ScenarioSpec {
+        name: "console",
+        devices: &[Console],
+        trace: true,
+        timeout_secs: 120,
+    },
+    ScenarioSpec {
+        name: "balloon",
+        devices: &[Balloon],
+        trace: true,
+        timeout_secs: 120,
+    },
 ];
 
 pub fn scenario(name: &str) -> Option<&'static ScenarioSpec> {
@@ -116,13 +146,20 @@ pub fn qemu_args(
     run_dir: &Path,
 ) -> std::io::Result<(Vec<String>, DeviceFiles)> {
     let mut args: Vec<String> = Vec::new();
-    let mut files = DeviceFiles { disk: None, console: None };
+    let mut files = DeviceFiles {
+        disk: None,
+        console: None,
+    };
     let props = transport_props(transport);
     let behind_ports = machine == Machine::Q35 && transport == Transport::Modern;
     for (i, &dev) in devices.iter().enumerate() {
         let bus = if behind_ports {
             args.push("-device".into());
-            args.push(format!("pcie-root-port,id=rp{i},chassis={},bus=pcie.0,addr={:#x}", i + 1, 0x10 + i));
+            args.push(format!(
+                "pcie-root-port,id=rp{i},chassis={},bus=pcie.0,addr={:#x}",
+                i + 1,
+                0x10 + i
+            ));
             format!(",bus=rp{i}")
         } else {
             String::new()
@@ -133,7 +170,9 @@ pub fn qemu_args(
                 push("-netdev".into());
                 push("user,id=n0,restrict=on".into());
                 push("-device".into());
-                push(format!("virtio-net-pci,netdev=n0,mac={NET_MAC},romfile={props}{bus}"));
+                push(format!(
+                    "virtio-net-pci,netdev=n0,mac={NET_MAC},romfile={props}{bus}"
+                ));
             }
             Blk => {
                 let disk = run_dir.join("disk.img");
@@ -141,7 +180,9 @@ pub fn qemu_args(
                 push("-drive".into());
                 push(format!("if=none,id=d0,format=raw,file={}", disk.display()));
                 push("-device".into());
-                push(format!("virtio-blk-pci,drive=d0,serial={BLK_SERIAL}{props}{bus}"));
+                push(format!(
+                    "virtio-blk-pci,drive=d0,serial={BLK_SERIAL}{props}{bus}"
+                ));
                 files.disk = Some(disk);
             }
             Balloon => {
@@ -153,7 +194,9 @@ pub fn qemu_args(
                 push("-chardev".into());
                 push(format!("file,id=c0,path={}", out.display()));
                 push("-device".into());
-                push(format!("virtio-serial-pci,id=vser0,max_ports=31{props}{bus}"));
+                push(format!(
+                    "virtio-serial-pci,id=vser0,max_ports=31{props}{bus}"
+                ));
                 push("-device".into());
                 push("virtconsole,chardev=c0,bus=vser0.0,nr=0".into());
                 files.console = Some(out);

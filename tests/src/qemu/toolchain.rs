@@ -12,7 +12,11 @@ use std::sync::Mutex;
 pub const APT_RUST: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "lld"];
 /// Debian packages for QEMU. Pinned to bookworm with `--allow-downgrades`: the image may
 /// ship a newer backports `qemu-utils` that conflicts with bookworm's qemu-system 7.2.
-pub const APT_QEMU: &[&str] = &["qemu-system-x86", "qemu-utils/bookworm", "qemu-block-extra/bookworm"];
+pub const APT_QEMU: &[&str] = &[
+    "qemu-system-x86",
+    "qemu-utils/bookworm",
+    "qemu-block-extra/bookworm",
+];
 
 /// How to invoke cargo for the guest.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,7 +31,9 @@ impl GuestToolchain {
     pub fn describe(&self) -> String {
         match self {
             GuestToolchain::RustupNightly => "rustup nightly + rust-src".into(),
-            GuestToolchain::Debian { rustc, .. } => format!("{} + rust-web-src (RUSTC_BOOTSTRAP=1)", rustc.display()),
+            GuestToolchain::Debian { rustc, .. } => {
+                format!("{} + rust-web-src (RUSTC_BOOTSTRAP=1)", rustc.display())
+            }
         }
     }
 
@@ -46,14 +52,23 @@ impl GuestToolchain {
         cmd.current_dir(guest_dir);
         for (key, _) in std::env::vars_os() {
             let Some(key) = key.to_str() else { continue };
-            let keep = ["CARGO_HOME", "CARGO_NET_", "CARGO_HTTP_", "CARGO_REGISTRIES_", "CARGO_TERM_"]
-                .iter()
-                .any(|k| key.starts_with(k));
+            let keep = [
+                "CARGO_HOME",
+                "CARGO_NET_",
+                "CARGO_HTTP_",
+                "CARGO_REGISTRIES_",
+                "CARGO_TERM_",
+            ]
+            .iter()
+            .any(|k| key.starts_with(k));
             let outer = (key.starts_with("CARGO") && !keep)
                 || key.starts_with("RUSTC")
                 || key.starts_with("RUSTDOC")
                 || key.starts_with("RUSTUP_TOOLCHAIN")
-                || matches!(key, "RUSTFLAGS" | "MAKEFLAGS" | "MFLAGS" | "__CARGO_FIX_PLZ");
+                || matches!(
+                    key,
+                    "RUSTFLAGS" | "MAKEFLAGS" | "MFLAGS" | "__CARGO_FIX_PLZ"
+                );
             if outer {
                 cmd.env_remove(key);
             }
@@ -74,16 +89,21 @@ fn works(cmd: &mut Command) -> bool {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.stderr(std::process::Stdio::null()).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn has_library_src(sysroot: &str) -> bool {
-    Path::new(sysroot).join("lib/rustlib/src/rust/library/Cargo.lock").is_file()
+    Path::new(sysroot)
+        .join("lib/rustlib/src/rust/library/Cargo.lock")
+        .is_file()
 }
 
 /// The best available guest toolchain, without installing anything.
 pub fn detect() -> Option<GuestToolchain> {
-    if let Some(sysroot) = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+    if let Some(sysroot) =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
         && has_library_src(&sysroot)
     {
         return Some(GuestToolchain::RustupNightly);
@@ -109,12 +129,20 @@ pub fn have_qemu() -> bool {
 
 /// The exact command that installs `packages` (what we run, or print when we cannot).
 pub fn apt_command(packages: &[&str]) -> String {
-    let extra = if packages.iter().any(|p| p.contains('/')) { " --allow-downgrades" } else { "" };
-    format!("apt-get install -y --no-install-recommends{extra} {}", packages.join(" "))
+    let extra = if packages.iter().any(|p| p.contains('/')) {
+        " --allow-downgrades"
+    } else {
+        ""
+    };
+    format!(
+        "apt-get install -y --no-install-recommends{extra} {}",
+        packages.join(" ")
+    )
 }
 
 fn is_root_on_debian() -> bool {
-    Path::new("/etc/debian_version").exists() && output(Command::new("id").arg("-u")).as_deref() == Some("0")
+    Path::new("/etc/debian_version").exists()
+        && output(Command::new("id").arg("-u")).as_deref() == Some("0")
 }
 
 fn apt_install(packages: &[&str], updated: &mut bool) -> Result<(), String> {
@@ -132,7 +160,11 @@ fn apt_install(packages: &[&str], updated: &mut bool) -> Result<(), String> {
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()
         .is_ok_and(|s| s.success());
-    if ok { Ok(()) } else { Err(format!("`{cmd}` failed")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{cmd}` failed"))
+    }
 }
 
 /// Makes sure the guest toolchain, `ld.lld` and QEMU exist. With `install`, missing pieces
@@ -160,7 +192,12 @@ pub fn ensure(install: bool) -> Result<GuestToolchain, String> {
             ));
         }
     }
-    detect().ok_or_else(|| format!("no toolchain with library sources found even after `{}`", apt_command(APT_RUST)))
+    detect().ok_or_else(|| {
+        format!(
+            "no toolchain with library sources found even after `{}`",
+            apt_command(APT_RUST)
+        )
+    })
 }
 
 /// The guest project directory (`tests/guest`).
@@ -172,7 +209,10 @@ pub fn guest_dir() -> PathBuf {
 pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").join("target"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ has a parent")
+            .join("target"),
     }
 }
 
@@ -192,7 +232,12 @@ pub fn build_guest(toolchain: &GuestToolchain) -> Result<PathBuf, String> {
         .args(["build", "--quiet", "--target-dir"])
         .arg(&guest_target)
         .output()
-        .map_err(|e| format!("cannot run cargo for the guest ({}): {e}", toolchain.describe()))?;
+        .map_err(|e| {
+            format!(
+                "cannot run cargo for the guest ({}): {e}",
+                toolchain.describe()
+            )
+        })?;
     if !out.status.success() {
         return Err(format!(
             "guest build failed ({}):\n{}",
