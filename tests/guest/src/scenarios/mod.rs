@@ -7,6 +7,7 @@
 //! row to `SCENARIOS`, and a row to the device table in `tests/src/qemu.rs`.
 
 mod boot;
+mod devirq;
 
 use crate::cmdline::{Cmdline, IrqMode};
 use crate::pci::{Chipset, PciFunction};
@@ -50,7 +51,6 @@ impl Env {
         self.pci.iter().filter(|f| f.is_virtio())
     }
 
-    #[allow(dead_code)] // API for the device scenarios
     /// First virtio function of device type `ty` (1 net, 2 blk, 3 console, 5 balloon).
     pub fn find_virtio(&self, ty: u16) -> Option<&PciFunction> {
         self.virtio_functions()
