@@ -951,9 +951,10 @@ impl State {
     }
 
     fn legacy_bar_len(&self) -> u64 {
-        (24 + self.dev_config.len() as u64)
-            .next_power_of_two()
-            .max(32)
+        // QEMU: pow2ceil(VIRTIO_PCI_REGION_SIZE (24 with an MSI-X capability, else 20)
+        // + config length).
+        let regs = if self.msix_vectors > 0 { 24 } else { 20 };
+        (regs + self.dev_config.len() as u64).next_power_of_two()
     }
 
     fn legacy_read(&mut self, off: u64, width: usize) -> u64 {
@@ -1137,6 +1138,10 @@ impl State {
     }
 }
 
+/// The spec's fixed transitional ID of a type (virtio 1.2 §4.1.2.3; written out here rather
+/// than taken from `virtio_pci::ids` so the model does not share the driver's table). Other
+/// types have no fixed ID; any ID in 0x1000..=0x103F with the subsystem ID = type is a
+/// transitional device, and the model uses 0x103F.
 fn legacy_device_id(device_type: u32) -> u16 {
     match device_type {
         1 => 0x1000,
@@ -1146,8 +1151,6 @@ fn legacy_device_id(device_type: u32) -> u16 {
         8 => 0x1004,
         4 => 0x1005,
         9 => 0x1009,
-        // Other types have no fixed transitional ID; any ID in the range with the
-        // subsystem ID = type is a transitional device.
         _ => 0x103F,
     }
 }
@@ -1857,6 +1860,13 @@ impl Drop for LowInner {
     }
 }
 
+/// Never replace an existing mapping (Linux ≥ 4.17); elsewhere the address is a hint,
+/// checked after the call.
+#[cfg(target_os = "linux")]
+const MAP_NOREPLACE: libc::c_int = libc::MAP_FIXED_NOREPLACE;
+#[cfg(not(target_os = "linux"))]
+const MAP_NOREPLACE: libc::c_int = 0;
+
 /// Next candidate address for a low mapping (256 GiB upwards; PFNs fit 32 bits to 16 TiB).
 static NEXT_LOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x40_0000_0000);
 
@@ -1879,10 +1889,7 @@ impl LowMemory {
                     want as *mut libc::c_void,
                     len,
                     libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE
-                        | libc::MAP_ANONYMOUS
-                        | libc::MAP_NORESERVE
-                        | libc::MAP_FIXED_NOREPLACE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | MAP_NOREPLACE,
                     -1,
                     0,
                 )

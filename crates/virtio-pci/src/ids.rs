@@ -82,19 +82,25 @@ pub fn modern_device_id(type_id: u32) -> Option<u16> {
         .map(|t| MODERN_DEVICE_ID_BASE + t)
 }
 
-/// The fixed transitional device ID the spec assigns to a type (virtio 1.2 §4.1.2.3 table),
-/// for the types that have one.
+/// The fixed transitional device IDs of virtio 1.2 §4.1.2.3 (type ID, PCI device ID). Other
+/// types have none: a transitional function of another type may use any ID in
+/// [`TRANSITIONAL_DEVICE_IDS`] with its type in the subsystem ID.
+pub const TRANSITIONAL_IDS: [(u32, u16); 7] = [
+    (1, 0x1000), // network card
+    (2, 0x1001), // block device
+    (5, 0x1002), // memory ballooning (traditional)
+    (3, 0x1003), // console
+    (8, 0x1004), // SCSI host
+    (4, 0x1005), // entropy source
+    (9, 0x1009), // 9P transport
+];
+
+/// The fixed transitional device ID of a type, for the types that have one.
 pub fn transitional_device_id(type_id: u32) -> Option<u16> {
-    Some(match type_id {
-        1 => 0x1000, // network card
-        2 => 0x1001, // block device
-        5 => 0x1002, // memory ballooning (traditional)
-        3 => 0x1003, // console
-        8 => 0x1004, // SCSI host
-        4 => 0x1005, // entropy source
-        9 => 0x1009, // 9P transport
-        _ => return None,
-    })
+    TRANSITIONAL_IDS
+        .iter()
+        .find(|(t, _)| *t == type_id)
+        .map(|&(_, id)| id)
 }
 
 /// `IOPCIPrimaryMatch` value matching **every** ID of this table: all transitional IDs
