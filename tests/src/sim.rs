@@ -1014,7 +1014,9 @@ impl State {
                     return;
                 };
                 if pfn == 0 {
-                    q.reset();
+                    // QEMU (`virtio_ioport_write`): a zero PFN resets the whole device, not
+                    // just the queue.
+                    self.device_reset();
                     return;
                 }
                 let size = q.max_size;

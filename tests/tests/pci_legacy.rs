@@ -190,13 +190,17 @@ fn queue_setup_uses_pfn_and_legacy_layout() {
             Err(Error::InvalidState)
         );
 
-        // Teardown writes PFN 0 and the queue can be set up again.
+        // Teardown writes PFN 0 (which QEMU, and so the model, takes as a device reset) and
+        // the queue can be set up again.
         t.teardown_queue(0);
-        assert!(
-            s.events()
-                .contains(&SimEvent::LegacyPfn { queue: 0, pfn: 0 })
+        let ev = s.events();
+        assert_eq!(
+            ev[ev.len() - 2..],
+            [SimEvent::LegacyPfn { queue: 0, pfn: 0 }, SimEvent::Reset]
         );
         assert!(!s.queue_info(0).unwrap().enabled);
+        assert_eq!(s.status(), 0);
+        init(&mut t, OFFERED);
         t.setup_queue(0, 256, ring.addrs(), NO_VECTOR).unwrap();
         assert!(s.bad_accesses().is_empty(), "{:?}", s.bad_accesses());
     }

@@ -299,6 +299,9 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for LegacyTransport<C, B> {
         Ok(())
     }
 
+    /// Writes PFN 0 (and NO_VECTOR). Note that QEMU's legacy interface treats a zero PFN as
+    /// a reset of the **whole device** (`virtio_ioport_write`), as Linux relies on when it
+    /// deletes queues after a reset: only call this while tearing the device down.
     fn teardown_queue(&mut self, index: u16) {
         self.w16(regs::QUEUE_SELECT, index);
         if self.msix_enabled {
