@@ -99,6 +99,8 @@ pub struct RunConfig {
     pub memory_mib: u32,
     /// Keep the run directory even when the run passed.
     pub keep_run_dir: bool,
+    /// Distinguishes runs of the same scenario and configuration (run directory suffix).
+    pub label: Option<String>,
     /// Install missing toolchain/QEMU packages (root on Debian only).
     pub install_missing: bool,
 }
@@ -116,6 +118,7 @@ impl RunConfig {
             timeout: None,
             memory_mib: 256,
             keep_run_dir: false,
+            label: None,
             install_missing: false,
         }
     }
@@ -443,33 +446,51 @@ impl fmt::Display for RunError {
 
 impl std::error::Error for RunError {}
 
-/// `target/qemu-runs/<scenario>-<config>`; if another live process holds that directory
-/// (same scenario and config run concurrently), `...-<pid>` instead.
-fn claim_run_dir(cfg: &RunConfig) -> Result<PathBuf, RunError> {
-    let base =
-        target_dir()
-            .join("qemu-runs")
-            .join(format!("{}-{}", cfg.scenario, cfg.config_name()));
-    let me = std::process::id();
+/// A claimed run directory: the lock on `<dir>.lock` is held while the value lives.
+struct RunDir {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+/// Claims `target/qemu-runs/<scenario>-<config>[-<label>]`, or `...-2`, `...-3` when
+/// another run (in this or another process) holds it: parallel tests never share files.
+/// Ownership is an exclusive `flock` on a sibling `.lock` file, so a crashed run leaves no
+/// stale claim.
+fn claim_run_dir(cfg: &RunConfig) -> Result<RunDir, RunError> {
+    let root = target_dir().join("qemu-runs");
     let io = |what: &str, p: &Path, e| RunError::Io(format!("{what} {}", p.display()), e);
-    let owner_alive = |dir: &Path| {
-        std::fs::read_to_string(dir.join("owner.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .is_some_and(|pid| pid != me && Path::new(&format!("/proc/{pid}")).exists())
-    };
-    let dir = if owner_alive(&base) {
-        base.with_file_name(format!("{}-{}-{me}", cfg.scenario, cfg.config_name()))
-    } else {
-        base
-    };
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| io("cannot clear", &dir, e))?;
+    std::fs::create_dir_all(&root).map_err(|e| io("cannot create", &root, e))?;
+    let mut name = format!("{}-{}", cfg.scenario, cfg.config_name());
+    if let Some(label) = &cfg.label {
+        name = format!("{name}-{label}");
     }
-    std::fs::create_dir_all(&dir).map_err(|e| io("cannot create", &dir, e))?;
-    std::fs::write(dir.join("owner.pid"), me.to_string())
-        .map_err(|e| io("cannot write in", &dir, e))?;
-    Ok(dir)
+    for n in 1..=64 {
+        let candidate = if n == 1 {
+            name.clone()
+        } else {
+            format!("{name}-{n}")
+        };
+        let lock_path = root.join(format!("{candidate}.lock"));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io("cannot open", &lock_path, e))?;
+        if lock.try_lock().is_err() {
+            continue;
+        }
+        let path = root.join(&candidate);
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(|e| io("cannot clear", &path, e))?;
+        }
+        std::fs::create_dir_all(&path).map_err(|e| io("cannot create", &path, e))?;
+        return Ok(RunDir { path, _lock: lock });
+    }
+    Err(RunError::Io(
+        format!("no free run directory for {name}"),
+        std::io::Error::from(std::io::ErrorKind::WouldBlock),
+    ))
 }
 
 /// The guest command line for `cfg`.
@@ -501,7 +522,8 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
         scenario(&cfg.scenario).ok_or_else(|| RunError::UnknownScenario(cfg.scenario.clone()))?;
     let toolchain = toolchain::ensure(cfg.install_missing).map_err(RunError::Toolchain)?;
     let elf = build_guest(&toolchain).map_err(RunError::Build)?;
-    let dir = claim_run_dir(cfg)?;
+    let run_dir = claim_run_dir(cfg)?;
+    let dir = run_dir.path.clone();
     let serial = dir.join("serial.log");
     let trace_log = dir.join("trace.log");
     let (device_args, files) =

@@ -86,3 +86,26 @@ fn boot_q35_transitional_poll() {
         .transport(Transport::Transitional)
         .irq(IrqMode::Poll));
 }
+
+/// 64-bit BARs above the boot identity map (64 GiB): `pref64-reserve` makes SeaBIOS give each
+/// root port a 32 GiB prefetchable window, so some BARs land beyond 64 GiB and the guest must
+/// extend its page tables on demand.
+#[test]
+fn boot_q35_high_bars() {
+    let mut cfg = RunConfig::new("boot");
+    cfg.label = Some("high-bars".into());
+    cfg.extra_qemu_args = vec!["-global".into(), "pcie-root-port.pref64-reserve=32G".into()];
+    let report = run_scenario(&cfg).unwrap_or_else(|e| panic!("{e}"));
+    assert!(report.passed(), "{}", report.summary());
+    let beyond_64g = report
+        .devices
+        .iter()
+        .flat_map(|d| d.iter().filter(|(k, _)| k.starts_with("bar")))
+        .filter_map(|(_, v)| {
+            v.split_once(':')
+                .map(|(_, rest)| rest.split('/').next().unwrap_or(""))
+        })
+        .filter_map(|base| u64::from_str_radix(base.trim_start_matches("0x"), 16).ok())
+        .any(|base| base >= 64 << 30);
+    assert!(beyond_64g, "no BAR above 64 GiB:\n{}", report.summary());
+}
