@@ -22,7 +22,10 @@
 //! share state with the [`Sim`] the test keeps for the device side.
 //!
 //! Deviations from QEMU, on purpose: a config change sets only ISR bit 1 (QEMU sets 0x3);
-//! the PCI_CFG access window is present but not functional.
+//! FEATURES_OK is refused when the driver wrote bits that were not offered (QEMU masks them
+//! silently), or without VERSION_1 on a modern-only function; interrupts sent while the
+//! MSI-X function mask is set are dropped rather than left pending; the PCI_CFG access
+//! window is present but not functional.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -764,6 +767,11 @@ impl State {
             (0x08, 4) => self.driver_feature_select = v32,
             (0x0C, 4) => {
                 let select = self.driver_feature_select;
+                if self.status & STATUS_FEATURES_OK != 0 {
+                    // QEMU ignores feature writes once FEATURES_OK is set (virtio_set_features).
+                    self.bad(format!("driver_feature[{select}] written after FEATURES_OK"));
+                    return;
+                }
                 match select {
                     0 => {
                         self.driver_features =
