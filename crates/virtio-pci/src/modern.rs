@@ -379,7 +379,7 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for ModernTransport<C, B> {
             return Err(Error::InvalidState);
         }
         let notify_off = self.r16(common_cfg::QUEUE_NOTIFY_OFF);
-        if notify_off == NOT_SET_UP || self.regions.notify.register_offset(notify_off).is_none() {
+        if self.regions.notify.register_offset(notify_off).is_none() {
             log::error!(
                 "virtio-pci: queue {index} notify_off {notify_off} × {} leaves the notify region ({:#x} bytes)",
                 self.regions.notify.multiplier,
@@ -409,8 +409,10 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for ModernTransport<C, B> {
         self.w64(common_cfg::QUEUE_DESC, addrs.desc);
         self.w64(common_cfg::QUEUE_DRIVER, addrs.driver);
         self.w64(common_cfg::QUEUE_DEVICE, addrs.device);
-        let recorded = self.notify_offs.insert(index, notify_off);
-        debug_assert!(recorded, "representability checked above");
+        if !self.notify_offs.insert(index, notify_off) {
+            // Unreachable: index < MAX_QUEUES and representability were checked above.
+            return Err(Error::Unsupported);
+        }
         self.w16(common_cfg::QUEUE_ENABLE, 1);
         Ok(())
     }
