@@ -769,7 +769,9 @@ impl State {
                 let select = self.driver_feature_select;
                 if self.status & STATUS_FEATURES_OK != 0 {
                     // QEMU ignores feature writes once FEATURES_OK is set (virtio_set_features).
-                    self.bad(format!("driver_feature[{select}] written after FEATURES_OK"));
+                    self.bad(format!(
+                        "driver_feature[{select}] written after FEATURES_OK"
+                    ));
                     return;
                 }
                 match select {
