@@ -98,6 +98,16 @@ extern "C" fn rust_entry(start_info: u32) -> ! {
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     arch::disable_interrupts();
     serial::enter_emergency();
-    println!("PANIC: {info}");
+    // One line, so the runner's `PANIC` capture holds the message and the location.
+    match info.location() {
+        Some(l) => println!(
+            "PANIC: {} at {}:{}:{}",
+            info.message(),
+            l.file(),
+            l.line(),
+            l.column()
+        ),
+        None => println!("PANIC: {}", info.message()),
+    }
     exit(ExitCode::Panic)
 }

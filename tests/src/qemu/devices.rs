@@ -91,6 +91,25 @@ pub const SCENARIOS: &[ScenarioSpec] = &[
         trace: true,
         timeout_secs: 120,
     },
+    // Harness self-tests: each ends the guest a different wrong way.
+    ScenarioSpec {
+        name: "panic",
+        devices: &[],
+        trace: false,
+        timeout_secs: 30,
+    },
+    ScenarioSpec {
+        name: "fault",
+        devices: &[],
+        trace: false,
+        timeout_secs: 30,
+    },
+    ScenarioSpec {
+        name: "hang",
+        devices: &[],
+        trace: false,
+        timeout_secs: 30,
+    },
 ];
 
 pub fn scenario(name: &str) -> Option<&'static ScenarioSpec> {
