@@ -2,13 +2,24 @@
 //! rust-vmm's `vm-memory` at a guest address equal to its host address, so a device address
 //! handed out by [`IdentityMemory`]'s [`Dma`] implementation is directly usable by
 //! `virtio-queue` on the device side.
+//!
+//! The mapping is placed below 16 TiB so that legacy queue PFNs (`address >> 12` in a 32-bit
+//! register) can express its addresses; the kernel's default placement (around 2^47 on
+//! x86_64) is out of the legacy interface's reach.
 
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_core::platform::{DeviceAddr, Dma, DmaDirection, DmaRegion};
 use virtio_core::{Error, Result};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+/// Highest address a legacy PFN can express.
+const LEGACY_LIMIT: u64 = 1 << 44;
+
+/// Next candidate address for a low mapping (256 GiB upwards).
+static NEXT_LOW: AtomicU64 = AtomicU64::new(0x40_0000_0000);
 
 /// Guest memory plus a first-fit allocator over it (setup-time only, like a real platform).
 #[derive(Clone)]
@@ -22,14 +33,82 @@ struct Inner {
     len: usize,
     /// Free blocks as (offset, len), sorted by offset.
     free: Mutex<Vec<(usize, usize)>>,
+    /// Whether we created the mapping ourselves (and unmap it on drop).
+    owned_mapping: bool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.owned_mapping {
+            // SAFETY: created by `map_low` with exactly this address and length; the
+            // `MmapRegion` built over it by `build_raw` does not own it, and no reference
+            // into it outlives `self`.
+            unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+        }
+    }
+}
+
+/// Maps `len` bytes at a free address below [`LEGACY_LIMIT`].
+fn map_low(len: usize) -> Option<u64> {
+    let stride = (len as u64).next_multiple_of(1 << 21) + (1 << 21);
+    for _ in 0..256 {
+        let want = NEXT_LOW.fetch_add(stride, Ordering::Relaxed);
+        if want + len as u64 > LEGACY_LIMIT {
+            return None;
+        }
+        // SAFETY: an anonymous private mapping; MAP_FIXED_NOREPLACE never replaces an
+        // existing mapping (a kernel that does not know it treats the address as a hint,
+        // checked below).
+        let got = unsafe {
+            libc::mmap(
+                want as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_NORESERVE
+                    | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if got == libc::MAP_FAILED {
+            continue;
+        }
+        if got as u64 != want {
+            // SAFETY: `got` is the mapping just created, of `len` bytes, unused.
+            unsafe { libc::munmap(got, len) };
+            continue;
+        }
+        return Some(want);
+    }
+    None
 }
 
 impl IdentityMemory {
-    /// Maps `len` bytes (rounded up to 4 KiB).
+    /// Maps `len` bytes (rounded up to 4 KiB), below 16 TiB when possible.
     pub fn new(len: usize) -> Self {
-        let len = len.next_multiple_of(4096);
+        let len = len.max(4096).next_multiple_of(4096);
+        if let Some(base) = map_low(len) {
+            // SAFETY: [base, base + len) is the live mapping created by `map_low`; it is
+            // unmapped only when `Inner` drops, after this region.
+            let region = unsafe {
+                MmapRegion::build_raw(
+                    base as *mut u8,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                )
+            }
+            .expect("vm-memory region over the low mapping");
+            return Self::with_region(region, base, len, true);
+        }
         let region = MmapRegion::new(len).expect("mmap for test guest memory");
         let base = region.as_ptr() as u64;
+        Self::with_region(region, base, len, false)
+    }
+
+    fn with_region(region: MmapRegion, base: u64, len: usize, owned_mapping: bool) -> Self {
         let region = GuestRegionMmap::new(region, GuestAddress(base)).expect("guest region");
         let mem = GuestMemoryMmap::from_regions(vec![region]).expect("guest memory");
         IdentityMemory {
@@ -38,6 +117,7 @@ impl IdentityMemory {
                 base,
                 len,
                 free: Mutex::new(vec![(0, len)]),
+                owned_mapping,
             }),
         }
     }
@@ -61,20 +141,21 @@ impl IdentityMemory {
             .expect("test guest memory exhausted")
     }
 
-    /// Bytes of a region (test helper).
+    /// Bytes of a region allocated from this memory (test helper; like a device, tests may
+    /// alias buffers, so this hands out a mutable view through a shared reference).
+    #[allow(clippy::mut_from_ref)]
     pub fn slice(&self, region: &DmaRegion) -> &mut [u8] {
-        // SAFETY: the region was allocated from this memory and stays mapped while `self`
-        // lives; tests only call this while the device is not writing the buffer.
-        unsafe { std::slice::from_raw_parts_mut(region.vaddr.as_ptr(), region.len) }
+        self.bytes_at(region.daddr, region.len)
     }
 
     /// Bytes at a device address (test helper; panics outside guest memory).
+    #[allow(clippy::mut_from_ref)]
     pub fn bytes_at(&self, addr: u64, len: usize) -> &mut [u8] {
         assert!(
             self.contains(addr, len),
             "address {addr:#x}+{len} outside guest memory"
         );
-        // SAFETY: checked to be inside the live mapping above.
+        // SAFETY: checked to be inside the live mapping above; identity mapped.
         unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) }
     }
 }
@@ -83,56 +164,50 @@ impl Dma for IdentityMemory {
     fn alloc_coherent(&self, len: usize, align: usize) -> Result<DmaRegion> {
         let align = align.max(16);
         let len = len.max(1).next_multiple_of(16);
+        let base = self.inner.base as usize;
         let mut free = self.inner.free.lock().map_err(|_| Error::DmaAlloc)?;
-        for i in 0..free.len() {
-            let (off, flen) = free[i];
-            let start = ((self.inner.base as usize + off).next_multiple_of(align))
-                - self.inner.base as usize;
-            let pad = start - off;
-            if pad + len > flen {
-                continue;
-            }
-            free.remove(i);
-            if pad > 0 {
-                free.insert(i, (off, pad));
-            }
-            let rest = flen - pad - len;
-            if rest > 0 {
-                let at = if pad > 0 { i + 1 } else { i };
-                free.insert(at, (start + len, rest));
-            }
-            let addr = self.inner.base + start as u64;
-            // SAFETY: [addr, addr+len) is inside the mapping and was free, so nothing else
-            // references it; zero it as `alloc_coherent` promises.
-            unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len) };
-            return Ok(DmaRegion {
-                vaddr: NonNull::new(addr as *mut u8).ok_or(Error::DmaAlloc)?,
-                daddr: addr,
-                len,
-            });
+        let pick = free.iter().enumerate().find_map(|(i, &(off, flen))| {
+            let start = (base + off).next_multiple_of(align) - base;
+            (start - off + len <= flen).then_some((i, off, flen, start))
+        });
+        let Some((i, off, flen, start)) = pick else {
+            return Err(Error::DmaAlloc);
+        };
+        free.remove(i);
+        let tail = off + flen - (start + len);
+        if tail > 0 {
+            free.insert(i, (start + len, tail));
         }
-        Err(Error::DmaAlloc)
+        if start > off {
+            free.insert(i, (off, start - off));
+        }
+        let addr = self.inner.base + start as u64;
+        // SAFETY: [addr, addr+len) is inside the mapping and was free, so nothing else
+        // references it; zero it as `alloc_coherent` promises.
+        unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len) };
+        Ok(DmaRegion {
+            vaddr: NonNull::new(addr as *mut u8).ok_or(Error::DmaAlloc)?,
+            daddr: addr,
+            len,
+        })
     }
 
     unsafe fn free_coherent(&self, region: DmaRegion) {
-        let off = (region.daddr - self.inner.base) as usize;
         let Ok(mut free) = self.inner.free.lock() else {
             return;
         };
+        let off = (region.daddr - self.inner.base) as usize;
         let pos = free.partition_point(|&(o, _)| o < off);
         free.insert(pos, (off, region.len));
         // Coalesce neighbours so long tests do not fragment the arena.
-        let mut i = pos.saturating_sub(1);
-        while i + 1 < free.len() {
-            if free[i].0 + free[i].1 == free[i + 1].0 {
-                free[i].1 += free[i + 1].1;
-                free.remove(i + 1);
-            } else if i > pos {
-                break;
-            } else {
-                i += 1;
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(free.len());
+        for &(o, l) in free.iter() {
+            match merged.last_mut() {
+                Some(last) if last.0 + last.1 == o => last.1 += l,
+                _ => merged.push((o, l)),
             }
         }
+        *free = merged;
     }
 
     fn map(&self, vaddr: NonNull<u8>, len: usize, _dir: DmaDirection) -> Result<DeviceAddr> {
@@ -152,16 +227,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn alloc_free_reuse_and_alignment() {
+    fn alloc_free_reuse_alignment_and_low_placement() {
         let m = IdentityMemory::new(1 << 20);
         let a = m.alloc_coherent(100, 4096).unwrap();
         assert_eq!(a.daddr % 4096, 0);
+        assert!(a.daddr < LEGACY_LIMIT, "legacy PFNs must reach test memory");
         assert!(m.slice(&a).iter().all(|&b| b == 0));
         let b = m.alloc_coherent(1 << 19, 16).unwrap();
-        let (ad, bd) = (a.daddr, b.daddr);
-        assert_ne!(ad, bd);
-        unsafe { m.free_coherent(a) };
-        unsafe { m.free_coherent(b) };
+        assert_ne!(a.daddr, b.daddr);
+        // SAFETY: no device uses these regions.
+        unsafe {
+            m.free_coherent(a);
+            m.free_coherent(b);
+        }
         // Everything coalesced: the whole arena is allocatable again.
         let all = m.alloc_coherent(1 << 20, 4096).unwrap();
         assert_eq!(all.len, 1 << 20);

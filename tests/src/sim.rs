@@ -1,6 +1,6 @@
 //! A register-level model of one virtio-pci function, laid out like QEMU 7.2's, whose rings
-//! are served by rust-vmm's `virtio-queue` over identity-mapped guest memory ([`SimMemory`]:
-//! [`LowMemory`] by default, so legacy PFNs fit, or a given [`IdentityMemory`]).
+//! are served by rust-vmm's `virtio-queue` over identity-mapped guest memory ([`IdentityMemory`],
+//! placed low so legacy PFNs fit).
 //!
 //! Layout (all modes share one state, like QEMU's proxy):
 //! - config space: vendor 0x1AF4, capability list `0x34 → 0x98 MSI-X → 0x84 PCI_CFG →
@@ -96,7 +96,7 @@ pub struct SimBuilder {
     accept_features_ok: bool,
     msix_vectors: Option<u16>,
     intx_pin: bool,
-    mem: Option<SimMemory>,
+    mem: Option<IdentityMemory>,
     mem_len: usize,
 }
 
@@ -150,9 +150,8 @@ impl SimBuilder {
         self.intx_pin = present;
         self
     }
-    /// Serve from this memory instead of a fresh [`LowMemory`]. With [`IdentityMemory`],
-    /// legacy queues cannot be set up (their addresses do not fit a 32-bit PFN).
-    pub fn memory(mut self, mem: impl Into<SimMemory>) -> Self {
+    /// Serve from this memory instead of a fresh one (e.g. to share it between devices).
+    pub fn memory(mut self, mem: impl Into<IdentityMemory>) -> Self {
         self.mem = Some(mem.into());
         self
     }
@@ -166,13 +165,7 @@ impl SimBuilder {
         let mem = self
             .mem
             .clone()
-            .unwrap_or_else(|| match LowMemory::new(self.mem_len) {
-                Some(m) => SimMemory::Low(m),
-                None => {
-                    log::warn!("sim: no guest memory below 16 TiB; legacy queues will not work");
-                    SimMemory::Identity(IdentityMemory::new(self.mem_len))
-                }
-            });
+            .unwrap_or_else(|| IdentityMemory::new(self.mem_len));
         let msix_vectors = self
             .msix_vectors
             .unwrap_or_else(|| u16::try_from(self.queue_sizes.len() + 1).unwrap_or(u16::MAX))
@@ -422,7 +415,7 @@ struct State {
     irq_mode: Option<InterruptMode>,
     irq_calls: Vec<IrqCall>,
     max_platform_vectors: u16,
-    mem: SimMemory,
+    mem: IdentityMemory,
 }
 
 enum IrqSource {
@@ -1218,7 +1211,7 @@ impl Sim {
         }
     }
     /// The guest memory the device side reads rings and buffers from.
-    pub fn memory(&self) -> SimMemory {
+    pub fn memory(&self) -> IdentityMemory {
         self.st().mem.clone()
     }
 
@@ -1719,7 +1712,7 @@ impl InterruptPlatform for SimIrq {
 /// A minimal driver-side split ring written with plain memory accesses, so transport tests
 /// can exercise the device side without the real virtqueue (which `virtio-core` tests).
 pub struct TestRing {
-    mem: SimMemory,
+    mem: IdentityMemory,
     pub size: u16,
     pub desc: u64,
     pub driver: u64,
@@ -1732,7 +1725,7 @@ pub struct TestRing {
 impl TestRing {
     /// A ring of `size` entries; `legacy` lays it out as one 4096-aligned area (virtio 1.2
     /// §2.7.2 legacy), otherwise as three separately allocated areas.
-    pub fn new(mem: &SimMemory, size: u16, legacy: bool) -> Self {
+    pub fn new(mem: &IdentityMemory, size: u16, legacy: bool) -> Self {
         use virtio_core::platform::Dma;
         let n = u64::from(size);
         let (desc, driver, device) = if legacy {
@@ -1843,297 +1836,5 @@ impl TestRing {
             self.last_used = self.last_used.wrapping_add(1);
         }
         out
-    }
-}
-
-/// Identity-mapped guest memory placed below 16 TiB, so that legacy queue PFNs
-/// (`address >> 12` in a 32-bit register) can express its addresses. [`IdentityMemory`]
-/// lands wherever the kernel puts anonymous mappings (around 2^47 on x86_64), which the
-/// legacy interface cannot reach.
-#[derive(Clone)]
-pub struct LowMemory {
-    inner: Arc<LowInner>,
-}
-
-struct LowInner {
-    mem: vm_memory::GuestMemoryMmap,
-    base: u64,
-    len: usize,
-    /// Free blocks as (offset, len), sorted by offset.
-    free: Mutex<Vec<(usize, usize)>>,
-}
-
-impl Drop for LowInner {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created by `LowMemory::new` with exactly this address and
-        // length, `MmapRegion::build_raw` does not own it, and no reference into it outlives
-        // `self` (every accessor borrows from the `LowMemory` that keeps this alive).
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
-    }
-}
-
-/// Never replace an existing mapping (Linux ≥ 4.17); elsewhere the address is a hint,
-/// checked after the call.
-#[cfg(target_os = "linux")]
-const MAP_NOREPLACE: libc::c_int = libc::MAP_FIXED_NOREPLACE;
-#[cfg(not(target_os = "linux"))]
-const MAP_NOREPLACE: libc::c_int = 0;
-
-/// Next candidate address for a low mapping (256 GiB upwards; PFNs fit 32 bits to 16 TiB).
-static NEXT_LOW: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x40_0000_0000);
-
-impl LowMemory {
-    /// Maps `len` bytes (rounded up to 4 KiB) below 16 TiB. `None` if no address worked.
-    pub fn new(len: usize) -> Option<Self> {
-        use std::sync::atomic::Ordering;
-        let len = len.max(4096).next_multiple_of(4096);
-        let stride = (len as u64).next_multiple_of(1 << 21) + (1 << 21);
-        for _ in 0..256 {
-            let want = NEXT_LOW.fetch_add(stride, Ordering::Relaxed);
-            if want + len as u64 > 1 << 44 {
-                return None;
-            }
-            // SAFETY: an anonymous private mapping at a hint address; MAP_FIXED_NOREPLACE
-            // never replaces an existing mapping (a kernel that does not know the flag
-            // treats the address as a hint, which is checked below).
-            let got = unsafe {
-                libc::mmap(
-                    want as *mut libc::c_void,
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | MAP_NOREPLACE,
-                    -1,
-                    0,
-                )
-            };
-            if got == libc::MAP_FAILED {
-                continue;
-            }
-            if got as u64 != want {
-                // SAFETY: `got` is the mapping just created, of `len` bytes, unused.
-                unsafe { libc::munmap(got, len) };
-                continue;
-            }
-            // SAFETY: [want, want + len) is the live mapping created above; it is unmapped
-            // only when `LowInner` drops, after the region built here.
-            let region = unsafe {
-                vm_memory::MmapRegion::build_raw(
-                    want as *mut u8,
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                )
-            };
-            let mem = region
-                .ok()
-                .and_then(|r| vm_memory::GuestRegionMmap::new(r, GuestAddress(want)))
-                .and_then(|r| vm_memory::GuestMemoryMmap::from_regions(vec![r]).ok());
-            let Some(mem) = mem else {
-                // SAFETY: as above; nothing references the mapping.
-                unsafe { libc::munmap(got, len) };
-                return None;
-            };
-            return Some(LowMemory {
-                inner: Arc::new(LowInner {
-                    mem,
-                    base: want,
-                    len,
-                    free: Mutex::new(vec![(0, len)]),
-                }),
-            });
-        }
-        None
-    }
-
-    pub fn guest_memory(&self) -> &vm_memory::GuestMemoryMmap {
-        &self.inner.mem
-    }
-
-    pub fn contains(&self, addr: u64, len: usize) -> bool {
-        addr >= self.inner.base
-            && addr
-                .checked_add(len as u64)
-                .is_some_and(|end| end <= self.inner.base + self.inner.len as u64)
-    }
-}
-
-impl virtio_core::platform::Dma for LowMemory {
-    fn alloc_coherent(
-        &self,
-        len: usize,
-        align: usize,
-    ) -> virtio_core::Result<virtio_core::platform::DmaRegion> {
-        let align = align.max(16);
-        let len = len.max(1).next_multiple_of(16);
-        let base = self.inner.base as usize;
-        let mut free = self
-            .inner
-            .free
-            .lock()
-            .map_err(|_| virtio_core::Error::DmaAlloc)?;
-        let pick = free.iter().enumerate().find_map(|(i, &(off, flen))| {
-            let start = (base + off).next_multiple_of(align) - base;
-            (start - off + len <= flen).then_some((i, off, flen, start))
-        });
-        let Some((i, off, flen, start)) = pick else {
-            return Err(virtio_core::Error::DmaAlloc);
-        };
-        free.remove(i);
-        let tail = off + flen - (start + len);
-        if tail > 0 {
-            free.insert(i, (start + len, tail));
-        }
-        if start > off {
-            free.insert(i, (off, start - off));
-        }
-        let addr = self.inner.base + start as u64;
-        // SAFETY: [addr, addr + len) is inside the mapping and was free.
-        unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len) };
-        Ok(virtio_core::platform::DmaRegion {
-            vaddr: std::ptr::NonNull::new(addr as *mut u8).ok_or(virtio_core::Error::DmaAlloc)?,
-            daddr: addr,
-            len,
-        })
-    }
-
-    unsafe fn free_coherent(&self, region: virtio_core::platform::DmaRegion) {
-        let Ok(mut free) = self.inner.free.lock() else {
-            return;
-        };
-        let off = (region.daddr - self.inner.base) as usize;
-        let pos = free.partition_point(|&(o, _)| o < off);
-        free.insert(pos, (off, region.len));
-        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(free.len());
-        for &(o, l) in free.iter() {
-            match merged.last_mut() {
-                Some(last) if last.0 + last.1 == o => last.1 += l,
-                _ => merged.push((o, l)),
-            }
-        }
-        *free = merged;
-    }
-
-    fn map(
-        &self,
-        vaddr: std::ptr::NonNull<u8>,
-        len: usize,
-        _dir: virtio_core::platform::DmaDirection,
-    ) -> virtio_core::Result<u64> {
-        let addr = vaddr.as_ptr() as u64;
-        if self.contains(addr, len) {
-            Ok(addr)
-        } else {
-            Err(virtio_core::Error::DmaAlloc)
-        }
-    }
-
-    fn unmap(&self, _daddr: u64, _len: usize, _dir: virtio_core::platform::DmaDirection) {}
-}
-
-/// The guest memory a [`Sim`] serves from: [`IdentityMemory`] (given to the builder) or
-/// [`LowMemory`] (the default, so legacy queues work too). Both are identity mapped
-/// (device address == host pointer) and implement [`virtio_core::platform::Dma`].
-#[derive(Clone)]
-pub enum SimMemory {
-    Identity(IdentityMemory),
-    Low(LowMemory),
-}
-
-impl SimMemory {
-    pub fn guest_memory(&self) -> &vm_memory::GuestMemoryMmap {
-        match self {
-            SimMemory::Identity(m) => m.guest_memory(),
-            SimMemory::Low(m) => m.guest_memory(),
-        }
-    }
-
-    /// A zeroed buffer inside guest memory.
-    pub fn alloc_buffer(&self, len: usize) -> virtio_core::platform::DmaRegion {
-        use virtio_core::platform::Dma;
-        self.alloc_coherent(len.max(1), 16)
-            .expect("test guest memory exhausted")
-    }
-
-    /// Bytes of a region allocated from this memory.
-    #[allow(clippy::mut_from_ref)]
-    pub fn slice(&self, region: &virtio_core::platform::DmaRegion) -> &mut [u8] {
-        assert!(
-            self.contains(region.daddr, region.len),
-            "region outside guest memory"
-        );
-        // SAFETY: checked to be inside the live mapping, which `self` keeps alive; tests only
-        // use this while the device is not writing the buffer.
-        unsafe { std::slice::from_raw_parts_mut(region.vaddr.as_ptr(), region.len) }
-    }
-
-    /// Bytes at a device address (panics outside guest memory).
-    #[allow(clippy::mut_from_ref)]
-    pub fn bytes_at(&self, addr: u64, len: usize) -> &mut [u8] {
-        assert!(
-            self.contains(addr, len),
-            "address {addr:#x}+{len} outside guest memory"
-        );
-        // SAFETY: checked to be inside the live mapping above.
-        unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) }
-    }
-
-    pub fn contains(&self, addr: u64, len: usize) -> bool {
-        match self {
-            SimMemory::Identity(m) => m.contains(addr, len),
-            SimMemory::Low(m) => m.contains(addr, len),
-        }
-    }
-}
-
-impl virtio_core::platform::Dma for SimMemory {
-    fn alloc_coherent(
-        &self,
-        len: usize,
-        align: usize,
-    ) -> virtio_core::Result<virtio_core::platform::DmaRegion> {
-        match self {
-            SimMemory::Identity(m) => m.alloc_coherent(len, align),
-            SimMemory::Low(m) => m.alloc_coherent(len, align),
-        }
-    }
-
-    unsafe fn free_coherent(&self, region: virtio_core::platform::DmaRegion) {
-        match self {
-            // SAFETY: forwarded with the caller's guarantees.
-            SimMemory::Identity(m) => unsafe { m.free_coherent(region) },
-            // SAFETY: forwarded with the caller's guarantees.
-            SimMemory::Low(m) => unsafe { m.free_coherent(region) },
-        }
-    }
-
-    fn map(
-        &self,
-        vaddr: std::ptr::NonNull<u8>,
-        len: usize,
-        dir: virtio_core::platform::DmaDirection,
-    ) -> virtio_core::Result<u64> {
-        match self {
-            SimMemory::Identity(m) => m.map(vaddr, len, dir),
-            SimMemory::Low(m) => m.map(vaddr, len, dir),
-        }
-    }
-
-    fn unmap(&self, daddr: u64, len: usize, dir: virtio_core::platform::DmaDirection) {
-        match self {
-            SimMemory::Identity(m) => m.unmap(daddr, len, dir),
-            SimMemory::Low(m) => m.unmap(daddr, len, dir),
-        }
-    }
-}
-
-impl From<IdentityMemory> for SimMemory {
-    fn from(m: IdentityMemory) -> Self {
-        SimMemory::Identity(m)
-    }
-}
-
-impl From<LowMemory> for SimMemory {
-    fn from(m: LowMemory) -> Self {
-        SimMemory::Low(m)
     }
 }

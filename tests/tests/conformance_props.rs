@@ -98,10 +98,10 @@ fn run(
     let mut irq_enabled = true;
     let mut expect_interrupt_on_next_completion = true;
 
-    let mut driver_pop = |drv: &mut SplitQueue,
-                          completed: &mut HashMap<usize, u32>,
-                          outstanding: &mut HashMap<usize, u32>,
-                          popped: &mut usize|
+    let driver_pop = |drv: &mut SplitQueue,
+                      completed: &mut HashMap<usize, u32>,
+                      outstanding: &mut HashMap<usize, u32>,
+                      popped: &mut usize|
      -> Result<(), TestCaseError> {
         while let Some(u) = drv
             .pop_used()

@@ -6,11 +6,12 @@ use virtio_core::platform::{Dma, InterruptMode};
 use virtio_core::transport::{NO_VECTOR, Transport};
 use virtio_core::{Bus, DeviceStatus, Error, Features, QueueSpec, Segment, VirtioDevice};
 use virtio_pci::{PciTransport, Preference, TransportKind, probe};
+use virtio_tests::mem::IdentityMemory;
 use virtio_tests::sim::{
-    IrqCall, Sim, SimBars, SimBuilder, SimConfig, SimInterrupt, SimIrq, SimMemory, SimMode,
+    IrqCall, Sim, SimBars, SimBuilder, SimConfig, SimInterrupt, SimIrq, SimMode,
 };
 
-type Dev = VirtioDevice<PciTransport<SimConfig, SimBars>, SimMemory, SimIrq>;
+type Dev = VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>;
 
 const MAC: [u8; 8] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 0x01, 0x00];
 /// MAC (5), STATUS (16) + ring/transport bits QEMU offers, including bit 30.
