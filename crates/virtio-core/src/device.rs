@@ -335,16 +335,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
     }
 
     fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<()> {
-        let len = u32::try_from(buf.len()).map_err(|_| Error::ConfigOutOfRange {
-            offset,
-            len: u32::MAX,
-        })?;
-        let end = offset
-            .checked_add(len)
-            .ok_or(Error::ConfigOutOfRange { offset, len })?;
-        if end > self.transport.config_len() {
-            return Err(Error::ConfigOutOfRange { offset, len });
-        }
+        self.check_config_range(offset, buf.len())?;
         // §4.1.4.3.1 / §2.5.1: re-read until config_generation is stable across the read.
         for _ in 0..CONFIG_RETRIES {
             let before = self.transport.config_generation();
@@ -370,16 +361,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
     }
 
     fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<()> {
-        let len = u32::try_from(data.len()).map_err(|_| Error::ConfigOutOfRange {
-            offset,
-            len: u32::MAX,
-        })?;
-        let end = offset
-            .checked_add(len)
-            .ok_or(Error::ConfigOutOfRange { offset, len })?;
-        if end > self.transport.config_len() {
-            return Err(Error::ConfigOutOfRange { offset, len });
-        }
+        self.check_config_range(offset, data.len())?;
         let mut off = offset;
         let mut rest = data;
         while !rest.is_empty() {
@@ -603,6 +585,22 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
 }
 
 impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
+    /// `[offset, offset + len)` must lie inside the device-specific config area.
+    fn check_config_range(&self, offset: u32, len: usize) -> Result<()> {
+        let out = Error::ConfigOutOfRange {
+            offset,
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+        };
+        let end = u32::try_from(len)
+            .ok()
+            .and_then(|l| offset.checked_add(l))
+            .ok_or(out)?;
+        if end > self.transport.config_len() {
+            return Err(out);
+        }
+        Ok(())
+    }
+
     fn queue_ref(&self, index: u16) -> Result<&SplitQueue> {
         match self.queues.get(index as usize) {
             Some(Some(slot)) => Ok(&slot.queue),
