@@ -8,6 +8,7 @@
 
 use crate::apic::{self, Polarity, Trigger};
 use crate::arch::{inb, inl, inw, outb, outl, outw};
+use crate::cmdline::IrqMode;
 use crate::interrupts::{self, HandlerId};
 use crate::pci::{BarKind, CAP_MSIX, CMD_INTX_DISABLE, Chipset, PciAddress, PciFunction};
 use alloc::alloc::{Layout, alloc_zeroed, dealloc};
@@ -237,8 +238,8 @@ impl IrqState {
     }
 }
 
-/// One INTx line (GSI) shared by possibly several functions: the vector and the sharers'
-/// states, so the pin is unmasked only when every sharer has serviced its device.
+/// One INTx line (GSI), possibly shared by several functions: one vector for all, and the
+/// sharers' states (their handlers all run on that vector; each reads its own ISR).
 struct IntxLine {
     gsi: u32,
     vector: u8,
@@ -271,6 +272,9 @@ pub struct PciInterrupts {
     chipset: Chipset,
     state: Arc<IrqState>,
     enabled: Enabled,
+    /// The most capable mode the run allows (`irq=`): `Intx` refuses MSI-X, `Poll` refuses
+    /// both, so the bus's fallback lands on the mode under test.
+    limit: IrqMode,
 }
 
 impl PciInterrupts {
@@ -280,7 +284,13 @@ impl PciInterrupts {
             chipset,
             state: Arc::new(IrqState::new()),
             enabled: Enabled::None,
+            limit: IrqMode::MsiX,
         }
+    }
+
+    /// Restricts which modes `enable_msix`/`enable_intx` may grant (see `limit`).
+    pub fn set_limit(&mut self, limit: IrqMode) {
+        self.limit = limit;
     }
 
     pub fn mode(&self) -> InterruptMode {
@@ -341,9 +351,12 @@ impl PciInterrupts {
         crate::time::wait_until(timeout_ms, || self.pending() & mask != 0)
     }
 
-    /// INTx: the device's interrupt condition was cleared (ISR read); re-arm the line once
-    /// no sharer still has an INTx pending.
-    #[allow(dead_code)] // API for the device scenarios
+    /// INTx: this device's interrupt condition was cleared (its ISR read): clear its
+    /// pending bit and re-arm the line.
+    ///
+    /// Unmasking does not wait for the line's other sharers: one of them still asserting
+    /// simply re-fires (its handler marks it pending again), whereas waiting for a sharer
+    /// nobody services would leave the line masked forever.
     pub fn intx_done(&self) {
         let Enabled::Intx { gsi, .. } = self.enabled else {
             return;
@@ -353,14 +366,7 @@ impl PciInterrupts {
             .fetch_and(!(1 << INTX_INDEX), Ordering::AcqRel);
         crate::arch::without_interrupts(|| {
             let lines = INTX_LINES.lock();
-            let Some(line) = lines.iter().find(|l| l.gsi == gsi) else {
-                return;
-            };
-            let busy = line
-                .sharers
-                .iter()
-                .any(|s| s.pending.load(Ordering::Acquire) & (1 << INTX_INDEX) != 0);
-            if !busy {
+            if let Some(line) = lines.iter().find(|l| l.gsi == gsi) {
                 for s in &line.sharers {
                     s.intx_masked.store(false, Ordering::Relaxed);
                 }
@@ -402,6 +408,9 @@ const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 impl InterruptPlatform for PciInterrupts {
     fn enable_msix(&mut self, vectors: u16) -> bool {
         self.disable();
+        if self.limit != IrqMode::MsiX {
+            return false;
+        }
         let (Some((bar, table)), Some(size)) = (self.msix_table(), self.func.msix_table_size())
         else {
             return false;
@@ -456,6 +465,9 @@ impl InterruptPlatform for PciInterrupts {
 
     fn enable_intx(&mut self) -> bool {
         self.disable();
+        if self.limit == IrqMode::Poll {
+            return false;
+        }
         let Some(gsi) = self.func.intx_gsi(self.chipset) else {
             return false;
         };

@@ -77,13 +77,18 @@ impl Env {
 
     /// Enables decoding and bus mastering, maps the BARs, and returns the platform
     /// handles. Interrupts stay off until [`Env::enable_irq`] (or the transport) asks.
+    ///
+    /// The interrupt platform is limited to the run's `irq=` mode, so a transport's
+    /// MSI-X → INTx → polling fallback lands on the mode under test.
     pub fn open(&self, func: &PciFunction) -> Device {
         func.enable();
+        let mut irq = PciInterrupts::new(func, self.chipset);
+        irq.set_limit(self.irq);
         Device {
             func: func.clone(),
             config: func.config(),
             bars: func.bar_access(),
-            irq: PciInterrupts::new(func, self.chipset),
+            irq,
             dma: GuestDma,
         }
     }
