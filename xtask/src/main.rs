@@ -155,6 +155,20 @@ fn cmd_demo() -> Result<bool, String> {
             c.detail
         );
     }
+    if let Some(out) = report.console_output.as_ref().filter(|o| !o.is_empty()) {
+        println!();
+        println!(
+            "The guest wrote to the virtio console: {:?}",
+            String::from_utf8_lossy(out)
+        );
+    }
+    if let Some(t) = &report.trace {
+        println!(
+            "QEMU saw {} kick(s) and sent {} interrupt(s) (virtio_queue_notify / virtio_notify).",
+            t.kicks(),
+            t.interrupts()
+        );
+    }
     println!();
     println!(
         "{}",
