@@ -236,13 +236,26 @@ impl PciFunction {
         self.addr.set_command(cmd);
     }
 
-    /// Marks every memory BAR uncacheable in the identity map (and maps BARs beyond the
-    /// boot map's 64 GiB).
-    pub fn map_bars(&self) -> Result<(), crate::paging::OutOfReach> {
-        for bar in self.bars.iter().flatten().filter(|b| b.kind != BarKind::Io) {
-            crate::paging::map_mmio(bar.base, bar.len)?;
+    /// Marks every memory BAR uncacheable in the identity map (mapping BARs beyond the
+    /// boot map's 64 GiB) and returns the BARs that are reachable: one beyond the page
+    /// tables' reach (512 GiB) is reported and left out, so accesses to it fail cleanly.
+    pub fn map_bars(&self) -> [Option<Bar>; 6] {
+        let mut bars = self.bars;
+        for (i, slot) in bars.iter_mut().enumerate() {
+            let Some(bar) = slot.filter(|b| b.kind != BarKind::Io) else {
+                continue;
+            };
+            if crate::paging::map_mmio(bar.base, bar.len).is_err() {
+                log::warn!(
+                    "{} BAR{i} at {:#x}+{:#x} is beyond the identity map: unusable",
+                    self.addr,
+                    bar.base,
+                    bar.len
+                );
+                *slot = None;
+            }
         }
-        Ok(())
+        bars
     }
 
     /// The I/O APIC input (GSI) this function's INTx pin arrives on, if it has one.

@@ -131,9 +131,7 @@ pub struct PciBars {
 
 impl PciBars {
     pub fn new(f: &PciFunction) -> Self {
-        f.map_bars()
-            .expect("BAR beyond the 512 GiB identity-map reach");
-        Self { bars: f.bars }
+        Self { bars: f.map_bars() }
     }
 
     /// The address (MMIO) or port (I/O) of `offset` in `bar`, if `width` bytes fit.

@@ -102,8 +102,15 @@ fn has_library_src(sysroot: &str) -> bool {
 
 /// The best available guest toolchain, without installing anything.
 pub fn detect() -> Option<GuestToolchain> {
-    if let Some(sysroot) =
-        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+    // Only an installed nightly: `rustup run` must not start a download.
+    let nightly_installed = output(Command::new("rustup").args(["toolchain", "list"]))
+        .is_some_and(|list| list.lines().any(|l| l.starts_with("nightly")));
+    if nightly_installed
+        && let Some(sysroot) = output(
+            Command::new("rustup")
+                .args(["run", "nightly", "rustc", "--print", "sysroot"])
+                .env("RUSTUP_AUTO_INSTALL", "0"),
+        )
         && has_library_src(&sysroot)
     {
         return Some(GuestToolchain::RustupNightly);
