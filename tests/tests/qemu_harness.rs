@@ -63,8 +63,12 @@ fn unknown_scenario_is_an_error() {
 
 #[test]
 fn unknown_guest_scenario_is_a_usage_exit() {
-    // `smoke` is in the host table; until its guest module exists the guest refuses it.
-    // Once it exists this run must simply pass.
-    let r = run(RunConfig::new("smoke"));
-    assert!(r.exit == GuestExit::Usage || r.passed(), "{}", r.summary());
+    // The guest takes the last `scenario=` on its command line: one it does not know.
+    let r = run(RunConfig::new("boot").guest_arg("scenario=no-such-guest-scenario"));
+    assert_eq!(r.exit, GuestExit::Usage, "{}", r.summary());
+    assert!(
+        r.fatal.iter().any(|l| l.contains("unknown scenario")),
+        "{}",
+        r.summary()
+    );
 }
