@@ -1,8 +1,9 @@
 //! Developer tasks: `cargo xtask <command>`.
 //!
 //! - `qemu <scenario> [--transport modern|transitional|legacy] [--machine q35|pc]
-//!   [--irq msix|intx|poll] [--timeout SECS] [--keep] [--verbose] [--guest-arg K=V]...
-//!   [-- extra qemu args]`: build the guest, run one scenario, print the report;
+//!   [--irq msix|intx|poll] [--matrix] [--timeout SECS] [--keep] [--verbose]
+//!   [--guest-arg K=V]... [-- extra qemu args]`: build the guest, run one scenario, print
+//!   the report (`--matrix`: every machine × transport × irq combination, then a table);
 //! - `demo`: boot the guest with all four devices and describe what it found;
 //! - `test`: fmt, clippy (workspace and guest), guest build, `cargo test --workspace`.
 
@@ -12,7 +13,7 @@ use virtio_tests::qemu::{self, IrqMode, Machine, RunConfig, RunReport, Transport
 
 const USAGE: &str = "usage:
   cargo xtask qemu <scenario> [--transport modern|transitional|legacy] [--machine q35|pc]
-                   [--irq msix|intx|poll] [--timeout SECS] [--keep] [--verbose]
+                   [--irq msix|intx|poll] [--matrix] [--timeout SECS] [--keep] [--verbose]
                    [--guest-arg KEY=VALUE]... [-- extra qemu args]
   cargo xtask demo
   cargo xtask test";
@@ -39,10 +40,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn parse_qemu_args(args: &[String]) -> Result<(RunConfig, bool), String> {
+/// Options of `cargo xtask qemu` beyond the run configuration.
+struct QemuOptions {
+    verbose: bool,
+    /// Run every machine × transport × irq combination (the given ones are ignored).
+    matrix: bool,
+}
+
+fn parse_qemu_args(args: &[String]) -> Result<(RunConfig, QemuOptions), String> {
     let mut it = args.iter();
     let mut cfg: Option<RunConfig> = None;
     let mut verbose = false;
+    let mut matrix = false;
     let (mut transport, mut machine, mut irq) = (None, None, None);
     let (mut timeout, mut keep, mut guest_args, mut extra) = (None, false, Vec::new(), Vec::new());
     while let Some(a) = it.next() {
@@ -64,6 +73,7 @@ fn parse_qemu_args(args: &[String]) -> Result<(RunConfig, bool), String> {
             "--guest-arg" => guest_args.push(value("--guest-arg")?),
             "--keep" => keep = true,
             "--verbose" | "-v" => verbose = true,
+            "--matrix" => matrix = true,
             "--" => {
                 extra.extend(it.by_ref().cloned());
             }
@@ -81,7 +91,7 @@ fn parse_qemu_args(args: &[String]) -> Result<(RunConfig, bool), String> {
     cfg.extra_guest_args = guest_args;
     cfg.extra_qemu_args = extra;
     cfg.install_missing = true;
-    Ok((cfg, verbose))
+    Ok((cfg, QemuOptions { verbose, matrix }))
 }
 
 fn run(cfg: &RunConfig) -> Result<RunReport, String> {
@@ -94,9 +104,12 @@ fn run(cfg: &RunConfig) -> Result<RunReport, String> {
 }
 
 fn cmd_qemu(args: &[String]) -> Result<bool, String> {
-    let (cfg, verbose) = parse_qemu_args(args)?;
+    let (cfg, opts) = parse_qemu_args(args)?;
+    if opts.matrix {
+        return cmd_matrix(&cfg);
+    }
     let report = run(&cfg)?;
-    if verbose {
+    if opts.verbose {
         println!("$ {}", report.qemu_command.join(" "));
         println!("--- serial ---\n{}--- end serial ---", report.serial_log);
     }
@@ -116,6 +129,38 @@ fn cmd_qemu(args: &[String]) -> Result<bool, String> {
         println!("  run directory: {}", report.run_dir.display());
     }
     Ok(report.passed())
+}
+
+/// One run per machine × transport × irq mode, then a table.
+fn cmd_matrix(base: &RunConfig) -> Result<bool, String> {
+    let mut rows = Vec::new();
+    for &machine in Machine::all() {
+        for &transport in Transport::all() {
+            for &irq in IrqMode::all() {
+                let cfg = base.clone().machine(machine).transport(transport).irq(irq);
+                let report = run(&cfg)?;
+                if !report.passed() {
+                    print!("{}", report.summary());
+                }
+                let failed = report.failed_checks().count();
+                rows.push((
+                    cfg.config_name(),
+                    report.passed(),
+                    report.checks.len(),
+                    failed,
+                    report.exit.to_string(),
+                ));
+            }
+        }
+    }
+    println!("\n{} across {} configurations:", base.scenario, rows.len());
+    for (name, passed, checks, failed, exit) in &rows {
+        println!(
+            "  {} {name:26} {checks:3} checks, {failed} failed ({exit})",
+            if *passed { "PASS" } else { "FAIL" }
+        );
+    }
+    Ok(rows.iter().all(|r| r.1))
 }
 
 fn cmd_demo() -> Result<bool, String> {
