@@ -1,0 +1,1317 @@
+//! The block driver proper: setup, submission with splitting, completion, interrupts.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+
+use virtio_core::bus::{Bus, QueueMask, QueueSpec};
+use virtio_core::platform::{Dma, DmaRegion};
+use virtio_core::queue::{QueueStats, Segment, Used};
+use virtio_core::{DeviceType, Error, Features};
+use zerocopy::IntoBytes;
+
+use crate::config::{self, BlkInfo, ConfigSource, RangeLimits};
+use crate::features::DRIVER_FEATURES;
+use crate::split::{
+    self, CannotSplit, DataCursor, DataLimits, RangeCursor, RangeSplit, SectorRange,
+};
+use crate::wire::{self, ID_BYTES, RangeSegment, ReqHeader, SECTOR_SIZE, cfg, req_type, status};
+
+/// Per-slot DMA layout: header, inline answer (GET_ID / GET_LIFETIME), status byte, ranges.
+const SLOT_HEADER: usize = 0;
+const SLOT_INLINE: usize = 16;
+const SLOT_INLINE_LEN: usize = 24;
+const SLOT_STATUS: usize = 40;
+const SLOT_RANGES: usize = 48;
+/// What the status byte holds until the device writes it: a device that claims
+/// completion without writing it is caught as a protocol error.
+const STATUS_SENTINEL: u8 = 0xFF;
+/// Queues this driver will drive at most (the bus's `QueueMask` holds 128).
+const MAX_QUEUES: u16 = 128;
+
+/// Errors of block requests and of the driver.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum BlkError {
+    /// The device answered VIRTIO_BLK_S_IOERR.
+    Io,
+    /// The device answered VIRTIO_BLK_S_UNSUPP, or the operation needs a feature the
+    /// device did not offer (flush on a write-through device, discard, ...).
+    Unsupported,
+    /// A write-type request on a read-only device (refused before reaching it).
+    ReadOnly,
+    /// Malformed request: empty, a zero-length segment, not whole logical blocks, or
+    /// impossible to split into device requests of whole blocks.
+    InvalidRequest,
+    /// Beyond the device capacity.
+    OutOfRange,
+    /// The request needs more device requests than the queue can ever hold at once:
+    /// the caller must split it.
+    TooLarge,
+    /// Not enough free descriptors or request slots right now: retry after completions.
+    QueueFull,
+    /// No such request queue.
+    NoSuchQueue { queue: u16 },
+    /// The request was in flight when the device was reset.
+    Aborted,
+    /// Bus, transport or device-protocol error (a device value that breaks the rules is
+    /// `Error::DeviceProtocol`).
+    Virtio(Error),
+}
+
+impl From<Error> for BlkError {
+    fn from(e: Error) -> Self {
+        BlkError::Virtio(e)
+    }
+}
+
+impl core::fmt::Display for BlkError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            BlkError::Io => write!(f, "I/O error reported by the device"),
+            BlkError::Unsupported => write!(f, "operation not supported by the device"),
+            BlkError::ReadOnly => write!(f, "device is read-only"),
+            BlkError::InvalidRequest => write!(f, "invalid request"),
+            BlkError::OutOfRange => write!(f, "request beyond device capacity"),
+            BlkError::TooLarge => write!(f, "request too large for the queue"),
+            BlkError::QueueFull => write!(f, "queue full"),
+            BlkError::NoSuchQueue { queue } => write!(f, "no request queue {queue}"),
+            BlkError::Aborted => write!(f, "aborted by device reset"),
+            BlkError::Virtio(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Driver choices made at setup.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct BlkOptions {
+    /// Request queues to use with MQ (0: as many as the device has, up to 128).
+    pub max_queues: u16,
+    /// Wanted queue size (0: the device maximum).
+    pub queue_size: u16,
+    /// Data descriptors per device request the driver will build (also bounds the
+    /// indirect tables; the device's `seg_max` lowers it further).
+    pub max_segments: u16,
+    /// Range segments per discard / write-zeroes / secure-erase device request (the
+    /// device's `max_*_seg` lowers it further); sizes the per-slot DMA area.
+    pub max_ranges: u16,
+    /// Whether completions interrupt (false: the caller polls).
+    pub interrupts: bool,
+}
+
+impl Default for BlkOptions {
+    fn default() -> Self {
+        BlkOptions {
+            max_queues: 0,
+            queue_size: 0,
+            max_segments: 64,
+            max_ranges: 16,
+            interrupts: true,
+        }
+    }
+}
+
+/// A request. Data buffers are device addresses (already DMA-mapped by the caller) and
+/// must stay valid until the request's token completes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    Read {
+        sector: u64,
+        buffers: &'a [Segment],
+    },
+    Write {
+        sector: u64,
+        buffers: &'a [Segment],
+    },
+    Flush,
+    GetId,
+    GetLifetime,
+    Discard {
+        ranges: &'a [SectorRange],
+    },
+    /// `unmap`: the device may deallocate the zeroed ranges.
+    WriteZeroes {
+        ranges: &'a [SectorRange],
+        unmap: bool,
+    },
+    SecureErase {
+        ranges: &'a [SectorRange],
+    },
+}
+
+/// The 20-byte device ID string (GET_ID).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct DeviceId(pub [u8; ID_BYTES]);
+
+impl DeviceId {
+    /// The ID up to its first NUL (it is NUL-terminated only when shorter than 20 bytes).
+    pub fn as_bytes(&self) -> &[u8] {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(ID_BYTES);
+        self.0.get(..end).unwrap_or(&[])
+    }
+}
+
+/// Device lifetime estimates (GET_LIFETIME; eMMC/UFS semantics).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Lifetime {
+    /// 0 undefined, 1 normal, 2 warning (80% of reserved blocks), 3 urgent (90%).
+    pub pre_eol_info: u16,
+    /// SLC wear in 10% steps (1..=10), 11 = exceeded.
+    pub device_lifetime_est_typ_a: u16,
+    /// MLC wear, same scale.
+    pub device_lifetime_est_typ_b: u16,
+}
+
+/// A successful completion.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Completion {
+    Done,
+    Id(DeviceId),
+    Lifetime(Lifetime),
+}
+
+/// What an interrupt meant for the block device.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlkInterrupt {
+    /// Queues to poll.
+    pub queues: QueueMask,
+    /// The capacity changed to this many sectors.
+    pub capacity_changed: Option<u64>,
+    /// DEVICE_NEEDS_RESET: abort everything (`abort_all`) and `restart`.
+    pub needs_reset: bool,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Flush,
+    GetId,
+    GetLifetime,
+    Discard,
+    WriteZeroes,
+    SecureErase,
+}
+
+impl Kind {
+    fn req_type(self) -> u32 {
+        match self {
+            Kind::Read => req_type::IN,
+            Kind::Write => req_type::OUT,
+            Kind::Flush => req_type::FLUSH,
+            Kind::GetId => req_type::GET_ID,
+            Kind::GetLifetime => req_type::GET_LIFETIME,
+            Kind::Discard => req_type::DISCARD,
+            Kind::WriteZeroes => req_type::WRITE_ZEROES,
+            Kind::SecureErase => req_type::SECURE_ERASE,
+        }
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// Its device request is on the ring.
+    InFlight,
+    /// A head slot whose own part completed while sibling parts are still in flight.
+    Finished,
+}
+
+/// Per device request state; a caller request's state lives in the slot of its first
+/// part (the head), which is released only when every part has completed.
+#[derive(Copy, Clone, Debug)]
+struct Slot {
+    state: SlotState,
+    kind: Kind,
+    head: u16,
+    /// Data bytes the device must write (reads).
+    data_len: u32,
+    // Head only:
+    token: usize,
+    pending: u16,
+    error: Option<BlkError>,
+}
+
+const IDLE: Slot = Slot {
+    state: SlotState::Free,
+    kind: Kind::Flush,
+    head: 0,
+    data_len: 0,
+    token: 0,
+    pending: 0,
+    error: None,
+};
+
+struct QueueState {
+    index: u16,
+    slots: Vec<Slot>,
+    /// Stack of free slot indices (capacity = slots: pushes never allocate).
+    free: Vec<u16>,
+    region: Option<DmaRegion>,
+    stride: usize,
+    /// Data descriptors per device request on this queue.
+    max_data_descs: usize,
+    /// Chains up to this length use one indirect descriptor (0: no indirect).
+    indirect_max: usize,
+}
+
+impl QueueState {
+    /// Ring descriptors a chain of `len` descriptors takes (mirrors the bus's rule: one
+    /// when it fits an indirect table).
+    fn descs_for(&self, len: usize) -> usize {
+        if self.indirect_max > 1 && len > 1 && len <= self.indirect_max {
+            1
+        } else {
+            len
+        }
+    }
+
+    fn slot(&self, i: u16) -> Option<&Slot> {
+        self.slots.get(usize::from(i))
+    }
+
+    fn slot_mut(&mut self, i: u16) -> Option<&mut Slot> {
+        self.slots.get_mut(usize::from(i))
+    }
+
+    fn release(&mut self, i: u16) {
+        if let Some(s) = self.slot_mut(i) {
+            *s = IDLE;
+            self.free.push(i);
+        }
+    }
+
+    fn slot_ptr(&self, i: u16, offset: usize, len: usize) -> Option<NonNull<u8>> {
+        let at = usize::from(i)
+            .checked_mul(self.stride)?
+            .checked_add(offset)?;
+        self.region.as_ref()?.ptr_at(at, len)
+    }
+
+    fn slot_daddr(&self, i: u16, offset: usize) -> u64 {
+        let base = self.region.as_ref().map_or(0, |r| r.daddr);
+        base + (usize::from(i) * self.stride + offset) as u64
+    }
+
+    fn write(&self, i: u16, offset: usize, bytes: &[u8]) {
+        if let Some(p) = self.slot_ptr(i, offset, bytes.len()) {
+            // SAFETY: `ptr_at` checked that [offset, offset+len) lies in our DMA region;
+            // the slot is free or being prepared, so the device does not access it (its
+            // chain is published only after this, with the queue's release fence).
+            unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), p.as_ptr(), bytes.len()) };
+        }
+    }
+
+    fn read(&self, i: u16, offset: usize, buf: &mut [u8]) {
+        if let Some(p) = self.slot_ptr(i, offset, buf.len()) {
+            for (k, b) in buf.iter_mut().enumerate() {
+                // SAFETY: in bounds (checked by `ptr_at`); volatile because the device wrote
+                // this memory, and the used-ring acquire fence ordered it before us.
+                *b = unsafe { p.as_ptr().add(k).read_volatile() };
+            }
+        }
+    }
+}
+
+/// Where the next part of a request starts.
+#[derive(Copy, Clone, Debug)]
+enum Cursor {
+    Data(DataCursor),
+    Ranges(RangeCursor),
+    Single(bool),
+}
+
+/// Shape of one device request, with its data in `scratch[1..]` or ranges in `ranges`.
+#[derive(Copy, Clone, Debug)]
+struct Part {
+    sector: u64,
+    /// Data descriptors (read/write), written to `scratch[1..=descs]`.
+    descs: usize,
+    bytes: u32,
+    /// Range segments, written to `ranges[..nranges]`.
+    nranges: usize,
+}
+
+impl Part {
+    fn chain_len(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Read | Kind::Write => 2 + self.descs,
+            Kind::Flush => 2,
+            _ => 3,
+        }
+    }
+}
+
+struct BusConfig<'a, B>(&'a B);
+
+impl<B: Bus> ConfigSource for BusConfig<'_, B> {
+    fn read(&self, offset: u32, buf: &mut [u8]) -> virtio_core::Result<()> {
+        self.0.read_config(offset, buf)
+    }
+}
+
+/// The virtio block driver over a bus `B`. See the crate documentation for the design.
+pub struct BlkDriver<B: Bus> {
+    bus: B,
+    options: BlkOptions,
+    features: Features,
+    info: BlkInfo,
+    queues: Vec<QueueState>,
+    /// `[header, data..., status]` of the chain being built.
+    scratch: Vec<Segment>,
+    /// Range segments of the device request being built.
+    ranges: Vec<RangeSegment>,
+    /// Stopped by `abort_all` or a failed `restart`.
+    stopped: bool,
+}
+
+impl<B: Bus> BlkDriver<B> {
+    /// Initialises the device (features, config, queues, DRIVER_OK) and allocates every
+    /// piece of per-request state. The only place (with `restart`) that allocates.
+    pub fn new(bus: B, options: BlkOptions) -> Result<Self, BlkError> {
+        if bus.device_type() != DeviceType::Block {
+            return Err(BlkError::Virtio(Error::Unsupported));
+        }
+        let mut d = BlkDriver {
+            bus,
+            options,
+            features: Features::empty(),
+            info: BlkInfo {
+                capacity: 0,
+                block_size: SECTOR_SIZE,
+                read_only: false,
+                flush: false,
+                writeback: false,
+                config_wce: false,
+                geometry: None,
+                topology: None,
+                size_max: None,
+                seg_max: None,
+                num_queues: 1,
+                discard: None,
+                write_zeroes: None,
+                write_zeroes_may_unmap: false,
+                secure_erase: None,
+                lifetime: false,
+            },
+            queues: Vec::new(),
+            scratch: Vec::new(),
+            ranges: Vec::new(),
+            stopped: true,
+        };
+        d.bring_up()?;
+        Ok(d)
+    }
+
+    /// Re-initialises the device after `abort_all` (e.g. on DEVICE_NEEDS_RESET or a queue
+    /// broken by a device fault). Config is re-read; queue sizes may change.
+    pub fn restart(&mut self) -> Result<(), BlkError> {
+        if !self.stopped {
+            return Err(BlkError::Virtio(Error::InvalidState));
+        }
+        self.bring_up()
+    }
+
+    fn bring_up(&mut self) -> Result<(), BlkError> {
+        self.free_regions();
+        match self.try_bring_up() {
+            Ok(()) => {
+                self.stopped = false;
+                Ok(())
+            }
+            Err(e) => {
+                log::error!("virtio-blk: initialisation failed: {e}");
+                // Stop the device before giving back memory it might know about.
+                self.bus.reset(&mut |_, _| {});
+                self.free_regions();
+                self.stopped = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn try_bring_up(&mut self) -> Result<(), BlkError> {
+        let features = self.bus.negotiate_features(DRIVER_FEATURES)?;
+        self.features = features;
+        let info = config::read_info(&BusConfig(&self.bus), features)?;
+        self.info = info;
+        log::info!(
+            "virtio-blk: {} sectors, block {} bytes{}{}, features {:#x}",
+            info.capacity,
+            info.block_size,
+            if info.read_only { ", read-only" } else { "" },
+            if info.writeback {
+                ", writeback cache"
+            } else {
+                ""
+            },
+            features.bits()
+        );
+
+        let mut nq = info.num_queues.min(MAX_QUEUES);
+        if self.options.max_queues != 0 {
+            nq = nq.min(self.options.max_queues);
+        }
+        let bus_queues = self.bus.num_queues();
+        if bus_queues != 0 {
+            nq = nq.min(bus_queues);
+        }
+        let nq = nq.max(1);
+
+        // Data descriptors per request: our own cap, the device's seg_max.
+        let mut cap = usize::from(self.options.max_segments.max(1));
+        if let Some(s) = info.seg_max {
+            cap = cap.min(usize::try_from(s).unwrap_or(usize::MAX));
+        }
+        let indirect = features.contains(Features::INDIRECT_DESC);
+        let want_indirect = u16::try_from(cap + 2).unwrap_or(u16::MAX);
+        let specs: Vec<QueueSpec> = (0..nq)
+            .map(|i| {
+                QueueSpec::new(i)
+                    .size(self.options.queue_size)
+                    .interrupts(self.options.interrupts)
+                    .indirect(if indirect { want_indirect } else { 0 })
+            })
+            .collect();
+        self.bus.setup_queues(&specs)?;
+
+        // Range segments per request: the most any negotiated range operation may use.
+        let max_ranges = usize::from(self.options.max_ranges.max(1));
+        let range_cap = [info.discard, info.write_zeroes, info.secure_erase]
+            .iter()
+            .flatten()
+            .map(|l| {
+                usize::try_from(l.max_segments)
+                    .unwrap_or(usize::MAX)
+                    .min(max_ranges)
+            })
+            .max()
+            .unwrap_or(0);
+        let stride = (SLOT_RANGES + 16 * range_cap).next_multiple_of(64);
+
+        let mut max_descs_all = 0usize;
+        for i in 0..nq {
+            let size = self.bus.queue_size(i)?;
+            let max_chain = usize::from(self.bus.max_chain(i)?);
+            if max_chain < 3 {
+                return Err(BlkError::Virtio(Error::BadQueueSize { queue: i, size }));
+            }
+            let max_data_descs = cap.min(max_chain - 2);
+            let indirect_max = if indirect {
+                usize::from(want_indirect.min(size))
+            } else {
+                0
+            };
+            let region = self
+                .bus
+                .dma()
+                .alloc_coherent(usize::from(size) * stride, 64)?;
+            let mut free: Vec<u16> = Vec::with_capacity(usize::from(size));
+            free.extend((0..size).rev());
+            self.queues.push(QueueState {
+                index: i,
+                slots: vec![IDLE; usize::from(size)],
+                free,
+                region: Some(region),
+                stride,
+                max_data_descs,
+                indirect_max,
+            });
+            max_descs_all = max_descs_all.max(max_data_descs);
+            log::debug!(
+                "virtio-blk: queue {i}: {size} entries, {max_data_descs} data segments per \
+                 request, indirect up to {indirect_max}"
+            );
+        }
+        self.scratch = vec![Segment::new(0, 0); max_descs_all + 2];
+        self.ranges = vec![RangeSegment::default(); range_cap];
+        self.bus.driver_ok()?;
+        Ok(())
+    }
+
+    fn free_regions(&mut self) {
+        let regions: Vec<DmaRegion> = self
+            .queues
+            .drain(..)
+            .filter_map(|mut q| q.region.take())
+            .collect();
+        for r in regions {
+            // SAFETY: called only when the device is reset or was never given the queues
+            // (before bring-up, after a failed one, on abort, on drop), so it no longer
+            // accesses the slot memory; the region came from this bus's DMA allocator.
+            unsafe { self.bus.dma().free_coherent(r) };
+        }
+    }
+
+    /// Device facts (capacity, block size, limits, cache mode).
+    pub fn info(&self) -> &BlkInfo {
+        &self.info
+    }
+    /// The negotiated features.
+    pub fn features(&self) -> Features {
+        self.features
+    }
+    /// The bus (diagnostics: queue stats, interrupt mode). Do not use its queues directly.
+    pub fn bus(&self) -> &B {
+        &self.bus
+    }
+    /// Request queues in use.
+    pub fn num_queues(&self) -> u16 {
+        self.queues.len() as u16
+    }
+    pub fn queue_stats(&self, queue: u16) -> Result<QueueStats, BlkError> {
+        self.queue(queue)?;
+        Ok(self.bus.queue_stats(queue)?)
+    }
+    /// Data segments one device request carries on `queue` (larger requests are split).
+    pub fn max_segments(&self, queue: u16) -> Result<usize, BlkError> {
+        Ok(self.queue(queue)?.max_data_descs)
+    }
+    /// Device requests of the largest data shape that fit now (queue depth from free
+    /// descriptors and slots).
+    pub fn queue_depth(&self, queue: u16) -> Result<u16, BlkError> {
+        let q = self.queue(queue)?;
+        let free = usize::from(self.bus.free_descriptors(queue)?);
+        let per = q.descs_for(q.max_data_descs + 2).max(1);
+        Ok((free / per).min(q.free.len()) as u16)
+    }
+    /// Requests (caller tokens) not yet completed on `queue`.
+    pub fn in_flight(&self, queue: u16) -> Result<usize, BlkError> {
+        let q = self.queue(queue)?;
+        Ok(q.slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| s.state != SlotState::Free && usize::from(s.head) == *i)
+            .count())
+    }
+
+    fn queue(&self, queue: u16) -> Result<&QueueState, BlkError> {
+        self.queues
+            .get(usize::from(queue))
+            .ok_or(BlkError::NoSuchQueue { queue })
+    }
+
+    /// Convenience wrappers around [`BlkDriver::submit`].
+    pub fn read(
+        &mut self,
+        queue: u16,
+        sector: u64,
+        buffers: &[Segment],
+        token: usize,
+    ) -> Result<(), BlkError> {
+        self.submit(queue, Request::Read { sector, buffers }, token)
+    }
+    pub fn write(
+        &mut self,
+        queue: u16,
+        sector: u64,
+        buffers: &[Segment],
+        token: usize,
+    ) -> Result<(), BlkError> {
+        self.submit(queue, Request::Write { sector, buffers }, token)
+    }
+    pub fn flush(&mut self, queue: u16, token: usize) -> Result<(), BlkError> {
+        self.submit(queue, Request::Flush, token)
+    }
+    pub fn get_id(&mut self, queue: u16, token: usize) -> Result<(), BlkError> {
+        self.submit(queue, Request::GetId, token)
+    }
+    pub fn get_lifetime(&mut self, queue: u16, token: usize) -> Result<(), BlkError> {
+        self.submit(queue, Request::GetLifetime, token)
+    }
+    pub fn discard(
+        &mut self,
+        queue: u16,
+        ranges: &[SectorRange],
+        token: usize,
+    ) -> Result<(), BlkError> {
+        self.submit(queue, Request::Discard { ranges }, token)
+    }
+    pub fn write_zeroes(
+        &mut self,
+        queue: u16,
+        ranges: &[SectorRange],
+        unmap: bool,
+        token: usize,
+    ) -> Result<(), BlkError> {
+        self.submit(queue, Request::WriteZeroes { ranges, unmap }, token)
+    }
+    pub fn secure_erase(
+        &mut self,
+        queue: u16,
+        ranges: &[SectorRange],
+        token: usize,
+    ) -> Result<(), BlkError> {
+        self.submit(queue, Request::SecureErase { ranges }, token)
+    }
+
+    /// Queues `req` on `queue` tagged with `token`, split into as many device requests as
+    /// the device's limits need; the token completes once, through
+    /// [`BlkDriver::poll_completions`], when every part has, with the first error.
+    ///
+    /// All or nothing: either every part is queued or none is (`QueueFull`: retry after
+    /// completions). Does not notify the device: call [`BlkDriver::kick`] after a batch.
+    /// Never allocates.
+    pub fn submit(&mut self, queue: u16, req: Request<'_>, token: usize) -> Result<(), BlkError> {
+        if self.stopped {
+            return Err(BlkError::Virtio(Error::InvalidState));
+        }
+        let kind = self.validate(&req)?;
+        let qi = usize::from(queue);
+        if qi >= self.queues.len() {
+            return Err(BlkError::NoSuchQueue { queue });
+        }
+
+        // Plan: count device requests and ring descriptors, all or nothing.
+        let (parts, descs) = self.plan(qi, &req, kind)?;
+        let (free_slots, total_slots) = self
+            .queues
+            .get(qi)
+            .map_or((0, 0), |q| (q.free.len(), q.slots.len()));
+        if parts > total_slots {
+            return Err(BlkError::TooLarge);
+        }
+        let free_descs = usize::from(self.bus.free_descriptors(queue)?);
+        let size = usize::from(self.bus.queue_size(queue)?);
+        if descs > size {
+            return Err(BlkError::TooLarge);
+        }
+        if parts > free_slots || descs > free_descs {
+            return Err(BlkError::QueueFull);
+        }
+        self.execute(qi, queue, &req, kind, token)
+    }
+
+    fn validate(&self, req: &Request<'_>) -> Result<Kind, BlkError> {
+        let info = &self.info;
+        let bs = u64::from(info.block_sectors().max(1));
+        let in_capacity = |sector: u64, sectors: u64| -> Result<(), BlkError> {
+            if sector % bs != 0 || sectors % bs != 0 || sectors == 0 {
+                return Err(BlkError::InvalidRequest);
+            }
+            match sector.checked_add(sectors) {
+                Some(end) if end <= info.capacity => Ok(()),
+                _ => Err(BlkError::OutOfRange),
+            }
+        };
+        let data = |sector: u64, buffers: &[Segment]| -> Result<(), BlkError> {
+            let mut total: u64 = 0;
+            for s in buffers {
+                if s.len == 0 || s.addr.checked_add(u64::from(s.len)).is_none() {
+                    return Err(BlkError::InvalidRequest);
+                }
+                total += u64::from(s.len);
+            }
+            if total == 0 || total % u64::from(info.block_size) != 0 {
+                return Err(BlkError::InvalidRequest);
+            }
+            in_capacity(sector, total / u64::from(SECTOR_SIZE))
+        };
+        let ranges = |rs: &[SectorRange], limits: Option<RangeLimits>| -> Result<(), BlkError> {
+            if limits.is_none() {
+                return Err(BlkError::Unsupported);
+            }
+            if info.read_only {
+                return Err(BlkError::ReadOnly);
+            }
+            if rs.is_empty() {
+                return Err(BlkError::InvalidRequest);
+            }
+            rs.iter().try_for_each(|r| in_capacity(r.sector, r.sectors))
+        };
+        Ok(match *req {
+            Request::Read { sector, buffers } => {
+                data(sector, buffers)?;
+                Kind::Read
+            }
+            Request::Write { sector, buffers } => {
+                if info.read_only {
+                    return Err(BlkError::ReadOnly);
+                }
+                data(sector, buffers)?;
+                Kind::Write
+            }
+            Request::Flush => {
+                if !info.flush {
+                    // Without FLUSH the device is write-through (§5.2.5): nothing to do,
+                    // and the device would not understand the request.
+                    return Err(BlkError::Unsupported);
+                }
+                Kind::Flush
+            }
+            Request::GetId => Kind::GetId,
+            Request::GetLifetime => {
+                if !info.lifetime {
+                    return Err(BlkError::Unsupported);
+                }
+                Kind::GetLifetime
+            }
+            Request::Discard { ranges: rs } => {
+                ranges(rs, info.discard)?;
+                Kind::Discard
+            }
+            Request::WriteZeroes { ranges: rs, .. } => {
+                ranges(rs, info.write_zeroes)?;
+                Kind::WriteZeroes
+            }
+            Request::SecureErase { ranges: rs } => {
+                ranges(rs, info.secure_erase)?;
+                Kind::SecureErase
+            }
+        })
+    }
+
+    fn range_split(&self, kind: Kind) -> RangeSplit {
+        let limits = match kind {
+            Kind::Discard => self.info.discard,
+            Kind::WriteZeroes => self.info.write_zeroes,
+            Kind::SecureErase => self.info.secure_erase,
+            _ => None,
+        };
+        let bs = self.info.block_sectors().max(1);
+        let Some(l) = limits else {
+            return RangeSplit {
+                max_sectors: bs,
+                alignment: 1,
+                max_segs: 1,
+            };
+        };
+        // Split at the device's alignment only where that keeps pieces whole blocks.
+        let alignment = if l.alignment > 1 && l.alignment % bs == 0 && l.alignment <= l.max_sectors
+        {
+            l.alignment
+        } else {
+            1
+        };
+        RangeSplit {
+            max_sectors: l.max_sectors,
+            alignment,
+            max_segs: usize::try_from(l.max_segments)
+                .unwrap_or(usize::MAX)
+                .min(self.ranges.len())
+                .max(1),
+        }
+    }
+
+    fn data_limits(&self, qi: usize) -> DataLimits {
+        DataLimits {
+            max_descs: self.queues.get(qi).map_or(1, |q| q.max_data_descs),
+            size_max: self.info.size_max.unwrap_or(u32::MAX),
+            block: self.info.block_size,
+        }
+    }
+
+    /// The next part at `cursor`: data descriptors go to `scratch[1..]`, ranges to
+    /// `ranges`. `None` when the request is exhausted.
+    fn next_part(
+        &mut self,
+        qi: usize,
+        req: &Request<'_>,
+        kind: Kind,
+        cursor: &mut Cursor,
+    ) -> Result<Option<Part>, BlkError> {
+        let none = Part {
+            sector: 0,
+            descs: 0,
+            bytes: 0,
+            nranges: 0,
+        };
+        match (*req, *cursor) {
+            (
+                Request::Read { sector, buffers } | Request::Write { sector, buffers },
+                Cursor::Data(c),
+            ) => {
+                let lim = self.data_limits(qi);
+                // The sector of this part: the caller's plus what earlier parts covered.
+                let done = bytes_before(buffers, c);
+                let out = self.scratch.get_mut(1..).unwrap_or(&mut []);
+                let part = split::next_data_part(buffers, c, &lim, out)
+                    .map_err(|CannotSplit| BlkError::InvalidRequest)?;
+                Ok(part.map(|p| {
+                    *cursor = Cursor::Data(p.next);
+                    Part {
+                        sector: sector + done / u64::from(SECTOR_SIZE),
+                        descs: p.descs,
+                        bytes: p.bytes,
+                        nranges: 0,
+                    }
+                }))
+            }
+            (
+                Request::Discard { ranges }
+                | Request::WriteZeroes { ranges, .. }
+                | Request::SecureErase { ranges },
+                Cursor::Ranges(c),
+            ) => {
+                let lim = self.range_split(kind);
+                let unmap = matches!(*req, Request::WriteZeroes { unmap: true, .. });
+                Ok(
+                    split::next_range_part(ranges, c, &lim, unmap, &mut self.ranges).map(|p| {
+                        *cursor = Cursor::Ranges(p.next);
+                        Part {
+                            nranges: p.segs,
+                            ..none
+                        }
+                    }),
+                )
+            }
+            (_, Cursor::Single(done)) => {
+                if done {
+                    return Ok(None);
+                }
+                *cursor = Cursor::Single(true);
+                Ok(Some(none))
+            }
+            _ => Err(BlkError::InvalidRequest),
+        }
+    }
+
+    fn first_cursor(kind: Kind) -> Cursor {
+        match kind {
+            Kind::Read | Kind::Write => Cursor::Data(DataCursor::default()),
+            Kind::Discard | Kind::WriteZeroes | Kind::SecureErase => {
+                Cursor::Ranges(RangeCursor::default())
+            }
+            _ => Cursor::Single(false),
+        }
+    }
+
+    /// Counts device requests and ring descriptors, stopping early once more parts than
+    /// the queue has slots are needed.
+    fn plan(
+        &mut self,
+        qi: usize,
+        req: &Request<'_>,
+        kind: Kind,
+    ) -> Result<(usize, usize), BlkError> {
+        let limit = self.queues.get(qi).map_or(0, |q| q.slots.len());
+        let mut cursor = Self::first_cursor(kind);
+        let (mut parts, mut descs) = (0usize, 0usize);
+        while let Some(p) = self.next_part(qi, req, kind, &mut cursor)? {
+            parts += 1;
+            descs += self
+                .queues
+                .get(qi)
+                .map_or(usize::MAX / 2, |q| q.descs_for(p.chain_len(kind)));
+            if parts > limit {
+                break;
+            }
+        }
+        Ok((parts, descs))
+    }
+
+    fn execute(
+        &mut self,
+        qi: usize,
+        queue: u16,
+        req: &Request<'_>,
+        kind: Kind,
+        token: usize,
+    ) -> Result<(), BlkError> {
+        let mut cursor = Self::first_cursor(kind);
+        let mut head: Option<u16> = None;
+        while let Some(part) = self.next_part(qi, req, kind, &mut cursor)? {
+            let Some(q) = self.queues.get_mut(qi) else {
+                return Err(BlkError::NoSuchQueue { queue });
+            };
+            let Some(slot) = q.free.pop() else {
+                // Cannot happen after planning; stop with what is queued.
+                return Self::partial(q, head, BlkError::QueueFull);
+            };
+            let h = head.unwrap_or(slot);
+
+            // Device-readable header and range segments, status sentinel, zeroed answer.
+            let header = ReqHeader::new(
+                kind.req_type(),
+                if matches!(kind, Kind::Read | Kind::Write) {
+                    part.sector
+                } else {
+                    0
+                },
+            );
+            q.write(slot, SLOT_HEADER, header.as_bytes());
+            q.write(slot, SLOT_INLINE, &[0; SLOT_INLINE_LEN]);
+            q.write(slot, SLOT_STATUS, &[STATUS_SENTINEL]);
+            let ranges = self.ranges.get(..part.nranges).unwrap_or(&[]);
+            q.write(slot, SLOT_RANGES, ranges.as_bytes());
+
+            // The chain: [header, data | answer | ranges, status].
+            let hdr = Segment::new(q.slot_daddr(slot, SLOT_HEADER), 16);
+            let st = Segment::new(q.slot_daddr(slot, SLOT_STATUS), 1);
+            let (n, readable) = match kind {
+                Kind::Read => (part.descs, 1),
+                Kind::Write => (part.descs, 1 + part.descs),
+                Kind::Flush => (0, 1),
+                Kind::GetId => {
+                    if let Some(s) = self.scratch.get_mut(1) {
+                        *s = Segment::new(q.slot_daddr(slot, SLOT_INLINE), ID_BYTES as u32);
+                    }
+                    (1, 1)
+                }
+                Kind::GetLifetime => {
+                    if let Some(s) = self.scratch.get_mut(1) {
+                        *s = Segment::new(
+                            q.slot_daddr(slot, SLOT_INLINE),
+                            core::mem::size_of::<wire::LifetimeWire>() as u32,
+                        );
+                    }
+                    (1, 1)
+                }
+                Kind::Discard | Kind::WriteZeroes | Kind::SecureErase => {
+                    if let Some(s) = self.scratch.get_mut(1) {
+                        *s = Segment::new(
+                            q.slot_daddr(slot, SLOT_RANGES),
+                            (part.nranges * core::mem::size_of::<RangeSegment>()) as u32,
+                        );
+                    }
+                    (1, 2)
+                }
+            };
+            if let Some(s) = self.scratch.get_mut(0) {
+                *s = hdr;
+            }
+            if let Some(s) = self.scratch.get_mut(n + 1) {
+                *s = st;
+            }
+            let chain = self.scratch.get(..n + 2).unwrap_or(&[]);
+            let (r, w) = chain.split_at(readable.min(chain.len()));
+
+            if let Some(s) = q.slot_mut(slot) {
+                *s = Slot {
+                    state: SlotState::InFlight,
+                    kind,
+                    head: h,
+                    data_len: if kind == Kind::Read { part.bytes } else { 0 },
+                    token: 0,
+                    pending: 0,
+                    error: None,
+                };
+            }
+            if let Err(e) = self.bus.add(queue, r, w, usize::from(slot)) {
+                log::warn!("virtio-blk: queue {queue}: add failed: {e}");
+                let Some(q) = self.queues.get_mut(qi) else {
+                    return Err(e.into());
+                };
+                q.release(slot);
+                return Self::partial(q, head, e.into());
+            }
+            let Some(q) = self.queues.get_mut(qi) else {
+                return Err(BlkError::NoSuchQueue { queue });
+            };
+            if head.is_none() {
+                head = Some(slot);
+                if let Some(s) = q.slot_mut(slot) {
+                    s.token = token;
+                }
+            }
+            if let Some(s) = q.slot_mut(h) {
+                s.pending += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// A submission stopped after some parts were queued: the token will complete with
+    /// `e` once those parts complete. With nothing queued, the caller gets `e` now.
+    fn partial(q: &mut QueueState, head: Option<u16>, e: BlkError) -> Result<(), BlkError> {
+        match head.and_then(|h| q.slot_mut(h)) {
+            Some(s) => {
+                s.error.get_or_insert(e);
+                Ok(())
+            }
+            None => Err(e),
+        }
+    }
+
+    /// Notifies the device of the requests submitted on `queue` since the last kick, if it
+    /// asked to be notified. One kick per batch. Returns whether it notified.
+    pub fn kick(&mut self, queue: u16) -> Result<bool, BlkError> {
+        self.queue(queue)?;
+        Ok(self.bus.kick(queue)?)
+    }
+
+    /// [`BlkDriver::kick`] on every queue.
+    pub fn kick_all(&mut self) -> Result<(), BlkError> {
+        for q in 0..self.num_queues() {
+            self.kick(q)?;
+        }
+        Ok(())
+    }
+
+    /// Demultiplexes an interrupt (MSI-X vector, or `None` for INTx/polling) and handles a
+    /// config change (capacity). Then call [`BlkDriver::poll_completions`] on the queues.
+    pub fn handle_interrupt(&mut self, vector: Option<u16>) -> Result<BlkInterrupt, BlkError> {
+        let cause = self.bus.handle_interrupt(vector);
+        let mut out = BlkInterrupt {
+            queues: cause.queues,
+            capacity_changed: None,
+            needs_reset: cause.needs_reset,
+        };
+        if cause.config_changed && !cause.needs_reset {
+            out.capacity_changed = self.handle_config_change()?;
+        }
+        Ok(out)
+    }
+
+    /// Re-reads the configuration after a config-change notification; returns the new
+    /// capacity (sectors) if it changed.
+    pub fn handle_config_change(&mut self) -> Result<Option<u64>, BlkError> {
+        let capacity = config::read_capacity(&BusConfig(&self.bus))?;
+        if self.info.config_wce {
+            self.info.writeback = self.bus.read_config_u8(cfg::WRITEBACK)? == 1;
+        }
+        if capacity == self.info.capacity {
+            return Ok(None);
+        }
+        log::info!(
+            "virtio-blk: capacity changed from {} to {} sectors",
+            self.info.capacity,
+            capacity
+        );
+        self.info.capacity = capacity;
+        Ok(Some(capacity))
+    }
+
+    /// Switches the cache between writeback (true) and write-through (CONFIG_WCE).
+    pub fn set_writeback(&mut self, writeback: bool) -> Result<(), BlkError> {
+        if !self.info.config_wce {
+            return Err(BlkError::Unsupported);
+        }
+        self.bus
+            .write_config(cfg::WRITEBACK, &[u8::from(writeback)])?;
+        let now = self.bus.read_config_u8(cfg::WRITEBACK)?;
+        self.info.writeback = now == 1;
+        if self.info.writeback != writeback {
+            return Err(BlkError::Unsupported);
+        }
+        Ok(())
+    }
+
+    /// Pops every completion of `queue`, reclaims slots and calls `f(token, result)` once
+    /// per finished caller request. Interrupts are re-enabled race-free (disable, drain,
+    /// re-enable, drain again if more arrived meanwhile). Never allocates. Returns the
+    /// number of caller requests completed.
+    ///
+    /// An `Err` means the device broke the queue's rules (the queue is now unusable):
+    /// call [`BlkDriver::abort_all`] and [`BlkDriver::restart`].
+    pub fn poll_completions(
+        &mut self,
+        queue: u16,
+        mut f: impl FnMut(usize, Result<Completion, BlkError>),
+    ) -> Result<usize, BlkError> {
+        let qi = usize::from(queue);
+        if qi >= self.queues.len() {
+            return Err(BlkError::NoSuchQueue { queue });
+        }
+        let irq = self.options.interrupts;
+        let mut done = 0;
+        loop {
+            if irq {
+                self.bus.disable_interrupts(queue)?;
+            }
+            while let Some(used) = self.bus.pop_used(queue)? {
+                if let Some(q) = self.queues.get_mut(qi) {
+                    if let Some((token, result)) = complete_part(q, used) {
+                        done += 1;
+                        f(token, result);
+                    }
+                }
+            }
+            if !irq || !self.bus.enable_interrupts(queue)? {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Resets the device and completes every caller request still in flight with
+    /// `BlkError::Aborted`. The driver refuses requests until [`BlkDriver::restart`].
+    pub fn abort_all(&mut self, mut f: impl FnMut(usize, Result<Completion, BlkError>)) {
+        let Self { bus, queues, .. } = self;
+        bus.reset(&mut |queue, token| {
+            let Some(q) = queues.get_mut(usize::from(queue)) else {
+                return;
+            };
+            let Ok(i) = u16::try_from(token) else { return };
+            if let Some((t, r)) = finish_part(q, i, Err(BlkError::Aborted)) {
+                f(t, r);
+            }
+        });
+        // Anything the bus did not hand back (there should be nothing) is dropped.
+        for q in &mut self.queues {
+            let n = q.slots.len() as u16;
+            for s in q.slots.iter_mut() {
+                *s = IDLE;
+            }
+            q.free.clear();
+            q.free.extend((0..n).rev());
+        }
+        self.stopped = true;
+    }
+}
+
+impl<B: Bus> Drop for BlkDriver<B> {
+    fn drop(&mut self) {
+        // The device must stop touching slot memory before it is freed.
+        self.bus.reset(&mut |_, _| {});
+        self.free_regions();
+    }
+}
+
+/// Bytes of `bufs` before cursor `c`.
+fn bytes_before(bufs: &[Segment], c: DataCursor) -> u64 {
+    // DataCursor is opaque outside `split`; recompute through its Debug-free accessors.
+    split::cursor_offset(bufs, c)
+}
+
+/// Validates one completed device request and folds it into its caller request.
+fn complete_part(q: &mut QueueState, used: Used) -> Option<(usize, Result<Completion, BlkError>)> {
+    let Some(i) = u16::try_from(used.token)
+        .ok()
+        .filter(|&i| q.slot(i).is_some_and(|s| s.state == SlotState::InFlight))
+    else {
+        log::error!(
+            "virtio-blk: queue {}: completion for unknown request {}",
+            q.index,
+            used.token
+        );
+        return None;
+    };
+    let slot = q.slot(i).copied()?;
+    let mut st = [0u8; 1];
+    q.read(i, SLOT_STATUS, &mut st);
+    let result =
+        check_status(slot.kind, used.len, st[0], slot.data_len).map(|()| match slot.kind {
+            Kind::GetId => {
+                let mut id = [0u8; ID_BYTES];
+                q.read(i, SLOT_INLINE, &mut id);
+                Completion::Id(DeviceId(id))
+            }
+            Kind::GetLifetime => {
+                let mut b = [0u8; 6];
+                q.read(i, SLOT_INLINE, &mut b);
+                let [a0, a1, b0, b1, c0, c1] = b;
+                Completion::Lifetime(Lifetime {
+                    pre_eol_info: u16::from_le_bytes([a0, a1]),
+                    device_lifetime_est_typ_a: u16::from_le_bytes([b0, b1]),
+                    device_lifetime_est_typ_b: u16::from_le_bytes([c0, c1]),
+                })
+            }
+            _ => Completion::Done,
+        });
+    if let Err(e) = result {
+        log::warn!(
+            "virtio-blk: queue {}: request type {} failed: {e}",
+            q.index,
+            slot.kind.req_type()
+        );
+    }
+    finish_part(q, i, result)
+}
+
+/// Marks part `i` done with `result`; returns the caller completion when it was the last.
+fn finish_part(
+    q: &mut QueueState,
+    i: u16,
+    result: Result<Completion, BlkError>,
+) -> Option<(usize, Result<Completion, BlkError>)> {
+    let slot = q.slot(i).copied()?;
+    if slot.state != SlotState::InFlight {
+        return None;
+    }
+    let h = slot.head;
+    if i == h {
+        if let Some(s) = q.slot_mut(i) {
+            s.state = SlotState::Finished;
+        }
+    } else {
+        q.release(i);
+    }
+    let head = q.slot_mut(h)?;
+    head.pending = head.pending.saturating_sub(1);
+    let value = match result {
+        Err(e) => {
+            head.error.get_or_insert(e);
+            Completion::Done
+        }
+        Ok(v) => v,
+    };
+    if head.pending > 0 || head.state != SlotState::Finished {
+        return None;
+    }
+    let token = head.token;
+    let outcome = match head.error {
+        Some(e) => Err(e),
+        // Multi-part requests are data/range operations (Done); single-part ones carry
+        // their own answer in `value`.
+        None => Ok(value),
+    };
+    q.release(h);
+    Some((token, outcome))
+}
+
+/// Status byte and written length of one device request (§5.2.6): OK / IOERR / UNSUPP are
+/// distinct; anything else, or a length that does not cover the status byte (or, for a
+/// read, the data), is the device breaking the protocol.
+fn check_status(kind: Kind, len: u32, status: u8, data_len: u32) -> Result<(), BlkError> {
+    if len == 0 {
+        return Err(BlkError::Virtio(Error::DeviceProtocol {
+            what: "blk: used length does not cover the status byte",
+        }));
+    }
+    match status {
+        status::OK => {}
+        status::IOERR => return Err(BlkError::Io),
+        status::UNSUPP => return Err(BlkError::Unsupported),
+        _ => {
+            return Err(BlkError::Virtio(Error::DeviceProtocol {
+                what: "blk: status byte out of range",
+            }));
+        }
+    }
+    if kind == Kind::Read && u64::from(len) < u64::from(data_len) + 1 {
+        return Err(BlkError::Virtio(Error::DeviceProtocol {
+            what: "blk: used length shorter than the data read",
+        }));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_handling() {
+        assert_eq!(check_status(Kind::Write, 1, 0, 0), Ok(()));
+        assert_eq!(check_status(Kind::Write, 1, 1, 0), Err(BlkError::Io));
+        assert_eq!(
+            check_status(Kind::Flush, 1, 2, 0),
+            Err(BlkError::Unsupported)
+        );
+        for bad in [3u8, 7, 0xFF] {
+            assert!(matches!(
+                check_status(Kind::Write, 1, bad, 0),
+                Err(BlkError::Virtio(Error::DeviceProtocol { .. }))
+            ));
+        }
+        assert!(matches!(
+            check_status(Kind::Write, 0, 0, 0),
+            Err(BlkError::Virtio(Error::DeviceProtocol { .. }))
+        ));
+        assert_eq!(check_status(Kind::Read, 4097, 0, 4096), Ok(()));
+        assert!(matches!(
+            check_status(Kind::Read, 4096, 0, 4096),
+            Err(BlkError::Virtio(Error::DeviceProtocol { .. }))
+        ));
+        // An error status needs no data.
+        assert_eq!(check_status(Kind::Read, 1, 1, 4096), Err(BlkError::Io));
+    }
+
+    #[test]
+    fn device_id_trims_at_nul() {
+        let mut raw = [0u8; 20];
+        raw[..5].copy_from_slice(b"disk0");
+        assert_eq!(DeviceId(raw).as_bytes(), b"disk0");
+        assert_eq!(DeviceId([b'x'; 20]).as_bytes().len(), 20);
+    }
+}
