@@ -1,0 +1,1608 @@
+//! The driver: [`VirtioNet`] over any [`Bus`].
+//!
+//! # Queues
+//! Queue pairs are the unit (§5.1.2): pair `p` has receive queue `2p` and transmit queue
+//! `2p + 1`; the control queue comes after the last pair. One pair is driven (MQ is refused,
+//! see [`crate::features`]), so: rx 0, tx 1, control 2.
+//!
+//! # Memory (allocated in [`VirtioNet::new`] only)
+//! - transmit: one header slot (16 bytes) per ring entry, indexed by the chain's token, so a
+//!   frame is `[header slot] + the caller's already-mapped segments`; plus one reserved slot
+//!   with its own frame buffer for the kernel debugger;
+//! - receive: `rx_buffers` coherent buffers, each posted whole (one descriptor; two —
+//!   header, data — on a legacy device without ANY_LAYOUT or MRG_RXBUF). Sizes: small mode
+//!   `hdr + max(1518, mtu + 18)`, big mode (GUEST_TSO/UFO without MRG_RXBUF) `hdr + 65562`,
+//!   mergeable mode 4096-byte buffers posted with a length that follows a running average
+//!   of received frame lengths (Linux's EWMA, weight 1/64, clamped to [1518 + hdr, 4096]);
+//! - control: one buffer for the header, the command data and the ack.
+//!
+//! # Receive pipeline
+//! Completed rx buffers move from the used ring into a FIFO (`ready`) in device order. A
+//! frame is parsed at the front of the FIFO: the header is validated, then (mergeable) its
+//! `num_buffers` entries are gathered; a frame whose buffers have not all arrived yet waits.
+//! The frame is lent to the caller's callback ([`RxFrame`] borrows the DMA buffers), then
+//! its buffers are reposted.
+//!
+//! # Kernel debugger (KDP) path
+//! [`VirtioNet::debug_send`] / [`VirtioNet::debug_receive`] poll with bounded waits and
+//! never disturb the normal path:
+//! - transmit uses a dedicated slot and buffer; the normal path always leaves
+//!   [`DEBUG_TX_RESERVE`] descriptors free for it. Completions of normal frames that the
+//!   debugger pops are queued in order and reported by the next [`VirtioNet::tx_reclaim`].
+//! - receive *borrows* frames: the debugger copies the next frame the normal path has not
+//!   seen and leaves its buffers in the `ready` FIFO, so the normal path still receives every
+//!   frame, in order, when it resumes. Should the debugger hold so many buffers that fewer
+//!   than half are posted, it hands the oldest borrowed frames back to the device
+//!   (dropping them, counted in [`NetStats::rx_debugger_dropped`]) so a long debugging
+//!   session never starves the ring.
+//!
+//! Both paths take `&mut self`: the platform must serialise them (in a kext, the debugger
+//! entry try-locks the driver and drops the packet when the lock is held).
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use virtio_core::platform::{Dma, DmaRegion};
+use virtio_core::{Bus, DeviceType, Error, Features, QueueSpec, Segment};
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::features::{self as f, close_dependencies, has};
+use crate::fifo::Fifo;
+use crate::wire::{
+    self, CtrlHdr, GuestOffloads, HostOffloads, MAX_GSO_FRAME, MIN_MTU, NetHdr, OffloadError,
+    RxInfo, TxOffload, config, ctrl,
+};
+
+/// Queue numbering (§5.1.2).
+pub mod queues {
+    /// Receive queue of pair `p`.
+    pub const fn rx(pair: u16) -> u16 {
+        2 * pair
+    }
+    /// Transmit queue of pair `p`.
+    pub const fn tx(pair: u16) -> u16 {
+        2 * pair + 1
+    }
+    /// The control queue, after `pairs` queue pairs.
+    pub const fn ctrl(pairs: u16) -> u16 {
+        2 * pairs
+    }
+}
+
+const RX: u16 = queues::rx(0);
+const TX: u16 = queues::tx(0);
+const CTRL: u16 = queues::ctrl(1);
+
+/// Token of the debugger's reserved transmit chain.
+const DEBUG_TOKEN: usize = usize::MAX;
+/// Descriptors the normal transmit path leaves free for one debugger frame (header and data
+/// in separate descriptors on a legacy device without ANY_LAYOUT).
+pub const DEBUG_TX_RESERVE: u16 = 2;
+/// Largest frame the debugger path sends or receives (Ethernet + VLAN + 1500).
+pub const DEBUG_FRAME_MAX: usize = 1518;
+/// Most addresses in each MAC filter table sent by [`VirtioNet::set_mac_filter`]; beyond it,
+/// the caller falls back to promiscuous / all-multicast, as Linux does.
+pub const MAC_TABLE_MAX: usize = 64;
+/// Transmit header slot stride.
+const TX_HDR_STRIDE: usize = 16;
+/// Good packet length: Ethernet header + VLAN tag + 1500 (Linux `GOOD_PACKET_LEN`).
+const GOOD_PACKET_LEN: usize = 1518;
+/// §5.1.6.3.1: with GUEST_TSO/UFO and no MRG_RXBUF, buffers of at least 65562 bytes.
+const BIG_PACKET_LEN: usize = 65562;
+/// Capacity of one mergeable receive buffer (a page, like Linux).
+const MERGE_BUF_CAP: usize = 4096;
+/// Default number of big-mode buffers (each about 64 KiB).
+const BIG_DEFAULT_BUFFERS: u16 = 32;
+const CTRL_HDR_OFF: usize = 0;
+const CTRL_ACK_OFF: usize = 8;
+const CTRL_DATA_OFF: usize = 16;
+const CTRL_REGION: usize = 1024;
+/// Ack value written before a command: neither OK nor ERR, so an ack the device did not
+/// write is detected.
+const ACK_SENTINEL: u8 = 0xA5;
+const ETH_HLEN: usize = 14;
+
+/// Driver parameters chosen by the platform.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Feature bits the platform allows (its stack may lack e.g. TSO); intersected with
+    /// [`crate::features::SUPPORTED`].
+    pub features: u64,
+    /// Ring sizes (0: the device maximum).
+    pub rx_queue_size: u16,
+    pub tx_queue_size: u16,
+    /// Receive buffers to allocate (0: fill the ring; 32 in big-packet mode).
+    pub rx_buffers: u16,
+    /// Most DMA segments one transmitted frame may have.
+    pub max_tx_segments: u16,
+    /// Bound on polls of the control queue for one command's completion.
+    pub ctrl_spins: u32,
+    /// Seed for the random locally administered MAC used when the device has none.
+    pub mac_seed: u64,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            features: f::SUPPORTED,
+            rx_queue_size: 0,
+            tx_queue_size: 0,
+            rx_buffers: 0,
+            max_tx_segments: 18,
+            ctrl_spins: 10_000_000,
+            mac_seed: 0x5EED_0FD4_2A1E_u64,
+        }
+    }
+}
+
+/// How receive buffers are sized (§5.1.6.3.1).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum RxMode {
+    /// No MRG_RXBUF, no GUEST_TSO/UFO: one buffer per frame of `hdr + max(1518, mtu + 18)`.
+    Small,
+    /// No MRG_RXBUF with GUEST_TSO/UFO: one buffer per frame of `hdr + 65562`.
+    Big,
+    /// MRG_RXBUF: frames spread over `num_buffers` buffers.
+    Mergeable,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Duplex {
+    Half,
+    Full,
+}
+
+/// Errors of the net driver.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum NetError {
+    /// From the bus / virtqueue (a broken queue, DMA failure, ...).
+    Core(Error),
+    /// The transmit ring cannot take this frame now: stop the output queue until
+    /// [`VirtioNet::tx_reclaim`] reports `restart`.
+    Busy,
+    /// The caller's frame is unusable (no or too many segments, runt, too long).
+    BadFrame(&'static str),
+    /// The offload request cannot be expressed.
+    Offload(OffloadError),
+    /// The operation needs a feature that was not negotiated.
+    NotNegotiated(&'static str),
+    /// The device broke the protocol (a bad value it wrote); the frame or command is dropped.
+    Device(&'static str),
+    /// The device answered a control command with VIRTIO_NET_ERR.
+    CtrlRejected { class: u8, command: u8 },
+    /// A previous control command timed out and is still owned by the device.
+    CtrlBusy,
+    /// A bounded wait ran out.
+    Timeout,
+}
+
+impl From<Error> for NetError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::QueueFull => NetError::Busy,
+            e => NetError::Core(e),
+        }
+    }
+}
+
+impl core::fmt::Display for NetError {
+    fn fmt(&self, fm: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            NetError::Core(e) => write!(fm, "{e}"),
+            NetError::Busy => write!(fm, "transmit ring full"),
+            NetError::BadFrame(w) => write!(fm, "bad frame: {w}"),
+            NetError::Offload(o) => write!(fm, "offload: {o:?}"),
+            NetError::NotNegotiated(w) => write!(fm, "{w} not negotiated"),
+            NetError::Device(w) => write!(fm, "device protocol violation: {w}"),
+            NetError::CtrlRejected { class, command } => {
+                write!(fm, "device rejected control command {class}/{command}")
+            }
+            NetError::CtrlBusy => write!(fm, "control queue busy"),
+            NetError::Timeout => write!(fm, "timed out"),
+        }
+    }
+}
+
+/// Counters.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub tx_busy: u64,
+    pub tx_completed: u64,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    /// Frames dropped because of device-written values (bad num_buffers, runt, header).
+    pub rx_errors: u64,
+    pub rx_bad_num_buffers: u64,
+    pub rx_bad_header: u64,
+    pub rx_length_errors: u64,
+    /// Borrowed frames the debugger had to hand back to the device unseen by the stack.
+    pub rx_debugger_dropped: u64,
+    /// Frames the debugger saw but could not copy (longer than its buffer).
+    pub rx_debugger_oversize: u64,
+    pub debug_tx_frames: u64,
+    pub debug_rx_frames: u64,
+    pub ctrl_commands: u64,
+    pub ctrl_errors: u64,
+    pub config_changes: u64,
+    /// Config fields that failed validation (MTU < 68, invalid MAC, bad speed/duplex).
+    pub config_invalid: u64,
+}
+
+/// What [`VirtioNet::transmit`] did.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct TxStatus {
+    /// The ring can no longer take a frame of `max_tx_segments`: stop the output queue and
+    /// call [`VirtioNet::tx_reclaim`] (now, and on transmit interrupts) until it says
+    /// `restart`.
+    pub stop: bool,
+}
+
+/// What [`VirtioNet::tx_reclaim`] did.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TxReclaim {
+    /// Frames completed (each token was handed to the callback).
+    pub frames: usize,
+    /// The queue had been stopped and may now be restarted.
+    pub restart: bool,
+}
+
+/// What [`VirtioNet::rx_poll`] did.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct RxSummary {
+    pub frames: usize,
+    pub dropped: usize,
+    /// The last reason a frame was dropped.
+    pub last_error: Option<NetError>,
+    /// Budget exhausted or frames arrived while interrupts were re-enabled: poll again.
+    pub more: bool,
+}
+
+/// What an interrupt meant for this device.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetInterrupt {
+    pub rx: bool,
+    pub tx: bool,
+    pub config: bool,
+    pub needs_reset: bool,
+}
+
+/// What a config change meant ([`VirtioNet::handle_config_change`]).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfigEvent {
+    pub link_up: bool,
+    pub link_changed: bool,
+    /// GUEST_ANNOUNCE: the device asks for gratuitous ARP/ND; send them, then call
+    /// [`VirtioNet::ack_announce`].
+    pub announce: bool,
+    pub needs_reset: bool,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum TxSlot {
+    Free,
+    InFlight(usize),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum BufState {
+    Free,
+    Posted,
+    Ready,
+}
+
+/// Exponentially weighted moving average of frame lengths, weight 1/64, 4 fraction bits
+/// (Linux `DECLARE_EWMA(pkt_len, 0, 64)`).
+#[derive(Copy, Clone, Debug, Default)]
+struct Ewma {
+    avg_x16: u64,
+    init: bool,
+}
+
+impl Ewma {
+    fn add(&mut self, v: usize) {
+        let v = (v as u64) << 4;
+        if self.init {
+            self.avg_x16 = self.avg_x16 - self.avg_x16 / 64 + v / 64;
+        } else {
+            self.avg_x16 = v;
+            self.init = true;
+        }
+    }
+    fn read(&self) -> usize {
+        (self.avg_x16 >> 4) as usize
+    }
+}
+
+struct TxState {
+    hdrs: Option<DmaRegion>,
+    slots: Vec<TxSlot>,
+    free_slots: Vec<u16>,
+    /// Slots completed while the debugger polled, reported by the next `tx_reclaim`.
+    done: Fifo<u16>,
+    scratch: Vec<Segment>,
+    stopped: bool,
+    /// Longest chain that travels as one indirect descriptor (0: none).
+    indirect_max: u16,
+    max_segs: u16,
+    dbg: Option<DmaRegion>,
+    dbg_in_flight: bool,
+}
+
+struct RxState {
+    bufs: Vec<DmaRegion>,
+    state: Vec<BufState>,
+    free: Vec<u16>,
+    /// Completed buffers (index, written length) in device order.
+    ready: Fifo<(u16, u32)>,
+    posted: usize,
+    /// Entries at the front of `ready` the debugger has already seen.
+    dbg_cursor: usize,
+    cap: usize,
+    split_header: bool,
+    ewma: Ewma,
+}
+
+struct CtrlState {
+    region: DmaRegion,
+    in_flight: bool,
+}
+
+enum Parse {
+    Frame { n: usize, info: RxInfo },
+    Bad(NetError, &'static str),
+    Incomplete,
+}
+
+/// The virtio network driver over bus `B`.
+pub struct VirtioNet<B: Bus> {
+    bus: B,
+    cfg: NetConfig,
+    features: Features,
+    mac: [u8; 6],
+    mtu: Option<u16>,
+    link_up: bool,
+    speed: Option<u32>,
+    duplex: Option<Duplex>,
+    hdr_len: usize,
+    any_layout: bool,
+    mode: RxMode,
+    host: HostOffloads,
+    guest: GuestOffloads,
+    live: bool,
+    tx: TxState,
+    rx: RxState,
+    ctrl: Option<CtrlState>,
+    stats: NetStats,
+}
+
+/// Bytes of `len` at `off` in a DMA region (empty when out of range).
+fn region_bytes(r: &DmaRegion, off: usize, len: usize) -> &[u8] {
+    match r.ptr_at(off, len) {
+        // SAFETY: `ptr_at` checked `off + len` against the region, which stays allocated
+        // while `r` is borrowed. Only buffers the device has returned through the used ring
+        // (or that were never posted) are read: the device no longer owns them (§2.7.14).
+        Some(p) => unsafe { core::slice::from_raw_parts(p.as_ptr(), len) },
+        None => &[],
+    }
+}
+
+/// Copies `data` into a DMA region at `off`; false when out of range.
+fn region_write(r: &DmaRegion, off: usize, data: &[u8]) -> bool {
+    match r.ptr_at(off, data.len()) {
+        Some(p) => {
+            // SAFETY: in range (checked by `ptr_at`); the region is driver memory the device
+            // does not own at this point (the slot or buffer is not in flight).
+            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p.as_ptr(), data.len()) };
+            true
+        }
+        None => false,
+    }
+}
+
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A random locally administered unicast address (Linux `eth_random_addr`).
+fn random_mac(seed: u64) -> [u8; 6] {
+    let mut s = seed;
+    let r = splitmix64(&mut s).to_le_bytes();
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(r.get(..6).unwrap_or(&[0; 6]));
+    mac[0] = (mac[0] & 0xFE) | 0x02;
+    mac
+}
+
+fn valid_unicast(mac: &[u8; 6]) -> bool {
+    mac[0] & 1 == 0 && mac.iter().any(|&b| b != 0)
+}
+
+/// Negotiates `want`, then renegotiates while the result is not closed under the feature
+/// dependencies (a device may offer HOST_TSO4 without CSUM).
+fn negotiate<B: Bus>(bus: &mut B, want: Features) -> Result<Features, NetError> {
+    let mut want = want;
+    for _ in 0..4 {
+        let got = bus.negotiate_features(want)?;
+        let closed = close_dependencies(got);
+        if closed == got {
+            return Ok(got);
+        }
+        log::info!(
+            "virtio-net: dropping features with missing dependencies: {:#x}",
+            got.bits() & !closed.bits()
+        );
+        want = closed;
+    }
+    Err(NetError::Core(Error::FeaturesNotAccepted {
+        offered: bus.offered_features().bits(),
+        requested: want.bits(),
+    }))
+}
+
+impl<B: Bus> VirtioNet<B> {
+    /// Initialises the device (§3.1.1, §5.1.5): negotiation, config validation, queues,
+    /// buffers, DRIVER_OK, then the receive ring is kicked and, if the device has no MAC of
+    /// its own, the random one is pushed to it.
+    pub fn new(mut bus: B, cfg: NetConfig) -> Result<Self, NetError> {
+        if bus.device_type() != DeviceType::Net {
+            return Err(NetError::Core(Error::Unsupported));
+        }
+        let mut stats = NetStats::default();
+        let want = Features::from_bits_retain(f::SUPPORTED & cfg.features);
+        let mut feats = negotiate(&mut bus, want)?;
+        // §5.1.4.1: mtu must be 68..=65535; otherwise do not use it (Linux clears the bit).
+        let mut mtu = None;
+        if has(feats, f::MTU) {
+            let m = bus.read_config_u16(config::MTU)?;
+            if m < MIN_MTU {
+                log::warn!("virtio-net: device MTU {m} < {MIN_MTU}; renegotiating without MTU");
+                stats.config_invalid += 1;
+                feats = negotiate(
+                    &mut bus,
+                    feats.difference(Features::from_bits_retain(f::MTU)),
+                )?;
+            } else {
+                mtu = Some(m);
+            }
+        }
+        if bus.max_queue_size(RX) == 0 || bus.max_queue_size(TX) == 0 {
+            return Err(NetError::Core(Error::NoSuchQueue {
+                queue: if bus.max_queue_size(RX) == 0 { RX } else { TX },
+            }));
+        }
+        if has(feats, f::CTRL_VQ) && bus.max_queue_size(CTRL) == 0 {
+            log::warn!("virtio-net: CTRL_VQ offered without a control queue; not using it");
+            stats.config_invalid += 1;
+            let without =
+                close_dependencies(feats.difference(Features::from_bits_retain(f::CTRL_VQ)));
+            feats = negotiate(&mut bus, without)?;
+        }
+
+        // Config fields, each only when its feature is negotiated (§5.1.4).
+        let mut push_mac = false;
+        let mac = if has(feats, f::MAC) {
+            let mut m = [0u8; 6];
+            bus.read_config(config::MAC, &mut m)?;
+            if valid_unicast(&m) {
+                m
+            } else {
+                log::warn!("virtio-net: device MAC {m:02x?} is not a unicast address");
+                stats.config_invalid += 1;
+                push_mac = true;
+                random_mac(cfg.mac_seed)
+            }
+        } else {
+            push_mac = true;
+            random_mac(cfg.mac_seed)
+        };
+        let link_up = if has(feats, f::STATUS) {
+            bus.read_config_u16(config::STATUS)? & config::S_LINK_UP != 0
+        } else {
+            true
+        };
+        let (speed, duplex) = if has(feats, f::SPEED_DUPLEX) {
+            read_speed_duplex(&bus, &mut stats)?
+        } else {
+            (None, None)
+        };
+
+        let version_1 = feats.contains(Features::VERSION_1);
+        let mrg = has(feats, f::MRG_RXBUF);
+        let hdr_len = if version_1 || mrg {
+            wire::HDR_LEN_V1
+        } else {
+            wire::HDR_LEN_LEGACY
+        };
+        let any_layout = version_1 || has(feats, f::ANY_LAYOUT);
+        let guest_gso = feats.bits() & (f::GUEST_TSO4 | f::GUEST_TSO6 | f::GUEST_UFO) != 0;
+        let mode = if mrg {
+            RxMode::Mergeable
+        } else if guest_gso {
+            RxMode::Big
+        } else {
+            RxMode::Small
+        };
+        let host = HostOffloads {
+            csum: has(feats, f::CSUM),
+            tso4: has(feats, f::HOST_TSO4),
+            tso6: has(feats, f::HOST_TSO6),
+            ufo: has(feats, f::HOST_UFO),
+            ecn: has(feats, f::HOST_ECN),
+        };
+        let guest = GuestOffloads {
+            csum: has(feats, f::GUEST_CSUM),
+            tso4: has(feats, f::GUEST_TSO4),
+            tso6: has(feats, f::GUEST_TSO6),
+            ecn: has(feats, f::GUEST_ECN),
+            ufo: has(feats, f::GUEST_UFO),
+        };
+        let split_header = !any_layout && !mrg;
+        let max_segs = cfg.max_tx_segments.clamp(1, 64);
+        let mut specs = [
+            QueueSpec::new(RX)
+                .size(cfg.rx_queue_size)
+                .indirect(if split_header { 2 } else { 0 }),
+            QueueSpec::new(TX)
+                .size(cfg.tx_queue_size)
+                .indirect(max_segs + 1),
+            QueueSpec::new(CTRL).size(16).interrupts(false).indirect(4),
+        ];
+        let nspecs = if has(feats, f::CTRL_VQ) { 3 } else { 2 };
+        bus.setup_queues(specs.get_mut(..nspecs).unwrap_or(&mut []))?;
+
+        let indirect = feats.contains(Features::INDIRECT_DESC);
+        let rx_size = bus.queue_size(RX)?;
+        let tx_size = bus.queue_size(TX)?;
+        let tx_indirect_max = if indirect {
+            (max_segs + 1).min(tx_size)
+        } else {
+            0
+        };
+        let rx_descs_per_buf: u16 = if split_header && !(indirect && rx_size >= 2) {
+            2
+        } else {
+            1
+        };
+        let ring_bufs = (rx_size / rx_descs_per_buf).max(1);
+        let nbufs = match (cfg.rx_buffers, mode) {
+            (0, RxMode::Big) => BIG_DEFAULT_BUFFERS.min(ring_bufs),
+            (0, _) => ring_bufs,
+            (n, _) => n.min(ring_bufs),
+        } as usize;
+        let cap = match mode {
+            RxMode::Small => {
+                hdr_len + GOOD_PACKET_LEN.max(mtu.map_or(0, |m| m as usize + wire::ETH_VLAN_HLEN))
+            }
+            RxMode::Big => hdr_len + BIG_PACKET_LEN,
+            RxMode::Mergeable => MERGE_BUF_CAP,
+        };
+
+        let mut net = VirtioNet {
+            bus,
+            cfg,
+            features: feats,
+            mac,
+            mtu,
+            link_up,
+            speed,
+            duplex,
+            hdr_len,
+            any_layout,
+            mode,
+            host,
+            guest,
+            live: false,
+            tx: TxState {
+                hdrs: None,
+                slots: vec![TxSlot::Free; tx_size as usize],
+                free_slots: (0..tx_size).rev().collect(),
+                done: Fifo::new(tx_size as usize, 0),
+                scratch: Vec::with_capacity(max_segs as usize + 1),
+                stopped: false,
+                indirect_max: tx_indirect_max,
+                max_segs,
+                dbg: None,
+                dbg_in_flight: false,
+            },
+            rx: RxState {
+                bufs: Vec::with_capacity(nbufs),
+                state: vec![BufState::Free; nbufs],
+                free: Vec::with_capacity(nbufs),
+                ready: Fifo::new(nbufs, (0, 0)),
+                posted: 0,
+                dbg_cursor: 0,
+                cap,
+                split_header,
+                ewma: Ewma::default(),
+            },
+            ctrl: None,
+            stats,
+        };
+        // From here on, `Drop` resets the device and frees whatever was allocated.
+        net.allocate(tx_size as usize, nbufs)?;
+        net.refill()?;
+        net.bus.driver_ok()?;
+        net.live = true;
+        net.bus.kick(RX)?;
+        // Transmit completions interrupt once ~3/4 of the frames in flight are done.
+        net.bus.enable_interrupts_delayed(TX)?;
+        if push_mac {
+            let mac = net.mac;
+            if let Err(e) = net.set_mac_address(mac) {
+                log::info!("virtio-net: could not give the device our MAC: {e}");
+            }
+        }
+        log::info!(
+            "virtio-net: features {:#x}, mac {:02x?}, mtu {:?}, link {}, {:?} rx with {} buffers",
+            net.features.bits(),
+            net.mac,
+            net.mtu,
+            if net.link_up { "up" } else { "down" },
+            net.mode,
+            nbufs
+        );
+        Ok(net)
+    }
+
+    fn allocate(&mut self, tx_slots: usize, nbufs: usize) -> Result<(), NetError> {
+        let dma = self.bus.dma();
+        self.tx.hdrs = Some(dma.alloc_coherent(tx_slots.max(1) * TX_HDR_STRIDE, 16)?);
+        self.tx.dbg = Some(dma.alloc_coherent(TX_HDR_STRIDE + DEBUG_FRAME_MAX, 16)?);
+        if has(self.features, f::CTRL_VQ) {
+            self.ctrl = Some(CtrlState {
+                region: dma.alloc_coherent(CTRL_REGION, 16)?,
+                in_flight: false,
+            });
+        }
+        for i in 0..nbufs {
+            let r = dma.alloc_coherent(self.rx.cap, 64)?;
+            self.rx.bufs.push(r);
+            self.rx.free.push(i as u16);
+        }
+        // Post lowest indices first.
+        self.rx.free.reverse();
+        Ok(())
+    }
+
+    // ---- accessors ----
+
+    pub fn bus(&self) -> &B {
+        &self.bus
+    }
+    /// The bus, e.g. to route interrupts; do not use the net queues through it.
+    pub fn bus_mut(&mut self) -> &mut B {
+        &mut self.bus
+    }
+    pub fn features(&self) -> Features {
+        self.features
+    }
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+    /// The device's MTU (MTU feature), validated.
+    pub fn mtu(&self) -> Option<u16> {
+        self.mtu
+    }
+    pub fn link_up(&self) -> bool {
+        self.link_up
+    }
+    /// Mbit/s (SPEED_DUPLEX), `None` when unknown.
+    pub fn speed(&self) -> Option<u32> {
+        self.speed
+    }
+    pub fn duplex(&self) -> Option<Duplex> {
+        self.duplex
+    }
+    /// The virtio net header length in use (10 or 12).
+    pub fn header_len(&self) -> usize {
+        self.hdr_len
+    }
+    pub fn rx_mode(&self) -> RxMode {
+        self.mode
+    }
+    pub fn host_offloads(&self) -> HostOffloads {
+        self.host
+    }
+    pub fn guest_offloads(&self) -> GuestOffloads {
+        self.guest
+    }
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+    pub fn tx_stopped(&self) -> bool {
+        self.tx.stopped
+    }
+    /// Receive buffers allocated, and how many the device holds now.
+    pub fn rx_buffers(&self) -> (usize, usize) {
+        (self.rx.bufs.len(), self.rx.posted)
+    }
+    /// The length a mergeable receive buffer is posted with now.
+    pub fn rx_post_len(&self) -> usize {
+        self.post_len()
+    }
+
+    /// Demultiplexes an interrupt (`vector`: MSI-X index, `None` for INTx).
+    pub fn handle_interrupt(&mut self, vector: Option<u16>) -> NetInterrupt {
+        let c = self.bus.handle_interrupt(vector);
+        NetInterrupt {
+            rx: c.queues.contains(RX),
+            tx: c.queues.contains(TX),
+            config: c.config_changed,
+            needs_reset: c.needs_reset,
+        }
+    }
+
+    /// Re-reads link status (STATUS) and speed/duplex after a config interrupt.
+    pub fn handle_config_change(&mut self) -> Result<ConfigEvent, NetError> {
+        self.stats.config_changes += 1;
+        if self.bus.needs_reset() {
+            return Ok(ConfigEvent {
+                link_up: self.link_up,
+                needs_reset: true,
+                ..Default::default()
+            });
+        }
+        let mut ev = ConfigEvent {
+            link_up: self.link_up,
+            ..Default::default()
+        };
+        if has(self.features, f::STATUS) {
+            let s = self.bus.read_config_u16(config::STATUS)?;
+            let up = s & config::S_LINK_UP != 0;
+            ev.link_changed = up != self.link_up;
+            ev.link_up = up;
+            self.link_up = up;
+            ev.announce = s & config::S_ANNOUNCE != 0 && has(self.features, f::GUEST_ANNOUNCE);
+        }
+        if has(self.features, f::SPEED_DUPLEX) {
+            let (s, d) = read_speed_duplex(&self.bus, &mut self.stats)?;
+            self.speed = s;
+            self.duplex = d;
+        }
+        Ok(ev)
+    }
+
+    // ---- transmit ----
+
+    fn max_frame_descs(&self) -> u16 {
+        let n = self.tx.max_segs + 1;
+        if self.tx.indirect_max >= n { 1 } else { n }
+    }
+
+    fn descs_for(&self, segs: usize) -> u16 {
+        let n = segs as u16 + 1;
+        if self.tx.indirect_max >= n { 1 } else { n }
+    }
+
+    /// Queues one frame (its DMA segments, in order) with `offload`, and notifies the device.
+    /// `token` comes back from [`VirtioNet::tx_reclaim`] once the device is done with the
+    /// segments. [`NetError::Busy`] means: stop the output queue, retry after a reclaim
+    /// with `restart`.
+    pub fn transmit(
+        &mut self,
+        frame: &[Segment],
+        offload: &TxOffload,
+        token: usize,
+    ) -> Result<TxStatus, NetError> {
+        let st = self.transmit_deferred(frame, offload, token)?;
+        self.bus.kick(TX)?;
+        Ok(st)
+    }
+
+    /// Like [`VirtioNet::transmit`] without notifying; call [`VirtioNet::tx_kick`] after a
+    /// batch.
+    pub fn transmit_deferred(
+        &mut self,
+        frame: &[Segment],
+        offload: &TxOffload,
+        token: usize,
+    ) -> Result<TxStatus, NetError> {
+        if !self.live {
+            return Err(NetError::Core(Error::InvalidState));
+        }
+        if token == DEBUG_TOKEN {
+            return Err(NetError::BadFrame("token usize::MAX is reserved"));
+        }
+        if frame.is_empty() || frame.len() > self.tx.max_segs as usize {
+            return Err(NetError::BadFrame("segment count"));
+        }
+        let mut len: usize = 0;
+        for s in frame {
+            len = len.saturating_add(s.len as usize);
+        }
+        if len < ETH_HLEN {
+            return Err(NetError::BadFrame("shorter than an Ethernet header"));
+        }
+        let max = if offload.gso.is_some() {
+            MAX_GSO_FRAME
+        } else {
+            // §5.1.6.2.1 with MTU: no frame beyond mtu + link header without GSO.
+            self.mtu.map_or(1500, |m| m as usize) + wire::ETH_VLAN_HLEN
+        };
+        if len > max {
+            return Err(NetError::BadFrame("longer than the MTU allows"));
+        }
+        let hdr = wire::build_tx_header(offload, len, &self.host).map_err(NetError::Offload)?;
+        let descs = self.descs_for(frame.len());
+        let free = self.bus.free_descriptors(TX)?;
+        if free < descs + DEBUG_TX_RESERVE {
+            self.stats.tx_busy += 1;
+            self.tx.stopped = true;
+            return Err(NetError::Busy);
+        }
+        let Some(slot) = self.tx.free_slots.pop() else {
+            self.stats.tx_busy += 1;
+            self.tx.stopped = true;
+            return Err(NetError::Busy);
+        };
+        let Some(region) = &self.tx.hdrs else {
+            self.tx.free_slots.push(slot);
+            return Err(NetError::Core(Error::InvalidState));
+        };
+        let off = slot as usize * TX_HDR_STRIDE;
+        let hb = hdr.as_bytes().get(..self.hdr_len).unwrap_or(&[]);
+        region_write(region, off, hb);
+        self.tx.scratch.clear();
+        self.tx
+            .scratch
+            .push(Segment::new(region.daddr + off as u64, self.hdr_len as u32));
+        self.tx.scratch.extend_from_slice(frame);
+        if let Err(e) = self.bus.add(TX, &self.tx.scratch, &[], slot as usize) {
+            self.tx.free_slots.push(slot);
+            if e == Error::QueueFull {
+                self.stats.tx_busy += 1;
+                self.tx.stopped = true;
+            }
+            return Err(e.into());
+        }
+        if let Some(s) = self.tx.slots.get_mut(slot as usize) {
+            *s = TxSlot::InFlight(token);
+        }
+        self.stats.tx_frames += 1;
+        self.stats.tx_bytes += len as u64;
+        // Linux `start_xmit`: stop when a worst-case frame would no longer fit.
+        let stop = free - descs < self.max_frame_descs() + DEBUG_TX_RESERVE;
+        if stop {
+            self.tx.stopped = true;
+        }
+        Ok(TxStatus { stop })
+    }
+
+    /// Notifies the device of frames queued with [`VirtioNet::transmit_deferred`].
+    pub fn tx_kick(&mut self) -> Result<bool, NetError> {
+        Ok(self.bus.kick(TX)?)
+    }
+
+    fn tx_complete(&mut self, token: usize, report: &mut dyn FnMut(usize)) -> bool {
+        if token == DEBUG_TOKEN {
+            self.tx.dbg_in_flight = false;
+            return false;
+        }
+        match self.tx.slots.get_mut(token) {
+            Some(s @ TxSlot::InFlight(_)) => {
+                if let TxSlot::InFlight(t) = *s {
+                    report(t);
+                }
+                *s = TxSlot::Free;
+                self.tx.free_slots.push(token as u16);
+                self.stats.tx_completed += 1;
+                true
+            }
+            _ => {
+                // Tokens are validated by the ring, so this is a driver bug, not the device.
+                log::error!("virtio-net: tx completion for idle slot {token}");
+                false
+            }
+        }
+    }
+
+    /// Reclaims completed frames, handing each caller token to `done`; never allocates.
+    /// Re-arms the (delayed) transmit interrupt.
+    pub fn tx_reclaim(&mut self, mut done: impl FnMut(usize)) -> Result<TxReclaim, NetError> {
+        let mut r = TxReclaim::default();
+        while let Some(slot) = self.tx.done.pop() {
+            if self.tx_complete(slot as usize, &mut done) {
+                r.frames += 1;
+            }
+        }
+        for _ in 0..4 {
+            while let Some(u) = self.bus.pop_used(TX)? {
+                if self.tx_complete(u.token, &mut done) {
+                    r.frames += 1;
+                }
+            }
+            if !self.bus.enable_interrupts_delayed(TX)? {
+                break;
+            }
+        }
+        if self.tx.stopped
+            && self.bus.free_descriptors(TX)? >= self.max_frame_descs() + DEBUG_TX_RESERVE
+            && !self.tx.free_slots.is_empty()
+        {
+            self.tx.stopped = false;
+            r.restart = true;
+        }
+        Ok(r)
+    }
+
+    // ---- receive ----
+
+    fn post_len(&self) -> usize {
+        match self.mode {
+            RxMode::Mergeable => {
+                let min = GOOD_PACKET_LEN;
+                let max = MERGE_BUF_CAP - self.hdr_len;
+                let len = self.hdr_len + self.rx.ewma.read().clamp(min, max);
+                len.next_multiple_of(64).min(MERGE_BUF_CAP)
+            }
+            _ => self.rx.cap,
+        }
+    }
+
+    /// Posts every free receive buffer; kicks once if the device is live.
+    fn refill(&mut self) -> Result<(), NetError> {
+        let len = self.post_len();
+        let mut added = 0;
+        while let Some(i) = self.rx.free.pop() {
+            let Some(r) = self.rx.bufs.get(i as usize) else {
+                continue;
+            };
+            let res = if self.rx.split_header {
+                // Legacy without ANY_LAYOUT: the header in its own descriptor (§5.1.6.3.2).
+                let segs = [
+                    Segment::new(r.daddr, self.hdr_len as u32),
+                    Segment::new(r.daddr + self.hdr_len as u64, (len - self.hdr_len) as u32),
+                ];
+                self.bus.add(RX, &[], &segs, i as usize)
+            } else {
+                self.bus
+                    .add(RX, &[], &[Segment::new(r.daddr, len as u32)], i as usize)
+            };
+            match res {
+                Ok(()) => {
+                    if let Some(s) = self.rx.state.get_mut(i as usize) {
+                        *s = BufState::Posted;
+                    }
+                    self.rx.posted += 1;
+                    added += 1;
+                }
+                Err(e) => {
+                    self.rx.free.push(i);
+                    if e == Error::QueueFull {
+                        break;
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        if added > 0 && self.live {
+            self.bus.kick(RX)?;
+        }
+        Ok(())
+    }
+
+    /// Moves completed receive buffers from the used ring to the `ready` FIFO.
+    fn fetch(&mut self) -> Result<(), NetError> {
+        while let Some(u) = self.bus.pop_used(RX)? {
+            match self.rx.state.get_mut(u.token) {
+                Some(s @ BufState::Posted) => {
+                    *s = BufState::Ready;
+                    self.rx.posted -= 1;
+                    self.rx.ready.push((u.token as u16, u.len));
+                }
+                _ => log::error!(
+                    "virtio-net: rx completion for buffer {} not posted",
+                    u.token
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn read_header(&self, buf: u16) -> NetHdr {
+        let mut raw = [0u8; wire::HDR_LEN_V1];
+        if let Some(r) = self.rx.bufs.get(buf as usize) {
+            let src = region_bytes(r, 0, self.hdr_len);
+            if let Some(dst) = raw.get_mut(..src.len()) {
+                dst.copy_from_slice(src);
+            }
+        }
+        NetHdr::read_from_bytes(&raw[..]).unwrap_or_default()
+    }
+
+    /// Parses the frame starting at `ready[p]`.
+    fn parse_at(&self, p: usize) -> Parse {
+        let Some((buf, len)) = self.rx.ready.get(p) else {
+            return Parse::Incomplete;
+        };
+        let len = len as usize;
+        if len < self.hdr_len + ETH_HLEN {
+            return Parse::Bad(
+                NetError::Device("receive buffer shorter than header + Ethernet header"),
+                "length",
+            );
+        }
+        let hdr = self.read_header(buf);
+        let n = if self.mode == RxMode::Mergeable {
+            hdr.num_buffers.get() as usize
+        } else {
+            1
+        };
+        let waiting = self.rx.ready.len() - p;
+        if n == 0 {
+            return Parse::Bad(NetError::Device("num_buffers is 0"), "num_buffers");
+        }
+        if n > waiting + self.rx.posted {
+            return Parse::Bad(
+                NetError::Device("num_buffers beyond the buffers the device holds"),
+                "num_buffers",
+            );
+        }
+        if n > waiting {
+            return Parse::Incomplete;
+        }
+        let mut total = len - self.hdr_len;
+        for k in 1..n {
+            let l = self.rx.ready.get(p + k).map_or(0, |e| e.1 as usize);
+            total = total.saturating_add(l);
+        }
+        if total > MAX_GSO_FRAME {
+            return Parse::Bad(NetError::Device("frame longer than 64 KiB"), "length");
+        }
+        match wire::parse_rx_header(&hdr, total, &self.guest) {
+            Ok(info) => Parse::Frame { n, info },
+            Err(what) => Parse::Bad(NetError::Device(what), "header"),
+        }
+    }
+
+    /// Returns the first `n` ready buffers to the free list.
+    fn release_front(&mut self, n: usize) {
+        for _ in 0..n {
+            let Some((buf, _)) = self.rx.ready.pop() else {
+                break;
+            };
+            if let Some(s) = self.rx.state.get_mut(buf as usize) {
+                *s = BufState::Free;
+            }
+            self.rx.free.push(buf);
+        }
+        self.rx.dbg_cursor = self.rx.dbg_cursor.saturating_sub(n);
+    }
+
+    fn count_bad(&mut self, kind: &'static str) {
+        self.stats.rx_errors += 1;
+        match kind {
+            "num_buffers" => self.stats.rx_bad_num_buffers += 1,
+            "header" => self.stats.rx_bad_header += 1,
+            _ => self.stats.rx_length_errors += 1,
+        }
+    }
+
+    /// Receives up to `budget` frames, lending each to `deliver` (copy it or consume it
+    /// there; the buffers are reposted when it returns). Frames with bad device-written
+    /// values are dropped and counted. When the budget is not exhausted, the receive
+    /// interrupt is re-enabled race-free; `more` says to poll again.
+    pub fn rx_poll(
+        &mut self,
+        budget: usize,
+        mut deliver: impl FnMut(&RxFrame<'_>),
+    ) -> Result<RxSummary, NetError> {
+        let mut sum = RxSummary::default();
+        self.bus.disable_interrupts(RX)?;
+        while sum.frames < budget {
+            self.fetch()?;
+            if self.rx.ready.is_empty() {
+                break;
+            }
+            match self.parse_at(0) {
+                Parse::Frame { n, info } => {
+                    let frame = RxFrame {
+                        info,
+                        rx: &self.rx,
+                        start: 0,
+                        n,
+                        hdr_len: self.hdr_len,
+                    };
+                    deliver(&frame);
+                    self.rx.ewma.add(info.len);
+                    self.stats.rx_frames += 1;
+                    self.stats.rx_bytes += info.len as u64;
+                    sum.frames += 1;
+                    self.release_front(n);
+                }
+                Parse::Bad(e, kind) => {
+                    log::warn!("virtio-net: dropping received frame: {e}");
+                    self.count_bad(kind);
+                    sum.dropped += 1;
+                    sum.last_error = Some(e);
+                    self.release_front(1);
+                }
+                Parse::Incomplete => break,
+            }
+            if self.rx.free.len() >= self.rx.bufs.len() / 2 {
+                self.refill()?;
+            }
+        }
+        self.refill()?;
+        // Budget exhausted: stay in polling mode. Otherwise re-enable; completions that
+        // arrived meanwhile mean another round.
+        sum.more = sum.frames >= budget || self.bus.enable_interrupts(RX)?;
+        Ok(sum)
+    }
+
+    // ---- control queue ----
+
+    /// Sends one control command (§5.1.6.5) and waits, polling at most `ctrl_spins` times,
+    /// for the device's ack. `data` elements each travel in their own descriptor.
+    pub fn ctrl_command(&mut self, class: u8, command: u8, data: &[&[u8]]) -> Result<(), NetError> {
+        if !self.live {
+            return Err(NetError::Core(Error::InvalidState));
+        }
+        let Some(c) = &mut self.ctrl else {
+            return Err(NetError::NotNegotiated("CTRL_VQ"));
+        };
+        if c.in_flight {
+            // An earlier command timed out: its buffer is the device's until it completes.
+            if self.bus.pop_used(CTRL)?.is_some() {
+                c.in_flight = false;
+            } else {
+                return Err(NetError::CtrlBusy);
+            }
+        }
+        if data.len() > 2 {
+            return Err(NetError::BadFrame("more than two control data elements"));
+        }
+        let mut segs = [Segment::new(0, 0); 3];
+        let hdr = CtrlHdr { class, command };
+        region_write(&c.region, CTRL_HDR_OFF, hdr.as_bytes());
+        region_write(&c.region, CTRL_ACK_OFF, &[ACK_SENTINEL]);
+        if let Some(s) = segs.get_mut(0) {
+            *s = Segment::new(c.region.daddr + CTRL_HDR_OFF as u64, 2);
+        }
+        let mut off = CTRL_DATA_OFF;
+        for (i, d) in data.iter().enumerate() {
+            if d.is_empty() || !region_write(&c.region, off, d) {
+                return Err(NetError::BadFrame("control data empty or too long"));
+            }
+            if let Some(s) = segs.get_mut(i + 1) {
+                *s = Segment::new(c.region.daddr + off as u64, d.len() as u32);
+            }
+            off = (off + d.len()).next_multiple_of(8);
+        }
+        let ack = Segment::new(c.region.daddr + CTRL_ACK_OFF as u64, 1);
+        let readable = segs.get(..1 + data.len()).unwrap_or(&[]);
+        self.bus.add(CTRL, readable, &[ack], 0)?;
+        c.in_flight = true;
+        self.stats.ctrl_commands += 1;
+        self.bus.kick(CTRL)?;
+        for _ in 0..self.cfg.ctrl_spins.max(1) {
+            if self.bus.pop_used(CTRL)?.is_some() {
+                c.in_flight = false;
+                let ack = region_bytes(&c.region, CTRL_ACK_OFF, 1)
+                    .first()
+                    .copied()
+                    .unwrap_or(ACK_SENTINEL);
+                return match ack {
+                    ctrl::ACK_OK => Ok(()),
+                    ctrl::ACK_ERR => {
+                        self.stats.ctrl_errors += 1;
+                        Err(NetError::CtrlRejected { class, command })
+                    }
+                    _ => {
+                        self.stats.ctrl_errors += 1;
+                        Err(NetError::Device("control ack neither OK nor ERR"))
+                    }
+                };
+            }
+            core::hint::spin_loop();
+        }
+        self.stats.ctrl_errors += 1;
+        Err(NetError::Timeout)
+    }
+
+    fn need(&self, bit: u64, name: &'static str) -> Result<(), NetError> {
+        if has(self.features, bit) {
+            Ok(())
+        } else {
+            Err(NetError::NotNegotiated(name))
+        }
+    }
+
+    /// Promiscuous mode (CTRL_RX).
+    pub fn set_promisc(&mut self, on: bool) -> Result<(), NetError> {
+        self.need(f::CTRL_RX, "CTRL_RX")?;
+        self.ctrl_command(ctrl::CLASS_RX, ctrl::RX_PROMISC, &[&[on as u8]])
+    }
+
+    /// Receive all multicast (CTRL_RX).
+    pub fn set_allmulti(&mut self, on: bool) -> Result<(), NetError> {
+        self.need(f::CTRL_RX, "CTRL_RX")?;
+        self.ctrl_command(ctrl::CLASS_RX, ctrl::RX_ALLMULTI, &[&[on as u8]])
+    }
+
+    /// Replaces the unicast and multicast filter tables (CTRL_RX, MAC_TABLE_SET). At most
+    /// [`MAC_TABLE_MAX`] addresses each.
+    pub fn set_mac_filter(
+        &mut self,
+        unicast: &[[u8; 6]],
+        multicast: &[[u8; 6]],
+    ) -> Result<(), NetError> {
+        self.need(f::CTRL_RX, "CTRL_RX")?;
+        if unicast.len() > MAC_TABLE_MAX || multicast.len() > MAC_TABLE_MAX {
+            return Err(NetError::BadFrame("MAC table too long"));
+        }
+        const T: usize = 4 + 6 * MAC_TABLE_MAX;
+        let mut uc = [0u8; T];
+        let mut mc = [0u8; T];
+        let ul = mac_table(&mut uc, unicast);
+        let ml = mac_table(&mut mc, multicast);
+        self.ctrl_command(
+            ctrl::CLASS_MAC,
+            ctrl::MAC_TABLE_SET,
+            &[uc.get(..ul).unwrap_or(&[]), mc.get(..ml).unwrap_or(&[])],
+        )
+    }
+
+    /// Sets the device's MAC address: CTRL_MAC_ADDR, or (legacy devices without it) a
+    /// write to the config `mac` field.
+    pub fn set_mac_address(&mut self, mac: [u8; 6]) -> Result<(), NetError> {
+        if !valid_unicast(&mac) {
+            return Err(NetError::BadFrame("not a unicast MAC address"));
+        }
+        if has(self.features, f::CTRL_MAC_ADDR) {
+            self.ctrl_command(ctrl::CLASS_MAC, ctrl::MAC_ADDR_SET, &[&mac])?;
+        } else if !self.features.contains(Features::VERSION_1) {
+            // Legacy interface: the driver may write `mac` (§5.1.4 legacy).
+            self.bus.write_config(config::MAC, &mac)?;
+        } else {
+            return Err(NetError::NotNegotiated("CTRL_MAC_ADDR"));
+        }
+        self.mac = mac;
+        Ok(())
+    }
+
+    /// VLAN filter (CTRL_VLAN): receive VLAN `vid`.
+    pub fn vlan_add(&mut self, vid: u16) -> Result<(), NetError> {
+        self.vlan(ctrl::VLAN_ADD, vid)
+    }
+    pub fn vlan_del(&mut self, vid: u16) -> Result<(), NetError> {
+        self.vlan(ctrl::VLAN_DEL, vid)
+    }
+    fn vlan(&mut self, cmd: u8, vid: u16) -> Result<(), NetError> {
+        self.need(f::CTRL_VLAN, "CTRL_VLAN")?;
+        if vid >= 4096 {
+            return Err(NetError::BadFrame("VLAN id beyond 4095"));
+        }
+        self.ctrl_command(ctrl::CLASS_VLAN, cmd, &[&vid.to_le_bytes()])
+    }
+
+    /// Enables a subset of the negotiated receive offloads (CTRL_GUEST_OFFLOADS). Received
+    /// frames using a disabled offload are rejected from then on.
+    pub fn set_guest_offloads(&mut self, want: GuestOffloads) -> Result<(), NetError> {
+        self.need(f::CTRL_GUEST_OFFLOADS, "CTRL_GUEST_OFFLOADS")?;
+        let bits = want.bits();
+        if bits & !self.features.bits() != 0 {
+            return Err(NetError::NotNegotiated("guest offload"));
+        }
+        self.ctrl_command(
+            ctrl::CLASS_GUEST_OFFLOADS,
+            ctrl::GUEST_OFFLOADS_SET,
+            &[&bits.to_le_bytes()],
+        )?;
+        self.guest = want;
+        Ok(())
+    }
+
+    /// Acknowledges an announce request (GUEST_ANNOUNCE) after the gratuitous packets
+    /// were sent; the device then clears the ANNOUNCE status bit.
+    pub fn ack_announce(&mut self) -> Result<(), NetError> {
+        self.need(f::GUEST_ANNOUNCE, "GUEST_ANNOUNCE")?;
+        self.ctrl_command(ctrl::CLASS_ANNOUNCE, ctrl::ANNOUNCE_ACK, &[])
+    }
+
+    // ---- kernel debugger path ----
+
+    fn debug_poll_tx(&mut self) -> Result<(), NetError> {
+        while let Some(u) = self.bus.pop_used(TX)? {
+            if u.token == DEBUG_TOKEN {
+                self.tx.dbg_in_flight = false;
+            } else {
+                // A normal frame: keep it, in order, for the next `tx_reclaim`.
+                self.tx.done.push(u.token as u16);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one frame for the kernel debugger, polling (interrupts may be off). Uses the
+    /// reserved transmit slot; waits at most `spins` polls for the previous debugger frame
+    /// to complete ([`NetError::Timeout`] otherwise) and for this one.
+    pub fn debug_send(&mut self, frame: &[u8], spins: u32) -> Result<(), NetError> {
+        if !self.live {
+            return Err(NetError::Core(Error::InvalidState));
+        }
+        if frame.len() < ETH_HLEN || frame.len() > DEBUG_FRAME_MAX {
+            return Err(NetError::BadFrame("debugger frame length"));
+        }
+        let mut n = 0;
+        while self.tx.dbg_in_flight {
+            self.debug_poll_tx()?;
+            n += 1;
+            if n >= spins && self.tx.dbg_in_flight {
+                return Err(NetError::Timeout);
+            }
+            core::hint::spin_loop();
+        }
+        let Some(r) = &self.tx.dbg else {
+            return Err(NetError::Core(Error::InvalidState));
+        };
+        let h = self.hdr_len;
+        region_write(r, 0, NetHdr::default().as_bytes().get(..h).unwrap_or(&[]));
+        region_write(r, h, frame);
+        let res = if self.any_layout {
+            self.bus.add(
+                TX,
+                &[Segment::new(r.daddr, (h + frame.len()) as u32)],
+                &[],
+                DEBUG_TOKEN,
+            )
+        } else {
+            self.bus.add(
+                TX,
+                &[
+                    Segment::new(r.daddr, h as u32),
+                    Segment::new(r.daddr + h as u64, frame.len() as u32),
+                ],
+                &[],
+                DEBUG_TOKEN,
+            )
+        };
+        res?;
+        self.tx.dbg_in_flight = true;
+        self.stats.debug_tx_frames += 1;
+        self.bus.kick(TX)?;
+        for _ in 0..spins {
+            self.debug_poll_tx()?;
+            if !self.tx.dbg_in_flight {
+                break;
+            }
+            core::hint::spin_loop();
+        }
+        Ok(())
+    }
+
+    /// Receives one frame for the kernel debugger into `out`, polling at most `spins` times.
+    /// The frame is borrowed, not taken: it stays queued for [`VirtioNet::rx_poll`] (see the
+    /// module docs). Returns the frame length, or `None` when nothing arrived in time.
+    pub fn debug_receive(&mut self, out: &mut [u8], spins: u32) -> Result<Option<usize>, NetError> {
+        if !self.live {
+            return Err(NetError::Core(Error::InvalidState));
+        }
+        let min_posted = (self.rx.bufs.len() / 2).max(1);
+        for _ in 0..spins.max(1) {
+            self.fetch()?;
+            // Hand the oldest borrowed frames back if the device runs short of buffers.
+            while self.rx.posted < min_posted && self.rx.dbg_cursor > 0 {
+                let n = match self.parse_at(0) {
+                    Parse::Frame { n, .. } => n.min(self.rx.dbg_cursor),
+                    _ => 1,
+                };
+                self.release_front(n);
+                self.stats.rx_debugger_dropped += 1;
+                self.refill()?;
+            }
+            while self.rx.dbg_cursor < self.rx.ready.len() {
+                let p = self.rx.dbg_cursor;
+                match self.parse_at(p) {
+                    Parse::Frame { n, info } => {
+                        self.rx.dbg_cursor += n;
+                        let frame = RxFrame {
+                            info,
+                            rx: &self.rx,
+                            start: p,
+                            n,
+                            hdr_len: self.hdr_len,
+                        };
+                        if let Some(len) = frame.copy_to(out) {
+                            self.stats.debug_rx_frames += 1;
+                            return Ok(Some(len));
+                        }
+                        self.stats.rx_debugger_oversize += 1;
+                    }
+                    // The normal path will drop it (and count it) when it gets there.
+                    Parse::Bad(..) => self.rx.dbg_cursor += 1,
+                    Parse::Incomplete => break,
+                }
+            }
+            core::hint::spin_loop();
+        }
+        Ok(None)
+    }
+
+    // ---- teardown ----
+
+    /// Resets the device and frees all memory; `tx_done` receives the token of every frame
+    /// still in flight. The driver is unusable afterwards (dropping it does the same without
+    /// reporting tokens).
+    pub fn shutdown(&mut self, mut tx_done: impl FnMut(usize)) {
+        let slots = &self.tx.slots;
+        self.bus.reset(&mut |q, t| {
+            if q == TX
+                && let Some(TxSlot::InFlight(tok)) = slots.get(t)
+            {
+                tx_done(*tok);
+            }
+        });
+        self.live = false;
+        let dma = self.bus.dma();
+        let mut regions: [Option<DmaRegion>; 3] = [
+            self.tx.hdrs.take(),
+            self.tx.dbg.take(),
+            self.ctrl.take().map(|c| c.region),
+        ];
+        for r in regions
+            .iter_mut()
+            .filter_map(Option::take)
+            .chain(self.rx.bufs.drain(..))
+        {
+            // SAFETY: the device was reset above, so it no longer accesses any of these
+            // regions; each came from this bus's `alloc_coherent` and is freed once (taken
+            // out of its owner).
+            unsafe { dma.free_coherent(r) };
+        }
+        self.rx.free.clear();
+        self.rx.ready.clear();
+        self.rx.posted = 0;
+        self.rx.dbg_cursor = 0;
+        self.tx.free_slots.clear();
+        for s in &mut self.tx.slots {
+            *s = TxSlot::Free;
+        }
+    }
+}
+
+impl<B: Bus> Drop for VirtioNet<B> {
+    fn drop(&mut self) {
+        self.shutdown(|_| {});
+    }
+}
+
+fn read_speed_duplex<B: Bus>(
+    bus: &B,
+    stats: &mut NetStats,
+) -> Result<(Option<u32>, Option<Duplex>), NetError> {
+    let speed = bus.read_config_u32(config::SPEED)?;
+    let duplex = bus.read_config_u8(config::DUPLEX)?;
+    // §5.1.4.2: speed in Mbit/s, 0xFFFFFFFF unknown; Linux also rejects > INT_MAX.
+    let s = match speed {
+        u32::MAX => None,
+        s if s <= i32::MAX as u32 => Some(s),
+        s => {
+            log::warn!("virtio-net: invalid speed {s:#x}");
+            stats.config_invalid += 1;
+            None
+        }
+    };
+    let d = match duplex {
+        0 => Some(Duplex::Half),
+        1 => Some(Duplex::Full),
+        0xFF => None,
+        d => {
+            log::warn!("virtio-net: invalid duplex {d:#x}");
+            stats.config_invalid += 1;
+            None
+        }
+    };
+    Ok((s, d))
+}
+
+/// Writes `struct virtio_net_ctrl_mac` for `macs` into `out`; returns its length.
+fn mac_table(out: &mut [u8], macs: &[[u8; 6]]) -> usize {
+    let hdr = wire::MacTableHdr {
+        entries: (macs.len() as u32).into(),
+    };
+    let mut len = 0;
+    for chunk in core::iter::once(hdr.as_bytes()).chain(macs.iter().map(|m| &m[..])) {
+        if let Some(dst) = out.get_mut(len..len + chunk.len()) {
+            dst.copy_from_slice(chunk);
+            len += chunk.len();
+        }
+    }
+    len
+}
+
+/// A received frame lent to the caller: its bytes live in the driver's receive buffers
+/// (one, or `num_buffers` with MRG_RXBUF) until the callback returns.
+pub struct RxFrame<'a> {
+    info: RxInfo,
+    rx: &'a RxState,
+    start: usize,
+    n: usize,
+    hdr_len: usize,
+}
+
+impl<'a> RxFrame<'a> {
+    /// Length, checksum state and GSO information, validated.
+    pub fn info(&self) -> &RxInfo {
+        &self.info
+    }
+    /// Frame length without the virtio header.
+    pub fn len(&self) -> usize {
+        self.info.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.info.len == 0
+    }
+    /// Buffers the frame was spread over.
+    pub fn num_buffers(&self) -> usize {
+        self.n
+    }
+    /// The frame's bytes, fragment by fragment (one per receive buffer).
+    pub fn fragments(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let rx = self.rx;
+        let (start, hdr) = (self.start, self.hdr_len);
+        (0..self.n).filter_map(move |k| {
+            let (buf, len) = rx.ready.get(start + k)?;
+            let r = rx.bufs.get(buf as usize)?;
+            let off = if k == 0 { hdr } else { 0 };
+            Some(region_bytes(r, off, (len as usize).saturating_sub(off)))
+        })
+    }
+    /// Copies the frame into `dst`; `None` (nothing copied) if it does not fit.
+    pub fn copy_to(&self, dst: &mut [u8]) -> Option<usize> {
+        if dst.len() < self.info.len {
+            return None;
+        }
+        let mut at = 0;
+        for frag in self.fragments() {
+            dst.get_mut(at..at + frag.len())?.copy_from_slice(frag);
+            at += frag.len();
+        }
+        Some(at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ewma_follows_linux() {
+        let mut e = Ewma::default();
+        e.add(1000);
+        assert_eq!(e.read(), 1000);
+        for _ in 0..1000 {
+            e.add(4000);
+        }
+        assert!(e.read() > 3900 && e.read() <= 4000, "{}", e.read());
+    }
+
+    #[test]
+    fn random_mac_is_local_unicast() {
+        for seed in 0..100 {
+            let m = random_mac(seed);
+            assert_eq!(m[0] & 3, 2, "{m:02x?}");
+            assert!(valid_unicast(&m));
+        }
+        assert_ne!(random_mac(1), random_mac(2));
+    }
+
+    #[test]
+    fn mac_table_layout() {
+        let mut out = [0u8; 32];
+        let n = mac_table(&mut out, &[[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]);
+        assert_eq!(n, 16);
+        assert_eq!(
+            &out[..16],
+            &[2, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+        );
+        assert_eq!(mac_table(&mut out, &[]), 4);
+        assert_eq!(&out[..4], &[0, 0, 0, 0]);
+    }
+}
