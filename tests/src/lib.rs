@@ -5,6 +5,7 @@
 //! - `qemu`: the host-side runner that builds the bare-metal guest and drives QEMU.
 
 pub mod mem;
+pub mod net_model;
 pub mod qemu;
 pub mod ring_device;
 pub mod sim;

@@ -1,0 +1,807 @@
+//! virtio-net over `VirtioDevice<PciTransport<..>>` and the simulated function, with the
+//! device-side network backend of `net_model`, in modern, transitional and legacy modes.
+
+use virtio_core::platform::DmaRegion;
+use virtio_core::{Error, Segment};
+use virtio_net::features as f;
+use virtio_net::{
+    GsoKind, GuestOffloads, NetConfig, NetError, RxCsum, RxGso, RxMode, TxOffload, VirtioNet,
+};
+use virtio_pci::Preference;
+use virtio_tests::mem::IdentityMemory;
+use virtio_tests::net_model::{self, CTRL, CtrlResponder, NetModel, RX, SimNetBus, TX};
+use virtio_tests::sim::{SimBuilder, SimMode};
+
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const RING: u64 = (1 << 28) | (1 << 29) | (1 << 30) | (1 << 24);
+const V1: u64 = 1 << 32;
+/// What QEMU 7.2's virtio-net offers with a vnet-header backend (plus ANY_LAYOUT, which the
+/// legacy interface shows).
+const QEMU: u64 = f::CSUM
+    | f::GUEST_CSUM
+    | f::CTRL_GUEST_OFFLOADS
+    | f::MAC
+    | f::GUEST_TSO4
+    | f::GUEST_TSO6
+    | f::GUEST_ECN
+    | f::GUEST_UFO
+    | f::HOST_TSO4
+    | f::HOST_TSO6
+    | f::HOST_ECN
+    | f::HOST_UFO
+    | f::MRG_RXBUF
+    | f::STATUS
+    | f::CTRL_VQ
+    | f::CTRL_RX
+    | f::CTRL_VLAN
+    | f::CTRL_RX_EXTRA
+    | f::GUEST_ANNOUNCE
+    | f::CTRL_MAC_ADDR
+    | f::ANY_LAYOUT
+    | f::GSO
+    | RING
+    | V1;
+
+const MODES: [(SimMode, Preference); 4] = [
+    (SimMode::Modern, Preference::Auto),
+    (SimMode::Transitional, Preference::Auto),
+    (SimMode::Transitional, Preference::Legacy),
+    (SimMode::Legacy, Preference::Auto),
+];
+
+struct Rig {
+    model: NetModel,
+    net: VirtioNet<SimNetBus>,
+    mem: IdentityMemory,
+    keep: Vec<DmaRegion>,
+}
+
+fn rig_with(
+    mode: SimMode,
+    pref: Preference,
+    features: u64,
+    config: Vec<u8>,
+    queues: &[u16],
+    nc: NetConfig,
+) -> Rig {
+    let sim = SimBuilder::new(mode, 1)
+        .features(features)
+        .queues(queues)
+        .device_config(&config)
+        .memory_len(24 << 20)
+        .build();
+    let net = VirtioNet::new(net_model::bus(&sim, pref), nc).expect("virtio-net init");
+    Rig {
+        model: NetModel::new(&sim),
+        mem: sim.memory(),
+        net,
+        keep: Vec::new(),
+    }
+}
+
+fn rig(mode: SimMode, pref: Preference, features: u64) -> Rig {
+    rig_with(
+        mode,
+        pref,
+        features,
+        net_model::config_bytes(MAC, 1, 1500, 10_000, 1),
+        &[256, 256, 64],
+        NetConfig::default(),
+    )
+}
+
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect();
+    v[..6].copy_from_slice(&MAC);
+    v[6..12].copy_from_slice(&[0x52, 0x54, 0, 0xAA, 0xBB, seed]);
+    v[12..14].copy_from_slice(&[0x08, 0x00]);
+    v
+}
+
+impl Rig {
+    /// Places `data` in DMA memory as `nseg` segments.
+    fn segments(&mut self, data: &[u8], nseg: usize) -> Vec<Segment> {
+        let buf = self.mem.alloc_buffer(data.len());
+        self.mem.slice(&buf)[..data.len()].copy_from_slice(data);
+        let step = data.len().div_ceil(nseg);
+        let segs = (0..data.len())
+            .step_by(step)
+            .map(|o| Segment::new(buf.daddr + o as u64, step.min(data.len() - o) as u32))
+            .collect();
+        self.keep.push(buf);
+        segs
+    }
+
+    fn send(
+        &mut self,
+        data: &[u8],
+        nseg: usize,
+        o: &TxOffload,
+        token: usize,
+    ) -> Result<bool, NetError> {
+        let segs = self.segments(data, nseg);
+        self.net.transmit(&segs, o, token).map(|s| s.stop)
+    }
+
+    fn reclaim(&mut self) -> (Vec<usize>, bool) {
+        let mut toks = Vec::new();
+        let r = self.net.tx_reclaim(|t| toks.push(t)).expect("reclaim");
+        assert_eq!(r.frames, toks.len());
+        (toks, r.restart)
+    }
+
+    fn receive(&mut self) -> Vec<(Vec<u8>, virtio_net::RxInfo, usize)> {
+        let mut out = Vec::new();
+        let s = self
+            .net
+            .rx_poll(1000, |fr| {
+                let mut v = vec![0u8; fr.len()];
+                assert_eq!(fr.copy_to(&mut v), Some(fr.len()));
+                let joined: Vec<u8> = fr.fragments().flat_map(|x| x.iter().copied()).collect();
+                assert_eq!(joined, v);
+                out.push((v, *fr.info(), fr.num_buffers()));
+            })
+            .expect("rx_poll");
+        assert_eq!(s.frames, out.len());
+        out
+    }
+}
+
+fn hdr(flags: u8, gso: u8, hdr_len: u16, gso_size: u16, start: u16, off: u16) -> [u8; 12] {
+    let mut h = [0u8; 12];
+    h[0] = flags;
+    h[1] = gso;
+    h[2..4].copy_from_slice(&hdr_len.to_le_bytes());
+    h[4..6].copy_from_slice(&gso_size.to_le_bytes());
+    h[6..8].copy_from_slice(&start.to_le_bytes());
+    h[8..10].copy_from_slice(&off.to_le_bytes());
+    h
+}
+
+#[test]
+fn negotiation_refuses_and_closes_dependencies() {
+    for (mode, pref) in MODES {
+        // HOST_TSO4/HOST_ECN without CSUM must be dropped; GSO, MQ, RX_EXTRA, bit 30 never.
+        let offered = (QEMU & !f::CSUM) | f::MQ;
+        let r = rig(mode, pref, offered);
+        let drv = r.model.sim.driver_features();
+        assert_eq!(drv & (1 << 30), 0);
+        assert_eq!(
+            drv & (f::GSO | f::MQ | f::CTRL_RX_EXTRA | f::NOTIFY_ON_EMPTY),
+            0
+        );
+        assert_eq!(
+            drv & (f::HOST_TSO4 | f::HOST_TSO6 | f::HOST_ECN | f::HOST_UFO),
+            0
+        );
+        assert_ne!(drv & (f::GUEST_TSO4 | f::MRG_RXBUF | f::CTRL_VQ), 0);
+        assert_eq!(r.net.mac(), MAC);
+        assert!(r.net.link_up());
+        assert_eq!(r.net.rx_mode(), RxMode::Mergeable);
+        assert_eq!(r.net.header_len(), 12);
+        r.model.sim.check_init_order().unwrap();
+        assert!(
+            r.model.sim.bad_accesses().is_empty(),
+            "{:?}",
+            r.model.sim.bad_accesses()
+        );
+    }
+}
+
+#[test]
+fn tx_frames_arrive_byte_exact_in_every_mode() {
+    for (mode, pref) in MODES {
+        for mrg in [true, false] {
+            let feats = if mrg { QEMU } else { QEMU & !f::MRG_RXBUF };
+            let mut r = rig(mode, pref, feats);
+            let legacy = r.model.sim.driver_features() & V1 == 0;
+            let hl = if legacy && !mrg { 10 } else { 12 };
+            assert_eq!(r.net.header_len(), hl);
+            let a = frame(60, 1);
+            let b = frame(1514, 2);
+            let c = frame(30000, 3);
+            assert!(!r.send(&a, 1, &TxOffload::NONE, 100).unwrap());
+            assert!(!r.send(&b, 3, &TxOffload::csum(34, 16), 101).unwrap());
+            let tso = TxOffload::gso(GsoKind::TcpV4, 1448, 54, 34, 16).with_ecn();
+            assert!(!r.send(&c, 5, &tso, 102).unwrap());
+            let tx = r.model.take_tx();
+            assert_eq!(tx.len(), 3, "{mode:?}");
+            let expect = [
+                (hdr(0, 0, 0, 0, 0, 0), &a, 2),
+                (hdr(1, 0, 0, 0, 34, 16), &b, 4),
+                (hdr(1, 0x81, 54, 1448, 34, 16), &c, 6),
+            ];
+            for (got, (h, data, descs)) in tx.iter().zip(expect) {
+                assert_eq!(got.header, h[..hl], "{mode:?}/{pref:?} mrg {mrg}");
+                assert_eq!(&got.data, data);
+                assert_eq!(got.descs, descs);
+                assert!(got.header_alone);
+            }
+            assert_eq!(r.reclaim(), (vec![100, 101, 102], false));
+            assert!(r.model.sim.bad_accesses().is_empty());
+        }
+    }
+}
+
+#[test]
+fn tx_requests_beyond_negotiation_are_refused() {
+    let mut r = rig(
+        SimMode::Modern,
+        Preference::Auto,
+        QEMU & !(f::HOST_TSO6 | f::HOST_ECN),
+    );
+    let d = frame(20000, 9);
+    assert_eq!(
+        r.send(&d, 2, &TxOffload::gso(GsoKind::TcpV6, 1400, 74, 54, 16), 1),
+        Err(NetError::Offload(virtio_net::OffloadError::NotNegotiated(
+            "HOST_TSO6"
+        )))
+    );
+    assert!(matches!(
+        r.send(
+            &d,
+            2,
+            &TxOffload::gso(GsoKind::TcpV4, 1400, 54, 34, 16).with_ecn(),
+            1
+        ),
+        Err(NetError::Offload(_))
+    ));
+    // A non-GSO frame beyond the MTU, a runt, too many segments.
+    assert!(matches!(
+        r.send(&d, 2, &TxOffload::NONE, 1),
+        Err(NetError::BadFrame(_))
+    ));
+    assert!(matches!(
+        r.send(&d[..10], 1, &TxOffload::NONE, 1),
+        Err(NetError::BadFrame(_))
+    ));
+    assert!(matches!(
+        r.send(&d[..1000], 40, &TxOffload::NONE, 1),
+        Err(NetError::BadFrame(_))
+    ));
+    assert!(r.model.take_tx().is_empty());
+}
+
+#[test]
+fn rx_small_mode_in_every_mode_with_checksum_state() {
+    for (mode, pref) in MODES {
+        for any_layout in [true, false] {
+            let mut feats = QEMU & !(f::MRG_RXBUF | f::GUEST_TSO4 | f::GUEST_TSO6 | f::GUEST_UFO);
+            if !any_layout {
+                feats &= !f::ANY_LAYOUT;
+            }
+            let mut r = rig(mode, pref, feats);
+            assert_eq!(r.net.rx_mode(), RxMode::Small);
+            let legacy = r.model.sim.driver_features() & V1 == 0;
+            let lens = r.model.rx_buffer_lens();
+            let hl = r.net.header_len();
+            assert_eq!(lens[0] as usize, hl + 1518);
+            assert!(lens[0] >= 1526);
+            let a = frame(60, 1);
+            let b = frame(1518, 2);
+            r.model.inject_rx(hdr(2, 0, 0, 0, 0, 0), &a).unwrap();
+            r.model.inject_rx(hdr(1, 0, 0, 0, 34, 16), &b).unwrap();
+            let got = r.receive();
+            assert_eq!(got.len(), 2, "{mode:?}/{pref:?}");
+            assert_eq!(got[0].0, a);
+            assert_eq!(got[0].1.csum, RxCsum::Valid);
+            assert_eq!(got[1].0, b);
+            assert_eq!(
+                got[1].1.csum,
+                RxCsum::Partial {
+                    start: 34,
+                    offset: 16
+                }
+            );
+            // Buffers come back to the device.
+            assert_eq!(r.model.rx_available(), 256.min(lens.len()));
+            if legacy && !any_layout {
+                // §5.1.6.3.2 legacy: the header in a descriptor of its own.
+                let sim = r.model.sim.clone();
+                let info = sim.queue_info(RX).unwrap();
+                assert!(info.ready);
+            }
+        }
+    }
+}
+
+#[test]
+fn rx_mergeable_reassembles_multi_buffer_frames_and_sizes_buffers_by_ewma() {
+    for (mode, pref) in MODES {
+        let mut r = rig(mode, pref, QEMU);
+        assert_eq!(r.net.rx_mode(), RxMode::Mergeable);
+        let start_len = r.net.rx_post_len();
+        assert_eq!(start_len, 1536, "hdr + 1518 rounded to 64");
+        let big = frame(60000, 7);
+        let jumbo = frame(9000, 8);
+        let n_big = r
+            .model
+            .inject_rx(hdr(1, 1, 54, 1448, 34, 16), &big)
+            .unwrap();
+        assert!(n_big > 30, "{n_big}");
+        let n_jumbo = r.model.inject_rx(hdr(0, 0, 0, 0, 0, 0), &jumbo).unwrap();
+        assert!(n_jumbo >= 6);
+        let got = r.receive();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, big);
+        assert_eq!(got[0].2, n_big);
+        assert_eq!(
+            got[0].1.gso,
+            Some(RxGso {
+                kind: GsoKind::TcpV4,
+                size: 1448,
+                hdr_len: 54,
+                ecn: false
+            })
+        );
+        assert_eq!(got[1].0, jumbo);
+        assert_eq!(got[1].2, n_jumbo);
+        // Large frames push the running average up: buffers are posted longer.
+        for i in 0..300 {
+            r.model
+                .inject_rx(hdr(0, 0, 0, 0, 0, 0), &frame(3900, i as u8))
+                .unwrap();
+            assert_eq!(r.receive().len(), 1);
+        }
+        let grown = r.net.rx_post_len();
+        assert!(grown > 3500 && grown <= 4096, "{grown}");
+        let lens = r.model.rx_buffer_lens();
+        assert!(
+            lens.iter().any(|&l| l as usize == grown),
+            "{:?}",
+            &lens[..8]
+        );
+        assert!(r.model.sim.bad_accesses().is_empty());
+    }
+}
+
+#[test]
+fn rx_big_packet_mode_without_mergeable() {
+    for (mode, pref) in [MODES[0], MODES[3]] {
+        let mut r = rig(mode, pref, QEMU & !f::MRG_RXBUF);
+        assert_eq!(r.net.rx_mode(), RxMode::Big);
+        let hl = r.net.header_len();
+        let lens = r.model.rx_buffer_lens();
+        assert_eq!(lens.len(), 32);
+        assert_eq!(lens[0] as usize, hl + 65562);
+        let f1 = frame(65000, 4);
+        r.model
+            .inject_rx(hdr(1, 4 | 0x80, 86, 1428, 54, 16), &f1)
+            .unwrap();
+        let got = r.receive();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, f1);
+        assert_eq!(got[0].2, 1);
+        assert_eq!(got[0].1.gso.unwrap().kind, GsoKind::TcpV6);
+        assert!(got[0].1.gso.unwrap().ecn);
+    }
+}
+
+#[test]
+fn control_commands_exact_bytes() {
+    for (mode, pref) in MODES {
+        let mut r = rig(mode, pref, QEMU);
+        let resp = CtrlResponder::ok(&r.model.sim);
+        r.net.set_promisc(true).unwrap();
+        r.net.set_allmulti(false).unwrap();
+        let uc = [[0x02, 1, 2, 3, 4, 5]];
+        let mc = [[0x01, 0, 0x5E, 0, 0, 1], [0x33, 0x33, 0, 0, 0, 1]];
+        r.net.set_mac_filter(&uc, &mc).unwrap();
+        r.net.set_mac_address([0x02, 9, 8, 7, 6, 5]).unwrap();
+        r.net.vlan_add(100).unwrap();
+        r.net.vlan_del(100).unwrap();
+        r.net
+            .set_guest_offloads(GuestOffloads {
+                csum: true,
+                tso4: true,
+                ..Default::default()
+            })
+            .unwrap();
+        r.net.ack_announce().unwrap();
+        let log = resp.stop();
+        let got: Vec<(u8, u8, Vec<Vec<u8>>)> = log
+            .iter()
+            .map(|c| (c.class, c.command, c.data.clone()))
+            .collect();
+        let mut uct = vec![1, 0, 0, 0];
+        uct.extend_from_slice(&uc[0]);
+        let mut mct = vec![2, 0, 0, 0];
+        mct.extend_from_slice(&mc[0]);
+        mct.extend_from_slice(&mc[1]);
+        assert_eq!(
+            got,
+            vec![
+                (0, 0, vec![vec![1]]),
+                (0, 1, vec![vec![0]]),
+                (1, 0, vec![uct, mct]),
+                (1, 1, vec![vec![0x02, 9, 8, 7, 6, 5]]),
+                (2, 0, vec![vec![100, 0]]),
+                (2, 1, vec![vec![100, 0]]),
+                (5, 0, vec![vec![0x82, 0, 0, 0, 0, 0, 0, 0]]),
+                (3, 0, vec![]),
+            ],
+            "{mode:?}/{pref:?}"
+        );
+        assert!(log.iter().all(|c| c.ack_len == 1));
+        assert_eq!(r.net.mac(), [0x02, 9, 8, 7, 6, 5]);
+        // Disabled guest TSO6 now makes TSO6 frames invalid.
+        let f1 = frame(20000, 1);
+        r.model.inject_rx(hdr(1, 4, 86, 1428, 54, 16), &f1).unwrap();
+        assert!(r.receive().is_empty());
+        assert_eq!(r.net.stats().rx_bad_header, 1);
+        assert!(r.net.vlan_add(4096).is_err());
+        assert!(r.model.sim.bad_accesses().is_empty());
+    }
+}
+
+#[test]
+fn control_acks_validated_and_waits_bounded() {
+    let mut r = rig_with(
+        SimMode::Modern,
+        Preference::Auto,
+        QEMU,
+        net_model::config_bytes(MAC, 1, 1500, 10_000, 1),
+        &[256, 256, 64],
+        NetConfig {
+            ctrl_spins: 1_000_000,
+            ..Default::default()
+        },
+    );
+    // Nobody answers: bounded wait, then the command's buffer stays the device's.
+    assert_eq!(r.net.set_promisc(true), Err(NetError::Timeout));
+    assert_eq!(r.net.set_promisc(true), Err(NetError::CtrlBusy));
+    // The device finally answers the first one; the next command goes through.
+    assert_eq!(r.model.serve_ctrl(|_| 0).len(), 1);
+    let resp = CtrlResponder::spawn(
+        &r.model.sim,
+        Box::new(|c| match c.class {
+            0 => 1,    // VIRTIO_NET_ERR
+            2 => 0x7F, // garbage
+            _ => 0,
+        }),
+    );
+    assert_eq!(
+        r.net.set_allmulti(true),
+        Err(NetError::CtrlRejected {
+            class: 0,
+            command: 1
+        })
+    );
+    assert!(matches!(r.net.vlan_add(5), Err(NetError::Device(_))));
+    r.net.ack_announce().unwrap();
+    drop(resp);
+    assert_eq!(r.net.stats().ctrl_errors, 3);
+    // Without CTRL_VQ the helpers say so.
+    let mut r = rig(SimMode::Modern, Preference::Auto, QEMU & !f::CTRL_VQ);
+    assert_eq!(
+        r.model.sim.driver_features() & (f::CTRL_RX | f::CTRL_VLAN),
+        0
+    );
+    assert_eq!(
+        r.net.set_promisc(true),
+        Err(NetError::NotNegotiated("CTRL_RX"))
+    );
+    assert_eq!(r.model.sim.queue_info(CTRL).map(|q| q.enabled), Some(false));
+}
+
+#[test]
+fn link_down_up_and_announce_via_config_interrupts() {
+    for (mode, pref) in MODES {
+        for msix in [true, false] {
+            let sim = SimBuilder::new(mode, 1)
+                .features(QEMU | f::SPEED_DUPLEX)
+                .queues(&[256, 256, 64])
+                .device_config(&net_model::config_bytes(MAC, 1, 1500, 10_000, 1))
+                .memory_len(24 << 20)
+                .msix_vectors(if msix { 4 } else { 0 })
+                .build();
+            let mut net = VirtioNet::new(net_model::bus(&sim, pref), NetConfig::default()).unwrap();
+            let model = NetModel::new(&sim);
+            model.take_vectors();
+            model.set_status(false, false);
+            let v = model.take_vectors();
+            assert_eq!(v.len(), 1);
+            let i = net.handle_interrupt(v[0]);
+            assert!(i.config && !i.rx && !i.needs_reset);
+            let ev = net.handle_config_change().unwrap();
+            assert!(ev.link_changed && !ev.link_up && !ev.announce);
+            assert!(!net.link_up());
+            model.set_status(true, true);
+            let v = model.take_vectors();
+            assert!(net.handle_interrupt(v[0]).config);
+            let ev = net.handle_config_change().unwrap();
+            assert!(ev.link_changed && ev.link_up && ev.announce);
+            let resp = CtrlResponder::ok(&sim);
+            net.ack_announce().unwrap();
+            let log = resp.stop();
+            assert_eq!((log[0].class, log[0].command), (3, 0));
+            assert_eq!(sim.device_config()[6] & 2, 0, "device cleared ANNOUNCE");
+            // An rx interrupt is routed to rx.
+            model.take_vectors();
+            let mut m = NetModel::new(&sim);
+            m.inject_rx(hdr(0, 0, 0, 0, 0, 0), &frame(100, 1)).unwrap();
+            let v = m.take_vectors();
+            assert_eq!(v.len(), 1, "{mode:?} msix {msix}");
+            assert!(net.handle_interrupt(v[0]).rx);
+            // SPEED_DUPLEX is bit 63: beyond the legacy interface's 32 feature bits.
+            let modern = sim.driver_features() & V1 != 0;
+            assert_eq!(net.speed(), modern.then_some(10_000));
+            assert!(sim.bad_accesses().is_empty());
+        }
+    }
+}
+
+#[test]
+fn backpressure_stop_and_restart() {
+    // 16-entry tx ring, no indirect: a 1-segment frame takes 2 descriptors, a worst-case
+    // (2-segment) frame 3, and 2 stay reserved for the debugger.
+    let mut r = rig_with(
+        SimMode::Modern,
+        Preference::Auto,
+        QEMU & !(1 << 28),
+        net_model::config_bytes(MAC, 1, 1500, 10_000, 1),
+        &[256, 16, 64],
+        NetConfig {
+            max_tx_segments: 2,
+            ..Default::default()
+        },
+    );
+    let d = frame(100, 1);
+    let mut stops = Vec::new();
+    let mut token = 0;
+    let busy = loop {
+        match r.send(&d, 1, &TxOffload::NONE, token) {
+            Ok(stop) => stops.push(stop),
+            Err(e) => break e,
+        }
+        token += 1;
+    };
+    assert_eq!(busy, NetError::Busy);
+    assert_eq!(token, 7, "16 descriptors - 2 reserved = 7 frames of 2");
+    assert_eq!(stops.iter().position(|&s| s), Some(5), "{stops:?}");
+    assert!(r.net.tx_stopped());
+    // Nothing completed yet: reclaim reports nothing and no restart.
+    assert_eq!(r.reclaim(), (vec![], false));
+    // The debugger still gets its reserved slot.
+    r.net.debug_send(&frame(90, 9), 10).unwrap();
+    let tx = r.model.take_tx();
+    assert_eq!(tx.len(), 8);
+    assert_eq!(tx[7].data, frame(90, 9));
+    let (toks, restart) = r.reclaim();
+    assert_eq!(toks, (0..7).collect::<Vec<_>>());
+    assert!(restart && !r.net.tx_stopped());
+    assert!(!r.send(&d, 1, &TxOffload::NONE, 50).unwrap());
+    assert_eq!(r.model.take_tx().len(), 1);
+    assert_eq!(r.reclaim(), (vec![50], false));
+}
+
+#[test]
+fn hostile_receive_values_are_dropped_and_the_driver_continues() {
+    for (mode, pref) in MODES {
+        let mut r = rig(mode, pref, QEMU);
+        let hl = 12;
+        let good = frame(200, 5);
+        let with = |h: [u8; 12], nb: u16, data: &[u8]| {
+            let mut v = h.to_vec();
+            v[10..12].copy_from_slice(&nb.to_le_bytes());
+            v.extend_from_slice(data);
+            let len = v.len() as u32;
+            (v, len)
+        };
+        // num_buffers 0; num_buffers far beyond what the device holds; a runt; a header with
+        // the checksum field beyond the frame; an unknown gso type.
+        let bufs = vec![
+            with(hdr(0, 0, 0, 0, 0, 0), 0, &good),
+            with(hdr(0, 0, 0, 0, 0, 0), 5000, &good),
+            with(hdr(0, 0, 0, 0, 0, 0), 1, &good[..5]),
+            with(hdr(1, 0, 0, 0, 190, 16), 1, &good),
+            with(hdr(0, 9, 0, 100, 0, 0), 1, &good),
+            with(hdr(0, 0, 0, 0, 0, 0), 1, &good),
+        ];
+        r.model.inject_rx_raw(&bufs).unwrap();
+        let mut frames = Vec::new();
+        let s = r
+            .net
+            .rx_poll(100, |fr| {
+                let mut v = vec![0; fr.len()];
+                fr.copy_to(&mut v).unwrap();
+                frames.push(v);
+            })
+            .unwrap();
+        assert_eq!(frames, vec![good.clone()], "{mode:?}/{pref:?}");
+        assert_eq!(s.dropped, 5);
+        assert!(matches!(s.last_error, Some(NetError::Device(_))));
+        let st = r.net.stats();
+        assert_eq!(
+            (st.rx_bad_num_buffers, st.rx_length_errors, st.rx_bad_header),
+            (2, 1, 2)
+        );
+        // Every buffer is back with the device.
+        let avail = r.model.rx_available();
+        assert_eq!(avail, r.net.rx_buffers().0);
+        // A frame claiming 3 buffers when only 2 arrived waits for the third.
+        r.model
+            .inject_rx_raw(&[with(hdr(0, 0, 0, 0, 0, 0), 3, &good[..100])])
+            .unwrap();
+        assert!(r.receive().is_empty());
+        r.model
+            .inject_rx_raw(&[(good[100..150].to_vec(), 50), (good[150..].to_vec(), 50)])
+            .unwrap();
+        let got = r.receive();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, good);
+        assert_eq!(got[0].2, 3);
+        // A used length beyond the buffer breaks the queue: an error, not a panic.
+        let cap = r.model.rx_buffer_lens()[0];
+        r.model
+            .inject_rx_raw(&[(vec![0; hl + 60], cap + 1)])
+            .unwrap();
+        let e = r.net.rx_poll(10, |_| {}).unwrap_err();
+        assert!(
+            matches!(e, NetError::Core(Error::UsedLenTooLarge { .. })),
+            "{e:?}"
+        );
+        assert!(r.net.rx_poll(10, |_| {}).is_err());
+        // Transmit still works on its own queue.
+        assert!(r.send(&good, 1, &TxOffload::NONE, 1).is_ok());
+        assert_eq!(r.model.take_tx().len(), 1);
+    }
+}
+
+#[test]
+fn hostile_config_values() {
+    // MTU 20 (below 68): renegotiated without MTU; multicast MAC: replaced by a random
+    // local one (pushed with CTRL_MAC_ADDR); invalid speed and duplex: unknown.
+    let sim = SimBuilder::new(SimMode::Modern, 1)
+        .features(QEMU | f::MTU | f::SPEED_DUPLEX)
+        .queues(&[256, 256, 64])
+        .device_config(&net_model::config_bytes(
+            [0x01, 0, 0x5E, 0, 0, 1],
+            1,
+            20,
+            0x8000_0000,
+            7,
+        ))
+        .memory_len(24 << 20)
+        .build();
+    let resp = CtrlResponder::ok(&sim);
+    let net = VirtioNet::new(net_model::bus(&sim, Preference::Auto), NetConfig::default()).unwrap();
+    let log = resp.stop();
+    assert_eq!(sim.driver_features() & f::MTU, 0);
+    assert_eq!(net.mtu(), None);
+    let mac = net.mac();
+    assert_eq!(mac[0] & 3, 2, "locally administered unicast");
+    assert_eq!((log[0].class, log[0].command), (1, 1));
+    assert_eq!(log[0].data, vec![mac.to_vec()]);
+    assert_eq!((net.speed(), net.duplex()), (None, None));
+    assert_eq!(net.stats().config_invalid, 4);
+
+    // A valid MTU of 9000 sizes small buffers for it.
+    let sim = SimBuilder::new(SimMode::Modern, 1)
+        .features((QEMU | f::MTU) & !(f::MRG_RXBUF | f::GUEST_TSO4 | f::GUEST_TSO6 | f::GUEST_UFO))
+        .queues(&[256, 256, 64])
+        .device_config(&net_model::config_bytes(MAC, 1, 9000, 100, 1))
+        .memory_len(24 << 20)
+        .build();
+    let net = VirtioNet::new(net_model::bus(&sim, Preference::Auto), NetConfig::default()).unwrap();
+    assert_eq!(net.mtu(), Some(9000));
+    let mut m = NetModel::new(&sim);
+    assert_eq!(m.rx_buffer_lens()[0], 12 + 9018);
+}
+
+#[test]
+fn legacy_without_mac_writes_random_mac_to_config() {
+    let sim = SimBuilder::new(SimMode::Legacy, 1)
+        .features((QEMU & !(f::MAC | f::CTRL_VQ)) & 0xFFFF_FFFF)
+        .queues(&[256, 256])
+        .device_config(&net_model::config_bytes([0; 6], 1, 1500, 10, 1))
+        .memory_len(24 << 20)
+        .build();
+    let net = VirtioNet::new(
+        net_model::bus(&sim, Preference::Auto),
+        NetConfig {
+            mac_seed: 42,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(sim.device_config()[..6], net.mac());
+    assert_eq!(net.mac()[0] & 3, 2);
+}
+
+#[test]
+fn kernel_debugger_path_beside_frames_in_flight() {
+    for (mode, pref) in MODES {
+        let mut r = rig(mode, pref, QEMU);
+        // Normal frames in flight (the device holds them).
+        for t in 0..3 {
+            r.send(&frame(100, t as u8), 1, &TxOffload::csum(34, 16), 10 + t)
+                .unwrap();
+        }
+        // The debugger sends while they are in flight; its wait is bounded.
+        let kdp = frame(300, 0xDB);
+        r.net.debug_send(&kdp, 100).unwrap();
+        let held = r.model.hold_tx();
+        assert_eq!(held.len(), 4);
+        assert_eq!(held[3].1.data, kdp);
+        assert_eq!(held[3].1.header, vec![0; 12]);
+        assert_eq!(held[0].1.header[0], 1, "normal frame untouched");
+        // A second debugger frame waits (bounded) for the first: the device has not
+        // completed it.
+        assert_eq!(r.net.debug_send(&kdp, 50), Err(NetError::Timeout));
+        let chains: Vec<_> = held.iter().map(|(c, _)| c.clone()).collect();
+        r.model.complete_tx(&chains);
+        // The debugger's poll pops the normal completions too; they are kept for reclaim.
+        r.net.debug_send(&frame(64, 0xDC), 100).unwrap();
+        assert_eq!(r.model.take_tx().len(), 1);
+        let (toks, _) = r.reclaim();
+        assert_eq!(
+            toks,
+            vec![10, 11, 12],
+            "each normal token exactly once, in order"
+        );
+        assert_eq!(r.reclaim().0, Vec::<usize>::new());
+
+        // Receive: the debugger borrows frames the stack has not seen; the stack still gets
+        // all of them, in order.
+        let a = frame(120, 0xA);
+        let b = frame(5000, 0xB);
+        let c = frame(80, 0xC);
+        r.model.inject_rx(hdr(0, 0, 0, 0, 0, 0), &a).unwrap();
+        r.model.inject_rx(hdr(0, 0, 0, 0, 0, 0), &b).unwrap();
+        let mut buf = vec![0u8; 2048];
+        assert_eq!(r.net.debug_receive(&mut buf, 10).unwrap(), Some(120));
+        assert_eq!(buf[..120], a[..]);
+        // b does not fit the debugger's buffer: skipped for it, not for the stack.
+        r.model.inject_rx(hdr(0, 0, 0, 0, 0, 0), &c).unwrap();
+        assert_eq!(r.net.debug_receive(&mut buf, 10).unwrap(), Some(80));
+        assert_eq!(buf[..80], c[..]);
+        assert_eq!(r.net.debug_receive(&mut buf, 10).unwrap(), None);
+        let got: Vec<Vec<u8>> = r.receive().into_iter().map(|x| x.0).collect();
+        assert_eq!(got, vec![a, b, c]);
+        let st = r.net.stats();
+        assert_eq!(
+            (
+                st.debug_rx_frames,
+                st.rx_debugger_oversize,
+                st.rx_debugger_dropped
+            ),
+            (2, 1, 0)
+        );
+        assert!(r.model.sim.bad_accesses().is_empty());
+    }
+}
+
+#[test]
+fn kernel_debugger_receive_never_starves_the_ring() {
+    let mut r = rig_with(
+        SimMode::Modern,
+        Preference::Auto,
+        QEMU,
+        net_model::config_bytes(MAC, 1, 1500, 10_000, 1),
+        &[256, 256, 64],
+        NetConfig {
+            rx_buffers: 8,
+            ..Default::default()
+        },
+    );
+    assert_eq!(r.net.rx_buffers(), (8, 8));
+    let mut buf = vec![0u8; 2048];
+    for i in 0..40u8 {
+        let fr = frame(100, i);
+        r.model
+            .inject_rx(hdr(0, 0, 0, 0, 0, 0), &fr)
+            .unwrap_or_else(|e| panic!("frame {i}: {e}"));
+        assert_eq!(r.net.debug_receive(&mut buf, 10).unwrap(), Some(100));
+        assert_eq!(buf[..100], fr[..]);
+    }
+    let st = r.net.stats();
+    assert!(st.rx_debugger_dropped >= 30, "{st:?}");
+    // The stack gets the most recent frames the debugger still held, in order.
+    let got = r.receive();
+    assert!(!got.is_empty() && got.len() <= 8);
+    assert_eq!(got.last().unwrap().0, frame(100, 39));
+    let _ = TX;
+}
