@@ -161,6 +161,15 @@ impl NetModel {
         self.rx_avail.iter().map(Chain::writable_len).collect()
     }
 
+    /// Descriptor lengths of each receive buffer the model holds, in order.
+    pub fn rx_chain_layouts(&mut self) -> Vec<Vec<u32>> {
+        self.rx_available();
+        self.rx_avail
+            .iter()
+            .map(|c| c.descs.iter().map(|d| d.len).collect())
+            .collect()
+    }
+
     /// Delivers `payload` with virtio header `hdr` (12 bytes; the first 10 are used on a
     /// legacy device without MRG_RXBUF). With MRG_RXBUF the frame is spread over as many
     /// buffers as needed and `num_buffers` is set. Returns the buffers used.
