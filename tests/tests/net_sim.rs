@@ -9,7 +9,7 @@ use virtio_net::{
 };
 use virtio_pci::Preference;
 use virtio_tests::mem::IdentityMemory;
-use virtio_tests::net_model::{self, CTRL, CtrlResponder, NetModel, RX, SimNetBus, TX};
+use virtio_tests::net_model::{self, CTRL, CtrlResponder, NetModel, SimNetBus, TX};
 use virtio_tests::sim::{SimBuilder, SimMode};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
