@@ -644,6 +644,44 @@ fn shell_words(program: &str, args: &[String]) -> String {
         + "\n"
 }
 
+/// Declares one `#[test]` per machine × transport × interrupt mode, each calling
+/// `$run(RunConfig::new($scenario).machine(..).transport(..).irq(..))`:
+/// `qemu_matrix!("boot", run);` expands to all 18 combinations.
+#[macro_export]
+macro_rules! qemu_matrix {
+    ($scenario:literal, $run:ident) => {
+        $crate::qemu_matrix!(@tests $scenario, $run;
+            q35_modern_msix: Q35 Modern Msix;
+            q35_modern_intx: Q35 Modern Intx;
+            q35_modern_poll: Q35 Modern Poll;
+            q35_transitional_msix: Q35 Transitional Msix;
+            q35_transitional_intx: Q35 Transitional Intx;
+            q35_transitional_poll: Q35 Transitional Poll;
+            q35_legacy_msix: Q35 Legacy Msix;
+            q35_legacy_intx: Q35 Legacy Intx;
+            q35_legacy_poll: Q35 Legacy Poll;
+            pc_modern_msix: Pc Modern Msix;
+            pc_modern_intx: Pc Modern Intx;
+            pc_modern_poll: Pc Modern Poll;
+            pc_transitional_msix: Pc Transitional Msix;
+            pc_transitional_intx: Pc Transitional Intx;
+            pc_transitional_poll: Pc Transitional Poll;
+            pc_legacy_msix: Pc Legacy Msix;
+            pc_legacy_intx: Pc Legacy Intx;
+            pc_legacy_poll: Pc Legacy Poll;
+        );
+    };
+    (@tests $scenario:literal, $run:ident; $($name:ident: $m:ident $t:ident $i:ident;)*) => {$(
+        #[test]
+        fn $name() {
+            $run($crate::qemu::RunConfig::new($scenario)
+                .machine($crate::qemu::Machine::$m)
+                .transport($crate::qemu::Transport::$t)
+                .irq($crate::qemu::IrqMode::$i));
+        }
+    )*};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

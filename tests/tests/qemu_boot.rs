@@ -1,7 +1,7 @@
 //! End to end: the `boot` scenario under QEMU (TCG) on both machine types, with every
 //! transport and interrupt mode. The guest is built by the runner on first use.
 
-use virtio_tests::qemu::{IrqMode, Machine, RunConfig, Transport, run_scenario};
+use virtio_tests::qemu::{IrqMode, RunConfig, run_scenario};
 
 fn run(cfg: RunConfig) {
     let report = run_scenario(&cfg)
@@ -47,39 +47,8 @@ fn run(cfg: RunConfig) {
     }
 }
 
-/// One test per machine × transport × interrupt mode.
-macro_rules! matrix {
-    ($($name:ident: $m:ident $t:ident $i:ident;)*) => {$(
-        #[test]
-        fn $name() {
-            run(RunConfig::new("boot")
-                .machine(Machine::$m)
-                .transport(Transport::$t)
-                .irq(IrqMode::$i));
-        }
-    )*};
-}
-
-matrix! {
-    boot_q35_modern_msix: Q35 Modern Msix;
-    boot_q35_modern_intx: Q35 Modern Intx;
-    boot_q35_modern_poll: Q35 Modern Poll;
-    boot_q35_transitional_msix: Q35 Transitional Msix;
-    boot_q35_transitional_intx: Q35 Transitional Intx;
-    boot_q35_transitional_poll: Q35 Transitional Poll;
-    boot_q35_legacy_msix: Q35 Legacy Msix;
-    boot_q35_legacy_intx: Q35 Legacy Intx;
-    boot_q35_legacy_poll: Q35 Legacy Poll;
-    boot_pc_modern_msix: Pc Modern Msix;
-    boot_pc_modern_intx: Pc Modern Intx;
-    boot_pc_modern_poll: Pc Modern Poll;
-    boot_pc_transitional_msix: Pc Transitional Msix;
-    boot_pc_transitional_intx: Pc Transitional Intx;
-    boot_pc_transitional_poll: Pc Transitional Poll;
-    boot_pc_legacy_msix: Pc Legacy Msix;
-    boot_pc_legacy_intx: Pc Legacy Intx;
-    boot_pc_legacy_poll: Pc Legacy Poll;
-}
+// One test per machine × transport × interrupt mode.
+virtio_tests::qemu_matrix!("boot", run);
 
 /// 64-bit BARs above the boot identity map (64 GiB): `pref64-reserve` makes SeaBIOS give each
 /// root port a 32 GiB prefetchable window, so some BARs land beyond 64 GiB and the guest must

@@ -7,8 +7,10 @@
 //! row to `SCENARIOS`, and a row to the host's device table (`tests/src/qemu/devices.rs`).
 
 mod boot;
+pub mod bus;
 mod devirq;
 mod selftest;
+mod smoke;
 
 use crate::cmdline::{Cmdline, IrqMode};
 use crate::pci::{Chipset, PciFunction};
@@ -28,6 +30,11 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "boot",
         about: "enumerate PCI, list virtio functions, self-test timer/IPI/IOAPIC/MSI-X/INTx delivery",
         run: boot::run,
+    },
+    Scenario {
+        name: "smoke",
+        about: "every device to DRIVER_OK with all queues via virtio-pci + virtio-core; one interrupt-completed round trip each",
+        run: smoke::run,
     },
     Scenario {
         name: "panic",

@@ -1,0 +1,104 @@
+//! Glue between the guest platform and the virtio crates: a function found on the PCI bus
+//! becomes a `virtio_core` bus (`VirtioDevice` over `virtio_pci`'s transport), and
+//! interrupts recorded by the handlers are fed to the bus in thread context.
+
+use super::Env;
+use crate::pci::PciFunction;
+use crate::platform::{GuestDma, INTX_INDEX, PciBars, PciConfig, PciInterrupts};
+use crate::report;
+use alloc::format;
+use alloc::string::String;
+use virtio_core::bus::{Bus, InterruptCause};
+use virtio_core::device::VirtioDevice;
+use virtio_core::platform::InterruptMode;
+use virtio_pci::{PciTransport, Preference, probe};
+
+/// The in-process bus of one device on this platform.
+pub type GuestBus = VirtioDevice<PciTransport<PciConfig, PciBars>, GuestDma, PciInterrupts>;
+
+/// The transport the run asked for (`transport=` on the command line): `modern` and
+/// `legacy` insist on that interface; `transitional` (both offered) lets the transport
+/// choose, i.e. modern.
+pub fn preference(env: &Env) -> Preference {
+    match env.cmdline.get("transport") {
+        Some("modern") => Preference::Modern,
+        Some("legacy") => Preference::Legacy,
+        _ => Preference::Auto,
+    }
+}
+
+/// Opens `f` (decode, bus master, BARs mapped) and probes its virtio transport.
+pub fn open(env: &Env, f: &PciFunction) -> Result<GuestBus, String> {
+    let dev = env.open(f);
+    let transport =
+        probe(dev.config, dev.bars, preference(env)).map_err(|e| format!("probe: {e:?}"))?;
+    Ok(VirtioDevice::new(transport, dev.dma, dev.irq))
+}
+
+/// Feeds recorded interrupts to the bus: MSI-X entry k → `handle_interrupt(Some(k))`;
+/// INTx → `handle_interrupt(None)` (reads the ISR, de-asserting the line), then re-arms
+/// the line. Returns the union of the causes.
+pub fn service(bus: &mut GuestBus) -> InterruptCause {
+    let pending = bus.interrupt_platform().take_pending();
+    let mut cause = InterruptCause::default();
+    let mut merge = |c: InterruptCause| {
+        cause.queues.0 |= c.queues.0;
+        cause.config_changed |= c.config_changed;
+        cause.needs_reset |= c.needs_reset;
+    };
+    if pending & (1 << INTX_INDEX) != 0 {
+        merge(bus.handle_interrupt(None));
+        bus.interrupt_platform().intx_done();
+    }
+    for k in (0..INTX_INDEX).filter(|k| pending & (1 << k) != 0) {
+        merge(bus.handle_interrupt(Some(k)));
+    }
+    cause
+}
+
+/// Waits until `done(bus)` holds, for at most `timeout_ms`: between checks it halts until
+/// an interrupt and services it (MSI-X/INTx), or spins (polling mode).
+pub fn wait_for(
+    bus: &mut GuestBus,
+    timeout_ms: u64,
+    mut done: impl FnMut(&mut GuestBus) -> bool,
+) -> bool {
+    let deadline = crate::time::now_ns().saturating_add(timeout_ms.saturating_mul(1_000_000));
+    loop {
+        if done(bus) {
+            return true;
+        }
+        let now = crate::time::now_ns();
+        if now >= deadline {
+            return false;
+        }
+        if bus.interrupt_mode() == InterruptMode::Polling {
+            core::hint::spin_loop();
+        } else {
+            // Bounded slices, so `done` is re-checked even if an interrupt is lost.
+            let slice = ((deadline - now) / 1_000_000).clamp(1, 10);
+            bus.interrupt_platform().wait(u64::MAX, slice);
+            service(bus);
+        }
+    }
+}
+
+/// Prints `STAT <name>.kicks/.completions/.irq...` from the bus's queue statistics and the
+/// interrupt counters.
+pub fn stats(name: &str, bus: &mut GuestBus) {
+    let (mut kicks, mut completions, mut added) = (0, 0, 0);
+    let queues: alloc::vec::Vec<u16> = bus.queue_indices().collect();
+    for q in queues {
+        if let Ok(s) = bus.queue_stats(q) {
+            kicks += s.kicks;
+            completions += s.completions;
+            added += s.added;
+            report::stat(&format!("{name}.q{q}.kicks"), s.kicks);
+            report::stat(&format!("{name}.q{q}.completions"), s.completions);
+            report::stat(&format!("{name}.q{q}.interrupts"), s.interrupts);
+        }
+    }
+    report::stat(&format!("{name}.added"), added);
+    report::stat(&format!("{name}.spurious"), bus.spurious_interrupts());
+    super::device_stats(name, kicks, completions, bus.interrupt_platform());
+}
