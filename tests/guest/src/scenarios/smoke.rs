@@ -128,6 +128,9 @@ fn seg(region: &DmaRegion, off: usize, len: usize) -> Result<Segment, String> {
     Ok(Segment::new(addr, len as u32))
 }
 
+/// A `DmaRegion` only describes DMA memory (the device may write it too), so a mutable view
+/// through a shared reference is the honest signature here.
+#[allow(clippy::mut_from_ref)]
 fn bytes(region: &DmaRegion, off: usize, len: usize) -> &mut [u8] {
     let p = region.ptr_at(off, len).expect("inside the region");
     // SAFETY: inside a region we own; the device has finished with it (its chain completed)
