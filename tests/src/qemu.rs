@@ -13,6 +13,8 @@
 //! mapped by [`GuestExit`]).
 
 mod devices;
+pub mod net_peer;
+pub mod qmp;
 mod toolchain;
 
 pub use devices::{BLK_SERIAL, DISK_BYTES, DeviceKind, NET_MAC, SCENARIOS, ScenarioSpec, scenario};
@@ -446,6 +448,31 @@ impl fmt::Display for RunError {
 
 impl std::error::Error for RunError {}
 
+/// What a scenario's host-side hook gets (see [`devices::host_side`]).
+pub struct HostContext<'a> {
+    pub config: &'a RunConfig,
+    pub run_dir: &'a Path,
+    /// The guest's serial output (COM1), written while QEMU runs: a hook may poll it for
+    /// markers the guest prints.
+    pub serial_log: &'a Path,
+}
+
+/// Host-side work running next to QEMU for one run (a network peer, QMP commands...):
+/// started before QEMU, which gets `qemu_args` and the guest `guest_args`; `finish` runs
+/// once QEMU has exited (or was killed), stops and joins the work, and returns checks and
+/// stats (named `host.*`) that join the report.
+pub struct HostSide {
+    pub guest_args: Vec<String>,
+    pub qemu_args: Vec<String>,
+    pub finish: Box<dyn FnOnce() -> HostOutcome + Send>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct HostOutcome {
+    pub checks: Vec<Check>,
+    pub stats: BTreeMap<String, String>,
+}
+
 /// A claimed run directory: the lock on `<dir>.lock` is held while the value lives.
 struct RunDir {
     path: PathBuf,
@@ -526,9 +553,30 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
     let dir = run_dir.path.clone();
     let serial = dir.join("serial.log");
     let trace_log = dir.join("trace.log");
-    let (device_args, files) =
-        devices::qemu_args(spec.devices, cfg.machine, cfg.transport, &dir)
-            .map_err(|e| RunError::Io("cannot prepare device files".into(), e))?;
+    let host = match devices::host_side(&cfg.scenario) {
+        Some(start) => Some(
+            start(&HostContext {
+                config: cfg,
+                run_dir: &dir,
+                serial_log: &serial,
+            })
+            .map_err(|e| RunError::Io("cannot start the host side".into(), e))?,
+        ),
+        None => None,
+    };
+    let (device_args, files) = devices::qemu_args(
+        spec.devices,
+        cfg.machine,
+        cfg.transport,
+        &dir,
+        host.is_some(),
+    )
+    .map_err(|e| RunError::Io("cannot prepare device files".into(), e))?;
+    let mut cmdline = guest_cmdline(cfg, spec);
+    for a in host.iter().flat_map(|h| &h.guest_args) {
+        cmdline.push(' ');
+        cmdline.push_str(a);
+    }
 
     let mut args: Vec<String> = vec![
         "-accel".into(),
@@ -551,7 +599,7 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
         "-kernel".into(),
         elf.display().to_string(),
         "-append".into(),
-        guest_cmdline(cfg, spec),
+        cmdline,
     ];
     if spec.trace {
         for ev in [
@@ -566,6 +614,7 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
         args.push(trace_log.display().to_string());
     }
     args.extend(device_args);
+    args.extend(host.iter().flat_map(|h| h.qemu_args.iter().cloned()));
     args.extend(cfg.extra_qemu_args.iter().cloned());
     let _ = std::fs::write(dir.join("qemu.cmd"), shell_words(QEMU, &args));
 
@@ -573,13 +622,21 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
     let stderr_file = std::fs::File::create(&stderr_path)
         .map_err(|e| RunError::Io("cannot create qemu.stderr".into(), e))?;
     let start = Instant::now();
-    let mut child = Command::new(QEMU)
+    let spawned = Command::new(QEMU)
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr_file)
-        .spawn()
-        .map_err(|e| RunError::Io(format!("cannot start {QEMU}"), e))?;
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(h) = host {
+                (h.finish)();
+            }
+            return Err(RunError::Io(format!("cannot start {QEMU}"), e));
+        }
+    };
     let timeout = cfg
         .timeout
         .unwrap_or(Duration::from_secs(spec.timeout_secs));
@@ -618,6 +675,11 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
         duration,
     };
     report.parse_serial();
+    if let Some(h) = host {
+        let out = (h.finish)();
+        report.checks.extend(out.checks);
+        report.stats.extend(out.stats);
+    }
     if report.passed() && !cfg.keep_run_dir {
         report.kept = std::fs::remove_dir_all(&dir).is_err();
     }

@@ -116,6 +116,18 @@ pub fn scenario(name: &str) -> Option<&'static ScenarioSpec> {
     SCENARIOS.iter().find(|s| s.name == name)
 }
 
+/// Starts a scenario's host-side work (see [`super::HostSide`]).
+pub type HostStart = fn(&super::HostContext<'_>) -> std::io::Result<super::HostSide>;
+
+/// The host-side hook of a scenario, if it has one: `net` talks to a TCP peer on the
+/// host's loopback and has its link toggled through QMP.
+pub fn host_side(scenario: &str) -> Option<HostStart> {
+    match scenario {
+        "net" => Some(super::net_peer::start),
+        _ => None,
+    }
+}
+
 /// The serial number virtio-blk reports for GET_ID.
 pub const BLK_SERIAL: &str = "VIRTIO-TEST-0001";
 /// Disk image size: small, but enough for multi-segment and random I/O.
@@ -163,6 +175,7 @@ pub fn qemu_args(
     machine: Machine,
     transport: Transport,
     run_dir: &Path,
+    host_peer: bool,
 ) -> std::io::Result<(Vec<String>, DeviceFiles)> {
     let mut args: Vec<String> = Vec::new();
     let mut files = DeviceFiles {
@@ -191,11 +204,18 @@ pub fn qemu_args(
         let mut push = |a: String| args.push(a);
         match dev {
             Net => {
+                // restrict=on isolates the guest (slirp drops its TCP connections). A
+                // scenario with a host peer needs the one route slirp gives to the host:
+                // 10.0.2.2 (any address of the guest's 10.0.2.0/24 but the DNS one) is the
+                // host's loopback, where the peer listens. Those guests address nothing
+                // else (no DNS, no outside addresses).
+                let restrict = if host_peer { "off" } else { "on" };
                 push("-netdev".into());
-                push("user,id=n0,restrict=on".into());
+                push(format!("user,id=n0,restrict={restrict}"));
                 push("-device".into());
                 push(format!(
-                    "virtio-net-pci,netdev=n0,mac={NET_MAC},romfile={props}{bus}"
+                    "virtio-net-pci,id={},netdev=n0,mac={NET_MAC},romfile={props}{bus}",
+                    super::net_peer::NIC_ID
                 ));
             }
             Blk => {

@@ -9,6 +9,7 @@
 mod boot;
 pub mod bus;
 mod devirq;
+mod net;
 mod selftest;
 mod smoke;
 
@@ -35,6 +36,11 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "smoke",
         about: "every device to DRIVER_OK with all queues via virtio-pci + virtio-core; one interrupt-completed round trip each",
         run: smoke::run,
+    },
+    Scenario {
+        name: "net",
+        about: "virtio-net under smoltcp: DHCP, 64 MiB each way over TCP with the host peer, link down/up via QMP",
+        run: net::run,
     },
     Scenario {
         name: "panic",
