@@ -250,21 +250,9 @@ struct QueueState {
     stride: usize,
     /// Data descriptors per device request on this queue.
     max_data_descs: usize,
-    /// Chains up to this length use one indirect descriptor (0: no indirect).
-    indirect_max: usize,
 }
 
 impl QueueState {
-    /// Ring descriptors a chain of `len` descriptors takes (mirrors the bus's rule: one
-    /// when it fits an indirect table).
-    fn descs_for(&self, len: usize) -> usize {
-        if self.indirect_max > 1 && len > 1 && len <= self.indirect_max {
-            1
-        } else {
-            len
-        }
-    }
-
     fn slot(&self, i: u16) -> Option<&Slot> {
         self.slots.get(usize::from(i))
     }
@@ -420,8 +408,10 @@ impl<B: Bus> BlkDriver<B> {
             }
             Err(e) => {
                 log::error!("virtio-blk: initialisation failed: {e}");
-                // Stop the device before giving back memory it might know about.
+                // Stop the device before giving back memory it might know about, then tell
+                // it we gave up (§3.1.1: FAILED).
                 self.bus.reset(&mut |_, _| {});
+                self.bus.fail();
                 self.free_regions();
                 self.stopped = true;
                 Err(e)
@@ -496,11 +486,6 @@ impl<B: Bus> BlkDriver<B> {
                 return Err(BlkError::Virtio(Error::BadQueueSize { queue: i, size }));
             }
             let max_data_descs = cap.min(max_chain - 2);
-            let indirect_max = if indirect {
-                usize::from(want_indirect.min(size))
-            } else {
-                0
-            };
             let region = self
                 .bus
                 .dma()
@@ -514,12 +499,11 @@ impl<B: Bus> BlkDriver<B> {
                 region: Some(region),
                 stride,
                 max_data_descs,
-                indirect_max,
             });
             max_descs_all = max_descs_all.max(max_data_descs);
             log::debug!(
                 "virtio-blk: queue {i}: {size} entries, {max_data_descs} data segments per \
-                 request, indirect up to {indirect_max}"
+                 request"
             );
         }
         self.scratch = vec![Segment::new(0, 0); max_descs_all + 2];
@@ -571,7 +555,10 @@ impl<B: Bus> BlkDriver<B> {
     pub fn queue_depth(&self, queue: u16) -> Result<u16, BlkError> {
         let q = self.queue(queue)?;
         let free = usize::from(self.bus.free_descriptors(queue)?);
-        let per = q.descs_for(q.max_data_descs + 2).max(1);
+        let per = self
+            .bus
+            .descriptors_for(queue, q.max_data_descs + 2)?
+            .max(1);
         Ok((free / per).min(q.free.len()) as u16)
     }
     /// Requests (caller tokens) not yet completed on `queue`.
@@ -891,7 +878,8 @@ impl<B: Bus> BlkDriver<B> {
             descs += self
                 .queues
                 .get(qi)
-                .map_or(usize::MAX / 2, |q| q.descs_for(p.chain_len(kind)));
+                .and_then(|q| self.bus.descriptors_for(q.index, p.chain_len(kind)).ok())
+                .unwrap_or(usize::MAX / 2);
             if parts > limit {
                 break;
             }

@@ -146,6 +146,9 @@ pub trait Bus {
     /// Resets the device and releases its queues; `reclaim` receives every in-flight token
     /// (so the driver frees its buffers). Negotiation must be redone afterwards.
     fn reset(&mut self, reclaim: &mut dyn FnMut(u16, usize));
+    /// Sets FAILED (§3.1.1: the driver gave up on the device, e.g. its config is invalid).
+    /// The device stays unusable until `reset`.
+    fn fail(&mut self);
     /// DEVICE_NEEDS_RESET is set.
     fn needs_reset(&self) -> bool;
     /// How interrupts are delivered after `setup_queues`.
@@ -172,6 +175,9 @@ pub trait Bus {
     fn free_descriptors(&self, queue: u16) -> Result<u16>;
     /// The size the queue was set up with.
     fn queue_size(&self, queue: u16) -> Result<u16>;
+    /// Ring descriptors a chain of `segments` segments will occupy on this queue (1 when it
+    /// goes indirect): what a driver compares with `free_descriptors` for backpressure.
+    fn descriptors_for(&self, queue: u16, segments: usize) -> Result<usize>;
     /// Longest chain `add` accepts on this queue.
     fn max_chain(&self, queue: u16) -> Result<u16>;
     fn queue_stats(&self, queue: u16) -> Result<QueueStats>;

@@ -138,8 +138,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
             "virtio {}: {e}; marking device FAILED",
             self.transport.device_type().name()
         );
-        self.add_status(DeviceStatus::FAILED);
-        self.state = State::Failed;
+        Bus::fail(self);
         e
     }
 
@@ -478,6 +477,11 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
         self.negotiated = Features::empty();
     }
 
+    fn fail(&mut self) {
+        self.add_status(DeviceStatus::FAILED);
+        self.state = State::Failed;
+    }
+
     fn needs_reset(&self) -> bool {
         self.transport
             .status()
@@ -530,6 +534,10 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
 
     fn queue_size(&self, queue: u16) -> Result<u16> {
         Ok(self.queue_ref(queue)?.size())
+    }
+
+    fn descriptors_for(&self, queue: u16, segments: usize) -> Result<usize> {
+        Ok(self.queue_ref(queue)?.descriptors_for(segments))
     }
 
     fn max_chain(&self, queue: u16) -> Result<u16> {

@@ -180,6 +180,17 @@ impl SplitQueue {
     pub fn max_chain(&self) -> u16 {
         self.max_indirect.max(self.layout.size)
     }
+    /// Ring descriptors a chain of `segments` segments occupies: one when it goes through an
+    /// indirect table (negotiated, more than one segment, fits the table), else one per
+    /// segment. The single rule `add` applies, for drivers sizing their backpressure.
+    pub fn descriptors_for(&self, segments: usize) -> usize {
+        if self.max_indirect > 0 && segments > 1 && segments <= self.max_indirect as usize {
+            1
+        } else {
+            segments
+        }
+    }
+
     /// Chains in flight (added, not yet popped).
     pub fn in_flight(&self) -> u16 {
         self.avail_idx.wrapping_sub(self.last_used)
@@ -218,9 +229,8 @@ impl SplitQueue {
         for s in writable {
             writable_len = writable_len.checked_add(s.len).ok_or(Error::BadChain)?;
         }
-        let use_indirect =
-            self.max_indirect > 0 && total > 1 && total <= self.max_indirect as usize;
-        let descs = if use_indirect { 1 } else { total };
+        let descs = self.descriptors_for(total);
+        let use_indirect = descs == 1 && total > 1;
         if descs > self.layout.size as usize {
             return Err(Error::BadChain);
         }

@@ -323,8 +323,6 @@ struct TxState {
     done: Fifo<u16>,
     scratch: Vec<Segment>,
     stopped: bool,
-    /// Longest chain that travels as one indirect descriptor (0: none).
-    indirect_max: u16,
     max_segs: u16,
     dbg: Option<DmaRegion>,
     dbg_in_flight: bool,
@@ -559,11 +557,6 @@ impl<B: Bus> VirtioNet<B> {
         let indirect = feats.contains(Features::INDIRECT_DESC);
         let rx_size = bus.queue_size(RX)?;
         let tx_size = bus.queue_size(TX)?;
-        let tx_indirect_max = if indirect {
-            (max_segs + 1).min(tx_size)
-        } else {
-            0
-        };
         let rx_descs_per_buf: u16 = if split_header && !(indirect && rx_size >= 2) {
             2
         } else {
@@ -605,7 +598,6 @@ impl<B: Bus> VirtioNet<B> {
                 done: Fifo::new(tx_size as usize, 0),
                 scratch: Vec::with_capacity(max_segs as usize + 1),
                 stopped: false,
-                indirect_max: tx_indirect_max,
                 max_segs,
                 dbg: None,
                 dbg_in_flight: false,
@@ -770,14 +762,17 @@ impl<B: Bus> VirtioNet<B> {
 
     // ---- transmit ----
 
+    /// Ring descriptors the largest frame takes (header + `max_segs`).
     fn max_frame_descs(&self) -> u16 {
-        let n = self.tx.max_segs + 1;
-        if self.tx.indirect_max >= n { 1 } else { n }
+        self.descs_for(usize::from(self.tx.max_segs))
     }
 
+    /// Ring descriptors a frame of `segs` data segments takes (plus its header), by the
+    /// bus's own rule (1 when it goes indirect).
     fn descs_for(&self, segs: usize) -> u16 {
-        let n = segs as u16 + 1;
-        if self.tx.indirect_max >= n { 1 } else { n }
+        let n = segs + 1;
+        let descs = self.bus.descriptors_for(TX, n).unwrap_or(n);
+        u16::try_from(descs).unwrap_or(u16::MAX)
     }
 
     /// Queues one frame (its DMA segments, in order) with `offload`, and notifies the device.
