@@ -100,7 +100,12 @@ fn run(cfg: RunConfig, bytes: u64) -> RunReport {
             .starts_with("10.0.2.15/"),
         "{s}"
     );
+    // Link down and up: each seen through a config interrupt (MSI-X: the config vector 0;
+    // INTx: the ISR's config bit; poll: the ISR read every 2 ms).
     assert!(stat_u64(&r, "net.config_changes") >= 2, "{s}");
+    if cfg.irq == IrqMode::Msix {
+        assert!(stat_u64(&r, "net.irq.msix0") >= 2, "config vector\n{s}");
+    }
 
     // QEMU's kicks per queue = the guest's (one device, so sum over vdev pointers).
     let trace = r.trace.as_ref().expect("net records traces");
