@@ -227,7 +227,7 @@ fn q35_modern_poll() {
     );
 }
 
-// ---- device toggles (q35, modern, MSI-X unless said): 16 MiB ----
+// ---- device properties (q35, modern, MSI-X unless said): 16 MiB ----
 
 fn toggled(prop: &str) -> RunReport {
     let cfg = toggle(
@@ -269,4 +269,12 @@ fn legacy_intx_no_event_idx_no_indirect() {
     );
     let r = run(cfg, SMALL_BYTES);
     assert_eq!(features(&r) & (EVENT_IDX | INDIRECT_DESC), 0);
+}
+
+/// MTU feature: the device's 1400 bytes become smoltcp's MTU (segments shrink to fit).
+#[test]
+fn host_mtu_1400() {
+    let r = toggled("host_mtu=1400");
+    let init = &r.check("net.init").unwrap().detail;
+    assert!(init.contains("mtu=Some(1400)"), "{init}");
 }
