@@ -453,3 +453,41 @@ fn toggle_link(serial: &Path, qmp: &Path, stop: &AtomicBool, log: &Mutex<LinkLog
         log.lock().unwrap().error = Some(e.to_string());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_64_reference_values() {
+        let h = |s: &[u8]| {
+            let mut f = Fnv::default();
+            f.update(s);
+            f.0
+        };
+        assert_eq!(h(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(h(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(h(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn stream_is_chunking_independent_and_verifies() {
+        let mut whole = vec![0u8; 1000];
+        Stream::new(7).fill(&mut whole);
+        let mut s = Stream::new(7);
+        let mut parts = vec![0u8; 1000];
+        for chunk in parts.chunks_mut(13) {
+            s.fill(chunk);
+        }
+        assert_eq!(whole, parts);
+        assert_eq!(&whole[..8], &mix(7).to_le_bytes());
+        assert_eq!(Stream::new(7).verify(&whole), None);
+        whole[517] ^= 1;
+        assert_eq!(Stream::new(7).verify(&whole), Some(517));
+        assert_ne!(whole[..64], {
+            let mut o = [0u8; 64];
+            Stream::new(8).fill(&mut o);
+            o
+        });
+    }
+}
