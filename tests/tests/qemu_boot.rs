@@ -1,7 +1,7 @@
 //! End to end: the `boot` scenario under QEMU (TCG) on both machine types, with every
 //! transport and interrupt mode. The guest is built by the runner on first use.
 
-use virtio_tests::qemu::{IrqMode, RunConfig, run_scenario};
+use virtio_tests::qemu::{RunConfig, run_scenario};
 
 fn run(cfg: RunConfig) {
     let report = run_scenario(&cfg)
@@ -16,35 +16,10 @@ fn run(cfg: RunConfig) {
         .collect();
     types.sort();
     assert_eq!(types, ["1", "2", "3", "5"], "{}", report.summary());
-    // One real virtqueue transaction on the console: its text reached the chardev, and
-    // QEMU saw exactly one kick and sent exactly one interrupt (ioeventfd is off).
-    assert!(
-        report.check("irq.device.console").is_some_and(|c| c.passed),
-        "{}",
-        report.summary()
-    );
-    let console = report.console_output.as_deref().unwrap_or_default();
-    assert_eq!(
-        console,
-        b"virtio-test-guest: hello over virtqueue\n",
-        "{}",
-        report.summary()
-    );
+    // Device-originated interrupts through the real stack are `qemu_smoke`'s job; `boot`
+    // touches no virtqueue, so QEMU must have traced no kick.
     let trace = report.trace.as_ref().expect("boot records traces");
-    assert_eq!(
-        (trace.kicks(), trace.interrupts()),
-        (1, 1),
-        "{}",
-        report.summary()
-    );
-    if cfg.irq != IrqMode::Poll {
-        assert_eq!(
-            report.stat_u64("console.irq"),
-            Some(1),
-            "{}",
-            report.summary()
-        );
-    }
+    assert_eq!(trace.kicks(), 0, "{}", report.summary());
 }
 
 // One test per machine × transport × interrupt mode.

@@ -12,6 +12,14 @@ fn run(cfg: RunConfig) {
         .unwrap_or_else(|e| panic!("{} [{}]: {e}", cfg.scenario, cfg.config_name()));
     println!("{}", report.summary());
     assert!(report.passed(), "{}", report.summary());
+    // The console's line reached the chardev the host reads.
+    let console = report.console_output.as_deref().unwrap_or_default();
+    assert_eq!(
+        console,
+        b"virtio-test-guest smoke: hello through virtio-core\n",
+        "{}",
+        report.summary()
+    );
     let trace = report.trace.as_ref().expect("smoke records traces");
     assert!(trace.kicks() > 0, "{}", report.summary());
 

@@ -75,20 +75,6 @@ pub fn run(env: &mut Env) {
         IrqMode::Intx => check_intx(env),
         IrqMode::Poll => {}
     }
-    check_device_interrupt(env);
-}
-
-/// One real virtqueue transaction on the console (see `devirq`): a device-originated
-/// interrupt in the configured mode, and text the runner finds in the chardev.
-fn check_device_interrupt(env: &Env) {
-    let Some(f) = env.find_virtio(3) else {
-        crate::println!("no virtio console: skipping the device interrupt check");
-        return;
-    };
-    let mut dev = env.open(f);
-    let out = super::devirq::run(env, &mut dev);
-    check!("irq.device.console", out.ok, "{}", out.detail);
-    super::irq_stats("console", &dev.irq);
 }
 
 fn list_virtio(env: &Env) {

@@ -8,7 +8,6 @@
 
 mod boot;
 pub mod bus;
-mod devirq;
 mod net;
 mod selftest;
 mod smoke;
