@@ -12,6 +12,7 @@
 //! `DONE checks=<n> failed=<m>`, and exits through `isa-debug-exit` (status (v<<1)|1,
 //! mapped by [`GuestExit`]).
 
+pub mod blk_host;
 mod devices;
 pub mod net_peer;
 pub mod qmp;
@@ -103,6 +104,9 @@ pub struct RunConfig {
     pub keep_run_dir: bool,
     /// Distinguishes runs of the same scenario and configuration (run directory suffix).
     pub label: Option<String>,
+    /// SIGKILL QEMU as soon as the guest's serial output has this line (e.g. a `STAT` line
+    /// the guest prints before waiting): durability tests. The report says `killed`.
+    pub kill_on: Option<String>,
     /// Install missing toolchain/QEMU packages (root on Debian only).
     pub install_missing: bool,
 }
@@ -121,6 +125,7 @@ impl RunConfig {
             memory_mib: 256,
             keep_run_dir: false,
             label: None,
+            kill_on: None,
             install_missing: false,
         }
     }
@@ -302,6 +307,8 @@ pub struct RunReport {
     pub run_dir: PathBuf,
     /// Whether `run_dir` was kept on disk.
     pub kept: bool,
+    /// QEMU was SIGKILLed because the guest printed `RunConfig::kill_on`.
+    pub killed: bool,
     pub duration: Duration,
 }
 
@@ -356,6 +363,13 @@ impl RunReport {
         }
         if !self.done {
             let _ = writeln!(s, "  guest did not reach DONE");
+        }
+        if self.killed {
+            let _ = writeln!(
+                s,
+                "  QEMU SIGKILLed by the runner on {:?}",
+                self.config.kill_on.as_deref().unwrap_or("")
+            );
         }
         for f in &self.fatal {
             let _ = writeln!(s, "  {f}");
@@ -640,9 +654,23 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
     let timeout = cfg
         .timeout
         .unwrap_or(Duration::from_secs(spec.timeout_secs));
+    let mut killed = false;
     let exit = loop {
         match child.try_wait() {
             Ok(Some(status)) => break GuestExit::from_status(status),
+            Ok(None)
+                if cfg.kill_on.as_deref().is_some_and(|want| {
+                    String::from_utf8_lossy(&std::fs::read(&serial).unwrap_or_default())
+                        .lines()
+                        .any(|l| l.trim_end() == want)
+                }) =>
+            {
+                // std's `Child::kill` is SIGKILL on Unix: no chance for QEMU to flush.
+                let _ = child.kill();
+                let _ = child.wait();
+                killed = true;
+                break GuestExit::Signal;
+            }
             Ok(None) if start.elapsed() >= timeout => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -672,6 +700,7 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
         qemu_command: std::iter::once(QEMU.to_string()).chain(args).collect(),
         run_dir: dir.clone(),
         kept: true,
+        killed,
         duration,
     };
     report.parse_serial();
@@ -767,6 +796,7 @@ mod tests {
             qemu_command: Vec::new(),
             run_dir: PathBuf::new(),
             kept: false,
+            killed: false,
             duration: Duration::ZERO,
         };
         r.parse_serial();

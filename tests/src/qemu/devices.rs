@@ -73,9 +73,23 @@ pub const SCENARIOS: &[ScenarioSpec] = &[
         trace: true,
         timeout_secs: 180,
     },
+    // blk scenarios: the host side (`blk_host`) attaches the drive and device itself,
+    // configured by the run's `blk_*` guest words.
     ScenarioSpec {
         name: "blk",
-        devices: &[Blk],
+        devices: &[],
+        trace: true,
+        timeout_secs: 180,
+    },
+    ScenarioSpec {
+        name: "bench-blk",
+        devices: &[],
+        trace: true,
+        timeout_secs: 180,
+    },
+    ScenarioSpec {
+        name: "bench-blk-vd",
+        devices: &[],
         trace: true,
         timeout_secs: 180,
     },
@@ -124,6 +138,7 @@ pub type HostStart = fn(&super::HostContext<'_>) -> std::io::Result<super::HostS
 pub fn host_side(scenario: &str) -> Option<HostStart> {
     match scenario {
         "net" => Some(super::net_peer::start),
+        "blk" | "bench-blk" | "bench-blk-vd" => Some(super::blk_host::start),
         _ => None,
     }
 }

@@ -6,6 +6,7 @@
 //! Adding a scenario: write `scenarios/<name>.rs` with `pub fn run(env: &mut Env)`, add a
 //! row to `SCENARIOS`, and a row to the host's device table (`tests/src/qemu/devices.rs`).
 
+mod blk;
 mod boot;
 pub mod bus;
 mod net;
@@ -40,6 +41,21 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "net",
         about: "virtio-net under smoltcp: DHCP, 64 MiB each way over TCP with the host peer, link down/up via QMP",
         run: net::run,
+    },
+    Scenario {
+        name: "blk",
+        about: "virtio-blk driver: pattern over the disk (split requests), flush, verify; discard/write-zeroes; GET_ID; blk_test=ro|fault|durable",
+        run: blk::run,
+    },
+    Scenario {
+        name: "bench-blk",
+        about: "virtio-blk driver benchmark: 4 KiB random reads at depth 1/32, 64 KiB sequential reads",
+        run: blk::bench,
+    },
+    Scenario {
+        name: "bench-blk-vd",
+        about: "the same benchmark through the virtio-drivers crate's VirtIOBlk",
+        run: blk::bench_vd,
     },
     Scenario {
         name: "panic",

@@ -1,0 +1,240 @@
+//! `bench-blk-vd`: the same benchmark phases as `bench-blk`, driven through the
+//! `virtio-drivers` crate (rcore-os) — `VirtIOBlk` over its own `PciTransport`, with a
+//! `Hal` for this guest's identity-mapped memory — for comparison.
+//!
+//! What that crate offers shapes the comparison (reported, not hidden):
+//! - modern PCI transport only; no MSI-X setup, so its interrupts arrive on INTx
+//!   (run it with `irq=intx`; `irq=poll` spins on the used ring instead);
+//! - one queue of 16 entries: depth 32 is not possible; `read_blocks_nb` submits until
+//!   the queue is full (16 with indirect descriptors) and notifies per request when the
+//!   device asks (it negotiates EVENT_IDX);
+//! - `read_blocks_nb` / `peek_used` / `complete_read_blocks` is its non-blocking API.
+
+use super::super::Env;
+use super::{PHASES, Rng, marker};
+use crate::check;
+use crate::pci::PciAddress;
+use crate::report;
+use alloc::alloc::{Layout, alloc_zeroed, dealloc};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+use virtio_core::platform::InterruptPlatform;
+use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
+use virtio_drivers::transport::pci::PciTransport;
+use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction, PciRoot};
+use virtio_drivers::{BufferDirection, Hal, PhysAddr};
+
+const PAGE: usize = 4096;
+
+/// Identity-mapped DMA: device addresses are guest-physical = virtual.
+pub struct GuestHal;
+
+// SAFETY: allocations are page-aligned, zeroed and exclusively owned until freed; the
+// guest identity-maps all RAM and maps BARs uncacheable before this is used (`Env::open`).
+unsafe impl Hal for GuestHal {
+    fn dma_alloc(pages: usize, _dir: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        let layout = Layout::from_size_align(pages * PAGE, PAGE).expect("layout");
+        // SAFETY: non-zero size (virtio-drivers never asks for 0 pages).
+        let p = unsafe { alloc_zeroed(layout) };
+        let nn = NonNull::new(p).expect("DMA allocation");
+        (p as u64, nn)
+    }
+
+    unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
+        let layout = Layout::from_size_align(pages * PAGE, PAGE).expect("layout");
+        // SAFETY: per the trait contract, allocated by `dma_alloc` with this page count.
+        unsafe { dealloc(vaddr.as_ptr(), layout) };
+        0
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
+        NonNull::new(paddr as *mut u8).expect("BAR address")
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, _dir: BufferDirection) -> PhysAddr {
+        buffer.as_ptr() as *mut u8 as u64
+    }
+
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _dir: BufferDirection) {}
+}
+
+/// Config mechanism #1 for virtio-drivers' PCI root.
+struct Cam;
+
+impl ConfigurationAccess for Cam {
+    fn read_word(&self, df: DeviceFunction, off: u8) -> u32 {
+        PciAddress::new(df.bus, df.device, df.function).read32(u16::from(off))
+    }
+    fn write_word(&mut self, df: DeviceFunction, off: u8, data: u32) {
+        PciAddress::new(df.bus, df.device, df.function).write32(u16::from(off), data)
+    }
+    unsafe fn unsafe_clone(&self) -> Self {
+        Cam
+    }
+}
+
+type Vd = VirtIOBlk<GuestHal, PciTransport>;
+
+pub fn bench(env: &mut Env) {
+    let Some(func) = env.find_virtio(2).cloned() else {
+        check!("bench.present", false, "no virtio-blk on the bus");
+        return;
+    };
+    // Decode + bus master on, BARs mapped uncacheable.
+    let mut dev = env.open(&func);
+    let intx = env.irq != crate::cmdline::IrqMode::Poll && dev.irq.enable_intx();
+    let mut root = PciRoot::new(Cam);
+    let df = DeviceFunction {
+        bus: func.addr.bus,
+        device: func.addr.dev,
+        function: func.addr.func,
+    };
+    let transport = match PciTransport::new::<GuestHal, Cam>(&mut root, df) {
+        Ok(t) => t,
+        Err(e) => {
+            check!("bench.init", false, "PciTransport::new: {e:?}");
+            return;
+        }
+    };
+    let mut blk: Vd = match VirtIOBlk::new(transport) {
+        Ok(b) => b,
+        Err(e) => {
+            check!("bench.init", false, "VirtIOBlk::new: {e:?}");
+            return;
+        }
+    };
+    check!(
+        "bench.init",
+        true,
+        "virtio-drivers VirtIOBlk: capacity {} sectors, queue size {}, {}",
+        blk.capacity(),
+        blk.virt_queue_size(),
+        if intx { "INTx" } else { "polling" }
+    );
+    let ms = env.cmdline.get_u64("bench_ms", 2000);
+    for (i, &(name, bytes, depth, random)) in PHASES.iter().enumerate() {
+        marker(0x10 + i as u8);
+        let irq0 = dev.irq.total();
+        let r = phase(&mut blk, &dev.irq, intx, bytes as usize, depth, random, ms);
+        let irqs = dev.irq.total() - irq0;
+        marker(0x20 + i as u8);
+        match r {
+            Ok((reqs, ns, achieved)) => {
+                report::stat(&format!("bench.{name}.reqs"), reqs);
+                report::stat(&format!("bench.{name}.ns"), ns);
+                report::stat(&format!("bench.{name}.depth"), achieved);
+                report::stat(&format!("bench.{name}.irqs"), irqs);
+                check!(
+                    &format!("bench.{name}"),
+                    reqs > 0,
+                    "{reqs} requests in {} ms: {} IOPS at depth {achieved} (asked {depth}), \
+                     {:.3} interrupts taken per request",
+                    ns / 1_000_000,
+                    reqs * 1_000_000_000 / ns.max(1),
+                    irqs as f64 / reqs.max(1) as f64
+                );
+            }
+            Err(e) => {
+                check!(&format!("bench.{name}"), false, "{e}");
+            }
+        }
+    }
+    report::stat("blk.irq", dev.irq.total());
+    drop(blk);
+    dev.irq.disable();
+}
+
+/// Runs one phase: keeps up to `depth` reads in flight (fewer if the queue fills).
+/// Returns (requests, ns, depth achieved).
+fn phase(
+    blk: &mut Vd,
+    irq: &crate::platform::PciInterrupts,
+    intx: bool,
+    bytes: usize,
+    depth: usize,
+    random: bool,
+    ms: u64,
+) -> Result<(u64, u64, usize), String> {
+    let per = (bytes / 512) as u64;
+    let blocks = blk.capacity() / per;
+    let mut rng = Rng(0x1234_5678_9ABC_DEF1);
+    let mut seq = 0u64;
+    let mut reqs: Vec<BlkReq> = (0..depth).map(|_| BlkReq::default()).collect();
+    let mut resps: Vec<BlkResp> = (0..depth).map(|_| BlkResp::default()).collect();
+    let mut bufs: Vec<u8> = vec![0u8; depth * bytes];
+    // Token (descriptor head) → slot.
+    let mut slot_of = [usize::MAX; 1024];
+    let mut free: Vec<usize> = (0..depth).rev().collect();
+    let (mut inflight, mut completed, mut achieved) = (0usize, 0u64, 0usize);
+    let t0 = crate::time::now_ns();
+    let deadline = t0 + ms * 1_000_000;
+    loop {
+        let open = crate::time::now_ns() < deadline;
+        while open && let Some(&slot) = free.last() {
+            let block = if random {
+                rng.next() % blocks
+            } else {
+                seq = (seq + 1) % blocks;
+                seq
+            };
+            let buf = &mut bufs[slot * bytes..(slot + 1) * bytes];
+            // SAFETY: the slot's request, buffer and response are used by nothing else
+            // until `complete_read_blocks` for its token (below).
+            let r = unsafe {
+                blk.read_blocks_nb(
+                    (block * per) as usize,
+                    &mut reqs[slot],
+                    buf,
+                    &mut resps[slot],
+                )
+            };
+            match r {
+                Ok(token) => {
+                    slot_of[usize::from(token)] = slot;
+                    free.pop();
+                    inflight += 1;
+                    achieved = achieved.max(inflight);
+                }
+                Err(virtio_drivers::Error::QueueFull) if inflight > 0 => break,
+                Err(e) => return Err(format!("read_blocks_nb: {e:?}")),
+            }
+        }
+        if inflight == 0 {
+            break;
+        }
+        // Wait for a completion: interrupt (INTx, acknowledged through the ISR) or spin.
+        let wait_start = crate::time::now_ns();
+        while blk.peek_used().is_none() {
+            if crate::time::now_ns() - wait_start > 10_000_000_000 {
+                return Err("no completion in 10 s".into());
+            }
+            if intx {
+                irq.wait(u64::MAX, 10);
+                if irq.take_pending() != 0 {
+                    blk.ack_interrupt();
+                    irq.intx_done();
+                }
+            } else {
+                core::hint::spin_loop();
+            }
+        }
+        while let Some(token) = blk.peek_used() {
+            let slot = slot_of[usize::from(token)];
+            if slot == usize::MAX {
+                return Err(format!("unknown token {token}"));
+            }
+            let buf = &mut bufs[slot * bytes..(slot + 1) * bytes];
+            // SAFETY: the same request, buffer and response as given to `read_blocks_nb`.
+            let r = unsafe { blk.complete_read_blocks(token, &reqs[slot], buf, &mut resps[slot]) };
+            r.map_err(|e| format!("read: {e:?}"))?;
+            slot_of[usize::from(token)] = usize::MAX;
+            free.push(slot);
+            inflight -= 1;
+            completed += 1;
+        }
+    }
+    Ok((completed, crate::time::now_ns() - t0, achieved))
+}
