@@ -1,0 +1,100 @@
+//! A fixed-capacity FIFO allocated at setup; pushing and popping never allocate.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+pub(crate) struct Fifo<T: Copy> {
+    buf: Vec<T>,
+    head: usize,
+    len: usize,
+}
+
+impl<T: Copy> Fifo<T> {
+    /// Setup time only (allocates `capacity` slots filled with `fill`).
+    pub(crate) fn new(capacity: usize, fill: T) -> Self {
+        Fifo {
+            buf: vec![fill; capacity],
+            head: 0,
+            len: 0,
+        }
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub(crate) fn free(&self) -> usize {
+        self.buf.len() - self.len
+    }
+    /// Appends; false (and nothing stored) when full.
+    pub(crate) fn push(&mut self, v: T) -> bool {
+        let cap = self.buf.len();
+        if self.len >= cap {
+            return false;
+        }
+        let at = (self.head + self.len) % cap;
+        match self.buf.get_mut(at) {
+            Some(slot) => {
+                *slot = v;
+                self.len += 1;
+                true
+            }
+            None => false,
+        }
+    }
+    pub(crate) fn pop(&mut self) -> Option<T> {
+        if self.len == 0 {
+            return None;
+        }
+        let v = self.buf.get(self.head).copied();
+        self.head = (self.head + 1) % self.buf.len();
+        self.len -= 1;
+        v
+    }
+    pub(crate) fn front(&self) -> Option<T> {
+        self.get(0)
+    }
+    pub(crate) fn get(&self, i: usize) -> Option<T> {
+        if i >= self.len {
+            return None;
+        }
+        self.buf.get((self.head + i) % self.buf.len()).copied()
+    }
+    /// Mutable access to the `i`-th element from the front.
+    pub(crate) fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+        if i >= self.len {
+            return None;
+        }
+        let cap = self.buf.len();
+        self.buf.get_mut((self.head + i) % cap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wraps_and_bounds() {
+        let mut f = Fifo::new(3, 0u32);
+        assert!(f.push(1) && f.push(2) && f.push(3));
+        assert!(!f.push(4));
+        assert_eq!(f.free(), 0);
+        assert_eq!(f.pop(), Some(1));
+        assert!(f.push(4));
+        if let Some(x) = f.get_mut(1) {
+            *x = 30;
+        }
+        assert_eq!(
+            (f.front(), f.get(1), f.get(2), f.get(3)),
+            (Some(2), Some(30), Some(4), None)
+        );
+        assert_eq!(
+            (f.pop(), f.pop(), f.pop(), f.pop()),
+            (Some(2), Some(30), Some(4), None)
+        );
+        assert!(f.is_empty());
+        assert_eq!(f.len(), 0);
+    }
+}
