@@ -4,6 +4,7 @@
 //!   rust-vmm's `virtio-queue` over identity-mapped `vm-memory`;
 //! - `qemu`: the host-side runner that builds the bare-metal guest and drives QEMU.
 
+pub mod balloon_model;
 pub mod blk_model;
 pub mod mem;
 pub mod net_model;
