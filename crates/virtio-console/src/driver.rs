@@ -884,6 +884,16 @@ impl<B: Bus> VirtioConsole<B> {
         Ok(())
     }
 
+    /// Bytes received on `port` and not read yet (collects completed buffers first).
+    pub fn rx_pending(&mut self, port: u32) -> Result<usize> {
+        if self.state != State::Live {
+            return Err(ConsoleError::NotStarted);
+        }
+        self.port_mut(port)?;
+        self.pump_rx(port)?;
+        Ok(self.ports.get(port as usize).map_or(0, Port::pending_rx))
+    }
+
     /// Copies received bytes of `port` into `out` (0 when nothing is there); consumed
     /// buffers go straight back to the device.
     pub fn read(&mut self, port: u32, out: &mut [u8]) -> Result<usize> {
@@ -1092,6 +1102,14 @@ impl<B: Bus> VirtioConsole<B> {
             return Err(ControlError::IdBeyondDriverLimit { id });
         }
         let auto_open = self.opts.auto_open_console;
+        if msg == DeviceControl::PortRemove
+            && self.ports.get(id as usize).is_some_and(|p| p.present)
+            && let Err(e) = self.pump_rx(id)
+        {
+            // Data the device completed before the removal must not surface if the id is
+            // added again; a broken queue is reported on the next read.
+            log::warn!("virtio-console: port {id}: draining before removal: {e}");
+        }
         let Some(port) = self.ports.get_mut(id as usize) else {
             return Err(ControlError::IdBeyondDriverLimit { id });
         };
