@@ -73,6 +73,13 @@ pub const SCENARIOS: &[ScenarioSpec] = &[
         trace: true,
         timeout_secs: 180,
     },
+    // `net`'s transfer over the virtio-drivers crate (`cargo xtask bench net`).
+    ScenarioSpec {
+        name: "net-vd",
+        devices: &[Net],
+        trace: true,
+        timeout_secs: 300,
+    },
     // blk scenarios: the host side (`blk_host`) attaches the drive and device itself,
     // configured by the run's `blk_*` guest words.
     ScenarioSpec {
@@ -137,7 +144,7 @@ pub type HostStart = fn(&super::HostContext<'_>) -> std::io::Result<super::HostS
 /// host's loopback and has its link toggled through QMP.
 pub fn host_side(scenario: &str) -> Option<HostStart> {
     match scenario {
-        "net" => Some(super::net_peer::start),
+        "net" | "net-vd" => Some(super::net_peer::start),
         "blk" | "bench-blk" | "bench-blk-vd" => Some(super::blk_host::start),
         _ => None,
     }

@@ -10,6 +10,7 @@ mod blk;
 mod boot;
 pub mod bus;
 mod net;
+mod net_vd;
 mod selftest;
 mod smoke;
 
@@ -41,6 +42,11 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "net",
         about: "virtio-net under smoltcp: DHCP, 64 MiB each way over TCP with the host peer, link down/up via QMP",
         run: net::run,
+    },
+    Scenario {
+        name: "net-vd",
+        about: "the net scenario's smoltcp stack, DHCP and TCP transfer over the virtio-drivers crate's VirtIONet (polled)",
+        run: net_vd::run,
     },
     Scenario {
         name: "blk",

@@ -7,22 +7,27 @@
 //! - transmit: a [`TxToken`] hands smoltcp one slot of a preallocated DMA region to build
 //!   the frame in place; the slot travels as a single segment with
 //!   [`VirtioNet::transmit_deferred`] and comes back through [`VirtioNet::tx_reclaim`]
-//!   (its token is the slot index). [`Phy::flush`] kicks once per batch.
+//!   (its token is the slot index). [`Phy::flush`] kicks once per batch;
+//! - interrupts: the handlers only record; [`Nic::service`] feeds them to the driver in
+//!   thread context and handles config changes (link status, logged in [`LinkLog`]).
 
-use crate::platform::GuestDma;
-use crate::scenarios::bus::GuestBus;
+use super::stack::{Counters, Nic};
+use crate::platform::{GuestDma, INTX_INDEX};
+use crate::scenarios::bus::{self, GuestBus};
 use alloc::vec;
 use alloc::vec::Vec;
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
 use virtio_core::Segment;
+use virtio_core::bus::Bus;
 use virtio_core::platform::{Dma, DmaRegion};
 use virtio_net::{NetError, TxOffload, VirtioNet};
 
 /// Largest Ethernet frame (without FCS) for a 1500-byte MTU.
 pub const FRAME_MAX: usize = 1514;
-/// Transmit slots (each one frame in flight).
-pub const TX_SLOTS: usize = 128;
+/// Transmit slots (each one frame in flight): as many as QEMU's 256-entry ring holds, so
+/// the driver stops the queue (and arms its transmit interrupt) before the slots run out.
+pub const TX_SLOTS: usize = 256;
 const TX_STRIDE: usize = 2048;
 /// Frames staged between the driver and smoltcp.
 pub const RX_STAGE: usize = 64;
@@ -42,6 +47,15 @@ pub struct PhyCounters {
     /// `transmit()` calls that found no free slot.
     pub tx_full: u64,
     pub last_error: Option<NetError>,
+}
+
+/// Link changes the driver reported through config interrupts.
+#[derive(Default)]
+pub struct LinkLog {
+    pub config_events: u64,
+    pub downs: u64,
+    pub ups: u64,
+    pub errors: u64,
 }
 
 struct TxSide {
@@ -66,10 +80,14 @@ pub struct Phy {
     /// interrupt was re-enabled): do not halt.
     rx_more: bool,
     mtu: usize,
+    /// No interrupts (`irq=poll`): never halt; read the ISR now and then for config changes.
+    polling: bool,
+    last_isr_poll: u64,
+    pub link: LinkLog,
 }
 
 impl Phy {
-    pub fn new(net: VirtioNet<GuestBus>) -> Result<Self, NetError> {
+    pub fn new(net: VirtioNet<GuestBus>, polling: bool) -> Result<Self, NetError> {
         let region = GuestDma.alloc_coherent(TX_SLOTS * TX_STRIDE, 64)?;
         let mtu = net.mtu().map_or(1500, usize::from).min(1500);
         Ok(Phy {
@@ -88,6 +106,9 @@ impl Phy {
             },
             rx_more: false,
             mtu,
+            polling,
+            last_isr_poll: 0,
+            link: LinkLog::default(),
         })
     }
 
@@ -99,13 +120,8 @@ impl Phy {
         &self.tx.net
     }
 
-    pub fn counters(&self) -> PhyCounters {
+    pub fn phy_counters(&self) -> PhyCounters {
         self.tx.counters
-    }
-
-    /// Work is waiting without an interrupt to announce it.
-    pub fn busy(&self) -> bool {
-        self.rx_more || self.rx.count > 0
     }
 
     /// Takes back completed transmit slots.
@@ -122,15 +138,43 @@ impl Phy {
         }
     }
 
-    /// Notifies the device of the frames queued since the last flush.
-    pub fn flush(&mut self) {
-        let t = &mut self.tx;
-        if t.unkicked > 0 {
-            t.unkicked = 0;
-            t.counters.tx_kicks_requested += 1;
-            if let Err(e) = t.net.tx_kick() {
-                t.counters.tx_errors += 1;
-                t.counters.last_error = Some(e);
+    /// Feeds recorded interrupts to the driver; handles config changes (link status).
+    fn take_interrupts(&mut self) {
+        let net = &mut self.tx.net;
+        let irq = net.bus_mut().interrupt_platform();
+        let pending = irq.take_pending();
+        let mut config = false;
+        if pending & (1 << INTX_INDEX) != 0 {
+            config |= net.handle_interrupt(None).config;
+            net.bus_mut().interrupt_platform().intx_done();
+        }
+        for k in (0..INTX_INDEX).filter(|k| pending & (1 << k) != 0) {
+            config |= net.handle_interrupt(Some(k)).config;
+        }
+        if self.polling {
+            // No interrupts: read the ISR now and then for config changes.
+            let t = crate::time::now_ns();
+            if t - self.last_isr_poll > 2_000_000 {
+                self.last_isr_poll = t;
+                config |= net.handle_interrupt(None).config;
+            }
+        }
+        if config {
+            self.link.config_events += 1;
+            match net.handle_config_change() {
+                Ok(ev) if ev.link_changed => {
+                    crate::println!("net: link {}", if ev.link_up { "up" } else { "down" });
+                    if ev.link_up {
+                        self.link.ups += 1;
+                    } else {
+                        self.link.downs += 1;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    crate::println!("net: config change: {e}");
+                    self.link.errors += 1;
+                }
             }
         }
     }
@@ -187,6 +231,62 @@ impl Phy {
             // SAFETY: the device was reset just above, so it no longer reads the slots;
             // the region came from `alloc_coherent` and is taken out, so freed once.
             unsafe { GuestDma.free_coherent(r) };
+        }
+    }
+}
+
+impl Nic for Phy {
+    fn service(&mut self) {
+        self.take_interrupts();
+        self.reclaim();
+    }
+
+    /// Notifies the device of the frames queued since the last flush.
+    fn flush(&mut self) {
+        let t = &mut self.tx;
+        if t.unkicked > 0 {
+            t.unkicked = 0;
+            t.counters.tx_kicks_requested += 1;
+            if let Err(e) = t.net.tx_kick() {
+                t.counters.tx_errors += 1;
+                t.counters.last_error = Some(e);
+            }
+        }
+    }
+
+    /// Frames are staged or the last `rx_poll` asked for more; or every slot is in flight
+    /// while the driver's queue runs (no transmit interrupt is armed: reclaim by polling).
+    fn busy(&self) -> bool {
+        self.polling
+            || self.rx_more
+            || self.rx.count > 0
+            || (self.tx.free.is_empty() && !self.tx.net.tx_stopped())
+    }
+
+    fn halt(&mut self, ms: u64) {
+        if !self.polling {
+            self.tx
+                .net
+                .bus_mut()
+                .interrupt_platform()
+                .wait(u64::MAX, ms);
+        }
+    }
+
+    fn counters(&mut self) -> Counters {
+        let st = self.tx.net.stats();
+        let bus = self.tx.net.bus_mut();
+        let q = |bus: &bus::GuestBus, i| bus.queue_stats(i).unwrap_or_default();
+        let (rx, tx) = (q(bus, 0), q(bus, 1));
+        Counters {
+            rx_frames: st.rx_frames,
+            tx_frames: st.tx_frames,
+            driver_counts: true,
+            rx_kicks: rx.kicks,
+            tx_kicks: tx.kicks,
+            rx_irqs: rx.interrupts,
+            tx_irqs: tx.interrupts,
+            irqs: bus.interrupt_platform().total(),
         }
     }
 }

@@ -1,0 +1,261 @@
+//! `net-vd`: the `net` scenario's smoltcp stack, DHCP lease and TCP transfer both ways
+//! (`net/stack.rs`, the same code) over the `virtio-drivers` crate (rcore-os) instead of our
+//! driver: `VirtIONet` over its own `transport::pci::PciTransport`, with a [`Hal`] for this
+//! guest's identity-mapped memory. For `cargo xtask bench net`.
+//!
+//! How it is driven, and why:
+//! - virtio-drivers has no interrupt handling (no MSI-X setup, no handler API beyond
+//!   `ack_interrupt`), so it is polled, as its users and its own smoltcp example do: the
+//!   loop never halts, `receive` pops the used ring, `send` queues one frame, notifies and
+//!   spins until the device has used it. Nothing in the guest takes an interrupt; QEMU still
+//!   *sends* them (with EVENT_IDX the crate moves `used_event` on every pop, and
+//!   `disable_interrupts` is a no-op under EVENT_IDX), which its trace shows;
+//! - it keeps no counters, so the guest reports throughput and packets (counted in this
+//!   adapter) and the host takes kicks and interrupts per phase from QEMU's trace (the
+//!   phases are marked on port 0x80, see `net/stack.rs`);
+//! - it negotiates MAC, STATUS, EVENT_IDX, INDIRECT_DESC and VERSION_1 only (no MRG_RXBUF,
+//!   no offloads), modern PCI only;
+//! - queues of [`QUEUE_SIZE`] = 256 entries, QEMU's default and what our driver uses, and
+//!   2048-byte receive buffers (the crate's example), all posted at start.
+//!
+//! Parameters: `net_port=` (required), `net_bytes=` (default 64 MiB). No link test.
+
+use super::Env;
+use super::net::stack::{Counters, Nic, Stack};
+use crate::check;
+use crate::pci::PciAddress;
+use crate::report;
+use alloc::alloc::{Layout, alloc_zeroed, dealloc};
+use core::cell::{Cell, RefCell};
+use core::ptr::NonNull;
+use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::time::Instant;
+use virtio_drivers::device::net::{RxBuffer, VirtIONet};
+use virtio_drivers::transport::pci::PciTransport;
+use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction, PciRoot};
+use virtio_drivers::{BufferDirection, Hal, PhysAddr};
+
+const PAGE: usize = 4096;
+/// Ring entries per queue.
+pub const QUEUE_SIZE: usize = 256;
+/// Receive buffer length (header + frame), as in the crate's smoltcp example.
+const BUF_LEN: usize = 2048;
+
+/// Identity-mapped DMA: device addresses are guest-physical = virtual.
+pub struct GuestHal;
+
+// SAFETY: allocations are page-aligned, zeroed and exclusively owned until freed; the
+// guest identity-maps all RAM and maps BARs uncacheable before this is used (`Env::open`),
+// so a buffer's address is also its device address.
+unsafe impl Hal for GuestHal {
+    fn dma_alloc(pages: usize, _dir: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        let layout = Layout::from_size_align(pages * PAGE, PAGE).expect("layout");
+        // SAFETY: non-zero size (virtio-drivers never asks for 0 pages).
+        let p = unsafe { alloc_zeroed(layout) };
+        let nn = NonNull::new(p).expect("DMA allocation");
+        (p as u64, nn)
+    }
+
+    unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
+        let layout = Layout::from_size_align(pages * PAGE, PAGE).expect("layout");
+        // SAFETY: per the trait contract, allocated by `dma_alloc` with this page count.
+        unsafe { dealloc(vaddr.as_ptr(), layout) };
+        0
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
+        NonNull::new(paddr as *mut u8).expect("BAR address")
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, _dir: BufferDirection) -> PhysAddr {
+        buffer.as_ptr() as *mut u8 as u64
+    }
+
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _dir: BufferDirection) {}
+}
+
+/// Config mechanism #1 for virtio-drivers' PCI root.
+struct Cam;
+
+impl ConfigurationAccess for Cam {
+    fn read_word(&self, df: DeviceFunction, off: u8) -> u32 {
+        PciAddress::new(df.bus, df.device, df.function).read32(u16::from(off))
+    }
+    fn write_word(&mut self, df: DeviceFunction, off: u8, data: u32) {
+        PciAddress::new(df.bus, df.device, df.function).write32(u16::from(off), data)
+    }
+    unsafe fn unsafe_clone(&self) -> Self {
+        Cam
+    }
+}
+
+type Vd = VirtIONet<GuestHal, PciTransport, QUEUE_SIZE>;
+
+/// `smoltcp::phy::Device` over [`Vd`], as the crate's smoltcp example builds it: an
+/// [`RxBuffer`] is lent to smoltcp and recycled after; a transmit builds a `TxBuffer` and
+/// sends it (blocking until the device used it). The tokens share the driver through a
+/// `RefCell` (smoltcp consumes the transmit token inside the receive token's closure).
+pub struct VdPhy {
+    net: RefCell<Vd>,
+    rx_frames: Cell<u64>,
+    tx_frames: Cell<u64>,
+    errors: Cell<u64>,
+}
+
+pub struct VdRx<'a> {
+    buf: RxBuffer,
+    phy: &'a VdPhy,
+}
+
+impl RxToken for VdRx<'_> {
+    fn consume<R, F>(mut self, f: F) -> R
+    where
+        F: FnOnce(&[u8]) -> R,
+    {
+        let r = f(self.buf.packet_mut());
+        if self
+            .phy
+            .net
+            .borrow_mut()
+            .recycle_rx_buffer(self.buf)
+            .is_err()
+        {
+            self.phy.errors.set(self.phy.errors.get() + 1);
+        }
+        r
+    }
+}
+
+pub struct VdTx<'a> {
+    phy: &'a VdPhy,
+}
+
+impl TxToken for VdTx<'_> {
+    fn consume<R, F>(self, len: usize, f: F) -> R
+    where
+        F: FnOnce(&mut [u8]) -> R,
+    {
+        let mut buf = self.phy.net.borrow().new_tx_buffer(len);
+        let r = f(buf.packet_mut());
+        match self.phy.net.borrow_mut().send(buf) {
+            Ok(()) => self.phy.tx_frames.set(self.phy.tx_frames.get() + 1),
+            Err(_) => self.phy.errors.set(self.phy.errors.get() + 1),
+        }
+        r
+    }
+}
+
+impl Device for VdPhy {
+    type RxToken<'a> = VdRx<'a>;
+    type TxToken<'a> = VdTx<'a>;
+
+    fn receive(&mut self, _now: Instant) -> Option<(VdRx<'_>, VdTx<'_>)> {
+        let buf = {
+            let mut net = self.net.borrow_mut();
+            if !net.can_recv() {
+                return None;
+            }
+            match net.receive() {
+                Ok(b) => b,
+                Err(_) => {
+                    self.errors.set(self.errors.get() + 1);
+                    return None;
+                }
+            }
+        };
+        self.rx_frames.set(self.rx_frames.get() + 1);
+        let phy = &*self;
+        Some((VdRx { buf, phy }, VdTx { phy }))
+    }
+
+    fn transmit(&mut self, _now: Instant) -> Option<VdTx<'_>> {
+        self.net.borrow().can_send().then_some(VdTx { phy: &*self })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = 1514;
+        caps.max_burst_size = None;
+        caps
+    }
+}
+
+impl Nic for VdPhy {
+    /// Nothing to take: no interrupts, and `send` already waited for its completion.
+    fn service(&mut self) {}
+    /// `send` notified already.
+    fn flush(&mut self) {}
+    /// Polled: never halt.
+    fn busy(&self) -> bool {
+        true
+    }
+    fn halt(&mut self, _ms: u64) {}
+    fn counters(&mut self) -> Counters {
+        Counters {
+            rx_frames: self.rx_frames.get(),
+            tx_frames: self.tx_frames.get(),
+            ..Counters::default()
+        }
+    }
+}
+
+pub fn run(env: &mut Env) {
+    let Some(func) = env.find_virtio(1).cloned() else {
+        check!("net.present", false, "no virtio-net on the bus");
+        return;
+    };
+    let Some(port) = env
+        .cmdline
+        .get("net_port")
+        .and_then(|p| p.parse::<u16>().ok())
+    else {
+        check!("net.port", false, "no net_port= on the command line");
+        return;
+    };
+    let bytes = env.cmdline.get_u64("net_bytes", 64 << 20);
+
+    // Decode + bus master on, BARs mapped uncacheable; interrupts stay off.
+    let _dev = env.open(&func);
+    let mut root = PciRoot::new(Cam);
+    let df = DeviceFunction {
+        bus: func.addr.bus,
+        device: func.addr.dev,
+        function: func.addr.func,
+    };
+    let transport = match PciTransport::new::<GuestHal, Cam>(&mut root, df) {
+        Ok(t) => t,
+        Err(e) => {
+            check!("net.init", false, "{} PciTransport::new: {e:?}", func.addr);
+            return;
+        }
+    };
+    let net: Vd = match VirtIONet::new(transport, BUF_LEN) {
+        Ok(n) => n,
+        Err(e) => {
+            check!("net.init", false, "{} VirtIONet::new: {e:?}", func.addr);
+            return;
+        }
+    };
+    let mac = net.mac_address();
+    check!(
+        "net.init",
+        true,
+        "{} virtio-drivers VirtIONet, polled, queues of {QUEUE_SIZE}, {BUF_LEN}-byte rx buffers, mac={mac:02x?}",
+        func.addr
+    );
+    let phy = VdPhy {
+        net: RefCell::new(net),
+        rx_frames: Cell::new(0),
+        tx_frames: Cell::new(0),
+        errors: Cell::new(0),
+    };
+    let mut stack = Stack::new(phy, mac);
+    if stack.dhcp() {
+        stack.transfer("net", port, 0, bytes, bytes, true);
+    }
+    let p = &stack.phy;
+    report::stat("net.rx_frames", p.rx_frames.get());
+    report::stat("net.tx_frames", p.tx_frames.get());
+    report::stat("net.vd.errors", p.errors.get());
+}
