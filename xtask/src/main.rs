@@ -7,6 +7,8 @@
 //! - `demo`: boot the guest with all four devices and show what each driver did;
 //! - `test`: fmt, clippy (workspace and guest), guest build, `cargo test --workspace`.
 
+mod bench;
+
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 use virtio_tests::qemu::{self, IrqMode, Machine, RunConfig, RunReport, Transport};
@@ -16,6 +18,7 @@ const USAGE: &str = "usage:
                    [--irq msix|intx|poll] [--matrix] [--timeout SECS] [--keep] [--verbose]
                    [--guest-arg KEY=VALUE]... [-- extra qemu args]
   cargo xtask demo
+  cargo xtask bench blk [--ms MS-PER-PHASE]
   cargo xtask test";
 
 fn main() -> ExitCode {
@@ -23,6 +26,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("qemu") => cmd_qemu(&args[1..]),
         Some("demo") => cmd_demo(),
+        Some("bench") => bench::cmd_bench(&args[1..]),
         Some("test") => cmd_test(),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");

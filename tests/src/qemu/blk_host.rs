@@ -17,8 +17,8 @@
 //! After the run, [`verify_image`] recomputes what every sector of the image must hold
 //! (the guest's pattern, `tests/guest/src/scenarios/blk/pattern.rs`, reimplemented here)
 //! and reports `host.blk.image`. The benchmarks get a `null-co` drive and QEMU's
-//! `cpu_out` trace, whose `outb 0x80` phase markers split the kick/interrupt counts per
-//! phase ([`phase_counts`], `host.bench.<phase>.*` stats).
+//! `fw_cfg_select` trace, whose phase markers (guest `blk::marker`) split the
+//! kick/interrupt counts per phase ([`phase_counts`], `host.bench.<phase>.*` stats).
 
 use super::devices::{BLK_SERIAL, DISK_BYTES, transport_props, write_disk_image};
 use super::{Check, HostContext, HostOutcome, HostSide, Machine, Transport};
@@ -241,8 +241,8 @@ pub fn blkdebug_config(reads: &[u64], writes: &[u64]) -> String {
     s
 }
 
-/// Per-phase counts from a QEMU trace with `outb 0x80` markers (`0x10 + i` starts phase
-/// i, `0x20 + i` ends it).
+/// Per-phase counts from a QEMU trace with the guest's phase markers: `fw_cfg_select`
+/// of key `0x3F00 | v`, where `v = 0x10 + i` starts phase i and `0x20 + i` ends it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PhaseCounts {
     pub kicks: u64,
@@ -261,15 +261,18 @@ pub fn phase_counts(trace: &str) -> BTreeMap<usize, PhaseCounts> {
         let mut words = body.split_whitespace();
         let Some(event) = words.next() else { continue };
         match event {
-            "cpu_out" => {
+            "fw_cfg_select" => {
                 let rest: Vec<&str> = words.collect();
-                let port = rest.iter().any(|w| w.starts_with("0x80("));
-                let value = rest
+                let key = rest
                     .iter()
-                    .position(|w| *w == "value")
+                    .position(|w| *w == "key")
                     .and_then(|i| rest.get(i + 1))
-                    .and_then(|v| v.parse::<usize>().ok());
-                if let (true, Some(v)) = (port, value) {
+                    .and_then(|v| match v.strip_prefix("0x") {
+                        Some(hex) => usize::from_str_radix(hex, 16).ok(),
+                        None => v.parse::<usize>().ok(),
+                    });
+                if let Some(k) = key.filter(|k| k & 0xFF00 == 0x3F00) {
+                    let v = k & 0xFF;
                     if (0x10..0x20).contains(&v) {
                         current = Some(v - 0x10);
                         out.entry(v - 0x10).or_default();
@@ -313,7 +316,7 @@ pub fn start(ctx: &HostContext<'_>) -> std::io::Result<HostSide> {
     let image: Option<PathBuf> = if bench {
         qemu.push("-blockdev".into());
         qemu.push("driver=null-co,node-name=d0,size=1073741824".into());
-        for ev in ["cpu_out", "virtio_blk_req_complete"] {
+        for ev in ["fw_cfg_select", "virtio_blk_req_complete"] {
             qemu.push("-trace".into());
             qemu.push(ev.into());
         }
@@ -401,14 +404,14 @@ mod tests {
     #[test]
     fn phase_markers_split_counts() {
         let t = "1@1.0:virtio_queue_notify vdev 0x1 n 0 vq 0x2\n\
-                 1@1.1:cpu_out addr 0x80(b) value 16\n\
+                 1@1.1:fw_cfg_select 0x5 key 0x3f10 'unknown', ret: 0\n\
                  1@1.2:virtio_queue_notify vdev 0x1 n 0 vq 0x2\n\
                  1@1.3:virtio_blk_req_complete vdev 0x1 req 0x3 status 0\n\
                  1@1.4:virtio_notify vdev 0x1 vq 0x2\n\
-                 1@1.5:cpu_out addr 0x3f8(b) value 65\n\
-                 1@1.6:cpu_out addr 0x80(b) value 32\n\
+                 fw_cfg_select 0x5 key 0x19 'etc/e820', ret: 1\n\
+                 1@1.6:fw_cfg_select 0x5 key 16160 ret 0\n\
                  1@1.7:virtio_notify vdev 0x1 vq 0x2\n\
-                 1@1.8:cpu_out addr 0x80(b) value 17\n\
+                 1@1.8:fw_cfg_select 0x5 key 16145 ret 0\n\
                  1@1.9:virtio_notify_irqfd vdev 0x1 vq 0x2\n";
         let p = phase_counts(t);
         assert_eq!(
