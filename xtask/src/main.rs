@@ -181,6 +181,12 @@ const DEMO_PARTS: &[(&str, &str, &[&str])] = &[
          then a TCP transfer both ways with a server on the host's loopback",
         &["net_bytes=8388608"],
     ),
+    (
+        "blk",
+        "virtio-blk: a pattern written over the 8 MiB disk (split requests), flushed, read \
+         back and verified, discard / write-zeroes, GET_ID; the host checks the image file",
+        &["blk_seed=2024"],
+    ),
 ];
 
 fn cmd_demo() -> Result<bool, String> {
