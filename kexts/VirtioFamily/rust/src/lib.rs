@@ -1,0 +1,730 @@
+//! `VirtioFamily.kext`'s Rust half: the virtio PCI bus.
+//!
+//! The C++ shim (`kexts/VirtioFamily/shim/`) matches the PCI function, maps its BARs, and
+//! hands this crate a [`VfamPlatform`] (config space, BARs, DMA, interrupts). From it,
+//! [`vfam_device_create`] probes the function with `virtio-pci` and builds a
+//! `virtio_core::VirtioDevice` — which owns the transport, feature negotiation and the
+//! virtqueues. The shim publishes one nub per device carrying the opaque [`VfamDevice`]
+//! handle, and every operation of `virtio_core::Bus` is exported as a `vfam_*` C function
+//! taking that handle: the device kexts' Rust adapters (`virtio-kext-client`) implement
+//! `Bus` over them.
+//!
+//! Threading: the shim calls everything for one device from its work loop (interrupt
+//! actions, the clients' gated calls), so a handle is never used concurrently.
+//!
+//! Every function checks its pointers for null and reports errors as [`VkStatus`]; nothing
+//! here panics on device or caller input.
+#![no_std]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+extern crate alloc;
+
+mod platform;
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::ffi::c_void;
+
+use virtio_core::platform::{Dma, DmaRegion, InterruptMode};
+use virtio_core::{Bus, Error, Features, QueueSpec, Segment, VirtioDevice};
+use virtio_kext_abi::{
+    VK_E_BAD_ARGUMENT, VK_IRQ_INTX, VK_IRQ_MSIX, VK_IRQ_POLLING, VK_VECTOR_INTX, VkDmaRegion,
+    VkInterruptCause, VkQueueSpec, VkQueueStats, VkSegment, VkStatus,
+};
+use virtio_pci::{PciTransport, Preference, TransportKind};
+
+pub use platform::{KextBars, KextConfig, KextDma, KextIrq, VfamPlatform};
+
+/// Most segments one chain may carry through [`vfam_queue_add`] (its conversion buffer is
+/// allocated once, at creation).
+pub const VFAM_MAX_CHAIN: usize = 256;
+
+/// `preference` of [`vfam_device_create`].
+pub const VFAM_PREFER_AUTO: u32 = 0;
+pub const VFAM_PREFER_MODERN: u32 = 1;
+pub const VFAM_PREFER_LEGACY: u32 = 2;
+
+/// [`vfam_transport_kind`] values.
+pub const VFAM_TRANSPORT_MODERN: u32 = 1;
+pub const VFAM_TRANSPORT_LEGACY: u32 = 2;
+
+type Device = VirtioDevice<PciTransport<KextConfig, KextBars>, KextDma, KextIrq>;
+
+/// Called by [`vfam_deliver_interrupt`] with the MSI-X vector index, or -1 for INTx.
+pub type VfamInterruptHandler = Option<unsafe extern "C" fn(ctx: *mut c_void, vector: i32)>;
+/// Receives each in-flight token on reset.
+pub type VfamReclaim = Option<unsafe extern "C" fn(ctx: *mut c_void, queue: u16, token: usize)>;
+
+/// One virtio device on the PCI bus (opaque to C).
+pub struct VfamDevice {
+    bus: Device,
+    handler: VfamInterruptHandler,
+    handler_ctx: *mut c_void,
+    scratch: Vec<Segment>,
+    kind: TransportKind,
+}
+
+fn dev<'a>(p: *mut VfamDevice) -> Option<&'a mut VfamDevice> {
+    // SAFETY: a non-null handle comes from `vfam_device_create` and stays valid until
+    // `vfam_device_destroy`; the shim serialises all calls on one work loop.
+    unsafe { p.as_mut() }
+}
+
+fn bad() -> VkStatus {
+    VkStatus::code(VK_E_BAD_ARGUMENT)
+}
+
+/// Runs `f` on the device, or reports a null handle.
+fn with(p: *mut VfamDevice, f: impl FnOnce(&mut VfamDevice) -> Result<(), Error>) -> VkStatus {
+    match dev(p) {
+        Some(d) => VkStatus::from_result(f(d)),
+        None => bad(),
+    }
+}
+
+/// Writes through an optional out-pointer.
+fn put<T>(out: *mut T, v: T) {
+    // SAFETY: the caller passes null or a valid, writable pointer (C contract).
+    if let Some(o) = unsafe { out.as_mut() } {
+        *o = v;
+    }
+}
+
+/// Slice from a C pointer/length pair (null allowed when `n` is 0).
+fn slice<'a, T>(p: *const T, n: usize) -> Option<&'a [T]> {
+    if n == 0 {
+        return Some(&[]);
+    }
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: the caller passes `n` valid elements at `p` (C contract).
+    Some(unsafe { core::slice::from_raw_parts(p, n) })
+}
+
+/// The virtio device type (1 net, 2 block, ...) of a PCI function by its IDs, from
+/// virtio-pci's ID table; 0 if it is not a virtio function this stack drives.
+#[unsafe(no_mangle)]
+pub extern "C" fn vfam_identify(vendor: u16, device: u16, subsystem_device: u16) -> u32 {
+    virtio_pci::device_type(vendor, device, subsystem_device).map_or(0, |t| t as u32)
+}
+
+/// Probes the function behind `platform` (copied) and creates its device; `*out` receives
+/// the handle. `preference`: `VFAM_PREFER_*`.
+///
+/// # Safety
+/// `platform` must point to a valid [`VfamPlatform`] whose operations stay callable until
+/// [`vfam_device_destroy`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_device_create(
+    platform: *const VfamPlatform,
+    preference: u32,
+    out: *mut *mut VfamDevice,
+) -> VkStatus {
+    put(out, core::ptr::null_mut());
+    // SAFETY: caller contract.
+    let Some(p) = (unsafe { platform.as_ref() }) else {
+        return bad();
+    };
+    let Some((ops, bars)) = platform::Ops::new(p) else {
+        return bad();
+    };
+    let pref = match preference {
+        VFAM_PREFER_MODERN => Preference::Modern,
+        VFAM_PREFER_LEGACY => Preference::Legacy,
+        _ => Preference::Auto,
+    };
+    let t = match virtio_pci::probe(KextConfig(ops), KextBars { ops, bars }, pref) {
+        Ok(t) => t,
+        Err(e) => return Error::Transport(e).into(),
+    };
+    let kind = t.kind();
+    let d = Box::new(VfamDevice {
+        bus: VirtioDevice::new(t, KextDma(ops), KextIrq(ops)),
+        handler: None,
+        handler_ctx: core::ptr::null_mut(),
+        scratch: Vec::with_capacity(VFAM_MAX_CHAIN),
+        kind,
+    });
+    put(out, Box::into_raw(d));
+    VkStatus::OK
+}
+
+/// Resets the device, releases its queues and frees the handle.
+///
+/// # Safety
+/// `dev` comes from [`vfam_device_create`] and is not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_device_destroy(dev: *mut VfamDevice) {
+    if dev.is_null() {
+        return;
+    }
+    // SAFETY: caller contract: the handle came from `Box::into_raw` and is dropped once.
+    let mut d = unsafe { Box::from_raw(dev) };
+    d.bus.reset(&mut |_, _| {});
+}
+
+/// The device's virtio type (1 net, 2 block, ...), 0 for a null handle.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_device_type(dev: *mut VfamDevice) -> u32 {
+    self::dev(dev).map_or(0, |d| d.bus.device_type() as u32)
+}
+
+/// `VFAM_TRANSPORT_MODERN` or `VFAM_TRANSPORT_LEGACY` (0 for a null handle).
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_transport_kind(dev: *mut VfamDevice) -> u32 {
+    self::dev(dev).map_or(0, |d| match d.kind {
+        TransportKind::Modern => VFAM_TRANSPORT_MODERN,
+        TransportKind::Legacy => VFAM_TRANSPORT_LEGACY,
+    })
+}
+
+/// Sets (or clears, with a null `handler`) the client's interrupt handler.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_set_interrupt_handler(
+    dev: *mut VfamDevice,
+    handler: VfamInterruptHandler,
+    ctx: *mut c_void,
+) {
+    if let Some(d) = self::dev(dev) {
+        d.handler = handler;
+        d.handler_ctx = ctx;
+    }
+}
+
+/// Entry from the shim's interrupt actions: `vector` is the MSI-X index, -1 for INTx.
+/// Calls the client's handler; without one, the interrupt is demultiplexed and dropped (for
+/// INTx that reads the ISR, which de-asserts the line).
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_deliver_interrupt(dev: *mut VfamDevice, vector: i32) {
+    // Copy the handler out: the handler calls back into this device, so no reference to it
+    // may be held across the call.
+    let (handler, ctx) = match self::dev(dev) {
+        Some(d) => (d.handler, d.handler_ctx),
+        None => return,
+    };
+    match handler {
+        // SAFETY: the client registered this handler with its context and clears it (under
+        // the same work loop) before the context goes away.
+        Some(h) => unsafe { h(ctx, vector) },
+        None => {
+            if let Some(d) = self::dev(dev) {
+                d.bus.handle_interrupt(vector_of(vector));
+            }
+        }
+    }
+}
+
+fn vector_of(v: i32) -> Option<u16> {
+    if v == VK_VECTOR_INTX {
+        None
+    } else {
+        u16::try_from(v).ok()
+    }
+}
+
+/// Negotiates features up to FEATURES_OK (`Bus::negotiate_features`); `*negotiated`
+/// receives the accepted set.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_negotiate_features(
+    dev: *mut VfamDevice,
+    driver: u64,
+    negotiated: *mut u64,
+) -> VkStatus {
+    with(dev, |d| {
+        let f = d
+            .bus
+            .negotiate_features(Features::from_bits_retain(driver))?;
+        put(negotiated, f.bits());
+        Ok(())
+    })
+}
+
+/// What the device offered (after negotiation).
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_offered_features(dev: *mut VfamDevice) -> u64 {
+    self::dev(dev).map_or(0, |d| d.bus.offered_features().bits())
+}
+
+/// The negotiated features.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_features(dev: *mut VfamDevice) -> u64 {
+    self::dev(dev).map_or(0, |d| d.bus.features().bits())
+}
+
+/// Reads `len` bytes of device config at `offset`, consistent across `config_generation`.
+///
+/// # Safety
+/// `buf` points to `len` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_read_config(
+    dev: *mut VfamDevice,
+    offset: u32,
+    buf: *mut u8,
+    len: usize,
+) -> VkStatus {
+    if buf.is_null() && len > 0 {
+        return bad();
+    }
+    with(dev, |d| {
+        let b = if len == 0 {
+            &mut [][..]
+        } else {
+            // SAFETY: caller contract.
+            unsafe { core::slice::from_raw_parts_mut(buf, len) }
+        };
+        d.bus.read_config(offset, b)
+    })
+}
+
+/// Writes `len` bytes of device config at `offset`.
+///
+/// # Safety
+/// `data` points to `len` readable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_write_config(
+    dev: *mut VfamDevice,
+    offset: u32,
+    data: *const u8,
+    len: usize,
+) -> VkStatus {
+    let Some(data) = slice(data, len) else {
+        return bad();
+    };
+    with(dev, |d| d.bus.write_config(offset, data))
+}
+
+/// Number of queues the device has.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_num_queues(dev: *mut VfamDevice) -> u16 {
+    self::dev(dev).map_or(0, |d| d.bus.num_queues())
+}
+
+/// Maximum size of queue `index` (0: absent).
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_max_queue_size(dev: *mut VfamDevice, index: u16) -> u16 {
+    self::dev(dev).map_or(0, |d| d.bus.max_queue_size(index))
+}
+
+/// Allocates and programs `count` queues with MSI-X → shared → INTx → polling fallback.
+///
+/// # Safety
+/// `specs` points to `count` valid entries.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_setup_queues(
+    dev: *mut VfamDevice,
+    specs: *const VkQueueSpec,
+    count: usize,
+) -> VkStatus {
+    let Some(specs) = slice(specs, count) else {
+        return bad();
+    };
+    let mut converted: Vec<QueueSpec> = Vec::with_capacity(specs.len());
+    converted.extend(specs.iter().map(|s| {
+        QueueSpec::new(s.index)
+            .size(s.size)
+            .interrupts(s.interrupts != 0)
+            .indirect(s.max_indirect)
+    }));
+    with(dev, |d| d.bus.setup_queues(&converted))
+}
+
+/// Sets DRIVER_OK.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_driver_ok(dev: *mut VfamDevice) -> VkStatus {
+    with(dev, |d| d.bus.driver_ok())
+}
+
+/// Resets the device and releases its queues; `reclaim` (may be null) receives every
+/// in-flight token.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_reset(dev: *mut VfamDevice, reclaim: VfamReclaim, ctx: *mut c_void) {
+    if let Some(d) = self::dev(dev) {
+        d.bus.reset(&mut |q, t| {
+            if let Some(f) = reclaim {
+                // SAFETY: the caller's callback with its own context.
+                unsafe { f(ctx, q, t) }
+            }
+        });
+    }
+}
+
+/// Sets FAILED.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_fail(dev: *mut VfamDevice) {
+    if let Some(d) = self::dev(dev) {
+        d.bus.fail();
+    }
+}
+
+/// DEVICE_NEEDS_RESET is set.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_needs_reset(dev: *mut VfamDevice) -> bool {
+    self::dev(dev).is_some_and(|d| d.bus.needs_reset())
+}
+
+/// `VK_IRQ_*`; for MSI-X `*vectors` receives the vector count.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_interrupt_mode(dev: *mut VfamDevice, vectors: *mut u16) -> u32 {
+    let mode = self::dev(dev).map_or(InterruptMode::Polling, |d| d.bus.interrupt_mode());
+    match mode {
+        InterruptMode::MsiX { vectors: n } => {
+            put(vectors, n);
+            VK_IRQ_MSIX
+        }
+        InterruptMode::Intx => {
+            put(vectors, 0);
+            VK_IRQ_INTX
+        }
+        InterruptMode::Polling => {
+            put(vectors, 0);
+            VK_IRQ_POLLING
+        }
+    }
+}
+
+/// Adds a chain (`readable` then `writable` segments) tagged `token` to `queue`.
+///
+/// # Safety
+/// `readable`/`writable` point to `nreadable`/`nwritable` valid segments.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_queue_add(
+    dev: *mut VfamDevice,
+    queue: u16,
+    readable: *const VkSegment,
+    nreadable: usize,
+    writable: *const VkSegment,
+    nwritable: usize,
+    token: usize,
+) -> VkStatus {
+    let (Some(r), Some(w)) = (slice(readable, nreadable), slice(writable, nwritable)) else {
+        return bad();
+    };
+    with(dev, |d| {
+        if r.len() + w.len() > d.scratch.capacity() {
+            return Err(Error::BadChain);
+        }
+        d.scratch.clear();
+        d.scratch
+            .extend(r.iter().chain(w).map(|&s| Segment::from(s)));
+        let (rs, ws) = d.scratch.split_at(r.len());
+        d.bus.add(queue, rs, ws, token)
+    })
+}
+
+/// Notifies the device if it asked to be; `*notified` says whether it did.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_queue_kick(
+    dev: *mut VfamDevice,
+    queue: u16,
+    notified: *mut bool,
+) -> VkStatus {
+    with(dev, |d| {
+        put(notified, d.bus.kick(queue)?);
+        Ok(())
+    })
+}
+
+/// Next completion: `*found` false when none; else `*token` and `*len`.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_queue_pop_used(
+    dev: *mut VfamDevice,
+    queue: u16,
+    found: *mut bool,
+    token: *mut usize,
+    len: *mut u32,
+) -> VkStatus {
+    put(found, false);
+    with(dev, |d| {
+        if let Some(u) = d.bus.pop_used(queue)? {
+            put(token, u.token);
+            put(len, u.len);
+            put(found, true);
+        }
+        Ok(())
+    })
+}
+
+/// Re-enables interrupts (`delayed`: after ~3/4 of the in-flight chains); `*more` true
+/// when completions arrived meanwhile.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_queue_enable_interrupts(
+    dev: *mut VfamDevice,
+    queue: u16,
+    delayed: bool,
+    more: *mut bool,
+) -> VkStatus {
+    with(dev, |d| {
+        let m = if delayed {
+            d.bus.enable_interrupts_delayed(queue)?
+        } else {
+            d.bus.enable_interrupts(queue)?
+        };
+        put(more, m);
+        Ok(())
+    })
+}
+
+/// Suppresses interrupts of `queue`.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_queue_disable_interrupts(
+    dev: *mut VfamDevice,
+    queue: u16,
+) -> VkStatus {
+    with(dev, |d| d.bus.disable_interrupts(queue))
+}
+
+/// Free descriptors, queue size, descriptors a chain of `segments` takes, longest chain.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_queue_info(
+    dev: *mut VfamDevice,
+    queue: u16,
+    segments: usize,
+    free: *mut u16,
+    size: *mut u16,
+    descriptors: *mut usize,
+    max_chain: *mut u16,
+) -> VkStatus {
+    with(dev, |d| {
+        put(free, d.bus.free_descriptors(queue)?);
+        put(size, d.bus.queue_size(queue)?);
+        put(descriptors, d.bus.descriptors_for(queue, segments)?);
+        put(max_chain, d.bus.max_chain(queue)?);
+        Ok(())
+    })
+}
+
+/// Counters of `queue`.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_queue_stats(
+    dev: *mut VfamDevice,
+    queue: u16,
+    stats: *mut VkQueueStats,
+) -> VkStatus {
+    with(dev, |d| {
+        put(stats, d.bus.queue_stats(queue)?.into());
+        Ok(())
+    })
+}
+
+/// Demultiplexes an interrupt (`vector`: MSI-X index, -1 for INTx/polling).
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_handle_interrupt(
+    dev: *mut VfamDevice,
+    vector: i32,
+    cause: *mut VkInterruptCause,
+) -> VkStatus {
+    with(dev, |d| {
+        let c = d.bus.handle_interrupt(vector_of(vector));
+        put(
+            cause,
+            VkInterruptCause {
+                queues_lo: c.queues.0 as u64,
+                queues_hi: (c.queues.0 >> 64) as u64,
+                config_changed: c.config_changed.into(),
+                needs_reset: c.needs_reset.into(),
+                reserved: [0; 6],
+            },
+        );
+        Ok(())
+    })
+}
+
+/// Coherent DMA memory for a client driver's own buffers (setup time only).
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_dma_alloc(
+    dev: *mut VfamDevice,
+    len: usize,
+    align: usize,
+    out: *mut VkDmaRegion,
+) -> VkStatus {
+    with(dev, |d| {
+        let r = d.bus.dma().alloc_coherent(len, align)?;
+        put(
+            out,
+            VkDmaRegion {
+                vaddr: r.vaddr.as_ptr(),
+                daddr: r.daddr,
+                len: r.len as u64,
+            },
+        );
+        Ok(())
+    })
+}
+
+/// Frees a region from [`vfam_dma_alloc`].
+///
+/// # Safety
+/// The device no longer accesses the region and it is not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_dma_free(dev: *mut VfamDevice, region: *const VkDmaRegion) {
+    // SAFETY: caller contract.
+    let (Some(d), Some(r)) = (self::dev(dev), unsafe { region.as_ref() }) else {
+        return;
+    };
+    let Some(vaddr) = core::ptr::NonNull::new(r.vaddr) else {
+        return;
+    };
+    let region = DmaRegion {
+        vaddr,
+        daddr: r.daddr,
+        len: r.len as usize,
+    };
+    // SAFETY: caller contract (the device is done with it).
+    unsafe { d.bus.dma().free_coherent(region) }
+}
+
+/// Maps `len` bytes of kernel memory at `vaddr` for the device (`direction`: `VK_DMA_*`).
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_dma_map(
+    dev: *mut VfamDevice,
+    vaddr: *mut u8,
+    len: usize,
+    direction: u32,
+    daddr: *mut u64,
+) -> VkStatus {
+    let Some(v) = core::ptr::NonNull::new(vaddr) else {
+        return bad();
+    };
+    with(dev, |d| {
+        put(daddr, d.bus.dma().map(v, len, dma_direction(direction))?);
+        Ok(())
+    })
+}
+
+/// Ends a mapping from [`vfam_dma_map`].
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_dma_unmap(
+    dev: *mut VfamDevice,
+    daddr: u64,
+    len: usize,
+    direction: u32,
+) {
+    if let Some(d) = self::dev(dev) {
+        d.bus.dma().unmap(daddr, len, dma_direction(direction));
+    }
+}
+
+fn dma_direction(d: u32) -> virtio_core::platform::DmaDirection {
+    use virtio_core::platform::DmaDirection as D;
+    match d {
+        virtio_kext_abi::VK_DMA_TO_DEVICE => D::ToDevice,
+        virtio_kext_abi::VK_DMA_FROM_DEVICE => D::FromDevice,
+        _ => D::Bidirectional,
+    }
+}
+
+/// Routes `log` to `IOLog` (call once from the kext's start).
+#[cfg(feature = "kext")]
+#[unsafe(no_mangle)]
+pub extern "C" fn vfam_log_init() {
+    static LOGGER: virtio_kext_abi::kernel::IoLogger = virtio_kext_abi::kernel::IoLogger {
+        name: "VirtioFamily",
+        level: log::LevelFilter::Info,
+    };
+    virtio_kext_abi::kernel::init_logging(&LOGGER);
+}

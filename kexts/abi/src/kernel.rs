@@ -1,0 +1,111 @@
+//! The kernel runtime of a kext's Rust static library (feature `kext`): memory from
+//! `IOMallocAligned`, `log` records to `IOLog`, panics to the kernel's `panic`.
+//!
+//! The kernel symbols used here are public KPI (`com.apple.kpi.iokit`, `com.apple.kpi.mach`)
+//! and resolved when the kext loads.
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::ffi::{c_char, c_void};
+use core::fmt::{self, Write};
+
+unsafe extern "C" {
+    fn IOMallocAligned(size: usize, alignment: usize) -> *mut c_void;
+    fn IOFreeAligned(address: *mut c_void, size: usize);
+    fn IOLog(format: *const c_char, ...);
+    fn panic(format: *const c_char, ...) -> !;
+}
+
+/// `#[global_allocator]` over kernel memory. Used at setup time only: the drivers never
+/// allocate on their I/O paths.
+pub struct KernelAllocator;
+
+// SAFETY: IOMallocAligned returns memory aligned to `alignment` (a power of two, which
+// `Layout` guarantees) or null; IOFreeAligned takes it back with the same size.
+unsafe impl GlobalAlloc for KernelAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: plain kernel allocation; a zero size is rounded up to one byte.
+        unsafe { IOMallocAligned(layout.size().max(1), layout.align().max(8)).cast() }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc` with this layout (GlobalAlloc contract).
+        unsafe { IOFreeAligned(ptr.cast(), layout.size().max(1)) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: KernelAllocator = KernelAllocator;
+
+/// A fixed line buffer: log records are formatted without allocating.
+struct Line {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Write for Line {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for &b in s.as_bytes() {
+            // Leave room for "\n\0"; drop what does not fit; NULs would cut the line.
+            if self.len + 2 >= self.buf.len() {
+                break;
+            }
+            if let Some(slot) = self.buf.get_mut(self.len) {
+                *slot = if b == 0 { b'?' } else { b };
+                self.len += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Line {
+    fn c_str(&mut self) -> *const c_char {
+        let end = self.len.min(self.buf.len() - 2);
+        if let Some(tail) = self.buf.get_mut(end..end + 2) {
+            tail.copy_from_slice(b"\n\0");
+        }
+        self.buf.as_ptr().cast()
+    }
+}
+
+/// `log` → `IOLog("%s", line)`, with the kext's name in front.
+pub struct IoLogger {
+    pub name: &'static str,
+    pub level: log::LevelFilter,
+}
+
+impl log::Log for IoLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= self.level
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let mut line = Line {
+            buf: [0; 256],
+            len: 0,
+        };
+        let _ = write!(line, "{}: {}: {}", self.name, record.level(), record.args());
+        // SAFETY: a constant format and a NUL-terminated buffer that lives across the call.
+        unsafe { IOLog(c"%s".as_ptr(), line.c_str()) };
+    }
+    fn flush(&self) {}
+}
+
+/// Installs `logger` as the `log` backend (once per kext; later calls keep the first).
+pub fn init_logging(logger: &'static IoLogger) {
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(logger.level);
+    }
+}
+
+#[panic_handler]
+fn on_panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    let mut line = Line {
+        buf: [0; 256],
+        len: 0,
+    };
+    let _ = write!(line, "virtio kext (Rust): {}", info.message());
+    // SAFETY: a constant format and a NUL-terminated buffer; `panic` does not return.
+    unsafe { panic(c"%s".as_ptr(), line.c_str()) }
+}

@@ -1,0 +1,417 @@
+//! The device kexts' side of the bus interface: [`FamilyBus`] implements
+//! `virtio_core::Bus` over the `vfam_*` C functions that `VirtioFamily.kext` exports, so the
+//! device crates (virtio-net, virtio-blk) run unchanged on top of the family kext.
+//!
+//! The functions are resolved by the kernel linker against the family kext (a library
+//! kext of every device kext); in host tests, against the `virtio-family-kext` rlib linked
+//! into the same test binary. Their declarations here mirror `VirtioFamilyABI.h`; a test
+//! checks that both sides have the same signatures.
+#![no_std]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+use core::ffi::c_void;
+use core::ptr::NonNull;
+
+use virtio_core::bus::{Bus, InterruptCause, QueueMask, QueueSpec};
+use virtio_core::platform::{DeviceAddr, Dma, DmaDirection, DmaRegion, InterruptMode};
+use virtio_core::queue::{QueueStats, Segment, Used};
+use virtio_core::{DeviceType, Error, Features, Result};
+use virtio_kext_abi::{
+    VK_DMA_BIDIRECTIONAL, VK_DMA_FROM_DEVICE, VK_DMA_TO_DEVICE, VK_IRQ_INTX, VK_IRQ_MSIX,
+    VK_VECTOR_INTX, VkDmaRegion, VkInterruptCause, VkQueueSpec, VkQueueStats, VkSegment, VkStatus,
+};
+
+/// The family's device handle (opaque).
+#[repr(C)]
+pub struct VfamDevice {
+    _opaque: [u8; 0],
+}
+
+/// Most segments a chain may have (the family's `VFAM_MAX_CHAIN`).
+pub const MAX_CHAIN: usize = 256;
+
+pub mod ffi {
+    use super::*;
+
+    pub type InterruptHandler = Option<unsafe extern "C" fn(ctx: *mut c_void, vector: i32)>;
+    pub type Reclaim = Option<unsafe extern "C" fn(ctx: *mut c_void, queue: u16, token: usize)>;
+
+    unsafe extern "C" {
+        pub fn vfam_device_type(dev: *mut VfamDevice) -> u32;
+        pub fn vfam_set_interrupt_handler(
+            dev: *mut VfamDevice,
+            handler: InterruptHandler,
+            ctx: *mut c_void,
+        );
+        pub fn vfam_negotiate_features(
+            dev: *mut VfamDevice,
+            driver: u64,
+            negotiated: *mut u64,
+        ) -> VkStatus;
+        pub fn vfam_offered_features(dev: *mut VfamDevice) -> u64;
+        pub fn vfam_features(dev: *mut VfamDevice) -> u64;
+        pub fn vfam_read_config(
+            dev: *mut VfamDevice,
+            offset: u32,
+            buf: *mut u8,
+            len: usize,
+        ) -> VkStatus;
+        pub fn vfam_write_config(
+            dev: *mut VfamDevice,
+            offset: u32,
+            data: *const u8,
+            len: usize,
+        ) -> VkStatus;
+        pub fn vfam_num_queues(dev: *mut VfamDevice) -> u16;
+        pub fn vfam_max_queue_size(dev: *mut VfamDevice, index: u16) -> u16;
+        pub fn vfam_setup_queues(
+            dev: *mut VfamDevice,
+            specs: *const VkQueueSpec,
+            count: usize,
+        ) -> VkStatus;
+        pub fn vfam_driver_ok(dev: *mut VfamDevice) -> VkStatus;
+        pub fn vfam_reset(dev: *mut VfamDevice, reclaim: Reclaim, ctx: *mut c_void);
+        pub fn vfam_fail(dev: *mut VfamDevice);
+        pub fn vfam_needs_reset(dev: *mut VfamDevice) -> bool;
+        pub fn vfam_interrupt_mode(dev: *mut VfamDevice, vectors: *mut u16) -> u32;
+        pub fn vfam_queue_add(
+            dev: *mut VfamDevice,
+            queue: u16,
+            readable: *const VkSegment,
+            nreadable: usize,
+            writable: *const VkSegment,
+            nwritable: usize,
+            token: usize,
+        ) -> VkStatus;
+        pub fn vfam_queue_kick(dev: *mut VfamDevice, queue: u16, notified: *mut bool) -> VkStatus;
+        pub fn vfam_queue_pop_used(
+            dev: *mut VfamDevice,
+            queue: u16,
+            found: *mut bool,
+            token: *mut usize,
+            len: *mut u32,
+        ) -> VkStatus;
+        pub fn vfam_queue_enable_interrupts(
+            dev: *mut VfamDevice,
+            queue: u16,
+            delayed: bool,
+            more: *mut bool,
+        ) -> VkStatus;
+        pub fn vfam_queue_disable_interrupts(dev: *mut VfamDevice, queue: u16) -> VkStatus;
+        pub fn vfam_queue_info(
+            dev: *mut VfamDevice,
+            queue: u16,
+            segments: usize,
+            free: *mut u16,
+            size: *mut u16,
+            descriptors: *mut usize,
+            max_chain: *mut u16,
+        ) -> VkStatus;
+        pub fn vfam_queue_stats(
+            dev: *mut VfamDevice,
+            queue: u16,
+            stats: *mut VkQueueStats,
+        ) -> VkStatus;
+        pub fn vfam_handle_interrupt(
+            dev: *mut VfamDevice,
+            vector: i32,
+            cause: *mut VkInterruptCause,
+        ) -> VkStatus;
+        pub fn vfam_dma_alloc(
+            dev: *mut VfamDevice,
+            len: usize,
+            align: usize,
+            out: *mut VkDmaRegion,
+        ) -> VkStatus;
+        pub fn vfam_dma_free(dev: *mut VfamDevice, region: *const VkDmaRegion);
+        pub fn vfam_dma_map(
+            dev: *mut VfamDevice,
+            vaddr: *mut u8,
+            len: usize,
+            direction: u32,
+            daddr: *mut u64,
+        ) -> VkStatus;
+        pub fn vfam_dma_unmap(dev: *mut VfamDevice, daddr: u64, len: usize, direction: u32);
+    }
+}
+
+/// DMA through the family (`vfam_dma_*`).
+pub struct FamilyDma {
+    dev: *mut VfamDevice,
+}
+
+fn dir(d: DmaDirection) -> u32 {
+    match d {
+        DmaDirection::ToDevice => VK_DMA_TO_DEVICE,
+        DmaDirection::FromDevice => VK_DMA_FROM_DEVICE,
+        DmaDirection::Bidirectional => VK_DMA_BIDIRECTIONAL,
+    }
+}
+
+impl Dma for FamilyDma {
+    fn alloc_coherent(&self, len: usize, align: usize) -> Result<DmaRegion> {
+        let mut r = VkDmaRegion {
+            vaddr: core::ptr::null_mut(),
+            daddr: 0,
+            len: 0,
+        };
+        // SAFETY: `dev` is a live family handle (FamilyBus::new contract); `r` is a local.
+        unsafe { ffi::vfam_dma_alloc(self.dev, len, align, &mut r) }.into_result()?;
+        Ok(DmaRegion {
+            vaddr: NonNull::new(r.vaddr).ok_or(Error::DmaAlloc)?,
+            daddr: r.daddr,
+            len: r.len as usize,
+        })
+    }
+    unsafe fn free_coherent(&self, region: DmaRegion) {
+        let r = VkDmaRegion {
+            vaddr: region.vaddr.as_ptr(),
+            daddr: region.daddr,
+            len: region.len as u64,
+        };
+        // SAFETY: the caller guarantees the device is done with it (trait contract).
+        unsafe { ffi::vfam_dma_free(self.dev, &r) }
+    }
+    fn map(&self, vaddr: NonNull<u8>, len: usize, d: DmaDirection) -> Result<DeviceAddr> {
+        let mut a = 0;
+        // SAFETY: live handle; `a` is a local.
+        unsafe { ffi::vfam_dma_map(self.dev, vaddr.as_ptr(), len, dir(d), &mut a) }
+            .into_result()?;
+        Ok(a)
+    }
+    fn unmap(&self, daddr: DeviceAddr, len: usize, d: DmaDirection) {
+        // SAFETY: live handle.
+        unsafe { ffi::vfam_dma_unmap(self.dev, daddr, len, dir(d)) }
+    }
+}
+
+/// `virtio_core::Bus` over one family device handle.
+pub struct FamilyBus {
+    dev: *mut VfamDevice,
+    dma: FamilyDma,
+    device_type: DeviceType,
+    /// Conversion buffer for `add` (allocated once).
+    scratch: [VkSegment; MAX_CHAIN],
+}
+
+impl FamilyBus {
+    /// Wraps a handle the family's nub handed out; `None` for a null handle or an unknown
+    /// device type.
+    ///
+    /// # Safety
+    /// `dev` stays valid for the life of the returned bus (the family keeps the device while
+    /// its nub has a client), and the bus is used from one context at a time.
+    pub unsafe fn new(dev: *mut VfamDevice) -> Option<Self> {
+        if dev.is_null() {
+            return None;
+        }
+        // SAFETY: non-null live handle (caller contract).
+        let t = DeviceType::from_id(unsafe { ffi::vfam_device_type(dev) })?;
+        Some(FamilyBus {
+            dev,
+            dma: FamilyDma { dev },
+            device_type: t,
+            scratch: [VkSegment::default(); MAX_CHAIN],
+        })
+    }
+
+    /// The family handle.
+    pub fn handle(&self) -> *mut VfamDevice {
+        self.dev
+    }
+
+    fn info(&self, queue: u16, segments: usize) -> Result<(u16, u16, usize, u16)> {
+        let (mut free, mut size, mut descs, mut max) = (0, 0, 0, 0);
+        // SAFETY: live handle; out-pointers are locals.
+        unsafe {
+            ffi::vfam_queue_info(
+                self.dev, queue, segments, &mut free, &mut size, &mut descs, &mut max,
+            )
+        }
+        .into_result()?;
+        Ok((free, size, descs, max))
+    }
+}
+
+unsafe extern "C" fn reclaim_trampoline(ctx: *mut c_void, queue: u16, token: usize) {
+    // SAFETY: `ctx` is the `&mut &mut dyn FnMut` that `Bus::reset` below passes, alive for
+    // the duration of the `vfam_reset` call that invokes this.
+    let f = unsafe { &mut *ctx.cast::<&mut dyn FnMut(u16, usize)>() };
+    f(queue, token);
+}
+
+impl Bus for FamilyBus {
+    type Dma = FamilyDma;
+
+    fn dma(&self) -> &FamilyDma {
+        &self.dma
+    }
+    fn device_type(&self) -> DeviceType {
+        self.device_type
+    }
+    fn negotiate_features(&mut self, driver: Features) -> Result<Features> {
+        let mut got = 0;
+        // SAFETY: live handle; `got` is a local.
+        unsafe { ffi::vfam_negotiate_features(self.dev, driver.bits(), &mut got) }.into_result()?;
+        Ok(Features::from_bits_retain(got))
+    }
+    fn offered_features(&self) -> Features {
+        // SAFETY: live handle.
+        Features::from_bits_retain(unsafe { ffi::vfam_offered_features(self.dev) })
+    }
+    fn features(&self) -> Features {
+        // SAFETY: live handle.
+        Features::from_bits_retain(unsafe { ffi::vfam_features(self.dev) })
+    }
+    fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<()> {
+        // SAFETY: live handle; `buf` is valid for its length.
+        unsafe { ffi::vfam_read_config(self.dev, offset, buf.as_mut_ptr(), buf.len()) }
+            .into_result()
+    }
+    fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<()> {
+        // SAFETY: live handle; `data` is valid for its length.
+        unsafe { ffi::vfam_write_config(self.dev, offset, data.as_ptr(), data.len()) }.into_result()
+    }
+    fn num_queues(&mut self) -> u16 {
+        // SAFETY: live handle.
+        unsafe { ffi::vfam_num_queues(self.dev) }
+    }
+    fn max_queue_size(&mut self, index: u16) -> u16 {
+        // SAFETY: live handle.
+        unsafe { ffi::vfam_max_queue_size(self.dev, index) }
+    }
+    fn setup_queues(&mut self, specs: &[QueueSpec]) -> Result<()> {
+        let mut c = [VkQueueSpec::default(); 16];
+        if specs.len() > c.len() {
+            return Err(Error::Unsupported);
+        }
+        for (o, s) in c.iter_mut().zip(specs) {
+            *o = VkQueueSpec {
+                index: s.index,
+                size: s.size,
+                max_indirect: s.max_indirect,
+                interrupts: s.interrupts.into(),
+                reserved: 0,
+            };
+        }
+        // SAFETY: live handle; `c` holds at least `specs.len()` entries.
+        unsafe { ffi::vfam_setup_queues(self.dev, c.as_ptr(), specs.len()) }.into_result()
+    }
+    fn driver_ok(&mut self) -> Result<()> {
+        // SAFETY: live handle.
+        unsafe { ffi::vfam_driver_ok(self.dev) }.into_result()
+    }
+    fn reset(&mut self, reclaim: &mut dyn FnMut(u16, usize)) {
+        let mut r: &mut dyn FnMut(u16, usize) = reclaim;
+        let ctx = (&mut r as *mut &mut dyn FnMut(u16, usize)).cast::<c_void>();
+        // SAFETY: live handle; the trampoline's context outlives the call.
+        unsafe { ffi::vfam_reset(self.dev, Some(reclaim_trampoline), ctx) }
+    }
+    fn fail(&mut self) {
+        // SAFETY: live handle.
+        unsafe { ffi::vfam_fail(self.dev) }
+    }
+    fn needs_reset(&self) -> bool {
+        // SAFETY: live handle.
+        unsafe { ffi::vfam_needs_reset(self.dev) }
+    }
+    fn interrupt_mode(&self) -> InterruptMode {
+        let mut n = 0;
+        // SAFETY: live handle; `n` is a local.
+        match unsafe { ffi::vfam_interrupt_mode(self.dev, &mut n) } {
+            VK_IRQ_MSIX => InterruptMode::MsiX { vectors: n },
+            VK_IRQ_INTX => InterruptMode::Intx,
+            _ => InterruptMode::Polling,
+        }
+    }
+    fn add(
+        &mut self,
+        queue: u16,
+        readable: &[Segment],
+        writable: &[Segment],
+        token: usize,
+    ) -> Result<()> {
+        let (nr, nw) = (readable.len(), writable.len());
+        if nr + nw > MAX_CHAIN {
+            return Err(Error::BadChain);
+        }
+        for (o, s) in self.scratch.iter_mut().zip(readable.iter().chain(writable)) {
+            *o = VkSegment::from(*s);
+        }
+        let base = self.scratch.as_ptr();
+        // SAFETY: live handle; the scratch array holds nr + nw converted segments, and
+        // `base.wrapping_add(nr)` stays inside it (nr <= MAX_CHAIN).
+        unsafe { ffi::vfam_queue_add(self.dev, queue, base, nr, base.wrapping_add(nr), nw, token) }
+            .into_result()
+    }
+    fn kick(&mut self, queue: u16) -> Result<bool> {
+        let mut n = false;
+        // SAFETY: live handle; `n` is a local.
+        unsafe { ffi::vfam_queue_kick(self.dev, queue, &mut n) }.into_result()?;
+        Ok(n)
+    }
+    fn pop_used(&mut self, queue: u16) -> Result<Option<Used>> {
+        let (mut found, mut token, mut len) = (false, 0, 0);
+        // SAFETY: live handle; out-pointers are locals.
+        unsafe { ffi::vfam_queue_pop_used(self.dev, queue, &mut found, &mut token, &mut len) }
+            .into_result()?;
+        Ok(found.then_some(Used { token, len }))
+    }
+    fn enable_interrupts(&mut self, queue: u16) -> Result<bool> {
+        let mut more = false;
+        // SAFETY: live handle; `more` is a local.
+        unsafe { ffi::vfam_queue_enable_interrupts(self.dev, queue, false, &mut more) }
+            .into_result()?;
+        Ok(more)
+    }
+    fn enable_interrupts_delayed(&mut self, queue: u16) -> Result<bool> {
+        let mut more = false;
+        // SAFETY: live handle; `more` is a local.
+        unsafe { ffi::vfam_queue_enable_interrupts(self.dev, queue, true, &mut more) }
+            .into_result()?;
+        Ok(more)
+    }
+    fn disable_interrupts(&mut self, queue: u16) -> Result<()> {
+        // SAFETY: live handle.
+        unsafe { ffi::vfam_queue_disable_interrupts(self.dev, queue) }.into_result()
+    }
+    fn free_descriptors(&self, queue: u16) -> Result<u16> {
+        Ok(self.info(queue, 1)?.0)
+    }
+    fn queue_size(&self, queue: u16) -> Result<u16> {
+        Ok(self.info(queue, 1)?.1)
+    }
+    fn descriptors_for(&self, queue: u16, segments: usize) -> Result<usize> {
+        Ok(self.info(queue, segments)?.2)
+    }
+    fn max_chain(&self, queue: u16) -> Result<u16> {
+        Ok(self.info(queue, 1)?.3)
+    }
+    fn queue_stats(&self, queue: u16) -> Result<QueueStats> {
+        let mut s = VkQueueStats::default();
+        // SAFETY: live handle; `s` is a local.
+        unsafe { ffi::vfam_queue_stats(self.dev, queue, &mut s) }.into_result()?;
+        Ok(s.into())
+    }
+    fn handle_interrupt(&mut self, vector: Option<u16>) -> InterruptCause {
+        let mut c = VkInterruptCause::default();
+        let v = vector.map_or(VK_VECTOR_INTX, i32::from);
+        // SAFETY: live handle; `c` is a local.
+        if !unsafe { ffi::vfam_handle_interrupt(self.dev, v, &mut c) }.is_ok() {
+            return InterruptCause::default();
+        }
+        InterruptCause {
+            queues: QueueMask(u128::from(c.queues_lo) | (u128::from(c.queues_hi) << 64)),
+            config_changed: c.config_changed != 0,
+            needs_reset: c.needs_reset != 0,
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! VirtioFamily.kext's C ABI, called the way the shim and the device kexts call it, over the
+//! PCI simulation: start (identify + create), the client attaching through
+//! `virtio-kext-client`'s `Bus` adapter, I/O with interrupts delivered by
+//! `vfam_deliver_interrupt` to the client's handler, reset, stop (every DMA region freed).
+
+mod kext_support;
+
+use std::ffi::c_void;
+
+use kext_support::Family;
+use virtio_core::platform::InterruptMode;
+use virtio_core::{Bus, Error, Features, QueueSpec, Segment};
+use virtio_kext_abi::{VK_E_BAD_ARGUMENT, VK_E_TRANSPORT, VK_VECTOR_INTX};
+use virtio_kext_client::FamilyBus;
+use virtio_pci::Preference;
+use virtio_tests::sim::{SimBuilder, SimMode};
+
+const MODES: [(SimMode, Preference); 4] = [
+    (SimMode::Modern, Preference::Auto),
+    (SimMode::Transitional, Preference::Auto),
+    (SimMode::Transitional, Preference::Legacy),
+    (SimMode::Legacy, Preference::Auto),
+];
+const OFFERED: u64 = (1 << 32) | (1 << 30) | (1 << 29) | (1 << 28) | (1 << 16) | (1 << 5);
+
+/// The client's interrupt handler: records vectors, as the net/block shims' actions would
+/// before calling their driver.
+unsafe extern "C" fn record(ctx: *mut c_void, vector: i32) {
+    // SAFETY: ctx is the test's Vec, alive while the handler is registered.
+    unsafe { (*(ctx as *mut Vec<i32>)).push(vector) };
+}
+
+#[test]
+fn client_bus_round_trip_in_every_mode() {
+    for (mode, pref) in MODES {
+        for msix in [None, Some(0)] {
+            let mut b = SimBuilder::new(mode, 1)
+                .features(OFFERED)
+                .queues(&[64, 64])
+                .device_config(&[0x52, 0x54, 0, 1, 2, 3, 1, 0]);
+            if let Some(v) = msix {
+                b = b.msix_vectors(v);
+            }
+            let sim = b.build();
+            let fam = Family::start(&sim, pref).expect("start");
+            // SAFETY: live handle.
+            assert_eq!(unsafe { virtio_family_kext::vfam_device_type(fam.dev) }, 1);
+
+            // The client kext attaches: handler, then the Bus adapter.
+            let mut seen: Vec<i32> = Vec::new();
+            // SAFETY: live handle; `seen` outlives the registration (cleared below).
+            unsafe {
+                virtio_family_kext::vfam_set_interrupt_handler(
+                    fam.dev,
+                    Some(record),
+                    (&mut seen as *mut Vec<i32>).cast(),
+                )
+            };
+            // SAFETY: the handle stays valid until fam.stop().
+            let mut bus = unsafe { FamilyBus::new(fam.client_handle()) }.expect("client bus");
+            let f = bus
+                .negotiate_features(Features::from_bits_retain((1 << 5) | (1 << 16)))
+                .unwrap();
+            assert!(!f.contains(Features::BAD_FEATURE));
+            assert_eq!(bus.features(), f);
+            bus.setup_queues(&[QueueSpec::new(0), QueueSpec::new(1).indirect(4)])
+                .unwrap();
+            bus.driver_ok().unwrap();
+            sim.check_init_order().unwrap();
+            let mut mac = [0u8; 6];
+            bus.read_config(0, &mut mac).unwrap();
+            assert_eq!(mac, [0x52, 0x54, 0, 1, 2, 3]);
+            assert!(matches!(
+                bus.read_config_u8(0x4000),
+                Err(Error::ConfigOutOfRange { .. })
+            ));
+            match (msix, bus.interrupt_mode()) {
+                (None, InterruptMode::MsiX { vectors: 3 }) | (Some(0), InterruptMode::Intx) => {}
+                other => panic!("{mode:?}: interrupt mode {other:?}"),
+            }
+
+            use virtio_core::platform::Dma;
+            let out = bus.dma().alloc_coherent(64, 16).unwrap();
+            let inb = bus.dma().alloc_coherent(64, 16).unwrap();
+            // SAFETY: freshly allocated, not shared with the device yet.
+            unsafe { out.vaddr.as_ptr().copy_from(b"ping".as_ptr(), 4) };
+            let r = [Segment::new(out.daddr, 2), Segment::new(out.daddr + 2, 2)];
+            bus.add(1, &r, &[Segment::new(inb.daddr, 64)], 42).unwrap();
+            assert!(bus.kick(1).unwrap());
+            assert_eq!(
+                sim.serve(1, |c| {
+                    assert_eq!(sim.read_chain(c), b"ping");
+                    sim.write_chain(c, b"pong")
+                }),
+                1
+            );
+            assert_eq!(fam.interrupts(), 1);
+            assert_eq!(seen.len(), 1, "the client's handler got the interrupt");
+            let v = seen[0];
+            let cause = bus.handle_interrupt((v != VK_VECTOR_INTX).then_some(v as u16));
+            assert!(cause.queues.contains(1));
+            let u = bus.pop_used(1).unwrap().unwrap();
+            assert_eq!((u.token, u.len), (42, 4));
+            // SAFETY: the device completed the chain.
+            assert_eq!(
+                // SAFETY: the device completed the chain; the buffer is ours again.
+                unsafe { std::slice::from_raw_parts(inb.vaddr.as_ptr(), 4) },
+                b"pong"
+            );
+            assert_eq!(bus.pop_used(1).unwrap(), None);
+            assert!(!bus.enable_interrupts(1).unwrap());
+            assert_eq!(bus.queue_stats(1).unwrap().completions, 1);
+            assert!(bus.free_descriptors(1).unwrap() > 0);
+            assert_eq!(bus.queue_size(1).unwrap(), 64);
+
+            // Errors cross the ABI intact.
+            assert_eq!(bus.kick(5), Err(Error::QueueNotReady { queue: 5 }));
+            assert_eq!(bus.add(0, &[], &[], 1), Err(Error::BadChain));
+
+            // An in-flight chain comes back on reset.
+            bus.add(0, &[], &[Segment::new(inb.daddr, 8)], 7).unwrap();
+            let mut back = Vec::new();
+            bus.reset(&mut |q, t| back.push((q, t)));
+            assert_eq!(back, vec![(0, 7)]);
+            // SAFETY: the device was reset.
+            unsafe {
+                bus.dma().free_coherent(out);
+                bus.dma().free_coherent(inb);
+            }
+            // SAFETY: live handle.
+            unsafe {
+                virtio_family_kext::vfam_set_interrupt_handler(fam.dev, None, std::ptr::null_mut())
+            };
+            fam.stop();
+        }
+    }
+}
+
+#[test]
+fn interrupts_without_a_client_are_acknowledged() {
+    let sim = SimBuilder::new(SimMode::Modern, 2)
+        .features(1 << 32)
+        .msix_vectors(0)
+        .build();
+    let fam = Family::start(&sim, Preference::Auto).unwrap();
+    sim.raise_config_interrupt();
+    assert_eq!(fam.interrupts(), 1);
+    assert_eq!(sim.peek_isr(), 0, "the ISR read de-asserted INTx");
+    fam.stop();
+}
+
+#[test]
+fn bad_arguments_and_non_virtio_functions() {
+    let mut dev = std::ptr::null_mut();
+    // SAFETY: a null platform is refused before use.
+    let s = unsafe { virtio_family_kext::vfam_device_create(std::ptr::null(), 0, &mut dev) };
+    assert_eq!(s.code, VK_E_BAD_ARGUMENT);
+    assert!(dev.is_null());
+    // SAFETY: a null handle is refused.
+    let s = unsafe { virtio_family_kext::vfam_driver_ok(std::ptr::null_mut()) };
+    assert_eq!(s.code, VK_E_BAD_ARGUMENT);
+    assert_eq!(virtio_family_kext::vfam_identify(0x8086, 0x1041, 0), 0);
+    assert_eq!(virtio_family_kext::vfam_identify(0x1af4, 0x1040, 0), 0);
+    assert_eq!(virtio_family_kext::vfam_identify(0x1af4, 0x1001, 2), 2);
+    // A modern-only function asked for legacy: a transport error, decoded exactly.
+    let sim = SimBuilder::new(SimMode::Modern, 1)
+        .features(1 << 32)
+        .build();
+    let e = Family::start(&sim, Preference::Legacy)
+        .err()
+        .expect("no legacy interface");
+    assert_eq!(e.code, VK_E_TRANSPORT);
+    assert_eq!(
+        e.into_error(),
+        Error::Transport(virtio_core::TransportError::NoLegacyInterface)
+    );
+}
+
+/// The client's `extern "C"` declarations have exactly the family's signatures.
+#[test]
+fn client_declarations_match_the_family_exports() {
+    use virtio_family_kext as fam;
+    use virtio_kext_client::ffi as cli;
+    type D = virtio_kext_client::VfamDevice;
+    macro_rules! same {
+        ($($name:ident),* $(,)?) => {$(
+            // Both coerce to the client's function-pointer type (the handle types differ
+            // only by name, so cast the family's through the same shape).
+            let a = cli::$name as *const () as usize;
+            let b = fam::$name as *const () as usize;
+            assert_eq!(a, b, concat!(stringify!($name), " resolves to the family's export"));
+        )*};
+    }
+    same!(
+        vfam_device_type,
+        vfam_set_interrupt_handler,
+        vfam_negotiate_features,
+        vfam_offered_features,
+        vfam_features,
+        vfam_read_config,
+        vfam_write_config,
+        vfam_num_queues,
+        vfam_max_queue_size,
+        vfam_setup_queues,
+        vfam_driver_ok,
+        vfam_reset,
+        vfam_fail,
+        vfam_needs_reset,
+        vfam_interrupt_mode,
+        vfam_queue_add,
+        vfam_queue_kick,
+        vfam_queue_pop_used,
+        vfam_queue_enable_interrupts,
+        vfam_queue_disable_interrupts,
+        vfam_queue_info,
+        vfam_queue_stats,
+        vfam_handle_interrupt,
+        vfam_dma_alloc,
+        vfam_dma_free,
+        vfam_dma_map,
+        vfam_dma_unmap,
+    );
+    let _: unsafe extern "C" fn(*mut D, u16, *mut bool) -> virtio_kext_abi::VkStatus =
+        cli::vfam_queue_kick;
+}
