@@ -992,3 +992,31 @@ fn wrong_device_type_and_page_size_are_refused() {
     let r = BalloonDriver::new(dev, TestPool::new(4096, 16), BalloonOptions::default());
     assert!(matches!(r, Err(BalloonError::Virtio(Error::Unsupported))));
 }
+
+#[test]
+fn drop_after_a_fault_returns_reported_ranges() {
+    let pool = TestPool::new(4096, 256).with_ranges(4, 0x1000);
+    let model = BalloonModel::new(QEMU | bits::PAGE_REPORTING);
+    let sim = model.sim_builder(SimMode::Modern, RING, true).build();
+    let t = probe(sim.config_space(), sim.bars(), Preference::Auto).unwrap();
+    let dev = VirtioDevice::new(t, sim.memory(), sim.irq());
+    let drv = BalloonDriver::new(dev, pool.clone(), BalloonOptions::default()).unwrap();
+    let mut r = Rig {
+        sim,
+        model,
+        pool,
+        drv,
+        what: "fault with a report out".into(),
+    };
+    // The device holds the report and then lies on the reporting queue.
+    r.model.hold_reports = true;
+    r.run();
+    assert_eq!(r.pool.st().lent_ranges.len(), 4);
+    r.sim.complete_raw(3, 7, 0);
+    r.sim.signal_used(3);
+    assert!(r.step().and_then(|_| r.drv.poll().map(|_| 0)).is_err());
+    assert!(r.drv.is_stopped() && r.drv.is_empty());
+    let pool = r.pool.clone();
+    drop(r);
+    pool.check_clean("drop after fault");
+}

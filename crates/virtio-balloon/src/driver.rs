@@ -1278,11 +1278,8 @@ fn range_ok(r: FreeRange) -> bool {
 impl<B: Bus, P: PagePool> Drop for BalloonDriver<B, P> {
     fn drop(&mut self) {
         // The device must forget the balloon before its pages and our buffers go back.
-        if !self.stopped || !self.is_empty() {
-            self.reset_and_reclaim();
-        } else {
-            self.bus.reset(&mut |_, _| {});
-        }
+        // Idempotent: after an earlier reclaim there is nothing left to return.
+        self.reset_and_reclaim();
         if let Some(r) = self.region.take() {
             // SAFETY: the device was reset just above, so it no longer accesses the region,
             // which came from this bus's DMA allocator.
