@@ -37,7 +37,7 @@ fn global_logger_over_emergency_write() {
     log::warn!("before the console");
     let c = VirtioConsole::new(cm::bus(&sim, Preference::Legacy), ConsoleOptions::default())
         .expect("negotiate");
-    assert!(LOGGER.install(c).is_none());
+    assert!(matches!(LOGGER.install(c), Ok(None)));
     // Installed at FEATURES_OK: the stash was written out through emerg_wr.
     let out = text(&m.emergency_bytes());
     assert!(
@@ -106,7 +106,7 @@ fn logger_without_emergency_write_uses_port0() {
     let logger: ConsoleLogger<SimConsoleBus> = ConsoleLogger::new(LevelFilter::Trace);
     let c = VirtioConsole::new(cm::bus(&sim, Preference::Auto), ConsoleOptions::default())
         .expect("negotiate");
-    logger.install(c);
+    assert!(matches!(logger.install(c), Ok(None)));
     let rec = |msg: &str| {
         logger.log(
             &Record::builder()

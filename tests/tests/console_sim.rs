@@ -202,6 +202,29 @@ fn multiport_bring_up_open_both_ways_data_and_remove() {
         m.host_open(2, false).unwrap();
         assert_eq!(events(&mut c), vec![ConsoleEvent::HostClosed { id: 2 }]);
 
+        // Interrupts say which ports to read and that control messages arrived.
+        m.sim.take_interrupts();
+        m.inject_rx(1, b"ping").unwrap();
+        m.host_open(2, true).unwrap();
+        let mut seen = virtio_console::ConsoleInterrupt::default();
+        for i in m.sim.take_interrupts() {
+            let v = match i {
+                virtio_tests::sim::SimInterrupt::Msix(v) => Some(v),
+                virtio_tests::sim::SimInterrupt::Intx => None,
+            };
+            let r = c.handle_interrupt(v);
+            seen.readable.0 |= r.readable.0;
+            seen.control |= r.control;
+        }
+        assert!(
+            seen.readable.contains(1) && seen.control,
+            "{mode:?}: {seen:?}"
+        );
+        assert_eq!(read_all(&mut c, 1), b"ping");
+        assert_eq!(events(&mut c), vec![ConsoleEvent::HostOpened { id: 2 }]);
+        m.host_open(2, false).unwrap();
+        assert_eq!(events(&mut c), vec![ConsoleEvent::HostClosed { id: 2 }]);
+
         // Data on each port stays on its port.
         assert_eq!(c.write(1, b"to tool"), Ok(7));
         assert_eq!(c.write(2, b"to log"), Ok(6));

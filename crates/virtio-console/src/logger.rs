@@ -15,7 +15,7 @@
 //!
 //! ```ignore
 //! static LOGGER: ConsoleLogger<MyBus> = ConsoleLogger::new(log::LevelFilter::Info);
-//! LOGGER.install(VirtioConsole::new(bus, ConsoleOptions::default())?);
+//! let _ = LOGGER.install(VirtioConsole::new(bus, ConsoleOptions::default())?);
 //! log::set_logger(&LOGGER).map(|()| log::set_max_level(log::LevelFilter::Info));
 //! // later: LOGGER.with(|c| c.start());  in the panic handler: LOGGER.write_bytes(msg)
 //! ```
@@ -145,11 +145,15 @@ impl<B: Bus> ConsoleLogger<B> {
     }
 
     /// Installs the console (from the moment it is negotiated: with EMERG_WRITE the log
-    /// reaches the host before queues exist). Returns the previous one.
-    pub fn install(&self, console: VirtioConsole<B>) -> Option<VirtioConsole<B>> {
+    /// reaches the host before queues exist) and writes out what was stashed before.
+    /// Returns the previous one, or hands `console` back when the lock was not available.
+    pub fn install(
+        &self,
+        console: VirtioConsole<B>,
+    ) -> Result<Option<VirtioConsole<B>>, VirtioConsole<B>> {
         if !self.lock.try_lock(LOCK_SPINS) {
             // Hand it back untouched rather than block.
-            return Some(console);
+            return Err(console);
         }
         // SAFETY: `lock` is held.
         let slot = unsafe { &mut *self.console.get() };
@@ -158,7 +162,7 @@ impl<B: Bus> ConsoleLogger<B> {
             self.flush_stash(c);
         }
         self.lock.unlock();
-        old
+        Ok(old)
     }
 
     /// Takes the console back out (e.g. before unloading).
