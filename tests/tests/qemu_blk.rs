@@ -78,6 +78,16 @@ fn run(cfg: RunConfig) {
     ] {
         assert!(r.check(c).is_some(), "{c} missing\n{}", r.summary());
     }
+    // Requests beyond seg_max were split by the driver into more device requests.
+    let (reqs, dev) = (
+        r.stat_u64("blk.write.requests").unwrap_or(0),
+        r.stat_u64("blk.write.device_requests").unwrap_or(0),
+    );
+    assert!(
+        dev > reqs && reqs > 0,
+        "no driver splits: {reqs} requests, {dev} device requests\n{}",
+        r.summary()
+    );
 }
 
 // Integrity, discard/write-zeroes, GET_ID: every machine × transport × interrupt mode.

@@ -435,6 +435,22 @@ mod tests {
     }
 
     #[test]
+    fn image_check_finds_a_wrong_sector() {
+        let dir = std::env::temp_dir().join(format!("blk-host-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        write_disk_image(&img).unwrap();
+        let ro = BlkArgs::parse(&["blk_test=ro".into()]);
+        assert!(verify_image(&ro, &img).passed);
+        let mut data = std::fs::read(&img).unwrap();
+        data[512 * 77 + 300] ^= 1;
+        std::fs::write(&img, &data).unwrap();
+        let c = verify_image(&ro, &img);
+        assert!(!c.passed && c.detail.contains("[77]"), "{}", c.detail);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn expectations() {
         let a = BlkArgs::parse(&["blk_seed=5".into()]);
         assert!(matches!(expected(&a, 1024), Expect::Bytes(b) if *b == [0; 512]));

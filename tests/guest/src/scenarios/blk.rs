@@ -537,6 +537,7 @@ fn test_main(disk: &mut Disk, slots: &mut Slots, seed: u64) {
         Ok(st) => {
             report::stat("blk.write.too_large_splits", st.too_large);
             report::stat("blk.write.device_requests", c1.added);
+            report::stat("blk.write.requests", st.requests);
             check!(
                 "blk.write",
                 true,
