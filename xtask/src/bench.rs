@@ -15,11 +15,13 @@
 
 use virtio_tests::qemu::{self, IrqMode, Machine, RunConfig, RunReport, Transport};
 
-const USAGE: &str = "usage: cargo xtask bench blk [--ms MS-PER-PHASE]";
+const USAGE: &str =
+    "usage: cargo xtask bench blk [--ms MS-PER-PHASE]\n       cargo xtask bench net [--bytes N]";
 
 pub fn cmd_bench(args: &[String]) -> Result<bool, String> {
     match args.first().map(String::as_str) {
         Some("blk") => bench_blk(&args[1..]),
+        Some("net") => crate::bench_net::cmd(&args[1..]),
         _ => Err(USAGE.into()),
     }
 }

@@ -5,9 +5,12 @@
 //!   [--guest-arg K=V]... [-- extra qemu args]`: build the guest, run one scenario, print
 //!   the report (`--matrix`: every machine × transport × irq combination, then a table);
 //! - `demo`: boot the guest with all four devices and show what each driver did;
+//! - `bench net [--bytes N]`: our virtio-net vs the virtio-drivers crate over the same
+//!   TCP transfer (`bench_net.rs`);
 //! - `test`: fmt, clippy (workspace and guest), guest build, `cargo test --workspace`.
 
 mod bench;
+mod bench_net;
 
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -19,6 +22,7 @@ const USAGE: &str = "usage:
                    [--guest-arg KEY=VALUE]... [-- extra qemu args]
   cargo xtask demo
   cargo xtask bench blk [--ms MS-PER-PHASE]
+  cargo xtask bench net [--bytes N]
   cargo xtask test";
 
 fn main() -> ExitCode {

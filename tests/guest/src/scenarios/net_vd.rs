@@ -12,7 +12,7 @@
 //!   `disable_interrupts` is a no-op under EVENT_IDX), which its trace shows;
 //! - it keeps no counters, so the guest reports throughput and packets (counted in this
 //!   adapter) and the host takes kicks and interrupts per phase from QEMU's trace (the
-//!   phases are marked on port 0x80, see `net/stack.rs`);
+//!   phases are marked in the trace, see `net/stack.rs`);
 //! - it negotiates MAC, STATUS, EVENT_IDX, INDIRECT_DESC and VERSION_1 only (no MRG_RXBUF,
 //!   no offloads), modern PCI only;
 //! - queues of [`QUEUE_SIZE`] = 256 entries, QEMU's default and what our driver uses, and

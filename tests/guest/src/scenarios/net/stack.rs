@@ -5,8 +5,10 @@
 //! crate (`scenarios/net_vd.rs`).
 //!
 //! Phase markers: around the receive and send phases of a detailed transfer the guest
-//! writes [`MARK_RECV_START`].. [`MARK_SEND_END`] to port 0x80, so a host tracing QEMU's
-//! `cpu_out` next to the virtio events can count kicks and interrupts per phase.
+//! selects fw_cfg key `0x3F00 | v` (port 0x510; no such key, so nothing happens) with `v`
+//! = [`MARK_RECV_START`].. [`MARK_SEND_END`], so a host tracing QEMU's `fw_cfg_select`
+//! next to the virtio events can count kicks and interrupts per phase (`xtask bench net`).
+//! (`cpu_out` would not do: TCG's `out` does not go through the traced path.)
 
 use super::stream::{Fnv, Stream};
 use crate::check;
@@ -32,14 +34,14 @@ const HEADER_LEN: usize = 48;
 const TRAILER_LEN: usize = 24;
 const TCP_BUFFER: usize = 256 * 1024;
 
-/// Port-0x80 values written at the phase boundaries of a detailed transfer.
+/// Marker values (fw_cfg key `0x3F00 | v`) at the phase boundaries of a detailed transfer.
 pub const MARK_RECV_START: u8 = 0x50;
 pub const MARK_RECV_END: u8 = 0x51;
 pub const MARK_SEND_START: u8 = 0x52;
 pub const MARK_SEND_END: u8 = 0x53;
 
 fn marker(v: u8) {
-    crate::arch::outb(0x80, v);
+    crate::arch::outw(0x510, 0x3F00 | u16::from(v));
 }
 
 pub fn now() -> Instant {
@@ -200,8 +202,8 @@ impl<D: Nic> Stack<D> {
 
     /// One connection: `down` bytes from the host (checked against the stream), then `up`
     /// bytes to it, then the host's trailer. Checks `<name>.connect`, `<name>.recv`,
-    /// `<name>.send`; with `detail`, prints the phases' figures and marks them on port
-    /// 0x80. Returns whether all passed.
+    /// `<name>.send`; with `detail`, prints the phases' figures and marks them for the
+    /// host's trace. Returns whether all passed.
     pub fn transfer(
         &mut self,
         name: &str,

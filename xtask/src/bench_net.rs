@@ -1,0 +1,414 @@
+//! `cargo xtask bench net [--bytes N]`: the network benchmark.
+//!
+//! Two QEMU sessions on the same machine and device (q35, modern virtio-net-pci behind a
+//! root port, user networking, `ioeventfd=off` so every notify write is one trace line),
+//! each running the `net` scenarios' TCP transfer with the host peer: `N` bytes (default
+//! 64 MiB) host → guest, then `N` bytes guest → host, every byte checked and hashed at
+//! both ends:
+//! - ours: the `net` scenario (virtio-net crate under smoltcp), MSI-X;
+//! - theirs: `net-vd`, the same smoltcp stack and transfer code over the `virtio-drivers`
+//!   crate's `VirtIONet`, polled (it has no interrupt handling).
+//!
+//! Per phase: throughput (guest clock), packets (guest), and kicks and interrupts per
+//! packet per queue. QEMU's trace (`virtio_queue_notify`, `virtio_notify`) is split by the
+//! guest's phase markers (`fw_cfg_select` of key `0x3F50..0x3F53`, see the guest's
+//! `net/stack.rs`); interrupts are attributed to a queue through the `vq` pointer its
+//! kicks show. For ours the guest's own counters (interrupts *taken*) are shown too and
+//! its kicks are cross-checked against QEMU's; QEMU's column counts interrupts *sent*.
+
+use std::collections::BTreeMap;
+use virtio_tests::qemu::{self, IrqMode, Machine, RunConfig, RunReport, Transport};
+
+const USAGE: &str = "usage: cargo xtask bench net [--bytes N]";
+
+/// Guest marker values (`MARK_*` in the guest's `net/stack.rs`): phase `i` (0 recv,
+/// 1 send) starts at `0x50 + 2i` and ends at `0x51 + 2i`.
+const MARK_BASE: usize = 0x50;
+const PHASES: [(&str, &str); 2] = [("recv", "host → guest"), ("send", "guest → host")];
+const RX: u32 = 0;
+const TX: u32 = 1;
+
+pub fn cmd(args: &[String]) -> Result<bool, String> {
+    let mut bytes: u64 = 64 << 20;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--bytes" => {
+                let v = it.next().ok_or(USAGE)?;
+                bytes = parse_bytes(v).ok_or_else(|| format!("--bytes {v:?}\n{USAGE}"))?;
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(true);
+            }
+            s => return Err(format!("unexpected argument {s}\n{USAGE}")),
+        }
+    }
+    let ours = session("net", IrqMode::Msix, bytes)?;
+    let theirs = session("net-vd", IrqMode::Poll, bytes)?;
+    print_table(bytes, &ours, &theirs);
+    Ok(ours.ok && theirs.ok)
+}
+
+/// `N`, `NK`, `NM`, `NG` (binary units).
+fn parse_bytes(s: &str) -> Option<u64> {
+    let (num, shift) = match s.to_ascii_uppercase().chars().last()? {
+        'K' => (&s[..s.len() - 1], 10),
+        'M' => (&s[..s.len() - 1], 20),
+        'G' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0)
+}
+
+/// Kicks and interrupts of one queue.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+struct QueueCounts {
+    kicks: u64,
+    irqs: u64,
+}
+
+/// One phase of a session.
+#[derive(Clone, Debug, Default)]
+struct Phase {
+    mib_s: f64,
+    rx_packets: u64,
+    tx_packets: u64,
+    /// The guest driver's counters (ours only): rx, tx queue; all interrupts taken.
+    guest: Option<(QueueCounts, QueueCounts, u64)>,
+    /// From QEMU's trace: per queue index, and all interrupts sent.
+    qemu: BTreeMap<u32, QueueCounts>,
+    qemu_irqs: u64,
+}
+
+struct Session {
+    name: &'static str,
+    config: String,
+    ok: bool,
+    phases: Vec<Phase>,
+}
+
+fn session(scenario: &'static str, irq: IrqMode, bytes: u64) -> Result<Session, String> {
+    let mut cfg = RunConfig::new(scenario)
+        .machine(Machine::Q35)
+        .transport(Transport::Modern)
+        .irq(irq)
+        .guest_arg(format!("net_bytes={bytes}"))
+        .guest_arg("net_link=0");
+    // The guest's phase markers (the runner traces the virtio events already).
+    cfg.extra_qemu_args = vec!["-trace".into(), "fw_cfg_select".into()];
+    cfg.keep_run_dir = true;
+    cfg.install_missing = true;
+    cfg.label = Some("bench".into());
+    // TCG moves 20-40 MiB/s; leave room for slow hosts.
+    cfg.timeout = Some(std::time::Duration::from_secs(120 + 2 * (bytes >> 20)));
+    eprintln!(
+        "xtask: bench net: {scenario} [{}], {bytes} bytes each way...",
+        cfg.config_name()
+    );
+    let r = qemu::run_scenario(&cfg).map_err(|e| e.to_string())?;
+    let trace = std::fs::read_to_string(r.run_dir.join("trace.log")).unwrap_or_default();
+    let mut ok = r.passed() && hashes_match(&r);
+    if !ok {
+        print!("{}", r.summary());
+    }
+    let by_phase = phase_trace(&trace);
+    let mut phases = Vec::new();
+    for (i, (p, _)) in PHASES.iter().enumerate() {
+        let get = |k: &str| r.stat(&format!("net.{p}.{k}")).map(str::to_string);
+        let num = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok());
+        let Some(mib_s) = get("mib_s").and_then(|v| v.parse::<f64>().ok()) else {
+            ok = false;
+            phases.push(Phase::default());
+            continue;
+        };
+        let guest = match (
+            num("rx_kicks"),
+            num("tx_kicks"),
+            num("rx_irqs"),
+            num("tx_irqs"),
+            num("irqs"),
+        ) {
+            (Some(rk), Some(tk), Some(ri), Some(ti), Some(all)) => Some((
+                QueueCounts {
+                    kicks: rk,
+                    irqs: ri,
+                },
+                QueueCounts {
+                    kicks: tk,
+                    irqs: ti,
+                },
+                all,
+            )),
+            _ => None,
+        };
+        let (qemu, qemu_irqs) = by_phase.get(&i).cloned().unwrap_or_default();
+        if qemu.is_empty() && qemu_irqs == 0 {
+            eprintln!("xtask: bench net: {scenario}: no trace lines for phase {p}");
+            ok = false;
+        }
+        let phase = Phase {
+            mib_s,
+            rx_packets: num("rx_packets").unwrap_or(0),
+            tx_packets: num("tx_packets").unwrap_or(0),
+            guest,
+            qemu,
+            qemu_irqs,
+        };
+        // ioeventfd=off: QEMU sees exactly the kicks our driver counted.
+        if let Some((rx, tx, _)) = phase.guest {
+            let q = |n| phase.qemu.get(&n).map_or(0, |c: &QueueCounts| c.kicks);
+            if (q(RX), q(TX)) != (rx.kicks, tx.kicks) {
+                eprintln!(
+                    "xtask: bench net: {scenario} {p}: guest counted kicks rx {} tx {}, QEMU traced rx {} tx {}",
+                    rx.kicks,
+                    tx.kicks,
+                    q(RX),
+                    q(TX)
+                );
+                ok = false;
+            }
+        }
+        phases.push(phase);
+    }
+    if ok && !r.kept {
+        // Already removed.
+    } else if ok {
+        let _ = std::fs::remove_dir_all(&r.run_dir);
+    } else {
+        eprintln!("xtask: bench net: logs kept in {}", r.run_dir.display());
+    }
+    Ok(Session {
+        name: scenario,
+        config: cfg.config_name(),
+        ok,
+        phases,
+    })
+}
+
+/// Both ends hashed the same bytes in both directions.
+fn hashes_match(r: &RunReport) -> bool {
+    let pairs = [
+        ("net.recv.hash", "host.net.conn0.down_hash"),
+        ("net.send.hash", "host.net.conn0.up_hash"),
+    ];
+    pairs.iter().all(|(g, h)| {
+        let ok = r.stat(g).is_some() && r.stat(g) == r.stat(h);
+        if !ok {
+            eprintln!(
+                "xtask: bench net: {g}={:?} but {h}={:?}",
+                r.stat(g),
+                r.stat(h)
+            );
+        }
+        ok
+    })
+}
+
+/// Per phase (0 recv, 1 send): kicks and interrupts per queue index, and all interrupts
+/// QEMU sent. A `virtio_notify` is attributed to the queue whose kicks show its `vq`
+/// pointer (over the whole trace); one that never kicked counts only in the total.
+fn phase_trace(trace: &str) -> BTreeMap<usize, (BTreeMap<u32, QueueCounts>, u64)> {
+    let mut vq_index: BTreeMap<String, u32> = BTreeMap::new();
+    let mut events: Vec<(String, BTreeMap<String, String>)> = Vec::new();
+    for line in trace.lines() {
+        // The log backend prefixes "pid@seconds.micros:".
+        let body = match line.split_once(':') {
+            Some((prefix, rest)) if prefix.contains('@') => rest,
+            _ => line,
+        };
+        let mut words = body.split_whitespace();
+        let Some(event) = words.next() else { continue };
+        if !matches!(
+            event,
+            "fw_cfg_select" | "virtio_queue_notify" | "virtio_notify" | "virtio_notify_irqfd"
+        ) {
+            continue;
+        }
+        let w: Vec<&str> = words.collect();
+        let fields: BTreeMap<String, String> = w
+            .windows(2)
+            .filter(|p| matches!(p[0], "vdev" | "vq" | "n" | "key"))
+            .map(|p| (p[0].to_string(), p[1].to_string()))
+            .collect();
+        if event == "virtio_queue_notify"
+            && let (Some(vq), Some(n)) = (fields.get("vq"), fields.get("n"))
+            && let Ok(n) = n.parse()
+        {
+            vq_index.insert(vq.clone(), n);
+        }
+        events.push((event.to_string(), fields));
+    }
+    let mut out: BTreeMap<usize, (BTreeMap<u32, QueueCounts>, u64)> = BTreeMap::new();
+    let mut current: Option<usize> = None;
+    for (event, f) in &events {
+        match event.as_str() {
+            "fw_cfg_select" => {
+                let key = f
+                    .get("key")
+                    .and_then(|k| usize::from_str_radix(k.trim_start_matches("0x"), 16).ok());
+                if let Some(k) = key.filter(|k| k & 0xFF00 == 0x3F00) {
+                    let v = k & 0xFF;
+                    if (MARK_BASE..MARK_BASE + 2 * PHASES.len()).contains(&v) {
+                        let phase = (v - MARK_BASE) / 2;
+                        let start = (v - MARK_BASE).is_multiple_of(2);
+                        current = start.then_some(phase);
+                        out.entry(phase).or_default();
+                    }
+                }
+            }
+            "virtio_queue_notify" => {
+                if let (Some(p), Some(n)) = (current, f.get("n").and_then(|n| n.parse().ok())) {
+                    out.entry(p).or_default().0.entry(n).or_default().kicks += 1;
+                }
+            }
+            _ => {
+                if let Some(p) = current {
+                    let e = out.entry(p).or_default();
+                    e.1 += 1;
+                    if let Some(&n) = f.get("vq").and_then(|vq| vq_index.get(vq)) {
+                        e.0.entry(n).or_default().irqs += 1;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn per(n: u64, d: u64) -> f64 {
+    if d == 0 { 0.0 } else { n as f64 / d as f64 }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b == 0.0 {
+        if a == 0.0 { "—".into() } else { "∞".into() }
+    } else {
+        format!("{:.2}", a / b)
+    }
+}
+
+fn print_table(bytes: u64, ours: &Session, theirs: &Session) {
+    println!();
+    println!(
+        "net benchmark: {} MiB each way over TCP (smoltcp, host peer through slirp); q35, modern virtio-net-pci, ioeventfd=off, TCG, 1 vCPU",
+        bytes as f64 / (1 << 20) as f64
+    );
+    println!(
+        "  ours:   `{}` [{}]: the virtio-net crate over virtio-pci + virtio-core{}",
+        ours.name,
+        ours.config,
+        if ours.ok { "" } else { "  (RUN FAILED)" }
+    );
+    println!(
+        "  theirs: `{}` [{}]: virtio-drivers 0.13 VirtIONet over its PciTransport, polled{}",
+        theirs.name,
+        theirs.config,
+        if theirs.ok { "" } else { "  (RUN FAILED)" }
+    );
+    println!(
+        "  interrupts: guest = taken by our driver; QEMU = sent (virtio_notify); ratios use QEMU's figures"
+    );
+    for (i, (p, what)) in PHASES.iter().enumerate() {
+        let (Some(o), Some(t)) = (ours.phases.get(i), theirs.phases.get(i)) else {
+            continue;
+        };
+        println!();
+        println!(
+            "{p} ({what})                 ours (guest)  ours (QEMU)  theirs (QEMU)  ours/theirs"
+        );
+        println!(
+            "  throughput MiB/s              {:>12} {:>12.2} {:>14.2} {:>12}",
+            "",
+            o.mib_s,
+            t.mib_s,
+            ratio(o.mib_s, t.mib_s)
+        );
+        println!(
+            "  packets rx / tx               {:>12} {:>12} {:>14}",
+            "",
+            format!("{}/{}", o.rx_packets, o.tx_packets),
+            format!("{}/{}", t.rx_packets, t.tx_packets)
+        );
+        type Pick = fn(&QueueCounts) -> u64;
+        let rows: [(&str, u32, Pick, bool); 4] = [
+            ("rx kicks per rx packet", RX, |c| c.kicks, true),
+            ("tx kicks per tx packet", TX, |c| c.kicks, false),
+            ("rx interrupts per rx packet", RX, |c| c.irqs, true),
+            ("tx interrupts per tx packet", TX, |c| c.irqs, false),
+        ];
+        for (label, q, pick, rx) in rows {
+            let den = |ph: &Phase| if rx { ph.rx_packets } else { ph.tx_packets };
+            let qemu = |ph: &Phase| per(ph.qemu.get(&q).map_or(0, pick), den(ph));
+            let guest = o.guest.map(|(r, t, _)| {
+                let c = if q == RX { r } else { t };
+                format!("{:.3}", per(pick(&c), den(o)))
+            });
+            println!(
+                "  {label:29} {:>12} {:>12.3} {:>14.3} {:>12}",
+                guest.unwrap_or_else(|| "—".into()),
+                qemu(o),
+                qemu(t),
+                ratio(qemu(o), qemu(t))
+            );
+        }
+        let all = |ph: &Phase| per(ph.qemu_irqs, ph.rx_packets + ph.tx_packets);
+        println!(
+            "  interrupts per packet (all)   {:>12} {:>12.3} {:>14.3} {:>12}",
+            o.guest
+                .map(|(_, _, n)| format!("{:.3}", per(n, o.rx_packets + o.tx_packets)))
+                .unwrap_or_else(|| "—".into()),
+            all(o),
+            all(t),
+            ratio(all(o), all(t))
+        );
+    }
+    println!();
+    println!(
+        "Linux 6.1 on the same device (virtio-facts.md): receive 0 rx kicks, 0.055 rx interrupts per packet, ~1 tx kick and interrupt per ACK; send 0.985 kicks and 1.97 interrupts per packet."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_units() {
+        assert_eq!(parse_bytes("1024"), Some(1024));
+        assert_eq!(parse_bytes("8M"), Some(8 << 20));
+        assert_eq!(parse_bytes("1g"), Some(1 << 30));
+        assert_eq!(parse_bytes("0"), None);
+        assert_eq!(parse_bytes("x"), None);
+    }
+
+    #[test]
+    fn trace_split_by_markers_and_queues() {
+        let t = "\
+1@1.0:virtio_queue_notify vdev 0xd n 0 vq 0xa
+1@1.1:virtio_notify vdev 0xd vq 0xa
+1@1.2:fw_cfg_select 0xf key 0x3f50 'unknown', ret: 0
+1@1.3:virtio_queue_notify vdev 0xd n 1 vq 0xb
+1@1.4:virtio_notify vdev 0xd vq 0xb
+1@1.5:virtio_notify vdev 0xd vq 0xa
+1@1.6:virtio_notify vdev 0xd vq 0xc
+1@1.7:fw_cfg_select 0xf key 0x3f51 'unknown', ret: 0
+1@1.8:virtio_notify vdev 0xd vq 0xa
+1@1.9:fw_cfg_select 0xf key 0x3f52 'unknown', ret: 0
+2@2.0:virtio_queue_notify vdev 0xd n 1 vq 0xb
+2@2.1:virtio_queue_notify vdev 0xd n 1 vq 0xb
+2@2.2:fw_cfg_select 0xf key 0x3f53 'unknown', ret: 0
+";
+        let p = phase_trace(t);
+        let (q, all) = &p[&0];
+        assert_eq!(q[&0], QueueCounts { kicks: 0, irqs: 1 });
+        assert_eq!(q[&1], QueueCounts { kicks: 1, irqs: 1 });
+        assert_eq!(*all, 3, "the unknown vq counts in the total");
+        let (q, all) = &p[&1];
+        assert_eq!(q[&1].kicks, 2);
+        assert_eq!(*all, 0);
+    }
+}
