@@ -569,3 +569,33 @@ fn hostile_used_lengths_and_tokens() {
         );
     }
 }
+
+#[test]
+fn hostile_config_values_degrade_gracefully() {
+    for (mode, pref) in MODES {
+        // MULTIPORT with max_nr_ports 0: renegotiated without MULTIPORT, port 0 works.
+        let mut m = model(mode, QEMU, cm::config_bytes(0, 0, 0), PORTS);
+        let mut c = console(&m, pref, ConsoleOptions::default());
+        assert!(!c.multiport(), "{mode:?}");
+        assert!(c.has_emergency_write());
+        assert_eq!(m.sim.driver_features() & F_MULTIPORT, 0);
+        assert_eq!(c.write(0, b"single"), Ok(6));
+        assert_eq!(m.take_tx(0), b"single");
+        drop(c);
+
+        // MULTIPORT without control queues (2 queues only): same.
+        let mut m = model(mode, QEMU, cm::config_bytes(0, 0, 31), 0);
+        let mut c = console(&m, pref, ConsoleOptions::default());
+        assert!(!c.multiport(), "{mode:?}");
+        assert_eq!(c.write(0, b"x"), Ok(1));
+        assert_eq!(m.take_tx(0), b"x");
+        drop(c);
+
+        // max_nr_ports 31 but queues for 3 ports only: the driver serves 3.
+        let m = model(mode, QEMU, cm::config_bytes(0, 0, 31), 3);
+        let c = console(&m, pref, ConsoleOptions::default());
+        assert!(c.multiport());
+        assert_eq!(c.max_ports(), 3, "{mode:?}");
+        assert_eq!(c.device_config().max_nr_ports, Some(31));
+    }
+}
