@@ -110,7 +110,9 @@ pub trait Bus {
     }
 
     /// Reads device-specific config consistently across `config_generation` (§4.1.4.3.1),
-    /// with accesses of natural width.
+    /// with accesses of natural width. Config access (read and write) is valid from
+    /// `negotiate_features` on, before any queue exists (§3.1.1 step 7): e.g. the console's
+    /// emergency write works at FEATURES_OK, long before DRIVER_OK.
     fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<()>;
     fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<()>;
     fn read_config_u8(&self, offset: u32) -> Result<u8> {
