@@ -70,6 +70,7 @@ fn run(
             size,
             max_indirect,
             event_idx,
+            ignore_used_len: false,
         },
     )
     .unwrap();
@@ -299,6 +300,7 @@ fn hostile(
             size,
             max_indirect: 0,
             event_idx,
+            ignore_used_len: false,
         },
     )
     .unwrap();

@@ -18,6 +18,16 @@ struct Pair {
 }
 
 fn pair(kind: RingLayoutKind, size: u16, event_idx: bool, max_indirect: u16) -> Pair {
+    pair_with(kind, size, event_idx, max_indirect, false)
+}
+
+fn pair_with(
+    kind: RingLayoutKind,
+    size: u16,
+    event_idx: bool,
+    max_indirect: u16,
+    ignore_used_len: bool,
+) -> Pair {
     let mem = IdentityMemory::new(16 << 20);
     let layout = SplitRingLayout::new(kind, size).unwrap();
     let ring = mem.alloc_coherent(layout.total, layout.align).unwrap();
@@ -35,6 +45,7 @@ fn pair(kind: RingLayoutKind, size: u16, event_idx: bool, max_indirect: u16) -> 
             size,
             max_indirect,
             event_idx,
+            ignore_used_len,
         },
     )
     .unwrap();
@@ -433,4 +444,24 @@ fn reset_reclaims_in_flight_tokens_and_recovers() {
     let c = dev.pop().unwrap();
     dev.complete(&c, 0, 0);
     assert_eq!(p.drv.pop_used().unwrap().unwrap().token, 20);
+}
+
+#[test]
+fn ignored_used_len_reports_zero_and_never_breaks() {
+    // Legacy balloon devices wrote the buffer length into used.len; on such a queue the
+    // length is neither trusted nor checked.
+    let mut p = pair_with(RingLayoutKind::Legacy, 8, false, 0, true);
+    let s = p.segs(&[4]);
+    p.drv.add(&s, &[], 1).unwrap();
+    let c = p.dev.pop().unwrap();
+    p.forge_used(0, c.head as u32, 4096, 1);
+    assert_eq!(p.drv.pop_used().unwrap().unwrap().len, 0);
+    assert!(!p.drv.is_broken());
+    // Every other check still holds.
+    p.drv.add(&s, &[], 2).unwrap();
+    p.forge_used(1, 77, 0, 2);
+    assert!(matches!(
+        p.drv.pop_used(),
+        Err(Error::UsedIdOutOfRange { .. })
+    ));
 }

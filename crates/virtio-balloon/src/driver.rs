@@ -363,6 +363,9 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
         let layout = QueueLayout::for_features(features);
         self.layout = layout;
         let indirect = features.contains(Features::INDIRECT_DESC);
+        // Legacy balloon devices may write the buffer length into used.len (virtio 1.2
+        // §5.5.6 legacy interface); this driver never reads it, so do not trust it there.
+        let legacy = !features.contains(Features::VERSION_1);
 
         let mut specs = [QueueSpec::new(0); 5];
         let mut n = 0;
@@ -382,7 +385,10 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
             ),
         ] {
             if let (Some(q), Some(spec)) = (q, specs.get_mut(n)) {
-                *spec = QueueSpec::new(q).size(size).indirect(max_indirect);
+                *spec = QueueSpec::new(q)
+                    .size(size)
+                    .indirect(max_indirect)
+                    .ignore_used_len(legacy);
                 n += 1;
             }
         }

@@ -24,6 +24,11 @@ pub struct QueueSpec {
     pub interrupts: bool,
     /// Longest chain the driver will post as one indirect table (0: never use indirect).
     pub max_indirect: u16,
+    /// Do not trust `used.len` on this queue: completions report 0 and the length is not
+    /// checked. Only for queues whose driver never reads it and whose devices are known to
+    /// write garbage there (legacy balloon devices wrote the buffer length; Linux's
+    /// `suppress_used_validation` is the same escape hatch).
+    pub ignore_used_len: bool,
 }
 
 impl QueueSpec {
@@ -33,6 +38,7 @@ impl QueueSpec {
             size: 0,
             interrupts: true,
             max_indirect: 0,
+            ignore_used_len: false,
         }
     }
     pub const fn size(mut self, size: u16) -> Self {
@@ -45,6 +51,10 @@ impl QueueSpec {
     }
     pub const fn indirect(mut self, max: u16) -> Self {
         self.max_indirect = max;
+        self
+    }
+    pub const fn ignore_used_len(mut self, ignore: bool) -> Self {
+        self.ignore_used_len = ignore;
         self
     }
 }

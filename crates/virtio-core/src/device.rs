@@ -264,6 +264,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
             size,
             max_indirect,
             event_idx: self.negotiated.contains(Features::EVENT_IDX),
+            ignore_used_len: spec.ignore_used_len,
         };
         SplitQueue::new(spec.index, layout, ring, indirect, config)
     }

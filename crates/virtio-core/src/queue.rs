@@ -77,6 +77,9 @@ pub struct QueueConfig {
     pub max_indirect: u16,
     /// EVENT_IDX negotiated.
     pub event_idx: bool,
+    /// Report every completion's length as 0 without checking it (see
+    /// `QueueSpec::ignore_used_len`).
+    pub ignore_used_len: bool,
 }
 
 /// Driver side of one split virtqueue.
@@ -88,6 +91,7 @@ pub struct SplitQueue {
     indirect: Option<DmaRegion>,
     max_indirect: u16,
     event_idx: bool,
+    ignore_used_len: bool,
 
     /// Driver-private free list links (never read back from shared memory).
     next: Vec<u16>,
@@ -138,6 +142,7 @@ impl SplitQueue {
             indirect,
             max_indirect,
             event_idx: config.event_idx,
+            ignore_used_len: config.ignore_used_len,
             next,
             slots: vec![Slot::Idle; size as usize],
             free_head: 0,
@@ -386,6 +391,7 @@ impl SplitQueue {
                 id,
             }));
         };
+        let len = if self.ignore_used_len { 0 } else { len };
         if len > writable {
             return Err(self.fail(Error::UsedLenTooLarge {
                 queue: self.index,
