@@ -578,6 +578,119 @@ fn backpressure_stop_and_restart() {
     assert_eq!(r.reclaim(), (vec![50], false));
 }
 
+/// Linux's non-NAPI transmit policy: while the ring has room, completions raise no
+/// interrupt (the next `tx_reclaim`, before a transmit, takes them); the transmit interrupt
+/// is armed only when the queue stops for backpressure (delayed under EVENT_IDX: after
+/// ~3/4 of the frames in flight), and goes off again on restart.
+#[test]
+fn tx_interrupt_only_while_stopped() {
+    const EVENT_IDX: u64 = 1 << 29;
+    const INDIRECT: u64 = 1 << 28;
+    for (mode, pref) in MODES {
+        for event_idx in [true, false] {
+            for msix in [true, false] {
+                let features = (QEMU & !INDIRECT) & if event_idx { !0 } else { !EVENT_IDX };
+                let sim = SimBuilder::new(mode, 1)
+                    .features(features)
+                    .queues(&[256, 16, 64])
+                    .device_config(&net_model::config_bytes(MAC, 1, 1500, 10_000, 1))
+                    .memory_len(24 << 20)
+                    .msix_vectors(if msix { 4 } else { 0 })
+                    .build();
+                let nc = NetConfig {
+                    max_tx_segments: 2,
+                    ..Default::default()
+                };
+                let mut r = Rig {
+                    net: VirtioNet::new(net_model::bus(&sim, pref), nc).unwrap(),
+                    model: NetModel::new(&sim),
+                    mem: sim.memory(),
+                    keep: Vec::new(),
+                };
+                let what = format!("{mode:?} {pref:?} event_idx {event_idx} msix {msix}");
+                r.model.take_vectors();
+                let d = frame(100, 1);
+
+                // Running: three frames completed, no interrupt; the reclaim finds them.
+                for t in 0..3 {
+                    assert!(!r.send(&d, 1, &TxOffload::NONE, t).unwrap(), "{what}");
+                }
+                assert_eq!(r.model.take_tx().len(), 3, "{what}");
+                assert_eq!(
+                    r.model.take_vectors(),
+                    vec![],
+                    "{what}: tx interrupt while running"
+                );
+                assert_eq!(r.reclaim(), (vec![0, 1, 2], false), "{what}");
+
+                // Fill the ring (7 frames of 2 descriptors, see backpressure_stop_and_restart):
+                // the stop arms the interrupt.
+                let mut token = 10;
+                while r
+                    .send(&d, 1, &TxOffload::NONE, token)
+                    .is_ok_and(|stop| !stop)
+                {
+                    token += 1;
+                }
+                assert!(r.net.tx_stopped(), "{what}");
+                let held = r.model.hold_tx();
+                let n = held.len();
+                assert_eq!(n, 6, "{what}");
+                // Complete one frame at a time until the device interrupts.
+                let mut completed = 0;
+                let mut vectors = Vec::new();
+                for (c, _) in &held {
+                    r.model.complete_tx(std::slice::from_ref(c));
+                    completed += 1;
+                    vectors = r.model.take_vectors();
+                    if !vectors.is_empty() {
+                        break;
+                    }
+                }
+                assert_eq!(vectors.len(), 1, "{what}: one interrupt while stopped");
+                if event_idx {
+                    // Delayed: after ~3/4 of the frames in flight, not the first.
+                    assert!(
+                        completed > 1 && completed <= n * 3 / 4 + 1,
+                        "{what}: {completed}"
+                    );
+                } else {
+                    assert_eq!(completed, 1, "{what}");
+                }
+                if msix {
+                    let i = r.net.handle_interrupt(vectors[0]);
+                    assert!(i.tx && !i.rx, "{what}: {i:?}");
+                }
+                let (toks, restart) = r.reclaim();
+                assert_eq!(toks, (10..10 + completed).collect::<Vec<_>>(), "{what}");
+                assert!(restart && !r.net.tx_stopped(), "{what}");
+
+                // Restarted: interrupts off again; the rest completes silently and the
+                // reclaim before the next transmit takes it.
+                let rest: Vec<_> = held[completed..].iter().map(|(c, _)| c.clone()).collect();
+                r.model.complete_tx(&rest);
+                assert_eq!(
+                    r.model.take_vectors(),
+                    vec![],
+                    "{what}: tx interrupt after restart"
+                );
+                let (toks, restart) = r.reclaim();
+                assert_eq!(toks, (10 + completed..10 + n).collect::<Vec<_>>(), "{what}");
+                assert!(!restart, "{what}");
+                assert!(!r.send(&d, 1, &TxOffload::NONE, 99).unwrap(), "{what}");
+                assert_eq!(r.model.take_tx().len(), 1, "{what}");
+                assert_eq!(
+                    r.model.take_vectors(),
+                    vec![],
+                    "{what}: tx interrupt after restart"
+                );
+                assert_eq!(r.reclaim(), (vec![99], false), "{what}");
+                assert!(sim.bad_accesses().is_empty(), "{what}");
+            }
+        }
+    }
+}
+
 #[test]
 fn hostile_receive_values_are_dropped_and_the_driver_continues() {
     for (mode, pref) in MODES {

@@ -23,6 +23,14 @@
 //! The frame is lent to the caller's callback ([`RxFrame`] borrows the DMA buffers), then
 //! its buffers are reposted.
 //!
+//! # Transmit completions (Linux's non-NAPI transmit policy)
+//! Transmit interrupts stay off while the ring has room: completed frames are reclaimed by
+//! the caller's next [`VirtioNet::tx_reclaim`] (call it before each transmit batch), so
+//! traffic that mostly receives (one ACK now and then) costs no transmit interrupt at all.
+//! Only when the queue stops for backpressure ([`TxStatus::stop`], [`NetError::Busy`]) is
+//! the transmit interrupt armed, delayed (EVENT_IDX: after ~3/4 of the frames in flight),
+//! so the caller learns when to restart; it goes off again on restart.
+//!
 //! # Kernel debugger (KDP) path
 //! [`VirtioNet::debug_send`] / [`VirtioNet::debug_receive`] poll with bounded waits and
 //! never disturb the normal path:
@@ -622,8 +630,9 @@ impl<B: Bus> VirtioNet<B> {
         net.bus.driver_ok()?;
         net.live = true;
         net.bus.kick(RX)?;
-        // Transmit completions interrupt once ~3/4 of the frames in flight are done.
-        net.bus.enable_interrupts_delayed(TX)?;
+        // Transmit completions are reclaimed on the next transmit; the interrupt is only
+        // armed while the queue is stopped (see the module documentation).
+        net.bus.disable_interrupts(TX)?;
         if push_mac {
             let mac = net.mac;
             if let Err(e) = net.set_mac_address(mac) {
@@ -828,12 +837,12 @@ impl<B: Bus> VirtioNet<B> {
         let free = self.bus.free_descriptors(TX)?;
         if free < descs + DEBUG_TX_RESERVE {
             self.stats.tx_busy += 1;
-            self.tx.stopped = true;
+            self.stop_tx();
             return Err(NetError::Busy);
         }
         let Some(slot) = self.tx.free_slots.pop() else {
             self.stats.tx_busy += 1;
-            self.tx.stopped = true;
+            self.stop_tx();
             return Err(NetError::Busy);
         };
         let Some(region) = &self.tx.hdrs else {
@@ -852,7 +861,7 @@ impl<B: Bus> VirtioNet<B> {
             self.tx.free_slots.push(slot);
             if e == Error::QueueFull {
                 self.stats.tx_busy += 1;
-                self.tx.stopped = true;
+                self.stop_tx();
             }
             return Err(e.into());
         }
@@ -864,9 +873,30 @@ impl<B: Bus> VirtioNet<B> {
         // Linux `start_xmit`: stop when a worst-case frame would no longer fit.
         let stop = free - descs < self.max_frame_descs() + DEBUG_TX_RESERVE;
         if stop {
-            self.tx.stopped = true;
+            self.stop_tx();
         }
         Ok(TxStatus { stop })
+    }
+
+    /// Stops the queue and arms the delayed transmit interrupt, so the caller hears when
+    /// to call [`VirtioNet::tx_reclaim`] for a restart. Completions that raced in while
+    /// arming are found by that reclaim (callers reclaim right after a stop); a failure to
+    /// arm is retried there too.
+    fn stop_tx(&mut self) {
+        if !self.tx.stopped {
+            self.tx.stopped = true;
+            if let Err(e) = self.bus.enable_interrupts_delayed(TX) {
+                log::warn!("virtio-net: arming the transmit interrupt: {e}");
+            }
+        }
+    }
+
+    /// The ring (and the slot table) can take a worst-case frame again.
+    fn tx_has_room(&self) -> Result<bool, NetError> {
+        Ok(
+            self.bus.free_descriptors(TX)? >= self.max_frame_descs() + DEBUG_TX_RESERVE
+                && !self.tx.free_slots.is_empty(),
+        )
     }
 
     /// Notifies the device of frames queued with [`VirtioNet::transmit_deferred`].
@@ -898,7 +928,9 @@ impl<B: Bus> VirtioNet<B> {
     }
 
     /// Reclaims completed frames, handing each caller token to `done`; never allocates.
-    /// Re-arms the (delayed) transmit interrupt.
+    /// Call it before each transmit batch, and on transmit interrupts. While the queue
+    /// runs, the transmit interrupt stays off; while it is stopped, this re-arms it
+    /// (delayed) until the ring has room again, then reports `restart` and turns it off.
     pub fn tx_reclaim(&mut self, mut done: impl FnMut(usize)) -> Result<TxReclaim, NetError> {
         let mut r = TxReclaim::default();
         while let Some(slot) = self.tx.done.pop() {
@@ -912,16 +944,19 @@ impl<B: Bus> VirtioNet<B> {
                     r.frames += 1;
                 }
             }
+            if !self.tx.stopped {
+                break;
+            }
+            if self.tx_has_room()? {
+                self.tx.stopped = false;
+                r.restart = true;
+                self.bus.disable_interrupts(TX)?;
+                break;
+            }
+            // Still stopped: wait for the interrupt, unless completions raced in.
             if !self.bus.enable_interrupts_delayed(TX)? {
                 break;
             }
-        }
-        if self.tx.stopped
-            && self.bus.free_descriptors(TX)? >= self.max_frame_descs() + DEBUG_TX_RESERVE
-            && !self.tx.free_slots.is_empty()
-        {
-            self.tx.stopped = false;
-            r.restart = true;
         }
         Ok(r)
     }
