@@ -109,3 +109,18 @@ fn on_panic(info: &core::panic::PanicInfo<'_>) -> ! {
     // SAFETY: a constant format and a NUL-terminated buffer; `panic` does not return.
     unsafe { panic(c"%s".as_ptr(), line.c_str()) }
 }
+
+unsafe extern "C" {
+    fn memset(s: *mut c_void, c: i32, n: usize) -> *mut c_void;
+}
+
+/// LLVM lowers zeroing on Darwin targets to `__bzero`, which the kernel's KPIs do not
+/// promise; define it over `memset` (compiler-builtins' with `compiler-builtins-mem`).
+///
+/// # Safety
+/// `s` is valid for `n` bytes of writes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __bzero(s: *mut c_void, n: usize) {
+    // SAFETY: caller contract.
+    unsafe { memset(s, 0, n) };
+}

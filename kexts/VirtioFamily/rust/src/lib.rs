@@ -718,13 +718,15 @@ fn dma_direction(d: u32) -> virtio_core::platform::DmaDirection {
     }
 }
 
-/// Routes `log` to `IOLog` (call once from the kext's start).
-#[cfg(feature = "kext")]
+/// Routes `log` to `IOLog` (call once from the kext's start; a no-op in host builds).
 #[unsafe(no_mangle)]
 pub extern "C" fn vfam_log_init() {
-    static LOGGER: virtio_kext_abi::kernel::IoLogger = virtio_kext_abi::kernel::IoLogger {
-        name: "VirtioFamily",
-        level: log::LevelFilter::Info,
-    };
-    virtio_kext_abi::kernel::init_logging(&LOGGER);
+    #[cfg(feature = "kext")]
+    {
+        static LOGGER: virtio_kext_abi::kernel::IoLogger = virtio_kext_abi::kernel::IoLogger {
+            name: "VirtioFamily",
+            level: log::LevelFilter::Info,
+        };
+        virtio_kext_abi::kernel::init_logging(&LOGGER);
+    }
 }

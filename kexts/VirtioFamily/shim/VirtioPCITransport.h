@@ -1,0 +1,96 @@
+/*
+ * VirtioFamily.kext: the PCI transport driver and the nub it publishes per device.
+ *
+ * Plumbing only: the transport (virtio-pci), feature negotiation, virtqueues and interrupt
+ * demultiplexing are Rust (kexts/VirtioFamily/rust, declared in VirtioFamilyABI.h). This
+ * class maps BARs, allocates DMA memory, wires interrupt event sources to the work loop and
+ * publishes the nub. Device kexts include this header for the nub's class.
+ *
+ * IORegistry: IOPCIDevice -> org_virtiodarwin_VirtioPCITransport
+ *             -> org_virtiodarwin_VirtioDevice (VirtioDeviceType = N) -> device driver.
+ */
+#ifndef VIRTIO_PCI_TRANSPORT_H
+#define VIRTIO_PCI_TRANSPORT_H
+
+#include <IOKit/IOService.h>
+#include <IOKit/IOWorkLoop.h>
+#include <IOKit/IOInterruptEventSource.h>
+#include <IOKit/IOMemoryDescriptor.h>
+#include <IOKit/pci/IOPCIDevice.h>
+#include <libkern/c++/OSArray.h>
+
+#include "VirtioFamilyABI.h"
+
+/* The property a nub carries and device kexts match on. */
+#define kVirtioDeviceTypeKey "VirtioDeviceType"
+/* Most interrupt vectors (one per queue + config) the transport wires. */
+#define kVirtioMaxVectors 32
+
+class org_virtiodarwin_VirtioDevice;
+
+class org_virtiodarwin_VirtioPCITransport : public IOService {
+    OSDeclareDefaultStructors(org_virtiodarwin_VirtioPCITransport)
+
+public:
+    virtual IOService *probe(IOService *provider, SInt32 *score) APPLE_KEXT_OVERRIDE;
+    virtual bool start(IOService *provider) APPLE_KEXT_OVERRIDE;
+    virtual void stop(IOService *provider) APPLE_KEXT_OVERRIDE;
+    virtual void free(void) APPLE_KEXT_OVERRIDE;
+    virtual IOWorkLoop *getWorkLoop(void) const APPLE_KEXT_OVERRIDE;
+
+private:
+    IOPCIDevice *fPCI;
+    IOWorkLoop *fWorkLoop;
+    IOMemoryMap *fBars[6];
+    bool fBarIsIO[6];
+    VfamPlatform fPlatform;
+    VfamDevice *fDevice;
+    org_virtiodarwin_VirtioDevice *fNub;
+    /* Coherent DMA buffers and their DMA commands, in parallel. */
+    OSArray *fDmaBuffers;
+    OSArray *fDmaCommands;
+    /* Streaming mappings (vfam_dma_map) and their DMA commands, in parallel. */
+    OSArray *fMapDescriptors;
+    OSArray *fMapCommands;
+    IOInterruptEventSource *fIrq[kVirtioMaxVectors];
+    UInt32 fIrqCount;
+    bool fMsix;
+
+    void mapBars(void);
+    void releaseResources(void);
+    static void interruptOccurred(OSObject *owner, IOInterruptEventSource *src, int count);
+
+    /* VfamPlatform operations (ctx = this). */
+    static uint32_t opConfigRead(void *ctx, uint16_t offset, uint8_t width);
+    static void opConfigWrite(void *ctx, uint16_t offset, uint8_t width, uint32_t value);
+    static bool opBarInfo(void *ctx, uint8_t bar, uint64_t *len, bool *isIO);
+    static uint32_t opBarRead(void *ctx, uint8_t bar, uint64_t offset, uint8_t width);
+    static void opBarWrite(void *ctx, uint8_t bar, uint64_t offset, uint8_t width, uint32_t value);
+    static bool opDmaAlloc(void *ctx, uint64_t len, uint64_t align, VkDmaRegion *out);
+    static void opDmaFree(void *ctx, const VkDmaRegion *region);
+    static bool opDmaMap(void *ctx, uint8_t *vaddr, uint64_t len, uint32_t dir, uint64_t *daddr);
+    static void opDmaUnmap(void *ctx, uint64_t daddr, uint64_t len, uint32_t dir);
+    static bool opIrqEnableMsix(void *ctx, uint16_t vectors);
+    static bool opIrqEnableIntx(void *ctx);
+    static void opIrqDisable(void *ctx);
+    bool addInterruptSource(int index);
+};
+
+/* One virtio device, published by the transport; device kexts attach to it. */
+class org_virtiodarwin_VirtioDevice : public IOService {
+    OSDeclareDefaultStructors(org_virtiodarwin_VirtioDevice)
+
+public:
+    /* Matches personalities on VirtioDeviceType (as IOPCIDevice does on IOPCIMatch). */
+    virtual bool matchPropertyTable(OSDictionary *table, SInt32 *score) APPLE_KEXT_OVERRIDE;
+
+    /* The bus handle for the device kext's Rust half (vfam_* functions). Valid while the
+     * client is attached to this nub. */
+    VfamDevice *virtioDevice(void) const { return fDevice; }
+
+private:
+    friend class org_virtiodarwin_VirtioPCITransport;
+    VfamDevice *fDevice;
+};
+
+#endif /* VIRTIO_PCI_TRANSPORT_H */
