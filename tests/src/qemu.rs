@@ -13,6 +13,7 @@
 //! mapped by [`GuestExit`]).
 
 pub mod blk_host;
+pub mod console_host;
 mod devices;
 pub mod net_peer;
 pub mod qmp;

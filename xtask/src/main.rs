@@ -194,6 +194,13 @@ const DEMO_PARTS: &[(&str, &str, &[&str])] = &[
          back and verified, discard / write-zeroes, GET_ID; the host checks the image file",
         &["blk_seed=2024"],
     ),
+    (
+        "console",
+        "virtio-console: emergency write before DRIVER_OK, the kernel logger on port 0, two \
+         named ports with a host peer on unix sockets (lines, echo, 64 KiB each way, close \
+         and reopen from the host)",
+        &[],
+    ),
 ];
 
 fn cmd_demo() -> Result<bool, String> {

@@ -91,12 +91,27 @@ impl log::Log for SerialLogger {
             record.target(),
             record.args()
         );
+        // Copy the tee out so it is not called with TEE held (it may log itself).
+        let tee = TEE.try_lock().and_then(|t| *t);
+        if let Some(tee) = tee {
+            tee.log(record);
+        }
     }
 
     fn flush(&self) {}
 }
 
 static LOGGER: SerialLogger = SerialLogger;
+
+/// A second sink for every record after COM1 (a scenario's own logger, e.g. the virtio
+/// console's `ConsoleLogger`); `None` detaches it.
+static TEE: spin::Mutex<Option<&'static dyn log::Log>> = spin::Mutex::new(None);
+
+/// Attaches (or with `None` detaches) a second `log` sink that gets every record after COM1.
+#[allow(dead_code)] // API for the device scenarios
+pub fn set_log_tee(tee: Option<&'static dyn log::Log>) {
+    without_interrupts(|| *TEE.lock() = tee);
+}
 
 /// Routes the `log` facade (used by the virtio crates) to COM1.
 pub fn init_logger(level: log::LevelFilter) {

@@ -146,6 +146,7 @@ pub fn host_side(scenario: &str) -> Option<HostStart> {
     match scenario {
         "net" | "net-vd" => Some(super::net_peer::start),
         "blk" | "bench-blk" | "bench-blk-vd" => Some(super::blk_host::start),
+        "console" => Some(super::console_host::start),
         _ => None,
     }
 }

@@ -9,6 +9,7 @@
 mod blk;
 mod boot;
 pub mod bus;
+mod console;
 mod net;
 mod net_vd;
 mod selftest;
@@ -62,6 +63,11 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "bench-blk-vd",
         about: "the same benchmark through the virtio-drivers crate's VirtIOBlk",
         run: blk::bench_vd,
+    },
+    Scenario {
+        name: "console",
+        about: "virtio-console driver: emergency write before DRIVER_OK, ConsoleLogger tee, port 0 + two named ports with a host peer (lines, echo, bulk both ways, host close/reopen)",
+        run: console::run,
     },
     Scenario {
         name: "panic",
