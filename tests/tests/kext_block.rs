@@ -1,0 +1,481 @@
+//! VirtioBlock.kext's C ABI (`virtio-block-kext`), called the way its IOBlockStorageDevice
+//! shim calls it, on top of the family's C ABI over the PCI simulation with `blk_model`
+//! serving the disk. IOKit order: the family starts and publishes its nub; the block
+//! driver's `start` creates the device over the nub's handle and asks for its ID; I/O
+//! (`doAsyncReadWrite` with IODMACommand segments, `doSynchronizeCache`, `doUnmap`,
+//! `doSetWriteCacheState`) completes through the completion callback from interrupts the
+//! family delivers; `stop` aborts what is in flight; `free` destroys; the family stops
+//! with every DMA region returned.
+
+mod kext_support;
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+
+use kext_support::Family;
+use virtio_block_kext::*;
+use virtio_core::platform::DmaRegion;
+use virtio_kext_abi::VkSegment;
+use virtio_pci::Preference;
+use virtio_tests::blk_model::{BlkModel, bits, proto};
+use virtio_tests::mem::IdentityMemory;
+use virtio_tests::sim::{Sim, SimMode};
+
+const MODES: [(SimMode, Preference); 4] = [
+    (SimMode::Modern, Preference::Auto),
+    (SimMode::Transitional, Preference::Auto),
+    (SimMode::Transitional, Preference::Legacy),
+    (SimMode::Legacy, Preference::Auto),
+];
+const RING: u64 = bits::INDIRECT_DESC | bits::EVENT_IDX;
+const SECTORS: u64 = 8192;
+
+/// What the shim's callbacks record.
+#[derive(Default)]
+struct ShimLog {
+    completions: Vec<(usize, i32)>,
+    restarts: u32,
+    capacity: Vec<u64>,
+}
+
+unsafe extern "C" fn on_complete(ctx: *mut c_void, request: *mut c_void, status: i32) {
+    // SAFETY: ctx is the test's RefCell<ShimLog>, alive while the device lives.
+    let log = unsafe { &*(ctx as *const RefCell<ShimLog>) };
+    log.borrow_mut()
+        .completions
+        .push((request as usize, status));
+}
+unsafe extern "C" fn on_restart(ctx: *mut c_void) {
+    // SAFETY: as above.
+    let log = unsafe { &*(ctx as *const RefCell<ShimLog>) };
+    log.borrow_mut().restarts += 1;
+}
+unsafe extern "C" fn on_capacity(ctx: *mut c_void, blocks: u64) {
+    // SAFETY: as above.
+    let log = unsafe { &*(ctx as *const RefCell<ShimLog>) };
+    log.borrow_mut().capacity.push(blocks);
+}
+
+/// The shim's side: the family (transport + nub), the disk, and the block device.
+struct Rig {
+    sim: Sim,
+    mem: IdentityMemory,
+    model: BlkModel,
+    fam: Option<Family>,
+    log: Box<RefCell<ShimLog>>,
+    dev: *mut VblkDevice,
+    buffers: Vec<DmaRegion>,
+}
+
+fn full_model() -> BlkModel {
+    let mut m = BlkModel::new(SECTORS);
+    m.features = bits::FLUSH | bits::CONFIG_WCE | bits::DISCARD | bits::SEG_MAX;
+    m.writeback = 1;
+    m.seg_max = 8;
+    m.max_discard_sectors = 1024;
+    m.max_discard_seg = 4;
+    m.discard_sector_alignment = 8;
+    m
+}
+
+impl Rig {
+    fn start(model: BlkModel, mode: SimMode, pref: Preference, queue_size: u16) -> Rig {
+        let sim = model.sim_builder(mode, RING, queue_size, 16 << 20).build();
+        let fam = Family::start(&sim, pref).expect("family start");
+        let log = Box::new(RefCell::new(ShimLog::default()));
+        let cb = VblkCallbacks {
+            ctx: (&*log as *const RefCell<ShimLog>).cast_mut().cast(),
+            complete: Some(on_complete),
+            restart: Some(on_restart),
+            capacity_changed: Some(on_capacity),
+        };
+        let mut dev = std::ptr::null_mut();
+        // SAFETY: the nub's live handle; the callbacks' context outlives the device.
+        let s = unsafe { vblk_create(fam.client_handle(), &cb, &mut dev) };
+        assert_eq!(s, VBLK_OK, "{mode:?}/{pref:?}: vblk_create");
+        assert!(!dev.is_null());
+        sim.check_init_order().unwrap();
+        Rig {
+            mem: sim.memory(),
+            sim,
+            model,
+            fam: Some(fam),
+            log,
+            dev,
+            buffers: Vec::new(),
+        }
+    }
+
+    fn fam(&self) -> &Family {
+        self.fam.as_ref().unwrap()
+    }
+
+    /// The device serves the queue; the family's interrupt actions deliver what it raised.
+    fn step(&mut self) -> usize {
+        let served = self.model.serve(&self.sim, 0);
+        self.fam().interrupts();
+        served
+    }
+
+    fn info(&self) -> VblkInfo {
+        let mut i = VblkInfo::default();
+        // SAFETY: live handle, local out-pointer.
+        assert_eq!(unsafe { vblk_info(self.dev, &mut i) }, VBLK_OK);
+        i
+    }
+
+    fn take(&self) -> Vec<(usize, i32)> {
+        std::mem::take(&mut self.log.borrow_mut().completions)
+    }
+
+    /// A buffer in guest memory, split into `parts` segments (as an IODMACommand might).
+    fn segments(&mut self, bytes: usize, parts: usize, fill: Option<u8>) -> Vec<VkSegment> {
+        let r = self.mem.alloc_buffer(bytes);
+        if let Some(b) = fill {
+            for (i, x) in self.mem.slice(&r).iter_mut().enumerate() {
+                *x = b ^ (i as u8);
+            }
+        }
+        let per = (bytes / parts).next_multiple_of(512).min(bytes);
+        let mut segs = Vec::new();
+        let mut off = 0;
+        while off < bytes {
+            let n = per.min(bytes - off);
+            segs.push(VkSegment {
+                addr: r.daddr + off as u64,
+                len: n as u32,
+                reserved: 0,
+            });
+            off += n;
+        }
+        self.buffers.push(r);
+        segs
+    }
+
+    fn rw(&self, write: bool, block: u64, blocks: u64, segs: &[VkSegment], req: usize) -> i32 {
+        // SAFETY: live handle; segments in guest memory; `req` is an opaque context.
+        unsafe {
+            vblk_submit_rw(
+                self.dev,
+                write,
+                block,
+                blocks,
+                segs.as_ptr(),
+                segs.len(),
+                req as *mut c_void,
+            )
+        }
+    }
+
+    fn bytes(&self, segs: &[VkSegment]) -> Vec<u8> {
+        segs.iter()
+            .flat_map(|s| self.mem.bytes_at(s.addr, s.len as usize).to_vec())
+            .collect()
+    }
+
+    /// `stop` + `free` of the block driver, then the family's stop (DMA leak check).
+    fn unload(mut self) {
+        // SAFETY: live handle, not used after destroy.
+        unsafe {
+            vblk_stop(self.dev);
+            vblk_destroy(self.dev);
+        }
+        self.fam.take().unwrap().stop();
+        assert!(
+            self.model.violations.is_empty(),
+            "{:?}",
+            self.model.violations
+        );
+        assert!(
+            self.sim.bad_accesses().is_empty(),
+            "{:?}",
+            self.sim.bad_accesses()
+        );
+        for r in self.buffers.drain(..) {
+            // SAFETY: the device was reset; the buffers are the test's.
+            unsafe { virtio_core::platform::Dma::free_coherent(&self.mem, r) };
+        }
+    }
+}
+
+#[test]
+fn start_io_flush_unmap_stop_in_every_mode() {
+    for (mode, pref) in MODES {
+        let mut r = Rig::start(full_model(), mode, pref, 64);
+        let what = format!("{mode:?}/{pref:?}");
+
+        // start: the facts IOBlockStorageDevice reports.
+        let i = r.info();
+        assert_eq!(i.block_size, 512, "{what}");
+        assert_eq!(i.block_count, SECTORS, "{what}");
+        assert_eq!(i.read_only, 0);
+        assert_eq!((i.flush, i.write_cache, i.write_cache_settable), (1, 1, 1));
+        assert_eq!(i.unmap, 1);
+        assert!(i.max_segments >= 8 && i.max_segments <= VBLK_MAX_SEGMENTS);
+        assert!(i.max_transfer_bytes >= 4096 && i.max_transfer_bytes.is_multiple_of(512));
+        assert_eq!(cstr(&i.vendor), "Virtio");
+        assert_eq!(cstr(&i.product), "Virtio Block Device");
+        let legacy = mode == SimMode::Legacy || pref == Preference::Legacy;
+        assert_eq!(cstr(&i.revision), if legacy { "0.9.5" } else { "1.0" });
+        assert_eq!((i.has_id, cstr(&i.serial)), (0, ""));
+
+        // start: GET_ID, completed from the interrupt.
+        // SAFETY: live handle.
+        let s = unsafe { vblk_request_id(r.dev, 0x1000 as *mut c_void) };
+        assert_eq!(s, VBLK_OK);
+        assert_eq!(r.step(), 1);
+        assert_eq!(r.take(), vec![(0x1000, VBLK_OK)], "{what}");
+        let i = r.info();
+        assert_eq!((i.has_id, cstr(&i.serial)), (1, "SIMDISK-0001"), "{what}");
+
+        // doAsyncReadWrite: a 20 KiB write in 5 segments, read back in 3.
+        let w = r.segments(20 * 1024, 5, Some(0xA5));
+        assert_eq!(r.rw(true, 100, 40, &w, 0x2000), VBLK_OK);
+        let rd = r.segments(20 * 1024, 3, None);
+        assert_eq!(r.rw(false, 100, 40, &rd, 0x2001), VBLK_OK);
+        while r.log.borrow().completions.len() < 2 {
+            assert!(r.step() > 0, "{what}: stuck");
+        }
+        let mut c = r.take();
+        c.sort();
+        assert_eq!(c, vec![(0x2000, VBLK_OK), (0x2001, VBLK_OK)], "{what}");
+        let written = r.bytes(&w);
+        assert_eq!(&r.model.disk[100 * 512..140 * 512], &written[..], "{what}");
+        assert_eq!(r.bytes(&rd), written, "{what}");
+
+        // A long scatter list (more than seg_max) is split by the driver, completing once.
+        let big = r.segments(64 * 512, 32, Some(0x3C));
+        assert_eq!(r.rw(true, 1000, 64, &big, 0x2002), VBLK_OK);
+        while r.log.borrow().completions.is_empty() {
+            assert!(r.step() > 0, "{what}: stuck");
+        }
+        assert_eq!(r.take(), vec![(0x2002, VBLK_OK)]);
+        assert_eq!(&r.model.disk[1000 * 512..1064 * 512], &r.bytes(&big)[..]);
+
+        // doSynchronizeCache.
+        // SAFETY: live handle.
+        assert_eq!(unsafe { vblk_flush(r.dev, 0x3000 as *mut c_void) }, VBLK_OK);
+        r.step();
+        assert_eq!(r.take(), vec![(0x3000, VBLK_OK)]);
+        assert!(r.model.records.iter().any(|x| x.req_type == proto::T_FLUSH));
+
+        // doUnmap: two extents become one discard request.
+        let ext = [
+            VblkExtent {
+                block: 64,
+                count: 16,
+            },
+            VblkExtent {
+                block: 512,
+                count: 8,
+            },
+        ];
+        // SAFETY: live handle; `ext` holds two entries.
+        let s = unsafe { vblk_unmap(r.dev, ext.as_ptr(), ext.len(), 0x4000 as *mut c_void) };
+        assert_eq!(s, VBLK_OK);
+        r.step();
+        assert_eq!(r.take(), vec![(0x4000, VBLK_OK)]);
+        let d = r
+            .model
+            .records
+            .iter()
+            .find(|x| x.req_type == proto::T_DISCARD)
+            .expect("a discard reached the device");
+        assert_eq!(d.ranges, vec![(64, 16, 0), (512, 8, 0)], "{what}");
+
+        // doSetWriteCacheState.
+        // SAFETY: live handle.
+        assert_eq!(unsafe { vblk_set_write_cache(r.dev, false) }, VBLK_OK);
+        assert_eq!(r.info().write_cache, 0);
+        assert_eq!(r.sim.device_config()[32], 0, "the device saw write-through");
+        // SAFETY: live handle.
+        assert_eq!(unsafe { vblk_set_write_cache(r.dev, true) }, VBLK_OK);
+        assert_eq!(r.info().write_cache, 1);
+
+        // A resize: config interrupt → capacity callback → new block count.
+        r.sim.set_device_config(0, &(SECTORS * 2).to_le_bytes());
+        r.fam().interrupts();
+        assert_eq!(r.log.borrow().capacity, vec![SECTORS * 2]);
+        assert_eq!(r.info().block_count, SECTORS * 2);
+
+        // Statistics for the IORegistry.
+        let mut st = VblkStats::default();
+        // SAFETY: live handle.
+        assert_eq!(unsafe { vblk_stats(r.dev, &mut st) }, VBLK_OK);
+        assert_eq!((st.reads, st.writes, st.flushes, st.unmaps), (1, 2, 1, 1));
+        assert_eq!((st.errors, st.in_flight), (0, 0));
+        assert!(st.kicks >= 1);
+
+        // stop with a request in flight: it completes as aborted, exactly once.
+        let late = r.segments(4096, 1, None);
+        assert_eq!(r.rw(false, 0, 8, &late, 0x5000), VBLK_OK);
+        // SAFETY: live handle.
+        unsafe { vblk_stop(r.dev) };
+        assert_eq!(r.take(), vec![(0x5000, VBLK_E_ABORTED)], "{what}");
+        assert_eq!(r.rw(false, 0, 8, &late, 0x5001), VBLK_E_DEVICE);
+        // Interrupts after stop go nowhere near the device kext.
+        r.sim.raise_config_interrupt();
+        r.fam().interrupts();
+        assert!(r.take().is_empty());
+        r.unload();
+    }
+}
+
+/// Ring full → `VBLK_E_BUSY`; completions free room and the shim is told to restart.
+#[test]
+fn backpressure_and_restart() {
+    let mut r = Rig::start(full_model(), SimMode::Modern, Preference::Auto, 8);
+    let mut accepted = Vec::new();
+    let mut held = Vec::new();
+    for k in 0..32usize {
+        let s = r.segments(4096, 1, Some(k as u8));
+        match r.rw(true, (k * 8) as u64, 8, &s, 0x100 + k) {
+            VBLK_OK => accepted.push(0x100 + k),
+            VBLK_E_BUSY => held.push((k, s)),
+            other => panic!("status {other}"),
+        }
+    }
+    assert!(!accepted.is_empty() && !held.is_empty());
+    assert_eq!(r.log.borrow().restarts, 0);
+    r.step();
+    assert_eq!(r.log.borrow().restarts, 1, "restart after room was freed");
+    let mut done: Vec<usize> = r
+        .take()
+        .into_iter()
+        .map(|(t, s)| {
+            assert_eq!(s, VBLK_OK);
+            t
+        })
+        .collect();
+    done.sort();
+    assert_eq!(done, accepted);
+    // The shim resubmits what it held (and holds again what does not fit).
+    while !held.is_empty() {
+        let mut still = Vec::new();
+        for (k, s) in held {
+            match r.rw(true, (k * 8) as u64, 8, &s, 0x100 + k) {
+                VBLK_OK => {}
+                VBLK_E_BUSY => still.push((k, s)),
+                other => panic!("status {other}"),
+            }
+        }
+        held = still;
+        r.step();
+    }
+    while r.step() > 0 {}
+    assert!(r.take().iter().all(|&(_, s)| s == VBLK_OK));
+    for k in 0..32usize {
+        let want: Vec<u8> = (0..4096).map(|i| (k as u8) ^ (i as u8)).collect();
+        assert_eq!(
+            &r.model.disk[k * 4096..(k + 1) * 4096],
+            &want[..],
+            "block run {k}"
+        );
+    }
+    let mut st = VblkStats::default();
+    // SAFETY: live handle.
+    unsafe { vblk_stats(r.dev, &mut st) };
+    assert!(st.busy > 0);
+    assert_eq!(st.in_flight, 0);
+    r.unload();
+}
+
+#[test]
+fn errors_reach_the_completion_or_the_caller() {
+    let mut model = full_model();
+    model.io_error_sectors.insert(40);
+    let mut r = Rig::start(model, SimMode::Modern, Preference::Auto, 64);
+    let s = r.segments(4096, 2, None);
+    // Device IOERR → completion status.
+    assert_eq!(r.rw(false, 40, 8, &s, 0x10), VBLK_OK);
+    r.step();
+    assert_eq!(r.take(), vec![(0x10, VBLK_E_IO)]);
+    // Refused before reaching the device.
+    assert_eq!(r.rw(false, SECTORS, 8, &s, 0x11), VBLK_E_OUT_OF_RANGE);
+    assert_eq!(
+        r.rw(false, 0, 7, &s, 0x12),
+        VBLK_E_INVALID,
+        "bytes != blocks"
+    );
+    assert_eq!(r.rw(false, 0, 8, &s, 0), VBLK_E_INVALID, "null request");
+    assert_eq!(r.rw(false, 0, 8, &[], 0x13), VBLK_E_INVALID, "no segments");
+    let many = vec![s[0]; VBLK_MAX_SEGMENTS as usize + 1];
+    assert_eq!(r.rw(false, 0, 8, &many, 0x14), VBLK_E_TOO_LARGE);
+    let ext = vec![VblkExtent { block: 0, count: 1 }; VBLK_MAX_EXTENTS as usize + 1];
+    // SAFETY: live handle; `ext` has that many entries.
+    let st = unsafe { vblk_unmap(r.dev, ext.as_ptr(), ext.len(), 0x15 as *mut c_void) };
+    assert_eq!(st, VBLK_E_TOO_LARGE);
+    // Null handles.
+    // SAFETY: null handles are refused.
+    unsafe {
+        assert_eq!(
+            vblk_flush(std::ptr::null_mut(), 0x10 as *mut c_void),
+            VBLK_E_INVALID
+        );
+        assert_eq!(
+            vblk_info(std::ptr::null_mut(), std::ptr::null_mut()),
+            VBLK_E_INVALID
+        );
+        vblk_interrupt(std::ptr::null_mut(), -1);
+        vblk_stop(std::ptr::null_mut());
+        vblk_destroy(std::ptr::null_mut());
+    }
+    assert!(r.take().is_empty());
+    r.unload();
+}
+
+#[test]
+fn read_only_write_through_device_without_discard() {
+    let mut model = BlkModel::new(SECTORS);
+    model.features = bits::RO;
+    let mut r = Rig::start(model, SimMode::Transitional, Preference::Auto, 32);
+    let i = r.info();
+    assert_eq!((i.read_only, i.flush, i.write_cache, i.unmap), (1, 0, 0, 0));
+    let s = r.segments(512, 1, Some(1));
+    assert_eq!(r.rw(true, 0, 1, &s, 0x20), VBLK_E_READ_ONLY);
+    // SAFETY: live handle.
+    unsafe {
+        assert_eq!(vblk_flush(r.dev, 0x21 as *mut c_void), VBLK_E_UNSUPPORTED);
+        assert_eq!(vblk_set_write_cache(r.dev, true), VBLK_E_UNSUPPORTED);
+        let e = VblkExtent { block: 0, count: 1 };
+        assert_eq!(
+            vblk_unmap(r.dev, &e, 1, 0x22 as *mut c_void),
+            VBLK_E_UNSUPPORTED
+        );
+    }
+    assert_eq!(r.rw(false, 0, 1, &s, 0x23), VBLK_OK);
+    r.step();
+    assert_eq!(r.take(), vec![(0x23, VBLK_OK)]);
+    assert_eq!(r.bytes(&s), r.model.disk[..512].to_vec());
+    r.unload();
+}
+
+/// DEVICE_NEEDS_RESET while requests are in flight: they complete as aborted, the device
+/// is brought up again, and I/O works afterwards.
+#[test]
+fn needs_reset_aborts_and_recovers() {
+    let mut r = Rig::start(full_model(), SimMode::Modern, Preference::Auto, 64);
+    let s = r.segments(4096, 1, Some(7));
+    assert_eq!(r.rw(true, 0, 8, &s, 0x30), VBLK_OK);
+    assert_eq!(r.rw(true, 8, 8, &s, 0x31), VBLK_OK);
+    r.sim.trigger_needs_reset();
+    r.fam().interrupts();
+    let mut c = r.take();
+    c.sort();
+    assert_eq!(c, vec![(0x30, VBLK_E_ABORTED), (0x31, VBLK_E_ABORTED)]);
+    assert_eq!(
+        r.log.borrow().restarts,
+        1,
+        "the shim resubmits after recovery"
+    );
+    assert_eq!(r.rw(true, 0, 8, &s, 0x32), VBLK_OK);
+    r.step();
+    assert_eq!(r.take(), vec![(0x32, VBLK_OK)]);
+    assert_eq!(&r.model.disk[..4096], &r.bytes(&s)[..]);
+    r.unload();
+}
+
+fn cstr(b: &[u8]) -> &str {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    std::str::from_utf8(&b[..end]).unwrap()
+}
