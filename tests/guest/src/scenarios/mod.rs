@@ -14,6 +14,7 @@ mod net;
 mod net_vd;
 mod selftest;
 mod smoke;
+mod vd;
 
 use crate::cmdline::{Cmdline, IrqMode};
 use crate::pci::{Chipset, PciFunction};

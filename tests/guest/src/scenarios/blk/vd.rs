@@ -11,70 +11,17 @@
 //! - `read_blocks_nb` / `peek_used` / `complete_read_blocks` is its non-blocking API.
 
 use super::super::Env;
+use super::super::vd::{self, GuestHal};
 use super::{PHASES, Rng, marker};
 use crate::check;
-use crate::pci::PciAddress;
 use crate::report;
-use alloc::alloc::{Layout, alloc_zeroed, dealloc};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use core::ptr::NonNull;
 use virtio_core::platform::InterruptPlatform;
 use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
 use virtio_drivers::transport::pci::PciTransport;
-use virtio_drivers::transport::pci::bus::{ConfigurationAccess, DeviceFunction, PciRoot};
-use virtio_drivers::{BufferDirection, Hal, PhysAddr};
-
-const PAGE: usize = 4096;
-
-/// Identity-mapped DMA: device addresses are guest-physical = virtual.
-pub struct GuestHal;
-
-// SAFETY: allocations are page-aligned, zeroed and exclusively owned until freed; the
-// guest identity-maps all RAM and maps BARs uncacheable before this is used (`Env::open`).
-unsafe impl Hal for GuestHal {
-    fn dma_alloc(pages: usize, _dir: BufferDirection) -> (PhysAddr, NonNull<u8>) {
-        let layout = Layout::from_size_align(pages * PAGE, PAGE).expect("layout");
-        // SAFETY: non-zero size (virtio-drivers never asks for 0 pages).
-        let p = unsafe { alloc_zeroed(layout) };
-        let nn = NonNull::new(p).expect("DMA allocation");
-        (p as u64, nn)
-    }
-
-    unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
-        let layout = Layout::from_size_align(pages * PAGE, PAGE).expect("layout");
-        // SAFETY: per the trait contract, allocated by `dma_alloc` with this page count.
-        unsafe { dealloc(vaddr.as_ptr(), layout) };
-        0
-    }
-
-    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
-        NonNull::new(paddr as *mut u8).expect("BAR address")
-    }
-
-    unsafe fn share(buffer: NonNull<[u8]>, _dir: BufferDirection) -> PhysAddr {
-        buffer.as_ptr() as *mut u8 as u64
-    }
-
-    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _dir: BufferDirection) {}
-}
-
-/// Config mechanism #1 for virtio-drivers' PCI root.
-struct Cam;
-
-impl ConfigurationAccess for Cam {
-    fn read_word(&self, df: DeviceFunction, off: u8) -> u32 {
-        PciAddress::new(df.bus, df.device, df.function).read32(u16::from(off))
-    }
-    fn write_word(&mut self, df: DeviceFunction, off: u8, data: u32) {
-        PciAddress::new(df.bus, df.device, df.function).write32(u16::from(off), data)
-    }
-    unsafe fn unsafe_clone(&self) -> Self {
-        Cam
-    }
-}
 
 type Vd = VirtIOBlk<GuestHal, PciTransport>;
 
@@ -86,16 +33,10 @@ pub fn bench(env: &mut Env) {
     // Decode + bus master on, BARs mapped uncacheable.
     let mut dev = env.open(&func);
     let intx = env.irq != crate::cmdline::IrqMode::Poll && dev.irq.enable_intx();
-    let mut root = PciRoot::new(Cam);
-    let df = DeviceFunction {
-        bus: func.addr.bus,
-        device: func.addr.dev,
-        function: func.addr.func,
-    };
-    let transport = match PciTransport::new::<GuestHal, Cam>(&mut root, df) {
+    let transport = match vd::transport(&func) {
         Ok(t) => t,
         Err(e) => {
-            check!("bench.init", false, "PciTransport::new: {e:?}");
+            check!("bench.init", false, "{e}");
             return;
         }
     };
