@@ -1,0 +1,916 @@
+//! `VirtioNet.kext`'s Rust half: `virtio-net`'s [`VirtioNet`] over the family's bus.
+//!
+//! The C++ shim (`kexts/VirtioNet/shim/`, an `IOEthernetController` on the family's nub)
+//! hands [`vnet_create`] the nub's device handle; this crate wraps it in a
+//! [`FamilyBus`](virtio_kext_client::FamilyBus), brings the device up, and registers its
+//! interrupt entry with the family. The shim translates:
+//!
+//! - `outputPacket` → [`vnet_transmit`] with the mbuf's DMA segments, the checksum/TSO
+//!   request (`mbuf_get_csum_requested` / `mbuf_get_tso_requested`) and a copy of the
+//!   frame's first bytes (this crate parses Ethernet/IP/TCP to build the virtio header);
+//!   `VNET_E_BUSY` → `kIOReturnOutputStall`; the mbuf comes back through
+//!   [`VnetCallbacks::tx_done`];
+//! - interrupts → [`vnet_interrupt`]: received frames are lent to
+//!   [`VnetCallbacks::rx_frame`] as fragments (the shim copies them into an mbuf from
+//!   `allocatePacket` and queues it with `inputPacket`), then [`VnetCallbacks::events`]
+//!   says whether to restart the output queue, flush the input queue, or change the link;
+//! - `setPromiscuousMode` / `setMulticastMode` / `setMulticastList` /
+//!   `setHardwareAddress` → the control queue ([`vnet_set_promiscuous`],
+//!   [`vnet_set_multicast`], [`vnet_set_mac_address`]);
+//! - the kernel debugger's polled `sendPacket` / `receivePacket` → [`vnet_debug_send`] /
+//!   [`vnet_debug_receive`] (bounded waits; received frames are borrowed, so the stack still
+//!   gets them when the system resumes).
+//!
+//! Threading: the shim calls the normal entries from the family's work loop (the
+//! controller's command gate, a gated output queue, the interrupt actions), so they never
+//! run concurrently with each other. The debugger entries can run at any moment, even with
+//! a normal entry interrupted on the same CPU: every entry takes the device's try-lock, and
+//! a debugger entry that finds it held returns `VNET_E_LOCKED` (KDP drops the packet and
+//! retries). Callbacks run under the lock and must not call back into `vnet_*`, except
+//! [`VnetCallbacks::events`], which runs after it is released.
+//!
+//! Memory is allocated in [`vnet_create`] only; nothing here panics on device or caller
+//! input.
+#![no_std]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+extern crate alloc;
+
+pub mod offload;
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::cell::UnsafeCell;
+use core::ffi::c_void;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use virtio_core::{Error, Features, Segment};
+use virtio_kext_abi::{VK_VECTOR_INTX, VkSegment};
+use virtio_kext_client::{FamilyBus, VfamDevice};
+use virtio_net::features as f;
+use virtio_net::{Duplex, MAC_TABLE_MAX, NetConfig, NetError, RxCsum, VirtioNet};
+
+/// Statuses of the `vnet_*` functions.
+pub const VNET_OK: i32 = 0;
+/// The transmit ring is full: return `kIOReturnOutputStall` and wait for `restart`.
+pub const VNET_E_BUSY: i32 = 1;
+/// A null handle or pointer, or a bad length.
+pub const VNET_E_INVALID: i32 = 2;
+/// The frame cannot be sent (segment count, length, offload request): drop it.
+pub const VNET_E_BAD_FRAME: i32 = 3;
+/// The device did not negotiate what this needs (CTRL_RX, CTRL_MAC_ADDR, ...).
+pub const VNET_E_UNSUPPORTED: i32 = 4;
+/// The device refused a control command, or broke the protocol.
+pub const VNET_E_DEVICE: i32 = 5;
+/// A bounded wait ran out.
+pub const VNET_E_TIMEOUT: i32 = 6;
+/// Another context holds the driver (the debugger entered during a normal entry, or the
+/// reverse): drop or retry.
+pub const VNET_E_LOCKED: i32 = 7;
+/// Stopped, or not enabled.
+pub const VNET_E_STOPPED: i32 = 8;
+
+/// Offload requests of [`vnet_transmit`] (from `mbuf_get_csum_requested` and
+/// `mbuf_get_tso_requested`; IPv4 and IPv6 variants alike).
+pub const VNET_TX_CSUM_TCP: u32 = 1;
+pub const VNET_TX_CSUM_UDP: u32 = 2;
+pub const VNET_TX_TSO4: u32 = 4;
+pub const VNET_TX_TSO6: u32 = 8;
+
+/// Checksum state of a received frame ([`VnetCallbacks::rx_frame`] `flags`).
+/// The device validated the TCP/UDP checksum.
+pub const VNET_RX_CSUM_VALID: u32 = 1;
+/// The checksum was left partial by a local peer that offloaded it (the data is valid).
+pub const VNET_RX_CSUM_PARTIAL: u32 = 2;
+
+/// Bytes of the frame's start [`vnet_transmit`] parses for offloads (Ethernet + VLAN +
+/// IPv6 + TCP with options fits).
+pub const VNET_TX_HEADER_BYTES: u32 = 128;
+/// Largest frame the debugger path moves.
+pub const VNET_DEBUG_FRAME_MAX: u32 = 1518;
+const _: () = assert!(VNET_DEBUG_FRAME_MAX as usize == virtio_net::DEBUG_FRAME_MAX);
+/// Most multicast addresses filtered exactly (more: all-multicast).
+pub const VNET_MULTICAST_MAX: u32 = 64;
+const _: () = assert!(VNET_MULTICAST_MAX as usize == MAC_TABLE_MAX);
+
+/// One piece of a received frame (one receive buffer's bytes).
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct VnetFragment {
+    pub data: *const u8,
+    pub len: usize,
+}
+
+/// What an interrupt (or a poll) did, for the shim to act on.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VnetEvents {
+    pub rx_frames: u32,
+    pub tx_frames: u32,
+    /// The transmit ring has room again: restart the output queue.
+    pub restart: u8,
+    pub link_changed: u8,
+    pub link_up: u8,
+    /// DEVICE_NEEDS_RESET (or a broken queue): the device stopped working.
+    pub needs_reset: u8,
+    /// Frames are still waiting: flush the input queue and call [`vnet_poll`].
+    pub rx_more: u8,
+    pub reserved: [u8; 3],
+}
+
+/// The shim's callbacks; `ctx` is passed back unchanged (the controller object).
+///
+/// - `tx_done`: the device is done with the frame submitted with `token` (free the mbuf);
+/// - `rx_frame`: a received frame of `len` bytes in `nfrags` fragments, `flags`
+///   `VNET_RX_*`; copy it out before returning (only called while enabled);
+/// - `events` (may be null): called after an interrupt the family delivered was handled,
+///   outside the driver lock.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct VnetCallbacks {
+    pub ctx: *mut c_void,
+    pub tx_done: Option<unsafe extern "C" fn(ctx: *mut c_void, token: usize)>,
+    pub rx_frame: Option<
+        unsafe extern "C" fn(
+            ctx: *mut c_void,
+            frags: *const VnetFragment,
+            nfrags: usize,
+            len: usize,
+            flags: u32,
+        ),
+    >,
+    pub events: Option<unsafe extern "C" fn(ctx: *mut c_void, events: *const VnetEvents)>,
+}
+
+/// What the controller reports to IOKit.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VnetInfo {
+    pub mac: [u8; 6],
+    pub link_up: u8,
+    /// 0 unknown, 1 half, 2 full.
+    pub duplex: u8,
+    /// Mbit/s, 0 when unknown.
+    pub speed_mbps: u32,
+    /// The MTU (1500 unless the device reports one).
+    pub mtu: u32,
+    /// `getMaxPacketSize`: MTU + Ethernet header + VLAN tag... as IOKit counts it (MTU + 18).
+    pub max_packet: u32,
+    /// Segments one transmitted frame may have.
+    pub tx_max_segments: u32,
+    pub header_len: u32,
+    /// Transmit checksum offload (CSUM).
+    pub tx_csum: u8,
+    pub tso4: u8,
+    pub tso6: u8,
+    /// Received checksums validated by the device (GUEST_CSUM).
+    pub rx_csum: u8,
+    /// Promiscuous/multicast filtering through the control queue (CTRL_RX).
+    pub ctrl_rx: u8,
+    /// The MAC address can be changed.
+    pub mac_settable: u8,
+    pub enabled: u8,
+    pub reserved: u8,
+    /// Negotiated virtio features.
+    pub features: u64,
+}
+
+/// Counters (the driver's `NetStats`) for the IORegistry and IONetworkStats.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VnetStats {
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub tx_busy: u64,
+    pub tx_completed: u64,
+    pub tx_dropped: u64,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub rx_errors: u64,
+    pub rx_dropped_disabled: u64,
+    pub rx_debugger_dropped: u64,
+    pub debug_tx_frames: u64,
+    pub debug_rx_frames: u64,
+    pub debugger_locked_out: u64,
+    pub ctrl_commands: u64,
+    pub ctrl_errors: u64,
+    pub config_changes: u64,
+    pub interrupts: u64,
+}
+
+struct Inner {
+    drv: VirtioNet<FamilyBus>,
+    cb: VnetCallbacks,
+    frags: Vec<VnetFragment>,
+    enabled: bool,
+    stopped: bool,
+    promisc: bool,
+    tx_dropped: u64,
+    rx_dropped_disabled: u64,
+    interrupts: u64,
+}
+
+/// One virtio network device (opaque to C).
+pub struct VnetDevice {
+    lock: AtomicBool,
+    family: *mut VfamDevice,
+    /// The callbacks (immutable after creation; also in `Inner` for use under the lock).
+    cb: VnetCallbacks,
+    locked_out: core::sync::atomic::AtomicU64,
+    inner: UnsafeCell<Inner>,
+}
+
+/// The device's try-lock, held for the duration of one entry.
+struct Guard<'a> {
+    d: &'a VnetDevice,
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        self.d.lock.store(false, Ordering::Release);
+    }
+}
+
+impl VnetDevice {
+    // The returned `&mut` is tied to the guard's borrow of `self` and exclusive by the lock.
+    #[allow(clippy::mut_from_ref)]
+    fn try_lock(&self) -> Option<(Guard<'_>, &mut Inner)> {
+        if self
+            .lock
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            self.locked_out.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        // SAFETY: the lock is held: no other reference to `inner` exists until the guard
+        // drops (every access goes through this function).
+        let inner = unsafe { &mut *self.inner.get() };
+        Some((Guard { d: self }, inner))
+    }
+}
+
+fn dev<'a>(p: *mut VnetDevice) -> Option<&'a VnetDevice> {
+    // SAFETY: a non-null handle comes from `vnet_create` and stays valid until
+    // `vnet_destroy` (C contract); only shared references are made here, the mutable state
+    // is behind the lock.
+    unsafe { p.cast_const().as_ref() }
+}
+
+/// Runs `f` under the lock.
+fn with(p: *mut VnetDevice, f: impl FnOnce(&mut Inner) -> i32) -> i32 {
+    let Some(d) = dev(p) else {
+        return VNET_E_INVALID;
+    };
+    match d.try_lock() {
+        Some((_g, inner)) => f(inner),
+        None => VNET_E_LOCKED,
+    }
+}
+
+fn status_of(e: NetError) -> i32 {
+    match e {
+        NetError::Busy => VNET_E_BUSY,
+        NetError::BadFrame(_) | NetError::Offload(_) => VNET_E_BAD_FRAME,
+        NetError::NotNegotiated(_) => VNET_E_UNSUPPORTED,
+        NetError::Timeout | NetError::CtrlBusy => VNET_E_TIMEOUT,
+        NetError::Core(Error::InvalidState) => VNET_E_STOPPED,
+        NetError::Core(_) | NetError::Device(_) | NetError::CtrlRejected { .. } => VNET_E_DEVICE,
+    }
+}
+
+fn vector_of(v: i32) -> Option<u16> {
+    if v == VK_VECTOR_INTX {
+        None
+    } else {
+        u16::try_from(v).ok()
+    }
+}
+
+/// Receive budget per poll round, and rounds per interrupt before yielding to the shim.
+const RX_BUDGET: usize = 64;
+const RX_ROUNDS: usize = 4;
+
+impl Inner {
+    fn reclaim(&mut self, ev: &mut VnetEvents) -> Result<(), NetError> {
+        let cb = self.cb;
+        let r = self.drv.tx_reclaim(|token| {
+            if let Some(f) = cb.tx_done {
+                // SAFETY: the shim's callback with its own context and token.
+                unsafe { f(cb.ctx, token) }
+            }
+        })?;
+        ev.tx_frames += r.frames as u32;
+        if r.restart {
+            ev.restart = 1;
+        }
+        Ok(())
+    }
+
+    fn receive(&mut self, ev: &mut VnetEvents) -> Result<(), NetError> {
+        let Inner {
+            drv,
+            cb,
+            frags,
+            enabled,
+            rx_dropped_disabled,
+            ..
+        } = self;
+        for _ in 0..RX_ROUNDS {
+            let s = drv.rx_poll(RX_BUDGET, |frame| {
+                if !*enabled {
+                    *rx_dropped_disabled += 1;
+                    return;
+                }
+                frags.clear();
+                for part in frame.fragments() {
+                    if frags.len() < frags.capacity() {
+                        frags.push(VnetFragment {
+                            data: part.as_ptr(),
+                            len: part.len(),
+                        });
+                    }
+                }
+                let flags = match frame.info().csum {
+                    RxCsum::None => 0,
+                    RxCsum::Valid => VNET_RX_CSUM_VALID,
+                    RxCsum::Partial { .. } => VNET_RX_CSUM_PARTIAL,
+                };
+                if let Some(f) = cb.rx_frame {
+                    // SAFETY: the shim's callback; the fragments point into receive
+                    // buffers that stay valid until this closure returns.
+                    unsafe { f(cb.ctx, frags.as_ptr(), frags.len(), frame.len(), flags) };
+                }
+            })?;
+            ev.rx_frames += s.frames as u32;
+            if !s.more {
+                ev.rx_more = 0;
+                return Ok(());
+            }
+            ev.rx_more = 1;
+        }
+        Ok(())
+    }
+
+    /// Reclaim + receive; a device fault is reported as `needs_reset`.
+    fn poll(&mut self, ev: &mut VnetEvents) {
+        if self.stopped {
+            return;
+        }
+        if let Err(e) = self.reclaim(ev).and_then(|()| self.receive(ev)) {
+            log::error!("VirtioNet: queue fault: {e}");
+            ev.needs_reset = 1;
+        }
+    }
+
+    fn interrupt(&mut self, vector: i32, ev: &mut VnetEvents) {
+        if self.stopped {
+            return;
+        }
+        self.interrupts += 1;
+        let i = self.drv.handle_interrupt(vector_of(vector));
+        ev.link_up = self.drv.link_up().into();
+        if i.config || i.needs_reset {
+            match self.drv.handle_config_change() {
+                Ok(c) => {
+                    ev.link_changed = c.link_changed.into();
+                    ev.link_up = c.link_up.into();
+                    if c.needs_reset {
+                        ev.needs_reset = 1;
+                    }
+                    if c.announce && !c.needs_reset {
+                        // The stack sends its own gratuitous ARP on link events; the
+                        // device only needs the acknowledgement (§5.1.6.5.4).
+                        if let Err(e) = self.drv.ack_announce() {
+                            log::warn!("VirtioNet: announce ack: {e}");
+                        }
+                    }
+                }
+                Err(e) => log::warn!("VirtioNet: config change: {e}"),
+            }
+        }
+        if ev.needs_reset != 0 {
+            log::error!("VirtioNet: the device needs a reset; the interface is down");
+            return;
+        }
+        self.poll(ev);
+    }
+}
+
+/// The family calls this (registered by [`vnet_create`]) from its interrupt actions.
+unsafe extern "C" fn family_interrupt(ctx: *mut c_void, vector: i32) {
+    let p: *mut VnetDevice = ctx.cast();
+    let mut ev = VnetEvents::default();
+    // SAFETY: ctx is the device registered in vnet_create, unregistered before it is freed.
+    unsafe { vnet_interrupt(p, vector, &mut ev) };
+    let Some(d) = dev(p) else { return };
+    let cb = d.cb;
+    if let Some(f) = cb.events {
+        // SAFETY: the shim's callback with its own context; the lock is released.
+        unsafe { f(cb.ctx, &ev) };
+    }
+}
+
+/// Brings up the network device behind the family handle `family` (the nub's
+/// `virtioDevice()`), registers the interrupt entry with the family, and returns the handle
+/// in `*out`. Receive frames are dropped until [`vnet_enable`].
+///
+/// # Safety
+/// `family` is a live family handle that outlives the returned device; `callbacks` points to
+/// valid callbacks whose `ctx` stays valid until [`vnet_destroy`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_create(
+    family: *mut VfamDevice,
+    callbacks: *const VnetCallbacks,
+    out: *mut *mut VnetDevice,
+) -> i32 {
+    // SAFETY: null or valid (C contract).
+    let Some(out) = (unsafe { out.as_mut() }) else {
+        return VNET_E_INVALID;
+    };
+    *out = core::ptr::null_mut();
+    // SAFETY: null or valid (C contract).
+    let Some(cb) = (unsafe { callbacks.as_ref() }).copied() else {
+        return VNET_E_INVALID;
+    };
+    if cb.tx_done.is_none() || cb.rx_frame.is_none() {
+        return VNET_E_INVALID;
+    }
+    // SAFETY: caller contract: a live handle that outlives the bus.
+    let Some(bus) = (unsafe { FamilyBus::new(family) }) else {
+        return VNET_E_INVALID;
+    };
+    // The network stack takes no coalesced (GUEST_TSO/UFO) frames, and never asks for UFO.
+    let refused = f::GUEST_TSO4 | f::GUEST_TSO6 | f::GUEST_ECN | f::GUEST_UFO | f::HOST_UFO;
+    let cfg = NetConfig {
+        features: f::SUPPORTED & !refused,
+        max_tx_segments: 32,
+        ..NetConfig::default()
+    };
+    let drv = match VirtioNet::new(bus, cfg) {
+        Ok(d) => d,
+        Err(e) => {
+            log::error!("VirtioNet: device setup failed: {e}");
+            return status_of(e);
+        }
+    };
+    let nbufs = drv.rx_buffers().0.max(1);
+    let d = Box::new(VnetDevice {
+        lock: AtomicBool::new(false),
+        family,
+        cb,
+        locked_out: core::sync::atomic::AtomicU64::new(0),
+        inner: UnsafeCell::new(Inner {
+            drv,
+            cb,
+            frags: Vec::with_capacity(nbufs),
+            enabled: false,
+            stopped: false,
+            promisc: false,
+            tx_dropped: 0,
+            rx_dropped_disabled: 0,
+            interrupts: 0,
+        }),
+    });
+    let raw = Box::into_raw(d);
+    // SAFETY: live family handle; the context is the boxed device, unregistered in
+    // vnet_stop before it is freed.
+    unsafe {
+        virtio_kext_client::ffi::vfam_set_interrupt_handler(
+            family,
+            Some(family_interrupt),
+            raw.cast(),
+        )
+    };
+    *out = raw;
+    VNET_OK
+}
+
+/// Fills `*out` with what the controller reports.
+///
+/// # Safety
+/// `d` is null or a live handle; `out` is null or valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_info(d: *mut VnetDevice, out: *mut VnetInfo) -> i32 {
+    // SAFETY: null or valid (C contract).
+    let Some(out) = (unsafe { out.as_mut() }) else {
+        return VNET_E_INVALID;
+    };
+    with(d, |i| {
+        let drv = &i.drv;
+        let feats = drv.features();
+        let host = drv.host_offloads();
+        let mtu = u32::from(drv.mtu().unwrap_or(1500));
+        *out = VnetInfo {
+            mac: drv.mac(),
+            link_up: drv.link_up().into(),
+            duplex: match drv.duplex() {
+                None => 0,
+                Some(Duplex::Half) => 1,
+                Some(Duplex::Full) => 2,
+            },
+            speed_mbps: drv.speed().unwrap_or(0),
+            mtu,
+            max_packet: mtu + 18,
+            tx_max_segments: 32,
+            header_len: drv.header_len() as u32,
+            tx_csum: host.csum.into(),
+            tso4: host.tso4.into(),
+            tso6: host.tso6.into(),
+            rx_csum: drv.guest_offloads().csum.into(),
+            ctrl_rx: (feats.bits() & f::CTRL_RX != 0).into(),
+            mac_settable: (feats.bits() & f::CTRL_MAC_ADDR != 0
+                || !feats.contains(Features::VERSION_1))
+            .into(),
+            enabled: i.enabled.into(),
+            reserved: 0,
+            features: feats.bits(),
+        };
+        VNET_OK
+    })
+}
+
+/// Counters.
+///
+/// # Safety
+/// `d` is null or a live handle; `out` is null or valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_stats(d: *mut VnetDevice, out: *mut VnetStats) -> i32 {
+    // SAFETY: null or valid (C contract).
+    let Some(out) = (unsafe { out.as_mut() }) else {
+        return VNET_E_INVALID;
+    };
+    let locked_out = dev(d).map_or(0, |d| d.locked_out.load(Ordering::Relaxed));
+    with(d, |i| {
+        let s = i.drv.stats();
+        *out = VnetStats {
+            tx_frames: s.tx_frames,
+            tx_bytes: s.tx_bytes,
+            tx_busy: s.tx_busy,
+            tx_completed: s.tx_completed,
+            tx_dropped: i.tx_dropped,
+            rx_frames: s.rx_frames,
+            rx_bytes: s.rx_bytes,
+            rx_errors: s.rx_errors,
+            rx_dropped_disabled: i.rx_dropped_disabled,
+            rx_debugger_dropped: s.rx_debugger_dropped,
+            debug_tx_frames: s.debug_tx_frames,
+            debug_rx_frames: s.debug_rx_frames,
+            debugger_locked_out: locked_out,
+            ctrl_commands: s.ctrl_commands,
+            ctrl_errors: s.ctrl_errors,
+            config_changes: s.config_changes,
+            interrupts: i.interrupts,
+        };
+        VNET_OK
+    })
+}
+
+/// `enable` / `disable`: received frames reach `rx_frame` only while enabled; transmit is
+/// refused while disabled.
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_enable(d: *mut VnetDevice, enable: bool) -> i32 {
+    with(d, |i| {
+        if i.stopped && enable {
+            return VNET_E_STOPPED;
+        }
+        i.enabled = enable;
+        VNET_OK
+    })
+}
+
+/// Sends one frame: `nsegs` DMA segments of `len` bytes in total (the mbuf's, mapped by
+/// the shim), with offloads `flags` (`VNET_TX_*`; `mss` for TSO) computed from the first
+/// `headers_len` bytes of the frame at `headers` (a copy of up to
+/// [`VNET_TX_HEADER_BYTES`]). Completed frames are reclaimed first (their tokens go to
+/// `tx_done`). `token` comes back through `tx_done` when the device is done with the
+/// segments.
+///
+/// `VNET_OK` (`*stop` set: the ring is now nearly full, stop the queue after this frame),
+/// `VNET_E_BUSY` (not taken: stall the output queue until `restart`), or an error (drop the
+/// frame).
+///
+/// # Safety
+/// `d` is null or a live handle; `segs` points to `nsegs` entries; `headers` to
+/// `headers_len` bytes; `stop` is null or valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_transmit(
+    d: *mut VnetDevice,
+    segs: *const VkSegment,
+    nsegs: usize,
+    flags: u32,
+    mss: u32,
+    headers: *const u8,
+    headers_len: usize,
+    token: usize,
+    stop: *mut bool,
+) -> i32 {
+    if segs.is_null() || nsegs == 0 || nsegs > 32 || (headers.is_null() && headers_len > 0) {
+        return VNET_E_INVALID;
+    }
+    // SAFETY: caller contract.
+    let src = unsafe { core::slice::from_raw_parts(segs, nsegs) };
+    let hdrs = if headers_len == 0 {
+        &[][..]
+    } else {
+        // SAFETY: caller contract.
+        unsafe { core::slice::from_raw_parts(headers, headers_len) }
+    };
+    with(d, |i| {
+        if i.stopped || !i.enabled {
+            return VNET_E_STOPPED;
+        }
+        let mut ev = VnetEvents::default();
+        if let Err(e) = i.reclaim(&mut ev) {
+            return status_of(e);
+        }
+        let off = match offload::tx_offload(hdrs, flags, mss) {
+            Ok(o) => o,
+            Err(_) => {
+                i.tx_dropped += 1;
+                return VNET_E_BAD_FRAME;
+            }
+        };
+        let mut frame = [Segment::new(0, 0); 32];
+        for (o, s) in frame.iter_mut().zip(src) {
+            *o = Segment::from(*s);
+        }
+        let frame = frame.get(..nsegs).unwrap_or(&[]);
+        match i.drv.transmit(frame, &off, token) {
+            Ok(st) => {
+                if let Some(s) = {
+                    // SAFETY: null or valid (C contract).
+                    unsafe { stop.as_mut() }
+                } {
+                    *s = st.stop;
+                }
+                VNET_OK
+            }
+            Err(e) => {
+                if e != NetError::Busy {
+                    i.tx_dropped += 1;
+                }
+                status_of(e)
+            }
+        }
+    })
+}
+
+/// Reclaims transmitted frames and receives waiting ones (after `rx_more`, or from a
+/// timer); `*events` says what happened.
+///
+/// # Safety
+/// `d` is null or a live handle; `events` is null or valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_poll(d: *mut VnetDevice, events: *mut VnetEvents) -> i32 {
+    let mut ev = VnetEvents::default();
+    let r = with(d, |i| {
+        i.poll(&mut ev);
+        ev.link_up = i.drv.link_up().into();
+        VNET_OK
+    });
+    // SAFETY: null or valid (C contract).
+    if let Some(o) = unsafe { events.as_mut() } {
+        *o = ev;
+    }
+    r
+}
+
+/// The interrupt entry (the family calls it through the handler [`vnet_create`]
+/// registered, which then passes `*events` to [`VnetCallbacks::events`]; `vector` is the
+/// MSI-X index or -1 for INTx): link changes, transmit completions, received frames.
+///
+/// # Safety
+/// `d` is null or a live handle; `events` is null or valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_interrupt(d: *mut VnetDevice, vector: i32, events: *mut VnetEvents) {
+    let mut ev = VnetEvents::default();
+    with(d, |i| {
+        i.interrupt(vector, &mut ev);
+        VNET_OK
+    });
+    // SAFETY: null or valid (C contract).
+    if let Some(o) = unsafe { events.as_mut() } {
+        *o = ev;
+    }
+}
+
+/// Promiscuous mode (CTRL_RX; without it the device filters nothing, so this succeeds).
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_set_promiscuous(d: *mut VnetDevice, on: bool) -> i32 {
+    with(d, |i| {
+        if i.drv.features().bits() & f::CTRL_RX == 0 {
+            return VNET_OK;
+        }
+        match i.drv.set_promisc(on) {
+            Ok(()) => {
+                i.promisc = on;
+                VNET_OK
+            }
+            Err(e) => status_of(e),
+        }
+    })
+}
+
+/// The multicast filter: `count` 6-byte addresses at `addrs` (0: none). More than
+/// [`VNET_MULTICAST_MAX`] switches to all-multicast. Without CTRL_RX the device filters
+/// nothing, so this succeeds.
+///
+/// # Safety
+/// `d` is null or a live handle; `addrs` points to `6 * count` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_set_multicast(
+    d: *mut VnetDevice,
+    addrs: *const u8,
+    count: usize,
+) -> i32 {
+    if addrs.is_null() && count > 0 {
+        return VNET_E_INVALID;
+    }
+    let raw = if count == 0 {
+        &[][..]
+    } else {
+        let Some(n) = count.checked_mul(6) else {
+            return VNET_E_INVALID;
+        };
+        // SAFETY: caller contract.
+        unsafe { core::slice::from_raw_parts(addrs, n) }
+    };
+    with(d, |i| {
+        if i.drv.features().bits() & f::CTRL_RX == 0 {
+            return VNET_OK;
+        }
+        let all = count > MAC_TABLE_MAX;
+        let mut table = [[0u8; 6]; MAC_TABLE_MAX];
+        let mut n = 0;
+        if !all {
+            for (t, m) in table.iter_mut().zip(raw.chunks_exact(6)) {
+                t.copy_from_slice(m);
+                n += 1;
+            }
+        }
+        let r = i
+            .drv
+            .set_allmulti(all)
+            .and_then(|()| i.drv.set_mac_filter(&[], table.get(..n).unwrap_or(&[])));
+        match r {
+            Ok(()) => VNET_OK,
+            Err(e) => status_of(e),
+        }
+    })
+}
+
+/// Sets the station address (CTRL_MAC_ADDR, or the config field on a legacy device).
+///
+/// # Safety
+/// `d` is null or a live handle; `mac` points to 6 bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_set_mac_address(d: *mut VnetDevice, mac: *const u8) -> i32 {
+    if mac.is_null() {
+        return VNET_E_INVALID;
+    }
+    let mut m = [0u8; 6];
+    // SAFETY: caller contract: 6 readable bytes.
+    m.copy_from_slice(unsafe { core::slice::from_raw_parts(mac, 6) });
+    with(d, |i| match i.drv.set_mac_address(m) {
+        Ok(()) => VNET_OK,
+        Err(e) => status_of(e),
+    })
+}
+
+/// The kernel debugger's polled send (`IOKernelDebugger` `sendPacket`): waits at most
+/// `spins` polls for the debugger's transmit slot. `VNET_E_LOCKED` when the debugger
+/// entered during a normal entry (drop the packet; KDP retries).
+///
+/// # Safety
+/// `d` is null or a live handle; `frame` points to `len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_debug_send(
+    d: *mut VnetDevice,
+    frame: *const u8,
+    len: usize,
+    spins: u32,
+) -> i32 {
+    if frame.is_null() || len == 0 {
+        return VNET_E_INVALID;
+    }
+    // SAFETY: caller contract.
+    let bytes = unsafe { core::slice::from_raw_parts(frame, len) };
+    with(d, |i| {
+        if i.stopped {
+            return VNET_E_STOPPED;
+        }
+        match i.drv.debug_send(bytes, spins) {
+            Ok(()) => VNET_OK,
+            Err(e) => status_of(e),
+        }
+    })
+}
+
+/// The kernel debugger's polled receive (`receivePacket`): copies the next frame the stack
+/// has not seen into `buf` (`cap` bytes), polling at most `spins` times. `VNET_OK` with
+/// `*len` 0 when nothing arrived. The frame stays queued for the stack.
+///
+/// # Safety
+/// `d` is null or a live handle; `buf` points to `cap` writable bytes; `len` is valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_debug_receive(
+    d: *mut VnetDevice,
+    buf: *mut u8,
+    cap: usize,
+    spins: u32,
+    len: *mut usize,
+) -> i32 {
+    if buf.is_null() || len.is_null() {
+        return VNET_E_INVALID;
+    }
+    // SAFETY: caller contract.
+    unsafe { *len = 0 };
+    // SAFETY: caller contract.
+    let out = unsafe { core::slice::from_raw_parts_mut(buf, cap) };
+    with(d, |i| {
+        if i.stopped {
+            return VNET_E_STOPPED;
+        }
+        match i.drv.debug_receive(out, spins) {
+            Ok(n) => {
+                // SAFETY: checked non-null above.
+                unsafe { *len = n.unwrap_or(0) };
+                VNET_OK
+            }
+            Err(e) => status_of(e),
+        }
+    })
+}
+
+/// Stops the device: unregisters the interrupt entry, resets the device and hands every
+/// frame still in flight to `tx_done`.
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_stop(d: *mut VnetDevice) {
+    let Some(dv) = dev(d) else { return };
+    let family = dv.family;
+    with(d, |i| {
+        if i.stopped {
+            return VNET_OK;
+        }
+        // SAFETY: the family handle outlives this device (vnet_create contract).
+        unsafe {
+            virtio_kext_client::ffi::vfam_set_interrupt_handler(family, None, core::ptr::null_mut())
+        };
+        i.stopped = true;
+        i.enabled = false;
+        let cb = i.cb;
+        i.drv.shutdown(|token| {
+            if let Some(f) = cb.tx_done {
+                // SAFETY: the shim's callback with its own context and token.
+                unsafe { f(cb.ctx, token) }
+            }
+        });
+        VNET_OK
+    });
+}
+
+/// Frees the device (stopping it first if needed).
+///
+/// # Safety
+/// `d` is null or a handle from [`vnet_create`], not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_destroy(d: *mut VnetDevice) {
+    if d.is_null() {
+        return;
+    }
+    // SAFETY: live handle (caller contract).
+    unsafe { vnet_stop(d) };
+    // SAFETY: from Box::into_raw in vnet_create, dropped once (caller contract).
+    drop(unsafe { Box::from_raw(d) });
+}
+
+/// Routes `log` to `IOLog` (call once from the kext's start; a no-op in host builds).
+#[unsafe(no_mangle)]
+pub extern "C" fn vnet_log_init() {
+    #[cfg(feature = "kext")]
+    {
+        static LOGGER: virtio_kext_abi::kernel::IoLogger = virtio_kext_abi::kernel::IoLogger {
+            name: "VirtioNet",
+            level: log::LevelFilter::Info,
+        };
+        virtio_kext_abi::kernel::init_logging(&LOGGER);
+    }
+}

@@ -1,0 +1,434 @@
+/*
+ * VirtioNet.kext: IOKit plumbing around the Rust net driver (see the header).
+ */
+#include "VirtioNetController.h"
+
+#include <IOKit/IOLib.h>
+#include <libkern/c++/OSDictionary.h>
+#include <libkern/c++/OSNumber.h>
+#include <libkern/c++/OSString.h>
+#include <sys/kpi_mbuf.h>
+
+#define super IOEthernetController
+OSDefineMetaClassAndStructors(org_virtiodarwin_VirtioNetController, IOEthernetController)
+
+/* The debugger's bounds: polls of the transmit slot per send, and receive polls per
+ * millisecond of `timeout` (each followed by a 10 µs delay). */
+static const uint32_t kDebugSendSpins = 200000;
+static const uint32_t kDebugPollsPerMs = 100;
+
+/* ---- lifecycle ---- */
+
+bool org_virtiodarwin_VirtioNetController::start(IOService *provider)
+{
+    fNub = OSDynamicCast(org_virtiodarwin_VirtioDevice, provider);
+    if (!fNub || !fNub->virtioDevice() || !super::start(provider))
+        return false;
+    vnet_log_init();
+    fCallbacks.ctx = this;
+    fCallbacks.tx_done = cbTxDone;
+    fCallbacks.rx_frame = cbRxFrame;
+    fCallbacks.events = cbEvents;
+    /* The family's work loop (IOService::getWorkLoop walks up to the transport): creating
+     * the driver there keeps its interrupt entry from running before it exists. */
+    IOCommandGate *gate = getCommandGate();
+    if (!gate)
+        return false;
+    int32_t st = VNET_E_INVALID;
+    gate->runAction(OSMemberFunctionCast(IOCommandGate::Action, this,
+                                         &org_virtiodarwin_VirtioNetController::gatedCreate),
+                    &st);
+    if (st != VNET_OK || !fDev || vnet_info(fDev, &fInfo) != VNET_OK) {
+        IOLog("VirtioNet: cannot drive this device (status %d)\n", (int)st);
+        return false;
+    }
+    fCursor = IOMbufNaturalMemoryCursor::withSpecification(fInfo.mtu + 18 + 65536, fInfo.tx_max_segments);
+    if (!fCursor)
+        return false;
+
+    OSDictionary *media = OSDictionary::withCapacity(1);
+    UInt64 speed = (UInt64)(fInfo.speed_mbps ? fInfo.speed_mbps : 10000) * 1000000ULL;
+    UInt32 type = kIOMediumEthernetAuto;
+    if (fInfo.duplex == 2)
+        type |= kIOMediumOptionFullDuplex;
+    else if (fInfo.duplex == 1)
+        type |= kIOMediumOptionHalfDuplex;
+    fMedium = IONetworkMedium::medium(type, speed);
+    if (!media || !fMedium || !IONetworkMedium::addMedium(media, fMedium) || !publishMediumDictionary(media)) {
+        OSSafeReleaseNULL(media);
+        return false;
+    }
+    media->release();
+    publishStats();
+
+    if (!attachInterface((IONetworkInterface **)&fInterface, false))
+        return false;
+    /* KDP over this NIC (polled sendPacket/receivePacket). */
+    attachDebuggerClient(&fDebugger);
+    updateLink(fInfo.link_up != 0);
+    fInterface->registerService();
+    return true;
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::gatedCreate(int32_t *st)
+{
+    *st = vnet_create(fNub->virtioDevice(), &fCallbacks, &fDev);
+    return kIOReturnSuccess;
+}
+
+void org_virtiodarwin_VirtioNetController::stop(IOService *provider)
+{
+    if (fDebugger) {
+        detachDebuggerClient(fDebugger);
+        fDebugger = NULL;
+    }
+    if (fInterface) {
+        detachInterface(fInterface, true);
+        OSSafeReleaseNULL(fInterface);
+    }
+    IOCommandGate *gate = getCommandGate();
+    if (gate && fDev)
+        gate->runAction(OSMemberFunctionCast(IOCommandGate::Action, this,
+                                             &org_virtiodarwin_VirtioNetController::gatedStop));
+    super::stop(provider);
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::gatedStop(void)
+{
+    /* In-flight mbufs come back through cbTxDone. */
+    vnet_stop(fDev);
+    vnet_destroy(fDev);
+    fDev = NULL;
+    return kIOReturnSuccess;
+}
+
+void org_virtiodarwin_VirtioNetController::free(void)
+{
+    if (fDev) {
+        vnet_destroy(fDev);
+        fDev = NULL;
+    }
+    OSSafeReleaseNULL(fCursor);
+    OSSafeReleaseNULL(fMedium);
+    super::free();
+}
+
+IOOutputQueue *org_virtiodarwin_VirtioNetController::createOutputQueue(void)
+{
+    /* outputPacket runs gated on the work loop, serialised with the interrupt entry. */
+    return IOGatedOutputQueue::withTarget(this, getWorkLoop());
+}
+
+/* ---- enable / disable (called through the controller's command gate) ---- */
+
+IOReturn org_virtiodarwin_VirtioNetController::enable(IONetworkInterface *netif)
+{
+    if (!fDev || vnet_enable(fDev, true) != VNET_OK)
+        return kIOReturnNotAttached;
+    fEnabled = true;
+    getOutputQueue()->setCapacity(512);
+    getOutputQueue()->start();
+    updateLink(fInfo.link_up != 0);
+    return kIOReturnSuccess;
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::disable(IONetworkInterface *netif)
+{
+    fEnabled = false;
+    getOutputQueue()->stop();
+    getOutputQueue()->flush();
+    if (fDev)
+        vnet_enable(fDev, false);
+    publishStats();
+    return kIOReturnSuccess;
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::enable(IOKernelDebugger *debugger)
+{
+    fDebuggerEnabled = true;
+    return kIOReturnSuccess;
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::disable(IOKernelDebugger *debugger)
+{
+    fDebuggerEnabled = false;
+    return kIOReturnSuccess;
+}
+
+/* ---- transmit ---- */
+
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wdeprecated-declarations"
+static uint32_t offloadRequest(mbuf_t m, uint32_t *mss)
+{
+    uint32_t flags = 0;
+    mbuf_tso_request_flags_t tso = 0;
+    u_int32_t value = 0;
+    *mss = 0;
+    if (mbuf_get_tso_requested(m, &tso, &value) == 0 && tso) {
+        flags |= (tso & MBUF_TSO_IPV4) ? VNET_TX_TSO4 : VNET_TX_TSO6;
+        *mss = value;
+    }
+    mbuf_csum_request_flags_t csum = 0;
+    if (mbuf_get_csum_requested(m, &csum, &value) == 0) {
+        if (csum & (MBUF_CSUM_REQ_TCP | MBUF_CSUM_REQ_TCPIPV6))
+            flags |= VNET_TX_CSUM_TCP;
+        else if (csum & (MBUF_CSUM_REQ_UDP | MBUF_CSUM_REQ_UDPIPV6))
+            flags |= VNET_TX_CSUM_UDP;
+    }
+    return flags;
+}
+#pragma clang diagnostic pop
+
+UInt32 org_virtiodarwin_VirtioNetController::outputPacket(mbuf_t m, void *param)
+{
+    if (!fEnabled || !fDev) {
+        freePacket(m);
+        return kIOReturnOutputDropped;
+    }
+    IOPhysicalSegment phys[32];
+    VkSegment segs[32];
+    UInt32 n = fCursor->getPhysicalSegmentsWithCoalesce(m, phys, fInfo.tx_max_segments);
+    if (n == 0) {
+        freePacket(m);
+        return kIOReturnOutputDropped;
+    }
+    for (UInt32 i = 0; i < n; i++) {
+        segs[i].addr = phys[i].location;
+        segs[i].len = (uint32_t)phys[i].length;
+        segs[i].reserved = 0;
+    }
+    uint8_t headers[VNET_TX_HEADER_BYTES];
+    size_t hlen = mbuf_pkthdr_len(m);
+    if (hlen > sizeof(headers))
+        hlen = sizeof(headers);
+    if (mbuf_copydata(m, 0, hlen, headers) != 0)
+        hlen = 0;
+    uint32_t mss = 0;
+    uint32_t flags = offloadRequest(m, &mss);
+    bool stop = false;
+    int32_t st = vnet_transmit(fDev, segs, n, flags, mss, headers, hlen, (size_t)m, &stop);
+    switch (st) {
+    case VNET_OK:
+        return kIOReturnOutputSuccess;
+    case VNET_E_BUSY:
+        /* Kept by the queue; cbEvents restarts it when the ring has room. */
+        return kIOReturnOutputStall;
+    default:
+        freePacket(m);
+        return kIOReturnOutputDropped;
+    }
+}
+
+/* ---- callbacks from Rust ---- */
+
+void org_virtiodarwin_VirtioNetController::cbTxDone(void *ctx, size_t token)
+{
+    org_virtiodarwin_VirtioNetController *me = (org_virtiodarwin_VirtioNetController *)ctx;
+    me->freePacket((mbuf_t)token);
+}
+
+void org_virtiodarwin_VirtioNetController::cbRxFrame(void *ctx, const VnetFragment *frags, size_t nfrags,
+                                                      size_t len, uint32_t flags)
+{
+    org_virtiodarwin_VirtioNetController *me = (org_virtiodarwin_VirtioNetController *)ctx;
+    if (!me->fEnabled || !me->fInterface)
+        return;
+    mbuf_t m = me->allocatePacket((UInt32)len);
+    if (!m)
+        return;
+    size_t off = 0;
+    for (size_t i = 0; i < nfrags; i++) {
+        if (mbuf_copyback(m, off, frags[i].len, frags[i].data, MBUF_DONTWAIT) != 0) {
+            me->freePacket(m);
+            return;
+        }
+        off += frags[i].len;
+    }
+    if (flags & (VNET_RX_CSUM_VALID | VNET_RX_CSUM_PARTIAL)) {
+        UInt32 ok = kChecksumTCP | kChecksumUDP | kChecksumTCPIPv6 | kChecksumUDPIPv6;
+        me->setChecksumResult(m, kChecksumFamilyTCPIP, ok, ok);
+    }
+    me->fInterface->inputPacket(m, (UInt32)len, IONetworkInterface::kInputOptionQueuePacket);
+}
+
+void org_virtiodarwin_VirtioNetController::cbEvents(void *ctx, const VnetEvents *ev)
+{
+    ((org_virtiodarwin_VirtioNetController *)ctx)->handleEvents(ev);
+}
+
+void org_virtiodarwin_VirtioNetController::handleEvents(const VnetEvents *ev)
+{
+    VnetEvents e = *ev;
+    for (;;) {
+        if (e.rx_frames && fInterface)
+            fInterface->flushInputQueue();
+        if (!e.rx_more || !fDev)
+            break;
+        vnet_poll(fDev, &e);
+        if (e.restart)
+            getOutputQueue()->service(IOBasicOutputQueue::kServiceAsync);
+    }
+    if (ev->restart && getOutputQueue())
+        getOutputQueue()->service(IOBasicOutputQueue::kServiceAsync);
+    if (ev->link_changed || ev->needs_reset)
+        updateLink(ev->link_up && !ev->needs_reset);
+    if (++fEvents % 4096 == 0)
+        publishStats();
+}
+
+/* ---- link, addresses, filters ---- */
+
+void org_virtiodarwin_VirtioNetController::updateLink(bool up)
+{
+    if (fDev)
+        vnet_info(fDev, &fInfo);
+    UInt64 speed = (UInt64)(fInfo.speed_mbps ? fInfo.speed_mbps : 10000) * 1000000ULL;
+    if (up)
+        setLinkStatus(kIONetworkLinkValid | kIONetworkLinkActive, fMedium, speed);
+    else
+        setLinkStatus(kIONetworkLinkValid, NULL);
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::getHardwareAddress(IOEthernetAddress *addr)
+{
+    bcopy(fInfo.mac, addr->bytes, kIOEthernetAddressSize);
+    return kIOReturnSuccess;
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::setHardwareAddress(const IOEthernetAddress *addr)
+{
+    if (!fDev)
+        return kIOReturnNotAttached;
+    int32_t st = vnet_set_mac_address(fDev, addr->bytes);
+    if (st == VNET_E_UNSUPPORTED)
+        return kIOReturnUnsupported;
+    if (st != VNET_OK)
+        return kIOReturnError;
+    vnet_info(fDev, &fInfo);
+    return kIOReturnSuccess;
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::setPromiscuousMode(bool active)
+{
+    if (!fDev)
+        return kIOReturnNotAttached;
+    return vnet_set_promiscuous(fDev, active) == VNET_OK ? kIOReturnSuccess : kIOReturnError;
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::setMulticastMode(bool active)
+{
+    fMulticastActive = active;
+    if (!fDev)
+        return kIOReturnNotAttached;
+    if (!active)
+        return vnet_set_multicast(fDev, NULL, 0) == VNET_OK ? kIOReturnSuccess : kIOReturnError;
+    return kIOReturnSuccess;
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::setMulticastList(IOEthernetAddress *addrs, UInt32 count)
+{
+    if (!fDev)
+        return kIOReturnNotAttached;
+    int32_t st = vnet_set_multicast(fDev, (const uint8_t *)addrs, count);
+    return st == VNET_OK ? kIOReturnSuccess : kIOReturnError;
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::getMaxPacketSize(UInt32 *maxSize) const
+{
+    *maxSize = fInfo.max_packet;
+    return kIOReturnSuccess;
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::getChecksumSupport(UInt32 *checksumMask, UInt32 checksumFamily,
+                                                                  bool isOutput)
+{
+    *checksumMask = 0;
+    if (checksumFamily != kChecksumFamilyTCPIP)
+        return kIOReturnUnsupported;
+    /* virtio checksums TCP/UDP (never the IPv4 header). */
+    bool on = isOutput ? fInfo.tx_csum : fInfo.rx_csum;
+    if (on)
+        *checksumMask = kChecksumTCP | kChecksumUDP | kChecksumTCPIPv6 | kChecksumUDPIPv6;
+    return kIOReturnSuccess;
+}
+
+UInt32 org_virtiodarwin_VirtioNetController::getFeatures(void) const
+{
+    UInt32 f = 0;
+    if (fInfo.tso4)
+        f |= kIONetworkFeatureTSOIPv4;
+    if (fInfo.tso6)
+        f |= kIONetworkFeatureTSOIPv6;
+    return f;
+}
+
+const OSString *org_virtiodarwin_VirtioNetController::newVendorString(void) const
+{
+    return OSString::withCString("Virtio");
+}
+
+const OSString *org_virtiodarwin_VirtioNetController::newModelString(void) const
+{
+    return OSString::withCString("Virtio Network Device");
+}
+
+void org_virtiodarwin_VirtioNetController::publishStats(void)
+{
+    setProperty("VirtioFeatures", fInfo.features, 64);
+    setProperty("VirtioHeaderLength", fInfo.header_len, 32);
+    VnetStats s;
+    if (!fDev || vnet_stats(fDev, &s) != VNET_OK)
+        return;
+    OSDictionary *d = OSDictionary::withCapacity(17);
+    if (!d)
+        return;
+    const struct { const char *k; UInt64 v; } kv[] = {
+        { "TxFrames", s.tx_frames }, { "TxBytes", s.tx_bytes }, { "TxRingFull", s.tx_busy },
+        { "TxCompleted", s.tx_completed }, { "TxDropped", s.tx_dropped },
+        { "RxFrames", s.rx_frames }, { "RxBytes", s.rx_bytes }, { "RxErrors", s.rx_errors },
+        { "RxDroppedDisabled", s.rx_dropped_disabled }, { "RxDebuggerDropped", s.rx_debugger_dropped },
+        { "DebugTxFrames", s.debug_tx_frames }, { "DebugRxFrames", s.debug_rx_frames },
+        { "DebuggerLockedOut", s.debugger_locked_out }, { "ControlCommands", s.ctrl_commands },
+        { "ControlErrors", s.ctrl_errors }, { "ConfigChanges", s.config_changes },
+        { "Interrupts", s.interrupts },
+    };
+    for (unsigned i = 0; i < sizeof(kv) / sizeof(kv[0]); i++) {
+        OSNumber *n = OSNumber::withNumber(kv[i].v, 64);
+        if (n) {
+            d->setObject(kv[i].k, n);
+            n->release();
+        }
+    }
+    setProperty("Statistics", d);
+    d->release();
+}
+
+/* ---- KDP: polled, interrupts off, the rest of the machine stopped ---- */
+
+void org_virtiodarwin_VirtioNetController::sendPacket(void *pkt, UInt32 pktSize)
+{
+    if (!fDev || !pkt || pktSize > VNET_DEBUG_FRAME_MAX)
+        return;
+    /* VNET_E_LOCKED (the debugger stopped the driver mid-entry) drops it; KDP retries. */
+    vnet_debug_send(fDev, (const uint8_t *)pkt, pktSize, kDebugSendSpins);
+}
+
+void org_virtiodarwin_VirtioNetController::receivePacket(void *pkt, UInt32 *pktSize, UInt32 timeout)
+{
+    *pktSize = 0;
+    if (!fDev || !pkt)
+        return;
+    uint32_t polls = (timeout ? timeout : 1) * kDebugPollsPerMs;
+    for (uint32_t i = 0; i < polls; i++) {
+        size_t len = 0;
+        int32_t st = vnet_debug_receive(fDev, (uint8_t *)pkt, VNET_DEBUG_FRAME_MAX, 1, &len);
+        if (st == VNET_OK && len > 0) {
+            *pktSize = (UInt32)len;
+            return;
+        }
+        if (st != VNET_OK && st != VNET_E_LOCKED)
+            return;
+        IODelay(10);
+    }
+}

@@ -1,0 +1,511 @@
+//! VirtioNet.kext's C ABI (`virtio-net-kext`), called the way its IOEthernetController shim
+//! calls it, on top of the family's C ABI over the PCI simulation with `net_model` as the
+//! device. IOKit order: the family starts; the controller's `start` creates the driver;
+//! `enable`; `outputPacket` → transmit (segments + offload request), with completions
+//! handed back; interrupts the family delivers → received frames, link changes, output
+//! restart; the kernel debugger's polled send/receive while frames are in flight;
+//! `disable`; `stop` (in-flight frames handed back); `free`; the family's stop (no DMA
+//! leaks).
+
+mod kext_support;
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+
+use kext_support::Family;
+use virtio_kext_abi::VkSegment;
+use virtio_net::features as f;
+use virtio_net_kext::*;
+use virtio_pci::Preference;
+use virtio_tests::mem::IdentityMemory;
+use virtio_tests::net_model::{self, CtrlResponder, NetModel};
+use virtio_tests::sim::{Sim, SimBuilder, SimMode};
+
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const MODES: [(SimMode, Preference); 4] = [
+    (SimMode::Modern, Preference::Auto),
+    (SimMode::Transitional, Preference::Auto),
+    (SimMode::Transitional, Preference::Legacy),
+    (SimMode::Legacy, Preference::Auto),
+];
+const RING: u64 = (1 << 28) | (1 << 29);
+const NET: u64 = f::CSUM | f::GUEST_CSUM | f::MAC | f::STATUS | f::MRG_RXBUF | f::HOST_TSO4;
+
+#[derive(Default)]
+struct ShimLog {
+    tx_done: Vec<usize>,
+    rx: Vec<(Vec<u8>, u32)>,
+    events: Vec<VnetEvents>,
+    /// Set by a test to play the debugger entering while the driver is busy.
+    debugger_probe: Option<*mut VnetDevice>,
+    probe_result: Option<i32>,
+}
+
+fn shim<'a>(ctx: *mut c_void) -> &'a RefCell<ShimLog> {
+    // SAFETY: ctx is the test's boxed RefCell, alive while the device lives.
+    unsafe { &*(ctx as *const RefCell<ShimLog>) }
+}
+unsafe extern "C" fn on_tx_done(ctx: *mut c_void, token: usize) {
+    shim(ctx).borrow_mut().tx_done.push(token);
+}
+unsafe extern "C" fn on_rx(
+    ctx: *mut c_void,
+    frags: *const VnetFragment,
+    n: usize,
+    len: usize,
+    flags: u32,
+) {
+    let mut bytes = Vec::new();
+    // SAFETY: `n` fragments from the driver, valid during the call.
+    for fr in unsafe { std::slice::from_raw_parts(frags, n) } {
+        // SAFETY: each fragment points to `len` readable bytes.
+        bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(fr.data, fr.len) });
+    }
+    assert_eq!(bytes.len(), len);
+    let mut s = shim(ctx).borrow_mut();
+    if let Some(d) = s.debugger_probe.take() {
+        // The debugger stops the machine while the driver is inside an entry.
+        let frame = frame(64, 1);
+        // SAFETY: live handle.
+        s.probe_result = Some(unsafe { vnet_debug_send(d, frame.as_ptr(), frame.len(), 10) });
+    }
+    s.rx.push((bytes, flags));
+}
+unsafe extern "C" fn on_events(ctx: *mut c_void, ev: *const VnetEvents) {
+    // SAFETY: valid during the call.
+    shim(ctx).borrow_mut().events.push(unsafe { *ev });
+}
+
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect();
+    v[..6].copy_from_slice(&MAC);
+    v[6..12].copy_from_slice(&[0x52, 0x54, 0, 0xAA, 0xBB, seed]);
+    v[12..14].copy_from_slice(&[0x08, 0x00]);
+    v
+}
+
+struct Rig {
+    sim: Sim,
+    mem: IdentityMemory,
+    model: NetModel,
+    fam: Option<Family>,
+    log: Box<RefCell<ShimLog>>,
+    dev: *mut VnetDevice,
+    responder: Option<CtrlResponder>,
+}
+
+impl Rig {
+    fn start(mode: SimMode, pref: Preference, features: u64, queues: &[u16]) -> Rig {
+        let version = if mode == SimMode::Legacy { 0 } else { 1 << 32 };
+        let sim = SimBuilder::new(mode, 1)
+            .features(features | RING | version)
+            .queues(queues)
+            .device_config(&net_model::config_bytes(MAC, 1, 1500, 10_000, 1))
+            .memory_len(24 << 20)
+            .build();
+        let fam = Family::start(&sim, pref).expect("family start");
+        let responder = Some(CtrlResponder::ok(&sim));
+        let log = Box::new(RefCell::new(ShimLog::default()));
+        let cb = VnetCallbacks {
+            ctx: (&*log as *const RefCell<ShimLog>).cast_mut().cast(),
+            tx_done: Some(on_tx_done),
+            rx_frame: Some(on_rx),
+            events: Some(on_events),
+        };
+        let mut dev = std::ptr::null_mut();
+        // SAFETY: the nub's live handle; the callbacks' context outlives the device.
+        let s = unsafe { vnet_create(fam.client_handle(), &cb, &mut dev) };
+        assert_eq!(s, VNET_OK, "{mode:?}/{pref:?}: vnet_create");
+        sim.check_init_order().unwrap();
+        Rig {
+            mem: sim.memory(),
+            model: NetModel::new(&sim),
+            sim,
+            fam: Some(fam),
+            log,
+            dev,
+            responder,
+        }
+    }
+
+    fn fam(&self) -> &Family {
+        self.fam.as_ref().unwrap()
+    }
+
+    fn info(&self) -> VnetInfo {
+        let mut i = VnetInfo::default();
+        // SAFETY: live handle, local out-pointer.
+        assert_eq!(unsafe { vnet_info(self.dev, &mut i) }, VNET_OK);
+        i
+    }
+
+    fn stats(&self) -> VnetStats {
+        let mut s = VnetStats::default();
+        // SAFETY: live handle, local out-pointer.
+        assert_eq!(unsafe { vnet_stats(self.dev, &mut s) }, VNET_OK);
+        s
+    }
+
+    /// `outputPacket`: the frame in `nseg` DMA segments (the mbuf cursor's), with offloads.
+    fn output(
+        &mut self,
+        data: &[u8],
+        nseg: usize,
+        flags: u32,
+        mss: u32,
+        token: usize,
+    ) -> (i32, bool) {
+        let buf = self.mem.alloc_buffer(data.len());
+        self.mem.slice(&buf)[..data.len()].copy_from_slice(data);
+        let step = data.len().div_ceil(nseg);
+        let segs: Vec<VkSegment> = (0..data.len())
+            .step_by(step)
+            .map(|o| VkSegment {
+                addr: buf.daddr + o as u64,
+                len: step.min(data.len() - o) as u32,
+                reserved: 0,
+            })
+            .collect();
+        let hdr = &data[..data.len().min(VNET_TX_HEADER_BYTES as usize)];
+        let mut stop = false;
+        // SAFETY: live handle; segments and headers valid for the call.
+        let s = unsafe {
+            vnet_transmit(
+                self.dev,
+                segs.as_ptr(),
+                segs.len(),
+                flags,
+                mss,
+                hdr.as_ptr(),
+                hdr.len(),
+                token,
+                &mut stop,
+            )
+        };
+        (s, stop)
+    }
+
+    fn rx_hdr() -> [u8; 12] {
+        let mut h = [0u8; 12];
+        h[0] = 2; // DATA_VALID
+        h
+    }
+
+    fn take_rx(&self) -> Vec<(Vec<u8>, u32)> {
+        std::mem::take(&mut self.log.borrow_mut().rx)
+    }
+
+    fn take_done(&self) -> Vec<usize> {
+        std::mem::take(&mut self.log.borrow_mut().tx_done)
+    }
+
+    fn unload(mut self) {
+        // SAFETY: live handle, not used after destroy.
+        unsafe {
+            assert_eq!(vnet_enable(self.dev, false), VNET_OK);
+            vnet_stop(self.dev);
+            vnet_destroy(self.dev);
+        }
+        if let Some(r) = self.responder.take() {
+            r.stop();
+        }
+        self.fam.take().unwrap().stop();
+        assert!(
+            self.sim.bad_accesses().is_empty(),
+            "{:?}",
+            self.sim.bad_accesses()
+        );
+    }
+}
+
+#[test]
+fn start_enable_output_receive_link_stop_in_every_mode() {
+    for (mode, pref) in MODES {
+        let what = format!("{mode:?}/{pref:?}");
+        let mut r = Rig::start(mode, pref, NET, &[256, 256]);
+        let i = r.info();
+        assert_eq!(i.mac, MAC, "{what}");
+        assert_eq!((i.link_up, i.mtu, i.max_packet), (1, 1500, 1518));
+        assert_eq!(
+            (i.tx_csum, i.tso4, i.tso6, i.rx_csum),
+            (1, 1, 0, 1),
+            "{what}"
+        );
+        assert_eq!(i.duplex, 0, "no SPEED_DUPLEX offered");
+        assert_eq!(i.enabled, 0);
+
+        // Before enable: frames are dropped, transmit is refused.
+        let (s, _) = r.output(&frame(60, 0), 1, 0, 0, 0x50);
+        assert_eq!(s, VNET_E_STOPPED);
+        r.model.inject_rx(Rig::rx_hdr(), &frame(70, 7)).unwrap();
+        r.fam().interrupts();
+        assert!(r.take_rx().is_empty());
+        assert_eq!(r.stats().rx_dropped_disabled, 1);
+
+        // SAFETY: live handle.
+        assert_eq!(unsafe { vnet_enable(r.dev, true) }, VNET_OK);
+
+        // outputPacket with a TCP checksum request over 3 segments.
+        let mut tcp = frame(200, 3);
+        tcp[14] = 0x45;
+        tcp[23] = 6;
+        tcp[34 + 12] = 5 << 4;
+        tcp[34 + 13] = 0x18; // PSH ACK (no CWR: HOST_ECN is not offered)
+        let (s, stop) = r.output(&tcp, 3, VNET_TX_CSUM_TCP, 0, 0x100);
+        assert_eq!((s, stop), (VNET_OK, false), "{what}");
+        let sent = r.model.take_tx();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].data, tcp);
+        assert_eq!(sent[0].header[0] & 1, 1, "NEEDS_CSUM");
+        assert_eq!(
+            u16::from_le_bytes([sent[0].header[6], sent[0].header[7]]),
+            34
+        );
+        assert_eq!(
+            u16::from_le_bytes([sent[0].header[8], sent[0].header[9]]),
+            16
+        );
+        // TSO over IPv4.
+        let mut big = tcp.clone();
+        big.resize(9000, 0xEE);
+        let (s, _) = r.output(&big, 4, VNET_TX_TSO4 | VNET_TX_CSUM_TCP, 1448, 0x101);
+        assert_eq!(s, VNET_OK);
+        let sent = r.model.take_tx();
+        assert_eq!(sent[0].header[1], 1, "GSO_TCPV4");
+        assert_eq!(
+            u16::from_le_bytes([sent[0].header[4], sent[0].header[5]]),
+            1448
+        );
+        // A request the frame cannot satisfy is dropped.
+        let (s, _) = r.output(&frame(80, 1), 1, VNET_TX_TSO6, 1400, 0x102);
+        assert_eq!(s, VNET_E_BAD_FRAME);
+        // Completions are reclaimed on the next transmit (no transmit interrupt).
+        let (s, _) = r.output(&frame(60, 4), 1, 0, 0, 0x103);
+        assert_eq!(s, VNET_OK);
+        let mut done = r.take_done();
+        done.sort();
+        assert_eq!(done, vec![0x100, 0x101], "{what}");
+        r.model.take_tx();
+
+        // Receive: the interrupt lends the frame; the shim copies it out.
+        let f1 = frame(1400, 9);
+        r.model.inject_rx(Rig::rx_hdr(), &f1).unwrap();
+        assert_eq!(r.fam().interrupts(), 1);
+        assert_eq!(r.take_rx(), vec![(f1, VNET_RX_CSUM_VALID)], "{what}");
+        let ev = r.log.borrow_mut().events.pop().unwrap();
+        assert_eq!((ev.rx_frames, ev.link_up, ev.rx_more), (1, 1, 0));
+
+        // Link down / up through config interrupts.
+        r.model.set_status(false, false);
+        r.fam().interrupts();
+        let ev = r.log.borrow_mut().events.pop().unwrap();
+        assert_eq!((ev.link_changed, ev.link_up), (1, 0), "{what}");
+        assert_eq!(r.info().link_up, 0);
+        r.model.set_status(true, false);
+        r.fam().interrupts();
+        let ev = r.log.borrow_mut().events.pop().unwrap();
+        assert_eq!((ev.link_changed, ev.link_up), (1, 1));
+
+        // stop with a frame in flight: it is handed back.
+        let (s, _) = r.output(&frame(60, 5), 1, 0, 0, 0x104);
+        assert_eq!(s, VNET_OK);
+        r.take_done();
+        let held = r.model.hold_tx();
+        assert_eq!(held.len(), 1);
+        // SAFETY: live handle.
+        unsafe { vnet_stop(r.dev) };
+        assert_eq!(r.take_done(), vec![0x104], "{what}");
+        // SAFETY: live handle.
+        assert_eq!(unsafe { vnet_enable(r.dev, true) }, VNET_E_STOPPED);
+        let st = r.stats();
+        assert!(st.tx_frames >= 4 && st.rx_frames == 2 && st.tx_dropped == 1);
+        r.unload();
+    }
+}
+
+/// A full transmit ring stalls the output queue; completions restart it.
+#[test]
+fn backpressure_stall_and_restart() {
+    // The transmit ring must hold one worst-case frame (32 segments + header) whole.
+    let mut r = Rig::start(SimMode::Modern, Preference::Auto, NET, &[256, 64]);
+    // SAFETY: live handle.
+    unsafe { vnet_enable(r.dev, true) };
+    let mut accepted = 0;
+    let mut stopped = false;
+    for k in 0..256usize {
+        let (s, stop) = r.output(&frame(100, k as u8), 2, 0, 0, 0x1000 + k);
+        match s {
+            VNET_OK => accepted += 1,
+            VNET_E_BUSY => {
+                stopped = true;
+                break;
+            }
+            other => panic!("status {other}"),
+        }
+        // `stop`: a frame of the most segments may no longer fit; smaller ones may.
+        let _ = stop;
+    }
+    assert!(stopped && accepted > 0);
+    let held = r.model.hold_tx();
+    assert_eq!(held.len(), accepted);
+    let chains: Vec<_> = held.into_iter().map(|(c, _)| c).collect();
+    r.model.complete_tx(&chains);
+    assert_eq!(r.fam().interrupts(), 1, "the delayed transmit interrupt");
+    let restart = r.log.borrow().events.iter().any(|e| e.restart == 1);
+    assert!(restart, "the transmit interrupt restarts the output queue");
+    assert_eq!(r.take_done().len(), accepted);
+    let (s, _) = r.output(&frame(100, 0xFF), 2, 0, 0, 0x2000);
+    assert_eq!(s, VNET_OK);
+    r.unload();
+}
+
+/// KDP: polled send and receive while normal frames are in flight, and the try-lock that
+/// keeps the debugger out of a driver entry it interrupted.
+#[test]
+fn kernel_debugger_send_receive_with_frames_in_flight() {
+    for (mode, pref) in MODES {
+        let what = format!("{mode:?}/{pref:?}");
+        let mut r = Rig::start(mode, pref, NET, &[256, 256]);
+        // SAFETY: live handle.
+        unsafe { vnet_enable(r.dev, true) };
+        // A normal frame in flight (the device is slow).
+        let (s, _) = r.output(&frame(300, 1), 2, 0, 0, 0x300);
+        assert_eq!(s, VNET_OK);
+        let held = r.model.hold_tx();
+        // Frames arrive before the debugger looks (no interrupt taken: the machine stopped).
+        let a = frame(120, 0xA1);
+        let b = frame(90, 0xB2);
+        r.model.write_rx(Rig::rx_hdr(), &a).unwrap();
+        r.model.write_rx(Rig::rx_hdr(), &b).unwrap();
+
+        // receivePacket: the debugger sees both, in order, without consuming them.
+        let mut buf = [0u8; 1518];
+        let mut len = 0usize;
+        // SAFETY: live handle; `buf` and `len` are locals.
+        unsafe {
+            assert_eq!(
+                vnet_debug_receive(r.dev, buf.as_mut_ptr(), buf.len(), 10, &mut len),
+                VNET_OK
+            );
+            assert_eq!(&buf[..len], &a[..], "{what}");
+            assert_eq!(
+                vnet_debug_receive(r.dev, buf.as_mut_ptr(), buf.len(), 10, &mut len),
+                VNET_OK
+            );
+            assert_eq!(&buf[..len], &b[..]);
+            assert_eq!(
+                vnet_debug_receive(r.dev, buf.as_mut_ptr(), buf.len(), 5, &mut len),
+                VNET_OK
+            );
+            assert_eq!(len, 0, "bounded wait, nothing more");
+        }
+        // sendPacket: goes out beside the normal frame still held by the device.
+        let kdp = frame(100, 0xD0);
+        // SAFETY: live handle.
+        let s = unsafe { vnet_debug_send(r.dev, kdp.as_ptr(), kdp.len(), 100) };
+        assert_eq!(s, VNET_OK, "{what}");
+        let sent = r.model.take_tx();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].data, kdp);
+        // The normal path resumes: both frames reach the stack, the held frame completes.
+        let chains: Vec<_> = held.into_iter().map(|(c, _)| c).collect();
+        r.model.complete_tx(&chains);
+        let c = frame(80, 0xC3);
+        r.model.inject_rx(Rig::rx_hdr(), &c).unwrap();
+        r.fam().interrupts();
+        let got: Vec<Vec<u8>> = r.take_rx().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(got, vec![a, b, c], "{what}");
+        let (s, _) = r.output(&frame(60, 2), 1, 0, 0, 0x301);
+        assert_eq!(s, VNET_OK);
+        assert_eq!(r.take_done(), vec![0x300], "{what}");
+
+        // The debugger entering during a driver entry is refused, not let in.
+        r.log.borrow_mut().debugger_probe = Some(r.dev);
+        r.model.inject_rx(Rig::rx_hdr(), &frame(64, 3)).unwrap();
+        r.fam().interrupts();
+        assert_eq!(r.log.borrow().probe_result, Some(VNET_E_LOCKED));
+        assert!(r.stats().debugger_locked_out >= 1);
+        let st = r.stats();
+        assert_eq!((st.debug_tx_frames, st.debug_rx_frames), (1, 2));
+        r.unload();
+    }
+}
+
+#[test]
+fn promiscuous_multicast_and_mac_through_the_control_queue() {
+    let feats = NET | f::CTRL_VQ | f::CTRL_RX | f::CTRL_MAC_ADDR;
+    let r = Rig::start(SimMode::Modern, Preference::Auto, feats, &[256, 256, 64]);
+    let i = r.info();
+    assert_eq!((i.ctrl_rx, i.mac_settable), (1, 1));
+    let mc = [[0x01, 0x00, 0x5E, 0, 0, 1], [0x33, 0x33, 0, 0, 0, 1]];
+    let many = vec![[0x01, 0x00, 0x5E, 0, 0, 9]; VNET_MULTICAST_MAX as usize + 1];
+    let new_mac = [0x02, 0, 0, 0, 0, 7];
+    // SAFETY: live handle; pointers to locals.
+    unsafe {
+        assert_eq!(vnet_set_promiscuous(r.dev, true), VNET_OK);
+        assert_eq!(
+            vnet_set_multicast(r.dev, mc.as_ptr().cast(), mc.len()),
+            VNET_OK
+        );
+        assert_eq!(
+            vnet_set_multicast(r.dev, many.as_ptr().cast(), many.len()),
+            VNET_OK
+        );
+        assert_eq!(vnet_set_mac_address(r.dev, new_mac.as_ptr()), VNET_OK);
+        assert_eq!(
+            vnet_set_multicast(r.dev, std::ptr::null(), 2),
+            VNET_E_INVALID
+        );
+    }
+    assert_eq!(r.info().mac, new_mac);
+    let cmds = r.responder.as_ref().unwrap().commands();
+    let kinds: Vec<(u8, u8)> = cmds.iter().map(|c| (c.class, c.command)).collect();
+    assert!(kinds.contains(&(0, 0)), "RX_PROMISC: {kinds:?}");
+    assert!(kinds.contains(&(0, 1)), "RX_ALLMULTI");
+    assert!(kinds.contains(&(1, 0)), "MAC_TABLE_SET");
+    assert!(kinds.contains(&(1, 1)), "MAC_ADDR_SET");
+    let promisc = cmds
+        .iter()
+        .find(|c| (c.class, c.command) == (0, 0))
+        .unwrap();
+    assert_eq!(promisc.data, vec![vec![1]]);
+    let table = cmds
+        .iter()
+        .find(|c| (c.class, c.command) == (1, 0))
+        .unwrap();
+    assert_eq!(
+        table.data[1][..4],
+        2u32.to_le_bytes(),
+        "two multicast entries"
+    );
+    r.unload();
+}
+
+#[test]
+fn bad_arguments() {
+    let cb = VnetCallbacks {
+        ctx: std::ptr::null_mut(),
+        tx_done: None,
+        rx_frame: None,
+        events: None,
+    };
+    let mut d = std::ptr::null_mut();
+    // SAFETY: refused before any use.
+    unsafe {
+        assert_eq!(
+            vnet_create(std::ptr::null_mut(), &cb, &mut d),
+            VNET_E_INVALID
+        );
+        assert_eq!(vnet_enable(std::ptr::null_mut(), true), VNET_E_INVALID);
+        assert_eq!(
+            vnet_info(std::ptr::null_mut(), std::ptr::null_mut()),
+            VNET_E_INVALID
+        );
+        vnet_interrupt(std::ptr::null_mut(), -1, std::ptr::null_mut());
+        vnet_stop(std::ptr::null_mut());
+        vnet_destroy(std::ptr::null_mut());
+    }
+    assert!(d.is_null());
+}
