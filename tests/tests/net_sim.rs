@@ -578,6 +578,39 @@ fn backpressure_stop_and_restart() {
     assert_eq!(r.reclaim(), (vec![50], false));
 }
 
+/// The default segment limit (18) on a 16-entry ring without indirect descriptors: the
+/// driver shrinks the limit to what an empty ring can take beside the debugger's reserve,
+/// so a stalled queue always restarts (it used to wait for room that could never exist).
+#[test]
+fn segment_limit_fits_a_small_ring_so_restart_happens() {
+    let mut r = rig_with(
+        SimMode::Modern,
+        Preference::Auto,
+        QEMU & !(1 << 28),
+        net_model::config_bytes(MAC, 1, 1500, 10_000, 1),
+        &[256, 16, 64],
+        NetConfig::default(),
+    );
+    let d = frame(100, 1);
+    let mut token = 0;
+    let busy = loop {
+        match r.send(&d, 1, &TxOffload::NONE, token) {
+            Ok(_) => token += 1,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(busy, NetError::Busy);
+    assert!(r.net.tx_stopped());
+    r.model.take_tx();
+    let (toks, restart) = r.reclaim();
+    assert_eq!(toks.len(), token);
+    assert!(
+        restart && !r.net.tx_stopped(),
+        "a stalled queue must restart"
+    );
+    assert!(r.send(&d, 1, &TxOffload::NONE, 100).is_ok());
+}
+
 /// Linux's non-NAPI transmit policy: while the ring has room, completions raise no
 /// interrupt (the next `tx_reclaim`, before a transmit, takes them); the transmit interrupt
 /// is armed only when the queue stops for backpressure (delayed under EVENT_IDX: after

@@ -565,6 +565,24 @@ impl<B: Bus> VirtioNet<B> {
         let indirect = feats.contains(Features::INDIRECT_DESC);
         let rx_size = bus.queue_size(RX)?;
         let tx_size = bus.queue_size(TX)?;
+        // A worst-case frame plus the debugger's reserve must fit an empty ring, or a
+        // stalled queue could never be restarted: shrink the segment limit to the ring
+        // (it only matters without indirect descriptors, or with a tiny ring).
+        let fits = |segs: u16| -> Result<bool, NetError> {
+            let descs = bus.descriptors_for(TX, usize::from(segs) + 1)?;
+            Ok(descs + usize::from(DEBUG_TX_RESERVE) <= usize::from(tx_size))
+        };
+        let mut max_segs = max_segs;
+        while max_segs > 1 && !fits(max_segs)? {
+            max_segs -= 1;
+        }
+        if !fits(max_segs)? {
+            return Err(Error::BadQueueSize {
+                queue: TX,
+                size: tx_size,
+            }
+            .into());
+        }
         let rx_descs_per_buf: u16 = if split_header && !(indirect && rx_size >= 2) {
             2
         } else {
