@@ -12,6 +12,7 @@
 //! `DONE checks=<n> failed=<m>`, and exits through `isa-debug-exit` (status (v<<1)|1,
 //! mapped by [`GuestExit`]).
 
+pub mod balloon_host;
 pub mod blk_host;
 pub mod console_host;
 mod devices;

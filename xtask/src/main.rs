@@ -201,6 +201,13 @@ const DEMO_PARTS: &[(&str, &str, &[&str])] = &[
          and reopen from the host)",
         &[],
     ),
+    (
+        "balloon",
+        "virtio-balloon: QMP targets up and down (192, 128, 224, 160, 256 MiB of a 256 MiB \
+         guest) reached on both sides, statistics read back with qom-get, every page lent by \
+         the heap returned once",
+        &[],
+    ),
 ];
 
 fn cmd_demo() -> Result<bool, String> {

@@ -106,9 +106,10 @@ pub const SCENARIOS: &[ScenarioSpec] = &[
         trace: true,
         timeout_secs: 120,
     },
+    // The host side (`balloon_host`) attaches the balloon with the run's properties.
     ScenarioSpec {
         name: "balloon",
-        devices: &[Balloon],
+        devices: &[],
         trace: true,
         timeout_secs: 120,
     },
@@ -147,6 +148,7 @@ pub fn host_side(scenario: &str) -> Option<HostStart> {
         "net" | "net-vd" => Some(super::net_peer::start),
         "blk" | "bench-blk" | "bench-blk-vd" => Some(super::blk_host::start),
         "console" => Some(super::console_host::start),
+        "balloon" => Some(super::balloon_host::start),
         _ => None,
     }
 }

@@ -6,6 +6,7 @@
 //! Adding a scenario: write `scenarios/<name>.rs` with `pub fn run(env: &mut Env)`, add a
 //! row to `SCENARIOS`, and a row to the host's device table (`tests/src/qemu/devices.rs`).
 
+mod balloon;
 mod blk;
 mod boot;
 pub mod bus;
@@ -69,6 +70,11 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "console",
         about: "virtio-console driver: emergency write before DRIVER_OK, ConsoleLogger tee, port 0 + two named ports with a host peer (lines, echo, bulk both ways, host close/reopen)",
         run: console::run,
+    },
+    Scenario {
+        name: "balloon",
+        about: "virtio-balloon driver over a heap page pool: QMP targets up and down, stats via qom-get, balloon_test=oom (deflate_for_oom) | report (free page reporting); page accounting",
+        run: balloon::run,
     },
     Scenario {
         name: "panic",
