@@ -7,10 +7,13 @@
 //! - `demo`: boot the guest with all four devices and show what each driver did;
 //! - `bench net [--bytes N]`: our virtio-net vs the virtio-drivers crate over the same
 //!   TCP transfer (`bench_net.rs`);
+//! - `kexts [--check]`: build the kext bundles (`kexts.rs`); `install [--dry-run]`: copy
+//!   them to /Library/Extensions and load them on macOS (`install.rs`);
 //! - `test`: fmt, clippy (workspace and guest), guest build, `cargo test --workspace`.
 
 mod bench;
 mod bench_net;
+mod install;
 mod kexts;
 
 use std::process::{Command, ExitCode};
@@ -25,6 +28,7 @@ const USAGE: &str = "usage:
   cargo xtask bench blk [--ms MS-PER-PHASE]
   cargo xtask bench net [--bytes N]
   cargo xtask kexts [--check]
+  sudo cargo xtask install [--dry-run]   (macOS test VM; --dry-run prints the plan anywhere)
   cargo xtask test";
 
 fn main() -> ExitCode {
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         Some("demo") => cmd_demo(),
         Some("bench") => bench::cmd_bench(&args[1..]),
         Some("kexts") => kexts::cmd_kexts(&args[1..]),
+        Some("install") => install::cmd_install(&args[1..]),
         Some("test") => cmd_test(),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");

@@ -1,0 +1,154 @@
+//! `sudo cargo xtask install [--dry-run]` (macOS, a test VM): copies the bundles built by
+//! `cargo xtask kexts` to `/Library/Extensions` (or `$KEXT_INSTALL_DIR`), owned by
+//! root:wheel, and loads them family first — `kmutil load -p` on macOS 11 and later,
+//! `kextutil` before. `--dry-run` prints the plan anywhere, without touching the system.
+//! Signing and security settings: `docs/install.md`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::kexts;
+
+struct Step {
+    what: String,
+    cmd: Vec<String>,
+}
+
+fn step(what: impl Into<String>, cmd: &[&str]) -> Step {
+    Step {
+        what: what.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// The macOS major version (`sw_vers -productVersion`), if this is macOS.
+fn macos_major() -> Option<u32> {
+    let out = Command::new("sw_vers")
+        .arg("-productVersion")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().split('.').next()?.parse().ok()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+pub fn cmd_install(args: &[String]) -> Result<bool, String> {
+    let dry_run = args.iter().any(|a| a == "--dry-run");
+    let root = kexts::workspace_root();
+    let built = root.join("target/kexts");
+    let dest = PathBuf::from(
+        std::env::var("KEXT_INSTALL_DIR").unwrap_or_else(|_| "/Library/Extensions".into()),
+    );
+    // `KEXTS` lists the family first: the device kexts link against it.
+    let bundles: Vec<(String, PathBuf, PathBuf)> = kexts::present(&root)
+        .into_iter()
+        .map(|k| {
+            let name = format!("{}.kext", k.name);
+            (k.name.to_string(), built.join(&name), dest.join(&name))
+        })
+        .collect();
+    let unlinked: Vec<&str> = bundles
+        .iter()
+        .filter(|(name, src, _)| !src.join("Contents/MacOS").join(name).is_file())
+        .map(|(name, _, _)| name.as_str())
+        .collect();
+
+    let modern_loader = macos_major().is_none_or(|major| major >= 11);
+    let mut steps = Vec::new();
+    for (name, src, dst) in &bundles {
+        let (src, dst) = (path(src), path(dst));
+        steps.push(step(
+            format!("remove an older {name}.kext"),
+            &["rm", "-rf", &dst],
+        ));
+        steps.push(step(format!("copy {name}.kext"), &["cp", "-R", &src, &dst]));
+        steps.push(step(
+            "owned by root:wheel",
+            &["chown", "-R", "root:wheel", &dst],
+        ));
+        steps.push(step(
+            "not writable by others",
+            &["chmod", "-R", "go-w", &dst],
+        ));
+    }
+    for (i, (name, _, dst)) in bundles.iter().enumerate() {
+        let dst = path(dst);
+        if modern_loader {
+            steps.push(step(
+                format!("load {name} (kmutil)"),
+                &["kmutil", "load", "-p", &dst],
+            ));
+        } else if i == 0 {
+            steps.push(step(format!("load {name} (kextutil)"), &["kextutil", &dst]));
+        } else {
+            // kextutil resolves the family from the path given with -d.
+            let family = path(&bundles[0].2);
+            steps.push(step(
+                format!("load {name} (kextutil)"),
+                &["kextutil", "-d", &family, &dst],
+            ));
+        }
+    }
+
+    if dry_run {
+        println!(
+            "install plan ({} bundles from {}):",
+            bundles.len(),
+            built.display()
+        );
+        for s in &steps {
+            println!("  {:32} {}", s.what, s.cmd.join(" "));
+        }
+        if !unlinked.is_empty() {
+            println!(
+                "note: not linked yet (no Contents/MacOS executable): {}; link them with \
+                 `cargo xtask kexts` on macOS with Xcode, or with KERNEL_SDK and KEXT_LD set",
+                unlinked.join(", ")
+            );
+        }
+        return Ok(true);
+    }
+    if macos_major().is_none() {
+        return Err(
+            "install runs on macOS (a test VM with reduced security, see docs/install.md); \
+                    `cargo xtask install --dry-run` prints the steps anywhere"
+                .into(),
+        );
+    }
+    if !unlinked.is_empty() {
+        return Err(format!(
+            "bundles without an executable: {} (run `cargo xtask kexts` on macOS with Xcode, \
+             or set KERNEL_SDK and KEXT_LD)",
+            unlinked.join(", ")
+        ));
+    }
+    if !is_root() {
+        return Err("run it as root: sudo cargo xtask install".into());
+    }
+    for s in &steps {
+        println!("install: {} ({})", s.what, s.cmd.join(" "));
+        let (cmd, rest) = s.cmd.split_first().ok_or("empty step")?;
+        let ok = Command::new(cmd)
+            .args(rest)
+            .status()
+            .is_ok_and(|st| st.success());
+        if !ok {
+            return Err(format!("install: `{}` failed", s.cmd.join(" ")));
+        }
+    }
+    println!(
+        "installed and loaded; check with `kmutil showloaded | grep virtiodarwin` (or \
+         `kextstat`) and `ioreg -l -w0 -r -c org_virtiodarwin_VirtioPCITransport`"
+    );
+    Ok(true)
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
