@@ -1265,12 +1265,11 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
     }
 }
 
+/// Each area is written only while the device does not own it (its one buffer is not
+/// posted); publication to the device follows through the queue's release fence.
 fn write_to(region: Option<&DmaRegion>, offset: usize, bytes: &[u8]) {
-    if let Some(p) = region.and_then(|r| r.ptr_at(offset, bytes.len())) {
-        // SAFETY: `ptr_at` checked that [offset, offset + len) lies inside our DMA region.
-        // Each area is written only while the device does not own it (its one buffer is not
-        // posted); publication to the device follows through the queue's release fence.
-        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), p.as_ptr(), bytes.len()) };
+    if let Some(r) = region {
+        r.write_at(offset, bytes);
     }
 }
 

@@ -280,12 +280,14 @@ impl QueueState {
         base + (usize::from(i) * self.stride + offset) as u64
     }
 
+    /// Writes into slot `i` while it is free or being prepared (the device does not access
+    /// it: its chain is published only after this, with the queue's release fence).
     fn write(&self, i: u16, offset: usize, bytes: &[u8]) {
-        if let Some(p) = self.slot_ptr(i, offset, bytes.len()) {
-            // SAFETY: `ptr_at` checked that [offset, offset+len) lies in our DMA region;
-            // the slot is free or being prepared, so the device does not access it (its
-            // chain is published only after this, with the queue's release fence).
-            unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), p.as_ptr(), bytes.len()) };
+        let at = usize::from(i)
+            .checked_mul(self.stride)
+            .and_then(|b| b.checked_add(offset));
+        if let (Some(r), Some(at)) = (self.region.as_ref(), at) {
+            r.write_at(at, bytes);
         }
     }
 

@@ -41,10 +41,10 @@ use virtio_core::{Bus, DeviceType, Error, Features, QueueSpec, Segment};
 use zerocopy::IntoBytes;
 
 use crate::features::{self as f};
-use crate::fifo::Fifo;
 use crate::wire::{
     self, BAD_ID, CONTROL_LEN, ControlError, ControlHeader, DeviceControl, PortName, config, event,
 };
+use virtio_core::fifo::Fifo;
 
 /// Queue numbering (§5.3.2).
 pub mod queues {
@@ -427,26 +427,9 @@ pub struct VirtioConsole<B: Bus> {
 
 /// Bytes of `len` at `off` in a DMA region (empty when out of range).
 fn region_bytes(r: &DmaRegion, off: usize, len: usize) -> &[u8] {
-    match r.ptr_at(off, len) {
-        // SAFETY: `ptr_at` checked `off + len` against the region, which stays allocated
-        // while `r` is borrowed. Only buffers the device returned through the used ring
-        // are read: the device no longer owns them (§2.7.14).
-        Some(p) => unsafe { core::slice::from_raw_parts(p.as_ptr(), len) },
-        None => &[],
-    }
-}
-
-/// Copies `data` into a DMA region at `off`; false when out of range.
-fn region_write(r: &DmaRegion, off: usize, data: &[u8]) -> bool {
-    match r.ptr_at(off, data.len()) {
-        Some(p) => {
-            // SAFETY: in range (checked by `ptr_at`); the slot is driver-owned (not in
-            // flight) when we write it.
-            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p.as_ptr(), data.len()) };
-            true
-        }
-        None => false,
-    }
+    // SAFETY: only buffers the device returned through the used ring, or that were never
+    // posted, are read: the device no longer owns them (§2.7.14).
+    unsafe { r.bytes(off, len) }.unwrap_or(&[])
 }
 
 /// Posts every free receive buffer of `port` on queue `q`. Returns whether any was posted.
@@ -783,7 +766,7 @@ impl<B: Bus> VirtioConsole<B> {
             let chunk = data.get(n..).unwrap_or(&[]);
             let chunk = chunk.get(..size.min(chunk.len())).unwrap_or(&[]);
             let off = slot as usize * size;
-            if !region_write(region, off, chunk) {
+            if !region.write_at(off, chunk) {
                 break;
             }
             let seg = Segment::new(region.daddr + off as u64, chunk.len() as u32);
@@ -1010,7 +993,7 @@ impl<B: Bus> VirtioConsole<B> {
         let mut added = false;
         while let (Some(&slot), Some(msg)) = (c.tx_free.last(), c.pending.front()) {
             let off = slot as usize * CONTROL_TX_STRIDE;
-            if !region_write(&c.tx, off, msg.as_bytes()) {
+            if !c.tx.write_at(off, msg.as_bytes()) {
                 break;
             }
             let seg = Segment::new(c.tx.daddr + off as u64, CONTROL_LEN as u32);

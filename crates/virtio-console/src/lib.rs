@@ -36,7 +36,6 @@ extern crate std;
 
 pub mod driver;
 pub mod features;
-mod fifo;
 pub mod logger;
 pub mod wire;
 

@@ -23,6 +23,7 @@
 extern crate alloc;
 
 pub mod error;
+pub mod fifo;
 pub mod platform;
 pub mod transport;
 pub mod types;

@@ -49,6 +49,32 @@ impl DmaRegion {
         // SAFETY: offset <= self.len, so the result stays within (or one past) the region.
         Some(unsafe { self.vaddr.add(offset) })
     }
+
+    /// The `len` bytes at `offset`, or `None` when out of range.
+    ///
+    /// # Safety
+    /// The device must not write the range while the slice lives: the bytes are either not
+    /// posted to the device, or were returned through the used ring (§2.7.14).
+    pub unsafe fn bytes(&self, offset: usize, len: usize) -> Option<&[u8]> {
+        let p = self.ptr_at(offset, len)?;
+        // SAFETY: in range (`ptr_at`); the region outlives `&self`; the caller guarantees
+        // the device does not write it meanwhile.
+        Some(unsafe { core::slice::from_raw_parts(p.as_ptr(), len) })
+    }
+
+    /// Copies `data` to `offset`; false (nothing written) when out of range. For
+    /// driver-owned bytes (headers, buffers not posted to the device).
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> bool {
+        match self.ptr_at(offset, data.len()) {
+            Some(p) => {
+                // SAFETY: in range (`ptr_at`); `data` cannot overlap DMA memory it borrows
+                // from elsewhere than this region's owner, and copy is bytewise.
+                unsafe { core::ptr::copy(data.as_ptr(), p.as_ptr(), data.len()) };
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// DMA memory for rings and device buffers.

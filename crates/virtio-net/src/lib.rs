@@ -23,7 +23,6 @@
 extern crate alloc;
 
 pub mod features;
-mod fifo;
 mod net;
 pub mod wire;
 

@@ -55,11 +55,11 @@ use virtio_core::{Bus, DeviceType, Error, Features, QueueSpec, Segment};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::features::{self as f, close_dependencies, has};
-use crate::fifo::Fifo;
 use crate::wire::{
     self, CtrlHdr, GuestOffloads, HostOffloads, MAX_GSO_FRAME, MIN_MTU, NetHdr, OffloadError,
     RxInfo, TxOffload, config, ctrl,
 };
+use virtio_core::fifo::Fifo;
 
 /// Queue numbering (§5.1.2).
 pub mod queues {
@@ -385,26 +385,9 @@ pub struct VirtioNet<B: Bus> {
 
 /// Bytes of `len` at `off` in a DMA region (empty when out of range).
 fn region_bytes(r: &DmaRegion, off: usize, len: usize) -> &[u8] {
-    match r.ptr_at(off, len) {
-        // SAFETY: `ptr_at` checked `off + len` against the region, which stays allocated
-        // while `r` is borrowed. Only buffers the device has returned through the used ring
-        // (or that were never posted) are read: the device no longer owns them (§2.7.14).
-        Some(p) => unsafe { core::slice::from_raw_parts(p.as_ptr(), len) },
-        None => &[],
-    }
-}
-
-/// Copies `data` into a DMA region at `off`; false when out of range.
-fn region_write(r: &DmaRegion, off: usize, data: &[u8]) -> bool {
-    match r.ptr_at(off, data.len()) {
-        Some(p) => {
-            // SAFETY: in range (checked by `ptr_at`); the region is driver memory the device
-            // does not own at this point (the slot or buffer is not in flight).
-            unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p.as_ptr(), data.len()) };
-            true
-        }
-        None => false,
-    }
+    // SAFETY: only buffers the device returned through the used ring, or that were never
+    // posted, are read: the device no longer owns them (§2.7.14).
+    unsafe { r.bytes(off, len) }.unwrap_or(&[])
 }
 
 fn splitmix64(state: &mut u64) -> u64 {
@@ -869,7 +852,7 @@ impl<B: Bus> VirtioNet<B> {
         };
         let off = slot as usize * TX_HDR_STRIDE;
         let hb = hdr.as_bytes().get(..self.hdr_len).unwrap_or(&[]);
-        region_write(region, off, hb);
+        region.write_at(off, hb);
         self.tx.scratch.clear();
         self.tx
             .scratch
@@ -1208,14 +1191,14 @@ impl<B: Bus> VirtioNet<B> {
         }
         let mut segs = [Segment::new(0, 0); 3];
         let hdr = CtrlHdr { class, command };
-        region_write(&c.region, CTRL_HDR_OFF, hdr.as_bytes());
-        region_write(&c.region, CTRL_ACK_OFF, &[ACK_SENTINEL]);
+        c.region.write_at(CTRL_HDR_OFF, hdr.as_bytes());
+        c.region.write_at(CTRL_ACK_OFF, &[ACK_SENTINEL]);
         if let Some(s) = segs.get_mut(0) {
             *s = Segment::new(c.region.daddr + CTRL_HDR_OFF as u64, 2);
         }
         let mut off = CTRL_DATA_OFF;
         for (i, d) in data.iter().enumerate() {
-            if d.is_empty() || !region_write(&c.region, off, d) {
+            if d.is_empty() || !c.region.write_at(off, d) {
                 return Err(NetError::BadFrame("control data empty or too long"));
             }
             if let Some(s) = segs.get_mut(i + 1) {
@@ -1391,8 +1374,8 @@ impl<B: Bus> VirtioNet<B> {
             return Err(NetError::Core(Error::InvalidState));
         };
         let h = self.hdr_len;
-        region_write(r, 0, NetHdr::default().as_bytes().get(..h).unwrap_or(&[]));
-        region_write(r, h, frame);
+        r.write_at(0, NetHdr::default().as_bytes().get(..h).unwrap_or(&[]));
+        r.write_at(h, frame);
         let res = if self.any_layout {
             self.bus.add(
                 TX,

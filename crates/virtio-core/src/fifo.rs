@@ -1,9 +1,11 @@
-//! A fixed-capacity FIFO allocated at setup; pushing and popping never allocate.
+//! A fixed-capacity FIFO allocated at setup; pushing and popping never allocate (for driver
+//! queues of completions, events and pending messages on I/O paths).
 
 use alloc::vec;
 use alloc::vec::Vec;
 
-pub(crate) struct Fifo<T: Copy> {
+#[derive(Debug)]
+pub struct Fifo<T: Copy> {
     buf: Vec<T>,
     head: usize,
     len: usize,
@@ -11,24 +13,24 @@ pub(crate) struct Fifo<T: Copy> {
 
 impl<T: Copy> Fifo<T> {
     /// Setup time only (allocates `capacity` slots filled with `fill`).
-    pub(crate) fn new(capacity: usize, fill: T) -> Self {
+    pub fn new(capacity: usize, fill: T) -> Self {
         Fifo {
             buf: vec![fill; capacity],
             head: 0,
             len: 0,
         }
     }
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.len
     }
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    pub(crate) fn free(&self) -> usize {
+    pub fn free(&self) -> usize {
         self.buf.len() - self.len
     }
     /// Appends; false (and nothing stored) when full.
-    pub(crate) fn push(&mut self, v: T) -> bool {
+    pub fn push(&mut self, v: T) -> bool {
         let cap = self.buf.len();
         if self.len >= cap {
             return false;
@@ -43,7 +45,7 @@ impl<T: Copy> Fifo<T> {
             None => false,
         }
     }
-    pub(crate) fn pop(&mut self) -> Option<T> {
+    pub fn pop(&mut self) -> Option<T> {
         if self.len == 0 {
             return None;
         }
@@ -52,17 +54,23 @@ impl<T: Copy> Fifo<T> {
         self.len -= 1;
         v
     }
-    pub(crate) fn front(&self) -> Option<T> {
+    pub fn front(&self) -> Option<T> {
         self.get(0)
     }
-    pub(crate) fn get(&self, i: usize) -> Option<T> {
+    /// The `i`-th element from the front.
+    pub fn get(&self, i: usize) -> Option<T> {
         if i >= self.len {
             return None;
         }
         self.buf.get((self.head + i) % self.buf.len()).copied()
     }
+    /// Forgets every element (e.g. after a device reset).
+    pub fn clear(&mut self) {
+        self.head = 0;
+        self.len = 0;
+    }
     /// Mutable access to the `i`-th element from the front.
-    pub(crate) fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+    pub fn get_mut(&mut self, i: usize) -> Option<&mut T> {
         if i >= self.len {
             return None;
         }
@@ -96,5 +104,8 @@ mod tests {
         );
         assert!(f.is_empty());
         assert_eq!(f.len(), 0);
+        assert!(f.push(7) && f.push(8));
+        f.clear();
+        assert_eq!((f.len(), f.pop()), (0, None));
     }
 }
