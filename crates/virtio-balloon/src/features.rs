@@ -7,27 +7,14 @@
 
 use virtio_core::Features;
 
-/// A device-specific feature bit and what this driver does with it.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct FeatureBit {
-    pub bit: u32,
-    pub name: &'static str,
-    /// Negotiated when offered (and implemented); otherwise refused.
-    pub accept: bool,
-    /// What it does for us, or why it is refused.
-    pub note: &'static str,
-}
+pub use virtio_core::types::FeatureBit;
 
-const fn f(bit: u32) -> Features {
-    Features::from_bits_retain(1 << bit)
-}
-
-pub const MUST_TELL_HOST: Features = f(0);
-pub const STATS_VQ: Features = f(1);
-pub const DEFLATE_ON_OOM: Features = f(2);
-pub const FREE_PAGE_HINT: Features = f(3);
-pub const PAGE_POISON: Features = f(4);
-pub const PAGE_REPORTING: Features = f(5);
+pub const MUST_TELL_HOST: Features = Features::bit(0);
+pub const STATS_VQ: Features = Features::bit(1);
+pub const DEFLATE_ON_OOM: Features = Features::bit(2);
+pub const FREE_PAGE_HINT: Features = Features::bit(3);
+pub const PAGE_POISON: Features = Features::bit(4);
+pub const PAGE_REPORTING: Features = Features::bit(5);
 
 /// Every balloon feature bit, negotiated or refused, with the reason.
 pub const FEATURE_TABLE: [FeatureBit; 6] = [
@@ -79,21 +66,11 @@ pub const FEATURE_TABLE: [FeatureBit; 6] = [
 ];
 
 /// Everything the driver can ask for: the accepted bits of [`FEATURE_TABLE`].
-pub const DRIVER_FEATURES: Features = {
-    let mut bits = 0u64;
-    let mut rest: &[FeatureBit] = &FEATURE_TABLE;
-    while let [first, tail @ ..] = rest {
-        if first.accept {
-            bits |= 1 << first.bit;
-        }
-        rest = tail;
-    }
-    Features::from_bits_retain(bits)
-};
+pub const DRIVER_FEATURES: Features = Features::accepted(&FEATURE_TABLE);
 
 /// Name of a balloon feature bit, for logs.
 pub fn name(bit: u32) -> Option<&'static str> {
-    FEATURE_TABLE.iter().find(|f| f.bit == bit).map(|f| f.name)
+    FeatureBit::name_in(&FEATURE_TABLE, bit)
 }
 
 /// Queue indices for a negotiated feature set.

@@ -6,39 +6,26 @@
 
 use virtio_core::Features;
 
-/// A device-specific feature bit and what this driver does with it.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct FeatureBit {
-    pub bit: u32,
-    pub name: &'static str,
-    /// Negotiated when offered (and implemented); otherwise refused.
-    pub accept: bool,
-    /// What it does for us, or why it is refused.
-    pub note: &'static str,
-}
-
-const fn f(bit: u32) -> Features {
-    Features::from_bits_retain(1 << bit)
-}
+pub use virtio_core::types::FeatureBit;
 
 /// Named bits.
-pub const BARRIER: Features = f(0);
-pub const SIZE_MAX: Features = f(1);
-pub const SEG_MAX: Features = f(2);
-pub const GEOMETRY: Features = f(4);
-pub const RO: Features = f(5);
-pub const BLK_SIZE: Features = f(6);
-pub const SCSI: Features = f(7);
+pub const BARRIER: Features = Features::bit(0);
+pub const SIZE_MAX: Features = Features::bit(1);
+pub const SEG_MAX: Features = Features::bit(2);
+pub const GEOMETRY: Features = Features::bit(4);
+pub const RO: Features = Features::bit(5);
+pub const BLK_SIZE: Features = Features::bit(6);
+pub const SCSI: Features = Features::bit(7);
 /// Legacy name: `VIRTIO_BLK_F_WCE`.
-pub const FLUSH: Features = f(9);
-pub const TOPOLOGY: Features = f(10);
-pub const CONFIG_WCE: Features = f(11);
-pub const MQ: Features = f(12);
-pub const DISCARD: Features = f(13);
-pub const WRITE_ZEROES: Features = f(14);
-pub const LIFETIME: Features = f(15);
-pub const SECURE_ERASE: Features = f(16);
-pub const ZONED: Features = f(17);
+pub const FLUSH: Features = Features::bit(9);
+pub const TOPOLOGY: Features = Features::bit(10);
+pub const CONFIG_WCE: Features = Features::bit(11);
+pub const MQ: Features = Features::bit(12);
+pub const DISCARD: Features = Features::bit(13);
+pub const WRITE_ZEROES: Features = Features::bit(14);
+pub const LIFETIME: Features = Features::bit(15);
+pub const SECURE_ERASE: Features = Features::bit(16);
+pub const ZONED: Features = Features::bit(17);
 
 /// Every block feature bit, negotiated or refused, with the reason.
 pub const FEATURE_TABLE: [FeatureBit; 16] = [
@@ -147,21 +134,12 @@ pub const FEATURE_TABLE: [FeatureBit; 16] = [
 /// Everything the driver asks for: the accepted bits of [`FEATURE_TABLE`], plus
 /// ANY_LAYOUT (transitional drivers accept it; our layout is always header, data, status in
 /// separate descriptors, which is valid with or without it).
-pub const DRIVER_FEATURES: Features = {
-    let mut bits = Features::ANY_LAYOUT.bits();
-    let mut rest: &[FeatureBit] = &FEATURE_TABLE;
-    while let [first, tail @ ..] = rest {
-        if first.accept {
-            bits |= 1 << first.bit;
-        }
-        rest = tail;
-    }
-    Features::from_bits_retain(bits)
-};
+pub const DRIVER_FEATURES: Features =
+    Features::accepted(&FEATURE_TABLE).union(Features::ANY_LAYOUT);
 
 /// Name of a block feature bit, for logs.
 pub fn name(bit: u32) -> Option<&'static str> {
-    FEATURE_TABLE.iter().find(|f| f.bit == bit).map(|f| f.name)
+    FeatureBit::name_in(&FEATURE_TABLE, bit)
 }
 
 #[cfg(test)]

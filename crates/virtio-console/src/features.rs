@@ -7,27 +7,14 @@
 
 use virtio_core::Features;
 
-/// A device-specific feature bit and what this driver does with it.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct FeatureBit {
-    pub bit: u32,
-    pub name: &'static str,
-    /// Negotiated when offered (and implemented); otherwise refused.
-    pub accept: bool,
-    /// What it does for us, or why it is refused.
-    pub note: &'static str,
-}
-
-const fn f(bit: u32) -> Features {
-    Features::from_bits_retain(1 << bit)
-}
+pub use virtio_core::types::FeatureBit;
 
 /// `VIRTIO_CONSOLE_F_SIZE`: `cols`/`rows` in config are valid.
-pub const SIZE: Features = f(0);
+pub const SIZE: Features = Features::bit(0);
 /// `VIRTIO_CONSOLE_F_MULTIPORT`: `max_nr_ports` is valid, control queues exist.
-pub const MULTIPORT: Features = f(1);
+pub const MULTIPORT: Features = Features::bit(1);
 /// `VIRTIO_CONSOLE_F_EMERG_WRITE`: `emerg_wr` works.
-pub const EMERG_WRITE: Features = f(2);
+pub const EMERG_WRITE: Features = Features::bit(2);
 
 /// Every console feature bit the spec defines, with what the driver does with it.
 pub const FEATURE_TABLE: [FeatureBit; 3] = [
@@ -57,21 +44,11 @@ pub const FEATURE_TABLE: [FeatureBit; 3] = [
 ];
 
 /// The accepted bits of [`FEATURE_TABLE`].
-pub const SUPPORTED: Features = {
-    let mut bits = 0u64;
-    let mut rest: &[FeatureBit] = &FEATURE_TABLE;
-    while let [first, tail @ ..] = rest {
-        if first.accept {
-            bits |= 1 << first.bit;
-        }
-        rest = tail;
-    }
-    Features::from_bits_retain(bits)
-};
+pub const SUPPORTED: Features = Features::accepted(&FEATURE_TABLE);
 
 /// Name of a console feature bit, for logs.
 pub fn name(bit: u32) -> Option<&'static str> {
-    FEATURE_TABLE.iter().find(|f| f.bit == bit).map(|f| f.name)
+    FeatureBit::name_in(&FEATURE_TABLE, bit)
 }
 
 #[cfg(test)]

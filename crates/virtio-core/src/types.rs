@@ -143,6 +143,45 @@ impl Features {
     }
 }
 
+impl Features {
+    /// The single bit `bit` (device crates name their bits with it).
+    pub const fn bit(bit: u32) -> Features {
+        Features::from_bits_retain(1 << bit)
+    }
+
+    /// The bits a feature table accepts.
+    pub const fn accepted(table: &[FeatureBit]) -> Features {
+        let mut bits = 0u64;
+        let mut rest = table;
+        while let [first, tail @ ..] = rest {
+            if first.accept {
+                bits |= 1 << first.bit;
+            }
+            rest = tail;
+        }
+        Features::from_bits_retain(bits)
+    }
+}
+
+/// One row of a device crate's feature table: a device-specific bit and what the driver
+/// does with it. Every bit is either negotiated and implemented, or refused with a reason.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct FeatureBit {
+    pub bit: u32,
+    pub name: &'static str,
+    /// Negotiated when offered (and implemented); otherwise refused.
+    pub accept: bool,
+    /// What it does for us, or why it is refused.
+    pub note: &'static str,
+}
+
+impl FeatureBit {
+    /// Name of `bit` in `table`, for logs and reports.
+    pub fn name_in(table: &[FeatureBit], bit: u32) -> Option<&'static str> {
+        table.iter().find(|f| f.bit == bit).map(|f| f.name)
+    }
+}
+
 /// Which memory layout the transport expects for a split ring.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum RingLayoutKind {
