@@ -126,6 +126,21 @@ pub struct VkInterruptCause {
 /// `vector` value of the C functions meaning "INTx (or polling): read the ISR".
 pub const VK_VECTOR_INTX: i32 = -1;
 
+/// Decodes the `vector` argument of the C functions: `Some(k)` for MSI-X vector k, `None`
+/// for [`VK_VECTOR_INTX`] (or any value that is not a vector: read the ISR).
+pub fn vector_from_abi(vector: i32) -> Option<u16> {
+    if vector == VK_VECTOR_INTX {
+        None
+    } else {
+        u16::try_from(vector).ok()
+    }
+}
+
+/// Encodes an interrupt vector for the C functions (the inverse of [`vector_from_abi`]).
+pub fn vector_to_abi(vector: Option<u16>) -> i32 {
+    vector.map_or(VK_VECTOR_INTX, i32::from)
+}
+
 /// Interrupt delivery modes (`virtio_core::platform::InterruptMode`).
 pub const VK_IRQ_POLLING: u32 = 0;
 pub const VK_IRQ_INTX: u32 = 1;

@@ -26,7 +26,7 @@ use virtio_core::queue::{QueueStats, Segment, Used};
 use virtio_core::{DeviceType, Error, Features, Result};
 use virtio_kext_abi::{
     VK_DMA_BIDIRECTIONAL, VK_DMA_FROM_DEVICE, VK_DMA_TO_DEVICE, VK_IRQ_INTX, VK_IRQ_MSIX,
-    VK_VECTOR_INTX, VkDmaRegion, VkInterruptCause, VkQueueSpec, VkQueueStats, VkSegment, VkStatus,
+    VkDmaRegion, VkInterruptCause, VkQueueSpec, VkQueueStats, VkSegment, VkStatus, vector_to_abi,
 };
 
 /// The family's device handle (opaque).
@@ -403,7 +403,7 @@ impl Bus for FamilyBus {
     }
     fn handle_interrupt(&mut self, vector: Option<u16>) -> InterruptCause {
         let mut c = VkInterruptCause::default();
-        let v = vector.map_or(VK_VECTOR_INTX, i32::from);
+        let v = vector_to_abi(vector);
         // SAFETY: live handle; `c` is a local.
         if !unsafe { ffi::vfam_handle_interrupt(self.dev, v, &mut c) }.is_ok() {
             return InterruptCause::default();

@@ -40,7 +40,7 @@ use core::ffi::c_void;
 
 use virtio_blk::{BlkDriver, BlkError, BlkOptions, Completion, SectorRange};
 use virtio_core::{Bus, Error, Features, Segment};
-use virtio_kext_abi::{VK_VECTOR_INTX, VkSegment};
+use virtio_kext_abi::{VkSegment, vector_from_abi};
 use virtio_kext_client::{FamilyBus, VfamDevice};
 
 /// Statuses of the `vblk_*` functions and of completions.
@@ -216,14 +216,6 @@ fn status_of(e: BlkError) -> i32 {
         BlkError::Aborted => VBLK_E_ABORTED,
         BlkError::Virtio(Error::InvalidState) => VBLK_E_DEVICE,
         BlkError::Virtio(_) => VBLK_E_IO,
-    }
-}
-
-fn vector_of(v: i32) -> Option<u16> {
-    if v == VK_VECTOR_INTX {
-        None
-    } else {
-        u16::try_from(v).ok()
     }
 }
 
@@ -625,7 +617,7 @@ pub unsafe extern "C" fn vblk_interrupt(d: *mut VblkDevice, vector: i32) {
     }
     let mut capacity = None;
     let mut broken = false;
-    match d.drv.handle_interrupt(vector_of(vector)) {
+    match d.drv.handle_interrupt(vector_from_abi(vector)) {
         Ok(cause) => {
             capacity = cause.capacity_changed;
             broken = cause.needs_reset;

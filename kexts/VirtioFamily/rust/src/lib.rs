@@ -36,8 +36,8 @@ use core::ffi::c_void;
 use virtio_core::platform::{Dma, DmaRegion, InterruptMode};
 use virtio_core::{Bus, Error, Features, QueueSpec, Segment, VirtioDevice};
 use virtio_kext_abi::{
-    VK_E_BAD_ARGUMENT, VK_IRQ_INTX, VK_IRQ_MSIX, VK_IRQ_POLLING, VK_VECTOR_INTX, VkDmaRegion,
-    VkInterruptCause, VkQueueSpec, VkQueueStats, VkSegment, VkStatus,
+    VK_E_BAD_ARGUMENT, VK_IRQ_INTX, VK_IRQ_MSIX, VK_IRQ_POLLING, VkDmaRegion, VkInterruptCause,
+    VkQueueSpec, VkQueueStats, VkSegment, VkStatus, vector_from_abi,
 };
 use virtio_pci::{PciTransport, Preference, TransportKind};
 
@@ -233,17 +233,9 @@ pub unsafe extern "C" fn vfam_deliver_interrupt(dev: *mut VfamDevice, vector: i3
         Some(h) => unsafe { h(ctx, vector) },
         None => {
             if let Some(d) = self::dev(dev) {
-                d.bus.handle_interrupt(vector_of(vector));
+                d.bus.handle_interrupt(vector_from_abi(vector));
             }
         }
-    }
-}
-
-fn vector_of(v: i32) -> Option<u16> {
-    if v == VK_VECTOR_INTX {
-        None
-    } else {
-        u16::try_from(v).ok()
     }
 }
 
@@ -607,7 +599,7 @@ pub unsafe extern "C" fn vfam_handle_interrupt(
     cause: *mut VkInterruptCause,
 ) -> VkStatus {
     with(dev, |d| {
-        let c = d.bus.handle_interrupt(vector_of(vector));
+        let c = d.bus.handle_interrupt(vector_from_abi(vector));
         put(
             cause,
             VkInterruptCause {

@@ -53,7 +53,7 @@ use core::ffi::c_void;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use virtio_core::{Error, Features, Segment};
-use virtio_kext_abi::{VK_VECTOR_INTX, VkSegment};
+use virtio_kext_abi::{VkSegment, vector_from_abi};
 use virtio_kext_client::{FamilyBus, VfamDevice};
 use virtio_net::features as f;
 use virtio_net::{Duplex, MAC_TABLE_MAX, NetConfig, NetError, RxCsum, VirtioNet};
@@ -287,14 +287,6 @@ fn status_of(e: NetError) -> i32 {
     }
 }
 
-fn vector_of(v: i32) -> Option<u16> {
-    if v == VK_VECTOR_INTX {
-        None
-    } else {
-        u16::try_from(v).ok()
-    }
-}
-
 /// Receive budget per poll round, and rounds per interrupt before yielding to the shim.
 const RX_BUDGET: usize = 64;
 const RX_ROUNDS: usize = 4;
@@ -376,7 +368,7 @@ impl Inner {
             return;
         }
         self.interrupts += 1;
-        let i = self.drv.handle_interrupt(vector_of(vector));
+        let i = self.drv.handle_interrupt(vector_from_abi(vector));
         ev.link_up = self.drv.link_up().into();
         if i.config || i.needs_reset {
             match self.drv.handle_config_change() {
