@@ -36,86 +36,7 @@ const IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// How long the link stays down at most when the guest never reports seeing it.
 const LINK_DOWN_MAX: Duration = Duration::from_secs(20);
 
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The deterministic stream (identical to the guest's `net/stream.rs`): byte `i` is byte
-/// `i % 8` (LE) of `mix(seed + (i / 8) * GOLDEN)`.
-pub struct Stream {
-    seed: u64,
-    pos: u64,
-    cur: [u8; 8],
-}
-
-impl Stream {
-    pub fn new(seed: u64) -> Self {
-        Stream {
-            seed,
-            pos: 0,
-            cur: Self::word(seed, 0),
-        }
-    }
-
-    fn word(seed: u64, k: u64) -> [u8; 8] {
-        mix(seed.wrapping_add(k.wrapping_mul(GOLDEN))).to_le_bytes()
-    }
-
-    pub fn pos(&self) -> u64 {
-        self.pos
-    }
-
-    fn next_byte(&mut self) -> u8 {
-        let i = (self.pos % 8) as usize;
-        let b = self.cur[i];
-        self.pos += 1;
-        if i == 7 {
-            self.cur = Self::word(self.seed, self.pos / 8);
-        }
-        b
-    }
-
-    pub fn fill(&mut self, out: &mut [u8]) {
-        for b in out {
-            *b = self.next_byte();
-        }
-    }
-
-    /// Offset of the first byte of `data` that differs from the stream (advances anyway).
-    pub fn verify(&mut self, data: &[u8]) -> Option<u64> {
-        let mut bad = None;
-        for &b in data {
-            let pos = self.pos;
-            if self.next_byte() != b && bad.is_none() {
-                bad = Some(pos);
-            }
-        }
-        bad
-    }
-}
-
-/// FNV-1a 64 (identical to the guest's).
-#[derive(Copy, Clone, Debug)]
-pub struct Fnv(pub u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    pub fn update(&mut self, data: &[u8]) {
-        for &b in data {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-}
+pub use virtio_test_stream::{Fnv, Stream};
 
 /// What one connection did.
 #[derive(Clone, Debug, Default)]
@@ -451,43 +372,5 @@ fn toggle_link(serial: &Path, qmp: &Path, stop: &AtomicBool, log: &Mutex<LinkLog
     };
     if let Err(e) = run() {
         log.lock().unwrap().error = Some(e.to_string());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fnv1a_64_reference_values() {
-        let h = |s: &[u8]| {
-            let mut f = Fnv::default();
-            f.update(s);
-            f.0
-        };
-        assert_eq!(h(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(h(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(h(b"foobar"), 0x8594_4171_f739_67e8);
-    }
-
-    #[test]
-    fn stream_is_chunking_independent_and_verifies() {
-        let mut whole = vec![0u8; 1000];
-        Stream::new(7).fill(&mut whole);
-        let mut s = Stream::new(7);
-        let mut parts = vec![0u8; 1000];
-        for chunk in parts.chunks_mut(13) {
-            s.fill(chunk);
-        }
-        assert_eq!(whole, parts);
-        assert_eq!(&whole[..8], &mix(7).to_le_bytes());
-        assert_eq!(Stream::new(7).verify(&whole), None);
-        whole[517] ^= 1;
-        assert_eq!(Stream::new(7).verify(&whole), Some(517));
-        assert_ne!(whole[..64], {
-            let mut o = [0u8; 64];
-            Stream::new(8).fill(&mut o);
-            o
-        });
     }
 }

@@ -21,7 +21,6 @@
 
 mod phy;
 pub mod stack;
-mod stream;
 
 use super::Env;
 use super::bus;

@@ -10,7 +10,6 @@
 //! next to the virtio events can count kicks and interrupts per phase (`xtask bench net`).
 //! (`cpu_out` would not do: TCG's `out` does not go through the traced path.)
 
-use super::stream::{Fnv, Stream};
 use crate::check;
 use crate::report;
 use alloc::format;
@@ -21,6 +20,7 @@ use smoltcp::phy::Device;
 use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address, Ipv4Cidr};
+use virtio_test_stream::{Fnv, Stream};
 
 const GATEWAY: Ipv4Address = Ipv4Address::new(10, 0, 2, 2);
 /// Seeds of the two directions of connection `c`: host → guest and guest → host.

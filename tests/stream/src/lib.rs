@@ -1,8 +1,10 @@
-//! The deterministic test stream and the hash both ends compute (the host's copy is in
-//! `tests/src/qemu/net_peer.rs`; keep the two identical).
+//! The deterministic test stream and the hash both ends of the end-to-end network test
+//! compute: the bare-metal guest (`tests/guest`, `scenarios/net`) and the host's TCP peer
+//! (`tests/src/qemu/net_peer.rs`) use this one definition.
 //!
 //! Byte `i` of the stream with seed `s` is byte `i % 8` (little-endian) of
 //! `splitmix64(s + (i / 8) * 0x9E37_79B9_7F4A_7C15)`; the hash is FNV-1a 64 over the bytes.
+#![no_std]
 
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -69,8 +71,14 @@ impl Stream {
 }
 
 /// FNV-1a 64.
-#[derive(Copy, Clone)]
-pub struct Fnv(u64);
+#[derive(Copy, Clone, Debug)]
+pub struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv::new()
+    }
+}
 
 impl Fnv {
     pub const fn new() -> Self {
@@ -88,5 +96,41 @@ impl Fnv {
 
     pub fn value(self) -> u64 {
         self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_64_reference_values() {
+        let h = |s: &[u8]| {
+            let mut f = Fnv::default();
+            f.update(s);
+            f.value()
+        };
+        assert_eq!(h(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(h(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(h(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn stream_is_chunking_independent_and_verifies() {
+        let mut whole = [0u8; 1000];
+        Stream::new(7).fill(&mut whole);
+        let mut s = Stream::new(7);
+        let mut parts = [0u8; 1000];
+        for chunk in parts.chunks_mut(13) {
+            s.fill(chunk);
+        }
+        assert_eq!(whole, parts);
+        assert_eq!(&whole[..8], &mix(7).to_le_bytes());
+        assert_eq!(Stream::new(7).verify(&whole), None);
+        whole[517] ^= 1;
+        assert_eq!(Stream::new(7).verify(&whole), Some(517));
+        let mut other = [0u8; 64];
+        Stream::new(8).fill(&mut other);
+        assert_ne!(whole[..64], other);
     }
 }
