@@ -499,6 +499,11 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
     pub fn bus(&self) -> &B {
         &self.bus
     }
+    /// The bus, e.g. for the platform to route interrupts (its interrupt plumbing lives
+    /// there); do not use the driver's queues through it.
+    pub fn bus_mut(&mut self) -> &mut B {
+        &mut self.bus
+    }
     pub fn pool(&self) -> &P {
         &self.pool
     }

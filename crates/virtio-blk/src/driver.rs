@@ -540,6 +540,11 @@ impl<B: Bus> BlkDriver<B> {
     pub fn bus(&self) -> &B {
         &self.bus
     }
+    /// The bus, e.g. for the platform to route interrupts (its interrupt plumbing lives
+    /// there); do not use the driver's queues through it.
+    pub fn bus_mut(&mut self) -> &mut B {
+        &mut self.bus
+    }
     /// Request queues in use.
     pub fn num_queues(&self) -> u16 {
         self.queues.len() as u16

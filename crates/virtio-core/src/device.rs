@@ -106,6 +106,10 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
     pub fn interrupt_platform(&mut self) -> &mut I {
         &mut self.irq
     }
+    /// The interrupt platform, shared (e.g. to read its counters).
+    pub fn interrupts(&self) -> &I {
+        &self.irq
+    }
 
     /// Interrupts taken per MSI-X vector (empty without MSI-X), and through the ISR.
     pub fn interrupt_counts(&self) -> (&[u64], u64) {

@@ -26,25 +26,23 @@
 //! it), `balloon_targets=` (MiB, comma-separated), `balloon_test=main|oom|report`,
 //! `balloon_oom_pages=` (default 1024), `balloon_report_ranges=` (default 64, 256 KiB each).
 
-mod irqbus;
 mod pool;
 
 use super::Env;
-use super::bus;
+use super::bus::{self, GuestBus};
 use crate::check;
 use crate::cmdline::IrqMode;
 use crate::report;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
-use irqbus::IrqBus;
 use pool::HeapPool;
 use virtio_balloon::features::{DEFLATE_ON_OOM, PAGE_REPORTING, STATS_VQ};
-use virtio_balloon::{BalloonDriver, BalloonOptions};
+use virtio_balloon::{BalloonDriver, BalloonEvent, BalloonOptions};
 use virtio_core::Bus;
 use virtio_core::platform::InterruptMode;
 
-type Driver = BalloonDriver<IrqBus, HeapPool>;
+type Driver = BalloonDriver<GuestBus, HeapPool>;
 
 const MIB: u64 = 1 << 20;
 const FRAME: u64 = 4096;
@@ -71,11 +69,23 @@ fn serve(
             crate::time::delay_ns(50_000);
             d.poll()
         } else {
-            let bus = d.bus();
-            if !crate::time::wait_until(10, || bus.has_pending()) {
+            if !d.bus().interrupts().wait(u64::MAX, 10) {
                 continue;
             }
-            d.handle_interrupt(None)
+            let mut r = Ok(BalloonEvent::default());
+            bus::dispatch(
+                d,
+                |d| d.bus_mut(),
+                |d, vector| match d.handle_interrupt(vector) {
+                    Ok(ev) => {
+                        if let Ok(all) = &mut r {
+                            all.needs_reset |= ev.needs_reset;
+                        }
+                    }
+                    Err(e) => r = Err(e),
+                },
+            );
+            r
         };
         match r {
             Ok(ev) if ev.needs_reset => {
@@ -120,7 +130,7 @@ pub fn run(env: &mut Env) {
     let addr = func.addr;
     let has_msix = func.msix_table_size().is_some();
     let dev = match bus::open(env, func) {
-        Ok(d) => IrqBus::new(d),
+        Ok(d) => d,
         Err(e) => {
             check!("balloon.init", false, "{addr} {e}");
             return;
@@ -242,7 +252,6 @@ pub fn run(env: &mut Env) {
     report::stat("balloon.alloc_failures", c.alloc_failures);
     report::stat("balloon.reports", c.reports);
     report::stat("balloon.ranges_reported", c.ranges_reported);
-    report::stat("balloon.services", d.bus().services);
     check!(
         "balloon.stats",
         c.stats_buffers >= 2 && d.pool().acct.stats_calls >= c.stats_buffers,
@@ -272,7 +281,7 @@ pub fn run(env: &mut Env) {
     }
 
     // ---- 6. shutdown: every page back ----
-    d.bus().stats("balloon", layout.indices());
+    bus::stats("balloon", d.bus_mut());
     d.shutdown();
     let p = d.pool();
     let a = p.acct;

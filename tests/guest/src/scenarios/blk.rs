@@ -110,7 +110,7 @@ pub fn run(env: &mut Env) {
     }
     report::stat("blk.added", c.added);
     report::stat("blk.spurious", disk.drv.bus().spurious_interrupts());
-    super::device_stats("blk", c.kicks, c.completions, &disk.irq.borrow());
+    super::device_stats("blk", c.kicks, c.completions, disk.irq());
     drop(disk);
     slots.free();
 }
@@ -119,7 +119,7 @@ pub fn run(env: &mut Env) {
 fn init_checks(env: &Env, disk: &mut Disk, test: &str) -> bool {
     let info = *disk.drv.info();
     let f = disk.drv.features();
-    let mode = disk.irq.borrow().mode();
+    let mode = disk.irq().mode();
     let mut problems: Vec<String> = Vec::new();
     let want_mode = matches!(
         (env.irq, mode),
@@ -1012,7 +1012,7 @@ pub fn bench(env: &mut Env) {
         "bench.init",
         true,
         "{:?} features={:#x} capacity={} depth={}",
-        disk.irq.borrow().mode(),
+        disk.irq().mode(),
         disk.drv.features().bits(),
         info.capacity,
         disk.drv.queue_depth(0).unwrap_or(0)
@@ -1048,7 +1048,7 @@ pub fn bench(env: &mut Env) {
         }
     }
     let c = disk.counters();
-    super::device_stats("blk", c.kicks, c.completions, &disk.irq.borrow());
+    super::device_stats("blk", c.kicks, c.completions, disk.irq());
     drop(disk);
     // SAFETY: the driver (and with it the device) was reset by the drop above.
     unsafe { GuestDma.free_coherent(bufs) };

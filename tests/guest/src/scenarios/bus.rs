@@ -35,24 +35,38 @@ pub fn open(env: &Env, f: &PciFunction) -> Result<GuestBus, String> {
     Ok(VirtioDevice::new(transport, dev.dma, dev.irq))
 }
 
-/// Feeds recorded interrupts to the bus: MSI-X entry k → `handle_interrupt(Some(k))`;
-/// INTx → `handle_interrupt(None)` (reads the ISR, de-asserting the line), then re-arms
-/// the line. Returns the union of the causes.
-pub fn service(bus: &mut GuestBus) -> InterruptCause {
-    let pending = bus.interrupt_platform().take_pending();
-    let mut cause = InterruptCause::default();
-    let mut merge = |c: InterruptCause| {
-        cause.queues.0 |= c.queues.0;
-        cause.config_changed |= c.config_changed;
-        cause.needs_reset |= c.needs_reset;
-    };
+/// Feeds the interrupts recorded for a device's function to its interrupt entry `handle`
+/// (the bus's, or a driver's that owns the bus): INTx → `handle(None)` (which reads the
+/// ISR, de-asserting the line), then the line is re-armed; MSI-X entry k →
+/// `handle(Some(k))`. `bus` reaches the bus inside `dev`.
+pub fn dispatch<D>(
+    dev: &mut D,
+    bus: fn(&mut D) -> &mut GuestBus,
+    mut handle: impl FnMut(&mut D, Option<u16>),
+) {
+    let pending = bus(dev).interrupt_platform().take_pending();
     if pending & (1 << INTX_INDEX) != 0 {
-        merge(bus.handle_interrupt(None));
-        bus.interrupt_platform().intx_done();
+        handle(dev, None);
+        bus(dev).interrupt_platform().intx_done();
     }
     for k in (0..INTX_INDEX).filter(|k| pending & (1 << k) != 0) {
-        merge(bus.handle_interrupt(Some(k)));
+        handle(dev, Some(k));
     }
+}
+
+/// [`dispatch`] to the bus itself; returns the union of the causes.
+pub fn service(bus: &mut GuestBus) -> InterruptCause {
+    let mut cause = InterruptCause::default();
+    dispatch(
+        bus,
+        |b| b,
+        |b, v| {
+            let c = b.handle_interrupt(v);
+            cause.queues.0 |= c.queues.0;
+            cause.config_changed |= c.config_changed;
+            cause.needs_reset |= c.needs_reset;
+        },
+    );
     cause
 }
 

@@ -1,41 +1,16 @@
 //! `virtio_blk::BlkDriver` over the guest's bus, with interrupt servicing and blocking
 //! helpers for the scenario.
-//!
-//! `BlkDriver` owns its bus and only lends it out shared (`bus()`), while the guest's
-//! `PciInterrupts` needs the scenario to take pending bits and re-arm INTx: the
-//! interrupt platform is therefore shared (`SharedIrq`) between the bus and the scenario.
 
 use super::super::Env;
-use super::super::bus::preference;
+use super::super::bus::{self, GuestBus};
 use crate::pci::PciFunction;
-use crate::platform::{GuestDma, INTX_INDEX, PciBars, PciConfig, PciInterrupts};
+use crate::platform::PciInterrupts;
 use alloc::format;
-use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::cell::RefCell;
 use virtio_blk::{BlkDriver, BlkError, BlkOptions, Completion, Request};
 use virtio_core::Features;
-use virtio_core::device::VirtioDevice;
-use virtio_core::platform::{InterruptMode, InterruptPlatform};
-use virtio_pci::{PciTransport, probe};
-
-/// The function's interrupt plumbing, shared by the bus and the scenario.
-pub struct SharedIrq(pub Rc<RefCell<PciInterrupts>>);
-
-impl InterruptPlatform for SharedIrq {
-    fn enable_msix(&mut self, vectors: u16) -> bool {
-        self.0.borrow_mut().enable_msix(vectors)
-    }
-    fn enable_intx(&mut self) -> bool {
-        self.0.borrow_mut().enable_intx()
-    }
-    fn disable(&mut self) {
-        self.0.borrow_mut().disable()
-    }
-}
-
-pub type BlkBus = VirtioDevice<PciTransport<PciConfig, PciBars>, GuestDma, SharedIrq>;
+use virtio_core::platform::InterruptMode;
 
 pub type Outcome = Result<Completion, BlkError>;
 
@@ -61,8 +36,7 @@ impl core::ops::Sub for Counters {
 }
 
 pub struct Disk {
-    pub drv: BlkDriver<BlkBus>,
-    pub irq: Rc<RefCell<PciInterrupts>>,
+    pub drv: BlkDriver<GuestBus>,
     /// Completed caller requests not yet claimed.
     pub done: Vec<(usize, Outcome)>,
     next_token: usize,
@@ -72,16 +46,11 @@ pub struct Disk {
 
 /// Opens `f`, masks `mask` out of the features, and brings the driver up.
 pub fn open(env: &Env, f: &PciFunction, opts: BlkOptions, mask: Features) -> Result<Disk, String> {
-    let dev = env.open(f);
-    let transport =
-        probe(dev.config, dev.bars, preference(env)).map_err(|e| format!("probe: {e:?}"))?;
-    let irq = Rc::new(RefCell::new(dev.irq));
-    let mut bus = VirtioDevice::new(transport, dev.dma, SharedIrq(irq.clone()));
+    let mut bus = bus::open(env, f)?;
     bus.set_feature_mask(mask);
     let drv = BlkDriver::new(bus, opts).map_err(|e| format!("BlkDriver::new: {e}"))?;
     Ok(Disk {
         drv,
-        irq,
         done: Vec::new(),
         next_token: 1,
         config_events: 0,
@@ -91,7 +60,12 @@ pub fn open(env: &Env, f: &PciFunction, opts: BlkOptions, mask: Features) -> Res
 
 impl Disk {
     pub fn polling(&self) -> bool {
-        self.irq.borrow().mode() == InterruptMode::Polling
+        self.irq().mode() == InterruptMode::Polling
+    }
+
+    /// The function's interrupt plumbing (counters, mode).
+    pub fn irq(&self) -> &PciInterrupts {
+        self.drv.bus().interrupts()
     }
 
     pub fn token(&mut self) -> usize {
@@ -102,7 +76,7 @@ impl Disk {
     /// Guest-side counters summed over the queues, plus interrupts taken.
     pub fn counters(&self) -> Counters {
         let mut c = Counters {
-            irqs: self.irq.borrow().total(),
+            irqs: self.irq().total(),
             ..Counters::default()
         };
         for q in 0..self.drv.num_queues() {
@@ -118,16 +92,16 @@ impl Disk {
     /// Feeds recorded interrupts to the driver, then collects every queue's completions
     /// into `done`. Returns how many completed.
     pub fn service(&mut self) -> Result<usize, BlkError> {
-        let pending = self.irq.borrow().take_pending();
-        if pending & (1 << INTX_INDEX) != 0 {
-            let c = self.drv.handle_interrupt(None)?;
-            self.note(c);
-            self.irq.borrow().intx_done();
-        }
-        for k in (0..INTX_INDEX).filter(|k| pending & (1 << k) != 0) {
-            let c = self.drv.handle_interrupt(Some(k))?;
-            self.note(c);
-        }
+        let mut result = Ok(());
+        bus::dispatch(
+            self,
+            |d| d.drv.bus_mut(),
+            |d, vector| match d.drv.handle_interrupt(vector) {
+                Ok(c) => d.note(c),
+                Err(e) => result = Err(e),
+            },
+        );
+        result?;
         let mut n = 0;
         let done = &mut self.done;
         for q in 0..self.drv.num_queues() {
@@ -165,7 +139,7 @@ impl Disk {
                 core::hint::spin_loop();
             } else {
                 let slice = ((deadline - now) / 1_000_000).clamp(1, 10);
-                self.irq.borrow().wait(u64::MAX, slice);
+                self.irq().wait(u64::MAX, slice);
             }
         }
     }
