@@ -17,12 +17,22 @@ const V1: u64 = 1 << 32;
 /// The platform's logger, a plain `static` (const constructor, no allocation).
 static LOGGER: ConsoleLogger<SimConsoleBus> = ConsoleLogger::new(LevelFilter::Info);
 
+/// The two tests run one at a time: `LOGGER` is the process-wide `log` sink, so the other
+/// test's driver diagnostics would take its lock concurrently, and `with` (a bounded
+/// try-lock, by design) could then find it busy.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]
 fn global_logger_over_emergency_write() {
+    let _serial = serial();
     let sim = SimBuilder::new(SimMode::Transitional, 3)
         .features(F_MULTIPORT | F_EMERG_WRITE | RING | V1)
         .queues(&cm::queue_sizes(4, 64))
@@ -96,6 +106,7 @@ fn global_logger_over_emergency_write() {
 
 #[test]
 fn logger_without_emergency_write_uses_port0() {
+    let _serial = serial();
     let sim = SimBuilder::new(SimMode::Modern, 3)
         .features(RING | V1)
         .queues(&cm::queue_sizes(0, 64))
