@@ -22,6 +22,7 @@ mod toolchain;
 
 pub use devices::{BLK_SERIAL, DISK_BYTES, DeviceKind, NET_MAC, SCENARIOS, ScenarioSpec, scenario};
 pub use toolchain::{
+    find_workspace,
     GuestToolchain, build_guest, ensure as ensure_toolchain, guest_dir, target_dir,
 };
 

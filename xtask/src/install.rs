@@ -40,7 +40,7 @@ fn is_root() -> bool {
 
 pub fn cmd_install(args: &[String]) -> Result<bool, String> {
     let dry_run = args.iter().any(|a| a == "--dry-run");
-    let root = kexts::workspace_root();
+    let root = kexts::workspace_root()?;
     let built = root.join("target/kexts");
     let dest = PathBuf::from(
         std::env::var("KEXT_INSTALL_DIR").unwrap_or_else(|_| "/Library/Extensions".into()),
@@ -106,11 +106,12 @@ pub fn cmd_install(args: &[String]) -> Result<bool, String> {
             println!("  {:32} {}", s.what, s.cmd.join(" "));
         }
         if !unlinked.is_empty() {
-            println!(
-                "note: not linked yet (no Contents/MacOS executable): {}; link them with \
-                 `cargo xtask kexts` on macOS with Xcode, or with KERNEL_SDK and KEXT_LD set",
+            // Nothing half-installable: a plan with a bundle that cannot load is a failure.
+            return Err(format!(
+                "not installable: no linked executable in {} (run `cargo xtask kexts` with a \
+                 Kernel SDK: KERNEL_SDK=<path>, or `cargo xtask kexts --fetch-sdk`)",
                 unlinked.join(", ")
-            );
+            ));
         }
         return Ok(true);
     }
@@ -123,8 +124,8 @@ pub fn cmd_install(args: &[String]) -> Result<bool, String> {
     }
     if !unlinked.is_empty() {
         return Err(format!(
-            "bundles without an executable: {} (run `cargo xtask kexts` on macOS with Xcode, \
-             or set KERNEL_SDK and KEXT_LD)",
+            "bundles without an executable: {} (run `cargo xtask kexts` with a Kernel SDK: \
+             KERNEL_SDK=<path>, or `cargo xtask kexts --fetch-sdk`)",
             unlinked.join(", ")
         ));
     }

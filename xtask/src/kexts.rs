@@ -37,8 +37,6 @@ pub const MACOS_MIN: &str = "10.13";
 const TARGET_JSON: &str = "kexts/targets/x86_64-apple-macos-kext.json";
 const TARGET_NAME: &str = "x86_64-apple-macos-kext";
 
-/// Kernel symbols the Rust runtime (`virtio-kext-abi`, feature `kext`) imports.
-const RUST_KERNEL_IMPORTS: &[&str] = &["IOMallocAligned", "IOFreeAligned", "IOLog", "panic"];
 
 /// One value in a personality.
 #[derive(Clone, Copy, Debug)]
@@ -81,6 +79,9 @@ pub struct KextSpec {
     pub personalities: &'static [Personality],
     /// C++ shim sources in `<dir>/shim`.
     pub shim_sources: &'static [&'static str],
+    /// Exported-symbols list (globs of Mach-O names): what other kexts link against. Every
+    /// other definition is made local, so no kext defines a symbol its libraries define.
+    pub exports: &'static [&'static str],
 }
 
 impl KextSpec {
@@ -130,6 +131,8 @@ pub const KEXTS: &[KextSpec] = &[
             ],
         }],
         shim_sources: &["VirtioPCITransport.cpp"],
+        // The bus functions and the nub class (29 = length of its name in C++ mangling).
+        exports: &["_vfam_*", "*29org_virtiodarwin_VirtioDevice*"],
     },
     KextSpec {
         name: "VirtioNet",
@@ -154,6 +157,7 @@ pub const KEXTS: &[KextSpec] = &[
             properties: &[("VirtioDeviceType", Value::Int(1))],
         }],
         shim_sources: &["VirtioNetController.cpp"],
+        exports: &[],
     },
     KextSpec {
         name: "VirtioBlock",
@@ -177,6 +181,7 @@ pub const KEXTS: &[KextSpec] = &[
             properties: &[("VirtioDeviceType", Value::Int(2))],
         }],
         shim_sources: &["VirtioBlockDevice.cpp"],
+        exports: &[],
     },
 ];
 
@@ -188,11 +193,12 @@ pub fn present(root: &Path) -> Vec<&'static KextSpec> {
         .collect()
 }
 
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+/// The workspace, found at run time (see `virtio_tests::qemu::find_workspace`).
+pub fn workspace_root() -> Result<PathBuf, String> {
+    virtio_tests::qemu::find_workspace().ok_or_else(|| {
+        "cannot find the virtio-darwin workspace: run cargo xtask from inside the repository"
+            .to_string()
+    })
 }
 
 // ---------------------------------------------------------------- Info.plist
@@ -205,10 +211,12 @@ fn xml_escape(s: &str) -> String {
 
 fn value_xml(v: &Value, key: &str, indent: &str, out: &mut String) {
     let _ = match v {
+        // The ID masks hold `&`, which XML (and the kernel's OSUnserializeXML) accepts only
+        // as `&amp;`.
         Value::Str(_) if key == "IOPCIPrimaryMatch" => writeln!(
             out,
             "{indent}<string>{}</string>",
-            virtio_pci::IOPCI_PRIMARY_MATCH_ALL
+            xml_escape(virtio_pci::IOPCI_PRIMARY_MATCH_ALL)
         ),
         Value::Str(s) => writeln!(out, "{indent}<string>{}</string>", xml_escape(s)),
         Value::Int(n) => writeln!(out, "{indent}<integer>{n}</integer>"),
@@ -281,33 +289,16 @@ pub fn info_plist(k: &KextSpec) -> String {
     o
 }
 
-/// Checks a generated plist: well-formed tags, and the project's rules.
+/// Checks a generated plist as the kernel reads it: parsed by a real property-list parser
+/// (a bare `&` or an unbalanced tag fails here as it fails in OSUnserializeXML), then the
+/// project's rules on the parsed values.
 pub fn validate_plist(k: &KextSpec, xml: &str) -> Result<(), String> {
-    // Tag balance (the subset of XML a plist uses).
-    let mut stack: Vec<String> = Vec::new();
-    let mut rest = xml;
-    while let Some(i) = rest.find('<') {
-        let Some(j) = rest[i..].find('>') else {
-            return Err("unterminated tag".into());
-        };
-        let tag = &rest[i + 1..i + j];
-        rest = &rest[i + j + 1..];
-        if tag.starts_with('?') || tag.starts_with('!') || tag.ends_with('/') {
-            continue;
-        }
-        if let Some(name) = tag.strip_prefix('/') {
-            match stack.pop() {
-                Some(open) if open == name => {}
-                other => return Err(format!("</{name}> closes {other:?}")),
-            }
-        } else {
-            stack.push(tag.split_whitespace().next().unwrap_or("").to_string());
-        }
-    }
-    if !stack.is_empty() {
-        return Err(format!("unclosed tags {stack:?}"));
-    }
-    let has = |s: &str| xml.contains(s);
+    let value = plist::Value::from_reader_xml(xml.as_bytes())
+        .map_err(|e| format!("{}: Info.plist does not parse: {e}", k.name))?;
+    let dict = value
+        .as_dictionary()
+        .ok_or_else(|| format!("{}: Info.plist is not a dictionary", k.name))?;
+    let string = |key: &str| dict.get(key).and_then(plist::Value::as_string);
     for key in [
         "CFBundleIdentifier",
         "CFBundleExecutable",
@@ -317,38 +308,69 @@ pub fn validate_plist(k: &KextSpec, xml: &str) -> Result<(), String> {
         "OSBundleLibraries",
         "OSBundleRequired",
     ] {
-        if !has(&format!("<key>{key}</key>")) {
+        if !dict.contains_key(key) {
             return Err(format!("{}: missing {key}", k.name));
         }
     }
-    if !has("<key>OSBundleRequired</key>\n\t<string>Root</string>") {
+    if string("CFBundleExecutable") != Some(k.name) {
+        return Err(format!("{}: CFBundleExecutable is not {}", k.name, k.name));
+    }
+    if string("CFBundleIdentifier") != Some(k.bundle_id().as_str()) {
+        return Err(format!("{}: CFBundleIdentifier is not {}", k.name, k.bundle_id()));
+    }
+    if string("CFBundlePackageType") != Some("KEXT") {
+        return Err(format!("{}: CFBundlePackageType is not KEXT", k.name));
+    }
+    if string("OSBundleRequired") != Some("Root") {
         return Err(format!("{}: OSBundleRequired must be Root", k.name));
     }
-    if k.is_library != has("<key>OSBundleCompatibleVersion</key>") {
+    if k.is_library != dict.contains_key("OSBundleCompatibleVersion") {
         return Err(format!("{}: OSBundleCompatibleVersion iff library", k.name));
     }
+    let personalities = dict
+        .get("IOKitPersonalities")
+        .and_then(plist::Value::as_dictionary)
+        .ok_or_else(|| format!("{}: IOKitPersonalities is not a dictionary", k.name))?;
     for p in k.personalities {
-        if !p.io_class.starts_with(CLASS_PREFIX) {
+        let Some(parsed) = personalities
+            .get(p.name)
+            .and_then(plist::Value::as_dictionary)
+        else {
+            return Err(format!("{}: personality {} missing", k.name, p.name));
+        };
+        let get = |key: &str| parsed.get(key).and_then(plist::Value::as_string);
+        if !p.io_class.starts_with(CLASS_PREFIX) || get("IOClass") != Some(p.io_class) {
             return Err(format!("{}: class {} lacks the prefix", k.name, p.io_class));
+        }
+        if get("CFBundleIdentifier") != Some(k.bundle_id().as_str()) {
+            return Err(format!("{}: personality {} names another bundle", k.name, p.name));
         }
         if p.provider_class != "IOPCIDevice" {
             if !p.provider_class.starts_with(CLASS_PREFIX) {
                 return Err(format!("{}: provider {}", k.name, p.provider_class));
             }
-            if !p.properties.iter().any(|(key, _)| *key == DEVICE_TYPE_KEY) {
+            if parsed
+                .get(DEVICE_TYPE_KEY)
+                .and_then(plist::Value::as_unsigned_integer)
+                .is_none()
+            {
                 return Err(format!("{}: matches no {DEVICE_TYPE_KEY}", k.name));
             }
-        } else if !has(&format!(
-            "<string>{}</string>",
-            virtio_pci::IOPCI_PRIMARY_MATCH_ALL
-        )) {
+        } else if get("IOPCIPrimaryMatch") != Some(virtio_pci::IOPCI_PRIMARY_MATCH_ALL) {
             return Err(format!(
                 "{}: IOPCIPrimaryMatch not from the ID table",
                 k.name
             ));
         }
     }
+    let libraries = dict
+        .get("OSBundleLibraries")
+        .and_then(plist::Value::as_dictionary)
+        .ok_or_else(|| format!("{}: OSBundleLibraries is not a dictionary", k.name))?;
     for (id, v) in k.libraries {
+        if libraries.get(id).and_then(plist::Value::as_string) != Some(v) {
+            return Err(format!("{}: OSBundleLibraries lacks {id} {v}", k.name));
+        }
         if id.starts_with(BUNDLE_PREFIX) {
             // A dependency on our library kext: between its compatible and current version.
             if version_key(v) < version_key(COMPATIBLE_VERSION)
@@ -478,18 +500,6 @@ pub fn archive_symbols(bytes: &[u8]) -> Result<(BTreeSet<String>, BTreeSet<Strin
     Ok((defined, undefined))
 }
 
-/// Undefined symbols of a Mach-O object file.
-fn object_undefined(bytes: &[u8]) -> Result<BTreeSet<String>, String> {
-    use object::{Object, ObjectSymbol};
-    let obj = object::File::parse(bytes).map_err(|e| e.to_string())?;
-    Ok(obj
-        .symbols()
-        .filter(|s| s.is_undefined())
-        .filter_map(|s| s.name().ok())
-        .map(|n| n.strip_prefix('_').unwrap_or(n).to_string())
-        .collect())
-}
-
 /// Checks a built library against its header: exported C functions == declared ones, and
 /// every other import is the kernel runtime's or (device kexts) the family's.
 pub fn check_library(k: &KextSpec, lib: &[u8], header: &str) -> Result<(), String> {
@@ -510,7 +520,7 @@ pub fn check_library(k: &KextSpec, lib: &[u8], header: &str) -> Result<(), Strin
     }
     let unexpected: Vec<&String> = undefined
         .iter()
-        .filter(|s| !RUST_KERNEL_IMPORTS.contains(&s.as_str()))
+        .filter(|s| !kernel_exports().any(|(k, _)| k.strip_prefix('_') == Some(s.as_str())))
         .filter(|s| !k.imports_prefix.is_some_and(|p| s.starts_with(p)))
         .collect();
     if !unexpected.is_empty() {
@@ -519,53 +529,119 @@ pub fn check_library(k: &KextSpec, lib: &[u8], header: &str) -> Result<(), Strin
     Ok(())
 }
 
+// ---------------------------------------------------------------- kernel exports
+
+/// `kexts/kernel-imports.tsv`: every kernel and family symbol the kexts import, with the
+/// bundle that exports it (see the file's header).
+const KERNEL_IMPORTS_TABLE: &str = include_str!("../../kexts/kernel-imports.tsv");
+
+/// (symbol, exporting library) pairs of [`KERNEL_IMPORTS_TABLE`].
+pub fn kernel_exports() -> impl Iterator<Item = (&'static str, &'static str)> {
+    KERNEL_IMPORTS_TABLE
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split_once('\t'))
+}
+
+/// What `k` may import: the kernel symbols its declared libraries export, plus what the
+/// family bundle exports when `k` declares the family.
+fn allowed_imports(k: &KextSpec, family_exports: &[String]) -> BTreeSet<String> {
+    let declared = |lib: &str| k.libraries.iter().any(|(id, _)| *id == lib);
+    let mut allowed: BTreeSet<String> = kernel_exports()
+        .filter(|(_, lib)| declared(lib))
+        .map(|(sym, _)| sym.to_string())
+        .collect();
+    if declared(FAMILY_ID) {
+        allowed.extend(family_exports.iter().cloned());
+    }
+    allowed
+}
+
+/// Checks a linked bundle against the kernel linker's rules (`kextld::check`).
+fn check_bundle(k: &KextSpec, bytes: &[u8], family_exports: &[String]) -> Result<(), String> {
+    let ctx = kextld::check::CheckContext {
+        library_exports: allowed_imports(k, family_exports),
+        export_patterns: k.exports.iter().map(|s| s.to_string()).collect(),
+    };
+    let violations = kextld::check::check(bytes, &ctx);
+    if violations.is_empty() {
+        return Ok(());
+    }
+    let mut msg = format!(
+        "{}: the bundle breaks {} of the kernel linker's rules:",
+        k.name,
+        violations.len()
+    );
+    for v in &violations {
+        let _ = write!(msg, "\n  - {v}");
+    }
+    Err(msg)
+}
+
 // ---------------------------------------------------------------- the command
 
 fn run(cmd: &mut Command) -> Result<(), String> {
     let status = cmd
         .status()
-        .map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
+        .map_err(|e| format!("{}: {e}", cmd.get_program().to_string_lossy()))?;
     if status.success() {
         Ok(())
     } else {
-        Err(format!("{cmd:?} failed: {status}"))
+        Err(format!(
+            "{} failed ({status})",
+            cmd.get_program().to_string_lossy()
+        ))
     }
 }
 
-fn find_tool(env: &str, candidates: &[&str]) -> Option<PathBuf> {
-    if let Ok(p) = std::env::var(env) {
-        return Some(PathBuf::from(p));
-    }
-    candidates.iter().map(PathBuf::from).find(|p| {
-        p.is_absolute() && p.exists()
-            || Command::new(p)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-    })
+/// The public Kernel SDK a user may fetch with `--fetch-sdk`.
+const SDK_REPOSITORY: &str = "https://github.com/acidanthera/MacKernelSDK";
+
+fn fetched_sdk(root: &Path) -> PathBuf {
+    root.join("target/MacKernelSDK")
 }
 
-/// The Kernel.framework headers: `KERNEL_SDK` (its `Headers` directory or the SDK root), or
-/// Xcode's on macOS.
-fn kernel_headers() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("KERNEL_SDK") {
-        let p = PathBuf::from(p);
-        return Some(if p.join("Headers").is_dir() {
+/// The Kernel SDK: `KERNEL_SDK` (its root, or its `Headers` directory), else one fetched
+/// with `--fetch-sdk` into `target/`, else Xcode's on macOS. Returns the headers directory.
+fn kernel_headers(root: &Path) -> Option<PathBuf> {
+    let from_root = |p: PathBuf| {
+        if p.join("Headers").is_dir() {
             p.join("Headers")
         } else {
             p
-        });
+        }
+    };
+    if let Ok(p) = std::env::var("KERNEL_SDK") {
+        return Some(from_root(PathBuf::from(p)));
+    }
+    if fetched_sdk(root).join("Headers").is_dir() {
+        return Some(fetched_sdk(root).join("Headers"));
     }
     if cfg!(target_os = "macos") {
-        let out = Command::new("xcrun")
-            .args(["--sdk", "macosx", "--show-sdk-path"])
-            .output()
-            .ok()?;
-        let sdk = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        let h = sdk.join("System/Library/Frameworks/Kernel.framework/Headers");
+        let h = xcode_sdk()?.join("System/Library/Frameworks/Kernel.framework/Headers");
         return h.is_dir().then_some(h);
     }
     None
+}
+
+fn xcode_sdk() -> Option<PathBuf> {
+    let out = Command::new("xcrun")
+        .args(["--sdk", "macosx", "--show-sdk-path"])
+        .output()
+        .ok()?;
+    Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// `libkmod.a` (the kext's `_start`/`_stop`): next to the SDK's headers
+/// (`Library/x86_64/libkmod.a` in the public SDK), or in Xcode's SDK.
+fn libkmod(headers: &Path) -> Option<PathBuf> {
+    let mut candidates = vec![headers.join("../Library/x86_64/libkmod.a")];
+    if cfg!(target_os = "macos")
+        && let Some(sdk) = xcode_sdk()
+    {
+        candidates.push(sdk.join("usr/lib/libkmod.a"));
+    }
+    candidates.into_iter().find(|p| p.is_file())
 }
 
 /// Builds the Rust static library of `k`; returns its path.
@@ -581,6 +657,7 @@ fn build_staticlib(root: &Path, k: &KextSpec) -> Result<PathBuf, String> {
         .env_remove("RUSTFLAGS")
         .args([
             "rustc",
+            "-q",
             "-p",
             k.crate_name,
             "--release",
@@ -604,38 +681,61 @@ fn build_staticlib(root: &Path, k: &KextSpec) -> Result<PathBuf, String> {
         .join(k.lib_file()))
 }
 
-/// An object defining `dyld_stub_binder`, for the trial link only.
-fn stub_binder(clang: &str, dir: &Path) -> Result<PathBuf, String> {
-    let src = dir.join("stub_binder.c");
-    let obj = dir.join("stub_binder.o");
-    std::fs::write(
-        &src,
-        "void stub(void) __asm__(\"dyld_stub_binder\");\nvoid stub(void) {}\n",
-    )
-    .map_err(|e| e.to_string())?;
-    run(Command::new(clang)
-        .args(["-target", "x86_64-apple-macos10.13", "-c"])
-        .arg(&src)
-        .arg("-o")
-        .arg(&obj))?;
-    Ok(obj)
-}
-
-/// `kmod_info` for the executable (what Xcode generates as `<name>_info.c`).
-fn kmod_info_source(k: &KextSpec) -> String {
+/// The kext's `kmod_info` (what Xcode generates as `<name>_info.c`), self-contained: the
+/// `kmod_info_t` layout of `<mach/kmod.h>` is spelled out, so no SDK header is needed.
+/// `standalone` adds `_start`/`_stop` as `libkmod.a` defines them, for the Rust half linked
+/// on its own (a full bundle takes them from the SDK's `libkmod.a`).
+pub fn kmod_info_source(k: &KextSpec) -> String {
     format!(
-        "#include <mach/mach_types.h>\n\
-         extern kern_return_t _start(kmod_info_t *ki, void *data);\n\
-         extern kern_return_t _stop(kmod_info_t *ki, void *data);\n\
-         __attribute__((visibility(\"default\"))) KMOD_EXPLICIT_DECL({}, \"{VERSION}\", _start, _stop)\n\
-         __private_extern__ kmod_start_func_t *_realmain = 0;\n\
-         __private_extern__ kmod_stop_func_t *_antimain = 0;\n\
-         __private_extern__ int _kext_apple_cc = __APPLE_CC__;\n",
-        k.bundle_id()
+        r#"/* Generated by `cargo xtask kexts`; do not edit. */
+typedef int kern_return_t;
+typedef struct kmod_info kmod_info_t;
+typedef kern_return_t kmod_start_func_t(kmod_info_t *ki, void *data);
+typedef kern_return_t kmod_stop_func_t(kmod_info_t *ki, void *data);
+#pragma pack(push, 4) /* as <mach/kmod.h> */
+struct kmod_info {{
+    struct kmod_info *next;
+    int info_version;             /* KMOD_INFO_VERSION */
+    unsigned int id;
+    char name[64];                /* KMOD_MAX_NAME */
+    char version[64];
+    int reference_count;
+    void *reference_list;
+    unsigned long address;        /* filled in by the kernel linker */
+    unsigned long size;
+    unsigned long hdr_size;
+    kmod_start_func_t *start;
+    kmod_stop_func_t *stop;
+}};
+#pragma pack(pop)
+kern_return_t _start(kmod_info_t *ki, void *data);
+kern_return_t _stop(kmod_info_t *ki, void *data);
+/* KMOD_EXPLICIT_DECL({id}, "{version}", _start, _stop) */
+__attribute__((visibility("default"))) kmod_info_t kmod_info = {{
+    0, 1, -1U, "{id}", "{version}", -1, 0, 0, 0, 0, _start, _stop
+}};
+__private_extern__ kmod_start_func_t *_realmain = 0;
+__private_extern__ kmod_stop_func_t *_antimain = 0;
+__private_extern__ int _kext_apple_cc = __APPLE_CC__;
+#ifdef VIRTIO_KMOD_STANDALONE
+/* libkmod.a's entry points (xnu libkern/kmod/c_start.c, c_stop.c). */
+__private_extern__ kern_return_t _start(kmod_info_t *ki, void *data) {{
+    return _realmain ? (*_realmain)(ki, data) : 0;
+}}
+__private_extern__ kern_return_t _stop(kmod_info_t *ki, void *data) {{
+    return _antimain ? (*_antimain)(ki, data) : 0;
+}}
+#endif
+"#,
+        id = k.bundle_id(),
+        version = VERSION,
     )
 }
 
-fn clang_args(headers: &Path, includes: &[PathBuf], cxx: bool) -> Vec<String> {
+/// Flags for C and C++ kernel code. `-fno-register-global-dtors-with-atexit` (with
+/// `-fno-use-cxa-atexit`): global destructors go to `__mod_term_func`, which the kernel
+/// runs at unload; otherwise clang calls `___cxa_atexit`, which the kernel does not export.
+fn clang_args(headers: Option<&Path>, includes: &[PathBuf], cxx: bool) -> Vec<String> {
     let mut a: Vec<String> = [
         "-target",
         "x86_64-apple-macos10.13",
@@ -643,10 +743,8 @@ fn clang_args(headers: &Path, includes: &[PathBuf], cxx: bool) -> Vec<String> {
         "-nostdinc",
         "-fno-builtin",
         "-fno-exceptions",
-        "-fno-rtti",
         "-fno-common",
         "-DKERNEL",
-        "-DKERNEL_SDK_CHECK",
         "-Wall",
         "-Wextra",
         "-Werror",
@@ -657,23 +755,137 @@ fn clang_args(headers: &Path, includes: &[PathBuf], cxx: bool) -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     if cxx {
-        a.push("-fapple-kext".into());
+        for f in [
+            "-fapple-kext",
+            "-fno-rtti",
+            "-fno-use-cxa-atexit",
+            "-fno-register-global-dtors-with-atexit",
+            "-std=gnu++17",
+            "-nostdinc++",
+        ] {
+            a.push(f.into());
+        }
     }
-    a.push(format!("-I{}", headers.display()));
+    if let Some(h) = headers {
+        a.push(format!("-I{}", h.display()));
+    }
     for i in includes {
         a.push(format!("-I{}", i.display()));
     }
     a
 }
 
-/// `cargo xtask kexts [--check]`. `--check`: fail on stale generated files instead of
-/// rewriting them.
+fn clang_c() -> String {
+    std::env::var("CLANG").unwrap_or_else(|_| "clang".into())
+}
+
+fn clang_cxx() -> String {
+    std::env::var("CLANGXX").unwrap_or_else(|_| "clang++".into())
+}
+
+/// Compiles `k`'s kmod_info into `dir`.
+fn compile_kmod_info(k: &KextSpec, dir: &Path, standalone: bool) -> Result<PathBuf, String> {
+    let src = dir.join(format!("{}_info.c", k.name));
+    std::fs::write(&src, kmod_info_source(k)).map_err(|e| e.to_string())?;
+    let obj = dir.join(if standalone {
+        format!("{}_info_standalone.o", k.name)
+    } else {
+        format!("{}_info.o", k.name)
+    });
+    let mut c = Command::new(clang_c());
+    c.args(clang_args(None, &[], false));
+    if standalone {
+        c.arg("-DVIRTIO_KMOD_STANDALONE");
+    }
+    run(c.args(["-c", "-x", "c"]).arg(&src).arg("-o").arg(&obj)).map_err(|e| {
+        format!("{e} (compiling {}: install clang: apt-get install clang)", src.display())
+    })?;
+    Ok(obj)
+}
+
+/// Links `inputs` into a bundle of `k` with the project's kext linker.
+fn link_with_kextld(
+    k: &KextSpec,
+    inputs: &[PathBuf],
+    roots: Vec<String>,
+) -> Result<kextld::link::Linked, String> {
+    let inputs = inputs
+        .iter()
+        .map(|p| {
+            Ok(kextld::link::Input {
+                name: p.display().to_string(),
+                data: std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let options = kextld::link::Options {
+        exports: k.exports.iter().map(|s| s.to_string()).collect(),
+        roots,
+        min_macos: macos_min(),
+        uuid: None,
+    };
+    kextld::link::link(&inputs, &options).map_err(|e| format!("{}: kextld: {e}", k.name))
+}
+
+fn macos_min() -> (u16, u8, u8) {
+    let mut parts = MACOS_MIN.split('.').map(|p| p.parse::<u16>().unwrap_or(0));
+    let major = parts.next().unwrap_or(10);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor.min(255) as u8, 0)
+}
+
+/// Where `cargo xtask kexts` leaves each Rust half linked on its own (loaded by the tests).
+pub fn rust_half_path(root: &Path, k: &KextSpec) -> PathBuf {
+    root.join("target/kexts/rust-half").join(k.name)
+}
+
+/// What became of one kext.
+enum Outcome {
+    Installable(PathBuf),
+    /// Something the machine lacks (an SDK): not an error of the build.
+    NotInstallable(String),
+    /// Built but refused by the check: the command fails.
+    Rejected(String),
+}
+
+/// `cargo xtask kexts [--check] [--fetch-sdk]`. `--check`: fail on stale generated files
+/// instead of rewriting them. `--fetch-sdk`: clone the public Kernel SDK into `target/`.
 pub fn cmd_kexts(args: &[String]) -> Result<bool, String> {
-    let check_only = args.iter().any(|a| a == "--check");
-    let root = workspace_root();
+    let mut check_only = false;
+    for a in args {
+        match a.as_str() {
+            "--check" => check_only = true,
+            "--fetch-sdk" => {}
+            "-h" | "--help" => {
+                println!(
+                    "usage: cargo xtask kexts [--check] [--fetch-sdk]\n\n\
+                     Builds target/kexts/<Name>.kext for every kext: Info.plist, the Rust half \
+                     (cross-built, linked by kextld and checked against the kernel linker's \
+                     rules), and with a Kernel SDK the C++ shim and the installable executable.\n\
+                     \x20 --check      fail when a checked-in generated file is stale\n\
+                     \x20 --fetch-sdk  clone the public Kernel SDK ({SDK_REPOSITORY}) into target/\n\n\
+                     Environment: KERNEL_SDK (SDK root or Headers), KEXT_LD (Apple's ld64 instead of \
+                     kextld), CLANG / CLANGXX."
+                );
+                return Ok(true);
+            }
+            other => return Err(format!("kexts: unknown option {other} (try --help)")),
+        }
+    }
+    let root = workspace_root()?;
+    if args.iter().any(|a| a == "--fetch-sdk") {
+        let dest = fetched_sdk(&root);
+        if dest.join("Headers").is_dir() {
+            println!("Kernel SDK already in {}", dest.display());
+        } else {
+            println!("cloning {SDK_REPOSITORY} into {}...", dest.display());
+            run(Command::new("git")
+                .args(["clone", "--depth", "1", SDK_REPOSITORY])
+                .arg(&dest))?;
+        }
+    }
     let out_dir = root.join("target/kexts");
-    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
-    let mut skipped: Vec<String> = Vec::new();
+    std::fs::create_dir_all(out_dir.join("rust-half")).map_err(|e| e.to_string())?;
 
     println!("== generated files (headers via cbindgen, Info.plist) ==");
     for (path, contents) in generated_files(&root)? {
@@ -692,29 +904,25 @@ pub fn cmd_kexts(args: &[String]) -> Result<bool, String> {
         }
     }
 
-    let headers = kernel_headers();
-    let lld = find_tool(
-        "LD64_LLD",
-        &["ld64.lld", "ld64.lld-14", "/usr/lib/llvm-14/bin/ld64.lld"],
-    );
-    let kext_ld = std::env::var("KEXT_LD")
-        .ok()
-        .map(PathBuf::from)
-        .or_else(|| cfg!(target_os = "macos").then(|| PathBuf::from("/usr/bin/ld")));
-    let clang = std::env::var("CLANGXX").unwrap_or_else(|_| "clang++".into());
+    let headers = kernel_headers(&root);
+    let kext_ld = std::env::var("KEXT_LD").ok().map(PathBuf::from);
+    let mut outcomes: Vec<(&KextSpec, Outcome)> = Vec::new();
+    // The family's exports, once linked: what device kexts may import from it.
+    let mut family_rust_exports: Vec<String> = Vec::new();
+    let mut family_full_exports: Vec<String> = Vec::new();
 
     for k in present(&root) {
         println!("\n== {}.kext ==", k.name);
         let bundle = out_dir.join(format!("{}.kext/Contents", k.name));
+        let exe = bundle.join("MacOS").join(k.name);
+        // A stale executable from an earlier build must not pass for this one's.
+        let _ = std::fs::remove_file(&exe);
         std::fs::create_dir_all(bundle.join("MacOS")).map_err(|e| e.to_string())?;
-        std::fs::write(bundle.join("Info.plist"), info_plist(k)).map_err(|e| e.to_string())?;
-        validate_plist(k, &info_plist(k))?;
-        println!("  Info.plist: written and validated");
+        let plist = info_plist(k);
+        validate_plist(k, &plist)?;
+        std::fs::write(bundle.join("Info.plist"), &plist).map_err(|e| e.to_string())?;
+        println!("  Info.plist: written; parses as a property list and follows the rules");
 
-        println!(
-            "  Rust: cross-building {} (x86_64, kernel codegen)...",
-            k.crate_name
-        );
         let lib = build_staticlib(&root, k)?;
         let lib_bytes = std::fs::read(&lib).map_err(|e| format!("{}: {e}", lib.display()))?;
         let header = std::fs::read_to_string(root.join(k.header)).map_err(|e| e.to_string())?;
@@ -722,27 +930,57 @@ pub fn cmd_kexts(args: &[String]) -> Result<bool, String> {
         let lib_out = out_dir.join(format!("{}-x86_64.a", k.name));
         std::fs::copy(&lib, &lib_out).map_err(|e| e.to_string())?;
         println!(
-            "  Rust: {} ({} KiB); exported C symbols == {} declarations",
-            lib_out.display(),
+            "  Rust: {} ({} KiB, x86_64 kernel codegen); exported C functions == {}",
+            rel(&root, &lib_out),
             lib_bytes.len() / 1024,
             k.header
         );
+
+        // The Rust half alone: every function of the header as a root, plus kmod_info.
+        let obj_dir = out_dir.join("obj").join(k.name);
+        std::fs::create_dir_all(&obj_dir).map_err(|e| e.to_string())?;
+        let info_standalone = compile_kmod_info(k, &obj_dir, true)?;
+        let mut roots: Vec<String> = declared_functions(&header, k.symbol_prefix)
+            .into_iter()
+            .map(|f| format!("_{f}"))
+            .collect();
+        roots.push("_kmod_info".into());
+        let linked = link_with_kextld(k, &[lib.clone(), info_standalone], roots)?;
+        check_bundle(k, &linked.bytes, &family_rust_exports)?;
+        let half = rust_half_path(&root, k);
+        std::fs::write(&half, &linked.bytes).map_err(|e| e.to_string())?;
+        let from_family = linked.imports.iter().filter(|i| i.starts_with("_vfam_")).count();
         println!(
-            "  Rust: aarch64 skipped (arm64e kexts need pointer authentication, which this toolchain's targets do not provide)"
+            "  Rust half: {} linked by kextld (MH_KEXT_BUNDLE, {} KiB; exports {}; imports {} kernel symbols{}); passes the kernel linker's rules",
+            rel(&root, &half),
+            linked.bytes.len() / 1024,
+            if linked.exports.is_empty() {
+                "nothing".to_string()
+            } else {
+                format!("{} symbols", linked.exports.len())
+            },
+            linked.imports.len() - from_family,
+            if from_family > 0 {
+                format!(" and {from_family} family functions")
+            } else {
+                String::new()
+            }
         );
+        if k.is_library {
+            family_rust_exports = linked.exports.clone();
+        }
 
         let Some(h) = &headers else {
-            skipped.push(format!(
-                "{}: C++ shim compile and link (no Kernel.framework headers: set KERNEL_SDK)",
-                k.name
+            println!("  shim: not compiled (no Kernel SDK headers)");
+            outcomes.push((
+                k,
+                Outcome::NotInstallable(format!(
+                    "no Kernel SDK to compile its C++ shim: set KERNEL_SDK=<path> to a Kernel SDK \
+                     (git clone {SDK_REPOSITORY}), or run `cargo xtask kexts --fetch-sdk`"
+                )),
             ));
-            println!(
-                "  shim: SKIPPED compile and link (no Kernel.framework headers: set KERNEL_SDK)"
-            );
             continue;
         };
-        let obj_dir = root.join("target/kexts/obj").join(k.name);
-        std::fs::create_dir_all(&obj_dir).map_err(|e| e.to_string())?;
         let includes = vec![
             root.join("kexts/include"),
             root.join(k.dir).join("shim"),
@@ -752,149 +990,100 @@ pub fn cmd_kexts(args: &[String]) -> Result<bool, String> {
         for src in k.shim_sources {
             let s = root.join(k.dir).join("shim").join(src);
             let o = obj_dir.join(src.replace(".cpp", ".o"));
-            run(Command::new(&clang)
-                .args(clang_args(h, &includes, true))
-                .args(["-std=gnu++17", "-nostdinc++", "-c"])
+            run(Command::new(clang_cxx())
+                .args(clang_args(Some(h), &includes, true))
+                .arg("-c")
                 .arg(&s)
                 .arg("-o")
                 .arg(&o))?;
-            println!(
-                "  shim: compiled {src} ({clang}, -fapple-kext -mkernel, headers {})",
-                h.display()
-            );
+            println!("  shim: compiled {src} (-fapple-kext -mkernel, headers {})", h.display());
             objs.push(o);
         }
-        let info_c = obj_dir.join(format!("{}_info.c", k.name));
-        std::fs::write(&info_c, kmod_info_source(k)).map_err(|e| e.to_string())?;
-        let info_o = obj_dir.join(format!("{}_info.o", k.name));
-        let clang_c = clang.replace("clang++", "clang");
-        run(Command::new(&clang_c)
-            .args(clang_args(h, &includes, false))
-            .args(["-c", "-x", "c"])
-            .arg(&info_c)
-            .arg("-o")
-            .arg(&info_o))?;
-        objs.push(info_o);
-
-        // Every symbol the shim needs from Rust must be in the library.
-        let mut need = BTreeSet::new();
-        for o in &objs {
-            need.extend(object_undefined(
-                &std::fs::read(o).map_err(|e| e.to_string())?,
-            )?);
-        }
-        let (defined, rust_undefined) = archive_symbols(&lib_bytes)?;
-        let ours = ["vfam_", "vnet_", "vblk_"];
-        let missing: Vec<&String> = need
-            .iter()
-            .filter(|s| ours.iter().any(|p| s.starts_with(p)))
-            .filter(|s| {
-                !defined.contains(*s) && !k.imports_prefix.is_some_and(|p| s.starts_with(p))
-            })
-            .collect();
-        if !missing.is_empty() {
-            return Err(format!(
-                "{}: shim needs undefined Rust symbols {missing:?}",
-                k.name
+        objs.push(compile_kmod_info(k, &obj_dir, false)?);
+        objs.push(lib.clone());
+        let Some(kmod) = libkmod(h) else {
+            outcomes.push((
+                k,
+                Outcome::NotInstallable(format!(
+                    "the Kernel SDK at {} has no Library/x86_64/libkmod.a",
+                    h.display()
+                )),
             ));
-        }
-        match &lld {
-            Some(lld) => {
-                // A trial link: everything not ours is the kernel's (or the family's) and is
-                // left undefined with -U; any other undefined symbol fails the link.
-                let mut c = Command::new(lld);
-                c.args([
-                    "-arch",
-                    "x86_64",
-                    "-bundle",
-                    "-platform_version",
-                    "macos",
-                    MACOS_MIN,
-                    MACOS_MIN,
-                ])
+            continue;
+        };
+        objs.push(kmod);
+        if let Some(ld) = &kext_ld {
+            let list = obj_dir.join("exports.txt");
+            std::fs::write(&list, k.exports.join("\n")).map_err(|e| e.to_string())?;
+            run(Command::new(ld)
+                .args(["-kext", "-arch", "x86_64", "-macosx_version_min", MACOS_MIN])
+                .arg("-exported_symbols_list")
+                .arg(&list)
                 .arg("-o")
-                .arg(obj_dir.join("trial.bundle"))
-                .args(&objs)
-                .arg(&lib)
-                // ld64.lld insists on dyld's binder, which a kext (bound by the kernel
-                // linker) never uses: a stub stands in for it.
-                .arg(stub_binder(&clang_c, &obj_dir)?);
-                for s in need.iter().chain(&rust_undefined) {
-                    let ours_here = s.starts_with(k.symbol_prefix);
-                    if !ours_here {
-                        c.arg("-U").arg(format!("_{s}"));
-                    }
-                }
-                let out = c.output().map_err(|e| e.to_string())?;
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                if out.status.success() {
-                    println!(
-                        "  shim: ld64.lld -bundle trial link OK (all shim→Rust symbols defined)"
-                    );
-                } else if stderr.contains("undefined symbol") || stderr.contains("duplicate symbol")
-                {
-                    return Err(format!("{}: ld64.lld trial link failed:\n{stderr}", k.name));
-                } else {
-                    // ld64.lld 14 crashes writing stub helpers for -U symbols; the symbol
-                    // check above (object files vs. the library) still stands.
-                    skipped.push(format!(
-                        "{}: ld64.lld trial link ({} crashed; shim→Rust symbols checked from the symbol tables instead)",
-                        k.name,
-                        lld.display()
-                    ));
-                    println!(
-                        "  shim: ld64.lld trial link SKIPPED (the linker crashed); shim→Rust symbols all defined per symbol tables"
-                    );
-                }
-            }
-            None => skipped.push(format!(
-                "{}: trial link (no ld64.lld: apt-get install lld)",
-                k.name
-            )),
-        }
-        match &kext_ld {
-            Some(ld) => {
-                let exe = bundle.join("MacOS").join(k.name);
-                let libdir = h
-                    .parent()
-                    .map(|p| p.join("Library/x86_64"))
-                    .unwrap_or_default();
-                let mut c = Command::new(ld);
-                c.args([
-                    "-kext",
-                    "-arch",
-                    "x86_64",
-                    "-macosx_version_min",
-                    MACOS_MIN,
-                    "-o",
-                ])
                 .arg(&exe)
-                .args(&objs)
-                .arg(&lib)
-                .arg(format!("-L{}", libdir.display()))
-                .args(["-lkmodc++", "-lkmod", "-lcc_kext"]);
-                run(&mut c)?;
-                println!("  link: {} ({})", exe.display(), ld.display());
+                .args(&objs))?;
+            println!("  link: {} ({})", rel(&root, &exe), ld.display());
+        } else {
+            let linked = link_with_kextld(k, &objs, vec!["_kmod_info".into()])?;
+            std::fs::write(&exe, &linked.bytes).map_err(|e| e.to_string())?;
+            println!(
+                "  link: {} by kextld ({} KiB, {} imports)",
+                rel(&root, &exe),
+                linked.bytes.len() / 1024,
+                linked.imports.len()
+            );
+        }
+        let bytes = std::fs::read(&exe).map_err(|e| e.to_string())?;
+        if k.is_library {
+            family_full_exports = kextld::image::Image::parse(&bytes)
+                .map(|image| {
+                    image
+                        .symbols
+                        .iter()
+                        .filter(|s| s.is_section_defined() && s.is_external())
+                        .map(|s| s.name.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+        match check_bundle(k, &bytes, &family_full_exports) {
+            Ok(()) => {
+                println!("  check: passes the kernel linker's rules");
+                outcomes.push((k, Outcome::Installable(out_dir.join(format!("{}.kext", k.name)))));
             }
-            None => {
-                skipped.push(format!(
-                    "{}: kext executable link (no kext-capable linker: set KEXT_LD to Apple's ld64)",
-                    k.name
+            Err(e) => {
+                // Not left where `install` would take it.
+                let _ = std::fs::rename(&exe, obj_dir.join(format!("{}.rejected", k.name)));
+                println!("  check: REJECTED\n{e}");
+                outcomes.push((
+                    k,
+                    Outcome::Rejected(format!(
+                        "the linked executable breaks the kernel linker's rules (listed above; kept as {})",
+                        rel(&root, &obj_dir.join(format!("{}.rejected", k.name)))
+                    )),
                 ));
-                println!("  link: SKIPPED (no kext-capable linker: set KEXT_LD to Apple's ld64)");
             }
         }
     }
+
     println!();
-    if skipped.is_empty() {
-        println!("kexts: everything built");
-    } else {
-        println!("kexts: built the Rust libraries and plists; skipped:");
-        for s in &skipped {
-            println!("  - {s}");
+    for (k, outcome) in &outcomes {
+        match outcome {
+            Outcome::Installable(p) => {
+                println!("{}.kext: installable bundle produced: {}", k.name, rel(&root, p))
+            }
+            Outcome::NotInstallable(why) | Outcome::Rejected(why) => {
+                println!("{}.kext: not installable: {why}", k.name)
+            }
         }
     }
-    Ok(true)
+    Ok(!outcomes
+        .iter()
+        .any(|(_, o)| matches!(o, Outcome::Rejected(_))))
+}
+
+fn rel(root: &Path, p: &Path) -> String {
+    p.strip_prefix(root).unwrap_or(p).display().to_string()
 }
 
 #[cfg(test)]
@@ -903,7 +1092,7 @@ mod tests {
 
     #[test]
     fn checked_in_generated_files_are_fresh() {
-        let root = workspace_root();
+        let root = workspace_root().unwrap();
         for (path, contents) in generated_files(&root).unwrap() {
             let old = std::fs::read_to_string(root.join(&path)).unwrap_or_default();
             assert!(old == contents, "{path} is stale: run `cargo xtask kexts`");
@@ -927,6 +1116,27 @@ mod tests {
         assert!(validate_plist(&KEXTS[0], "<plist><dict></plist>").is_err());
     }
 
+    /// The kernel's plist parser (OSUnserializeXML) takes `&` only as `&amp;`: the ID
+    /// masks must be escaped, and a plist with a bare `&` must not pass.
+    #[test]
+    fn plists_escape_ampersands_and_a_bare_one_fails() {
+        let family = &KEXTS[0];
+        let xml = info_plist(family);
+        assert!(virtio_pci::IOPCI_PRIMARY_MATCH_ALL.contains('&'));
+        assert!(xml.contains("0x10001af4&amp;0xffc0ffff"));
+        assert!(!xml.contains("&0x"), "a bare & in {xml}");
+        validate_plist(family, &xml).unwrap();
+        let bare = xml.replace("&amp;", "&");
+        let e = validate_plist(family, &bare).unwrap_err();
+        assert!(e.contains("does not parse"), "{e}");
+        // The checked-in copies are what the kernel reads: parse them too.
+        let root = workspace_root().unwrap();
+        for k in present(&root) {
+            let text = std::fs::read_to_string(root.join(k.dir).join("Info.plist")).unwrap();
+            validate_plist(k, &text).unwrap();
+        }
+    }
+
     #[test]
     fn device_kexts_depend_on_the_family_and_match_its_nub() {
         let family = &KEXTS[0];
@@ -947,7 +1157,7 @@ mod tests {
 
     #[test]
     fn personality_classes_are_defined_by_the_shims() {
-        let root = workspace_root();
+        let root = workspace_root().unwrap();
         for k in present(&root) {
             let mut src = String::new();
             for s in k.shim_sources {
@@ -976,7 +1186,7 @@ mod tests {
     /// `cargo test`), their symbol tables must match the headers.
     #[test]
     fn built_libraries_match_their_headers() {
-        let root = workspace_root();
+        let root = workspace_root().unwrap();
         for k in present(&root) {
             let lib = root
                 .join("target/kexts")

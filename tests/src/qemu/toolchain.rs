@@ -207,19 +207,37 @@ pub fn ensure(install: bool) -> Result<GuestToolchain, String> {
     })
 }
 
+/// The workspace, found at run time rather than from a path compiled in (a binary such as
+/// xtask may run from another clone): the nearest directory above the current one, or
+/// above the running executable, holding this project's `Cargo.toml` with `kexts/` and
+/// `tests/guest/` beside it.
+pub fn find_workspace() -> Option<PathBuf> {
+    let is_root = |d: &Path| {
+        d.join("kexts").is_dir()
+            && d.join("tests/guest").is_dir()
+            && std::fs::read_to_string(d.join("Cargo.toml"))
+                .is_ok_and(|t| t.contains("[workspace]"))
+    };
+    [std::env::current_dir().ok(), std::env::current_exe().ok()]
+        .into_iter()
+        .flatten()
+        .find_map(|start| start.ancestors().find(|d| is_root(d)).map(Path::to_path_buf))
+}
+
+fn workspace_or_cwd() -> PathBuf {
+    find_workspace().unwrap_or_else(|| PathBuf::from("."))
+}
+
 /// The guest project directory (`tests/guest`).
 pub fn guest_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("guest")
+    workspace_or_cwd().join("tests/guest")
 }
 
 /// The workspace's target directory (honours `CARGO_TARGET_DIR`).
 pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("tests/ has a parent")
-            .join("target"),
+        None => workspace_or_cwd().join("target"),
     }
 }
 

@@ -1,0 +1,1313 @@
+//! A linked bundle checked against the rules xnu's kernel linker (`libkern/kxld`) and
+//! ld64's `-kext` output follow ("What the kernel's linker accepts" in
+//! `shared/notes/darwin-facts.md`).
+//!
+//! [`check`] returns every [`Violation`] it finds (empty = acceptable). Each rule is one
+//! function below whose doc comment names the kxld code that enforces it (file and function
+//! of xnu's `libkern/kxld`) or, where kxld is more lenient than what ld64 writes, says so.
+//! A file too malformed to read at all is reported under the rule of the part that is
+//! broken (header, load commands, symbol table or relocation tables) and nothing else is
+//! checked.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+
+use object::macho;
+
+use crate::image::{Image, ImagePart, Reloc, Section, Symbol};
+use crate::link::glob_match;
+
+/// What a bundle is checked against, besides the kernel linker's fixed rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckContext {
+    /// Every symbol the kext's declared libraries (`OSBundleLibraries`: kernel KPIs and
+    /// library kexts) export, Mach-O spelling (`_IOLog`). Imports must come from here, and
+    /// external definitions must not collide with it.
+    pub library_exports: BTreeSet<String>,
+    /// `*`-glob patterns of the symbols the kext itself is meant to export (what its
+    /// dependents link against); every other definition must be local.
+    pub export_patterns: Vec<String>,
+}
+
+impl CheckContext {
+    pub fn new<L, P>(library_exports: L, export_patterns: P) -> Self
+    where
+        L: IntoIterator,
+        L::Item: Into<String>,
+        P: IntoIterator,
+        P::Item: Into<String>,
+    {
+        CheckContext {
+            library_exports: library_exports.into_iter().map(Into::into).collect(),
+            export_patterns: export_patterns.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// The rules, one per checking function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Rule {
+    /// [`check_header`]
+    Header,
+    /// [`check_load_commands`]
+    LoadCommands,
+    /// [`check_segments`]
+    Segments,
+    /// [`check_symbol_table`]
+    SymbolTable,
+    /// [`check_relocations`]
+    Relocations,
+    /// [`check_kmod_info`]
+    KmodInfo,
+    /// [`check_imports`]
+    Imports,
+    /// [`check_duplicate_definitions`]
+    DuplicateDefinitions,
+    /// [`check_exports`]
+    Exports,
+    /// [`check_metaclasses`]
+    MetaClasses,
+    /// [`check_vtables`]
+    VTables,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Rule::Header => "header",
+            Rule::LoadCommands => "load-commands",
+            Rule::Segments => "segments",
+            Rule::SymbolTable => "symbol-table",
+            Rule::Relocations => "relocations",
+            Rule::KmodInfo => "kmod-info",
+            Rule::Imports => "imports",
+            Rule::DuplicateDefinitions => "duplicate-definitions",
+            Rule::Exports => "exports",
+            Rule::MetaClasses => "metaclasses",
+            Rule::VTables => "vtables",
+        })
+    }
+}
+
+/// One broken rule: which, and what exactly (symbol, section, address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub rule: Rule,
+    pub message: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}] {}", self.rule, self.message)
+    }
+}
+
+type RuleCheck = fn(&Image<'_>, &CheckContext) -> Vec<String>;
+
+const RULES: [(Rule, RuleCheck); 11] = [
+    (Rule::Header, check_header),
+    (Rule::LoadCommands, check_load_commands),
+    (Rule::Segments, check_segments),
+    (Rule::SymbolTable, check_symbol_table),
+    (Rule::Relocations, check_relocations),
+    (Rule::KmodInfo, check_kmod_info),
+    (Rule::Imports, check_imports),
+    (Rule::DuplicateDefinitions, check_duplicate_definitions),
+    (Rule::Exports, check_exports),
+    (Rule::MetaClasses, check_metaclasses),
+    (Rule::VTables, check_vtables),
+];
+
+/// Checks `bundle` against every rule; empty = the kernel linker would accept it.
+pub fn check(bundle: &[u8], ctx: &CheckContext) -> Vec<Violation> {
+    let image = match Image::parse_detailed(bundle) {
+        Ok(image) => image,
+        Err(malformed) => {
+            let rule = match malformed.part {
+                ImagePart::Header => Rule::Header,
+                ImagePart::LoadCommands => Rule::LoadCommands,
+                ImagePart::Symtab => Rule::SymbolTable,
+                ImagePart::Relocations => Rule::Relocations,
+            };
+            return vec![Violation {
+                rule,
+                message: format!("unreadable: {}", malformed.message),
+            }];
+        }
+    };
+    RULES
+        .iter()
+        .flat_map(|&(rule, check_rule)| {
+            check_rule(&image, ctx)
+                .into_iter()
+                .map(move |message| Violation { rule, message })
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- header and layout
+
+/// The Mach-O header: `MH_MAGIC_64`, `CPU_TYPE_X86_64`, filetype `MH_KEXT_BUNDLE`.
+///
+/// kxld: `validate_and_swap_macho_64` (kxld_util.c) refuses any other magic;
+/// `get_macho_slice_for_arch` (kxld_object.c) refuses a cputype other than the kernel's;
+/// `kxld_object_init_from_macho` takes `MH_KEXT_BUNDLE` and, for x86_64, no `MH_OBJECT`
+/// (`target_supports_object` is i386 only); every other filetype, `MH_BUNDLE` (what
+/// `ld64.lld -bundle` writes) included, is `kKxldLogFiletypeNotSupported`.
+pub fn check_header(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
+    let header = &image.header;
+    let mut found = Vec::new();
+    if header.magic != macho::MH_MAGIC_64 {
+        found.push(format!(
+            "magic {:#010x} is not MH_MAGIC_64 ({:#010x})",
+            header.magic,
+            macho::MH_MAGIC_64
+        ));
+    }
+    if header.cputype != macho::CPU_TYPE_X86_64 {
+        found.push(format!(
+            "cputype {:#x} is not CPU_TYPE_X86_64 ({:#x})",
+            header.cputype,
+            macho::CPU_TYPE_X86_64
+        ));
+    }
+    if header.filetype != macho::MH_KEXT_BUNDLE {
+        let what = match header.filetype {
+            macho::MH_BUNDLE => " (MH_BUNDLE: what `ld64.lld -bundle` writes)",
+            macho::MH_OBJECT => " (MH_OBJECT: only i386 kexts may be objects)",
+            macho::MH_EXECUTE => " (MH_EXECUTE: a kernel, not a kext)",
+            macho::MH_DYLIB => " (MH_DYLIB)",
+            _ => "",
+        };
+        found.push(format!(
+            "filetype {:#x}{what} is not MH_KEXT_BUNDLE ({:#x}); kxld refuses it",
+            header.filetype,
+            macho::MH_KEXT_BUNDLE
+        ));
+    }
+    found
+}
+
+/// How kxld treats a load command in an `MH_KEXT_BUNDLE`.
+enum CommandKind {
+    /// Read by kxld.
+    Used,
+    /// Skipped as metadata in `__LINKEDIT`.
+    Tolerated,
+    /// "Invalid load command type in MH_KEXT_BUNDLE kext".
+    Refused,
+}
+
+fn command_kind(cmd: u32) -> CommandKind {
+    match cmd {
+        macho::LC_SEGMENT_64
+        | macho::LC_SYMTAB
+        | macho::LC_DYSYMTAB
+        | macho::LC_UUID
+        | macho::LC_VERSION_MIN_MACOSX
+        | macho::LC_BUILD_VERSION
+        | macho::LC_SOURCE_VERSION => CommandKind::Used,
+        macho::LC_CODE_SIGNATURE
+        | macho::LC_FUNCTION_STARTS
+        | macho::LC_DATA_IN_CODE
+        | macho::LC_DYLD_INFO
+        | macho::LC_DYLD_INFO_ONLY
+        | macho::LC_DYLIB_CODE_SIGN_DRS
+        | macho::LC_SEGMENT_SPLIT_INFO
+        | macho::LC_NOTE => CommandKind::Tolerated,
+        _ => CommandKind::Refused,
+    }
+}
+
+/// Names of the load commands a bundle made by a dyld-oriented linker tends to carry.
+fn command_name(cmd: u32) -> String {
+    let name = match cmd {
+        macho::LC_SEGMENT => "LC_SEGMENT (32-bit)",
+        macho::LC_SEGMENT_64 => "LC_SEGMENT_64",
+        macho::LC_SYMTAB => "LC_SYMTAB",
+        macho::LC_DYSYMTAB => "LC_DYSYMTAB",
+        macho::LC_UUID => "LC_UUID",
+        macho::LC_UNIXTHREAD => "LC_UNIXTHREAD",
+        macho::LC_LOAD_DYLIB => "LC_LOAD_DYLIB",
+        macho::LC_LOAD_WEAK_DYLIB => "LC_LOAD_WEAK_DYLIB",
+        macho::LC_REEXPORT_DYLIB => "LC_REEXPORT_DYLIB",
+        macho::LC_ID_DYLIB => "LC_ID_DYLIB",
+        macho::LC_LOAD_DYLINKER => "LC_LOAD_DYLINKER",
+        macho::LC_RPATH => "LC_RPATH",
+        macho::LC_MAIN => "LC_MAIN",
+        macho::LC_DYLD_CHAINED_FIXUPS => "LC_DYLD_CHAINED_FIXUPS",
+        macho::LC_DYLD_EXPORTS_TRIE => "LC_DYLD_EXPORTS_TRIE",
+        macho::LC_DYLD_ENVIRONMENT => "LC_DYLD_ENVIRONMENT",
+        macho::LC_ENCRYPTION_INFO_64 => "LC_ENCRYPTION_INFO_64",
+        macho::LC_VERSION_MIN_IPHONEOS => "LC_VERSION_MIN_IPHONEOS",
+        _ => return format!("load command {cmd:#x}"),
+    };
+    name.to_string()
+}
+
+/// The load commands: only those kxld reads (`LC_SEGMENT_64`, `LC_SYMTAB`, `LC_DYSYMTAB`,
+/// `LC_UUID`, `LC_VERSION_MIN_MACOSX`/`LC_BUILD_VERSION`, `LC_SOURCE_VERSION`) or skips
+/// as `__LINKEDIT` metadata (code signature, function starts, data in code, dyld info,
+/// code-sign DRs, split info, notes); exactly one `LC_SYMTAB` and `LC_DYSYMTAB`; an
+/// `LC_UUID` and a macOS minimum-version command. That the commands fit `sizeofcmds` and
+/// the file is checked while reading them (a failure is reported under this rule).
+///
+/// kxld: `init_from_final_linked_image` (kxld_object.c) fails on any other command —
+/// `LC_LOAD_DYLIB`, `LC_LOAD_DYLINKER`, chained fixups, export trie, `LC_MAIN`,
+/// `LC_UNIXTHREAD` ("not valid in a kext") — and `validate_and_swap_macho_64` on a
+/// command past the file. `init_from_bundle` dereferences the `LC_SYMTAB` unconditionally,
+/// and without `LC_DYSYMTAB` no relocation is ever applied. kxld itself treats `LC_UUID`
+/// and the version command as optional, but ld64 `-kext` always writes both: the kernel
+/// reports a kext's UUID (kextstat, panic backtraces, symbolication) and kxld reads the
+/// platform from a `LC_BUILD_VERSION` only for `PLATFORM_MACOS` and the other Apple
+/// platforms (`kxld_versionmin_init_from_build_cmd`).
+pub fn check_load_commands(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
+    let mut found = Vec::new();
+    let count = |cmd: u32| {
+        image
+            .load_commands
+            .iter()
+            .filter(|command| command.cmd == cmd)
+            .count()
+    };
+    for command in &image.load_commands {
+        if let CommandKind::Refused = command_kind(command.cmd) {
+            found.push(format!(
+                "{} at offset {:#x}: kxld refuses it in an MH_KEXT_BUNDLE (only segments, \
+                 symtab, dysymtab, uuid, version and source version are allowed)",
+                command_name(command.cmd),
+                command.offset
+            ));
+        }
+    }
+    for (cmd, what) in [
+        (
+            macho::LC_SYMTAB,
+            "kxld's init_from_bundle needs the symbol table",
+        ),
+        (
+            macho::LC_DYSYMTAB,
+            "the relocations live in its tables; without it none is applied",
+        ),
+        (
+            macho::LC_UUID,
+            "ld64 -kext always writes one; the kernel reports kexts by UUID",
+        ),
+    ] {
+        match count(cmd) {
+            1 => {}
+            0 => found.push(format!("no {}: {what}", command_name(cmd))),
+            n => found.push(format!(
+                "{n} {} commands; one is expected",
+                command_name(cmd)
+            )),
+        }
+    }
+    let version_commands = count(macho::LC_VERSION_MIN_MACOSX) + count(macho::LC_BUILD_VERSION);
+    if version_commands == 0 {
+        found.push(
+            "no LC_VERSION_MIN_MACOSX or LC_BUILD_VERSION: the minimum macOS the kext was \
+             built for is missing"
+                .to_string(),
+        );
+    }
+    for command in &image.load_commands {
+        if command.cmd != macho::LC_BUILD_VERSION {
+            continue;
+        }
+        // build_version_command: cmd, cmdsize, platform, minos, sdk, ntools.
+        let platform = image
+            .data
+            .get(command.offset + 8..command.offset + 12)
+            .and_then(|raw| raw.try_into().ok())
+            .map(u32::from_le_bytes);
+        match platform {
+            Some(macho::PLATFORM_MACOS) => {}
+            Some(platform) => found.push(format!(
+                "LC_BUILD_VERSION at offset {:#x} names platform {platform}, not PLATFORM_MACOS (1)",
+                command.offset
+            )),
+            None => found.push(format!(
+                "LC_BUILD_VERSION at offset {:#x} is too short",
+                command.offset
+            )),
+        }
+    }
+    found
+}
+
+/// The end of `start + len`, or `None` on overflow.
+fn range_end(start: u64, len: u64) -> Option<u64> {
+    start.checked_add(len)
+}
+
+/// Segments and sections: `__TEXT` first, at vmaddr 0 and file offset 0, holding the
+/// header and load commands before its first section; `__LINKEDIT` last; every segment's
+/// file range inside the file and no larger than its VM range; segment names unique;
+/// sections inside their segment (VM and file), with the segment's name, at the same
+/// offset from the segment start in the file as in memory; no two segments or sections
+/// overlapping; no sections in a segment of vmsize 0.
+///
+/// kxld: `validate_and_swap_macho_64` (kxld_util.c) refuses segment and section data past
+/// the file; `kxld_seg_add_section` (kxld_seg.c) a section whose segname is not its
+/// segment's; `init_from_final_linked_image` skips segments of vmsize 0 *with their
+/// sections*, which would shift every later section ordinal; `kxld_sect_init_from_macho_64`
+/// treats a section at file offset 0 as having no contents; and
+/// `kxld_relocator_process_table_reloc` finds a relocation's bytes at
+/// `seg->fileoff + (address - seg->base_addr)`, so the file must mirror the VM layout. The
+/// image is linked at vmaddr 0 with its header at its start (`kmod_info.hdr_size` is 0 for
+/// final images, `kxld_object_get_vmsize`): `__TEXT` at 0/0 is ld64 `-kext`'s layout.
+pub fn check_segments(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
+    let mut found = Vec::new();
+    let file_len = image.data.len() as u64;
+    let Some(first) = image.segments.first() else {
+        return vec!["no LC_SEGMENT_64 at all".to_string()];
+    };
+    let commands_end = 32 + u64::from(image.header.sizeofcmds);
+    if first.name != "__TEXT" || first.vmaddr != 0 || first.fileoff != 0 {
+        found.push(format!(
+            "the first segment is {} at vmaddr {:#x}, file offset {:#x}; it must be __TEXT at 0, 0 (holding the Mach-O header)",
+            first.name, first.vmaddr, first.fileoff
+        ));
+    } else if first.filesize < commands_end {
+        found.push(format!(
+            "__TEXT's file size {:#x} does not cover the header and load commands (up to {commands_end:#x})",
+            first.filesize
+        ));
+    }
+    if let Some(text) = image.segment("__TEXT") {
+        for section in &text.sections {
+            if !section.is_zerofill() && u64::from(section.offset) < commands_end {
+                found.push(format!(
+                    "{} at file offset {:#x} overlaps the header and load commands (up to {commands_end:#x})",
+                    section.full_name(),
+                    section.offset
+                ));
+            }
+        }
+    }
+    match image.segments.last() {
+        Some(last) if last.name == "__LINKEDIT" => {}
+        Some(last) => found.push(format!(
+            "the last segment is {}; __LINKEDIT must come last",
+            last.name
+        )),
+        None => {}
+    }
+    for (index, segment) in image.segments.iter().enumerate() {
+        let name = &segment.name;
+        if image.segments[..index]
+            .iter()
+            .any(|earlier| &earlier.name == name)
+        {
+            found.push(format!("segment {name} appears twice"));
+        }
+        match range_end(segment.fileoff, segment.filesize) {
+            Some(end) if end <= file_len => {}
+            _ => found.push(format!(
+                "segment {name}'s file range {:#x}+{:#x} runs past the end of the {file_len:#x}-byte file",
+                segment.fileoff, segment.filesize
+            )),
+        }
+        if segment.filesize > segment.vmsize {
+            found.push(format!(
+                "segment {name}'s file size {:#x} exceeds its vmsize {:#x}",
+                segment.filesize, segment.vmsize
+            ));
+        }
+        if segment.vmsize == 0 && !segment.sections.is_empty() {
+            found.push(format!(
+                "segment {name} has vmsize 0 but {} sections: kxld skips it and numbers the later sections differently",
+                segment.sections.len()
+            ));
+        }
+        let Some(segment_vm_end) = range_end(segment.vmaddr, segment.vmsize) else {
+            found.push(format!("segment {name}'s VM range overflows"));
+            continue;
+        };
+        for section in &segment.sections {
+            let section_name = section.full_name();
+            if section.segname != *name {
+                found.push(format!(
+                    "{section_name} is listed in segment {name}: kxld requires the section's segname to match"
+                ));
+            }
+            let Some(section_vm_end) = range_end(section.addr, section.size) else {
+                found.push(format!("{section_name}'s VM range overflows"));
+                continue;
+            };
+            if section.addr < segment.vmaddr || section_vm_end > segment_vm_end {
+                found.push(format!(
+                    "{section_name} at {:#x}..{section_vm_end:#x} lies outside its segment {name} ({:#x}..{segment_vm_end:#x})",
+                    section.addr, segment.vmaddr
+                ));
+                continue;
+            }
+            if section.is_zerofill() || section.size == 0 {
+                continue;
+            }
+            let offset = u64::from(section.offset);
+            let expected = segment
+                .fileoff
+                .saturating_add(section.addr - segment.vmaddr);
+            if offset == 0 {
+                found.push(format!(
+                    "{section_name} has contents but file offset 0: kxld reads that as no contents"
+                ));
+            } else if offset != expected {
+                found.push(format!(
+                    "{section_name} is at file offset {offset:#x} but {expected:#x} by its address: kxld finds relocated bytes by address"
+                ));
+            }
+            let file_end = offset.saturating_add(section.size);
+            let segment_file_end = segment.fileoff.saturating_add(segment.filesize);
+            if offset < segment.fileoff || file_end > segment_file_end {
+                found.push(format!(
+                    "{section_name}'s contents {offset:#x}..{file_end:#x} lie outside its segment's file range"
+                ));
+            } else if file_end > file_len {
+                found.push(format!(
+                    "{section_name}'s contents {offset:#x}..{file_end:#x} run past the end of the file"
+                ));
+            }
+        }
+    }
+    found.extend(overlaps(
+        image.segments.iter().map(|segment| {
+            (
+                format!("segment {}", segment.name),
+                segment.vmaddr,
+                segment.vmsize,
+            )
+        }),
+        "VM",
+    ));
+    found.extend(overlaps(
+        image.segments.iter().map(|segment| {
+            (
+                format!("segment {}", segment.name),
+                segment.fileoff,
+                segment.filesize,
+            )
+        }),
+        "file",
+    ));
+    found.extend(overlaps(
+        image
+            .sections
+            .iter()
+            .map(|section| (section.full_name(), section.addr, section.size)),
+        "VM",
+    ));
+    found
+}
+
+/// Pairs of non-empty ranges that overlap.
+fn overlaps(ranges: impl Iterator<Item = (String, u64, u64)>, what: &str) -> Vec<String> {
+    let mut ranges: Vec<_> = ranges.filter(|&(_, _, len)| len > 0).collect();
+    ranges.sort_by_key(|&(_, start, _)| start);
+    ranges
+        .windows(2)
+        .filter_map(|pair| {
+            let (first, start, len) = &pair[0];
+            let (second, next_start, _) = &pair[1];
+            let overlapping = start.checked_add(*len).is_none_or(|end| end > *next_start);
+            overlapping.then(|| format!("{first} and {second} overlap in {what} space"))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- symbols
+
+/// kxld's "external" (`init_predicates`, kxld_sym.c): `N_EXT` without `N_PEXT`.
+fn is_kxld_external(symbol: &Symbol) -> bool {
+    symbol.is_external() && !symbol.is_private_external()
+}
+
+/// A definition other kexts can bind to (kxld's `kxld_sym_is_exported`).
+fn is_external_definition(symbol: &Symbol) -> bool {
+    !symbol.is_stab()
+        && matches!(symbol.kind(), macho::N_SECT | macho::N_ABS)
+        && is_kxld_external(symbol)
+}
+
+/// The symbol table and `LC_DYSYMTAB`: symbols, strings, relocation and indirect-symbol
+/// tables inside `__LINKEDIT`; the three partitions contiguous, in order (locals, external
+/// definitions, undefined) and covering `nsyms`; locals not external, external definitions
+/// `N_SECT | N_EXT`, undefined symbols `N_UNDF | N_EXT` with value 0; each `N_SECT`
+/// symbol's section exists and holds its value; no common symbols; no `N_INDR`; a
+/// `__DATA,__nl_symbol_ptr` section's indirect entries inside the indirect table. String
+/// offsets inside the string table are checked while reading (reported under this rule).
+///
+/// kxld: `validate_and_swap_macho_64` refuses tables past the file; `init_predicates`
+/// (kxld_sym.c) refuses unknown symbol types; `resolve_symbols` (kxld_kext.c) refuses
+/// common symbols ("Common symbols are not supported in kernel extensions. Use
+/// -fno-common"). `N_INDR` is how the kernel's symbol-set pseudo-kexts alias KPIs; a kext
+/// that carries one has its target resolved like an import, which ld64 never writes for a
+/// kext. `process_symbol_pointers` (kxld_object.c) fails when `__nl_symbol_ptr`'s entries
+/// run past `nindirectsyms`. The partition and `__LINKEDIT` rules are the `LC_DYSYMTAB`
+/// contract (`loader.h`) ld64 keeps and the kernel relies on when it keeps a library
+/// kext's `__LINKEDIT` to link dependents against.
+pub fn check_symbol_table(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
+    let mut found = Vec::new();
+    let Some(symtab) = image.symtab else {
+        return found; // reported by check_load_commands
+    };
+    let linkedit = image.segment("__LINKEDIT");
+    let mut tables = vec![
+        ("symbol table", symtab.symoff, symtab.nsyms, 16),
+        ("string table", symtab.stroff, symtab.strsize, 1),
+    ];
+    if let Some(dysymtab) = image.dysymtab {
+        tables.push((
+            "external relocation table",
+            dysymtab.extreloff,
+            dysymtab.nextrel,
+            8,
+        ));
+        tables.push((
+            "local relocation table",
+            dysymtab.locreloff,
+            dysymtab.nlocrel,
+            8,
+        ));
+        tables.push((
+            "indirect symbol table",
+            dysymtab.indirectsymoff,
+            dysymtab.nindirectsyms,
+            4,
+        ));
+    }
+    for (what, offset, count, entry_size) in tables {
+        if count == 0 {
+            continue;
+        }
+        let start = u64::from(offset);
+        let end = start + u64::from(count) * entry_size;
+        match linkedit {
+            Some(segment)
+                if start >= segment.fileoff
+                    && end <= segment.fileoff.saturating_add(segment.filesize) => {}
+            Some(_) => found.push(format!(
+                "the {what} ({start:#x}..{end:#x}) is not inside __LINKEDIT's file range"
+            )),
+            None => found.push(format!("the {what} has no __LINKEDIT segment to live in")),
+        }
+    }
+
+    let nsyms = u64::from(symtab.nsyms);
+    // (start of external definitions, start of undefined symbols), when consistent.
+    let partitions = image.dysymtab.and_then(|d| {
+        let locals = (u64::from(d.ilocalsym), u64::from(d.nlocalsym));
+        let extdefs = (u64::from(d.iextdefsym), u64::from(d.nextdefsym));
+        let undefs = (u64::from(d.iundefsym), u64::from(d.nundefsym));
+        let consistent = locals.0 == 0
+            && extdefs.0 == locals.0 + locals.1
+            && undefs.0 == extdefs.0 + extdefs.1
+            && undefs.0 + undefs.1 == nsyms;
+        if !consistent {
+            found.push(format!(
+                "LC_DYSYMTAB partitions locals {}+{}, external definitions {}+{}, undefined {}+{} are not contiguous from 0 covering all {nsyms} symbols",
+                locals.0, locals.1, extdefs.0, extdefs.1, undefs.0, undefs.1
+            ));
+        }
+        consistent.then_some((extdefs.0, undefs.0))
+    });
+    let partition_name = |index: usize| -> Option<&'static str> {
+        let (extdef_start, undef_start) = partitions?;
+        let index = index as u64;
+        Some(if index < extdef_start {
+            "local"
+        } else if index < undef_start {
+            "external definition"
+        } else {
+            "undefined"
+        })
+    };
+
+    for (index, symbol) in image.symbols.iter().enumerate() {
+        if symbol.is_stab() {
+            continue;
+        }
+        let name = &symbol.name;
+        match symbol.kind() {
+            macho::N_UNDF | macho::N_ABS | macho::N_SECT => {}
+            macho::N_INDR => {
+                found.push(format!(
+                    "symbol {name} is N_INDR (an alias): kexts do not carry indirect symbols"
+                ));
+                continue;
+            }
+            other => {
+                found.push(format!(
+                    "symbol {name} has type {other:#x}, which kxld refuses"
+                ));
+                continue;
+            }
+        }
+        if symbol.is_common() {
+            found.push(format!(
+                "symbol {name} is a common symbol (size {:#x}): kxld refuses them; compile with -fno-common",
+                symbol.n_value
+            ));
+            continue;
+        }
+        if symbol.kind() == macho::N_SECT {
+            match image.section_by_ordinal(u32::from(symbol.n_sect)) {
+                None => found.push(format!(
+                    "symbol {name} is in section {}, which does not exist",
+                    symbol.n_sect
+                )),
+                Some(section) => {
+                    let inside = symbol.n_value >= section.addr
+                        && symbol.n_value - section.addr <= section.size;
+                    if !inside {
+                        found.push(format!(
+                            "symbol {name}'s value {:#x} lies outside its section {}",
+                            symbol.n_value,
+                            section.full_name()
+                        ));
+                    }
+                }
+            }
+        }
+        let expected_shape = match partition_name(index) {
+            Some("local") => (!is_kxld_external(symbol) && symbol.kind() != macho::N_UNDF)
+                .then_some(())
+                .ok_or("a defined, non-external symbol"),
+            Some("external definition") => (symbol.kind() == macho::N_SECT
+                && is_kxld_external(symbol))
+            .then_some(())
+            .ok_or("N_SECT | N_EXT (without N_PEXT)"),
+            Some(_) => (symbol.kind() == macho::N_UNDF
+                && symbol.is_external()
+                && symbol.n_sect == macho::NO_SECT)
+                .then_some(())
+                .ok_or("N_UNDF | N_EXT in no section"),
+            None => Ok(()),
+        };
+        if let Err(expected) = expected_shape {
+            found.push(format!(
+                "symbol {index} ({name}, n_type {:#04x}) is in the {} partition, which holds {expected}",
+                symbol.n_type,
+                partition_name(index).unwrap_or_default()
+            ));
+        }
+    }
+
+    if let Some(dysymtab) = image.dysymtab {
+        for section in &image.sections {
+            let is_symbol_pointers = section.segname == "__DATA"
+                && section.sectname == "__nl_symbol_ptr"
+                && section.kind() == macho::S_NON_LAZY_SYMBOL_POINTERS;
+            if is_symbol_pointers {
+                let entries = u64::from(section.reserved1) + section.size / 8;
+                if entries > u64::from(dysymtab.nindirectsyms) {
+                    found.push(format!(
+                        "{} needs indirect symbols up to {entries} but the table has {}",
+                        section.full_name(),
+                        dysymtab.nindirectsyms
+                    ));
+                }
+            }
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------- relocations
+
+fn reloc_kind_name(kind: u8) -> &'static str {
+    match kind {
+        macho::X86_64_RELOC_UNSIGNED => "X86_64_RELOC_UNSIGNED",
+        macho::X86_64_RELOC_SIGNED => "X86_64_RELOC_SIGNED",
+        macho::X86_64_RELOC_BRANCH => "X86_64_RELOC_BRANCH",
+        macho::X86_64_RELOC_GOT_LOAD => "X86_64_RELOC_GOT_LOAD",
+        macho::X86_64_RELOC_GOT => "X86_64_RELOC_GOT",
+        macho::X86_64_RELOC_SUBTRACTOR => "X86_64_RELOC_SUBTRACTOR",
+        macho::X86_64_RELOC_SIGNED_1 => "X86_64_RELOC_SIGNED_1",
+        macho::X86_64_RELOC_SIGNED_2 => "X86_64_RELOC_SIGNED_2",
+        macho::X86_64_RELOC_SIGNED_4 => "X86_64_RELOC_SIGNED_4",
+        macho::X86_64_RELOC_TLV => "X86_64_RELOC_TLV",
+        _ => "unknown relocation type",
+    }
+}
+
+fn describe_reloc(reloc: &Reloc) -> String {
+    format!(
+        "{} length {} {}{}",
+        reloc_kind_name(reloc.kind),
+        reloc.length,
+        if reloc.pcrel { "pcrel" } else { "absolute" },
+        if reloc.is_extern { " extern" } else { "" }
+    )
+}
+
+/// The section with file contents holding `width` bytes at `address`, or why there is none.
+fn slot_section<'i>(image: &'i Image<'_>, address: i32, width: u64) -> Result<&'i Section, String> {
+    let address = u64::try_from(address).map_err(|_| format!("address {address} is negative"))?;
+    let section = image
+        .section_at(address)
+        .ok_or_else(|| format!("{address:#x} is in no section"))?;
+    if section.is_zerofill() {
+        return Err(format!(
+            "{address:#x} is in zerofill section {}, which has no file contents to relocate",
+            section.full_name()
+        ));
+    }
+    if (address - section.addr).saturating_add(width) > section.size {
+        return Err(format!(
+            "the {width}-byte slot at {address:#x} runs past the end of {}",
+            section.full_name()
+        ));
+    }
+    if image.section_data(section).is_none() {
+        return Err(format!(
+            "{}'s contents are outside the file",
+            section.full_name()
+        ));
+    }
+    Ok(section)
+}
+
+/// Relocations, all in `LC_DYSYMTAB`'s tables (sections carry none), `r_address` relative
+/// to the image base. Local: `X86_64_RELOC_UNSIGNED`, length 3, not pc-relative,
+/// `r_extern` 0, `r_symbolnum` a section ordinal, the slot inside a section with file
+/// contents, and the 8-byte value there inside the section it names. External:
+/// `X86_64_RELOC_UNSIGNED` length 3 absolute, or `X86_64_RELOC_BRANCH` length 2
+/// pc-relative inside a section of instructions; `r_extern` 1, naming an undefined
+/// symbol. No address relocated twice.
+///
+/// kxld: `process_relocs_from_tables` (kxld_object.c) applies only the `LC_DYSYMTAB`
+/// tables to a final image (`kxld_sect_init_from_macho_64` reads section relocations but
+/// nothing applies them) and needs every address in a segment;
+/// `kxld_relocator_process_table_reloc` patches the bytes at that address;
+/// `x86_64_process_reloc` (kxld_reloc.c) accepts only lengths 2 and 3, requires `pcrel`
+/// for `BRANCH` and refuses it for `UNSIGNED`; `calculate_targets` slides a local
+/// relocation by its section (`r_symbolnum` - 1), so the value must lie in that section.
+/// kxld would also take `SIGNED*`, `GOT*` and `SUBTRACTOR` entries, but ld64 `-kext`
+/// resolves all of those at link time (the shape in darwin-facts.md); an image carrying
+/// them was not linked the way the rest of this checker assumes.
+///
+/// Relocations inside read-only sections are not refused: kxld applies relocations to the
+/// image before the kernel sets segment protections (every `BRANCH` to an import is in
+/// `__TEXT,__text`), and nothing in kxld forbids a pointer slot in `__TEXT`. Whether
+/// kmutil's auxiliary collection (macOS 11+) minds is not known here, so no rule is made.
+pub fn check_relocations(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
+    let mut found = Vec::new();
+    for section in &image.sections {
+        if section.nreloc != 0 {
+            found.push(format!(
+                "{} carries {} section relocations: kxld ignores them in a linked image; they belong in LC_DYSYMTAB",
+                section.full_name(),
+                section.nreloc
+            ));
+        }
+    }
+    let mut relocated: HashMap<i32, &'static str> = HashMap::new();
+    for (index, reloc) in image.local_relocs.iter().enumerate() {
+        let at = format!("local relocation {index} at {:#x}", reloc.address);
+        if let Some(previous) = relocated.insert(reloc.address, "local") {
+            found.push(format!(
+                "{at}: the address already has a {previous} relocation; the kernel would apply both"
+            ));
+        }
+        if reloc.kind != macho::X86_64_RELOC_UNSIGNED || reloc.length != 3 || reloc.pcrel {
+            found.push(format!(
+                "{at} is {}: local relocations are X86_64_RELOC_UNSIGNED length 3, absolute",
+                describe_reloc(reloc)
+            ));
+            continue;
+        }
+        if reloc.is_extern {
+            found.push(format!(
+                "{at} has r_extern set: it belongs in the external table"
+            ));
+            continue;
+        }
+        let target = match image.section_by_ordinal(reloc.symbolnum) {
+            Some(section) => section,
+            None => {
+                found.push(format!(
+                    "{at} names section {}, which does not exist ({} sections)",
+                    reloc.symbolnum,
+                    image.sections.len()
+                ));
+                continue;
+            }
+        };
+        if let Err(why) = slot_section(image, reloc.address, 8) {
+            found.push(format!("{at}: {why}"));
+            continue;
+        }
+        let Some(value) = u64::try_from(reloc.address)
+            .ok()
+            .and_then(|address| image.u64_at(address))
+        else {
+            continue; // slot_section checked the slot is readable
+        };
+        let inside = value >= target.addr && value - target.addr <= target.size;
+        if !inside {
+            found.push(format!(
+                "{at} holds {value:#x}, outside the section it names ({} {:#x}..{:#x}): the kernel would slide it wrongly",
+                target.full_name(),
+                target.addr,
+                target.addr.saturating_add(target.size)
+            ));
+        }
+    }
+    for (index, reloc) in image.external_relocs.iter().enumerate() {
+        let at = format!("external relocation {index} at {:#x}", reloc.address);
+        if let Some(previous) = relocated.insert(reloc.address, "external") {
+            found.push(format!(
+                "{at}: the address already has a {previous} relocation; the kernel would apply both"
+            ));
+        }
+        let pointer =
+            reloc.kind == macho::X86_64_RELOC_UNSIGNED && reloc.length == 3 && !reloc.pcrel;
+        let call = reloc.kind == macho::X86_64_RELOC_BRANCH && reloc.length == 2 && reloc.pcrel;
+        if !pointer && !call {
+            found.push(format!(
+                "{at} is {}: external relocations are X86_64_RELOC_UNSIGNED length 3 absolute, or X86_64_RELOC_BRANCH length 2 pcrel",
+                describe_reloc(reloc)
+            ));
+            continue;
+        }
+        if !reloc.is_extern {
+            found.push(format!(
+                "{at} has r_extern clear: external relocations name a symbol"
+            ));
+            continue;
+        }
+        match image.symbols.get(reloc.symbolnum as usize) {
+            None => found.push(format!(
+                "{at} names symbol {}, past the {} symbols",
+                reloc.symbolnum,
+                image.symbols.len()
+            )),
+            Some(symbol) if symbol.is_stab() || symbol.kind() != macho::N_UNDF => {
+                found.push(format!(
+                    "{at} names {}, which is not an undefined symbol: internal references are local relocations",
+                    symbol.name
+                ))
+            }
+            Some(_) => {}
+        }
+        let width = if call { 4 } else { 8 };
+        match slot_section(image, reloc.address, width) {
+            Err(why) => found.push(format!("{at}: {why}")),
+            Ok(section) if call && !section.has_instructions() => found.push(format!(
+                "{at} is a call (X86_64_RELOC_BRANCH) in {}, which holds no instructions",
+                section.full_name()
+            )),
+            Ok(_) => {}
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------- kmod_info
+
+/// `sizeof(kmod_info_t)` on x86_64 (`mach/kmod.h`, `#pragma pack(4)`): next, info_version,
+/// id, name[64], version[64], reference_count, reference_list, address, size, hdr_size,
+/// start, stop.
+const KMOD_INFO_SIZE: u64 = 196;
+
+/// `_kmod_info` is defined, in `__DATA`, in a section with file contents, with room for a
+/// whole `kmod_info_t`.
+///
+/// kxld: `populate_kmod_info` (kxld_object.c) looks `_kmod_info` up among the locally
+/// defined symbols, fails with `kKxldLogNoKmodInfo` when it is missing, and writes
+/// `address`, `size` and `hdr_size` into the section's contents; the kernel then reads
+/// the kext's name, version and start/stop routines from it (OSKext).
+pub fn check_kmod_info(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
+    let Some(symbol) = image
+        .symbols
+        .iter()
+        .find(|symbol| symbol.name == "_kmod_info" && symbol.is_section_defined())
+    else {
+        return vec![
+            "no _kmod_info defined: kxld fails with \"the kext does not have a kmod_info\"; link the kext's kmod_info (KMOD_EXPLICIT_DECL) in"
+                .to_string(),
+        ];
+    };
+    let Some(section) = image.section_by_ordinal(u32::from(symbol.n_sect)) else {
+        return Vec::new(); // reported by check_symbol_table
+    };
+    let mut found = Vec::new();
+    if section.segname != "__DATA" {
+        found.push(format!(
+            "_kmod_info is in {}; kxld writes into it, so it belongs in __DATA",
+            section.full_name()
+        ));
+    }
+    if section.is_zerofill() {
+        found.push(format!(
+            "_kmod_info is in zerofill section {}: its name, version and start/stop routines would be lost",
+            section.full_name()
+        ));
+    }
+    let end = symbol.n_value.saturating_add(KMOD_INFO_SIZE);
+    if end > section.addr.saturating_add(section.size) {
+        found.push(format!(
+            "_kmod_info at {:#x} has no room for a {KMOD_INFO_SIZE}-byte kmod_info_t before the end of {}",
+            symbol.n_value,
+            section.full_name()
+        ));
+    }
+    found
+}
+
+// ---------------------------------------------------------------- imports and exports
+
+/// kxld's `KXLD_WEAK_TEST_SYMBOL`: a kext that references it may leave weak imports
+/// unresolved.
+const WEAK_TEST_SYMBOL: &str = "_gOSKextUnresolved";
+
+/// Every undefined symbol is exported by one of the declared libraries, except weak
+/// references in a kext that tests for them (references `_gOSKextUnresolved`).
+/// `___cxa_atexit` and `___dso_handle` get their own explanation.
+///
+/// kxld: `resolve_symbols` (kxld_kext.c) binds each undefined symbol against the symbols
+/// of the kext's dependencies; one that stays unresolved fails the link in
+/// `kxld_kext_validate_symbols` (weak references are bound to
+/// `kext_weak_symbol_referenced` if the kext references `_gOSKextUnresolved`). The kernel
+/// exports neither `___cxa_atexit` nor `___dso_handle` (darwin-facts.md).
+pub fn check_imports(image: &Image<'_>, ctx: &CheckContext) -> Vec<String> {
+    let tests_for_weak = image.symbol(WEAK_TEST_SYMBOL).is_some();
+    image
+        .symbols
+        .iter()
+        .filter(|symbol| symbol.is_undefined())
+        .filter(|symbol| !ctx.library_exports.contains(&symbol.name))
+        .filter(|symbol| !(tests_for_weak && symbol.n_desc & macho::N_WEAK_REF != 0))
+        .map(|symbol| match symbol.name.as_str() {
+            "___cxa_atexit" | "___dso_handle" => format!(
+                "{} is imported, but the kernel exports neither ___cxa_atexit nor ___dso_handle: clang registers global destructors with __cxa_atexit; compile C++ with -fno-register-global-dtors-with-atexit (and -fno-use-cxa-atexit) so they go to __mod_term_func",
+                symbol.name
+            ),
+            name if symbol.n_desc & macho::N_WEAK_REF != 0 => format!(
+                "{name} (a weak reference) is exported by no declared library, and the kext does not reference {WEAK_TEST_SYMBOL} to test for it"
+            ),
+            name => format!(
+                "{name} is imported but exported by no declared library (OSBundleLibraries): the kernel linker cannot resolve it"
+            ),
+        })
+        .collect()
+}
+
+/// No external definition of a symbol a declared library exports.
+///
+/// kxld: `resolve_symbols` (kxld_kext.c) fails with "The following symbols were defined
+/// more than once" for every exported (defined, `N_EXT` without `N_PEXT`) symbol of the
+/// kext that a dependency also defines at another address.
+pub fn check_duplicate_definitions(image: &Image<'_>, ctx: &CheckContext) -> Vec<String> {
+    image
+        .symbols
+        .iter()
+        .filter(|symbol| is_external_definition(symbol))
+        .filter(|symbol| ctx.library_exports.contains(&symbol.name))
+        .map(|symbol| {
+            format!(
+                "{} is defined here and exported by a declared library: \"defined more than once\"; keep it local",
+                symbol.name
+            )
+        })
+        .collect()
+}
+
+/// External definitions are only those matching the kext's export patterns.
+///
+/// Not a kxld check in itself, but what keeps the previous rule from firing later: every
+/// external definition is visible to the kexts that declare this one as a library, and
+/// collides with whatever else defines the name (darwin-facts.md: "export only what
+/// dependents link against").
+pub fn check_exports(image: &Image<'_>, ctx: &CheckContext) -> Vec<String> {
+    image
+        .symbols
+        .iter()
+        .filter(|symbol| is_external_definition(symbol))
+        .filter(|symbol| {
+            !ctx.export_patterns
+                .iter()
+                .any(|pattern| glob_match(pattern, &symbol.name))
+        })
+        .map(|symbol| {
+            format!(
+                "{} is an external definition matching none of the kext's export patterns {:?}",
+                symbol.name, ctx.export_patterns
+            )
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- C++
+
+/// The C++ symbol classes kxld distinguishes by name (`init_predicates`, kxld_sym.c; the
+/// order of the tests matters and is kxld's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CxxRole {
+    /// `__ZTVN…` (kxld tests only the prefix).
+    MetaClassVTable,
+    /// `__ZTV…`
+    ClassVTable,
+    /// contains `_RESERVED`
+    PadSlot,
+    /// contains `10gMetaClassE`
+    MetaClass,
+    /// contains `10superClassE`
+    SuperMetaClassPointer,
+    Other,
+}
+
+fn cxx_role(name: &str) -> Option<CxxRole> {
+    if !name.starts_with("__Z") {
+        return None;
+    }
+    Some(if name.starts_with("__ZTVN") {
+        CxxRole::MetaClassVTable
+    } else if name.starts_with("__ZTV") {
+        CxxRole::ClassVTable
+    } else if name.contains("_RESERVED") {
+        CxxRole::PadSlot
+    } else if name.contains("10gMetaClassE") {
+        CxxRole::MetaClass
+    } else if name.contains("10superClassE") {
+        CxxRole::SuperMetaClassPointer
+    } else {
+        CxxRole::Other
+    })
+}
+
+/// kxld's `is_cxx`: a `__Z` name or the pure-virtual stub (`kxld_sym_name_is_pure_virtual`).
+fn is_cxx_name(name: &str) -> bool {
+    name.starts_with("__Z") || name == "___cxa_pure_virtual"
+}
+
+/// Relocations by address.
+fn relocs_by_address(relocs: &[Reloc]) -> HashMap<i64, &Reloc> {
+    relocs
+        .iter()
+        .map(|reloc| (i64::from(reloc.address), reloc))
+        .collect()
+}
+
+fn defined_symbol_named<'i>(image: &'i Image<'_>, name: &str) -> Option<&'i Symbol> {
+    image
+        .symbols
+        .iter()
+        .find(|symbol| symbol.name == name && symbol.is_section_defined())
+}
+
+/// Defined C++ symbols at `address` (kxld's index of C++ symbols by value).
+fn cxx_symbols_at<'i>(image: &'i Image<'_>, address: u64) -> impl Iterator<Item = &'i Symbol> {
+    image.symbols.iter().filter(move |symbol| {
+        symbol.is_section_defined() && symbol.n_value == address && is_cxx_name(&symbol.name)
+    })
+}
+
+/// IOKit classes: for every `__ZN<C>10superClassE`, the bundle defines the class's vtable
+/// `__ZTV<C>` and its MetaClass vtable `__ZTVN<C>9MetaClassE`, and the superClass pointer
+/// carries a relocation whose target is a `__ZN<Super>10gMetaClassE` symbol (named by an
+/// external relocation, or found at the pointed-to address for a local one).
+///
+/// kxld: `patch_vtables` (kxld_kext.c) walks every symbol named like a super-metaclass
+/// pointer (any symbol, defined or not); `get_vtable_syms_from_smcp` fails with
+/// `kKxldLogMissingVtable` when either vtable is not defined in the kext (x86_64 patches
+/// strictly); `get_metaclass_symbol_from_super_meta_class_pointer_symbol` needs the
+/// relocation at the pointer (`kxld_object_get_reloc_at_symbol`) and a symbol for its
+/// target (`kxld_reloc_get_symbol`), whose name `kxld_sym_get_class_name_from_metaclass`
+/// turns into the super class.
+pub fn check_metaclasses(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
+    let external = relocs_by_address(&image.external_relocs);
+    let local = relocs_by_address(&image.local_relocs);
+    let mut found = Vec::new();
+    for pointer in &image.symbols {
+        if pointer.is_stab() || cxx_role(&pointer.name) != Some(CxxRole::SuperMetaClassPointer) {
+            continue;
+        }
+        let name = &pointer.name;
+        let Some(class) = name
+            .strip_prefix("__ZN")
+            .and_then(|rest| rest.strip_suffix("10superClassE"))
+            .filter(|class| !class.is_empty())
+        else {
+            found.push(format!(
+                "{name} looks like a superClass pointer to kxld but is not __ZN<class>10superClassE"
+            ));
+            continue;
+        };
+        for vtable in [format!("__ZTV{class}"), format!("__ZTVN{class}9MetaClassE")] {
+            if defined_symbol_named(image, &vtable).is_none() {
+                found.push(format!(
+                    "class {class} ({name}) has no {vtable} defined in the kext: kxld cannot patch it"
+                ));
+            }
+        }
+        if !pointer.is_section_defined() {
+            found.push(format!(
+                "{name} is not defined in the kext, yet kxld treats it as a class of this kext"
+            ));
+            continue;
+        }
+        let address = i64::try_from(pointer.n_value).unwrap_or(-1);
+        let target = if let Some(reloc) = external.get(&address) {
+            image
+                .symbols
+                .get(reloc.symbolnum as usize)
+                .map(|symbol| symbol.name.clone())
+        } else if local.contains_key(&address) {
+            image
+                .u64_at(pointer.n_value)
+                .and_then(|value| {
+                    cxx_symbols_at(image, value)
+                        .find(|symbol| cxx_role(&symbol.name) == Some(CxxRole::MetaClass))
+                        .or_else(|| cxx_symbols_at(image, value).next())
+                })
+                .map(|symbol| symbol.name.clone())
+        } else {
+            found.push(format!(
+                "{name} at {:#x} has no relocation: kxld cannot find class {class}'s super class",
+                pointer.n_value
+            ));
+            continue;
+        };
+        match target {
+            Some(target) if cxx_role(&target) == Some(CxxRole::MetaClass) => {
+                let super_class = target
+                    .strip_prefix("__ZN")
+                    .and_then(|rest| rest.strip_suffix("10gMetaClassE"))
+                    .filter(|super_class| !super_class.is_empty());
+                if super_class.is_none() {
+                    found.push(format!(
+                        "{name} points to {target}, which is not __ZN<class>10gMetaClassE"
+                    ));
+                }
+            }
+            Some(target) => found.push(format!(
+                "{name} points to {target}, not to a super class's __ZN<class>10gMetaClassE"
+            )),
+            None => found.push(format!(
+                "{name} at {:#x} points to no C++ symbol: kxld cannot find class {class}'s super class",
+                pointer.n_value
+            )),
+        }
+    }
+    found
+}
+
+/// Size of a vtable's header on x86_64 (offset-to-top and RTTI pointer), which kxld skips
+/// (`get_vtable_base_sizes`, kxld_vtable.c).
+const VTABLE_HEADER_SIZE: u64 = 16;
+
+/// The end of the object a symbol starts: the next symbol's address in its section, or
+/// the section's end.
+fn object_end(image: &Image<'_>, symbol: &Symbol, section: &Section) -> u64 {
+    let section_end = section.addr.saturating_add(section.size);
+    image
+        .symbols
+        .iter()
+        .filter(|other| {
+            other.is_section_defined()
+                && other.n_sect == symbol.n_sect
+                && other.n_value > symbol.n_value
+        })
+        .map(|other| other.n_value)
+        .min()
+        .unwrap_or(section_end)
+        .min(section_end)
+}
+
+/// Vtable slots (each `__ZTV*` after its two header words, up to the next symbol): an
+/// inherited slot is 0 with an external relocation; a local slot is non-zero, with a local
+/// relocation and a C++ symbol defined at its target; and no zero slot without a
+/// relocation comes before the last entry.
+///
+/// kxld: `init_by_entries_and_relocs` (kxld_vtable.c) reads a final image's vtable slot by
+/// slot: a non-zero slot is a local entry whose symbol it looks up by value among the
+/// kext's defined C++ symbols; a zero slot must have an external relocation, and the first
+/// zero slot without one ends the vtable. `kxld_vtable_patch` re-points the relocations of
+/// inherited entries at the parent's current implementation (the fragile-base-class fix),
+/// which needs the relocation to be external and the slot to hold no addend; a local entry
+/// with no symbol cannot be patched into subclasses. The local relocation is what slides
+/// the slot (`check_relocations`).
+pub fn check_vtables(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
+    let external = relocs_by_address(&image.external_relocs);
+    let local = relocs_by_address(&image.local_relocs);
+    let mut found = Vec::new();
+    for vtable in &image.symbols {
+        let is_vtable = matches!(
+            cxx_role(&vtable.name),
+            Some(CxxRole::ClassVTable | CxxRole::MetaClassVTable)
+        );
+        if !is_vtable || !vtable.is_section_defined() {
+            continue;
+        }
+        let name = &vtable.name;
+        let Some(section) = image.section_by_ordinal(u32::from(vtable.n_sect)) else {
+            continue; // reported by check_symbol_table
+        };
+        if section.is_zerofill() {
+            found.push(format!(
+                "vtable {name} is in zerofill section {}",
+                section.full_name()
+            ));
+            continue;
+        }
+        let end = object_end(image, vtable, section);
+        let mut ended_at: Option<u64> = None;
+        let mut slot = vtable.n_value.saturating_add(VTABLE_HEADER_SIZE);
+        while slot.checked_add(8).is_some_and(|slot_end| slot_end <= end) {
+            let index = (slot - vtable.n_value - VTABLE_HEADER_SIZE) / 8;
+            let Some(value) = image.u64_at(slot) else {
+                break; // contents outside the file: reported by check_segments
+            };
+            let key = i64::try_from(slot).unwrap_or(-1);
+            let external_reloc = external.get(&key);
+            let local_reloc = local.get(&key);
+            let is_entry = value != 0 || external_reloc.is_some();
+            if let Some(first_end) = ended_at {
+                if is_entry {
+                    found.push(format!(
+                        "vtable {name}: slot {} at {first_end:#x} is 0 without an external relocation, so kxld ends the vtable there, but slot {index} at {slot:#x} follows",
+                        (first_end - vtable.n_value - VTABLE_HEADER_SIZE) / 8
+                    ));
+                    break;
+                }
+                slot += 8;
+                continue;
+            }
+            match (value, external_reloc, local_reloc) {
+                (0, None, _) => ended_at = Some(slot),
+                (_, Some(reloc), _) => {
+                    let target = image
+                        .symbols
+                        .get(reloc.symbolnum as usize)
+                        .map_or("?", |symbol| symbol.name.as_str());
+                    if value != 0 {
+                        found.push(format!(
+                            "vtable {name}: inherited slot {index} at {slot:#x} (-> {target}) holds {value:#x}; it must be 0 so kxld can patch it"
+                        ));
+                    }
+                    if local_reloc.is_some() {
+                        found.push(format!(
+                            "vtable {name}: slot {index} at {slot:#x} has both an external and a local relocation"
+                        ));
+                    }
+                }
+                (_, None, None) => found.push(format!(
+                    "vtable {name}: local slot {index} at {slot:#x} holds {value:#x} without a local relocation: it would not slide"
+                )),
+                (_, None, Some(_)) => {
+                    if cxx_symbols_at(image, value).next().is_none() {
+                        found.push(format!(
+                            "vtable {name}: local slot {index} at {slot:#x} points to {value:#x}, where no C++ symbol is defined: kxld cannot patch subclasses' inherited slot"
+                        ));
+                    }
+                }
+            }
+            slot += 8;
+        }
+    }
+    found
+}
