@@ -927,7 +927,7 @@ pub fn check_kmod_info(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
         .find(|symbol| symbol.name == "_kmod_info" && symbol.is_section_defined())
     else {
         return vec![
-            "no _kmod_info defined: kxld fails with \"the kext does not have a kmod_info\"; link the kext's kmod_info (KMOD_EXPLICIT_DECL) in"
+            "no _kmod_info defined: kxld fails with \"The kext is missing its kmod_info structure.\"; link the kext's kmod_info (KMOD_EXPLICIT_DECL) in"
                 .to_string(),
         ];
     };
@@ -964,26 +964,44 @@ pub fn check_kmod_info(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
 /// unresolved.
 const WEAK_TEST_SYMBOL: &str = "_gOSKextUnresolved";
 
-/// Every undefined symbol is exported by one of the declared libraries, except weak
-/// references in a kext that tests for them (references `_gOSKextUnresolved`).
-/// `___cxa_atexit` and `___dso_handle` get their own explanation.
+/// Symbols kxld renames while reading a kext's symbol table (`kxld_sym_init_from_macho64`,
+/// kxld_sym.c): OSMetaClassBase's fourth pad slot became `Dispatch(IORPC)` (macOS 11), so
+/// a kext built against older headers imports the old name and binds to the new one.
+const KXLD_RENAMED_IMPORTS: [(&str, &str); 1] = [(
+    "__ZN15OSMetaClassBase25_RESERVEDOSMetaClassBase3Ev",
+    "__ZN15OSMetaClassBase8DispatchE5IORPC",
+)];
+
+/// Whether a declared library exports `name`, or the name kxld reads it as.
+fn library_exports_import(ctx: &CheckContext, name: &str) -> bool {
+    ctx.library_exports.contains(name)
+        || KXLD_RENAMED_IMPORTS
+            .iter()
+            .any(|&(old, new)| name == old && ctx.library_exports.contains(new))
+}
+
+/// Every undefined symbol is exported by one of the declared libraries (under the name
+/// kxld reads it as: [`KXLD_RENAMED_IMPORTS`]), except weak references in a kext that
+/// tests for them (references `_gOSKextUnresolved`). The run-time destructor registration
+/// functions (`___cxa_atexit`, `___dso_handle`, `_atexit`) get their own explanation.
 ///
 /// kxld: `resolve_symbols` (kxld_kext.c) binds each undefined symbol against the symbols
 /// of the kext's dependencies; one that stays unresolved fails the link in
-/// `kxld_kext_validate_symbols` (weak references are bound to
-/// `kext_weak_symbol_referenced` if the kext references `_gOSKextUnresolved`). The kernel
-/// exports neither `___cxa_atexit` nor `___dso_handle` (darwin-facts.md).
+/// `validate_symbols` (weak references are bound to `kext_weak_symbol_referenced` if the
+/// kext references `_gOSKextUnresolved`). The kernel exports neither `___cxa_atexit` nor
+/// `___dso_handle` (darwin-facts.md), nor `atexit` (xnu's `config/*.exports`): a kext's
+/// global destructors must be in `__mod_term_func`.
 pub fn check_imports(image: &Image<'_>, ctx: &CheckContext) -> Vec<String> {
     let tests_for_weak = image.symbol(WEAK_TEST_SYMBOL).is_some();
     image
         .symbols
         .iter()
         .filter(|symbol| symbol.is_undefined())
-        .filter(|symbol| !ctx.library_exports.contains(&symbol.name))
+        .filter(|symbol| !library_exports_import(ctx, &symbol.name))
         .filter(|symbol| !(tests_for_weak && symbol.n_desc & macho::N_WEAK_REF != 0))
         .map(|symbol| match symbol.name.as_str() {
-            "___cxa_atexit" | "___dso_handle" => format!(
-                "{} is imported, but the kernel exports neither ___cxa_atexit nor ___dso_handle: clang registers global destructors with __cxa_atexit; compile C++ with -fno-register-global-dtors-with-atexit (and -fno-use-cxa-atexit) so they go to __mod_term_func",
+            "___cxa_atexit" | "___dso_handle" | "_atexit" => format!(
+                "{} is imported, but the kernel exports none of ___cxa_atexit, ___dso_handle and atexit: the compiler registered global destructors at run time; compile kext C++ with -fapple-kext -mkernel -fno-use-cxa-atexit -fno-register-global-dtors-with-atexit so that they go to __mod_term_func",
                 symbol.name
             ),
             name if symbol.n_desc & macho::N_WEAK_REF != 0 => format!(
@@ -1218,10 +1236,10 @@ fn object_end(image: &Image<'_>, symbol: &Symbol, section: &Section) -> u64 {
         .min(section_end)
 }
 
-/// Vtable slots (each `__ZTV*` after its two header words, up to the next symbol): an
-/// inherited slot is 0 with an external relocation; a local slot is non-zero, with a local
-/// relocation and a C++ symbol defined at its target; and no zero slot without a
-/// relocation comes before the last entry.
+/// Vtable slots, read the way kxld reads them (each `__ZTV*` after its two header words,
+/// up to the first zero slot without an external relocation): an inherited slot is 0 with
+/// an external relocation; a local slot is non-zero, with a local relocation and a C++
+/// symbol defined at its target.
 ///
 /// kxld: `init_by_entries_and_relocs` (kxld_vtable.c) reads a final image's vtable slot by
 /// slot: a non-zero slot is a local entry whose symbol it looks up by value among the
@@ -1231,6 +1249,13 @@ fn object_end(image: &Image<'_>, symbol: &Symbol, section: &Section) -> u64 {
 /// which needs the relocation to be external and the slot to hold no addend; a local entry
 /// with no symbol cannot be patched into subclasses. The local relocation is what slides
 /// the slot (`check_relocations`).
+///
+/// A vtable's length is not recorded in the file, so a vtable cut short (a relocation lost
+/// in the middle, leaving a zero slot) cannot be told apart from its end: what follows a
+/// vtable may be unrelated data without a symbol of its own (a linker places other
+/// objects' anonymous constants right after it). kxld would then find the vtable shorter
+/// than its parent's and refuse to patch it (`kxld_vtable_patch`), which only a check
+/// against the parent's vtable, in the library, could see.
 pub fn check_vtables(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
     let external = relocs_by_address(&image.external_relocs);
     let local = relocs_by_address(&image.local_relocs);
@@ -1254,8 +1279,9 @@ pub fn check_vtables(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
             ));
             continue;
         }
+        // kxld reads on to the first zero slot without an external relocation; stopping
+        // at the next symbol as well keeps the scan inside this object in any case.
         let end = object_end(image, vtable, section);
-        let mut ended_at: Option<u64> = None;
         let mut slot = vtable.n_value.saturating_add(VTABLE_HEADER_SIZE);
         while slot.checked_add(8).is_some_and(|slot_end| slot_end <= end) {
             let index = (slot - vtable.n_value - VTABLE_HEADER_SIZE) / 8;
@@ -1265,20 +1291,8 @@ pub fn check_vtables(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
             let key = i64::try_from(slot).unwrap_or(-1);
             let external_reloc = external.get(&key);
             let local_reloc = local.get(&key);
-            let is_entry = value != 0 || external_reloc.is_some();
-            if let Some(first_end) = ended_at {
-                if is_entry {
-                    found.push(format!(
-                        "vtable {name}: slot {} at {first_end:#x} is 0 without an external relocation, so kxld ends the vtable there, but slot {index} at {slot:#x} follows",
-                        (first_end - vtable.n_value - VTABLE_HEADER_SIZE) / 8
-                    ));
-                    break;
-                }
-                slot += 8;
-                continue;
-            }
             match (value, external_reloc, local_reloc) {
-                (0, None, _) => ended_at = Some(slot),
+                (0, None, _) => break,
                 (_, Some(reloc), _) => {
                     let target = image
                         .symbols
@@ -1310,4 +1324,607 @@ pub fn check_vtables(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    //! One test per rule: a good bundle (a fixture compiled with clang at test time and
+    //! linked with [`crate::link::link`]) passes; the same bundle with a few bytes changed
+    //! breaks exactly the rule under test. Without clang the tests pass with a note,
+    //! unless `CI` is set (then a missing clang fails them).
+
+    use std::path::PathBuf;
+    use std::process::Command;
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::link::{Input, Options, link};
+
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+    const C_FLAGS: &[&str] = &[
+        "-target",
+        "x86_64-apple-macos10.13",
+        "-mkernel",
+        "-fno-builtin",
+        "-nostdinc",
+        "-fno-common",
+        "-O2",
+    ];
+
+    const CXX_FLAGS: &[&str] = &[
+        "-target",
+        "x86_64-apple-macos10.13",
+        "-fapple-kext",
+        "-mkernel",
+        "-nostdinc",
+        "-nostdinc++",
+        "-fno-builtin",
+        "-fno-exceptions",
+        "-fno-rtti",
+        "-fno-use-cxa-atexit",
+        "-fno-register-global-dtors-with-atexit",
+        "-std=gnu++17",
+        "-O2",
+    ];
+
+    /// What plain_kext.c imports, as if its libraries exported it.
+    const PLAIN_LIBRARY_EXPORTS: [&str; 4] = [
+        "_IOLog",
+        "_demo_lib_fn",
+        "_external_counter",
+        "_demo_at_exit",
+    ];
+    const PLAIN_EXPORT_PATTERNS: [&str; 1] = ["_demo_*"];
+    const DRIVER_EXPORT_PATTERNS: [&str; 1] = ["_kx_demo_*"];
+
+    /// Compiles `tests/fixtures/<source>`; `None` (skip) when the compiler is missing and
+    /// `CI` is unset.
+    fn compile(compiler: &str, flags: &[&str], source: &str) -> Option<Vec<u8>> {
+        static UNIQUE: AtomicUsize = AtomicUsize::new(0);
+        let output = std::env::temp_dir().join(format!(
+            "kextld-check-{}-{}.o",
+            std::process::id(),
+            UNIQUE.fetch_add(1, Ordering::Relaxed)
+        ));
+        let source = PathBuf::from(FIXTURES).join(source);
+        let status = Command::new(compiler)
+            .args(flags)
+            .arg("-c")
+            .arg(&source)
+            .arg("-o")
+            .arg(&output)
+            .status();
+        match status {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "{compiler} is required in CI (compiling {})",
+                    source.display()
+                );
+                eprintln!("skipped: {compiler} is not installed");
+                None
+            }
+            Err(error) => panic!("running {compiler}: {error}"),
+            Ok(status) => {
+                assert!(
+                    status.success(),
+                    "{compiler} failed on {}",
+                    source.display()
+                );
+                let object = std::fs::read(&output).expect("reading the compiled object");
+                let _ = std::fs::remove_file(&output);
+                Some(object)
+            }
+        }
+    }
+
+    fn link_one(name: &str, object: Vec<u8>, exports: &[&str]) -> crate::link::Linked {
+        let inputs = [Input {
+            name: name.to_string(),
+            data: object,
+        }];
+        let options = Options {
+            exports: exports.iter().map(|pattern| pattern.to_string()).collect(),
+            roots: vec!["_kmod_info".to_string()],
+            min_macos: (10, 13, 0),
+            uuid: None,
+        };
+        link(&inputs, &options).unwrap_or_else(|error| panic!("linking {name}: {error}"))
+    }
+
+    /// tests/fixtures/plain_kext.c, linked; `None` = skipped.
+    fn plain_bundle() -> Option<Vec<u8>> {
+        static BUNDLE: OnceLock<Option<Vec<u8>>> = OnceLock::new();
+        BUNDLE
+            .get_or_init(|| {
+                let object = compile("clang", C_FLAGS, "plain_kext.c")?;
+                Some(link_one("plain_kext.o", object, &PLAIN_EXPORT_PATTERNS).bytes)
+            })
+            .clone()
+    }
+
+    fn plain_context() -> CheckContext {
+        CheckContext::new(PLAIN_LIBRARY_EXPORTS, PLAIN_EXPORT_PATTERNS)
+    }
+
+    /// The driver half of the IOKit-style fixture, linked, and a context whose libraries
+    /// export everything it imports; `None` = skipped.
+    fn driver_bundle() -> Option<(Vec<u8>, CheckContext)> {
+        static BUNDLE: OnceLock<Option<(Vec<u8>, CheckContext)>> = OnceLock::new();
+        BUNDLE
+            .get_or_init(|| {
+                let object = compile("clang++", CXX_FLAGS, "iokit_style_driver.cpp")?;
+                let linked = link_one("iokit_style_driver.o", object, &DRIVER_EXPORT_PATTERNS);
+                let context = CheckContext::new(linked.imports, DRIVER_EXPORT_PATTERNS);
+                Some((linked.bytes, context))
+            })
+            .clone()
+    }
+
+    /// Checks `bundle` and asserts that it breaks `rule` and nothing else.
+    #[track_caller]
+    fn assert_only(rule: Rule, bundle: &[u8], ctx: &CheckContext) -> Vec<Violation> {
+        let violations = check(bundle, ctx);
+        assert!(
+            !violations.is_empty(),
+            "expected [{rule}] violations, got none"
+        );
+        assert!(
+            violations.iter().all(|violation| violation.rule == rule),
+            "expected only [{rule}] violations, got {violations:#?}"
+        );
+        violations
+    }
+
+    fn parsed(bundle: &[u8]) -> Image<'_> {
+        Image::parse(bundle).expect("the good bundle parses")
+    }
+
+    fn put_u32(bundle: &mut [u8], at: usize, value: u32) {
+        bundle[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    }
+
+    fn put_u64(bundle: &mut [u8], at: usize, value: u64) {
+        bundle[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    }
+
+    fn get_u32(bundle: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(bundle[at..at + 4].try_into().unwrap())
+    }
+
+    /// File offset of the first load command `cmd`.
+    fn command_offset(bundle: &[u8], cmd: u32) -> usize {
+        parsed(bundle)
+            .load_commands
+            .iter()
+            .find(|command| command.cmd == cmd)
+            .unwrap_or_else(|| panic!("no load command {cmd:#x}"))
+            .offset
+    }
+
+    /// File offset of the `LC_SEGMENT_64` named `name`.
+    fn segment_command_offset(bundle: &[u8], name: &str) -> usize {
+        let image = parsed(bundle);
+        image
+            .load_commands
+            .iter()
+            .filter(|command| command.cmd == macho::LC_SEGMENT_64)
+            .find(|command| bundle[command.offset + 8..].starts_with(name.as_bytes()))
+            .unwrap_or_else(|| panic!("no segment {name}"))
+            .offset
+    }
+
+    /// File offset of the `section_64` header of `segname,sectname`.
+    fn section_header_offset(bundle: &[u8], segname: &str, sectname: &str) -> usize {
+        let segment = segment_command_offset(bundle, segname);
+        let nsects = get_u32(bundle, segment + 64) as usize;
+        (0..nsects)
+            .map(|index| segment + 72 + index * 80)
+            .find(|&at| bundle[at..].starts_with(sectname.as_bytes()))
+            .unwrap_or_else(|| panic!("no section {segname},{sectname}"))
+    }
+
+    fn symbol_index(bundle: &[u8], name: &str) -> usize {
+        parsed(bundle)
+            .symbols
+            .iter()
+            .position(|symbol| symbol.name == name)
+            .unwrap_or_else(|| panic!("no symbol {name}"))
+    }
+
+    fn nlist_offset(bundle: &[u8], name: &str) -> usize {
+        let symtab = parsed(bundle).symtab.expect("LC_SYMTAB");
+        symtab.symoff as usize + 16 * symbol_index(bundle, name)
+    }
+
+    /// Renames a symbol in place in the string table (the names have the same length).
+    fn rename_symbol(bundle: &mut [u8], from: &str, to: &str) {
+        assert_eq!(
+            from.len(),
+            to.len(),
+            "renaming in place needs equal lengths"
+        );
+        let symtab = parsed(bundle).symtab.expect("LC_SYMTAB");
+        let strx = get_u32(bundle, nlist_offset(bundle, from)) as usize;
+        let at = symtab.stroff as usize + strx;
+        assert_eq!(&bundle[at..at + from.len()], from.as_bytes());
+        bundle[at..at + to.len()].copy_from_slice(to.as_bytes());
+    }
+
+    /// File offset of relocation `index` in the local (or external) table.
+    fn reloc_offset(bundle: &[u8], local: bool, index: usize) -> usize {
+        let dysymtab = parsed(bundle).dysymtab.expect("LC_DYSYMTAB");
+        let table = if local {
+            dysymtab.locreloff
+        } else {
+            dysymtab.extreloff
+        };
+        table as usize + 8 * index
+    }
+
+    /// File offset of the bytes at image address `addr`.
+    fn file_offset_of(bundle: &[u8], addr: u64) -> usize {
+        let image = parsed(bundle);
+        let section = image.section_at(addr).expect("a section at the address");
+        (u64::from(section.offset) + (addr - section.addr)) as usize
+    }
+
+    #[test]
+    fn good_plain_bundle_passes() {
+        let Some(bundle) = plain_bundle() else { return };
+        assert_eq!(check(&bundle, &plain_context()), Vec::new());
+        // The fixture has every relocation shape: make sure they all reached the bundle.
+        let image = parsed(&bundle);
+        assert!(!image.local_relocs.is_empty());
+        assert!(
+            image
+                .external_relocs
+                .iter()
+                .any(|r| r.kind == macho::X86_64_RELOC_BRANCH)
+        );
+        assert!(
+            image
+                .external_relocs
+                .iter()
+                .any(|r| r.kind == macho::X86_64_RELOC_UNSIGNED)
+        );
+    }
+
+    #[test]
+    fn header_rule_refuses_other_filetypes_and_cpus() {
+        let Some(good) = plain_bundle() else { return };
+        for (field, value) in [
+            (12, macho::MH_BUNDLE),
+            (12, macho::MH_OBJECT),
+            (4, macho::CPU_TYPE_ARM64),
+        ] {
+            let mut bundle = good.clone();
+            put_u32(&mut bundle, field, value);
+            assert_only(Rule::Header, &bundle, &plain_context());
+        }
+        let mut bundle = good.clone();
+        put_u32(&mut bundle, 0, macho::MH_MAGIC);
+        assert_only(Rule::Header, &bundle, &plain_context());
+    }
+
+    #[test]
+    fn load_command_rule_refuses_dyld_commands_and_missing_ones() {
+        let Some(good) = plain_bundle() else { return };
+        let source_version = command_offset(&good, macho::LC_SOURCE_VERSION);
+        for dyld_command in [
+            macho::LC_DYLD_CHAINED_FIXUPS,
+            macho::LC_MAIN,
+            macho::LC_LOAD_DYLINKER,
+        ] {
+            let mut bundle = good.clone();
+            put_u32(&mut bundle, source_version, dyld_command);
+            let violations = assert_only(Rule::LoadCommands, &bundle, &plain_context());
+            assert!(violations[0].message.contains("kxld refuses it"));
+        }
+        // Tolerated commands pass; replacing LC_UUID or the version command with one loses
+        // a required command.
+        let version = parsed(&good)
+            .load_commands
+            .iter()
+            .find(|command| {
+                matches!(
+                    command.cmd,
+                    macho::LC_VERSION_MIN_MACOSX | macho::LC_BUILD_VERSION
+                )
+            })
+            .expect("a version command")
+            .offset;
+        for (required, what) in [
+            (command_offset(&good, macho::LC_UUID), "no LC_UUID"),
+            (version, "no LC_VERSION_MIN_MACOSX or LC_BUILD_VERSION"),
+        ] {
+            let mut bundle = good.clone();
+            put_u32(&mut bundle, required, macho::LC_NOTE);
+            let violations = assert_only(Rule::LoadCommands, &bundle, &plain_context());
+            assert!(violations[0].message.starts_with(what), "{violations:?}");
+        }
+        // sizeofcmds smaller than the commands: unreadable, reported under this rule.
+        let mut bundle = good.clone();
+        put_u32(&mut bundle, 20, get_u32(&good, 20) - 8);
+        assert_only(Rule::LoadCommands, &bundle, &plain_context());
+    }
+
+    #[test]
+    fn segment_rule_refuses_ranges_past_the_file_and_misfiled_sections() {
+        let Some(good) = plain_bundle() else { return };
+        let linkedit = segment_command_offset(&good, "__LINKEDIT");
+        let mut bundle = good.clone();
+        let filesize = u64::from_le_bytes(good[linkedit + 48..linkedit + 56].try_into().unwrap());
+        put_u64(&mut bundle, linkedit + 48, filesize + 0x1000);
+        let violations = assert_only(Rule::Segments, &bundle, &plain_context());
+        assert!(
+            violations[0].message.contains("__LINKEDIT"),
+            "{violations:?}"
+        );
+
+        let mut bundle = good.clone();
+        let cstring = section_header_offset(&good, "__TEXT", "__cstring");
+        bundle[cstring + 16..cstring + 22].copy_from_slice(b"__DATA");
+        assert_only(Rule::Segments, &bundle, &plain_context());
+    }
+
+    #[test]
+    fn symbol_table_rule_refuses_inconsistent_partitions_and_common_symbols() {
+        let Some(good) = plain_bundle() else { return };
+        // One more external definition, one fewer undefined: the first import now sits in
+        // the external-definition partition.
+        let dysymtab = command_offset(&good, macho::LC_DYSYMTAB);
+        let mut bundle = good.clone();
+        for (field, delta) in [(20, 1i64), (24, 1), (28, -1)] {
+            let value = i64::from(get_u32(&good, dysymtab + field)) + delta;
+            put_u32(&mut bundle, dysymtab + field, u32::try_from(value).unwrap());
+        }
+        let violations = assert_only(Rule::SymbolTable, &bundle, &plain_context());
+        assert!(
+            violations[0]
+                .message
+                .contains("external definition partition")
+        );
+
+        let mut bundle = good.clone();
+        put_u64(&mut bundle, nlist_offset(&good, "_demo_lib_fn") + 8, 16);
+        let violations = assert_only(Rule::SymbolTable, &bundle, &plain_context());
+        assert!(violations[0].message.contains("common symbol"));
+
+        // A name outside the string table: unreadable, reported under this rule.
+        let mut bundle = good.clone();
+        put_u32(
+            &mut bundle,
+            nlist_offset(&good, "_demo_lib_fn"),
+            0x00ff_ffff,
+        );
+        assert_only(Rule::SymbolTable, &bundle, &plain_context());
+    }
+
+    #[test]
+    fn relocation_rule_refuses_misshapen_and_misdirected_relocations() {
+        let Some(good) = plain_bundle() else { return };
+        let first_local = reloc_offset(&good, true, 0);
+        let word1 = get_u32(&good, first_local + 4);
+
+        let mut bundle = good.clone();
+        put_u32(
+            &mut bundle,
+            first_local + 4,
+            (word1 & !(3 << 25)) | (2 << 25),
+        ); // length 2
+        assert_only(Rule::Relocations, &bundle, &plain_context());
+
+        let mut bundle = good.clone();
+        put_u32(&mut bundle, first_local + 4, (word1 & !0x00ff_ffff) | 99); // section 99
+        assert_only(Rule::Relocations, &bundle, &plain_context());
+
+        // An external relocation naming a defined symbol.
+        let first_external = reloc_offset(&good, false, 0);
+        let word1 = get_u32(&good, first_external + 4);
+        let defined = symbol_index(&good, "_demo_api_fn") as u32;
+        let mut bundle = good.clone();
+        put_u32(
+            &mut bundle,
+            first_external + 4,
+            (word1 & !0x00ff_ffff) | defined,
+        );
+        assert_only(Rule::Relocations, &bundle, &plain_context());
+
+        // A relocation attached to a section, where kxld never looks in a linked image.
+        let mut bundle = good.clone();
+        put_u32(
+            &mut bundle,
+            section_header_offset(&good, "__TEXT", "__text") + 60,
+            1,
+        );
+        assert_only(Rule::Relocations, &bundle, &plain_context());
+    }
+
+    #[test]
+    fn kmod_info_rule_refuses_a_bundle_without_kmod_info() {
+        let Some(mut bundle) = plain_bundle() else {
+            return;
+        };
+        rename_symbol(&mut bundle, "_kmod_info", "_kmod_infx");
+        assert_only(Rule::KmodInfo, &bundle, &plain_context());
+    }
+
+    #[test]
+    fn import_rule_refuses_symbols_no_library_exports() {
+        let Some(good) = plain_bundle() else { return };
+        let mut bundle = good.clone();
+        rename_symbol(&mut bundle, "_IOLog", "_IOLoh");
+        let violations = assert_only(Rule::Imports, &bundle, &plain_context());
+        assert!(violations[0].message.starts_with("_IOLoh is imported"));
+
+        for atexit_symbol in ["___cxa_atexit", "___dso_handle"] {
+            let mut bundle = good.clone();
+            rename_symbol(&mut bundle, "_demo_at_exit", atexit_symbol);
+            let violations = assert_only(Rule::Imports, &bundle, &plain_context());
+            assert!(
+                violations[0]
+                    .message
+                    .contains("-fno-register-global-dtors-with-atexit"),
+                "{violations:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn import_rule_reads_names_as_kxld_renames_them() {
+        let ctx = CheckContext::new(
+            ["__ZN15OSMetaClassBase8DispatchE5IORPC"],
+            Vec::<String>::new(),
+        );
+        assert!(library_exports_import(
+            &ctx,
+            "__ZN15OSMetaClassBase25_RESERVEDOSMetaClassBase3Ev"
+        ));
+        assert!(!library_exports_import(
+            &ctx,
+            "__ZN15OSMetaClassBase25_RESERVEDOSMetaClassBase4Ev"
+        ));
+    }
+
+    #[test]
+    fn duplicate_definition_rule_refuses_redefining_a_library_symbol() {
+        let Some(mut bundle) = plain_bundle() else {
+            return;
+        };
+        rename_symbol(&mut bundle, "_demo_api_fn", "_demo_lib_fn");
+        let violations = assert_only(Rule::DuplicateDefinitions, &bundle, &plain_context());
+        assert!(violations[0].message.contains("defined more than once"));
+    }
+
+    #[test]
+    fn export_rule_refuses_definitions_outside_the_export_patterns() {
+        let Some(mut bundle) = plain_bundle() else {
+            return;
+        };
+        rename_symbol(&mut bundle, "_demo_api_fn", "_xemo_api_fn");
+        let violations = assert_only(Rule::Exports, &bundle, &plain_context());
+        assert!(violations[0].message.starts_with("_xemo_api_fn"));
+    }
+
+    #[test]
+    fn good_cxx_driver_passes() {
+        let Some((bundle, ctx)) = driver_bundle() else {
+            return;
+        };
+        assert_eq!(check(&bundle, &ctx), Vec::new());
+    }
+
+    #[test]
+    fn metaclass_rule_refuses_a_class_without_its_metaclass_vtable_or_super_class() {
+        let Some((good, ctx)) = driver_bundle() else {
+            return;
+        };
+        let mut bundle = good.clone();
+        rename_symbol(
+            &mut bundle,
+            "__ZTVN12KxDemoDriver9MetaClassE",
+            "__ZTVN12KxDemoDriver9MetaClassX",
+        );
+        let violations = assert_only(Rule::MetaClasses, &bundle, &ctx);
+        assert!(
+            violations[0]
+                .message
+                .contains("__ZTVN12KxDemoDriver9MetaClassE")
+        );
+
+        // superClass's relocation retargeted from __ZN9KxService10gMetaClassE to another
+        // import, which is no MetaClass.
+        let image = parsed(&good);
+        let pointer = image
+            .symbol("__ZN12KxDemoDriver10superClassE")
+            .expect("superClass");
+        let index = image
+            .external_relocs
+            .iter()
+            .position(|reloc| i64::from(reloc.address) == pointer.n_value as i64)
+            .expect("an external relocation at superClass");
+        let other_import = symbol_index(&good, "__ZTV9KxService") as u32;
+        let at = reloc_offset(&good, false, index);
+        let mut bundle = good.clone();
+        put_u32(
+            &mut bundle,
+            at + 4,
+            (get_u32(&good, at + 4) & !0x00ff_ffff) | other_import,
+        );
+        let violations = assert_only(Rule::MetaClasses, &bundle, &ctx);
+        assert!(violations[0].message.contains("__ZTV9KxService"));
+    }
+
+    /// (address of the first local slot, address of the first inherited slot) in `vtable`.
+    fn vtable_slots(bundle: &[u8], vtable: &str) -> (u64, u64) {
+        let image = parsed(bundle);
+        let start = image.symbol(vtable).expect("the vtable").n_value + VTABLE_HEADER_SIZE;
+        let slots = (0..64).map(|index| start + 8 * index);
+        let has_reloc = |relocs: &[Reloc], slot: u64| {
+            relocs
+                .iter()
+                .any(|reloc| i64::from(reloc.address) == slot as i64)
+        };
+        let local = slots
+            .clone()
+            .find(|&slot| has_reloc(&image.local_relocs, slot))
+            .expect("a local slot");
+        let inherited = slots
+            .clone()
+            .find(|&slot| has_reloc(&image.external_relocs, slot))
+            .expect("an inherited slot");
+        (local, inherited)
+    }
+
+    #[test]
+    fn vtable_rule_refuses_slots_kxld_cannot_patch() {
+        let Some((good, ctx)) = driver_bundle() else {
+            return;
+        };
+        let (local, inherited) = vtable_slots(&good, "__ZTV12KxDemoDriver");
+
+        // A local slot pointing one byte into its function: no symbol there.
+        let mut bundle = good.clone();
+        let at = file_offset_of(&good, local);
+        let value = u64::from_le_bytes(good[at..at + 8].try_into().unwrap());
+        put_u64(&mut bundle, at, value + 1);
+        let violations = assert_only(Rule::VTables, &bundle, &ctx);
+        assert!(
+            violations[0].message.contains("no C++ symbol"),
+            "{violations:?}"
+        );
+
+        // An inherited slot holding an addend.
+        let mut bundle = good.clone();
+        put_u64(&mut bundle, file_offset_of(&good, inherited), 8);
+        let violations = assert_only(Rule::VTables, &bundle, &ctx);
+        assert!(
+            violations[0].message.contains("must be 0"),
+            "{violations:?}"
+        );
+    }
+
+    #[test]
+    fn malformed_bundles_are_violations_not_panics() {
+        let Some(good) = plain_bundle() else { return };
+        let ctx = plain_context();
+        for len in 0..good.len() {
+            assert!(!check(&good[..len], &ctx).is_empty(), "truncated to {len}");
+        }
+        // Every byte of the header and load commands, and of the symbol and relocation
+        // tables, overwritten with 0xff and with 0x00 in turn.
+        let dysymtab = parsed(&good).dysymtab.expect("LC_DYSYMTAB");
+        let commands_end = 32 + get_u32(&good, 20) as usize;
+        let linkedit_start = dysymtab.extreloff.min(dysymtab.locreloff) as usize;
+        for at in (0..commands_end).chain(linkedit_start..good.len()) {
+            for byte in [0xff, 0x00] {
+                let mut bundle = good.clone();
+                bundle[at] = byte;
+                let _ = check(&bundle, &ctx);
+            }
+        }
+    }
 }

@@ -299,7 +299,7 @@ impl<'a> Image<'a> {
         let mut image = Image {
             data,
             header,
-            load_commands: load_commands.clone(),
+            load_commands: Vec::new(),
             segments: Vec::new(),
             sections: Vec::new(),
             symtab: None,
@@ -362,6 +362,7 @@ impl<'a> Image<'a> {
                 ),
             ));
         }
+        image.load_commands = load_commands;
         if let Some(symtab) = image.symtab {
             image.symbols = parse_symbols(data, &symtab)?;
         }

@@ -298,11 +298,14 @@ fn is_macho64(data: &[u8]) -> bool {
     data.starts_with(&[0xcf, 0xfa, 0xed, 0xfe])
 }
 
+/// An archive member: (display name, bytes).
+type Member = (String, Vec<u8>);
+
 /// Every input split into objects given directly and archive members (loaded on demand).
 ///
 /// Members are copied out of their archive: an `ar` member is only 2-byte aligned, and the
 /// Mach-O structures are read in place with their natural alignment.
-fn collect(inputs: &[Input]) -> Result<(Vec<Object<'_>>, Vec<(String, Vec<u8>)>), LinkError> {
+fn collect(inputs: &[Input]) -> Result<(Vec<Object<'_>>, Vec<Member>), LinkError> {
     let mut objects = Vec::new();
     let mut members = Vec::new();
     for input in inputs {
@@ -343,7 +346,7 @@ fn collect(inputs: &[Input]) -> Result<(Vec<Object<'_>>, Vec<(String, Vec<u8>)>)
 /// Step 1: loads archive members until no undefined symbol can be resolved from them.
 fn load_on_demand<'a>(
     mut objects: Vec<Object<'a>>,
-    members: &'a [(String, Vec<u8>)],
+    members: &'a [Member],
     roots: &[String],
 ) -> Result<Vec<Object<'a>>, LinkError> {
     let mut member_objects: Vec<Option<Object<'a>>> = Vec::with_capacity(members.len());
@@ -1054,7 +1057,7 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
     for name in &imports {
         put_symbol(name, macho::N_UNDF | macho::N_EXT, 0, 0, 0);
     }
-    while strings.len() % 8 != 0 {
+    while !strings.len().is_multiple_of(8) {
         strings.push(0);
     }
     let strsize = strings.len() as u64;
