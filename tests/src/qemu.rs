@@ -22,8 +22,7 @@ mod toolchain;
 
 pub use devices::{BLK_SERIAL, DISK_BYTES, DeviceKind, NET_MAC, SCENARIOS, ScenarioSpec, scenario};
 pub use toolchain::{
-    find_workspace,
-    GuestToolchain, build_guest, ensure as ensure_toolchain, guest_dir, target_dir,
+    GuestToolchain, build_guest, ensure as ensure_toolchain, find_workspace, guest_dir, target_dir,
 };
 
 use std::collections::BTreeMap;
@@ -235,11 +234,31 @@ pub struct TraceCounts {
     pub per_device: BTreeMap<(String, String), u64>,
     /// `virtio_queue_notify` per (vdev, queue index).
     pub kicks_per_queue: BTreeMap<(String, u32), u64>,
+    /// Per vdev: resets (`virtio_set_status ... val 0`) that came after queue
+    /// notifications, i.e. of a device in use. One guest reset traces `val 0` twice (the
+    /// status write, then `virtio_reset`): counted once.
+    pub resets_after_traffic: BTreeMap<String, u64>,
+    /// Per vdev: DRIVER_OK set again after such a reset, i.e. the driver re-initialised a
+    /// device it had been using (suspend/resume, a restart after a fault).
+    pub reinits_after_traffic: BTreeMap<String, u64>,
+}
+
+/// Status bit DRIVER_OK (virtio 1.2 §2.1).
+const STATUS_DRIVER_OK: u32 = 4;
+
+/// Where one device stands in a trace, for [`TraceCounts`]' reset counting.
+#[derive(Default)]
+struct DeviceLife {
+    /// Queue notifications since the last reset.
+    kicked: bool,
+    /// Reset after notifications; waiting for DRIVER_OK.
+    reset_in_use: bool,
 }
 
 impl TraceCounts {
     pub fn parse(text: &str) -> Self {
         let mut t = TraceCounts::default();
+        let mut life: BTreeMap<String, DeviceLife> = BTreeMap::new();
         for line in text.lines() {
             // The log backend prefixes "pid@seconds.micros:"; tolerate its absence.
             let body = match line.split_once(':') {
@@ -269,6 +288,22 @@ impl TraceCounts {
                 {
                     *t.kicks_per_queue.entry((vdev.to_string(), n)).or_default() += 1;
                 }
+                let dev = life.entry(vdev.to_string()).or_default();
+                match (event, field("val").and_then(|v| v.parse::<u32>().ok())) {
+                    ("virtio_queue_notify", _) => dev.kicked = true,
+                    ("virtio_set_status", Some(0)) if dev.kicked => {
+                        dev.kicked = false;
+                        dev.reset_in_use = true;
+                        *t.resets_after_traffic.entry(vdev.to_string()).or_default() += 1;
+                    }
+                    ("virtio_set_status", Some(v))
+                        if v & STATUS_DRIVER_OK != 0 && dev.reset_in_use =>
+                    {
+                        dev.reset_in_use = false;
+                        *t.reinits_after_traffic.entry(vdev.to_string()).or_default() += 1;
+                    }
+                    _ => {}
+                }
             }
         }
         t
@@ -277,6 +312,17 @@ impl TraceCounts {
     /// Kicks seen by QEMU.
     pub fn kicks(&self) -> u64 {
         self.events.get("virtio_queue_notify").copied().unwrap_or(0)
+    }
+
+    /// Resets of devices in use, over all devices (see `resets_after_traffic`).
+    pub fn resets_after_traffic(&self) -> u64 {
+        self.resets_after_traffic.values().sum()
+    }
+
+    /// Re-initialisations of devices in use, over all devices (see
+    /// `reinits_after_traffic`).
+    pub fn reinits_after_traffic(&self) -> u64 {
+        self.reinits_after_traffic.values().sum()
     }
 
     /// Interrupts QEMU sent (`virtio_notify` + `virtio_notify_irqfd`).
@@ -623,6 +669,7 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
             "virtio_queue_notify",
             "virtio_notify",
             "virtio_notify_irqfd",
+            "virtio_set_status",
         ] {
             args.push("-trace".into());
             args.push(ev.into());
@@ -826,6 +873,33 @@ mod tests {
         assert_eq!(t.kicks(), 2);
         assert_eq!(t.interrupts(), 2);
         assert_eq!(t.kicks_per_queue[&("0xa".to_string(), 1)], 1);
+    }
+
+    #[test]
+    fn counts_resets_of_devices_in_use() {
+        // Device 0xa: initialised (reset traced twice), used, reset and re-initialised
+        // (a resume), used, reset at the end. Device 0xd: initialised, never used, reset.
+        let t = TraceCounts::parse(
+            "1@1.0:virtio_set_status vdev 0xa val 0\n\
+             1@1.0:virtio_set_status vdev 0xa val 0\n\
+             1@1.0:virtio_set_status vdev 0xa val 15\n\
+             1@1.0:virtio_set_status vdev 0xd val 0\n\
+             1@1.0:virtio_set_status vdev 0xd val 15\n\
+             1@1.1:virtio_queue_notify vdev 0xa n 0 vq 0xb\n\
+             1@1.2:virtio_set_status vdev 0xa val 0\n\
+             1@1.2:virtio_set_status vdev 0xa val 0\n\
+             1@1.2:virtio_set_status vdev 0xa val 1\n\
+             1@1.2:virtio_set_status vdev 0xa val 11\n\
+             1@1.2:virtio_set_status vdev 0xa val 15\n\
+             1@1.3:virtio_queue_notify vdev 0xa n 1 vq 0xc\n\
+             1@1.4:virtio_set_status vdev 0xa val 0\n\
+             1@1.4:virtio_set_status vdev 0xa val 0\n\
+             1@1.4:virtio_set_status vdev 0xd val 0\n",
+        );
+        assert_eq!(t.resets_after_traffic(), 2);
+        assert_eq!(t.reinits_after_traffic(), 1);
+        assert_eq!(t.reinits_after_traffic[&"0xa".to_string()], 1);
+        assert!(!t.resets_after_traffic.contains_key("0xd"));
     }
 
     #[test]

@@ -5,14 +5,15 @@
 //! (`doAsyncReadWrite` with IODMACommand segments, `doSynchronizeCache`, `doUnmap`,
 //! `doSetWriteCacheState`) completes through the completion callback from interrupts the
 //! family delivers; `stop` aborts what is in flight; `free` destroys; the family stops
-//! with every DMA region returned.
+//! with every DMA region returned. Each test runs against the rlibs and against the loaded
+//! bundles (`kext_support`).
 
 mod kext_support;
 
 use std::cell::RefCell;
 use std::ffi::c_void;
 
-use kext_support::Family;
+use kext_support::{Family, FamilyKext, c_abi, kernel, kext_tests};
 use virtio_block_kext::*;
 use virtio_core::platform::DmaRegion;
 use virtio_kext_abi::VkSegment;
@@ -29,6 +30,69 @@ const MODES: [(SimMode, Preference); 4] = [
 ];
 const RING: u64 = bits::INDIRECT_DESC | bits::EVENT_IDX;
 const SECTORS: u64 = 8192;
+
+c_abi! {
+    /// VirtioBlock.kext's C functions (`VirtioBlockABI.h`).
+    pub struct BlockAbi from virtio_block_kext {
+        fn vblk_create(
+            *mut virtio_kext_client::VfamDevice,
+            *const VblkCallbacks,
+            *mut *mut VblkDevice,
+        ) -> i32;
+        fn vblk_info(*mut VblkDevice, *mut VblkInfo) -> i32;
+        fn vblk_stats(*mut VblkDevice, *mut VblkStats) -> i32;
+        fn vblk_request_id(*mut VblkDevice, *mut c_void) -> i32;
+        fn vblk_submit_rw(
+            *mut VblkDevice,
+            bool,
+            u64,
+            u64,
+            *const VkSegment,
+            usize,
+            *mut c_void,
+        ) -> i32;
+        fn vblk_flush(*mut VblkDevice, *mut c_void) -> i32;
+        fn vblk_unmap(*mut VblkDevice, *const VblkExtent, usize, *mut c_void) -> i32;
+        fn vblk_set_write_cache(*mut VblkDevice, bool) -> i32;
+        fn vblk_interrupt(*mut VblkDevice, i32);
+        fn vblk_stop(*mut VblkDevice);
+        fn vblk_destroy(*mut VblkDevice);
+        fn vblk_log_init();
+    }
+}
+
+/// The family and the block kext, both from the rlibs or both loaded.
+#[derive(Clone, Copy)]
+struct Kexts {
+    family: &'static FamilyKext,
+    blk: BlockAbi,
+}
+
+impl Kexts {
+    fn rlib() -> Kexts {
+        Kexts {
+            family: FamilyKext::rlib(),
+            blk: BlockAbi::rlib(),
+        }
+    }
+
+    fn loaded() -> Option<Kexts> {
+        let family = FamilyKext::loaded()?;
+        let bundle = family.load_device("VirtioBlock", "_vblk_log_init")?;
+        Some(Kexts {
+            family,
+            blk: BlockAbi::loaded(bundle),
+        })
+    }
+}
+
+kext_tests!(Kexts:
+    start_io_flush_unmap_stop_in_every_mode,
+    backpressure_and_restart,
+    errors_reach_the_completion_or_the_caller,
+    read_only_write_through_device_without_discard,
+    needs_reset_aborts_and_recovers,
+);
 
 /// What the shim's callbacks record.
 #[derive(Default)]
@@ -58,6 +122,7 @@ unsafe extern "C" fn on_capacity(ctx: *mut c_void, blocks: u64) {
 
 /// The shim's side: the family (transport + nub), the disk, and the block device.
 struct Rig {
+    kexts: Kexts,
     sim: Sim,
     mem: IdentityMemory,
     model: BlkModel,
@@ -79,9 +144,15 @@ fn full_model() -> BlkModel {
 }
 
 impl Rig {
-    fn start(model: BlkModel, mode: SimMode, pref: Preference, queue_size: u16) -> Rig {
+    fn start(
+        kexts: Kexts,
+        model: BlkModel,
+        mode: SimMode,
+        pref: Preference,
+        queue_size: u16,
+    ) -> Rig {
         let sim = model.sim_builder(mode, RING, queue_size, 16 << 20).build();
-        let fam = Family::start(&sim, pref).expect("family start");
+        let fam = Family::start(kexts.family, &sim, pref).expect("family start");
         let log = Box::new(RefCell::new(ShimLog::default()));
         let cb = VblkCallbacks {
             ctx: (&*log as *const RefCell<ShimLog>).cast_mut().cast(),
@@ -91,11 +162,12 @@ impl Rig {
         };
         let mut dev = std::ptr::null_mut();
         // SAFETY: the nub's live handle; the callbacks' context outlives the device.
-        let s = unsafe { vblk_create(fam.client_handle(), &cb, &mut dev) };
+        let s = unsafe { (kexts.blk.vblk_create)(fam.client_handle(), &cb, &mut dev) };
         assert_eq!(s, VBLK_OK, "{mode:?}/{pref:?}: vblk_create");
         assert!(!dev.is_null());
         sim.check_init_order().unwrap();
         Rig {
+            kexts,
             mem: sim.memory(),
             sim,
             model,
@@ -120,7 +192,8 @@ impl Rig {
     fn info(&self) -> VblkInfo {
         let mut i = VblkInfo::default();
         // SAFETY: live handle, local out-pointer.
-        assert_eq!(unsafe { vblk_info(self.dev, &mut i) }, VBLK_OK);
+        let status = unsafe { (self.kexts.blk.vblk_info)(self.dev, &mut i) };
+        assert_eq!(status, VBLK_OK);
         i
     }
 
@@ -155,7 +228,7 @@ impl Rig {
     fn rw(&self, write: bool, block: u64, blocks: u64, segs: &[VkSegment], req: usize) -> i32 {
         // SAFETY: live handle; segments in guest memory; `req` is an opaque context.
         unsafe {
-            vblk_submit_rw(
+            (self.kexts.blk.vblk_submit_rw)(
                 self.dev,
                 write,
                 block,
@@ -177,8 +250,8 @@ impl Rig {
     fn unload(mut self) {
         // SAFETY: live handle, not used after destroy.
         unsafe {
-            vblk_stop(self.dev);
-            vblk_destroy(self.dev);
+            (self.kexts.blk.vblk_stop)(self.dev);
+            (self.kexts.blk.vblk_destroy)(self.dev);
         }
         self.fam.take().unwrap().stop();
         assert!(
@@ -198,10 +271,9 @@ impl Rig {
     }
 }
 
-#[test]
-fn start_io_flush_unmap_stop_in_every_mode() {
+fn start_io_flush_unmap_stop_in_every_mode(kexts: Kexts) {
     for (mode, pref) in MODES {
-        let mut r = Rig::start(full_model(), mode, pref, 64);
+        let mut r = Rig::start(kexts, full_model(), mode, pref, 64);
         let what = format!("{mode:?}/{pref:?}");
 
         // start: the facts IOBlockStorageDevice reports.
@@ -221,7 +293,7 @@ fn start_io_flush_unmap_stop_in_every_mode() {
 
         // start: GET_ID, completed from the interrupt.
         // SAFETY: live handle.
-        let s = unsafe { vblk_request_id(r.dev, 0x1000 as *mut c_void) };
+        let s = unsafe { (kexts.blk.vblk_request_id)(r.dev, 0x1000 as *mut c_void) };
         assert_eq!(s, VBLK_OK);
         assert_eq!(r.step(), 1);
         assert_eq!(r.take(), vec![(0x1000, VBLK_OK)], "{what}");
@@ -254,7 +326,8 @@ fn start_io_flush_unmap_stop_in_every_mode() {
 
         // doSynchronizeCache.
         // SAFETY: live handle.
-        assert_eq!(unsafe { vblk_flush(r.dev, 0x3000 as *mut c_void) }, VBLK_OK);
+        let status = unsafe { (kexts.blk.vblk_flush)(r.dev, 0x3000 as *mut c_void) };
+        assert_eq!(status, VBLK_OK);
         r.step();
         assert_eq!(r.take(), vec![(0x3000, VBLK_OK)]);
         assert!(r.model.records.iter().any(|x| x.req_type == proto::T_FLUSH));
@@ -271,7 +344,9 @@ fn start_io_flush_unmap_stop_in_every_mode() {
             },
         ];
         // SAFETY: live handle; `ext` holds two entries.
-        let s = unsafe { vblk_unmap(r.dev, ext.as_ptr(), ext.len(), 0x4000 as *mut c_void) };
+        let s = unsafe {
+            (kexts.blk.vblk_unmap)(r.dev, ext.as_ptr(), ext.len(), 0x4000 as *mut c_void)
+        };
         assert_eq!(s, VBLK_OK);
         r.step();
         assert_eq!(r.take(), vec![(0x4000, VBLK_OK)]);
@@ -285,11 +360,13 @@ fn start_io_flush_unmap_stop_in_every_mode() {
 
         // doSetWriteCacheState.
         // SAFETY: live handle.
-        assert_eq!(unsafe { vblk_set_write_cache(r.dev, false) }, VBLK_OK);
+        let status = unsafe { (kexts.blk.vblk_set_write_cache)(r.dev, false) };
+        assert_eq!(status, VBLK_OK);
         assert_eq!(r.info().write_cache, 0);
         assert_eq!(r.sim.device_config()[32], 0, "the device saw write-through");
         // SAFETY: live handle.
-        assert_eq!(unsafe { vblk_set_write_cache(r.dev, true) }, VBLK_OK);
+        let status = unsafe { (kexts.blk.vblk_set_write_cache)(r.dev, true) };
+        assert_eq!(status, VBLK_OK);
         assert_eq!(r.info().write_cache, 1);
 
         // A resize: config interrupt → capacity callback → new block count.
@@ -301,7 +378,7 @@ fn start_io_flush_unmap_stop_in_every_mode() {
         // Statistics for the IORegistry.
         let mut st = VblkStats::default();
         // SAFETY: live handle.
-        assert_eq!(unsafe { vblk_stats(r.dev, &mut st) }, VBLK_OK);
+        assert_eq!(unsafe { (kexts.blk.vblk_stats)(r.dev, &mut st) }, VBLK_OK);
         assert_eq!((st.reads, st.writes, st.flushes, st.unmaps), (1, 2, 1, 1));
         assert_eq!((st.errors, st.in_flight), (0, 0));
         assert!(st.kicks >= 1);
@@ -310,7 +387,7 @@ fn start_io_flush_unmap_stop_in_every_mode() {
         let late = r.segments(4096, 1, None);
         assert_eq!(r.rw(false, 0, 8, &late, 0x5000), VBLK_OK);
         // SAFETY: live handle.
-        unsafe { vblk_stop(r.dev) };
+        unsafe { (kexts.blk.vblk_stop)(r.dev) };
         assert_eq!(r.take(), vec![(0x5000, VBLK_E_ABORTED)], "{what}");
         assert_eq!(r.rw(false, 0, 8, &late, 0x5001), VBLK_E_DEVICE);
         // Interrupts after stop go nowhere near the device kext.
@@ -322,9 +399,8 @@ fn start_io_flush_unmap_stop_in_every_mode() {
 }
 
 /// Ring full → `VBLK_E_BUSY`; completions free room and the shim is told to restart.
-#[test]
-fn backpressure_and_restart() {
-    let mut r = Rig::start(full_model(), SimMode::Modern, Preference::Auto, 8);
+fn backpressure_and_restart(kexts: Kexts) {
+    let mut r = Rig::start(kexts, full_model(), SimMode::Modern, Preference::Auto, 8);
     let mut accepted = Vec::new();
     let mut held = Vec::new();
     for k in 0..32usize {
@@ -374,17 +450,16 @@ fn backpressure_and_restart() {
     }
     let mut st = VblkStats::default();
     // SAFETY: live handle.
-    unsafe { vblk_stats(r.dev, &mut st) };
+    unsafe { (kexts.blk.vblk_stats)(r.dev, &mut st) };
     assert!(st.busy > 0);
     assert_eq!(st.in_flight, 0);
     r.unload();
 }
 
-#[test]
-fn errors_reach_the_completion_or_the_caller() {
+fn errors_reach_the_completion_or_the_caller(kexts: Kexts) {
     let mut model = full_model();
     model.io_error_sectors.insert(40);
-    let mut r = Rig::start(model, SimMode::Modern, Preference::Auto, 64);
+    let mut r = Rig::start(kexts, model, SimMode::Modern, Preference::Auto, 64);
     let s = r.segments(4096, 2, None);
     // Device IOERR → completion status.
     assert_eq!(r.rw(false, 40, 8, &s, 0x10), VBLK_OK);
@@ -403,43 +478,48 @@ fn errors_reach_the_completion_or_the_caller() {
     assert_eq!(r.rw(false, 0, 8, &many, 0x14), VBLK_E_TOO_LARGE);
     let ext = vec![VblkExtent { block: 0, count: 1 }; VBLK_MAX_EXTENTS as usize + 1];
     // SAFETY: live handle; `ext` has that many entries.
-    let st = unsafe { vblk_unmap(r.dev, ext.as_ptr(), ext.len(), 0x15 as *mut c_void) };
+    let st = unsafe { (kexts.blk.vblk_unmap)(r.dev, ext.as_ptr(), ext.len(), 0x15 as *mut c_void) };
     assert_eq!(st, VBLK_E_TOO_LARGE);
     // Null handles.
     // SAFETY: null handles are refused.
     unsafe {
         assert_eq!(
-            vblk_flush(std::ptr::null_mut(), 0x10 as *mut c_void),
+            (kexts.blk.vblk_flush)(std::ptr::null_mut(), 0x10 as *mut c_void),
             VBLK_E_INVALID
         );
         assert_eq!(
-            vblk_info(std::ptr::null_mut(), std::ptr::null_mut()),
+            (kexts.blk.vblk_info)(std::ptr::null_mut(), std::ptr::null_mut()),
             VBLK_E_INVALID
         );
-        vblk_interrupt(std::ptr::null_mut(), -1);
-        vblk_stop(std::ptr::null_mut());
-        vblk_destroy(std::ptr::null_mut());
+        (kexts.blk.vblk_interrupt)(std::ptr::null_mut(), -1);
+        (kexts.blk.vblk_stop)(std::ptr::null_mut());
+        (kexts.blk.vblk_destroy)(std::ptr::null_mut());
     }
     assert!(r.take().is_empty());
     r.unload();
 }
 
-#[test]
-fn read_only_write_through_device_without_discard() {
+fn read_only_write_through_device_without_discard(kexts: Kexts) {
     let mut model = BlkModel::new(SECTORS);
     model.features = bits::RO;
-    let mut r = Rig::start(model, SimMode::Transitional, Preference::Auto, 32);
+    let mut r = Rig::start(kexts, model, SimMode::Transitional, Preference::Auto, 32);
     let i = r.info();
     assert_eq!((i.read_only, i.flush, i.write_cache, i.unmap), (1, 0, 0, 0));
     let s = r.segments(512, 1, Some(1));
     assert_eq!(r.rw(true, 0, 1, &s, 0x20), VBLK_E_READ_ONLY);
     // SAFETY: live handle.
     unsafe {
-        assert_eq!(vblk_flush(r.dev, 0x21 as *mut c_void), VBLK_E_UNSUPPORTED);
-        assert_eq!(vblk_set_write_cache(r.dev, true), VBLK_E_UNSUPPORTED);
+        assert_eq!(
+            (kexts.blk.vblk_flush)(r.dev, 0x21 as *mut c_void),
+            VBLK_E_UNSUPPORTED
+        );
+        assert_eq!(
+            (kexts.blk.vblk_set_write_cache)(r.dev, true),
+            VBLK_E_UNSUPPORTED
+        );
         let e = VblkExtent { block: 0, count: 1 };
         assert_eq!(
-            vblk_unmap(r.dev, &e, 1, 0x22 as *mut c_void),
+            (kexts.blk.vblk_unmap)(r.dev, &e, 1, 0x22 as *mut c_void),
             VBLK_E_UNSUPPORTED
         );
     }
@@ -452,14 +532,20 @@ fn read_only_write_through_device_without_discard() {
 
 /// DEVICE_NEEDS_RESET while requests are in flight: they complete as aborted, the device
 /// is brought up again, and I/O works afterwards.
-#[test]
-fn needs_reset_aborts_and_recovers() {
-    let mut r = Rig::start(full_model(), SimMode::Modern, Preference::Auto, 64);
+fn needs_reset_aborts_and_recovers(kexts: Kexts) {
+    let mut r = Rig::start(kexts, full_model(), SimMode::Modern, Preference::Auto, 64);
     let s = r.segments(4096, 1, Some(7));
     assert_eq!(r.rw(true, 0, 8, &s, 0x30), VBLK_OK);
     assert_eq!(r.rw(true, 8, 8, &s, 0x31), VBLK_OK);
     r.sim.trigger_needs_reset();
     r.fam().interrupts();
+    if kexts.family.bundle.is_some() {
+        // A loaded kext logs through the kernel's IOLog("%s", line) (the rlibs have no
+        // kernel logger).
+        let log = kernel::take_log();
+        let fault = |l: &String| l.starts_with("VirtioBlock: WARN: ") && l.contains("device fault");
+        assert!(log.iter().any(fault), "IOLog lines: {log:?}");
+    }
     let mut c = r.take();
     c.sort();
     assert_eq!(c, vec![(0x30, VBLK_E_ABORTED), (0x31, VBLK_E_ABORTED)]);

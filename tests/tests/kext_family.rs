@@ -2,12 +2,13 @@
 //! PCI simulation: start (identify + create), the client attaching through
 //! `virtio-kext-client`'s `Bus` adapter, I/O with interrupts delivered by
 //! `vfam_deliver_interrupt` to the client's handler, reset, stop (every DMA region freed).
+//! Each test runs against the rlib and against the loaded bundle (`kext_support`).
 
 mod kext_support;
 
 use std::ffi::c_void;
 
-use kext_support::Family;
+use kext_support::{Family, FamilyKext, kext_tests};
 use virtio_core::platform::InterruptMode;
 use virtio_core::{Bus, Error, Features, QueueSpec, Segment};
 use virtio_kext_abi::{VK_E_BAD_ARGUMENT, VK_E_TRANSPORT, VK_VECTOR_INTX};
@@ -30,8 +31,14 @@ unsafe extern "C" fn record(ctx: *mut c_void, vector: i32) {
     unsafe { (*(ctx as *mut Vec<i32>)).push(vector) };
 }
 
-#[test]
-fn client_bus_round_trip_in_every_mode() {
+kext_tests!(FamilyKext:
+    client_bus_round_trip_in_every_mode,
+    interrupts_without_a_client_are_acknowledged,
+    bad_arguments_and_non_virtio_functions,
+    client_declarations_match_the_family_exports,
+);
+
+fn client_bus_round_trip_in_every_mode(family: &'static FamilyKext) {
     for (mode, pref) in MODES {
         for msix in [None, Some(0)] {
             let mut b = SimBuilder::new(mode, 1)
@@ -42,22 +49,24 @@ fn client_bus_round_trip_in_every_mode() {
                 b = b.msix_vectors(v);
             }
             let sim = b.build();
-            let fam = Family::start(&sim, pref).expect("start");
+            let fam = Family::start(family, &sim, pref).expect("start");
+            let client = &family.client;
             // SAFETY: live handle.
-            assert_eq!(unsafe { virtio_family_kext::vfam_device_type(fam.dev) }, 1);
+            assert_eq!(unsafe { (client.vfam_device_type)(fam.client_handle()) }, 1);
 
             // The client kext attaches: handler, then the Bus adapter.
             let mut seen: Vec<i32> = Vec::new();
             // SAFETY: live handle; `seen` outlives the registration (cleared below).
             unsafe {
-                virtio_family_kext::vfam_set_interrupt_handler(
-                    fam.dev,
+                (client.vfam_set_interrupt_handler)(
+                    fam.client_handle(),
                     Some(record),
                     (&mut seen as *mut Vec<i32>).cast(),
                 )
             };
-            // SAFETY: the handle stays valid until fam.stop().
-            let mut bus = unsafe { FamilyBus::new(fam.client_handle()) }.expect("client bus");
+            // SAFETY: the handle stays valid until fam.stop(); `client` is its family's.
+            let mut bus =
+                unsafe { FamilyBus::with_api(client, fam.client_handle()) }.expect("client bus");
             let f = bus
                 .negotiate_features(Features::from_bits_retain((1 << 5) | (1 << 16)))
                 .unwrap();
@@ -129,44 +138,46 @@ fn client_bus_round_trip_in_every_mode() {
             }
             // SAFETY: live handle.
             unsafe {
-                virtio_family_kext::vfam_set_interrupt_handler(fam.dev, None, std::ptr::null_mut())
+                (client.vfam_set_interrupt_handler)(fam.client_handle(), None, std::ptr::null_mut())
             };
             fam.stop();
         }
     }
 }
 
-#[test]
-fn interrupts_without_a_client_are_acknowledged() {
+fn interrupts_without_a_client_are_acknowledged(family: &'static FamilyKext) {
     let sim = SimBuilder::new(SimMode::Modern, 2)
         .features(1 << 32)
         .msix_vectors(0)
         .build();
-    let fam = Family::start(&sim, Preference::Auto).unwrap();
+    let fam = Family::start(family, &sim, Preference::Auto).unwrap();
     sim.raise_config_interrupt();
     assert_eq!(fam.interrupts(), 1);
     assert_eq!(sim.peek_isr(), 0, "the ISR read de-asserted INTx");
     fam.stop();
 }
 
-#[test]
-fn bad_arguments_and_non_virtio_functions() {
+fn bad_arguments_and_non_virtio_functions(family: &'static FamilyKext) {
     let mut dev = std::ptr::null_mut();
     // SAFETY: a null platform is refused before use.
-    let s = unsafe { virtio_family_kext::vfam_device_create(std::ptr::null(), 0, &mut dev) };
+    let s = unsafe { (family.shim.vfam_device_create)(std::ptr::null(), 0, &mut dev) };
     assert_eq!(s.code, VK_E_BAD_ARGUMENT);
     assert!(dev.is_null());
     // SAFETY: a null handle is refused.
-    let s = unsafe { virtio_family_kext::vfam_driver_ok(std::ptr::null_mut()) };
+    let s = unsafe { (family.client.vfam_driver_ok)(std::ptr::null_mut()) };
     assert_eq!(s.code, VK_E_BAD_ARGUMENT);
-    assert_eq!(virtio_family_kext::vfam_identify(0x8086, 0x1041, 0), 0);
-    assert_eq!(virtio_family_kext::vfam_identify(0x1af4, 0x1040, 0), 0);
-    assert_eq!(virtio_family_kext::vfam_identify(0x1af4, 0x1001, 2), 2);
+    let identify = |vendor, device, subsystem| {
+        // SAFETY: a pure function of three IDs.
+        unsafe { (family.shim.vfam_identify)(vendor, device, subsystem) }
+    };
+    assert_eq!(identify(0x8086, 0x1041, 0), 0);
+    assert_eq!(identify(0x1af4, 0x1040, 0), 0);
+    assert_eq!(identify(0x1af4, 0x1001, 2), 2);
     // A modern-only function asked for legacy: a transport error, decoded exactly.
     let sim = SimBuilder::new(SimMode::Modern, 1)
         .features(1 << 32)
         .build();
-    let e = Family::start(&sim, Preference::Legacy)
+    let e = Family::start(family, &sim, Preference::Legacy)
         .err()
         .expect("no legacy interface");
     assert_eq!(e.code, VK_E_TRANSPORT);
@@ -176,19 +187,39 @@ fn bad_arguments_and_non_virtio_functions() {
     );
 }
 
-/// The client's `extern "C"` declarations have exactly the family's signatures.
-#[test]
-fn client_declarations_match_the_family_exports() {
+/// The client's `extern "C"` declarations have exactly the family's signatures, and each
+/// resolves to the family's export: the rlib's function, or the loaded bundle's exported
+/// symbol (inside the loaded image, not this binary).
+fn client_declarations_match_the_family_exports(family: &'static FamilyKext) {
     use virtio_family_kext as fam;
     use virtio_kext_client::ffi as cli;
     type D = virtio_kext_client::VfamDevice;
     macro_rules! same {
         ($($name:ident),* $(,)?) => {$(
-            // Both coerce to the client's function-pointer type (the handle types differ
-            // only by name, so cast the family's through the same shape).
-            let a = cli::$name as *const () as usize;
-            let b = fam::$name as *const () as usize;
-            assert_eq!(a, b, concat!(stringify!($name), " resolves to the family's export"));
+            // What the client calls: its declaration, or the table resolved from the bundle.
+            let declared = family.client.$name as *const () as usize;
+            let exported = match family.bundle {
+                // The handle types differ only by name: compare addresses.
+                None => fam::$name as *const () as usize,
+                Some(bundle) => {
+                    let at = bundle
+                        .exported_symbol(concat!("_", stringify!($name)))
+                        .expect(concat!("the family bundle exports _", stringify!($name)));
+                    assert!(
+                        (bundle.base()..bundle.base() + bundle.image_len()).contains(&at),
+                        concat!(stringify!($name), " lies in the loaded image")
+                    );
+                    at
+                }
+            };
+            assert_eq!(
+                declared,
+                exported,
+                concat!(stringify!($name), " resolves to the family's export")
+            );
+            if family.bundle.is_none() {
+                assert_eq!(declared, cli::$name as *const () as usize, "the rlib table is the declarations");
+            }
         )*};
     }
     same!(

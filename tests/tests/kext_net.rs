@@ -5,14 +5,14 @@
 //! handed back; interrupts the family delivers → received frames, link changes, output
 //! restart; the kernel debugger's polled send/receive while frames are in flight;
 //! `disable`; `stop` (in-flight frames handed back); `free`; the family's stop (no DMA
-//! leaks).
+//! leaks). Each test runs against the rlibs and against the loaded bundles (`kext_support`).
 
 mod kext_support;
 
 use std::cell::RefCell;
 use std::ffi::c_void;
 
-use kext_support::Family;
+use kext_support::{Family, FamilyKext, c_abi, kext_tests};
 use virtio_kext_abi::VkSegment;
 use virtio_net::features as f;
 use virtio_net_kext::*;
@@ -31,13 +31,82 @@ const MODES: [(SimMode, Preference); 4] = [
 const RING: u64 = (1 << 28) | (1 << 29);
 const NET: u64 = f::CSUM | f::GUEST_CSUM | f::MAC | f::STATUS | f::MRG_RXBUF | f::HOST_TSO4;
 
+c_abi! {
+    /// VirtioNet.kext's C functions (`VirtioNetABI.h`).
+    pub struct NetAbi from virtio_net_kext {
+        fn vnet_create(
+            *mut virtio_kext_client::VfamDevice,
+            *const VnetCallbacks,
+            *mut *mut VnetDevice,
+        ) -> i32;
+        fn vnet_info(*mut VnetDevice, *mut VnetInfo) -> i32;
+        fn vnet_stats(*mut VnetDevice, *mut VnetStats) -> i32;
+        fn vnet_enable(*mut VnetDevice, bool) -> i32;
+        fn vnet_transmit(
+            *mut VnetDevice,
+            *const VkSegment,
+            usize,
+            u32,
+            u32,
+            *const u8,
+            usize,
+            usize,
+            *mut bool,
+        ) -> i32;
+        fn vnet_poll(*mut VnetDevice, *mut VnetEvents) -> i32;
+        fn vnet_interrupt(*mut VnetDevice, i32, *mut VnetEvents);
+        fn vnet_set_promiscuous(*mut VnetDevice, bool) -> i32;
+        fn vnet_set_multicast(*mut VnetDevice, *const u8, usize) -> i32;
+        fn vnet_set_mac_address(*mut VnetDevice, *const u8) -> i32;
+        fn vnet_debug_send(*mut VnetDevice, *const u8, usize, u32) -> i32;
+        fn vnet_debug_receive(*mut VnetDevice, *mut u8, usize, u32, *mut usize) -> i32;
+        fn vnet_stop(*mut VnetDevice);
+        fn vnet_destroy(*mut VnetDevice);
+        fn vnet_log_init();
+    }
+}
+
+/// The family and the net kext, both from the rlibs or both loaded.
+#[derive(Clone, Copy)]
+struct Kexts {
+    family: &'static FamilyKext,
+    net: NetAbi,
+}
+
+impl Kexts {
+    fn rlib() -> Kexts {
+        Kexts {
+            family: FamilyKext::rlib(),
+            net: NetAbi::rlib(),
+        }
+    }
+
+    fn loaded() -> Option<Kexts> {
+        let family = FamilyKext::loaded()?;
+        let bundle = family.load_device("VirtioNet", "_vnet_log_init")?;
+        Some(Kexts {
+            family,
+            net: NetAbi::loaded(bundle),
+        })
+    }
+}
+
+kext_tests!(Kexts:
+    start_enable_output_receive_link_stop_in_every_mode,
+    backpressure_stall_and_restart,
+    kernel_debugger_send_receive_with_frames_in_flight,
+    promiscuous_multicast_and_mac_through_the_control_queue,
+    bad_arguments,
+);
+
 #[derive(Default)]
 struct ShimLog {
     tx_done: Vec<usize>,
     rx: Vec<(Vec<u8>, u32)>,
     events: Vec<VnetEvents>,
-    /// Set by a test to play the debugger entering while the driver is busy.
-    debugger_probe: Option<*mut VnetDevice>,
+    /// Set by a test to play the debugger entering while the driver is busy: the kext and
+    /// the device it enters.
+    debugger_probe: Option<(NetAbi, *mut VnetDevice)>,
     probe_result: Option<i32>,
 }
 
@@ -63,11 +132,11 @@ unsafe extern "C" fn on_rx(
     }
     assert_eq!(bytes.len(), len);
     let mut s = shim(ctx).borrow_mut();
-    if let Some(d) = s.debugger_probe.take() {
+    if let Some((net, d)) = s.debugger_probe.take() {
         // The debugger stops the machine while the driver is inside an entry.
         let frame = frame(64, 1);
         // SAFETY: live handle.
-        s.probe_result = Some(unsafe { vnet_debug_send(d, frame.as_ptr(), frame.len(), 10) });
+        s.probe_result = Some(unsafe { (net.vnet_debug_send)(d, frame.as_ptr(), frame.len(), 10) });
     }
     s.rx.push((bytes, flags));
 }
@@ -87,6 +156,7 @@ fn frame(len: usize, seed: u8) -> Vec<u8> {
 }
 
 struct Rig {
+    kexts: Kexts,
     sim: Sim,
     mem: IdentityMemory,
     model: NetModel,
@@ -97,7 +167,7 @@ struct Rig {
 }
 
 impl Rig {
-    fn start(mode: SimMode, pref: Preference, features: u64, queues: &[u16]) -> Rig {
+    fn start(kexts: Kexts, mode: SimMode, pref: Preference, features: u64, queues: &[u16]) -> Rig {
         let version = if mode == SimMode::Legacy { 0 } else { 1 << 32 };
         let sim = SimBuilder::new(mode, 1)
             .features(features | RING | version)
@@ -105,7 +175,7 @@ impl Rig {
             .device_config(&net_model::config_bytes(MAC, 1, 1500, 10_000, 1))
             .memory_len(24 << 20)
             .build();
-        let fam = Family::start(&sim, pref).expect("family start");
+        let fam = Family::start(kexts.family, &sim, pref).expect("family start");
         let responder = Some(CtrlResponder::ok(&sim));
         let log = Box::new(RefCell::new(ShimLog::default()));
         let cb = VnetCallbacks {
@@ -116,10 +186,11 @@ impl Rig {
         };
         let mut dev = std::ptr::null_mut();
         // SAFETY: the nub's live handle; the callbacks' context outlives the device.
-        let s = unsafe { vnet_create(fam.client_handle(), &cb, &mut dev) };
+        let s = unsafe { (kexts.net.vnet_create)(fam.client_handle(), &cb, &mut dev) };
         assert_eq!(s, VNET_OK, "{mode:?}/{pref:?}: vnet_create");
         sim.check_init_order().unwrap();
         Rig {
+            kexts,
             mem: sim.memory(),
             model: NetModel::new(&sim),
             sim,
@@ -137,14 +208,16 @@ impl Rig {
     fn info(&self) -> VnetInfo {
         let mut i = VnetInfo::default();
         // SAFETY: live handle, local out-pointer.
-        assert_eq!(unsafe { vnet_info(self.dev, &mut i) }, VNET_OK);
+        let status = unsafe { (self.kexts.net.vnet_info)(self.dev, &mut i) };
+        assert_eq!(status, VNET_OK);
         i
     }
 
     fn stats(&self) -> VnetStats {
         let mut s = VnetStats::default();
         // SAFETY: live handle, local out-pointer.
-        assert_eq!(unsafe { vnet_stats(self.dev, &mut s) }, VNET_OK);
+        let status = unsafe { (self.kexts.net.vnet_stats)(self.dev, &mut s) };
+        assert_eq!(status, VNET_OK);
         s
     }
 
@@ -172,7 +245,7 @@ impl Rig {
         let mut stop = false;
         // SAFETY: live handle; segments and headers valid for the call.
         let s = unsafe {
-            vnet_transmit(
+            (self.kexts.net.vnet_transmit)(
                 self.dev,
                 segs.as_ptr(),
                 segs.len(),
@@ -204,9 +277,9 @@ impl Rig {
     fn unload(mut self) {
         // SAFETY: live handle, not used after destroy.
         unsafe {
-            assert_eq!(vnet_enable(self.dev, false), VNET_OK);
-            vnet_stop(self.dev);
-            vnet_destroy(self.dev);
+            assert_eq!((self.kexts.net.vnet_enable)(self.dev, false), VNET_OK);
+            (self.kexts.net.vnet_stop)(self.dev);
+            (self.kexts.net.vnet_destroy)(self.dev);
         }
         if let Some(r) = self.responder.take() {
             r.stop();
@@ -220,11 +293,10 @@ impl Rig {
     }
 }
 
-#[test]
-fn start_enable_output_receive_link_stop_in_every_mode() {
+fn start_enable_output_receive_link_stop_in_every_mode(kexts: Kexts) {
     for (mode, pref) in MODES {
         let what = format!("{mode:?}/{pref:?}");
-        let mut r = Rig::start(mode, pref, NET, &[256, 256]);
+        let mut r = Rig::start(kexts, mode, pref, NET, &[256, 256]);
         let i = r.info();
         assert_eq!(i.mac, MAC, "{what}");
         assert_eq!((i.link_up, i.mtu, i.max_packet), (1, 1500, 1518));
@@ -245,7 +317,7 @@ fn start_enable_output_receive_link_stop_in_every_mode() {
         assert_eq!(r.stats().rx_dropped_disabled, 1);
 
         // SAFETY: live handle.
-        assert_eq!(unsafe { vnet_enable(r.dev, true) }, VNET_OK);
+        assert_eq!(unsafe { (kexts.net.vnet_enable)(r.dev, true) }, VNET_OK);
 
         // outputPacket with a TCP checksum request over 3 segments.
         let mut tcp = frame(200, 3);
@@ -315,10 +387,11 @@ fn start_enable_output_receive_link_stop_in_every_mode() {
         let held = r.model.hold_tx();
         assert_eq!(held.len(), 1);
         // SAFETY: live handle.
-        unsafe { vnet_stop(r.dev) };
+        unsafe { (kexts.net.vnet_stop)(r.dev) };
         assert_eq!(r.take_done(), vec![0x104], "{what}");
         // SAFETY: live handle.
-        assert_eq!(unsafe { vnet_enable(r.dev, true) }, VNET_E_STOPPED);
+        let status = unsafe { (kexts.net.vnet_enable)(r.dev, true) };
+        assert_eq!(status, VNET_E_STOPPED);
         let st = r.stats();
         assert!(st.tx_frames >= 4 && st.rx_frames == 2 && st.tx_dropped == 1);
         r.unload();
@@ -326,12 +399,11 @@ fn start_enable_output_receive_link_stop_in_every_mode() {
 }
 
 /// A full transmit ring stalls the output queue; completions restart it.
-#[test]
-fn backpressure_stall_and_restart() {
+fn backpressure_stall_and_restart(kexts: Kexts) {
     // The transmit ring must hold one worst-case frame (32 segments + header) whole.
-    let mut r = Rig::start(SimMode::Modern, Preference::Auto, NET, &[256, 64]);
+    let mut r = Rig::start(kexts, SimMode::Modern, Preference::Auto, NET, &[256, 64]);
     // SAFETY: live handle.
-    unsafe { vnet_enable(r.dev, true) };
+    unsafe { (kexts.net.vnet_enable)(r.dev, true) };
     let mut accepted = 0;
     let mut stopped = false;
     for k in 0..256usize {
@@ -363,13 +435,12 @@ fn backpressure_stall_and_restart() {
 
 /// KDP: polled send and receive while normal frames are in flight, and the try-lock that
 /// keeps the debugger out of a driver entry it interrupted.
-#[test]
-fn kernel_debugger_send_receive_with_frames_in_flight() {
+fn kernel_debugger_send_receive_with_frames_in_flight(kexts: Kexts) {
     for (mode, pref) in MODES {
         let what = format!("{mode:?}/{pref:?}");
-        let mut r = Rig::start(mode, pref, NET, &[256, 256]);
+        let mut r = Rig::start(kexts, mode, pref, NET, &[256, 256]);
         // SAFETY: live handle.
-        unsafe { vnet_enable(r.dev, true) };
+        unsafe { (kexts.net.vnet_enable)(r.dev, true) };
         // A normal frame in flight (the device is slow).
         let (s, _) = r.output(&frame(300, 1), 2, 0, 0, 0x300);
         assert_eq!(s, VNET_OK);
@@ -386,17 +457,17 @@ fn kernel_debugger_send_receive_with_frames_in_flight() {
         // SAFETY: live handle; `buf` and `len` are locals.
         unsafe {
             assert_eq!(
-                vnet_debug_receive(r.dev, buf.as_mut_ptr(), buf.len(), 10, &mut len),
+                (kexts.net.vnet_debug_receive)(r.dev, buf.as_mut_ptr(), buf.len(), 10, &mut len),
                 VNET_OK
             );
             assert_eq!(&buf[..len], &a[..], "{what}");
             assert_eq!(
-                vnet_debug_receive(r.dev, buf.as_mut_ptr(), buf.len(), 10, &mut len),
+                (kexts.net.vnet_debug_receive)(r.dev, buf.as_mut_ptr(), buf.len(), 10, &mut len),
                 VNET_OK
             );
             assert_eq!(&buf[..len], &b[..]);
             assert_eq!(
-                vnet_debug_receive(r.dev, buf.as_mut_ptr(), buf.len(), 5, &mut len),
+                (kexts.net.vnet_debug_receive)(r.dev, buf.as_mut_ptr(), buf.len(), 5, &mut len),
                 VNET_OK
             );
             assert_eq!(len, 0, "bounded wait, nothing more");
@@ -404,7 +475,7 @@ fn kernel_debugger_send_receive_with_frames_in_flight() {
         // sendPacket: goes out beside the normal frame still held by the device.
         let kdp = frame(100, 0xD0);
         // SAFETY: live handle.
-        let s = unsafe { vnet_debug_send(r.dev, kdp.as_ptr(), kdp.len(), 100) };
+        let s = unsafe { (kexts.net.vnet_debug_send)(r.dev, kdp.as_ptr(), kdp.len(), 100) };
         assert_eq!(s, VNET_OK, "{what}");
         let sent = r.model.take_tx();
         assert_eq!(sent.len(), 1);
@@ -422,7 +493,7 @@ fn kernel_debugger_send_receive_with_frames_in_flight() {
         assert_eq!(r.take_done(), vec![0x300], "{what}");
 
         // The debugger entering during a driver entry is refused, not let in.
-        r.log.borrow_mut().debugger_probe = Some(r.dev);
+        r.log.borrow_mut().debugger_probe = Some((kexts.net, r.dev));
         r.model.inject_rx(Rig::rx_hdr(), &frame(64, 3)).unwrap();
         r.fam().interrupts();
         assert_eq!(r.log.borrow().probe_result, Some(VNET_E_LOCKED));
@@ -433,10 +504,15 @@ fn kernel_debugger_send_receive_with_frames_in_flight() {
     }
 }
 
-#[test]
-fn promiscuous_multicast_and_mac_through_the_control_queue() {
+fn promiscuous_multicast_and_mac_through_the_control_queue(kexts: Kexts) {
     let feats = NET | f::CTRL_VQ | f::CTRL_RX | f::CTRL_MAC_ADDR;
-    let r = Rig::start(SimMode::Modern, Preference::Auto, feats, &[256, 256, 64]);
+    let r = Rig::start(
+        kexts,
+        SimMode::Modern,
+        Preference::Auto,
+        feats,
+        &[256, 256, 64],
+    );
     let i = r.info();
     assert_eq!((i.ctrl_rx, i.mac_settable), (1, 1));
     let mc = [[0x01, 0x00, 0x5E, 0, 0, 1], [0x33, 0x33, 0, 0, 0, 1]];
@@ -444,18 +520,21 @@ fn promiscuous_multicast_and_mac_through_the_control_queue() {
     let new_mac = [0x02, 0, 0, 0, 0, 7];
     // SAFETY: live handle; pointers to locals.
     unsafe {
-        assert_eq!(vnet_set_promiscuous(r.dev, true), VNET_OK);
+        assert_eq!((kexts.net.vnet_set_promiscuous)(r.dev, true), VNET_OK);
         assert_eq!(
-            vnet_set_multicast(r.dev, mc.as_ptr().cast(), mc.len()),
+            (kexts.net.vnet_set_multicast)(r.dev, mc.as_ptr().cast(), mc.len()),
             VNET_OK
         );
         assert_eq!(
-            vnet_set_multicast(r.dev, many.as_ptr().cast(), many.len()),
+            (kexts.net.vnet_set_multicast)(r.dev, many.as_ptr().cast(), many.len()),
             VNET_OK
         );
-        assert_eq!(vnet_set_mac_address(r.dev, new_mac.as_ptr()), VNET_OK);
         assert_eq!(
-            vnet_set_multicast(r.dev, std::ptr::null(), 2),
+            (kexts.net.vnet_set_mac_address)(r.dev, new_mac.as_ptr()),
+            VNET_OK
+        );
+        assert_eq!(
+            (kexts.net.vnet_set_multicast)(r.dev, std::ptr::null(), 2),
             VNET_E_INVALID
         );
     }
@@ -483,8 +562,7 @@ fn promiscuous_multicast_and_mac_through_the_control_queue() {
     r.unload();
 }
 
-#[test]
-fn bad_arguments() {
+fn bad_arguments(kexts: Kexts) {
     let cb = VnetCallbacks {
         ctx: std::ptr::null_mut(),
         tx_done: None,
@@ -495,17 +573,20 @@ fn bad_arguments() {
     // SAFETY: refused before any use.
     unsafe {
         assert_eq!(
-            vnet_create(std::ptr::null_mut(), &cb, &mut d),
+            (kexts.net.vnet_create)(std::ptr::null_mut(), &cb, &mut d),
             VNET_E_INVALID
         );
-        assert_eq!(vnet_enable(std::ptr::null_mut(), true), VNET_E_INVALID);
         assert_eq!(
-            vnet_info(std::ptr::null_mut(), std::ptr::null_mut()),
+            (kexts.net.vnet_enable)(std::ptr::null_mut(), true),
             VNET_E_INVALID
         );
-        vnet_interrupt(std::ptr::null_mut(), -1, std::ptr::null_mut());
-        vnet_stop(std::ptr::null_mut());
-        vnet_destroy(std::ptr::null_mut());
+        assert_eq!(
+            (kexts.net.vnet_info)(std::ptr::null_mut(), std::ptr::null_mut()),
+            VNET_E_INVALID
+        );
+        (kexts.net.vnet_interrupt)(std::ptr::null_mut(), -1, std::ptr::null_mut());
+        (kexts.net.vnet_stop)(std::ptr::null_mut());
+        (kexts.net.vnet_destroy)(std::ptr::null_mut());
     }
     assert!(d.is_null());
 }

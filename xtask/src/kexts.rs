@@ -37,7 +37,6 @@ pub const MACOS_MIN: &str = "10.13";
 const TARGET_JSON: &str = "kexts/targets/x86_64-apple-macos-kext.json";
 const TARGET_NAME: &str = "x86_64-apple-macos-kext";
 
-
 /// One value in a personality.
 #[derive(Clone, Copy, Debug)]
 pub enum Value {
@@ -316,7 +315,11 @@ pub fn validate_plist(k: &KextSpec, xml: &str) -> Result<(), String> {
         return Err(format!("{}: CFBundleExecutable is not {}", k.name, k.name));
     }
     if string("CFBundleIdentifier") != Some(k.bundle_id().as_str()) {
-        return Err(format!("{}: CFBundleIdentifier is not {}", k.name, k.bundle_id()));
+        return Err(format!(
+            "{}: CFBundleIdentifier is not {}",
+            k.name,
+            k.bundle_id()
+        ));
     }
     if string("CFBundlePackageType") != Some("KEXT") {
         return Err(format!("{}: CFBundlePackageType is not KEXT", k.name));
@@ -343,7 +346,10 @@ pub fn validate_plist(k: &KextSpec, xml: &str) -> Result<(), String> {
             return Err(format!("{}: class {} lacks the prefix", k.name, p.io_class));
         }
         if get("CFBundleIdentifier") != Some(k.bundle_id().as_str()) {
-            return Err(format!("{}: personality {} names another bundle", k.name, p.name));
+            return Err(format!(
+                "{}: personality {} names another bundle",
+                k.name, p.name
+            ));
         }
         if p.provider_class != "IOPCIDevice" {
             if !p.provider_class.starts_with(CLASS_PREFIX) {
@@ -798,7 +804,10 @@ fn compile_kmod_info(k: &KextSpec, dir: &Path, standalone: bool) -> Result<PathB
         c.arg("-DVIRTIO_KMOD_STANDALONE");
     }
     run(c.args(["-c", "-x", "c"]).arg(&src).arg("-o").arg(&obj)).map_err(|e| {
-        format!("{e} (compiling {}: install clang: apt-get install clang)", src.display())
+        format!(
+            "{e} (compiling {}: install clang: apt-get install clang)",
+            src.display()
+        )
     })?;
     Ok(obj)
 }
@@ -949,7 +958,11 @@ pub fn cmd_kexts(args: &[String]) -> Result<bool, String> {
         check_bundle(k, &linked.bytes, &family_rust_exports)?;
         let half = rust_half_path(&root, k);
         std::fs::write(&half, &linked.bytes).map_err(|e| e.to_string())?;
-        let from_family = linked.imports.iter().filter(|i| i.starts_with("_vfam_")).count();
+        let from_family = linked
+            .imports
+            .iter()
+            .filter(|i| i.starts_with("_vfam_"))
+            .count();
         println!(
             "  Rust half: {} linked by kextld (MH_KEXT_BUNDLE, {} KiB; exports {}; imports {} kernel symbols{}); passes the kernel linker's rules",
             rel(&root, &half),
@@ -996,7 +1009,10 @@ pub fn cmd_kexts(args: &[String]) -> Result<bool, String> {
                 .arg(&s)
                 .arg("-o")
                 .arg(&o))?;
-            println!("  shim: compiled {src} (-fapple-kext -mkernel, headers {})", h.display());
+            println!(
+                "  shim: compiled {src} (-fapple-kext -mkernel, headers {})",
+                h.display()
+            );
             objs.push(o);
         }
         objs.push(compile_kmod_info(k, &obj_dir, false)?);
@@ -1049,7 +1065,10 @@ pub fn cmd_kexts(args: &[String]) -> Result<bool, String> {
         match check_bundle(k, &bytes, &family_full_exports) {
             Ok(()) => {
                 println!("  check: passes the kernel linker's rules");
-                outcomes.push((k, Outcome::Installable(out_dir.join(format!("{}.kext", k.name)))));
+                outcomes.push((
+                    k,
+                    Outcome::Installable(out_dir.join(format!("{}.kext", k.name))),
+                ));
             }
             Err(e) => {
                 // Not left where `install` would take it.
@@ -1070,7 +1089,11 @@ pub fn cmd_kexts(args: &[String]) -> Result<bool, String> {
     for (k, outcome) in &outcomes {
         match outcome {
             Outcome::Installable(p) => {
-                println!("{}.kext: installable bundle produced: {}", k.name, rel(&root, p))
+                println!(
+                    "{}.kext: installable bundle produced: {}",
+                    k.name,
+                    rel(&root, p)
+                )
             }
             Outcome::NotInstallable(why) | Outcome::Rejected(why) => {
                 println!("{}.kext: not installable: {why}", k.name)

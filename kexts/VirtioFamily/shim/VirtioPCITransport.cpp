@@ -71,9 +71,12 @@ void org_virtiodarwin_VirtioPCITransport::mapBars(void)
 
 bool org_virtiodarwin_VirtioPCITransport::start(IOService *provider)
 {
-    fPCI = OSDynamicCast(IOPCIDevice, provider);
-    if (!fPCI || !super::start(provider))
+    IOPCIDevice *pci = OSDynamicCast(IOPCIDevice, provider);
+    if (!pci || !super::start(provider))
         return false;
+    /* Held until stop: the interrupt sources, BAR maps and DMA commands all use it. */
+    pci->retain();
+    fPCI = pci;
     vfam_log_init();
     fWorkLoop = IOWorkLoop::workLoop();
     fDmaBuffers = OSArray::withCapacity(64);
@@ -141,6 +144,20 @@ void org_virtiodarwin_VirtioPCITransport::stop(IOService *provider)
     super::stop(provider);
 }
 
+/* Runs with the work loop's gate held: no interrupt action and no client call is inside
+ * the Rust bus while the device is reset and its rings are freed. */
+IOReturn org_virtiodarwin_VirtioPCITransport::destroyGated(OSObject *owner, void *, void *, void *, void *)
+{
+    org_virtiodarwin_VirtioPCITransport *me = OSDynamicCast(org_virtiodarwin_VirtioPCITransport, owner);
+    if (!me || !me->fDevice)
+        return kIOReturnSuccess;
+    VfamDevice *dev = me->fDevice;
+    me->fDevice = NULL;
+    /* Resets the device and frees its queues (through opDmaFree). */
+    vfam_device_destroy(dev);
+    return kIOReturnSuccess;
+}
+
 void org_virtiodarwin_VirtioPCITransport::releaseResources(void)
 {
     if (fNub) {
@@ -149,14 +166,20 @@ void org_virtiodarwin_VirtioPCITransport::releaseResources(void)
         fNub->release();
         fNub = NULL;
     }
-    if (fDevice) {
-        /* Resets the device, frees its queues (through opDmaFree), disables interrupts. */
-        vfam_device_destroy(fDevice);
-        fDevice = NULL;
-    }
+    /* Order matters: first no interrupt can reach the bus (sources disabled and removed
+     * from the work loop), then the device is reset and its rings freed under the gate. */
     opIrqDisable(this);
-    if (fPCI)
+    if (fDevice) {
+        if (fWorkLoop)
+            fWorkLoop->runAction(&org_virtiodarwin_VirtioPCITransport::destroyGated, this);
+        else
+            destroyGated(this, NULL, NULL, NULL, NULL);
+    }
+    if (fPCI) {
+        /* Only while the provider is ours (stop, or a failed start): after stop it is
+         * released and may be gone (hot-unplug), so free() must not touch it. */
         fPCI->setBusMasterEnable(false);
+    }
     for (int i = 0; i < 6; i++) {
         OSSafeReleaseNULL(fBars[i]);
     }
@@ -171,6 +194,7 @@ void org_virtiodarwin_VirtioPCITransport::releaseResources(void)
     OSSafeReleaseNULL(fDmaCommands);
     OSSafeReleaseNULL(fMapDescriptors);
     OSSafeReleaseNULL(fMapCommands);
+    OSSafeReleaseNULL(fPCI);
 }
 
 void org_virtiodarwin_VirtioPCITransport::free(void)

@@ -58,6 +58,7 @@ private:
 
     void mapBars(void);
     void releaseResources(void);
+    static IOReturn destroyGated(OSObject *owner, void *, void *, void *, void *);
     static void interruptOccurred(OSObject *owner, IOInterruptEventSource *src, int count);
 
     /* VfamPlatform operations (ctx = this). */

@@ -117,10 +117,16 @@ unsafe extern "C" {
 /// LLVM lowers zeroing on Darwin targets to `__bzero`, which the kernel's KPIs do not
 /// promise; define it over `memset` (compiler-builtins' with `compiler-builtins-mem`).
 ///
+/// The call goes through a pointer the optimiser cannot see through: a direct
+/// `memset(s, 0, n)` is itself lowered to `__bzero` on Darwin, which made this function
+/// jump to itself forever (found by running the linked bundle, `tests/tests/kext_*.rs`).
+///
 /// # Safety
 /// `s` is valid for `n` bytes of writes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn __bzero(s: *mut c_void, n: usize) {
+    let memset_fn: unsafe extern "C" fn(*mut c_void, i32, usize) -> *mut c_void =
+        core::hint::black_box(memset);
     // SAFETY: caller contract.
-    unsafe { memset(s, 0, n) };
+    unsafe { memset_fn(s, 0, n) };
 }

@@ -38,114 +38,203 @@ pub struct VfamDevice {
 /// Most segments a chain may have (the family's `VFAM_MAX_CHAIN`).
 pub const MAX_CHAIN: usize = 256;
 
-pub mod ffi {
-    use super::*;
+/// The family's interrupt handler type (`VfamInterruptHandler`).
+pub type InterruptHandler = Option<unsafe extern "C" fn(ctx: *mut c_void, vector: i32)>;
+/// `vfam_reset`'s callback for each in-flight chain (`VfamReclaim`).
+pub type Reclaim = Option<unsafe extern "C" fn(ctx: *mut c_void, queue: u16, token: usize)>;
 
-    pub type InterruptHandler = Option<unsafe extern "C" fn(ctx: *mut c_void, vector: i32)>;
-    pub type Reclaim = Option<unsafe extern "C" fn(ctx: *mut c_void, queue: u16, token: usize)>;
+/// Everything that names the family's client-facing functions comes from the one list
+/// below, so the declarations, the trait and the table cannot drift apart:
+///
+/// - [`ffi`]: the `extern "C"` declarations the kernel linker binds against the family
+///   kext (in host tests, against the `virtio-family-kext` rlib);
+/// - [`FamilyApi`]: how [`FamilyBus`] calls them, one method per function;
+/// - [`LinkedFamily`]: the implementation over [`ffi`] (zero-sized, calls inlined: what the
+///   kexts use);
+/// - [`FamilyFunctions`]: a table of pointers to them resolved at run time (tests that run
+///   a family bundle loaded into the test process).
+macro_rules! family_functions {
+    ($(fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;)*) => {
+        /// The family's client-facing C functions, as `VirtioFamilyABI.h` declares them.
+        pub mod ffi {
+            use super::*;
+            pub use super::{InterruptHandler, Reclaim};
 
-    unsafe extern "C" {
-        pub fn vfam_device_type(dev: *mut VfamDevice) -> u32;
-        pub fn vfam_set_interrupt_handler(
-            dev: *mut VfamDevice,
-            handler: InterruptHandler,
-            ctx: *mut c_void,
-        );
-        pub fn vfam_negotiate_features(
-            dev: *mut VfamDevice,
-            driver: u64,
-            negotiated: *mut u64,
-        ) -> VkStatus;
-        pub fn vfam_offered_features(dev: *mut VfamDevice) -> u64;
-        pub fn vfam_features(dev: *mut VfamDevice) -> u64;
-        pub fn vfam_read_config(
-            dev: *mut VfamDevice,
-            offset: u32,
-            buf: *mut u8,
-            len: usize,
-        ) -> VkStatus;
-        pub fn vfam_write_config(
-            dev: *mut VfamDevice,
-            offset: u32,
-            data: *const u8,
-            len: usize,
-        ) -> VkStatus;
-        pub fn vfam_num_queues(dev: *mut VfamDevice) -> u16;
-        pub fn vfam_max_queue_size(dev: *mut VfamDevice, index: u16) -> u16;
-        pub fn vfam_setup_queues(
-            dev: *mut VfamDevice,
-            specs: *const VkQueueSpec,
-            count: usize,
-        ) -> VkStatus;
-        pub fn vfam_driver_ok(dev: *mut VfamDevice) -> VkStatus;
-        pub fn vfam_reset(dev: *mut VfamDevice, reclaim: Reclaim, ctx: *mut c_void);
-        pub fn vfam_fail(dev: *mut VfamDevice);
-        pub fn vfam_needs_reset(dev: *mut VfamDevice) -> bool;
-        pub fn vfam_interrupt_mode(dev: *mut VfamDevice, vectors: *mut u16) -> u32;
-        pub fn vfam_queue_add(
-            dev: *mut VfamDevice,
-            queue: u16,
-            readable: *const VkSegment,
-            nreadable: usize,
-            writable: *const VkSegment,
-            nwritable: usize,
-            token: usize,
-        ) -> VkStatus;
-        pub fn vfam_queue_kick(dev: *mut VfamDevice, queue: u16, notified: *mut bool) -> VkStatus;
-        pub fn vfam_queue_pop_used(
-            dev: *mut VfamDevice,
-            queue: u16,
-            found: *mut bool,
-            token: *mut usize,
-            len: *mut u32,
-        ) -> VkStatus;
-        pub fn vfam_queue_enable_interrupts(
-            dev: *mut VfamDevice,
-            queue: u16,
-            delayed: bool,
-            more: *mut bool,
-        ) -> VkStatus;
-        pub fn vfam_queue_disable_interrupts(dev: *mut VfamDevice, queue: u16) -> VkStatus;
-        pub fn vfam_queue_info(
-            dev: *mut VfamDevice,
-            queue: u16,
-            segments: usize,
-            free: *mut u16,
-            size: *mut u16,
-            descriptors: *mut usize,
-            max_chain: *mut u16,
-        ) -> VkStatus;
-        pub fn vfam_queue_stats(
-            dev: *mut VfamDevice,
-            queue: u16,
-            stats: *mut VkQueueStats,
-        ) -> VkStatus;
-        pub fn vfam_handle_interrupt(
-            dev: *mut VfamDevice,
-            vector: i32,
-            cause: *mut VkInterruptCause,
-        ) -> VkStatus;
-        pub fn vfam_dma_alloc(
-            dev: *mut VfamDevice,
-            len: usize,
-            align: usize,
-            out: *mut VkDmaRegion,
-        ) -> VkStatus;
-        pub fn vfam_dma_free(dev: *mut VfamDevice, region: *const VkDmaRegion);
-        pub fn vfam_dma_map(
-            dev: *mut VfamDevice,
-            vaddr: *mut u8,
-            len: usize,
-            direction: u32,
-            daddr: *mut u64,
-        ) -> VkStatus;
-        pub fn vfam_dma_unmap(dev: *mut VfamDevice, daddr: u64, len: usize, direction: u32);
-    }
+            unsafe extern "C" {
+                $(pub fn $name($($arg: $ty),*) $(-> $ret)?;)*
+            }
+        }
+
+        /// The family's client-facing functions as [`FamilyBus`] calls them. Each method is
+        /// the C function of the same name.
+        // The methods mirror C signatures, argument for argument.
+        #[allow(clippy::too_many_arguments)]
+        pub trait FamilyApi: Copy {
+            $(
+                /// # Safety
+                /// The contract of the C function of the same name (`VirtioFamilyABI.h`).
+                unsafe fn $name(self, $($arg: $ty),*) $(-> $ret)?;
+            )*
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        impl FamilyApi for LinkedFamily {
+            $(
+                #[inline(always)]
+                unsafe fn $name(self, $($arg: $ty),*) $(-> $ret)? {
+                    // SAFETY: the caller upholds the C function's contract (trait method
+                    // contract); this is that function.
+                    unsafe { ffi::$name($($arg),*) }
+                }
+            )*
+        }
+
+        /// Pointers to the family's client-facing functions, found at run time rather than
+        /// bound by the linker.
+        #[derive(Clone, Copy, Debug)]
+        pub struct FamilyFunctions {
+            $(pub $name: unsafe extern "C" fn($($ty),*) $(-> $ret)?,)*
+        }
+
+        impl FamilyFunctions {
+            /// The functions the linker bound [`ffi`] to.
+            pub fn linked() -> Self {
+                Self {
+                    $($name: ffi::$name,)*
+                }
+            }
+
+            /// Each function's address from `lookup`, given its C name (`vfam_…`, no
+            /// leading underscore). Fails with the first name `lookup` does not know.
+            ///
+            /// # Safety
+            /// Every address `lookup` returns is the entry point of the family function of
+            /// that name, with the signature declared here, and stays valid while the table
+            /// is used.
+            pub unsafe fn resolve(
+                mut lookup: impl FnMut(&str) -> Option<usize>,
+            ) -> core::result::Result<Self, &'static str> {
+                Ok(Self {
+                    $($name: {
+                        let address = lookup(stringify!($name))
+                            .filter(|&a| a != 0)
+                            .ok_or(stringify!($name))?;
+                        // SAFETY: a non-null entry point of this very function (caller
+                        // contract).
+                        unsafe {
+                            core::mem::transmute::<
+                                usize,
+                                unsafe extern "C" fn($($ty),*) $(-> $ret)?,
+                            >(address)
+                        }
+                    },)*
+                })
+            }
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        impl FamilyApi for &FamilyFunctions {
+            $(
+                unsafe fn $name(self, $($arg: $ty),*) $(-> $ret)? {
+                    // SAFETY: the pointer is the C function of this name (`linked`, or
+                    // `resolve`'s contract); the caller upholds its contract.
+                    unsafe { (self.$name)($($arg),*) }
+                }
+            )*
+        }
+    };
 }
 
+family_functions! {
+    fn vfam_device_type(dev: *mut VfamDevice) -> u32;
+    fn vfam_set_interrupt_handler(
+        dev: *mut VfamDevice,
+        handler: InterruptHandler,
+        ctx: *mut c_void,
+    );
+    fn vfam_negotiate_features(dev: *mut VfamDevice, driver: u64, negotiated: *mut u64) -> VkStatus;
+    fn vfam_offered_features(dev: *mut VfamDevice) -> u64;
+    fn vfam_features(dev: *mut VfamDevice) -> u64;
+    fn vfam_read_config(dev: *mut VfamDevice, offset: u32, buf: *mut u8, len: usize) -> VkStatus;
+    fn vfam_write_config(
+        dev: *mut VfamDevice,
+        offset: u32,
+        data: *const u8,
+        len: usize,
+    ) -> VkStatus;
+    fn vfam_num_queues(dev: *mut VfamDevice) -> u16;
+    fn vfam_max_queue_size(dev: *mut VfamDevice, index: u16) -> u16;
+    fn vfam_setup_queues(dev: *mut VfamDevice, specs: *const VkQueueSpec, count: usize) -> VkStatus;
+    fn vfam_driver_ok(dev: *mut VfamDevice) -> VkStatus;
+    fn vfam_reset(dev: *mut VfamDevice, reclaim: Reclaim, ctx: *mut c_void);
+    fn vfam_fail(dev: *mut VfamDevice);
+    fn vfam_needs_reset(dev: *mut VfamDevice) -> bool;
+    fn vfam_interrupt_mode(dev: *mut VfamDevice, vectors: *mut u16) -> u32;
+    fn vfam_queue_add(
+        dev: *mut VfamDevice,
+        queue: u16,
+        readable: *const VkSegment,
+        nreadable: usize,
+        writable: *const VkSegment,
+        nwritable: usize,
+        token: usize,
+    ) -> VkStatus;
+    fn vfam_queue_kick(dev: *mut VfamDevice, queue: u16, notified: *mut bool) -> VkStatus;
+    fn vfam_queue_pop_used(
+        dev: *mut VfamDevice,
+        queue: u16,
+        found: *mut bool,
+        token: *mut usize,
+        len: *mut u32,
+    ) -> VkStatus;
+    fn vfam_queue_enable_interrupts(
+        dev: *mut VfamDevice,
+        queue: u16,
+        delayed: bool,
+        more: *mut bool,
+    ) -> VkStatus;
+    fn vfam_queue_disable_interrupts(dev: *mut VfamDevice, queue: u16) -> VkStatus;
+    fn vfam_queue_info(
+        dev: *mut VfamDevice,
+        queue: u16,
+        segments: usize,
+        free: *mut u16,
+        size: *mut u16,
+        descriptors: *mut usize,
+        max_chain: *mut u16,
+    ) -> VkStatus;
+    fn vfam_queue_stats(dev: *mut VfamDevice, queue: u16, stats: *mut VkQueueStats) -> VkStatus;
+    fn vfam_handle_interrupt(
+        dev: *mut VfamDevice,
+        vector: i32,
+        cause: *mut VkInterruptCause,
+    ) -> VkStatus;
+    fn vfam_dma_alloc(
+        dev: *mut VfamDevice,
+        len: usize,
+        align: usize,
+        out: *mut VkDmaRegion,
+    ) -> VkStatus;
+    fn vfam_dma_free(dev: *mut VfamDevice, region: *const VkDmaRegion);
+    fn vfam_dma_map(
+        dev: *mut VfamDevice,
+        vaddr: *mut u8,
+        len: usize,
+        direction: u32,
+        daddr: *mut u64,
+    ) -> VkStatus;
+    fn vfam_dma_unmap(dev: *mut VfamDevice, daddr: u64, len: usize, direction: u32);
+}
+
+/// The family's functions as the linker binds them ([`ffi`]): what the kexts use. Zero-sized;
+/// every call is a direct call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LinkedFamily;
+
 /// DMA through the family (`vfam_dma_*`).
-pub struct FamilyDma {
+pub struct FamilyDma<A: FamilyApi = LinkedFamily> {
     dev: *mut VfamDevice,
+    api: A,
 }
 
 fn dir(d: DmaDirection) -> u32 {
@@ -156,7 +245,7 @@ fn dir(d: DmaDirection) -> u32 {
     }
 }
 
-impl Dma for FamilyDma {
+impl<A: FamilyApi> Dma for FamilyDma<A> {
     fn alloc_coherent(&self, len: usize, align: usize) -> Result<DmaRegion> {
         let mut r = VkDmaRegion {
             vaddr: core::ptr::null_mut(),
@@ -164,7 +253,7 @@ impl Dma for FamilyDma {
             len: 0,
         };
         // SAFETY: `dev` is a live family handle (FamilyBus::new contract); `r` is a local.
-        unsafe { ffi::vfam_dma_alloc(self.dev, len, align, &mut r) }.into_result()?;
+        unsafe { self.api.vfam_dma_alloc(self.dev, len, align, &mut r) }.into_result()?;
         Ok(DmaRegion {
             vaddr: NonNull::new(r.vaddr).ok_or(Error::DmaAlloc)?,
             daddr: r.daddr,
@@ -178,25 +267,30 @@ impl Dma for FamilyDma {
             len: region.len as u64,
         };
         // SAFETY: the caller guarantees the device is done with it (trait contract).
-        unsafe { ffi::vfam_dma_free(self.dev, &r) }
+        unsafe { self.api.vfam_dma_free(self.dev, &r) }
     }
     fn map(&self, vaddr: NonNull<u8>, len: usize, d: DmaDirection) -> Result<DeviceAddr> {
         let mut a = 0;
         // SAFETY: live handle; `a` is a local.
-        unsafe { ffi::vfam_dma_map(self.dev, vaddr.as_ptr(), len, dir(d), &mut a) }
-            .into_result()?;
+        unsafe {
+            self.api
+                .vfam_dma_map(self.dev, vaddr.as_ptr(), len, dir(d), &mut a)
+        }
+        .into_result()?;
         Ok(a)
     }
     fn unmap(&self, daddr: DeviceAddr, len: usize, d: DmaDirection) {
         // SAFETY: live handle.
-        unsafe { ffi::vfam_dma_unmap(self.dev, daddr, len, dir(d)) }
+        unsafe { self.api.vfam_dma_unmap(self.dev, daddr, len, dir(d)) }
     }
 }
 
-/// `virtio_core::Bus` over one family device handle.
-pub struct FamilyBus {
+/// `virtio_core::Bus` over one family device handle, calling the family through `A`
+/// ([`LinkedFamily`] in the kexts).
+pub struct FamilyBus<A: FamilyApi = LinkedFamily> {
     dev: *mut VfamDevice,
-    dma: FamilyDma,
+    api: A,
+    dma: FamilyDma<A>,
     device_type: DeviceType,
     /// Conversion buffer for `add` (allocated once).
     scratch: [VkSegment; MAX_CHAIN],
@@ -210,14 +304,27 @@ impl FamilyBus {
     /// `dev` stays valid for the life of the returned bus (the family keeps the device while
     /// its nub has a client), and the bus is used from one context at a time.
     pub unsafe fn new(dev: *mut VfamDevice) -> Option<Self> {
+        // SAFETY: the caller's guarantees; LinkedFamily is the family the kext links.
+        unsafe { FamilyBus::with_api(LinkedFamily, dev) }
+    }
+}
+
+impl<A: FamilyApi> FamilyBus<A> {
+    /// [`FamilyBus::new`] over the family functions `api` reaches.
+    ///
+    /// # Safety
+    /// As for [`FamilyBus::new`], and `dev` is a handle of the family whose functions `api`
+    /// calls.
+    pub unsafe fn with_api(api: A, dev: *mut VfamDevice) -> Option<Self> {
         if dev.is_null() {
             return None;
         }
         // SAFETY: non-null live handle (caller contract).
-        let t = DeviceType::from_id(unsafe { ffi::vfam_device_type(dev) })?;
+        let t = DeviceType::from_id(unsafe { api.vfam_device_type(dev) })?;
         Some(FamilyBus {
             dev,
-            dma: FamilyDma { dev },
+            api,
+            dma: FamilyDma { dev, api },
             device_type: t,
             scratch: [VkSegment::default(); MAX_CHAIN],
         })
@@ -232,7 +339,7 @@ impl FamilyBus {
         let (mut free, mut size, mut descs, mut max) = (0, 0, 0, 0);
         // SAFETY: live handle; out-pointers are locals.
         unsafe {
-            ffi::vfam_queue_info(
+            self.api.vfam_queue_info(
                 self.dev, queue, segments, &mut free, &mut size, &mut descs, &mut max,
             )
         }
@@ -248,10 +355,10 @@ unsafe extern "C" fn reclaim_trampoline(ctx: *mut c_void, queue: u16, token: usi
     f(queue, token);
 }
 
-impl Bus for FamilyBus {
-    type Dma = FamilyDma;
+impl<A: FamilyApi> Bus for FamilyBus<A> {
+    type Dma = FamilyDma<A>;
 
-    fn dma(&self) -> &FamilyDma {
+    fn dma(&self) -> &FamilyDma<A> {
         &self.dma
     }
     fn device_type(&self) -> DeviceType {
@@ -260,33 +367,44 @@ impl Bus for FamilyBus {
     fn negotiate_features(&mut self, driver: Features) -> Result<Features> {
         let mut got = 0;
         // SAFETY: live handle; `got` is a local.
-        unsafe { ffi::vfam_negotiate_features(self.dev, driver.bits(), &mut got) }.into_result()?;
+        unsafe {
+            self.api
+                .vfam_negotiate_features(self.dev, driver.bits(), &mut got)
+        }
+        .into_result()?;
         Ok(Features::from_bits_retain(got))
     }
     fn offered_features(&self) -> Features {
         // SAFETY: live handle.
-        Features::from_bits_retain(unsafe { ffi::vfam_offered_features(self.dev) })
+        Features::from_bits_retain(unsafe { self.api.vfam_offered_features(self.dev) })
     }
     fn features(&self) -> Features {
         // SAFETY: live handle.
-        Features::from_bits_retain(unsafe { ffi::vfam_features(self.dev) })
+        Features::from_bits_retain(unsafe { self.api.vfam_features(self.dev) })
     }
     fn read_config(&self, offset: u32, buf: &mut [u8]) -> Result<()> {
         // SAFETY: live handle; `buf` is valid for its length.
-        unsafe { ffi::vfam_read_config(self.dev, offset, buf.as_mut_ptr(), buf.len()) }
-            .into_result()
+        unsafe {
+            self.api
+                .vfam_read_config(self.dev, offset, buf.as_mut_ptr(), buf.len())
+        }
+        .into_result()
     }
     fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<()> {
         // SAFETY: live handle; `data` is valid for its length.
-        unsafe { ffi::vfam_write_config(self.dev, offset, data.as_ptr(), data.len()) }.into_result()
+        unsafe {
+            self.api
+                .vfam_write_config(self.dev, offset, data.as_ptr(), data.len())
+        }
+        .into_result()
     }
     fn num_queues(&mut self) -> u16 {
         // SAFETY: live handle.
-        unsafe { ffi::vfam_num_queues(self.dev) }
+        unsafe { self.api.vfam_num_queues(self.dev) }
     }
     fn max_queue_size(&mut self, index: u16) -> u16 {
         // SAFETY: live handle.
-        unsafe { ffi::vfam_max_queue_size(self.dev, index) }
+        unsafe { self.api.vfam_max_queue_size(self.dev, index) }
     }
     fn setup_queues(&mut self, specs: &[QueueSpec]) -> Result<()> {
         let mut c = [VkQueueSpec::default(); 16];
@@ -303,30 +421,34 @@ impl Bus for FamilyBus {
             };
         }
         // SAFETY: live handle; `c` holds at least `specs.len()` entries.
-        unsafe { ffi::vfam_setup_queues(self.dev, c.as_ptr(), specs.len()) }.into_result()
+        unsafe {
+            self.api
+                .vfam_setup_queues(self.dev, c.as_ptr(), specs.len())
+        }
+        .into_result()
     }
     fn driver_ok(&mut self) -> Result<()> {
         // SAFETY: live handle.
-        unsafe { ffi::vfam_driver_ok(self.dev) }.into_result()
+        unsafe { self.api.vfam_driver_ok(self.dev) }.into_result()
     }
     fn reset(&mut self, reclaim: &mut dyn FnMut(u16, usize)) {
         let mut r: &mut dyn FnMut(u16, usize) = reclaim;
         let ctx = (&mut r as *mut &mut dyn FnMut(u16, usize)).cast::<c_void>();
         // SAFETY: live handle; the trampoline's context outlives the call.
-        unsafe { ffi::vfam_reset(self.dev, Some(reclaim_trampoline), ctx) }
+        unsafe { self.api.vfam_reset(self.dev, Some(reclaim_trampoline), ctx) }
     }
     fn fail(&mut self) {
         // SAFETY: live handle.
-        unsafe { ffi::vfam_fail(self.dev) }
+        unsafe { self.api.vfam_fail(self.dev) }
     }
     fn needs_reset(&self) -> bool {
         // SAFETY: live handle.
-        unsafe { ffi::vfam_needs_reset(self.dev) }
+        unsafe { self.api.vfam_needs_reset(self.dev) }
     }
     fn interrupt_mode(&self) -> InterruptMode {
         let mut n = 0;
         // SAFETY: live handle; `n` is a local.
-        match unsafe { ffi::vfam_interrupt_mode(self.dev, &mut n) } {
+        match unsafe { self.api.vfam_interrupt_mode(self.dev, &mut n) } {
             VK_IRQ_MSIX => InterruptMode::MsiX { vectors: n },
             VK_IRQ_INTX => InterruptMode::Intx,
             _ => InterruptMode::Polling,
@@ -349,39 +471,51 @@ impl Bus for FamilyBus {
         let base = self.scratch.as_ptr();
         // SAFETY: live handle; the scratch array holds nr + nw converted segments, and
         // `base.wrapping_add(nr)` stays inside it (nr <= MAX_CHAIN).
-        unsafe { ffi::vfam_queue_add(self.dev, queue, base, nr, base.wrapping_add(nr), nw, token) }
-            .into_result()
+        unsafe {
+            self.api
+                .vfam_queue_add(self.dev, queue, base, nr, base.wrapping_add(nr), nw, token)
+        }
+        .into_result()
     }
     fn kick(&mut self, queue: u16) -> Result<bool> {
         let mut n = false;
         // SAFETY: live handle; `n` is a local.
-        unsafe { ffi::vfam_queue_kick(self.dev, queue, &mut n) }.into_result()?;
+        unsafe { self.api.vfam_queue_kick(self.dev, queue, &mut n) }.into_result()?;
         Ok(n)
     }
     fn pop_used(&mut self, queue: u16) -> Result<Option<Used>> {
         let (mut found, mut token, mut len) = (false, 0, 0);
         // SAFETY: live handle; out-pointers are locals.
-        unsafe { ffi::vfam_queue_pop_used(self.dev, queue, &mut found, &mut token, &mut len) }
-            .into_result()?;
+        unsafe {
+            self.api
+                .vfam_queue_pop_used(self.dev, queue, &mut found, &mut token, &mut len)
+        }
+        .into_result()?;
         Ok(found.then_some(Used { token, len }))
     }
     fn enable_interrupts(&mut self, queue: u16) -> Result<bool> {
         let mut more = false;
         // SAFETY: live handle; `more` is a local.
-        unsafe { ffi::vfam_queue_enable_interrupts(self.dev, queue, false, &mut more) }
-            .into_result()?;
+        unsafe {
+            self.api
+                .vfam_queue_enable_interrupts(self.dev, queue, false, &mut more)
+        }
+        .into_result()?;
         Ok(more)
     }
     fn enable_interrupts_delayed(&mut self, queue: u16) -> Result<bool> {
         let mut more = false;
         // SAFETY: live handle; `more` is a local.
-        unsafe { ffi::vfam_queue_enable_interrupts(self.dev, queue, true, &mut more) }
-            .into_result()?;
+        unsafe {
+            self.api
+                .vfam_queue_enable_interrupts(self.dev, queue, true, &mut more)
+        }
+        .into_result()?;
         Ok(more)
     }
     fn disable_interrupts(&mut self, queue: u16) -> Result<()> {
         // SAFETY: live handle.
-        unsafe { ffi::vfam_queue_disable_interrupts(self.dev, queue) }.into_result()
+        unsafe { self.api.vfam_queue_disable_interrupts(self.dev, queue) }.into_result()
     }
     fn free_descriptors(&self, queue: u16) -> Result<u16> {
         Ok(self.info(queue, 1)?.0)
@@ -398,14 +532,14 @@ impl Bus for FamilyBus {
     fn queue_stats(&self, queue: u16) -> Result<QueueStats> {
         let mut s = VkQueueStats::default();
         // SAFETY: live handle; `s` is a local.
-        unsafe { ffi::vfam_queue_stats(self.dev, queue, &mut s) }.into_result()?;
+        unsafe { self.api.vfam_queue_stats(self.dev, queue, &mut s) }.into_result()?;
         Ok(s.into())
     }
     fn handle_interrupt(&mut self, vector: Option<u16>) -> InterruptCause {
         let mut c = VkInterruptCause::default();
         let v = vector_to_abi(vector);
         // SAFETY: live handle; `c` is a local.
-        if !unsafe { ffi::vfam_handle_interrupt(self.dev, v, &mut c) }.is_ok() {
+        if !unsafe { self.api.vfam_handle_interrupt(self.dev, v, &mut c) }.is_ok() {
             return InterruptCause::default();
         }
         InterruptCause {

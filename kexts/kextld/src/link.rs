@@ -36,10 +36,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
+use object::Endianness;
 use object::macho;
 use object::read::archive::ArchiveFile;
 use object::read::macho::{MachHeader, Nlist, Section as _, Segment as _};
-use object::Endianness;
 
 /// One input: an x86_64 `MH_OBJECT`, or an `ar` archive of them.
 pub struct Input {
@@ -212,9 +212,8 @@ fn parse_object<'a>(name: &str, data: &'a [u8]) -> Result<Object<'a>, LinkError>
         .load_commands(endian, data, 0)
         .map_err(|_| bad("bad load commands"))?;
     while let Some(command) = commands.next().map_err(|_| bad("bad load command"))? {
-        if let Some((segment, section_data)) = command
-            .segment_64()
-            .map_err(|_| bad("bad LC_SEGMENT_64"))?
+        if let Some((segment, section_data)) =
+            command.segment_64().map_err(|_| bad("bad LC_SEGMENT_64"))?
         {
             for s in segment
                 .sections(endian, section_data)
@@ -323,11 +322,8 @@ fn collect(inputs: &[Input]) -> Result<(Vec<Object<'_>>, Vec<Member>), LinkError
                 // The archive's symbol table (`__.SYMDEF`) and anything not a 64-bit
                 // Mach-O object are skipped: members are indexed from their own symbols.
                 if is_macho64(data) {
-                    let name = format!(
-                        "{}({})",
-                        input.name,
-                        String::from_utf8_lossy(member.name())
-                    );
+                    let name =
+                        format!("{}({})", input.name, String::from_utf8_lossy(member.name()));
                     members.push((name, data.to_vec()));
                 }
             }
@@ -476,7 +472,8 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
             },
         }
     }
-    p.get(pi..).is_some_and(|rest| rest.iter().all(|&c| c == b'*'))
+    p.get(pi..)
+        .is_some_and(|rest| rest.iter().all(|&c| c == b'*'))
 }
 
 // ---------------------------------------------------------------- layout
@@ -630,8 +627,8 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
                 continue;
             }
             for r in &s.relocs {
-                let is_got = r.kind == macho::X86_64_RELOC_GOT_LOAD
-                    || r.kind == macho::X86_64_RELOC_GOT;
+                let is_got =
+                    r.kind == macho::X86_64_RELOC_GOT_LOAD || r.kind == macho::X86_64_RELOC_GOT;
                 if !is_got {
                     continue;
                 }
@@ -744,7 +741,10 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
     };
     let global_target = |name: &str| -> Result<Target, LinkError> {
         if let Some(&(oi, si, _)) = globals.get(name) {
-            return Ok(Target::Defined(symbol_address(oi, &objects[oi].symbols[si])?));
+            return Ok(Target::Defined(symbol_address(
+                oi,
+                &objects[oi].symbols[si],
+            )?));
         }
         match import_index.get(name) {
             Some(&i) => Ok(Target::Import(i)),
@@ -773,7 +773,10 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
         let object = &objects[oi];
         let si = (ordinal as usize).wrapping_sub(1);
         let Some(input) = object.sections.get(si) else {
-            return err(format!("{}: relocation names section #{ordinal}", object.name));
+            return err(format!(
+                "{}: relocation names section #{ordinal}",
+                object.name
+            ));
         };
         let Some(Some((o, offset))) = placements[oi].get(si) else {
             return err(format!(
@@ -823,7 +826,12 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
             while i < s.relocs.len() {
                 let r = s.relocs[i];
                 i += 1;
-                let ctx = || format!("{}: {},{}+{:#x}", object.name, s.segname, s.sectname, r.address);
+                let ctx = || {
+                    format!(
+                        "{}: {},{}+{:#x}",
+                        object.name, s.segname, s.sectname, r.address
+                    )
+                };
                 if r.address & macho::R_SCATTERED != 0 {
                     return err(format!("{}: scattered relocation", ctx()));
                 }
@@ -929,7 +937,9 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
                                 symbol_address(koi, &objects[koi].symbols[ksi])?
                             }
                         };
-                        let disp = (target as i64).wrapping_add(content).wrapping_sub(p as i64 + 4);
+                        let disp = (target as i64)
+                            .wrapping_add(content)
+                            .wrapping_sub(p as i64 + 4);
                         write_disp32(&mut out[o].data, at, disp, &ctx)?;
                     }
                     macho::X86_64_RELOC_SUBTRACTOR if !r.pcrel => {
@@ -954,7 +964,10 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
                         let value = if minuend.is_extern {
                             let (a, a_name) = symbol_target(oi, minuend.symbolnum)?;
                             let Target::Defined(a) = a else {
-                                return err(format!("{}: difference with imported {a_name}", ctx()));
+                                return err(format!(
+                                    "{}: difference with imported {a_name}",
+                                    ctx()
+                                ));
                             };
                             (a as i64).wrapping_sub(b as i64).wrapping_add(content)
                         } else {
@@ -1019,12 +1032,24 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
             // Weak definitions were resolved here: the output has one definition each.
             let n_desc = s.n_desc & !(macho::N_WEAK_DEF | macho::N_WEAK_REF);
             if s.is_external() && is_exported(&s.name) {
-                extdefs.push((s.name.clone(), macho::N_SECT | macho::N_EXT, n_sect as u8, n_desc, value));
+                extdefs.push((
+                    s.name.clone(),
+                    macho::N_SECT | macho::N_EXT,
+                    n_sect as u8,
+                    n_desc,
+                    value,
+                ));
             } else {
                 // Hidden: a private-extern global stays visible to tools but not to the
                 // kernel linker's symbol resolution.
                 let pext = if s.is_external() { macho::N_PEXT } else { 0 };
-                locals.push((s.name.clone(), macho::N_SECT | pext, n_sect as u8, n_desc, value));
+                locals.push((
+                    s.name.clone(),
+                    macho::N_SECT | pext,
+                    n_sect as u8,
+                    n_desc,
+                    value,
+                ));
             }
         }
     }
@@ -1080,7 +1105,9 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
     let r_x = macho::VM_PROT_READ | macho::VM_PROT_EXECUTE;
     let rw = macho::VM_PROT_READ | macho::VM_PROT_WRITE;
     segment_command(&mut b, "__TEXT", 0, text_size, 0, text_size, r_x, &text);
-    let data_vmsize = align_up(data_end, PAGE).saturating_sub(data_start).max(PAGE);
+    let data_vmsize = align_up(data_end, PAGE)
+        .saturating_sub(data_start)
+        .max(PAGE);
     segment_command(
         &mut b,
         "__DATA",
@@ -1169,12 +1196,28 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
     }
     b.resize(linkedit_start as usize, 0);
     for (address, ordinal) in &local_relocs {
-        push_reloc(&mut b, *address, *ordinal, false, 3, false, macho::X86_64_RELOC_UNSIGNED);
+        push_reloc(
+            &mut b,
+            *address,
+            *ordinal,
+            false,
+            3,
+            false,
+            macho::X86_64_RELOC_UNSIGNED,
+        );
     }
     for (address, import, kind) in &external_relocs {
         let pcrel = *kind == macho::X86_64_RELOC_BRANCH;
         let length = if pcrel { 2 } else { 3 };
-        push_reloc(&mut b, *address, (undef_base + *import as usize) as u32, pcrel, length, true, *kind);
+        push_reloc(
+            &mut b,
+            *address,
+            (undef_base + *import as usize) as u32,
+            pcrel,
+            length,
+            true,
+            *kind,
+        );
     }
     b.extend_from_slice(&nlist);
     b.extend_from_slice(&strings);
@@ -1207,7 +1250,11 @@ fn got_key(
     r: &InReloc,
 ) -> Result<GotKey, LinkError> {
     let object = &objects[oi];
-    let Some(s) = object.symbols.get(r.symbolnum as usize).filter(|_| r.is_extern) else {
+    let Some(s) = object
+        .symbols
+        .get(r.symbolnum as usize)
+        .filter(|_| r.is_extern)
+    else {
         return err(format!("{}: GOT relocation without a symbol", object.name));
     };
     if s.is_external() {
@@ -1220,7 +1267,10 @@ fn got_key(
     } else if s.is_defined() {
         return Ok(GotKey::Internal(oi, r.symbolnum as usize));
     }
-    err(format!("{}: GOT reference to unknown {}", object.name, s.name))
+    err(format!(
+        "{}: GOT reference to unknown {}",
+        object.name, s.name
+    ))
 }
 
 /// The `N` of `X86_64_RELOC_SIGNED_N`: immediate bytes after the displacement.
@@ -1298,7 +1348,10 @@ fn segment_command(
     sections: &[&OutSection],
 ) {
     push_u32(b, macho::LC_SEGMENT_64);
-    push_u32(b, (SEGMENT_COMMAND_SIZE + SECTION_SIZE * sections.len() as u64) as u32);
+    push_u32(
+        b,
+        (SEGMENT_COMMAND_SIZE + SECTION_SIZE * sections.len() as u64) as u32,
+    );
     push_name(b, name);
     b.extend_from_slice(&vmaddr.to_le_bytes());
     b.extend_from_slice(&vmsize.to_le_bytes());
@@ -1326,7 +1379,15 @@ fn segment_command(
     }
 }
 
-fn push_reloc(b: &mut Vec<u8>, address: u32, symbolnum: u32, pcrel: bool, length: u8, is_extern: bool, kind: u8) {
+fn push_reloc(
+    b: &mut Vec<u8>,
+    address: u32,
+    symbolnum: u32,
+    pcrel: bool,
+    length: u8,
+    is_extern: bool,
+    kind: u8,
+) {
     push_u32(b, address);
     let word = (symbolnum & 0x00ff_ffff)
         | (u32::from(pcrel) << 24)
@@ -1343,7 +1404,9 @@ fn content_uuid(bytes: &[u8]) -> [u8; 16] {
     let mut c: u64 = 0x8422_2325_cbf2_9ce4;
     for &byte in bytes {
         a = (a ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
-        c = (c ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(7);
+        c = (c ^ u64::from(byte))
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(7);
     }
     let mut u = [0u8; 16];
     u[..8].copy_from_slice(&a.to_le_bytes());
@@ -1361,7 +1424,10 @@ mod tests {
     fn glob() {
         assert!(glob_match("_vfam_*", "_vfam_device_create"));
         assert!(!glob_match("_vfam_*", "_vnet_x"));
-        assert!(glob_match("*29org_virtiodarwin_VirtioDevice*", "__ZN29org_virtiodarwin_VirtioDevice10gMetaClassE"));
+        assert!(glob_match(
+            "*29org_virtiodarwin_VirtioDevice*",
+            "__ZN29org_virtiodarwin_VirtioDevice10gMetaClassE"
+        ));
         assert!(glob_match("_kmod_info", "_kmod_info"));
         assert!(!glob_match("_kmod_info", "_kmod_info2"));
         assert!(glob_match("*", ""));

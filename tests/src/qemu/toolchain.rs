@@ -221,7 +221,12 @@ pub fn find_workspace() -> Option<PathBuf> {
     [std::env::current_dir().ok(), std::env::current_exe().ok()]
         .into_iter()
         .flatten()
-        .find_map(|start| start.ancestors().find(|d| is_root(d)).map(Path::to_path_buf))
+        .find_map(|start| {
+            start
+                .ancestors()
+                .find(|d| is_root(d))
+                .map(Path::to_path_buf)
+        })
 }
 
 fn workspace_or_cwd() -> PathBuf {

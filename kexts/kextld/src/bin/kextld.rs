@@ -47,7 +47,11 @@ fn run(args: Vec<String>) -> Result<(), String> {
                     (Some(Ok(major)), Some(Ok(minor))) if minor < 256 => {
                         options.min_macos = (major, minor as u8, 0);
                     }
-                    _ => return Err(format!("--macos: expected major.minor (like 10.13), got {v:?}")),
+                    _ => {
+                        return Err(format!(
+                            "--macos: expected major.minor (like 10.13), got {v:?}"
+                        ));
+                    }
                 }
             }
             "-h" | "--help" => {
