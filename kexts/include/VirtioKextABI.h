@@ -216,6 +216,10 @@ extern void *memset(void *s, int32_t c, size_t n);
  * LLVM lowers zeroing on Darwin targets to `__bzero`, which the kernel's KPIs do not
  * promise; define it over `memset` (compiler-builtins' with `compiler-builtins-mem`).
  *
+ * The call goes through a pointer the optimiser cannot see through: a direct
+ * `memset(s, 0, n)` is itself lowered to `__bzero` on Darwin, which made this function
+ * jump to itself forever (found by running the linked bundle, `tests/tests/kext_*.rs`).
+ *
  * # Safety
  * `s` is valid for `n` bytes of writes.
  */
