@@ -34,6 +34,10 @@ pub const COMPATIBLE_VERSION: &str = "0.1.0";
 pub const DEVICE_TYPE_KEY: &str = "VirtioDeviceType";
 /// Minimum macOS the shims are compiled for.
 pub const MACOS_MIN: &str = "10.13";
+/// The `com.apple.kpi.*` version the kexts require: the kernel's (Darwin) version of
+/// [`MACOS_MIN`] (macOS 10.13 = Darwin 17), so the declared libraries, the deployment
+/// target the shims are compiled for and the docs agree. A test keeps them in step.
+pub const KPI_VERSION: &str = "17.0.0";
 const TARGET_JSON: &str = "kexts/targets/x86_64-apple-macos-kext.json";
 const TARGET_NAME: &str = "x86_64-apple-macos-kext";
 
@@ -95,9 +99,8 @@ impl KextSpec {
 const FAMILY_ID: &str = "org.virtiodarwin.driver.VirtioFamily";
 #[cfg(test)]
 const KPI: &[(&str, &str)] = &[
-    ("com.apple.kpi.iokit", "12.0.0"),
-    ("com.apple.kpi.libkern", "12.0.0"),
-    ("com.apple.kpi.mach", "12.0.0"),
+    ("com.apple.kpi.iokit", KPI_VERSION),
+    ("com.apple.kpi.libkern", KPI_VERSION),
 ];
 
 /// The source of truth for all three bundles.
@@ -109,9 +112,9 @@ pub const KEXTS: &[KextSpec] = &[
         header: "kexts/VirtioFamily/shim/VirtioFamilyABI.h",
         symbol_prefix: "vfam_",
         libraries: &[
-            ("com.apple.kpi.iokit", "12.0.0"),
-            ("com.apple.kpi.libkern", "12.0.0"),
-            ("com.apple.kpi.mach", "12.0.0"),
+            ("com.apple.kpi.iokit", KPI_VERSION),
+            ("com.apple.kpi.libkern", KPI_VERSION),
+            ("com.apple.kpi.mach", KPI_VERSION),
             ("com.apple.iokit.IOPCIFamily", "2.7"),
         ],
         imports_prefix: None,
@@ -125,8 +128,9 @@ pub const KEXTS: &[KextSpec] = &[
                 ("IOPCIPrimaryMatch", Value::Str("")),
                 // Outbid Apple's own virtio drivers where both are installed.
                 ("IOProbeScore", Value::Int(6000)),
-                // Ask IOPCIFamily for MSI-X (one vector per queue + config).
-                ("IOPCIMSIMode", Value::Str("msix")),
+                // No MSI key: IOPCIFamily itself chooses MSI-X for a function that has an
+                // MSI-X capability and no MSI one (every virtio-pci function); the shim then
+                // takes the interrupt indexes of type kIOInterruptTypePCIMessaged.
             ],
         }],
         shim_sources: &["VirtioPCITransport.cpp"],
@@ -140,10 +144,9 @@ pub const KEXTS: &[KextSpec] = &[
         header: "kexts/VirtioNet/shim/VirtioNetABI.h",
         symbol_prefix: "vnet_",
         libraries: &[
-            ("com.apple.kpi.bsd", "12.0.0"),
-            ("com.apple.kpi.iokit", "12.0.0"),
-            ("com.apple.kpi.libkern", "12.0.0"),
-            ("com.apple.kpi.mach", "12.0.0"),
+            ("com.apple.kpi.bsd", KPI_VERSION),
+            ("com.apple.kpi.iokit", KPI_VERSION),
+            ("com.apple.kpi.libkern", KPI_VERSION),
             ("com.apple.iokit.IONetworkingFamily", "3.0"),
             (FAMILY_ID, COMPATIBLE_VERSION),
         ],
@@ -165,9 +168,9 @@ pub const KEXTS: &[KextSpec] = &[
         header: "kexts/VirtioBlock/shim/VirtioBlockABI.h",
         symbol_prefix: "vblk_",
         libraries: &[
-            ("com.apple.kpi.iokit", "12.0.0"),
-            ("com.apple.kpi.libkern", "12.0.0"),
-            ("com.apple.kpi.mach", "12.0.0"),
+            ("com.apple.kpi.iokit", KPI_VERSION),
+            ("com.apple.kpi.libkern", KPI_VERSION),
+            ("com.apple.kpi.mach", KPI_VERSION),
             ("com.apple.iokit.IOStorageFamily", "1.9"),
             (FAMILY_ID, COMPATIBLE_VERSION),
         ],
@@ -582,6 +585,37 @@ fn check_bundle(k: &KextSpec, bytes: &[u8], family_exports: &[String]) -> Result
         let _ = write!(msg, "\n  - {v}");
     }
     Err(msg)
+}
+
+/// Every library in `OSBundleLibraries` must be one the kext imports from: a dependency
+/// it does not use only widens the set of kernels it loads on for nothing (and a kernel
+/// linker resolves against it in vain).
+fn check_libraries_used(
+    k: &KextSpec,
+    bytes: &[u8],
+    family_exports: &[String],
+) -> Result<(), String> {
+    let image = kextld::image::Image::parse(bytes).map_err(|e| format!("{}: {e}", k.name))?;
+    let imports: BTreeSet<&str> = image
+        .symbols
+        .iter()
+        .filter(|s| s.is_undefined())
+        .map(|s| s.name.as_str())
+        .collect();
+    for (lib, _) in k.libraries {
+        let used = if *lib == FAMILY_ID {
+            family_exports.iter().any(|e| imports.contains(e.as_str()))
+        } else {
+            kernel_exports().any(|(sym, l)| l == *lib && imports.contains(sym))
+        };
+        if !used {
+            return Err(format!(
+                "{}: declares {lib} in OSBundleLibraries but imports nothing from it: drop it",
+                k.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- the command
@@ -1062,7 +1096,9 @@ pub fn cmd_kexts(args: &[String]) -> Result<bool, String> {
                 })
                 .unwrap_or_default();
         }
-        match check_bundle(k, &bytes, &family_full_exports) {
+        let checked = check_bundle(k, &bytes, &family_full_exports)
+            .and_then(|()| check_libraries_used(k, &bytes, &family_full_exports));
+        match checked {
             Ok(()) => {
                 println!("  check: passes the kernel linker's rules");
                 outcomes.push((
@@ -1194,6 +1230,42 @@ mod tests {
                     k.name,
                     p.io_class
                 );
+            }
+        }
+    }
+
+    /// A declared library nothing is imported from is refused: the Rust half of VirtioNet
+    /// alone imports nothing from com.apple.kpi.bsd (its shim does).
+    #[test]
+    fn unused_library_is_refused() {
+        let root = workspace_root().unwrap();
+        let net = KEXTS.iter().find(|k| k.name == "VirtioNet").unwrap();
+        let Ok(bytes) = std::fs::read(rust_half_path(&root, net)) else {
+            eprintln!("VirtioNet's Rust half not linked (run `cargo xtask kexts`); skipped");
+            return;
+        };
+        let e = check_libraries_used(net, &bytes, &["_vfam_reset".to_string()]).unwrap_err();
+        assert!(e.contains("com.apple.kpi.bsd"), "{e}");
+        let mut all_used = *net;
+        all_used.libraries = &[("com.apple.kpi.iokit", KPI_VERSION), (FAMILY_ID, VERSION)];
+        check_libraries_used(&all_used, &bytes, &["_vfam_reset".to_string()]).unwrap();
+    }
+
+    /// The declared KPI versions are the kernel version of the deployment target.
+    #[test]
+    fn kpi_versions_match_the_deployment_target() {
+        let (major, minor) = MACOS_MIN.split_once('.').unwrap();
+        assert_eq!(
+            major, "10",
+            "macOS 11+ maps to Darwin 20+: revisit KPI_VERSION"
+        );
+        let darwin: u32 = minor.parse::<u32>().unwrap() + 4;
+        assert_eq!(KPI_VERSION, format!("{darwin}.0.0"));
+        for k in KEXTS {
+            for (lib, version) in k.libraries {
+                if lib.starts_with("com.apple.kpi.") {
+                    assert_eq!(*version, KPI_VERSION, "{}: {lib}", k.name);
+                }
             }
         }
     }

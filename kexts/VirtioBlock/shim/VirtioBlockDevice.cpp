@@ -57,6 +57,8 @@ bool org_virtiodarwin_VirtioBlockDevice::start(IOService *provider)
     fCallbacks.capacity_changed = cbCapacityChanged;
     if (fGate->runAction(gatedStart) != kIOReturnSuccess) {
         IOLog("VirtioBlock: cannot drive this device\n");
+        /* The device may be live already (a failure after vblk_create): destroyed gated. */
+        fGate->runAction(gatedStop);
         fWorkLoop->removeEventSource(fGate);
         super::stop(provider);
         return false;
@@ -113,6 +115,8 @@ IOReturn org_virtiodarwin_VirtioBlockDevice::gatedStop(OSObject *owner, void *, 
 {
     org_virtiodarwin_VirtioBlockDevice *me = (org_virtiodarwin_VirtioBlockDevice *)owner;
     me->fStopping = true;
+    if (!me->fDev)
+        return kIOReturnSuccess;
     /* In-flight requests complete (aborted) through cbComplete. */
     vblk_stop(me->fDev);
     while (me->fHeldHead) {
@@ -130,10 +134,10 @@ IOReturn org_virtiodarwin_VirtioBlockDevice::gatedStop(OSObject *owner, void *, 
 
 void org_virtiodarwin_VirtioBlockDevice::free(void)
 {
-    if (fDev) {
-        vblk_destroy(fDev);
-        fDev = NULL;
-    }
+    /* stop and start's failure path destroy the driver under the gate; an ungated destroy
+     * here could race an interrupt on the family's work loop: never here. */
+    if (fDev)
+        IOLog("VirtioBlock: freed with a live driver (not destroyed: no work loop to do it on)\n");
     if (fRequests) {
         for (int i = 0; i < kVirtioBlockMaxRequests; i++)
             OSSafeReleaseNULL(fRequests[i].dma);

@@ -34,17 +34,22 @@ bool org_virtiodarwin_VirtioNetController::start(IOService *provider)
     IOCommandGate *gate = getCommandGate();
     if (!gate)
         return false;
+    /* Every driver entry below runs gated: once the device is live an interrupt may arrive
+     * at any time, and only the debugger path may meet the driver's try-lock taken. */
     int32_t st = VNET_E_INVALID;
     gate->runAction(OSMemberFunctionCast(IOCommandGate::Action, this,
                                          &org_virtiodarwin_VirtioNetController::gatedCreate),
                     &st);
-    if (st != VNET_OK || !fDev || vnet_info(fDev, &fInfo) != VNET_OK) {
+    if (st != VNET_OK || !fDev) {
         IOLog("VirtioNet: cannot drive this device (status %d)\n", (int)st);
+        teardown();
         return false;
     }
     fCursor = IOMbufNaturalMemoryCursor::withSpecification(fInfo.mtu + 18 + 65536, fInfo.tx_max_segments);
-    if (!fCursor)
+    if (!fCursor) {
+        teardown();
         return false;
+    }
 
     OSDictionary *media = OSDictionary::withCapacity(1);
     UInt64 speed = (UInt64)(fInfo.speed_mbps ? fInfo.speed_mbps : 10000) * 1000000ULL;
@@ -56,16 +61,21 @@ bool org_virtiodarwin_VirtioNetController::start(IOService *provider)
     fMedium = IONetworkMedium::medium(type, speed);
     if (!media || !fMedium || !IONetworkMedium::addMedium(media, fMedium) || !publishMediumDictionary(media)) {
         OSSafeReleaseNULL(media);
+        teardown();
         return false;
     }
     media->release();
-    publishStats();
+    gate->runAction(OSMemberFunctionCast(IOCommandGate::Action, this,
+                                         &org_virtiodarwin_VirtioNetController::gatedPublish));
 
-    if (!attachInterface((IONetworkInterface **)&fInterface, false))
+    if (!attachInterface((IONetworkInterface **)&fInterface, false)) {
+        teardown();
         return false;
+    }
     /* KDP over this NIC (polled sendPacket/receivePacket). */
     attachDebuggerClient(&fDebugger);
-    updateLink(fInfo.link_up != 0);
+    gate->runAction(OSMemberFunctionCast(IOCommandGate::Action, this,
+                                         &org_virtiodarwin_VirtioNetController::gatedUpdateLink));
     fInterface->registerService();
     return true;
 }
@@ -73,7 +83,31 @@ bool org_virtiodarwin_VirtioNetController::start(IOService *provider)
 IOReturn org_virtiodarwin_VirtioNetController::gatedCreate(int32_t *st)
 {
     *st = vnet_create(fNub->virtioDevice(), &fCallbacks, &fDev);
+    if (*st == VNET_OK && fDev)
+        *st = vnet_info(fDev, &fInfo);
     return kIOReturnSuccess;
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::gatedPublish(void)
+{
+    publishStats();
+    return kIOReturnSuccess;
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::gatedUpdateLink(void)
+{
+    updateLink(fInfo.link_up != 0);
+    return kIOReturnSuccess;
+}
+
+/* Stops and destroys the driver on the work loop (in-flight mbufs come back through
+ * cbTxDone): from stop, and from a start that failed after the device went live. */
+void org_virtiodarwin_VirtioNetController::teardown(void)
+{
+    IOCommandGate *gate = getCommandGate();
+    if (gate && fDev)
+        gate->runAction(OSMemberFunctionCast(IOCommandGate::Action, this,
+                                             &org_virtiodarwin_VirtioNetController::gatedStop));
 }
 
 void org_virtiodarwin_VirtioNetController::stop(IOService *provider)
@@ -86,15 +120,14 @@ void org_virtiodarwin_VirtioNetController::stop(IOService *provider)
         detachInterface(fInterface, true);
         OSSafeReleaseNULL(fInterface);
     }
-    IOCommandGate *gate = getCommandGate();
-    if (gate && fDev)
-        gate->runAction(OSMemberFunctionCast(IOCommandGate::Action, this,
-                                             &org_virtiodarwin_VirtioNetController::gatedStop));
+    teardown();
     super::stop(provider);
 }
 
 IOReturn org_virtiodarwin_VirtioNetController::gatedStop(void)
 {
+    if (!fDev)
+        return kIOReturnSuccess;
     /* In-flight mbufs come back through cbTxDone. */
     vnet_stop(fDev);
     vnet_destroy(fDev);
@@ -104,10 +137,11 @@ IOReturn org_virtiodarwin_VirtioNetController::gatedStop(void)
 
 void org_virtiodarwin_VirtioNetController::free(void)
 {
-    if (fDev) {
-        vnet_destroy(fDev);
-        fDev = NULL;
-    }
+    /* stop and start's failure paths destroy the driver on the work loop. Here the work
+     * loop may be gone with the family, and an ungated destroy could race an interrupt:
+     * never destroy here. */
+    if (fDev)
+        IOLog("VirtioNet: freed with a live driver (not destroyed: no work loop to do it on)\n");
     OSSafeReleaseNULL(fCursor);
     OSSafeReleaseNULL(fMedium);
     super::free();

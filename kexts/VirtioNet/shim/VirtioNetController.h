@@ -74,6 +74,9 @@ private:
 
     IOReturn gatedCreate(int32_t *st);
     IOReturn gatedStop(void);
+    IOReturn gatedPublish(void);
+    IOReturn gatedUpdateLink(void);
+    void teardown(void);
     void updateLink(bool up);
     void publishStats(void);
     void handleEvents(const VnetEvents *ev);
