@@ -173,6 +173,17 @@ fn bad_arguments_and_non_virtio_functions(family: &'static FamilyKext) {
     assert_eq!(identify(0x8086, 0x1041, 0), 0);
     assert_eq!(identify(0x1af4, 0x1040, 0), 0);
     assert_eq!(identify(0x1af4, 0x1001, 2), 2);
+    // The `virtiodarwin_defer` boot-arg's parser (probe hands these types to other drivers).
+    let deferred = |ty: u32, list: &std::ffi::CStr| {
+        // SAFETY: a NUL-terminated string.
+        unsafe { (family.shim.vfam_type_deferred)(ty, list.as_ptr()) }
+    };
+    assert!(deferred(1, c"net,blk"));
+    assert!(deferred(2, c"rng blk"));
+    assert!(!deferred(1, c"blk"));
+    assert!(deferred(5, c"all"));
+    // SAFETY: null defers nothing.
+    assert!(!unsafe { (family.shim.vfam_type_deferred)(1, std::ptr::null()) });
     // A modern-only function asked for legacy: a transport error, decoded exactly.
     let sim = SimBuilder::new(SimMode::Modern, 1)
         .features(1 << 32)

@@ -30,6 +30,8 @@ pub const BUNDLE_PREFIX: &str = "org.virtiodarwin.driver.";
 /// Version of every kext (CFBundleVersion) and the family's OSBundleCompatibleVersion.
 pub const VERSION: &str = "0.1.0";
 pub const COMPATIBLE_VERSION: &str = "0.1.0";
+/// The family personality's list of device types that have a device kext.
+pub const DRIVER_TYPES_KEY: &str = "VirtioDriverTypes";
 /// The property the family's nubs carry and device kexts match on.
 pub const DEVICE_TYPE_KEY: &str = "VirtioDeviceType";
 /// Minimum macOS the shims are compiled for.
@@ -48,6 +50,8 @@ pub enum Value {
     Int(u64),
     #[allow(dead_code)]
     Bool(bool),
+    /// The device types that have a device kext in [`KEXTS`] (filled in when written).
+    DriverTypes,
 }
 
 /// One IOKit personality.
@@ -127,7 +131,15 @@ pub const KEXTS: &[KextSpec] = &[
                 // Filled from virtio-pci's ID table (see `personality_properties`).
                 ("IOPCIPrimaryMatch", Value::Str("")),
                 // Outbid Apple's own virtio drivers where both are installed.
+                // Outbid macOS's own virtio drivers (AppleVirtIO drives blk on 10.14+ and net
+                // on 10.15+) for the types we drive: installing these kexts means choosing
+                // them. Types without a device kext here are refused in probe, so they stay
+                // with whatever else drives them; the `virtiodarwin_defer` boot-arg hands
+                // chosen types back (docs/install.md).
                 ("IOProbeScore", Value::Int(6000)),
+                // The device types with a device kext: the family refuses every other type
+                // in probe, so it never takes a device nothing of ours would drive.
+                (DRIVER_TYPES_KEY, Value::DriverTypes),
                 // No MSI key: IOPCIFamily itself chooses MSI-X for a function that has an
                 // MSI-X capability and no MSI one (every virtio-pci function); the shim then
                 // takes the interrupt indexes of type kIOInterruptTypePCIMessaged.
@@ -187,6 +199,19 @@ pub const KEXTS: &[KextSpec] = &[
     },
 ];
 
+/// The virtio device types some device kext in [`KEXTS`] matches (`VirtioDeviceType`).
+pub fn driver_types() -> BTreeSet<u64> {
+    KEXTS
+        .iter()
+        .flat_map(|k| k.personalities)
+        .flat_map(|p| p.properties)
+        .filter_map(|(key, v)| match (key, v) {
+            (&DEVICE_TYPE_KEY, Value::Int(t)) => Some(*t),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The kexts whose C-ABI crate exists in this tree (the table may run ahead of the code).
 pub fn present(root: &Path) -> Vec<&'static KextSpec> {
     KEXTS
@@ -223,6 +248,13 @@ fn value_xml(v: &Value, key: &str, indent: &str, out: &mut String) {
         Value::Str(s) => writeln!(out, "{indent}<string>{}</string>", xml_escape(s)),
         Value::Int(n) => writeln!(out, "{indent}<integer>{n}</integer>"),
         Value::Bool(b) => writeln!(out, "{indent}<{}/>", if *b { "true" } else { "false" }),
+        Value::DriverTypes => {
+            let mut o = format!("{indent}<array>\n");
+            for t in driver_types() {
+                let _ = writeln!(o, "{indent}\t<integer>{t}</integer>");
+            }
+            writeln!(out, "{o}{indent}</array>")
+        }
     };
 }
 
@@ -365,11 +397,28 @@ pub fn validate_plist(k: &KextSpec, xml: &str) -> Result<(), String> {
             {
                 return Err(format!("{}: matches no {DEVICE_TYPE_KEY}", k.name));
             }
-        } else if get("IOPCIPrimaryMatch") != Some(virtio_pci::IOPCI_PRIMARY_MATCH_ALL) {
-            return Err(format!(
-                "{}: IOPCIPrimaryMatch not from the ID table",
-                k.name
-            ));
+        } else {
+            if get("IOPCIPrimaryMatch") != Some(virtio_pci::IOPCI_PRIMARY_MATCH_ALL) {
+                return Err(format!(
+                    "{}: IOPCIPrimaryMatch not from the ID table",
+                    k.name
+                ));
+            }
+            let types: Option<BTreeSet<u64>> = parsed
+                .get(DRIVER_TYPES_KEY)
+                .and_then(plist::Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(plist::Value::as_unsigned_integer)
+                        .collect()
+                });
+            if types != Some(driver_types()) {
+                return Err(format!(
+                    "{}: {DRIVER_TYPES_KEY} is not the device kexts' types {:?}",
+                    k.name,
+                    driver_types()
+                ));
+            }
         }
     }
     let libraries = dict

@@ -94,6 +94,17 @@ extern "C" {
 uint32_t vfam_identify(uint16_t vendor, uint16_t device, uint16_t subsystem_device);
 
 /**
+ * Whether the user asked for another driver (macOS's own, say) to take device type
+ * `device_type`: `list` is the value of the `virtiodarwin_defer` boot-arg, comma- or
+ * space-separated device type names (`net`, `blk`, `console`, `rng`, `balloon`, ...) or
+ * numbers, or `all`. A null `list` defers nothing; unknown words are ignored.
+ *
+ * # Safety
+ * `list` is null or a NUL-terminated string.
+ */
+bool vfam_type_deferred(uint32_t device_type, const char *list);
+
+/**
  * Probes the function behind `platform` (copied) and creates its device; `*out` receives
  * the handle. `preference`: `VFAM_PREFER_*`.
  *

@@ -6,6 +6,8 @@
 #include <IOKit/IOLib.h>
 #include <IOKit/IOBufferMemoryDescriptor.h>
 #include <IOKit/IODMACommand.h>
+#include <libkern/c++/OSNumber.h>
+#include <pexpert/pexpert.h>
 
 #define super IOService
 OSDefineMetaClassAndStructors(org_virtiodarwin_VirtioPCITransport, IOService)
@@ -45,9 +47,33 @@ IOService *org_virtiodarwin_VirtioPCITransport::probe(IOService *provider, SInt3
     uint32_t type = vfam_identify(pci->configRead16(kIOPCIConfigVendorID),
                                   pci->configRead16(kIOPCIConfigDeviceID),
                                   pci->configRead16(kIOPCIConfigSubSystemID));
-    if (type == 0)
+    if (type == 0 || !haveDriverFor(type))
         return NULL;
+    /* The user handed this type to another driver (macOS's own): see docs/install.md. */
+    char deferred[128];
+    if (PE_parse_boot_argn(kVirtioDeferBootArg, deferred, sizeof(deferred)) &&
+        vfam_type_deferred(type, deferred)) {
+        IOLog("VirtioFamily: virtio device type %u left to another driver (%s=%s)\n",
+              type, kVirtioDeferBootArg, deferred);
+        return NULL;
+    }
     return super::probe(provider, score);
+}
+
+/* Whether a device kext of ours drives `type`: the personality lists them (generated from
+ * the one table of kexts), so the family never takes a device that nothing of ours would
+ * drive and that another driver could have had. */
+bool org_virtiodarwin_VirtioPCITransport::haveDriverFor(uint32_t type)
+{
+    OSArray *types = OSDynamicCast(OSArray, getProperty(kVirtioDriverTypesKey));
+    if (!types)
+        return false;
+    for (unsigned i = 0; i < types->getCount(); i++) {
+        OSNumber *n = OSDynamicCast(OSNumber, types->getObject(i));
+        if (n && n->unsigned32BitValue() == type)
+            return true;
+    }
+    return false;
 }
 
 void org_virtiodarwin_VirtioPCITransport::mapBars(void)

@@ -25,6 +25,10 @@
 #define kVirtioDeviceTypeKey "VirtioDeviceType"
 /* Most interrupt vectors (one per queue + config) the transport wires. */
 #define kVirtioMaxVectors 32
+/* The family personality's list of device types with a device kext. */
+#define kVirtioDriverTypesKey "VirtioDriverTypes"
+/* Boot-arg naming device types to leave to other drivers: virtiodarwin_defer=net,blk */
+#define kVirtioDeferBootArg "virtiodarwin_defer"
 
 class org_virtiodarwin_VirtioDevice;
 
@@ -57,6 +61,7 @@ private:
     bool fMsix;
 
     void mapBars(void);
+    bool haveDriverFor(uint32_t type);
     void releaseResources(void);
     static IOReturn destroyGated(OSObject *owner, void *, void *, void *, void *);
     static void interruptOccurred(OSObject *owner, IOInterruptEventSource *src, int count);

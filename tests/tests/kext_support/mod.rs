@@ -343,6 +343,7 @@ c_abi! {
     /// [`FamilyFunctions`]).
     pub struct FamilyShim from virtio_family_kext {
         fn vfam_identify(u16, u16, u16) -> u32;
+        fn vfam_type_deferred(u32, *const std::ffi::c_char) -> bool;
         fn vfam_device_create(*const VfamPlatform, u32, *mut *mut VfamDevice) -> VkStatus;
         fn vfam_device_destroy(*mut VfamDevice);
         fn vfam_transport_kind(*mut VfamDevice) -> u32;

@@ -117,6 +117,38 @@ pub extern "C" fn vfam_identify(vendor: u16, device: u16, subsystem_device: u16)
     virtio_pci::device_type(vendor, device, subsystem_device).map_or(0, |t| t as u32)
 }
 
+/// Whether the user asked for another driver (macOS's own, say) to take device type
+/// `device_type`: `list` is the value of the `virtiodarwin_defer` boot-arg, comma- or
+/// space-separated device type names (`net`, `blk`, `console`, `rng`, `balloon`, ...) or
+/// numbers, or `all`. A null `list` defers nothing; unknown words are ignored.
+///
+/// # Safety
+/// `list` is null or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_type_deferred(
+    device_type: u32,
+    list: *const core::ffi::c_char,
+) -> bool {
+    if list.is_null() {
+        return false;
+    }
+    // SAFETY: caller contract: a NUL-terminated string.
+    let bytes = unsafe { core::ffi::CStr::from_ptr(list) }.to_bytes();
+    type_in_list(device_type, bytes)
+}
+
+/// The parser behind [`vfam_type_deferred`].
+fn type_in_list(device_type: u32, list: &[u8]) -> bool {
+    list.split(|&b| b == b',' || b == b' ')
+        .filter(|word| !word.is_empty())
+        .any(|word| {
+            word.eq_ignore_ascii_case(b"all")
+                || core::str::from_utf8(word).is_ok_and(|w| w.parse::<u32>() == Ok(device_type))
+                || virtio_core::DeviceType::from_id(device_type)
+                    .is_some_and(|t| word.eq_ignore_ascii_case(t.name().as_bytes()))
+        })
+}
+
 /// Probes the function behind `platform` (copied) and creates its device; `*out` receives
 /// the handle. `preference`: `VFAM_PREFER_*`.
 ///
@@ -720,5 +752,28 @@ pub extern "C" fn vfam_log_init() {
             level: log::LevelFilter::Info,
         };
         virtio_kext_abi::kernel::init_logging(&LOGGER);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deferred_types_by_name_number_or_all() {
+        assert!(type_in_list(1, b"net"));
+        assert!(type_in_list(2, b"net,blk"));
+        assert!(type_in_list(2, b"NET BLK"));
+        assert!(type_in_list(4, b"4"));
+        assert!(type_in_list(5, b"all"));
+        assert!(!type_in_list(1, b"blk"));
+        assert!(!type_in_list(1, b""));
+        assert!(!type_in_list(1, b"network,,"));
+        assert!(!type_in_list(99, b"net"));
+        // SAFETY: a NUL-terminated literal, and null.
+        unsafe {
+            assert!(vfam_type_deferred(2, c"blk".as_ptr()));
+            assert!(!vfam_type_deferred(2, core::ptr::null()));
+        }
     }
 }
