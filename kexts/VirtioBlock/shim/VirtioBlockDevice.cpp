@@ -46,7 +46,9 @@ bool org_virtiodarwin_VirtioBlockDevice::start(IOService *provider)
     fWorkLoop = getWorkLoop();
     fGate = IOCommandGate::commandGate(this);
     fRequests = (Request *)IOMalloc(sizeof(Request) * kVirtioBlockMaxRequests);
-    if (!fWorkLoop || !fGate || !fRequests || fWorkLoop->addEventSource(fGate) != kIOReturnSuccess) {
+    fResizeCall = thread_call_allocate(&org_virtiodarwin_VirtioBlockDevice::resizeCallout, this);
+    if (!fWorkLoop || !fGate || !fRequests || !fResizeCall ||
+        fWorkLoop->addEventSource(fGate) != kIOReturnSuccess) {
         super::stop(provider);
         return false;
     }
@@ -104,6 +106,10 @@ IOReturn org_virtiodarwin_VirtioBlockDevice::gatedStart(OSObject *owner, void *,
 
 void org_virtiodarwin_VirtioBlockDevice::stop(IOService *provider)
 {
+    /* A resize notice not yet delivered is dropped (and its reference given back); one
+     * already running holds a reference, so free() cannot come before it ends. */
+    if (fResizeCall && thread_call_cancel(fResizeCall))
+        release();
     if (fGate) {
         fGate->runAction(gatedStop);
         fWorkLoop->removeEventSource(fGate);
@@ -145,6 +151,10 @@ void org_virtiodarwin_VirtioBlockDevice::free(void)
         fRequests = NULL;
     }
     OSSafeReleaseNULL(fGate);
+    if (fResizeCall) {
+        thread_call_free(fResizeCall);
+        fResizeCall = NULL;
+    }
     super::free();
 }
 
@@ -405,11 +415,25 @@ void org_virtiodarwin_VirtioBlockDevice::cbRestart(void *ctx)
     me->fGate->commandWakeup(&me->fRoomEvent);
 }
 
+/* On the work loop, gate held. IOBlockStorageDriver::message re-reads the media
+ * parameters synchronously (through this device's gated entries), and a client may be doing
+ * I/O there: delivering the message here would deadlock. A thread call delivers it instead. */
 void org_virtiodarwin_VirtioBlockDevice::cbCapacityChanged(void *ctx, uint64_t blocks)
 {
     org_virtiodarwin_VirtioBlockDevice *me = (org_virtiodarwin_VirtioBlockDevice *)ctx;
     me->refreshInfo();
-    me->messageClients(kIOMessageMediaParametersHaveChanged);
+    /* The pending call holds a reference; a call already pending absorbs this change. */
+    me->retain();
+    if (thread_call_enter(me->fResizeCall))
+        me->release();
+}
+
+void org_virtiodarwin_VirtioBlockDevice::resizeCallout(thread_call_param_t self, thread_call_param_t)
+{
+    org_virtiodarwin_VirtioBlockDevice *me = (org_virtiodarwin_VirtioBlockDevice *)self;
+    if (!me->isInactive())
+        me->messageClients(kIOMessageMediaParametersHaveChanged);
+    me->release();
 }
 
 /* ---- what IOBlockStorageDriver asks ---- */

@@ -16,6 +16,7 @@
 #include <IOKit/IOCommandGate.h>
 #include <IOKit/IODMACommand.h>
 #include <IOKit/storage/IOBlockStorageDevice.h>
+#include <kern/thread_call.h>
 
 #include "VirtioPCITransport.h"
 #include "VirtioBlockABI.h"
@@ -77,6 +78,8 @@ private:
 
     org_virtiodarwin_VirtioDevice *fNub;
     IOWorkLoop *fWorkLoop;
+    /* Delivers kIOMessageMediaParametersHaveChanged off the work loop (see cbCapacityChanged). */
+    thread_call_t fResizeCall;
     IOCommandGate *fGate;
     VblkDevice *fDev;
     VblkCallbacks fCallbacks;
@@ -104,6 +107,7 @@ private:
     void refreshInfo(void);
     IOReturn waitFor(Request *r, UInt32 seconds);
 
+    static void resizeCallout(thread_call_param_t self, thread_call_param_t);
     static IOReturn gatedStart(OSObject *owner, void *, void *, void *, void *);
     static IOReturn gatedStop(OSObject *owner, void *, void *, void *, void *);
     static IOReturn gatedReadWrite(OSObject *owner, void *buffer, void *args, void *attrs, void *completion);
