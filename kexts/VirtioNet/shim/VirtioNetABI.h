@@ -76,11 +76,6 @@
 #define VNET_RX_CSUM_VALID 1
 
 /**
- * The checksum was left partial by a local peer that offloaded it (the data is valid).
- */
-#define VNET_RX_CSUM_PARTIAL 2
-
-/**
  * Bytes of the frame's start [`vnet_transmit`] parses for offloads (Ethernet + VLAN +
  * IPv6 + TCP with options fits).
  */

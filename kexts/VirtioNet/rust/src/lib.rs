@@ -88,8 +88,6 @@ pub const VNET_TX_TSO6: u32 = 8;
 /// Checksum state of a received frame ([`VnetCallbacks::rx_frame`] `flags`).
 /// The device validated the TCP/UDP checksum.
 pub const VNET_RX_CSUM_VALID: u32 = 1;
-/// The checksum was left partial by a local peer that offloaded it (the data is valid).
-pub const VNET_RX_CSUM_PARTIAL: u32 = 2;
 
 /// Bytes of the frame's start [`vnet_transmit`] parses for offloads (Ethernet + VLAN +
 /// IPv6 + TCP with options fits).
@@ -323,19 +321,39 @@ impl Inner {
                     return;
                 }
                 frags.clear();
-                for part in frame.fragments() {
+                let mut push = |part: &[u8]| {
                     if frags.len() < frags.capacity() {
                         frags.push(VnetFragment {
                             data: part.as_ptr(),
                             len: part.len(),
                         });
                     }
-                }
-                let flags = match frame.info().csum {
-                    RxCsum::None => 0,
-                    RxCsum::Valid => VNET_RX_CSUM_VALID,
-                    RxCsum::Partial { .. } => VNET_RX_CSUM_PARTIAL,
                 };
+                // Only what the device validated is reported as validated; a partial
+                // checksum (NEEDS_CSUM) is completed here and the stack checks it.
+                let mut completed = [0u8; 2];
+                let (flags, patch_at) = match frame.info().csum {
+                    RxCsum::None => (0, None),
+                    RxCsum::Valid => (VNET_RX_CSUM_VALID, None),
+                    RxCsum::Partial { start, offset } => {
+                        match offload::complete_rx_checksum(
+                            frame.fragments(),
+                            frame.len(),
+                            start,
+                            offset,
+                        ) {
+                            Some((at, bytes)) => {
+                                completed = bytes;
+                                (0, Some(at))
+                            }
+                            None => (0, None),
+                        }
+                    }
+                };
+                match patch_at {
+                    Some(at) => offload::patched_fragments(frame.fragments(), at, &completed, push),
+                    None => frame.fragments().for_each(&mut push),
+                }
                 if let Some(f) = cb.rx_frame {
                     // SAFETY: the shim's callback; the fragments point into receive
                     // buffers that stay valid until this closure returns.
@@ -463,7 +481,8 @@ pub unsafe extern "C" fn vnet_create(
         inner: UnsafeCell::new(Inner {
             drv,
             cb,
-            frags: Vec::with_capacity(nbufs),
+            // + 2: completing a partial checksum splits a fragment around the field.
+            frags: Vec::with_capacity(nbufs + 2),
             enabled: false,
             stopped: false,
             promisc: false,

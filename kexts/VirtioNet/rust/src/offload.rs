@@ -203,3 +203,178 @@ mod tests {
         );
     }
 }
+
+/// A received frame whose transport checksum the peer left partial (NEEDS_CSUM, virtio
+/// 1.2 §5.1.6.4): the driver completes it before the stack sees the frame, as Linux's
+/// `skb_checksum_help` does: the ones'-complement sum of the bytes from `start` to the end
+/// (the checksum field already holds the pseudo-header sum), complemented, stored at
+/// `start + offset`. Reporting such a frame as "validated" instead would let a forwarded
+/// or bridged frame leave with a bad checksum.
+///
+/// Returns the frame offset of the 16-bit field and its completed bytes, or `None` when
+/// the device's offsets do not fit the frame (the frame then goes up as it is and the stack
+/// verifies, and drops, it).
+pub fn complete_rx_checksum<'a>(
+    fragments: impl Iterator<Item = &'a [u8]>,
+    len: usize,
+    start: u16,
+    offset: u16,
+) -> Option<(usize, [u8; 2])> {
+    let start = usize::from(start);
+    let field = start.checked_add(usize::from(offset))?;
+    if field.checked_add(2)? > len || start >= len {
+        return None;
+    }
+    let mut sum: u32 = 0;
+    let mut pos = 0usize; // frame offset of the fragment's first byte
+    for part in fragments {
+        let from = start.saturating_sub(pos).min(part.len());
+        for (i, &b) in part.iter().enumerate().skip(from) {
+            // Bytes at even distance from `start` are the high half of a 16-bit word.
+            let word_byte = if (pos + i - start).is_multiple_of(2) {
+                u32::from(b) << 8
+            } else {
+                u32::from(b)
+            };
+            sum += word_byte;
+            // Fold as we go: no overflow however long the frame.
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        pos += part.len();
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let mut csum = !(sum as u16);
+    // RFC 768: a computed zero is sent as all ones (0 means "no checksum" for UDP; for TCP
+    // both are zero in ones'-complement arithmetic).
+    if csum == 0 {
+        csum = 0xffff;
+    }
+    Some((field, csum.to_be_bytes()))
+}
+
+/// The frame's fragments with the two bytes at frame offset `at` replaced by `patch`
+/// (which may straddle two fragments), for the shim to copy out in order.
+pub fn patched_fragments<'a>(
+    fragments: impl Iterator<Item = &'a [u8]>,
+    at: usize,
+    patch: &'a [u8; 2],
+    mut out: impl FnMut(&'a [u8]),
+) {
+    let mut pos = 0usize;
+    let end = at + patch.len();
+    let mut patched = false;
+    for part in fragments {
+        let (lo, hi) = (pos, pos + part.len());
+        pos = hi;
+        if hi <= at || lo >= end {
+            out(part);
+            continue;
+        }
+        // Before the field, the patch (once), after the field.
+        if let Some(before) = part.get(..at.saturating_sub(lo))
+            && !before.is_empty()
+        {
+            out(before);
+        }
+        if !patched {
+            out(patch);
+            patched = true;
+        }
+        if let Some(after) = part.get(end.saturating_sub(lo).min(part.len())..)
+            && !after.is_empty()
+            && hi > end
+        {
+            out(after);
+        }
+    }
+}
+
+#[cfg(test)]
+mod rx_checksum_tests {
+    use super::*;
+    use alloc::vec;
+    use alloc::vec::Vec;
+
+    /// Ones'-complement sum of 16-bit big-endian words (odd tail padded).
+    fn sum16(data: &[u8]) -> u32 {
+        let mut s: u32 = 0;
+        for c in data.chunks(2) {
+            let w = u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0));
+            s += w;
+        }
+        while s > 0xffff {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s
+    }
+
+    /// An Ethernet + IPv4 + TCP frame whose checksum field holds the pseudo-header sum,
+    /// as a peer offloading its checksum sends it.
+    fn partial_tcp_frame(payload_len: usize) -> (Vec<u8>, u16, u16) {
+        let tcp_len = 20 + payload_len;
+        let mut f = vec![0u8; 14 + 20 + tcp_len];
+        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&[10, 0, 2, 15]);
+        ip[16..20].copy_from_slice(&[10, 0, 2, 2]);
+        let tcp = 34;
+        f[tcp..tcp + 2].copy_from_slice(&40000u16.to_be_bytes());
+        f[tcp + 12] = 5 << 4;
+        for (i, b) in f[tcp + 20..].iter_mut().enumerate() {
+            *b = (i * 7 + 3) as u8;
+        }
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&[10, 0, 2, 15, 10, 0, 2, 2, 0, 6]);
+        pseudo.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+        let partial = sum16(&pseudo) as u16;
+        f[tcp + 16..tcp + 18].copy_from_slice(&partial.to_be_bytes());
+        (f, tcp as u16, 16)
+    }
+
+    #[test]
+    fn completes_a_partial_checksum_across_odd_fragments() {
+        for payload in [0usize, 1, 2, 3, 100, 1459] {
+            let (frame, start, offset) = partial_tcp_frame(payload);
+            for cut in [1usize, 7, 35, 51, 52, 53, frame.len() - 1] {
+                let cut = cut.min(frame.len());
+                let parts = [&frame[..cut], &frame[cut..]];
+                let (at, bytes) =
+                    complete_rx_checksum(parts.iter().copied(), frame.len(), start, offset)
+                        .unwrap();
+                assert_eq!(at, 34 + 16);
+                let mut fixed = Vec::new();
+                patched_fragments(parts.iter().copied(), at, &bytes, |p| {
+                    fixed.extend_from_slice(p)
+                });
+                assert_eq!(fixed.len(), frame.len(), "cut {cut}");
+                assert_eq!(fixed[..at], frame[..at]);
+                assert_eq!(fixed[at + 2..], frame[at + 2..]);
+                // The receiver's verification: pseudo-header + segment sums to all ones.
+                let tcp_len = frame.len() - 34;
+                let mut check = vec![10, 0, 2, 15, 10, 0, 2, 2, 0, 6];
+                check.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+                check.extend_from_slice(&fixed[34..]);
+                if check.len() % 2 == 1 {
+                    check.push(0);
+                }
+                assert_eq!(sum16(&check), 0xffff, "payload {payload} cut {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn offsets_outside_the_frame_are_refused() {
+        let (frame, _, _) = partial_tcp_frame(10);
+        let one = [&frame[..]];
+        let n = frame.len();
+        assert!(complete_rx_checksum(one.iter().copied(), n, n as u16, 0).is_none());
+        assert!(complete_rx_checksum(one.iter().copied(), n, (n - 1) as u16, 0).is_none());
+        assert!(complete_rx_checksum(one.iter().copied(), n, 34, u16::MAX).is_none());
+        assert!(complete_rx_checksum(one.iter().copied(), n, u16::MAX, u16::MAX).is_none());
+    }
+}
