@@ -79,6 +79,9 @@ pub struct CtrlCommand {
 pub struct NetModel {
     pub sim: Sim,
     rx_avail: VecDeque<Chain>,
+    /// `Sim::resets` when `rx_avail` was filled: a device reset forgets the buffers it
+    /// held (QEMU's `virtio_reset`), and so does the model.
+    resets_seen: u64,
 }
 
 impl NetModel {
@@ -86,6 +89,7 @@ impl NetModel {
         NetModel {
             sim: sim.clone(),
             rx_avail: VecDeque::new(),
+            resets_seen: sim.resets(),
         }
     }
 
@@ -151,6 +155,11 @@ impl NetModel {
 
     /// Receive buffers the driver has made available (and the model holds).
     pub fn rx_available(&mut self) -> usize {
+        let resets = self.sim.resets();
+        if resets != self.resets_seen {
+            self.resets_seen = resets;
+            self.rx_avail.clear();
+        }
         self.rx_avail.extend(self.sim.pop_chains(RX));
         self.rx_avail.len()
     }

@@ -198,6 +198,7 @@ impl SimBuilder {
             rejected_vectors: BTreeSet::new(),
             msix_table: vec![0; MSIX_BAR_LEN as usize],
             events: Vec::new(),
+            resets: 0,
             interrupts: Vec::new(),
             dropped_interrupts: 0,
             irq_mode: None,
@@ -410,6 +411,8 @@ struct State {
     rejected_vectors: BTreeSet<u16>,
     msix_table: Vec<u8>,
     events: Vec<SimEvent>,
+    /// Device resets so far.
+    resets: u64,
     interrupts: Vec<SimInterrupt>,
     dropped_interrupts: u64,
     irq_mode: Option<InterruptMode>,
@@ -615,6 +618,7 @@ impl State {
         for q in &mut self.queues {
             q.reset();
         }
+        self.resets += 1;
         self.events.push(SimEvent::Reset);
     }
 
@@ -1429,6 +1433,16 @@ impl Sim {
         let mut st = self.st();
         st.status |= STATUS_NEEDS_RESET;
         st.raise(IrqSource::Config);
+    }
+    /// Changes the features the device offers from now on (a device that comes back
+    /// from a reset, e.g. after the host's sleep, offering a different set).
+    pub fn set_offered_features(&self, features: u64) {
+        self.st().features = features;
+    }
+    /// Number of device resets (status 0 written, or a legacy zero PFN) since the
+    /// function was built (not cleared by [`Sim::clear_events`]).
+    pub fn resets(&self) -> u64 {
+        self.st().resets
     }
     /// Sends a config-change interrupt without changing anything.
     pub fn raise_config_interrupt(&self) {

@@ -48,10 +48,14 @@ pub enum BlkError {
     /// the caller must split it.
     TooLarge,
     /// Not enough free descriptors or request slots right now: retry after completions.
+    /// Also the answer while the driver is suspended ([`BlkDriver::suspend`]): hold the
+    /// request and submit it after [`BlkDriver::resume`].
     QueueFull,
     /// No such request queue.
     NoSuchQueue { queue: u16 },
-    /// The request was in flight when the device was reset.
+    /// The request was in flight when the device was reset (`abort_all`, or `suspend`
+    /// once its bounded wait ran out). The device may or may not have carried it out:
+    /// resubmit it (after `restart` / `resume`) or fail it.
     Aborted,
     /// Bus, transport or device-protocol error (a device value that breaks the rules is
     /// `Error::DeviceProtocol`).
@@ -167,6 +171,33 @@ pub enum Completion {
     Done,
     Id(DeviceId),
     Lifetime(Lifetime),
+}
+
+/// What [`BlkDriver::suspend`] did with the requests in flight.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SuspendReport {
+    /// Caller requests the device completed before the reset (passed to the callback with
+    /// their results, as `poll_completions` would).
+    pub completed: usize,
+    /// Caller requests still in flight at the reset: passed to the callback with
+    /// [`BlkError::Aborted`]. Resubmit them after `resume`.
+    pub aborted: usize,
+    /// Polls spent waiting for completions (at most the caller's bound).
+    pub drain_polls: u32,
+    /// A device fault seen while waiting; the reset happened all the same.
+    pub drain_error: Option<BlkError>,
+}
+
+/// What [`BlkDriver::resume`] found.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResumeReport {
+    /// Negotiated again: the previous set (plus, possibly, ring bits the bus implements).
+    pub features: Features,
+    /// Capacity in sectors now, and whether it differs from before the suspend.
+    pub capacity: u64,
+    pub capacity_changed: bool,
+    /// Request queues rebuilt.
+    pub queues: u16,
 }
 
 /// What an interrupt meant for the block device.
@@ -350,8 +381,10 @@ pub struct BlkDriver<B: Bus> {
     scratch: Vec<Segment>,
     /// Range segments of the device request being built.
     ranges: Vec<RangeSegment>,
-    /// Stopped by `abort_all` or a failed `restart`.
+    /// Stopped by `abort_all`, `suspend`, or a failed `restart` / `resume`.
     stopped: bool,
+    /// Between `suspend` and a successful `resume`: submissions get `QueueFull` (hold).
+    suspended: bool,
 }
 
 impl<B: Bus> BlkDriver<B> {
@@ -387,23 +420,28 @@ impl<B: Bus> BlkDriver<B> {
             scratch: Vec::new(),
             ranges: Vec::new(),
             stopped: true,
+            suspended: false,
         };
-        d.bring_up()?;
+        d.bring_up(None)?;
         Ok(d)
     }
 
     /// Re-initialises the device after `abort_all` (e.g. on DEVICE_NEEDS_RESET or a queue
-    /// broken by a device fault). Config is re-read; queue sizes may change.
+    /// broken by a device fault). Config is re-read; queue sizes may change. A suspended
+    /// driver comes back through [`BlkDriver::resume`] instead.
     pub fn restart(&mut self) -> Result<(), BlkError> {
-        if !self.stopped {
+        if !self.stopped || self.suspended {
             return Err(BlkError::Virtio(Error::InvalidState));
         }
-        self.bring_up()
+        self.bring_up(None)
     }
 
-    fn bring_up(&mut self) -> Result<(), BlkError> {
+    /// Initialisation (§3.1.1), for `new` and `restart` (`previous`: `None`, negotiate
+    /// from [`DRIVER_FEATURES`]) and `resume` (exactly the features of before, see
+    /// [`Bus::renegotiate_features`]).
+    fn bring_up(&mut self, previous: Option<Features>) -> Result<(), BlkError> {
         self.free_regions();
-        match self.try_bring_up() {
+        match self.try_bring_up(previous) {
             Ok(()) => {
                 self.stopped = false;
                 Ok(())
@@ -421,8 +459,11 @@ impl<B: Bus> BlkDriver<B> {
         }
     }
 
-    fn try_bring_up(&mut self) -> Result<(), BlkError> {
-        let features = self.bus.negotiate_features(DRIVER_FEATURES)?;
+    fn try_bring_up(&mut self, previous: Option<Features>) -> Result<(), BlkError> {
+        let features = match previous {
+            Some(p) => self.bus.renegotiate_features(p)?,
+            None => self.bus.negotiate_features(DRIVER_FEATURES)?,
+        };
         self.features = features;
         let info = config::read_info(&BusConfig(&self.bus), features)?;
         self.info = info;
@@ -643,9 +684,12 @@ impl<B: Bus> BlkDriver<B> {
     /// [`BlkDriver::poll_completions`], when every part has, with the first error.
     ///
     /// All or nothing: either every part is queued or none is (`QueueFull`: retry after
-    /// completions). Does not notify the device: call [`BlkDriver::kick`] after a batch.
-    /// Never allocates.
+    /// completions, or, while suspended, after `resume`). Does not notify the device: call
+    /// [`BlkDriver::kick`] after a batch. Never allocates.
     pub fn submit(&mut self, queue: u16, req: Request<'_>, token: usize) -> Result<(), BlkError> {
+        if self.suspended {
+            return Err(BlkError::QueueFull);
+        }
         if self.stopped {
             return Err(BlkError::Virtio(Error::InvalidState));
         }
@@ -1021,6 +1065,10 @@ impl<B: Bus> BlkDriver<B> {
     /// asked to be notified. One kick per batch. Returns whether it notified.
     pub fn kick(&mut self, queue: u16) -> Result<bool, BlkError> {
         self.queue(queue)?;
+        if self.suspended {
+            // `suspend` took every request back: nothing to notify.
+            return Ok(false);
+        }
         Ok(self.bus.kick(queue)?)
     }
 
@@ -1087,15 +1135,18 @@ impl<B: Bus> BlkDriver<B> {
     /// number of caller requests completed.
     ///
     /// An `Err` means the device broke the queue's rules (the queue is now unusable):
-    /// call [`BlkDriver::abort_all`] and [`BlkDriver::restart`].
+    /// call [`BlkDriver::abort_all`] and [`BlkDriver::restart`]. Suspended: nothing
+    /// completes (`suspend` handed every request back).
     pub fn poll_completions(
         &mut self,
         queue: u16,
         mut f: impl FnMut(usize, Result<Completion, BlkError>),
     ) -> Result<usize, BlkError> {
-        let qi = usize::from(queue);
-        if qi >= self.queues.len() {
+        if usize::from(queue) >= self.queues.len() {
             return Err(BlkError::NoSuchQueue { queue });
+        }
+        if self.suspended {
+            return Ok(0);
         }
         let irq = self.options.interrupts;
         let mut done = 0;
@@ -1103,16 +1154,29 @@ impl<B: Bus> BlkDriver<B> {
             if irq {
                 self.bus.disable_interrupts(queue)?;
             }
-            while let Some(used) = self.bus.pop_used(queue)? {
-                if let Some(q) = self.queues.get_mut(qi) {
-                    if let Some((token, result)) = complete_part(q, used) {
-                        done += 1;
-                        f(token, result);
-                    }
-                }
-            }
+            done += self.pop_completions(queue, &mut f)?;
             if !irq || !self.bus.enable_interrupts(queue)? {
                 break;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Pops every completion of `queue` and reports each finished caller request to `f`;
+    /// returns how many finished. The one completion path (`poll_completions`, `suspend`).
+    fn pop_completions(
+        &mut self,
+        queue: u16,
+        mut f: impl FnMut(usize, Result<Completion, BlkError>),
+    ) -> Result<usize, BlkError> {
+        let qi = usize::from(queue);
+        let mut done = 0;
+        while let Some(used) = self.bus.pop_used(queue)? {
+            if let Some(q) = self.queues.get_mut(qi)
+                && let Some((token, result)) = complete_part(q, used)
+            {
+                done += 1;
+                f(token, result);
             }
         }
         Ok(done)
@@ -1121,26 +1185,132 @@ impl<B: Bus> BlkDriver<B> {
     /// Resets the device and completes every caller request still in flight with
     /// `BlkError::Aborted`. The driver refuses requests until [`BlkDriver::restart`].
     pub fn abort_all(&mut self, mut f: impl FnMut(usize, Result<Completion, BlkError>)) {
+        self.reset_and_abort(&mut f);
+        self.stopped = true;
+    }
+
+    /// Resets the device through the bus and completes every caller request still in
+    /// flight with `BlkError::Aborted`, exactly once: the parts the bus hands back, then
+    /// (a bus that lost a token) any part still marked in flight, then any caller request
+    /// whose parts are all accounted for but was never reported. Returns how many caller
+    /// requests were aborted. Shared by `abort_all` and `suspend`.
+    fn reset_and_abort(&mut self, f: &mut dyn FnMut(usize, Result<Completion, BlkError>)) -> usize {
+        let mut aborted = 0;
         let Self { bus, queues, .. } = self;
         bus.reset(&mut |queue, token| {
-            let Some(q) = queues.get_mut(usize::from(queue)) else {
-                return;
-            };
-            let Ok(i) = u16::try_from(token) else { return };
-            if let Some((t, r)) = finish_part(q, i, Err(BlkError::Aborted)) {
-                f(t, r);
+            if let (Some(q), Ok(i)) = (queues.get_mut(usize::from(queue)), u16::try_from(token)) {
+                aborted += abort_part(q, i, f);
             }
         });
-        // Anything the bus did not hand back (there should be nothing) is dropped.
-        for q in &mut self.queues {
-            let n = q.slots.len() as u16;
+        for q in queues.iter_mut() {
+            let n = u16::try_from(q.slots.len()).unwrap_or(u16::MAX);
+            for i in 0..n {
+                aborted += abort_part(q, i, f);
+            }
+            for i in 0..n {
+                if let Some(s) = q.slot(i).copied()
+                    && s.state == SlotState::Finished
+                    && s.head == i
+                {
+                    aborted += 1;
+                    f(s.token, Err(s.error.unwrap_or(BlkError::Aborted)));
+                }
+            }
             for s in q.slots.iter_mut() {
                 *s = IDLE;
             }
             q.free.clear();
             q.free.extend((0..n).rev());
         }
+        aborted
+    }
+
+    /// Whether the driver is suspended (between [`BlkDriver::suspend`] and a successful
+    /// [`BlkDriver::resume`]).
+    pub fn is_suspended(&self) -> bool {
+        self.suspended
+    }
+
+    /// Prepares for sleep (Linux `virtblk_freeze`). From now on submissions are refused
+    /// with [`BlkError::QueueFull`]: the caller holds them and submits them after
+    /// [`BlkDriver::resume`]. Every queue is kicked, then the device gets at most
+    /// `drain_polls` polls to complete what is in flight; those completions reach `f` with
+    /// their results. Then the device is reset through the bus, and whatever was still in
+    /// flight completes with [`BlkError::Aborted`] (the device may or may not have carried
+    /// it out; resubmitting a read or write after `resume` is safe). Every caller token
+    /// reaches `f` exactly once. Never allocates.
+    ///
+    /// Errors only when the driver is not running ([`Error::InvalidState`]); a device
+    /// fault while waiting is reported in [`SuspendReport::drain_error`] and the reset
+    /// still happens.
+    pub fn suspend(
+        &mut self,
+        drain_polls: u32,
+        mut f: impl FnMut(usize, Result<Completion, BlkError>),
+    ) -> Result<SuspendReport, BlkError> {
+        if self.stopped || self.suspended {
+            return Err(BlkError::Virtio(Error::InvalidState));
+        }
+        self.suspended = true;
         self.stopped = true;
+        let mut report = SuspendReport::default();
+        if let Err(e) = self.drain(drain_polls, &mut f, &mut report) {
+            log::warn!("virtio-blk: suspend: {e}; resetting with requests in flight");
+            report.drain_error = Some(e);
+        }
+        report.aborted = self.reset_and_abort(&mut f);
+        log::info!("virtio-blk: suspended: {report:?}");
+        Ok(report)
+    }
+
+    /// Kicks every queue, then polls completions until nothing is in flight or
+    /// `drain_polls` polls have passed.
+    fn drain(
+        &mut self,
+        drain_polls: u32,
+        f: &mut dyn FnMut(usize, Result<Completion, BlkError>),
+        report: &mut SuspendReport,
+    ) -> Result<(), BlkError> {
+        let queues = self.num_queues();
+        for q in 0..queues {
+            self.bus.kick(q)?;
+        }
+        loop {
+            for q in 0..queues {
+                report.completed += self.pop_completions(q, &mut *f)?;
+            }
+            let in_flight = self.queues.iter().any(|q| q.free.len() < q.slots.len());
+            if !in_flight || report.drain_polls >= drain_polls {
+                return Ok(());
+            }
+            report.drain_polls += 1;
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Brings the device back after [`BlkDriver::suspend`] (Linux `virtblk_restore`):
+    /// exactly the features of before ([`Bus::renegotiate_features`]; a device offering
+    /// fewer gives [`Error::MissingFeature`]), the configuration re-read (capacity, limits,
+    /// cache mode; the report says whether the capacity changed), and every request queue
+    /// rebuilt, as many as the device has now. Then submit what was held.
+    ///
+    /// On error the device is left reset and FAILED with nothing of the driver's in its
+    /// hands, and the driver stays suspended: `resume` may be tried again.
+    pub fn resume(&mut self) -> Result<ResumeReport, BlkError> {
+        if !self.suspended {
+            return Err(BlkError::Virtio(Error::InvalidState));
+        }
+        let capacity_before = self.info.capacity;
+        self.bring_up(Some(self.features))?;
+        self.suspended = false;
+        let report = ResumeReport {
+            features: self.features,
+            capacity: self.info.capacity,
+            capacity_changed: self.info.capacity != capacity_before,
+            queues: self.num_queues(),
+        };
+        log::info!("virtio-blk: resumed: {report:?}");
+        Ok(report)
     }
 }
 
@@ -1201,6 +1371,22 @@ fn complete_part(q: &mut QueueState, used: Used) -> Option<(usize, Result<Comple
         );
     }
     finish_part(q, i, result)
+}
+
+/// Part `i`, if in flight, ends with `Aborted`; a caller request that completes with it is
+/// reported to `f`. Returns the caller requests completed (0 or 1).
+fn abort_part(
+    q: &mut QueueState,
+    i: u16,
+    f: &mut dyn FnMut(usize, Result<Completion, BlkError>),
+) -> usize {
+    match finish_part(q, i, Err(BlkError::Aborted)) {
+        Some((token, result)) => {
+            f(token, result);
+            1
+        }
+        None => 0,
+    }
 }
 
 /// Marks part `i` done with `result`; returns the caller completion when it was the last.

@@ -35,6 +35,13 @@
 //!   report a new capacity. DEVICE_NEEDS_RESET or a queue broken by the device is handled
 //!   by [`BlkDriver::abort_all`] (every in-flight token completes with `Aborted`) and
 //!   [`BlkDriver::restart`].
+//! - **Sleep and wake** ([`BlkDriver::suspend`], [`BlkDriver::resume`]; Linux's
+//!   `virtblk_freeze` / `virtblk_restore`): nothing survives a device reset, so suspend
+//!   refuses new requests with `QueueFull` (the caller holds them), lets the requests in
+//!   flight complete for a bounded number of polls, resets the device and completes the
+//!   rest with `Aborted`; resume negotiates exactly the previous features (fewer: an
+//!   error, device FAILED), re-reads the configuration and rebuilds every queue. Each
+//!   caller token completes exactly once; the caller resubmits what was held or aborted.
 //!
 //! Logging goes through `log`: setup facts at info, failed requests at warn, device
 //! protocol violations at error.
@@ -61,5 +68,6 @@ pub mod wire;
 pub use config::{BlkInfo, Geometry, RangeLimits, Topology};
 pub use driver::{
     BlkDriver, BlkError, BlkInterrupt, BlkOptions, Completion, DeviceId, Lifetime, Request,
+    ResumeReport, SuspendReport,
 };
 pub use split::SectorRange;

@@ -6,7 +6,7 @@
 //! `VirtioFamily.kext` exports these operations as C functions and each device kext
 //! implements this trait over them.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::platform::{Dma, InterruptMode};
 use crate::queue::{QueueStats, Segment, Used};
 use crate::types::{DeviceType, Features};
@@ -111,6 +111,31 @@ pub trait Bus {
     /// Returns the negotiated set. `driver` holds device-specific bits and any generic bits
     /// the driver additionally wants (e.g. ANY_LAYOUT).
     fn negotiate_features(&mut self, driver: Features) -> Result<Features>;
+    /// Re-initialisation after a reset (resume from sleep: nothing survives a reset, so
+    /// §3.1.1 runs again from step 1): negotiates `previous`, the set an earlier
+    /// initialisation ended with. Everything the driver computed from `previous` (header
+    /// layout, buffer sizes, which queues exist) must still hold, so a device that now
+    /// offers fewer of those bits is refused: it is left FAILED and the error is
+    /// [`Error::MissingFeature`] naming the lowest bit lost. The result may hold generic
+    /// ring bits `previous` lacked (the bus implements them; the driver re-reads queue
+    /// geometry when it rebuilds its queues anyway). Linux does the same in
+    /// `virtio_device_restore`, which fails when `virtio_features_ok` does.
+    fn renegotiate_features(&mut self, previous: Features) -> Result<Features> {
+        let negotiated = self.negotiate_features(previous)?;
+        let lost = previous.difference(negotiated);
+        if lost.is_empty() {
+            return Ok(negotiated);
+        }
+        log::error!(
+            "virtio {}: device no longer offers features {:#x} it had; marking it FAILED",
+            self.device_type().name(),
+            lost.bits()
+        );
+        self.fail();
+        Err(Error::MissingFeature {
+            bit: lost.bits().trailing_zeros(),
+        })
+    }
     /// What the device offered (valid after `negotiate_features`).
     fn offered_features(&self) -> Features;
     /// The negotiated set.
@@ -192,6 +217,7 @@ pub trait Bus {
     fn descriptors_for(&self, queue: u16, segments: usize) -> Result<usize>;
     /// Longest chain `add` accepts on this queue.
     fn max_chain(&self, queue: u16) -> Result<u16>;
+    /// Counters of queue `queue` over the bus's lifetime (a reset does not zero them).
     fn queue_stats(&self, queue: u16) -> Result<QueueStats>;
 
     /// Entry point from the platform's interrupt handler: `vector` is the MSI-X vector index,

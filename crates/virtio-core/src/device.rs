@@ -64,6 +64,9 @@ pub struct VirtioDevice<T: Transport, D: Dma, I: InterruptPlatform> {
     mask: Features,
     /// Modern transports require VERSION_1; legacy ones cannot have it.
     queues: Vec<Option<QueueSlot>>,
+    /// Statistics of queues released by a reset, per queue index: `queue_stats` adds them
+    /// to the live queue's, so counters span resets (suspend/resume, restarts).
+    retired_stats: Vec<QueueStats>,
     mode: InterruptMode,
     plan: VectorPlan,
     /// Interrupts seen per vector (index 0.. for MSI-X; `isr_interrupts` for INTx/poll).
@@ -84,6 +87,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
             driver_features: Features::empty(),
             mask: Features::empty(),
             queues: Vec::new(),
+            retired_stats: Vec::new(),
             mode: InterruptMode::Polling,
             plan: VectorPlan::Isr,
             vector_interrupts: Vec::new(),
@@ -151,6 +155,13 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
             let mut q = slot.queue;
             let index = q.index();
             q.reclaim_after_reset(|t| reclaim(index, t));
+            let slot = usize::from(index);
+            if self.retired_stats.len() <= slot {
+                self.retired_stats.resize(slot + 1, QueueStats::default());
+            }
+            if let Some(retired) = self.retired_stats.get_mut(slot) {
+                *retired += q.stats();
+            }
             let (ring, indirect) = q.into_regions();
             // SAFETY: the device was reset (or never started) before we get here, so it no
             // longer accesses the rings; the regions came from `self.dma`.
@@ -550,7 +561,11 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
     }
 
     fn queue_stats(&self, queue: u16) -> Result<QueueStats> {
-        Ok(self.queue_ref(queue)?.stats())
+        let mut stats = self.queue_ref(queue)?.stats();
+        if let Some(retired) = self.retired_stats.get(usize::from(queue)) {
+            stats += *retired;
+        }
+        Ok(stats)
     }
 
     fn handle_interrupt(&mut self, vector: Option<u16>) -> InterruptCause {

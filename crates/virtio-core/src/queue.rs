@@ -37,6 +37,9 @@ pub struct Used {
 }
 
 /// Counters for one queue; cheap, and what the benchmarks compare with QEMU's trace.
+/// [`crate::Bus::queue_stats`] counts over the bus's lifetime: a device reset (suspend and
+/// resume, a restart after a fault) does not zero them, so they stay comparable with what
+/// the device saw.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
     /// Chains made available.
@@ -51,6 +54,25 @@ pub struct QueueStats {
     pub interrupts: u64,
     /// Chains that used an indirect table.
     pub indirect: u64,
+}
+
+impl core::ops::AddAssign for QueueStats {
+    fn add_assign(&mut self, other: QueueStats) {
+        let QueueStats {
+            added,
+            kicks,
+            kicks_suppressed,
+            completions,
+            interrupts,
+            indirect,
+        } = other;
+        self.added = self.added.wrapping_add(added);
+        self.kicks = self.kicks.wrapping_add(kicks);
+        self.kicks_suppressed = self.kicks_suppressed.wrapping_add(kicks_suppressed);
+        self.completions = self.completions.wrapping_add(completions);
+        self.interrupts = self.interrupts.wrapping_add(interrupts);
+        self.indirect = self.indirect.wrapping_add(indirect);
+    }
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]

@@ -6,7 +6,9 @@
 //! - [`VirtioNet`]: setup (negotiation with dependency closure, config validation, queue
 //!   pair + control queue), transmit with per-slot headers and backpressure, receive with
 //!   small / big / mergeable buffers, the control queue, link status, and a polled
-//!   single-frame path for kernel debuggers (KDP).
+//!   single-frame path for kernel debuggers (KDP), and sleep/wake
+//!   ([`VirtioNet::suspend`] / [`VirtioNet::resume`]: reset, every token back once, full
+//!   re-initialisation with the caller's filters replayed).
 //!
 //! Memory is allocated in [`VirtioNet::new`] only; the I/O paths never allocate.
 #![no_std]
@@ -28,7 +30,8 @@ pub mod wire;
 
 pub use net::{
     ConfigEvent, DEBUG_FRAME_MAX, Duplex, MAC_TABLE_MAX, NetConfig, NetError, NetInterrupt,
-    NetStats, RxFrame, RxMode, RxSummary, TxReclaim, TxStatus, VirtioNet, queues,
+    NetStats, ResumeReport, RxFrame, RxMode, RxSummary, SuspendReport, TxReclaim, TxStatus,
+    VirtioNet, queues,
 };
 pub use wire::{
     CsumRequest, Gso, GsoKind, GuestOffloads, HostOffloads, NetHdr, OffloadError, RxCsum, RxGso,

@@ -46,6 +46,27 @@
 //!
 //! Both paths take `&mut self`: the platform must serialise them (in a kext, the debugger
 //! entry try-locks the driver and drops the packet when the lock is held).
+//!
+//! # Sleep and wake ([`VirtioNet::suspend`], [`VirtioNet::resume`])
+//! Nothing survives a device reset (§2.1.2: rings, negotiated features, filters, the
+//! address set by the driver), so sleep is Linux's `virtnet_freeze` / `virtnet_restore`:
+//! - `suspend` stops the transmit side ([`VirtioNet::tx_stopped`]; [`VirtioNet::transmit`]
+//!   answers [`NetError::Busy`], the same backpressure as a full ring), kicks what was
+//!   queued and waits a bounded number of polls for the device to complete the frames in
+//!   flight, then resets the device through the bus. Every transmit token comes back
+//!   exactly once, to the callback: completed during the wait, or reclaimed at the reset
+//!   (those frames may not have been sent: the protocols above retransmit). Receive
+//!   buffers the device held return to the pool; frames received but not yet delivered
+//!   are dropped (call [`VirtioNet::rx_poll`] first to deliver them). The driver keeps
+//!   all of its memory.
+//! - `resume` negotiates exactly the previous features again
+//!   ([`virtio_core::Bus::renegotiate_features`]: a device offering fewer fails the
+//!   resume, left FAILED, with everything still owned by the driver, which stays
+//!   suspended and may retry), rebuilds every queue, reposts the receive buffers, sets
+//!   DRIVER_OK, re-reads link status, MTU and speed, and replays through the control
+//!   queue what the caller had set: the MAC address, promiscuous and all-multicast mode,
+//!   the MAC filter tables, the VLAN filter and the guest offloads. The next
+//!   [`VirtioNet::tx_reclaim`] reports `restart` for the caller's output queue.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -211,6 +232,41 @@ impl core::fmt::Display for NetError {
     }
 }
 
+/// What [`VirtioNet::suspend`] did with the work in flight.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SuspendReport {
+    /// Frames the device completed before the reset (their tokens went to the callback).
+    pub tx_completed: usize,
+    /// Frames still in flight at the reset, taken back (their tokens went to the callback
+    /// too; the device may not have sent them).
+    pub tx_reclaimed: usize,
+    /// Receive buffers the device held, back in the driver's pool.
+    pub rx_reclaimed: usize,
+    /// Receive buffers holding data not yet delivered to the caller: dropped.
+    pub rx_dropped: usize,
+    /// Polls spent waiting for transmit completions (at most the caller's bound).
+    pub drain_polls: u32,
+    /// A device fault seen while waiting; the reset happened all the same.
+    pub drain_error: Option<NetError>,
+}
+
+/// What [`VirtioNet::resume`] found and restored.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResumeReport {
+    /// Negotiated again: the previous set (plus, possibly, ring bits the bus implements).
+    pub features: Features,
+    pub link_up: bool,
+    pub mtu: Option<u16>,
+    /// Receive buffers posted to the rebuilt receive queue.
+    pub rx_posted: usize,
+    /// Control commands (or legacy config writes) replaying the caller's settings.
+    pub restored: u32,
+    /// Of those, the ones the device refused or did not answer. The device runs anyway;
+    /// the first failure is in `restore_error`.
+    pub restore_failed: u32,
+    pub restore_error: Option<NetError>,
+}
+
 /// Counters.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct NetStats {
@@ -234,6 +290,9 @@ pub struct NetStats {
     pub ctrl_commands: u64,
     pub ctrl_errors: u64,
     pub config_changes: u64,
+    /// Completed suspends, and resumes that brought the device back.
+    pub suspends: u64,
+    pub resumes: u64,
     /// Config fields that failed validation (MTU < 68, invalid MAC, bad speed/duplex).
     pub config_invalid: u64,
 }
@@ -355,6 +414,65 @@ struct CtrlState {
     in_flight: bool,
 }
 
+/// What the caller set on the device (through the control queue, or the legacy config
+/// `mac` field), kept so [`VirtioNet::resume`] can replay it on a device whose reset
+/// forgot it. Only settings the device accepted are kept.
+struct FilterState {
+    /// The driver gave the device its `mac` (a random address at init, or
+    /// `set_mac_address`).
+    mac_set: bool,
+    promisc: Option<bool>,
+    allmulti: Option<bool>,
+    /// The last MAC_TABLE_SET, if any (capacity [`MAC_TABLE_MAX`] each, reserved in `new`).
+    mac_table_set: bool,
+    unicast: Vec<[u8; 6]>,
+    multicast: Vec<[u8; 6]>,
+    /// VLAN ids added and not deleted, one bit each.
+    vlans: [u64; 64],
+    guest_offloads: Option<GuestOffloads>,
+}
+
+impl FilterState {
+    fn new() -> Self {
+        FilterState {
+            mac_set: false,
+            promisc: None,
+            allmulti: None,
+            mac_table_set: false,
+            unicast: Vec::with_capacity(MAC_TABLE_MAX),
+            multicast: Vec::with_capacity(MAC_TABLE_MAX),
+            vlans: [0; 64],
+            guest_offloads: None,
+        }
+    }
+
+    fn set_vlan(&mut self, vid: u16, on: bool) {
+        if let Some(word) = self.vlans.get_mut(usize::from(vid / 64)) {
+            let bit = 1u64 << (vid % 64);
+            if on {
+                *word |= bit;
+            } else {
+                *word &= !bit;
+            }
+        }
+    }
+
+    fn has_vlan(&self, vid: u16) -> bool {
+        self.vlans
+            .get(usize::from(vid / 64))
+            .is_some_and(|w| w & (1u64 << (vid % 64)) != 0)
+    }
+}
+
+/// Buffers [`VirtioNet::reset_and_reclaim`] took back.
+#[derive(Copy, Clone, Debug, Default)]
+struct Reclaimed {
+    tx_completed: usize,
+    tx_reclaimed: usize,
+    rx_reclaimed: usize,
+    rx_dropped: usize,
+}
+
 enum Parse {
     Frame { n: usize, info: RxInfo },
     Bad(NetError, &'static str),
@@ -376,7 +494,11 @@ pub struct VirtioNet<B: Bus> {
     mode: RxMode,
     host: HostOffloads,
     guest: GuestOffloads,
+    /// DRIVER_OK was set and the queues exist.
     live: bool,
+    /// Reset by `suspend`; `resume` brings the device back.
+    suspended: bool,
+    filter: FilterState,
     tx: TxState,
     rx: RxState,
     ctrl: Option<CtrlState>,
@@ -410,6 +532,54 @@ fn random_mac(seed: u64) -> [u8; 6] {
 
 fn valid_unicast(mac: &[u8; 6]) -> bool {
     mac[0] & 1 == 0 && mac.iter().any(|&b| b != 0)
+}
+
+/// The queues `new` and `resume` set up (§5.1.2): receive, transmit and, with CTRL_VQ,
+/// the control queue. Returns the specs and how many of them to use.
+fn queue_specs(cfg: &NetConfig, split_header: bool, ctrl_vq: bool) -> ([QueueSpec; 3], usize) {
+    let specs = [
+        QueueSpec::new(RX)
+            .size(cfg.rx_queue_size)
+            .indirect(if split_header { 2 } else { 0 }),
+        QueueSpec::new(TX)
+            .size(cfg.tx_queue_size)
+            .indirect(cfg.max_tx_segments.clamp(1, 64) + 1),
+        QueueSpec::new(CTRL).size(16).interrupts(false).indirect(4),
+    ];
+    (specs, if ctrl_vq { 3 } else { 2 })
+}
+
+/// The most data segments per frame (at most `max_segs`) for which a worst-case frame plus
+/// the debugger's reserve fits the empty transmit ring as set up: otherwise a stalled
+/// queue could never be restarted. It only shrinks without indirect descriptors, or with
+/// a tiny ring; a ring that cannot take even one segment is an error.
+fn fit_tx_segments<B: Bus>(bus: &B, max_segs: u16) -> Result<u16, NetError> {
+    let tx_size = bus.queue_size(TX)?;
+    let fits = |segs: u16| -> Result<bool, NetError> {
+        let descs = bus.descriptors_for(TX, usize::from(segs) + 1)?;
+        Ok(descs + usize::from(DEBUG_TX_RESERVE) <= usize::from(tx_size))
+    };
+    let mut segs = max_segs.max(1);
+    while segs > 1 && !fits(segs)? {
+        segs -= 1;
+    }
+    if !fits(segs)? {
+        return Err(Error::BadQueueSize {
+            queue: TX,
+            size: tx_size,
+        }
+        .into());
+    }
+    Ok(segs)
+}
+
+/// Link status (STATUS; up when the device cannot report it, §5.1.4.2).
+fn read_link_up<B: Bus>(bus: &B, feats: Features) -> Result<bool, NetError> {
+    if has(feats, f::STATUS) {
+        Ok(bus.read_config_u16(config::STATUS)? & config::S_LINK_UP != 0)
+    } else {
+        Ok(true)
+    }
 }
 
 /// Negotiates `want`, then renegotiates while the result is not closed under the feature
@@ -490,11 +660,7 @@ impl<B: Bus> VirtioNet<B> {
             push_mac = true;
             random_mac(cfg.mac_seed)
         };
-        let link_up = if has(feats, f::STATUS) {
-            bus.read_config_u16(config::STATUS)? & config::S_LINK_UP != 0
-        } else {
-            true
-        };
+        let link_up = read_link_up(&bus, feats)?;
         let (speed, duplex) = if has(feats, f::SPEED_DUPLEX) {
             read_speed_duplex(&bus, &mut stats)?
         } else {
@@ -532,40 +698,14 @@ impl<B: Bus> VirtioNet<B> {
             ufo: has(feats, f::GUEST_UFO),
         };
         let split_header = !any_layout && !mrg;
-        let max_segs = cfg.max_tx_segments.clamp(1, 64);
-        let mut specs = [
-            QueueSpec::new(RX)
-                .size(cfg.rx_queue_size)
-                .indirect(if split_header { 2 } else { 0 }),
-            QueueSpec::new(TX)
-                .size(cfg.tx_queue_size)
-                .indirect(max_segs + 1),
-            QueueSpec::new(CTRL).size(16).interrupts(false).indirect(4),
-        ];
-        let nspecs = if has(feats, f::CTRL_VQ) { 3 } else { 2 };
-        bus.setup_queues(specs.get_mut(..nspecs).unwrap_or(&mut []))?;
+        let ctrl_vq = has(feats, f::CTRL_VQ);
+        let (specs, nspecs) = queue_specs(&cfg, split_header, ctrl_vq);
+        bus.setup_queues(specs.get(..nspecs).unwrap_or(&[]))?;
 
         let indirect = feats.contains(Features::INDIRECT_DESC);
         let rx_size = bus.queue_size(RX)?;
         let tx_size = bus.queue_size(TX)?;
-        // A worst-case frame plus the debugger's reserve must fit an empty ring, or a
-        // stalled queue could never be restarted: shrink the segment limit to the ring
-        // (it only matters without indirect descriptors, or with a tiny ring).
-        let fits = |segs: u16| -> Result<bool, NetError> {
-            let descs = bus.descriptors_for(TX, usize::from(segs) + 1)?;
-            Ok(descs + usize::from(DEBUG_TX_RESERVE) <= usize::from(tx_size))
-        };
-        let mut max_segs = max_segs;
-        while max_segs > 1 && !fits(max_segs)? {
-            max_segs -= 1;
-        }
-        if !fits(max_segs)? {
-            return Err(Error::BadQueueSize {
-                queue: TX,
-                size: tx_size,
-            }
-            .into());
-        }
+        let max_segs = fit_tx_segments(&bus, cfg.max_tx_segments.clamp(1, 64))?;
         let rx_descs_per_buf: u16 = if split_header && !(indirect && rx_size >= 2) {
             2
         } else {
@@ -600,6 +740,8 @@ impl<B: Bus> VirtioNet<B> {
             host,
             guest,
             live: false,
+            suspended: false,
+            filter: FilterState::new(),
             tx: TxState {
                 hdrs: None,
                 slots: vec![TxSlot::Free; tx_size as usize],
@@ -627,13 +769,7 @@ impl<B: Bus> VirtioNet<B> {
         };
         // From here on, `Drop` resets the device and frees whatever was allocated.
         net.allocate(tx_size as usize, nbufs)?;
-        net.refill()?;
-        net.bus.driver_ok()?;
-        net.live = true;
-        net.bus.kick(RX)?;
-        // Transmit completions are reclaimed on the next transmit; the interrupt is only
-        // armed while the queue is stopped (see the module documentation).
-        net.bus.disable_interrupts(TX)?;
+        net.go_live()?;
         if push_mac {
             let mac = net.mac;
             if let Err(e) = net.set_mac_address(mac) {
@@ -650,6 +786,20 @@ impl<B: Bus> VirtioNet<B> {
             nbufs
         );
         Ok(net)
+    }
+
+    /// The end of initialisation, shared by `new` and `resume` (queues already set up):
+    /// posts every free receive buffer, sets DRIVER_OK (§3.1.1 step 8), kicks the receive
+    /// queue, and turns the transmit interrupt off (completions are reclaimed on the next
+    /// transmit; the interrupt is armed only while the queue is stopped, see the module
+    /// documentation).
+    fn go_live(&mut self) -> Result<(), NetError> {
+        self.refill()?;
+        self.bus.driver_ok()?;
+        self.live = true;
+        self.bus.kick(RX)?;
+        self.bus.disable_interrupts(TX)?;
+        Ok(())
     }
 
     fn allocate(&mut self, tx_slots: usize, nbufs: usize) -> Result<(), NetError> {
@@ -808,6 +958,11 @@ impl<B: Bus> VirtioNet<B> {
         offload: &TxOffload,
         token: usize,
     ) -> Result<TxStatus, NetError> {
+        if self.suspended {
+            // Backpressure, as for a full ring: the queue restarts after `resume`.
+            self.stats.tx_busy += 1;
+            return Err(NetError::Busy);
+        }
         if !self.live {
             return Err(NetError::Core(Error::InvalidState));
         }
@@ -901,7 +1056,11 @@ impl<B: Bus> VirtioNet<B> {
     }
 
     /// Notifies the device of frames queued with [`VirtioNet::transmit_deferred`].
+    /// Suspended: nothing to notify (`suspend` took every frame back).
     pub fn tx_kick(&mut self) -> Result<bool, NetError> {
+        if self.suspended {
+            return Ok(false);
+        }
         Ok(self.bus.kick(TX)?)
     }
 
@@ -932,8 +1091,13 @@ impl<B: Bus> VirtioNet<B> {
     /// Call it before each transmit batch, and on transmit interrupts. While the queue
     /// runs, the transmit interrupt stays off; while it is stopped, this re-arms it
     /// (delayed) until the ring has room again, then reports `restart` and turns it off.
+    /// Suspended: nothing completes (`suspend` handed every token back) and the queue
+    /// stays stopped; the first call after `resume` reports `restart`.
     pub fn tx_reclaim(&mut self, mut done: impl FnMut(usize)) -> Result<TxReclaim, NetError> {
         let mut r = TxReclaim::default();
+        if self.suspended {
+            return Ok(r);
+        }
         while let Some(slot) = self.tx.done.pop() {
             if self.tx_complete(slot as usize, &mut done) {
                 r.frames += 1;
@@ -1118,13 +1282,17 @@ impl<B: Bus> VirtioNet<B> {
     /// Receives up to `budget` frames, lending each to `deliver` (copy it or consume it
     /// there; the buffers are reposted when it returns). Frames with bad device-written
     /// values are dropped and counted. When the budget is not exhausted, the receive
-    /// interrupt is re-enabled race-free; `more` says to poll again.
+    /// interrupt is re-enabled race-free; `more` says to poll again. Suspended: nothing
+    /// arrives.
     pub fn rx_poll(
         &mut self,
         budget: usize,
         mut deliver: impl FnMut(&RxFrame<'_>),
     ) -> Result<RxSummary, NetError> {
         let mut sum = RxSummary::default();
+        if self.suspended {
+            return Ok(sum);
+        }
         self.bus.disable_interrupts(RX)?;
         while sum.frames < budget {
             self.fetch()?;
@@ -1245,21 +1413,43 @@ impl<B: Bus> VirtioNet<B> {
         }
     }
 
-    /// Promiscuous mode (CTRL_RX).
+    /// Promiscuous mode (CTRL_RX). Replayed by [`VirtioNet::resume`].
     pub fn set_promisc(&mut self, on: bool) -> Result<(), NetError> {
         self.need(f::CTRL_RX, "CTRL_RX")?;
-        self.ctrl_command(ctrl::CLASS_RX, ctrl::RX_PROMISC, &[&[on as u8]])
+        self.ctrl_command(ctrl::CLASS_RX, ctrl::RX_PROMISC, &[&[on as u8]])?;
+        self.filter.promisc = Some(on);
+        Ok(())
     }
 
-    /// Receive all multicast (CTRL_RX).
+    /// Receive all multicast (CTRL_RX). Replayed by [`VirtioNet::resume`].
     pub fn set_allmulti(&mut self, on: bool) -> Result<(), NetError> {
         self.need(f::CTRL_RX, "CTRL_RX")?;
-        self.ctrl_command(ctrl::CLASS_RX, ctrl::RX_ALLMULTI, &[&[on as u8]])
+        self.ctrl_command(ctrl::CLASS_RX, ctrl::RX_ALLMULTI, &[&[on as u8]])?;
+        self.filter.allmulti = Some(on);
+        Ok(())
     }
 
     /// Replaces the unicast and multicast filter tables (CTRL_RX, MAC_TABLE_SET). At most
-    /// [`MAC_TABLE_MAX`] addresses each.
+    /// [`MAC_TABLE_MAX`] addresses each. Replayed by [`VirtioNet::resume`].
     pub fn set_mac_filter(
+        &mut self,
+        unicast: &[[u8; 6]],
+        multicast: &[[u8; 6]],
+    ) -> Result<(), NetError> {
+        self.send_mac_filter(unicast, multicast)?;
+        let fs = &mut self.filter;
+        fs.mac_table_set = true;
+        // `send_mac_filter` checked both against MAC_TABLE_MAX, the capacity reserved in
+        // `new`: no allocation.
+        fs.unicast.clear();
+        fs.unicast.extend_from_slice(unicast);
+        fs.multicast.clear();
+        fs.multicast.extend_from_slice(multicast);
+        Ok(())
+    }
+
+    /// MAC_TABLE_SET without recording it.
+    fn send_mac_filter(
         &mut self,
         unicast: &[[u8; 6]],
         multicast: &[[u8; 6]],
@@ -1281,7 +1471,7 @@ impl<B: Bus> VirtioNet<B> {
     }
 
     /// Sets the device's MAC address: CTRL_MAC_ADDR, or (legacy devices without it) a
-    /// write to the config `mac` field.
+    /// write to the config `mac` field. Replayed by [`VirtioNet::resume`].
     pub fn set_mac_address(&mut self, mac: [u8; 6]) -> Result<(), NetError> {
         if !valid_unicast(&mac) {
             return Err(NetError::BadFrame("not a unicast MAC address"));
@@ -1295,15 +1485,20 @@ impl<B: Bus> VirtioNet<B> {
             return Err(NetError::NotNegotiated("CTRL_MAC_ADDR"));
         }
         self.mac = mac;
+        self.filter.mac_set = true;
         Ok(())
     }
 
-    /// VLAN filter (CTRL_VLAN): receive VLAN `vid`.
+    /// VLAN filter (CTRL_VLAN): receive VLAN `vid`. Replayed by [`VirtioNet::resume`].
     pub fn vlan_add(&mut self, vid: u16) -> Result<(), NetError> {
-        self.vlan(ctrl::VLAN_ADD, vid)
+        self.vlan(ctrl::VLAN_ADD, vid)?;
+        self.filter.set_vlan(vid, true);
+        Ok(())
     }
     pub fn vlan_del(&mut self, vid: u16) -> Result<(), NetError> {
-        self.vlan(ctrl::VLAN_DEL, vid)
+        self.vlan(ctrl::VLAN_DEL, vid)?;
+        self.filter.set_vlan(vid, false);
+        Ok(())
     }
     fn vlan(&mut self, cmd: u8, vid: u16) -> Result<(), NetError> {
         self.need(f::CTRL_VLAN, "CTRL_VLAN")?;
@@ -1314,7 +1509,8 @@ impl<B: Bus> VirtioNet<B> {
     }
 
     /// Enables a subset of the negotiated receive offloads (CTRL_GUEST_OFFLOADS). Received
-    /// frames using a disabled offload are rejected from then on.
+    /// frames using a disabled offload are rejected from then on. Replayed by
+    /// [`VirtioNet::resume`].
     pub fn set_guest_offloads(&mut self, want: GuestOffloads) -> Result<(), NetError> {
         self.need(f::CTRL_GUEST_OFFLOADS, "CTRL_GUEST_OFFLOADS")?;
         let bits = want.bits();
@@ -1327,6 +1523,7 @@ impl<B: Bus> VirtioNet<B> {
             &[&bits.to_le_bytes()],
         )?;
         self.guest = want;
+        self.filter.guest_offloads = Some(want);
         Ok(())
     }
 
@@ -1456,21 +1653,259 @@ impl<B: Bus> VirtioNet<B> {
         Ok(None)
     }
 
+    // ---- sleep and wake ----
+
+    /// Whether the driver is suspended (between [`VirtioNet::suspend`] and a successful
+    /// [`VirtioNet::resume`]).
+    pub fn is_suspended(&self) -> bool {
+        self.suspended
+    }
+
+    /// Prepares for sleep (see the module documentation): stops the transmit side, waits
+    /// at most `drain_polls` polls for the frames in flight to complete, then resets the
+    /// device through the bus. `tx_done` receives every transmit token still outstanding,
+    /// exactly once, whether the device completed the frame or the reset took it back; the
+    /// report says which. Receive buffers come back to the pool. Never allocates.
+    ///
+    /// Errors only when the driver is not running ([`Error::InvalidState`]); a device
+    /// fault while waiting is reported in [`SuspendReport::drain_error`] and the reset
+    /// still happens.
+    pub fn suspend(
+        &mut self,
+        drain_polls: u32,
+        mut tx_done: impl FnMut(usize),
+    ) -> Result<SuspendReport, NetError> {
+        if !self.live || self.suspended {
+            return Err(NetError::Core(Error::InvalidState));
+        }
+        // The caller's output queue is stopped from here until the first `tx_reclaim`
+        // after `resume` reports `restart`.
+        self.tx.stopped = true;
+        let mut report = SuspendReport::default();
+        if let Err(e) = self.drain_tx(drain_polls, &mut tx_done, &mut report) {
+            log::warn!("virtio-net: suspend: {e}; resetting with frames in flight");
+            report.drain_error = Some(e);
+        }
+        let r = self.reset_and_reclaim(&mut tx_done);
+        report.tx_completed += r.tx_completed;
+        report.tx_reclaimed = r.tx_reclaimed;
+        report.rx_reclaimed = r.rx_reclaimed;
+        report.rx_dropped = r.rx_dropped;
+        self.suspended = true;
+        self.stats.suspends += 1;
+        log::info!("virtio-net: suspended: {report:?}");
+        Ok(report)
+    }
+
+    /// Kicks what was queued, then polls transmit completions until the ring is empty or
+    /// `drain_polls` polls have passed.
+    fn drain_tx(
+        &mut self,
+        drain_polls: u32,
+        tx_done: &mut dyn FnMut(usize),
+        report: &mut SuspendReport,
+    ) -> Result<(), NetError> {
+        // Frames queued with `transmit_deferred` and not yet notified.
+        self.bus.kick(TX)?;
+        let size = self.bus.queue_size(TX)?;
+        loop {
+            while let Some(u) = self.bus.pop_used(TX)? {
+                if self.tx_complete(u.token, tx_done) {
+                    report.tx_completed += 1;
+                }
+            }
+            if self.bus.free_descriptors(TX)? >= size || report.drain_polls >= drain_polls {
+                return Ok(());
+            }
+            report.drain_polls += 1;
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Resets the device (through the bus, which releases its queues) and takes every
+    /// buffer back: transmit tokens go to `tx_done` exactly once (completions the
+    /// debugger's polling queued first, then what the reset reclaimed), receive buffers
+    /// return to the pool, undelivered received data is dropped, and a control command or
+    /// debugger frame in flight is forgotten. Shared by `suspend` and `shutdown`.
+    fn reset_and_reclaim(&mut self, tx_done: &mut dyn FnMut(usize)) -> Reclaimed {
+        let mut r = Reclaimed::default();
+        while let Some(slot) = self.tx.done.pop() {
+            if self.tx_complete(slot as usize, tx_done) {
+                r.tx_completed += 1;
+            }
+        }
+        self.live = false;
+        let (tx_slots, rx_bufs) = (self.tx.slots.len(), self.rx.state.len());
+        let VirtioNet {
+            bus, tx, rx, ctrl, ..
+        } = self;
+        let mut give_back_tx = |slot: usize, r: &mut Reclaimed| {
+            if let Some(s @ TxSlot::InFlight(_)) = tx.slots.get_mut(slot) {
+                if let TxSlot::InFlight(token) = *s {
+                    tx_done(token);
+                }
+                *s = TxSlot::Free;
+                tx.free_slots.push(slot as u16);
+                r.tx_reclaimed += 1;
+            }
+        };
+        let mut give_back_rx = |buf: usize, r: &mut Reclaimed| {
+            if let Some(s @ BufState::Posted) = rx.state.get_mut(buf) {
+                *s = BufState::Free;
+                rx.free.push(buf as u16);
+                rx.posted = rx.posted.saturating_sub(1);
+                r.rx_reclaimed += 1;
+            }
+        };
+        bus.reset(&mut |queue, token| match queue {
+            TX if token != DEBUG_TOKEN => give_back_tx(token, &mut r),
+            RX => give_back_rx(token, &mut r),
+            _ => {}
+        });
+        // Anything a bus failed to hand back is taken back all the same (the device no
+        // longer owns it after the reset), so each token is still reported exactly once.
+        for slot in 0..tx_slots {
+            give_back_tx(slot, &mut r);
+        }
+        for buf in 0..rx_bufs {
+            give_back_rx(buf, &mut r);
+        }
+        tx.dbg_in_flight = false;
+        if let Some(c) = ctrl {
+            c.in_flight = false;
+        }
+        // Received data not yet delivered: a frame may be missing buffers that will never
+        // come now, so all of it is dropped.
+        while let Some((buf, _)) = rx.ready.pop() {
+            if let Some(s) = rx.state.get_mut(usize::from(buf)) {
+                *s = BufState::Free;
+                rx.free.push(buf);
+                r.rx_dropped += 1;
+            }
+        }
+        rx.posted = 0;
+        rx.dbg_cursor = 0;
+        r
+    }
+
+    /// Brings the device back after [`VirtioNet::suspend`] (see the module documentation):
+    /// the same features again, every queue rebuilt, receive buffers posted, DRIVER_OK,
+    /// link status / MTU / speed re-read, and the caller's settings replayed through the
+    /// control queue. Allocates nothing of its own (the bus allocates the rings).
+    ///
+    /// On error the device is left reset and FAILED, every buffer is back with the driver,
+    /// and the driver stays suspended: `resume` may be tried again, or the driver dropped.
+    /// A device that now offers fewer features gives [`Error::MissingFeature`]. Settings the
+    /// device refuses to take again do not fail the resume: they are counted in the report.
+    pub fn resume(&mut self) -> Result<ResumeReport, NetError> {
+        if !self.suspended {
+            return Err(NetError::Core(Error::InvalidState));
+        }
+        if let Err(e) = self.restart_device() {
+            log::error!("virtio-net: resume failed: {e}");
+            self.reset_and_reclaim(&mut |_| {});
+            self.bus.fail();
+            return Err(e);
+        }
+        self.suspended = false;
+        self.stats.resumes += 1;
+        let mut report = ResumeReport {
+            features: self.features,
+            link_up: self.link_up,
+            mtu: self.mtu,
+            rx_posted: self.rx.posted,
+            ..ResumeReport::default()
+        };
+        self.replay_settings(&mut report);
+        log::info!("virtio-net: resumed: {report:?}");
+        Ok(report)
+    }
+
+    /// `resume` up to a live device: §3.1.1 again, with the features, queue layout and
+    /// buffers `new` chose.
+    fn restart_device(&mut self) -> Result<(), NetError> {
+        let feats = self.bus.renegotiate_features(self.features)?;
+        // Config the reset may have changed (§5.1.4), each only with its feature.
+        if has(feats, f::MTU) {
+            let m = self.bus.read_config_u16(config::MTU)?;
+            // §5.1.4.1. Small receive buffers were sized for the MTU `new` saw: a larger
+            // one now would not fit them, so the smaller of the two is used.
+            let fits = |m: u16| {
+                self.mode != RxMode::Small
+                    || usize::from(m) + wire::ETH_VLAN_HLEN + self.hdr_len <= self.rx.cap
+            };
+            if m < MIN_MTU || !fits(m) {
+                log::warn!(
+                    "virtio-net: device MTU {m} after reset unusable; keeping {:?}",
+                    self.mtu
+                );
+                self.stats.config_invalid += 1;
+            } else {
+                self.mtu = Some(m);
+            }
+        }
+        self.link_up = read_link_up(&self.bus, feats)?;
+        if has(feats, f::SPEED_DUPLEX) {
+            let (speed, duplex) = read_speed_duplex(&self.bus, &mut self.stats)?;
+            self.speed = speed;
+            self.duplex = duplex;
+        }
+        let (specs, nspecs) = queue_specs(&self.cfg, self.rx.split_header, has(feats, f::CTRL_VQ));
+        self.bus.setup_queues(specs.get(..nspecs).unwrap_or(&[]))?;
+        // Ring sizes may differ from before: the slot tables keep their size (tokens are
+        // slot indices), the segment limit shrinks if the new ring needs it.
+        self.tx.max_segs = fit_tx_segments(&self.bus, self.tx.max_segs)?;
+        self.features = feats;
+        self.go_live()
+    }
+
+    /// Replays what the caller set (kept in `FilterState`), in Linux's order: address,
+    /// receive mode, filter tables, VLANs, offloads.
+    fn replay_settings(&mut self, report: &mut ResumeReport) {
+        let note = |res: Result<(), NetError>, report: &mut ResumeReport| {
+            report.restored += 1;
+            if let Err(e) = res {
+                log::warn!("virtio-net: resume: replaying a setting: {e}");
+                report.restore_failed += 1;
+                report.restore_error.get_or_insert(e);
+            }
+        };
+        if self.filter.mac_set {
+            let mac = self.mac;
+            note(self.set_mac_address(mac), report);
+        }
+        if let Some(on) = self.filter.promisc {
+            note(self.set_promisc(on), report);
+        }
+        if let Some(on) = self.filter.allmulti {
+            note(self.set_allmulti(on), report);
+        }
+        if self.filter.mac_table_set {
+            // Lent out and put back: `send_mac_filter` needs `&mut self`.
+            let unicast = core::mem::take(&mut self.filter.unicast);
+            let multicast = core::mem::take(&mut self.filter.multicast);
+            note(self.send_mac_filter(&unicast, &multicast), report);
+            self.filter.unicast = unicast;
+            self.filter.multicast = multicast;
+        }
+        for vid in 0..4096u16 {
+            if self.filter.has_vlan(vid) {
+                note(self.vlan(ctrl::VLAN_ADD, vid), report);
+            }
+        }
+        if let Some(want) = self.filter.guest_offloads {
+            note(self.set_guest_offloads(want), report);
+        }
+    }
+
     // ---- teardown ----
 
     /// Resets the device and frees all memory; `tx_done` receives the token of every frame
-    /// still in flight. The driver is unusable afterwards (dropping it does the same without
-    /// reporting tokens).
+    /// still in flight, exactly once. The driver is unusable afterwards (dropping it does
+    /// the same without reporting tokens).
     pub fn shutdown(&mut self, mut tx_done: impl FnMut(usize)) {
-        let slots = &self.tx.slots;
-        self.bus.reset(&mut |q, t| {
-            if q == TX
-                && let Some(TxSlot::InFlight(tok)) = slots.get(t)
-            {
-                tx_done(*tok);
-            }
-        });
-        self.live = false;
+        self.reset_and_reclaim(&mut tx_done);
+        self.suspended = false;
         let dma = self.bus.dma();
         let mut regions: [Option<DmaRegion>; 3] = [
             self.tx.hdrs.take(),
@@ -1488,13 +1923,7 @@ impl<B: Bus> VirtioNet<B> {
             unsafe { dma.free_coherent(r) };
         }
         self.rx.free.clear();
-        self.rx.ready.clear();
-        self.rx.posted = 0;
-        self.rx.dbg_cursor = 0;
         self.tx.free_slots.clear();
-        for s in &mut self.tx.slots {
-            *s = TxSlot::Free;
-        }
     }
 }
 

@@ -42,7 +42,8 @@ impl DeviceKind {
 pub struct ScenarioSpec {
     pub name: &'static str,
     pub devices: &'static [DeviceKind],
-    /// Record `virtio_queue_notify` / `virtio_notify` / `virtio_notify_irqfd` traces.
+    /// Record `virtio_queue_notify` / `virtio_notify` / `virtio_notify_irqfd` /
+    /// `virtio_set_status` traces.
     pub trace: bool,
     /// Wall-clock limit for one QEMU run (TCG).
     pub timeout_secs: u64,

@@ -7,8 +7,10 @@
 //!   `Stream(seed up)` and hashes them (FNV-1a 64), then answers with a 24-byte trailer
 //!   (bytes received, hash, offset of the first wrong byte or `u64::MAX`);
 //! - the link toggler: when the guest prints `STAT net.phase=link-test`, QMP
-//!   `set_link nic0 up=false`; when it prints `STAT net.link=down` (or after a bound),
-//!   `set_link nic0 up=true`.
+//!   `query-rx-filter nic0` (the receive filter the device holds after the main transfer,
+//!   during which the guest suspended and resumed the device: the filter it set must have
+//!   been replayed), then `set_link nic0 up=false`; when it prints `STAT net.link=down` (or
+//!   after a bound), `set_link nic0 up=true`.
 //!
 //! Results become `host.net.*` checks and stats in the run's report.
 //!
@@ -64,7 +66,31 @@ struct LinkLog {
     guest_saw_down: bool,
     up_at_ms: Option<u64>,
     status_after: String,
+    /// `query-rx-filter` at the link-test marker, as `host.net.rx_filter.*` stats.
+    rx_filter: BTreeMap<String, String>,
     error: Option<String>,
+}
+
+/// The fields of a `query-rx-filter` answer the tests compare, flattened: booleans and
+/// modes as they are, tables comma-separated in QEMU's order.
+fn rx_filter_stats(v: &serde_json::Value) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (key, value) in v.as_object().into_iter().flatten() {
+        let text = match value {
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|i| match i {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        out.insert(key.replace('-', "_"), text);
+    }
+    out
 }
 
 /// Starts the server and the link toggler for one run.
@@ -117,6 +143,9 @@ fn outcome(port: u16, transfers: &[Transfer], link: &LinkLog) -> HostOutcome {
         stats.insert(k, v);
     };
     stat("host.net.port".into(), port.to_string());
+    for (k, v) in &link.rx_filter {
+        stat(format!("host.net.rx_filter.{k}"), v.clone());
+    }
     stat("host.net.connections".into(), transfers.len().to_string());
     for t in transfers {
         let p = format!("host.net.conn{}", t.conn);
@@ -353,10 +382,12 @@ fn toggle_link(serial: &Path, qmp: &Path, stop: &AtomicBool, log: &Mutex<LinkLog
     let run = || -> io::Result<()> {
         let mut q = Qmp::connect(qmp, Duration::from_secs(10))?;
         let status = q.query_status()?;
+        let filter = rx_filter_stats(&q.query_rx_filter(NIC_ID)?);
         {
             let mut l = log.lock().unwrap();
             l.qemu_version = q.version.clone();
             l.status_before = status;
+            l.rx_filter = filter;
         }
         q.set_link(NIC_ID, false)?;
         log.lock().unwrap().down_at_ms = Some(t0.elapsed().as_millis() as u64);

@@ -97,6 +97,16 @@ impl Qmp {
             .map(|_| ())
     }
 
+    /// `query-rx-filter name=<id>`: the receive filter of NIC `id` as the device holds it
+    /// (promiscuous, multicast mode, MAC and VLAN tables, `main-mac`).
+    pub fn query_rx_filter(&mut self, name: &str) -> io::Result<Value> {
+        let r = self.execute("query-rx-filter", Some(json!({ "name": name })))?;
+        r.as_array()
+            .and_then(|a| a.first())
+            .cloned()
+            .ok_or_else(|| err(format!("query-rx-filter: {r}")))
+    }
+
     /// `query-status`: the run state (`running`, `paused`, ...).
     pub fn query_status(&mut self) -> io::Result<String> {
         let r = self.execute("query-status", None)?;

@@ -9,7 +9,14 @@
 //!   memory alignments and segment shapes (requests beyond `seg_max` are split by the
 //!   driver; requests the queue can never hold come back `TooLarge` and are halved here),
 //!   flushed, read back with different boundaries and verified; then DISCARD and
-//!   WRITE_ZEROES of the fixed ranges, which must read back as zeros.
+//!   WRITE_ZEROES of the fixed ranges, which must read back as zeros. Halfway through the
+//!   pattern write, and again halfway through the verify pass, the driver is suspended
+//!   and resumed ([`SuspendStep`], `blk.suspend.write` / `blk.suspend.verify`): the
+//!   device is reset with requests in flight (the write gives them `blk_suspend_drain`
+//!   polls, default 0, so they are aborted; the verify lets them complete), a submission
+//!   while suspended is held, and after the resume the aborted and held requests are
+//!   resubmitted. The runner's image check then proves nothing was lost; `blk_suspend=0`
+//!   skips the steps.
 //! - `ro`: a read-only drive: writes, discards and write-zeroes are refused by the driver
 //!   before reaching the device; the whole disk reads back the runner's initial image.
 //! - `fault`: QEMU blkdebug fails reads covering `blk_bad_read` and writes covering
@@ -41,7 +48,7 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use disk::{Counters, Disk};
-use virtio_blk::{BlkError, BlkOptions, Completion, Request, SectorRange};
+use virtio_blk::{BlkError, BlkOptions, Completion, Request, ResumeReport, SectorRange};
 use virtio_core::Features;
 use virtio_core::platform::{Dma, DmaRegion, InterruptMode};
 use virtio_core::queue::Segment;
@@ -89,9 +96,11 @@ pub fn run(env: &mut Env) {
         return;
     }
     let seed = env.cmdline.get_u64("blk_seed", 1);
+    let suspend = (env.cmdline.get_u64("blk_suspend", 1) != 0)
+        .then(|| u32::try_from(env.cmdline.get_u64("blk_suspend_drain", 0)).unwrap_or(u32::MAX));
     let mut slots = Slots::new();
     match test {
-        "main" => test_main(&mut disk, &mut slots, seed),
+        "main" => test_main(&mut disk, &mut slots, seed, suspend),
         "ro" => test_ro(&mut disk, &mut slots),
         "fault" => test_fault(env, &mut disk, &mut slots, seed),
         "durable" => test_durable(env, &mut disk, &mut slots, seed),
@@ -370,8 +379,138 @@ enum Data<'a> {
 fn pass(
     disk: &mut Disk,
     slots: &Slots,
+    jobs: VecDeque<Job>,
+    data: Data<'_>,
+) -> Result<PassStats, String> {
+    pass_with_suspend(disk, slots, jobs, data, None)
+}
+
+/// A suspend and resume in the middle of a pass, and what it did.
+struct SuspendStep {
+    /// Suspend once this many sectors were submitted (and requests are in flight).
+    at_sectors: u64,
+    /// Polls `suspend` gives the requests in flight.
+    drain_polls: u32,
+    done: bool,
+    in_flight: usize,
+    completed: usize,
+    aborted: usize,
+    /// A request submitted while suspended was refused with `QueueFull` (held), and
+    /// completed when submitted again after the resume.
+    held: bool,
+    held_then: Option<Result<Completion, String>>,
+    resumed: Option<ResumeReport>,
+    ns: u64,
+}
+
+impl SuspendStep {
+    fn new(at_sectors: u64, drain_polls: u32) -> Self {
+        SuspendStep {
+            at_sectors,
+            drain_polls,
+            done: false,
+            in_flight: 0,
+            completed: 0,
+            aborted: 0,
+            held: false,
+            held_then: None,
+            resumed: None,
+            ns: 0,
+        }
+    }
+
+    /// Suspends (the device is reset), submits a flush (GET_ID without FLUSH), which must
+    /// be refused and is held, resumes, submits the held request again and waits for it,
+    /// and puts every aborted request back at the front of `jobs` (its staging slot back
+    /// in `free`); requests that completed go to `disk.done` as usual.
+    fn run(
+        &mut self,
+        disk: &mut Disk,
+        jobs: &mut VecDeque<Job>,
+        inflight: &mut BTreeMap<usize, (Job, usize)>,
+        free: &mut Vec<usize>,
+    ) -> Result<(), String> {
+        self.done = true;
+        self.in_flight = inflight.len();
+        let t0 = crate::time::now_ns();
+        let mut finished: Vec<(usize, disk::Outcome)> = Vec::new();
+        let s = disk
+            .drv
+            .suspend(self.drain_polls, |t, r| finished.push((t, r)))
+            .map_err(|e| format!("suspend: {e}"))?;
+        let held = if disk.drv.info().flush {
+            Request::Flush
+        } else {
+            Request::GetId
+        };
+        let token = disk.token();
+        self.held = disk.drv.submit(0, held, token) == Err(BlkError::QueueFull);
+        let resumed = disk.drv.resume().map_err(|e| format!("resume: {e}"))?;
+        self.ns = crate::time::now_ns() - t0;
+        self.resumed = Some(resumed);
+        self.held_then = Some(disk.sync(0, held));
+        if finished.len() != self.in_flight || s.completed + s.aborted != self.in_flight {
+            return Err(format!(
+                "suspend handed back {} of {} requests in flight ({s:?})",
+                finished.len(),
+                self.in_flight
+            ));
+        }
+        for (token, result) in finished {
+            if result == Err(BlkError::Aborted) {
+                let (job, slot) = inflight
+                    .remove(&token)
+                    .ok_or_else(|| format!("aborted unknown token {token}"))?;
+                free.push(slot);
+                jobs.push_front(job);
+                self.aborted += 1;
+            } else {
+                self.completed += 1;
+                disk.done.push((token, result));
+            }
+        }
+        Ok(())
+    }
+
+    /// `blk.suspend.<phase>` and its stats.
+    fn report(&self, phase: &str, features_before: u64) {
+        let name = format!("blk.suspend.{phase}");
+        let Some(r) = self.resumed else {
+            check!(&name, false, "the pass never suspended");
+            return;
+        };
+        let held_ok = self.held && matches!(self.held_then, Some(Ok(_)));
+        check!(
+            &name,
+            held_ok && r.features.bits() == features_before,
+            "device reset with {} requests in flight: {} completed, {} aborted and \
+             resubmitted; a submission while suspended held: {}, then {:?}; resumed with \
+             features {:#x} (before {features_before:#x}), {} queues, capacity {} (changed: \
+             {}); {} ms",
+            self.in_flight,
+            self.completed,
+            self.aborted,
+            self.held,
+            self.held_then,
+            r.features.bits(),
+            r.queues,
+            r.capacity,
+            r.capacity_changed,
+            self.ns / 1_000_000
+        );
+        report::stat(&format!("{name}.in_flight"), self.in_flight);
+        report::stat(&format!("{name}.completed"), self.completed);
+        report::stat(&format!("{name}.aborted"), self.aborted);
+    }
+}
+
+/// [`pass`], suspending and resuming the driver once in the middle when `suspend` says.
+fn pass_with_suspend(
+    disk: &mut Disk,
+    slots: &Slots,
     mut jobs: VecDeque<Job>,
     data: Data<'_>,
+    mut suspend: Option<&mut SuspendStep>,
 ) -> Result<PassStats, String> {
     let mut st = PassStats::default();
     let t0 = crate::time::now_ns();
@@ -445,6 +584,15 @@ fn pass(
             if *k {
                 disk.drv.kick(q as u16).map_err(|e| format!("kick: {e}"))?;
             }
+        }
+        if let Some(step) = suspend.as_deref_mut()
+            && !step.done
+            && st.sectors >= step.at_sectors
+            && !inflight.is_empty()
+        {
+            // Aborted requests are back in `jobs`: submit them again first.
+            step.run(disk, &mut jobs, &mut inflight, &mut free)?;
+            continue;
         }
         if inflight.is_empty() {
             if jobs.is_empty() {
@@ -527,11 +675,24 @@ fn ranges(list: &[(u64, u64)]) -> Vec<SectorRange> {
     list.iter().map(|&(s, n)| SectorRange::new(s, n)).collect()
 }
 
-fn test_main(disk: &mut Disk, slots: &mut Slots, seed: u64) {
+fn test_main(disk: &mut Disk, slots: &mut Slots, seed: u64, suspend: Option<u32>) {
     let capacity = disk.drv.info().capacity;
     let nq = disk.drv.num_queues();
+    let features = disk.drv.features().bits();
+    let mut suspends = 0;
     let c0 = disk.counters();
-    let r = pass(disk, slots, schedule(0, capacity, 0, nq), Data::Write(seed));
+    let mut step = suspend.map(|drain| SuspendStep::new(capacity / 2, drain));
+    let r = pass_with_suspend(
+        disk,
+        slots,
+        schedule(0, capacity, 0, nq),
+        Data::Write(seed),
+        step.as_mut(),
+    );
+    if let Some(step) = &step {
+        step.report("write", features);
+        suspends += u64::from(step.done);
+    }
     let c1 = disk.counters() - c0;
     match &r {
         Ok(st) => {
@@ -550,12 +711,20 @@ fn test_main(disk: &mut Disk, slots: &mut Slots, seed: u64) {
         Err(e) => check!("blk.write", false, "{e}"),
     };
     flush(disk, "blk.flush");
-    let r = pass(
+    // The verify pass gives the requests in flight time to complete (bounded).
+    let mut step = suspend.map(|_| SuspendStep::new(capacity / 2, 100_000_000));
+    let r = pass_with_suspend(
         disk,
         slots,
         schedule(0, capacity, 5, nq),
         Data::Read(&check_pattern(seed)),
+        step.as_mut(),
     );
+    if let Some(step) = &step {
+        step.report("verify", features);
+        suspends += u64::from(step.done);
+    }
+    report::stat("blk.suspends", suspends);
     match &r {
         Ok(st) => check!("blk.verify", true, "{}", describe(st)),
         Err(e) => check!("blk.verify", false, "{e}"),

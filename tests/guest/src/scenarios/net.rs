@@ -8,7 +8,15 @@
 //!    loopback); the guest receives `net_bytes` (default 64 MiB) of the deterministic
 //!    stream (`net/stream.rs`) and checks every byte, then sends `net_bytes` back; the host
 //!    answers with its hash of what it got. Hashes, throughput and kicks/interrupts per
-//!    packet are printed as `STAT net.recv.*` / `net.send.*`;
+//!    packet are printed as `STAT net.recv.*` / `net.send.*`. Sleep and wake: before the
+//!    transfer the guest sets a receive filter (`net.filter`: promiscuous off,
+//!    all-multicast on, one unicast and one multicast address, VLAN 42); halfway through
+//!    each direction it suspends the driver (transmits in flight get `net_suspend_drain`
+//!    polls, default 0: the reset takes them back) and resumes it (`net.suspend.recv`,
+//!    `net.suspend.send`: tokens completed / reclaimed, receive buffers reclaimed,
+//!    settings replayed). The TCP connection survives: smoltcp keeps its state and TCP
+//!    retransmits what the reset lost. The runner checks QEMU's trace for the resets and,
+//!    with QMP `query-rx-filter`, that the device holds the filter again;
 //! 4. `net.link`: `STAT net.phase=link-test` asks the runner to take the link down (QMP
 //!    `set_link`); the driver must see it through a config interrupt (`STAT net.link=down`
 //!    tells the runner to bring it back), then see it come back up;
@@ -17,7 +25,9 @@
 //! The smoltcp loop, DHCP and the transfer are in `net/stack.rs` (shared with `net-vd`).
 //!
 //! Parameters: `net_port=` (required), `net_bytes=`, `net_link_bytes=` (default 1 MiB),
-//! `net_link=0` skips steps 4–5.
+//! `net_link=0` skips steps 4–5, `net_suspend=0` the filter and the suspends (the default
+//! follows `net_link`, so the benchmark's `net_link=0` runs the bare transfer),
+//! `net_suspend_drain=` (default 0).
 
 mod phy;
 pub mod stack;
@@ -28,11 +38,21 @@ use crate::check;
 use crate::cmdline::IrqMode;
 use crate::report;
 use alloc::format;
-use phy::Phy;
-use stack::{Stack, ms_since};
+use bus::GuestBus;
+use core::sync::atomic::{AtomicU32, Ordering};
+use phy::{Phy, TX_SLOTS};
+use stack::{Midpoint, Stack, ms_since};
 use virtio_core::bus::Bus;
 use virtio_core::platform::InterruptMode;
-use virtio_net::{NetConfig, VirtioNet};
+use virtio_net::{NetConfig, NetError, VirtioNet};
+
+/// Polls `suspend` gives transmits in flight (`net_suspend_drain=`), for the midpoint hook.
+static SUSPEND_DRAIN: AtomicU32 = AtomicU32::new(0);
+
+/// The receive filter set before the transfer; the runner reads it back from QEMU.
+const FILTER_UNICAST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const FILTER_MULTICAST: [u8; 6] = [0x01, 0x00, 0x5e, 0x00, 0x00, 0xfb];
+const FILTER_VLAN: u16 = 42;
 
 pub fn run(env: &mut Env) {
     let Some(func) = env.find_virtio(1) else {
@@ -50,6 +70,9 @@ pub fn run(env: &mut Env) {
     let bytes = env.cmdline.get_u64("net_bytes", 64 << 20);
     let link_bytes = env.cmdline.get_u64("net_link_bytes", 1 << 20);
     let link_test = env.cmdline.get_u64("net_link", 1) != 0;
+    let suspend_test = env.cmdline.get_u64("net_suspend", u64::from(link_test)) != 0;
+    let drain = env.cmdline.get_u64("net_suspend_drain", 0);
+    SUSPEND_DRAIN.store(u32::try_from(drain).unwrap_or(u32::MAX), Ordering::Relaxed);
 
     let dev = match bus::open(env, func) {
         Ok(d) => d,
@@ -64,7 +87,7 @@ pub fn run(env: &mut Env) {
         max_tx_segments: 1,
         ..NetConfig::default()
     };
-    let net = match VirtioNet::new(dev, cfg) {
+    let mut net = match VirtioNet::new(dev, cfg) {
         Ok(n) => n,
         Err(e) => {
             check!("net.init", false, "{} VirtioNet::new: {e}", func.addr);
@@ -93,6 +116,9 @@ pub fn run(env: &mut Env) {
         if net.link_up() { "up" } else { "down" },
     );
     report::stat("net.features", format!("{:#x}", net.features().bits()));
+    if suspend_test {
+        set_filter(&mut net);
+    }
     let phy = match Phy::new(net, env.irq == IrqMode::Poll) {
         Ok(p) => p,
         Err(e) => {
@@ -107,8 +133,12 @@ pub fn run(env: &mut Env) {
         return;
     }
 
-    // ---- the main transfer ----
+    // ---- the main transfer, with a suspend and resume halfway through each direction ----
+    if suspend_test {
+        stack.midpoint = Some(suspend_resume as Midpoint<Phy>);
+    }
     let ok = stack.transfer("net", port, 0, bytes, bytes, true);
+    stack.midpoint = None;
 
     // ---- link down / up, then traffic again ----
     if ok && link_test {
@@ -127,6 +157,8 @@ fn finish(stack: &mut Stack<Phy>) {
     report::stat("net.rx_errors", st.rx_errors);
     report::stat("net.tx_busy", st.tx_busy);
     report::stat("net.config_changes", st.config_changes);
+    report::stat("net.suspends", st.suspends);
+    report::stat("net.resumes", st.resumes);
     report::stat("net.phy.rx_polls", c.rx_polls);
     report::stat("net.phy.rx_oversize", c.rx_oversize);
     report::stat("net.phy.tx_errors", c.tx_errors);
@@ -136,6 +168,92 @@ fn finish(stack: &mut Stack<Phy>) {
     }
     bus::stats("net", stack.phy.net().bus_mut());
     stack.phy.shutdown();
+}
+
+/// Sets the receive filter `resume` must replay: promiscuous off, all-multicast on, a
+/// unicast and a multicast address in the tables, VLAN [`FILTER_VLAN`]. Slirp's frames
+/// (to our address, or broadcast) still pass.
+fn set_filter(net: &mut VirtioNet<GuestBus>) {
+    let result = (|| -> Result<(), NetError> {
+        net.set_promisc(false)?;
+        net.set_allmulti(true)?;
+        net.set_mac_filter(&[FILTER_UNICAST], &[FILTER_MULTICAST])?;
+        net.vlan_add(FILTER_VLAN)
+    })();
+    let mac = |m: [u8; 6]| {
+        format!(
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    };
+    check!(
+        "net.filter",
+        result.is_ok(),
+        "promiscuous off, all-multicast on, unicast {}, multicast {}, VLAN {FILTER_VLAN}: {result:?}",
+        mac(FILTER_UNICAST),
+        mac(FILTER_MULTICAST)
+    );
+    report::stat("net.filter.promiscuous", "false");
+    report::stat("net.filter.multicast", "all");
+    report::stat("net.filter.unicast_table", mac(FILTER_UNICAST));
+    report::stat("net.filter.multicast_table", mac(FILTER_MULTICAST));
+    report::stat("net.filter.vlan_table", FILTER_VLAN);
+}
+
+/// The transfer's midpoint hook: suspends the driver under the live connection (the
+/// device is reset) and resumes it. `phase` is `net.recv` or `net.send`; the check is
+/// `net.suspend.recv` / `net.suspend.send`.
+fn suspend_resume(stack: &mut Stack<Phy>, phase: &str) {
+    let name = format!("net.suspend.{}", phase.trim_start_matches("net."));
+    let in_flight = TX_SLOTS - stack.phy.free_tx_slots();
+    let drain = SUSPEND_DRAIN.load(Ordering::Relaxed);
+    let t0 = crate::time::now_ns();
+    match stack.phy.suspend_resume(drain) {
+        Ok((s, r)) => {
+            let ms = ms_since(t0);
+            let back = s.tx_completed + s.tx_reclaimed;
+            let slots_home = stack.phy.free_tx_slots() == TX_SLOTS;
+            check!(
+                &name,
+                back == in_flight
+                    && slots_home
+                    && s.drain_error.is_none()
+                    && r.restore_failed == 0
+                    && r.link_up,
+                "device reset and re-initialised: {back} of {in_flight} transmit tokens back \
+                 ({} completed, {} reclaimed at the reset), {} receive buffers reclaimed, {} \
+                 undelivered dropped, {} drain polls; resumed with features {:#x}, {} receive \
+                 buffers posted, {} settings replayed ({} failed{}), link {}; {ms} ms",
+                s.tx_completed,
+                s.tx_reclaimed,
+                s.rx_reclaimed,
+                s.rx_dropped,
+                s.drain_polls,
+                r.features.bits(),
+                r.rx_posted,
+                r.restored,
+                r.restore_failed,
+                r.restore_error
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default(),
+                if r.link_up { "up" } else { "down" },
+            );
+            for (k, v) in [
+                ("tx_in_flight", in_flight),
+                ("tx_completed", s.tx_completed),
+                ("tx_reclaimed", s.tx_reclaimed),
+                ("rx_reclaimed", s.rx_reclaimed),
+                ("rx_dropped", s.rx_dropped),
+                ("restored", r.restored as usize),
+            ] {
+                report::stat(&format!("{name}.{k}"), v);
+            }
+            report::stat(&format!("{name}.ms"), ms);
+        }
+        Err(e) => {
+            check!(&name, false, "{e}");
+        }
+    }
 }
 
 /// Asks the runner to take the link down and up again; both changes must arrive as config

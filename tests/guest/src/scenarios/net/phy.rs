@@ -9,7 +9,10 @@
 //!   [`VirtioNet::transmit_deferred`] and comes back through [`VirtioNet::tx_reclaim`]
 //!   (its token is the slot index). [`Phy::flush`] kicks once per batch;
 //! - interrupts: the handlers only record; [`Nic::service`] feeds them to the driver in
-//!   thread context and handles config changes (link status, logged in [`LinkLog`]).
+//!   thread context and handles config changes (link status, logged in [`LinkLog`]);
+//! - sleep and wake: [`Phy::suspend_resume`] suspends the driver (every transmit slot in
+//!   flight comes back through the token callback) and resumes it; smoltcp keeps its
+//!   state, and TCP retransmits what the reset lost.
 
 use super::stack::{Counters, Nic};
 use crate::platform::{GuestDma, INTX_INDEX};
@@ -21,7 +24,7 @@ use smoltcp::time::Instant;
 use virtio_core::Segment;
 use virtio_core::bus::Bus;
 use virtio_core::platform::{Dma, DmaRegion};
-use virtio_net::{NetError, TxOffload, VirtioNet};
+use virtio_net::{NetError, ResumeReport, SuspendReport, TxOffload, VirtioNet};
 
 /// Largest Ethernet frame (without FCS) for a 1500-byte MTU.
 pub const FRAME_MAX: usize = 1514;
@@ -222,6 +225,32 @@ impl Phy {
                 counters.last_error = Some(e);
             }
         }
+    }
+
+    /// Suspends the driver, waiting at most `drain_polls` polls for transmits in flight,
+    /// and resumes it. The slots of every frame in flight come back (completed or
+    /// reclaimed); frames queued but not yet notified are among them.
+    pub fn suspend_resume(
+        &mut self,
+        drain_polls: u32,
+    ) -> Result<(SuspendReport, ResumeReport), NetError> {
+        let TxSide {
+            net,
+            free,
+            unkicked,
+            ..
+        } = &mut self.tx;
+        let suspended = net.suspend(drain_polls, |tok| free.push(tok as u16))?;
+        *unkicked = 0;
+        let resumed = net.resume()?;
+        // Poll the fresh receive ring at once rather than wait for an interrupt.
+        self.rx_more = true;
+        Ok((suspended, resumed))
+    }
+
+    /// Transmit slots not in flight (all of them when the device holds none).
+    pub fn free_tx_slots(&self) -> usize {
+        self.tx.free.len()
     }
 
     /// Resets the device and frees the transmit slots.

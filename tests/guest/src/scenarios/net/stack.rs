@@ -81,12 +81,19 @@ pub trait Nic: Device {
     fn counters(&mut self) -> Counters;
 }
 
+/// Called in the middle of each direction of a transfer, with the phase's name
+/// (`<transfer>.recv` / `<transfer>.send`): the `net` scenario suspends and resumes the
+/// device there, under a live TCP connection.
+pub type Midpoint<D> = fn(&mut Stack<D>, &str);
+
 /// The interface, its sockets and the device, and the loop that drives them.
 pub struct Stack<D: Nic> {
     pub phy: D,
     pub iface: Interface,
     pub sockets: SocketSet<'static>,
     dhcp: SocketHandle,
+    /// Run at half of each direction of the transfers started while it is set.
+    pub midpoint: Option<Midpoint<D>>,
 }
 
 /// Counters at one moment, to report a phase's share.
@@ -108,6 +115,7 @@ impl<D: Nic> Stack<D> {
             iface,
             sockets,
             dhcp,
+            midpoint: None,
         }
     }
 
@@ -294,7 +302,16 @@ impl<D: Nic> Stack<D> {
         let mut rx_hash = Fnv::new();
         let mut bad: Option<u64> = None;
         let mut last_progress = crate::time::now_ns();
+        let mut midpoint = self.midpoint;
+        let recv_name = format!("{name}.recv");
         let received = self.run_until(600_000, |s, progress| {
+            if rx.pos() >= down / 2
+                && let Some(hook) = midpoint.take()
+            {
+                hook(s, &recv_name);
+                *progress = true;
+                last_progress = crate::time::now_ns();
+            }
             let sock = s.sockets.get_mut::<tcp::Socket>(h);
             let want = down - rx.pos();
             if want > 0 && sock.can_recv() {
@@ -352,7 +369,16 @@ impl<D: Nic> Stack<D> {
         let mut trailer = [0u8; TRAILER_LEN];
         let mut got = 0usize;
         let mut last_progress = crate::time::now_ns();
+        let mut midpoint = self.midpoint;
+        let send_name = format!("{name}.send");
         let sent = self.run_until(600_000, |s, progress| {
+            if tx.pos() >= up / 2
+                && let Some(hook) = midpoint.take()
+            {
+                hook(s, &send_name);
+                *progress = true;
+                last_progress = crate::time::now_ns();
+            }
             let sock = s.sockets.get_mut::<tcp::Socket>(h);
             let left = up - tx.pos();
             if left > 0 && sock.can_send() {
