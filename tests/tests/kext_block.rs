@@ -55,6 +55,8 @@ c_abi! {
         fn vblk_unmap(*mut VblkDevice, *const VblkExtent, usize, *mut c_void) -> i32;
         fn vblk_set_write_cache(*mut VblkDevice, bool) -> i32;
         fn vblk_interrupt(*mut VblkDevice, i32);
+        fn vblk_suspend(*mut VblkDevice) -> i32;
+        fn vblk_resume(*mut VblkDevice) -> i32;
         fn vblk_stop(*mut VblkDevice);
         fn vblk_destroy(*mut VblkDevice);
         fn vblk_log_init();
@@ -92,6 +94,7 @@ kext_tests!(Kexts:
     errors_reach_the_completion_or_the_caller,
     read_only_write_through_device_without_discard,
     needs_reset_aborts_and_recovers,
+    lifecycle_across_sleep_and_wake,
 );
 
 /// What the shim's callbacks record.
@@ -564,4 +567,93 @@ fn needs_reset_aborts_and_recovers(kexts: Kexts) {
 fn cstr(b: &[u8]) -> &str {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     std::str::from_utf8(&b[..end]).unwrap()
+}
+
+/// The block device's life in IOKit order across a system sleep, in every transport mode:
+/// start (GET_ID completed by an interrupt), writes, sleep (`setPowerState(0)`) with
+/// requests in flight that the device never completes (they come back aborted, once each,
+/// for the shim to hold) and an interrupt arriving while asleep, new requests refused while
+/// asleep, wake (`setPowerState(1)`), the held and aborted requests resubmitted and
+/// completed, stop with a request in flight, unload. Every request completes exactly once
+/// with a final status, the disk holds every write, and nothing leaks.
+fn lifecycle_across_sleep_and_wake(kexts: Kexts) {
+    for (mode, pref) in MODES {
+        let what = format!("{mode:?}/{pref:?}");
+        let mut r = Rig::start(kexts, full_model(), mode, pref, 64);
+        // SAFETY: live handle.
+        let s = unsafe { (kexts.blk.vblk_request_id)(r.dev, 0x10 as *mut c_void) };
+        assert_eq!(s, VBLK_OK);
+        assert_eq!(r.step(), 1, "{what}: an interrupt during start");
+        assert_eq!(r.take(), vec![(0x10, VBLK_OK)]);
+        let mut segs = Vec::new();
+        for k in 0..8usize {
+            segs.push(r.segments(4096, 2, Some(0x40 + k as u8)));
+        }
+        for (k, s) in segs.iter().enumerate().take(4) {
+            assert_eq!(r.rw(true, (k * 8) as u64, 8, s, 0x100 + k), VBLK_OK);
+        }
+        while r.step() > 0 {}
+        assert_eq!(r.take().len(), 4);
+        // In flight when the sleep comes, never served by the device.
+        for (k, s) in segs.iter().enumerate().skip(4) {
+            assert_eq!(r.rw(true, (k * 8) as u64, 8, s, 0x100 + k), VBLK_OK);
+        }
+        let resets = r.sim.resets();
+
+        // setPowerState(0).
+        assert_eq!(
+            // SAFETY: live handle.
+            unsafe { (kexts.blk.vblk_suspend)(r.dev) },
+            VBLK_OK,
+            "{what}"
+        );
+        assert_eq!(r.sim.resets(), resets + 1, "{what}: reset for sleep");
+        let mut aborted = r.take();
+        aborted.sort();
+        let want: Vec<(usize, i32)> = (4..8).map(|k| (0x100 + k, VBLK_E_ABORTED)).collect();
+        assert_eq!(
+            aborted, want,
+            "{what}: in-flight requests come back once, aborted"
+        );
+        // Asleep: new requests are held by the shim (BUSY), interrupts find nothing.
+        assert_eq!(r.rw(false, 0, 8, &segs[0], 0x300), VBLK_E_BUSY, "{what}");
+        r.fam().interrupts();
+        // SAFETY: a spurious shared-line interrupt as the family's entry delivers it.
+        unsafe { (kexts.blk.vblk_interrupt)(r.dev, -1) };
+        assert!(r.take().is_empty(), "{what}");
+
+        // setPowerState(1): the shim resubmits what came back aborted.
+        // SAFETY: live handle.
+        assert_eq!(unsafe { (kexts.blk.vblk_resume)(r.dev) }, VBLK_OK, "{what}");
+        r.sim.check_init_order().unwrap();
+        assert_eq!(r.info().block_count, SECTORS);
+        for (k, s) in segs.iter().enumerate().skip(4) {
+            assert_eq!(r.rw(true, (k * 8) as u64, 8, s, 0x100 + k), VBLK_OK);
+        }
+        let read = r.segments(4096, 1, None);
+        assert_eq!(r.rw(false, 5 * 8, 8, &read, 0x300), VBLK_OK);
+        while r.step() > 0 {}
+        let mut done = r.take();
+        done.sort();
+        let mut want: Vec<(usize, i32)> = (4..8).map(|k| (0x100 + k, VBLK_OK)).collect();
+        want.push((0x300, VBLK_OK));
+        assert_eq!(done, want, "{what}");
+        for k in 0..8usize {
+            let expect: Vec<u8> = (0..4096).map(|i| (0x40 + k as u8) ^ (i as u8)).collect();
+            assert_eq!(
+                &r.model.disk[k * 4096..(k + 1) * 4096],
+                &expect[..],
+                "{what}: block run {k}"
+            );
+        }
+        let expect: Vec<u8> = (0..4096).map(|i| 0x45u8 ^ (i as u8)).collect();
+        assert_eq!(r.bytes(&read), expect, "{what}: read back after wake");
+
+        // Stop with a request in flight: aborted once, then unload without leaks.
+        assert_eq!(r.rw(true, 0, 8, &segs[0], 0x400), VBLK_OK);
+        // SAFETY: live handle.
+        unsafe { (kexts.blk.vblk_stop)(r.dev) };
+        assert_eq!(r.take(), vec![(0x400, VBLK_E_ABORTED)], "{what}");
+        r.unload();
+    }
 }

@@ -73,6 +73,12 @@
 #define VBLK_MAX_EXTENTS 64
 
 /**
+ * Polls of every queue [`vblk_suspend`] spends waiting for requests in flight before it
+ * resets the device (the kext has no clock to give the crate).
+ */
+#define VBLK_SUSPEND_DRAIN_POLLS 10000
+
+/**
  * One virtio block device (opaque to C).
  */
 typedef struct VblkDevice VblkDevice;
@@ -284,6 +290,28 @@ void vblk_interrupt(VblkDevice *d, int32_t vector);
  * `d` is null or a live handle.
  */
 void vblk_stop(VblkDevice *d);
+
+/**
+ * System sleep (the device's power state 0): new requests answer `VBLK_E_BUSY` (the shim
+ * holds them, in order, as it does when the ring is full), requests in flight complete
+ * through `complete` — with their result, or `VBLK_E_ABORTED` for those the reset cut off,
+ * which the shim resubmits after [`vblk_resume`] — and the device is reset.
+ *
+ * # Safety
+ * `d` is null or a live handle.
+ */
+int32_t vblk_suspend(VblkDevice *d);
+
+/**
+ * Wake (power state 1): the device is initialised from scratch (same features, all
+ * queues rebuilt, configuration re-read: a capacity change while asleep is reported
+ * through `capacity_changed`); then the shim resubmits what it held. An error leaves the
+ * device asleep and FAILED (resume may be retried).
+ *
+ * # Safety
+ * `d` is null or a live handle.
+ */
+int32_t vblk_resume(VblkDevice *d);
 
 /**
  * Frees the device (stopping it first if [`vblk_stop`] was not called; the device is

@@ -36,6 +36,7 @@ static IOReturn toIOReturn(int32_t st)
 
 /* ---- lifecycle ---- */
 
+
 bool org_virtiodarwin_VirtioBlockDevice::start(IOService *provider)
 {
     fNub = OSDynamicCast(org_virtiodarwin_VirtioDevice, provider);
@@ -66,8 +67,49 @@ bool org_virtiodarwin_VirtioBlockDevice::start(IOService *provider)
         return false;
     }
     publishProperties();
+    /* Sleep and wake: without a power driver the disk would be lost after a wake (virtio
+     * keeps nothing across the reset a sleep implies). */
+    PMinit();
+    provider->joinPMtree(this);
+    if (registerPowerDriver(this, gVirtioPowerStates, 2) != kIOReturnSuccess)
+        IOLog("VirtioBlock: no power management (the disk will not survive sleep)\n");
     registerService();
     return true;
+}
+
+IOReturn org_virtiodarwin_VirtioBlockDevice::setPowerState(unsigned long ordinal, IOService *device)
+{
+    if (!fGate)
+        return IOPMAckImplied;
+    fGate->runAction(gatedSetPower, (void *)(uintptr_t)ordinal);
+    return IOPMAckImplied;
+}
+
+/* Sleep: requests submitted from now on are held; those in flight complete, or come back
+ * aborted by the reset and are held again (cbComplete), in front. Wake: the device is
+ * rebuilt and everything held is resubmitted in order. */
+IOReturn org_virtiodarwin_VirtioBlockDevice::gatedSetPower(OSObject *owner, void *ordinal, void *, void *, void *)
+{
+    org_virtiodarwin_VirtioBlockDevice *me = (org_virtiodarwin_VirtioBlockDevice *)owner;
+    bool on = (uintptr_t)ordinal != 0;
+    if (!me->fDev || me->fStopping)
+        return kIOReturnSuccess;
+    if (!on && !me->fAsleep) {
+        me->fAsleep = true;
+        me->fSleeps++;
+        if (vblk_suspend(me->fDev) != VBLK_OK)
+            IOLog("VirtioBlock: the device did not quiesce cleanly before sleep\n");
+    } else if (on && me->fAsleep) {
+        if (vblk_resume(me->fDev) != VBLK_OK) {
+            /* Left asleep: requests stay held until a later wake succeeds or stop fails them. */
+            IOLog("VirtioBlock: the device did not come back after wake\n");
+            return kIOReturnSuccess;
+        }
+        me->fAsleep = false;
+        me->refreshInfo();
+        cbRestart(me);
+    }
+    return kIOReturnSuccess;
 }
 
 IOReturn org_virtiodarwin_VirtioBlockDevice::gatedStart(OSObject *owner, void *, void *, void *, void *)
@@ -106,6 +148,7 @@ IOReturn org_virtiodarwin_VirtioBlockDevice::gatedStart(OSObject *owner, void *,
 
 void org_virtiodarwin_VirtioBlockDevice::stop(IOService *provider)
 {
+    PMstop();
     /* A resize notice not yet delivered is dropped (and its reference given back); one
      * already running holds a reference, so free() cannot come before it ends. */
     if (fResizeCall && thread_call_cancel(fResizeCall))
@@ -307,8 +350,21 @@ IOReturn org_virtiodarwin_VirtioBlockDevice::gatedSync(OSObject *owner, void *ki
             }
             st = vblk_unmap(me->fDev, me->fExtents, n, r);
         }
-        if (st == VBLK_OK)
-            return me->waitFor(r, 0);
+        if (st == VBLK_OK) {
+            UInt32 sleeps = me->fSleeps;
+            IOReturn ret = me->waitFor(r, 0);
+            if (ret != kIOReturnAborted || me->fStopping || sleeps == me->fSleeps)
+                return ret;
+            /* Cut off by a sleep's reset: sent again once awake. */
+            r = me->allocRequest(true);
+            if (!r)
+                return kIOReturnNoResources;
+            r->kind = k;
+            r->sync = true;
+            while (me->fAsleep && !me->fStopping)
+                me->fGate->commandSleep(&me->fRoomEvent, THREAD_UNINT);
+            continue;
+        }
         if (st != VBLK_E_BUSY || me->fStopping || me->fWorkLoop->onThread()) {
             me->freeRequest(r);
             /* No write cache: nothing to flush. */
@@ -380,6 +436,14 @@ void org_virtiodarwin_VirtioBlockDevice::cbComplete(void *ctx, void *request, in
 {
     org_virtiodarwin_VirtioBlockDevice *me = (org_virtiodarwin_VirtioBlockDevice *)ctx;
     Request *r = (Request *)request;
+    if (!r->sync && status == VBLK_E_ABORTED && me->fAsleep && !me->fStopping) {
+        /* Cut off by the sleep's reset: held again, ahead of what arrived since. */
+        r->next = me->fHeldHead;
+        me->fHeldHead = r;
+        if (!me->fHeldTail)
+            me->fHeldTail = r;
+        return;
+    }
     if (r->sync) {
         r->status = status;
         r->done = true;

@@ -58,6 +58,7 @@ public:
     virtual IOReturn reportPollRequirements(bool *pollRequired, bool *pollIsExpensive) APPLE_KEXT_OVERRIDE;
     virtual IOReturn reportRemovability(bool *isRemovable) APPLE_KEXT_OVERRIDE;
     virtual IOReturn reportWriteProtection(bool *isWriteProtected) APPLE_KEXT_OVERRIDE;
+    virtual IOReturn setPowerState(unsigned long ordinal, IOService *device) APPLE_KEXT_OVERRIDE;
 
 private:
     enum Kind { kRead, kWrite, kFlush, kUnmap, kGetId };
@@ -90,6 +91,8 @@ private:
     Request *fHeldTail;
     UInt32 fCompletions;
     bool fStopping;
+    bool fAsleep;           /* between power state 0 and a successful wake */
+    UInt32 fSleeps;         /* sleeps so far: tells a sleep's abort from any other */
     bool fRoomEvent;        /* address slept on while waiting for ring room */
     bool fFreeEvent;        /* address slept on while waiting for a free request */
     VkSegment fSegments[VBLK_MAX_SEGMENTS];
@@ -109,6 +112,7 @@ private:
 
     static void resizeCallout(thread_call_param_t self, thread_call_param_t);
     static IOReturn gatedStart(OSObject *owner, void *, void *, void *, void *);
+    static IOReturn gatedSetPower(OSObject *owner, void *ordinal, void *, void *, void *);
     static IOReturn gatedStop(OSObject *owner, void *, void *, void *, void *);
     static IOReturn gatedReadWrite(OSObject *owner, void *buffer, void *args, void *attrs, void *completion);
     static IOReturn gatedSync(OSObject *owner, void *kind, void *extents, void *count, void *);

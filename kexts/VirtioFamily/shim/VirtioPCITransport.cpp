@@ -158,13 +158,29 @@ bool org_virtiodarwin_VirtioPCITransport::start(IOService *provider)
         super::stop(provider);
         return false;
     }
+    /* The power tree: PCI device -> transport -> nub -> device kext, so the device kext
+     * sleeps (quiesces and resets its device) before the function's power goes. */
+    PMinit();
+    fPCI->joinPMtree(this);
+    registerPowerDriver(this, gVirtioPowerStates, 2);
+    fNub->PMinit();
+    joinPMtree(fNub);
+    fNub->registerPowerDriver(fNub, gVirtioPowerStates, 2);
     fNub->registerService();
     registerService();
     return true;
 }
 
+IOReturn org_virtiodarwin_VirtioPCITransport::setPowerState(unsigned long ordinal, IOService *device)
+{
+    /* Nothing of the transport's own: the device kext below has quiesced or rebuilt the
+     * device, and IOPCIFamily saves and restores the function's config space and MSI-X. */
+    return IOPMAckImplied;
+}
+
 void org_virtiodarwin_VirtioPCITransport::stop(IOService *provider)
 {
+    PMstop();
     /* The nub's client has stopped (IOKit terminates children first). */
     releaseResources();
     super::stop(provider);
@@ -187,6 +203,7 @@ IOReturn org_virtiodarwin_VirtioPCITransport::destroyGated(OSObject *owner, void
 void org_virtiodarwin_VirtioPCITransport::releaseResources(void)
 {
     if (fNub) {
+        fNub->PMstop();
         fNub->fDevice = NULL;
         fNub->detach(this);
         fNub->release();
@@ -509,4 +526,10 @@ bool org_virtiodarwin_VirtioDevice::matchPropertyTable(OSDictionary *table, SInt
         return true;
     OSObject *have = getProperty(kVirtioDeviceTypeKey);
     return have && have->isEqualTo(want);
+}
+
+IOReturn org_virtiodarwin_VirtioDevice::setPowerState(unsigned long ordinal, IOService *device)
+{
+    /* A node of the power tree only: its device kext does the work. */
+    return IOPMAckImplied;
 }

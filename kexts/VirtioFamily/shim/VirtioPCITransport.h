@@ -32,6 +32,14 @@
 
 class org_virtiodarwin_VirtioDevice;
 
+/* The power states every virtio kext registers: off (system sleep; a virtio device keeps
+ * nothing across it) and on. The device kexts quiesce, reset and rebuild their devices; the
+ * transport and its nubs only order them in the power tree (children sleep first). */
+static IOPMPowerState gVirtioPowerStates[2] = {
+    { kIOPMPowerStateVersion1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 },
+    { kIOPMPowerStateVersion1, kIOPMDeviceUsable, kIOPMPowerOn, kIOPMPowerOn, 0, 0, 0, 0, 0, 0, 0, 0 },
+};
+
 class org_virtiodarwin_VirtioPCITransport : public IOService {
     OSDeclareDefaultStructors(org_virtiodarwin_VirtioPCITransport)
 
@@ -41,6 +49,7 @@ public:
     virtual void stop(IOService *provider) APPLE_KEXT_OVERRIDE;
     virtual void free(void) APPLE_KEXT_OVERRIDE;
     virtual IOWorkLoop *getWorkLoop(void) const APPLE_KEXT_OVERRIDE;
+    virtual IOReturn setPowerState(unsigned long ordinal, IOService *device) APPLE_KEXT_OVERRIDE;
 
 private:
     IOPCIDevice *fPCI;
@@ -89,6 +98,7 @@ class org_virtiodarwin_VirtioDevice : public IOService {
 public:
     /* Matches personalities on VirtioDeviceType (as IOPCIDevice does on IOPCIMatch). */
     virtual bool matchPropertyTable(OSDictionary *table, SInt32 *score) APPLE_KEXT_OVERRIDE;
+    virtual IOReturn setPowerState(unsigned long ordinal, IOService *device) APPLE_KEXT_OVERRIDE;
 
     /* The bus handle for the device kext's Rust half (vfam_* functions). Valid while the
      * client is attached to this nub. */

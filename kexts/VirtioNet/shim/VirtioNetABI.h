@@ -92,6 +92,12 @@
 #define VNET_MULTICAST_MAX 64
 
 /**
+ * Polls of the transmit queue [`vnet_suspend`] spends waiting for frames in flight before
+ * it resets the device (the kext has no clock to give the crate; QEMU finishes in one).
+ */
+#define VNET_SUSPEND_DRAIN_POLLS 10000
+
+/**
  * One virtio network device (opaque to C).
  */
 typedef struct VnetDevice VnetDevice;
@@ -358,6 +364,30 @@ int32_t vnet_debug_receive(VnetDevice *d, uint8_t *buf, size_t cap, uint32_t spi
  * `d` is null or a live handle.
  */
 void vnet_stop(VnetDevice *d);
+
+/**
+ * System sleep (the controller's power state 0): transmit stops (sends answer
+ * `VNET_E_BUSY`), frames in flight complete or are handed back to `tx_done` once each,
+ * receive frames not yet delivered are dropped, and the device is reset: nothing of it
+ * survives until [`vnet_resume`]. The shim stops its output queue first.
+ *
+ * # Safety
+ * `d` is null or a live handle.
+ */
+int32_t vnet_suspend(VnetDevice *d);
+
+/**
+ * Wake (power state 1): the device is initialised from scratch (virtio keeps nothing
+ * across a reset): the same features renegotiated, every queue rebuilt, receive buffers
+ * posted, the MAC address, promiscuous/multicast filters and offloads replayed. `VNET_OK`
+ * then the shim re-reads [`vnet_info`] (link, MTU) and restarts its output queue; an error
+ * (the device no longer offers what it had: `VNET_E_DEVICE`) leaves it asleep and FAILED,
+ * and resume may be retried.
+ *
+ * # Safety
+ * `d` is null or a live handle.
+ */
+int32_t vnet_resume(VnetDevice *d);
 
 /**
  * Frees the device (stopping it first if needed).

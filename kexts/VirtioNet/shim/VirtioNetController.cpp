@@ -19,6 +19,7 @@ static const uint32_t kDebugPollsPerMs = 100;
 
 /* ---- lifecycle ---- */
 
+
 bool org_virtiodarwin_VirtioNetController::start(IOService *provider)
 {
     fNub = OSDynamicCast(org_virtiodarwin_VirtioDevice, provider);
@@ -145,6 +146,53 @@ void org_virtiodarwin_VirtioNetController::free(void)
     OSSafeReleaseNULL(fCursor);
     OSSafeReleaseNULL(fMedium);
     super::free();
+}
+
+/* ---- power: IONetworkController PMinit()s, joins the tree and asks us to register; a
+ * controller that does not is PMstop()ped, and its device is lost after a wake. ---- */
+
+IOReturn org_virtiodarwin_VirtioNetController::registerWithPolicyMaker(IOService *policyMaker)
+{
+    return policyMaker->registerPowerDriver(this, gVirtioPowerStates, 2);
+}
+
+IOReturn org_virtiodarwin_VirtioNetController::setPowerState(unsigned long ordinal, IOService *device)
+{
+    IOCommandGate *gate = getCommandGate();
+    if (gate)
+        gate->runAction(OSMemberFunctionCast(IOCommandGate::Action, this,
+                                             &org_virtiodarwin_VirtioNetController::gatedSetPower),
+                        (void *)(uintptr_t)ordinal);
+    return IOPMAckImplied;
+}
+
+/* Sleep: the output queue stops (frames wait in it), frames in flight complete or come
+ * back through cbTxDone, the device is reset. Wake: the device is rebuilt with its MAC and
+ * filters, link and MTU are read again, the queue restarts. */
+IOReturn org_virtiodarwin_VirtioNetController::gatedSetPower(void *ordinal)
+{
+    bool on = (uintptr_t)ordinal != 0;
+    if (!fDev)
+        return kIOReturnSuccess;
+    if (!on && !fAsleep) {
+        fAsleep = true;
+        if (getOutputQueue())
+            getOutputQueue()->stop();
+        if (vnet_suspend(fDev) != VNET_OK)
+            IOLog("VirtioNet: the device did not quiesce cleanly before sleep\n");
+        setLinkStatus(kIONetworkLinkValid, NULL);
+    } else if (on && fAsleep) {
+        if (vnet_resume(fDev) != VNET_OK) {
+            IOLog("VirtioNet: the device did not come back after wake; the interface stays down\n");
+            return kIOReturnSuccess;
+        }
+        fAsleep = false;
+        vnet_info(fDev, &fInfo);
+        updateLink(fInfo.link_up != 0);
+        if (fEnabled && getOutputQueue())
+            getOutputQueue()->start();
+    }
+    return kIOReturnSuccess;
 }
 
 IOOutputQueue *org_virtiodarwin_VirtioNetController::createOutputQueue(void)

@@ -35,6 +35,8 @@ public:
     virtual bool start(IOService *provider) APPLE_KEXT_OVERRIDE;
     virtual void stop(IOService *provider) APPLE_KEXT_OVERRIDE;
     virtual void free(void) APPLE_KEXT_OVERRIDE;
+    virtual IOReturn registerWithPolicyMaker(IOService *policyMaker) APPLE_KEXT_OVERRIDE;
+    virtual IOReturn setPowerState(unsigned long ordinal, IOService *device) APPLE_KEXT_OVERRIDE;
 
     virtual IOReturn enable(IONetworkInterface *netif) APPLE_KEXT_OVERRIDE;
     virtual IOReturn disable(IONetworkInterface *netif) APPLE_KEXT_OVERRIDE;
@@ -69,11 +71,13 @@ private:
     IONetworkMedium *fMedium;
     UInt32 fEvents;
     bool fEnabled;
+    bool fAsleep;           /* between power state 0 and a successful wake */
     bool fDebuggerEnabled;
     bool fMulticastActive;
 
     IOReturn gatedCreate(int32_t *st);
     IOReturn gatedStop(void);
+    IOReturn gatedSetPower(void *ordinal);
     IOReturn gatedPublish(void);
     IOReturn gatedUpdateLink(void);
     void teardown(void);

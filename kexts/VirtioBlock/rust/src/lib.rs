@@ -677,6 +677,75 @@ pub unsafe extern "C" fn vblk_stop(d: *mut VblkDevice) {
     VblkDevice::deliver(p);
 }
 
+/// Polls of every queue [`vblk_suspend`] spends waiting for requests in flight before it
+/// resets the device (the kext has no clock to give the crate).
+pub const VBLK_SUSPEND_DRAIN_POLLS: u32 = 10_000;
+
+/// System sleep (the device's power state 0): new requests answer `VBLK_E_BUSY` (the shim
+/// holds them, in order, as it does when the ring is full), requests in flight complete
+/// through `complete` — with their result, or `VBLK_E_ABORTED` for those the reset cut off,
+/// which the shim resubmits after [`vblk_resume`] — and the device is reset.
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vblk_suspend(d: *mut VblkDevice) -> i32 {
+    let p = d;
+    let Some(d) = dev(p) else {
+        return VBLK_E_INVALID;
+    };
+    if d.stopped {
+        return VBLK_E_DEVICE;
+    }
+    let VblkDevice { drv, book, .. } = &mut *d;
+    let status = match drv.suspend(VBLK_SUSPEND_DRAIN_POLLS, |t, r| book.record(t, r)) {
+        Ok(r) => {
+            log::info!(
+                "VirtioBlock: asleep ({} requests completed, {} cut off by the reset)",
+                r.completed,
+                r.aborted
+            );
+            VBLK_OK
+        }
+        Err(e) => status_of(e),
+    };
+    VblkDevice::deliver(p);
+    status
+}
+
+/// Wake (power state 1): the device is initialised from scratch (same features, all
+/// queues rebuilt, configuration re-read: a capacity change while asleep is reported
+/// through `capacity_changed`); then the shim resubmits what it held. An error leaves the
+/// device asleep and FAILED (resume may be retried).
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vblk_resume(d: *mut VblkDevice) -> i32 {
+    let Some(dv) = dev(d) else {
+        return VBLK_E_INVALID;
+    };
+    if dv.stopped {
+        return VBLK_E_DEVICE;
+    }
+    match dv.drv.resume() {
+        Ok(r) => {
+            if r.capacity_changed {
+                let cb = dv.cb;
+                if let Some(f) = cb.capacity_changed {
+                    // SAFETY: the shim's callback with its own context.
+                    unsafe { f(cb.ctx, r.capacity) };
+                }
+            }
+            VBLK_OK
+        }
+        Err(e) => {
+            log::error!("VirtioBlock: cannot wake the device: {e}");
+            status_of(e)
+        }
+    }
+}
+
 /// Frees the device (stopping it first if [`vblk_stop`] was not called; the device is
 /// reset and its memory returned to the family).
 ///

@@ -898,6 +898,77 @@ pub unsafe extern "C" fn vnet_stop(d: *mut VnetDevice) {
     });
 }
 
+/// Polls of the transmit queue [`vnet_suspend`] spends waiting for frames in flight before
+/// it resets the device (the kext has no clock to give the crate; QEMU finishes in one).
+pub const VNET_SUSPEND_DRAIN_POLLS: u32 = 10_000;
+
+/// System sleep (the controller's power state 0): transmit stops (sends answer
+/// `VNET_E_BUSY`), frames in flight complete or are handed back to `tx_done` once each,
+/// receive frames not yet delivered are dropped, and the device is reset: nothing of it
+/// survives until [`vnet_resume`]. The shim stops its output queue first.
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_suspend(d: *mut VnetDevice) -> i32 {
+    with(d, |i| {
+        if i.stopped {
+            return VNET_E_STOPPED;
+        }
+        let cb = i.cb;
+        match i.drv.suspend(VNET_SUSPEND_DRAIN_POLLS, |token| {
+            if let Some(f) = cb.tx_done {
+                // SAFETY: the shim's callback with its own context and token.
+                unsafe { f(cb.ctx, token) }
+            }
+        }) {
+            Ok(r) => {
+                log::info!(
+                    "VirtioNet: asleep ({} frames completed, {} handed back, {} receive frames dropped)",
+                    r.tx_completed,
+                    r.tx_reclaimed,
+                    r.rx_dropped
+                );
+                VNET_OK
+            }
+            Err(e) => status_of(e),
+        }
+    })
+}
+
+/// Wake (power state 1): the device is initialised from scratch (virtio keeps nothing
+/// across a reset): the same features renegotiated, every queue rebuilt, receive buffers
+/// posted, the MAC address, promiscuous/multicast filters and offloads replayed. `VNET_OK`
+/// then the shim re-reads [`vnet_info`] (link, MTU) and restarts its output queue; an error
+/// (the device no longer offers what it had: `VNET_E_DEVICE`) leaves it asleep and FAILED,
+/// and resume may be retried.
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_resume(d: *mut VnetDevice) -> i32 {
+    with(d, |i| {
+        if i.stopped {
+            return VNET_E_STOPPED;
+        }
+        match i.drv.resume() {
+            Ok(r) => {
+                if r.restore_failed > 0 {
+                    log::warn!(
+                        "VirtioNet: awake; {} settings the device refused to restore",
+                        r.restore_failed
+                    );
+                }
+                VNET_OK
+            }
+            Err(e) => {
+                log::error!("VirtioNet: cannot wake the device: {e}");
+                status_of(e)
+            }
+        }
+    })
+}
+
 /// Frees the device (stopping it first if needed).
 ///
 /// # Safety
