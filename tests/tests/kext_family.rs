@@ -36,6 +36,7 @@ kext_tests!(FamilyKext:
     interrupts_without_a_client_are_acknowledged,
     bad_arguments_and_non_virtio_functions,
     client_declarations_match_the_family_exports,
+    lifecycle_across_sleep_wake_and_teardown,
 );
 
 fn client_bus_round_trip_in_every_mode(family: &'static FamilyKext) {
@@ -264,4 +265,98 @@ fn client_declarations_match_the_family_exports(family: &'static FamilyKext) {
     );
     let _: unsafe extern "C" fn(*mut D, u16, *mut bool) -> virtio_kext_abi::VkStatus =
         cli::vfam_queue_kick;
+}
+
+/// The family's side of a device's life in IOKit order, in every mode: the client attaches
+/// and moves a request; sleep (the client's suspend resets the device through the bus, the
+/// in-flight chain comes back once) with an interrupt arriving while asleep; wake (the same
+/// features renegotiated, queues rebuilt) and a request again; teardown with an interrupt
+/// pending when the client unregisters (it must not reach the old handler), then stop with
+/// every DMA region back.
+fn lifecycle_across_sleep_wake_and_teardown(family: &'static FamilyKext) {
+    use virtio_core::platform::Dma;
+    for (mode, pref) in MODES {
+        let what = format!("{mode:?}/{pref:?}");
+        let sim = SimBuilder::new(mode, 1)
+            .features(OFFERED)
+            .queues(&[64, 64])
+            .device_config(&[0x52, 0x54, 0, 1, 2, 3, 1, 0])
+            .build();
+        let fam = Family::start(family, &sim, pref).expect("start");
+        let client = &family.client;
+        let mut seen: Vec<i32> = Vec::new();
+        // SAFETY: live handle; `seen` outlives the registration (cleared below).
+        unsafe {
+            (client.vfam_set_interrupt_handler)(
+                fam.client_handle(),
+                Some(record),
+                (&mut seen as *mut Vec<i32>).cast(),
+            )
+        };
+        // SAFETY: the handle stays valid until fam.stop(); `client` is its family's.
+        let mut bus =
+            unsafe { FamilyBus::with_api(client, fam.client_handle()) }.expect("client bus");
+        let wanted = Features::from_bits_retain((1 << 5) | (1 << 16));
+        let features = bus.negotiate_features(wanted).unwrap();
+        let queues = [QueueSpec::new(0), QueueSpec::new(1)];
+        bus.setup_queues(&queues).unwrap();
+        bus.driver_ok().unwrap();
+        let buf = bus.dma().alloc_coherent(64, 16).unwrap();
+        let round_trip = |bus: &mut FamilyBus<_>, token: usize| {
+            bus.add(1, &[], &[Segment::new(buf.daddr, 8)], token)
+                .unwrap();
+            bus.kick(1).unwrap();
+            assert_eq!(sim.serve(1, |c| sim.write_chain(c, b"ok")), 1);
+            fam.interrupts();
+            bus.handle_interrupt(None);
+            let u = bus.pop_used(1).unwrap().expect("completion");
+            assert_eq!((u.token, u.len), (token, 2));
+        };
+        round_trip(&mut bus, 1);
+
+        // Sleep: the device is reset with a chain in flight; it comes back exactly once.
+        bus.add(1, &[], &[Segment::new(buf.daddr, 8)], 2).unwrap();
+        let resets = sim.resets();
+        let mut back = Vec::new();
+        bus.reset(&mut |q, t| back.push((q, t)));
+        assert_eq!(back, vec![(1, 2)], "{what}");
+        assert_eq!(sim.resets(), resets + 1, "{what}");
+        // An interrupt while asleep (a shared line): acknowledged, nothing to pop.
+        sim.raise_config_interrupt();
+        fam.interrupts();
+        bus.handle_interrupt(None);
+        assert!(matches!(bus.pop_used(1), Ok(None) | Err(_)), "{what}");
+
+        // Wake: from scratch, the same features.
+        assert_eq!(
+            bus.renegotiate_features(features).unwrap(),
+            features,
+            "{what}"
+        );
+        bus.setup_queues(&queues).unwrap();
+        bus.driver_ok().unwrap();
+        round_trip(&mut bus, 3);
+
+        // Teardown: an interrupt is pending when the client unregisters.
+        bus.add(1, &[], &[Segment::new(buf.daddr, 8)], 4).unwrap();
+        bus.kick(1).unwrap();
+        sim.serve(1, |c| sim.write_chain(c, b"late"));
+        seen.clear();
+        // SAFETY: live handle; the client stops.
+        unsafe {
+            (client.vfam_set_interrupt_handler)(fam.client_handle(), None, std::ptr::null_mut())
+        };
+        fam.interrupts();
+        assert!(
+            seen.is_empty(),
+            "{what}: an interrupt reached an unregistered client"
+        );
+        // The completion nobody popped: its token still comes back, once.
+        let mut back = Vec::new();
+        bus.reset(&mut |q, t| back.push((q, t)));
+        assert_eq!(back, vec![(1, 4)], "{what}");
+        // SAFETY: the device was reset; the buffer is ours.
+        unsafe { bus.dma().free_coherent(buf) };
+        fam.stop();
+    }
 }
