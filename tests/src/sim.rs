@@ -85,6 +85,15 @@ pub enum SimMode {
     Legacy,
 }
 
+/// The four ways a driver can meet a function: modern; transitional as the probe picks it
+/// (modern) and as legacy; legacy-only. Tests that cover "every mode" iterate this.
+pub const MODES: [(SimMode, virtio_pci::Preference); 4] = [
+    (SimMode::Modern, virtio_pci::Preference::Auto),
+    (SimMode::Transitional, virtio_pci::Preference::Auto),
+    (SimMode::Transitional, virtio_pci::Preference::Legacy),
+    (SimMode::Legacy, virtio_pci::Preference::Auto),
+];
+
 /// Builder for a [`Sim`].
 #[derive(Clone)]
 pub struct SimBuilder {

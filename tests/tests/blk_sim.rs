@@ -19,12 +19,7 @@ use virtio_tests::sim::{Sim, SimBars, SimConfig, SimInterrupt, SimIrq, SimMode};
 type Dev = VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>;
 type Outcome = Result<Completion, BlkError>;
 
-const MODES: [(SimMode, Preference); 4] = [
-    (SimMode::Modern, Preference::Auto),
-    (SimMode::Transitional, Preference::Auto),
-    (SimMode::Transitional, Preference::Legacy),
-    (SimMode::Legacy, Preference::Auto),
-];
+use virtio_tests::sim::MODES;
 const RING: u64 = bits::INDIRECT_DESC | bits::EVENT_IDX | bits::BAD_FEATURE;
 const SECTORS: u64 = 8192;
 

@@ -20,12 +20,7 @@ use virtio_tests::sim::{LifecycleStep, Sim, SimBars, SimConfig, SimIrq, SimMode}
 type Dev = VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>;
 type Outcome = Result<Completion, BlkError>;
 
-const MODES: [(SimMode, Preference); 4] = [
-    (SimMode::Modern, Preference::Auto),
-    (SimMode::Transitional, Preference::Auto),
-    (SimMode::Transitional, Preference::Legacy),
-    (SimMode::Legacy, Preference::Auto),
-];
+use virtio_tests::sim::MODES;
 const RING: u64 = bits::INDIRECT_DESC | bits::EVENT_IDX | bits::BAD_FEATURE;
 const SECTORS: u64 = 8192;
 /// A write of this size is split into four device requests (seg_max 4 x size_max 4096).

@@ -16,12 +16,7 @@ const V1: u64 = 1 << 32;
 const QEMU: u64 = F_MULTIPORT | F_EMERG_WRITE | RING | V1;
 const PORTS: u32 = 31;
 
-const MODES: [(SimMode, Preference); 4] = [
-    (SimMode::Modern, Preference::Auto),
-    (SimMode::Transitional, Preference::Auto),
-    (SimMode::Transitional, Preference::Legacy),
-    (SimMode::Legacy, Preference::Auto),
-];
+use virtio_tests::sim::MODES;
 
 type Console = VirtioConsole<SimConsoleBus>;
 

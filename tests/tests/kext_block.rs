@@ -22,12 +22,7 @@ use virtio_tests::blk_model::{BlkModel, bits, proto};
 use virtio_tests::mem::IdentityMemory;
 use virtio_tests::sim::{Sim, SimMode};
 
-const MODES: [(SimMode, Preference); 4] = [
-    (SimMode::Modern, Preference::Auto),
-    (SimMode::Transitional, Preference::Auto),
-    (SimMode::Transitional, Preference::Legacy),
-    (SimMode::Legacy, Preference::Auto),
-];
+use virtio_tests::sim::MODES;
 const RING: u64 = bits::INDIRECT_DESC | bits::EVENT_IDX;
 const SECTORS: u64 = 8192;
 

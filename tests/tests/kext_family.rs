@@ -16,12 +16,7 @@ use virtio_kext_client::FamilyBus;
 use virtio_pci::Preference;
 use virtio_tests::sim::{SimBuilder, SimMode};
 
-const MODES: [(SimMode, Preference); 4] = [
-    (SimMode::Modern, Preference::Auto),
-    (SimMode::Transitional, Preference::Auto),
-    (SimMode::Transitional, Preference::Legacy),
-    (SimMode::Legacy, Preference::Auto),
-];
+use virtio_tests::sim::MODES;
 const OFFERED: u64 = (1 << 32) | (1 << 30) | (1 << 29) | (1 << 28) | (1 << 16) | (1 << 5);
 
 /// The client's interrupt handler: records vectors, as the net/block shims' actions would

@@ -22,12 +22,7 @@ use virtio_tests::net_model::{self, CtrlResponder, NetModel};
 use virtio_tests::sim::{Sim, SimBuilder, SimMode};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
-const MODES: [(SimMode, Preference); 4] = [
-    (SimMode::Modern, Preference::Auto),
-    (SimMode::Transitional, Preference::Auto),
-    (SimMode::Transitional, Preference::Legacy),
-    (SimMode::Legacy, Preference::Auto),
-];
+use virtio_tests::sim::MODES;
 const RING: u64 = (1 << 28) | (1 << 29);
 const NET: u64 = f::CSUM | f::GUEST_CSUM | f::MAC | f::STATUS | f::MRG_RXBUF | f::HOST_TSO4;
 

@@ -42,12 +42,7 @@ const QEMU: u64 = f::CSUM
     | RING
     | V1;
 
-const MODES: [(SimMode, Preference); 4] = [
-    (SimMode::Modern, Preference::Auto),
-    (SimMode::Transitional, Preference::Auto),
-    (SimMode::Transitional, Preference::Legacy),
-    (SimMode::Legacy, Preference::Auto),
-];
+use virtio_tests::sim::MODES;
 
 struct Rig {
     model: NetModel,

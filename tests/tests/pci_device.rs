@@ -19,12 +19,7 @@ const OFFERED: u64 =
     (1 << 32) | (1 << 30) | (1 << 29) | (1 << 28) | (1 << 16) | (1 << 5) | (1 << 40);
 const DRIVER: Features = Features::from_bits_retain((1 << 5) | (1 << 16));
 
-const MODES: [(SimMode, Preference); 4] = [
-    (SimMode::Modern, Preference::Auto),
-    (SimMode::Transitional, Preference::Auto),
-    (SimMode::Transitional, Preference::Legacy),
-    (SimMode::Legacy, Preference::Auto),
-];
+use virtio_tests::sim::MODES;
 
 fn sim(mode: SimMode, msix_vectors: Option<u16>) -> Sim {
     let mut b = SimBuilder::new(mode, 1)

@@ -1333,41 +1333,10 @@ mod tests {
     //! breaks exactly the rule under test. Without clang the tests pass with a note,
     //! unless `CI` is set (then a missing clang fails them).
 
-    use std::path::PathBuf;
-    use std::process::Command;
     use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
     use crate::link::{Input, Options, link};
-
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-
-    const C_FLAGS: &[&str] = &[
-        "-target",
-        "x86_64-apple-macos10.13",
-        "-mkernel",
-        "-fno-builtin",
-        "-nostdinc",
-        "-fno-common",
-        "-O2",
-    ];
-
-    const CXX_FLAGS: &[&str] = &[
-        "-target",
-        "x86_64-apple-macos10.13",
-        "-fapple-kext",
-        "-mkernel",
-        "-nostdinc",
-        "-nostdinc++",
-        "-fno-builtin",
-        "-fno-exceptions",
-        "-fno-rtti",
-        "-fno-use-cxa-atexit",
-        "-fno-register-global-dtors-with-atexit",
-        "-std=gnu++17",
-        "-O2",
-    ];
 
     /// What plain_kext.c imports, as if its libraries exported it.
     const PLAIN_LIBRARY_EXPORTS: [&str; 4] = [
@@ -1379,46 +1348,7 @@ mod tests {
     const PLAIN_EXPORT_PATTERNS: [&str; 1] = ["_demo_*"];
     const DRIVER_EXPORT_PATTERNS: [&str; 1] = ["_kx_demo_*"];
 
-    /// Compiles `tests/fixtures/<source>`; `None` (skip) when the compiler is missing and
-    /// `CI` is unset.
-    fn compile(compiler: &str, flags: &[&str], source: &str) -> Option<Vec<u8>> {
-        static UNIQUE: AtomicUsize = AtomicUsize::new(0);
-        let output = std::env::temp_dir().join(format!(
-            "kextld-check-{}-{}.o",
-            std::process::id(),
-            UNIQUE.fetch_add(1, Ordering::Relaxed)
-        ));
-        let source = PathBuf::from(FIXTURES).join(source);
-        let status = Command::new(compiler)
-            .args(flags)
-            .arg("-c")
-            .arg(&source)
-            .arg("-o")
-            .arg(&output)
-            .status();
-        match status {
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "{compiler} is required in CI (compiling {})",
-                    source.display()
-                );
-                eprintln!("skipped: {compiler} is not installed");
-                None
-            }
-            Err(error) => panic!("running {compiler}: {error}"),
-            Ok(status) => {
-                assert!(
-                    status.success(),
-                    "{compiler} failed on {}",
-                    source.display()
-                );
-                let object = std::fs::read(&output).expect("reading the compiled object");
-                let _ = std::fs::remove_file(&output);
-                Some(object)
-            }
-        }
-    }
+    use crate::fixture::{C_FLAGS, CXX_FLAGS, compile};
 
     fn link_one(name: &str, object: Vec<u8>, exports: &[&str]) -> crate::link::Linked {
         let inputs = [Input {

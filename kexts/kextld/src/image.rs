@@ -569,21 +569,29 @@ fn parse_segment(bytes: &Bytes<'_>, command: &LoadCommand) -> Result<Segment, Ma
     Ok(segment)
 }
 
-fn parse_symtab_command(bytes: &Bytes<'_>, command: &LoadCommand) -> Result<Symtab, Malformed> {
-    let base = command.offset;
-    let read = |at: usize| {
-        (command.size as usize >= SYMTAB_COMMAND_SIZE)
+/// Reads the 32-bit field at `at` of a load command that must be at least `size` bytes.
+fn command_field_reader<'b>(
+    bytes: &'b Bytes<'_>,
+    command: &LoadCommand,
+    name: &'static str,
+    size: usize,
+) -> impl Fn(usize) -> Result<u32, Malformed> + 'b {
+    let (base, command_size) = (command.offset, command.size as usize);
+    move |at: usize| {
+        (command_size >= size)
             .then(|| bytes.u32(base + at))
             .flatten()
             .ok_or_else(|| {
                 malformed(
                     ImagePart::LoadCommands,
-                    format!(
-                        "LC_SYMTAB at offset {base:#x} is shorter than {SYMTAB_COMMAND_SIZE} bytes"
-                    ),
+                    format!("{name} at offset {base:#x} is shorter than {size} bytes"),
                 )
             })
-    };
+    }
+}
+
+fn parse_symtab_command(bytes: &Bytes<'_>, command: &LoadCommand) -> Result<Symtab, Malformed> {
+    let read = command_field_reader(bytes, command, "LC_SYMTAB", SYMTAB_COMMAND_SIZE);
     Ok(Symtab {
         symoff: read(8)?,
         nsyms: read(12)?,
@@ -593,20 +601,7 @@ fn parse_symtab_command(bytes: &Bytes<'_>, command: &LoadCommand) -> Result<Symt
 }
 
 fn parse_dysymtab_command(bytes: &Bytes<'_>, command: &LoadCommand) -> Result<Dysymtab, Malformed> {
-    let base = command.offset;
-    let read = |at: usize| {
-        (command.size as usize >= DYSYMTAB_COMMAND_SIZE)
-            .then(|| bytes.u32(base + at))
-            .flatten()
-            .ok_or_else(|| {
-                malformed(
-                    ImagePart::LoadCommands,
-                    format!(
-                        "LC_DYSYMTAB at offset {base:#x} is shorter than {DYSYMTAB_COMMAND_SIZE} bytes"
-                    ),
-                )
-            })
-    };
+    let read = command_field_reader(bytes, command, "LC_DYSYMTAB", DYSYMTAB_COMMAND_SIZE);
     Ok(Dysymtab {
         ilocalsym: read(8)?,
         nlocalsym: read(12)?,

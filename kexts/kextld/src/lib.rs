@@ -11,6 +11,8 @@
 //! accepts") and cited at each step.
 
 pub mod check;
+#[doc(hidden)]
+pub mod fixture;
 pub mod image;
 pub mod link;
 #[cfg(unix)]

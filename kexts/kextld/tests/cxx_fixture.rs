@@ -8,37 +8,13 @@
 //! Without clang++ the tests pass with a note, unless `CI` is set: then a missing
 //! compiler fails them.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kextld::check::{CheckContext, Rule, check};
+use kextld::fixture::{self, CXX_FLAGS};
 use kextld::image::{Image, Section};
 use kextld::link::{Input, Linked, Options, link};
 use object::macho;
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-
-/// The flags darwin-facts.md gives for kext C++, with destructors kept out of atexit.
-const CXX_FLAGS: &[&str] = &[
-    "-target",
-    "x86_64-apple-macos10.13",
-    "-fapple-kext",
-    "-mkernel",
-    "-nostdinc",
-    "-nostdinc++",
-    "-fno-builtin",
-    "-fno-exceptions",
-    "-fno-rtti",
-    "-fno-use-cxa-atexit",
-    "-fno-register-global-dtors-with-atexit",
-    "-std=gnu++17",
-    "-O2",
-    "-Wall",
-    "-Wextra",
-    "-Werror",
-];
 
 const REGISTER_DTORS_OFF: &str = "-fno-register-global-dtors-with-atexit";
 
@@ -60,38 +36,7 @@ const DRIVER_SOURCE: &str = "iokit_style_driver.cpp";
 /// Compiles `tests/fixtures/<source>` with clang++ and `flags`; `None` (skip) when
 /// clang++ is missing and `CI` is unset.
 fn compile(source: &str, flags: &[&str]) -> Option<Vec<u8>> {
-    static UNIQUE: AtomicUsize = AtomicUsize::new(0);
-    let output = std::env::temp_dir().join(format!(
-        "kextld-cxx-fixture-{}-{}.o",
-        std::process::id(),
-        UNIQUE.fetch_add(1, Ordering::Relaxed)
-    ));
-    let source = PathBuf::from(FIXTURES).join(source);
-    let status = Command::new("clang++")
-        .args(flags)
-        .arg("-c")
-        .arg(&source)
-        .arg("-o")
-        .arg(&output)
-        .status();
-    match status {
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "clang++ is required in CI (compiling {})",
-                source.display()
-            );
-            eprintln!("skipped: clang++ is not installed");
-            None
-        }
-        Err(error) => panic!("running clang++: {error}"),
-        Ok(status) => {
-            assert!(status.success(), "clang++ failed on {}", source.display());
-            let object = std::fs::read(&output).expect("reading the compiled object");
-            let _ = std::fs::remove_file(&output);
-            Some(object)
-        }
-    }
+    fixture::compile("clang++", flags, source)
 }
 
 fn link_kext(name: &str, object: Vec<u8>, exports: &[&str]) -> Linked {
