@@ -26,6 +26,26 @@ unsafe extern "C" fn record(ctx: *mut c_void, vector: i32) {
     unsafe { (*(ctx as *mut Vec<i32>)).push(vector) };
 }
 
+/// A client kext attaching to the nub: its interrupt handler (recording vectors into
+/// `seen`, which must outlive the registration: tests unregister before it goes), then
+/// the `Bus` adapter over the family's functions.
+fn attach_client(
+    family: &'static FamilyKext,
+    fam: &Family,
+    seen: &mut Vec<i32>,
+) -> FamilyBus<&'static virtio_kext_client::FamilyFunctions> {
+    // SAFETY: live handle; the caller keeps `seen` alive while registered.
+    unsafe {
+        (family.client.vfam_set_interrupt_handler)(
+            fam.client_handle(),
+            Some(record),
+            (seen as *mut Vec<i32>).cast(),
+        )
+    };
+    // SAFETY: the handle stays valid until fam.stop(); `client` is its family's.
+    unsafe { FamilyBus::with_api(&family.client, fam.client_handle()) }.expect("client bus")
+}
+
 kext_tests!(FamilyKext:
     client_bus_round_trip_in_every_mode,
     interrupts_without_a_client_are_acknowledged,
@@ -52,17 +72,7 @@ fn client_bus_round_trip_in_every_mode(family: &'static FamilyKext) {
 
             // The client kext attaches: handler, then the Bus adapter.
             let mut seen: Vec<i32> = Vec::new();
-            // SAFETY: live handle; `seen` outlives the registration (cleared below).
-            unsafe {
-                (client.vfam_set_interrupt_handler)(
-                    fam.client_handle(),
-                    Some(record),
-                    (&mut seen as *mut Vec<i32>).cast(),
-                )
-            };
-            // SAFETY: the handle stays valid until fam.stop(); `client` is its family's.
-            let mut bus =
-                unsafe { FamilyBus::with_api(client, fam.client_handle()) }.expect("client bus");
+            let mut bus = attach_client(family, &fam, &mut seen);
             let f = bus
                 .negotiate_features(Features::from_bits_retain((1 << 5) | (1 << 16)))
                 .unwrap();
@@ -280,17 +290,7 @@ fn lifecycle_across_sleep_wake_and_teardown(family: &'static FamilyKext) {
         let fam = Family::start(family, &sim, pref).expect("start");
         let client = &family.client;
         let mut seen: Vec<i32> = Vec::new();
-        // SAFETY: live handle; `seen` outlives the registration (cleared below).
-        unsafe {
-            (client.vfam_set_interrupt_handler)(
-                fam.client_handle(),
-                Some(record),
-                (&mut seen as *mut Vec<i32>).cast(),
-            )
-        };
-        // SAFETY: the handle stays valid until fam.stop(); `client` is its family's.
-        let mut bus =
-            unsafe { FamilyBus::with_api(client, fam.client_handle()) }.expect("client bus");
+        let mut bus = attach_client(family, &fam, &mut seen);
         let wanted = Features::from_bits_retain((1 << 5) | (1 << 16));
         let features = bus.negotiate_features(wanted).unwrap();
         let queues = [QueueSpec::new(0), QueueSpec::new(1)];
