@@ -357,7 +357,39 @@ fn range_end(start: u64, len: u64) -> Option<u64> {
 /// `seg->fileoff + (address - seg->base_addr)`, so the file must mirror the VM layout. The
 /// image is linked at vmaddr 0 with its header at its start (`kmod_info.hdr_size` is 0 for
 /// final images, `kxld_object_get_vmsize`): `__TEXT` at 0/0 is ld64 `-kext`'s layout.
-pub fn check_segments(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
+pub fn check_segments(image: &Image<'_>, ctx: &CheckContext) -> Vec<String> {
+    let mut found = check_segment_layout(image, ctx);
+    found.extend(check_header_room(image));
+    found
+}
+
+/// Header room: at least [`MIN_HEADER_ROOM`] bytes between the end of the load commands
+/// and the first section of `__TEXT`. kxld writes the linked kext's header and load
+/// commands over the start of `__TEXT` (xnu `kxld_object.c`, exporting the linked object;
+/// `kxld_sect.c`) and never checks that they end before the first section, which it
+/// silently overwrites otherwise; its header can exceed the file's.
+fn check_header_room(image: &Image<'_>) -> Vec<String> {
+    let commands_end = 32 + u64::from(image.header.sizeofcmds);
+    let first = image
+        .sections
+        .iter()
+        .filter(|s| s.segname == "__TEXT")
+        .map(|s| s.addr)
+        .min();
+    match first {
+        Some(first) if first < commands_end + MIN_HEADER_ROOM => vec![format!(
+            "only {} bytes between the load commands (ending at {commands_end:#x}) and the first section at {first:#x}: kxld writes its own header there, and needs at least {MIN_HEADER_ROOM}",
+            first.saturating_sub(commands_end)
+        )],
+        _ => Vec::new(),
+    }
+}
+
+/// The least room [`check_header_room`] accepts (kxld's user-space header measured 240
+/// bytes larger than the file's; twice that, rounded).
+pub const MIN_HEADER_ROOM: u64 = 512;
+
+fn check_segment_layout(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
     let mut found = Vec::new();
     let file_len = image.data.len() as u64;
     let Some(first) = image.segments.first() else {
@@ -793,8 +825,18 @@ fn slot_section<'i>(image: &'i Image<'_>, address: i32, width: u64) -> Result<&'
 /// image before the kernel sets segment protections (every `BRANCH` to an import is in
 /// `__TEXT,__text`), and nothing in kxld forbids a pointer slot in `__TEXT`. Whether
 /// kmutil's auxiliary collection (macOS 11+) minds is not known here, so no rule is made.
+///
+/// At least one external relocation: kxld takes an image without any for one it already
+/// linked (`kxld_object.c`, `kxld_object_is_linked`: "has external relocations"), skips
+/// linking it, and an unlinked image then runs unrelocated.
 pub fn check_relocations(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
     let mut found = Vec::new();
+    if image.external_relocs.is_empty() {
+        found.push(
+            "no external relocation: kxld would take the bundle for an already linked image and not link it"
+                .to_string(),
+        );
+    }
     for section in &image.sections {
         if section.nreloc != 0 {
             found.push(format!(
@@ -1601,6 +1643,26 @@ mod tests {
     }
 
     #[test]
+    fn segment_rule_refuses_too_little_header_room() {
+        let Some(good) = plain_bundle() else { return };
+        // Claim load commands that end just before the first section.
+        let first = section_header_offset(&good, "__TEXT", "__text");
+        let text_addr = u64::from_le_bytes(good[first + 32..first + 40].try_into().unwrap());
+        let mut bundle = good.clone();
+        put_u32(&mut bundle, 20, u32::try_from(text_addr - 32 - 8).unwrap());
+        let violations = check(&bundle, &plain_context());
+        assert!(
+            violations
+                .iter()
+                .any(|v| v.rule == Rule::Segments
+                    && v.message.contains("kxld writes its own header")),
+            "{violations:?}"
+        );
+        // What the linker leaves passes.
+        assert!(text_addr >= 32 + u64::from(get_u32(&good, 20)) + MIN_HEADER_ROOM);
+    }
+
+    #[test]
     fn symbol_table_rule_refuses_inconsistent_partitions_and_common_symbols() {
         let Some(good) = plain_bundle() else { return };
         // One more external definition, one fewer undefined: the first import now sits in
@@ -1662,6 +1724,18 @@ mod tests {
             (word1 & !0x00ff_ffff) | defined,
         );
         assert_only(Rule::Relocations, &bundle, &plain_context());
+
+        // No external relocation at all: kxld would take it for linked already.
+        let dysymtab = command_offset(&good, macho::LC_DYSYMTAB);
+        let mut bundle = good.clone();
+        put_u32(&mut bundle, dysymtab + 68, 0); // nextrel
+        let violations = assert_only(Rule::Relocations, &bundle, &plain_context());
+        assert!(
+            violations
+                .iter()
+                .any(|v| v.message.contains("already linked")),
+            "{violations:?}"
+        );
 
         // A relocation attached to a section, where kxld never looks in a linked image.
         let mut bundle = good.clone();

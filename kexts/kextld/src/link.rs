@@ -92,6 +92,13 @@ fn err<T>(message: impl Into<String>) -> Result<T, LinkError> {
 
 const PAGE: u64 = 4096;
 const HEADER_SIZE: u64 = 32;
+/// Room left after the load commands before the first section. kxld writes the linked
+/// kext's own header and load commands over the start of `__TEXT` without checking that
+/// they end before the first section (xnu `kxld_object.c` export of the linked object,
+/// `kxld_sect.c`), and its header can be larger than ours (it measured 240 bytes more in
+/// user-space mode): too little room and the first bytes of `__text` are overwritten.
+/// ld64's layout leaves about 600 bytes; this leaves at least a kilobyte.
+pub const HEADER_PAD: u64 = 1024;
 const SEGMENT_COMMAND_SIZE: u64 = 72;
 const SECTION_SIZE: u64 = 80;
 const RELOC_SIZE: u64 = 8;
@@ -695,7 +702,7 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
         + 24 // LC_UUID
         + if use_build_version { 24 } else { 16 }
         + 16; // LC_SOURCE_VERSION
-    let mut address = HEADER_SIZE + sizeofcmds;
+    let mut address = HEADER_SIZE + sizeofcmds + HEADER_PAD;
     let mut text_end = address;
     let mut data_start = 0;
     let mut data_file_end = 0;

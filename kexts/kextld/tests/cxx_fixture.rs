@@ -61,7 +61,7 @@ struct Fixture {
 impl Fixture {
     /// The library is linked against nothing (it imports nothing, as the checks assert).
     fn library_context(&self) -> CheckContext {
-        CheckContext::new(Vec::<String>::new(), LIBRARY_EXPORT_PATTERNS)
+        CheckContext::new([KERNEL_IMPORT], LIBRARY_EXPORT_PATTERNS)
     }
 
     /// The driver declares the library kext as its only library.
@@ -89,6 +89,9 @@ fn parse(bundle: &[u8]) -> Image<'_> {
     Image::parse(bundle).expect("a linked bundle parses")
 }
 
+/// The one symbol the library kext imports from "the kernel".
+const KERNEL_IMPORT: &str = "_kx_kernel_note_retain";
+
 const ATEXIT_SYMBOLS: [&str; 3] = ["___cxa_atexit", "___dso_handle", "_atexit"];
 
 #[test]
@@ -104,7 +107,7 @@ fn library_and_driver_pass_the_checker() {
         Vec::new(),
         "driver"
     );
-    assert_eq!(fixture.library.imports, Vec::<String>::new());
+    assert_eq!(fixture.library.imports, vec![KERNEL_IMPORT.to_string()]);
     for import in &fixture.driver.imports {
         assert!(
             fixture.library.exports.contains(import),
@@ -339,8 +342,11 @@ fn loaded_kexts_construct_call_virtually_and_destruct() {
     use kextld::load::LoadedBundle;
 
     let Some(fixture) = fixture() else { return };
-    let library = LoadedBundle::load(&fixture.library.bytes, &mut |_| None)
-        .expect("loading the library kext");
+    extern "C" fn note_retain(_count: u32) {}
+    let library = LoadedBundle::load(&fixture.library.bytes, &mut |name| {
+        (name == KERNEL_IMPORT).then_some(note_retain as extern "C" fn(u32) as usize)
+    })
+    .expect("loading the library kext");
     let driver = LoadedBundle::load(&fixture.driver.bytes, &mut |name| {
         library.exported_symbol(name)
     })
