@@ -1233,6 +1233,9 @@ mod tests {
         assert!(virtio_pci::IOPCI_PRIMARY_MATCH_ALL.contains('&'));
         assert!(xml.contains("0x10001af4&amp;0xffc0ffff"));
         assert!(!xml.contains("&0x"), "a bare & in {xml}");
+        // IOPCIFamily chooses MSI-X itself and never reads a personality key for it.
+        assert!(!xml.contains("IOPCIMSIMode"));
+        assert!(xml.contains(&format!("<key>{DRIVER_TYPES_KEY}</key>")));
         validate_plist(family, &xml).unwrap();
         let bare = xml.replace("&amp;", "&");
         let e = validate_plist(family, &bare).unwrap_err();
