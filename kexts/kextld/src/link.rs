@@ -42,6 +42,7 @@ use object::read::archive::ArchiveFile;
 use object::read::macho::{MachHeader, Nlist, Section as _, Segment as _};
 
 /// One input: an x86_64 `MH_OBJECT`, or an `ar` archive of them.
+#[derive(Clone)]
 pub struct Input {
     pub name: String,
     pub data: Vec<u8>,
