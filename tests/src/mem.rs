@@ -35,6 +35,9 @@ struct Inner {
     free: Mutex<Vec<(usize, usize)>>,
     /// Whether we created the mapping ourselves (and unmap it on drop).
     owned_mapping: bool,
+    /// Coherent allocations that may still succeed (`usize::MAX`: no limit); see
+    /// [`IdentityMemory::fail_allocations_after`].
+    allocations_left: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Inner {
@@ -118,6 +121,7 @@ impl IdentityMemory {
                 len,
                 free: Mutex::new(vec![(0, len)]),
                 owned_mapping,
+                allocations_left: std::sync::atomic::AtomicUsize::new(usize::MAX),
             }),
         }
     }
@@ -143,6 +147,15 @@ impl IdentityMemory {
             .lock()
             .map(|f| f.iter().map(|&(_, len)| len).sum())
             .unwrap_or(0)
+    }
+
+    /// Lets the next `n` coherent allocations succeed and fails every one after them with
+    /// `DmaAlloc` (`None`: no limit), to walk a driver's error paths one allocation at a
+    /// time.
+    pub fn fail_allocations_after(&self, n: Option<usize>) {
+        self.inner
+            .allocations_left
+            .store(n.unwrap_or(usize::MAX), std::sync::atomic::Ordering::SeqCst);
     }
 
     /// A zeroed buffer inside guest memory, for tests that hand buffers to the device.
@@ -172,6 +185,18 @@ impl IdentityMemory {
 
 impl Dma for IdentityMemory {
     fn alloc_coherent(&self, len: usize, align: usize) -> Result<DmaRegion> {
+        use std::sync::atomic::Ordering;
+        let limited =
+            self.inner
+                .allocations_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| match left {
+                    usize::MAX => Some(left),
+                    0 => None,
+                    n => Some(n - 1),
+                });
+        if limited.is_err() {
+            return Err(Error::DmaAlloc);
+        }
         let align = align.max(16);
         let len = len.max(1).next_multiple_of(16);
         let base = self.inner.base as usize;

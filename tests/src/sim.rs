@@ -214,6 +214,8 @@ impl SimBuilder {
             irq_calls: Vec::new(),
             max_platform_vectors: u16::MAX,
             mem,
+            notify_hook: None,
+            pending_notifies: Vec::new(),
         };
         state.build_config_space();
         Sim {
@@ -428,7 +430,14 @@ struct State {
     irq_calls: Vec<IrqCall>,
     max_platform_vectors: u16,
     mem: IdentityMemory,
+    /// Runs after each queue notification, outside the state lock (see [`Sim::on_notify`]).
+    notify_hook: Option<NotifyHook>,
+    /// Notifications not yet handed to `notify_hook`.
+    pending_notifies: Vec<u16>,
 }
+
+/// A device reaction to a queue notification: called with the simulation and the queue.
+pub type NotifyHook = Arc<dyn Fn(&Sim, u16) + Send + Sync>;
 
 enum IrqSource {
     Queue(u16),
@@ -913,6 +922,9 @@ impl State {
             self.bad(format!("notify for queue {queue} before DRIVER_OK"));
         }
         self.events.push(SimEvent::Notify { queue });
+        if self.notify_hook.is_some() {
+            self.pending_notifies.push(queue);
+        }
     }
 
     fn read_isr(&mut self) -> u8 {
@@ -1628,6 +1640,15 @@ impl Sim {
         chains.len()
     }
 
+    /// Makes the device react to every queue notification with `hook` (called after the
+    /// notifying register write, with the queue index), e.g. a device that answers each
+    /// kick at once. `None` removes it.
+    pub fn on_notify(&self, hook: Option<NotifyHook>) {
+        let mut st = self.st();
+        st.notify_hook = hook;
+        st.pending_notifies.clear();
+    }
+
     /// A short human-readable dump of the device state (for failing tests).
     pub fn describe(&self) -> String {
         let st = self.st();
@@ -1692,13 +1713,36 @@ impl BarAccess for SimBars {
         lock(&self.inner).bar_read(bar, offset, 4).map(|v| v as u32)
     }
     fn write8(&self, bar: u8, offset: u64, value: u8) {
-        lock(&self.inner).bar_write(bar, offset, 1, value.into());
+        self.write_and_react(bar, offset, 1, value.into());
     }
     fn write16(&self, bar: u8, offset: u64, value: u16) {
-        lock(&self.inner).bar_write(bar, offset, 2, value.into());
+        self.write_and_react(bar, offset, 2, value.into());
     }
     fn write32(&self, bar: u8, offset: u64, value: u32) {
-        lock(&self.inner).bar_write(bar, offset, 4, value.into());
+        self.write_and_react(bar, offset, 4, value.into());
+    }
+}
+
+impl SimBars {
+    /// A BAR write, then the notify hook for each queue it notified (outside the lock, so
+    /// the hook may serve queues like a device thread would).
+    fn write_and_react(&self, bar: u8, offset: u64, width: usize, value: u64) {
+        let (hook, queues) = {
+            let mut st = lock(&self.inner);
+            st.bar_write(bar, offset, width, value);
+            (
+                st.notify_hook.clone(),
+                std::mem::take(&mut st.pending_notifies),
+            )
+        };
+        if let Some(hook) = hook {
+            let sim = Sim {
+                inner: Arc::clone(&self.inner),
+            };
+            for queue in queues {
+                hook(&sim, queue);
+            }
+        }
     }
 }
 

@@ -1025,3 +1025,89 @@ fn drop_after_a_fault_returns_reported_ranges() {
     drop(r);
     pool.check_clean("drop after fault");
 }
+
+/// Issue 14, bug 2: a device that completes the statistics buffer on every notification
+/// kept `poll` (and `handle_interrupt`) answering it forever. Now one request is answered
+/// per call. The flood stops after `FLOOD_ROUNDS` so a regression fails instead of hanging.
+#[test]
+fn stats_flood_is_answered_once_per_call() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const FLOOD_ROUNDS: usize = 1_000;
+    for (mode, pref) in MODES {
+        // Without EVENT_IDX every re-add is kicked (the model does not move avail_event).
+        let model = BalloonModel::new(QEMU);
+        let pool = TestPool::new(4096, 8192);
+        let sim = model
+            .sim_builder(mode, RING & !bits::EVENT_IDX, false)
+            .build();
+        let t = probe(sim.config_space(), sim.bars(), pref).expect("probe");
+        let dev = VirtioDevice::new(t, sim.memory(), sim.irq());
+        let drv = BalloonDriver::new(dev, pool.clone(), BalloonOptions::default()).unwrap();
+        let mut r = Rig {
+            sim,
+            model,
+            pool,
+            drv,
+            what: format!("{mode:?}/{pref:?}"),
+        };
+        r.run();
+        let q = r.model.layout().stats.expect("STATS_VQ");
+        let rounds = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&rounds);
+        r.sim.on_notify(Some(Arc::new(move |sim, queue| {
+            if queue == q && seen.fetch_add(1, Ordering::Relaxed) < FLOOD_ROUNDS {
+                sim.serve(q, |_| 0);
+            }
+        })));
+        let sent = r.drv.counters().stats_buffers;
+        assert!(r.model.request_stats(&r.sim));
+        for call in 1..=3u64 {
+            r.drv.poll().unwrap();
+            assert_eq!(
+                r.drv.counters().stats_buffers - sent,
+                call,
+                "{}: one statistics answer per call",
+                r.what
+            );
+        }
+        r.sim.on_notify(None);
+        assert!(rounds.load(Ordering::Relaxed) <= 3, "{}", r.what);
+        assert!(r.sim.bad_accesses().is_empty());
+    }
+}
+
+/// Issue 14: every error after `setup_queues` resets and frees. Each allocation of
+/// `BalloonDriver::new` fails in turn: nothing stays allocated, no page stays lent, and the
+/// device is not live.
+#[test]
+fn new_failing_at_any_allocation_frees_everything() {
+    for (mode, pref) in MODES {
+        let mut succeeded = false;
+        for allowed in 0..1000 {
+            let model = BalloonModel::new(ALL);
+            let pool = TestPool::new(4096, 8192);
+            let sim = model.sim_builder(mode, RING, false).build();
+            let mem = sim.memory();
+            let before = mem.free_bytes();
+            let t = probe(sim.config_space(), sim.bars(), pref).expect("probe");
+            let dev = VirtioDevice::new(t, sim.memory(), sim.irq());
+            mem.fail_allocations_after(Some(allowed));
+            let res = BalloonDriver::new(dev, pool.clone(), BalloonOptions::default());
+            mem.fail_allocations_after(None);
+            if let Ok(drv) = res {
+                drop(drv);
+                succeeded = true;
+                break;
+            }
+            assert_eq!(
+                mem.free_bytes(),
+                before,
+                "{mode:?}/{pref:?}: leak when allocation {allowed} fails"
+            );
+            assert_eq!(sim.status() & 4, 0, "not DRIVER_OK");
+            pool.check_clean(&format!("{mode:?}/{pref:?} allocation {allowed}"));
+        }
+        assert!(succeeded);
+    }
+}

@@ -978,3 +978,70 @@ fn polling_mode_without_interrupts() {
     assert_eq!(got, vec![(1, Ok(Completion::Done))]);
     let _ = Request::Flush;
 }
+
+/// Issue 14 (smaller): a config change with `writeback` neither 0 nor 1 was taken as
+/// write-through (no more flushes) while `read_info` refuses the same value at init. Now
+/// both refuse it and the previous mode stays.
+#[test]
+fn invalid_writeback_after_a_config_change_is_refused() {
+    const WRITEBACK: usize = 32; // §5.2.4 virtio_blk_config.writeback
+    for (mode, pref) in MODES {
+        let mut m = limited_model();
+        m.features |= bits::CONFIG_WCE;
+        m.writeback = 1;
+        let mut r = rig(
+            m,
+            RigSpec {
+                mode,
+                pref,
+                ..Default::default()
+            },
+        );
+        assert!(r.drv.info().writeback);
+        r.sim.set_device_config(WRITEBACK, &[2]);
+        assert!(
+            matches!(
+                r.drv.handle_config_change(),
+                Err(BlkError::Virtio(Error::DeviceProtocol { .. }))
+            ),
+            "{mode:?}/{pref:?}"
+        );
+        assert!(r.drv.info().writeback, "writeback mode kept");
+        // A valid value is taken.
+        r.sim.set_device_config(WRITEBACK, &[0]);
+        assert_eq!(r.drv.handle_config_change(), Ok(None));
+        assert!(!r.drv.info().writeback);
+    }
+}
+
+/// Issue 14: every error after `setup_queues` resets and frees. Each allocation of
+/// `BlkDriver::new` fails in turn: nothing stays allocated and the device is not live.
+#[test]
+fn new_failing_at_any_allocation_frees_everything() {
+    for (mode, pref) in MODES {
+        let mut succeeded = false;
+        for allowed in 0..1000 {
+            let sim = limited_model()
+                .sim_builder(mode, RING, 128, 32 << 20)
+                .build();
+            let mem = sim.memory();
+            let before = mem.free_bytes();
+            let t = probe(sim.config_space(), sim.bars(), pref).expect("probe");
+            let dev = VirtioDevice::new(t, sim.memory(), sim.irq());
+            mem.fail_allocations_after(Some(allowed));
+            let res = BlkDriver::new(dev, BlkOptions::default());
+            mem.fail_allocations_after(None);
+            if res.is_ok() {
+                succeeded = true;
+                break;
+            }
+            assert_eq!(
+                mem.free_bytes(),
+                before,
+                "{mode:?}/{pref:?}: leak when allocation {allowed} fails"
+            );
+            assert_eq!(sim.status() & 4, 0, "not DRIVER_OK");
+        }
+        assert!(succeeded);
+    }
+}

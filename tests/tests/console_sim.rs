@@ -594,3 +594,40 @@ fn hostile_config_values_degrade_gracefully() {
         assert_eq!(c.device_config().max_nr_ports, Some(31));
     }
 }
+
+/// Issue 14, bug 5: `start` failing after `setup_queues` (here: each allocation in turn
+/// fails) leaked the receive region allocated before the failing one (and the control
+/// queue's), and left the device live with its rings. Now every failure resets the device
+/// and frees everything `start` allocated.
+#[test]
+fn start_failing_at_any_allocation_frees_everything_and_resets() {
+    for features in [QEMU, RING | V1] {
+        for (mode, pref) in MODES {
+            let mut succeeded = false;
+            for allowed in 0..64 {
+                let m = model(mode, features, cm::config_bytes(0, 0, 2), 2);
+                let mem = m.sim.memory();
+                let mut c = VirtioConsole::new(cm::bus(&m.sim, pref), ConsoleOptions::default())
+                    .expect("console new");
+                let before = mem.free_bytes();
+                mem.fail_allocations_after(Some(allowed));
+                let res = c.start();
+                mem.fail_allocations_after(None);
+                if res.is_ok() {
+                    succeeded = true;
+                    break;
+                }
+                assert_eq!(
+                    mem.free_bytes(),
+                    before,
+                    "{mode:?}/{pref:?} features {features:#x}: leak when allocation {allowed} fails"
+                );
+                assert_eq!(m.sim.status() & 4, 0, "not DRIVER_OK");
+                assert!(!c.is_started());
+                drop(c);
+                assert_eq!(mem.free_bytes(), before);
+            }
+            assert!(succeeded);
+        }
+    }
+}

@@ -947,3 +947,216 @@ fn kernel_debugger_receive_never_starves_the_ring() {
     assert_eq!(got.last().unwrap().0, frame(100, 39));
     let _ = TX;
 }
+
+/// Issue 14, bug 1: a device answering every receive kick with a runt kept `rx_poll`
+/// looping forever (drops did not count against the budget). The flood stops after
+/// `FLOOD_ROUNDS` kicks so a regression fails the assertion instead of hanging.
+#[test]
+fn rx_poll_bounded_while_the_device_floods_bad_frames() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const FLOOD_ROUNDS: usize = 2_000;
+    const BUDGET: usize = 64;
+    for (mode, pref) in MODES {
+        for features in [QEMU, QEMU & !(f::MRG_RXBUF | f::GUEST_TSO4 | f::GUEST_TSO6)] {
+            let r = rig(mode, pref, features & !(1 << 29));
+            let mut net = r.net;
+            let sim = r.model.sim.clone();
+            let rounds = Arc::new(AtomicUsize::new(0));
+            let seen = Arc::clone(&rounds);
+            let runt = |sim: &virtio_tests::sim::Sim| {
+                sim.serve(net_model::RX, |c| sim.write_chain(c, &[0u8; 5]));
+            };
+            sim.on_notify(Some(Arc::new(move |sim, queue| {
+                if queue == net_model::RX && seen.fetch_add(1, Ordering::Relaxed) < FLOOD_ROUNDS {
+                    runt(sim);
+                }
+            })));
+            // The device floods what it holds now; each refill's kick brings more.
+            runt(&sim);
+            let s = net.rx_poll(BUDGET, |_| {}).unwrap();
+            sim.on_notify(None);
+            assert_eq!(s.frames, 0, "{mode:?}/{pref:?}");
+            assert!(
+                s.dropped <= BUDGET,
+                "{mode:?}/{pref:?}: {} drops in one call with budget {BUDGET} ({} kicks)",
+                s.dropped,
+                rounds.load(Ordering::Relaxed)
+            );
+            assert!(s.more, "budget used up: poll again");
+            assert!(rounds.load(Ordering::Relaxed) < FLOOD_ROUNDS);
+            assert!(net.stats().rx_length_errors as usize >= s.dropped);
+            assert!(sim.bad_accesses().is_empty());
+        }
+    }
+}
+
+/// Issue 14, bug 3: a normal frame completed by the device, popped by the debugger's
+/// poll (queued for the next `tx_reclaim`), then `shutdown`: its token must still come
+/// back. Fixed by f898ced (`reset_and_reclaim` drains the queued completions first); the
+/// shutdown before it reported only tokens still in the ring.
+#[test]
+fn shutdown_returns_tokens_the_debugger_poll_collected() {
+    for (mode, pref) in MODES {
+        let mut r = rig(mode, pref, QEMU);
+        r.send(&frame(100, 1), 1, &TxOffload::NONE, 41).unwrap();
+        r.send(&frame(100, 2), 1, &TxOffload::NONE, 42).unwrap();
+        let held = r.model.hold_tx();
+        let chains: Vec<_> = held.iter().map(|(c, _)| c.clone()).collect();
+        r.model.complete_tx(&chains);
+        // The debugger's poll pops both completions; nobody reclaims before shutdown.
+        r.net.debug_send(&frame(64, 0xDB), 100).unwrap();
+        r.send(&frame(100, 3), 1, &TxOffload::NONE, 43).unwrap();
+        let mut back = Vec::new();
+        r.net.shutdown(|t| back.push(t));
+        back.sort_unstable();
+        assert_eq!(
+            back,
+            vec![41, 42, 43],
+            "{mode:?}/{pref:?}: each token exactly once"
+        );
+    }
+}
+
+/// Issue 14, bug 4: `VirtioNet::new` failing after `setup_queues` (a transmit queue of one
+/// or two entries cannot hold a frame beside the debugger's reserve) left the device with
+/// its queues enabled and the rings allocated. Dropping the bus now resets the device and
+/// frees them; failures at every later allocation are covered the same way.
+#[test]
+fn new_failing_after_queue_setup_resets_and_frees() {
+    for (mode, pref) in MODES {
+        for tx_max in [1u16, 2] {
+            let sim = SimBuilder::new(mode, 1)
+                .features(QEMU)
+                .queues(&[256, tx_max, 64])
+                .device_config(&net_model::config_bytes(MAC, 1, 1500, 10_000, 1))
+                .memory_len(24 << 20)
+                .build();
+            let mem = sim.memory();
+            let before = mem.free_bytes();
+            let resets = sim.resets();
+            let e = VirtioNet::new(net_model::bus(&sim, pref), NetConfig::default())
+                .err()
+                .expect("a 1-2 entry transmit queue is refused");
+            assert!(
+                matches!(e, NetError::Core(Error::BadQueueSize { .. })),
+                "{e:?}"
+            );
+            assert_eq!(mem.free_bytes(), before, "{mode:?}/{pref:?}: rings freed");
+            assert!(
+                sim.resets() > resets,
+                "device reset before its rings were freed"
+            );
+            assert_eq!(sim.status() & 4, 0, "not DRIVER_OK");
+            assert!(sim.bad_accesses().is_empty());
+        }
+        // Every allocation failing in turn, until initialisation succeeds.
+        let mut succeeded = false;
+        for allowed in 0..1000 {
+            let sim = SimBuilder::new(mode, 1)
+                .features(QEMU)
+                .queues(&[256, 256, 64])
+                .device_config(&net_model::config_bytes(MAC, 1, 1500, 10_000, 1))
+                .memory_len(24 << 20)
+                .build();
+            let mem = sim.memory();
+            let before = mem.free_bytes();
+            let bus = net_model::bus(&sim, pref);
+            mem.fail_allocations_after(Some(allowed));
+            let res = VirtioNet::new(bus, NetConfig::default());
+            mem.fail_allocations_after(None);
+            if res.is_ok() {
+                succeeded = true;
+                break;
+            }
+            assert_eq!(
+                mem.free_bytes(),
+                before,
+                "{mode:?}/{pref:?}: leak when allocation {allowed} fails"
+            );
+            assert_eq!(sim.status() & 4, 0, "not DRIVER_OK");
+        }
+        assert!(succeeded);
+    }
+}
+
+/// Issue 14 (smaller): receive memory followed the device's ring size (32768 entries:
+/// 128 MiB of mergeable buffers, about 2 GiB of small ones with a 65535 MTU). Now it is
+/// capped by `RX_MEMORY_MAX` whatever the device offers.
+#[test]
+fn receive_memory_is_capped_by_the_driver_not_the_ring_size() {
+    const NO_BIG: u64 = f::MRG_RXBUF | f::GUEST_TSO4 | f::GUEST_TSO6 | f::GUEST_UFO;
+    for (features, mtu) in [(QEMU, 1500), ((QEMU | f::MTU) & !NO_BIG, 65535)] {
+        let sim = SimBuilder::new(SimMode::Modern, 1)
+            .features(features)
+            .queues(&[32768, 256, 64])
+            .device_config(&net_model::config_bytes(MAC, 1, mtu, 10_000, 1))
+            .memory_len(48 << 20)
+            .build();
+        let mem = sim.memory();
+        let before = mem.free_bytes();
+        let net = VirtioNet::new(net_model::bus(&sim, Preference::Auto), NetConfig::default())
+            .unwrap_or_else(|e| panic!("features {features:#x}: {e}"));
+        let mut model = NetModel::new(&sim);
+        let lens = model.rx_buffer_lens();
+        let (nbufs, posted) = net.rx_buffers();
+        assert_eq!(lens.len(), posted);
+        let rx_bytes = nbufs * lens[0] as usize;
+        assert!(
+            rx_bytes <= virtio_net::RX_MEMORY_MAX && nbufs < 32768,
+            "{nbufs} buffers of {} bytes",
+            lens[0]
+        );
+        // Everything the driver took at init (rings included) stays well inside the cap
+        // plus the rings' own size.
+        assert!(before - mem.free_bytes() < virtio_net::RX_MEMORY_MAX + (4 << 20));
+    }
+}
+
+/// Issue 14 (smaller): big-packet buffers hold 65562 bytes (§5.1.6.3.1) but frames over
+/// 65553 were dropped; a frame that fills the buffer is now received.
+#[test]
+fn big_packet_mode_receives_a_frame_that_fills_the_buffer() {
+    for (mode, pref) in [MODES[0], MODES[3]] {
+        let mut r = rig(mode, pref, QEMU & !f::MRG_RXBUF);
+        assert_eq!(r.net.rx_mode(), RxMode::Big);
+        let hl = r.net.header_len();
+        assert_eq!(r.model.rx_buffer_lens()[0] as usize, hl + 65562);
+        let full = frame(65562, 7);
+        r.model.inject_rx(hdr(0, 0, 0, 0, 0, 0), &full).unwrap();
+        let got = r.receive();
+        assert_eq!(got.len(), 1, "{mode:?}/{pref:?}");
+        assert_eq!(got[0].0, full);
+        assert_eq!(r.net.stats().rx_length_errors, 0);
+    }
+}
+
+/// Issue 14 (smaller): device-written buffers were read through `&[u8]` over DMA memory,
+/// and the header once per parse, so a device that rewrote a returned buffer between the
+/// debugger's look and the stack's changed what the driver had validated. The header is
+/// now copied once (volatile) when the buffer comes back and every parse uses the copy.
+#[test]
+fn a_header_rewritten_after_return_does_not_change_the_frame() {
+    for (mode, pref) in MODES {
+        let mut r = rig(mode, pref, QEMU);
+        let sim = r.model.sim.clone();
+        let chains = sim.pop_chains(net_model::RX);
+        let fr = frame(300, 0x5A);
+        let mut first = hdr(0, 0, 0, 0, 0, 0).to_vec();
+        first[10..12].copy_from_slice(&1u16.to_le_bytes());
+        first.extend_from_slice(&fr);
+        let n = sim.write_chain(&chains[0], &first);
+        sim.complete(net_model::RX, chains[0].head, n);
+        sim.signal_used(net_model::RX);
+        let mut buf = vec![0u8; 2048];
+        assert_eq!(r.net.debug_receive(&mut buf, 10).unwrap(), Some(300));
+        // The device rewrites the header it returned: num_buffers 0, a bogus GSO type.
+        let mut bad = hdr(0, 9, 0, 100, 0, 0).to_vec();
+        bad[10..12].copy_from_slice(&0u16.to_le_bytes());
+        sim.write_chain(&chains[0], &bad);
+        let got = r.receive();
+        assert_eq!(got.len(), 1, "{mode:?}/{pref:?}");
+        assert_eq!(got[0].0, fr);
+        assert_eq!(r.net.stats().rx_errors, 0);
+    }
+}

@@ -770,7 +770,11 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
             self.deflate_done(u, ev)?;
         }
         if let Some(q) = self.layout.stats {
-            while let Some(u) = self.pop(q)? {
+            // At most one statistics request per call: answering it re-adds the buffer and
+            // kicks, and a device that completes it on every notification would otherwise
+            // keep this loop (and so `poll`/`handle_interrupt`) going forever. A request
+            // that arrives meanwhile raises its own interrupt (§5.5.6.3).
+            if let Some(u) = self.pop(q)? {
                 self.stats_requested(q, u, ev)?;
             }
         }

@@ -123,6 +123,16 @@ pub fn read_capacity(src: &impl ConfigSource) -> Result<u64> {
     Ok(capacity)
 }
 
+/// The `writeback` field (CONFIG_WCE, §5.2.4): 0 write-through, 1 writeback; any other
+/// value breaks the rules. Read at init, after a config change and after `set_writeback`.
+pub fn read_writeback(src: &impl ConfigSource) -> Result<bool> {
+    match src.u8(cfg::WRITEBACK)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(bad("writeback is neither 0 nor 1")),
+    }
+}
+
 /// Reads and validates every field the negotiated features make present.
 pub fn read_info(src: &impl ConfigSource, features: Features) -> Result<BlkInfo> {
     let has = |f: Features| features.contains(f);
@@ -200,11 +210,7 @@ pub fn read_info(src: &impl ConfigSource, features: Features) -> Result<BlkInfo>
     let flush = has(feat::FLUSH);
     let config_wce = has(feat::CONFIG_WCE);
     let writeback = if config_wce {
-        match src.u8(cfg::WRITEBACK)? {
-            0 => false,
-            1 => true,
-            _ => return Err(bad("writeback is neither 0 nor 1")),
-        }
+        read_writeback(src)?
     } else {
         flush
     };

@@ -1096,11 +1096,12 @@ impl<B: Bus> BlkDriver<B> {
     }
 
     /// Re-reads the configuration after a config-change notification; returns the new
-    /// capacity (sectors) if it changed.
+    /// capacity (sectors) if it changed. Values `read_info` would refuse at init are
+    /// refused here too (`Error::DeviceProtocol`), and the previous ones kept.
     pub fn handle_config_change(&mut self) -> Result<Option<u64>, BlkError> {
         let capacity = config::read_capacity(&BusConfig(&self.bus))?;
         if self.info.config_wce {
-            self.info.writeback = self.bus.read_config_u8(cfg::WRITEBACK)? == 1;
+            self.info.writeback = config::read_writeback(&BusConfig(&self.bus))?;
         }
         if capacity == self.info.capacity {
             return Ok(None);
@@ -1121,8 +1122,7 @@ impl<B: Bus> BlkDriver<B> {
         }
         self.bus
             .write_config(cfg::WRITEBACK, &[u8::from(writeback)])?;
-        let now = self.bus.read_config_u8(cfg::WRITEBACK)?;
-        self.info.writeback = now == 1;
+        self.info.writeback = config::read_writeback(&BusConfig(&self.bus))?;
         if self.info.writeback != writeback {
             return Err(BlkError::Unsupported);
         }

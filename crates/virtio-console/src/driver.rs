@@ -425,13 +425,6 @@ pub struct VirtioConsole<B: Bus> {
     stats: ConsoleStats,
 }
 
-/// Bytes of `len` at `off` in a DMA region (empty when out of range).
-fn region_bytes(r: &DmaRegion, off: usize, len: usize) -> &[u8] {
-    // SAFETY: only buffers the device returned through the used ring, or that were never
-    // posted, are read: the device no longer owns them (§2.7.14).
-    unsafe { r.bytes(off, len) }.unwrap_or(&[])
-}
-
 /// Posts every free receive buffer of `port` on queue `q`. Returns whether any was posted.
 fn post_rx<B: Bus>(bus: &mut B, port: &mut Port, q: u16, size: usize) -> Result<bool> {
     let Some(region) = port.rx.as_ref() else {
@@ -457,6 +450,31 @@ fn post_rx<B: Bus>(bus: &mut B, port: &mut Port, q: u16, size: usize) -> Result<
 
 fn alloc_region<B: Bus>(bus: &B, len: usize) -> Result<DmaRegion> {
     Ok(bus.dma().alloc_coherent(len.max(1), 64)?)
+}
+
+/// A receive and a transmit region, both or neither: the first is freed when the second
+/// cannot be allocated.
+fn alloc_pair<B: Bus>(bus: &B, rx_len: usize, tx_len: usize) -> Result<(DmaRegion, DmaRegion)> {
+    let rx = alloc_region(bus, rx_len)?;
+    match alloc_region(bus, tx_len) {
+        Ok(tx) => Ok((rx, tx)),
+        Err(e) => {
+            // SAFETY: `rx` was just allocated from this bus's DMA and never shown to the
+            // device; it is freed once.
+            unsafe { bus.dma().free_coherent(rx) };
+            Err(e)
+        }
+    }
+}
+
+/// Frees a pair from [`alloc_pair`] that was never shown to the device.
+fn free_pair<B: Bus>(bus: &B, rx: DmaRegion, tx: DmaRegion) {
+    // SAFETY: both regions came from this bus's DMA, were never posted to the device, and
+    // are freed once (moved in).
+    unsafe {
+        bus.dma().free_coherent(rx);
+        bus.dma().free_coherent(tx);
+    }
 }
 
 impl<B: Bus> VirtioConsole<B> {
@@ -563,7 +581,18 @@ impl<B: Bus> VirtioConsole<B> {
             }
         }
         self.bus.setup_queues(&specs)?;
+        // From here on the device has queues: any failure resets it and frees every region
+        // allocated so far (§3.1.1: the driver gives up on the device), leaving nothing live.
+        if let Err(e) = self.start_queues(multiport) {
+            self.shutdown();
+            return Err(e);
+        }
+        Ok(())
+    }
 
+    /// `start` after `setup_queues`: buffers, DRIVER_OK, the first kick. Every region is
+    /// owned by `self` as soon as it is allocated, so `shutdown` frees it on failure.
+    fn start_queues(&mut self, multiport: bool) -> Result<()> {
         for p in 0..self.nports {
             let rx_n = self
                 .opts
@@ -573,16 +602,21 @@ impl<B: Bus> VirtioConsole<B> {
                 .opts
                 .tx_buffers
                 .clamp(1, self.bus.queue_size(queues::tx(p))?);
-            let rx = alloc_region(&self.bus, rx_n as usize * self.rx_size)?;
-            let tx = alloc_region(&self.bus, tx_n as usize * self.tx_size)?;
-            if let Some(port) = self.ports.get_mut(p as usize) {
-                port.rx = Some(rx);
-                port.rx_state = vec![Buf::Free; rx_n as usize];
-                port.rx_ready = Fifo::new(rx_n as usize, (0, 0));
-                port.tx = Some(tx);
-                port.tx_busy = vec![false; tx_n as usize];
-                port.tx_free = (0..tx_n).rev().collect();
-            }
+            let (rx, tx) = alloc_pair(
+                &self.bus,
+                rx_n as usize * self.rx_size,
+                tx_n as usize * self.tx_size,
+            )?;
+            let Some(port) = self.ports.get_mut(p as usize) else {
+                free_pair(&self.bus, rx, tx);
+                return Err(ConsoleError::Core(Error::InvalidState));
+            };
+            port.rx = Some(rx);
+            port.rx_state = vec![Buf::Free; rx_n as usize];
+            port.rx_ready = Fifo::new(rx_n as usize, (0, 0));
+            port.tx = Some(tx);
+            port.tx_busy = vec![false; tx_n as usize];
+            port.tx_free = (0..tx_n).rev().collect();
         }
         if multiport {
             let n = self
@@ -593,8 +627,11 @@ impl<B: Bus> VirtioConsole<B> {
                 .opts
                 .control_buffers
                 .clamp(1, self.bus.queue_size(queues::CONTROL_TX)?);
-            let rx = alloc_region(&self.bus, n as usize * CONTROL_BUF)?;
-            let tx = alloc_region(&self.bus, m as usize * CONTROL_TX_STRIDE)?;
+            let (rx, tx) = alloc_pair(
+                &self.bus,
+                n as usize * CONTROL_BUF,
+                m as usize * CONTROL_TX_STRIDE,
+            )?;
             self.ctrl = Some(Control {
                 rx,
                 rx_posted: vec![false; n as usize],
@@ -900,9 +937,12 @@ impl<B: Bus> VirtioConsole<B> {
             };
             let len = len as usize;
             let take = (len - p.rx_off.min(len)).min(out.len() - n);
-            let src = region_bytes(region, i as usize * size + p.rx_off, take);
-            if let Some(dst) = out.get_mut(n..n + src.len()) {
-                dst.copy_from_slice(src);
+            // Volatile, once, into the caller's memory (`DmaRegion::read_into`); `take`
+            // fits `out`, and the bus bounds `len` by the buffer (zeros if it ever did not).
+            if let Some(dst) = out.get_mut(n..n + take) {
+                if !region.read_into(i as usize * size + p.rx_off, dst) {
+                    dst.fill(0);
+                }
             }
             n += take;
             p.rx_off += take;
@@ -1040,10 +1080,13 @@ impl<B: Bus> VirtioConsole<B> {
             *posted = false;
             // The bus bounds `len` by the posted capacity (CONTROL_BUF).
             let len = (u.len as usize).min(CONTROL_BUF);
-            let src = region_bytes(&c.rx, u.token * CONTROL_BUF, len);
-            let msg = buf.get_mut(..src.len()).unwrap_or(&mut []);
-            msg.copy_from_slice(src);
-            let n = msg.len();
+            // Volatile, once, into driver memory: the message is parsed from the copy.
+            let msg = buf.get_mut(..len).unwrap_or(&mut []);
+            let n = if c.rx.read_into(u.token * CONTROL_BUF, msg) {
+                msg.len()
+            } else {
+                0
+            };
             self.stats.control_rx += 1;
             handled += 1;
             self.handle_control(buf.get(..n).unwrap_or(&[]));

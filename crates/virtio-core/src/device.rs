@@ -654,6 +654,26 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
     }
 }
 
+/// A device dropped with queues set up (a driver's initialisation failed after
+/// `setup_queues`, or its owner never called `reset`) is reset before its rings are freed:
+/// the device must not write memory that goes back to the allocator (§2.1.2: after a reset
+/// the device uses no driver memory). One that had FAILED is marked so again after the
+/// reset (§3.1.1 step 8: the driver gave up on it, as Linux does after a failed probe).
+/// Without queues nothing is touched: a device that was never set up, or was reset, stays
+/// as it is.
+impl<T: Transport, D: Dma, I: InterruptPlatform> Drop for VirtioDevice<T, D, I> {
+    fn drop(&mut self) {
+        if self.queues.iter().all(Option::is_none) {
+            return;
+        }
+        let failed = self.state == State::Failed;
+        Bus::reset(self, &mut |_, _| {});
+        if failed {
+            Bus::fail(self);
+        }
+    }
+}
+
 /// Widest natural access (4, 2 or 1 bytes) that is aligned at `offset` and fits in `left`.
 fn access_width(offset: u32, left: usize) -> usize {
     if offset % 4 == 0 && left >= 4 {

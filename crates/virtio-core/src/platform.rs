@@ -62,6 +62,23 @@ impl DmaRegion {
         Some(unsafe { core::slice::from_raw_parts(p.as_ptr(), len) })
     }
 
+    /// Copies the bytes at `offset` into `dst` (driver memory) with volatile reads, each
+    /// byte read once; false (nothing copied) when out of range. For device-written
+    /// buffers: a device that breaks the rules (§2.7.14) may still be writing them, so no
+    /// reference to the DMA bytes is ever formed and validated values come from the copy.
+    pub fn read_into(&self, offset: usize, dst: &mut [u8]) -> bool {
+        let Some(p) = self.ptr_at(offset, dst.len()) else {
+            return false;
+        };
+        for (i, d) in dst.iter_mut().enumerate() {
+            // SAFETY: `p + i` lies in the region (`ptr_at` checked `offset + dst.len()`),
+            // which stays mapped while `&self` lives; a volatile byte read is defined
+            // whatever the device does to the byte concurrently.
+            *d = unsafe { p.as_ptr().add(i).read_volatile() };
+        }
+        true
+    }
+
     /// Copies `data` to `offset`; false (nothing written) when out of range. For
     /// driver-owned bytes (headers, buffers not posted to the device).
     pub fn write_at(&self, offset: usize, data: &[u8]) -> bool {

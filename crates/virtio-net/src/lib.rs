@@ -30,8 +30,8 @@ pub mod wire;
 
 pub use net::{
     ConfigEvent, DEBUG_FRAME_MAX, Duplex, MAC_TABLE_MAX, NetConfig, NetError, NetInterrupt,
-    NetStats, ResumeReport, RxFrame, RxMode, RxSummary, SuspendReport, TxReclaim, TxStatus,
-    VirtioNet, queues,
+    NetStats, RX_MEMORY_MAX, ResumeReport, RxFrame, RxMode, RxSummary, SuspendReport, TxReclaim,
+    TxStatus, VirtioNet, queues,
 };
 pub use wire::{
     CsumRequest, Gso, GsoKind, GuestOffloads, HostOffloads, NetHdr, OffloadError, RxCsum, RxGso,

@@ -9,7 +9,8 @@
 //! - transmit: one header slot (16 bytes) per ring entry, indexed by the chain's token, so a
 //!   frame is `[header slot] + the caller's already-mapped segments`; plus one reserved slot
 //!   with its own frame buffer for the kernel debugger;
-//! - receive: `rx_buffers` coherent buffers, each posted whole (one descriptor; two —
+//! - receive: `rx_buffers` coherent buffers (at most what the ring holds and what fits
+//!   [`RX_MEMORY_MAX`], so the device's ring size does not decide), each posted whole (one descriptor; two —
 //!   header, data — on a legacy device without ANY_LAYOUT or MRG_RXBUF). Sizes: small mode
 //!   `hdr + max(1518, mtu + 18)`, big mode (GUEST_TSO/UFO without MRG_RXBUF) `hdr + 65562`,
 //!   mergeable mode 4096-byte buffers posted with a length that follows a running average
@@ -118,6 +119,19 @@ const TX_HDR_STRIDE: usize = 16;
 const GOOD_PACKET_LEN: usize = 1518;
 /// §5.1.6.3.1: with GUEST_TSO/UFO and no MRG_RXBUF, buffers of at least 65562 bytes.
 const BIG_PACKET_LEN: usize = 65562;
+/// Longest received frame (after the virtio header) accepted, in every mode: what a
+/// big-packet buffer holds, since a device may fill one (§5.1.6.3.1), and no less than
+/// the largest GSO frame.
+const MAX_RX_FRAME: usize = if BIG_PACKET_LEN > MAX_GSO_FRAME {
+    BIG_PACKET_LEN
+} else {
+    MAX_GSO_FRAME
+};
+/// Most memory the receive buffers take, whatever ring size the device offers (up to
+/// 32768 entries, §2.7): beyond it fewer buffers are posted than the ring holds, so a
+/// large or hostile device cannot make initialisation exhaust the platform's memory.
+/// 8 MiB is 2048 mergeable buffers, or 127 big-packet ones.
+pub const RX_MEMORY_MAX: usize = 8 << 20;
 /// Capacity of one mergeable receive buffer (a page, like Linux).
 const MERGE_BUF_CAP: usize = 4096;
 /// Default number of big-mode buffers (each about 64 KiB).
@@ -140,7 +154,8 @@ pub struct NetConfig {
     /// Ring sizes (0: the device maximum).
     pub rx_queue_size: u16,
     pub tx_queue_size: u16,
-    /// Receive buffers to allocate (0: fill the ring; 32 in big-packet mode).
+    /// Receive buffers to allocate (0: fill the ring; 32 in big-packet mode), at most
+    /// what the ring holds and what fits [`RX_MEMORY_MAX`].
     pub rx_buffers: u16,
     /// Most DMA segments one transmitted frame may have.
     pub max_tx_segments: u16,
@@ -398,6 +413,10 @@ struct TxState {
 struct RxState {
     bufs: Vec<DmaRegion>,
     state: Vec<BufState>,
+    /// The virtio header of each buffer, copied once (volatile) when the device returns
+    /// it: every later parse of the frame (the debugger's, then the stack's) sees the
+    /// same validated values, whatever the device writes afterwards.
+    headers: Vec<[u8; wire::HDR_LEN_V1]>,
     free: Vec<u16>,
     /// Completed buffers (index, written length) in device order.
     ready: Fifo<(u16, u32)>,
@@ -503,13 +522,6 @@ pub struct VirtioNet<B: Bus> {
     rx: RxState,
     ctrl: Option<CtrlState>,
     stats: NetStats,
-}
-
-/// Bytes of `len` at `off` in a DMA region (empty when out of range).
-fn region_bytes(r: &DmaRegion, off: usize, len: usize) -> &[u8] {
-    // SAFETY: only buffers the device returned through the used ring, or that were never
-    // posted, are read: the device no longer owns them (§2.7.14).
-    unsafe { r.bytes(off, len) }.unwrap_or(&[])
 }
 
 fn splitmix64(state: &mut u64) -> u64 {
@@ -712,11 +724,6 @@ impl<B: Bus> VirtioNet<B> {
             1
         };
         let ring_bufs = (rx_size / rx_descs_per_buf).max(1);
-        let nbufs = match (cfg.rx_buffers, mode) {
-            (0, RxMode::Big) => BIG_DEFAULT_BUFFERS.min(ring_bufs),
-            (0, _) => ring_bufs,
-            (n, _) => n.min(ring_bufs),
-        } as usize;
         let cap = match mode {
             RxMode::Small => {
                 hdr_len + GOOD_PACKET_LEN.max(mtu.map_or(0, |m| m as usize + wire::ETH_VLAN_HLEN))
@@ -724,6 +731,16 @@ impl<B: Bus> VirtioNet<B> {
             RxMode::Big => hdr_len + BIG_PACKET_LEN,
             RxMode::Mergeable => MERGE_BUF_CAP,
         };
+        let memory_bufs = u16::try_from(RX_MEMORY_MAX / cap)
+            .unwrap_or(u16::MAX)
+            .max(1);
+        let nbufs = match (cfg.rx_buffers, mode) {
+            (0, RxMode::Big) => BIG_DEFAULT_BUFFERS,
+            (0, _) => ring_bufs,
+            (n, _) => n,
+        }
+        .min(ring_bufs)
+        .min(memory_bufs) as usize;
 
         let mut net = VirtioNet {
             bus,
@@ -756,6 +773,7 @@ impl<B: Bus> VirtioNet<B> {
             rx: RxState {
                 bufs: Vec::with_capacity(nbufs),
                 state: vec![BufState::Free; nbufs],
+                headers: vec![[0; wire::HDR_LEN_V1]; nbufs],
                 free: Vec::with_capacity(nbufs),
                 ready: Fifo::new(nbufs, (0, 0)),
                 posted: 0,
@@ -1190,6 +1208,14 @@ impl<B: Bus> VirtioNet<B> {
                     *s = BufState::Ready;
                     self.rx.posted -= 1;
                     self.rx.ready.push((u.token as u16, u.len));
+                    if let (Some(r), Some(h)) =
+                        (self.rx.bufs.get(u.token), self.rx.headers.get_mut(u.token))
+                    {
+                        *h = [0; wire::HDR_LEN_V1];
+                        if let Some(dst) = h.get_mut(..self.hdr_len) {
+                            r.read_into(0, dst);
+                        }
+                    }
                 }
                 _ => log::error!(
                     "virtio-net: rx completion for buffer {} not posted",
@@ -1200,15 +1226,13 @@ impl<B: Bus> VirtioNet<B> {
         Ok(())
     }
 
+    /// The header of a returned buffer, from the copy `fetch` took.
     fn read_header(&self, buf: u16) -> NetHdr {
-        let mut raw = [0u8; wire::HDR_LEN_V1];
-        if let Some(r) = self.rx.bufs.get(buf as usize) {
-            let src = region_bytes(r, 0, self.hdr_len);
-            if let Some(dst) = raw.get_mut(..src.len()) {
-                dst.copy_from_slice(src);
-            }
-        }
-        NetHdr::read_from_bytes(&raw[..]).unwrap_or_default()
+        self.rx
+            .headers
+            .get(buf as usize)
+            .and_then(|raw| NetHdr::read_from_bytes(&raw[..]).ok())
+            .unwrap_or_default()
     }
 
     /// Parses the frame starting at `ready[p]`.
@@ -1247,8 +1271,11 @@ impl<B: Bus> VirtioNet<B> {
             let l = self.rx.ready.get(p + k).map_or(0, |e| e.1 as usize);
             total = total.saturating_add(l);
         }
-        if total > MAX_GSO_FRAME {
-            return Parse::Bad(NetError::Device("frame longer than 64 KiB"), "length");
+        if total > MAX_RX_FRAME {
+            return Parse::Bad(
+                NetError::Device("frame longer than a big-packet buffer"),
+                "length",
+            );
         }
         match wire::parse_rx_header(&hdr, total, &self.guest) {
             Ok(info) => Parse::Frame { n, info },
@@ -1281,9 +1308,10 @@ impl<B: Bus> VirtioNet<B> {
 
     /// Receives up to `budget` frames, lending each to `deliver` (copy it or consume it
     /// there; the buffers are reposted when it returns). Frames with bad device-written
-    /// values are dropped and counted. When the budget is not exhausted, the receive
-    /// interrupt is re-enabled race-free; `more` says to poll again. Suspended: nothing
-    /// arrives.
+    /// values are dropped and counted; a dropped frame uses up budget like a delivered one,
+    /// so a device that answers every refill with bad frames cannot keep the call going.
+    /// When the budget is not exhausted, the receive interrupt is re-enabled race-free;
+    /// `more` says to poll again. Suspended: nothing arrives.
     pub fn rx_poll(
         &mut self,
         budget: usize,
@@ -1294,7 +1322,7 @@ impl<B: Bus> VirtioNet<B> {
             return Ok(sum);
         }
         self.bus.disable_interrupts(RX)?;
-        while sum.frames < budget {
+        while sum.frames + sum.dropped < budget {
             self.fetch()?;
             if self.rx.ready.is_empty() {
                 break;
@@ -1331,7 +1359,7 @@ impl<B: Bus> VirtioNet<B> {
         self.refill()?;
         // Budget exhausted: stay in polling mode. Otherwise re-enable; completions that
         // arrived meanwhile mean another round.
-        sum.more = sum.frames >= budget || self.bus.enable_interrupts(RX)?;
+        sum.more = sum.frames + sum.dropped >= budget || self.bus.enable_interrupts(RX)?;
         Ok(sum)
     }
 
@@ -1383,10 +1411,9 @@ impl<B: Bus> VirtioNet<B> {
         for _ in 0..self.cfg.ctrl_spins.max(1) {
             if self.bus.pop_used(CTRL)?.is_some() {
                 c.in_flight = false;
-                let ack = region_bytes(&c.region, CTRL_ACK_OFF, 1)
-                    .first()
-                    .copied()
-                    .unwrap_or(ACK_SENTINEL);
+                let mut ack = [ACK_SENTINEL];
+                c.region.read_into(CTRL_ACK_OFF, &mut ack);
+                let [ack] = ack;
                 return match ack {
                     ctrl::ACK_OK => Ok(()),
                     ctrl::ACK_ERR => {
@@ -2003,26 +2030,43 @@ impl<'a> RxFrame<'a> {
     pub fn num_buffers(&self) -> usize {
         self.n
     }
-    /// The frame's bytes, fragment by fragment (one per receive buffer).
-    pub fn fragments(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+    /// Each fragment's buffer, offset and length (one per receive buffer).
+    fn spans(&self) -> impl Iterator<Item = (&'a DmaRegion, usize, usize)> + 'a {
         let rx = self.rx;
         let (start, hdr) = (self.start, self.hdr_len);
         (0..self.n).filter_map(move |k| {
             let (buf, len) = rx.ready.get(start + k)?;
             let r = rx.bufs.get(buf as usize)?;
             let off = if k == 0 { hdr } else { 0 };
-            Some(region_bytes(r, off, (len as usize).saturating_sub(off)))
+            Some((r, off, (len as usize).saturating_sub(off)))
         })
     }
-    /// Copies the frame into `dst`; `None` (nothing copied) if it does not fit.
+
+    /// The frame's bytes, fragment by fragment (one per receive buffer), in place: for a
+    /// platform that hands them to a stack which copies them (the kext's mbufs). The
+    /// values the driver validated come from its own copy of the header, never from these
+    /// bytes; to take the frame into driver memory, use [`RxFrame::copy_to`].
+    pub fn fragments(&self) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.spans().map(|(r, off, len)| {
+            // SAFETY: these buffers came back through the used ring, so the device no
+            // longer owns them (§2.7.14) until they are reposted after the callback.
+            unsafe { r.bytes(off, len) }.unwrap_or(&[])
+        })
+    }
+
+    /// Copies the frame into `dst` with volatile reads, each byte once (a device that
+    /// rewrites a returned buffer cannot race the copy); `None` (nothing copied) if it does
+    /// not fit.
     pub fn copy_to(&self, dst: &mut [u8]) -> Option<usize> {
         if dst.len() < self.info.len {
             return None;
         }
         let mut at = 0;
-        for frag in self.fragments() {
-            dst.get_mut(at..at + frag.len())?.copy_from_slice(frag);
-            at += frag.len();
+        for (r, off, len) in self.spans() {
+            if !r.read_into(off, dst.get_mut(at..at + len)?) {
+                return None;
+            }
+            at += len;
         }
         Some(at)
     }
