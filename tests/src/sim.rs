@@ -94,6 +94,43 @@ pub const MODES: [(SimMode, virtio_pci::Preference); 4] = [
     (SimMode::Legacy, virtio_pci::Preference::Auto),
 ];
 
+/// Walks every error path of a driver's initialisation (issue 14: every error after
+/// `setup_queues` resets and frees): for `allowed` = 0, 1, 2, ... builds a fresh function
+/// with `build`, lets `allowed` DMA allocations succeed and fails every later one, and runs
+/// `init` on it. Each failed attempt must leave no DMA memory allocated and the device not
+/// DRIVER_OK, and `after_failure` may check more; the walk ends at the first success (the
+/// driver is dropped) and returns how many allocations initialisation needed.
+pub fn walk_allocation_failures<T, E>(
+    what: &str,
+    mut build: impl FnMut() -> Sim,
+    mut init: impl FnMut(&Sim) -> Result<T, E>,
+    mut after_failure: impl FnMut(&Sim, usize),
+) -> usize {
+    for allowed in 0..1000 {
+        let sim = build();
+        let mem = sim.memory();
+        let before = mem.free_bytes();
+        mem.fail_allocations_after(Some(allowed));
+        let result = init(&sim);
+        mem.fail_allocations_after(None);
+        if result.is_ok() {
+            assert!(
+                allowed > 0,
+                "{what}: initialisation allocated nothing to fail"
+            );
+            return allowed;
+        }
+        assert_eq!(
+            mem.free_bytes(),
+            before,
+            "{what}: leak when allocation {allowed} fails"
+        );
+        assert_eq!(sim.status() & 4, 0, "{what}: DRIVER_OK after a failed init");
+        after_failure(&sim, allowed);
+    }
+    panic!("{what}: initialisation never succeeded")
+}
+
 /// Builder for a [`Sim`].
 #[derive(Clone)]
 pub struct SimBuilder {

@@ -22,7 +22,7 @@ use virtio_tests::sim::{Sim, SimBars, SimConfig, SimInterrupt, SimIrq, SimMode};
 
 type Dev = VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>;
 
-use virtio_tests::sim::MODES;
+use virtio_tests::sim::{MODES, walk_allocation_failures};
 const RING: u64 = bits::INDIRECT_DESC | bits::EVENT_IDX | bits::BAD_FEATURE;
 /// What QEMU offers by default, plus MUST_TELL_HOST.
 const QEMU: u64 = bits::MUST_TELL_HOST | bits::STATS_VQ;
@@ -1083,31 +1083,18 @@ fn stats_flood_is_answered_once_per_call() {
 #[test]
 fn new_failing_at_any_allocation_frees_everything() {
     for (mode, pref) in MODES {
-        let mut succeeded = false;
-        for allowed in 0..1000 {
-            let model = BalloonModel::new(ALL);
-            let pool = TestPool::new(4096, 8192);
-            let sim = model.sim_builder(mode, RING, false).build();
-            let mem = sim.memory();
-            let before = mem.free_bytes();
-            let t = probe(sim.config_space(), sim.bars(), pref).expect("probe");
-            let dev = VirtioDevice::new(t, sim.memory(), sim.irq());
-            mem.fail_allocations_after(Some(allowed));
-            let res = BalloonDriver::new(dev, pool.clone(), BalloonOptions::default());
-            mem.fail_allocations_after(None);
-            if let Ok(drv) = res {
-                drop(drv);
-                succeeded = true;
-                break;
-            }
-            assert_eq!(
-                mem.free_bytes(),
-                before,
-                "{mode:?}/{pref:?}: leak when allocation {allowed} fails"
-            );
-            assert_eq!(sim.status() & 4, 0, "not DRIVER_OK");
-            pool.check_clean(&format!("{mode:?}/{pref:?} allocation {allowed}"));
-        }
-        assert!(succeeded);
+        let model = BalloonModel::new(ALL);
+        let pool = TestPool::new(4096, 8192);
+        let what = format!("{mode:?}/{pref:?}");
+        walk_allocation_failures(
+            &what,
+            || model.sim_builder(mode, RING, false).build(),
+            |sim| {
+                let t = probe(sim.config_space(), sim.bars(), pref).expect("probe");
+                let dev = VirtioDevice::new(t, sim.memory(), sim.irq());
+                BalloonDriver::new(dev, pool.clone(), BalloonOptions::default())
+            },
+            |_, allowed| pool.check_clean(&format!("{what} allocation {allowed}")),
+        );
     }
 }

@@ -19,7 +19,7 @@ use virtio_tests::sim::{Sim, SimBars, SimConfig, SimInterrupt, SimIrq, SimMode};
 type Dev = VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>;
 type Outcome = Result<Completion, BlkError>;
 
-use virtio_tests::sim::MODES;
+use virtio_tests::sim::{MODES, walk_allocation_failures};
 const RING: u64 = bits::INDIRECT_DESC | bits::EVENT_IDX | bits::BAD_FEATURE;
 const SECTORS: u64 = 8192;
 
@@ -1019,29 +1019,19 @@ fn invalid_writeback_after_a_config_change_is_refused() {
 #[test]
 fn new_failing_at_any_allocation_frees_everything() {
     for (mode, pref) in MODES {
-        let mut succeeded = false;
-        for allowed in 0..1000 {
-            let sim = limited_model()
-                .sim_builder(mode, RING, 128, 32 << 20)
-                .build();
-            let mem = sim.memory();
-            let before = mem.free_bytes();
-            let t = probe(sim.config_space(), sim.bars(), pref).expect("probe");
-            let dev = VirtioDevice::new(t, sim.memory(), sim.irq());
-            mem.fail_allocations_after(Some(allowed));
-            let res = BlkDriver::new(dev, BlkOptions::default());
-            mem.fail_allocations_after(None);
-            if res.is_ok() {
-                succeeded = true;
-                break;
-            }
-            assert_eq!(
-                mem.free_bytes(),
-                before,
-                "{mode:?}/{pref:?}: leak when allocation {allowed} fails"
-            );
-            assert_eq!(sim.status() & 4, 0, "not DRIVER_OK");
-        }
-        assert!(succeeded);
+        walk_allocation_failures(
+            &format!("{mode:?}/{pref:?}"),
+            || {
+                limited_model()
+                    .sim_builder(mode, RING, 128, 32 << 20)
+                    .build()
+            },
+            |sim| {
+                let t = probe(sim.config_space(), sim.bars(), pref).expect("probe");
+                let dev = VirtioDevice::new(t, sim.memory(), sim.irq());
+                BlkDriver::new(dev, BlkOptions::default())
+            },
+            |_, _| {},
+        );
     }
 }

@@ -42,7 +42,7 @@ const QEMU: u64 = f::CSUM
     | RING
     | V1;
 
-use virtio_tests::sim::MODES;
+use virtio_tests::sim::{MODES, walk_allocation_failures};
 
 struct Rig {
     model: NetModel,
@@ -1051,32 +1051,19 @@ fn new_failing_after_queue_setup_resets_and_frees() {
             assert!(sim.bad_accesses().is_empty());
         }
         // Every allocation failing in turn, until initialisation succeeds.
-        let mut succeeded = false;
-        for allowed in 0..1000 {
-            let sim = SimBuilder::new(mode, 1)
-                .features(QEMU)
-                .queues(&[256, 256, 64])
-                .device_config(&net_model::config_bytes(MAC, 1, 1500, 10_000, 1))
-                .memory_len(24 << 20)
-                .build();
-            let mem = sim.memory();
-            let before = mem.free_bytes();
-            let bus = net_model::bus(&sim, pref);
-            mem.fail_allocations_after(Some(allowed));
-            let res = VirtioNet::new(bus, NetConfig::default());
-            mem.fail_allocations_after(None);
-            if res.is_ok() {
-                succeeded = true;
-                break;
-            }
-            assert_eq!(
-                mem.free_bytes(),
-                before,
-                "{mode:?}/{pref:?}: leak when allocation {allowed} fails"
-            );
-            assert_eq!(sim.status() & 4, 0, "not DRIVER_OK");
-        }
-        assert!(succeeded);
+        walk_allocation_failures(
+            &format!("{mode:?}/{pref:?}"),
+            || {
+                SimBuilder::new(mode, 1)
+                    .features(QEMU)
+                    .queues(&[256, 256, 64])
+                    .device_config(&net_model::config_bytes(MAC, 1, 1500, 10_000, 1))
+                    .memory_len(24 << 20)
+                    .build()
+            },
+            |sim| VirtioNet::new(net_model::bus(sim, pref), NetConfig::default()),
+            |_, _| {},
+        );
     }
 }
 

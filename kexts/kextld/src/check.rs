@@ -1378,7 +1378,6 @@ mod tests {
     use std::sync::OnceLock;
 
     use super::*;
-    use crate::link::{Input, Options, link};
 
     /// What plain_kext.c imports, as if its libraries exported it.
     const PLAIN_LIBRARY_EXPORTS: [&str; 4] = [
@@ -1390,21 +1389,7 @@ mod tests {
     const PLAIN_EXPORT_PATTERNS: [&str; 1] = ["_demo_*"];
     const DRIVER_EXPORT_PATTERNS: [&str; 1] = ["_kx_demo_*"];
 
-    use crate::fixture::{C_FLAGS, CXX_FLAGS, compile};
-
-    fn link_one(name: &str, object: Vec<u8>, exports: &[&str]) -> crate::link::Linked {
-        let inputs = [Input {
-            name: name.to_string(),
-            data: object,
-        }];
-        let options = Options {
-            exports: exports.iter().map(|pattern| pattern.to_string()).collect(),
-            roots: vec!["_kmod_info".to_string()],
-            min_macos: (10, 13, 0),
-            uuid: None,
-        };
-        link(&inputs, &options).unwrap_or_else(|error| panic!("linking {name}: {error}"))
-    }
+    use crate::fixture::{C_FLAGS, CXX_FLAGS, compile, link_kext as link_one};
 
     /// tests/fixtures/plain_kext.c, linked; `None` = skipped.
     fn plain_bundle() -> Option<Vec<u8>> {

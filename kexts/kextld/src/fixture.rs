@@ -3,6 +3,8 @@
 //! way a kext's sources are compiled. Not part of the linker.
 
 use std::path::PathBuf;
+
+use crate::link::{Input, Linked, Options, link};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -81,4 +83,20 @@ pub fn compile(compiler: &str, flags: &[&str], source: &str) -> Option<Vec<u8>> 
             Some(object)
         }
     }
+}
+
+/// Links one fixture object as a kext (root `_kmod_info`, exports `exports`, macOS 10.13);
+/// panics with the linker's message on failure.
+pub fn link_kext(name: &str, object: Vec<u8>, exports: &[&str]) -> Linked {
+    let inputs = [Input {
+        name: name.to_string(),
+        data: object,
+    }];
+    let options = Options {
+        exports: exports.iter().map(|pattern| pattern.to_string()).collect(),
+        roots: vec!["_kmod_info".to_string()],
+        min_macos: (10, 13, 0),
+        uuid: None,
+    };
+    link(&inputs, &options).unwrap_or_else(|error| panic!("linking {name}: {error}"))
 }

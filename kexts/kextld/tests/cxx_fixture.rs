@@ -11,9 +11,9 @@
 use std::sync::OnceLock;
 
 use kextld::check::{CheckContext, Rule, check};
-use kextld::fixture::{self, CXX_FLAGS};
+use kextld::fixture::{self, CXX_FLAGS, link_kext};
 use kextld::image::{Image, Section};
-use kextld::link::{Input, Linked, Options, link};
+use kextld::link::Linked;
 use object::macho;
 
 const REGISTER_DTORS_OFF: &str = "-fno-register-global-dtors-with-atexit";
@@ -37,20 +37,6 @@ const DRIVER_SOURCE: &str = "iokit_style_driver.cpp";
 /// clang++ is missing and `CI` is unset.
 fn compile(source: &str, flags: &[&str]) -> Option<Vec<u8>> {
     fixture::compile("clang++", flags, source)
-}
-
-fn link_kext(name: &str, object: Vec<u8>, exports: &[&str]) -> Linked {
-    let inputs = [Input {
-        name: name.to_string(),
-        data: object,
-    }];
-    let options = Options {
-        exports: exports.iter().map(|pattern| pattern.to_string()).collect(),
-        roots: vec!["_kmod_info".to_string()],
-        min_macos: (10, 13, 0),
-        uuid: None,
-    };
-    link(&inputs, &options).unwrap_or_else(|error| panic!("linking {name}: {error}"))
 }
 
 struct Fixture {
