@@ -15,12 +15,14 @@
 pub mod balloon_host;
 pub mod blk_host;
 pub mod console_host;
-mod devices;
+pub mod devices;
 pub mod net_peer;
 pub mod qmp;
 mod toolchain;
 
-pub use devices::{BLK_SERIAL, DISK_BYTES, DeviceKind, NET_MAC, SCENARIOS, ScenarioSpec, scenario};
+pub use devices::{
+    BLK_SERIAL, DISK_BYTES, DeviceSpec, NET_MAC, ScenarioSpec, device, scenario, scenarios,
+};
 pub use toolchain::{
     GuestToolchain, build_guest, ensure as ensure_toolchain, find_workspace, guest_dir, target_dir,
 };
@@ -499,7 +501,7 @@ impl fmt::Display for RunError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RunError::UnknownScenario(s) => {
-                let known: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+                let known: Vec<&str> = scenarios().map(|s| s.name).collect();
                 write!(f, "unknown scenario {s:?} (known: {})", known.join(", "))
             }
             RunError::Toolchain(e) => write!(f, "toolchain: {e}"),
@@ -511,7 +513,7 @@ impl fmt::Display for RunError {
 
 impl std::error::Error for RunError {}
 
-/// What a scenario's host-side hook gets (see [`devices::host_side`]).
+/// What a scenario's host-side hook gets (see [`ScenarioSpec::host`]).
 pub struct HostContext<'a> {
     pub config: &'a RunConfig,
     pub run_dir: &'a Path,
@@ -585,11 +587,7 @@ fn claim_run_dir(cfg: &RunConfig) -> Result<RunDir, RunError> {
 
 /// The guest command line for `cfg`.
 pub fn guest_cmdline(cfg: &RunConfig, spec: &ScenarioSpec) -> String {
-    let mut types: Vec<String> = spec
-        .devices
-        .iter()
-        .map(|d| d.virtio_type().to_string())
-        .collect();
+    let mut types: Vec<String> = spec.devices.iter().map(|d| d.id().to_string()).collect();
     types.sort();
     let mut words = vec![
         format!("scenario={}", cfg.scenario),
@@ -598,7 +596,7 @@ pub fn guest_cmdline(cfg: &RunConfig, spec: &ScenarioSpec) -> String {
         format!("transport={}", cfg.transport),
         format!("expect_types={}", types.join(",")),
     ];
-    if spec.devices.contains(&DeviceKind::Blk) {
+    if spec.devices.contains(&virtio_core::DeviceType::Block) {
         words.push(format!("blk_serial={BLK_SERIAL}"));
         words.push(format!("blk_bytes={DISK_BYTES}"));
     }
@@ -616,7 +614,7 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
     let dir = run_dir.path.clone();
     let serial = dir.join("serial.log");
     let trace_log = dir.join("trace.log");
-    let host = match devices::host_side(&cfg.scenario) {
+    let host = match spec.host {
         Some(start) => Some(
             start(&HostContext {
                 config: cfg,

@@ -4,7 +4,8 @@
 //!   [--irq msix|intx|poll] [--matrix] [--timeout SECS] [--keep] [--verbose]
 //!   [--guest-arg K=V]... [-- extra qemu args]`: build the guest, run one scenario, print
 //!   the report (`--matrix`: every machine × transport × irq combination, then a table);
-//! - `demo`: boot the guest with all four devices and show what each driver did;
+//! - `demo`: boot the guest with each device type (net, blk, console, balloon, rng) and
+//!   show what each driver did;
 //! - `bench net [--bytes N]`: our virtio-net vs the virtio-drivers crate over the same
 //!   TCP transfer (`bench_net.rs`);
 //! - `kexts [--check]`: build the kext bundles (`kexts.rs`); `install [--dry-run]`: copy
@@ -211,6 +212,13 @@ const DEMO_PARTS: &[(&str, &str, &[&str])] = &[
         "virtio-balloon: QMP targets up and down (192, 128, 224, 160, 256 MiB of a 256 MiB \
          guest) reached on both sides, statistics read back with qom-get, every page lent by \
          the heap returned once",
+        &[],
+    ),
+    (
+        "rng",
+        "virtio-rng: 4 KiB of entropy read in order from QEMU's rng-random backend, which \
+         reads a host file of known bytes through a rate limit of 1024 bytes per 100 ms; the \
+         host compares the bytes with the file and QEMU's trace with the limit",
         &[],
     ),
 ];

@@ -1,118 +1,91 @@
-//! The per-scenario device table and how each device becomes QEMU arguments.
+//! The harness's device registry: everything the QEMU runner knows about a virtio device
+//! type — its QEMU `-device` string and properties, backends and files, the scenarios it
+//! brings and their host-side hooks — is one [`DeviceSpec`], `pub const DEVICE` in its own
+//! file `tests/src/qemu/devices/<name>.rs`. The build script (`tests/build.rs`) finds those
+//! files and generates [`DEVICES`]: registering a device type is adding that file, nothing
+//! here.
 //!
-//! Adding a scenario: add a row to [`SCENARIOS`] (and the guest module, see
-//! `tests/guest/src/scenarios/mod.rs`).
+//! Scenarios that are not about one device type (`boot`, `smoke`, the harness self-tests)
+//! are in [`HARNESS_SCENARIOS`]. The guest side of a scenario is a row in the guest's
+//! `tests/guest/src/scenarios/mod.rs`.
 
 use super::{Machine, Transport};
 use std::io::Write;
 use std::path::Path;
+use virtio_core::DeviceType;
 
-/// A virtio device the runner can attach.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub enum DeviceKind {
-    Net,
-    Blk,
-    Balloon,
-    Console,
+// `pub mod <name>;` for every `devices/<name>.rs`, and `DEVICES`.
+include!(concat!(env!("OUT_DIR"), "/devices.rs"));
+
+/// One virtio device type the runner can attach (see the module docs).
+pub struct DeviceSpec {
+    pub device_type: DeviceType,
+    /// QEMU arguments attaching one instance: its `-device` (with `ctx.props`), backends
+    /// (`-netdev`, `-drive`, `-chardev`, `-object`) and the files they need.
+    pub attach: fn(&Attach<'_>, &mut DeviceFiles) -> std::io::Result<Vec<String>>,
+    /// Scenarios about this device type (the guest runs them by name).
+    pub scenarios: &'static [ScenarioSpec],
 }
 
-impl DeviceKind {
-    /// The virtio device type number (what the guest reports as `type=`).
-    pub fn virtio_type(self) -> u16 {
-        match self {
-            DeviceKind::Net => 1,
-            DeviceKind::Blk => 2,
-            DeviceKind::Console => 3,
-            DeviceKind::Balloon => 5,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DeviceKind::Net => "net",
-            DeviceKind::Blk => "blk",
-            DeviceKind::Console => "console",
-            DeviceKind::Balloon => "balloon",
-        }
-    }
+/// What [`DeviceSpec::attach`] gets.
+pub struct Attach<'a> {
+    pub machine: Machine,
+    pub transport: Transport,
+    pub run_dir: &'a Path,
+    /// Properties every `-device` of a virtio-pci function carries: the transport
+    /// ([`transport_props`]), `ioeventfd=off` (every notify write is handled and traced
+    /// exactly once: with it on, QEMU 7.2 under TCG traces one kick and sends one interrupt
+    /// twice for a single write, which would distort the counts scenarios compare with
+    /// QEMU's trace) and the bus (a `pcie-root-port` on q35 + modern).
+    pub props: &'a str,
+    /// The same without `ioeventfd=off`, for devices that lack that property (balloon).
+    pub props_no_ioeventfd: &'a str,
+    /// The scenario has a host-side hook (e.g. a network peer the guest may reach).
+    pub host_peer: bool,
 }
 
 /// What a scenario needs from the host.
 #[derive(Copy, Clone, Debug)]
 pub struct ScenarioSpec {
     pub name: &'static str,
-    pub devices: &'static [DeviceKind],
+    /// Devices the runner attaches, in PCI order ([`DeviceSpec::attach`]). A scenario whose
+    /// host hook attaches its device itself (with per-run properties) lists none.
+    pub devices: &'static [DeviceType],
     /// Record `virtio_queue_notify` / `virtio_notify` / `virtio_notify_irqfd` /
-    /// `virtio_set_status` traces.
+    /// `virtio_set_status` traces (a host hook may add events with `-trace`).
     pub trace: bool,
     /// Wall-clock limit for one QEMU run (TCG).
     pub timeout_secs: u64,
+    /// Host-side work next to QEMU (a peer, QMP commands, checks of files).
+    pub host: Option<HostStart>,
 }
 
-use DeviceKind::{Balloon, Blk, Console, Net};
+/// Starts a scenario's host-side work (see [`super::HostSide`]).
+pub type HostStart = fn(&super::HostContext<'_>) -> std::io::Result<super::HostSide>;
 
-const ALL: &[DeviceKind] = &[Net, Blk, Balloon, Console];
+/// The devices `boot` and `smoke` attach, in PCI order.
+const ALL: &[DeviceType] = &[
+    DeviceType::Net,
+    DeviceType::Block,
+    DeviceType::Balloon,
+    DeviceType::Console,
+];
 
-/// One row per scenario. The guest side of every scenario but `boot` is written with the
-/// device crates; until then the guest answers an unknown scenario with a usage exit.
-pub const SCENARIOS: &[ScenarioSpec] = &[
+/// Scenarios about the harness or every device at once.
+pub const HARNESS_SCENARIOS: &[ScenarioSpec] = &[
     ScenarioSpec {
         name: "boot",
         devices: ALL,
         trace: true,
         timeout_secs: 60,
+        host: None,
     },
     ScenarioSpec {
         name: "smoke",
         devices: ALL,
         trace: true,
         timeout_secs: 120,
-    },
-    ScenarioSpec {
-        name: "net",
-        devices: &[Net],
-        trace: true,
-        timeout_secs: 180,
-    },
-    // `net`'s transfer over the virtio-drivers crate (`cargo xtask bench net`).
-    ScenarioSpec {
-        name: "net-vd",
-        devices: &[Net],
-        trace: true,
-        timeout_secs: 300,
-    },
-    // blk scenarios: the host side (`blk_host`) attaches the drive and device itself,
-    // configured by the run's `blk_*` guest words.
-    ScenarioSpec {
-        name: "blk",
-        devices: &[],
-        trace: true,
-        timeout_secs: 180,
-    },
-    ScenarioSpec {
-        name: "bench-blk",
-        devices: &[],
-        trace: true,
-        timeout_secs: 180,
-    },
-    ScenarioSpec {
-        name: "bench-blk-vd",
-        devices: &[],
-        trace: true,
-        timeout_secs: 180,
-    },
-    ScenarioSpec {
-        name: "console",
-        devices: &[Console],
-        trace: true,
-        timeout_secs: 120,
-    },
-    // The host side (`balloon_host`) attaches the balloon with the run's properties.
-    ScenarioSpec {
-        name: "balloon",
-        devices: &[],
-        trace: true,
-        timeout_secs: 120,
+        host: None,
     },
     // Harness self-tests: each ends the guest a different wrong way.
     ScenarioSpec {
@@ -120,38 +93,45 @@ pub const SCENARIOS: &[ScenarioSpec] = &[
         devices: &[],
         trace: false,
         timeout_secs: 30,
+        host: None,
     },
     ScenarioSpec {
         name: "fault",
         devices: &[],
         trace: false,
         timeout_secs: 30,
+        host: None,
     },
     ScenarioSpec {
         name: "hang",
         devices: &[],
         trace: false,
         timeout_secs: 30,
+        host: None,
     },
 ];
 
-pub fn scenario(name: &str) -> Option<&'static ScenarioSpec> {
-    SCENARIOS.iter().find(|s| s.name == name)
+/// Every scenario: the harness's, then each device type's.
+pub fn scenarios() -> impl Iterator<Item = &'static ScenarioSpec> {
+    HARNESS_SCENARIOS
+        .iter()
+        .chain(DEVICES.iter().flat_map(|d| d.scenarios.iter()))
 }
 
-/// Starts a scenario's host-side work (see [`super::HostSide`]).
-pub type HostStart = fn(&super::HostContext<'_>) -> std::io::Result<super::HostSide>;
+pub fn scenario(name: &str) -> Option<&'static ScenarioSpec> {
+    scenarios().find(|s| s.name == name)
+}
 
-/// The host-side hook of a scenario, if it has one: `net` talks to a TCP peer on the
-/// host's loopback and has its link toggled through QMP.
-pub fn host_side(scenario: &str) -> Option<HostStart> {
-    match scenario {
-        "net" | "net-vd" => Some(super::net_peer::start),
-        "blk" | "bench-blk" | "bench-blk-vd" => Some(super::blk_host::start),
-        "console" => Some(super::console_host::start),
-        "balloon" => Some(super::balloon_host::start),
-        _ => None,
-    }
+/// The registered device type `ty`.
+pub fn device(ty: DeviceType) -> Option<&'static DeviceSpec> {
+    DEVICES.iter().copied().find(|d| d.device_type == ty)
+}
+
+/// Files a run creates for its devices.
+#[derive(Default)]
+pub struct DeviceFiles {
+    pub disk: Option<std::path::PathBuf>,
+    pub console: Option<std::path::PathBuf>,
 }
 
 /// The serial number virtio-blk reports for GET_ID.
@@ -160,12 +140,6 @@ pub const BLK_SERIAL: &str = "VIRTIO-TEST-0001";
 pub const DISK_BYTES: u64 = 8 << 20;
 /// MAC address of the test NIC.
 pub const NET_MAC: &str = "52:54:00:12:34:56";
-
-/// Files a run creates for its devices.
-pub struct DeviceFiles {
-    pub disk: Option<std::path::PathBuf>,
-    pub console: Option<std::path::PathBuf>,
-}
 
 /// Writes the disk image: sector n starts with the ASCII tag `SECTOR` + n as 8 bytes LE,
 /// followed by bytes `(n + i) mod 251`, so a guest can verify any sector it reads.
@@ -197,25 +171,22 @@ pub fn transport_props(t: Transport) -> &'static str {
 /// and INTx swizzling); otherwise devices sit on the root bus (legacy I/O BARs need no
 /// bridge I/O window there).
 pub fn qemu_args(
-    devices: &[DeviceKind],
+    devices: &[DeviceType],
     machine: Machine,
     transport: Transport,
     run_dir: &Path,
     host_peer: bool,
 ) -> std::io::Result<(Vec<String>, DeviceFiles)> {
     let mut args: Vec<String> = Vec::new();
-    let mut files = DeviceFiles {
-        disk: None,
-        console: None,
-    };
-    // ioeventfd=off: every notify write is handled (and traced) exactly once. With it on,
-    // QEMU 7.2 under TCG traces a kick and sends an interrupt twice for one write, which
-    // would distort the kick/interrupt counts the scenarios report. (virtio-balloon has no
-    // ioeventfd property.)
-    let base_props = transport_props(transport);
-    let props = format!("{base_props},ioeventfd=off");
+    let mut files = DeviceFiles::default();
     let behind_ports = machine == Machine::Q35 && transport == Transport::Modern;
-    for (i, &dev) in devices.iter().enumerate() {
+    for (i, &ty) in devices.iter().enumerate() {
+        let spec = device(ty).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no devices/<name>.rs registers virtio-{}", ty.name()),
+            )
+        })?;
         let bus = if behind_ports {
             args.push("-device".into());
             args.push(format!(
@@ -227,51 +198,51 @@ pub fn qemu_args(
         } else {
             String::new()
         };
-        let mut push = |a: String| args.push(a);
-        match dev {
-            Net => {
-                // restrict=on isolates the guest (slirp drops its TCP connections). A
-                // scenario with a host peer needs the one route slirp gives to the host:
-                // 10.0.2.2 (any address of the guest's 10.0.2.0/24 but the DNS one) is the
-                // host's loopback, where the peer listens. Those guests address nothing
-                // else (no DNS, no outside addresses).
-                let restrict = if host_peer { "off" } else { "on" };
-                push("-netdev".into());
-                push(format!("user,id=n0,restrict={restrict}"));
-                push("-device".into());
-                push(format!(
-                    "virtio-net-pci,id={},netdev=n0,mac={NET_MAC},romfile={props}{bus}",
-                    super::net_peer::NIC_ID
-                ));
-            }
-            Blk => {
-                let disk = run_dir.join("disk.img");
-                write_disk_image(&disk)?;
-                push("-drive".into());
-                push(format!("if=none,id=d0,format=raw,file={}", disk.display()));
-                push("-device".into());
-                push(format!(
-                    "virtio-blk-pci,drive=d0,serial={BLK_SERIAL}{props}{bus}"
-                ));
-                files.disk = Some(disk);
-            }
-            Balloon => {
-                push("-device".into());
-                push(format!("virtio-balloon-pci,id=balloon0{base_props}{bus}"));
-            }
-            Console => {
-                let out = run_dir.join("console.out");
-                push("-chardev".into());
-                push(format!("file,id=c0,path={}", out.display()));
-                push("-device".into());
-                push(format!(
-                    "virtio-serial-pci,id=vser0,max_ports=31{props}{bus}"
-                ));
-                push("-device".into());
-                push("virtconsole,chardev=c0,bus=vser0.0,nr=0".into());
-                files.console = Some(out);
-            }
-        }
+        let base = transport_props(transport);
+        let ctx = Attach {
+            machine,
+            transport,
+            run_dir,
+            props: &format!("{base},ioeventfd=off{bus}"),
+            props_no_ioeventfd: &format!("{base}{bus}"),
+            host_peer,
+        };
+        args.extend((spec.attach)(&ctx, &mut files)?);
     }
     Ok((args, files))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_is_consistent() {
+        let mut names: Vec<&str> = scenarios().map(|s| s.name).collect();
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(
+            names.len(),
+            count,
+            "scenario names must be unique: {names:?}"
+        );
+        for d in DEVICES {
+            let entries = DEVICES.iter().filter(|e| e.device_type == d.device_type);
+            assert_eq!(entries.count(), 1, "virtio-{}", d.device_type.name());
+        }
+        for s in scenarios() {
+            for t in s.devices {
+                assert!(
+                    device(*t).is_some(),
+                    "{}: virtio-{} unregistered",
+                    s.name,
+                    t.name()
+                );
+            }
+        }
+        for name in ["net", "blk", "console", "balloon", "rng", "boot", "smoke"] {
+            assert!(scenario(name).is_some(), "{name}");
+        }
+    }
 }

@@ -123,7 +123,7 @@ pub fn run(env: &mut Env) {
     let report_ranges = env.cmdline.get_u64("balloon_report_ranges", 64) as usize;
 
     let (heap_before, _) = crate::heap::usage();
-    let Some(func) = env.find_virtio(5) else {
+    let Some(func) = env.find_virtio(virtio_core::DeviceType::Balloon) else {
         check!("balloon.present", false, "no virtio-balloon on the bus");
         return;
     };

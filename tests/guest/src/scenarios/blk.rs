@@ -71,7 +71,7 @@ pub fn durable_area(k: u64) -> (u64, u64) {
 
 pub fn run(env: &mut Env) {
     let test = env.cmdline.get("blk_test").unwrap_or("main");
-    let Some(func) = env.find_virtio(2).cloned() else {
+    let Some(func) = env.find_virtio(virtio_core::DeviceType::Block).cloned() else {
         check!("blk.present", false, "no virtio-blk on the bus");
         return;
     };
@@ -1160,7 +1160,7 @@ impl Rng {
 }
 
 pub fn bench(env: &mut Env) {
-    let Some(func) = env.find_virtio(2).cloned() else {
+    let Some(func) = env.find_virtio(virtio_core::DeviceType::Block).cloned() else {
         check!("bench.present", false, "no virtio-blk on the bus");
         return;
     };

@@ -1,6 +1,26 @@
 //! Glue between the guest platform and the virtio crates: a function found on the PCI bus
 //! becomes a `virtio_core` bus (`VirtioDevice` over `virtio_pci`'s transport), and
 //! interrupts recorded by the handlers are fed to the bus in thread context.
+//!
+//! # Servicing a driver's interrupts: the one way
+//!
+//! The guest's interrupt handlers only record (a bit per MSI-X entry, one for INTx); the
+//! scenario services them in thread context. A driver that owns its bus (`VirtioRng`,
+//! `VirtioConsole`, `VirtioNet`, `BalloonDriver`, ...) follows the same conventions:
+//! `bus()` / `bus_mut()` reach the bus, `handle_interrupt(Option<u16>)` takes an MSI-X
+//! entry or `None` for INTx (which reads the ISR), and `shutdown()` (also run by `Drop`)
+//! resets the device — read its statistics first. The scenario then:
+//!
+//! - waits with [`wait_until`]`(driver, |d| d.bus_mut(), timeout_ms, handle, done)`: it
+//!   halts until an interrupt (bounded 10 ms slices, so `done` is re-checked even if one
+//!   is lost), feeds what was recorded to `handle` through [`dispatch`], and in polling
+//!   mode just spins on `done` (which should poll the driver);
+//! - or, inside its own loop, calls [`dispatch`] directly;
+//! - for a bare bus (no driver), [`wait_for`] does the same with `Bus::handle_interrupt`.
+//!
+//! [`dispatch`] re-arms the INTx line only after `handle(None)` read the ISR (the line is
+//! level-triggered and masked until then). The exception is `blk/vd.rs`, which drives the
+//! virtio-drivers crate's own transport.
 
 use super::Env;
 use crate::pci::PciFunction;
@@ -8,7 +28,7 @@ use crate::platform::{GuestDma, INTX_INDEX, PciBars, PciConfig, PciInterrupts};
 use crate::report;
 use alloc::format;
 use alloc::string::String;
-use virtio_core::bus::{Bus, InterruptCause};
+use virtio_core::bus::Bus;
 use virtio_core::device::VirtioDevice;
 use virtio_core::platform::InterruptMode;
 use virtio_pci::{PciTransport, Preference, probe};
@@ -54,45 +74,51 @@ pub fn dispatch<D>(
     }
 }
 
-/// [`dispatch`] to the bus itself; returns the union of the causes.
-pub fn service(bus: &mut GuestBus) -> InterruptCause {
-    let mut cause = InterruptCause::default();
-    dispatch(
-        bus,
-        |b| b,
-        |b, v| {
-            let c = b.handle_interrupt(v);
-            cause.queues.0 |= c.queues.0;
-            cause.config_changed |= c.config_changed;
-            cause.needs_reset |= c.needs_reset;
-        },
-    );
-    cause
-}
-
 /// Waits until `done(bus)` holds, for at most `timeout_ms`: between checks it halts until
 /// an interrupt and services it (MSI-X/INTx), or spins (polling mode).
 pub fn wait_for(
     bus: &mut GuestBus,
     timeout_ms: u64,
-    mut done: impl FnMut(&mut GuestBus) -> bool,
+    done: impl FnMut(&mut GuestBus) -> bool,
+) -> bool {
+    wait_until(
+        bus,
+        |b| b,
+        timeout_ms,
+        |b, v| {
+            b.handle_interrupt(v);
+        },
+        done,
+    )
+}
+
+/// Waits until `done(dev)` holds, for at most `timeout_ms`, for a driver `dev` that owns
+/// its bus (reached through `bus`): between checks it halts until an interrupt and feeds
+/// the recorded ones to `handle` ([`dispatch`]), or spins in polling mode (`done` should
+/// poll the driver then). Returns whether `done` held in time.
+pub fn wait_until<D>(
+    dev: &mut D,
+    bus: fn(&mut D) -> &mut GuestBus,
+    timeout_ms: u64,
+    mut handle: impl FnMut(&mut D, Option<u16>),
+    mut done: impl FnMut(&mut D) -> bool,
 ) -> bool {
     let deadline = crate::time::now_ns().saturating_add(timeout_ms.saturating_mul(1_000_000));
     loop {
-        if done(bus) {
+        if done(dev) {
             return true;
         }
         let now = crate::time::now_ns();
         if now >= deadline {
             return false;
         }
-        if bus.interrupt_mode() == InterruptMode::Polling {
+        if bus(dev).interrupt_mode() == InterruptMode::Polling {
             core::hint::spin_loop();
         } else {
             // Bounded slices, so `done` is re-checked even if an interrupt is lost.
             let slice = ((deadline - now) / 1_000_000).clamp(1, 10);
-            bus.interrupt_platform().wait(u64::MAX, slice);
-            service(bus);
+            bus(dev).interrupt_platform().wait(u64::MAX, slice);
+            dispatch(dev, bus, &mut handle);
         }
     }
 }

@@ -32,7 +32,6 @@ use super::Env;
 use super::bus::{self, GuestBus};
 use crate::check;
 use crate::cmdline::IrqMode;
-use crate::platform::INTX_INDEX;
 use crate::report;
 use alloc::format;
 use alloc::string::String;
@@ -126,14 +125,13 @@ impl Seen {
 /// Services recorded interrupts (MSI-X entries, INTx), drains events and reads every
 /// port's data into `seen`.
 fn service(c: &mut Console, seen: &mut Seen) {
-    let pending = c.bus_mut().interrupt_platform().take_pending();
-    if pending & (1 << INTX_INDEX) != 0 {
-        c.handle_interrupt(None);
-        c.bus_mut().interrupt_platform().intx_done();
-    }
-    for k in (0..INTX_INDEX).filter(|k| pending & (1 << k) != 0) {
-        c.handle_interrupt(Some(k));
-    }
+    bus::dispatch(
+        c,
+        |c| c.bus_mut(),
+        |c, vector| {
+            c.handle_interrupt(vector);
+        },
+    );
     while let Some(e) = c.next_event() {
         seen.event(e);
     }
@@ -244,7 +242,7 @@ pub fn run(env: &mut Env) {
     crate::serial::set_log_tee(Some(&LOGGER));
     log::info!("console scenario: nonce {nonce}, bulk {bulk} bytes each way");
 
-    let Some(func) = env.find_virtio(3) else {
+    let Some(func) = env.find_virtio(virtio_core::DeviceType::Console) else {
         check!("console.present", false, "no virtio-console on the bus");
         crate::serial::set_log_tee(None);
         return;

@@ -3,8 +3,9 @@
 //! lines through `crate::report` / `crate::check!`, and returns; `run` then prints `DONE`
 //! and exits (success iff every check passed).
 //!
-//! Adding a scenario: write `scenarios/<name>.rs` with `pub fn run(env: &mut Env)`, add a
-//! row to `SCENARIOS`, and a row to the host's device table (`tests/src/qemu/devices.rs`).
+//! Adding a scenario: write `scenarios/<name>.rs` with `pub fn run(env: &mut Env)` and add
+//! `mod <name>;` and a row to `SCENARIOS`; the host side (QEMU arguments, host checks) is
+//! `tests/src/qemu/devices/<name>.rs` (see `docs/adding-a-device-type.md`).
 
 mod balloon;
 mod blk;
@@ -13,6 +14,7 @@ pub mod bus;
 mod console;
 mod net;
 mod net_vd;
+mod rng;
 mod selftest;
 mod smoke;
 mod vd;
@@ -22,6 +24,7 @@ use crate::pci::{Chipset, PciFunction};
 use crate::platform::{GuestDma, PciBars, PciConfig, PciInterrupts};
 use crate::report;
 use alloc::vec::Vec;
+use virtio_core::DeviceType;
 use virtio_core::platform::{InterruptMode, InterruptPlatform};
 
 pub struct Scenario {
@@ -77,6 +80,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: balloon::run,
     },
     Scenario {
+        name: "rng",
+        about: "virtio-rng driver: bytes from a host file through QEMU's rate limiter, read in order and printed for the host to compare",
+        run: rng::run,
+    },
+    Scenario {
         name: "panic",
         about: "harness self-test: panics",
         run: selftest::panic,
@@ -116,10 +124,10 @@ impl Env {
         self.pci.iter().filter(|f| f.is_virtio())
     }
 
-    /// First virtio function of device type `ty` (1 net, 2 blk, 3 console, 5 balloon).
-    pub fn find_virtio(&self, ty: u16) -> Option<&PciFunction> {
+    /// First virtio function of device type `ty`.
+    pub fn find_virtio(&self, ty: DeviceType) -> Option<&PciFunction> {
         self.virtio_functions()
-            .find(|f| f.virtio_type() == Some(ty))
+            .find(|f| f.virtio_type().map(u32::from) == Some(ty.id()))
     }
 
     /// Enables decoding and bus mastering, maps the BARs, and returns the platform

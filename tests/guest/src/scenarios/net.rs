@@ -55,7 +55,7 @@ const FILTER_MULTICAST: [u8; 6] = [0x01, 0x00, 0x5e, 0x00, 0x00, 0xfb];
 const FILTER_VLAN: u16 = 42;
 
 pub fn run(env: &mut Env) {
-    let Some(func) = env.find_virtio(1) else {
+    let Some(func) = env.find_virtio(virtio_core::DeviceType::Net) else {
         check!("net.present", false, "no virtio-net on the bus");
         return;
     };

@@ -148,7 +148,7 @@ impl Nic for VdPhy {
 }
 
 pub fn run(env: &mut Env) {
-    let Some(func) = env.find_virtio(1).cloned() else {
+    let Some(func) = env.find_virtio(virtio_core::DeviceType::Net).cloned() else {
         check!("net.present", false, "no virtio-net on the bus");
         return;
     };

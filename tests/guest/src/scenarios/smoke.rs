@@ -20,6 +20,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
+use virtio_core::DeviceType;
 use virtio_core::bus::{Bus, QueueSpec};
 use virtio_core::platform::{Dma, DmaDirection, DmaRegion};
 use virtio_core::queue::Segment;
@@ -38,11 +39,11 @@ const BLK_WRITE_SECTOR: u64 = 3;
 type SmokeFn = fn(&Env, &mut GuestBus) -> Result<(String, Vec<DmaRegion>), String>;
 
 pub fn run(env: &mut Env) {
-    let tests: [(u16, &str, SmokeFn); 4] = [
-        (2, "blk", smoke_blk),
-        (3, "console", smoke_console),
-        (1, "net", smoke_net),
-        (5, "balloon", smoke_balloon),
+    let tests: [(DeviceType, &str, SmokeFn); 4] = [
+        (DeviceType::Block, "blk", smoke_blk),
+        (DeviceType::Console, "console", smoke_console),
+        (DeviceType::Net, "net", smoke_net),
+        (DeviceType::Balloon, "balloon", smoke_balloon),
     ];
     for (ty, name, f) in tests {
         let Some(func) = env.find_virtio(ty) else {

@@ -26,7 +26,7 @@ use virtio_drivers::transport::pci::PciTransport;
 type Vd = VirtIOBlk<GuestHal, PciTransport>;
 
 pub fn bench(env: &mut Env) {
-    let Some(func) = env.find_virtio(2).cloned() else {
+    let Some(func) = env.find_virtio(virtio_core::DeviceType::Block).cloned() else {
         check!("bench.present", false, "no virtio-blk on the bus");
         return;
     };

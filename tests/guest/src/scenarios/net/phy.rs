@@ -15,7 +15,7 @@
 //!   state, and TCP retransmits what the reset lost.
 
 use super::stack::{Counters, Nic};
-use crate::platform::{GuestDma, INTX_INDEX};
+use crate::platform::GuestDma;
 use crate::scenarios::bus::{self, GuestBus};
 use alloc::vec;
 use alloc::vec::Vec;
@@ -144,16 +144,14 @@ impl Phy {
     /// Feeds recorded interrupts to the driver; handles config changes (link status).
     fn take_interrupts(&mut self) {
         let net = &mut self.tx.net;
-        let irq = net.bus_mut().interrupt_platform();
-        let pending = irq.take_pending();
         let mut config = false;
-        if pending & (1 << INTX_INDEX) != 0 {
-            config |= net.handle_interrupt(None).config;
-            net.bus_mut().interrupt_platform().intx_done();
-        }
-        for k in (0..INTX_INDEX).filter(|k| pending & (1 << k) != 0) {
-            config |= net.handle_interrupt(Some(k)).config;
-        }
+        bus::dispatch(
+            net,
+            |n| n.bus_mut(),
+            |n, vector| {
+                config |= n.handle_interrupt(vector).config;
+            },
+        );
         if self.polling {
             // No interrupts: read the ISR now and then for config changes.
             let t = crate::time::now_ns();
