@@ -39,6 +39,18 @@ pub fn bus(sim: &Sim, pref: Preference) -> SimNetBus {
 }
 
 /// Device config bytes (§5.1.4): mac, status, max_virtqueue_pairs, mtu, speed, duplex.
+/// A test Ethernet frame of `len` bytes to `dst`: a source MAC and payload derived from
+/// `seed`, ethertype IPv4.
+pub fn frame(dst: [u8; 6], len: usize, seed: u8) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect();
+    v[..6].copy_from_slice(&dst);
+    v[6..12].copy_from_slice(&[0x52, 0x54, 0, 0xAA, 0xBB, seed]);
+    v[12..14].copy_from_slice(&[0x08, 0x00]);
+    v
+}
+
 pub fn config_bytes(mac: [u8; 6], status: u16, mtu: u16, speed: u32, duplex: u8) -> Vec<u8> {
     let mut c = Vec::with_capacity(20);
     c.extend_from_slice(&mac);

@@ -144,13 +144,7 @@ unsafe extern "C" fn on_events(ctx: *mut c_void, ev: *const VnetEvents) {
 }
 
 fn frame(len: usize, seed: u8) -> Vec<u8> {
-    let mut v: Vec<u8> = (0..len)
-        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
-        .collect();
-    v[..6].copy_from_slice(&MAC);
-    v[6..12].copy_from_slice(&[0x52, 0x54, 0, 0xAA, 0xBB, seed]);
-    v[12..14].copy_from_slice(&[0x08, 0x00]);
-    v
+    net_model::frame(MAC, len, seed)
 }
 
 struct Rig {
