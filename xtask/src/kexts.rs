@@ -1,4 +1,4 @@
-//! `cargo xtask kexts`: builds `target/kexts/{VirtioFamily,VirtioNet,VirtioBlock}.kext`.
+//! `cargo xtask kexts`: builds `target/kexts/{VirtioFamily,VirtioNet,VirtioBlock,VirtioEntropy}.kext`.
 //!
 //! One Rust table ([`KEXTS`]) is the source of truth for every bundle: identifiers, versions,
 //! libraries, personalities, the C-ABI crate and its header. From it this module
@@ -107,7 +107,7 @@ const KPI: &[(&str, &str)] = &[
     ("com.apple.kpi.libkern", KPI_VERSION),
 ];
 
-/// The source of truth for all three bundles.
+/// The source of truth for every bundle.
 pub const KEXTS: &[KextSpec] = &[
     KextSpec {
         name: "VirtioFamily",
@@ -195,6 +195,32 @@ pub const KEXTS: &[KextSpec] = &[
             properties: &[("VirtioDeviceType", Value::Int(2))],
         }],
         shim_sources: &["VirtioBlockDevice.cpp"],
+        exports: &[],
+    },
+    KextSpec {
+        name: "VirtioEntropy",
+        crate_name: "virtio-entropy-kext",
+        dir: "kexts/VirtioEntropy",
+        header: "kexts/VirtioEntropy/shim/VirtioEntropyABI.h",
+        symbol_prefix: "vrng_",
+        libraries: &[
+            // The kernel's random pool is fed by writing to /dev/random (vnode KPI):
+            // `write_random` itself is exported only by com.apple.kpi.private, which the
+            // kernel refuses to let a non-Apple kext declare.
+            ("com.apple.kpi.bsd", KPI_VERSION),
+            ("com.apple.kpi.iokit", KPI_VERSION),
+            ("com.apple.kpi.libkern", KPI_VERSION),
+            (FAMILY_ID, COMPATIBLE_VERSION),
+        ],
+        imports_prefix: Some("vfam_"),
+        is_library: false,
+        personalities: &[Personality {
+            name: "VirtioEntropy",
+            io_class: "org_virtiodarwin_VirtioEntropy",
+            provider_class: "org_virtiodarwin_VirtioDevice",
+            properties: &[("VirtioDeviceType", Value::Int(4))],
+        }],
+        shim_sources: &["VirtioEntropy.cpp"],
         exports: &[],
     },
 ];
