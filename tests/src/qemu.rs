@@ -74,7 +74,7 @@ macro_rules! names {
             fn from_str(s: &str) -> Result<Self, String> {
                 match s {
                     $($s => Ok(<$t>::$v),)*
-                    _ => Err(format!("{s:?}: expected one of {}", [$($s),*].join(", "))),
+                    _ => Err(format!("\"{s}\" is not one of {}", [$($s),*].join(", "))),
                 }
             }
         }
@@ -327,6 +327,16 @@ impl TraceCounts {
         self.reinits_after_traffic.values().sum()
     }
 
+    /// One line for a person: what QEMU's trace counted.
+    pub fn describe(&self) -> String {
+        let status = self.events.get("virtio_set_status").copied().unwrap_or(0);
+        format!(
+            "QEMU's trace: {} kicks (queue notifications), {} interrupts sent, {status} status writes",
+            self.kicks(),
+            self.interrupts()
+        )
+    }
+
     /// Interrupts QEMU sent (`virtio_notify` + `virtio_notify_irqfd`).
     pub fn interrupts(&self) -> u64 {
         ["virtio_notify", "virtio_notify_irqfd"]
@@ -388,17 +398,29 @@ impl RunReport {
         self.checks.iter().filter(|c| !c.passed)
     }
 
-    /// Human-readable per-check report.
-    pub fn summary(&self) -> String {
-        let mut s = String::new();
-        let verdict = if self.passed() { "PASS" } else { "FAIL" };
-        let _ = writeln!(
-            s,
-            "== {} [{}]: {verdict} ({}, {:.1} s) ==",
+    /// The one-line verdict: `net [q35-modern-msix]: PASS, 14 of 14 checks (success, 6.4 s)`.
+    pub fn verdict(&self) -> String {
+        let failed = self.failed_checks().count();
+        format!(
+            "{} [{}]: {}, {} of {} checks passed (guest exit: {}, {:.1} s)",
             self.config.scenario,
             self.config.config_name(),
+            if self.passed() { "PASS" } else { "FAIL" },
+            self.checks.len() - failed,
+            self.checks.len(),
             self.exit,
             self.duration.as_secs_f64()
+        )
+    }
+
+    /// Human-readable per-check report; the verdict ([`RunReport::verdict`]) is its last line.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "== {} [{}] ==",
+            self.config.scenario,
+            self.config.config_name()
         );
         for c in &self.checks {
             let _ = writeln!(
@@ -413,31 +435,22 @@ impl RunReport {
             let _ = writeln!(s, "  (no checks reported)");
         }
         if !self.done {
-            let _ = writeln!(s, "  guest did not reach DONE");
+            let _ = writeln!(s, "  the guest did not reach DONE");
         }
         if self.killed {
             let _ = writeln!(
                 s,
-                "  QEMU SIGKILLed by the runner on {:?}",
+                "  QEMU SIGKILLed by the runner on the serial line \"{}\"",
                 self.config.kill_on.as_deref().unwrap_or("")
             );
         }
         for f in &self.fatal {
             let _ = writeln!(s, "  {f}");
         }
-        if let Some(t) = &self.trace {
-            let _ = writeln!(
-                s,
-                "  trace: kicks={} interrupts={} {:?}",
-                t.kicks(),
-                t.interrupts(),
-                t.events
-            );
+        for line in self.trace_cross_check() {
+            let _ = writeln!(s, "  {line}");
         }
         if !self.passed() {
-            if self.kept {
-                let _ = writeln!(s, "  logs kept in {}", self.run_dir.display());
-            }
             let tail: Vec<&str> = self.serial_log.lines().rev().take(15).collect();
             let _ = writeln!(s, "  last serial lines:");
             for l in tail.iter().rev() {
@@ -447,7 +460,80 @@ impl RunReport {
                 let _ = writeln!(s, "    qemu: {l}");
             }
         }
+        if self.kept {
+            let _ = writeln!(
+                s,
+                "  logs kept in {} (serial.log, qemu.cmd, qemu.stderr)",
+                self.run_dir.display()
+            );
+        }
+        let _ = writeln!(s, "{}", self.verdict());
         s
+    }
+
+    /// Kicks the guest's drivers counted (`<device>.kicks` stats, summed), if they report any.
+    pub fn guest_kicks(&self) -> Option<u64> {
+        let counts: Vec<u64> = self
+            .stats
+            .iter()
+            .filter(|(k, _)| k.matches('.').count() == 1 && k.ends_with(".kicks"))
+            .filter_map(|(_, v)| v.parse().ok())
+            .collect();
+        (!counts.is_empty()).then(|| counts.iter().sum())
+    }
+
+    /// QEMU's trace and what it is compared with, one line each, for a person.
+    pub fn trace_cross_check(&self) -> Vec<String> {
+        let Some(t) = &self.trace else {
+            return Vec::new();
+        };
+        let mut lines = vec![t.describe()];
+        if let Some(kicks) = self.guest_kicks() {
+            lines.push(if kicks == t.kicks() {
+                format!(
+                    "kicks: the drivers counted {kicks}, QEMU traced {}: equal, so every notify \
+                     the drivers made reached QEMU, and no other",
+                    t.kicks()
+                )
+            } else {
+                format!(
+                    "kicks: the drivers counted {kicks}, QEMU traced {}: DIFFERENT, a notify was \
+                     lost or miscounted",
+                    t.kicks()
+                )
+            });
+            lines.push(format!(
+                "interrupts: QEMU sent {} (not compared with the kicks: the device decides \
+                 when to interrupt)",
+                t.interrupts()
+            ));
+        }
+        lines
+    }
+
+    /// The report as one JSON object: configuration, verdict, checks, stats, trace counts.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "scenario": self.config.scenario,
+            "config": self.config.config_name(),
+            "passed": self.passed(),
+            "exit": self.exit.to_string(),
+            "done": self.done,
+            "seconds": self.duration.as_secs_f64(),
+            "checks": self.checks.iter().map(|c| serde_json::json!({
+                "name": c.name,
+                "passed": c.passed,
+                "detail": c.detail,
+            })).collect::<Vec<_>>(),
+            "stats": self.stats,
+            "fatal": self.fatal,
+            "trace": self.trace.as_ref().map(|t| serde_json::json!({
+                "kicks": t.kicks(),
+                "interrupts": t.interrupts(),
+                "events": t.events,
+            })),
+            "run_dir": self.kept.then(|| self.run_dir.display().to_string()),
+        })
     }
 
     /// Fills checks/stats/devices/done/fatal from serial output.
@@ -488,6 +574,27 @@ impl RunReport {
     }
 }
 
+/// An optional value as a report shows it: the value, or `none`.
+pub fn or_none<T: fmt::Display>(value: Option<T>) -> String {
+    value.map_or_else(|| "none".to_string(), |v| v.to_string())
+}
+
+/// A line read from a peer as a report shows it: `"the line"`, or `error: <why>`.
+pub fn line_read<E: fmt::Display>(line: &Result<String, E>) -> String {
+    match line {
+        Ok(l) => format!("\"{}\"", l.escape_debug()),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+/// The outcome of an operation without a value: `ok`, or `error: <why>`.
+pub fn outcome<E: fmt::Display>(result: &Result<(), E>) -> String {
+    match result {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
 /// Why a run could not even start (a failing guest is a [`RunReport`], not an error).
 #[derive(Debug)]
 pub enum RunError {
@@ -502,7 +609,7 @@ impl fmt::Display for RunError {
         match self {
             RunError::UnknownScenario(s) => {
                 let known: Vec<&str> = scenarios().map(|s| s.name).collect();
-                write!(f, "unknown scenario {s:?} (known: {})", known.join(", "))
+                write!(f, "unknown scenario \"{s}\" (known: {})", known.join(", "))
             }
             RunError::Toolchain(e) => write!(f, "toolchain: {e}"),
             RunError::Build(e) => write!(f, "{e}"),

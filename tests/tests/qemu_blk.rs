@@ -150,6 +150,25 @@ fn event_idx_off() {
     passes(q35(Transport::Modern, IrqMode::Msix).guest_arg("blk_event_idx=0"));
 }
 
+/// A device property the runner did not set (given after `--` to `cargo xtask qemu`):
+/// the guest checks negotiation against what the device offered, notes the difference,
+/// and passes.
+#[test]
+fn event_idx_off_from_the_qemu_command_line() {
+    let mut cfg = q35(Transport::Modern, IrqMode::Msix);
+    cfg.label = Some("user-event-idx-off".into());
+    cfg.extra_qemu_args = vec!["-global".into(), "virtio-blk-pci.event_idx=off".into()];
+    let r = passes(cfg);
+    let init = &r.check("blk.init").expect("blk.init").detail;
+    assert!(
+        init.contains("the device does not offer EVENT_IDX"),
+        "{init}"
+    );
+    let features = r.stat("blk.features").expect("blk.features");
+    let features = u64::from_str_radix(features.trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(features & (1 << 29), 0, "EVENT_IDX not negotiated: {init}");
+}
+
 #[test]
 fn legacy_intx_no_indirect_no_event_idx() {
     passes(

@@ -102,8 +102,9 @@ pub fn cmd_install(args: &[String]) -> Result<bool, String> {
             bundles.len(),
             built.display()
         );
+        let width = steps.iter().map(|s| s.what.len()).max().unwrap_or(0);
         for s in &steps {
-            println!("  {:32} {}", s.what, s.cmd.join(" "));
+            println!("  {:width$}  {}", s.what, s.cmd.join(" "));
         }
         if !unlinked.is_empty() {
             // Nothing half-installable: a plan with a bundle that cannot load is a failure.
@@ -113,6 +114,11 @@ pub fn cmd_install(args: &[String]) -> Result<bool, String> {
                 unlinked.join(", ")
             ));
         }
+        println!(
+            "dry run: {} steps planned, nothing changed (on the macOS test VM: \
+             `sudo cargo xtask install`)",
+            steps.len()
+        );
         return Ok(true);
     }
     if macos_major().is_none() {

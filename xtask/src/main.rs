@@ -1,15 +1,14 @@
-//! Developer tasks: `cargo xtask <command>`.
+//! Developer tasks: `cargo xtask <command>`; `cargo xtask --help` and
+//! `cargo xtask <command> --help` say what each command and flag does.
 //!
-//! - `qemu <scenario> [--transport modern|transitional|legacy] [--machine q35|pc]
-//!   [--irq msix|intx|poll] [--matrix] [--timeout SECS] [--keep] [--verbose]
-//!   [--guest-arg K=V]... [-- extra qemu args]`: build the guest, run one scenario, print
-//!   the report (`--matrix`: every machine × transport × irq combination, then a table);
+//! - `qemu <scenario>`: build the guest, run one scenario, print the report (`--matrix`:
+//!   every machine × transport × irq combination, then a table; `--list`: the scenarios);
 //! - `demo`: boot the guest with each device type (net, blk, console, balloon, rng) and
 //!   show what each driver did;
-//! - `bench net [--bytes N]`: our virtio-net vs the virtio-drivers crate over the same
-//!   TCP transfer (`bench_net.rs`);
-//! - `kexts [--check]`: build the kext bundles (`kexts.rs`); `install [--dry-run]`: copy
-//!   them to /Library/Extensions and load them on macOS (`install.rs`);
+//! - `bench blk|net`: our drivers against the virtio-drivers crate (`bench.rs`,
+//!   `bench_net.rs`);
+//! - `kexts`: build the kext bundles (`kexts.rs`); `install`: copy them to
+//!   /Library/Extensions and load them on macOS (`install.rs`);
 //! - `test`: fmt, clippy (workspace and guest), guest build, `cargo test --workspace`.
 
 mod bench;
@@ -17,134 +16,272 @@ mod bench_net;
 mod install;
 mod kexts;
 
+use clap::builder::PossibleValuesParser;
+use clap::{Args, Parser, Subcommand};
 use std::process::{Command, ExitCode};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use virtio_tests::qemu::{self, IrqMode, Machine, RunConfig, RunReport, Transport};
 
-const USAGE: &str = "usage:
-  cargo xtask qemu <scenario> [--transport modern|transitional|legacy] [--machine q35|pc]
-                   [--irq msix|intx|poll] [--matrix] [--timeout SECS] [--keep] [--verbose]
-                   [--guest-arg KEY=VALUE]... [-- extra qemu args]
-  cargo xtask demo
-  cargo xtask bench blk [--ms MS-PER-PHASE]
-  cargo xtask bench net [--bytes N]
-  cargo xtask kexts [--check]
-  sudo cargo xtask install [--dry-run]   (macOS test VM; --dry-run prints the plan anywhere)
-  cargo xtask test";
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Developer tasks for virtio for Darwin: run the drivers under QEMU, test, \
+             benchmark, build and install the kexts",
+    after_help = "Start with `cargo xtask demo`, then `cargo xtask qemu --list`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one QEMU scenario (or its whole matrix) and report; --list shows them
+    ///
+    /// Builds the test guest if needed, boots it under QEMU (TCG) with the scenario's
+    /// devices, prints each check and QEMU's trace counts, and the verdict last.
+    Qemu(QemuArgs),
+    /// Show each driver at work under QEMU, one scenario per device type
+    ///
+    /// Boots the test guest once per device type (smoke, net, blk, console, balloon, rng)
+    /// and shows what each driver did, then a summary; a few minutes under QEMU TCG.
+    Demo,
+    /// Benchmark our drivers against the virtio-drivers crate under QEMU
+    #[command(subcommand)]
+    Bench(BenchCmd),
+    /// Build and check the kext bundles (target/kexts/<Name>.kext)
+    ///
+    /// For every kext: Info.plist, the Rust half linked by kextld and checked against the
+    /// kernel linker's rules; with a Kernel SDK the C++ shim and the installable executable.
+    /// Environment: KERNEL_SDK (SDK root or Headers), KEXT_LD (Apple's ld64 instead of
+    /// kextld), CLANG / CLANGXX.
+    Kexts {
+        /// Fail when a checked-in generated file (header, plist) is stale
+        #[arg(long)]
+        check: bool,
+        /// Clone the public Kernel SDK into target/ first
+        #[arg(long)]
+        fetch_sdk: bool,
+    },
+    /// Install and load the built kexts (macOS test VM, as root)
+    ///
+    /// Copies the bundles built by `cargo xtask kexts` to /Library/Extensions (or
+    /// $KEXT_INSTALL_DIR), owned by root:wheel, and loads them, family first. Signing and
+    /// security settings: docs/install.md.
+    Install {
+        /// Print the plan without touching the system (works on any host)
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Everything CI runs, then a summary
+    ///
+    /// fmt, clippy -D warnings (workspace and guest), the guest build, kexts --check, and
+    /// cargo test --workspace (with the QEMU end-to-end matrix).
+    Test,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Block: our virtio-blk (MSI-X and INTx) against virtio-drivers' VirtIOBlk
+    ///
+    /// 4 KiB random reads at depth 1 and 32, then 64 KiB sequential reads; IOPS, kicks and
+    /// interrupts per request, cross-checked with QEMU's trace.
+    Blk {
+        /// Milliseconds each phase runs
+        #[arg(long, value_name = "MS", default_value_t = 2000)]
+        ms: u64,
+    },
+    /// Network: the same TCP transfer both ways over our virtio-net and virtio-drivers'
+    Net {
+        /// Bytes each way: N, NK, NM or NG (binary units)
+        #[arg(long, value_name = "N", default_value = "64M", value_parser = bench_net::parse_bytes_arg)]
+        bytes: u64,
+    },
+}
+
+#[derive(Args)]
+#[command(after_help = "Examples:
+  cargo xtask qemu --list
+  cargo xtask qemu net
+  cargo xtask qemu blk --transport legacy --irq intx
+  cargo xtask qemu rng --matrix
+  cargo xtask qemu blk -- -global virtio-blk-pci.event_idx=off")]
+struct QemuArgs {
+    /// The scenario to run (`--list` shows each one's purpose and devices)
+    #[arg(value_name = "SCENARIO", required_unless_present = "list",
+          value_parser = PossibleValuesParser::new(qemu::scenarios().map(|s| s.name)),
+          hide_possible_values = true)]
+    scenario: Option<String>,
+    /// List the scenarios with what each does and the devices it attaches, then exit
+    #[arg(long)]
+    list: bool,
+    /// virtio-pci interface the devices offer: 1.x only, both, or 0.9.5 only
+    #[arg(long, value_name = "TRANSPORT", default_value = "modern",
+          value_parser = PossibleValuesParser::new(Transport::all().iter().map(|t| t.name())))]
+    transport: String,
+    /// QEMU machine type
+    #[arg(long, value_name = "MACHINE", default_value = "q35",
+          value_parser = PossibleValuesParser::new(Machine::all().iter().map(|m| m.name())))]
+    machine: String,
+    /// How the guest takes device interrupts
+    #[arg(long, value_name = "IRQ", default_value = "msix",
+          value_parser = PossibleValuesParser::new(IrqMode::all().iter().map(|i| i.name())))]
+    irq: String,
+    /// Run every machine × transport × irq combination (ignores the three flags above)
+    #[arg(long)]
+    matrix: bool,
+    /// Wall-clock limit for the QEMU run, in seconds (default: the scenario's own)
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    timeout: Option<u64>,
+    /// Keep the run directory (serial log, QEMU command, trace) even when the run passes
+    #[arg(long)]
+    keep: bool,
+    /// Also print the QEMU command, the serial log and every STAT line
+    #[arg(short, long)]
+    verbose: bool,
+    /// Print the report as one JSON object (checks, stats, trace counts) instead of text
+    #[arg(long, conflicts_with = "matrix")]
+    json: bool,
+    /// Extra word for the guest's command line (repeatable), e.g. blk_test=ro
+    #[arg(long = "guest-arg", value_name = "KEY=VALUE")]
+    guest_args: Vec<String>,
+    /// Extra QEMU arguments, after `--`
+    #[arg(last = true, value_name = "QEMU ARGS")]
+    qemu_args: Vec<String>,
+}
+
+/// `--timeout`'s value parser.
+fn parse_seconds(s: &str) -> Result<u64, String> {
+    s.parse()
+        .map_err(|_| "expected a whole number of seconds, like 300".to_string())
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("qemu") => cmd_qemu(&args[1..]),
-        Some("demo") => cmd_demo(),
-        Some("bench") => bench::cmd_bench(&args[1..]),
-        Some("kexts") => kexts::cmd_kexts(&args[1..]),
-        Some("install") => install::cmd_install(&args[1..]),
-        Some("test") => cmd_test(),
-        Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
-            Ok(true)
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Qemu(args) => cmd_qemu(args),
+        Cmd::Demo => cmd_demo(),
+        Cmd::Bench(BenchCmd::Blk { ms }) => bench::bench_blk(ms),
+        Cmd::Bench(BenchCmd::Net { bytes }) => bench_net::cmd(bytes),
+        Cmd::Kexts { check, fetch_sdk } => {
+            let mut args = Vec::new();
+            if check {
+                args.push("--check".to_string());
+            }
+            if fetch_sdk {
+                args.push("--fetch-sdk".to_string());
+            }
+            kexts::cmd_kexts(&args)
         }
-        _ => Err(format!("unknown or missing command\n{USAGE}")),
+        Cmd::Install { dry_run } => {
+            let args: Vec<String> = dry_run
+                .then(|| "--dry-run".to_string())
+                .into_iter()
+                .collect();
+            install::cmd_install(&args)
+        }
+        Cmd::Test => cmd_test(),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("xtask: {e}");
+            eprintln!("xtask: error: {e}");
             ExitCode::from(2)
         }
     }
 }
 
-/// Options of `cargo xtask qemu` beyond the run configuration.
-struct QemuOptions {
-    verbose: bool,
-    /// Run every machine × transport × irq combination (the given ones are ignored).
-    matrix: bool,
+/// Each guest scenario's one-line purpose, as the guest's scenario table states it
+/// (`about` in tests/guest/src/scenarios/mod.rs).
+const GUEST_SCENARIO_TABLE: &str = include_str!("../../tests/guest/src/scenarios/mod.rs");
+
+/// The `about` of guest scenario `name`, read from [`GUEST_SCENARIO_TABLE`].
+fn scenario_about(name: &str) -> Option<&'static str> {
+    let quoted = format!("name: \"{name}\",");
+    let rest = &GUEST_SCENARIO_TABLE[GUEST_SCENARIO_TABLE.find(&quoted)? + quoted.len()..];
+    let rest = rest.trim_start().strip_prefix("about: \"")?;
+    rest.split_once("\",").map(|(about, _)| about)
 }
 
-fn parse_qemu_args(args: &[String]) -> Result<(RunConfig, QemuOptions), String> {
-    let mut it = args.iter();
-    let mut cfg: Option<RunConfig> = None;
-    let mut verbose = false;
-    let mut matrix = false;
-    let (mut transport, mut machine, mut irq) = (None, None, None);
-    let (mut timeout, mut keep, mut guest_args, mut extra) = (None, false, Vec::new(), Vec::new());
-    while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))
-        };
-        match a.as_str() {
-            "--transport" => transport = Some(value("--transport")?.parse::<Transport>()?),
-            "--machine" => machine = Some(value("--machine")?.parse::<Machine>()?),
-            "--irq" => irq = Some(value("--irq")?.parse::<IrqMode>()?),
-            "--timeout" => {
-                let secs: u64 = value("--timeout")?
-                    .parse()
-                    .map_err(|e| format!("--timeout: {e}"))?;
-                timeout = Some(std::time::Duration::from_secs(secs));
-            }
-            "--guest-arg" => guest_args.push(value("--guest-arg")?),
-            "--keep" => keep = true,
-            "--verbose" | "-v" => verbose = true,
-            "--matrix" => matrix = true,
-            "--" => {
-                extra.extend(it.by_ref().cloned());
-            }
-            s if s.starts_with('-') => return Err(format!("unknown option {s}\n{USAGE}")),
-            s if cfg.is_none() => cfg = Some(RunConfig::new(s)),
-            s => return Err(format!("unexpected argument {s}\n{USAGE}")),
+fn cmd_list() -> Result<bool, String> {
+    println!("Scenarios (cargo xtask qemu <scenario>):");
+    for spec in qemu::scenarios() {
+        let mut devices: Vec<&str> = spec.devices.iter().map(|d| d.name()).collect();
+        if devices.is_empty() {
+            // A device type's scenarios whose host side attaches the device itself.
+            devices.extend(
+                qemu::devices::DEVICES
+                    .iter()
+                    .filter(|d| d.scenarios.iter().any(|s| s.name == spec.name))
+                    .map(|d| d.device_type.name()),
+            );
         }
+        let devices = if devices.is_empty() {
+            "none".to_string()
+        } else {
+            devices.join(", ")
+        };
+        println!(
+            "  {:13} {}",
+            spec.name,
+            scenario_about(spec.name).unwrap_or("")
+        );
+        println!(
+            "  {:13} devices: {devices}; time limit {} s",
+            "", spec.timeout_secs
+        );
     }
-    let mut cfg = cfg.ok_or_else(|| format!("missing scenario\n{USAGE}"))?;
-    cfg.transport = transport.unwrap_or(cfg.transport);
-    cfg.machine = machine.unwrap_or(cfg.machine);
-    cfg.irq = irq.unwrap_or(cfg.irq);
-    cfg.timeout = timeout;
-    cfg.keep_run_dir = keep;
-    cfg.extra_guest_args = guest_args;
-    cfg.extra_qemu_args = extra;
-    cfg.install_missing = true;
-    Ok((cfg, QemuOptions { verbose, matrix }))
+    println!(
+        "\nOptions for any of them: --transport, --machine, --irq, --matrix, --verbose, --json \
+         (cargo xtask qemu --help)."
+    );
+    Ok(true)
 }
 
+/// The start line of one run, printed before it (the guest build, if needed, says so
+/// itself).
 fn run(cfg: &RunConfig) -> Result<RunReport, String> {
-    eprintln!(
-        "xtask: building guest and running {} [{}]...",
-        cfg.scenario,
-        cfg.config_name()
-    );
+    eprintln!("xtask: running {} [{}]...", cfg.scenario, cfg.config_name());
     qemu::run_scenario(cfg).map_err(|e| e.to_string())
 }
 
-fn cmd_qemu(args: &[String]) -> Result<bool, String> {
-    let (cfg, opts) = parse_qemu_args(args)?;
-    if opts.matrix {
+fn cmd_qemu(args: QemuArgs) -> Result<bool, String> {
+    if args.list {
+        return cmd_list();
+    }
+    let scenario = args.scenario.as_deref().ok_or("no scenario given")?;
+    // The value parsers only let through names these parse.
+    let mut cfg = RunConfig::new(scenario);
+    cfg.transport = args.transport.parse()?;
+    cfg.machine = args.machine.parse()?;
+    cfg.irq = args.irq.parse()?;
+    cfg.timeout = args.timeout.map(Duration::from_secs);
+    cfg.keep_run_dir = args.keep;
+    cfg.extra_guest_args = args.guest_args;
+    cfg.extra_qemu_args = args.qemu_args;
+    cfg.install_missing = true;
+    if args.matrix {
         return cmd_matrix(&cfg);
     }
     let report = run(&cfg)?;
-    if opts.verbose {
+    if args.json {
+        println!("{:#}", report.to_json());
+        return Ok(report.passed());
+    }
+    if args.verbose {
         println!("$ {}", report.qemu_command.join(" "));
         println!("--- serial ---\n{}--- end serial ---", report.serial_log);
-    }
-    print!("{}", report.summary());
-    if !report.stats.is_empty() {
-        println!("  stats:");
-        for (k, v) in &report.stats {
-            println!("    {k} = {v}");
+        if !report.stats.is_empty() {
+            println!("stats:");
+            for (k, v) in &report.stats {
+                println!("    {k} = {v}");
+            }
         }
     }
-    if let Some(out) = &report.console_output
-        && !out.is_empty()
-    {
-        println!("  virtconsole output: {:?}", String::from_utf8_lossy(out));
-    }
-    if report.kept {
-        println!("  run directory: {}", report.run_dir.display());
-    }
+    print!("{}", console_text(&report, args.verbose));
+    print!("{}", report.summary());
     Ok(report.passed())
 }
 
@@ -173,120 +310,205 @@ fn cmd_matrix(base: &RunConfig) -> Result<bool, String> {
     println!("\n{} across {} configurations:", base.scenario, rows.len());
     for (name, passed, checks, failed, exit) in &rows {
         println!(
-            "  {} {name:26} {checks:3} checks, {failed} failed ({exit})",
+            "  {} {name:26} {checks:3} checks, {failed} failed (guest exit: {exit})",
             if *passed { "PASS" } else { "FAIL" }
         );
     }
-    Ok(rows.iter().all(|r| r.1))
+    let passed = rows.iter().filter(|r| r.1).count();
+    println!(
+        "{}: {}, {passed} of {} configurations passed",
+        base.scenario,
+        if passed == rows.len() { "PASS" } else { "FAIL" },
+        rows.len()
+    );
+    Ok(passed == rows.len())
 }
 
-/// The demo's parts: scenario, what it shows, guest arguments.
-const DEMO_PARTS: &[(&str, &str, &[&str])] = &[
-    (
-        "smoke",
-        "Every device through virtio-pci + virtio-core: reset, features, all queues, \
-         DRIVER_OK, one request each completed by an interrupt",
-        &[],
-    ),
-    (
-        "net",
-        "virtio-net under the smoltcp TCP/IP stack: DHCP lease from QEMU's user network, \
-         then a TCP transfer both ways with a server on the host's loopback",
-        &["net_bytes=8388608"],
-    ),
-    (
-        "blk",
-        "virtio-blk: a pattern written over the 8 MiB disk (split requests), flushed, read \
-         back and verified, discard / write-zeroes, GET_ID; the host checks the image file",
-        &["blk_seed=2024"],
-    ),
-    (
-        "console",
-        "virtio-console: emergency write before DRIVER_OK, the kernel logger on port 0, two \
-         named ports with a host peer on unix sockets (lines, echo, 64 KiB each way, close \
-         and reopen from the host)",
-        &[],
-    ),
-    (
-        "balloon",
-        "virtio-balloon: QMP targets up and down (192, 128, 224, 160, 256 MiB of a 256 MiB \
-         guest) reached on both sides, statistics read back with qom-get, every page lent by \
-         the heap returned once",
-        &[],
-    ),
-    (
-        "rng",
-        "virtio-rng: 4 KiB of entropy read in order from QEMU's rng-random backend, which \
-         reads a host file of known bytes through a rate limit of 1024 bytes per 100 ms; the \
-         host compares the bytes with the file and QEMU's trace with the limit",
-        &[],
-    ),
+/// One part of the demo.
+struct DemoPart {
+    scenario: &'static str,
+    /// What it shows.
+    what: &'static str,
+    guest_args: &'static [&'static str],
+    /// How the demo's run differs from the full scenario, if it does.
+    shorter: Option<&'static str>,
+}
+
+const DEMO_PARTS: &[DemoPart] = &[
+    DemoPart {
+        scenario: "smoke",
+        what: "Every device through virtio-pci + virtio-core: reset, features, all queues, \
+               DRIVER_OK, one request each completed by an interrupt",
+        guest_args: &[],
+        shorter: None,
+    },
+    DemoPart {
+        scenario: "net",
+        what: "virtio-net under the smoltcp TCP/IP stack: DHCP lease from QEMU's user network, \
+               then a TCP transfer both ways with a server on the host's loopback",
+        guest_args: &["net_bytes=8388608"],
+        shorter: Some("8 MiB each way here; `cargo xtask qemu net` moves the full 64 MiB each way"),
+    },
+    DemoPart {
+        scenario: "blk",
+        what: "virtio-blk: a pattern written over the 8 MiB disk (split requests), flushed, \
+               read back and verified, discard / write-zeroes, GET_ID; the host checks the \
+               image file",
+        guest_args: &["blk_seed=2024"],
+        shorter: None,
+    },
+    DemoPart {
+        scenario: "console",
+        what: "virtio-console: emergency write before DRIVER_OK, the kernel logger on port 0, \
+               two named ports with a host peer on unix sockets (lines, echo, 64 KiB each way, \
+               close and reopen from the host)",
+        guest_args: &[],
+        shorter: None,
+    },
+    DemoPart {
+        scenario: "balloon",
+        what: "virtio-balloon: QMP targets up and down (192, 128, 224, 160, 256 MiB of a \
+               256 MiB guest) reached on both sides, statistics read back with qom-get, every \
+               page lent by the heap returned once",
+        guest_args: &[],
+        shorter: None,
+    },
+    DemoPart {
+        scenario: "rng",
+        what: "virtio-rng: 4 KiB of entropy read in order from QEMU's rng-random backend, \
+               which reads a host file of known bytes through a rate limit of 1024 bytes per \
+               100 ms; the host compares the bytes with the file and QEMU's trace with the limit",
+        guest_args: &[],
+        shorter: None,
+    },
 ];
 
-fn cmd_demo() -> Result<bool, String> {
-    println!(
-        "virtio for Darwin: the project's Rust drivers running in a bare-metal guest against \
-         QEMU's virtio devices (TCG)"
+/// What the guest wrote to the virtio console, as the host read it: every line with
+/// `verbose`, otherwise the lines the scenario wrote itself and a count of the guest's log
+/// records (`[LEVEL module] ...`, the driver's own wording).
+fn console_text(report: &RunReport, verbose: bool) -> String {
+    use std::fmt::Write as _;
+    let Some(out) = report.console_output.as_ref().filter(|o| !o.is_empty()) else {
+        return String::new();
+    };
+    let text = String::from_utf8_lossy(out);
+    let mut s = String::from("  the host read from the virtio console:\n");
+    let mut log_records = 0;
+    for line in text.lines() {
+        if verbose || !line.starts_with('[') {
+            let _ = writeln!(s, "    | {line}");
+        } else {
+            log_records += 1;
+        }
+    }
+    if log_records > 0 {
+        let _ = writeln!(
+            s,
+            "    | (and {log_records} log records of the guest; --verbose shows them)"
+        );
+    }
+    s
+}
+
+/// The demo's text for one part: what it shows, each check, the cross-check with QEMU's
+/// trace, and a one-line result.
+fn demo_part_report(part: &DemoPart, report: &RunReport) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n== {} ({}, {:.1} s) ==",
+        part.scenario,
+        report.config.config_name(),
+        report.duration.as_secs_f64()
     );
-    let mut all_passed = true;
-    for (scenario, what, args) in DEMO_PARTS {
-        let mut cfg = RunConfig::new(scenario);
+    let _ = writeln!(s, "   {}", part.what);
+    if let Some(shorter) = part.shorter {
+        let _ = writeln!(s, "   (shorter than the full scenario: {shorter})");
+    }
+    for c in &report.checks {
+        let _ = writeln!(
+            s,
+            "  {} {:28} {}",
+            if c.passed { "ok  " } else { "FAIL" },
+            c.name,
+            c.detail
+        );
+    }
+    s.push_str(&console_text(report, false));
+    for line in report.trace_cross_check() {
+        let _ = writeln!(s, "  {line}");
+    }
+    if !report.passed() {
+        s.push_str(&report.summary());
+    }
+    let _ = writeln!(
+        s,
+        "  => {}: {}, {} of {} checks",
+        part.scenario,
+        if report.passed() { "ok" } else { "FAILED" },
+        report.checks.iter().filter(|c| c.passed).count(),
+        report.checks.len()
+    );
+    s
+}
+
+fn cmd_demo() -> Result<bool, String> {
+    let names: Vec<&str> = DEMO_PARTS.iter().map(|p| p.scenario).collect();
+    println!(
+        "virtio for Darwin: the project's Rust drivers in a bare-metal guest against QEMU's \
+         virtio devices (TCG, no KVM needed).\n\
+         {} QEMU runs ({}), seconds each (up to a minute on a slow host); the first also \
+         builds the guest (minutes on a cold checkout).",
+        DEMO_PARTS.len(),
+        names.join(", ")
+    );
+    let start = Instant::now();
+    let mut results = Vec::new();
+    for part in DEMO_PARTS {
+        let mut cfg = RunConfig::new(part.scenario);
         cfg.install_missing = true;
-        for a in *args {
+        for a in part.guest_args {
             cfg = cfg.guest_arg(*a);
         }
         let report = run(&cfg)?;
-        println!();
-        println!(
-            "== {scenario} ({}, {:.1} s) ==",
-            cfg.config_name(),
-            report.duration.as_secs_f64()
-        );
-        println!("   {what}");
         if report.exit == qemu::GuestExit::Usage && report.checks.is_empty() {
-            println!("   (this guest has no `{scenario}` scenario yet)");
+            println!(
+                "\n== {} ==\n   (this guest has no such scenario yet)",
+                part.scenario
+            );
+            results.push((part.scenario, false, 0, 0));
             continue;
         }
-        for c in &report.checks {
-            println!(
-                "  {} {:28} {}",
-                if c.passed { "ok  " } else { "FAIL" },
-                c.name,
-                c.detail
-            );
-        }
-        if let Some(out) = report.console_output.as_ref().filter(|o| !o.is_empty()) {
-            println!(
-                "  the host read from the virtio console: {:?}",
-                String::from_utf8_lossy(out)
-            );
-        }
-        if let Some(t) = &report.trace {
-            let guest_kicks: u64 = report
-                .stats
-                .iter()
-                .filter(|(k, _)| k.matches('.').count() == 1 && k.ends_with(".kicks"))
-                .filter_map(|(_, v)| v.parse::<u64>().ok())
-                .sum();
-            println!(
-                "  kicks: guest counted {guest_kicks}, QEMU traced {}; interrupts QEMU sent: {}",
-                t.kicks(),
-                t.interrupts()
-            );
-        }
-        if !report.passed() {
-            all_passed = false;
-            print!("{}", report.summary());
-        }
+        print!("{}", demo_part_report(part, &report));
+        let passed_checks = report.checks.iter().filter(|c| c.passed).count();
+        results.push((
+            part.scenario,
+            report.passed(),
+            passed_checks,
+            report.checks.len() - passed_checks,
+        ));
     }
-    println!();
+    let all_passed = results.iter().all(|r| r.1);
+    let passed: usize = results.iter().map(|r| r.2).sum();
+    let failed: usize = results.iter().map(|r| r.3).sum();
+    println!("\nSummary:");
+    for (scenario, ok, passed, failed) in &results {
+        println!(
+            "  {} {scenario:8} {passed} checks passed, {failed} failed",
+            if *ok { "ok  " } else { "FAIL" }
+        );
+    }
     println!(
-        "{}",
-        if all_passed {
-            "All checks passed."
-        } else {
-            "Some checks FAILED; see above."
-        }
+        "\nNext: `cargo xtask test` (everything CI runs), `cargo xtask qemu --list` and \
+         `cargo xtask qemu <scenario> --matrix` (one scenario on all 18 machine × transport \
+         × irq configurations), `cargo xtask kexts` (the kext bundles); docs/ for the design."
+    );
+    println!(
+        "demo: {}: {passed} checks passed, {failed} failed in {} scenarios, {:.0} s",
+        if all_passed { "PASS" } else { "FAIL" },
+        results.len(),
+        start.elapsed().as_secs_f64()
     );
     Ok(all_passed)
 }
@@ -405,7 +627,103 @@ fn cmd_test() -> Result<bool, String> {
             s.secs
         );
     }
-    let ok = steps.iter().all(|s| s.ok);
-    println!("{}", if ok { "all steps passed" } else { "FAILED" });
+    let passed = steps.iter().filter(|s| s.ok).count();
+    let ok = passed == steps.len();
+    println!(
+        "test: {}, {passed} of {} steps passed, {:.0} s",
+        if ok { "PASS" } else { "FAIL" },
+        steps.len(),
+        steps.iter().map(|s| s.secs).sum::<f64>()
+    );
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Rust `Debug` output a person should never read in a report.
+    fn assert_readable(what: &str, text: &str) {
+        for dump in ["Some(", "None", "Ok(", "Err(", " { "] {
+            assert!(
+                !text.contains(dump),
+                "{what}: `{dump}` (a Debug dump) in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_and_bad_values_name_the_flag() {
+        let help = Cli::try_parse_from(["xtask", "qemu", "--help"])
+            .err()
+            .unwrap();
+        assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
+        let err = Cli::try_parse_from(["xtask", "qemu", "net", "--transport", "modrn"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("--transport") && err.contains("'modrn'"),
+            "{err}"
+        );
+        assert!(
+            err.contains("'modern'"),
+            "a close match is suggested: {err}"
+        );
+        let err = Cli::try_parse_from(["xtask", "qemu", "net", "--timeout", "1x"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--timeout") && err.contains("'1x'"), "{err}");
+        let err = Cli::try_parse_from(["xtask", "qemu", "nett"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("'nett'") && err.contains("'net'"), "{err}");
+        let err = Cli::try_parse_from(["xtask", "demoo"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("'demoo'") && err.contains("'demo'"), "{err}");
+    }
+
+    #[test]
+    fn every_scenario_has_a_purpose() {
+        for spec in qemu::scenarios() {
+            let about = scenario_about(spec.name);
+            assert!(
+                about.is_some_and(|a| !a.is_empty()),
+                "{}: no `about` in the guest's scenario table",
+                spec.name
+            );
+        }
+    }
+
+    /// Every demo part run under QEMU, and its report as the demo and `cargo xtask qemu`
+    /// print it checked for Debug dumps.
+    #[test]
+    fn demo_reports_are_readable() {
+        for part in DEMO_PARTS {
+            let mut cfg = RunConfig::new(part.scenario);
+            cfg.label = Some("readable".into());
+            for a in part.guest_args {
+                cfg = cfg.guest_arg(*a);
+            }
+            let report = qemu::run_scenario(&cfg).expect("the scenario runs");
+            let demo = demo_part_report(part, &report);
+            assert!(report.passed(), "{demo}");
+            assert_readable(part.scenario, &demo);
+            assert_readable(part.scenario, &report.summary());
+            assert!(
+                report.summary().trim_end().ends_with(&report.verdict()),
+                "the verdict comes last"
+            );
+        }
+    }
 }

@@ -312,8 +312,21 @@ impl Host<'_> {
             "host.balloon.stats",
             matched.is_some() && unsent.is_empty(),
             format!(
-                "qom-get guest-stats refreshed (last-update {} -> {}), (total, free, available) = {matched:?} as the guest sent; tags not sent but set: {unsent:?}; {}",
-                first["last-update"], cur["last-update"], cur["stats"]
+                "qom-get guest-stats refreshed (last-update {} -> {}): {}; tags the guest did not \
+                 send but QEMU shows set: {}",
+                first["last-update"],
+                cur["last-update"],
+                match matched {
+                    Some((total, free, available)) => format!(
+                        "total {total}, free {free}, available {available} bytes, as the guest sent"
+                    ),
+                    None => "no answer with the values the guest sent within 10 s".to_string(),
+                },
+                if unsent.is_empty() {
+                    "none".to_string()
+                } else {
+                    unsent.join(", ")
+                }
             ),
         );
         Ok(())

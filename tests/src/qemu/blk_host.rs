@@ -216,7 +216,8 @@ pub fn verify_image(args: &BlkArgs, image: &Path) -> Check {
             if bad.is_empty() {
                 String::new()
             } else {
-                format!(" (first: {:?})", &bad[..bad.len().min(8)])
+                let first: Vec<String> = bad.iter().take(8).map(|s| s.to_string()).collect();
+                format!(" (first: {})", first.join(", "))
             },
             if args.test() == "durable" && args.u64("blk_kill", 0) != 0 {
                 format!("; {either_new} unflushed sectors of the next area already new")
@@ -446,7 +447,11 @@ mod tests {
         data[512 * 77 + 300] ^= 1;
         std::fs::write(&img, &data).unwrap();
         let c = verify_image(&ro, &img);
-        assert!(!c.passed && c.detail.contains("[77]"), "{}", c.detail);
+        assert!(
+            !c.passed && c.detail.contains("(first: 77)"),
+            "{}",
+            c.detail
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

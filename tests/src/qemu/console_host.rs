@@ -20,7 +20,7 @@
 //!
 //! Every socket operation has a bounded timeout; all results are `host.console.*` checks.
 
-use super::{Check, HostContext, HostOutcome, HostSide};
+use super::{Check, HostContext, HostOutcome, HostSide, line_read, or_none, outcome};
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -189,13 +189,15 @@ pub fn check_console_file(console: &str, serial: &str, nonce: &str) -> Vec<Check
             name: "host.console.emergency".into(),
             passed: emerg.is_some() && (port0.is_none() || emerg < port0),
             detail: format!(
-                "emergency line at line {emerg:?} of port 0's chardev (port-0 queue line at {port0:?})"
+                "emergency line at line {} of port 0's chardev (port-0 queue line at {})",
+                or_none(emerg),
+                or_none(port0)
             ),
         },
         Check {
             name: "host.console.port0".into(),
             passed: port0.is_some(),
-            detail: format!("port-0 queue line at line {port0:?}"),
+            detail: format!("port-0 queue line at line {}", or_none(port0)),
         },
     ];
     // The records the guest printed on COM1 while the tee was attached.
@@ -222,11 +224,20 @@ pub fn check_console_file(console: &str, serial: &str, nonce: &str) -> Vec<Check
         name: "host.console.log".into(),
         passed: marker_seen && missing.is_empty() && records.len() >= 3,
         detail: format!(
-            "{} of {} log records of the run found in order on port 0, marker {}; missing: {:?}",
+            "{} of {} log records of the run found in order on port 0, marker {}; missing: {}",
             records.len() - missing.len(),
             records.len(),
             if marker_seen { "seen" } else { "NOT seen" },
-            missing.iter().take(3).collect::<Vec<_>>()
+            if missing.is_empty() {
+                "none".to_string()
+            } else {
+                missing
+                    .iter()
+                    .take(3)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            }
         ),
     });
     checks
@@ -404,7 +415,11 @@ impl Peer<'_> {
             self.check(
                 &format!("host.console.port{}", i + 1),
                 ok,
-                format!("read {got:?} on {} (expected {want:?})", PORT_NAMES[i]),
+                format!(
+                    "read {} on {} (expected \"{want}\")",
+                    line_read(&got),
+                    PORT_NAMES[i]
+                ),
             );
         }
 
@@ -416,7 +431,10 @@ impl Peer<'_> {
         self.check(
             "host.console.echo",
             ok,
-            format!("sent PING {token}, got {got:?} (expected {want:?})"),
+            format!(
+                "sent PING {token}, got {} (expected \"{want}\")",
+                line_read(&got)
+            ),
         );
 
         // Guest → host bulk on port 1.
@@ -432,10 +450,11 @@ impl Peer<'_> {
             "host.console.bulk_out",
             got.is_ok() && first_bad.is_none() && data.len() == bulk,
             format!(
-                "received {} of {bulk} bytes on port 1 in {} ms, fnv {:016x}, first wrong byte {first_bad:?}{}",
+                "received {} of {bulk} bytes on port 1 in {} ms, fnv {:016x}, first wrong byte {}{}",
                 data.len(),
                 t0.elapsed().as_millis(),
                 fnv64(&data),
+                or_none(first_bad),
                 got.err().map(|e| format!(": {e}")).unwrap_or_default()
             ),
         );
@@ -451,7 +470,9 @@ impl Peer<'_> {
             "host.console.bulk_in",
             ok,
             format!(
-                "sent {bulk} bytes on port 2 ({sent:?}), guest answered {got:?} in {} ms (expected {want:?})",
+                "sent {bulk} bytes on port 2 ({}), guest answered {} in {} ms (expected \"{want}\")",
+                outcome(&sent),
+                line_read(&got),
                 t0.elapsed().as_millis()
             ),
         );
@@ -466,7 +487,10 @@ impl Peer<'_> {
         self.check(
             "host.console.reopen",
             ok,
-            format!("closed port 2, guest saw it, reconnected: read {got:?} (expected {want:?})"),
+            format!(
+                "closed port 2, guest saw it, reconnected: read {} (expected \"{want}\")",
+                line_read(&got)
+            ),
         );
         drop(p1);
         Ok(())

@@ -18,7 +18,7 @@
 //! directory.
 
 use super::qmp::Qmp;
-use super::{Check, HostContext, HostOutcome, HostSide};
+use super::{Check, HostContext, HostOutcome, HostSide, or_none};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -163,14 +163,14 @@ fn outcome(port: u16, transfers: &[Transfer], link: &LinkLog) -> HostOutcome {
             name: p,
             passed,
             detail: format!(
-                "sent {} of {} bytes (fnv {:#018x}), received {} of {} (fnv {:#018x}, first wrong byte {:?}){}",
+                "sent {} of {} bytes (fnv {:#018x}), received {} of {} (fnv {:#018x}, first wrong byte {}){}",
                 t.down_sent,
                 t.down,
                 t.down_hash,
                 t.up_received,
                 t.up,
                 t.up_hash,
-                t.up_first_bad,
+                or_none(t.up_first_bad),
                 t.error
                     .as_ref()
                     .map(|e| format!(": {e}"))
@@ -187,12 +187,12 @@ fn outcome(port: u16, transfers: &[Transfer], link: &LinkLog) -> HostOutcome {
             name: "host.net.link".into(),
             passed,
             detail: format!(
-                "QEMU {}, status {:?}: set_link {NIC_ID} down at {:?} ms, guest saw it: {}, up at {:?} ms, status after {:?}{}",
+                "QEMU {}, status {}: set_link {NIC_ID} down at {} ms, guest saw it: {}, up at {} ms, status after {}{}",
                 link.qemu_version,
                 link.status_before,
-                link.down_at_ms,
-                link.guest_saw_down,
-                link.up_at_ms,
+                or_none(link.down_at_ms),
+                if link.guest_saw_down { "yes" } else { "no" },
+                or_none(link.up_at_ms),
                 link.status_after,
                 link.error
                     .as_ref()

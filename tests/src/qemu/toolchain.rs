@@ -4,8 +4,9 @@
 //! library sources: a rustup nightly with `rust-src` if one is installed, else Debian's
 //! `rustc-web` + `rust-web-src` (used with `RUSTC_BOOTSTRAP=1`); plus `ld.lld`.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 /// Debian packages that provide the guest toolchain.
@@ -257,22 +258,35 @@ pub fn build_guest(toolchain: &GuestToolchain) -> Result<PathBuf, String> {
         return Ok(path.clone());
     }
     let guest_target = target_dir().join("guest");
-    let out = toolchain
-        .cargo(&guest_dir())
-        .args(["build", "--quiet", "--target-dir"])
-        .arg(&guest_target)
-        .output()
-        .map_err(|e| {
-            format!(
-                "cannot run cargo for the guest ({}): {e}",
-                toolchain.describe()
-            )
-        })?;
+    let mut cargo = toolchain.cargo(&guest_dir());
+    cargo.args(["build", "--target-dir"]).arg(&guest_target);
+    // At a terminal, cargo's own progress (a cold build takes minutes); elsewhere (tests,
+    // CI) its output only when the build fails.
+    let interactive = std::io::stderr().is_terminal();
+    if interactive {
+        eprintln!(
+            "xtask: building the test guest ({}; minutes when cold, a second when up to date)",
+            toolchain.describe()
+        );
+        cargo.stderr(Stdio::inherit());
+    } else {
+        cargo.arg("--quiet").stderr(Stdio::piped());
+    }
+    let out = cargo.stdout(Stdio::null()).output().map_err(|e| {
+        format!(
+            "cannot run cargo for the guest ({}): {e}",
+            toolchain.describe()
+        )
+    })?;
     if !out.status.success() {
         return Err(format!(
-            "guest build failed ({}):\n{}",
+            "guest build failed ({}){}",
             toolchain.describe(),
-            String::from_utf8_lossy(&out.stderr)
+            if interactive {
+                " (cargo's output is above)".to_string()
+            } else {
+                format!(":\n{}", String::from_utf8_lossy(&out.stderr))
+            }
         ));
     }
     let elf = guest_target.join("x86_64-unknown-none/debug/guest");

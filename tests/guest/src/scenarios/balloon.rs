@@ -33,14 +33,15 @@ use super::bus::{self, GuestBus};
 use crate::check;
 use crate::cmdline::IrqMode;
 use crate::report;
+use crate::report::show::{FeatureSet, Got, Irq, Opt, yes_no};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use pool::HeapPool;
 use virtio_balloon::features::{DEFLATE_ON_OOM, PAGE_REPORTING, STATS_VQ};
 use virtio_balloon::{BalloonDriver, BalloonEvent, BalloonOptions};
-use virtio_core::Bus;
 use virtio_core::platform::InterruptMode;
+use virtio_core::{Bus, DeviceType};
 
 type Driver = BalloonDriver<GuestBus, HeapPool>;
 
@@ -173,8 +174,22 @@ pub fn run(env: &mut Env) {
     check!(
         "balloon.init",
         mode_ok && features_ok && !d.is_stopped(),
-        "{addr} {mode:?} (MSI-X capability: {has_msix}) features={:#x} layout {layout:?}, {} frame(s) per page, at most {} pages, test {test}",
-        f.bits(),
+        "{addr} {}{} features {}, queues: inflate {}, deflate {}, stats {}, free page hints {}, \
+         reporting {}; {} frame(s) per page, at most {} pages, test {test}",
+        Irq(mode),
+        match (env.irq, mode, has_msix) {
+            (IrqMode::MsiX, InterruptMode::Intx, false) => {
+                " (asked for MSI-X: this device has no MSI-X capability, as QEMU 7.2's \
+                 virtio-balloon-pci has none, so INTx is the right fallback)"
+            }
+            _ => "",
+        },
+        FeatureSet(DeviceType::Balloon, f.bits()),
+        layout.inflate,
+        layout.deflate,
+        Opt(layout.stats),
+        Opt(layout.free_page),
+        Opt(layout.reporting),
         d.frames_per_page(),
         d.max_pages()
     );
@@ -206,7 +221,7 @@ pub fn run(env: &mut Env) {
             if errors.is_empty() {
                 String::new()
             } else {
-                format!(": {errors:?}")
+                format!(": {}", errors.join("; "))
             }
         );
         if !ok {
@@ -298,14 +313,19 @@ pub fn run(env: &mut Env) {
             && a.unusable == 0
             && p.ranges_outstanding() == 0
             && errors.is_empty(),
-        "{} pages lent, {} returned ({} zeroed by QEMU), {} outstanding, {} double/foreign returns, {} unusable, {} ranges outstanding; errors {errors:?}",
+        "{} pages lent, {} returned ({} zeroed by QEMU), {} outstanding, {} double/foreign returns, {} unusable, {} ranges outstanding; errors: {}",
         a.lent,
         a.returned,
         a.returned_zeroed,
         p.outstanding(),
         a.double_or_foreign,
         a.unusable,
-        p.ranges_outstanding()
+        p.ranges_outstanding(),
+        if errors.is_empty() {
+            "none".into()
+        } else {
+            errors.join("; ")
+        }
     );
     drop(d);
     let (heap_after, _) = crate::heap::usage();
@@ -323,7 +343,9 @@ fn report_round(d: &mut Driver, ranges: usize, errors: &mut Vec<String>) {
     check!(
         "balloon.report_round",
         matches!(posted, Ok(n) if n > 0) && ok,
-        "asked for another report of {ranges} ranges: first request {posted:?}, all acknowledged: {ok}"
+        "asked for another report of {ranges} ranges: first request {}, all acknowledged: {}",
+        Got(&posted),
+        yes_no(ok)
     );
 }
 
@@ -348,7 +370,11 @@ fn oom(d: &mut Driver, n: usize, errors: &mut Vec<String>) {
             && held
             && back == n as u64
             && actual_ok,
-        "deflate_for_oom({n}) with {b0} pages in the balloon: {r:?}; {back} pages back in the heap, balloon {} pages 1 s later (target {} pages), actual {} frames",
+        "deflate_for_oom({n}) with {b0} pages in the balloon: {}; {back} pages back in the heap, balloon {} pages 1 s later (target {} pages), actual {} frames",
+        match &r {
+            Ok(o) => format!("{} pages released, {} pending", o.released, o.pending),
+            Err(e) => format!("error: {e}"),
+        },
         d.ballooned_pages(),
         d.target_pages(),
         d.actual()

@@ -77,6 +77,22 @@ pub fn run(env: &mut Env) {
     }
 }
 
+/// Virtio device type IDs for a report, with names where known: `1 (net), 2 (blk)`.
+fn type_ids(types: &[u16]) -> String {
+    let words: Vec<String> = types
+        .iter()
+        .map(|&t| match virtio_core::DeviceType::from_id(u32::from(t)) {
+            Some(ty) => format!("{t} ({})", ty.name()),
+            None => format!("{t}"),
+        })
+        .collect();
+    if words.is_empty() {
+        "none".into()
+    } else {
+        words.join(", ")
+    }
+}
+
 fn list_virtio(env: &Env) {
     let mut types: Vec<u16> = Vec::new();
     for f in env.virtio_functions() {
@@ -124,17 +140,17 @@ fn list_virtio(env: &Env) {
             check!(
                 "pci.virtio_devices",
                 want == types,
-                "found types {:?}, expected {:?}",
-                types,
-                want
+                "found device types {}, expected {}",
+                type_ids(&types),
+                type_ids(&want)
             );
         }
         None => {
             check!(
                 "pci.virtio_devices",
                 !types.is_empty(),
-                "found types {:?}",
-                types
+                "found device types {}",
+                type_ids(&types)
             );
         }
     }

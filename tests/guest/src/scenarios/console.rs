@@ -33,14 +33,15 @@ use super::bus::{self, GuestBus};
 use crate::check;
 use crate::cmdline::IrqMode;
 use crate::report;
+use crate::report::show::{FeatureSet, Got, Irq, Opt, Outcome, Status, yes_no};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use virtio_console::{ConsoleEvent, ConsoleLogger, ConsoleOptions, VirtioConsole};
 use virtio_core::Bus;
-use virtio_core::DeviceStatus;
 use virtio_core::platform::InterruptMode;
 use virtio_core::transport::Transport;
+use virtio_core::{DeviceStatus, DeviceType};
 
 /// The names the runner gives ports 1 and 2 (`virtserialport,name=`).
 pub const PORT_NAMES: [&str; 2] = ["org.virtio-darwin.test.0", "org.virtio-darwin.test.1"];
@@ -279,8 +280,10 @@ pub fn run(env: &mut Env) {
             // Legacy devices have no FEATURES_OK step.
             && (status.contains(DeviceStatus::FEATURES_OK)
                 || !console.features().contains(virtio_core::Features::VERSION_1)),
-        "{addr} features={:#x} status={status:?} emerg_wr: {wrote:?} of {} bytes",
-        console.features().bits(),
+        "{addr} features {}, status {} (before DRIVER_OK), emergency write: {} of {} bytes",
+        FeatureSet(DeviceType::Console, console.features().bits()),
+        Status(status),
+        Got(&wrote),
         text.len()
     );
 
@@ -333,12 +336,16 @@ pub fn run(env: &mut Env) {
                 && seen.rejected == 0
                 && seen.errors.is_empty()
                 && LOGGER.dropped() == 0,
-            "bad tokens {}, control rejected {}, events lost {}, log records dropped {}, errors {:?}",
+            "bad tokens {}, control rejected {}, events lost {}, log records dropped {}, errors: {}",
             st.bad_tokens,
             st.control_rejected,
             st.events_lost,
             LOGGER.dropped(),
-            seen.errors
+            if seen.errors.is_empty() {
+                "none".into()
+            } else {
+                seen.errors.join("; ")
+            }
         );
         bus::stats("console", c.bus_mut());
         c.shutdown();
@@ -364,7 +371,11 @@ fn steps(env: &Env, seen: &mut Seen, nonce: &str, token: &str, bulk: usize) -> R
     if !check!(
         "console.start",
         started.is_ok() && mode_ok && multiport,
-        "{mode:?} features={features:#x} multiport={multiport} serving {nports} ports: {started:?}"
+        "{} features {}, multiport {}, serving {nports} ports: {}",
+        Irq(mode),
+        FeatureSet(DeviceType::Console, features),
+        yes_no(multiport),
+        Outcome(&started)
     ) {
         return Err("start".into());
     }
@@ -378,10 +389,20 @@ fn steps(env: &Env, seen: &mut Seen, nonce: &str, token: &str, bulk: usize) -> R
     if !check!(
         "console.ports",
         ok && names_ok && seen.console[0] && found == (Some(1), Some(2)),
-        "added {:?}, console port 0: {}, names {:?}, find_port {found:?}",
-        seen.added,
-        seen.console[0],
+        "ports added: {}, port 0 is the console: {}, names: {}, find_port: {}, {}",
+        seen.added
+            .iter()
+            .map(|&a| yes_no(a))
+            .collect::<Vec<_>>()
+            .join(" "),
+        yes_no(seen.console[0]),
         seen.names
+            .iter()
+            .map(|n| n.as_deref().unwrap_or("(none)"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        Opt(found.0),
+        Opt(found.1)
     ) {
         return Err("ports".into());
     }
@@ -418,7 +439,8 @@ fn steps(env: &Env, seen: &mut Seen, nonce: &str, token: &str, bulk: usize) -> R
     if !check!(
         "console.write",
         res.is_ok(),
-        "a line on ports 0, 1, 2: {res:?}"
+        "a line on ports 0, 1, 2: {}",
+        Outcome(&res)
     ) {
         return Err("write".into());
     }
@@ -437,8 +459,9 @@ fn steps(env: &Env, seen: &mut Seen, nonce: &str, token: &str, bulk: usize) -> R
     if !check!(
         "console.echo",
         !their.is_empty() && (token.is_empty() || their == token) && sent.is_ok(),
-        "received {got:?} on port 1 (expected token {token:?}), answered {:?}: {sent:?}",
-        answer.trim_end()
+        "received \"{got}\" on port 1 (expected token \"{token}\"), answered \"{}\": {}",
+        answer.trim_end(),
+        Outcome(&sent)
     ) {
         return Err("echo".into());
     }
@@ -452,8 +475,9 @@ fn steps(env: &Env, seen: &mut Seen, nonce: &str, token: &str, bulk: usize) -> R
     check!(
         "console.bulk_out",
         sent.is_ok(),
-        "{bulk} bytes to the host on port 1 in {ms_out} ms, fnv {:016x}: {sent:?}",
-        fnv64(&out)
+        "{bulk} bytes to the host on port 1 in {ms_out} ms, fnv {:016x}: {}",
+        fnv64(&out),
+        Outcome(&sent)
     );
     drop(out);
     let t0 = crate::time::now_ns();
@@ -470,8 +494,10 @@ fn steps(env: &Env, seen: &mut Seen, nonce: &str, token: &str, bulk: usize) -> R
     check!(
         "console.bulk_in",
         ok && first_bad.is_none() && data.len() == bulk && replied.is_ok(),
-        "{} of {bulk} bytes from the host on port 2 in {ms_in} ms, fnv {hash:016x}, first wrong byte {first_bad:?}; reply: {replied:?}",
-        data.len()
+        "{} of {bulk} bytes from the host on port 2 in {ms_in} ms, fnv {hash:016x}, first wrong byte {}; reply: {}",
+        data.len(),
+        Opt(first_bad),
+        Outcome(&replied)
     );
     report::stat("console.bulk_out_ms", ms_out);
     report::stat("console.bulk_in_ms", ms_in);
@@ -492,10 +518,11 @@ fn steps(env: &Env, seen: &mut Seen, nonce: &str, token: &str, bulk: usize) -> R
     check!(
         "console.reopen",
         closed && reopened && wrote.is_ok(),
-        "port 2: host closed seen {closed}, reopened seen {reopened} (opened {} times, closed {} times), wrote {:?}: {wrote:?}",
+        "port 2: host closed seen {closed}, reopened seen {reopened} (opened {} times, closed {} times), wrote \"{}\": {}",
         seen.opened[2],
         seen.closed[2],
-        line.trim_end()
+        line.trim_end(),
+        Outcome(&wrote)
     );
     // Give the host a moment to read the last line before the guest exits.
     pump(seen, 200, |_| false);

@@ -37,14 +37,16 @@ use super::bus;
 use crate::check;
 use crate::cmdline::IrqMode;
 use crate::report;
+use crate::report::show::{FeatureSet, Irq, Mac, Opt, Outcome};
 use alloc::format;
 use bus::GuestBus;
 use core::sync::atomic::{AtomicU32, Ordering};
 use phy::{Phy, TX_SLOTS};
 use stack::{Midpoint, Stack, ms_since};
+use virtio_core::DeviceType;
 use virtio_core::bus::Bus;
 use virtio_core::platform::InterruptMode;
-use virtio_net::{NetConfig, NetError, VirtioNet};
+use virtio_net::{NetConfig, NetError, RxMode, VirtioNet};
 
 /// Polls `suspend` gives transmits in flight (`net_suspend_drain=`), for the midpoint hook.
 static SUSPEND_DRAIN: AtomicU32 = AtomicU32::new(0);
@@ -106,14 +108,22 @@ pub fn run(env: &mut Env) {
     check!(
         "net.init",
         mode_ok && net.link_up() && status,
-        "{} {mode:?} features={:#x} mac={mac:02x?} mtu={:?} hdr={} rx={:?} rx_buffers={:?} link={} status_feature={status}",
+        "{} {} features {} mac={} mtu={} header {} bytes, receive buffers {}: {} ({} posted), link {}, STATUS feature {}",
         func.addr,
-        net.features().bits(),
-        net.mtu(),
+        Irq(mode),
+        FeatureSet(DeviceType::Net, net.features().bits()),
+        Mac(mac),
+        Opt(net.mtu()),
         net.header_len(),
-        net.rx_mode(),
-        net.rx_buffers(),
+        match net.rx_mode() {
+            RxMode::Small => "small",
+            RxMode::Big => "big",
+            RxMode::Mergeable => "mergeable",
+        },
+        net.rx_buffers().0,
+        net.rx_buffers().1,
         if net.link_up() { "up" } else { "down" },
+        if status { "on" } else { "off" },
     );
     report::stat("net.features", format!("{:#x}", net.features().bits()));
     if suspend_test {
@@ -180,23 +190,18 @@ fn set_filter(net: &mut VirtioNet<GuestBus>) {
         net.set_mac_filter(&[FILTER_UNICAST], &[FILTER_MULTICAST])?;
         net.vlan_add(FILTER_VLAN)
     })();
-    let mac = |m: [u8; 6]| {
-        format!(
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    };
     check!(
         "net.filter",
         result.is_ok(),
-        "promiscuous off, all-multicast on, unicast {}, multicast {}, VLAN {FILTER_VLAN}: {result:?}",
-        mac(FILTER_UNICAST),
-        mac(FILTER_MULTICAST)
+        "promiscuous off, all-multicast on, unicast {}, multicast {}, VLAN {FILTER_VLAN}: {}",
+        Mac(FILTER_UNICAST),
+        Mac(FILTER_MULTICAST),
+        Outcome(&result)
     );
     report::stat("net.filter.promiscuous", "false");
     report::stat("net.filter.multicast", "all");
-    report::stat("net.filter.unicast_table", mac(FILTER_UNICAST));
-    report::stat("net.filter.multicast_table", mac(FILTER_MULTICAST));
+    report::stat("net.filter.unicast_table", Mac(FILTER_UNICAST));
+    report::stat("net.filter.multicast_table", Mac(FILTER_MULTICAST));
     report::stat("net.filter.vlan_table", FILTER_VLAN);
 }
 

@@ -25,6 +25,7 @@ use super::net::stack::{Counters, Nic, Stack};
 use super::vd::{self, GuestHal};
 use crate::check;
 use crate::report;
+use crate::report::show::Mac;
 use core::cell::{Cell, RefCell};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
@@ -182,8 +183,9 @@ pub fn run(env: &mut Env) {
     check!(
         "net.init",
         true,
-        "{} virtio-drivers VirtIONet, polled, queues of {QUEUE_SIZE}, {BUF_LEN}-byte rx buffers, mac={mac:02x?}",
-        func.addr
+        "{} virtio-drivers VirtIONet, polled, queues of {QUEUE_SIZE}, {BUF_LEN}-byte rx buffers, mac={}",
+        func.addr,
+        Mac(mac)
     );
     let phy = VdPhy {
         net: RefCell::new(net),

@@ -16,6 +16,7 @@ use super::Env;
 use super::bus::{self, GuestBus};
 use crate::check;
 use crate::platform::GuestDma;
+use crate::report::show::{FeatureSet, Irq, Mac};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec;
@@ -69,15 +70,18 @@ pub fn run(env: &mut Env) {
                 check!(
                     &format!("smoke.{name}"),
                     true,
-                    "{} {mode:?} features={features:#x}: {detail}",
-                    func.addr
+                    "{} {} features {}: {detail}",
+                    func.addr,
+                    Irq(mode),
+                    FeatureSet(ty, features)
                 )
             }
             Err(e) => check!(
                 &format!("smoke.{name}"),
                 false,
-                "{} {mode:?}: {e}",
-                func.addr
+                "{} {}: {e}",
+                func.addr,
+                Irq(mode)
             ),
         };
         bus::stats(name, &mut dev);
@@ -106,8 +110,8 @@ fn expect_mode(env: &Env, dev: &GuestBus) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "interrupt mode {:?} for irq={}",
-            dev.interrupt_mode(),
+            "interrupt mode {} for irq={}",
+            Irq(dev.interrupt_mode()),
             env.irq.name()
         ))
     }
@@ -234,7 +238,7 @@ fn smoke_blk(env: &Env, dev: &mut GuestBus) -> Result<(String, Vec<DmaRegion>), 
     if let Some(want) = env.cmdline.get("blk_serial")
         && id != want
     {
-        return Err(format!("GET_ID {id:?}, expected {want:?}"));
+        return Err(format!("GET_ID \"{id}\", expected \"{want}\""));
     }
     // Read the first and the last sector: the runner's pattern.
     for (i, sector) in [0, capacity.saturating_sub(1)].into_iter().enumerate() {
@@ -263,7 +267,7 @@ fn smoke_blk(env: &Env, dev: &mut GuestBus) -> Result<(String, Vec<DmaRegion>), 
         return Err("written sector did not read back".into());
     }
     Ok((
-        format!("{capacity} sectors, id {id:?}, read 2 + wrote 1 sector"),
+        format!("{capacity} sectors, id \"{id}\", read 2 + wrote 1 sector"),
         vec![mem],
     ))
 }
@@ -378,7 +382,11 @@ fn smoke_net(env: &Env, dev: &mut GuestBus) -> Result<(String, Vec<DmaRegion>), 
     }
     let gw = reply.ok_or_else(|| format!("no ARP reply from 10.0.2.2 ({seen} frames received)"))?;
     Ok((
-        format!("mac {mac:02x?}, header {hdr} bytes, ARP reply: 10.0.2.2 is at {gw:02x?}"),
+        format!(
+            "mac {}, header {hdr} bytes, ARP reply: 10.0.2.2 is at {}",
+            Mac(mac),
+            Mac(gw)
+        ),
         vec![rx, tx],
     ))
 }

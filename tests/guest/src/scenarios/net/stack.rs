@@ -12,6 +12,7 @@
 
 use crate::check;
 use crate::report;
+use crate::report::show::Opt;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
@@ -201,7 +202,8 @@ impl<D: Nic> Stack<D> {
         check!(
             "net.dhcp",
             true,
-            "{addr} router {router:?} in {} ms",
+            "{addr} router {} in {} ms",
+            Opt(router),
             ms_since(t0)
         );
         report::stat("net.dhcp.address", addr.address());
@@ -342,10 +344,10 @@ impl<D: Nic> Stack<D> {
         check!(
             &format!("{name}.recv"),
             rx_ok,
-            "{} of {down} bytes, fnv={:#018x}, first wrong byte {:?}, {} ms",
+            "{} of {down} bytes, fnv={:#018x}, first wrong byte {}, {} ms",
             rx.pos(),
             rx_hash.value(),
-            bad,
+            Opt(bad),
             (b.t_ns - a.t_ns) / 1_000_000
         );
         report::stat(
