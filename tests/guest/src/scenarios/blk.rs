@@ -514,9 +514,8 @@ impl SuspendStep {
             &name,
             held_ok && r.features.bits() == features_before,
             "device reset with {} requests in flight: {} completed, {} aborted and \
-             resubmitted; a submission while suspended held: {}, then {}; resumed with \
-             features {:#x} (before {features_before:#x}), {} queues, capacity {} (changed: \
-             {}); {} ms",
+             resubmitted; a submission while suspended held: {}, then {}; resumed with {}, \
+             {} queues, capacity {} (changed: {}); {} ms",
             self.in_flight,
             self.completed,
             self.aborted,
@@ -524,10 +523,21 @@ impl SuspendStep {
             self.held_then
                 .as_ref()
                 .map_or_else(|| "not completed".into(), completed),
-            r.features.bits(),
+            if r.features.bits() == features_before {
+                format!(
+                    "the same features {}",
+                    FeatureSet(DeviceType::Block, features_before)
+                )
+            } else {
+                format!(
+                    "features {}, not the {} it had",
+                    FeatureSet(DeviceType::Block, r.features.bits()),
+                    FeatureSet(DeviceType::Block, features_before)
+                )
+            },
             r.queues,
             r.capacity,
-            r.capacity_changed,
+            yes_no(r.capacity_changed),
             self.ns / 1_000_000
         );
         report::stat(&format!("{name}.in_flight"), self.in_flight);

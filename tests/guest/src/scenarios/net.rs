@@ -227,14 +227,14 @@ fn suspend_resume(stack: &mut Stack<Phy>, phase: &str) {
                     && r.link_up,
                 "device reset and re-initialised: {back} of {in_flight} transmit tokens back \
                  ({} completed, {} reclaimed at the reset), {} receive buffers reclaimed, {} \
-                 undelivered dropped, {} drain polls; resumed with features {:#x}, {} receive \
+                 undelivered dropped, {} drain polls; resumed with features {}, {} receive \
                  buffers posted, {} settings replayed ({} failed{}), link {}; {ms} ms",
                 s.tx_completed,
                 s.tx_reclaimed,
                 s.rx_reclaimed,
                 s.rx_dropped,
                 s.drain_polls,
-                r.features.bits(),
+                FeatureSet(DeviceType::Net, r.features.bits()),
                 r.rx_posted,
                 r.restored,
                 r.restore_failed,
