@@ -1,4 +1,4 @@
-//! `cargo xtask kexts`: builds `target/kexts/{VirtioFamily,VirtioNet,VirtioBlock,VirtioEntropy}.kext`.
+//! `cargo xtask kexts`: builds `target/kexts/{VirtioFamily,VirtioNet,VirtioBlock,VirtioEntropy,VirtioBalloon}.kext`.
 //!
 //! One Rust table ([`KEXTS`]) is the source of truth for every bundle: identifiers, versions,
 //! libraries, personalities, the C-ABI crate and its header. From it this module
@@ -221,6 +221,30 @@ pub const KEXTS: &[KextSpec] = &[
             properties: &[("VirtioDeviceType", Value::Int(4))],
         }],
         shim_sources: &["VirtioEntropy.cpp"],
+        exports: &[],
+    },
+    KextSpec {
+        name: "VirtioBalloon",
+        crate_name: "virtio-balloon-kext",
+        dir: "kexts/VirtioBalloon",
+        header: "kexts/VirtioBalloon/shim/VirtioBalloonABI.h",
+        symbol_prefix: "vbal_",
+        libraries: &[
+            ("com.apple.kpi.iokit", KPI_VERSION),
+            ("com.apple.kpi.libkern", KPI_VERSION),
+            // `kernel_task`, the task the balloon's wired chunks belong to.
+            ("com.apple.kpi.mach", KPI_VERSION),
+            (FAMILY_ID, COMPATIBLE_VERSION),
+        ],
+        imports_prefix: Some("vfam_"),
+        is_library: false,
+        personalities: &[Personality {
+            name: "VirtioBalloon",
+            io_class: "org_virtiodarwin_VirtioBalloon",
+            provider_class: "org_virtiodarwin_VirtioDevice",
+            properties: &[("VirtioDeviceType", Value::Int(5))],
+        }],
+        shim_sources: &["VirtioBalloon.cpp"],
         exports: &[],
     },
 ];

@@ -10,6 +10,8 @@
 //! - `kexts`: build the kext bundles (`kexts.rs`); `install`: copy them to
 //!   /Library/Extensions and load them on macOS (`install.rs`);
 //! - `test`: fmt, clippy (workspace and guest), guest build, `cargo test --workspace`.
+//! - `fuzz <target>` / `fuzz --replay`: coverage-guided fuzzing of fuzz/ with cargo-fuzz, or
+//!   the committed corpus through plain `cargo test`.
 
 mod bench;
 mod bench_net;
@@ -79,6 +81,27 @@ enum Cmd {
     /// fmt, clippy -D warnings (workspace and guest), the guest build, kexts --check, and
     /// cargo test --workspace (with the QEMU end-to-end matrix).
     Test,
+    /// Fuzz one target coverage-guided (cargo-fuzz, nightly, ASan), or replay the corpus
+    ///
+    /// Targets are the binaries of fuzz/Cargo.toml (its own workspace; fuzz/README.md says
+    /// what each covers). A run grows fuzz/corpus/<target>; crashes land in
+    /// fuzz/artifacts/<target> (move the reproducer to fuzz/regressions/<target> once
+    /// fixed). --replay runs every committed input through the same oracles with plain
+    /// `cargo test`, as `cargo xtask test` does.
+    #[command(after_help = "Examples:
+  cargo xtask fuzz ring --seconds 600
+  cargo xtask fuzz --replay")]
+    Fuzz {
+        /// The fuzz target (a binary in fuzz/Cargo.toml)
+        #[arg(required_unless_present = "replay", conflicts_with = "replay")]
+        target: Option<String>,
+        /// Seconds to fuzz
+        #[arg(long, value_name = "N", default_value_t = 60)]
+        seconds: u64,
+        /// Replay the committed corpus and reproducers instead (no nightly needed)
+        #[arg(long)]
+        replay: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -182,6 +205,14 @@ fn main() -> ExitCode {
             install::cmd_install(&args)
         }
         Cmd::Test => cmd_test(),
+        Cmd::Fuzz {
+            target,
+            seconds,
+            replay,
+        } => match target {
+            Some(target) if !replay => cmd_fuzz(&target, seconds),
+            _ => cmd_fuzz_replay(),
+        },
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -534,6 +565,47 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf()
+}
+
+/// `cargo +nightly fuzz run`: through rustup's `cargo` proxy (the `+toolchain` syntax), not
+/// `$CARGO`, which names the stable toolchain's cargo binary.
+fn cmd_fuzz(target: &str, seconds: u64) -> Result<bool, String> {
+    let installed = Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        eprintln!(
+            "xtask fuzz: cargo-fuzz with a nightly toolchain is needed. Install them with:\n  \
+             rustup toolchain install nightly\n  cargo install cargo-fuzz --locked\n\
+             (`cargo xtask fuzz --replay` replays the corpus without either)"
+        );
+        return Ok(false);
+    }
+    let status = Command::new("cargo")
+        .current_dir(workspace_root())
+        .args(["+nightly", "fuzz", "run", "--sanitizer=address", target])
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .status()
+        .map_err(|e| format!("running cargo fuzz: {e}"))?;
+    Ok(status.success())
+}
+
+fn cmd_fuzz_replay() -> Result<bool, String> {
+    let status = cargo()
+        .current_dir(workspace_root())
+        .args(["test", "-p", "virtio-tests", "--test", "fuzz_replay"])
+        .status()
+        .map_err(|e| format!("running cargo test: {e}"))?;
+    Ok(status.success())
+}
+
 fn cmd_test() -> Result<bool, String> {
     let workspace = qemu::guest_dir()
         .parent()
@@ -651,6 +723,14 @@ mod tests {
                 "{what}: `{dump}` (a Debug dump) in\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn fuzz_takes_a_target_or_replay() {
+        assert!(Cli::try_parse_from(["xtask", "fuzz", "ring", "--seconds", "5"]).is_ok());
+        assert!(Cli::try_parse_from(["xtask", "fuzz", "--replay"]).is_ok());
+        assert!(Cli::try_parse_from(["xtask", "fuzz"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "fuzz", "ring", "--replay"]).is_err());
     }
 
     #[test]

@@ -22,7 +22,7 @@
 //!   deflated pages return to the pool only when the device used the deflate buffer;
 //!   without it they return as soon as the request is queued (§5.5.6.1).
 //! - **Stats** (STATS_VQ): the tag set is fixed at setup from [`PagePool::stats`] (MEMTOT
-//!   falls back to the pool's size); each time the device uses the buffer the driver refills
+//!   falls back to the pool's size when the pool knows it); each time the device uses the buffer the driver refills
 //!   it and makes it available again.
 //! - **Memory pressure**: [`BalloonDriver::deflate_for_oom`] (DEFLATE_ON_OOM) takes pages
 //!   back a request at a time and holds the balloon until the host sets a new target;

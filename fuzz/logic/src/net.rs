@@ -1,0 +1,219 @@
+//! virtio-net over the simulated function with a device side the fuzzer drives: frames with
+//! any 12-byte header (`num_buffers`, `gso_type`/`gso_size`/`hdr_len`, DATA_VALID and
+//! unknown flags; the legacy 10-byte header on a legacy device without MRG_RXBUF), raw
+//! receive buffers with any used length, forged and repeated completions on both queues,
+//! transmit completions held back, config bytes (status, MTU, speed), NEEDS_RESET; the
+//! driver transmits, reclaims, polls with fuzzer-chosen budgets and uses the debugger path.
+//!
+//! Oracles: every transmitted token comes back exactly once, from `tx_reclaim` or from
+//! `shutdown`; one `rx_poll` handles at most `budget` frames (delivered + dropped) and one
+//! `tx_reclaim` at most the frames in flight (bounded work); a delivered frame fits the
+//! receive buffers; after `shutdown` and drop, guest memory is back to what it was.
+
+use std::collections::HashSet;
+
+use virtio_core::platform::{Dma, DmaRegion};
+use virtio_core::{Segment, VirtioDevice};
+use virtio_net::{NetConfig, TxOffload, VirtioNet, features as f};
+use virtio_pci::probe;
+use virtio_tests::net_model::{NetModel, RX, SimNetBus, TX, config_bytes};
+use virtio_tests::sim::{MODES, SimBuilder, SimInterrupt};
+
+use crate::input::Input;
+
+const MAX_STEPS: usize = 256;
+const BUFFER_BYTES: usize = 16 * 1024;
+const DEBUG_SPINS: u32 = 64;
+
+pub fn run(data: &[u8]) {
+    let mut input = Input::new(data);
+    let (mode, preference) = MODES[usize::from(input.u8() % 4)];
+    let optional = [
+        f::MRG_RXBUF,
+        f::CSUM,
+        f::GUEST_CSUM,
+        f::MTU,
+        f::MAC,
+        f::GUEST_TSO4,
+        f::GUEST_TSO6,
+        f::GUEST_ECN,
+        f::GUEST_UFO,
+        f::HOST_TSO4,
+        f::STATUS,
+        1 << 28, // INDIRECT_DESC
+        1 << 29, // EVENT_IDX
+    ];
+    let chosen = input.u16();
+    let mut offered = optional
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| chosen & (1 << i) != 0)
+        .fold(0, |acc, (_, bit)| acc | bit);
+    if mode != virtio_tests::sim::SimMode::Legacy {
+        offered |= 1 << 32;
+    }
+    let rx_size = 1u16 << (input.u8() % 7);
+    let tx_size = 1u16 << (input.u8() % 7);
+    let mtu = input.u16();
+    let status = input.u16();
+    let sim = SimBuilder::new(mode, 1)
+        .features(offered)
+        .queues(&[rx_size, tx_size])
+        .device_config(&config_bytes(
+            [0x52, 0x54, 0, 1, 2, 3],
+            status,
+            mtu,
+            1000,
+            1,
+        ))
+        .memory_len(8 << 20)
+        .build();
+    let mem = sim.memory();
+    let free_at_start = mem.free_bytes();
+    let Ok(transport) = probe(sim.config_space(), sim.bars(), preference) else {
+        return;
+    };
+    let bus: SimNetBus = VirtioDevice::new(transport, sim.memory(), sim.irq());
+    let config = NetConfig {
+        ctrl_spins: 64,
+        ..NetConfig::default()
+    };
+    let Ok(mut driver) = VirtioNet::new(bus, config) else {
+        assert_eq!(
+            mem.free_bytes(),
+            free_at_start,
+            "failed init leaked DMA memory"
+        );
+        return;
+    };
+    let mut model = NetModel::new(&sim);
+    let buffers = mem.alloc_buffer(BUFFER_BYTES);
+    let mut in_flight: HashSet<usize> = HashSet::new();
+    let mut next_token = 0usize;
+    let complete = |in_flight: &mut HashSet<usize>, token: usize| {
+        assert!(
+            in_flight.remove(&token),
+            "transmit token {token} completed twice or never sent"
+        );
+    };
+
+    for _ in 0..MAX_STEPS {
+        if input.is_empty() {
+            break;
+        }
+        match input.u8() % 14 {
+            0..=2 => {
+                let token = next_token;
+                next_token += 1;
+                let frame = segments(&mut input, &buffers);
+                if driver
+                    .transmit(&frame, &TxOffload::default(), token)
+                    .is_ok()
+                {
+                    in_flight.insert(token);
+                }
+            }
+            3 => {
+                let before = in_flight.len();
+                if let Ok(reclaim) = driver.tx_reclaim(|token| complete(&mut in_flight, token)) {
+                    assert!(reclaim.frames <= before, "reclaimed more than in flight");
+                }
+            }
+            4 => {
+                if input.bool() {
+                    model.take_tx();
+                } else {
+                    let _held = model.hold_tx();
+                }
+            }
+            5 => {
+                let queue = if input.bool() { RX } else { TX };
+                let size = if queue == RX { rx_size } else { tx_size };
+                sim.complete_raw(queue, input.u32() % (u32::from(size) * 2 + 1), input.u32());
+                sim.signal_used(queue);
+            }
+            6 | 7 => {
+                let mut header = [0u8; 12];
+                header.copy_from_slice(&pad::<12>(input.take(12)));
+                let len = usize::from(input.u16() % 2048);
+                let payload = input.take(len).to_vec();
+                let _ = model.inject_rx(header, &payload);
+            }
+            8 => {
+                let raw: Vec<(Vec<u8>, u32)> = (0..1 + input.u8() % 4)
+                    .map(|_| {
+                        let len = usize::from(input.u8());
+                        (input.take(len).to_vec(), input.u32() % 70_000)
+                    })
+                    .collect();
+                let _ = model.inject_rx_raw(&raw);
+            }
+            9 | 10 => {
+                for irq in sim.take_interrupts() {
+                    let vector = match irq {
+                        SimInterrupt::Msix(v) => Some(v),
+                        SimInterrupt::Intx => None,
+                    };
+                    driver.handle_interrupt(vector);
+                }
+                let budget = 1 + usize::from(input.u8() % 64);
+                let mut delivered = 0;
+                let mut copy = vec![0u8; 70_000];
+                if let Ok(summary) = driver.rx_poll(budget, |frame| {
+                    delivered += 1;
+                    let _ = frame.copy_to(&mut copy);
+                }) {
+                    assert_eq!(delivered, summary.frames);
+                    assert!(
+                        summary.frames + summary.dropped <= budget,
+                        "rx_poll went past its budget"
+                    );
+                }
+            }
+            11 => {
+                let offset = usize::from(input.u8() % 20);
+                let len = usize::from(input.u8() % 8);
+                sim.set_device_config(offset, input.take(len));
+                sim.raise_config_interrupt();
+                let _ = driver.handle_config_change();
+            }
+            12 => {
+                if input.bool() {
+                    let len = 14 + usize::from(input.u8());
+                    let _ = driver.debug_send(&vec![0xAB; len], DEBUG_SPINS);
+                } else {
+                    let mut out = vec![0u8; 2048];
+                    let _ = driver.debug_receive(&mut out, DEBUG_SPINS);
+                }
+            }
+            _ => sim.trigger_needs_reset(),
+        }
+    }
+
+    driver.shutdown(|token| complete(&mut in_flight, token));
+    assert!(
+        in_flight.is_empty(),
+        "transmit tokens lost at shutdown: {in_flight:?}"
+    );
+    drop(driver);
+    // SAFETY: the driver is gone and the device reset; nothing uses the buffer.
+    unsafe { mem.free_coherent(buffers) };
+    assert_eq!(mem.free_bytes(), free_at_start, "DMA memory leaked");
+}
+
+fn pad<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    out[..bytes.len()].copy_from_slice(bytes);
+    out
+}
+
+/// A frame of one to three segments inside `buffers` (at least an Ethernet header in all).
+fn segments(input: &mut Input, buffers: &DmaRegion) -> Vec<Segment> {
+    (0..1 + input.u8() % 3)
+        .map(|_| {
+            let len = 14 + u32::from(input.u16()) % 2000;
+            let offset = u64::from(input.u16()) % (BUFFER_BYTES as u64 - u64::from(len));
+            Segment::new(buffers.daddr + offset, len)
+        })
+        .collect()
+}

@@ -1,0 +1,801 @@
+//! `VirtioBalloon.kext`'s Rust half: `virtio-balloon`'s [`BalloonDriver`] over the family's
+//! bus, with its [`PagePool`] over wired memory the C++ shim takes from the kernel.
+//!
+//! The shim (`kexts/VirtioBalloon/shim/`, an `IOService` on the family's nub) hands
+//! [`vbal_create`] the nub's device handle, the kernel's page size, the balloon's bound and
+//! two memory callbacks; this crate wraps the handle in a
+//! [`FamilyBus`](virtio_kext_client::FamilyBus), brings the device up (the driver reads
+//! `num_pages` and starts inflating at once) and registers its interrupt entry with the
+//! family. From then on the driver follows the host's target on config interrupts and
+//! writes `actual` itself; the shim only publishes [`vbal_info`] and retries with
+//! [`vbal_poll`] when the kernel ran short of memory.
+//!
+//! - **Pages**: the shim wires memory in chunks of [`VBAL_CHUNK_PAGES`] kernel pages
+//!   ([`VbalCallbacks::alloc_chunk`], public KPI: an `IOBufferMemoryDescriptor` with
+//!   `kIOMemoryMapperNone`, physical addresses from `getPhysicalSegment`) and releases a
+//!   chunk ([`VbalCallbacks::free_chunk`]) as soon as none of its pages is in the balloon.
+//!   The pool lends the chunks' pages one at a time to the driver, which reports them in
+//!   4 KiB frames whatever the kernel's page size. The chunk table is allocated at
+//!   [`vbal_create`] (sized from the bound), never grown.
+//! - **Statistics** (STATS_VQ): no public KPI gives a kext the guest's memory figures
+//!   (`host_statistics64`, `vm_page_free_count`, `max_mem` and `sysctlbyname` are not in
+//!   the kexts' libraries), so the pool supplies none, and with [`VbalConfig::total_pages`]
+//!   0 (unknown) the driver crate does not invent MEMTOT either.
+//! - **DEFLATE_ON_OOM**: negotiated; [`vbal_deflate_for_oom`] is the hook. The kernel
+//!   offers kexts no memory-pressure notification in a public header (see the shim's
+//!   header), so nothing calls it yet: a later user-space helper (the public
+//!   `DISPATCH_SOURCE_TYPE_MEMORYPRESSURE`) or the shim can.
+//! - **Free page hinting and reporting** are not negotiated: they need free ranges isolated
+//!   from the kernel's free list, which no public KPI offers.
+//! - **Faults**: DEVICE_NEEDS_RESET or a device breaking the protocol: the driver restarts
+//!   (reset; every page back to the pool; inflate to the target again).
+//! - **Sleep** ([`vbal_suspend`]): the device is reset and every page given back to the
+//!   kernel; wake ([`vbal_resume`]) re-initialises it and inflates to the target the host
+//!   sets then. Why not keep the pages: the reset makes the host forget the balloon
+//!   (`actual` is 0 again), so kept pages would be wired memory neither side counts, and
+//!   wired pages go into a hibernation image.
+//! - `stop` → [`vbal_stop`] (reset, every page and chunk back), then [`vbal_destroy`].
+//!
+//! Threading: the shim calls everything under its command gate on the family's work loop,
+//! where the family also delivers interrupts, so a handle is never used concurrently.
+//!
+//! Memory is allocated only at [`vbal_create`] (driver, DMA region, tracking arrays): the
+//! I/O paths allocate nothing but the balloon's own pages, through the shim. Nothing here
+//! panics on device or caller input.
+#![no_std]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+extern crate alloc;
+
+use alloc::boxed::Box;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::ffi::c_void;
+
+use virtio_balloon::{BalloonDriver, BalloonError, BalloonOptions, Page, PagePool};
+use virtio_kext_abi::vector_from_abi;
+use virtio_kext_client::{FamilyBus, VfamDevice};
+
+/// Statuses of the `vbal_*` functions.
+pub const VBAL_OK: i32 = 0;
+/// A null pointer or handle, or an unusable configuration.
+pub const VBAL_E_INVALID: i32 = 1;
+/// The device could not be brought up, or broke (a later call may succeed after a
+/// recovery or a wake).
+pub const VBAL_E_DEVICE: i32 = 2;
+/// Stopped, or asleep.
+pub const VBAL_E_STOPPED: i32 = 3;
+/// The device did not offer DEFLATE_ON_OOM.
+pub const VBAL_E_UNSUPPORTED: i32 = 4;
+
+/// Kernel pages per chunk the shim wires (256 KiB with 4 KiB pages): few enough
+/// allocations for a balloon of gigabytes, small enough that a chunk partly in the balloon
+/// keeps little memory from the guest. One bit per page in a 64-bit mask.
+pub const VBAL_CHUNK_PAGES: u32 = 64;
+/// The balloon's default bound (MiB): 8 bytes of tracking per page and about as much for
+/// the chunk table are allocated at start for this much, so it is not the guest's whole
+/// memory. A host target beyond it is clamped (logged).
+pub const VBAL_DEFAULT_MAX_MIB: u32 = 4096;
+/// After the kernel had no memory to give, the shim calls [`vbal_poll`] this often until
+/// the balloon reaches its target.
+pub const VBAL_RETRY_MS: u32 = 1_000;
+/// Spare chunk records beyond the bound's: pages deflated out of the middle of chunks
+/// leave them partly used.
+const SPARE_CHUNKS: usize = 32;
+const CHUNK: usize = VBAL_CHUNK_PAGES as usize;
+
+/// The shim's choices, read once by [`vbal_create`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct VbalConfig {
+    /// The kernel's page size (`PAGE_SIZE`): a power of two from 4 KiB to 1 MiB.
+    pub page_size: u32,
+    /// Most kernel pages the balloon may hold (> 0).
+    pub max_pages: u32,
+    /// The guest's memory in kernel pages, when known (0: unknown).
+    pub total_pages: u64,
+}
+
+/// The shim's callbacks; `ctx` is passed back unchanged (the shim's driver object).
+///
+/// - `alloc_chunk`: wires [`VBAL_CHUNK_PAGES`] kernel pages, writes the physical address
+///   of each (page-aligned, not necessarily contiguous) to `pages[0..count]` and an opaque
+///   handle to `*cookie`; false when the kernel has no memory to give.
+/// - `free_chunk`: unwires and frees a chunk by its handle (none of its pages is in the
+///   balloon any more; the host may have discarded their contents).
+/// - `changed` (may be null): after [`vbal_create`], an interrupt, a poll or a wake,
+///   target, `actual` or the pages held may have changed; `starved`: the balloon waits for
+///   memory (the kernel ran short, or inflation restarted), call [`vbal_poll`] after
+///   [`VBAL_RETRY_MS`]. Called once the driver is done with the device.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct VbalCallbacks {
+    pub ctx: *mut c_void,
+    pub alloc_chunk: Option<
+        unsafe extern "C" fn(
+            ctx: *mut c_void,
+            pages: *mut u64,
+            count: u32,
+            cookie: *mut *mut c_void,
+        ) -> bool,
+    >,
+    pub free_chunk: Option<unsafe extern "C" fn(ctx: *mut c_void, cookie: *mut c_void)>,
+    pub changed: Option<unsafe extern "C" fn(ctx: *mut c_void, starved: bool)>,
+}
+
+/// State and counters for the IORegistry.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VbalInfo {
+    /// The host's target (`num_pages`, 4 KiB frames).
+    pub target_frames: u32,
+    /// What the driver last wrote to `actual` (4 KiB frames).
+    pub actual_frames: u32,
+    /// Kernel pages in the balloon (including a request in flight).
+    pub pages_held: u64,
+    /// Kernel pages wired in chunks (the balloon's pages and the chunks' spare ones).
+    pub pages_wired: u64,
+    /// The kernel's page size.
+    pub page_size: u32,
+    /// 1 when DEFLATE_ON_OOM was negotiated.
+    pub deflate_on_oom: u32,
+    pub inflate_requests: u64,
+    pub deflate_requests: u64,
+    pub stats_buffers: u64,
+    pub oom_pages: u64,
+    /// Times a chunk could not be wired (the balloon waits and retries).
+    pub alloc_failures: u64,
+    pub chunks_allocated: u64,
+    pub chunks_freed: u64,
+    /// Interrupts delivered to this driver.
+    pub interrupts: u64,
+    /// Times the device was reset and brought up again after a fault.
+    pub recoveries: u64,
+    /// Sleeps.
+    pub suspends: u64,
+}
+
+/// Result of [`vbal_deflate_for_oom`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VbalOom {
+    /// Pages already out of the balloon.
+    pub released: u64,
+    /// Pages that leave it when the device acknowledges (MUST_TELL_HOST).
+    pub pending: u64,
+}
+
+/// One wired chunk (or an unused record).
+#[derive(Copy, Clone)]
+struct Chunk {
+    cookie: *mut c_void,
+    pages: [u64; CHUNK],
+    /// Bit i: `pages[i]` is lent to the driver.
+    lent: u64,
+    live: bool,
+}
+
+const NO_CHUNK: Chunk = Chunk {
+    cookie: core::ptr::null_mut(),
+    pages: [0; CHUNK],
+    lent: 0,
+    live: false,
+};
+
+/// The driver's [`PagePool`]: pages of the shim's wired chunks. Every page the driver
+/// returns must be one it was lent (anything else is counted and ignored: returning it
+/// twice would free wired memory twice).
+struct ChunkPool {
+    cb: VbalCallbacks,
+    page_size: usize,
+    total_pages: usize,
+    /// Every record, allocated at setup; `free_records` lists the unused ones.
+    chunks: Vec<Chunk>,
+    free_records: Vec<usize>,
+    /// Unlent pages of live chunks.
+    spare: usize,
+    /// The chunk last lent from or returned to: the driver deflates the pages it took last
+    /// first, and gives everything back in the order it took it at a reset, so the next
+    /// page is nearly always in this chunk or the next one.
+    hint: usize,
+    chunks_allocated: u64,
+    chunks_freed: u64,
+    alloc_failures: u64,
+    bad_returns: u64,
+}
+
+impl ChunkPool {
+    fn new(cb: VbalCallbacks, config: &VbalConfig) -> ChunkPool {
+        let records = (config.max_pages as usize).div_ceil(CHUNK) + SPARE_CHUNKS;
+        ChunkPool {
+            cb,
+            page_size: config.page_size as usize,
+            total_pages: usize::try_from(config.total_pages).unwrap_or(usize::MAX),
+            chunks: vec![NO_CHUNK; records],
+            free_records: (0..records).rev().collect(),
+            spare: 0,
+            hint: 0,
+            chunks_allocated: 0,
+            chunks_freed: 0,
+            alloc_failures: 0,
+            bad_returns: 0,
+        }
+    }
+
+    fn live_chunks(&self) -> usize {
+        self.chunks.len() - self.free_records.len()
+    }
+
+    /// A live chunk with an unlent page: the hint first, then the first one found.
+    fn chunk_with_spare(&self) -> Option<usize> {
+        let has = |c: &Chunk| c.live && c.lent != u64::MAX;
+        if self.chunks.get(self.hint).is_some_and(has) {
+            return Some(self.hint);
+        }
+        self.chunks.iter().position(has)
+    }
+
+    /// Wires a new chunk through the shim.
+    fn wire_chunk(&mut self) -> Option<usize> {
+        let alloc = self.cb.alloc_chunk?;
+        let i = *self.free_records.last()?;
+        let c = self.chunks.get_mut(i)?;
+        let mut cookie = core::ptr::null_mut();
+        // SAFETY: the shim's callback with its own context; `pages` holds VBAL_CHUNK_PAGES
+        // entries and `cookie` is a local.
+        let ok = unsafe {
+            alloc(
+                self.cb.ctx,
+                c.pages.as_mut_ptr(),
+                VBAL_CHUNK_PAGES,
+                &mut cookie,
+            )
+        };
+        if !ok || cookie.is_null() {
+            self.alloc_failures += 1;
+            return None;
+        }
+        c.cookie = cookie;
+        c.lent = 0;
+        c.live = true;
+        self.free_records.pop();
+        self.spare += CHUNK;
+        self.chunks_allocated += 1;
+        Some(i)
+    }
+
+    /// Where `addr` is lent: the hint, then outwards from it.
+    fn find_lent(&self, addr: u64) -> Option<(usize, usize)> {
+        let n = self.chunks.len();
+        let probe = |i: usize| {
+            let c = self.chunks.get(i)?;
+            if !c.live {
+                return None;
+            }
+            let slot = c.pages.iter().position(|&p| p == addr)?;
+            (c.lent & 1u64.checked_shl(slot as u32)? != 0).then_some((i, slot))
+        };
+        for d in 0..n {
+            let up = (self.hint + d) % n;
+            if let Some(hit) = probe(up) {
+                return Some(hit);
+            }
+            let down = (self.hint + n - d) % n;
+            if d != 0
+                && let Some(hit) = probe(down)
+            {
+                return Some(hit);
+            }
+        }
+        None
+    }
+
+    /// Gives a chunk back to the kernel.
+    fn release(&mut self, i: usize) {
+        let Some(c) = self.chunks.get_mut(i) else {
+            return;
+        };
+        if !c.live {
+            return;
+        }
+        let cookie = c.cookie;
+        let spare = CHUNK - c.lent.count_ones() as usize;
+        *c = NO_CHUNK;
+        self.spare -= spare;
+        self.free_records.push(i);
+        self.chunks_freed += 1;
+        if let Some(free) = self.cb.free_chunk {
+            // SAFETY: the shim's callback with its own context and a cookie it gave us,
+            // returned once (the record is cleared above).
+            unsafe { free(self.cb.ctx, cookie) };
+        }
+    }
+}
+
+impl PagePool for ChunkPool {
+    fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    fn total_pages(&self) -> usize {
+        self.total_pages
+    }
+
+    fn alloc_page(&mut self) -> Option<Page> {
+        let i = match self.chunk_with_spare() {
+            Some(i) => i,
+            None => self.wire_chunk()?,
+        };
+        let c = self.chunks.get_mut(i)?;
+        let slot = (!c.lent).trailing_zeros();
+        let addr = *c.pages.get(slot as usize)?;
+        c.lent |= 1u64.checked_shl(slot)?;
+        self.spare -= 1;
+        self.hint = i;
+        Some(Page { addr })
+    }
+
+    fn free_page(&mut self, page: Page) {
+        let Some((i, slot)) = self.find_lent(page.addr) else {
+            self.bad_returns += 1;
+            log::error!(
+                "VirtioBalloon: page {:#x} returned but not lent; ignored",
+                page.addr
+            );
+            return;
+        };
+        self.hint = i;
+        let Some(c) = self.chunks.get_mut(i) else {
+            return;
+        };
+        c.lent &= !(1u64 << slot);
+        self.spare += 1;
+        // Deflated memory goes back to the kernel at once, a chunk at a time.
+        if c.lent == 0 {
+            self.release(i);
+        }
+    }
+}
+
+impl Drop for ChunkPool {
+    fn drop(&mut self) {
+        // The driver returned every page before the pool is dropped (it is a field of the
+        // driver, dropped after the driver's own reset and reclaim); anything still live is
+        // a chunk with spare pages only.
+        for i in 0..self.chunks.len() {
+            if self.chunks.get(i).is_some_and(|c| c.lent != 0) {
+                log::error!("VirtioBalloon: a chunk still lent at teardown; freed");
+            }
+            self.release(i);
+        }
+    }
+}
+
+type Driver = BalloonDriver<FamilyBus, ChunkPool>;
+
+/// One virtio balloon device (opaque to C).
+pub struct VbalDevice {
+    /// `None` once stopped.
+    drv: Option<Driver>,
+    cb: VbalCallbacks,
+    family: *mut VfamDevice,
+    interrupts: u64,
+    recoveries: u64,
+    suspends: u64,
+    /// The kernel ran short while inflating: the driver waits for a new target or a poll,
+    /// so the shim's retry timer must keep running even when later interrupts (the
+    /// acknowledgements of what was inflated) report nothing new.
+    starved: bool,
+    asleep: bool,
+    stopped: bool,
+}
+
+fn dev<'a>(p: *mut VbalDevice) -> Option<&'a mut VbalDevice> {
+    // SAFETY: a non-null handle comes from `vbal_create` and stays valid until
+    // `vbal_destroy`; the shim serialises every call on its work loop.
+    unsafe { p.as_mut() }
+}
+
+/// The family calls this (registered by [`vbal_create`]) from its interrupt actions.
+unsafe extern "C" fn family_interrupt(ctx: *mut c_void, vector: i32) {
+    // SAFETY: ctx is the VbalDevice registered in vbal_create and unregistered (on the same
+    // work loop) before it is freed.
+    unsafe { vbal_interrupt(ctx.cast(), vector) }
+}
+
+impl VbalDevice {
+    /// After DEVICE_NEEDS_RESET or a device fault: reset (every page back to the pool)
+    /// and inflate to the target again. A failed restart leaves the driver stopped until
+    /// the next wake.
+    fn recover(&mut self, why: &dyn core::fmt::Display) {
+        log::warn!("VirtioBalloon: device fault ({why}); resetting it");
+        self.recoveries += 1;
+        if let Some(drv) = self.drv.as_mut()
+            && let Err(e) = drv.restart()
+        {
+            log::error!("VirtioBalloon: the device did not come back: {e}");
+        }
+        self.restarted();
+    }
+
+    /// After a restart the driver's inflation result is not reported: until the balloon
+    /// is at its target, the shim polls (cheap; it retries only what is missing).
+    fn restarted(&mut self) {
+        self.starved = self
+            .drv
+            .as_ref()
+            .is_some_and(|d| !d.is_stopped() && !d.at_target());
+    }
+
+    /// Takes in the outcome of one interrupt or poll.
+    fn settle(&mut self, r: Result<virtio_balloon::BalloonEvent, BalloonError>) {
+        match r {
+            Ok(ev) if ev.needs_reset => self.recover(&"DEVICE_NEEDS_RESET"),
+            Ok(ev) => {
+                // A new target makes the driver try again by itself.
+                if ev.target_changed.is_some() {
+                    self.starved = false;
+                }
+                self.starved |= ev.starved;
+            }
+            // Stopped by a failed restart: nothing to do until a wake.
+            Err(BalloonError::Stopped) => self.starved = false,
+            Err(e) => self.recover(&e),
+        }
+    }
+
+    /// Tells the shim, as the last use of `self` (the callback may re-enter).
+    fn notify(&self) {
+        let cb = self.cb;
+        let starved = self.starved;
+        if let Some(f) = cb.changed {
+            // SAFETY: the shim's callback with its own context.
+            unsafe { f(cb.ctx, starved) };
+        }
+    }
+}
+
+/// Brings up the balloon device behind the family handle `family` (the nub's
+/// `virtioDevice()`): negotiates MUST_TELL_HOST, STATS_VQ and DEFLATE_ON_OOM when offered,
+/// reads the target and starts inflating (pages through `callbacks`). Registers the
+/// interrupt entry with the family and returns the handle in `*out`.
+///
+/// # Safety
+/// `family` is a live family handle that outlives the returned device; `config` and
+/// `callbacks` point to valid values; the callbacks' `ctx` stays valid until
+/// [`vbal_destroy`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vbal_create(
+    family: *mut VfamDevice,
+    config: *const VbalConfig,
+    callbacks: *const VbalCallbacks,
+    out: *mut *mut VbalDevice,
+) -> i32 {
+    // SAFETY: null or valid (C contract).
+    let Some(o) = (unsafe { out.as_mut() }) else {
+        return VBAL_E_INVALID;
+    };
+    *o = core::ptr::null_mut();
+    // SAFETY: null or valid (C contract).
+    let (Some(cb), Some(config)) = (unsafe { callbacks.as_ref() }.copied(), unsafe {
+        config.as_ref()
+    }) else {
+        return VBAL_E_INVALID;
+    };
+    if family.is_null()
+        || cb.alloc_chunk.is_none()
+        || cb.free_chunk.is_none()
+        || config.max_pages == 0
+    {
+        return VBAL_E_INVALID;
+    }
+    // SAFETY: `family` is the live handle (caller contract); no other driver uses it.
+    let Some(bus) = (unsafe { FamilyBus::new(family) }) else {
+        return VBAL_E_INVALID;
+    };
+    let options = BalloonOptions {
+        max_pages: config.max_pages as usize,
+        deflate_on_oom: true,
+        // Both need free ranges isolated from the kernel's free list: no public KPI.
+        free_page_hint: false,
+        page_reporting: false,
+        ..BalloonOptions::default()
+    };
+    let drv = match BalloonDriver::new(bus, ChunkPool::new(cb, config), options) {
+        Ok(d) => d,
+        Err(BalloonError::BadPageSize { .. }) => return VBAL_E_INVALID,
+        Err(e) => {
+            log::error!("VirtioBalloon: device setup failed: {e}");
+            return VBAL_E_DEVICE;
+        }
+    };
+    let mut d = Box::new(VbalDevice {
+        drv: Some(drv),
+        cb,
+        family,
+        interrupts: 0,
+        recoveries: 0,
+        suspends: 0,
+        starved: false,
+        asleep: false,
+        stopped: false,
+    });
+    d.restarted();
+    d.notify();
+    let raw = Box::into_raw(d);
+    // SAFETY: live family handle; the context is the boxed device, unregistered in
+    // vbal_stop (which vbal_destroy runs) before it is freed.
+    unsafe {
+        virtio_kext_client::ffi::vfam_set_interrupt_handler(
+            family,
+            Some(family_interrupt),
+            raw.cast(),
+        )
+    };
+    *o = raw;
+    VBAL_OK
+}
+
+/// The interrupt entry (the family calls it through the handler [`vbal_create`]
+/// registered; `vector` is the MSI-X index or -1 for INTx): re-reads the target on a
+/// config change, handles completions (writing `actual`), answers the stats queue,
+/// recovers from DEVICE_NEEDS_RESET or a broken queue, then calls
+/// [`VbalCallbacks::changed`].
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vbal_interrupt(d: *mut VbalDevice, vector: i32) {
+    let Some(d) = dev(d) else { return };
+    if d.stopped || d.asleep {
+        return;
+    }
+    let Some(drv) = d.drv.as_mut() else { return };
+    d.interrupts += 1;
+    let r = drv.handle_interrupt(vector_from_abi(vector));
+    d.settle(r);
+    d.notify();
+}
+
+/// What an interrupt does, without one: re-reads the target, handles completions and
+/// retries inflating after the kernel ran short. Then calls [`VbalCallbacks::changed`].
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vbal_poll(d: *mut VbalDevice) -> i32 {
+    let Some(d) = dev(d) else {
+        return VBAL_E_INVALID;
+    };
+    if d.stopped || d.asleep {
+        return VBAL_E_STOPPED;
+    }
+    let Some(drv) = d.drv.as_mut() else {
+        return VBAL_E_STOPPED;
+    };
+    // The driver retries what the kernel could not give; it reports starvation again if
+    // memory is still short.
+    d.starved = false;
+    let r = drv.poll();
+    let failed = r.is_err();
+    d.settle(r);
+    d.notify();
+    if failed { VBAL_E_DEVICE } else { VBAL_OK }
+}
+
+/// The DEFLATE_ON_OOM hook: takes up to `pages` kernel pages out of the balloon for a
+/// guest under memory pressure (one request now, the rest as the device acknowledges;
+/// chunks go back to the kernel as they empty). The balloon then holds until the host
+/// sets a new target.
+///
+/// # Safety
+/// `d` is null or a live handle; `out` is null or valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vbal_deflate_for_oom(
+    d: *mut VbalDevice,
+    pages: u64,
+    out: *mut VbalOom,
+) -> i32 {
+    // SAFETY: null or valid (C contract).
+    let (Some(d), Some(out)) = (dev(d), unsafe { out.as_mut() }) else {
+        return VBAL_E_INVALID;
+    };
+    *out = VbalOom::default();
+    if d.stopped || d.asleep {
+        return VBAL_E_STOPPED;
+    }
+    let Some(drv) = d.drv.as_mut() else {
+        return VBAL_E_STOPPED;
+    };
+    let pages = usize::try_from(pages).unwrap_or(usize::MAX);
+    match drv.deflate_for_oom(pages) {
+        Ok(r) => {
+            *out = VbalOom {
+                released: r.released as u64,
+                pending: r.pending as u64,
+            };
+            VBAL_OK
+        }
+        Err(BalloonError::NotNegotiated) => VBAL_E_UNSUPPORTED,
+        Err(BalloonError::Stopped) => VBAL_E_DEVICE,
+        Err(e) => {
+            d.recover(&e);
+            VBAL_E_DEVICE
+        }
+    }
+}
+
+/// State and counters for the IORegistry.
+///
+/// # Safety
+/// `d` is null or a live handle; `out` is null or valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vbal_info(d: *mut VbalDevice, out: *mut VbalInfo) -> i32 {
+    // SAFETY: null or valid (C contract).
+    let (Some(d), Some(out)) = (dev(d), unsafe { out.as_mut() }) else {
+        return VBAL_E_INVALID;
+    };
+    let mut i = VbalInfo {
+        interrupts: d.interrupts,
+        recoveries: d.recoveries,
+        suspends: d.suspends,
+        ..VbalInfo::default()
+    };
+    if let Some(drv) = d.drv.as_ref() {
+        let c = drv.counters();
+        let p = drv.pool();
+        i.target_frames = drv.num_pages();
+        i.actual_frames = drv.actual();
+        i.pages_held = (p.live_chunks() * CHUNK - p.spare) as u64;
+        i.pages_wired = (p.live_chunks() * CHUNK) as u64;
+        i.page_size = p.page_size as u32;
+        i.deflate_on_oom = u32::from(
+            drv.features()
+                .contains(virtio_balloon::features::DEFLATE_ON_OOM),
+        );
+        i.inflate_requests = c.inflate_requests;
+        i.deflate_requests = c.deflate_requests;
+        i.stats_buffers = c.stats_buffers;
+        i.oom_pages = c.oom_pages;
+        i.alloc_failures = p.alloc_failures;
+        i.chunks_allocated = p.chunks_allocated;
+        i.chunks_freed = p.chunks_freed;
+    }
+    *out = i;
+    VBAL_OK
+}
+
+/// System sleep (power state 0): the device is reset and every page goes back to the
+/// kernel (see the crate documentation for why).
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vbal_suspend(d: *mut VbalDevice) -> i32 {
+    let Some(d) = dev(d) else {
+        return VBAL_E_INVALID;
+    };
+    if d.stopped {
+        return VBAL_E_STOPPED;
+    }
+    if !d.asleep {
+        d.asleep = true;
+        d.suspends += 1;
+        d.starved = false;
+        if let Some(drv) = d.drv.as_mut() {
+            drv.shutdown();
+        }
+    }
+    VBAL_OK
+}
+
+/// Wake (power state 1): the device is initialised from scratch and inflation towards the
+/// host's target starts again. An error leaves it asleep (resume may be retried).
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vbal_resume(d: *mut VbalDevice) -> i32 {
+    let Some(d) = dev(d) else {
+        return VBAL_E_INVALID;
+    };
+    if d.stopped {
+        return VBAL_E_STOPPED;
+    }
+    if !d.asleep {
+        return VBAL_OK;
+    }
+    let Some(drv) = d.drv.as_mut() else {
+        return VBAL_E_STOPPED;
+    };
+    if let Err(e) = drv.restart() {
+        log::error!("VirtioBalloon: cannot wake the device: {e}");
+        drv.shutdown();
+        return VBAL_E_DEVICE;
+    }
+    d.asleep = false;
+    d.restarted();
+    d.notify();
+    VBAL_OK
+}
+
+/// Stops the device: unregisters the interrupt entry, resets the device, gives every page
+/// and chunk back to the kernel and frees the driver. Later calls fail with
+/// `VBAL_E_STOPPED`.
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vbal_stop(d: *mut VbalDevice) {
+    let Some(d) = dev(d) else { return };
+    if d.stopped {
+        return;
+    }
+    // SAFETY: the family handle outlives this device (vbal_create contract).
+    unsafe {
+        virtio_kext_client::ffi::vfam_set_interrupt_handler(d.family, None, core::ptr::null_mut())
+    };
+    d.stopped = true;
+    // Dropping the driver resets the device, returns every page to the pool and frees the
+    // DMA region; dropping the pool frees the chunks.
+    drop(d.drv.take());
+}
+
+/// Frees the device (stopping it first if [`vbal_stop`] was not called).
+///
+/// # Safety
+/// `d` is null or a handle from [`vbal_create`], not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vbal_destroy(d: *mut VbalDevice) {
+    if d.is_null() {
+        return;
+    }
+    // SAFETY: live handle (caller contract).
+    unsafe { vbal_stop(d) };
+    // SAFETY: from Box::into_raw in vbal_create, dropped once (caller contract).
+    drop(unsafe { Box::from_raw(d) });
+}
+
+/// Routes `log` to `IOLog` (call once from the kext's start; a no-op in host builds).
+#[unsafe(no_mangle)]
+pub extern "C" fn vbal_log_init() {
+    #[cfg(feature = "kext")]
+    {
+        static LOGGER: virtio_kext_abi::kernel::IoLogger = virtio_kext_abi::kernel::IoLogger {
+            name: "VirtioBalloon",
+            level: log::LevelFilter::Info,
+        };
+        virtio_kext_abi::kernel::init_logging(&LOGGER);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_records_cover_the_bound() {
+        let cb = VbalCallbacks {
+            ctx: core::ptr::null_mut(),
+            alloc_chunk: None,
+            free_chunk: None,
+            changed: None,
+        };
+        let cfg = VbalConfig {
+            page_size: 4096,
+            max_pages: 65,
+            total_pages: 0,
+        };
+        let p = ChunkPool::new(cb, &cfg);
+        assert_eq!(p.chunks.len(), 2 + SPARE_CHUNKS);
+        assert_eq!(p.live_chunks(), 0);
+    }
+}
