@@ -316,24 +316,16 @@ impl<'a> Image<'a> {
                     image.sections.extend(segment.sections.iter().cloned());
                     image.segments.push(segment);
                 }
-                macho::LC_SYMTAB => {
-                    if image.symtab.is_some() {
-                        return Err(malformed(
-                            ImagePart::LoadCommands,
-                            "more than one LC_SYMTAB",
-                        ));
-                    }
-                    image.symtab = Some(parse_symtab_command(&bytes, command)?);
-                }
-                macho::LC_DYSYMTAB => {
-                    if image.dysymtab.is_some() {
-                        return Err(malformed(
-                            ImagePart::LoadCommands,
-                            "more than one LC_DYSYMTAB",
-                        ));
-                    }
-                    image.dysymtab = Some(parse_dysymtab_command(&bytes, command)?);
-                }
+                macho::LC_SYMTAB => set_once(
+                    &mut image.symtab,
+                    "LC_SYMTAB",
+                    parse_symtab_command(&bytes, command)?,
+                )?,
+                macho::LC_DYSYMTAB => set_once(
+                    &mut image.dysymtab,
+                    "LC_DYSYMTAB",
+                    parse_dysymtab_command(&bytes, command)?,
+                )?,
                 macho::LC_UUID => {
                     let uuid = (command.size as usize >= UUID_COMMAND_SIZE)
                         .then(|| bytes.array::<16>(command.offset + 8))
@@ -567,6 +559,18 @@ fn parse_segment(bytes: &Bytes<'_>, command: &LoadCommand) -> Result<Segment, Ma
         });
     }
     Ok(segment)
+}
+
+/// Records a load command that a Mach-O file carries at most once.
+fn set_once<T>(slot: &mut Option<T>, name: &str, value: T) -> Result<(), Malformed> {
+    if slot.is_some() {
+        return Err(malformed(
+            ImagePart::LoadCommands,
+            format!("more than one {name}"),
+        ));
+    }
+    *slot = Some(value);
+    Ok(())
 }
 
 /// Reads the 32-bit field at `at` of a load command that must be at least `size` bytes.
