@@ -1,4 +1,4 @@
-//! `cargo xtask kexts`: builds `target/kexts/{VirtioFamily,VirtioNet,VirtioBlock,VirtioEntropy,VirtioBalloon}.kext`.
+//! `cargo xtask kexts`: builds `target/kexts/{VirtioFamily,VirtioNet,VirtioBlock,VirtioEntropy,VirtioConsole,VirtioBalloon}.kext`.
 //!
 //! One Rust table ([`KEXTS`]) is the source of truth for every bundle: identifiers, versions,
 //! libraries, personalities, the C-ABI crate and its header. From it this module
@@ -221,6 +221,32 @@ pub const KEXTS: &[KextSpec] = &[
             properties: &[("VirtioDeviceType", Value::Int(4))],
         }],
         shim_sources: &["VirtioEntropy.cpp"],
+        exports: &[],
+    },
+    KextSpec {
+        name: "VirtioConsole",
+        crate_name: "virtio-console-kext",
+        dir: "kexts/VirtioConsole",
+        header: "kexts/VirtioConsole/shim/VirtioConsoleABI.h",
+        symbol_prefix: "vcon_",
+        libraries: &[
+            ("com.apple.kpi.iokit", KPI_VERSION),
+            ("com.apple.kpi.libkern", KPI_VERSION),
+            // IOSerialDriverSync and the IORS232SerialStreamSync nubs IOSerialBSDClient
+            // turns into /dev/tty.* and /dev/cu.* (1.0.4: the family's
+            // OSBundleCompatibleVersion since 10.0).
+            ("com.apple.iokit.IOSerialFamily", "1.0.4"),
+            (FAMILY_ID, COMPATIBLE_VERSION),
+        ],
+        imports_prefix: Some("vfam_"),
+        is_library: false,
+        personalities: &[Personality {
+            name: "VirtioConsole",
+            io_class: "org_virtiodarwin_VirtioConsole",
+            provider_class: "org_virtiodarwin_VirtioDevice",
+            properties: &[("VirtioDeviceType", Value::Int(3))],
+        }],
+        shim_sources: &["VirtioConsole.cpp"],
         exports: &[],
     },
     KextSpec {

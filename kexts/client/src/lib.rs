@@ -17,6 +17,9 @@
     )
 )]
 
+extern crate alloc;
+
+use alloc::vec::Vec;
 use core::ffi::c_void;
 use core::ptr::NonNull;
 
@@ -407,25 +410,20 @@ impl<A: FamilyApi> Bus for FamilyBus<A> {
         unsafe { self.api.vfam_max_queue_size(self.dev, index) }
     }
     fn setup_queues(&mut self, specs: &[QueueSpec]) -> Result<()> {
-        let mut c = [VkQueueSpec::default(); 16];
-        if specs.len() > c.len() {
-            return Err(Error::Unsupported);
-        }
-        for (o, s) in c.iter_mut().zip(specs) {
-            *o = VkQueueSpec {
-                index: s.index,
-                size: s.size,
-                max_indirect: s.max_indirect,
-                interrupts: s.interrupts.into(),
-                reserved: 0,
-            };
-        }
-        // SAFETY: live handle; `c` holds at least `specs.len()` entries.
-        unsafe {
-            self.api
-                .vfam_setup_queues(self.dev, c.as_ptr(), specs.len())
-        }
-        .into_result()
+        // Bring-up, not the I/O path: allocated, since a multiport console has up to 128
+        // queues (two per port plus the control pair).
+        let mut c: Vec<VkQueueSpec> = Vec::new();
+        c.try_reserve_exact(specs.len())
+            .map_err(|_| Error::DmaAlloc)?;
+        c.extend(specs.iter().map(|s| VkQueueSpec {
+            index: s.index,
+            size: s.size,
+            max_indirect: s.max_indirect,
+            interrupts: s.interrupts.into(),
+            reserved: 0,
+        }));
+        // SAFETY: live handle; `c` holds `specs.len()` entries.
+        unsafe { self.api.vfam_setup_queues(self.dev, c.as_ptr(), c.len()) }.into_result()
     }
     fn driver_ok(&mut self) -> Result<()> {
         // SAFETY: live handle.

@@ -1,0 +1,870 @@
+//! VirtioConsole.kext's C ABI (`virtio-console-kext`), called the way its IOSerialFamily
+//! shim calls it, on top of the family's C ABI over the PCI simulation with `console_model`
+//! playing QEMU's virtio-serial device. IOKit order: the family starts and publishes its
+//! nub; the console's `start` creates the device over the nub's handle; ports are published
+//! through the shim's callbacks (a serial nub each) as the device adds and names them; the
+//! nubs' IOSerialDriverSync calls (acquire, PD_E_ACTIVE, enqueue/dequeue data, watchState)
+//! come in by key; interrupts, delivered by the family, move data, carrier and sizes;
+//! sleep resets the device and wake brings it back with the same ports and sessions;
+//! `stop` withdraws every port and resets the device; the family stops with every DMA
+//! region returned. Each test runs against the rlibs and against the loaded bundles
+//! (`kext_support`).
+
+mod kext_support;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::ffi::{CStr, c_void};
+
+use kext_support::{Family, FamilyKext, c_abi, kext_tests};
+use virtio_console_kext::*;
+use virtio_pci::Preference;
+use virtio_tests::console_model::{self as cm, ConsoleModel, F_EMERG_WRITE, F_MULTIPORT, F_SIZE};
+use virtio_tests::sim::{MODES, SimBuilder, SimMode};
+
+/// INDIRECT_DESC | EVENT_IDX (ring bits), VERSION_1 for non-legacy functions.
+const RING: u64 = (1 << 28) | (1 << 29);
+const V1: u64 = 1 << 32;
+/// What QEMU 7.2's virtio-serial offers (SIZE is not offered).
+const QEMU: u64 = F_MULTIPORT | F_EMERG_WRITE;
+
+/// IOSerialFamily's numbers, written out from the Kernel SDK's `IOSerialStreamSync.h` and
+/// `IORS232SerialStreamSync.h` (an independent check of the crate's own table).
+mod pd {
+    pub const E_ACTIVE: u32 = 0x05;
+    pub const E_TXQ_SIZE: u32 = 0x0b;
+    pub const E_TXQ_AVAILABLE: u32 = 0x23;
+    pub const E_RXQ_AVAILABLE: u32 = 0x27;
+    pub const E_RXQ_FLUSH: u32 = 0x2f;
+    pub const E_DATA_RATE: u32 = 0x33;
+    pub const E_FLOW_CONTROL: u32 = 0x53;
+    pub const S_ACQUIRED: u32 = 0x8000_0000;
+    pub const S_ACTIVE: u32 = 0x4000_0000;
+    pub const S_TX_ENABLE: u32 = 0x2000_0000;
+    pub const S_TXQ_EMPTY: u32 = 0x0400_0000;
+    pub const S_TXQ_FULL: u32 = 0x0080_0000;
+    pub const S_RXQ_EMPTY: u32 = 0x0008_0000;
+    pub const RS232_S_DTR: u32 = 0x0002;
+    pub const RS232_S_CAR: u32 = 0x0040;
+}
+
+c_abi! {
+    /// VirtioConsole.kext's C functions (`VirtioConsoleABI.h`).
+    pub struct ConsoleAbi from virtio_console_kext {
+        fn vcon_create(
+            *mut virtio_kext_client::VfamDevice,
+            *const VconCallbacks,
+            *mut *mut VconDevice,
+        ) -> i32;
+        fn vcon_interrupt(*mut VconDevice, i32);
+        fn vcon_settle(*mut VconDevice);
+        fn vcon_emergency_write(*mut VconDevice, *const u8, usize) -> i32;
+        fn vcon_port_acquire(*mut VconDevice, u32) -> i32;
+        fn vcon_port_release(*mut VconDevice, u32) -> i32;
+        fn vcon_port_set_state(*mut VconDevice, u32, u32, u32) -> i32;
+        fn vcon_port_get_state(*mut VconDevice, u32) -> u32;
+        fn vcon_port_watch_state(*mut VconDevice, u32, *mut u32, u32) -> i32;
+        fn vcon_port_next_event(*mut VconDevice, u32) -> u32;
+        fn vcon_port_execute_event(*mut VconDevice, u32, u32, u32) -> i32;
+        fn vcon_port_request_event(*mut VconDevice, u32, u32, *mut u32) -> i32;
+        fn vcon_port_enqueue_data(*mut VconDevice, u32, *const u8, u32, *mut u32) -> i32;
+        fn vcon_port_dequeue_data(*mut VconDevice, u32, *mut u8, u32, *mut u32, u32) -> i32;
+        fn vcon_port_info(*mut VconDevice, u32, *mut VconPortInfo) -> i32;
+        fn vcon_stats(*mut VconDevice, *mut VconStats) -> i32;
+        fn vcon_suspend(*mut VconDevice) -> i32;
+        fn vcon_resume(*mut VconDevice) -> i32;
+        fn vcon_stop(*mut VconDevice);
+        fn vcon_destroy(*mut VconDevice);
+        fn vcon_log_init();
+    }
+}
+
+/// The family and the console kext, both from the rlibs or both loaded.
+#[derive(Clone, Copy)]
+struct Kexts {
+    family: &'static FamilyKext,
+    con: ConsoleAbi,
+}
+
+impl Kexts {
+    fn rlib() -> Kexts {
+        Kexts {
+            family: FamilyKext::rlib(),
+            con: ConsoleAbi::rlib(),
+        }
+    }
+
+    fn loaded() -> Option<Kexts> {
+        let family = FamilyKext::loaded()?;
+        let bundle = family.load_device("VirtioConsole", "_vcon_log_init")?;
+        Some(Kexts {
+            family,
+            con: ConsoleAbi::loaded(bundle),
+        })
+    }
+}
+
+kext_tests!(Kexts:
+    one_port_without_multiport_in_every_mode,
+    ports_are_published_by_name_as_the_device_adds_them,
+    hot_plug_withdraws_and_publishes_with_fresh_keys,
+    open_and_close_reach_the_host_and_carrier_follows_it,
+    flow_control_is_the_rings_backpressure,
+    line_settings_round_trip_and_queues_report_levels,
+    resize_reaches_the_shim,
+    sleep_and_wake_keep_ports_and_sessions,
+    needs_reset_recovers_with_the_same_ports,
+    hostile_control_messages_change_nothing,
+    null_arguments_and_stale_keys_are_refused,
+);
+
+/// What the shim's callbacks record: its serial nubs by port id, and the rest in order.
+#[derive(Default)]
+struct ShimLog {
+    nubs: RefCell<BTreeMap<u32, u32>>,
+    published: RefCell<Vec<u32>>,
+    unpublished: RefCell<Vec<u32>>,
+    state_changes: RefCell<Vec<u32>>,
+    resized: RefCell<Vec<(u32, u16, u16)>>,
+    settles: RefCell<Vec<u32>>,
+}
+
+fn log(ctx: *mut c_void) -> &'static ShimLog {
+    // SAFETY: ctx is the test's ShimLog, alive while the device lives.
+    unsafe { &*(ctx as *const ShimLog) }
+}
+
+unsafe extern "C" fn on_publish(ctx: *mut c_void, key: u32) {
+    let l = log(ctx);
+    let old = l.nubs.borrow_mut().insert(key & 0xff, key);
+    assert_eq!(old, None, "a port is published once until withdrawn");
+    l.published.borrow_mut().push(key);
+}
+unsafe extern "C" fn on_unpublish(ctx: *mut c_void, key: u32) {
+    let l = log(ctx);
+    assert_eq!(l.nubs.borrow_mut().remove(&(key & 0xff)), Some(key));
+    l.unpublished.borrow_mut().push(key);
+}
+unsafe extern "C" fn on_state(ctx: *mut c_void, key: u32) {
+    log(ctx).state_changes.borrow_mut().push(key);
+}
+unsafe extern "C" fn on_resized(ctx: *mut c_void, key: u32, cols: u16, rows: u16) {
+    log(ctx).resized.borrow_mut().push((key, cols, rows));
+}
+unsafe extern "C" fn on_settle(ctx: *mut c_void, ms: u32) {
+    log(ctx).settles.borrow_mut().push(ms);
+}
+
+/// A port the device has: id, name, console, host side connected.
+type PortSpec = (u32, Option<&'static str>, bool, bool);
+
+/// The shim's side: the family (transport + nub), the device model, and the device.
+struct Rig {
+    kexts: Kexts,
+    m: ConsoleModel,
+    fam: Option<Family>,
+    log: Box<ShimLog>,
+    dev: *mut VconDevice,
+}
+
+impl Rig {
+    fn start(
+        kexts: Kexts,
+        mode: SimMode,
+        pref: Preference,
+        msix: Option<u16>,
+        features: u64,
+        ports: &[PortSpec],
+    ) -> Rig {
+        let nports = 8;
+        let mut b = SimBuilder::new(mode, 3)
+            .features(features | RING | if mode == SimMode::Legacy { 0 } else { V1 })
+            .queues(&cm::queue_sizes(nports, 64))
+            .device_config(&cm::config_bytes(80, 25, nports))
+            .memory_len(16 << 20);
+        if let Some(v) = msix {
+            b = b.msix_vectors(v);
+        }
+        let sim = b.build();
+        let mut m = ConsoleModel::new(&sim);
+        for &(id, name, console, host_open) in ports {
+            m = m.port(id, name, console, host_open);
+        }
+        let fam = Family::start(kexts.family, &sim, pref).expect("family start");
+        let log = Box::<ShimLog>::default();
+        let cb = VconCallbacks {
+            ctx: (&*log as *const ShimLog).cast_mut().cast(),
+            publish: Some(on_publish),
+            unpublish: Some(on_unpublish),
+            state_changed: Some(on_state),
+            resized: Some(on_resized),
+            schedule_settle: Some(on_settle),
+        };
+        let mut dev = std::ptr::null_mut();
+        // SAFETY: the nub's live handle; the callbacks' context outlives the device.
+        let s = unsafe { (kexts.con.vcon_create)(fam.client_handle(), &cb, &mut dev) };
+        assert_eq!(s, VCON_OK);
+        assert!(!dev.is_null());
+        let mut r = Rig {
+            kexts,
+            m,
+            fam: Some(fam),
+            log,
+            dev,
+        };
+        r.pump();
+        r
+    }
+
+    fn qemu(kexts: Kexts, ports: &[PortSpec]) -> Rig {
+        Rig::start(
+            kexts,
+            SimMode::Modern,
+            Preference::Modern,
+            Some(4),
+            QEMU,
+            ports,
+        )
+    }
+
+    fn fam(&self) -> &Family {
+        self.fam.as_ref().unwrap()
+    }
+
+    /// The device answers the guest's control messages (like QEMU) and the family delivers
+    /// interrupts, until both are quiet.
+    fn pump(&mut self) {
+        for _ in 0..16 {
+            let msgs = if self.m.is_multiport() {
+                self.m.process().unwrap().len()
+            } else {
+                0
+            };
+            if self.fam().interrupts() == 0 && msgs == 0 {
+                return;
+            }
+        }
+        panic!("the device and the driver never went quiet");
+    }
+
+    /// The shim's settle timer fires.
+    fn settle(&mut self) {
+        // SAFETY: live handle.
+        unsafe { (self.kexts.con.vcon_settle)(self.dev) };
+        self.pump();
+    }
+
+    fn key(&self, id: u32) -> u32 {
+        *self
+            .log
+            .nubs
+            .borrow()
+            .get(&id)
+            .unwrap_or_else(|| panic!("port {id} is not published"))
+    }
+
+    fn info(&self, key: u32) -> Result<VconPortInfo, i32> {
+        // SAFETY: all-zero is a valid VconPortInfo (integers, bools, char arrays).
+        let mut i: VconPortInfo = unsafe { std::mem::zeroed() };
+        // SAFETY: live handle, local out-pointer.
+        match unsafe { (self.kexts.con.vcon_port_info)(self.dev, key, &mut i) } {
+            VCON_OK => Ok(i),
+            e => Err(e),
+        }
+    }
+
+    /// `/dev/tty.<base><suffix>` as IOSerialBSDClient names it.
+    fn tty(&self, id: u32) -> String {
+        let i = self.info(self.key(id)).unwrap();
+        // SAFETY: NUL-terminated by the crate (checked: the arrays end in 0).
+        let base = unsafe { CStr::from_ptr(i.base_name.as_ptr()) };
+        // SAFETY: as above.
+        let suffix = unsafe { CStr::from_ptr(i.suffix.as_ptr()) };
+        format!(
+            "/dev/tty.{}{}",
+            base.to_str().unwrap(),
+            suffix.to_str().unwrap()
+        )
+    }
+
+    fn acquire(&self, key: u32) -> i32 {
+        // SAFETY: live handle.
+        unsafe { (self.kexts.con.vcon_port_acquire)(self.dev, key) }
+    }
+
+    fn release(&self, key: u32) -> i32 {
+        // SAFETY: live handle.
+        unsafe { (self.kexts.con.vcon_port_release)(self.dev, key) }
+    }
+
+    fn execute(&self, key: u32, event: u32, data: u32) -> i32 {
+        // SAFETY: live handle.
+        unsafe { (self.kexts.con.vcon_port_execute_event)(self.dev, key, event, data) }
+    }
+
+    fn request(&self, key: u32, event: u32) -> Result<u32, i32> {
+        let mut v = 0;
+        // SAFETY: live handle, local out-pointer.
+        match unsafe { (self.kexts.con.vcon_port_request_event)(self.dev, key, event, &mut v) } {
+            VCON_OK => Ok(v),
+            e => Err(e),
+        }
+    }
+
+    fn state(&self, key: u32) -> u32 {
+        // SAFETY: live handle.
+        unsafe { (self.kexts.con.vcon_port_get_state)(self.dev, key) }
+    }
+
+    fn watch(&self, key: u32, want: u32, mask: u32) -> (i32, u32) {
+        let mut s = want;
+        // SAFETY: live handle, local in/out-pointer.
+        let r = unsafe { (self.kexts.con.vcon_port_watch_state)(self.dev, key, &mut s, mask) };
+        (r, s)
+    }
+
+    /// What a tty open does: acquire, then PD_E_ACTIVE.
+    fn open(&mut self, id: u32) -> u32 {
+        let key = self.key(id);
+        assert_eq!(self.acquire(key), VCON_OK);
+        assert_eq!(self.execute(key, pd::E_ACTIVE, 1), VCON_OK);
+        self.pump();
+        key
+    }
+
+    fn write(&self, key: u32, data: &[u8]) -> (i32, u32) {
+        let mut n = u32::MAX;
+        // SAFETY: live handle; `data` holds `data.len()` bytes; `n` is a local.
+        let r = unsafe {
+            (self.kexts.con.vcon_port_enqueue_data)(
+                self.dev,
+                key,
+                data.as_ptr(),
+                data.len() as u32,
+                &mut n,
+            )
+        };
+        (r, n)
+    }
+
+    fn read(&self, key: u32, size: usize, min: u32) -> (i32, Vec<u8>) {
+        let mut buf = vec![0u8; size];
+        let mut n = u32::MAX;
+        // SAFETY: live handle; `buf` holds `size` bytes; `n` is a local.
+        let r = unsafe {
+            (self.kexts.con.vcon_port_dequeue_data)(
+                self.dev,
+                key,
+                buf.as_mut_ptr(),
+                size as u32,
+                &mut n,
+                min,
+            )
+        };
+        buf.truncate(n as usize);
+        (r, buf)
+    }
+
+    /// Reads until nothing is left.
+    fn read_all(&self, key: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let (r, b) = self.read(key, 300, 0);
+            assert_eq!(r, VCON_OK);
+            if b.is_empty() {
+                return out;
+            }
+            out.extend_from_slice(&b);
+        }
+    }
+
+    fn stats(&self) -> VconStats {
+        let mut s = VconStats::default();
+        // SAFETY: live handle, local out-pointer.
+        let st = unsafe { (self.kexts.con.vcon_stats)(self.dev, &mut s) };
+        assert_eq!(st, VCON_OK);
+        s
+    }
+
+    /// Guest PORT_OPEN messages for `id` so far (their values).
+    fn port_opens(&self, id: u32) -> Vec<u16> {
+        self.m
+            .guest_messages()
+            .iter()
+            .filter(|g| g.id == id && g.event == cm::PORT_OPEN)
+            .map(|g| g.value)
+            .collect()
+    }
+
+    /// `stop` then `free`, then the family stops: every DMA region must be back (and, for
+    /// loaded kexts, every kernel allocation); every port was withdrawn.
+    fn unload(mut self) {
+        // SAFETY: live handle, not used after destroy.
+        unsafe {
+            (self.kexts.con.vcon_stop)(self.dev);
+            (self.kexts.con.vcon_destroy)(self.dev);
+        }
+        assert!(
+            self.log.nubs.borrow().is_empty(),
+            "stop withdraws every port"
+        );
+        assert_eq!(self.m.sim.status(), 0, "stop leaves the device reset");
+        self.fam.take().unwrap().stop();
+        assert!(
+            self.m.sim.bad_accesses().is_empty(),
+            "{:?}",
+            self.m.sim.bad_accesses()
+        );
+    }
+}
+
+fn one_port_without_multiport_in_every_mode(kexts: Kexts) {
+    for (mode, pref) in MODES {
+        for msix in [None, Some(3)] {
+            let what = format!("{mode:?}/{pref:?}/msix {msix:?}");
+            let mut r = Rig::start(kexts, mode, pref, msix, F_EMERG_WRITE | F_SIZE, &[]);
+            // The banner went out through EMERG_WRITE before DRIVER_OK.
+            let banner = String::from_utf8(r.m.emergency_bytes()).unwrap();
+            assert!(
+                banner.starts_with("VirtioConsole: starting: features"),
+                "{what}: {banner:?}"
+            );
+            assert_eq!(r.log.published.borrow().len(), 1, "{what}: port 0 at once");
+            assert_eq!(r.tty(0), "/dev/tty.virtio", "{what}");
+            let info = r.info(r.key(0)).unwrap();
+            assert!(
+                info.host_open,
+                "{what}: no control queue: carrier always up"
+            );
+            assert_eq!(
+                (info.has_size, info.cols, info.rows),
+                (true, 80, 25),
+                "{what}"
+            );
+            let key = r.open(0);
+            assert!(
+                r.port_opens(0).is_empty(),
+                "{what}: no PORT_OPEN without MULTIPORT"
+            );
+            assert_eq!(r.write(key, b"login: "), (VCON_OK, 7), "{what}");
+            assert_eq!(r.m.take_tx(0), b"login: ", "{what}");
+            r.pump();
+            // Typed on the host: the interrupt wakes the port's sleepers.
+            r.log.state_changes.borrow_mut().clear();
+            r.m.inject_rx(0, b"root\r").unwrap();
+            r.pump();
+            assert!(r.log.state_changes.borrow().contains(&key), "{what}");
+            assert_eq!(r.state(key) & pd::S_RXQ_EMPTY, 0, "{what}");
+            assert_eq!(r.read(key, 64, 1), (VCON_OK, b"root\r".to_vec()), "{what}");
+            assert_ne!(r.state(key) & pd::S_RXQ_EMPTY, 0, "{what}");
+            // Nothing left: a reader wanting one byte sleeps.
+            assert_eq!(r.read(key, 64, 1), (VCON_WAIT, vec![]), "{what}");
+            assert_eq!(r.release(key), VCON_OK, "{what}");
+            let s = r.stats();
+            assert_eq!((s.tx_bytes, s.rx_bytes), (7, 5), "{what}");
+            assert!(s.emergency_bytes >= banner.len() as u64, "{what}");
+            r.unload();
+        }
+    }
+}
+
+fn ports_are_published_by_name_as_the_device_adds_them(kexts: Kexts) {
+    let mut r = Rig::qemu(
+        kexts,
+        &[
+            (0, None, true, true),
+            (1, Some("org.qemu.guest_agent.0"), false, true),
+            (2, None, false, false),
+            (3, Some("my tool/1"), false, false),
+        ],
+    );
+    // Port 0 at PORT_ADD; the named ports once PORT_NAME arrived (after PORT_READY);
+    // port 2 has no name and waits for the settle time.
+    assert_eq!(r.tty(0), "/dev/tty.virtio");
+    assert_eq!(r.tty(1), "/dev/tty.org.qemu.guest_agent.0");
+    assert_eq!(r.tty(3), "/dev/tty.my_tool_1", "unsafe characters replaced");
+    assert!(!r.log.nubs.borrow().contains_key(&2));
+    assert_eq!(*r.log.settles.borrow().last().unwrap(), VCON_SETTLE_MS);
+    r.settle();
+    assert_eq!(r.tty(2), "/dev/tty.virtio2");
+    assert_eq!(
+        r.log.published.borrow().len(),
+        4,
+        "each port published once"
+    );
+    let info = r.info(r.key(0)).unwrap();
+    assert!(info.console && info.host_open && !info.guest_open);
+    let info3 = r.info(r.key(3)).unwrap();
+    // SAFETY: NUL-terminated by the crate.
+    let raw = unsafe { CStr::from_ptr(info3.port_name.as_ptr()) };
+    assert_eq!(raw.to_str().unwrap(), "my tool/1", "PORT_NAME as sent");
+    assert!(!info3.host_open);
+    assert_eq!(r.stats().ports, 4);
+    r.unload();
+}
+
+fn hot_plug_withdraws_and_publishes_with_fresh_keys(kexts: Kexts) {
+    let mut r = Rig::qemu(
+        kexts,
+        &[(0, None, true, true), (1, Some("org.test.a"), false, true)],
+    );
+    let old = r.open(1);
+    // The host unplugs port 1 while a session has it open: the nub is withdrawn, its
+    // sleepers wake, and every later call on its key is offline.
+    r.log.state_changes.borrow_mut().clear();
+    r.m.remove_port(1).unwrap();
+    r.pump();
+    assert_eq!(*r.log.unpublished.borrow(), vec![old]);
+    assert!(r.log.state_changes.borrow().contains(&old));
+    assert_eq!(r.write(old, b"x"), (VCON_E_OFFLINE, 0));
+    assert_eq!(r.read(old, 8, 1).0, VCON_E_OFFLINE);
+    assert_eq!(r.watch(old, 0, pd::S_RXQ_EMPTY).0, VCON_E_OFFLINE);
+    assert_eq!(r.release(old), VCON_E_OFFLINE);
+    // Plugged in again, named differently: a new key, the old one stays dead.
+    r.m.ports.get_mut(&1).unwrap().name = Some("org.test.b".into());
+    r.m.add_port(1).unwrap();
+    r.pump();
+    let new = r.key(1);
+    assert_ne!(new, old);
+    assert_eq!(r.tty(1), "/dev/tty.org.test.b");
+    assert_eq!(r.acquire(old), VCON_E_OFFLINE);
+    assert_eq!(r.acquire(new), VCON_OK);
+    // A second port appears at run time.
+    r.m.ports.insert(
+        5,
+        cm::ModelPort {
+            name: Some("late".into()),
+            ..Default::default()
+        },
+    );
+    r.m.add_port(5).unwrap();
+    r.pump();
+    assert_eq!(r.tty(5), "/dev/tty.late");
+    r.unload();
+}
+
+fn open_and_close_reach_the_host_and_carrier_follows_it(kexts: Kexts) {
+    let mut r = Rig::qemu(
+        kexts,
+        &[
+            (0, None, true, false),
+            (1, Some("org.test.tool"), false, false),
+        ],
+    );
+    let key = r.open(1);
+    assert_eq!(r.port_opens(1), vec![1], "PD_E_ACTIVE → PORT_OPEN 1");
+    assert_eq!(r.request(key, pd::E_ACTIVE), Ok(1));
+    // /dev/tty.* waits for carrier: the host side is not connected yet.
+    assert_eq!(r.state(key) & pd::RS232_S_CAR, 0);
+    assert_eq!(r.watch(key, pd::RS232_S_CAR, pd::RS232_S_CAR).0, VCON_WAIT);
+    r.log.state_changes.borrow_mut().clear();
+    r.m.host_open(1, true).unwrap();
+    r.pump();
+    assert!(
+        r.log.state_changes.borrow().contains(&key),
+        "the waiter is woken"
+    );
+    let (st, word) = r.watch(key, pd::RS232_S_CAR, pd::RS232_S_CAR);
+    assert_eq!(st, VCON_OK);
+    assert_ne!(word & pd::RS232_S_CAR, 0);
+    assert_ne!(word & (pd::S_ACQUIRED | pd::S_ACTIVE), 0);
+    // A reader waiting for data wakes with an error when the port is closed under it.
+    assert_eq!(r.watch(key, 0, pd::S_RXQ_EMPTY).0, VCON_WAIT);
+    assert_eq!(r.execute(key, pd::E_ACTIVE, 0), VCON_OK);
+    assert_eq!(r.watch(key, 0, pd::S_RXQ_EMPTY).0, VCON_E_INACTIVE);
+    assert_eq!(r.read(key, 8, 1).0, VCON_E_INACTIVE);
+    assert_eq!(r.write(key, b"x").0, VCON_E_NOT_OPEN);
+    r.pump();
+    assert_eq!(r.port_opens(1), vec![1, 0], "PD_E_ACTIVE 0 → PORT_OPEN 0");
+    // Reopened, then released while active: release closes it on the host side too.
+    assert_eq!(r.execute(key, pd::E_ACTIVE, 1), VCON_OK);
+    assert_eq!(r.release(key), VCON_OK);
+    r.pump();
+    assert_eq!(r.port_opens(1), vec![1, 0, 1, 0]);
+    // One session at a time.
+    assert_eq!(r.acquire(key), VCON_OK);
+    assert_eq!(r.acquire(key), VCON_E_BUSY);
+    r.m.host_open(1, false).unwrap();
+    r.pump();
+    assert_eq!(
+        r.state(key) & pd::RS232_S_CAR,
+        0,
+        "carrier follows the host"
+    );
+    r.unload();
+}
+
+fn flow_control_is_the_rings_backpressure(kexts: Kexts) {
+    let mut r = Rig::qemu(kexts, &[(0, None, true, true)]);
+    let key = r.open(0);
+    let cap = r.request(key, pd::E_TXQ_SIZE).unwrap();
+    assert_eq!(cap, 8 * 1024, "8 transmit slots of 1 KiB");
+    // The host stops reading: writes fill the slots, then report a partial count.
+    let big: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
+    let (st, n) = r.write(key, &big);
+    assert_eq!((st, n), (VCON_WAIT, cap), "what fit, and wait for the rest");
+    let s = r.state(key);
+    assert_ne!(s & pd::S_TXQ_FULL, 0);
+    assert_eq!(s & pd::S_TXQ_EMPTY, 0);
+    assert_eq!(r.request(key, pd::E_TXQ_AVAILABLE), Ok(0));
+    assert_eq!(r.write(key, &big[n as usize..]), (VCON_WAIT, 0));
+    let held = r.m.hold_tx(0);
+    // The host reads: the transmit interrupt wakes the writer, the queue is empty again.
+    r.log.state_changes.borrow_mut().clear();
+    let chains: Vec<_> = held.iter().map(|(c, _)| c.clone()).collect();
+    r.m.complete_tx(0, &chains);
+    r.pump();
+    assert!(r.log.state_changes.borrow().contains(&key));
+    assert_ne!(r.state(key) & pd::S_TXQ_EMPTY, 0);
+    let mut sent: Vec<u8> = held.into_iter().flat_map(|(_, b)| b).collect();
+    let mut off = n as usize;
+    for _ in 0..10 {
+        if off == big.len() {
+            break;
+        }
+        let (_, k) = r.write(key, &big[off..]);
+        off += k as usize;
+        sent.extend(r.m.take_tx(0));
+        r.pump();
+    }
+    assert_eq!(sent, big, "every byte once, in order");
+    // Receive: buffers go back to the device only as the tty reads; what the device could
+    // not place waits on the host side.
+    let bufs = r.m.rx_buffers(0);
+    assert_eq!(bufs, 8);
+    let incoming: Vec<u8> = (0..8 * 1024u32).map(|i| (i % 241) as u8).collect();
+    r.m.inject_rx(0, &incoming).unwrap();
+    r.pump();
+    assert!(
+        r.m.inject_rx(0, b"more").is_err(),
+        "no buffer left: the host waits"
+    );
+    assert_eq!(r.request(key, pd::E_RXQ_AVAILABLE), Ok(8 * 1024));
+    let (st, first) = r.read(key, 1500, 1);
+    assert_eq!(st, VCON_OK);
+    assert_eq!(first, incoming[..1500]);
+    assert_eq!(
+        r.m.rx_buffers(0),
+        1,
+        "the buffer read is back with the device"
+    );
+    let rest = r.read_all(key);
+    assert_eq!([first, rest].concat(), incoming);
+    assert_eq!(r.m.rx_buffers(0), 8);
+    // A flush drops what the tty did not read.
+    r.m.inject_rx(0, b"stale").unwrap();
+    r.pump();
+    assert_eq!(r.execute(key, pd::E_RXQ_FLUSH, 0), VCON_OK);
+    assert_eq!(r.read(key, 8, 0), (VCON_OK, vec![]));
+    r.unload();
+}
+
+fn line_settings_round_trip_and_queues_report_levels(kexts: Kexts) {
+    let mut r = Rig::qemu(kexts, &[(0, None, true, true)]);
+    let key = r.key(0);
+    assert_eq!(r.request(key, pd::E_DATA_RATE), Err(VCON_E_NOT_OPEN));
+    assert_eq!(r.acquire(key), VCON_OK);
+    assert_eq!(r.request(key, pd::E_DATA_RATE), Ok(115_200 << 1));
+    assert_eq!(r.execute(key, pd::E_DATA_RATE, 9600 << 1), VCON_OK);
+    assert_eq!(r.request(key, pd::E_DATA_RATE), Ok(9600 << 1));
+    assert_eq!(r.execute(key, pd::E_FLOW_CONTROL, 0x44), VCON_OK);
+    assert_eq!(r.request(key, pd::E_FLOW_CONTROL), Ok(0x44));
+    assert_eq!(r.execute(key, 0x7fff_ff03, 0), VCON_E_BAD_ARGUMENT);
+    // setState: enable bits and DTR are the client's; the queue bits are the ring's.
+    // SAFETY: live handle.
+    let st = unsafe {
+        (r.kexts.con.vcon_port_set_state)(
+            r.dev,
+            key,
+            !0,
+            pd::S_TX_ENABLE | pd::RS232_S_DTR | pd::S_TXQ_FULL,
+        )
+    };
+    assert_eq!(st, VCON_OK);
+    let s = r.state(key);
+    assert_ne!(s & (pd::S_TX_ENABLE | pd::RS232_S_DTR), 0);
+    assert_eq!(s & pd::S_TXQ_FULL, 0, "the ring decides TXQ_FULL");
+    assert_ne!(s & pd::S_TXQ_EMPTY, 0);
+    // SAFETY: live handle.
+    let bad = unsafe { (r.kexts.con.vcon_port_set_state)(r.dev, key, 0, pd::S_ACTIVE) };
+    assert_eq!(bad, VCON_E_BAD_ARGUMENT);
+    // SAFETY: live handle.
+    let event = unsafe { (r.kexts.con.vcon_port_next_event)(r.dev, key) };
+    assert_eq!(event, 0, "EOQ");
+    // A new session starts from the defaults.
+    assert_eq!(r.release(key), VCON_OK);
+    assert_eq!(r.acquire(key), VCON_OK);
+    assert_eq!(r.request(key, pd::E_DATA_RATE), Ok(115_200 << 1));
+    r.pump();
+    r.unload();
+}
+
+fn resize_reaches_the_shim(kexts: Kexts) {
+    // MULTIPORT: RESIZE control messages.
+    let mut r = Rig::qemu(kexts, &[(0, None, true, true), (1, Some("t"), false, true)]);
+    let k1 = r.key(1);
+    r.m.resize(1, 132, 43).unwrap();
+    r.pump();
+    assert_eq!(*r.log.resized.borrow(), vec![(k1, 132, 43)]);
+    let i = r.info(k1).unwrap();
+    assert_eq!((i.has_size, i.cols, i.rows), (true, 132, 43));
+    r.unload();
+    // SIZE without MULTIPORT: a config change resizes port 0.
+    let mut r = Rig::start(
+        kexts,
+        SimMode::Modern,
+        Preference::Modern,
+        Some(3),
+        F_SIZE,
+        &[],
+    );
+    let k0 = r.key(0);
+    r.m.set_size(100, 30);
+    r.pump();
+    assert_eq!(*r.log.resized.borrow(), vec![(k0, 100, 30)]);
+    r.unload();
+}
+
+fn sleep_and_wake_keep_ports_and_sessions(kexts: Kexts) {
+    let mut r = Rig::qemu(
+        kexts,
+        &[
+            (0, None, true, true),
+            (1, Some("org.test.tool"), false, true),
+            (2, Some("gone"), false, true),
+        ],
+    );
+    let k1 = r.open(1);
+    let k2 = r.key(2);
+    let dma_awake = r.fam().live_dma();
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (r.kexts.con.vcon_suspend)(r.dev) }, VCON_OK);
+    assert_eq!(r.m.sim.status(), 0, "sleep resets the device");
+    assert_eq!(
+        r.fam().live_dma(),
+        dma_awake - (dma_awake - r.fam().live_dma())
+    );
+    assert_eq!(
+        r.write(k1, b"zz"),
+        (VCON_WAIT, 0),
+        "asleep: the writer waits"
+    );
+    assert_eq!(r.read(k1, 8, 1).0, VCON_WAIT);
+    // While asleep the host drops port 2.
+    r.m.ports.remove(&2);
+    r.m.device_ready = None;
+    let before = r.port_opens(1).len();
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (r.kexts.con.vcon_resume)(r.dev) }, VCON_OK);
+    r.pump();
+    assert_eq!(
+        r.m.device_ready,
+        Some(1),
+        "DEVICE_READY again after the wake"
+    );
+    assert_eq!(r.key(1), k1, "same nub, same key");
+    assert_eq!(
+        &r.port_opens(1)[before..],
+        &[1],
+        "the open session is reopened"
+    );
+    assert_eq!(r.write(k1, b"after"), (VCON_OK, 5));
+    assert_eq!(r.m.take_tx(1), b"after");
+    // Port 2 did not come back: withdrawn at the settle time.
+    assert!(r.log.nubs.borrow().contains_key(&2));
+    r.settle();
+    assert!(!r.log.nubs.borrow().contains_key(&2));
+    assert!(r.log.unpublished.borrow().contains(&k2));
+    assert_eq!(r.stats().suspends, 1);
+    r.unload();
+}
+
+fn needs_reset_recovers_with_the_same_ports(kexts: Kexts) {
+    let mut r = Rig::qemu(kexts, &[(0, None, true, true), (1, Some("t"), false, true)]);
+    let k1 = r.open(1);
+    r.m.sim.trigger_needs_reset();
+    r.m.device_ready = None;
+    r.pump();
+    assert_eq!(r.stats().recoveries, 1);
+    assert_eq!(r.m.device_ready, Some(1), "brought up again");
+    assert_eq!(r.key(1), k1);
+    assert_eq!(r.write(k1, b"ok"), (VCON_OK, 2));
+    assert_eq!(r.m.take_tx(1), b"ok");
+    r.unload();
+}
+
+fn hostile_control_messages_change_nothing(kexts: Kexts) {
+    let mut r = Rig::qemu(kexts, &[(0, None, true, true)]);
+    let published = r.log.published.borrow().len();
+    let bad: [Vec<u8>; 6] = [
+        vec![],
+        vec![1, 2, 3],
+        cm::control_bytes(9999, cm::PORT_ADD, 0, &[]),
+        cm::control_bytes(0, 0x7777, 0, &[]),
+        cm::control_bytes(0, cm::PORT_NAME, 0, &[0xff, 0xfe]),
+        cm::control_bytes(0, cm::RESIZE, 0, &[1]),
+    ];
+    for b in &bad {
+        r.m.send_raw(b, None).unwrap();
+        r.pump();
+    }
+    // A used length larger than the message.
+    r.m.send_raw(&cm::control_bytes(0, cm::PORT_OPEN, 1, &[]), Some(4096))
+        .unwrap();
+    r.pump();
+    assert_eq!(r.log.published.borrow().len(), published);
+    assert_eq!(r.tty(0), "/dev/tty.virtio");
+    assert!(r.stats().control_rejected >= 4);
+    // The port still works.
+    let key = r.open(0);
+    assert_eq!(r.write(key, b"fine"), (VCON_OK, 4));
+    assert_eq!(r.m.take_tx(0), b"fine");
+    r.unload();
+}
+
+fn null_arguments_and_stale_keys_are_refused(kexts: Kexts) {
+    let c = kexts.con;
+    let null: *mut VconDevice = std::ptr::null_mut();
+    let mut n = 0u32;
+    let mut out = null;
+    // SAFETY: null handles and pointers are what is being tested.
+    unsafe {
+        assert_eq!(
+            (c.vcon_create)(null.cast(), std::ptr::null(), &mut out),
+            VCON_E_INVALID
+        );
+        assert_eq!((c.vcon_port_acquire)(null, 1), VCON_E_INVALID);
+        assert_eq!((c.vcon_port_get_state)(null, 1), 0);
+        assert_eq!(
+            (c.vcon_port_enqueue_data)(null, 1, b"x".as_ptr(), 1, &mut n),
+            VCON_E_INVALID
+        );
+        assert_eq!((c.vcon_stats)(null, std::ptr::null_mut()), VCON_E_INVALID);
+        (c.vcon_interrupt)(null, 0);
+        (c.vcon_settle)(null);
+        (c.vcon_stop)(null);
+        (c.vcon_destroy)(null);
+    }
+    let r = Rig::qemu(kexts, &[(0, None, true, true)]);
+    let key = r.key(0);
+    // SAFETY: live handle; null out-pointers and buffers are refused.
+    unsafe {
+        assert_eq!(
+            (c.vcon_port_enqueue_data)(r.dev, key, std::ptr::null(), 4, &mut n),
+            VCON_E_INVALID
+        );
+        assert_eq!(
+            (c.vcon_port_watch_state)(r.dev, key, std::ptr::null_mut(), 1),
+            VCON_E_INVALID
+        );
+        assert_eq!(
+            (c.vcon_port_info)(r.dev, key, std::ptr::null_mut()),
+            VCON_E_INVALID
+        );
+    }
+    for stale in [0, key ^ 0x100, key + 1, 0xffff_ffff] {
+        assert_eq!(r.acquire(stale), VCON_E_OFFLINE, "key {stale:#x}");
+        assert!(r.info(stale).is_err());
+    }
+    r.unload();
+}
