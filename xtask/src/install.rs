@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::kexts;
+use crate::{console_log, kexts};
 
 struct Step {
     what: String,
@@ -38,9 +38,21 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
-pub fn cmd_install(args: &[String]) -> Result<bool, String> {
-    let dry_run = args.iter().any(|a| a == "--dry-run");
+/// What `cargo xtask install` was asked to do.
+#[derive(Debug, Default)]
+pub struct InstallOptions {
+    pub dry_run: bool,
+    pub console_log: bool,
+    pub getty: Option<String>,
+    pub remove_console_log: bool,
+}
+
+pub fn cmd_install(o: &InstallOptions) -> Result<bool, String> {
+    let dry_run = o.dry_run;
     let root = kexts::workspace_root()?;
+    if let Some(port) = &o.getty {
+        console_log::check_getty_port(port)?;
+    }
     let built = root.join("target/kexts");
     let dest = PathBuf::from(
         std::env::var("KEXT_INSTALL_DIR").unwrap_or_else(|_| "/Library/Extensions".into()),
@@ -96,12 +108,34 @@ pub fn cmd_install(args: &[String]) -> Result<bool, String> {
         }
     }
 
+    if o.console_log {
+        for (what, cmd) in console_log::install_steps(&root, o.getty.as_deref()) {
+            steps.push(Step { what, cmd });
+        }
+    }
+    if o.remove_console_log {
+        // Removal only: the kexts stay as they are.
+        steps = console_log::remove_steps()
+            .into_iter()
+            .map(|(what, cmd)| Step { what, cmd })
+            .collect();
+    }
+    let unlinked = if o.remove_console_log {
+        Vec::new()
+    } else {
+        unlinked
+    };
+
     if dry_run {
-        println!(
-            "install plan ({} bundles from {}):",
-            bundles.len(),
-            built.display()
-        );
+        if o.remove_console_log {
+            println!("removal plan (the console log daemon and login prompt):");
+        } else {
+            println!(
+                "install plan ({} bundles from {}):",
+                bundles.len(),
+                built.display()
+            );
+        }
         let width = steps.iter().map(|s| s.what.len()).max().unwrap_or(0);
         for s in &steps {
             println!("  {:width$}  {}", s.what, s.cmd.join(" "));
@@ -141,6 +175,14 @@ pub fn cmd_install(args: &[String]) -> Result<bool, String> {
     for s in &steps {
         println!("install: {} ({})", s.what, s.cmd.join(" "));
         let (cmd, rest) = s.cmd.split_first().ok_or("empty step")?;
+        if cmd == "write-file" {
+            // The getty job, generated for the port asked for.
+            let dest = rest.first().ok_or("write-file without a path")?;
+            let port = o.getty.as_deref().ok_or("write-file without --getty")?;
+            std::fs::write(dest, console_log::getty_plist(port))
+                .map_err(|e| format!("install: writing {dest}: {e}"))?;
+            continue;
+        }
         let ok = Command::new(cmd)
             .args(rest)
             .status()

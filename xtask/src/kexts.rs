@@ -581,6 +581,10 @@ pub fn generated_files(root: &Path) -> Result<Vec<(String, String)>, String> {
         ));
         files.push((format!("{}/Info.plist", k.dir), info_plist(k)));
     }
+    files.push((
+        crate::console_log::LOG_PLIST_SRC.to_string(),
+        crate::console_log::log_daemon_plist(),
+    ));
     Ok(files)
 }
 

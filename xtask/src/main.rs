@@ -15,6 +15,7 @@
 
 mod bench;
 mod bench_net;
+mod console_log;
 mod install;
 mod kexts;
 
@@ -71,10 +72,25 @@ enum Cmd {
     /// Copies the bundles built by `cargo xtask kexts` to /Library/Extensions (or
     /// $KEXT_INSTALL_DIR), owned by root:wheel, and loads them, family first. Signing and
     /// security settings: docs/install.md.
+    #[command(after_help = "Examples:
+  sudo cargo xtask install
+  sudo cargo xtask install --console-log --getty org.virtiodarwin.login
+  sudo cargo xtask install --remove-console-log
+  cargo xtask install --dry-run --console-log")]
     Install {
         /// Print the plan without touching the system (works on any host)
         #[arg(long)]
         dry_run: bool,
+        /// Also install the console log daemon: the kernel's log and the last panic report
+        /// to /dev/cu.virtio from boot (docs/kernel-debugging.md)
+        #[arg(long)]
+        console_log: bool,
+        /// With --console-log: a login prompt (getty) on the named console port
+        #[arg(long, value_name = "PORT", requires = "console_log")]
+        getty: Option<String>,
+        /// Stop and remove the console log daemon and the login prompt (the kexts stay)
+        #[arg(long, conflicts_with_all = ["console_log", "getty"])]
+        remove_console_log: bool,
     },
     /// Everything CI runs, then a summary
     ///
@@ -197,13 +213,17 @@ fn main() -> ExitCode {
             }
             kexts::cmd_kexts(&args)
         }
-        Cmd::Install { dry_run } => {
-            let args: Vec<String> = dry_run
-                .then(|| "--dry-run".to_string())
-                .into_iter()
-                .collect();
-            install::cmd_install(&args)
-        }
+        Cmd::Install {
+            dry_run,
+            console_log,
+            getty,
+            remove_console_log,
+        } => install::cmd_install(&install::InstallOptions {
+            dry_run,
+            console_log,
+            getty,
+            remove_console_log,
+        }),
         Cmd::Test => cmd_test(),
         Cmd::Fuzz {
             target,

@@ -245,7 +245,7 @@ void org_virtiodarwin_VirtioConsole::cbResized(void *ctx, uint32_t key, uint16_t
     if (id >= VCON_SHIM_PORTS || me->fKeys[id] != key || !me->fPorts[id])
         return;
     /* The serial family has no driver-side TIOCSWINSZ: the size is published here, and the
-     * login helper applies it with stty (docs/kernel-debugging.md). */
+     * user applies it with stty (docs/kernel-debugging.md). */
     OSDictionary *d = OSDictionary::withCapacity(2);
     if (!d)
         return;
