@@ -5,14 +5,16 @@
 //! config interrupts, delivered by the family, move the balloon; the shim's chunks are
 //! counted here (every chunk wired is freed exactly once, none survives `stop`); sleep
 //! resets the device and gives every page back, wake inflates again; `stop` resets it;
-//! `free` destroys; the family stops with every DMA region returned. Each test runs
-//! against the rlibs and against the loaded bundles (`kext_support`).
+//! `free` destroys; the family stops with every DMA region returned. The kernel's memory
+//! figures and pressure level come from a sysctl table the test controls (the shim's
+//! `sysctlbyname`). Each test runs against the rlibs and against the loaded bundles
+//! (`kext_support`).
 
 mod kext_support;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::c_void;
+use std::ffi::{CStr, c_char, c_void};
 
 use kext_support::{Family, FamilyKext, c_abi, kext_tests};
 use virtio_balloon::wire::tag;
@@ -39,6 +41,7 @@ c_abi! {
         fn vbal_interrupt(*mut VbalDevice, i32);
         fn vbal_poll(*mut VbalDevice) -> i32;
         fn vbal_deflate_for_oom(*mut VbalDevice, u64, *mut VbalOom) -> i32;
+        fn vbal_pressure_check(*mut VbalDevice, u64, *mut VbalPressure) -> i32;
         fn vbal_info(*mut VbalDevice, *mut VbalInfo) -> i32;
         fn vbal_suspend(*mut VbalDevice) -> i32;
         fn vbal_resume(*mut VbalDevice) -> i32;
@@ -77,6 +80,11 @@ kext_tests!(Kexts:
     inflate_deflate_follow_the_target_in_every_mode,
     sixteen_kib_pages_are_four_frames,
     stats_carry_no_invented_figures,
+    stats_carry_the_kernels_memory_figures,
+    a_failing_sysctl_leaves_its_tag_unsent,
+    pressure_warning_deflates_a_bounded_amount_and_tells_the_host,
+    repeated_pressure_is_rate_limited,
+    normal_or_unreadable_pressure_does_nothing,
     the_kernel_running_short_pauses_and_poll_resumes,
     oom_hook_deflates_and_holds,
     needs_reset_recovers_and_reinflates,
@@ -100,6 +108,10 @@ struct ShimMem {
     errors: Vec<String>,
     /// Each `changed` call's `starved`.
     changed: Vec<bool>,
+    /// What the shim's `sysctlbyname` answers: name -> value bytes (absent: ENOENT).
+    sysctls: BTreeMap<String, Vec<u8>>,
+    /// Every name read, in order.
+    sysctl_reads: Vec<String>,
 }
 
 impl ShimMem {
@@ -158,6 +170,57 @@ unsafe extern "C" fn free_chunk(ctx: *mut c_void, cookie: *mut c_void) {
     m.frees += 1;
 }
 
+const ENOENT: i32 = 2;
+const ENOMEM: i32 = 12;
+
+/// The shim's `sysctlbyname(name, buf, &len, NULL, 0)` over [`ShimMem::sysctls`].
+unsafe extern "C" fn read_sysctl(
+    ctx: *mut c_void,
+    name: *const c_char,
+    buf: *mut c_void,
+    len: *mut u32,
+) -> i32 {
+    // SAFETY: as in alloc_chunk.
+    let mem = unsafe { &*(ctx as *const RefCell<ShimMem>) };
+    let mut m = mem.borrow_mut();
+    // SAFETY: the kext passes a NUL-terminated name.
+    let name = unsafe { CStr::from_ptr(name) }
+        .to_str()
+        .expect("a sysctl name in ASCII")
+        .to_owned();
+    m.sysctl_reads.push(name.clone());
+    let Some(value) = m.sysctls.get(&name) else {
+        return ENOENT;
+    };
+    // SAFETY: the kext passes its room in `*len`.
+    let room = unsafe { *len } as usize;
+    if value.len() > room {
+        return ENOMEM;
+    }
+    // SAFETY: `buf` has `room` bytes; `len` is valid.
+    unsafe {
+        std::ptr::copy_nonoverlapping(value.as_ptr(), buf.cast::<u8>(), value.len());
+        *len = value.len() as u32;
+    }
+    0
+}
+
+const MEMSIZE: &str = "hw.memsize";
+const FREE: &str = "vm.page_free_count";
+const FILE_BACKED: &str = "vm.page_pageable_external_count";
+const PRESSURE: &str = "kern.memorystatus_vm_pressure_level";
+
+/// A kernel's answers, as xnu gives them: `hw.memsize` a 64-bit quad, the page counts and
+/// the pressure level 32-bit integers.
+fn kernel(memsize: u64, free: u32, file_backed: u32, pressure: u32) -> BTreeMap<String, Vec<u8>> {
+    BTreeMap::from([
+        (MEMSIZE.into(), memsize.to_ne_bytes().to_vec()),
+        (FREE.into(), free.to_ne_bytes().to_vec()),
+        (FILE_BACKED.into(), file_backed.to_ne_bytes().to_vec()),
+        (PRESSURE.into(), pressure.to_ne_bytes().to_vec()),
+    ])
+}
+
 unsafe extern "C" fn changed(ctx: *mut c_void, starved: bool) {
     // SAFETY: as in alloc_chunk.
     let mem = unsafe { &*(ctx as *const RefCell<ShimMem>) };
@@ -191,12 +254,39 @@ impl Rig {
         max_pages: u32,
         initial_target: u32,
     ) -> Rig {
-        let what = format!("{mode:?}/{pref:?}/msix {msix} features {features:#x}");
+        Rig::start_kernel(
+            kexts,
+            mode,
+            pref,
+            features,
+            msix,
+            page_size,
+            max_pages,
+            initial_target,
+            BTreeMap::new(),
+        )
+    }
+
+    /// As `start_with`, with the kernel's sysctls answering from `sysctls` from the start.
+    #[allow(clippy::too_many_arguments)]
+    fn start_kernel(
+        kexts: Kexts,
+        mode: SimMode,
+        pref: Preference,
+        features: u64,
+        msix: bool,
+        page_size: u32,
+        max_pages: u32,
+        initial_target: u32,
+        sysctls: BTreeMap<String, Vec<u8>>,
+    ) -> Rig {
+        let what = format!("{mode:?}/{pref:?}/msix {msix} features {features:#x} page {page_size}");
         let model = BalloonModel::new(features);
         let sim = model.sim_builder(mode, RING, msix).build();
         let fam = Family::start(kexts.family, &sim, pref).expect("family start");
         let mem = Box::new(RefCell::new(ShimMem {
             page_size: u64::from(page_size),
+            sysctls,
             ..ShimMem::default()
         }));
         let mut model = model;
@@ -211,6 +301,7 @@ impl Rig {
             alloc_chunk: Some(alloc_chunk),
             free_chunk: Some(free_chunk),
             changed: Some(changed),
+            read_sysctl: Some(read_sysctl),
         };
         let mut dev = std::ptr::null_mut();
         // SAFETY: the nub's live handle; the callbacks' context outlives the device.
@@ -264,6 +355,36 @@ impl Rig {
             VBAL_OK
         );
         i
+    }
+
+    /// The shim's pressure timer at `now_ms`.
+    fn pressure(&self, now_ms: u64) -> (i32, VbalPressure) {
+        let mut p = VbalPressure::default();
+        // SAFETY: live handle, local out-pointer.
+        let s = unsafe { (self.kexts.bal.vbal_pressure_check)(self.dev, now_ms, &mut p) };
+        (s, p)
+    }
+
+    fn set_sysctl(&self, name: &str, value: &[u8]) {
+        self.mem
+            .borrow_mut()
+            .sysctls
+            .insert(name.into(), value.to_vec());
+    }
+
+    /// The device asks for statistics (QEMU's stats timer) and gets the refilled buffer;
+    /// returns what it read.
+    fn request_stats(&mut self) -> Vec<(u16, u64)> {
+        let before = self.model.stats.len();
+        assert!(self.model.request_stats(&self.sim), "{}", self.what);
+        self.run();
+        assert_eq!(
+            self.model.stats.len(),
+            before + 1,
+            "{}: refilled",
+            self.what
+        );
+        self.model.stats.last().cloned().unwrap()
     }
 
     /// At rest: the device's balloon is made of pages of live chunks, `actual` counts it,
@@ -408,14 +529,12 @@ fn stats_carry_no_invented_figures(kexts: Kexts) {
         );
         r.run();
         let last = r.model.stats.last().cloned().unwrap();
-        // No tag at all: the kernel gives a kext no memory figures through public KPI, and
-        // the pool's size is unknown (total_pages 0), so not even MEMTOT is invented.
-        assert!(
-            last.iter().all(|&(t, _)| t != tag::MEMTOT),
-            "{}: {last:?}",
-            r.what
-        );
+        // Every sysctl fails here (an empty table), and the pool's size is unknown
+        // (total_pages 0): no tag at all, not even an invented MEMTOT.
+        assert!(last.is_empty(), "{}: {last:?}", r.what);
+        assert!(r.model.stats.iter().all(|b| b.is_empty()), "{}", r.what);
         assert!(r.info().stats_buffers >= 2);
+        assert!(r.info().sysctl_failures >= 3, "{:?}", r.info());
         r.check_consistent();
         r.unload();
     }
@@ -557,6 +676,7 @@ fn null_arguments_are_refused(kexts: Kexts) {
         alloc_chunk: Some(alloc_chunk),
         free_chunk: Some(free_chunk),
         changed: None,
+        read_sysctl: None,
     };
     let cfg = VbalConfig {
         page_size: 4096,
@@ -579,6 +699,11 @@ fn null_arguments_are_refused(kexts: Kexts) {
         assert_eq!((f.vbal_poll)(std::ptr::null_mut()), VBAL_E_INVALID);
         assert_eq!(
             (f.vbal_deflate_for_oom)(std::ptr::null_mut(), 1, &mut oom),
+            VBAL_E_INVALID
+        );
+        let mut pressure = VbalPressure::default();
+        assert_eq!(
+            (f.vbal_pressure_check)(std::ptr::null_mut(), 0, &mut pressure),
             VBAL_E_INVALID
         );
         assert_eq!((f.vbal_suspend)(std::ptr::null_mut()), VBAL_E_INVALID);
@@ -638,6 +763,416 @@ fn null_arguments_are_refused(kexts: Kexts) {
             (f.vbal_deflate_for_oom)(r.dev, 1, std::ptr::null_mut()),
             VBAL_E_INVALID
         );
+        assert_eq!(
+            (f.vbal_pressure_check)(r.dev, 0, std::ptr::null_mut()),
+            VBAL_E_INVALID
+        );
     }
+    r.unload();
+}
+
+/// The tags a kernel's figures map to, in tag order (bytes).
+fn expected_stats(memsize: u64, free: u32, file_backed: u32, page: u64) -> Vec<(u16, u64)> {
+    let (free, file_backed) = (u64::from(free) * page, u64::from(file_backed) * page);
+    vec![
+        (tag::MEMFREE, free),
+        (tag::MEMTOT, memsize),
+        (tag::AVAIL, free + file_backed),
+        (tag::CACHES, file_backed),
+    ]
+}
+
+/// MEMTOT from `hw.memsize`, MEMFREE from `vm.page_free_count`, CACHES from
+/// `vm.page_pageable_external_count`, AVAIL their sum, all in bytes whatever the page size;
+/// read afresh each time the device asks; nothing for the tags no sysctl gives.
+fn stats_carry_the_kernels_memory_figures(kexts: Kexts) {
+    const GIB: u64 = 1 << 30;
+    for (mode, pref) in MODES {
+        for page in [4096u32, 16384] {
+            let mut r = Rig::start_kernel(
+                kexts,
+                mode,
+                pref,
+                QEMU,
+                true,
+                page,
+                8192,
+                0,
+                kernel(8 * GIB, 1000, 3000, 1),
+            );
+            let p = u64::from(page);
+            r.set_target(128);
+            // The buffer made available at setup.
+            assert_eq!(
+                r.model.stats.first().cloned(),
+                Some(expected_stats(8 * GIB, 1000, 3000, p)),
+                "{}",
+                r.what
+            );
+            // The kernel's figures move; the next request carries the new ones.
+            r.set_sysctl(FREE, &250u32.to_ne_bytes());
+            r.set_sysctl(FILE_BACKED, &70_000u32.to_ne_bytes());
+            assert_eq!(
+                r.request_stats(),
+                expected_stats(8 * GIB, 250, 70_000, p),
+                "{}",
+                r.what
+            );
+            r.set_sysctl(MEMSIZE, &(12 * GIB).to_ne_bytes());
+            assert_eq!(
+                r.request_stats(),
+                expected_stats(12 * GIB, 250, 70_000, p),
+                "{}",
+                r.what
+            );
+            // The statistics path reads the figures, not the pressure level.
+            let reads = r.mem.borrow().sysctl_reads.clone();
+            for name in [MEMSIZE, FREE, FILE_BACKED] {
+                assert!(reads.iter().any(|n| n == name), "{}: {reads:?}", r.what);
+            }
+            assert!(
+                !reads.iter().any(|n| n == PRESSURE),
+                "{}: {reads:?}",
+                r.what
+            );
+            let i = r.info();
+            assert_eq!(i.sysctl_failures, 0, "{i:?}");
+            assert!(i.stats_buffers >= 3, "{i:?}");
+            r.check_consistent();
+            r.unload();
+        }
+    }
+}
+
+/// A sysctl that fails (absent, or answering with a size that is not a 32- or 64-bit
+/// number) at setup leaves its tags out of every buffer; one failing later keeps its tag
+/// (§5.5.6.3.1: the same set each time) with the last value.
+fn a_failing_sysctl_leaves_its_tag_unsent(kexts: Kexts) {
+    const MEM: u64 = 4 << 30;
+    let page = 4096u64;
+    // (sysctl, its answer (None: absent), the tags sent)
+    type Case = (&'static str, Option<Vec<u8>>, &'static [u16]);
+    let cases: [Case; 4] = [
+        // No file-backed count: no CACHES, and no AVAIL (it needs both counts).
+        (FILE_BACKED, None, &[tag::MEMFREE, tag::MEMTOT]),
+        // No free count: no MEMFREE and no AVAIL.
+        (FREE, None, &[tag::MEMTOT, tag::CACHES]),
+        // hw.memsize answering two bytes: no MEMTOT.
+        (
+            MEMSIZE,
+            Some(vec![1, 2]),
+            &[tag::MEMFREE, tag::AVAIL, tag::CACHES],
+        ),
+        // Too large for the kext's buffer (sysctlbyname fails with ENOMEM): no MEMTOT.
+        (
+            MEMSIZE,
+            Some(vec![7; 16]),
+            &[tag::MEMFREE, tag::AVAIL, tag::CACHES],
+        ),
+    ];
+    for (name, value, tags) in cases {
+        let mut sysctls = kernel(MEM, 500, 600, 1);
+        match &value {
+            Some(v) => sysctls.insert(name.into(), v.clone()),
+            None => sysctls.remove(name),
+        };
+        let mut r = Rig::start_kernel(
+            kexts,
+            SimMode::Modern,
+            Preference::Auto,
+            QEMU,
+            true,
+            4096,
+            8192,
+            0,
+            sysctls,
+        );
+        r.run();
+        let all = expected_stats(MEM, 500, 600, page);
+        let want: Vec<(u16, u64)> = all
+            .iter()
+            .copied()
+            .filter(|(t, _)| tags.contains(t))
+            .collect();
+        assert_eq!(r.model.stats.first(), Some(&want), "{name} {value:?}");
+        assert_eq!(r.request_stats(), want, "{name} {value:?}");
+        assert!(r.info().sysctl_failures >= 2, "{name}: {:?}", r.info());
+        r.check_consistent();
+        r.unload();
+    }
+
+    // Failing after setup: the tag stays, with its last value.
+    let mut r = Rig::start_kernel(
+        kexts,
+        SimMode::Modern,
+        Preference::Auto,
+        QEMU,
+        true,
+        4096,
+        8192,
+        0,
+        kernel(MEM, 500, 600, 1),
+    );
+    r.run();
+    assert_eq!(r.info().sysctl_failures, 0);
+    r.mem.borrow_mut().sysctls.remove(FREE);
+    r.set_sysctl(FILE_BACKED, &900u32.to_ne_bytes());
+    let got = r.request_stats();
+    assert_eq!(
+        got,
+        vec![
+            (tag::MEMFREE, 500 * page),
+            (tag::MEMTOT, MEM),
+            (tag::AVAIL, 1100 * page),
+            (tag::CACHES, 900 * page),
+        ]
+    );
+    assert!(r.info().sysctl_failures >= 1);
+    assert!(r.model.violations.is_empty(), "{:?}", r.model.violations);
+    r.unload();
+}
+
+/// Warning pressure takes VBAL_PRESSURE_WARN_MIB out of the balloon (whatever the page
+/// size), through the deflate queue: with MUST_TELL_HOST the pages stay wired until the
+/// device acknowledges; critical takes VBAL_PRESSURE_CRITICAL_MIB. The balloon then holds
+/// until the host sets a new target.
+fn pressure_warning_deflates_a_bounded_amount_and_tells_the_host(kexts: Kexts) {
+    let warn_frames = VBAL_PRESSURE_WARN_MIB * 256;
+    for page in [4096u32, 16384] {
+        for features in [QEMU, QEMU & !bits::MUST_TELL_HOST] {
+            let fpp = page / 4096;
+            let mut r = Rig::start_kernel(
+                kexts,
+                SimMode::Modern,
+                Preference::Auto,
+                features,
+                true,
+                page,
+                16384,
+                0,
+                kernel(4 << 30, 100, 100, VBAL_PRESSURE_WARN),
+            );
+            r.set_target(8000);
+            assert_eq!(r.actual(), 8000, "{}", r.what);
+            let deflates = r.model.deflates.len();
+            let frees = r.mem.borrow().frees;
+            r.model.hold_deflates = true;
+            let (s, p) = r.pressure(5_000);
+            assert_eq!(s, VBAL_OK, "{}", r.what);
+            assert_eq!(p.level, VBAL_PRESSURE_WARN);
+            assert_eq!(
+                (p.released + p.pending) * u64::from(fpp),
+                u64::from(warn_frames),
+                "{}: {p:?}",
+                r.what
+            );
+            if features & bits::MUST_TELL_HOST != 0 {
+                assert_eq!(p.released, 0, "{}: before the host knows", r.what);
+            } else {
+                assert!(p.released > 0, "{}: {p:?}", r.what);
+            }
+            r.run();
+            // The host was told (a deflate request is out)...
+            assert!(r.model.deflates.len() > deflates, "{}", r.what);
+            if features & bits::MUST_TELL_HOST != 0 {
+                // ...and until it acknowledges, those pages are still wired chunks.
+                assert_eq!(r.mem.borrow().frees, frees, "{}", r.what);
+                let told: BTreeSet<u32> = r.model.deflates[deflates..]
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .collect();
+                assert!(told.is_subset(&r.mem.borrow().frames()), "{}", r.what);
+            }
+            r.model.hold_deflates = false;
+            r.model.release_deflates(&r.sim);
+            r.run();
+            assert_eq!(r.actual(), 8000 - warn_frames, "{}", r.what);
+            let told: usize = r.model.deflates[deflates..].iter().map(Vec::len).sum();
+            assert_eq!(told, warn_frames as usize, "{}", r.what);
+            r.check_consistent();
+            assert!(r.mem.borrow().frees > frees, "{}: chunks went back", r.what);
+            let i = r.info();
+            assert_eq!(i.oom_pages * u64::from(fpp), u64::from(warn_frames));
+            assert_eq!(i.pressure_deflates, 1);
+            assert_eq!(i.pressure_level, VBAL_PRESSURE_WARN);
+            // The balloon holds (no re-inflation towards 8000) until a new target.
+            r.run();
+            assert_eq!(r.actual(), 8000 - warn_frames, "{}", r.what);
+            r.set_target(6000);
+            assert_eq!(r.actual(), 6000, "{}", r.what);
+            r.check_consistent();
+            r.unload();
+        }
+    }
+
+    // Critical: four times as much, and never more than the balloon holds.
+    let crit_frames = VBAL_PRESSURE_CRITICAL_MIB * 256;
+    let mut r = Rig::start_kernel(
+        kexts,
+        SimMode::Modern,
+        Preference::Auto,
+        QEMU,
+        true,
+        4096,
+        32768,
+        0,
+        kernel(4 << 30, 100, 100, VBAL_PRESSURE_CRITICAL),
+    );
+    r.set_target(20_000);
+    let (s, p) = r.pressure(1);
+    assert_eq!((s, p.level), (VBAL_OK, VBAL_PRESSURE_CRITICAL));
+    assert_eq!(p.released + p.pending, u64::from(crit_frames), "{p:?}");
+    r.run();
+    assert_eq!(r.actual(), 20_000 - crit_frames);
+    r.check_consistent();
+    let (s, p) = r.pressure(1 + u64::from(VBAL_PRESSURE_MS));
+    assert_eq!(s, VBAL_OK);
+    assert_eq!(
+        p.released + p.pending,
+        u64::from(20_000 - crit_frames),
+        "what is left"
+    );
+    r.run();
+    assert_eq!(r.actual(), 0);
+    r.check_consistent();
+    assert!(r.mem.borrow().live.is_empty());
+    r.unload();
+}
+
+/// Under lasting pressure the balloon gives back one bounded amount per VBAL_PRESSURE_MS,
+/// however often the check runs.
+fn repeated_pressure_is_rate_limited(kexts: Kexts) {
+    let warn_frames = VBAL_PRESSURE_WARN_MIB * 256;
+    let gap = u64::from(VBAL_PRESSURE_MS);
+    let mut r = Rig::start_kernel(
+        kexts,
+        SimMode::Modern,
+        Preference::Auto,
+        QEMU,
+        true,
+        4096,
+        16384,
+        0,
+        kernel(4 << 30, 100, 100, VBAL_PRESSURE_WARN),
+    );
+    r.set_target(16_000);
+    let t0 = 1_000_000;
+    let (s, p) = r.pressure(t0);
+    assert_eq!(s, VBAL_OK);
+    assert_eq!(p.released + p.pending, u64::from(warn_frames));
+    r.run();
+    assert_eq!(r.actual(), 16_000 - warn_frames);
+    let requests = r.info().deflate_requests;
+    // Checks within the interval: the level is read, nothing is deflated.
+    for t in [t0, t0 + 1, t0 + gap / 2, t0 + gap - 1] {
+        let (s, p) = r.pressure(t);
+        assert_eq!(s, VBAL_OK);
+        assert_eq!(p.level, VBAL_PRESSURE_WARN);
+        assert_eq!(p.released + p.pending, 0, "at {t}: {p:?}");
+        r.run();
+    }
+    assert_eq!(r.actual(), 16_000 - warn_frames);
+    assert_eq!(r.info().deflate_requests, requests);
+    // A clock going backwards does not open the gate either.
+    let (_, p) = r.pressure(t0 - 5 * gap);
+    assert_eq!(p.released + p.pending, 0, "{p:?}");
+    // One interval on: the next bounded amount.
+    let (s, p) = r.pressure(t0 + gap);
+    assert_eq!(s, VBAL_OK);
+    assert_eq!(p.released + p.pending, u64::from(warn_frames));
+    r.run();
+    assert_eq!(r.actual(), 16_000 - 2 * warn_frames);
+    let i = r.info();
+    assert_eq!(i.pressure_deflates, 2);
+    assert_eq!(i.oom_pages, 2 * u64::from(warn_frames));
+    r.check_consistent();
+    r.unload();
+}
+
+/// Normal pressure, a value that is no warning or critical level, an unreadable level and a
+/// device without DEFLATE_ON_OOM: the balloon stays as it is.
+fn normal_or_unreadable_pressure_does_nothing(kexts: Kexts) {
+    let mut r = Rig::start_kernel(
+        kexts,
+        SimMode::Modern,
+        Preference::Auto,
+        QEMU,
+        true,
+        4096,
+        8192,
+        0,
+        kernel(4 << 30, 100, 100, VBAL_PRESSURE_NORMAL),
+    );
+    r.set_target(3000);
+    let before = r.info();
+    let deflates = r.model.deflates.len();
+    let mut t = 0;
+    for level in [
+        VBAL_PRESSURE_NORMAL,
+        0,
+        3,
+        8,
+        u32::MAX,
+        VBAL_PRESSURE_NORMAL,
+    ] {
+        r.set_sysctl(PRESSURE, &level.to_ne_bytes());
+        t += 10 * u64::from(VBAL_PRESSURE_MS);
+        let (s, p) = r.pressure(t);
+        assert_eq!(s, VBAL_OK, "level {level}");
+        assert_eq!(
+            p,
+            VbalPressure {
+                level,
+                released: 0,
+                pending: 0
+            }
+        );
+        r.run();
+        assert_eq!(r.info().pressure_level, level);
+    }
+    // Unreadable: said so, nothing done.
+    r.mem.borrow_mut().sysctls.remove(PRESSURE);
+    let (s, p) = r.pressure(t + 10_000);
+    assert_eq!(s, VBAL_E_UNAVAILABLE);
+    assert_eq!(p, VbalPressure::default());
+    assert_eq!(r.info().pressure_level, 0);
+    r.set_sysctl(PRESSURE, &[1, 2]);
+    assert_eq!(r.pressure(t + 20_000).0, VBAL_E_UNAVAILABLE);
+    r.run();
+    assert_eq!(r.actual(), 3000);
+    assert_eq!(r.model.deflates.len(), deflates);
+    let after = r.info();
+    assert_eq!(after.deflate_requests, before.deflate_requests);
+    assert_eq!(after.oom_pages, 0);
+    assert_eq!(after.pressure_deflates, 0);
+    assert!(after.sysctl_failures >= 2);
+    // Asleep: no check.
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (kexts.bal.vbal_suspend)(r.dev) }, VBAL_OK);
+    r.set_sysctl(PRESSURE, &VBAL_PRESSURE_CRITICAL.to_ne_bytes());
+    assert_eq!(r.pressure(t + 30_000).0, VBAL_E_STOPPED);
+    r.unload();
+
+    // Without DEFLATE_ON_OOM the level is not even read.
+    let mut r = Rig::start_kernel(
+        kexts,
+        SimMode::Modern,
+        Preference::Auto,
+        bits::MUST_TELL_HOST | bits::STATS_VQ,
+        true,
+        4096,
+        8192,
+        0,
+        kernel(4 << 30, 100, 100, VBAL_PRESSURE_CRITICAL),
+    );
+    r.set_target(1000);
+    let (s, p) = r.pressure(1);
+    assert_eq!(s, VBAL_E_UNSUPPORTED);
+    assert_eq!(p, VbalPressure::default());
+    r.run();
+    assert_eq!(r.actual(), 1000);
+    assert!(!r.mem.borrow().sysctl_reads.iter().any(|n| n == PRESSURE));
+    r.check_consistent();
     r.unload();
 }

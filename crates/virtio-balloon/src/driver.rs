@@ -885,8 +885,9 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
     }
 
     /// What the driver knows itself when the platform does not say. A pool that does not
-    /// know the guest's size either (`total_pages` 0, as in a kext, where no public KPI
-    /// tells it) leaves MEMTOT unset rather than reporting zero memory.
+    /// know the guest's size either (`total_pages` 0, as in VirtioBalloon.kext, whose
+    /// MEMTOT comes from the kernel's `hw.memsize` or not at all) leaves MEMTOT unset
+    /// rather than reporting zero memory.
     fn with_fallbacks(&self, mut s: MemStats) -> MemStats {
         if s.mem_total.is_none() && self.pool.total_pages() > 0 {
             s.mem_total = Some(self.pool.total_pages() as u64 * self.page_size);

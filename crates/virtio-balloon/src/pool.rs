@@ -3,7 +3,7 @@
 //!
 //! - **IOKit kext**: pages from the VM system (e.g. wired physical pages the kext allocates
 //!   and frees), free ranges isolated from the free list for the duration of a report, the
-//!   statistics of `host_statistics64` (`vm_statistics64`).
+//!   kernel's memory figures (VirtioBalloon.kext reads them with `sysctlbyname`).
 //! - **Bare-metal guest / simulation**: a page allocator over a memory arena.
 
 use crate::wire::tag;

@@ -5,10 +5,13 @@
 
 #include <IOKit/IOBufferMemoryDescriptor.h>
 #include <IOKit/IOLib.h>
+#include <kern/clock.h>
 #include <libkern/c++/OSDictionary.h>
 #include <libkern/c++/OSNumber.h>
+#include <libkern/sysctl.h>
 #include <mach/vm_param.h>
 #include <pexpert/pexpert.h>
+#include <sys/errno.h>
 
 #define super IOService
 OSDefineMetaClassAndStructors(org_virtiodarwin_VirtioBalloon, IOService)
@@ -38,7 +41,10 @@ bool org_virtiodarwin_VirtioBalloon::start(IOService *provider)
     fWorkLoop = getWorkLoop();
     fGate = IOCommandGate::commandGate(this);
     fTimer = IOTimerEventSource::timerEventSource(this, &org_virtiodarwin_VirtioBalloon::timerFired);
-    if (!fWorkLoop || !fGate || !fTimer || fWorkLoop->addEventSource(fGate) != kIOReturnSuccess) {
+    fPressureTimer =
+        IOTimerEventSource::timerEventSource(this, &org_virtiodarwin_VirtioBalloon::pressureFired);
+    if (!fWorkLoop || !fGate || !fTimer || !fPressureTimer ||
+        fWorkLoop->addEventSource(fGate) != kIOReturnSuccess) {
         super::stop(provider);
         return false;
     }
@@ -47,12 +53,21 @@ bool org_virtiodarwin_VirtioBalloon::start(IOService *provider)
         super::stop(provider);
         return false;
     }
+    if (fWorkLoop->addEventSource(fPressureTimer) != kIOReturnSuccess) {
+        fWorkLoop->removeEventSource(fTimer);
+        fWorkLoop->removeEventSource(fGate);
+        super::stop(provider);
+        return false;
+    }
     fCallbacks.ctx = this;
     fCallbacks.alloc_chunk = cbAllocChunk;
     fCallbacks.free_chunk = cbFreeChunk;
     fCallbacks.changed = cbChanged;
+    fCallbacks.read_sysctl = cbReadSysctl;
     if (fGate->runAction(gatedStart) != kIOReturnSuccess) {
         IOLog("VirtioBalloon: cannot drive this device\n");
+        fPressureTimer->cancelTimeout();
+        fWorkLoop->removeEventSource(fPressureTimer);
         fTimer->cancelTimeout();
         fWorkLoop->removeEventSource(fTimer);
         /* The device may be live already (a failure after vbal_create): destroyed gated. */
@@ -79,6 +94,7 @@ IOReturn org_virtiodarwin_VirtioBalloon::gatedStart(OSObject *owner, void *, voi
         !me->fDev)
         return kIOReturnNotAttached;
     me->publishProperties();
+    me->armPressureTimer();
     return kIOReturnSuccess;
 }
 
@@ -103,6 +119,7 @@ IOReturn org_virtiodarwin_VirtioBalloon::gatedSetPower(OSObject *owner, void *or
         me->fAsleep = true;
         me->fStarved = false;
         me->fTimer->cancelTimeout();
+        me->fPressureTimer->cancelTimeout();
         vbal_suspend(me->fDev);
     } else if (on && me->fAsleep) {
         if (vbal_resume(me->fDev) != VBAL_OK) {
@@ -111,6 +128,7 @@ IOReturn org_virtiodarwin_VirtioBalloon::gatedSetPower(OSObject *owner, void *or
             return kIOReturnSuccess;
         }
         me->fAsleep = false;
+        me->armPressureTimer();
     }
     me->publishProperties();
     return kIOReturnSuccess;
@@ -119,8 +137,12 @@ IOReturn org_virtiodarwin_VirtioBalloon::gatedSetPower(OSObject *owner, void *or
 void org_virtiodarwin_VirtioBalloon::stop(IOService *provider)
 {
     PMstop();
-    /* Once the timer is off the work loop no poll can start; the gated stop then runs with
-     * nothing of ours pending. */
+    /* Once the timers are off the work loop no poll or pressure check can start; the gated
+     * stop then runs with nothing of ours pending. */
+    if (fPressureTimer) {
+        fPressureTimer->cancelTimeout();
+        fWorkLoop->removeEventSource(fPressureTimer);
+    }
     if (fTimer) {
         fTimer->cancelTimeout();
         fWorkLoop->removeEventSource(fTimer);
@@ -151,6 +173,7 @@ void org_virtiodarwin_VirtioBalloon::free(void)
      * here could race an interrupt on the family's work loop: never here. */
     if (fDev)
         IOLog("VirtioBalloon: freed with a live driver (not destroyed: no work loop to do it on)\n");
+    OSSafeReleaseNULL(fPressureTimer);
     OSSafeReleaseNULL(fTimer);
     OSSafeReleaseNULL(fGate);
     super::free();
@@ -219,6 +242,59 @@ void org_virtiodarwin_VirtioBalloon::timerFired(OSObject *owner, IOTimerEventSou
         sender->setTimeoutMS(VBAL_RETRY_MS);
 }
 
+/* ---- the kernel's memory figures and pressure level (public KPI: sysctlbyname) ---- */
+
+/* VbalCallbacks::read_sysctl, on the work loop (thread context: sysctl handlers may take
+ * locks). The Rust side chooses the names and checks the size written. */
+int32_t org_virtiodarwin_VirtioBalloon::cbReadSysctl(void *ctx, const char *name, void *buf, uint32_t *len)
+{
+    (void)ctx;
+    if (!name || !buf || !len)
+        return EINVAL;
+    size_t room = *len;
+    size_t n = room;
+    int err = sysctlbyname(name, buf, &n, NULL, 0);
+    if (err != 0)
+        return err;
+    *len = (uint32_t)(n < room ? n : room);
+    return 0;
+}
+
+static uint64_t uptimeMS(void)
+{
+    uint64_t abstime = 0;
+    uint64_t ns = 0;
+    clock_get_uptime(&abstime);
+    absolutetime_to_nanoseconds(abstime, &ns);
+    return ns / 1000000ULL;
+}
+
+/* Gated (start, wake): the pressure timer runs while DEFLATE_ON_OOM is negotiated. */
+void org_virtiodarwin_VirtioBalloon::armPressureTimer(void)
+{
+    VbalInfo s;
+    bzero(&s, sizeof(s));
+    if (fDev && vbal_info(fDev, &s) == VBAL_OK && s.deflate_on_oom != 0)
+        fPressureTimer->setTimeoutMS(VBAL_PRESSURE_MS);
+}
+
+void org_virtiodarwin_VirtioBalloon::pressureFired(OSObject *owner, IOTimerEventSource *sender)
+{
+    org_virtiodarwin_VirtioBalloon *me = OSDynamicCast(org_virtiodarwin_VirtioBalloon, owner);
+    if (!me || me->fStopping || me->fAsleep || !me->fDev)
+        return;
+    VbalPressure p;
+    bzero(&p, sizeof(p));
+    int32_t status = vbal_pressure_check(me->fDev, uptimeMS(), &p);
+    if (status == VBAL_OK && p.released + p.pending > 0)
+        me->publishProperties();
+    /* Unsupported (no DEFLATE_ON_OOM) or stopped: off until the next wake re-arms it. A
+     * level the kernel does not give (VBAL_E_UNAVAILABLE) or a device being recovered is
+     * tried again at the next tick. */
+    if (status != VBAL_E_UNSUPPORTED && status != VBAL_E_STOPPED && status != VBAL_E_INVALID)
+        sender->setTimeoutMS(VBAL_PRESSURE_MS);
+}
+
 void org_virtiodarwin_VirtioBalloon::publishProperties(void)
 {
     VbalInfo s;
@@ -231,7 +307,8 @@ void org_virtiodarwin_VirtioBalloon::publishProperties(void)
     setProperty("PagesWired", (unsigned long long)s.pages_wired, 64);
     setProperty("PageSize", (unsigned long long)s.page_size, 32);
     setProperty("DeflateOnOOM", s.deflate_on_oom != 0);
-    OSDictionary *d = OSDictionary::withCapacity(12);
+    setProperty("MemoryPressure", (unsigned long long)s.pressure_level, 32);
+    OSDictionary *d = OSDictionary::withCapacity(14);
     if (!d)
         return;
     const struct { const char *key; UInt64 value; } counters[] = {
@@ -239,6 +316,8 @@ void org_virtiodarwin_VirtioBalloon::publishProperties(void)
         { "Deflate requests", s.deflate_requests },
         { "Stats buffers", s.stats_buffers },
         { "OOM pages", s.oom_pages },
+        { "Pressure deflates", s.pressure_deflates },
+        { "Sysctl failures", s.sysctl_failures },
         { "Allocation failures", s.alloc_failures },
         { "Chunks allocated", s.chunks_allocated },
         { "Chunks freed", s.chunks_freed },

@@ -18,21 +18,26 @@
  * - Bound: the balloon holds at most VBAL_DEFAULT_MAX_MIB MiB, or the boot-arg
  *   virtiodarwin_balloon_max_mib=<MiB> (tracking costs about 16 bytes per page, allocated
  *   at start).
- * - Statistics: no public KPI gives a kext the guest's memory figures (host_statistics64,
- *   vm_page_free_count, max_mem, sysctlbyname are private, unsupported or not exported to
- *   kexts), so no tag comes from here.
- * - Memory pressure (DEFLATE_ON_OOM): the kernel exports mach_vm_pressure_monitor and
- *   mach_vm_pressure_level_monitor in com.apple.kpi.mach, but no public header declares
- *   them (they are xnu-internal, memorystatus's own interface) and they block a thread:
- *   not a documented notification for kexts. The hook is vbal_deflate_for_oom; a
- *   user-space helper on DISPATCH_SOURCE_TYPE_MEMORYPRESSURE (public) can drive it
- *   through a user client later. Nothing calls it today.
+ * - Statistics and memory pressure, through public KPI: sysctlbyname, exported by
+ *   com.apple.kpi.libkern (xnu config/Libkern.exports: _sysctlbyname:_kernel_sysctlbyname,
+ *   10.13 onwards) and declared in <libkern/sysctl.h>. cbReadSysctl is that one call; the
+ *   Rust side decides what to read (hw.memsize, vm.page_free_count,
+ *   vm.page_pageable_external_count for the stats buffer, when the device asks;
+ *   kern.memorystatus_vm_pressure_level for pressure) and what to do. host_statistics64,
+ *   vm_page_free_count and max_mem stay out of reach (not exported to kexts, or
+ *   unsupported), as do mach_vm_pressure_monitor / mach_vm_pressure_level_monitor
+ *   (exported by com.apple.kpi.mach but declared in no public header, and blocking).
+ * - Memory pressure (DEFLATE_ON_OOM): while it is negotiated, fPressureTimer calls
+ *   vbal_pressure_check every VBAL_PRESSURE_MS with the uptime in ms (clock_get_uptime,
+ *   absolutetime_to_nanoseconds: com.apple.kpi.mach); at warning or critical the Rust side
+ *   takes a bounded amount out of the balloon, at most once per interval.
  * - Sleep: the device is reset and every page given back (vbal_suspend); wake re-inflates
  *   to the host's target (vbal_resume). See the Rust crate for why.
  *
  * IORegistry: org_virtiodarwin_VirtioDevice -> org_virtiodarwin_VirtioBalloon, with
  * "TargetFrames" and "ActualFrames" (4 KiB frames), "PagesHeld" (kernel pages in the
- * balloon), "PagesWired", "PageSize", and counters in "Statistics".
+ * balloon), "PagesWired", "PageSize", "DeflateOnOOM", "MemoryPressure" (the level last
+ * read: 1 normal, 2 warning, 4 critical, 0 unknown), and counters in "Statistics".
  */
 #ifndef VIRTIO_BALLOON_H
 #define VIRTIO_BALLOON_H
@@ -58,6 +63,8 @@ private:
     IOWorkLoop *fWorkLoop;
     IOCommandGate *fGate;
     IOTimerEventSource *fTimer;
+    /* Memory pressure checks, while DEFLATE_ON_OOM is negotiated and the device is awake. */
+    IOTimerEventSource *fPressureTimer;
     VbalDevice *fDev;
     VbalCallbacks fCallbacks;
     VbalConfig fConfig;
@@ -69,16 +76,19 @@ private:
     bool fAsleep;
 
     void publishProperties(void);
+    void armPressureTimer(void);
 
     static IOReturn gatedStart(OSObject *owner, void *, void *, void *, void *);
     static IOReturn gatedSetPower(OSObject *owner, void *ordinal, void *, void *, void *);
     static IOReturn gatedStop(OSObject *owner, void *, void *, void *, void *);
     static void timerFired(OSObject *owner, IOTimerEventSource *sender);
+    static void pressureFired(OSObject *owner, IOTimerEventSource *sender);
 
     /* VbalCallbacks (ctx = this). */
     static bool cbAllocChunk(void *ctx, uint64_t *pages, uint32_t count, void **cookie);
     static void cbFreeChunk(void *ctx, void *cookie);
     static void cbChanged(void *ctx, bool starved);
+    static int32_t cbReadSysctl(void *ctx, const char *name, void *buf, uint32_t *len);
 };
 
 #endif /* VIRTIO_BALLOON_H */

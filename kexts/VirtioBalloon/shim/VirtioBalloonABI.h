@@ -38,6 +38,11 @@
 #define VBAL_E_UNSUPPORTED 4
 
 /**
+ * The kernel did not answer: no `read_sysctl` callback, or the sysctl failed.
+ */
+#define VBAL_E_UNAVAILABLE 5
+
+/**
  * Kernel pages per chunk the shim wires (256 KiB with 4 KiB pages): few enough
  * allocations for a balloon of gigabytes, small enough that a chunk partly in the balloon
  * keeps little memory from the guest. One bit per page in a 64-bit mask.
@@ -56,6 +61,37 @@
  * the balloon reaches its target.
  */
 #define VBAL_RETRY_MS 1000
+
+/**
+ * The shim calls [`vbal_pressure_check`] this often while DEFLATE_ON_OOM is negotiated;
+ * the balloon gives memory back for pressure at most once per this interval.
+ */
+#define VBAL_PRESSURE_MS 1000
+
+/**
+ * MiB given back per interval at the warning level.
+ */
+#define VBAL_PRESSURE_WARN_MIB 16
+
+/**
+ * MiB given back per interval at the critical level.
+ */
+#define VBAL_PRESSURE_CRITICAL_MIB 64
+
+/**
+ * `kern.memorystatus_vm_pressure_level`: normal (xnu `NOTE_MEMORYSTATUS_PRESSURE_NORMAL`).
+ */
+#define VBAL_PRESSURE_NORMAL 1
+
+/**
+ * `kern.memorystatus_vm_pressure_level`: warning (`NOTE_MEMORYSTATUS_PRESSURE_WARN`).
+ */
+#define VBAL_PRESSURE_WARN 2
+
+/**
+ * `kern.memorystatus_vm_pressure_level`: critical (`NOTE_MEMORYSTATUS_PRESSURE_CRITICAL`).
+ */
+#define VBAL_PRESSURE_CRITICAL 4
 
 /**
  * One virtio balloon device (opaque to C).
@@ -92,12 +128,18 @@ typedef struct {
  *   target, `actual` or the pages held may have changed; `starved`: the balloon waits for
  *   memory (the kernel ran short, or inflation restarted), call [`vbal_poll`] after
  *   [`VBAL_RETRY_MS`]. Called once the driver is done with the device.
+ * - `read_sysctl` (may be null: no memory figures, no pressure check): reads the sysctl
+ *   `name` (NUL-terminated) into `buf`; `*len` is the room on entry and the bytes written
+ *   on return. 0 on success, an errno otherwise (the shim: `sysctlbyname(name, buf, &n,
+ *   NULL, 0)`). Called on the work loop, from [`vbal_create`] and [`vbal_interrupt`] (the
+ *   stats buffer) and from [`vbal_pressure_check`].
  */
 typedef struct {
   void *ctx;
   bool (*alloc_chunk)(void *ctx, uint64_t *pages, uint32_t count, void **cookie);
   void (*free_chunk)(void *ctx, void *cookie);
   void (*changed)(void *ctx, bool starved);
+  int32_t (*read_sysctl)(void *ctx, const char *name, void *buf, uint32_t *len);
 } VbalCallbacks;
 
 /**
@@ -113,6 +155,24 @@ typedef struct {
    */
   uint64_t pending;
 } VbalOom;
+
+/**
+ * Result of [`vbal_pressure_check`].
+ */
+typedef struct {
+  /**
+   * The level read (`kern.memorystatus_vm_pressure_level`).
+   */
+  uint32_t level;
+  /**
+   * Pages already out of the balloon.
+   */
+  uint64_t released;
+  /**
+   * Pages that leave it when the device acknowledges (MUST_TELL_HOST).
+   */
+  uint64_t pending;
+} VbalPressure;
 
 /**
  * State and counters for the IORegistry.
@@ -142,6 +202,19 @@ typedef struct {
    * 1 when DEFLATE_ON_OOM was negotiated.
    */
   uint32_t deflate_on_oom;
+  /**
+   * The memory pressure level last read (0: none, or unreadable; see
+   * [`VBAL_PRESSURE_NORMAL`]).
+   */
+  uint32_t pressure_level;
+  /**
+   * Times the balloon gave memory back for memory pressure ([`vbal_pressure_check`]).
+   */
+  uint64_t pressure_deflates;
+  /**
+   * Sysctl reads that failed (their figures are not sent, or sent with the last value).
+   */
+  uint64_t sysctl_failures;
   uint64_t inflate_requests;
   uint64_t deflate_requests;
   uint64_t stats_buffers;
@@ -217,6 +290,21 @@ int32_t vbal_poll(VbalDevice *d);
  * `d` is null or a live handle; `out` is null or valid.
  */
 int32_t vbal_deflate_for_oom(VbalDevice *d, uint64_t pages, VbalOom *out);
+
+/**
+ * The shim's memory-pressure timer (every [`VBAL_PRESSURE_MS`] while DEFLATE_ON_OOM is
+ * negotiated; `now_ms` is a monotonic clock in milliseconds): reads
+ * `kern.memorystatus_vm_pressure_level` through [`VbalCallbacks::read_sysctl`] and, at
+ * warning (2) or critical (4), takes [`VBAL_PRESSURE_WARN_MIB`] or
+ * [`VBAL_PRESSURE_CRITICAL_MIB`] MiB out of the balloon as [`vbal_deflate_for_oom`]
+ * does, unless it already did less than [`VBAL_PRESSURE_MS`] before. Normal (1), or any
+ * other value, does nothing. `VBAL_E_UNAVAILABLE` when the level cannot be read,
+ * `VBAL_E_UNSUPPORTED` without DEFLATE_ON_OOM.
+ *
+ * # Safety
+ * `d` is null or a live handle; `out` is null or valid.
+ */
+int32_t vbal_pressure_check(VbalDevice *d, uint64_t now_ms, VbalPressure *out);
 
 /**
  * State and counters for the IORegistry.

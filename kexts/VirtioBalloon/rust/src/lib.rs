@@ -2,13 +2,15 @@
 //! bus, with its [`PagePool`] over wired memory the C++ shim takes from the kernel.
 //!
 //! The shim (`kexts/VirtioBalloon/shim/`, an `IOService` on the family's nub) hands
-//! [`vbal_create`] the nub's device handle, the kernel's page size, the balloon's bound and
-//! two memory callbacks; this crate wraps the handle in a
+//! [`vbal_create`] the nub's device handle, the kernel's page size, the balloon's bound,
+//! two memory callbacks and a sysctl reader; this crate wraps the handle in a
 //! [`FamilyBus`](virtio_kext_client::FamilyBus), brings the device up (the driver reads
 //! `num_pages` and starts inflating at once) and registers its interrupt entry with the
 //! family. From then on the driver follows the host's target on config interrupts and
-//! writes `actual` itself; the shim only publishes [`vbal_info`] and retries with
-//! [`vbal_poll`] when the kernel ran short of memory.
+//! writes `actual` itself; the shim only publishes [`vbal_info`], retries with
+//! [`vbal_poll`] when the kernel ran short of memory and calls [`vbal_pressure_check`]
+//! from a timer. Which figure and which pressure level to read, and what to do about them,
+//! is decided here; the shim's reader is one call to `sysctlbyname`.
 //!
 //! - **Pages**: the shim wires memory in chunks of [`VBAL_CHUNK_PAGES`] kernel pages
 //!   ([`VbalCallbacks::alloc_chunk`], public KPI: an `IOBufferMemoryDescriptor` with
@@ -17,14 +19,27 @@
 //!   The pool lends the chunks' pages one at a time to the driver, which reports them in
 //!   4 KiB frames whatever the kernel's page size. The chunk table is allocated at
 //!   [`vbal_create`] (sized from the bound), never grown.
-//! - **Statistics** (STATS_VQ): no public KPI gives a kext the guest's memory figures
-//!   (`host_statistics64`, `vm_page_free_count`, `max_mem` and `sysctlbyname` are not in
-//!   the kexts' libraries), so the pool supplies none, and with [`VbalConfig::total_pages`]
-//!   0 (unknown) the driver crate does not invent MEMTOT either.
-//! - **DEFLATE_ON_OOM**: negotiated; [`vbal_deflate_for_oom`] is the hook. The kernel
-//!   offers kexts no memory-pressure notification in a public header (see the shim's
-//!   header), so nothing calls it yet: a later user-space helper (the public
-//!   `DISPATCH_SOURCE_TYPE_MEMORYPRESSURE`) or the shim can.
+//! - **Statistics** (STATS_VQ): the pool reads the guest's memory figures from the kernel
+//!   when the driver fills the stats buffer (at setup and each time the device asks),
+//!   through [`VbalCallbacks::read_sysctl`]: the shim's `sysctlbyname`, public KPI exported
+//!   by `com.apple.kpi.libkern` (xnu `config/Libkern.exports`,
+//!   `_sysctlbyname:_kernel_sysctlbyname`; declared in `<libkern/sysctl.h>`). In bytes:
+//!   MEMTOT = `hw.memsize`; MEMFREE = `vm.page_free_count` pages; CACHES =
+//!   `vm.page_pageable_external_count` pages (file-backed, speculative read-ahead
+//!   included); AVAIL = free + file-backed pages (what the kernel itself counts as
+//!   available for memorystatus). SWAP_IN/OUT and MAJFLT/MINFLT (only `host_statistics64`
+//!   has them, and no kext library exports it) and the HTLB tags (no hugetlb) are never
+//!   sent. A figure whose sysctl fails at setup stays out of every buffer (§5.5.6.3.1: the
+//!   tag set is fixed); one failing later is sent with its last value.
+//! - **DEFLATE_ON_OOM**: the shim calls [`vbal_pressure_check`] every [`VBAL_PRESSURE_MS`]
+//!   while it is negotiated; it reads `kern.memorystatus_vm_pressure_level` (1 normal,
+//!   2 warning, 4 critical: the levels of `DISPATCH_SOURCE_TYPE_MEMORYPRESSURE`) and at
+//!   warning or critical gives back [`VBAL_PRESSURE_WARN_MIB`] or
+//!   [`VBAL_PRESSURE_CRITICAL_MIB`] MiB of the balloon, at most once per
+//!   [`VBAL_PRESSURE_MS`], through the driver's OOM deflate (told to the host; with
+//!   MUST_TELL_HOST the pages go back to the kernel when the device acknowledges). The
+//!   balloon then holds until the host sets a new target. [`vbal_deflate_for_oom`] stays
+//!   the direct hook.
 //! - **Free page hinting and reporting** are not negotiated: they need free ranges isolated
 //!   from the kernel's free list, which no public KPI offers.
 //! - **Faults**: DEVICE_NEEDS_RESET or a device breaking the protocol: the driver restarts
@@ -58,9 +73,9 @@ extern crate alloc;
 use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
-use core::ffi::c_void;
+use core::ffi::{CStr, c_char, c_void};
 
-use virtio_balloon::{BalloonDriver, BalloonError, BalloonOptions, Page, PagePool};
+use virtio_balloon::{BalloonDriver, BalloonError, BalloonOptions, MemStats, Page, PagePool};
 use virtio_kext_abi::vector_from_abi;
 use virtio_kext_client::{FamilyBus, VfamDevice};
 
@@ -75,6 +90,8 @@ pub const VBAL_E_DEVICE: i32 = 2;
 pub const VBAL_E_STOPPED: i32 = 3;
 /// The device did not offer DEFLATE_ON_OOM.
 pub const VBAL_E_UNSUPPORTED: i32 = 4;
+/// The kernel did not answer: no `read_sysctl` callback, or the sysctl failed.
+pub const VBAL_E_UNAVAILABLE: i32 = 5;
 
 /// Kernel pages per chunk the shim wires (256 KiB with 4 KiB pages): few enough
 /// allocations for a balloon of gigabytes, small enough that a chunk partly in the balloon
@@ -90,6 +107,26 @@ pub const VBAL_RETRY_MS: u32 = 1_000;
 /// Spare chunk records beyond the bound's: pages deflated out of the middle of chunks
 /// leave them partly used.
 const SPARE_CHUNKS: usize = 32;
+
+/// The shim calls [`vbal_pressure_check`] this often while DEFLATE_ON_OOM is negotiated;
+/// the balloon gives memory back for pressure at most once per this interval.
+pub const VBAL_PRESSURE_MS: u32 = 1_000;
+/// MiB given back per interval at the warning level.
+pub const VBAL_PRESSURE_WARN_MIB: u32 = 16;
+/// MiB given back per interval at the critical level.
+pub const VBAL_PRESSURE_CRITICAL_MIB: u32 = 64;
+/// `kern.memorystatus_vm_pressure_level`: normal (xnu `NOTE_MEMORYSTATUS_PRESSURE_NORMAL`).
+pub const VBAL_PRESSURE_NORMAL: u32 = 1;
+/// `kern.memorystatus_vm_pressure_level`: warning (`NOTE_MEMORYSTATUS_PRESSURE_WARN`).
+pub const VBAL_PRESSURE_WARN: u32 = 2;
+/// `kern.memorystatus_vm_pressure_level`: critical (`NOTE_MEMORYSTATUS_PRESSURE_CRITICAL`).
+pub const VBAL_PRESSURE_CRITICAL: u32 = 4;
+
+/// The sysctls the kext reads (see the crate documentation for the tag each feeds).
+const SYSCTL_MEMSIZE: &CStr = c"hw.memsize";
+const SYSCTL_FREE: &CStr = c"vm.page_free_count";
+const SYSCTL_FILE_BACKED: &CStr = c"vm.page_pageable_external_count";
+const SYSCTL_PRESSURE: &CStr = c"kern.memorystatus_vm_pressure_level";
 const CHUNK: usize = VBAL_CHUNK_PAGES as usize;
 
 /// The shim's choices, read once by [`vbal_create`].
@@ -115,6 +152,11 @@ pub struct VbalConfig {
 ///   target, `actual` or the pages held may have changed; `starved`: the balloon waits for
 ///   memory (the kernel ran short, or inflation restarted), call [`vbal_poll`] after
 ///   [`VBAL_RETRY_MS`]. Called once the driver is done with the device.
+/// - `read_sysctl` (may be null: no memory figures, no pressure check): reads the sysctl
+///   `name` (NUL-terminated) into `buf`; `*len` is the room on entry and the bytes written
+///   on return. 0 on success, an errno otherwise (the shim: `sysctlbyname(name, buf, &n,
+///   NULL, 0)`). Called on the work loop, from [`vbal_create`] and [`vbal_interrupt`] (the
+///   stats buffer) and from [`vbal_pressure_check`].
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub struct VbalCallbacks {
@@ -129,6 +171,14 @@ pub struct VbalCallbacks {
     >,
     pub free_chunk: Option<unsafe extern "C" fn(ctx: *mut c_void, cookie: *mut c_void)>,
     pub changed: Option<unsafe extern "C" fn(ctx: *mut c_void, starved: bool)>,
+    pub read_sysctl: Option<
+        unsafe extern "C" fn(
+            ctx: *mut c_void,
+            name: *const c_char,
+            buf: *mut c_void,
+            len: *mut u32,
+        ) -> i32,
+    >,
 }
 
 /// State and counters for the IORegistry.
@@ -147,6 +197,13 @@ pub struct VbalInfo {
     pub page_size: u32,
     /// 1 when DEFLATE_ON_OOM was negotiated.
     pub deflate_on_oom: u32,
+    /// The memory pressure level last read (0: none, or unreadable; see
+    /// [`VBAL_PRESSURE_NORMAL`]).
+    pub pressure_level: u32,
+    /// Times the balloon gave memory back for memory pressure ([`vbal_pressure_check`]).
+    pub pressure_deflates: u64,
+    /// Sysctl reads that failed (their figures are not sent, or sent with the last value).
+    pub sysctl_failures: u64,
     pub inflate_requests: u64,
     pub deflate_requests: u64,
     pub stats_buffers: u64,
@@ -167,6 +224,18 @@ pub struct VbalInfo {
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct VbalOom {
+    /// Pages already out of the balloon.
+    pub released: u64,
+    /// Pages that leave it when the device acknowledges (MUST_TELL_HOST).
+    pub pending: u64,
+}
+
+/// Result of [`vbal_pressure_check`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VbalPressure {
+    /// The level read (`kern.memorystatus_vm_pressure_level`).
+    pub level: u32,
     /// Pages already out of the balloon.
     pub released: u64,
     /// Pages that leave it when the device acknowledges (MUST_TELL_HOST).
@@ -210,6 +279,7 @@ struct ChunkPool {
     chunks_freed: u64,
     alloc_failures: u64,
     bad_returns: u64,
+    sysctl_failures: u64,
 }
 
 impl ChunkPool {
@@ -227,7 +297,48 @@ impl ChunkPool {
             chunks_freed: 0,
             alloc_failures: 0,
             bad_returns: 0,
+            sysctl_failures: 0,
         }
+    }
+
+    /// An unsigned number from the kernel through the shim (4- or 8-byte sysctls, native
+    /// byte order); `None` (counted) when there is no callback, the sysctl fails or it
+    /// answers with another size.
+    fn read_sysctl(&mut self, name: &CStr) -> Option<u64> {
+        let value = self.cb.read_sysctl.and_then(|read| {
+            let mut buf = [0u8; 8];
+            let mut len = buf.len() as u32;
+            // SAFETY: the shim's callback with its own context; `name` is NUL-terminated,
+            // `buf` has `len` bytes of room, `len` is a local.
+            let err = unsafe {
+                read(
+                    self.cb.ctx,
+                    name.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    &mut len,
+                )
+            };
+            if err != 0 {
+                return None;
+            }
+            match len {
+                4 => {
+                    let b: [u8; 4] = buf.get(..4)?.try_into().ok()?;
+                    Some(u64::from(u32::from_ne_bytes(b)))
+                }
+                8 => Some(u64::from_ne_bytes(buf)),
+                _ => None,
+            }
+        });
+        if value.is_none() {
+            self.sysctl_failures += 1;
+        }
+        value
+    }
+
+    /// A page count from the kernel, in bytes.
+    fn read_pages(&mut self, name: &CStr) -> Option<u64> {
+        self.read_sysctl(name)?.checked_mul(self.page_size as u64)
     }
 
     fn live_chunks(&self) -> usize {
@@ -329,6 +440,24 @@ impl PagePool for ChunkPool {
         self.total_pages
     }
 
+    /// The guest's memory figures, read when the driver fills the stats buffer; a figure
+    /// whose sysctl fails is `None`. Without a `read_sysctl` callback nothing is read.
+    fn stats(&mut self) -> MemStats {
+        if self.cb.read_sysctl.is_none() {
+            return MemStats::default();
+        }
+        let total = self.read_sysctl(SYSCTL_MEMSIZE);
+        let free = self.read_pages(SYSCTL_FREE);
+        let file_backed = self.read_pages(SYSCTL_FILE_BACKED);
+        MemStats {
+            mem_total: total,
+            mem_free: free,
+            caches: file_backed,
+            mem_available: free.zip(file_backed).and_then(|(f, c)| f.checked_add(c)),
+            ..MemStats::default()
+        }
+    }
+
     fn alloc_page(&mut self) -> Option<Page> {
         let i = match self.chunk_with_spare() {
             Some(i) => i,
@@ -396,6 +525,11 @@ pub struct VbalDevice {
     starved: bool,
     asleep: bool,
     stopped: bool,
+    /// The last pressure level read (0: none yet, or unreadable).
+    pressure_level: u32,
+    /// When the balloon last gave memory back for pressure (the shim's clock, ms).
+    last_pressure_ms: Option<u64>,
+    pressure_deflates: u64,
 }
 
 fn dev<'a>(p: *mut VbalDevice) -> Option<&'a mut VbalDevice> {
@@ -449,6 +583,26 @@ impl VbalDevice {
             // Stopped by a failed restart: nothing to do until a wake.
             Err(BalloonError::Stopped) => self.starved = false,
             Err(e) => self.recover(&e),
+        }
+    }
+
+    /// The driver's OOM deflate of up to `pages` kernel pages, as a `vbal_*` status.
+    fn oom_deflate(&mut self, pages: u64) -> Result<VbalOom, i32> {
+        let Some(drv) = self.drv.as_mut() else {
+            return Err(VBAL_E_STOPPED);
+        };
+        let pages = usize::try_from(pages).unwrap_or(usize::MAX);
+        match drv.deflate_for_oom(pages) {
+            Ok(r) => Ok(VbalOom {
+                released: r.released as u64,
+                pending: r.pending as u64,
+            }),
+            Err(BalloonError::NotNegotiated) => Err(VBAL_E_UNSUPPORTED),
+            Err(BalloonError::Stopped) => Err(VBAL_E_DEVICE),
+            Err(e) => {
+                self.recover(&e);
+                Err(VBAL_E_DEVICE)
+            }
         }
     }
 
@@ -527,6 +681,9 @@ pub unsafe extern "C" fn vbal_create(
         starved: false,
         asleep: false,
         stopped: false,
+        pressure_level: 0,
+        last_pressure_ms: None,
+        pressure_deflates: 0,
     });
     d.restarted();
     d.notify();
@@ -612,24 +769,85 @@ pub unsafe extern "C" fn vbal_deflate_for_oom(
     if d.stopped || d.asleep {
         return VBAL_E_STOPPED;
     }
+    match d.oom_deflate(pages) {
+        Ok(r) => {
+            *out = r;
+            VBAL_OK
+        }
+        Err(status) => status,
+    }
+}
+
+/// The shim's memory-pressure timer (every [`VBAL_PRESSURE_MS`] while DEFLATE_ON_OOM is
+/// negotiated; `now_ms` is a monotonic clock in milliseconds): reads
+/// `kern.memorystatus_vm_pressure_level` through [`VbalCallbacks::read_sysctl`] and, at
+/// warning (2) or critical (4), takes [`VBAL_PRESSURE_WARN_MIB`] or
+/// [`VBAL_PRESSURE_CRITICAL_MIB`] MiB out of the balloon as [`vbal_deflate_for_oom`]
+/// does, unless it already did less than [`VBAL_PRESSURE_MS`] before. Normal (1), or any
+/// other value, does nothing. `VBAL_E_UNAVAILABLE` when the level cannot be read,
+/// `VBAL_E_UNSUPPORTED` without DEFLATE_ON_OOM.
+///
+/// # Safety
+/// `d` is null or a live handle; `out` is null or valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vbal_pressure_check(
+    d: *mut VbalDevice,
+    now_ms: u64,
+    out: *mut VbalPressure,
+) -> i32 {
+    // SAFETY: null or valid (C contract).
+    let (Some(d), Some(out)) = (dev(d), unsafe { out.as_mut() }) else {
+        return VBAL_E_INVALID;
+    };
+    *out = VbalPressure::default();
+    if d.stopped || d.asleep {
+        return VBAL_E_STOPPED;
+    }
     let Some(drv) = d.drv.as_mut() else {
         return VBAL_E_STOPPED;
     };
-    let pages = usize::try_from(pages).unwrap_or(usize::MAX);
-    match drv.deflate_for_oom(pages) {
+    if !drv
+        .features()
+        .contains(virtio_balloon::features::DEFLATE_ON_OOM)
+    {
+        return VBAL_E_UNSUPPORTED;
+    }
+    let page_size = drv.pool().page_size as u64;
+    let Some(level) = drv.pool_mut().read_sysctl(SYSCTL_PRESSURE) else {
+        if d.pressure_level != 0 {
+            log::warn!("VirtioBalloon: the memory pressure level cannot be read");
+        }
+        d.pressure_level = 0;
+        return VBAL_E_UNAVAILABLE;
+    };
+    let level = u32::try_from(level).unwrap_or(u32::MAX);
+    out.level = level;
+    if level != d.pressure_level {
+        log::info!("VirtioBalloon: memory pressure level {level}");
+        d.pressure_level = level;
+    }
+    let mib = match level {
+        VBAL_PRESSURE_WARN => VBAL_PRESSURE_WARN_MIB,
+        VBAL_PRESSURE_CRITICAL => VBAL_PRESSURE_CRITICAL_MIB,
+        _ => return VBAL_OK,
+    };
+    if d.last_pressure_ms
+        .is_some_and(|t| now_ms.saturating_sub(t) < u64::from(VBAL_PRESSURE_MS))
+    {
+        return VBAL_OK;
+    }
+    d.last_pressure_ms = Some(now_ms);
+    let pages = (u64::from(mib) << 20) / page_size.max(1);
+    match d.oom_deflate(pages) {
         Ok(r) => {
-            *out = VbalOom {
-                released: r.released as u64,
-                pending: r.pending as u64,
-            };
+            if r.released.saturating_add(r.pending) > 0 {
+                d.pressure_deflates += 1;
+            }
+            out.released = r.released;
+            out.pending = r.pending;
             VBAL_OK
         }
-        Err(BalloonError::NotNegotiated) => VBAL_E_UNSUPPORTED,
-        Err(BalloonError::Stopped) => VBAL_E_DEVICE,
-        Err(e) => {
-            d.recover(&e);
-            VBAL_E_DEVICE
-        }
+        Err(status) => status,
     }
 }
 
@@ -647,6 +865,8 @@ pub unsafe extern "C" fn vbal_info(d: *mut VbalDevice, out: *mut VbalInfo) -> i3
         interrupts: d.interrupts,
         recoveries: d.recoveries,
         suspends: d.suspends,
+        pressure_level: d.pressure_level,
+        pressure_deflates: d.pressure_deflates,
         ..VbalInfo::default()
     };
     if let Some(drv) = d.drv.as_ref() {
@@ -668,6 +888,7 @@ pub unsafe extern "C" fn vbal_info(d: *mut VbalDevice, out: *mut VbalInfo) -> i3
         i.alloc_failures = p.alloc_failures;
         i.chunks_allocated = p.chunks_allocated;
         i.chunks_freed = p.chunks_freed;
+        i.sysctl_failures = p.sysctl_failures;
     }
     *out = i;
     VBAL_OK
@@ -788,6 +1009,7 @@ mod tests {
             alloc_chunk: None,
             free_chunk: None,
             changed: None,
+            read_sysctl: None,
         };
         let cfg = VbalConfig {
             page_size: 4096,
