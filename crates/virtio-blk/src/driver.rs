@@ -699,7 +699,29 @@ impl<B: Bus> BlkDriver<B> {
             return Err(BlkError::NoSuchQueue { queue });
         }
 
-        // Plan: count device requests and ring descriptors, all or nothing.
+        // Fast path, one pass: the first part is cut once; when it is the whole request
+        // (the common case: a request within the device's limits), it is queued as cut.
+        let mut cursor = Self::first_cursor(kind);
+        if !matches!(cursor, Cursor::Ranges(_)) {
+            let Some(part) = self.next_part(qi, &req, kind, &mut cursor)? else {
+                return Err(BlkError::InvalidRequest);
+            };
+            if Self::exhausted(&req, &cursor) {
+                let free_slots = self.queues.get(qi).map_or(0, |q| q.free.len());
+                let index = self.queues.get(qi).map_or(queue, |q| q.index);
+                let descs = self.bus.descriptors_for(index, part.chain_len(kind))?;
+                if descs > usize::from(self.bus.queue_size(queue)?) {
+                    return Err(BlkError::TooLarge);
+                }
+                if free_slots == 0 || descs > usize::from(self.bus.free_descriptors(queue)?) {
+                    return Err(BlkError::QueueFull);
+                }
+                let mut head = None;
+                return self.queue_part(qi, queue, kind, part, &mut head, token);
+            }
+        }
+
+        // Several parts: count device requests and ring descriptors first, all or nothing.
         let (parts, descs) = self.plan(qi, &req, kind)?;
         let (free_slots, total_slots) = self
             .queues
@@ -860,7 +882,7 @@ impl<B: Bus> BlkDriver<B> {
             ) => {
                 let lim = self.data_limits(qi);
                 // The sector of this part: the caller's plus what earlier parts covered.
-                let done = bytes_before(buffers, c);
+                let done = c.offset();
                 let out = self.scratch.get_mut(1..).unwrap_or(&mut []);
                 let part = split::next_data_part(buffers, c, &lim, out)
                     .map_err(|CannotSplit| BlkError::InvalidRequest)?;
@@ -913,6 +935,17 @@ impl<B: Bus> BlkDriver<B> {
         }
     }
 
+    /// Whether `cursor` is past the last part of `req`.
+    fn exhausted(req: &Request<'_>, cursor: &Cursor) -> bool {
+        match (*req, *cursor) {
+            (Request::Read { buffers, .. } | Request::Write { buffers, .. }, Cursor::Data(c)) => {
+                c.at_end(buffers)
+            }
+            (_, Cursor::Single(done)) => done,
+            _ => false,
+        }
+    }
+
     /// Counts device requests and ring descriptors, stopping early once more parts than
     /// the queue has slots are needed.
     fn plan(
@@ -949,102 +982,123 @@ impl<B: Bus> BlkDriver<B> {
         let mut cursor = Self::first_cursor(kind);
         let mut head: Option<u16> = None;
         while let Some(part) = self.next_part(qi, req, kind, &mut cursor)? {
-            let Some(q) = self.queues.get_mut(qi) else {
-                return Err(BlkError::NoSuchQueue { queue });
-            };
-            let Some(slot) = q.free.pop() else {
-                // Cannot happen after planning; stop with what is queued.
-                return Self::partial(q, head, BlkError::QueueFull);
-            };
-            let h = head.unwrap_or(slot);
+            self.queue_part(qi, queue, kind, part, &mut head, token)?;
+        }
+        Ok(())
+    }
 
-            // Device-readable header and range segments, status sentinel, zeroed answer.
-            let header = ReqHeader::new(
-                kind.req_type(),
-                if matches!(kind, Kind::Read | Kind::Write) {
-                    part.sector
-                } else {
-                    0
-                },
-            );
-            q.write(slot, SLOT_HEADER, header.as_bytes());
+    /// Queues one device request whose data descriptors (or ranges) `next_part` left in
+    /// `scratch[1..]` (or `ranges`); `head` is the caller request's first part (set by the
+    /// first call). Writes only what the device reads: the header, the status sentinel,
+    /// and the answer area or ranges when the request has them.
+    fn queue_part(
+        &mut self,
+        qi: usize,
+        queue: u16,
+        kind: Kind,
+        part: Part,
+        head: &mut Option<u16>,
+        token: usize,
+    ) -> Result<(), BlkError> {
+        let Some(q) = self.queues.get_mut(qi) else {
+            return Err(BlkError::NoSuchQueue { queue });
+        };
+        let Some(slot) = q.free.pop() else {
+            // Cannot happen after planning; stop with what is queued.
+            return Self::partial(q, *head, BlkError::QueueFull);
+        };
+        let h = head.unwrap_or(slot);
+
+        // Device-readable header and range segments, status sentinel, zeroed answer.
+        let header = ReqHeader::new(
+            kind.req_type(),
+            if matches!(kind, Kind::Read | Kind::Write) {
+                part.sector
+            } else {
+                0
+            },
+        );
+        q.write(slot, SLOT_HEADER, header.as_bytes());
+        q.write(slot, SLOT_STATUS, &[STATUS_SENTINEL]);
+        if matches!(kind, Kind::GetId | Kind::GetLifetime) {
             q.write(slot, SLOT_INLINE, &[0; SLOT_INLINE_LEN]);
-            q.write(slot, SLOT_STATUS, &[STATUS_SENTINEL]);
+        }
+        if part.nranges > 0 {
             let ranges = self.ranges.get(..part.nranges).unwrap_or(&[]);
             q.write(slot, SLOT_RANGES, ranges.as_bytes());
+        }
 
-            // The chain: [header, data | answer | ranges, status].
-            let hdr = Segment::new(q.slot_daddr(slot, SLOT_HEADER), 16);
-            let st = Segment::new(q.slot_daddr(slot, SLOT_STATUS), 1);
-            let (n, readable) = match kind {
-                Kind::Read => (part.descs, 1),
-                Kind::Write => (part.descs, 1 + part.descs),
-                Kind::Flush => (0, 1),
-                Kind::GetId => {
-                    if let Some(s) = self.scratch.get_mut(1) {
-                        *s = Segment::new(q.slot_daddr(slot, SLOT_INLINE), ID_BYTES as u32);
-                    }
-                    (1, 1)
+        // The chain: [header, data | answer | ranges, status].
+        let hdr = Segment::new(q.slot_daddr(slot, SLOT_HEADER), 16);
+        let st = Segment::new(q.slot_daddr(slot, SLOT_STATUS), 1);
+        let (n, readable) = match kind {
+            Kind::Read => (part.descs, 1),
+            Kind::Write => (part.descs, 1 + part.descs),
+            Kind::Flush => (0, 1),
+            Kind::GetId => {
+                if let Some(s) = self.scratch.get_mut(1) {
+                    *s = Segment::new(q.slot_daddr(slot, SLOT_INLINE), ID_BYTES as u32);
                 }
-                Kind::GetLifetime => {
-                    if let Some(s) = self.scratch.get_mut(1) {
-                        *s = Segment::new(
-                            q.slot_daddr(slot, SLOT_INLINE),
-                            core::mem::size_of::<wire::LifetimeWire>() as u32,
-                        );
-                    }
-                    (1, 1)
+                (1, 1)
+            }
+            Kind::GetLifetime => {
+                if let Some(s) = self.scratch.get_mut(1) {
+                    *s = Segment::new(
+                        q.slot_daddr(slot, SLOT_INLINE),
+                        core::mem::size_of::<wire::LifetimeWire>() as u32,
+                    );
                 }
-                Kind::Discard | Kind::WriteZeroes | Kind::SecureErase => {
-                    if let Some(s) = self.scratch.get_mut(1) {
-                        *s = Segment::new(
-                            q.slot_daddr(slot, SLOT_RANGES),
-                            (part.nranges * core::mem::size_of::<RangeSegment>()) as u32,
-                        );
-                    }
-                    (1, 2)
+                (1, 1)
+            }
+            Kind::Discard | Kind::WriteZeroes | Kind::SecureErase => {
+                if let Some(s) = self.scratch.get_mut(1) {
+                    *s = Segment::new(
+                        q.slot_daddr(slot, SLOT_RANGES),
+                        (part.nranges * core::mem::size_of::<RangeSegment>()) as u32,
+                    );
                 }
+                (1, 2)
+            }
+        };
+        if let Some(s) = self.scratch.get_mut(0) {
+            *s = hdr;
+        }
+        if let Some(s) = self.scratch.get_mut(n + 1) {
+            *s = st;
+        }
+        let chain = self.scratch.get(..n + 2).unwrap_or(&[]);
+        let (r, w) = chain.split_at(readable.min(chain.len()));
+
+        if let Some(s) = q.slot_mut(slot) {
+            *s = Slot {
+                state: SlotState::InFlight,
+                kind,
+                head: h,
+                data_len: if kind == Kind::Read { part.bytes } else { 0 },
+                token: 0,
+                pending: 0,
+                error: None,
             };
-            if let Some(s) = self.scratch.get_mut(0) {
-                *s = hdr;
-            }
-            if let Some(s) = self.scratch.get_mut(n + 1) {
-                *s = st;
-            }
-            let chain = self.scratch.get(..n + 2).unwrap_or(&[]);
-            let (r, w) = chain.split_at(readable.min(chain.len()));
-
-            if let Some(s) = q.slot_mut(slot) {
-                *s = Slot {
-                    state: SlotState::InFlight,
-                    kind,
-                    head: h,
-                    data_len: if kind == Kind::Read { part.bytes } else { 0 },
-                    token: 0,
-                    pending: 0,
-                    error: None,
-                };
-            }
-            if let Err(e) = self.bus.add(queue, r, w, usize::from(slot)) {
-                log::warn!("virtio-blk: queue {queue}: add failed: {e}");
-                let Some(q) = self.queues.get_mut(qi) else {
-                    return Err(e.into());
-                };
-                q.release(slot);
-                return Self::partial(q, head, e.into());
-            }
+        }
+        if let Err(e) = self.bus.add(queue, r, w, usize::from(slot)) {
+            log::warn!("virtio-blk: queue {queue}: add failed: {e}");
             let Some(q) = self.queues.get_mut(qi) else {
-                return Err(BlkError::NoSuchQueue { queue });
+                return Err(e.into());
             };
-            if head.is_none() {
-                head = Some(slot);
-                if let Some(s) = q.slot_mut(slot) {
-                    s.token = token;
-                }
+            q.release(slot);
+            return Self::partial(q, *head, e.into());
+        }
+        let Some(q) = self.queues.get_mut(qi) else {
+            return Err(BlkError::NoSuchQueue { queue });
+        };
+        if head.is_none() {
+            *head = Some(slot);
+            if let Some(s) = q.slot_mut(slot) {
+                s.token = token;
             }
-            if let Some(s) = q.slot_mut(h) {
-                s.pending += 1;
-            }
+        }
+        if let Some(s) = q.slot_mut(h) {
+            s.pending += 1;
         }
         Ok(())
     }
@@ -1149,6 +1203,11 @@ impl<B: Bus> BlkDriver<B> {
             return Ok(0);
         }
         let irq = self.options.interrupts;
+        // Interrupts are enabled between polls: with nothing to pop, leave them so and skip
+        // the disable/re-enable pair (and the re-enable's full fence).
+        if irq && !self.bus.has_used(queue)? {
+            return Ok(0);
+        }
         let mut done = 0;
         loop {
             if irq {
@@ -1320,12 +1379,6 @@ impl<B: Bus> Drop for BlkDriver<B> {
         self.bus.reset(&mut |_, _| {});
         self.free_regions();
     }
-}
-
-/// Bytes of `bufs` before cursor `c`.
-fn bytes_before(bufs: &[Segment], c: DataCursor) -> u64 {
-    // DataCursor is opaque outside `split`; recompute through its Debug-free accessors.
-    split::cursor_offset(bufs, c)
 }
 
 /// Validates one completed device request and folds it into its caller request.

@@ -54,17 +54,26 @@ impl DataLimits {
     }
 }
 
-/// Position in a scatter-gather list.
+/// Position in a scatter-gather list, with the bytes before it kept as it moves (so a
+/// part's sector costs nothing and splitting stays linear in the number of segments).
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct DataCursor {
     seg: usize,
     off: u32,
+    /// Bytes of the list before this position.
+    done: u64,
 }
 
-/// Bytes of `bufs` before cursor `c` (how far a request has progressed).
-pub fn cursor_offset(bufs: &[Segment], c: DataCursor) -> u64 {
-    let whole: u64 = bufs.iter().take(c.seg).map(|s| u64::from(s.len)).sum();
-    whole + u64::from(c.off)
+impl DataCursor {
+    /// Bytes of the list before this position (how far a request has progressed).
+    pub fn offset(self) -> u64 {
+        self.done
+    }
+
+    /// Whether every segment of `bufs` lies before this position.
+    pub fn at_end(self, bufs: &[Segment]) -> bool {
+        self.seg >= bufs.len()
+    }
 }
 
 /// One device request's share of the data.
@@ -85,12 +94,14 @@ fn advance(bufs: &[Segment], mut c: DataCursor, mut bytes: u64) -> DataCursor {
         if bytes < left {
             // bytes < left <= u32::MAX
             c.off += bytes as u32;
+            c.done += bytes;
             return c;
         }
         bytes -= left;
         c = DataCursor {
             seg: c.seg + 1,
             off: 0,
+            done: c.done + left,
         };
         if bytes == 0 {
             break;
@@ -121,6 +132,7 @@ pub fn next_data_part(
             c = DataCursor {
                 seg: c.seg + 1,
                 off: 0,
+                done: c.done,
             };
             continue;
         }

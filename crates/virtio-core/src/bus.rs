@@ -208,6 +208,14 @@ pub trait Bus {
     /// Re-enables interrupts after ~3/4 of the in-flight chains completed (EVENT_IDX).
     fn enable_interrupts_delayed(&mut self, queue: u16) -> Result<bool>;
     fn disable_interrupts(&mut self, queue: u16) -> Result<()>;
+    /// Whether `queue` may have completions to pop: a peek at the used index (no barrier),
+    /// so a driver can skip the disable/drain/re-enable sequence when there is nothing to
+    /// do. A broken queue answers true (popping reports why). Default: true (drain as
+    /// before).
+    fn has_used(&self, queue: u16) -> Result<bool> {
+        let _ = queue;
+        Ok(true)
+    }
     /// Free descriptors (a chain of n segments needs n, or 1 with indirect).
     fn free_descriptors(&self, queue: u16) -> Result<u16>;
     /// The size the queue was set up with.

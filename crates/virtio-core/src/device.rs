@@ -544,6 +544,11 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
         Ok(())
     }
 
+    fn has_used(&self, queue: u16) -> Result<bool> {
+        let q = self.queue_ref(queue)?;
+        Ok(q.is_broken() || q.has_used())
+    }
+
     fn free_descriptors(&self, queue: u16) -> Result<u16> {
         Ok(self.queue_ref(queue)?.num_free())
     }

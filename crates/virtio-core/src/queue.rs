@@ -244,6 +244,7 @@ impl SplitQueue {
     /// Uses one indirect descriptor when negotiated and the chain has more than one segment
     /// (it then costs one ring slot instead of `n`). Returns `Error::QueueFull` when not
     /// enough descriptors are free: backpressure, retry after completions.
+    #[inline]
     pub fn add(&mut self, readable: &[Segment], writable: &[Segment], token: usize) -> Result<()> {
         if self.broken {
             return Err(Error::QueueBroken { queue: self.index });
@@ -362,6 +363,7 @@ impl SplitQueue {
     }
 
     /// Whether the device has completed chains we have not popped yet.
+    #[inline]
     pub fn has_used(&self) -> bool {
         !self.broken && self.read_u16(self.layout.used_idx()) != self.last_used
     }
@@ -369,6 +371,7 @@ impl SplitQueue {
     /// Pops the next used entry in the order the device completed them (§2.7.14), after
     /// validating it. Any invalid value breaks the queue (it then refuses use until reset):
     /// a device that lies once cannot be trusted with the rest of the ring.
+    #[inline]
     pub fn pop_used(&mut self) -> Result<Option<Used>> {
         if self.broken {
             return Err(Error::QueueBroken { queue: self.index });

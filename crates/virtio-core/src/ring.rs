@@ -100,34 +100,50 @@ impl SplitRingLayout {
         })
     }
 
+    /// `size - 1`: split ring sizes are powers of two (checked in `new`), so a slot's
+    /// position is a mask, not a division (ring indices run free over u16, §2.7.6).
+    #[inline]
+    fn mask(&self) -> u16 {
+        self.size.wrapping_sub(1)
+    }
+
+    #[inline]
     pub fn avail_flags(&self) -> usize {
         self.avail
     }
+    #[inline]
     pub fn avail_idx(&self) -> usize {
         self.avail + 2
     }
+    #[inline]
     pub fn avail_ring(&self, slot: u16) -> usize {
-        self.avail + 4 + 2 * (slot % self.size) as usize
+        self.avail + 4 + 2 * (slot & self.mask()) as usize
     }
     /// `used_event` lives after the available ring (§2.7.10).
+    #[inline]
     pub fn used_event(&self) -> usize {
         self.avail + 4 + 2 * self.size as usize
     }
+    #[inline]
     pub fn used_flags(&self) -> usize {
         self.used
     }
+    #[inline]
     pub fn used_idx(&self) -> usize {
         self.used + 2
     }
+    #[inline]
     pub fn used_ring(&self, slot: u16) -> usize {
-        self.used + 4 + 8 * (slot % self.size) as usize
+        self.used + 4 + 8 * (slot & self.mask()) as usize
     }
     /// `avail_event` lives after the used ring (§2.7.10).
+    #[inline]
     pub fn avail_event(&self) -> usize {
         self.used + 4 + 8 * self.size as usize
     }
+    #[inline]
     pub fn desc_entry(&self, index: u16) -> usize {
-        self.desc + 16 * (index % self.size) as usize
+        self.desc + 16 * (index & self.mask()) as usize
     }
 }
 
