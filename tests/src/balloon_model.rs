@@ -226,6 +226,11 @@ impl BalloonModel {
         self.held_deflates.len()
     }
 
+    /// Heads of the report chains held (not yet used), for hostile completions.
+    pub fn held_report_heads(&self) -> &[u16] {
+        &self.held_reports
+    }
+
     // ---- serving ----
 
     fn len_for(&self, queue: u16, normal: u32) -> u32 {

@@ -42,6 +42,7 @@ c_abi! {
         fn vbal_poll(*mut VbalDevice) -> i32;
         fn vbal_deflate_for_oom(*mut VbalDevice, u64, *mut VbalOom) -> i32;
         fn vbal_pressure_check(*mut VbalDevice, u64, *mut VbalPressure) -> i32;
+        fn vbal_report_check(*mut VbalDevice, u64, *mut VbalReport) -> i32;
         fn vbal_info(*mut VbalDevice, *mut VbalInfo) -> i32;
         fn vbal_suspend(*mut VbalDevice) -> i32;
         fn vbal_resume(*mut VbalDevice) -> i32;
@@ -90,6 +91,14 @@ kext_tests!(Kexts:
     needs_reset_recovers_and_reinflates,
     lifecycle_across_sleep_and_wake,
     null_arguments_are_refused,
+    a_reporting_round_reports_wired_frames_and_frees_them_after_the_device,
+    contiguous_pages_are_reported_as_one_range,
+    no_reporting_when_memory_is_low_or_under_pressure,
+    pressure_mid_round_cuts_the_round_short,
+    reporting_is_rate_limited_and_one_round_at_a_time,
+    sleep_stop_or_reset_mid_report_frees_every_chunk,
+    a_hostile_reporting_device_never_leaks_or_double_frees,
+    reporting_is_off_unless_offered,
 );
 
 /// The shim's side of memory: chunks "wired" from a fake physical space, every one
@@ -103,6 +112,11 @@ struct ShimMem {
     live: BTreeMap<usize, Vec<u64>>,
     /// Chunks the shim may have wired at once (`None`: no limit).
     limit: Option<usize>,
+    /// Hand out physically contiguous chunks (the default scatters every page).
+    contiguous: bool,
+    /// Every chunk ever wired, by cookie (cookies grow: a round's chunks are those above
+    /// the last cookie before it).
+    ever: BTreeMap<usize, Vec<u64>>,
     allocs: u64,
     frees: u64,
     errors: Vec<String>,
@@ -135,16 +149,21 @@ unsafe extern "C" fn alloc_chunk(
     // SAFETY: ctx is the test's RefCell<ShimMem>, alive while the device lives.
     let mem = unsafe { &*(ctx as *const RefCell<ShimMem>) };
     let mut m = mem.borrow_mut();
-    assert_eq!(count, VBAL_CHUNK_PAGES);
+    // Balloon chunks are VBAL_CHUNK_PAGES pages; reporting chunks at most that.
+    assert!((1..=VBAL_CHUNK_PAGES).contains(&count), "{count}");
     if m.limit.is_some_and(|l| m.live.len() >= l) {
         return false;
     }
     // A chunk's pages are not contiguous: an odd multiplier scatters them (bijective
-    // modulo 2^20 pages).
+    // modulo 2^20 pages). Contiguous chunks come from another part of the space.
     let addrs: Vec<u64> = (0..u64::from(count))
         .map(|k| {
-            let n = ((m.next + k).wrapping_mul(0x9E37_79B1)) & 0xF_FFFF;
-            BASE + n * m.page_size
+            if m.contiguous {
+                BASE + (1 << 20) * m.page_size + (m.next + k) * m.page_size
+            } else {
+                let n = ((m.next + k).wrapping_mul(0x9E37_79B1)) & 0xF_FFFF;
+                BASE + n * m.page_size
+            }
         })
         .collect();
     m.next += u64::from(count);
@@ -152,6 +171,7 @@ unsafe extern "C" fn alloc_chunk(
     unsafe { std::ptr::copy_nonoverlapping(addrs.as_ptr(), pages, addrs.len()) };
     m.next_cookie += 1;
     let c = m.next_cookie;
+    m.ever.insert(c, addrs.clone());
     m.live.insert(c, addrs);
     m.allocs += 1;
     // SAFETY: a valid out-pointer from the pool.
@@ -357,6 +377,14 @@ impl Rig {
         i
     }
 
+    /// The shim's reporting timer at `now_ms`.
+    fn report(&self, now_ms: u64) -> (i32, VbalReport) {
+        let mut p = VbalReport::default();
+        // SAFETY: live handle, local out-pointer.
+        let s = unsafe { (self.kexts.bal.vbal_report_check)(self.dev, now_ms, &mut p) };
+        (s, p)
+    }
+
     /// The shim's pressure timer at `now_ms`.
     fn pressure(&self, now_ms: u64) -> (i32, VbalPressure) {
         let mut p = VbalPressure::default();
@@ -413,9 +441,10 @@ impl Rig {
         );
         assert_eq!(
             i.pages_wired,
-            m.live.len() as u64 * u64::from(VBAL_CHUNK_PAGES),
+            m.live.values().map(|c| c.len() as u64).sum::<u64>(),
             "{what}"
         );
+        assert!(i.report_pages <= i.pages_wired, "{what}");
         // The balloon's pages are among the wired ones.
         assert!(i.pages_held <= i.pages_wired, "{what}");
         assert!(
@@ -706,6 +735,11 @@ fn null_arguments_are_refused(kexts: Kexts) {
             (f.vbal_pressure_check)(std::ptr::null_mut(), 0, &mut pressure),
             VBAL_E_INVALID
         );
+        let mut report = VbalReport::default();
+        assert_eq!(
+            (f.vbal_report_check)(std::ptr::null_mut(), 0, &mut report),
+            VBAL_E_INVALID
+        );
         assert_eq!((f.vbal_suspend)(std::ptr::null_mut()), VBAL_E_INVALID);
         assert_eq!((f.vbal_resume)(std::ptr::null_mut()), VBAL_E_INVALID);
         (f.vbal_interrupt)(std::ptr::null_mut(), 0);
@@ -765,6 +799,10 @@ fn null_arguments_are_refused(kexts: Kexts) {
         );
         assert_eq!(
             (f.vbal_pressure_check)(r.dev, 0, std::ptr::null_mut()),
+            VBAL_E_INVALID
+        );
+        assert_eq!(
+            (f.vbal_report_check)(r.dev, 0, std::ptr::null_mut()),
             VBAL_E_INVALID
         );
     }
@@ -1174,5 +1212,505 @@ fn normal_or_unreadable_pressure_does_nothing(kexts: Kexts) {
     assert_eq!(r.actual(), 1000);
     assert!(!r.mem.borrow().sysctl_reads.iter().any(|n| n == PRESSURE));
     r.check_consistent();
+    r.unload();
+}
+
+// ---- free page reporting ----
+
+/// QEMU's offer with free page reporting (`-device virtio-balloon,free-page-reporting=on`).
+const REPORTING: u64 = QEMU | bits::PAGE_REPORTING;
+const MIB: u64 = 1 << 20;
+/// One reporting round, in 4 KiB frames.
+const ROUND_FRAMES: usize = (VBAL_REPORT_ROUND_MIB as usize) << 8;
+
+/// A kernel with plenty of free memory: 8 GiB, half of it free, pressure normal.
+fn roomy_kernel(page: u64) -> BTreeMap<String, Vec<u8>> {
+    kernel(
+        8 << 30,
+        ((4 << 30) / page) as u32,
+        1000,
+        VBAL_PRESSURE_NORMAL,
+    )
+}
+
+fn reporting_rig(kexts: Kexts, mode: SimMode, pref: Preference, page: u32) -> Rig {
+    Rig::start_kernel(
+        kexts,
+        mode,
+        pref,
+        REPORTING,
+        false,
+        page,
+        8192,
+        0,
+        roomy_kernel(u64::from(page)),
+    )
+}
+
+/// The 4 KiB frames of report ranges.
+fn frames_of_ranges<'a>(ranges: impl IntoIterator<Item = &'a (u64, u32)>) -> Vec<u32> {
+    ranges
+        .into_iter()
+        .flat_map(|&(a, l)| (0..u64::from(l) / 4096).map(move |k| ((a >> 12) + k) as u32))
+        .collect()
+}
+
+/// The 4 KiB frames of the chunks wired after cookie `after`.
+fn frames_wired_after(m: &ShimMem, after: usize) -> BTreeSet<u32> {
+    let fpp = m.page_size / 4096;
+    m.ever
+        .range(after + 1..)
+        .flat_map(|(_, c)| c.iter())
+        .flat_map(|&a| (0..fpp).map(move |k| ((a >> 12) + k) as u32))
+        .collect()
+}
+
+impl Rig {
+    fn reporting_q(&self) -> u16 {
+        self.model.layout().reporting.expect("reporting queue")
+    }
+
+    fn reported_frames(&self) -> Vec<u32> {
+        frames_of_ranges(self.model.reports.iter().flatten())
+    }
+
+    fn cookie(&self) -> usize {
+        self.mem.borrow().next_cookie
+    }
+
+    fn live_chunks(&self) -> usize {
+        self.mem.borrow().live.len()
+    }
+}
+
+/// A round takes VBAL_REPORT_ROUND_MIB MiB of wired chunks from the shim and reports
+/// exactly their pages, in 4 KiB frames whatever the page size, never a page of the
+/// balloon; each chunk stays wired while a report carrying it is with the device and is
+/// freed once the device returns it.
+fn a_reporting_round_reports_wired_frames_and_frees_them_after_the_device(kexts: Kexts) {
+    let mut cases: Vec<(SimMode, Preference, u32)> =
+        MODES.iter().map(|&(m, p)| (m, p, 4096)).collect();
+    cases.push((SimMode::Modern, Preference::Auto, 16384));
+    for (mode, pref, page) in cases {
+        let mut r = reporting_rig(kexts, mode, pref, page);
+        let what = r.what.clone();
+        assert_eq!(r.info().page_reporting, 1, "{what}");
+        assert_ne!(
+            r.sim.driver_features() & bits::PAGE_REPORTING,
+            0,
+            "{what}: negotiated"
+        );
+        assert_eq!(
+            r.sim.driver_features() & bits::FREE_PAGE_HINT,
+            0,
+            "{what}: no hinting"
+        );
+        assert!(r.model.reports.is_empty(), "{what}: nothing before a round");
+        // The balloon holds some pages too: reporting never touches them.
+        r.set_target(300);
+        let balloon_chunks = r.live_chunks();
+        let before = r.cookie();
+
+        r.model.hold_reports = true;
+        let (s, rep) = r.report(10_000);
+        assert_eq!((s, rep.outcome), (VBAL_OK, VBAL_REPORT_SENT), "{what}");
+        assert!(rep.ranges > 0, "{what}");
+        assert_eq!(rep.level, VBAL_PRESSURE_NORMAL);
+        assert_eq!(rep.free_bytes, 4 << 30);
+        r.run();
+        assert_eq!(r.model.reports.len(), 1, "{what}: one report in flight");
+        let first = frames_of_ranges(&r.model.reports[0]);
+        {
+            let m = r.mem.borrow();
+            let round = frames_wired_after(&m, before);
+            assert!(!round.is_empty());
+            assert!(
+                first.iter().all(|f| round.contains(f)),
+                "{what}: reported frames are the round's wired pages"
+            );
+            // Held by the device: the round's chunks are all still wired.
+            assert!(
+                m.ever
+                    .range(before + 1..)
+                    .all(|(c, _)| m.live.contains_key(c)),
+                "{what}: freed while the device held the report"
+            );
+        }
+        assert!(
+            first.iter().all(|f| !r.model.ballooned.contains(f)),
+            "{what}"
+        );
+        let i = r.info();
+        assert!(i.report_pages > 0, "{what}");
+        assert_eq!(i.reports, 1);
+        assert_eq!(i.bytes_reported, 0, "{what}: nothing returned yet");
+        r.check_consistent();
+
+        // The device returns them one at a time: the rest of the round follows, one report
+        // in flight at a time, and a chunk is freed as soon as the device has returned
+        // every report carrying its pages (not before, not only at the round's end).
+        for step in 1..=ROUND_FRAMES {
+            let reports = r.model.reports.len();
+            r.model.release_reports(&r.sim);
+            r.run();
+            if r.model.reports.len() == reports {
+                break;
+            }
+            assert_eq!(r.model.reports.len(), reports + 1, "{what}: one at a time");
+            assert_eq!(r.model.held_report_heads().len(), 1, "{what}");
+            let held: BTreeSet<u32> = frames_of_ranges(r.model.reports.last().unwrap())
+                .into_iter()
+                .collect();
+            let sent: BTreeSet<u32> = r.reported_frames().into_iter().collect();
+            let m = r.mem.borrow();
+            let fpp = m.page_size / 4096;
+            for (cookie, pages) in m.ever.range(before + 1..) {
+                let frames: Vec<u32> = pages
+                    .iter()
+                    .flat_map(|&a| (0..fpp).map(move |k| ((a >> 12) + k) as u32))
+                    .collect();
+                let in_held = frames.iter().any(|f| held.contains(f));
+                let reported = frames.iter().all(|f| sent.contains(f));
+                if in_held {
+                    assert!(
+                        m.live.contains_key(cookie),
+                        "{what} step {step}: freed early"
+                    );
+                } else if reported {
+                    assert!(
+                        !m.live.contains_key(cookie),
+                        "{what} step {step}: chunk {cookie} kept after its reports returned"
+                    );
+                }
+            }
+        }
+        r.model.hold_reports = false;
+        let all = r.reported_frames();
+        let unique: BTreeSet<u32> = all.iter().copied().collect();
+        assert_eq!(all.len(), unique.len(), "{what}: a frame reported twice");
+        assert_eq!(all.len(), ROUND_FRAMES, "{what}: a round is bounded");
+        {
+            let m = r.mem.borrow();
+            assert_eq!(
+                unique,
+                frames_wired_after(&m, before),
+                "{what}: exactly the round's pages"
+            );
+            assert!(
+                m.ever
+                    .range(before + 1..)
+                    .all(|(c, _)| !m.live.contains_key(c)),
+                "{what}: a reporting chunk not freed"
+            );
+        }
+        assert!(unique.iter().all(|f| !r.model.ballooned.contains(f)));
+        assert_eq!(r.live_chunks(), balloon_chunks, "{what}");
+        let i = r.info();
+        assert_eq!(i.report_pages, 0, "{what}");
+        assert_eq!(i.bytes_reported, u64::from(VBAL_REPORT_ROUND_MIB) * MIB);
+        assert_eq!(i.reports, r.model.reports.len() as u64);
+        assert_eq!(i.report_rounds, 1);
+        assert_eq!(r.actual(), 300, "{what}: the balloon is untouched");
+        r.check_consistent();
+        r.unload();
+    }
+}
+
+/// Physically contiguous pages of a chunk travel as one range.
+fn contiguous_pages_are_reported_as_one_range(kexts: Kexts) {
+    let mut r = reporting_rig(kexts, SimMode::Modern, Preference::Auto, 4096);
+    r.mem.borrow_mut().contiguous = true;
+    let (s, rep) = r.report(10_000);
+    assert_eq!((s, rep.outcome), (VBAL_OK, VBAL_REPORT_SENT));
+    r.run();
+    let chunk = u32::try_from(u64::from(VBAL_CHUNK_PAGES) * 4096).unwrap();
+    let ranges: Vec<(u64, u32)> = r.model.reports.iter().flatten().copied().collect();
+    assert_eq!(ranges.len(), ROUND_FRAMES / VBAL_CHUNK_PAGES as usize);
+    assert!(ranges.iter().all(|&(_, l)| l == chunk), "{ranges:?}");
+    assert_eq!(r.model.reports.len(), 1, "16 ranges fit one report");
+    assert_eq!(r.live_chunks(), 0);
+    r.check_consistent();
+    r.unload();
+}
+
+/// The gate: free memory must stay above 256 MiB and 25 % of `hw.memsize` after a round,
+/// the pressure level must read normal, and every figure must be readable. A closed gate
+/// wires nothing and reports nothing; opening it reports.
+fn no_reporting_when_memory_is_low_or_under_pressure(kexts: Kexts) {
+    let mut r = reporting_rig(kexts, SimMode::Modern, Preference::Auto, 4096);
+    let round = u64::from(VBAL_REPORT_ROUND_MIB) * MIB;
+    let pages = |bytes: u64| ((bytes / 4096) as u32).to_ne_bytes();
+    let mut t = 10_000u64;
+    let mut closed = |r: &mut Rig, outcome: u32, status: i32| {
+        t += 10_000;
+        let allocs = r.mem.borrow().allocs;
+        let (s, rep) = r.report(t);
+        r.run();
+        assert_eq!((s, rep.outcome), (status, outcome), "{rep:?}");
+        assert_eq!(r.mem.borrow().allocs, allocs, "wired for a closed gate");
+        assert!(r.model.reports.is_empty());
+        assert_eq!(r.info().report_outcome, outcome);
+        t
+    };
+    // 8 GiB: the floor is 2 GiB (25 %); free exactly at the floor plus a round is not
+    // above it.
+    r.set_sysctl(FREE, &pages(2 * 1024 * MIB + round));
+    closed(&mut r, VBAL_REPORT_LOW_MEMORY, VBAL_OK);
+    // 1 GiB free: above 256 MiB, below 25 %.
+    r.set_sysctl(FREE, &pages(1024 * MIB));
+    closed(&mut r, VBAL_REPORT_LOW_MEMORY, VBAL_OK);
+    // 512 MiB of memory, 200 MiB free: above 25 %, below 256 MiB.
+    r.set_sysctl(MEMSIZE, &(512 * MIB).to_ne_bytes());
+    r.set_sysctl(FREE, &pages(200 * MIB));
+    closed(&mut r, VBAL_REPORT_LOW_MEMORY, VBAL_OK);
+    // Plenty free again, but under pressure.
+    r.set_sysctl(MEMSIZE, &(8u64 << 30).to_ne_bytes());
+    r.set_sysctl(FREE, &pages(4 << 30));
+    for level in [VBAL_PRESSURE_WARN, VBAL_PRESSURE_CRITICAL, 3, 0] {
+        r.set_sysctl(PRESSURE, &level.to_ne_bytes());
+        closed(&mut r, VBAL_REPORT_PRESSURE, VBAL_OK);
+    }
+    assert_eq!(r.info().pressure_level, 0);
+    // Unreadable figures: nothing either.
+    r.set_sysctl(PRESSURE, &VBAL_PRESSURE_NORMAL.to_ne_bytes());
+    r.mem.borrow_mut().sysctls.remove(FREE);
+    closed(&mut r, VBAL_REPORT_UNREADABLE, VBAL_E_UNAVAILABLE);
+    r.set_sysctl(FREE, &pages(4 << 30));
+    r.mem.borrow_mut().sysctls.remove(MEMSIZE);
+    closed(&mut r, VBAL_REPORT_UNREADABLE, VBAL_E_UNAVAILABLE);
+    r.set_sysctl(MEMSIZE, &(8u64 << 30).to_ne_bytes());
+    r.mem.borrow_mut().sysctls.remove(PRESSURE);
+    let t = closed(&mut r, VBAL_REPORT_UNREADABLE, VBAL_E_UNAVAILABLE);
+    assert_eq!(r.info().report_rounds, 0);
+    // Open: just above the floor.
+    r.set_sysctl(PRESSURE, &VBAL_PRESSURE_NORMAL.to_ne_bytes());
+    r.set_sysctl(FREE, &pages(2 * 1024 * MIB + round + 4096));
+    let (s, rep) = r.report(t + 10_000);
+    assert_eq!((s, rep.outcome), (VBAL_OK, VBAL_REPORT_SENT));
+    r.run();
+    assert_eq!(r.reported_frames().len(), ROUND_FRAMES);
+    // The kernel has no chunk to give: nothing reported, nothing leaked.
+    r.mem.borrow_mut().limit = Some(0);
+    let reports = r.model.reports.len();
+    let (s, rep) = r.report(t + 20_000);
+    assert_eq!((s, rep.outcome), (VBAL_OK, VBAL_REPORT_NO_MEMORY));
+    r.run();
+    assert_eq!(r.model.reports.len(), reports);
+    assert_eq!(r.info().report_cut_short, 1);
+    r.check_consistent();
+    r.unload();
+}
+
+/// The gate is read again before each further chunk of a round: pressure that rises while
+/// a report is with the device ends the round after the chunks already wired.
+fn pressure_mid_round_cuts_the_round_short(kexts: Kexts) {
+    let mut r = reporting_rig(kexts, SimMode::Modern, Preference::Auto, 4096);
+    r.model.hold_reports = true;
+    let (s, rep) = r.report(10_000);
+    assert_eq!((s, rep.outcome), (VBAL_OK, VBAL_REPORT_SENT));
+    r.run();
+    let allocs = r.mem.borrow().allocs;
+    assert_eq!(allocs, 1, "32 scattered pages: one chunk so far");
+    r.set_sysctl(PRESSURE, &VBAL_PRESSURE_WARN.to_ne_bytes());
+    r.model.hold_reports = false;
+    r.model.release_reports(&r.sim);
+    r.run();
+    // The first chunk's other pages went out (already wired), then the round stopped.
+    assert_eq!(r.mem.borrow().allocs, allocs, "wired under pressure");
+    assert_eq!(r.reported_frames().len(), VBAL_CHUNK_PAGES as usize);
+    assert_eq!(r.live_chunks(), 0);
+    let i = r.info();
+    assert_eq!(i.report_cut_short, 1);
+    assert_eq!(i.report_outcome, VBAL_REPORT_PRESSURE);
+    assert_eq!(i.report_pages, 0);
+    r.check_consistent();
+    r.unload();
+}
+
+/// One round per VBAL_REPORT_MS at most, and none while a report of the last one is with
+/// the device, however long that takes.
+fn reporting_is_rate_limited_and_one_round_at_a_time(kexts: Kexts) {
+    let mut r = reporting_rig(kexts, SimMode::Modern, Preference::Auto, 4096);
+    let gap = u64::from(VBAL_REPORT_MS);
+    let t0 = 100_000;
+    assert_eq!(r.report(t0).1.outcome, VBAL_REPORT_SENT);
+    r.run();
+    let allocs = r.mem.borrow().allocs;
+    let reports = r.model.reports.len();
+    for t in [t0, t0 + 1, t0 + gap / 2, t0 + gap - 1, t0 - 5 * gap] {
+        let (s, rep) = r.report(t);
+        assert_eq!((s, rep.outcome), (VBAL_OK, VBAL_REPORT_TOO_SOON), "at {t}");
+        r.run();
+    }
+    assert_eq!(r.mem.borrow().allocs, allocs);
+    assert_eq!(r.model.reports.len(), reports);
+    assert_eq!(r.report(t0 + gap).1.outcome, VBAL_REPORT_SENT);
+    r.run();
+    assert_eq!(r.reported_frames().len(), 2 * ROUND_FRAMES);
+    assert_eq!(r.info().report_rounds, 2);
+
+    // A device that keeps a report: no new round, no new chunk, for any time.
+    r.model.hold_reports = true;
+    assert_eq!(r.report(t0 + 3 * gap).1.outcome, VBAL_REPORT_SENT);
+    r.run();
+    let allocs = r.mem.borrow().allocs;
+    let held = r.info().report_pages;
+    assert!(held > 0 && held <= u64::from(VBAL_REPORT_ROUND_MIB) * MIB / 4096);
+    for k in 4..40 {
+        let (s, rep) = r.report(t0 + k * gap);
+        assert_eq!((s, rep.outcome), (VBAL_OK, VBAL_REPORT_BUSY));
+        r.run();
+    }
+    assert_eq!(r.mem.borrow().allocs, allocs);
+    assert_eq!(r.info().report_pages, held);
+    assert_eq!(r.info().report_rounds, 3);
+    r.check_consistent();
+    // Returned at last: the round finishes, and the next may start.
+    r.model.hold_reports = false;
+    r.model.release_reports(&r.sim);
+    r.run();
+    assert_eq!(r.live_chunks(), 0);
+    assert_eq!(r.report(t0 + 41 * gap).1.outcome, VBAL_REPORT_SENT);
+    r.run();
+    r.check_consistent();
+    r.unload();
+}
+
+/// Sleep, a recovery (DEVICE_NEEDS_RESET) and stop while a report is with the device:
+/// every reporting chunk goes back, once; after the wake reporting works again.
+fn sleep_stop_or_reset_mid_report_frees_every_chunk(kexts: Kexts) {
+    for (mode, pref) in MODES {
+        let mut r = reporting_rig(kexts, mode, pref, 4096);
+        r.set_target(128);
+        let balloon_chunks = r.live_chunks();
+        r.model.hold_reports = true;
+        assert_eq!(r.report(10_000).1.outcome, VBAL_REPORT_SENT, "{}", r.what);
+        r.run();
+        assert!(r.live_chunks() > balloon_chunks);
+
+        // Sleep: reset, the balloon and the reporting chunks all back.
+        // SAFETY: live handle.
+        assert_eq!(unsafe { (kexts.bal.vbal_suspend)(r.dev) }, VBAL_OK);
+        assert_eq!(r.live_chunks(), 0, "{}: kept asleep", r.what);
+        assert!(r.mem.borrow().errors.is_empty());
+        assert_eq!(r.info().report_pages, 0);
+        assert_eq!(r.report(20_000).0, VBAL_E_STOPPED);
+        // SAFETY: live handle.
+        assert_eq!(unsafe { (kexts.bal.vbal_resume)(r.dev) }, VBAL_OK);
+        r.run();
+        assert_eq!(r.actual(), 128, "{}", r.what);
+        assert_eq!(r.live_chunks(), balloon_chunks);
+
+        // A new round after the wake, then DEVICE_NEEDS_RESET mid-report.
+        assert_eq!(r.report(20_000).1.outcome, VBAL_REPORT_SENT, "{}", r.what);
+        r.run();
+        assert!(r.live_chunks() > balloon_chunks);
+        r.sim.trigger_needs_reset();
+        r.run();
+        assert_eq!(r.info().recoveries, 1);
+        assert_eq!(r.live_chunks(), balloon_chunks, "{}", r.what);
+        assert_eq!(r.info().report_pages, 0);
+        r.check_consistent();
+
+        // And stop with a report held: `unload` checks every chunk came back once.
+        assert_eq!(r.report(30_000).1.outcome, VBAL_REPORT_SENT, "{}", r.what);
+        r.run();
+        assert!(r.info().report_pages > 0);
+        r.unload();
+    }
+}
+
+/// A device breaking the reporting queue: a used length beyond the report's buffers, an
+/// id out of range, the same report completed twice. Each breaks the queue; the kext
+/// resets the device, every reporting chunk goes back once, and reporting goes on.
+fn a_hostile_reporting_device_never_leaks_or_double_frees(kexts: Kexts) {
+    #[derive(Debug, Clone, Copy)]
+    enum Hostile {
+        LongLength,
+        BadId,
+        Twice,
+    }
+    for how in [Hostile::LongLength, Hostile::BadId, Hostile::Twice] {
+        let mut r = reporting_rig(kexts, SimMode::Modern, Preference::Auto, 4096);
+        let q = r.reporting_q();
+        r.set_target(64);
+        let balloon_chunks = r.live_chunks();
+        r.model.hold_reports = true;
+        assert_eq!(r.report(10_000).1.outcome, VBAL_REPORT_SENT);
+        r.run();
+        let heads = r.model.held_report_heads().to_vec();
+        assert_eq!(heads.len(), 1);
+        match how {
+            Hostile::LongLength => {
+                r.model.len_override = Some((q, u32::MAX));
+                r.model.release_reports(&r.sim);
+            }
+            Hostile::BadId => {
+                r.sim.complete_raw(q, 0xFFFF, 0);
+                r.sim.signal_used(q);
+            }
+            Hostile::Twice => {
+                r.sim.complete_raw(q, u32::from(heads[0]), 0);
+                r.sim.complete_raw(q, u32::from(heads[0]), 0);
+                r.sim.signal_used(q);
+            }
+        }
+        // The queue's interrupt may be suppressed (EVENT_IDX counts raw entries apart): the
+        // driver finds the entries at its next interrupt.
+        r.sim.raise_config_interrupt();
+        r.run();
+        r.model.len_override = None;
+        let i = r.info();
+        assert_eq!(
+            i.recoveries, 1,
+            "{how:?}: the broken queue resets the device"
+        );
+        assert_eq!(i.report_pages, 0, "{how:?}");
+        assert_eq!(r.live_chunks(), balloon_chunks, "{how:?}");
+        assert!(r.mem.borrow().errors.is_empty(), "{how:?}");
+        assert_eq!(r.actual(), 64, "{how:?}: re-inflated");
+        // Reporting goes on with the reset device.
+        r.model.hold_reports = false;
+        assert_eq!(r.report(20_000).1.outcome, VBAL_REPORT_SENT, "{how:?}");
+        r.run();
+        assert_eq!(r.live_chunks(), balloon_chunks, "{how:?}");
+        r.check_consistent();
+        r.unload();
+    }
+    // A used length within the report's buffers (a device-writable chain) is accepted:
+    // the report counts as returned.
+    let mut r = reporting_rig(kexts, SimMode::Modern, Preference::Auto, 4096);
+    let q = r.reporting_q();
+    r.model.len_override = Some((q, 4096));
+    assert_eq!(r.report(10_000).1.outcome, VBAL_REPORT_SENT);
+    r.run();
+    assert_eq!(r.info().recoveries, 0);
+    assert_eq!(r.reported_frames().len(), ROUND_FRAMES);
+    assert_eq!(r.live_chunks(), 0);
+    r.check_consistent();
+    r.unload();
+}
+
+/// Without PAGE_REPORTING offered the check says so and nothing is wired; the pressure
+/// timer's other half is unaffected.
+fn reporting_is_off_unless_offered(kexts: Kexts) {
+    let mut r = Rig::start_kernel(
+        kexts,
+        SimMode::Modern,
+        Preference::Auto,
+        QEMU,
+        false,
+        4096,
+        8192,
+        0,
+        roomy_kernel(4096),
+    );
+    assert_eq!(r.info().page_reporting, 0);
+    assert_eq!(r.sim.driver_features() & bits::PAGE_REPORTING, 0);
+    let (s, rep) = r.report(10_000);
+    assert_eq!((s, rep.outcome), (VBAL_E_UNSUPPORTED, VBAL_REPORT_NONE));
+    r.run();
+    assert_eq!(r.mem.borrow().allocs, 0);
+    assert_eq!(r.pressure(10_000).0, VBAL_OK);
     r.unload();
 }

@@ -269,13 +269,22 @@ static uint64_t uptimeMS(void)
     return ns / 1000000ULL;
 }
 
-/* Gated (start, wake): the pressure timer runs while DEFLATE_ON_OOM is negotiated. */
+/* Gated (start, wake): the memory timer runs while DEFLATE_ON_OOM or PAGE_REPORTING is
+ * negotiated (VBAL_PRESSURE_MS == VBAL_REPORT_MS: one tick serves both). */
 void org_virtiodarwin_VirtioBalloon::armPressureTimer(void)
 {
     VbalInfo s;
     bzero(&s, sizeof(s));
-    if (fDev && vbal_info(fDev, &s) == VBAL_OK && s.deflate_on_oom != 0)
+    if (fDev && vbal_info(fDev, &s) == VBAL_OK && (s.deflate_on_oom != 0 || s.page_reporting != 0))
         fPressureTimer->setTimeoutMS(VBAL_PRESSURE_MS);
+}
+
+/* Unsupported (feature not negotiated) or stopped: that check is off until the next wake
+ * re-arms the timer. A figure the kernel does not give (VBAL_E_UNAVAILABLE) or a device
+ * being recovered is tried again at the next tick. */
+static bool keepTicking(int32_t status)
+{
+    return status != VBAL_E_UNSUPPORTED && status != VBAL_E_STOPPED && status != VBAL_E_INVALID;
 }
 
 void org_virtiodarwin_VirtioBalloon::pressureFired(OSObject *owner, IOTimerEventSource *sender)
@@ -283,15 +292,18 @@ void org_virtiodarwin_VirtioBalloon::pressureFired(OSObject *owner, IOTimerEvent
     org_virtiodarwin_VirtioBalloon *me = OSDynamicCast(org_virtiodarwin_VirtioBalloon, owner);
     if (!me || me->fStopping || me->fAsleep || !me->fDev)
         return;
+    uint64_t now = uptimeMS();
     VbalPressure p;
     bzero(&p, sizeof(p));
-    int32_t status = vbal_pressure_check(me->fDev, uptimeMS(), &p);
-    if (status == VBAL_OK && p.released + p.pending > 0)
+    int32_t pressure = vbal_pressure_check(me->fDev, now, &p);
+    /* Pressure first: a deflate for pressure also closes the reporting gate. */
+    VbalReport r;
+    bzero(&r, sizeof(r));
+    int32_t report = vbal_report_check(me->fDev, now, &r);
+    if ((pressure == VBAL_OK && p.released + p.pending > 0) ||
+        (report == VBAL_OK && r.outcome == VBAL_REPORT_SENT))
         me->publishProperties();
-    /* Unsupported (no DEFLATE_ON_OOM) or stopped: off until the next wake re-arms it. A
-     * level the kernel does not give (VBAL_E_UNAVAILABLE) or a device being recovered is
-     * tried again at the next tick. */
-    if (status != VBAL_E_UNSUPPORTED && status != VBAL_E_STOPPED && status != VBAL_E_INVALID)
+    if (keepTicking(pressure) || keepTicking(report))
         sender->setTimeoutMS(VBAL_PRESSURE_MS);
 }
 
@@ -308,7 +320,9 @@ void org_virtiodarwin_VirtioBalloon::publishProperties(void)
     setProperty("PageSize", (unsigned long long)s.page_size, 32);
     setProperty("DeflateOnOOM", s.deflate_on_oom != 0);
     setProperty("MemoryPressure", (unsigned long long)s.pressure_level, 32);
-    OSDictionary *d = OSDictionary::withCapacity(14);
+    setProperty("PageReporting", s.page_reporting != 0);
+    setProperty("ReportPages", (unsigned long long)s.report_pages, 64);
+    OSDictionary *d = OSDictionary::withCapacity(18);
     if (!d)
         return;
     const struct { const char *key; UInt64 value; } counters[] = {
@@ -324,6 +338,10 @@ void org_virtiodarwin_VirtioBalloon::publishProperties(void)
         { "Interrupts", s.interrupts },
         { "Recoveries", s.recoveries },
         { "Suspends", s.suspends },
+        { "Report rounds", s.report_rounds },
+        { "Reports", s.reports },
+        { "Bytes reported", s.bytes_reported },
+        { "Report rounds cut short", s.report_cut_short },
     };
     for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++) {
         OSNumber *n = OSNumber::withNumber(counters[i].value, 64);

@@ -31,13 +31,24 @@
  *   vbal_pressure_check every VBAL_PRESSURE_MS with the uptime in ms (clock_get_uptime,
  *   absolutetime_to_nanoseconds: com.apple.kpi.mach); at warning or critical the Rust side
  *   takes a bounded amount out of the balloon, at most once per interval.
- * - Sleep: the device is reset and every page given back (vbal_suspend); wake re-inflates
- *   to the host's target (vbal_resume). See the Rust crate for why.
+ * - Free page reporting (PAGE_REPORTING, negotiated when offered): the same timer calls
+ *   vbal_report_check every VBAL_REPORT_MS; the Rust side decides whether the kernel can
+ *   spare a round (pressure level normal, vm.page_free_count well above
+ *   VBAL_REPORT_FLOOR_MIB and VBAL_REPORT_FLOOR_PERCENT of hw.memsize), takes at most
+ *   VBAL_REPORT_ROUND_MIB MiB as chunks through cbAllocChunk (the same wired
+ *   IOBufferMemoryDescriptors: pages from the kernel's free pool), reports them, and frees
+ *   them through cbFreeChunk once the device has returned the report. No interface to the
+ *   kernel's free lists is public; this is the closest public-KPI equivalent.
+ * - Sleep: the device is reset and every page given back (vbal_suspend), reporting chunks
+ *   included; wake re-inflates to the host's target (vbal_resume). See the Rust crate for
+ *   why.
  *
  * IORegistry: org_virtiodarwin_VirtioDevice -> org_virtiodarwin_VirtioBalloon, with
  * "TargetFrames" and "ActualFrames" (4 KiB frames), "PagesHeld" (kernel pages in the
- * balloon), "PagesWired", "PageSize", "DeflateOnOOM", "MemoryPressure" (the level last
- * read: 1 normal, 2 warning, 4 critical, 0 unknown), and counters in "Statistics".
+ * balloon), "PagesWired" (balloon and reporting chunks), "PageSize", "DeflateOnOOM",
+ * "MemoryPressure" (the level last read: 1 normal, 2 warning, 4 critical, 0 unknown),
+ * "PageReporting", "ReportPages" (kernel pages out for reporting now), and counters in
+ * "Statistics" (including "Report rounds", "Reports", "Bytes reported").
  */
 #ifndef VIRTIO_BALLOON_H
 #define VIRTIO_BALLOON_H
@@ -63,7 +74,8 @@ private:
     IOWorkLoop *fWorkLoop;
     IOCommandGate *fGate;
     IOTimerEventSource *fTimer;
-    /* Memory pressure checks, while DEFLATE_ON_OOM is negotiated and the device is awake. */
+    /* Memory pressure checks and reporting rounds, while DEFLATE_ON_OOM or PAGE_REPORTING
+     * is negotiated and the device is awake. */
     IOTimerEventSource *fPressureTimer;
     VbalDevice *fDev;
     VbalCallbacks fCallbacks;

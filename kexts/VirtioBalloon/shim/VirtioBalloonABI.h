@@ -94,6 +94,67 @@
 #define VBAL_PRESSURE_CRITICAL 4
 
 /**
+ * The shim calls [`vbal_report_check`] this often while PAGE_REPORTING is negotiated; a
+ * reporting round starts at most once per this interval.
+ */
+#define VBAL_REPORT_MS 1000
+
+/**
+ * Most memory (MiB) one reporting round takes from the kernel and reports.
+ */
+#define VBAL_REPORT_ROUND_MIB 4
+
+/**
+ * Reporting needs the kernel's free memory to stay above this many MiB after a round...
+ */
+#define VBAL_REPORT_FLOOR_MIB 256
+
+/**
+ * ...and above this percentage of `hw.memsize`.
+ */
+#define VBAL_REPORT_FLOOR_PERCENT 25
+
+/**
+ * [`VbalReport::outcome`]: nothing decided (not returned by a check).
+ */
+#define VBAL_REPORT_NONE 0
+
+/**
+ * A round started: memory was taken from the kernel and a report sent.
+ */
+#define VBAL_REPORT_SENT 1
+
+/**
+ * A report of the last round is still with the device.
+ */
+#define VBAL_REPORT_BUSY 2
+
+/**
+ * Less than [`VBAL_REPORT_MS`] since the last round started.
+ */
+#define VBAL_REPORT_TOO_SOON 3
+
+/**
+ * The kernel's free memory is not well above the floor.
+ */
+#define VBAL_REPORT_LOW_MEMORY 4
+
+/**
+ * The pressure level is not normal.
+ */
+#define VBAL_REPORT_PRESSURE 5
+
+/**
+ * The kernel gave no chunk.
+ */
+#define VBAL_REPORT_NO_MEMORY 6
+
+/**
+ * The free memory or the pressure level could not be read.
+ */
+#define VBAL_REPORT_UNREADABLE 7
+
+/**
  * One virtio balloon device (opaque to C).
  */
 typedef struct VbalDevice VbalDevice;
@@ -119,9 +180,11 @@ typedef struct {
 /**
  * The shim's callbacks; `ctx` is passed back unchanged (the shim's driver object).
  *
- * - `alloc_chunk`: wires [`VBAL_CHUNK_PAGES`] kernel pages, writes the physical address
- *   of each (page-aligned, not necessarily contiguous) to `pages[0..count]` and an opaque
- *   handle to `*cookie`; false when the kernel has no memory to give.
+ * - `alloc_chunk`: wires `count` kernel pages ([`VBAL_CHUNK_PAGES`] for the balloon;
+ *   reporting asks for at most that, fewer only with pages over 64 KiB), writes the
+ *   physical address of each (page-aligned, not necessarily contiguous) to
+ *   `pages[0..count]` and an opaque handle to `*cookie`; false when the kernel has no
+ *   memory to give.
  * - `free_chunk`: unwires and frees a chunk by its handle (none of its pages is in the
  *   balloon any more; the host may have discarded their contents).
  * - `changed` (may be null): after [`vbal_create`], an interrupt, a poll or a wake,
@@ -132,7 +195,8 @@ typedef struct {
  *   `name` (NUL-terminated) into `buf`; `*len` is the room on entry and the bytes written
  *   on return. 0 on success, an errno otherwise (the shim: `sysctlbyname(name, buf, &n,
  *   NULL, 0)`). Called on the work loop, from [`vbal_create`] and [`vbal_interrupt`] (the
- *   stats buffer) and from [`vbal_pressure_check`].
+ *   stats buffer; reporting's gate before each further chunk of a round), and from
+ *   [`vbal_pressure_check`] and [`vbal_report_check`].
  */
 typedef struct {
   void *ctx;
@@ -175,6 +239,28 @@ typedef struct {
 } VbalPressure;
 
 /**
+ * Result of [`vbal_report_check`].
+ */
+typedef struct {
+  /**
+   * What the check did (`VBAL_REPORT_*`).
+   */
+  uint32_t outcome;
+  /**
+   * The pressure level read (0: not read).
+   */
+  uint32_t level;
+  /**
+   * The kernel's free memory read, in bytes (0: not read).
+   */
+  uint64_t free_bytes;
+  /**
+   * Free ranges in the report sent.
+   */
+  uint64_t ranges;
+} VbalReport;
+
+/**
  * State and counters for the IORegistry.
  */
 typedef struct {
@@ -191,7 +277,8 @@ typedef struct {
    */
   uint64_t pages_held;
   /**
-   * Kernel pages wired in chunks (the balloon's pages and the chunks' spare ones).
+   * Kernel pages wired in chunks (the balloon's pages, the chunks' spare ones, and
+   * reporting's [`VbalInfo::report_pages`]).
    */
   uint64_t pages_wired;
   /**
@@ -237,6 +324,34 @@ typedef struct {
    * Sleeps.
    */
   uint64_t suspends;
+  /**
+   * 1 when PAGE_REPORTING was negotiated.
+   */
+  uint32_t page_reporting;
+  /**
+   * The last [`vbal_report_check`] outcome (`VBAL_REPORT_*`).
+   */
+  uint32_t report_outcome;
+  /**
+   * Reporting rounds started.
+   */
+  uint64_t report_rounds;
+  /**
+   * Report requests sent to the device.
+   */
+  uint64_t reports;
+  /**
+   * Bytes in reports the device returned (the host had them to discard).
+   */
+  uint64_t bytes_reported;
+  /**
+   * Kernel pages wired for reporting now (in a report, or waiting for the next one).
+   */
+  uint64_t report_pages;
+  /**
+   * Rounds ended early: the kernel gave no chunk, or the gate closed mid-round.
+   */
+  uint64_t report_cut_short;
 } VbalInfo;
 
 #ifdef __cplusplus
@@ -245,7 +360,8 @@ extern "C" {
 
 /**
  * Brings up the balloon device behind the family handle `family` (the nub's
- * `virtioDevice()`): negotiates MUST_TELL_HOST, STATS_VQ and DEFLATE_ON_OOM when offered,
+ * `virtioDevice()`): negotiates MUST_TELL_HOST, STATS_VQ, DEFLATE_ON_OOM and
+ * PAGE_REPORTING when offered (never FREE_PAGE_HINT),
  * reads the target and starts inflating (pages through `callbacks`). Registers the
  * interrupt entry with the family and returns the handle in `*out`.
  *
@@ -305,6 +421,21 @@ int32_t vbal_deflate_for_oom(VbalDevice *d, uint64_t pages, VbalOom *out);
  * `d` is null or a live handle; `out` is null or valid.
  */
 int32_t vbal_pressure_check(VbalDevice *d, uint64_t now_ms, VbalPressure *out);
+
+/**
+ * The shim's reporting timer (every [`VBAL_REPORT_MS`] while PAGE_REPORTING is
+ * negotiated; `now_ms` is a monotonic clock in milliseconds): starts a free page reporting
+ * round (see the crate documentation) unless a report of the last one is still with the
+ * device, one started less than [`VBAL_REPORT_MS`] before, the pressure level is not
+ * normal, or the kernel's free memory is not well above the floor. `out.outcome` says
+ * which. `VBAL_E_UNAVAILABLE` when the figures cannot be read, `VBAL_E_UNSUPPORTED`
+ * without PAGE_REPORTING, `VBAL_E_STOPPED` asleep or stopped, `VBAL_E_DEVICE` when the
+ * device broke (it is reset; the shim keeps calling).
+ *
+ * # Safety
+ * `d` is null or a live handle; `out` is null or valid.
+ */
+int32_t vbal_report_check(VbalDevice *d, uint64_t now_ms, VbalReport *out);
 
 /**
  * State and counters for the IORegistry.

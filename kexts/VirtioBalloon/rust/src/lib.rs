@@ -9,7 +9,7 @@
 //! family. From then on the driver follows the host's target on config interrupts and
 //! writes `actual` itself; the shim only publishes [`vbal_info`], retries with
 //! [`vbal_poll`] when the kernel ran short of memory and calls [`vbal_pressure_check`]
-//! from a timer. Which figure and which pressure level to read, and what to do about them,
+//! and [`vbal_report_check`] from a timer. Which figure and which pressure level to read, and what to do about them,
 //! is decided here; the shim's reader is one call to `sysctlbyname`.
 //!
 //! - **Pages**: the shim wires memory in chunks of [`VBAL_CHUNK_PAGES`] kernel pages
@@ -40,8 +40,27 @@
 //!   MUST_TELL_HOST the pages go back to the kernel when the device acknowledges). The
 //!   balloon then holds until the host sets a new target. [`vbal_deflate_for_oom`] stays
 //!   the direct hook.
-//! - **Free page hinting and reporting** are not negotiated: they need free ranges isolated
-//!   from the kernel's free list, which no public KPI offers.
+//! - **Free page reporting** (PAGE_REPORTING, §5.5.6.7), negotiated when offered. The
+//!   kernel has no public interface to its free lists, so the kext takes free pages the
+//!   way it takes the balloon's: it wires chunks through [`VbalCallbacks::alloc_chunk`]
+//!   (they come from the kernel's free pool), reports their pages on the reporting queue
+//!   (the host discards their backing: QEMU `madvise(MADV_DONTNEED)`), and frees each chunk
+//!   back to the kernel once the device has returned every report carrying its pages. The
+//!   shim calls [`vbal_report_check`] every [`VBAL_REPORT_MS`]; a round starts only when
+//!   no report of the last round is out, at most once per [`VBAL_REPORT_MS`], while
+//!   `kern.memorystatus_vm_pressure_level` reads normal (1) and the kernel's free memory
+//!   (`vm.page_free_count` pages) stays above both [`VBAL_REPORT_FLOOR_MIB`] MiB and
+//!   [`VBAL_REPORT_FLOOR_PERCENT`] % of `hw.memsize` after the round's
+//!   [`VBAL_REPORT_ROUND_MIB`] MiB are taken; the gate is read again before each further
+//!   chunk of the round. A round is reported a request (at most the queue's chain, 32
+//!   ranges; physically contiguous pages are one range) at a time; a device reset (fault,
+//!   sleep, stop) gives every chunk back. Which free pages are reported is the kernel's
+//!   choice (whatever its allocator hands out: mostly recently freed pages), not a walk
+//!   of its free lists as Linux's `page_reporting` does.
+//! - **Free page hinting** (FREE_PAGE_HINT) is not negotiated: with this mechanism each
+//!   hinted page would have to stay wired, out of the kernel, from the hint until the host
+//!   says DONE at the end of a migration round; there is no bounded, public-KPI way to hint
+//!   the kernel's free memory.
 //! - **Faults**: DEVICE_NEEDS_RESET or a device breaking the protocol: the driver restarts
 //!   (reset; every page back to the pool; inflate to the target again).
 //! - **Sleep** ([`vbal_suspend`]): the device is reset and every page given back to the
@@ -54,8 +73,9 @@
 //! Threading: the shim calls everything under its command gate on the family's work loop,
 //! where the family also delivers interrupts, so a handle is never used concurrently.
 //!
-//! Memory is allocated only at [`vbal_create`] (driver, DMA region, tracking arrays): the
-//! I/O paths allocate nothing but the balloon's own pages, through the shim. Nothing here
+//! Memory is allocated only at [`vbal_create`] (driver, DMA region, tracking arrays,
+//! reporting's chunk records): the I/O paths allocate nothing but the balloon's own pages
+//! and reporting's chunks, through the shim. Nothing here
 //! panics on device or caller input.
 #![no_std]
 #![cfg_attr(
@@ -75,7 +95,11 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::ffi::{CStr, c_char, c_void};
 
-use virtio_balloon::{BalloonDriver, BalloonError, BalloonOptions, MemStats, Page, PagePool};
+use virtio_balloon::features::{DEFLATE_ON_OOM, PAGE_REPORTING};
+use virtio_balloon::{
+    BalloonDriver, BalloonError, BalloonOptions, FreeRange, MemStats, Page, PagePool, RangeReturn,
+    RangeUse,
+};
 use virtio_kext_abi::vector_from_abi;
 use virtio_kext_client::{FamilyBus, VfamDevice};
 
@@ -122,6 +146,36 @@ pub const VBAL_PRESSURE_WARN: u32 = 2;
 /// `kern.memorystatus_vm_pressure_level`: critical (`NOTE_MEMORYSTATUS_PRESSURE_CRITICAL`).
 pub const VBAL_PRESSURE_CRITICAL: u32 = 4;
 
+/// The shim calls [`vbal_report_check`] this often while PAGE_REPORTING is negotiated; a
+/// reporting round starts at most once per this interval.
+pub const VBAL_REPORT_MS: u32 = 1_000;
+/// Most memory (MiB) one reporting round takes from the kernel and reports.
+pub const VBAL_REPORT_ROUND_MIB: u32 = 4;
+/// Reporting needs the kernel's free memory to stay above this many MiB after a round...
+pub const VBAL_REPORT_FLOOR_MIB: u32 = 256;
+/// ...and above this percentage of `hw.memsize`.
+pub const VBAL_REPORT_FLOOR_PERCENT: u32 = 25;
+
+// The shim's one memory timer serves both checks.
+const _: () = assert!(VBAL_PRESSURE_MS == VBAL_REPORT_MS);
+
+/// [`VbalReport::outcome`]: nothing decided (not returned by a check).
+pub const VBAL_REPORT_NONE: u32 = 0;
+/// A round started: memory was taken from the kernel and a report sent.
+pub const VBAL_REPORT_SENT: u32 = 1;
+/// A report of the last round is still with the device.
+pub const VBAL_REPORT_BUSY: u32 = 2;
+/// Less than [`VBAL_REPORT_MS`] since the last round started.
+pub const VBAL_REPORT_TOO_SOON: u32 = 3;
+/// The kernel's free memory is not well above the floor.
+pub const VBAL_REPORT_LOW_MEMORY: u32 = 4;
+/// The pressure level is not normal.
+pub const VBAL_REPORT_PRESSURE: u32 = 5;
+/// The kernel gave no chunk.
+pub const VBAL_REPORT_NO_MEMORY: u32 = 6;
+/// The free memory or the pressure level could not be read.
+pub const VBAL_REPORT_UNREADABLE: u32 = 7;
+
 /// The sysctls the kext reads (see the crate documentation for the tag each feeds).
 const SYSCTL_MEMSIZE: &CStr = c"hw.memsize";
 const SYSCTL_FREE: &CStr = c"vm.page_free_count";
@@ -143,9 +197,11 @@ pub struct VbalConfig {
 
 /// The shim's callbacks; `ctx` is passed back unchanged (the shim's driver object).
 ///
-/// - `alloc_chunk`: wires [`VBAL_CHUNK_PAGES`] kernel pages, writes the physical address
-///   of each (page-aligned, not necessarily contiguous) to `pages[0..count]` and an opaque
-///   handle to `*cookie`; false when the kernel has no memory to give.
+/// - `alloc_chunk`: wires `count` kernel pages ([`VBAL_CHUNK_PAGES`] for the balloon;
+///   reporting asks for at most that, fewer only with pages over 64 KiB), writes the
+///   physical address of each (page-aligned, not necessarily contiguous) to
+///   `pages[0..count]` and an opaque handle to `*cookie`; false when the kernel has no
+///   memory to give.
 /// - `free_chunk`: unwires and frees a chunk by its handle (none of its pages is in the
 ///   balloon any more; the host may have discarded their contents).
 /// - `changed` (may be null): after [`vbal_create`], an interrupt, a poll or a wake,
@@ -156,7 +212,8 @@ pub struct VbalConfig {
 ///   `name` (NUL-terminated) into `buf`; `*len` is the room on entry and the bytes written
 ///   on return. 0 on success, an errno otherwise (the shim: `sysctlbyname(name, buf, &n,
 ///   NULL, 0)`). Called on the work loop, from [`vbal_create`] and [`vbal_interrupt`] (the
-///   stats buffer) and from [`vbal_pressure_check`].
+///   stats buffer; reporting's gate before each further chunk of a round), and from
+///   [`vbal_pressure_check`] and [`vbal_report_check`].
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub struct VbalCallbacks {
@@ -191,7 +248,8 @@ pub struct VbalInfo {
     pub actual_frames: u32,
     /// Kernel pages in the balloon (including a request in flight).
     pub pages_held: u64,
-    /// Kernel pages wired in chunks (the balloon's pages and the chunks' spare ones).
+    /// Kernel pages wired in chunks (the balloon's pages, the chunks' spare ones, and
+    /// reporting's [`VbalInfo::report_pages`]).
     pub pages_wired: u64,
     /// The kernel's page size.
     pub page_size: u32,
@@ -218,6 +276,34 @@ pub struct VbalInfo {
     pub recoveries: u64,
     /// Sleeps.
     pub suspends: u64,
+    /// 1 when PAGE_REPORTING was negotiated.
+    pub page_reporting: u32,
+    /// The last [`vbal_report_check`] outcome (`VBAL_REPORT_*`).
+    pub report_outcome: u32,
+    /// Reporting rounds started.
+    pub report_rounds: u64,
+    /// Report requests sent to the device.
+    pub reports: u64,
+    /// Bytes in reports the device returned (the host had them to discard).
+    pub bytes_reported: u64,
+    /// Kernel pages wired for reporting now (in a report, or waiting for the next one).
+    pub report_pages: u64,
+    /// Rounds ended early: the kernel gave no chunk, or the gate closed mid-round.
+    pub report_cut_short: u64,
+}
+
+/// Result of [`vbal_report_check`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VbalReport {
+    /// What the check did (`VBAL_REPORT_*`).
+    pub outcome: u32,
+    /// The pressure level read (0: not read).
+    pub level: u32,
+    /// The kernel's free memory read, in bytes (0: not read).
+    pub free_bytes: u64,
+    /// Free ranges in the report sent.
+    pub ranges: u64,
 }
 
 /// Result of [`vbal_deflate_for_oom`].
@@ -259,6 +345,107 @@ const NO_CHUNK: Chunk = Chunk {
     live: false,
 };
 
+/// A chunk wired for free page reporting (or an unused record). Its pages are handed to
+/// the driver in order, as ranges of physically contiguous pages; the chunk goes back to
+/// the kernel once every range handed out has come back and nothing is left to hand out
+/// (or the round is over).
+#[derive(Copy, Clone)]
+struct ReportChunk {
+    cookie: *mut c_void,
+    pages: [u64; CHUNK],
+    /// Pages in this chunk (`pages[..count]`).
+    count: usize,
+    /// Pages handed out so far (`pages[..cursor]`).
+    cursor: usize,
+    /// Ranges handed out and not yet returned.
+    out: usize,
+    live: bool,
+}
+
+const NO_REPORT_CHUNK: ReportChunk = ReportChunk {
+    cookie: core::ptr::null_mut(),
+    pages: [0; CHUNK],
+    count: 0,
+    cursor: 0,
+    out: 0,
+    live: false,
+};
+
+/// Why the reporting gate is closed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Gate {
+    Unreadable,
+    Pressure,
+    LowMemory,
+}
+
+impl Gate {
+    fn outcome(self) -> u32 {
+        match self {
+            Gate::Unreadable => VBAL_REPORT_UNREADABLE,
+            Gate::Pressure => VBAL_REPORT_PRESSURE,
+            Gate::LowMemory => VBAL_REPORT_LOW_MEMORY,
+        }
+    }
+}
+
+/// Free page reporting's side of the pool: one round at a time, bounded by
+/// `round_chunks` chunks of `chunk_pages` pages ([`VBAL_REPORT_ROUND_MIB`] MiB).
+struct Reporting {
+    chunk_pages: usize,
+    /// Records, allocated at setup (one per chunk of a round).
+    chunks: Vec<ReportChunk>,
+    /// A round is under way: the driver may take ranges.
+    active: bool,
+    /// Chunks the round may still wire.
+    left: usize,
+    rounds: u64,
+    bytes_reported: u64,
+    cut_short: u64,
+    bad_returns: u64,
+    /// The last gate reading, for the caller's result.
+    last_level: u32,
+    last_free: u64,
+    outcome: u32,
+}
+
+impl Reporting {
+    fn new(page_size: usize) -> Reporting {
+        let round = (VBAL_REPORT_ROUND_MIB as usize) << 20;
+        let chunk_pages = (round / page_size.max(1)).clamp(1, CHUNK);
+        let chunk_bytes = chunk_pages.saturating_mul(page_size).max(1);
+        let records = (round / chunk_bytes).max(1);
+        Reporting {
+            chunk_pages,
+            chunks: vec![NO_REPORT_CHUNK; records],
+            active: false,
+            left: 0,
+            rounds: 0,
+            bytes_reported: 0,
+            cut_short: 0,
+            bad_returns: 0,
+            last_level: 0,
+            last_free: 0,
+            outcome: VBAL_REPORT_NONE,
+        }
+    }
+
+    /// Kernel pages wired for reporting now.
+    fn pages(&self) -> usize {
+        self.chunks.iter().filter(|c| c.live).map(|c| c.count).sum()
+    }
+
+    /// A round is under way, or one of its reports is still with the device.
+    fn busy(&self) -> bool {
+        self.active || self.chunks.iter().any(|c| c.live)
+    }
+
+    /// Bytes one round takes at most.
+    fn round_bytes(&self, page_size: usize) -> u64 {
+        (self.chunks.len() * self.chunk_pages * page_size) as u64
+    }
+}
+
 /// The driver's [`PagePool`]: pages of the shim's wired chunks. Every page the driver
 /// returns must be one it was lent (anything else is counted and ignored: returning it
 /// twice would free wired memory twice).
@@ -280,6 +467,9 @@ struct ChunkPool {
     alloc_failures: u64,
     bad_returns: u64,
     sysctl_failures: u64,
+    /// The memory pressure level last read (0: none yet, or unreadable).
+    pressure_level: u32,
+    reporting: Reporting,
 }
 
 impl ChunkPool {
@@ -298,6 +488,156 @@ impl ChunkPool {
             alloc_failures: 0,
             bad_returns: 0,
             sysctl_failures: 0,
+            pressure_level: 0,
+            reporting: Reporting::new(config.page_size as usize),
+        }
+    }
+
+    /// `kern.memorystatus_vm_pressure_level`, kept for the IORegistry (0 when unreadable);
+    /// a change is logged.
+    fn read_pressure(&mut self) -> Option<u32> {
+        let Some(level) = self.read_sysctl(SYSCTL_PRESSURE) else {
+            if self.pressure_level != 0 {
+                log::warn!("VirtioBalloon: the memory pressure level cannot be read");
+            }
+            self.pressure_level = 0;
+            return None;
+        };
+        let level = u32::try_from(level).unwrap_or(u32::MAX);
+        if level != self.pressure_level {
+            log::info!("VirtioBalloon: memory pressure level {level}");
+            self.pressure_level = level;
+        }
+        Some(level)
+    }
+
+    /// Whether the kernel can spare a reporting round now: the pressure level reads
+    /// normal and its free memory stays above the floor after a whole round is taken.
+    fn report_gate(&mut self) -> Result<(), Gate> {
+        self.reporting.last_level = 0;
+        self.reporting.last_free = 0;
+        let level = self.read_pressure().ok_or(Gate::Unreadable)?;
+        self.reporting.last_level = level;
+        if level != VBAL_PRESSURE_NORMAL {
+            return Err(Gate::Pressure);
+        }
+        let memsize = self.read_sysctl(SYSCTL_MEMSIZE).ok_or(Gate::Unreadable)?;
+        let free = self.read_pages(SYSCTL_FREE).ok_or(Gate::Unreadable)?;
+        self.reporting.last_free = free;
+        let share = u128::from(memsize) * u128::from(VBAL_REPORT_FLOOR_PERCENT) / 100;
+        let floor =
+            (u64::from(VBAL_REPORT_FLOOR_MIB) << 20).max(u64::try_from(share).unwrap_or(u64::MAX));
+        let needed = floor.saturating_add(self.reporting.round_bytes(self.page_size));
+        if free <= needed {
+            return Err(Gate::LowMemory);
+        }
+        Ok(())
+    }
+
+    /// Opens a round: the driver may now take up to a round's chunks of ranges.
+    fn start_report_round(&mut self) {
+        self.reporting.active = true;
+        self.reporting.left = self.reporting.chunks.len();
+        self.reporting.rounds += 1;
+    }
+
+    /// Closes the round: no more ranges; every chunk with nothing out goes back to the
+    /// kernel now, the others when their last range comes back.
+    fn end_report_round(&mut self) {
+        self.reporting.active = false;
+        self.reporting.left = 0;
+        for i in 0..self.reporting.chunks.len() {
+            if self
+                .reporting
+                .chunks
+                .get(i)
+                .is_some_and(|c| c.live && c.out == 0)
+            {
+                self.release_report_chunk(i);
+            }
+        }
+    }
+
+    /// Ends the round because the kernel gave nothing or the gate closed.
+    fn cut_report_round(&mut self, outcome: u32) {
+        self.reporting.cut_short += 1;
+        self.reporting.outcome = outcome;
+        self.end_report_round();
+    }
+
+    /// Wires a chunk for the round; `None` when the kernel gave none (or gave pages the
+    /// device cannot be told about), or no record is free.
+    fn wire_report_chunk(&mut self) -> Option<usize> {
+        let alloc = self.cb.alloc_chunk?;
+        let page_size = self.page_size as u64;
+        let i = self.reporting.chunks.iter().position(|c| !c.live)?;
+        let count = self.reporting.chunk_pages;
+        let c = self.reporting.chunks.get_mut(i)?;
+        let mut cookie = core::ptr::null_mut();
+        // SAFETY: the shim's callback with its own context; `pages` has room for
+        // VBAL_CHUNK_PAGES >= `count` entries and `cookie` is a local.
+        let ok = unsafe { alloc(self.cb.ctx, c.pages.as_mut_ptr(), count as u32, &mut cookie) };
+        if !ok || cookie.is_null() {
+            self.alloc_failures += 1;
+            return None;
+        }
+        *c = ReportChunk {
+            cookie,
+            count,
+            cursor: 0,
+            out: 0,
+            live: true,
+            ..*c
+        };
+        self.chunks_allocated += 1;
+        let usable = c.pages.get(..count).is_some_and(|pages| {
+            pages
+                .iter()
+                .all(|&p| p % page_size == 0 && p.checked_add(page_size).is_some())
+        });
+        if !usable {
+            log::error!("VirtioBalloon: the kernel gave a misaligned page; chunk given back");
+            self.release_report_chunk(i);
+            return None;
+        }
+        Some(i)
+    }
+
+    /// The next range of physically contiguous pages of chunk `i`.
+    fn next_report_range(&mut self, i: usize) -> Option<FreeRange> {
+        let page_size = self.page_size as u64;
+        let c = self.reporting.chunks.get_mut(i)?;
+        let pages = c.pages.get(c.cursor..c.count)?;
+        let (&first, rest) = pages.split_first()?;
+        let mut n = 1u64;
+        for &p in rest {
+            let next = first.checked_add(n.checked_mul(page_size)?)?;
+            if p != next || (n + 1).checked_mul(page_size)? > u64::from(u32::MAX) {
+                break;
+            }
+            n += 1;
+        }
+        let len = u32::try_from(n.checked_mul(page_size)?).ok()?;
+        c.cursor += n as usize;
+        c.out += 1;
+        Some(FreeRange { addr: first, len })
+    }
+
+    /// Gives a reporting chunk back to the kernel.
+    fn release_report_chunk(&mut self, i: usize) {
+        let Some(c) = self.reporting.chunks.get_mut(i) else {
+            return;
+        };
+        if !c.live {
+            return;
+        }
+        let cookie = c.cookie;
+        *c = NO_REPORT_CHUNK;
+        self.chunks_freed += 1;
+        if let Some(free) = self.cb.free_chunk {
+            // SAFETY: the shim's callback with its own context and a cookie it gave us,
+            // returned once (the record is cleared above).
+            unsafe { free(self.cb.ctx, cookie) };
         }
     }
 
@@ -458,6 +798,91 @@ impl PagePool for ChunkPool {
         }
     }
 
+    /// Free page reporting: the next range of the round's chunks, wiring another chunk
+    /// (after the gate says the kernel can still spare it) while the round allows; `None`
+    /// ends the round. Hinting gets nothing (not negotiated).
+    fn take_free_range(&mut self, purpose: RangeUse) -> Option<FreeRange> {
+        if purpose != RangeUse::Report || !self.reporting.active {
+            return None;
+        }
+        let partial = self
+            .reporting
+            .chunks
+            .iter()
+            .position(|c| c.live && c.cursor < c.count);
+        let i = match partial {
+            Some(i) => i,
+            None if self.reporting.left == 0 => {
+                self.end_report_round();
+                return None;
+            }
+            None => {
+                // The first chunk of a round was just gated by the caller.
+                if self.reporting.left < self.reporting.chunks.len()
+                    && let Err(g) = self.report_gate()
+                {
+                    self.cut_report_round(g.outcome());
+                    return None;
+                }
+                let Some(i) = self.wire_report_chunk() else {
+                    self.cut_report_round(VBAL_REPORT_NO_MEMORY);
+                    return None;
+                };
+                self.reporting.left -= 1;
+                i
+            }
+        };
+        let range = self.next_report_range(i);
+        if range.is_none() {
+            // Cannot happen (the chunk has pages left); never leave the round open.
+            self.end_report_round();
+        }
+        range
+    }
+
+    /// A range back from the driver: the device returned its report (`Reported`), or it
+    /// never reached the device, or the device was reset (either ends the round). Its
+    /// chunk goes back to the kernel once nothing of it is out and nothing is left to
+    /// hand out.
+    fn return_free_range(&mut self, range: FreeRange, purpose: RangeUse, how: RangeReturn) {
+        if purpose != RangeUse::Report {
+            return;
+        }
+        let found = self.reporting.chunks.iter().position(|c| {
+            c.live
+                && c.out > 0
+                && c.pages
+                    .get(..c.cursor)
+                    .is_some_and(|p| p.contains(&range.addr))
+        });
+        let Some(i) = found else {
+            self.reporting.bad_returns += 1;
+            log::error!(
+                "VirtioBalloon: free range {:#x}+{:#x} returned but not taken; ignored",
+                range.addr,
+                range.len
+            );
+            return;
+        };
+        if how == RangeReturn::Reported {
+            self.reporting.bytes_reported += u64::from(range.len);
+        } else {
+            self.reporting.active = false;
+            self.reporting.left = 0;
+        }
+        let active = self.reporting.active;
+        let Some(c) = self.reporting.chunks.get_mut(i) else {
+            return;
+        };
+        c.out -= 1;
+        if c.out == 0 && (c.cursor >= c.count || !active) {
+            self.release_report_chunk(i);
+        }
+        if !active {
+            self.end_report_round();
+        }
+    }
+
     fn alloc_page(&mut self) -> Option<Page> {
         let i = match self.chunk_with_spare() {
             Some(i) => i,
@@ -505,6 +930,12 @@ impl Drop for ChunkPool {
             }
             self.release(i);
         }
+        for i in 0..self.reporting.chunks.len() {
+            if self.reporting.chunks.get(i).is_some_and(|c| c.out != 0) {
+                log::error!("VirtioBalloon: a reported chunk still out at teardown; freed");
+            }
+            self.release_report_chunk(i);
+        }
     }
 }
 
@@ -525,11 +956,11 @@ pub struct VbalDevice {
     starved: bool,
     asleep: bool,
     stopped: bool,
-    /// The last pressure level read (0: none yet, or unreadable).
-    pressure_level: u32,
     /// When the balloon last gave memory back for pressure (the shim's clock, ms).
     last_pressure_ms: Option<u64>,
     pressure_deflates: u64,
+    /// When the last reporting round started (the shim's clock, ms).
+    last_report_ms: Option<u64>,
 }
 
 fn dev<'a>(p: *mut VbalDevice) -> Option<&'a mut VbalDevice> {
@@ -552,10 +983,12 @@ impl VbalDevice {
     fn recover(&mut self, why: &dyn core::fmt::Display) {
         log::warn!("VirtioBalloon: device fault ({why}); resetting it");
         self.recoveries += 1;
-        if let Some(drv) = self.drv.as_mut()
-            && let Err(e) = drv.restart()
-        {
-            log::error!("VirtioBalloon: the device did not come back: {e}");
+        if let Some(drv) = self.drv.as_mut() {
+            if let Err(e) = drv.restart() {
+                log::error!("VirtioBalloon: the device did not come back: {e}");
+            }
+            // The reset gave every reported range back; no round survives it.
+            drv.pool_mut().end_report_round();
         }
         self.restarted();
     }
@@ -606,6 +1039,55 @@ impl VbalDevice {
         }
     }
 
+    /// [`vbal_report_check`]'s decision and round: a status and a `VBAL_REPORT_*` outcome.
+    fn report_round(&mut self, now_ms: u64, out: &mut VbalReport) -> (i32, u32) {
+        let Some(drv) = self.drv.as_mut() else {
+            return (VBAL_E_STOPPED, VBAL_REPORT_NONE);
+        };
+        if drv.pool().reporting.busy() {
+            return (VBAL_OK, VBAL_REPORT_BUSY);
+        }
+        if self
+            .last_report_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) < u64::from(VBAL_REPORT_MS))
+        {
+            return (VBAL_OK, VBAL_REPORT_TOO_SOON);
+        }
+        let gate = drv.pool_mut().report_gate();
+        out.level = drv.pool().reporting.last_level;
+        out.free_bytes = drv.pool().reporting.last_free;
+        match gate {
+            Ok(()) => {}
+            Err(Gate::Unreadable) => return (VBAL_E_UNAVAILABLE, VBAL_REPORT_UNREADABLE),
+            Err(g) => return (VBAL_OK, g.outcome()),
+        }
+        self.last_report_ms = Some(now_ms);
+        let pool = drv.pool_mut();
+        pool.start_report_round();
+        pool.reporting.outcome = VBAL_REPORT_SENT;
+        match drv.report_free_pages() {
+            Ok(0) => {
+                // The kernel gave nothing (the pool closed the round).
+                let pool = drv.pool_mut();
+                pool.end_report_round();
+                (VBAL_OK, VBAL_REPORT_NO_MEMORY)
+            }
+            Ok(n) => {
+                out.ranges = n as u64;
+                (VBAL_OK, VBAL_REPORT_SENT)
+            }
+            Err(BalloonError::Stopped) => {
+                drv.pool_mut().end_report_round();
+                (VBAL_E_DEVICE, VBAL_REPORT_NONE)
+            }
+            Err(e) => {
+                // The driver gave the ranges back (not queued); reset the broken device.
+                self.recover(&e);
+                (VBAL_E_DEVICE, VBAL_REPORT_NONE)
+            }
+        }
+    }
+
     /// Tells the shim, as the last use of `self` (the callback may re-enter).
     fn notify(&self) {
         let cb = self.cb;
@@ -618,7 +1100,8 @@ impl VbalDevice {
 }
 
 /// Brings up the balloon device behind the family handle `family` (the nub's
-/// `virtioDevice()`): negotiates MUST_TELL_HOST, STATS_VQ and DEFLATE_ON_OOM when offered,
+/// `virtioDevice()`): negotiates MUST_TELL_HOST, STATS_VQ, DEFLATE_ON_OOM and
+/// PAGE_REPORTING when offered (never FREE_PAGE_HINT),
 /// reads the target and starts inflating (pages through `callbacks`). Registers the
 /// interrupt entry with the family and returns the handle in `*out`.
 ///
@@ -658,9 +1141,10 @@ pub unsafe extern "C" fn vbal_create(
     let options = BalloonOptions {
         max_pages: config.max_pages as usize,
         deflate_on_oom: true,
-        // Both need free ranges isolated from the kernel's free list: no public KPI.
+        // Hinting would hold free memory for a whole migration round (see the crate
+        // documentation); reporting takes bounded rounds of wired chunks.
         free_page_hint: false,
-        page_reporting: false,
+        page_reporting: true,
         ..BalloonOptions::default()
     };
     let drv = match BalloonDriver::new(bus, ChunkPool::new(cb, config), options) {
@@ -681,9 +1165,9 @@ pub unsafe extern "C" fn vbal_create(
         starved: false,
         asleep: false,
         stopped: false,
-        pressure_level: 0,
         last_pressure_ms: None,
         pressure_deflates: 0,
+        last_report_ms: None,
     });
     d.restarted();
     d.notify();
@@ -806,26 +1290,14 @@ pub unsafe extern "C" fn vbal_pressure_check(
     let Some(drv) = d.drv.as_mut() else {
         return VBAL_E_STOPPED;
     };
-    if !drv
-        .features()
-        .contains(virtio_balloon::features::DEFLATE_ON_OOM)
-    {
+    if !drv.features().contains(DEFLATE_ON_OOM) {
         return VBAL_E_UNSUPPORTED;
     }
     let page_size = drv.pool().page_size as u64;
-    let Some(level) = drv.pool_mut().read_sysctl(SYSCTL_PRESSURE) else {
-        if d.pressure_level != 0 {
-            log::warn!("VirtioBalloon: the memory pressure level cannot be read");
-        }
-        d.pressure_level = 0;
+    let Some(level) = drv.pool_mut().read_pressure() else {
         return VBAL_E_UNAVAILABLE;
     };
-    let level = u32::try_from(level).unwrap_or(u32::MAX);
     out.level = level;
-    if level != d.pressure_level {
-        log::info!("VirtioBalloon: memory pressure level {level}");
-        d.pressure_level = level;
-    }
     let mib = match level {
         VBAL_PRESSURE_WARN => VBAL_PRESSURE_WARN_MIB,
         VBAL_PRESSURE_CRITICAL => VBAL_PRESSURE_CRITICAL_MIB,
@@ -851,6 +1323,45 @@ pub unsafe extern "C" fn vbal_pressure_check(
     }
 }
 
+/// The shim's reporting timer (every [`VBAL_REPORT_MS`] while PAGE_REPORTING is
+/// negotiated; `now_ms` is a monotonic clock in milliseconds): starts a free page reporting
+/// round (see the crate documentation) unless a report of the last one is still with the
+/// device, one started less than [`VBAL_REPORT_MS`] before, the pressure level is not
+/// normal, or the kernel's free memory is not well above the floor. `out.outcome` says
+/// which. `VBAL_E_UNAVAILABLE` when the figures cannot be read, `VBAL_E_UNSUPPORTED`
+/// without PAGE_REPORTING, `VBAL_E_STOPPED` asleep or stopped, `VBAL_E_DEVICE` when the
+/// device broke (it is reset; the shim keeps calling).
+///
+/// # Safety
+/// `d` is null or a live handle; `out` is null or valid.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vbal_report_check(
+    d: *mut VbalDevice,
+    now_ms: u64,
+    out: *mut VbalReport,
+) -> i32 {
+    // SAFETY: null or valid (C contract).
+    let (Some(d), Some(out)) = (dev(d), unsafe { out.as_mut() }) else {
+        return VBAL_E_INVALID;
+    };
+    *out = VbalReport::default();
+    if d.stopped || d.asleep {
+        return VBAL_E_STOPPED;
+    }
+    let Some(drv) = d.drv.as_mut() else {
+        return VBAL_E_STOPPED;
+    };
+    if !drv.features().contains(PAGE_REPORTING) {
+        return VBAL_E_UNSUPPORTED;
+    }
+    let (status, outcome) = d.report_round(now_ms, out);
+    out.outcome = outcome;
+    if let Some(drv) = d.drv.as_mut() {
+        drv.pool_mut().reporting.outcome = outcome;
+    }
+    status
+}
+
 /// State and counters for the IORegistry.
 ///
 /// # Safety
@@ -865,7 +1376,6 @@ pub unsafe extern "C" fn vbal_info(d: *mut VbalDevice, out: *mut VbalInfo) -> i3
         interrupts: d.interrupts,
         recoveries: d.recoveries,
         suspends: d.suspends,
-        pressure_level: d.pressure_level,
         pressure_deflates: d.pressure_deflates,
         ..VbalInfo::default()
     };
@@ -874,13 +1384,19 @@ pub unsafe extern "C" fn vbal_info(d: *mut VbalDevice, out: *mut VbalInfo) -> i3
         let p = drv.pool();
         i.target_frames = drv.num_pages();
         i.actual_frames = drv.actual();
+        let report_pages = p.reporting.pages();
         i.pages_held = (p.live_chunks() * CHUNK - p.spare) as u64;
-        i.pages_wired = (p.live_chunks() * CHUNK) as u64;
+        i.pages_wired = (p.live_chunks() * CHUNK + report_pages) as u64;
         i.page_size = p.page_size as u32;
-        i.deflate_on_oom = u32::from(
-            drv.features()
-                .contains(virtio_balloon::features::DEFLATE_ON_OOM),
-        );
+        i.deflate_on_oom = u32::from(drv.features().contains(DEFLATE_ON_OOM));
+        i.pressure_level = p.pressure_level;
+        i.page_reporting = u32::from(drv.features().contains(PAGE_REPORTING));
+        i.report_outcome = p.reporting.outcome;
+        i.report_rounds = p.reporting.rounds;
+        i.reports = c.reports;
+        i.bytes_reported = p.reporting.bytes_reported;
+        i.report_pages = report_pages as u64;
+        i.report_cut_short = p.reporting.cut_short;
         i.inflate_requests = c.inflate_requests;
         i.deflate_requests = c.deflate_requests;
         i.stats_buffers = c.stats_buffers;
@@ -913,6 +1429,8 @@ pub unsafe extern "C" fn vbal_suspend(d: *mut VbalDevice) -> i32 {
         d.starved = false;
         if let Some(drv) = d.drv.as_mut() {
             drv.shutdown();
+            // The reset gave every reported range back; no round survives sleep.
+            drv.pool_mut().end_report_round();
         }
     }
     VBAL_OK
@@ -940,6 +1458,7 @@ pub unsafe extern "C" fn vbal_resume(d: *mut VbalDevice) -> i32 {
     if let Err(e) = drv.restart() {
         log::error!("VirtioBalloon: cannot wake the device: {e}");
         drv.shutdown();
+        drv.pool_mut().end_report_round();
         return VBAL_E_DEVICE;
     }
     d.asleep = false;
