@@ -92,11 +92,12 @@ fn execute(cfg: RunConfig) -> RunReport {
     r
 }
 
-fn run(cfg: RunConfig) {
-    execute(cfg);
+fn run(cfg: RunConfig) -> RunReport {
+    execute(cfg)
 }
 
 virtio_tests::qemu_matrix!("balloon", run);
+virtio_tests::qemu_packed_matrix!("balloon", "virtio-balloon-pci", run);
 
 fn variant(test: &str, m: Machine, t: Transport, i: IrqMode) -> RunConfig {
     let mut cfg = RunConfig::new("balloon")

@@ -83,7 +83,7 @@ fn passes(cfg: RunConfig) -> RunReport {
     report
 }
 
-fn run(cfg: RunConfig) {
+fn run(cfg: RunConfig) -> RunReport {
     let r = passes(cfg);
     for c in [
         "blk.write",
@@ -120,10 +120,13 @@ fn run(cfg: RunConfig) {
         "no driver splits: {reqs} requests, {dev} device requests\n{}",
         r.summary()
     );
+    r
 }
 
 // Integrity, discard/write-zeroes, GET_ID: every machine × transport × interrupt mode.
 virtio_tests::qemu_matrix!("blk", run);
+// The same over the packed ring.
+virtio_tests::qemu_packed_matrix!("blk", "virtio-blk-pci", run);
 
 fn q35(t: Transport, i: IrqMode) -> RunConfig {
     RunConfig::new("blk")

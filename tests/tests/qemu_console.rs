@@ -12,7 +12,7 @@
 //! trace (ioeventfd is off: one trace line per notify write) and that QEMU sent at least
 //! as many queue interrupts as the guest took (config interrupts are not traced).
 
-use virtio_tests::qemu::{IrqMode, RunConfig, run_scenario};
+use virtio_tests::qemu::{IrqMode, RunConfig, RunReport, run_scenario};
 
 const CHECKS: &[&str] = &[
     "console.emergency",
@@ -37,7 +37,7 @@ const CHECKS: &[&str] = &[
     "host.console.log",
 ];
 
-fn run(cfg: RunConfig) {
+fn run(cfg: RunConfig) -> RunReport {
     let r = run_scenario(&cfg)
         .unwrap_or_else(|e| panic!("{} [{}]: {e}", cfg.scenario, cfg.config_name()));
     println!("{}", r.summary());
@@ -67,6 +67,8 @@ fn run(cfg: RunConfig) {
         r.stat_u64("console.emergency_bytes").unwrap_or(0) > 100,
         "{s}"
     );
+    r
 }
 
 virtio_tests::qemu_matrix!("console", run);
+virtio_tests::qemu_packed_matrix!("console", "virtio-serial-pci", run);

@@ -320,6 +320,36 @@ fn q35_modern_poll() {
     );
 }
 
+// ---- the packed ring (`packed=on`): both directions, every interrupt mode, 16 MiB ----
+
+const RING_PACKED: u64 = 1 << 34;
+
+fn packed(transport: Transport, irq: IrqMode) {
+    let r = run(
+        toggle(
+            config(Machine::Q35, transport, irq, SMALL_BYTES),
+            "packed=on",
+        ),
+        SMALL_BYTES,
+    );
+    assert_ne!(features(&r) & RING_PACKED, 0, "{}", r.summary());
+}
+
+#[test]
+fn packed_q35_modern_msix() {
+    packed(Transport::Modern, IrqMode::Msix);
+}
+
+#[test]
+fn packed_q35_modern_intx() {
+    packed(Transport::Modern, IrqMode::Intx);
+}
+
+#[test]
+fn packed_q35_transitional_poll() {
+    packed(Transport::Transitional, IrqMode::Poll);
+}
+
 // ---- device properties (q35, modern, MSI-X unless said): 16 MiB ----
 
 fn toggled(prop: &str) -> RunReport {

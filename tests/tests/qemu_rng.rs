@@ -10,7 +10,7 @@
 //! trace line per notify write) and that QEMU sent at least as many interrupts as the
 //! guest took.
 
-use virtio_tests::qemu::{IrqMode, RunConfig, run_scenario};
+use virtio_tests::qemu::{IrqMode, RunConfig, RunReport, run_scenario};
 
 const CHECKS: &[&str] = &[
     "rng.init",
@@ -21,7 +21,7 @@ const CHECKS: &[&str] = &[
     "host.rng.accounting",
 ];
 
-fn run(cfg: RunConfig) {
+fn run(cfg: RunConfig) -> RunReport {
     let r = run_scenario(&cfg)
         .unwrap_or_else(|e| panic!("{} [{}]: {e}", cfg.scenario, cfg.config_name()));
     let s = r.summary();
@@ -45,6 +45,7 @@ fn run(cfg: RunConfig) {
     if cfg.irq != IrqMode::Poll {
         assert!(irqs > 0, "no interrupts taken\n{s}");
     }
+    r
 }
 
 virtio_tests::qemu_matrix!("rng", run);

@@ -6,11 +6,13 @@ use alloc::vec::Vec;
 
 use crate::bus::{Bus, InterruptCause, QueueSpec};
 use crate::error::{Error, Result};
+use crate::packed::{PackedQueue, PackedRingLayout};
 use crate::platform::{Dma, InterruptMode, InterruptPlatform};
 use crate::queue::{QueueConfig, QueueStats, Segment, SplitQueue, Used};
 use crate::ring::{MAX_QUEUE_SIZE, SplitRingLayout};
 use crate::transport::{NO_VECTOR, Transport};
 use crate::types::{DeviceStatus, DeviceType, Features, RingLayoutKind};
+use crate::virtqueue::Virtqueue;
 
 /// Bounded waits: status polls after reset, and config re-reads while the generation moves.
 const RESET_POLLS: u32 = 1_000_000;
@@ -22,7 +24,8 @@ const CONFIG_RETRIES: u32 = 64;
 pub const BUS_FEATURES: Features = Features::INDIRECT_DESC
     .union(Features::EVENT_IDX)
     .union(Features::VERSION_1)
-    .union(Features::ACCESS_PLATFORM);
+    .union(Features::ACCESS_PLATFORM)
+    .union(Features::RING_PACKED);
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 enum State {
@@ -45,7 +48,7 @@ enum VectorPlan {
 }
 
 struct QueueSlot {
-    queue: SplitQueue,
+    queue: Virtqueue,
     interrupts: bool,
     /// MSI-X vector this queue raises, or NO_VECTOR.
     vector: u16,
@@ -247,14 +250,25 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
         Ok(1 << (15 - want.leading_zeros()))
     }
 
-    fn build_queue(&mut self, spec: &QueueSpec) -> Result<SplitQueue> {
+    fn build_queue(&mut self, spec: &QueueSpec) -> Result<Virtqueue> {
         let size = self.queue_size_for(spec)?;
-        let kind = self.transport.ring_layout();
-        let layout = SplitRingLayout::new(kind, size).ok_or(Error::BadQueueSize {
-            queue: spec.index,
-            size,
-        })?;
-        let ring = self.dma.alloc_coherent(layout.total, layout.align)?;
+        let packed = self.negotiated.contains(Features::RING_PACKED);
+        let (total, align) = if packed {
+            let l = PackedRingLayout::new(size).ok_or(Error::BadQueueSize {
+                queue: spec.index,
+                size,
+            })?;
+            (l.total, l.align)
+        } else {
+            let l = SplitRingLayout::new(self.transport.ring_layout(), size).ok_or(
+                Error::BadQueueSize {
+                    queue: spec.index,
+                    size,
+                },
+            )?;
+            (l.total, l.align)
+        };
+        let ring = self.dma.alloc_coherent(total, align)?;
         let max_indirect = if self.negotiated.contains(Features::INDIRECT_DESC) {
             spec.max_indirect.min(size)
         } else {
@@ -281,7 +295,22 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
             event_idx: self.negotiated.contains(Features::EVENT_IDX),
             ignore_used_len: spec.ignore_used_len,
         };
-        SplitQueue::new(spec.index, layout, ring, indirect, config)
+        // The layouts were validated above; `new` checks the region against them again.
+        if packed {
+            let layout = PackedRingLayout::new(size).ok_or(Error::BadQueueSize {
+                queue: spec.index,
+                size,
+            })?;
+            PackedQueue::new(spec.index, layout, ring, indirect, config).map(Virtqueue::Packed)
+        } else {
+            let layout = SplitRingLayout::new(self.transport.ring_layout(), size).ok_or(
+                Error::BadQueueSize {
+                    queue: spec.index,
+                    size,
+                },
+            )?;
+            SplitQueue::new(spec.index, layout, ring, indirect, config).map(Virtqueue::Split)
+        }
     }
 
     /// One attempt at programming all queues with a vector plan.
@@ -634,14 +663,14 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
         Ok(())
     }
 
-    fn queue_ref(&self, index: u16) -> Result<&SplitQueue> {
+    fn queue_ref(&self, index: u16) -> Result<&Virtqueue> {
         match self.queues.get(index as usize) {
             Some(Some(slot)) => Ok(&slot.queue),
             _ => Err(Error::QueueNotReady { queue: index }),
         }
     }
 
-    fn queue_mut(&mut self, index: u16) -> Result<&mut SplitQueue> {
+    fn queue_mut(&mut self, index: u16) -> Result<&mut Virtqueue> {
         match self.queues.get_mut(index as usize) {
             Some(Some(slot)) => Ok(&mut slot.queue),
             _ => Err(Error::QueueNotReady { queue: index }),
@@ -649,7 +678,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
     }
 
     /// Direct access to a queue (tests, benchmarks).
-    pub fn queue(&self, index: u16) -> Option<&SplitQueue> {
+    pub fn queue(&self, index: u16) -> Option<&Virtqueue> {
         self.queue_ref(index).ok()
     }
 

@@ -32,9 +32,13 @@ pub use error::{Error, Result, TransportError};
 pub use types::{DeviceStatus, DeviceType, Features, RingLayoutKind};
 pub mod bus;
 pub mod device;
+pub mod packed;
 pub mod queue;
 pub mod ring;
+pub mod virtqueue;
 
 pub use bus::{Bus, InterruptCause, QueueMask, QueueSpec};
 pub use device::VirtioDevice;
+pub use packed::PackedQueue;
 pub use queue::{QueueStats, Segment, SplitQueue, Used};
+pub use virtqueue::Virtqueue;

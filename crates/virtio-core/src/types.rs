@@ -105,8 +105,9 @@ impl Features {
     pub const DEVICE_SPECIFIC: u64 = ((1 << 24) - 1) | !((1u64 << 50) - 1);
 
     /// The ring/transport features this crate's virtqueue implements, and may be acknowledged
-    /// when offered. Everything else generic is refused on purpose:
-    /// - `RING_PACKED`: only the split ring is implemented (QEMU and VirtualBox default to it).
+    /// when offered: `RING_PACKED` among them (modern transports only: a legacy device cannot
+    /// offer bit 34), and the queues are then packed rings (`packed.rs`). Everything else
+    /// generic is refused on purpose:
     /// - `IN_ORDER`: we pop used entries in device order anyway; nothing to gain yet.
     /// - `ORDER_PLATFORM`: our barriers are `core::sync::atomic` fences, right for hypervisor
     ///   devices (another CPU); a hardware device needing DMA barriers is not supported.
@@ -119,7 +120,8 @@ impl Features {
         .union(Features::INDIRECT_DESC)
         .union(Features::EVENT_IDX)
         .union(Features::VERSION_1)
-        .union(Features::ACCESS_PLATFORM);
+        .union(Features::ACCESS_PLATFORM)
+        .union(Features::RING_PACKED);
 
     /// Human-readable name of a generic bit, for logs and reports.
     pub fn generic_name(bit: u32) -> Option<&'static str> {

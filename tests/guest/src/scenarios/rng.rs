@@ -16,6 +16,7 @@ use super::bus::{self, GuestBus};
 use crate::check;
 use crate::cmdline::IrqMode;
 use crate::report;
+use crate::report::show::FeatureSet;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
@@ -71,12 +72,14 @@ pub fn run(env: &mut Env) {
         (_, InterruptMode::Intx) => (false, "INTx".into()),
         (_, InterruptMode::Polling) => (false, "polling".into()),
     };
+    let features = rng.bus().features().bits();
     check!(
         "rng.init",
         mode_ok,
-        "{} buffers of {} bytes posted; interrupts: {mode_name} (irq={})",
+        "{} buffers of {} bytes posted; features {}; interrupts: {mode_name} (irq={})",
         rng.buffers(),
         OPTIONS.buffer_size,
+        FeatureSet(DeviceType::Entropy, features),
         env.irq.name()
     );
 

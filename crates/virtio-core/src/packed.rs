@@ -1,0 +1,633 @@
+//! Packed virtqueue, driver side (virtio 1.2 §2.8): one descriptor ring the driver and the
+//! device both write, with wrap counters instead of indices, and event-suppression
+//! structures instead of flags and `used_event`/`avail_event`.
+//!
+//! Same contract as [`SplitQueue`](crate::SplitQueue): chains of readable then writable
+//! segments tagged with a token, indirect tables when negotiated, batching with one
+//! notification decision per batch, completions validated before they are believed (an
+//! invalid one breaks the queue until reset), tokens handed back after a reset, and no
+//! allocation after [`PackedQueue::new`].
+//!
+//! Buffer ids are the driver's: one per chain in flight, from a free stack of `size` ids;
+//! the device returns a chain by writing a used descriptor (its id and length) at the next
+//! used position, and the driver then skips as many ring positions as that chain took
+//! (§2.8.7, §2.8.21).
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+use core::sync::atomic::{Ordering, fence};
+
+use crate::error::{Error, Result};
+use crate::platform::{DeviceAddr, DmaRegion};
+use crate::queue::{QueueConfig, QueueStats, Segment, Used};
+use crate::ring::{DescFlags, MAX_QUEUE_SIZE, need_event};
+use crate::transport::RingAddresses;
+
+/// `VIRTQ_DESC_F_AVAIL` (§2.8.1): equals the driver's wrap counter when it makes a
+/// descriptor available.
+pub const DESC_F_AVAIL: u16 = 1 << 7;
+/// `VIRTQ_DESC_F_USED` (§2.8.1): the inverse of the wrap counter when made available;
+/// equal to AVAIL when the device has used the descriptor.
+pub const DESC_F_USED: u16 = 1 << 15;
+/// Event suppression `flags` (§2.8.10): notify/interrupt on every event.
+pub const EVENT_FLAG_ENABLE: u16 = 0;
+/// Never.
+pub const EVENT_FLAG_DISABLE: u16 = 1;
+/// At the descriptor named by `off_wrap` (EVENT_IDX only).
+pub const EVENT_FLAG_DESC: u16 = 2;
+/// `off_wrap`'s wrap-counter bit.
+const WRAP_BIT: u16 = 1 << 15;
+
+/// Byte layout of one packed ring in a single allocation: the descriptor ring (16 bytes
+/// per entry, 16-aligned), then the driver event suppression structure (4 bytes), then the
+/// device's (4 bytes), both 4-aligned (§2.8.10, §4.1.4.3 alignment table).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PackedRingLayout {
+    pub size: u16,
+    /// Offset of the driver event suppression structure (driver area).
+    pub driver: usize,
+    /// Offset of the device event suppression structure (device area).
+    pub device: usize,
+    pub total: usize,
+    pub align: usize,
+}
+
+impl PackedRingLayout {
+    /// Layout for `size` entries (1..=32768; a packed ring need not be a power of two).
+    pub fn new(size: u16) -> Option<Self> {
+        if size == 0 || size > MAX_QUEUE_SIZE {
+            return None;
+        }
+        let driver = 16 * size as usize;
+        Some(PackedRingLayout {
+            size,
+            driver,
+            device: driver + 4,
+            total: driver + 8,
+            align: 16,
+        })
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Id {
+    Free,
+    InFlight {
+        token: usize,
+        /// Ring positions the chain took (1 for an indirect chain).
+        descs: u16,
+        writable: u32,
+    },
+}
+
+/// A ring position and the wrap counter that goes with it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+struct Pos {
+    idx: u16,
+    wrap: bool,
+}
+
+impl Pos {
+    const START: Pos = Pos { idx: 0, wrap: true };
+
+    /// `n` positions further on a ring of `size` (n <= size).
+    #[inline]
+    fn advance(self, n: u16, size: u16) -> Pos {
+        let idx = u32::from(self.idx) + u32::from(n);
+        if idx >= u32::from(size) {
+            Pos {
+                idx: (idx - u32::from(size)) as u16,
+                wrap: !self.wrap,
+            }
+        } else {
+            Pos {
+                idx: idx as u16,
+                wrap: self.wrap,
+            }
+        }
+    }
+
+    /// `off_wrap` as the event suppression structures encode it.
+    fn off_wrap(self) -> u16 {
+        self.idx | if self.wrap { WRAP_BIT } else { 0 }
+    }
+}
+
+/// Driver side of one packed virtqueue.
+pub struct PackedQueue {
+    index: u16,
+    layout: PackedRingLayout,
+    ring: DmaRegion,
+    /// `size * max_indirect` indirect entries, one table per buffer id.
+    indirect: Option<DmaRegion>,
+    max_indirect: u16,
+    event_idx: bool,
+    ignore_used_len: bool,
+
+    ids: Vec<Id>,
+    /// Free buffer ids (a stack with capacity `size`: pushing never reallocates).
+    free_ids: Vec<u16>,
+    /// Free ring positions.
+    num_free: u16,
+    in_flight: u16,
+    next_avail: Pos,
+    next_used: Pos,
+    /// Ring positions made available since the last notification decision.
+    added_since_kick: u32,
+    interrupts_enabled: bool,
+    broken: bool,
+    stats: QueueStats,
+}
+
+impl PackedQueue {
+    /// Builds a queue over zeroed ring memory `ring` laid out as `layout`, and an optional
+    /// indirect pool of `size * max_indirect` entries. Setup time only (allocates).
+    pub fn new(
+        index: u16,
+        layout: PackedRingLayout,
+        ring: DmaRegion,
+        indirect: Option<DmaRegion>,
+        config: QueueConfig,
+    ) -> Result<Self> {
+        let size = layout.size;
+        if config.size != size || ring.len < layout.total {
+            return Err(Error::BadQueueSize { queue: index, size });
+        }
+        let max_indirect = match &indirect {
+            Some(pool) if config.max_indirect > 1 => {
+                let needed = size as usize * config.max_indirect as usize * 16;
+                if pool.len < needed || config.max_indirect > size {
+                    return Err(Error::BadChain);
+                }
+                config.max_indirect
+            }
+            _ => 0,
+        };
+        let mut q = PackedQueue {
+            index,
+            layout,
+            ring,
+            indirect,
+            max_indirect,
+            event_idx: config.event_idx,
+            ignore_used_len: config.ignore_used_len,
+            ids: vec![Id::Free; size as usize],
+            free_ids: (0..size).rev().collect(),
+            num_free: size,
+            in_flight: 0,
+            next_avail: Pos::START,
+            next_used: Pos::START,
+            added_since_kick: 0,
+            interrupts_enabled: true,
+            broken: false,
+            stats: QueueStats::default(),
+        };
+        q.reset_memory();
+        Ok(q)
+    }
+
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+    pub fn size(&self) -> u16 {
+        self.layout.size
+    }
+    pub fn layout(&self) -> &PackedRingLayout {
+        &self.layout
+    }
+    pub fn num_free(&self) -> u16 {
+        self.num_free
+    }
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+    pub(crate) fn stats_mut(&mut self) -> &mut QueueStats {
+        &mut self.stats
+    }
+    /// Largest chain `add` accepts in one go.
+    pub fn max_chain(&self) -> u16 {
+        self.max_indirect.max(self.layout.size)
+    }
+    /// Ring positions a chain of `segments` segments takes (the split ring's rule).
+    pub fn descriptors_for(&self, segments: usize) -> usize {
+        if self.max_indirect > 0 && segments > 1 && segments <= self.max_indirect as usize {
+            1
+        } else {
+            segments
+        }
+    }
+    /// Chains in flight (added, not yet popped).
+    pub fn in_flight(&self) -> u16 {
+        self.in_flight
+    }
+
+    /// Device addresses of the descriptor ring and the two event suppression structures.
+    pub fn addresses(&self) -> RingAddresses {
+        let base = self.ring.daddr;
+        RingAddresses {
+            desc: base,
+            driver: base + self.layout.driver as u64,
+            device: base + self.layout.device as u64,
+        }
+    }
+
+    /// Gives back the DMA memory (after the device stopped using the queue).
+    pub fn into_regions(self) -> (DmaRegion, Option<DmaRegion>) {
+        (self.ring, self.indirect)
+    }
+
+    /// Makes a chain of `readable` then `writable` segments available (§2.8.13), tagged
+    /// with `token`. Does not notify: call [`PackedQueue::kick_prepare`] after a batch.
+    #[inline]
+    pub fn add(&mut self, readable: &[Segment], writable: &[Segment], token: usize) -> Result<()> {
+        if self.broken {
+            return Err(Error::QueueBroken { queue: self.index });
+        }
+        let total = readable.len() + writable.len();
+        if total == 0 {
+            return Err(Error::BadChain);
+        }
+        let mut writable_len: u32 = 0;
+        for s in writable {
+            writable_len = writable_len.checked_add(s.len).ok_or(Error::BadChain)?;
+        }
+        let descs = self.descriptors_for(total);
+        let use_indirect = descs == 1 && total > 1;
+        if descs > self.layout.size as usize {
+            return Err(Error::BadChain);
+        }
+        let descs = descs as u16;
+        if descs > self.num_free {
+            return Err(Error::QueueFull);
+        }
+        let Some(id) = self.free_ids.pop() else {
+            return Err(Error::QueueFull);
+        };
+        let size = self.layout.size;
+        let head = self.next_avail;
+        let segments = readable
+            .iter()
+            .map(|s| (s, false))
+            .chain(writable.iter().map(|s| (s, true)));
+        let head_flags;
+        if use_indirect {
+            let Some(table) = self.indirect_table(id) else {
+                self.free_ids.push(id);
+                return Err(Error::BadChain);
+            };
+            for (i, (seg, write)) in segments.enumerate() {
+                // §2.8.7: an indirect table is read in order; NEXT is not used in it.
+                let flags = if write { DescFlags::WRITE.bits() } else { 0 };
+                // SAFETY: `table` holds max_indirect >= total entries (descriptors_for), so
+                // entry i < total is inside it; the region is DMA memory we own.
+                unsafe { write_packed(table.add(i * 16), seg.addr, seg.len, id, Some(flags)) };
+            }
+            let table_addr = self.indirect_daddr(id);
+            let p = self.desc_ptr(head.idx);
+            // SAFETY: head.idx < size: the entry is inside the descriptor ring. Flags later.
+            unsafe { write_packed(p, table_addr, (total * 16) as u32, id, None) };
+            head_flags = DescFlags::INDIRECT.bits() | avail_bits(head.wrap);
+            self.stats.indirect += 1;
+        } else {
+            let mut pos = head;
+            let mut first_flags = 0;
+            for (i, (seg, write)) in segments.enumerate() {
+                let mut flags = if write { DescFlags::WRITE.bits() } else { 0 };
+                if i + 1 < total {
+                    flags |= DescFlags::NEXT.bits();
+                }
+                flags |= avail_bits(pos.wrap);
+                let p = self.desc_ptr(pos.idx);
+                if i == 0 {
+                    first_flags = flags;
+                    // SAFETY: pos.idx < size. The head's flags are written last (below).
+                    unsafe { write_packed(p, seg.addr, seg.len, id, None) };
+                } else {
+                    // SAFETY: as above; the device does not look past the head until its
+                    // flags say it is available.
+                    unsafe { write_packed(p, seg.addr, seg.len, id, Some(flags)) };
+                }
+                pos = pos.advance(1, size);
+            }
+            head_flags = first_flags;
+        }
+        self.next_avail = head.advance(descs, size);
+        self.num_free -= descs;
+        self.in_flight += 1;
+        self.added_since_kick = self.added_since_kick.saturating_add(u32::from(descs));
+        self.set_id(
+            id,
+            Id::InFlight {
+                token,
+                descs,
+                writable: writable_len,
+            },
+        );
+        // §2.8.21.3: "The driver ... performs a suitable memory barrier to ensure the device
+        // sees the updated descriptor table" before the head's flags make the chain
+        // available: every other write above is ordered before this one.
+        fence(Ordering::Release);
+        self.write_u16(self.flags_offset(head.idx), head_flags);
+        self.stats.added += 1;
+        Ok(())
+    }
+
+    /// Decides whether the device must be notified of chains added since the last call
+    /// (§2.8.22, with the device's event suppression structure, §2.8.10). Counts the
+    /// decision.
+    pub fn kick_prepare(&mut self) -> bool {
+        let added = core::mem::take(&mut self.added_since_kick);
+        if added == 0 {
+            return false;
+        }
+        // §2.8.22: the flags write that made the chain available must be visible before the
+        // device's suppression structure is read (store→load: full fence).
+        fence(Ordering::SeqCst);
+        let off_wrap = self.read_u16(self.layout.device);
+        let flags = self.read_u16(self.layout.device + 2);
+        let notify = match flags {
+            EVENT_FLAG_DISABLE => false,
+            EVENT_FLAG_DESC if self.event_idx => {
+                let size = self.layout.size;
+                if added >= u32::from(size) {
+                    // The whole ring went by: whatever position it named was crossed.
+                    true
+                } else {
+                    // Linux `virtqueue_kick_prepare_packed`: positions as u16, the event
+                    // pulled back by one ring when it names the other lap.
+                    let new = self.next_avail.idx;
+                    let old = new.wrapping_sub(added as u16);
+                    let mut event = off_wrap & !WRAP_BIT;
+                    if (off_wrap & WRAP_BIT != 0) != self.next_avail.wrap {
+                        event = event.wrapping_sub(size);
+                    }
+                    need_event(event, new, old)
+                }
+            }
+            // ENABLE, and anything a device should not write (DESC without EVENT_IDX,
+            // reserved values): notifying is always safe.
+            _ => true,
+        };
+        if notify {
+            self.stats.kicks += 1;
+        } else {
+            self.stats.kicks_suppressed += 1;
+        }
+        notify
+    }
+
+    /// Whether the descriptor at `pos` has been used by the device in `pos`'s lap.
+    #[inline]
+    fn is_used(&self, pos: Pos) -> bool {
+        let flags = self.read_u16(self.flags_offset(pos.idx));
+        let avail = flags & DESC_F_AVAIL != 0;
+        let used = flags & DESC_F_USED != 0;
+        avail == used && used == pos.wrap
+    }
+
+    /// Whether the device has completed chains we have not popped yet.
+    #[inline]
+    pub fn has_used(&self) -> bool {
+        !self.broken && self.is_used(self.next_used)
+    }
+
+    /// Pops the next used descriptor, in the order the device wrote them (§2.8.21.2),
+    /// after validating it. Any invalid value breaks the queue until reset.
+    #[inline]
+    pub fn pop_used(&mut self) -> Result<Option<Used>> {
+        if self.broken {
+            return Err(Error::QueueBroken { queue: self.index });
+        }
+        let pos = self.next_used;
+        if !self.is_used(pos) {
+            return Ok(None);
+        }
+        if self.in_flight == 0 {
+            // A used descriptor in the current lap with nothing in flight: the device wrote
+            // one we never made available.
+            return Err(self.fail(Error::DeviceProtocol {
+                what: "used descriptor with no chain in flight",
+            }));
+        }
+        // §2.8.21.2: read the flags before the id and length they cover (acquire pairs with
+        // the device's write barrier before its flags write).
+        fence(Ordering::Acquire);
+        let off = 16 * pos.idx as usize;
+        let len = self.read_u32(off + 8);
+        let id = self.read_u16(off + 12);
+        let slot = match self.ids.get(id as usize) {
+            Some(s) => *s,
+            None => {
+                return Err(self.fail(Error::UsedIdOutOfRange {
+                    queue: self.index,
+                    id: u32::from(id),
+                }));
+            }
+        };
+        let Id::InFlight {
+            token,
+            descs,
+            writable,
+        } = slot
+        else {
+            return Err(self.fail(Error::UsedIdNotInFlight {
+                queue: self.index,
+                id: u32::from(id),
+            }));
+        };
+        let len = if self.ignore_used_len { 0 } else { len };
+        if len > writable {
+            return Err(self.fail(Error::UsedLenTooLarge {
+                queue: self.index,
+                len,
+                max: writable,
+            }));
+        }
+        // The device skips as many positions as the chain took (§2.8.21.2).
+        self.next_used = pos.advance(descs, self.layout.size);
+        self.set_id(id, Id::Free);
+        // Cannot exceed the capacity: `id` was in flight, so it is not on the stack.
+        self.free_ids.push(id);
+        self.num_free += descs;
+        self.in_flight -= 1;
+        self.stats.completions += 1;
+        if self.event_idx && self.interrupts_enabled {
+            // Linux `virtqueue_get_buf_ctx_packed`: keep the interrupt point at our consumer
+            // position, visible before the next flags read (store→load).
+            self.write_u16(self.layout.driver, self.next_used.off_wrap());
+            fence(Ordering::SeqCst);
+        }
+        Ok(Some(Used { token, len }))
+    }
+
+    /// Asks the device not to interrupt for this queue (a hint: it may still do so).
+    pub fn disable_interrupts(&mut self) {
+        if !self.interrupts_enabled {
+            return;
+        }
+        self.interrupts_enabled = false;
+        self.write_u16(self.layout.driver + 2, EVENT_FLAG_DISABLE);
+    }
+
+    /// Re-enables interrupts race-free: returns true if completions arrived that the caller
+    /// must process now.
+    pub fn enable_interrupts(&mut self) -> bool {
+        self.enable_interrupts_at(0)
+    }
+
+    /// Like [`PackedQueue::enable_interrupts`], but with EVENT_IDX asks for the interrupt
+    /// only after about 3/4 of the ring positions in flight were used (Linux
+    /// `enable_cb_delayed_packed`).
+    pub fn enable_interrupts_delayed(&mut self) -> bool {
+        let busy = self.layout.size - self.num_free;
+        self.enable_interrupts_at((u32::from(busy) * 3 / 4) as u16)
+    }
+
+    fn enable_interrupts_at(&mut self, delay: u16) -> bool {
+        self.interrupts_enabled = true;
+        let at = self
+            .next_used
+            .advance(delay.min(self.layout.size), self.layout.size);
+        if self.event_idx {
+            self.write_u16(self.layout.driver, at.off_wrap());
+            // The position before the flags that make the device read it.
+            fence(Ordering::Release);
+            self.write_u16(self.layout.driver + 2, EVENT_FLAG_DESC);
+        } else {
+            self.write_u16(self.layout.driver + 2, EVENT_FLAG_ENABLE);
+        }
+        // §2.8.10: the re-enable must be visible before the used flags are read again, or a
+        // completion written in between would be missed with no interrupt (full fence).
+        fence(Ordering::SeqCst);
+        self.is_used(at)
+    }
+
+    /// After a device or queue reset: hands every in-flight token to `f` and returns the
+    /// queue to its initial state. Not an I/O path.
+    pub fn reclaim_after_reset(&mut self, mut f: impl FnMut(usize)) {
+        for slot in &mut self.ids {
+            if let Id::InFlight { token, .. } = *slot {
+                f(token);
+            }
+            *slot = Id::Free;
+        }
+        let size = self.layout.size;
+        self.free_ids.clear();
+        self.free_ids.extend((0..size).rev());
+        self.num_free = size;
+        self.in_flight = 0;
+        self.next_avail = Pos::START;
+        self.next_used = Pos::START;
+        self.added_since_kick = 0;
+        self.interrupts_enabled = true;
+        self.broken = false;
+        self.reset_memory();
+    }
+
+    /// Zeroes the ring: no descriptor available or used in either lap (flags 0 are neither,
+    /// with both wrap counters starting at 1), both event structures ENABLE.
+    fn reset_memory(&mut self) {
+        let len = self.layout.total;
+        if let Some(p) = self.ring.ptr_at(0, len) {
+            // SAFETY: the device does not use the ring (before setup, or after a reset);
+            // the range is inside the allocation (checked by `ptr_at`).
+            unsafe { core::ptr::write_bytes(p.as_ptr(), 0, len) };
+        }
+    }
+
+    // The only indexing site: ids come from our own stack (all < size) or were validated
+    // against `ids.len()` in `pop_used`.
+    #[allow(clippy::indexing_slicing)]
+    #[inline]
+    fn set_id(&mut self, id: u16, state: Id) {
+        self.ids[id as usize] = state;
+    }
+
+    fn fail(&mut self, e: Error) -> Error {
+        log::error!("virtqueue {}: {e}; queue disabled until reset", self.index);
+        self.broken = true;
+        e
+    }
+
+    fn indirect_table(&self, id: u16) -> Option<NonNull<u8>> {
+        let entry = self.max_indirect as usize * 16;
+        self.indirect.as_ref()?.ptr_at(id as usize * entry, entry)
+    }
+
+    fn indirect_daddr(&self, id: u16) -> DeviceAddr {
+        let base = self.indirect.as_ref().map_or(0, |p| p.daddr);
+        base + (id as u64) * (self.max_indirect as u64) * 16
+    }
+
+    #[inline]
+    fn flags_offset(&self, idx: u16) -> usize {
+        16 * idx as usize + 14
+    }
+
+    #[inline]
+    fn desc_ptr(&self, idx: u16) -> NonNull<u8> {
+        self.ptr(16 * idx as usize)
+    }
+
+    /// Pointer to `offset` in the ring: offsets come from positions < size and the layout,
+    /// all inside `layout.total <= ring.len`.
+    #[inline]
+    fn ptr(&self, offset: usize) -> NonNull<u8> {
+        debug_assert!(offset < self.layout.total);
+        // SAFETY: offset < layout.total <= ring.len (checked in `new`).
+        unsafe { self.ring.vaddr.add(offset) }
+    }
+
+    #[inline]
+    fn read_u16(&self, offset: usize) -> u16 {
+        // SAFETY: in-bounds (see `ptr`), 2-aligned; volatile because the device writes this
+        // memory concurrently.
+        u16::from_le(unsafe { self.ptr(offset).cast::<u16>().as_ptr().read_volatile() })
+    }
+
+    #[inline]
+    fn read_u32(&self, offset: usize) -> u32 {
+        // SAFETY: in-bounds, 4-aligned (descriptor `len` at +8); volatile as above.
+        u32::from_le(unsafe { self.ptr(offset).cast::<u32>().as_ptr().read_volatile() })
+    }
+
+    #[inline]
+    fn write_u16(&mut self, offset: usize, value: u16) {
+        // SAFETY: in-bounds, 2-aligned; volatile because the device reads it concurrently.
+        unsafe {
+            self.ptr(offset)
+                .cast::<u16>()
+                .as_ptr()
+                .write_volatile(value.to_le())
+        }
+    }
+}
+
+/// AVAIL and USED bits of a descriptor made available in lap `wrap` (§2.8.1).
+#[inline]
+fn avail_bits(wrap: bool) -> u16 {
+    if wrap { DESC_F_AVAIL } else { DESC_F_USED }
+}
+
+/// Writes one packed descriptor (`addr`, `len`, `id`, and `flags` when given) with
+/// volatile stores.
+///
+/// # Safety
+/// `p` must point to 16 writable, 16-aligned bytes of DMA memory owned by the queue.
+#[inline]
+unsafe fn write_packed(p: NonNull<u8>, addr: u64, len: u32, id: u16, flags: Option<u16>) {
+    let base = p.as_ptr();
+    // SAFETY: the caller guarantees 16 valid aligned bytes; fields at 0/8/12/14 are aligned.
+    unsafe {
+        base.cast::<u64>().write_volatile(addr.to_le());
+        base.add(8).cast::<u32>().write_volatile(len.to_le());
+        base.add(12).cast::<u16>().write_volatile(id.to_le());
+        if let Some(f) = flags {
+            base.add(14).cast::<u16>().write_volatile(f.to_le());
+        }
+    }
+}
