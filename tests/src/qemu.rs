@@ -928,6 +928,45 @@ macro_rules! qemu_matrix {
     )*};
 }
 
+/// The packed-ring matrix (VIRTIO_F_RING_PACKED, §2.8): q35 × the transports that can
+/// offer it (modern and transitional functions; a legacy interface has no bit 34) × every
+/// interrupt mode, with `packed=on` on QEMU's `$device`. `$run` runs a configuration with
+/// the scenario's usual checks and returns its report; each test then also asserts that
+/// the guest negotiated the packed ring (a check detail lists `RING_PACKED`).
+#[macro_export]
+macro_rules! qemu_packed_matrix {
+    ($scenario:literal, $device:literal, $run:ident) => {
+        mod packed {
+            use super::*;
+            $crate::qemu_packed_matrix!(@tests $scenario, $device, $run;
+                q35_modern_msix: Modern Msix;
+                q35_modern_intx: Modern Intx;
+                q35_modern_poll: Modern Poll;
+                q35_transitional_msix: Transitional Msix;
+                q35_transitional_intx: Transitional Intx;
+                q35_transitional_poll: Transitional Poll;
+            );
+        }
+    };
+    (@tests $scenario:literal, $device:literal, $run:ident; $($name:ident: $t:ident $i:ident;)*) => {$(
+        #[test]
+        fn $name() {
+            let mut cfg = $crate::qemu::RunConfig::new($scenario)
+                .machine($crate::qemu::Machine::Q35)
+                .transport($crate::qemu::Transport::$t)
+                .irq($crate::qemu::IrqMode::$i);
+            cfg.label = Some("packed".into());
+            cfg.extra_qemu_args = vec!["-global".into(), format!("{}.packed=on", $device)];
+            let report = $run(cfg);
+            assert!(
+                report.checks.iter().any(|c| c.detail.contains("RING_PACKED")),
+                "the packed ring was not negotiated\n{}",
+                report.summary()
+            );
+        }
+    )*};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1030,43 +1069,4 @@ mod tests {
         assert_eq!("q35".parse::<Machine>(), Ok(Machine::Q35));
         assert!("kvm".parse::<IrqMode>().is_err());
     }
-}
-
-/// The packed-ring matrix (VIRTIO_F_RING_PACKED, §2.8): q35 × the transports that can
-/// offer it (modern and transitional functions; a legacy interface has no bit 34) × every
-/// interrupt mode, with `packed=on` on QEMU's `$device`. `$run` runs a configuration with
-/// the scenario's usual checks and returns its report; each test then also asserts that
-/// the guest negotiated the packed ring (a check detail lists `RING_PACKED`).
-#[macro_export]
-macro_rules! qemu_packed_matrix {
-    ($scenario:literal, $device:literal, $run:ident) => {
-        mod packed {
-            use super::*;
-            $crate::qemu_packed_matrix!(@tests $scenario, $device, $run;
-                q35_modern_msix: Modern Msix;
-                q35_modern_intx: Modern Intx;
-                q35_modern_poll: Modern Poll;
-                q35_transitional_msix: Transitional Msix;
-                q35_transitional_intx: Transitional Intx;
-                q35_transitional_poll: Transitional Poll;
-            );
-        }
-    };
-    (@tests $scenario:literal, $device:literal, $run:ident; $($name:ident: $t:ident $i:ident;)*) => {$(
-        #[test]
-        fn $name() {
-            let mut cfg = $crate::qemu::RunConfig::new($scenario)
-                .machine($crate::qemu::Machine::Q35)
-                .transport($crate::qemu::Transport::$t)
-                .irq($crate::qemu::IrqMode::$i);
-            cfg.label = Some("packed".into());
-            cfg.extra_qemu_args = vec!["-global".into(), format!("{}.packed=on", $device)];
-            let report = $run(cfg);
-            assert!(
-                report.checks.iter().any(|c| c.detail.contains("RING_PACKED")),
-                "the packed ring was not negotiated\n{}",
-                report.summary()
-            );
-        }
-    )*};
 }
