@@ -9,6 +9,7 @@ pub mod blk_model;
 pub mod console_model;
 pub mod mem;
 pub mod net_model;
+pub mod packed_device;
 pub mod qemu;
 pub mod ring_device;
 pub mod sim;

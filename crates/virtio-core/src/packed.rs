@@ -404,6 +404,18 @@ impl PackedQueue {
         }
         let pos = self.next_used;
         if !self.is_used(pos) {
+            // §2.8.1, §2.8.15: with a chain in flight, the descriptor at our used position
+            // was written by us in this lap (AVAIL = wrap, USED = !wrap), and the device may
+            // only mark it used in this lap (both = wrap). AVAIL != wrap there is a device
+            // writing in the wrong lap (a wrap counter out of step): not "nothing yet".
+            if self.in_flight > 0 {
+                let flags = self.read_u16(self.flags_offset(pos.idx));
+                if (flags & DESC_F_AVAIL != 0) != pos.wrap {
+                    return Err(self.fail(Error::DeviceProtocol {
+                        what: "used descriptor flags in the wrong lap",
+                    }));
+                }
+            }
             return Ok(None);
         }
         if self.in_flight == 0 {
@@ -503,7 +515,11 @@ impl PackedQueue {
         // §2.8.10: the re-enable must be visible before the used flags are read again, or a
         // completion written in between would be missed with no interrupt (full fence).
         fence(Ordering::SeqCst);
-        self.is_used(at)
+        // Re-test at our used position, not at `at` (§2.8.22's re-test after re-enabling):
+        // with a delay, `at` can fall inside a chain the device already returned, where it
+        // wrote nothing (it skips the chain's other positions, §2.8.6), so the device passed
+        // the event before reading it and no interrupt would ever come.
+        self.is_used(self.next_used)
     }
 
     /// After a device or queue reset: hands every in-flight token to `f` and returns the
