@@ -7,6 +7,7 @@
 pub mod balloon_model;
 pub mod blk_model;
 pub mod console_model;
+pub mod fs_model;
 pub mod mem;
 pub mod net_model;
 pub mod packed_device;

@@ -6,20 +6,45 @@
 //! The mapping is placed below 16 TiB so that legacy queue PFNs (`address >> 12` in a 32-bit
 //! register) can express its addresses; the kernel's default placement (around 2^47 on
 //! x86_64) is out of the legacy interface's reach.
+//!
+//! Under Miri the mapping is a plain private anonymous one (the only kind Miri interprets),
+//! and every host pointer handed out is derived from the mapping's own pointer, never cast
+//! from an integer, so Miri checks each access against the allocation (strict provenance).
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(not(miri))]
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_core::platform::{DeviceAddr, Dma, DmaDirection, DmaRegion};
 use virtio_core::{Error, Result};
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 /// Highest address a legacy PFN can express.
 const LEGACY_LIMIT: u64 = 1 << 44;
 
-/// Next candidate address for a low mapping (256 GiB upwards).
-static NEXT_LOW: AtomicU64 = AtomicU64::new(0x40_0000_0000);
+/// Protection and flags of the guest-memory mapping (as `MmapRegion::build_raw` is told);
+/// placement flags aside, the same under Miri.
+const PROT: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+const FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+
+/// Windows tried for low mappings, in order: 256 GiB up to the legacy limit, then
+/// 1–2 GiB. AddressSanitizer reserves everything between about 2 GiB and 16 TiB for its
+/// shadow memory, so under ASan (`cargo fuzz`) only the second window is free; without the
+/// fallback every mapping there landed above 16 TiB, out of reach of legacy PFNs, and each
+/// cost 256 failed `mmap` calls first.
+#[cfg(not(miri))]
+const WINDOWS: [(u64, u64); 2] = [(0x40_0000_0000, LEGACY_LIMIT), (0x4000_0000, 0x8000_0000)];
+
+/// Next candidate address for a low mapping, inside `WINDOWS[WINDOW]`. It wraps around to
+/// the start of the window: mappings are unmapped when their memory drops, so a process
+/// that creates millions of them (a fuzzer) reuses the addresses; a candidate still in use
+/// fails with `EEXIST` and the next one is tried.
+#[cfg(not(miri))]
+static NEXT_LOW: AtomicU64 = AtomicU64::new(WINDOWS[0].0);
+/// The window in use (moves to the next after repeated failures, never back).
+#[cfg(not(miri))]
+static WINDOW: AtomicUsize = AtomicUsize::new(0);
 
 /// Guest memory plus a first-fit allocator over it (setup-time only, like a real platform).
 #[derive(Clone)]
@@ -40,24 +65,87 @@ struct Inner {
     allocations_left: std::sync::atomic::AtomicUsize,
 }
 
+impl Inner {
+    /// Whether `[addr, addr+len)` lies inside this memory.
+    fn contains(&self, addr: u64, len: usize) -> bool {
+        addr >= self.base
+            && addr
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= self.base + self.len as u64)
+    }
+
+    /// Host pointer to `[addr, addr+len)` (identity mapped: numerically `addr`), or `None`
+    /// outside this memory. Derived from the region's pointer, so it carries the mapping's
+    /// provenance.
+    fn host_ptr(&self, addr: u64, len: usize) -> Option<NonNull<u8>> {
+        if !self.contains(addr, len) {
+            return None;
+        }
+        let start = self.mem.get_host_address(GuestAddress(self.base)).ok()?;
+        // SAFETY: `addr - base + len <= self.len` (checked above), so the offset stays inside
+        // (or one past the end of) the live mapping `start` points to.
+        NonNull::new(unsafe { start.add((addr - self.base) as usize) })
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
-        if self.owned_mapping {
-            // SAFETY: created by `map_low` with exactly this address and length; the
-            // `MmapRegion` built over it by `build_raw` does not own it, and no reference
-            // into it outlives `self`.
-            unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+        if !self.owned_mapping {
+            return;
+        }
+        if let Some(start) = self.host_ptr(self.base, self.len) {
+            // SAFETY: created by `map_guest_memory` with exactly this address and length;
+            // the `MmapRegion` built over it by `build_raw` does not own it, and no
+            // reference into it outlives `self`.
+            unsafe { libc::munmap(start.as_ptr().cast(), self.len) };
         }
     }
 }
 
+/// Maps `len` zeroed bytes below [`LEGACY_LIMIT`] (`map_low`).
+#[cfg(not(miri))]
+fn map_guest_memory(len: usize) -> Option<NonNull<u8>> {
+    // The mapping comes from the kernel, not from a Rust allocation: its address is all
+    // the provenance there is.
+    NonNull::new(std::ptr::with_exposed_provenance_mut(map_low(len)? as usize))
+}
+
+/// Maps `len` zeroed bytes wherever Miri puts them: Miri interprets only plain
+/// `MAP_PRIVATE | MAP_ANONYMOUS` mappings (no address hint, `MAP_FIXED_NOREPLACE` or
+/// `MAP_NORESERVE`), page-aligned like the kernel's. Its addresses are low, so
+/// [`LEGACY_LIMIT`] holds; checked all the same.
+#[cfg(miri)]
+fn map_guest_memory(len: usize) -> Option<NonNull<u8>> {
+    // SAFETY: an anonymous private mapping at an address of Miri's choosing.
+    let got = unsafe { libc::mmap(std::ptr::null_mut(), len, PROT, FLAGS, -1, 0) };
+    if got == libc::MAP_FAILED {
+        return None;
+    }
+    if got.addr() as u64 + len as u64 > LEGACY_LIMIT {
+        // SAFETY: `got` is the mapping just created, of `len` bytes, unused.
+        unsafe { libc::munmap(got, len) };
+        return None;
+    }
+    NonNull::new(got.cast())
+}
+
 /// Maps `len` bytes at a free address below [`LEGACY_LIMIT`].
+#[cfg(not(miri))]
 fn map_low(len: usize) -> Option<u64> {
     let stride = (len as u64).next_multiple_of(1 << 21) + (1 << 21);
+    let mut failures = 0;
     for _ in 0..256 {
-        let want = NEXT_LOW.fetch_add(stride, Ordering::Relaxed);
-        if want + len as u64 > LEGACY_LIMIT {
-            return None;
+        let window = WINDOW.load(Ordering::Relaxed);
+        let (lo, hi) = *WINDOWS.get(window)?;
+        let mut want = NEXT_LOW.fetch_add(stride, Ordering::Relaxed);
+        if want < lo || want + len as u64 > hi {
+            // Wrap (or enter a new window); a racing thread may wrap too, which only
+            // makes a candidate collide and be skipped.
+            if stride + len as u64 > hi - lo {
+                return None;
+            }
+            NEXT_LOW.store(lo + stride, Ordering::Relaxed);
+            want = lo;
         }
         // SAFETY: an anonymous private mapping; MAP_FIXED_NOREPLACE never replaces an
         // existing mapping (a kernel that does not know it treats the address as a hint,
@@ -75,15 +163,20 @@ fn map_low(len: usize) -> Option<u64> {
                 0,
             )
         };
-        if got == libc::MAP_FAILED {
-            continue;
+        if got != libc::MAP_FAILED && got as u64 == want {
+            return Some(want);
         }
-        if got as u64 != want {
+        if got != libc::MAP_FAILED {
             // SAFETY: `got` is the mapping just created, of `len` bytes, unused.
             unsafe { libc::munmap(got, len) };
-            continue;
         }
-        return Some(want);
+        failures += 1;
+        if failures >= 8 && window + 1 < WINDOWS.len() {
+            // This window is taken (ASan's shadow): move to the next one for good.
+            let _ =
+                WINDOW.compare_exchange(window, window + 1, Ordering::Relaxed, Ordering::Relaxed);
+            failures = 0;
+        }
     }
     None
 }
@@ -92,22 +185,16 @@ impl IdentityMemory {
     /// Maps `len` bytes (rounded up to 4 KiB), below 16 TiB when possible.
     pub fn new(len: usize) -> Self {
         let len = len.max(4096).next_multiple_of(4096);
-        if let Some(base) = map_low(len) {
-            // SAFETY: [base, base + len) is the live mapping created by `map_low`; it is
-            // unmapped only when `Inner` drops, after this region.
-            let region = unsafe {
-                MmapRegion::build_raw(
-                    base as *mut u8,
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                )
-            }
-            .expect("vm-memory region over the low mapping");
-            return Self::with_region(region, base, len, true);
+        if let Some(start) = map_guest_memory(len) {
+            // SAFETY: [start, start + len) is the live mapping `map_guest_memory` created, with
+            // these protections and flags; it is unmapped only when `Inner` drops, after
+            // this region.
+            let region = unsafe { MmapRegion::build_raw(start.as_ptr(), len, PROT, FLAGS) }
+                .expect("vm-memory region over the low mapping");
+            return Self::with_region(region, start.addr().get() as u64, len, true);
         }
         let region = MmapRegion::new(len).expect("mmap for test guest memory");
-        let base = region.as_ptr() as u64;
+        let base = region.as_ptr().addr() as u64;
         Self::with_region(region, base, len, false)
     }
 
@@ -133,10 +220,7 @@ impl IdentityMemory {
 
     /// Whether `[addr, addr+len)` lies inside this memory.
     pub fn contains(&self, addr: u64, len: usize) -> bool {
-        addr >= self.inner.base
-            && addr
-                .checked_add(len as u64)
-                .is_some_and(|end| end <= self.inner.base + self.inner.len as u64)
+        self.inner.contains(addr, len)
     }
 
     /// Bytes not allocated: equal before a driver is created and after it is dropped (or
@@ -174,12 +258,12 @@ impl IdentityMemory {
     /// Bytes at a device address (test helper; panics outside guest memory).
     #[allow(clippy::mut_from_ref)]
     pub fn bytes_at(&self, addr: u64, len: usize) -> &mut [u8] {
-        assert!(
-            self.contains(addr, len),
-            "address {addr:#x}+{len} outside guest memory"
-        );
-        // SAFETY: checked to be inside the live mapping above; identity mapped.
-        unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) }
+        let Some(p) = self.inner.host_ptr(addr, len) else {
+            panic!("address {addr:#x}+{len} outside guest memory");
+        };
+        // SAFETY: `len` bytes inside the live mapping (`host_ptr` checked), which lives as
+        // long as `self`.
+        unsafe { std::slice::from_raw_parts_mut(p.as_ptr(), len) }
     }
 }
 
@@ -217,11 +301,12 @@ impl Dma for IdentityMemory {
             free.insert(i, (off, start - off));
         }
         let addr = self.inner.base + start as u64;
-        // SAFETY: [addr, addr+len) is inside the mapping and was free, so nothing else
-        // references it; zero it as `alloc_coherent` promises.
-        unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len) };
+        let vaddr = self.inner.host_ptr(addr, len).ok_or(Error::DmaAlloc)?;
+        // SAFETY: [addr, addr+len) is inside the mapping (`host_ptr` checked) and was free,
+        // so nothing else references it; zero it as `alloc_coherent` promises.
+        unsafe { std::ptr::write_bytes(vaddr.as_ptr(), 0, len) };
         Ok(DmaRegion {
-            vaddr: NonNull::new(addr as *mut u8).ok_or(Error::DmaAlloc)?,
+            vaddr,
             daddr: addr,
             len,
         })
@@ -246,7 +331,7 @@ impl Dma for IdentityMemory {
     }
 
     fn map(&self, vaddr: NonNull<u8>, len: usize, _dir: DmaDirection) -> Result<DeviceAddr> {
-        let addr = vaddr.as_ptr() as u64;
+        let addr = vaddr.addr().get() as u64;
         if self.contains(addr, len) {
             Ok(addr)
         } else {
@@ -260,6 +345,22 @@ impl Dma for IdentityMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Mappings are unmapped on drop and their addresses reused: a process that creates
+    /// more of them than the window holds (a fuzzer: millions) still gets low ones. 1 TiB
+    /// each (reserved, never touched), so 40 of them go round the 16 TiB window.
+    #[test]
+    #[cfg_attr(miri, ignore = "Miri places mappings itself, and cannot hold 1 TiB")]
+    fn low_placement_wraps_around() {
+        for _ in 0..40 {
+            let m = IdentityMemory::new(1 << 40);
+            assert!(
+                m.inner.owned_mapping && m.inner.base + m.inner.len as u64 <= LEGACY_LIMIT,
+                "mapping at {:#x} is out of reach of legacy PFNs",
+                m.inner.base
+            );
+        }
+    }
 
     #[test]
     fn alloc_free_reuse_alignment_and_low_placement() {

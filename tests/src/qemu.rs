@@ -24,7 +24,8 @@ pub use devices::{
     BLK_SERIAL, DISK_BYTES, DeviceSpec, NET_MAC, ScenarioSpec, device, scenario, scenarios,
 };
 pub use toolchain::{
-    GuestToolchain, build_guest, ensure as ensure_toolchain, find_workspace, guest_dir, target_dir,
+    GuestProfile, GuestToolchain, build_guest, build_guest_profile, ensure as ensure_toolchain,
+    find_workspace, guest_dir, target_dir,
 };
 
 use std::collections::BTreeMap;
@@ -113,6 +114,9 @@ pub struct RunConfig {
     pub kill_on: Option<String>,
     /// Install missing toolchain/QEMU packages (root on Debian only).
     pub install_missing: bool,
+    /// The guest build to boot: the tests' checked build, or the shipping optimisation
+    /// level (the benchmarks).
+    pub guest_profile: GuestProfile,
 }
 
 impl RunConfig {
@@ -131,6 +135,7 @@ impl RunConfig {
             label: None,
             kill_on: None,
             install_missing: false,
+            guest_profile: GuestProfile::Checked,
         }
     }
 
@@ -716,7 +721,7 @@ pub fn run_scenario(cfg: &RunConfig) -> Result<RunReport, RunError> {
     let spec =
         scenario(&cfg.scenario).ok_or_else(|| RunError::UnknownScenario(cfg.scenario.clone()))?;
     let toolchain = toolchain::ensure(cfg.install_missing).map_err(RunError::Toolchain)?;
-    let elf = build_guest(&toolchain).map_err(RunError::Build)?;
+    let elf = build_guest_profile(&toolchain, cfg.guest_profile).map_err(RunError::Build)?;
     let run_dir = claim_run_dir(cfg)?;
     let dir = run_dir.path.clone();
     let serial = dir.join("serial.log");

@@ -53,6 +53,10 @@ struct PoolState {
     errors: Vec<String>,
     /// Hand out one bad page next (misaligned).
     bad_page_next: bool,
+    /// `take_free_range` calls so far; after `take_limit` of them the pool has no range
+    /// left (so a driver that keeps asking ends, and a test can see how often it asked).
+    takes: usize,
+    take_limit: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -143,6 +147,10 @@ impl PagePool for TestPool {
     }
     fn take_free_range(&mut self, _purpose: RangeUse) -> Option<FreeRange> {
         let mut s = self.0.borrow_mut();
+        s.takes += 1;
+        if s.take_limit.is_some_and(|limit| s.takes > limit) {
+            return None;
+        }
         let (addr, len) = s.free_ranges.pop_first()?;
         s.lent_ranges.insert((addr, len));
         Some(FreeRange { addr, len })
@@ -1096,5 +1104,53 @@ fn new_failing_at_any_allocation_frees_everything() {
             },
             |_, allowed| pool.check_clean(&format!("{what} allocation {allowed}")),
         );
+    }
+}
+
+/// Issue 14 (found reviewing the `balloon` fuzz target's pool): a free range the driver
+/// refuses goes back to the platform as `Unused`, and a platform that offers it again
+/// (first in its free list) kept `report_free_pages` and the hinting loop asking forever.
+/// Now each stops after as many refusals as it has room for ranges. The pool stops giving
+/// ranges after `LIMIT` requests so a regression fails instead of hanging.
+#[test]
+fn a_refused_free_range_offered_again_does_not_hang_reporting_or_hinting() {
+    const LIMIT: usize = 10_000;
+    for (mode, pref) in MODES {
+        let pool = TestPool::new(4096, 64).with_ranges(4, 0x20_0000);
+        {
+            let mut s = pool.0.borrow_mut();
+            // Misaligned, and first in the free list: offered again after each refusal.
+            s.free_ranges.insert((0x800, 0x1000));
+            s.take_limit = Some(LIMIT);
+        }
+        let features = QEMU | bits::PAGE_REPORTING | bits::FREE_PAGE_HINT;
+        let model = BalloonModel::new(features);
+        let what = format!("{mode:?}/{pref:?}");
+        // Reporting starts in `new` (after DRIVER_OK).
+        let (sim, drv) = try_rig(mode, pref, &model, &pool, BalloonOptions::default(), false);
+        let drv = drv.unwrap_or_else(|e| panic!("{what}: setup: {e}"));
+        let takes = pool.st().takes;
+        assert!(takes < 100, "{what}: {takes} ranges asked for one report");
+        let mut r = Rig {
+            sim,
+            model,
+            pool,
+            drv,
+            what,
+        };
+        r.run();
+        // A hinting round asks for ranges too.
+        let before = r.pool.st().takes;
+        r.model.set_cmd_id(&r.sim, 0x8000_0001);
+        r.sim.raise_config_interrupt();
+        r.run();
+        let takes = r.pool.st().takes - before;
+        assert!(
+            takes < 1000,
+            "{}: {takes} ranges asked for one hint round",
+            r.what
+        );
+        assert!(r.drv.counters().rejected_from_platform > 0, "{}", r.what);
+        r.finish();
     }
 }

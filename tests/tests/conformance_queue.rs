@@ -85,7 +85,14 @@ fn chains_of_1_to_n_segments_arrive_exactly() {
     for kind in KINDS {
         let mut p = pair(kind, 64, true, 0);
         let mut token = 0;
-        for n in 1..=12usize {
+        // Miri (`cfg(miri)`) interprets every step: three lengths, each with every
+        // readable/writable split.
+        let lengths: &[usize] = if cfg!(miri) {
+            &[1, 3, 6]
+        } else {
+            &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+        };
+        for &n in lengths {
             for readable in 0..=n {
                 let r: Vec<u32> = (0..readable).map(|i| 10 + i as u32).collect();
                 let w: Vec<u32> = (0..n - readable).map(|i| 100 + i as u32).collect();
@@ -250,6 +257,11 @@ fn delayed_interrupt_waits_for_three_quarters() {
 }
 
 #[test]
+#[cfg_attr(
+    miri,
+    ignore = "70,000 round trips; the wrap is u16 arithmetic, the ring slots it reaches are \
+              the ones every other test reaches"
+)]
 fn index_wraps_past_65536() {
     for kind in KINDS {
         let mut p = pair(kind, 8, true, 4);

@@ -631,3 +631,44 @@ fn start_failing_at_any_allocation_frees_everything_and_resets() {
         }
     }
 }
+
+/// Issue 14 (found by the `console` fuzz target): a device that answers every repost of
+/// the control receive buffers at once with another message kept `poll_events` yielding
+/// forever (each event drained made it process the control queue again, whose repost the
+/// device answered at once). Now one iteration handles at most one control message per
+/// receive buffer. The flood stops after `FLOOD_ROUNDS` notifications so a regression
+/// fails instead of hanging.
+#[test]
+fn control_flood_does_not_keep_poll_events_going() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const FLOOD_ROUNDS: usize = 10_000;
+    for (mode, pref) in MODES {
+        // Without EVENT_IDX every repost is kicked (the model does not move avail_event).
+        let mut m = model(mode, QEMU & !(1 << 29), cm::config_bytes(0, 0, 1), 1);
+        let mut c = console(&m, pref, ConsoleOptions::default());
+        m.process().unwrap();
+        let rounds = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&rounds);
+        // A RESIZE for port 0 in every buffer, as soon as the driver posts it.
+        let msg = cm::control_bytes(0, cm::RESIZE, 0, &[80, 0, 25, 0]);
+        m.sim.on_notify(Some(Arc::new(move |sim, queue| {
+            if queue == cm::CONTROL_RX && seen.fetch_add(1, Ordering::Relaxed) < FLOOD_ROUNDS {
+                sim.serve(queue, |chain| sim.write_chain(chain, &msg));
+            }
+        })));
+        // Start the flood: fill every buffer posted now.
+        while m.resize(0, 80, 25).is_ok() {}
+        let buffers = usize::from(ConsoleOptions::default().control_buffers);
+        for _ in 0..3 {
+            let n = c.poll_events().count();
+            assert!(
+                n > 0 && n <= 2 * buffers,
+                "{mode:?}/{pref:?}: {n} events from one poll_events"
+            );
+        }
+        m.sim.on_notify(None);
+        assert!(rounds.load(Ordering::Relaxed) <= 3, "{mode:?}/{pref:?}");
+        assert!(m.sim.bad_accesses().is_empty());
+    }
+}

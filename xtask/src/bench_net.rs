@@ -1,6 +1,6 @@
-//! `cargo xtask bench net [--bytes N]`: the network benchmark.
+//! `cargo xtask bench net [--bytes N] [--repeats R]`: the network benchmark.
 //!
-//! Two QEMU sessions on the same machine and device (q35, modern virtio-net-pci behind a
+//! Two QEMU configurations on the same machine and device (q35, modern virtio-net-pci behind a
 //! root port, user networking, `ioeventfd=off` so every notify write is one trace line),
 //! each running the `net` scenarios' TCP transfer with the host peer: `N` bytes (default
 //! 64 MiB) host → guest, then `N` bytes guest → host, every byte checked and hashed at
@@ -9,13 +9,20 @@
 //! - theirs: `net-vd`, the same smoltcp stack and transfer code over the `virtio-drivers`
 //!   crate's `VirtIONet`, polled (it has no interrupt handling).
 //!
-//! Per phase: throughput (guest clock), packets (guest), and kicks and interrupts per
-//! packet per queue. QEMU's trace (`virtio_queue_notify`, `virtio_notify`) is split by the
+//! `R` repeats (default 3), interleaved (ours, theirs, ours, theirs, ...), with the release
+//! build of the bench guest (the optimisation level the drivers ship at).
+//!
+//! Per phase: throughput (guest clock; median and min–max over the repeats), packets
+//! (guest), guest instructions and halts per packet (the project's TCG plugin, between
+//! the phase's markers; see `bench/insns.rs`), and kicks and interrupts per packet per
+//! queue; all but the throughput are medians over the repeats. QEMU's trace (`virtio_queue_notify`, `virtio_notify`) is split by the
 //! guest's phase markers (`fw_cfg_select` of key `0x3F50..0x3F53`, see the guest's
 //! `net/stack.rs`); interrupts are attributed to a queue through the `vq` pointer its
 //! kicks show. For ours the guest's own counters (interrupts *taken*) are shown too and
 //! its kicks are cross-checked against QEMU's; QEMU's column counts interrupts *sent*.
 
+use crate::bench::Spread;
+use crate::bench::insns::{self, Counters, Counting};
 use std::collections::BTreeMap;
 use virtio_tests::qemu::{self, IrqMode, Machine, RunConfig, RunReport, Transport};
 
@@ -26,15 +33,22 @@ const PHASES: [(&str, &str); 2] = [("recv", "host → guest"), ("send", "guest �
 const RX: u32 = 0;
 const TX: u32 = 1;
 
-/// `cargo xtask bench net --bytes N`: `bytes` each way over each driver.
-pub fn cmd(bytes: u64) -> Result<bool, String> {
-    let ours = session("net", IrqMode::Msix, bytes)?;
-    let theirs = session("net-vd", IrqMode::Poll, bytes)?;
+/// `cargo xtask bench net --bytes N --repeats R`: `bytes` each way over each driver, `R`
+/// times, interleaved.
+pub fn cmd(bytes: u64, repeats: u32) -> Result<bool, String> {
+    let counting = Counting::prepare()?;
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for repeat in 1..=repeats {
+        ours.push(session(&counting, "net", IrqMode::Msix, bytes, repeat)?);
+        theirs.push(session(&counting, "net-vd", IrqMode::Poll, bytes, repeat)?);
+    }
     print_table(bytes, &ours, &theirs);
-    let ok = ours.ok && theirs.ok;
+    let ok = ours.iter().chain(&theirs).all(|s| s.ok);
     println!(
-        "bench net: {} (both runs passed their checks, the bytes' hashes matched on both sides)",
-        if ok { "PASS" } else { "FAIL" }
+        "bench net: {} ({} runs; each passed its checks, the bytes' hashes matched on both \
+         sides, our driver's kicks matched QEMU's, the plugin's markers matched the trace)",
+        if ok { "PASS" } else { "FAIL" },
+        ours.len() + theirs.len()
     );
     Ok(ok)
 }
@@ -78,6 +92,14 @@ struct Phase {
     /// From QEMU's trace: per queue index, and all interrupts sent.
     qemu: BTreeMap<u32, QueueCounts>,
     qemu_irqs: u64,
+    /// Guest instructions and halts between the phase's markers (the TCG plugin).
+    counted: Option<Counters>,
+}
+
+impl Phase {
+    fn packets(&self) -> u64 {
+        self.rx_packets + self.tx_packets
+    }
 }
 
 struct Session {
@@ -87,22 +109,28 @@ struct Session {
     phases: Vec<Phase>,
 }
 
-fn session(scenario: &'static str, irq: IrqMode, bytes: u64) -> Result<Session, String> {
+fn session(
+    counting: &Counting,
+    scenario: &'static str,
+    irq: IrqMode,
+    bytes: u64,
+    repeat: u32,
+) -> Result<Session, String> {
     let mut cfg = RunConfig::new(scenario)
         .machine(Machine::Q35)
         .transport(Transport::Modern)
         .irq(irq)
         .guest_arg(format!("net_bytes={bytes}"))
         .guest_arg("net_link=0");
-    // The guest's phase markers (the runner traces the virtio events already).
-    cfg.extra_qemu_args = vec!["-trace".into(), "fw_cfg_select".into()];
-    cfg.keep_run_dir = true;
+    // The release guest, the plugin, and the trace of the guest's phase markers (the
+    // runner traces the virtio events already); keeps the run directory for the trace.
+    let plugin_out = counting.instrument(&mut cfg, scenario);
     cfg.install_missing = true;
     cfg.label = Some("bench".into());
     // TCG moves 20-40 MiB/s; leave room for slow hosts.
     cfg.timeout = Some(std::time::Duration::from_secs(120 + 2 * (bytes >> 20)));
     eprintln!(
-        "xtask: bench net: {scenario} [{}], {bytes} bytes each way...",
+        "xtask: bench net: repeat {repeat}: {scenario} [{}], {bytes} bytes each way...",
         cfg.config_name()
     );
     let r = qemu::run_scenario(&cfg).map_err(|e| e.to_string())?;
@@ -112,6 +140,11 @@ fn session(scenario: &'static str, irq: IrqMode, bytes: u64) -> Result<Session, 
         print!("{}", r.summary());
     }
     let by_phase = phase_trace(&trace);
+    let counted = insns::read_run(&plugin_out, &r.run_dir);
+    if let Err(e) = &counted {
+        eprintln!("xtask: bench net: {scenario}: no instruction counts: {e}");
+        ok = false;
+    }
     let mut phases = Vec::new();
     for (i, (p, _)) in PHASES.iter().enumerate() {
         let get = |k: &str| r.stat(&format!("net.{p}.{k}")).map(str::to_string);
@@ -146,6 +179,7 @@ fn session(scenario: &'static str, irq: IrqMode, bytes: u64) -> Result<Session, 
             eprintln!("xtask: bench net: {scenario}: no trace lines for phase {p}");
             ok = false;
         }
+        let start = (MARK_BASE + 2 * i) as u8;
         let phase = Phase {
             mib_s,
             rx_packets: num("rx_packets").unwrap_or(0),
@@ -153,6 +187,10 @@ fn session(scenario: &'static str, irq: IrqMode, bytes: u64) -> Result<Session, 
             guest,
             qemu,
             qemu_irqs,
+            counted: counted
+                .as_ref()
+                .ok()
+                .and_then(|at| insns::between(at, start, start + 1)),
         };
         // ioeventfd=off: QEMU sees exactly the kicks our driver counted.
         if let Some((rx, tx, _)) = phase.guest {
@@ -280,55 +318,177 @@ fn per(n: u64, d: u64) -> f64 {
 }
 
 fn ratio(a: f64, b: f64) -> String {
-    if b == 0.0 {
+    if a.is_nan() || b.is_nan() {
+        "—".into()
+    } else if b == 0.0 {
         if a == 0.0 { "—".into() } else { "∞".into() }
     } else {
         format!("{:.2}", a / b)
     }
 }
 
-fn print_table(bytes: u64, ours: &Session, theirs: &Session) {
+/// The median over sessions of `figure` of phase `i` (NaN when no session has it).
+fn median(sessions: &[Session], i: usize, figure: impl Fn(&Phase) -> Option<f64>) -> f64 {
+    spread(sessions, i, figure).map_or(f64::NAN, |s| s.median)
+}
+
+fn spread(
+    sessions: &[Session],
+    i: usize,
+    figure: impl Fn(&Phase) -> Option<f64>,
+) -> Option<Spread> {
+    let values: Vec<f64> = sessions
+        .iter()
+        .filter(|s| s.ok)
+        .filter_map(|s| s.phases.get(i).and_then(&figure))
+        .collect();
+    Spread::of(&values)
+}
+
+/// `x` with `decimals`, or `—` for no value.
+fn fixed(x: f64, decimals: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.decimals$}")
+    } else {
+        "—".into()
+    }
+}
+
+fn print_table(bytes: u64, ours: &[Session], theirs: &[Session]) {
+    let describe = |sessions: &[Session]| {
+        let failed = sessions.iter().filter(|s| !s.ok).count();
+        let first = sessions.first();
+        format!(
+            "`{}` [{}], {} runs{}",
+            first.map_or("", |s| s.name),
+            first.map_or(String::new(), |s| s.config.clone()),
+            sessions.len(),
+            if failed > 0 {
+                format!(" ({failed} FAILED, left out)")
+            } else {
+                String::new()
+            }
+        )
+    };
     println!();
     println!(
-        "net benchmark: {} MiB each way over TCP (smoltcp, host peer through slirp); q35, modern virtio-net-pci, ioeventfd=off, TCG, 1 vCPU",
+        "net benchmark: {} MiB each way over TCP (smoltcp, host peer through slirp); q35, modern \
+         virtio-net-pci, ioeventfd=off, TCG, 1 vCPU, release guest; repeats interleaved",
         bytes as f64 / (1 << 20) as f64
     );
     println!(
-        "  ours:   `{}` [{}]: the virtio-net crate over virtio-pci + virtio-core{}",
-        ours.name,
-        ours.config,
-        if ours.ok { "" } else { "  (RUN FAILED)" }
+        "  ours:   {}: the virtio-net crate over virtio-pci + virtio-core",
+        describe(ours)
     );
     println!(
-        "  theirs: `{}` [{}]: virtio-drivers 0.13 VirtIONet over its PciTransport, polled{}",
-        theirs.name,
-        theirs.config,
-        if theirs.ok { "" } else { "  (RUN FAILED)" }
+        "  theirs: {}: virtio-drivers 0.13 VirtIONet over its PciTransport, polled",
+        describe(theirs)
     );
     println!(
-        "  interrupts: guest = taken by our driver; QEMU = sent (virtio_notify); ratios use QEMU's figures"
+        "  throughput: median (min–max) of the runs, guest clock; every other figure: median \
+         of the runs"
     );
+    println!(
+        "  instructions: guest instructions between the phase's markers (TCG plugin) per \
+         packet (rx + tx) and per KiB moved, median ±largest deviation of a run; they include \
+         smoltcp and the test's own generation, checking and hashing of every byte; theirs \
+         polls, so its count includes the spinning and grows with the time it waits"
+    );
+    println!(
+        "  interrupts: guest = taken by our driver; QEMU = sent (virtio_notify); ratios use \
+         QEMU's figures"
+    );
+    let kib = bytes as f64 / 1024.0;
     for (i, (p, what)) in PHASES.iter().enumerate() {
-        let (Some(o), Some(t)) = (ours.phases.get(i), theirs.phases.get(i)) else {
-            continue;
-        };
         println!();
         println!(
-            "{p} ({what})                 ours (guest)  ours (QEMU)  theirs (QEMU)  ours/theirs"
+            "{:31} {:>12} {:>22} {:>22} {:>11}",
+            format!("{p} ({what})"),
+            "ours (guest)",
+            "ours",
+            "theirs",
+            "ours/theirs"
         );
+        let (o, t) = (
+            spread(ours, i, |ph| Some(ph.mib_s)),
+            spread(theirs, i, |ph| Some(ph.mib_s)),
+        );
+        let range = |s: Option<Spread>| {
+            s.map_or("—".into(), |s| {
+                format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max)
+            })
+        };
         println!(
-            "  throughput MiB/s              {:>12} {:>12.2} {:>14.2} {:>12}",
+            "  {:29} {:>12} {:>22} {:>22} {:>11}",
+            "throughput MiB/s",
             "",
-            o.mib_s,
-            t.mib_s,
-            ratio(o.mib_s, t.mib_s)
+            range(o),
+            range(t),
+            ratio(
+                o.map_or(f64::NAN, |s| s.median),
+                t.map_or(f64::NAN, |s| s.median)
+            )
         );
+        let packets = |sessions: &[Session]| {
+            format!(
+                "{}/{}",
+                fixed(median(sessions, i, |ph| Some(ph.rx_packets as f64)), 0),
+                fixed(median(sessions, i, |ph| Some(ph.tx_packets as f64)), 0)
+            )
+        };
         println!(
-            "  packets rx / tx               {:>12} {:>12} {:>14}",
+            "  {:29} {:>12} {:>22} {:>22}",
+            "packets rx / tx",
             "",
-            format!("{}/{}", o.rx_packets, o.tx_packets),
-            format!("{}/{}", t.rx_packets, t.tx_packets)
+            packets(ours),
+            packets(theirs)
         );
+        type Figure = fn(&Phase, f64) -> Option<f64>;
+        // Halts get no ratio: more of them is neither better nor worse by itself.
+        let counted_rows: [(&str, Figure, usize); 3] = [
+            (
+                "instructions per packet",
+                |ph, _| ph.counted.map(|c| per(c.instructions, ph.packets())),
+                0,
+            ),
+            (
+                "instructions per KiB",
+                |ph, kib| ph.counted.map(|c| c.instructions as f64 / kib),
+                0,
+            ),
+            (
+                "halts per packet",
+                |ph, _| ph.counted.map(|c| per(c.halts, ph.packets())),
+                3,
+            ),
+        ];
+        for (label, figure, decimals) in counted_rows {
+            let (os, ts) = (
+                spread(ours, i, |ph| figure(ph, kib)),
+                spread(theirs, i, |ph| figure(ph, kib)),
+            );
+            let (o, t) = (
+                os.map_or(f64::NAN, |s| s.median),
+                ts.map_or(f64::NAN, |s| s.median),
+            );
+            // Instructions: median ±largest deviation of a run from it.
+            let show = |s: Option<Spread>| match s {
+                None => "—".into(),
+                Some(s) if decimals == 0 => s.with_deviation(),
+                Some(s) => fixed(s.median, decimals),
+            };
+            println!(
+                "  {label:29} {:>12} {:>22} {:>22} {:>11}",
+                "",
+                show(os),
+                show(ts),
+                if decimals == 0 {
+                    ratio(o, t)
+                } else {
+                    String::new()
+                }
+            );
+        }
         type Pick = fn(&QueueCounts) -> u64;
         let rows: [(&str, u32, Pick, bool); 4] = [
             ("rx kicks per rx packet", RX, |c| c.kicks, true),
@@ -338,28 +498,32 @@ fn print_table(bytes: u64, ours: &Session, theirs: &Session) {
         ];
         for (label, q, pick, rx) in rows {
             let den = |ph: &Phase| if rx { ph.rx_packets } else { ph.tx_packets };
-            let qemu = |ph: &Phase| per(ph.qemu.get(&q).map_or(0, pick), den(ph));
-            let guest = o.guest.map(|(r, t, _)| {
-                let c = if q == RX { r } else { t };
-                format!("{:.3}", per(pick(&c), den(o)))
+            let qemu = |ph: &Phase| Some(per(ph.qemu.get(&q).map_or(0, pick), den(ph)));
+            let guest = median(ours, i, |ph| {
+                ph.guest.map(|(r, t, _)| {
+                    let c = if q == RX { r } else { t };
+                    per(pick(&c), den(ph))
+                })
             });
+            let (o, t) = (median(ours, i, qemu), median(theirs, i, qemu));
             println!(
-                "  {label:29} {:>12} {:>12.3} {:>14.3} {:>12}",
-                guest.unwrap_or_else(|| "—".into()),
-                qemu(o),
-                qemu(t),
-                ratio(qemu(o), qemu(t))
+                "  {label:29} {:>12} {:>22} {:>22} {:>11}",
+                fixed(guest, 3),
+                fixed(o, 3),
+                fixed(t, 3),
+                ratio(o, t)
             );
         }
-        let all = |ph: &Phase| per(ph.qemu_irqs, ph.rx_packets + ph.tx_packets);
+        let all = |ph: &Phase| Some(per(ph.qemu_irqs, ph.packets()));
+        let guest_all = median(ours, i, |ph| ph.guest.map(|(_, _, n)| per(n, ph.packets())));
+        let (o, t) = (median(ours, i, all), median(theirs, i, all));
         println!(
-            "  interrupts per packet (all)   {:>12} {:>12.3} {:>14.3} {:>12}",
-            o.guest
-                .map(|(_, _, n)| format!("{:.3}", per(n, o.rx_packets + o.tx_packets)))
-                .unwrap_or_else(|| "—".into()),
-            all(o),
-            all(t),
-            ratio(all(o), all(t))
+            "  {:29} {:>12} {:>22} {:>22} {:>11}",
+            "interrupts per packet (all)",
+            fixed(guest_all, 3),
+            fixed(o, 3),
+            fixed(t, 3),
+            ratio(o, t)
         );
     }
     println!();

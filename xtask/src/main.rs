@@ -5,19 +5,24 @@
 //!   every machine × transport × irq combination, then a table; `--list`: the scenarios);
 //! - `demo`: boot the guest with each device type (net, blk, console, balloon, rng) and
 //!   show what each driver did;
-//! - `bench blk|net`: our drivers against the virtio-drivers crate (`bench.rs`,
-//!   `bench_net.rs`);
+//! - `bench blk|net|ring`: our drivers against the virtio-drivers crate (`bench.rs`,
+//!   `bench_net.rs`, `bench/ring.rs`);
 //! - `kexts`: build the kext bundles (`kexts.rs`); `install`: copy them to
 //!   /Library/Extensions and load them on macOS (`install.rs`);
-//! - `test`: fmt, clippy (workspace and guest), guest build, `cargo test --workspace`.
-//! - `fuzz <target>` / `fuzz --replay`: coverage-guided fuzzing of fuzz/ with cargo-fuzz, or
-//!   the committed corpus through plain `cargo test`.
+//! - `test`: fmt, clippy (workspace and guest), guest build, `cargo test --workspace`, a
+//!   short run of each fuzz target (`fuzz.rs`).
+//! - `fuzz <target>` / `fuzz --all` / `fuzz --replay`: coverage-guided fuzzing of fuzz/ with
+//!   cargo-fuzz, or the committed corpus through plain `cargo test` (`fuzz.rs`).
+//! - `miri`: the split-ring tests under Miri, Stacked and Tree Borrows (`miri.rs`; also
+//!   steps of `test` when the nightly toolchain has Miri).
 
 mod bench;
 mod bench_net;
 mod console_log;
+mod fuzz;
 mod install;
 mod kexts;
+mod miri;
 
 use clap::builder::PossibleValuesParser;
 use clap::{Args, Parser, Subcommand};
@@ -94,8 +99,9 @@ enum Cmd {
     },
     /// Everything CI runs, then a summary
     ///
-    /// fmt, clippy -D warnings (workspace and guest), the guest build, kexts --check, and
-    /// cargo test --workspace (with the QEMU end-to-end matrix).
+    /// fmt, clippy -D warnings (workspace and guest), the guest build, kexts --check,
+    /// cargo test --workspace (with the QEMU end-to-end matrix and the fuzz corpus replay),
+    /// and 10 s of each fuzz target when cargo-fuzz is installed.
     Test,
     /// Fuzz one target coverage-guided (cargo-fuzz, nightly, ASan), or replay the corpus
     ///
@@ -106,36 +112,52 @@ enum Cmd {
     /// `cargo test`, as `cargo xtask test` does.
     #[command(after_help = "Examples:
   cargo xtask fuzz ring --seconds 600
+  cargo xtask fuzz --all --seconds 60
   cargo xtask fuzz --replay")]
-    Fuzz {
-        /// The fuzz target (a binary in fuzz/Cargo.toml)
-        #[arg(required_unless_present = "replay", conflicts_with = "replay")]
-        target: Option<String>,
-        /// Seconds to fuzz
-        #[arg(long, value_name = "N", default_value_t = 60)]
-        seconds: u64,
-        /// Replay the committed corpus and reproducers instead (no nightly needed)
-        #[arg(long)]
-        replay: bool,
-    },
+    Fuzz(fuzz::FuzzArgs),
+    /// Run the split-ring tests under Miri, Stacked and Tree Borrows (nightly with Miri)
+    ///
+    /// virtio-core's unit tests, IdentityMemory's, and the ring conformance tests against
+    /// rust-vmm's device side, with strict provenance, both models side by side.
+    /// docs/architecture.md ("The ring under Miri").
+    Miri(miri::MiriArgs),
 }
 
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Block: our virtio-blk (MSI-X and INTx) against virtio-drivers' VirtIOBlk
     ///
-    /// 4 KiB random reads at depth 1 and 32, then 64 KiB sequential reads; IOPS, kicks and
-    /// interrupts per request, cross-checked with QEMU's trace.
+    /// 4 KiB random reads at depth 1 and 32, then 64 KiB sequential reads; IOPS (median of
+    /// interleaved repeats), guest instructions and halts per request (TCG plugin), kicks
+    /// and interrupts per request, cross-checked with QEMU's trace. docs/benchmarks.md.
     Blk {
         /// Milliseconds each phase runs
         #[arg(long, value_name = "MS", default_value_t = 2000)]
         ms: u64,
+        /// Sessions per driver configuration, interleaved across drivers
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        repeats: u32,
     },
     /// Network: the same TCP transfer both ways over our virtio-net and virtio-drivers'
+    ///
+    /// Throughput (median of interleaved repeats), guest instructions and halts per packet
+    /// (TCG plugin), kicks and interrupts per packet per queue. docs/benchmarks.md.
     Net {
         /// Bytes each way: N, NK, NM or NG (binary units)
         #[arg(long, value_name = "N", default_value = "64M", value_parser = bench_net::parse_bytes_arg)]
         bytes: u64,
+        /// Sessions per driver, interleaved across drivers
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        repeats: u32,
+    },
+    /// Ring: instructions per add + pop on our split ring and virtio-drivers' VirtQueue
+    ///
+    /// In-process, release build, counted by valgrind's callgrind (installed if missing,
+    /// as root on Debian). docs/benchmarks.md.
+    Ring {
+        /// Rounds of add + pop per measurement (each is measured at N and 2N rounds)
+        #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+        rounds: u64,
     },
 }
 
@@ -201,8 +223,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Qemu(args) => cmd_qemu(args),
         Cmd::Demo => cmd_demo(),
-        Cmd::Bench(BenchCmd::Blk { ms }) => bench::bench_blk(ms),
-        Cmd::Bench(BenchCmd::Net { bytes }) => bench_net::cmd(bytes),
+        Cmd::Bench(BenchCmd::Blk { ms, repeats }) => bench::bench_blk(ms, repeats),
+        Cmd::Bench(BenchCmd::Net { bytes, repeats }) => bench_net::cmd(bytes, repeats),
+        Cmd::Bench(BenchCmd::Ring { rounds }) => bench::ring::cmd(rounds),
         Cmd::Kexts { check, fetch_sdk } => {
             let mut args = Vec::new();
             if check {
@@ -225,14 +248,8 @@ fn main() -> ExitCode {
             remove_console_log,
         }),
         Cmd::Test => cmd_test(),
-        Cmd::Fuzz {
-            target,
-            seconds,
-            replay,
-        } => match target {
-            Some(target) if !replay => cmd_fuzz(&target, seconds),
-            _ => cmd_fuzz_replay(),
-        },
+        Cmd::Fuzz(args) => fuzz::cmd_fuzz(args),
+        Cmd::Miri(args) => miri::cmd_miri(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -592,40 +609,6 @@ fn workspace_root() -> std::path::PathBuf {
         .to_path_buf()
 }
 
-/// `cargo +nightly fuzz run`: through rustup's `cargo` proxy (the `+toolchain` syntax), not
-/// `$CARGO`, which names the stable toolchain's cargo binary.
-fn cmd_fuzz(target: &str, seconds: u64) -> Result<bool, String> {
-    let installed = Command::new("cargo")
-        .args(["+nightly", "fuzz", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !installed {
-        eprintln!(
-            "xtask fuzz: cargo-fuzz with a nightly toolchain is needed. Install them with:\n  \
-             rustup toolchain install nightly\n  cargo install cargo-fuzz --locked\n\
-             (`cargo xtask fuzz --replay` replays the corpus without either)"
-        );
-        return Ok(false);
-    }
-    let status = Command::new("cargo")
-        .current_dir(workspace_root())
-        .args(["+nightly", "fuzz", "run", "--sanitizer=address", target])
-        .arg("--")
-        .arg(format!("-max_total_time={seconds}"))
-        .status()
-        .map_err(|e| format!("running cargo fuzz: {e}"))?;
-    Ok(status.success())
-}
-
-fn cmd_fuzz_replay() -> Result<bool, String> {
-    let status = cargo()
-        .current_dir(workspace_root())
-        .args(["test", "-p", "virtio-tests", "--test", "fuzz_replay"])
-        .status()
-        .map_err(|e| format!("running cargo test: {e}"))?;
-    Ok(status.success())
-}
-
 fn cmd_test() -> Result<bool, String> {
     let workspace = qemu::guest_dir()
         .parent()
@@ -709,6 +692,17 @@ fn cmd_test() -> Result<bool, String> {
         .env("VIRTIO_REQUIRE_KEXT_BUNDLES", "1")
         .args(["test", "--workspace"]);
     step(&mut steps, "cargo test --workspace", c);
+
+    // Each fuzz target for a short fixed time (skipped, with the reason, without cargo-fuzz).
+    let start = Instant::now();
+    let (name, ok) = fuzz::smoke();
+    steps.push(Step {
+        name,
+        ok,
+        secs: start.elapsed().as_secs_f64(),
+    });
+
+    miri::test_steps(&mut steps);
 
     println!("\n=== xtask test: summary ===");
     for s in &steps {

@@ -680,7 +680,11 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
         }
         r.ranges.clear();
         r.segs.clear();
-        while r.ranges.len() < r.capacity {
+        // A refused range goes back `Unused` and the platform may offer it again at once:
+        // at most `capacity` refusals per report, or this loop never ends (§5.5.6.6 puts
+        // no bound on the driver's side; the driver bounds its own work).
+        let mut refused = 0;
+        while r.ranges.len() < r.capacity && refused < r.capacity {
             let Some(range) = self.pool.take_free_range(RangeUse::Report) else {
                 break;
             };
@@ -689,6 +693,7 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
                 self.counters.rejected_from_platform += 1;
                 self.pool
                     .return_free_range(range, RangeUse::Report, RangeReturn::Unused);
+                refused += 1;
                 continue;
             }
             r.ranges.push(range);
@@ -1145,6 +1150,10 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
         let q = h.queue;
         let mut posted = false;
         let mut finished = false;
+        // Refused ranges go back `Unused` and may be offered again at once: at most one
+        // refusal per hint slot, then the round ends as if the platform had run out
+        // (§5.5.6.4.1: the driver sends STOP when it cannot supply more).
+        let mut refused = 0;
         loop {
             // Keep one descriptor for the STOP buffer.
             if self.bus.free_descriptors(q)? < 2 {
@@ -1163,6 +1172,11 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
                 self.counters.rejected_from_platform += 1;
                 self.pool
                     .return_free_range(range, RangeUse::Hint, RangeReturn::Unused);
+                refused += 1;
+                if refused >= h.slots.len() {
+                    finished = true;
+                    break;
+                }
                 continue;
             }
             let seg = Segment::new(range.addr, range.len);

@@ -1060,13 +1060,18 @@ impl<B: Bus> VirtioConsole<B> {
     /// the number of messages handled. Stops early while the event FIFO is nearly full:
     /// the rest wait in the ring until [`VirtioConsole::poll_events`] drains it.
     pub fn process_control(&mut self) -> Result<usize> {
+        self.process_control_at_most(usize::MAX)
+    }
+
+    /// [`VirtioConsole::process_control`], handling at most `max` messages.
+    fn process_control_at_most(&mut self, max: usize) -> Result<usize> {
         if self.state != State::Live || self.ctrl.is_none() {
             return Ok(0);
         }
         self.flush_control()?;
         let mut handled = 0;
         let mut buf = [0u8; CONTROL_BUF];
-        while self.events.free() >= 2 {
+        while self.events.free() >= 2 && handled < max {
             let Some(u) = self.bus.pop_used(queues::CONTROL_RX)? else {
                 break;
             };
@@ -1247,9 +1252,18 @@ impl<B: Bus> VirtioConsole<B> {
         self.events.pop()
     }
 
-    /// Iterates over pending events ([`VirtioConsole::next_event`] until `None`).
+    /// Iterates over pending events: the queued ones, then those of the control messages
+    /// in the ring. Bounded: one iteration handles at most as many control messages as the
+    /// control queue has receive buffers (every message pending when it started, whatever
+    /// a device that answers each repost at once adds meanwhile waits for the next call),
+    /// so it ends even while the device floods the control queue (§5.3.6.2 sets no limit
+    /// on how many messages a device sends; the driver must bound its own work).
     pub fn poll_events(&mut self) -> Events<'_, B> {
-        Events { console: self }
+        let budget = self.ctrl.as_ref().map_or(0, |c| c.rx_posted.len());
+        Events {
+            console: self,
+            budget,
+        }
     }
 
     // ---- interrupts and config ----
@@ -1334,12 +1348,26 @@ impl<B: Bus> Drop for VirtioConsole<B> {
 /// Iterator of [`VirtioConsole::poll_events`].
 pub struct Events<'a, B: Bus> {
     console: &'a mut VirtioConsole<B>,
+    /// Control messages this iteration may still handle.
+    budget: usize,
 }
 
 impl<B: Bus> Iterator for Events<'_, B> {
     type Item = ConsoleEvent;
     fn next(&mut self) -> Option<ConsoleEvent> {
-        self.console.next_event()
+        // Each turn handles at least one message (else it ends the iteration): at most
+        // `budget` turns.
+        while self.console.events.is_empty() && self.budget > 0 {
+            match self.console.process_control_at_most(self.budget) {
+                Ok(0) => self.budget = 0,
+                Ok(n) => self.budget = self.budget.saturating_sub(n),
+                Err(e) => {
+                    log::error!("virtio-console: control queue: {e}");
+                    self.budget = 0;
+                }
+            }
+        }
+        self.console.events.pop()
     }
 }
 

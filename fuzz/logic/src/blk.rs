@@ -61,6 +61,7 @@ pub fn run(data: &[u8]) {
 
     let sim = model
         .sim_builder(mode, generic, queue_size, 4 << 20)
+        .memory(crate::mem::guest_memory(4 << 20))
         .build();
     let mem = sim.memory();
     let free_at_start = mem.free_bytes();

@@ -3,11 +3,16 @@
 //! `fuzz/fuzz_targets/`; the main workspace's `fuzz_replay` test calls them on the committed
 //! corpus and reproducers, so CI checks them without nightly or cargo-fuzz.
 
+pub mod balloon;
 pub mod blk;
+pub mod console;
 pub mod input;
+pub mod mem;
 pub mod net;
+pub mod net_ctrl;
 pub mod pci;
 pub mod ring;
+pub mod rng;
 
 /// One fuzz target: the name its corpus directory (`fuzz/corpus/<name>`) and cargo-fuzz
 /// binary carry, and its body, which panics when an oracle fails on the input.
@@ -33,5 +38,21 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "net",
         run: net::run,
+    },
+    Target {
+        name: "net_ctrl",
+        run: net_ctrl::run,
+    },
+    Target {
+        name: "console",
+        run: console::run,
+    },
+    Target {
+        name: "balloon",
+        run: balloon::run,
+    },
+    Target {
+        name: "rng",
+        run: rng::run,
     },
 ];

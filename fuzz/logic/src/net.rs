@@ -66,7 +66,7 @@ pub fn run(data: &[u8]) {
             1000,
             1,
         ))
-        .memory_len(8 << 20)
+        .memory(crate::mem::guest_memory(8 << 20))
         .build();
     let mem = sim.memory();
     let free_at_start = mem.free_bytes();
@@ -97,6 +97,7 @@ pub fn run(data: &[u8]) {
         );
     };
 
+    let mut copy = vec![0u8; 70_000];
     for _ in 0..MAX_STEPS {
         if input.is_empty() {
             break;
@@ -158,7 +159,6 @@ pub fn run(data: &[u8]) {
                 }
                 let budget = 1 + usize::from(input.u8() % 64);
                 let mut delivered = 0;
-                let mut copy = vec![0u8; 70_000];
                 if let Ok(summary) = driver.rx_poll(budget, |frame| {
                     delivered += 1;
                     let _ = frame.copy_to(&mut copy);
@@ -201,7 +201,7 @@ pub fn run(data: &[u8]) {
     assert_eq!(mem.free_bytes(), free_at_start, "DMA memory leaked");
 }
 
-fn pad<const N: usize>(bytes: &[u8]) -> [u8; N] {
+pub(crate) fn pad<const N: usize>(bytes: &[u8]) -> [u8; N] {
     let mut out = [0u8; N];
     out[..bytes.len()].copy_from_slice(bytes);
     out

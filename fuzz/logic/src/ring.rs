@@ -91,7 +91,7 @@ pub fn run(data: &[u8]) {
         _ => (2 + u16::from(input.u8() % 7)).min(size),
     };
 
-    let mem = IdentityMemory::new(1 << 20);
+    let mem = crate::mem::guest_memory(1 << 20);
     let free_at_start = mem.free_bytes();
     let layout = SplitRingLayout::new(kind, size).expect("power-of-two size");
     let ring = mem

@@ -18,6 +18,7 @@ mod heap;
 mod interrupts;
 mod paging;
 mod pci;
+mod phase_marker;
 mod platform;
 mod pvh;
 mod report;

@@ -247,19 +247,54 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
-/// Serialises guest builds inside one process (cargo's own lock does it across processes)
-/// and remembers a successful one.
-static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// The cargo profile the guest is built with.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub enum GuestProfile {
+    /// `dev` (tests/guest/Cargo.toml: opt-level 1, debug assertions and overflow checks
+    /// on): what the tests boot.
+    #[default]
+    Checked,
+    /// `release`: the optimisation level the drivers ship at (the kexts build with
+    /// `--release`); what the benchmarks boot.
+    Release,
+}
 
-/// Builds the guest (once per process) and returns the ELF's path.
+impl GuestProfile {
+    /// Cargo's output directory for the profile.
+    fn dir(self) -> &'static str {
+        match self {
+            GuestProfile::Checked => "debug",
+            GuestProfile::Release => "release",
+        }
+    }
+}
+
+/// Serialises guest builds inside one process (cargo's own lock does it across processes)
+/// and remembers the successful ones, per profile.
+static BUILT: Mutex<Vec<(GuestProfile, PathBuf)>> = Mutex::new(Vec::new());
+
+/// Builds the guest for the tests ([`GuestProfile::Checked`], once per process) and
+/// returns the ELF's path.
 pub fn build_guest(toolchain: &GuestToolchain) -> Result<PathBuf, String> {
+    build_guest_profile(toolchain, GuestProfile::Checked)
+}
+
+/// Builds the guest with `profile` (once per process and profile) and returns the ELF's
+/// path.
+pub fn build_guest_profile(
+    toolchain: &GuestToolchain,
+    profile: GuestProfile,
+) -> Result<PathBuf, String> {
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = built.as_ref() {
+    if let Some((_, path)) = built.iter().find(|(p, _)| *p == profile) {
         return Ok(path.clone());
     }
     let guest_target = target_dir().join("guest");
     let mut cargo = toolchain.cargo(&guest_dir());
     cargo.args(["build", "--target-dir"]).arg(&guest_target);
+    if profile == GuestProfile::Release {
+        cargo.arg("--release");
+    }
     // At a terminal, cargo's own progress (a cold build takes minutes); elsewhere (tests,
     // CI) its output only when the build fails.
     let interactive = std::io::stderr().is_terminal();
@@ -289,10 +324,13 @@ pub fn build_guest(toolchain: &GuestToolchain) -> Result<PathBuf, String> {
             }
         ));
     }
-    let elf = guest_target.join("x86_64-unknown-none/debug/guest");
+    let elf = guest_target
+        .join("x86_64-unknown-none")
+        .join(profile.dir())
+        .join("guest");
     if !elf.is_file() {
         return Err(format!("guest build produced no {}", elf.display()));
     }
-    *built = Some(elf.clone());
+    built.push((profile, elf.clone()));
     Ok(elf)
 }

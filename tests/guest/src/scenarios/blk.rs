@@ -1247,11 +1247,10 @@ fn test_durable(env: &Env, disk: &mut Disk, slots: &mut Slots, seed: u64) {
 
 // ---- benchmark (our driver) ----
 
-/// Marks phase boundaries in QEMU's trace: selects the (nonexistent, harmless) fw_cfg
-/// item `0x3F00 | v`, which QEMU traces as `fw_cfg_select ... key <n>` (port I/O under
-/// TCG bypasses the `cpu_out` trace). `0x10 + phase` starts a phase, `0x20 + phase` ends it.
+/// Marks phase boundaries for QEMU's trace and the instruction-counting plugin
+/// ([`crate::phase_marker`]): `0x10 + phase` starts a phase, `0x20 + phase` ends it.
 pub fn marker(v: u8) {
-    crate::arch::outw(0x510, 0x3F00 | u16::from(v));
+    crate::phase_marker::bench_phase_marker(v);
 }
 
 /// The benchmark phases: (name, bytes per request, queue depth, random).

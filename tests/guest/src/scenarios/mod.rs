@@ -12,6 +12,7 @@ mod blk;
 mod boot;
 pub mod bus;
 mod console;
+mod fs;
 mod net;
 mod net_vd;
 mod rng;
@@ -78,6 +79,11 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "balloon",
         about: "virtio-balloon driver over a heap page pool: QMP targets up and down, stats via qom-get, balloon_test=oom (deflate_for_oom) | report (free page reporting); page accounting",
         run: balloon::run,
+    },
+    Scenario {
+        name: "fs",
+        about: "virtio-fs driver against virtiofsd (vhost-user-fs): FUSE_INIT, host files read (UTF-8 names, a file by hash), write, mkdir/rmdir, rename, unlink, link, symlink, setattr, statfs, xattrs, fallocate/lseek, readdirplus of 10,000 entries; the host checks its directory",
+        run: fs::run,
     },
     Scenario {
         name: "rng",

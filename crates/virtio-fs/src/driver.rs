@@ -1,0 +1,2313 @@
+//! The driver proper: bring-up, request slots, submission, completion by `unique`, and
+//! the blocking operations built on them (see the crate documentation for the design).
+
+use alloc::vec::Vec;
+
+use virtio_core::bus::{Bus, QueueSpec};
+use virtio_core::platform::{Dma, DmaRegion};
+use virtio_core::queue::{Segment, Used};
+use virtio_core::{DeviceType, Error, Features};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+use crate::error::{Errno, FsError, FsResult};
+use crate::features;
+use crate::reply::{
+    AttrReply, DirEntry, DirIter, Entry, FileHandle, InitInfo, NodeId, Opened, Statfs, Timespec,
+};
+use crate::wire::{
+    self, AttrOut, BatchForgetIn, CreateIn, EntryOut, FallocateIn, FlushIn, ForgetIn, ForgetOne,
+    FsyncIn, GetattrIn, GetxattrIn, GetxattrOut, HIPRIO_QUEUE, InHeader, InitIn, InitOut, LinkIn,
+    LseekIn, LseekOut, MkdirIn, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, Rename2In,
+    SetattrIn, SetxattrIn, StatfsOut, WriteIn, WriteOut, cfg, fattr, init_flags, mode, opcode,
+};
+
+/// Per-slot DMA layout: the device-readable request (header, arguments, names), the
+/// device-writable reply header and fixed reply, then the slot's data buffer (READ and
+/// READDIR land there, WRITE data is read from there).
+const REQUEST_AREA: usize = 2048;
+const REPLY_AREA: usize = 256;
+const DATA_AREA: usize = REQUEST_AREA + REPLY_AREA;
+/// hiprio slots (FORGET / BATCH_FORGET): bytes each, and how many.
+const HIPRIO_SLOT: usize = 1024;
+const HIPRIO_SLOTS: usize = 8;
+/// Nodes one BATCH_FORGET carries (what fits a hiprio slot).
+pub const FORGET_BATCH_MAX: usize =
+    (HIPRIO_SLOT - size_of::<InHeader>() - size_of::<BatchForgetIn>()) / size_of::<ForgetOne>();
+/// Longest name the driver sends (the usual NAME_MAX).
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target the driver sends (what fits the request area beside a name).
+pub const SYMLINK_TARGET_MAX: usize = REQUEST_AREA - size_of::<InHeader>() - NAME_MAX - 2;
+/// Request queues this driver drives at most.
+const MAX_REQUEST_QUEUES: u16 = 64;
+/// Chunk requests one `read`/`write` keeps in flight at most.
+const MAX_PIPELINE: usize = 32;
+/// Directory reads one `read_dir` issues at most (each returns at least one record).
+const MAX_DIR_ROUNDS: u32 = 1 << 20;
+/// The page size FUSE's `max_pages` counts in.
+const PAGE: u32 = 4096;
+/// Flags this driver offers in FUSE_INIT, each because it implements what it implies:
+/// - ASYNC_READ: several READs of one file are in flight at once (`read`);
+/// - ATOMIC_O_TRUNC: `open` passes O_TRUNC to the device instead of a separate SETATTR;
+/// - BIG_WRITES: WRITEs up to `max_write`, not one page;
+/// - DO_READDIRPLUS: the caller may read directories with READDIRPLUS;
+/// - PARALLEL_DIROPS: lookups and directory reads of one directory may overlap;
+/// - MAX_PAGES: the device may raise the request size limit (`max_pages`).
+///
+/// Refused (not offered): WRITEBACK_CACHE and AUTO_INVAL_DATA (no page cache here),
+/// POSIX_LOCKS/FLOCK_LOCKS (no lock requests), POSIX_ACL and HANDLE_KILLPRIV (no xattr
+/// ACLs yet), EXPORT_SUPPORT (no LOOKUP of "." / ".."), the DAX mapping flags.
+pub const OFFERED_INIT_FLAGS: u32 = init_flags::ASYNC_READ
+    | init_flags::ATOMIC_O_TRUNC
+    | init_flags::BIG_WRITES
+    | init_flags::DO_READDIRPLUS
+    | init_flags::PARALLEL_DIROPS
+    | init_flags::MAX_PAGES;
+/// FUSE's request size without MAX_PAGES (`FUSE_DEFAULT_MAX_PAGES_PER_REQ` pages).
+const DEFAULT_MAX_PAGES: u32 = 32;
+
+/// Open flags (Linux `O_*` values, which FUSE daemons on Linux expect).
+pub mod open_flags {
+    pub const O_RDONLY: u32 = 0;
+    pub const O_WRONLY: u32 = 1;
+    pub const O_RDWR: u32 = 2;
+    pub const O_CREAT: u32 = 0o100;
+    pub const O_EXCL: u32 = 0o200;
+    pub const O_TRUNC: u32 = 0o1000;
+    pub const O_APPEND: u32 = 0o2000;
+    pub const O_DIRECTORY: u32 = 0o200000;
+}
+
+/// RENAME2 flags (Linux `RENAME_*`).
+pub mod rename_flags {
+    pub const NOREPLACE: u32 = 1;
+    pub const EXCHANGE: u32 = 2;
+}
+
+/// Driver choices made at setup.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct FsOptions {
+    /// Wanted queue size (0: the device maximum).
+    pub queue_size: u16,
+    /// Requests in flight per request queue (each owns a slot of preallocated memory).
+    pub slots: u16,
+    /// Data buffer per slot, in bytes (a multiple of 4096, 4 KiB..=1 MiB): the largest
+    /// READ/WRITE/READDIR one request carries (the device's `max_write` and `max_pages`
+    /// may lower it).
+    pub data_size: u32,
+    /// Request queues to use (the device's `num_request_queues` may lower it).
+    pub max_request_queues: u16,
+    /// Whether completions interrupt (false: the waiter polls).
+    pub interrupts: bool,
+    /// `max_readahead` offered in FUSE_INIT.
+    pub max_readahead: u32,
+    /// Credentials every request carries (`fuse_in_header` uid/gid/pid).
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+    /// Bound on waiter calls for one blocking operation.
+    pub max_waits: u32,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            queue_size: 0,
+            slots: 16,
+            data_size: 64 * 1024,
+            max_request_queues: 1,
+            interrupts: true,
+            max_readahead: 128 * 1024,
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            max_waits: 1_000_000,
+        }
+    }
+}
+
+/// How a blocking operation waits for the device.
+pub trait Waiter<B: Bus> {
+    /// Blocks until the device may have completed something (an interrupt fed to
+    /// [`FsDriver::handle_interrupt`], a polling slice, a simulated device served), or
+    /// returns an error — [`FsError::Timeout`] when the caller's time is up. The driver
+    /// polls its queues after each call.
+    fn wait(&mut self, fs: &mut FsDriver<B>) -> FsResult<()>;
+}
+
+/// What the device configuration says (§5.11.4).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct FsConfig {
+    tag: [u8; cfg::TAG_LEN],
+    tag_len: usize,
+    /// `num_request_queues` as the device reported it.
+    pub num_request_queues: u32,
+}
+
+impl FsConfig {
+    /// The file system's tag (what a mount names it by).
+    pub fn tag(&self) -> &str {
+        let bytes = self.tag.get(..self.tag_len).unwrap_or(&[]);
+        core::str::from_utf8(bytes).unwrap_or("")
+    }
+
+    /// Reads and validates the configuration: a non-empty UTF-8 tag (NUL-padded), at
+    /// least one request queue.
+    fn read<B: Bus>(bus: &B) -> FsResult<FsConfig> {
+        let mut tag = [0u8; cfg::TAG_LEN];
+        bus.read_config(cfg::TAG, &mut tag)?;
+        let tag_len = tag.iter().position(|&b| b == 0).unwrap_or(cfg::TAG_LEN);
+        let text = tag.get(..tag_len).unwrap_or(&[]);
+        if tag_len == 0 || core::str::from_utf8(text).is_err() {
+            return Err(FsError::Protocol {
+                what: "config tag empty or not UTF-8",
+            });
+        }
+        if tag.get(tag_len..).unwrap_or(&[]).iter().any(|&b| b != 0) {
+            return Err(FsError::Protocol {
+                what: "config tag not NUL-padded",
+            });
+        }
+        let num_request_queues = bus.read_config_u32(cfg::NUM_REQUEST_QUEUES)?;
+        if num_request_queues == 0 {
+            return Err(FsError::Protocol {
+                what: "config num_request_queues is 0",
+            });
+        }
+        Ok(FsConfig {
+            tag,
+            tag_len,
+            num_request_queues,
+        })
+    }
+}
+
+/// A request in flight (or completed and not yet taken): its queue, slot and `unique`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    queue: u16,
+    slot: u16,
+    unique: u64,
+}
+
+impl Ticket {
+    /// The request's `unique`.
+    pub fn unique(&self) -> u64 {
+        self.unique
+    }
+}
+
+/// A decoded, validated reply.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// A reply with no payload (UNLINK, RELEASE, FSYNC, ...).
+    Empty,
+    Init(InitOut),
+    Entry(Entry),
+    Attr(AttrReply),
+    Open(Opened),
+    Created(Entry, Opened),
+    /// WRITE: bytes written.
+    Written(u32),
+    Statfs(Statfs),
+    /// READ, READLINK, READDIR(PLUS), GETXATTR/LISTXATTR with a size: bytes of data
+    /// (copied by [`FsDriver::take`]).
+    Data(u32),
+    /// GETXATTR/LISTXATTR with size 0: the size the value or list needs.
+    XattrSize(u32),
+    /// LSEEK: the resulting offset.
+    Offset(u64),
+}
+
+/// Setting a time in SETATTR.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum SetTime {
+    /// The device's current time.
+    Now,
+    At(Timespec),
+}
+
+/// What a SETATTR changes; `None` leaves a field as it is.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    /// Permission bits.
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Truncate or extend to this size.
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    /// The open handle the change goes through (ftruncate), if any.
+    pub fh: Option<FileHandle>,
+}
+
+/// A request, as [`FsDriver::submit`] takes it. Names are single path components.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    Init,
+    Lookup {
+        parent: NodeId,
+        name: &'a [u8],
+    },
+    Getattr {
+        node: NodeId,
+        fh: Option<FileHandle>,
+    },
+    Setattr {
+        node: NodeId,
+        set: SetAttr,
+    },
+    Open {
+        node: NodeId,
+        flags: u32,
+    },
+    Opendir {
+        node: NodeId,
+        flags: u32,
+    },
+    /// Reads up to `size` bytes (at most [`FsDriver::read_chunk`]).
+    Read {
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+    },
+    /// Writes `data` (at most [`FsDriver::write_chunk`] bytes).
+    Write {
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        data: &'a [u8],
+    },
+    Release {
+        node: NodeId,
+        fh: FileHandle,
+        flags: u32,
+    },
+    Releasedir {
+        node: NodeId,
+        fh: FileHandle,
+    },
+    /// READDIR (`plus` false) or READDIRPLUS, up to `size` bytes of records.
+    Readdir {
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        plus: bool,
+    },
+    Create {
+        parent: NodeId,
+        name: &'a [u8],
+        flags: u32,
+        mode: u32,
+        umask: u32,
+    },
+    Mkdir {
+        parent: NodeId,
+        name: &'a [u8],
+        mode: u32,
+        umask: u32,
+    },
+    Unlink {
+        parent: NodeId,
+        name: &'a [u8],
+    },
+    Rmdir {
+        parent: NodeId,
+        name: &'a [u8],
+    },
+    Rename {
+        old_parent: NodeId,
+        old_name: &'a [u8],
+        new_parent: NodeId,
+        new_name: &'a [u8],
+        flags: u32,
+    },
+    Link {
+        node: NodeId,
+        new_parent: NodeId,
+        new_name: &'a [u8],
+    },
+    Symlink {
+        parent: NodeId,
+        name: &'a [u8],
+        target: &'a [u8],
+    },
+    Readlink {
+        node: NodeId,
+    },
+    Statfs {
+        node: NodeId,
+    },
+    Fsync {
+        node: NodeId,
+        fh: FileHandle,
+        datasync: bool,
+    },
+    Fsyncdir {
+        node: NodeId,
+        fh: FileHandle,
+        datasync: bool,
+    },
+    Flush {
+        node: NodeId,
+        fh: FileHandle,
+        lock_owner: u64,
+    },
+    Destroy,
+    /// SETXATTR (`flags`: Linux `XATTR_CREATE` 1 / `XATTR_REPLACE` 2); the value is at
+    /// most the slot buffer.
+    Setxattr {
+        node: NodeId,
+        name: &'a [u8],
+        value: &'a [u8],
+        flags: u32,
+    },
+    /// GETXATTR: `size` 0 asks for the value's size, else up to `size` bytes of it.
+    Getxattr {
+        node: NodeId,
+        name: &'a [u8],
+        size: u32,
+    },
+    /// LISTXATTR: `size` 0 asks for the list's size, else up to `size` bytes of names.
+    Listxattr {
+        node: NodeId,
+        size: u32,
+    },
+    Removexattr {
+        node: NodeId,
+        name: &'a [u8],
+    },
+    /// LSEEK (`whence`: SEEK_SET 0, SEEK_CUR 1, SEEK_END 2, SEEK_DATA 3, SEEK_HOLE 4).
+    Lseek {
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        whence: u32,
+    },
+    /// FALLOCATE (`mode`: Linux `FALLOC_FL_*`, 0 allocates and extends).
+    Fallocate {
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: u32,
+    },
+}
+
+/// The reply a request expects: its payload size rule.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Shape {
+    /// Header only.
+    Empty,
+    /// Header only, or no reply at all (used length 0): DESTROY, which virtiofsd
+    /// completes without writing a reply (Linux, which never reads that reply, accepts
+    /// it; libfuse daemons send an empty one).
+    EmptyOrNone,
+    /// Exactly this many payload bytes (zero-padded reads of an older layout are not
+    /// accepted: each of these structures is final before 7.27).
+    Fixed(u32),
+    /// INIT: 24 bytes (minor < 23) up to the 7.31 layout.
+    Init,
+    /// Up to this many data bytes, into the slot's data buffer.
+    Data(u32),
+}
+
+impl Shape {
+    fn reply_len(self) -> u32 {
+        let header = size_of::<OutHeader>() as u32;
+        match self {
+            Shape::Empty | Shape::EmptyOrNone | Shape::Data(_) => header,
+            Shape::Fixed(n) => header + n,
+            Shape::Init => header + size_of::<InitOut>() as u32,
+        }
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    InFlight,
+    /// Completed; the result waits for `take`.
+    Done,
+}
+
+#[derive(Copy, Clone, Debug)]
+struct Slot {
+    state: SlotState,
+    unique: u64,
+    opcode: u32,
+    shape: Shape,
+    /// Nobody will take the result (its caller gave up): free it on completion.
+    orphan: bool,
+    result: FsResult<Reply>,
+}
+
+const IDLE: Slot = Slot {
+    state: SlotState::Free,
+    unique: 0,
+    opcode: 0,
+    shape: Shape::Empty,
+    orphan: false,
+    result: Ok(Reply::Empty),
+};
+
+struct RequestQueue {
+    index: u16,
+    slots: Vec<Slot>,
+    region: Option<DmaRegion>,
+}
+
+impl RequestQueue {
+    fn stride(data_size: usize) -> usize {
+        DATA_AREA + data_size
+    }
+}
+
+/// Counters over the driver's lifetime.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct FsStats {
+    /// Requests put on the request queues.
+    pub requests: u64,
+    /// Replies received (each request completes once).
+    pub replies: u64,
+    /// Of those, errno replies.
+    pub errno_replies: u64,
+    /// Of those, replies that broke the protocol.
+    pub protocol_errors: u64,
+    /// FORGET / BATCH_FORGET requests on hiprio, and the nodes they carried.
+    pub forget_requests: u64,
+    pub forgotten_nodes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+/// What an interrupt meant for the file system device.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct FsInterrupt {
+    /// DEVICE_NEEDS_RESET (§2.1.2): shut the driver down.
+    pub needs_reset: bool,
+    pub config_changed: bool,
+}
+
+/// Bytes of one request being encoded (on the stack: the I/O path does not allocate).
+struct Encoder {
+    buf: [u8; REQUEST_AREA],
+    len: usize,
+}
+
+impl Encoder {
+    fn new() -> Self {
+        Encoder {
+            buf: [0; REQUEST_AREA],
+            len: size_of::<InHeader>(),
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) -> FsResult<()> {
+        let end = self.len + bytes.len();
+        let dst = self
+            .buf
+            .get_mut(self.len..end)
+            .ok_or(FsError::InvalidArgument)?;
+        dst.copy_from_slice(bytes);
+        self.len = end;
+        Ok(())
+    }
+
+    fn args<T: IntoBytes + Immutable>(&mut self, value: &T) -> FsResult<()> {
+        self.push(value.as_bytes())
+    }
+
+    /// A path component: 1..=255 bytes, no `/`, no NUL; sent NUL-terminated.
+    /// An extended attribute name: 1..=255 bytes, no NUL; sent NUL-terminated.
+    fn xattr_name(&mut self, name: &[u8]) -> FsResult<()> {
+        if name.is_empty() || name.len() > NAME_MAX || name.contains(&0) {
+            return Err(FsError::InvalidName);
+        }
+        self.push(name)?;
+        self.push(&[0])
+    }
+
+    fn name(&mut self, name: &[u8]) -> FsResult<()> {
+        if name.is_empty() || name.len() > NAME_MAX || name.iter().any(|&b| b == b'/' || b == 0) {
+            return Err(FsError::InvalidName);
+        }
+        self.push(name)?;
+        self.push(&[0])
+    }
+
+    /// Writes the header in front (its `len` covers everything pushed, plus `extra`
+    /// bytes of data sent from the slot's data buffer).
+    fn finish(&mut self, mut header: InHeader, extra: u32) -> FsResult<&[u8]> {
+        let len = u32::try_from(self.len)
+            .ok()
+            .and_then(|l| l.checked_add(extra))
+            .ok_or(FsError::InvalidArgument)?;
+        header.len = U32::new(len);
+        let dst = self
+            .buf
+            .get_mut(..size_of::<InHeader>())
+            .ok_or(FsError::InvalidArgument)?;
+        dst.copy_from_slice(header.as_bytes());
+        self.buf.get(..self.len).ok_or(FsError::InvalidArgument)
+    }
+}
+
+/// The virtio file system driver over a bus `B`.
+pub struct FsDriver<B: Bus> {
+    bus: B,
+    options: FsOptions,
+    config: FsConfig,
+    data_size: u32,
+    queues: Vec<RequestQueue>,
+    hiprio: Option<DmaRegion>,
+    hiprio_busy: [bool; HIPRIO_SLOTS],
+    next_unique: u64,
+    init: Option<InitInfo>,
+    stats: FsStats,
+    /// `shutdown` ran (the device is reset and the memory freed).
+    shut_down: bool,
+}
+
+impl<B: Bus> FsDriver<B> {
+    /// Initialises the device (§3.1.1; VERSION_1 required, NOTIFICATION refused), reads
+    /// its configuration, sets up hiprio and the request queues, allocates every slot and
+    /// sets DRIVER_OK. FUSE_INIT follows with [`FsDriver::init`].
+    pub fn new(mut bus: B, options: FsOptions) -> FsResult<Self> {
+        if bus.device_type() != DeviceType::Fs {
+            return Err(FsError::Virtio(Error::Unsupported));
+        }
+        let negotiated = bus.negotiate_features(features::SUPPORTED)?;
+        if !negotiated.contains(Features::VERSION_1) {
+            // §5.11: the device has no legacy interface; a driver must not run it without
+            // VERSION_1.
+            bus.fail();
+            return Err(FsError::Virtio(Error::MissingFeature { bit: 32 }));
+        }
+        let config = match FsConfig::read(&bus) {
+            Ok(c) => c,
+            Err(e) => {
+                bus.fail();
+                return Err(e);
+            }
+        };
+        let wanted = u32::from(options.max_request_queues.clamp(1, MAX_REQUEST_QUEUES));
+        let count = config.num_request_queues.min(wanted) as u16;
+        let mut specs: Vec<QueueSpec> = Vec::with_capacity(usize::from(count) + 1);
+        // hiprio never interrupts: its buffers are reclaimed when the next FORGET goes out.
+        specs.push(
+            QueueSpec::new(HIPRIO_QUEUE)
+                .size(HIPRIO_SLOTS as u16)
+                .interrupts(false),
+        );
+        for i in 0..count {
+            // §5.11.2: request queues follow hiprio (no notification queue: refused).
+            specs.push(
+                QueueSpec::new(1 + i)
+                    .size(options.queue_size)
+                    .interrupts(options.interrupts),
+            );
+        }
+        for s in &specs {
+            if bus.max_queue_size(s.index) == 0 {
+                bus.fail();
+                return Err(FsError::Virtio(Error::NoSuchQueue { queue: s.index }));
+            }
+        }
+        bus.setup_queues(&specs)?;
+        let data_size = options.data_size.clamp(PAGE, 1 << 20) / PAGE * PAGE;
+        let mut fs = FsDriver {
+            bus,
+            options,
+            config,
+            data_size,
+            queues: Vec::with_capacity(usize::from(count)),
+            hiprio: None,
+            hiprio_busy: [false; HIPRIO_SLOTS],
+            next_unique: 1,
+            init: None,
+            stats: FsStats::default(),
+            shut_down: false,
+        };
+        // From here on, an error resets the device and frees what was allocated (Drop).
+        fs.hiprio = Some(
+            fs.bus
+                .dma()
+                .alloc_coherent(HIPRIO_SLOT * HIPRIO_SLOTS, 64)?,
+        );
+        for i in 0..count {
+            let index = 1 + i;
+            let size = fs.bus.queue_size(index)?;
+            let slots = options.slots.clamp(1, size.max(1));
+            let len = usize::from(slots) * RequestQueue::stride(data_size as usize);
+            let region = fs.bus.dma().alloc_coherent(len, 4096)?;
+            let mut table = Vec::with_capacity(usize::from(slots));
+            table.resize(usize::from(slots), IDLE);
+            fs.queues.push(RequestQueue {
+                index,
+                slots: table,
+                region: Some(region),
+            });
+        }
+        fs.bus.driver_ok()?;
+        log::info!(
+            "virtio-fs: tag \"{}\", {} request queue(s) of {} used, {} slots of {} bytes each, features {:#x}",
+            fs.config.tag(),
+            fs.config.num_request_queues,
+            count,
+            options.slots,
+            data_size,
+            fs.bus.features().bits()
+        );
+        Ok(fs)
+    }
+
+    pub fn bus(&self) -> &B {
+        &self.bus
+    }
+
+    pub fn bus_mut(&mut self) -> &mut B {
+        &mut self.bus
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> FsStats {
+        self.stats
+    }
+
+    /// What FUSE_INIT settled, once it did.
+    pub fn init_info(&self) -> Option<InitInfo> {
+        self.init
+    }
+
+    /// Request queues in use.
+    pub fn request_queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Largest READ/READDIR one request carries: the slot buffer, within `max_pages`.
+    pub fn read_chunk(&self) -> u32 {
+        self.data_size.min(self.max_pages_bytes())
+    }
+
+    /// Largest WRITE one request carries: the slot buffer, within `max_write` and
+    /// `max_pages`.
+    pub fn write_chunk(&self) -> u32 {
+        let max_write = self.init.map_or(PAGE, |i| i.max_write);
+        self.read_chunk().min(max_write)
+    }
+
+    fn max_pages_bytes(&self) -> u32 {
+        let pages = match self.init {
+            Some(i) if i.flags & init_flags::MAX_PAGES != 0 && i.max_pages != 0 => {
+                u32::from(i.max_pages)
+            }
+            _ => DEFAULT_MAX_PAGES,
+        };
+        pages.saturating_mul(PAGE)
+    }
+
+    // ---- submission and completion ----
+
+    /// Encodes `req` into a free slot and puts it on a request queue, without notifying
+    /// (call [`FsDriver::kick`] after a batch). `QueueFull` when no slot or descriptors
+    /// are free: poll completions (and take them) first.
+    pub fn submit(&mut self, req: &Request<'_>) -> FsResult<Ticket> {
+        if self.init.is_none() && !matches!(req, Request::Init) {
+            return Err(FsError::NotInitialized);
+        }
+        let mut enc = Encoder::new();
+        let (op, node, shape, write_data) = self.encode(req, &mut enc)?;
+        let extra = write_data.map_or(0, |d| d.len() as u32);
+        let unique = self.next_unique;
+        let header = InHeader {
+            len: U32::new(0),
+            opcode: U32::new(op),
+            unique: U64::new(unique),
+            nodeid: U64::new(node),
+            uid: U32::new(self.options.uid),
+            gid: U32::new(self.options.gid),
+            pid: U32::new(self.options.pid),
+            ..Default::default()
+        };
+        let request = enc.finish(header, extra)?;
+        let segments =
+            2 + usize::from(write_data.is_some()) + usize::from(matches!(shape, Shape::Data(_)));
+        let Some((qi, si)) = self.free_slot(segments)? else {
+            return Err(FsError::QueueFull);
+        };
+        let data_size = self.data_size as usize;
+        let stride = RequestQueue::stride(data_size);
+        let queue = self.queues.get_mut(qi).ok_or(Error::InvalidState)?;
+        let region = queue.region.as_ref().ok_or(Error::InvalidState)?;
+        let base = si * stride;
+        // The slot is free: the device does not access it until the chain is published
+        // (the bus's release fence before the avail index, §2.7.13).
+        if !region.write_at(base, request) {
+            return Err(FsError::Virtio(Error::InvalidState));
+        }
+        let daddr = region.daddr + base as u64;
+        let mut readable = [Segment::new(daddr, request.len() as u32); 2];
+        let mut nread = 1;
+        if let Some(data) = write_data {
+            if !region.write_at(base + DATA_AREA, data) {
+                return Err(FsError::InvalidArgument);
+            }
+            if let Some(seg) = readable.get_mut(1) {
+                *seg = Segment::new(daddr + DATA_AREA as u64, data.len() as u32);
+            }
+            nread = 2;
+        }
+        // Clear the reply header: a device that claims a reply without writing one is
+        // caught by the length and `unique` checks.
+        region.write_at(base + REQUEST_AREA, &[0u8; size_of::<OutHeader>()]);
+        let mut writable = [Segment::new(daddr + REQUEST_AREA as u64, shape.reply_len()); 2];
+        let mut nwrite = 1;
+        if let Shape::Data(max) = shape {
+            if let Some(seg) = writable.get_mut(1) {
+                *seg = Segment::new(daddr + DATA_AREA as u64, max);
+            }
+            nwrite = 2;
+        }
+        let index = queue.index;
+        let token = (qi << 16) | si;
+        self.bus.add(
+            index,
+            readable.get(..nread).unwrap_or(&[]),
+            writable.get(..nwrite).unwrap_or(&[]),
+            token,
+        )?;
+        let slot = self
+            .queues
+            .get_mut(qi)
+            .and_then(|q| q.slots.get_mut(si))
+            .ok_or(Error::InvalidState)?;
+        *slot = Slot {
+            state: SlotState::InFlight,
+            unique,
+            opcode: op,
+            shape,
+            orphan: false,
+            result: Ok(Reply::Empty),
+        };
+        self.next_unique = self.next_unique.wrapping_add(1).max(1);
+        self.stats.requests += 1;
+        Ok(Ticket {
+            queue: qi as u16,
+            slot: si as u16,
+            unique,
+        })
+    }
+
+    /// Notifies every request queue that has new requests (if the device asked).
+    pub fn kick(&mut self) -> FsResult<()> {
+        for i in 0..self.queues.len() {
+            if let Some(index) = self.queues.get(i).map(|q| q.index) {
+                self.bus.kick(index)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Collects every reply the device returned (no interrupt needed): each request's
+    /// result is decoded and validated, and waits in its slot for [`FsDriver::take`].
+    /// Returns how many replies arrived. Bounded: at most one pop per slot per queue.
+    pub fn poll(&mut self) -> FsResult<usize> {
+        self.reclaim_hiprio()?;
+        let mut arrived = 0;
+        for qi in 0..self.queues.len() {
+            let (index, bound) = match self.queues.get(qi) {
+                Some(q) => (q.index, q.slots.len()),
+                None => break,
+            };
+            for _ in 0..=bound {
+                let Some(used) = self.bus.pop_used(index)? else {
+                    break;
+                };
+                self.complete(qi, used)?;
+                arrived += 1;
+            }
+        }
+        Ok(arrived)
+    }
+
+    /// Whether the request of `t` has completed (its result is ready for `take`).
+    pub fn is_done(&self, t: Ticket) -> bool {
+        self.slot(t)
+            .is_some_and(|s| s.state == SlotState::Done && s.unique == t.unique)
+    }
+
+    /// Takes the result of a completed request and frees its slot. Data replies (READ,
+    /// READLINK, READDIR) are copied into `out`, which must hold them all
+    /// (`InvalidArgument` otherwise); `Reply::Data(n)` says how many bytes.
+    pub fn take(&mut self, t: Ticket, out: &mut [u8]) -> FsResult<Reply> {
+        let stride = RequestQueue::stride(self.data_size as usize);
+        let queue = self
+            .queues
+            .get_mut(usize::from(t.queue))
+            .ok_or(FsError::UnknownTicket)?;
+        let slot = queue
+            .slots
+            .get_mut(usize::from(t.slot))
+            .ok_or(FsError::UnknownTicket)?;
+        if slot.state != SlotState::Done || slot.unique != t.unique {
+            return Err(FsError::UnknownTicket);
+        }
+        let result = slot.result;
+        *slot = IDLE;
+        if let Ok(Reply::Data(n)) = result {
+            let dst = out.get_mut(..n as usize).ok_or(FsError::InvalidArgument)?;
+            let region = queue.region.as_ref().ok_or(Error::InvalidState)?;
+            // The device returned the buffer through the used ring; a device that keeps
+            // writing it cannot cause undefined behaviour: volatile copy, validated after.
+            if !region.read_into(usize::from(t.slot) * stride + DATA_AREA, dst) {
+                return Err(FsError::Virtio(Error::InvalidState));
+            }
+        }
+        result
+    }
+
+    /// Gives up on a request: its result is dropped when it completes (or now, if it did).
+    pub fn abandon(&mut self, t: Ticket) {
+        if let Some(slot) = self
+            .queues
+            .get_mut(usize::from(t.queue))
+            .and_then(|q| q.slots.get_mut(usize::from(t.slot)))
+            .filter(|s| s.unique == t.unique)
+        {
+            match slot.state {
+                SlotState::Done => *slot = IDLE,
+                SlotState::InFlight => slot.orphan = true,
+                SlotState::Free => {}
+            }
+        }
+    }
+
+    /// Demultiplexes an interrupt (`vector`: MSI-X entry; `None` for INTx, which reads
+    /// the ISR) and collects replies.
+    pub fn handle_interrupt(&mut self, vector: Option<u16>) -> FsResult<FsInterrupt> {
+        let cause = self.bus.handle_interrupt(vector);
+        if !cause.queues.is_empty() {
+            self.poll()?;
+        }
+        Ok(FsInterrupt {
+            needs_reset: cause.needs_reset,
+            config_changed: cause.config_changed,
+        })
+    }
+
+    /// Re-enables the request queues' interrupts before the caller sleeps; true when
+    /// replies arrived meanwhile (poll instead of sleeping).
+    pub fn enable_interrupts(&mut self) -> FsResult<bool> {
+        let mut more = false;
+        for i in 0..self.queues.len() {
+            if let Some(index) = self.queues.get(i).map(|q| q.index) {
+                more |= self.bus.enable_interrupts(index)?;
+            }
+        }
+        Ok(more)
+    }
+
+    /// Resets the device and frees every buffer. Requests in flight are lost; the driver
+    /// refuses further use.
+    pub fn shutdown(&mut self) {
+        self.bus.reset(&mut |_, _| {});
+        for q in &mut self.queues {
+            if let Some(region) = q.region.take() {
+                // SAFETY: the device was reset above, so it no longer accesses the region;
+                // it came from this bus's `alloc_coherent` and is freed once (taken).
+                unsafe { self.bus.dma().free_coherent(region) };
+            }
+            q.slots.iter_mut().for_each(|s| *s = IDLE);
+        }
+        if let Some(region) = self.hiprio.take() {
+            // SAFETY: as above: device reset, region from `alloc_coherent`, freed once.
+            unsafe { self.bus.dma().free_coherent(region) };
+        }
+        self.hiprio_busy = [false; HIPRIO_SLOTS];
+        self.init = None;
+        self.shut_down = true;
+    }
+
+    fn slot(&self, t: Ticket) -> Option<&Slot> {
+        self.queues
+            .get(usize::from(t.queue))
+            .and_then(|q| q.slots.get(usize::from(t.slot)))
+    }
+
+    /// A free slot on the queue with the most free slots that has descriptors for a chain
+    /// of `segments`.
+    fn free_slot(&self, segments: usize) -> FsResult<Option<(usize, usize)>> {
+        let mut best: Option<(usize, usize, usize)> = None;
+        for (qi, q) in self.queues.iter().enumerate() {
+            let free = q
+                .slots
+                .iter()
+                .filter(|s| s.state == SlotState::Free)
+                .count();
+            if free == 0
+                || usize::from(self.bus.free_descriptors(q.index)?)
+                    < self.bus.descriptors_for(q.index, segments)?
+            {
+                continue;
+            }
+            if best.is_none_or(|(_, _, f)| free > f)
+                && let Some(si) = q.slots.iter().position(|s| s.state == SlotState::Free)
+            {
+                best = Some((qi, si, free));
+            }
+        }
+        Ok(best.map(|(qi, si, _)| (qi, si)))
+    }
+
+    /// Handles one used element of request queue `qi`.
+    fn complete(&mut self, qi: usize, used: Used) -> FsResult<()> {
+        let stride = RequestQueue::stride(self.data_size as usize);
+        let queue = self.queues.get_mut(qi).ok_or(Error::InvalidState)?;
+        let si = used.token & 0xFFFF;
+        if used.token >> 16 != qi {
+            return Err(FsError::Protocol {
+                what: "completed a request of another queue",
+            });
+        }
+        let Some(slot) = queue
+            .slots
+            .get_mut(si)
+            .filter(|s| s.state == SlotState::InFlight)
+        else {
+            return Err(FsError::Protocol {
+                what: "completed a request the driver did not send",
+            });
+        };
+        let region = queue.region.as_ref().ok_or(Error::InvalidState)?;
+        let reply_at = si * stride + REQUEST_AREA;
+        let result = decode_reply(region, reply_at, slot, used.len);
+        self.stats.replies += 1;
+        match &result {
+            Err(FsError::Errno(_)) => self.stats.errno_replies += 1,
+            Err(FsError::Protocol { what }) => {
+                self.stats.protocol_errors += 1;
+                log::error!("virtio-fs: opcode {}: {what}", slot.opcode);
+            }
+            Ok(Reply::Data(n)) if slot.opcode == opcode::READ => {
+                self.stats.bytes_read += u64::from(*n)
+            }
+            Ok(Reply::Written(n)) => self.stats.bytes_written += u64::from(*n),
+            _ => {}
+        }
+        if slot.orphan {
+            *slot = IDLE;
+        } else {
+            slot.state = SlotState::Done;
+            slot.result = result;
+        }
+        Ok(())
+    }
+
+    /// Builds the arguments of `req`: returns (opcode, node id, reply shape, data sent
+    /// from the slot's data buffer).
+    fn encode<'r>(
+        &self,
+        req: &Request<'r>,
+        enc: &mut Encoder,
+    ) -> FsResult<(u32, u64, Shape, Option<&'r [u8]>)> {
+        let entry = Shape::Fixed(size_of::<EntryOut>() as u32);
+        let attr = Shape::Fixed(size_of::<AttrOut>() as u32);
+        let open = Shape::Fixed(size_of::<OpenOut>() as u32);
+        Ok(match *req {
+            Request::Init => {
+                enc.args(&InitIn {
+                    major: U32::new(wire::FUSE_KERNEL_VERSION),
+                    minor: U32::new(wire::FUSE_KERNEL_MINOR_VERSION),
+                    max_readahead: U32::new(self.options.max_readahead),
+                    flags: U32::new(OFFERED_INIT_FLAGS),
+                })?;
+                (opcode::INIT, 0, Shape::Init, None)
+            }
+            Request::Lookup { parent, name } => {
+                enc.name(name)?;
+                (opcode::LOOKUP, parent.0, entry, None)
+            }
+            Request::Getattr { node, fh } => {
+                enc.args(&GetattrIn {
+                    getattr_flags: U32::new(if fh.is_some() { wire::GETATTR_FH } else { 0 }),
+                    dummy: U32::new(0),
+                    fh: U64::new(fh.map_or(0, |f| f.0)),
+                })?;
+                (opcode::GETATTR, node.0, attr, None)
+            }
+            Request::Setattr { node, set } => {
+                enc.args(&setattr_in(&set))?;
+                (opcode::SETATTR, node.0, attr, None)
+            }
+            Request::Open { node, flags } => {
+                enc.args(&OpenIn {
+                    flags: U32::new(flags & !(open_flags::O_CREAT | open_flags::O_EXCL)),
+                    open_flags: U32::new(0),
+                })?;
+                (opcode::OPEN, node.0, open, None)
+            }
+            Request::Opendir { node, flags } => {
+                enc.args(&OpenIn {
+                    flags: U32::new(flags),
+                    open_flags: U32::new(0),
+                })?;
+                (opcode::OPENDIR, node.0, open, None)
+            }
+            Request::Read {
+                node,
+                fh,
+                offset,
+                size,
+            } => {
+                if size == 0 || size > self.read_chunk() {
+                    return Err(FsError::InvalidArgument);
+                }
+                enc.args(&read_in(fh, offset, size))?;
+                (opcode::READ, node.0, Shape::Data(size), None)
+            }
+            Request::Write {
+                node,
+                fh,
+                offset,
+                data,
+            } => {
+                if data.is_empty() || data.len() > self.write_chunk() as usize {
+                    return Err(FsError::InvalidArgument);
+                }
+                enc.args(&WriteIn {
+                    fh: U64::new(fh.0),
+                    offset: U64::new(offset),
+                    size: U32::new(data.len() as u32),
+                    ..Default::default()
+                })?;
+                let written = Shape::Fixed(size_of::<WriteOut>() as u32);
+                (opcode::WRITE, node.0, written, Some(data))
+            }
+            Request::Release { node, fh, flags } => {
+                enc.args(&release_in(fh, flags))?;
+                (opcode::RELEASE, node.0, Shape::Empty, None)
+            }
+            Request::Releasedir { node, fh } => {
+                enc.args(&release_in(fh, 0))?;
+                (opcode::RELEASEDIR, node.0, Shape::Empty, None)
+            }
+            Request::Readdir {
+                node,
+                fh,
+                offset,
+                size,
+                plus,
+            } => {
+                if size == 0 || size > self.read_chunk() {
+                    return Err(FsError::InvalidArgument);
+                }
+                enc.args(&read_in(fh, offset, size))?;
+                let op = if plus {
+                    opcode::READDIRPLUS
+                } else {
+                    opcode::READDIR
+                };
+                (op, node.0, Shape::Data(size), None)
+            }
+            Request::Create {
+                parent,
+                name,
+                flags,
+                mode: m,
+                umask,
+            } => {
+                enc.args(&CreateIn {
+                    flags: U32::new(flags | open_flags::O_CREAT),
+                    mode: U32::new(with_type(m, mode::S_IFREG)),
+                    umask: U32::new(umask),
+                    open_flags: U32::new(0),
+                })?;
+                enc.name(name)?;
+                let created = Shape::Fixed((size_of::<EntryOut>() + size_of::<OpenOut>()) as u32);
+                (opcode::CREATE, parent.0, created, None)
+            }
+            Request::Mkdir {
+                parent,
+                name,
+                mode: m,
+                umask,
+            } => {
+                enc.args(&MkdirIn {
+                    mode: U32::new(with_type(m, mode::S_IFDIR)),
+                    umask: U32::new(umask),
+                })?;
+                enc.name(name)?;
+                (opcode::MKDIR, parent.0, entry, None)
+            }
+            Request::Unlink { parent, name } => {
+                enc.name(name)?;
+                (opcode::UNLINK, parent.0, Shape::Empty, None)
+            }
+            Request::Rmdir { parent, name } => {
+                enc.name(name)?;
+                (opcode::RMDIR, parent.0, Shape::Empty, None)
+            }
+            Request::Rename {
+                old_parent,
+                old_name,
+                new_parent,
+                new_name,
+                flags,
+            } => {
+                enc.args(&Rename2In {
+                    newdir: U64::new(new_parent.0),
+                    flags: U32::new(flags),
+                    padding: U32::new(0),
+                })?;
+                enc.name(old_name)?;
+                enc.name(new_name)?;
+                (opcode::RENAME2, old_parent.0, Shape::Empty, None)
+            }
+            Request::Link {
+                node,
+                new_parent,
+                new_name,
+            } => {
+                enc.args(&LinkIn {
+                    oldnodeid: U64::new(node.0),
+                })?;
+                enc.name(new_name)?;
+                (opcode::LINK, new_parent.0, entry, None)
+            }
+            Request::Symlink {
+                parent,
+                name,
+                target,
+            } => {
+                // The entry's name, then the link's target (both NUL-terminated).
+                enc.name(name)?;
+                if target.is_empty() || target.len() > SYMLINK_TARGET_MAX || target.contains(&0) {
+                    return Err(FsError::InvalidName);
+                }
+                enc.push(target)?;
+                enc.push(&[0])?;
+                (opcode::SYMLINK, parent.0, entry, None)
+            }
+            Request::Readlink { node } => {
+                let size = self.read_chunk().min(self.data_size);
+                (opcode::READLINK, node.0, Shape::Data(size), None)
+            }
+            Request::Statfs { node } => (
+                opcode::STATFS,
+                node.0,
+                Shape::Fixed(size_of::<StatfsOut>() as u32),
+                None,
+            ),
+            Request::Fsync { node, fh, datasync } | Request::Fsyncdir { node, fh, datasync } => {
+                enc.args(&FsyncIn {
+                    fh: U64::new(fh.0),
+                    fsync_flags: U32::new(if datasync { wire::FSYNC_FDATASYNC } else { 0 }),
+                    padding: U32::new(0),
+                })?;
+                let op = if matches!(req, Request::Fsync { .. }) {
+                    opcode::FSYNC
+                } else {
+                    opcode::FSYNCDIR
+                };
+                (op, node.0, Shape::Empty, None)
+            }
+            Request::Flush {
+                node,
+                fh,
+                lock_owner,
+            } => {
+                enc.args(&FlushIn {
+                    fh: U64::new(fh.0),
+                    unused: U32::new(0),
+                    padding: U32::new(0),
+                    lock_owner: U64::new(lock_owner),
+                })?;
+                (opcode::FLUSH, node.0, Shape::Empty, None)
+            }
+            Request::Destroy => (opcode::DESTROY, 0, Shape::EmptyOrNone, None),
+            Request::Setxattr {
+                node,
+                name,
+                value,
+                flags,
+            } => {
+                if value.len() > self.data_size as usize {
+                    return Err(FsError::InvalidArgument);
+                }
+                enc.args(&SetxattrIn {
+                    size: U32::new(value.len() as u32),
+                    flags: U32::new(flags),
+                })?;
+                enc.xattr_name(name)?;
+                // An empty value is sent as no data segment.
+                let value = (!value.is_empty()).then_some(value);
+                (opcode::SETXATTR, node.0, Shape::Empty, value)
+            }
+            Request::Getxattr { node, name, size } => {
+                enc.args(&xattr_in(size))?;
+                enc.xattr_name(name)?;
+                (opcode::GETXATTR, node.0, self.xattr_shape(size)?, None)
+            }
+            Request::Listxattr { node, size } => {
+                enc.args(&xattr_in(size))?;
+                (opcode::LISTXATTR, node.0, self.xattr_shape(size)?, None)
+            }
+            Request::Removexattr { node, name } => {
+                enc.xattr_name(name)?;
+                (opcode::REMOVEXATTR, node.0, Shape::Empty, None)
+            }
+            Request::Lseek {
+                node,
+                fh,
+                offset,
+                whence,
+            } => {
+                enc.args(&LseekIn {
+                    fh: U64::new(fh.0),
+                    offset: U64::new(offset),
+                    whence: U32::new(whence),
+                    padding: U32::new(0),
+                })?;
+                let out = Shape::Fixed(size_of::<LseekOut>() as u32);
+                (opcode::LSEEK, node.0, out, None)
+            }
+            Request::Fallocate {
+                node,
+                fh,
+                offset,
+                length,
+                mode: m,
+            } => {
+                enc.args(&FallocateIn {
+                    fh: U64::new(fh.0),
+                    offset: U64::new(offset),
+                    length: U64::new(length),
+                    mode: U32::new(m),
+                    padding: U32::new(0),
+                })?;
+                (opcode::FALLOCATE, node.0, Shape::Empty, None)
+            }
+        })
+    }
+
+    /// GETXATTR/LISTXATTR: size 0 asks for a `fuse_getxattr_out`; otherwise data.
+    fn xattr_shape(&self, size: u32) -> FsResult<Shape> {
+        if size == 0 {
+            Ok(Shape::Fixed(size_of::<GetxattrOut>() as u32))
+        } else if size <= self.data_size {
+            Ok(Shape::Data(size))
+        } else {
+            Err(FsError::InvalidArgument)
+        }
+    }
+
+    // ---- hiprio: FORGET and BATCH_FORGET ----
+
+    /// Returns hiprio buffers the device consumed. Bounded by the slot count.
+    fn reclaim_hiprio(&mut self) -> FsResult<()> {
+        if self.hiprio.is_none() {
+            return Err(FsError::Virtio(Error::InvalidState));
+        }
+        for _ in 0..=HIPRIO_SLOTS {
+            let Some(used) = self.bus.pop_used(HIPRIO_QUEUE)? else {
+                return Ok(());
+            };
+            // The bus checked `used.len` against the chain's writable capacity (none).
+            match self.hiprio_busy.get_mut(used.token) {
+                Some(busy @ true) => *busy = false,
+                _ => {
+                    return Err(FsError::Protocol {
+                        what: "hiprio completed a buffer the driver did not send",
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends FORGET (one node) or BATCH_FORGET (several) on hiprio for `nodes` (node,
+    /// lookup count), waiting for hiprio buffers when all are in use. The device sends
+    /// no reply (§5.11.6.1: hiprio requests have no device-writable part).
+    pub fn forget<W: Waiter<B>>(&mut self, w: &mut W, nodes: &[(NodeId, u64)]) -> FsResult<()> {
+        if self.init.is_none() {
+            return Err(FsError::NotInitialized);
+        }
+        for batch in nodes.chunks(FORGET_BATCH_MAX) {
+            let slot = self.free_hiprio(w)?;
+            let mut enc = Encoder::new();
+            let (op, node) = match batch {
+                [(node, nlookup)] => {
+                    enc.args(&ForgetIn {
+                        nlookup: U64::new(*nlookup),
+                    })?;
+                    (opcode::FORGET, node.0)
+                }
+                _ => {
+                    enc.args(&BatchForgetIn {
+                        count: U32::new(batch.len() as u32),
+                        dummy: U32::new(0),
+                    })?;
+                    for (node, nlookup) in batch {
+                        enc.args(&ForgetOne {
+                            nodeid: U64::new(node.0),
+                            nlookup: U64::new(*nlookup),
+                        })?;
+                    }
+                    (opcode::BATCH_FORGET, 0)
+                }
+            };
+            let unique = self.next_unique;
+            self.next_unique = self.next_unique.wrapping_add(1).max(1);
+            let bytes = enc.finish(
+                InHeader {
+                    opcode: U32::new(op),
+                    unique: U64::new(unique),
+                    nodeid: U64::new(node),
+                    uid: U32::new(self.options.uid),
+                    gid: U32::new(self.options.gid),
+                    pid: U32::new(self.options.pid),
+                    ..Default::default()
+                },
+                0,
+            )?;
+            let region = self.hiprio.as_ref().ok_or(Error::InvalidState)?;
+            if bytes.len() > HIPRIO_SLOT || !region.write_at(slot * HIPRIO_SLOT, bytes) {
+                return Err(FsError::InvalidArgument);
+            }
+            let seg = Segment::new(
+                region.daddr + (slot * HIPRIO_SLOT) as u64,
+                bytes.len() as u32,
+            );
+            self.bus.add(HIPRIO_QUEUE, &[seg], &[], slot)?;
+            if let Some(busy) = self.hiprio_busy.get_mut(slot) {
+                *busy = true;
+            }
+            self.stats.forget_requests += 1;
+            self.stats.forgotten_nodes += batch.len() as u64;
+        }
+        self.bus.kick(HIPRIO_QUEUE)?;
+        Ok(())
+    }
+
+    fn free_hiprio<W: Waiter<B>>(&mut self, w: &mut W) -> FsResult<usize> {
+        for _ in 0..self.options.max_waits {
+            self.reclaim_hiprio()?;
+            if let Some(i) = self.hiprio_busy.iter().position(|b| !b) {
+                return Ok(i);
+            }
+            self.bus.kick(HIPRIO_QUEUE)?;
+            w.wait(self)?;
+        }
+        Err(FsError::Timeout)
+    }
+
+    // ---- blocking operations ----
+
+    /// Submits `req` (waiting for a free slot), waits for its reply and takes it.
+    pub fn call<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        req: &Request<'_>,
+        out: &mut [u8],
+    ) -> FsResult<Reply> {
+        let t = self.submit_waiting(w, req)?;
+        self.kick()?;
+        if let Err(e) = self.wait_for(w, t) {
+            self.abandon(t);
+            return Err(e);
+        }
+        self.take(t, out)
+    }
+
+    fn submit_waiting<W: Waiter<B>>(&mut self, w: &mut W, req: &Request<'_>) -> FsResult<Ticket> {
+        for _ in 0..self.options.max_waits {
+            match self.submit(req) {
+                Err(FsError::QueueFull) => {}
+                other => return other,
+            }
+            self.kick()?;
+            if self.poll()? == 0 {
+                w.wait(self)?;
+            }
+        }
+        Err(FsError::Timeout)
+    }
+
+    /// Waits until `t` completed (polling after every wait; bounded by `max_waits`).
+    pub fn wait_for<W: Waiter<B>>(&mut self, w: &mut W, t: Ticket) -> FsResult<()> {
+        if self.slot(t).is_none_or(|s| s.unique != t.unique) {
+            return Err(FsError::UnknownTicket);
+        }
+        for _ in 0..self.options.max_waits {
+            self.poll()?;
+            if self.is_done(t) {
+                return Ok(());
+            }
+            w.wait(self)?;
+        }
+        Err(FsError::Timeout)
+    }
+
+    /// FUSE_INIT: offers protocol 7.31 and [`OFFERED_INIT_FLAGS`], and settles what the
+    /// device answers. Must come first; may be repeated after [`FsDriver::destroy`].
+    pub fn init<W: Waiter<B>>(&mut self, w: &mut W) -> FsResult<InitInfo> {
+        let Reply::Init(out) = self.call(w, &Request::Init, &mut [])? else {
+            return Err(FsError::Protocol {
+                what: "INIT answered with another reply",
+            });
+        };
+        let (major, minor) = (out.major.get(), out.minor.get());
+        if major != wire::FUSE_KERNEL_VERSION || minor < wire::FUSE_MIN_MINOR_VERSION {
+            return Err(FsError::UnsupportedVersion { major, minor });
+        }
+        let flags = out.flags.get() & OFFERED_INIT_FLAGS;
+        let info = InitInfo {
+            major,
+            minor: minor.min(wire::FUSE_KERNEL_MINOR_VERSION),
+            max_readahead: out.max_readahead.get().min(self.options.max_readahead),
+            flags,
+            max_background: out.max_background.get(),
+            congestion_threshold: out.congestion_threshold.get(),
+            // Linux clamps a smaller value up to one page; so does this driver.
+            max_write: out.max_write.get().max(PAGE),
+            time_gran: out.time_gran.get(),
+            max_pages: if flags & init_flags::MAX_PAGES != 0 {
+                out.max_pages.get()
+            } else {
+                0
+            },
+        };
+        self.init = Some(info);
+        log::info!(
+            "virtio-fs: FUSE {}.{}, max_write {}, max_pages {}, flags {:#x}; chunks read {} write {}",
+            info.major,
+            info.minor,
+            info.max_write,
+            info.max_pages,
+            info.flags,
+            self.read_chunk(),
+            self.write_chunk()
+        );
+        Ok(info)
+    }
+
+    /// LOOKUP `name` in `parent`. A negative entry (node id 0) is `ENOENT`.
+    pub fn lookup<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        parent: NodeId,
+        name: &[u8],
+    ) -> FsResult<Entry> {
+        match self.call(w, &Request::Lookup { parent, name }, &mut [])? {
+            Reply::Entry(e) => Ok(e),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn getattr<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        fh: Option<FileHandle>,
+    ) -> FsResult<AttrReply> {
+        match self.call(w, &Request::Getattr { node, fh }, &mut [])? {
+            Reply::Attr(a) => Ok(a),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn setattr<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        set: SetAttr,
+    ) -> FsResult<AttrReply> {
+        match self.call(w, &Request::Setattr { node, set }, &mut [])? {
+            Reply::Attr(a) => Ok(a),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn open<W: Waiter<B>>(&mut self, w: &mut W, node: NodeId, flags: u32) -> FsResult<Opened> {
+        match self.call(w, &Request::Open { node, flags }, &mut [])? {
+            Reply::Open(o) => Ok(o),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn opendir<W: Waiter<B>>(&mut self, w: &mut W, node: NodeId) -> FsResult<Opened> {
+        let flags = open_flags::O_RDONLY | open_flags::O_DIRECTORY;
+        match self.call(w, &Request::Opendir { node, flags }, &mut [])? {
+            Reply::Open(o) => Ok(o),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn release<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        fh: FileHandle,
+        flags: u32,
+    ) -> FsResult<()> {
+        self.call(w, &Request::Release { node, fh, flags }, &mut [])
+            .map(|_| ())
+    }
+
+    pub fn releasedir<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        fh: FileHandle,
+    ) -> FsResult<()> {
+        self.call(w, &Request::Releasedir { node, fh }, &mut [])
+            .map(|_| ())
+    }
+
+    /// Reads into `buf` from `offset`: split into READs of at most
+    /// [`FsDriver::read_chunk`] bytes, up to 32 in flight at once across the request
+    /// queues. Returns the bytes read: fewer than `buf.len()` at end of file (the first
+    /// short READ ends the result, whatever later ones returned).
+    pub fn read<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> FsResult<usize> {
+        let chunk = self.read_chunk() as usize;
+        self.pipeline(
+            w,
+            buf.len(),
+            chunk,
+            |fs, at, len| {
+                fs.submit(&Request::Read {
+                    node,
+                    fh,
+                    offset: offset.saturating_add(at as u64),
+                    size: len as u32,
+                })
+            },
+            |fs, t, at, len| {
+                let out = buf.get_mut(at..at + len).ok_or(FsError::InvalidArgument)?;
+                match fs.take(t, out)? {
+                    Reply::Data(n) => Ok(n as usize),
+                    _ => Err(unexpected()),
+                }
+            },
+        )
+    }
+
+    /// Writes `data` at `offset`: split into WRITEs of at most [`FsDriver::write_chunk`]
+    /// bytes, up to 32 in flight. Returns the bytes written (fewer after a short WRITE).
+    pub fn write<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+    ) -> FsResult<usize> {
+        let chunk = self.write_chunk() as usize;
+        self.pipeline(
+            w,
+            data.len(),
+            chunk,
+            |fs, at, len| {
+                let piece = data.get(at..at + len).ok_or(FsError::InvalidArgument)?;
+                fs.submit(&Request::Write {
+                    node,
+                    fh,
+                    offset: offset.saturating_add(at as u64),
+                    data: piece,
+                })
+            },
+            |fs, t, _, len| match fs.take(t, &mut [])? {
+                Reply::Written(n) if n as usize <= len => Ok(n as usize),
+                Reply::Written(_) => Err(FsError::Protocol {
+                    what: "WRITE reply claims more bytes than were sent",
+                }),
+                _ => Err(unexpected()),
+            },
+        )
+    }
+
+    /// Runs `total` bytes as chunks of at most `chunk`, several in flight: `start`
+    /// submits the chunk at byte `at` of `len` bytes, `finish` takes its result (bytes
+    /// done). Every submitted chunk is taken or abandoned before returning.
+    fn pipeline<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        total: usize,
+        chunk: usize,
+        mut start: impl FnMut(&mut Self, usize, usize) -> FsResult<Ticket>,
+        mut finish: impl FnMut(&mut Self, Ticket, usize, usize) -> FsResult<usize>,
+    ) -> FsResult<usize> {
+        if chunk == 0 {
+            return Err(FsError::InvalidArgument);
+        }
+        let mut inflight: [Option<(Ticket, usize, usize)>; MAX_PIPELINE] = [None; MAX_PIPELINE];
+        let mut next = 0usize;
+        // The end of the first short chunk, and the first error (by position).
+        let mut short_at: Option<usize> = None;
+        let mut error: Option<(usize, FsError)> = None;
+        let mut waits = 0u32;
+        loop {
+            let stop = short_at.is_some() || error.is_some();
+            for entry in inflight.iter_mut().filter(|e| e.is_none()) {
+                if stop || next >= total {
+                    break;
+                }
+                let len = chunk.min(total - next);
+                match start(self, next, len) {
+                    Ok(t) => {
+                        *entry = Some((t, next, len));
+                        next += len;
+                    }
+                    Err(FsError::QueueFull) => break,
+                    Err(e) => {
+                        error = Some((next, e));
+                        break;
+                    }
+                }
+            }
+            // Done when nothing of ours is in flight and nothing is left to start (with
+            // nothing in flight but work left, the queue was full: wait for room).
+            let stop = short_at.is_some() || error.is_some() || next >= total;
+            if stop && inflight.iter().all(Option::is_none) {
+                break;
+            }
+            if let Err(e) = self.kick().and_then(|_| self.poll()) {
+                self.abandon_all(&mut inflight);
+                return Err(e);
+            }
+            let mut progressed = false;
+            for entry in inflight.iter_mut() {
+                let Some((t, at, len)) = *entry else { continue };
+                if !self.is_done(t) {
+                    continue;
+                }
+                *entry = None;
+                progressed = true;
+                match finish(self, t, at, len) {
+                    Ok(n) if n < len => {
+                        short_at = Some(short_at.map_or(at + n, |s| s.min(at + n)));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if error.is_none_or(|(first, _)| at < first) {
+                            error = Some((at, e));
+                        }
+                    }
+                }
+            }
+            if !progressed {
+                waits += 1;
+                if waits > self.options.max_waits {
+                    self.abandon_all(&mut inflight);
+                    return Err(FsError::Timeout);
+                }
+                if let Err(e) = w.wait(self) {
+                    self.abandon_all(&mut inflight);
+                    return Err(e);
+                }
+            }
+        }
+        let done = short_at.unwrap_or(next).min(total);
+        match error {
+            // An error after the end of file does not matter.
+            Some((at, e)) if at < done || short_at.is_none() => Err(e),
+            _ => Ok(done),
+        }
+    }
+
+    fn abandon_all(&mut self, inflight: &mut [Option<(Ticket, usize, usize)>]) {
+        for entry in inflight.iter_mut() {
+            if let Some((t, _, _)) = entry.take() {
+                self.abandon(t);
+            }
+        }
+    }
+
+    /// One READDIR (`plus` false) or READDIRPLUS from `offset` into `buf` (at most
+    /// [`FsDriver::read_chunk`] bytes of it are used): the validated records and their
+    /// count. An empty walker means the end of the directory.
+    pub fn readdir<'b, W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        plus: bool,
+        buf: &'b mut [u8],
+    ) -> FsResult<(DirIter<'b>, u32)> {
+        let size = (buf.len() as u32).min(self.read_chunk());
+        if size < 512 {
+            return Err(FsError::InvalidArgument);
+        }
+        let req = Request::Readdir {
+            node,
+            fh,
+            offset,
+            size,
+            plus,
+        };
+        let Reply::Data(n) = self.call(w, &req, buf)? else {
+            return Err(unexpected());
+        };
+        let bytes = buf.get(..n as usize).ok_or(FsError::InvalidArgument)?;
+        DirIter::new(bytes, plus)
+    }
+
+    /// Reads a whole open directory, calling `f` for every record; returns how many.
+    /// With `plus`, every record with an entry holds one lookup reference for the caller.
+    pub fn read_dir<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        fh: FileHandle,
+        plus: bool,
+        buf: &mut [u8],
+        mut f: impl FnMut(&DirEntry<'_>),
+    ) -> FsResult<u64> {
+        let mut offset = 0u64;
+        let mut count = 0u64;
+        for _ in 0..MAX_DIR_ROUNDS {
+            let (records, n) = self.readdir(w, node, fh, offset, plus, buf)?;
+            if n == 0 {
+                return Ok(count);
+            }
+            for e in records {
+                offset = e.offset;
+                count += 1;
+                f(&e);
+            }
+        }
+        Err(FsError::Protocol {
+            what: "directory did not end within the driver's bound",
+        })
+    }
+
+    /// CREATE and open `name` in `parent`: the new entry (one lookup reference) and handle.
+    pub fn create<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        parent: NodeId,
+        name: &[u8],
+        flags: u32,
+        mode: u32,
+    ) -> FsResult<(Entry, Opened)> {
+        let req = Request::Create {
+            parent,
+            name,
+            flags,
+            mode,
+            umask: 0,
+        };
+        match self.call(w, &req, &mut [])? {
+            Reply::Created(e, o) => Ok((e, o)),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn mkdir<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        parent: NodeId,
+        name: &[u8],
+        mode: u32,
+    ) -> FsResult<Entry> {
+        let req = Request::Mkdir {
+            parent,
+            name,
+            mode,
+            umask: 0,
+        };
+        match self.call(w, &req, &mut [])? {
+            Reply::Entry(e) => Ok(e),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn unlink<W: Waiter<B>>(&mut self, w: &mut W, parent: NodeId, name: &[u8]) -> FsResult<()> {
+        self.call(w, &Request::Unlink { parent, name }, &mut [])
+            .map(|_| ())
+    }
+
+    pub fn rmdir<W: Waiter<B>>(&mut self, w: &mut W, parent: NodeId, name: &[u8]) -> FsResult<()> {
+        self.call(w, &Request::Rmdir { parent, name }, &mut [])
+            .map(|_| ())
+    }
+
+    /// RENAME2 (`flags`: [`rename_flags`]).
+    pub fn rename<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        old_parent: NodeId,
+        old_name: &[u8],
+        new_parent: NodeId,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        let req = Request::Rename {
+            old_parent,
+            old_name,
+            new_parent,
+            new_name,
+            flags,
+        };
+        self.call(w, &req, &mut []).map(|_| ())
+    }
+
+    /// LINK: a new name for `node`; the entry holds one more lookup reference.
+    pub fn link<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        new_parent: NodeId,
+        new_name: &[u8],
+    ) -> FsResult<Entry> {
+        let req = Request::Link {
+            node,
+            new_parent,
+            new_name,
+        };
+        match self.call(w, &req, &mut [])? {
+            Reply::Entry(e) => Ok(e),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn symlink<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        parent: NodeId,
+        name: &[u8],
+        target: &[u8],
+    ) -> FsResult<Entry> {
+        let req = Request::Symlink {
+            parent,
+            name,
+            target,
+        };
+        match self.call(w, &req, &mut [])? {
+            Reply::Entry(e) => Ok(e),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// READLINK into `buf` (which must hold the target); returns its length.
+    pub fn readlink<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        buf: &mut [u8],
+    ) -> FsResult<usize> {
+        match self.call(w, &Request::Readlink { node }, buf)? {
+            Reply::Data(n) => Ok(n as usize),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn statfs<W: Waiter<B>>(&mut self, w: &mut W, node: NodeId) -> FsResult<Statfs> {
+        match self.call(w, &Request::Statfs { node }, &mut [])? {
+            Reply::Statfs(s) => Ok(s),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn fsync<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        fh: FileHandle,
+        datasync: bool,
+    ) -> FsResult<()> {
+        self.call(w, &Request::Fsync { node, fh, datasync }, &mut [])
+            .map(|_| ())
+    }
+
+    pub fn fsyncdir<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        fh: FileHandle,
+        datasync: bool,
+    ) -> FsResult<()> {
+        self.call(w, &Request::Fsyncdir { node, fh, datasync }, &mut [])
+            .map(|_| ())
+    }
+
+    pub fn flush<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        fh: FileHandle,
+        lock_owner: u64,
+    ) -> FsResult<()> {
+        self.call(
+            w,
+            &Request::Flush {
+                node,
+                fh,
+                lock_owner,
+            },
+            &mut [],
+        )
+        .map(|_| ())
+    }
+
+    /// SETXATTR `name` = `value` (`flags`: `XATTR_CREATE` 1, `XATTR_REPLACE` 2).
+    pub fn setxattr<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        name: &[u8],
+        value: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        let req = Request::Setxattr {
+            node,
+            name,
+            value,
+            flags,
+        };
+        self.call(w, &req, &mut []).map(|_| ())
+    }
+
+    /// GETXATTR into `buf` (an empty `buf` asks for the size only); returns the size.
+    pub fn getxattr<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        name: &[u8],
+        buf: &mut [u8],
+    ) -> FsResult<usize> {
+        let size = u32::try_from(buf.len()).map_err(|_| FsError::InvalidArgument)?;
+        match self.call(w, &Request::Getxattr { node, name, size }, buf)? {
+            Reply::Data(n) | Reply::XattrSize(n) => Ok(n as usize),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// LISTXATTR into `buf` (empty: the size only); returns the size. The names (each
+    /// NUL-terminated) are checked: [`xattr_names`] walks them.
+    pub fn listxattr<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        buf: &mut [u8],
+    ) -> FsResult<usize> {
+        let size = u32::try_from(buf.len()).map_err(|_| FsError::InvalidArgument)?;
+        match self.call(w, &Request::Listxattr { node, size }, buf)? {
+            Reply::XattrSize(n) => Ok(n as usize),
+            Reply::Data(n) => {
+                let list = buf.get(..n as usize).ok_or(FsError::InvalidArgument)?;
+                let _validated = xattr_names(list)?;
+                Ok(n as usize)
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn removexattr<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        name: &[u8],
+    ) -> FsResult<()> {
+        self.call(w, &Request::Removexattr { node, name }, &mut [])
+            .map(|_| ())
+    }
+
+    /// LSEEK: the offset the device computed.
+    pub fn lseek<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        whence: u32,
+    ) -> FsResult<u64> {
+        let req = Request::Lseek {
+            node,
+            fh,
+            offset,
+            whence,
+        };
+        match self.call(w, &req, &mut [])? {
+            Reply::Offset(o) => Ok(o),
+            _ => Err(unexpected()),
+        }
+    }
+
+    pub fn fallocate<W: Waiter<B>>(
+        &mut self,
+        w: &mut W,
+        node: NodeId,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: u32,
+    ) -> FsResult<()> {
+        let req = Request::Fallocate {
+            node,
+            fh,
+            offset,
+            length,
+            mode,
+        };
+        self.call(w, &req, &mut []).map(|_| ())
+    }
+
+    /// DESTROY: ends the FUSE session (the device drops every node). INIT may follow.
+    pub fn destroy<W: Waiter<B>>(&mut self, w: &mut W) -> FsResult<()> {
+        self.call(w, &Request::Destroy, &mut [])?;
+        self.init = None;
+        Ok(())
+    }
+}
+
+impl<B: Bus> Drop for FsDriver<B> {
+    /// Resets the device and frees its memory unless `shutdown` already did: also on
+    /// every error path of `new` after the queues were set up.
+    fn drop(&mut self) {
+        if !self.shut_down {
+            self.shutdown();
+        }
+    }
+}
+
+/// The names of a LISTXATTR reply: each non-empty and NUL-terminated, the last one too.
+pub fn xattr_names(list: &[u8]) -> FsResult<impl Iterator<Item = &[u8]>> {
+    if list.last().is_some_and(|&b| b != 0)
+        || list.windows(2).any(|w| w == [0, 0])
+        || list.first() == Some(&0)
+    {
+        return Err(FsError::Protocol {
+            what: "xattr list not a sequence of NUL-terminated names",
+        });
+    }
+    Ok(list.split(|&b| b == 0).filter(|n| !n.is_empty()))
+}
+
+fn xattr_in(size: u32) -> GetxattrIn {
+    GetxattrIn {
+        size: U32::new(size),
+        padding: U32::new(0),
+    }
+}
+
+fn unexpected() -> FsError {
+    FsError::Protocol {
+        what: "reply of another kind than the request's",
+    }
+}
+
+fn with_type(m: u32, typ: u32) -> u32 {
+    if m & mode::S_IFMT == 0 { m | typ } else { m }
+}
+
+fn read_in(fh: FileHandle, offset: u64, size: u32) -> ReadIn {
+    ReadIn {
+        fh: U64::new(fh.0),
+        offset: U64::new(offset),
+        size: U32::new(size),
+        ..Default::default()
+    }
+}
+
+fn release_in(fh: FileHandle, flags: u32) -> ReleaseIn {
+    ReleaseIn {
+        fh: U64::new(fh.0),
+        flags: U32::new(flags),
+        release_flags: U32::new(0),
+        lock_owner: U64::new(0),
+    }
+}
+
+fn setattr_in(set: &SetAttr) -> SetattrIn {
+    let mut s = SetattrIn::default();
+    let mut valid = 0;
+    if let Some(m) = set.mode {
+        valid |= fattr::MODE;
+        s.mode = U32::new(m & 0o7777);
+    }
+    if let Some(uid) = set.uid {
+        valid |= fattr::UID;
+        s.uid = U32::new(uid);
+    }
+    if let Some(gid) = set.gid {
+        valid |= fattr::GID;
+        s.gid = U32::new(gid);
+    }
+    if let Some(size) = set.size {
+        valid |= fattr::SIZE;
+        s.size = U64::new(size);
+    }
+    match set.atime {
+        Some(SetTime::Now) => valid |= fattr::ATIME | fattr::ATIME_NOW,
+        Some(SetTime::At(t)) => {
+            valid |= fattr::ATIME;
+            s.atime = U64::new(t.secs);
+            s.atimensec = U32::new(t.nanos);
+        }
+        None => {}
+    }
+    match set.mtime {
+        Some(SetTime::Now) => valid |= fattr::MTIME | fattr::MTIME_NOW,
+        Some(SetTime::At(t)) => {
+            valid |= fattr::MTIME;
+            s.mtime = U64::new(t.secs);
+            s.mtimensec = U32::new(t.nanos);
+        }
+        None => {}
+    }
+    if let Some(fh) = set.fh {
+        valid |= fattr::FH;
+        s.fh = U64::new(fh.0);
+    }
+    s.valid = U32::new(valid);
+    s
+}
+
+/// Reads an `N`-byte prefix at `offset` of `region` (volatile copy).
+fn read_wire<T: FromBytes, const N: usize>(region: &DmaRegion, offset: usize) -> Option<T> {
+    let mut buf = [0u8; N];
+    if !region.read_into(offset, &mut buf) {
+        return None;
+    }
+    T::read_from_prefix(&buf).ok().map(|(v, _)| v)
+}
+
+/// Validates and decodes the reply of `slot`, whose chain the device returned with
+/// `used_len` bytes written (already checked by the bus against the chain's capacity).
+fn decode_reply(
+    region: &DmaRegion,
+    reply_at: usize,
+    slot: &Slot,
+    used_len: u32,
+) -> FsResult<Reply> {
+    const HEADER: usize = size_of::<OutHeader>();
+    let protocol = |what| Err(FsError::Protocol { what });
+    if used_len == 0 && slot.shape == Shape::EmptyOrNone {
+        return Ok(Reply::Empty);
+    }
+    if (used_len as usize) < HEADER {
+        return protocol("reply shorter than its header");
+    }
+    let Some(header) = read_wire::<OutHeader, HEADER>(region, reply_at) else {
+        return Err(FsError::Virtio(Error::InvalidState));
+    };
+    if header.unique.get() != slot.unique {
+        return protocol("reply unique is not the request's");
+    }
+    if header.len.get() != used_len {
+        return protocol("reply length disagrees with the bytes the device wrote");
+    }
+    let error = header.error.get();
+    if error != 0 {
+        if error > 0 || error.unsigned_abs() > Errno::MAX {
+            return protocol("reply error is not a negative errno");
+        }
+        if used_len as usize != HEADER {
+            return protocol("error reply carries a payload");
+        }
+        return Err(FsError::Errno(Errno(error.unsigned_abs())));
+    }
+    let payload = used_len as usize - HEADER;
+    let at = reply_at + HEADER;
+    match slot.shape {
+        Shape::Empty | Shape::EmptyOrNone if payload == 0 => Ok(Reply::Empty),
+        Shape::Empty | Shape::EmptyOrNone => protocol("payload in a reply that has none"),
+        Shape::Data(max) if payload <= max as usize => Ok(Reply::Data(payload as u32)),
+        Shape::Data(_) => protocol("data reply longer than the request allows"),
+        Shape::Init => {
+            if !(wire::INIT_OUT_COMPAT_22_SIZE..=size_of::<InitOut>()).contains(&payload) {
+                return protocol("INIT reply length outside 24..=64");
+            }
+            // Shorter (older) layouts: the rest stays zero.
+            let mut buf = [0u8; size_of::<InitOut>()];
+            let part = buf.get_mut(..payload).ok_or(Error::InvalidState)?;
+            if !region.read_into(at, part) {
+                return Err(FsError::Virtio(Error::InvalidState));
+            }
+            InitOut::read_from_bytes(&buf)
+                .map(Reply::Init)
+                .map_err(|_| FsError::Virtio(Error::InvalidState))
+        }
+        Shape::Fixed(n) if payload != n as usize => {
+            protocol("reply length differs from the request's reply structure")
+        }
+        Shape::Fixed(_) => decode_fixed(region, at, slot.opcode),
+    }
+}
+
+const ENTRY_LEN: usize = size_of::<EntryOut>();
+const OPEN_LEN: usize = size_of::<OpenOut>();
+
+fn decode_fixed(region: &DmaRegion, at: usize, op: u32) -> FsResult<Reply> {
+    let missing = || FsError::Virtio(Error::InvalidState);
+    match op {
+        opcode::LOOKUP => {
+            let e = read_wire::<EntryOut, ENTRY_LEN>(region, at).ok_or_else(missing)?;
+            if e.nodeid.get() == 0 {
+                // A negative entry: "no such name", cacheable for entry_valid.
+                return Err(FsError::Errno(Errno::ENOENT));
+            }
+            Entry::decode(&e).map(Reply::Entry)
+        }
+        opcode::MKDIR | opcode::SYMLINK | opcode::LINK | opcode::MKNOD => {
+            let e = read_wire::<EntryOut, ENTRY_LEN>(region, at).ok_or_else(missing)?;
+            Entry::decode(&e).map(Reply::Entry)
+        }
+        opcode::CREATE => {
+            let e = read_wire::<EntryOut, ENTRY_LEN>(region, at).ok_or_else(missing)?;
+            let o = read_wire::<OpenOut, OPEN_LEN>(region, at + ENTRY_LEN).ok_or_else(missing)?;
+            Ok(Reply::Created(Entry::decode(&e)?, Opened::decode(&o)))
+        }
+        opcode::GETATTR | opcode::SETATTR => {
+            let a =
+                read_wire::<AttrOut, { size_of::<AttrOut>() }>(region, at).ok_or_else(missing)?;
+            AttrReply::decode(&a).map(Reply::Attr)
+        }
+        opcode::OPEN | opcode::OPENDIR => {
+            let o = read_wire::<OpenOut, OPEN_LEN>(region, at).ok_or_else(missing)?;
+            Ok(Reply::Open(Opened::decode(&o)))
+        }
+        opcode::WRITE => {
+            let o =
+                read_wire::<WriteOut, { size_of::<WriteOut>() }>(region, at).ok_or_else(missing)?;
+            Ok(Reply::Written(o.size.get()))
+        }
+        opcode::GETXATTR | opcode::LISTXATTR => {
+            let o = read_wire::<GetxattrOut, { size_of::<GetxattrOut>() }>(region, at)
+                .ok_or_else(missing)?;
+            Ok(Reply::XattrSize(o.size.get()))
+        }
+        opcode::LSEEK => {
+            let o =
+                read_wire::<LseekOut, { size_of::<LseekOut>() }>(region, at).ok_or_else(missing)?;
+            if o.offset.get() > i64::MAX as u64 {
+                return Err(FsError::Protocol {
+                    what: "LSEEK offset beyond the largest file offset",
+                });
+            }
+            Ok(Reply::Offset(o.offset.get()))
+        }
+        opcode::STATFS => {
+            let s = read_wire::<StatfsOut, { size_of::<StatfsOut>() }>(region, at)
+                .ok_or_else(missing)?;
+            Statfs::decode(&s).map(Reply::Statfs)
+        }
+        _ => Err(FsError::Virtio(Error::InvalidState)),
+    }
+}

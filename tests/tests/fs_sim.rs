@@ -1,0 +1,1290 @@
+//! The virtio-fs driver over `VirtioDevice<PciTransport<..>>` and the simulated PCI
+//! function, with `fs_model` — a FUSE server over a real temporary directory — serving
+//! the requests (rings served by rust-vmm's `virtio-queue`). Every effect is checked on
+//! the host directory with std::fs, and hostile replies of every kind the driver parses
+//! are errors, never panics.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::PathBuf;
+
+use virtio_core::platform::InterruptMode;
+use virtio_core::{Bus, DeviceStatus, Error, VirtioDevice};
+use virtio_fs::wire::opcode;
+use virtio_fs::{
+    Errno, FileType, FsDriver, FsError, FsOptions, FsResult, NodeId, Reply, Request, SetAttr,
+    SetTime, Timespec, Waiter, open_flags, rename_flags,
+};
+use virtio_pci::{PciTransport, Preference, probe};
+use virtio_tests::fs_model::{FsModel, op};
+use virtio_tests::sim::{Sim, SimBars, SimConfig, SimIrq, walk_allocation_failures};
+
+type Dev =
+    VirtioDevice<PciTransport<SimConfig, SimBars>, virtio_tests::mem::IdentityMemory, SimIrq>;
+type Fs = FsDriver<Dev>;
+
+const RING: u64 = (1 << 28) | (1 << 29) | (1 << 30);
+
+/// Counts heap allocations made by the current thread while counting is on: the I/O path
+/// (`submit`, `kick`, `poll`, `take`) must make none.
+struct CountingAllocator;
+
+thread_local! {
+    static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static ALLOCATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; the counters are
+// thread-local `Cell`s with const initialisers, which never allocate.
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if COUNTING.with(|c| c.get()) {
+            ALLOCATIONS.with(|a| a.set(a.get() + 1));
+        }
+        // SAFETY: the caller's contract for `alloc` is passed on unchanged.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` came from `alloc` above, i.e. from the system allocator.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// Runs `f` and returns its result with the allocations it made on this thread.
+fn allocations<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    ALLOCATIONS.with(|a| a.set(0));
+    COUNTING.with(|c| c.set(true));
+    let r = f();
+    COUNTING.with(|c| c.set(false));
+    (r, ALLOCATIONS.with(|a| a.get()))
+}
+
+/// Serves the model whenever the driver waits, then feeds the interrupts the simulated
+/// function raised to the driver (so the interrupt path is what completes requests).
+struct SimWaiter<'a> {
+    sim: &'a Sim,
+    model: &'a mut FsModel,
+    idle: u32,
+}
+
+impl Waiter<Dev> for SimWaiter<'_> {
+    fn wait(&mut self, fs: &mut Fs) -> FsResult<()> {
+        // The device side allocates freely: not counted as the driver's.
+        let counting = COUNTING.with(|c| c.replace(false));
+        let result = self.serve_and_interrupt(fs);
+        COUNTING.with(|c| c.set(counting));
+        result
+    }
+}
+
+impl SimWaiter<'_> {
+    fn serve_and_interrupt(&mut self, fs: &mut Fs) -> FsResult<()> {
+        let mut served = 0;
+        for q in 0..=self.model.num_request_queues as u16 {
+            served += self.model.serve(self.sim, q);
+        }
+        let irqs = self.sim.take_interrupts();
+        for irq in &irqs {
+            let vector = match irq {
+                virtio_tests::sim::SimInterrupt::Msix(v) => Some(*v),
+                virtio_tests::sim::SimInterrupt::Intx => None,
+            };
+            fs.handle_interrupt(vector)?;
+        }
+        if served == 0 && irqs.is_empty() {
+            self.idle += 1;
+            if self.idle > 100 {
+                return Err(FsError::Timeout);
+            }
+        } else {
+            self.idle = 0;
+        }
+        Ok(())
+    }
+}
+
+struct Rig {
+    _dir: TempDir,
+    root: PathBuf,
+    sim: Sim,
+    model: FsModel,
+    fs: Fs,
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "virtio-fs-sim-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn try_rig(
+    name: &str,
+    opts: FsOptions,
+    tweak: impl FnOnce(&mut FsModel),
+) -> (TempDir, Sim, FsModel, FsResult<Fs>) {
+    let dir = TempDir::new(name);
+    let mut model = FsModel::new(&dir.0, "hostshare");
+    tweak(&mut model);
+    let sim = model.sim_builder(RING, 64, 64 << 20).build();
+    let t = probe(sim.config_space(), sim.bars(), Preference::Auto).expect("probe");
+    let dev = VirtioDevice::new(t, sim.memory(), sim.irq());
+    let fs = FsDriver::new(dev, opts);
+    (dir, sim, model, fs)
+}
+
+fn rig_with(name: &str, opts: FsOptions, tweak: impl FnOnce(&mut FsModel)) -> Rig {
+    let (dir, sim, model, fs) = try_rig(name, opts, tweak);
+    let fs = fs.unwrap_or_else(|e| panic!("setup: {e}"));
+    sim.check_init_order().unwrap();
+    let mut rig = Rig {
+        root: dir.0.clone(),
+        _dir: dir,
+        sim,
+        model,
+        fs,
+    };
+    rig.run(|fs, w| fs.init(w)).expect("FUSE_INIT");
+    rig
+}
+
+fn rig(name: &str) -> Rig {
+    rig_with(name, FsOptions::default(), |_| {})
+}
+
+impl Rig {
+    fn run<R>(&mut self, f: impl FnOnce(&mut Fs, &mut SimWaiter<'_>) -> R) -> R {
+        let mut w = SimWaiter {
+            sim: &self.sim,
+            model: &mut self.model,
+            idle: 0,
+        };
+        f(&mut self.fs, &mut w)
+    }
+
+    fn no_violations(&self) {
+        assert!(
+            self.model.violations.is_empty(),
+            "driver broke the protocol: {:?}",
+            self.model.violations
+        );
+    }
+
+    /// Runs one request and returns its result, with the model's replies as they are.
+    fn call(&mut self, req: &Request<'_>, out: &mut [u8]) -> FsResult<Reply> {
+        self.run(|fs, w| fs.call(w, req, out))
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 11) as u8)
+        .collect()
+}
+
+#[test]
+fn init_reads_config_and_negotiates() {
+    let mut r = rig("init");
+    assert_eq!(r.fs.config().tag(), "hostshare");
+    assert_eq!(r.fs.config().num_request_queues, 1);
+    let info = r.fs.init_info().unwrap();
+    assert_eq!((info.major, info.minor), (7, 31));
+    assert_eq!(info.max_write, 128 * 1024);
+    assert_eq!(info.max_pages, 64);
+    assert_eq!(info.flags, virtio_fs::driver::OFFERED_INIT_FLAGS);
+    // 64 KiB slot buffers: both chunks are the buffer.
+    assert_eq!((r.fs.read_chunk(), r.fs.write_chunk()), (65536, 65536));
+    assert!(matches!(
+        r.fs.bus().interrupt_mode(),
+        InterruptMode::MsiX { .. }
+    ));
+    assert!(r.sim.status() & DeviceStatus::DRIVER_OK.bits() != 0);
+    // An older daemon (minor 27) is fine; INIT is repeatable after DESTROY.
+    r.run(|fs, w| fs.destroy(w)).unwrap();
+    r.model.minor = 27;
+    let again = r.run(|fs, w| fs.init(w)).unwrap();
+    assert_eq!(again.minor, 27);
+    r.no_violations();
+}
+
+#[test]
+fn requests_before_init_are_refused() {
+    let (_d, _sim, _m, fs) = try_rig("noinit", FsOptions::default(), |_| {});
+    let mut fs = fs.unwrap();
+    assert_eq!(
+        fs.submit(&Request::Statfs { node: NodeId::ROOT })
+            .unwrap_err(),
+        FsError::NotInitialized
+    );
+}
+
+#[test]
+fn file_lifecycle_against_a_real_directory() {
+    let mut r = rig("files");
+    let root = NodeId::ROOT;
+    let name = "hello wörld ✓.bin".as_bytes();
+    // CREATE + WRITE of 300 KiB: five 64 KiB WRITEs, several in flight.
+    let data = pattern(300 * 1024 + 17, 3);
+    let (entry, opened) = r
+        .run(|fs, w| fs.create(w, root, name, open_flags::O_RDWR, 0o644))
+        .unwrap();
+    assert_eq!(entry.attr.kind, FileType::Regular);
+    let n = r
+        .run(|fs, w| fs.write(w, entry.node, opened.fh, 0, &data))
+        .unwrap();
+    assert_eq!(n, data.len());
+    r.run(|fs, w| fs.fsync(w, entry.node, opened.fh, false))
+        .unwrap();
+    r.run(|fs, w| fs.flush(w, entry.node, opened.fh, 0))
+        .unwrap();
+    let host = r.root.join("hello wörld ✓.bin");
+    assert_eq!(std::fs::read(&host).unwrap(), data, "host sees the bytes");
+    let writes: Vec<_> = r
+        .model
+        .records
+        .iter()
+        .filter(|x| x.opcode == op::WRITE)
+        .collect();
+    assert_eq!(writes.len(), 5);
+    assert!(
+        writes.iter().any(|x| x.batch_len > 1),
+        "WRITEs were in flight together"
+    );
+    // READ back past the end: a short result at the end of the file.
+    let mut back = vec![0u8; data.len() + 5000];
+    let got = r
+        .run(|fs, w| fs.read(w, entry.node, opened.fh, 0, &mut back))
+        .unwrap();
+    assert_eq!(got, data.len());
+    assert_eq!(&back[..got], &data[..]);
+    // An unaligned read in the middle.
+    let mut mid = vec![0u8; 70_000];
+    let got = r
+        .run(|fs, w| fs.read(w, entry.node, opened.fh, 12_345, &mut mid))
+        .unwrap();
+    assert_eq!(got, mid.len());
+    assert_eq!(&mid[..], &data[12_345..12_345 + 70_000]);
+    r.run(|fs, w| fs.release(w, entry.node, opened.fh, 0))
+        .unwrap();
+
+    // SETATTR: size and mode, checked on the host; times.
+    let set = SetAttr {
+        size: Some(1000),
+        mode: Some(0o600),
+        mtime: Some(SetTime::At(Timespec {
+            secs: 1_000_000_000,
+            nanos: 5,
+        })),
+        ..SetAttr::default()
+    };
+    let a = r.run(|fs, w| fs.setattr(w, entry.node, set)).unwrap();
+    assert_eq!((a.attr.size, a.attr.perm()), (1000, 0o600));
+    let m = std::fs::metadata(&host).unwrap();
+    assert_eq!((m.len(), m.permissions().mode() & 0o7777), (1000, 0o600));
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_000_000_000, 5));
+    let g = r.run(|fs, w| fs.getattr(w, entry.node, None)).unwrap();
+    assert_eq!(g.attr, a.attr);
+
+    // LOOKUP of the same name finds the same node.
+    let again = r.run(|fs, w| fs.lookup(w, root, name)).unwrap();
+    assert_eq!(again.node, entry.node);
+    assert_eq!(again.attr.ino, m.ino());
+
+    // RENAME2 (plain and NOREPLACE), LINK, SYMLINK/READLINK, UNLINK.
+    r.run(|fs, w| fs.rename(w, root, name, root, b"renamed", 0))
+        .unwrap();
+    assert!(!host.exists() && r.root.join("renamed").exists());
+    std::fs::write(r.root.join("other"), b"x").unwrap();
+    assert_eq!(
+        r.run(|fs, w| fs.rename(w, root, b"renamed", root, b"other", rename_flags::NOREPLACE)),
+        Err(FsError::Errno(Errno::EEXIST))
+    );
+    let linked = r
+        .run(|fs, w| fs.link(w, entry.node, root, b"hard link"))
+        .unwrap();
+    assert_eq!(linked.attr.nlink, 2);
+    assert_eq!(
+        std::fs::metadata(r.root.join("hard link")).unwrap().ino(),
+        m.ino()
+    );
+    let sl = r
+        .run(|fs, w| fs.symlink(w, root, b"sym", b"renamed"))
+        .unwrap();
+    assert_eq!(sl.attr.kind, FileType::Symlink);
+    assert_eq!(
+        std::fs::read_link(r.root.join("sym")).unwrap(),
+        PathBuf::from("renamed")
+    );
+    let mut target = [0u8; 64];
+    let n = r.run(|fs, w| fs.readlink(w, sl.node, &mut target)).unwrap();
+    assert_eq!(&target[..n], b"renamed");
+    r.run(|fs, w| fs.unlink(w, root, b"hard link")).unwrap();
+    assert!(!r.root.join("hard link").exists());
+
+    // MKDIR / RMDIR, errors as typed values.
+    let d = r.run(|fs, w| fs.mkdir(w, root, b"dir", 0o755)).unwrap();
+    assert_eq!(d.attr.kind, FileType::Directory);
+    assert!(r.root.join("dir").is_dir());
+    assert_eq!(
+        r.run(|fs, w| fs.mkdir(w, root, b"dir", 0o755)),
+        Err(FsError::Errno(Errno::EEXIST))
+    );
+    std::fs::write(r.root.join("dir/f"), b"").unwrap();
+    assert_eq!(
+        r.run(|fs, w| fs.rmdir(w, root, b"dir")),
+        Err(FsError::Errno(Errno::ENOTEMPTY))
+    );
+    std::fs::remove_file(r.root.join("dir/f")).unwrap();
+    r.run(|fs, w| fs.rmdir(w, root, b"dir")).unwrap();
+    assert!(!r.root.join("dir").exists());
+    assert_eq!(
+        r.run(|fs, w| fs.lookup(w, root, b"missing")),
+        Err(FsError::Errno(Errno::ENOENT))
+    );
+    // Names the driver refuses to send.
+    for bad in [&b""[..], b"a/b", b"a\0b", &[b'x'; 256][..]] {
+        assert_eq!(
+            r.run(|fs, w| fs.lookup(w, root, bad)),
+            Err(FsError::InvalidName)
+        );
+    }
+
+    // STATFS.
+    let s = r.run(|fs, w| fs.statfs(w, root)).unwrap();
+    assert!(s.blocks > 0 && s.bsize > 0 && s.namelen >= 255);
+
+    // FORGET every lookup reference the driver was given; the server drops the nodes.
+    let nodes = [(entry.node, 3), (sl.node, 1), (d.node, 1)];
+    r.run(|fs, w| fs.forget(w, &nodes)).unwrap();
+    r.run(|fs, w| fs.forget(w, &[])).unwrap();
+    r.model.serve(&r.sim, 0);
+    assert_eq!(r.model.forgets.len(), 3);
+    assert_eq!(r.model.live_nodes(), 0, "every node forgotten");
+    let st = r.fs.stats();
+    assert_eq!(st.forget_requests, 1);
+    assert_eq!(st.bytes_written, data.len() as u64);
+    assert_eq!(st.protocol_errors, 0);
+    r.no_violations();
+}
+
+#[test]
+fn readdirplus_of_a_thousand_entries() {
+    let mut r = rig("dir");
+    let big = r.root.join("big dir");
+    std::fs::create_dir(&big).unwrap();
+    let mut want: Vec<String> = (0..1000).map(|i| format!("entry ✓ {i:04}")).collect();
+    for n in &want {
+        std::fs::write(big.join(n), n.as_bytes()).unwrap();
+    }
+    want.sort();
+    let dir = r
+        .run(|fs, w| fs.lookup(w, NodeId::ROOT, b"big dir"))
+        .unwrap();
+    for plus in [false, true] {
+        let h = r.run(|fs, w| fs.opendir(w, dir.node)).unwrap();
+        let mut buf = vec![0u8; 8192];
+        let mut names = Vec::new();
+        let mut refs = Vec::new();
+        let count = r
+            .run(|fs, w| {
+                fs.read_dir(w, dir.node, h.fh, plus, &mut buf, |e| {
+                    names.push(String::from_utf8(e.name.to_vec()).unwrap());
+                    if let Some(entry) = e.entry {
+                        assert_eq!(entry.attr.size as usize, e.name.len());
+                        refs.push((entry.node, 1));
+                    }
+                })
+            })
+            .unwrap();
+        assert_eq!(count, 1002);
+        names.retain(|n| n != "." && n != "..");
+        names.sort();
+        assert_eq!(names, want);
+        assert_eq!(refs.len(), if plus { 1000 } else { 0 });
+        r.run(|fs, w| fs.forget(w, &refs)).unwrap();
+        r.run(|fs, w| fs.releasedir(w, dir.node, h.fh)).unwrap();
+        r.run(|fs, w| fs.fsyncdir(w, dir.node, h.fh, false)).ok();
+    }
+    r.model.serve(&r.sim, 0);
+    // Only the directory's own lookup is left.
+    assert_eq!(r.model.live_nodes(), 1);
+    assert!(r.fs.stats().forget_requests >= 1000 / virtio_fs::driver::FORGET_BATCH_MAX as u64);
+}
+
+#[test]
+fn several_requests_in_flight_complete_out_of_order_by_unique() {
+    let mut r = rig("inflight");
+    for i in 0..10 {
+        std::fs::write(r.root.join(format!("f{i}")), vec![b'x'; i * 100]).unwrap();
+    }
+    let names: Vec<String> = (0..10).map(|i| format!("f{i}")).collect();
+    let tickets: Vec<_> = names
+        .iter()
+        .map(|n| {
+            r.fs.submit(&Request::Lookup {
+                parent: NodeId::ROOT,
+                name: n.as_bytes(),
+            })
+            .unwrap()
+        })
+        .collect();
+    r.fs.kick().unwrap();
+    r.model.reverse_completion = true;
+    assert_eq!(
+        r.model.serve(&r.sim, 1),
+        10,
+        "all ten were in flight at once"
+    );
+    r.fs.poll().unwrap();
+    // Taken in submission order although completed in reverse.
+    for (i, t) in tickets.iter().enumerate() {
+        assert!(r.fs.is_done(*t));
+        let Reply::Entry(e) = r.fs.take(*t, &mut []).unwrap() else {
+            panic!("not an entry")
+        };
+        assert_eq!(e.attr.size, i as u64 * 100);
+        assert_eq!(r.fs.take(*t, &mut []), Err(FsError::UnknownTicket), "once");
+    }
+    // The slots are free again: another full batch fits.
+    let t =
+        r.fs.submit(&Request::Statfs { node: NodeId::ROOT })
+            .unwrap();
+    r.fs.kick().unwrap();
+    r.run(|fs, w| fs.wait_for(w, t)).unwrap();
+    assert!(matches!(r.fs.take(t, &mut []), Ok(Reply::Statfs(_))));
+    r.no_violations();
+}
+
+#[test]
+fn io_is_split_by_max_write_and_max_pages() {
+    let mut r = rig_with(
+        "split",
+        FsOptions {
+            data_size: 32 * 1024,
+            slots: 4,
+            ..FsOptions::default()
+        },
+        |m| {
+            m.max_write = 8192;
+            m.max_pages = 4;
+        },
+    );
+    assert_eq!((r.fs.read_chunk(), r.fs.write_chunk()), (16384, 8192));
+    let data = pattern(100_000, 9);
+    let (e, o) = r
+        .run(|fs, w| fs.create(w, NodeId::ROOT, b"split", open_flags::O_RDWR, 0o600))
+        .unwrap();
+    assert_eq!(
+        r.run(|fs, w| fs.write(w, e.node, o.fh, 0, &data)),
+        Ok(100_000)
+    );
+    let mut back = vec![0u8; 100_000];
+    assert_eq!(
+        r.run(|fs, w| fs.read(w, e.node, o.fh, 0, &mut back)),
+        Ok(100_000)
+    );
+    assert_eq!(back, data);
+    let sizes = |opc| -> Vec<u32> {
+        r.model
+            .records
+            .iter()
+            .filter(|x| x.opcode == opc)
+            .map(|x| x.size)
+            .collect()
+    };
+    let writes = sizes(op::WRITE);
+    let reads = sizes(op::READ);
+    assert_eq!(writes.len(), 13);
+    assert!(writes.iter().all(|&s| s <= 8192));
+    assert_eq!(reads.len(), 7);
+    assert!(reads.iter().all(|&s| s <= 16384));
+    // At most four in flight (the slot count).
+    assert!(r.model.records.iter().all(|x| x.batch_len <= 4));
+    assert!(r.model.records.iter().any(|x| x.batch_len == 4));
+    // Too large for one request: refused before reaching the device.
+    assert_eq!(
+        r.fs.submit(&Request::Read {
+            node: e.node,
+            fh: o.fh,
+            offset: 0,
+            size: 16385
+        }),
+        Err(FsError::InvalidArgument)
+    );
+    r.no_violations();
+}
+
+// ---- hostile devices ----
+
+/// Runs GETATTR of the root with `tamper` applied to its reply.
+fn hostile_reply(
+    name: &str,
+    opc: u32,
+    req: impl Fn(NodeId) -> Request<'static>,
+    tamper: impl FnMut(&mut Vec<u8>) + Send + 'static,
+) -> (Rig, FsResult<Reply>) {
+    let mut r = rig(name);
+    let mut tamper = tamper;
+    r.model.tamper = Some(Box::new(move |o, reply| {
+        if o == opc {
+            tamper(reply)
+        }
+    }));
+    let mut out = vec![0u8; 65536];
+    let result = r.call(&req(NodeId::ROOT), &mut out);
+    r.model.tamper = None;
+    (r, result)
+}
+
+fn getattr(node: NodeId) -> Request<'static> {
+    Request::Getattr { node, fh: None }
+}
+
+fn protocol(result: &FsResult<Reply>) -> &'static str {
+    match result {
+        Err(FsError::Protocol { what }) => what,
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+}
+
+fn set_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+#[test]
+fn hostile_reply_headers_are_errors() {
+    // `unique` not the request's.
+    let (mut r, res) = hostile_reply("h-unique", op::GETATTR, getattr, |b| b[8] ^= 0x55);
+    assert!(protocol(&res).contains("unique"));
+    // The driver goes on: the next request is fine.
+    assert!(r.call(&getattr(NodeId::ROOT), &mut []).is_ok());
+    assert_eq!(r.fs.stats().protocol_errors, 1);
+
+    // Header length disagreeing with the bytes written.
+    let (_, res) = hostile_reply("h-len", op::GETATTR, getattr, |b| {
+        let l = u32::from_le_bytes(b[0..4].try_into().unwrap());
+        set_u32(b, 0, l + 8)
+    });
+    assert!(protocol(&res).contains("length"));
+    // A reply shorter than the structure (consistent header).
+    let (_, res) = hostile_reply("h-short", op::GETATTR, getattr, |b| {
+        b.truncate(16 + 50);
+        set_u32(b, 0, 66)
+    });
+    assert!(protocol(&res).contains("differs"));
+    // A reply shorter than a header.
+    let (_, res) = hostile_reply("h-tiny", op::GETATTR, getattr, |b| b.truncate(10));
+    assert!(protocol(&res).contains("header"));
+    // A positive error, an error beyond MAX_ERRNO, an error with a payload.
+    let (_, res) = hostile_reply("h-pos", op::GETATTR, getattr, |b| {
+        b.truncate(16);
+        set_u32(b, 0, 16);
+        set_u32(b, 4, 5)
+    });
+    assert!(protocol(&res).contains("errno"));
+    let (_, res) = hostile_reply("h-big", op::GETATTR, getattr, |b| {
+        b.truncate(16);
+        set_u32(b, 0, 16);
+        set_u32(b, 4, (-5000i32) as u32)
+    });
+    assert!(protocol(&res).contains("errno"));
+    let (_, res) = hostile_reply("h-payload", op::GETATTR, getattr, |b| {
+        set_u32(b, 4, (-2i32) as u32)
+    });
+    assert!(protocol(&res).contains("payload"));
+    // A proper errno.
+    let (_, res) = hostile_reply("h-errno", op::GETATTR, getattr, |b| {
+        b.truncate(16);
+        set_u32(b, 0, 16);
+        set_u32(b, 4, (-13i32) as u32)
+    });
+    assert_eq!(res, Err(FsError::Errno(Errno::EACCES)));
+    // Payload on a reply that has none: the writable part holds only the header, so the
+    // header's length cannot match what the device could write.
+    let (_, res) = hostile_reply(
+        "h-empty",
+        op::FSYNCDIR,
+        |n| Request::Fsyncdir {
+            node: n,
+            fh: virtio_fs::FileHandle(0),
+            datasync: false,
+        },
+        |b| {
+            b.extend_from_slice(&[0; 8]);
+            set_u32(b, 0, 24)
+        },
+    );
+    assert!(protocol(&res).contains("length"));
+}
+
+#[test]
+fn hostile_used_lengths_are_errors() {
+    // A used length beyond the chain's writable capacity: the bus refuses it.
+    let mut r = rig("used-len");
+    r.model.used_len = Some(Box::new(|_, _| 1 << 20));
+    let res = r.call(&getattr(NodeId::ROOT), &mut []);
+    assert!(
+        matches!(res, Err(FsError::Virtio(Error::UsedLenTooLarge { .. }))),
+        "{res:?}"
+    );
+    // DESTROY may complete without a reply (virtiofsd writes none); other requests may
+    // not.
+    let mut r = rig("no-reply");
+    r.model.used_len = Some(Box::new(|o, w| {
+        if o == op::DESTROY || o == op::FSYNCDIR {
+            0
+        } else {
+            w
+        }
+    }));
+    r.run(|fs, w| fs.destroy(w)).unwrap();
+    assert!(r.fs.init_info().is_none());
+    r.run(|fs, w| fs.init(w)).unwrap();
+    let res = r.call(
+        &Request::Fsyncdir {
+            node: NodeId::ROOT,
+            fh: virtio_fs::FileHandle(0),
+            datasync: true,
+        },
+        &mut [],
+    );
+    assert!(protocol(&res).contains("shorter"));
+    // A used length below what the header says (the header claims more).
+    let mut r = rig("used-short");
+    r.model.used_len = Some(Box::new(|_, w| w - 8));
+    let res = r.call(&getattr(NodeId::ROOT), &mut []);
+    assert!(protocol(&res).contains("length"));
+}
+
+#[test]
+fn hostile_attributes_entries_and_statfs_are_errors() {
+    // Attributes: no file type; size beyond i64; nanoseconds >= 1e9.
+    let mode_at = 16 + 16 + 60;
+    let (_, res) = hostile_reply("a-mode", op::GETATTR, getattr, move |b| {
+        set_u32(b, mode_at, 0o644)
+    });
+    assert!(protocol(&res).contains("file type"));
+    let (_, res) = hostile_reply("a-size", op::GETATTR, getattr, |b| {
+        b[16 + 16 + 8..16 + 16 + 16].copy_from_slice(&u64::MAX.to_le_bytes())
+    });
+    assert!(protocol(&res).contains("size"));
+    let (_, res) = hostile_reply("a-ns", op::GETATTR, getattr, |b| {
+        set_u32(b, 16 + 16 + 48, 1_000_000_000)
+    });
+    assert!(protocol(&res).contains("nanoseconds"));
+    let (_, res) = hostile_reply("a-valid-ns", op::GETATTR, getattr, |b| {
+        set_u32(b, 16 + 8, 2_000_000_000)
+    });
+    assert!(protocol(&res).contains("nanoseconds"));
+    // A MKDIR entry with node id 0; a LOOKUP with node id 0 is a negative entry (ENOENT).
+    let (_, res) = hostile_reply(
+        "e-zero",
+        op::MKDIR,
+        |n| Request::Mkdir {
+            parent: n,
+            name: b"d",
+            mode: 0o755,
+            umask: 0,
+        },
+        |b| b[16..24].copy_from_slice(&0u64.to_le_bytes()),
+    );
+    assert!(protocol(&res).contains("node id 0"));
+    let (mut r, _) = hostile_reply("e-neg", op::STATFS, |n| Request::Statfs { node: n }, |_| {});
+    std::fs::write(r.root.join("x"), b"").unwrap();
+    r.model.tamper = Some(Box::new(|o, b| {
+        if o == op::LOOKUP {
+            b[16..24].copy_from_slice(&0u64.to_le_bytes())
+        }
+    }));
+    let res = r.call(
+        &Request::Lookup {
+            parent: NodeId::ROOT,
+            name: b"x",
+        },
+        &mut [],
+    );
+    assert_eq!(res, Err(FsError::Errno(Errno::ENOENT)));
+    // CREATE's entry with a bad attribute.
+    let (_, res) = hostile_reply(
+        "c-attr",
+        op::CREATE,
+        |n| Request::Create {
+            parent: n,
+            name: b"c",
+            flags: open_flags::O_RDWR,
+            mode: 0o644,
+            umask: 0,
+        },
+        move |b| set_u32(b, 16 + 40 + 60, 0),
+    );
+    assert!(protocol(&res).contains("file type"));
+    // Statfs free counts above the totals.
+    let (_, res) = hostile_reply(
+        "s-free",
+        op::STATFS,
+        |n| Request::Statfs { node: n },
+        |b| b[16 + 8..16 + 16].copy_from_slice(&u64::MAX.to_le_bytes()),
+    );
+    assert!(protocol(&res).contains("statfs"));
+    // WRITE claiming more bytes than were sent.
+    let mut r = rig("w-more");
+    let (e, o) = r
+        .run(|fs, w| fs.create(w, NodeId::ROOT, b"w", open_flags::O_RDWR, 0o600))
+        .unwrap();
+    r.model.tamper = Some(Box::new(|o, b| {
+        if o == op::WRITE {
+            set_u32(b, 16, 5000)
+        }
+    }));
+    let res = r.run(|fs, w| fs.write(w, e.node, o.fh, 0, &[1u8; 100]));
+    assert!(matches!(res, Err(FsError::Protocol { .. })), "{res:?}");
+}
+
+#[test]
+fn hostile_init_replies_are_errors() {
+    let (_d, sim, mut model, fs) = try_rig("init-major", FsOptions::default(), |m| m.major = 8);
+    let mut fs = fs.unwrap();
+    let mut w = SimWaiter {
+        sim: &sim,
+        model: &mut model,
+        idle: 0,
+    };
+    assert_eq!(
+        fs.init(&mut w),
+        Err(FsError::UnsupportedVersion {
+            major: 8,
+            minor: 31
+        })
+    );
+    assert!(fs.init_info().is_none());
+    let (_d, sim, mut model, fs) = try_rig("init-minor", FsOptions::default(), |m| m.minor = 20);
+    let mut fs = fs.unwrap();
+    let mut w = SimWaiter {
+        sim: &sim,
+        model: &mut model,
+        idle: 0,
+    };
+    assert!(matches!(
+        fs.init(&mut w),
+        Err(FsError::UnsupportedVersion { .. })
+    ));
+    let (_d, sim, mut model, fs) = try_rig("init-len", FsOptions::default(), |_| {});
+    model.tamper = Some(Box::new(|_, b| {
+        b.truncate(16 + 20);
+        set_u32(b, 0, 36)
+    }));
+    let mut fs = fs.unwrap();
+    let mut w = SimWaiter {
+        sim: &sim,
+        model: &mut model,
+        idle: 0,
+    };
+    assert!(matches!(fs.init(&mut w), Err(FsError::Protocol { .. })));
+}
+
+#[test]
+fn hostile_directory_records_are_errors() {
+    // Each case edits the first record of a READDIRPLUS reply (".", with a zero entry).
+    type Edit = fn(&mut Vec<u8>);
+    let cases: [(&str, Edit); 6] = [
+        ("namelen 0", |b| set_u32(b, 16 + 128 + 16, 0)),
+        ("namelen huge", |b| set_u32(b, 16 + 128 + 16, 5000)),
+        ("namelen past the reply", |b| {
+            let n = b.len() - 16 - 128 - 24 + 1;
+            set_u32(b, 16 + 128 + 16, n as u32)
+        }),
+        ("offset 0", |b| {
+            b[16 + 128 + 8..16 + 128 + 16].copy_from_slice(&0u64.to_le_bytes())
+        }),
+        ("slash in name", |b| b[16 + 128 + 24] = b'/'),
+        ("padding not zero", |b| b[16 + 128 + 24 + 1] = 7),
+    ];
+    for (what, edit) in cases {
+        let mut r = rig("dirent");
+        let h = r.run(|fs, w| fs.opendir(w, NodeId::ROOT)).unwrap();
+        r.model.tamper = Some(Box::new(move |o, b| {
+            if o == op::READDIRPLUS {
+                edit(b)
+            }
+        }));
+        let mut buf = vec![0u8; 4096];
+        let res = r.run(|fs, w| fs.read_dir(w, NodeId::ROOT, h.fh, true, &mut buf, |_| {}));
+        assert!(
+            matches!(res, Err(FsError::Protocol { .. })),
+            "{what}: {res:?}"
+        );
+    }
+    // A record cut short (reply ends inside the header), consistently framed.
+    let mut r = rig("dirent-cut");
+    let h = r.run(|fs, w| fs.opendir(w, NodeId::ROOT)).unwrap();
+    r.model.tamper = Some(Box::new(|o, b| {
+        if o == op::READDIR {
+            b.truncate(16 + 12);
+            set_u32(b, 0, 28)
+        }
+    }));
+    let mut buf = vec![0u8; 4096];
+    let res = r.run(|fs, w| fs.read_dir(w, NodeId::ROOT, h.fh, false, &mut buf, |_| {}));
+    assert!(matches!(res, Err(FsError::Protocol { .. })), "{res:?}");
+    // A reply claiming more directory data than the request allows: refused.
+    let mut r = rig("dirent-long");
+    let h = r.run(|fs, w| fs.opendir(w, NodeId::ROOT)).unwrap();
+    r.model.used_len = Some(Box::new(|o, w| if o == op::READDIR { w + 8192 } else { w }));
+    let res = r.run(|fs, w| fs.read_dir(w, NodeId::ROOT, h.fh, false, &mut buf, |_| {}));
+    assert!(matches!(res, Err(FsError::Virtio(_))), "{res:?}");
+}
+
+#[test]
+fn hostile_used_ring_and_config_are_errors() {
+    // A forged used id on a request queue.
+    let mut r = rig("forged");
+    r.sim.complete_raw(1, 7, 16);
+    let res = r.fs.poll();
+    assert!(matches!(res, Err(FsError::Virtio(_))), "{res:?}");
+    // Empty tag, non-UTF-8 tag, no request queues: FAILED, not a panic.
+    for (what, tweak) in [
+        (
+            "empty tag",
+            Box::new(|m: &mut FsModel| m.tag.clear()) as Box<dyn FnOnce(&mut FsModel)>,
+        ),
+        (
+            "bad utf-8",
+            Box::new(|m: &mut FsModel| m.tag = vec![0xff, 0xfe]),
+        ),
+        (
+            "no queues",
+            Box::new(|m: &mut FsModel| m.num_request_queues = 0),
+        ),
+    ] {
+        let (_d, sim, _m, fs) = try_rig("cfg", FsOptions::default(), tweak);
+        assert!(fs.is_err(), "{what}");
+        assert!(sim.status() & DeviceStatus::FAILED.bits() != 0, "{what}");
+    }
+}
+
+#[test]
+fn requests_carry_what_the_server_checks() {
+    // Every opcode the driver sends is framed right (the model checks lengths, uniques,
+    // names) and the opcodes are the protocol's.
+    let mut r = rig("framing");
+    let (e, o) = r
+        .run(|fs, w| fs.create(w, NodeId::ROOT, b"f", open_flags::O_RDWR, 0o644))
+        .unwrap();
+    r.run(|fs, w| fs.write(w, e.node, o.fh, 0, b"abc")).unwrap();
+    r.run(|fs, w| fs.release(w, e.node, o.fh, 0)).unwrap();
+    let o2 = r
+        .run(|fs, w| fs.open(w, e.node, open_flags::O_RDONLY))
+        .unwrap();
+    let mut b = [0u8; 8];
+    assert_eq!(r.run(|fs, w| fs.read(w, e.node, o2.fh, 0, &mut b)), Ok(3));
+    r.run(|fs, w| fs.release(w, e.node, o2.fh, 0)).unwrap();
+    let ops: Vec<u32> = r.model.records.iter().map(|x| x.opcode).collect();
+    assert_eq!(
+        ops,
+        [
+            opcode::INIT,
+            opcode::CREATE,
+            opcode::WRITE,
+            opcode::RELEASE,
+            opcode::OPEN,
+            opcode::READ,
+            opcode::RELEASE
+        ]
+    );
+    let uniques: std::collections::BTreeSet<u64> =
+        r.model.records.iter().map(|x| x.unique).collect();
+    assert_eq!(uniques.len(), ops.len(), "uniques never repeat");
+    r.no_violations();
+}
+
+#[test]
+fn every_allocation_failure_in_setup_resets_and_frees() {
+    let dir = TempDir::new("alloc");
+    let model = FsModel::new(&dir.0, "hostshare");
+    let needed = walk_allocation_failures(
+        "virtio-fs",
+        || model.sim_builder(RING, 64, 64 << 20).build(),
+        |sim| {
+            let t = probe(sim.config_space(), sim.bars(), Preference::Auto).expect("probe");
+            FsDriver::new(
+                VirtioDevice::new(t, sim.memory(), sim.irq()),
+                FsOptions::default(),
+            )
+        },
+        |sim, allowed| {
+            // Past queue setup, a failure resets the device (status 0).
+            if allowed > 2 {
+                assert_eq!(sim.status(), 0, "not reset when allocation {allowed} fails");
+            }
+        },
+    );
+    // Rings of two queues, the hiprio slots and one request queue's slots.
+    assert!(needed >= 3, "{needed}");
+}
+
+#[test]
+fn requests_spread_over_several_request_queues() {
+    let mut r = rig_with(
+        "mq",
+        FsOptions {
+            max_request_queues: 4,
+            slots: 4,
+            ..FsOptions::default()
+        },
+        |m| m.num_request_queues = 2,
+    );
+    assert_eq!(r.fs.request_queues(), 2);
+    std::fs::write(r.root.join("f"), b"0123456789").unwrap();
+    let tickets: Vec<_> = (0..8)
+        .map(|_| {
+            r.fs.submit(&Request::Lookup {
+                parent: NodeId::ROOT,
+                name: b"f",
+            })
+            .unwrap()
+        })
+        .collect();
+    // Eight slots in all: the ninth waits for a completion.
+    assert_eq!(
+        r.fs.submit(&Request::Statfs { node: NodeId::ROOT }),
+        Err(FsError::QueueFull)
+    );
+    r.fs.kick().unwrap();
+    assert_eq!(r.model.serve(&r.sim, 1) + r.model.serve(&r.sim, 2), 8);
+    r.fs.poll().unwrap();
+    for t in tickets {
+        assert!(matches!(r.fs.take(t, &mut []), Ok(Reply::Entry(e)) if e.attr.size == 10));
+    }
+    let per_queue = |q| r.model.records.iter().filter(|x| x.queue == q).count();
+    assert_eq!(
+        (per_queue(1), per_queue(2)),
+        (4 + 1, 4),
+        "INIT on queue 1, then balanced"
+    );
+    r.no_violations();
+}
+
+#[test]
+fn every_fixed_reply_kind_refuses_a_wrong_length() {
+    // For each request kind with a fixed reply structure: a consistently framed reply
+    // 8 bytes short is a protocol error, and the driver goes on working.
+    let mut r = rig("lengths");
+    std::fs::write(r.root.join("file"), b"data").unwrap();
+    std::os::unix::fs::symlink("file", r.root.join("link")).unwrap();
+    let file = r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"file")).unwrap();
+    let fh = r
+        .run(|fs, w| fs.open(w, file.node, open_flags::O_RDWR))
+        .unwrap()
+        .fh;
+    let cases: Vec<(u32, Request<'static>)> = vec![
+        (
+            op::LOOKUP,
+            Request::Lookup {
+                parent: NodeId::ROOT,
+                name: b"file",
+            },
+        ),
+        (
+            op::GETATTR,
+            Request::Getattr {
+                node: file.node,
+                fh: None,
+            },
+        ),
+        (
+            op::SETATTR,
+            Request::Setattr {
+                node: file.node,
+                set: SetAttr {
+                    mode: Some(0o644),
+                    ..SetAttr::default()
+                },
+            },
+        ),
+        (
+            op::OPEN,
+            Request::Open {
+                node: file.node,
+                flags: open_flags::O_RDONLY,
+            },
+        ),
+        (
+            op::OPENDIR,
+            Request::Opendir {
+                node: NodeId::ROOT,
+                flags: 0,
+            },
+        ),
+        (
+            op::CREATE,
+            Request::Create {
+                parent: NodeId::ROOT,
+                name: b"new",
+                flags: open_flags::O_RDWR,
+                mode: 0o600,
+                umask: 0,
+            },
+        ),
+        (
+            op::MKDIR,
+            Request::Mkdir {
+                parent: NodeId::ROOT,
+                name: b"d",
+                mode: 0o700,
+                umask: 0,
+            },
+        ),
+        (
+            op::LINK,
+            Request::Link {
+                node: file.node,
+                new_parent: NodeId::ROOT,
+                new_name: b"hard",
+            },
+        ),
+        (
+            op::SYMLINK,
+            Request::Symlink {
+                parent: NodeId::ROOT,
+                name: b"sym",
+                target: b"file",
+            },
+        ),
+        (
+            op::WRITE,
+            Request::Write {
+                node: file.node,
+                fh,
+                offset: 0,
+                data: b"xy",
+            },
+        ),
+        (op::STATFS, Request::Statfs { node: NodeId::ROOT }),
+    ];
+    for (opc, req) in cases {
+        r.model.tamper = Some(Box::new(move |o, b| {
+            if o == opc && b.len() >= 24 {
+                b.truncate(b.len() - 8);
+                let l = b.len() as u32;
+                set_u32(b, 0, l);
+            }
+        }));
+        let res = r.call(&req, &mut []);
+        assert!(
+            matches!(res, Err(FsError::Protocol { .. })),
+            "opcode {opc}: {res:?}"
+        );
+    }
+    r.model.tamper = None;
+    assert!(r.call(&getattr(NodeId::ROOT), &mut []).is_ok());
+    // READLINK: data within the request's buffer only (the bus refuses more).
+    let link = r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"link")).unwrap();
+    let mut small = [0u8; 2];
+    assert_eq!(
+        r.run(|fs, w| fs.readlink(w, link.node, &mut small)),
+        Err(FsError::InvalidArgument),
+        "a target longer than the caller's buffer"
+    );
+    let mut buf = [0u8; 16];
+    assert_eq!(r.run(|fs, w| fs.readlink(w, link.node, &mut buf)), Ok(4));
+}
+
+#[test]
+fn the_request_path_does_not_allocate() {
+    let mut r = rig("noalloc");
+    std::fs::write(r.root.join("f"), pattern(200_000, 1)).unwrap();
+    let e = r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"f")).unwrap();
+    let o = r
+        .run(|fs, w| fs.open(w, e.node, open_flags::O_RDWR))
+        .unwrap();
+    let data = pattern(4096, 2);
+    let (tickets, n) = allocations(|| {
+        let reqs = [
+            Request::Read {
+                node: e.node,
+                fh: o.fh,
+                offset: 0,
+                size: 65536,
+            },
+            Request::Write {
+                node: e.node,
+                fh: o.fh,
+                offset: 300_000,
+                data: &data,
+            },
+            Request::Lookup {
+                parent: NodeId::ROOT,
+                name: b"f",
+            },
+            Request::Getattr {
+                node: e.node,
+                fh: Some(o.fh),
+            },
+            Request::Statfs { node: NodeId::ROOT },
+            Request::Fsync {
+                node: e.node,
+                fh: o.fh,
+                datasync: true,
+            },
+        ];
+        let mut out = [None; 6];
+        for (slot, req) in out.iter_mut().zip(reqs.iter()) {
+            *slot = Some(r.fs.submit(req).unwrap());
+        }
+        r.fs.kick().unwrap();
+        out
+    });
+    assert_eq!(n, 0, "submit/kick allocated");
+    assert_eq!(r.model.serve(&r.sim, 1), 6);
+    let mut buf = vec![0u8; 65536];
+    let (results, n) = allocations(|| {
+        r.fs.poll().unwrap();
+        let mut ok = 0;
+        for t in tickets.iter().flatten() {
+            if r.fs.take(*t, &mut buf).is_ok() {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    assert_eq!(n, 0, "poll/take allocated");
+    assert_eq!(results, 6);
+    // The blocking operations allocate nothing either (the waiter serving the model does,
+    // and is not counted).
+    let mut back = vec![0u8; 200_000];
+    let mut dirbuf = vec![0u8; 4096];
+    let (got, n) = allocations(|| {
+        let got = r.run(|fs, w| fs.read(w, e.node, o.fh, 0, &mut back));
+        let wrote = r.run(|fs, w| fs.write(w, e.node, o.fh, 0, &back));
+        let h = r.run(|fs, w| fs.opendir(w, NodeId::ROOT)).unwrap();
+        let listed = r.run(|fs, w| fs.read_dir(w, NodeId::ROOT, h.fh, false, &mut dirbuf, |_| {}));
+        (got, wrote, listed)
+    });
+    assert_eq!(got, (Ok(200_000), Ok(200_000), Ok(3)));
+    assert_eq!(n, 0, "blocking read/write/read_dir allocated");
+    // The counter works.
+    assert_eq!(allocations(|| Box::new(7)).1, 1);
+}
+
+#[test]
+fn xattrs_lseek_and_fallocate() {
+    let mut r = rig("xattr");
+    let (e, o) = r
+        .run(|fs, w| fs.create(w, NodeId::ROOT, b"x", open_flags::O_RDWR, 0o644))
+        .unwrap();
+    let value = "wert ✓".as_bytes();
+    r.run(|fs, w| fs.setxattr(w, e.node, b"user.virtio", value, 0))
+        .unwrap();
+    r.run(|fs, w| fs.setxattr(w, e.node, b"user.second", b"", 0))
+        .unwrap();
+    // XATTR_CREATE on an existing name: EEXIST.
+    assert_eq!(
+        r.run(|fs, w| fs.setxattr(w, e.node, b"user.virtio", b"x", 1)),
+        Err(FsError::Errno(Errno::EEXIST))
+    );
+    assert_eq!(
+        r.run(|fs, w| fs.getxattr(w, e.node, b"user.virtio", &mut [])),
+        Ok(value.len())
+    );
+    let mut buf = [0u8; 64];
+    let n = r
+        .run(|fs, w| fs.getxattr(w, e.node, b"user.virtio", &mut buf))
+        .unwrap();
+    assert_eq!(&buf[..n], value);
+    assert_eq!(
+        r.run(|fs, w| fs.getxattr(w, e.node, b"user.virtio", &mut buf[..2])),
+        Err(FsError::Errno(Errno::ERANGE))
+    );
+    let n = r.run(|fs, w| fs.listxattr(w, e.node, &mut buf)).unwrap();
+    let mut names: Vec<&[u8]> = virtio_fs::xattr_names(&buf[..n]).unwrap().collect();
+    names.sort();
+    assert_eq!(names, [&b"user.second"[..], b"user.virtio"]);
+    r.run(|fs, w| fs.removexattr(w, e.node, b"user.second"))
+        .unwrap();
+    assert_eq!(
+        r.run(|fs, w| fs.getxattr(w, e.node, b"user.second", &mut buf)),
+        Err(FsError::Errno(Errno::ENODATA))
+    );
+    // FALLOCATE extends; LSEEK finds the end.
+    r.run(|fs, w| fs.fallocate(w, e.node, o.fh, 0, 12_345, 0))
+        .unwrap();
+    assert_eq!(std::fs::metadata(r.root.join("x")).unwrap().len(), 12_345);
+    assert_eq!(r.run(|fs, w| fs.lseek(w, e.node, o.fh, 0, 2)), Ok(12_345));
+    // Hostile: a list that is not NUL-terminated names; an LSEEK offset beyond i64.
+    r.model.tamper = Some(Box::new(|o, b| {
+        if o == op::LISTXATTR && b.len() > 16 {
+            let last = b.len() - 1;
+            b[last] = b'z';
+        }
+        if o == op::LSEEK {
+            b[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        }
+    }));
+    let res = r.run(|fs, w| fs.listxattr(w, e.node, &mut buf));
+    assert!(matches!(res, Err(FsError::Protocol { .. })), "{res:?}");
+    let res = r.run(|fs, w| fs.lseek(w, e.node, o.fh, 0, 2));
+    assert!(matches!(res, Err(FsError::Protocol { .. })), "{res:?}");
+    r.model.tamper = None;
+    r.no_violations();
+}
+
+#[test]
+fn works_with_intx_and_with_polling() {
+    // INTx (no MSI-X), and no interrupt at all (no MSI-X, no INTx pin): the driver polls.
+    for interrupts in [true, false] {
+        let dir = TempDir::new(&format!("irq-{interrupts}"));
+        let mut model = FsModel::new(&dir.0, "hostshare");
+        let sim = model
+            .sim_builder(RING, 64, 64 << 20)
+            .msix_vectors(0)
+            .intx(interrupts)
+            .build();
+        let t = probe(sim.config_space(), sim.bars(), Preference::Auto).expect("probe");
+        let opts = FsOptions {
+            interrupts,
+            ..FsOptions::default()
+        };
+        let mut fs = FsDriver::new(VirtioDevice::new(t, sim.memory(), sim.irq()), opts).unwrap();
+        let want = if interrupts {
+            InterruptMode::Intx
+        } else {
+            InterruptMode::Polling
+        };
+        assert_eq!(fs.bus().interrupt_mode(), want);
+        let mut w = SimWaiter {
+            sim: &sim,
+            model: &mut model,
+            idle: 0,
+        };
+        fs.init(&mut w).unwrap();
+        let data = pattern(150_000, 5);
+        let (e, o) = fs
+            .create(&mut w, NodeId::ROOT, b"f", open_flags::O_RDWR, 0o600)
+            .unwrap();
+        assert_eq!(fs.write(&mut w, e.node, o.fh, 0, &data), Ok(data.len()));
+        let mut back = vec![0u8; data.len()];
+        assert_eq!(fs.read(&mut w, e.node, o.fh, 0, &mut back), Ok(data.len()));
+        assert_eq!(back, data);
+        assert_eq!(std::fs::read(dir.0.join("f")).unwrap(), data);
+        // With INTx, completions arrived through the ISR path.
+        let (_, through_isr) = fs.bus().interrupt_counts();
+        assert_eq!(through_isr > 0, interrupts, "{through_isr} ISR interrupts");
+    }
+}
