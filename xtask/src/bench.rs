@@ -2,14 +2,16 @@
 //! benchmarks share (instruction counting in [`insns`], medians in [`Spread`]); `bench
 //! ring` in [`ring`].
 //!
-//! Three QEMU configurations (q35, modern virtio-blk-pci on a `null-co` drive,
+//! Four QEMU configurations (q35, modern virtio-blk-pci on a `null-co` drive,
 //! `ioeventfd=off`), each running 4 KiB random reads at depth 1 and 32, then 64 KiB
 //! sequential reads, for `MS` ms per phase (default 2000):
-//! - our driver (`bench-blk`) with MSI-X, and with INTx;
+//! - our driver (`bench-blk`) with MSI-X on the split ring, the same on the packed ring
+//!   (`-global virtio-blk-pci.packed=on`; the run must show that VIRTIO_F_RING_PACKED was
+//!   negotiated), and with INTx on the split ring;
 //! - the `virtio-drivers` crate's `VirtIOBlk` (`bench-blk-vd`), which has no MSI-X
 //!   support (INTx) and one 16-entry queue (so "depth 32" is depth 16 there).
 //!
-//! `N` repeats (default 3), interleaved: repeat 1 runs the three configurations one after
+//! `N` repeats (default 3), interleaved: repeat 1 runs the four configurations one after
 //! the other, then repeat 2, and so on, so a change in host load hits every driver alike.
 //! The bench guest is the release build (the optimisation level the drivers ship at).
 //!
@@ -19,7 +21,9 @@
 //! `virtio_blk_req_complete`) is split per phase by the guest's markers and cross-checked
 //! against the guest's own counters: QEMU must have completed exactly the requests the
 //! guest counted, seen exactly the kicks our driver counted, and sent at least the
-//! interrupts the guest took.
+//! interrupts the guest took. These checks read generic virtio events of QEMU's, traced
+//! alike for both ring layouts, so they hold for the packed session unchanged. A second
+//! ratio table sets our packed session against our split one (both MSI-X).
 
 pub mod insns;
 pub mod ring;
@@ -108,25 +112,54 @@ struct Config {
     driver: &'static str,
     scenario: &'static str,
     irq: IrqMode,
+    /// QEMU offers VIRTIO_F_RING_PACKED (`packed=on`), and the run must negotiate it.
+    packed: bool,
 }
 
-const CONFIGS: [Config; 3] = [
+impl Config {
+    /// What the messages call the configuration: `virtio-blk (ours, packed) msix`.
+    fn what(&self) -> String {
+        format!("{} {}", self.driver, self.irq)
+    }
+}
+
+/// Ours on the split ring with MSI-X and its packed twin run one after the other, so the
+/// split-vs-packed comparison sees the same host load.
+const CONFIGS: [Config; 4] = [
     Config {
         driver: "virtio-blk (ours)",
         scenario: "bench-blk",
         irq: IrqMode::Msix,
+        packed: false,
+    },
+    Config {
+        driver: "virtio-blk (ours, packed)",
+        scenario: "bench-blk",
+        irq: IrqMode::Msix,
+        packed: true,
     },
     Config {
         driver: "virtio-blk (ours)",
         scenario: "bench-blk",
         irq: IrqMode::Intx,
+        packed: false,
     },
     Config {
         driver: "virtio-drivers 0.13",
         scenario: "bench-blk-vd",
         irq: IrqMode::Intx,
+        packed: false,
     },
 ];
+
+/// The feature bit's name as the guest's check details print it.
+const RING_PACKED: &str = "RING_PACKED";
+
+/// Whether the guest negotiated the packed ring: its `bench.init` check lists the
+/// negotiated features by name.
+fn negotiated_packed(r: &RunReport) -> bool {
+    r.checks.iter().any(|c| c.detail.contains(RING_PACKED))
+}
 
 /// One phase of one session.
 struct Phase {
@@ -196,20 +229,45 @@ fn run_session(
         .irq(c.irq)
         .guest_arg(format!("bench_ms={ms}"));
     cfg.install_missing = true;
-    cfg.label = Some(format!("bench-{repeat}"));
+    let ring = if c.packed { "-packed" } else { "" };
+    cfg.label = Some(format!("bench{ring}-{repeat}"));
     cfg.timeout = Some(std::time::Duration::from_secs(90 + 3 * ms / 1000 * 4));
-    let plugin_out = counting.instrument(&mut cfg, &format!("{}-{}", c.scenario, c.irq));
+    if c.packed {
+        cfg.extra_qemu_args.extend([
+            "-global".to_string(),
+            "virtio-blk-pci.packed=on".to_string(),
+        ]);
+    }
+    let plugin_out = counting.instrument(&mut cfg, &format!("{}-{}{ring}", c.scenario, c.irq));
     eprintln!(
-        "xtask: bench blk: repeat {repeat}: {}, {}: {} ({ms} ms per phase)...",
-        c.driver, c.irq, c.scenario
+        "xtask: bench blk: repeat {repeat}: {}: {} ({ms} ms per phase)...",
+        c.what(),
+        c.scenario
     );
     let report = qemu::run_scenario(&cfg).map_err(|e| e.to_string())?;
     if !report.passed() {
         print!("{}", report.summary());
         problems.push(format!(
-            "repeat {repeat}, {} {}: the run failed (logs in {})",
-            c.driver,
-            c.irq,
+            "repeat {repeat}, {}: the run failed (logs in {})",
+            c.what(),
+            report.run_dir.display()
+        ));
+        return Ok(None);
+    }
+    // The ring the session is named for: packed=on must have been negotiated, and the
+    // split sessions (QEMU's default, packed=off) must not have it.
+    if negotiated_packed(&report) != c.packed {
+        print!("{}", report.summary());
+        problems.push(format!(
+            "repeat {repeat}, {}: the guest {} the packed ring ({RING_PACKED} {} the \
+             negotiated features; logs in {})",
+            c.what(),
+            if c.packed {
+                "did not negotiate"
+            } else {
+                "negotiated"
+            },
+            if c.packed { "missing from" } else { "among" },
             report.run_dir.display()
         ));
         return Ok(None);
@@ -222,8 +280,8 @@ fn run_session(
             }
         }
         Err(e) => problems.push(format!(
-            "repeat {repeat}, {} {}: no instruction counts: {e}",
-            c.driver, c.irq
+            "repeat {repeat}, {}: no instruction counts: {e}",
+            c.what()
         )),
     }
     let _ = std::fs::remove_dir_all(&report.run_dir);
@@ -255,10 +313,7 @@ fn run_session(
             notes.push("no instruction count".into());
         }
         for n in notes {
-            problems.push(format!(
-                "repeat {repeat}, {} {}, {name}: {n}",
-                c.driver, c.irq
-            ));
+            problems.push(format!("repeat {repeat}, {}, {name}: {n}", c.what()));
         }
     }
     Ok(Some(Session { config, phases }))
@@ -307,13 +362,15 @@ pub fn bench_blk(ms: u64, repeats: u32) -> Result<bool, String> {
         "IOPS: median (min–max) of the repeats, guest clock. insns/req: guest instructions per \
          request (TCG plugin, between the phase's markers; median ±largest deviation). \
          halts/req: hlt instructions per request. kicks = QEMU virtio_queue_notify, irq sent = \
-         QEMU virtio_notify, irq taken = guest handler runs; all per request, medians\n"
+         QEMU virtio_notify, irq taken = guest handler runs; all per request, medians. \
+         \"ours, packed\": our driver on the packed ring (QEMU packed=on, VIRTIO_F_RING_PACKED \
+         negotiated); the other rows of ours use the split ring\n"
     );
     println!(
-        "| driver              | irq  | phase       | depth | IOPS                      | insns/req       | halts/req | kicks/req | irq sent/req | irq taken/req |"
+        "| driver                    | irq  | phase       | depth | IOPS                      | insns/req       | halts/req | kicks/req | irq sent/req | irq taken/req |"
     );
     println!(
-        "|---------------------|------|-------------|------:|--------------------------:|----------------:|----------:|----------:|-------------:|--------------:|"
+        "|---------------------------|------|-------------|------:|--------------------------:|----------------:|----------:|----------:|-------------:|--------------:|"
     );
     let names = qemu::blk_host::PHASES;
     for (ci, c) in CONFIGS.iter().enumerate() {
@@ -326,7 +383,7 @@ pub fn bench_blk(ms: u64, repeats: u32) -> Result<bool, String> {
             };
             let depth = med(&|p| Some(p.depth as f64)).unwrap_or(0.0);
             println!(
-                "| {:19} | {:4} | {:11} | {:5.0} | {:>25} | {:>15} | {:9.3} | {:9.3} | {:12.3} | {:13.3} |",
+                "| {:25} | {:4} | {:11} | {:5.0} | {:>25} | {:>15} | {:9.3} | {:9.3} | {:12.3} | {:13.3} |",
                 c.driver,
                 c.irq.name(),
                 name,
@@ -342,34 +399,55 @@ pub fn bench_blk(ms: u64, repeats: u32) -> Result<bool, String> {
         }
     }
 
-    let vd = CONFIGS
-        .iter()
-        .position(|c| c.scenario == "bench-blk-vd")
-        .expect("a virtio-drivers configuration");
+    // The median ratio of one figure between two configurations, for one phase.
+    let ratio_of = |a: usize, b: usize, pi: usize, f: &dyn Fn(&Phase) -> Option<f64>| {
+        let x = spread_of(&sessions, a, pi, f).map_or(f64::NAN, |s| s.median);
+        let y = spread_of(&sessions, b, pi, f).map_or(f64::NAN, |s| s.median);
+        ratio(x, y)
+    };
+    let position = |f: fn(&Config) -> bool| CONFIGS.iter().position(f);
+    let vd = position(|c| c.scenario == "bench-blk-vd").expect("a virtio-drivers configuration");
     println!(
         "\nratios ours / virtio-drivers, medians (IOPS: higher is better; instructions, kicks, \
          interrupts: lower is better)\n"
     );
-    println!("| ours irq | phase       | IOPS  | insns/req | kicks/req | irq sent/req |");
-    println!("|----------|-------------|------:|----------:|----------:|-------------:|");
+    println!("| ours         | phase       | IOPS  | insns/req | kicks/req | irq sent/req |");
+    println!("|--------------|-------------|------:|----------:|----------:|-------------:|");
     for (ci, c) in CONFIGS.iter().enumerate().filter(|(i, _)| *i != vd) {
         for (pi, name) in names.iter().enumerate() {
-            let both = |f: &dyn Fn(&Phase) -> Option<f64>| {
-                let ours = spread_of(&sessions, ci, pi, f).map_or(f64::NAN, |s| s.median);
-                let theirs = spread_of(&sessions, vd, pi, f).map_or(f64::NAN, |s| s.median);
-                ratio(ours, theirs)
-            };
             println!(
-                "| {:8} | {:11} | {:>5} | {:>9} | {:>9} | {:>12} |",
-                c.irq.name(),
+                "| {:12} | {:11} | {:>5} | {:>9} | {:>9} | {:>12} |",
+                format!("{}{}", c.irq.name(), if c.packed { ", packed" } else { "" }),
                 name,
-                both(&|p| Some(p.iops())),
-                both(&insns_per_req),
-                both(&|p| Some(p.per(p.qemu_kicks))),
-                both(&|p| Some(p.per(p.qemu_irqs))),
+                ratio_of(ci, vd, pi, &|p| Some(p.iops())),
+                ratio_of(ci, vd, pi, &insns_per_req),
+                ratio_of(ci, vd, pi, &|p| Some(p.per(p.qemu_kicks))),
+                ratio_of(ci, vd, pi, &|p| Some(p.per(p.qemu_irqs))),
             );
         }
     }
+
+    // Split against packed: the same driver, interrupt mode and device, one feature bit.
+    let split = position(|c| c.scenario == "bench-blk" && c.irq == IrqMode::Msix && !c.packed)
+        .expect("our split MSI-X configuration");
+    let packed = position(|c| c.packed).expect("our packed configuration");
+    println!(
+        "\nratios ours packed / ours split (both MSI-X, run back to back in every repeat), \
+         medians (IOPS: higher is better; instructions, kicks, interrupts: lower is better)\n"
+    );
+    println!("| phase       | IOPS  | insns/req | kicks/req | irq sent/req |");
+    println!("|-------------|------:|----------:|----------:|-------------:|");
+    for (pi, name) in names.iter().enumerate() {
+        println!(
+            "| {:11} | {:>5} | {:>9} | {:>9} | {:>12} |",
+            name,
+            ratio_of(packed, split, pi, &|p| Some(p.iops())),
+            ratio_of(packed, split, pi, &insns_per_req),
+            ratio_of(packed, split, pi, &|p| Some(p.per(p.qemu_kicks))),
+            ratio_of(packed, split, pi, &|p| Some(p.per(p.qemu_irqs))),
+        );
+    }
+
     if let Some(depth) = spread_of(&sessions, vd, 1, |p| Some(p.depth as f64)) {
         println!(
             "\nvirtio-drivers: one 16-entry queue, so its \"depth 32\" phase runs at depth {:.0}; \
@@ -377,17 +455,24 @@ pub fn bench_blk(ms: u64, repeats: u32) -> Result<bool, String> {
             depth.median
         );
     }
+    let packed_runs = sessions.iter().filter(|s| s.config == packed).count();
+    println!(
+        "packed ring: {RING_PACKED} was among the guest's negotiated features in every measured \
+         packed run ({packed_runs} of {repeats}) and in no split run; the packed runs had the \
+         same cross-checks as the split ones (QEMU's virtio_blk_req_complete, \
+         virtio_queue_notify and virtio_notify are traced alike for both ring layouts)."
+    );
 
-    // At depth 32 our driver batches: one kick per batch and EVENT_IDX interrupts.
+    // At depth 32 our driver batches: one kick per batch and EVENT_IDX interrupts (on the
+    // packed ring, the same through its event suppression structures' offsets).
     let mut ok = problems.is_empty();
     for s in sessions.iter().filter(|s| s.config != vd) {
         if let Some(p) = s.phases.iter().find(|p| p.depth == 32) {
             let per = p.per(p.qemu_kicks) + p.per(p.qemu_irqs);
             if per >= 0.5 {
-                let c = &CONFIGS[s.config];
                 problems.push(format!(
-                    "{} {}: {per:.3} kicks+interrupts per request at depth 32 (bound: 0.5)",
-                    c.driver, c.irq
+                    "{}: {per:.3} kicks+interrupts per request at depth 32 (bound: 0.5)",
+                    CONFIGS[s.config].what()
                 ));
                 ok = false;
             }
@@ -403,7 +488,8 @@ pub fn bench_blk(ms: u64, repeats: u32) -> Result<bool, String> {
     ok &= sessions.len() == planned;
     println!(
         "bench blk: {} ({} of {planned} runs measured; each run's cross-checks with QEMU's trace, \
-         the plugin's markers, and the batching bound at depth 32)",
+         the plugin's markers, the ring it was meant to negotiate, and the batching bound at \
+         depth 32)",
         if ok { "PASS" } else { "FAIL" },
         sessions.len()
     );

@@ -1,15 +1,17 @@
 //! `cargo xtask bench net [--bytes N] [--repeats R]`: the network benchmark.
 //!
-//! Two QEMU configurations on the same machine and device (q35, modern virtio-net-pci behind a
+//! Three QEMU configurations on the same machine and device (q35, modern virtio-net-pci behind a
 //! root port, user networking, `ioeventfd=off` so every notify write is one trace line),
 //! each running the `net` scenarios' TCP transfer with the host peer: `N` bytes (default
 //! 64 MiB) host → guest, then `N` bytes guest → host, every byte checked and hashed at
 //! both ends:
-//! - ours: the `net` scenario (virtio-net crate under smoltcp), MSI-X;
+//! - ours: the `net` scenario (virtio-net crate under smoltcp), MSI-X, on the split ring;
+//! - ours, packed: the same with `-global virtio-net-pci.packed=on`; the run must show that
+//!   VIRTIO_F_RING_PACKED was negotiated (the guest's `net.features`), or it fails;
 //! - theirs: `net-vd`, the same smoltcp stack and transfer code over the `virtio-drivers`
 //!   crate's `VirtIONet`, polled (it has no interrupt handling).
 //!
-//! `R` repeats (default 3), interleaved (ours, theirs, ours, theirs, ...), with the release
+//! `R` repeats (default 3), interleaved (ours, ours packed, theirs, ours, ...), with the release
 //! build of the bench guest (the optimisation level the drivers ship at).
 //!
 //! Per phase: throughput (guest clock; median and min–max over the repeats), packets
@@ -20,6 +22,9 @@
 //! `net/stack.rs`); interrupts are attributed to a queue through the `vq` pointer its
 //! kicks show. For ours the guest's own counters (interrupts *taken*) are shown too and
 //! its kicks are cross-checked against QEMU's; QEMU's column counts interrupts *sent*.
+//! The packed session gets the same checks: QEMU traces `virtio_queue_notify` and
+//! `virtio_notify` alike for both ring layouts. A last table sets ours packed against ours
+//! split.
 
 use crate::bench::Spread;
 use crate::bench::insns::{self, Counters, Counting};
@@ -33,22 +38,60 @@ const PHASES: [(&str, &str); 2] = [("recv", "host → guest"), ("send", "guest �
 const RX: u32 = 0;
 const TX: u32 = 1;
 
+/// VIRTIO_F_RING_PACKED (virtio 1.2 §6).
+const RING_PACKED_BIT: u32 = 34;
+
 /// `cargo xtask bench net --bytes N --repeats R`: `bytes` each way over each driver, `R`
 /// times, interleaved.
 pub fn cmd(bytes: u64, repeats: u32) -> Result<bool, String> {
     let counting = Counting::prepare()?;
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let (mut ours, mut packed, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
     for repeat in 1..=repeats {
-        ours.push(session(&counting, "net", IrqMode::Msix, bytes, repeat)?);
-        theirs.push(session(&counting, "net-vd", IrqMode::Poll, bytes, repeat)?);
+        ours.push(session(
+            &counting,
+            "net",
+            IrqMode::Msix,
+            false,
+            bytes,
+            repeat,
+        )?);
+        packed.push(session(
+            &counting,
+            "net",
+            IrqMode::Msix,
+            true,
+            bytes,
+            repeat,
+        )?);
+        theirs.push(session(
+            &counting,
+            "net-vd",
+            IrqMode::Poll,
+            false,
+            bytes,
+            repeat,
+        )?);
     }
-    print_table(bytes, &ours, &theirs);
-    let ok = ours.iter().chain(&theirs).all(|s| s.ok);
+    print_table(bytes, &ours, &packed, &theirs);
+    let all = || ours.iter().chain(&packed).chain(&theirs);
+    let failed = all().filter(|s| !s.ok).count();
+    let ok = failed == 0;
+    let what = if ok {
+        "each passed its checks, the bytes' hashes matched on both sides, our driver's kicks \
+         matched QEMU's, the plugin's markers matched the trace, and each of ours ran on the \
+         ring it is named for"
+    } else {
+        "failed runs are reported above and left out of the figures"
+    };
     println!(
-        "bench net: {} ({} runs; each passed its checks, the bytes' hashes matched on both \
-         sides, our driver's kicks matched QEMU's, the plugin's markers matched the trace)",
+        "bench net: {} ({} runs{}; {what})",
         if ok { "PASS" } else { "FAIL" },
-        ours.len() + theirs.len()
+        all().count(),
+        if ok {
+            String::new()
+        } else {
+            format!(", {failed} failed")
+        }
     );
     Ok(ok)
 }
@@ -105,14 +148,30 @@ impl Phase {
 struct Session {
     name: &'static str,
     config: String,
+    /// QEMU offered the packed ring (`packed=on`).
+    packed: bool,
     ok: bool,
     phases: Vec<Phase>,
+}
+
+/// Whether the guest negotiated the packed ring: `net.features` (hex) has bit 34, or a
+/// check detail names it.
+fn negotiated_packed(r: &RunReport) -> bool {
+    r.stat("net.features").is_some_and(has_ring_packed)
+        || r.checks.iter().any(|c| c.detail.contains("RING_PACKED"))
+}
+
+/// Whether a feature word as the guest prints it (`0x...`) has VIRTIO_F_RING_PACKED.
+fn has_ring_packed(features: &str) -> bool {
+    u64::from_str_radix(features.trim_start_matches("0x"), 16)
+        .is_ok_and(|f| f & 1 << RING_PACKED_BIT != 0)
 }
 
 fn session(
     counting: &Counting,
     scenario: &'static str,
     irq: IrqMode,
+    packed: bool,
     bytes: u64,
     repeat: u32,
 ) -> Result<Session, String> {
@@ -122,22 +181,44 @@ fn session(
         .irq(irq)
         .guest_arg(format!("net_bytes={bytes}"))
         .guest_arg("net_link=0");
+    let ring = if packed { "-packed" } else { "" };
+    if packed {
+        cfg.extra_qemu_args.extend([
+            "-global".to_string(),
+            "virtio-net-pci.packed=on".to_string(),
+        ]);
+    }
     // The release guest, the plugin, and the trace of the guest's phase markers (the
     // runner traces the virtio events already); keeps the run directory for the trace.
-    let plugin_out = counting.instrument(&mut cfg, scenario);
+    let plugin_out = counting.instrument(&mut cfg, &format!("{scenario}{ring}"));
     cfg.install_missing = true;
-    cfg.label = Some("bench".into());
+    cfg.label = Some(format!("bench{ring}"));
     // TCG moves 20-40 MiB/s; leave room for slow hosts.
     cfg.timeout = Some(std::time::Duration::from_secs(120 + 2 * (bytes >> 20)));
     eprintln!(
-        "xtask: bench net: repeat {repeat}: {scenario} [{}], {bytes} bytes each way...",
-        cfg.config_name()
+        "xtask: bench net: repeat {repeat}: {scenario} [{}]{}, {bytes} bytes each way...",
+        cfg.config_name(),
+        if packed { " on the packed ring" } else { "" }
     );
     let r = qemu::run_scenario(&cfg).map_err(|e| e.to_string())?;
     let trace = std::fs::read_to_string(r.run_dir.join("trace.log")).unwrap_or_default();
     let mut ok = r.passed() && hashes_match(&r);
     if !ok {
         print!("{}", r.summary());
+    }
+    // Every session must run on the ring it is named for (QEMU's default is packed=off).
+    if r.passed() && negotiated_packed(&r) != packed {
+        eprintln!(
+            "xtask: bench net: {scenario}{}: the guest {} the packed ring (net.features={})",
+            if packed { " packed=on" } else { "" },
+            if packed {
+                "did not negotiate"
+            } else {
+                "negotiated"
+            },
+            r.stat("net.features").unwrap_or("not reported")
+        );
+        ok = false;
     }
     let by_phase = phase_trace(&trace);
     let counted = insns::read_run(&plugin_out, &r.run_dir);
@@ -218,6 +299,7 @@ fn session(
     Ok(Session {
         name: scenario,
         config: cfg.config_name(),
+        packed,
         ok,
         phases,
     })
@@ -354,14 +436,38 @@ fn fixed(x: f64, decimals: usize) -> String {
     }
 }
 
-fn print_table(bytes: u64, ours: &[Session], theirs: &[Session]) {
+/// Kicks and interrupts per packet of one queue, from QEMU's trace: rx ones per received
+/// packet, tx ones per sent packet.
+type Pick = fn(&QueueCounts) -> u64;
+const QUEUE_ROWS: [(&str, u32, Pick); 4] = [
+    ("rx kicks per rx packet", RX, |c| c.kicks),
+    ("tx kicks per tx packet", TX, |c| c.kicks),
+    ("rx interrupts per rx packet", RX, |c| c.irqs),
+    ("tx interrupts per tx packet", TX, |c| c.irqs),
+];
+
+fn queue_per_packet(ph: &Phase, q: u32, pick: Pick) -> f64 {
+    let den = if q == RX {
+        ph.rx_packets
+    } else {
+        ph.tx_packets
+    };
+    per(ph.qemu.get(&q).map_or(0, pick), den)
+}
+
+fn print_table(bytes: u64, ours: &[Session], packed: &[Session], theirs: &[Session]) {
     let describe = |sessions: &[Session]| {
         let failed = sessions.iter().filter(|s| !s.ok).count();
         let first = sessions.first();
         format!(
-            "`{}` [{}], {} runs{}",
+            "`{}` [{}]{}, {} runs{}",
             first.map_or("", |s| s.name),
             first.map_or(String::new(), |s| s.config.clone()),
+            if first.is_some_and(|s| s.packed) {
+                " with packed=on"
+            } else {
+                ""
+            },
             sessions.len(),
             if failed > 0 {
                 format!(" ({failed} FAILED, left out)")
@@ -377,11 +483,16 @@ fn print_table(bytes: u64, ours: &[Session], theirs: &[Session]) {
         bytes as f64 / (1 << 20) as f64
     );
     println!(
-        "  ours:   {}: the virtio-net crate over virtio-pci + virtio-core",
+        "  ours:        {}: the virtio-net crate over virtio-pci + virtio-core, split ring",
         describe(ours)
     );
     println!(
-        "  theirs: {}: virtio-drivers 0.13 VirtIONet over its PciTransport, polled",
+        "  ours packed: {}: the same on the packed ring (VIRTIO_F_RING_PACKED negotiated in \
+         every run counted)",
+        describe(packed)
+    );
+    println!(
+        "  theirs:      {}: virtio-drivers 0.13 VirtIONet over its PciTransport, polled",
         describe(theirs)
     );
     println!(
@@ -395,34 +506,34 @@ fn print_table(bytes: u64, ours: &[Session], theirs: &[Session]) {
          polls, so its count includes the spinning and grows with the time it waits"
     );
     println!(
-        "  interrupts: guest = taken by our driver; QEMU = sent (virtio_notify); ratios use \
-         QEMU's figures"
+        "  interrupts: guest = taken by our driver (split ring); QEMU = sent (virtio_notify); \
+         ratios use QEMU's figures"
     );
     let kib = bytes as f64 / 1024.0;
     for (i, (p, what)) in PHASES.iter().enumerate() {
         println!();
         println!(
-            "{:31} {:>12} {:>22} {:>22} {:>11}",
+            "{:31} {:>12} {:>22} {:>22} {:>22} {:>11}",
             format!("{p} ({what})"),
             "ours (guest)",
             "ours",
+            "ours packed",
             "theirs",
             "ours/theirs"
         );
-        let (o, t) = (
-            spread(ours, i, |ph| Some(ph.mib_s)),
-            spread(theirs, i, |ph| Some(ph.mib_s)),
-        );
+        let mib_s = |sessions: &[Session]| spread(sessions, i, |ph| Some(ph.mib_s));
+        let (o, k, t) = (mib_s(ours), mib_s(packed), mib_s(theirs));
         let range = |s: Option<Spread>| {
             s.map_or("—".into(), |s| {
                 format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max)
             })
         };
         println!(
-            "  {:29} {:>12} {:>22} {:>22} {:>11}",
+            "  {:29} {:>12} {:>22} {:>22} {:>22} {:>11}",
             "throughput MiB/s",
             "",
             range(o),
+            range(k),
             range(t),
             ratio(
                 o.map_or(f64::NAN, |s| s.median),
@@ -437,10 +548,11 @@ fn print_table(bytes: u64, ours: &[Session], theirs: &[Session]) {
             )
         };
         println!(
-            "  {:29} {:>12} {:>22} {:>22}",
+            "  {:29} {:>12} {:>22} {:>22} {:>22}",
             "packets rx / tx",
             "",
             packets(ours),
+            packets(packed),
             packets(theirs)
         );
         type Figure = fn(&Phase, f64) -> Option<f64>;
@@ -463,8 +575,9 @@ fn print_table(bytes: u64, ours: &[Session], theirs: &[Session]) {
             ),
         ];
         for (label, figure, decimals) in counted_rows {
-            let (os, ts) = (
+            let (os, ks, ts) = (
                 spread(ours, i, |ph| figure(ph, kib)),
+                spread(packed, i, |ph| figure(ph, kib)),
                 spread(theirs, i, |ph| figure(ph, kib)),
             );
             let (o, t) = (
@@ -478,9 +591,10 @@ fn print_table(bytes: u64, ours: &[Session], theirs: &[Session]) {
                 Some(s) => fixed(s.median, decimals),
             };
             println!(
-                "  {label:29} {:>12} {:>22} {:>22} {:>11}",
+                "  {label:29} {:>12} {:>22} {:>22} {:>22} {:>11}",
                 "",
                 show(os),
+                show(ks),
                 show(ts),
                 if decimals == 0 {
                     ratio(o, t)
@@ -489,47 +603,94 @@ fn print_table(bytes: u64, ours: &[Session], theirs: &[Session]) {
                 }
             );
         }
-        type Pick = fn(&QueueCounts) -> u64;
-        let rows: [(&str, u32, Pick, bool); 4] = [
-            ("rx kicks per rx packet", RX, |c| c.kicks, true),
-            ("tx kicks per tx packet", TX, |c| c.kicks, false),
-            ("rx interrupts per rx packet", RX, |c| c.irqs, true),
-            ("tx interrupts per tx packet", TX, |c| c.irqs, false),
-        ];
-        for (label, q, pick, rx) in rows {
-            let den = |ph: &Phase| if rx { ph.rx_packets } else { ph.tx_packets };
-            let qemu = |ph: &Phase| Some(per(ph.qemu.get(&q).map_or(0, pick), den(ph)));
+        for (label, q, pick) in QUEUE_ROWS {
+            let qemu = |ph: &Phase| Some(queue_per_packet(ph, q, pick));
             let guest = median(ours, i, |ph| {
                 ph.guest.map(|(r, t, _)| {
-                    let c = if q == RX { r } else { t };
-                    per(pick(&c), den(ph))
+                    let (c, den) = if q == RX {
+                        (r, ph.rx_packets)
+                    } else {
+                        (t, ph.tx_packets)
+                    };
+                    per(pick(&c), den)
                 })
             });
-            let (o, t) = (median(ours, i, qemu), median(theirs, i, qemu));
+            let (o, k, t) = (
+                median(ours, i, qemu),
+                median(packed, i, qemu),
+                median(theirs, i, qemu),
+            );
             println!(
-                "  {label:29} {:>12} {:>22} {:>22} {:>11}",
+                "  {label:29} {:>12} {:>22} {:>22} {:>22} {:>11}",
                 fixed(guest, 3),
                 fixed(o, 3),
+                fixed(k, 3),
                 fixed(t, 3),
                 ratio(o, t)
             );
         }
         let all = |ph: &Phase| Some(per(ph.qemu_irqs, ph.packets()));
         let guest_all = median(ours, i, |ph| ph.guest.map(|(_, _, n)| per(n, ph.packets())));
-        let (o, t) = (median(ours, i, all), median(theirs, i, all));
+        let (o, k, t) = (
+            median(ours, i, all),
+            median(packed, i, all),
+            median(theirs, i, all),
+        );
         println!(
-            "  {:29} {:>12} {:>22} {:>22} {:>11}",
+            "  {:29} {:>12} {:>22} {:>22} {:>22} {:>11}",
             "interrupts per packet (all)",
             fixed(guest_all, 3),
             fixed(o, 3),
+            fixed(k, 3),
             fixed(t, 3),
             ratio(o, t)
         );
     }
+    print_packed_ratios(ours, packed);
     println!();
     println!(
         "Linux 6.1 on the same device (virtio-facts.md): receive 0 rx kicks, 0.055 rx interrupts per packet, ~1 tx kick and interrupt per ACK; send 0.985 kicks and 1.97 interrupts per packet."
     );
+    println!(
+        "Our packed sessions had the same cross-checks as the split ones (kicks against QEMU's \
+         virtio_queue_notify, interrupts from virtio_notify): QEMU traces both ring layouts \
+         alike."
+    );
+}
+
+/// Ours on the packed ring against ours on the split ring, per phase: medians' ratios.
+fn print_packed_ratios(split: &[Session], packed: &[Session]) {
+    println!();
+    println!(
+        "ours packed / ours split (both MSI-X, run back to back in every repeat), medians \
+         (throughput: higher is better; the rest: lower is better; — where both are 0)"
+    );
+    println!();
+    let both = |i: usize, f: &dyn Fn(&Phase) -> Option<f64>| {
+        ratio(median(packed, i, f), median(split, i, f))
+    };
+    let mut header = format!("  {:29}", "");
+    for (p, _) in PHASES {
+        header += &format!(" {p:>8}");
+    }
+    println!("{header}");
+    let row = |label: &str, f: &dyn Fn(&Phase) -> Option<f64>| {
+        let mut line = format!("  {label:29}");
+        for i in 0..PHASES.len() {
+            line += &format!(" {:>8}", both(i, f));
+        }
+        println!("{line}");
+    };
+    row("throughput", &|ph| Some(ph.mib_s));
+    row("instructions per packet", &|ph| {
+        ph.counted.map(|c| per(c.instructions, ph.packets()))
+    });
+    for (label, q, pick) in QUEUE_ROWS {
+        row(label, &|ph| Some(queue_per_packet(ph, q, pick)));
+    }
+    row("interrupts per packet (all)", &|ph| {
+        Some(per(ph.qemu_irqs, ph.packets()))
+    });
 }
 
 #[cfg(test)]
@@ -543,6 +704,13 @@ mod tests {
         assert_eq!(parse_bytes("1g"), Some(1 << 30));
         assert_eq!(parse_bytes("0"), None);
         assert_eq!(parse_bytes("x"), None);
+    }
+
+    #[test]
+    fn packed_feature_bit() {
+        assert!(has_ring_packed("0x530010020"));
+        assert!(!has_ring_packed("0x130010020"));
+        assert!(!has_ring_packed("not hex"));
     }
 
     #[test]
