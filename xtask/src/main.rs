@@ -3,10 +3,11 @@
 //!
 //! - `qemu <scenario>`: build the guest, run one scenario, print the report (`--matrix`:
 //!   every machine × transport × irq combination, then a table; `--list`: the scenarios);
-//! - `demo`: boot the guest with each device type (net, blk, console, balloon, rng) and
+//! - `demo`: boot the guest with each device type (net, blk, console, balloon, fs, rng) and
 //!   show what each driver did;
 //! - `bench blk|net|ring`: our drivers against the virtio-drivers crate (`bench.rs`,
-//!   `bench_net.rs`, `bench/ring.rs`);
+//!   `bench_net.rs`, `bench/ring.rs`); `bench fs`: virtio-fs beside virtio-blk
+//!   (`bench_fs.rs`);
 //! - `kexts`: build the kext bundles (`kexts.rs`); `install`: copy them to
 //!   /Library/Extensions and load them on macOS (`install.rs`);
 //! - `test`: fmt, clippy (workspace and guest), guest build, `cargo test --workspace`, a
@@ -17,6 +18,7 @@
 //!   steps of `test` when the nightly toolchain has Miri).
 
 mod bench;
+mod bench_fs;
 mod bench_net;
 mod console_log;
 mod fuzz;
@@ -52,7 +54,7 @@ enum Cmd {
     Qemu(QemuArgs),
     /// Show each driver at work under QEMU, one scenario per device type
     ///
-    /// Boots the test guest once per device type (smoke, net, blk, console, balloon, rng)
+    /// Boots the test guest once per device type (smoke, net, blk, console, balloon, fs, rng)
     /// and shows what each driver did, then a summary; a few minutes under QEMU TCG.
     Demo,
     /// Benchmark our drivers against the virtio-drivers crate under QEMU
@@ -159,6 +161,24 @@ enum BenchCmd {
         #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
         rounds: u64,
     },
+    /// File system: our virtio-fs against virtiofsd, beside our virtio-blk doing the same
+    ///
+    /// Sequential write and read of a file and of a disk image of the same size in
+    /// max_write-sized requests; create, getattr and unlink of small files (a 4 KiB write +
+    /// read on blk, for scale: a disk has no metadata operations); MiB/s or operations/s
+    /// (median of repeats), guest instructions per operation (TCG plugin). Needs
+    /// virtiofsd. docs/benchmarks.md.
+    Fs {
+        /// Bytes of each sequential phase (and of the disk image): N, NK, NM or NG
+        #[arg(long, value_name = "N", default_value = "32M", value_parser = bench_net::parse_bytes_arg)]
+        bytes: u64,
+        /// Small files created, stat'ed and unlinked
+        #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..100_000))]
+        files: u64,
+        /// Runs (each does every phase, fs and blk interleaved)
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        repeats: u32,
+    },
 }
 
 #[derive(Args)]
@@ -226,6 +246,11 @@ fn main() -> ExitCode {
         Cmd::Bench(BenchCmd::Blk { ms, repeats }) => bench::bench_blk(ms, repeats),
         Cmd::Bench(BenchCmd::Net { bytes, repeats }) => bench_net::cmd(bytes, repeats),
         Cmd::Bench(BenchCmd::Ring { rounds }) => bench::ring::cmd(rounds),
+        Cmd::Bench(BenchCmd::Fs {
+            bytes,
+            files,
+            repeats,
+        }) => bench_fs::cmd(bytes, files, repeats),
         Cmd::Kexts { check, fetch_sdk } => {
             let mut args = Vec::new();
             if check {
@@ -442,6 +467,15 @@ const DEMO_PARTS: &[DemoPart] = &[
         shorter: None,
     },
     DemoPart {
+        scenario: "fs",
+        what: "virtio-fs against the real virtiofsd (vhost-user-fs-pci) sharing a host \
+               directory: FUSE_INIT, host files read (a UTF-8 name, 64 MiB by hash), 64 MiB \
+               written, mkdir/rmdir, rename, unlink, link, symlink, setattr, statfs, xattrs, \
+               fallocate/lseek, readdirplus of 10,000 entries; the host checks its directory",
+        guest_args: &[],
+        shorter: None,
+    },
+    DemoPart {
         scenario: "rng",
         what: "virtio-rng: 4 KiB of entropy read in order from QEMU's rng-random backend, \
                which reads a host file of known bytes through a rate limit of 1024 bytes per \
@@ -521,6 +555,15 @@ fn demo_part_report(part: &DemoPart, report: &RunReport) -> String {
     s
 }
 
+/// Why `part` cannot run on this machine, if it cannot (a host program it needs is
+/// missing); the demo then says so and goes on.
+fn demo_skip(part: &DemoPart) -> Option<&'static str> {
+    (part.scenario == "fs" && qemu::devices::fs::find_virtiofsd().is_none()).then_some(
+        "virtiofsd not found ($VIRTIOFSD, /usr/libexec/virtiofsd, PATH, ~/.cargo/bin); \
+         `cargo install virtiofsd` (with libcap-ng-dev and libseccomp-dev) installs it",
+    )
+}
+
 fn cmd_demo() -> Result<bool, String> {
     let names: Vec<&str> = DEMO_PARTS.iter().map(|p| p.scenario).collect();
     println!(
@@ -534,6 +577,14 @@ fn cmd_demo() -> Result<bool, String> {
     let start = Instant::now();
     let mut results = Vec::new();
     for part in DEMO_PARTS {
+        if let Some(why) = demo_skip(part) {
+            println!(
+                "\n== {} (skipped) ==\n   {}\n  => {}: skipped: {why}",
+                part.scenario, part.what, part.scenario
+            );
+            results.push((part.scenario, None, 0, 0));
+            continue;
+        }
         let mut cfg = RunConfig::new(part.scenario);
         cfg.install_missing = true;
         for a in part.guest_args {
@@ -545,27 +596,32 @@ fn cmd_demo() -> Result<bool, String> {
                 "\n== {} ==\n   (this guest has no such scenario yet)",
                 part.scenario
             );
-            results.push((part.scenario, false, 0, 0));
+            results.push((part.scenario, Some(false), 0, 0));
             continue;
         }
         print!("{}", demo_part_report(part, &report));
         let passed_checks = report.checks.iter().filter(|c| c.passed).count();
         results.push((
             part.scenario,
-            report.passed(),
+            Some(report.passed()),
             passed_checks,
             report.checks.len() - passed_checks,
         ));
     }
-    let all_passed = results.iter().all(|r| r.1);
+    // A skipped part (`None`) fails nothing.
+    let all_passed = results.iter().all(|r| r.1 != Some(false));
+    let skipped = results.iter().filter(|r| r.1.is_none()).count();
     let passed: usize = results.iter().map(|r| r.2).sum();
     let failed: usize = results.iter().map(|r| r.3).sum();
     println!("\nSummary:");
     for (scenario, ok, passed, failed) in &results {
-        println!(
-            "  {} {scenario:8} {passed} checks passed, {failed} failed",
-            if *ok { "ok  " } else { "FAIL" }
-        );
+        match ok {
+            None => println!("  skip {scenario:8} not run (see above)"),
+            Some(ok) => println!(
+                "  {} {scenario:8} {passed} checks passed, {failed} failed",
+                if *ok { "ok  " } else { "FAIL" }
+            ),
+        }
     }
     println!(
         "\nNext: `cargo xtask test` (everything CI runs), `cargo xtask qemu --list` and \
@@ -573,9 +629,14 @@ fn cmd_demo() -> Result<bool, String> {
          × irq configurations), `cargo xtask kexts` (the kext bundles); docs/ for the design."
     );
     println!(
-        "demo: {}: {passed} checks passed, {failed} failed in {} scenarios, {:.0} s",
+        "demo: {}: {passed} checks passed, {failed} failed in {} scenarios{}, {:.0} s",
         if all_passed { "PASS" } else { "FAIL" },
-        results.len(),
+        results.len() - skipped,
+        if skipped > 0 {
+            format!(" ({skipped} skipped)")
+        } else {
+            String::new()
+        },
         start.elapsed().as_secs_f64()
     );
     Ok(all_passed)
@@ -804,6 +865,10 @@ mod tests {
     #[test]
     fn demo_reports_are_readable() {
         for part in DEMO_PARTS {
+            if let Some(why) = demo_skip(part) {
+                eprintln!("SKIPPED demo part {}: {why}", part.scenario);
+                continue;
+            }
             let mut cfg = RunConfig::new(part.scenario);
             cfg.label = Some("readable".into());
             for a in part.guest_args {

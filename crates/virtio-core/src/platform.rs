@@ -66,15 +66,46 @@ impl DmaRegion {
     /// byte read once; false (nothing copied) when out of range. For device-written
     /// buffers: a device that breaks the rules (§2.7.14) may still be writing them, so no
     /// reference to the DMA bytes is ever formed and validated values come from the copy.
+    ///
+    /// Aligned 8-byte volatile loads in the middle (bytes at the unaligned ends): each byte
+    /// is still read exactly once, at a fraction of a byte-by-byte copy's cost on large
+    /// device-written buffers (a virtio-fs READ of 1 MiB).
     pub fn read_into(&self, offset: usize, dst: &mut [u8]) -> bool {
         let Some(p) = self.ptr_at(offset, dst.len()) else {
             return false;
         };
-        for (i, d) in dst.iter_mut().enumerate() {
-            // SAFETY: `p + i` lies in the region (`ptr_at` checked `offset + dst.len()`),
-            // which stays mapped while `&self` lives; a volatile byte read is defined
-            // whatever the device does to the byte concurrently.
-            *d = unsafe { p.as_ptr().add(i).read_volatile() };
+        let src = p.as_ptr();
+        let len = dst.len();
+        let head = src.align_offset(8).min(len);
+        let words = (len - head) / 8;
+        let mut i = 0;
+        while i < head {
+            // SAFETY: `src + i` lies in the region (`ptr_at` checked `offset + len`), which
+            // stays mapped while `&self` lives; a volatile read is defined whatever the
+            // device does to the bytes concurrently.
+            let b = unsafe { src.add(i).read_volatile() };
+            if let Some(d) = dst.get_mut(i) {
+                *d = b;
+            }
+            i += 1;
+        }
+        for w in 0..words {
+            let at = head + 8 * w;
+            // SAFETY: `src + at` is 8-aligned (`head` reached the alignment) and the 8 bytes
+            // lie in the region (`at + 8 <= len`); volatile as above.
+            let v = unsafe { src.add(at).cast::<u64>().read_volatile() };
+            if let Some(d) = dst.get_mut(at..at + 8) {
+                d.copy_from_slice(&v.to_ne_bytes());
+            }
+        }
+        let mut i = head + 8 * words;
+        while i < len {
+            // SAFETY: as for the head bytes.
+            let b = unsafe { src.add(i).read_volatile() };
+            if let Some(d) = dst.get_mut(i) {
+                *d = b;
+            }
+            i += 1;
         }
         true
     }
@@ -192,4 +223,38 @@ pub trait InterruptPlatform {
     fn enable_intx(&mut self) -> bool;
     /// Disables whatever was enabled (MSI-X or INTx); called on reset/stop.
     fn disable(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every offset and length around the 8-byte alignment copies exactly the bytes asked
+    /// for, and nothing out of range.
+    #[test]
+    fn read_into_copies_every_offset_and_length() {
+        let mut backing: alloc::vec::Vec<u64> = alloc::vec![0; 16];
+        let bytes = backing.len() * 8;
+        let base = NonNull::new(backing.as_mut_ptr().cast::<u8>()).unwrap();
+        for i in 0..bytes {
+            // SAFETY: i < bytes, inside `backing`.
+            unsafe { base.as_ptr().add(i).write(i as u8 ^ 0x5a) };
+        }
+        let region = DmaRegion {
+            vaddr: base,
+            daddr: 0,
+            len: bytes,
+        };
+        for offset in 0..20 {
+            for len in 0..40 {
+                let mut dst = alloc::vec![0u8; len];
+                assert!(region.read_into(offset, &mut dst));
+                let want: alloc::vec::Vec<u8> =
+                    (offset..offset + len).map(|i| i as u8 ^ 0x5a).collect();
+                assert_eq!(dst, want, "offset {offset}, len {len}");
+            }
+        }
+        let mut too_far = [0u8; 8];
+        assert!(!region.read_into(bytes - 4, &mut too_far));
+    }
 }

@@ -14,6 +14,11 @@
 //! 5. `fs.readdirplus`: the 10,000-entry directory `many`, every name checked, every
 //!    lookup reference returned with BATCH_FORGET;
 //! 6. DESTROY, statistics, reset.
+//!
+//! `bench-fs` ([`bench`]) measures the same driver beside virtio-blk.
+
+mod bench;
+pub use bench::bench;
 
 use super::Env;
 use super::bus::{self, GuestBus};

@@ -86,6 +86,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: fs::run,
     },
     Scenario {
+        name: "bench-fs",
+        about: "virtio-fs benchmark beside virtio-blk: sequential write/read of the same bytes in max_write-sized requests; create, getattr, unlink of small files; a 4 KiB write + read per op on blk",
+        run: fs::bench,
+    },
+    Scenario {
         name: "rng",
         about: "virtio-rng driver: bytes from a host file through QEMU's rate limiter, read in order and printed for the host to compare",
         run: rng::run,

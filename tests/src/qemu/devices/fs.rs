@@ -29,13 +29,24 @@ use virtio_core::DeviceType;
 pub const DEVICE: DeviceSpec = DeviceSpec {
     device_type: DeviceType::Fs,
     attach,
-    scenarios: &[ScenarioSpec {
-        name: "fs",
-        devices: &[],
-        trace: false,
-        timeout_secs: 120,
-        host: Some(start),
-    }],
+    scenarios: &[
+        ScenarioSpec {
+            name: "fs",
+            devices: &[],
+            trace: false,
+            timeout_secs: 120,
+            host: Some(start),
+        },
+        // The benchmark: the device and virtio-blk on an image of the benchmark's size.
+        // Traced for its phase markers (the block device's events come along).
+        ScenarioSpec {
+            name: "bench-fs",
+            devices: &[],
+            trace: true,
+            timeout_secs: 900,
+            host: Some(start_bench),
+        },
+    ],
 };
 
 /// The tag the device advertises (QEMU's `tag=`).
@@ -143,6 +154,33 @@ fn populate(share: &Path) -> std::io::Result<u64> {
 /// Starts virtiofsd and hands QEMU the device.
 pub fn start(ctx: &HostContext<'_>) -> std::io::Result<HostSide> {
     let cfg = ctx.config;
+    let share = ctx.run_dir.join("share");
+    let data_hash = populate(&share)?;
+    let (child, log_path, version, qemu) = daemon(ctx, &share)?;
+    let seed = 0x1234_5678 ^ cfg.config_name().len() as u64;
+    let guest_args = vec![
+        "expect_types=26".to_string(),
+        format!("fs_tag={TAG}"),
+        format!("fs_read_len={READ_LEN}"),
+        format!("fs_read_hash={data_hash}"),
+        format!("fs_write_len={WRITE_LEN}"),
+        format!("fs_write_seed={seed}"),
+    ];
+    let finish = move || finish(child, &share, &log_path, data_hash, seed, version);
+    Ok(HostSide {
+        guest_args,
+        qemu_args: qemu,
+        finish: Box::new(finish),
+    })
+}
+
+/// Starts virtiofsd on `share` (the daemon, its log, its version) and returns QEMU's
+/// arguments for the device with its shared memory.
+fn daemon(
+    ctx: &HostContext<'_>,
+    share: &Path,
+) -> std::io::Result<(Child, PathBuf, String, Vec<String>)> {
+    let cfg = ctx.config;
     let Some(daemon) = find_virtiofsd() else {
         return Err(std::io::Error::new(
             std::io::ErrorKind::NotFound,
@@ -150,8 +188,6 @@ pub fn start(ctx: &HostContext<'_>) -> std::io::Result<HostSide> {
              install it with `cargo install virtiofsd` (needs libcap-ng-dev, libseccomp-dev)",
         ));
     };
-    let share = ctx.run_dir.join("share");
-    let data_hash = populate(&share)?;
     let socket = ctx.run_dir.join("vfs.sock");
     let _ = std::fs::remove_file(&socket);
     let log_path = ctx.run_dir.join("virtiofsd.log");
@@ -213,21 +249,121 @@ pub fn start(ctx: &HostContext<'_>) -> std::io::Result<HostSide> {
     };
     qemu.push("-device".into());
     qemu.push(format!("vhost-user-fs-pci,chardev=vfs,tag={TAG}{bus}"));
-    let seed = 0x1234_5678 ^ cfg.config_name().len() as u64;
-    let guest_args = vec![
-        "expect_types=26".to_string(),
-        format!("fs_tag={TAG}"),
-        format!("fs_read_len={READ_LEN}"),
-        format!("fs_read_hash={data_hash}"),
-        format!("fs_write_len={WRITE_LEN}"),
-        format!("fs_write_seed={seed}"),
-    ];
-    let finish = move || finish(child, &share, &log_path, data_hash, seed, version);
+    Ok((child, log_path, version, qemu))
+}
+
+/// The benchmark's bytes per sequential phase (`bench_bytes=` among the run's guest
+/// words, as `cargo xtask bench fs` passes it), default 32 MiB.
+fn bench_bytes(cfg: &crate::qemu::RunConfig) -> u64 {
+    cfg.extra_guest_args
+        .iter()
+        .rev()
+        .find_map(|a| a.strip_prefix("bench_bytes=")?.parse().ok())
+        .unwrap_or(BENCH_BYTES)
+}
+
+/// Default bytes of the benchmark's sequential phases (and of its disk image).
+pub const BENCH_BYTES: u64 = 32 << 20;
+/// The file the benchmark writes and reads (the guest's `FILE_NAME`).
+pub const BENCH_FILE: &str = "bench-seq.bin";
+
+/// `bench-fs`: an empty share served by virtiofsd, and virtio-blk on a raw image file of
+/// the benchmark's size (`ioeventfd=off`, behind its own root port on q35, like `bench
+/// blk`'s device), both modern.
+pub fn start_bench(ctx: &HostContext<'_>) -> std::io::Result<HostSide> {
+    let cfg = ctx.config;
+    let bytes = bench_bytes(cfg);
+    let share = ctx.run_dir.join("share");
+    std::fs::create_dir_all(&share)?;
+    let image = ctx.run_dir.join("bench-disk.img");
+    std::fs::File::create(&image)?.set_len(bytes.div_ceil(512) * 512)?;
+    let (child, log_path, version, mut qemu) = daemon(ctx, &share)?;
+    let bus = if cfg.machine == Machine::Q35 {
+        qemu.push("-device".into());
+        qemu.push("pcie-root-port,id=rpblk,chassis=2,bus=pcie.0,addr=0x11".into());
+        ",bus=rpblk"
+    } else {
+        ""
+    };
+    qemu.extend([
+        "-drive".into(),
+        format!("if=none,id=bench0,format=raw,file={}", image.display()),
+        "-device".into(),
+        format!(
+            "virtio-blk-pci,drive=bench0,disable-legacy=on,disable-modern=off,\
+             ioeventfd=off{bus}"
+        ),
+    ]);
+    let guest_args = vec!["expect_types=2,26".to_string(), format!("fs_tag={TAG}")];
+    let finish = move || finish_bench(child, &share, &log_path, bytes, version);
     Ok(HostSide {
         guest_args,
         qemu_args: qemu,
         finish: Box::new(finish),
     })
+}
+
+/// Waits for the daemon to exit by itself after QEMU (kills it after 5 s).
+fn stop(mut child: Child) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// The benchmark's share afterwards: its file of `bytes` bytes, none of the small files.
+fn finish_bench(
+    child: Child,
+    share: &Path,
+    log_path: &Path,
+    bytes: u64,
+    version: String,
+) -> HostOutcome {
+    let exited = stop(child);
+    let log = std::fs::read_to_string(log_path).unwrap_or_default();
+    let size = std::fs::metadata(share.join(BENCH_FILE)).map(|m| m.len());
+    let others = std::fs::read_dir(share).map_or(0, |d| {
+        d.filter_map(Result::ok)
+            .filter(|e| e.file_name() != BENCH_FILE)
+            .count()
+    });
+    let errors = log.lines().filter(|l| l.contains("ERROR")).count();
+    let checks = vec![
+        check(
+            "bench_share",
+            size.as_ref().is_ok_and(|&n| n == bytes) && others == 0,
+            format!(
+                "{BENCH_FILE}: {}; other entries left in the share: {others} (the small \
+                 files were unlinked)",
+                match &size {
+                    Ok(n) => format!("{n} bytes of {bytes}"),
+                    Err(e) => format!("error: {e}"),
+                }
+            ),
+        ),
+        check(
+            "daemon",
+            errors == 0,
+            format!(
+                "{version}: {}; {errors} error line(s) in its log",
+                exited.map_or_else(
+                    || "did not exit within 5 s of QEMU, killed".to_string(),
+                    |s| format!("exited by itself ({s})")
+                )
+            ),
+        ),
+    ];
+    let mut stats = BTreeMap::new();
+    stats.insert("host.fs.virtiofsd".to_string(), version.replace(' ', "-"));
+    HostOutcome { checks, stats }
 }
 
 fn check(name: &str, passed: bool, detail: String) -> Check {
