@@ -6,8 +6,11 @@
 //! other matrices does not apply.
 //!
 //! The guest reads host files (UTF-8 names, 64 MiB by hash), writes 64 MiB, and changes
-//! the directory (mkdir/rmdir, rename, unlink, link, symlink, setattr, xattrs,
-//! fallocate + lseek, readdirplus of 10,000 entries); the host checks every effect in its directory (`host.fs.*`).
+//! the directory (mkdir/rmdir, rename, unlink, link, symlink, setattr of size, mode and
+//! times, xattrs, fallocate + lseek, readdirplus of 10,000 entries); the host checks every
+//! effect in its directory (`host.fs.*`). The host also rewrites a file while the guest
+//! runs, and the guest sees the new size and content once the attribute timeout the
+//! daemon granted expired (`fs.host_change`).
 //!
 //! Needs virtiofsd (`.ci/run` installs it with `cargo install virtiofsd`); without it
 //! each test says so and passes without running.
@@ -26,9 +29,11 @@ const CHECKS: &[&str] = &[
     "fs.link",
     "fs.symlink",
     "fs.setattr",
+    "fs.setattr_times",
     "fs.statfs",
     "fs.xattr",
     "fs.readdirplus",
+    "fs.host_change",
     "fs.destroy",
     "fs.clean",
     "host.fs.written",
@@ -38,6 +43,8 @@ const CHECKS: &[&str] = &[
     "host.fs.link",
     "host.fs.symlink",
     "host.fs.setattr",
+    "host.fs.setattr_times",
+    "host.fs.host_change",
     "host.fs.xattr",
     "host.fs.untouched",
     "host.fs.daemon",
@@ -61,6 +68,11 @@ fn run(machine: Machine, irq: IrqMode) {
     let s = r.summary();
     println!("{s}");
     assert!(r.passed(), "{s}");
+    // How long the guest took to see the host's change is reported.
+    assert!(
+        r.stat_u64("fs.host_change_ms").is_some(),
+        "no fs.host_change_ms\n{s}"
+    );
     for c in CHECKS {
         assert!(r.check(c).is_some_and(|c| c.passed), "{c} missing\n{s}");
     }

@@ -2311,3 +2311,61 @@ fn decode_fixed(region: &DmaRegion, at: usize, op: u32) -> FsResult<Reply> {
         _ => Err(FsError::Virtio(Error::InvalidState)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SETATTR's times: a fixed time sets FATTR_ATIME/FATTR_MTIME with its seconds and
+    /// nanoseconds; `Now` sets the flag with its `*_NOW` companion and leaves the fields 0;
+    /// `None` sets nothing.
+    #[test]
+    fn setattr_times_encode() {
+        let at = |secs, nanos| Some(SetTime::At(Timespec { secs, nanos }));
+        let s = setattr_in(&SetAttr {
+            atime: at(1_500_000_000, 250_000_000),
+            mtime: at(1_234_567_890, 123_456_789),
+            ..SetAttr::default()
+        });
+        assert_eq!(s.valid.get(), fattr::ATIME | fattr::MTIME);
+        assert_eq!(
+            (s.atime.get(), s.atimensec.get()),
+            (1_500_000_000, 250_000_000)
+        );
+        assert_eq!(
+            (s.mtime.get(), s.mtimensec.get()),
+            (1_234_567_890, 123_456_789)
+        );
+        assert_eq!((s.ctime.get(), s.ctimensec.get()), (0, 0));
+
+        let s = setattr_in(&SetAttr {
+            atime: Some(SetTime::Now),
+            mtime: Some(SetTime::Now),
+            ..SetAttr::default()
+        });
+        assert_eq!(
+            s.valid.get(),
+            fattr::ATIME | fattr::ATIME_NOW | fattr::MTIME | fattr::MTIME_NOW
+        );
+        assert_eq!((s.atime.get(), s.atimensec.get()), (0, 0));
+        assert_eq!((s.mtime.get(), s.mtimensec.get()), (0, 0));
+
+        // One of each, beside size and mode.
+        let s = setattr_in(&SetAttr {
+            size: Some(7),
+            mode: Some(0o100_640),
+            atime: Some(SetTime::Now),
+            mtime: at(42, 1),
+            ..SetAttr::default()
+        });
+        assert_eq!(
+            s.valid.get(),
+            fattr::SIZE | fattr::MODE | fattr::ATIME | fattr::ATIME_NOW | fattr::MTIME
+        );
+        assert_eq!((s.mode.get(), s.size.get()), (0o640, 7));
+        assert_eq!((s.mtime.get(), s.mtimensec.get()), (42, 1));
+        assert_eq!(s.atime.get(), 0);
+
+        assert_eq!(setattr_in(&SetAttr::default()).valid.get(), 0);
+    }
+}

@@ -10,10 +10,17 @@
 //! 3. `fs.write`: `fs_write_len` bytes of a seeded pattern written to a new file (hash
 //!    checked on the host), fsync, flush, release;
 //! 4. metadata: mkdir/rmdir, rename, unlink, link, symlink/readlink, setattr (size and
-//!    mode), getattr, statfs, a lookup of a missing name (ENOENT);
+//!    mode; `fs.setattr_times`: atime and mtime to the device's now, then to fixed
+//!    values, read back with GETATTR and checked on the host), getattr, statfs, a lookup
+//!    of a missing name (ENOENT);
 //! 5. `fs.readdirplus`: the 10,000-entry directory `many`, every name checked, every
 //!    lookup reference returned with BATCH_FORGET;
-//! 6. DESTROY, statistics, reset.
+//! 6. `fs.host_change`: a host file the guest looked up (and read) is rewritten by the
+//!    host while the guest runs — the host's hook does it as soon as the guest prints
+//!    `STAT fs.phase=host-change` — and the guest, keeping the attributes as a cache for
+//!    the `attr_valid` the daemon granted, asks again (GETATTR) only once that expired,
+//!    until it sees the new size (bounded); then READ shows the new content;
+//! 7. DESTROY, statistics, reset.
 //!
 //! `bench-fs` ([`bench`]) measures the same driver beside virtio-blk.
 
@@ -34,7 +41,8 @@ use virtio_core::platform::InterruptMode;
 use virtio_core::transport::Transport;
 use virtio_core::{Bus, DeviceType, VirtioDevice};
 use virtio_fs::{
-    Errno, FileType, FsDriver, FsError, FsOptions, FsResult, NodeId, SetAttr, Waiter, open_flags,
+    Errno, FileType, FsDriver, FsError, FsOptions, FsResult, NodeId, SetAttr, SetTime, Timespec,
+    Waiter, open_flags,
 };
 use virtio_pci::{Preference, probe};
 
@@ -60,6 +68,27 @@ const SYMLINK_NAME: &str = "guest-symlink";
 const ATTR_NAME: &str = "guest-attr.txt";
 const ATTR_SIZE: u64 = 100;
 const ATTR_MODE: u32 = 0o640;
+/// Times `ATTR_NAME` gets (the host checks them; `fs_host.rs` has the same values).
+const ATTR_ATIME: Timespec = Timespec {
+    secs: 1_500_000_000,
+    nanos: 250_000_000,
+};
+const ATTR_MTIME: Timespec = Timespec {
+    secs: 1_234_567_890,
+    nanos: 123_456_789,
+};
+/// 2020-01-01T00:00:00Z: a `*_NOW` time is later than this (the host's clock).
+const PLAUSIBLE_NOW: u64 = 1_577_836_800;
+/// A host file the host rewrites while the guest runs (`fs_host.rs`).
+const CHANGE_NAME: &str = "host-changed.txt";
+const CHANGE_OLD: &str = "before the host's change\n";
+const CHANGE_NEW: &str = "after the host's change: new content, longer than before\n";
+/// The line after which the host changes `CHANGE_NAME`.
+const CHANGE_PHASE: &str = "host-change";
+/// The longest the guest waits to see the change.
+const CHANGE_DEADLINE_MS: u64 = 20_000;
+/// The shortest pause between two GETATTRs (if the daemon grants no cache time).
+const CHANGE_MIN_POLL_MS: u64 = 50;
 const XATTR_FILE: &str = "guest-xattr.txt";
 const XATTR_NAME: &str = "user.virtio-darwin";
 const XATTR_VALUE: &str = "set by the guest ✓";
@@ -364,6 +393,31 @@ fn steps(env: &Env, fs: &mut Fs, w: &mut GuestWaiter) {
         "{ATTR_NAME} after SETATTR size {ATTR_SIZE}, mode {ATTR_MODE:o}: {} (GETATTR)",
         shown(&attr, |(s, m)| format!("size {s}, mode {m:o}"))
     );
+    // SETATTR of times: the device's now, then fixed values; GETATTR agrees.
+    let times = set_times(fs, w);
+    check!(
+        "fs.setattr_times",
+        times.as_ref().is_ok_and(|t| t.now_ok() && t.fixed_ok()),
+        "{ATTR_NAME}: {}",
+        shown(&times, |t| format!(
+            "ATIME_NOW|MTIME_NOW: atime {}, mtime {} (mtime before {}, later than 2020: {}); \
+             then atime {}, mtime {}: GETATTR atime {}, mtime {} (the SETATTR reply's \
+             attributes {} GETATTR's)",
+            ts(t.now_atime),
+            ts(t.now_mtime),
+            ts(t.before_mtime),
+            t.now_ok(),
+            ts(ATTR_ATIME),
+            ts(ATTR_MTIME),
+            ts(t.atime),
+            ts(t.mtime),
+            if t.reply_agrees {
+                "equal"
+            } else {
+                "DIFFER from"
+            }
+        ))
+    );
     // STATFS, GETATTR of the root.
     let st = fs.statfs(w, root);
     let ra = fs.getattr(w, root, None);
@@ -412,6 +466,178 @@ fn steps(env: &Env, fs: &mut Fs, w: &mut GuestWaiter) {
         ))
     );
     report::stat("fs.readdirplus_us", us);
+
+    // A change the host makes while the guest runs, seen after the attribute timeout.
+    let change = host_change(fs, w);
+    check!(
+        "fs.host_change",
+        change.as_ref().is_ok_and(|c| c.old_ok && c.new_ok),
+        "{CHANGE_NAME}: {}",
+        shown(&change, |c| format!(
+            "LOOKUP granted entry_valid {}, attr_valid {}; read {} before the change; \
+             the cached attributes (size {}) kept {} ms after the marker line, then GETATTR \
+             #{} {} ms after it saw size {} ({} expected); READ: {}",
+            ts(c.entry_valid),
+            ts(c.attr_valid),
+            if c.old_ok {
+                "the old content"
+            } else {
+                "WRONG content"
+            },
+            c.old_size,
+            c.cached_ms,
+            c.polls,
+            c.seen_ms,
+            c.new_size,
+            CHANGE_NEW.len(),
+            text(&c.new_content)
+        ))
+    );
+    if let Ok(c) = &change {
+        report::stat("fs.host_change_ms", c.seen_ms);
+    }
+}
+
+/// `secs.nanos` s.
+fn ts(t: Timespec) -> String {
+    format!("{}.{:09} s", t.secs, t.nanos)
+}
+
+fn ns(t: Timespec) -> u64 {
+    t.secs
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(t.nanos))
+}
+
+/// What [`set_times`] saw.
+struct Times {
+    before_mtime: Timespec,
+    now_atime: Timespec,
+    now_mtime: Timespec,
+    atime: Timespec,
+    mtime: Timespec,
+    reply_agrees: bool,
+}
+
+impl Times {
+    /// The device's now: not before the file's previous mtime, and a plausible clock.
+    fn now_ok(&self) -> bool {
+        self.now_mtime >= self.before_mtime
+            && self.now_mtime.secs > PLAUSIBLE_NOW
+            && self.now_atime.secs > PLAUSIBLE_NOW
+    }
+
+    fn fixed_ok(&self) -> bool {
+        self.atime == ATTR_ATIME && self.mtime == ATTR_MTIME && self.reply_agrees
+    }
+}
+
+/// SETATTR of `ATTR_NAME`'s times: ATIME_NOW|MTIME_NOW, then the fixed `ATTR_ATIME` and
+/// `ATTR_MTIME` (what the host checks), each read back with GETATTR.
+fn set_times(fs: &mut Fs, w: &mut GuestWaiter) -> FsResult<Times> {
+    let e = fs.lookup(w, NodeId::ROOT, ATTR_NAME.as_bytes())?;
+    let now = SetAttr {
+        atime: Some(SetTime::Now),
+        mtime: Some(SetTime::Now),
+        ..SetAttr::default()
+    };
+    fs.setattr(w, e.node, now)?;
+    let n = fs.getattr(w, e.node, None)?;
+    let fixed = SetAttr {
+        atime: Some(SetTime::At(ATTR_ATIME)),
+        mtime: Some(SetTime::At(ATTR_MTIME)),
+        ..SetAttr::default()
+    };
+    let a = fs.setattr(w, e.node, fixed)?;
+    let g = fs.getattr(w, e.node, None)?;
+    fs.forget(w, &[(e.node, 1)])?;
+    Ok(Times {
+        before_mtime: e.attr.mtime,
+        now_atime: n.attr.atime,
+        now_mtime: n.attr.mtime,
+        atime: g.attr.atime,
+        mtime: g.attr.mtime,
+        reply_agrees: a.attr == g.attr,
+    })
+}
+
+/// What [`host_change`] saw.
+struct Change {
+    entry_valid: Timespec,
+    attr_valid: Timespec,
+    old_ok: bool,
+    old_size: u64,
+    /// How long after the marker the cached (old) attributes were still used.
+    cached_ms: u64,
+    /// GETATTRs sent after the marker, up to the one that saw the change.
+    polls: u32,
+    seen_ms: u64,
+    new_size: u64,
+    new_ok: bool,
+    new_content: Vec<u8>,
+}
+
+/// Reads all of an open file (up to 4 KiB).
+fn read_open(fs: &mut Fs, w: &mut GuestWaiter, node: NodeId) -> FsResult<Vec<u8>> {
+    let o = fs.open(w, node, open_flags::O_RDONLY)?;
+    let mut buf = vec![0u8; 4096];
+    let n = fs.read(w, node, o.fh, 0, &mut buf);
+    fs.release(w, node, o.fh, 0)?;
+    buf.truncate(n?);
+    Ok(buf)
+}
+
+/// `CHANGE_NAME`: LOOKUP and READ (the old content), the marker line (the host then
+/// rewrites the file with `CHANGE_NEW`), then the attributes are kept as a cache for the
+/// `attr_valid` the daemon granted and fetched again (GETATTR) each time it expires, until
+/// they show the new size or `CHANGE_DEADLINE_MS` passes; READ then returns the new content.
+fn host_change(fs: &mut Fs, w: &mut GuestWaiter) -> FsResult<Change> {
+    let e = fs.lookup(w, NodeId::ROOT, CHANGE_NAME.as_bytes())?;
+    let mut fetched = crate::time::now_ns();
+    let old = read_open(fs, w, e.node)?;
+    report::stat("fs.phase", CHANGE_PHASE);
+    let t0 = crate::time::now_ns();
+    let deadline = t0.saturating_add(CHANGE_DEADLINE_MS * 1_000_000);
+    let (mut valid, mut polls) = (e.attr_valid, 0u32);
+    let mut cached_ms = 0;
+    let want = CHANGE_NEW.len() as u64;
+    let (seen, new_size) = loop {
+        let expires = fetched.saturating_add(ns(valid).max(CHANGE_MIN_POLL_MS * 1_000_000));
+        let now = crate::time::now_ns();
+        if now < expires {
+            crate::time::wait_until((expires - now).div_ceil(1_000_000), || false);
+            continue;
+        }
+        if now >= deadline {
+            fs.forget(w, &[(e.node, 1)])?;
+            return Err(FsError::Timeout);
+        }
+        if polls == 0 {
+            cached_ms = (now - t0) / 1_000_000;
+        }
+        let g = fs.getattr(w, e.node, None)?;
+        fetched = crate::time::now_ns();
+        valid = g.attr_valid;
+        polls += 1;
+        if g.attr.size == want {
+            break ((fetched - t0) / 1_000_000, g.attr.size);
+        }
+    };
+    let new = read_open(fs, w, e.node);
+    fs.forget(w, &[(e.node, 1)])?;
+    let new = new?;
+    Ok(Change {
+        entry_valid: e.entry_valid,
+        attr_valid: e.attr_valid,
+        old_ok: old == CHANGE_OLD.as_bytes() && e.attr.size == CHANGE_OLD.len() as u64,
+        old_size: e.attr.size,
+        cached_ms,
+        polls,
+        seen_ms: seen,
+        new_size,
+        new_ok: new == CHANGE_NEW.as_bytes(),
+        new_content: new,
+    })
 }
 
 /// Reads all of `name` in pieces, hashing it: (length, FNV-1a).

@@ -3,7 +3,10 @@
 //! directory, starts virtiofsd on a socket in the run directory and gives QEMU the
 //! device — with the guest's memory as a shared memfd, which vhost-user needs (the daemon
 //! maps guest memory to reach the buffers) — and afterwards checks every effect the
-//! guest had on the directory (`host.fs.*`).
+//! guest had on the directory (`host.fs.*`). While the guest runs, a thread of the hook
+//! rewrites [`CHANGE_NAME`] as soon as the guest prints [`CHANGE_MARKER`] (the serial log
+//! is polled, as the other host peers do): the guest's `fs.host_change` shows that it
+//! sees the change once the attribute timeout the daemon granted expired.
 //!
 //! vhost-user-fs-pci is a modern-only virtio device (no legacy interface, no
 //! `disable-legacy`/`ioeventfd` properties), so the transport of a run does not change
@@ -23,6 +26,8 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use virtio_core::DeviceType;
 
@@ -71,6 +76,14 @@ pub const UNLINK_NAME: &str = "to-unlink.txt";
 pub const LINK_NAME: &str = "hello-hardlink.txt";
 pub const SYMLINK_NAME: &str = "guest-symlink";
 pub const ATTR_NAME: &str = "guest-attr.txt";
+/// The times the guest gives `ATTR_NAME` (seconds, nanoseconds).
+pub const ATTR_ATIME: (i64, i64) = (1_500_000_000, 250_000_000);
+pub const ATTR_MTIME: (i64, i64) = (1_234_567_890, 123_456_789);
+/// The file the host rewrites while the guest runs, after the guest's marker line.
+pub const CHANGE_NAME: &str = "host-changed.txt";
+pub const CHANGE_OLD: &str = "before the host's change\n";
+pub const CHANGE_NEW: &str = "after the host's change: new content, longer than before\n";
+pub const CHANGE_MARKER: &str = "STAT fs.phase=host-change";
 pub const XATTR_FILE: &str = "guest-xattr.txt";
 pub const XATTR_NAME: &str = "user.virtio-darwin";
 pub const XATTR_VALUE: &str = "set by the guest ✓";
@@ -143,6 +156,7 @@ fn populate(share: &Path) -> std::io::Result<u64> {
     std::fs::write(share.join(DATA_NAME), &data)?;
     std::fs::write(share.join(RENAME_FROM), RENAME_TEXT)?;
     std::fs::write(share.join(UNLINK_NAME), "to be unlinked\n")?;
+    std::fs::write(share.join(CHANGE_NAME), CHANGE_OLD)?;
     let many = share.join(MANY_DIR);
     std::fs::create_dir_all(&many)?;
     for i in 0..MANY_COUNT {
@@ -166,12 +180,67 @@ pub fn start(ctx: &HostContext<'_>) -> std::io::Result<HostSide> {
         format!("fs_write_len={WRITE_LEN}"),
         format!("fs_write_seed={seed}"),
     ];
-    let finish = move || finish(child, &share, &log_path, data_hash, seed, version);
+    let stop = Arc::new(AtomicBool::new(false));
+    let changer = {
+        let (stop, serial, file) = (
+            stop.clone(),
+            ctx.serial_log.to_path_buf(),
+            share.join(CHANGE_NAME),
+        );
+        std::thread::Builder::new()
+            .name("fs-host-change".into())
+            .spawn(move || change_on_marker(&serial, &file, &stop))?
+    };
+    let finish = move || {
+        stop.store(true, Ordering::Relaxed);
+        let change = changer
+            .join()
+            .unwrap_or_else(|_| Err("the thread panicked".into()));
+        finish(child, &share, &log_path, data_hash, seed, version, change)
+    };
     Ok(HostSide {
         guest_args,
         qemu_args: qemu,
         finish: Box::new(finish),
     })
+}
+
+/// What the host-change thread did: `None` if the marker never came.
+type ChangeLog = Result<Option<ChangeDone>, String>;
+
+struct ChangeDone {
+    /// From the thread's start (before QEMU) to the marker it saw.
+    marker_ms: u128,
+    /// From the marker seen to the file rewritten.
+    write_us: u128,
+}
+
+/// Polls the guest's serial log (every 20 ms) for [`CHANGE_MARKER`] until `stop`, then
+/// rewrites `file` in place (same inode: the guest's node stays valid) with
+/// [`CHANGE_NEW`].
+fn change_on_marker(serial: &Path, file: &Path, stop: &AtomicBool) -> ChangeLog {
+    let t0 = Instant::now();
+    loop {
+        let seen = std::fs::read(serial).is_ok_and(|b| {
+            String::from_utf8_lossy(&b)
+                .lines()
+                .any(|l| l.trim_end() == CHANGE_MARKER)
+        });
+        if seen {
+            break;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let marker_ms = t0.elapsed().as_millis();
+    let t1 = Instant::now();
+    std::fs::write(file, CHANGE_NEW).map_err(|e| format!("rewriting {}: {e}", file.display()))?;
+    Ok(Some(ChangeDone {
+        marker_ms,
+        write_us: t1.elapsed().as_micros(),
+    }))
 }
 
 /// Starts virtiofsd on `share` (the daemon, its log, its version) and returns QEMU's
@@ -194,7 +263,8 @@ fn daemon(
     let log = std::fs::File::create(&log_path)?;
     // --sandbox=none: no namespaces or chroot (they need privileges a CI container may
     // not grant); --seccomp=none: the filter is the daemon's own hardening and changes
-    // nothing the guest sees.
+    // nothing the guest sees. --cache=auto (the default, explicit): entries and attributes
+    // valid for 1 s, which `fs.host_change` waits out (virtiofsd has no other timeout).
     let mut child = Command::new(&daemon)
         .arg(format!("--socket-path={}", socket.display()))
         .arg(format!("--shared-dir={}", share.display()))
@@ -202,6 +272,7 @@ fn daemon(
             "--sandbox=none",
             "--seccomp=none",
             "--xattr",
+            "--cache=auto",
             "--log-level=warn",
         ])
         .stdin(Stdio::null())
@@ -405,6 +476,7 @@ fn finish(
     data_hash: u64,
     seed: u64,
     version: String,
+    change: ChangeLog,
 ) -> HostOutcome {
     let deadline = Instant::now() + Duration::from_secs(5);
     let exited = loop {
@@ -483,7 +555,16 @@ fn finish(
             }
         ),
     ));
-    let attr = std::fs::metadata(p(ATTR_NAME)).map(|m| (m.len(), m.permissions().mode() & 0o7777));
+    // Metadata before the content is read (a read may move the atime).
+    let meta = std::fs::metadata(p(ATTR_NAME));
+    let attr = meta
+        .as_ref()
+        .map(|m| (m.len(), m.permissions().mode() & 0o7777))
+        .map_err(|e| e.to_string());
+    let times = meta
+        .as_ref()
+        .map(|m| ((m.atime(), m.atime_nsec()), (m.mtime(), m.mtime_nsec())))
+        .map_err(|e| e.to_string());
     let content = std::fs::read(p(ATTR_NAME)).unwrap_or_default();
     checks.push(check(
         "setattr",
@@ -497,6 +578,41 @@ fn finish(
                 Err(e) => format!("error: {e}"),
             },
             content.iter().all(|&c| c == b'a')
+        ),
+    ));
+    let ns = |(s, n): (i64, i64)| format!("{s}.{n:09}");
+    checks.push(check(
+        "setattr_times",
+        times == Ok((ATTR_ATIME, ATTR_MTIME)),
+        format!(
+            "{ATTR_NAME}: {}; the guest set atime {}, mtime {}",
+            match &times {
+                Ok((a, m)) => format!("atime {}, mtime {}", ns(*a), ns(*m)),
+                Err(e) => format!("error: {e}"),
+            },
+            ns(ATTR_ATIME),
+            ns(ATTR_MTIME)
+        ),
+    ));
+    let now = std::fs::read_to_string(p(CHANGE_NAME)).map_err(|e| e.to_string());
+    checks.push(check(
+        "host_change",
+        matches!(change, Ok(Some(_))) && now.as_deref() == Ok(CHANGE_NEW),
+        format!(
+            "{}; {CHANGE_NAME} holds the new content afterwards: {}",
+            match &change {
+                Ok(Some(c)) => format!(
+                    "\"{CHANGE_MARKER}\" seen {} ms after the hook started, {CHANGE_NAME} \
+                     rewritten in place ({} -> {} bytes) {} us later",
+                    c.marker_ms,
+                    CHANGE_OLD.len(),
+                    CHANGE_NEW.len(),
+                    c.write_us
+                ),
+                Ok(None) => format!("the guest never printed \"{CHANGE_MARKER}\""),
+                Err(e) => format!("error: {e}"),
+            },
+            now.as_deref() == Ok(CHANGE_NEW)
         ),
     ));
     let value = get_xattr(&p(XATTR_FILE), XATTR_NAME);
