@@ -8,11 +8,14 @@
 //! framing rule the driver must follow (header `len` = the readable bytes, a non-zero
 //! `unique` never reused while in flight, names NUL-terminated, WRITE sizes matching the
 //! data, replies fitting the writable part) is checked and recorded in
-//! [`FsModel::violations`]. Hostile hooks: [`FsModel::tamper`] rewrites a reply's bytes
+//! [`FsModel::violations`]. With [`FsModel::notify_buf_size`] set the device offers
+//! VIRTIO_FS_F_NOTIFICATION: queue 1 is the notification queue (request queues from 2),
+//! whose buffers the model holds until [`FsModel::notify_raw`] sends a FUSE notify
+//! message (well-formed from the helpers, or any bytes and used length). Hostile hooks: [`FsModel::tamper`] rewrites a reply's bytes
 //! before they are written, [`FsModel::used_len`] changes the used length the device
 //! reports, and [`FsModel::reverse_completion`] completes each batch in reverse order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -25,6 +28,65 @@ use crate::sim::{Chain, Sim, SimBuilder, SimMode};
 /// Virtio-fs device type.
 pub const DEVICE_TYPE: u32 = 26;
 pub const VERSION_1: u64 = 1 << 32;
+/// VIRTIO_FS_F_NOTIFICATION (§5.11.3).
+pub const F_NOTIFICATION: u64 = 1 << 0;
+
+/// FUSE notify codes (`enum fuse_notify_code`; LOCK as virtio-fs numbers it).
+pub mod notify_code {
+    pub const POLL: i32 = 1;
+    pub const INVAL_INODE: i32 = 2;
+    pub const INVAL_ENTRY: i32 = 3;
+    pub const STORE: i32 = 4;
+    pub const DELETE: i32 = 6;
+    pub const LOCK: i32 = 7;
+}
+
+/// A FUSE notify message: `fuse_out_header` (len, error = code, unique) and `payload`.
+pub fn notify_message(code: i32, unique: u64, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(16 + payload.len());
+    m.extend_from_slice(&((16 + payload.len()) as u32).to_le_bytes());
+    m.extend_from_slice(&code.to_le_bytes());
+    m.extend_from_slice(&unique.to_le_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// FUSE_NOTIFY_INVAL_INODE (`fuse_notify_inval_inode_out`).
+pub fn notify_inval_inode(ino: u64, off: i64, len: i64) -> Vec<u8> {
+    let mut p = ino.to_le_bytes().to_vec();
+    p.extend_from_slice(&off.to_le_bytes());
+    p.extend_from_slice(&len.to_le_bytes());
+    notify_message(notify_code::INVAL_INODE, 0, &p)
+}
+
+/// FUSE_NOTIFY_INVAL_ENTRY (`fuse_notify_inval_entry_out`, name, NUL).
+pub fn notify_inval_entry(parent: u64, name: &[u8]) -> Vec<u8> {
+    let mut p = parent.to_le_bytes().to_vec();
+    p.extend_from_slice(&(name.len() as u32).to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes());
+    p.extend_from_slice(name);
+    p.push(0);
+    notify_message(notify_code::INVAL_ENTRY, 0, &p)
+}
+
+/// FUSE_NOTIFY_DELETE (`fuse_notify_delete_out`, name, NUL).
+pub fn notify_delete(parent: u64, child: u64, name: &[u8]) -> Vec<u8> {
+    let mut p = parent.to_le_bytes().to_vec();
+    p.extend_from_slice(&child.to_le_bytes());
+    p.extend_from_slice(&(name.len() as u32).to_le_bytes());
+    p.extend_from_slice(&0u32.to_le_bytes());
+    p.extend_from_slice(name);
+    p.push(0);
+    notify_message(notify_code::DELETE, 0, &p)
+}
+
+/// FUSE_NOTIFY_LOCK (`fuse_notify_lock_out`: unique, error, padding).
+pub fn notify_lock(unique: u64, error: i32) -> Vec<u8> {
+    let mut p = unique.to_le_bytes().to_vec();
+    p.extend_from_slice(&error.to_le_bytes());
+    p.extend_from_slice(&0i32.to_le_bytes());
+    notify_message(notify_code::LOCK, 0, &p)
+}
 
 /// FUSE opcodes this model serves.
 pub mod op {
@@ -135,6 +197,12 @@ pub struct FsModel {
     pub tamper: Option<Tamper>,
     pub used_len: Option<UsedLen>,
     pub reverse_completion: bool,
+    /// Offer VIRTIO_FS_F_NOTIFICATION with this `notify_buf_size`.
+    pub notify_buf_size: Option<u32>,
+    /// Notification buffers the driver posted that the model has not used yet.
+    notify_chains: VecDeque<Chain>,
+    /// Notification buffers the model has taken from the ring so far.
+    pub notify_buffers_seen: u64,
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -213,6 +281,9 @@ impl FsModel {
             tamper: None,
             used_len: None,
             reverse_completion: false,
+            notify_buf_size: None,
+            notify_chains: VecDeque::new(),
+            notify_buffers_seen: 0,
         }
     }
 
@@ -222,15 +293,24 @@ impl FsModel {
         let n = self.tag.len().min(36);
         c[..n].copy_from_slice(&self.tag[..n]);
         c[36..40].copy_from_slice(&self.num_request_queues.to_le_bytes());
+        if let Some(size) = self.notify_buf_size {
+            c[40..44].copy_from_slice(&size.to_le_bytes());
+        }
         c
     }
 
-    /// A modern function (virtio-fs has no legacy interface) with hiprio + the request
-    /// queues of `queue_size` entries, offering `generic` ring bits and VERSION_1.
+    /// A modern function (virtio-fs has no legacy interface) with hiprio, the
+    /// notification queue if offered, and the request queues, of `queue_size` entries,
+    /// offering `generic` ring bits and VERSION_1 (and NOTIFICATION).
     pub fn sim_builder(&self, generic: u64, queue_size: u16, memory_len: usize) -> SimBuilder {
-        let queues = vec![queue_size; 1 + self.num_request_queues as usize];
+        let queues = vec![queue_size; usize::from(self.queue_count())];
+        let notification = if self.notify_buf_size.is_some() {
+            F_NOTIFICATION
+        } else {
+            0
+        };
         SimBuilder::new(SimMode::Modern, DEVICE_TYPE)
-            .features(generic | VERSION_1)
+            .features(generic | VERSION_1 | notification)
             .queues(&queues)
             .device_config(&self.config_bytes())
             .memory_len(memory_len)
@@ -245,9 +325,62 @@ impl FsModel {
         self.violations.push(what);
     }
 
+    /// Whether the device offers NOTIFICATION (queue 1 is then the notification queue).
+    pub fn notification(&self) -> bool {
+        self.notify_buf_size.is_some()
+    }
+
+    /// hiprio, the notification queue if offered, and the request queues.
+    pub fn queue_count(&self) -> u16 {
+        1 + u16::from(self.notification()) + self.num_request_queues as u16
+    }
+
+    /// The first request queue's index (§5.11.2).
+    pub fn first_request_queue(&self) -> u16 {
+        1 + u16::from(self.notification())
+    }
+
+    /// Notification buffers the driver has made available and the model not used.
+    pub fn notify_buffers(&mut self, sim: &Sim) -> usize {
+        if self.notification() {
+            for c in sim.pop_chains(1) {
+                self.notify_buffers_seen += 1;
+                if c.readable_len() != 0 {
+                    self.violation("notification buffer with a readable part".into());
+                }
+                let need = self.notify_buf_size.unwrap_or(0);
+                if c.writable_len() < need {
+                    self.violation(format!(
+                        "notification buffer of {} bytes, notify_buf_size {need}",
+                        c.writable_len()
+                    ));
+                }
+                self.notify_chains.push_back(c);
+            }
+        }
+        self.notify_chains.len()
+    }
+
+    /// Sends `msg` in the oldest available notification buffer, reporting `used_len`
+    /// (default: the bytes written), and signals. False when the driver posted none.
+    pub fn notify_raw(&mut self, sim: &Sim, msg: &[u8], used_len: Option<u32>) -> bool {
+        self.notify_buffers(sim);
+        let Some(c) = self.notify_chains.pop_front() else {
+            return false;
+        };
+        let written = sim.write_chain(&c, msg);
+        sim.complete(1, c.head, used_len.unwrap_or(written));
+        sim.signal_used(1);
+        true
+    }
+
     /// Serves every available chain of `queue` (0 = hiprio), completes them (in order,
-    /// or reversed), then signals once. Returns how many.
+    /// or reversed), then signals once. Returns how many. The notification queue is not
+    /// served here (see [`FsModel::notify_raw`]).
     pub fn serve(&mut self, sim: &Sim, queue: u16) -> usize {
+        if queue == 1 && self.notification() {
+            return 0;
+        }
         let chains = sim.pop_chains(queue);
         let batch = chains.len();
         let mut done: Vec<(u16, u32)> = Vec::new();

@@ -11,11 +11,14 @@ use virtio_core::platform::InterruptMode;
 use virtio_core::{Bus, DeviceStatus, Error, VirtioDevice};
 use virtio_fs::wire::opcode;
 use virtio_fs::{
-    Errno, FileType, FsDriver, FsError, FsOptions, FsResult, NodeId, Reply, Request, SetAttr,
-    SetTime, Timespec, Waiter, open_flags, rename_flags,
+    Errno, FileType, FsDriver, FsError, FsOptions, FsResult, NodeId, Notification, Reply, Request,
+    SetAttr, SetTime, Timespec, Waiter, open_flags, rename_flags,
 };
 use virtio_pci::{PciTransport, Preference, probe};
-use virtio_tests::fs_model::{FsModel, op};
+use virtio_tests::fs_model::{
+    FsModel, notify_code, notify_delete, notify_inval_entry, notify_inval_inode, notify_lock,
+    notify_message, op,
+};
 use virtio_tests::sim::{Sim, SimBars, SimConfig, SimIrq, walk_allocation_failures};
 
 type Dev =
@@ -82,7 +85,7 @@ impl Waiter<Dev> for SimWaiter<'_> {
 impl SimWaiter<'_> {
     fn serve_and_interrupt(&mut self, fs: &mut Fs) -> FsResult<()> {
         let mut served = 0;
-        for q in 0..=self.model.num_request_queues as u16 {
+        for q in 0..self.model.queue_count() {
             served += self.model.serve(self.sim, q);
         }
         let irqs = self.sim.take_interrupts();
@@ -940,6 +943,32 @@ fn every_allocation_failure_in_setup_resets_and_frees() {
 }
 
 #[test]
+fn every_allocation_failure_in_setup_with_notification_resets_and_frees() {
+    let dir = TempDir::new("nalloc");
+    let mut model = FsModel::new(&dir.0, "hostshare");
+    model.notify_buf_size = Some(256);
+    let needed = walk_allocation_failures(
+        "virtio-fs notification",
+        || model.sim_builder(RING, 64, 64 << 20).build(),
+        |sim| {
+            let t = probe(sim.config_space(), sim.bars(), Preference::Auto).expect("probe");
+            FsDriver::new(
+                VirtioDevice::new(t, sim.memory(), sim.irq()),
+                FsOptions::default(),
+            )
+        },
+        |sim, allowed| {
+            if allowed > 3 {
+                assert_eq!(sim.status(), 0, "not reset when allocation {allowed} fails");
+            }
+        },
+    );
+    // Rings of three queues, the hiprio slots, the notification buffers and one request
+    // queue's slots.
+    assert!(needed >= 5, "{needed}");
+}
+
+#[test]
 fn requests_spread_over_several_request_queues() {
     let mut r = rig_with(
         "mq",
@@ -1286,5 +1315,412 @@ fn works_with_intx_and_with_polling() {
         // With INTx, completions arrived through the ISR path.
         let (_, through_isr) = fs.bus().interrupt_counts();
         assert_eq!(through_isr > 0, interrupts, "{through_isr} ISR interrupts");
+    }
+}
+
+// ---- the notification queue (VIRTIO_FS_F_NOTIFICATION) ----
+
+/// A rig whose device offers NOTIFICATION with `notify_buf_size` `size`.
+fn notify_rig(name: &str, opts: FsOptions, size: u32, tweak: impl FnOnce(&mut FsModel)) -> Rig {
+    rig_with(name, opts, |m| {
+        m.notify_buf_size = Some(size);
+        tweak(m)
+    })
+}
+
+/// Drains every notification the driver holds.
+fn drain(fs: &mut Fs) -> Vec<FsResult<Notification>> {
+    std::iter::from_fn(|| fs.take_notification()).collect()
+}
+
+fn notify_what(n: &FsResult<Notification>) -> &'static str {
+    match n {
+        Err(FsError::Protocol { what }) => what,
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+}
+
+#[test]
+fn notification_is_negotiated_and_request_queues_start_at_2() {
+    let mut r = notify_rig(
+        "nlayout",
+        FsOptions {
+            max_request_queues: 4,
+            slots: 4,
+            notify_buffers: 8,
+            ..FsOptions::default()
+        },
+        256,
+        |m| m.num_request_queues = 2,
+    );
+    assert!(r.sim.driver_features() & 1 != 0, "NOTIFICATION negotiated");
+    assert!(r.fs.has_notifications());
+    assert_eq!(r.fs.config().notify_buf_size, Some(256));
+    assert_eq!(r.fs.first_request_queue(), 2);
+    assert_eq!(r.fs.request_queues(), 2);
+    for q in 0..4 {
+        assert!(r.sim.queue_info(q).unwrap().enabled, "queue {q} enabled");
+    }
+    // Every buffer posted at setup, each at least notify_buf_size, write-only (the
+    // model checks), and the notification queue interrupts like the request queues.
+    assert_eq!(r.fs.notify_buffers(), 8);
+    assert_eq!(r.model.notify_buffers(&r.sim), 8);
+    assert!(r.sim.queue_info(1).unwrap().kicks >= 1, "buffers announced");
+    // Requests go to queues 2 and 3 only: INIT on 2, then balanced.
+    std::fs::write(r.root.join("f"), b"abc").unwrap();
+    let tickets: Vec<_> = (0..8)
+        .map(|_| {
+            r.fs.submit(&Request::Lookup {
+                parent: NodeId::ROOT,
+                name: b"f",
+            })
+            .unwrap()
+        })
+        .collect();
+    r.fs.kick().unwrap();
+    assert_eq!(r.model.serve(&r.sim, 2) + r.model.serve(&r.sim, 3), 8);
+    r.fs.poll().unwrap();
+    for t in tickets {
+        assert!(matches!(r.fs.take(t, &mut []), Ok(Reply::Entry(_))));
+    }
+    let per_queue = |q| r.model.records.iter().filter(|x| x.queue == q).count();
+    assert_eq!((per_queue(1), per_queue(2), per_queue(3)), (0, 5, 4));
+    // No notification was sent: nothing to take.
+    assert_eq!(r.fs.take_notification(), None);
+    r.no_violations();
+}
+
+#[test]
+fn notifications_arrive_typed_in_order_and_buffers_are_reposted() {
+    let mut r = notify_rig(
+        "ntyped",
+        FsOptions {
+            notify_buffers: 4,
+            ..FsOptions::default()
+        },
+        4096,
+        |_| {},
+    );
+    assert_eq!(r.model.notify_buffers(&r.sim), 4);
+    let name = "new wörld".as_bytes();
+    let msgs = [
+        notify_inval_inode(5, 0, -1),
+        notify_inval_entry(1, name),
+        notify_delete(1, 7, b"gone"),
+        notify_lock(42, -(libc::EAGAIN)),
+    ];
+    for m in &msgs {
+        assert!(r.model.notify_raw(&r.sim, m, None));
+    }
+    assert_eq!(r.model.notify_buffers(&r.sim), 0, "all four used");
+    // poll (and take_notification) allocate nothing.
+    let (got, n) = allocations(|| {
+        r.fs.poll().unwrap();
+        let mut out = [const { None }; 4];
+        for o in &mut out {
+            *o = r.fs.take_notification();
+        }
+        out
+    });
+    assert_eq!(n, 0, "the notification path allocated");
+    assert_eq!(
+        got[0],
+        Some(Ok(Notification::InvalInode {
+            node: NodeId(5),
+            offset: 0,
+            len: -1
+        }))
+    );
+    match got[1] {
+        Some(Ok(Notification::InvalEntry {
+            parent,
+            name: n,
+            flags,
+        })) => assert_eq!((parent, n.as_bytes(), flags), (NodeId::ROOT, name, 0)),
+        ref other => panic!("{other:?}"),
+    }
+    match got[2] {
+        Some(Ok(Notification::Delete {
+            parent,
+            child,
+            name: n,
+        })) => assert_eq!(
+            (parent, child, n.as_bytes()),
+            (NodeId::ROOT, NodeId(7), &b"gone"[..])
+        ),
+        ref other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        got[3],
+        Some(Ok(Notification::Lock {
+            unique: 42,
+            error: Some(Errno::EAGAIN)
+        }))
+    );
+    assert_eq!(r.fs.take_notification(), None);
+    // Every buffer is back with the device, and the device was told.
+    assert_eq!(r.fs.notify_buffers(), 4);
+    assert_eq!(r.model.notify_buffers(&r.sim), 4);
+    assert_eq!(r.model.notify_buffers_seen, 8);
+    // Many more than the buffer count, interleaved with requests served through the
+    // interrupt path: every one arrives, in order.
+    let mut seen = Vec::new();
+    for round in 0..25u64 {
+        for i in 0..3 {
+            assert!(r.model.notify_raw(
+                &r.sim,
+                &notify_inval_inode(100 + round * 3 + i, -1, 0),
+                None
+            ));
+        }
+        r.run(|fs, w| fs.statfs(w, NodeId::ROOT)).unwrap();
+        seen.extend(drain(&mut r.fs));
+    }
+    let nodes: Vec<u64> = seen
+        .iter()
+        .map(|n| match n {
+            Ok(Notification::InvalInode { node, .. }) => node.0,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(nodes, (100..175).collect::<Vec<_>>());
+    let stats = r.fs.stats();
+    assert_eq!((stats.notifications, stats.notify_errors), (79, 0));
+    assert_eq!(r.model.notify_buffers(&r.sim), 4);
+    r.no_violations();
+}
+
+#[test]
+fn hostile_notifications_are_errors_counted_and_reposted() {
+    let mut r = notify_rig(
+        "nhostile",
+        FsOptions {
+            notify_buffers: 4,
+            ..FsOptions::default()
+        },
+        4096,
+        |_| {},
+    );
+    let mut entry_name_len = notify_inval_entry(1, b"abc");
+    entry_name_len[16 + 8..16 + 12].copy_from_slice(&4u32.to_le_bytes());
+    let mut no_nul = notify_inval_entry(1, b"abc");
+    *no_nul.last_mut().unwrap() = b'd';
+    // 256 bytes: above NAME_MAX.
+    let long_name = notify_inval_entry(1, &[b'x'; 256]);
+    let mut bad_len = notify_inval_inode(5, 0, 0);
+    bad_len[0] = 200;
+    let cases: Vec<(&str, Vec<u8>, Option<u32>, &str)> = vec![
+        ("short", vec![0u8; 8], None, "shorter than its header"),
+        ("len vs used", bad_len, None, "length disagrees"),
+        (
+            "used 0",
+            notify_inval_inode(5, 0, 0),
+            Some(0),
+            "shorter than its header",
+        ),
+        (
+            "used short",
+            notify_inval_inode(5, 0, 0),
+            Some(30),
+            "length disagrees",
+        ),
+        (
+            "unknown code",
+            notify_message(99, 0, &[0; 8]),
+            None,
+            "unknown",
+        ),
+        ("code 0", notify_message(0, 0, &[]), None, "unknown"),
+        ("negative code", notify_message(-5, 0, &[]), None, "unknown"),
+        (
+            "unique",
+            notify_message(notify_code::POLL, 77, &[0; 8]),
+            None,
+            "non-zero unique",
+        ),
+        (
+            "inode short",
+            notify_message(notify_code::INVAL_INODE, 0, &[1; 23]),
+            None,
+            "differs",
+        ),
+        (
+            "inode long",
+            notify_message(notify_code::INVAL_INODE, 0, &[1; 25]),
+            None,
+            "differs",
+        ),
+        ("inode 0", notify_inval_inode(0, 0, 0), None, "node id 0"),
+        ("name length", entry_name_len, None, "name length"),
+        ("no NUL", no_nul, None, "NUL-terminated"),
+        ("slash", notify_inval_entry(1, b"a/b"), None, "'/'"),
+        (
+            "empty name",
+            notify_inval_entry(1, b""),
+            None,
+            "name length 0",
+        ),
+        ("name > 255", long_name, None, "above 255"),
+        (
+            "delete short",
+            notify_message(notify_code::DELETE, 0, &[0; 20]),
+            None,
+            "shorter",
+        ),
+        (
+            "delete child 0",
+            notify_delete(1, 0, b"x"),
+            None,
+            "node id 0",
+        ),
+        ("lock error", notify_lock(3, 5), None, "negative errno"),
+        (
+            "store",
+            notify_message(notify_code::STORE, 0, &[0; 40]),
+            None,
+            "STORE",
+        ),
+        (
+            "huge",
+            notify_message(notify_code::POLL, 0, &[0; 2000]),
+            None,
+            "longer than any",
+        ),
+    ];
+    for (i, (what, msg, used, expect)) in cases.iter().enumerate() {
+        assert!(r.model.notify_raw(&r.sim, msg, *used), "{what}: no buffer");
+        // A valid one behind each hostile one: both arrive, in order.
+        assert!(
+            r.model
+                .notify_raw(&r.sim, &notify_inval_inode(1000 + i as u64, -1, 0), None)
+        );
+        r.fs.poll().unwrap();
+        let got = drain(&mut r.fs);
+        assert_eq!(got.len(), 2, "{what}: {got:?}");
+        assert!(
+            notify_what(&got[0]).contains(expect),
+            "{what}: {:?}",
+            got[0]
+        );
+        assert!(
+            matches!(got[1], Ok(Notification::InvalInode { node, .. }) if node.0 == 1000 + i as u64),
+            "{what}: {:?}",
+            got[1]
+        );
+        assert_eq!(r.fs.notify_buffers(), 4, "{what}: buffers reposted");
+    }
+    let stats = r.fs.stats();
+    assert_eq!(stats.notify_errors, cases.len() as u64);
+    assert_eq!(stats.notifications, cases.len() as u64);
+    // Requests are unaffected.
+    assert!(r.run(|fs, w| fs.statfs(w, NodeId::ROOT)).is_ok());
+    // A forged used id on the notification queue: an error, no panic.
+    r.sim.complete_raw(1, 200, 16);
+    assert!(r.fs.poll().is_err());
+    r.no_violations();
+}
+
+#[test]
+fn a_notification_flood_is_bounded_per_poll() {
+    let mut r = notify_rig(
+        "nflood",
+        FsOptions {
+            notify_buffers: 4,
+            ..FsOptions::default()
+        },
+        512,
+        |_| {},
+    );
+    for i in 0..4 {
+        assert!(
+            r.model
+                .notify_raw(&r.sim, &notify_inval_inode(10 + i, -1, 0), None)
+        );
+    }
+    r.fs.poll().unwrap();
+    // Reposted at once: the device sends four more, but the driver holds four results
+    // already and leaves these on the used ring until the caller takes some.
+    for i in 4..8 {
+        assert!(
+            r.model
+                .notify_raw(&r.sim, &notify_inval_inode(10 + i, -1, 0), None)
+        );
+    }
+    assert!(
+        !r.model
+            .notify_raw(&r.sim, &notify_inval_inode(99, -1, 0), None),
+        "no buffer left"
+    );
+    r.fs.poll().unwrap();
+    assert_eq!(r.fs.stats().notifications, 4);
+    assert_eq!(
+        r.model.notify_buffers(&r.sim),
+        0,
+        "not reposted while results wait"
+    );
+    let first = drain(&mut r.fs);
+    r.fs.poll().unwrap();
+    let second = drain(&mut r.fs);
+    let nodes: Vec<u64> = first
+        .iter()
+        .chain(&second)
+        .map(|n| match n {
+            Ok(Notification::InvalInode { node, .. }) => node.0,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(nodes, (10..18).collect::<Vec<_>>());
+    assert_eq!(r.fs.notify_buffers(), 4);
+    assert_eq!(r.model.notify_buffers(&r.sim), 4);
+    r.no_violations();
+}
+
+#[test]
+fn without_notification_nothing_changes() {
+    // Not offered: bit 0 not acknowledged, request queues from 1, nothing to take.
+    let mut r = rig("nnone");
+    assert_eq!(r.sim.driver_features() & 1, 0);
+    assert!(!r.fs.has_notifications());
+    assert_eq!(r.fs.config().notify_buf_size, None);
+    assert_eq!(r.fs.first_request_queue(), 1);
+    assert_eq!(r.fs.notify_buffers(), 0);
+    assert!(r.run(|fs, w| fs.statfs(w, NodeId::ROOT)).is_ok());
+    assert!(r.model.records.iter().all(|x| x.queue == 1));
+    assert_eq!(r.fs.take_notification(), None);
+    // Offered but refused (notify_buffers 0): the same layout, and queue 1 serves
+    // requests (the model answers them there as a device without the bit would).
+    let (_d, sim, mut model, fs) = try_rig(
+        "nrefused",
+        FsOptions {
+            notify_buffers: 0,
+            ..FsOptions::default()
+        },
+        |m| m.notify_buf_size = Some(256),
+    );
+    let fs = fs.unwrap();
+    assert_eq!(sim.driver_features() & 1, 0);
+    assert!(sim.offered_features() & 1 != 0);
+    assert_eq!(fs.first_request_queue(), 1);
+    assert!(!fs.has_notifications());
+    model.notify_buf_size = None;
+    let mut r = Rig {
+        root: _d.0.clone(),
+        _dir: _d,
+        sim,
+        model,
+        fs,
+    };
+    r.run(|fs, w| fs.init(w)).unwrap();
+    assert!(r.model.records.iter().all(|x| x.queue == 1));
+    // A notify_buf_size that holds no header, or asks for more than 64 KiB: FAILED.
+    for size in [0, 15, 64 * 1024 + 1, u32::MAX] {
+        let (_d, sim, _m, fs) = try_rig("nbadsize", FsOptions::default(), |m| {
+            m.notify_buf_size = Some(size)
+        });
+        assert!(
+            matches!(fs, Err(FsError::Protocol { .. })),
+            "notify_buf_size {size}"
+        );
+        assert!(sim.status() & DeviceStatus::FAILED.bits() != 0, "{size}");
     }
 }

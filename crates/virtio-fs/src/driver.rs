@@ -1,6 +1,7 @@
 //! The driver proper: bring-up, request slots, submission, completion by `unique`, and
 //! the blocking operations built on them (see the crate documentation for the design).
 
+use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
 use virtio_core::bus::{Bus, QueueSpec};
@@ -12,6 +13,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::error::{Errno, FsError, FsResult};
 use crate::features;
+use crate::notify::{self, NOTIFY_MSG_MAX, Notification};
 use crate::reply::{
     AttrReply, DirEntry, DirIter, Entry, FileHandle, InitInfo, NodeId, Opened, Statfs, Timespec,
 };
@@ -38,6 +40,13 @@ pub const FORGET_BATCH_MAX: usize =
 pub const NAME_MAX: usize = 255;
 /// Longest symlink target the driver sends (what fits the request area beside a name).
 pub const SYMLINK_TARGET_MAX: usize = REQUEST_AREA - size_of::<InHeader>() - NAME_MAX - 2;
+/// The notification queue's index (§5.11.2), with VIRTIO_FS_F_NOTIFICATION.
+pub const NOTIFICATION_QUEUE: u16 = 1;
+/// Largest `notify_buf_size` the driver accepts (a larger one fails setup: it would make
+/// the driver allocate what the device asks without bound).
+pub const NOTIFY_BUF_MAX: u32 = 64 * 1024;
+/// Notification buffers the driver posts at most.
+pub const MAX_NOTIFY_BUFFERS: u16 = 256;
 /// Request queues this driver drives at most.
 const MAX_REQUEST_QUEUES: u16 = 64;
 /// Chunk requests one `read`/`write` keeps in flight at most.
@@ -107,6 +116,12 @@ pub struct FsOptions {
     pub pid: u32,
     /// Bound on waiter calls for one blocking operation.
     pub max_waits: u32,
+    /// Notification buffers to post when the device offers VIRTIO_FS_F_NOTIFICATION
+    /// (at most [`MAX_NOTIFY_BUFFERS`] and the queue size); 0 refuses the feature. As
+    /// many decoded notifications wait for [`FsDriver::take_notification`]; while that
+    /// many wait, completed buffers stay on the used ring (the device then runs out of
+    /// buffers: back-pressure, §5.11.6.3).
+    pub notify_buffers: u16,
 }
 
 impl Default for FsOptions {
@@ -122,6 +137,7 @@ impl Default for FsOptions {
             gid: 0,
             pid: 1,
             max_waits: 1_000_000,
+            notify_buffers: 16,
         }
     }
 }
@@ -142,6 +158,8 @@ pub struct FsConfig {
     tag_len: usize,
     /// `num_request_queues` as the device reported it.
     pub num_request_queues: u32,
+    /// `notify_buf_size`, with VIRTIO_FS_F_NOTIFICATION negotiated (else `None`).
+    pub notify_buf_size: Option<u32>,
 }
 
 impl FsConfig {
@@ -152,8 +170,9 @@ impl FsConfig {
     }
 
     /// Reads and validates the configuration: a non-empty UTF-8 tag (NUL-padded), at
-    /// least one request queue.
-    fn read<B: Bus>(bus: &B) -> FsResult<FsConfig> {
+    /// least one request queue and, with `notification`, a `notify_buf_size` that holds
+    /// at least a FUSE out header and at most [`NOTIFY_BUF_MAX`].
+    fn read<B: Bus>(bus: &B, notification: bool) -> FsResult<FsConfig> {
         let mut tag = [0u8; cfg::TAG_LEN];
         bus.read_config(cfg::TAG, &mut tag)?;
         let tag_len = tag.iter().position(|&b| b == 0).unwrap_or(cfg::TAG_LEN);
@@ -174,10 +193,22 @@ impl FsConfig {
                 what: "config num_request_queues is 0",
             });
         }
+        let notify_buf_size = if notification {
+            let size = bus.read_config_u32(cfg::NOTIFY_BUF_SIZE)?;
+            if (size as usize) < size_of::<OutHeader>() || size > NOTIFY_BUF_MAX {
+                return Err(FsError::Protocol {
+                    what: "config notify_buf_size below a FUSE header or above 64 KiB",
+                });
+            }
+            Some(size)
+        } else {
+            None
+        };
         Ok(FsConfig {
             tag,
             tag_len,
             num_request_queues,
+            notify_buf_size,
         })
     }
 }
@@ -477,6 +508,10 @@ pub struct FsStats {
     pub errno_replies: u64,
     /// Of those, replies that broke the protocol.
     pub protocol_errors: u64,
+    /// Notifications received and decoded (handed out by `take_notification`).
+    pub notifications: u64,
+    /// Notifications that broke the protocol (handed out as errors, in order).
+    pub notify_errors: u64,
     /// FORGET / BATCH_FORGET requests on hiprio, and the nodes they carried.
     pub forget_requests: u64,
     pub forgotten_nodes: u64,
@@ -556,6 +591,19 @@ impl Encoder {
     }
 }
 
+/// The notification queue (VIRTIO_FS_F_NOTIFICATION): its buffers, all allocated at
+/// setup and posted whenever they are not with the driver, and the decoded results
+/// waiting for the caller.
+struct NotifyQueue {
+    region: Option<DmaRegion>,
+    /// Bytes per buffer (at least `notify_buf_size`).
+    stride: usize,
+    /// Which buffers the device holds.
+    posted: Vec<bool>,
+    /// Results in arrival order; never longer than `posted.len()` (no allocation).
+    pending: VecDeque<FsResult<Notification>>,
+}
+
 /// The virtio file system driver over a bus `B`.
 pub struct FsDriver<B: Bus> {
     bus: B,
@@ -565,6 +613,7 @@ pub struct FsDriver<B: Bus> {
     queues: Vec<RequestQueue>,
     hiprio: Option<DmaRegion>,
     hiprio_busy: [bool; HIPRIO_SLOTS],
+    notify: Option<NotifyQueue>,
     next_unique: u64,
     init: Option<InitInfo>,
     stats: FsStats,
@@ -573,21 +622,28 @@ pub struct FsDriver<B: Bus> {
 }
 
 impl<B: Bus> FsDriver<B> {
-    /// Initialises the device (§3.1.1; VERSION_1 required, NOTIFICATION refused), reads
-    /// its configuration, sets up hiprio and the request queues, allocates every slot and
-    /// sets DRIVER_OK. FUSE_INIT follows with [`FsDriver::init`].
+    /// Initialises the device (§3.1.1; VERSION_1 required, NOTIFICATION negotiated when
+    /// offered and `notify_buffers` is non-zero), reads its configuration, sets up hiprio,
+    /// the notification queue (with its buffers posted) and the request queues, allocates
+    /// every slot and sets DRIVER_OK. FUSE_INIT follows with [`FsDriver::init`].
     pub fn new(mut bus: B, options: FsOptions) -> FsResult<Self> {
         if bus.device_type() != DeviceType::Fs {
             return Err(FsError::Virtio(Error::Unsupported));
         }
-        let negotiated = bus.negotiate_features(features::SUPPORTED)?;
+        let wanted_features = if options.notify_buffers == 0 {
+            features::SUPPORTED.difference(features::NOTIFICATION)
+        } else {
+            features::SUPPORTED
+        };
+        let negotiated = bus.negotiate_features(wanted_features)?;
+        let notification = negotiated.contains(features::NOTIFICATION);
         if !negotiated.contains(Features::VERSION_1) {
             // §5.11: the device has no legacy interface; a driver must not run it without
             // VERSION_1.
             bus.fail();
             return Err(FsError::Virtio(Error::MissingFeature { bit: 32 }));
         }
-        let config = match FsConfig::read(&bus) {
+        let config = match FsConfig::read(&bus, notification) {
             Ok(c) => c,
             Err(e) => {
                 bus.fail();
@@ -603,10 +659,19 @@ impl<B: Bus> FsDriver<B> {
                 .size(HIPRIO_SLOTS as u16)
                 .interrupts(false),
         );
-        for i in 0..count {
-            // §5.11.2: request queues follow hiprio (no notification queue: refused).
+        if notification {
+            // §5.11.2: queue 1 is the notification queue; its buffers are posted below.
             specs.push(
-                QueueSpec::new(1 + i)
+                QueueSpec::new(NOTIFICATION_QUEUE)
+                    .size(options.notify_buffers.min(MAX_NOTIFY_BUFFERS))
+                    .interrupts(options.interrupts),
+            );
+        }
+        // §5.11.2: request queues follow hiprio and, if present, the notification queue.
+        let first = HIPRIO_QUEUE + 1 + u16::from(notification);
+        for i in 0..count {
+            specs.push(
+                QueueSpec::new(first + i)
                     .size(options.queue_size)
                     .interrupts(options.interrupts),
             );
@@ -627,6 +692,7 @@ impl<B: Bus> FsDriver<B> {
             queues: Vec::with_capacity(usize::from(count)),
             hiprio: None,
             hiprio_busy: [false; HIPRIO_SLOTS],
+            notify: None,
             next_unique: 1,
             init: None,
             stats: FsStats::default(),
@@ -638,8 +704,27 @@ impl<B: Bus> FsDriver<B> {
                 .dma()
                 .alloc_coherent(HIPRIO_SLOT * HIPRIO_SLOTS, 64)?,
         );
+        if let Some(size) = fs.config.notify_buf_size {
+            let queue = fs.bus.queue_size(NOTIFICATION_QUEUE)?;
+            let buffers = usize::from(options.notify_buffers.min(MAX_NOTIFY_BUFFERS).min(queue));
+            // At least what the device asks (§5.11.6.3), and at least the longest
+            // notification decoded here; cache-line multiples.
+            let stride = (size as usize).max(NOTIFY_MSG_MAX).next_multiple_of(64);
+            let region = fs.bus.dma().alloc_coherent(buffers.max(1) * stride, 64)?;
+            let mut posted = Vec::with_capacity(buffers);
+            posted.resize(buffers, false);
+            fs.notify = Some(NotifyQueue {
+                region: Some(region),
+                stride,
+                posted,
+                pending: VecDeque::with_capacity(buffers),
+            });
+            for i in 0..buffers {
+                fs.post_notify(i)?;
+            }
+        }
         for i in 0..count {
-            let index = 1 + i;
+            let index = first + i;
             let size = fs.bus.queue_size(index)?;
             let slots = options.slots.clamp(1, size.max(1));
             let len = usize::from(slots) * RequestQueue::stride(data_size as usize);
@@ -653,13 +738,17 @@ impl<B: Bus> FsDriver<B> {
             });
         }
         fs.bus.driver_ok()?;
+        if fs.notify.is_some() {
+            fs.bus.kick(NOTIFICATION_QUEUE)?;
+        }
         log::info!(
-            "virtio-fs: tag \"{}\", {} request queue(s) of {} used, {} slots of {} bytes each, features {:#x}",
+            "virtio-fs: tag \"{}\", {} request queue(s) of {} used, {} slots of {} bytes each, {} notification buffer(s), features {:#x}",
             fs.config.tag(),
             fs.config.num_request_queues,
             count,
             options.slots,
             data_size,
+            fs.notify_buffers(),
             fs.bus.features().bits()
         );
         Ok(fs)
@@ -689,6 +778,31 @@ impl<B: Bus> FsDriver<B> {
     /// Request queues in use.
     pub fn request_queues(&self) -> usize {
         self.queues.len()
+    }
+
+    /// The device index of the first request queue: 1, or 2 with the notification
+    /// queue (§5.11.2).
+    pub fn first_request_queue(&self) -> u16 {
+        self.queues.first().map_or(1, |q| q.index)
+    }
+
+    /// Whether VIRTIO_FS_F_NOTIFICATION is in use (queue 1 is the notification queue).
+    pub fn has_notifications(&self) -> bool {
+        self.notify.is_some()
+    }
+
+    /// Notification buffers posted and not yet collected by [`FsDriver::poll`].
+    pub fn notify_buffers(&self) -> usize {
+        self.notify
+            .as_ref()
+            .map_or(0, |n| n.posted.iter().filter(|&&p| p).count())
+    }
+
+    /// The oldest notification not yet taken: a decoded [`Notification`], or the
+    /// protocol error a hostile one was (`None`: nothing waiting). [`FsDriver::poll`]
+    /// (and every blocking operation, and interrupts) collects them.
+    pub fn take_notification(&mut self) -> Option<FsResult<Notification>> {
+        self.notify.as_mut().and_then(|n| n.pending.pop_front())
     }
 
     /// Largest READ/READDIR one request carries: the slot buffer, within `max_pages`.
@@ -820,6 +934,7 @@ impl<B: Bus> FsDriver<B> {
     /// Returns how many replies arrived. Bounded: at most one pop per slot per queue.
     pub fn poll(&mut self) -> FsResult<usize> {
         self.reclaim_hiprio()?;
+        self.collect_notifications()?;
         let mut arrived = 0;
         for qi in 0..self.queues.len() {
             let (index, bound) = match self.queues.get(qi) {
@@ -906,6 +1021,9 @@ impl<B: Bus> FsDriver<B> {
     /// replies arrived meanwhile (poll instead of sleeping).
     pub fn enable_interrupts(&mut self) -> FsResult<bool> {
         let mut more = false;
+        if self.notify.is_some() {
+            more |= self.bus.enable_interrupts(NOTIFICATION_QUEUE)?;
+        }
         for i in 0..self.queues.len() {
             if let Some(index) = self.queues.get(i).map(|q| q.index) {
                 more |= self.bus.enable_interrupts(index)?;
@@ -931,6 +1049,14 @@ impl<B: Bus> FsDriver<B> {
             unsafe { self.bus.dma().free_coherent(region) };
         }
         self.hiprio_busy = [false; HIPRIO_SLOTS];
+        if let Some(n) = self.notify.as_mut() {
+            if let Some(region) = n.region.take() {
+                // SAFETY: as above: device reset, region from `alloc_coherent`, freed once.
+                unsafe { self.bus.dma().free_coherent(region) };
+            }
+            n.posted.iter_mut().for_each(|p| *p = false);
+            n.pending.clear();
+        }
         self.init = None;
         self.shut_down = true;
     }
@@ -1306,6 +1432,77 @@ impl<B: Bus> FsDriver<B> {
         } else {
             Err(FsError::InvalidArgument)
         }
+    }
+
+    // ---- the notification queue ----
+
+    /// Gives notification buffer `i` to the device (its whole stride, device-writable).
+    fn post_notify(&mut self, i: usize) -> FsResult<()> {
+        let n = self.notify.as_mut().ok_or(Error::InvalidState)?;
+        let region = n.region.as_ref().ok_or(Error::InvalidState)?;
+        let seg = Segment::new(region.daddr + (i * n.stride) as u64, n.stride as u32);
+        self.bus.add(NOTIFICATION_QUEUE, &[], &[seg], i)?;
+        if let Some(p) = n.posted.get_mut(i) {
+            *p = true;
+        }
+        Ok(())
+    }
+
+    /// Collects the notification buffers the device returned: each is validated and
+    /// decoded (a hostile one becomes a protocol error in its place), queued for
+    /// [`FsDriver::take_notification`] and its buffer posted again. Bounded: at most
+    /// the buffer count per call, and never more than the room left for results.
+    fn collect_notifications(&mut self) -> FsResult<()> {
+        let Some(n) = self.notify.as_ref() else {
+            return Ok(());
+        };
+        let room = n.posted.len().saturating_sub(n.pending.len());
+        let mut reposted = false;
+        for _ in 0..room {
+            let Some(used) = self.bus.pop_used(NOTIFICATION_QUEUE)? else {
+                break;
+            };
+            let n = self.notify.as_mut().ok_or(Error::InvalidState)?;
+            match n.posted.get_mut(used.token) {
+                Some(p @ true) => *p = false,
+                _ => {
+                    return Err(FsError::Protocol {
+                        what: "notification queue completed a buffer the driver did not post",
+                    });
+                }
+            }
+            let region = n.region.as_ref().ok_or(Error::InvalidState)?;
+            // The bus checked `used.len` against the buffer's size.
+            let result = if used.len as usize > NOTIFY_MSG_MAX {
+                Err(FsError::Protocol {
+                    what: "notification longer than any notify message",
+                })
+            } else {
+                let mut buf = [0u8; NOTIFY_MSG_MAX];
+                let bytes = buf
+                    .get_mut(..used.len as usize)
+                    .ok_or(Error::InvalidState)?;
+                // Volatile copy out of the returned buffer, validated after.
+                if !region.read_into(used.token * n.stride, bytes) {
+                    return Err(FsError::Virtio(Error::InvalidState));
+                }
+                notify::decode(bytes)
+            };
+            match &result {
+                Ok(_) => self.stats.notifications += 1,
+                Err(e) => {
+                    self.stats.notify_errors += 1;
+                    log::error!("virtio-fs: notification: {e}");
+                }
+            }
+            n.pending.push_back(result);
+            self.post_notify(used.token)?;
+            reposted = true;
+        }
+        if reposted {
+            self.bus.kick(NOTIFICATION_QUEUE)?;
+        }
+        Ok(())
     }
 
     // ---- hiprio: FORGET and BATCH_FORGET ----

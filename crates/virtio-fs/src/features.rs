@@ -17,10 +17,11 @@ pub const NOTIFICATION: Features = Features::bit(0);
 pub const FEATURE_TABLE: [FeatureBit; 1] = [FeatureBit {
     bit: 0,
     name: "NOTIFICATION",
-    accept: false,
-    note: "device-initiated FUSE notifications (invalidations, lock wake-ups) need a \
-           notification queue of posted buffers and a consumer above the driver; not \
-           implemented yet, and the request queues then start at index 1",
+    accept: true,
+    note: "queue 1 becomes the notification queue (request queues from 2): the driver \
+           posts preallocated buffers of at least notify_buf_size, validates each FUSE \
+           notify message (INVAL_INODE, INVAL_ENTRY, DELETE, LOCK, POLL) and hands it \
+           out typed (FsDriver::take_notification); FsOptions::notify_buffers 0 refuses it",
 }];
 
 /// The accepted bits of [`FEATURE_TABLE`].
@@ -31,8 +32,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refuses_notification_and_bad_feature() {
-        assert!(!SUPPORTED.contains(NOTIFICATION));
+    fn accepts_notification_refuses_bad_feature() {
+        assert!(SUPPORTED.contains(NOTIFICATION));
         assert!(!SUPPORTED.intersects(Features::BAD_FEATURE));
     }
 }

@@ -5,10 +5,12 @@
 //! # Design
 //!
 //! - **Setup** ([`FsDriver::new`]): VERSION_1 is required (the device has no legacy
-//!   interface), NOTIFICATION is refused ([`features`]); the configuration's `tag` must be
-//!   non-empty NUL-padded UTF-8 and `num_request_queues` non-zero. Queue 0 is `hiprio`
+//!   interface), NOTIFICATION is negotiated when offered ([`features`]); the
+//!   configuration's `tag` must be non-empty NUL-padded UTF-8, `num_request_queues`
+//!   non-zero and, with NOTIFICATION, `notify_buf_size` 16..=64 KiB. Queue 0 is `hiprio`
 //!   (FORGET / BATCH_FORGET, no replies, no interrupts: its buffers are reclaimed when
-//!   the next one goes out); queues 1.. are request queues (§5.11.2). Every byte the I/O
+//!   the next one goes out); with NOTIFICATION queue 1 is the notification queue and the
+//!   request queues are 2.., without it 1.. (§5.11.2). Every byte the I/O
 //!   path touches is allocated here: per request queue a slab of slots, each with a
 //!   request area (header, arguments, names), a reply area (header and the fixed reply)
 //!   and a data buffer of `data_size` bytes (READ/READDIR land in it, WRITE data is copied
@@ -29,7 +31,15 @@
 //!   READ, WRITE, RELEASE, RELEASEDIR, READDIR, READDIRPLUS, CREATE, MKDIR, UNLINK, RMDIR,
 //!   RENAME2, LINK, SYMLINK, READLINK, STATFS, FSYNC, FSYNCDIR, FLUSH, SETXATTR, GETXATTR,
 //!   LISTXATTR, REMOVEXATTR, LSEEK, FALLOCATE, DESTROY. Not yet: MKNOD, ACCESS, locks,
-//!   the NOTIFICATION queue, DAX windows.
+//!   DAX windows.
+//! - **Notifications** (NOTIFICATION, §5.11.6.3): `notify_buffers` buffers (each at
+//!   least `notify_buf_size`) are allocated at setup and kept posted. [`FsDriver::poll`]
+//!   collects returned ones — at most the buffer count per call, and only while there is
+//!   room for their results — validates each (out header length equal to the used
+//!   length, `unique` 0, a known code in `error`, the payload exactly the code's
+//!   structure plus a 1..=255-byte NUL-terminated name without `/` where it has one,
+//!   node ids non-zero), queues the [`Notification`] or the protocol error in arrival
+//!   order for [`FsDriver::take_notification`], and posts the buffer again.
 //! - **Blocking operations** (`lookup`, `read`, `write`, `read_dir`, `create`, ...) wait
 //!   through a caller's [`Waiter`] (interrupts in the guest, a simulated device in
 //!   tests), bounded by `max_waits`. `read`/`write` split the caller's buffer into chunks
@@ -66,6 +76,7 @@ extern crate alloc;
 pub mod driver;
 pub mod error;
 pub mod features;
+pub mod notify;
 pub mod reply;
 pub mod wire;
 
@@ -74,6 +85,7 @@ pub use driver::{
     Waiter, open_flags, rename_flags, xattr_names,
 };
 pub use error::{Errno, FsError, FsResult};
+pub use notify::{Notification, NotifyName};
 pub use reply::{
     Attr, AttrReply, DirEntry, DirIter, Entry, FileHandle, FileType, InitInfo, NodeId, Opened,
     Statfs, Timespec,

@@ -7,7 +7,7 @@
 //! little-endian integers (virtio-fs is a virtio 1.x-only device, so its FUSE messages are
 //! little-endian, §5.11.6.1). The `layouts_match_the_protocol` test pins every size.
 
-use zerocopy::little_endian::{I32, U16, U32, U64};
+use zerocopy::little_endian::{I32, I64, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// The FUSE major version this driver speaks.
@@ -585,6 +585,81 @@ pub const DIRENT_ALIGN: usize = 8;
 /// Longest name a directory record may carry (`FUSE_NAME_MAX`).
 pub const FUSE_NAME_MAX: u32 = 1024;
 
+/// FUSE notify codes (`enum fuse_notify_code`): a notification is a `fuse_out_header`
+/// with `unique` 0 and the code in `error` (§5.11.6.3: they arrive on the notification
+/// queue), followed by the code's payload.
+pub mod notify_code {
+    pub const POLL: i32 = 1;
+    pub const INVAL_INODE: i32 = 2;
+    pub const INVAL_ENTRY: i32 = 3;
+    pub const STORE: i32 = 4;
+    pub const RETRIEVE: i32 = 5;
+    pub const DELETE: i32 = 6;
+    /// `FUSE_NOTIFY_LOCK`: the code the virtio-fs notification queue was designed for
+    /// (§5.11.6.3 names it; the virtio-fs FUSE patches number it 7, which upstream
+    /// `fuse.h` later gave to FUSE_NOTIFY_RESEND — a request-queue-only device never
+    /// sends RESEND here).
+    pub const LOCK: i32 = 7;
+}
+
+/// `struct fuse_notify_poll_wakeup_out`.
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct NotifyPollWakeupOut {
+    pub kh: U64,
+}
+
+/// `struct fuse_notify_inval_inode_out`.
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct NotifyInvalInodeOut {
+    pub ino: U64,
+    /// Start of the range to invalidate; negative: only the attributes.
+    pub off: I64,
+    /// Length of the range; 0 or negative: to the end of the file.
+    pub len: I64,
+}
+
+/// `struct fuse_notify_inval_entry_out`, followed by `namelen` name bytes and a NUL.
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct NotifyInvalEntryOut {
+    pub parent: U64,
+    pub namelen: U32,
+    /// Padding before 7.38, then `flags` (FUSE_EXPIRE_ONLY 1).
+    pub flags: U32,
+}
+
+/// `struct fuse_notify_delete_out`, followed by `namelen` name bytes and a NUL.
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct NotifyDeleteOut {
+    pub parent: U64,
+    pub child: U64,
+    pub namelen: U32,
+    pub padding: U32,
+}
+
+/// `struct fuse_notify_lock_out` (virtio-fs): the lock request `unique` is answered.
+#[derive(
+    Copy, Clone, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct NotifyLockOut {
+    pub unique: U64,
+    /// 0, or a negative errno.
+    pub error: I32,
+    pub padding: I32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -594,6 +669,11 @@ mod tests {
     fn layouts_match_the_protocol() {
         assert_eq!(size_of::<InHeader>(), 40);
         assert_eq!(size_of::<OutHeader>(), 16);
+        assert_eq!(size_of::<NotifyPollWakeupOut>(), 8);
+        assert_eq!(size_of::<NotifyInvalInodeOut>(), 24);
+        assert_eq!(size_of::<NotifyInvalEntryOut>(), 16);
+        assert_eq!(size_of::<NotifyDeleteOut>(), 24);
+        assert_eq!(size_of::<NotifyLockOut>(), 16);
         assert_eq!(size_of::<InitIn>(), 16);
         assert_eq!(size_of::<InitOut>(), 64);
         assert_eq!(offset_of!(InitOut, max_write), 20);

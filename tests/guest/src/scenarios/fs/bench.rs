@@ -147,6 +147,7 @@ const FS_OPTIONS: FsOptions = FsOptions {
     gid: 0,
     pid: 1,
     max_waits: 1_000_000,
+    notify_buffers: 16,
 };
 
 fn open_fs(env: &Env, timeout_ms: u64) -> Result<(Fs, GuestWaiter, InitInfo), String> {
