@@ -35,6 +35,7 @@ pub mod device;
 pub mod packed;
 pub mod queue;
 pub mod ring;
+mod ringmem;
 pub mod virtqueue;
 
 pub use bus::{Bus, InterruptCause, QueueMask, QueueSpec};

@@ -19,9 +19,10 @@ use core::ptr::NonNull;
 use core::sync::atomic::{Ordering, fence};
 
 use crate::error::{Error, Result};
-use crate::platform::{DeviceAddr, DmaRegion};
+use crate::platform::DmaRegion;
 use crate::queue::{QueueConfig, QueueStats, Segment, Used};
 use crate::ring::{DescFlags, MAX_QUEUE_SIZE, need_event};
+use crate::ringmem::{IndirectPool, RingMemory};
 use crate::transport::RingAddresses;
 
 /// `VIRTQ_DESC_F_AVAIL` (§2.8.1): equals the driver's wrap counter when it makes a
@@ -118,10 +119,9 @@ impl Pos {
 pub struct PackedQueue {
     index: u16,
     layout: PackedRingLayout,
-    ring: DmaRegion,
-    /// `size * max_indirect` indirect entries, one table per buffer id.
-    indirect: Option<DmaRegion>,
-    max_indirect: u16,
+    ring: RingMemory,
+    /// One indirect table per buffer id.
+    indirect: IndirectPool,
     event_idx: bool,
     ignore_used_len: bool,
 
@@ -151,25 +151,17 @@ impl PackedQueue {
         config: QueueConfig,
     ) -> Result<Self> {
         let size = layout.size;
-        if config.size != size || ring.len < layout.total {
+        if config.size != size {
             return Err(Error::BadQueueSize { queue: index, size });
         }
-        let max_indirect = match &indirect {
-            Some(pool) if config.max_indirect > 1 => {
-                let needed = size as usize * config.max_indirect as usize * 16;
-                if pool.len < needed || config.max_indirect > size {
-                    return Err(Error::BadChain);
-                }
-                config.max_indirect
-            }
-            _ => 0,
-        };
+        let ring = RingMemory::new(ring, layout.total)
+            .map_err(|_| Error::BadQueueSize { queue: index, size })?;
+        let indirect = IndirectPool::new(indirect, size, config.max_indirect)?;
         let mut q = PackedQueue {
             index,
             layout,
             ring,
             indirect,
-            max_indirect,
             event_idx: config.event_idx,
             ignore_used_len: config.ignore_used_len,
             ids: vec![Id::Free; size as usize],
@@ -210,15 +202,11 @@ impl PackedQueue {
     }
     /// Largest chain `add` accepts in one go.
     pub fn max_chain(&self) -> u16 {
-        self.max_indirect.max(self.layout.size)
+        self.indirect.max().max(self.layout.size)
     }
     /// Ring positions a chain of `segments` segments takes (the split ring's rule).
     pub fn descriptors_for(&self, segments: usize) -> usize {
-        if self.max_indirect > 0 && segments > 1 && segments <= self.max_indirect as usize {
-            1
-        } else {
-            segments
-        }
+        self.indirect.descriptors_for(segments)
     }
     /// Chains in flight (added, not yet popped).
     pub fn in_flight(&self) -> u16 {
@@ -227,7 +215,7 @@ impl PackedQueue {
 
     /// Device addresses of the descriptor ring and the two event suppression structures.
     pub fn addresses(&self) -> RingAddresses {
-        let base = self.ring.daddr;
+        let base = self.ring.daddr();
         RingAddresses {
             desc: base,
             driver: base + self.layout.driver as u64,
@@ -237,7 +225,7 @@ impl PackedQueue {
 
     /// Gives back the DMA memory (after the device stopped using the queue).
     pub fn into_regions(self) -> (DmaRegion, Option<DmaRegion>) {
-        (self.ring, self.indirect)
+        (self.ring.into_region(), self.indirect.into_region())
     }
 
     /// Makes a chain of `readable` then `writable` segments available (§2.8.13), tagged
@@ -275,7 +263,7 @@ impl PackedQueue {
             .chain(writable.iter().map(|s| (s, true)));
         let head_flags;
         if use_indirect {
-            let Some(table) = self.indirect_table(id) else {
+            let Some(table) = self.indirect.table(id) else {
                 self.free_ids.push(id);
                 return Err(Error::BadChain);
             };
@@ -286,7 +274,7 @@ impl PackedQueue {
                 // entry i < total is inside it; the region is DMA memory we own.
                 unsafe { write_packed(table.add(i * 16), seg.addr, seg.len, id, Some(flags)) };
             }
-            let table_addr = self.indirect_daddr(id);
+            let table_addr = self.indirect.daddr(id);
             let p = self.desc_ptr(head.idx);
             // SAFETY: head.idx < size: the entry is inside the descriptor ring. Flags later.
             unsafe { write_packed(p, table_addr, (total * 16) as u32, id, None) };
@@ -331,7 +319,7 @@ impl PackedQueue {
         // sees the updated descriptor table" before the head's flags make the chain
         // available: every other write above is ordered before this one.
         fence(Ordering::Release);
-        self.write_u16(self.flags_offset(head.idx), head_flags);
+        self.ring.write_u16(self.flags_offset(head.idx), head_flags);
         self.stats.added += 1;
         Ok(())
     }
@@ -347,8 +335,8 @@ impl PackedQueue {
         // §2.8.22: the flags write that made the chain available must be visible before the
         // device's suppression structure is read (store→load: full fence).
         fence(Ordering::SeqCst);
-        let off_wrap = self.read_u16(self.layout.device);
-        let flags = self.read_u16(self.layout.device + 2);
+        let off_wrap = self.ring.read_u16(self.layout.device);
+        let flags = self.ring.read_u16(self.layout.device + 2);
         let notify = match flags {
             EVENT_FLAG_DISABLE => false,
             EVENT_FLAG_DESC if self.event_idx => {
@@ -383,7 +371,7 @@ impl PackedQueue {
     /// Whether the descriptor at `pos` has been used by the device in `pos`'s lap.
     #[inline]
     fn is_used(&self, pos: Pos) -> bool {
-        let flags = self.read_u16(self.flags_offset(pos.idx));
+        let flags = self.ring.read_u16(self.flags_offset(pos.idx));
         let avail = flags & DESC_F_AVAIL != 0;
         let used = flags & DESC_F_USED != 0;
         avail == used && used == pos.wrap
@@ -409,7 +397,7 @@ impl PackedQueue {
             // only mark it used in this lap (both = wrap). AVAIL != wrap there is a device
             // writing in the wrong lap (a wrap counter out of step): not "nothing yet".
             if self.in_flight > 0 {
-                let flags = self.read_u16(self.flags_offset(pos.idx));
+                let flags = self.ring.read_u16(self.flags_offset(pos.idx));
                 if (flags & DESC_F_AVAIL != 0) != pos.wrap {
                     return Err(self.fail(Error::DeviceProtocol {
                         what: "used descriptor flags in the wrong lap",
@@ -429,8 +417,8 @@ impl PackedQueue {
         // the device's write barrier before its flags write).
         fence(Ordering::Acquire);
         let off = 16 * pos.idx as usize;
-        let len = self.read_u32(off + 8);
-        let id = self.read_u16(off + 12);
+        let len = self.ring.read_u32(off + 8);
+        let id = self.ring.read_u16(off + 12);
         let slot = match self.ids.get(id as usize) {
             Some(s) => *s,
             None => {
@@ -470,7 +458,8 @@ impl PackedQueue {
         if self.event_idx && self.interrupts_enabled {
             // Linux `virtqueue_get_buf_ctx_packed`: keep the interrupt point at our consumer
             // position, visible before the next flags read (store→load).
-            self.write_u16(self.layout.driver, self.next_used.off_wrap());
+            self.ring
+                .write_u16(self.layout.driver, self.next_used.off_wrap());
             fence(Ordering::SeqCst);
         }
         Ok(Some(Used { token, len }))
@@ -482,7 +471,8 @@ impl PackedQueue {
             return;
         }
         self.interrupts_enabled = false;
-        self.write_u16(self.layout.driver + 2, EVENT_FLAG_DISABLE);
+        self.ring
+            .write_u16(self.layout.driver + 2, EVENT_FLAG_DISABLE);
     }
 
     /// Re-enables interrupts race-free: returns true if completions arrived that the caller
@@ -505,12 +495,13 @@ impl PackedQueue {
             .next_used
             .advance(delay.min(self.layout.size), self.layout.size);
         if self.event_idx {
-            self.write_u16(self.layout.driver, at.off_wrap());
+            self.ring.write_u16(self.layout.driver, at.off_wrap());
             // The position before the flags that make the device read it.
             fence(Ordering::Release);
-            self.write_u16(self.layout.driver + 2, EVENT_FLAG_DESC);
+            self.ring.write_u16(self.layout.driver + 2, EVENT_FLAG_DESC);
         } else {
-            self.write_u16(self.layout.driver + 2, EVENT_FLAG_ENABLE);
+            self.ring
+                .write_u16(self.layout.driver + 2, EVENT_FLAG_ENABLE);
         }
         // §2.8.10: the re-enable must be visible before the used flags are read again, or a
         // completion written in between would be missed with no interrupt (full fence).
@@ -547,12 +538,8 @@ impl PackedQueue {
     /// Zeroes the ring: no descriptor available or used in either lap (flags 0 are neither,
     /// with both wrap counters starting at 1), both event structures ENABLE.
     fn reset_memory(&mut self) {
-        let len = self.layout.total;
-        if let Some(p) = self.ring.ptr_at(0, len) {
-            // SAFETY: the device does not use the ring (before setup, or after a reset);
-            // the range is inside the allocation (checked by `ptr_at`).
-            unsafe { core::ptr::write_bytes(p.as_ptr(), 0, len) };
-        }
+        // The device does not use the ring here (before setup, or after a reset).
+        self.ring.zero();
     }
 
     // The only indexing site: ids come from our own stack (all < size) or were validated
@@ -569,16 +556,6 @@ impl PackedQueue {
         e
     }
 
-    fn indirect_table(&self, id: u16) -> Option<NonNull<u8>> {
-        let entry = self.max_indirect as usize * 16;
-        self.indirect.as_ref()?.ptr_at(id as usize * entry, entry)
-    }
-
-    fn indirect_daddr(&self, id: u16) -> DeviceAddr {
-        let base = self.indirect.as_ref().map_or(0, |p| p.daddr);
-        base + (id as u64) * (self.max_indirect as u64) * 16
-    }
-
     #[inline]
     fn flags_offset(&self, idx: u16) -> usize {
         16 * idx as usize + 14
@@ -586,40 +563,7 @@ impl PackedQueue {
 
     #[inline]
     fn desc_ptr(&self, idx: u16) -> NonNull<u8> {
-        self.ptr(16 * idx as usize)
-    }
-
-    /// Pointer to `offset` in the ring: offsets come from positions < size and the layout,
-    /// all inside `layout.total <= ring.len`.
-    #[inline]
-    fn ptr(&self, offset: usize) -> NonNull<u8> {
-        debug_assert!(offset < self.layout.total);
-        // SAFETY: offset < layout.total <= ring.len (checked in `new`).
-        unsafe { self.ring.vaddr.add(offset) }
-    }
-
-    #[inline]
-    fn read_u16(&self, offset: usize) -> u16 {
-        // SAFETY: in-bounds (see `ptr`), 2-aligned; volatile because the device writes this
-        // memory concurrently.
-        u16::from_le(unsafe { self.ptr(offset).cast::<u16>().as_ptr().read_volatile() })
-    }
-
-    #[inline]
-    fn read_u32(&self, offset: usize) -> u32 {
-        // SAFETY: in-bounds, 4-aligned (descriptor `len` at +8); volatile as above.
-        u32::from_le(unsafe { self.ptr(offset).cast::<u32>().as_ptr().read_volatile() })
-    }
-
-    #[inline]
-    fn write_u16(&mut self, offset: usize, value: u16) {
-        // SAFETY: in-bounds, 2-aligned; volatile because the device reads it concurrently.
-        unsafe {
-            self.ptr(offset)
-                .cast::<u16>()
-                .as_ptr()
-                .write_volatile(value.to_le())
-        }
+        self.ring.ptr(16 * idx as usize)
     }
 }
 

@@ -14,6 +14,7 @@ use core::sync::atomic::{Ordering, fence};
 use crate::error::{Error, Result};
 use crate::platform::{DeviceAddr, DmaRegion};
 use crate::ring::{AVAIL_F_NO_INTERRUPT, DescFlags, SplitRingLayout, USED_F_NO_NOTIFY, need_event};
+use crate::ringmem::{IndirectPool, RingMemory};
 use crate::transport::RingAddresses;
 
 /// One buffer of a chain, already mapped for the device.
@@ -108,10 +109,9 @@ pub struct QueueConfig {
 pub struct SplitQueue {
     index: u16,
     layout: SplitRingLayout,
-    ring: DmaRegion,
-    /// `size * max_indirect` descriptors, one table per possible head.
-    indirect: Option<DmaRegion>,
-    max_indirect: u16,
+    ring: RingMemory,
+    /// One indirect table per possible head.
+    indirect: IndirectPool,
     event_idx: bool,
     ignore_used_len: bool,
 
@@ -142,19 +142,12 @@ impl SplitQueue {
         config: QueueConfig,
     ) -> Result<Self> {
         let size = layout.size;
-        if config.size != size || ring.len < layout.total {
+        if config.size != size {
             return Err(Error::BadQueueSize { queue: index, size });
         }
-        let max_indirect = match &indirect {
-            Some(pool) if config.max_indirect > 1 => {
-                let needed = size as usize * config.max_indirect as usize * 16;
-                if pool.len < needed || config.max_indirect > size {
-                    return Err(Error::BadChain);
-                }
-                config.max_indirect
-            }
-            _ => 0,
-        };
+        let ring = RingMemory::new(ring, layout.total)
+            .map_err(|_| Error::BadQueueSize { queue: index, size })?;
+        let indirect = IndirectPool::new(indirect, size, config.max_indirect)?;
         // Free list: 0 → 1 → ... → size-1 (the last link is never followed: num_free bounds it).
         let next = (0..size).map(|i| i.wrapping_add(1) % size).collect();
         let mut q = SplitQueue {
@@ -162,7 +155,6 @@ impl SplitQueue {
             layout,
             ring,
             indirect,
-            max_indirect,
             event_idx: config.event_idx,
             ignore_used_len: config.ignore_used_len,
             next,
@@ -177,8 +169,8 @@ impl SplitQueue {
             stats: QueueStats::default(),
         };
         // Start with interrupts enabled: used_event = 0 / flags = 0 (zeroed memory).
-        q.write_u16(q.layout.used_event(), 0);
-        q.write_u16(q.layout.avail_flags(), 0);
+        q.ring.write_u16(q.layout.used_event(), 0);
+        q.ring.write_u16(q.layout.avail_flags(), 0);
         Ok(q)
     }
 
@@ -205,17 +197,13 @@ impl SplitQueue {
     }
     /// Largest chain `add` accepts in one go.
     pub fn max_chain(&self) -> u16 {
-        self.max_indirect.max(self.layout.size)
+        self.indirect.max().max(self.layout.size)
     }
     /// Ring descriptors a chain of `segments` segments occupies: one when it goes through an
     /// indirect table (negotiated, more than one segment, fits the table), else one per
     /// segment. The single rule `add` applies, for drivers sizing their backpressure.
     pub fn descriptors_for(&self, segments: usize) -> usize {
-        if self.max_indirect > 0 && segments > 1 && segments <= self.max_indirect as usize {
-            1
-        } else {
-            segments
-        }
+        self.indirect.descriptors_for(segments)
     }
 
     /// Chains in flight (added, not yet popped).
@@ -225,7 +213,7 @@ impl SplitQueue {
 
     /// Device addresses of the three areas, for the transport.
     pub fn addresses(&self) -> RingAddresses {
-        let base = self.ring.daddr;
+        let base = self.ring.daddr();
         RingAddresses {
             desc: base + self.layout.desc as u64,
             driver: base + self.layout.avail as u64,
@@ -235,7 +223,7 @@ impl SplitQueue {
 
     /// Gives back the DMA memory (after the device stopped using the queue).
     pub fn into_regions(self) -> (DmaRegion, Option<DmaRegion>) {
-        (self.ring, self.indirect)
+        (self.ring.into_region(), self.indirect.into_region())
     }
 
     /// Makes a chain of `readable` then `writable` segments available (§2.7.13), tagged
@@ -273,7 +261,7 @@ impl SplitQueue {
             .map(|s| (s, false))
             .chain(writable.iter().map(|s| (s, true)));
         if use_indirect {
-            let Some(table) = self.indirect_table(head) else {
+            let Some(table) = self.indirect.table(head) else {
                 return Err(Error::BadChain);
             };
             let table_len = (total * 16) as u32;
@@ -293,7 +281,7 @@ impl SplitQueue {
                 // entry i < total is inside it; the region is DMA memory we own.
                 unsafe { write_desc(table.add(i * 16), seg.addr, seg.len, flags, next) };
             }
-            let table_addr = self.indirect_daddr(head);
+            let table_addr = self.indirect.daddr(head);
             self.write_desc_at(head, table_addr, table_len, DescFlags::INDIRECT, 0);
             self.free_head = self.link(head);
             self.stats.indirect += 1;
@@ -326,12 +314,12 @@ impl SplitQueue {
 
         // Publish: ring entry, then (after the barrier) the index (§2.7.13.1–2.7.13.3).
         let slot = self.avail_idx;
-        self.write_u16(self.layout.avail_ring(slot), head);
+        self.ring.write_u16(self.layout.avail_ring(slot), head);
         // §2.7.13.3: "The driver performs a suitable memory barrier to ensure the device
         // sees the updated descriptor table and available ring before the next step."
         fence(Ordering::Release);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.write_u16(self.layout.avail_idx(), self.avail_idx);
+        self.ring.write_u16(self.layout.avail_idx(), self.avail_idx);
         self.stats.added += 1;
         Ok(())
     }
@@ -350,9 +338,9 @@ impl SplitQueue {
         // before the load of the device's suppression state (store→load: full fence).
         fence(Ordering::SeqCst);
         let notify = if self.event_idx {
-            need_event(self.read_u16(self.layout.avail_event()), new, old)
+            need_event(self.ring.read_u16(self.layout.avail_event()), new, old)
         } else {
-            self.read_u16(self.layout.used_flags()) & USED_F_NO_NOTIFY == 0
+            self.ring.read_u16(self.layout.used_flags()) & USED_F_NO_NOTIFY == 0
         };
         if notify {
             self.stats.kicks += 1;
@@ -365,7 +353,7 @@ impl SplitQueue {
     /// Whether the device has completed chains we have not popped yet.
     #[inline]
     pub fn has_used(&self) -> bool {
-        !self.broken && self.read_u16(self.layout.used_idx()) != self.last_used
+        !self.broken && self.ring.read_u16(self.layout.used_idx()) != self.last_used
     }
 
     /// Pops the next used entry in the order the device completed them (§2.7.14), after
@@ -376,7 +364,7 @@ impl SplitQueue {
         if self.broken {
             return Err(Error::QueueBroken { queue: self.index });
         }
-        let used_idx = self.read_u16(self.layout.used_idx());
+        let used_idx = self.ring.read_u16(self.layout.used_idx());
         let pending = used_idx.wrapping_sub(self.last_used);
         if pending == 0 {
             return Ok(None);
@@ -394,8 +382,8 @@ impl SplitQueue {
         // the device's write barrier before its idx update).
         fence(Ordering::Acquire);
         let elem = self.layout.used_ring(self.last_used);
-        let id = self.read_u32(elem);
-        let len = self.read_u32(elem + 4);
+        let id = self.ring.read_u32(elem);
+        let len = self.ring.read_u32(elem + 4);
         let slot = match usize::try_from(id).ok().and_then(|i| self.slots.get(i)) {
             Some(slot) => *slot,
             None => {
@@ -441,7 +429,8 @@ impl SplitQueue {
             // Linux `virtqueue_get_buf_ctx_split`: keep used_event at our consumer position
             // so the next completion interrupts (§2.7.10), and make it visible before the
             // next used.idx read (store→load).
-            self.write_u16(self.layout.used_event(), self.last_used);
+            self.ring
+                .write_u16(self.layout.used_event(), self.last_used);
             fence(Ordering::SeqCst);
         }
         Ok(Some(Used { token, len }))
@@ -456,9 +445,11 @@ impl SplitQueue {
         if self.event_idx {
             // §2.7.10: with EVENT_IDX the flags are ignored; put used_event just behind our
             // position so the device's [old, new) window never contains it.
-            self.write_u16(self.layout.used_event(), self.last_used.wrapping_sub(1));
+            self.ring
+                .write_u16(self.layout.used_event(), self.last_used.wrapping_sub(1));
         } else {
-            self.write_u16(self.layout.avail_flags(), AVAIL_F_NO_INTERRUPT);
+            self.ring
+                .write_u16(self.layout.avail_flags(), AVAIL_F_NO_INTERRUPT);
         }
     }
 
@@ -480,14 +471,16 @@ impl SplitQueue {
     fn enable_interrupts_at(&mut self, delay: u16) -> bool {
         self.interrupts_enabled = true;
         if self.event_idx {
-            self.write_u16(self.layout.used_event(), self.last_used.wrapping_add(delay));
+            self.ring
+                .write_u16(self.layout.used_event(), self.last_used.wrapping_add(delay));
         } else {
-            self.write_u16(self.layout.avail_flags(), 0);
+            self.ring.write_u16(self.layout.avail_flags(), 0);
         }
         // §2.7.10: the re-enable must be visible before we re-read used.idx, or a completion
         // written in between would be missed with no interrupt (store→load: full fence).
         fence(Ordering::SeqCst);
         let pending = self
+            .ring
             .read_u16(self.layout.used_idx())
             .wrapping_sub(self.last_used);
         pending > delay
@@ -513,12 +506,8 @@ impl SplitQueue {
         self.last_used = 0;
         self.interrupts_enabled = true;
         self.broken = false;
-        let len = self.layout.total;
-        if let Some(p) = self.ring.ptr_at(0, len) {
-            // SAFETY: the device no longer uses the ring after a reset; zeroing the whole
-            // region (inside the allocation, checked by `ptr_at`) restores its initial state.
-            unsafe { core::ptr::write_bytes(p.as_ptr(), 0, len) };
-        }
+        // The device no longer uses the ring after a reset: zeroed, it is as new.
+        self.ring.zero();
     }
 
     // Driver-private free-list and slot state. Every index passed here is either produced by
@@ -547,16 +536,6 @@ impl SplitQueue {
         e
     }
 
-    fn indirect_table(&self, head: u16) -> Option<NonNull<u8>> {
-        let entry = self.max_indirect as usize * 16;
-        self.indirect.as_ref()?.ptr_at(head as usize * entry, entry)
-    }
-
-    fn indirect_daddr(&self, head: u16) -> DeviceAddr {
-        let base = self.indirect.as_ref().map_or(0, |p| p.daddr);
-        base + (head as u64) * (self.max_indirect as u64) * 16
-    }
-
     fn write_desc_at(
         &mut self,
         index: u16,
@@ -565,43 +544,10 @@ impl SplitQueue {
         flags: DescFlags,
         next: u16,
     ) {
-        let p = self.ptr(self.layout.desc_entry(index));
+        let p = self.ring.ptr(self.layout.desc_entry(index));
         // SAFETY: `desc_entry` reduces the index modulo the size, so the 16-byte entry lies
         // inside the descriptor table of our ring allocation (`ptr` checks in debug builds).
         unsafe { write_desc(p, addr, len, flags, next) };
-    }
-
-    /// Pointer to `offset` in the ring. Offsets come only from `SplitRingLayout`, which keeps
-    /// every field inside `layout.total <= ring.len` by construction.
-    #[inline]
-    fn ptr(&self, offset: usize) -> NonNull<u8> {
-        debug_assert!(offset < self.layout.total);
-        // SAFETY: offset < layout.total <= ring.len (checked in `new`).
-        unsafe { self.ring.vaddr.add(offset) }
-    }
-
-    #[inline]
-    fn read_u16(&self, offset: usize) -> u16 {
-        // SAFETY: in-bounds (see `ptr`), 2-aligned by the layout; volatile because the device
-        // writes this memory concurrently.
-        u16::from_le(unsafe { self.ptr(offset).cast::<u16>().as_ptr().read_volatile() })
-    }
-
-    #[inline]
-    fn read_u32(&self, offset: usize) -> u32 {
-        // SAFETY: in-bounds, 4-aligned (used ring elements); volatile as above.
-        u32::from_le(unsafe { self.ptr(offset).cast::<u32>().as_ptr().read_volatile() })
-    }
-
-    #[inline]
-    fn write_u16(&mut self, offset: usize, value: u16) {
-        // SAFETY: in-bounds, 2-aligned; volatile because the device reads it concurrently.
-        unsafe {
-            self.ptr(offset)
-                .cast::<u16>()
-                .as_ptr()
-                .write_volatile(value.to_le())
-        }
     }
 }
 

@@ -1,0 +1,134 @@
+//! What the split and the packed ring share: the ring's DMA memory as the driver touches it
+//! (volatile, little-endian, inside bounds fixed at setup), and the pool of indirect tables
+//! (one table per chain slot, §2.7.5.3 and §2.8.7).
+
+use core::ptr::NonNull;
+
+use crate::error::{Error, Result};
+use crate::platform::{DeviceAddr, DmaRegion};
+
+/// A ring's DMA region with the number of bytes its layout uses.
+pub(crate) struct RingMemory {
+    region: DmaRegion,
+    /// Bytes the layout uses (`<= region.len`, checked in `new`).
+    len: usize,
+}
+
+impl RingMemory {
+    /// `region` holding a layout of `len` bytes; `None` when it is too small.
+    pub(crate) fn new(region: DmaRegion, len: usize) -> core::result::Result<Self, DmaRegion> {
+        if region.len < len {
+            return Err(region);
+        }
+        Ok(RingMemory { region, len })
+    }
+
+    pub(crate) fn daddr(&self) -> DeviceAddr {
+        self.region.daddr
+    }
+
+    pub(crate) fn into_region(self) -> DmaRegion {
+        self.region
+    }
+
+    /// Pointer to `offset`. Offsets come only from the ring layouts, which keep every field
+    /// inside `len`.
+    #[inline]
+    pub(crate) fn ptr(&self, offset: usize) -> NonNull<u8> {
+        debug_assert!(offset < self.len);
+        // SAFETY: offset < len <= region.len (checked in `new`).
+        unsafe { self.region.vaddr.add(offset) }
+    }
+
+    #[inline]
+    pub(crate) fn read_u16(&self, offset: usize) -> u16 {
+        // SAFETY: in bounds (see `ptr`), 2-aligned by the layouts; volatile because the
+        // device writes this memory concurrently.
+        u16::from_le(unsafe { self.ptr(offset).cast::<u16>().as_ptr().read_volatile() })
+    }
+
+    #[inline]
+    pub(crate) fn read_u32(&self, offset: usize) -> u32 {
+        // SAFETY: in bounds, 4-aligned (used elements, descriptor lengths); volatile as above.
+        u32::from_le(unsafe { self.ptr(offset).cast::<u32>().as_ptr().read_volatile() })
+    }
+
+    #[inline]
+    pub(crate) fn write_u16(&mut self, offset: usize, value: u16) {
+        // SAFETY: in bounds, 2-aligned; volatile because the device reads it concurrently.
+        unsafe {
+            self.ptr(offset)
+                .cast::<u16>()
+                .as_ptr()
+                .write_volatile(value.to_le())
+        }
+    }
+
+    /// Zeroes the layout's bytes (before setup, or after a reset: the device does not use
+    /// the ring then).
+    pub(crate) fn zero(&mut self) {
+        if let Some(p) = self.region.ptr_at(0, self.len) {
+            // SAFETY: inside the allocation (checked by `ptr_at`); the device does not
+            // access the ring when this runs (callers' contract above).
+            unsafe { core::ptr::write_bytes(p.as_ptr(), 0, self.len) };
+        }
+    }
+}
+
+/// Indirect tables: `size` tables of `max` 16-byte entries, table `i` for chain slot `i`
+/// (a split ring's head, a packed ring's buffer id).
+pub(crate) struct IndirectPool {
+    region: Option<DmaRegion>,
+    /// Entries per table (0: no indirect tables).
+    max: u16,
+}
+
+impl IndirectPool {
+    /// A pool over `region` for a ring of `size` slots with tables of `max` entries (used
+    /// only when `max > 1`).
+    pub(crate) fn new(region: Option<DmaRegion>, size: u16, max: u16) -> Result<Self> {
+        let max = match &region {
+            Some(pool) if max > 1 => {
+                let needed = size as usize * max as usize * 16;
+                if pool.len < needed || max > size {
+                    return Err(Error::BadChain);
+                }
+                max
+            }
+            _ => 0,
+        };
+        Ok(IndirectPool { region, max })
+    }
+
+    /// Entries per table (0: none).
+    pub(crate) fn max(&self) -> u16 {
+        self.max
+    }
+
+    /// Ring descriptors a chain of `segments` segments takes: one when it goes through a
+    /// table (tables exist, more than one segment, and it fits), else one per segment.
+    #[inline]
+    pub(crate) fn descriptors_for(&self, segments: usize) -> usize {
+        if self.max > 0 && segments > 1 && segments <= self.max as usize {
+            1
+        } else {
+            segments
+        }
+    }
+
+    /// The table of slot `slot`.
+    pub(crate) fn table(&self, slot: u16) -> Option<NonNull<u8>> {
+        let entry = self.max as usize * 16;
+        self.region.as_ref()?.ptr_at(slot as usize * entry, entry)
+    }
+
+    /// Where the device sees the table of slot `slot`.
+    pub(crate) fn daddr(&self, slot: u16) -> DeviceAddr {
+        let base = self.region.as_ref().map_or(0, |p| p.daddr);
+        base + (slot as u64) * (self.max as u64) * 16
+    }
+
+    pub(crate) fn into_region(self) -> Option<DmaRegion> {
+        self.region
+    }
+}
