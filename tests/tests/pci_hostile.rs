@@ -323,3 +323,37 @@ fn random_devices_reach_both_transports() {
     eprintln!("modern {modern} legacy {legacy} refused {refused}");
     assert!(modern > 0 && legacy > 0 && refused > 0);
 }
+
+/// Issue 14 (found by the `pci` fuzz target): with MSI-X enabled the legacy interface has
+/// its two vector registers at 20..24 (device config moves to 24), and a BAR0 of 20 to 23
+/// bytes (enough for the registers without MSI-X) made the transport write and read them
+/// past the end of the BAR, on real hardware another device's I/O ports. Such a BAR0 now
+/// keeps MSI-X off for the transport: vectors are refused (the bus falls back to INTx).
+#[test]
+fn legacy_bar0_too_short_for_the_msix_registers_is_never_overrun() {
+    let cfg = qemu_config_spaces()[1];
+    for len in 20..24 {
+        let mut lens = [None; 6];
+        lens[0] = Some(len);
+        lens[1] = Some(0x1000);
+        lens[4] = Some(0x4000);
+        let bars = RandomBars {
+            lens,
+            seed: len,
+            counter: Cell::new(0),
+            out_of_range: RefCell::new(Vec::new()),
+        };
+        let mut t = probe(RandomConfig(cfg), bars, Preference::Legacy).unwrap();
+        t.set_msix_enabled(true);
+        assert_eq!(
+            t.set_config_vector(0),
+            Err(Error::VectorRejected { queue: None }),
+            "BAR0 of {len} bytes"
+        );
+        assert_eq!(t.set_config_vector(0xFFFF), Ok(()));
+        t.teardown_queue(0);
+        let _ = t.read_config8(0);
+        let escaped = t.bars().out_of_range.borrow().clone();
+        assert!(escaped.is_empty(), "BAR0 of {len} bytes: {escaped:?}");
+    }
+}

@@ -331,7 +331,18 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for LegacyTransport<C, B> {
     }
 
     fn set_msix_enabled(&mut self, enabled: bool) {
-        self.msix_enabled = enabled;
+        // §4.1.4.10 (legacy layout): with MSI-X enabled, `config_msix_vector` and
+        // `queue_msix_vector` occupy BAR0 bytes 20..24 and the device config moves to 24.
+        // `new` only asks for the 20 bytes of the layout without MSI-X, so a shorter BAR0
+        // keeps the MSI-X layout off: vectors are refused (the bus falls back to INTx)
+        // instead of being written past the end of the BAR.
+        self.msix_enabled = enabled && self.bar0_len >= regs::CONFIG_MSIX;
+        if enabled && !self.msix_enabled {
+            log::warn!(
+                "virtio-pci: legacy BAR0 of {} bytes has no room for the MSI-X vector registers",
+                self.bar0_len
+            );
+        }
     }
 
     fn notify(&self, index: u16) {
