@@ -103,7 +103,8 @@ enum Cmd {
     ///
     /// fmt, clippy -D warnings (workspace and guest), the guest build, kexts --check,
     /// cargo test --workspace (with the QEMU end-to-end matrix and the fuzz corpus replay),
-    /// and 10 s of each fuzz target when cargo-fuzz is installed.
+    /// 10 s of each fuzz target when cargo-fuzz is installed, and the ring tests under Miri
+    /// (Stacked and Tree Borrows) when the nightly toolchain has Miri.
     Test,
     /// Fuzz one target coverage-guided (cargo-fuzz, nightly, ASan), or replay the corpus
     ///

@@ -277,32 +277,43 @@ fn options() -> ConsoleOptions {
     }
 }
 
-/// A line for the host before DRIVER_OK, through EMERG_WRITE (no queues needed).
-fn emergency_line(drv: &mut VirtioConsole<FamilyBus>, args: core::fmt::Arguments<'_>) {
-    struct Line {
-        buf: [u8; 160],
-        len: usize,
-    }
-    impl core::fmt::Write for Line {
-        fn write_str(&mut self, s: &str) -> core::fmt::Result {
-            for &b in s.as_bytes() {
-                if let Some(slot) = self.buf.get_mut(self.len) {
-                    *slot = b;
-                    self.len += 1;
-                }
-            }
-            Ok(())
+/// Text formatted into a fixed buffer (no allocation): what does not fit is cut.
+struct StackText<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackText<N> {
+    fn new() -> Self {
+        StackText {
+            buf: [0; N],
+            len: 0,
         }
     }
-    let mut line = Line {
-        buf: [0; 160],
-        len: 0,
-    };
+
+    fn as_bytes(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or(&[])
+    }
+}
+
+impl<const N: usize> core::fmt::Write for StackText<N> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        for &b in s.as_bytes() {
+            if let Some(slot) = self.buf.get_mut(self.len) {
+                *slot = b;
+                self.len += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A line for the host before DRIVER_OK, through EMERG_WRITE (no queues needed).
+fn emergency_line(drv: &mut VirtioConsole<FamilyBus>, args: core::fmt::Arguments<'_>) {
+    let mut line = StackText::<160>::new();
     let _ = line.write_fmt(args);
     let _ = line.write_str("\r\n");
-    if let Some(bytes) = line.buf.get(..line.len) {
-        let _ = drv.emergency_write(bytes);
-    }
+    let _ = drv.emergency_write(line.as_bytes());
 }
 
 /// A driver over the family handle `family` (the device is reset and initialised from
@@ -1280,36 +1291,15 @@ pub unsafe extern "C" fn vcon_port_info(
             _ => {
                 copy_c(&mut info.base_name, b"virtio");
                 if id != 0 {
-                    let mut digits = [0u8; 4];
-                    let mut w = DigitWriter {
-                        buf: &mut digits,
-                        len: 0,
-                    };
-                    let _ = write!(w, "{id}");
-                    let len = w.len;
-                    copy_c(&mut info.suffix, digits.get(..len).unwrap_or(&[]));
+                    let mut digits = StackText::<4>::new();
+                    let _ = write!(digits, "{id}");
+                    copy_c(&mut info.suffix, digits.as_bytes());
                 }
             }
         }
         *out = info;
         VCON_OK
     })
-}
-
-struct DigitWriter<'a> {
-    buf: &'a mut [u8],
-    len: usize,
-}
-
-impl core::fmt::Write for DigitWriter<'_> {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        for &b in s.as_bytes() {
-            let slot = self.buf.get_mut(self.len).ok_or(core::fmt::Error)?;
-            *slot = b;
-            self.len += 1;
-        }
-        Ok(())
-    }
 }
 
 /// Counters for the IORegistry.
