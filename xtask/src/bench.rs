@@ -238,7 +238,8 @@ fn run_session(
             "virtio-blk-pci.packed=on".to_string(),
         ]);
     }
-    let plugin_out = counting.instrument(&mut cfg, &format!("{}-{}{ring}", c.scenario, c.irq));
+    let run = format!("{}-{}{ring}", c.scenario, c.irq);
+    let plugin_out = counting.instrument(&mut cfg, &run);
     eprintln!(
         "xtask: bench blk: repeat {repeat}: {}: {} ({ms} ms per phase)...",
         c.what(),
@@ -284,6 +285,9 @@ fn run_session(
             c.what()
         )),
     }
+    if counting.profile {
+        print_session_profile(counting, c, repeat, &report.run_dir, &phases, &run)?;
+    }
     let _ = std::fs::remove_dir_all(&report.run_dir);
     // Cross-checks against QEMU's trace.
     let names = qemu::blk_host::PHASES;
@@ -319,6 +323,31 @@ fn run_session(
     Ok(Some(Session { config, phases }))
 }
 
+/// `--profile`: where each phase's instructions went, per guest function.
+fn print_session_profile(
+    counting: &Counting,
+    c: &Config,
+    repeat: u32,
+    run_dir: &std::path::Path,
+    phases: &[Phase],
+    run: &str,
+) -> Result<(), String> {
+    let symbols = insns::Symbols::of(counting)?;
+    let stretches = insns::read_profile(&counting.profile_path(run), &symbols)?;
+    let trace = std::fs::read_to_string(run_dir.join("trace.log")).unwrap_or_default();
+    let markers = insns::trace_markers(&trace);
+    println!("\nprofile, repeat {repeat}, {}:", c.what());
+    for (i, (p, name)) in phases.iter().zip(qemu::blk_host::PHASES).enumerate() {
+        let Some(n) = markers.iter().rposition(|&m| m == 0x10 + i as u8) else {
+            continue;
+        };
+        if let Some(stretch) = stretches.get(n) {
+            insns::print_profile(name, stretch, p.reqs, 30);
+        }
+    }
+    Ok(())
+}
+
 /// A phase's figure over every session of one configuration.
 fn spread_of(
     sessions: &[Session],
@@ -342,8 +371,9 @@ fn halts_per_req(p: &Phase) -> Option<f64> {
     p.counted.map(|c| p.per(c.halts))
 }
 
-pub fn bench_blk(ms: u64, repeats: u32) -> Result<bool, String> {
-    let counting = Counting::prepare()?;
+pub fn bench_blk(ms: u64, repeats: u32, profile: bool) -> Result<bool, String> {
+    let mut counting = Counting::prepare()?;
+    counting.profile = profile;
     let mut sessions = Vec::new();
     let mut problems = Vec::new();
     for repeat in 1..=repeats {

@@ -140,6 +140,10 @@ enum BenchCmd {
         /// Sessions per driver configuration, interleaved across drivers
         #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         repeats: u32,
+        /// Also print, per session and phase, the guest functions that executed the most
+        /// instructions per request (from the plugin's per-block counts)
+        #[arg(long)]
+        profile: bool,
     },
     /// Network: the same TCP transfer both ways over our virtio-net and virtio-drivers'
     ///
@@ -244,7 +248,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Qemu(args) => cmd_qemu(args),
         Cmd::Demo => cmd_demo(),
-        Cmd::Bench(BenchCmd::Blk { ms, repeats }) => bench::bench_blk(ms, repeats),
+        Cmd::Bench(BenchCmd::Blk {
+            ms,
+            repeats,
+            profile,
+        }) => bench::bench_blk(ms, repeats, profile),
         Cmd::Bench(BenchCmd::Net { bytes, repeats }) => bench_net::cmd(bytes, repeats),
         Cmd::Bench(BenchCmd::Ring { rounds }) => bench::ring::cmd(rounds),
         Cmd::Bench(BenchCmd::Fs {

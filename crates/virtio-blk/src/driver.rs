@@ -284,14 +284,17 @@ struct QueueState {
 }
 
 impl QueueState {
+    #[inline]
     fn slot(&self, i: u16) -> Option<&Slot> {
         self.slots.get(usize::from(i))
     }
 
+    #[inline]
     fn slot_mut(&mut self, i: u16) -> Option<&mut Slot> {
         self.slots.get_mut(usize::from(i))
     }
 
+    #[inline]
     fn release(&mut self, i: u16) {
         if let Some(s) = self.slot_mut(i) {
             *s = IDLE;
@@ -299,6 +302,7 @@ impl QueueState {
         }
     }
 
+    #[inline]
     fn slot_ptr(&self, i: u16, offset: usize, len: usize) -> Option<NonNull<u8>> {
         let at = usize::from(i)
             .checked_mul(self.stride)?
@@ -306,6 +310,7 @@ impl QueueState {
         self.region.as_ref()?.ptr_at(at, len)
     }
 
+    #[inline]
     fn slot_daddr(&self, i: u16, offset: usize) -> u64 {
         let base = self.region.as_ref().map_or(0, |r| r.daddr);
         base + (usize::from(i) * self.stride + offset) as u64
@@ -313,6 +318,7 @@ impl QueueState {
 
     /// Writes into slot `i` while it is free or being prepared (the device does not access
     /// it: its chain is published only after this, with the queue's release fence).
+    #[inline]
     fn write(&self, i: u16, offset: usize, bytes: &[u8]) {
         let at = usize::from(i)
             .checked_mul(self.stride)
@@ -322,6 +328,25 @@ impl QueueState {
         }
     }
 
+    /// The request header and the status sentinel of slot `i`, before its chain is
+    /// published (as [`QueueState::write`]): one bounds check for both.
+    #[inline]
+    fn write_request(&self, i: u16, header: &ReqHeader) {
+        if let Some(p) = self.slot_ptr(i, 0, SLOT_STATUS + 1) {
+            // SAFETY: `slot_ptr` checked that the slot's first SLOT_STATUS + 1 bytes lie in
+            // the region; the header (16 bytes, alignment 1) and the status byte are inside
+            // them; the device does not access a slot whose chain is not published.
+            unsafe {
+                p.as_ptr()
+                    .add(SLOT_HEADER)
+                    .cast::<ReqHeader>()
+                    .write_unaligned(*header);
+                p.as_ptr().add(SLOT_STATUS).write(STATUS_SENTINEL);
+            }
+        }
+    }
+
+    #[inline]
     fn read(&self, i: u16, offset: usize, buf: &mut [u8]) {
         if let Some(p) = self.slot_ptr(i, offset, buf.len()) {
             for (k, b) in buf.iter_mut().enumerate() {
@@ -699,23 +724,22 @@ impl<B: Bus> BlkDriver<B> {
             return Err(BlkError::NoSuchQueue { queue });
         }
 
-        // Fast path, one pass: the first part is cut once; when it is the whole request
-        // (the common case: a request within the device's limits), it is queued as cut.
+        // Fast path: a read, write or flush that goes to the device as given (one device
+        // request; the common case) is queued without the splitter and without asking the
+        // ring first: `add` is all or nothing for one chain.
+        if let Some(part) = self.as_single_part(qi, &req) {
+            let mut head = None;
+            return self.queue_part(qi, queue, kind, part, &mut head, token);
+        }
+
+        // Fewer than all limits fit: the first part is cut once; when it is the whole
+        // request, it is queued as cut.
         let mut cursor = Self::first_cursor(kind);
         if !matches!(cursor, Cursor::Ranges(_)) {
             let Some(part) = self.next_part(qi, &req, kind, &mut cursor)? else {
                 return Err(BlkError::InvalidRequest);
             };
             if Self::exhausted(&req, &cursor) {
-                let free_slots = self.queues.get(qi).map_or(0, |q| q.free.len());
-                let index = self.queues.get(qi).map_or(queue, |q| q.index);
-                let descs = self.bus.descriptors_for(index, part.chain_len(kind))?;
-                if descs > usize::from(self.bus.queue_size(queue)?) {
-                    return Err(BlkError::TooLarge);
-                }
-                if free_slots == 0 || descs > usize::from(self.bus.free_descriptors(queue)?) {
-                    return Err(BlkError::QueueFull);
-                }
                 let mut head = None;
                 return self.queue_part(qi, queue, kind, part, &mut head, token);
             }
@@ -739,6 +763,45 @@ impl<B: Bus> BlkDriver<B> {
             return Err(BlkError::QueueFull);
         }
         self.execute(qi, queue, &req, kind, token)
+    }
+
+    /// `req` as one device request with its segments as the data descriptors (copied to
+    /// `scratch[1..]`), when it is a flush, or a read or write (validated) whose segments
+    /// each fit `size_max` and are no more than the queue's data descriptors per request.
+    /// `None`: the splitter decides.
+    #[inline]
+    fn as_single_part(&mut self, qi: usize, req: &Request<'_>) -> Option<Part> {
+        let (sector, buffers) = match *req {
+            Request::Read { sector, buffers } | Request::Write { sector, buffers } => {
+                (sector, buffers)
+            }
+            Request::Flush => (0, &[][..]),
+            _ => return None,
+        };
+        let max_descs = self.queues.get(qi)?.max_data_descs;
+        let out = self.scratch.get_mut(1..=buffers.len())?;
+        if buffers.len() > max_descs {
+            return None;
+        }
+        let size_max = self.info.size_max.unwrap_or(u32::MAX);
+        let mut bytes: u32 = 0;
+        for (o, s) in out.iter_mut().zip(buffers) {
+            if s.len > size_max {
+                return None;
+            }
+            // Over 4 GiB in one request: the splitter cuts it (used lengths are 32-bit).
+            bytes = bytes.checked_add(s.len)?;
+            *o = *s;
+        }
+        if bytes == u32::MAX {
+            return None; // no room for the status byte in the used length
+        }
+        Some(Part {
+            sector,
+            descs: buffers.len(),
+            bytes,
+            nranges: 0,
+        })
     }
 
     fn validate(&self, req: &Request<'_>) -> Result<Kind, BlkError> {
@@ -1000,74 +1063,78 @@ impl<B: Bus> BlkDriver<B> {
         head: &mut Option<u16>,
         token: usize,
     ) -> Result<(), BlkError> {
-        let Some(q) = self.queues.get_mut(qi) else {
+        let Self {
+            bus,
+            queues,
+            scratch,
+            ranges,
+            ..
+        } = self;
+        let Some(q) = queues.get_mut(qi) else {
             return Err(BlkError::NoSuchQueue { queue });
         };
         let Some(slot) = q.free.pop() else {
             // Cannot happen after planning; stop with what is queued.
             return Self::partial(q, *head, BlkError::QueueFull);
         };
+        let first = head.is_none();
         let h = head.unwrap_or(slot);
 
         // Device-readable header and range segments, status sentinel, zeroed answer.
-        let header = ReqHeader::new(
-            kind.req_type(),
-            if matches!(kind, Kind::Read | Kind::Write) {
-                part.sector
-            } else {
-                0
-            },
-        );
-        q.write(slot, SLOT_HEADER, header.as_bytes());
-        q.write(slot, SLOT_STATUS, &[STATUS_SENTINEL]);
+        let sector = if matches!(kind, Kind::Read | Kind::Write) {
+            part.sector
+        } else {
+            0
+        };
+        q.write_request(slot, &ReqHeader::new(kind.req_type(), sector));
         if matches!(kind, Kind::GetId | Kind::GetLifetime) {
             q.write(slot, SLOT_INLINE, &[0; SLOT_INLINE_LEN]);
         }
         if part.nranges > 0 {
-            let ranges = self.ranges.get(..part.nranges).unwrap_or(&[]);
+            let ranges = ranges.get(..part.nranges).unwrap_or(&[]);
             q.write(slot, SLOT_RANGES, ranges.as_bytes());
         }
 
-        // The chain: [header, data | answer | ranges, status].
-        let hdr = Segment::new(q.slot_daddr(slot, SLOT_HEADER), 16);
-        let st = Segment::new(q.slot_daddr(slot, SLOT_STATUS), 1);
+        // The chain: [header, data | answer | ranges, status]; `next_part` or
+        // `as_single_part` left the data descriptors in `scratch[1..=descs]`.
+        let base = q.slot_daddr(slot, 0);
         let (n, readable) = match kind {
             Kind::Read => (part.descs, 1),
             Kind::Write => (part.descs, 1 + part.descs),
             Kind::Flush => (0, 1),
-            Kind::GetId => {
-                if let Some(s) = self.scratch.get_mut(1) {
-                    *s = Segment::new(q.slot_daddr(slot, SLOT_INLINE), ID_BYTES as u32);
+            Kind::GetId
+            | Kind::GetLifetime
+            | Kind::Discard
+            | Kind::WriteZeroes
+            | Kind::SecureErase => {
+                let (at, len, readable) = match kind {
+                    Kind::GetId => (SLOT_INLINE, ID_BYTES, 1),
+                    Kind::GetLifetime => {
+                        (SLOT_INLINE, core::mem::size_of::<wire::LifetimeWire>(), 1)
+                    }
+                    _ => (
+                        SLOT_RANGES,
+                        part.nranges * core::mem::size_of::<RangeSegment>(),
+                        2,
+                    ),
+                };
+                if let Some(s) = scratch.get_mut(1) {
+                    *s = Segment::new(base + at as u64, len as u32);
                 }
-                (1, 1)
-            }
-            Kind::GetLifetime => {
-                if let Some(s) = self.scratch.get_mut(1) {
-                    *s = Segment::new(
-                        q.slot_daddr(slot, SLOT_INLINE),
-                        core::mem::size_of::<wire::LifetimeWire>() as u32,
-                    );
-                }
-                (1, 1)
-            }
-            Kind::Discard | Kind::WriteZeroes | Kind::SecureErase => {
-                if let Some(s) = self.scratch.get_mut(1) {
-                    *s = Segment::new(
-                        q.slot_daddr(slot, SLOT_RANGES),
-                        (part.nranges * core::mem::size_of::<RangeSegment>()) as u32,
-                    );
-                }
-                (1, 2)
+                (1, readable)
             }
         };
-        if let Some(s) = self.scratch.get_mut(0) {
-            *s = hdr;
+        let Some(chain) = scratch.get_mut(..n + 2) else {
+            q.release(slot);
+            return Self::partial(q, *head, BlkError::InvalidRequest);
+        };
+        if let Some((first_seg, rest)) = chain.split_first_mut()
+            && let Some(last_seg) = rest.last_mut()
+        {
+            *first_seg = Segment::new(base + SLOT_HEADER as u64, 16);
+            *last_seg = Segment::new(base + SLOT_STATUS as u64, 1);
         }
-        if let Some(s) = self.scratch.get_mut(n + 1) {
-            *s = st;
-        }
-        let chain = self.scratch.get(..n + 2).unwrap_or(&[]);
-        let (r, w) = chain.split_at(readable.min(chain.len()));
+        let (r, w) = chain.split_at(readable.min(n + 2));
 
         if let Some(s) = q.slot_mut(slot) {
             *s = Slot {
@@ -1075,29 +1142,35 @@ impl<B: Bus> BlkDriver<B> {
                 kind,
                 head: h,
                 data_len: if kind == Kind::Read { part.bytes } else { 0 },
-                token: 0,
-                pending: 0,
+                // The caller request's state lives in its first part's slot.
+                token: if first { token } else { 0 },
+                pending: u16::from(first),
                 error: None,
             };
         }
-        if let Err(e) = self.bus.add(queue, r, w, usize::from(slot)) {
-            log::warn!("virtio-blk: queue {queue}: add failed: {e}");
-            let Some(q) = self.queues.get_mut(qi) else {
-                return Err(e.into());
+        if let Err(e) = bus.add(queue, r, w, usize::from(slot)) {
+            let chain = r.len() + w.len();
+            let e = match e {
+                // Backpressure: the caller retries after completions.
+                Error::QueueFull => BlkError::QueueFull,
+                // A chain longer than the ring can ever hold (no indirect table for it).
+                Error::BadChain
+                    if bus.descriptors_for(queue, chain).unwrap_or(usize::MAX)
+                        > usize::from(bus.queue_size(queue).unwrap_or(0)) =>
+                {
+                    BlkError::TooLarge
+                }
+                e => {
+                    log::warn!("virtio-blk: queue {queue}: add failed: {e}");
+                    BlkError::Virtio(e)
+                }
             };
             q.release(slot);
-            return Self::partial(q, *head, e.into());
+            return Self::partial(q, *head, e);
         }
-        let Some(q) = self.queues.get_mut(qi) else {
-            return Err(BlkError::NoSuchQueue { queue });
-        };
-        if head.is_none() {
+        if first {
             *head = Some(slot);
-            if let Some(s) = q.slot_mut(slot) {
-                s.token = token;
-            }
-        }
-        if let Some(s) = q.slot_mut(h) {
+        } else if let Some(s) = q.slot_mut(h) {
             s.pending += 1;
         }
         Ok(())
@@ -1382,6 +1455,7 @@ impl<B: Bus> Drop for BlkDriver<B> {
 }
 
 /// Validates one completed device request and folds it into its caller request.
+#[inline]
 fn complete_part(q: &mut QueueState, used: Used) -> Option<(usize, Result<Completion, BlkError>)> {
     let Some(i) = u16::try_from(used.token)
         .ok()
@@ -1399,21 +1473,7 @@ fn complete_part(q: &mut QueueState, used: Used) -> Option<(usize, Result<Comple
     q.read(i, SLOT_STATUS, &mut st);
     let result =
         check_status(slot.kind, used.len, st[0], slot.data_len).map(|()| match slot.kind {
-            Kind::GetId => {
-                let mut id = [0u8; ID_BYTES];
-                q.read(i, SLOT_INLINE, &mut id);
-                Completion::Id(DeviceId(id))
-            }
-            Kind::GetLifetime => {
-                let mut b = [0u8; 6];
-                q.read(i, SLOT_INLINE, &mut b);
-                let [a0, a1, b0, b1, c0, c1] = b;
-                Completion::Lifetime(Lifetime {
-                    pre_eol_info: u16::from_le_bytes([a0, a1]),
-                    device_lifetime_est_typ_a: u16::from_le_bytes([b0, b1]),
-                    device_lifetime_est_typ_b: u16::from_le_bytes([c0, c1]),
-                })
-            }
+            Kind::GetId | Kind::GetLifetime => read_answer(q, i, slot.kind),
             _ => Completion::Done,
         });
     if let Err(e) = result {
@@ -1423,7 +1483,39 @@ fn complete_part(q: &mut QueueState, used: Used) -> Option<(usize, Result<Comple
             slot.kind.req_type()
         );
     }
+    if slot.head == i && slot.pending == 1 {
+        // The caller request's only part in flight (the common case): it completes now,
+        // with the first error (one recorded when a later part could not be queued).
+        q.release(i);
+        return Some((
+            slot.token,
+            match slot.error {
+                Some(e) => Err(e),
+                None => result,
+            },
+        ));
+    }
     finish_part(q, i, result)
+}
+
+/// The answer of a completed GET_ID or GET_LIFETIME request in slot `i` (§5.2.6). Out of
+/// line: building the 20-byte identifier inside `complete_part` made every data
+/// completion pay for copying it.
+#[inline(never)]
+fn read_answer(q: &QueueState, i: u16, kind: Kind) -> Completion {
+    if kind == Kind::GetId {
+        let mut id = [0u8; ID_BYTES];
+        q.read(i, SLOT_INLINE, &mut id);
+        return Completion::Id(DeviceId(id));
+    }
+    let mut b = [0u8; 6];
+    q.read(i, SLOT_INLINE, &mut b);
+    let [a0, a1, b0, b1, c0, c1] = b;
+    Completion::Lifetime(Lifetime {
+        pre_eol_info: u16::from_le_bytes([a0, a1]),
+        device_lifetime_est_typ_a: u16::from_le_bytes([b0, b1]),
+        device_lifetime_est_typ_b: u16::from_le_bytes([c0, c1]),
+    })
 }
 
 /// Part `i`, if in flight, ends with `Aborted`; a caller request that completes with it is

@@ -256,50 +256,63 @@ impl SplitQueue {
         }
 
         let head = self.free_head;
-        let segments = readable
-            .iter()
-            .map(|s| (s, false))
-            .chain(writable.iter().map(|s| (s, true)));
         if use_indirect {
             let Some(table) = self.indirect.table(head) else {
                 return Err(Error::BadChain);
             };
-            let table_len = (total * 16) as u32;
-            for (i, (seg, write)) in segments.enumerate() {
-                let mut flags = if write {
-                    DescFlags::WRITE
-                } else {
-                    DescFlags::empty()
-                };
-                let next = if i + 1 < total {
-                    flags |= DescFlags::NEXT;
-                    (i + 1) as u16
-                } else {
-                    0
-                };
-                // SAFETY: `table` holds max_indirect >= total descriptors (checked above), so
-                // entry i < total is inside it; the region is DMA memory we own.
-                unsafe { write_desc(table.add(i * 16), seg.addr, seg.len, flags, next) };
+            // As in the direct case below: every entry with NEXT, then the last one's flags
+            // rewritten without it.
+            let mut i = 0usize;
+            let mut last_flags = DescFlags::empty();
+            for (segs, flags) in [
+                (readable, DescFlags::NEXT),
+                (writable, DescFlags::NEXT | DescFlags::WRITE),
+            ] {
+                for seg in segs {
+                    // SAFETY: `table` holds max_indirect >= total descriptors (checked
+                    // above), so entry i < total is inside it; the region is DMA memory we
+                    // own, not yet published to the device.
+                    unsafe {
+                        write_desc(table.add(i * 16), seg.addr, seg.len, flags, i as u16 + 1)
+                    };
+                    last_flags = flags;
+                    i += 1;
+                }
             }
+            // SAFETY: entry `total - 1` is inside the table (as above); its flags at +12 are
+            // 2-aligned.
+            unsafe {
+                table
+                    .add((total - 1) * 16 + 12)
+                    .cast::<u16>()
+                    .as_ptr()
+                    .write_volatile((last_flags - DescFlags::NEXT).bits().to_le())
+            };
+            let table_len = (total * 16) as u32;
             let table_addr = self.indirect.daddr(head);
             self.write_desc_at(head, table_addr, table_len, DescFlags::INDIRECT, 0);
             self.free_head = self.link(head);
             self.stats.indirect += 1;
         } else {
+            // Every descriptor is written with NEXT and its free-list successor as `next`;
+            // the last one's flags are then rewritten without NEXT (one 16-bit store, cheaper
+            // than testing for the last element in the loop).
             let mut idx = head;
-            for (i, (seg, write)) in segments.enumerate() {
-                let mut flags = if write {
-                    DescFlags::WRITE
-                } else {
-                    DescFlags::empty()
-                };
-                let next = self.link(idx);
-                if i + 1 < total {
-                    flags |= DescFlags::NEXT;
+            let mut last = head;
+            let mut last_flags = DescFlags::empty();
+            for (segs, flags) in [
+                (readable, DescFlags::NEXT),
+                (writable, DescFlags::NEXT | DescFlags::WRITE),
+            ] {
+                for seg in segs {
+                    let next = self.link(idx);
+                    self.write_desc_at(idx, seg.addr, seg.len, flags, next);
+                    (last, last_flags) = (idx, flags);
+                    idx = next;
                 }
-                self.write_desc_at(idx, seg.addr, seg.len, flags, next);
-                idx = next;
             }
+            let end = (last_flags - DescFlags::NEXT).bits();
+            self.ring.write_u16(self.layout.desc_entry(last) + 12, end);
             self.free_head = idx;
         }
         self.num_free -= descs;
@@ -530,6 +543,8 @@ impl SplitQueue {
         self.slots[i as usize] = slot;
     }
 
+    #[cold]
+    #[inline(never)]
     fn fail(&mut self, e: Error) -> Error {
         log::error!("virtqueue {}: {e}; queue disabled until reset", self.index);
         self.broken = true;

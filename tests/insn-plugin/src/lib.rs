@@ -11,6 +11,11 @@
 //! - `out`: where the counts go when QEMU exits, one line each:
 //!   `marker <n> insns <count> halts <count>` for the `n`-th entry (from 0) into the
 //!   marker function, then `exit insns <count> halts <count>`.
+//! - `profile`: optional; a second file where, at exit, the instructions executed between
+//!   consecutive marker entries go per translation block:
+//!   `block <n> <address in hex> <instructions>` for the stretch from the `n`-th entry to
+//!   the next (the last stretch ends at exit). `cargo xtask bench blk --profile` maps the
+//!   addresses to the guest's functions: where a phase's instructions go.
 //!
 //! How: on every translation the plugin attaches to each guest instruction an inline
 //! "add 1" to the instruction counter (TCG code, no call), to each one-byte `hlt` (0xF4)
@@ -87,6 +92,12 @@ mod api {
             ptr: *mut c_void,
             imm: u64,
         );
+        pub fn qemu_plugin_register_vcpu_tb_exec_inline(
+            tb: *mut TranslationBlock,
+            op: c_uint,
+            ptr: *mut c_void,
+            imm: u64,
+        );
         pub fn qemu_plugin_register_vcpu_insn_exec_cb(
             insn: *mut Instruction,
             cb: VcpuDataCallback,
@@ -112,7 +123,23 @@ struct Settings {
     /// Guest address of the marker function's first instruction.
     marker: Option<u64>,
     out: PathBuf,
+    /// Where the per-block profile goes, if asked for.
+    profile: Option<PathBuf>,
 }
+
+/// One translation of a guest block, for the profile: its start address, its instruction
+/// count, and how many times it ran (a leaked counter that its inline add targets).
+struct Block {
+    vaddr: u64,
+    insns: u64,
+    runs: &'static AtomicU64,
+}
+
+/// Every block translated so far (in translation order; a block translated again gets a
+/// second entry, and the output adds them up by address).
+static BLOCKS: Mutex<Vec<Block>> = Mutex::new(Vec::new());
+/// Each block's run count at each marker entry (blocks translated later count from 0).
+static BLOCK_SNAPSHOTS: Mutex<Vec<Vec<u64>>> = Mutex::new(Vec::new());
 
 static SETTINGS: OnceLock<Settings> = OnceLock::new();
 
@@ -138,6 +165,7 @@ fn counters_now() -> Snapshot {
 fn parse_settings(args: &[&str]) -> Result<Settings, String> {
     let mut marker = None;
     let mut out = None;
+    let mut profile = None;
     for arg in args {
         match arg.split_once('=') {
             Some(("marker", v)) => {
@@ -147,15 +175,21 @@ fn parse_settings(args: &[&str]) -> Result<Settings, String> {
                 })?);
             }
             Some(("out", v)) if !v.is_empty() => out = Some(PathBuf::from(v)),
+            Some(("profile", v)) if !v.is_empty() => profile = Some(PathBuf::from(v)),
             _ => {
                 return Err(format!(
-                    "unknown argument {arg:?} (expected marker=0x<address> and out=<file>)"
+                    "unknown argument {arg:?} (expected marker=0x<address>, out=<file> and \
+                     optionally profile=<file>)"
                 ));
             }
         }
     }
     let out = out.ok_or("no out=<file> argument: nowhere to write the counts")?;
-    Ok(Settings { marker, out })
+    Ok(Settings {
+        marker,
+        out,
+        profile,
+    })
 }
 
 /// QEMU calls this once, when it loads the plugin.
@@ -214,6 +248,11 @@ pub unsafe extern "C" fn qemu_plugin_install(
 /// Instruments each instruction of a newly translated block.
 unsafe extern "C" fn on_translate(_id: api::PluginId, tb: *mut api::TranslationBlock) {
     let marker = SETTINGS.get().and_then(|s| s.marker);
+    if SETTINGS.get().is_some_and(|s| s.profile.is_some()) {
+        // SAFETY: `tb` is valid for this callback; the counter is leaked, so it outlives
+        // the translated code that adds to it.
+        unsafe { count_block_runs(tb) };
+    }
     // SAFETY: `tb` and the instruction handles are valid for this callback, which is where
     // the API lets a plugin query and instrument them; the counters are statics, so the
     // addresses given to the inline adds stay valid for as long as the code runs.
@@ -248,6 +287,40 @@ unsafe extern "C" fn on_translate(_id: api::PluginId, tb: *mut api::TranslationB
     }
 }
 
+/// Profile: gives the block its own run counter, added to inline each time it starts.
+///
+/// # Safety
+/// `tb` must be the block QEMU is translating (valid for the translation callback).
+unsafe fn count_block_runs(tb: *mut api::TranslationBlock) {
+    // SAFETY: the caller passes the block being translated.
+    let (n, first) = unsafe {
+        let n = api::qemu_plugin_tb_n_insns(tb);
+        if n == 0 {
+            return;
+        }
+        (n, api::qemu_plugin_tb_get_insn(tb, 0))
+    };
+    let runs: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+    // SAFETY: `tb` and its first instruction are valid here; `runs` is never freed.
+    let vaddr = unsafe {
+        api::qemu_plugin_register_vcpu_tb_exec_inline(
+            tb,
+            api::INLINE_ADD_U64,
+            runs.as_ptr().cast(),
+            1,
+        );
+        api::qemu_plugin_insn_vaddr(first)
+    };
+    BLOCKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Block {
+            vaddr,
+            insns: n as u64,
+            runs,
+        });
+}
+
 /// The guest entered the marker function.
 unsafe extern "C" fn on_marker(_vcpu: c_uint, _data: *mut c_void) {
     let now = counters_now();
@@ -255,6 +328,52 @@ unsafe extern "C" fn on_marker(_vcpu: c_uint, _data: *mut c_void) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(now);
+    if SETTINGS.get().is_some_and(|s| s.profile.is_some()) {
+        let runs = block_runs_now();
+        BLOCK_SNAPSHOTS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(runs);
+    }
+}
+
+fn block_runs_now() -> Vec<u64> {
+    // Relaxed: the vCPU thread (this one, or stopped at exit) is the only writer.
+    BLOCKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|b| b.runs.load(Ordering::Relaxed))
+        .collect()
+}
+
+/// The profile's text: per stretch between marker entries, instructions per block address.
+fn profile_text() -> String {
+    let blocks = BLOCKS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut snapshots = BLOCK_SNAPSHOTS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    snapshots.push(
+        blocks
+            .iter()
+            .map(|b| b.runs.load(Ordering::Relaxed))
+            .collect(),
+    );
+    let mut text = String::new();
+    for (n, pair) in snapshots.windows(2).enumerate() {
+        let mut by_address = std::collections::BTreeMap::<u64, u64>::new();
+        for (i, b) in blocks.iter().enumerate().take(pair[1].len()) {
+            let runs = pair[1][i] - pair[0].get(i).copied().unwrap_or(0);
+            if runs > 0 {
+                *by_address.entry(b.vaddr).or_default() += runs * b.insns;
+            }
+        }
+        for (vaddr, insns) in by_address {
+            text += &format!("block {n} {vaddr:#x} {insns}\n");
+        }
+    }
+    text
 }
 
 /// QEMU is exiting: write the snapshots and the totals.
@@ -269,12 +388,15 @@ unsafe extern "C" fn on_exit(_id: api::PluginId, _data: *mut c_void) {
     }
     let end = counters_now();
     text += &format!("exit insns {} halts {}\n", end.instructions, end.halts);
-    let written =
-        std::fs::File::create(&settings.out).and_then(|mut f| f.write_all(text.as_bytes()));
+    write_file(&settings.out, &text);
+    if let Some(profile) = &settings.profile {
+        write_file(profile, &profile_text());
+    }
+}
+
+fn write_file(path: &std::path::Path, text: &str) {
+    let written = std::fs::File::create(path).and_then(|mut f| f.write_all(text.as_bytes()));
     if let Err(e) = written {
-        eprintln!(
-            "virtio-insn-plugin: cannot write {}: {e}",
-            settings.out.display()
-        );
+        eprintln!("virtio-insn-plugin: cannot write {}: {e}", path.display());
     }
 }

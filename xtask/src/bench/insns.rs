@@ -42,6 +42,10 @@ pub struct Counting {
     pub marker: u64,
     /// Where the plugin's output files go.
     dir: PathBuf,
+    /// The bench guest's ELF file (for the profile's symbols).
+    elf: PathBuf,
+    /// Whether runs also write a per-block profile ([`Counting::profile_path`]).
+    pub profile: bool,
 }
 
 impl Counting {
@@ -58,7 +62,14 @@ impl Counting {
             plugin,
             marker,
             dir,
+            elf,
+            profile: false,
         })
+    }
+
+    /// Where run `run`'s profile goes when [`Counting::profile`] is set.
+    pub fn profile_path(&self, run: &str) -> PathBuf {
+        self.dir.join(format!("profile-{run}.txt"))
     }
 
     /// Sets `cfg` up for counting: the release guest, the plugin writing to a file of its
@@ -66,11 +77,18 @@ impl Counting {
     pub fn instrument(&self, cfg: &mut RunConfig, run: &str) -> PathBuf {
         let out = self.dir.join(format!("insns-{run}.txt"));
         let _ = std::fs::remove_file(&out);
+        let profile = if self.profile {
+            let path = self.profile_path(run);
+            let _ = std::fs::remove_file(&path);
+            format!(",profile={}", path.display())
+        } else {
+            String::new()
+        };
         cfg.guest_profile = GuestProfile::Release;
         cfg.extra_qemu_args.extend([
             "-plugin".to_string(),
             format!(
-                "{},marker={:#x},out={}",
+                "{},marker={:#x},out={}{profile}",
                 self.plugin.display(),
                 self.marker,
                 out.display()
@@ -214,6 +232,128 @@ pub fn between(at: &BTreeMap<u8, Counters>, start: u8, end: u8) -> Option<Counte
     Some(*at.get(&end)? - *at.get(&start)?)
 }
 
+/// The guest's functions, for mapping profile addresses: (start, end, demangled name),
+/// sorted by start.
+pub struct Symbols(Vec<(u64, u64, String)>);
+
+impl Symbols {
+    pub fn of(counting: &Counting) -> Result<Symbols, String> {
+        use object::{Object, ObjectSymbol, SymbolKind};
+        let elf = &counting.elf;
+        let data = std::fs::read(elf).map_err(|e| format!("{}: {e}", elf.display()))?;
+        let file = object::File::parse(&*data).map_err(|e| format!("{}: {e}", elf.display()))?;
+        let mut syms: Vec<(u64, u64, String)> = file
+            .symbols()
+            .filter(|s| s.kind() == SymbolKind::Text && s.size() > 0)
+            .filter_map(|s| {
+                let name = s.name().ok()?;
+                let short = short_name(&format!("{:#}", rustc_demangle::demangle(name)));
+                Some((s.address(), s.address() + s.size(), short))
+            })
+            .collect();
+        syms.sort();
+        Ok(Symbols(syms))
+    }
+
+    /// The function holding `addr`, or the address itself.
+    pub fn name(&self, addr: u64) -> String {
+        let i = self.0.partition_point(|(start, _, _)| *start <= addr);
+        match i.checked_sub(1).map(|i| &self.0[i]) {
+            Some((_, end, name)) if addr < *end => name.clone(),
+            _ => format!("{addr:#x}"),
+        }
+    }
+}
+
+/// A demangled name without generic arguments and with each path cut to its last two
+/// segments: `<virtio_blk::driver::BlkDriver<..>>::submit` → `<driver::BlkDriver>::submit`.
+fn short_name(full: &str) -> String {
+    let mut out = String::new();
+    let mut depth = 0usize;
+    let mut prev_ident = false;
+    for ch in full.chars() {
+        match ch {
+            // Generic arguments follow an identifier; a qualified path `<A as B>` does not.
+            '<' if depth > 0 || prev_ident => depth += 1,
+            '>' if depth > 0 => depth -= 1,
+            _ if depth > 0 => {}
+            _ => out.push(ch),
+        }
+        prev_ident = ch.is_alphanumeric() || ch == '_';
+    }
+    let mut short = String::new();
+    let mut path = String::new();
+    let flush = |path: &mut String, short: &mut String| {
+        let parts: Vec<&str> = path.split("::").collect();
+        let keep = if path.starts_with("::") {
+            path.clone()
+        } else {
+            parts[parts.len().saturating_sub(2)..].join("::")
+        };
+        short.push_str(&keep);
+        path.clear();
+    };
+    for ch in out.chars() {
+        if ch.is_alphanumeric() || ch == '_' || ch == ':' {
+            path.push(ch);
+        } else {
+            flush(&mut path, &mut short);
+            short.push(ch);
+        }
+    }
+    flush(&mut path, &mut short);
+    short
+}
+
+/// A run's profile: per stretch (from the `n`-th marker entry to the next), instructions per
+/// function, most first.
+pub fn read_profile(path: &Path, symbols: &Symbols) -> Result<Vec<Vec<(String, u64)>>, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("no profile {}: {e}", path.display()))?;
+    let mut stretches: Vec<BTreeMap<String, u64>> = Vec::new();
+    for line in text.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let parsed = match w.as_slice() {
+            ["block", n, addr, insns] => (|| {
+                let n = n.parse::<usize>().ok()?;
+                let addr = u64::from_str_radix(addr.trim_start_matches("0x"), 16).ok()?;
+                Some((n, addr, insns.parse::<u64>().ok()?))
+            })(),
+            _ => None,
+        };
+        let (n, addr, insns) = parsed.ok_or_else(|| format!("bad profile line {line:?}"))?;
+        if stretches.len() <= n {
+            stretches.resize_with(n + 1, BTreeMap::new);
+        }
+        *stretches[n].entry(symbols.name(addr)).or_default() += insns;
+    }
+    Ok(stretches
+        .into_iter()
+        .map(|m| {
+            let mut v: Vec<(String, u64)> = m.into_iter().collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            v
+        })
+        .collect())
+}
+
+/// Prints the `top` functions of one stretch as instructions per request.
+pub fn print_profile(title: &str, stretch: &[(String, u64)], requests: u64, top: usize) {
+    let total: u64 = stretch.iter().map(|(_, n)| n).sum();
+    let per = |n: u64| n as f64 / requests.max(1) as f64;
+    println!(
+        "  {title}: {:.0} instructions per request over {requests} requests; the top {top} functions:",
+        per(total)
+    );
+    for (name, n) in stretch.iter().take(top) {
+        println!(
+            "    {:>9.1}  {:>5.1}%  {name}",
+            per(*n),
+            *n as f64 * 100.0 / total.max(1) as f64
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +385,24 @@ mod tests {
         assert_eq!(between(&at, 0x11, 0x21).unwrap().instructions, 600);
         assert!(between(&at, 0x12, 0x22).is_none());
         assert!(by_marker(&counts, &markers[..3]).is_err());
+    }
+
+    #[test]
+    fn profile_names_are_short() {
+        assert_eq!(
+            short_name(
+                "<virtio_blk::driver::BlkDriver<virtio_core::device::VirtioDevice<a::B>>>::submit"
+            ),
+            "<driver::BlkDriver>::submit"
+        );
+        assert_eq!(
+            short_name("<virtio_core::device::VirtioDevice<x::Y> as virtio_core::bus::Bus>::add"),
+            "<device::VirtioDevice as bus::Bus>::add"
+        );
+        assert_eq!(
+            short_name("virtio_blk::driver::complete_part"),
+            "driver::complete_part"
+        );
     }
 
     #[test]

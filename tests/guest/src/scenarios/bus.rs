@@ -69,7 +69,12 @@ pub fn dispatch<D>(
         handle(dev, None);
         bus(dev).interrupt_platform().intx_done();
     }
-    for k in (0..INTX_INDEX).filter(|k| pending & (1 << k) != 0) {
+    // Visit only the set bits (lowest first): scanning all 63 entries cost the wait loop
+    // about 300 instructions per interrupt in `bench blk`.
+    let mut msix = pending & !(1 << INTX_INDEX);
+    while msix != 0 {
+        let k = msix.trailing_zeros() as u16;
+        msix &= msix - 1;
         handle(dev, Some(k));
     }
 }
