@@ -241,10 +241,6 @@ impl SplitQueue {
         if total == 0 {
             return Err(Error::BadChain);
         }
-        let mut writable_len: u32 = 0;
-        for s in writable {
-            writable_len = writable_len.checked_add(s.len).ok_or(Error::BadChain)?;
-        }
         let descs = self.descriptors_for(total);
         let use_indirect = descs == 1 && total > 1;
         if descs > self.layout.size as usize {
@@ -254,39 +250,50 @@ impl SplitQueue {
         if descs > self.num_free {
             return Err(Error::QueueFull);
         }
-
+        // Flags of the chain's last descriptor (no NEXT).
+        let end = if writable.is_empty() {
+            DescFlags::empty()
+        } else {
+            DescFlags::WRITE
+        };
+        // Every descriptor is written with NEXT, and the last one's flags are then rewritten
+        // without it (one 16-bit store instead of a test per element). Nothing is published
+        // before the avail ring update below, so a chain refused half-way (a writable length
+        // over 4 GiB) leaves only unused descriptors written.
+        let mut writable_len: u32 = 0;
         let head = self.free_head;
         if use_indirect {
             let Some(table) = self.indirect.table(head) else {
                 return Err(Error::BadChain);
             };
-            // As in the direct case below: every entry with NEXT, then the last one's flags
-            // rewritten without it.
-            let mut i = 0usize;
-            let mut last_flags = DescFlags::empty();
-            for (segs, flags) in [
-                (readable, DescFlags::NEXT),
-                (writable, DescFlags::NEXT | DescFlags::WRITE),
-            ] {
-                for seg in segs {
-                    // SAFETY: `table` holds max_indirect >= total descriptors (checked
-                    // above), so entry i < total is inside it; the region is DMA memory we
-                    // own, not yet published to the device.
-                    unsafe {
-                        write_desc(table.add(i * 16), seg.addr, seg.len, flags, i as u16 + 1)
-                    };
-                    last_flags = flags;
-                    i += 1;
-                }
+            // `table` holds max_indirect >= total descriptors (`descriptors_for` chose the
+            // table for this many), so entries 0..total lie inside it; the region is DMA
+            // memory we own, not yet published.
+            let mut p = table;
+            let mut i: u16 = 0;
+            for seg in readable {
+                i += 1;
+                // SAFETY: entry i - 1 < total is inside the table (above).
+                unsafe { write_desc(p, seg.addr, seg.len, DescFlags::NEXT, i) };
+                // SAFETY: at most one past the last entry, inside or at the end of the table.
+                p = unsafe { p.add(16) };
             }
-            // SAFETY: entry `total - 1` is inside the table (as above); its flags at +12 are
-            // 2-aligned.
+            for seg in writable {
+                writable_len = writable_len.checked_add(seg.len).ok_or(Error::BadChain)?;
+                i += 1;
+                let flags = DescFlags::NEXT | DescFlags::WRITE;
+                // SAFETY: as above.
+                unsafe { write_desc(p, seg.addr, seg.len, flags, i) };
+                // SAFETY: as above.
+                p = unsafe { p.add(16) };
+            }
+            // SAFETY: `p` is one past entry total - 1 (total >= 1); its flags field is 4
+            // bytes before, 2-aligned, inside the table.
             unsafe {
-                table
-                    .add((total - 1) * 16 + 12)
+                p.sub(4)
                     .cast::<u16>()
                     .as_ptr()
-                    .write_volatile((last_flags - DescFlags::NEXT).bits().to_le())
+                    .write_volatile(end.bits().to_le())
             };
             let table_len = (total * 16) as u32;
             let table_addr = self.indirect.daddr(head);
@@ -294,25 +301,22 @@ impl SplitQueue {
             self.free_head = self.link(head);
             self.stats.indirect += 1;
         } else {
-            // Every descriptor is written with NEXT and its free-list successor as `next`;
-            // the last one's flags are then rewritten without NEXT (one 16-bit store, cheaper
-            // than testing for the last element in the loop).
             let mut idx = head;
             let mut last = head;
-            let mut last_flags = DescFlags::empty();
-            for (segs, flags) in [
-                (readable, DescFlags::NEXT),
-                (writable, DescFlags::NEXT | DescFlags::WRITE),
-            ] {
-                for seg in segs {
-                    let next = self.link(idx);
-                    self.write_desc_at(idx, seg.addr, seg.len, flags, next);
-                    (last, last_flags) = (idx, flags);
-                    idx = next;
-                }
+            for seg in readable {
+                let next = self.link(idx);
+                self.write_desc_at(idx, seg.addr, seg.len, DescFlags::NEXT, next);
+                (last, idx) = (idx, next);
             }
-            let end = (last_flags - DescFlags::NEXT).bits();
-            self.ring.write_u16(self.layout.desc_entry(last) + 12, end);
+            for seg in writable {
+                writable_len = writable_len.checked_add(seg.len).ok_or(Error::BadChain)?;
+                let next = self.link(idx);
+                let flags = DescFlags::NEXT | DescFlags::WRITE;
+                self.write_desc_at(idx, seg.addr, seg.len, flags, next);
+                (last, idx) = (idx, next);
+            }
+            self.ring
+                .write_u16(self.layout.desc_entry(last) + 12, end.bits());
             self.free_head = idx;
         }
         self.num_free -= descs;
