@@ -18,6 +18,7 @@ pub mod console_host;
 pub mod devices;
 pub mod net_peer;
 pub mod qmp;
+pub mod tap;
 mod toolchain;
 
 pub use devices::{

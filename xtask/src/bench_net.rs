@@ -11,8 +11,16 @@
 //! - theirs: `net-vd`, the same smoltcp stack and transfer code over the `virtio-drivers`
 //!   crate's `VirtIONet`, polled (it has no interrupt handling).
 //!
-//! `R` repeats (default 3), interleaved (ours, ours packed, theirs, ours, ...), with the release
-//! build of the bench guest (the optimisation level the drivers ship at).
+//! - where this host allows a network namespace with a tap (root, `/dev/net/tun`, `ip
+//!   netns`; otherwise the bench says why and leaves them out): ours on a tap with a vnet
+//!   header (`net-tap`, `tests/src/qemu/tap.rs`) against a Linux TCP server in the
+//!   namespace, twice: with TSO (`net_offload=all`: CSUM + HOST_TSO4, GUEST_CSUM +
+//!   GUEST_TSO4) and without (`net_offload=notso`: the same minus HOST_TSO4/6). A TSO
+//!   session that sent no TSO frame, or a no-TSO one that sent any, fails.
+//!
+//! `R` repeats (default 3), interleaved (ours, ours packed, theirs, tap TSO, tap no TSO,
+//! ours, ...), with the release build of the bench guest (the optimisation level the
+//! drivers ship at).
 //!
 //! Per phase: throughput (guest clock; median and min–max over the repeats), packets
 //! (guest), guest instructions and halts per packet (the project's TCG plugin, between
@@ -23,13 +31,13 @@
 //! kicks show. For ours the guest's own counters (interrupts *taken*) are shown too and
 //! its kicks are cross-checked against QEMU's; QEMU's column counts interrupts *sent*.
 //! The packed session gets the same checks: QEMU traces `virtio_queue_notify` and
-//! `virtio_notify` alike for both ring layouts. A last table sets ours packed against ours
-//! split.
+//! `virtio_notify` alike for both ring layouts. A table sets ours packed against ours
+//! split; the last one the tap sessions with TSO against without (see `print_tap_table`).
 
 use crate::bench::Spread;
 use crate::bench::insns::{self, Counters, Counting};
 use std::collections::BTreeMap;
-use virtio_tests::qemu::{self, IrqMode, Machine, RunConfig, RunReport, Transport};
+use virtio_tests::qemu::{self, IrqMode, Machine, RunConfig, RunReport, Transport, tap};
 
 /// Guest marker values (`MARK_*` in the guest's `net/stack.rs`): phase `i` (0 recv,
 /// 1 send) starts at `0x50 + 2i` and ends at `0x51 + 2i`.
@@ -46,12 +54,18 @@ const RING_PACKED_BIT: u32 = 34;
 pub fn cmd(bytes: u64, repeats: u32) -> Result<bool, String> {
     let counting = Counting::prepare()?;
     let (mut ours, mut packed, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut tso, mut no_tso) = (Vec::new(), Vec::new());
+    let tap_ok = tap::available();
+    if let Err(why) = &tap_ok {
+        eprintln!("xtask: bench net: no tap sessions (TSO comparison left out): {why}");
+    }
     for repeat in 1..=repeats {
         ours.push(session(
             &counting,
             "net",
             IrqMode::Msix,
             false,
+            None,
             bytes,
             repeat,
         )?);
@@ -60,6 +74,7 @@ pub fn cmd(bytes: u64, repeats: u32) -> Result<bool, String> {
             "net",
             IrqMode::Msix,
             true,
+            None,
             bytes,
             repeat,
         )?);
@@ -68,12 +83,39 @@ pub fn cmd(bytes: u64, repeats: u32) -> Result<bool, String> {
             "net-vd",
             IrqMode::Poll,
             false,
+            None,
             bytes,
             repeat,
         )?);
+        if tap_ok.is_ok() {
+            for (offload, list) in [("all", &mut tso), ("notso", &mut no_tso)] {
+                list.push(session(
+                    &counting,
+                    "net-tap",
+                    IrqMode::Msix,
+                    false,
+                    Some(offload),
+                    bytes,
+                    repeat,
+                )?);
+            }
+        }
     }
     print_table(bytes, &ours, &packed, &theirs);
-    let all = || ours.iter().chain(&packed).chain(&theirs);
+    match &tap_ok {
+        Ok(()) => print_tap_table(bytes, &tso, &no_tso),
+        Err(why) => {
+            println!();
+            println!("tap sessions (TSO against no TSO): not run on this host: {why}");
+        }
+    }
+    let all = || {
+        ours.iter()
+            .chain(&packed)
+            .chain(&theirs)
+            .chain(&tso)
+            .chain(&no_tso)
+    };
     let failed = all().filter(|s| !s.ok).count();
     let ok = failed == 0;
     let what = if ok {
@@ -137,6 +179,17 @@ struct Phase {
     qemu_irqs: u64,
     /// Guest instructions and halts between the phase's markers (the TCG plugin).
     counted: Option<Counters>,
+    /// Bytes the phase moved (its direction's payload).
+    bytes: u64,
+    /// Offloads (tap sessions; 0 elsewhere): TSO frames sent, the segments they become,
+    /// and every frame sent counted as the segments the wire carries.
+    tso_frames: u64,
+    tso_segments: u64,
+    wire_segments: u64,
+    csum_offloaded: u64,
+    rx_gso_frames: u64,
+    /// Frames received, each coalesced one counted as the segments it joins.
+    rx_wire_segments: u64,
 }
 
 impl Phase {
@@ -152,6 +205,8 @@ struct Session {
     packed: bool,
     ok: bool,
     phases: Vec<Phase>,
+    /// Tap sessions: frames the tap received from the guest over the whole run.
+    tap_rx_frames: Option<u64>,
 }
 
 /// Whether the guest negotiated the packed ring: `net.features` (hex) has bit 34, or a
@@ -167,11 +222,13 @@ fn has_ring_packed(features: &str) -> bool {
         .is_ok_and(|f| f & 1 << RING_PACKED_BIT != 0)
 }
 
+/// One run of `scenario`; `offload` is a tap session's `net_offload=`.
 fn session(
     counting: &Counting,
     scenario: &'static str,
     irq: IrqMode,
     packed: bool,
+    offload: Option<&str>,
     bytes: u64,
     repeat: u32,
 ) -> Result<Session, String> {
@@ -181,7 +238,14 @@ fn session(
         .irq(irq)
         .guest_arg(format!("net_bytes={bytes}"))
         .guest_arg("net_link=0");
-    let ring = if packed { "-packed" } else { "" };
+    if let Some(o) = offload {
+        cfg = cfg.guest_arg(format!("net_offload={o}"));
+    }
+    let ring = match (packed, offload) {
+        (true, _) => "-packed".to_string(),
+        (false, Some(o)) => format!("-{o}"),
+        (false, None) => String::new(),
+    };
     if packed {
         cfg.extra_qemu_args.extend([
             "-global".to_string(),
@@ -196,9 +260,12 @@ fn session(
     // TCG moves 20-40 MiB/s; leave room for slow hosts.
     cfg.timeout = Some(std::time::Duration::from_secs(120 + 2 * (bytes >> 20)));
     eprintln!(
-        "xtask: bench net: repeat {repeat}: {scenario} [{}]{}, {bytes} bytes each way...",
+        "xtask: bench net: repeat {repeat}: {scenario} [{}]{}{}, {bytes} bytes each way...",
         cfg.config_name(),
-        if packed { " on the packed ring" } else { "" }
+        if packed { " on the packed ring" } else { "" },
+        offload
+            .map(|o| format!(" net_offload={o}"))
+            .unwrap_or_default()
     );
     let r = qemu::run_scenario(&cfg).map_err(|e| e.to_string())?;
     let trace = std::fs::read_to_string(r.run_dir.join("trace.log")).unwrap_or_default();
@@ -219,6 +286,18 @@ fn session(
             r.stat("net.features").unwrap_or("not reported")
         );
         ok = false;
+    }
+    // A tap session must have used the offload it is named for.
+    if r.passed() && offload.is_some() {
+        let tso = r.stat_u64("net.send.tso_frames").unwrap_or(0);
+        let want_tso = offload == Some("all");
+        if (tso > 0) != want_tso {
+            eprintln!(
+                "xtask: bench net: net-tap net_offload={}: {tso} TSO frames sent",
+                offload.unwrap_or_default()
+            );
+            ok = false;
+        }
     }
     let by_phase = phase_trace(&trace);
     let counted = insns::read_run(&plugin_out, &r.run_dir);
@@ -272,6 +351,13 @@ fn session(
                 .as_ref()
                 .ok()
                 .and_then(|at| insns::between(at, start, start + 1)),
+            bytes: num("bytes").unwrap_or(0),
+            tso_frames: num("tso_frames").unwrap_or(0),
+            tso_segments: num("tso_segments").unwrap_or(0),
+            wire_segments: num("wire_segments").unwrap_or(0),
+            csum_offloaded: num("csum_offloaded").unwrap_or(0),
+            rx_gso_frames: num("rx_gso_frames").unwrap_or(0),
+            rx_wire_segments: num("rx_wire_segments").unwrap_or(0),
         };
         // ioeventfd=off: QEMU sees exactly the kicks our driver counted.
         if let Some((rx, tx, _)) = phase.guest {
@@ -302,6 +388,7 @@ fn session(
         packed,
         ok,
         phases,
+        tap_rx_frames: r.stat_u64("host.tap.rx_packets"),
     })
 }
 
@@ -691,6 +778,149 @@ fn print_packed_ratios(split: &[Session], packed: &[Session]) {
     row("interrupts per packet (all)", &|ph| {
         Some(per(ph.qemu_irqs, ph.packets()))
     });
+}
+
+/// Ours on the tap with TSO against without, per phase: what the offload changes on the
+/// transmit side and what it costs the guest (see docs/benchmarks.md, "tap sessions").
+fn print_tap_table(bytes: u64, tso: &[Session], no_tso: &[Session]) {
+    let failed = |s: &[Session]| s.iter().filter(|s| !s.ok).count();
+    println!();
+    println!(
+        "tap sessions: {} MiB each way between our driver (`net-tap`, q35, modern, MSI-X, \
+         split ring) and a Linux TCP server in a network namespace, over a tap with a vnet \
+         header; {} + {} runs{}",
+        bytes as f64 / (1 << 20) as f64,
+        tso.len(),
+        no_tso.len(),
+        match failed(tso) + failed(no_tso) {
+            0 => String::new(),
+            n => format!(" ({n} FAILED, left out)"),
+        }
+    );
+    println!(
+        "  TSO:    CSUM + HOST_TSO4 (smoltcp builds segments up to 64 KiB, sent as GSO TCPV4 \
+         frames), GUEST_CSUM + GUEST_TSO4 on receive"
+    );
+    println!("  no TSO: the same without HOST_TSO4/6 (transmit checksum offload only)");
+    println!(
+        "  segments: what the wire carries (a TSO frame counts as the MSS-sized segments the \
+         host cuts it into); kicks: the guest's transmit-queue notifications"
+    );
+    for (i, (p, what)) in PHASES.iter().enumerate() {
+        println!();
+        println!(
+            "{:31} {:>22} {:>22} {:>11}",
+            format!("{p} ({what})"),
+            "TSO",
+            "no TSO",
+            "TSO/no TSO"
+        );
+        let range = |s: Option<Spread>, d: usize| {
+            s.map_or("—".into(), |s| {
+                format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max)
+            })
+        };
+        type Figure = fn(&Phase) -> Option<f64>;
+        // (label, figure, decimals, whether a ratio means something)
+        let rows: [(&str, Figure, usize, bool); 9] = [
+            ("throughput MiB/s", |ph| Some(ph.mib_s), 2, true),
+            (
+                "frames sent (guest)",
+                |ph| Some(ph.tx_packets as f64),
+                0,
+                true,
+            ),
+            ("TSO frames sent", |ph| Some(ph.tso_frames as f64), 0, false),
+            (
+                "segments per TSO frame",
+                |ph| (ph.tso_frames > 0).then(|| per(ph.tso_segments, ph.tso_frames)),
+                1,
+                false,
+            ),
+            (
+                "segments sent on the wire",
+                |ph| Some(ph.wire_segments as f64),
+                0,
+                true,
+            ),
+            (
+                "segments received",
+                |ph| Some(ph.rx_wire_segments as f64),
+                0,
+                true,
+            ),
+            (
+                "segments per tx kick",
+                |ph| ph.guest.map(|(_, tx, _)| per(ph.wire_segments, tx.kicks)),
+                1,
+                true,
+            ),
+            (
+                "instructions per byte",
+                |ph| ph.counted.map(|c| per(c.instructions, ph.bytes)),
+                2,
+                true,
+            ),
+            (
+                "instructions per segment",
+                |ph| {
+                    ph.counted
+                        .map(|c| per(c.instructions, ph.wire_segments + ph.rx_packets))
+                },
+                0,
+                true,
+            ),
+        ];
+        for (label, figure, d, with_ratio) in rows {
+            let (t, n) = (spread(tso, i, figure), spread(no_tso, i, figure));
+            println!(
+                "  {label:29} {:>22} {:>22} {:>11}",
+                range(t, d),
+                range(n, d),
+                if with_ratio {
+                    ratio(
+                        t.map_or(f64::NAN, |s| s.median),
+                        n.map_or(f64::NAN, |s| s.median),
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let other = |s: &[Session], f: Figure| fixed(median(s, i, f), 0);
+        println!(
+            "  {:29} {:>22} {:>22}",
+            "frames with NEEDS_CSUM",
+            other(tso, |ph| Some(ph.csum_offloaded as f64)),
+            other(no_tso, |ph| Some(ph.csum_offloaded as f64)),
+        );
+        println!(
+            "  {:29} {:>22} {:>22}",
+            "coalesced frames received",
+            other(tso, |ph| Some(ph.rx_gso_frames as f64)),
+            other(no_tso, |ph| Some(ph.rx_gso_frames as f64)),
+        );
+    }
+    let tap = |s: &[Session]| {
+        let v: Vec<f64> = s
+            .iter()
+            .filter(|s| s.ok)
+            .filter_map(|s| s.tap_rx_frames.map(|n| n as f64))
+            .collect();
+        Spread::of(&v).map_or("—".into(), |s| fixed(s.median, 0))
+    };
+    println!();
+    println!(
+        "  {:29} {:>22} {:>22}",
+        "tap frames from the guest",
+        tap(tso),
+        tap(no_tso)
+    );
+    println!(
+        "  (the whole run, both phases, counted by the host's tap: with TSO fewer frames than \
+         the upload needs at one 1460-byte segment each, {})",
+        bytes / 1460
+    );
 }
 
 #[cfg(test)]

@@ -136,6 +136,12 @@ pub fn start(ctx: &HostContext<'_>) -> io::Result<HostSide> {
     })
 }
 
+/// The transfer checks and stats alone (`host.net.*`), for a peer without the link
+/// toggler (`tap.rs`).
+pub(super) fn transfers_outcome(port: u16, transfers: &[Transfer]) -> HostOutcome {
+    outcome(port, transfers, &LinkLog::default())
+}
+
 fn outcome(port: u16, transfers: &[Transfer], link: &LinkLog) -> HostOutcome {
     let mut checks = Vec::new();
     let mut stats = BTreeMap::new();
@@ -211,7 +217,9 @@ fn timed_out(e: &io::Error) -> bool {
     )
 }
 
-fn serve(listener: TcpListener, stop: &AtomicBool, transfers: &Mutex<Vec<Transfer>>) {
+/// Accepts connections on `listener` (non-blocking) and runs the protocol on each, one
+/// at a time, until `stop`; also the tap peer's server (`tap.rs`).
+pub(super) fn serve(listener: TcpListener, stop: &AtomicBool, transfers: &Mutex<Vec<Transfer>>) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((s, _)) => {

@@ -51,6 +51,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: net::run,
     },
     Scenario {
+        name: "net-tap",
+        about: "the net transfer over a tap with a vnet header in a network namespace: static addresses, TSO and checksum offloads both ways (net_offload=all|notso|none)",
+        run: net::run,
+    },
+    Scenario {
         name: "net-vd",
         about: "the net scenario's smoltcp stack, DHCP and TCP transfer over the virtio-drivers crate's VirtIONet (polled)",
         run: net_vd::run,

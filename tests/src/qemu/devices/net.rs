@@ -1,8 +1,9 @@
 //! virtio-net: QEMU's user network (slirp) behind `virtio-net-pci`; the `net` scenarios
-//! talk to a TCP peer on the host's loopback (`net_peer`).
+//! talk to a TCP peer on the host's loopback (`net_peer`). `net-tap` uses a tap in a
+//! network namespace instead (`tap`).
 
 use super::{Attach, DeviceFiles, DeviceSpec, NET_MAC, ScenarioSpec};
-use crate::qemu::net_peer;
+use crate::qemu::{net_peer, tap};
 use virtio_core::DeviceType;
 
 pub const DEVICE: DeviceSpec = DeviceSpec {
@@ -15,6 +16,16 @@ pub const DEVICE: DeviceSpec = DeviceSpec {
             trace: true,
             timeout_secs: 180,
             host: Some(net_peer::start),
+        },
+        // `net`'s transfer over a tap with a vnet header in a network namespace, with the
+        // offloads slirp cannot carry; the host hook creates the namespace, the tap and
+        // the device (`tap.rs`).
+        ScenarioSpec {
+            name: "net-tap",
+            devices: &[],
+            trace: true,
+            timeout_secs: 180,
+            host: Some(tap::start),
         },
         // `net`'s transfer over the virtio-drivers crate (`cargo xtask bench net`).
         ScenarioSpec {

@@ -67,6 +67,14 @@ pub struct Counters {
     pub rx_irqs: u64,
     pub tx_irqs: u64,
     pub irqs: u64,
+    /// Offloads (our driver on a tap; 0 elsewhere): TSO frames sent and the MSS-sized
+    /// segments they become, frames sent with NEEDS_CSUM, coalesced frames received.
+    pub tx_tso_frames: u64,
+    pub tx_tso_segments: u64,
+    pub tx_csum_offloaded: u64,
+    pub rx_gso_frames: u64,
+    /// Received frames, a coalesced one counted as its segments.
+    pub rx_wire_segments: u64,
 }
 
 /// What the loop needs from a device besides `smoltcp::phy::Device`.
@@ -96,6 +104,8 @@ pub struct Stack<D: Nic> {
     dhcp: SocketHandle,
     /// Run at half of each direction of the transfers started while it is set.
     pub midpoint: Option<Midpoint<D>>,
+    /// The host peer's address: slirp's 10.0.2.2, or the tap namespace's end.
+    pub peer: Ipv4Address,
 }
 
 /// Counters at one moment, to report a phase's share.
@@ -118,6 +128,7 @@ impl<D: Nic> Stack<D> {
             sockets,
             dhcp,
             midpoint: None,
+            peer: GATEWAY,
         }
     }
 
@@ -211,6 +222,20 @@ impl<D: Nic> Stack<D> {
         true
     }
 
+    /// `net.addr`: a static address and the peer's (no DHCP server on a tap); the peer is
+    /// on the link, so no route is needed.
+    pub fn static_address(&mut self, addr: Ipv4Cidr, peer: Ipv4Address) -> bool {
+        self.iface.update_ip_addrs(|a| {
+            a.clear();
+            let _ = a.push(IpCidr::Ipv4(addr));
+        });
+        self.peer = peer;
+        let ok = addr.contains_addr(&peer) && addr.address() != peer;
+        check!("net.addr", ok, "{addr}, peer {peer} on the link");
+        report::stat("net.addr.address", addr.address());
+        ok
+    }
+
     /// One connection: `down` bytes from the host (checked against the stream), then `up`
     /// bytes to it, then the host's trailer. Checks `<name>.connect`, `<name>.recv`,
     /// `<name>.send`; with `detail`, prints the phases' figures and marks them for the
@@ -259,7 +284,7 @@ impl<D: Nic> Stack<D> {
         let local_port = 49152 + (conn as u16 % 1000);
         if let Err(e) = self.sockets.get_mut::<tcp::Socket>(h).connect(
             self.iface.context(),
-            (IpAddress::Ipv4(GATEWAY), port),
+            (IpAddress::Ipv4(self.peer), port),
             local_port,
         ) {
             check!(&format!("{name}.connect"), false, "connect: {e:?}");
@@ -284,7 +309,8 @@ impl<D: Nic> Stack<D> {
             check!(
                 &format!("{name}.connect"),
                 false,
-                "10.0.2.2:{port}: not connected after {} ms (state {st})",
+                "{}:{port}: not connected after {} ms (state {st})",
+                self.peer,
                 ms_since(t0)
             );
             return false;
@@ -292,7 +318,8 @@ impl<D: Nic> Stack<D> {
         check!(
             &format!("{name}.connect"),
             true,
-            "10.0.2.2:{port} from port {local_port} in {} ms",
+            "{}:{port} from port {local_port} in {} ms",
+            self.peer,
             ms_since(t0)
         );
 
@@ -471,4 +498,24 @@ fn phase_stats(name: &str, bytes: u64, a: &Snapshot, b: &Snapshot) {
     s("tx_kicks_per_tx_packet", &per(b.tx_kicks - a.tx_kicks, tx));
     s("tx_irqs_per_tx_packet", &per(b.tx_irqs - a.tx_irqs, tx));
     s("irqs_per_packet", &per(b.irqs - a.irqs, rx + tx));
+    // Offloads: what the wire carries is every frame sent, with each TSO frame counted as
+    // the segments the device cuts it into.
+    let tso = b.tx_tso_frames - a.tx_tso_frames;
+    let tso_segs = b.tx_tso_segments - a.tx_tso_segments;
+    let wire = tx - tso + tso_segs;
+    let tx_kicks = b.tx_kicks - a.tx_kicks;
+    s("tso_frames", &tso);
+    s("tso_segments", &tso_segs);
+    s("wire_segments", &wire);
+    s("segments_per_tso_frame", &per(tso_segs, tso));
+    s("wire_segments_per_tx_kick", &per(wire, tx_kicks));
+    s(
+        "csum_offloaded",
+        &(b.tx_csum_offloaded - a.tx_csum_offloaded),
+    );
+    s("rx_gso_frames", &(b.rx_gso_frames - a.rx_gso_frames));
+    s(
+        "rx_wire_segments",
+        &(b.rx_wire_segments - a.rx_wire_segments),
+    );
 }
