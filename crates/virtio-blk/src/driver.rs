@@ -294,10 +294,13 @@ impl QueueState {
         self.slots.get_mut(usize::from(i))
     }
 
+    /// Slot `i` back on the free stack. Only the state and the error are reset: every other
+    /// field is written when the slot is next used (`queue_part`).
     #[inline]
     fn release(&mut self, i: u16) {
         if let Some(s) = self.slot_mut(i) {
-            *s = IDLE;
+            s.state = SlotState::Free;
+            s.error = None;
             self.free.push(i);
         }
     }
@@ -1054,6 +1057,7 @@ impl<B: Bus> BlkDriver<B> {
     /// `scratch[1..]` (or `ranges`); `head` is the caller request's first part (set by the
     /// first call). Writes only what the device reads: the header, the status sentinel,
     /// and the answer area or ranges when the request has them.
+    #[inline(always)]
     fn queue_part(
         &mut self,
         qi: usize,
@@ -1454,8 +1458,10 @@ impl<B: Bus> Drop for BlkDriver<B> {
     }
 }
 
-/// Validates one completed device request and folds it into its caller request.
-#[inline]
+/// Validates one completed device request and folds it into its caller request. Inlined
+/// into its one caller (`pop_completions`): its result is 40 bytes that would otherwise
+/// travel through memory once more per completion.
+#[inline(always)]
 fn complete_part(q: &mut QueueState, used: Used) -> Option<(usize, Result<Completion, BlkError>)> {
     let Some(i) = u16::try_from(used.token)
         .ok()
