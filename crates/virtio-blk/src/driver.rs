@@ -1474,32 +1474,28 @@ fn complete_part(q: &mut QueueState, used: Used) -> Option<(usize, Result<Comple
         );
         return None;
     };
-    let slot = q.slot(i).copied()?;
     let mut st = [0u8; 1];
     q.read(i, SLOT_STATUS, &mut st);
-    let result =
-        check_status(slot.kind, used.len, st[0], slot.data_len).map(|()| match slot.kind {
-            Kind::GetId | Kind::GetLifetime => read_answer(q, i, slot.kind),
-            _ => Completion::Done,
-        });
+    // The fields this needs, not a copy of the whole slot (its error is 24 bytes).
+    let s = q.slot(i)?;
+    let (kind, data_len, token) = (s.kind, s.data_len, s.token);
+    // The caller request's only part in flight, with no error recorded (the common case):
+    // it completes now. Otherwise `finish_part` folds this part into its request.
+    let alone = s.head == i && s.pending == 1 && s.error.is_none();
+    let result = check_status(kind, used.len, st[0], data_len).map(|()| match kind {
+        Kind::GetId | Kind::GetLifetime => read_answer(q, i, kind),
+        _ => Completion::Done,
+    });
     if let Err(e) = result {
         log::warn!(
             "virtio-blk: queue {}: request type {} failed: {e}",
             q.index,
-            slot.kind.req_type()
+            kind.req_type()
         );
     }
-    if slot.head == i && slot.pending == 1 {
-        // The caller request's only part in flight (the common case): it completes now,
-        // with the first error (one recorded when a later part could not be queued).
+    if alone {
         q.release(i);
-        return Some((
-            slot.token,
-            match slot.error {
-                Some(e) => Err(e),
-                None => result,
-            },
-        ));
+        return Some((token, result));
     }
     finish_part(q, i, result)
 }
