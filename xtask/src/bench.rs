@@ -286,7 +286,14 @@ fn run_session(
         )),
     }
     if counting.profile {
-        print_session_profile(counting, c, repeat, &report.run_dir, &phases, &run)?;
+        let units: Vec<(&str, u8, u64)> = phases
+            .iter()
+            .zip(qemu::blk_host::PHASES)
+            .enumerate()
+            .map(|(i, (p, name))| (name, 0x10 + i as u8, p.reqs))
+            .collect();
+        let title = format!("repeat {repeat}, {}", c.what());
+        insns::print_run_profile(counting, &run, &report.run_dir, &title, &units)?;
     }
     let _ = std::fs::remove_dir_all(&report.run_dir);
     // Cross-checks against QEMU's trace.
@@ -321,31 +328,6 @@ fn run_session(
         }
     }
     Ok(Some(Session { config, phases }))
-}
-
-/// `--profile`: where each phase's instructions went, per guest function.
-fn print_session_profile(
-    counting: &Counting,
-    c: &Config,
-    repeat: u32,
-    run_dir: &std::path::Path,
-    phases: &[Phase],
-    run: &str,
-) -> Result<(), String> {
-    let symbols = insns::Symbols::of(counting)?;
-    let stretches = insns::read_profile(&counting.profile_path(run), &symbols)?;
-    let trace = std::fs::read_to_string(run_dir.join("trace.log")).unwrap_or_default();
-    let markers = insns::trace_markers(&trace);
-    println!("\nprofile, repeat {repeat}, {}:", c.what());
-    for (i, (p, name)) in phases.iter().zip(qemu::blk_host::PHASES).enumerate() {
-        let Some(n) = markers.iter().rposition(|&m| m == 0x10 + i as u8) else {
-            continue;
-        };
-        if let Some(stretch) = stretches.get(n) {
-            insns::print_profile(name, stretch, p.reqs, 30);
-        }
-    }
-    Ok(())
 }
 
 /// A phase's figure over every session of one configuration.

@@ -51,8 +51,9 @@ const RING_PACKED_BIT: u32 = 34;
 
 /// `cargo xtask bench net --bytes N --repeats R`: `bytes` each way over each driver, `R`
 /// times, interleaved.
-pub fn cmd(bytes: u64, repeats: u32) -> Result<bool, String> {
-    let counting = Counting::prepare()?;
+pub fn cmd(bytes: u64, repeats: u32, profile: bool) -> Result<bool, String> {
+    let mut counting = Counting::prepare()?;
+    counting.profile = profile;
     let (mut ours, mut packed, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
     let (mut tso, mut no_tso) = (Vec::new(), Vec::new());
     let tap_ok = tap::available();
@@ -300,6 +301,28 @@ fn session(
         }
     }
     let by_phase = phase_trace(&trace);
+    if counting.profile {
+        let units: Vec<(&str, u8, u64)> = PHASES
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| {
+                let n = |k: &str| r.stat_u64(&format!("net.{p}.{k}")).unwrap_or(0);
+                (
+                    *p,
+                    (MARK_BASE + 2 * i) as u8,
+                    n("rx_packets") + n("tx_packets"),
+                )
+            })
+            .collect();
+        let title = format!("repeat {repeat}, {scenario}{ring} (per packet, both directions)");
+        insns::print_run_profile(
+            counting,
+            &format!("{scenario}{ring}"),
+            &r.run_dir,
+            &title,
+            &units,
+        )?;
+    }
     let counted = insns::read_run(&plugin_out, &r.run_dir);
     if let Err(e) = &counted {
         eprintln!("xtask: bench net: {scenario}: no instruction counts: {e}");
@@ -865,7 +888,7 @@ fn print_tap_table(bytes: u64, tso: &[Session], no_tso: &[Session]) {
                 "instructions per segment",
                 |ph| {
                     ph.counted
-                        .map(|c| per(c.instructions, ph.wire_segments + ph.rx_packets))
+                        .map(|c| per(c.instructions, ph.wire_segments + ph.rx_wire_segments))
                 },
                 0,
                 true,

@@ -156,6 +156,10 @@ enum BenchCmd {
         /// Sessions per driver, interleaved across drivers
         #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         repeats: u32,
+        /// Also print, per session and phase, the guest functions that executed the most
+        /// instructions per packet (from the plugin's per-block counts)
+        #[arg(long)]
+        profile: bool,
     },
     /// Ring: instructions per add + pop on our split ring and virtio-drivers' VirtQueue
     ///
@@ -253,7 +257,11 @@ fn main() -> ExitCode {
             repeats,
             profile,
         }) => bench::bench_blk(ms, repeats, profile),
-        Cmd::Bench(BenchCmd::Net { bytes, repeats }) => bench_net::cmd(bytes, repeats),
+        Cmd::Bench(BenchCmd::Net {
+            bytes,
+            repeats,
+            profile,
+        }) => bench_net::cmd(bytes, repeats, profile),
         Cmd::Bench(BenchCmd::Ring { rounds }) => bench::ring::cmd(rounds),
         Cmd::Bench(BenchCmd::Fs {
             bytes,

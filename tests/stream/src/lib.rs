@@ -51,7 +51,19 @@ impl Stream {
 
     /// Writes the next `out.len()` stream bytes into `out`.
     pub fn fill(&mut self, out: &mut [u8]) {
-        for b in out {
+        // Byte by byte up to a word boundary, then whole words: the guest pays for every
+        // instruction here in the network benchmark, where a byte-at-a-time loop was most
+        // of the receive cost.
+        let (head, rest) = out.split_at_mut(self.to_word_boundary(out.len()));
+        for b in head {
+            *b = self.next_byte();
+        }
+        let mut words = rest.chunks_exact_mut(8);
+        for w in &mut words {
+            w.copy_from_slice(&self.cur);
+            self.next_word();
+        }
+        for b in words.into_remainder() {
             *b = self.next_byte();
         }
     }
@@ -60,13 +72,39 @@ impl Stream {
     /// difference (and still advances past all of `data`).
     pub fn verify(&mut self, data: &[u8]) -> Option<u64> {
         let mut bad = None;
-        for &b in data {
+        let (head, rest) = data.split_at(self.to_word_boundary(data.len()));
+        for &b in head {
+            let pos = self.pos;
+            if self.next_byte() != b && bad.is_none() {
+                bad = Some(pos);
+            }
+        }
+        let mut words = rest.chunks_exact(8);
+        for w in &mut words {
+            if w != self.cur && bad.is_none() {
+                let i = w.iter().zip(self.cur).position(|(a, b)| *a != b).unwrap_or(0);
+                bad = Some(self.pos + i as u64);
+            }
+            self.next_word();
+        }
+        for &b in words.remainder() {
             let pos = self.pos;
             if self.next_byte() != b && bad.is_none() {
                 bad = Some(pos);
             }
         }
         bad
+    }
+
+    /// Bytes from the position to the next word boundary, at most `len`.
+    fn to_word_boundary(&self, len: usize) -> usize {
+        (((8 - self.pos % 8) % 8) as usize).min(len)
+    }
+
+    /// Past the current word (the position is at its start).
+    fn next_word(&mut self) {
+        self.pos += 8;
+        self.cur = word(self.seed, self.pos / 8);
     }
 }
 
@@ -129,6 +167,19 @@ mod tests {
         assert_eq!(Stream::new(7).verify(&whole), None);
         whole[517] ^= 1;
         assert_eq!(Stream::new(7).verify(&whole), Some(517));
+        // In pieces that start and end inside words and span several: the first bad byte
+        // is found whether it lies in a head, a whole word or a tail.
+        for bad in [3usize, 8, 517, 999] {
+            let mut data = parts;
+            data[bad] ^= 0x80;
+            let mut s = Stream::new(7);
+            let mut found = None;
+            for chunk in data.chunks(29) {
+                found = found.or(s.verify(chunk));
+            }
+            assert_eq!(found, Some(bad as u64));
+            assert_eq!(s.pos(), 1000);
+        }
         let mut other = [0u8; 64];
         Stream::new(8).fill(&mut other);
         assert_ne!(whole[..64], other);

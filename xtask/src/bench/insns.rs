@@ -337,12 +337,39 @@ pub fn read_profile(path: &Path, symbols: &Symbols) -> Result<Vec<Vec<(String, u
         .collect())
 }
 
+/// `--profile`: prints, for each phase `(name, start marker value, units)` of one run, the
+/// guest functions that executed the most instructions per unit (request or packet).
+pub fn print_run_profile(
+    counting: &Counting,
+    run: &str,
+    run_dir: &Path,
+    title: &str,
+    phases: &[(&str, u8, u64)],
+) -> Result<(), String> {
+    let symbols = Symbols::of(counting)?;
+    let stretches = read_profile(&counting.profile_path(run), &symbols)?;
+    let trace = std::fs::read_to_string(run_dir.join("trace.log")).unwrap_or_default();
+    let markers = trace_markers(&trace);
+    println!("\nprofile, {title}:");
+    for &(name, start, units) in phases {
+        // The stretch that begins at the phase's start marker ends at the next marker, the
+        // phase's end.
+        let Some(n) = markers.iter().rposition(|&m| m == start) else {
+            continue;
+        };
+        if let Some(stretch) = stretches.get(n) {
+            print_profile(name, stretch, units, 30);
+        }
+    }
+    Ok(())
+}
+
 /// Prints the `top` functions of one stretch as instructions per request.
-pub fn print_profile(title: &str, stretch: &[(String, u64)], requests: u64, top: usize) {
+fn print_profile(title: &str, stretch: &[(String, u64)], requests: u64, top: usize) {
     let total: u64 = stretch.iter().map(|(_, n)| n).sum();
     let per = |n: u64| n as f64 / requests.max(1) as f64;
     println!(
-        "  {title}: {:.0} instructions per request over {requests} requests; the top {top} functions:",
+        "  {title}: {:.0} instructions per unit over {requests} units (requests or packets); the top {top} functions:",
         per(total)
     );
     for (name, n) in stretch.iter().take(top) {
