@@ -82,7 +82,11 @@ impl Stream {
         let mut words = rest.chunks_exact(8);
         for w in &mut words {
             if w != self.cur && bad.is_none() {
-                let i = w.iter().zip(self.cur).position(|(a, b)| *a != b).unwrap_or(0);
+                let i = w
+                    .iter()
+                    .zip(self.cur)
+                    .position(|(a, b)| *a != b)
+                    .unwrap_or(0);
                 bad = Some(self.pos + i as u64);
             }
             self.next_word();
