@@ -735,19 +735,6 @@ impl<B: Bus> BlkDriver<B> {
             return self.queue_part(qi, queue, kind, part, &mut head, token);
         }
 
-        // Fewer than all limits fit: the first part is cut once; when it is the whole
-        // request, it is queued as cut.
-        let mut cursor = Self::first_cursor(kind);
-        if !matches!(cursor, Cursor::Ranges(_)) {
-            let Some(part) = self.next_part(qi, &req, kind, &mut cursor)? else {
-                return Err(BlkError::InvalidRequest);
-            };
-            if Self::exhausted(&req, &cursor) {
-                let mut head = None;
-                return self.queue_part(qi, queue, kind, part, &mut head, token);
-            }
-        }
-
         // Several parts: count device requests and ring descriptors first, all or nothing.
         let (parts, descs) = self.plan(qi, &req, kind)?;
         let (free_slots, total_slots) = self
@@ -998,17 +985,6 @@ impl<B: Bus> BlkDriver<B> {
                 Cursor::Ranges(RangeCursor::default())
             }
             _ => Cursor::Single(false),
-        }
-    }
-
-    /// Whether `cursor` is past the last part of `req`.
-    fn exhausted(req: &Request<'_>, cursor: &Cursor) -> bool {
-        match (*req, *cursor) {
-            (Request::Read { buffers, .. } | Request::Write { buffers, .. }, Cursor::Data(c)) => {
-                c.at_end(buffers)
-            }
-            (_, Cursor::Single(done)) => done,
-            _ => false,
         }
     }
 

@@ -144,7 +144,21 @@ pub fn next_data_part(
         *slot = Segment::new(seg.addr.wrapping_add(u64::from(c.off)), piece);
         n += 1;
         total += piece;
-        c = advance(bufs, c, u64::from(piece));
+        // `piece <= left`: the cursor stays in this segment or moves to the next one
+        // (what `advance` would compute, without its loop).
+        c = if piece == left {
+            DataCursor {
+                seg: c.seg + 1,
+                off: 0,
+                done: c.done + u64::from(piece),
+            }
+        } else {
+            DataCursor {
+                seg: c.seg,
+                off: c.off + piece,
+                done: c.done + u64::from(piece),
+            }
+        };
     }
     if n == 0 {
         return if c.seg >= bufs.len() {
