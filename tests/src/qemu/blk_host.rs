@@ -18,15 +18,30 @@
 //! (the guest's pattern, `tests/guest/src/scenarios/blk/pattern.rs`, reimplemented here)
 //! and reports `host.blk.image`. The benchmarks get a `null-co` drive and QEMU's
 //! `fw_cfg_select` trace, whose phase markers (guest `blk::marker`) split the
-//! kick/interrupt counts per phase ([`phase_counts`], `host.bench.<phase>.*` stats).
+//! kick/interrupt/completion counts and the reads the device was asked for (requests and
+//! sectors, `virtio_blk_handle_read`) per phase ([`phase_counts`], `host.bench.<phase>.*`
+//! stats).
 
 use super::devices::{BLK_SERIAL, DISK_BYTES, transport_props, write_disk_image};
 use super::{Check, HostContext, HostOutcome, HostSide, Machine, Transport};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Benchmark phase names, in the order of their marker numbers (guest `blk::PHASES`).
-pub const PHASES: [&str; 3] = ["rand4k_qd1", "rand4k_qd32", "seq64k_qd1"];
+/// Benchmark phase names, in the order of their marker numbers: phase `i` runs between
+/// markers `0x10 + i` and `0x20 + i`. Guest `blk::PHASES`, then guest `blk::SG_PHASES`
+/// from [`SG_FIRST`] on.
+pub const PHASES: [&str; 7] = [
+    "rand4k_qd1",
+    "rand4k_qd32",
+    "seq64k_qd1",
+    "sg16k_qd1",
+    "sg64k_qd1",
+    "sg256k_qd1",
+    "sg1m_qd1",
+];
+/// The first scatter-gather phase in [`PHASES`] (our driver only: `bench-blk-vd` sends
+/// no markers for them).
+pub const SG_FIRST: usize = 3;
 
 /// Sectors of the durability areas (guest `blk::durable_area`).
 pub const DURABLE_ROUNDS: u64 = 4;
@@ -249,6 +264,10 @@ pub struct PhaseCounts {
     pub kicks: u64,
     pub interrupts: u64,
     pub completions: u64,
+    /// Read requests the device took from the ring (`virtio_blk_handle_read`, one per
+    /// device request, before QEMU merges any) and the sectors they asked for.
+    pub reads: u64,
+    pub read_sectors: u64,
 }
 
 pub fn phase_counts(trace: &str) -> BTreeMap<usize, PhaseCounts> {
@@ -297,6 +316,21 @@ pub fn phase_counts(trace: &str) -> BTreeMap<usize, PhaseCounts> {
                     out.entry(p).or_default().completions += 1;
                 }
             }
+            // `virtio_blk_handle_read vdev 0x… req 0x… sector S nsectors N`
+            "virtio_blk_handle_read" => {
+                if let Some(p) = current {
+                    let rest: Vec<&str> = words.collect();
+                    let nsectors = rest
+                        .iter()
+                        .position(|w| *w == "nsectors")
+                        .and_then(|i| rest.get(i + 1))
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    let c = out.entry(p).or_default();
+                    c.reads += 1;
+                    c.read_sectors += nsectors;
+                }
+            }
             _ => {}
         }
     }
@@ -317,7 +351,11 @@ pub fn start(ctx: &HostContext<'_>) -> std::io::Result<HostSide> {
     let image: Option<PathBuf> = if bench {
         qemu.push("-blockdev".into());
         qemu.push("driver=null-co,node-name=d0,size=1073741824".into());
-        for ev in ["fw_cfg_select", "virtio_blk_req_complete"] {
+        for ev in [
+            "fw_cfg_select",
+            "virtio_blk_req_complete",
+            "virtio_blk_handle_read",
+        ] {
             qemu.push("-trace".into());
             qemu.push(ev.into());
         }
@@ -387,6 +425,12 @@ pub fn start(ctx: &HostContext<'_>) -> std::io::Result<HostSide> {
                     format!("host.bench.{name}.completions"),
                     c.completions.to_string(),
                 );
+                out.stats
+                    .insert(format!("host.bench.{name}.reads"), c.reads.to_string());
+                out.stats.insert(
+                    format!("host.bench.{name}.read_sectors"),
+                    c.read_sectors.to_string(),
+                );
             }
         }
         out
@@ -407,6 +451,7 @@ mod tests {
         let t = "1@1.0:virtio_queue_notify vdev 0x1 n 0 vq 0x2\n\
                  1@1.1:fw_cfg_select 0x5 key 0x3f10 'unknown', ret: 0\n\
                  1@1.2:virtio_queue_notify vdev 0x1 n 0 vq 0x2\n\
+                 1@1.25:virtio_blk_handle_read vdev 0x1 req 0x3 sector 8 nsectors 32\n\
                  1@1.3:virtio_blk_req_complete vdev 0x1 req 0x3 status 0\n\
                  1@1.4:virtio_notify vdev 0x1 vq 0x2\n\
                  fw_cfg_select 0x5 key 0x19 'etc/e820', ret: 1\n\
@@ -420,10 +465,23 @@ mod tests {
             PhaseCounts {
                 kicks: 1,
                 interrupts: 1,
-                completions: 1
+                completions: 1,
+                reads: 1,
+                read_sectors: 32,
             }
         );
         assert_eq!(p[&1].interrupts, 1);
+        // The scatter-gather phases' markers (0x13 = 16147 .. 0x26) map to their names.
+        let t = "fw_cfg_select 0x5 key 16147 ret 0\n\
+                 virtio_blk_handle_read vdev 0x1 req 0x3 sector 0 nsectors 2048\n\
+                 fw_cfg_select 0x5 key 0x3f23 'unknown', ret: 0\n\
+                 fw_cfg_select 0x5 key 0x3f16 'unknown', ret: 0\n\
+                 fw_cfg_select 0x5 key 0x3f26 'unknown', ret: 0\n";
+        let p = phase_counts(t);
+        assert_eq!(PHASES[SG_FIRST], "sg16k_qd1");
+        assert_eq!((p[&SG_FIRST].reads, p[&SG_FIRST].read_sectors), (1, 2048));
+        assert_eq!(p[&6], PhaseCounts::default());
+        assert_eq!(PHASES[6], "sg1m_qd1");
     }
 
     #[test]

@@ -29,7 +29,10 @@
 //! `bench-blk` (our driver) and `bench-blk-vd` (the `virtio-drivers` crate) time 4 KiB
 //! random reads at depth 1 and 32 and 64 KiB sequential reads against a null-co drive;
 //! each phase is bracketed by fw_cfg-select markers ([`marker`]) so the runner can
-//! attribute QEMU's trace events (kicks, interrupts) to phases.
+//! attribute QEMU's trace events (kicks, interrupts) to phases. `bench-blk` then runs the
+//! scatter-gather phases ([`SG_PHASES`]): sequential reads at depth 1 of 16 KiB to 1 MiB,
+//! each request a list of 4 KiB segments on every other page of a buffer (so no two
+//! segments are contiguous); virtio-drivers has no scatter-gather API and skips them.
 
 mod disk;
 pub mod pattern;
@@ -1260,6 +1263,22 @@ pub const PHASES: [(&str, u64, usize, bool); 3] = [
     ("seq64k_qd1", 65536, 1, false),
 ];
 
+/// The scatter-gather phases, our driver only: (name, bytes per request). Sequential
+/// reads at depth 1, each request [`SG_SEGMENT`]-byte segments on every other page of one
+/// buffer. Their markers follow those of [`PHASES`]: phase `PHASES.len() + i` (0x13..0x16 start,
+/// 0x23..0x26 end), so the first three phases keep their numbers.
+pub const SG_PHASES: [(&str, u64); 4] = [
+    ("sg16k_qd1", 16 << 10),
+    ("sg64k_qd1", 64 << 10),
+    ("sg256k_qd1", 256 << 10),
+    ("sg1m_qd1", 1 << 20),
+];
+/// Bytes per scatter-gather segment.
+pub const SG_SEGMENT: u64 = 4096;
+/// Why `bench-blk-vd` skips the scatter-gather phases.
+pub const SG_NOT_IN_VD: &str = "virtio-drivers 0.13 has no scatter-gather API: \
+     VirtIOBlk::read_blocks_nb takes one contiguous buffer per request";
+
 pub struct Rng(pub u64);
 
 impl Rng {
@@ -1312,6 +1331,7 @@ pub fn bench(env: &mut Env) {
                 report::stat(&format!("bench.{name}.reqs"), reqs);
                 report::stat(&format!("bench.{name}.ns"), ns);
                 report::stat(&format!("bench.{name}.depth"), depth);
+                report::stat(&format!("bench.{name}.bytes"), bytes);
                 report::stat(&format!("bench.{name}.kicks"), c.kicks);
                 report::stat(&format!("bench.{name}.irqs"), c.irqs);
                 report::stat(&format!("bench.{name}.device_requests"), c.added);
@@ -1330,11 +1350,117 @@ pub fn bench(env: &mut Env) {
             }
         }
     }
+    bench_sg(&mut disk, ms);
     let c = disk.counters();
     super::device_stats("blk", c.kicks, c.completions, disk.irq());
     drop(disk);
     // SAFETY: the driver (and with it the device) was reset by the drop above.
     unsafe { GuestDma.free_coherent(bufs) };
+}
+
+/// The scatter-gather phases ([`SG_PHASES`]). Per phase, besides the stats of the other
+/// phases: `segments` (per caller request), `device_requests` (chains the driver added:
+/// more than `reqs` when it split requests) and `completions` (chains completed).
+fn bench_sg(disk: &mut Disk, ms: u64) {
+    let max_segs = disk.drv.max_segments(0).unwrap_or(0);
+    report::stat("bench.sg.max_segments", max_segs);
+    let largest = SG_PHASES.iter().map(|p| p.1).max().unwrap_or(0);
+    // Every other page: twice the largest request.
+    let Ok(buf) = GuestDma.alloc_coherent(2 * largest as usize, 4096) else {
+        check!("bench.sg", false, "no {} KiB buffer", (2 * largest) >> 10);
+        return;
+    };
+    for (j, &(name, bytes)) in SG_PHASES.iter().enumerate() {
+        let i = (PHASES.len() + j) as u8;
+        let segs: Vec<Segment> = (0..bytes / SG_SEGMENT)
+            .map(|k| Segment::new(buf.daddr + 2 * k * SG_SEGMENT, SG_SEGMENT as u32))
+            .collect();
+        marker(0x10 + i);
+        let r = bench_sg_phase(disk, &segs, ms);
+        marker(0x20 + i);
+        match r {
+            Ok((reqs, ns, c)) => {
+                report::stat(&format!("bench.{name}.reqs"), reqs);
+                report::stat(&format!("bench.{name}.ns"), ns);
+                report::stat(&format!("bench.{name}.depth"), 1);
+                report::stat(&format!("bench.{name}.bytes"), bytes);
+                report::stat(&format!("bench.{name}.segments"), segs.len());
+                report::stat(&format!("bench.{name}.kicks"), c.kicks);
+                report::stat(&format!("bench.{name}.irqs"), c.irqs);
+                report::stat(&format!("bench.{name}.device_requests"), c.added);
+                report::stat(&format!("bench.{name}.completions"), c.completions);
+                // Every chain added completed OK: the driver checked each one's status
+                // byte and that its used length covers its data.
+                check!(
+                    &format!("bench.{name}"),
+                    reqs > 0 && c.completions == c.added && c.added >= reqs,
+                    "{reqs} reads of {} KiB in {} segments of 4 KiB (none contiguous) in {} ms: \
+                     {} IOPS, {:.2} device requests per read (at most {max_segs} segments \
+                     each), {} chains added, {} completed",
+                    bytes >> 10,
+                    segs.len(),
+                    ns / 1_000_000,
+                    reqs * 1_000_000_000 / ns.max(1),
+                    c.added as f64 / reqs.max(1) as f64,
+                    c.added,
+                    c.completions
+                );
+            }
+            Err(e) => {
+                check!(&format!("bench.{name}"), false, "{e}");
+            }
+        }
+    }
+    // A failed phase can leave a read in flight: then the buffer stays allocated rather
+    // than be freed under the device.
+    if disk.drv.queue_stats(0).is_ok_and(|s| s.added == s.completions) {
+        // SAFETY: every chain ever added to the queue has completed, so the device no
+        // longer writes to the buffer, and no segment list refers to it any more.
+        unsafe { GuestDma.free_coherent(buf) };
+    }
+}
+
+/// One scatter-gather phase: sequential reads of `segs` at depth 1 for `ms` ms. Returns
+/// (caller requests, ns, the driver's counters over the phase).
+fn bench_sg_phase(
+    disk: &mut Disk,
+    segs: &[Segment],
+    ms: u64,
+) -> Result<(u64, u64, Counters), String> {
+    let bytes: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
+    let per = bytes / 512;
+    let blocks = disk.drv.info().capacity / per;
+    let mut seq = 0u64;
+    let c0 = disk.counters();
+    let t0 = crate::time::now_ns();
+    let deadline = t0 + ms * 1_000_000;
+    let mut completed = 0u64;
+    while crate::time::now_ns() < deadline {
+        seq = (seq + 1) % blocks;
+        disk.drv
+            .submit(
+                0,
+                Request::Read {
+                    sector: seq * per,
+                    buffers: segs,
+                },
+                0,
+            )
+            .map_err(|e| format!("submit: {e}"))?;
+        disk.drv.kick(0).map_err(|e| format!("kick: {e}"))?;
+        if !disk
+            .wait_until(10_000, |d| !d.done.is_empty())
+            .map_err(|e| format!("{e}"))?
+        {
+            return Err("no completion in 10 s".into());
+        }
+        for (_, r) in disk.done.drain(..) {
+            r.map_err(|e| format!("read: {e}"))?;
+            completed += 1;
+        }
+    }
+    let ns = crate::time::now_ns() - t0;
+    Ok((completed, ns, disk.counters() - c0))
 }
 
 fn bench_phase(
