@@ -6,8 +6,7 @@
 //! capacity, and the avail index. From device-written memory the driver reads only the used
 //! ring (`idx`, `id`, `len`), `used.flags` and `avail_event`, and validates each value.
 
-use alloc::vec;
-use alloc::vec::Vec;
+use alloc::boxed::Box;
 use core::ptr::NonNull;
 use core::sync::atomic::{Ordering, fence};
 
@@ -76,18 +75,148 @@ impl core::ops::AddAssign for QueueStats {
     }
 }
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-enum Slot {
-    /// Not the head of a chain in flight.
-    Idle,
-    /// Head of a chain in flight.
-    InFlight {
-        token: usize,
-        /// Ring descriptors the chain occupies (1 for an indirect chain).
-        descs: u16,
-        /// Total device-writable bytes posted: the bound for `used.len`.
-        writable: u32,
-    },
+/// Driver-private state of one descriptor index: its free-list (or chain) link and, while it
+/// heads a chain in flight, that chain's token and bounds. One array of these instead of
+/// separate link and slot arrays: one base pointer and one masked index per access.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+struct Entry {
+    token: usize,
+    /// Total device-writable bytes posted: the bound for `used.len`.
+    writable: u32,
+    /// Ring descriptors the chain headed here occupies (1 for an indirect chain); 0: this
+    /// index is not the head of a chain in flight.
+    descs: u16,
+    /// Last ring descriptor of the chain headed here (the head itself for one descriptor):
+    /// `pop_used` splices the chain back onto the free list without walking it.
+    tail: u16,
+    /// Next descriptor of the free list or of the chain (never read back from shared
+    /// memory).
+    next: u16,
+}
+
+/// Pointers to the fields of one split ring the hot path touches, computed once at setup
+/// from the layout, so an access is one load of a pointer, not base plus layout offset.
+///
+/// Invariant (established by [`SplitAreas::new`]): every pointer lies inside the ring
+/// memory, which holds the whole layout (`RingMemory::new` checked its length), and
+/// `mask + 1` is the ring size.
+#[derive(Copy, Clone)]
+struct SplitAreas {
+    /// Descriptor table.
+    desc: NonNull<u8>,
+    /// `avail.ring[0]`.
+    avail_ring: NonNull<u8>,
+    /// `avail.idx`.
+    avail_idx: NonNull<u8>,
+    /// `avail.flags`.
+    avail_flags: NonNull<u8>,
+    /// `used_event` (§2.7.10), after the available ring.
+    used_event: NonNull<u8>,
+    /// `used.ring[0]`.
+    used_ring: NonNull<u8>,
+    /// `used.idx`.
+    used_idx: NonNull<u8>,
+    /// `used.flags`.
+    used_flags: NonNull<u8>,
+    /// `avail_event` (§2.7.10), after the used ring.
+    avail_event: NonNull<u8>,
+    /// Ring size - 1 (sizes are powers of two).
+    mask: u16,
+}
+
+// SAFETY: the pointers describe the queue's own DMA memory, like the `DmaRegion` they come
+// from (which is Send and Sync for the same reason); every access through them is volatile.
+unsafe impl Send for SplitAreas {}
+// SAFETY: as above; `&SplitAreas` only reads the device-written fields.
+unsafe impl Sync for SplitAreas {}
+
+impl SplitAreas {
+    fn new(ring: &RingMemory, layout: &SplitRingLayout) -> Self {
+        SplitAreas {
+            desc: ring.ptr(layout.desc_entry(0)),
+            avail_ring: ring.ptr(layout.avail_ring(0)),
+            avail_idx: ring.ptr(layout.avail_idx()),
+            avail_flags: ring.ptr(layout.avail_flags()),
+            used_event: ring.ptr(layout.used_event()),
+            used_ring: ring.ptr(layout.used_ring(0)),
+            used_idx: ring.ptr(layout.used_idx()),
+            used_flags: ring.ptr(layout.used_flags()),
+            avail_event: ring.ptr(layout.avail_event()),
+            mask: layout.size.wrapping_sub(1),
+        }
+    }
+
+    /// Descriptor `index` (reduced modulo the size).
+    #[inline]
+    fn desc(&self, index: u16) -> NonNull<u8> {
+        // SAFETY: `index & mask` < size, so the 16-byte entry lies inside the descriptor
+        // table (struct invariant).
+        unsafe { self.desc.add(16 * usize::from(index & self.mask)) }
+    }
+
+    /// `avail.ring[slot mod size] = head`.
+    #[inline]
+    fn write_avail_ring(&self, slot: u16, head: u16) {
+        // SAFETY: `slot & mask` < size: a 2-aligned u16 inside the available ring (struct
+        // invariant); volatile because the device reads it concurrently.
+        unsafe {
+            self.avail_ring
+                .add(2 * usize::from(slot & self.mask))
+                .cast::<u16>()
+                .write_volatile(head.to_le())
+        }
+    }
+
+    /// The used element at `slot mod size`: `(id, len)`.
+    #[inline]
+    fn read_used_elem(&self, slot: u16) -> (u32, u32) {
+        // SAFETY: `slot & mask` < size: the 8-byte element lies inside the used ring, 4-aligned
+        // (struct invariant); volatile because the device writes it concurrently.
+        unsafe {
+            let elem = self.used_ring.add(8 * usize::from(slot & self.mask));
+            let id = elem.cast::<u32>().read_volatile();
+            let len = elem.add(4).cast::<u32>().read_volatile();
+            (u32::from_le(id), u32::from_le(len))
+        }
+    }
+
+    #[inline]
+    fn used_idx(&self) -> u16 {
+        // SAFETY: a 2-aligned u16 field inside the ring memory (struct invariant); volatile
+        // because the device writes it concurrently.
+        u16::from_le(unsafe { self.used_idx.cast::<u16>().read_volatile() })
+    }
+
+    #[inline]
+    fn used_flags(&self) -> u16 {
+        // SAFETY: as in `used_idx`.
+        u16::from_le(unsafe { self.used_flags.cast::<u16>().read_volatile() })
+    }
+
+    #[inline]
+    fn avail_event(&self) -> u16 {
+        // SAFETY: as in `used_idx`.
+        u16::from_le(unsafe { self.avail_event.cast::<u16>().read_volatile() })
+    }
+
+    #[inline]
+    fn set_avail_idx(&self, value: u16) {
+        // SAFETY: a 2-aligned u16 field inside the ring memory (struct invariant); volatile
+        // because the device reads it concurrently.
+        unsafe { self.avail_idx.cast::<u16>().write_volatile(value.to_le()) }
+    }
+
+    #[inline]
+    fn set_avail_flags(&self, value: u16) {
+        // SAFETY: as in `set_avail_idx`.
+        unsafe { self.avail_flags.cast::<u16>().write_volatile(value.to_le()) }
+    }
+
+    #[inline]
+    fn set_used_event(&self, value: u16) {
+        // SAFETY: as in `set_avail_idx`.
+        unsafe { self.used_event.cast::<u16>().write_volatile(value.to_le()) }
+    }
 }
 
 /// Per-queue parameters chosen by the device driver.
@@ -110,14 +239,19 @@ pub struct SplitQueue {
     index: u16,
     layout: SplitRingLayout,
     ring: RingMemory,
+    /// Pointers into `ring` for the hot path.
+    areas: SplitAreas,
     /// One indirect table per possible head.
     indirect: IndirectPool,
     event_idx: bool,
-    ignore_used_len: bool,
+    /// `used.len` is ANDed with this: all ones, or 0 with `ignore_used_len`.
+    used_len_mask: u32,
+    /// `event_idx && interrupts_enabled`: `pop_used` moves `used_event` (one test, not two).
+    track_used_event: bool,
 
-    /// Driver-private free list links (never read back from shared memory).
-    next: Vec<u16>,
-    slots: Vec<Slot>,
+    /// Driver-private per-descriptor state, `size` entries (never read back from shared
+    /// memory).
+    entries: Box<[Entry]>,
     free_head: u16,
     num_free: u16,
     /// Shadow of `avail.idx`.
@@ -148,17 +282,24 @@ impl SplitQueue {
         let ring = RingMemory::new(ring, layout.total)
             .map_err(|_| Error::BadQueueSize { queue: index, size })?;
         let indirect = IndirectPool::new(indirect, size, config.max_indirect)?;
+        let areas = SplitAreas::new(&ring, &layout);
         // Free list: 0 → 1 → ... → size-1 (the last link is never followed: num_free bounds it).
-        let next = (0..size).map(|i| i.wrapping_add(1) % size).collect();
-        let mut q = SplitQueue {
+        let entries = (0..size)
+            .map(|i| Entry {
+                next: i.wrapping_add(1) % size,
+                ..Entry::default()
+            })
+            .collect();
+        let q = SplitQueue {
             index,
             layout,
             ring,
+            areas,
             indirect,
             event_idx: config.event_idx,
-            ignore_used_len: config.ignore_used_len,
-            next,
-            slots: vec![Slot::Idle; size as usize],
+            used_len_mask: if config.ignore_used_len { 0 } else { u32::MAX },
+            track_used_event: config.event_idx,
+            entries,
             free_head: 0,
             num_free: size,
             avail_idx: 0,
@@ -169,8 +310,8 @@ impl SplitQueue {
             stats: QueueStats::default(),
         };
         // Start with interrupts enabled: used_event = 0 / flags = 0 (zeroed memory).
-        q.ring.write_u16(q.layout.used_event(), 0);
-        q.ring.write_u16(q.layout.avail_flags(), 0);
+        q.areas.set_used_event(0);
+        q.areas.set_avail_flags(0);
         Ok(q)
     }
 
@@ -234,6 +375,44 @@ impl SplitQueue {
     /// enough descriptors are free: backpressure, retry after completions.
     #[inline]
     pub fn add(&mut self, readable: &[Segment], writable: &[Segment], token: usize) -> Result<()> {
+        // Fast path: a chain of one segment takes one descriptor (a table is only ever used
+        // for more than one). Anything else, and every error, goes to `add_chain`.
+        let (seg, flags, capacity) = match (readable, writable) {
+            ([], [seg]) => (seg, DescFlags::WRITE, seg.len),
+            ([seg], []) => (seg, DescFlags::empty(), 0),
+            _ => return self.add_chain(readable, writable, token),
+        };
+        if self.broken || self.num_free == 0 {
+            return self.add_chain(readable, writable, token);
+        }
+        let head = self.free_head;
+        let entry = self.entry_mut(head);
+        let next = entry.next;
+        *entry = Entry {
+            token,
+            writable: capacity,
+            descs: 1,
+            tail: head,
+            next,
+        };
+        // SAFETY: `desc` gives a 16-byte, 16-aligned entry of our descriptor table, not
+        // published (the free list holds it).
+        unsafe { write_desc(self.areas.desc(head), seg.addr, seg.len, flags, next) };
+        self.free_head = next;
+        self.num_free -= 1;
+        self.publish(head);
+        Ok(())
+    }
+
+    /// `add` for chains of any length, and its errors (out of line: keeps the one-segment
+    /// path's register use and code small).
+    #[inline(never)]
+    fn add_chain(
+        &mut self,
+        readable: &[Segment],
+        writable: &[Segment],
+        token: usize,
+    ) -> Result<()> {
         if self.broken {
             return Err(Error::QueueBroken { queue: self.index });
         }
@@ -262,6 +441,7 @@ impl SplitQueue {
         // over 4 GiB) leaves only unused descriptors written.
         let mut writable_len: u32 = 0;
         let head = self.free_head;
+        let tail;
         if use_indirect {
             let Some(table) = self.indirect.table(head) else {
                 return Err(Error::BadChain);
@@ -297,48 +477,77 @@ impl SplitQueue {
             };
             let table_len = (total * 16) as u32;
             let table_addr = self.indirect.daddr(head);
-            self.write_desc_at(head, table_addr, table_len, DescFlags::INDIRECT, 0);
+            // SAFETY: a 16-byte entry of our descriptor table, not published.
+            unsafe {
+                write_desc(
+                    self.areas.desc(head),
+                    table_addr,
+                    table_len,
+                    DescFlags::INDIRECT,
+                    0,
+                )
+            };
             self.free_head = self.link(head);
             self.stats.indirect += 1;
+            tail = head;
         } else {
             let mut idx = head;
             let mut last = head;
             for seg in readable {
                 let next = self.link(idx);
-                self.write_desc_at(idx, seg.addr, seg.len, DescFlags::NEXT, next);
+                // SAFETY: a 16-byte entry of our descriptor table, not published.
+                unsafe {
+                    write_desc(
+                        self.areas.desc(idx),
+                        seg.addr,
+                        seg.len,
+                        DescFlags::NEXT,
+                        next,
+                    )
+                };
                 (last, idx) = (idx, next);
             }
             for seg in writable {
                 writable_len = writable_len.checked_add(seg.len).ok_or(Error::BadChain)?;
                 let next = self.link(idx);
                 let flags = DescFlags::NEXT | DescFlags::WRITE;
-                self.write_desc_at(idx, seg.addr, seg.len, flags, next);
+                // SAFETY: as above.
+                unsafe { write_desc(self.areas.desc(idx), seg.addr, seg.len, flags, next) };
                 (last, idx) = (idx, next);
             }
-            self.ring
-                .write_u16(self.layout.desc_entry(last) + 12, end.bits());
+            // SAFETY: the flags field (offset 12, 2-aligned) of the chain's last descriptor,
+            // inside our descriptor table.
+            unsafe {
+                self.areas
+                    .desc(last)
+                    .add(12)
+                    .cast::<u16>()
+                    .write_volatile(end.bits().to_le())
+            };
             self.free_head = idx;
+            tail = last;
         }
         self.num_free -= descs;
-        self.set_slot(
-            head,
-            Slot::InFlight {
-                token,
-                descs,
-                writable: writable_len,
-            },
-        );
+        let entry = self.entry_mut(head);
+        entry.token = token;
+        entry.writable = writable_len;
+        entry.descs = descs;
+        entry.tail = tail;
+        self.publish(head);
+        Ok(())
+    }
 
-        // Publish: ring entry, then (after the barrier) the index (§2.7.13.1–2.7.13.3).
-        let slot = self.avail_idx;
-        self.ring.write_u16(self.layout.avail_ring(slot), head);
+    /// Makes the chain at `head` available: ring entry, then (after the barrier) the index
+    /// (§2.7.13.1–2.7.13.3).
+    #[inline]
+    fn publish(&mut self, head: u16) {
+        self.areas.write_avail_ring(self.avail_idx, head);
         // §2.7.13.3: "The driver performs a suitable memory barrier to ensure the device
         // sees the updated descriptor table and available ring before the next step."
         fence(Ordering::Release);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.ring.write_u16(self.layout.avail_idx(), self.avail_idx);
+        self.areas.set_avail_idx(self.avail_idx);
         self.stats.added += 1;
-        Ok(())
     }
 
     /// Decides whether the device must be notified of chains added since the last call
@@ -355,9 +564,9 @@ impl SplitQueue {
         // before the load of the device's suppression state (store→load: full fence).
         fence(Ordering::SeqCst);
         let notify = if self.event_idx {
-            need_event(self.ring.read_u16(self.layout.avail_event()), new, old)
+            need_event(self.areas.avail_event(), new, old)
         } else {
-            self.ring.read_u16(self.layout.used_flags()) & USED_F_NO_NOTIFY == 0
+            self.areas.used_flags() & USED_F_NO_NOTIFY == 0
         };
         if notify {
             self.stats.kicks += 1;
@@ -370,7 +579,7 @@ impl SplitQueue {
     /// Whether the device has completed chains we have not popped yet.
     #[inline]
     pub fn has_used(&self) -> bool {
-        !self.broken && self.ring.read_u16(self.layout.used_idx()) != self.last_used
+        !self.broken && self.areas.used_idx() != self.last_used
     }
 
     /// Pops the next used entry in the order the device completed them (§2.7.14), after
@@ -379,78 +588,88 @@ impl SplitQueue {
     #[inline]
     pub fn pop_used(&mut self) -> Result<Option<Used>> {
         if self.broken {
-            return Err(Error::QueueBroken { queue: self.index });
+            return self.pop_refused();
         }
-        let used_idx = self.ring.read_u16(self.layout.used_idx());
-        let pending = used_idx.wrapping_sub(self.last_used);
+        let last_used = self.last_used;
+        let used_idx = self.areas.used_idx();
+        let pending = used_idx.wrapping_sub(last_used);
         if pending == 0 {
             return Ok(None);
         }
-        if pending > self.in_flight() {
+        if pending > self.avail_idx.wrapping_sub(last_used) {
             // More completions than chains in flight: the index jumped (at most `size`
             // chains can be in flight, so this also catches jumps beyond the ring size).
-            return Err(self.fail(Error::UsedIdxJump {
+            return self.pop_failed(Error::UsedIdxJump {
                 queue: self.index,
                 used_idx,
-                last_seen: self.last_used,
-            }));
+                last_seen: last_used,
+            });
         }
         // §2.7.14: read the used index before the ring entry it covers (acquire pairs with
         // the device's write barrier before its idx update).
         fence(Ordering::Acquire);
-        let elem = self.layout.used_ring(self.last_used);
-        let id = self.ring.read_u32(elem);
-        let len = self.ring.read_u32(elem + 4);
-        let slot = match usize::try_from(id).ok().and_then(|i| self.slots.get(i)) {
-            Some(slot) => *slot,
-            None => {
-                return Err(self.fail(Error::UsedIdOutOfRange {
-                    queue: self.index,
-                    id,
-                }));
-            }
-        };
-        let Slot::InFlight {
-            token,
-            descs,
-            writable,
-        } = slot
-        else {
-            return Err(self.fail(Error::UsedIdNotInFlight {
+        let (id, len) = self.areas.read_used_elem(last_used);
+        if id > u32::from(self.areas.mask) {
+            return self.pop_failed(Error::UsedIdOutOfRange {
                 queue: self.index,
                 id,
-            }));
-        };
-        let len = if self.ignore_used_len { 0 } else { len };
+            });
+        }
+        // `id` < size here.
+        let head = id as u16;
+        let Entry {
+            token,
+            writable,
+            descs,
+            tail,
+            ..
+        } = *self.entry_mut(head);
+        if descs == 0 {
+            return self.pop_failed(Error::UsedIdNotInFlight {
+                queue: self.index,
+                id,
+            });
+        }
+        let len = len & self.used_len_mask;
         if len > writable {
-            return Err(self.fail(Error::UsedLenTooLarge {
+            return self.pop_failed(Error::UsedLenTooLarge {
                 queue: self.index,
                 len,
                 max: writable,
-            }));
+            });
         }
-        // `id` < size here. Return the chain to the free list by splicing its shadow links:
-        // they are intact because nobody but us writes `next`.
-        let head = id as u16;
-        let mut last = head;
-        for _ in 1..descs {
-            last = self.link(last);
-        }
-        self.set_link(last, self.free_head);
+        // Return the chain to the free list by splicing its shadow links (head to tail):
+        // they are intact because nobody but us writes them.
+        let free_head = self.free_head;
+        self.entry_mut(tail).next = free_head;
+        self.entry_mut(head).descs = 0;
         self.free_head = head;
         self.num_free += descs;
-        self.set_slot(head, Slot::Idle);
-        self.last_used = self.last_used.wrapping_add(1);
+        let last_used = last_used.wrapping_add(1);
+        self.last_used = last_used;
         self.stats.completions += 1;
-        if self.event_idx && self.interrupts_enabled {
-            // Linux `virtqueue_get_buf_ctx_split`: keep used_event at our consumer position
-            // so the next completion interrupts (§2.7.10), and make it visible before the
-            // next used.idx read (store→load).
-            self.ring
-                .write_u16(self.layout.used_event(), self.last_used);
+        if self.track_used_event {
+            // EVENT_IDX with interrupts enabled. Linux `virtqueue_get_buf_ctx_split`: keep
+            // used_event at our consumer position so the next completion interrupts
+            // (§2.7.10), and make it visible before the next used.idx read (store→load).
+            self.areas.set_used_event(last_used);
             fence(Ordering::SeqCst);
         }
         Ok(Some(Used { token, len }))
+    }
+
+    /// `pop_used` on a broken queue.
+    #[cold]
+    #[inline(never)]
+    fn pop_refused(&self) -> Result<Option<Used>> {
+        Err(Error::QueueBroken { queue: self.index })
+    }
+
+    /// `pop_used` found the device lying: breaks the queue.
+    #[cold]
+    #[inline(never)]
+    fn pop_failed(&mut self, e: Error) -> Result<Option<Used>> {
+        Err(self.fail(e))
     }
 
     /// Asks the device not to interrupt for this queue (a hint: it may still do so).
@@ -459,14 +678,13 @@ impl SplitQueue {
             return;
         }
         self.interrupts_enabled = false;
+        self.track_used_event = false;
         if self.event_idx {
             // §2.7.10: with EVENT_IDX the flags are ignored; put used_event just behind our
             // position so the device's [old, new) window never contains it.
-            self.ring
-                .write_u16(self.layout.used_event(), self.last_used.wrapping_sub(1));
+            self.areas.set_used_event(self.last_used.wrapping_sub(1));
         } else {
-            self.ring
-                .write_u16(self.layout.avail_flags(), AVAIL_F_NO_INTERRUPT);
+            self.areas.set_avail_flags(AVAIL_F_NO_INTERRUPT);
         }
     }
 
@@ -487,34 +705,32 @@ impl SplitQueue {
 
     fn enable_interrupts_at(&mut self, delay: u16) -> bool {
         self.interrupts_enabled = true;
+        self.track_used_event = self.event_idx;
         if self.event_idx {
-            self.ring
-                .write_u16(self.layout.used_event(), self.last_used.wrapping_add(delay));
+            self.areas
+                .set_used_event(self.last_used.wrapping_add(delay));
         } else {
-            self.ring.write_u16(self.layout.avail_flags(), 0);
+            self.areas.set_avail_flags(0);
         }
         // §2.7.10: the re-enable must be visible before we re-read used.idx, or a completion
         // written in between would be missed with no interrupt (store→load: full fence).
         fence(Ordering::SeqCst);
-        let pending = self
-            .ring
-            .read_u16(self.layout.used_idx())
-            .wrapping_sub(self.last_used);
+        let pending = self.areas.used_idx().wrapping_sub(self.last_used);
         pending > delay
     }
 
     /// After a device or queue reset: hands every in-flight token to `f` so the caller can
     /// release its buffers, and returns the queue to its initial state. Not an I/O path.
     pub fn reclaim_after_reset(&mut self, mut f: impl FnMut(usize)) {
-        for slot in &mut self.slots {
-            if let Slot::InFlight { token, .. } = *slot {
-                f(token);
-            }
-            *slot = Slot::Idle;
-        }
         let size = self.layout.size;
-        for (i, n) in self.next.iter_mut().enumerate() {
-            *n = (i as u16).wrapping_add(1) % size;
+        for (i, entry) in self.entries.iter_mut().enumerate() {
+            if entry.descs != 0 {
+                f(entry.token);
+            }
+            *entry = Entry {
+                next: (i as u16).wrapping_add(1) % size,
+                ..Entry::default()
+            };
         }
         self.free_head = 0;
         self.num_free = size;
@@ -522,29 +738,31 @@ impl SplitQueue {
         self.kicked_avail_idx = 0;
         self.last_used = 0;
         self.interrupts_enabled = true;
+        self.track_used_event = self.event_idx;
         self.broken = false;
         // The device no longer uses the ring after a reset: zeroed, it is as new.
         self.ring.zero();
     }
 
-    // Driver-private free-list and slot state. Every index passed here is either produced by
-    // the driver itself (free list links, all < size by construction in `new` and preserved
-    // by splicing) or a device id already validated against `slots.len()` in `pop_used`.
-    // These are the only indexing sites in the crate.
-    #[allow(clippy::indexing_slicing)]
+    // Driver-private per-descriptor state. `entries` has exactly `size` elements (built in
+    // `new`, never resized) and `mask` is `size - 1`, so a masked index is always in range:
+    // the only indexing sites in the crate, without a bounds check. Every index passed here
+    // is a free-list or chain link (all < size by construction in `new`, preserved by
+    // splicing) or a device id already checked against the size in `pop_used`; the mask
+    // makes the access sound whatever it is.
+    #[inline]
+    fn entry_mut(&mut self, i: u16) -> &mut Entry {
+        let i = usize::from(i & self.areas.mask);
+        debug_assert!(i < self.entries.len());
+        // SAFETY: i <= mask = size - 1 < size = entries.len() (above).
+        unsafe { self.entries.get_unchecked_mut(i) }
+    }
     #[inline]
     fn link(&self, i: u16) -> u16 {
-        self.next[i as usize]
-    }
-    #[allow(clippy::indexing_slicing)]
-    #[inline]
-    fn set_link(&mut self, i: u16, to: u16) {
-        self.next[i as usize] = to;
-    }
-    #[allow(clippy::indexing_slicing)]
-    #[inline]
-    fn set_slot(&mut self, i: u16, slot: Slot) {
-        self.slots[i as usize] = slot;
+        let i = usize::from(i & self.areas.mask);
+        debug_assert!(i < self.entries.len());
+        // SAFETY: as in `entry_mut`.
+        unsafe { self.entries.get_unchecked(i) }.next
     }
 
     #[cold]
@@ -553,20 +771,6 @@ impl SplitQueue {
         log::error!("virtqueue {}: {e}; queue disabled until reset", self.index);
         self.broken = true;
         e
-    }
-
-    fn write_desc_at(
-        &mut self,
-        index: u16,
-        addr: DeviceAddr,
-        len: u32,
-        flags: DescFlags,
-        next: u16,
-    ) {
-        let p = self.ring.ptr(self.layout.desc_entry(index));
-        // SAFETY: `desc_entry` reduces the index modulo the size, so the 16-byte entry lies
-        // inside the descriptor table of our ring allocation (`ptr` checks in debug builds).
-        unsafe { write_desc(p, addr, len, flags, next) };
     }
 }
 
