@@ -599,8 +599,8 @@ impl SplitQueue {
         if pending > self.avail_idx.wrapping_sub(last_used) {
             // More completions than chains in flight: the index jumped (at most `size`
             // chains can be in flight, so this also catches jumps beyond the ring size).
-            return self.pop_failed(Error::UsedIdxJump {
-                queue: self.index,
+            return self.pop_failed(move |queue| Error::UsedIdxJump {
+                queue,
                 used_idx,
                 last_seen: last_used,
             });
@@ -610,10 +610,7 @@ impl SplitQueue {
         fence(Ordering::Acquire);
         let (id, len) = self.areas.read_used_elem(last_used);
         if id > u32::from(self.areas.mask) {
-            return self.pop_failed(Error::UsedIdOutOfRange {
-                queue: self.index,
-                id,
-            });
+            return self.pop_failed(move |queue| Error::UsedIdOutOfRange { queue, id });
         }
         // `id` < size here.
         let head = id as u16;
@@ -625,15 +622,12 @@ impl SplitQueue {
             ..
         } = *self.entry_mut(head);
         if descs == 0 {
-            return self.pop_failed(Error::UsedIdNotInFlight {
-                queue: self.index,
-                id,
-            });
+            return self.pop_failed(move |queue| Error::UsedIdNotInFlight { queue, id });
         }
         let len = len & self.used_len_mask;
         if len > writable {
-            return self.pop_failed(Error::UsedLenTooLarge {
-                queue: self.index,
+            return self.pop_failed(move |queue| Error::UsedLenTooLarge {
+                queue,
                 len,
                 max: writable,
             });
@@ -665,11 +659,12 @@ impl SplitQueue {
         Err(Error::QueueBroken { queue: self.index })
     }
 
-    /// `pop_used` found the device lying: breaks the queue.
+    /// `pop_used` found the device lying: breaks the queue. The error is built here, from
+    /// the few values the closure captures, so the hot path keeps no room for it.
     #[cold]
     #[inline(never)]
-    fn pop_failed(&mut self, e: Error) -> Result<Option<Used>> {
-        Err(self.fail(e))
+    fn pop_failed(&mut self, error: impl FnOnce(u16) -> Error) -> Result<Option<Used>> {
+        Err(self.fail(error(self.index)))
     }
 
     /// Asks the device not to interrupt for this queue (a hint: it may still do so).
