@@ -736,7 +736,14 @@ impl<B: Bus> BlkDriver<B> {
         }
 
         // Several parts: count device requests and ring descriptors first, all or nothing.
-        let (parts, descs) = self.plan(qi, &req, kind)?;
+        // Segments that are each whole blocks within `size_max` go in groups as they are
+        // (counted without cutting, queued in one pass); any other list is cut by the
+        // splitter, once to count and once to queue.
+        let groups = self.whole_segment_groups(qi, &req);
+        let (parts, descs) = match groups {
+            Some((buffers, per)) => self.plan_groups(qi, buffers.len(), per)?,
+            None => self.plan(qi, &req, kind)?,
+        };
         let (free_slots, total_slots) = self
             .queues
             .get(qi)
@@ -752,7 +759,92 @@ impl<B: Bus> BlkDriver<B> {
         if parts > free_slots || descs > free_descs {
             return Err(BlkError::QueueFull);
         }
-        self.execute(qi, queue, &req, kind, token)
+        match groups {
+            Some((buffers, per)) => self.execute_groups(qi, queue, &req, kind, buffers, per, token),
+            None => self.execute(qi, queue, &req, kind, token),
+        }
+    }
+
+    /// For a read or write whose segments are each whole logical blocks within `size_max`:
+    /// its segments and how many go in one device request (the queue's data descriptors
+    /// per request). Any group of such segments is whole blocks, so the request needs no
+    /// cutting: device request k takes segments `k * per ..`. `None` for any other request,
+    /// or when a group's bytes could exceed what a 32-bit used length can report.
+    fn whole_segment_groups<'r>(
+        &self,
+        qi: usize,
+        req: &Request<'r>,
+    ) -> Option<(&'r [Segment], usize)> {
+        let (Request::Read { buffers, .. } | Request::Write { buffers, .. }) = *req else {
+            return None;
+        };
+        let lim = self.data_limits(qi);
+        let per = lim.max_descs.min(self.scratch.len().saturating_sub(2));
+        if per == 0 {
+            return None;
+        }
+        let block = lim.block.max(1);
+        let mut longest: u32 = 0;
+        for s in buffers {
+            if s.len > lim.size_max || s.len % block != 0 {
+                return None;
+            }
+            longest = longest.max(s.len);
+        }
+        (u64::from(longest) * per as u64 <= u64::from(lim.max_bytes())).then_some((buffers, per))
+    }
+
+    /// Device requests and ring descriptors of `segments` in groups of `per`.
+    fn plan_groups(
+        &self,
+        qi: usize,
+        segments: usize,
+        per: usize,
+    ) -> Result<(usize, usize), BlkError> {
+        let index = self.queues.get(qi).map_or(0, |q| q.index);
+        let parts = segments.div_ceil(per);
+        let last = segments - (parts - 1) * per;
+        // [header, data..., status] per device request.
+        let full = self.bus.descriptors_for(index, per + 2)?;
+        let tail = self.bus.descriptors_for(index, last + 2)?;
+        Ok((parts, (parts - 1).saturating_mul(full).saturating_add(tail)))
+    }
+
+    /// Queues the groups [`BlkDriver::whole_segment_groups`] found, one device request
+    /// each, in one pass over the segments.
+    #[allow(clippy::too_many_arguments)]
+    fn execute_groups(
+        &mut self,
+        qi: usize,
+        queue: u16,
+        req: &Request<'_>,
+        kind: Kind,
+        buffers: &[Segment],
+        per: usize,
+        token: usize,
+    ) -> Result<(), BlkError> {
+        let (Request::Read { mut sector, .. } | Request::Write { mut sector, .. }) = *req else {
+            return Err(BlkError::InvalidRequest);
+        };
+        let mut head: Option<u16> = None;
+        for group in buffers.chunks(per) {
+            let Some(out) = self.scratch.get_mut(1..=group.len()) else {
+                return Err(BlkError::InvalidRequest);
+            };
+            out.copy_from_slice(group);
+            // Whole blocks each, and `whole_segment_groups` bounded the sum by the 32-bit
+            // used length.
+            let bytes = group.iter().map(|s| s.len).fold(0u32, u32::saturating_add);
+            let part = Part {
+                sector,
+                descs: group.len(),
+                bytes,
+                nranges: 0,
+            };
+            self.queue_part(qi, queue, kind, part, &mut head, token)?;
+            sector += u64::from(bytes / SECTOR_SIZE);
+        }
+        Ok(())
     }
 
     /// `req` as one device request with its segments as the data descriptors (copied to
