@@ -130,7 +130,8 @@ enum Cmd {
 enum BenchCmd {
     /// Block: our virtio-blk (MSI-X and INTx) against virtio-drivers' VirtIOBlk
     ///
-    /// 4 KiB random reads at depth 1 and 32, then 64 KiB sequential reads; IOPS (median of
+    /// 4 KiB random reads at depth 1 and 32, 64 KiB sequential reads, then (ours only)
+    /// scatter-gather reads of 16 KiB to 1 MiB in 4 KiB segments; IOPS (median of
     /// interleaved repeats), guest instructions and halts per request (TCG plugin), kicks
     /// and interrupts per request, cross-checked with QEMU's trace. docs/benchmarks.md.
     Blk {

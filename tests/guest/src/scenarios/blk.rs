@@ -1413,7 +1413,11 @@ fn bench_sg(disk: &mut Disk, ms: u64) {
     }
     // A failed phase can leave a read in flight: then the buffer stays allocated rather
     // than be freed under the device.
-    if disk.drv.queue_stats(0).is_ok_and(|s| s.added == s.completions) {
+    if disk
+        .drv
+        .queue_stats(0)
+        .is_ok_and(|s| s.added == s.completions)
+    {
         // SAFETY: every chain ever added to the queue has completed, so the device no
         // longer writes to the buffer, and no segment list refers to it any more.
         unsafe { GuestDma.free_coherent(buf) };

@@ -67,12 +67,12 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "bench-blk",
-        about: "virtio-blk driver benchmark: 4 KiB random reads at depth 1/32, 64 KiB sequential reads",
+        about: "virtio-blk driver benchmark: 4 KiB random reads at depth 1/32, 64 KiB sequential reads, 16 KiB-1 MiB scatter-gather reads",
         run: blk::bench,
     },
     Scenario {
         name: "bench-blk-vd",
-        about: "the same benchmark through the virtio-drivers crate's VirtIOBlk",
+        about: "the same benchmark through the virtio-drivers crate's VirtIOBlk (no scatter-gather phases: it has no scatter-gather API)",
         run: blk::bench_vd,
     },
     Scenario {
