@@ -127,7 +127,8 @@ struct SplitAreas {
 // SAFETY: the pointers describe the queue's own DMA memory, like the `DmaRegion` they come
 // from (which is Send and Sync for the same reason); every access through them is volatile.
 unsafe impl Send for SplitAreas {}
-// SAFETY: as above; `&SplitAreas` only reads the device-written fields.
+// SAFETY: as above. The writers take `&self` but are reached only through methods of
+// `SplitQueue` that take `&mut self` (the type is private), so shared references only read.
 unsafe impl Sync for SplitAreas {}
 
 impl SplitAreas {
@@ -276,7 +277,13 @@ impl SplitQueue {
         config: QueueConfig,
     ) -> Result<Self> {
         let size = layout.size;
-        if config.size != size {
+        // The hot path indexes by `i & (size - 1)` and uses pointers computed from the
+        // layout's offsets: accept only a layout `SplitRingLayout::new` would have made (a
+        // power-of-two size, offsets inside `total`) in memory aligned as it requires.
+        if config.size != size
+            || SplitRingLayout::new(layout.kind, size) != Some(layout)
+            || ring.vaddr.as_ptr() as usize % layout.align.max(1) != 0
+        {
             return Err(Error::BadQueueSize { queue: index, size });
         }
         let ring = RingMemory::new(ring, layout.total)
@@ -427,7 +434,19 @@ impl SplitQueue {
         }
         let descs = descs as u16;
         if descs > self.num_free {
-            return Err(Error::QueueFull);
+            // A chain that could never be added is not backpressure: its writable bytes
+            // must fit the 32-bit used length (summed below on the way otherwise).
+            return Err(
+                if writable
+                    .iter()
+                    .try_fold(0u32, |a, s| a.checked_add(s.len))
+                    .is_none()
+                {
+                    Error::BadChain
+                } else {
+                    Error::QueueFull
+                },
+            );
         }
         // Flags of the chain's last descriptor (no NEXT).
         let end = if writable.is_empty() {
