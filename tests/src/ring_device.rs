@@ -1,6 +1,9 @@
 //! The device side of one split ring, served by rust-vmm's `virtio-queue` (code nobody here
 //! wrote) over [`IdentityMemory`]: what the conformance tests run our driver queue against.
 
+use virtio_core::RingLayoutKind;
+use virtio_core::platform::Dma;
+use virtio_core::queue::{QueueConfig, SplitQueue};
 use virtio_core::ring::SplitRingLayout;
 use virtio_core::transport::RingAddresses;
 use virtio_queue::{Queue, QueueT};
@@ -157,4 +160,44 @@ impl DeviceQueue {
             .disable_notification(self.mem.guest_memory())
             .expect("disable_notification")
     }
+}
+
+/// Our driver-side [`SplitQueue`] and rust-vmm's device side over one ring allocated in
+/// `mem` (with an indirect table pool when `max_indirect > 1`): what every split-ring
+/// test starts from.
+pub fn split_queue_pair(
+    mem: &IdentityMemory,
+    kind: RingLayoutKind,
+    size: u16,
+    event_idx: bool,
+    max_indirect: u16,
+    ignore_used_len: bool,
+) -> (SplitQueue, DeviceQueue, SplitRingLayout) {
+    let layout = SplitRingLayout::new(kind, size).expect("a valid split ring size");
+    let ring = mem
+        .alloc_coherent(layout.total, layout.align)
+        .expect("ring memory");
+    let base = ring.daddr;
+    let indirect = (max_indirect > 1).then(|| {
+        mem.alloc_coherent(usize::from(size) * usize::from(max_indirect) * 16, 16)
+            .expect("indirect table memory")
+    });
+    let drv = SplitQueue::new(
+        0,
+        layout,
+        ring,
+        indirect,
+        QueueConfig {
+            size,
+            max_indirect,
+            event_idx,
+            ignore_used_len,
+        },
+    )
+    .expect("the driver queue");
+    let dev = match kind {
+        RingLayoutKind::Legacy => DeviceQueue::new_legacy(mem, &layout, base, event_idx),
+        RingLayoutKind::Modern => DeviceQueue::new(mem, size, drv.addresses(), event_idx),
+    };
+    (drv, dev, layout)
 }

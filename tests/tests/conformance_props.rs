@@ -15,7 +15,7 @@ use virtio_core::queue::{QueueConfig, Segment, SplitQueue};
 use virtio_core::ring::SplitRingLayout;
 use virtio_core::{Error, RingLayoutKind};
 use virtio_tests::mem::IdentityMemory;
-use virtio_tests::ring_device::{Chain, DeviceQueue};
+use virtio_tests::ring_device::{Chain, split_queue_pair};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -61,27 +61,7 @@ fn run(
     let size = 16u16;
     let max_indirect = if indirect { 4 } else { 0 };
     let mem = IdentityMemory::new(8 << 20);
-    let layout = SplitRingLayout::new(kind, size).unwrap();
-    let ring = mem.alloc_coherent(layout.total, layout.align).unwrap();
-    let base = ring.daddr;
-    let pool = indirect.then(|| mem.alloc_coherent(size as usize * 4 * 16, 16).unwrap());
-    let mut drv = SplitQueue::new(
-        0,
-        layout,
-        ring,
-        pool,
-        QueueConfig {
-            size,
-            max_indirect,
-            event_idx,
-            ignore_used_len: false,
-        },
-    )
-    .unwrap();
-    let mut dev = match kind {
-        RingLayoutKind::Legacy => DeviceQueue::new_legacy(&mem, &layout, base, event_idx),
-        RingLayoutKind::Modern => DeviceQueue::new(&mem, size, drv.addresses(), event_idx),
-    };
+    let (mut drv, mut dev, _) = split_queue_pair(&mem, kind, size, event_idx, max_indirect, false);
     let buf = mem.alloc_buffer(4096).daddr;
 
     let mut next_token = 0usize;

@@ -1,12 +1,10 @@
 //! Conformance: our driver-side split virtqueue against rust-vmm's device-side `Queue`
 //! (virtio-queue 0.18) over identity-mapped `vm-memory`, both ring layouts.
 
-use virtio_core::platform::Dma;
-use virtio_core::queue::{QueueConfig, Segment, SplitQueue};
-use virtio_core::ring::SplitRingLayout;
+use virtio_core::queue::{Segment, SplitQueue};
 use virtio_core::{Error, RingLayoutKind};
 use virtio_tests::mem::IdentityMemory;
-use virtio_tests::ring_device::DeviceQueue;
+use virtio_tests::ring_device::{DeviceQueue, split_queue_pair};
 use vm_memory::{Bytes, GuestAddress};
 
 const KINDS: [RingLayoutKind; 2] = [RingLayoutKind::Legacy, RingLayoutKind::Modern];
@@ -29,30 +27,8 @@ fn pair_with(
     ignore_used_len: bool,
 ) -> Pair {
     let mem = IdentityMemory::new(16 << 20);
-    let layout = SplitRingLayout::new(kind, size).unwrap();
-    let ring = mem.alloc_coherent(layout.total, layout.align).unwrap();
-    let base = ring.daddr;
-    let indirect = (max_indirect > 1).then(|| {
-        mem.alloc_coherent(size as usize * max_indirect as usize * 16, 16)
-            .unwrap()
-    });
-    let drv = SplitQueue::new(
-        0,
-        layout,
-        ring,
-        indirect,
-        QueueConfig {
-            size,
-            max_indirect,
-            event_idx,
-            ignore_used_len,
-        },
-    )
-    .unwrap();
-    let dev = match kind {
-        RingLayoutKind::Legacy => DeviceQueue::new_legacy(&mem, &layout, base, event_idx),
-        RingLayoutKind::Modern => DeviceQueue::new(&mem, size, drv.addresses(), event_idx),
-    };
+    let (drv, dev, _) =
+        split_queue_pair(&mem, kind, size, event_idx, max_indirect, ignore_used_len);
     Pair { mem, drv, dev }
 }
 

@@ -36,7 +36,7 @@ use virtio_core::{Error, RingLayoutKind, VirtioDevice};
 use virtio_pci::{PciTransport, Preference, probe};
 use virtio_tests::blk_model::{BlkModel, bits};
 use virtio_tests::mem::IdentityMemory;
-use virtio_tests::ring_device::DeviceQueue;
+use virtio_tests::ring_device::{DeviceQueue, split_queue_pair};
 use virtio_tests::sim::{Sim, SimBars, SimConfig, SimIrq, SimMode};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -71,30 +71,7 @@ struct Pair {
 
 fn pair(kind: RingLayoutKind, size: u16, event_idx: bool, max_indirect: u16) -> Pair {
     let mem = IdentityMemory::new(16 << 20);
-    let layout = SplitRingLayout::new(kind, size).unwrap();
-    let ring = mem.alloc_coherent(layout.total, layout.align).unwrap();
-    let base = ring.daddr;
-    let indirect = (max_indirect > 1).then(|| {
-        mem.alloc_coherent(size as usize * max_indirect as usize * 16, 16)
-            .unwrap()
-    });
-    let drv = SplitQueue::new(
-        0,
-        layout,
-        ring,
-        indirect,
-        QueueConfig {
-            size,
-            max_indirect,
-            event_idx,
-            ignore_used_len: false,
-        },
-    )
-    .unwrap();
-    let dev = match kind {
-        RingLayoutKind::Legacy => DeviceQueue::new_legacy(&mem, &layout, base, event_idx),
-        RingLayoutKind::Modern => DeviceQueue::new(&mem, size, drv.addresses(), event_idx),
-    };
+    let (drv, dev, layout) = split_queue_pair(&mem, kind, size, event_idx, max_indirect, false);
     let buf = mem.alloc_buffer(1 << 20);
     Pair {
         mem,
