@@ -282,7 +282,7 @@ impl SplitQueue {
         // power-of-two size, offsets inside `total`) in memory aligned as it requires.
         if config.size != size
             || SplitRingLayout::new(layout.kind, size) != Some(layout)
-            || ring.vaddr.as_ptr() as usize % layout.align.max(1) != 0
+            || ring.vaddr.as_ptr().addr() % layout.align.max(1) != 0
         {
             return Err(Error::BadQueueSize { queue: index, size });
         }
