@@ -201,3 +201,25 @@ pub fn split_queue_pair(
     };
     (drv, dev, layout)
 }
+
+/// Writes a raw used-ring entry `(id, len)` at `slot` of `drv`'s ring and sets used.idx to
+/// `new_idx`, as a hostile device would.
+pub fn forge_used(
+    mem: &IdentityMemory,
+    drv: &SplitQueue,
+    slot: u16,
+    id: u32,
+    len: u32,
+    new_idx: u16,
+) {
+    let l = drv.layout();
+    let base = drv.addresses().desc;
+    let g = mem.guest_memory();
+    let elem = base + l.used_ring(slot) as u64;
+    g.write_obj(id.to_le(), GuestAddress(elem))
+        .expect("used id");
+    g.write_obj(len.to_le(), GuestAddress(elem + 4))
+        .expect("used len");
+    g.write_obj(new_idx.to_le(), GuestAddress(base + l.used_idx() as u64))
+        .expect("used idx");
+}

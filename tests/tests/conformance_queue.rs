@@ -4,8 +4,7 @@
 use virtio_core::queue::{Segment, SplitQueue};
 use virtio_core::{Error, RingLayoutKind};
 use virtio_tests::mem::IdentityMemory;
-use virtio_tests::ring_device::{DeviceQueue, split_queue_pair};
-use vm_memory::{Bytes, GuestAddress};
+use virtio_tests::ring_device::{DeviceQueue, forge_used, split_queue_pair};
 
 const KINDS: [RingLayoutKind; 2] = [RingLayoutKind::Legacy, RingLayoutKind::Modern];
 
@@ -41,18 +40,7 @@ impl Pair {
 
     /// Writes a raw used-ring entry and bumps used.idx, as a hostile device would.
     fn forge_used(&self, slot: u16, id: u32, len: u32, new_idx: u16) {
-        let l = self.drv.layout();
-        let base = self.drv.addresses().desc;
-        let g = self.mem.guest_memory();
-        g.write_obj(id.to_le(), GuestAddress(base + l.used_ring(slot) as u64))
-            .unwrap();
-        g.write_obj(
-            len.to_le(),
-            GuestAddress(base + l.used_ring(slot) as u64 + 4),
-        )
-        .unwrap();
-        g.write_obj(new_idx.to_le(), GuestAddress(base + l.used_idx() as u64))
-            .unwrap();
+        forge_used(&self.mem, &self.drv, slot, id, len, new_idx);
     }
 }
 

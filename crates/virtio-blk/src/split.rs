@@ -69,11 +69,6 @@ impl DataCursor {
     pub fn offset(self) -> u64 {
         self.done
     }
-
-    /// Whether every segment of `bufs` lies before this position.
-    pub fn at_end(self, bufs: &[Segment]) -> bool {
-        self.seg >= bufs.len()
-    }
 }
 
 /// One device request's share of the data.
