@@ -278,7 +278,8 @@ struct QueueState {
     /// Stack of free slot indices (capacity = slots: pushes never allocate).
     free: Vec<u16>,
     region: Option<DmaRegion>,
-    stride: usize,
+    /// Bytes per slot in `region`.
+    stride: u32,
     /// Data descriptors per device request on this queue.
     max_data_descs: usize,
 }
@@ -307,25 +308,23 @@ impl QueueState {
 
     #[inline]
     fn slot_ptr(&self, i: u16, offset: usize, len: usize) -> Option<NonNull<u8>> {
-        let at = usize::from(i)
-            .checked_mul(self.stride)?
-            .checked_add(offset)?;
+        // A 16-bit index times a 32-bit stride cannot overflow; the offsets are the slot
+        // layout's constants. `ptr_at` checks the end against the region.
+        let at = usize::from(i) * self.stride as usize + offset;
         self.region.as_ref()?.ptr_at(at, len)
     }
 
     #[inline]
     fn slot_daddr(&self, i: u16, offset: usize) -> u64 {
         let base = self.region.as_ref().map_or(0, |r| r.daddr);
-        base + (usize::from(i) * self.stride + offset) as u64
+        base + (usize::from(i) * self.stride as usize + offset) as u64
     }
 
     /// Writes into slot `i` while it is free or being prepared (the device does not access
     /// it: its chain is published only after this, with the queue's release fence).
     #[inline]
     fn write(&self, i: u16, offset: usize, bytes: &[u8]) {
-        let at = usize::from(i)
-            .checked_mul(self.stride)
-            .and_then(|b| b.checked_add(offset));
+        let at = (usize::from(i) * self.stride as usize).checked_add(offset);
         if let (Some(r), Some(at)) = (self.region.as_ref(), at) {
             r.write_at(at, bytes);
         }
@@ -547,7 +546,9 @@ impl<B: Bus> BlkDriver<B> {
             })
             .max()
             .unwrap_or(0);
+        // At most about 1 MiB (`max_ranges` is 16-bit): fits the slot's 32-bit stride.
         let stride = (SLOT_RANGES + 16 * range_cap).next_multiple_of(64);
+        let stride32 = u32::try_from(stride).map_err(|_| BlkError::TooLarge)?;
 
         let mut max_descs_all = 0usize;
         for i in 0..nq {
@@ -568,7 +569,7 @@ impl<B: Bus> BlkDriver<B> {
                 slots: vec![IDLE; usize::from(size)],
                 free,
                 region: Some(region),
-                stride,
+                stride: stride32,
                 max_data_descs,
             });
             max_descs_all = max_descs_all.max(max_data_descs);
@@ -888,9 +889,12 @@ impl<B: Bus> BlkDriver<B> {
 
     fn validate(&self, req: &Request<'_>) -> Result<Kind, BlkError> {
         let info = &self.info;
-        let bs = u64::from(info.block_sectors().max(1));
+        // Multiples of the block are tested with masks: `read_info` takes only a power of
+        // two from 512 up as the block size (512 without BLK_SIZE), so no divide per request.
+        let block_mask = u64::from(info.block_size.max(SECTOR_SIZE)) - 1;
+        let sector_mask = block_mask / u64::from(SECTOR_SIZE);
         let in_capacity = |sector: u64, sectors: u64| -> Result<(), BlkError> {
-            if sector % bs != 0 || sectors % bs != 0 || sectors == 0 {
+            if (sector | sectors) & sector_mask != 0 || sectors == 0 {
                 return Err(BlkError::InvalidRequest);
             }
             match sector.checked_add(sectors) {
@@ -906,7 +910,7 @@ impl<B: Bus> BlkDriver<B> {
                 }
                 total += u64::from(s.len);
             }
-            if total == 0 || total % u64::from(info.block_size) != 0 {
+            if total == 0 || total & block_mask != 0 {
                 return Err(BlkError::InvalidRequest);
             }
             in_capacity(sector, total / u64::from(SECTOR_SIZE))
