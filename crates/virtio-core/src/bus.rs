@@ -75,8 +75,18 @@ impl QueueMask {
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }
+    /// The queues in the set, lowest first (visits the set bits only).
     pub fn iter(self) -> impl Iterator<Item = u16> {
-        (0..128u16).filter(move |&q| self.contains(q))
+        let mut bits = self.0;
+        core::iter::from_fn(move || {
+            if bits == 0 {
+                return None;
+            }
+            // < 128: `bits` is non-zero.
+            let q = bits.trailing_zeros() as u16;
+            bits &= bits - 1;
+            Some(q)
+        })
     }
 }
 
@@ -231,4 +241,21 @@ pub trait Bus {
     /// Entry point from the platform's interrupt handler: `vector` is the MSI-X vector index,
     /// or `None` for INTx (and for polling), where the ISR is read (and cleared).
     fn handle_interrupt(&mut self, vector: Option<u16>) -> InterruptCause;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::QueueMask;
+    use alloc::vec::Vec;
+
+    #[test]
+    fn queue_mask_iterates_its_set_bits_in_order() {
+        let mut m = QueueMask::default();
+        assert_eq!(m.iter().count(), 0);
+        for q in [127, 0, 64, 63, 5, 128, 500] {
+            m.insert(q);
+        }
+        assert_eq!(m.iter().collect::<Vec<_>>(), [0, 5, 63, 64, 127]);
+        assert!(m.contains(64) && !m.contains(65) && !m.contains(128));
+    }
 }

@@ -4,7 +4,7 @@
 
 use alloc::vec::Vec;
 
-use crate::bus::{Bus, InterruptCause, QueueSpec};
+use crate::bus::{Bus, InterruptCause, QueueMask, QueueSpec};
 use crate::error::{Error, Result};
 use crate::packed::{PackedQueue, PackedRingLayout};
 use crate::platform::{Dma, InterruptMode, InterruptPlatform};
@@ -74,6 +74,9 @@ pub struct VirtioDevice<T: Transport, D: Dma, I: InterruptPlatform> {
     plan: VectorPlan,
     /// Interrupts seen per vector (index 0.. for MSI-X; `isr_interrupts` for INTx/poll).
     vector_interrupts: Vec<u64>,
+    /// Per MSI-X vector: the queues with interrupts that raise it (built once the queues
+    /// are set up), so an interrupt does not search the queue table.
+    vector_queues: Vec<QueueMask>,
     isr_interrupts: u64,
     spurious_interrupts: u64,
 }
@@ -94,6 +97,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
             mode: InterruptMode::Polling,
             plan: VectorPlan::Isr,
             vector_interrupts: Vec::new(),
+            vector_queues: Vec::new(),
             isr_interrupts: 0,
             spurious_interrupts: 0,
         }
@@ -180,6 +184,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
         self.mode = InterruptMode::Polling;
         self.plan = VectorPlan::Isr;
         self.vector_interrupts.clear();
+        self.vector_queues.clear();
     }
 
     fn negotiate(&mut self, driver: Features) -> Result<Features> {
@@ -477,6 +482,12 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
                     self.plan = plan;
                     if let InterruptMode::MsiX { vectors } = mode {
                         self.vector_interrupts = alloc::vec![0; vectors as usize];
+                        self.vector_queues = alloc::vec![QueueMask::default(); vectors as usize];
+                        for slot in self.queues.iter().flatten().filter(|s| s.interrupts) {
+                            if let Some(m) = self.vector_queues.get_mut(usize::from(slot.vector)) {
+                                m.insert(slot.queue.index());
+                            }
+                        }
                     }
                     self.state = State::QueuesReady;
                     return Ok(());
@@ -611,10 +622,11 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
                 }
                 if v == 0 {
                     cause.config_changed = true;
-                } else {
-                    for slot in self.queues.iter_mut().flatten() {
-                        if slot.interrupts && slot.vector == v {
-                            cause.queues.insert(slot.queue.index());
+                } else if let Some(&mask) = self.vector_queues.get(usize::from(v)) {
+                    cause.queues = mask;
+                    // Set bits only: one per vector with a vector per queue.
+                    for q in mask.iter() {
+                        if let Some(Some(slot)) = self.queues.get_mut(usize::from(q)) {
                             slot.queue.stats_mut().interrupts += 1;
                         }
                     }

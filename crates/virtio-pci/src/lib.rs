@@ -317,6 +317,7 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for PciTransport<C, B> {
     fn set_msix_enabled(&mut self, enabled: bool) {
         delegate!(self, t => t.set_msix_enabled(enabled))
     }
+    #[inline]
     fn notify(&self, index: u16) {
         delegate!(self, t => t.notify(index))
     }

@@ -35,24 +35,27 @@ pub mod common_cfg {
 
 /// Queues this transport can drive (indices at or above are refused at setup).
 pub const MAX_QUEUES: u16 = 1024;
-/// Queues whose `queue_notify_off` is cached as read. Queues at or above this index must
-/// have `queue_notify_off == index` (true of QEMU, VirtualBox and every device seen), so the
-/// transport stays small without allocation.
+/// Queues whose notification register offset is computed once, at setup. Queues at or
+/// above this index must have `queue_notify_off == index` (true of QEMU, VirtualBox and
+/// every device seen), so the transport stays small without allocation.
 pub const CACHED_NOTIFY_OFFS: u16 = 64;
-/// Marks a queue not set up in the notify-offset cache.
-const NOT_SET_UP: u16 = u16::MAX;
+/// Marks a queue not set up in the notify-register cache.
+const NOT_SET_UP: u64 = u64::MAX;
 
 /// Which queues are set up and where they notify.
 #[derive(Clone)]
 struct NotifyTable {
-    offs: [u16; CACHED_NOTIFY_OFFS as usize],
+    /// Per cached queue: the BAR offset of its 16-bit notification register (§4.1.4.4:
+    /// `cap.offset + queue_notify_off * notify_off_multiplier`), validated against the
+    /// region at setup, so a notification (every kick) is one load and the write.
+    at: [u64; CACHED_NOTIFY_OFFS as usize],
     set_up: [u64; (MAX_QUEUES / 64) as usize],
 }
 
 impl NotifyTable {
     const fn new() -> Self {
         NotifyTable {
-            offs: [NOT_SET_UP; CACHED_NOTIFY_OFFS as usize],
+            at: [NOT_SET_UP; CACHED_NOTIFY_OFFS as usize],
             set_up: [0; (MAX_QUEUES / 64) as usize],
         }
     }
@@ -61,17 +64,21 @@ impl NotifyTable {
         *self = Self::new();
     }
 
-    /// Records queue `index` as set up with `notify_off`; false if it cannot be represented.
-    fn insert(&mut self, index: u16, notify_off: u16) -> bool {
+    /// Records queue `index` as set up with `notify_off`; false if the register leaves the
+    /// region or the offset cannot be represented.
+    fn insert(&mut self, index: u16, notify_off: u16, notify: &NotifyRegion) -> bool {
         if index >= CACHED_NOTIFY_OFFS && notify_off != index {
             return false;
         }
+        let Some(at) = register_at(notify, notify_off) else {
+            return false;
+        };
         let Some(word) = self.set_up.get_mut(usize::from(index / 64)) else {
             return false;
         };
         *word |= 1 << (index % 64);
-        if let Some(slot) = self.offs.get_mut(usize::from(index)) {
-            *slot = notify_off;
+        if let Some(slot) = self.at.get_mut(usize::from(index)) {
+            *slot = at;
         }
         true
     }
@@ -80,18 +87,38 @@ impl NotifyTable {
         if let Some(word) = self.set_up.get_mut(usize::from(index / 64)) {
             *word &= !(1 << (index % 64));
         }
-        if let Some(slot) = self.offs.get_mut(usize::from(index)) {
+        if let Some(slot) = self.at.get_mut(usize::from(index)) {
             *slot = NOT_SET_UP;
         }
     }
 
-    fn get(&self, index: u16) -> Option<u16> {
+    /// The BAR offset of set-up queue `index`'s notification register.
+    #[inline]
+    fn register(&self, index: u16, notify: &NotifyRegion) -> Option<u64> {
+        if let Some(&at) = self.at.get(usize::from(index)) {
+            return (at != NOT_SET_UP).then_some(at);
+        }
+        // Above the cache, set up only with `queue_notify_off == index`.
         let word = self.set_up.get(usize::from(index / 64))?;
         if word & (1 << (index % 64)) == 0 {
             return None;
         }
-        Some(self.offs.get(usize::from(index)).copied().unwrap_or(index))
+        register_at(notify, index)
     }
+}
+
+/// BAR offset of the notification register for `queue_notify_off`, if the 16-bit register
+/// lies inside the notify region.
+fn register_at(notify: &NotifyRegion, queue_notify_off: u16) -> Option<u64> {
+    notify
+        .register_offset(queue_notify_off)
+        .and_then(|r| notify.region.offset_of(r, 2))
+}
+
+#[cold]
+#[inline(never)]
+fn notify_not_set_up(index: u16) {
+    log::warn!("virtio-pci: notify for queue {index} which is not set up");
 }
 
 /// The validated regions a modern transport needs.
@@ -137,7 +164,7 @@ pub struct ModernTransport<C: PciConfigSpace, B: BarAccess> {
     msix_enabled: bool,
     /// Last features written with `set_driver_features` (to know whether RING_RESET may be used).
     driver_features: u64,
-    /// `queue_notify_off` of each set-up queue, validated against the notify region.
+    /// Where each set-up queue notifies, validated against the notify region.
     notify_offs: NotifyTable,
 }
 
@@ -409,7 +436,10 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for ModernTransport<C, B> {
         self.w64(common_cfg::QUEUE_DESC, addrs.desc);
         self.w64(common_cfg::QUEUE_DRIVER, addrs.driver);
         self.w64(common_cfg::QUEUE_DEVICE, addrs.device);
-        if !self.notify_offs.insert(index, notify_off) {
+        if !self
+            .notify_offs
+            .insert(index, notify_off, &self.regions.notify)
+        {
             // Unreachable: index < MAX_QUEUES and representability were checked above.
             return Err(Error::Unsupported);
         }
@@ -455,18 +485,12 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for ModernTransport<C, B> {
         self.msix_enabled = enabled;
     }
 
+    #[inline]
     fn notify(&self, index: u16) {
-        let Some(notify_off) = self.notify_offs.get(index) else {
-            log::warn!("virtio-pci: notify for queue {index} which is not set up");
-            return;
-        };
-        let notify = self.regions.notify;
-        // Validated at setup; re-checked rather than trusted.
-        if let Some(at) = notify
-            .register_offset(notify_off)
-            .and_then(|r| notify.region.offset_of(r, 2))
-        {
-            self.bars.write16(notify.region.bar, at, index);
+        let notify = &self.regions.notify;
+        match self.notify_offs.register(index, notify) {
+            Some(at) => self.bars.write16(notify.region.bar, at, index),
+            None => notify_not_set_up(index),
         }
     }
 
