@@ -29,13 +29,23 @@ impl<T: Copy> Fifo<T> {
     pub fn free(&self) -> usize {
         self.buf.len() - self.len
     }
+    /// Buffer index of the `i`-th element from the front, for `i <= len`: `head < cap`
+    /// and `i <= cap`, so one conditional subtraction wraps it (no divide on the I/O path).
+    #[inline]
+    fn index(&self, i: usize) -> usize {
+        let at = self.head + i;
+        if at >= self.buf.len() {
+            at - self.buf.len()
+        } else {
+            at
+        }
+    }
     /// Appends; false (and nothing stored) when full.
     pub fn push(&mut self, v: T) -> bool {
-        let cap = self.buf.len();
-        if self.len >= cap {
+        if self.len >= self.buf.len() {
             return false;
         }
-        let at = (self.head + self.len) % cap;
+        let at = self.index(self.len);
         match self.buf.get_mut(at) {
             Some(slot) => {
                 *slot = v;
@@ -50,7 +60,7 @@ impl<T: Copy> Fifo<T> {
             return None;
         }
         let v = self.buf.get(self.head).copied();
-        self.head = (self.head + 1) % self.buf.len();
+        self.head = self.index(1);
         self.len -= 1;
         v
     }
@@ -62,7 +72,7 @@ impl<T: Copy> Fifo<T> {
         if i >= self.len {
             return None;
         }
-        self.buf.get((self.head + i) % self.buf.len()).copied()
+        self.buf.get(self.index(i)).copied()
     }
     /// Forgets every element (e.g. after a device reset).
     pub fn clear(&mut self) {
@@ -74,8 +84,8 @@ impl<T: Copy> Fifo<T> {
         if i >= self.len {
             return None;
         }
-        let cap = self.buf.len();
-        self.buf.get_mut((self.head + i) % cap)
+        let at = self.index(i);
+        self.buf.get_mut(at)
     }
 }
 
@@ -107,5 +117,32 @@ mod tests {
         assert!(f.push(7) && f.push(8));
         f.clear();
         assert_eq!((f.len(), f.pop()), (0, None));
+    }
+
+    /// Every capacity from 0 to 5 against `VecDeque`, through many wraps of the head.
+    #[test]
+    fn matches_a_deque_across_wraps() {
+        use alloc::collections::VecDeque;
+        for cap in 0..6usize {
+            let mut f = Fifo::new(cap, 0u32);
+            let mut d = VecDeque::new();
+            let mut x: u32 = 1;
+            for step in 0..200u32 {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                if x >> 16 & 3 != 0 {
+                    let pushed = f.push(step);
+                    assert_eq!(pushed, d.len() < cap, "cap {cap}, step {step}");
+                    if pushed {
+                        d.push_back(step);
+                    }
+                } else {
+                    assert_eq!(f.pop(), d.pop_front(), "cap {cap}, step {step}");
+                }
+                assert_eq!(f.len(), d.len());
+                for i in 0..=cap {
+                    assert_eq!(f.get(i), d.get(i).copied(), "cap {cap}, step {step}, {i}");
+                }
+            }
+        }
     }
 }
