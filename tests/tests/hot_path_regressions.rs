@@ -484,21 +484,25 @@ fn fast_path_refusals_consume_and_publish_nothing() {
 /// free-descriptor test, so the full-ring answer checks it separately).
 #[test]
 fn writable_overflow_is_bad_chain_even_on_a_full_ring() {
-    let mut p = pair(RingLayoutKind::Modern, 8, false, 0);
-    let huge = [p.seg(0, u32::MAX), p.seg(1, 2)];
-    // On an empty ring: BadChain, nothing consumed.
-    assert_eq!(p.drv.add(&[], &huge, 1), Err(Error::BadChain));
-    assert_eq!(p.drv.num_free(), 8);
-    let s = [p.seg(2, 8)];
-    for t in 0..7 {
-        p.drv.add(&s, &[], t).unwrap();
+    // Without tables (the chain needs two descriptors, one is left), and through an
+    // indirect table (the chain's own path; the ring completely full).
+    for (max_indirect, fill) in [(0u16, 7usize), (4, 8)] {
+        let mut p = pair(RingLayoutKind::Modern, 8, false, max_indirect);
+        let huge = [p.seg(0, u32::MAX), p.seg(1, 2)];
+        // On an empty ring: BadChain, nothing consumed.
+        assert_eq!(p.drv.add(&[], &huge, 1), Err(Error::BadChain));
+        assert_eq!(p.drv.num_free(), 8);
+        let s = [p.seg(2, 8)];
+        for t in 0..fill {
+            p.drv.add(&s, &[], t).unwrap();
+        }
+        assert_eq!(
+            p.drv.add(&[], &huge, 2),
+            Err(Error::BadChain),
+            "an impossible chain reported as backpressure (max_indirect {max_indirect})"
+        );
+        assert_eq!(p.drv.add(&[], &[s[0], s[0]], 3), Err(Error::QueueFull));
     }
-    // One descriptor free, the chain needs two: still the chain's own fault.
-    assert_eq!(
-        p.drv.add(&[], &huge, 2),
-        Err(Error::BadChain),
-        "an impossible chain reported as backpressure"
-    );
 }
 
 /// `SplitQueue::new` is public and takes a `SplitRingLayout`, whose fields are public.

@@ -420,20 +420,24 @@ impl SplitQueue {
         writable: &[Segment],
         token: usize,
     ) -> Result<()> {
+        let total = readable.len() + writable.len();
+        // The common multi-segment case first: one indirect table, one ring slot.
+        if self.indirect.holds(total) && self.num_free != 0 && !self.broken {
+            return self.add_indirect(readable, writable, token, total);
+        }
         if self.broken {
             return Err(Error::QueueBroken { queue: self.index });
         }
-        let total = readable.len() + writable.len();
         if total == 0 {
             return Err(Error::BadChain);
         }
-        let descs = self.descriptors_for(total);
-        let use_indirect = descs == 1 && total > 1;
-        if descs > self.layout.size as usize {
+        // A chain for a table got here only because the ring is full; any other takes one
+        // descriptor per segment.
+        let table = self.indirect.holds(total);
+        if !table && total > self.layout.size as usize {
             return Err(Error::BadChain);
         }
-        let descs = descs as u16;
-        if descs > self.num_free {
+        if table || total > usize::from(self.num_free) {
             // A chain that could never be added is not backpressure: its writable bytes
             // must fit the 32-bit used length (summed below on the way otherwise).
             return Err(
@@ -448,112 +452,126 @@ impl SplitQueue {
                 },
             );
         }
-        // Flags of the chain's last descriptor (no NEXT).
-        let end = if writable.is_empty() {
-            DescFlags::empty()
-        } else {
-            DescFlags::WRITE
-        };
+        // `total` <= num_free <= size (above).
+        let descs = total as u16;
         // Every descriptor is written with NEXT, and the last one's flags are then rewritten
         // without it (one 16-bit store instead of a test per element). Nothing is published
         // before the avail ring update below, so a chain refused half-way (a writable length
         // over 4 GiB) leaves only unused descriptors written.
         let mut writable_len: u32 = 0;
         let head = self.free_head;
-        let tail;
-        if use_indirect {
-            let Some(table) = self.indirect.table(head) else {
-                return Err(Error::BadChain);
-            };
-            // `table` holds max_indirect >= total descriptors (`descriptors_for` chose the
-            // table for this many), so entries 0..total lie inside it; the region is DMA
-            // memory we own, not yet published.
-            let mut p = table;
-            let mut i: u16 = 0;
-            for seg in readable {
-                i += 1;
-                // SAFETY: entry i - 1 < total is inside the table (above).
-                unsafe { write_desc(p, seg.addr, seg.len, DescFlags::NEXT, i) };
-                // SAFETY: at most one past the last entry, inside or at the end of the table.
-                p = unsafe { p.add(16) };
-            }
-            for seg in writable {
-                writable_len = writable_len.checked_add(seg.len).ok_or(Error::BadChain)?;
-                i += 1;
-                let flags = DescFlags::NEXT | DescFlags::WRITE;
-                // SAFETY: as above.
-                unsafe { write_desc(p, seg.addr, seg.len, flags, i) };
-                // SAFETY: as above.
-                p = unsafe { p.add(16) };
-            }
-            // SAFETY: `p` is one past entry total - 1 (total >= 1); its flags field is 4
-            // bytes before, 2-aligned, inside the table.
-            unsafe {
-                p.sub(4)
-                    .cast::<u16>()
-                    .as_ptr()
-                    .write_volatile(end.bits().to_le())
-            };
-            let table_len = (total * 16) as u32;
-            let table_addr = self.indirect.daddr(head);
+        let mut idx = head;
+        let mut last = head;
+        for seg in readable {
+            let next = self.link(idx);
             // SAFETY: a 16-byte entry of our descriptor table, not published.
             unsafe {
                 write_desc(
-                    self.areas.desc(head),
-                    table_addr,
-                    table_len,
-                    DescFlags::INDIRECT,
-                    0,
+                    self.areas.desc(idx),
+                    seg.addr,
+                    seg.len,
+                    DescFlags::NEXT,
+                    next,
                 )
             };
-            self.free_head = self.link(head);
-            self.stats.indirect += 1;
-            tail = head;
-        } else {
-            let mut idx = head;
-            let mut last = head;
-            for seg in readable {
-                let next = self.link(idx);
-                // SAFETY: a 16-byte entry of our descriptor table, not published.
-                unsafe {
-                    write_desc(
-                        self.areas.desc(idx),
-                        seg.addr,
-                        seg.len,
-                        DescFlags::NEXT,
-                        next,
-                    )
-                };
-                (last, idx) = (idx, next);
-            }
-            for seg in writable {
-                writable_len = writable_len.checked_add(seg.len).ok_or(Error::BadChain)?;
-                let next = self.link(idx);
-                let flags = DescFlags::NEXT | DescFlags::WRITE;
-                // SAFETY: as above.
-                unsafe { write_desc(self.areas.desc(idx), seg.addr, seg.len, flags, next) };
-                (last, idx) = (idx, next);
-            }
-            // SAFETY: the flags field (offset 12, 2-aligned) of the chain's last descriptor,
-            // inside our descriptor table.
-            unsafe {
-                self.areas
-                    .desc(last)
-                    .add(12)
-                    .cast::<u16>()
-                    .write_volatile(end.bits().to_le())
-            };
-            self.free_head = idx;
-            tail = last;
+            (last, idx) = (idx, next);
         }
+        for seg in writable {
+            writable_len = writable_len.checked_add(seg.len).ok_or(Error::BadChain)?;
+            let next = self.link(idx);
+            let flags = DescFlags::NEXT | DescFlags::WRITE;
+            // SAFETY: as above.
+            unsafe { write_desc(self.areas.desc(idx), seg.addr, seg.len, flags, next) };
+            (last, idx) = (idx, next);
+        }
+        // SAFETY: the flags field (offset 12, 2-aligned) of the chain's last descriptor,
+        // inside our descriptor table.
+        unsafe {
+            self.areas
+                .desc(last)
+                .add(12)
+                .cast::<u16>()
+                .write_volatile(last_flags(writable).bits().to_le())
+        };
+        self.free_head = idx;
         self.num_free -= descs;
+        self.commit(head, token, writable_len, descs, last);
+        Ok(())
+    }
+
+    /// A chain of `total` (2..=max_indirect) segments as one indirect table in the free
+    /// head's slot (§2.7.5.3): the caller checked that a descriptor is free and the queue
+    /// is not broken.
+    #[inline(always)]
+    fn add_indirect(
+        &mut self,
+        readable: &[Segment],
+        writable: &[Segment],
+        token: usize,
+        total: usize,
+    ) -> Result<()> {
+        let head = self.free_head;
+        let Some(table) = self.indirect.table(head) else {
+            return Err(Error::BadChain);
+        };
+        // `table` holds max_indirect >= total descriptors (`holds`), so entries 0..total
+        // lie inside it; the region is DMA memory we own, not yet published. Every entry
+        // is written with NEXT and the last one's flags rewritten (as in `add_chain`).
+        let mut p = table;
+        let mut i: u16 = 0;
+        for seg in readable {
+            i += 1;
+            // SAFETY: entry i - 1 < total is inside the table (above).
+            unsafe { write_desc(p, seg.addr, seg.len, DescFlags::NEXT, i) };
+            // SAFETY: at most one past the last entry, inside or at the end of the table.
+            p = unsafe { p.add(16) };
+        }
+        let mut writable_len: u32 = 0;
+        for seg in writable {
+            writable_len = writable_len.checked_add(seg.len).ok_or(Error::BadChain)?;
+            i += 1;
+            let flags = DescFlags::NEXT | DescFlags::WRITE;
+            // SAFETY: as above.
+            unsafe { write_desc(p, seg.addr, seg.len, flags, i) };
+            // SAFETY: as above.
+            p = unsafe { p.add(16) };
+        }
+        // SAFETY: `p` is one past entry total - 1 (total >= 2); its flags field is 4 bytes
+        // before, 2-aligned, inside the table.
+        unsafe {
+            p.sub(4)
+                .cast::<u16>()
+                .as_ptr()
+                .write_volatile(last_flags(writable).bits().to_le())
+        };
+        let table_len = (total * 16) as u32;
+        let table_addr = self.indirect.daddr(head);
+        // SAFETY: a 16-byte entry of our descriptor table, not published.
+        unsafe {
+            write_desc(
+                self.areas.desc(head),
+                table_addr,
+                table_len,
+                DescFlags::INDIRECT,
+                0,
+            )
+        };
+        self.free_head = self.link(head);
+        self.num_free -= 1;
+        self.stats.indirect += 1;
+        self.commit(head, token, writable_len, 1, head);
+        Ok(())
+    }
+
+    /// Records the chain at `head` (its last descriptor `tail`) as in flight and publishes it.
+    #[inline(always)]
+    fn commit(&mut self, head: u16, token: usize, writable: u32, descs: u16, tail: u16) {
         let entry = self.entry_mut(head);
         entry.token = token;
-        entry.writable = writable_len;
+        entry.writable = writable;
         entry.descs = descs;
         entry.tail = tail;
         self.publish(head);
-        Ok(())
     }
 
     /// Makes the chain at `head` available: ring entry, then (after the barrier) the index
@@ -785,6 +803,16 @@ impl SplitQueue {
         log::error!("virtqueue {}: {e}; queue disabled until reset", self.index);
         self.broken = true;
         e
+    }
+}
+
+/// Flags of a chain's last descriptor: no NEXT; WRITE if the chain ends device-writable.
+#[inline(always)]
+fn last_flags(writable: &[Segment]) -> DescFlags {
+    if writable.is_empty() {
+        DescFlags::empty()
+    } else {
+        DescFlags::WRITE
     }
 }
 

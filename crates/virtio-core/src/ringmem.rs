@@ -109,11 +109,14 @@ impl IndirectPool {
     /// table (tables exist, more than one segment, and it fits), else one per segment.
     #[inline]
     pub(crate) fn descriptors_for(&self, segments: usize) -> usize {
-        if self.max > 0 && segments > 1 && segments <= self.max as usize {
-            1
-        } else {
-            segments
-        }
+        if self.holds(segments) { 1 } else { segments }
+    }
+
+    /// Whether a chain of `segments` goes in one table: tables exist (`max` is 0 or at
+    /// least 2), more than one segment, and it fits.
+    #[inline]
+    pub(crate) fn holds(&self, segments: usize) -> bool {
+        segments > 1 && segments <= self.max as usize
     }
 
     /// The table of slot `slot`.
