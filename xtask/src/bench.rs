@@ -38,6 +38,7 @@
 
 pub mod insns;
 pub mod ring;
+pub mod targets;
 
 use insns::{Counters, Counting};
 use virtio_tests::qemu::{self, IrqMode, Machine, RunConfig, RunReport, Transport};
@@ -531,11 +532,19 @@ pub fn bench_blk(ms: u64, repeats: u32, profile: bool) -> Result<bool, String> {
         }
     }
 
-    // The median ratio of one figure between two configurations, for one phase.
-    let ratio_of = |a: usize, b: usize, pi: usize, f: &dyn Fn(&Phase) -> Option<f64>| {
+    // The ratio of one figure's medians between two configurations, for one phase.
+    let ratio_value = |a: usize, b: usize, pi: usize, f: &dyn Fn(&Phase) -> Option<f64>| {
         let x = spread_of(&sessions, a, pi, f).map_or(f64::NAN, |s| s.median);
         let y = spread_of(&sessions, b, pi, f).map_or(f64::NAN, |s| s.median);
-        ratio(x, y)
+        if y > 0.0 { x / y } else { f64::NAN }
+    };
+    let ratio_of = |a: usize, b: usize, pi: usize, f: &dyn Fn(&Phase) -> Option<f64>| {
+        let r = ratio_value(a, b, pi, f);
+        if r.is_finite() {
+            format!("{r:.2}")
+        } else {
+            "—".into()
+        }
     };
     let position = |f: fn(&Config) -> bool| CONFIGS.iter().position(f);
     let vd = position(|c| c.scenario == "bench-blk-vd").expect("a virtio-drivers configuration");
@@ -597,6 +606,51 @@ pub fn bench_blk(ms: u64, repeats: u32, profile: bool) -> Result<bool, String> {
 
     let sg = print_sg(&sessions);
 
+    // Issue 15's targets: our driver as it ships (split ring, MSI-X) against virtio-drivers.
+    let phase = |name: &str| names.iter().position(|n| *n == name);
+    let target = |what, name: &str, figure: &dyn Fn(&Phase) -> Option<f64>, bound, at_most| {
+        targets::Target {
+            what,
+            ratio: phase(name).map_or(f64::NAN, |pi| ratio_value(split, vd, pi, figure)),
+            bound,
+            at_most,
+        }
+    };
+    let iops = |p: &Phase| Some(p.iops());
+    let targets = targets::report(
+        "ratios of medians over this run's repeats",
+        &[
+            target(
+                "4K random QD1, guest instructions per request, ours / theirs",
+                "rand4k_qd1",
+                &insns_per_req,
+                0.8,
+                true,
+            ),
+            target(
+                "4K random QD32, guest instructions per request, ours / theirs",
+                "rand4k_qd32",
+                &insns_per_req,
+                0.7,
+                true,
+            ),
+            target(
+                "4K random QD1, IOPS, ours / theirs",
+                "rand4k_qd1",
+                &iops,
+                1.5,
+                false,
+            ),
+            target(
+                "4K random QD32, IOPS, ours / theirs",
+                "rand4k_qd32",
+                &iops,
+                2.5,
+                false,
+            ),
+        ],
+    );
+
     // At depth 32 our driver batches: one kick per batch and EVENT_IDX interrupts (on the
     // packed ring, the same through its event suppression structures' offsets).
     let mut ok = problems.is_empty();
@@ -623,7 +677,7 @@ pub fn bench_blk(ms: u64, repeats: u32, profile: bool) -> Result<bool, String> {
     println!(
         "bench blk: {} ({} of {planned} runs measured; each run's cross-checks with QEMU's trace, \
          the plugin's markers, the ring it was meant to negotiate, and the batching bound at \
-         depth 32); scatter-gather cost per added segment {}",
+         depth 32); scatter-gather cost per added segment {}; {targets} (split ring, MSI-X)",
         if ok { "PASS" } else { "FAIL" },
         sessions.len(),
         match sg {

@@ -117,6 +117,34 @@ pub fn cmd(bytes: u64, repeats: u32, profile: bool) -> Result<bool, String> {
             .chain(&tso)
             .chain(&no_tso)
     };
+    // Issue 15's targets: our driver as it ships (split ring) against virtio-drivers.
+    let throughput_ratio = |phase: &str| {
+        let Some(i) = PHASES.iter().position(|(p, _)| *p == phase) else {
+            return f64::NAN;
+        };
+        let median = |sessions: &[Session]| {
+            spread(sessions, i, |ph| Some(ph.mib_s)).map_or(f64::NAN, |s| s.median)
+        };
+        let (o, t) = (median(&ours), median(&theirs));
+        if t > 0.0 { o / t } else { f64::NAN }
+    };
+    let targets = crate::bench::targets::report(
+        "ratios of medians over this run's repeats",
+        &[
+            crate::bench::targets::Target {
+                what: "receive throughput, ours / theirs",
+                ratio: throughput_ratio("recv"),
+                bound: 1.5,
+                at_most: false,
+            },
+            crate::bench::targets::Target {
+                what: "send throughput, ours / theirs",
+                ratio: throughput_ratio("send"),
+                bound: 3.0,
+                at_most: false,
+            },
+        ],
+    );
     let failed = all().filter(|s| !s.ok).count();
     let ok = failed == 0;
     let what = if ok {
@@ -127,7 +155,7 @@ pub fn cmd(bytes: u64, repeats: u32, profile: bool) -> Result<bool, String> {
         "failed runs are reported above and left out of the figures"
     };
     println!(
-        "bench net: {} ({} runs{}; {what})",
+        "bench net: {} ({} runs{}; {what}); {targets} (split ring)",
         if ok { "PASS" } else { "FAIL" },
         all().count(),
         if ok {
