@@ -489,10 +489,16 @@ fn writable_overflow_is_bad_chain_even_on_a_full_ring() {
     for (max_indirect, fill) in [(0u16, 7usize), (4, 8)] {
         let mut p = pair(RingLayoutKind::Modern, 8, false, max_indirect);
         let huge = [p.seg(0, u32::MAX), p.seg(1, 2)];
-        // On an empty ring: BadChain, nothing consumed.
+        // On an empty ring: BadChain, nothing consumed, and the ring still takes a chain
+        // (through the same free head and, with tables, the same table).
         assert_eq!(p.drv.add(&[], &huge, 1), Err(Error::BadChain));
-        assert_eq!(p.drv.num_free(), 8);
+        assert_eq!((p.drv.num_free(), p.drv.in_flight()), (8, 0));
         let s = [p.seg(2, 8)];
+        p.drv.add(&[], &[s[0], s[0]], 4).unwrap();
+        let chain = p.dev.pop().expect("the chain added after the refusal");
+        p.dev.complete(&chain, 16, 0);
+        assert_eq!(p.drv.pop_used().unwrap().map(|u| u.token), Some(4));
+        assert_eq!(p.drv.num_free(), 8);
         for t in 0..fill {
             p.drv.add(&s, &[], t).unwrap();
         }

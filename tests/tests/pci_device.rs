@@ -45,6 +45,11 @@ fn specs() -> [QueueSpec; 3] {
     ]
 }
 
+/// The queues an MSI-X interrupt on `vector` names.
+fn queues_of(d: &mut Dev, vector: u16) -> Vec<u16> {
+    d.handle_interrupt(Some(vector)).queues.iter().collect()
+}
+
 fn bring_up(d: &mut Dev) {
     let negotiated = d.negotiate_features(DRIVER).expect("features");
     assert!(!negotiated.contains(Features::BAD_FEATURE));
@@ -95,6 +100,17 @@ fn per_queue_vectors_then_shared_then_intx() {
         assert_eq!(s.config_vector(), 0);
         let vectors: Vec<_> = (0..3).map(|q| s.queue_info(q).unwrap().vector).collect();
         assert_eq!(vectors, vec![1, 2, NO_VECTOR]);
+        // Each vector names its own queue (the per-vector masks built at setup); the queue
+        // without interrupts never appears, and vector 0 is the configuration's.
+        assert_eq!(queues_of(&mut d, 1), [0]);
+        assert_eq!(queues_of(&mut d, 2), [1]);
+        assert_eq!(queues_of(&mut d, 0), [0u16; 0]);
+        assert_eq!(queues_of(&mut d, 3), [0u16; 0], "no such vector");
+        let interrupts = |d: &Dev, q| d.queue_stats(q).unwrap().interrupts;
+        assert_eq!(
+            (interrupts(&d, 0), interrupts(&d, 1), interrupts(&d, 2)),
+            (1, 1, 0)
+        );
 
         // The platform grants only 2 vectors: shared plan.
         let s = sim(mode, None);
@@ -104,6 +120,11 @@ fn per_queue_vectors_then_shared_then_intx() {
         assert_eq!(d.interrupt_mode(), InterruptMode::MsiX { vectors: 2 });
         let vectors: Vec<_> = (0..3).map(|q| s.queue_info(q).unwrap().vector).collect();
         assert_eq!(vectors, vec![1, 1, NO_VECTOR]);
+        assert_eq!(queues_of(&mut d, 1), [0, 1]);
+        // After a reset and a new setup the masks are built again.
+        d.reset(&mut |_, _| {});
+        bring_up(&mut d);
+        assert_eq!(queues_of(&mut d, 1), [0, 1]);
 
         // The device rejects vector 2 (read back NO_VECTOR): fall back to shared after a reset.
         let s = sim(mode, None);
@@ -111,6 +132,11 @@ fn per_queue_vectors_then_shared_then_intx() {
         let mut d = device(&s, pref);
         bring_up(&mut d);
         assert_eq!(d.interrupt_mode(), InterruptMode::MsiX { vectors: 2 });
+        assert_eq!(
+            queues_of(&mut d, 1),
+            [0, 1],
+            "the shared plan after the fallback"
+        );
         assert!(s.irq_calls().contains(&IrqCall::Disable));
         s.check_init_order().unwrap();
 

@@ -516,5 +516,15 @@ fn many_queues_notify_beyond_the_cached_table() {
         ),
         (1, 1, 1, 1, 0)
     );
+    // A queue torn down, then every queue after a reset: their cached notification
+    // registers are forgotten, so nothing reaches the device.
+    t.teardown_queue(0);
+    t.notify(0);
+    assert_eq!(s.kicks(0), 1);
+    t.set_status(DeviceStatus::empty());
+    for q in [63u16, 64, 69] {
+        t.notify(q);
+    }
+    assert_eq!((s.kicks(63), s.kicks(64), s.kicks(69)), (1, 1, 1));
     assert!(s.bad_accesses().is_empty(), "{:?}", s.bad_accesses());
 }

@@ -308,9 +308,11 @@ impl QueueState {
 
     #[inline]
     fn slot_ptr(&self, i: u16, offset: usize, len: usize) -> Option<NonNull<u8>> {
-        // A 16-bit index times a 32-bit stride cannot overflow; the offsets are the slot
-        // layout's constants. `ptr_at` checks the end against the region.
-        let at = usize::from(i) * self.stride as usize + offset;
+        // Checked, yet free on 64-bit targets: a 16-bit index times a 32-bit stride cannot
+        // overflow there, and the compiler drops the test. `ptr_at` checks the end.
+        let at = usize::from(i)
+            .checked_mul(self.stride as usize)?
+            .checked_add(offset)?;
         self.region.as_ref()?.ptr_at(at, len)
     }
 
@@ -324,7 +326,9 @@ impl QueueState {
     /// it: its chain is published only after this, with the queue's release fence).
     #[inline]
     fn write(&self, i: u16, offset: usize, bytes: &[u8]) {
-        let at = (usize::from(i) * self.stride as usize).checked_add(offset);
+        let at = usize::from(i)
+            .checked_mul(self.stride as usize)
+            .and_then(|b| b.checked_add(offset));
         if let (Some(r), Some(at)) = (self.region.as_ref(), at) {
             r.write_at(at, bytes);
         }
@@ -558,10 +562,12 @@ impl<B: Bus> BlkDriver<B> {
                 return Err(BlkError::Virtio(Error::BadQueueSize { queue: i, size }));
             }
             let max_data_descs = cap.min(max_chain - 2);
-            let region = self
-                .bus
-                .dma()
-                .alloc_coherent(usize::from(size) * stride, 64)?;
+            // Checked: the slots' device addresses (`slot_daddr`) are then in range on any
+            // target.
+            let bytes = usize::from(size)
+                .checked_mul(stride)
+                .ok_or(BlkError::TooLarge)?;
+            let region = self.bus.dma().alloc_coherent(bytes, 64)?;
             let mut free: Vec<u16> = Vec::with_capacity(usize::from(size));
             free.extend((0..size).rev());
             self.queues.push(QueueState {

@@ -64,13 +64,16 @@ impl QueueSpec {
 pub struct QueueMask(pub u128);
 
 impl QueueMask {
+    /// Queue indices it can hold (0..CAPACITY); others are left out.
+    pub const CAPACITY: u16 = 128;
+
     pub fn insert(&mut self, q: u16) {
-        if q < 128 {
+        if q < Self::CAPACITY {
             self.0 |= 1 << q;
         }
     }
     pub fn contains(self, q: u16) -> bool {
-        q < 128 && self.0 & (1 << q) != 0
+        q < Self::CAPACITY && self.0 & (1 << q) != 0
     }
     pub fn is_empty(self) -> bool {
         self.0 == 0

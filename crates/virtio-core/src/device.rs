@@ -624,10 +624,20 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
                     cause.config_changed = true;
                 } else if let Some(&mask) = self.vector_queues.get(usize::from(v)) {
                     cause.queues = mask;
-                    // Set bits only: one per vector with a vector per queue.
-                    for q in mask.iter() {
-                        if let Some(Some(slot)) = self.queues.get_mut(usize::from(q)) {
-                            slot.queue.stats_mut().interrupts += 1;
+                    if self.queues.len() <= usize::from(QueueMask::CAPACITY) {
+                        // Set bits only: one per vector with a vector per queue.
+                        for q in mask.iter() {
+                            if let Some(Some(slot)) = self.queues.get_mut(usize::from(q)) {
+                                slot.queue.stats_mut().interrupts += 1;
+                            }
+                        }
+                    } else {
+                        // Queues past the mask's capacity are counted by a scan (a device
+                        // with that many queues is rare; `cause` cannot name them).
+                        for slot in self.queues.iter_mut().flatten() {
+                            if slot.interrupts && slot.vector == v {
+                                slot.queue.stats_mut().interrupts += 1;
+                            }
                         }
                     }
                 }
