@@ -11,6 +11,7 @@ pub mod fs_model;
 pub mod mem;
 pub mod net_model;
 pub mod packed_device;
+pub mod prng;
 pub mod qemu;
 pub mod ring_device;
 pub mod sim;

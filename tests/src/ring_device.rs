@@ -2,7 +2,7 @@
 //! wrote) over [`IdentityMemory`]: what the conformance tests run our driver queue against.
 
 use virtio_core::RingLayoutKind;
-use virtio_core::platform::Dma;
+use virtio_core::platform::{Dma, DmaRegion};
 use virtio_core::queue::{QueueConfig, SplitQueue};
 use virtio_core::ring::SplitRingLayout;
 use virtio_core::transport::RingAddresses;
@@ -173,20 +173,35 @@ pub fn split_queue_pair(
     max_indirect: u16,
     ignore_used_len: bool,
 ) -> (SplitQueue, DeviceQueue, SplitRingLayout) {
+    let (drv, layout, base) =
+        split_queue(mem, kind, size, event_idx, max_indirect, ignore_used_len);
+    let dev = match kind {
+        RingLayoutKind::Legacy => DeviceQueue::new_legacy(mem, &layout, base, event_idx),
+        RingLayoutKind::Modern => DeviceQueue::new(mem, size, drv.addresses(), event_idx),
+    };
+    (drv, dev, layout)
+}
+
+/// Our driver-side [`SplitQueue`] over a ring allocated in `mem`, then its indirect table
+/// pool ([`indirect_pool`]); with the ring's layout and device address.
+pub fn split_queue(
+    mem: &IdentityMemory,
+    kind: RingLayoutKind,
+    size: u16,
+    event_idx: bool,
+    max_indirect: u16,
+    ignore_used_len: bool,
+) -> (SplitQueue, SplitRingLayout, u64) {
     let layout = SplitRingLayout::new(kind, size).expect("a valid split ring size");
     let ring = mem
         .alloc_coherent(layout.total, layout.align)
         .expect("ring memory");
     let base = ring.daddr;
-    let indirect = (max_indirect > 1).then(|| {
-        mem.alloc_coherent(usize::from(size) * usize::from(max_indirect) * 16, 16)
-            .expect("indirect table memory")
-    });
     let drv = SplitQueue::new(
         0,
         layout,
         ring,
-        indirect,
+        indirect_pool(mem, size, max_indirect),
         QueueConfig {
             size,
             max_indirect,
@@ -195,11 +210,16 @@ pub fn split_queue_pair(
         },
     )
     .expect("the driver queue");
-    let dev = match kind {
-        RingLayoutKind::Legacy => DeviceQueue::new_legacy(mem, &layout, base, event_idx),
-        RingLayoutKind::Modern => DeviceQueue::new(mem, size, drv.addresses(), event_idx),
-    };
-    (drv, dev, layout)
+    (drv, layout, base)
+}
+
+/// Indirect tables of `max_indirect` entries for each of `size` ring slots, allocated in
+/// `mem`; none when `max_indirect` is below 2 (a table is only used for two or more).
+pub fn indirect_pool(mem: &IdentityMemory, size: u16, max_indirect: u16) -> Option<DmaRegion> {
+    (max_indirect > 1).then(|| {
+        mem.alloc_coherent(usize::from(size) * usize::from(max_indirect) * 16, 16)
+            .expect("indirect table memory")
+    })
 }
 
 /// Writes a raw used-ring entry `(id, len)` at `slot` of `drv`'s ring and sets used.idx to

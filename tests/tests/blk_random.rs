@@ -12,26 +12,10 @@ use virtio_core::{Features, Segment, VirtioDevice};
 use virtio_pci::{PciTransport, Preference, probe};
 use virtio_tests::blk_model::{BlkModel, bits};
 use virtio_tests::mem::IdentityMemory;
+use virtio_tests::prng::Rng;
 use virtio_tests::sim::{SimBars, SimConfig, SimInterrupt, SimIrq, SimMode};
 
 type Dev = VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>;
-
-/// xorshift64*: deterministic, no dependencies.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn coin(&mut self) -> bool {
-        self.next() & 1 == 0
-    }
-}
 
 const SECTORS: u64 = 4096;
 const REGION: u64 = 64; // sectors per disjoint region
@@ -130,7 +114,7 @@ fn run_seed(seed: u64) {
                     for s in &sg {
                         let b = mem.bytes_at(s.addr, s.len as usize);
                         for x in b.iter_mut() {
-                            *x = rng.next() as u8;
+                            *x = rng.next_u64() as u8;
                         }
                         data.extend_from_slice(b);
                     }

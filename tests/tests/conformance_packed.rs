@@ -16,6 +16,7 @@ use virtio_tests::packed_device::{
     EVENT_DESC, EVENT_DISABLE, EVENT_ENABLE, F_AVAIL, F_INDIRECT, F_NEXT, F_USED, F_WRITE,
     PackedChain, PackedDevice,
 };
+use virtio_tests::ring_device::indirect_pool;
 
 struct Pair {
     mem: IdentityMemory,
@@ -33,15 +34,11 @@ fn pair_with(size: u16, event_idx: bool, max_indirect: u16, ignore_used_len: boo
     let mem = IdentityMemory::new(4 << 20);
     let layout = PackedRingLayout::new(size).expect("layout");
     let ring = mem.alloc_coherent(layout.total, layout.align).unwrap();
-    let indirect = (max_indirect > 1).then(|| {
-        mem.alloc_coherent(size as usize * max_indirect as usize * 16, 16)
-            .unwrap()
-    });
     let drv = PackedQueue::new(
         0,
         layout,
         ring,
-        indirect,
+        indirect_pool(&mem, size, max_indirect),
         QueueConfig {
             size,
             max_indirect,

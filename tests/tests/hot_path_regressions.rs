@@ -36,25 +36,12 @@ use virtio_core::{Error, RingLayoutKind, VirtioDevice};
 use virtio_pci::{PciTransport, Preference, probe};
 use virtio_tests::blk_model::{BlkModel, bits};
 use virtio_tests::mem::IdentityMemory;
+use virtio_tests::prng::Rng;
 use virtio_tests::ring_device::{DeviceQueue, forge_used, split_queue_pair};
 use virtio_tests::sim::{Sim, SimBars, SimConfig, SimIrq, SimMode};
 use vm_memory::{Bytes, GuestAddress};
 
 const KINDS: [RingLayoutKind; 2] = [RingLayoutKind::Legacy, RingLayoutKind::Modern];
-
-/// xorshift64*: deterministic, no dependencies.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Split ring

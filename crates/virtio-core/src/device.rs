@@ -47,6 +47,14 @@ enum VectorPlan {
     Isr,
 }
 
+/// The queues one MSI-X vector serves: as the bus reports them (`mask`, queues 0..128)
+/// and every one by index (`indices`, for their interrupt counts).
+#[derive(Clone, Default)]
+struct VectorQueues {
+    mask: QueueMask,
+    indices: Vec<u16>,
+}
+
 struct QueueSlot {
     queue: Virtqueue,
     interrupts: bool,
@@ -76,7 +84,7 @@ pub struct VirtioDevice<T: Transport, D: Dma, I: InterruptPlatform> {
     vector_interrupts: Vec<u64>,
     /// Per MSI-X vector: the queues with interrupts that raise it (built once the queues
     /// are set up), so an interrupt does not search the queue table.
-    vector_queues: Vec<QueueMask>,
+    vector_queues: Vec<VectorQueues>,
     isr_interrupts: u64,
     spurious_interrupts: u64,
 }
@@ -482,10 +490,11 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
                     self.plan = plan;
                     if let InterruptMode::MsiX { vectors } = mode {
                         self.vector_interrupts = alloc::vec![0; vectors as usize];
-                        self.vector_queues = alloc::vec![QueueMask::default(); vectors as usize];
+                        self.vector_queues = alloc::vec![VectorQueues::default(); vectors as usize];
                         for slot in self.queues.iter().flatten().filter(|s| s.interrupts) {
-                            if let Some(m) = self.vector_queues.get_mut(usize::from(slot.vector)) {
-                                m.insert(slot.queue.index());
+                            if let Some(vq) = self.vector_queues.get_mut(usize::from(slot.vector)) {
+                                vq.mask.insert(slot.queue.index());
+                                vq.indices.push(slot.queue.index());
                             }
                         }
                     }
@@ -622,22 +631,11 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
                 }
                 if v == 0 {
                     cause.config_changed = true;
-                } else if let Some(&mask) = self.vector_queues.get(usize::from(v)) {
-                    cause.queues = mask;
-                    if self.queues.len() <= usize::from(QueueMask::CAPACITY) {
-                        // Set bits only: one per vector with a vector per queue.
-                        for q in mask.iter() {
-                            if let Some(Some(slot)) = self.queues.get_mut(usize::from(q)) {
-                                slot.queue.stats_mut().interrupts += 1;
-                            }
-                        }
-                    } else {
-                        // Queues past the mask's capacity are counted by a scan (a device
-                        // with that many queues is rare; `cause` cannot name them).
-                        for slot in self.queues.iter_mut().flatten() {
-                            if slot.interrupts && slot.vector == v {
-                                slot.queue.stats_mut().interrupts += 1;
-                            }
+                } else if let Some(vq) = self.vector_queues.get(usize::from(v)) {
+                    cause.queues = vq.mask;
+                    for &q in &vq.indices {
+                        if let Some(Some(slot)) = self.queues.get_mut(usize::from(q)) {
+                            slot.queue.stats_mut().interrupts += 1;
                         }
                     }
                 }

@@ -395,6 +395,8 @@ impl SplitQueue {
         let head = self.free_head;
         let entry = self.entry_mut(head);
         let next = entry.next;
+        // One whole-entry store (its `next` as it was): two instructions fewer than the
+        // field stores of `commit` on this, the hottest add.
         *entry = Entry {
             token,
             writable: capacity,
@@ -421,8 +423,9 @@ impl SplitQueue {
         token: usize,
     ) -> Result<()> {
         let total = readable.len() + writable.len();
+        let table = self.indirect.holds(total);
         // The common multi-segment case first: one indirect table, one ring slot.
-        if self.indirect.holds(total) && self.num_free != 0 && !self.broken {
+        if table && self.num_free != 0 && !self.broken {
             return self.add_indirect(readable, writable, token, total);
         }
         if self.broken {
@@ -433,7 +436,6 @@ impl SplitQueue {
         }
         // A chain for a table got here only because the ring is full; any other takes one
         // descriptor per segment.
-        let table = self.indirect.holds(total);
         if !table && total > self.layout.size as usize {
             return Err(Error::BadChain);
         }

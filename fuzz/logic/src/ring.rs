@@ -14,10 +14,11 @@
 use std::collections::HashMap;
 
 use virtio_core::platform::{Dma, DmaRegion};
-use virtio_core::queue::{QueueConfig, Segment, SplitQueue};
+use virtio_core::queue::{Segment, SplitQueue};
 use virtio_core::ring::SplitRingLayout;
 use virtio_core::{Error, RingLayoutKind};
 use virtio_tests::mem::IdentityMemory;
+use virtio_tests::ring_device::split_queue;
 
 use crate::input::Input;
 
@@ -93,28 +94,8 @@ pub fn run(data: &[u8]) {
 
     let mem = crate::mem::guest_memory(1 << 20);
     let free_at_start = mem.free_bytes();
-    let layout = SplitRingLayout::new(kind, size).expect("power-of-two size");
-    let ring = mem
-        .alloc_coherent(layout.total, layout.align)
-        .expect("ring memory");
-    let ring_base = ring.daddr;
-    let indirect = (max_indirect > 1).then(|| {
-        mem.alloc_coherent(usize::from(size) * usize::from(max_indirect) * 16, 16)
-            .expect("indirect pool")
-    });
-    let mut queue = SplitQueue::new(
-        0,
-        layout,
-        ring,
-        indirect,
-        QueueConfig {
-            size,
-            max_indirect,
-            event_idx,
-            ignore_used_len: false,
-        },
-    )
-    .expect("valid queue config");
+    let (mut queue, layout, ring_base) =
+        split_queue(&mem, kind, size, event_idx, max_indirect, false);
     let buffers = mem.alloc_buffer(BUFFER_BYTES);
     let mut device = Device {
         mem: mem.clone(),
