@@ -10,6 +10,7 @@ pub mod input;
 pub mod mem;
 pub mod net;
 pub mod net_ctrl;
+pub mod packed;
 pub mod pci;
 pub mod ring;
 pub mod rng;
@@ -26,6 +27,10 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "ring",
         run: ring::run,
+    },
+    Target {
+        name: "packed",
+        run: packed::run,
     },
     Target {
         name: "pci",

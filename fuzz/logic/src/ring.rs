@@ -23,9 +23,9 @@ use virtio_tests::ring_device::split_queue;
 use crate::input::Input;
 
 /// Upper bound on steps per input, so one input is bounded work whatever its length.
-const MAX_STEPS: usize = 1024;
+pub(crate) const MAX_STEPS: usize = 1024;
 /// Buffer bytes the fuzzer's segments point into.
-const BUFFER_BYTES: usize = 4096;
+pub(crate) const BUFFER_BYTES: usize = 4096;
 
 struct InFlight {
     descriptors: u16,
@@ -240,7 +240,17 @@ pub fn run(data: &[u8]) {
     }
 
     reclaim(&mut queue, &mut in_flight);
-    let (ring, indirect) = queue.into_regions();
+    free_queue_memory(&mem, queue.into_regions(), buffers, free_at_start);
+}
+
+/// Frees a torn-down queue's ring and indirect pool and the segment buffers, then checks
+/// that guest memory is back to what it was before the queue.
+pub(crate) fn free_queue_memory(
+    mem: &IdentityMemory,
+    (ring, indirect): (DmaRegion, Option<DmaRegion>),
+    buffers: DmaRegion,
+    free_at_start: usize,
+) {
     // SAFETY: the queue is gone and the simulated device stopped; nothing uses these regions.
     unsafe {
         mem.free_coherent(ring);
@@ -253,7 +263,7 @@ pub fn run(data: &[u8]) {
 }
 
 /// Zero to three segments inside `buffers`, of fuzzer-chosen offsets and lengths.
-fn segments(input: &mut Input, buffers: &DmaRegion) -> Vec<Segment> {
+pub(crate) fn segments(input: &mut Input, buffers: &DmaRegion) -> Vec<Segment> {
     (0..input.u8() % 4)
         .map(|_| {
             let offset = input.u16() as usize % BUFFER_BYTES;
@@ -264,7 +274,17 @@ fn segments(input: &mut Input, buffers: &DmaRegion) -> Vec<Segment> {
 }
 
 fn reclaim(queue: &mut SplitQueue, in_flight: &mut HashMap<usize, InFlight>) {
-    queue.reclaim_after_reset(|token| {
+    reclaim_exactly_once(in_flight, |hand_back| queue.reclaim_after_reset(hand_back));
+    assert_eq!(queue.num_free(), queue.size());
+}
+
+/// Runs a queue's `reclaim_after_reset` through `reclaim` and checks that it hands back
+/// each token still in flight exactly once, and nothing else.
+pub(crate) fn reclaim_exactly_once<V>(
+    in_flight: &mut HashMap<usize, V>,
+    reclaim: impl FnOnce(&mut dyn FnMut(usize)),
+) {
+    reclaim(&mut |token| {
         assert!(
             in_flight.remove(&token).is_some(),
             "reclaim returned token {token} that is not in flight"
@@ -275,5 +295,4 @@ fn reclaim(queue: &mut SplitQueue, in_flight: &mut HashMap<usize, InFlight>) {
         "tokens lost at reset: {:?}",
         in_flight.keys()
     );
-    assert_eq!(queue.num_free(), queue.size());
 }
