@@ -2,28 +2,72 @@
 //! any 12-byte header (`num_buffers`, `gso_type`/`gso_size`/`hdr_len`, DATA_VALID and
 //! unknown flags; the legacy 10-byte header on a legacy device without MRG_RXBUF), raw
 //! receive buffers with any used length, forged and repeated completions on both queues,
-//! transmit completions held back, config bytes (status, MTU, speed), NEEDS_RESET; the
+//! transmit completions held back, config bytes (status, MTU, speed), NEEDS_RESET, and
+//! floods: every receive notification (the driver's refill kick) answered at once by
+//! filling and completing every posted buffer with the same bytes (a bad frame or a good
+//! one) and any used length, every transmit notification by completing the chains; the
 //! driver transmits, reclaims, polls with fuzzer-chosen budgets and uses the debugger path.
 //!
 //! Oracles: every transmitted token comes back exactly once, from `tx_reclaim` or from
 //! `shutdown`; one `rx_poll` handles at most `budget` frames (delivered + dropped) and one
-//! `tx_reclaim` at most the frames in flight (bounded work); a delivered frame fits the
-//! receive buffers; after `shutdown` and drop, guest memory is back to what it was.
+//! `tx_reclaim` at most the frames in flight, and one call notifies a flooding device a
+//! bounded number of times (bounded work); a delivered frame fits the receive buffers;
+//! after `shutdown` and drop, guest memory is back to what it was.
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use virtio_core::platform::{Dma, DmaRegion};
 use virtio_core::{Segment, VirtioDevice};
 use virtio_net::{NetConfig, TxOffload, VirtioNet, features as f};
 use virtio_pci::probe;
 use virtio_tests::net_model::{NetModel, RX, SimNetBus, TX, config_bytes};
-use virtio_tests::sim::{MODES, SimBuilder, SimInterrupt};
+use virtio_tests::sim::{MODES, Sim, SimBuilder, SimInterrupt};
 
 use crate::input::Input;
 
 const MAX_STEPS: usize = 256;
 const BUFFER_BYTES: usize = 16 * 1024;
 const DEBUG_SPINS: u32 = 64;
+/// Notifications one driver call may trigger before the flooding device gives up (the
+/// driver's own bound is far lower; reaching this means a call kept kicking).
+const FLOOD_LIMIT: usize = 256;
+
+/// What a flooding device does on every notification.
+#[derive(Default)]
+struct Flood {
+    /// Answer each receive notification by writing these bytes (virtio-net header and
+    /// frame) into every posted buffer and completing it with this used length.
+    rx: Option<(Vec<u8>, u32)>,
+    /// Complete every transmit chain as soon as it is notified.
+    tx: bool,
+    /// Notifications answered during the current driver call.
+    answered: usize,
+}
+
+fn install_flood(sim: &Sim, flood: &Arc<Mutex<Flood>>) {
+    let flood = Arc::clone(flood);
+    sim.on_notify(Some(Arc::new(move |sim: &Sim, queue: u16| {
+        let Ok(mut f) = flood.lock() else { return };
+        if f.answered >= FLOOD_LIMIT || (queue == RX && f.rx.is_none()) || (queue == TX && !f.tx) {
+            return;
+        }
+        f.answered += 1;
+        let chains = sim.pop_chains(queue);
+        for c in &chains {
+            match &f.rx {
+                Some((bytes, len)) if queue == RX => {
+                    sim.write_chain(c, bytes);
+                    sim.complete(queue, c.head, *len);
+                }
+                _ => sim.complete(queue, c.head, 0),
+            }
+        }
+        if !chains.is_empty() {
+            sim.signal_used(queue);
+        }
+    })));
+}
 
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
@@ -87,6 +131,8 @@ pub fn run(data: &[u8]) {
         return;
     };
     let mut model = NetModel::new(&sim);
+    let flood = Arc::new(Mutex::new(Flood::default()));
+    install_flood(&sim, &flood);
     let buffers = mem.alloc_buffer(BUFFER_BYTES);
     let mut in_flight: HashSet<usize> = HashSet::new();
     let mut next_token = 0usize;
@@ -102,7 +148,10 @@ pub fn run(data: &[u8]) {
         if input.is_empty() {
             break;
         }
-        match input.u8() % 14 {
+        if let Ok(mut f) = flood.lock() {
+            f.answered = 0;
+        }
+        match input.u8() % 15 {
             0..=2 => {
                 let token = next_token;
                 next_token += 1;
@@ -186,8 +235,23 @@ pub fn run(data: &[u8]) {
                     let _ = driver.debug_receive(&mut out, DEBUG_SPINS);
                 }
             }
-            _ => sim.trigger_needs_reset(),
+            13 => sim.trigger_needs_reset(),
+            _ => {
+                let rx = input.bool().then(|| {
+                    let len = usize::from(input.u16() % 2048);
+                    (input.take(12 + len).to_vec(), input.u32() % 70_000)
+                });
+                let tx = input.bool();
+                if let Ok(mut f) = flood.lock() {
+                    (f.rx, f.tx) = (rx, tx);
+                }
+            }
         }
+        let answered = flood.lock().map_or(0, |f| f.answered);
+        assert!(
+            answered < FLOOD_LIMIT,
+            "one driver call answered the flood {FLOOD_LIMIT} times"
+        );
     }
 
     driver.shutdown(|token| complete(&mut in_flight, token));
