@@ -5,13 +5,15 @@
 //! transmit completions held back, config bytes (status, MTU, speed), NEEDS_RESET, and
 //! floods: every receive notification (the driver's refill kick) answered at once by
 //! filling and completing every posted buffer with the same bytes (a bad frame or a good
-//! one) and any used length, every transmit notification by completing the chains; the
+//! one) and any used length, every transmit notification by completing the chains; buffers
+//! rewritten by the device after it returned them, while the driver hands the frame out; the
 //! driver transmits, reclaims, polls with fuzzer-chosen budgets and uses the debugger path.
 //!
 //! Oracles: every transmitted token comes back exactly once, from `tx_reclaim` or from
 //! `shutdown`; one `rx_poll` handles at most `budget` frames (delivered + dropped) and one
 //! `tx_reclaim` at most the frames in flight, and one call notifies a flooding device a
-//! bounded number of times (bounded work); a delivered frame fits the receive buffers;
+//! bounded number of times (bounded work); a delivered frame fits the receive buffers, and
+//! neither its description nor its copied length changes when the device rewrites them;
 //! after `shutdown` and drop, guest memory is back to what it was.
 
 use std::collections::HashSet;
@@ -207,10 +209,32 @@ pub fn run(data: &[u8]) {
                     driver.handle_interrupt(vector);
                 }
                 let budget = 1 + usize::from(input.u8() % 64);
+                // The device rewrites each returned buffer with this byte while the driver
+                // hands the frame out (§2.7.14 forbids it; a hostile device can).
+                let rewrite = input.u8().is_multiple_of(4).then(|| input.u8());
                 let mut delivered = 0;
                 if let Ok(summary) = driver.rx_poll(budget, |frame| {
                     delivered += 1;
-                    let _ = frame.copy_to(&mut copy);
+                    let info = *frame.info();
+                    if let Some(byte) = rewrite {
+                        let spans: Vec<(u64, usize)> = frame
+                            .fragments()
+                            .map(|f| (f.as_ptr() as u64, f.len()))
+                            .filter(|&(addr, len)| mem.contains(addr, len))
+                            .collect();
+                        for (addr, len) in spans {
+                            mem.bytes_at(addr, len).fill(byte);
+                        }
+                    }
+                    // What the driver validated is its own copy: a rewrite changes neither
+                    // the frame's description nor how much `copy_to` takes.
+                    let copied = frame.copy_to(&mut copy);
+                    assert_eq!(*frame.info(), info, "frame info changed by a rewrite");
+                    assert!(
+                        copied.is_none_or(|n| n == info.len),
+                        "copied {copied:?} bytes of a {}-byte frame",
+                        info.len
+                    );
                 }) {
                     assert_eq!(delivered, summary.frames);
                     assert!(
