@@ -1642,14 +1642,20 @@ impl<B: Bus> VirtioNet<B> {
         let min_posted = (self.rx.bufs.len() / 2).max(1);
         for _ in 0..spins.max(1) {
             self.fetch()?;
-            // Hand the oldest borrowed frames back if the device runs short of buffers.
-            while self.rx.posted < min_posted && self.rx.dbg_cursor > 0 {
+            // Hand the oldest borrowed frames back if the device runs short of buffers, then
+            // repost them with one notification per spin: a refill (and kick) per frame let
+            // a device that answers every kick at once take spins x ring size kicks per call.
+            let mut released = false;
+            while self.rx.posted + self.rx.free.len() < min_posted && self.rx.dbg_cursor > 0 {
                 let n = match self.parse_at(0) {
                     Parse::Frame { n, .. } => n.min(self.rx.dbg_cursor),
                     _ => 1,
                 };
                 self.release_front(n);
                 self.stats.rx_debugger_dropped += 1;
+                released = true;
+            }
+            if released {
                 self.refill()?;
             }
             while self.rx.dbg_cursor < self.rx.ready.len() {
