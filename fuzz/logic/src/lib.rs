@@ -15,6 +15,19 @@ pub mod pci;
 pub mod ring;
 pub mod rng;
 
+/// Notifications one driver call may trigger before a flooding device gives up: far above
+/// every driver's own bound per call, so reaching it means a call kept notifying.
+pub(crate) const FLOOD_LIMIT: usize = 256;
+
+/// The flood oracle: one driver call got fewer than [`FLOOD_LIMIT`] answers from a device
+/// that answers every notification (`answered` counts them since the call began).
+pub(crate) fn check_flood_bound(answered: usize, what: &str) {
+    assert!(
+        answered < FLOOD_LIMIT,
+        "one driver call {what} {FLOOD_LIMIT} times"
+    );
+}
+
 /// One fuzz target: the name its corpus directory (`fuzz/corpus/<name>`) and cargo-fuzz
 /// binary carry, and its body, which panics when an oracle fails on the input.
 pub struct Target {
