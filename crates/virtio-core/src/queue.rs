@@ -626,15 +626,30 @@ impl SplitQueue {
     /// a device that lies once cannot be trusted with the rest of the ring.
     #[inline]
     pub fn pop_used(&mut self) -> Result<Option<Used>> {
+        let Some(used_idx) = self.used_idx_if_new()? else {
+            return Ok(None);
+        };
+        self.pop_used_from(used_idx)
+    }
+
+    /// The first half of [`SplitQueue::pop_used`]: the device's used index, read once, when
+    /// it moved past ours; `None` when nothing is new. Split from the rest so that
+    /// `Virtqueue::pop_used` can answer "nothing new" inline and call the rest.
+    #[inline]
+    pub(crate) fn used_idx_if_new(&self) -> Result<Option<u16>> {
         if self.broken {
             return self.pop_refused();
         }
-        let last_used = self.last_used;
         let used_idx = self.areas.used_idx();
+        Ok((used_idx != self.last_used).then_some(used_idx))
+    }
+
+    /// The rest of [`SplitQueue::pop_used`], for the `used_idx` that
+    /// [`SplitQueue::used_idx_if_new`] read: validates and pops the next entry.
+    #[inline]
+    pub(crate) fn pop_used_from(&mut self, used_idx: u16) -> Result<Option<Used>> {
+        let last_used = self.last_used;
         let pending = used_idx.wrapping_sub(last_used);
-        if pending == 0 {
-            return Ok(None);
-        }
         if pending > self.avail_idx.wrapping_sub(last_used) {
             // More completions than chains in flight: the index jumped (at most `size`
             // chains can be in flight, so this also catches jumps beyond the ring size).
@@ -694,7 +709,7 @@ impl SplitQueue {
     /// `pop_used` on a broken queue.
     #[cold]
     #[inline(never)]
-    fn pop_refused(&self) -> Result<Option<Used>> {
+    fn pop_refused<T>(&self) -> Result<T> {
         Err(Error::QueueBroken { queue: self.index })
     }
 

@@ -73,9 +73,28 @@ impl Virtqueue {
     pub fn has_used(&self) -> bool {
         either!(self, q => q.has_used())
     }
+    /// Pops the next used chain (see the ring's own `pop_used`). A split ring with nothing
+    /// new answers `None` inline, without a call: that is the last pop of every drain,
+    /// and once per request at depth 1. The rest is a call, handed the used index read
+    /// here (read once). The packed ring always takes the call: even with nothing used it
+    /// checks the device's lap (`PackedQueue::pop_used`).
     #[inline]
     pub fn pop_used(&mut self) -> Result<Option<Used>> {
-        either!(self, q => q.pop_used())
+        match self {
+            Virtqueue::Split(q) => match q.used_idx_if_new()? {
+                None => Ok(None),
+                Some(used_idx) => Self::pop_split_from(q, used_idx),
+            },
+            Virtqueue::Packed(q) => Self::pop_packed(q),
+        }
+    }
+    #[inline(never)]
+    fn pop_split_from(q: &mut SplitQueue, used_idx: u16) -> Result<Option<Used>> {
+        q.pop_used_from(used_idx)
+    }
+    #[inline(never)]
+    fn pop_packed(q: &mut PackedQueue) -> Result<Option<Used>> {
+        q.pop_used()
     }
     pub fn disable_interrupts(&mut self) {
         either!(self, q => q.disable_interrupts())
