@@ -25,6 +25,9 @@ use virtio_tests::sim::{
 use crate::input::Input;
 use crate::{FLOOD_LIMIT, check_flood_bound};
 
+/// What the flood bound's failure says the driver did too often.
+const FLOOD: &str = "answered the flood";
+
 type Device = VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>;
 
 const MAX_STEPS: usize = 256;
@@ -185,7 +188,7 @@ pub fn run(data: &[u8]) {
                     if let Ok(i) = rng.handle_interrupt(vector) {
                         assert!(i.bytes_ready <= posted_bytes);
                     }
-                    check_flood_bound(answered.load(Ordering::Relaxed), "answered the flood");
+                    check_flood_bound(answered.load(Ordering::Relaxed), FLOOD);
                 }
                 let _ = rng.enable_interrupts();
             }
@@ -234,7 +237,7 @@ pub fn run(data: &[u8]) {
             "a completion counted more bytes than its buffer holds"
         );
         assert!(rng.available() <= posted_bytes);
-        check_flood_bound(answered.load(Ordering::Relaxed), "answered the flood");
+        check_flood_bound(answered.load(Ordering::Relaxed), FLOOD);
     }
 
     sim.on_notify(None);
