@@ -645,11 +645,14 @@ impl SplitQueue {
     }
 
     /// The rest of [`SplitQueue::pop_used`], for the `used_idx` that
-    /// [`SplitQueue::used_idx_if_new`] read: validates and pops the next entry.
+    /// [`SplitQueue::used_idx_if_new`] read: validates and pops the next entry. Only for
+    /// an index that moved past ours (`used_idx_if_new` answered `Some`): with nothing new
+    /// it would read the entry at our position, which the device has not written.
     #[inline]
     pub(crate) fn pop_used_from(&mut self, used_idx: u16) -> Result<Option<Used>> {
         let last_used = self.last_used;
         let pending = used_idx.wrapping_sub(last_used);
+        debug_assert!(pending != 0, "pop_used_from with nothing new");
         if pending > self.avail_idx.wrapping_sub(last_used) {
             // More completions than chains in flight: the index jumped (at most `size`
             // chains can be in flight, so this also catches jumps beyond the ring size).
