@@ -90,14 +90,14 @@ impl DmaRegion {
             i += 1;
         }
         let out = dst.as_mut_ptr();
-        // Four words per step: volatile loads are never merged or unrolled by the compiler,
+        // Eight words per step: volatile loads are never merged or unrolled by the compiler,
         // and a received frame is about 190 words.
         let mut w = 0;
-        while w + 4 <= words {
+        while w + 8 <= words {
             let at = head + 8 * w;
-            // SAFETY: `src + at` is 8-aligned (`head` reached the alignment) and the 32 bytes
-            // lie in the region (`at + 32 <= head + 8 * words <= len`); volatile as above.
-            // `out + at .. + 32` lies in `dst` (same bound), written unaligned.
+            // SAFETY: `src + at` is 8-aligned (`head` reached the alignment) and the 64 bytes
+            // lie in the region (`at + 64 <= head + 8 * words <= len`); volatile as above.
+            // `out + at .. + 64` lies in `dst` (same bound), written unaligned.
             unsafe {
                 let s = src.add(at).cast::<u64>();
                 let v = [
@@ -105,10 +105,14 @@ impl DmaRegion {
                     s.add(1).read_volatile(),
                     s.add(2).read_volatile(),
                     s.add(3).read_volatile(),
+                    s.add(4).read_volatile(),
+                    s.add(5).read_volatile(),
+                    s.add(6).read_volatile(),
+                    s.add(7).read_volatile(),
                 ];
-                out.add(at).cast::<[u64; 4]>().write_unaligned(v);
+                out.add(at).cast::<[u64; 8]>().write_unaligned(v);
             }
-            w += 4;
+            w += 8;
         }
         while w < words {
             let at = head + 8 * w;
@@ -254,7 +258,8 @@ mod tests {
     /// for, and nothing out of range.
     #[test]
     fn read_into_copies_every_offset_and_length() {
-        let mut backing: alloc::vec::Vec<u64> = alloc::vec![0; 16];
+        // Lengths up to 199 bytes: up to two 64-byte steps, then single words, then bytes.
+        let mut backing: alloc::vec::Vec<u64> = alloc::vec![0; 32];
         let bytes = backing.len() * 8;
         let base = NonNull::new(backing.as_mut_ptr().cast::<u8>()).unwrap();
         for i in 0..bytes {
@@ -267,7 +272,7 @@ mod tests {
             len: bytes,
         };
         for offset in 0..20 {
-            for len in 0..100 {
+            for len in 0..200 {
                 let mut dst = alloc::vec![0u8; len];
                 assert!(region.read_into(offset, &mut dst));
                 let want: alloc::vec::Vec<u8> =
