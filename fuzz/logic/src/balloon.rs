@@ -20,7 +20,6 @@
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_balloon::{
@@ -33,8 +32,8 @@ use virtio_tests::balloon_model::{BalloonModel, bits};
 use virtio_tests::mem::IdentityMemory;
 use virtio_tests::sim::{MODES, Sim, SimBars, SimConfig, SimInterrupt, SimIrq};
 
+use crate::FloodCount;
 use crate::input::Input;
-use crate::{FLOOD_LIMIT, check_flood_bound};
 
 type Device = VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>;
 
@@ -230,14 +229,11 @@ pub fn run(data: &[u8]) {
 
     // A device that answers the stats queue on every notification (when flooding).
     let flood_stats = Arc::new(Mutex::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
+    let answered = FloodCount::default();
     if let Some(q) = layout.stats {
-        let (flood, answered) = (Arc::clone(&flood_stats), Arc::clone(&answered));
+        let (flood, answered) = (Arc::clone(&flood_stats), answered.clone());
         sim.on_notify(Some(Arc::new(move |sim: &Sim, queue: u16| {
-            if queue == q
-                && flood.lock().is_ok_and(|f| *f)
-                && answered.fetch_add(1, Ordering::Relaxed) < FLOOD_LIMIT
-            {
+            if queue == q && flood.lock().is_ok_and(|f| *f) && answered.answer() {
                 sim.serve(q, |_| 0);
             }
         })));
@@ -259,7 +255,7 @@ pub fn run(data: &[u8]) {
         if input.is_empty() {
             break;
         }
-        answered.store(0, Ordering::Relaxed);
+        answered.start();
         pool.0.borrow_mut().takes = 0;
         match input.u8() % 18 {
             0..=2 => {
@@ -277,15 +273,15 @@ pub fn run(data: &[u8]) {
                     // Interrupts queued over many steps are one `handle_interrupt` call
                     // each, and the flood bound holds per call: hundreds of queued
                     // interrupts, each answered once by a flooding device, are no hang.
-                    answered.store(0, Ordering::Relaxed);
                     let vector = match irq {
                         SimInterrupt::Msix(v) => Some(v),
                         SimInterrupt::Intx => None,
                     };
-                    if let Ok(ev) = driver.handle_interrupt(vector) {
+                    if let Ok(ev) =
+                        answered.per_call(STATS_FLOOD, || driver.handle_interrupt(vector))
+                    {
                         check_event(&ev);
                     }
-                    check_flood_bound(answered.load(Ordering::Relaxed), STATS_FLOOD);
                 }
             }
             5 => {
@@ -394,7 +390,7 @@ pub fn run(data: &[u8]) {
                 }
             }
         }
-        check_flood_bound(answered.load(Ordering::Relaxed), STATS_FLOOD);
+        answered.check(STATS_FLOOD);
         assert!(
             driver.ballooned_pages() <= bound,
             "{} pages in the balloon, bound {bound}",

@@ -15,6 +15,9 @@ pub mod pci;
 pub mod ring;
 pub mod rng;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 /// Notifications one driver call may trigger before a flooding device gives up: far above
 /// every driver's own bound per call, so reaching it means a call kept notifying.
 pub(crate) const FLOOD_LIMIT: usize = 256;
@@ -26,6 +29,38 @@ pub(crate) fn check_flood_bound(answered: usize, what: &str) {
         answered < FLOOD_LIMIT,
         "one driver call {what} {FLOOD_LIMIT} times"
     );
+}
+
+/// A flooding device's answers to the current driver call, shared between the target and
+/// the device's notify hook. Relaxed: the count is the only datum, and the hook runs on
+/// the target's own thread, inside the driver call it counts.
+#[derive(Clone, Default)]
+pub(crate) struct FloodCount(Arc<AtomicUsize>);
+
+impl FloodCount {
+    /// In the notify hook: counts one answer; false once [`FLOOD_LIMIT`] is reached, when
+    /// the device stops answering (so a driver that keeps notifying cannot hang the run).
+    pub(crate) fn answer(&self) -> bool {
+        self.0.fetch_add(1, Ordering::Relaxed) < FLOOD_LIMIT
+    }
+
+    /// A new driver call begins: its answers count from zero.
+    pub(crate) fn start(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+
+    /// The flood oracle ([`check_flood_bound`]) for the call since [`FloodCount::start`].
+    pub(crate) fn check(&self, what: &str) {
+        check_flood_bound(self.0.load(Ordering::Relaxed), what);
+    }
+
+    /// Runs `call`, one driver call, counted on its own, and checks the bound after it.
+    pub(crate) fn per_call<R>(&self, what: &str, call: impl FnOnce() -> R) -> R {
+        self.start();
+        let r = call();
+        self.check(what);
+        r
+    }
 }
 
 /// One fuzz target: the name its corpus directory (`fuzz/corpus/<name>`) and cargo-fuzz

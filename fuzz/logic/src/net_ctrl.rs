@@ -17,7 +17,6 @@
 //! guest memory is back to what it was.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_core::platform::Dma;
@@ -27,8 +26,8 @@ use virtio_pci::probe;
 use virtio_tests::net_model::{CTRL, NetModel, SimNetBus, config_bytes};
 use virtio_tests::sim::{Chain, MODES, Sim, SimBuilder, SimInterrupt, SimMode};
 
+use crate::FloodCount;
 use crate::input::Input;
-use crate::{FLOOD_LIMIT, check_flood_bound};
 
 const MAX_STEPS: usize = 160;
 const CTRL_SPINS: u32 = 16;
@@ -150,12 +149,12 @@ pub fn run(data: &[u8]) {
     };
 
     let device = Arc::new(Mutex::new(Device::default()));
-    let answered = Arc::new(AtomicUsize::new(0));
+    let answered = FloodCount::default();
     {
-        let (device, answered) = (Arc::clone(&device), Arc::clone(&answered));
+        let (device, answered) = (Arc::clone(&device), answered.clone());
         sim.on_notify(Some(Arc::new(move |sim: &Sim, queue: u16| {
             if queue == CTRL
-                && answered.fetch_add(1, Ordering::Relaxed) < FLOOD_LIMIT
+                && answered.answer()
                 && let Ok(mut d) = device.lock()
             {
                 serve(sim, &mut d);
@@ -185,7 +184,7 @@ pub fn run(data: &[u8]) {
         if input.is_empty() {
             break;
         }
-        answered.store(0, Ordering::Relaxed);
+        answered.start();
         let commands = driver.stats().ctrl_commands;
         let mut one_command = true;
         match input.u8() % 20 {
@@ -343,10 +342,7 @@ pub fn run(data: &[u8]) {
                 "one call sent several control commands"
             );
         }
-        check_flood_bound(
-            answered.load(Ordering::Relaxed),
-            "notified the control queue",
-        );
+        answered.check("notified the control queue");
     }
 
     sim.on_notify(None);

@@ -11,7 +11,6 @@
 //! nothing lost or repeated; one call notifies the device a bounded number of times even
 //! while it floods; after `shutdown` and drop, guest memory is back to what it was.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_core::{DeviceType, VirtioDevice};
@@ -22,8 +21,8 @@ use virtio_tests::sim::{
     MODES, Sim, SimBars, SimBuilder, SimConfig, SimInterrupt, SimIrq, SimMode,
 };
 
+use crate::FloodCount;
 use crate::input::Input;
-use crate::{FLOOD_LIMIT, check_flood_bound};
 
 /// What the flood bound's failure says the driver did too often.
 const FLOOD: &str = "answered the flood";
@@ -118,14 +117,14 @@ pub fn run(data: &[u8]) {
         honest: true,
         ..Stream::default()
     }));
-    let answered = Arc::new(AtomicUsize::new(0));
+    let answered = FloodCount::default();
     {
-        let (stream, answered) = (Arc::clone(&stream), Arc::clone(&answered));
+        let (stream, answered) = (Arc::clone(&stream), answered.clone());
         sim.on_notify(Some(Arc::new(move |sim: &Sim, queue: u16| {
             let Ok(mut s) = stream.lock() else { return };
             if let Some((len, overstate)) = s.flood
                 && queue == REQUEST_QUEUE
-                && answered.fetch_add(1, Ordering::Relaxed) < FLOOD_LIMIT
+                && answered.answer()
             {
                 s.serve(sim, len, overstate);
             }
@@ -138,7 +137,7 @@ pub fn run(data: &[u8]) {
         if input.is_empty() {
             break;
         }
-        answered.store(0, Ordering::Relaxed);
+        answered.start();
         let before = rng.stats();
         match input.u8() % 12 {
             0..=2 => {
@@ -180,15 +179,13 @@ pub fn run(data: &[u8]) {
                 for irq in sim.take_interrupts() {
                     // One `handle_interrupt` call per queued interrupt (each may refill and
                     // notify once): the flood bound holds per call, as in `balloon`.
-                    answered.store(0, Ordering::Relaxed);
                     let vector = match irq {
                         SimInterrupt::Msix(v) => Some(v),
                         SimInterrupt::Intx => None,
                     };
-                    if let Ok(i) = rng.handle_interrupt(vector) {
+                    if let Ok(i) = answered.per_call(FLOOD, || rng.handle_interrupt(vector)) {
                         assert!(i.bytes_ready <= posted_bytes);
                     }
-                    check_flood_bound(answered.load(Ordering::Relaxed), FLOOD);
                 }
                 let _ = rng.enable_interrupts();
             }
@@ -237,7 +234,7 @@ pub fn run(data: &[u8]) {
             "a completion counted more bytes than its buffer holds"
         );
         assert!(rng.available() <= posted_bytes);
-        check_flood_bound(answered.load(Ordering::Relaxed), FLOOD);
+        answered.check(FLOOD);
     }
 
     sim.on_notify(None);
