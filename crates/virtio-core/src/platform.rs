@@ -78,17 +78,19 @@ impl DmaRegion {
         let len = dst.len();
         let head = src.align_offset(8).min(len);
         let words = (len - head) / 8;
-        let mut i = 0;
-        while i < head {
-            // SAFETY: `src + i` lies in the region (`ptr_at` checked `offset + len`), which
-            // stays mapped while `&self` lives; a volatile read is defined whatever the
-            // device does to the bytes concurrently.
-            let b = unsafe { src.add(i).read_volatile() };
-            if let Some(d) = dst.get_mut(i) {
-                *d = b;
+        // The unaligned ends, a byte at a time (`from..to` within `0..len`).
+        let copy_bytes = |dst: &mut [u8], from: usize, to: usize| {
+            for i in from..to {
+                // SAFETY: `src + i` lies in the region (`ptr_at` checked `offset + len`),
+                // which stays mapped while `&self` lives; a volatile read is defined whatever
+                // the device does to the bytes concurrently.
+                let b = unsafe { src.add(i).read_volatile() };
+                if let Some(d) = dst.get_mut(i) {
+                    *d = b;
+                }
             }
-            i += 1;
-        }
+        };
+        copy_bytes(dst, 0, head);
         let out = dst.as_mut_ptr();
         // Eight words per step: volatile loads are never merged or unrolled by the compiler,
         // and a received frame is about 190 words.
@@ -123,15 +125,7 @@ impl DmaRegion {
             }
             w += 1;
         }
-        let mut i = head + 8 * words;
-        while i < len {
-            // SAFETY: as for the head bytes.
-            let b = unsafe { src.add(i).read_volatile() };
-            if let Some(d) = dst.get_mut(i) {
-                *d = b;
-            }
-            i += 1;
-        }
+        copy_bytes(dst, head + 8 * words, len);
         true
     }
 
