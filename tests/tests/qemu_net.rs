@@ -6,7 +6,7 @@
 //! checked by the guest) and `net_bytes` guest → host (checked by the host), with the
 //! driver suspended and resumed (a device reset) halfway through each direction, QMP link
 //! down/up seen through config interrupts, then 1 MiB each way on a new connection. On the
-//! host side the test compares both ends' FNV-1a hashes and byte counts, QEMU's
+//! host side the test compares both ends' hashes (`WordFnv`) and byte counts, QEMU's
 //! `virtio_queue_notify` trace per queue with the guest's kick counters (ioeventfd=off:
 //! one trace line per notify write), QEMU's `virtio_set_status` trace with the guest's
 //! suspends (each one a reset of the device in use followed by DRIVER_OK), and the receive

@@ -4,7 +4,7 @@
 //!   guest's 10.0.2.2 to the host's loopback). Per connection the guest sends a 48-byte
 //!   request (`VNETTST1`, connection, bytes down, bytes up, seed down, seed up); the server
 //!   sends `down` bytes of [`Stream`]`(seed down)`, reads `up` bytes, checks them against
-//!   `Stream(seed up)` and hashes them (FNV-1a 64), then answers with a 24-byte trailer
+//!   `Stream(seed up)` and hashes them (`WordFnv`, FNV-1a 64 over words), then answers with a 24-byte trailer
 //!   (bytes received, hash, offset of the first wrong byte or `u64::MAX`);
 //! - the link toggler: when the guest prints `STAT net.phase=link-test`, QMP
 //!   `query-rx-filter nic0` (the receive filter the device holds after the main transfer,
@@ -38,7 +38,7 @@ const IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// How long the link stays down at most when the guest never reports seeing it.
 const LINK_DOWN_MAX: Duration = Duration::from_secs(20);
 
-pub use virtio_test_stream::{Fnv, Stream};
+pub use virtio_test_stream::{Stream, WordFnv};
 
 /// What one connection did.
 #[derive(Clone, Debug, Default)]
@@ -310,7 +310,7 @@ fn handle(s: TcpStream, stop: &AtomicBool, t: &mut Transfer) -> io::Result<()> {
 
     let t0 = Instant::now();
     let mut out = Stream::new(seed_down);
-    let mut hash = Fnv::default();
+    let mut hash = WordFnv::default();
     let mut buf = vec![0u8; 64 * 1024];
     while out.pos() < t.down {
         let n = ((t.down - out.pos()) as usize).min(buf.len());
@@ -318,14 +318,14 @@ fn handle(s: TcpStream, stop: &AtomicBool, t: &mut Transfer) -> io::Result<()> {
         hash.update(&buf[..n]);
         c.write_all(&buf[..n])?;
         t.down_sent = out.pos();
-        t.down_hash = hash.0;
+        t.down_hash = hash.value();
     }
-    t.down_hash = hash.0;
+    t.down_hash = hash.value();
     t.down_ms = t0.elapsed().as_millis() as u64;
 
     let t1 = Instant::now();
     let mut expect = Stream::new(seed_up);
-    let mut hash = Fnv::default();
+    let mut hash = WordFnv::default();
     while t.up_received < t.up {
         let want = ((t.up - t.up_received) as usize).min(buf.len());
         let n = c.read_some(&mut buf[..want])?;
@@ -334,9 +334,9 @@ fn handle(s: TcpStream, stop: &AtomicBool, t: &mut Transfer) -> io::Result<()> {
             t.up_first_bad.get_or_insert(off);
         }
         t.up_received += n as u64;
-        t.up_hash = hash.0;
+        t.up_hash = hash.value();
     }
-    t.up_hash = hash.0;
+    t.up_hash = hash.value();
     t.up_ms = t1.elapsed().as_millis() as u64;
 
     let mut trailer = [0u8; 24];

@@ -10,7 +10,7 @@
 //!   QEMU itself runs in the host's namespace like every other run). Addresses:
 //!   [`HOST_ADDR`] on the tap, [`GUEST_ADDR`] for the guest (`net_ip=`, `net_peer=`);
 //! - in the same thread, the `net` scenario's TCP server (`net_peer::serve`: the same
-//!   request, stream, check and FNV-1a hash), listening in the namespace only;
+//!   request, stream, check and word-wise FNV-1a hash), listening in the namespace only;
 //! - after QEMU exits: the tap's counters (`ip -s -j link`) and the namespace's TCP counters
 //!   (`/proc/net/snmp` read inside it) as `host.tap.*` stats, the transfer checks
 //!   (`host.net.conn0`), and the check `host.tap` (the bytes the tap carried cover both

@@ -1,6 +1,6 @@
 //! The part of the `net` scenarios that does not depend on the driver: smoltcp over any
 //! [`Nic`] (a `smoltcp::phy::Device` plus the few hooks the loop needs), the DHCP lease,
-//! the TCP transfer both ways with the host peer, the FNV hashes and the per-phase `STAT`
+//! the TCP transfer both ways with the host peer, the word-wise FNV hashes and the per-phase `STAT`
 //! lines. `net` runs it over our driver (`phy.rs`), `net-vd` over the `virtio-drivers`
 //! crate (`scenarios/net_vd.rs`).
 //!
@@ -21,7 +21,7 @@ use smoltcp::phy::Device;
 use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address, Ipv4Cidr};
-use virtio_test_stream::{Fnv, Stream};
+use virtio_test_stream::{Stream, WordFnv};
 
 const GATEWAY: Ipv4Address = Ipv4Address::new(10, 0, 2, 2);
 /// Seeds of the two directions of connection `c`: host → guest and guest → host.
@@ -30,7 +30,7 @@ const SEED_UP: u64 = 0x0F0F_0000_0000_0000;
 /// Request header: magic, connection, bytes down, bytes up, seed down, seed up.
 const MAGIC: &[u8; 8] = b"VNETTST1";
 const HEADER_LEN: usize = 48;
-/// Host's answer after the upload: bytes received, FNV-1a 64 of them, offset of the first
+/// Host's answer after the upload: bytes received, their `WordFnv` hash, offset of the first
 /// byte that differs from the expected stream (`u64::MAX`: none).
 const TRAILER_LEN: usize = 24;
 const TCP_BUFFER: usize = 256 * 1024;
@@ -329,7 +329,7 @@ impl<D: Nic> Stack<D> {
         }
         let a = self.snapshot();
         let mut rx = Stream::new(seed_down);
-        let mut rx_hash = Fnv::new();
+        let mut rx_hash = WordFnv::new();
         let mut bad: Option<u64> = None;
         let mut last_progress = crate::time::now_ns();
         let mut midpoint = self.midpoint;
@@ -395,7 +395,7 @@ impl<D: Nic> Stack<D> {
         }
         let a = self.snapshot();
         let mut tx = Stream::new(seed_up);
-        let mut tx_hash = Fnv::new();
+        let mut tx_hash = WordFnv::new();
         let mut trailer = [0u8; TRAILER_LEN];
         let mut got = 0usize;
         let mut last_progress = crate::time::now_ns();
