@@ -100,8 +100,10 @@ fn client_bus_round_trip_in_every_mode(family: &'static FamilyKext) {
             // SAFETY: freshly allocated, not shared with the device yet.
             unsafe { out.vaddr.as_ptr().copy_from(b"ping".as_ptr(), 4) };
             let r = [Segment::new(out.daddr, 2), Segment::new(out.daddr + 2, 2)];
+            assert!(!bus.has_used(1).unwrap(), "nothing added yet");
             bus.add(1, &r, &[Segment::new(inb.daddr, 64)], 42).unwrap();
             assert!(bus.kick(1).unwrap());
+            assert!(!bus.has_used(1).unwrap(), "added, not served");
             assert_eq!(
                 sim.serve(1, |c| {
                     assert_eq!(sim.read_chain(c), b"ping");
@@ -114,6 +116,7 @@ fn client_bus_round_trip_in_every_mode(family: &'static FamilyKext) {
             let v = seen[0];
             let cause = bus.handle_interrupt((v != VK_VECTOR_INTX).then_some(v as u16));
             assert!(cause.queues.contains(1));
+            assert!(bus.has_used(1).unwrap(), "served");
             let u = bus.pop_used(1).unwrap().unwrap();
             assert_eq!((u.token, u.len), (42, 4));
             // SAFETY: the device completed the chain.
@@ -123,6 +126,8 @@ fn client_bus_round_trip_in_every_mode(family: &'static FamilyKext) {
                 b"pong"
             );
             assert_eq!(bus.pop_used(1).unwrap(), None);
+            assert!(!bus.has_used(1).unwrap(), "popped");
+            assert_eq!(bus.has_used(7), Err(Error::QueueNotReady { queue: 7 }));
             assert!(!bus.enable_interrupts(1).unwrap());
             assert_eq!(bus.queue_stats(1).unwrap().completions, 1);
             assert!(bus.free_descriptors(1).unwrap() > 0);
@@ -258,6 +263,7 @@ fn client_declarations_match_the_family_exports(family: &'static FamilyKext) {
         vfam_queue_add,
         vfam_queue_kick,
         vfam_queue_pop_used,
+        vfam_queue_has_used,
         vfam_queue_enable_interrupts,
         vfam_queue_disable_interrupts,
         vfam_queue_info,

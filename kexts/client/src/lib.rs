@@ -190,6 +190,7 @@ family_functions! {
         token: *mut usize,
         len: *mut u32,
     ) -> VkStatus;
+    fn vfam_queue_has_used(dev: *mut VfamDevice, queue: u16, maybe: *mut bool) -> VkStatus;
     fn vfam_queue_enable_interrupts(
         dev: *mut VfamDevice,
         queue: u16,
@@ -490,6 +491,12 @@ impl<A: FamilyApi> Bus for FamilyBus<A> {
         }
         .into_result()?;
         Ok(found.then_some(Used { token, len }))
+    }
+    fn has_used(&self, queue: u16) -> Result<bool> {
+        let mut maybe = true;
+        // SAFETY: live handle; `maybe` is a local.
+        unsafe { self.api.vfam_queue_has_used(self.dev, queue, &mut maybe) }.into_result()?;
+        Ok(maybe)
     }
     fn enable_interrupts(&mut self, queue: u16) -> Result<bool> {
         let mut more = false;

@@ -541,6 +541,26 @@ pub unsafe extern "C" fn vfam_queue_pop_used(
     })
 }
 
+/// Whether `queue` may have completions to pop: `*maybe` from a peek at the used ring (no
+/// barrier, nothing written), true for a broken queue (popping reports why). Lets a client
+/// skip the disable / drain / re-enable calls, and the re-enable's fence, when a poll finds
+/// nothing: on a shared INTx line every queue is polled on every interrupt.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
+/// null or valid for what they describe.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_queue_has_used(
+    dev: *mut VfamDevice,
+    queue: u16,
+    maybe: *mut bool,
+) -> VkStatus {
+    with(dev, |d| {
+        put(maybe, d.bus.has_used(queue)?);
+        Ok(())
+    })
+}
+
 /// Re-enables interrupts (`delayed`: after ~3/4 of the in-flight chains); `*more` true
 /// when completions arrived meanwhile.
 ///
