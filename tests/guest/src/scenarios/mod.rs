@@ -61,6 +61,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: net_vd::run,
     },
     Scenario {
+        name: "net-vd-tap",
+        about: "net-vd over net-tap's tap with a vnet header in a network namespace: static addresses, no offloads (the crate negotiates none)",
+        run: net_vd::run,
+    },
+    Scenario {
         name: "blk",
         about: "virtio-blk driver: pattern over the disk (split requests), flush, verify; discard/write-zeroes; GET_ID; blk_test=ro|fault|durable",
         run: blk::run,

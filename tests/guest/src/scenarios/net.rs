@@ -53,7 +53,6 @@ use alloc::format;
 use bus::GuestBus;
 use core::sync::atomic::{AtomicU32, Ordering};
 use phy::Phy;
-use smoltcp::wire::{Ipv4Address, Ipv4Cidr};
 use stack::{Midpoint, Stack, ms_since};
 use virtio_core::DeviceType;
 use virtio_core::bus::Bus;
@@ -106,19 +105,8 @@ pub fn run(env: &mut Env) {
         return;
     };
     // Static addressing (the tap configuration) instead of DHCP.
-    let addressing = match (env.cmdline.get("net_ip"), env.cmdline.get("net_peer")) {
-        (None, None) => None,
-        (Some(ip), Some(peer)) => match (ip.parse::<Ipv4Cidr>(), peer.parse::<Ipv4Address>()) {
-            (Ok(ip), Ok(peer)) => Some((ip, peer)),
-            _ => {
-                check!("net.addr", false, "net_ip={ip} net_peer={peer}: not IPv4");
-                return;
-            }
-        },
-        _ => {
-            check!("net.addr", false, "net_ip= and net_peer= go together");
-            return;
-        }
+    let Some(addressing) = stack::addressing(&env.cmdline) else {
+        return;
     };
     // Single-segment frames only: the transmit ring stops only when one more frame (two
     // descriptors without indirect) would not fit.
@@ -182,11 +170,7 @@ pub fn run(env: &mut Env) {
     report::stat("net.offload.rx_big", o.rx_big);
     let mut stack = Stack::new(phy, mac);
 
-    let addressed = match addressing {
-        Some((ip, peer)) => stack.static_address(ip, peer),
-        None => stack.dhcp(),
-    };
-    if !addressed {
+    if !stack.address(addressing) {
         finish(&mut stack);
         return;
     }

@@ -18,10 +18,13 @@
 //! - queues of [`QUEUE_SIZE`] = 256 entries, QEMU's default and what our driver uses, and
 //!   2048-byte receive buffers (the crate's example), all posted at start.
 //!
-//! Parameters: `net_port=` (required), `net_bytes=` (default 64 MiB). No link test.
+//! Parameters: `net_port=` (required), `net_bytes=` (default 64 MiB), and as in `net-tap`,
+//! `net_ip=` with `net_peer=` for a static address instead of DHCP: `net-vd-tap` runs it
+//! over the same tap in a network namespace as our driver's `net-tap` (no offloads: the
+//! crate negotiates none). No link test.
 
 use super::Env;
-use super::net::stack::{Counters, Nic, Stack};
+use super::net::stack::{self, Counters, Nic, Stack};
 use super::vd::{self, GuestHal};
 use crate::check;
 use crate::report;
@@ -162,6 +165,9 @@ pub fn run(env: &mut Env) {
         return;
     };
     let bytes = env.cmdline.get_u64("net_bytes", 64 << 20);
+    let Some(addressing) = stack::addressing(&env.cmdline) else {
+        return;
+    };
 
     // Decode + bus master on, BARs mapped uncacheable; interrupts stay off.
     let _dev = env.open(&func);
@@ -194,7 +200,7 @@ pub fn run(env: &mut Env) {
         errors: Cell::new(0),
     };
     let mut stack = Stack::new(phy, mac);
-    if stack.dhcp() {
+    if stack.address(addressing) {
         stack.transfer("net", port, 0, bytes, bytes, true);
     }
     let p = &stack.phy;

@@ -1,6 +1,6 @@
 //! virtio-net: QEMU's user network (slirp) behind `virtio-net-pci`; the `net` scenarios
-//! talk to a TCP peer on the host's loopback (`net_peer`). `net-tap` uses a tap in a
-//! network namespace instead (`tap`).
+//! talk to a TCP peer on the host's loopback (`net_peer`). `net-tap` and `net-vd-tap` use a
+//! tap in a network namespace instead (`tap`).
 
 use super::{Attach, DeviceFiles, DeviceSpec, NET_MAC, ScenarioSpec};
 use crate::qemu::{net_peer, tap};
@@ -34,6 +34,15 @@ pub const DEVICE: DeviceSpec = DeviceSpec {
             trace: true,
             timeout_secs: 300,
             host: Some(net_peer::start),
+        },
+        // The same over `net-tap`'s tap, for comparing the two drivers through a backend
+        // that caps neither as slirp does (`cargo xtask bench net`).
+        ScenarioSpec {
+            name: "net-vd-tap",
+            devices: &[],
+            trace: true,
+            timeout_secs: 300,
+            host: Some(tap::start),
         },
     ],
 };

@@ -115,6 +115,34 @@ struct Snapshot {
     c: Counters,
 }
 
+/// How the interface gets its address.
+#[derive(Copy, Clone)]
+pub enum Addressing {
+    /// From slirp's DHCP server.
+    Dhcp,
+    /// `net_ip=` and `net_peer=`: a tap in a namespace has no DHCP server.
+    Static { ip: Ipv4Cidr, peer: Ipv4Address },
+}
+
+/// The addressing `net_ip=` and `net_peer=` ask for (both or neither); `None` after a
+/// failed `net.addr` check saying what is wrong with them.
+pub fn addressing(cmdline: &crate::cmdline::Cmdline) -> Option<Addressing> {
+    match (cmdline.get("net_ip"), cmdline.get("net_peer")) {
+        (None, None) => Some(Addressing::Dhcp),
+        (Some(ip), Some(peer)) => match (ip.parse::<Ipv4Cidr>(), peer.parse::<Ipv4Address>()) {
+            (Ok(ip), Ok(peer)) => Some(Addressing::Static { ip, peer }),
+            _ => {
+                check!("net.addr", false, "net_ip={ip} net_peer={peer}: not IPv4");
+                None
+            }
+        },
+        _ => {
+            check!("net.addr", false, "net_ip= and net_peer= go together");
+            None
+        }
+    }
+}
+
 impl<D: Nic> Stack<D> {
     pub fn new(mut phy: D, mac: [u8; 6]) -> Self {
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
@@ -220,6 +248,15 @@ impl<D: Nic> Stack<D> {
         );
         report::stat("net.dhcp.address", addr.address());
         true
+    }
+
+    /// Addresses the interface as the command line asks ([`addressing`]): statically on a
+    /// tap, else by DHCP. Returns whether it has an address.
+    pub fn address(&mut self, how: Addressing) -> bool {
+        match how {
+            Addressing::Static { ip, peer } => self.static_address(ip, peer),
+            Addressing::Dhcp => self.dhcp(),
+        }
     }
 
     /// `net.addr`: a static address and the peer's (no DHCP server on a tap); the peer is
