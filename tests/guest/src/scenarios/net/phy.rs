@@ -622,7 +622,10 @@ impl TxToken for PhyTx<'_> {
         F: FnOnce(&mut [u8]) -> R,
     {
         let t = self.tx;
-        let big = len > TX_STRIDE;
+        // Anything beyond a standard frame is a TSO frame (smoltcp's segment of more than
+        // one MSS, often only a little more: 1,858 bytes happen) and takes a large slot; a
+        // small slot's frame is cut at FRAME_MAX below, which smoltcp's `emit` would overrun.
+        let big = len > FRAME_MAX;
         // A token is only handed out with a free slot of each size (`tx_ready`).
         let slot = if big {
             t.big_free
