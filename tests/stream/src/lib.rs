@@ -5,7 +5,7 @@
 //! Byte `i` of the stream with seed `s` is byte `i % 8` (little-endian) of word `i / 8`,
 //! where word `k` is `scramble(s + k * 0x9E37_79B9_7F4A_7C15)` (one xor-shift and one
 //! multiply: distinct for every `k`, which is all a check of a TCP byte stream needs). The
-//! hash ([`WordHash`]) is FNV-1a 64 taken over 64-bit little-endian words instead of
+//! hash ([`WordFnv`]) is FNV-1a 64 taken over 64-bit little-endian words instead of
 //! bytes. Both work a word at a time: the guest pays for every instruction here in the
 //! network benchmark, where this test's own per-byte work would otherwise hide the drivers'
 //! differences (see `docs/benchmarks.md`).

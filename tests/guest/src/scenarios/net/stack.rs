@@ -1,8 +1,9 @@
 //! The part of the `net` scenarios that does not depend on the driver: smoltcp over any
-//! [`Nic`] (a `smoltcp::phy::Device` plus the few hooks the loop needs), the DHCP lease,
-//! the TCP transfer both ways with the host peer, the word-wise FNV hashes and the per-phase `STAT`
-//! lines. `net` runs it over our driver (`phy.rs`), `net-vd` over the `virtio-drivers`
-//! crate (`scenarios/net_vd.rs`).
+//! [`Nic`] (a `smoltcp::phy::Device` plus the few hooks the loop needs), the DHCP lease or
+//! the static addresses of a tap, the TCP transfer both ways with the host peer, the
+//! word-wise FNV hashes and the per-phase `STAT` lines. `net` and `net-tap` run it over our
+//! driver (`phy.rs`), `net-vd` and `net-vd-tap` over the `virtio-drivers` crate
+//! (`scenarios/net_vd.rs`).
 //!
 //! Phase markers: around the receive and send phases of a detailed transfer the guest
 //! selects fw_cfg key `0x3F00 | v` (port 0x510; no such key, so nothing happens) with `v`
