@@ -17,8 +17,9 @@
 //!   namespace, twice: with TSO (`net_offload=all`: CSUM + HOST_TSO4, GUEST_CSUM +
 //!   GUEST_TSO4) and without (`net_offload=notso`: the same minus HOST_TSO4/6). A TSO
 //!   session that sent no TSO frame, or a no-TSO one that sent any, fails. Then theirs
-//!   over the same tap (`net-vd-tap`): slirp's per-packet work caps both drivers in the
-//!   sessions above, a tap does not, so this is where the drivers' own difference shows.
+//!   over the same tap (`net-vd-tap`): slirp's per-packet work sets our driver's pace in
+//!   the sessions above (theirs moves about as much through slirp as over the tap), a tap
+//!   does not, so this is where the drivers' own difference shows.
 //!   Issue 15's targets stay judged on the slirp sessions; the tap ratios are printed
 //!   beside them as information.
 //!
@@ -988,7 +989,8 @@ fn print_tap_table(bytes: u64, tso: &[Session], no_tso: &[Session]) {
 /// Our tap sessions against virtio-drivers' over the same tap, namespace and server
 /// (`net-vd-tap`): throughput, guest instructions per byte, and frames, QEMU's kicks and its
 /// interrupts per MiB moved (per byte, because with offloads one frame carries up to
-/// 64 KiB). Slirp's per-packet work caps both drivers in the slirp sessions; a tap does not.
+/// 64 KiB). Slirp's per-packet work sets our driver's pace in the slirp sessions; a tap
+/// does not.
 fn print_tap_against_theirs(tso: &[Session], no_tso: &[Session], theirs: &[Session]) {
     let failed = theirs.iter().filter(|s| !s.ok).count();
     println!();
