@@ -36,7 +36,7 @@ pub const DEVICE: DeviceSpec = DeviceSpec {
             host: Some(net_peer::start),
         },
         // The same over `net-tap`'s tap, for comparing the two drivers through a backend
-        // that caps neither as slirp does (`cargo xtask bench net`).
+        // that sets neither's pace (slirp sets ours; `cargo xtask bench net`).
         ScenarioSpec {
             name: "net-vd-tap",
             devices: &[],
