@@ -114,47 +114,33 @@ pub fn cmd(bytes: u64, repeats: u32, profile: bool) -> Result<bool, String> {
             .chain(&theirs_tap)
     };
     // Issue 15's targets: our driver as it ships (split ring) against virtio-drivers.
-    let throughput_ratio = |phase: &str| {
-        let Some(i) = PHASES.iter().position(|(p, _)| *p == phase) else {
-            return f64::NAN;
-        };
-        let median = |sessions: &[Session]| {
-            spread(sessions, i, |ph| Some(ph.mib_s)).map_or(f64::NAN, |s| s.median)
-        };
-        let (o, t) = (median(&ours), median(&theirs));
-        if t > 0.0 { o / t } else { f64::NAN }
-    };
+    let phase = |name: &str| PHASES.iter().position(|(p, _)| *p == name);
     let targets = crate::bench::targets::report(
         "ratios of medians over this run's repeats",
         &[
             crate::bench::targets::Target {
                 what: "receive throughput, ours / theirs",
-                ratio: throughput_ratio("recv"),
+                ratio: throughput_ratio(&ours, &theirs, phase("recv")),
                 bound: 1.5,
                 at_most: false,
             },
             crate::bench::targets::Target {
                 what: "send throughput, ours / theirs",
-                ratio: throughput_ratio("send"),
+                ratio: throughput_ratio(&ours, &theirs, phase("send")),
                 bound: 3.0,
                 at_most: false,
             },
         ],
     );
     if tap_ok.is_ok() {
-        let ratio_of = |ours: &[Session], phase: usize| {
-            let m = |s: &[Session]| {
-                spread(s, phase, |ph| Some(ph.mib_s)).map_or(f64::NAN, |s| s.median)
-            };
-            m(ours) / m(&theirs_tap)
-        };
+        let ratio_of = |ours: &[Session], name| throughput_ratio(ours, &theirs_tap, phase(name));
         println!(
             "the same ratios on the tap (information, not the targets): receive {:.3}, send \
              {:.3} with our driver as it ships (TSO negotiated); {:.3} and {:.3} without TSO",
-            ratio_of(&tso, 0),
-            ratio_of(&tso, 1),
-            ratio_of(&no_tso, 0),
-            ratio_of(&no_tso, 1)
+            ratio_of(&tso, "recv"),
+            ratio_of(&tso, "send"),
+            ratio_of(&no_tso, "recv"),
+            ratio_of(&no_tso, "send")
         );
     }
     let failed = all().filter(|s| !s.ok).count();
@@ -561,7 +547,35 @@ fn ratio(a: f64, b: f64) -> String {
 
 /// The median over sessions of `figure` of phase `i` (NaN when no session has it).
 fn median(sessions: &[Session], i: usize, figure: impl Fn(&Phase) -> Option<f64>) -> f64 {
-    spread(sessions, i, figure).map_or(f64::NAN, |s| s.median)
+    mid(spread(sessions, i, figure))
+}
+
+/// A spread's median, NaN for none.
+fn mid(s: Option<Spread>) -> f64 {
+    s.map_or(f64::NAN, |s| s.median)
+}
+
+/// Median throughput of `ours` over that of `theirs` in phase `i` (NaN without both): what
+/// issue 15's network targets are judged on.
+fn throughput_ratio(ours: &[Session], theirs: &[Session], i: Option<usize>) -> f64 {
+    let Some(i) = i else {
+        return f64::NAN;
+    };
+    let (o, t) = (
+        median(ours, i, |ph| Some(ph.mib_s)),
+        median(theirs, i, |ph| Some(ph.mib_s)),
+    );
+    if t > 0.0 { o / t } else { f64::NAN }
+}
+
+/// `median (min–max)` with `decimals`, or `—` for no value.
+fn range(s: Option<Spread>, decimals: usize) -> String {
+    s.map_or("—".into(), |s| {
+        format!(
+            "{:.decimals$} ({:.decimals$}–{:.decimals$})",
+            s.median, s.min, s.max
+        )
+    })
 }
 
 fn spread(
@@ -596,13 +610,23 @@ const QUEUE_ROWS: [(&str, u32, Pick); 4] = [
     ("tx interrupts per tx packet", TX, |c| c.irqs),
 ];
 
+/// `n` per MiB the phase moved (`None` when it moved nothing).
+fn per_mib(n: u64, ph: &Phase) -> Option<f64> {
+    (ph.bytes > 0).then(|| n as f64 * f64::from(1u32 << 20) / ph.bytes as f64)
+}
+
+/// One queue's kicks or interrupts in a phase, from QEMU's trace.
+fn queue_count(ph: &Phase, q: u32, pick: Pick) -> u64 {
+    ph.qemu.get(&q).map_or(0, pick)
+}
+
 fn queue_per_packet(ph: &Phase, q: u32, pick: Pick) -> f64 {
     let den = if q == RX {
         ph.rx_packets
     } else {
         ph.tx_packets
     };
-    per(ph.qemu.get(&q).map_or(0, pick), den)
+    per(queue_count(ph, q, pick), den)
 }
 
 fn print_table(bytes: u64, ours: &[Session], packed: &[Session], theirs: &[Session]) {
@@ -673,22 +697,14 @@ fn print_table(bytes: u64, ours: &[Session], packed: &[Session], theirs: &[Sessi
         );
         let mib_s = |sessions: &[Session]| spread(sessions, i, |ph| Some(ph.mib_s));
         let (o, k, t) = (mib_s(ours), mib_s(packed), mib_s(theirs));
-        let range = |s: Option<Spread>| {
-            s.map_or("—".into(), |s| {
-                format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max)
-            })
-        };
         println!(
             "  {:29} {:>12} {:>22} {:>22} {:>22} {:>11}",
             "throughput MiB/s",
             "",
-            range(o),
-            range(k),
-            range(t),
-            ratio(
-                o.map_or(f64::NAN, |s| s.median),
-                t.map_or(f64::NAN, |s| s.median)
-            )
+            range(o, 2),
+            range(k, 2),
+            range(t, 2),
+            ratio(mid(o), mid(t))
         );
         let packets = |sessions: &[Session]| {
             format!(
@@ -730,10 +746,7 @@ fn print_table(bytes: u64, ours: &[Session], packed: &[Session], theirs: &[Sessi
                 spread(packed, i, |ph| figure(ph, kib)),
                 spread(theirs, i, |ph| figure(ph, kib)),
             );
-            let (o, t) = (
-                os.map_or(f64::NAN, |s| s.median),
-                ts.map_or(f64::NAN, |s| s.median),
-            );
+            let (o, t) = (mid(os), mid(ts));
             // Instructions: median ±largest deviation of a run from it.
             let show = |s: Option<Spread>| match s {
                 None => "—".into(),
@@ -878,11 +891,6 @@ fn print_tap_table(bytes: u64, tso: &[Session], no_tso: &[Session]) {
             "no TSO",
             "TSO/no TSO"
         );
-        let range = |s: Option<Spread>, d: usize| {
-            s.map_or("—".into(), |s| {
-                format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max)
-            })
-        };
         type Figure = fn(&Phase) -> Option<f64>;
         // (label, figure, decimals, whether a ratio means something)
         let rows: [(&str, Figure, usize, bool); 9] = [
@@ -941,10 +949,7 @@ fn print_tap_table(bytes: u64, tso: &[Session], no_tso: &[Session]) {
                 range(t, d),
                 range(n, d),
                 if with_ratio {
-                    ratio(
-                        t.map_or(f64::NAN, |s| s.median),
-                        n.map_or(f64::NAN, |s| s.median),
-                    )
+                    ratio(mid(t), mid(n))
                 } else {
                     String::new()
                 }
@@ -1017,56 +1022,61 @@ fn print_tap_against_theirs(tso: &[Session], no_tso: &[Session], theirs: &[Sessi
             "TSO/theirs",
             "no TSO/theirs"
         );
-        // Per byte moved, not per packet: with offloads one frame carries up to 64 KiB.
-        fn per_mib(n: u64, ph: &Phase) -> Option<f64> {
-            (ph.bytes > 0).then(|| n as f64 * f64::from(1u32 << 20) / ph.bytes as f64)
-        }
-        fn queue(ph: &Phase, q: u32, pick: Pick) -> u64 {
-            ph.qemu.get(&q).map_or(0, pick)
-        }
-        let rows: [(&str, Figure, usize); 6] = [
-            ("throughput MiB/s", |ph| Some(ph.mib_s), 2),
+        // (label, figure, decimals, whether the range is shown). Per byte moved, not per
+        // packet: with offloads one frame carries up to 64 KiB.
+        let rows: [(&str, Figure, usize, bool); 6] = [
+            ("throughput MiB/s", |ph| Some(ph.mib_s), 2, true),
             (
                 "instructions per byte",
                 |ph| ph.counted.map(|c| per(c.instructions, ph.bytes)),
                 2,
+                false,
             ),
-            ("frames rx + tx per MiB", |ph| per_mib(ph.packets(), ph), 1),
+            (
+                "frames rx + tx per MiB",
+                |ph| per_mib(ph.packets(), ph),
+                1,
+                false,
+            ),
             (
                 "rx kicks per MiB",
-                |ph| per_mib(queue(ph, RX, |c| c.kicks), ph),
+                |ph| per_mib(queue_count(ph, RX, |c| c.kicks), ph),
                 1,
+                false,
             ),
             (
                 "tx kicks per MiB",
-                |ph| per_mib(queue(ph, TX, |c| c.kicks), ph),
+                |ph| per_mib(queue_count(ph, TX, |c| c.kicks), ph),
                 1,
+                false,
             ),
-            ("interrupts per MiB", |ph| per_mib(ph.qemu_irqs, ph), 1),
+            (
+                "interrupts per MiB",
+                |ph| per_mib(ph.qemu_irqs, ph),
+                1,
+                false,
+            ),
         ];
-        for (label, figure, d) in rows {
+        for (label, figure, d, ranged) in rows {
             let (t, n, v) = (
                 spread(tso, i, figure),
                 spread(no_tso, i, figure),
                 spread(theirs, i, figure),
             );
             let show = |s: Option<Spread>| {
-                s.map_or("—".into(), |s| {
-                    if label.starts_with("throughput") {
-                        format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max)
-                    } else {
-                        fixed(s.median, d)
-                    }
-                })
+                if ranged {
+                    range(s, d)
+                } else {
+                    fixed(mid(s), d)
+                }
             };
-            let med = |s: Option<Spread>| s.map_or(f64::NAN, |s| s.median);
             println!(
                 "  {label:29} {:>22} {:>22} {:>22} {:>11} {:>14}",
                 show(t),
                 show(n),
                 show(v),
-                ratio(med(t), med(v)),
-                ratio(med(n), med(v))
+                ratio(mid(t), mid(v)),
+                ratio(mid(n), mid(v))
             );
         }
     }
