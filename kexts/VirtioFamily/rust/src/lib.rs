@@ -90,6 +90,19 @@ fn with(p: *mut VfamDevice, f: impl FnOnce(&mut VfamDevice) -> Result<(), Error>
     }
 }
 
+/// Runs `f` on the device and writes its answer through `out`, or reports the error (then
+/// `out` is left as it was).
+fn answer<T>(
+    p: *mut VfamDevice,
+    out: *mut T,
+    f: impl FnOnce(&mut VfamDevice) -> Result<T, Error>,
+) -> VkStatus {
+    with(p, |d| {
+        put(out, f(d)?);
+        Ok(())
+    })
+}
+
 /// Writes through an optional out-pointer.
 fn put<T>(out: *mut T, v: T) {
     // SAFETY: the caller passes null or a valid, writable pointer (C contract).
@@ -283,12 +296,10 @@ pub unsafe extern "C" fn vfam_negotiate_features(
     driver: u64,
     negotiated: *mut u64,
 ) -> VkStatus {
-    with(dev, |d| {
-        let f = d
-            .bus
-            .negotiate_features(Features::from_bits_retain(driver))?;
-        put(negotiated, f.bits());
-        Ok(())
+    answer(dev, negotiated, |d| {
+        Ok(d.bus
+            .negotiate_features(Features::from_bits_retain(driver))?
+            .bits())
     })
 }
 
@@ -511,10 +522,7 @@ pub unsafe extern "C" fn vfam_queue_kick(
     queue: u16,
     notified: *mut bool,
 ) -> VkStatus {
-    with(dev, |d| {
-        put(notified, d.bus.kick(queue)?);
-        Ok(())
-    })
+    answer(dev, notified, |d| d.bus.kick(queue))
 }
 
 /// Next completion: `*found` false when none; else `*token` and `*len`.
@@ -555,10 +563,7 @@ pub unsafe extern "C" fn vfam_queue_has_used(
     queue: u16,
     maybe: *mut bool,
 ) -> VkStatus {
-    with(dev, |d| {
-        put(maybe, d.bus.has_used(queue)?);
-        Ok(())
-    })
+    answer(dev, maybe, |d| d.bus.has_used(queue))
 }
 
 /// Re-enables interrupts (`delayed`: after ~3/4 of the in-flight chains); `*more` true
@@ -574,14 +579,12 @@ pub unsafe extern "C" fn vfam_queue_enable_interrupts(
     delayed: bool,
     more: *mut bool,
 ) -> VkStatus {
-    with(dev, |d| {
-        let m = if delayed {
-            d.bus.enable_interrupts_delayed(queue)?
+    answer(dev, more, |d| {
+        if delayed {
+            d.bus.enable_interrupts_delayed(queue)
         } else {
-            d.bus.enable_interrupts(queue)?
-        };
-        put(more, m);
-        Ok(())
+            d.bus.enable_interrupts(queue)
+        }
     })
 }
 
@@ -633,10 +636,7 @@ pub unsafe extern "C" fn vfam_queue_stats(
     queue: u16,
     stats: *mut VkQueueStats,
 ) -> VkStatus {
-    with(dev, |d| {
-        put(stats, d.bus.queue_stats(queue)?.into());
-        Ok(())
-    })
+    answer(dev, stats, |d| Ok(d.bus.queue_stats(queue)?.into()))
 }
 
 /// Demultiplexes an interrupt (`vector`: MSI-X index, -1 for INTx/polling).
@@ -730,9 +730,8 @@ pub unsafe extern "C" fn vfam_dma_map(
     let Some(v) = core::ptr::NonNull::new(vaddr) else {
         return bad();
     };
-    with(dev, |d| {
-        put(daddr, d.bus.dma().map(v, len, dma_direction(direction))?);
-        Ok(())
+    answer(dev, daddr, |d| {
+        d.bus.dma().map(v, len, dma_direction(direction))
     })
 }
 
