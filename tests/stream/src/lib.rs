@@ -54,7 +54,7 @@ impl Stream {
     /// Writes the next `out.len()` stream bytes into `out`.
     pub fn fill(&mut self, out: &mut [u8]) {
         // Byte by byte up to a word boundary, then whole words.
-        let (head, rest) = out.split_at_mut(self.to_word_boundary(out.len()));
+        let (head, rest) = out.split_at_mut(to_word_boundary(self.pos, out.len()));
         for b in head {
             *b = self.next_byte();
         }
@@ -72,7 +72,7 @@ impl Stream {
     /// difference (and still advances past all of `data`).
     pub fn verify(&mut self, data: &[u8]) -> Option<u64> {
         let mut bad = None;
-        let (head, rest) = data.split_at(self.to_word_boundary(data.len()));
+        let (head, rest) = data.split_at(to_word_boundary(self.pos, data.len()));
         for &b in head {
             let pos = self.pos;
             if self.next_byte() != b && bad.is_none() {
@@ -98,17 +98,17 @@ impl Stream {
         bad
     }
 
-    /// Bytes from the position to the next word boundary, at most `len`.
-    fn to_word_boundary(&self, len: usize) -> usize {
-        (((8 - self.pos % 8) % 8) as usize).min(len)
-    }
-
     /// To the start of the next word (from anywhere in the current one).
     fn next_word(&mut self) {
         self.pos = (self.pos | 7) + 1;
         self.counter = self.counter.wrapping_add(GOLDEN);
         self.cur = scramble(self.counter);
     }
+}
+
+/// Bytes from byte `pos` of a stream to its next word boundary, at most `len`.
+fn to_word_boundary(pos: u64, len: usize) -> usize {
+    (((8 - pos % 8) % 8) as usize).min(len)
 }
 
 /// An 8-byte chunk as a little-endian word.
@@ -160,8 +160,7 @@ impl WordFnv {
     }
 
     pub fn update(&mut self, data: &[u8]) {
-        let open = ((8 - self.len % 8) % 8) as usize;
-        let (head, rest) = data.split_at(open.min(data.len()));
+        let (head, rest) = data.split_at(to_word_boundary(self.len, data.len()));
         for &b in head {
             self.push_byte(b);
         }
