@@ -10,6 +10,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use virtio_blk::{BlkDriver, BlkError, BlkOptions, Completion, Request};
 use virtio_core::Features;
+use virtio_core::bus::Bus;
 use virtio_core::platform::InterruptMode;
 
 pub type Outcome = Result<Completion, BlkError>;
@@ -117,6 +118,13 @@ impl Disk {
         self.needs_reset |= c.needs_reset;
     }
 
+    /// Whether any queue has used entries not yet popped (a broken queue answers true, so
+    /// that servicing reports it).
+    fn has_used(&self) -> bool {
+        let bus = self.drv.bus();
+        (0..self.drv.num_queues()).any(|q| bus.has_used(q).unwrap_or(true))
+    }
+
     /// Services the device until `cond` holds or `timeout_ms` passes; halts between
     /// interrupts (spins when polling).
     pub fn wait_until(
@@ -127,7 +135,13 @@ impl Disk {
         let deadline = crate::time::now_ns() + timeout_ms * 1_000_000;
         let polling = self.polling();
         loop {
-            self.service()?;
+            // Interrupt-driven, as a kext's completion path is: with interrupts on, service
+            // only when one was recorded or a queue has used entries (the same cheap peek
+            // virtio-drivers' bench loop makes). Every poll re-enables the queue's
+            // interrupts, so a completion after this check raises one and ends the halt.
+            if polling || self.irq().pending() != 0 || self.has_used() {
+                self.service()?;
+            }
             if cond(self) {
                 return Ok(true);
             }
