@@ -652,3 +652,158 @@ fn lifecycle_across_sleep_and_wake(kexts: Kexts) {
         r.unload();
     }
 }
+
+/// The instruction cost of the installed kexts' I/O path, for `cargo xtask bench kext`:
+/// one 4 KiB read at depth 1 per round, through VirtioBlock.kext's C ABI
+/// (`vblk_submit_rw`, then the family's interrupt entry `vfam_deliver_interrupt`, which
+/// reaches `vblk_interrupt` and the completion callback) and through the same driver
+/// crate called directly (`BlkDriver` on an in-process `VirtioDevice`), over the same
+/// simulated device with the same features. Each path's submission and completion run
+/// inside one never-inlined function named `kext_bench_<path>_submit` / `_complete`, so
+/// callgrind can collect there and nowhere else; the device model serving the queue in
+/// between runs outside them. Every round checks its read completed OK with its token.
+///
+/// `KEXT_BENCH_PATH`: `kext` (the kexts' Rust halves linked into this binary), `loaded`
+/// (the bundles `cargo xtask kexts` links, loaded as the kernel loads them) or `direct`;
+/// `KEXT_BENCH_ROUNDS` rounds (default 100).
+#[test]
+#[ignore = "a benchmark: `cargo xtask bench kext` runs it under callgrind"]
+fn bench_read_4k_depth1() {
+    let rounds: u64 = std::env::var("KEXT_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    match std::env::var("KEXT_BENCH_PATH").as_deref() {
+        Ok("direct") => bench::direct(rounds),
+        Ok("loaded") => bench::through_kexts(
+            Kexts::loaded().expect("the linked bundles: run `cargo xtask kexts` first"),
+            rounds,
+        ),
+        _ => bench::through_kexts(Kexts::rlib(), rounds),
+    }
+}
+
+mod bench {
+    use super::*;
+    use virtio_blk::{BlkDriver, BlkError, BlkOptions, Completion};
+    use virtio_core::{Segment, VirtioDevice};
+    use virtio_pci::{PciTransport, probe};
+    use virtio_tests::sim::{SimBars, SimConfig, SimInterrupt, SimIrq};
+
+    type Direct = BlkDriver<VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>>;
+    type Done = Vec<(usize, Result<Completion, BlkError>)>;
+
+    /// Bytes per read, and the same in 512-byte blocks.
+    const BYTES: u32 = 4096;
+    const BLOCKS: u64 = BYTES as u64 / 512;
+    /// Queue size the device offers (as the other tests of this file).
+    const QUEUE_SIZE: u16 = 64;
+
+    /// Block of round `i`: spread over the disk, 4 KiB aligned.
+    fn block(i: u64) -> u64 {
+        (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) % (SECTORS / BLOCKS) * BLOCKS
+    }
+
+    fn msix(irqs: &[SimInterrupt]) -> impl Iterator<Item = i32> + '_ {
+        irqs.iter().map(|i| match i {
+            SimInterrupt::Msix(v) => i32::from(*v),
+            SimInterrupt::Intx => virtio_kext_abi::VK_VECTOR_INTX,
+        })
+    }
+
+    pub fn through_kexts(kexts: Kexts, rounds: u64) {
+        let mut r = Rig::start(
+            kexts,
+            full_model(),
+            SimMode::Modern,
+            Preference::Auto,
+            QUEUE_SIZE,
+        );
+        // The ID request `start` sends is not part of the measured path.
+        r.step();
+        r.take();
+        let seg = r.segments(BYTES as usize, 1, None);
+        for i in 0..rounds {
+            let token = 0x1000 + i as usize;
+            assert_eq!(kext_bench_kext_submit(&r, block(i), &seg, token), VBLK_OK);
+            assert_eq!(r.model.serve(&r.sim, 0), 1);
+            let irqs = r.sim.take_interrupts();
+            kext_bench_kext_complete(r.fam(), &irqs);
+            // Cleared in place: the callback's push then never allocates in the count.
+            let mut log = r.log.borrow_mut();
+            assert_eq!(log.completions, [(token, VBLK_OK)], "round {i}");
+            log.completions.clear();
+        }
+        r.unload();
+    }
+
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    fn kext_bench_kext_submit(r: &Rig, block: u64, seg: &[VkSegment], token: usize) -> i32 {
+        r.rw(false, block, BLOCKS, seg, token)
+    }
+
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    fn kext_bench_kext_complete(fam: &Family, irqs: &[SimInterrupt]) {
+        for v in msix(irqs) {
+            // SAFETY: the family's live handle, as the shim's interrupt action has it.
+            unsafe { (fam.kext.shim.vfam_deliver_interrupt)(fam.dev, v) };
+        }
+    }
+
+    pub fn direct(rounds: u64) {
+        let mut model = full_model();
+        let sim = model
+            .sim_builder(SimMode::Modern, RING, QUEUE_SIZE, 16 << 20)
+            .build();
+        let t = probe(sim.config_space(), sim.bars(), Preference::Auto).expect("probe");
+        let mut drv: Direct = BlkDriver::new(
+            VirtioDevice::new(t, sim.memory(), sim.irq()),
+            BlkOptions::default(),
+        )
+        .expect("driver");
+        let buf = sim.memory().alloc_buffer(BYTES as usize);
+        let seg = [Segment::new(buf.daddr, BYTES)];
+        let mut done: Done = Vec::with_capacity(4);
+        for i in 0..rounds {
+            let token = 0x1000 + i as usize;
+            kext_bench_direct_submit(&mut drv, block(i), &seg, token).expect("submit");
+            assert_eq!(model.serve(&sim, 0), 1);
+            let irqs = sim.take_interrupts();
+            kext_bench_direct_complete(&mut drv, &irqs, &mut done);
+            assert!(
+                matches!(done.as_slice(), [(t, Ok(Completion::Done))] if *t == token),
+                "round {i}: {done:?}"
+            );
+            done.clear();
+        }
+        assert!(model.violations.is_empty(), "{:?}", model.violations);
+    }
+
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    fn kext_bench_direct_submit(
+        drv: &mut Direct,
+        block: u64,
+        seg: &[Segment],
+        token: usize,
+    ) -> Result<(), BlkError> {
+        drv.read(0, block, seg, token)?;
+        drv.kick(0).map(drop)
+    }
+
+    /// What `vblk_interrupt` does with the driver, minus the C ABI.
+    #[unsafe(no_mangle)]
+    #[inline(never)]
+    fn kext_bench_direct_complete(drv: &mut Direct, irqs: &[SimInterrupt], done: &mut Done) {
+        for v in msix(irqs) {
+            let vector = u16::try_from(v).ok();
+            if let Ok(cause) = drv.handle_interrupt(vector) {
+                for q in cause.queues.iter() {
+                    let _ = drv.poll_completions(q, |t, r| done.push((t, r)));
+                }
+            }
+        }
+    }
+}

@@ -37,6 +37,7 @@
 //! constant within [`SG_TOLERANCE`].
 
 pub mod insns;
+pub mod kext;
 pub mod ring;
 pub mod targets;
 

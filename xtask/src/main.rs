@@ -171,6 +171,16 @@ enum BenchCmd {
         #[arg(long, value_name = "N", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
         rounds: u64,
     },
+    /// Kexts: instructions per 4 KiB read through VirtioBlock.kext's C ABI and the family's,
+    /// against the same driver crate called directly
+    ///
+    /// In-process over the simulated device, release build, counted by valgrind's
+    /// callgrind; builds the kexts' bundles first (`cargo xtask kexts`). docs/benchmarks.md.
+    Kext {
+        /// Reads per measurement (each is measured at N and 2N reads)
+        #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        rounds: u64,
+    },
     /// File system: our virtio-fs against virtiofsd, beside our virtio-blk doing the same
     ///
     /// Sequential write and read of a file and of a disk image of the same size in
@@ -264,6 +274,7 @@ fn main() -> ExitCode {
             profile,
         }) => bench_net::cmd(bytes, repeats, profile),
         Cmd::Bench(BenchCmd::Ring { rounds }) => bench::ring::cmd(rounds),
+        Cmd::Bench(BenchCmd::Kext { rounds }) => bench::kext::cmd(rounds),
         Cmd::Bench(BenchCmd::Fs {
             bytes,
             files,

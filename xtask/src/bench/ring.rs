@@ -36,7 +36,7 @@ const RINGS: [Ring; 2] = [
 ];
 
 /// Makes sure valgrind is there: installs it as root on Debian, else says how.
-fn ensure_valgrind() -> Result<(), String> {
+pub(super) fn ensure_valgrind() -> Result<(), String> {
     let have = || {
         Command::new("valgrind")
             .arg("--version")
@@ -66,7 +66,7 @@ fn ensure_valgrind() -> Result<(), String> {
         }
     }
     Err(format!(
-        "bench ring counts instructions with valgrind's callgrind, which is not installed; \
+        "this bench counts instructions with valgrind's callgrind, which is not installed; \
          install it with:\n  {install}"
     ))
 }
@@ -100,29 +100,46 @@ fn collected(
     } else {
         "no-event-idx"
     };
-    let out = out_dir.join(format!("callgrind-{}-{events}-{rounds}.out", ring.arg));
+    let mut run = Command::new(binary);
+    run.args([ring.arg, events, &rounds.to_string()]);
+    let what = format!("{} {events}", ring.arg);
+    callgrind_summary(
+        run,
+        pattern,
+        &out_dir.join(format!("callgrind-{what}-{rounds}.out")),
+    )
+    .map_err(|e| format!("{what}: {e}"))
+}
+
+/// Runs `program` under callgrind collecting only inside functions matching `pattern`
+/// (`--toggle-collect`), and returns the instructions collected (its summary line).
+pub(super) fn callgrind_summary(
+    program: Command,
+    pattern: &str,
+    out: &Path,
+) -> Result<u64, String> {
     let run = Command::new("valgrind")
         .arg("--tool=callgrind")
         .arg(format!("--toggle-collect={pattern}"))
         .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(binary)
-        .args([ring.arg, events, &rounds.to_string()])
+        .arg(program.get_program())
+        .args(program.get_args())
+        .envs(program.get_envs().filter_map(|(k, v)| Some((k, v?))))
         .stdout(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run valgrind: {e}"))?;
     if !run.status.success() {
         return Err(format!(
-            "{} {events}: the ring bench failed under callgrind:\n{}",
-            ring.arg,
+            "the program failed under callgrind:\n{}",
             String::from_utf8_lossy(&run.stderr)
         ));
     }
-    let text = std::fs::read_to_string(&out).map_err(|e| format!("{}: {e}", out.display()))?;
-    let _ = std::fs::remove_file(&out);
+    let text = std::fs::read_to_string(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let _ = std::fs::remove_file(out);
     text.lines()
         .find_map(|l| l.strip_prefix("summary:"))
         .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| format!("no summary line in callgrind's output for {}", ring.arg))
+        .ok_or_else(|| format!("no summary line in callgrind's output {}", out.display()))
 }
 
 /// Instructions per round inside `pattern`: the difference between 2N and N rounds.
