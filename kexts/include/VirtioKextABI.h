@@ -131,7 +131,9 @@
 #define VK_E_BUSY 26
 
 /**
- * One DMA segment: a device address and a length.
+ * One DMA segment: a device address and a length. The layout of the bus's
+ * [`Segment`], so lists convert both ways without a copy ([`as_segments`],
+ * [`as_vk_segments`]).
  */
 typedef struct {
   uint64_t addr;

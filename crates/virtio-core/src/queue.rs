@@ -15,17 +15,47 @@ use crate::platform::{DeviceAddr, DmaRegion};
 use crate::ring::{AVAIL_F_NO_INTERRUPT, DescFlags, SplitRingLayout, USED_F_NO_NOTIFY, need_event};
 use crate::ringmem::{IndirectPool, RingMemory};
 use crate::transport::RingAddresses;
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// One buffer of a chain, already mapped for the device.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+///
+/// `#[repr(C)]` with its padding spelled out (`reserved`): the kexts' C ABI passes segment
+/// lists as `VkSegment`, which has this layout, so a list crosses between the kexts as it
+/// is, without a copy (`virtio_kext_abi::as_segments`).
+#[repr(C)]
+#[derive(Copy, Clone, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct Segment {
     pub addr: DeviceAddr,
     pub len: u32,
+    /// Zero from [`Segment::new`]; whatever a C caller left there is ignored, by equality
+    /// too.
+    reserved: u32,
 }
 
 impl Segment {
     pub const fn new(addr: DeviceAddr, len: u32) -> Self {
-        Segment { addr, len }
+        Segment {
+            addr,
+            len,
+            reserved: 0,
+        }
+    }
+}
+
+impl PartialEq for Segment {
+    fn eq(&self, other: &Self) -> bool {
+        (self.addr, self.len) == (other.addr, other.len)
+    }
+}
+
+impl Eq for Segment {}
+
+impl core::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Segment")
+            .field("addr", &self.addr)
+            .field("len", &self.len)
+            .finish()
     }
 }
 

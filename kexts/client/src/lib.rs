@@ -29,7 +29,8 @@ use virtio_core::queue::{QueueStats, Segment, Used};
 use virtio_core::{DeviceType, Error, Features, Result};
 use virtio_kext_abi::{
     VK_DMA_BIDIRECTIONAL, VK_DMA_FROM_DEVICE, VK_DMA_TO_DEVICE, VK_IRQ_INTX, VK_IRQ_MSIX,
-    VkDmaRegion, VkInterruptCause, VkQueueSpec, VkQueueStats, VkSegment, VkStatus, vector_to_abi,
+    VkDmaRegion, VkInterruptCause, VkQueueSpec, VkQueueStats, VkSegment, VkStatus, as_vk_segments,
+    vector_to_abi,
 };
 
 /// The family's device handle (opaque).
@@ -296,8 +297,6 @@ pub struct FamilyBus<A: FamilyApi = LinkedFamily> {
     api: A,
     dma: FamilyDma<A>,
     device_type: DeviceType,
-    /// Conversion buffer for `add` (allocated once).
-    scratch: [VkSegment; MAX_CHAIN],
 }
 
 impl FamilyBus {
@@ -330,7 +329,6 @@ impl<A: FamilyApi> FamilyBus<A> {
             api,
             dma: FamilyDma { dev, api },
             device_type: t,
-            scratch: [VkSegment::default(); MAX_CHAIN],
         })
     }
 
@@ -460,19 +458,22 @@ impl<A: FamilyApi> Bus for FamilyBus<A> {
         writable: &[Segment],
         token: usize,
     ) -> Result<()> {
-        let (nr, nw) = (readable.len(), writable.len());
-        if nr + nw > MAX_CHAIN {
+        if readable.len() + writable.len() > MAX_CHAIN {
             return Err(Error::BadChain);
         }
-        for (o, s) in self.scratch.iter_mut().zip(readable.iter().chain(writable)) {
-            *o = VkSegment::from(*s);
-        }
-        let base = self.scratch.as_ptr();
-        // SAFETY: live handle; the scratch array holds nr + nw converted segments, and
-        // `base.wrapping_add(nr)` stays inside it (nr <= MAX_CHAIN).
+        // The lists as they are: `VkSegment` has `Segment`'s layout.
+        let (r, w) = (as_vk_segments(readable), as_vk_segments(writable));
+        // SAFETY: live handle; each pointer is a live slice of the length passed with it.
         unsafe {
-            self.api
-                .vfam_queue_add(self.dev, queue, base, nr, base.wrapping_add(nr), nw, token)
+            self.api.vfam_queue_add(
+                self.dev,
+                queue,
+                r.as_ptr(),
+                r.len(),
+                w.as_ptr(),
+                w.len(),
+                token,
+            )
         }
         .into_result()
     }

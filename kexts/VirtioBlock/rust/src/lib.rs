@@ -39,8 +39,8 @@ use alloc::vec::Vec;
 use core::ffi::c_void;
 
 use virtio_blk::{BlkDriver, BlkError, BlkOptions, Completion, SectorRange};
-use virtio_core::{Bus, Error, Features, Segment};
-use virtio_kext_abi::{VkSegment, vector_from_abi};
+use virtio_core::{Bus, Error, Features};
+use virtio_kext_abi::{VkSegment, as_segments, vector_from_abi};
 use virtio_kext_client::{FamilyBus, VfamDevice};
 
 /// Statuses of the `vblk_*` functions and of completions.
@@ -154,8 +154,6 @@ pub struct VblkDevice {
     book: Book,
     /// Sector ranges of the unmap being built.
     ranges: Vec<SectorRange>,
-    /// Segments of the read/write being built.
-    segs: Vec<Segment>,
     /// A submission was refused for lack of room: call `restart` after completions.
     blocked: bool,
     stopped: bool,
@@ -347,7 +345,6 @@ pub unsafe extern "C" fn vblk_create(
             stats: VblkStats::default(),
         },
         ranges: Vec::with_capacity(VBLK_MAX_EXTENTS as usize),
-        segs: Vec::with_capacity(VBLK_MAX_SEGMENTS as usize),
         blocked: false,
         stopped: false,
     });
@@ -496,15 +493,14 @@ pub unsafe extern "C" fn vblk_submit_rw(
     let Some(sector) = block.checked_mul(bs) else {
         return VBLK_E_OUT_OF_RANGE;
     };
-    d.segs.clear();
-    d.segs.extend(src.iter().map(|s| Segment::from(*s)));
+    // The shim's list as it is: `VkSegment` has `Segment`'s layout.
+    let segs = as_segments(src);
     let token = request as usize;
     let r = d.submit(|d| {
-        let VblkDevice { drv, segs, .. } = d;
         if write {
-            drv.write(0, sector, segs, token)
+            d.drv.write(0, sector, segs, token)
         } else {
-            drv.read(0, sector, segs, token)
+            d.drv.read(0, sector, segs, token)
         }
     });
     if r == VBLK_OK {

@@ -34,10 +34,10 @@ use alloc::vec::Vec;
 use core::ffi::c_void;
 
 use virtio_core::platform::{Dma, DmaRegion, InterruptMode};
-use virtio_core::{Bus, Error, Features, QueueSpec, Segment, VirtioDevice};
+use virtio_core::{Bus, Error, Features, QueueSpec, VirtioDevice};
 use virtio_kext_abi::{
     VK_E_BAD_ARGUMENT, VK_IRQ_INTX, VK_IRQ_MSIX, VK_IRQ_POLLING, VkDmaRegion, VkInterruptCause,
-    VkQueueSpec, VkQueueStats, VkSegment, VkStatus, vector_from_abi,
+    VkQueueSpec, VkQueueStats, VkSegment, VkStatus, as_segments, vector_from_abi,
 };
 use virtio_pci::{PciTransport, Preference, TransportKind};
 
@@ -68,7 +68,6 @@ pub struct VfamDevice {
     bus: Device,
     handler: VfamInterruptHandler,
     handler_ctx: *mut c_void,
-    scratch: Vec<Segment>,
     kind: TransportKind,
 }
 
@@ -196,7 +195,6 @@ pub unsafe extern "C" fn vfam_device_create(
         bus: VirtioDevice::new(t, KextDma(ops), KextIrq(ops)),
         handler: None,
         handler_ctx: core::ptr::null_mut(),
-        scratch: Vec::with_capacity(VFAM_MAX_CHAIN),
         kind,
     });
     put(out, Box::into_raw(d));
@@ -499,15 +497,12 @@ pub unsafe extern "C" fn vfam_queue_add(
     let (Some(r), Some(w)) = (slice(readable, nreadable), slice(writable, nwritable)) else {
         return bad();
     };
+    if r.len() + w.len() > VFAM_MAX_CHAIN {
+        return Error::BadChain.into();
+    }
+    // The lists as they are: `VkSegment` has `Segment`'s layout.
     with(dev, |d| {
-        if r.len() + w.len() > d.scratch.capacity() {
-            return Err(Error::BadChain);
-        }
-        d.scratch.clear();
-        d.scratch
-            .extend(r.iter().chain(w).map(|&s| Segment::from(s)));
-        let (rs, ws) = d.scratch.split_at(r.len());
-        d.bus.add(queue, rs, ws, token)
+        d.bus.add(queue, as_segments(r), as_segments(w), token)
     })
 }
 

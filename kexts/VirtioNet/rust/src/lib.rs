@@ -52,8 +52,8 @@ use core::cell::UnsafeCell;
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use virtio_core::{Error, Features, Segment};
-use virtio_kext_abi::{VkSegment, vector_from_abi};
+use virtio_core::{Error, Features};
+use virtio_kext_abi::{VkSegment, as_segments, vector_from_abi};
 use virtio_kext_client::{FamilyBus, VfamDevice};
 use virtio_net::features as f;
 use virtio_net::{Duplex, MAC_TABLE_MAX, NetConfig, NetError, RxCsum, VirtioNet};
@@ -653,11 +653,8 @@ pub unsafe extern "C" fn vnet_transmit(
                 return VNET_E_BAD_FRAME;
             }
         };
-        let mut frame = [Segment::new(0, 0); 32];
-        for (o, s) in frame.iter_mut().zip(src) {
-            *o = Segment::from(*s);
-        }
-        let frame = frame.get(..nsegs).unwrap_or(&[]);
+        // The shim's list as it is: `VkSegment` has `Segment`'s layout.
+        let frame = as_segments(src);
         match i.drv.transmit(frame, &off, token) {
             Ok(st) => {
                 if let Some(s) = {
