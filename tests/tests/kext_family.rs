@@ -130,6 +130,41 @@ fn client_bus_round_trip_in_every_mode(family: &'static FamilyKext) {
             assert_eq!(bus.has_used(7), Err(Error::QueueNotReady { queue: 7 }));
             assert!(!bus.enable_interrupts(1).unwrap());
             assert_eq!(bus.queue_stats(1).unwrap().completions, 1);
+
+            // A drain is one call across the ABI: the peek, the pops in device order (each
+            // through the handler) and the race-free re-enable.
+            let mut got = Vec::new();
+            assert_eq!(
+                bus.drain_used(1, true, |u| got.push((u.token, u.len))),
+                Ok(0),
+                "nothing to pop"
+            );
+            for token in [50, 51] {
+                bus.add(1, &[], &[Segment::new(inb.daddr, 8)], token)
+                    .unwrap();
+            }
+            bus.kick(1).unwrap();
+            assert_eq!(sim.serve(1, |c| sim.write_chain(c, b"ab")), 2);
+            fam.interrupts();
+            assert_eq!(
+                bus.drain_used(1, true, |u| got.push((u.token, u.len))),
+                Ok(2)
+            );
+            assert_eq!(got, [(50, 2), (51, 2)]);
+            assert!(!bus.has_used(1).unwrap(), "drained");
+            assert_eq!(
+                bus.drain_used(7, true, |_| {}),
+                Err(Error::QueueNotReady { queue: 7 })
+            );
+            // SAFETY: live handle; no handler, so nothing is called back.
+            let s = unsafe {
+                (client.vfam_queue_drain)(fam.client_handle(), 1, true, None, std::ptr::null_mut())
+            };
+            assert_eq!(
+                s.code, VK_E_BAD_ARGUMENT,
+                "a drain without a handler is refused"
+            );
+            assert_eq!(bus.queue_stats(1).unwrap().completions, 3);
             assert!(bus.free_descriptors(1).unwrap() > 0);
             assert_eq!(bus.queue_size(1).unwrap(), 64);
 
@@ -264,6 +299,7 @@ fn client_declarations_match_the_family_exports(family: &'static FamilyKext) {
         vfam_queue_kick,
         vfam_queue_pop_used,
         vfam_queue_has_used,
+        vfam_queue_drain,
         vfam_queue_enable_interrupts,
         vfam_queue_disable_interrupts,
         vfam_queue_info,

@@ -1349,7 +1349,7 @@ impl<B: Bus> BlkDriver<B> {
     pub fn poll_completions(
         &mut self,
         queue: u16,
-        mut f: impl FnMut(usize, Result<Completion, BlkError>),
+        f: impl FnMut(usize, Result<Completion, BlkError>),
     ) -> Result<usize, BlkError> {
         if usize::from(queue) >= self.queues.len() {
             return Err(BlkError::NoSuchQueue { queue });
@@ -1357,42 +1357,29 @@ impl<B: Bus> BlkDriver<B> {
         if self.suspended {
             return Ok(0);
         }
-        let irq = self.options.interrupts;
-        // Interrupts are enabled between polls: with nothing to pop, leave them so and skip
-        // the disable/re-enable pair (and the re-enable's full fence).
-        if irq && !self.bus.has_used(queue)? {
-            return Ok(0);
-        }
-        let mut done = 0;
-        loop {
-            if irq {
-                self.bus.disable_interrupts(queue)?;
-            }
-            done += self.pop_completions(queue, &mut f)?;
-            if !irq || !self.bus.enable_interrupts(queue)? {
-                break;
-            }
-        }
-        Ok(done)
+        self.pop_completions(queue, self.options.interrupts, f)
     }
 
-    /// Pops every completion of `queue` and reports each finished caller request to `f`;
-    /// returns how many finished. The one completion path (`poll_completions`, `suspend`).
+    /// Pops every completion of `queue` (`Bus::drain_used`; with `interrupts`, race-free
+    /// against the re-enable) and reports each finished caller request to `f`; returns how
+    /// many finished. The one completion path (`poll_completions`, `suspend`).
     fn pop_completions(
         &mut self,
         queue: u16,
+        interrupts: bool,
         mut f: impl FnMut(usize, Result<Completion, BlkError>),
     ) -> Result<usize, BlkError> {
-        let qi = usize::from(queue);
+        let Self { bus, queues, .. } = self;
+        let Some(q) = queues.get_mut(usize::from(queue)) else {
+            return Err(BlkError::NoSuchQueue { queue });
+        };
         let mut done = 0;
-        while let Some(used) = self.bus.pop_used(queue)? {
-            if let Some(q) = self.queues.get_mut(qi)
-                && let Some((token, result)) = complete_part(q, used)
-            {
+        bus.drain_used(queue, interrupts, |used| {
+            if let Some((token, result)) = complete_part(q, used) {
                 done += 1;
                 f(token, result);
             }
-        }
+        })?;
         Ok(done)
     }
 
@@ -1491,7 +1478,7 @@ impl<B: Bus> BlkDriver<B> {
         }
         loop {
             for q in 0..queues {
-                report.completed += self.pop_completions(q, &mut *f)?;
+                report.completed += self.pop_completions(q, false, &mut *f)?;
             }
             let in_flight = self.queues.iter().any(|q| q.free.len() < q.slots.len());
             if !in_flight || report.drain_polls >= drain_polls {

@@ -83,6 +83,12 @@ typedef void (*VfamInterruptHandler)(void *ctx, int32_t vector);
  */
 typedef void (*VfamReclaim)(void *ctx, uint16_t queue, size_t token);
 
+/**
+ * Receives one completion of [`vfam_queue_drain`]: the chain's token and the bytes the
+ * device wrote.
+ */
+typedef void (*VfamUsedHandler)(void *ctx, size_t token, uint32_t len);
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -311,6 +317,23 @@ VkStatus vfam_queue_pop_used(VfamDevice *dev,
                              bool *found,
                              size_t *token,
                              uint32_t *len);
+
+/**
+ * Pops every completion of `queue` and hands each to `handler` in device order, in one
+ * call (`Bus::drain_used`): with `interrupts`, a peek first (nothing to pop: nothing
+ * else), then the queue's interrupts suppressed while it drains and re-enabled race-free
+ * at the end. The handler must not call into the family. An error status means the
+ * device broke the queue's rules; the completions before it reached the handler.
+ *
+ * # Safety
+ * `dev` is null or a live handle from [`vfam_device_create`]; `handler` (if any) may be
+ * called with `ctx` until this returns.
+ */
+VkStatus vfam_queue_drain(VfamDevice *dev,
+                          uint16_t queue,
+                          bool interrupts,
+                          VfamUsedHandler handler,
+                          void *ctx);
 
 /**
  * Whether `queue` may have completions to pop: `*maybe` from a peek at the used ring (no

@@ -46,6 +46,8 @@ pub const MAX_CHAIN: usize = 256;
 pub type InterruptHandler = Option<unsafe extern "C" fn(ctx: *mut c_void, vector: i32)>;
 /// `vfam_reset`'s callback for each in-flight chain (`VfamReclaim`).
 pub type Reclaim = Option<unsafe extern "C" fn(ctx: *mut c_void, queue: u16, token: usize)>;
+/// The family's completion handler type (`VfamUsedHandler`).
+pub type UsedHandler = Option<unsafe extern "C" fn(ctx: *mut c_void, token: usize, len: u32)>;
 
 /// Everything that names the family's client-facing functions comes from the one list
 /// below, so the declarations, the trait and the table cannot drift apart:
@@ -62,7 +64,7 @@ macro_rules! family_functions {
         /// The family's client-facing C functions, as `VirtioFamilyABI.h` declares them.
         pub mod ffi {
             use super::*;
-            pub use super::{InterruptHandler, Reclaim};
+            pub use super::{InterruptHandler, Reclaim, UsedHandler};
 
             unsafe extern "C" {
                 $(pub fn $name($($arg: $ty),*) $(-> $ret)?;)*
@@ -192,6 +194,13 @@ family_functions! {
         len: *mut u32,
     ) -> VkStatus;
     fn vfam_queue_has_used(dev: *mut VfamDevice, queue: u16, maybe: *mut bool) -> VkStatus;
+    fn vfam_queue_drain(
+        dev: *mut VfamDevice,
+        queue: u16,
+        interrupts: bool,
+        handler: UsedHandler,
+        ctx: *mut c_void,
+    ) -> VkStatus;
     fn vfam_queue_enable_interrupts(
         dev: *mut VfamDevice,
         queue: u16,
@@ -357,6 +366,24 @@ unsafe extern "C" fn reclaim_trampoline(ctx: *mut c_void, queue: u16, token: usi
     f(queue, token);
 }
 
+/// Where [`vfam_queue_drain`](ffi::vfam_queue_drain) hands [`FamilyBus::drain_used`]'s
+/// completions: the caller's closure and the count.
+struct Drain<F> {
+    f: F,
+    n: usize,
+}
+
+/// The completion handler [`FamilyBus::drain_used`] passes to the family.
+///
+/// # Safety
+/// `ctx` is the `Drain<F>` that call passed, alive and not otherwise borrowed.
+unsafe extern "C" fn drained<F: FnMut(Used)>(ctx: *mut c_void, token: usize, len: u32) {
+    // SAFETY: the caller's contract.
+    let sink = unsafe { &mut *ctx.cast::<Drain<F>>() };
+    (sink.f)(Used { token, len });
+    sink.n += 1;
+}
+
 impl<A: FamilyApi> Bus for FamilyBus<A> {
     type Dma = FamilyDma<A>;
 
@@ -492,6 +519,20 @@ impl<A: FamilyApi> Bus for FamilyBus<A> {
         }
         .into_result()?;
         Ok(found.then_some(Used { token, len }))
+    }
+    /// One call (`vfam_queue_drain`) instead of the peek, disable, pops and re-enable of
+    /// the default: each completion comes back through [`drained`].
+    fn drain_used<F: FnMut(Used)>(&mut self, queue: u16, interrupts: bool, f: F) -> Result<usize> {
+        let mut sink = Drain { f, n: 0 };
+        let ctx: *mut Drain<F> = &mut sink;
+        // SAFETY: live handle; `drained` is called back only during this call, with `ctx`,
+        // a live local of the type it was instantiated for.
+        unsafe {
+            self.api
+                .vfam_queue_drain(self.dev, queue, interrupts, Some(drained::<F>), ctx.cast())
+        }
+        .into_result()?;
+        Ok(sink.n)
     }
     fn has_used(&self, queue: u16) -> Result<bool> {
         let mut maybe = true;

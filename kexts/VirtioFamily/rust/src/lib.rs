@@ -62,6 +62,9 @@ type Device = VirtioDevice<PciTransport<KextConfig, KextBars>, KextDma, KextIrq>
 pub type VfamInterruptHandler = Option<unsafe extern "C" fn(ctx: *mut c_void, vector: i32)>;
 /// Receives each in-flight token on reset.
 pub type VfamReclaim = Option<unsafe extern "C" fn(ctx: *mut c_void, queue: u16, token: usize)>;
+/// Receives one completion of [`vfam_queue_drain`]: the chain's token and the bytes the
+/// device wrote.
+pub type VfamUsedHandler = Option<unsafe extern "C" fn(ctx: *mut c_void, token: usize, len: u32)>;
 
 /// One virtio device on the PCI bus (opaque to C).
 pub struct VfamDevice {
@@ -541,6 +544,36 @@ pub unsafe extern "C" fn vfam_queue_pop_used(
             put(found, true);
         }
         Ok(())
+    })
+}
+
+/// Pops every completion of `queue` and hands each to `handler` in device order, in one
+/// call (`Bus::drain_used`): with `interrupts`, a peek first (nothing to pop: nothing
+/// else), then the queue's interrupts suppressed while it drains and re-enabled race-free
+/// at the end. The handler must not call into the family. An error status means the
+/// device broke the queue's rules; the completions before it reached the handler.
+///
+/// # Safety
+/// `dev` is null or a live handle from [`vfam_device_create`]; `handler` (if any) may be
+/// called with `ctx` until this returns.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vfam_queue_drain(
+    dev: *mut VfamDevice,
+    queue: u16,
+    interrupts: bool,
+    handler: VfamUsedHandler,
+    ctx: *mut c_void,
+) -> VkStatus {
+    let Some(h) = handler else {
+        return bad();
+    };
+    with(dev, |d| {
+        d.bus
+            .drain_used(queue, interrupts, |u| {
+                // SAFETY: the client's handler with its own context (caller contract).
+                unsafe { h(ctx, u.token, u.len) }
+            })
+            .map(drop)
     })
 }
 
