@@ -654,32 +654,39 @@ fn lifecycle_across_sleep_and_wake(kexts: Kexts) {
 }
 
 /// The instruction cost of the installed kexts' I/O path, for `cargo xtask bench kext`:
-/// one 4 KiB read at depth 1 per round, through VirtioBlock.kext's C ABI
-/// (`vblk_submit_rw`, then the family's interrupt entry `vfam_deliver_interrupt`, which
-/// reaches `vblk_interrupt` and the completion callback) and through the same driver
+/// rounds of 4 KiB reads at a queue depth, through VirtioBlock.kext's C ABI
+/// (`vblk_submit_rw` per read, then the family's interrupt entry `vfam_deliver_interrupt`,
+/// which reaches `vblk_interrupt` and the completion callback) and through the same driver
 /// crate called directly (`BlkDriver` on an in-process `VirtioDevice`), over the same
-/// simulated device with the same features. Each path's submission and completion run
-/// inside one never-inlined function named `kext_bench_<path>_submit` / `_complete`, so
+/// simulated device with the same features. Each path's submissions and its completion run
+/// inside never-inlined functions named `kext_bench_<path>_submit` (one read) and
+/// `_complete` (one interrupt), so
 /// callgrind can collect there and nowhere else; the device model serving the queue in
-/// between runs outside them. Every round checks its read completed OK with its token.
+/// between runs outside them. Every round checks each read completed OK with its token.
 ///
 /// `KEXT_BENCH_PATH`: `kext` (the kexts' Rust halves linked into this binary), `loaded`
 /// (the bundles `cargo xtask kexts` links, loaded as the kernel loads them) or `direct`;
-/// `KEXT_BENCH_ROUNDS` rounds (default 100).
+/// `KEXT_BENCH_DEPTH` reads per round (default 1: submitted one by one, as IOKit does,
+/// then served together, then one interrupt); `KEXT_BENCH_ROUNDS` rounds (default 100).
 #[test]
 #[ignore = "a benchmark: `cargo xtask bench kext` runs it under callgrind"]
-fn bench_read_4k_depth1() {
-    let rounds: u64 = std::env::var("KEXT_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+fn bench_read_4k() {
+    let var = |name: &str, default: u64| -> u64 {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (rounds, depth) = (var("KEXT_BENCH_ROUNDS", 100), var("KEXT_BENCH_DEPTH", 1));
+    let depth = usize::try_from(depth).unwrap().clamp(1, 32);
     match std::env::var("KEXT_BENCH_PATH").as_deref() {
-        Ok("direct") => bench::direct(rounds),
+        Ok("direct") => bench::direct(rounds, depth),
         Ok("loaded") => bench::through_kexts(
             Kexts::loaded().expect("the linked bundles: run `cargo xtask kexts` first"),
             rounds,
+            depth,
         ),
-        _ => bench::through_kexts(Kexts::rlib(), rounds),
+        _ => bench::through_kexts(Kexts::rlib(), rounds, depth),
     }
 }
 
@@ -699,19 +706,25 @@ mod bench {
     /// Queue size the device offers (as the other tests of this file).
     const QUEUE_SIZE: u16 = 64;
 
-    /// Block of round `i`: spread over the disk, 4 KiB aligned.
+    /// Block of read `i`: spread over the disk, 4 KiB aligned.
     fn block(i: u64) -> u64 {
         (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20) % (SECTORS / BLOCKS) * BLOCKS
     }
 
-    fn msix(irqs: &[SimInterrupt]) -> impl Iterator<Item = i32> + '_ {
+    /// The tokens of round `i` at `depth`: read k of the round is token 0x1000 + i * depth + k.
+    fn tokens(i: u64, depth: usize) -> impl Iterator<Item = usize> {
+        let first = 0x1000 + i as usize * depth;
+        first..first + depth
+    }
+
+    fn vectors(irqs: &[SimInterrupt]) -> impl Iterator<Item = i32> + '_ {
         irqs.iter().map(|i| match i {
             SimInterrupt::Msix(v) => i32::from(*v),
             SimInterrupt::Intx => virtio_kext_abi::VK_VECTOR_INTX,
         })
     }
 
-    pub fn through_kexts(kexts: Kexts, rounds: u64) {
+    pub fn through_kexts(kexts: Kexts, rounds: u64, depth: usize) {
         let mut r = Rig::start(
             kexts,
             full_model(),
@@ -722,21 +735,28 @@ mod bench {
         // The ID request `start` sends is not part of the measured path.
         r.step();
         r.take();
-        let seg = r.segments(BYTES as usize, 1, None);
+        let segs: Vec<Vec<VkSegment>> = (0..depth)
+            .map(|_| r.segments(BYTES as usize, 1, None))
+            .collect();
         for i in 0..rounds {
-            let token = 0x1000 + i as usize;
-            assert_eq!(kext_bench_kext_submit(&r, block(i), &seg, token), VBLK_OK);
-            assert_eq!(r.model.serve(&r.sim, 0), 1);
+            for (k, (seg, token)) in segs.iter().zip(tokens(i, depth)).enumerate() {
+                let b = block(i * depth as u64 + k as u64);
+                assert_eq!(kext_bench_kext_submit(&r, b, seg, token), VBLK_OK);
+            }
+            assert_eq!(r.model.serve(&r.sim, 0), depth);
             let irqs = r.sim.take_interrupts();
             kext_bench_kext_complete(r.fam(), &irqs);
             // Cleared in place: the callback's push then never allocates in the count.
             let mut log = r.log.borrow_mut();
-            assert_eq!(log.completions, [(token, VBLK_OK)], "round {i}");
+            log.completions.sort_unstable();
+            let want: Vec<(usize, i32)> = tokens(i, segs.len()).map(|t| (t, VBLK_OK)).collect();
+            assert_eq!(log.completions, want, "round {i}");
             log.completions.clear();
         }
         r.unload();
     }
 
+    /// One read: `vblk_submit_rw`, which kicks when the device asks.
     #[unsafe(no_mangle)]
     #[inline(never)]
     fn kext_bench_kext_submit(r: &Rig, block: u64, seg: &[VkSegment], token: usize) -> i32 {
@@ -746,13 +766,13 @@ mod bench {
     #[unsafe(no_mangle)]
     #[inline(never)]
     fn kext_bench_kext_complete(fam: &Family, irqs: &[SimInterrupt]) {
-        for v in msix(irqs) {
+        for v in vectors(irqs) {
             // SAFETY: the family's live handle, as the shim's interrupt action has it.
             unsafe { (fam.kext.shim.vfam_deliver_interrupt)(fam.dev, v) };
         }
     }
 
-    pub fn direct(rounds: u64) {
+    pub fn direct(rounds: u64, depth: usize) {
         let mut model = full_model();
         let sim = model
             .sim_builder(SimMode::Modern, RING, QUEUE_SIZE, 16 << 20)
@@ -763,17 +783,27 @@ mod bench {
             BlkOptions::default(),
         )
         .expect("driver");
-        let buf = sim.memory().alloc_buffer(BYTES as usize);
-        let seg = [Segment::new(buf.daddr, BYTES)];
-        let mut done: Done = Vec::with_capacity(4);
+        let segs: Vec<[Segment; 1]> = (0..depth)
+            .map(|_| {
+                [Segment::new(
+                    sim.memory().alloc_buffer(BYTES as usize).daddr,
+                    BYTES,
+                )]
+            })
+            .collect();
+        let mut done: Done = Vec::with_capacity(depth);
         for i in 0..rounds {
-            let token = 0x1000 + i as usize;
-            kext_bench_direct_submit(&mut drv, block(i), &seg, token).expect("submit");
-            assert_eq!(model.serve(&sim, 0), 1);
+            for (k, (seg, token)) in segs.iter().zip(tokens(i, depth)).enumerate() {
+                let b = block(i * depth as u64 + k as u64);
+                kext_bench_direct_submit(&mut drv, b, seg, token).expect("submit");
+            }
+            assert_eq!(model.serve(&sim, 0), depth);
             let irqs = sim.take_interrupts();
             kext_bench_direct_complete(&mut drv, &irqs, &mut done);
+            done.sort_unstable_by_key(|(t, _)| *t);
             assert!(
-                matches!(done.as_slice(), [(t, Ok(Completion::Done))] if *t == token),
+                done.iter().map(|(t, _)| *t).eq(tokens(i, depth))
+                    && done.iter().all(|(_, r)| matches!(r, Ok(Completion::Done))),
                 "round {i}: {done:?}"
             );
             done.clear();
@@ -781,6 +811,7 @@ mod bench {
         assert!(model.violations.is_empty(), "{:?}", model.violations);
     }
 
+    /// What `vblk_submit_rw` does with the driver for one read, minus the C ABI.
     #[unsafe(no_mangle)]
     #[inline(never)]
     fn kext_bench_direct_submit(
@@ -797,7 +828,7 @@ mod bench {
     #[unsafe(no_mangle)]
     #[inline(never)]
     fn kext_bench_direct_complete(drv: &mut Direct, irqs: &[SimInterrupt], done: &mut Done) {
-        for v in msix(irqs) {
+        for v in vectors(irqs) {
             let vector = u16::try_from(v).ok();
             if let Ok(cause) = drv.handle_interrupt(vector) {
                 for q in cause.queues.iter() {

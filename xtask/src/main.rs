@@ -177,8 +177,8 @@ enum BenchCmd {
     /// In-process over the simulated device, release build, counted by valgrind's
     /// callgrind; builds the kexts' bundles first (`cargo xtask kexts`). docs/benchmarks.md.
     Kext {
-        /// Reads per measurement (each is measured at N and 2N reads)
-        #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        /// Rounds per measurement (each is measured at N and 2N rounds, at depth 1 and 32)
+        #[arg(long, value_name = "N", default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
         rounds: u64,
     },
     /// File system: our virtio-fs against virtiofsd, beside our virtio-blk doing the same
