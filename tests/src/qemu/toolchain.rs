@@ -148,12 +148,12 @@ pub fn apt_command(packages: &[&str]) -> String {
     )
 }
 
-fn is_root_on_debian() -> bool {
+pub(crate) fn is_root_on_debian() -> bool {
     Path::new("/etc/debian_version").exists()
         && output(Command::new("id").arg("-u")).as_deref() == Some("0")
 }
 
-fn apt_install(packages: &[&str], updated: &mut bool) -> Result<(), String> {
+pub(crate) fn apt_install(packages: &[&str], updated: &mut bool) -> Result<(), String> {
     if !*updated {
         eprintln!("+ apt-get update");
         if !works(Command::new("apt-get").arg("update")) {

@@ -111,6 +111,38 @@ pub fn pattern(seed: u64, len: u64) -> Vec<u8> {
     (0..len).map(|i| pattern_byte(seed, i)).collect()
 }
 
+/// What `virtiofsd`'s build links (`.ci/run` installs the same).
+const VIRTIOFSD_BUILD_PACKAGES: [&str; 3] = ["libcap-ng-dev", "libseccomp-dev", "pkg-config"];
+
+/// The virtiofsd binary; when this machine has none and `install` is set, installs it as
+/// root on Debian the way `.ci/run` does (its build packages, then
+/// `cargo install --locked virtiofsd`: Debian 12 packages none). Otherwise the error says
+/// how to install it.
+pub fn ensure_virtiofsd(install: bool) -> Result<PathBuf, String> {
+    if let Some(p) = find_virtiofsd() {
+        return Ok(p);
+    }
+    let how = format!(
+        "virtiofsd not found ($VIRTIOFSD, /usr/libexec/virtiofsd, PATH, ~/.cargo/bin); install \
+         it with:\n  {} && cargo install --locked virtiofsd",
+        crate::qemu::toolchain::apt_command(&VIRTIOFSD_BUILD_PACKAGES)
+    );
+    if !install || !crate::qemu::toolchain::is_root_on_debian() {
+        return Err(how);
+    }
+    crate::qemu::toolchain::apt_install(&VIRTIOFSD_BUILD_PACKAGES, &mut false)?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("+ cargo install --locked virtiofsd (a few minutes)");
+    let built = Command::new(cargo)
+        .args(["install", "--locked", "--quiet", "virtiofsd"])
+        .status()
+        .is_ok_and(|s| s.success());
+    match find_virtiofsd() {
+        Some(p) if built => Ok(p),
+        _ => Err(format!("installing virtiofsd failed; {how}")),
+    }
+}
+
 /// The virtiofsd binary, if this machine has one (see the module docs).
 pub fn find_virtiofsd() -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = Vec::new();
