@@ -90,6 +90,7 @@ kext_tests!(Kexts:
     read_only_write_through_device_without_discard,
     needs_reset_aborts_and_recovers,
     lifecycle_across_sleep_and_wake,
+    depth_32_completes_from_one_interrupt,
 );
 
 /// What the shim's callbacks record.
@@ -653,6 +654,13 @@ fn lifecycle_across_sleep_and_wake(kexts: Kexts) {
     }
 }
 
+/// 32 reads submitted one by one (each `vblk_submit_rw` kicks if the device asks), served
+/// together, then completed from one interrupt: one `vfam_queue_drain` hands all 32 back,
+/// each once, OK, with its token (the `bench kext` rounds, checked in every test run).
+fn depth_32_completes_from_one_interrupt(kexts: Kexts) {
+    bench::through_kexts(kexts, 3, 32);
+}
+
 /// The instruction cost of the installed kexts' I/O path, for `cargo xtask bench kext`:
 /// rounds of 4 KiB reads at a queue depth, through VirtioBlock.kext's C ABI
 /// (`vblk_submit_rw` per read, then the family's interrupt entry `vfam_deliver_interrupt`,
@@ -745,6 +753,11 @@ mod bench {
             }
             assert_eq!(r.model.serve(&r.sim, 0), depth);
             let irqs = r.sim.take_interrupts();
+            assert_eq!(
+                irqs.len(),
+                1,
+                "round {i}: one interrupt for the round's reads"
+            );
             kext_bench_kext_complete(r.fam(), &irqs);
             // Cleared in place: the callback's push then never allocates in the count.
             let mut log = r.log.borrow_mut();
@@ -799,6 +812,11 @@ mod bench {
             }
             assert_eq!(model.serve(&sim, 0), depth);
             let irqs = sim.take_interrupts();
+            assert_eq!(
+                irqs.len(),
+                1,
+                "round {i}: one interrupt for the round's reads"
+            );
             kext_bench_direct_complete(&mut drv, &irqs, &mut done);
             done.sort_unstable_by_key(|(t, _)| *t);
             assert!(
