@@ -39,9 +39,6 @@ pub struct VfamDevice {
     _opaque: [u8; 0],
 }
 
-/// Most segments a chain may have (the family's `VFAM_MAX_CHAIN`).
-pub const MAX_CHAIN: usize = 256;
-
 /// The family's interrupt handler type (`VfamInterruptHandler`).
 pub type InterruptHandler = Option<unsafe extern "C" fn(ctx: *mut c_void, vector: i32)>;
 /// `vfam_reset`'s callback for each in-flight chain (`VfamReclaim`).
@@ -485,10 +482,8 @@ impl<A: FamilyApi> Bus for FamilyBus<A> {
         writable: &[Segment],
         token: usize,
     ) -> Result<()> {
-        if readable.len() + writable.len() > MAX_CHAIN {
-            return Err(Error::BadChain);
-        }
-        // The lists as they are: `VkSegment` has `Segment`'s layout.
+        // The lists as they are: `VkSegment` has `Segment`'s layout. The family refuses a
+        // chain longer than `VFAM_MAX_CHAIN` (`BadChain`).
         let (r, w) = (as_vk_segments(readable), as_vk_segments(writable));
         // SAFETY: live handle; each pointer is a live slice of the length passed with it.
         unsafe {
