@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::ring::{callgrind_summary, ensure_valgrind};
+use super::ring::{callgrind_summary, difference_per, ensure_valgrind};
 
 const TEST_BINARY: &str = "kext_block";
 const TEST: &str = "bench_read_4k";
@@ -110,9 +110,7 @@ fn per_read(
         callgrind_summary(c, function, &out)
             .map_err(|e| format!("{} at depth {depth} ({function}): {e}", path.name))
     };
-    let once = run(rounds)?;
-    let twice = run(2 * rounds)?;
-    Ok(twice.saturating_sub(once) as f64 / (rounds * depth) as f64)
+    difference_per(rounds, rounds * depth, run)
 }
 
 pub fn cmd(rounds: u64) -> Result<bool, String> {

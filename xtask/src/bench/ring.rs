@@ -151,9 +151,21 @@ fn per_round(
     pattern: &str,
     rounds: u64,
 ) -> Result<f64, String> {
-    let once = collected(binary, out_dir, ring, event_idx, pattern, rounds)?;
-    let twice = collected(binary, out_dir, ring, event_idx, pattern, 2 * rounds)?;
-    Ok(twice.saturating_sub(once) as f64 / rounds as f64)
+    difference_per(rounds, rounds, |n| {
+        collected(binary, out_dir, ring, event_idx, pattern, n)
+    })
+}
+
+/// (`count(2N)` − `count(N)`) / `units`: what `units` more of the measured work cost, with
+/// everything paid once (setup, the first call's warm-up) cancelled out.
+pub(super) fn difference_per(
+    rounds: u64,
+    units: u64,
+    count: impl Fn(u64) -> Result<u64, String>,
+) -> Result<f64, String> {
+    let once = count(rounds)?;
+    let twice = count(2 * rounds)?;
+    Ok(twice.saturating_sub(once) as f64 / units as f64)
 }
 
 /// Add, pop and their sum for one ring and configuration.
