@@ -201,6 +201,72 @@ fn interrupt_suppression_and_race_free_reenable() {
     }
 }
 
+/// `SplitQueue::drain_used` (the bus's completion loop in one pass): interrupts stay
+/// suppressed while it pops, what completes meanwhile is popped in the same call, and the
+/// re-enable at the end makes the next completion interrupt.
+#[test]
+fn drain_pops_what_completes_meanwhile_and_reenables() {
+    for event_idx in [true, false] {
+        for kind in KINDS {
+            let mut p = pair(kind, 32, event_idx, 0);
+            let w = p.segs(&[32]);
+            for t in 0..4 {
+                p.drv.add(&[], &w, t).unwrap();
+            }
+            let chains = p.dev.pop_all();
+            assert_eq!(p.drv.drain_used(true, |_| panic!("nothing used")), Ok(0));
+            p.dev.complete(&chains[0], 4, 0);
+            assert!(p.dev.needs_interrupt(), "enabled (event_idx={event_idx})");
+            let Pair { drv, dev, .. } = &mut p;
+            let mut got = Vec::new();
+            let n = drv
+                .drain_used(true, |u| {
+                    got.push((u.token, u.len));
+                    if u.token == 0 {
+                        for c in &chains[1..3] {
+                            dev.complete(c, 4, 0);
+                            assert!(!dev.needs_interrupt(), "suppressed while draining");
+                        }
+                    }
+                })
+                .unwrap();
+            assert_eq!((n, got), (3, vec![(0, 4), (1, 4), (2, 4)]));
+            p.dev.complete(&chains[3], 4, 0);
+            assert!(
+                p.dev.needs_interrupt(),
+                "re-enabled: the next completion interrupts"
+            );
+            assert_eq!(p.drv.drain_used(true, |u| assert_eq!(u.token, 3)), Ok(1));
+            assert_eq!(p.drv.in_flight(), 0);
+        }
+    }
+}
+
+/// A lying used index stops the drain with its error and breaks the queue: no entry is
+/// handed out on the strength of the lie.
+#[test]
+fn hostile_used_idx_jump_stops_the_drain() {
+    let mut p = pair(RingLayoutKind::Modern, 8, true, 0);
+    let s = p.segs(&[8]);
+    p.drv.add(&s, &[], 1).unwrap();
+    p.drv.add(&s, &[], 2).unwrap();
+    let c = p.dev.pop().unwrap();
+    p.forge_used(0, c.head as u32, 0, 1);
+    // A second entry, then the index jumps past both chains in flight.
+    p.forge_used(1, c.head as u32 + 1, 0, 9);
+    let mut got = Vec::new();
+    assert!(matches!(
+        p.drv.drain_used(true, |u| got.push(u.token)),
+        Err(Error::UsedIdxJump { used_idx: 9, .. })
+    ));
+    assert!(got.is_empty(), "the jump is seen before any entry: {got:?}");
+    assert!(matches!(
+        p.drv.drain_used(true, |_| {}),
+        Err(Error::QueueBroken { .. })
+    ));
+    assert_broken(&mut p);
+}
+
 #[test]
 fn delayed_interrupt_waits_for_three_quarters() {
     let mut p = pair(RingLayoutKind::Modern, 32, true, 0);

@@ -739,6 +739,62 @@ impl SplitQueue {
         Ok(Some(Used { token, len }))
     }
 
+    /// Pops every completion into `f`, in device order; returns how many (`Bus::drain_used`,
+    /// whose contract this keeps). One pass over the ring state instead of the peek,
+    /// disable, pops and re-enable as separate calls: the used index is read once per
+    /// round, and each pop is checked against that read.
+    ///
+    /// With `interrupts`, interrupts stay suppressed while it pops and are re-enabled at
+    /// the end without a race (§2.7.10). Under EVENT_IDX suppressing writes nothing:
+    /// `used_event` still holds our position from the last re-enable, which the device's
+    /// used index has already passed (that is why there is something to pop), so it
+    /// raises no interrupt until the re-enable moves `used_event` on (Linux
+    /// `virtqueue_disable_cb_split` likewise leaves it alone). Bounded: every pop consumes
+    /// a chain in flight or breaks the queue, so at most `size` completions per call.
+    #[inline]
+    pub fn drain_used(&mut self, interrupts: bool, mut f: impl FnMut(Used)) -> Result<usize> {
+        if self.broken {
+            return self.pop_refused();
+        }
+        let mut used_idx = self.areas.used_idx();
+        if used_idx == self.last_used {
+            return Ok(0);
+        }
+        if interrupts {
+            self.suppress_interrupts();
+        }
+        let mut n = 0;
+        loop {
+            while self.last_used != used_idx {
+                if let Some(used) = self.pop_used_from(used_idx)? {
+                    f(used);
+                    n += 1;
+                }
+            }
+            if interrupts {
+                // Re-enable, then re-read (store→load: full fence in `enable_interrupts`).
+                if !self.enable_interrupts() {
+                    return Ok(n);
+                }
+                self.suppress_interrupts();
+            }
+            used_idx = self.areas.used_idx();
+            if used_idx == self.last_used {
+                return Ok(n);
+            }
+        }
+    }
+
+    /// `drain_used`'s suppression while it pops (see there): no ring write under EVENT_IDX.
+    #[inline]
+    fn suppress_interrupts(&mut self) {
+        self.interrupts_enabled = false;
+        self.track_used_event = false;
+        if !self.event_idx {
+            self.areas.set_avail_flags(AVAIL_F_NO_INTERRUPT);
+        }
+    }
+
     /// `pop_used` on a broken queue.
     #[cold]
     #[inline(never)]
