@@ -835,6 +835,13 @@ fn hostile_status_and_lengths_become_errors() {
         r.model.len_override = Some(100);
         r.drv.read(0, 0, &sg, 3).unwrap();
         assert!(protocol(&r.wait(3)), "short read");
+        // The boundary: the data but not the status byte, then both.
+        r.model.len_override = Some(4096);
+        r.drv.read(0, 0, &sg, 30).unwrap();
+        assert!(protocol(&r.wait(30)), "used len without the status byte");
+        r.model.len_override = Some(4097);
+        r.drv.read(0, 0, &sg, 31).unwrap();
+        assert_eq!(r.wait(31), Ok(Completion::Done), "data and status byte");
         r.model.len_override = None;
 
         // Still working.

@@ -638,45 +638,61 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
         Ok(stats)
     }
 
+    /// The MSI-X path is small and inlined into the driver's interrupt handler; the INTx
+    /// path (an ISR read, a walk over the queues) stays out of line.
+    #[inline]
     fn handle_interrupt(&mut self, vector: Option<u16>) -> InterruptCause {
+        let mut cause = match (vector, self.plan) {
+            (Some(v), VectorPlan::PerQueue | VectorPlan::Shared) => self.vector_cause(v),
+            _ => self.isr_cause(),
+        };
+        if cause.config_changed && self.needs_reset() {
+            cause.needs_reset = true;
+        }
+        cause
+    }
+}
+
+impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
+    /// What MSI-X vector `v` signals: vector 0 the configuration, any other the queues
+    /// it serves (§4.1.5.1.2).
+    #[inline]
+    fn vector_cause(&mut self, v: u16) -> InterruptCause {
         let mut cause = InterruptCause::default();
-        match (vector, self.plan) {
-            (Some(v), VectorPlan::PerQueue | VectorPlan::Shared) => {
-                if let Some(c) = self.vector_interrupts.get_mut(v as usize) {
-                    *c += 1;
-                }
-                if v == 0 {
-                    cause.config_changed = true;
-                } else if let Some(vq) = self.vector_queues.get(usize::from(v)) {
-                    cause.queues = vq.mask;
-                    for &q in &vq.indices {
-                        if let Some(Some(slot)) = self.queues.get_mut(usize::from(q)) {
-                            slot.queue.stats_mut().interrupts += 1;
-                        }
-                    }
-                }
-            }
-            _ => {
-                // INTx / polling: reading the ISR tells (and de-asserts the line, §4.1.4.5).
-                let isr = self.transport.read_isr();
-                if isr.0 == 0 {
-                    self.spurious_interrupts += 1;
-                    return cause;
-                }
-                self.isr_interrupts += 1;
-                cause.config_changed = isr.config_changed();
-                if isr.queue() {
-                    for slot in self.queues.iter_mut().flatten() {
-                        if slot.interrupts {
-                            cause.queues.insert(slot.queue.index());
-                            slot.queue.stats_mut().interrupts += 1;
-                        }
-                    }
+        if let Some(c) = self.vector_interrupts.get_mut(usize::from(v)) {
+            *c += 1;
+        }
+        if v == 0 {
+            cause.config_changed = true;
+        } else if let Some(vq) = self.vector_queues.get(usize::from(v)) {
+            cause.queues = vq.mask;
+            for &q in &vq.indices {
+                if let Some(Some(slot)) = self.queues.get_mut(usize::from(q)) {
+                    slot.queue.stats_mut().interrupts += 1;
                 }
             }
         }
-        if cause.config_changed && self.needs_reset() {
-            cause.needs_reset = true;
+        cause
+    }
+
+    /// INTx / polling: reading the ISR tells (and de-asserts the line, §4.1.4.5).
+    #[inline(never)]
+    fn isr_cause(&mut self) -> InterruptCause {
+        let mut cause = InterruptCause::default();
+        let isr = self.transport.read_isr();
+        if isr.0 == 0 {
+            self.spurious_interrupts += 1;
+            return cause;
+        }
+        self.isr_interrupts += 1;
+        cause.config_changed = isr.config_changed();
+        if isr.queue() {
+            for slot in self.queues.iter_mut().flatten() {
+                if slot.interrupts {
+                    cause.queues.insert(slot.queue.index());
+                    slot.queue.stats_mut().interrupts += 1;
+                }
+            }
         }
         cause
     }

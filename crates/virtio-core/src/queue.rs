@@ -678,7 +678,7 @@ impl SplitQueue {
     /// [`SplitQueue::used_idx_if_new`] read: validates and pops the next entry. Only for
     /// an index that moved past ours (`used_idx_if_new` answered `Some`): with nothing new
     /// it would read the entry at our position, which the device has not written.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn pop_used_from(&mut self, used_idx: u16) -> Result<Option<Used>> {
         let last_used = self.last_used;
         let pending = used_idx.wrapping_sub(last_used);

@@ -135,6 +135,7 @@ impl PciBars {
     }
 
     /// The address (MMIO) or port (I/O) of `offset` in `bar`, if `width` bytes fit.
+    #[inline]
     fn locate(&self, bar: u8, offset: u64, width: u64) -> Option<(BarKind, u64)> {
         let b = self.bars.get(usize::from(bar)).copied().flatten()?;
         let end = offset.checked_add(width)?;
@@ -151,6 +152,7 @@ impl PciBars {
 
 macro_rules! bar_rw {
     ($read:ident, $write:ident, $t:ty, $inp:ident, $outp:ident) => {
+        #[inline]
         fn $read(&self, bar: u8, offset: u64) -> Option<$t> {
             let (kind, addr) = self.locate(bar, offset, core::mem::size_of::<$t>() as u64)?;
             Some(if kind == BarKind::Io {
@@ -161,6 +163,7 @@ macro_rules! bar_rw {
                 unsafe { (addr as *const $t).read_volatile() }
             })
         }
+        #[inline]
         fn $write(&self, bar: u8, offset: u64, value: $t) {
             if let Some((kind, addr)) = self.locate(bar, offset, core::mem::size_of::<$t>() as u64)
             {
@@ -345,6 +348,7 @@ impl PciInterrupts {
     }
 
     /// Waits (halting, or spinning in `irq=poll`) until any of `mask`'s bits is pending.
+    #[inline]
     pub fn wait(&self, mask: u64, timeout_ms: u64) -> bool {
         crate::time::wait_until(timeout_ms, || self.pending() & mask != 0)
     }

@@ -58,6 +58,7 @@ pub fn tsc_hz() -> u64 {
 }
 
 /// Nanoseconds since calibration.
+#[inline]
 pub fn now_ns() -> u64 {
     let ticks = rdtsc().wrapping_sub(BOOT_TSC.load(Ordering::Relaxed));
     ((u128::from(ticks) * u128::from(NS_PER_TICK_32.load(Ordering::Relaxed))) >> 32) as u64
@@ -90,6 +91,7 @@ pub fn set_polling(polling: bool) {
 ///
 /// `cond` is checked with interrupts disabled right before halting, and `sti; hlt` is
 /// atomic, so an interrupt that makes `cond` true cannot slip in between check and halt.
+#[inline]
 pub fn wait_until(timeout_ms: u64, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = now_ns() + timeout_ms * 1_000_000;
     loop {
