@@ -384,6 +384,14 @@ struct Part {
 }
 
 impl Part {
+    /// A request without data or ranges (a flush).
+    const COMMAND: Part = Part {
+        sector: 0,
+        descs: 0,
+        bytes: 0,
+        nranges: 0,
+    };
+
     fn chain_len(&self, kind: Kind) -> usize {
         match kind {
             Kind::Read | Kind::Write => 2 + self.descs,
@@ -728,18 +736,37 @@ impl<B: Bus> BlkDriver<B> {
         if self.stopped {
             return Err(BlkError::Virtio(Error::InvalidState));
         }
-        let kind = self.validate(&req)?;
         let qi = usize::from(queue);
+        // Reads and writes are checked, and staged when they go as one device request, in
+        // one pass over their segments (`stage_data`); other requests by `validate`.
+        let (kind, single) = match req {
+            Request::Read { sector, buffers } => {
+                (Kind::Read, self.stage_data(qi, sector, buffers)?)
+            }
+            Request::Write { sector, buffers } => {
+                if self.info.read_only {
+                    return Err(BlkError::ReadOnly);
+                }
+                (Kind::Write, self.stage_data(qi, sector, buffers)?)
+            }
+            Request::Flush => (self.validate(&req)?, Some(Part::COMMAND)),
+            _ => (self.validate(&req)?, None),
+        };
         if qi >= self.queues.len() {
             return Err(BlkError::NoSuchQueue { queue });
         }
 
         // Fast path: a read, write or flush that goes to the device as given (one device
         // request; the common case) is queued without the splitter and without asking the
-        // ring first: `add` is all or nothing for one chain.
-        if let Some(part) = self.as_single_part(qi, &req) {
+        // ring first: `add` is all or nothing for one chain. Each kind gets its own copy
+        // of `queue_part` (inlined), with the kind a constant.
+        if let Some(part) = single {
             let mut head = None;
-            return self.queue_part(qi, queue, kind, part, &mut head, token);
+            return match kind {
+                Kind::Read => self.queue_part(qi, queue, Kind::Read, part, &mut head, token),
+                Kind::Write => self.queue_part(qi, queue, Kind::Write, part, &mut head, token),
+                _ => self.queue_part(qi, queue, kind, part, &mut head, token),
+            };
         }
 
         // Several parts: count device requests and ring descriptors first, all or nothing.
@@ -854,73 +881,80 @@ impl<B: Bus> BlkDriver<B> {
         Ok(())
     }
 
-    /// `req` as one device request with its segments as the data descriptors (copied to
-    /// `scratch[1..]`), when it is a flush, or a read or write (validated) whose segments
-    /// each fit `size_max` and are no more than the queue's data descriptors per request.
-    /// `None`: the splitter decides.
-    #[inline]
-    fn as_single_part(&mut self, qi: usize, req: &Request<'_>) -> Option<Part> {
-        let (sector, buffers) = match *req {
-            Request::Read { sector, buffers } | Request::Write { sector, buffers } => {
-                (sector, buffers)
-            }
-            Request::Flush => (0, &[][..]),
-            _ => return None,
-        };
-        let max_descs = self.queues.get(qi)?.max_data_descs;
-        let out = self.scratch.get_mut(1..=buffers.len())?;
-        if buffers.len() > max_descs {
-            return None;
-        }
+    /// Checks a read's or write's segments and extent (§5.2.6: whole logical blocks, inside
+    /// the capacity; no empty or address-wrapping segment) and, when the request goes to
+    /// the device as given (its segments each fit `size_max`, no more of them than the
+    /// queue's data descriptors per request, and a used length that can cover its data
+    /// and status byte), stages them as the data descriptors in `scratch[1..]`: one pass.
+    /// `Ok(None)`: valid, for the splitter.
+    #[inline(always)]
+    fn stage_data(
+        &mut self,
+        qi: usize,
+        sector: u64,
+        buffers: &[Segment],
+    ) -> Result<Option<Part>, BlkError> {
+        let max_descs = self.queues.get(qi).map_or(0, |q| q.max_data_descs);
         let size_max = self.info.size_max.unwrap_or(u32::MAX);
-        let mut bytes: u32 = 0;
-        for (o, s) in out.iter_mut().zip(buffers) {
-            if s.len > size_max {
-                return None;
+        let mut total: u64 = 0;
+        let mut fits = true;
+        match self.scratch.get_mut(1..=buffers.len()) {
+            Some(out) if buffers.len() <= max_descs => {
+                for (o, s) in out.iter_mut().zip(buffers) {
+                    check_segment(s)?;
+                    total += u64::from(s.len);
+                    fits &= s.len <= size_max;
+                    *o = *s;
+                }
             }
-            // Over 4 GiB in one request: the splitter cuts it (used lengths are 32-bit).
-            bytes = bytes.checked_add(s.len)?;
-            *o = *s;
+            _ => {
+                fits = false;
+                for s in buffers {
+                    check_segment(s)?;
+                    total += u64::from(s.len);
+                }
+            }
         }
-        if bytes == u32::MAX {
-            return None; // no room for the status byte in the used length
-        }
-        Some(Part {
+        self.check_extent_bytes(sector, total)?;
+        // Below `u32::MAX`: room for the status byte in the 32-bit used length.
+        Ok((fits && total < u64::from(u32::MAX)).then_some(Part {
             sector,
             descs: buffers.len(),
-            bytes,
+            bytes: total as u32,
             nranges: 0,
-        })
+        }))
     }
 
+    /// `bytes` from `sector` as whole logical blocks inside the capacity. Multiples of the
+    /// block are tested with masks: `read_info` takes only a power of two from 512 up as
+    /// the block size (512 without BLK_SIZE), so no divide per request.
+    #[inline(always)]
+    fn check_extent_bytes(&self, sector: u64, bytes: u64) -> Result<(), BlkError> {
+        let block_mask = u64::from(self.info.block_size.max(SECTOR_SIZE)) - 1;
+        if bytes == 0 || bytes & block_mask != 0 {
+            return Err(BlkError::InvalidRequest);
+        }
+        self.check_extent(sector, bytes / u64::from(SECTOR_SIZE))
+    }
+
+    /// `sectors` from `sector`, whole logical blocks inside the capacity.
+    #[inline(always)]
+    fn check_extent(&self, sector: u64, sectors: u64) -> Result<(), BlkError> {
+        let sector_mask =
+            u64::from(self.info.block_size.max(SECTOR_SIZE)) / u64::from(SECTOR_SIZE) - 1;
+        if (sector | sectors) & sector_mask != 0 || sectors == 0 {
+            return Err(BlkError::InvalidRequest);
+        }
+        match sector.checked_add(sectors) {
+            Some(end) if end <= self.info.capacity => Ok(()),
+            _ => Err(BlkError::OutOfRange),
+        }
+    }
+
+    /// Checks a request other than a read or write (`stage_data` checks those) and gives
+    /// its kind.
     fn validate(&self, req: &Request<'_>) -> Result<Kind, BlkError> {
         let info = &self.info;
-        // Multiples of the block are tested with masks: `read_info` takes only a power of
-        // two from 512 up as the block size (512 without BLK_SIZE), so no divide per request.
-        let block_mask = u64::from(info.block_size.max(SECTOR_SIZE)) - 1;
-        let sector_mask = block_mask / u64::from(SECTOR_SIZE);
-        let in_capacity = |sector: u64, sectors: u64| -> Result<(), BlkError> {
-            if (sector | sectors) & sector_mask != 0 || sectors == 0 {
-                return Err(BlkError::InvalidRequest);
-            }
-            match sector.checked_add(sectors) {
-                Some(end) if end <= info.capacity => Ok(()),
-                _ => Err(BlkError::OutOfRange),
-            }
-        };
-        let data = |sector: u64, buffers: &[Segment]| -> Result<(), BlkError> {
-            let mut total: u64 = 0;
-            for s in buffers {
-                if s.len == 0 || s.addr.checked_add(u64::from(s.len)).is_none() {
-                    return Err(BlkError::InvalidRequest);
-                }
-                total += u64::from(s.len);
-            }
-            if total == 0 || total & block_mask != 0 {
-                return Err(BlkError::InvalidRequest);
-            }
-            in_capacity(sector, total / u64::from(SECTOR_SIZE))
-        };
         let ranges = |rs: &[SectorRange], limits: Option<RangeLimits>| -> Result<(), BlkError> {
             if limits.is_none() {
                 return Err(BlkError::Unsupported);
@@ -931,20 +965,12 @@ impl<B: Bus> BlkDriver<B> {
             if rs.is_empty() {
                 return Err(BlkError::InvalidRequest);
             }
-            rs.iter().try_for_each(|r| in_capacity(r.sector, r.sectors))
+            rs.iter()
+                .try_for_each(|r| self.check_extent(r.sector, r.sectors))
         };
         Ok(match *req {
-            Request::Read { sector, buffers } => {
-                data(sector, buffers)?;
-                Kind::Read
-            }
-            Request::Write { sector, buffers } => {
-                if info.read_only {
-                    return Err(BlkError::ReadOnly);
-                }
-                data(sector, buffers)?;
-                Kind::Write
-            }
+            Request::Read { .. } => Kind::Read,
+            Request::Write { .. } => Kind::Write,
             Request::Flush => {
                 if !info.flush {
                     // Without FLUSH the device is write-through (§5.2.5): nothing to do,
@@ -1291,7 +1317,7 @@ impl<B: Bus> BlkDriver<B> {
 
     /// Demultiplexes an interrupt (MSI-X vector, or `None` for INTx/polling) and handles a
     /// config change (capacity). Then call [`BlkDriver::poll_completions`] on the queues.
-    #[inline]
+    #[inline(always)]
     pub fn handle_interrupt(&mut self, vector: Option<u16>) -> Result<BlkInterrupt, BlkError> {
         let cause = self.bus.handle_interrupt(vector);
         let mut out = BlkInterrupt {
@@ -1528,6 +1554,15 @@ impl<B: Bus> Drop for BlkDriver<B> {
         self.bus.reset(&mut |_, _| {});
         self.free_regions();
     }
+}
+
+/// A data segment a device can be given: not empty, and not wrapping the address space.
+#[inline(always)]
+fn check_segment(s: &Segment) -> Result<(), BlkError> {
+    if s.len == 0 || s.addr.checked_add(u64::from(s.len)).is_none() {
+        return Err(BlkError::InvalidRequest);
+    }
+    Ok(())
 }
 
 /// Validates one completed device request and folds it into its caller request. Inlined

@@ -410,7 +410,7 @@ impl SplitQueue {
     /// Uses one indirect descriptor when negotiated and the chain has more than one segment
     /// (it then costs one ring slot instead of `n`). Returns `Error::QueueFull` when not
     /// enough descriptors are free: backpressure, retry after completions.
-    #[inline]
+    #[inline(always)]
     pub fn add(&mut self, readable: &[Segment], writable: &[Segment], token: usize) -> Result<()> {
         // Fast path: a chain of one segment takes one descriptor (a table is only ever used
         // for more than one). Anything else, and every error, goes to `add_chain`.
@@ -621,6 +621,7 @@ impl SplitQueue {
 
     /// Decides whether the device must be notified of chains added since the last call
     /// (§2.7.13.4 with §2.7.10 suppression). Counts the decision.
+    #[inline(always)]
     pub fn kick_prepare(&mut self) -> bool {
         let old = self.kicked_avail_idx;
         let new = self.avail_idx;

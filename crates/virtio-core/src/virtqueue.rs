@@ -61,11 +61,11 @@ impl Virtqueue {
     pub fn into_regions(self) -> (DmaRegion, Option<DmaRegion>) {
         either!(self, q => q.into_regions())
     }
-    #[inline]
+    #[inline(always)]
     pub fn add(&mut self, readable: &[Segment], writable: &[Segment], token: usize) -> Result<()> {
         either!(self, q => q.add(readable, writable, token))
     }
-    #[inline]
+    #[inline(always)]
     pub fn kick_prepare(&mut self) -> bool {
         either!(self, q => q.kick_prepare())
     }
