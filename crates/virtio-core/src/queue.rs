@@ -830,6 +830,7 @@ impl SplitQueue {
     /// Re-enables interrupts race-free (Linux `virtqueue_enable_cb_prepare` + `poll`):
     /// returns true if completions arrived that the caller must process now, because the
     /// device may have written them before it saw the re-enable.
+    #[inline(always)]
     pub fn enable_interrupts(&mut self) -> bool {
         self.enable_interrupts_at(0)
     }
@@ -842,6 +843,7 @@ impl SplitQueue {
         self.enable_interrupts_at(bufs)
     }
 
+    #[inline(always)]
     fn enable_interrupts_at(&mut self, delay: u16) -> bool {
         self.interrupts_enabled = true;
         self.track_used_event = self.event_idx;
