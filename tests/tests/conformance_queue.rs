@@ -4,7 +4,7 @@
 use virtio_core::queue::{Segment, SplitQueue};
 use virtio_core::{Error, RingLayoutKind};
 use virtio_tests::mem::IdentityMemory;
-use virtio_tests::ring_device::{DeviceQueue, forge_used, split_queue_pair};
+use virtio_tests::ring_device::{Chain, DeviceQueue, forge_used, split_queue_pair};
 
 const KINDS: [RingLayoutKind; 2] = [RingLayoutKind::Legacy, RingLayoutKind::Modern];
 
@@ -169,16 +169,23 @@ fn flag_kick_suppression() {
     assert!(p.drv.kick_prepare());
 }
 
+/// A 32-entry ring with four 32-byte device-writable chains (tokens 0..4) added and taken
+/// by the device.
+fn four_in_flight(kind: RingLayoutKind, event_idx: bool) -> (Pair, Vec<Chain>) {
+    let mut p = pair(kind, 32, event_idx, 0);
+    let w = p.segs(&[32]);
+    for t in 0..4 {
+        p.drv.add(&[], &w, t).unwrap();
+    }
+    let chains = p.dev.pop_all();
+    (p, chains)
+}
+
 #[test]
 fn interrupt_suppression_and_race_free_reenable() {
     for event_idx in [true, false] {
         for kind in KINDS {
-            let mut p = pair(kind, 32, event_idx, 0);
-            let w = p.segs(&[32]);
-            for t in 0..4 {
-                p.drv.add(&[], &w, t).unwrap();
-            }
-            let chains = p.dev.pop_all();
+            let (mut p, chains) = four_in_flight(kind, event_idx);
             p.drv.disable_interrupts();
             for c in &chains[..3] {
                 p.dev.complete(c, 4, 0);
@@ -208,12 +215,7 @@ fn interrupt_suppression_and_race_free_reenable() {
 fn drain_pops_what_completes_meanwhile_and_reenables() {
     for event_idx in [true, false] {
         for kind in KINDS {
-            let mut p = pair(kind, 32, event_idx, 0);
-            let w = p.segs(&[32]);
-            for t in 0..4 {
-                p.drv.add(&[], &w, t).unwrap();
-            }
-            let chains = p.dev.pop_all();
+            let (mut p, chains) = four_in_flight(kind, event_idx);
             assert_eq!(p.drv.drain_used(true, |_| panic!("nothing used")), Ok(0));
             p.dev.complete(&chains[0], 4, 0);
             assert!(p.dev.needs_interrupt(), "enabled (event_idx={event_idx})");
