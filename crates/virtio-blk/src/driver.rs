@@ -1204,7 +1204,7 @@ impl<B: Bus> BlkDriver<B> {
         }
 
         // The chain: [header, data | answer | ranges, status]; `next_part` or
-        // `as_single_part` left the data descriptors in `scratch[1..=descs]`.
+        // `stage_data` left the data descriptors in `scratch[1..=descs]`.
         let base = q.slot_daddr(slot, 0);
         let (n, readable) = match kind {
             Kind::Read => (part.descs, 1),

@@ -237,8 +237,9 @@ pub trait Bus {
     /// queue, a hostile completion) stops it after `f` got the completions before it. `f`
     /// must not call into the bus. Bounded: every completion pops an in-flight chain.
     ///
-    /// The default composes the calls above; a bus behind a call boundary (the kexts'
-    /// `FamilyBus`) makes it one call.
+    /// The default composes the calls above. `VirtioDevice` looks the queue up once and
+    /// runs the ring's own drain (one pass on the split ring); a bus behind a call
+    /// boundary (the kexts' `FamilyBus`) makes it one call.
     fn drain_used<F: FnMut(Used)>(
         &mut self,
         queue: u16,

@@ -746,12 +746,16 @@ impl SplitQueue {
     /// round, and each pop is checked against that read.
     ///
     /// With `interrupts`, interrupts stay suppressed while it pops and are re-enabled at
-    /// the end without a race (§2.7.10). Under EVENT_IDX suppressing writes nothing:
-    /// `used_event` still holds our position from the last re-enable, which the device's
-    /// used index has already passed (that is why there is something to pop), so it
-    /// raises no interrupt until the re-enable moves `used_event` on (Linux
-    /// `virtqueue_disable_cb_split` likewise leaves it alone). Bounded: every pop consumes
-    /// a chain in flight or breaks the queue, so at most `size` completions per call.
+    /// the end without a race (§2.7.10); it returns with them enabled. Under EVENT_IDX
+    /// suppressing writes nothing: after a plain re-enable `used_event` holds our position,
+    /// which the device's used index has already passed (that is why there is something to
+    /// pop), so it raises no interrupt until the re-enable at the end moves `used_event` on
+    /// (what Linux's `virtqueue_disable_cb_split` does once an event has triggered). After
+    /// a delayed re-enable `used_event` lies ahead and the device may interrupt once while
+    /// we pop: suppression is only a hint, and that interrupt finds the queue drained.
+    ///
+    /// Bounded: every round pops at least one chain in flight or breaks the queue, and no
+    /// chain is added meanwhile, so there are at most `size + 1` rounds.
     #[inline]
     pub fn drain_used(&mut self, interrupts: bool, mut f: impl FnMut(Used)) -> Result<usize> {
         if self.broken {
@@ -765,25 +769,32 @@ impl SplitQueue {
             self.suppress_interrupts();
         }
         let mut n = 0;
-        loop {
+        for _ in 0..=self.layout.size {
             while self.last_used != used_idx {
-                if let Some(used) = self.pop_used_from(used_idx)? {
-                    f(used);
-                    n += 1;
-                }
+                // `pop_used_from` pops whenever the index moved; `None` ends the round.
+                let Some(used) = self.pop_used_from(used_idx)? else {
+                    break;
+                };
+                f(used);
+                n += 1;
             }
-            if interrupts {
-                // Re-enable, then re-read (store→load: full fence in `enable_interrupts`).
-                if !self.enable_interrupts() {
-                    return Ok(n);
-                }
-                self.suppress_interrupts();
+            // Re-enable, then look again (store→load: the full fence in
+            // `enable_interrupts`); with nothing new, interrupts stay on.
+            if interrupts && !self.enable_interrupts() {
+                return Ok(n);
             }
             used_idx = self.areas.used_idx();
             if used_idx == self.last_used {
                 return Ok(n);
             }
+            if interrupts {
+                self.suppress_interrupts();
+            }
         }
+        if interrupts {
+            self.enable_interrupts();
+        }
+        Ok(n)
     }
 
     /// `drain_used`'s suppression while it pops (see there): no ring write under EVENT_IDX.

@@ -74,8 +74,8 @@ impl Virtqueue {
         either!(self, q => q.has_used())
     }
     /// Pops the next used chain (see the ring's own `pop_used`). A split ring with nothing
-    /// new answers `None` inline, without a call: that is the last pop of every drain,
-    /// and once per request at depth 1. The rest is a call, handed the used index read
+    /// new answers `None` inline, without a call: the last pop of a driver's own pop
+    /// loop (`drain_used` does not pop past the index it read). The rest is a call, handed the used index read
     /// here (read once). The packed ring always takes the call: even with nothing used it
     /// checks the device's lap (`PackedQueue::pop_used`).
     #[inline]
