@@ -95,6 +95,14 @@ impl Spread {
     }
 }
 
+/// Where every bench writes its files (plugin profiles, callgrind outputs):
+/// `target/bench`, created if missing.
+pub fn output_dir() -> Result<std::path::PathBuf, String> {
+    let dir = qemu::target_dir().join("bench");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
 /// `1234567.8` → `1,234,568`.
 pub fn thousands(x: f64) -> String {
     if !x.is_finite() {

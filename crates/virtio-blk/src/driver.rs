@@ -1589,18 +1589,15 @@ fn complete_part(q: &mut QueueState, used: Used) -> Option<(usize, Result<Comple
     // The caller request's only part in flight, with no error recorded (the common case):
     // it completes now. Otherwise `finish_part` folds this part into its request.
     let alone = s.head == i && s.pending == 1 && s.error.is_none();
-    // The commonest completion of all, built in place: a lone read, write or flush that
-    // the device answered OK with a length covering its data and status (what
-    // `check_status` accepts). Its slot's error is already `None`.
+    // The commonest completion of all, built in place rather than through the `Result`
+    // below: a lone read, write or flush that the device answered OK with a length
+    // covering its data and status byte (what `check_status` accepts for them).
     if alone
         && st[0] == status::OK
         && matches!(kind, Kind::Read | Kind::Write | Kind::Flush)
         && u64::from(used.len) > u64::from(data_len)
     {
-        if let Some(s) = q.slot_mut(i) {
-            s.state = SlotState::Free;
-        }
-        q.free.push(i);
+        q.release(i);
         return Some((token, Ok(Completion::Done)));
     }
     let result = check_status(kind, used.len, st[0], data_len).map(|()| match kind {

@@ -232,37 +232,15 @@ pub trait Bus {
     /// Pops every completion of `queue`, handing each to `f` in device order; returns how
     /// many. With `interrupts`, the queue's interrupts stay suppressed while it drains and
     /// are re-enabled at the end without a race: what completes before the re-enable is
-    /// drained too (§2.7.10, Linux's disable_cb / get_buf / enable_cb loop); a peek first
-    /// ([`Bus::has_used`]) skips all of it when there is nothing to pop. An error (a broken
-    /// queue, a hostile completion) stops it after `f` got the completions before it. `f`
-    /// must not call into the bus. Bounded: every completion pops an in-flight chain.
+    /// drained too (§2.7.10, Linux's disable_cb / get_buf / enable_cb loop); with nothing
+    /// to pop it does nothing else. An error (a broken queue, a hostile completion) stops
+    /// it after `f` got the completions before it. `f` must not call into the bus.
+    /// Bounded: every completion pops an in-flight chain.
     ///
-    /// The default composes the calls above. `VirtioDevice` looks the queue up once and
-    /// runs the ring's own drain (one pass on the split ring); a bus behind a call
-    /// boundary (the kexts' `FamilyBus`) makes it one call.
-    fn drain_used<F: FnMut(Used)>(
-        &mut self,
-        queue: u16,
-        interrupts: bool,
-        mut f: F,
-    ) -> Result<usize> {
-        if interrupts && !self.has_used(queue)? {
-            return Ok(0);
-        }
-        let mut n = 0;
-        loop {
-            if interrupts {
-                self.disable_interrupts(queue)?;
-            }
-            while let Some(used) = self.pop_used(queue)? {
-                f(used);
-                n += 1;
-            }
-            if !interrupts || !self.enable_interrupts(queue)? {
-                return Ok(n);
-            }
-        }
-    }
+    /// `VirtioDevice` looks the queue up once and runs the ring's own drain
+    /// (`SplitQueue::drain_used`, `PackedQueue::drain_used`); a bus behind a call boundary
+    /// (the kexts' `FamilyBus`) makes it one call.
+    fn drain_used<F: FnMut(Used)>(&mut self, queue: u16, interrupts: bool, f: F) -> Result<usize>;
     /// Free descriptors (a chain of n segments needs n, or 1 with indirect).
     fn free_descriptors(&self, queue: u16) -> Result<u16>;
     /// The size the queue was set up with.

@@ -465,6 +465,30 @@ impl PackedQueue {
         Ok(Some(Used { token, len }))
     }
 
+    /// Pops every completion into `f`, in device order; returns how many
+    /// (`Bus::drain_used`): a peek, then with `interrupts` the disable, the pops and the
+    /// race-free re-enable (§2.8.10), again while completions raced in. Bounded: each pop
+    /// consumes a chain in flight or breaks the queue.
+    #[inline]
+    pub fn drain_used(&mut self, interrupts: bool, mut f: impl FnMut(Used)) -> Result<usize> {
+        if interrupts && !self.is_broken() && !self.has_used() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        loop {
+            if interrupts {
+                self.disable_interrupts();
+            }
+            while let Some(used) = self.pop_used()? {
+                f(used);
+                n += 1;
+            }
+            if !interrupts || !self.enable_interrupts() {
+                return Ok(n);
+            }
+        }
+    }
+
     /// Asks the device not to interrupt for this queue (a hint: it may still do so).
     pub fn disable_interrupts(&mut self) {
         if !self.interrupts_enabled {

@@ -96,32 +96,10 @@ impl Virtqueue {
     fn pop_packed(q: &mut PackedQueue) -> Result<Option<Used>> {
         q.pop_used()
     }
-    /// Pops every completion into `f` (`Bus::drain_used`). The split ring does it in one
-    /// pass of its own; the packed ring composes its peek, disable, pops and re-enable.
+    /// Pops every completion into `f` (`Bus::drain_used`), each ring its own way.
     #[inline]
-    pub fn drain_used(&mut self, interrupts: bool, mut f: impl FnMut(Used)) -> Result<usize> {
-        match self {
-            Virtqueue::Split(q) => q.drain_used(interrupts, f),
-            Virtqueue::Packed(q) => {
-                if interrupts && !q.is_broken() && !q.has_used() {
-                    return Ok(0);
-                }
-                let mut n = 0;
-                loop {
-                    if interrupts {
-                        q.disable_interrupts();
-                    }
-                    // Bounded: each pop consumes a chain in flight or breaks the queue.
-                    while let Some(used) = Self::pop_packed(q)? {
-                        f(used);
-                        n += 1;
-                    }
-                    if !interrupts || !q.enable_interrupts() {
-                        return Ok(n);
-                    }
-                }
-            }
-        }
+    pub fn drain_used(&mut self, interrupts: bool, f: impl FnMut(Used)) -> Result<usize> {
+        either!(self, q => q.drain_used(interrupts, f))
     }
     pub fn disable_interrupts(&mut self) {
         either!(self, q => q.disable_interrupts())

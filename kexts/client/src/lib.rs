@@ -515,8 +515,8 @@ impl<A: FamilyApi> Bus for FamilyBus<A> {
         .into_result()?;
         Ok(found.then_some(Used { token, len }))
     }
-    /// One call (`vfam_queue_drain`) instead of the peek, disable, pops and re-enable of
-    /// the default: each completion comes back through [`drained`].
+    /// One call (`vfam_queue_drain`) instead of a call each for the peek, the disable, the
+    /// pops and the re-enable: each completion comes back through [`drained`].
     fn drain_used<F: FnMut(Used)>(&mut self, queue: u16, interrupts: bool, f: F) -> Result<usize> {
         let mut sink = Drain { f, n: 0 };
         let ctx: *mut Drain<F> = &mut sink;

@@ -56,8 +56,7 @@ impl Counting {
         let elf = qemu::build_guest_profile(&toolchain, GuestProfile::Release)?;
         let marker = symbol_address(&elf, MARKER_SYMBOL)?;
         let plugin = build_plugin()?;
-        let dir = qemu::target_dir().join("bench");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let dir = super::output_dir()?;
         Ok(Counting {
             plugin,
             marker,

@@ -184,8 +184,7 @@ pub fn cmd(rounds: u64) -> Result<bool, String> {
     ensure_valgrind()?;
     eprintln!("xtask: bench ring: building {PACKAGE} (release)...");
     let binary = build()?;
-    let out_dir = virtio_tests::qemu::target_dir().join("bench");
-    std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+    let out_dir = super::output_dir()?;
     let mut costs = Vec::new();
     for event_idx in [true, false] {
         for ring in &RINGS {
