@@ -294,6 +294,11 @@ impl PciInterrupts {
         self.limit = limit;
     }
 
+    /// Whether no interrupt is enabled (`mode()` is `Polling`), without building the mode.
+    pub fn polling(&self) -> bool {
+        matches!(self.enabled, Enabled::None)
+    }
+
     pub fn mode(&self) -> InterruptMode {
         match &self.enabled {
             Enabled::None => InterruptMode::Polling,

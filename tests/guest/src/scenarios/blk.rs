@@ -1452,19 +1452,32 @@ fn bench_sg_phase(
             )
             .map_err(|e| format!("submit: {e}"))?;
         disk.drv.kick(0).map_err(|e| format!("kick: {e}"))?;
-        if !disk
-            .wait_until(10_000, |d| !d.done.is_empty())
-            .map_err(|e| format!("{e}"))?
-        {
-            return Err("no completion in 10 s".into());
-        }
-        for (_, r) in disk.done.drain(..) {
-            r.map_err(|e| format!("read: {e}"))?;
-            completed += 1;
-        }
+        completed += wait_reads(disk, |_| {})? as u64;
     }
     let ns = crate::time::now_ns() - t0;
     Ok((completed, ns, disk.counters() - c0))
+}
+
+/// The benches' wait ([`Disk::wait_completions`]): how many reads completed, at least
+/// one, each one's token given to `freed`. A failed read, a driver error or 10 s without a
+/// completion ends the phase.
+fn wait_reads(disk: &mut Disk, mut freed: impl FnMut(usize)) -> Result<usize, String> {
+    let mut failed = None;
+    let n = disk
+        .wait_completions(10_000, |token, r| {
+            if let Err(e) = r {
+                failed.get_or_insert(e);
+            }
+            freed(token);
+        })
+        .map_err(|e| format!("{e}"))?;
+    if let Some(e) = failed {
+        return Err(format!("read: {e}"));
+    }
+    if n == 0 {
+        return Err("no completion in 10 s".into());
+    }
+    Ok(n)
 }
 
 fn bench_phase(
@@ -1514,18 +1527,9 @@ fn bench_phase(
         if inflight == 0 {
             break;
         }
-        if !disk
-            .wait_until(10_000, |d| !d.done.is_empty())
-            .map_err(|e| format!("{e}"))?
-        {
-            return Err("no completion in 10 s".into());
-        }
-        for (t, r) in disk.done.drain(..) {
-            r.map_err(|e| format!("read: {e}"))?;
-            free.push(t);
-            inflight -= 1;
-            completed += 1;
-        }
+        let n = wait_reads(disk, |slot| free.push(slot))?;
+        inflight -= n;
+        completed += n as u64;
     }
     let ns = crate::time::now_ns() - t0;
     Ok((completed, ns, disk.counters() - c0))
