@@ -157,13 +157,22 @@ fn phase(
             break;
         }
         // Wait for a completion: interrupt (INTx, acknowledged through the ISR) or spin.
-        let wait_start = crate::time::now_ns();
+        // As our loop's wait (`Disk::wait_completions`): the clock is read only inside the
+        // halt, and outside it only once a wake-up (or a spin) found nothing, to bound that.
+        let mut deadline = None;
+        let mut again = false;
         while blk.peek_used().is_none() {
-            if crate::time::now_ns() - wait_start > 10_000_000_000 {
-                return Err("no completion in 10 s".into());
+            if again {
+                let now = crate::time::now_ns();
+                if now >= *deadline.get_or_insert(now + 10_000_000_000) {
+                    return Err("no completion in 10 s".into());
+                }
             }
+            again = true;
             if intx {
-                irq.wait(u64::MAX, 10);
+                if !irq.wait(u64::MAX, 10_000) {
+                    return Err("no completion in 10 s".into());
+                }
                 if irq.take_pending() != 0 {
                     blk.ack_interrupt();
                     irq.intx_done();
