@@ -446,16 +446,23 @@ fn event_idx_kick_at_every_offset_across_the_wrap() {
 
 // ---- used buffer notifications (driver event suppression) ----
 
+/// A queue of `size` with `n` one-segment device-writable chains (tokens 0..n) in flight,
+/// and those chains as the device popped them.
+fn writable_chains_in_flight(size: u16, event_idx: bool, n: usize) -> (Pair, Vec<PackedChain>) {
+    let mut p = pair(size, event_idx, 0);
+    let w = p.segs(&[32]);
+    for t in 0..n {
+        p.drv.add(&[], &w, t).unwrap();
+    }
+    let chains = p.dev.pop_all();
+    (p, chains)
+}
+
 #[test]
 fn interrupt_suppression_and_race_free_reenable() {
     for event_idx in [true, false] {
         for size in [32u16, 5] {
-            let mut p = pair(size, event_idx, 0);
-            let w = p.segs(&[32]);
-            for t in 0..4 {
-                p.drv.add(&[], &w, t).unwrap();
-            }
-            let chains = p.dev.pop_all();
+            let (mut p, chains) = writable_chains_in_flight(size, event_idx, 4);
             p.drv.disable_interrupts();
             for c in &chains[..3] {
                 p.dev.complete(c, 4, 0);
@@ -475,6 +482,96 @@ fn interrupt_suppression_and_race_free_reenable() {
             );
             assert_eq!(p.drv.pop_used().unwrap().unwrap().token, 3);
         }
+    }
+}
+
+/// `PackedQueue::drain_used` (the bus's completion loop in one pass): interrupts stay
+/// suppressed while it pops (under EVENT_IDX without a ring write: the event names a
+/// position the device already passed), what completes meanwhile is popped in the same
+/// call, and the re-enable at the end makes the next completion interrupt.
+#[test]
+fn drain_pops_what_completes_meanwhile_and_reenables() {
+    for event_idx in [true, false] {
+        for size in [32u16, 5] {
+            let (mut p, chains) = writable_chains_in_flight(size, event_idx, 5);
+            assert_eq!(p.drv.drain_used(true, |_| panic!("nothing used")), Ok(0));
+            // Twice: from the event structure as set up (ENABLE: the drain must write
+            // DISABLE), then from the interrupt point the first drain's re-enable named
+            // (under EVENT_IDX the drain writes nothing).
+            for (first, round) in [(0usize, 0usize), (2, 1)] {
+                p.dev.complete(&chains[first], 4, 0);
+                assert!(
+                    p.dev.needs_interrupt(),
+                    "enabled (event_idx={event_idx}, round {round})"
+                );
+                let Pair { drv, dev, .. } = &mut p;
+                let mut got = Vec::new();
+                let more = if round == 0 {
+                    &chains[1..2]
+                } else {
+                    &chains[3..4]
+                };
+                let n = drv
+                    .drain_used(true, |u| {
+                        got.push((u.token, u.len));
+                        if u.token == first {
+                            for c in more {
+                                dev.complete(c, 4, 0);
+                                assert!(
+                                    !dev.needs_interrupt(),
+                                    "suppressed while draining (event_idx={event_idx}, round {round})"
+                                );
+                            }
+                        }
+                    })
+                    .unwrap();
+                assert_eq!((n, got), (2, vec![(first, 4), (first + 1, 4)]));
+            }
+            p.dev.complete(&chains[4], 4, 0);
+            assert!(
+                p.dev.needs_interrupt(),
+                "re-enabled: the next completion interrupts (event_idx={event_idx}, size {size})"
+            );
+            assert_eq!(p.drv.drain_used(true, |u| assert_eq!(u.token, 4)), Ok(1));
+            assert_eq!(p.drv.in_flight(), 0);
+        }
+    }
+}
+
+/// The drain checks what `pop_used` checks: flags of the wrong lap at the used position
+/// (at its peek, or where a round ends) and a used descriptor with nothing in flight
+/// break the queue, with or without interrupts, and nothing is handed out for them.
+#[test]
+fn hostile_flags_stop_the_drain() {
+    for interrupts in [true, false] {
+        // At the peek: a used pattern of the other lap where chain 1 waits.
+        let mut p = pair(8, true, 0);
+        let s = p.segs(&[8]);
+        p.drv.add(&s, &[], 1).unwrap();
+        p.drv.add(&s, &[], 2).unwrap();
+        let c = p.dev.pop().unwrap();
+        let at = p.dev.used_position();
+        p.dev
+            .forge(p.dev.index_of(at), c.id, 0, p.dev.used_flags(at + 8));
+        let mut got = Vec::new();
+        assert!(p.drv.drain_used(interrupts, |u| got.push(u.token)).is_err());
+        assert!(got.is_empty(), "nothing handed out: {got:?}");
+        assert_broken_then_recovers(&mut p, &[1, 2]);
+
+        // Where a round ends: chain 1 completes, chain 2's position shows the other lap.
+        let mut p = pair(8, true, 0);
+        p.drv.add(&s, &[], 1).unwrap();
+        p.drv.add(&s, &[], 2).unwrap();
+        let c1 = p.dev.pop().unwrap();
+        let c2 = p.dev.pop().unwrap();
+        p.dev.complete(&c1, 0, 0);
+        let at = p.dev.used_position();
+        p.dev
+            .forge(p.dev.index_of(at), c2.id, 0, p.dev.used_flags(at + 8));
+        let mut got = Vec::new();
+        assert!(p.drv.drain_used(interrupts, |u| got.push(u.token)).is_err());
+        assert_eq!(got, [1], "the valid completion before the lie");
+        assert!(p.drv.is_broken());
     }
 }
 

@@ -136,6 +136,10 @@ pub struct PackedQueue {
     /// Ring positions made available since the last notification decision.
     added_since_kick: u32,
     interrupts_enabled: bool,
+    /// The driver event structure's flags are DESC (EVENT_IDX's interrupt point), as the
+    /// last re-enable wrote them; false while they are ENABLE (after setup or a reset) or
+    /// DISABLE.
+    event_desc: bool,
     broken: bool,
     stats: QueueStats,
 }
@@ -172,6 +176,7 @@ impl PackedQueue {
             next_used: Pos::START,
             added_since_kick: 0,
             interrupts_enabled: true,
+            event_desc: false,
             broken: false,
             stats: QueueStats::default(),
         };
@@ -392,20 +397,33 @@ impl PackedQueue {
         }
         let pos = self.next_used;
         if !self.is_used(pos) {
-            // §2.8.1, §2.8.15: with a chain in flight, the descriptor at our used position
-            // was written by us in this lap (AVAIL = wrap, USED = !wrap), and the device may
-            // only mark it used in this lap (both = wrap). AVAIL != wrap there is a device
-            // writing in the wrong lap (a wrap counter out of step): not "nothing yet".
-            if self.in_flight > 0 {
-                let flags = self.ring.read_u16(self.flags_offset(pos.idx));
-                if (flags & DESC_F_AVAIL != 0) != pos.wrap {
-                    return Err(self.fail(Error::DeviceProtocol {
-                        what: "used descriptor flags in the wrong lap",
-                    }));
-                }
-            }
+            self.check_unused(pos)?;
             return Ok(None);
         }
+        self.take_used(pos).map(Some)
+    }
+
+    /// The descriptor at our used position `pos` is not used yet: fine, unless the device
+    /// wrote it in the wrong lap. §2.8.1, §2.8.15: with a chain in flight, that descriptor
+    /// was written by us in this lap (AVAIL = wrap, USED = !wrap), and the device may only
+    /// mark it used in this lap (both = wrap). AVAIL != wrap there is a device writing in
+    /// the wrong lap (a wrap counter out of step): not "nothing yet".
+    #[inline(always)]
+    fn check_unused(&mut self, pos: Pos) -> Result<()> {
+        if self.in_flight > 0 {
+            let flags = self.ring.read_u16(self.flags_offset(pos.idx));
+            if (flags & DESC_F_AVAIL != 0) != pos.wrap {
+                return Err(self.fail(Error::DeviceProtocol {
+                    what: "used descriptor flags in the wrong lap",
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates and takes the used descriptor at `pos`, which `is_used` found used.
+    #[inline(always)]
+    fn take_used(&mut self, pos: Pos) -> Result<Used> {
         if self.in_flight == 0 {
             // A used descriptor in the current lap with nothing in flight: the device wrote
             // one we never made available.
@@ -462,29 +480,71 @@ impl PackedQueue {
                 .write_u16(self.layout.driver, self.next_used.off_wrap());
             fence(Ordering::SeqCst);
         }
-        Ok(Some(Used { token, len }))
+        Ok(Used { token, len })
     }
 
     /// Pops every completion into `f`, in device order; returns how many
-    /// (`Bus::drain_used`): a peek, then with `interrupts` the disable, the pops and the
-    /// race-free re-enable (§2.8.10), again while completions raced in. Bounded: each pop
-    /// consumes a chain in flight or breaks the queue.
+    /// (`Bus::drain_used`, whose contract this keeps): a peek at our used position, then
+    /// with `interrupts` the pops with interrupts suppressed and the race-free re-enable
+    /// (§2.8.10), again while completions raced in; it returns with interrupts enabled.
+    /// Each position that ends a round gets `pop_used`'s wrong-lap check.
+    ///
+    /// Under EVENT_IDX suppressing writes nothing, as in `SplitQueue::drain_used`: after a
+    /// plain re-enable the driver event structure names our used position, which the device
+    /// has already passed (that is why there is something to pop), so it raises no
+    /// interrupt until the re-enable at the end names the next one. After a delayed
+    /// re-enable the position lies ahead and the device may interrupt once while we pop:
+    /// suppression is only a hint, and that interrupt finds the queue drained. Without
+    /// EVENT_IDX, or while the flags are still ENABLE (no re-enable since setup), the
+    /// DISABLE flag is written, as `disable_interrupts` does.
+    ///
+    /// Bounded: every round pops at least one chain in flight or breaks the queue, and no
+    /// chain is added meanwhile, so there are at most `size + 1` rounds.
     #[inline]
     pub fn drain_used(&mut self, interrupts: bool, mut f: impl FnMut(Used)) -> Result<usize> {
-        if interrupts && !self.is_broken() && !self.has_used() {
+        if self.broken {
+            return Err(Error::QueueBroken { queue: self.index });
+        }
+        // The peek: nothing used, nothing to do (after the same wrong-lap check as a pop).
+        let pos = self.next_used;
+        if !self.is_used(pos) {
+            self.check_unused(pos)?;
             return Ok(0);
         }
         let mut n = 0;
-        loop {
+        for _ in 0..=self.layout.size {
             if interrupts {
-                self.disable_interrupts();
+                self.suppress_interrupts();
             }
-            while let Some(used) = self.pop_used()? {
-                f(used);
+            // `pop_used` without its per-call checks: the loop ends at the first position
+            // the device has not used, after the same wrong-lap check.
+            loop {
+                let pos = self.next_used;
+                if !self.is_used(pos) {
+                    self.check_unused(pos)?;
+                    break;
+                }
+                f(self.take_used(pos)?);
                 n += 1;
             }
             if !interrupts || !self.enable_interrupts() {
                 return Ok(n);
+            }
+        }
+        self.enable_interrupts();
+        Ok(n)
+    }
+
+    /// `drain_used`'s suppression while it pops (see there): no ring write while the
+    /// driver event structure names an interrupt point (EVENT_IDX, after a re-enable);
+    /// otherwise (no EVENT_IDX, or ENABLE since setup) the DISABLE flag.
+    #[inline]
+    fn suppress_interrupts(&mut self) {
+        if self.interrupts_enabled {
+            if self.event_desc {
+                self.interrupts_enabled = false;
+            } else {
+                self.disable_interrupts();
             }
         }
     }
@@ -495,12 +555,14 @@ impl PackedQueue {
             return;
         }
         self.interrupts_enabled = false;
+        self.event_desc = false;
         self.ring
             .write_u16(self.layout.driver + 2, EVENT_FLAG_DISABLE);
     }
 
     /// Re-enables interrupts race-free: returns true if completions arrived that the caller
     /// must process now.
+    #[inline]
     pub fn enable_interrupts(&mut self) -> bool {
         self.enable_interrupts_at(0)
     }
@@ -513,6 +575,7 @@ impl PackedQueue {
         self.enable_interrupts_at((u32::from(busy) * 3 / 4) as u16)
     }
 
+    #[inline]
     fn enable_interrupts_at(&mut self, delay: u16) -> bool {
         self.interrupts_enabled = true;
         let at = self
@@ -523,6 +586,7 @@ impl PackedQueue {
             // The position before the flags that make the device read it.
             fence(Ordering::Release);
             self.ring.write_u16(self.layout.driver + 2, EVENT_FLAG_DESC);
+            self.event_desc = true;
         } else {
             self.ring
                 .write_u16(self.layout.driver + 2, EVENT_FLAG_ENABLE);
@@ -555,6 +619,7 @@ impl PackedQueue {
         self.next_used = Pos::START;
         self.added_since_kick = 0;
         self.interrupts_enabled = true;
+        self.event_desc = false;
         self.broken = false;
         self.reset_memory();
     }
