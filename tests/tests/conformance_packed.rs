@@ -511,9 +511,22 @@ fn drain_pops_what_completes_meanwhile_and_reenables() {
                 } else {
                     &chains[3..4]
                 };
+                // What the driver event structure holds while the drain pops: DISABLE
+                // written over ENABLE; under EVENT_IDX, after the first drain's re-enable,
+                // untouched: DESC at the position that re-enable named (chain 2's).
+                let expect_event = if round == 1 && event_idx {
+                    (dev.off_wrap(chains[2].first), EVENT_DESC)
+                } else {
+                    (dev.driver_event().0, EVENT_DISABLE)
+                };
                 let n = drv
                     .drain_used(true, |u| {
                         got.push((u.token, u.len));
+                        assert_eq!(
+                            dev.driver_event(),
+                            expect_event,
+                            "while draining (event_idx={event_idx}, round {round})"
+                        );
                         if u.token == first {
                             for c in more {
                                 dev.complete(c, 4, 0);
@@ -541,6 +554,8 @@ fn drain_pops_what_completes_meanwhile_and_reenables() {
 /// The drain checks what `pop_used` checks: flags of the wrong lap at the used position
 /// (at its peek, or where a round ends) and a used descriptor with nothing in flight
 /// break the queue, with or without interrupts, and nothing is handed out for them.
+/// Afterwards the caller's `disable_interrupts` still writes DISABLE (the drain may have
+/// suppressed without writing).
 #[test]
 fn hostile_flags_stop_the_drain() {
     for interrupts in [true, false] {
@@ -554,12 +569,21 @@ fn hostile_flags_stop_the_drain() {
         p.dev
             .forge(p.dev.index_of(at), c.id, 0, p.dev.used_flags(at + 8));
         let mut got = Vec::new();
-        assert!(p.drv.drain_used(interrupts, |u| got.push(u.token)).is_err());
+        assert!(matches!(
+            p.drv.drain_used(interrupts, |u| got.push(u.token)),
+            Err(Error::DeviceProtocol { .. })
+        ));
         assert!(got.is_empty(), "nothing handed out: {got:?}");
         assert_broken_then_recovers(&mut p, &[1, 2]);
 
         // Where a round ends: chain 1 completes, chain 2's position shows the other lap.
+        // A first drain re-enables first, naming an interrupt point, so that under
+        // EVENT_IDX this drain suppresses without writing.
         let mut p = pair(8, true, 0);
+        p.drv.add(&s, &[], 0).unwrap();
+        let c0 = p.dev.pop().unwrap();
+        p.dev.complete(&c0, 0, 0);
+        assert_eq!(p.drv.drain_used(true, |_| {}), Ok(1));
         p.drv.add(&s, &[], 1).unwrap();
         p.drv.add(&s, &[], 2).unwrap();
         let c1 = p.dev.pop().unwrap();
@@ -569,9 +593,70 @@ fn hostile_flags_stop_the_drain() {
         p.dev
             .forge(p.dev.index_of(at), c2.id, 0, p.dev.used_flags(at + 8));
         let mut got = Vec::new();
-        assert!(p.drv.drain_used(interrupts, |u| got.push(u.token)).is_err());
+        assert!(matches!(
+            p.drv.drain_used(interrupts, |u| got.push(u.token)),
+            Err(Error::DeviceProtocol { .. })
+        ));
         assert_eq!(got, [1], "the valid completion before the lie");
         assert!(p.drv.is_broken());
+        p.drv.disable_interrupts();
+        assert_eq!(
+            p.dev.driver_event().1,
+            EVENT_DISABLE,
+            "disable after the drain"
+        );
+
+        // A used descriptor where nothing is in flight: chain 1 completes, and the
+        // position after it is forged used in the current lap.
+        let mut p = pair(8, true, 0);
+        p.drv.add(&s, &[], 1).unwrap();
+        let c1 = p.dev.pop().unwrap();
+        p.dev.complete(&c1, 0, 0);
+        let at = p.dev.used_position();
+        p.dev
+            .forge(p.dev.index_of(at), c1.id, 0, p.dev.used_flags(at));
+        let mut got = Vec::new();
+        assert!(matches!(
+            p.drv.drain_used(interrupts, |u| got.push(u.token)),
+            Err(Error::DeviceProtocol { .. })
+        ));
+        assert_eq!(got, [1], "the real completion, then the forged one refused");
+        assert!(p.drv.is_broken());
+    }
+}
+
+/// A drain after the caller's own `disable_interrupts`, and one after a delayed re-enable:
+/// every completion is popped, and the drain returns with interrupts enabled at our used
+/// position, so the next completion interrupts.
+#[test]
+fn drain_after_disable_and_after_delayed_enable() {
+    for event_idx in [true, false] {
+        let (mut p, chains) = writable_chains_in_flight(16, event_idx, 8);
+        p.drv.disable_interrupts();
+        p.dev.complete(&chains[0], 4, 0);
+        assert!(!p.dev.needs_interrupt(), "disabled (event_idx={event_idx})");
+        assert_eq!(p.drv.drain_used(true, |u| assert_eq!(u.token, 0)), Ok(1));
+        p.dev.complete(&chains[1], 4, 0);
+        assert!(
+            p.dev.needs_interrupt(),
+            "enabled by the drain (event_idx={event_idx})"
+        );
+        assert_eq!(p.drv.drain_used(true, |u| assert_eq!(u.token, 1)), Ok(1));
+
+        // Delayed: with six chains in flight the interrupt point lies ahead.
+        assert!(!p.drv.enable_interrupts_delayed());
+        for c in &chains[2..5] {
+            p.dev.complete(c, 4, 0);
+        }
+        let _ = p.dev.needs_interrupt();
+        let mut got = Vec::new();
+        assert_eq!(p.drv.drain_used(true, |u| got.push(u.token)), Ok(3));
+        assert_eq!(got, [2, 3, 4]);
+        p.dev.complete(&chains[5], 4, 0);
+        assert!(
+            p.dev.needs_interrupt(),
+            "the drain re-enabled at our position (event_idx={event_idx})"
+        );
     }
 }
 

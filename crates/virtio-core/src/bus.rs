@@ -233,7 +233,8 @@ pub trait Bus {
     /// many. With `interrupts`, the queue's interrupts stay suppressed while it drains and
     /// are re-enabled at the end without a race: what completes before the re-enable is
     /// drained too (§2.7.10, Linux's disable_cb / get_buf / enable_cb loop); with nothing
-    /// to pop it does nothing else. An error (a broken queue, a hostile completion) stops
+    /// to pop it writes nothing (the packed ring still checks that position for flags of
+    /// the wrong lap, as a pop does). An error (a broken queue, a hostile completion) stops
     /// it after `f` got the completions before it. `f` must not call into the bus.
     /// Bounded: every completion pops an in-flight chain.
     ///

@@ -487,7 +487,8 @@ impl PackedQueue {
     /// (`Bus::drain_used`, whose contract this keeps): a peek at our used position, then
     /// with `interrupts` the pops with interrupts suppressed and the race-free re-enable
     /// (§2.8.10), again while completions raced in; it returns with interrupts enabled.
-    /// Each position that ends a round gets `pop_used`'s wrong-lap check.
+    /// Each position that ends a round, the peek's included, gets `pop_used`'s wrong-lap
+    /// check, so a device writing in the wrong lap breaks the queue here too.
     ///
     /// Under EVENT_IDX suppressing writes nothing, as in `SplitQueue::drain_used`: after a
     /// plain re-enable the driver event structure names our used position, which the device
@@ -551,7 +552,8 @@ impl PackedQueue {
 
     /// Asks the device not to interrupt for this queue (a hint: it may still do so).
     pub fn disable_interrupts(&mut self) {
-        if !self.interrupts_enabled {
+        // Already DISABLE, unless `drain_used` suppressed without writing (flags still DESC).
+        if !self.interrupts_enabled && !self.event_desc {
             return;
         }
         self.interrupts_enabled = false;

@@ -87,6 +87,38 @@ pub fn set_polling(polling: bool) {
     }
 }
 
+/// A wait's time limit that starts only when first needed, so that a wait ended by its
+/// first wake-up reads no clock outside the halt (the block benches' waits, whose clock
+/// reads would count as per-request work). Halts go in slices of at most 10 ms, so a lost
+/// interrupt costs a slice, not the whole limit; once the limit runs they stop at it.
+pub struct LazyDeadline {
+    timeout_ns: u64,
+    at: Option<u64>,
+}
+
+impl LazyDeadline {
+    pub fn new(timeout_ms: u64) -> Self {
+        LazyDeadline {
+            timeout_ns: timeout_ms.saturating_mul(1_000_000),
+            at: None,
+        }
+    }
+
+    /// Starts the limit if it is not running yet; whether it has passed.
+    pub fn expired(&mut self) -> bool {
+        let now = now_ns();
+        now >= *self.at.get_or_insert(now.saturating_add(self.timeout_ns))
+    }
+
+    /// How long the next halt may last, in ms: 10, or less once the limit runs.
+    pub fn slice_ms(&self) -> u64 {
+        match self.at {
+            None => 10,
+            Some(at) => (at.saturating_sub(now_ns()) / 1_000_000).clamp(1, 10),
+        }
+    }
+}
+
 /// Waits until `cond()` holds or `timeout_ms` passes; returns whether it held.
 ///
 /// `cond` is checked with interrupts disabled right before halting, and `sti; hlt` is

@@ -1528,7 +1528,8 @@ fn bench_phase(
             break;
         }
         let n = wait_reads(disk, |slot| free.push(slot))?;
-        inflight -= n;
+        // Saturating: a read a failed earlier phase left in flight may complete here.
+        inflight = inflight.saturating_sub(n);
         completed += n as u64;
     }
     let ns = crate::time::now_ns() - t0;

@@ -5,6 +5,7 @@ use super::super::Env;
 use super::super::bus::{self, GuestBus};
 use crate::pci::PciFunction;
 use crate::platform::PciInterrupts;
+use crate::time::LazyDeadline;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -165,19 +166,20 @@ impl Disk {
 
     /// Waits for completions on queue 0 and hands each straight to `f`, the way a kext's
     /// interrupt path takes them: the benches' wait. Unlike [`Disk::wait_until`] it keeps
-    /// no `done` list, tests no condition and reads the clock only inside the halt, so what
-    /// the benches count per request is the driver's work and about as little of this
-    /// guest's as virtio-drivers' bench loop (`blk/vd.rs`) spends. Returns how many
-    /// completed; 0 after `timeout_ms` without any.
+    /// no `done` list and tests no condition, and until a wake-up finds nothing it reads the
+    /// clock only inside the halt ([`LazyDeadline`]), so what the benches count per request
+    /// is the driver's work and about as little of this guest's as virtio-drivers' bench
+    /// loop (`blk/vd.rs`) spends. Returns how many completed; 0 after `timeout_ms` (and at
+    /// most one 10 ms slice) without any.
     pub fn wait_completions(
         &mut self,
         timeout_ms: u64,
         mut f: impl FnMut(usize, Outcome),
     ) -> Result<usize, BlkError> {
         let polling = self.polling();
-        // Set the first time servicing finds nothing: bounds a device that keeps
-        // interrupting without completing anything (and the spinning in polling mode).
-        let mut deadline = None;
+        // Started the first time servicing or a halt finds nothing: bounds a device that
+        // keeps interrupting without completing anything, and the spinning when polling.
+        let mut limit = LazyDeadline::new(timeout_ms);
         loop {
             // As in `wait_until`: service only when an interrupt was recorded or the queue
             // has used entries; servicing re-enables the queue's interrupts, so a
@@ -188,14 +190,13 @@ impl Disk {
                 if n > 0 {
                     return Ok(n);
                 }
-                let now = crate::time::now_ns();
-                if now >= *deadline.get_or_insert(now + timeout_ms * 1_000_000) {
+                if limit.expired() {
                     return Ok(0);
                 }
             }
             if polling {
                 core::hint::spin_loop();
-            } else if !self.irq().wait(u64::MAX, timeout_ms) {
+            } else if !self.irq().wait(u64::MAX, limit.slice_ms()) && limit.expired() {
                 return Ok(0);
             }
         }

@@ -157,22 +157,17 @@ fn phase(
             break;
         }
         // Wait for a completion: interrupt (INTx, acknowledged through the ISR) or spin.
-        // As our loop's wait (`Disk::wait_completions`): the clock is read only inside the
-        // halt, and outside it only once a wake-up (or a spin) found nothing, to bound that.
-        let mut deadline = None;
-        let mut again = false;
+        // As our loop's wait (`Disk::wait_completions`): halts in slices of at most 10 ms,
+        // and the clock outside them read only once a wake-up (or a spin) found nothing.
+        let mut limit = crate::time::LazyDeadline::new(10_000);
+        let mut waited = false;
         while blk.peek_used().is_none() {
-            if again {
-                let now = crate::time::now_ns();
-                if now >= *deadline.get_or_insert(now + 10_000_000_000) {
-                    return Err("no completion in 10 s".into());
-                }
+            if waited && limit.expired() {
+                return Err("no completion in 10 s".into());
             }
-            again = true;
+            waited = true;
             if intx {
-                if !irq.wait(u64::MAX, 10_000) {
-                    return Err("no completion in 10 s".into());
-                }
+                irq.wait(u64::MAX, limit.slice_ms());
                 if irq.take_pending() != 0 {
                     blk.ack_interrupt();
                     irq.intx_done();
