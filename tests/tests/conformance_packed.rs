@@ -551,6 +551,29 @@ fn drain_pops_what_completes_meanwhile_and_reenables() {
     }
 }
 
+/// Forges the descriptor at the device's used position as used for buffer `id`, with the
+/// flags of the position `positions_ahead` later (8, a whole ring: the other lap).
+fn forge_used_position(p: &Pair, id: u16, positions_ahead: u64) {
+    let at = p.dev.used_position();
+    p.dev.forge(
+        p.dev.index_of(at),
+        id,
+        0,
+        p.dev.used_flags(at + positions_ahead),
+    );
+}
+
+/// A drain that must stop at a device's lie: asserts `DeviceProtocol`, returns the tokens
+/// it handed out first.
+fn drain_refused(p: &mut Pair, interrupts: bool) -> Vec<usize> {
+    let mut got = Vec::new();
+    assert!(matches!(
+        p.drv.drain_used(interrupts, |u| got.push(u.token)),
+        Err(Error::DeviceProtocol { .. })
+    ));
+    got
+}
+
 /// The drain checks what `pop_used` checks: flags of the wrong lap at the used position
 /// (at its peek, or where a round ends) and a used descriptor with nothing in flight
 /// break the queue, with or without interrupts, and nothing is handed out for them.
@@ -565,14 +588,8 @@ fn hostile_flags_stop_the_drain() {
         p.drv.add(&s, &[], 1).unwrap();
         p.drv.add(&s, &[], 2).unwrap();
         let c = p.dev.pop().unwrap();
-        let at = p.dev.used_position();
-        p.dev
-            .forge(p.dev.index_of(at), c.id, 0, p.dev.used_flags(at + 8));
-        let mut got = Vec::new();
-        assert!(matches!(
-            p.drv.drain_used(interrupts, |u| got.push(u.token)),
-            Err(Error::DeviceProtocol { .. })
-        ));
+        forge_used_position(&p, c.id, 8);
+        let got = drain_refused(&mut p, interrupts);
         assert!(got.is_empty(), "nothing handed out: {got:?}");
         assert_broken_then_recovers(&mut p, &[1, 2]);
 
@@ -589,14 +606,8 @@ fn hostile_flags_stop_the_drain() {
         let c1 = p.dev.pop().unwrap();
         let c2 = p.dev.pop().unwrap();
         p.dev.complete(&c1, 0, 0);
-        let at = p.dev.used_position();
-        p.dev
-            .forge(p.dev.index_of(at), c2.id, 0, p.dev.used_flags(at + 8));
-        let mut got = Vec::new();
-        assert!(matches!(
-            p.drv.drain_used(interrupts, |u| got.push(u.token)),
-            Err(Error::DeviceProtocol { .. })
-        ));
+        forge_used_position(&p, c2.id, 8);
+        let got = drain_refused(&mut p, interrupts);
         assert_eq!(got, [1], "the valid completion before the lie");
         assert!(p.drv.is_broken());
         p.drv.disable_interrupts();
@@ -612,14 +623,8 @@ fn hostile_flags_stop_the_drain() {
         p.drv.add(&s, &[], 1).unwrap();
         let c1 = p.dev.pop().unwrap();
         p.dev.complete(&c1, 0, 0);
-        let at = p.dev.used_position();
-        p.dev
-            .forge(p.dev.index_of(at), c1.id, 0, p.dev.used_flags(at));
-        let mut got = Vec::new();
-        assert!(matches!(
-            p.drv.drain_used(interrupts, |u| got.push(u.token)),
-            Err(Error::DeviceProtocol { .. })
-        ));
+        forge_used_position(&p, c1.id, 0);
+        let got = drain_refused(&mut p, interrupts);
         assert_eq!(got, [1], "the real completion, then the forged one refused");
         assert!(p.drv.is_broken());
     }

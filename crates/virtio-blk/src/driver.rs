@@ -379,7 +379,7 @@ enum Staged {
     One(Part),
     /// Several device requests (or one the splitter builds, as for the range commands).
     /// `groups_of`: for a read or write whose segments can go to the device in groups as
-    /// they are, how many per device request ([`BlkDriver::groups_of`]).
+    /// they are, how many per device request ([`BlkDriver::stage_parts`]).
     Parts { groups_of: Option<usize> },
 }
 
@@ -774,20 +774,14 @@ impl<B: Bus> BlkDriver<B> {
 
         // Fast path: a read, write or flush that goes to the device as given (one device
         // request; the common case) is queued without the splitter and without asking the
-        // ring first: `add` is all or nothing for one chain. Each kind gets its own copy
-        // of `queue_part` (inlined), with the kind a constant.
-        let groups_of = match staged {
-            Staged::One(part) => {
-                let mut head = None;
-                return match kind {
-                    Kind::Read => self.queue_part(qi, queue, Kind::Read, part, &mut head, token),
-                    Kind::Write => self.queue_part(qi, queue, Kind::Write, part, &mut head, token),
-                    _ => self.queue_part(qi, queue, kind, part, &mut head, token),
-                };
+        // ring first: `add` is all or nothing for one chain. `queue_part` is inlined here,
+        // and this function into each caller, so the kind is a constant in it.
+        match staged {
+            Staged::One(part) => self.queue_part(qi, queue, kind, part, &mut None, token),
+            Staged::Parts { groups_of } => {
+                self.submit_parts(qi, queue, req, kind, groups_of, token)
             }
-            Staged::Parts { groups_of } => groups_of,
-        };
-        self.submit_parts(qi, queue, req, kind, groups_of, token)
+        }
     }
 
     /// [`BlkDriver::submit`] of a request that goes as several device requests, or as one
@@ -838,34 +832,6 @@ impl<B: Bus> BlkDriver<B> {
         }
     }
 
-    /// Segments per device request when `buffers` can go to the device in groups as they
-    /// are: each segment whole logical blocks within `size_max`, and short enough that
-    /// a group's bytes fit what a 32-bit used length can report ([`BlkDriver::group_limit`]).
-    /// Any group of such segments is whole blocks, so the request needs no cutting: device
-    /// request k takes segments `k * per ..`.
-    fn groups_of(&self, qi: usize, buffers: &[Segment]) -> Option<usize> {
-        let (per, seg_limit) = self.group_limit(qi);
-        // A power of two (`read_info`): a mask tests whole blocks.
-        let block_mask = self.info.block_size.max(1) - 1;
-        buffers
-            .iter()
-            .all(|s| s.len <= seg_limit && s.len & block_mask == 0)
-            .then_some(per)
-    }
-
-    /// Segments per device request in the groups of [`BlkDriver::groups_of`] (the queue's
-    /// data descriptors per request), and the longest segment such a group may hold:
-    /// `size_max`, and `per` of them within `DataLimits::max_bytes`. A limit of 0 (no
-    /// segment qualifies) when the queue takes none.
-    fn group_limit(&self, qi: usize) -> (usize, u32) {
-        let lim = self.data_limits(qi);
-        let per = lim.max_descs.min(self.scratch.len().saturating_sub(2));
-        (
-            per,
-            lim.size_max.min(group_segment_limit(per, lim.max_bytes())),
-        )
-    }
-
     /// Device requests and ring descriptors of `segments` in groups of `per`.
     fn plan_groups(
         &self,
@@ -882,8 +848,8 @@ impl<B: Bus> BlkDriver<B> {
         Ok((parts, (parts - 1).saturating_mul(full).saturating_add(tail)))
     }
 
-    /// Queues the groups [`BlkDriver::groups_of`] allows, one device request
-    /// each, in one pass over the segments.
+    /// Queues the groups [`BlkDriver::stage_parts`] allows, one device request each, in
+    /// one pass over the segments.
     #[allow(clippy::too_many_arguments)]
     fn execute_groups(
         &mut self,
@@ -904,7 +870,7 @@ impl<B: Bus> BlkDriver<B> {
                 return Err(BlkError::InvalidRequest);
             };
             out.copy_from_slice(group);
-            // Whole blocks each, and `groups_of` bounded each segment so that the sum fits
+            // Whole blocks each, and `stage_parts` bounded each segment so that the sum fits
             // `DataLimits::max_bytes`: no overflow.
             let bytes = group.iter().fold(0u32, |sum, s| sum.wrapping_add(s.len));
             let part = Part {
@@ -935,47 +901,54 @@ impl<B: Bus> BlkDriver<B> {
     ) -> Result<Staged, BlkError> {
         let max_descs = self.queues.get(qi).map_or(0, |q| q.max_data_descs);
         let size_max = self.info.size_max.unwrap_or(u32::MAX);
-        let mut total: u64 = 0;
-        match self.scratch.get_mut(1..=buffers.len()) {
-            Some(out) if buffers.len() <= max_descs => {
-                let mut fits = true;
-                for (o, s) in out.iter_mut().zip(buffers) {
-                    check_segment(s)?;
-                    total += u64::from(s.len);
-                    fits &= s.len <= size_max;
-                    *o = *s;
-                }
-                self.check_extent_bytes(sector, total)?;
-                // Below `u32::MAX`: room for the status byte in the 32-bit used length.
-                if fits && total < u64::from(u32::MAX) {
-                    return Ok(Staged::One(Part {
-                        sector,
-                        descs: buffers.len(),
-                        bytes: total as u32,
-                        nranges: 0,
-                    }));
-                }
-                Ok(Staged::Parts {
-                    groups_of: self.groups_of(qi, buffers),
-                })
+        if let Some(out) = self.scratch.get_mut(1..=buffers.len())
+            && buffers.len() <= max_descs
+        {
+            let (mut total, mut fits) = (0u64, true);
+            for (o, s) in out.iter_mut().zip(buffers) {
+                check_segment(s)?;
+                total += u64::from(s.len);
+                fits &= s.len <= size_max;
+                *o = *s;
             }
-            _ => {
-                // The same pass finds whether the segments can go in groups as they are
-                // (`groups_of`).
-                let (per, seg_limit) = self.group_limit(qi);
-                let block_mask = self.info.block_size.max(1) - 1;
-                let mut whole = true;
-                for s in buffers {
-                    check_segment(s)?;
-                    total += u64::from(s.len);
-                    whole &= s.len <= seg_limit && s.len & block_mask == 0;
-                }
-                self.check_extent_bytes(sector, total)?;
-                Ok(Staged::Parts {
-                    groups_of: whole.then_some(per),
-                })
+            self.check_extent_bytes(sector, total)?;
+            // Below `u32::MAX`: room for the status byte in the 32-bit used length.
+            if fits && total < u64::from(u32::MAX) {
+                return Ok(Staged::One(Part {
+                    sector,
+                    descs: buffers.len(),
+                    bytes: total as u32,
+                    nranges: 0,
+                }));
             }
+            // Rare (a segment above `size_max`, or 4 GiB in one request): the splitter's
+            // pass below checks the same again.
         }
+        self.stage_parts(qi, sector, buffers)
+    }
+
+    /// [`BlkDriver::stage_data`] of a read or write that goes as several device requests:
+    /// checks its segments and extent in one pass, which also finds whether the segments
+    /// can go in groups as they are, each whole logical blocks within `size_max` and short
+    /// enough that a group's bytes fit what a 32-bit used length can report. Any group of
+    /// such segments is whole blocks, so the request needs no cutting: device request k
+    /// takes segments `k * per ..` ([`Staged::Parts`]).
+    fn stage_parts(&self, qi: usize, sector: u64, buffers: &[Segment]) -> Result<Staged, BlkError> {
+        let lim = self.data_limits(qi);
+        let per = lim.max_descs.min(self.scratch.len().saturating_sub(2));
+        let seg_limit = lim.size_max.min(group_segment_limit(per, lim.max_bytes()));
+        // A power of two (`read_info`): a mask tests whole blocks.
+        let block_mask = lim.block.max(1) - 1;
+        let (mut total, mut whole) = (0u64, true);
+        for s in buffers {
+            check_segment(s)?;
+            total += u64::from(s.len);
+            whole &= s.len <= seg_limit && s.len & block_mask == 0;
+        }
+        self.check_extent_bytes(sector, total)?;
+        Ok(Staged::Parts {
+            groups_of: whole.then_some(per),
+        })
     }
 
     /// `bytes` from `sector` as whole logical blocks inside the capacity. Multiples of the

@@ -395,21 +395,23 @@ impl PackedQueue {
         if self.broken {
             return Err(Error::QueueBroken { queue: self.index });
         }
-        let pos = self.next_used;
-        if !self.is_used(pos) {
-            self.check_unused(pos)?;
-            return Ok(None);
+        match self.used_position()? {
+            Some(pos) => self.take_used(pos).map(Some),
+            None => Ok(None),
         }
-        self.take_used(pos).map(Some)
     }
 
-    /// The descriptor at our used position `pos` is not used yet: fine, unless the device
-    /// wrote it in the wrong lap. §2.8.1, §2.8.15: with a chain in flight, that descriptor
-    /// was written by us in this lap (AVAIL = wrap, USED = !wrap), and the device may only
-    /// mark it used in this lap (both = wrap). AVAIL != wrap there is a device writing in
-    /// the wrong lap (a wrap counter out of step): not "nothing yet".
+    /// Our used position, if the device has used the descriptor there. If not, that is
+    /// fine unless the device wrote it in the wrong lap. §2.8.1, §2.8.15: with a chain in
+    /// flight, that descriptor was written by us in this lap (AVAIL = wrap, USED = !wrap),
+    /// and the device may only mark it used in this lap (both = wrap). AVAIL != wrap there
+    /// is a device writing in the wrong lap (a wrap counter out of step): not "nothing yet".
     #[inline(always)]
-    fn check_unused(&mut self, pos: Pos) -> Result<()> {
+    fn used_position(&mut self) -> Result<Option<Pos>> {
+        let pos = self.next_used;
+        if self.is_used(pos) {
+            return Ok(Some(pos));
+        }
         if self.in_flight > 0 {
             let flags = self.ring.read_u16(self.flags_offset(pos.idx));
             if (flags & DESC_F_AVAIL != 0) != pos.wrap {
@@ -418,10 +420,10 @@ impl PackedQueue {
                 }));
             }
         }
-        Ok(())
+        Ok(None)
     }
 
-    /// Validates and takes the used descriptor at `pos`, which `is_used` found used.
+    /// Validates and takes the used descriptor at `pos`, which `used_position` found.
     #[inline(always)]
     fn take_used(&mut self, pos: Pos) -> Result<Used> {
         if self.in_flight == 0 {
@@ -507,9 +509,7 @@ impl PackedQueue {
             return Err(Error::QueueBroken { queue: self.index });
         }
         // The peek: nothing used, nothing to do (after the same wrong-lap check as a pop).
-        let pos = self.next_used;
-        if !self.is_used(pos) {
-            self.check_unused(pos)?;
+        if self.used_position()?.is_none() {
             return Ok(0);
         }
         let mut n = 0;
@@ -517,14 +517,9 @@ impl PackedQueue {
             if interrupts {
                 self.suppress_interrupts();
             }
-            // `pop_used` without its per-call checks: the loop ends at the first position
-            // the device has not used, after the same wrong-lap check.
-            loop {
-                let pos = self.next_used;
-                if !self.is_used(pos) {
-                    self.check_unused(pos)?;
-                    break;
-                }
+            // `pop_used` without its per-call broken check: the round ends at the first
+            // position the device has not used, after the same wrong-lap check.
+            while let Some(pos) = self.used_position()? {
                 f(self.take_used(pos)?);
                 n += 1;
             }

@@ -74,10 +74,10 @@ impl Virtqueue {
         either!(self, q => q.has_used())
     }
     /// Pops the next used chain (see the ring's own `pop_used`). A split ring with nothing
-    /// new answers `None` inline, without a call: the last pop of a driver's own pop
-    /// loop (`drain_used` does not pop past the index it read). The rest is a call, handed the used index read
-    /// here (read once). The packed ring always takes the call: even with nothing used it
-    /// checks the device's lap (`PackedQueue::pop_used`).
+    /// new answers `None` inline, without a call: the last pop of a driver's own pop loop
+    /// (`drain_used` does not pop past the index it read). The rest is a call, handed the
+    /// used index read here (read once). The packed ring always takes the call: even with
+    /// nothing used it checks the device's lap (`PackedQueue::pop_used`).
     #[inline]
     pub fn pop_used(&mut self) -> Result<Option<Used>> {
         match self {
