@@ -933,6 +933,11 @@ impl<B: Bus> BlkDriver<B> {
     /// enough that a group's bytes fit what a 32-bit used length can report. Any group of
     /// such segments is whole blocks, so the request needs no cutting: device request k
     /// takes segments `k * per ..` ([`Staged::Parts`]).
+    ///
+    /// Its one call site is `stage_data`'s fall-through, and it is inlined there: out of
+    /// line, `bench kext` measured a 4 KiB read 26 instructions dearer through the crate
+    /// and 13 through the bundles, though a one-segment read never gets here.
+    #[inline(always)]
     fn stage_parts(&self, qi: usize, sector: u64, buffers: &[Segment]) -> Result<Staged, BlkError> {
         let lim = self.data_limits(qi);
         let per = lim.max_descs.min(self.scratch.len().saturating_sub(2));
