@@ -317,6 +317,61 @@ fn full_ring_backpressure_and_recovery() {
     }
 }
 
+/// A chain whose writable bytes overflow the 32-bit used length is refused (not
+/// backpressure, even on a full ring) and leaves nothing behind: no position, no id, and
+/// nothing the device could take for available, through an indirect table or direct.
+#[test]
+fn refused_chains_leave_no_trace() {
+    for max_indirect in [0u16, 4] {
+        let mut p = pair(8, false, max_indirect);
+        // Never dereferenced: the chain is refused before anything is written.
+        let huge = [Segment::new(0x1000, u32::MAX), Segment::new(0x2000, 1)];
+        assert_eq!(p.drv.add(&[], &huge, 1), Err(Error::BadChain));
+        assert_eq!((p.drv.num_free(), p.drv.in_flight()), (8, 0));
+        assert!(p.dev.pop().is_none(), "nothing made available");
+        // The next chain takes the first position with the first id, and the device sees
+        // only it.
+        let ok = p.segs(&[16]);
+        p.drv.add(&[], &ok, 2).unwrap();
+        let chain = p.dev.pop().expect("the good chain");
+        assert_eq!((chain.first, chain.id), (0, 0));
+        assert!(p.dev.pop().is_none(), "one chain available");
+        // A full ring: the overflow is still reported as a bad chain.
+        for t in 3..10 {
+            p.drv.add(&[], &ok, t).unwrap();
+        }
+        assert_eq!(p.drv.add(&[], &huge, 10), Err(Error::BadChain));
+        assert_eq!(p.drv.add(&[], &ok, 11), Err(Error::QueueFull));
+    }
+}
+
+/// `PackedRingLayout`'s fields are public: a layout built by hand with a size the ring
+/// cannot have is refused.
+#[test]
+fn hand_built_layout_of_impossible_size_is_refused() {
+    let mem = IdentityMemory::new(1 << 20);
+    for size in [0u16, 32769] {
+        let layout = PackedRingLayout {
+            size,
+            driver: 16 * usize::from(size),
+            device: 16 * usize::from(size) + 4,
+            total: 16 * usize::from(size) + 8,
+            align: 16,
+        };
+        let ring = mem.alloc_coherent(layout.total.max(16), 16).unwrap();
+        let config = QueueConfig {
+            size,
+            max_indirect: 0,
+            event_idx: false,
+            ignore_used_len: false,
+        };
+        assert!(matches!(
+            PackedQueue::new(0, layout, ring, None, config),
+            Err(Error::BadQueueSize { .. })
+        ));
+    }
+}
+
 #[test]
 fn reclaim_after_reset_returns_every_token_and_recovers() {
     for event_idx in [false, true] {

@@ -13,8 +13,8 @@
 //! used position, and the driver then skips as many ring positions as that chain took
 //! (§2.8.7, §2.8.21).
 
+use alloc::boxed::Box;
 use alloc::vec;
-use alloc::vec::Vec;
 use core::ptr::NonNull;
 use core::sync::atomic::{Ordering, fence};
 
@@ -71,15 +71,19 @@ impl PackedRingLayout {
     }
 }
 
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-enum Id {
-    Free,
-    InFlight {
-        token: usize,
-        /// Ring positions the chain took (1 for an indirect chain).
-        descs: u16,
-        writable: u32,
-    },
+/// Driver-private state of one buffer id: while a chain is in flight under it, that chain's
+/// token, bound and ring positions; while it is free, the next free id. One array of these
+/// (a power of two long, so a masked index is always inside it) with the free list threaded
+/// through it: taking or returning an id is a load and a few stores, with no stack to grow.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+struct IdState {
+    token: usize,
+    /// Total device-writable bytes posted: the bound for the used length.
+    writable: u32,
+    /// Ring positions the chain took (1 for an indirect chain); 0: the id is free.
+    descs: u16,
+    /// Next id of the free list (read only while this id is free).
+    next: u16,
 }
 
 /// A ring position and the wrap counter that goes with it.
@@ -125,9 +129,14 @@ pub struct PackedQueue {
     event_idx: bool,
     ignore_used_len: bool,
 
-    ids: Vec<Id>,
-    /// Free buffer ids (a stack with capacity `size`: pushing never reallocates).
-    free_ids: Vec<u16>,
+    /// Per-id state, `size.next_power_of_two()` entries (those from `size` on are never
+    /// used); indexed through [`PackedQueue::id_mut`] only.
+    ids: Box<[IdState]>,
+    /// `ids.len() - 1`.
+    id_mask: u16,
+    /// First free id. There is one whenever a ring position is free: every chain in flight
+    /// holds an id and at least one position, so `in_flight <= size - num_free`.
+    free_id: u16,
     /// Free ring positions.
     num_free: u16,
     in_flight: u16,
@@ -155,12 +164,14 @@ impl PackedQueue {
         config: QueueConfig,
     ) -> Result<Self> {
         let size = layout.size;
-        if config.size != size {
+        // The layout's fields are public: its size is checked here too.
+        if config.size != size || size == 0 || size > MAX_QUEUE_SIZE {
             return Err(Error::BadQueueSize { queue: index, size });
         }
         let ring = RingMemory::new(ring, layout.total)
             .map_err(|_| Error::BadQueueSize { queue: index, size })?;
         let indirect = IndirectPool::new(indirect, size, config.max_indirect)?;
+        let id_slots = usize::from(size).next_power_of_two();
         let mut q = PackedQueue {
             index,
             layout,
@@ -168,8 +179,10 @@ impl PackedQueue {
             indirect,
             event_idx: config.event_idx,
             ignore_used_len: config.ignore_used_len,
-            ids: vec![Id::Free; size as usize],
-            free_ids: (0..size).rev().collect(),
+            ids: vec![IdState::default(); id_slots].into_boxed_slice(),
+            // 1 <= id_slots <= MAX_QUEUE_SIZE (checked above), so this fits.
+            id_mask: (id_slots - 1) as u16,
+            free_id: 0,
             num_free: size,
             in_flight: 0,
             next_avail: Pos::START,
@@ -180,6 +193,7 @@ impl PackedQueue {
             broken: false,
             stats: QueueStats::default(),
         };
+        q.link_free_ids();
         q.reset_memory();
         Ok(q)
     }
@@ -235,8 +249,40 @@ impl PackedQueue {
 
     /// Makes a chain of `readable` then `writable` segments available (§2.8.13), tagged
     /// with `token`. Does not notify: call [`PackedQueue::kick_prepare`] after a batch.
-    #[inline]
+    ///
+    /// Uses one indirect descriptor when negotiated and the chain has more than one segment
+    /// (it then takes one ring position instead of `n`). Returns `Error::QueueFull` when not
+    /// enough positions are free: backpressure, retry after completions.
+    #[inline(always)]
     pub fn add(&mut self, readable: &[Segment], writable: &[Segment], token: usize) -> Result<()> {
+        // Fast path, as the split ring's: a chain of one segment takes one descriptor.
+        // Anything else, and every error, goes to `add_chain`.
+        let (seg, flags, capacity) = match (readable, writable) {
+            ([], [seg]) => (seg, DescFlags::WRITE.bits(), seg.len),
+            ([seg], []) => (seg, 0, 0),
+            _ => return self.add_chain(readable, writable, token),
+        };
+        if self.broken || self.num_free == 0 {
+            return self.add_chain(readable, writable, token);
+        }
+        let head = self.next_avail;
+        let id = self.take_id(token, capacity, 1);
+        // SAFETY: head.idx < size: an entry of the descriptor ring, not available to the
+        // device until `publish` writes its flags.
+        unsafe { write_packed(self.desc_ptr(head.idx), seg.addr, seg.len, id, None) };
+        self.publish(head, 1, flags | avail_bits(head.wrap));
+        Ok(())
+    }
+
+    /// `add` for chains of more than one segment, and its errors (out of line: keeps the
+    /// one-segment path small).
+    #[inline(never)]
+    fn add_chain(
+        &mut self,
+        readable: &[Segment],
+        writable: &[Segment],
+        token: usize,
+    ) -> Result<()> {
         if self.broken {
             return Err(Error::QueueBroken { queue: self.index });
         }
@@ -244,89 +290,115 @@ impl PackedQueue {
         if total == 0 {
             return Err(Error::BadChain);
         }
-        let mut writable_len: u32 = 0;
-        for s in writable {
-            writable_len = writable_len.checked_add(s.len).ok_or(Error::BadChain)?;
+        let table = self.indirect.holds(total);
+        // The common multi-segment case first: one indirect table, one ring position.
+        if table && self.num_free != 0 {
+            return self.add_indirect(readable, writable, token);
         }
-        let descs = self.descriptors_for(total);
-        let use_indirect = descs == 1 && total > 1;
-        if descs > self.layout.size as usize {
+        // Summed before any descriptor is written: a chain refused half-way must not leave
+        // flags behind in the ring, where a later chain's position would look available
+        // before its head is written.
+        let Some(writable_len) = writable.iter().try_fold(0u32, |a, s| a.checked_add(s.len)) else {
+            return Err(Error::BadChain);
+        };
+        // A chain for a table got here only because the ring is full; any other takes one
+        // position per segment.
+        if !table && total > usize::from(self.layout.size) {
             return Err(Error::BadChain);
         }
-        let descs = descs as u16;
-        if descs > self.num_free {
+        if table || total > usize::from(self.num_free) {
             return Err(Error::QueueFull);
         }
-        let Some(id) = self.free_ids.pop() else {
-            return Err(Error::QueueFull);
-        };
+        // `total` <= num_free <= size (above).
+        let descs = total as u16;
         let size = self.layout.size;
         let head = self.next_avail;
+        let id = self.free_id;
+        let mut pos = head;
+        let mut head_flags = 0;
         let segments = readable
             .iter()
-            .map(|s| (s, false))
-            .chain(writable.iter().map(|s| (s, true)));
-        let head_flags;
-        if use_indirect {
-            let Some(table) = self.indirect.table(id) else {
-                self.free_ids.push(id);
-                return Err(Error::BadChain);
-            };
-            for (i, (seg, write)) in segments.enumerate() {
-                // §2.8.7: an indirect table is read in order; NEXT is not used in it.
-                let flags = if write { DescFlags::WRITE.bits() } else { 0 };
-                // SAFETY: `table` holds max_indirect >= total entries (descriptors_for), so
-                // entry i < total is inside it; the region is DMA memory we own.
-                unsafe { write_packed(table.add(i * 16), seg.addr, seg.len, id, Some(flags)) };
+            .map(|s| (s, 0))
+            .chain(writable.iter().map(|s| (s, DescFlags::WRITE.bits())));
+        for (i, (seg, write)) in segments.enumerate() {
+            let mut flags = write | avail_bits(pos.wrap);
+            if i + 1 < total {
+                flags |= DescFlags::NEXT.bits();
             }
-            let table_addr = self.indirect.daddr(id);
-            let p = self.desc_ptr(head.idx);
-            // SAFETY: head.idx < size: the entry is inside the descriptor ring. Flags later.
-            unsafe { write_packed(p, table_addr, (total * 16) as u32, id, None) };
-            head_flags = DescFlags::INDIRECT.bits() | avail_bits(head.wrap);
-            self.stats.indirect += 1;
-        } else {
-            let mut pos = head;
-            let mut first_flags = 0;
-            for (i, (seg, write)) in segments.enumerate() {
-                let mut flags = if write { DescFlags::WRITE.bits() } else { 0 };
-                if i + 1 < total {
-                    flags |= DescFlags::NEXT.bits();
-                }
-                flags |= avail_bits(pos.wrap);
-                let p = self.desc_ptr(pos.idx);
-                if i == 0 {
-                    first_flags = flags;
-                    // SAFETY: pos.idx < size. The head's flags are written last (below).
-                    unsafe { write_packed(p, seg.addr, seg.len, id, None) };
-                } else {
-                    // SAFETY: as above; the device does not look past the head until its
-                    // flags say it is available.
-                    unsafe { write_packed(p, seg.addr, seg.len, id, Some(flags)) };
-                }
-                pos = pos.advance(1, size);
+            let p = self.desc_ptr(pos.idx);
+            if i == 0 {
+                head_flags = flags;
+                // SAFETY: pos.idx < size. The head's flags are written last (`publish`).
+                unsafe { write_packed(p, seg.addr, seg.len, id, None) };
+            } else {
+                // SAFETY: as above; the device does not look past the head until its flags
+                // say it is available.
+                unsafe { write_packed(p, seg.addr, seg.len, id, Some(flags)) };
             }
-            head_flags = first_flags;
+            pos = pos.advance(1, size);
         }
-        self.next_avail = head.advance(descs, size);
+        self.take_id(token, writable_len, descs);
+        self.publish(head, descs, head_flags);
+        Ok(())
+    }
+
+    /// A chain of 2..=max_indirect segments as one indirect table, the free id's
+    /// (§2.8.7): the caller checked that a position is free and the queue is not broken.
+    #[inline(always)]
+    fn add_indirect(
+        &mut self,
+        readable: &[Segment],
+        writable: &[Segment],
+        token: usize,
+    ) -> Result<()> {
+        // The id is taken only once the table is written: a refused chain keeps it free.
+        // §2.8.7: NEXT is not used in a table (it is read in order), and the entries' buffer
+        // id is not written: "Buffer ID is also reserved and is ignored by the device".
+        let id = self.free_id;
+        let table = self
+            .indirect
+            .write_table(id, readable, writable, |p, seg, flags, _| {
+                // SAFETY: `write_table` hands over one entry of the table, not published.
+                unsafe { write_table_entry(p, seg, flags.bits()) }
+            })?;
+        let head = self.next_avail;
+        // SAFETY: head.idx < size: an entry of the descriptor ring. Flags in `publish`.
+        unsafe { write_packed(self.desc_ptr(head.idx), table.daddr, table.len, id, None) };
+        self.take_id(token, table.writable, 1);
+        self.stats.indirect += 1;
+        self.publish(head, 1, DescFlags::INDIRECT.bits() | avail_bits(head.wrap));
+        Ok(())
+    }
+
+    /// Takes the first free id for a chain of `descs` positions (the caller checked that a
+    /// position is free, so an id is too: see `free_id`).
+    #[inline(always)]
+    fn take_id(&mut self, token: usize, writable: u32, descs: u16) -> u16 {
+        let id = self.free_id;
+        let state = self.id_mut(id);
+        let next = state.next;
+        *state = IdState {
+            token,
+            writable,
+            descs,
+            next,
+        };
+        self.free_id = next;
+        id
+    }
+
+    /// Makes the chain written at `head` available: its head's flags, after the barrier
+    /// (§2.8.21.3: "The driver ... performs a suitable memory barrier to ensure the device
+    /// sees the updated descriptor table" before the flags that make it available).
+    #[inline(always)]
+    fn publish(&mut self, head: Pos, descs: u16, head_flags: u16) {
+        self.next_avail = head.advance(descs, self.layout.size);
         self.num_free -= descs;
         self.in_flight += 1;
         self.added_since_kick = self.added_since_kick.saturating_add(u32::from(descs));
-        self.set_id(
-            id,
-            Id::InFlight {
-                token,
-                descs,
-                writable: writable_len,
-            },
-        );
-        // §2.8.21.3: "The driver ... performs a suitable memory barrier to ensure the device
-        // sees the updated descriptor table" before the head's flags make the chain
-        // available: every other write above is ordered before this one.
         fence(Ordering::Release);
-        self.ring.write_u16(self.flags_offset(head.idx), head_flags);
+        self.ring.write_u16(flags_offset(head.idx), head_flags);
         self.stats.added += 1;
-        Ok(())
     }
 
     /// Decides whether the device must be notified of chains added since the last call
@@ -340,8 +412,9 @@ impl PackedQueue {
         // §2.8.22: the flags write that made the chain available must be visible before the
         // device's suppression structure is read (store→load: full fence).
         fence(Ordering::SeqCst);
-        let off_wrap = self.ring.read_u16(self.layout.device);
-        let flags = self.ring.read_u16(self.layout.device + 2);
+        // The whole structure in one read (4-aligned): `off_wrap`, then `flags`.
+        let event = self.ring.read_u32(self.layout.device);
+        let (off_wrap, flags) = (event as u16, (event >> 16) as u16);
         let notify = match flags {
             EVENT_FLAG_DISABLE => false,
             EVENT_FLAG_DESC if self.event_idx => {
@@ -376,7 +449,7 @@ impl PackedQueue {
     /// Whether the descriptor at `pos` has been used by the device in `pos`'s lap.
     #[inline]
     fn is_used(&self, pos: Pos) -> bool {
-        let flags = self.ring.read_u16(self.flags_offset(pos.idx));
+        let flags = self.ring.read_u16(flags_offset(pos.idx));
         let avail = flags & DESC_F_AVAIL != 0;
         let used = flags & DESC_F_USED != 0;
         avail == used && used == pos.wrap
@@ -409,16 +482,16 @@ impl PackedQueue {
     #[inline(always)]
     fn used_position(&mut self) -> Result<Option<Pos>> {
         let pos = self.next_used;
-        if self.is_used(pos) {
-            return Ok(Some(pos));
-        }
-        if self.in_flight > 0 {
-            let flags = self.ring.read_u16(self.flags_offset(pos.idx));
-            if (flags & DESC_F_AVAIL != 0) != pos.wrap {
-                return Err(self.fail(Error::DeviceProtocol {
-                    what: "used descriptor flags in the wrong lap",
-                }));
+        // One read answers both questions (`is_used` and the lap check).
+        let flags = self.ring.read_u16(flags_offset(pos.idx));
+        if (flags & DESC_F_AVAIL != 0) == pos.wrap {
+            if (flags & DESC_F_USED != 0) == pos.wrap {
+                return Ok(Some(pos));
             }
+        } else if self.in_flight > 0 {
+            return Err(self.fail(Error::DeviceProtocol {
+                what: "used descriptor flags in the wrong lap",
+            }));
         }
         Ok(None)
     }
@@ -439,26 +512,24 @@ impl PackedQueue {
         let off = 16 * pos.idx as usize;
         let len = self.ring.read_u32(off + 8);
         let id = self.ring.read_u16(off + 12);
-        let slot = match self.ids.get(id as usize) {
-            Some(s) => *s,
-            None => {
-                return Err(self.fail(Error::UsedIdOutOfRange {
-                    queue: self.index,
-                    id: u32::from(id),
-                }));
-            }
-        };
-        let Id::InFlight {
+        if id >= self.layout.size {
+            return Err(self.fail(Error::UsedIdOutOfRange {
+                queue: self.index,
+                id: u32::from(id),
+            }));
+        }
+        let IdState {
             token,
-            descs,
             writable,
-        } = slot
-        else {
+            descs,
+            ..
+        } = *self.id_mut(id);
+        if descs == 0 {
             return Err(self.fail(Error::UsedIdNotInFlight {
                 queue: self.index,
                 id: u32::from(id),
             }));
-        };
+        }
         let len = if self.ignore_used_len { 0 } else { len };
         if len > writable {
             return Err(self.fail(Error::UsedLenTooLarge {
@@ -469,9 +540,11 @@ impl PackedQueue {
         }
         // The device skips as many positions as the chain took (§2.8.21.2).
         self.next_used = pos.advance(descs, self.layout.size);
-        self.set_id(id, Id::Free);
-        // Cannot exceed the capacity: `id` was in flight, so it is not on the stack.
-        self.free_ids.push(id);
+        let free = self.free_id;
+        let state = self.id_mut(id);
+        state.descs = 0;
+        state.next = free;
+        self.free_id = id;
         self.num_free += descs;
         self.in_flight -= 1;
         self.stats.completions += 1;
@@ -509,9 +582,9 @@ impl PackedQueue {
             return Err(Error::QueueBroken { queue: self.index });
         }
         // The peek: nothing used, nothing to do (after the same wrong-lap check as a pop).
-        if self.used_position()?.is_none() {
+        let Some(mut pos) = self.used_position()? else {
             return Ok(0);
-        }
+        };
         let mut n = 0;
         for _ in 0..=self.layout.size {
             if interrupts {
@@ -519,13 +592,20 @@ impl PackedQueue {
             }
             // `pop_used` without its per-call broken check: the round ends at the first
             // position the device has not used, after the same wrong-lap check.
-            while let Some(pos) = self.used_position()? {
+            loop {
                 f(self.take_used(pos)?);
                 n += 1;
+                match self.used_position()? {
+                    Some(next) => pos = next,
+                    None => break,
+                }
             }
+            // A re-enable that finds our used position used (its re-test) starts the next
+            // round there.
             if !interrupts || !self.enable_interrupts() {
                 return Ok(n);
             }
+            pos = self.next_used;
         }
         self.enable_interrupts();
         Ok(n)
@@ -601,15 +681,13 @@ impl PackedQueue {
     /// After a device or queue reset: hands every in-flight token to `f` and returns the
     /// queue to its initial state. Not an I/O path.
     pub fn reclaim_after_reset(&mut self, mut f: impl FnMut(usize)) {
-        for slot in &mut self.ids {
-            if let Id::InFlight { token, .. } = *slot {
-                f(token);
-            }
-            *slot = Id::Free;
-        }
         let size = self.layout.size;
-        self.free_ids.clear();
-        self.free_ids.extend((0..size).rev());
+        for state in self.ids.iter().take(usize::from(size)) {
+            if state.descs != 0 {
+                f(state.token);
+            }
+        }
+        self.link_free_ids();
         self.num_free = size;
         self.in_flight = 0;
         self.next_avail = Pos::START;
@@ -628,23 +706,37 @@ impl PackedQueue {
         self.ring.zero();
     }
 
-    // The only indexing site: ids come from our own stack (all < size) or were validated
-    // against `ids.len()` in `pop_used`.
-    #[allow(clippy::indexing_slicing)]
-    #[inline]
-    fn set_id(&mut self, id: u16, state: Id) {
-        self.ids[id as usize] = state;
+    /// Every id free, linked in order (0 first, as `add` takes them).
+    fn link_free_ids(&mut self) {
+        for (i, state) in self.ids.iter_mut().enumerate() {
+            *state = IdState {
+                next: (i as u16).wrapping_add(1),
+                ..IdState::default()
+            };
+        }
+        self.free_id = 0;
     }
 
+    // The only indexing site, without a bounds check: `ids` has `id_mask + 1` entries
+    // (built in `new`, never resized), so a masked index is always inside it. Every id
+    // passed here is a free-list link (< size by construction, preserved by `take_used`)
+    // or a device's id already checked against the size; the mask makes the access sound
+    // whatever it is.
+    #[inline(always)]
+    fn id_mut(&mut self, id: u16) -> &mut IdState {
+        let i = usize::from(id & self.id_mask);
+        debug_assert!(i < self.ids.len());
+        // SAFETY: i <= id_mask = ids.len() - 1 (above).
+        unsafe { self.ids.get_unchecked_mut(i) }
+    }
+
+    /// Breaks the queue (the device lied). Out of line: the pop paths keep no room for it.
+    #[cold]
+    #[inline(never)]
     fn fail(&mut self, e: Error) -> Error {
         log::error!("virtqueue {}: {e}; queue disabled until reset", self.index);
         self.broken = true;
         e
-    }
-
-    #[inline]
-    fn flags_offset(&self, idx: u16) -> usize {
-        16 * idx as usize + 14
     }
 
     #[inline]
@@ -653,10 +745,32 @@ impl PackedQueue {
     }
 }
 
+/// Offset of descriptor `idx`'s flags in the ring.
+#[inline(always)]
+fn flags_offset(idx: u16) -> usize {
+    16 * usize::from(idx) + 14
+}
+
 /// AVAIL and USED bits of a descriptor made available in lap `wrap` (§2.8.1).
 #[inline]
 fn avail_bits(wrap: bool) -> u16 {
     if wrap { DESC_F_AVAIL } else { DESC_F_USED }
+}
+
+/// Writes one entry of an indirect table: address, length and flags; not the buffer id,
+/// which the device ignores there (§2.8.7).
+///
+/// # Safety
+/// `p` must point to 16 writable, 16-aligned bytes of the queue's indirect pool.
+#[inline(always)]
+unsafe fn write_table_entry(p: NonNull<u8>, seg: &Segment, flags: u16) {
+    let base = p.as_ptr();
+    // SAFETY: the caller guarantees 16 valid aligned bytes; fields at 0/8/14 are aligned.
+    unsafe {
+        base.cast::<u64>().write_volatile(seg.addr.to_le());
+        base.add(8).cast::<u32>().write_volatile(seg.len.to_le());
+        base.add(14).cast::<u16>().write_volatile(flags.to_le());
+    }
 }
 
 /// Writes one packed descriptor (`addr`, `len`, `id`, and `flags` when given) with

@@ -456,7 +456,7 @@ impl SplitQueue {
         let table = self.indirect.holds(total);
         // The common multi-segment case first: one indirect table, one ring slot.
         if table && self.num_free != 0 && !self.broken {
-            return self.add_indirect(readable, writable, token, total);
+            return self.add_indirect(readable, writable, token);
         }
         if self.broken {
             return Err(Error::QueueBroken { queue: self.index });
@@ -531,7 +531,7 @@ impl SplitQueue {
         Ok(())
     }
 
-    /// A chain of `total` (2..=max_indirect) segments as one indirect table in the free
+    /// A chain of 2..=max_indirect segments as one indirect table in the free
     /// head's slot (§2.7.5.3): the caller checked that a descriptor is free and the queue
     /// is not broken.
     #[inline(always)]
@@ -540,50 +540,32 @@ impl SplitQueue {
         readable: &[Segment],
         writable: &[Segment],
         token: usize,
-        total: usize,
     ) -> Result<()> {
         let head = self.free_head;
-        let Some(table) = self.indirect.table(head) else {
-            return Err(Error::BadChain);
-        };
-        // `table` holds max_indirect >= total descriptors (`holds`), so entries 0..total
-        // lie inside it; the region is DMA memory we own, not yet published. Every entry
-        // is written with NEXT and the last one's flags rewritten (as in `add_chain`).
-        let mut p = table;
-        let mut i: u16 = 0;
-        for seg in readable {
-            i += 1;
-            // SAFETY: entry i - 1 < total is inside the table (above).
-            unsafe { write_desc(p, seg.addr, seg.len, DescFlags::NEXT, i) };
-            // SAFETY: at most one past the last entry, inside or at the end of the table.
-            p = unsafe { p.add(16) };
-        }
-        let mut writable_len: u32 = 0;
-        for seg in writable {
-            writable_len = writable_len.checked_add(seg.len).ok_or(Error::BadChain)?;
-            i += 1;
-            let flags = DescFlags::NEXT | DescFlags::WRITE;
-            // SAFETY: as above.
-            unsafe { write_desc(p, seg.addr, seg.len, flags, i) };
-            // SAFETY: as above.
-            p = unsafe { p.add(16) };
-        }
-        // SAFETY: `p` is one past entry total - 1 (total >= 2); its flags field is 4 bytes
-        // before, 2-aligned, inside the table.
+        // Every entry is written with NEXT and the last one's flags rewritten (as in
+        // `add_chain`).
+        let table =
+            self.indirect
+                .write_table(head, readable, writable, |p, seg, flags, next| {
+                    // SAFETY: `write_table` hands over one entry of the table, not published.
+                    unsafe { write_desc(p, seg.addr, seg.len, flags | DescFlags::NEXT, next) }
+                })?;
+        // SAFETY: `end` is one past the last entry (the table has at least two); that
+        // entry's flags field is 4 bytes before it, 2-aligned, inside the table.
         unsafe {
-            p.sub(4)
+            table
+                .end
+                .sub(4)
                 .cast::<u16>()
                 .as_ptr()
                 .write_volatile(last_flags(writable).bits().to_le())
         };
-        let table_len = (total * 16) as u32;
-        let table_addr = self.indirect.daddr(head);
         // SAFETY: a 16-byte entry of our descriptor table, not published.
         unsafe {
             write_desc(
                 self.areas.desc(head),
-                table_addr,
-                table_len,
+                table.daddr,
+                table.len,
                 DescFlags::INDIRECT,
                 0,
             )
@@ -591,7 +573,7 @@ impl SplitQueue {
         self.free_head = self.link(head);
         self.num_free -= 1;
         self.stats.indirect += 1;
-        self.commit(head, token, writable_len, 1, head);
+        self.commit(head, token, table.writable, 1, head);
         Ok(())
     }
 

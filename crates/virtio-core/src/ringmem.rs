@@ -6,6 +6,8 @@ use core::ptr::NonNull;
 
 use crate::error::{Error, Result};
 use crate::platform::{DeviceAddr, DmaRegion};
+use crate::queue::Segment;
+use crate::ring::DescFlags;
 
 /// A ring's DMA region with the number of bytes its layout uses.
 pub(crate) struct RingMemory {
@@ -75,6 +77,18 @@ impl RingMemory {
     }
 }
 
+/// A chain's indirect table as [`IndirectPool::write_table`] wrote it.
+pub(crate) struct Table {
+    /// Where the device finds it.
+    pub(crate) daddr: DeviceAddr,
+    /// Its length in bytes (16 per entry).
+    pub(crate) len: u32,
+    /// The chain's device-writable bytes: the bound for the used length.
+    pub(crate) writable: u32,
+    /// One past its last entry.
+    pub(crate) end: NonNull<u8>,
+}
+
 /// Indirect tables: `size` tables of `max` 16-byte entries, table `i` for chain slot `i`
 /// (a split ring's head, a packed ring's buffer id).
 pub(crate) struct IndirectPool {
@@ -123,6 +137,50 @@ impl IndirectPool {
     pub(crate) fn table(&self, slot: u16) -> Option<NonNull<u8>> {
         let entry = self.max as usize * 16;
         self.region.as_ref()?.ptr_at(slot as usize * entry, entry)
+    }
+
+    /// Writes slot `slot`'s table for a chain of `readable` then `writable` segments, whose
+    /// count the caller checked with `holds` (2..=max). Each entry is written by `entry`,
+    /// the ring's own format, which is handed the entry (16 writable, 16-aligned bytes of
+    /// the table, not yet published), its segment, its flags (WRITE for a device-writable
+    /// segment) and its index + 1 (the split ring's `next` link). `BadChain` when the
+    /// writable bytes overflow the 32-bit used length: the table is then unpublished
+    /// scratch. Both rings' indirect path.
+    #[inline(always)]
+    pub(crate) fn write_table(
+        &self,
+        slot: u16,
+        readable: &[Segment],
+        writable: &[Segment],
+        mut entry: impl FnMut(NonNull<u8>, &Segment, DescFlags, u16),
+    ) -> Result<Table> {
+        let Some(start) = self.table(slot) else {
+            return Err(Error::BadChain);
+        };
+        // The table holds max >= readable.len() + writable.len() entries (`holds`), so
+        // every entry written below lies inside it.
+        let mut p = start;
+        let mut i: u16 = 0;
+        for seg in readable {
+            i += 1;
+            entry(p, seg, DescFlags::empty(), i);
+            // SAFETY: at most one past the last entry, inside or at the end of the table.
+            p = unsafe { p.add(16) };
+        }
+        let mut writable_len: u32 = 0;
+        for seg in writable {
+            writable_len = writable_len.checked_add(seg.len).ok_or(Error::BadChain)?;
+            i += 1;
+            entry(p, seg, DescFlags::WRITE, i);
+            // SAFETY: as above.
+            p = unsafe { p.add(16) };
+        }
+        Ok(Table {
+            daddr: self.daddr(slot),
+            len: u32::from(i) * 16,
+            writable: writable_len,
+            end: p,
+        })
     }
 
     /// Where the device sees the table of slot `slot`.
