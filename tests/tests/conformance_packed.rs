@@ -324,8 +324,13 @@ fn full_ring_backpressure_and_recovery() {
 fn refused_chains_leave_no_trace() {
     for max_indirect in [0u16, 4] {
         let mut p = pair(8, false, max_indirect);
-        // Never dereferenced: the chain is refused before anything is written.
-        let huge = [Segment::new(0x1000, u32::MAX), Segment::new(0x2000, 1)];
+        // Never read by the device: the chain is refused before it is published. The
+        // overflow comes at the last segment, after the others could have been written.
+        let huge = [
+            Segment::new(0x1000, 1),
+            Segment::new(0x2000, 1),
+            Segment::new(0x3000, u32::MAX),
+        ];
         assert_eq!(p.drv.add(&[], &huge, 1), Err(Error::BadChain));
         assert_eq!((p.drv.num_free(), p.drv.in_flight()), (8, 0));
         assert!(p.dev.pop().is_none(), "nothing made available");
@@ -345,20 +350,36 @@ fn refused_chains_leave_no_trace() {
     }
 }
 
-/// `PackedRingLayout`'s fields are public: a layout built by hand with a size the ring
-/// cannot have is refused.
+/// `PackedRingLayout`'s fields are public: a layout built by hand that
+/// `PackedRingLayout::new` would not make (a size the ring cannot have, offsets that do not
+/// fit its size) is refused.
 #[test]
-fn hand_built_layout_of_impossible_size_is_refused() {
+fn hand_built_layout_is_refused_unless_canonical() {
     let mem = IdentityMemory::new(1 << 20);
-    for size in [0u16, 32769] {
-        let layout = PackedRingLayout {
-            size,
-            driver: 16 * usize::from(size),
-            device: 16 * usize::from(size) + 4,
-            total: 16 * usize::from(size) + 8,
-            align: 16,
-        };
-        let ring = mem.alloc_coherent(layout.total.max(16), 16).unwrap();
+    let canonical = |size: u16| PackedRingLayout {
+        size,
+        driver: 16 * usize::from(size),
+        device: 16 * usize::from(size) + 4,
+        total: 16 * usize::from(size) + 8,
+        align: 16,
+    };
+    let layouts = [
+        canonical(0),
+        canonical(32769),
+        PackedRingLayout {
+            total: 8,
+            ..canonical(8)
+        },
+        PackedRingLayout {
+            device: 16 * 8 + 2,
+            ..canonical(8)
+        },
+    ];
+    for layout in layouts {
+        let size = layout.size;
+        let ring = mem
+            .alloc_coherent(canonical(size).total.max(16), 16)
+            .unwrap();
         let config = QueueConfig {
             size,
             max_indirect: 0,
@@ -370,6 +391,15 @@ fn hand_built_layout_of_impossible_size_is_refused() {
             Err(Error::BadQueueSize { .. })
         ));
     }
+    // The canonical layout itself is accepted.
+    let ring = mem.alloc_coherent(canonical(8).total, 16).unwrap();
+    let config = QueueConfig {
+        size: 8,
+        max_indirect: 0,
+        event_idx: false,
+        ignore_used_len: false,
+    };
+    assert!(PackedQueue::new(0, canonical(8), ring, None, config).is_ok());
 }
 
 #[test]

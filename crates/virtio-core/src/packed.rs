@@ -8,7 +8,7 @@
 //! invalid one breaks the queue until reset), tokens handed back after a reset, and no
 //! allocation after [`PackedQueue::new`].
 //!
-//! Buffer ids are the driver's: one per chain in flight, from a free stack of `size` ids;
+//! Buffer ids are the driver's: one per chain in flight, from a free list of `size` ids;
 //! the device returns a chain by writing a used descriptor (its id and length) at the next
 //! used position, and the driver then skips as many ring positions as that chain took
 //! (§2.8.7, §2.8.21).
@@ -135,7 +135,8 @@ pub struct PackedQueue {
     /// `ids.len() - 1`.
     id_mask: u16,
     /// First free id. There is one whenever a ring position is free: every chain in flight
-    /// holds an id and at least one position, so `in_flight <= size - num_free`.
+    /// holds an id and at least one position, so `in_flight <= size - num_free`. The list
+    /// ends in the value `size` (the last id's link), which is never taken.
     free_id: u16,
     /// Free ring positions.
     num_free: u16,
@@ -164,8 +165,13 @@ impl PackedQueue {
         config: QueueConfig,
     ) -> Result<Self> {
         let size = layout.size;
-        // The layout's fields are public: its size is checked here too.
-        if config.size != size || size == 0 || size > MAX_QUEUE_SIZE {
+        // The layout's fields are public, and every ring access trusts its offsets (and the
+        // event structures' 4-byte alignment): accept only a layout `PackedRingLayout::new`
+        // would have made (1..=MAX_QUEUE_SIZE entries), in memory aligned as it requires.
+        if config.size != size
+            || PackedRingLayout::new(size) != Some(layout)
+            || ring.vaddr.as_ptr().addr() % layout.align.max(1) != 0
+        {
             return Err(Error::BadQueueSize { queue: index, size });
         }
         let ring = RingMemory::new(ring, layout.total)
@@ -342,8 +348,9 @@ impl PackedQueue {
         Ok(())
     }
 
-    /// A chain of 2..=max_indirect segments as one indirect table, the free id's
-    /// (§2.8.7): the caller checked that a position is free and the queue is not broken.
+    /// A chain of 2..=max_indirect segments as one indirect table (§2.8.7), the one of the
+    /// first free id: the caller checked that a position is free and the queue is not
+    /// broken.
     #[inline(always)]
     fn add_indirect(
         &mut self,
@@ -375,6 +382,7 @@ impl PackedQueue {
     #[inline(always)]
     fn take_id(&mut self, token: usize, writable: u32, descs: u16) -> u16 {
         let id = self.free_id;
+        debug_assert!(id < self.layout.size, "an id is taken with none free");
         let state = self.id_mut(id);
         let next = state.next;
         *state = IdState {
@@ -719,9 +727,9 @@ impl PackedQueue {
 
     // The only indexing site, without a bounds check: `ids` has `id_mask + 1` entries
     // (built in `new`, never resized), so a masked index is always inside it. Every id
-    // passed here is a free-list link (< size by construction, preserved by `take_used`)
-    // or a device's id already checked against the size; the mask makes the access sound
-    // whatever it is.
+    // passed here is one `take_id` takes (< size: the list's end, `size`, is never taken
+    // while a position is free) or a device's id already checked against the size; the
+    // mask makes the access sound whatever it is.
     #[inline(always)]
     fn id_mut(&mut self, id: u16) -> &mut IdState {
         let i = usize::from(id & self.id_mask);

@@ -51,7 +51,8 @@ impl RingMemory {
 
     #[inline]
     pub(crate) fn read_u32(&self, offset: usize) -> u32 {
-        // SAFETY: in bounds, 4-aligned (used elements, descriptor lengths); volatile as above.
+        // SAFETY: in bounds, 4-aligned (used elements, descriptor lengths, the packed ring's
+        // device event structure); volatile as above.
         u32::from_le(unsafe { self.ptr(offset).cast::<u32>().as_ptr().read_volatile() })
     }
 
@@ -104,7 +105,8 @@ impl IndirectPool {
         let max = match &region {
             Some(pool) if max > 1 => {
                 let needed = size as usize * max as usize * 16;
-                if pool.len < needed || max > size {
+                // Descriptors are 16-aligned (§2.7.5, §2.8.1): so are the tables.
+                if pool.len < needed || max > size || pool.vaddr.as_ptr().addr() % 16 != 0 {
                     return Err(Error::BadChain);
                 }
                 max
@@ -139,8 +141,8 @@ impl IndirectPool {
         self.region.as_ref()?.ptr_at(slot as usize * entry, entry)
     }
 
-    /// Writes slot `slot`'s table for a chain of `readable` then `writable` segments, whose
-    /// count the caller checked with `holds` (2..=max). Each entry is written by `entry`,
+    /// Writes slot `slot`'s table for a chain of `readable` then `writable` segments
+    /// (2..=max of them, else `BadChain`). Each entry is written by `entry`,
     /// the ring's own format, which is handed the entry (16 writable, 16-aligned bytes of
     /// the table, not yet published), its segment, its flags (WRITE for a device-writable
     /// segment) and its index + 1 (the split ring's `next` link). `BadChain` when the
@@ -154,11 +156,14 @@ impl IndirectPool {
         writable: &[Segment],
         mut entry: impl FnMut(NonNull<u8>, &Segment, DescFlags, u16),
     ) -> Result<Table> {
+        // The callers checked this already (the compiler merges the two checks); here it
+        // is what keeps every entry written below inside the table (max >= the count).
+        if !self.holds(readable.len() + writable.len()) {
+            return Err(Error::BadChain);
+        }
         let Some(start) = self.table(slot) else {
             return Err(Error::BadChain);
         };
-        // The table holds max >= readable.len() + writable.len() entries (`holds`), so
-        // every entry written below lies inside it.
         let mut p = start;
         let mut i: u16 = 0;
         for seg in readable {
