@@ -649,7 +649,7 @@ impl PackedQueue {
     /// must process now.
     #[inline]
     pub fn enable_interrupts(&mut self) -> bool {
-        self.enable_interrupts_at(0)
+        self.enable_interrupts_at(self.next_used)
     }
 
     /// Like [`PackedQueue::enable_interrupts`], but with EVENT_IDX asks for the interrupt
@@ -657,15 +657,16 @@ impl PackedQueue {
     /// `enable_cb_delayed_packed`).
     pub fn enable_interrupts_delayed(&mut self) -> bool {
         let busy = self.layout.size - self.num_free;
-        self.enable_interrupts_at((u32::from(busy) * 3 / 4) as u16)
+        let delay = (u32::from(busy) * 3 / 4) as u16;
+        // delay < size: `busy` <= size.
+        self.enable_interrupts_at(self.next_used.advance(delay, self.layout.size))
     }
 
+    /// Re-enables interrupts with EVENT_IDX's interrupt point at `at`, then re-tests our
+    /// used position.
     #[inline]
-    fn enable_interrupts_at(&mut self, delay: u16) -> bool {
+    fn enable_interrupts_at(&mut self, at: Pos) -> bool {
         self.interrupts_enabled = true;
-        let at = self
-            .next_used
-            .advance(delay.min(self.layout.size), self.layout.size);
         if self.event_idx {
             self.ring.write_u16(self.layout.driver, at.off_wrap());
             // The position before the flags that make the device read it.
