@@ -937,7 +937,7 @@ impl<B: Bus> VirtioConsole<B> {
             };
             let len = len as usize;
             let take = (len - p.rx_off.min(len)).min(out.len() - n);
-            // Volatile, once, into the caller's memory (`DmaRegion::read_into`); `take`
+            // Once, into the caller's memory (`DmaRegion::read_into`); `take`
             // fits `out`, and the bus bounds `len` by the buffer (zeros if it ever did not).
             if let Some(dst) = out.get_mut(n..n + take) {
                 if !region.read_into(i as usize * size + p.rx_off, dst) {
@@ -1085,7 +1085,7 @@ impl<B: Bus> VirtioConsole<B> {
             *posted = false;
             // The bus bounds `len` by the posted capacity (CONTROL_BUF).
             let len = (u.len as usize).min(CONTROL_BUF);
-            // Volatile, once, into driver memory: the message is parsed from the copy.
+            // Once, into driver memory (`read_into`): the message is parsed from the copy.
             let msg = buf.get_mut(..len).unwrap_or(&mut []);
             let n = if c.rx.read_into(u.token * CONTROL_BUF, msg) {
                 msg.len()

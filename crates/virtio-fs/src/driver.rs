@@ -980,7 +980,7 @@ impl<B: Bus> FsDriver<B> {
             let dst = out.get_mut(..n as usize).ok_or(FsError::InvalidArgument)?;
             let region = queue.region.as_ref().ok_or(Error::InvalidState)?;
             // The device returned the buffer through the used ring; a device that keeps
-            // writing it cannot cause undefined behaviour: volatile copy, validated after.
+            // writing it cannot cause undefined behaviour: copied once, validated after.
             if !region.read_into(usize::from(t.slot) * stride + DATA_AREA, dst) {
                 return Err(FsError::Virtio(Error::InvalidState));
             }
@@ -1482,7 +1482,7 @@ impl<B: Bus> FsDriver<B> {
                 let bytes = buf
                     .get_mut(..used.len as usize)
                     .ok_or(Error::InvalidState)?;
-                // Volatile copy out of the returned buffer, validated after.
+                // Copied once out of the returned buffer, validated after.
                 if !region.read_into(used.token * n.stride, bytes) {
                     return Err(FsError::Virtio(Error::InvalidState));
                 }
@@ -2376,7 +2376,7 @@ fn setattr_in(set: &SetAttr) -> SetattrIn {
     s
 }
 
-/// Reads an `N`-byte prefix at `offset` of `region` (volatile copy).
+/// Reads an `N`-byte prefix at `offset` of `region` (copied once, `read_into`).
 fn read_wire<T: FromBytes, const N: usize>(region: &DmaRegion, offset: usize) -> Option<T> {
     let mut buf = [0u8; N];
     if !region.read_into(offset, &mut buf) {

@@ -413,7 +413,7 @@ struct TxState {
 struct RxState {
     bufs: Vec<DmaRegion>,
     state: Vec<BufState>,
-    /// The virtio header of each buffer, copied once (volatile) when the device returns
+    /// The virtio header of each buffer, copied once (`read_into`) when the device returns
     /// it: every later parse of the frame (the debugger's, then the stack's) sees the
     /// same validated values, whatever the device writes afterwards.
     headers: Vec<[u8; wire::HDR_LEN_V1]>,
@@ -2060,9 +2060,9 @@ impl<'a> RxFrame<'a> {
         })
     }
 
-    /// Copies the frame into `dst` with volatile reads, each byte once (a device that
-    /// rewrites a returned buffer cannot race the copy); `None` (nothing copied) if it does
-    /// not fit.
+    /// Copies the frame into `dst`, each byte read once (`DmaRegion::read_into`: a device
+    /// that rewrites a returned buffer changes only what is copied, never causes undefined
+    /// behaviour); `None` (nothing copied) if it does not fit.
     pub fn copy_to(&self, dst: &mut [u8]) -> Option<usize> {
         if dst.len() < self.info.len {
             return None;

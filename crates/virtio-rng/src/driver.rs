@@ -185,7 +185,7 @@ impl<B: Bus> VirtioRng<B> {
             // The device returned this buffer through the used ring (the bus read used.idx
             // with acquire ordering before the element, §2.7.14) and it is not posted again
             // until every byte was handed out. A device breaking that rule could still
-            // write it, so the bytes are copied with volatile reads, never borrowed.
+            // write it, so the bytes are copied once (`read_into`), never borrowed.
             if !region.read_into(offset, dst) {
                 return Err(Error::InvalidState);
             }

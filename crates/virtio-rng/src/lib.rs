@@ -12,7 +12,7 @@
 //!   what it handed out and reposts a buffer only once all of its bytes were taken. So the
 //!   caller sees the device's bytes in completion order, none lost, none twice — even from
 //!   a device that claims to have written a buffer it did not touch (it reads zeroes then,
-//!   never earlier bytes). Bytes are copied out of DMA memory with volatile reads
+//!   never earlier bytes). Bytes are copied out of DMA memory once
 //!   (`DmaRegion::read_into`), never borrowed.
 //! - **Hostile device.** The bus validates every used element (an id out of range or not
 //!   in flight, a length beyond the buffer, a used index that jumps): the error is returned
