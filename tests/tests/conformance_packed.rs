@@ -375,7 +375,7 @@ fn hand_built_layout_is_refused_unless_canonical() {
             ..canonical(8)
         },
     ];
-    for layout in layouts {
+    let build = |layout: PackedRingLayout| {
         let size = layout.size;
         let ring = mem
             .alloc_coherent(canonical(size).total.max(16), 16)
@@ -386,20 +386,13 @@ fn hand_built_layout_is_refused_unless_canonical() {
             event_idx: false,
             ignore_used_len: false,
         };
-        assert!(matches!(
-            PackedQueue::new(0, layout, ring, None, config),
-            Err(Error::BadQueueSize { .. })
-        ));
+        PackedQueue::new(0, layout, ring, None, config)
+    };
+    for layout in layouts {
+        assert!(matches!(build(layout), Err(Error::BadQueueSize { .. })));
     }
     // The canonical layout itself is accepted.
-    let ring = mem.alloc_coherent(canonical(8).total, 16).unwrap();
-    let config = QueueConfig {
-        size: 8,
-        max_indirect: 0,
-        event_idx: false,
-        ignore_used_len: false,
-    };
-    assert!(PackedQueue::new(0, canonical(8), ring, None, config).is_ok());
+    assert!(build(canonical(8)).is_ok());
 }
 
 #[test]

@@ -86,6 +86,18 @@ struct IdState {
     next: u16,
 }
 
+/// What a descriptor's flags say at the driver's used position ([`PackedQueue::used_flags`]).
+enum UsedFlags {
+    /// Used by the device in this lap.
+    Used,
+    /// Made available by us in this lap, not used yet (or never written).
+    NotYet,
+    /// AVAIL of the other lap: a device writing in the wrong lap, unless nothing is in
+    /// flight (then it is a position not written in this lap: zero since setup, or the
+    /// last lap's).
+    WrongLap,
+}
+
 /// A ring position and the wrap counter that goes with it.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 struct Pos {
@@ -454,19 +466,34 @@ impl PackedQueue {
         notify
     }
 
-    /// Whether the descriptor at `pos` has been used by the device in `pos`'s lap.
-    #[inline]
-    fn is_used(&self, pos: Pos) -> bool {
+    /// What the flags at our used position say, from one read (§2.8.1, §2.8.15): with a
+    /// chain in flight, that descriptor was written by us in this lap (AVAIL = wrap,
+    /// USED = !wrap), and the device may only mark it used in this lap (both = wrap).
+    /// AVAIL != wrap there is a device writing in the wrong lap (a wrap counter out of
+    /// step), not "nothing yet".
+    #[inline(always)]
+    fn used_flags(&self) -> UsedFlags {
+        let pos = self.next_used;
         let flags = self.ring.read_u16(flags_offset(pos.idx));
-        let avail = flags & DESC_F_AVAIL != 0;
-        let used = flags & DESC_F_USED != 0;
-        avail == used && used == pos.wrap
+        if (flags & DESC_F_AVAIL != 0) != pos.wrap {
+            UsedFlags::WrongLap
+        } else if (flags & DESC_F_USED != 0) == pos.wrap {
+            UsedFlags::Used
+        } else {
+            UsedFlags::NotYet
+        }
+    }
+
+    /// Whether the device has used the descriptor at our used position (no lap check).
+    #[inline]
+    fn is_used(&self) -> bool {
+        matches!(self.used_flags(), UsedFlags::Used)
     }
 
     /// Whether the device has completed chains we have not popped yet.
     #[inline]
     pub fn has_used(&self) -> bool {
-        !self.broken && self.is_used(self.next_used)
+        !self.broken && self.is_used()
     }
 
     /// Pops the next used descriptor, in the order the device wrote them (§2.8.21.2),
@@ -476,37 +503,31 @@ impl PackedQueue {
         if self.broken {
             return Err(Error::QueueBroken { queue: self.index });
         }
-        match self.used_position()? {
-            Some(pos) => self.take_used(pos).map(Some),
-            None => Ok(None),
+        if self.next_is_used()? {
+            self.take_used().map(Some)
+        } else {
+            Ok(None)
         }
     }
 
-    /// Our used position, if the device has used the descriptor there. If not, that is
-    /// fine unless the device wrote it in the wrong lap. §2.8.1, §2.8.15: with a chain in
-    /// flight, that descriptor was written by us in this lap (AVAIL = wrap, USED = !wrap),
-    /// and the device may only mark it used in this lap (both = wrap). AVAIL != wrap there
-    /// is a device writing in the wrong lap (a wrap counter out of step): not "nothing yet".
+    /// Whether the device has used the descriptor at our used position; if not, that is
+    /// fine unless it wrote it in the wrong lap with a chain in flight (`used_flags`).
     #[inline(always)]
-    fn used_position(&mut self) -> Result<Option<Pos>> {
-        let pos = self.next_used;
-        // One read answers both questions (`is_used` and the lap check).
-        let flags = self.ring.read_u16(flags_offset(pos.idx));
-        if (flags & DESC_F_AVAIL != 0) == pos.wrap {
-            if (flags & DESC_F_USED != 0) == pos.wrap {
-                return Ok(Some(pos));
-            }
-        } else if self.in_flight > 0 {
-            return Err(self.fail(Error::DeviceProtocol {
+    fn next_is_used(&mut self) -> Result<bool> {
+        match self.used_flags() {
+            UsedFlags::Used => Ok(true),
+            UsedFlags::WrongLap if self.in_flight > 0 => Err(self.fail(Error::DeviceProtocol {
                 what: "used descriptor flags in the wrong lap",
-            }));
+            })),
+            _ => Ok(false),
         }
-        Ok(None)
     }
 
-    /// Validates and takes the used descriptor at `pos`, which `used_position` found.
+    /// Validates and takes the used descriptor at our used position, which
+    /// `next_is_used` found used.
     #[inline(always)]
-    fn take_used(&mut self, pos: Pos) -> Result<Used> {
+    fn take_used(&mut self) -> Result<Used> {
+        let pos = self.next_used;
         if self.in_flight == 0 {
             // A used descriptor in the current lap with nothing in flight: the device wrote
             // one we never made available.
@@ -590,30 +611,27 @@ impl PackedQueue {
             return Err(Error::QueueBroken { queue: self.index });
         }
         // The peek: nothing used, nothing to do (after the same wrong-lap check as a pop).
-        let Some(mut pos) = self.used_position()? else {
+        if !self.next_is_used()? {
             return Ok(0);
-        };
+        }
         let mut n = 0;
         for _ in 0..=self.layout.size {
             if interrupts {
                 self.suppress_interrupts();
             }
             // `pop_used` without its per-call broken check: the round ends at the first
-            // position the device has not used, after the same wrong-lap check.
+            // position the device has not used, after the same wrong-lap check. Each round
+            // starts at a position found used (the peek, or the re-enable's re-test).
             loop {
-                f(self.take_used(pos)?);
+                f(self.take_used()?);
                 n += 1;
-                match self.used_position()? {
-                    Some(next) => pos = next,
-                    None => break,
+                if !self.next_is_used()? {
+                    break;
                 }
             }
-            // A re-enable that finds our used position used (its re-test) starts the next
-            // round there.
             if !interrupts || !self.enable_interrupts() {
                 return Ok(n);
             }
-            pos = self.next_used;
         }
         self.enable_interrupts();
         Ok(n)
@@ -684,7 +702,7 @@ impl PackedQueue {
         // with a delay, `at` can fall inside a chain the device already returned, where it
         // wrote nothing (it skips the chain's other positions, §2.8.6), so the device passed
         // the event before reading it and no interrupt would ever come.
-        self.is_used(self.next_used)
+        self.is_used()
     }
 
     /// After a device or queue reset: hands every in-flight token to `f` and returns the
