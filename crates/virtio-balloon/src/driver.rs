@@ -689,7 +689,11 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
                 break;
             };
             if !range_ok(range) {
-                log::error!("virtio-balloon: platform gave a malformed free range {range:?}");
+                log::error!(
+                    "virtio-balloon: platform gave a malformed free range: address {:#x}, length {} bytes",
+                    range.addr,
+                    range.len
+                );
                 self.counters.rejected_from_platform += 1;
                 self.pool
                     .return_free_range(range, RangeUse::Report, RangeReturn::Unused);
@@ -1168,7 +1172,11 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
                 break;
             };
             if !range_ok(range) {
-                log::error!("virtio-balloon: platform gave a malformed free range {range:?}");
+                log::error!(
+                    "virtio-balloon: platform gave a malformed free range: address {:#x}, length {} bytes",
+                    range.addr,
+                    range.len
+                );
                 self.counters.rejected_from_platform += 1;
                 self.pool
                     .return_free_range(range, RangeUse::Hint, RangeReturn::Unused);

@@ -188,6 +188,22 @@ pub struct SuspendReport {
     pub drain_error: Option<BlkError>,
 }
 
+/// `3 requests completed, 1 aborted, after 12 polls`, then the device fault if one ended the
+/// wait.
+impl core::fmt::Display for SuspendReport {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "{} requests completed, {} aborted, after {} polls",
+            self.completed, self.aborted, self.drain_polls
+        )?;
+        if let Some(e) = &self.drain_error {
+            write!(f, "; waiting stopped by a device fault: {e}")?;
+        }
+        Ok(())
+    }
+}
+
 /// What [`BlkDriver::resume`] found.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResumeReport {
@@ -198,6 +214,24 @@ pub struct ResumeReport {
     pub capacity_changed: bool,
     /// Request queues rebuilt.
     pub queues: u16,
+}
+
+/// `features 0x..., capacity 2048 sectors (unchanged), 2 queues`.
+impl core::fmt::Display for ResumeReport {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "features {:#x}, capacity {} sectors ({}), {} queues",
+            self.features.bits(),
+            self.capacity,
+            if self.capacity_changed {
+                "changed"
+            } else {
+                "unchanged"
+            },
+            self.queues
+        )
+    }
 }
 
 /// What an interrupt meant for the block device.
@@ -1524,7 +1558,7 @@ impl<B: Bus> BlkDriver<B> {
             report.drain_error = Some(e);
         }
         report.aborted = self.reset_and_abort(&mut f);
-        log::info!("virtio-blk: suspended: {report:?}");
+        log::info!("virtio-blk: suspended: {report}");
         Ok(report)
     }
 
@@ -1574,7 +1608,7 @@ impl<B: Bus> BlkDriver<B> {
             capacity_changed: self.info.capacity != capacity_before,
             queues: self.num_queues(),
         };
-        log::info!("virtio-blk: resumed: {report:?}");
+        log::info!("virtio-blk: resumed: {report}");
         Ok(report)
     }
 }

@@ -159,6 +159,21 @@ impl DeviceConfig {
     }
 }
 
+/// `size 80x25, max_nr_ports 31`, or `not given` for a field whose feature was not
+/// negotiated.
+impl fmt::Display for DeviceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.size {
+            Some((cols, rows)) => write!(f, "size {cols}x{rows}")?,
+            None => write!(f, "size not given")?,
+        }
+        match self.max_nr_ports {
+            Some(n) => write!(f, ", max_nr_ports {n}"),
+            None => write!(f, ", max_nr_ports not given"),
+        }
+    }
+}
+
 /// What happened on the device side, in order.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum ConsoleEvent {
@@ -514,9 +529,10 @@ impl<B: Bus> VirtioConsole<B> {
         };
         for p in 1..nports {
             if bus.max_queue_size(queues::rx(p)) == 0 || bus.max_queue_size(queues::tx(p)) == 0 {
+                // `nports` is above 1 only with MULTIPORT, so `max_nr_ports` is given here.
                 log::warn!(
-                    "virtio-console: max_nr_ports {:?} but no queues for port {p}; serving {p} ports",
-                    cfg.max_nr_ports
+                    "virtio-console: max_nr_ports {} but no queues for port {p}; serving {p} ports",
+                    cfg.max_nr_ports.unwrap_or(1)
                 );
                 nports = p;
                 break;
@@ -528,10 +544,8 @@ impl<B: Bus> VirtioConsole<B> {
             p0.size = Some(size);
         }
         log::info!(
-            "virtio-console: features {:#x}, size {:?}, max_nr_ports {:?}, serving {nports}",
-            feats.bits(),
-            cfg.size,
-            cfg.max_nr_ports
+            "virtio-console: features {:#x}, {cfg}, serving {nports}",
+            feats.bits()
         );
         Ok(VirtioConsole {
             bus,

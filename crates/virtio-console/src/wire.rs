@@ -151,6 +151,19 @@ pub enum NameError {
     ControlCharacter,
 }
 
+impl fmt::Display for NameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NameError::Empty => write!(f, "empty"),
+            NameError::TooLong { len } => {
+                write!(f, "{len} bytes long, above the {MAX_NAME_LEN}-byte limit")
+            }
+            NameError::NotUtf8 => write!(f, "not UTF-8"),
+            NameError::ControlCharacter => write!(f, "contains a control character"),
+        }
+    }
+}
+
 /// A control message from the device, parsed and checked on its own (whether its port
 /// exists is the driver's business).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -216,7 +229,7 @@ impl fmt::Display for ControlError {
                 write!(f, "driver-to-device event {event} sent by the device")
             }
             ControlError::BadOpenValue { value } => write!(f, "PORT_OPEN value {value}"),
-            ControlError::BadName(e) => write!(f, "bad port name: {e:?}"),
+            ControlError::BadName(e) => write!(f, "bad port name: {e}"),
             ControlError::IdOutOfRange { id } => write!(f, "port id {id} beyond max_nr_ports"),
             ControlError::IdBeyondDriverLimit { id } => {
                 write!(f, "port id {id} beyond the driver's port limit")

@@ -87,6 +87,26 @@ impl From<TransportError> for Error {
     }
 }
 
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TransportError::NotVirtio => write!(f, "not a supported virtio device"),
+            TransportError::BadCapabilityList => write!(f, "malformed PCI capability list"),
+            TransportError::MissingCapability { cfg_type } => {
+                write!(f, "missing virtio capability (cfg_type {cfg_type})")
+            }
+            TransportError::CapabilityOutOfBar { cfg_type } => {
+                write!(f, "capability cfg_type {cfg_type} lies outside its BAR")
+            }
+            TransportError::BarUnavailable { bar } => {
+                write!(f, "BAR {bar} not implemented or not assigned")
+            }
+            TransportError::NoLegacyInterface => write!(f, "no legacy interface"),
+            TransportError::NoModernInterface => write!(f, "no modern interface"),
+        }
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -126,7 +146,7 @@ impl fmt::Display for Error {
             ),
             Error::QueueBroken { queue } => write!(f, "queue {queue} broken by device fault"),
             Error::DmaAlloc => write!(f, "DMA allocation failed"),
-            Error::Transport(t) => write!(f, "transport: {t:?}"),
+            Error::Transport(t) => write!(f, "transport: {t}"),
             Error::VectorRejected { queue: Some(q) } => {
                 write!(f, "MSI-X vector rejected for queue {q}")
             }

@@ -190,6 +190,38 @@ pub enum RxMode {
     Mergeable,
 }
 
+impl core::fmt::Display for RxMode {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            RxMode::Small => "small",
+            RxMode::Big => "big-packet",
+            RxMode::Mergeable => "mergeable",
+        })
+    }
+}
+
+/// A MAC address as people write it (`52:54:00:12:34:56`), for log lines.
+struct MacAddr([u8; 6]);
+
+impl core::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// The MTU the device gave, or that it gave none, for log lines.
+struct MtuText(Option<u16>);
+
+impl core::fmt::Display for MtuText {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(m) => write!(f, "{m}"),
+            None => f.write_str("not given"),
+        }
+    }
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Duplex {
     Half,
@@ -235,7 +267,7 @@ impl core::fmt::Display for NetError {
             NetError::Core(e) => write!(fm, "{e}"),
             NetError::Busy => write!(fm, "transmit ring full"),
             NetError::BadFrame(w) => write!(fm, "bad frame: {w}"),
-            NetError::Offload(o) => write!(fm, "offload: {o:?}"),
+            NetError::Offload(o) => write!(fm, "offload: {o}"),
             NetError::NotNegotiated(w) => write!(fm, "{w} not negotiated"),
             NetError::Device(w) => write!(fm, "device protocol violation: {w}"),
             NetError::CtrlRejected { class, command } => {
@@ -265,6 +297,25 @@ pub struct SuspendReport {
     pub drain_error: Option<NetError>,
 }
 
+impl core::fmt::Display for SuspendReport {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "{} frames sent, {} taken back unsent, {} receive buffers reclaimed, {} received \
+             frames dropped, after {} polls",
+            self.tx_completed,
+            self.tx_reclaimed,
+            self.rx_reclaimed,
+            self.rx_dropped,
+            self.drain_polls
+        )?;
+        if let Some(e) = &self.drain_error {
+            write!(f, "; waiting stopped by a device fault: {e}")?;
+        }
+        Ok(())
+    }
+}
+
 /// What [`VirtioNet::resume`] found and restored.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResumeReport {
@@ -280,6 +331,28 @@ pub struct ResumeReport {
     /// the first failure is in `restore_error`.
     pub restore_failed: u32,
     pub restore_error: Option<NetError>,
+}
+
+impl core::fmt::Display for ResumeReport {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "features {:#x}, link {}, mtu {}, {} receive buffers posted, {} settings restored",
+            self.features.bits(),
+            if self.link_up { "up" } else { "down" },
+            MtuText(self.mtu),
+            self.rx_posted,
+            self.restored
+        )?;
+        if self.restore_failed > 0 {
+            write!(f, " ({} failed", self.restore_failed)?;
+            if let Some(e) = &self.restore_error {
+                write!(f, ", the first: {e}")?;
+            }
+            f.write_str(")")?;
+        }
+        Ok(())
+    }
 }
 
 /// Counters.
@@ -663,7 +736,10 @@ impl<B: Bus> VirtioNet<B> {
             if valid_unicast(&m) {
                 m
             } else {
-                log::warn!("virtio-net: device MAC {m:02x?} is not a unicast address");
+                log::warn!(
+                    "virtio-net: device MAC {} is not a unicast address",
+                    MacAddr(m)
+                );
                 stats.config_invalid += 1;
                 push_mac = true;
                 random_mac(cfg.mac_seed)
@@ -795,10 +871,10 @@ impl<B: Bus> VirtioNet<B> {
             }
         }
         log::info!(
-            "virtio-net: features {:#x}, mac {:02x?}, mtu {:?}, link {}, {:?} rx with {} buffers",
+            "virtio-net: features {:#x}, mac {}, mtu {}, link {}, {} receive buffers: {}",
             net.features.bits(),
-            net.mac,
-            net.mtu,
+            MacAddr(net.mac),
+            MtuText(net.mtu),
             if net.link_up { "up" } else { "down" },
             net.mode,
             nbufs
@@ -1726,7 +1802,7 @@ impl<B: Bus> VirtioNet<B> {
         report.rx_dropped = r.rx_dropped;
         self.suspended = true;
         self.stats.suspends += 1;
-        log::info!("virtio-net: suspended: {report:?}");
+        log::info!("virtio-net: suspended: {report}");
         Ok(report)
     }
 
@@ -1850,7 +1926,7 @@ impl<B: Bus> VirtioNet<B> {
             ..ResumeReport::default()
         };
         self.replay_settings(&mut report);
-        log::info!("virtio-net: resumed: {report:?}");
+        log::info!("virtio-net: resumed: {report}");
         Ok(report)
     }
 
@@ -1869,8 +1945,8 @@ impl<B: Bus> VirtioNet<B> {
             };
             if m < MIN_MTU || !fits(m) {
                 log::warn!(
-                    "virtio-net: device MTU {m} after reset unusable; keeping {:?}",
-                    self.mtu
+                    "virtio-net: device MTU {m} after reset unusable; keeping {}",
+                    MtuText(self.mtu)
                 );
                 self.stats.config_invalid += 1;
             } else {

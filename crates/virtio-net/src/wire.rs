@@ -225,6 +225,15 @@ pub enum OffloadError {
     Invalid(&'static str),
 }
 
+impl core::fmt::Display for OffloadError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            OffloadError::NotNegotiated(w) => write!(f, "{w} not negotiated"),
+            OffloadError::Invalid(w) => write!(f, "invalid request: {w}"),
+        }
+    }
+}
+
 /// Which transmit offloads were negotiated.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct HostOffloads {

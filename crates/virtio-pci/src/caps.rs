@@ -396,7 +396,7 @@ pub fn find_virtio_capabilities(
             Ok(region) => region,
             Err(e) => {
                 log::warn!(
-                    "virtio-pci: skipping cfg_type {ty} capability at {:#x} (bar {bar}, offset {offset:#x}, length {length:#x}): {e:?}",
+                    "virtio-pci: skipping cfg_type {ty} capability at {:#x} (bar {bar}, offset {offset:#x}, length {length:#x}): {e}",
                     raw.offset
                 );
                 found.note_rejected(ty, e);

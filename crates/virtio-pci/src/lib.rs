@@ -166,7 +166,7 @@ pub fn probe<C: PciConfigSpace, B: BarAccess>(
                 Ok(t) => {
                     if modern_err != TransportError::NoModernInterface {
                         log::warn!(
-                            "virtio-pci: modern interface unusable ({modern_err:?}); using legacy"
+                            "virtio-pci: modern interface unusable ({modern_err}); using legacy"
                         );
                     }
                     Ok(PciTransport::Legacy(t))
@@ -181,7 +181,7 @@ pub fn probe<C: PciConfigSpace, B: BarAccess>(
     };
     if let Ok(t) = &result {
         log::info!(
-            "virtio-pci: {:04x}:{:04x} rev {} = virtio {} ({:?} transport)",
+            "virtio-pci: {:04x}:{:04x} rev {} = virtio {} ({} transport)",
             ids.vendor,
             ids.device,
             ids.revision,
@@ -197,6 +197,15 @@ pub fn probe<C: PciConfigSpace, B: BarAccess>(
 pub enum TransportKind {
     Modern,
     Legacy,
+}
+
+impl core::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            TransportKind::Modern => "modern",
+            TransportKind::Legacy => "legacy",
+        })
+    }
 }
 
 impl<C: PciConfigSpace, B: BarAccess> PciTransport<C, B> {

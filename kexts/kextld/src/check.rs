@@ -1094,8 +1094,9 @@ pub fn check_exports(image: &Image<'_>, ctx: &CheckContext) -> Vec<String> {
         })
         .map(|symbol| {
             format!(
-                "{} is an external definition matching none of the kext's export patterns {:?}",
-                symbol.name, ctx.export_patterns
+                "{} is an external definition matching none of the kext's export patterns ({})",
+                symbol.name,
+                ctx.export_patterns.join(", ")
             )
         })
         .collect()

@@ -49,7 +49,7 @@ fn run(args: Vec<String>) -> Result<(), String> {
                     }
                     _ => {
                         return Err(format!(
-                            "--macos: expected major.minor (like 10.13), got {v:?}"
+                            "--macos: expected major.minor (like 10.13), got '{v}'"
                         ));
                     }
                 }
