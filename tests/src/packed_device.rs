@@ -86,6 +86,10 @@ pub struct PackedDevice {
     signalled: u64,
     /// Buffer ids the device read and has not returned.
     held: HashSet<u16>,
+    /// The device returned an id it did not hold ([`PackedDevice::return_used`]): a driver
+    /// that believed it may reuse that id while the device still holds its first buffer,
+    /// so ids are no longer checked for uniqueness.
+    lied: bool,
     /// The available-buffer notification the device last asked for, as it wrote it.
     notify: Notify,
 }
@@ -125,6 +129,7 @@ impl PackedDevice {
             used: 0,
             signalled: 0,
             held: HashSet::new(),
+            lied: false,
             notify: Notify::Enable,
         }
     }
@@ -321,8 +326,9 @@ impl PackedDevice {
             // §2.8.6: "Buffer ID is included in the last descriptor in the list."
             (count, last_id, false)
         };
+        let fresh = self.held.insert(id);
         assert!(
-            self.held.insert(id),
+            fresh || self.lied,
             "buffer id {id} made available while the device still holds it"
         );
         self.avail += u64::from(positions);
@@ -398,6 +404,29 @@ impl PackedDevice {
             self.write_used(pos, id, len, self.used_flags(pos));
         }
         self.used = at;
+    }
+
+    /// Returns buffer `id` as used at the device's used position whatever its books say,
+    /// for a simulated device that may lie (`crate::sim`): `len` bytes (none written here),
+    /// the used flags of that position's lap with WRITE when `len` is not 0, and the used
+    /// position moved on by `positions`, at most to the read position. Nothing about the
+    /// buffer is checked: the driver has to notice. A used descriptor only ever goes where
+    /// the device has read one (§2.8.6: the device writes used descriptors over the ones it
+    /// read), so when it holds nothing the return is dropped (false): past the read
+    /// position it would overwrite a descriptor the driver may be making available, which
+    /// corrupts the ring for the device itself rather than lying to the driver.
+    pub fn return_used(&mut self, id: u16, positions: u16, len: u32) -> bool {
+        // An id the device does not hold: a driver that cannot tell this lie from a true
+        // completion of a buffer it makes available later will reuse the id early.
+        self.lied |= !self.held.remove(&id);
+        if self.used >= self.avail {
+            return false;
+        }
+        let at = self.used;
+        let flags = self.used_flags(at) | if len > 0 { F_WRITE } else { 0 };
+        self.write_used(at, id, len, flags);
+        self.used = (self.used + u64::from(positions.max(1))).min(self.avail);
+        true
     }
 
     /// id and len, then (release) flags.

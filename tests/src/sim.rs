@@ -1,6 +1,10 @@
 //! A register-level model of one virtio-pci function, laid out like QEMU 7.2's, whose rings
 //! are served by rust-vmm's `virtio-queue` over identity-mapped guest memory ([`IdentityMemory`],
-//! placed low so legacy PFNs fit).
+//! placed low so legacy PFNs fit) — or, when the builder's features offer RING_PACKED
+//! ([`F_RING_PACKED`]) and the driver negotiates it, by the spec-written packed device side
+//! ([`crate::packed_device`]), behind the same [`Sim::pop_chains`] / [`Sim::complete`] /
+//! [`Sim::complete_raw`] / [`Sim::signal_used`] calls (a [`Chain`]'s `head` is then the
+//! buffer id).
 //!
 //! Layout (all modes share one state, like QEMU's proxy):
 //! - config space: vendor 0x1AF4, capability list `0x34 → 0x98 MSI-X → 0x84 PCI_CFG →
@@ -27,7 +31,7 @@
 //! MSI-X function mask is set are dropped rather than left pending; the PCI_CFG access
 //! window is present but not functional.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -38,10 +42,15 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::mem::IdentityMemory;
+use crate::packed_device::{PackedChain, PackedDevice};
 
 /// Feature bits the sim itself looks at.
 const F_EVENT_IDX: u64 = 1 << 29;
 const F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_F_RING_PACKED: offered when the builder's features include it; a queue the
+/// driver enables after negotiating it is served by [`PackedDevice`] (§2.8) instead of
+/// rust-vmm's split-ring `Queue`.
+pub const F_RING_PACKED: u64 = 1 << 34;
 
 const STATUS_ACK: u8 = 1;
 const STATUS_DRIVER: u8 = 2;
@@ -274,6 +283,52 @@ struct SimQueue {
     pfn: u32,
     kicks: u64,
     queue: Option<Queue>,
+    /// The device side of a packed queue (RING_PACKED negotiated).
+    packed: Option<PackedQueue>,
+}
+
+/// A packed queue of the simulated function: the spec-written device side, and the
+/// buffers it read and has not returned (by buffer id, which [`Chain::head`] carries).
+struct PackedQueue {
+    device: PackedDevice,
+    event_idx: bool,
+    held: HashMap<u16, PackedChain>,
+    /// Read while forging a completion, not yet handed out by [`Sim::pop_chains`].
+    unclaimed: Vec<Chain>,
+}
+
+impl PackedQueue {
+    /// Reads every available buffer into `held`, as chains for [`Sim::pop_chains`].
+    fn pop_all(&mut self) -> Vec<Chain> {
+        let mut out = std::mem::take(&mut self.unclaimed);
+        for c in self.device.pop_all() {
+            let descs = c
+                .readable
+                .iter()
+                .map(|&(addr, len)| SimDesc {
+                    addr,
+                    len,
+                    write_only: false,
+                })
+                .chain(c.writable.iter().map(|&(addr, len)| SimDesc {
+                    addr,
+                    len,
+                    write_only: true,
+                }))
+                .collect();
+            out.push(Chain { head: c.id, descs });
+            self.held.insert(c.id, c);
+        }
+        out
+    }
+
+    /// Returns buffer `id` as used with `len` bytes, whatever the device's books say (a
+    /// simulated device may lie; the driver has to notice). Dropped when the device holds
+    /// no buffer: see [`PackedDevice::return_used`].
+    fn return_used(&mut self, id: u16, len: u32) {
+        let positions = self.held.remove(&id).map_or(1, |c| c.positions);
+        self.device.return_used(id, positions, len);
+    }
 }
 
 impl SimQueue {
@@ -290,6 +345,7 @@ impl SimQueue {
             pfn: 0,
             kicks: 0,
             queue: None,
+            packed: None,
         }
     }
 
@@ -709,6 +765,13 @@ impl State {
         }
     }
 
+    /// The device side of queue `index` when it is a packed queue.
+    fn packed_mut(&mut self, index: u16) -> Option<&mut PackedQueue> {
+        self.queues
+            .get_mut(usize::from(index))
+            .and_then(|q| q.packed.as_mut())
+    }
+
     fn selected(&mut self) -> Option<&mut SimQueue> {
         let sel = usize::from(self.queue_select);
         self.queues.get_mut(sel).filter(|q| q.max_size != 0)
@@ -721,6 +784,10 @@ impl State {
     /// Creates the device-side `virtio_queue::Queue` from what the driver programmed.
     fn activate_queue(&mut self, index: u16) {
         let event_idx = self.event_idx();
+        if self.driver_features & F_RING_PACKED != 0 {
+            self.activate_packed_queue(index, event_idx);
+            return;
+        }
         let Some(q) = self.queues.get_mut(usize::from(index)) else {
             return;
         };
@@ -756,6 +823,28 @@ impl State {
         for e in errors {
             self.bad(e);
         }
+        self.events.push(SimEvent::QueueEnabled { queue: index });
+    }
+
+    /// Creates the packed device side of queue `index` from the areas the driver
+    /// programmed (§2.8: descriptor ring, driver and device event suppression).
+    fn activate_packed_queue(&mut self, index: u16, event_idx: bool) {
+        let mem = self.mem.clone();
+        let Some(q) = self.queues.get_mut(usize::from(index)) else {
+            return;
+        };
+        let addrs = virtio_core::transport::RingAddresses {
+            desc: q.desc,
+            driver: q.driver,
+            device: q.device,
+        };
+        q.packed = Some(PackedQueue {
+            device: PackedDevice::new(&mem, q.size, addrs, event_idx),
+            event_idx,
+            held: HashMap::new(),
+            unclaimed: Vec::new(),
+        });
+        q.enabled = true;
         self.events.push(SimEvent::QueueEnabled { queue: index });
     }
 
@@ -1337,12 +1426,18 @@ impl Sim {
             driver: q.driver,
             device: q.device,
             kicks: q.kicks,
-            ready: q.queue.as_ref().is_some_and(|vq| vq.ready()),
-            event_idx: q.queue.as_ref().is_some_and(|vq| vq.event_idx_enabled()),
-            device_side: q
-                .queue
-                .as_ref()
-                .map(|vq| (vq.desc_table(), vq.avail_ring(), vq.used_ring())),
+            ready: q.packed.is_some() || q.queue.as_ref().is_some_and(|vq| vq.ready()),
+            event_idx: q.packed.as_ref().map_or_else(
+                || q.queue.as_ref().is_some_and(|vq| vq.event_idx_enabled()),
+                |p| p.event_idx,
+            ),
+            device_side: match &q.packed {
+                Some(_) => Some((q.desc, q.driver, q.device)),
+                None => q
+                    .queue
+                    .as_ref()
+                    .map(|vq| (vq.desc_table(), vq.avail_ring(), vq.used_ring())),
+            },
         })
     }
     /// The interrupt mode the platform handle enabled, if any.
@@ -1545,6 +1640,9 @@ impl Sim {
     pub fn pop_chains(&self, queue: u16) -> Vec<Chain> {
         let mut st = self.st();
         let mem = st.mem.clone();
+        if let Some(p) = st.packed_mut(queue) {
+            return p.pop_all();
+        }
         let Some(vq) = st
             .queues
             .get_mut(usize::from(queue))
@@ -1604,6 +1702,10 @@ impl Sim {
     pub fn complete(&self, queue: u16, head: u16, written_len: u32) {
         let mut st = self.st();
         let mem = st.mem.clone();
+        if let Some(p) = st.packed_mut(queue) {
+            p.return_used(head, written_len);
+            return;
+        }
         let vq = st
             .queues
             .get_mut(usize::from(queue))
@@ -1618,6 +1720,17 @@ impl Sim {
     pub fn complete_raw(&self, queue: u16, id: u32, len: u32) {
         let mut st = self.st();
         let mem = st.mem.clone();
+        if let Some(p) = st.packed_mut(queue) {
+            // Everything available is read first, so a forged id is either one the device
+            // holds (an out-of-order completion with any length) or one it does not (a lie
+            // the driver must refuse, or cannot tell from a later buffer's completion),
+            // never a buffer still waiting in the ring. A used descriptor carries 16 bits
+            // of id; with nothing read and not returned there is no place for one.
+            let read = p.pop_all();
+            p.unclaimed = read;
+            p.return_used(id as u16, len);
+            return;
+        }
         let vq = st
             .queues
             .get_mut(usize::from(queue))
@@ -1642,6 +1755,13 @@ impl Sim {
     pub fn signal_used(&self, queue: u16) -> bool {
         let mut st = self.st();
         let mem = st.mem.clone();
+        if let Some(p) = st.packed_mut(queue) {
+            let needed = p.device.needs_interrupt();
+            if needed {
+                st.raise(IrqSource::Queue(queue));
+            }
+            return needed;
+        }
         let Some(vq) = st
             .queues
             .get_mut(usize::from(queue))

@@ -203,11 +203,11 @@ mod tests {
     fn every_target_of_the_fuzz_manifest_is_known() {
         let t = targets();
         for name in [
-            "ring", "packed", "pci", "blk", "net", "net_ctrl", "console", "balloon", "rng",
+            "ring", "packed", "pci", "blk", "net", "net_ctrl", "console", "balloon", "rng", "fs",
         ] {
             assert!(t.contains(&name), "{name} missing from {t:?}");
         }
-        assert_eq!(t.len(), 9, "{t:?}");
+        assert_eq!(t.len(), 10, "{t:?}");
     }
 
     #[test]

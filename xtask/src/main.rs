@@ -14,7 +14,7 @@
 //!   short run of each fuzz target (`fuzz.rs`).
 //! - `fuzz <target>` / `fuzz --all` / `fuzz --replay`: coverage-guided fuzzing of fuzz/ with
 //!   cargo-fuzz, or the committed corpus through plain `cargo test` (`fuzz.rs`).
-//! - `miri`: the split-ring tests under Miri, Stacked and Tree Borrows (`miri.rs`; also
+//! - `miri`: the ring tests under Miri, Stacked and Tree Borrows (`miri.rs`; also
 //!   steps of `test` when the nightly toolchain has Miri).
 
 mod bench;
@@ -118,10 +118,11 @@ enum Cmd {
   cargo xtask fuzz --all --seconds 60
   cargo xtask fuzz --replay")]
     Fuzz(fuzz::FuzzArgs),
-    /// Run the split-ring tests under Miri, Stacked and Tree Borrows (nightly with Miri)
+    /// Run the ring tests under Miri, Stacked and Tree Borrows (nightly with Miri)
     ///
-    /// virtio-core's unit tests, IdentityMemory's, and the ring conformance tests against
-    /// rust-vmm's device side, with strict provenance, both models side by side.
+    /// virtio-core's unit tests, IdentityMemory's, and the ring conformance tests (the split
+    /// ring against rust-vmm's device side, the packed ring against the one written from
+    /// §2.8), with strict provenance, both models side by side.
     /// docs/architecture.md ("The ring under Miri").
     Miri(miri::MiriArgs),
 }

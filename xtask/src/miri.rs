@@ -1,9 +1,10 @@
-//! The split-ring tests under Miri: `cargo xtask miri`, and two steps of `cargo xtask test`
+//! The ring tests under Miri: `cargo xtask miri`, and three steps of `cargo xtask test`
 //! when the nightly toolchain has Miri (skipped, with the reason, otherwise).
 //!
-//! What runs: `virtio-core`'s unit tests, the `IdentityMemory` unit tests, and the ring
-//! conformance tests (`conformance_queue`, `conformance_props`: our driver queue against
-//! rust-vmm's device side), once per borrow model, each with strict provenance. The tests
+//! What runs: `virtio-core`'s unit tests (both rings), the `IdentityMemory` unit tests, and
+//! the ring conformance tests (`conformance_queue`, `conformance_props`: our split ring
+//! against rust-vmm's device side; `conformance_packed`: our packed ring against the
+//! device side written from §2.8), once per borrow model, each with strict provenance. The tests
 //! shrink their largest loops and their property-case counts under `cfg(miri)`, never a
 //! code path. docs/architecture.md ("The ring under Miri") says more.
 
@@ -96,6 +97,7 @@ const RUNS: [Run; 3] = [
         targets: &[
             Target::Test("conformance_queue"),
             Target::Test("conformance_props"),
+            Target::Test("conformance_packed"),
         ],
         filter: None,
     },

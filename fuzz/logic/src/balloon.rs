@@ -5,7 +5,7 @@
 //! every queue (hint and report queues included), deflates and reports held back, forged and
 //! repeated used ids, NEEDS_RESET; every combination of MUST_TELL_HOST, STATS_VQ,
 //! DEFLATE_ON_OOM, FREE_PAGE_HINT, PAGE_POISON and PAGE_REPORTING (and INDIRECT_DESC,
-//! EVENT_IDX), any ring sizes; a platform pool that may run dry or offer a malformed free
+//! EVENT_IDX, the packed ring), any ring sizes; a platform pool that may run dry or offer a malformed free
 //! range again and again, with 4–32 KiB pages; the
 //! driver polls, takes interrupts, deflates for OOM, releases hints, reports free pages,
 //! deflates everything and restarts.
@@ -26,16 +26,11 @@ use virtio_balloon::{
     BalloonDriver, BalloonEvent, BalloonOptions, FreeRange, MemStats, Page, PagePool, RangeReturn,
     RangeUse,
 };
-use virtio_core::VirtioDevice;
-use virtio_pci::{PciTransport, probe};
 use virtio_tests::balloon_model::{BalloonModel, bits};
-use virtio_tests::mem::IdentityMemory;
-use virtio_tests::sim::{MODES, Sim, SimBars, SimConfig, SimInterrupt, SimIrq};
+use virtio_tests::sim::{MODES, Sim, SimInterrupt};
 
 use crate::FloodCount;
 use crate::input::Input;
-
-type Device = VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>;
 
 const MAX_STEPS: usize = 192;
 const STATS_FLOOD: &str = "answered the stats flood";
@@ -181,7 +176,8 @@ pub fn run(data: &[u8]) {
         .into_iter()
         .enumerate()
         .filter(|(i, _)| generic_choice & (1 << i) != 0)
-        .fold(0, |acc, (_, bit)| acc | bit);
+        .fold(0, |acc, (_, bit)| acc | bit)
+        | crate::packed_if(generic_choice & 4 != 0);
     let mut model = BalloonModel::new(features);
     let layout = model.layout();
     let sizes: Vec<u16> = (0..layout.count)
@@ -222,10 +218,9 @@ pub fn run(data: &[u8]) {
     sim.set_device_config(8, &input.u32().to_le_bytes());
     let mem = sim.memory();
     let free_at_start = mem.free_bytes();
-    let Ok(transport) = probe(sim.config_space(), sim.bars(), preference) else {
+    let Some(device) = crate::sim_device(&sim, preference) else {
         return;
     };
-    let device: Device = VirtioDevice::new(transport, sim.memory(), sim.irq());
 
     // A device that answers the stats queue on every notification (when flooding).
     let flood_stats = Arc::new(Mutex::new(false));
@@ -241,11 +236,7 @@ pub fn run(data: &[u8]) {
 
     let driver = BalloonDriver::new(device, pool.clone(), opts);
     let Ok(mut driver) = driver else {
-        assert_eq!(
-            mem.free_bytes(),
-            free_at_start,
-            "failed init leaked DMA memory"
-        );
+        crate::assert_setup_freed(&mem, free_at_start);
         check_pool(&pool);
         return;
     };

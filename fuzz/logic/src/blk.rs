@@ -2,25 +2,23 @@
 //! service by `BlkModel` with fuzzer-chosen status bytes (OK/IOERR/UNSUPP and others) and
 //! used lengths, forged and repeated completions, capacity changes (shrinking with requests
 //! in flight), raw config bytes (writeback and others), NEEDS_RESET; the driver submits
-//! reads, writes, flushes, GET_ID, lifetime, discard and write-zeroes of fuzzer-chosen shapes.
+//! reads, writes, flushes, GET_ID, lifetime, discard and write-zeroes of fuzzer-chosen
+//! shapes, and is suspended and resumed (sleep and wake) with requests in flight.
 //!
-//! Oracles: every accepted token completes exactly once, by a poll or by `abort_all`;
-//! one poll reports at most the requests in flight (bounded work); after the driver drops,
-//! guest memory is back to what it was before it was created.
+//! Oracles: every accepted token completes exactly once, by a poll, by `abort_all` or by
+//! `suspend`; nothing is accepted while suspended; one poll reports at most the requests in
+//! flight (bounded work); after the driver drops, guest memory is back to what it was
+//! before it was created.
 
 use std::collections::HashSet;
 
 use virtio_blk::{BlkDriver, BlkOptions, SectorRange};
+use virtio_core::Segment;
 use virtio_core::platform::Dma;
-use virtio_core::{Segment, VirtioDevice};
-use virtio_pci::{PciTransport, probe};
 use virtio_tests::blk_model::{BlkModel, bits};
-use virtio_tests::mem::IdentityMemory;
-use virtio_tests::sim::{MODES, SimBars, SimConfig, SimInterrupt, SimIrq};
+use virtio_tests::sim::{MODES, SimInterrupt};
 
 use crate::input::Input;
-
-type Device = VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>;
 
 const MAX_STEPS: usize = 256;
 const SECTORS: u64 = 128;
@@ -55,7 +53,8 @@ pub fn run(data: &[u8]) {
         .iter()
         .enumerate()
         .filter(|(i, _)| generic_choice & (1 << i) != 0)
-        .fold(0, |acc, (_, bit)| acc | bit);
+        .fold(0, |acc, (_, bit)| acc | bit)
+        | crate::packed_if(generic_choice & 4 != 0);
     let queue_size = 1u16 << (input.u8() % 7);
     let interrupts = input.bool();
 
@@ -65,20 +64,15 @@ pub fn run(data: &[u8]) {
         .build();
     let mem = sim.memory();
     let free_at_start = mem.free_bytes();
-    let Ok(transport) = probe(sim.config_space(), sim.bars(), preference) else {
+    let Some(device) = crate::sim_device(&sim, preference) else {
         return;
     };
-    let device: Device = VirtioDevice::new(transport, sim.memory(), sim.irq());
     let options = BlkOptions {
         interrupts,
         ..BlkOptions::default()
     };
     let Ok(mut driver) = BlkDriver::new(device, options) else {
-        assert_eq!(
-            mem.free_bytes(),
-            free_at_start,
-            "failed init leaked DMA memory"
-        );
+        crate::assert_setup_freed(&mem, free_at_start);
         return;
     };
     let buffers = mem.alloc_buffer(BUFFER_BYTES);
@@ -191,6 +185,27 @@ pub fn run(data: &[u8]) {
                     driver.abort_all(|token, _| complete(&mut in_flight, token));
                     assert!(in_flight.is_empty(), "abort_all lost {in_flight:?}");
                     if driver.restart().is_err() {
+                        break;
+                    }
+                }
+            }
+            _ if input.bool() => {
+                // Sleep and wake (Linux `virtblk_freeze` / `virtblk_restore`): every token
+                // in flight comes back exactly once, from the drain or aborted by the reset,
+                // and submissions are refused until the device is back.
+                let drain_polls = u32::from(input.u8() % 8);
+                if driver
+                    .suspend(drain_polls, |token, _| complete(&mut in_flight, token))
+                    .is_ok()
+                {
+                    assert!(in_flight.is_empty(), "suspend lost {in_flight:?}");
+                    let held = driver.read(0, 0, &segments(&mut input, &buffers), usize::MAX);
+                    assert!(held.is_err(), "a submission was accepted while suspended");
+                    if input.bool() {
+                        sim.trigger_needs_reset();
+                    }
+                    // A failed resume leaves the driver suspended; it may be tried again.
+                    if driver.resume().is_err() && driver.resume().is_err() {
                         break;
                     }
                 }

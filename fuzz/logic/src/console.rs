@@ -19,10 +19,8 @@
 use std::sync::{Arc, Mutex};
 
 use virtio_console::{ConsoleEvent, ConsoleOptions, VirtioConsole};
-use virtio_core::VirtioDevice;
-use virtio_pci::probe;
 use virtio_tests::console_model::{
-    self as cm, CONTROL_RX, ConsoleModel, F_EMERG_WRITE, F_MULTIPORT, F_SIZE, SimConsoleBus,
+    self as cm, CONTROL_RX, ConsoleModel, F_EMERG_WRITE, F_MULTIPORT, F_SIZE,
 };
 use virtio_tests::sim::{Chain, MODES, Sim, SimBuilder, SimInterrupt, SimMode};
 
@@ -154,6 +152,7 @@ pub fn run(data: &[u8]) {
             features |= bit;
         }
     }
+    features |= crate::packed_if(choice & (1 << 5) != 0);
     if mode != SimMode::Legacy {
         features |= 1 << 32;
     }
@@ -197,16 +196,11 @@ pub fn run(data: &[u8]) {
         model = model.port(id, name, flags & 1 != 0, flags & 2 != 0);
     }
     model.auto = input.bool();
-    let Ok(transport) = probe(sim.config_space(), sim.bars(), preference) else {
+    let Some(bus) = crate::sim_device(&sim, preference) else {
         return;
     };
-    let bus: SimConsoleBus = VirtioDevice::new(transport, sim.memory(), sim.irq());
     let Ok(mut console) = VirtioConsole::new(bus, opts) else {
-        assert_eq!(
-            mem.free_bytes(),
-            free_at_start,
-            "failed init leaked DMA memory"
-        );
+        crate::assert_setup_freed(&mem, free_at_start);
         return;
     };
     let nports = console.max_ports();

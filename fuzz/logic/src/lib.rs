@@ -6,6 +6,7 @@
 pub mod balloon;
 pub mod blk;
 pub mod console;
+pub mod fs;
 pub mod input;
 pub mod mem;
 pub mod net;
@@ -17,6 +18,45 @@ pub mod rng;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+use virtio_core::VirtioDevice;
+use virtio_pci::{PciTransport, Preference, probe};
+use virtio_tests::mem::IdentityMemory;
+use virtio_tests::sim::{Sim, SimBars, SimConfig, SimIrq};
+
+/// The in-process bus over the simulated PCI function, which every driver target drives.
+pub(crate) type SimDevice = VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>;
+
+/// Probes the simulated function with `preference` and puts the bus over it; `None` when
+/// the probe refuses the function the input configured.
+pub(crate) fn sim_device(sim: &Sim, preference: Preference) -> Option<SimDevice> {
+    let transport = probe(sim.config_space(), sim.bars(), preference).ok()?;
+    Some(VirtioDevice::new(transport, sim.memory(), sim.irq()))
+}
+
+/// VIRTIO_F_RING_PACKED when `packed`: the simulated function then serves every queue the
+/// driver enables as a packed ring (`virtio_tests::sim::F_RING_PACKED`), and the driver
+/// under test, which negotiates it whenever offered, runs over `PackedQueue`. Taken from a
+/// spare bit of the input that already picks INDIRECT_DESC and EVENT_IDX (or other
+/// features), so committed inputs keep their other choices. fuzz/README.md says what a
+/// lying device does on a packed ring.
+pub(crate) fn packed_if(packed: bool) -> u64 {
+    if packed {
+        virtio_tests::sim::F_RING_PACKED
+    } else {
+        0
+    }
+}
+
+/// The oracle after a driver refused to start: every DMA byte its setup took is back
+/// (`free_at_start`: the memory's free bytes before the driver was created).
+pub(crate) fn assert_setup_freed(mem: &IdentityMemory, free_at_start: usize) {
+    assert_eq!(
+        mem.free_bytes(),
+        free_at_start,
+        "failed init leaked DMA memory"
+    );
+}
 
 /// Notifications one driver call may trigger before a flooding device gives up: far above
 /// every driver's own bound per call, so reaching it means a call kept notifying.
@@ -107,5 +147,9 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "rng",
         run: rng::run,
+    },
+    Target {
+        name: "fs",
+        run: fs::run,
     },
 ];

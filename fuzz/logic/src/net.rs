@@ -19,11 +19,10 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use virtio_core::Segment;
 use virtio_core::platform::{Dma, DmaRegion};
-use virtio_core::{Segment, VirtioDevice};
 use virtio_net::{NetConfig, TxOffload, VirtioNet, features as f};
-use virtio_pci::probe;
-use virtio_tests::net_model::{NetModel, RX, SimNetBus, TX, config_bytes};
+use virtio_tests::net_model::{NetModel, RX, TX, config_bytes};
 use virtio_tests::sim::{MODES, Sim, SimBuilder, SimInterrupt};
 
 use crate::input::Input;
@@ -96,6 +95,8 @@ pub fn run(data: &[u8]) {
     if mode != virtio_tests::sim::SimMode::Legacy {
         offered |= 1 << 32;
     }
+    // The 13 bits above pick from the list; bit 13 offers the packed ring.
+    offered |= crate::packed_if(chosen & (1 << 13) != 0);
     let rx_size = 1u16 << (input.u8() % 7);
     let tx_size = 1u16 << (input.u8() % 7);
     let mtu = input.u16();
@@ -114,20 +115,15 @@ pub fn run(data: &[u8]) {
         .build();
     let mem = sim.memory();
     let free_at_start = mem.free_bytes();
-    let Ok(transport) = probe(sim.config_space(), sim.bars(), preference) else {
+    let Some(bus) = crate::sim_device(&sim, preference) else {
         return;
     };
-    let bus: SimNetBus = VirtioDevice::new(transport, sim.memory(), sim.irq());
     let config = NetConfig {
         ctrl_spins: 64,
         ..NetConfig::default()
     };
     let Ok(mut driver) = VirtioNet::new(bus, config) else {
-        assert_eq!(
-            mem.free_bytes(),
-            free_at_start,
-            "failed init leaked DMA memory"
-        );
+        crate::assert_setup_freed(&mem, free_at_start);
         return;
     };
     let mut model = NetModel::new(&sim);

@@ -19,11 +19,10 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use virtio_core::Segment;
 use virtio_core::platform::Dma;
-use virtio_core::{Segment, VirtioDevice};
 use virtio_net::{GuestOffloads, NetConfig, TxOffload, VirtioNet, features as f};
-use virtio_pci::probe;
-use virtio_tests::net_model::{CTRL, NetModel, SimNetBus, config_bytes};
+use virtio_tests::net_model::{CTRL, NetModel, config_bytes};
 use virtio_tests::sim::{Chain, MODES, Sim, SimBuilder, SimInterrupt, SimMode};
 
 use crate::FloodCount;
@@ -129,6 +128,8 @@ pub fn run(data: &[u8]) {
     if mode != SimMode::Legacy {
         offered |= 1 << 32;
     }
+    // The 12 bits above pick from the list; bit 12 offers the packed ring.
+    offered |= crate::packed_if(chosen & (1 << 12) != 0);
     let ctrl_size = 1u16 << (input.u8() % 4);
     let sim = SimBuilder::new(mode, 1)
         .features(offered)
@@ -138,10 +139,9 @@ pub fn run(data: &[u8]) {
         .build();
     let mem = sim.memory();
     let free_at_start = mem.free_bytes();
-    let Ok(transport) = probe(sim.config_space(), sim.bars(), preference) else {
+    let Some(bus) = crate::sim_device(&sim, preference) else {
         return;
     };
-    let bus: SimNetBus = VirtioDevice::new(transport, sim.memory(), sim.irq());
     let config = NetConfig {
         ctrl_spins: CTRL_SPINS,
         rx_buffers: 1 + u16::from(input.u8() % 4),
@@ -162,11 +162,7 @@ pub fn run(data: &[u8]) {
         })));
     }
     let Ok(mut driver) = VirtioNet::new(bus, config) else {
-        assert_eq!(
-            mem.free_bytes(),
-            free_at_start,
-            "failed init leaked DMA memory"
-        );
+        crate::assert_setup_freed(&mem, free_at_start);
         return;
     };
     let mut model = NetModel::new(&sim);

@@ -2,7 +2,7 @@
 //! filled from a known byte stream with any used length (zero, short, exactly the buffer,
 //! larger than the buffer), forged and repeated used ids, floods (every buffer completed as
 //! soon as it is notified), NEEDS_RESET; any ring size, buffer count and buffer size,
-//! INDIRECT_DESC and EVENT_IDX on or off; the driver reads into buffers of any size, polls,
+//! INDIRECT_DESC and EVENT_IDX on or off, the split or the packed ring; the driver reads into buffers of any size, polls,
 //! takes interrupts and re-enables them.
 //!
 //! Oracles: `read` copies at most the caller's buffer; the bytes ready never exceed the
@@ -13,21 +13,15 @@
 
 use std::sync::{Arc, Mutex};
 
-use virtio_core::{DeviceType, VirtioDevice};
-use virtio_pci::{PciTransport, probe};
+use virtio_core::DeviceType;
 use virtio_rng::{REQUEST_QUEUE, RngOptions, VirtioRng};
-use virtio_tests::mem::IdentityMemory;
-use virtio_tests::sim::{
-    MODES, Sim, SimBars, SimBuilder, SimConfig, SimInterrupt, SimIrq, SimMode,
-};
+use virtio_tests::sim::{MODES, Sim, SimBuilder, SimInterrupt, SimMode};
 
 use crate::FloodCount;
 use crate::input::Input;
 
 /// What the flood bound's failure says the driver did too often.
 const FLOOD: &str = "answered the flood";
-
-type Device = VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>;
 
 const MAX_STEPS: usize = 256;
 
@@ -76,7 +70,8 @@ impl Stream {
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let (mode, preference) = MODES[usize::from(input.u8() % 4)];
-    let generic = u64::from(input.u8() & 3) << 28;
+    let choice = input.u8();
+    let generic = (u64::from(choice & 3) << 28) | crate::packed_if(choice & 4 != 0);
     let features = if mode == SimMode::Legacy {
         generic
     } else {
@@ -98,16 +93,11 @@ pub fn run(data: &[u8]) {
         .build();
     let mem = sim.memory();
     let free_at_start = mem.free_bytes();
-    let Ok(transport) = probe(sim.config_space(), sim.bars(), preference) else {
+    let Some(device) = crate::sim_device(&sim, preference) else {
         return;
     };
-    let device: Device = VirtioDevice::new(transport, sim.memory(), sim.irq());
     let Ok(mut rng) = VirtioRng::new(device, opts) else {
-        assert_eq!(
-            mem.free_bytes(),
-            free_at_start,
-            "failed init leaked DMA memory"
-        );
+        crate::assert_setup_freed(&mem, free_at_start);
         return;
     };
     let buffer_size = opts.buffer_size.clamp(1, 1 << 16);
