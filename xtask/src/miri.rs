@@ -347,7 +347,8 @@ mod tests {
         assert_eq!(
             line,
             "MIRIFLAGS='-Zmiri-strict-provenance -Zmiri-tree-borrows' cargo +nightly miri test \
-             -q -p virtio-tests --test conformance_queue --test conformance_props"
+             -q -p virtio-tests --test conformance_queue --test conformance_props \
+             --test conformance_packed"
         );
         let line = describe(&command(Model::Stacked, &RUNS[1]));
         assert!(line.ends_with("-p virtio-tests --lib -- mem::"), "{line}");
