@@ -247,7 +247,9 @@ impl BlkModel {
         let Some(info) = sim.queue_info(queue) else {
             return;
         };
-        if !info.event_idx {
+        // EVENT_IDX's avail_event lives in the split ring's used area; a packed queue's
+        // device event suppression stays at ENABLE (every buffer notified).
+        if !info.event_idx || info.packed {
             return;
         }
         let Some((_, avail, used)) = info.device_side else {

@@ -86,10 +86,10 @@ pub struct PackedDevice {
     signalled: u64,
     /// Buffer ids the device read and has not returned.
     held: HashSet<u16>,
-    /// The device returned an id it did not hold ([`PackedDevice::return_used`]): a driver
-    /// that believed it may reuse that id while the device still holds its first buffer,
-    /// so ids are no longer checked for uniqueness.
-    lied: bool,
+    /// Ids the device returned without holding them ([`PackedDevice::return_used`]): a
+    /// driver that believed it may reuse such an id while the device still holds a buffer
+    /// with it, so these ids (and only these) are not checked for uniqueness.
+    lied: HashSet<u16>,
     /// The available-buffer notification the device last asked for, as it wrote it.
     notify: Notify,
 }
@@ -129,7 +129,7 @@ impl PackedDevice {
             used: 0,
             signalled: 0,
             held: HashSet::new(),
-            lied: false,
+            lied: HashSet::new(),
             notify: Notify::Enable,
         }
     }
@@ -328,7 +328,7 @@ impl PackedDevice {
         };
         let fresh = self.held.insert(id);
         assert!(
-            fresh || self.lied,
+            fresh || self.lied.contains(&id),
             "buffer id {id} made available while the device still holds it"
         );
         self.avail += u64::from(positions);
@@ -410,17 +410,21 @@ impl PackedDevice {
     /// for a simulated device that may lie (`crate::sim`): `len` bytes (none written here),
     /// the used flags of that position's lap with WRITE when `len` is not 0, and the used
     /// position moved on by `positions`, at most to the read position. Nothing about the
-    /// buffer is checked: the driver has to notice. A used descriptor only ever goes where
-    /// the device has read one (§2.8.6: the device writes used descriptors over the ones it
-    /// read), so when it holds nothing the return is dropped (false): past the read
-    /// position it would overwrite a descriptor the driver may be making available, which
-    /// corrupts the ring for the device itself rather than lying to the driver.
+    /// buffer is checked: the driver has to notice. A used descriptor only ever goes over
+    /// one the device has read (§2.8.6), so once the used position has reached the read
+    /// position the return is dropped (false): past it, it would overwrite a descriptor the
+    /// driver may be making available, which corrupts the ring for the device itself rather
+    /// than lying to the driver. That happens when the device holds nothing, and also after
+    /// lies, which move the used position over positions of buffers it still holds.
     pub fn return_used(&mut self, id: u16, positions: u16, len: u32) -> bool {
-        // An id the device does not hold: a driver that cannot tell this lie from a true
-        // completion of a buffer it makes available later will reuse the id early.
-        self.lied |= !self.held.remove(&id);
+        let held = self.held.remove(&id);
         if self.used >= self.avail {
             return false;
+        }
+        if !held {
+            // A driver that cannot tell this lie from a true completion of a buffer it
+            // makes available later with the same id will reuse the id early.
+            self.lied.insert(id);
         }
         let at = self.used;
         let flags = self.used_flags(at) | if len > 0 { F_WRITE } else { 0 };

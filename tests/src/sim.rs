@@ -295,6 +295,9 @@ struct PackedQueue {
     held: HashMap<u16, PackedChain>,
     /// Read while forging a completion, not yet handed out by [`Sim::pop_chains`].
     unclaimed: Vec<Chain>,
+    /// Returns dropped because the used position had reached the read position
+    /// ([`PackedDevice::return_used`]); shown by [`Sim::describe`].
+    dropped: u64,
 }
 
 impl PackedQueue {
@@ -323,11 +326,13 @@ impl PackedQueue {
     }
 
     /// Returns buffer `id` as used with `len` bytes, whatever the device's books say (a
-    /// simulated device may lie; the driver has to notice). Dropped when the device holds
-    /// no buffer: see [`PackedDevice::return_used`].
+    /// simulated device may lie; the driver has to notice). Dropped, and counted, when the
+    /// used position has reached the read position: see [`PackedDevice::return_used`].
     fn return_used(&mut self, id: u16, len: u32) {
         let positions = self.held.remove(&id).map_or(1, |c| c.positions);
-        self.device.return_used(id, positions, len);
+        if !self.device.return_used(id, positions, len) {
+            self.dropped += 1;
+        }
     }
 }
 
@@ -484,8 +489,12 @@ pub struct QueueInfo {
     pub driver: u64,
     pub device: u64,
     pub kicks: u64,
-    /// Whether the device-side `virtio_queue::Queue` exists and is ready.
+    /// Whether the device-side queue (`virtio_queue::Queue`, or the packed device) exists
+    /// and is ready.
     pub ready: bool,
+    /// Served as a packed ring (RING_PACKED negotiated): `device_side` then holds the
+    /// descriptor ring and the driver and device event suppression areas.
+    pub packed: bool,
     /// Whether the device-side queue uses EVENT_IDX.
     pub event_idx: bool,
     /// Addresses as the device-side `virtio_queue::Queue` holds them.
@@ -782,9 +791,11 @@ impl State {
     }
 
     /// Creates the device-side `virtio_queue::Queue` from what the driver programmed.
-    fn activate_queue(&mut self, index: u16) {
+    /// `modern`: enabled through the modern `queue_enable` (a legacy QUEUE_PFN always sets
+    /// up a split ring in the legacy layout, whatever was negotiated).
+    fn activate_queue(&mut self, index: u16, modern: bool) {
         let event_idx = self.event_idx();
-        if self.driver_features & F_RING_PACKED != 0 {
+        if modern && self.driver_features & F_RING_PACKED != 0 {
             self.activate_packed_queue(index, event_idx);
             return;
         }
@@ -843,6 +854,7 @@ impl State {
             event_idx,
             held: HashMap::new(),
             unclaimed: Vec::new(),
+            dropped: 0,
         });
         q.enabled = true;
         self.events.push(SimEvent::QueueEnabled { queue: index });
@@ -970,7 +982,7 @@ impl State {
                     self.bad(format!("queue {sel}: queue_enable written {v16}"));
                 } else if let Some(q) = self.selected() {
                     q.reset_flag = false;
-                    self.activate_queue(sel);
+                    self.activate_queue(sel, true);
                 }
             }
             (0x20..=0x34, 4) => {
@@ -1182,7 +1194,7 @@ impl State {
                 q.desc = desc;
                 q.driver = driver;
                 q.device = device;
-                self.activate_queue(sel);
+                self.activate_queue(sel, false);
             }
             (14, 2) => self.queue_select = value as u16,
             (16, 2) => self.notify_queue(value as u16),
@@ -1427,6 +1439,7 @@ impl Sim {
             device: q.device,
             kicks: q.kicks,
             ready: q.packed.is_some() || q.queue.as_ref().is_some_and(|vq| vq.ready()),
+            packed: q.packed.is_some(),
             event_idx: q.packed.as_ref().map_or_else(
                 || q.queue.as_ref().is_some_and(|vq| vq.event_idx_enabled()),
                 |p| p.event_idx,
@@ -1725,7 +1738,8 @@ impl Sim {
             // holds (an out-of-order completion with any length) or one it does not (a lie
             // the driver must refuse, or cannot tell from a later buffer's completion),
             // never a buffer still waiting in the ring. A used descriptor carries 16 bits
-            // of id; with nothing read and not returned there is no place for one.
+            // of id (a larger one is truncated). Dropped when the used position has
+            // reached the read position (`PackedDevice::return_used`).
             let read = p.pop_all();
             p.unclaimed = read;
             p.return_used(id as u16, len);
@@ -1827,6 +1841,14 @@ impl Sim {
                 "  q{i}: size {}/{} vec {:#x} en {} desc {:#x} kicks {}",
                 q.size, q.max_size, q.vector, q.enabled, q.desc, q.kicks
             );
+            if let Some(p) = &q.packed {
+                let _ = writeln!(
+                    s,
+                    "      packed: {} held, {} returns dropped",
+                    p.held.len(),
+                    p.dropped
+                );
+            }
         }
         s
     }

@@ -301,7 +301,7 @@ impl core::fmt::Display for SuspendReport {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
             f,
-            "{} frames sent, {} taken back unsent, {} receive buffers reclaimed, {} received \
+            "{} frames sent, {} taken back (maybe unsent), {} receive buffers reclaimed, {} received \
              frames dropped, after {} polls",
             self.tx_completed,
             self.tx_reclaimed,

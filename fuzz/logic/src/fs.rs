@@ -13,8 +13,8 @@
 //!
 //! The driver side: FUSE_INIT through the blocking API (the fuzzer answers every wait),
 //! then typed requests of every kind submitted, kicked, polled, taken and abandoned in any
-//! order, interrupts taken and re-enabled, and the blocking `read`, `read_dir` and
-//! `lookup` through a waiter the fuzzer answers.
+//! order, interrupts taken and re-enabled, and the blocking `read`, `read_dir`, `lookup`,
+//! `statfs` and `forget` through a waiter the fuzzer answers.
 //!
 //! Oracles: a data reply is never longer than the request asked for; every directory
 //! record a walker yields has a 1..=1024-byte name without `/` or NUL and a non-zero
@@ -392,22 +392,30 @@ impl Waiter<Device> for Server<'_> {
     }
 }
 
-/// Makes the attribute at `at` plausible: nanoseconds below 10⁹ and a file type.
+/// Makes the attribute at `at` plausible: nanoseconds below 10⁹, a file type, a size
+/// within `i64`. Fields beyond `p` are left alone.
 fn sanitize_attr(p: &mut [u8], at: usize) {
     for nanos in [48, 52, 56] {
         sanitize_nanos(p, at + nanos);
     }
-    let mode_at = at + 60;
-    let mode = u32::from_le_bytes(p[mode_at..mode_at + 4].try_into().unwrap_or([0; 4]));
-    let kind = FILE_TYPES[(mode >> 16) as usize % FILE_TYPES.len()];
-    p[mode_at..mode_at + 4].copy_from_slice(&((mode & 0o7777) | kind).to_le_bytes());
-    // Size at most i64::MAX.
-    p[at + 15] &= 0x7f;
+    update_u32(p, at + 60, |mode| {
+        (mode & 0o7777) | FILE_TYPES[(mode >> 16) as usize % FILE_TYPES.len()]
+    });
+    if let Some(top) = p.get_mut(at + 15) {
+        *top &= 0x7f;
+    }
 }
 
 fn sanitize_nanos(p: &mut [u8], at: usize) {
-    let v = u32::from_le_bytes(p[at..at + 4].try_into().unwrap_or([0; 4]));
-    p[at..at + 4].copy_from_slice(&(v % 1_000_000_000).to_le_bytes());
+    update_u32(p, at, |v| v % 1_000_000_000);
+}
+
+/// Rewrites the little-endian `u32` at `at` with `f`, if it lies inside `p`.
+fn update_u32(p: &mut [u8], at: usize, f: impl FnOnce(u32) -> u32) {
+    if let Some(field) = p.get_mut(at..at + 4) {
+        let v = u32::from_le_bytes([field[0], field[1], field[2], field[3]]);
+        field.copy_from_slice(&f(v).to_le_bytes());
+    }
 }
 
 fn check_time(t: Timespec) {
@@ -667,7 +675,9 @@ pub fn run(data: &[u8]) {
         input,
         sim,
         queues,
-        notification,
+        // Offered is not negotiated: without notification buffers (`notify_buffers` 0)
+        // the driver refuses NOTIFICATION, and queue 1 is then a request queue.
+        notification: fs.has_notifications(),
         held: Vec::new(),
         answered: Vec::new(),
     };
@@ -675,7 +685,9 @@ pub fn run(data: &[u8]) {
 
     let chunk = fs.read_chunk();
     let write_data = vec![0x5a; fs.write_chunk() as usize];
-    let per_poll = (usize::from(options.slots) + 1) * fs.request_queues().max(1);
+    // At most one reply per slot in flight: a further used element is a lie that breaks
+    // the queue, so the poll fails rather than counts it.
+    let per_poll = usize::from(options.slots) * fs.request_queues().max(1);
     let mut pending: Vec<Pending> = Vec::new();
     let mut taken: Vec<Ticket> = Vec::new();
     let mut out = vec![0u8; 1 << 20];
@@ -783,7 +795,7 @@ pub fn run(data: &[u8]) {
                     }
                 }
             }
-            14 => match server.input.u8() % 5 {
+            14 => match server.input.u8() % 6 {
                 0 => {
                     let n = usize::from(server.input.u16() % 16384);
                     let mut buf = vec![0u8; n];
@@ -815,8 +827,17 @@ pub fn run(data: &[u8]) {
                         server.sim.write_chain(&c, &bytes);
                     }
                 }
-                _ => {
+                4 => {
                     let _ = fs.statfs(&mut server, NodeId(1));
+                }
+                _ => {
+                    // FORGET (one node) or BATCH_FORGET on hiprio, which the device
+                    // completes with any length.
+                    let n = 1 + usize::from(server.input.u8() % 4);
+                    let nodes: Vec<(NodeId, u64)> = (0..n)
+                        .map(|i| (NodeId(2 + i as u64), 1 + u64::from(server.input.u8())))
+                        .collect();
+                    let _ = fs.forget(&mut server, &nodes);
                 }
             },
             _ => server.sim.trigger_needs_reset(),

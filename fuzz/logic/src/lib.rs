@@ -38,8 +38,8 @@ pub(crate) fn sim_device(sim: &Sim, preference: Preference) -> Option<SimDevice>
 /// driver enables as a packed ring (`virtio_tests::sim::F_RING_PACKED`), and the driver
 /// under test, which negotiates it whenever offered, runs over `PackedQueue`. Taken from a
 /// spare bit of the input that already picks INDIRECT_DESC and EVENT_IDX (or other
-/// features), so committed inputs keep their other choices. fuzz/README.md says what a
-/// lying device does on a packed ring.
+/// features), so that choice does not move any other. fuzz/README.md says what a lying
+/// device does on a packed ring.
 pub(crate) fn packed_if(packed: bool) -> u64 {
     if packed {
         virtio_tests::sim::F_RING_PACKED
