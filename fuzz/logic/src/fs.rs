@@ -13,8 +13,8 @@
 //!
 //! The driver side: FUSE_INIT through the blocking API (the fuzzer answers every wait),
 //! then typed requests of every kind submitted, kicked, polled, taken and abandoned in any
-//! order, interrupts taken and re-enabled, and the blocking `read`, `read_dir`, `lookup`,
-//! `statfs` and `forget` through a waiter the fuzzer answers.
+//! order, interrupts taken and re-enabled, and the blocking `read`, `write`, `read_dir`,
+//! `lookup`, `getattr`, `open`, `statfs` and `forget` through a waiter the fuzzer answers.
 //!
 //! Oracles: a data reply is never longer than the request asked for; every directory
 //! record a walker yields has a 1..=1024-byte name without `/` or NUL and a non-zero
@@ -28,7 +28,7 @@ use virtio_core::DeviceType;
 use virtio_fs::wire::{self, opcode};
 use virtio_fs::{
     DirIter, Entry, FileHandle, FsDriver, FsError, FsOptions, FsResult, NodeId, Reply, Request,
-    Ticket, Timespec, Waiter,
+    SetAttr, SetTime, Ticket, Timespec, Waiter,
 };
 use virtio_tests::sim::{Chain, MODES, Sim, SimBuilder, SimInterrupt, SimMode};
 
@@ -476,7 +476,7 @@ fn request<'a>(
         1 => 0,
         _ => u32::from(input.u16()) % (chunk + 1),
     };
-    match input.u8() % 22 {
+    match input.u8() % 31 {
         0 => (Request::Lookup { parent: node, name }, 0, None),
         1 => (
             Request::Getattr {
@@ -606,7 +606,78 @@ fn request<'a>(
             None,
         ),
         20 => (Request::Release { node, fh, flags: 0 }, 0, None),
-        _ => (Request::Destroy, 0, None),
+        21 => (Request::Destroy, 0, None),
+        22 => {
+            let set = SetAttr {
+                mode: input.bool().then(|| input.u32() & 0o7777),
+                size: input.bool().then(|| u64::from(input.u32())),
+                mtime: input.bool().then_some(SetTime::Now),
+                fh: input.bool().then_some(fh),
+                ..SetAttr::default()
+            };
+            (Request::Setattr { node, set }, 0, None)
+        }
+        23 => (Request::Releasedir { node, fh }, 0, None),
+        24 => (Request::Rmdir { parent: node, name }, 0, None),
+        25 => (
+            Request::Fsync {
+                node,
+                fh,
+                datasync: input.bool(),
+            },
+            0,
+            None,
+        ),
+        26 => (
+            Request::Fsyncdir {
+                node,
+                fh,
+                datasync: input.bool(),
+            },
+            0,
+            None,
+        ),
+        27 => (
+            Request::Flush {
+                node,
+                fh,
+                lock_owner: u64::from(input.u32()),
+            },
+            0,
+            None,
+        ),
+        28 => {
+            let n = usize::from(input.u16()) % (data.len() + 1);
+            (
+                Request::Setxattr {
+                    node,
+                    name: b"user.x",
+                    value: &data[..n],
+                    flags: input.u32() & 3,
+                },
+                0,
+                None,
+            )
+        }
+        29 => (
+            Request::Removexattr {
+                node,
+                name: b"user.x",
+            },
+            0,
+            None,
+        ),
+        _ => (
+            Request::Fallocate {
+                node,
+                fh,
+                offset: u64::from(input.u32()),
+                length: u64::from(input.u32()),
+                mode: input.u32() & 3,
+            },
+            0,
+            None,
+        ),
     }
 }
 
@@ -795,7 +866,7 @@ pub fn run(data: &[u8]) {
                     }
                 }
             }
-            14 => match server.input.u8() % 6 {
+            14 => match server.input.u8() % 9 {
                 0 => {
                     let n = usize::from(server.input.u16() % 16384);
                     let mut buf = vec![0u8; n];
@@ -829,6 +900,23 @@ pub fn run(data: &[u8]) {
                 }
                 4 => {
                     let _ = fs.statfs(&mut server, NodeId(1));
+                }
+                5 => {
+                    // The pipelined WRITE: a reply claiming more than a chunk carried is
+                    // the device's error.
+                    let n = usize::from(server.input.u16()) % (4 * write_data.len() + 1);
+                    let data = vec![0x3c; n];
+                    if let Ok(done) = fs.write(&mut server, NodeId(2), FileHandle(1), 0, &data) {
+                        assert!(done <= n, "write reported {done} bytes of {n}");
+                    }
+                }
+                6 => {
+                    if let Ok(a) = fs.getattr(&mut server, NodeId(2), None) {
+                        check_time(a.attr_valid);
+                    }
+                }
+                7 => {
+                    let _ = fs.open(&mut server, NodeId(2), 0);
                 }
                 _ => {
                     // FORGET (one node) or BATCH_FORGET on hiprio, which the device
