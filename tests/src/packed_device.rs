@@ -15,7 +15,7 @@
 //! device still holds, RING_EVENT_FLAGS_DESC without EVENT_IDX, a reserved event flag value)
 //! panics with the rule it broke.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{Ordering, fence};
 
 use virtio_core::transport::RingAddresses;
@@ -84,8 +84,8 @@ pub struct PackedDevice {
     used: u64,
     /// `used` when the device last decided about an interrupt.
     signalled: u64,
-    /// Buffer ids the device read and has not returned.
-    held: HashSet<u16>,
+    /// Buffer ids the device read and has not returned, with the ring positions each took.
+    held: HashMap<u16, u16>,
     /// Ids the device returned without holding them ([`PackedDevice::return_used`]): a
     /// driver that believed it may reuse such an id while the device still holds a buffer
     /// with it, so these ids (and only these) are not checked for uniqueness.
@@ -128,7 +128,7 @@ impl PackedDevice {
             avail: 0,
             used: 0,
             signalled: 0,
-            held: HashSet::new(),
+            held: HashMap::new(),
             lied: HashSet::new(),
             notify: Notify::Enable,
         }
@@ -326,7 +326,7 @@ impl PackedDevice {
             // §2.8.6: "Buffer ID is included in the last descriptor in the list."
             (count, last_id, false)
         };
-        let fresh = self.held.insert(id);
+        let fresh = self.held.insert(id, positions).is_none();
         assert!(
             fresh || self.lied.contains(&id),
             "buffer id {id} made available while the device still holds it"
@@ -357,7 +357,7 @@ impl PackedDevice {
             "model misuse: len beyond buffer"
         );
         assert!(
-            self.held.remove(&chain.id),
+            self.held.remove(&chain.id).is_some(),
             "model misuse: buffer {} not held",
             chain.id
         );
@@ -392,7 +392,10 @@ impl PackedDevice {
         let mut slots = Vec::new();
         for &(c, len) in batch {
             assert!(len <= c.writable_len());
-            assert!(self.held.remove(&c.id), "model misuse: buffer not held");
+            assert!(
+                self.held.remove(&c.id).is_some(),
+                "model misuse: buffer not held"
+            );
             slots.push((at, c.id, len));
             at += u64::from(c.positions);
         }
@@ -409,19 +412,20 @@ impl PackedDevice {
     /// Returns buffer `id` as used at the device's used position whatever its books say,
     /// for a simulated device that may lie (`crate::sim`): `len` bytes (none written here),
     /// the used flags of that position's lap with WRITE when `len` is not 0, and the used
-    /// position moved on by `positions`, at most to the read position. Nothing about the
+    /// position moved on by the positions the buffer took (1 for an id it does not hold),
+    /// at most to the read position. Nothing about the
     /// buffer is checked: the driver has to notice. A used descriptor only ever goes over
     /// one the device has read (§2.8.6), so once the used position has reached the read
     /// position the return is dropped (false): past it, it would overwrite a descriptor the
     /// driver may be making available, which corrupts the ring for the device itself rather
     /// than lying to the driver. That happens when the device holds nothing, and also after
     /// lies, which move the used position over positions of buffers it still holds.
-    pub fn return_used(&mut self, id: u16, positions: u16, len: u32) -> bool {
+    pub fn return_used(&mut self, id: u16, len: u32) -> bool {
         let held = self.held.remove(&id);
         if self.used >= self.avail {
             return false;
         }
-        if !held {
+        if held.is_none() {
             // A driver that cannot tell this lie from a true completion of a buffer it
             // makes available later with the same id will reuse the id early.
             self.lied.insert(id);
@@ -429,7 +433,8 @@ impl PackedDevice {
         let at = self.used;
         let flags = self.used_flags(at) | if len > 0 { F_WRITE } else { 0 };
         self.write_used(at, id, len, flags);
-        self.used = (self.used + u64::from(positions.max(1))).min(self.avail);
+        let positions = held.unwrap_or(1).max(1);
+        self.used = (self.used + u64::from(positions)).min(self.avail);
         true
     }
 

@@ -31,7 +31,7 @@
 //! MSI-X function mask is set are dropped rather than left pending; the PCI_CFG access
 //! window is present but not functional.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -42,7 +42,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::mem::IdentityMemory;
-use crate::packed_device::{PackedChain, PackedDevice};
+use crate::packed_device::PackedDevice;
 
 /// Feature bits the sim itself looks at.
 const F_EVENT_IDX: u64 = 1 << 29;
@@ -287,12 +287,11 @@ struct SimQueue {
     packed: Option<PackedQueue>,
 }
 
-/// A packed queue of the simulated function: the spec-written device side, and the
-/// buffers it read and has not returned (by buffer id, which [`Chain::head`] carries).
+/// A packed queue of the simulated function: the spec-written device side (which keeps the
+/// buffers it read and has not returned, by buffer id: [`Chain::head`]).
 struct PackedQueue {
     device: PackedDevice,
     event_idx: bool,
-    held: HashMap<u16, PackedChain>,
     /// Read while forging a completion, not yet handed out by [`Sim::pop_chains`].
     unclaimed: Vec<Chain>,
     /// Returns dropped because the used position had reached the read position
@@ -301,7 +300,7 @@ struct PackedQueue {
 }
 
 impl PackedQueue {
-    /// Reads every available buffer into `held`, as chains for [`Sim::pop_chains`].
+    /// Reads every available buffer, as chains for [`Sim::pop_chains`].
     fn pop_all(&mut self) -> Vec<Chain> {
         let mut out = std::mem::take(&mut self.unclaimed);
         for c in self.device.pop_all() {
@@ -320,7 +319,6 @@ impl PackedQueue {
                 }))
                 .collect();
             out.push(Chain { head: c.id, descs });
-            self.held.insert(c.id, c);
         }
         out
     }
@@ -329,8 +327,7 @@ impl PackedQueue {
     /// simulated device may lie; the driver has to notice). Dropped, and counted, when the
     /// used position has reached the read position: see [`PackedDevice::return_used`].
     fn return_used(&mut self, id: u16, len: u32) {
-        let positions = self.held.remove(&id).map_or(1, |c| c.positions);
-        if !self.device.return_used(id, positions, len) {
+        if !self.device.return_used(id, len) {
             self.dropped += 1;
         }
     }
@@ -852,7 +849,6 @@ impl State {
         q.packed = Some(PackedQueue {
             device: PackedDevice::new(&mem, q.size, addrs, event_idx),
             event_idx,
-            held: HashMap::new(),
             unclaimed: Vec::new(),
             dropped: 0,
         });
@@ -1845,7 +1841,7 @@ impl Sim {
                 let _ = writeln!(
                     s,
                     "      packed: {} held, {} returns dropped",
-                    p.held.len(),
+                    p.device.held(),
                     p.dropped
                 );
             }

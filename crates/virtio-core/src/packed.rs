@@ -287,7 +287,7 @@ impl PackedQueue {
         let id = self.take_id(token, capacity, 1);
         // SAFETY: head.idx < size: an entry of the descriptor ring, not available to the
         // device until `publish` writes its flags.
-        unsafe { write_packed(self.desc_ptr(head.idx), seg.addr, seg.len, id, None) };
+        unsafe { write_packed(self.desc_ptr(head.idx), seg.addr, seg.len, Some(id), None) };
         self.publish(head, 1, flags | avail_bits(head.wrap));
         Ok(())
     }
@@ -347,11 +347,11 @@ impl PackedQueue {
             if i == 0 {
                 head_flags = flags;
                 // SAFETY: pos.idx < size. The head's flags are written last (`publish`).
-                unsafe { write_packed(p, seg.addr, seg.len, id, None) };
+                unsafe { write_packed(p, seg.addr, seg.len, Some(id), None) };
             } else {
                 // SAFETY: as above; the device does not look past the head until its flags
                 // say it is available.
-                unsafe { write_packed(p, seg.addr, seg.len, id, Some(flags)) };
+                unsafe { write_packed(p, seg.addr, seg.len, Some(id), Some(flags)) };
             }
             pos = pos.advance(1, size);
         }
@@ -378,11 +378,19 @@ impl PackedQueue {
             .indirect
             .write_table(id, readable, writable, |p, seg, flags, _| {
                 // SAFETY: `write_table` hands over one entry of the table, not published.
-                unsafe { write_table_entry(p, seg, flags.bits()) }
+                unsafe { write_packed(p, seg.addr, seg.len, None, Some(flags.bits())) }
             })?;
         let head = self.next_avail;
         // SAFETY: head.idx < size: an entry of the descriptor ring. Flags in `publish`.
-        unsafe { write_packed(self.desc_ptr(head.idx), table.daddr, table.len, id, None) };
+        unsafe {
+            write_packed(
+                self.desc_ptr(head.idx),
+                table.daddr,
+                table.len,
+                Some(id),
+                None,
+            )
+        };
         self.take_id(token, table.writable, 1);
         self.stats.indirect += 1;
         self.publish(head, 1, DescFlags::INDIRECT.bits() | avail_bits(head.wrap));
@@ -784,35 +792,23 @@ fn avail_bits(wrap: bool) -> u16 {
     if wrap { DESC_F_AVAIL } else { DESC_F_USED }
 }
 
-/// Writes one entry of an indirect table: address, length and flags; not the buffer id,
-/// which the device ignores there (§2.8.7).
-///
-/// # Safety
-/// `p` must point to 16 writable, 16-aligned bytes of the queue's indirect pool.
-#[inline(always)]
-unsafe fn write_table_entry(p: NonNull<u8>, seg: &Segment, flags: u16) {
-    let base = p.as_ptr();
-    // SAFETY: the caller guarantees 16 valid aligned bytes; fields at 0/8/14 are aligned.
-    unsafe {
-        base.cast::<u64>().write_volatile(seg.addr.to_le());
-        base.add(8).cast::<u32>().write_volatile(seg.len.to_le());
-        base.add(14).cast::<u16>().write_volatile(flags.to_le());
-    }
-}
-
-/// Writes one packed descriptor (`addr`, `len`, `id`, and `flags` when given) with
-/// volatile stores.
+/// Writes one packed descriptor with volatile stores: `addr`, `len`, the buffer `id` when
+/// given (an indirect table's entries leave it alone: "Buffer ID is also reserved and is
+/// ignored by the device", §2.8.7) and `flags` when given (a ring head's flags wait for
+/// `publish`).
 ///
 /// # Safety
 /// `p` must point to 16 writable, 16-aligned bytes of DMA memory owned by the queue.
-#[inline]
-unsafe fn write_packed(p: NonNull<u8>, addr: u64, len: u32, id: u16, flags: Option<u16>) {
+#[inline(always)]
+unsafe fn write_packed(p: NonNull<u8>, addr: u64, len: u32, id: Option<u16>, flags: Option<u16>) {
     let base = p.as_ptr();
     // SAFETY: the caller guarantees 16 valid aligned bytes; fields at 0/8/12/14 are aligned.
     unsafe {
         base.cast::<u64>().write_volatile(addr.to_le());
         base.add(8).cast::<u32>().write_volatile(len.to_le());
-        base.add(12).cast::<u16>().write_volatile(id.to_le());
+        if let Some(id) = id {
+            base.add(12).cast::<u16>().write_volatile(id.to_le());
+        }
         if let Some(f) = flags {
             base.add(14).cast::<u16>().write_volatile(f.to_le());
         }

@@ -29,9 +29,9 @@ mod net;
 pub mod wire;
 
 pub use net::{
-    ConfigEvent, DEBUG_FRAME_MAX, Duplex, MAC_TABLE_MAX, NetConfig, NetError, NetInterrupt,
-    NetStats, RX_MEMORY_MAX, ResumeReport, RxFrame, RxMode, RxSummary, SuspendReport, TxReclaim,
-    TxStatus, VirtioNet, queues,
+    ConfigEvent, DEBUG_FRAME_MAX, Duplex, MAC_TABLE_MAX, MacAddr, NetConfig, NetError,
+    NetInterrupt, NetStats, RX_MEMORY_MAX, ResumeReport, RxFrame, RxMode, RxSummary, SuspendReport,
+    TxReclaim, TxStatus, VirtioNet, queues,
 };
 pub use wire::{
     CsumRequest, Gso, GsoKind, GuestOffloads, HostOffloads, NetHdr, OffloadError, RxCsum, RxGso,

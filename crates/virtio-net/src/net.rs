@@ -200,8 +200,9 @@ impl core::fmt::Display for RxMode {
     }
 }
 
-/// A MAC address as people write it (`52:54:00:12:34:56`), for log lines.
-struct MacAddr([u8; 6]);
+/// A MAC address as people write it (`52:54:00:12:34:56`): log lines and reports.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
 
 impl core::fmt::Display for MacAddr {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {

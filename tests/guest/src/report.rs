@@ -79,20 +79,6 @@ pub mod show {
         }
     }
 
-    /// A MAC address: `52:54:00:12:34:56`.
-    pub struct Mac(pub [u8; 6]);
-
-    impl fmt::Display for Mac {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            let m = self.0;
-            write!(
-                f,
-                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                m[0], m[1], m[2], m[3], m[4], m[5]
-            )
-        }
-    }
-
     /// A feature set by name with the hex beside: `0x130000000 (INDIRECT_DESC EVENT_IDX
     /// VERSION_1)`. Device bits are named by the device crate's feature table, the rest by
     /// [`Features::generic_name`]; unnamed ones as `bit N`.

@@ -48,7 +48,7 @@ use super::bus;
 use crate::check;
 use crate::cmdline::IrqMode;
 use crate::report;
-use crate::report::show::{FeatureSet, Irq, Mac, Opt, Outcome};
+use crate::report::show::{FeatureSet, Irq, Opt, Outcome};
 use alloc::format;
 use bus::GuestBus;
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -57,6 +57,7 @@ use stack::{Midpoint, Stack, ms_since};
 use virtio_core::DeviceType;
 use virtio_core::bus::Bus;
 use virtio_core::platform::InterruptMode;
+use virtio_net::MacAddr;
 use virtio_net::features as f;
 use virtio_net::{NetConfig, NetError, RxMode, VirtioNet};
 
@@ -138,7 +139,7 @@ pub fn run(env: &mut Env) {
         func.addr,
         Irq(mode),
         FeatureSet(DeviceType::Net, net.features().bits()),
-        Mac(mac),
+        MacAddr(mac),
         Opt(net.mtu()),
         net.header_len(),
         match net.rx_mode() {
@@ -257,14 +258,14 @@ fn set_filter(net: &mut VirtioNet<GuestBus>) {
         "net.filter",
         result.is_ok(),
         "promiscuous off, all-multicast on, unicast {}, multicast {}, VLAN {FILTER_VLAN}: {}",
-        Mac(FILTER_UNICAST),
-        Mac(FILTER_MULTICAST),
+        MacAddr(FILTER_UNICAST),
+        MacAddr(FILTER_MULTICAST),
         Outcome(&result)
     );
     report::stat("net.filter.promiscuous", "false");
     report::stat("net.filter.multicast", "all");
-    report::stat("net.filter.unicast_table", Mac(FILTER_UNICAST));
-    report::stat("net.filter.multicast_table", Mac(FILTER_MULTICAST));
+    report::stat("net.filter.unicast_table", MacAddr(FILTER_UNICAST));
+    report::stat("net.filter.multicast_table", MacAddr(FILTER_MULTICAST));
     report::stat("net.filter.vlan_table", FILTER_VLAN);
 }
 

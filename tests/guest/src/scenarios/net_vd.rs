@@ -28,12 +28,12 @@ use super::net::stack::{self, Counters, Nic, Stack};
 use super::vd::{self, GuestHal};
 use crate::check;
 use crate::report;
-use crate::report::show::Mac;
 use core::cell::{Cell, RefCell};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
 use virtio_drivers::device::net::{RxBuffer, VirtIONet};
 use virtio_drivers::transport::pci::PciTransport;
+use virtio_net::MacAddr;
 
 /// Ring entries per queue.
 pub const QUEUE_SIZE: usize = 256;
@@ -191,7 +191,7 @@ pub fn run(env: &mut Env) {
         true,
         "{} virtio-drivers VirtIONet, polled, queues of {QUEUE_SIZE}, {BUF_LEN}-byte rx buffers, mac={}",
         func.addr,
-        Mac(mac)
+        MacAddr(mac)
     );
     let phy = VdPhy {
         net: RefCell::new(net),

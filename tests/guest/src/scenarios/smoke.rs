@@ -16,7 +16,7 @@ use super::Env;
 use super::bus::{self, GuestBus};
 use crate::check;
 use crate::platform::GuestDma;
-use crate::report::show::{FeatureSet, Irq, Mac};
+use crate::report::show::{FeatureSet, Irq};
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec;
@@ -26,6 +26,7 @@ use virtio_core::bus::{Bus, QueueSpec};
 use virtio_core::platform::{Dma, DmaDirection, DmaRegion};
 use virtio_core::queue::Segment;
 use virtio_core::types::Features;
+use virtio_net::MacAddr;
 
 const TIMEOUT_MS: u64 = 5000;
 
@@ -384,8 +385,8 @@ fn smoke_net(env: &Env, dev: &mut GuestBus) -> Result<(String, Vec<DmaRegion>), 
     Ok((
         format!(
             "mac {}, header {hdr} bytes, ARP reply: 10.0.2.2 is at {}",
-            Mac(mac),
-            Mac(gw)
+            MacAddr(mac),
+            MacAddr(gw)
         ),
         vec![rx, tx],
     ))
