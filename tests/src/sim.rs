@@ -1590,6 +1590,14 @@ impl Sim {
     pub fn set_generation_churn(&self, reads: u32) {
         self.st().generation_churn = reads;
     }
+    /// Changes the largest size the device offers for `queue` (`queue_size` in the common
+    /// configuration, §4.1.4.3): the driver sees it when it next sets the queue up (a
+    /// device that comes back from a reset with larger rings).
+    pub fn set_queue_max_size(&self, queue: u16, max_size: u16) {
+        if let Some(q) = self.st().queues.get_mut(usize::from(queue)) {
+            q.max_size = max_size;
+        }
+    }
     /// Sets DEVICE_NEEDS_RESET and sends a config interrupt (virtio 1.2 §2.1.2).
     pub fn trigger_needs_reset(&self) {
         let mut st = self.st();

@@ -17,6 +17,7 @@ use virtio_balloon::{
 use virtio_core::{DeviceStatus, Error, VirtioDevice};
 use virtio_pci::{PciTransport, Preference, probe};
 use virtio_tests::balloon_model::{BalloonModel, CMD_DONE, CMD_STOP, HintStatus, bits};
+use virtio_tests::capped_alloc::CappedAllocator;
 use virtio_tests::mem::IdentityMemory;
 use virtio_tests::sim::{Sim, SimBars, SimConfig, SimInterrupt, SimIrq, SimMode};
 
@@ -34,6 +35,12 @@ const ALL: u64 = bits::MUST_TELL_HOST
     | bits::PAGE_REPORTING;
 /// Where the test pool's pages live (guest-physical; the device never touches them).
 const POOL_BASE: u64 = 0x1_0000_0000;
+
+// ---- the allocator: a kernel's refusal, on the host ----
+
+/// Allocations above `ALLOCATION_CAP` fail, as in a kernel (`virtio_tests::capped_alloc`).
+#[global_allocator]
+static ALLOCATOR: CappedAllocator = CappedAllocator;
 
 // ---- the counting pool ----
 
@@ -1032,6 +1039,53 @@ fn drop_after_a_fault_returns_reported_ranges() {
     let pool = r.pool.clone();
     drop(r);
     pool.check_clean("drop after fault");
+}
+
+/// A bound the platform cannot track (`max_pages` beyond what it can allocate 8 bytes a
+/// page for: at most `u32::MAX` frames' worth, ~32 GiB at 4 KiB, which the test's allocator
+/// refuses as a kernel would): `new` fails with `NoMemory` before touching the device, with
+/// nothing allocated or lent; the same device then comes up under a sane bound.
+#[test]
+fn a_bound_the_platform_cannot_track_fails_setup_cleanly() {
+    for (mode, pref) in MODES {
+        for page_size in [4096usize, 16384] {
+            let what = format!("{mode:?}/{pref:?} page {page_size}");
+            let model = BalloonModel::new(ALL);
+            let pool = TestPool::new(page_size, 64).with_ranges(4, 0x1000);
+            let sim = model.sim_builder(mode, RING, false).build();
+            let free_before = sim.memory().free_bytes();
+            let absurd = BalloonOptions {
+                max_pages: usize::MAX,
+                ..BalloonOptions::default()
+            };
+            let t = probe(sim.config_space(), sim.bars(), pref).expect("probe");
+            let dev = VirtioDevice::new(t, sim.memory(), sim.irq());
+            let r = BalloonDriver::new(dev, pool.clone(), absurd);
+            assert!(matches!(r, Err(BalloonError::NoMemory)), "{what}");
+            drop(r);
+            assert_eq!(sim.memory().free_bytes(), free_before, "{what}: DMA leaked");
+            assert_eq!(sim.status() & DeviceStatus::DRIVER_OK.bits(), 0, "{what}");
+            assert_eq!(sim.driver_features(), 0, "{what}: the device was touched");
+            pool.check_clean(&what);
+
+            let t = probe(sim.config_space(), sim.bars(), pref).expect("probe");
+            let dev = VirtioDevice::new(t, sim.memory(), sim.irq());
+            let drv = BalloonDriver::new(dev, pool.clone(), BalloonOptions::default())
+                .unwrap_or_else(|e| panic!("{what}: setup after the failure: {e}"));
+            assert_eq!(drv.max_pages(), 64, "{what}");
+            let mut r = Rig {
+                sim,
+                model,
+                pool,
+                drv,
+                what,
+            };
+            r.set_target(1000);
+            assert_eq!(r.actual() as usize, 64 * page_size / 4096, "{}", r.what);
+            r.check_consistent();
+            r.finish();
+        }
+    }
 }
 
 /// Issue 14, bug 2: a device that completes the statistics buffer on every notification

@@ -1,7 +1,9 @@
 //! `ConsoleLogger` as the process-wide `log` sink over virtio-console and the simulated
 //! function: records reach the host through `emerg_wr` from before DRIVER_OK on, the
 //! driver's own diagnostics logged while the platform holds the console come out in order,
-//! and without EMERG_WRITE the logger falls back to polled writes on port 0.
+//! and without EMERG_WRITE the logger falls back to polled writes on port 0, where a record
+//! that cannot be written whole counts as dropped. `console_logger_threads` has the
+//! concurrent tests.
 
 use log::{Level, LevelFilter, Log, Record};
 use virtio_console::{ConsoleEvent, ConsoleLogger, ConsoleOptions, VirtioConsole};
@@ -139,4 +141,66 @@ fn logger_without_emergency_write_uses_port0() {
     assert!(c.is_started());
     drop(c);
     assert_eq!(sim.status(), 0, "dropping the driver resets the device");
+}
+
+/// Records stashed before any console, then a console that cannot write them (no
+/// EMERG_WRITE, not started): each one is counted, not the failed write.
+#[test]
+fn stashed_records_that_cannot_be_written_are_each_counted() {
+    let _serial = serial();
+    let sim = SimBuilder::new(SimMode::Modern, 3)
+        .features(RING | V1)
+        .queues(&cm::queue_sizes(0, 64))
+        .device_config(&cm::config_bytes(0, 0, 0))
+        .build();
+    let logger: ConsoleLogger<SimConsoleBus> = ConsoleLogger::new(LevelFilter::Info);
+    for n in 0..3 {
+        logger.log(
+            &Record::builder()
+                .level(Level::Info)
+                .target("kern")
+                .args(format_args!("early {n}"))
+                .build(),
+        );
+    }
+    assert_eq!(logger.dropped(), 0, "kept in the stash");
+    let c = VirtioConsole::new(cm::bus(&sim, Preference::Auto), ConsoleOptions::default())
+        .expect("negotiate");
+    assert!(matches!(logger.install(c), Ok(None)));
+    assert_eq!(logger.dropped(), 3);
+}
+
+/// Without EMERG_WRITE, a record the transmit queue takes only in part (the host stopped
+/// reading) arrives cut short: counted like one not written at all.
+#[test]
+fn record_cut_short_on_port0_is_counted_as_dropped() {
+    let _serial = serial();
+    let sim = SimBuilder::new(SimMode::Modern, 3)
+        .features(RING | V1)
+        .queues(&cm::queue_sizes(0, 64))
+        .device_config(&cm::config_bytes(0, 0, 0))
+        .build();
+    let mut m = ConsoleModel::new(&sim);
+    let logger: ConsoleLogger<SimConsoleBus> = ConsoleLogger::new(LevelFilter::Info);
+    // Two 16-byte transmit slots, and a host that stops reading: a longer record is
+    // taken only in part, after a short polled wait.
+    let opts = ConsoleOptions {
+        tx_buffers: 2,
+        tx_buffer_size: 16,
+        poll_spins: 8,
+        ..ConsoleOptions::default()
+    };
+    let c = VirtioConsole::new(cm::bus(&sim, Preference::Auto), opts).expect("negotiate");
+    assert!(matches!(logger.install(c), Ok(None)));
+    logger.with(|c| c.start()).unwrap().unwrap();
+    logger.log(
+        &Record::builder()
+            .level(Level::Info)
+            .target("kern")
+            .args(format_args!("more than two slots of text"))
+            .build(),
+    );
+    let sent: Vec<u8> = m.hold_tx(0).into_iter().flat_map(|(_, b)| b).collect();
+    assert_eq!(text(&sent), "[INFO  kern] more than two slots");
+    assert_eq!(logger.dropped(), 1, "the record arrived cut short");
 }

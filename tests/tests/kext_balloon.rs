@@ -21,6 +21,7 @@ use virtio_balloon::wire::tag;
 use virtio_balloon_kext::*;
 use virtio_pci::Preference;
 use virtio_tests::balloon_model::{BalloonModel, bits};
+use virtio_tests::capped_alloc::{CappedAllocator, largest_allocation};
 use virtio_tests::sim::{MODES, Sim, SimMode};
 
 const RING: u64 = bits::INDIRECT_DESC | bits::EVENT_IDX;
@@ -99,7 +100,13 @@ kext_tests!(Kexts:
     sleep_stop_or_reset_mid_report_frees_every_chunk,
     a_hostile_reporting_device_never_leaks_or_double_frees,
     reporting_is_off_unless_offered,
+    the_bound_is_at_most_the_guests_memory,
+    tables_the_kernel_cannot_give_fail_create_cleanly,
 );
+
+/// Allocations above `ALLOCATION_CAP` fail, as in a kernel (`virtio_tests::capped_alloc`).
+#[global_allocator]
+static ALLOCATOR: CappedAllocator = CappedAllocator;
 
 /// The shim's side of memory: chunks "wired" from a fake physical space, every one
 /// tracked, so that a chunk leaked or freed twice fails the test.
@@ -256,6 +263,8 @@ struct Rig {
     mem: Box<RefCell<ShimMem>>,
     dev: *mut VbalDevice,
     what: String,
+    /// The largest allocation `vbal_create` asked for.
+    create_largest: usize,
 }
 
 impl Rig {
@@ -300,6 +309,36 @@ impl Rig {
         initial_target: u32,
         sysctls: BTreeMap<String, Vec<u8>>,
     ) -> Rig {
+        let cfg = VbalConfig {
+            page_size,
+            max_pages,
+            total_pages: 0,
+        };
+        Rig::start_config(
+            kexts,
+            mode,
+            pref,
+            features,
+            msix,
+            cfg,
+            initial_target,
+            sysctls,
+        )
+    }
+
+    /// As `start_kernel`, with the shim's whole configuration.
+    #[allow(clippy::too_many_arguments)]
+    fn start_config(
+        kexts: Kexts,
+        mode: SimMode,
+        pref: Preference,
+        features: u64,
+        msix: bool,
+        cfg: VbalConfig,
+        initial_target: u32,
+        sysctls: BTreeMap<String, Vec<u8>>,
+    ) -> Rig {
+        let page_size = cfg.page_size;
         let what = format!("{mode:?}/{pref:?}/msix {msix} features {features:#x} page {page_size}");
         let model = BalloonModel::new(features);
         let sim = model.sim_builder(mode, RING, msix).build();
@@ -311,11 +350,6 @@ impl Rig {
         }));
         let mut model = model;
         model.set_target(&sim, initial_target);
-        let cfg = VbalConfig {
-            page_size,
-            max_pages,
-            total_pages: 0,
-        };
         let cb = VbalCallbacks {
             ctx: (&*mem as *const RefCell<ShimMem>).cast_mut().cast(),
             alloc_chunk: Some(alloc_chunk),
@@ -324,8 +358,10 @@ impl Rig {
             read_sysctl: Some(read_sysctl),
         };
         let mut dev = std::ptr::null_mut();
-        // SAFETY: the nub's live handle; the callbacks' context outlives the device.
-        let s = unsafe { (kexts.bal.vbal_create)(fam.client_handle(), &cfg, &cb, &mut dev) };
+        let (s, create_largest) = largest_allocation(|| {
+            // SAFETY: the nub's live handle; the callbacks' context outlives the device.
+            unsafe { (kexts.bal.vbal_create)(fam.client_handle(), &cfg, &cb, &mut dev) }
+        });
         assert_eq!(s, VBAL_OK, "{what}: vbal_create");
         assert!(!dev.is_null());
         sim.check_init_order().unwrap();
@@ -337,6 +373,7 @@ impl Rig {
             mem,
             dev,
             what,
+            create_largest,
         };
         r.run();
         r
@@ -1713,4 +1750,165 @@ fn reporting_is_off_unless_offered(kexts: Kexts) {
     assert_eq!(r.mem.borrow().allocs, 0);
     assert_eq!(r.pressure(10_000).0, VBAL_OK);
     r.unload();
+}
+
+/// The bound (the shim's `max_pages`: `virtiodarwin_balloon_max_mib`, clamped to 32 bits)
+/// is never more than the guest's memory: `hw.memsize`, or the shim's `total_pages` when it
+/// gives one; with neither known, [`VBAL_DEFAULT_MAX_MIB`]. The tables allocated at create
+/// are sized from the bound actually used, whatever the boot-arg asked.
+fn the_bound_is_at_most_the_guests_memory(kexts: Kexts) {
+    const GUEST: u64 = 64 << 20;
+    const MIB: usize = 1 << 20;
+    for page in [4096u32, 16384] {
+        // 4 GiB (tables of ~17 MiB), and the largest the shim can pass.
+        for max_pages in [((4u64 << 30) / u64::from(page)) as u32, u32::MAX] {
+            let cfg = VbalConfig {
+                page_size: page,
+                max_pages,
+                total_pages: 0,
+            };
+            let mut r = Rig::start_config(
+                kexts,
+                SimMode::Modern,
+                Preference::Auto,
+                QEMU,
+                false,
+                cfg,
+                0,
+                kernel(GUEST, 1000, 1000, VBAL_PRESSURE_NORMAL),
+            );
+            let what = format!("{} max_pages {max_pages}", r.what);
+            // Tables for 64 MiB: about 16 bytes a page, far below a MiB.
+            let largest = r.create_largest;
+            assert!(largest < MIB, "{what}: {largest} bytes in one allocation");
+            // The host asks for more than the guest has: the balloon stops at all of it.
+            r.set_target(u32::MAX);
+            assert_eq!(u64::from(r.actual()), GUEST >> 12, "{what}");
+            assert_eq!(r.info().pages_held, GUEST / u64::from(page), "{what}");
+            r.check_consistent();
+            r.unload();
+        }
+    }
+
+    // The shim knows the guest's size: that bounds it (no sysctl is needed).
+    let cfg = VbalConfig {
+        page_size: 4096,
+        max_pages: u32::MAX,
+        total_pages: 2000,
+    };
+    let mut r = Rig::start_config(
+        kexts,
+        SimMode::Modern,
+        Preference::Auto,
+        QEMU,
+        false,
+        cfg,
+        0,
+        BTreeMap::new(),
+    );
+    r.set_target(u32::MAX);
+    assert_eq!(r.actual(), 2000);
+    r.check_consistent();
+    r.unload();
+
+    // Nothing known about the guest: the default bound, and its tables only (8 bytes a page
+    // for the driver's array, as much again for the chunk records: ~8.4 MiB at 4 KiB).
+    let cfg = VbalConfig {
+        total_pages: 0,
+        ..cfg
+    };
+    let r = Rig::start_config(
+        kexts,
+        SimMode::Modern,
+        Preference::Auto,
+        QEMU,
+        false,
+        cfg,
+        0,
+        BTreeMap::new(),
+    );
+    let largest = r.create_largest;
+    let default_pages = (VBAL_DEFAULT_MAX_MIB as usize) << 20 >> 12;
+    assert!(
+        (default_pages * 8..16 * MIB).contains(&largest),
+        "{largest} bytes in one allocation"
+    );
+    r.check_consistent();
+    r.unload();
+}
+
+/// Tables the kernel cannot give (a bound of `u32::MAX` pages on a guest claiming a
+/// petabyte: ~36 GiB of chunk records, which the test's allocator refuses as a kernel
+/// would) fail `vbal_create` with `VBAL_E_NO_MEMORY`: no panic, no handle, no chunk wired,
+/// no DMA region left, the device not live, and the nub usable by a later create.
+fn tables_the_kernel_cannot_give_fail_create_cleanly(kexts: Kexts) {
+    let f = kexts.bal;
+    let model = BalloonModel::new(QEMU);
+    let sim = model.sim_builder(SimMode::Modern, RING, false).build();
+    let fam = Family::start(kexts.family, &sim, Preference::Auto).expect("family start");
+    let dma_before = fam.live_dma();
+    let mem = RefCell::new(ShimMem {
+        page_size: 4096,
+        sysctls: kernel(1 << 50, 1000, 1000, VBAL_PRESSURE_NORMAL),
+        ..ShimMem::default()
+    });
+    let cb = VbalCallbacks {
+        ctx: (&mem as *const RefCell<ShimMem>).cast_mut().cast(),
+        alloc_chunk: Some(alloc_chunk),
+        free_chunk: Some(free_chunk),
+        changed: Some(changed),
+        read_sysctl: Some(read_sysctl),
+    };
+    let absurd = VbalConfig {
+        page_size: 4096,
+        max_pages: u32::MAX,
+        total_pages: 0,
+    };
+    let mut dev = std::ptr::null_mut();
+    // SAFETY: the nub's live handle; the callbacks' context outlives the call.
+    let s = unsafe { (f.vbal_create)(fam.client_handle(), &absurd, &cb, &mut dev) };
+    assert_eq!(s, VBAL_E_NO_MEMORY);
+    assert!(dev.is_null());
+    {
+        let m = mem.borrow();
+        assert_eq!((m.allocs, m.frees), (0, 0));
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        assert!(m.changed.is_empty(), "`changed` after a failed create");
+    }
+    assert_eq!(
+        fam.live_dma(),
+        dma_before,
+        "DMA regions left by a failed create"
+    );
+    assert_eq!(sim.status() & 4, 0, "DRIVER_OK after a failed create");
+
+    // The nub is as it was: a create with a bound the kernel can give drives the device.
+    let sane = VbalConfig {
+        max_pages: 1024,
+        ..absurd
+    };
+    let mut model = model;
+    model.set_target(&sim, 100);
+    // SAFETY: as above.
+    let s = unsafe { (f.vbal_create)(fam.client_handle(), &sane, &cb, &mut dev) };
+    assert_eq!(s, VBAL_OK);
+    assert!(!dev.is_null());
+    for _ in 0..10_000 {
+        if model.serve(&sim) + fam.interrupts() == 0 {
+            break;
+        }
+    }
+    assert_eq!(model.actual(&sim), 100);
+    assert!(model.violations.is_empty(), "{:?}", model.violations);
+    // SAFETY: live handle, not used after destroy.
+    unsafe {
+        (f.vbal_stop)(dev);
+        (f.vbal_destroy)(dev);
+    }
+    let m = mem.borrow();
+    assert!(m.live.is_empty() && m.errors.is_empty(), "{:?}", m.errors);
+    assert_eq!(m.allocs, m.frees);
+    drop(m);
+    fam.stop();
+    assert!(sim.bad_accesses().is_empty(), "{:?}", sim.bad_accesses());
 }

@@ -20,7 +20,7 @@ use virtio_kext_abi::VkSegment;
 use virtio_pci::Preference;
 use virtio_tests::blk_model::{BlkModel, bits, proto};
 use virtio_tests::mem::IdentityMemory;
-use virtio_tests::sim::{Sim, SimMode};
+use virtio_tests::sim::{Sim, SimBuilder, SimMode};
 
 use virtio_tests::sim::MODES;
 const RING: u64 = bits::INDIRECT_DESC | bits::EVENT_IDX;
@@ -91,6 +91,9 @@ kext_tests!(Kexts:
     needs_reset_aborts_and_recovers,
     lifecycle_across_sleep_and_wake,
     depth_32_completes_from_one_interrupt,
+    a_failed_recovery_fails_what_the_shim_holds,
+    completions_fit_a_queue_that_grew_across_a_reset,
+    an_unreadable_config_change_does_not_strand_completions,
 );
 
 /// What the shim's callbacks record.
@@ -150,7 +153,19 @@ impl Rig {
         pref: Preference,
         queue_size: u16,
     ) -> Rig {
-        let sim = model.sim_builder(mode, RING, queue_size, 16 << 20).build();
+        Rig::start_with(kexts, model, mode, pref, queue_size, |b| b)
+    }
+
+    /// `start` over a function the test adjusts first (no MSI-X, ...).
+    fn start_with(
+        kexts: Kexts,
+        model: BlkModel,
+        mode: SimMode,
+        pref: Preference,
+        queue_size: u16,
+        adjust: impl FnOnce(SimBuilder) -> SimBuilder,
+    ) -> Rig {
+        let sim = adjust(model.sim_builder(mode, RING, queue_size, 16 << 20)).build();
         let fam = Family::start(kexts.family, &sim, pref).expect("family start");
         let log = Box::new(RefCell::new(ShimLog::default()));
         let cb = VblkCallbacks {
@@ -855,4 +870,96 @@ mod bench {
             }
         }
     }
+}
+
+/// The device faults and cannot be brought back (after its reset it no longer offers
+/// VERSION_1) while the shim holds a request the full ring refused: what was in flight
+/// completes as aborted, and `restart` still comes, so the shim resubmits what it holds,
+/// which then fails with `VBLK_E_DEVICE` and goes up instead of waiting for ever. `stop`
+/// then still unregisters the interrupt entry and everything is returned.
+fn a_failed_recovery_fails_what_the_shim_holds(kexts: Kexts) {
+    let mut r = Rig::start(kexts, full_model(), SimMode::Modern, Preference::Auto, 4);
+    let s = r.segments(4096, 1, Some(3));
+    let mut accepted = Vec::new();
+    let mut held = None;
+    for k in 0..8usize {
+        match r.rw(true, (k * 8) as u64, 8, &s, 0x100 + k) {
+            VBLK_OK => accepted.push((0x100 + k, VBLK_E_ABORTED)),
+            VBLK_E_BUSY => {
+                held = Some(0x100 + k);
+                break;
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    let held = held.expect("a ring of 4 refuses a request");
+    r.sim.set_offered_features(0);
+    r.sim.trigger_needs_reset();
+    r.fam().interrupts();
+    let mut c = r.take();
+    c.sort();
+    assert_eq!(c, accepted, "what was in flight completes as aborted");
+    assert_eq!(
+        r.log.borrow().restarts,
+        1,
+        "the shim is told to resubmit what it holds although the device did not come back"
+    );
+    assert_eq!(r.rw(true, 0, 8, &s, held), VBLK_E_DEVICE);
+    let mut i = VblkStats::default();
+    // SAFETY: live handle; local out-pointer.
+    assert_eq!(unsafe { (kexts.blk.vblk_stats)(r.dev, &mut i) }, VBLK_OK);
+    assert_eq!(i.in_flight, 0);
+    r.unload();
+}
+
+/// The device comes back from a reset with a larger ring (4 → 64 slots): a batch of
+/// completions larger than the ring at creation all reach the shim (the completion list
+/// grows with the queue).
+fn completions_fit_a_queue_that_grew_across_a_reset(kexts: Kexts) {
+    let mut r = Rig::start(kexts, full_model(), SimMode::Modern, Preference::Auto, 4);
+    r.sim.set_queue_max_size(0, 64);
+    r.sim.trigger_needs_reset();
+    r.fam().interrupts();
+    let s = r.segments(4096, 1, Some(9));
+    let requests: Vec<usize> = (0..40).map(|k| 0x200 + k).collect();
+    for (k, &request) in requests.iter().enumerate() {
+        assert_eq!(
+            r.rw(false, (k * 8) as u64, 8, &s, request),
+            VBLK_OK,
+            "request {k}"
+        );
+    }
+    // One interrupt for all 40.
+    r.model.serve(&r.sim, 0);
+    r.fam().interrupts();
+    let mut c: Vec<usize> = r.take().into_iter().map(|(t, _)| t).collect();
+    c.sort();
+    assert_eq!(
+        c, requests,
+        "every completion of the batch reaches the shim"
+    );
+    r.unload();
+}
+
+/// INTx: one interrupt announces a completion and a configuration change whose re-read
+/// fails (the generation counter never settles). The ISR read that acknowledged both is
+/// gone, so the completion must be collected by this interrupt, not the next one.
+fn an_unreadable_config_change_does_not_strand_completions(kexts: Kexts) {
+    let mut r = Rig::start_with(
+        kexts,
+        full_model(),
+        SimMode::Transitional,
+        Preference::Auto,
+        16,
+        |b| b.msix_vectors(0),
+    );
+    let s = r.segments(4096, 1, None);
+    assert_eq!(r.rw(false, 0, 8, &s, 0x300), VBLK_OK);
+    r.model.serve(&r.sim, 0);
+    r.sim.raise_config_interrupt();
+    r.sim.set_generation_churn(u32::MAX);
+    r.fam().interrupts();
+    r.sim.set_generation_churn(0);
+    assert_eq!(r.take(), vec![(0x300, VBLK_OK)]);
+    r.unload();
 }

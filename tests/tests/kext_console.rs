@@ -12,7 +12,7 @@
 
 mod kext_support;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::ffi::{CStr, c_void};
 
@@ -116,17 +116,44 @@ kext_tests!(Kexts:
     needs_reset_recovers_with_the_same_ports,
     hostile_control_messages_change_nothing,
     null_arguments_and_stale_keys_are_refused,
+    remove_add_remove_in_one_batch_withdraws_the_delivered_nub,
+    rename_and_readd_in_one_batch_replace_the_nub_once,
+    remove_and_add_in_one_batch_republish_under_a_fresh_key,
+    add_and_remove_in_one_batch_publish_nothing,
 );
 
-/// What the shim's callbacks record: its serial nubs by port id, and the rest in order.
-#[derive(Default)]
+/// What the shim's callbacks record: its serial nubs by port id (`fPorts`/`fKeys`, kept by
+/// `VirtioConsole.cpp`'s rules), and the rest in order.
 struct ShimLog {
+    /// For `cbPublish`'s `vcon_port_info`: the functions and the handle (`fDev`, written by
+    /// `vcon_create` before its first callback).
+    con: ConsoleAbi,
+    dev: Cell<*mut VconDevice>,
     nubs: RefCell<BTreeMap<u32, u32>>,
     published: RefCell<Vec<u32>>,
     unpublished: RefCell<Vec<u32>>,
     state_changes: RefCell<Vec<u32>>,
     resized: RefCell<Vec<(u32, u16, u16)>>,
     settles: RefCell<Vec<u32>>,
+    /// Publish/unpublish calls the shim cannot carry out as asked (a callback must not
+    /// panic: that would abort the test binary); checked after every collection.
+    faults: RefCell<Vec<String>>,
+}
+
+impl ShimLog {
+    fn new(con: ConsoleAbi) -> ShimLog {
+        ShimLog {
+            con,
+            dev: Cell::new(std::ptr::null_mut()),
+            nubs: RefCell::default(),
+            published: RefCell::default(),
+            unpublished: RefCell::default(),
+            state_changes: RefCell::default(),
+            resized: RefCell::default(),
+            settles: RefCell::default(),
+            faults: RefCell::default(),
+        }
+    }
 }
 
 fn log(ctx: *mut c_void) -> &'static ShimLog {
@@ -134,16 +161,40 @@ fn log(ctx: *mut c_void) -> &'static ShimLog {
     unsafe { &*(ctx as *const ShimLog) }
 }
 
+/// `cbPublish`: a key `vcon_port_info` refuses gets no nub; otherwise the nub goes into
+/// `fPorts[id]`, where a live one would be overwritten (and its reference leaked).
 unsafe extern "C" fn on_publish(ctx: *mut c_void, key: u32) {
     let l = log(ctx);
-    let old = l.nubs.borrow_mut().insert(key & 0xff, key);
-    assert_eq!(old, None, "a port is published once until withdrawn");
+    let id = key & 0xff;
+    // SAFETY: all-zero is a valid VconPortInfo (integers, bools, char arrays).
+    let mut info: VconPortInfo = unsafe { std::mem::zeroed() };
+    // SAFETY: the live handle, re-entered from its own callback as the shim does.
+    if unsafe { (l.con.vcon_port_info)(l.dev.get(), key, &mut info) } != VCON_OK {
+        l.faults
+            .borrow_mut()
+            .push(format!("publish {key:#x}: not a published port, no nub"));
+        return;
+    }
+    if let Some(old) = l.nubs.borrow_mut().insert(id, key) {
+        l.faults.borrow_mut().push(format!(
+            "publish {key:#x}: port {id} still has nub {old:#x}, overwritten"
+        ));
+    }
     l.published.borrow_mut().push(key);
 }
+/// `cbUnpublish`: ignored unless the key is the id's live nub.
 unsafe extern "C" fn on_unpublish(ctx: *mut c_void, key: u32) {
     let l = log(ctx);
-    assert_eq!(l.nubs.borrow_mut().remove(&(key & 0xff)), Some(key));
-    l.unpublished.borrow_mut().push(key);
+    let id = key & 0xff;
+    let live = l.nubs.borrow().get(&id).copied();
+    if live == Some(key) {
+        l.nubs.borrow_mut().remove(&id);
+        l.unpublished.borrow_mut().push(key);
+    } else {
+        l.faults.borrow_mut().push(format!(
+            "unpublish {key:#x}: port {id}'s nub is {live:x?}, ignored"
+        ));
+    }
 }
 unsafe extern "C" fn on_state(ctx: *mut c_void, key: u32) {
     log(ctx).state_changes.borrow_mut().push(key);
@@ -153,6 +204,14 @@ unsafe extern "C" fn on_resized(ctx: *mut c_void, key: u32, cols: u16, rows: u16
 }
 unsafe extern "C" fn on_settle(ctx: *mut c_void, ms: u32) {
     log(ctx).settles.borrow_mut().push(ms);
+}
+
+/// A control message from the device.
+#[derive(Clone, Copy)]
+enum Ctl {
+    Add(u32),
+    Name(u32, &'static str),
+    Remove(u32),
 }
 
 /// A port the device has: id, name, console, host side connected.
@@ -191,7 +250,7 @@ impl Rig {
             m = m.port(id, name, console, host_open);
         }
         let fam = Family::start(kexts.family, &sim, pref).expect("family start");
-        let log = Box::<ShimLog>::default();
+        let log = Box::new(ShimLog::new(kexts.con));
         let cb = VconCallbacks {
             ctx: (&*log as *const ShimLog).cast_mut().cast(),
             publish: Some(on_publish),
@@ -200,10 +259,11 @@ impl Rig {
             resized: Some(on_resized),
             schedule_settle: Some(on_settle),
         };
-        let mut dev = std::ptr::null_mut();
-        // SAFETY: the nub's live handle; the callbacks' context outlives the device.
-        let s = unsafe { (kexts.con.vcon_create)(fam.client_handle(), &cb, &mut dev) };
+        // SAFETY: the nub's live handle; the callbacks' context outlives the device; the
+        // handle goes where the callbacks read it.
+        let s = unsafe { (kexts.con.vcon_create)(fam.client_handle(), &cb, log.dev.as_ptr()) };
         assert_eq!(s, VCON_OK);
+        let dev = log.dev.get();
         assert!(!dev.is_null());
         let mut r = Rig {
             kexts,
@@ -232,7 +292,7 @@ impl Rig {
     }
 
     /// The device answers the guest's control messages (like QEMU) and the family delivers
-    /// interrupts, until both are quiet.
+    /// interrupts, until both are quiet; then the shim's nubs are checked.
     fn pump(&mut self) {
         for _ in 0..16 {
             let msgs = if self.m.is_multiport() {
@@ -241,10 +301,45 @@ impl Rig {
                 0
             };
             if self.fam().interrupts() == 0 && msgs == 0 {
+                self.check_nubs();
                 return;
             }
         }
         panic!("the device and the driver never went quiet");
+    }
+
+    /// The device sends `msgs` before the driver hears of any: one interrupt handles them
+    /// all, and the shim gets their publish/unpublish calls together.
+    fn batch(&mut self, msgs: &[Ctl]) {
+        for &c in msgs {
+            match c {
+                Ctl::Add(id) => self.m.add_port(id),
+                Ctl::Name(id, name) => self.m.send(id, cm::PORT_NAME, 1, name.as_bytes()),
+                Ctl::Remove(id) => self.m.remove_port(id),
+            }
+            .unwrap();
+        }
+        self.pump();
+    }
+
+    /// What the callbacks left the shim with: every call carried out as asked, and a nub
+    /// for each published port and for nothing else.
+    fn check_nubs(&self) {
+        let faults = std::mem::take(&mut *self.log.faults.borrow_mut());
+        assert!(faults.is_empty(), "the shim was misled: {faults:#?}");
+        let nubs = self.log.nubs.borrow().clone();
+        for (&id, &key) in &nubs {
+            assert_eq!(
+                self.info(key).map(|i| i.id),
+                Ok(id),
+                "port {id}'s nub {key:#x} is not a published port"
+            );
+        }
+        assert_eq!(
+            self.stats().ports,
+            nubs.len() as u64,
+            "a published port has no nub: nubs {nubs:x?}"
+        );
     }
 
     /// The shim's settle timer fires.
@@ -866,5 +961,140 @@ fn null_arguments_and_stale_keys_are_refused(kexts: Kexts) {
         assert_eq!(r.acquire(stale), VCON_E_OFFLINE, "key {stale:#x}");
         assert!(r.info(stale).is_err());
     }
+    r.unload();
+}
+
+// Hot-plug messages the device sends together reach the shim as one collection of
+// publish/unpublish calls: whatever the batch held, the shim must be told to drop the nub
+// it has and attach the one the port has now, never about a key it was not given.
+// (`pump` checks the shim's nubs after every collection.)
+
+fn remove_add_remove_in_one_batch_withdraws_the_delivered_nub(kexts: Kexts) {
+    let mut r = Rig::qemu(
+        kexts,
+        &[(0, None, true, true), (1, Some("org.test.a"), false, true)],
+    );
+    r.m.auto = false;
+    let k0 = r.open(1);
+    let published = r.log.published.borrow().len();
+    r.log.state_changes.borrow_mut().clear();
+    r.batch(&[
+        Ctl::Remove(1),
+        Ctl::Add(1),
+        Ctl::Name(1, "org.test.b"),
+        Ctl::Remove(1),
+    ]);
+    assert_eq!(
+        *r.log.unpublished.borrow(),
+        vec![k0],
+        "the nub the shim has"
+    );
+    assert!(
+        r.log.state_changes.borrow().iter().any(|k| k & 0xff == 1),
+        "its sleepers wake (the shim wakes by port id)"
+    );
+    assert_eq!(
+        r.log.published.borrow().len(),
+        published,
+        "the key added and removed in between never reaches the shim"
+    );
+    assert!(!r.log.nubs.borrow().contains_key(&1));
+    assert_eq!(r.acquire(k0), VCON_E_OFFLINE);
+    // Added again later: a nub of its own (none to overwrite).
+    r.batch(&[Ctl::Add(1), Ctl::Name(1, "org.test.c")]);
+    assert_ne!(r.key(1), k0);
+    assert_eq!(r.tty(1), "/dev/tty.org.test.c");
+    r.unload();
+}
+
+fn rename_and_readd_in_one_batch_replace_the_nub_once(kexts: Kexts) {
+    let mut r = Rig::qemu(kexts, &[(0, None, true, true), (2, None, false, true)]);
+    r.m.auto = false;
+    r.settle();
+    let k0 = r.key(2);
+    assert_eq!(r.tty(2), "/dev/tty.virtio2");
+    let published = r.log.published.borrow().len();
+    // Named (republished under the name), then removed and added under another name: two
+    // replacements, of which the shim sees one.
+    r.batch(&[
+        Ctl::Name(2, "first"),
+        Ctl::Remove(2),
+        Ctl::Add(2),
+        Ctl::Name(2, "second"),
+    ]);
+    assert_eq!(*r.log.unpublished.borrow(), vec![k0]);
+    assert_eq!(r.log.published.borrow().len(), published + 1);
+    assert_eq!(r.tty(2), "/dev/tty.second");
+    let k1 = r.key(2);
+    // Across batches: re-added unnamed (published at the settle time), then named and
+    // removed together: only the delivered nub is withdrawn.
+    r.batch(&[Ctl::Remove(2), Ctl::Add(2)]);
+    assert!(!r.log.nubs.borrow().contains_key(&2), "waits for a name");
+    r.settle();
+    let k2 = r.key(2);
+    assert_eq!(r.tty(2), "/dev/tty.virtio2");
+    r.batch(&[Ctl::Name(2, "third"), Ctl::Remove(2)]);
+    assert_eq!(*r.log.unpublished.borrow(), vec![k0, k1, k2]);
+    assert!(!r.log.nubs.borrow().contains_key(&2));
+    assert_eq!(r.log.published.borrow().len(), published + 2);
+    r.unload();
+}
+
+fn remove_and_add_in_one_batch_republish_under_a_fresh_key(kexts: Kexts) {
+    let mut r = Rig::qemu(
+        kexts,
+        &[(0, None, true, true), (1, Some("org.test.a"), false, true)],
+    );
+    r.m.auto = false;
+    let k0 = r.key(1);
+    // The same name: a new nub all the same (the old key's sessions are over).
+    r.batch(&[Ctl::Remove(1), Ctl::Add(1), Ctl::Name(1, "org.test.a")]);
+    let k1 = r.key(1);
+    assert_ne!(k1, k0);
+    assert_eq!(r.tty(1), "/dev/tty.org.test.a");
+    assert_eq!(*r.log.unpublished.borrow(), vec![k0]);
+    // Another name.
+    r.batch(&[Ctl::Remove(1), Ctl::Add(1), Ctl::Name(1, "org.test.b")]);
+    let k2 = r.key(1);
+    assert_eq!(r.tty(1), "/dev/tty.org.test.b");
+    // Twice over in one batch: one replacement.
+    let published = r.log.published.borrow().len();
+    r.batch(&[
+        Ctl::Remove(1),
+        Ctl::Add(1),
+        Ctl::Name(1, "org.test.c"),
+        Ctl::Remove(1),
+        Ctl::Add(1),
+        Ctl::Name(1, "org.test.d"),
+    ]);
+    assert_eq!(*r.log.unpublished.borrow(), vec![k0, k1, k2]);
+    assert_eq!(r.log.published.borrow().len(), published + 1);
+    assert_eq!(r.tty(1), "/dev/tty.org.test.d");
+    r.unload();
+}
+
+fn add_and_remove_in_one_batch_publish_nothing(kexts: Kexts) {
+    let mut r = Rig::qemu(
+        kexts,
+        &[(0, None, true, true), (1, Some("org.test.a"), false, true)],
+    );
+    r.m.auto = false;
+    let k0 = r.key(1);
+    r.batch(&[Ctl::Remove(1)]);
+    assert_eq!(*r.log.unpublished.borrow(), vec![k0]);
+    let published = r.log.published.borrow().len();
+    // Named: published and withdrawn within the batch, so the shim hears nothing.
+    r.batch(&[Ctl::Add(1), Ctl::Name(1, "org.test.b"), Ctl::Remove(1)]);
+    // Unnamed: removed before its settle time.
+    r.batch(&[Ctl::Add(1), Ctl::Remove(1)]);
+    r.settle();
+    assert_eq!(r.log.published.borrow().len(), published);
+    assert_eq!(*r.log.unpublished.borrow(), vec![k0]);
+    assert!(!r.log.nubs.borrow().contains_key(&1));
+    // Added in one batch, named in the next.
+    r.batch(&[Ctl::Add(1)]);
+    r.batch(&[Ctl::Name(1, "org.test.c")]);
+    assert_eq!(r.tty(1), "/dev/tty.org.test.c");
+    assert_eq!(r.log.published.borrow().len(), published + 1);
     r.unload();
 }

@@ -11,6 +11,7 @@ mod kext_support;
 
 use std::cell::RefCell;
 use std::ffi::c_void;
+use std::time::{Duration, Instant};
 
 use kext_support::{Family, FamilyKext, c_abi, kext_tests};
 use virtio_kext_abi::VkSegment;
@@ -57,7 +58,7 @@ c_abi! {
         fn vnet_resume(*mut VnetDevice) -> i32;
         fn vnet_debug_send(*mut VnetDevice, *const u8, usize, u32) -> i32;
         fn vnet_debug_receive(*mut VnetDevice, *mut u8, usize, u32, *mut usize) -> i32;
-        fn vnet_stop(*mut VnetDevice);
+        fn vnet_stop(*mut VnetDevice) -> i32;
         fn vnet_destroy(*mut VnetDevice);
         fn vnet_log_init();
     }
@@ -95,6 +96,8 @@ kext_tests!(Kexts:
     promiscuous_multicast_and_mac_through_the_control_queue,
     bad_arguments,
     lifecycle_across_sleep_and_wake,
+    receive_flood_is_polled_in_bounded_turns,
+    stop_while_a_debugger_entry_holds_the_driver,
 );
 
 #[derive(Default)]
@@ -106,6 +109,40 @@ struct ShimLog {
     /// the device it enters.
     debugger_probe: Option<(NetAbi, *mut VnetDevice)>,
     probe_result: Option<i32>,
+    /// A device that refills the receive ring as fast as the driver reposts buffers.
+    flood: Option<Flood>,
+}
+
+/// The device side of a receive flood: every buffer the driver makes available is filled
+/// at once (from `rx_frame`, i.e. while the driver is still receiving), until `left` runs
+/// out. Frame `k` is [`Flood::frame`]`(k)`.
+struct Flood {
+    model: NetModel,
+    left: usize,
+    next: usize,
+}
+
+impl Flood {
+    fn frame(k: usize) -> Vec<u8> {
+        frame(60 + k % 200, k as u8)
+    }
+
+    fn feed(&mut self) {
+        while self.left > 0 && self.model.rx_available() > 0 {
+            self.model
+                .write_rx(Rig::rx_hdr(), &Flood::frame(self.next))
+                .unwrap();
+            self.left -= 1;
+            self.next += 1;
+        }
+    }
+
+    /// Feeds `n` more frames and signals the receive queue.
+    fn start(&mut self, n: usize) {
+        self.left += n;
+        self.feed();
+        self.model.sim.signal_used(net_model::RX);
+    }
 }
 
 fn shim<'a>(ctx: *mut c_void) -> &'a RefCell<ShimLog> {
@@ -137,6 +174,9 @@ unsafe extern "C" fn on_rx(
         s.probe_result = Some(unsafe { (net.vnet_debug_send)(d, frame.as_ptr(), frame.len(), 10) });
     }
     s.rx.push((bytes, flags));
+    if let Some(f) = s.flood.as_mut() {
+        f.feed();
+    }
 }
 unsafe extern "C" fn on_events(ctx: *mut c_void, ev: *const VnetEvents) {
     // SAFETY: valid during the call.
@@ -270,7 +310,7 @@ impl Rig {
         // SAFETY: live handle, not used after destroy.
         unsafe {
             assert_eq!((self.kexts.net.vnet_enable)(self.dev, false), VNET_OK);
-            (self.kexts.net.vnet_stop)(self.dev);
+            assert_eq!((self.kexts.net.vnet_stop)(self.dev), VNET_OK);
             (self.kexts.net.vnet_destroy)(self.dev);
         }
         if let Some(r) = self.responder.take() {
@@ -414,7 +454,7 @@ fn start_enable_output_receive_link_stop_in_every_mode(kexts: Kexts) {
         let held = r.model.hold_tx();
         assert_eq!(held.len(), 1);
         // SAFETY: live handle.
-        unsafe { (kexts.net.vnet_stop)(r.dev) };
+        assert_eq!(unsafe { (kexts.net.vnet_stop)(r.dev) }, VNET_OK);
         assert_eq!(r.take_done(), vec![0x104], "{what}");
         // SAFETY: live handle.
         let status = unsafe { (kexts.net.vnet_enable)(r.dev, true) };
@@ -612,7 +652,7 @@ fn bad_arguments(kexts: Kexts) {
             VNET_E_INVALID
         );
         (kexts.net.vnet_interrupt)(std::ptr::null_mut(), -1, std::ptr::null_mut());
-        (kexts.net.vnet_stop)(std::ptr::null_mut());
+        assert_eq!((kexts.net.vnet_stop)(std::ptr::null_mut()), VNET_E_INVALID);
         (kexts.net.vnet_destroy)(std::ptr::null_mut());
     }
     assert!(d.is_null());
@@ -732,11 +772,172 @@ fn lifecycle_across_sleep_and_wake(kexts: Kexts) {
         assert_eq!(r.output(&frame(120, 4), 1, 0, 0, 0x500).0, VNET_OK);
         assert_eq!(r.model.hold_tx().len(), 1);
         // SAFETY: live handle.
-        unsafe { (kexts.net.vnet_stop)(r.dev) };
+        assert_eq!(unsafe { (kexts.net.vnet_stop)(r.dev) }, VNET_OK, "{what}");
         r.fam().interrupts();
         let mut done = r.take_done();
         done.sort();
         assert_eq!(done, vec![0x400, 0x500], "{what}: every token exactly once");
         r.unload();
     }
+}
+
+/// A device that refills the receive ring as fast as buffers are reposted (what made the
+/// shim's `handleEvents` loop for good): each interrupt or poll delivers at most
+/// `VNET_FRAMES_PER_POLL` frames and reports `rx_more`, so the shim, played here (at most
+/// `VNET_POLLS_PER_EVENT` polls per event, then a deferred poll, with other gated work in
+/// between), holds the work loop only in bounded turns. No frame is lost or reordered;
+/// once the flood ends receive is back on interrupts; a deferred poll that runs after
+/// `stop` ends the chain.
+fn receive_flood_is_polled_in_bounded_turns(kexts: Kexts) {
+    const FLOOD: usize = 3000;
+    let net = kexts.net;
+    let mut r = Rig::start(kexts, SimMode::Modern, Preference::Auto, NET, &[256, 256]);
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (net.vnet_enable)(r.dev, true) }, VNET_OK);
+    let poll = |r: &Rig| {
+        let mut ev = VnetEvents::default();
+        // SAFETY: live handle, local out-pointer.
+        assert_eq!(unsafe { (net.vnet_poll)(r.dev, &mut ev) }, VNET_OK);
+        assert!(ev.rx_frames <= VNET_FRAMES_PER_POLL, "{ev:?}");
+        ev
+    };
+    r.log.borrow_mut().flood = Some(Flood {
+        model: NetModel::new(&r.sim),
+        left: 0,
+        next: 0,
+    });
+    r.log.borrow_mut().flood.as_mut().unwrap().start(FLOOD);
+    assert_eq!(r.fam().interrupts(), 1);
+    let mut ev = r.log.borrow_mut().events.pop().unwrap();
+    assert!(
+        ev.rx_frames <= VNET_FRAMES_PER_POLL && ev.rx_more == 1,
+        "{ev:?}"
+    );
+    let mut delivered = ev.rx_frames as usize;
+    let mut turns = 1;
+    loop {
+        // handleEvents: a bounded number of polls for this event.
+        let mut polls = 0;
+        while ev.rx_more == 1 && polls < VNET_POLLS_PER_EVENT {
+            ev = poll(&r);
+            delivered += ev.rx_frames as usize;
+            polls += 1;
+        }
+        if ev.rx_more == 0 {
+            break;
+        }
+        // Deferred: the work loop serves others (a transmit here), then the timer's action
+        // polls.
+        turns += 1;
+        assert!(turns < 100, "the flood never ends");
+        let (s, _) = r.output(&frame(60, turns as u8), 1, 0, 0, 0x800 + turns);
+        assert_eq!(s, VNET_OK, "transmit between turns");
+        ev = poll(&r);
+        delivered += ev.rx_frames as usize;
+    }
+    let per_turn = (1 + VNET_POLLS_PER_EVENT as usize) * VNET_FRAMES_PER_POLL as usize;
+    assert_eq!(delivered, FLOOD);
+    assert!(turns >= FLOOD.div_ceil(per_turn), "{turns} turns");
+    let got = r.take_rx();
+    assert_eq!(got.len(), FLOOD);
+    for (k, (data, flags)) in got.iter().enumerate() {
+        assert_eq!(
+            (data, *flags),
+            (&Flood::frame(k), VNET_RX_CSUM_VALID),
+            "frame {k}"
+        );
+    }
+    // Polling mode ended with the flood: the next frame interrupts again.
+    r.log.borrow_mut().flood.as_mut().unwrap().start(1);
+    assert_eq!(r.fam().interrupts(), 1, "receive back on interrupts");
+    assert_eq!(r.take_rx(), vec![(Flood::frame(FLOOD), VNET_RX_CSUM_VALID)]);
+
+    // A second flood, stopped between turns (stop runs gated, between the shim's turns): a
+    // deferred poll that still runs finds nothing more to do, so the chain ends.
+    r.log.borrow_mut().flood.as_mut().unwrap().start(FLOOD);
+    r.log.borrow_mut().events.clear();
+    assert_eq!(r.fam().interrupts(), 1);
+    assert_eq!(r.log.borrow().events.last().map(|e| e.rx_more), Some(1));
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (net.vnet_stop)(r.dev) }, VNET_OK);
+    let ev = poll(&r);
+    assert_eq!((ev.rx_frames, ev.rx_more), (0, 0), "{ev:?}");
+    r.log.borrow_mut().flood = None;
+    r.unload();
+}
+
+/// `stop` (gatedStop) while KDP's `sendPacket` runs on another CPU, waiting for the device
+/// with the driver held: `vnet_stop` refuses with `VNET_E_LOCKED` and does nothing (it
+/// used to return as if done, and `vnet_destroy` freed the device under the debugger, its
+/// interrupt entry still registered); polls and interrupts meanwhile ask to be retried;
+/// once the entry returns, the shim's retry stops the device.
+fn stop_while_a_debugger_entry_holds_the_driver(kexts: Kexts) {
+    /// The device handle, moved to the debugger's thread.
+    struct OtherCpu(*mut VnetDevice);
+    // SAFETY: the driver is built for this: its debugger entry runs on one CPU while the
+    // work loop runs on another, serialised by the driver's try-lock.
+    unsafe impl Send for OtherCpu {}
+
+    let net = kexts.net;
+    let mut r = Rig::start(kexts, SimMode::Modern, Preference::Auto, NET, &[256, 256]);
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (net.vnet_enable)(r.dev, true) }, VNET_OK);
+    let (s, _) = r.output(&frame(60, 1), 1, 0, 0, 0x700);
+    assert_eq!(s, VNET_OK);
+    assert_eq!(r.model.hold_tx().len(), 1, "a frame in flight");
+    let kdp = frame(100, 0xD1);
+    let (cpu, sent) = (OtherCpu(r.dev), kdp.clone());
+    let debugger = std::thread::spawn(move || {
+        let cpu = cpu;
+        // SAFETY: the handle lives until this thread is joined; a local frame. The spin
+        // bound is never reached: the test completes the frame.
+        unsafe { (net.vnet_debug_send)(cpu.0, sent.as_ptr(), sent.len(), 1 << 30) }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut st = VnetStats::default();
+        // SAFETY: live handle, local out-pointer.
+        if unsafe { (net.vnet_stats)(r.dev, &mut st) } == VNET_E_LOCKED {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the debugger entry never took the driver"
+        );
+        std::thread::yield_now();
+    }
+    // The work loop meanwhile: refused, with nothing done.
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (net.vnet_stop)(r.dev) }, VNET_E_LOCKED);
+    assert!(
+        r.take_done().is_empty(),
+        "the frame in flight is still the driver's"
+    );
+    let mut ev = VnetEvents::default();
+    // SAFETY: live handle, local out-pointer.
+    assert_eq!(unsafe { (net.vnet_poll)(r.dev, &mut ev) }, VNET_E_LOCKED);
+    assert_eq!(ev.rx_more, 1, "a refused poll asks to be retried");
+    let mut ev = VnetEvents::default();
+    // SAFETY: as the family's interrupt action calls it.
+    unsafe { (net.vnet_interrupt)(r.dev, -1, &mut ev) };
+    assert_eq!(ev.rx_more, 1, "a refused interrupt asks for a poll");
+    // The device completes the debugger's frame: its entry returns.
+    let sent = loop {
+        let t = r.model.take_tx();
+        if !t.is_empty() {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "the debugger's frame never came");
+        std::thread::yield_now();
+    };
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].data, kdp);
+    assert_eq!(debugger.join().unwrap(), VNET_OK);
+    // gatedStop's retry: the device stops, the frame in flight comes back once.
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (net.vnet_stop)(r.dev) }, VNET_OK);
+    assert_eq!(r.take_done(), vec![0x700]);
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (net.vnet_enable)(r.dev, true) }, VNET_E_STOPPED);
+    r.unload();
 }

@@ -204,10 +204,11 @@ mod tests {
         let t = targets();
         for name in [
             "ring", "packed", "pci", "blk", "net", "net_ctrl", "console", "balloon", "rng", "fs",
+            "kext",
         ] {
             assert!(t.contains(&name), "{name} missing from {t:?}");
         }
-        assert_eq!(t.len(), 10, "{t:?}");
+        assert_eq!(t.len(), 11, "{t:?}");
     }
 
     #[test]

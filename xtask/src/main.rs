@@ -14,7 +14,7 @@
 //!   short run of each fuzz target (`fuzz.rs`).
 //! - `fuzz <target>` / `fuzz --all` / `fuzz --replay`: coverage-guided fuzzing of fuzz/ with
 //!   cargo-fuzz, or the committed corpus through plain `cargo test` (`fuzz.rs`).
-//! - `miri`: the ring tests under Miri, Stacked and Tree Borrows (`miri.rs`; also
+//! - `miri`: the ring and logger tests under Miri, Stacked and Tree Borrows (`miri.rs`; also
 //!   steps of `test` when the nightly toolchain has Miri).
 
 mod bench;
@@ -103,7 +103,7 @@ enum Cmd {
     ///
     /// fmt, clippy -D warnings (workspace and guest), the guest build, kexts --check,
     /// cargo test --workspace (with the QEMU end-to-end matrix and the fuzz corpus replay),
-    /// 10 s of each fuzz target when cargo-fuzz is installed, and the ring tests under Miri
+    /// 10 s of each fuzz target when cargo-fuzz is installed, and the ring and logger tests under Miri
     /// (Stacked and Tree Borrows) when the nightly toolchain has Miri.
     Test,
     /// Fuzz one target coverage-guided (cargo-fuzz, nightly, ASan), or replay the corpus
@@ -118,7 +118,7 @@ enum Cmd {
   cargo xtask fuzz --all --seconds 60
   cargo xtask fuzz --replay")]
     Fuzz(fuzz::FuzzArgs),
-    /// Run the ring tests under Miri, Stacked and Tree Borrows (nightly with Miri)
+    /// Run the ring and logger tests under Miri, Stacked and Tree Borrows (nightly with Miri)
     ///
     /// virtio-core's unit tests, IdentityMemory's, and the ring conformance tests (the split
     /// ring against rust-vmm's device side, the packed ring against the one written from

@@ -1,12 +1,15 @@
-//! The ring tests under Miri: `cargo xtask miri`, and three steps of `cargo xtask test`
-//! when the nightly toolchain has Miri (skipped, with the reason, otherwise).
+//! The ring tests and the console logger's concurrency test under Miri: `cargo xtask miri`,
+//! and three steps of `cargo xtask test` when the nightly toolchain has Miri (skipped, with
+//! the reason, otherwise).
 //!
-//! What runs: `virtio-core`'s unit tests (both rings), the `IdentityMemory` unit tests, and
-//! the ring conformance tests (`conformance_queue`, `conformance_props`: our split ring
+//! What runs: `virtio-core`'s unit tests (both rings), the `IdentityMemory` unit tests, the
+//! ring conformance tests (`conformance_queue`, `conformance_props`: our split ring
 //! against rust-vmm's device side; `conformance_packed`: our packed ring against the
-//! device side written from §2.8), once per borrow model, each with strict provenance. The tests
-//! shrink their largest loops and their property-case counts under `cfg(miri)`, never a
-//! code path. docs/architecture.md ("The ring under Miri") says more.
+//! device side written from §2.8), and `console_logger_threads` (the logger's locks under
+//! threads, for the data-race detector), once per borrow model, each with strict
+//! provenance. The tests shrink their largest loops and their property-case counts under
+//! `cfg(miri)`, never a code path. docs/architecture.md ("The rings and the console logger
+//! under Miri") says more.
 
 use std::process::Command;
 use std::time::Instant;
@@ -80,7 +83,7 @@ struct Run {
 }
 
 /// What runs under each model.
-const RUNS: [Run; 3] = [
+const RUNS: [Run; 4] = [
     Run {
         package: "virtio-core",
         targets: &[Target::Lib],
@@ -99,6 +102,14 @@ const RUNS: [Run; 3] = [
             Target::Test("conformance_props"),
             Target::Test("conformance_packed"),
         ],
+        filter: None,
+    },
+    // The console logger's two spin locks and its stash, under concurrent threads: the
+    // data-race detector and weak-memory emulation check the accesses to its `UnsafeCell`s
+    // (the console over the simulated PCI function, and the stash).
+    Run {
+        package: "virtio-tests",
+        targets: &[Target::Test("console_logger_threads")],
         filter: None,
     },
 ];
@@ -305,13 +316,13 @@ pub fn cmd_miri(args: MiriArgs) -> Result<bool, String> {
 /// The `cargo xtask test` steps: the build, then one per borrow model; when the toolchain
 /// has no Miri, one passing "skipped" step, with the reason printed.
 pub fn test_steps(steps: &mut Vec<Step>) {
-    println!("\n=== xtask test: ring tests under Miri ===");
+    println!("\n=== xtask test: ring and logger tests under Miri ===");
     match available().and_then(|version| setup().map(|()| version)) {
         Ok(version) => println!("{version}"),
         Err(why) => {
             println!("xtask test: skipping the Miri runs: {why}");
             steps.push(Step {
-                name: "ring tests under Miri: skipped (no Miri)".into(),
+                name: "ring and logger tests under Miri: skipped (no Miri)".into(),
                 ok: true,
                 secs: 0.0,
             });
@@ -321,7 +332,7 @@ pub fn test_steps(steps: &mut Vec<Step>) {
     let start = Instant::now();
     let built = build().inspect_err(|e| eprintln!("{e}")).is_ok();
     steps.push(Step {
-        name: "ring tests under Miri: build".into(),
+        name: "ring and logger tests under Miri: build".into(),
         ok: built,
         secs: start.elapsed().as_secs_f64(),
     });
@@ -330,7 +341,7 @@ pub fn test_steps(steps: &mut Vec<Step>) {
     }
     for o in run_models(&Model::ALL) {
         steps.push(Step {
-            name: format!("ring tests under Miri ({})", o.model.name()),
+            name: format!("ring and logger tests under Miri ({})", o.model.name()),
             ok: o.ok,
             secs: o.secs,
         });
@@ -352,5 +363,10 @@ mod tests {
         );
         let line = describe(&command(Model::Stacked, &RUNS[1]));
         assert!(line.ends_with("-p virtio-tests --lib -- mem::"), "{line}");
+        let line = describe(&command(Model::Stacked, &RUNS[3]));
+        assert!(
+            line.ends_with("-p virtio-tests --test console_logger_threads"),
+            "{line}"
+        );
     }
 }

@@ -1,7 +1,6 @@
 //! The balloon driver proper: setup, inflate/deflate towards the host's target, stats,
 //! deflate on OOM, free page hinting and reporting, reset and shutdown.
 
-use alloc::vec;
 use alloc::vec::Vec;
 
 use virtio_core::bus::{Bus, QueueSpec};
@@ -17,6 +16,16 @@ use crate::pool::{FreeRange, MemStats, Page, PagePool, RangeReturn, RangeUse};
 use crate::wire::{
     self, CMD_ID_DONE, CMD_ID_STOP, FRAME_SIZE, MAX_PFNS, STAT_ENTRY_LEN, StatEntry, cfg, tag,
 };
+
+/// An empty vector with room for `n` entries, or [`BalloonError::NoMemory`]. The setup
+/// tables are sized from the caller's options (8 bytes a page of the bound for the
+/// balloon's array), and a kernel must be able to refuse them: an infallible allocation
+/// that fails is a panic there.
+fn table<T>(n: usize) -> Result<Vec<T>, BalloonError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| BalloonError::NoMemory)?;
+    Ok(v)
+}
 
 /// Layout of the one DMA region allocated at setup.
 const INFLATE_PFNS: usize = 0;
@@ -46,6 +55,9 @@ pub enum BalloonError {
     Stopped,
     /// The platform's page size is not a power of two between 4 KiB and 1 MiB.
     BadPageSize { size: usize },
+    /// The platform could not allocate the driver's tracking (sized at setup from
+    /// [`BalloonOptions::max_pages`]): a smaller bound may fit.
+    NoMemory,
 }
 
 impl From<Error> for BalloonError {
@@ -61,6 +73,7 @@ impl core::fmt::Display for BalloonError {
             BalloonError::NotNegotiated => write!(f, "feature not negotiated"),
             BalloonError::Stopped => write!(f, "balloon driver stopped"),
             BalloonError::BadPageSize { size } => write!(f, "unusable page size {size}"),
+            BalloonError::NoMemory => write!(f, "no memory for the balloon's tracking"),
         }
     }
 }
@@ -69,7 +82,9 @@ impl core::fmt::Display for BalloonError {
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct BalloonOptions {
     /// Most platform pages the balloon may hold; sizes the tracking array (8 bytes per
-    /// page). 0: [`PagePool::total_pages`]. A host target beyond it is clamped.
+    /// page, allocated by [`BalloonDriver::new`], which fails with
+    /// [`BalloonError::NoMemory`] when the platform cannot give it). 0:
+    /// [`PagePool::total_pages`]. A host target beyond it is clamped.
     pub max_pages: usize,
     /// Negotiate DEFLATE_ON_OOM when offered.
     pub deflate_on_oom: bool,
@@ -248,9 +263,20 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
         // Target arithmetic is in u32 frames (the config field's width).
         let max_pages = max_pages.min((u32::MAX / frames_per_page) as usize);
         let batch_pages = wire::pages_per_batch(frames_per_page);
-        let region = bus.dma().alloc_coherent(REGION_LEN, 64)?;
         let hint_slots = usize::from(options.max_hint_ranges.max(1));
         let report_cap = usize::from(options.report_capacity.max(1));
+        // Every table before the DMA region and the device: a refusal leaves nothing to
+        // undo.
+        let ballooned = table(max_pages)?;
+        let inflating = table(batch_pages)?;
+        let deflating = table(batch_pages)?;
+        let report_ranges = table(report_cap)?;
+        let report_segs = table(report_cap)?;
+        let mut slots = table(hint_slots)?;
+        slots.resize(hint_slots, HintSlot::Free);
+        let mut free_slots = table(hint_slots)?;
+        free_slots.extend((0..hint_slots as u16).rev());
+        let region = bus.dma().alloc_coherent(REGION_LEN, 64)?;
         let mut d = BalloonDriver {
             bus,
             pool,
@@ -262,10 +288,10 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
             batch_pages,
             max_pages,
             region: Some(region),
-            ballooned: Vec::with_capacity(max_pages),
-            inflating: Vec::with_capacity(batch_pages),
+            ballooned,
+            inflating,
             inflate_in_flight: false,
-            deflating: Vec::with_capacity(batch_pages),
+            deflating,
             deflate_in_flight: false,
             deflate_pages: 0,
             num_pages: 0,
@@ -285,14 +311,14 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
                 hinting: false,
                 start_in_flight: false,
                 stop_pending: false,
-                slots: vec![HintSlot::Free; hint_slots],
-                free: (0..hint_slots as u16).rev().collect(),
+                slots,
+                free: free_slots,
             }),
             report: Some(ReportState {
                 queue: 0,
                 capacity: report_cap,
-                ranges: Vec::with_capacity(report_cap),
-                segs: Vec::with_capacity(report_cap),
+                ranges: report_ranges,
+                segs: report_segs,
                 in_flight: false,
             }),
             pfn_scratch: [0; MAX_PFNS * 4],

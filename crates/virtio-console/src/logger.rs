@@ -6,9 +6,13 @@
 //! - Usable with interrupts off and from a panic handler: the console sits behind a spin
 //!   lock taken with a bounded number of attempts, never a sleeping lock. A record that
 //!   cannot get the lock (another CPU holds it, or the console driver itself logs while
-//!   the platform works on it through [`ConsoleLogger::with`]) goes to a 1 KiB stash that
-//!   is written out, in order, by the next holder of the lock; when the stash is full the
-//!   record is counted in [`ConsoleLogger::dropped`].
+//!   the platform works on it through [`ConsoleLogger::with`]) goes to a 1 KiB stash. The
+//!   stash is written out, in order, before the next record that takes the lock, and when
+//!   the holder lets go of it (so a record stashed while another CPU was writing does not
+//!   wait for the next log call). A context's records reach the host in the order it
+//!   logged them: one that finds older records still stashed queues behind them. A record
+//!   that cannot be kept (stash full or busy) or written whole is counted in
+//!   [`ConsoleLogger::dropped`].
 //! - The path is the emergency one on purpose: `emerg_wr` (when negotiated) needs no queue
 //!   state, works before DRIVER_OK and keeps log and panic output strictly ordered;
 //!   without it, port 0 with a bounded polled wait.
@@ -29,14 +33,24 @@ use virtio_core::Bus;
 
 use crate::driver::VirtioConsole;
 
-/// Attempts at the lock before a record goes to the stash.
-const LOCK_SPINS: u32 = 1 << 16;
+/// Attempts at the lock before a record goes to the stash. Fewer under Miri, which
+/// interprets each one: the bound decides which path a record takes, not which paths exist.
+const LOCK_SPINS: u32 = if cfg!(miri) { 1 << 8 } else { 1 << 16 };
 /// Bytes of records that could not take the lock, kept until the next holder.
 const STASH_LEN: usize = 1024;
 /// Formatting buffer on the stack.
 const LINE_BUF: usize = 128;
+/// Times a holder takes the lock back after releasing it to write records stashed
+/// meanwhile: each round needs a record newly stashed during the previous one, so this only
+/// bounds a holder's extra work under a storm, where others take the lock soon anyway.
+const HANDOFF_ROUNDS: u32 = 4;
 
 /// A bounded spin lock (no poisoning, no sleeping: fine with interrupts off).
+///
+/// Sequentially consistent, not just acquire/release: the hand-off between a holder that
+/// releases it and then reads `ConsoleLogger::stash_pending`, and a stasher that sets that
+/// flag and then tries the lock, needs one of the two to see the other's write (a
+/// store-then-load pattern that acquire/release does not order).
 struct SpinLock {
     held: AtomicBool,
 }
@@ -47,11 +61,13 @@ impl SpinLock {
             held: AtomicBool::new(false),
         }
     }
+    /// Strong compare-exchange: a single attempt (`spins == 1`) must not fail spuriously
+    /// on a free lock, or a hand-off could leave the stash unwritten.
     fn try_lock(&self, spins: u32) -> bool {
         for _ in 0..spins.max(1) {
             if self
                 .held
-                .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .compare_exchange(false, true, Ordering::SeqCst, Ordering::Relaxed)
                 .is_ok()
             {
                 return true;
@@ -61,13 +77,15 @@ impl SpinLock {
         false
     }
     fn unlock(&self) {
-        self.held.store(false, Ordering::Release);
+        self.held.store(false, Ordering::SeqCst);
     }
 }
 
 struct Stash {
     buf: [u8; STASH_LEN],
     len: usize,
+    /// Records in `buf`, all counted as dropped if writing them fails.
+    records: usize,
 }
 
 /// The kernel logger over a [`VirtioConsole`].
@@ -76,6 +94,9 @@ pub struct ConsoleLogger<B: Bus> {
     console: UnsafeCell<Option<VirtioConsole<B>>>,
     stash_lock: SpinLock,
     stash: UnsafeCell<Stash>,
+    /// Set once a stashed record is in `stash`, cleared when the stash is written out: a
+    /// holder that sees it after releasing `lock` takes the lock back to write the stash.
+    stash_pending: AtomicBool,
     level: AtomicUsize,
     dropped: AtomicUsize,
 }
@@ -110,7 +131,9 @@ impl<B: Bus> ConsoleLogger<B> {
             stash: UnsafeCell::new(Stash {
                 buf: [0; STASH_LEN],
                 len: 0,
+                records: 0,
             }),
+            stash_pending: AtomicBool::new(false),
             level: AtomicUsize::new(level as usize),
             dropped: AtomicUsize::new(0),
         }
@@ -120,14 +143,18 @@ impl<B: Bus> ConsoleLogger<B> {
         self.level.store(level_to_usize(level), Ordering::Relaxed);
     }
 
-    /// Records (or parts of records) lost: the stash was full, or nothing could be written.
+    /// Records lost or cut short: the stash was full or stayed busy, or the console did not
+    /// take a record whole. A stash that could not be written whole counts every record it
+    /// held, those before the cut included.
     pub fn dropped(&self) -> usize {
         self.dropped.load(Ordering::Relaxed)
     }
 
     /// Runs `f` on the console with the lock held (bounded attempts; `None` if the lock or
-    /// a console was not available). Records stashed meanwhile are written before it
-    /// returns.
+    /// a console was not available). The stash is written out before `f`, and records
+    /// stashed meanwhile (the driver's own, logged from `f`) before `with` returns, unless
+    /// another context takes the lock first and writes them. If the stash stays busy past
+    /// its bound, `f` runs all the same: what it writes may then precede stashed records.
     pub fn with<R>(&self, f: impl FnOnce(&mut VirtioConsole<B>) -> R) -> Option<R> {
         if !self.lock.try_lock(LOCK_SPINS) {
             return None;
@@ -140,7 +167,7 @@ impl<B: Bus> ConsoleLogger<B> {
             self.flush_stash(c);
             r
         });
-        self.lock.unlock();
+        self.release_lock();
         r
     }
 
@@ -164,7 +191,7 @@ impl<B: Bus> ConsoleLogger<B> {
         if let Some(c) = slot.as_mut() {
             self.flush_stash(c);
         }
-        self.lock.unlock();
+        self.release_lock();
         Ok(old)
     }
 
@@ -175,7 +202,7 @@ impl<B: Bus> ConsoleLogger<B> {
         }
         // SAFETY: `lock` is held.
         let old = unsafe { &mut *self.console.get() }.take();
-        self.lock.unlock();
+        self.release_lock();
         old
     }
 
@@ -195,20 +222,50 @@ impl<B: Bus> ConsoleLogger<B> {
         self.lock.unlock();
     }
 
-    fn flush_stash(&self, c: &mut VirtioConsole<B>) {
+    /// Releases `lock`. A record stashed after the holder's last flush would otherwise wait
+    /// for whoever takes the lock next, maybe never: so the holder looks at `stash_pending`
+    /// once it has let go, and takes the lock back to write the stash unless another
+    /// context has it (which then does the same when it lets go). A stasher sets the flag
+    /// before trying the lock itself, so of the two, one sees the other.
+    fn release_lock(&self) {
+        for _ in 0..HANDOFF_ROUNDS {
+            self.lock.unlock();
+            if !self.stash_pending.load(Ordering::SeqCst) || !self.lock.try_lock(1) {
+                return;
+            }
+            // SAFETY: `lock` is held.
+            let written = match unsafe { &mut *self.console.get() } {
+                Some(c) => self.flush_stash(c),
+                // `install` writes it out.
+                None => false,
+            };
+            if !written {
+                // The stash lock's holder is stashing: it tries the lock when it is done.
+                break;
+            }
+        }
+        self.lock.unlock();
+    }
+
+    /// Writes the stash out (with `lock` held). False when the stash lock stayed busy, so
+    /// older records may still wait there.
+    fn flush_stash(&self, c: &mut VirtioConsole<B>) -> bool {
         if !self.stash_lock.try_lock(LOCK_SPINS) {
-            return;
+            return false;
         }
         // SAFETY: `stash_lock` is held.
         let stash = unsafe { &mut *self.stash.get() };
         if stash.len > 0 {
             let bytes = stash.buf.get(..stash.len).unwrap_or(&[]);
-            if c.emergency_write(bytes).is_err() {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+            if !wrote_all(c.emergency_write(bytes), bytes.len()) {
+                self.dropped.fetch_add(stash.records, Ordering::Relaxed);
             }
             stash.len = 0;
+            stash.records = 0;
         }
+        self.stash_pending.store(false, Ordering::SeqCst);
         self.stash_lock.unlock();
+        true
     }
 
     fn stash_record(&self, record: &Record<'_>) {
@@ -225,9 +282,27 @@ impl<B: Bus> ConsoleLogger<B> {
             // Keep whole records only.
             w.stash.len = start;
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        } else {
+            w.stash.records += 1;
         }
         self.stash_lock.unlock();
+        // Set after the stash lock is released, so that a holder that sees the flag can
+        // take it (see `release_lock`); then the other half of the hand-off, as the holder
+        // may have let go before the flag was set.
+        self.stash_pending.store(true, Ordering::SeqCst);
+        if self.lock.try_lock(1) {
+            // SAFETY: `lock` is held.
+            if let Some(c) = unsafe { &mut *self.console.get() } {
+                self.flush_stash(c);
+            }
+            self.release_lock();
+        }
     }
+}
+
+/// Whether a write of `len` bytes took them all (a short write cuts a record).
+fn wrote_all(written: crate::driver::Result<usize>, len: usize) -> bool {
+    matches!(written, Ok(n) if n == len)
 }
 
 fn write_record(w: &mut impl fmt::Write, record: &Record<'_>) -> fmt::Result {
@@ -274,7 +349,7 @@ impl<B: Bus> LineWriter<'_, B> {
     fn flush(&mut self) {
         if self.len > 0 {
             let bytes = self.buf.get(..self.len).unwrap_or(&[]);
-            if self.console.emergency_write(bytes).is_err() {
+            if !wrote_all(self.console.emergency_write(bytes), bytes.len()) {
                 self.failed = true;
             }
             self.len = 0;
@@ -312,27 +387,29 @@ impl<B: Bus + Send> Log for ConsoleLogger<B> {
         }
         // SAFETY: `lock` is held.
         let slot = unsafe { &mut *self.console.get() };
-        match slot.as_mut() {
-            Some(c) => {
-                self.flush_stash(c);
-                let mut w = LineWriter {
-                    console: c,
-                    buf: [0; LINE_BUF],
-                    len: 0,
-                    failed: false,
-                };
-                let _ = write_record(&mut w, record);
-                w.flush();
-                if w.failed {
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                self.lock.unlock();
+        let Some(c) = slot.as_mut() else {
+            self.release_lock();
+            self.stash_record(record);
+            return;
+        };
+        if self.flush_stash(c) {
+            let mut w = LineWriter {
+                console: c,
+                buf: [0; LINE_BUF],
+                len: 0,
+                failed: false,
+            };
+            let _ = write_record(&mut w, record);
+            w.flush();
+            if w.failed {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
             }
-            None => {
-                self.lock.unlock();
-                self.stash_record(record);
-            }
+        } else {
+            // Older records, maybe this context's own, are still stashed: queue behind
+            // them rather than overtake them (`release_lock` writes them all out).
+            self.stash_record(record);
         }
+        self.release_lock();
     }
 
     fn flush(&self) {

@@ -15,17 +15,26 @@ use std::collections::HashSet;
 use virtio_blk::{BlkDriver, BlkOptions, SectorRange};
 use virtio_core::Segment;
 use virtio_core::platform::Dma;
+use virtio_pci::Preference;
 use virtio_tests::blk_model::{BlkModel, bits};
-use virtio_tests::sim::{MODES, SimInterrupt};
+use virtio_tests::sim::{MODES, Sim, SimInterrupt};
 
 use crate::input::Input;
 
 const MAX_STEPS: usize = 256;
-const SECTORS: u64 = 128;
+pub(crate) const SECTORS: u64 = 128;
 const BUFFER_BYTES: usize = 64 * 1024;
 
-pub fn run(data: &[u8]) {
-    let mut input = Input::new(data);
+/// The simulated disk a blk input describes, shared with the `kext` target.
+pub(crate) struct BlkSetup {
+    pub(crate) model: BlkModel,
+    pub(crate) sim: Sim,
+    pub(crate) preference: Preference,
+    pub(crate) queue_size: u16,
+}
+
+/// Decodes the device: transport, optional features, limits, ring features, queue size.
+pub(crate) fn setup(input: &mut Input) -> BlkSetup {
     let (mode, preference) = MODES[usize::from(input.u8() % 4)];
     let mut model = BlkModel::new(SECTORS);
     let optional = [
@@ -56,12 +65,27 @@ pub fn run(data: &[u8]) {
         .fold(0, |acc, (_, bit)| acc | bit)
         | crate::packed_if(generic_choice & 4 != 0);
     let queue_size = 1u16 << (input.u8() % 7);
-    let interrupts = input.bool();
-
     let sim = model
         .sim_builder(mode, generic, queue_size, 4 << 20)
         .memory(crate::mem::guest_memory(4 << 20))
         .build();
+    BlkSetup {
+        model,
+        sim,
+        preference,
+        queue_size,
+    }
+}
+
+pub fn run(data: &[u8]) {
+    let mut input = Input::new(data);
+    let BlkSetup {
+        mut model,
+        sim,
+        preference,
+        queue_size,
+    } = setup(&mut input);
+    let interrupts = input.bool();
     let mem = sim.memory();
     let free_at_start = mem.free_bytes();
     let Some(device) = crate::sim_device(&sim, preference) else {

@@ -8,6 +8,7 @@ pub mod blk;
 pub mod console;
 pub mod fs;
 pub mod input;
+pub mod kext;
 pub mod mem;
 pub mod net;
 pub mod net_ctrl;
@@ -151,5 +152,9 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "fs",
         run: fs::run,
+    },
+    Target {
+        name: "kext",
+        run: kext::run,
     },
 ];

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use virtio_core::Segment;
 use virtio_core::platform::{Dma, DmaRegion};
 use virtio_net::{NetConfig, TxOffload, VirtioNet, features as f};
+use virtio_pci::Preference;
 use virtio_tests::net_model::{NetModel, RX, TX, config_bytes};
 use virtio_tests::sim::{MODES, Sim, SimBuilder, SimInterrupt};
 
@@ -68,8 +69,16 @@ fn install_flood(sim: &Sim, flood: &Arc<Mutex<Flood>>) {
     })));
 }
 
-pub fn run(data: &[u8]) {
-    let mut input = Input::new(data);
+/// The simulated NIC a net input describes, shared with the `kext` target.
+pub(crate) struct NetSetup {
+    pub(crate) sim: Sim,
+    pub(crate) preference: Preference,
+    pub(crate) rx_size: u16,
+    pub(crate) tx_size: u16,
+}
+
+/// Decodes the device: transport, offered features, ring sizes, MTU and status fields.
+pub(crate) fn setup(input: &mut Input) -> NetSetup {
     let (mode, preference) = MODES[usize::from(input.u8() % 4)];
     let optional = [
         f::MRG_RXBUF,
@@ -113,6 +122,22 @@ pub fn run(data: &[u8]) {
         ))
         .memory(crate::mem::guest_memory(8 << 20))
         .build();
+    NetSetup {
+        sim,
+        preference,
+        rx_size,
+        tx_size,
+    }
+}
+
+pub fn run(data: &[u8]) {
+    let mut input = Input::new(data);
+    let NetSetup {
+        sim,
+        preference,
+        rx_size,
+        tx_size,
+    } = setup(&mut input);
     let mem = sim.memory();
     let free_at_start = mem.free_bytes();
     let Some(bus) = crate::sim_device(&sim, preference) else {

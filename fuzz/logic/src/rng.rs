@@ -14,6 +14,7 @@
 use std::sync::{Arc, Mutex};
 
 use virtio_core::DeviceType;
+use virtio_pci::Preference;
 use virtio_rng::{REQUEST_QUEUE, RngOptions, VirtioRng};
 use virtio_tests::sim::{MODES, Sim, SimBuilder, SimInterrupt, SimMode};
 
@@ -27,18 +28,18 @@ const MAX_STEPS: usize = 256;
 
 /// The device's byte stream: byte `i` is `i mod 251`.
 #[derive(Default)]
-struct Stream {
+pub(crate) struct Stream {
     /// Bytes produced so far.
-    next: u64,
+    pub(crate) next: u64,
     /// Whether the device only ever completed buffers it filled, with their true length.
-    honest: bool,
+    pub(crate) honest: bool,
     /// Flooding: complete every notified buffer with this length (capped, or not).
-    flood: Option<(u32, bool)>,
+    pub(crate) flood: Option<(u32, bool)>,
 }
 
 impl Stream {
     /// Fills `chain` with up to `want` bytes of the stream; returns the bytes written.
-    fn fill(&mut self, sim: &Sim, chain: &virtio_tests::sim::Chain, want: u32) -> u32 {
+    pub(crate) fn fill(&mut self, sim: &Sim, chain: &virtio_tests::sim::Chain, want: u32) -> u32 {
         let n = want.min(chain.writable_len());
         let bytes: Vec<u8> = (0..u64::from(n))
             .map(|i| ((self.next + i) % 251) as u8)
@@ -50,7 +51,7 @@ impl Stream {
 
     /// Serves every posted buffer: `len` bytes each; `overstate` completes with `len` even
     /// when the buffer is smaller (a used length larger than the buffer).
-    fn serve(&mut self, sim: &Sim, len: u32, overstate: bool) -> usize {
+    pub(crate) fn serve(&mut self, sim: &Sim, len: u32, overstate: bool) -> usize {
         let chains = sim.pop_chains(REQUEST_QUEUE);
         for c in &chains {
             let written = self.fill(sim, c, len);
@@ -67,8 +68,9 @@ impl Stream {
     }
 }
 
-pub fn run(data: &[u8]) {
-    let mut input = Input::new(data);
+/// Decodes the device (transport, ring features, queue size) and builds it; shared with
+/// the `kext` target. Returns the function, the transport preference and the queue size.
+pub(crate) fn setup(input: &mut Input) -> (Sim, Preference, u16) {
     let (mode, preference) = MODES[usize::from(input.u8() % 4)];
     let choice = input.u8();
     let generic = (u64::from(choice & 3) << 28) | crate::packed_if(choice & 4 != 0);
@@ -78,6 +80,17 @@ pub fn run(data: &[u8]) {
         generic | 1 << 32
     };
     let queue_size = 1u16 << (input.u8() % 7);
+    let sim = SimBuilder::new(mode, DeviceType::Entropy.id())
+        .features(features)
+        .queues(&[queue_size])
+        .memory(crate::mem::guest_memory(2 << 20))
+        .build();
+    (sim, preference, queue_size)
+}
+
+pub fn run(data: &[u8]) {
+    let mut input = Input::new(data);
+    let (sim, preference, _) = setup(&mut input);
     let opts = RngOptions {
         buffers: 1 + u16::from(input.u8() % 16),
         buffer_size: match input.u8() % 4 {
@@ -86,11 +99,6 @@ pub fn run(data: &[u8]) {
             _ => 64,
         },
     };
-    let sim = SimBuilder::new(mode, DeviceType::Entropy.id())
-        .features(features)
-        .queues(&[queue_size])
-        .memory(crate::mem::guest_memory(2 << 20))
-        .build();
     let mem = sim.memory();
     let free_at_start = mem.free_bytes();
     let Some(device) = crate::sim_device(&sim, preference) else {

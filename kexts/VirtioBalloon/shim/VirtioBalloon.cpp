@@ -35,7 +35,8 @@ bool org_virtiodarwin_VirtioBalloon::start(IOService *provider)
     fConfig.page_size = PAGE_SIZE;
     uint64_t maxPages = ((uint64_t)maxMiB << 20) / PAGE_SIZE;
     fConfig.max_pages = maxPages > UINT32_MAX ? UINT32_MAX : (uint32_t)maxPages;
-    /* The guest's memory size is not available through public KPI (see the header). */
+    /* max_mem is not exported (see the header): vbal_create reads hw.memsize through
+     * cbReadSysctl and lowers the bound to it, so a huge boot-arg cannot size the tables. */
     fConfig.total_pages = 0;
     /* The family's work loop: the family delivers this device's interrupts on it. */
     fWorkLoop = getWorkLoop();

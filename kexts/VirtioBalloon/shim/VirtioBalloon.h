@@ -16,8 +16,10 @@
  *   released when none of its pages is in the balloon. pmap_find_phys, vm_map_wire and
  *   kmem_alloc would be smaller but are unsupported exports.
  * - Bound: the balloon holds at most VBAL_DEFAULT_MAX_MIB MiB, or the boot-arg
- *   virtiodarwin_balloon_max_mib=<MiB> (tracking costs about 16 bytes per page, allocated
- *   at start).
+ *   virtiodarwin_balloon_max_mib=<MiB>, and never more than the guest's memory (the Rust
+ *   side reads hw.memsize): tracking costs about 16 bytes per page of the bound, allocated
+ *   at start; when the kernel cannot give it, vbal_create fails (VBAL_E_NO_MEMORY) and
+ *   the driver does not start.
  * - Statistics and memory pressure, through public KPI: sysctlbyname, exported by
  *   com.apple.kpi.libkern (xnu config/Libkern.exports: _sysctlbyname:_kernel_sysctlbyname,
  *   10.13 onwards) and declared in <libkern/sysctl.h>. cbReadSysctl is that one call; the

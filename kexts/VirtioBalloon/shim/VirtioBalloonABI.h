@@ -43,6 +43,12 @@
 #define VBAL_E_UNAVAILABLE 5
 
 /**
+ * The kernel could not give the tables [`vbal_create`] sizes from the bound (about 16
+ * bytes a page at 4 KiB): a smaller `virtiodarwin_balloon_max_mib` may fit.
+ */
+#define VBAL_E_NO_MEMORY 6
+
+/**
  * Kernel pages per chunk the shim wires (256 KiB with 4 KiB pages): few enough
  * allocations for a balloon of gigabytes, small enough that a chunk partly in the balloon
  * keeps little memory from the guest. One bit per page in a 64-bit mask.
@@ -52,7 +58,8 @@
 /**
  * The balloon's default bound (MiB): 8 bytes of tracking per page and about as much for
  * the chunk table are allocated at start for this much, so it is not the guest's whole
- * memory. A host target beyond it is clamped (logged).
+ * memory. A host target beyond it is clamped (logged). Also the bound when the guest's
+ * memory cannot be learnt (see [`VbalConfig::max_pages`]).
  */
 #define VBAL_DEFAULT_MAX_MIB 4096
 
@@ -168,7 +175,10 @@ typedef struct {
    */
   uint32_t page_size;
   /**
-   * Most kernel pages the balloon may hold (> 0).
+   * Most kernel pages the balloon may hold (> 0). [`vbal_create`] lowers it to the
+   * guest's memory (`total_pages`, else `hw.memsize` through `read_sysctl`, else
+   * [`VBAL_DEFAULT_MAX_MIB`]): the balloon can hold no more, and its tables are sized
+   * from it.
    */
   uint32_t max_pages;
   /**

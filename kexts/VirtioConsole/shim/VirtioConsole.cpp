@@ -187,6 +187,11 @@ void org_virtiodarwin_VirtioConsole::cbPublish(void *ctx, uint32_t key)
     VconPortInfo info;
     if (id >= VCON_SHIM_PORTS || me->fStopping || vcon_port_info(me->fDev, key, &info) != VCON_OK)
         return;
+    /* The Rust side unpublishes a port's nub before publishing the port again (unpublish
+     * calls come first). Should one ever be missed, the old nub (its key is offline now that
+     * this one is current) is terminated here, not leaked by overwriting fPorts[id]. */
+    if (me->fPorts[id])
+        cbUnpublish(ctx, me->fKeys[id]);
     IORS232SerialStreamSync *nub = new IORS232SerialStreamSync;
     if (!nub)
         return;

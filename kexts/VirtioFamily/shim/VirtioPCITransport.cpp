@@ -243,6 +243,7 @@ void org_virtiodarwin_VirtioPCITransport::releaseResources(void)
 void org_virtiodarwin_VirtioPCITransport::free(void)
 {
     releaseResources();
+    OSSafeReleaseNULL(fParked);
     OSSafeReleaseNULL(fWorkLoop);
     super::free();
 }
@@ -257,11 +258,18 @@ IOWorkLoop *org_virtiodarwin_VirtioPCITransport::getWorkLoop(void) const
 void org_virtiodarwin_VirtioPCITransport::interruptOccurred(OSObject *owner, IOInterruptEventSource *src, int count)
 {
     org_virtiodarwin_VirtioPCITransport *me = OSDynamicCast(org_virtiodarwin_VirtioPCITransport, owner);
-    if (!me || !me->fDevice)
+    if (!me)
+        return;
+    /* A source parked by an earlier action: that action's checkForWork has returned (the
+     * work loop runs one action at a time). */
+    OSSafeReleaseNULL(me->fParked);
+    if (!me->fDevice)
         return;
     for (UInt32 k = 0; k < me->fIrqCount; k++) {
         if (me->fIrq[k] == src) {
+            me->fDelivering = src;
             vfam_deliver_interrupt(me->fDevice, me->fMsix ? (int32_t)k : VK_VECTOR_INTX);
+            me->fDelivering = NULL;
             return;
         }
     }
@@ -330,7 +338,10 @@ void org_virtiodarwin_VirtioPCITransport::opIrqDisable(void *ctx)
         me->fIrq[k]->disable();
         if (me->fWorkLoop)
             me->fWorkLoop->removeEventSource(me->fIrq[k]);
-        me->fIrq[k]->release();
+        if (me->fIrq[k] == me->fDelivering && !me->fParked)
+            me->fParked = me->fIrq[k]; /* its action is running: released later */
+        else
+            me->fIrq[k]->release();
         me->fIrq[k] = NULL;
     }
     me->fIrqCount = 0;

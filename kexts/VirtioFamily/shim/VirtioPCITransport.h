@@ -68,6 +68,13 @@ private:
     IOInterruptEventSource *fIrq[kVirtioMaxVectors];
     UInt32 fIrqCount;
     bool fMsix;
+    /* The source whose action is running. A client may recover from DEVICE_NEEDS_RESET in
+     * its interrupt handler, which disables and re-enables interrupts inside that action;
+     * IOInterruptEventSource::checkForWork still writes to the source after its action
+     * returns, so opIrqDisable parks it (fParked) instead of releasing it. A parked source
+     * is released at the next action, or in free. */
+    IOInterruptEventSource *fDelivering;
+    IOInterruptEventSource *fParked;
 
     void mapBars(void);
     bool haveDriverFor(uint32_t type);

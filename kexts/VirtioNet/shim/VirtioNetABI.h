@@ -82,6 +82,18 @@
 #define VNET_TX_HEADER_BYTES 128
 
 /**
+ * Most frames one [`vnet_interrupt`] or [`vnet_poll`] delivers to `rx_frame`.
+ */
+#define VNET_FRAMES_PER_POLL 256
+
+/**
+ * Most [`vnet_poll`] calls the shim makes for one event while `rx_more` stays set, before it
+ * defers the rest to a later turn of its work loop: receive holds the work loop for at most
+ * `(1 + VNET_POLLS_PER_EVENT) * VNET_FRAMES_PER_POLL` frames at a time.
+ */
+#define VNET_POLLS_PER_EVENT 3
+
+/**
  * Largest frame the debugger path moves.
  */
 #define VNET_DEBUG_FRAME_MAX 1518
@@ -127,7 +139,13 @@ typedef struct {
    */
   uint8_t needs_reset;
   /**
-   * Frames are still waiting: flush the input queue and call [`vnet_poll`].
+   * Receive is not finished: frames are still waiting (the call delivered its
+   * [`VNET_FRAMES_PER_POLL`]), or the driver was busy (`VNET_E_LOCKED`). The driver then
+   * stays in polling mode, its receive interrupt possibly off, so only another
+   * [`vnet_poll`] resumes receive: flush the input queue and poll again, at most
+   * [`VNET_POLLS_PER_EVENT`] times in one go, then defer the rest (a device that refills
+   * the ring as fast as buffers are reposted never clears this). Never set together with
+   * `needs_reset`, nor once stopped (unless busy).
    */
   uint8_t rx_more;
   uint8_t reserved[3];
@@ -292,8 +310,10 @@ int32_t vnet_transmit(VnetDevice *d,
                       bool *stop);
 
 /**
- * Reclaims transmitted frames and receives waiting ones (after `rx_more`, or from a
- * timer); `*events` says what happened.
+ * Reclaims transmitted frames and receives waiting ones, at most
+ * [`VNET_FRAMES_PER_POLL`] (after `rx_more`); `*events` says what happened.
+ * `VNET_E_LOCKED` (a debugger entry holds the driver) did nothing and sets `rx_more`: the
+ * poll must be retried, since receive may be waiting on it.
  *
  * # Safety
  * `d` is null or a live handle; `events` is null or valid.
@@ -303,7 +323,9 @@ int32_t vnet_poll(VnetDevice *d, VnetEvents *events);
 /**
  * The interrupt entry (the family calls it through the handler [`vnet_create`]
  * registered, which then passes `*events` to [`VnetCallbacks::events`]; `vector` is the
- * MSI-X index or -1 for INTx): link changes, transmit completions, received frames.
+ * MSI-X index or -1 for INTx): link changes, transmit completions, received frames (at
+ * most [`VNET_FRAMES_PER_POLL`]). Finding the driver held by a debugger entry, it does
+ * nothing and sets `rx_more`, so the work the interrupt announced is polled for later.
  *
  * # Safety
  * `d` is null or a live handle; `events` is null or valid.
@@ -358,12 +380,16 @@ int32_t vnet_debug_receive(VnetDevice *d, uint8_t *buf, size_t cap, uint32_t spi
 
 /**
  * Stops the device: unregisters the interrupt entry, resets the device and hands every
- * frame still in flight to `tx_done`.
+ * frame still in flight to `tx_done`. `VNET_OK` (also when already stopped), or
+ * `VNET_E_LOCKED`: a debugger entry holds the driver and nothing was done; retry after a
+ * short delay. The caller runs on the work loop and KDP runs its entries with interrupts
+ * off, so that entry is on another CPU, never beneath the caller: it ends by itself, and
+ * waiting (bounded) for it cannot deadlock.
  *
  * # Safety
  * `d` is null or a live handle.
  */
-void vnet_stop(VnetDevice *d);
+int32_t vnet_stop(VnetDevice *d);
 
 /**
  * System sleep (the controller's power state 0): transmit stops (sends answer
@@ -390,7 +416,9 @@ int32_t vnet_suspend(VnetDevice *d);
 int32_t vnet_resume(VnetDevice *d);
 
 /**
- * Frees the device (stopping it first if needed).
+ * Frees the device (stopping it first if needed). A device [`vnet_stop`] still finds held
+ * by a debugger entry is leaked instead, with its interrupt entry unregistered: freeing
+ * it would pull the memory from under that entry.
  *
  * # Safety
  * `d` is null or a handle from [`vnet_create`], not used afterwards.
@@ -398,7 +426,9 @@ int32_t vnet_resume(VnetDevice *d);
 void vnet_destroy(VnetDevice *d);
 
 /**
- * Routes `log` to `IOLog` (call once from the kext's start; a no-op in host builds).
+ * Routes `log` to `IOLog` (call once from the kext's start; a no-op in host builds),
+ * except with interrupts off: the debugger entries must not call IOLog with the machine
+ * stopped.
  */
 void vnet_log_init(void);
 

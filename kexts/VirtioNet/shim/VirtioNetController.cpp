@@ -16,6 +16,8 @@ OSDefineMetaClassAndStructors(org_virtiodarwin_VirtioNetController, IOEthernetCo
  * millisecond of `timeout` (each followed by a 10 µs delay). */
 static const uint32_t kDebugSendSpins = 200000;
 static const uint32_t kDebugPollsPerMs = 100;
+/* How long gatedStop waits (10 µs steps, 1 s) for a debugger entry to release the driver. */
+static const uint32_t kStopRetries = 100000;
 
 /* ---- lifecycle ---- */
 
@@ -35,6 +37,15 @@ bool org_virtiodarwin_VirtioNetController::start(IOService *provider)
     IOCommandGate *gate = getCommandGate();
     if (!gate)
         return false;
+    /* Receive polling an event leaves over (handleEvents) resumes here: the timer's action
+     * runs gated on the work loop it is added to (IOTimerEventSource.h). Added before the
+     * device can interrupt; removed in teardown. */
+    IOWorkLoop *wl = getWorkLoop();
+    fRxPoll = IOTimerEventSource::timerEventSource(this, &org_virtiodarwin_VirtioNetController::rxPollFired);
+    if (!wl || !fRxPoll || wl->addEventSource(fRxPoll) != kIOReturnSuccess) {
+        OSSafeReleaseNULL(fRxPoll);
+        return false;
+    }
     /* Every driver entry below runs gated: once the device is live an interrupt may arrive
      * at any time, and only the debugger path may meet the driver's try-lock taken. */
     int32_t st = VNET_E_INVALID;
@@ -102,13 +113,17 @@ IOReturn org_virtiodarwin_VirtioNetController::gatedUpdateLink(void)
 }
 
 /* Stops and destroys the driver on the work loop (in-flight mbufs come back through
- * cbTxDone): from stop, and from a start that failed after the device went live. */
+ * cbTxDone), then takes the deferred poll off it: from stop, and from every start failure
+ * after the timer was added. */
 void org_virtiodarwin_VirtioNetController::teardown(void)
 {
     IOCommandGate *gate = getCommandGate();
     if (gate && fDev)
         gate->runAction(OSMemberFunctionCast(IOCommandGate::Action, this,
                                              &org_virtiodarwin_VirtioNetController::gatedStop));
+    /* gatedStop cancelled it and nothing arms it without fDev; released in free. */
+    if (fRxPoll && fRxPoll->getWorkLoop())
+        fRxPoll->getWorkLoop()->removeEventSource(fRxPoll);
 }
 
 void org_virtiodarwin_VirtioNetController::stop(IOService *provider)
@@ -129,10 +144,19 @@ IOReturn org_virtiodarwin_VirtioNetController::gatedStop(void)
 {
     if (!fDev)
         return kIOReturnSuccess;
-    /* In-flight mbufs come back through cbTxDone. */
-    vnet_stop(fDev);
+    /* In-flight mbufs come back through cbTxDone. VNET_E_LOCKED: a debugger entry holds the
+     * driver, necessarily on another CPU (KDP runs with interrupts off, so none is under way
+     * beneath this thread): wait for it, bounded. vnet_destroy leaks a driver it still
+     * cannot stop rather than free it under that entry. */
+    for (uint32_t i = 0; vnet_stop(fDev) == VNET_E_LOCKED && i < kStopRetries; i++)
+        IODelay(10);
     vnet_destroy(fDev);
     fDev = NULL;
+    /* Under the gate, so the deferred poll is not running; cancelTimeout guarantees "the
+     * action will not be called again" (IOTimerEventSource.h), and without fDev
+     * handleEvents cannot arm it. */
+    if (fRxPoll)
+        fRxPoll->cancelTimeout();
     return kIOReturnSuccess;
 }
 
@@ -143,6 +167,7 @@ void org_virtiodarwin_VirtioNetController::free(void)
      * never destroy here. */
     if (fDev)
         IOLog("VirtioNet: freed with a live driver (not destroyed: no work loop to do it on)\n");
+    OSSafeReleaseNULL(fRxPoll);
     OSSafeReleaseNULL(fCursor);
     OSSafeReleaseNULL(fMedium);
     super::free();
@@ -341,24 +366,53 @@ void org_virtiodarwin_VirtioNetController::cbEvents(void *ctx, const VnetEvents 
     ((org_virtiodarwin_VirtioNetController *)ctx)->handleEvents(ev);
 }
 
+/* From the interrupt entry and the deferred poll, on the work loop. While rx_more says
+ * receive is not finished, poll again, at most VNET_POLLS_PER_EVENT times, then leave the
+ * rest to fRxPoll: a device that refills the ring as fast as buffers are reposted would
+ * otherwise hold the work loop here for good, starving the output queue, enable/disable,
+ * setPowerState and stop. Returning lets the work loop run its other event sources (the
+ * output queue's among them) and then open its gate (IOWorkLoop::runEventSources); the
+ * timer's action runs on a thread call that must close that gate like any command-gate
+ * caller already waiting for it. */
 void org_virtiodarwin_VirtioNetController::handleEvents(const VnetEvents *ev)
 {
     VnetEvents e = *ev;
-    for (;;) {
+    bool restart = false, linkChanged = false, linkUp = false, needsReset = false;
+    for (uint32_t polls = 0;; polls++) {
+        restart |= e.restart != 0;
+        needsReset |= e.needs_reset != 0;
+        if (e.link_changed) {
+            linkChanged = true;
+            linkUp = e.link_up != 0;
+        }
         if (e.rx_frames && fInterface)
             fInterface->flushInputQueue();
         if (!e.rx_more || !fDev)
             break;
+        if (polls == VNET_POLLS_PER_EVENT) {
+            /* Receive may be waiting on this poll alone (its interrupt is off): never drop it. */
+            fRxPoll->setTimeoutMS(0);
+            break;
+        }
         vnet_poll(fDev, &e);
-        if (e.restart)
-            getOutputQueue()->service(IOBasicOutputQueue::kServiceAsync);
     }
-    if (ev->restart && getOutputQueue())
+    if (restart && getOutputQueue())
         getOutputQueue()->service(IOBasicOutputQueue::kServiceAsync);
-    if (ev->link_changed || ev->needs_reset)
-        updateLink(ev->link_up && !ev->needs_reset);
+    if (linkChanged || needsReset)
+        updateLink(linkUp && !needsReset);
     if (++fEvents % 4096 == 0)
         publishStats();
+}
+
+void org_virtiodarwin_VirtioNetController::rxPollFired(OSObject *owner, IOTimerEventSource *sender)
+{
+    org_virtiodarwin_VirtioNetController *me = OSDynamicCast(org_virtiodarwin_VirtioNetController, owner);
+    /* Asleep: vnet_suspend dropped what was waiting, and wake rebuilds the queues. */
+    if (!me || !me->fDev || me->fAsleep)
+        return;
+    VnetEvents e = {};
+    vnet_poll(me->fDev, &e);
+    me->handleEvents(&e);
 }
 
 /* ---- link, addresses, filters ---- */

@@ -6,7 +6,7 @@
  * This class maps mbufs to DMA segments, copies received frames into mbufs, and wires the
  * output queue, link status, filters and IOKernelDebugger to vnet_* calls. The normal paths
  * run on the family's work loop (the controller's command gate, a gated output queue, the
- * interrupt actions); the debugger's run whenever KDP calls.
+ * interrupt actions, the deferred receive poll); the debugger's run whenever KDP calls.
  *
  * IORegistry: org_virtiodarwin_VirtioDevice -> org_virtiodarwin_VirtioNetController
  *             -> IOEthernetInterface (en<N>), IOKernelDebugger.
@@ -14,6 +14,8 @@
 #ifndef VIRTIO_NET_CONTROLLER_H
 #define VIRTIO_NET_CONTROLLER_H
 
+/* Before the networking headers: after them, -Woverloaded-virtual flags its init()s. */
+#include <IOKit/IOTimerEventSource.h>
 /* IOPacketQueue.h has a `const` on a by-value return type. */
 #pragma clang diagnostic push
 #pragma clang diagnostic ignored "-Wignored-qualifiers"
@@ -69,6 +71,7 @@ private:
     IOKernelDebugger *fDebugger;
     IOMbufNaturalMemoryCursor *fCursor;
     IONetworkMedium *fMedium;
+    IOTimerEventSource *fRxPoll;  /* receive polling left over from an event (rx_more) */
     UInt32 fEvents;
     bool fEnabled;
     bool fAsleep;           /* between power state 0 and a successful wake */
@@ -89,6 +92,8 @@ private:
     static void cbTxDone(void *ctx, size_t token);
     static void cbRxFrame(void *ctx, const VnetFragment *frags, size_t nfrags, size_t len, uint32_t flags);
     static void cbEvents(void *ctx, const VnetEvents *events);
+    /* fRxPoll's action. */
+    static void rxPollFired(OSObject *owner, IOTimerEventSource *sender);
 };
 
 #endif /* VIRTIO_NET_CONTROLLER_H */

@@ -68,6 +68,13 @@ impl Line {
 }
 
 /// `log` → `IOLog("%s", line)`, with the kext's name in front.
+///
+/// Records made while interrupts are off on this CPU ([`interrupts_enabled`]) are dropped:
+/// IOLib.h says IOLog "should not be called from interrupt context", and inside the kernel
+/// debugger (KDP's polled entries, the other CPUs halted wherever they were) IOLog's
+/// console path can spin on a console-ring lock a halted CPU holds (xnu's `console_write`
+/// takes it unless the console is suspended, as for a panic). The queues live in the
+/// family kext, so its logger too must be safe there.
 pub struct IoLogger {
     pub name: &'static str,
     pub level: log::LevelFilter,
@@ -75,7 +82,7 @@ pub struct IoLogger {
 
 impl log::Log for IoLogger {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= self.level
+        metadata.level() <= self.level && interrupts_enabled()
     }
     fn log(&self, record: &log::Record<'_>) {
         if !self.enabled(record.metadata()) {
@@ -96,6 +103,27 @@ impl log::Log for IoLogger {
 pub fn init_logging(logger: &'static IoLogger) {
     if log::set_logger(logger).is_ok() {
         log::set_max_level(logger.level);
+    }
+}
+
+/// Whether this CPU takes interrupts now (RFLAGS.IF). The kernel debugger runs with them
+/// off, KDP's polled `sendPacket` / `receivePacket` included, as does primary interrupt
+/// context; work loops, command gates and thread calls run with them on. `true` on other
+/// architectures (the kexts are x86_64).
+pub fn interrupts_enabled() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let flags: u64;
+        // SAFETY: reads RFLAGS through a balanced push/pop on the stack (no `nostack`, so
+        // the compiler leaves room for it); changes no flag, touches no Rust memory, and
+        // `pushfq` is allowed at every privilege level (the loaded-bundle tests run it in
+        // user mode, where IF reads 1).
+        unsafe { core::arch::asm!("pushfq", "pop {}", out(reg) flags, options(preserves_flags)) };
+        flags & (1 << 9) != 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
     }
 }
 

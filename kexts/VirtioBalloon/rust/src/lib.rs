@@ -18,7 +18,8 @@
 //!   chunk ([`VbalCallbacks::free_chunk`]) as soon as none of its pages is in the balloon.
 //!   The pool lends the chunks' pages one at a time to the driver, which reports them in
 //!   4 KiB frames whatever the kernel's page size. The chunk table is allocated at
-//!   [`vbal_create`] (sized from the bound), never grown.
+//!   [`vbal_create`] (sized from the bound, which is never more than the guest's memory:
+//!   [`VbalConfig::max_pages`]), never grown.
 //! - **Statistics** (STATS_VQ): the pool reads the guest's memory figures from the kernel
 //!   when the driver fills the stats buffer (at setup and each time the device asks),
 //!   through [`VbalCallbacks::read_sysctl`]: the shim's `sysctlbyname`, public KPI exported
@@ -75,7 +76,8 @@
 //!
 //! Memory is allocated only at [`vbal_create`] (driver, DMA region, tracking arrays,
 //! reporting's chunk records): the I/O paths allocate nothing but the balloon's own pages
-//! and reporting's chunks, through the shim. Nothing here
+//! and reporting's chunks, through the shim. The tables sized from the bound are
+//! allocated fallibly (a refusal is [`VBAL_E_NO_MEMORY`], not a kernel panic). Nothing here
 //! panics on device or caller input.
 #![no_std]
 #![cfg_attr(
@@ -91,7 +93,6 @@
 extern crate alloc;
 
 use alloc::boxed::Box;
-use alloc::vec;
 use alloc::vec::Vec;
 use core::ffi::{CStr, c_char, c_void};
 
@@ -116,6 +117,9 @@ pub const VBAL_E_STOPPED: i32 = 3;
 pub const VBAL_E_UNSUPPORTED: i32 = 4;
 /// The kernel did not answer: no `read_sysctl` callback, or the sysctl failed.
 pub const VBAL_E_UNAVAILABLE: i32 = 5;
+/// The kernel could not give the tables [`vbal_create`] sizes from the bound (about 16
+/// bytes a page at 4 KiB): a smaller `virtiodarwin_balloon_max_mib` may fit.
+pub const VBAL_E_NO_MEMORY: i32 = 6;
 
 /// Kernel pages per chunk the shim wires (256 KiB with 4 KiB pages): few enough
 /// allocations for a balloon of gigabytes, small enough that a chunk partly in the balloon
@@ -123,7 +127,8 @@ pub const VBAL_E_UNAVAILABLE: i32 = 5;
 pub const VBAL_CHUNK_PAGES: u32 = 64;
 /// The balloon's default bound (MiB): 8 bytes of tracking per page and about as much for
 /// the chunk table are allocated at start for this much, so it is not the guest's whole
-/// memory. A host target beyond it is clamped (logged).
+/// memory. A host target beyond it is clamped (logged). Also the bound when the guest's
+/// memory cannot be learnt (see [`VbalConfig::max_pages`]).
 pub const VBAL_DEFAULT_MAX_MIB: u32 = 4096;
 /// After the kernel had no memory to give, the shim calls [`vbal_poll`] this often until
 /// the balloon reaches its target.
@@ -189,7 +194,10 @@ const CHUNK: usize = VBAL_CHUNK_PAGES as usize;
 pub struct VbalConfig {
     /// The kernel's page size (`PAGE_SIZE`): a power of two from 4 KiB to 1 MiB.
     pub page_size: u32,
-    /// Most kernel pages the balloon may hold (> 0).
+    /// Most kernel pages the balloon may hold (> 0). [`vbal_create`] lowers it to the
+    /// guest's memory (`total_pages`, else `hw.memsize` through `read_sysctl`, else
+    /// [`VBAL_DEFAULT_MAX_MIB`]): the balloon can hold no more, and its tables are sized
+    /// from it.
     pub max_pages: u32,
     /// The guest's memory in kernel pages, when known (0: unknown).
     pub total_pages: u64,
@@ -410,14 +418,15 @@ struct Reporting {
 }
 
 impl Reporting {
-    fn new(page_size: usize) -> Reporting {
+    /// `None` when the kernel cannot give the records.
+    fn new(page_size: usize) -> Option<Reporting> {
         let round = (VBAL_REPORT_ROUND_MIB as usize) << 20;
         let chunk_pages = (round / page_size.max(1)).clamp(1, CHUNK);
         let chunk_bytes = chunk_pages.saturating_mul(page_size).max(1);
         let records = (round / chunk_bytes).max(1);
-        Reporting {
+        Some(Reporting {
             chunk_pages,
-            chunks: vec![NO_REPORT_CHUNK; records],
+            chunks: table(records, NO_REPORT_CHUNK)?,
             active: false,
             left: 0,
             rounds: 0,
@@ -427,7 +436,7 @@ impl Reporting {
             last_level: 0,
             last_free: 0,
             outcome: VBAL_REPORT_NONE,
-        }
+        })
     }
 
     /// Kernel pages wired for reporting now.
@@ -472,15 +481,81 @@ struct ChunkPool {
     reporting: Reporting,
 }
 
+/// `n` copies of `value`, or `None` when the kernel cannot give the memory. The create
+/// path's tables are sized from the shim's bound: a failing infallible allocation would
+/// be a kernel panic (no_std's default on allocation failure), not an error.
+fn table<T: Clone>(n: usize, value: T) -> Option<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).ok()?;
+    v.resize(n, value);
+    Some(v)
+}
+
+/// An unsigned number from the kernel through the shim's `read_sysctl` (4- or 8-byte
+/// sysctls, native byte order); `None` when there is no callback, the sysctl fails or it
+/// answers with another size.
+fn read_sysctl_u64(cb: &VbalCallbacks, name: &CStr) -> Option<u64> {
+    let read = cb.read_sysctl?;
+    let mut buf = [0u8; 8];
+    let mut len = buf.len() as u32;
+    // SAFETY: the shim's callback with its own context; `name` is NUL-terminated, `buf`
+    // has `len` bytes of room, `len` is a local.
+    let err = unsafe { read(cb.ctx, name.as_ptr(), buf.as_mut_ptr().cast(), &mut len) };
+    if err != 0 {
+        return None;
+    }
+    match len {
+        4 => {
+            let b: [u8; 4] = buf.get(..4)?.try_into().ok()?;
+            Some(u64::from(u32::from_ne_bytes(b)))
+        }
+        8 => Some(u64::from_ne_bytes(buf)),
+        _ => None,
+    }
+}
+
+/// The kernel pages the balloon may hold: the shim's `max_pages`, but no more than the
+/// guest's memory (the shim's `total_pages`, else `hw.memsize`). The balloon cannot hold
+/// more, and the tables allocated at create cost about 16 bytes a page of the bound: the
+/// boot-arg, clamped only to 32 bits by the shim, could otherwise ask the kernel for tens
+/// of gigabytes. When the guest's memory cannot be learnt, [`VBAL_DEFAULT_MAX_MIB`]: a
+/// larger bound cannot be checked. `page_size` is valid (checked by the caller).
+fn balloon_bound(cb: &VbalCallbacks, config: &VbalConfig) -> usize {
+    let page_size = u64::from(config.page_size.max(1));
+    let guest_pages = match config.total_pages {
+        0 => read_sysctl_u64(cb, SYSCTL_MEMSIZE).map(|bytes| bytes / page_size),
+        pages => Some(pages),
+    };
+    let cap = guest_pages.unwrap_or((u64::from(VBAL_DEFAULT_MAX_MIB) << 20) / page_size);
+    let bound = u64::from(config.max_pages).min(cap);
+    if bound < u64::from(config.max_pages) {
+        log::warn!(
+            "VirtioBalloon: bound of {} pages lowered to {bound} ({})",
+            config.max_pages,
+            if guest_pages.is_some() {
+                "the guest's memory"
+            } else {
+                "the guest's memory is unknown: the default bound"
+            }
+        );
+    }
+    usize::try_from(bound).unwrap_or(usize::MAX)
+}
+
 impl ChunkPool {
-    fn new(cb: VbalCallbacks, config: &VbalConfig) -> ChunkPool {
-        let records = (config.max_pages as usize).div_ceil(CHUNK) + SPARE_CHUNKS;
-        ChunkPool {
+    /// The pool for a balloon of at most `max_pages` pages; `None` when the kernel cannot
+    /// give its tables.
+    fn new(cb: VbalCallbacks, config: &VbalConfig, max_pages: usize) -> Option<ChunkPool> {
+        let records = max_pages.div_ceil(CHUNK).checked_add(SPARE_CHUNKS)?;
+        let mut free_records = Vec::new();
+        free_records.try_reserve_exact(records).ok()?;
+        free_records.extend((0..records).rev());
+        Some(ChunkPool {
             cb,
             page_size: config.page_size as usize,
             total_pages: usize::try_from(config.total_pages).unwrap_or(usize::MAX),
-            chunks: vec![NO_CHUNK; records],
-            free_records: (0..records).rev().collect(),
+            chunks: table(records, NO_CHUNK)?,
+            free_records,
             spare: 0,
             hint: 0,
             chunks_allocated: 0,
@@ -489,8 +564,8 @@ impl ChunkPool {
             bad_returns: 0,
             sysctl_failures: 0,
             pressure_level: 0,
-            reporting: Reporting::new(config.page_size as usize),
-        }
+            reporting: Reporting::new(config.page_size as usize)?,
+        })
     }
 
     /// `kern.memorystatus_vm_pressure_level`, kept for the IORegistry (0 when unreadable);
@@ -645,31 +720,7 @@ impl ChunkPool {
     /// byte order); `None` (counted) when there is no callback, the sysctl fails or it
     /// answers with another size.
     fn read_sysctl(&mut self, name: &CStr) -> Option<u64> {
-        let value = self.cb.read_sysctl.and_then(|read| {
-            let mut buf = [0u8; 8];
-            let mut len = buf.len() as u32;
-            // SAFETY: the shim's callback with its own context; `name` is NUL-terminated,
-            // `buf` has `len` bytes of room, `len` is a local.
-            let err = unsafe {
-                read(
-                    self.cb.ctx,
-                    name.as_ptr(),
-                    buf.as_mut_ptr().cast(),
-                    &mut len,
-                )
-            };
-            if err != 0 {
-                return None;
-            }
-            match len {
-                4 => {
-                    let b: [u8; 4] = buf.get(..4)?.try_into().ok()?;
-                    Some(u64::from(u32::from_ne_bytes(b)))
-                }
-                8 => Some(u64::from_ne_bytes(buf)),
-                _ => None,
-            }
-        });
+        let value = read_sysctl_u64(&self.cb, name);
         if value.is_none() {
             self.sysctl_failures += 1;
         }
@@ -1131,15 +1182,25 @@ pub unsafe extern "C" fn vbal_create(
         || cb.alloc_chunk.is_none()
         || cb.free_chunk.is_none()
         || config.max_pages == 0
+        || virtio_balloon::wire::frames_per_page(config.page_size as usize).is_none()
     {
         return VBAL_E_INVALID;
     }
+    let max_pages = balloon_bound(&cb, config);
+    // The tables before the device: a refusal leaves nothing to undo.
+    let Some(pool) = ChunkPool::new(cb, config, max_pages) else {
+        log::error!(
+            "VirtioBalloon: no memory for the tables of a {max_pages}-page balloon; lower \
+             virtiodarwin_balloon_max_mib"
+        );
+        return VBAL_E_NO_MEMORY;
+    };
     // SAFETY: `family` is the live handle (caller contract); no other driver uses it.
     let Some(bus) = (unsafe { FamilyBus::new(family) }) else {
         return VBAL_E_INVALID;
     };
     let options = BalloonOptions {
-        max_pages: config.max_pages as usize,
+        max_pages,
         deflate_on_oom: true,
         // Hinting would hold free memory for a whole migration round (see the crate
         // documentation); reporting takes bounded rounds of wired chunks.
@@ -1147,9 +1208,16 @@ pub unsafe extern "C" fn vbal_create(
         page_reporting: true,
         ..BalloonOptions::default()
     };
-    let drv = match BalloonDriver::new(bus, ChunkPool::new(cb, config), options) {
+    let drv = match BalloonDriver::new(bus, pool, options) {
         Ok(d) => d,
         Err(BalloonError::BadPageSize { .. }) => return VBAL_E_INVALID,
+        Err(BalloonError::NoMemory) => {
+            log::error!(
+                "VirtioBalloon: no memory to track a {max_pages}-page balloon; lower \
+                 virtiodarwin_balloon_max_mib"
+            );
+            return VBAL_E_NO_MEMORY;
+        }
         Err(e) => {
             log::error!("VirtioBalloon: device setup failed: {e}");
             return VBAL_E_DEVICE;
@@ -1535,7 +1603,7 @@ mod tests {
             max_pages: 65,
             total_pages: 0,
         };
-        let p = ChunkPool::new(cb, &cfg);
+        let p = ChunkPool::new(cb, &cfg, 65).unwrap();
         assert_eq!(p.chunks.len(), 2 + SPARE_CHUNKS);
         assert_eq!(p.live_chunks(), 0);
     }

@@ -156,7 +156,11 @@ pub struct VblkDevice {
     ranges: Vec<SectorRange>,
     /// A submission was refused for lack of room: call `restart` after completions.
     blocked: bool,
+    /// `vblk_stop` ran: the interrupt entry is unregistered, nothing is in flight.
     stopped: bool,
+    /// The device could not be brought back after a fault: every request fails with
+    /// `VBLK_E_DEVICE` until `vblk_stop` (which still unregisters the interrupt entry).
+    failed: bool,
 }
 
 /// Completion bookkeeping, apart from the driver so its callbacks can fill it.
@@ -185,12 +189,30 @@ impl Book {
             }
         };
         self.stats.in_flight = self.stats.in_flight.saturating_sub(1);
-        // One entry per request slot was reserved at creation; the driver never has more
-        // requests in flight than slots.
+        // One entry per request slot was reserved at creation and after every rebuild of
+        // the queue (`fit_queue`); the driver never has more requests in flight than slots.
         if self.done.len() < self.done.capacity() {
             self.done.push((token, status));
         } else {
             log::error!("VirtioBlock: completion list full; request {token:#x} lost");
+        }
+    }
+}
+
+impl Book {
+    /// After the queue was rebuilt (restart, resume): room for one completion per slot of
+    /// its new size, which the device may have made larger than at creation. A failed
+    /// allocation is logged, not fatal (a kernel panic would be worse than a lost entry).
+    fn fit_queue(&mut self, drv: &BlkDriver<FamilyBus>) {
+        let slots = usize::from(drv.bus().queue_size(0).unwrap_or(0).max(1));
+        let missing = slots.saturating_sub(self.done.capacity());
+        if missing > 0
+            && self
+                .done
+                .try_reserve_exact(slots - self.done.len())
+                .is_err()
+        {
+            log::error!("VirtioBlock: no memory for {slots} completion entries");
         }
     }
 }
@@ -241,7 +263,7 @@ impl VblkDevice {
 
     /// Runs a submission; on success kicks the device.
     fn submit(&mut self, f: impl FnOnce(&mut Self) -> Result<(), BlkError>) -> i32 {
-        if self.stopped {
+        if self.stopped || self.failed {
             return VBLK_E_DEVICE;
         }
         match f(self) {
@@ -267,7 +289,9 @@ impl VblkDevice {
         let Some(d) = dev(p) else { return };
         let mut done = core::mem::take(&mut d.book.done);
         let cb = d.cb;
-        let restart = d.blocked && !done.is_empty() && !d.stopped;
+        // After a failed recovery too: the shim then resubmits what it holds, each request
+        // fails with `VBLK_E_DEVICE` and goes up, instead of waiting for ever.
+        let restart = d.blocked && !d.stopped && (d.failed || !done.is_empty());
         if restart {
             d.blocked = false;
         }
@@ -347,6 +371,7 @@ pub unsafe extern "C" fn vblk_create(
         ranges: Vec::with_capacity(VBLK_MAX_EXTENTS as usize),
         blocked: false,
         stopped: false,
+        failed: false,
     });
     let raw: *mut VblkDevice = &mut *d;
     // SAFETY: live family handle; the context is the boxed device, unregistered in
@@ -608,7 +633,7 @@ pub unsafe extern "C" fn vblk_set_write_cache(d: *mut VblkDevice, enable: bool) 
 pub unsafe extern "C" fn vblk_interrupt(d: *mut VblkDevice, vector: i32) {
     let p = d;
     let Some(d) = dev(p) else { return };
-    if d.stopped {
+    if d.stopped || d.failed {
         return;
     }
     let mut capacity = None;
@@ -626,7 +651,16 @@ pub unsafe extern "C" fn vblk_interrupt(d: *mut VblkDevice, vector: i32) {
                 }
             }
         }
-        Err(e) => log::warn!("VirtioBlock: interrupt: {e}"),
+        Err(e) => {
+            // The configuration could not be re-read; the interrupt (read, and so
+            // acknowledged, from the ISR on INTx) may also have announced completions:
+            // poll the queue anyway, or they would wait for an unrelated interrupt.
+            log::warn!("VirtioBlock: interrupt: {e}");
+            let VblkDevice { drv, book, .. } = &mut *d;
+            if drv.poll_completions(0, |t, r| book.record(t, r)).is_err() {
+                broken = true;
+            }
+        }
     }
     if broken {
         log::warn!("VirtioBlock: device fault; aborting in-flight requests and restarting");
@@ -634,10 +668,13 @@ pub unsafe extern "C" fn vblk_interrupt(d: *mut VblkDevice, vector: i32) {
         drv.abort_all(|t, r| book.record(t, r));
         match drv.restart() {
             // The shim resubmits what it holds.
-            Ok(()) => d.blocked = true,
+            Ok(()) => {
+                d.blocked = true;
+                d.book.fit_queue(&d.drv);
+            }
             Err(e) => {
                 log::error!("VirtioBlock: restart failed: {e}");
-                d.stopped = true;
+                d.failed = true;
             }
         }
     }
@@ -693,6 +730,10 @@ pub unsafe extern "C" fn vblk_suspend(d: *mut VblkDevice) -> i32 {
     if d.stopped {
         return VBLK_E_DEVICE;
     }
+    if d.failed {
+        // Already reset, nothing in flight: nothing to quiesce.
+        return VBLK_OK;
+    }
     let VblkDevice { drv, book, .. } = &mut *d;
     let status = match drv.suspend(VBLK_SUSPEND_DRAIN_POLLS, |t, r| book.record(t, r)) {
         Ok(r) => {
@@ -724,8 +765,14 @@ pub unsafe extern "C" fn vblk_resume(d: *mut VblkDevice) -> i32 {
     if dv.stopped {
         return VBLK_E_DEVICE;
     }
+    if dv.failed {
+        // Awake but still failed: what the shim holds fails with `VBLK_E_DEVICE` when it
+        // resubmits, rather than staying held (a failed wake keeps it held).
+        return VBLK_OK;
+    }
     match dv.drv.resume() {
         Ok(r) => {
+            dv.book.fit_queue(&dv.drv);
             if r.capacity_changed {
                 let cb = dv.cb;
                 if let Some(f) = cb.capacity_changed {

@@ -447,11 +447,28 @@ impl VconDevice {
         s.publication = Publication::Absent;
         let was_active = s.serial.active();
         s.serial.reset();
+        // The notes say what the shim has → what it must have: per id, unpublish the nub it
+        // was given and publish the current key. Several withdrawals and publications may
+        // fall between two flushes (remove/add/remove, rename then remove).
         if let Some(k) = old {
-            if let Some(n) = self.notes.unpublish.get_mut(id as usize) {
-                *n = k;
+            let undelivered = match self.notes.publish.get_mut(id as usize) {
+                Some(p) if *p == k => {
+                    *p = 0;
+                    true
+                }
+                _ => false,
+            };
+            // Published since the last flush: the shim never had it (no nub, no sleepers),
+            // so it hears of neither. Otherwise `k` is the nub the shim has; a later key
+            // must not replace it in the note, or the shim (which checks keys) keeps it.
+            if !undelivered {
+                if let Some(n) = self.notes.unpublish.get_mut(id as usize)
+                    && *n == 0
+                {
+                    *n = k;
+                }
+                self.note_state(id, k);
             }
-            self.note_state(id, k);
             self.notes.any = true;
         }
         if was_active && let Some(drv) = self.drv.as_mut() {

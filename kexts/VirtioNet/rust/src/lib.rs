@@ -14,6 +14,9 @@
 //!   [`VnetCallbacks::rx_frame`] as fragments (the shim copies them into an mbuf from
 //!   `allocatePacket` and queues it with `inputPacket`), then [`VnetCallbacks::events`]
 //!   says whether to restart the output queue, flush the input queue, or change the link;
+//!   while it reports `rx_more` the shim calls [`vnet_poll`], at most
+//!   [`VNET_POLLS_PER_EVENT`] times, then defers the rest to a zero-delay timer on its work
+//!   loop, so a device that never stops sending cannot keep the work loop to itself;
 //! - `setPromiscuousMode` / `setMulticastMode` / `setMulticastList` /
 //!   `setHardwareAddress` → the control queue ([`vnet_set_promiscuous`],
 //!   [`vnet_set_multicast`], [`vnet_set_mac_address`]);
@@ -26,8 +29,13 @@
 //! run concurrently with each other. The debugger entries can run at any moment, even with
 //! a normal entry interrupted on the same CPU: every entry takes the device's try-lock, and
 //! a debugger entry that finds it held returns `VNET_E_LOCKED` (KDP drops the packet and
-//! retries). Callbacks run under the lock and must not call back into `vnet_*`, except
-//! [`VnetCallbacks::events`], which runs after it is released.
+//! retries). A normal entry finds it held only while a debugger entry runs on another CPU
+//! (KDP runs with interrupts off, so never beneath it): [`vnet_stop`] then returns
+//! `VNET_E_LOCKED` for the shim to retry, and [`vnet_poll`] / [`vnet_interrupt`] report
+//! `rx_more` so receive is polled again. Log records made with interrupts off (the
+//! debugger entries) are dropped ([`vnet_log_init`]). Callbacks run under the lock and must
+//! not call back into `vnet_*`, except [`VnetCallbacks::events`], which runs after it is
+//! released.
 //!
 //! Memory is allocated in [`vnet_create`] only; nothing here panics on device or caller
 //! input.
@@ -92,6 +100,12 @@ pub const VNET_RX_CSUM_VALID: u32 = 1;
 /// Bytes of the frame's start [`vnet_transmit`] parses for offloads (Ethernet + VLAN +
 /// IPv6 + TCP with options fits).
 pub const VNET_TX_HEADER_BYTES: u32 = 128;
+/// Most frames one [`vnet_interrupt`] or [`vnet_poll`] delivers to `rx_frame`.
+pub const VNET_FRAMES_PER_POLL: u32 = 256;
+/// Most [`vnet_poll`] calls the shim makes for one event while `rx_more` stays set, before it
+/// defers the rest to a later turn of its work loop: receive holds the work loop for at most
+/// `(1 + VNET_POLLS_PER_EVENT) * VNET_FRAMES_PER_POLL` frames at a time.
+pub const VNET_POLLS_PER_EVENT: u32 = 3;
 /// Largest frame the debugger path moves.
 pub const VNET_DEBUG_FRAME_MAX: u32 = 1518;
 const _: () = assert!(VNET_DEBUG_FRAME_MAX as usize == virtio_net::DEBUG_FRAME_MAX);
@@ -119,7 +133,13 @@ pub struct VnetEvents {
     pub link_up: u8,
     /// DEVICE_NEEDS_RESET (or a broken queue): the device stopped working.
     pub needs_reset: u8,
-    /// Frames are still waiting: flush the input queue and call [`vnet_poll`].
+    /// Receive is not finished: frames are still waiting (the call delivered its
+    /// [`VNET_FRAMES_PER_POLL`]), or the driver was busy (`VNET_E_LOCKED`). The driver then
+    /// stays in polling mode, its receive interrupt possibly off, so only another
+    /// [`vnet_poll`] resumes receive: flush the input queue and poll again, at most
+    /// [`VNET_POLLS_PER_EVENT`] times in one go, then defer the rest (a device that refills
+    /// the ring as fast as buffers are reposted never clears this). Never set together with
+    /// `needs_reset`, nor once stopped (unless busy).
     pub rx_more: u8,
     pub reserved: [u8; 3],
 }
@@ -285,9 +305,11 @@ fn status_of(e: NetError) -> i32 {
     }
 }
 
-/// Receive budget per poll round, and rounds per interrupt before yielding to the shim.
+/// Receive budget per poll round, and rounds per interrupt or poll before yielding to the
+/// shim.
 const RX_BUDGET: usize = 64;
-const RX_ROUNDS: usize = 4;
+const RX_ROUNDS: usize = VNET_FRAMES_PER_POLL as usize / RX_BUDGET;
+const _: () = assert!(RX_ROUNDS * RX_BUDGET == VNET_FRAMES_PER_POLL as usize);
 
 impl Inner {
     fn reclaim(&mut self, ev: &mut VnetEvents) -> Result<(), NetError> {
@@ -378,6 +400,8 @@ impl Inner {
         if let Err(e) = self.reclaim(ev).and_then(|()| self.receive(ev)) {
             log::error!("VirtioNet: queue fault: {e}");
             ev.needs_reset = 1;
+            // A broken queue stays broken: polling it again would only repeat the fault.
+            ev.rx_more = 0;
         }
     }
 
@@ -675,8 +699,10 @@ pub unsafe extern "C" fn vnet_transmit(
     })
 }
 
-/// Reclaims transmitted frames and receives waiting ones (after `rx_more`, or from a
-/// timer); `*events` says what happened.
+/// Reclaims transmitted frames and receives waiting ones, at most
+/// [`VNET_FRAMES_PER_POLL`] (after `rx_more`); `*events` says what happened.
+/// `VNET_E_LOCKED` (a debugger entry holds the driver) did nothing and sets `rx_more`: the
+/// poll must be retried, since receive may be waiting on it.
 ///
 /// # Safety
 /// `d` is null or a live handle; `events` is null or valid.
@@ -688,6 +714,9 @@ pub unsafe extern "C" fn vnet_poll(d: *mut VnetDevice, events: *mut VnetEvents) 
         ev.link_up = i.drv.link_up().into();
         VNET_OK
     });
+    if r == VNET_E_LOCKED {
+        ev.rx_more = 1;
+    }
     // SAFETY: null or valid (C contract).
     if let Some(o) = unsafe { events.as_mut() } {
         *o = ev;
@@ -697,17 +726,22 @@ pub unsafe extern "C" fn vnet_poll(d: *mut VnetDevice, events: *mut VnetEvents) 
 
 /// The interrupt entry (the family calls it through the handler [`vnet_create`]
 /// registered, which then passes `*events` to [`VnetCallbacks::events`]; `vector` is the
-/// MSI-X index or -1 for INTx): link changes, transmit completions, received frames.
+/// MSI-X index or -1 for INTx): link changes, transmit completions, received frames (at
+/// most [`VNET_FRAMES_PER_POLL`]). Finding the driver held by a debugger entry, it does
+/// nothing and sets `rx_more`, so the work the interrupt announced is polled for later.
 ///
 /// # Safety
 /// `d` is null or a live handle; `events` is null or valid.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vnet_interrupt(d: *mut VnetDevice, vector: i32, events: *mut VnetEvents) {
     let mut ev = VnetEvents::default();
-    with(d, |i| {
+    let r = with(d, |i| {
         i.interrupt(vector, &mut ev);
         VNET_OK
     });
+    if r == VNET_E_LOCKED {
+        ev.rx_more = 1;
+    }
     // SAFETY: null or valid (C contract).
     if let Some(o) = unsafe { events.as_mut() } {
         *o = ev;
@@ -866,13 +900,19 @@ pub unsafe extern "C" fn vnet_debug_receive(
 }
 
 /// Stops the device: unregisters the interrupt entry, resets the device and hands every
-/// frame still in flight to `tx_done`.
+/// frame still in flight to `tx_done`. `VNET_OK` (also when already stopped), or
+/// `VNET_E_LOCKED`: a debugger entry holds the driver and nothing was done; retry after a
+/// short delay. The caller runs on the work loop and KDP runs its entries with interrupts
+/// off, so that entry is on another CPU, never beneath the caller: it ends by itself, and
+/// waiting (bounded) for it cannot deadlock.
 ///
 /// # Safety
 /// `d` is null or a live handle.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vnet_stop(d: *mut VnetDevice) {
-    let Some(dv) = dev(d) else { return };
+pub unsafe extern "C" fn vnet_stop(d: *mut VnetDevice) -> i32 {
+    let Some(dv) = dev(d) else {
+        return VNET_E_INVALID;
+    };
     let family = dv.family;
     with(d, |i| {
         if i.stopped {
@@ -892,7 +932,7 @@ pub unsafe extern "C" fn vnet_stop(d: *mut VnetDevice) {
             }
         });
         VNET_OK
-    });
+    })
 }
 
 /// Polls of the transmit queue [`vnet_suspend`] spends waiting for frames in flight before
@@ -966,22 +1006,37 @@ pub unsafe extern "C" fn vnet_resume(d: *mut VnetDevice) -> i32 {
     })
 }
 
-/// Frees the device (stopping it first if needed).
+/// Frees the device (stopping it first if needed). A device [`vnet_stop`] still finds held
+/// by a debugger entry is leaked instead, with its interrupt entry unregistered: freeing
+/// it would pull the memory from under that entry.
 ///
 /// # Safety
 /// `d` is null or a handle from [`vnet_create`], not used afterwards.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vnet_destroy(d: *mut VnetDevice) {
-    if d.is_null() {
+    let Some(dv) = dev(d) else { return };
+    // SAFETY: live handle (caller contract).
+    if unsafe { vnet_stop(d) } == VNET_E_LOCKED {
+        // SAFETY: the family handle outlives this device (vnet_create contract); the handler
+        // slot is the family's, written and read on the work loop the caller runs on, so
+        // no interrupt is delivered through it meanwhile; the debugger entry never reads it.
+        unsafe {
+            virtio_kext_client::ffi::vfam_set_interrupt_handler(
+                dv.family,
+                None,
+                core::ptr::null_mut(),
+            )
+        };
+        log::error!("VirtioNet: still held by a debugger entry; leaked rather than freed");
         return;
     }
-    // SAFETY: live handle (caller contract).
-    unsafe { vnet_stop(d) };
     // SAFETY: from Box::into_raw in vnet_create, dropped once (caller contract).
     drop(unsafe { Box::from_raw(d) });
 }
 
-/// Routes `log` to `IOLog` (call once from the kext's start; a no-op in host builds).
+/// Routes `log` to `IOLog` (call once from the kext's start; a no-op in host builds),
+/// except with interrupts off: the debugger entries must not call IOLog with the machine
+/// stopped.
 #[unsafe(no_mangle)]
 pub extern "C" fn vnet_log_init() {
     #[cfg(feature = "kext")]

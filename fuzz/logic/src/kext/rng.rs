@@ -1,0 +1,182 @@
+//! VirtioEntropy.kext (`virtio-entropy-kext`) as its shim drives it
+//! (`kexts/VirtioEntropy/shim/VirtioEntropy.cpp`): `vrng_read` at any moment and from the
+//! `ready` callback (the shim feeds the kernel's pool as soon as bytes arrive), sleep and
+//! wake, stop; the device fills buffers from a known stream with any used length, forges
+//! and repeats used ids, sets NEEDS_RESET.
+//!
+//! Oracles: `*got` never above the caller's length; `ready` never counts more bytes than
+//! the kext then lets the shim read, and never comes after `vrng_stop`; while the device
+//! has been honest and never reset, the bytes read are its stream, in order; the statistics
+//! never count more bytes read than received; every DMA byte is back after the family
+//! stops.
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+
+use virtio_entropy_kext::*;
+use virtio_rng::REQUEST_QUEUE;
+
+use crate::input::Input;
+use crate::rng::Stream;
+
+const MAX_STEPS: usize = 192;
+
+struct Shim {
+    dev: *mut VrngDevice,
+    stopped: bool,
+    /// Bytes the shim has read, in order.
+    read: Vec<u8>,
+    /// The `ready` callback reads right away.
+    read_when_ready: bool,
+    /// A recovery, sleep or any device lie happened: unread bytes may have been dropped.
+    stream_broken: bool,
+}
+
+unsafe extern "C" fn on_ready(ctx: *mut c_void, bytes: usize) {
+    // SAFETY: ctx is the target's `RefCell<Shim>`, alive until the device is destroyed.
+    let shim = unsafe { &*(ctx as *const RefCell<Shim>) };
+    let (dev, read_now) = {
+        let s = shim.borrow();
+        assert!(!s.stopped, "ready after vrng_stop returned");
+        assert!(bytes > 0, "ready with no bytes");
+        (s.dev, s.read_when_ready)
+    };
+    if read_now {
+        let got = read(shim, dev, bytes);
+        assert!(
+            got <= bytes,
+            "ready announced {bytes} bytes; the read got {got}"
+        );
+    }
+}
+
+/// `vrng_read` into a buffer of `len` bytes; the bytes read are appended to the shim's.
+fn read(shim: &RefCell<Shim>, dev: *mut VrngDevice, len: usize) -> usize {
+    let mut buf = vec![0u8; len];
+    let mut got = usize::MAX;
+    // SAFETY: the live handle; `buf` is writable for `len` bytes, `got` a local.
+    let status = unsafe { vrng_read(dev, buf.as_mut_ptr(), len, &mut got) };
+    assert!(
+        matches!(status, VRNG_OK | VRNG_E_DEVICE | VRNG_E_STOPPED),
+        "vrng_read returned {status}"
+    );
+    assert!(got <= len, "vrng_read got {got} bytes into {len}");
+    if status != VRNG_OK {
+        assert_eq!(got, 0, "a failed read reported {got} bytes");
+    }
+    shim.borrow_mut().read.extend_from_slice(&buf[..got]);
+    got
+}
+
+pub(super) fn run(input: &mut Input) {
+    let (sim, preference, queue_size) = crate::rng::setup(input);
+    let mem = sim.memory();
+    let free_at_start = mem.free_bytes();
+    let Some(family) = super::start_family(&sim, preference) else {
+        return;
+    };
+    let buffer = mem.alloc_buffer(4096);
+    let shim = Box::new(RefCell::new(Shim {
+        dev: std::ptr::null_mut(),
+        stopped: false,
+        read: Vec::new(),
+        read_when_ready: input.bool(),
+        stream_broken: false,
+    }));
+    let callbacks = VrngCallbacks {
+        ctx: (&*shim as *const RefCell<Shim>).cast_mut().cast(),
+        ready: Some(on_ready),
+    };
+    let mut dev = std::ptr::null_mut();
+    // SAFETY: the nub's live handle; the callbacks' context outlives the device.
+    let created = unsafe { vrng_create(family.client_handle(), &callbacks, &mut dev) };
+    if created != VRNG_OK {
+        assert!(dev.is_null(), "vrng_create failed but gave a handle");
+        super::finish(family, &sim, &mem, buffer, free_at_start);
+        return;
+    }
+    shim.borrow_mut().dev = dev;
+    let mut stream = Stream {
+        honest: true,
+        ..Stream::default()
+    };
+
+    for _ in 0..MAX_STEPS {
+        if input.is_empty() {
+            break;
+        }
+        match input.u8() % 10 {
+            0..=2 => {
+                let len = u32::from(input.u16() % 4096);
+                let overstate = input.u8().is_multiple_of(8);
+                if sim.queue_info(REQUEST_QUEUE).is_some_and(|q| q.ready) {
+                    stream.serve(&sim, len, overstate);
+                }
+            }
+            3 if sim.queue_info(REQUEST_QUEUE).is_some_and(|q| q.ready) => {
+                stream.honest = false;
+                let id = input.u32() % (u32::from(queue_size) * 2 + 1);
+                sim.complete_raw(REQUEST_QUEUE, id, input.u32());
+                sim.signal_used(REQUEST_QUEUE);
+            }
+            4 => {
+                stream.honest = false;
+                sim.trigger_needs_reset();
+            }
+            5 | 6 => super::deliver_interrupts(input, &family),
+            7 => {
+                let len = usize::from(input.u16() % 300);
+                read(&shim, dev, len);
+            }
+            8 => {
+                let mut stats = VrngStats::default();
+                // SAFETY: the live handle; a local out-pointer.
+                assert_eq!(unsafe { vrng_stats(dev, &mut stats) }, VRNG_OK);
+                assert!(
+                    stats.bytes_read <= stats.bytes_received,
+                    "read {} bytes of {} received",
+                    stats.bytes_read,
+                    stats.bytes_received
+                );
+            }
+            _ => {
+                // SAFETY (each call): the live handle.
+                match input.u8() % 4 {
+                    0 => {
+                        shim.borrow_mut().stream_broken = true;
+                        assert!(unsafe { vrng_suspend(dev) } != VRNG_E_INVALID);
+                    }
+                    1 => {
+                        assert!(unsafe { vrng_resume(dev) } != VRNG_E_INVALID);
+                    }
+                    2 if input.u8().is_multiple_of(4) => {
+                        // SAFETY: the live handle.
+                        unsafe { vrng_stop(dev) };
+                        shim.borrow_mut().stopped = true;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut stats = VrngStats::default();
+        // SAFETY: the live handle; a local out-pointer.
+        unsafe { vrng_stats(dev, &mut stats) };
+        let s = shim.borrow();
+        if stream.honest && !s.stream_broken && stats.recoveries == 0 {
+            let expected: Vec<u8> = (0..s.read.len() as u64).map(|i| (i % 251) as u8).collect();
+            assert!(
+                s.read == expected,
+                "an honest device's stream read out of order, with gaps or repeats"
+            );
+        }
+    }
+
+    if input.bool() {
+        // SAFETY: the live handle.
+        unsafe { vrng_stop(dev) };
+        shim.borrow_mut().stopped = true;
+    }
+    // SAFETY: the handle from vrng_create, not used again.
+    unsafe { vrng_destroy(dev) };
+    super::finish(family, &sim, &mem, buffer, free_at_start);
+}
