@@ -875,8 +875,9 @@ mod bench {
 /// The device faults and cannot be brought back (after its reset it no longer offers
 /// VERSION_1) while the shim holds a request the full ring refused: what was in flight
 /// completes as aborted, and `restart` still comes, so the shim resubmits what it holds,
-/// which then fails with `VBLK_E_DEVICE` and goes up instead of waiting for ever. `stop`
-/// then still unregisters the interrupt entry and everything is returned.
+/// which then fails with `VBLK_E_DEVICE` and goes up instead of waiting for ever. A wake
+/// tries the device again (here fixed by then); `stop` unregisters the interrupt entry and
+/// everything is returned.
 fn a_failed_recovery_fails_what_the_shim_holds(kexts: Kexts) {
     let mut r = Rig::start(kexts, full_model(), SimMode::Modern, Preference::Auto, 4);
     let s = r.segments(4096, 1, Some(3));
@@ -893,6 +894,7 @@ fn a_failed_recovery_fails_what_the_shim_holds(kexts: Kexts) {
         }
     }
     let held = held.expect("a ring of 4 refuses a request");
+    let offered = r.sim.offered_features();
     r.sim.set_offered_features(0);
     r.sim.trigger_needs_reset();
     r.fam().interrupts();
@@ -909,6 +911,15 @@ fn a_failed_recovery_fails_what_the_shim_holds(kexts: Kexts) {
     // SAFETY: live handle; local out-pointer.
     assert_eq!(unsafe { (kexts.blk.vblk_stats)(r.dev, &mut i) }, VBLK_OK);
     assert_eq!(i.in_flight, 0);
+    // Sleep and wake: a wake tries the device again, and the host fixed it meanwhile.
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (kexts.blk.vblk_suspend)(r.dev) }, VBLK_OK);
+    r.sim.set_offered_features(offered);
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (kexts.blk.vblk_resume)(r.dev) }, VBLK_OK);
+    assert_eq!(r.rw(true, 0, 8, &s, held), VBLK_OK, "the device is back");
+    r.step();
+    assert_eq!(r.take(), vec![(held, VBLK_OK)]);
     r.unload();
 }
 

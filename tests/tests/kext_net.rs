@@ -20,7 +20,7 @@ use virtio_net_kext::*;
 use virtio_pci::Preference;
 use virtio_tests::mem::IdentityMemory;
 use virtio_tests::net_model::{self, CtrlResponder, NetModel};
-use virtio_tests::sim::{Sim, SimBuilder, SimMode};
+use virtio_tests::sim::{Sim, SimBuilder, SimInterrupt, SimMode};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 use virtio_tests::sim::MODES;
@@ -921,6 +921,17 @@ fn stop_while_a_debugger_entry_holds_the_driver(kexts: Kexts) {
     // SAFETY: as the family's interrupt action calls it.
     unsafe { (net.vnet_interrupt)(r.dev, -1, &mut ev) };
     assert_eq!(ev.rx_more, 1, "a refused interrupt asks for a poll");
+    // The link goes down meanwhile: the config interrupt finds the driver held too.
+    r.model.set_status(false, false);
+    for irq in r.sim.take_interrupts() {
+        let vector = match irq {
+            SimInterrupt::Msix(v) => i32::from(v),
+            SimInterrupt::Intx => -1,
+        };
+        // SAFETY: as the family's interrupt action calls it.
+        unsafe { (net.vnet_interrupt)(r.dev, vector, &mut ev) };
+        assert_eq!(ev.rx_more, 1);
+    }
     // The device completes the debugger's frame: its entry returns.
     let sent = loop {
         let t = r.model.take_tx();
@@ -933,6 +944,16 @@ fn stop_while_a_debugger_entry_holds_the_driver(kexts: Kexts) {
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].data, kdp);
     assert_eq!(debugger.join().unwrap(), VNET_OK);
+    // The poll the refused calls asked for acknowledges the interrupts they noted: the
+    // link change is not lost.
+    let mut ev = VnetEvents::default();
+    // SAFETY: live handle, local out-pointer.
+    assert_eq!(unsafe { (net.vnet_poll)(r.dev, &mut ev) }, VNET_OK);
+    assert_eq!(
+        (ev.link_changed, ev.link_up),
+        (1, 0),
+        "the link change announced while the debugger held the driver"
+    );
     // gatedStop's retry: the device stops, the frame in flight comes back once.
     // SAFETY: live handle.
     assert_eq!(unsafe { (net.vnet_stop)(r.dev) }, VNET_OK);

@@ -9,7 +9,8 @@
 //!   the platform works on it through [`ConsoleLogger::with`]) goes to a 1 KiB stash. The
 //!   stash is written out, in order, before the next record that takes the lock, and when
 //!   the holder lets go of it (so a record stashed while another CPU was writing does not
-//!   wait for the next log call). A context's records reach the host in the order it
+//!   wait for the next log call, unless the stash stayed busy through every bounded
+//!   hand-off round). A context's records reach the host in the order it
 //!   logged them: one that finds older records still stashed queues behind them. A record
 //!   that cannot be kept (stash full or busy) or written whole is counted in
 //!   [`ConsoleLogger::dropped`].
@@ -227,6 +228,11 @@ impl<B: Bus> ConsoleLogger<B> {
     /// once it has let go, and takes the lock back to write the stash unless another
     /// context has it (which then does the same when it lets go). A stasher sets the flag
     /// before trying the lock itself, so of the two, one sees the other.
+    ///
+    /// Every round ends the same way (let go, then look at the flag), so a stasher that
+    /// failed its one attempt while this context held the lock is always seen. After
+    /// [`HANDOFF_ROUNDS`] rounds in which the stash stayed busy or refilled, the holder
+    /// stops: what is stashed then waits for the next context that logs or calls `with`.
     fn release_lock(&self) {
         for _ in 0..HANDOFF_ROUNDS {
             self.lock.unlock();
@@ -234,14 +240,17 @@ impl<B: Bus> ConsoleLogger<B> {
                 return;
             }
             // SAFETY: `lock` is held.
-            let written = match unsafe { &mut *self.console.get() } {
-                Some(c) => self.flush_stash(c),
-                // `install` writes it out.
-                None => false,
-            };
-            if !written {
-                // The stash lock's holder is stashing: it tries the lock when it is done.
-                break;
+            match unsafe { &mut *self.console.get() } {
+                // Written out, or the stash lock stayed busy: either way the next round
+                // lets go and looks at the flag again.
+                Some(c) => {
+                    self.flush_stash(c);
+                }
+                None => {
+                    // No console: `install` writes the stash out.
+                    self.lock.unlock();
+                    return;
+                }
             }
         }
         self.lock.unlock();
@@ -268,8 +277,8 @@ impl<B: Bus> ConsoleLogger<B> {
         true
     }
 
-    fn stash_record(&self, record: &Record<'_>) {
-        if !self.stash_lock.try_lock(LOCK_SPINS) {
+    fn stash_record(&self, record: &Record<'_>, spins: u32) {
+        if !self.stash_lock.try_lock(spins) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -382,14 +391,14 @@ impl<B: Bus + Send> Log for ConsoleLogger<B> {
             return;
         }
         if !self.lock.try_lock(LOCK_SPINS) {
-            self.stash_record(record);
+            self.stash_record(record, LOCK_SPINS);
             return;
         }
         // SAFETY: `lock` is held.
         let slot = unsafe { &mut *self.console.get() };
         let Some(c) = slot.as_mut() else {
             self.release_lock();
-            self.stash_record(record);
+            self.stash_record(record, LOCK_SPINS);
             return;
         };
         if self.flush_stash(c) {
@@ -406,8 +415,10 @@ impl<B: Bus + Send> Log for ConsoleLogger<B> {
             }
         } else {
             // Older records, maybe this context's own, are still stashed: queue behind
-            // them rather than overtake them (`release_lock` writes them all out).
-            self.stash_record(record);
+            // them rather than overtake them (`release_lock` writes them all out). One
+            // attempt at the stash lock: `flush_stash` just spent the whole bound on it,
+            // with `lock` held.
+            self.stash_record(record, 1);
         }
         self.release_lock();
     }

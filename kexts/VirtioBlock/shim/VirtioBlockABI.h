@@ -89,8 +89,10 @@ typedef struct VblkDevice VblkDevice;
  * - `complete`: request `request` (the context given at submission) finished with
  *   `status` (`VBLK_OK` or a `VBLK_E_*` code); called from [`vblk_interrupt`] and
  *   [`vblk_stop`], never from inside a submission;
- * - `restart` (may be null): ring space was freed after a submission returned
- *   `VBLK_E_BUSY`: resubmit the held requests;
+ * - `restart` (may be null): resubmit the held requests. Called when ring space was freed
+ *   after a submission returned `VBLK_E_BUSY`, after a recovery from a device fault, and
+ *   when that recovery failed (every resubmission then fails with `VBLK_E_DEVICE`, so
+ *   nothing stays held for ever);
  * - `capacity_changed` (may be null): the disk was resized to `blocks` logical blocks.
  */
 typedef struct {
@@ -295,7 +297,8 @@ void vblk_stop(VblkDevice *d);
  * System sleep (the device's power state 0): new requests answer `VBLK_E_BUSY` (the shim
  * holds them, in order, as it does when the ring is full), requests in flight complete
  * through `complete` — with their result, or `VBLK_E_ABORTED` for those the reset cut off,
- * which the shim resubmits after [`vblk_resume`] — and the device is reset.
+ * which the shim resubmits after [`vblk_resume`] — and the device is reset. A device that
+ * failed for good (a failed recovery) has nothing to quiesce: `VBLK_OK`.
  *
  * # Safety
  * `d` is null or a live handle.
@@ -306,7 +309,10 @@ int32_t vblk_suspend(VblkDevice *d);
  * Wake (power state 1): the device is initialised from scratch (same features, all
  * queues rebuilt, configuration re-read: a capacity change while asleep is reported
  * through `capacity_changed`); then the shim resubmits what it held. An error leaves the
- * device asleep and FAILED (resume may be retried).
+ * device asleep and FAILED (resume may be retried). A device that failed for good is
+ * brought up again from scratch; if it still cannot be, `VBLK_OK` all the same (awake,
+ * still failed: what the shim resubmits fails with `VBLK_E_DEVICE` rather than staying
+ * held).
  *
  * # Safety
  * `d` is null or a live handle.

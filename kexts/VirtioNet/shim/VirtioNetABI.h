@@ -324,8 +324,9 @@ int32_t vnet_poll(VnetDevice *d, VnetEvents *events);
  * The interrupt entry (the family calls it through the handler [`vnet_create`]
  * registered, which then passes `*events` to [`VnetCallbacks::events`]; `vector` is the
  * MSI-X index or -1 for INTx): link changes, transmit completions, received frames (at
- * most [`VNET_FRAMES_PER_POLL`]). Finding the driver held by a debugger entry, it does
- * nothing and sets `rx_more`, so the work the interrupt announced is polled for later.
+ * most [`VNET_FRAMES_PER_POLL`]). Finding the driver held by a debugger entry, it notes
+ * the interrupt and sets `rx_more`: the next [`vnet_poll`] acknowledges it (link and
+ * configuration changes, NEEDS_RESET) and does the work it announced.
  *
  * # Safety
  * `d` is null or a live handle; `events` is null or valid.
@@ -380,8 +381,9 @@ int32_t vnet_debug_receive(VnetDevice *d, uint8_t *buf, size_t cap, uint32_t spi
 
 /**
  * Stops the device: unregisters the interrupt entry, resets the device and hands every
- * frame still in flight to `tx_done`. `VNET_OK` (also when already stopped), or
- * `VNET_E_LOCKED`: a debugger entry holds the driver and nothing was done; retry after a
+ * frame still in flight to `tx_done`. `VNET_OK` (also when already stopped),
+ * `VNET_E_INVALID` for a null handle, or `VNET_E_LOCKED`: a debugger entry holds the
+ * driver and nothing was done; retry after a
  * short delay. The caller runs on the work loop and KDP runs its entries with interrupts
  * off, so that entry is on another CPU, never beneath the caller: it ends by itself, and
  * waiting (bounded) for it cannot deadlock.

@@ -41,6 +41,14 @@ enum Request {
     Id,
 }
 
+impl Request {
+    /// Flush, unmap and GET_ID: the shim's caller sleeps until the answer (`gatedSync`,
+    /// start's GET_ID) and sends it again itself; such a request is never held.
+    fn is_sync(&self) -> bool {
+        !matches!(self, Request::ReadWrite { .. })
+    }
+}
+
 /// The shim's state, reached from the kext's callbacks through `ctx`.
 struct Shim {
     dev: *mut VblkDevice,
@@ -89,7 +97,7 @@ unsafe extern "C" fn on_complete(ctx: *mut c_void, request: *mut c_void, status:
             panic!("complete({token:#x}): not a request in flight (twice, or never accepted)");
         };
         s.completions += 1;
-        if status == VBLK_E_ABORTED && s.asleep && !s.stopping {
+        if status == VBLK_E_ABORTED && s.asleep && !s.stopping && !request.is_sync() {
             // Cut off by the sleep's reset: held again, in front (the shim's cbComplete).
             s.held.push_front((token, request));
             false
@@ -158,6 +166,12 @@ fn resubmit_held(shim: &RefCell<Shim>) {
 /// flight), refused with `BUSY` (held, at the back or, for a resubmission, in front again)
 /// or failed (the shim completes it itself).
 fn submit(shim: &RefCell<Shim>, token: usize, request: Request, resubmission: bool) -> i32 {
+    let sync = request.is_sync();
+    if !resubmission && !sync && !shim.borrow().held.is_empty() {
+        // Requests already held go first: order is kept (`gatedReadWrite`).
+        shim.borrow_mut().held.push_back((token, request));
+        return VBLK_E_BUSY;
+    }
     let dev = {
         let mut s = shim.borrow_mut();
         s.submitting = true;
@@ -199,7 +213,9 @@ fn submit(shim: &RefCell<Shim>, token: usize, request: Request, resubmission: bo
         }
         VBLK_E_BUSY => {
             s.busy_seen = true;
-            if resubmission {
+            if sync {
+                // Its caller waits for room and sends it again: not the shim's to hold.
+            } else if resubmission {
                 s.held.push_front((token, request));
             } else {
                 s.held.push_back((token, request));

@@ -55,6 +55,9 @@ struct Shim {
     device_failed: bool,
     /// Polls the event handler deferred (`rx_more` after its rounds).
     poll_deferred: bool,
+    /// An event said `restart`: the output queue is serviced once the current work-loop
+    /// action has returned (`service(kServiceAsync)`).
+    restart_pending: bool,
     /// Callbacks try a debugger entry (a KDP trap in the middle of a callback).
     debugger_in_callbacks: bool,
     next_token: usize,
@@ -153,9 +156,8 @@ fn note(shim: &RefCell<Shim>, events: &VnetEvents) {
     if events.needs_reset != 0 {
         s.device_failed = true;
     }
-    if events.restart != 0 && s.stalled.is_some() {
-        drop(s);
-        service_output(shim);
+    if events.restart != 0 {
+        s.restart_pending = true;
     }
 }
 
@@ -226,6 +228,7 @@ pub(super) fn run(input: &mut Input) {
         asleep: false,
         device_failed: false,
         poll_deferred: false,
+        restart_pending: false,
         debugger_in_callbacks: input.bool(),
         next_token: 0,
     }));
@@ -252,16 +255,16 @@ pub(super) fn run(input: &mut Input) {
         }
         match input.u8() % 16 {
             0..=2 => {
-                if shim.borrow().stalled.is_some() {
-                    continue; // the output queue is stalled: nothing is sent
+                // A stalled output queue sends nothing.
+                if shim.borrow().stalled.is_none() {
+                    let token = {
+                        let mut s = shim.borrow_mut();
+                        s.next_token += 1;
+                        0x1000 + s.next_token
+                    };
+                    let frame = frame(input, &mem, &buffer);
+                    transmit(&shim, token, frame);
                 }
-                let token = {
-                    let mut s = shim.borrow_mut();
-                    s.next_token += 1;
-                    0x1000 + s.next_token
-                };
-                let frame = frame(input, &mem, &buffer);
-                transmit(&shim, token, frame);
             }
             3 => deferred_poll(&shim, dev),
             4 => {
@@ -315,8 +318,15 @@ pub(super) fn run(input: &mut Input) {
                     }
                     deferred_poll(&shim, dev);
                 }
+                if std::mem::take(&mut shim.borrow_mut().restart_pending) {
+                    service_output(&shim);
+                }
                 check_output_not_stuck(&shim);
             }
+        }
+        // The output queue's asynchronous service, after the action that asked for it.
+        if std::mem::take(&mut shim.borrow_mut().restart_pending) {
+            service_output(&shim);
         }
     }
 
@@ -337,8 +347,12 @@ pub(super) fn run(input: &mut Input) {
     super::finish(family, &sim, &mem, buffer, free_at_start);
 }
 
-/// The shim's deferred poll (its zero-delay timer after the event handler's rounds).
+/// The shim's deferred poll (its zero-delay timer after the event handler's rounds), which
+/// does nothing while asleep.
 fn deferred_poll(shim: &RefCell<Shim>, dev: *mut VnetDevice) {
+    if shim.borrow().asleep {
+        return;
+    }
     shim.borrow_mut().poll_deferred = false;
     let mut events = VnetEvents::default();
     // SAFETY: the live handle; a local out-pointer.
@@ -350,34 +364,39 @@ fn deferred_poll(shim: &RefCell<Shim>, dev: *mut VnetDevice) {
 /// The controller's own calls: enable/disable, filters, address, info, statistics, sleep
 /// and wake, stop.
 fn shim_control(input: &mut Input, shim: &RefCell<Shim>, dev: *mut VnetDevice) {
-    // SAFETY (every call below): the live handle; local arguments alive for the call.
     match input.u8() % 8 {
         0 => {
             let on = !input.u8().is_multiple_of(4);
+            // SAFETY: the live handle; local arguments alive for the call.
             if unsafe { vnet_enable(dev, on) } == VNET_OK {
                 shim.borrow_mut().enabled = on;
             }
         }
         1 => {
+            // SAFETY: the live handle; local arguments alive for the call.
             let status = unsafe { vnet_set_promiscuous(dev, input.bool()) };
             assert!(status != VNET_E_BUSY && status != VNET_E_LOCKED);
         }
         2 => {
             let count = usize::from(input.u8() % 72);
             let addrs: Vec<u8> = (0..count * 6).map(|_| input.u8()).collect();
+            // SAFETY: the live handle; local arguments alive for the call.
             let status = unsafe { vnet_set_multicast(dev, addrs.as_ptr(), count) };
             assert!(status != VNET_E_BUSY && status != VNET_E_LOCKED);
         }
         3 => {
             let mac: Vec<u8> = (0..6).map(|_| input.u8()).collect();
+            // SAFETY: the live handle; local arguments alive for the call.
             let status = unsafe { vnet_set_mac_address(dev, mac.as_ptr()) };
             assert!(status != VNET_E_BUSY && status != VNET_E_LOCKED);
         }
         4 => {
             let mut info = VnetInfo::default();
+            // SAFETY: the live handle; a local out-pointer.
             assert_eq!(unsafe { vnet_info(dev, &mut info) }, VNET_OK);
             assert!(info.tx_max_segments >= 1 && info.max_packet > info.mtu);
             let mut stats = VnetStats::default();
+            // SAFETY: the live handle; a local out-pointer.
             assert_eq!(unsafe { vnet_stats(dev, &mut stats) }, VNET_OK);
         }
         5 => {
@@ -385,9 +404,14 @@ fn shim_control(input: &mut Input, shim: &RefCell<Shim>, dev: *mut VnetDevice) {
             if !asleep {
                 // The output queue is stopped first, then the device quiesced.
                 shim.borrow_mut().asleep = true;
+                // SAFETY: the live handle; local arguments alive for the call.
                 let status = unsafe { vnet_suspend(dev) };
                 assert!(status != VNET_E_LOCKED, "vnet_suspend answered LOCKED");
-            } else if unsafe { vnet_resume(dev) } == VNET_OK {
+            } else if {
+                // SAFETY: the live handle.
+                unsafe { vnet_resume(dev) }
+            } == VNET_OK
+            {
                 let mut s = shim.borrow_mut();
                 s.asleep = false;
                 s.device_failed = false;

@@ -1,11 +1,11 @@
 //! VirtioEntropy.kext (`virtio-entropy-kext`) as its shim drives it
-//! (`kexts/VirtioEntropy/shim/VirtioEntropy.cpp`): `vrng_read` at any moment and from the
-//! `ready` callback (the shim feeds the kernel's pool as soon as bytes arrive), sleep and
-//! wake, stop; the device fills buffers from a known stream with any used length, forges
+//! (`kexts/VirtioEntropy/shim/VirtioEntropy.cpp`): `ready` brings the feed timer forward,
+//! the timer reads (and, an order the shim does not make but the kext allows, `ready`
+//! may read itself), sleep and wake, stop; the device fills buffers from a known stream with any used length, forges
 //! and repeats used ids, sets NEEDS_RESET.
 //!
-//! Oracles: `*got` never above the caller's length; `ready` never counts more bytes than
-//! the kext then lets the shim read, and never comes after `vrng_stop`; while the device
+//! Oracles: `*got` never above the caller's length; a read made as `ready` announces N
+//! bytes gets exactly N, and never comes after `vrng_stop`; while the device
 //! has been honest and never reset, the bytes read are its stream, in order; the statistics
 //! never count more bytes read than received; every DMA byte is back after the family
 //! stops.
@@ -26,8 +26,12 @@ struct Shim {
     stopped: bool,
     /// Bytes the shim has read, in order.
     read: Vec<u8>,
-    /// The `ready` callback reads right away.
+    /// The `ready` callback reads right away: an order the shim does not make (its
+    /// `cbReady` only brings its feed timer forward), which the kext allows (`ready` runs
+    /// after the kext is done, and may re-enter).
     read_when_ready: bool,
+    /// `ready` brought the feed timer forward (the shim's `cbReady`).
+    feed_due: bool,
     /// A recovery, sleep or any device lie happened: unread bytes may have been dropped.
     stream_broken: bool,
 }
@@ -36,22 +40,28 @@ unsafe extern "C" fn on_ready(ctx: *mut c_void, bytes: usize) {
     // SAFETY: ctx is the target's `RefCell<Shim>`, alive until the device is destroyed.
     let shim = unsafe { &*(ctx as *const RefCell<Shim>) };
     let (dev, read_now) = {
-        let s = shim.borrow();
+        let mut s = shim.borrow_mut();
         assert!(!s.stopped, "ready after vrng_stop returned");
         assert!(bytes > 0, "ready with no bytes");
+        s.feed_due = true;
         (s.dev, s.read_when_ready)
     };
     if read_now {
-        let got = read(shim, dev, bytes);
-        assert!(
-            got <= bytes,
-            "ready announced {bytes} bytes; the read got {got}"
-        );
+        // Nothing happens between the announcement and this read: unless the driver finds a
+        // lie in the ring on its way (`VRNG_E_DEVICE`, and a recovery), it gets them all.
+        let (status, got) = read(shim, dev, bytes);
+        if status == VRNG_OK {
+            assert_eq!(
+                got, bytes,
+                "ready announced {bytes} bytes; a read of them got {got}"
+            );
+        }
     }
 }
 
 /// `vrng_read` into a buffer of `len` bytes; the bytes read are appended to the shim's.
-fn read(shim: &RefCell<Shim>, dev: *mut VrngDevice, len: usize) -> usize {
+/// Returns the status and the bytes read.
+fn read(shim: &RefCell<Shim>, dev: *mut VrngDevice, len: usize) -> (i32, usize) {
     let mut buf = vec![0u8; len];
     let mut got = usize::MAX;
     // SAFETY: the live handle; `buf` is writable for `len` bytes, `got` a local.
@@ -65,7 +75,7 @@ fn read(shim: &RefCell<Shim>, dev: *mut VrngDevice, len: usize) -> usize {
         assert_eq!(got, 0, "a failed read reported {got} bytes");
     }
     shim.borrow_mut().read.extend_from_slice(&buf[..got]);
-    got
+    (status, got)
 }
 
 pub(super) fn run(input: &mut Input) {
@@ -81,6 +91,7 @@ pub(super) fn run(input: &mut Input) {
         stopped: false,
         read: Vec::new(),
         read_when_ready: input.bool(),
+        feed_due: false,
         stream_broken: false,
     }));
     let callbacks = VrngCallbacks {
@@ -125,7 +136,14 @@ pub(super) fn run(input: &mut Input) {
             }
             5 | 6 => super::deliver_interrupts(input, &family),
             7 => {
-                let len = usize::from(input.u16() % 300);
+                // The feed timer fires (brought forward by `ready`, or its period): one
+                // feed of at most VRNG_FEED_BYTES; sometimes a read of another size.
+                let due = std::mem::take(&mut shim.borrow_mut().feed_due);
+                let len = if due || input.bool() {
+                    VRNG_FEED_BYTES as usize
+                } else {
+                    usize::from(input.u16() % 300)
+                };
                 read(&shim, dev, len);
             }
             8 => {
@@ -140,13 +158,14 @@ pub(super) fn run(input: &mut Input) {
                 );
             }
             _ => {
-                // SAFETY (each call): the live handle.
                 match input.u8() % 4 {
                     0 => {
                         shim.borrow_mut().stream_broken = true;
+                        // SAFETY: the live handle.
                         assert!(unsafe { vrng_suspend(dev) } != VRNG_E_INVALID);
                     }
                     1 => {
+                        // SAFETY: the live handle.
                         assert!(unsafe { vrng_resume(dev) } != VRNG_E_INVALID);
                     }
                     2 if input.u8().is_multiple_of(4) => {

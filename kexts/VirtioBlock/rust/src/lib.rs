@@ -75,8 +75,10 @@ pub const VBLK_MAX_EXTENTS: u32 = 64;
 /// - `complete`: request `request` (the context given at submission) finished with
 ///   `status` (`VBLK_OK` or a `VBLK_E_*` code); called from [`vblk_interrupt`] and
 ///   [`vblk_stop`], never from inside a submission;
-/// - `restart` (may be null): ring space was freed after a submission returned
-///   `VBLK_E_BUSY`: resubmit the held requests;
+/// - `restart` (may be null): resubmit the held requests. Called when ring space was freed
+///   after a submission returned `VBLK_E_BUSY`, after a recovery from a device fault, and
+///   when that recovery failed (every resubmission then fails with `VBLK_E_DEVICE`, so
+///   nothing stays held for ever);
 /// - `capacity_changed` (may be null): the disk was resized to `blocks` logical blocks.
 #[repr(C)]
 #[derive(Copy, Clone)]
@@ -717,7 +719,8 @@ pub const VBLK_SUSPEND_DRAIN_POLLS: u32 = 10_000;
 /// System sleep (the device's power state 0): new requests answer `VBLK_E_BUSY` (the shim
 /// holds them, in order, as it does when the ring is full), requests in flight complete
 /// through `complete` — with their result, or `VBLK_E_ABORTED` for those the reset cut off,
-/// which the shim resubmits after [`vblk_resume`] — and the device is reset.
+/// which the shim resubmits after [`vblk_resume`] — and the device is reset. A device that
+/// failed for good (a failed recovery) has nothing to quiesce: `VBLK_OK`.
 ///
 /// # Safety
 /// `d` is null or a live handle.
@@ -753,7 +756,10 @@ pub unsafe extern "C" fn vblk_suspend(d: *mut VblkDevice) -> i32 {
 /// Wake (power state 1): the device is initialised from scratch (same features, all
 /// queues rebuilt, configuration re-read: a capacity change while asleep is reported
 /// through `capacity_changed`); then the shim resubmits what it held. An error leaves the
-/// device asleep and FAILED (resume may be retried).
+/// device asleep and FAILED (resume may be retried). A device that failed for good is
+/// brought up again from scratch; if it still cannot be, `VBLK_OK` all the same (awake,
+/// still failed: what the shim resubmits fails with `VBLK_E_DEVICE` rather than staying
+/// held).
 ///
 /// # Safety
 /// `d` is null or a live handle.
@@ -766,8 +772,16 @@ pub unsafe extern "C" fn vblk_resume(d: *mut VblkDevice) -> i32 {
         return VBLK_E_DEVICE;
     }
     if dv.failed {
-        // Awake but still failed: what the shim holds fails with `VBLK_E_DEVICE` when it
-        // resubmits, rather than staying held (a failed wake keeps it held).
+        // A wake is a fresh start: try the device again. Still failing, the wake succeeds
+        // all the same, so that what the shim holds fails with `VBLK_E_DEVICE` when it
+        // resubmits rather than staying held (a failed wake keeps it held).
+        match dv.drv.restart() {
+            Ok(()) => {
+                dv.failed = false;
+                dv.book.fit_queue(&dv.drv);
+            }
+            Err(e) => log::error!("VirtioBlock: the failed device did not come back: {e}"),
+        }
         return VBLK_OK;
     }
     match dv.drv.resume() {

@@ -243,6 +243,10 @@ pub struct VnetDevice {
     /// The callbacks (immutable after creation; also in `Inner` for use under the lock).
     cb: VnetCallbacks,
     locked_out: core::sync::atomic::AtomicU64,
+    /// Interrupts that found a debugger entry holding the driver ([`missed_bit`]): the next
+    /// `vnet_poll` acknowledges them, so a link change or NEEDS_RESET they announced is
+    /// not lost. SeqCst: set outside the lock, taken under it.
+    missed_interrupts: core::sync::atomic::AtomicU32,
     inner: UnsafeCell<Inner>,
 }
 
@@ -406,8 +410,16 @@ impl Inner {
     }
 
     fn interrupt(&mut self, vector: i32, ev: &mut VnetEvents) {
+        if self.acknowledge(vector, ev) {
+            self.poll(ev);
+        }
+    }
+
+    /// An interrupt's cause (the ISR on INTx), link and configuration changes; false when
+    /// there is nothing to poll (stopped, or the device needs a reset).
+    fn acknowledge(&mut self, vector: i32, ev: &mut VnetEvents) -> bool {
         if self.stopped {
-            return;
+            return false;
         }
         self.interrupts += 1;
         let i = self.drv.handle_interrupt(vector_from_abi(vector));
@@ -415,7 +427,8 @@ impl Inner {
         if i.config || i.needs_reset {
             match self.drv.handle_config_change() {
                 Ok(c) => {
-                    ev.link_changed = c.link_changed.into();
+                    // ORed: one poll may acknowledge several missed interrupts.
+                    ev.link_changed |= u8::from(c.link_changed);
                     ev.link_up = c.link_up.into();
                     if c.needs_reset {
                         ev.needs_reset = 1;
@@ -433,9 +446,27 @@ impl Inner {
         }
         if ev.needs_reset != 0 {
             log::error!("VirtioNet: the device needs a reset; the interface is down");
-            return;
+            return false;
         }
-        self.poll(ev);
+        true
+    }
+}
+
+/// The bit of `vector` in [`VnetDevice::missed_interrupts`]: MSI-X vectors 0–30 their own,
+/// INTx and any other the last.
+fn missed_bit(vector: i32) -> u32 {
+    match u32::try_from(vector) {
+        Ok(v) if v < 31 => 1 << v,
+        _ => 1 << 31,
+    }
+}
+
+/// The vector a bit of [`VnetDevice::missed_interrupts`] stands for.
+fn missed_vector(bit: u32) -> i32 {
+    if bit < 31 {
+        bit as i32
+    } else {
+        virtio_kext_abi::VK_VECTOR_INTX
     }
 }
 
@@ -502,6 +533,7 @@ pub unsafe extern "C" fn vnet_create(
         family,
         cb,
         locked_out: core::sync::atomic::AtomicU64::new(0),
+        missed_interrupts: core::sync::atomic::AtomicU32::new(0),
         inner: UnsafeCell::new(Inner {
             drv,
             cb,
@@ -709,8 +741,16 @@ pub unsafe extern "C" fn vnet_transmit(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vnet_poll(d: *mut VnetDevice, events: *mut VnetEvents) -> i32 {
     let mut ev = VnetEvents::default();
+    let missed = dev(d).map(|dv| &dv.missed_interrupts);
     let r = with(d, |i| {
-        i.poll(&mut ev);
+        let missed = missed.map_or(0, |m| m.swap(0, Ordering::SeqCst));
+        let mut poll = true;
+        for bit in (0..32).filter(|b| missed & (1 << b) != 0) {
+            poll &= i.acknowledge(missed_vector(bit), &mut ev);
+        }
+        if poll {
+            i.poll(&mut ev);
+        }
         ev.link_up = i.drv.link_up().into();
         VNET_OK
     });
@@ -727,8 +767,9 @@ pub unsafe extern "C" fn vnet_poll(d: *mut VnetDevice, events: *mut VnetEvents) 
 /// The interrupt entry (the family calls it through the handler [`vnet_create`]
 /// registered, which then passes `*events` to [`VnetCallbacks::events`]; `vector` is the
 /// MSI-X index or -1 for INTx): link changes, transmit completions, received frames (at
-/// most [`VNET_FRAMES_PER_POLL`]). Finding the driver held by a debugger entry, it does
-/// nothing and sets `rx_more`, so the work the interrupt announced is polled for later.
+/// most [`VNET_FRAMES_PER_POLL`]). Finding the driver held by a debugger entry, it notes
+/// the interrupt and sets `rx_more`: the next [`vnet_poll`] acknowledges it (link and
+/// configuration changes, NEEDS_RESET) and does the work it announced.
 ///
 /// # Safety
 /// `d` is null or a live handle; `events` is null or valid.
@@ -740,6 +781,10 @@ pub unsafe extern "C" fn vnet_interrupt(d: *mut VnetDevice, vector: i32, events:
         VNET_OK
     });
     if r == VNET_E_LOCKED {
+        if let Some(dv) = dev(d) {
+            dv.missed_interrupts
+                .fetch_or(missed_bit(vector), Ordering::SeqCst);
+        }
         ev.rx_more = 1;
     }
     // SAFETY: null or valid (C contract).
@@ -900,8 +945,9 @@ pub unsafe extern "C" fn vnet_debug_receive(
 }
 
 /// Stops the device: unregisters the interrupt entry, resets the device and hands every
-/// frame still in flight to `tx_done`. `VNET_OK` (also when already stopped), or
-/// `VNET_E_LOCKED`: a debugger entry holds the driver and nothing was done; retry after a
+/// frame still in flight to `tx_done`. `VNET_OK` (also when already stopped),
+/// `VNET_E_INVALID` for a null handle, or `VNET_E_LOCKED`: a debugger entry holds the
+/// driver and nothing was done; retry after a
 /// short delay. The caller runs on the work loop and KDP runs its entries with interrupts
 /// off, so that entry is on another CPU, never beneath the caller: it ends by itself, and
 /// waiting (bounded) for it cannot deadlock.
