@@ -332,6 +332,10 @@ IOReturn org_virtiodarwin_VirtioBlockDevice::gatedSync(OSObject *owner, void *ki
     UInt8 k = (UInt8)(uintptr_t)kind;
     if (!me->fDev || me->fStopping)
         return kIOReturnNotAttached;
+    /* Asked from the work loop itself (a completion calling back into the storage stack):
+     * the answer arrives on this very thread, so waiting for it here would never end. */
+    if (me->fWorkLoop->onThread())
+        return kIOReturnNotPermitted;
     Request *r = me->allocRequest(true);
     if (!r)
         return kIOReturnNoResources;
@@ -365,7 +369,7 @@ IOReturn org_virtiodarwin_VirtioBlockDevice::gatedSync(OSObject *owner, void *ki
                 me->fGate->commandSleep(&me->fRoomEvent, THREAD_UNINT);
             continue;
         }
-        if (st != VBLK_E_BUSY || me->fStopping || me->fWorkLoop->onThread()) {
+        if (st != VBLK_E_BUSY || me->fStopping) {
             me->freeRequest(r);
             /* No write cache: nothing to flush. */
             if (k == kFlush && st == VBLK_E_UNSUPPORTED)
