@@ -262,3 +262,73 @@ fn refused_features_ok_fails_the_device() {
     ));
     assert_ne!(s.status() & DeviceStatus::FAILED.bits(), 0);
 }
+
+/// DMA memory that checks, whenever a region is freed, that the device is reset (status 0):
+/// a live device may still write to a ring (§2.4).
+#[derive(Clone)]
+struct FreedOnlyWhenReset {
+    mem: IdentityMemory,
+    sim: Sim,
+}
+
+impl Dma for FreedOnlyWhenReset {
+    fn alloc_coherent(
+        &self,
+        len: usize,
+        align: usize,
+    ) -> virtio_core::Result<virtio_core::platform::DmaRegion> {
+        self.mem.alloc_coherent(len, align)
+    }
+    unsafe fn free_coherent(&self, region: virtio_core::platform::DmaRegion) {
+        assert_eq!(
+            self.sim.status(),
+            0,
+            "a DMA region freed while the device is live (status {:#x})",
+            self.sim.status()
+        );
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.mem.free_coherent(region) }
+    }
+    fn map(
+        &self,
+        vaddr: std::ptr::NonNull<u8>,
+        len: usize,
+        dir: virtio_core::platform::DmaDirection,
+    ) -> virtio_core::Result<virtio_core::platform::DeviceAddr> {
+        self.mem.map(vaddr, len, dir)
+    }
+    fn unmap(
+        &self,
+        daddr: virtio_core::platform::DeviceAddr,
+        len: usize,
+        dir: virtio_core::platform::DmaDirection,
+    ) {
+        self.mem.unmap(daddr, len, dir)
+    }
+}
+
+/// Negotiating again on a live device (DRIVER_OK, queues set up) resets it before its rings
+/// are freed; so do `reset` and dropping the device.
+#[test]
+fn rings_are_freed_only_after_a_reset() {
+    for (mode, pref) in MODES {
+        let s = sim(mode, None);
+        let t = probe(s.config_space(), s.bars(), pref).unwrap();
+        let dma = FreedOnlyWhenReset {
+            mem: s.memory(),
+            sim: s.clone(),
+        };
+        let mut d = VirtioDevice::new(t, dma, s.irq());
+        d.negotiate_features(DRIVER).unwrap();
+        d.setup_queues(&specs()).unwrap();
+        d.driver_ok().unwrap();
+        d.negotiate_features(DRIVER).unwrap();
+        d.setup_queues(&specs()).unwrap();
+        d.driver_ok().unwrap();
+        d.reset(&mut |_, _| {});
+        d.negotiate_features(DRIVER).unwrap();
+        d.setup_queues(&specs()).unwrap();
+        d.driver_ok().unwrap();
+        drop(d);
+    }
+}

@@ -379,6 +379,11 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
     }
 
     fn negotiate_features(&mut self, driver: Features) -> Result<Features> {
+        // Rings a live device may still use are freed only after it is reset (§2.4;
+        // `negotiate` would reset it, but after the rings were gone).
+        if self.queues.iter().any(Option::is_some) {
+            let _ = self.reset_device();
+        }
         self.release_queues(&mut |_, _| {});
         self.negotiate(driver)
     }
