@@ -243,6 +243,7 @@ impl SimBuilder {
             dev_config: self.device_config,
             config_generation: 0,
             generation_churn: 0,
+            reset_refused: false,
             status: 0,
             device_feature_select: 0,
             driver_feature_select: 0,
@@ -511,6 +512,8 @@ struct State {
     dev_config: Vec<u8>,
     config_generation: u8,
     generation_churn: u32,
+    /// Writing status 0 changes nothing (a device that will not reset).
+    reset_refused: bool,
     status: u8,
     device_feature_select: u32,
     driver_feature_select: u32,
@@ -741,7 +744,9 @@ impl State {
 
     fn write_status(&mut self, value: u8, modern: bool) {
         if value == 0 {
-            self.device_reset();
+            if !self.reset_refused {
+                self.device_reset();
+            }
             return;
         }
         let mut kept = value;
@@ -1597,6 +1602,11 @@ impl Sim {
         if let Some(q) = self.st().queues.get_mut(usize::from(queue)) {
             q.max_size = max_size;
         }
+    }
+    /// While `refused`, writing 0 to the device status resets nothing: status keeps reading
+    /// what it was (a broken device the driver cannot stop).
+    pub fn refuse_reset(&self, refused: bool) {
+        self.st().reset_refused = refused;
     }
     /// Sets DEVICE_NEEDS_RESET and sends a config interrupt (virtio 1.2 §2.1.2).
     pub fn trigger_needs_reset(&self) {

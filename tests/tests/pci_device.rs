@@ -332,3 +332,35 @@ fn rings_are_freed_only_after_a_reset() {
         drop(d);
     }
 }
+
+/// A device that will not reset keeps its rings: `reset` leaves them allocated (the device
+/// may still write to them) instead of freeing memory that would be handed to others.
+#[test]
+fn a_device_that_will_not_reset_keeps_its_rings() {
+    for (mode, pref) in MODES {
+        let s = sim(mode, None);
+        let mem = s.memory();
+        let before = mem.free_bytes();
+        let t = probe(s.config_space(), s.bars(), pref).unwrap();
+        let dma = FreedOnlyWhenReset {
+            mem: mem.clone(),
+            sim: s.clone(),
+        };
+        let mut d = VirtioDevice::new(t, dma, s.irq());
+        d.negotiate_features(DRIVER).unwrap();
+        d.setup_queues(&specs()).unwrap();
+        d.driver_ok().unwrap();
+        let with_rings = mem.free_bytes();
+        assert!(with_rings < before);
+        s.refuse_reset(true);
+        d.reset(&mut |_, _| {});
+        assert_eq!(
+            mem.free_bytes(),
+            with_rings,
+            "{mode:?}: the rings stay allocated"
+        );
+        assert_eq!(d.negotiate_features(DRIVER), Err(Error::ResetTimeout));
+        drop(d);
+        assert_eq!(mem.free_bytes(), with_rings);
+    }
+}

@@ -165,7 +165,13 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
         e
     }
 
-    fn release_queues(&mut self, reclaim: &mut dyn FnMut(u16, usize)) {
+    /// Takes every queue down: tokens in flight go to `reclaim`, statistics are kept, the
+    /// rings are freed, interrupts are disabled. `device_quiet`: the device cannot use the
+    /// rings any more (it was reset, or never reached DRIVER_OK, §2.1.2); otherwise the
+    /// rings are left allocated, for ever: a device that would not reset may still write
+    /// to them, and freed memory would be handed to someone else.
+    fn release_queues(&mut self, reclaim: &mut dyn FnMut(u16, usize), device_quiet: bool) {
+        let mut leaked = 0usize;
         for slot in self.queues.drain(..).flatten() {
             let mut q = slot.queue;
             let index = q.index();
@@ -178,6 +184,10 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
                 *retired += q.stats();
             }
             let (ring, indirect) = q.into_regions();
+            if !device_quiet {
+                leaked += ring.len + indirect.map_or(0, |p| p.len);
+                continue;
+            }
             // SAFETY: the device was reset (or never started) before we get here, so it no
             // longer accesses the rings; the regions came from `self.dma`.
             unsafe {
@@ -186,6 +196,12 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
                     self.dma.free_coherent(p);
                 }
             }
+        }
+        if leaked > 0 {
+            log::error!(
+                "virtio {}: the device did not reset; its rings ({leaked} bytes) stay allocated",
+                self.transport.device_type().name()
+            );
         }
         self.irq.disable();
         self.transport.set_msix_enabled(false);
@@ -381,10 +397,8 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
     fn negotiate_features(&mut self, driver: Features) -> Result<Features> {
         // Rings a live device may still use are freed only after it is reset (§2.4;
         // `negotiate` would reset it, but after the rings were gone).
-        if self.queues.iter().any(Option::is_some) {
-            let _ = self.reset_device();
-        }
-        self.release_queues(&mut |_, _| {});
+        let quiet = !self.queues.iter().any(Option::is_some) || self.reset_device().is_ok();
+        self.release_queues(&mut |_, _| {}, quiet);
         self.negotiate(driver)
     }
 
@@ -515,11 +529,13 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
                         self.transport.device_type().name()
                     );
                     last_err = e;
-                    self.release_queues(&mut |_, _| {});
+                    // Before DRIVER_OK the device uses no ring (§2.1.2).
+                    self.release_queues(&mut |_, _| {}, true);
                     self.negotiate(self.driver_features)?;
                 }
                 Err(e) => {
-                    self.release_queues(&mut |_, _| {});
+                    // Before DRIVER_OK the device uses no ring (§2.1.2).
+                    self.release_queues(&mut |_, _| {}, true);
                     return Err(self.fail(e));
                 }
             }
@@ -540,9 +556,9 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
     }
 
     fn reset(&mut self, reclaim: &mut dyn FnMut(u16, usize)) {
-        // A device that will not reset is already as stopped as we can make it.
-        let _ = self.reset_device();
-        self.release_queues(reclaim);
+        // A device that will not reset is as stopped as we can make it; its rings stay.
+        let quiet = self.reset_device().is_ok();
+        self.release_queues(reclaim, quiet);
         self.state = State::Reset;
         self.negotiated = Features::empty();
     }
