@@ -364,3 +364,19 @@ fn a_device_that_will_not_reset_keeps_its_rings() {
         assert_eq!(mem.free_bytes(), with_rings);
     }
 }
+
+/// Two specs for one queue index are refused before anything is allocated (the second
+/// would replace the first's rings, which would never be freed).
+#[test]
+fn a_queue_named_twice_is_refused() {
+    let s = sim(SimMode::Modern, None);
+    let mem = s.memory();
+    let mut d = device(&s, Preference::Auto);
+    d.negotiate_features(DRIVER).unwrap();
+    let before = mem.free_bytes();
+    let specs = [QueueSpec::new(0), QueueSpec::new(1), QueueSpec::new(0)];
+    assert_eq!(d.setup_queues(&specs), Err(Error::InvalidState));
+    assert_eq!(mem.free_bytes(), before, "nothing allocated");
+    drop(d);
+    assert_eq!(mem.free_bytes(), before);
+}

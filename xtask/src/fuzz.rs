@@ -204,11 +204,11 @@ mod tests {
         let t = targets();
         for name in [
             "ring", "packed", "pci", "blk", "net", "net_ctrl", "console", "balloon", "rng", "fs",
-            "kext",
+            "kext", "family",
         ] {
             assert!(t.contains(&name), "{name} missing from {t:?}");
         }
-        assert_eq!(t.len(), 11, "{t:?}");
+        assert_eq!(t.len(), 12, "{t:?}");
     }
 
     #[test]

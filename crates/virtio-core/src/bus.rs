@@ -189,7 +189,8 @@ pub trait Bus {
     /// Maximum size of queue `index` (0: absent).
     fn max_queue_size(&mut self, index: u16) -> u16;
     /// Allocates and programs the queues and their interrupt vectors (MSI-X per queue →
-    /// MSI-X shared → INTx → polling). Call after `negotiate_features`, before `driver_ok`.
+    /// MSI-X shared → INTx → polling). Call after `negotiate_features`, before `driver_ok`;
+    /// each queue index at most once (`InvalidState` otherwise).
     fn setup_queues(&mut self, specs: &[QueueSpec]) -> Result<()>;
     /// Sets DRIVER_OK (§3.1.1 step 8): the device is live.
     fn driver_ok(&mut self) -> Result<()>;

@@ -476,6 +476,15 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
         if self.state != State::FeaturesOk {
             return Err(Error::InvalidState);
         }
+        // One spec per queue: a second one for the same index would replace the first's
+        // rings, which would then never be freed.
+        let repeated = specs
+            .iter()
+            .enumerate()
+            .any(|(i, s)| specs.iter().take(i).any(|t| t.index == s.index));
+        if repeated {
+            return Err(Error::InvalidState);
+        }
         let wanting = specs.iter().filter(|s| s.interrupts).count() as u16;
         // Fallback order (Linux vp_find_vqs, FreeBSD vtpci_alloc_interrupts): one MSI-X
         // vector per queue + config → two vectors (config, all queues) → INTx → polling.

@@ -6,6 +6,7 @@
 pub mod balloon;
 pub mod blk;
 pub mod console;
+pub mod family;
 pub mod fs;
 pub mod input;
 pub mod kext;
@@ -156,5 +157,9 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "kext",
         run: kext::run,
+    },
+    Target {
+        name: "family",
+        run: family::run,
     },
 ];

@@ -286,7 +286,9 @@ pub unsafe extern "C" fn vfam_deliver_interrupt(dev: *mut VfamDevice, vector: i3
 }
 
 /// Negotiates features up to FEATURES_OK (`Bus::negotiate_features`); `*negotiated`
-/// receives the accepted set.
+/// receives the accepted set. On a device with queues it starts over: the device is reset
+/// and every queue taken down without handing back what was in flight (call
+/// [`vfam_reset`] first to reclaim it).
 ///
 /// # Safety
 /// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
