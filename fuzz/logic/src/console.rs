@@ -19,6 +19,7 @@
 use std::sync::{Arc, Mutex};
 
 use virtio_console::{ConsoleEvent, ConsoleOptions, VirtioConsole};
+use virtio_pci::Preference;
 use virtio_tests::console_model::{
     self as cm, CONTROL_RX, ConsoleModel, F_EMERG_WRITE, F_MULTIPORT, F_SIZE,
 };
@@ -139,8 +140,18 @@ fn tx_capacity(sim: &Sim, port: u32, opts: &ConsoleOptions) -> usize {
     usize::from(opts.tx_buffers.min(ring).max(1)) * opts.tx_buffer_size as usize
 }
 
-pub fn run(data: &[u8]) {
-    let mut input = Input::new(data);
+/// The device as the fuzzer builds it (shared with the kext target, which uses the same
+/// bytes and ignores `opts`): the function, its model with ports, and the driver options.
+pub(crate) struct ConsoleSetup {
+    pub(crate) sim: Sim,
+    pub(crate) preference: Preference,
+    pub(crate) model: ConsoleModel,
+    pub(crate) opts: ConsoleOptions,
+    /// Ports the function has queues for.
+    pub(crate) queue_ports: u32,
+}
+
+pub(crate) fn setup(input: &mut Input) -> ConsoleSetup {
     let (mode, preference) = MODES[usize::from(input.u8() % 4)];
     let choice = input.u8();
     let mut features = 0;
@@ -183,8 +194,6 @@ pub fn run(data: &[u8]) {
         .device_config(&cm::config_bytes(cols, rows, max_nr_ports))
         .memory(crate::mem::guest_memory(1 << 20))
         .build();
-    let mem = sim.memory();
-    let free_at_start = mem.free_bytes();
     let mut model = ConsoleModel::new(&sim);
     for id in 0..queue_ports + 1 {
         let name = match input.u8() % 3 {
@@ -196,6 +205,26 @@ pub fn run(data: &[u8]) {
         model = model.port(id, name, flags & 1 != 0, flags & 2 != 0);
     }
     model.auto = input.bool();
+    ConsoleSetup {
+        sim,
+        preference,
+        model,
+        opts,
+        queue_ports,
+    }
+}
+
+pub fn run(data: &[u8]) {
+    let mut input = Input::new(data);
+    let ConsoleSetup {
+        sim,
+        preference,
+        mut model,
+        opts,
+        queue_ports,
+    } = setup(&mut input);
+    let mem = sim.memory();
+    let free_at_start = mem.free_bytes();
     let Some(bus) = crate::sim_device(&sim, preference) else {
         return;
     };

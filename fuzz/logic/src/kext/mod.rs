@@ -12,9 +12,12 @@
 //! through its callback exactly once, never from inside the call that submitted it; the
 //! statistics agree with the shim's own count; a held request is never left without a
 //! restart), their argument checks, the family's interrupt routing to the device kext, and
-//! that every DMA region is back once the family stops.
+//! that every DMA region is back once the family stops. Input byte 0 picks the kext:
+//! VirtioBlock, VirtioNet, VirtioEntropy, VirtioConsole, VirtioBalloon (`% 5`).
 
+mod balloon;
 mod blk;
+mod console;
 mod net;
 mod rng;
 
@@ -28,10 +31,12 @@ use crate::input::Input;
 
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
-    match input.u8() % 3 {
+    match input.u8() % 5 {
         0 => blk::run(&mut input),
         1 => net::run(&mut input),
-        _ => rng::run(&mut input),
+        2 => rng::run(&mut input),
+        3 => console::run(&mut input),
+        _ => balloon::run(&mut input),
     }
 }
 

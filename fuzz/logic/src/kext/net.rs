@@ -248,6 +248,9 @@ pub(super) fn run(input: &mut Input) {
     }
     shim.borrow_mut().dev = dev;
     let mut model = NetModel::new(&sim);
+    // Transmit chains the device holds (slow), with the reset count when it took them: an
+    // honest device completes them later, unless a reset took them back.
+    let mut held: Vec<(virtio_tests::sim::Chain, u64)> = Vec::new();
 
     for _ in 0..MAX_STEPS {
         if input.is_empty() {
@@ -271,7 +274,8 @@ pub(super) fn run(input: &mut Input) {
                 if input.bool() {
                     model.take_tx();
                 } else {
-                    let _held = model.hold_tx();
+                    let resets = sim.resets();
+                    held.extend(model.hold_tx().into_iter().map(|(c, _)| (c, resets)));
                 }
             }
             5 => {
@@ -308,9 +312,18 @@ pub(super) fn run(input: &mut Input) {
             13 => sim.trigger_needs_reset(),
             14 => shim_control(input, &shim, dev),
             _ => {
-                // An honest device finishes everything it was given and interrupts; the
-                // shim's deferred polls run (its timer fires).
+                // An honest device finishes everything it was given (what it held too) and
+                // interrupts; the shim's deferred polls run (its timer fires).
                 model.take_tx();
+                let resets = sim.resets();
+                let still_held: Vec<_> = std::mem::take(&mut held)
+                    .into_iter()
+                    .filter(|&(_, r)| r == resets)
+                    .map(|(c, _)| c)
+                    .collect();
+                if !still_held.is_empty() {
+                    model.complete_tx(&still_held);
+                }
                 family.interrupts();
                 for _ in 0..64 {
                     if !shim.borrow().poll_deferred {
