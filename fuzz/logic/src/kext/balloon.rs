@@ -36,7 +36,9 @@ const MAX_STEPS: usize = 192;
 /// Where the shim's "physical" pages live (the device never touches them).
 const BASE: u64 = 0x1_0000_0000;
 /// Pages the shim wires in one input at most: page numbers stay unique (the scatter below
-/// is a bijection modulo 2^20), far above what 192 steps of a bounded balloon need.
+/// is a bijection modulo 2^20, and contiguous chunks are numbered from 2^20 up, so
+/// switching between the two never hands out a page twice), far above what 192 steps of a
+/// bounded balloon need.
 const PAGE_NUMBERS: u64 = 1 << 20;
 
 const MEMSIZE: &str = "hw.memsize";
@@ -131,7 +133,7 @@ unsafe extern "C" fn alloc_chunk(
     let addrs: Vec<u64> = (0..u64::from(count))
         .map(|k| {
             let n = if s.contiguous {
-                s.next + k
+                PAGE_NUMBERS + s.next + k
             } else {
                 ((s.next + k).wrapping_mul(0x9E37_79B1)) & (PAGE_NUMBERS - 1)
             };
@@ -441,6 +443,12 @@ pub(super) fn run(input: &mut Input) {
                     )),
                     _ => None,
                 };
+                // Every balloon queue's buffers are the driver's to read: an honest device
+                // writes nothing into them, so any other used length is a lie (the driver
+                // may then refuse the completion, and send the same pages again).
+                if model.len_override.is_some_and(|(_, len)| len != 0) {
+                    lie(&shim, &sim);
+                }
                 serve(&mut model, &sim, &shim);
             }
             3 | 4 => super::deliver_interrupts(input, &family),
