@@ -26,8 +26,9 @@ use virtio_balloon::{
     BalloonDriver, BalloonEvent, BalloonOptions, FreeRange, MemStats, Page, PagePool, RangeReturn,
     RangeUse,
 };
+use virtio_pci::Preference;
 use virtio_tests::balloon_model::{BalloonModel, bits};
-use virtio_tests::sim::{MODES, Sim, SimInterrupt};
+use virtio_tests::sim::{MODES, Sim, SimInterrupt, SimMode};
 
 use crate::FloodCount;
 use crate::input::Input;
@@ -151,12 +152,23 @@ fn check_event(ev: &BalloonEvent) {
     );
 }
 
-pub fn run(data: &[u8]) {
-    let mut input = Input::new(data);
+/// The balloon device a balloon input describes (shared with the `kext` target, which
+/// builds its simulated function from it as this target does).
+pub(crate) struct BalloonDevice {
+    pub(crate) mode: SimMode,
+    pub(crate) preference: Preference,
+    /// Ring features offered besides the balloon's own.
+    pub(crate) generic: u64,
+    pub(crate) model: BalloonModel,
+    /// Each queue's size.
+    pub(crate) sizes: Vec<u16>,
+}
+
+/// Decodes the device: transport, balloon features, ring features, queue sizes.
+pub(crate) fn device(input: &mut Input) -> BalloonDevice {
     let (mode, preference) = MODES[usize::from(input.u8() % 4)];
     let choice = input.u8();
-    let mut features = 0;
-    for (i, bit) in [
+    let features = [
         bits::MUST_TELL_HOST,
         bits::STATS_VQ,
         bits::DEFLATE_ON_OOM,
@@ -166,11 +178,8 @@ pub fn run(data: &[u8]) {
     ]
     .into_iter()
     .enumerate()
-    {
-        if choice & (1 << i) != 0 {
-            features |= bit;
-        }
-    }
+    .filter(|(i, _)| choice & (1 << i) != 0)
+    .fold(0, |acc, (_, bit)| acc | bit);
     let generic_choice = input.u8();
     let generic = [bits::INDIRECT_DESC, bits::EVENT_IDX]
         .into_iter()
@@ -178,11 +187,29 @@ pub fn run(data: &[u8]) {
         .filter(|(i, _)| generic_choice & (1 << i) != 0)
         .fold(0, |acc, (_, bit)| acc | bit)
         | crate::packed_if(generic_choice & 4 != 0);
-    let mut model = BalloonModel::new(features);
-    let layout = model.layout();
-    let sizes: Vec<u16> = (0..layout.count)
+    let model = BalloonModel::new(features);
+    let sizes = (0..model.layout().count)
         .map(|_| 1u16 << (input.u8() % 7))
         .collect();
+    BalloonDevice {
+        mode,
+        preference,
+        generic,
+        model,
+        sizes,
+    }
+}
+
+pub fn run(data: &[u8]) {
+    let mut input = Input::new(data);
+    let BalloonDevice {
+        mode,
+        preference,
+        generic,
+        mut model,
+        sizes,
+    } = device(&mut input);
+    let layout = model.layout();
     let opts = BalloonOptions {
         max_pages: usize::from(input.u16() % 600),
         deflate_on_oom: input.bool(),

@@ -77,6 +77,20 @@ pub(crate) fn setup(input: &mut Input) -> BlkSetup {
     }
 }
 
+/// Honest service, with a status byte and used length the fuzzer may override.
+pub(crate) fn serve(model: &mut BlkModel, sim: &Sim, input: &mut Input) {
+    model.status_override = input.bool().then(|| input.u8());
+    model.len_override = input.bool().then(|| input.u32() % 8192);
+    model.serve(sim, 0);
+}
+
+/// A capacity change, possibly shrinking under requests in flight.
+pub(crate) fn resize(model: &mut BlkModel, sim: &Sim, input: &mut Input) {
+    model.resize(u64::from(input.u16() % 512));
+    sim.set_device_config(0, &model.config_bytes());
+    sim.raise_config_interrupt();
+}
+
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let BlkSetup {
@@ -151,12 +165,7 @@ pub fn run(data: &[u8]) {
             4 => {
                 let _ = driver.kick(0);
             }
-            5 | 6 => {
-                // Honest service, with a status byte and used length the fuzzer may override.
-                model.status_override = input.bool().then(|| input.u8());
-                model.len_override = input.bool().then(|| input.u32() % 8192);
-                model.serve(&sim, 0);
-            }
+            5 | 6 => serve(&mut model, &sim, &mut input),
             7 => {
                 // Take the chains and complete them with forged ids and lengths, or
                 // complete a head seen before a second time.
@@ -172,12 +181,7 @@ pub fn run(data: &[u8]) {
                 sim.complete_raw(0, id, input.u32() % 8192);
                 sim.signal_used(0);
             }
-            8 => {
-                // Capacity changes, possibly shrinking under requests in flight.
-                model.resize(u64::from(input.u16() % 512));
-                sim.set_device_config(0, &model.config_bytes());
-                sim.raise_config_interrupt();
-            }
+            8 => resize(&mut model, &sim, &mut input),
             9 => {
                 // Arbitrary config bytes (writeback, limits, geometry ...).
                 let offset = usize::from(input.u8() % 64);

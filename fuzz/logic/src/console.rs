@@ -214,6 +214,18 @@ pub(crate) fn setup(input: &mut Input) -> ConsoleSetup {
     }
 }
 
+/// The console's size, or any configuration bytes, changed.
+pub(crate) fn change_config(model: &mut ConsoleModel, sim: &Sim, input: &mut Input) {
+    if input.bool() {
+        model.set_size(input.u16(), input.u16());
+    } else {
+        let offset = usize::from(input.u8() % 12);
+        let len = usize::from(input.u8() % 8);
+        sim.set_device_config(offset, input.take(len));
+        sim.raise_config_interrupt();
+    }
+}
+
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let ConsoleSetup {
@@ -352,16 +364,7 @@ pub fn run(data: &[u8]) {
                     sim.signal_used(q);
                 }
             }
-            14 => {
-                if input.bool() {
-                    model.set_size(input.u16(), input.u16());
-                } else {
-                    let offset = usize::from(input.u8() % 12);
-                    let len = usize::from(input.u8() % 8);
-                    sim.set_device_config(offset, input.take(len));
-                    sim.raise_config_interrupt();
-                }
-            }
+            14 => change_config(&mut model, &sim, &mut input),
             15 | 16 => {
                 for irq in sim.take_interrupts() {
                     let vector = match irq {

@@ -130,6 +130,26 @@ pub(crate) fn setup(input: &mut Input) -> NetSetup {
     }
 }
 
+/// A received frame with any header (the model fills receive buffers with it as the
+/// device would).
+pub(crate) fn inject_frame(model: &mut NetModel, input: &mut Input) {
+    let header = pad::<12>(input.take(12));
+    let len = usize::from(input.u16() % 2048);
+    let payload = input.take(len).to_vec();
+    let _ = model.inject_rx(header, &payload);
+}
+
+/// Raw receive buffers: any bytes, any used length.
+pub(crate) fn inject_raw(model: &mut NetModel, input: &mut Input) {
+    let raw: Vec<(Vec<u8>, u32)> = (0..1 + input.u8() % 4)
+        .map(|_| {
+            let len = usize::from(input.u8());
+            (input.take(len).to_vec(), input.u32() % 70_000)
+        })
+        .collect();
+    let _ = model.inject_rx_raw(&raw);
+}
+
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let NetSetup {
@@ -203,22 +223,8 @@ pub fn run(data: &[u8]) {
                 sim.complete_raw(queue, input.u32() % (u32::from(size) * 2 + 1), input.u32());
                 sim.signal_used(queue);
             }
-            6 | 7 => {
-                let mut header = [0u8; 12];
-                header.copy_from_slice(&pad::<12>(input.take(12)));
-                let len = usize::from(input.u16() % 2048);
-                let payload = input.take(len).to_vec();
-                let _ = model.inject_rx(header, &payload);
-            }
-            8 => {
-                let raw: Vec<(Vec<u8>, u32)> = (0..1 + input.u8() % 4)
-                    .map(|_| {
-                        let len = usize::from(input.u8());
-                        (input.take(len).to_vec(), input.u32() % 70_000)
-                    })
-                    .collect();
-                let _ = model.inject_rx_raw(&raw);
-            }
+            6 | 7 => inject_frame(&mut model, &mut input),
+            8 => inject_raw(&mut model, &mut input),
             9 | 10 => {
                 for irq in sim.take_interrupts() {
                     let vector = match irq {

@@ -17,9 +17,10 @@
 //! (MUST_TELL_HOST) or in a report the device holds, and the device's balloon is made of
 //! frames of live chunks and never above the bound; `vbal_info`'s wired pages are the
 //! shim's own count of pages in live chunks, the pages held within the bound plus two
-//! request batches (pages in flight), `actual` within the bound; the statuses are the documented
-//! ones; no callback after `vbal_stop` (or `vbal_destroy`) returned; every DMA byte is
-//! back after the family stops.
+//! request batches (pages in flight), `actual` within the bound; the driver keeps the
+//! balloon protocol (`BalloonModel::violations`) over every step of a device that has not
+//! lied since its last reset; the statuses are the documented ones; no callback after
+//! `vbal_stop` (or `vbal_destroy`) returned; every DMA byte is back after the family stops.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,7 +29,7 @@ use std::ffi::{CStr, c_char, c_void};
 use virtio_balloon_kext::*;
 use virtio_tests::balloon_model::{BalloonModel, bits};
 use virtio_tests::kext_shim::Family;
-use virtio_tests::sim::{MODES, Sim};
+use virtio_tests::sim::Sim;
 
 use crate::input::Input;
 
@@ -77,6 +78,8 @@ struct DeviceView {
     /// The device has lied (forged completions) since this many resets: its balloon is
     /// not what the driver believes until the next reset.
     lie_at: Option<u64>,
+    /// Lies told so far: a step during which this moved was not an honest device's.
+    lies: u64,
     ballooned: BTreeSet<u32>,
     held_deflates: BTreeSet<u32>,
     held_reports: BTreeSet<u32>,
@@ -97,8 +100,13 @@ impl Shim {
 
     /// The view is the device's own and the device has been honest since its last reset.
     fn trusted(&self) -> bool {
+        self.view.resets == self.sim.resets() && self.honest_since_reset()
+    }
+
+    /// The device has not lied since its last reset (which both sides start afresh from).
+    fn honest_since_reset(&self) -> bool {
         let resets = self.sim.resets();
-        self.view.resets == resets && self.view.lie_at.is_none_or(|at| resets > at)
+        self.view.lie_at.is_none_or(|at| resets > at)
     }
 
     fn must_tell(&self) -> bool {
@@ -304,36 +312,27 @@ fn device_current(shim: &RefCell<Shim>, sim: &Sim, queue: Option<u16>) -> bool {
 /// A lie the device tells (a forged or repeated used entry, a queue completed behind the
 /// model's back): the view is not the driver's until the next reset.
 fn lie(shim: &RefCell<Shim>, sim: &Sim) {
-    shim.borrow_mut().view.lie_at = Some(sim.resets());
+    let view = &mut shim.borrow_mut().view;
+    view.lie_at = Some(sim.resets());
+    view.lies += 1;
+}
+
+/// Every balloon queue's buffers are the driver's to read: an honest device writes nothing
+/// into them, so a used length the model is told to give that is not 0 is a lie (the
+/// driver may then refuse the completion, and send the same pages again).
+fn lying_len(model: &BalloonModel) -> bool {
+    model.len_override.is_some_and(|(_, len)| len != 0)
 }
 
 pub(super) fn run(input: &mut Input) {
-    let (mode, preference) = MODES[usize::from(input.u8() % 4)];
-    let choice = input.u8();
-    let features = [
-        bits::MUST_TELL_HOST,
-        bits::STATS_VQ,
-        bits::DEFLATE_ON_OOM,
-        bits::FREE_PAGE_HINT,
-        bits::PAGE_POISON,
-        bits::PAGE_REPORTING,
-    ]
-    .into_iter()
-    .enumerate()
-    .filter(|(i, _)| choice & (1 << i) != 0)
-    .fold(0, |acc, (_, bit)| acc | bit);
-    let generic_choice = input.u8();
-    let generic = [bits::INDIRECT_DESC, bits::EVENT_IDX]
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| generic_choice & (1 << i) != 0)
-        .fold(0, |acc, (_, bit)| acc | bit)
-        | crate::packed_if(generic_choice & 4 != 0);
-    let mut model = BalloonModel::new(features);
+    let crate::balloon::BalloonDevice {
+        mode,
+        preference,
+        generic,
+        mut model,
+        sizes,
+    } = crate::balloon::device(input);
     let layout = model.layout();
-    let sizes: Vec<u16> = (0..layout.count)
-        .map(|_| 1u16 << (input.u8() % 7))
-        .collect();
     let sim = model
         .sim_builder(mode, generic, input.bool())
         .queues(&sizes)
@@ -425,11 +424,21 @@ pub(super) fn run(input: &mut Input) {
     let mut stopped = false;
     let mut now_ms = u64::from(input.u16());
     let resets_at_create = sim.resets();
+    let mut violations_seen = 0;
 
     for _ in 0..MAX_STEPS {
         if input.is_empty() {
             break;
         }
+        // A lying used length stays set across resets: each step that may serve with it
+        // lies again.
+        if lying_len(&model) {
+            lie(&shim, &sim);
+        }
+        let (lies_before, honest_before) = {
+            let s = shim.borrow();
+            (s.view.lies, s.honest_since_reset())
+        };
         match input.u8() % 20 {
             0..=2 => {
                 model.len_override = match input.u8() % 6 {
@@ -443,10 +452,7 @@ pub(super) fn run(input: &mut Input) {
                     )),
                     _ => None,
                 };
-                // Every balloon queue's buffers are the driver's to read: an honest device
-                // writes nothing into them, so any other used length is a lie (the driver
-                // may then refuse the completion, and send the same pages again).
-                if model.len_override.is_some_and(|(_, len)| len != 0) {
+                if lying_len(&model) {
                     lie(&shim, &sim);
                 }
                 serve(&mut model, &sim, &shim);
@@ -678,12 +684,16 @@ pub(super) fn run(input: &mut Input) {
             }
         }
         check_books(&shim, dev, bound, fpp, batch);
-        if shim.borrow().view.lie_at.is_none() {
+        // The protocol is checked over every step an honest device served from start to
+        // end: one that has not lied since its last reset (a lie's consequences end there,
+        // where both sides start afresh) and did not lie during the step.
+        let new_violations = &model.violations[violations_seen..];
+        violations_seen = model.violations.len();
+        if honest_before && shim.borrow().view.lies == lies_before {
             // The stats tag set is fixed per initialisation: after a reset the kext reads
             // the sysctls again, and a figure may come or go.
             let reset = sim.resets() > resets_at_create;
-            let broken: Vec<&String> = model
-                .violations
+            let broken: Vec<&String> = new_violations
                 .iter()
                 .filter(|v| !(reset && v.starts_with("stats tag set changed")))
                 .collect();

@@ -293,11 +293,7 @@ pub(super) fn run(input: &mut Input) {
                 let token = shim.borrow_mut().token();
                 submit(&shim, token, request, false);
             }
-            5 | 6 => {
-                model.status_override = input.bool().then(|| input.u8());
-                model.len_override = input.bool().then(|| input.u32() % 8192);
-                model.serve(&sim, 0);
-            }
+            5 | 6 => crate::blk::serve(&mut model, &sim, input),
             7 if sim.queue_info(0).is_some_and(|q| q.ready) => {
                 // Forged or repeated used entries.
                 let chains = sim.pop_chains(0);
@@ -308,11 +304,7 @@ pub(super) fn run(input: &mut Input) {
                 sim.complete_raw(0, id, input.u32() % 8192);
                 sim.signal_used(0);
             }
-            8 => {
-                model.resize(u64::from(input.u16() % 512));
-                sim.set_device_config(0, &model.config_bytes());
-                sim.raise_config_interrupt();
-            }
+            8 => crate::blk::resize(&mut model, &sim, input),
             9 => {
                 let offset = usize::from(input.u8() % 64);
                 let len = usize::from(input.u8() % 16);

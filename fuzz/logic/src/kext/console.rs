@@ -379,16 +379,7 @@ pub(super) fn run(input: &mut Input) {
                     sim.signal_used(q);
                 }
             }
-            9 => {
-                if input.bool() {
-                    model.set_size(input.u16(), input.u16());
-                } else {
-                    let offset = usize::from(input.u8() % 12);
-                    let len = usize::from(input.u8() % 8);
-                    sim.set_device_config(offset, input.take(len));
-                    sim.raise_config_interrupt();
-                }
-            }
+            9 => crate::console::change_config(&mut model, &sim, input),
             10 => {
                 if input.u8().is_multiple_of(4) {
                     sim.trigger_needs_reset();

@@ -286,21 +286,8 @@ pub(super) fn run(input: &mut Input) {
                     sim.signal_used(queue);
                 }
             }
-            6 | 7 => {
-                let header = crate::net::pad::<12>(input.take(12));
-                let len = usize::from(input.u16() % 2048);
-                let payload = input.take(len).to_vec();
-                let _ = model.inject_rx(header, &payload);
-            }
-            8 => {
-                let raw: Vec<(Vec<u8>, u32)> = (0..1 + input.u8() % 4)
-                    .map(|_| {
-                        let len = usize::from(input.u8());
-                        (input.take(len).to_vec(), input.u32() % 70_000)
-                    })
-                    .collect();
-                let _ = model.inject_rx_raw(&raw);
-            }
+            6 | 7 => crate::net::inject_frame(&mut model, input),
+            8 => crate::net::inject_raw(&mut model, input),
             9 | 10 => super::deliver_interrupts(input, &family),
             11 => {
                 let offset = usize::from(input.u8() % 20);

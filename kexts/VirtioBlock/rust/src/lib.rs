@@ -39,7 +39,7 @@ use alloc::vec::Vec;
 use core::ffi::c_void;
 
 use virtio_blk::{BlkDriver, BlkError, BlkOptions, Completion, SectorRange};
-use virtio_core::{Bus, Error, Features};
+use virtio_core::{Bus, Error, Features, QueueMask};
 use virtio_kext_abi::{VkSegment, as_segments, vector_from_abi};
 use virtio_kext_client::{FamilyBus, VfamDevice};
 
@@ -638,28 +638,22 @@ pub unsafe extern "C" fn vblk_interrupt(d: *mut VblkDevice, vector: i32) {
     if d.stopped || d.failed {
         return;
     }
-    let mut capacity = None;
-    let mut broken = false;
-    match d.drv.handle_interrupt(vector_from_abi(vector)) {
-        Ok(cause) => {
-            capacity = cause.capacity_changed;
-            broken = cause.needs_reset;
-            if !broken {
-                for q in cause.queues.iter() {
-                    let VblkDevice { drv, book, .. } = &mut *d;
-                    if drv.poll_completions(q, |t, r| book.record(t, r)).is_err() {
-                        broken = true;
-                    }
-                }
-            }
-        }
+    let (capacity, mut broken, queues) = match d.drv.handle_interrupt(vector_from_abi(vector)) {
+        Ok(cause) => (cause.capacity_changed, cause.needs_reset, cause.queues),
         Err(e) => {
             // The configuration could not be re-read; the interrupt (read, and so
             // acknowledged, from the ISR on INTx) may also have announced completions:
             // poll the queue anyway, or they would wait for an unrelated interrupt.
             log::warn!("VirtioBlock: interrupt: {e}");
-            let VblkDevice { drv, book, .. } = &mut *d;
-            if drv.poll_completions(0, |t, r| book.record(t, r)).is_err() {
+            let mut queue = QueueMask::default();
+            queue.insert(0);
+            (None, false, queue)
+        }
+    };
+    if !broken {
+        let VblkDevice { drv, book, .. } = &mut *d;
+        for q in queues.iter() {
+            if drv.poll_completions(q, |t, r| book.record(t, r)).is_err() {
                 broken = true;
             }
         }

@@ -743,7 +743,12 @@ pub unsafe extern "C" fn vnet_poll(d: *mut VnetDevice, events: *mut VnetEvents) 
     let mut ev = VnetEvents::default();
     let missed = dev(d).map(|dv| &dv.missed_interrupts);
     let r = with(d, |i| {
-        let missed = missed.map_or(0, |m| m.swap(0, Ordering::SeqCst));
+        // A plain load first: the locked swap only when an interrupt was missed (rarely;
+        // this runs on every poll). SeqCst both: a load that reads 0 orders the same as a
+        // swap that returned 0, and the interrupt that sets a bit later also sets `rx_more`.
+        let missed = missed
+            .filter(|m| m.load(Ordering::SeqCst) != 0)
+            .map_or(0, |m| m.swap(0, Ordering::SeqCst));
         let mut poll = true;
         for bit in (0..32).filter(|b| missed & (1 << b) != 0) {
             poll &= i.acknowledge(missed_vector(bit), &mut ev);
