@@ -7,6 +7,8 @@
 
 use std::path::Path;
 
+use crate::install::{Action, OnFail, Step, run_step};
+
 /// The script, in the tree and where it is installed.
 pub const SCRIPT_SRC: &str = "kexts/VirtioConsole/launchd/console-log.sh";
 pub const SCRIPT_DEST: &str = "/Library/Application Support/VirtioDarwin/console-log.sh";
@@ -16,7 +18,9 @@ pub const LOG_LABEL: &str = "org.virtiodarwin.console-log";
 pub const GETTY_LABEL: &str = "org.virtiodarwin.console-getty";
 pub const DAEMONS: &str = "/Library/LaunchDaemons";
 /// Where the daemon's own complaints go (its output is the console port).
-const LOG_ERR: &str = "/var/log/virtio-console-log.log";
+pub const LOG_ERR: &str = "/var/log/virtio-console-log.log";
+/// The script's state (the checksum of the last panic report sent, the boot it last ran in).
+pub const STATE_DIR: &str = "/var/db/virtiodarwin";
 
 fn xml(value: plist::Value) -> String {
     let mut out = Vec::new();
@@ -45,12 +49,16 @@ fn daemon(label: &str, program: &[&str], extra: &[(&str, plist::Value)]) -> Stri
 }
 
 /// `org.virtiodarwin.console-log.plist`: the script from boot, restarted (at most every
-/// 10 s) when the stream ends.
+/// 10 s) when it fails (the stream ended); not when it exits 0, which it does when the VM
+/// has no console port (`KeepAlive` = `SuccessfulExit` false).
 pub fn log_daemon_plist() -> String {
+    let mut keep_alive = plist::Dictionary::new();
+    keep_alive.insert("SuccessfulExit".into(), false.into());
     daemon(
         LOG_LABEL,
         &["/bin/sh", SCRIPT_DEST],
         &[
+            ("KeepAlive", plist::Value::Dictionary(keep_alive)),
             ("ThrottleInterval", 10.into()),
             ("StandardErrorPath", LOG_ERR.into()),
         ],
@@ -91,25 +99,72 @@ pub fn check_getty_port(port: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The install steps for the launchd pieces (commands, in order): the script, the plists,
-/// then `launchctl load -w` (works on every macOS the kexts support).
-pub fn install_steps(root: &Path, getty: Option<&str>) -> Vec<(String, Vec<String>)> {
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let script = root.join(SCRIPT_SRC).display().to_string();
-    let log_plist = root.join(LOG_PLIST_SRC).display().to_string();
-    let log_dest = format!("{DAEMONS}/{LOG_LABEL}.plist");
-    let dir = Path::new(SCRIPT_DEST)
+/// Which of the launchd jobs are in place now (their property lists).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Present {
+    pub log_plist: bool,
+    pub getty_plist: bool,
+}
+
+impl Present {
+    pub fn probe() -> Present {
+        Present {
+            log_plist: Path::new(&plist_path(LOG_LABEL)).exists(),
+            getty_plist: Path::new(&plist_path(GETTY_LABEL)).exists(),
+        }
+    }
+
+    pub fn any(&self) -> bool {
+        self.log_plist || self.getty_plist
+    }
+}
+
+/// Where launchd finds job `label`.
+pub fn plist_path(label: &str) -> String {
+    format!("{DAEMONS}/{label}.plist")
+}
+
+/// The folder holding the script.
+fn script_dir() -> String {
+    Path::new(SCRIPT_DEST)
         .parent()
         .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let mut steps = vec![
-        (
-            "console log: its directory".into(),
-            s(&["mkdir", "-p", &dir]),
+        .unwrap_or_default()
+}
+
+/// The install steps for the launchd pieces, in order: a job already in place is stopped
+/// first (`launchctl unload`, its failure ignored: `launchctl load -w` of a loaded job does
+/// nothing), then the script and the plists, then `launchctl load -w` (which works on every
+/// macOS the kexts support and clears a disabled override).
+pub fn install_steps(root: &Path, getty: Option<&str>, present: &Present) -> Vec<Step> {
+    let script = root.join(SCRIPT_SRC).display().to_string();
+    let log_plist = root.join(LOG_PLIST_SRC).display().to_string();
+    let log_dest = plist_path(LOG_LABEL);
+    let getty_dest = plist_path(GETTY_LABEL);
+    let mut steps = Vec::new();
+    if present.log_plist {
+        steps.push(run_step(
+            "console log: stop the running job (a re-run)",
+            &["launchctl", "unload", &log_dest],
+            OnFail::Ignore,
+        ));
+    }
+    if getty.is_some() && present.getty_plist {
+        steps.push(run_step(
+            "login prompt: stop the running job (a re-run)",
+            &["launchctl", "unload", &getty_dest],
+            OnFail::Ignore,
+        ));
+    }
+    steps.extend([
+        run_step(
+            "console log: its directory",
+            &["mkdir", "-p", &script_dir()],
+            OnFail::Stop,
         ),
-        (
-            "console log: the script".into(),
-            s(&[
+        run_step(
+            "console log: the script",
+            &[
                 "install",
                 "-m",
                 "0755",
@@ -119,58 +174,78 @@ pub fn install_steps(root: &Path, getty: Option<&str>) -> Vec<(String, Vec<Strin
                 "wheel",
                 &script,
                 SCRIPT_DEST,
-            ]),
+            ],
+            OnFail::Stop,
         ),
-        (
-            "console log: the launchd job".into(),
-            s(&[
+        run_step(
+            "console log: the launchd job",
+            &[
                 "install", "-m", "0644", "-o", "root", "-g", "wheel", &log_plist, &log_dest,
-            ]),
+            ],
+            OnFail::Stop,
         ),
-        (
-            "console log: start it (and at every boot)".into(),
-            s(&["launchctl", "load", "-w", &log_dest]),
+        run_step(
+            "console log: start it (and at every boot)",
+            &["launchctl", "load", "-w", &log_dest],
+            OnFail::Warn,
         ),
-    ];
+    ]);
     if let Some(port) = getty {
-        let dest = format!("{DAEMONS}/{GETTY_LABEL}.plist");
-        // Written from the generated text by the installer (`write_getty_plist`), then
-        // loaded.
-        steps.push((
-            format!("login prompt on /dev/tty.{port}: the launchd job"),
-            s(&["write-file", &dest]),
-        ));
-        steps.push((
+        steps.push(Step {
+            what: format!("login prompt on /dev/tty.{port}: the launchd job"),
+            action: Action::Write {
+                path: getty_dest.clone(),
+                contents: getty_plist(port),
+                mode: 0o644,
+            },
+            on_fail: OnFail::Stop,
+        });
+        steps.push(run_step(
             format!("login prompt on /dev/tty.{port}: start it"),
-            s(&["launchctl", "load", "-w", &dest]),
+            &["launchctl", "load", "-w", &getty_dest],
+            OnFail::Warn,
         ));
     }
     steps
 }
 
-/// The removal steps: unload and delete whatever `install_steps` put in place (a missing
-/// piece is not an error: `rm -f`, and `launchctl unload` of an absent job only warns).
-pub fn remove_steps() -> Vec<(String, Vec<String>)> {
+/// The removal steps: stop and delete the jobs that are in place (a failing `launchctl
+/// unload` is a warning), then the script's folder, the daemon's state and its log.
+pub fn remove_steps(present: &Present) -> Vec<Step> {
     let mut steps = Vec::new();
-    for label in [GETTY_LABEL, LOG_LABEL] {
-        let plist = format!("{DAEMONS}/{label}.plist");
-        steps.push((
+    for (label, there) in [
+        (GETTY_LABEL, present.getty_plist),
+        (LOG_LABEL, present.log_plist),
+    ] {
+        if !there {
+            continue;
+        }
+        let plist = plist_path(label);
+        steps.push(run_step(
             format!("stop {label}"),
-            vec![
-                "launchctl".into(),
-                "unload".into(),
-                "-w".into(),
-                plist.clone(),
-            ],
+            &["launchctl", "unload", &plist],
+            OnFail::Warn,
         ));
-        steps.push((
+        steps.push(run_step(
             format!("remove {label}"),
-            vec!["rm".into(), "-f".into(), plist],
+            &["rm", "-f", &plist],
+            OnFail::Stop,
         ));
     }
-    steps.push((
-        "remove the console log script".into(),
-        vec!["rm".into(), "-f".into(), SCRIPT_DEST.into()],
+    steps.push(run_step(
+        "remove the console log script's folder",
+        &["rm", "-rf", &script_dir()],
+        OnFail::Stop,
+    ));
+    steps.push(run_step(
+        "remove its state (the last panic report sent)",
+        &["rm", "-rf", STATE_DIR],
+        OnFail::Stop,
+    ));
+    steps.push(run_step(
+        "remove its log",
+        &["rm", "-f", LOG_ERR],
+        OnFail::Stop,
     ));
     steps
 }
@@ -199,7 +274,10 @@ mod tests {
             .collect();
         assert_eq!(args, ["/bin/sh", SCRIPT_DEST]);
         assert_eq!(log["RunAtLoad"].as_boolean(), Some(true));
-        assert_eq!(log["KeepAlive"].as_boolean(), Some(true));
+        let keep = log["KeepAlive"]
+            .as_dictionary()
+            .expect("KeepAlive keyed on the exit");
+        assert_eq!(keep["SuccessfulExit"].as_boolean(), Some(false));
         let getty = parse(&getty_plist("org.virtiodarwin.login"));
         assert_eq!(getty["Label"].as_string(), Some(GETTY_LABEL));
         assert_eq!(
@@ -223,9 +301,11 @@ mod tests {
         assert!(e.contains("--getty"), "{e}");
     }
 
-    /// The script itself, run by `/bin/sh` with stand-ins for `sw_vers`, `log` and
-    /// `syslog`, a regular file as the port and a directory of panic reports: the newest
-    /// report goes out once, then the kernel log stream, chosen by the macOS version.
+    /// The script itself, run by `/bin/sh` with stand-ins for `sw_vers`, `log`, `syslog`,
+    /// `sysctl` and `nvram`, a regular file as the port and a directory of panic reports: the
+    /// newest report goes out once, then the kernel log stream, chosen by the macOS version;
+    /// a report written after the start, while the script waits at its first start in a
+    /// boot, goes out too; without a port it exits 0 (no restart); its log stays bounded.
     #[test]
     fn the_script_sends_the_last_panic_once_then_streams_the_kernel_log() {
         let root = crate::kexts::workspace_root().unwrap();
@@ -234,6 +314,7 @@ mod tests {
         let bin = tmp.join("bin");
         let reports = tmp.join("reports");
         let state = tmp.join("state");
+        let log_file = tmp.join("daemon.log");
         std::fs::create_dir_all(&bin).unwrap();
         std::fs::create_dir_all(&reports).unwrap();
         let fake = |name: &str, body: &str| {
@@ -244,6 +325,8 @@ mod tests {
         fake("sw_vers", "echo \"$FAKE_VERSION\"");
         fake("log", "echo \"log $*\"");
         fake("syslog", "echo \"syslog $*\"");
+        fake("sysctl", "echo \"{ sec = $FAKE_BOOT, usec = 0 }\"");
+        fake("nvram", "exit 1");
         std::fs::write(reports.join("Kernel-2026-01-01.panic"), "old panic\n").unwrap();
         // Older by mtime: written first, then the newer one a moment later.
         std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -253,28 +336,35 @@ mod tests {
         )
         .unwrap();
         let port = tmp.join("port");
-        let run = |version: &str| {
-            std::fs::write(&port, "").unwrap();
-            let out = Command::new("/bin/sh")
-                .arg(root.join(SCRIPT_SRC))
+        let script = |boot: &str, version: &str| {
+            let mut c = Command::new("/bin/sh");
+            c.arg(root.join(SCRIPT_SRC))
                 .env(
                     "PATH",
                     format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
                 )
                 .env("FAKE_VERSION", version)
+                .env("FAKE_BOOT", boot)
                 .env("VIRTIO_CONSOLE_PORT", &port)
                 .env("VIRTIO_CONSOLE_STATE_DIR", &state)
                 .env("VIRTIO_CONSOLE_PANIC_DIRS", &reports)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+                .env("VIRTIO_CONSOLE_PANIC_SETTLE", "2")
+                .env("VIRTIO_CONSOLE_PANIC_WAIT", "20")
+                .env("VIRTIO_CONSOLE_BACKOFF_MAX", "0")
+                .env("VIRTIO_CONSOLE_LOG_FILE", &log_file)
+                .env("VIRTIO_CONSOLE_LOG_MAX", "2000");
+            c
+        };
+        let run = |boot: &str, version: &str| {
+            std::fs::write(&port, "").unwrap();
+            let out = script(boot, version).output().unwrap();
+            // The stream ended (the stand-in returns): exit 1, so launchd restarts it.
+            assert_eq!(out.status.code(), Some(1));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("the kernel log stream ended"), "{err}");
             std::fs::read_to_string(&port).unwrap()
         };
-        let first = run("13.6.1");
+        let first = run("1000", "13.6.1");
         assert!(first.contains("panic(cpu 0): boom"), "{first}");
         assert!(
             !first.contains("old panic"),
@@ -284,36 +374,113 @@ mod tests {
             first.ends_with("log stream --process kernel --style syslog --level info\n"),
             "{first}"
         );
-        let second = run("10.11.6");
+        // The same boot again: no wait, and the report is not sent twice.
+        let t = std::time::Instant::now();
+        let second = run("1000", "10.11.6");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "no settle wait"
+        );
         assert!(!second.contains("boom"), "sent once: {second}");
         assert!(second.ends_with("syslog -w -k Sender kernel\n"), "{second}");
-        // A missing port: the script gives up after the wait, with a reason.
+        // A new boot whose report is written a moment after the start: waited for, sent.
+        std::fs::write(&port, "").unwrap();
+        let child = script("2000", "13.6.1").spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        std::fs::write(reports.join("Kernel-2026-03-03.panic"), "panic: late\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let third = std::fs::read_to_string(&port).unwrap();
+        assert!(third.contains("panic: late"), "{third}");
+        // A missing port: the script gives up after the wait, with a reason, and exits 0
+        // (launchd does not restart it); its log is trimmed past the bound.
+        std::fs::write(&log_file, "x\n".repeat(2000)).unwrap();
         let out = Command::new("/bin/sh")
             .arg(root.join(SCRIPT_SRC))
             .env("VIRTIO_CONSOLE_PORT", tmp.join("absent"))
             .env("VIRTIO_CONSOLE_PORT_WAIT", "0")
+            .env("VIRTIO_CONSOLE_LOG_FILE", &log_file)
+            .env("VIRTIO_CONSOLE_LOG_MAX", "2000")
             .output()
             .unwrap();
-        assert!(!out.status.success());
+        assert!(out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("VirtioConsole.kext"));
+        assert_eq!(
+            std::fs::read_to_string(&log_file).unwrap().lines().count(),
+            100
+        );
         let _ = std::fs::remove_dir_all(&tmp);
     }
 
+    fn shown(steps: &[Step]) -> Vec<String> {
+        steps.iter().map(|s| s.shown()).collect()
+    }
+
     #[test]
-    fn install_and_remove_plans() {
+    fn install_plan_restarts_a_job_already_in_place() {
         let root = crate::kexts::workspace_root().unwrap();
-        let steps = install_steps(&root, Some("org.virtiodarwin.login"));
-        let cmds: Vec<String> = steps.iter().map(|(_, c)| c.join(" ")).collect();
+        let log = plist_path(LOG_LABEL);
+        let fresh = install_steps(&root, None, &Present::default());
+        let c = shown(&fresh);
         assert!(
-            cmds.iter()
-                .any(|c| c.starts_with("launchctl load -w") && c.contains(LOG_LABEL))
+            !c.iter().any(|c| c.starts_with("launchctl unload")),
+            "{c:#?}"
         );
-        assert!(cmds.iter().any(|c| c.contains(GETTY_LABEL)));
-        let rm: Vec<String> = remove_steps().iter().map(|(_, c)| c.join(" ")).collect();
+        assert_eq!(c.last().unwrap(), &format!("launchctl load -w {log}"));
+        // A re-run: the loaded job is stopped first (its failure ignored), then loaded.
+        let both = Present {
+            log_plist: true,
+            getty_plist: true,
+        };
+        let again = install_steps(&root, Some("org.virtiodarwin.login"), &both);
+        let c = shown(&again);
+        assert_eq!(c[0], format!("launchctl unload {log}"));
+        assert_eq!(again[0].on_fail, OnFail::Ignore);
+        assert_eq!(
+            c[1],
+            format!("launchctl unload {}", plist_path(GETTY_LABEL))
+        );
+        let load = c
+            .iter()
+            .position(|x| x == &format!("launchctl load -w {log}"));
         assert!(
-            rm.iter()
-                .any(|c| c.contains("unload") && c.contains(LOG_LABEL))
+            load.unwrap()
+                > c.iter()
+                    .position(|x| x.contains("install -m 0644"))
+                    .unwrap()
         );
-        assert!(rm.iter().any(|c| c.contains(SCRIPT_DEST)));
+        // Paths with a space are quoted: the plan pastes into a shell.
+        assert!(c.contains(&"mkdir -p '/Library/Application Support/VirtioDarwin'".to_string()));
+    }
+
+    #[test]
+    fn removal_skips_absent_jobs_and_removes_state_and_log() {
+        let c = shown(&remove_steps(&Present::default()));
+        assert_eq!(
+            c,
+            [
+                "rm -rf '/Library/Application Support/VirtioDarwin'",
+                "rm -rf /var/db/virtiodarwin",
+                "rm -f /var/log/virtio-console-log.log",
+            ]
+        );
+        let only_log = Present {
+            log_plist: true,
+            getty_plist: false,
+        };
+        let steps = remove_steps(&only_log);
+        let c = shown(&steps);
+        assert_eq!(c[0], format!("launchctl unload {}", plist_path(LOG_LABEL)));
+        assert_eq!(
+            steps[0].on_fail,
+            OnFail::Warn,
+            "a failed unload does not abort"
+        );
+        assert!(!c.iter().any(|c| c.contains(GETTY_LABEL)));
+        let both = Present {
+            log_plist: true,
+            getty_plist: true,
+        };
+        assert_eq!(remove_steps(&both).len(), 7);
     }
 }

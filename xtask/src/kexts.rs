@@ -1085,10 +1085,16 @@ pub fn cmd_kexts(args: &[String]) -> Result<bool, String> {
 
     for k in present(&root) {
         println!("\n== {}.kext ==", k.name);
-        let bundle = out_dir.join(format!("{}.kext/Contents", k.name));
+        let kext_dir = out_dir.join(format!("{}.kext", k.name));
+        // Assembled from scratch: a stale executable from an earlier build must not pass for
+        // this one's, nor a `_CodeSignature` (an ad-hoc signature of it) stay behind.
+        match std::fs::remove_dir_all(&kext_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("removing {}: {e}", kext_dir.display())),
+        }
+        let bundle = kext_dir.join("Contents");
         let exe = bundle.join("MacOS").join(k.name);
-        // A stale executable from an earlier build must not pass for this one's.
-        let _ = std::fs::remove_file(&exe);
         std::fs::create_dir_all(bundle.join("MacOS")).map_err(|e| e.to_string())?;
         let plist = info_plist(k);
         validate_plist(k, &plist)?;

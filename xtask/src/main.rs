@@ -74,20 +74,31 @@ enum Cmd {
         #[arg(long)]
         fetch_sdk: bool,
     },
-    /// Install and load the built kexts (macOS test VM, as root)
+    /// Install and load the built kexts (macOS or PureDarwin test VM, as root)
     ///
-    /// Copies the bundles built by `cargo xtask kexts` to /Library/Extensions (or
-    /// $KEXT_INSTALL_DIR), owned by root:wheel, and loads them, family first. Signing and
-    /// security settings: docs/install.md.
+    /// Unloads a loaded older build, copies the bundles built by `cargo xtask kexts` to
+    /// /Library/Extensions (or $KEXT_INSTALL_DIR: `sudo KEXT_INSTALL_DIR=<dir> cargo xtask
+    /// install`, sudo drops the environment), owned by root:wheel and not writable by others,
+    /// keeps an identical installed bundle, and loads them family first: kextcache -i / and
+    /// kextutil on macOS 10.13-10.15 and PureDarwin (Darwin 17-19), one kmutil load on 11 and
+    /// later (Darwin 20+, by `uname -r`). Signing, approval and security settings:
+    /// docs/install.md.
     #[command(after_help = "Examples:
   sudo cargo xtask install
   sudo cargo xtask install --console-log --getty org.virtiodarwin.login
   sudo cargo xtask install --remove-console-log
-  cargo xtask install --dry-run --console-log")]
+  sudo cargo xtask install --uninstall
+  cargo xtask install --dry-run --console-log
+  cargo xtask install --dry-run --target-macos 10.15")]
     Install {
-        /// Print the plan without touching the system (works on any host)
+        /// Print the plan without touching the system (works on any host; on a host that is
+        /// not Darwin, the plans for both kext tool generations unless --target-macos)
         #[arg(long)]
         dry_run: bool,
+        /// With --dry-run: the plan for this macOS version (10.13 to 10.15, also PureDarwin,
+        /// or 11 and later) instead of the running system's
+        #[arg(long, value_name = "VERSION", requires = "dry_run")]
+        target_macos: Option<String>,
         /// Also install the console log daemon: the kernel's log and the last panic report
         /// to /dev/cu.virtio from boot (docs/kernel-debugging.md)
         #[arg(long)]
@@ -95,9 +106,14 @@ enum Cmd {
         /// With --console-log: a login prompt (getty) on the named console port
         #[arg(long, value_name = "PORT", requires = "console_log")]
         getty: Option<String>,
-        /// Stop and remove the console log daemon and the login prompt (the kexts stay)
+        /// Stop and remove the console log daemon, the login prompt, their script, state and
+        /// log (the kexts stay)
         #[arg(long, conflicts_with_all = ["console_log", "getty"])]
         remove_console_log: bool,
+        /// Unload and remove the kexts and the console's launchd pieces, refresh the kext
+        /// caches; then reboot
+        #[arg(long, conflicts_with_all = ["console_log", "getty", "remove_console_log"])]
+        uninstall: bool,
     },
     /// Everything CI runs, then a summary
     ///
@@ -293,14 +309,18 @@ fn main() -> ExitCode {
         }
         Cmd::Install {
             dry_run,
+            target_macos,
             console_log,
             getty,
             remove_console_log,
+            uninstall,
         } => install::cmd_install(&install::InstallOptions {
             dry_run,
             console_log,
             getty,
             remove_console_log,
+            uninstall,
+            target_macos,
         }),
         Cmd::Test => cmd_test(),
         Cmd::Fuzz(args) => fuzz::cmd_fuzz(args),
