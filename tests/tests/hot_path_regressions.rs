@@ -449,6 +449,7 @@ fn fast_path_refusals_consume_and_publish_nothing() {
         Err(Error::UsedIdOutOfRange { id: 3000, .. })
     ));
     let free = p.drv.num_free();
+    assert_eq!(free, 1, "a broken queue still reports its free descriptors");
     let idx = p.avail_idx();
     assert!(matches!(
         p.drv.add(&[], &s, 11),
@@ -463,6 +464,10 @@ fn fast_path_refusals_consume_and_publish_nothing() {
     p.drv.reclaim_after_reset(|t| back.push(t));
     back.sort_unstable();
     assert_eq!(back, [1, 2, 3]);
+    // After the reset the fast path takes chains again, from a full free list.
+    assert_eq!(p.drv.num_free(), 4);
+    p.drv.add(&[], &s, 13).unwrap();
+    assert_eq!(p.drv.num_free(), 3);
 }
 
 /// A chain whose writable bytes overflow 32 bits can never be added: `add` documents

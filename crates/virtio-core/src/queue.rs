@@ -134,17 +134,15 @@ struct Entry {
 struct SplitAreas {
     /// Descriptor table.
     desc: NonNull<u8>,
-    /// `avail.ring[0]`.
+    /// `avail.ring[0]`; `avail.idx` is the u16 before it (§2.7.6), reached from this
+    /// pointer rather than its own (one pointer load fewer in `add`).
     avail_ring: NonNull<u8>,
-    /// `avail.idx`.
-    avail_idx: NonNull<u8>,
     /// `avail.flags`.
     avail_flags: NonNull<u8>,
     /// `used_event` (§2.7.10), after the available ring.
     used_event: NonNull<u8>,
-    /// `used.ring[0]`.
-    used_ring: NonNull<u8>,
-    /// `used.idx`.
+    /// `used.idx`; `used.ring[0]` follows it (§2.7.8), reached from this pointer rather
+    /// than its own (one pointer load fewer in `pop_used`).
     used_idx: NonNull<u8>,
     /// `used.flags`.
     used_flags: NonNull<u8>,
@@ -163,13 +161,14 @@ unsafe impl Sync for SplitAreas {}
 
 impl SplitAreas {
     fn new(ring: &RingMemory, layout: &SplitRingLayout) -> Self {
+        // What the accessors below rely on to reach two fields from their neighbours.
+        debug_assert_eq!(layout.avail_ring(0), layout.avail_idx() + 2);
+        debug_assert_eq!(layout.used_ring(0), layout.used_idx() + 2);
         SplitAreas {
             desc: ring.ptr(layout.desc_entry(0)),
             avail_ring: ring.ptr(layout.avail_ring(0)),
-            avail_idx: ring.ptr(layout.avail_idx()),
             avail_flags: ring.ptr(layout.avail_flags()),
             used_event: ring.ptr(layout.used_event()),
-            used_ring: ring.ptr(layout.used_ring(0)),
             used_idx: ring.ptr(layout.used_idx()),
             used_flags: ring.ptr(layout.used_flags()),
             avail_event: ring.ptr(layout.avail_event()),
@@ -201,10 +200,11 @@ impl SplitAreas {
     /// The used element at `slot mod size`: `(id, len)`.
     #[inline]
     fn read_used_elem(&self, slot: u16) -> (u32, u32) {
-        // SAFETY: `slot & mask` < size: the 8-byte element lies inside the used ring, 4-aligned
-        // (struct invariant); volatile because the device writes it concurrently.
+        // SAFETY: `used.ring[0]` is 2 bytes after `used.idx` (both inside the ring memory, the
+        // used ring 4-aligned); `slot & mask` < size: the 8-byte element lies inside the used
+        // ring (struct invariant); volatile because the device writes it concurrently.
         unsafe {
-            let elem = self.used_ring.add(8 * usize::from(slot & self.mask));
+            let elem = self.used_idx.add(2 + 8 * usize::from(slot & self.mask));
             let id = elem.cast::<u32>().read_volatile();
             let len = elem.add(4).cast::<u32>().read_volatile();
             (u32::from_le(id), u32::from_le(len))
@@ -232,20 +232,26 @@ impl SplitAreas {
 
     #[inline]
     fn set_avail_idx(&self, value: u16) {
-        // SAFETY: a 2-aligned u16 field inside the ring memory (struct invariant); volatile
-        // because the device reads it concurrently.
-        unsafe { self.avail_idx.cast::<u16>().write_volatile(value.to_le()) }
+        // SAFETY: `avail.idx` is the 2-aligned u16 just before `avail.ring[0]`, inside the
+        // ring memory (struct invariant); volatile because the device reads it concurrently.
+        unsafe {
+            self.avail_ring
+                .sub(2)
+                .cast::<u16>()
+                .write_volatile(value.to_le())
+        }
     }
 
     #[inline]
     fn set_avail_flags(&self, value: u16) {
-        // SAFETY: as in `set_avail_idx`.
+        // SAFETY: a 2-aligned u16 field inside the ring memory (struct invariant); volatile
+        // because the device reads it concurrently.
         unsafe { self.avail_flags.cast::<u16>().write_volatile(value.to_le()) }
     }
 
     #[inline]
     fn set_used_event(&self, value: u16) {
-        // SAFETY: as in `set_avail_idx`.
+        // SAFETY: as in `set_avail_flags`.
         unsafe { self.used_event.cast::<u16>().write_volatile(value.to_le()) }
     }
 }
@@ -284,7 +290,17 @@ pub struct SplitQueue {
     /// memory).
     entries: Box<[Entry]>,
     free_head: u16,
+    /// Free descriptors, except while `broken`: 0 then, so that the one-segment `add`
+    /// refuses a broken queue with the one test it makes anyway (`add_chain` then reports
+    /// `QueueBroken`). The count at the break is kept in `free_when_broken`.
     num_free: u16,
+    /// `num_free` when the queue broke (what [`SplitQueue::num_free`] reports then).
+    free_when_broken: u16,
+    /// `add`'s token on its way to `add_chain`, written just before each call and read
+    /// only by it (not state). Through the queue rather than as an argument: `add_chain`
+    /// then takes all its arguments in registers, so `add` needs no stack slot and no
+    /// stack adjustment for the call.
+    chain_token: usize,
     /// Shadow of `avail.idx`.
     avail_idx: u16,
     /// `avail.idx` at the last kick decision (the "old" of `vring_need_event`).
@@ -339,6 +355,8 @@ impl SplitQueue {
             entries,
             free_head: 0,
             num_free: size,
+            free_when_broken: 0,
+            chain_token: 0,
             avail_idx: 0,
             kicked_avail_idx: 0,
             last_used: 0,
@@ -362,7 +380,11 @@ impl SplitQueue {
         &self.layout
     }
     pub fn num_free(&self) -> u16 {
-        self.num_free
+        if self.broken {
+            self.free_when_broken
+        } else {
+            self.num_free
+        }
     }
     pub fn is_broken(&self) -> bool {
         self.broken
@@ -417,41 +439,41 @@ impl SplitQueue {
         let (seg, flags, capacity) = match (readable, writable) {
             ([], [seg]) => (seg, DescFlags::WRITE, seg.len),
             ([seg], []) => (seg, DescFlags::empty(), 0),
-            _ => return self.add_chain(readable, writable, token),
+            _ => {
+                self.chain_token = token;
+                return self.add_chain(writable, readable);
+            }
         };
-        if self.broken || self.num_free == 0 {
-            return self.add_chain(readable, writable, token);
+        // `num_free` is 0 on a broken queue too (see the field).
+        if self.num_free == 0 {
+            self.chain_token = token;
+            return self.add_chain(writable, readable);
         }
+        // Counters and free list updated as soon as known: fewer values live at once, so
+        // the hot path fits the call-clobbered registers.
+        self.num_free -= 1;
         let head = self.free_head;
         let entry = self.entry_mut(head);
+        entry.token = token;
+        entry.writable = capacity;
+        entry.descs = 1;
+        entry.tail = head;
         let next = entry.next;
-        // One whole-entry store (its `next` as it was): two instructions fewer than the
-        // field stores of `commit` on this, the hottest add.
-        *entry = Entry {
-            token,
-            writable: capacity,
-            descs: 1,
-            tail: head,
-            next,
-        };
-        // SAFETY: `desc` gives a 16-byte, 16-aligned entry of our descriptor table, not
-        // published (the free list holds it).
-        unsafe { write_desc(self.areas.desc(head), seg.addr, seg.len, flags, next) };
         self.free_head = next;
-        self.num_free -= 1;
+        // SAFETY: `desc` gives a 16-byte, 16-aligned entry of our descriptor table, not
+        // published (the free list held it).
+        unsafe { write_desc(self.areas.desc(head), seg.addr, seg.len, flags, next) };
         self.publish(head);
         Ok(())
     }
 
     /// `add` for chains of any length, and its errors (out of line: keeps the one-segment
-    /// path's register use and code small).
+    /// path's register use and code small), for the token in `chain_token`. Writable
+    /// segments first: the order in which a one-segment receive `add` already holds its
+    /// arguments in registers.
     #[inline(never)]
-    fn add_chain(
-        &mut self,
-        readable: &[Segment],
-        writable: &[Segment],
-        token: usize,
-    ) -> Result<()> {
+    fn add_chain(&mut self, writable: &[Segment], readable: &[Segment]) -> Result<()> {
+        let token = self.chain_token;
         let total = readable.len() + writable.len();
         let table = self.indirect.holds(total);
         // The common multi-segment case first: one indirect table, one ring slot.
@@ -639,9 +661,15 @@ impl SplitQueue {
     /// a device that lies once cannot be trusted with the rest of the ring.
     #[inline]
     pub fn pop_used(&mut self) -> Result<Option<Used>> {
-        let Some(used_idx) = self.used_idx_if_new()? else {
+        // `used_idx_if_new` spelled out: the refusal then returns this function's own
+        // result, not an `Option<u16>` unpacked on the way back.
+        if self.broken {
+            return self.pop_refused();
+        }
+        let used_idx = self.areas.used_idx();
+        if used_idx == self.last_used {
             return Ok(None);
-        };
+        }
         self.pop_used_from(used_idx)
     }
 
@@ -663,6 +691,8 @@ impl SplitQueue {
     /// it would read the entry at our position, which the device has not written.
     #[inline(always)]
     pub(crate) fn pop_used_from(&mut self, used_idx: u16) -> Result<Option<Used>> {
+        // A copy: read through `self` after the fence, the pointers would be loaded again.
+        let areas = self.areas;
         let last_used = self.last_used;
         let pending = used_idx.wrapping_sub(last_used);
         debug_assert!(pending != 0, "pop_used_from with nothing new");
@@ -678,19 +708,23 @@ impl SplitQueue {
         // §2.7.14: read the used index before the ring entry it covers (acquire pairs with
         // the device's write barrier before its idx update).
         fence(Ordering::Acquire);
-        let (id, len) = self.areas.read_used_elem(last_used);
-        if id > u32::from(self.areas.mask) {
+        let (id, len) = areas.read_used_elem(last_used);
+        if id > u32::from(areas.mask) {
             return self.pop_failed(move |queue| Error::UsedIdOutOfRange { queue, id });
         }
         // `id` < size here.
         let head = id as u16;
+        debug_assert!((id as usize) < self.entries.len());
+        // SAFETY: id <= mask = size - 1 < size = entries.len() (checked just above; see
+        // `entry_mut`): an index already in range is not masked again.
+        let entry = unsafe { self.entries.get_unchecked_mut(id as usize) };
         let Entry {
             token,
             writable,
             descs,
             tail,
             ..
-        } = *self.entry_mut(head);
+        } = *entry;
         if descs == 0 {
             return self.pop_failed(move |queue| Error::UsedIdNotInFlight { queue, id });
         }
@@ -705,8 +739,12 @@ impl SplitQueue {
         // Return the chain to the free list by splicing its shadow links (head to tail):
         // they are intact because nobody but us writes them.
         let free_head = self.free_head;
-        self.entry_mut(tail).next = free_head;
-        self.entry_mut(head).descs = 0;
+        entry.descs = 0;
+        let mask = areas.mask;
+        let tail = usize::from(tail & mask);
+        debug_assert!(tail < self.entries.len());
+        // SAFETY: tail & mask <= mask = size - 1 < entries.len() (see `entry_mut`).
+        unsafe { self.entries.get_unchecked_mut(tail) }.next = free_head;
         self.free_head = head;
         self.num_free += descs;
         let last_used = last_used.wrapping_add(1);
@@ -868,6 +906,7 @@ impl SplitQueue {
         }
         self.free_head = 0;
         self.num_free = size;
+        self.free_when_broken = 0;
         self.avail_idx = 0;
         self.kicked_avail_idx = 0;
         self.last_used = 0;
@@ -880,10 +919,11 @@ impl SplitQueue {
 
     // Driver-private per-descriptor state. `entries` has exactly `size` elements (built in
     // `new`, never resized) and `mask` is `size - 1`, so a masked index is always in range:
-    // the only indexing sites in the crate, without a bounds check. Every index passed here
-    // is a free-list or chain link (all < size by construction in `new`, preserved by
-    // splicing) or a device id already checked against the size in `pop_used`; the mask
-    // makes the access sound whatever it is.
+    // these and `pop_used_from` (which indexes by a device id it has just checked against
+    // the size, and masks the chain's tail) are the only indexing sites in the crate without
+    // a bounds check. Every index passed here is a free-list or chain link (all < size by
+    // construction in `new`, preserved by splicing); the mask makes the access sound
+    // whatever it is.
     #[inline]
     fn entry_mut(&mut self, i: u16) -> &mut Entry {
         let i = usize::from(i & self.areas.mask);
@@ -903,6 +943,11 @@ impl SplitQueue {
     #[inline(never)]
     fn fail(&mut self, e: Error) -> Error {
         log::error!("virtqueue {}: {e}; queue disabled until reset", self.index);
+        if !self.broken {
+            // No chain is added or popped while broken: the count stays as it was.
+            self.free_when_broken = self.num_free;
+            self.num_free = 0;
+        }
         self.broken = true;
         e
     }
