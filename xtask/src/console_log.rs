@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use crate::install::{Action, OnFail, Step, run_step};
+use crate::install::{Action, OnFail, Step, quote, run_step};
 
 /// The script, in the tree and where it is installed.
 pub const SCRIPT_SRC: &str = "kexts/VirtioConsole/launchd/console-log.sh";
@@ -85,8 +85,9 @@ pub fn check_getty_port(port: &str) -> Result<(), String> {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
     {
         return Err(format!(
-            "--getty {port:?}: give the port's name as /dev/tty.<name> shows it (letters, \
-             digits, '.', '_', '-'), e.g. --getty org.virtiodarwin.login"
+            "--getty {}: give the port's name as /dev/tty.<name> shows it (letters, \
+             digits, '.', '_', '-'), e.g. --getty org.virtiodarwin.login",
+            quote(port)
         ));
     }
     if port == "virtio" {
@@ -97,26 +98,6 @@ pub fn check_getty_port(port: &str) -> Result<(), String> {
         );
     }
     Ok(())
-}
-
-/// Which of the launchd jobs are in place now (their property lists).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Present {
-    pub log_plist: bool,
-    pub getty_plist: bool,
-}
-
-impl Present {
-    pub fn probe() -> Present {
-        Present {
-            log_plist: Path::new(&plist_path(LOG_LABEL)).exists(),
-            getty_plist: Path::new(&plist_path(GETTY_LABEL)).exists(),
-        }
-    }
-
-    pub fn any(&self) -> bool {
-        self.log_plist || self.getty_plist
-    }
 }
 
 /// Where launchd finds job `label`.
@@ -132,28 +113,52 @@ fn script_dir() -> String {
         .unwrap_or_default()
 }
 
-/// The install steps for the launchd pieces, in order: a job already in place is stopped
-/// first (`launchctl unload`, its failure ignored: `launchctl load -w` of a loaded job does
-/// nothing), then the script and the plists, then `launchctl load -w` (which works on every
-/// macOS the kexts support and clears a disabled override).
-pub fn install_steps(root: &Path, getty: Option<&str>, present: &Present) -> Vec<Step> {
+/// `launchctl bootout system/<label>`: stops a job (and removes it from launchd) by its
+/// label, whether or not its property list is still there; a job that is not loaded makes it
+/// fail, which is not a problem anywhere, so the failure is ignored.
+fn bootout(what: String, label: &str) -> Step {
+    run_step(
+        what,
+        &["launchctl", "bootout", &format!("system/{label}")],
+        OnFail::Ignore,
+    )
+}
+
+/// Starts the job at `plist` now and at every boot: `launchctl enable` first (clears a
+/// disabled override, which would make the bootstrap fail), then `launchctl bootstrap
+/// system` (both launchd 2, macOS 10.10 and later). A failure is a warning.
+fn start(what: &str, label: &str, plist: &str) -> [Step; 2] {
+    [
+        run_step(
+            format!("{what}: enable it (at every boot)"),
+            &["launchctl", "enable", &format!("system/{label}")],
+            OnFail::Warn,
+        ),
+        run_step(
+            format!("{what}: start it"),
+            &["launchctl", "bootstrap", "system", plist],
+            OnFail::Warn,
+        ),
+    ]
+}
+
+/// The install steps for the launchd pieces, in order: the job is stopped first (a re-run:
+/// `launchctl bootout`, "not loaded" ignored), then the script and the plists are
+/// installed, then the job is enabled and bootstrapped. The getty job likewise with
+/// `getty`.
+pub fn install_steps(root: &Path, getty: Option<&str>) -> Vec<Step> {
     let script = root.join(SCRIPT_SRC).display().to_string();
     let log_plist = root.join(LOG_PLIST_SRC).display().to_string();
     let log_dest = plist_path(LOG_LABEL);
     let getty_dest = plist_path(GETTY_LABEL);
-    let mut steps = Vec::new();
-    if present.log_plist {
-        steps.push(run_step(
-            "console log: stop the running job (a re-run)",
-            &["launchctl", "unload", &log_dest],
-            OnFail::Ignore,
-        ));
-    }
-    if getty.is_some() && present.getty_plist {
-        steps.push(run_step(
-            "login prompt: stop the running job (a re-run)",
-            &["launchctl", "unload", &getty_dest],
-            OnFail::Ignore,
+    let mut steps = vec![bootout(
+        "console log: stop the job (a re-run)".into(),
+        LOG_LABEL,
+    )];
+    if getty.is_some() {
+        steps.push(bootout(
+            "login prompt: stop the job (a re-run)".into(),
+            GETTY_LABEL,
         ));
     }
     steps.extend([
@@ -184,15 +189,12 @@ pub fn install_steps(root: &Path, getty: Option<&str>, present: &Present) -> Vec
             ],
             OnFail::Stop,
         ),
-        run_step(
-            "console log: start it (and at every boot)",
-            &["launchctl", "load", "-w", &log_dest],
-            OnFail::Warn,
-        ),
     ]);
+    steps.extend(start("console log", LOG_LABEL, &log_dest));
     if let Some(port) = getty {
+        let what = format!("login prompt on /dev/tty.{port}");
         steps.push(Step {
-            what: format!("login prompt on /dev/tty.{port}: the launchd job"),
+            what: format!("{what}: the launchd job"),
             action: Action::Write {
                 path: getty_dest.clone(),
                 contents: getty_plist(port),
@@ -200,31 +202,24 @@ pub fn install_steps(root: &Path, getty: Option<&str>, present: &Present) -> Vec
             },
             on_fail: OnFail::Stop,
         });
-        steps.push(run_step(
-            format!("login prompt on /dev/tty.{port}: start it"),
-            &["launchctl", "load", "-w", &getty_dest],
-            OnFail::Warn,
-        ));
+        steps.extend(start(&what, GETTY_LABEL, &getty_dest));
     }
     steps
 }
 
-/// The removal steps: stop and delete the jobs that are in place (a failing `launchctl
-/// unload` is a warning), then the script's folder, the daemon's state and its log.
-pub fn remove_steps(present: &Present) -> Vec<Step> {
+/// The removal steps, the same whatever is in place: for each job, `launchctl bootout`
+/// ("not loaded" ignored), `launchctl list <label>` to check it is gone (a warning if it is
+/// still loaded) and `rm -f` of its plist; then the script's folder, the daemon's state and
+/// its log.
+pub fn remove_steps() -> Vec<Step> {
     let mut steps = Vec::new();
-    for (label, there) in [
-        (GETTY_LABEL, present.getty_plist),
-        (LOG_LABEL, present.log_plist),
-    ] {
-        if !there {
-            continue;
-        }
+    for label in [GETTY_LABEL, LOG_LABEL] {
         let plist = plist_path(label);
+        steps.push(bootout(format!("stop {label}"), label));
         steps.push(run_step(
-            format!("stop {label}"),
-            &["launchctl", "unload", &plist],
-            OnFail::Warn,
+            format!("{label} is stopped (fails when it is)"),
+            &["launchctl", "list", label],
+            OnFail::JobGone,
         ));
         steps.push(run_step(
             format!("remove {label}"),
@@ -325,7 +320,13 @@ mod tests {
         fake("sw_vers", "echo \"$FAKE_VERSION\"");
         fake("log", "echo \"log $*\"");
         fake("syslog", "echo \"syslog $*\"");
-        fake("sysctl", "echo \"{ sec = $FAKE_BOOT, usec = 0 }\"");
+        // kern.bootsessionuuid: $FAKE_UUID (empty: none, as on a kernel without it);
+        // kern.boottime: $FAKE_BOOT.
+        fake(
+            "sysctl",
+            "case \"$2\" in kern.bootsessionuuid) echo \"$FAKE_UUID\" ;; \\
+             *) echo \"{ sec = $FAKE_BOOT, usec = 0 }\" ;; esac",
+        );
         fake("nvram", "exit 1");
         std::fs::write(reports.join("Kernel-2026-01-01.panic"), "old panic\n").unwrap();
         // Older by mtime: written first, then the newer one a moment later.
@@ -335,15 +336,40 @@ mod tests {
             "panic(cpu 0): boom\n",
         )
         .unwrap();
+        // The real tools the script uses, on a PATH of their own: whether `log` is found
+        // must not depend on the host (macOS has /usr/bin/log). A system without `log`
+        // (PureDarwin, before 10.12) gets a PATH without the stand-in.
+        let tools = tmp.join("tools");
+        std::fs::create_dir_all(&tools).unwrap();
+        let host_path = std::env::var("PATH").unwrap();
+        for t in [
+            "cat", "cksum", "date", "ls", "mkdir", "rm", "sleep", "tail", "wc", "uname",
+        ] {
+            let found = std::env::split_paths(&host_path)
+                .map(|d| d.join(t))
+                .find(|p| p.is_file())
+                .unwrap_or_else(|| panic!("no {t} on PATH"));
+            std::os::unix::fs::symlink(found, tools.join(t)).unwrap();
+        }
+        let no_log = tmp.join("bin-no-log");
+        std::fs::create_dir_all(&no_log).unwrap();
+        for t in ["sw_vers", "syslog", "sysctl", "nvram"] {
+            std::os::unix::fs::symlink(bin.join(t), no_log.join(t)).unwrap();
+        }
         let port = tmp.join("port");
         let script = |boot: &str, version: &str| {
             let mut c = Command::new("/bin/sh");
             c.arg(root.join(SCRIPT_SRC))
                 .env(
                     "PATH",
-                    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+                    format!(
+                        "{}:{}",
+                        if version.is_empty() { &no_log } else { &bin }.display(),
+                        tools.display()
+                    ),
                 )
                 .env("FAKE_VERSION", version)
+                .env("FAKE_UUID", if boot == "1000" { "" } else { "5E1F-UUID" })
                 .env("FAKE_BOOT", boot)
                 .env("VIRTIO_CONSOLE_PORT", &port)
                 .env("VIRTIO_CONSOLE_STATE_DIR", &state)
@@ -367,6 +393,10 @@ mod tests {
         let first = run("1000", "13.6.1");
         assert!(first.contains("panic(cpu 0): boom"), "{first}");
         assert!(
+            first.contains("kernel log of macOS 13.6.1 follows"),
+            "{first}"
+        );
+        assert!(
             !first.contains("old panic"),
             "only the newest report: {first}"
         );
@@ -374,15 +404,22 @@ mod tests {
             first.ends_with("log stream --process kernel --style syslog --level info\n"),
             "{first}"
         );
-        // The same boot again: no wait, and the report is not sent twice.
+        // The same boot again (no kern.bootsessionuuid: kern.boottime is the same): no wait,
+        // and the report is not sent twice. No `log` on PATH (PureDarwin: no sw_vers
+        // either): syslog.
         let t = std::time::Instant::now();
-        let second = run("1000", "10.11.6");
+        let second = run("1000", "");
         assert!(
             t.elapsed() < std::time::Duration::from_secs(2),
             "no settle wait"
         );
         assert!(!second.contains("boom"), "sent once: {second}");
         assert!(second.ends_with("syslog -w -k Sender kernel\n"), "{second}");
+        assert!(second.contains("kernel log of "), "{second}");
+        assert!(
+            !second.contains("kernel log of macOS"),
+            "uname, not sw_vers: {second}"
+        );
         // A new boot whose report is written a moment after the start: waited for, sent.
         std::fs::write(&port, "").unwrap();
         let child = script("2000", "13.6.1").spawn().unwrap();
@@ -392,6 +429,12 @@ mod tests {
         assert_eq!(out.status.code(), Some(1));
         let third = std::fs::read_to_string(&port).unwrap();
         assert!(third.contains("panic: late"), "{third}");
+        let saved = std::fs::read_to_string(state.join("boot")).unwrap();
+        assert_eq!(
+            saved.trim(),
+            "5E1F-UUID",
+            "the boot's UUID, when there is one"
+        );
         // A missing port: the script gives up after the wait, with a reason, and exits 0
         // (launchd does not restart it); its log is trimmed past the bound.
         std::fs::write(&log_file, "x\n".repeat(2000)).unwrap();
@@ -417,70 +460,80 @@ mod tests {
     }
 
     #[test]
-    fn install_plan_restarts_a_job_already_in_place() {
+    fn install_plan_stops_the_job_then_bootstraps_it() {
         let root = crate::kexts::workspace_root().unwrap();
         let log = plist_path(LOG_LABEL);
-        let fresh = install_steps(&root, None, &Present::default());
-        let c = shown(&fresh);
+        let steps = install_steps(&root, None);
+        let c = shown(&steps);
+        // A re-run and a first install are the same plan: bootout, "not loaded" ignored.
+        assert_eq!(c[0], format!("launchctl bootout system/{LOG_LABEL}"));
+        assert_eq!(steps[0].on_fail, OnFail::Ignore);
+        assert!(!c.iter().any(|c| c.contains(GETTY_LABEL)), "{c:#?}");
         assert!(
-            !c.iter().any(|c| c.starts_with("launchctl unload")),
-            "{c:#?}"
+            !c.iter()
+                .any(|c| c.contains("launchctl load") || c.contains("unload"))
         );
-        assert_eq!(c.last().unwrap(), &format!("launchctl load -w {log}"));
-        // A re-run: the loaded job is stopped first (its failure ignored), then loaded.
-        let both = Present {
-            log_plist: true,
-            getty_plist: true,
-        };
-        let again = install_steps(&root, Some("org.virtiodarwin.login"), &both);
-        let c = shown(&again);
-        assert_eq!(c[0], format!("launchctl unload {log}"));
-        assert_eq!(again[0].on_fail, OnFail::Ignore);
+        let n = c.len();
         assert_eq!(
-            c[1],
-            format!("launchctl unload {}", plist_path(GETTY_LABEL))
+            c[n - 2..],
+            [
+                format!("launchctl enable system/{LOG_LABEL}"),
+                format!("launchctl bootstrap system {log}"),
+            ]
         );
-        let load = c
-            .iter()
-            .position(|x| x == &format!("launchctl load -w {log}"));
+        assert!(steps[n - 2..].iter().all(|s| s.on_fail == OnFail::Warn));
         assert!(
-            load.unwrap()
-                > c.iter()
-                    .position(|x| x.contains("install -m 0644"))
-                    .unwrap()
+            c.iter()
+                .position(|x| x.contains("install -m 0644"))
+                .unwrap()
+                < n - 2,
+            "the plist is in place before it is bootstrapped"
+        );
+        let again = install_steps(&root, Some("org.virtiodarwin.login"));
+        let c = shown(&again);
+        assert_eq!(c[1], format!("launchctl bootout system/{GETTY_LABEL}"));
+        assert_eq!(again[1].on_fail, OnFail::Ignore);
+        let write = again
+            .iter()
+            .position(|s| matches!(s.action, Action::Write { .. }))
+            .unwrap();
+        assert_eq!(
+            c[write + 1..],
+            [
+                format!("launchctl enable system/{GETTY_LABEL}"),
+                format!("launchctl bootstrap system {}", plist_path(GETTY_LABEL)),
+            ]
         );
         // Paths with a space are quoted: the plan pastes into a shell.
         assert!(c.contains(&"mkdir -p '/Library/Application Support/VirtioDarwin'".to_string()));
     }
 
     #[test]
-    fn removal_skips_absent_jobs_and_removes_state_and_log() {
-        let c = shown(&remove_steps(&Present::default()));
-        assert_eq!(
-            c,
-            [
-                "rm -rf '/Library/Application Support/VirtioDarwin'",
-                "rm -rf /var/db/virtiodarwin",
-                "rm -f /var/log/virtio-console-log.log",
-            ]
-        );
-        let only_log = Present {
-            log_plist: true,
-            getty_plist: false,
-        };
-        let steps = remove_steps(&only_log);
+    fn removal_is_the_same_whatever_is_in_place() {
+        let steps = remove_steps();
         let c = shown(&steps);
-        assert_eq!(c[0], format!("launchctl unload {}", plist_path(LOG_LABEL)));
-        assert_eq!(
-            steps[0].on_fail,
-            OnFail::Warn,
-            "a failed unload does not abort"
-        );
-        assert!(!c.iter().any(|c| c.contains(GETTY_LABEL)));
-        let both = Present {
-            log_plist: true,
-            getty_plist: true,
-        };
-        assert_eq!(remove_steps(&both).len(), 7);
+        let mut want = Vec::new();
+        for label in [GETTY_LABEL, LOG_LABEL] {
+            want.push(format!("launchctl bootout system/{label}"));
+            want.push(format!("launchctl list {label}"));
+            want.push(format!("rm -f {}", plist_path(label)));
+        }
+        want.extend([
+            "rm -rf '/Library/Application Support/VirtioDarwin'".to_string(),
+            "rm -rf /var/db/virtiodarwin".to_string(),
+            "rm -f /var/log/virtio-console-log.log".to_string(),
+        ]);
+        assert_eq!(c, want);
+        // Not loaded is not a warning; still loaded after the bootout is.
+        assert_eq!(steps[0].on_fail, OnFail::Ignore);
+        assert_eq!(steps[1].on_fail, OnFail::JobGone);
+        assert!(steps[2..].iter().all(|s| s.on_fail != OnFail::Warn));
+    }
+
+    #[test]
+    fn getty_errors_are_shell_quoted() {
+        let e = check_getty_port("it's").unwrap_err();
+        assert!(e.starts_with(r"--getty 'it'\''s':"), "{e}");
+        assert!(!e.contains('"'), "{e}");
     }
 }

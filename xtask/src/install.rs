@@ -1,30 +1,46 @@
 //! `sudo cargo xtask install [--dry-run]` (macOS or PureDarwin, a test VM): copies the
-//! bundles built by `cargo xtask kexts` to `/Library/Extensions` (or `$KEXT_INSTALL_DIR`),
-//! owned by root:wheel and not writable by others, and loads them family first.
+//! bundles built by `cargo xtask kexts` to `/Library/Extensions`, owned by root:wheel and not
+//! writable by others, rebuilds the kext caches, and loads them (family first) only when no
+//! build of them is loaded. It never unloads: `kextunload -b` / `kmutil unload -b` terminate
+//! the running drivers (IOCatalogue terminate with kIOServiceRequired), which on a VM that
+//! boots from virtio-blk pulls its root disk and over SSH through virtio-net drops the link;
+//! and an unload gains nothing, since the new build needs a reboot anyway (the prelinked
+//! kernel on 10.x, the auxiliary kext collection on 11+).
 //!
 //! Two generations of kext tooling, chosen by the running kernel (`uname -r`: Darwin 20 and
 //! later, or `/usr/bin/kmutil` present, is macOS 11+):
-//! - macOS 10.13–10.15 and PureDarwin (Darwin 17–19): `kextunload -b` of a loaded older
-//!   build, copy, `kextcache -i /` (the prelinked kernel, so the kexts win boot-time matching
-//!   over AppleVirtIO), then `kextutil`, family first;
-//! - macOS 11 and later: `kmutil unload -b` of a loaded older build, copy, then one
-//!   `kmutil load -p <family> -p <device> ...` (a new third-party kext needs the user's
-//!   approval and a reboot: the failure of that load is expected the first time).
+//! - macOS 10.13–10.15 and PureDarwin (Darwin 17–19): copy, `kextcache -i /` (the prelinked
+//!   kernel, so the kexts win boot-time matching over AppleVirtIO), then, when none of them
+//!   is loaded, `kextutil`, family first;
+//! - macOS 11 and later: copy, then, when none of them is loaded, one `kmutil load -p
+//!   <family> -p <device> ...` (a new third-party kext needs the user's approval and a
+//!   reboot: the failure of that load is expected the first time); when a build is loaded,
+//!   `kmutil install --update-all` instead (the new build goes into the auxiliary kext
+//!   collection for the next boot).
+//!
+//! What is loaded is read from the kernel (`kextstat -l -b <id>`, `kmutil showloaded
+//! --bundle-identifier <id>`), and a loaded UUID is compared with the built executable's
+//! `LC_UUID`. `KEXT_INSTALL_DIR=<volume>/Library/Extensions` installs onto another system's
+//! volume: files only (and `kextcache -i <volume>` on 10.x), nothing loaded, nothing of the
+//! running system touched.
 //!
 //! `--uninstall` undoes it; `--remove-console-log` removes only the console's launchd pieces.
 //! The plan is data ([`plan`]): `--dry-run` prints it on any host (both generations on a host
 //! that is not Darwin, or the one named by `--target-macos`) and the tests check it.
 //! Signing and security settings: `docs/install.md`.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
 use crate::{console_log, kexts};
 
+/// Where the kexts go on the running system.
+pub const DEFAULT_DIR: &str = "/Library/Extensions";
+
 /// Which kext tooling the target system has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Generation {
-    /// macOS 10.13–10.15, PureDarwin (Darwin 17–19): kextutil, kextunload, kextcache.
+    /// macOS 10.13–10.15, PureDarwin (Darwin 17–19): kextutil, kextstat, kextcache.
     Kextcache,
     /// macOS 11 and later (Darwin 20+): kmutil and the auxiliary kext collection.
     Kmutil,
@@ -40,10 +56,11 @@ impl Generation {
         }
     }
 
-    fn unload(self, id: &str) -> Vec<String> {
+    /// The command that lists the loaded kext `id` (one line, with its UUID from 10.13).
+    fn loaded_query(self, id: &str) -> Vec<String> {
         match self {
-            Generation::Kextcache => words(&["kextunload", "-b", id]),
-            Generation::Kmutil => words(&["kmutil", "unload", "-b", id]),
+            Generation::Kextcache => words(&["kextstat", "-l", "-b", id]),
+            Generation::Kmutil => words(&["kmutil", "showloaded", "--bundle-identifier", id]),
         }
     }
 
@@ -69,13 +86,15 @@ impl Generation {
     }
 }
 
-/// The generation of a `--target-macos` value: `10.13`..`10.15` or `11` and later (a minor
-/// version may follow).
+/// The generation of a `--target-macos` value: `10.13`..`10.15`, or `10.16` (what macOS 11
+/// reports to software built against an older SDK) and `11` and later (a minor version may
+/// follow).
 pub fn parse_target(v: &str) -> Result<Generation, String> {
     let bad = || {
         format!(
-            "--target-macos {v:?}: give a macOS version, 10.13 to 10.15 (also PureDarwin's \
-             kext tooling) or 11 and later, e.g. --target-macos 10.15 or --target-macos 13"
+            "--target-macos {}: give a macOS version, 10.13 to 10.15 (also PureDarwin's \
+             kext tooling) or 11 and later, e.g. --target-macos 10.15 or --target-macos 13",
+            quote(v)
         )
     };
     let mut parts = v.trim().split('.');
@@ -86,9 +105,11 @@ pub fn parse_target(v: &str) -> Result<Generation, String> {
     };
     match (major, minor) {
         (10, Some(13..=15)) => Ok(Generation::Kextcache),
+        (10, Some(16)) => Ok(Generation::Kmutil),
         (10, Some(m)) if m < 13 => Err(format!(
-            "--target-macos {v}: the kexts need macOS 10.13 or later (they declare the \
-             com.apple.kpi.* libraries at 17.0.0)"
+            "--target-macos {}: the kexts need macOS 10.13 or later (they declare the \
+             com.apple.kpi.* libraries at 17.0.0)",
+            quote(v)
         )),
         (11.., _) => Ok(Generation::Kmutil),
         _ => Err(bad()),
@@ -125,6 +146,78 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// Where the bundles go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dest {
+    /// The running system's `/Library/Extensions`: caches rebuilt, loaded, launchd jobs.
+    Running,
+    /// Another system's volume mounted at this root (`/Volumes/Guest`): files only, and on
+    /// 10.x `kextcache -i <root>`; nothing of the running system is touched.
+    Volume(PathBuf),
+}
+
+/// `KEXT_INSTALL_DIR` (unset: [`DEFAULT_DIR`]) as a destination: an absolute
+/// `<volume>/Library/Extensions`, the volume's root being the part before it.
+pub fn parse_dest(dir: &str) -> Result<Dest, String> {
+    let bad = |why: &str| format!("KEXT_INSTALL_DIR={}: {why}", quote(dir));
+    let example = "give <volume>/Library/Extensions, e.g. \
+                   KEXT_INSTALL_DIR=/Volumes/Guest/Library/Extensions, or leave it unset for \
+                   the running system's /Library/Extensions";
+    let p = Path::new(dir);
+    if !p.is_absolute() {
+        return Err(bad(&format!("not an absolute path; {example}")));
+    }
+    let mut parts = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(s) => match s.to_str() {
+                Some(s) => parts.push(s),
+                None => return Err(bad("not UTF-8")),
+            },
+            _ => return Err(bad(&format!("`..` is not taken; {example}"))),
+        }
+    }
+    let [volume @ .., "Library", "Extensions"] = parts.as_slice() else {
+        return Err(bad(&format!(
+            "does not end in /Library/Extensions, so the volume to rebuild the caches of \
+             cannot be told; {example}"
+        )));
+    };
+    match volume {
+        [] => Ok(Dest::Running),
+        ["System", ..] => Err(bad(&format!(
+            "a folder of the running system's own volumes (/System/...); {example}"
+        ))),
+        _ => Ok(Dest::Volume(PathBuf::from(format!(
+            "/{}",
+            volume.join("/")
+        )))),
+    }
+}
+
+/// [`parse_dest`] of the environment, checked against the file system: a volume that is the
+/// running system (`/Volumes/Macintosh HD` is a link to `/`) is [`Dest::Running`]; one that
+/// is not there is refused.
+fn dest_from_env() -> Result<(PathBuf, Dest), String> {
+    let dir = std::env::var("KEXT_INSTALL_DIR").unwrap_or_else(|_| DEFAULT_DIR.into());
+    let dest = match parse_dest(&dir)? {
+        Dest::Volume(root) => match std::fs::canonicalize(&root) {
+            Ok(c) if c == Path::new("/") => Dest::Running,
+            Ok(_) => Dest::Volume(root),
+            Err(e) => {
+                return Err(format!(
+                    "KEXT_INSTALL_DIR={}: the volume {} is not there ({e})",
+                    quote(&dir),
+                    quote(&path(&root))
+                ));
+            }
+        },
+        d => d,
+    };
+    Ok((PathBuf::from(dir), dest))
+}
+
 /// What a failing step means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnFail {
@@ -132,11 +225,11 @@ pub enum OnFail {
     Stop,
     /// Warn and go on; the verdict says so and the exit status is 1.
     Warn,
-    /// Expected to fail at times (stopping a job that may not run): say nothing.
+    /// Expected to fail at times (stopping a job that may not be loaded): say nothing.
     Ignore,
-    /// A kext unload: "not loaded" is fine; anything else means the old build stays in the
-    /// kernel until a reboot (and the load steps are skipped).
-    Unload,
+    /// A check that a launchd job is gone (`launchctl list <label>`): its failure is the
+    /// expected outcome; its success (the job is still loaded) is a warning.
+    JobGone,
     /// A kext load: on failure, approval and a reboot may be needed; the other steps go on.
     Load,
 }
@@ -150,7 +243,7 @@ pub enum Action {
         contents: String,
         mode: u32,
     },
-    /// Nothing to do (said in the plan: an identical bundle kept, say).
+    /// Nothing to run: what is known or kept (an identical bundle, what is loaded).
     Note,
 }
 
@@ -166,6 +259,14 @@ pub fn run_step(what: impl Into<String>, cmd: &[&str], on_fail: OnFail) -> Step 
         what: what.into(),
         action: Action::Run(words(cmd)),
         on_fail,
+    }
+}
+
+fn note(what: impl Into<String>) -> Step {
+    Step {
+        what: what.into(),
+        action: Action::Note,
+        on_fail: OnFail::Ignore,
     }
 }
 
@@ -187,13 +288,13 @@ impl Step {
                 quote(path),
                 contents.len()
             ),
-            Action::Note => "(nothing to do)".into(),
+            Action::Note => "(no command)".into(),
         }
     }
 }
 
 /// `w` quoted for a POSIX shell when it needs it.
-fn quote(w: &str) -> String {
+pub fn quote(w: &str) -> String {
     let plain = !w.is_empty()
         && w.bytes()
             .all(|c| c.is_ascii_alphanumeric() || b"_./:=@%+,-".contains(&c));
@@ -208,19 +309,147 @@ fn quote(w: &str) -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Installed {
     Absent,
-    /// Byte for byte the built bundle (same files, same contents).
+    /// Byte for byte the built bundle (same files, same contents). Owner and mode are not
+    /// compared: the chown and chmod steps run for every bundle.
     Identical,
     Different,
+}
+
+/// What the kernel says about one bundle ID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Loaded {
+    No,
+    /// Loaded; its UUID when the listing shows one (10.13 and later do).
+    Yes(Option<[u8; 16]>),
+    /// The listing could not be run or read (why): treated as loaded, of an unknown build.
+    Unknown(String),
+}
+
+/// A hyphenated UUID (`3A1B...-....-....-....-............`), any case.
+pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let groups: Vec<&str> = s.split('-').collect();
+    let lens: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+    if lens != [8, 4, 4, 4, 12] {
+        return None;
+    }
+    let hex: String = groups.concat();
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+pub fn show_uuid(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02X}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// The loaded state of `id` from the standard output of [`Generation::loaded_query`]
+/// (which succeeded). A line naming `id` as a word is the kext (its UUID, if one of the
+/// words is one); empty output or only a header (`Index Refs Address ...`) is "not
+/// loaded"; anything else is not understood, so [`Loaded::Unknown`].
+pub fn parse_loaded(id: &str, stdout: &str) -> Loaded {
+    let mut other = None;
+    for line in stdout.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.contains(&id) {
+            return Loaded::Yes(words.iter().find_map(|w| parse_uuid(w)));
+        }
+        let known = words.is_empty()
+            || words.first() == Some(&"Index")
+            || line.trim() == "No variant specified, falling back to release";
+        if !known && other.is_none() {
+            other = Some(line.trim().chars().take(120).collect::<String>());
+        }
+    }
+    match other {
+        None => Loaded::No,
+        Some(l) => Loaded::Unknown(format!("unexpected output: {}", quote(&l))),
+    }
+}
+
+fn probe_loaded(tools: Generation, id: &str) -> Loaded {
+    let cmd = tools.loaded_query(id);
+    let shown = cmd.iter().map(|w| quote(w)).collect::<Vec<_>>().join(" ");
+    match Command::new(&cmd[0]).args(&cmd[1..]).output() {
+        Ok(o) if o.status.success() => parse_loaded(id, &String::from_utf8_lossy(&o.stdout)),
+        Ok(o) => Loaded::Unknown(format!("`{shown}` failed ({})", o.status)),
+        Err(e) => Loaded::Unknown(format!("could not run `{shown}`: {e}")),
+    }
+}
+
+/// The `LC_UUID` of the Mach-O file at `p` (a kext's executable; at most 64 MiB is read).
+pub fn macho_uuid(p: &Path) -> Option<[u8; 16]> {
+    use object::Object;
+    let len = std::fs::metadata(p).ok()?.len();
+    if len > 64 << 20 {
+        return None;
+    }
+    let data = std::fs::read(p).ok()?;
+    object::File::parse(&*data).ok()?.mach_uuid().ok()?
 }
 
 /// One bundle: built at `src`, installed at `dst`.
 #[derive(Clone, Debug)]
 pub struct Bundle {
     pub name: String,
-    pub id: String,
     pub src: PathBuf,
     pub dst: PathBuf,
     pub installed: Installed,
+    /// The built executable's `LC_UUID`.
+    pub built_uuid: Option<[u8; 16]>,
+    pub loaded: Loaded,
+}
+
+/// What the kernel runs of ours, over every bundle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// None of our bundle IDs is loaded: the new build may be loaded now.
+    NoneLoaded,
+    /// Every one that is loaded is this build (its UUID is the built executable's).
+    ThisBuild,
+    /// At least one loaded kext is another build, or one whose build cannot be told (each
+    /// said): the new build runs after a reboot.
+    OtherBuild(Vec<String>),
+    /// What is loaded could not be read (why): nothing is loaded now; reboot.
+    Unknown(String),
+}
+
+pub fn kernel_state(bundles: &[Bundle]) -> Kernel {
+    let mut other = Vec::new();
+    let mut any = false;
+    for b in bundles {
+        match &b.loaded {
+            Loaded::No => {}
+            Loaded::Unknown(why) => return Kernel::Unknown(format!("{}: {why}", b.name)),
+            Loaded::Yes(running) => {
+                any = true;
+                match (running, b.built_uuid) {
+                    (Some(r), Some(u)) if *r == u => {}
+                    (Some(r), Some(u)) => other.push(format!(
+                        "{} (running {}, built {})",
+                        b.name,
+                        show_uuid(r),
+                        show_uuid(&u)
+                    )),
+                    _ => other.push(format!("{} (which build could not be read)", b.name)),
+                }
+            }
+        }
+    }
+    match (any, other.is_empty()) {
+        (false, _) => Kernel::NoneLoaded,
+        (true, true) => Kernel::ThisBuild,
+        (true, false) => Kernel::OtherBuild(other),
+    }
 }
 
 /// What `cargo xtask install` was asked to do.
@@ -234,111 +463,119 @@ pub enum Mode<'a> {
     Uninstall,
 }
 
+/// Refuses the console's launchd pieces with another volume: they are jobs of the running
+/// system.
+pub fn check_mode(mode: Mode, dest: &Dest) -> Result<(), String> {
+    let Dest::Volume(root) = dest else {
+        return Ok(());
+    };
+    let flag = match mode {
+        Mode::Install { getty: Some(_), .. } => "--console-log --getty",
+        Mode::Install {
+            console_log: true, ..
+        } => "--console-log",
+        Mode::RemoveConsoleLog => "--remove-console-log",
+        _ => return Ok(()),
+    };
+    Err(format!(
+        "{flag} installs or removes launchd jobs of the running system, but KEXT_INSTALL_DIR \
+         names another volume ({}): leave KEXT_INSTALL_DIR unset and run it on that system",
+        quote(&path(root))
+    ))
+}
+
+fn copy_steps(bundles: &[Bundle], steps: &mut Vec<Step>) {
+    for b in bundles {
+        let (src, dst, n) = (path(&b.src), path(&b.dst), &b.name);
+        if b.installed == Installed::Identical {
+            steps.push(note(format!(
+                "{n}.kext: the installed copy is identical, kept"
+            )));
+        } else {
+            steps.push(run_step(
+                format!("remove an older {n}.kext"),
+                &["rm", "-rf", &dst],
+                OnFail::Stop,
+            ));
+            steps.push(run_step(
+                format!("copy {n}.kext"),
+                &["cp", "-R", &src, &dst],
+                OnFail::Stop,
+            ));
+        }
+        // Always (idempotent): an identical copy may still have the wrong owner or mode.
+        steps.push(run_step(
+            format!("{n}.kext owned by root:wheel"),
+            &["chown", "-R", "root:wheel", &dst],
+            OnFail::Stop,
+        ));
+        steps.push(run_step(
+            format!("{n}.kext not writable by others"),
+            &["chmod", "-R", "go-w", &dst],
+            OnFail::Stop,
+        ));
+    }
+}
+
+/// What is loaded, as the plan says it.
+fn kernel_note(kernel: &Kernel) -> Step {
+    note(match kernel {
+        Kernel::NoneLoaded => "loaded now: none of them (they are loaded below)".to_string(),
+        Kernel::ThisBuild => "loaded now: this build (nothing to load)".to_string(),
+        Kernel::OtherBuild(v) => format!(
+            "loaded now: another build of {} (never unloaded: the new build runs after a \
+             reboot)",
+            v.join(", ")
+        ),
+        Kernel::Unknown(why) => format!(
+            "loaded now: unknown ({why}); nothing is loaded, the new build runs after a reboot"
+        ),
+    })
+}
+
 /// The steps, in order, for `tools`. `bundles` lists the family first (the device kexts link
-/// against it); `console` says which launchd pieces are in place now.
+/// against it). Nothing is ever unloaded (see the module's documentation).
 pub fn plan(
     tools: Generation,
     mode: Mode,
+    dest: &Dest,
     bundles: &[Bundle],
-    console: &console_log::Present,
     root: &Path,
 ) -> Vec<Step> {
     let mut steps = Vec::new();
-    match mode {
-        Mode::RemoveConsoleLog => steps.extend(console_log::remove_steps(console)),
-        Mode::Uninstall => {
-            // Devices first, then the family they link against.
-            for b in bundles.iter().rev() {
-                steps.push(Step {
-                    what: format!("unload {}", b.name),
-                    action: Action::Run(tools.unload(&b.id)),
-                    on_fail: OnFail::Unload,
-                });
-            }
-            if console.any() {
-                steps.extend(console_log::remove_steps(console));
+    let kernel = kernel_state(bundles);
+    let changed = bundles.iter().any(|b| b.installed != Installed::Identical);
+    match (mode, dest) {
+        (Mode::RemoveConsoleLog, Dest::Running) => steps.extend(console_log::remove_steps()),
+        // Refused by `check_mode`.
+        (Mode::RemoveConsoleLog, Dest::Volume(_)) => {}
+        (Mode::Uninstall, _) => {
+            if *dest == Dest::Running {
+                // The jobs hold /dev/cu.virtio and /dev/tty.<port>: stopped first.
+                steps.extend(console_log::remove_steps());
             }
             for b in bundles {
-                let dst = path(&b.dst);
                 steps.push(run_step(
                     format!("remove {}.kext", b.name),
-                    &["rm", "-rf", &dst],
+                    &["rm", "-rf", &path(&b.dst)],
                     OnFail::Stop,
                 ));
             }
-            steps.push(match tools {
-                Generation::Kextcache => run_step(
-                    "rebuild the prelinked kernel without them",
-                    &["kextcache", "-i", "/"],
-                    OnFail::Warn,
-                ),
-                Generation::Kmutil => run_step(
-                    "rebuild the auxiliary kext collection without them",
-                    &["kmutil", "install", "--update-all"],
-                    OnFail::Warn,
-                ),
-            });
+            steps.push(cache_refresh(tools, dest, "without them"));
         }
-        Mode::Install { console_log, getty } => {
-            // A changed family takes every loaded device kext with it; a changed device kext
-            // only itself. Devices first, then the family.
-            let family_changed = bundles
-                .first()
-                .is_some_and(|b| b.installed == Installed::Different);
-            for b in bundles.iter().rev() {
-                let unload = match b.installed {
-                    Installed::Different => true,
-                    Installed::Identical => family_changed,
-                    Installed::Absent => false,
-                };
-                if unload {
-                    steps.push(Step {
-                        what: format!("unload {}", b.name),
-                        action: Action::Run(tools.unload(&b.id)),
-                        on_fail: OnFail::Unload,
-                    });
-                }
-            }
-            for b in bundles {
-                let (src, dst) = (path(&b.src), path(&b.dst));
-                if b.installed == Installed::Identical {
-                    steps.push(Step {
-                        what: format!("{}.kext: the installed copy is identical, kept", b.name),
-                        action: Action::Note,
-                        on_fail: OnFail::Ignore,
-                    });
-                    continue;
-                }
-                let n = &b.name;
-                steps.push(run_step(
-                    format!("remove an older {n}.kext"),
-                    &["rm", "-rf", &dst],
-                    OnFail::Stop,
-                ));
-                steps.push(run_step(
-                    format!("copy {n}.kext"),
-                    &["cp", "-R", &src, &dst],
-                    OnFail::Stop,
-                ));
-                steps.push(run_step(
-                    format!("{n}.kext owned by root:wheel"),
-                    &["chown", "-R", "root:wheel", &dst],
-                    OnFail::Stop,
-                ));
-                steps.push(run_step(
-                    format!("{n}.kext not writable by others"),
-                    &["chmod", "-R", "go-w", &dst],
-                    OnFail::Stop,
-                ));
-            }
+        (Mode::Install { .. }, Dest::Volume(_)) => {
+            copy_steps(bundles, &mut steps);
+            steps.push(cache_refresh(tools, dest, "with them"));
+        }
+        (Mode::Install { console_log, getty }, Dest::Running) => {
+            steps.push(kernel_note(&kernel));
+            copy_steps(bundles, &mut steps);
+            let load = kernel == Kernel::NoneLoaded;
             match tools {
                 Generation::Kextcache => {
-                    steps.push(run_step(
-                        "prelinked kernel: the kexts match at boot, before AppleVirtIO",
-                        &["kextcache", "-i", "/"],
-                        OnFail::Warn,
-                    ));
-                    if let Some((family, devices)) = bundles.split_first() {
+                    // The prelinked kernel: the kexts match at boot, before AppleVirtIO.
+                    steps.push(cache_refresh(tools, dest, "with them"));
+                    if let (true, Some((family, devices))) = (load, bundles.split_first()) {
                         let fam = path(&family.dst);
                         steps.push(run_step(
                             format!("load {} now (kextutil)", family.name),
@@ -356,8 +593,12 @@ pub fn plan(
                     }
                 }
                 Generation::Kmutil => {
-                    if !bundles.is_empty() {
-                        // One call: kmutil links them together into the auxiliary collection.
+                    if load && !bundles.is_empty() {
+                        // One call: kmutil links them together. A kext not yet in a
+                        // collection is staged by kernelmanagerd, which asks the user to
+                        // approve a rebuild of the auxiliary kext collection (kmutil(8),
+                        // load): that step is the collection rebuild, so no `kmutil install`
+                        // is needed here.
                         let mut cmd = words(&["kmutil", "load"]);
                         for b in bundles {
                             cmd.push("-p".into());
@@ -368,17 +609,50 @@ pub fn plan(
                             action: Action::Run(cmd),
                             on_fail: OnFail::Load,
                         });
+                    } else if changed || kernel != Kernel::ThisBuild {
+                        // A build is loaded (or that could not be read): `kmutil load` of
+                        // the same bundle IDs would fail, and unloading is not an option.
+                        // The auxiliary collection is rebuilt from /Library/Extensions
+                        // instead, for the next boot (approval may be asked again).
+                        steps.push(cache_refresh(tools, dest, "with the new build"));
                     }
                 }
             }
             if console_log {
-                steps.extend(console_log::install_steps(root, getty, console));
+                steps.extend(console_log::install_steps(root, getty));
             }
         }
     }
     steps
 }
 
+/// The cache rebuild of `dest`'s system: 10.x `kextcache -i <volume root>`; 11+ on the
+/// running system `kmutil install --update-all`, on another volume nothing (that system
+/// rebuilds its auxiliary collection when it boots and the user approves).
+fn cache_refresh(tools: Generation, dest: &Dest, how: &str) -> Step {
+    match (tools, dest) {
+        (Generation::Kextcache, _) => {
+            let vol = match dest {
+                Dest::Running => "/".to_string(),
+                Dest::Volume(r) => path(r),
+            };
+            let what = match dest {
+                Dest::Running => format!("rebuild the prelinked kernel {how}"),
+                Dest::Volume(_) => format!("rebuild that volume's prelinked kernel {how}"),
+            };
+            run_step(what, &["kextcache", "-i", &vol], OnFail::Warn)
+        }
+        (Generation::Kmutil, Dest::Running) => run_step(
+            format!("rebuild the auxiliary kext collection {how}"),
+            &["kmutil", "install", "--update-all"],
+            OnFail::Warn,
+        ),
+        (Generation::Kmutil, Dest::Volume(_)) => note(format!(
+            "auxiliary kext collection: rebuilt {how} when that system boots and the user \
+             approves"
+        )),
+    }
+}
 /// Whether the trees at `a` and `b` hold the same files with the same contents (and nothing
 /// else: no stray `_CodeSignature`, say).
 fn same_tree(a: &Path, b: &Path) -> bool {
@@ -449,16 +723,22 @@ pub fn cmd_install(o: &InstallOptions) -> Result<bool, String> {
             getty: o.getty.as_deref(),
         }
     };
+    let (dir, dest) = dest_from_env()?;
+    check_mode(mode, &dest)?;
     let built = root.join("target/kexts");
-    let dest = PathBuf::from(
-        std::env::var("KEXT_INSTALL_DIR").unwrap_or_else(|_| "/Library/Extensions".into()),
-    );
+    let host = host_generation();
+    // What is loaded is read from this kernel, with its own tools, for the running system
+    // only (and not for a dry run's --target-macos of another generation).
+    let probe = match (host, &dest, mode) {
+        (Some(h), Dest::Running, Mode::Install { .. }) if target.is_none_or(|t| t == h) => Some(h),
+        _ => None,
+    };
     // `present` lists the family first: the device kexts link against it.
     let bundles: Vec<Bundle> = kexts::present(&root)
         .into_iter()
         .map(|k| {
             let name = format!("{}.kext", k.name);
-            let (src, dst) = (built.join(&name), dest.join(&name));
+            let (src, dst) = (built.join(&name), dir.join(&name));
             let installed = if !dst.exists() {
                 Installed::Absent
             } else if same_tree(&src, &dst) {
@@ -466,9 +746,11 @@ pub fn cmd_install(o: &InstallOptions) -> Result<bool, String> {
             } else {
                 Installed::Different
             };
+            let id = k.bundle_id();
             Bundle {
                 name: k.name.to_string(),
-                id: k.bundle_id(),
+                built_uuid: macho_uuid(&src.join("Contents/MacOS").join(k.name)),
+                loaded: probe.map_or(Loaded::No, |g| probe_loaded(g, &id)),
                 src,
                 dst,
                 installed,
@@ -483,8 +765,6 @@ pub fn cmd_install(o: &InstallOptions) -> Result<bool, String> {
             .collect(),
         _ => Vec::new(),
     };
-    let console = console_log::Present::probe();
-    let host = host_generation();
 
     if o.dry_run {
         let gens: Vec<Generation> = match (target, host) {
@@ -499,23 +779,38 @@ pub fn cmd_install(o: &InstallOptions) -> Result<bool, String> {
                 vec![Generation::Kextcache, Generation::Kmutil]
             }
         };
+        let on = match &dest {
+            Dest::Running => String::new(),
+            Dest::Volume(r) => format!(
+                "; another volume, {}: files only, nothing loaded, no launchd job",
+                quote(&path(r))
+            ),
+        };
         match mode {
             Mode::Install { .. } => println!(
-                "install plan ({} bundles from {} to {}):",
+                "install plan ({} bundles from {} to {}{on}):",
                 bundles.len(),
                 built.display(),
-                dest.display()
+                dir.display()
             ),
             Mode::RemoveConsoleLog => {
                 println!("removal plan (the console log daemon and login prompt; the kexts stay):")
             }
-            Mode::Uninstall => println!("uninstall plan ({} bundles in {}):", bundles.len(), {
-                dest.display()
-            }),
+            Mode::Uninstall => println!(
+                "uninstall plan ({} bundles in {}{on}):",
+                bundles.len(),
+                dir.display()
+            ),
+        }
+        if probe.is_none() && dest == Dest::Running && matches!(mode, Mode::Install { .. }) {
+            println!(
+                "  (what is loaded is read on the system itself; planned here as if none of \
+                 them were loaded)"
+            );
         }
         let mut counts = Vec::new();
         for g in gens {
-            let steps = plan(g, mode, &bundles, &console, &root);
+            let steps = plan(g, mode, &dest, &bundles, &root);
             counts.push(steps.len().to_string());
             let label = match mode {
                 Mode::RemoveConsoleLog => "every macOS and PureDarwin",
@@ -532,8 +827,8 @@ pub fn cmd_install(o: &InstallOptions) -> Result<bool, String> {
             ));
         }
         println!(
-            "dry run: {} steps planned, nothing changed (on the VM: `sudo cargo xtask \
-             install` with the same flags but --dry-run and --target-macos)",
+            "dry run: {} steps planned, nothing changed (on the VM: `install` as root, \
+             docs/install.md, with the same flags but --dry-run and --target-macos)",
             counts.join(" and ")
         );
         return Ok(true);
@@ -555,18 +850,24 @@ pub fn cmd_install(o: &InstallOptions) -> Result<bool, String> {
     }
     if !is_root() {
         return Err(
-            "run it as root: sudo cargo xtask install (KEXT_INSTALL_DIR goes \
-                    after sudo: sudo KEXT_INSTALL_DIR=<dir> cargo xtask install)"
+            "run it as root (docs/install.md: `sudo -E env \"PATH=$PATH\" cargo \
+                    xtask install`, or `cargo build -p xtask` then `sudo ./target/debug/xtask \
+                    install`)"
                 .into(),
         );
     }
-    let steps = plan(tools, mode, &bundles, &console, &root);
-    execute(tools, mode, &steps)
+    let steps = plan(tools, mode, &dest, &bundles, &root);
+    execute(tools, mode, &dest, &kernel_state(&bundles), &steps)
 }
 
 /// Runs the steps and ends with the verdict.
-fn execute(tools: Generation, mode: Mode, steps: &[Step]) -> Result<bool, String> {
-    let mut still_loaded: Vec<String> = Vec::new();
+fn execute(
+    tools: Generation,
+    mode: Mode,
+    dest: &Dest,
+    kernel: &Kernel,
+    steps: &[Step],
+) -> Result<bool, String> {
     let mut load_failed = false;
     let mut loads = 0;
     let mut warnings: Vec<String> = Vec::new();
@@ -587,16 +888,6 @@ fn execute(tools: Generation, mode: Mode, steps: &[Step]) -> Result<bool, String
             }
             Action::Run(cmd) => cmd,
         };
-        // 10.13-10.15: the new build is in the prelinked kernel already and a load beside
-        // the old one fails. 11+: `kmutil load` still runs, to put the new build in the
-        // auxiliary kext collection for the next boot.
-        if s.on_fail == OnFail::Load && !still_loaded.is_empty() && tools == Generation::Kextcache {
-            println!(
-                "install: {}: skipped (the older build is still loaded)",
-                s.what
-            );
-            continue;
-        }
         println!("install: {} ({})", s.what, s.shown());
         let (prog, args) = cmd.split_first().ok_or("an empty step")?;
         let (ok, text) = match Command::new(prog).args(args).output() {
@@ -607,7 +898,9 @@ fn execute(tools: Generation, mode: Mode, steps: &[Step]) -> Result<bool, String
             }
             Err(e) => (false, format!("could not run {prog}: {e}")),
         };
-        if !text.is_empty() && (s.on_fail != OnFail::Ignore || ok) {
+        // A failure that is the expected outcome ("not loaded") is not shown.
+        let quiet = !ok && matches!(s.on_fail, OnFail::Ignore | OnFail::JobGone);
+        if !text.is_empty() && !quiet {
             for line in text.lines() {
                 println!("    {line}");
             }
@@ -615,23 +908,16 @@ fn execute(tools: Generation, mode: Mode, steps: &[Step]) -> Result<bool, String
         if s.on_fail == OnFail::Load {
             loads += 1;
         }
-        if ok {
-            continue;
-        }
-        match s.on_fail {
-            OnFail::Stop => {
+        match (ok, s.on_fail) {
+            (true, OnFail::JobGone) => {
+                warnings.push(format!("`{}`: the job is still loaded", s.shown()))
+            }
+            (true, _) | (false, OnFail::Ignore | OnFail::JobGone) => {}
+            (false, OnFail::Stop) => {
                 return Err(format!("`{}` failed; nothing after it was done", s.shown()));
             }
-            OnFail::Ignore => {}
-            OnFail::Warn => warnings.push(format!("`{}` failed", s.shown())),
-            OnFail::Unload => {
-                if not_loaded(&text) {
-                    println!("    (it was not loaded)");
-                } else {
-                    still_loaded.push(s.what.trim_start_matches("unload ").to_string());
-                }
-            }
-            OnFail::Load => load_failed = true,
+            (false, OnFail::Warn) => warnings.push(format!("`{}` failed", s.shown())),
+            (false, OnFail::Load) => load_failed = true,
         }
     }
 
@@ -639,7 +925,32 @@ fn execute(tools: Generation, mode: Mode, steps: &[Step]) -> Result<bool, String
     for w in &warnings {
         println!("warning: {w}");
     }
-    let failed = match warnings.len() {
+    println!(
+        "{}",
+        verdict(
+            tools,
+            mode,
+            dest,
+            kernel,
+            loads,
+            load_failed,
+            warnings.len()
+        )
+    );
+    Ok(warnings.is_empty())
+}
+
+/// The last line: what was done and what is left to do.
+fn verdict(
+    tools: Generation,
+    mode: Mode,
+    dest: &Dest,
+    kernel: &Kernel,
+    loads: usize,
+    load_failed: bool,
+    warnings: usize,
+) -> String {
+    let failed = match warnings {
         0 => String::new(),
         1 => " (but 1 step failed: see the warning above)".into(),
         n => format!(" (but {n} steps failed: see the warnings above)"),
@@ -648,75 +959,81 @@ fn execute(tools: Generation, mode: Mode, steps: &[Step]) -> Result<bool, String
         "`{}` and `ioreg -l -w0 -r -c org_virtiodarwin_VirtioPCITransport`",
         tools.showloaded()
     );
-    match mode {
-        Mode::RemoveConsoleLog => {
-            println!("console log daemon and login prompt removed{failed}")
-        }
-        Mode::Uninstall => {
-            if !still_loaded.is_empty() {
-                println!(
-                    "still loaded (in use): {}; they go at the reboot",
-                    still_loaded.join(", ")
-                );
+    if let Dest::Volume(r) = dest {
+        let r = quote(&path(r));
+        return match (mode, tools) {
+            (Mode::Uninstall, Generation::Kextcache) => {
+                format!("removed from {r}{failed}; its prelinked kernel was rebuilt without them")
             }
-            println!(
-                "uninstalled{failed}: reboot now (until then the kernel may hold them); \
-                 after it, `{}` shows nothing of ours",
-                tools.showloaded()
-            );
-        }
-        Mode::Install { .. } => {
-            let boot = match tools {
-                Generation::Kextcache => {
-                    "they are in the prelinked kernel: reboot, so they take the virtio \
-                     devices at boot (a runtime load does not take a device AppleVirtIO \
-                     already drives)"
-                }
-                Generation::Kmutil => {
-                    "no need to re-run this command after the reboot: the auxiliary kext \
-                     collection holds them"
-                }
-            };
-            if !still_loaded.is_empty() {
-                println!(
-                    "installed{failed}, not loaded: the older build of {} is still loaded (in \
-                     use): reboot to run the new one, then check with {check}",
-                    still_loaded.join(", ")
-                );
-            } else if load_failed {
-                println!(
-                    "installed{failed}, not loaded now: approval and a reboot may be needed: \
-                     {}, then reboot; {boot}; then check with {check}",
-                    tools.approval()
-                );
-            } else if loads > 0 {
-                let then = match tools {
-                    Generation::Kextcache => format!("; {boot}"),
-                    Generation::Kmutil => String::new(),
-                };
-                println!("installed and loaded{failed}{then}; check with {check}");
-            } else {
-                println!("installed{failed}; check with {check}");
-            }
-        }
+            (Mode::Uninstall, Generation::Kmutil) => format!(
+                "removed from {r}{failed}; that system drops them from its auxiliary kext \
+                 collection when it boots"
+            ),
+            (_, Generation::Kextcache) => format!(
+                "copied to {r}{failed}; its prelinked kernel holds them: boot that system \
+                 (nothing was loaded here)"
+            ),
+            (_, Generation::Kmutil) => format!(
+                "copied to {r}{failed}; the auxiliary kext collection is rebuilt when that \
+                 system boots and the user approves ({}), then reboot it once more (nothing \
+                 was loaded here)",
+                tools.approval()
+            ),
+        };
     }
-    Ok(warnings.is_empty())
-}
-
-/// Whether an unload's output says the kext was not loaded in the first place (kextunload:
-/// "not found for unload request"; kmutil: "not loaded" / "No kernel extension").
-fn not_loaded(text: &str) -> bool {
-    let t = text.to_ascii_lowercase();
-    [
-        "not found",
-        "not loaded",
-        "isn't loaded",
-        "no kernel extension",
-        "can't find",
-        "could not find",
-    ]
-    .iter()
-    .any(|m| t.contains(m))
+    match mode {
+        Mode::RemoveConsoleLog => format!("console log daemon and login prompt removed{failed}"),
+        Mode::Uninstall => format!(
+            "uninstalled{failed}: reboot now (nothing is unloaded: until the reboot the kernel \
+             keeps running them); after it, `{}` shows nothing of ours",
+            tools.showloaded()
+        ),
+        Mode::Install { .. } => match kernel {
+            Kernel::ThisBuild => {
+                format!(
+                    "installed{failed}; already running this build (same UUIDs); check with {check}"
+                )
+            }
+            Kernel::OtherBuild(v) => format!(
+                "installed{failed}; an older build is running ({}): reboot to run the new \
+                 one (approval may be asked first: {}); then check with {check}",
+                v.join(", "),
+                tools.approval()
+            ),
+            Kernel::Unknown(why) => format!(
+                "installed{failed}, not loaded now: what is loaded could not be read ({why}); \
+                 reboot to run the new build, then check with {check}"
+            ),
+            Kernel::NoneLoaded => {
+                let boot = match tools {
+                    Generation::Kextcache => {
+                        "they are in the prelinked kernel: reboot, so they take the virtio \
+                         devices at boot (a runtime load does not take a device AppleVirtIO \
+                         already drives)"
+                    }
+                    Generation::Kmutil => {
+                        "no need to re-run this command after the reboot: the auxiliary kext \
+                         collection holds them"
+                    }
+                };
+                if load_failed {
+                    format!(
+                        "installed{failed}, not loaded now: approval and a reboot may be \
+                         needed: {}, then reboot; {boot}; then check with {check}",
+                        tools.approval()
+                    )
+                } else if loads > 0 {
+                    let then = match tools {
+                        Generation::Kextcache => format!("; {boot}"),
+                        Generation::Kmutil => String::new(),
+                    };
+                    format!("installed and loaded{failed}{then}; check with {check}")
+                } else {
+                    format!("installed{failed}; check with {check}")
+                }
+            }
+        },
+    }
 }
 
 fn write_file(dest: &str, contents: &str, mode: u32) -> Result<(), String> {
@@ -735,20 +1052,32 @@ mod tests {
     use super::*;
 
     const GENS: [Generation; 2] = [Generation::Kextcache, Generation::Kmutil];
+    const NAMES: [&str; 3] = ["VirtioFamily", "VirtioNet", "VirtioBlock"];
+    const BUILT: [u8; 16] = [0x11; 16];
+    const OLDER: [u8; 16] = [0x22; 16];
 
-    fn bundles(states: &[Installed]) -> Vec<Bundle> {
-        let names = ["VirtioFamily", "VirtioNet", "VirtioBlock"];
-        names
+    fn bundles_in(dir: &str, states: &[Installed], loaded: &[Loaded]) -> Vec<Bundle> {
+        NAMES
             .iter()
             .zip(states)
-            .map(|(n, &installed)| Bundle {
+            .zip(loaded)
+            .map(|((n, &installed), loaded)| Bundle {
                 name: n.to_string(),
-                id: format!("org.virtiodarwin.driver.{n}"),
                 src: PathBuf::from(format!("/src/target/kexts/{n}.kext")),
-                dst: PathBuf::from(format!("/Library/Extensions/{n}.kext")),
+                dst: PathBuf::from(format!("{dir}/{n}.kext")),
                 installed,
+                built_uuid: Some(BUILT),
+                loaded: loaded.clone(),
             })
             .collect()
+    }
+
+    fn bundles(states: &[Installed]) -> Vec<Bundle> {
+        bundles_in(DEFAULT_DIR, states, &[Loaded::No, Loaded::No, Loaded::No])
+    }
+
+    fn loaded(l: [Loaded; 3]) -> Vec<Bundle> {
+        bundles_in(DEFAULT_DIR, &[Installed::Different; 3], &l)
     }
 
     fn shown(steps: &[Step]) -> Vec<String> {
@@ -761,21 +1090,35 @@ mod tests {
             .unwrap_or_else(|| panic!("no `{prefix}` in {cmds:#?}"))
     }
 
-    const NONE: console_log::Present = console_log::Present {
-        log_plist: false,
-        getty_plist: false,
-    };
+    fn has(cmds: &[String], part: &str) -> bool {
+        cmds.iter().any(|c| c.contains(part))
+    }
+
     const INSTALL: Mode = Mode::Install {
         console_log: false,
         getty: None,
     };
+    const CONSOLE: Mode = Mode::Install {
+        console_log: true,
+        getty: Some("org.virtiodarwin.login"),
+    };
+    const ALL_MODES: [Mode; 4] = [INSTALL, CONSOLE, Mode::Uninstall, Mode::RemoveConsoleLog];
+
+    fn root() -> &'static Path {
+        Path::new("/src")
+    }
 
     #[test]
     fn fresh_install_copies_then_loads_family_first() {
         let b = bundles(&[Installed::Absent; 3]);
-        let root = Path::new("/src");
-        let old = shown(&plan(Generation::Kextcache, INSTALL, &b, &NONE, root));
-        assert!(!old.iter().any(|c| c.contains("unload")), "{old:#?}");
+        assert_eq!(kernel_state(&b), Kernel::NoneLoaded);
+        let old = shown(&plan(
+            Generation::Kextcache,
+            INSTALL,
+            &Dest::Running,
+            &b,
+            root(),
+        ));
         let cache = index(&old, "kextcache -i /");
         let fam = "kextutil /Library/Extensions/VirtioFamily.kext";
         assert!(index(&old, "chmod -R go-w /Library/Extensions/VirtioBlock.kext") < cache);
@@ -788,9 +1131,15 @@ mod tests {
                      /Library/Extensions/VirtioNet.kext"
                 )
         );
-        assert!(!old.iter().any(|c| c.contains("kmutil")));
+        assert!(!has(&old, "kmutil"));
 
-        let new = shown(&plan(Generation::Kmutil, INSTALL, &b, &NONE, root));
+        let new = shown(&plan(
+            Generation::Kmutil,
+            INSTALL,
+            &Dest::Running,
+            &b,
+            root(),
+        ));
         let loads: Vec<&String> = new.iter().filter(|c| c.contains(" load")).collect();
         assert_eq!(
             loads,
@@ -798,20 +1147,21 @@ mod tests {
                  /Library/Extensions/VirtioNet.kext -p /Library/Extensions/VirtioBlock.kext"],
             "one kmutil call, family first"
         );
+        assert!(!has(&new, "kextcache") && !has(&new, "kextutil"));
         assert!(
-            !new.iter()
-                .any(|c| c.contains("kextcache") || c.contains("kextutil"))
+            !has(&new, "kmutil install"),
+            "the load stages the collection"
         );
         for g in GENS {
-            let p = plan(g, INSTALL, &b, &NONE, root);
+            let p = plan(g, INSTALL, &Dest::Running, &b, root());
             // Loads may fail (approval): never a step that stops the rest.
             assert!(
                 p.iter()
-                    .filter(|s| shown(std::slice::from_ref(s))[0].contains("load"))
+                    .filter(|s| s.shown().contains("load"))
                     .all(|s| s.on_fail == OnFail::Load)
             );
             let c = shown(&p);
-            for n in ["VirtioFamily", "VirtioNet", "VirtioBlock"] {
+            for n in NAMES {
                 let dst = format!("/Library/Extensions/{n}.kext");
                 let rm = index(&c, &format!("rm -rf {dst}"));
                 assert!(rm < index(&c, &format!("cp -R /src/target/kexts/{n}.kext {dst}")));
@@ -820,71 +1170,328 @@ mod tests {
         }
     }
 
+    /// No plan, in any mode, state or destination, ever unloads a kext.
     #[test]
-    fn reinstall_unloads_what_changes_and_keeps_identical_bundles() {
-        let root = Path::new("/src");
-        // Only a device kext changed: only it is unloaded and copied.
-        let b = bundles(&[
-            Installed::Identical,
-            Installed::Different,
-            Installed::Identical,
-        ]);
-        for g in GENS {
-            let c = shown(&plan(g, INSTALL, &b, &NONE, root));
-            let unloads: Vec<&String> = c.iter().filter(|c| c.contains("unload -b")).collect();
-            assert_eq!(unloads.len(), 1, "{c:#?}");
-            assert!(unloads[0].ends_with("org.virtiodarwin.driver.VirtioNet"));
-            assert!(index(&c, unloads[0]) < index(&c, "cp -R"));
-            assert!(
-                !c.iter()
-                    .any(|c| c.contains("cp -R") && c.contains("Family"))
-            );
-            assert_eq!(c.iter().filter(|c| c.starts_with("cp -R")).count(), 1);
-        }
-        // The family changed: every device kext first, then the family.
-        let b = bundles(&[
-            Installed::Different,
-            Installed::Identical,
-            Installed::Different,
-        ]);
-        let old = shown(&plan(Generation::Kextcache, INSTALL, &b, &NONE, root));
-        let u: Vec<&String> = old.iter().filter(|c| c.contains("unload")).collect();
-        assert_eq!(
-            u,
-            [
-                "kextunload -b org.virtiodarwin.driver.VirtioBlock",
-                "kextunload -b org.virtiodarwin.driver.VirtioNet",
-                "kextunload -b org.virtiodarwin.driver.VirtioFamily"
-            ]
-        );
-        let new = shown(&plan(Generation::Kmutil, INSTALL, &b, &NONE, root));
-        assert_eq!(
-            new.iter()
-                .filter(|c| c.contains("unload"))
-                .collect::<Vec<_>>()[2],
-            "kmutil unload -b org.virtiodarwin.driver.VirtioFamily"
-        );
-        // Nothing changed: no unload, no copy (no needless collection rebuild).
-        let b = bundles(&[Installed::Identical; 3]);
-        for g in GENS {
-            let c = shown(&plan(g, INSTALL, &b, &NONE, root));
-            assert!(
-                !c.iter()
-                    .any(|c| c.contains("unload") || c.starts_with("cp"))
-            );
+    fn nothing_ever_unloads() {
+        let states = [
+            [Loaded::No, Loaded::No, Loaded::No],
+            [Loaded::Yes(Some(OLDER)), Loaded::Yes(None), Loaded::No],
+            [Loaded::Unknown("x".into()), Loaded::No, Loaded::No],
+        ];
+        let dests = [Dest::Running, Dest::Volume("/Volumes/Guest".into())];
+        for l in states {
+            for installed in [
+                Installed::Absent,
+                Installed::Identical,
+                Installed::Different,
+            ] {
+                let b = bundles_in(DEFAULT_DIR, &[installed; 3], &l);
+                for (g, mode, dest) in GENS
+                    .iter()
+                    .flat_map(|g| ALL_MODES.iter().map(move |m| (*g, *m)))
+                    .flat_map(|(g, m)| dests.iter().map(move |d| (g, m, d)))
+                {
+                    let c = shown(&plan(g, mode, dest, &b, root()));
+                    assert!(!has(&c, "unload"), "{c:#?}");
+                }
+            }
         }
     }
 
     #[test]
-    fn console_log_steps_follow_the_loads_and_survive_a_failed_load() {
-        let b = bundles(&[Installed::Absent; 3]);
-        let root = Path::new("/src");
-        let mode = Mode::Install {
-            console_log: true,
-            getty: Some("org.virtiodarwin.login"),
-        };
+    fn identical_bundles_are_kept_but_their_owner_and_mode_are_set() {
+        let b = bundles(&[
+            Installed::Identical,
+            Installed::Different,
+            Installed::Identical,
+        ]);
         for g in GENS {
-            let p = plan(g, mode, &b, &NONE, root);
+            let c = shown(&plan(g, INSTALL, &Dest::Running, &b, root()));
+            assert_eq!(c.iter().filter(|c| c.starts_with("cp -R")).count(), 1);
+            assert!(has(&c, "cp -R /src/target/kexts/VirtioNet.kext"));
+            for n in NAMES {
+                let dst = format!("/Library/Extensions/{n}.kext");
+                index(&c, &format!("chown -R root:wheel {dst}"));
+                index(&c, &format!("chmod -R go-w {dst}"));
+            }
+        }
+    }
+
+    /// A loaded build (of any UUID, or one that cannot be read) is left alone: no load, the
+    /// caches rebuilt for the next boot, and the verdict says to reboot.
+    #[test]
+    fn a_loaded_build_is_not_loaded_again() {
+        let older = loaded([Loaded::Yes(Some(OLDER)), Loaded::No, Loaded::No]);
+        let Kernel::OtherBuild(v) = kernel_state(&older) else {
+            panic!("{:?}", kernel_state(&older))
+        };
+        assert!(v[0].contains("VirtioFamily") && v[0].contains(&show_uuid(&OLDER)));
+        let unread = loaded([Loaded::No, Loaded::Yes(None), Loaded::No]);
+        assert!(matches!(kernel_state(&unread), Kernel::OtherBuild(_)));
+        let unknown = loaded([Loaded::No, Loaded::No, Loaded::Unknown("odd".into())]);
+        assert!(matches!(kernel_state(&unknown), Kernel::Unknown(w) if w.contains("odd")));
+        for b in [&older, &unread, &unknown] {
+            let old = shown(&plan(
+                Generation::Kextcache,
+                INSTALL,
+                &Dest::Running,
+                b,
+                root(),
+            ));
+            assert!(!has(&old, "kextutil"), "{old:#?}");
+            index(&old, "kextcache -i /");
+            let new = shown(&plan(
+                Generation::Kmutil,
+                INSTALL,
+                &Dest::Running,
+                b,
+                root(),
+            ));
+            assert!(!has(&new, "kmutil load"), "{new:#?}");
+            assert!(index(&new, "chmod") < index(&new, "kmutil install --update-all"));
+            for g in GENS {
+                let v = verdict(g, INSTALL, &Dest::Running, &kernel_state(b), 0, false, 0);
+                assert!(v.contains("reboot"), "{v}");
+                assert!(!v.contains("installed and loaded"), "{v}");
+            }
+        }
+        let v = verdict(
+            Generation::Kmutil,
+            INSTALL,
+            &Dest::Running,
+            &kernel_state(&older),
+            0,
+            false,
+            0,
+        );
+        assert!(v.contains("an older build is running"), "{v}");
+        // This build running, nothing changed: nothing to load, no collection rebuild.
+        let same = bundles_in(
+            DEFAULT_DIR,
+            &[Installed::Identical; 3],
+            &[
+                Loaded::Yes(Some(BUILT)),
+                Loaded::Yes(Some(BUILT)),
+                Loaded::No,
+            ],
+        );
+        assert_eq!(kernel_state(&same), Kernel::ThisBuild);
+        let new = shown(&plan(
+            Generation::Kmutil,
+            INSTALL,
+            &Dest::Running,
+            &same,
+            root(),
+        ));
+        assert!(!has(&new, "kmutil"), "{new:#?}");
+        let old = shown(&plan(
+            Generation::Kextcache,
+            INSTALL,
+            &Dest::Running,
+            &same,
+            root(),
+        ));
+        assert!(!has(&old, "kextutil"));
+        let v = verdict(
+            Generation::Kextcache,
+            INSTALL,
+            &Dest::Running,
+            &Kernel::ThisBuild,
+            0,
+            false,
+            0,
+        );
+        assert!(v.contains("already running this build"), "{v}");
+    }
+
+    #[test]
+    fn loaded_listings_are_read_defensively() {
+        let id = "org.virtiodarwin.driver.VirtioNet";
+        // kextstat -l -b (10.13+: the UUID after the version).
+        let line = "  151    0 0xffffff7f83a5e000 0x9000     0x9000     \
+                    org.virtiodarwin.driver.VirtioNet (0.1.0) \
+                    6F1D2C3B-4A59-3E2F-8D7C-0B1A29384756 <150 7 5 4 3 1>\n";
+        let u = parse_uuid("6F1D2C3B-4A59-3E2F-8D7C-0B1A29384756").unwrap();
+        assert_eq!(parse_loaded(id, line), Loaded::Yes(Some(u)));
+        assert_eq!(show_uuid(&u), "6F1D2C3B-4A59-3E2F-8D7C-0B1A29384756");
+        assert_eq!(
+            parse_uuid("6f1d2c3b-4a59-3e2f-8d7c-0b1a29384756"),
+            Some(u),
+            "any case"
+        );
+        // kmutil showloaded: a header, then the line.
+        let kmutil = format!(
+            "Index Refs Address            Size       Wired      Name (Version) UUID <Linked \
+             Against>\n{line}"
+        );
+        assert_eq!(parse_loaded(id, &kmutil), Loaded::Yes(Some(u)));
+        // Before 10.13, or a line without one: loaded, build unknown.
+        assert_eq!(
+            parse_loaded(
+                id,
+                "  151 0 0xff 0x9 0x9 org.virtiodarwin.driver.VirtioNet (0.1.0) <1>"
+            ),
+            Loaded::Yes(None)
+        );
+        for none in [
+            "",
+            "\n\n",
+            "Index Refs Address Size Wired Name (Version) UUID\n",
+        ] {
+            assert_eq!(parse_loaded(id, none), Loaded::No, "{none:?}");
+        }
+        // Another kext whose ID starts with ours is not ours; unknown text is "unknown".
+        for odd in [
+            "  151 0 0xff 0x9 0x9 org.virtiodarwin.driver.VirtioNetX (0.1.0)",
+            "Error: something changed",
+            "\u{feff}\u{0}ünïcödé",
+        ] {
+            assert!(
+                matches!(parse_loaded(id, odd), Loaded::Unknown(_)),
+                "{odd:?}"
+            );
+        }
+        let long = "x".repeat(100_000);
+        let Loaded::Unknown(why) = parse_loaded(id, &long) else {
+            panic!()
+        };
+        assert!(why.len() < 200, "bounded: {}", why.len());
+        for bad in [
+            "",
+            "6F1D2C3B",
+            "6F1D2C3B-4A59-3E2F-8D7C-0B1A2938475G",
+            "é-é-é-é-é",
+        ] {
+            assert_eq!(parse_uuid(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn macho_uuid_reads_lc_uuid() {
+        let tmp = std::env::temp_dir().join(format!("virtio-install-uuid-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        // mach_header_64 (x86_64, MH_KEXT_BUNDLE), one LC_UUID.
+        let mut m = Vec::new();
+        for w in [0xfeed_facfu32, 0x0100_0007, 3, 0xb, 1, 24, 0, 0, 0x1b, 24] {
+            m.extend_from_slice(&w.to_le_bytes());
+        }
+        m.extend_from_slice(&BUILT);
+        let f = tmp.join("X");
+        std::fs::write(&f, &m).unwrap();
+        assert_eq!(macho_uuid(&f), Some(BUILT));
+        std::fs::write(&f, &m[..40]).unwrap();
+        assert_eq!(macho_uuid(&f), None, "truncated");
+        std::fs::write(&f, b"not a Mach-O").unwrap();
+        assert_eq!(macho_uuid(&f), None);
+        assert_eq!(macho_uuid(&tmp.join("absent")), None);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn install_dirs() {
+        assert_eq!(parse_dest("/Library/Extensions"), Ok(Dest::Running));
+        assert_eq!(parse_dest("/Library/Extensions/"), Ok(Dest::Running));
+        assert_eq!(
+            parse_dest("/Volumes/Guest HD/Library/Extensions"),
+            Ok(Dest::Volume("/Volumes/Guest HD".into()))
+        );
+        for bad in [
+            "/Volumes/Guest/Extensions",
+            "/Volumes/Guest",
+            "Library/Extensions",
+            "/Volumes/Guest/../x/Library/Extensions",
+            "/System/Library/Extensions",
+            "/System/Volumes/Data/Library/Extensions",
+            "/tmp/it's/kexts",
+        ] {
+            let e = parse_dest(bad).unwrap_err();
+            assert!(e.starts_with("KEXT_INSTALL_DIR="), "{e}");
+            assert!(!e.contains('"'), "shell quoting, not Rust escaping: {e}");
+        }
+        assert!(
+            parse_dest("/tmp/it's/kexts")
+                .unwrap_err()
+                .contains(r"'/tmp/it'\''s/kexts'")
+        );
+    }
+
+    /// Another volume: files, and on 10.x that volume's prelinked kernel; nothing loaded,
+    /// nothing of the running system (caches, kernel, launchd) touched.
+    #[test]
+    fn another_volume_gets_files_only() {
+        let dir = "/Volumes/Guest/Library/Extensions";
+        let vol = Dest::Volume("/Volumes/Guest".into());
+        let b = bundles_in(
+            dir,
+            &[Installed::Absent; 3],
+            &[Loaded::No, Loaded::No, Loaded::No],
+        );
+        for mode in [INSTALL, Mode::Uninstall] {
+            for g in GENS {
+                let p = plan(g, mode, &vol, &b, root());
+                let c = shown(&p);
+                for word in ["kextutil", "kmutil", "launchctl", "kextstat"] {
+                    assert!(!has(&c, word), "{word}: {c:#?}");
+                }
+                assert!(c.iter().all(|c| !c.ends_with("kextcache -i /")));
+                let runs: Vec<&String> = p
+                    .iter()
+                    .filter(|s| matches!(s.action, Action::Run(_)))
+                    .map(|s| &c[p.iter().position(|x| x == s).unwrap()])
+                    .collect();
+                assert!(
+                    runs.iter().all(|r| r.contains("/Volumes/Guest")),
+                    "{runs:#?}"
+                );
+                match g {
+                    Generation::Kextcache => {
+                        assert_eq!(c.last().unwrap(), "kextcache -i /Volumes/Guest")
+                    }
+                    Generation::Kmutil => {
+                        assert!(p.last().unwrap().what.contains("when that system boots"))
+                    }
+                }
+            }
+        }
+        let v = verdict(
+            Generation::Kmutil,
+            INSTALL,
+            &vol,
+            &Kernel::NoneLoaded,
+            0,
+            false,
+            0,
+        );
+        assert!(
+            v.contains("rebuilt when that system boots and the user approves"),
+            "{v}"
+        );
+        // The console's launchd pieces are the running system's: refused, naming the flag
+        // and the variable.
+        assert_eq!(check_mode(INSTALL, &vol), Ok(()));
+        assert_eq!(check_mode(Mode::Uninstall, &vol), Ok(()));
+        assert_eq!(check_mode(CONSOLE, &Dest::Running), Ok(()));
+        for (mode, flag) in [
+            (
+                Mode::Install {
+                    console_log: true,
+                    getty: None,
+                },
+                "--console-log",
+            ),
+            (CONSOLE, "--getty"),
+            (Mode::RemoveConsoleLog, "--remove-console-log"),
+        ] {
+            let e = check_mode(mode, &vol).unwrap_err();
+            assert!(e.contains(flag) && e.contains("KEXT_INSTALL_DIR"), "{e}");
+        }
+    }
+
+    #[test]
+    fn console_log_steps_follow_the_loads() {
+        let b = bundles(&[Installed::Absent; 3]);
+        for g in GENS {
+            let p = plan(g, CONSOLE, &Dest::Running, &b, root());
             let c = shown(&p);
             let last_load = c
                 .iter()
@@ -892,7 +1499,7 @@ mod tests {
                 .unwrap();
             let daemon = index(
                 &c,
-                "launchctl load -w /Library/LaunchDaemons/org.virtiodarwin.console-log.plist",
+                "launchctl bootstrap system /Library/LaunchDaemons/org.virtiodarwin.console-log.plist",
             );
             assert!(last_load < daemon);
             // The getty job: a written file, shown as such (not a pseudo-command).
@@ -917,60 +1524,43 @@ mod tests {
                 &console_log::getty_plist("org.virtiodarwin.login")
             );
             assert_eq!(*mode, 0o644);
-            assert!(
-                w.shown().starts_with("writes /Library/LaunchDaemons/"),
-                "{}",
-                w.shown()
-            );
+            assert!(w.shown().starts_with("writes /Library/LaunchDaemons/"));
             assert!(w.shown().contains(&format!("({} bytes", contents.len())));
         }
     }
 
     #[test]
-    fn uninstall_unloads_removes_and_refreshes_the_caches() {
+    fn uninstall_stops_the_jobs_first_removes_and_refreshes_the_caches() {
         let b = bundles(&[Installed::Identical; 3]);
-        let root = Path::new("/src");
-        let both = console_log::Present {
-            log_plist: true,
-            getty_plist: false,
-        };
-        for (g, unload, refresh) in [
-            (Generation::Kextcache, "kextunload -b", "kextcache -i /"),
-            (
-                Generation::Kmutil,
-                "kmutil unload -b",
-                "kmutil install --update-all",
-            ),
+        for (g, refresh) in [
+            (Generation::Kextcache, "kextcache -i /"),
+            (Generation::Kmutil, "kmutil install --update-all"),
         ] {
-            let p = plan(g, Mode::Uninstall, &b, &both, root);
+            let p = plan(g, Mode::Uninstall, &Dest::Running, &b, root());
             let c = shown(&p);
-            assert_eq!(
-                c[..3],
-                [
-                    format!("{unload} org.virtiodarwin.driver.VirtioBlock"),
-                    format!("{unload} org.virtiodarwin.driver.VirtioNet"),
-                    format!("{unload} org.virtiodarwin.driver.VirtioFamily"),
-                ]
-            );
-            assert!(p[..3].iter().all(|s| s.on_fail == OnFail::Unload));
+            assert!(c[0].starts_with("launchctl bootout system/"), "{c:#?}");
             let rm = index(&c, "rm -rf /Library/Extensions/VirtioFamily.kext");
-            assert!(
-                index(
-                    &c,
-                    "launchctl unload /Library/LaunchDaemons/org.virtiodarwin.console-log.plist"
-                ) < rm
-            );
+            assert!(index(&c, "launchctl bootout system/org.virtiodarwin.console-log") < rm);
+            // The console's files go whether or not a plist was found.
+            for f in [
+                "rm -rf '/Library/Application Support/VirtioDarwin'",
+                "rm -rf /var/db/virtiodarwin",
+                "rm -f /var/log/virtio-console-log.log",
+            ] {
+                assert!(index(&c, f) < rm);
+            }
             assert_eq!(c.last().unwrap(), refresh);
-            assert!(
-                !c.iter().any(|c| c.contains("console-getty")),
-                "absent: {c:#?}"
+            assert_eq!(p.last().unwrap().on_fail, OnFail::Warn);
+            let v = verdict(
+                g,
+                Mode::Uninstall,
+                &Dest::Running,
+                &Kernel::NoneLoaded,
+                0,
+                false,
+                0,
             );
-            // Without console pieces in place: none of their steps.
-            let c = shown(&plan(g, Mode::Uninstall, &b, &NONE, root));
-            assert!(
-                !c.iter()
-                    .any(|c| c.contains("launchctl") || c.contains("VirtioDarwin"))
-            );
+            assert!(v.contains("reboot"), "{v}");
         }
     }
 
@@ -978,12 +1568,23 @@ mod tests {
     fn target_versions() {
         assert_eq!(parse_target("10.13"), Ok(Generation::Kextcache));
         assert_eq!(parse_target("10.15.7"), Ok(Generation::Kextcache));
+        assert_eq!(
+            parse_target("10.16"),
+            Ok(Generation::Kmutil),
+            "macOS 11's compat name"
+        );
         assert_eq!(parse_target("11"), Ok(Generation::Kmutil));
         assert_eq!(parse_target("14.5"), Ok(Generation::Kmutil));
-        for bad in ["10.12", "10", "9", "", "sonoma", "13.x"] {
+        for bad in ["10.12", "10", "10.17", "9", "", "sonoma", "13.x", "big sur"] {
             let e = parse_target(bad).unwrap_err();
             assert!(e.contains("--target-macos"), "{e}");
+            assert!(!e.contains('"'), "shell quoting, not Rust escaping: {e}");
         }
+        assert!(
+            parse_target("big sur")
+                .unwrap_err()
+                .starts_with("--target-macos 'big sur':")
+        );
     }
 
     #[test]
@@ -998,10 +1599,7 @@ mod tests {
             "mkdir -p '/Library/Application Support/VirtioDarwin'"
         );
         assert_eq!(quote("it's"), r"'it'\''s'");
-        assert!(not_loaded(
-            "(kernel) Kext org.virtiodarwin.driver.VirtioNet not found for unload request."
-        ));
-        assert!(!not_loaded("(kernel) Kext org.x is in use"));
+        assert_eq!(quote(""), "''");
     }
 
     #[test]
@@ -1023,8 +1621,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&tmp);
     }
 
-    /// The runner: a failed load does not stop the steps after it; a busy unload skips the
-    /// loads; a failed `Warn` step makes the exit status 1; a failed `Stop` step ends it.
+    /// The runner: a failed load does not stop the steps after it; an ignored failure is
+    /// silent; a `JobGone` check warns only when the job is still there; a failed `Warn`
+    /// step makes the exit status 1; a failed `Stop` step ends it.
     #[test]
     fn failures_do_what_the_plan_says() {
         let tmp = std::env::temp_dir().join(format!("virtio-install-run-{}", std::process::id()));
@@ -1033,36 +1632,29 @@ mod tests {
         let mark = |n: &str| tmp.join(n).display().to_string();
         let sh = |what: &str, script: &str, on_fail| run_step(what, &["sh", "-c", script], on_fail);
         let (a, b) = (mark("after-load"), mark("load-ran"));
+        let k = Kernel::NoneLoaded;
+        let run = |g, steps: &[Step]| execute(g, INSTALL, &Dest::Running, &k, steps);
         let steps = [
             sh(
-                "unload X",
-                "echo 'Kext X not found for unload request.'; exit 1",
-                OnFail::Unload,
+                "bootout",
+                "echo 'Could not find service'; exit 113",
+                OnFail::Ignore,
             ),
+            sh("gone?", "exit 113", OnFail::JobGone),
             sh("load", &format!("touch {b}; exit 1"), OnFail::Load),
             sh("console", &format!("touch {a}"), OnFail::Stop),
         ];
-        let mode = INSTALL;
-        assert_eq!(execute(Generation::Kmutil, mode, &steps), Ok(true));
+        assert_eq!(run(Generation::Kmutil, &steps), Ok(true));
         assert!(Path::new(&a).exists() && Path::new(&b).exists());
-        // Busy: the load is skipped, the rest runs.
-        std::fs::remove_file(&b).unwrap();
-        let busy = [
-            sh(
-                "unload X",
-                "echo 'Kext X is in use'; exit 1",
-                OnFail::Unload,
-            ),
-            steps[1].clone(),
-            steps[2].clone(),
-        ];
-        assert_eq!(execute(Generation::Kextcache, mode, &busy), Ok(true));
-        assert!(!Path::new(&b).exists());
-        let warn = [sh("cache", "exit 1", OnFail::Warn), steps[2].clone()];
-        assert_eq!(execute(Generation::Kextcache, mode, &warn), Ok(false));
-        let stop = [sh("copy", "exit 1", OnFail::Stop)];
-        let e = execute(Generation::Kmutil, mode, &stop).unwrap_err();
+        let still = [sh("gone?", "exit 0", OnFail::JobGone), steps[3].clone()];
+        assert_eq!(run(Generation::Kextcache, &still), Ok(false));
+        let warn = [sh("cache", "exit 1", OnFail::Warn), steps[3].clone()];
+        assert_eq!(run(Generation::Kextcache, &warn), Ok(false));
+        let stop = [sh("copy", "exit 1", OnFail::Stop), steps[3].clone()];
+        std::fs::remove_file(&a).unwrap();
+        let e = run(Generation::Kmutil, &stop).unwrap_err();
         assert!(e.contains("nothing after it was done"), "{e}");
+        assert!(!Path::new(&a).exists());
         let _ = std::fs::remove_dir_all(&tmp);
     }
 }

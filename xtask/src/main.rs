@@ -76,18 +76,22 @@ enum Cmd {
     },
     /// Install and load the built kexts (macOS or PureDarwin test VM, as root)
     ///
-    /// Unloads a loaded older build, copies the bundles built by `cargo xtask kexts` to
-    /// /Library/Extensions (or $KEXT_INSTALL_DIR: `sudo KEXT_INSTALL_DIR=<dir> cargo xtask
-    /// install`, sudo drops the environment), owned by root:wheel and not writable by others,
-    /// keeps an identical installed bundle, and loads them family first: kextcache -i / and
-    /// kextutil on macOS 10.13-10.15 and PureDarwin (Darwin 17-19), one kmutil load on 11 and
-    /// later (Darwin 20+, by `uname -r`). Signing, approval and security settings:
-    /// docs/install.md.
-    #[command(after_help = "Examples:
-  sudo cargo xtask install
-  sudo cargo xtask install --console-log --getty org.virtiodarwin.login
-  sudo cargo xtask install --remove-console-log
-  sudo cargo xtask install --uninstall
+    /// Copies the bundles built by `cargo xtask kexts` to /Library/Extensions, owned by
+    /// root:wheel and not writable by others (an identical installed bundle is kept), and
+    /// rebuilds the kext caches: kextcache -i / on macOS 10.13-10.15 and PureDarwin (Darwin
+    /// 17-19), the auxiliary kext collection on 11 and later (Darwin 20+, by `uname -r`).
+    /// Loads them (kextutil, family first; one kmutil load) only when none of them is
+    /// loaded; never unloads (that would terminate a running disk or NIC driver): a loaded
+    /// older build, told by its UUID, is replaced at the next reboot.
+    /// KEXT_INSTALL_DIR=<volume>/Library/Extensions installs onto another system's volume:
+    /// files only (and kextcache -i <volume> on 10.x). Running it as root, signing,
+    /// approval and security settings: docs/install.md.
+    #[command(after_help = "Examples (docs/install.md: running cargo as root):
+  sudo -E env \"PATH=$PATH\" cargo xtask install
+  sudo -E env \"PATH=$PATH\" cargo xtask install --console-log --getty org.virtiodarwin.login
+  cargo build -p xtask && sudo ./target/debug/xtask install --uninstall
+  sudo ./target/debug/xtask install --remove-console-log
+  sudo KEXT_INSTALL_DIR=/Volumes/Guest/Library/Extensions ./target/debug/xtask install
   cargo xtask install --dry-run --console-log
   cargo xtask install --dry-run --target-macos 10.15")]
     Install {
@@ -96,7 +100,7 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
         /// With --dry-run: the plan for this macOS version (10.13 to 10.15, also PureDarwin,
-        /// or 11 and later) instead of the running system's
+        /// or 11 and later; 10.16 is 11) instead of the running system's
         #[arg(long, value_name = "VERSION", requires = "dry_run")]
         target_macos: Option<String>,
         /// Also install the console log daemon: the kernel's log and the last panic report
@@ -110,8 +114,8 @@ enum Cmd {
         /// log (the kexts stay)
         #[arg(long, conflicts_with_all = ["console_log", "getty"])]
         remove_console_log: bool,
-        /// Unload and remove the kexts and the console's launchd pieces, refresh the kext
-        /// caches; then reboot
+        /// Stop the console's launchd jobs, remove them and the kexts (never unloaded),
+        /// refresh the kext caches; then reboot
         #[arg(long, conflicts_with_all = ["console_log", "getty", "remove_console_log"])]
         uninstall: bool,
     },

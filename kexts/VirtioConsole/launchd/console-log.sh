@@ -10,8 +10,9 @@
 #      until they have been still for $PANIC_SETTLE s, at most $PANIC_WAIT s,
 #   3. sends the most recent panic report over the port, once (a checksum of the report
 #      sent is kept in $STATE_DIR, so a reboot without a new panic sends nothing),
-#   4. then streams the kernel's log to it for as long as the system runs: `log stream` on
-#      macOS 10.12 and later, `syslog -w` before. If the stream ends, it exits 1 and launchd
+#   4. then streams the kernel's log to it for as long as the system runs: `log stream`
+#      where `log` exists (macOS 10.12 and later), else `syslog -w` (older systems,
+#      PureDarwin). If the stream ends, it exits 1 and launchd
 #      starts it again (at most every 10 s); a stream that keeps ending quickly is restarted
 #      after a growing delay (10 s more per quick failure, at most $BACKOFF_MAX s).
 # Its own messages go to stderr, which launchd appends to $LOG_FILE; the script keeps that
@@ -66,7 +67,12 @@ panic_pending() {
     nvram aapl,panic-info > /dev/null 2>&1
 }
 
-boot=$(sysctl -n kern.boottime 2>/dev/null)
+# This boot: its UUID (kern.bootsessionuuid), else, where the kernel has none, its start
+# time.
+boot=$(sysctl -n kern.bootsessionuuid 2>/dev/null)
+if [ -z "$boot" ]; then
+    boot=$(sysctl -n kern.boottime 2>/dev/null)
+fi
 if [ "$boot" != "$(cat "$STATE_DIR/boot" 2>/dev/null)" ]; then
     waited=0
     still=0
@@ -112,15 +118,17 @@ if [ -n "$newest" ]; then
     fi
 fi
 
+# The log tool: `log stream` where there is one (macOS 10.12 and later; PureDarwin has no
+# `log`), else syslogd's `syslog -w`.
 version=$(sw_vers -productVersion 2>/dev/null)
-major=${version%%.*}
-rest=${version#*.}
-minor=${rest%%.*}
-case "$minor" in '' | *[!0-9]*) minor=0 ;; esac
-case "$major" in '' | *[!0-9]*) major=10 ;; esac
-echo "==== virtio-console-log: kernel log of macOS $version follows ====" >> "$PORT"
+if [ -n "$version" ]; then
+    version="macOS $version"
+else
+    version=$(uname -sr 2>/dev/null)
+fi
+echo "==== virtio-console-log: kernel log of $version follows ====" >> "$PORT"
 started=$(date +%s)
-if [ "$major" -gt 10 ] || [ "$minor" -ge 12 ]; then
+if command -v log > /dev/null 2>&1; then
     log stream --process kernel --style syslog --level info >> "$PORT"
 else
     syslog -w -k Sender kernel >> "$PORT"
