@@ -341,12 +341,15 @@ impl CtrlResponder {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (s, l, sim) = (stop.clone(), log.clone(), sim.clone());
         let handle = std::thread::spawn(move || {
+            // Each command is logged as it is answered, before its completion is published:
+            // a driver call that returns on that completion finds it in the log.
+            let mut log_and_ack = |c: &CtrlCommand| {
+                l.lock().expect("log").push(c.clone());
+                ack(c)
+            };
             while !s.load(Ordering::Relaxed) {
-                let cmds = serve_ctrl(&sim, &mut *ack);
-                if cmds.is_empty() {
+                if serve_ctrl(&sim, &mut log_and_ack).is_empty() {
                     std::thread::yield_now();
-                } else {
-                    l.lock().expect("log").extend(cmds);
                 }
             }
         });

@@ -889,9 +889,18 @@ fn stop_while_a_debugger_entry_holds_the_driver(kexts: Kexts) {
     let (cpu, sent) = (OtherCpu(r.dev), kdp.clone());
     let debugger = std::thread::spawn(move || {
         let cpu = cpu;
-        // SAFETY: the handle lives until this thread is joined; a local frame. The spin
-        // bound is never reached: the test completes the frame.
-        unsafe { (net.vnet_debug_send)(cpu.0, sent.as_ptr(), sent.len(), 1 << 30) }
+        // The work loop's probe below (`vnet_stats`) holds the driver for a moment, and an
+        // entry that meets it is refused: try again, as KDP retransmits.
+        loop {
+            // SAFETY: the handle lives until this thread is joined; a local frame. The spin
+            // bound is never reached: the test completes the frame.
+            let status =
+                unsafe { (net.vnet_debug_send)(cpu.0, sent.as_ptr(), sent.len(), 1 << 30) };
+            if status != VNET_E_LOCKED {
+                break status;
+            }
+            std::thread::yield_now();
+        }
     });
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
