@@ -171,7 +171,8 @@ enum Handle {
     Dir(Vec<(Vec<u8>, u64, u32)>),
 }
 
-type Tamper = Box<dyn FnMut(u32, &mut Vec<u8>) + Send>;
+/// Rewrites the reply (opcode, reply bytes) before it is written.
+pub type Tamper = Box<dyn FnMut(u32, &mut Vec<u8>) + Send>;
 type UsedLen = Box<dyn FnMut(u32, u32) -> u32 + Send>;
 
 /// The FUSE server state over `root`.
@@ -203,6 +204,8 @@ pub struct FsModel {
     notify_chains: VecDeque<Chain>,
     /// Notification buffers the model has taken from the ring so far.
     pub notify_buffers_seen: u64,
+    /// hiprio's queue size, if not the others' (a device may offer a small one).
+    pub hiprio_queue_size: Option<u16>,
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -284,6 +287,7 @@ impl FsModel {
             notify_buf_size: None,
             notify_chains: VecDeque::new(),
             notify_buffers_seen: 0,
+            hiprio_queue_size: None,
         }
     }
 
@@ -303,7 +307,10 @@ impl FsModel {
     /// notification queue if offered, and the request queues, of `queue_size` entries,
     /// offering `generic` ring bits and VERSION_1 (and NOTIFICATION).
     pub fn sim_builder(&self, generic: u64, queue_size: u16, memory_len: usize) -> SimBuilder {
-        let queues = vec![queue_size; usize::from(self.queue_count())];
+        let mut queues = vec![queue_size; usize::from(self.queue_count())];
+        if let Some(size) = self.hiprio_queue_size {
+            queues[0] = size;
+        }
         let notification = if self.notify_buf_size.is_some() {
             F_NOTIFICATION
         } else {
@@ -314,6 +321,16 @@ impl FsModel {
             .queues(&queues)
             .device_config(&self.config_bytes())
             .memory_len(memory_len)
+    }
+
+    /// Open file and directory handles (OPEN, OPENDIR, CREATE not yet released).
+    pub fn open_handles(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Lookups the driver holds of `node` (0: none, or no such node).
+    pub fn lookups(&self, node: u64) -> u64 {
+        self.nodes.get(&node).map_or(0, |(_, n)| *n)
     }
 
     /// Nodes the server holds lookups for, besides the root.

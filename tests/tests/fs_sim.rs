@@ -16,8 +16,8 @@ use virtio_fs::{
 };
 use virtio_pci::{PciTransport, Preference, probe};
 use virtio_tests::fs_model::{
-    FsModel, notify_code, notify_delete, notify_inval_entry, notify_inval_inode, notify_lock,
-    notify_message, op,
+    FsModel, Tamper, notify_code, notify_delete, notify_inval_entry, notify_inval_inode,
+    notify_lock, notify_message, op,
 };
 use virtio_tests::sim::{Sim, SimBars, SimConfig, SimIrq, walk_allocation_failures};
 
@@ -758,6 +758,18 @@ fn hostile_attributes_entries_and_statfs_are_errors() {
     }));
     let res = r.run(|fs, w| fs.write(w, e.node, o.fh, 0, &[1u8; 100]));
     assert!(matches!(res, Err(FsError::Protocol { .. })), "{res:?}");
+    // Also taken raw (refused in `poll`, not only by `write`), and not counted written.
+    let res = r.call(
+        &Request::Write {
+            node: e.node,
+            fh: o.fh,
+            offset: 0,
+            data: &[1u8; 100],
+        },
+        &mut [],
+    );
+    assert!(protocol(&res).contains("more bytes than were sent"));
+    assert_eq!(r.fs.stats().bytes_written, 0);
 }
 
 #[test]
@@ -1450,13 +1462,9 @@ fn notifications_arrive_typed_in_order_and_buffers_are_reposted() {
         ),
         ref other => panic!("{other:?}"),
     }
-    assert_eq!(
-        got[3],
-        Some(Ok(Notification::Lock {
-            unique: 42,
-            error: Some(Errno::EAGAIN)
-        }))
-    );
+    // LOCK answers a lock request the driver never sent (no POSIX_LOCKS offered): a
+    // protocol error in its place, counted, its buffer reposted.
+    assert!(notify_what(got[3].as_ref().unwrap()).contains("LOCK"));
     assert_eq!(r.fs.take_notification(), None);
     // Every buffer is back with the device, and the device was told.
     assert_eq!(r.fs.notify_buffers(), 4);
@@ -1485,7 +1493,7 @@ fn notifications_arrive_typed_in_order_and_buffers_are_reposted() {
         .collect();
     assert_eq!(nodes, (100..175).collect::<Vec<_>>());
     let stats = r.fs.stats();
-    assert_eq!((stats.notifications, stats.notify_errors), (79, 0));
+    assert_eq!((stats.notifications, stats.notify_errors), (78, 1));
     assert_eq!(r.model.notify_buffers(&r.sim), 4);
     r.no_violations();
 }
@@ -1573,7 +1581,13 @@ fn hostile_notifications_are_errors_counted_and_reposted() {
             None,
             "node id 0",
         ),
-        ("lock error", notify_lock(3, 5), None, "negative errno"),
+        ("lock", notify_lock(3, -5), None, "LOCK"),
+        (
+            "poll",
+            notify_message(notify_code::POLL, 0, &[0; 8]),
+            None,
+            "POLL",
+        ),
         (
             "store",
             notify_message(notify_code::STORE, 0, &[0; 40]),
@@ -1722,5 +1736,441 @@ fn without_notification_nothing_changes() {
             "notify_buf_size {size}"
         );
         assert!(sim.status() & DeviceStatus::FAILED.bits() != 0, "{size}");
+    }
+}
+
+// ---- references the driver owes back, and the review's protocol rules ----
+
+/// Lets the driver pay what it owes: round trips (each wait serves every queue, each poll
+/// sends owed FORGETs and RELEASEs as slots allow), then hiprio served once more.
+fn settle(r: &mut Rig) {
+    for _ in 0..8 {
+        r.run(|fs, w| fs.statfs(w, NodeId::ROOT)).unwrap();
+    }
+    r.model.serve(&r.sim, 0);
+}
+
+/// Serves the request queues once (no waiter) and polls: what was submitted completes.
+fn serve_requests(r: &mut Rig) {
+    let first = r.fs.first_request_queue();
+    for q in first..first + r.fs.request_queues() as u16 {
+        r.model.serve(&r.sim, q);
+    }
+    r.fs.poll().unwrap();
+}
+
+/// Sets the continuation offset of every record of a READDIR(PLUS) reply `b` to `off`.
+fn set_dirent_offsets(b: &mut [u8], plus: bool, off: u64) {
+    let fixed = if plus { 152 } else { 24 };
+    let mut at = 16;
+    while at + fixed <= b.len() {
+        let d = at + fixed - 24;
+        b[d + 8..d + 16].copy_from_slice(&off.to_le_bytes());
+        let namelen = u32::from_le_bytes(b[d + 16..d + 20].try_into().unwrap()) as usize;
+        at = (at + fixed + namelen).next_multiple_of(8);
+    }
+}
+
+/// A file `f` and a directory `d` holding `a`, `b` and `c` in the shared directory.
+fn file_and_dir(r: &Rig) {
+    std::fs::write(r.root.join("f"), b"data").unwrap();
+    std::fs::create_dir(r.root.join("d")).unwrap();
+    for n in ["a", "b", "c"] {
+        std::fs::write(r.root.join("d").join(n), b"").unwrap();
+    }
+}
+
+#[test]
+fn abandoned_requests_give_their_references_back() {
+    let mut r = rig("owed");
+    file_and_dir(&r);
+    let file = r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"f")).unwrap();
+    let dir = r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"d")).unwrap();
+    let dh = r.run(|fs, w| fs.opendir(w, dir.node)).unwrap();
+    let baseline = (r.model.live_nodes(), r.model.open_handles());
+    assert_eq!(baseline, (2, 1));
+    let requests = |n: &'static [u8; 2]| {
+        [
+            Request::Lookup {
+                parent: NodeId::ROOT,
+                name: b"f",
+            },
+            Request::Open {
+                node: file.node,
+                flags: open_flags::O_RDONLY,
+            },
+            Request::Opendir {
+                node: dir.node,
+                flags: 0,
+            },
+            Request::Create {
+                parent: NodeId::ROOT,
+                name: n,
+                flags: open_flags::O_RDWR,
+                mode: 0o644,
+                umask: 0,
+            },
+            Request::Mkdir {
+                parent: dir.node,
+                name: n,
+                mode: 0o755,
+                umask: 0,
+            },
+            Request::Symlink {
+                parent: file.node,
+                name: b"ln",
+                target: b"f",
+            },
+            Request::Readdir {
+                node: dir.node,
+                fh: dh.fh,
+                offset: 0,
+                size: 4096,
+                plus: true,
+            },
+        ]
+    };
+    // Abandoned in flight: each reply arrives after its caller gave up.
+    for req in &requests(b"n1") {
+        let t = r.fs.submit(req).unwrap();
+        r.fs.abandon(t);
+    }
+    r.fs.kick().unwrap();
+    settle(&mut r);
+    assert_eq!((r.model.live_nodes(), r.model.open_handles()), baseline);
+    // Abandoned after completing, unread.
+    let tickets: Vec<_> = requests(b"n2")
+        .iter()
+        .map(|req| r.fs.submit(req).unwrap())
+        .collect();
+    r.fs.kick().unwrap();
+    serve_requests(&mut r);
+    for &t in &tickets {
+        assert!(r.fs.is_done(t));
+        r.fs.abandon(t);
+    }
+    settle(&mut r);
+    assert_eq!((r.model.live_nodes(), r.model.open_handles()), baseline);
+    let s = r.fs.stats();
+    // Per round: LOOKUP, CREATE and MKDIR 1 each (SYMLINK under a file fails), 3 entries.
+    assert_eq!(s.unclaimed_nodes_forgotten, 2 * 6);
+    assert_eq!(s.unclaimed_handles_released, 2 * 3);
+    assert_eq!(s.lost_references, 0);
+    r.no_violations();
+}
+
+#[test]
+fn refused_replies_give_the_references_they_carried_back() {
+    let mut r = rig("refused");
+    file_and_dir(&r);
+    let dir = r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"d")).unwrap();
+    // A LOOKUP whose node the device took a reference of, with attributes of no type.
+    r.model.tamper = Some(Box::new(|o, b| {
+        if o == op::LOOKUP {
+            set_u32(b, 16 + 40 + 60, 0o644)
+        }
+    }));
+    let res = r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"f"));
+    assert!(protocol(&res.map(Reply::Entry)).contains("file type"));
+    // A READDIRPLUS reply whose last record has dirty padding: refused whole, and each
+    // of its three references given back.
+    let h = r.run(|fs, w| fs.opendir(w, dir.node)).unwrap();
+    r.model.tamper = Some(Box::new(|o, b| {
+        if o == op::READDIRPLUS && b.len() > 16 {
+            *b.last_mut().unwrap() = 1;
+        }
+    }));
+    let mut buf = vec![0u8; 4096];
+    let res = r.run(|fs, w| fs.read_dir(w, dir.node, h.fh, true, &mut buf, |_| {}));
+    assert!(matches!(res, Err(FsError::Protocol { what }) if what.contains("padding")));
+    r.model.tamper = None;
+    settle(&mut r);
+    assert_eq!(
+        r.model.live_nodes(),
+        1,
+        "only the directory's lookup is left"
+    );
+    assert_eq!(r.fs.stats().unclaimed_nodes_forgotten, 4);
+    r.no_violations();
+}
+
+#[test]
+fn created_entries_must_be_of_the_type_made_and_not_the_root() {
+    let mut r = rig("made");
+    let mode_at = 16 + 40 + 60;
+    let retype = move |opc: u32, typ: u32| -> Tamper {
+        Box::new(move |o, b| {
+            if o == opc && b.len() > mode_at + 4 {
+                let m = u32::from_le_bytes(b[mode_at..mode_at + 4].try_into().unwrap());
+                set_u32(b, mode_at, (m & 0o7777) | typ)
+            }
+        })
+    };
+    r.model.tamper = Some(retype(op::MKDIR, 0o100000));
+    let res = r.run(|fs, w| fs.mkdir(w, NodeId::ROOT, b"d", 0o755));
+    assert!(protocol(&res.map(Reply::Entry)).contains("file type"));
+    r.model.tamper = Some(retype(op::SYMLINK, 0o040000));
+    let res = r.run(|fs, w| fs.symlink(w, NodeId::ROOT, b"l", b"d"));
+    assert!(protocol(&res.map(Reply::Entry)).contains("file type"));
+    r.model.tamper = Some(retype(op::CREATE, 0o120000));
+    let res = r.run(|fs, w| fs.create(w, NodeId::ROOT, b"c", open_flags::O_RDWR, 0o600));
+    assert!(protocol(&res.map(|(e, o)| Reply::Created(e, o))).contains("file type"));
+    r.model.tamper = None;
+    // Each refused entry's reference (and CREATE's handle) went back.
+    settle(&mut r);
+    assert_eq!((r.model.live_nodes(), r.model.open_handles()), (0, 0));
+    // LINK to the root node id: refused (and the root is never forgotten).
+    let f = r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"c")).unwrap();
+    r.model.tamper = Some(Box::new(|o, b| {
+        if o == op::LINK {
+            b[16..24].copy_from_slice(&1u64.to_le_bytes())
+        }
+    }));
+    let res = r.run(|fs, w| fs.link(w, f.node, NodeId::ROOT, b"hard"));
+    assert!(protocol(&res.map(Reply::Entry)).contains("root"));
+    r.no_violations();
+}
+
+#[test]
+fn readdirplus_dot_entries_carry_no_reference_and_the_root_is_refused() {
+    let mut r = rig("dots");
+    std::fs::write(r.root.join("a"), b"").unwrap();
+    let h = r.run(|fs, w| fs.opendir(w, NodeId::ROOT)).unwrap();
+    // "." (the first record) with the root's node id and no attributes: no entry.
+    r.model.tamper = Some(Box::new(|o, b| {
+        if o == op::READDIRPLUS && b.len() > 16 {
+            b[16..24].copy_from_slice(&1u64.to_le_bytes())
+        }
+    }));
+    let mut buf = vec![0u8; 4096];
+    let mut seen = Vec::new();
+    r.run(|fs, w| {
+        fs.read_dir(w, NodeId::ROOT, h.fh, true, &mut buf, |e| {
+            seen.push((e.name.to_vec(), e.entry.map(|e| e.node)))
+        })
+    })
+    .unwrap();
+    assert_eq!(seen.len(), 3);
+    assert!(seen.contains(&(b".".to_vec(), None)));
+    assert!(seen.contains(&(b"..".to_vec(), None)));
+    let a = seen.iter().find(|(n, _)| n == b"a").unwrap().1.unwrap();
+    r.run(|fs, w| fs.forget(w, &[(a, 1)])).unwrap();
+    // "a" (the third record, after two 160-byte ones) as the root: refused.
+    r.model.tamper = Some(Box::new(|o, b| {
+        if o == op::READDIRPLUS && b.len() > 16 + 320 {
+            b[16 + 320..16 + 328].copy_from_slice(&1u64.to_le_bytes())
+        }
+    }));
+    let res = r.run(|fs, w| fs.read_dir(w, NodeId::ROOT, h.fh, true, &mut buf, |_| {}));
+    assert!(matches!(res, Err(FsError::Protocol { what }) if what.contains("root")));
+    r.model.tamper = None;
+    settle(&mut r);
+    r.no_violations();
+}
+
+#[test]
+fn forget_fits_a_small_hiprio_queue_and_owes_what_it_could_not_send() {
+    let mut r = rig_with("hiprio-small", FsOptions::default(), |m| {
+        m.hiprio_queue_size = Some(2)
+    });
+    std::fs::write(r.root.join("f"), b"").unwrap();
+    let mut node = NodeId(0);
+    for _ in 0..300 {
+        node = r
+            .run(|fs, w| fs.lookup(w, NodeId::ROOT, b"f"))
+            .unwrap()
+            .node;
+    }
+    assert_eq!(r.model.lookups(node.0), 300);
+    // Five BATCH_FORGETs through two hiprio entries.
+    r.run(|fs, w| fs.forget(w, &[(node, 1); 250])).unwrap();
+    r.model.serve(&r.sim, 0);
+    assert_eq!(r.model.lookups(node.0), 50);
+    // A forget whose wait fails part-way: what it did not send is the driver's to send.
+    struct Interrupted;
+    impl Waiter<Dev> for Interrupted {
+        fn wait(&mut self, _: &mut Fs) -> FsResult<()> {
+            Err(FsError::Timeout)
+        }
+    }
+    for _ in 0..150 {
+        r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"f")).unwrap();
+    }
+    assert_eq!(r.model.lookups(node.0), 200);
+    // 61 + 61 fill hiprio's two entries; the third batch waits, and the wait fails.
+    assert_eq!(
+        r.fs.forget(&mut Interrupted, &[(node, 1); 200]),
+        Err(FsError::Timeout)
+    );
+    settle(&mut r);
+    settle(&mut r);
+    assert_eq!(r.model.lookups(node.0), 0, "every lookup forgotten, once");
+    assert_eq!(r.fs.stats().lost_references, 0);
+    r.no_violations();
+}
+
+#[test]
+fn read_dir_refuses_a_reply_that_does_not_advance() {
+    let mut r = rig("stuck");
+    for i in 0..6 {
+        std::fs::write(r.root.join(format!("f{i}")), b"").unwrap();
+    }
+    let h = r.run(|fs, w| fs.opendir(w, NodeId::ROOT)).unwrap();
+    // Every record continues at 5: the read from 5 ends at 5 again.
+    r.model.tamper = Some(Box::new(|o, b| {
+        if o == op::READDIR {
+            set_dirent_offsets(b, false, 5)
+        }
+    }));
+    let mut buf = vec![0u8; 4096];
+    let mut count = 0;
+    let res = r.run(|fs, w| fs.read_dir(w, NodeId::ROOT, h.fh, false, &mut buf, |_| count += 1));
+    assert!(
+        matches!(res, Err(FsError::Protocol { what }) if what.contains("offset it was read from")),
+        "{res:?}"
+    );
+    // The first reply (8 records, from 0) and the second (3, from 5) were handed out.
+    assert_eq!(count, 11);
+    r.no_violations();
+}
+
+#[test]
+fn take_into_a_short_buffer_keeps_the_result() {
+    let mut r = rig("short-take");
+    std::fs::write(r.root.join("f"), [7u8; 100]).unwrap();
+    let e = r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"f")).unwrap();
+    let o = r
+        .run(|fs, w| fs.open(w, e.node, open_flags::O_RDONLY))
+        .unwrap();
+    let read = Request::Read {
+        node: e.node,
+        fh: o.fh,
+        offset: 0,
+        size: 100,
+    };
+    let t = r.fs.submit(&read).unwrap();
+    r.fs.kick().unwrap();
+    serve_requests(&mut r);
+    assert_eq!(r.fs.take(t, &mut [0u8; 10]), Err(FsError::InvalidArgument));
+    assert!(r.fs.is_done(t), "the result is still there");
+    let mut buf = [0u8; 100];
+    assert_eq!(r.fs.take(t, &mut buf), Ok(Reply::Data(100)));
+    assert_eq!(buf, [7u8; 100]);
+    // The blocking path gives the slot up instead.
+    let link = r.run(|fs, w| fs.symlink(w, NodeId::ROOT, b"l", b"a-long-target"));
+    let link = link.unwrap();
+    assert_eq!(
+        r.run(|fs, w| fs.readlink(w, link.node, &mut [0u8; 4])),
+        Err(FsError::InvalidArgument)
+    );
+    for _ in 0..16 {
+        r.run(|fs, w| fs.statfs(w, NodeId::ROOT)).unwrap();
+    }
+    r.no_violations();
+}
+
+#[test]
+fn an_xattr_size_above_xattr_size_max_is_refused() {
+    let mut r = rig("xattr-huge");
+    for (size, ok) in [(65536u32, true), (65537, false)] {
+        r.model.tamper = Some(Box::new(move |o, b| {
+            if o == op::GETXATTR || o == op::LISTXATTR {
+                let unique = b[8..16].to_vec();
+                b.clear();
+                b.extend_from_slice(&24u32.to_le_bytes());
+                b.extend_from_slice(&0u32.to_le_bytes());
+                b.extend_from_slice(&unique);
+                b.extend_from_slice(&size.to_le_bytes());
+                b.extend_from_slice(&0u32.to_le_bytes());
+            }
+        }));
+        let get = r.run(|fs, w| fs.getxattr(w, NodeId::ROOT, b"user.x", &mut []));
+        let list = r.run(|fs, w| fs.listxattr(w, NodeId::ROOT, &mut []));
+        for res in [get, list] {
+            if ok {
+                assert_eq!(res, Ok(size as usize));
+            } else {
+                assert!(protocol(&res.map(|_| Reply::Empty)).contains("XATTR_SIZE_MAX"));
+            }
+        }
+    }
+}
+
+#[test]
+fn max_pages_zero_means_one_page() {
+    let r = rig_with(
+        "pages0",
+        FsOptions {
+            data_size: 64 * 1024,
+            ..FsOptions::default()
+        },
+        |m| m.max_pages = 0,
+    );
+    assert_eq!(r.fs.init_info().unwrap().max_pages, 1);
+    assert_eq!(r.fs.read_chunk(), 4096);
+}
+
+#[test]
+fn init_flags_the_device_declined_are_not_used() {
+    use virtio_fs::wire::init_flags;
+    let declined = init_flags::DO_READDIRPLUS | init_flags::ATOMIC_O_TRUNC;
+    let mut r = rig_with("declined", FsOptions::default(), move |m| {
+        m.tamper = Some(Box::new(move |o, b| {
+            if o == op::INIT {
+                let f = u32::from_le_bytes(b[28..32].try_into().unwrap());
+                set_u32(b, 28, f & !declined)
+            }
+        }))
+    });
+    r.model.tamper = None;
+    assert_eq!(r.fs.init_info().unwrap().flags & declined, 0);
+    std::fs::write(r.root.join("f"), b"old contents").unwrap();
+    let h = r.run(|fs, w| fs.opendir(w, NodeId::ROOT)).unwrap();
+    let plus = Request::Readdir {
+        node: NodeId::ROOT,
+        fh: h.fh,
+        offset: 0,
+        size: 4096,
+        plus: true,
+    };
+    assert_eq!(r.fs.submit(&plus), Err(FsError::InvalidArgument));
+    // `read_dir` with `plus` reads with READDIR.
+    let mut buf = vec![0u8; 4096];
+    let mut entries = 0;
+    r.run(|fs, w| {
+        fs.read_dir(w, NodeId::ROOT, h.fh, true, &mut buf, |e| {
+            entries += usize::from(e.entry.is_some())
+        })
+    })
+    .unwrap();
+    assert_eq!(entries, 0);
+    assert!(r.model.records.iter().all(|x| x.opcode != op::READDIRPLUS));
+    // O_TRUNC without ATOMIC_O_TRUNC: OPEN without it, then SETATTR size 0.
+    let e = r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"f")).unwrap();
+    let before = r.model.records.len();
+    r.run(|fs, w| fs.open(w, e.node, open_flags::O_RDWR | open_flags::O_TRUNC))
+        .unwrap();
+    let ops: Vec<u32> = r.model.records[before..].iter().map(|x| x.opcode).collect();
+    assert_eq!(ops, [op::OPEN, op::SETATTR]);
+    assert_eq!(std::fs::metadata(r.root.join("f")).unwrap().len(), 0);
+    r.no_violations();
+}
+
+#[test]
+fn errors_from_512_up_are_protocol_errors() {
+    for (error, expect) in [
+        (-511i32, Ok(())),
+        (-512, Err("errno")),
+        (-4095, Err("errno")),
+    ] {
+        let (_, res) = hostile_reply("errno-range", op::GETATTR, getattr, move |b| {
+            b.truncate(16);
+            set_u32(b, 0, 16);
+            set_u32(b, 4, error as u32)
+        });
+        match expect {
+            Ok(()) => assert_eq!(res, Err(FsError::Errno(Errno(511)))),
+            Err(what) => assert!(protocol(&res).contains(what)),
+        }
     }
 }

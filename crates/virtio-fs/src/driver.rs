@@ -16,6 +16,7 @@ use crate::features;
 use crate::notify::{self, NOTIFY_MSG_MAX, Notification};
 use crate::reply::{
     AttrReply, DirEntry, DirIter, Entry, FileHandle, InitInfo, NodeId, Opened, Statfs, Timespec,
+    dirplus_references, validate_dir,
 };
 use crate::wire::{
     self, AttrOut, BatchForgetIn, CreateIn, EntryOut, FallocateIn, FlushIn, ForgetIn, ForgetOne,
@@ -51,8 +52,16 @@ pub const MAX_NOTIFY_BUFFERS: u16 = 256;
 const MAX_REQUEST_QUEUES: u16 = 64;
 /// Chunk requests one `read`/`write` keeps in flight at most.
 const MAX_PIPELINE: usize = 32;
-/// Directory reads one `read_dir` issues at most (each returns at least one record).
-const MAX_DIR_ROUNDS: u32 = 1 << 20;
+/// Directory records one `read_dir` hands out at most: a device cycling through its
+/// offsets (A, B, A, ...) would otherwise keep the reader going. Every READDIR returns
+/// at least one record, so this bounds the round trips too.
+pub const MAX_DIR_ENTRIES: u64 = 1 << 20;
+/// Largest extended attribute value or name list (Linux `XATTR_SIZE_MAX` and
+/// `XATTR_LIST_MAX`): a size probe answering more is a protocol error.
+pub const XATTR_SIZE_MAX: u32 = 65536;
+/// Node references the driver owes the device at most (FORGETs it sends on its own for
+/// replies nobody took, see [`FsDriver::abandon`]): what the hiprio slots carry at once.
+const OWED_FORGETS_MAX: usize = FORGET_BATCH_MAX * HIPRIO_SLOTS;
 /// The page size FUSE's `max_pages` counts in.
 const PAGE: u32 = 4096;
 /// Flags this driver offers in FUSE_INIT, each because it implements what it implies:
@@ -289,6 +298,9 @@ pub enum Request<'a> {
         node: NodeId,
         set: SetAttr,
     },
+    /// OPEN with `flags` (O_CREAT and O_EXCL are not sent; O_TRUNC only with
+    /// ATOMIC_O_TRUNC negotiated, else the caller truncates with SETATTR, as
+    /// [`FsDriver::open`] does).
     Open {
         node: NodeId,
         flags: u32,
@@ -366,6 +378,10 @@ pub enum Request<'a> {
         name: &'a [u8],
         target: &'a [u8],
     },
+    /// READLINK. FUSE's READLINK carries no size (`fuse_in_header` only): the daemon
+    /// writes the whole target, so the device may write up to
+    /// [`FsDriver::read_chunk`] bytes, and `take` refuses a shorter buffer
+    /// (`InvalidArgument`, the result left to take again).
     Readlink {
         node: NodeId,
     },
@@ -444,6 +460,44 @@ enum Shape {
     Init,
     /// Up to this many data bytes, into the slot's data buffer.
     Data(u32),
+    /// `fuse_entry_out` (and `fuse_open_out` for CREATE), held to the rule.
+    Entry(EntryRule),
+    /// WRITE's `fuse_write_out`, whose `size` may not exceed the bytes sent (this many).
+    Written(u32),
+}
+
+/// What an entry reply must be.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+struct EntryRule {
+    /// The request made a name (MKDIR, SYMLINK, LINK, CREATE): node id 0 is a protocol
+    /// error (LOOKUP's is a negative entry, ENOENT), and so is FUSE_ROOT_ID (Linux
+    /// `create_new_entry` and `fuse_create_open` refuse `invalid_nodeid`).
+    new_name: bool,
+    /// The `S_IFMT` bits the entry's mode must carry (0: any): S_IFDIR for MKDIR,
+    /// S_IFLNK for SYMLINK, S_IFREG for CREATE (Linux checks the same).
+    file_type: u32,
+    /// CREATE: a `fuse_open_out` follows the entry.
+    open: bool,
+}
+
+impl EntryRule {
+    const LOOKUP: EntryRule = EntryRule {
+        new_name: false,
+        file_type: 0,
+        open: false,
+    };
+
+    fn made(file_type: u32) -> EntryRule {
+        EntryRule {
+            new_name: true,
+            file_type,
+            open: false,
+        }
+    }
+
+    fn payload_len(self) -> usize {
+        ENTRY_LEN + if self.open { OPEN_LEN } else { 0 }
+    }
 }
 
 impl Shape {
@@ -453,6 +507,8 @@ impl Shape {
             Shape::Empty | Shape::EmptyOrNone | Shape::Data(_) => header,
             Shape::Fixed(n) => header + n,
             Shape::Init => header + size_of::<InitOut>() as u32,
+            Shape::Entry(rule) => header + rule.payload_len() as u32,
+            Shape::Written(_) => header + size_of::<WriteOut>() as u32,
         }
     }
 }
@@ -470,20 +526,109 @@ struct Slot {
     state: SlotState,
     unique: u64,
     opcode: u32,
+    /// The request header's node id.
+    node: u64,
     shape: Shape,
-    /// Nobody will take the result (its caller gave up): free it on completion.
+    /// Nobody will take the result (its caller gave up): free it on completion, and give
+    /// back what it handed out.
     orphan: bool,
     result: FsResult<Reply>,
+    /// What the accepted result handed out (the caller's once taken).
+    handed: Handed,
 }
 
 const IDLE: Slot = Slot {
     state: SlotState::Free,
     unique: 0,
     opcode: 0,
+    node: 0,
     shape: Shape::Empty,
     orphan: false,
     result: Ok(Reply::Empty),
+    handed: Handed::NONE,
 };
+
+/// An open handle the driver owes the device a RELEASE (RELEASEDIR with `dir`) for.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+struct OwedRelease {
+    node: NodeId,
+    fh: FileHandle,
+    dir: bool,
+}
+
+/// What one reply handed out, whether or not the driver accepted it: a lookup reference
+/// of a node (never the root's: Linux sends no FORGET for it either) and an open handle.
+/// READDIRPLUS references are found by walking the records ([`dirplus_references`]).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+struct Handed {
+    node: Option<NodeId>,
+    release: Option<OwedRelease>,
+}
+
+impl Handed {
+    const NONE: Handed = Handed {
+        node: None,
+        release: None,
+    };
+}
+
+/// References the driver owes the device because nobody holds them: replies completed
+/// after their caller gave up (`abandon`, an interrupted wait), abandoned unread, or
+/// refused after the device had taken the reference (a created entry of the wrong type,
+/// attributes that fail validation, a malformed READDIRPLUS reply), and FORGETs a failed
+/// `forget` could not send. Linux never gives up on a sent request; this driver does
+/// (the kext's sleeps are interruptible), so it gives the references back instead:
+/// [`FsDriver::poll`] sends them (FORGET/BATCH_FORGET on hiprio, RELEASE/RELEASEDIR as
+/// requests nobody waits for) as hiprio and request slots allow. Both lists are
+/// allocated at setup and never grow: what does not fit is counted in
+/// [`FsStats::lost_references`].
+struct Owed {
+    /// (node, lookups), one element per node.
+    forgets: Vec<(NodeId, u64)>,
+    releases: Vec<OwedRelease>,
+}
+
+impl Owed {
+    /// Adds `count` lookups of `node`; false when the list is full.
+    fn forget(&mut self, node: NodeId, count: u64) -> bool {
+        if let Some((_, n)) = self.forgets.iter_mut().find(|(id, _)| *id == node) {
+            *n = n.saturating_add(count);
+            return true;
+        }
+        if self.forgets.len() == self.forgets.capacity() {
+            return false;
+        }
+        self.forgets.push((node, count));
+        true
+    }
+
+    fn release(&mut self, r: OwedRelease) -> bool {
+        if self.releases.len() == self.releases.capacity() {
+            return false;
+        }
+        self.releases.push(r);
+        true
+    }
+
+    /// Owes what `handed` names; returns how many references did not fit.
+    fn handed(&mut self, handed: Handed) -> u64 {
+        let node_lost = handed.node.is_some_and(|n| !self.forget(n, 1));
+        let fh_lost = handed.release.is_some_and(|r| !self.release(r));
+        u64::from(node_lost) + u64::from(fh_lost)
+    }
+
+    /// Owes one lookup of every node the READDIRPLUS reply of `len` bytes at `at` of
+    /// `region` names; returns how many did not fit.
+    fn dirplus_in(&mut self, region: &DmaRegion, at: usize, len: usize) -> u64 {
+        let mut lost = 0;
+        dirplus_references(
+            len,
+            |off, buf| region.read_into(at + off, buf),
+            |node| lost += u64::from(!self.forget(node, 1)),
+        );
+        lost
+    }
+}
 
 struct RequestQueue {
     index: u16,
@@ -517,6 +662,13 @@ pub struct FsStats {
     pub forgotten_nodes: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// Node references and open handles nobody held that the driver gave back on its own
+    /// (see [`FsDriver::abandon`]): lookups sent in FORGETs, RELEASE/RELEASEDIR sent.
+    pub unclaimed_nodes_forgotten: u64,
+    pub unclaimed_handles_released: u64,
+    /// Of those, references the bounded list could not hold (the device keeps them
+    /// until DESTROY).
+    pub lost_references: u64,
 }
 
 /// What an interrupt meant for the file system device.
@@ -613,7 +765,10 @@ pub struct FsDriver<B: Bus> {
     queues: Vec<RequestQueue>,
     hiprio: Option<DmaRegion>,
     hiprio_busy: [bool; HIPRIO_SLOTS],
+    /// hiprio slots in use: [`HIPRIO_SLOTS`] within the queue's real size.
+    hiprio_slots: usize,
     notify: Option<NotifyQueue>,
+    owed: Owed,
     next_unique: u64,
     init: Option<InitInfo>,
     stats: FsStats,
@@ -692,7 +847,12 @@ impl<B: Bus> FsDriver<B> {
             queues: Vec::with_capacity(usize::from(count)),
             hiprio: None,
             hiprio_busy: [false; HIPRIO_SLOTS],
+            hiprio_slots: 0,
             notify: None,
+            owed: Owed {
+                forgets: Vec::new(),
+                releases: Vec::new(),
+            },
             next_unique: 1,
             init: None,
             stats: FsStats::default(),
@@ -704,6 +864,9 @@ impl<B: Bus> FsDriver<B> {
                 .dma()
                 .alloc_coherent(HIPRIO_SLOT * HIPRIO_SLOTS, 64)?,
         );
+        // The device may give hiprio fewer entries than asked: one slot per descriptor
+        // (each FORGET is a one-segment chain), so `bus.add` never finds it full.
+        fs.hiprio_slots = HIPRIO_SLOTS.min(usize::from(fs.bus.queue_size(HIPRIO_QUEUE)?));
         if let Some(size) = fs.config.notify_buf_size {
             let queue = fs.bus.queue_size(NOTIFICATION_QUEUE)?;
             let buffers = usize::from(options.notify_buffers.min(MAX_NOTIFY_BUFFERS).min(queue));
@@ -737,6 +900,11 @@ impl<B: Bus> FsDriver<B> {
                 region: Some(region),
             });
         }
+        // At most one open handle per slot is owed at a time per completion; twice that
+        // leaves room for handles whose RELEASE waits for a slot.
+        let total_slots: usize = fs.queues.iter().map(|q| q.slots.len()).sum();
+        fs.owed.forgets = Vec::with_capacity(OWED_FORGETS_MAX);
+        fs.owed.releases = Vec::with_capacity(2 * total_slots);
         fs.bus.driver_ok()?;
         if fs.notify.is_some() {
             fs.bus.kick(NOTIFICATION_QUEUE)?;
@@ -819,9 +987,8 @@ impl<B: Bus> FsDriver<B> {
 
     fn max_pages_bytes(&self) -> u32 {
         let pages = match self.init {
-            Some(i) if i.flags & init_flags::MAX_PAGES != 0 && i.max_pages != 0 => {
-                u32::from(i.max_pages)
-            }
+            // Linux `process_init_reply`: `max_pages = max(arg->max_pages, 1)`.
+            Some(i) if i.flags & init_flags::MAX_PAGES != 0 => u32::from(i.max_pages.max(1)),
             _ => DEFAULT_MAX_PAGES,
         };
         pages.saturating_mul(PAGE)
@@ -840,17 +1007,7 @@ impl<B: Bus> FsDriver<B> {
         let (op, node, shape, write_data) = self.encode(req, &mut enc)?;
         let extra = write_data.map_or(0, |d| d.len() as u32);
         let unique = self.next_unique;
-        let header = InHeader {
-            len: U32::new(0),
-            opcode: U32::new(op),
-            unique: U64::new(unique),
-            nodeid: U64::new(node),
-            uid: U32::new(self.options.uid),
-            gid: U32::new(self.options.gid),
-            pid: U32::new(self.options.pid),
-            ..Default::default()
-        };
-        let request = enc.finish(header, extra)?;
+        let request = enc.finish(self.in_header(op, unique, node), extra)?;
         let segments =
             2 + usize::from(write_data.is_some()) + usize::from(matches!(shape, Shape::Data(_)));
         let Some((qi, si)) = self.free_slot(segments)? else {
@@ -906,9 +1063,11 @@ impl<B: Bus> FsDriver<B> {
             state: SlotState::InFlight,
             unique,
             opcode: op,
+            node,
             shape,
             orphan: false,
             result: Ok(Reply::Empty),
+            handed: Handed::NONE,
         };
         self.next_unique = self.next_unique.wrapping_add(1).max(1);
         self.stats.requests += 1;
@@ -917,6 +1076,20 @@ impl<B: Bus> FsDriver<B> {
             slot: si as u16,
             unique,
         })
+    }
+
+    /// A `fuse_in_header` with the configured credentials (`len` is the encoder's).
+    fn in_header(&self, op: u32, unique: u64, node: u64) -> InHeader {
+        InHeader {
+            len: U32::new(0),
+            opcode: U32::new(op),
+            unique: U64::new(unique),
+            nodeid: U64::new(node),
+            uid: U32::new(self.options.uid),
+            gid: U32::new(self.options.gid),
+            pid: U32::new(self.options.pid),
+            ..Default::default()
+        }
     }
 
     /// Notifies every request queue that has new requests (if the device asked).
@@ -931,7 +1104,9 @@ impl<B: Bus> FsDriver<B> {
 
     /// Collects every reply the device returned (no interrupt needed): each request's
     /// result is decoded and validated, and waits in its slot for [`FsDriver::take`].
-    /// Returns how many replies arrived. Bounded: at most one pop per slot per queue.
+    /// Then sends what the driver owes the device (see [`FsDriver::abandon`]) as far as
+    /// free hiprio and request slots allow, without waiting. Returns how many replies
+    /// arrived. Bounded: at most one pop per slot per queue.
     pub fn poll(&mut self) -> FsResult<usize> {
         self.reclaim_hiprio()?;
         self.collect_notifications()?;
@@ -949,7 +1124,94 @@ impl<B: Bus> FsDriver<B> {
                 arrived += 1;
             }
         }
+        self.pay_owed()?;
         Ok(arrived)
+    }
+
+    /// Sends owed RELEASE/RELEASEDIRs (as requests nobody waits for) while request slots
+    /// are free, then owed FORGETs as BATCH_FORGETs while hiprio slots are free. Never
+    /// waits; what does not go now waits for the next poll. Before FUSE_INIT (or after
+    /// DESTROY, which drops every reference) there is nothing to send.
+    fn pay_owed(&mut self) -> FsResult<()> {
+        if self.init.is_none() {
+            return Ok(());
+        }
+        let mut released = false;
+        // Bounded: every round removes one element or ends the loop.
+        while let Some(&owed) = self.owed.releases.last() {
+            let req = if owed.dir {
+                Request::Releasedir {
+                    node: owed.node,
+                    fh: owed.fh,
+                }
+            } else {
+                Request::Release {
+                    node: owed.node,
+                    fh: owed.fh,
+                    flags: 0,
+                }
+            };
+            match self.submit(&req) {
+                Ok(t) => {
+                    // Its reply hands nothing out: dropped on completion.
+                    self.abandon(t);
+                    self.stats.unclaimed_handles_released += 1;
+                    released = true;
+                }
+                Err(FsError::QueueFull) => break,
+                Err(e) => {
+                    log::error!("virtio-fs: owed RELEASE of fh {}: {e}", owed.fh.0);
+                    self.stats.lost_references += 1;
+                }
+            }
+            self.owed.releases.pop();
+        }
+        if released {
+            self.kick()?;
+        }
+        let mut forgot = false;
+        // Bounded: every round sends up to FORGET_BATCH_MAX elements or ends the loop.
+        while !self.owed.forgets.is_empty() {
+            let Some(slot) = self.free_hiprio_slot()? else {
+                break;
+            };
+            let start = self.owed.forgets.len().saturating_sub(FORGET_BATCH_MAX);
+            let mut batch = [(NodeId(0), 0u64); FORGET_BATCH_MAX];
+            let (Some(from), Some(to)) = (
+                self.owed.forgets.get(start..),
+                batch.get_mut(..self.owed.forgets.len() - start),
+            ) else {
+                break;
+            };
+            to.copy_from_slice(from);
+            let batch = &*to;
+            self.send_forget(slot, batch)?;
+            self.stats.unclaimed_nodes_forgotten += batch.iter().map(|&(_, n)| n).sum::<u64>();
+            self.owed.forgets.truncate(start);
+            forgot = true;
+        }
+        if forgot {
+            self.bus.kick(HIPRIO_QUEUE)?;
+        }
+        Ok(())
+    }
+
+    /// The `unique` the next request will carry: requests (FORGETs too) are numbered in
+    /// submission order.
+    pub fn next_unique(&self) -> u64 {
+        self.next_unique
+    }
+
+    /// Request slots not free: requests in flight (the driver's own RELEASEs included)
+    /// and results not yet taken.
+    pub fn busy_slots(&self) -> usize {
+        let busy = |q: &RequestQueue| {
+            q.slots
+                .iter()
+                .filter(|s| s.state != SlotState::Free)
+                .count()
+        };
+        self.queues.iter().map(busy).sum()
     }
 
     /// Whether the request of `t` has completed (its result is ready for `take`).
@@ -960,7 +1222,11 @@ impl<B: Bus> FsDriver<B> {
 
     /// Takes the result of a completed request and frees its slot. Data replies (READ,
     /// READLINK, READDIR) are copied into `out`, which must hold them all
-    /// (`InvalidArgument` otherwise); `Reply::Data(n)` says how many bytes.
+    /// (`InvalidArgument` otherwise, and the result stays to be taken with a larger
+    /// buffer); `Reply::Data(n)` says how many bytes. READDIR(PLUS) records are validated
+    /// here ([`validate_dir`]): a malformed reply is a protocol error, and its READDIRPLUS
+    /// references go back to the device. What a taken result holds (lookup references,
+    /// open handles) is the caller's.
     pub fn take(&mut self, t: Ticket, out: &mut [u8]) -> FsResult<Reply> {
         let stride = RequestQueue::stride(self.data_size as usize);
         let queue = self
@@ -974,9 +1240,9 @@ impl<B: Bus> FsDriver<B> {
         if slot.state != SlotState::Done || slot.unique != t.unique {
             return Err(FsError::UnknownTicket);
         }
-        let result = slot.result;
-        *slot = IDLE;
+        let (result, opcode) = (slot.result, slot.opcode);
         if let Ok(Reply::Data(n)) = result {
+            // Checked before the slot is freed: a short buffer loses nothing.
             let dst = out.get_mut(..n as usize).ok_or(FsError::InvalidArgument)?;
             let region = queue.region.as_ref().ok_or(Error::InvalidState)?;
             // The device returned the buffer through the used ring; a device that keeps
@@ -985,22 +1251,63 @@ impl<B: Bus> FsDriver<B> {
                 return Err(FsError::Virtio(Error::InvalidState));
             }
         }
+        *slot = IDLE;
+        if let (Ok(Reply::Data(n)), opcode::READDIR | opcode::READDIRPLUS) = (result, opcode) {
+            let plus = opcode == opcode::READDIRPLUS;
+            let records = out.get(..n as usize).unwrap_or(&[]);
+            if let Err(e) = validate_dir(records, plus) {
+                self.stats.protocol_errors += 1;
+                log::error!("virtio-fs: opcode {opcode}: {e}");
+                if plus {
+                    let owed = &mut self.owed;
+                    let mut lost = 0;
+                    dirplus_references(
+                        records.len(),
+                        |at, buf| {
+                            let src = records.get(at..at + buf.len());
+                            src.inspect(|s| buf.copy_from_slice(s)).is_some()
+                        },
+                        |node| lost += u64::from(!owed.forget(node, 1)),
+                    );
+                    self.stats.lost_references += lost;
+                }
+                return Err(e);
+            }
+        }
         result
     }
 
-    /// Gives up on a request: its result is dropped when it completes (or now, if it did).
+    /// Gives up on a request: its result is dropped when it completes (or now, if it
+    /// did). What the reply hands out — a LOOKUP, MKDIR, SYMLINK, LINK or CREATE entry's
+    /// lookup reference, an OPEN, OPENDIR or CREATE handle, one reference per
+    /// READDIRPLUS entry — nobody holds, so the driver gives it back: the following
+    /// polls send the FORGETs and RELEASE/RELEASEDIRs ([`FsStats`] counts them).
     pub fn abandon(&mut self, t: Ticket) {
-        if let Some(slot) = self
-            .queues
-            .get_mut(usize::from(t.queue))
-            .and_then(|q| q.slots.get_mut(usize::from(t.slot)))
+        let stride = RequestQueue::stride(self.data_size as usize);
+        let Some(queue) = self.queues.get_mut(usize::from(t.queue)) else {
+            return;
+        };
+        let Some(slot) = queue
+            .slots
+            .get_mut(usize::from(t.slot))
             .filter(|s| s.unique == t.unique)
-        {
-            match slot.state {
-                SlotState::Done => *slot = IDLE,
-                SlotState::InFlight => slot.orphan = true,
-                SlotState::Free => {}
+        else {
+            return;
+        };
+        match slot.state {
+            SlotState::Done => {
+                let mut lost = self.owed.handed(slot.handed);
+                if let (Ok(Reply::Data(n)), opcode::READDIRPLUS, Some(region)) =
+                    (slot.result, slot.opcode, queue.region.as_ref())
+                {
+                    let at = usize::from(t.slot) * stride + DATA_AREA;
+                    lost += self.owed.dirplus_in(region, at, n as usize);
+                }
+                self.stats.lost_references += lost;
+                *slot = IDLE;
             }
+            SlotState::InFlight => slot.orphan = true,
+            SlotState::Free => {}
         }
     }
 
@@ -1113,7 +1420,8 @@ impl<B: Bus> FsDriver<B> {
         };
         let region = queue.region.as_ref().ok_or(Error::InvalidState)?;
         let reply_at = si * stride + REQUEST_AREA;
-        let result = decode_reply(region, reply_at, slot, used.len);
+        let mut handed = Handed::NONE;
+        let result = decode_reply(region, reply_at, slot, used.len, &mut handed);
         self.stats.replies += 1;
         match &result {
             Err(FsError::Errno(_)) => self.stats.errno_replies += 1,
@@ -1127,11 +1435,25 @@ impl<B: Bus> FsDriver<B> {
             Ok(Reply::Written(n)) => self.stats.bytes_written += u64::from(*n),
             _ => {}
         }
+        if slot.orphan || result.is_err() {
+            // Nobody will hold what the reply handed out (its caller is gone, or the
+            // reply was refused after the device took the reference): owed back.
+            let mut lost = self.owed.handed(handed);
+            if let (true, Ok(Reply::Data(n)), opcode::READDIRPLUS) =
+                (slot.orphan, result, slot.opcode)
+            {
+                lost += self
+                    .owed
+                    .dirplus_in(region, si * stride + DATA_AREA, n as usize);
+            }
+            self.stats.lost_references += lost;
+        }
         if slot.orphan {
             *slot = IDLE;
         } else {
             slot.state = SlotState::Done;
             slot.result = result;
+            slot.handed = if result.is_ok() { handed } else { Handed::NONE };
         }
         Ok(())
     }
@@ -1143,7 +1465,6 @@ impl<B: Bus> FsDriver<B> {
         req: &Request<'r>,
         enc: &mut Encoder,
     ) -> FsResult<(u32, u64, Shape, Option<&'r [u8]>)> {
-        let entry = Shape::Fixed(size_of::<EntryOut>() as u32);
         let attr = Shape::Fixed(size_of::<AttrOut>() as u32);
         let open = Shape::Fixed(size_of::<OpenOut>() as u32);
         Ok(match *req {
@@ -1158,7 +1479,12 @@ impl<B: Bus> FsDriver<B> {
             }
             Request::Lookup { parent, name } => {
                 enc.name(name)?;
-                (opcode::LOOKUP, parent.0, entry, None)
+                (
+                    opcode::LOOKUP,
+                    parent.0,
+                    Shape::Entry(EntryRule::LOOKUP),
+                    None,
+                )
             }
             Request::Getattr { node, fh } => {
                 enc.args(&GetattrIn {
@@ -1173,8 +1499,15 @@ impl<B: Bus> FsDriver<B> {
                 (opcode::SETATTR, node.0, attr, None)
             }
             Request::Open { node, flags } => {
+                // Linux `fuse_send_open`: O_CREAT and O_EXCL never, O_TRUNC only with
+                // ATOMIC_O_TRUNC negotiated (else the truncation is a SETATTR of its
+                // own, which `open` sends).
+                let mut strip = open_flags::O_CREAT | open_flags::O_EXCL;
+                if !self.negotiated(init_flags::ATOMIC_O_TRUNC) {
+                    strip |= open_flags::O_TRUNC;
+                }
                 enc.args(&OpenIn {
-                    flags: U32::new(flags & !(open_flags::O_CREAT | open_flags::O_EXCL)),
+                    flags: U32::new(flags & !strip),
                     open_flags: U32::new(0),
                 })?;
                 (opcode::OPEN, node.0, open, None)
@@ -1213,7 +1546,7 @@ impl<B: Bus> FsDriver<B> {
                     size: U32::new(data.len() as u32),
                     ..Default::default()
                 })?;
-                let written = Shape::Fixed(size_of::<WriteOut>() as u32);
+                let written = Shape::Written(data.len() as u32);
                 (opcode::WRITE, node.0, written, Some(data))
             }
             Request::Release { node, fh, flags } => {
@@ -1232,6 +1565,11 @@ impl<B: Bus> FsDriver<B> {
                 plus,
             } => {
                 if size == 0 || size > self.read_chunk() {
+                    return Err(FsError::InvalidArgument);
+                }
+                // READDIRPLUS only with DO_READDIRPLUS negotiated (Linux
+                // `fuse_use_readdirplus`); `readdir` falls back to READDIR.
+                if plus && !self.negotiated(init_flags::DO_READDIRPLUS) {
                     return Err(FsError::InvalidArgument);
                 }
                 enc.args(&read_in(fh, offset, size))?;
@@ -1256,8 +1594,11 @@ impl<B: Bus> FsDriver<B> {
                     open_flags: U32::new(0),
                 })?;
                 enc.name(name)?;
-                let created = Shape::Fixed((size_of::<EntryOut>() + size_of::<OpenOut>()) as u32);
-                (opcode::CREATE, parent.0, created, None)
+                let created = EntryRule {
+                    open: true,
+                    ..EntryRule::made(mode::S_IFREG)
+                };
+                (opcode::CREATE, parent.0, Shape::Entry(created), None)
             }
             Request::Mkdir {
                 parent,
@@ -1270,7 +1611,8 @@ impl<B: Bus> FsDriver<B> {
                     umask: U32::new(umask),
                 })?;
                 enc.name(name)?;
-                (opcode::MKDIR, parent.0, entry, None)
+                let made = EntryRule::made(mode::S_IFDIR);
+                (opcode::MKDIR, parent.0, Shape::Entry(made), None)
             }
             Request::Unlink { parent, name } => {
                 enc.name(name)?;
@@ -1305,7 +1647,9 @@ impl<B: Bus> FsDriver<B> {
                     oldnodeid: U64::new(node.0),
                 })?;
                 enc.name(new_name)?;
-                (opcode::LINK, new_parent.0, entry, None)
+                // Any type: the linked node's, which the driver does not know.
+                let made = EntryRule::made(0);
+                (opcode::LINK, new_parent.0, Shape::Entry(made), None)
             }
             Request::Symlink {
                 parent,
@@ -1319,12 +1663,15 @@ impl<B: Bus> FsDriver<B> {
                 }
                 enc.push(target)?;
                 enc.push(&[0])?;
-                (opcode::SYMLINK, parent.0, entry, None)
+                let made = EntryRule::made(mode::S_IFLNK);
+                (opcode::SYMLINK, parent.0, Shape::Entry(made), None)
             }
-            Request::Readlink { node } => {
-                let size = self.read_chunk().min(self.data_size);
-                (opcode::READLINK, node.0, Shape::Data(size), None)
-            }
+            Request::Readlink { node } => (
+                opcode::READLINK,
+                node.0,
+                Shape::Data(self.read_chunk()),
+                None,
+            ),
             Request::Statfs { node } => (
                 opcode::STATFS,
                 node.0,
@@ -1421,6 +1768,11 @@ impl<B: Bus> FsDriver<B> {
                 (opcode::FALLOCATE, node.0, Shape::Empty, None)
             }
         })
+    }
+
+    /// Whether FUSE_INIT settled `flag` (offered and accepted).
+    fn negotiated(&self, flag: u32) -> bool {
+        self.init.is_some_and(|i| i.flags & flag != 0)
     }
 
     /// GETXATTR/LISTXATTR: size 0 asks for a `fuse_getxattr_out`; otherwise data.
@@ -1532,71 +1884,104 @@ impl<B: Bus> FsDriver<B> {
     /// Sends FORGET (one node) or BATCH_FORGET (several) on hiprio for `nodes` (node,
     /// lookup count), waiting for hiprio buffers when all are in use. The device sends
     /// no reply (§5.11.6.1: hiprio requests have no device-writable part).
+    ///
+    /// All or nothing for the caller: whatever it returns, the references of `nodes`
+    /// are the driver's from now on. When sending fails part-way (a wait ends in an
+    /// error, the bus refuses), the nodes not yet sent are owed and later polls send
+    /// them (those the bounded list cannot hold are counted in
+    /// [`FsStats::lost_references`]); the error is returned, and calling again for the
+    /// same nodes would forget them twice. Only `NotInitialized` (no session: nothing
+    /// to forget) sends and keeps nothing.
     pub fn forget<W: Waiter<B>>(&mut self, w: &mut W, nodes: &[(NodeId, u64)]) -> FsResult<()> {
         if self.init.is_none() {
             return Err(FsError::NotInitialized);
         }
+        let mut sent = 0;
+        let mut result = Ok(());
         for batch in nodes.chunks(FORGET_BATCH_MAX) {
-            let slot = self.free_hiprio(w)?;
-            let mut enc = Encoder::new();
-            let (op, node) = match batch {
-                [(node, nlookup)] => {
-                    enc.args(&ForgetIn {
+            let step = self
+                .free_hiprio(w)
+                .and_then(|slot| self.send_forget(slot, batch));
+            if let Err(e) = step {
+                result = Err(e);
+                break;
+            }
+            sent += batch.len();
+        }
+        if result.is_err() {
+            for &(node, count) in nodes.get(sent..).unwrap_or(&[]) {
+                if !self.owed.forget(node, count) {
+                    self.stats.lost_references += 1;
+                }
+            }
+        }
+        if sent > 0 {
+            let kicked = self.bus.kick(HIPRIO_QUEUE);
+            result = result.and(kicked.map(|_| ()).map_err(FsError::from));
+        }
+        result
+    }
+
+    /// Puts FORGET (one node) or BATCH_FORGET of `batch` (at most [`FORGET_BATCH_MAX`])
+    /// in free hiprio slot `slot`, without notifying.
+    fn send_forget(&mut self, slot: usize, batch: &[(NodeId, u64)]) -> FsResult<()> {
+        let mut enc = Encoder::new();
+        let (op, node) = match batch {
+            [(node, nlookup)] => {
+                enc.args(&ForgetIn {
+                    nlookup: U64::new(*nlookup),
+                })?;
+                (opcode::FORGET, node.0)
+            }
+            _ => {
+                enc.args(&BatchForgetIn {
+                    count: U32::new(batch.len() as u32),
+                    dummy: U32::new(0),
+                })?;
+                for (node, nlookup) in batch {
+                    enc.args(&ForgetOne {
+                        nodeid: U64::new(node.0),
                         nlookup: U64::new(*nlookup),
                     })?;
-                    (opcode::FORGET, node.0)
                 }
-                _ => {
-                    enc.args(&BatchForgetIn {
-                        count: U32::new(batch.len() as u32),
-                        dummy: U32::new(0),
-                    })?;
-                    for (node, nlookup) in batch {
-                        enc.args(&ForgetOne {
-                            nodeid: U64::new(node.0),
-                            nlookup: U64::new(*nlookup),
-                        })?;
-                    }
-                    (opcode::BATCH_FORGET, 0)
-                }
-            };
-            let unique = self.next_unique;
-            self.next_unique = self.next_unique.wrapping_add(1).max(1);
-            let bytes = enc.finish(
-                InHeader {
-                    opcode: U32::new(op),
-                    unique: U64::new(unique),
-                    nodeid: U64::new(node),
-                    uid: U32::new(self.options.uid),
-                    gid: U32::new(self.options.gid),
-                    pid: U32::new(self.options.pid),
-                    ..Default::default()
-                },
-                0,
-            )?;
-            let region = self.hiprio.as_ref().ok_or(Error::InvalidState)?;
-            if bytes.len() > HIPRIO_SLOT || !region.write_at(slot * HIPRIO_SLOT, bytes) {
-                return Err(FsError::InvalidArgument);
+                (opcode::BATCH_FORGET, 0)
             }
-            let seg = Segment::new(
-                region.daddr + (slot * HIPRIO_SLOT) as u64,
-                bytes.len() as u32,
-            );
-            self.bus.add(HIPRIO_QUEUE, &[seg], &[], slot)?;
-            if let Some(busy) = self.hiprio_busy.get_mut(slot) {
-                *busy = true;
-            }
-            self.stats.forget_requests += 1;
-            self.stats.forgotten_nodes += batch.len() as u64;
+        };
+        let unique = self.next_unique;
+        self.next_unique = self.next_unique.wrapping_add(1).max(1);
+        let bytes = enc.finish(self.in_header(op, unique, node), 0)?;
+        let region = self.hiprio.as_ref().ok_or(Error::InvalidState)?;
+        if bytes.len() > HIPRIO_SLOT || !region.write_at(slot * HIPRIO_SLOT, bytes) {
+            return Err(FsError::InvalidArgument);
         }
-        self.bus.kick(HIPRIO_QUEUE)?;
+        let seg = Segment::new(
+            region.daddr + (slot * HIPRIO_SLOT) as u64,
+            bytes.len() as u32,
+        );
+        self.bus.add(HIPRIO_QUEUE, &[seg], &[], slot)?;
+        if let Some(busy) = self.hiprio_busy.get_mut(slot) {
+            *busy = true;
+        }
+        self.stats.forget_requests += 1;
+        self.stats.forgotten_nodes += batch.len() as u64;
         Ok(())
+    }
+
+    /// A hiprio slot free now (after reclaiming), with a descriptor for it.
+    fn free_hiprio_slot(&mut self) -> FsResult<Option<usize>> {
+        self.reclaim_hiprio()?;
+        if usize::from(self.bus.free_descriptors(HIPRIO_QUEUE)?)
+            < self.bus.descriptors_for(HIPRIO_QUEUE, 1)?
+        {
+            return Ok(None);
+        }
+        let slots = self.hiprio_busy.get(..self.hiprio_slots).unwrap_or(&[]);
+        Ok(slots.iter().position(|busy| !busy))
     }
 
     fn free_hiprio<W: Waiter<B>>(&mut self, w: &mut W) -> FsResult<usize> {
         for _ in 0..self.options.max_waits {
-            self.reclaim_hiprio()?;
-            if let Some(i) = self.hiprio_busy.iter().position(|b| !b) {
+            if let Some(i) = self.free_hiprio_slot()? {
                 return Ok(i);
             }
             self.bus.kick(HIPRIO_QUEUE)?;
@@ -1620,7 +2005,12 @@ impl<B: Bus> FsDriver<B> {
             self.abandon(t);
             return Err(e);
         }
-        self.take(t, out)
+        let result = self.take(t, out);
+        if self.is_done(t) {
+            // `out` was too short for the data: nobody takes it now.
+            self.abandon(t);
+        }
+        result
     }
 
     fn submit_waiting<W: Waiter<B>>(&mut self, w: &mut W, req: &Request<'_>) -> FsResult<Ticket> {
@@ -1649,6 +2039,11 @@ impl<B: Bus> FsDriver<B> {
             }
             w.wait(self)?;
         }
+        // What the last wait brought counts too.
+        self.poll()?;
+        if self.is_done(t) {
+            return Ok(());
+        }
         Err(FsError::Timeout)
     }
 
@@ -1675,8 +2070,9 @@ impl<B: Bus> FsDriver<B> {
             // Linux clamps a smaller value up to one page; so does this driver.
             max_write: out.max_write.get().max(PAGE),
             time_gran: out.time_gran.get(),
+            // Linux `process_init_reply`: at least one page (0 is not "the default").
             max_pages: if flags & init_flags::MAX_PAGES != 0 {
-                out.max_pages.get()
+                out.max_pages.get().max(1)
             } else {
                 0
             },
@@ -1732,11 +2128,26 @@ impl<B: Bus> FsDriver<B> {
         }
     }
 
+    /// OPEN `node`. With O_TRUNC and no ATOMIC_O_TRUNC negotiated the OPEN goes
+    /// without it and a SETATTR of size 0 through the new handle follows (what Linux's
+    /// VFS does after `fuse_open`); if that fails, the handle is released and the error
+    /// returned.
     pub fn open<W: Waiter<B>>(&mut self, w: &mut W, node: NodeId, flags: u32) -> FsResult<Opened> {
-        match self.call(w, &Request::Open { node, flags }, &mut [])? {
-            Reply::Open(o) => Ok(o),
-            _ => Err(unexpected()),
+        let Reply::Open(opened) = self.call(w, &Request::Open { node, flags }, &mut [])? else {
+            return Err(unexpected());
+        };
+        if flags & open_flags::O_TRUNC != 0 && !self.negotiated(init_flags::ATOMIC_O_TRUNC) {
+            let set = SetAttr {
+                size: Some(0),
+                fh: Some(opened.fh),
+                ..SetAttr::default()
+            };
+            if let Err(e) = self.setattr(w, node, set) {
+                let _ = self.release(w, node, opened.fh, flags);
+                return Err(e);
+            }
         }
+        Ok(opened)
     }
 
     pub fn opendir<W: Waiter<B>>(&mut self, w: &mut W, node: NodeId) -> FsResult<Opened> {
@@ -1827,11 +2238,9 @@ impl<B: Bus> FsDriver<B> {
                     data: piece,
                 })
             },
-            |fs, t, _, len| match fs.take(t, &mut [])? {
-                Reply::Written(n) if n as usize <= len => Ok(n as usize),
-                Reply::Written(_) => Err(FsError::Protocol {
-                    what: "WRITE reply claims more bytes than were sent",
-                }),
+            // A WRITE reply claiming more than its chunk is refused in `poll`.
+            |fs, t, _, _| match fs.take(t, &mut [])? {
+                Reply::Written(n) => Ok(n as usize),
                 _ => Err(unexpected()),
             },
         )
@@ -1936,7 +2345,8 @@ impl<B: Bus> FsDriver<B> {
 
     /// One READDIR (`plus` false) or READDIRPLUS from `offset` into `buf` (at most
     /// [`FsDriver::read_chunk`] bytes of it are used): the validated records and their
-    /// count. An empty walker means the end of the directory.
+    /// count. An empty walker means the end of the directory. Without DO_READDIRPLUS
+    /// negotiated `plus` reads with READDIR (records without entries).
     pub fn readdir<'b, W: Waiter<B>>(
         &mut self,
         w: &mut W,
@@ -1950,6 +2360,7 @@ impl<B: Bus> FsDriver<B> {
         if size < 512 {
             return Err(FsError::InvalidArgument);
         }
+        let plus = plus && self.negotiated(init_flags::DO_READDIRPLUS);
         let req = Request::Readdir {
             node,
             fh,
@@ -1966,6 +2377,9 @@ impl<B: Bus> FsDriver<B> {
 
     /// Reads a whole open directory, calling `f` for every record; returns how many.
     /// With `plus`, every record with an entry holds one lookup reference for the caller.
+    /// A reply whose last record continues at the offset it was asked from (the next
+    /// read would return it again), or more than [`MAX_DIR_ENTRIES`] records in all (a
+    /// cycle of offsets), is a protocol error; the records before it were handed out.
     pub fn read_dir<W: Waiter<B>>(
         &mut self,
         w: &mut W,
@@ -1977,20 +2391,29 @@ impl<B: Bus> FsDriver<B> {
     ) -> FsResult<u64> {
         let mut offset = 0u64;
         let mut count = 0u64;
-        for _ in 0..MAX_DIR_ROUNDS {
+        // Bounded: every round hands out at least one record, at most MAX_DIR_ENTRIES.
+        loop {
+            let asked = offset;
             let (records, n) = self.readdir(w, node, fh, offset, plus, buf)?;
             if n == 0 {
                 return Ok(count);
             }
             for e in records {
+                if count == MAX_DIR_ENTRIES {
+                    return Err(FsError::Protocol {
+                        what: "directory did not end within the driver's bound",
+                    });
+                }
                 offset = e.offset;
                 count += 1;
                 f(&e);
             }
+            if offset == asked {
+                return Err(FsError::Protocol {
+                    what: "directory reply continues at the offset it was read from",
+                });
+            }
         }
-        Err(FsError::Protocol {
-            what: "directory did not end within the driver's bound",
-        })
     }
 
     /// CREATE and open `name` in `parent`: the new entry (one lookup reference) and handle.
@@ -2101,7 +2524,8 @@ impl<B: Bus> FsDriver<B> {
         }
     }
 
-    /// READLINK into `buf` (which must hold the target); returns its length.
+    /// READLINK into `buf` (which must hold the target: `InvalidArgument` otherwise);
+    /// returns its length.
     pub fn readlink<W: Waiter<B>>(
         &mut self,
         w: &mut W,
@@ -2269,6 +2693,9 @@ impl<B: Bus> FsDriver<B> {
     pub fn destroy<W: Waiter<B>>(&mut self, w: &mut W) -> FsResult<()> {
         self.call(w, &Request::Destroy, &mut [])?;
         self.init = None;
+        // The device dropped every node and handle of the session: nothing is owed.
+        self.owed.forgets.clear();
+        self.owed.releases.clear();
         Ok(())
     }
 }
@@ -2387,11 +2814,14 @@ fn read_wire<T: FromBytes, const N: usize>(region: &DmaRegion, offset: usize) ->
 
 /// Validates and decodes the reply of `slot`, whose chain the device returned with
 /// `used_len` bytes written (already checked by the bus against the chain's capacity).
+/// `handed` receives the node reference and open handle the reply handed out once its
+/// header and length were right, whether or not its contents pass.
 fn decode_reply(
     region: &DmaRegion,
     reply_at: usize,
     slot: &Slot,
     used_len: u32,
+    handed: &mut Handed,
 ) -> FsResult<Reply> {
     const HEADER: usize = size_of::<OutHeader>();
     let protocol = |what| Err(FsError::Protocol { what });
@@ -2412,8 +2842,9 @@ fn decode_reply(
     }
     let error = header.error.get();
     if error != 0 {
+        // Linux `fuse_dev_do_write` refuses `error > 0 || error <= -512`.
         if error > 0 || error.unsigned_abs() > Errno::MAX {
-            return protocol("reply error is not a negative errno");
+            return protocol("reply error is not a negative errno above -512");
         }
         if used_len as usize != HEADER {
             return protocol("error reply carries a payload");
@@ -2441,36 +2872,84 @@ fn decode_reply(
                 .map(Reply::Init)
                 .map_err(|_| FsError::Virtio(Error::InvalidState))
         }
-        Shape::Fixed(n) if payload != n as usize => {
-            protocol("reply length differs from the request's reply structure")
+        Shape::Fixed(n) if payload != n as usize => protocol(WRONG_LENGTH),
+        Shape::Fixed(_) => decode_fixed(region, at, slot, handed),
+        Shape::Entry(rule) if payload != rule.payload_len() => protocol(WRONG_LENGTH),
+        Shape::Entry(rule) => decode_entry(region, at, rule, handed),
+        Shape::Written(_) if payload != size_of::<WriteOut>() => protocol(WRONG_LENGTH),
+        Shape::Written(sent) => {
+            let o = read_wire::<WriteOut, { size_of::<WriteOut>() }>(region, at).ok_or(missing())?;
+            if o.size.get() > sent {
+                return protocol("WRITE reply claims more bytes than were sent");
+            }
+            Ok(Reply::Written(o.size.get()))
         }
-        Shape::Fixed(_) => decode_fixed(region, at, slot.opcode),
     }
+}
+
+const WRONG_LENGTH: &str = "reply length differs from the request's reply structure";
+
+fn missing() -> FsError {
+    FsError::Virtio(Error::InvalidState)
+}
+
+/// An entry reply (LOOKUP, MKDIR, SYMLINK, LINK, CREATE) held to `rule`. Once read, its
+/// node (neither 0 nor the root) and CREATE's handle are `handed` out.
+fn decode_entry(
+    region: &DmaRegion,
+    at: usize,
+    rule: EntryRule,
+    handed: &mut Handed,
+) -> FsResult<Reply> {
+    let e = read_wire::<EntryOut, ENTRY_LEN>(region, at).ok_or(missing())?;
+    let node = e.nodeid.get();
+    if node != 0 && node != wire::FUSE_ROOT_ID {
+        handed.node = Some(NodeId(node));
+    }
+    let opened = if rule.open {
+        let o = read_wire::<OpenOut, OPEN_LEN>(region, at + ENTRY_LEN).ok_or(missing())?;
+        let opened = Opened::decode(&o);
+        handed.release = Some(OwedRelease {
+            node: NodeId(node),
+            fh: opened.fh,
+            dir: false,
+        });
+        Some(opened)
+    } else {
+        None
+    };
+    if node == 0 && !rule.new_name {
+        // A negative entry: "no such name", cacheable for entry_valid.
+        return Err(FsError::Errno(Errno::ENOENT));
+    }
+    if rule.new_name && node == wire::FUSE_ROOT_ID {
+        return Err(FsError::Protocol {
+            what: "a created entry names the root node",
+        });
+    }
+    let entry = Entry::decode(&e)?;
+    if rule.file_type != 0 && entry.attr.mode & mode::S_IFMT != rule.file_type {
+        return Err(FsError::Protocol {
+            what: "a created entry of another file type than the request made",
+        });
+    }
+    Ok(match opened {
+        Some(o) => Reply::Created(entry, o),
+        None => Reply::Entry(entry),
+    })
 }
 
 const ENTRY_LEN: usize = size_of::<EntryOut>();
 const OPEN_LEN: usize = size_of::<OpenOut>();
 
-fn decode_fixed(region: &DmaRegion, at: usize, op: u32) -> FsResult<Reply> {
+fn decode_fixed(
+    region: &DmaRegion,
+    at: usize,
+    slot: &Slot,
+    handed: &mut Handed,
+) -> FsResult<Reply> {
     let missing = || FsError::Virtio(Error::InvalidState);
-    match op {
-        opcode::LOOKUP => {
-            let e = read_wire::<EntryOut, ENTRY_LEN>(region, at).ok_or_else(missing)?;
-            if e.nodeid.get() == 0 {
-                // A negative entry: "no such name", cacheable for entry_valid.
-                return Err(FsError::Errno(Errno::ENOENT));
-            }
-            Entry::decode(&e).map(Reply::Entry)
-        }
-        opcode::MKDIR | opcode::SYMLINK | opcode::LINK | opcode::MKNOD => {
-            let e = read_wire::<EntryOut, ENTRY_LEN>(region, at).ok_or_else(missing)?;
-            Entry::decode(&e).map(Reply::Entry)
-        }
-        opcode::CREATE => {
-            let e = read_wire::<EntryOut, ENTRY_LEN>(region, at).ok_or_else(missing)?;
-            let o = read_wire::<OpenOut, OPEN_LEN>(region, at + ENTRY_LEN).ok_or_else(missing)?;
-            Ok(Reply::Created(Entry::decode(&e)?, Opened::decode(&o)))
-        }
+    match slot.opcode {
         opcode::GETATTR | opcode::SETATTR => {
             let a =
                 read_wire::<AttrOut, { size_of::<AttrOut>() }>(region, at).ok_or_else(missing)?;
@@ -2478,16 +2957,23 @@ fn decode_fixed(region: &DmaRegion, at: usize, op: u32) -> FsResult<Reply> {
         }
         opcode::OPEN | opcode::OPENDIR => {
             let o = read_wire::<OpenOut, OPEN_LEN>(region, at).ok_or_else(missing)?;
-            Ok(Reply::Open(Opened::decode(&o)))
-        }
-        opcode::WRITE => {
-            let o =
-                read_wire::<WriteOut, { size_of::<WriteOut>() }>(region, at).ok_or_else(missing)?;
-            Ok(Reply::Written(o.size.get()))
+            let opened = Opened::decode(&o);
+            handed.release = Some(OwedRelease {
+                node: NodeId(slot.node),
+                fh: opened.fh,
+                dir: slot.opcode == opcode::OPENDIR,
+            });
+            Ok(Reply::Open(opened))
         }
         opcode::GETXATTR | opcode::LISTXATTR => {
             let o = read_wire::<GetxattrOut, { size_of::<GetxattrOut>() }>(region, at)
                 .ok_or_else(missing)?;
+            // Linux clamps to XATTR_SIZE_MAX / XATTR_LIST_MAX; more can never be read.
+            if o.size.get() > XATTR_SIZE_MAX {
+                return Err(FsError::Protocol {
+                    what: "xattr size above XATTR_SIZE_MAX (65536)",
+                });
+            }
             Ok(Reply::XattrSize(o.size.get()))
         }
         opcode::LSEEK => {

@@ -37,9 +37,11 @@ impl Errno {
     pub const ENOTSUP: Errno = Errno(95);
     pub const ESTALE: Errno = Errno(116);
 
-    /// Largest errno a reply may carry (Linux's `MAX_ERRNO`): `error` must lie in
-    /// `-4095..=-1` or be 0.
-    pub const MAX: u32 = 4095;
+    /// Largest errno a reply may carry: `error` must lie in `-511..=-1` or be 0. Linux's
+    /// `fuse_dev_do_write` refuses `error <= -512` from the server (512.. are the
+    /// kernel-internal ERESTART* codes, up to `MAX_ERRNO` 4095); so does this driver, as a
+    /// protocol error.
+    pub const MAX: u32 = 511;
 
     /// The symbolic name, for logs.
     pub fn name(self) -> &'static str {

@@ -273,7 +273,9 @@ pub struct DirEntry<'a> {
     pub kind: Option<FileType>,
     pub name: &'a [u8],
     /// READDIRPLUS only: the looked-up entry. Each `Some` holds one lookup reference the
-    /// caller must FORGET; `.` and `..` (node id 0) come without one.
+    /// caller must FORGET; `.` and `..` come without one (`None`, whatever node id the
+    /// device gave them: fuse_lowlevel.h's readdirplus does not count them), as do
+    /// records of node id 0. Another name with the root's node id is a protocol error.
     pub entry: Option<Entry>,
 }
 
@@ -314,7 +316,8 @@ impl<'a> Iterator for DirIter<'a> {
 /// record's fixed part and name fit the reply, the name is 1..=1024 bytes
 /// (`FUSE_NAME_MAX`) with no `/` or NUL, padding to 8 bytes is present and zero, the
 /// continuation offset is non-zero (0 would restart the directory: a device could make a
-/// reader loop forever), and a READDIRPLUS entry with a node id carries valid attributes.
+/// reader loop forever), and a READDIRPLUS entry with a node id carries valid attributes
+/// and, unless it is "." or "..", is not the root.
 pub fn validate_dir(bytes: &[u8], plus: bool) -> FsResult<u32> {
     let mut rest = bytes;
     let mut count = 0u32;
@@ -332,18 +335,13 @@ fn decode_record(bytes: &[u8], plus: bool) -> FsResult<Option<(DirEntry<'_>, usi
     if bytes.is_empty() {
         return Ok(None);
     }
-    let (dirent, entry, fixed) = if plus {
+    let (dirent, entry_out, fixed) = if plus {
         let Ok((h, _)) = DirentplusHeader::read_from_prefix(bytes) else {
             return Err(FsError::Protocol {
                 what: "directory record shorter than its header",
             });
         };
-        let entry = if h.entry_out.nodeid.get() == 0 {
-            None
-        } else {
-            Some(Entry::decode(&h.entry_out)?)
-        };
-        (h.dirent, entry, size_of::<DirentplusHeader>())
+        (h.dirent, Some(h.entry_out), size_of::<DirentplusHeader>())
     } else {
         let Ok((h, _)) = DirentHeader::read_from_prefix(bytes) else {
             return Err(FsError::Protocol {
@@ -381,6 +379,21 @@ fn decode_record(bytes: &[u8], plus: bool) -> FsResult<Option<(DirEntry<'_>, usi
             what: "directory record with continuation offset 0",
         });
     }
+    let entry = match entry_out {
+        // fuse_lowlevel.h (readdirplus): every entry but "." and ".." adds one to its
+        // node's lookup count; Linux's `fuse_direntplus_link` skips those two whatever
+        // their node id. No reference, no entry.
+        Some(_) if is_dot_or_dotdot(name) => None,
+        Some(e) if e.nodeid.get() == 0 => None,
+        // Linux `fuse_direntplus_link`: `invalid_nodeid` (0 or FUSE_ROOT_ID) is -EIO.
+        Some(e) if e.nodeid.get() == FUSE_ROOT_ID => {
+            return Err(FsError::Protocol {
+                what: "READDIRPLUS entry other than . or .. names the root node",
+            });
+        }
+        Some(e) => Some(Entry::decode(&e)?),
+        None => None,
+    };
     Ok(Some((
         DirEntry {
             ino: dirent.ino.get(),
@@ -393,12 +406,59 @@ fn decode_record(bytes: &[u8], plus: bool) -> FsResult<Option<(DirEntry<'_>, usi
     )))
 }
 
+fn is_dot_or_dotdot(name: &[u8]) -> bool {
+    name == b"." || name == b".."
+}
+
+/// The nodes a READDIRPLUS reply of `len` bytes gave a lookup reference of, as far as its
+/// records can be followed whether they are valid or not (a refused or unclaimed reply's
+/// references go back to the device): each record's `entry_out.nodeid`, except 0, the
+/// root and those of "." and ".." (no reference, see [`DirEntry::entry`]). `read(at,
+/// buf)` fills `buf` from byte `at` of the reply (false ends the walk). Bounded: every
+/// record advances by at least 160 bytes within `len`; a record whose name length is 0,
+/// above `FUSE_NAME_MAX` or past `len` ends the walk.
+pub(crate) fn dirplus_references(
+    len: usize,
+    mut read: impl FnMut(usize, &mut [u8]) -> bool,
+    mut each: impl FnMut(NodeId),
+) {
+    const FIXED: usize = size_of::<DirentplusHeader>();
+    let mut at = 0usize;
+    while at + FIXED <= len {
+        let mut head = [0u8; FIXED];
+        if !read(at, &mut head) {
+            return;
+        }
+        let Ok(h) = DirentplusHeader::read_from_bytes(&head) else {
+            return;
+        };
+        let namelen = h.dirent.namelen.get() as usize;
+        if namelen == 0 || namelen > FUSE_NAME_MAX as usize || at + FIXED + namelen > len {
+            return;
+        }
+        // Only "." and ".." matter here: the first two bytes tell them apart.
+        let mut start = [0u8; 2];
+        let Some(start) = start.get_mut(..namelen.min(2)) else {
+            return;
+        };
+        if !read(at + FIXED, start) {
+            return;
+        }
+        let node = h.entry_out.nodeid.get();
+        let dot = namelen <= 2 && is_dot_or_dotdot(start);
+        if node != 0 && node != FUSE_ROOT_ID && !dot {
+            each(NodeId(node));
+        }
+        at = (at + FIXED + namelen).next_multiple_of(DIRENT_ALIGN);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use alloc::vec::Vec;
-    use zerocopy::IntoBytes;
     use zerocopy::little_endian::{U32, U64};
+    use zerocopy::{FromZeros, IntoBytes};
 
     fn record(name: &[u8], off: u64) -> Vec<u8> {
         let mut v = DirentHeader {
@@ -424,6 +484,55 @@ mod tests {
         assert_eq!(n, 2);
         let names: Vec<&[u8]> = it.map(|e| e.name).collect();
         assert_eq!(names, [&b"a"[..], b"hello world"]);
+    }
+
+    /// A READDIRPLUS record: `node`'s entry (valid attributes), then the dirent.
+    fn plus_record(node: u64, name: &[u8], off: u64) -> Vec<u8> {
+        let mut e = crate::wire::EntryOut::new_zeroed();
+        e.nodeid = U64::new(node);
+        e.attr.mode = U32::new(mode::S_IFREG | 0o644);
+        let mut v = e.as_bytes().to_vec();
+        v.extend(record(name, off));
+        v
+    }
+
+    #[test]
+    fn readdirplus_dots_carry_no_entry_and_the_root_is_refused() {
+        let mut b = plus_record(1, b".", 1);
+        b.extend(plus_record(7, b"..", 2));
+        b.extend(plus_record(9, b"x", 3));
+        let (it, n) = DirIter::new(&b, true).unwrap();
+        assert_eq!(n, 3);
+        let nodes: Vec<_> = it.map(|e| e.entry.map(|e| e.node.0)).collect();
+        assert_eq!(nodes, [None, None, Some(9)]);
+        let mut lenient = Vec::new();
+        dirplus_references(
+            b.len(),
+            |at, buf| {
+                buf.copy_from_slice(&b[at..at + buf.len()]);
+                true
+            },
+            |n| lenient.push(n.0),
+        );
+        assert_eq!(lenient, [9]);
+        // The root under another name: refused; the lenient walk still finds 9 and 4,
+        // and stops at a record it cannot follow.
+        let mut b = plus_record(1, b"r", 1);
+        b.extend(plus_record(9, b"x", 2));
+        b.extend(plus_record(4, b"y", 0));
+        assert!(validate_dir(&b, true).is_err());
+        b.extend(plus_record(5, b"z", 3));
+        let cut = b.len() - 8;
+        let mut lenient = Vec::new();
+        dirplus_references(
+            cut,
+            |at, buf| {
+                buf.copy_from_slice(&b[at..at + buf.len()]);
+                true
+            },
+            |n| lenient.push(n.0),
+        );
+        assert_eq!(lenient, [9, 4]);
     }
 
     #[test]

@@ -16,16 +16,31 @@
 //! order, interrupts taken and re-enabled, and the blocking `read`, `write`, `read_dir`,
 //! `lookup`, `getattr`, `open`, `statfs` and `forget` through a waiter the fuzzer answers.
 //!
-//! Oracles: a data reply is never longer than the request asked for; every directory
-//! record a walker yields has a 1..=1024-byte name without `/` or NUL and a non-zero
-//! continuation offset; attributes carry nanoseconds below 10⁹; a result is taken at most
-//! once (a second `take` of the same ticket is refused, even after its slot is reused);
+//! Oracles: every reply's fate is predicted from what the server wrote, independently of
+//! the driver's decoders — a wrong `unique`, a header length other than the used length, a
+//! used length below the header, an error outside -511..=-1 or with a payload are protocol
+//! errors; an in-range errno is that errno; READ/READLINK/xattr data is exactly the bytes
+//! written; a READDIR(PLUS) reply the server built well-formed yields exactly its records
+//! (`.`/`..` and node id 0 without an entry) and one breaking a rule (offset 0, the root
+//! as a node) is refused; a WRITE reply claims no more than was sent — and `take` or the
+//! blocking call must return just that. Blocking `read` returns the bytes the server wrote
+//! up to the first short chunk, `write` the bytes up to the first short one, `read_dir`
+//! the records of its replies in order. Lookup references are counted: those handed out
+//! in every reply the driver could read (entries, READDIRPLUS records) against the FORGET
+//! and BATCH_FORGET elements parsed on hiprio — never more forgotten than handed out, and
+//! at the end (the held chains answered, the harness's references forgotten) every one
+//! returned, none lost. A result is taken at most once (also after its slot is reused);
 //! one `poll` collects at most one reply per slot and queue; the blocking calls return
-//! within their wait bound (a hang is a libFuzzer timeout); after `shutdown` and drop,
-//! guest memory is back to what it was.
+//! within their wait bound (a hang is a libFuzzer timeout); at the end every slot is free
+//! and every notification buffer posted again; after `shutdown` and drop, guest memory is
+//! back to what it was. Oracles that follow replies stop after a lie that hides them (a
+//! forged or repeated used element, a used length beyond the chain, NEEDS_RESET, a
+//! returned buffer rewritten; DESTROY ends reference counting).
 
+use std::collections::{BTreeMap, HashMap};
 use virtio_core::DeviceType;
 use virtio_fs::wire::{self, opcode};
+
 use virtio_fs::{
     DirIter, Entry, FileHandle, FsDriver, FsError, FsOptions, FsResult, NodeId, Reply, Request,
     SetAttr, SetTime, Ticket, Timespec, Waiter,
@@ -59,10 +74,73 @@ const NAMES: [&[u8]; 6] = [b"a", b"file.txt", b"dir", b"", b"x/y", &[b'n'; 300]]
 #[derive(Copy, Clone)]
 struct Pending {
     ticket: Ticket,
-    /// Largest data reply it may return (READ, READDIR, READLINK, GET/LISTXATTR).
-    max_data: u32,
     /// READDIR (`Some(false)`) or READDIRPLUS (`Some(true)`).
     dir: Option<bool>,
+}
+
+/// What the driver must make of one reply, predicted from the bytes the server wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Expect {
+    /// The header breaks a rule: a protocol error whatever follows.
+    Protocol,
+    /// A header-only reply with an errno in -511..=-1.
+    Errno(u32),
+    /// Data of exactly these bytes (READ, READLINK, GETXATTR/LISTXATTR with a size).
+    Data(Vec<u8>),
+    /// READDIR(PLUS) built by the server: its records, or `None` when one of them breaks
+    /// a rule (the reply is refused).
+    Dir(Option<Vec<DirRec>>),
+    /// WRITE claiming this many bytes, no more than were sent.
+    Written(u32),
+}
+
+/// One directory record as the server built it, as the walker must yield it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DirRec {
+    name: Vec<u8>,
+    off: u64,
+    ino: u64,
+    /// READDIRPLUS: the node of its entry (none for node id 0, `.` and `..`).
+    node: Option<u64>,
+}
+
+/// A READ, WRITE or READDIR(PLUS) the server answered, for the blocking calls' oracles.
+#[derive(Clone, Debug)]
+struct Answer {
+    unique: u64,
+    op: u32,
+    /// The request's offset and size (WRITE: bytes sent).
+    offset: u64,
+    size: u32,
+    expect: Option<Expect>,
+}
+
+/// The nodes a READDIRPLUS payload hands out a lookup reference of, by the FUSE rules
+/// (fuse_lowlevel.h readdirplus): records followed while their name length is 1..=1024
+/// and within the payload; node ids 0 and 1 and the names `.` and `..` hand out none.
+fn dirplus_nodes(payload: &[u8]) -> Vec<u64> {
+    let mut nodes = Vec::new();
+    let mut at = 0;
+    while at + 152 <= payload.len() {
+        let node = le(&payload[at..at + 8]);
+        let namelen = le(&payload[at + 144..at + 148]) as usize;
+        if namelen == 0 || namelen > 1024 || at + 152 + namelen > payload.len() {
+            break;
+        }
+        let name = &payload[at + 152..at + 152 + namelen];
+        if node > 1 && name != b"." && name != b".." {
+            nodes.push(node);
+        }
+        at = (at + 152 + namelen).next_multiple_of(8);
+    }
+    nodes
+}
+
+/// A little-endian number of up to 8 bytes.
+fn le(b: &[u8]) -> u64 {
+    let mut v = [0u8; 8];
+    v[..b.len()].copy_from_slice(b);
+    u64::from_le_bytes(v)
 }
 
 /// The device side: the FUSE server the fuzzer plays, and the simulated function.
@@ -76,6 +154,26 @@ struct Server<'i> {
     held: Vec<(u16, Chain)>,
     /// Chains answered last, whose buffers a hostile device may still rewrite.
     answered: Vec<Chain>,
+    /// Answer every request truthfully and at once (the end of a run), and INIT when
+    /// `honest_init` (most inputs: so the step loop runs initialised).
+    honest: bool,
+    honest_init: bool,
+    /// The rings carry no lie (forged or repeated used elements, used lengths beyond a
+    /// chain, NEEDS_RESET): the end state is checked.
+    ring_honest: bool,
+    /// The driver sees the replies as written (no lie above, no returned buffer
+    /// rewritten): the predicted verdicts hold.
+    faithful: bool,
+    /// Lookup references are counted (faithful, and no DESTROY dropped them).
+    counting: bool,
+    verdicts: HashMap<u64, Expect>,
+    /// Lookup references per node: handed out in replies the driver could read, and
+    /// returned in FORGET/BATCH_FORGET.
+    given: BTreeMap<u64, u64>,
+    forgotten: BTreeMap<u64, u64>,
+    /// READ, WRITE, READDIR(PLUS), LOOKUP, GETATTR, STATFS answers since the harness last
+    /// cleared them.
+    answers: Vec<Answer>,
 }
 
 impl Server<'_> {
@@ -92,18 +190,75 @@ impl Server<'_> {
             }
             for c in chains {
                 if q == 0 {
+                    self.forgets(&c);
                     // hiprio: FORGET / BATCH_FORGET have no reply; any used length.
                     let len = match self.input.u8() % 4 {
-                        0 => self.input.u32() % (c.writable_len() + 2),
+                        0 if !self.honest => self.input.u32() % (c.writable_len() + 2),
                         _ => 0,
                     };
+                    if len > c.writable_len() {
+                        self.lie();
+                    }
                     self.sim.complete(q, c.head, len);
-                } else if (self.notification && q == 1) || self.input.u8().is_multiple_of(8) {
+                } else if (self.notification && q == 1)
+                    || (!self.honest && self.input.u8().is_multiple_of(8))
+                {
                     // Notification buffers wait for a notification; requests now and then.
                     self.held.push((q, c));
                 } else {
                     self.answer(q, &c);
                 }
+            }
+            self.sim.signal_used(q);
+        }
+    }
+
+    /// The rings lie from now on: the end state and the verdicts are not checked.
+    fn lie(&mut self) {
+        self.ring_honest = false;
+        self.faithful = false;
+        self.counting = false;
+    }
+
+    /// Counts the lookups a FORGET or BATCH_FORGET returns: never more than were handed
+    /// out for a node.
+    fn forgets(&mut self, c: &Chain) {
+        let req = self.sim.read_chain(c);
+        let word = |at: usize, n: usize| req.get(at..at + n).map_or(0, le);
+        let mut returned = Vec::new();
+        match word(4, 4) as u32 {
+            opcode::FORGET => returned.push((word(16, 8), word(40, 8))),
+            opcode::BATCH_FORGET => {
+                let count = word(40, 4) as usize;
+                assert_eq!(48 + 16 * count, req.len(), "BATCH_FORGET count and length");
+                for i in 0..count {
+                    returned.push((word(48 + 16 * i, 8), word(56 + 16 * i, 8)));
+                }
+            }
+            other => panic!("opcode {other} on hiprio"),
+        }
+        for (node, n) in returned {
+            assert!(node > 1, "FORGET of node {node}");
+            assert!(n > 0, "FORGET of no lookups");
+            let f = self.forgotten.entry(node).or_default();
+            *f += n;
+            if self.counting {
+                let given = self.given.get(&node).copied().unwrap_or(0);
+                assert!(
+                    *f <= given,
+                    "node {node}: {f} lookups forgotten, {given} handed out"
+                );
+            }
+        }
+    }
+
+    /// Answers every held chain (the end of a run).
+    fn release_all(&mut self) {
+        while let Some((q, c)) = self.held.pop() {
+            if self.notification && q == 1 {
+                self.notify(&c);
+            } else {
+                self.answer(q, &c);
             }
             self.sim.signal_used(q);
         }
@@ -130,20 +285,23 @@ impl Server<'_> {
     /// Writes a reply for the request in `c` and completes it.
     fn answer(&mut self, q: u16, c: &Chain) {
         let request = self.sim.read_chain(c);
-        let word = |at: usize, n: usize| -> u64 {
-            request.get(at..at + n).map_or(0, |b| {
-                let mut v = [0u8; 8];
-                v[..n].copy_from_slice(b);
-                u64::from_le_bytes(v)
-            })
-        };
+        let word = |at: usize, n: usize| request.get(at..at + n).map_or(0, le);
         let op = word(4, 4) as u32;
-        let mut unique = word(8, 8);
+        let asked_unique = word(8, 8);
+        // READ, READDIR, WRITE: fh, offset, size after the 40-byte header.
+        let (offset, size) = (word(48, 8), word(56, 4) as u32);
+        let honest = self.honest || (op == opcode::INIT && self.honest_init);
+        let mut unique = asked_unique;
         let cap = c.writable_len() as usize;
         let room = cap.saturating_sub(OUT_HEADER);
         let mut error = 0i32;
-        let payload: Vec<u8> = match self.input.u8() % 10 {
-            0..=5 => self.payload(op, room),
+        let mut built = None;
+        let payload: Vec<u8> = match if honest { 0 } else { self.input.u8() % 10 } {
+            0..=5 => {
+                let (p, dir) = self.payload(op, room, honest);
+                built = dir;
+                p
+            }
             6 => {
                 error = match self.input.u8() % 3 {
                     0 => self.input.u32() as i32,
@@ -157,7 +315,7 @@ impl Server<'_> {
                     1 => unique.wrapping_add(1),
                     _ => u64::from(self.input.u32()),
                 };
-                self.payload(op, room)
+                self.payload(op, room, false).0
             }
             _ => {
                 let n = usize::from(self.input.u16()) % (cap + 8);
@@ -165,7 +323,7 @@ impl Server<'_> {
             }
         };
         let mut len = (OUT_HEADER + payload.len()) as u32;
-        if self.input.u8().is_multiple_of(8) {
+        if !honest && self.input.u8().is_multiple_of(8) {
             len = self.input.u32() % (cap as u32 + 32);
         }
         let mut reply = Vec::with_capacity(OUT_HEADER + payload.len());
@@ -174,24 +332,116 @@ impl Server<'_> {
         reply.extend_from_slice(&unique.to_le_bytes());
         reply.extend_from_slice(&payload);
         let written = self.sim.write_chain(c, &reply);
-        let used = match self.input.u8() % 8 {
+        if written as usize != reply.len() {
+            // Cut by the chain: not the records as built.
+            built = None;
+        }
+        let used = match if honest { 2 } else { self.input.u8() % 8 } {
             0 => self.input.u32() % (cap as u32 + 32),
             1 => 0,
             _ => written,
         };
+        if used as usize > cap {
+            // The bus refuses it: the request never completes.
+            self.lie();
+        }
         self.sim.complete(q, c.head, used);
         if self.answered.len() == 8 {
             self.answered.remove(0);
         }
         self.answered.push(c.clone());
+        if op == opcode::DESTROY {
+            // The device drops every reference with the session.
+            self.counting = false;
+        }
+        // What the driver reads: the writable part as it is now, up to the used length
+        // (beyond what was written, older bytes).
+        let seen = writable_bytes(&self.sim, c);
+        let seen = &seen[..(used as usize).min(seen.len())];
+        if used as usize != reply.len() {
+            // Not the records as built.
+            built = None;
+        }
+        // READ and READLINK answer into the data buffer, GETXATTR/LISTXATTR when asked
+        // for a size (else the 8-byte size reply).
+        let data_reply = match op {
+            opcode::READ | opcode::READLINK => true,
+            opcode::GETXATTR | opcode::LISTXATTR => word(40, 4) != 0,
+            _ => false,
+        };
+        let shape = Shape {
+            data: data_reply,
+            sent: size,
+        };
+        let expect = verdict(op, asked_unique, cap, seen, used, built, shape);
+        if self.faithful {
+            self.count_given(op, asked_unique, seen, used, cap);
+            if let Some(e) = &expect {
+                self.verdicts.insert(asked_unique, e.clone());
+            }
+            if matches!(
+                op,
+                opcode::READ
+                    | opcode::WRITE
+                    | opcode::READDIR
+                    | opcode::READDIRPLUS
+                    | opcode::LOOKUP
+                    | opcode::GETATTR
+                    | opcode::STATFS
+            ) {
+                self.answers.push(Answer {
+                    unique: asked_unique,
+                    op,
+                    offset,
+                    size,
+                    expect,
+                });
+            }
+        }
+    }
+
+    /// Counts the lookup references a reply the driver can read hands out: an entry of
+    /// the right length naming a node other than 0 and the root, each READDIRPLUS record's.
+    fn count_given(&mut self, op: u32, unique: u64, reply: &[u8], used: u32, cap: usize) {
+        let used = used as usize;
+        let header_ok = used >= OUT_HEADER
+            && used <= cap
+            && reply.len() >= used
+            && le(&reply[0..4]) as usize == used
+            && le(&reply[4..8]) == 0
+            && le(&reply[8..16]) == unique;
+        if !header_ok {
+            return;
+        }
+        let payload = &reply[OUT_HEADER..used];
+        let nodes = match op {
+            opcode::LOOKUP | opcode::MKDIR | opcode::SYMLINK | opcode::LINK
+                if payload.len() == ENTRY_LEN =>
+            {
+                vec![le(&payload[..8])]
+            }
+            opcode::CREATE if payload.len() == ENTRY_LEN + 16 => vec![le(&payload[..8])],
+            opcode::READDIRPLUS => dirplus_nodes(payload),
+            _ => Vec::new(),
+        };
+        for node in nodes.into_iter().filter(|&n| n > 1) {
+            *self.given.entry(node).or_default() += 1;
+        }
     }
 
     /// A reply payload for opcode `op` in at most `room` bytes: the structure the opcode
-    /// expects, with fuzzed contents made plausible (valid attributes) most of the time.
-    fn payload(&mut self, op: u32, room: usize) -> Vec<u8> {
-        let sane = !self.input.u8().is_multiple_of(4);
-        match op {
-            opcode::INIT => self.init_out(sane),
+    /// expects, with fuzzed contents made plausible (valid attributes) most of the time
+    /// (always when `honest`). READDIR(PLUS) comes with its records as built (`None`
+    /// inside when not sane: not predicted).
+    fn payload(
+        &mut self,
+        op: u32,
+        room: usize,
+        honest: bool,
+    ) -> (Vec<u8>, Option<Option<Vec<DirRec>>>) {
+        let sane = !self.input.u8().is_multiple_of(4) || honest;
+        let p = match op {
+            opcode::INIT => self.init_out(sane, honest),
             opcode::LOOKUP | opcode::MKDIR | opcode::SYMLINK | opcode::LINK => self.entry_out(sane),
             opcode::CREATE => {
                 let mut p = self.entry_out(sane);
@@ -209,7 +459,8 @@ impl Server<'_> {
                 p
             }
             opcode::READDIR | opcode::READDIRPLUS => {
-                self.dirents(op == opcode::READDIRPLUS, room, sane)
+                let (p, built) = self.dirents(op == opcode::READDIRPLUS, room, sane);
+                return (p, built);
             }
             opcode::READ | opcode::READLINK | opcode::GETXATTR | opcode::LISTXATTR => {
                 let n = match self.input.u8() % 4 {
@@ -239,10 +490,11 @@ impl Server<'_> {
                 p.resize(n, 0);
                 p
             }
-        }
+        };
+        (p, None)
     }
 
-    fn init_out(&mut self, sane: bool) -> Vec<u8> {
+    fn init_out(&mut self, sane: bool, honest: bool) -> Vec<u8> {
         let mut p = vec![0u8; 64];
         let (major, minor) = if sane {
             (
@@ -260,7 +512,7 @@ impl Server<'_> {
             let v = self.input.u32();
             p[at..at + 4].copy_from_slice(&v.to_le_bytes());
         }
-        if self.input.u8().is_multiple_of(4) {
+        if !honest && self.input.u8().is_multiple_of(4) {
             p.truncate(usize::from(self.input.u8() % 64));
         }
         p
@@ -273,6 +525,10 @@ impl Server<'_> {
             if p[0..8] == [0; 8] {
                 p[0] = 2;
             }
+            // The root (node 1) only with generation 0, as Linux insists.
+            if le(&p[0..8]) == 1 {
+                p[8..16].fill(0);
+            }
             sanitize_nanos(&mut p, 32);
             sanitize_nanos(&mut p, 36);
             sanitize_attr(&mut p, ENTRY_ATTR_AT);
@@ -281,9 +537,19 @@ impl Server<'_> {
     }
 
     /// Directory records (`fuse_dirent`, with `fuse_entry_out` before each for
-    /// READDIRPLUS) built from the input, within `room` bytes.
-    fn dirents(&mut self, plus: bool, room: usize, sane: bool) -> Vec<u8> {
+    /// READDIRPLUS) built from the input, within `room` bytes. When `sane`, also the
+    /// records as the walker must yield them, or `None` inside when one breaks a rule the
+    /// driver enforces (continuation offset 0; READDIRPLUS: the root's node id for a name
+    /// other than `.` and `..`).
+    fn dirents(
+        &mut self,
+        plus: bool,
+        room: usize,
+        sane: bool,
+    ) -> (Vec<u8>, Option<Option<Vec<DirRec>>>) {
         let mut p = Vec::new();
+        let mut recs = Vec::new();
+        let mut valid = true;
         for _ in 0..usize::from(self.input.u8() % 16) {
             let mut rec = if plus {
                 self.entry_out(sane)
@@ -296,8 +562,11 @@ impl Server<'_> {
                 _ => 1 + u64::from(self.input.u16()),
             };
             let name: Vec<u8> = if sane {
-                let n = 1 + usize::from(self.input.u8() % 24);
-                (0..n).map(|i| b'a' + (i as u8 % 26)).collect()
+                match self.input.u8() % 16 {
+                    0 => b".".to_vec(),
+                    1 => b"..".to_vec(),
+                    k => (0..1 + k % 24).map(|i| b'a' + (i % 26)).collect(),
+                }
             } else {
                 let n = usize::from(self.input.u16() % 1100);
                 let mut name = self.input.take(n).to_vec();
@@ -326,9 +595,19 @@ impl Server<'_> {
             if p.len() + rec.len() > room {
                 break;
             }
+            let dot = name == b"." || name == b"..";
+            let node = if plus { le(&rec[..8]) } else { 0 };
+            valid &= off != 0 && (dot || node != 1);
+            recs.push(DirRec {
+                name,
+                off,
+                ino,
+                node: Some(node).filter(|&n| n != 0 && !dot),
+            });
             p.extend_from_slice(&rec);
         }
-        p
+        let built = sane.then(|| valid.then_some(recs));
+        (p, built)
     }
 
     /// Completes a notification buffer with a message (a well-formed one with fuzzed
@@ -357,9 +636,12 @@ impl Server<'_> {
         m.extend_from_slice(&body);
         let written = self.sim.write_chain(c, &m);
         let used = match self.input.u8() % 4 {
-            0 => self.input.u32() % (c.writable_len() + 32),
+            0 if !self.honest => self.input.u32() % (c.writable_len() + 32),
             _ => written,
         };
+        if used > c.writable_len() {
+            self.lie();
+        }
         self.sim.complete(1, c.head, used);
     }
 
@@ -379,16 +661,86 @@ impl Server<'_> {
 /// The blocking calls' waits: the fuzzer answers (or not), then interrupts are taken.
 impl Waiter<Device> for Server<'_> {
     fn wait(&mut self, fs: &mut Fs) -> FsResult<()> {
-        match self.input.u8() % 4 {
+        match if self.honest { 2 } else { self.input.u8() % 4 } {
             0 => self.release_held(),
             1 => {}
             _ => self.serve_all(),
         }
         self.interrupts(fs)?;
-        if self.input.u8().is_multiple_of(2) {
+        if self.honest || self.input.u8().is_multiple_of(2) {
             fs.poll()?;
         }
         Ok(())
+    }
+}
+
+/// The bytes of a chain's device-writable part, as they are in guest memory now.
+fn writable_bytes(sim: &Sim, c: &Chain) -> Vec<u8> {
+    let mut flipped = c.clone();
+    for d in &mut flipped.descs {
+        d.write_only = !d.write_only;
+    }
+    sim.read_chain(&flipped)
+}
+
+/// What the request said of its reply.
+#[derive(Copy, Clone)]
+struct Shape {
+    /// The reply's payload is data (READ, READLINK, GETXATTR/LISTXATTR with a size).
+    data: bool,
+    /// WRITE: the bytes sent.
+    sent: u32,
+}
+
+/// What the driver must make of the reply `reply` (the chain's writable bytes up to the
+/// used length, as the driver reads them) completed with `used` bytes, for request `unique` of opcode `op` whose writable part
+/// holds `cap` bytes; `None` where it depends on payload rules not modelled here.
+fn verdict(
+    op: u32,
+    unique: u64,
+    cap: usize,
+    reply: &[u8],
+    used: u32,
+    built: Option<Option<Vec<DirRec>>>,
+    shape: Shape,
+) -> Option<Expect> {
+    let used = used as usize;
+    if used > cap || (op == opcode::DESTROY && used == 0) {
+        return None;
+    }
+    if used < OUT_HEADER {
+        return Some(Expect::Protocol);
+    }
+    let header = &reply[..OUT_HEADER];
+    if le(&header[8..16]) != unique || le(&header[0..4]) as usize != used {
+        return Some(Expect::Protocol);
+    }
+    let error = le(&header[4..8]) as u32 as i32;
+    if error != 0 {
+        // Linux `fuse_dev_do_write`: error > 0 or <= -512 is refused.
+        return Some(if error > 0 || error <= -512 || used != OUT_HEADER {
+            Expect::Protocol
+        } else {
+            Expect::Errno(error.unsigned_abs())
+        });
+    }
+    let payload = reply.get(OUT_HEADER..used)?;
+    match op {
+        _ if shape.data => Some(Expect::Data(payload.to_vec())),
+        opcode::READDIR | opcode::READDIRPLUS => {
+            // Only a reply exactly as built is predicted.
+            let recs = built?;
+            Some(Expect::Dir(recs))
+        }
+        opcode::WRITE if payload.len() == 8 => {
+            let claimed = le(&payload[..4]) as u32;
+            Some(if claimed > shape.sent {
+                Expect::Protocol
+            } else {
+                Expect::Written(claimed)
+            })
+        }
+        _ => None,
     }
 }
 
@@ -434,29 +786,50 @@ fn check_entry(e: &Entry) {
     }
 }
 
-/// The walker's records hold what `validate_dir` promises.
-fn check_dir(bytes: &[u8], plus: bool) {
+/// The records of a directory reply as the walker yields them.
+fn walk(bytes: &[u8], plus: bool) -> Vec<DirRec> {
     let Ok((records, count)) = DirIter::new(bytes, plus) else {
-        return;
+        panic!("a directory reply the driver accepted does not walk");
     };
-    let mut seen = 0;
-    for r in records {
-        assert!(
-            (1..=1024).contains(&r.name.len()),
-            "a {}-byte name",
-            r.name.len()
-        );
-        assert!(
-            !r.name.contains(&b'/') && !r.name.contains(&0),
-            "a name with / or NUL"
-        );
-        assert_ne!(r.offset, 0, "a record continuing at offset 0");
-        if let Some(e) = &r.entry {
-            check_entry(e);
+    let recs: Vec<DirRec> = records
+        .map(|r| {
+            if let Some(e) = &r.entry {
+                check_entry(e);
+            }
+            DirRec {
+                name: r.name.to_vec(),
+                off: r.offset,
+                ino: r.ino,
+                node: r.entry.map(|e| e.node.0),
+            }
+        })
+        .collect();
+    assert_eq!(
+        recs.len() as u32,
+        count,
+        "the walker and the count disagree"
+    );
+    recs
+}
+
+/// A result (taken into `out`) against the server's prediction for its reply.
+fn check_verdict(expect: &Expect, result: &FsResult<Reply>, out: &[u8], plus: bool) {
+    match (expect, result) {
+        (Expect::Protocol | Expect::Dir(None), Err(FsError::Protocol { .. })) => {}
+        (Expect::Errno(e), Err(FsError::Errno(got))) => assert_eq!(*e, got.0, "errno"),
+        (Expect::Data(bytes), Ok(Reply::Data(n))) => {
+            assert_eq!(
+                &out[..*n as usize],
+                &bytes[..],
+                "data other than the server wrote"
+            )
         }
-        seen += 1;
+        (Expect::Dir(Some(recs)), Ok(Reply::Data(n))) => {
+            assert_eq!(&walk(&out[..*n as usize], plus), recs, "directory records")
+        }
+        (Expect::Written(n), Ok(Reply::Written(got))) => assert_eq!(n, got, "WRITE count"),
+        (expect, result) => panic!("expected {expect:?}, the driver returned {result:?}"),
     }
-    assert_eq!(seen, count, "the walker and the count disagree");
 }
 
 /// A request of the kind the input picks.
@@ -742,6 +1115,8 @@ pub fn run(data: &[u8]) {
         crate::assert_setup_freed(&mem, free_at_start);
         return;
     };
+    let notify_total = fs.notify_buffers();
+    let honest_init = !input.u8().is_multiple_of(8);
     let mut server = Server {
         input,
         sim,
@@ -751,16 +1126,36 @@ pub fn run(data: &[u8]) {
         notification: fs.has_notifications(),
         held: Vec::new(),
         answered: Vec::new(),
+        honest: honest_init,
+        honest_init,
+        ring_honest: true,
+        faithful: true,
+        counting: true,
+        verdicts: HashMap::new(),
+        given: BTreeMap::new(),
+        forgotten: BTreeMap::new(),
+        answers: Vec::new(),
     };
-    let _ = fs.init(&mut server);
+    // Most inputs answer INIT truthfully at once, so the steps run initialised.
+    let init = fs.init(&mut server);
+    // (A one-entry queue cannot carry INIT's two-descriptor chain.)
+    assert!(
+        init.is_ok() || !honest_init || queue_size < 2,
+        "an honest INIT failed: {init:?}"
+    );
+    server.honest = false;
 
     let chunk = fs.read_chunk();
     let write_data = vec![0x5a; fs.write_chunk() as usize];
     // At most one reply per slot in flight: a further used element is a lie that breaks
-    // the queue, so the poll fails rather than counts it.
-    let per_poll = usize::from(options.slots) * fs.request_queues().max(1);
+    // the queue, so the poll fails rather than counts it. Slots per queue are the
+    // option within the queue's size (the device gives `queue_size` entries).
+    let slots = usize::from(options.slots.clamp(1, queue_size));
+    let per_poll = slots * fs.request_queues().max(1);
     let mut pending: Vec<Pending> = Vec::new();
     let mut taken: Vec<Ticket> = Vec::new();
+    // Lookup references the harness holds (results taken), forgotten by `forget` steps.
+    let mut held_refs: Vec<NodeId> = Vec::new();
     let mut out = vec![0u8; 1 << 20];
 
     for _ in 0..MAX_STEPS {
@@ -769,13 +1164,9 @@ pub fn run(data: &[u8]) {
         }
         match server.input.u8() % 16 {
             0..=3 => {
-                let (req, max_data, dir) = request(&mut server.input, &write_data, chunk);
+                let (req, _, dir) = request(&mut server.input, &write_data, chunk);
                 if let Ok(ticket) = fs.submit(&req) {
-                    pending.push(Pending {
-                        ticket,
-                        max_data,
-                        dir,
-                    });
+                    pending.push(Pending { ticket, dir });
                 }
             }
             4 => {
@@ -792,6 +1183,7 @@ pub fn run(data: &[u8]) {
                         _ => u32::from(server.input.u8() % 32),
                     };
                     let len = server.input.u32() % 70_000;
+                    server.lie();
                     server.sim.complete_raw(q, id, len);
                     server.sim.signal_used(q);
                 }
@@ -806,39 +1198,19 @@ pub fn run(data: &[u8]) {
                     continue;
                 }
                 let i = server.input.u16() as usize % pending.len();
-                let p = pending[i];
                 let room = match server.input.u8() % 4 {
                     0 => usize::from(server.input.u16()),
                     _ => out.len(),
                 };
-                let result = fs.take(p.ticket, &mut out[..room]);
-                if let Ok(Reply::Data(n)) = result {
-                    assert!(
-                        n <= p.max_data,
-                        "a data reply of {n} bytes for a request of {}",
-                        p.max_data
-                    );
-                    assert!(n as usize <= room, "take copied past the caller's buffer");
-                    if let Some(plus) = p.dir {
-                        check_dir(&out[..n as usize], plus);
-                    }
-                }
-                match result {
-                    Ok(Reply::Entry(e)) | Ok(Reply::Created(e, _)) => check_entry(&e),
-                    Ok(Reply::Attr(a)) => {
-                        check_time(a.attr_valid);
-                        for t in [a.attr.atime, a.attr.mtime, a.attr.ctime] {
-                            check_time(t);
-                        }
-                    }
-                    _ => {}
-                }
-                if !matches!(result, Err(FsError::UnknownTicket)) {
-                    // Taken (a result, or an error other than "not done"): never again.
-                    pending.swap_remove(i);
-                    taken.push(p.ticket);
-                    assert!(!fs.is_done(p.ticket), "a taken result is still done");
-                }
+                take(
+                    &mut fs,
+                    &mut server,
+                    &mut pending,
+                    i,
+                    &mut out[..room],
+                    &mut held_refs,
+                    &mut taken,
+                );
             }
             12 => {
                 // Taken tickets stay taken, whatever reused their slots.
@@ -853,7 +1225,9 @@ pub fn run(data: &[u8]) {
                 }
                 if !pending.is_empty() && server.input.bool() {
                     let i = server.input.u16() as usize % pending.len();
-                    fs.abandon(pending.swap_remove(i).ticket);
+                    let t = pending.swap_remove(i).ticket;
+                    server.verdicts.remove(&t.unique());
+                    fs.abandon(t);
                 }
             }
             13 => {
@@ -866,73 +1240,318 @@ pub fn run(data: &[u8]) {
                     }
                 }
             }
-            14 => match server.input.u8() % 9 {
-                0 => {
-                    let n = usize::from(server.input.u16() % 16384);
-                    let mut buf = vec![0u8; n];
-                    if let Ok(got) = fs.read(&mut server, NodeId(2), FileHandle(1), 0, &mut buf) {
-                        assert!(got <= n, "read returned {got} bytes into {n}");
-                    }
-                }
-                1 => {
-                    let plus = server.input.bool();
-                    let mut buf = vec![0u8; 512 + usize::from(server.input.u16() % 8192)];
-                    let _ =
-                        fs.read_dir(&mut server, NodeId(1), FileHandle(1), plus, &mut buf, |r| {
-                            assert!((1..=1024).contains(&r.name.len()));
-                            assert_ne!(r.offset, 0);
-                        });
-                }
-                2 => {
-                    if let Ok(e) = fs.lookup(&mut server, NodeId(1), b"a") {
-                        check_entry(&e);
-                    }
-                }
-                3 => {
-                    // The device rewrites a buffer it already returned.
-                    if !server.answered.is_empty() {
-                        let i = server.input.u8() as usize % server.answered.len();
-                        let c = server.answered[i].clone();
-                        let n = usize::from(server.input.u16()) % (c.writable_len() as usize + 1);
-                        let bytes = server.input.take(n).to_vec();
-                        server.sim.write_chain(&c, &bytes);
-                    }
-                }
-                4 => {
-                    let _ = fs.statfs(&mut server, NodeId(1));
-                }
-                5 => {
-                    // The pipelined WRITE: a reply claiming more than a chunk carried is
-                    // the device's error.
-                    let n = usize::from(server.input.u16()) % (4 * write_data.len() + 1);
-                    let data = vec![0x3c; n];
-                    if let Ok(done) = fs.write(&mut server, NodeId(2), FileHandle(1), 0, &data) {
-                        assert!(done <= n, "write reported {done} bytes of {n}");
-                    }
-                }
-                6 => {
-                    if let Ok(a) = fs.getattr(&mut server, NodeId(2), None) {
-                        check_time(a.attr_valid);
-                    }
-                }
-                7 => {
-                    let _ = fs.open(&mut server, NodeId(2), 0);
-                }
-                _ => {
-                    // FORGET (one node) or BATCH_FORGET on hiprio, which the device
-                    // completes with any length.
-                    let n = 1 + usize::from(server.input.u8() % 4);
-                    let nodes: Vec<(NodeId, u64)> = (0..n)
-                        .map(|i| (NodeId(2 + i as u64), 1 + u64::from(server.input.u8())))
-                        .collect();
-                    let _ = fs.forget(&mut server, &nodes);
-                }
-            },
-            _ => server.sim.trigger_needs_reset(),
+            14 => blocking(&mut fs, &mut server, &write_data, &mut held_refs),
+            _ => {
+                server.lie();
+                server.sim.trigger_needs_reset();
+            }
         }
     }
 
+    if server.ring_honest {
+        finish(
+            &mut fs,
+            &mut server,
+            &mut pending,
+            &mut out,
+            &mut held_refs,
+            notify_total,
+        );
+    }
     fs.shutdown();
     drop(fs);
     assert_eq!(mem.free_bytes(), free_at_start, "DMA memory leaked");
+}
+
+/// Takes pending request `i` into `out` and checks the result against the server's
+/// prediction; a taken entry's reference goes to `held_refs`.
+fn take(
+    fs: &mut Fs,
+    server: &mut Server<'_>,
+    pending: &mut Vec<Pending>,
+    i: usize,
+    out: &mut [u8],
+    held_refs: &mut Vec<NodeId>,
+    taken: &mut Vec<Ticket>,
+) {
+    let p = pending[i];
+    let result = fs.take(p.ticket, out);
+    if matches!(result, Err(FsError::UnknownTicket)) {
+        return;
+    }
+    if result == Err(FsError::InvalidArgument) && fs.is_done(p.ticket) {
+        // `out` too short for the data: the result stays to be taken.
+        return;
+    }
+    pending.swap_remove(i);
+    taken.push(p.ticket);
+    assert!(!fs.is_done(p.ticket), "a taken result is still done");
+    if let Some(expect) = server.verdicts.remove(&p.ticket.unique())
+        && server.faithful
+    {
+        check_verdict(&expect, &result, out, p.dir == Some(true));
+    }
+    match result {
+        Ok(Reply::Entry(e)) | Ok(Reply::Created(e, _)) => {
+            check_entry(&e);
+            hold(held_refs, e.node);
+        }
+        Ok(Reply::Attr(a)) => {
+            check_time(a.attr_valid);
+            for t in [a.attr.atime, a.attr.mtime, a.attr.ctime] {
+                check_time(t);
+            }
+        }
+        Ok(Reply::Data(n)) if p.dir == Some(true) => {
+            // Every READDIRPLUS entry taken holds a reference.
+            if let Ok((records, _)) = DirIter::new(&out[..n as usize], true) {
+                for node in records.filter_map(|r| r.entry.map(|e| e.node)) {
+                    hold(held_refs, node);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Keeps a lookup reference a result handed the harness (the root's are not counted:
+/// neither the server nor the driver forgets the root).
+fn hold(held_refs: &mut Vec<NodeId>, node: NodeId) {
+    if node != NodeId::ROOT {
+        held_refs.push(node);
+    }
+}
+
+/// One blocking call the input picks, with its result checked against what the server
+/// answered for its requests (those numbered from `floor` on).
+fn blocking(fs: &mut Fs, server: &mut Server<'_>, write_data: &[u8], held_refs: &mut Vec<NodeId>) {
+    server.answers.clear();
+    let floor = fs.next_unique();
+    match server.input.u8() % 9 {
+        0 => {
+            let n = usize::from(server.input.u16() % 16384);
+            let mut buf = vec![0u8; n];
+            let result = fs.read(server, NodeId(2), FileHandle(1), 0, &mut buf);
+            if let Ok(got) = result {
+                check_read(server, floor, &buf, got);
+            }
+        }
+        1 => {
+            let plus = server.input.bool();
+            let mut buf = vec![0u8; 512 + usize::from(server.input.u16() % 8192)];
+            let mut seen = Vec::new();
+            let result = fs.read_dir(server, NodeId(1), FileHandle(1), plus, &mut buf, |r| {
+                seen.push(DirRec {
+                    name: r.name.to_vec(),
+                    off: r.offset,
+                    ino: r.ino,
+                    node: r.entry.map(|e| e.node.0),
+                })
+            });
+            for node in seen.iter().filter_map(|r| r.node) {
+                hold(held_refs, NodeId(node));
+            }
+            if let Ok(count) = result {
+                assert_eq!(count, seen.len() as u64);
+                check_read_dir(server, floor, &seen);
+            }
+        }
+        2 => {
+            let result = fs.lookup(server, NodeId(1), b"a");
+            if let Ok(e) = &result {
+                check_entry(e);
+                hold(held_refs, e.node);
+            }
+            check_call(server, floor, opcode::LOOKUP, &result.map(Reply::Entry));
+        }
+        3 => {
+            // The device rewrites a buffer it already returned: what the driver reads
+            // from it is no longer what the server predicted.
+            if !server.answered.is_empty() {
+                let i = server.input.u8() as usize % server.answered.len();
+                let c = server.answered[i].clone();
+                let n = usize::from(server.input.u16()) % (c.writable_len() as usize + 1);
+                let bytes = server.input.take(n).to_vec();
+                server.faithful = false;
+                server.counting = false;
+                server.sim.write_chain(&c, &bytes);
+            }
+        }
+        4 => {
+            let result = fs.statfs(server, NodeId(1));
+            check_call(server, floor, opcode::STATFS, &result.map(Reply::Statfs));
+        }
+        5 => {
+            let n = usize::from(server.input.u16()) % (4 * write_data.len() + 1);
+            let data = vec![0x3c; n];
+            if let Ok(done) = fs.write(server, NodeId(2), FileHandle(1), 0, &data) {
+                check_write(server, floor, n, done);
+            }
+        }
+        6 => {
+            let result = fs.getattr(server, NodeId(2), None);
+            if let Ok(a) = &result {
+                check_time(a.attr_valid);
+            }
+            check_call(server, floor, opcode::GETATTR, &result.map(Reply::Attr));
+        }
+        7 => {
+            let _ = fs.open(server, NodeId(2), 0);
+        }
+        _ => {
+            // FORGET (one node) or BATCH_FORGET on hiprio of references the harness
+            // holds; whatever `forget` returns, they are the driver's now.
+            let n = 1 + usize::from(server.input.u8() % 4);
+            let nodes: Vec<(NodeId, u64)> = held_refs
+                .drain(held_refs.len().saturating_sub(n)..)
+                .map(|node| (node, 1))
+                .collect();
+            if !nodes.is_empty() {
+                let _ = fs.forget(server, &nodes);
+            }
+        }
+    }
+}
+
+/// The answers from `floor` on of the opcodes `ops`, in `unique` order.
+fn answers_of(server: &Server<'_>, floor: u64, ops: &[u32]) -> Vec<Answer> {
+    let mut a: Vec<Answer> = server
+        .answers
+        .iter()
+        .filter(|a| a.unique >= floor && ops.contains(&a.op))
+        .cloned()
+        .collect();
+    a.sort_by_key(|a| a.unique);
+    a
+}
+
+/// A blocking call's result against the prediction for its request (the latest of its
+/// opcode from `floor` on), when the device answered it.
+fn check_call(server: &Server<'_>, floor: u64, op: u32, result: &FsResult<Reply>) {
+    if !server.faithful || matches!(result, Err(FsError::Timeout)) {
+        return;
+    }
+    if let Some(Answer {
+        expect: Some(e), ..
+    }) = answers_of(server, floor, &[op]).last()
+        && matches!(e, Expect::Protocol | Expect::Errno(_))
+    {
+        check_verdict(e, result, &[], false);
+    }
+}
+
+/// `read` returned `got`: the bytes the server wrote, up to the first short chunk.
+fn check_read(server: &Server<'_>, floor: u64, buf: &[u8], got: usize) {
+    let answers = answers_of(server, floor, &[opcode::READ]);
+    if !server.faithful
+        || answers
+            .iter()
+            .any(|a| !matches!(a.expect, Some(Expect::Data(_))))
+    {
+        return;
+    }
+    let mut end = buf.len();
+    for a in &answers {
+        let Some(Expect::Data(bytes)) = &a.expect else {
+            continue;
+        };
+        let at = a.offset as usize;
+        let upto = (at + bytes.len()).min(got);
+        if at < upto {
+            assert_eq!(&buf[at..upto], &bytes[..upto - at], "read: bytes at {at}");
+        }
+        if bytes.len() < a.size as usize {
+            end = end.min(at + bytes.len());
+        }
+    }
+    assert_eq!(got, end, "read: the first short chunk ends the result");
+}
+
+/// `write` returned `done` of `n` bytes: up to the first short WRITE.
+fn check_write(server: &Server<'_>, floor: u64, n: usize, done: usize) {
+    let answers = answers_of(server, floor, &[opcode::WRITE]);
+    if !server.faithful
+        || answers
+            .iter()
+            .any(|a| !matches!(a.expect, Some(Expect::Written(_))))
+    {
+        return;
+    }
+    let mut end = n;
+    for a in &answers {
+        if let Some(Expect::Written(w)) = a.expect
+            && w < a.size
+        {
+            end = end.min(a.offset as usize + w as usize);
+        }
+    }
+    assert_eq!(done, end, "write: the first short WRITE ends the result");
+}
+
+/// `read_dir` handed out `seen`: the records of its replies, in order.
+fn check_read_dir(server: &Server<'_>, floor: u64, seen: &[DirRec]) {
+    let answers = answers_of(server, floor, &[opcode::READDIR, opcode::READDIRPLUS]);
+    let mut want = Vec::new();
+    for a in &answers {
+        match &a.expect {
+            Some(Expect::Dir(Some(recs))) => want.extend(recs.iter().cloned()),
+            _ => return,
+        }
+    }
+    if server.faithful {
+        assert_eq!(seen, &want[..], "read_dir: records other than the server's");
+    }
+}
+
+/// The end of a run over honest rings: every held chain answered, every pending result
+/// taken, the harness's references forgotten; then every slot is free, every
+/// notification buffer posted, and every lookup reference handed out came back.
+fn finish(
+    fs: &mut Fs,
+    server: &mut Server<'_>,
+    pending: &mut Vec<Pending>,
+    out: &mut [u8],
+    held_refs: &mut Vec<NodeId>,
+    notify_total: usize,
+) {
+    server.honest = true;
+    let mut taken = Vec::new();
+    for _ in 0..32 {
+        server.release_all();
+        server.serve_all();
+        server.interrupts(fs).expect("interrupts over honest rings");
+        fs.poll().expect("poll over honest rings");
+        for i in (0..pending.len()).rev() {
+            take(fs, server, pending, i, out, held_refs, &mut taken);
+        }
+        while fs.take_notification().is_some() {}
+        if fs.init_info().is_some() && !held_refs.is_empty() {
+            let refs: Vec<(NodeId, u64)> = held_refs.drain(..).map(|n| (n, 1)).collect();
+            fs.forget(server, &refs).expect("forget over honest rings");
+        }
+    }
+    // The last FORGETs reach the server.
+    server.serve_all();
+    fs.poll().expect("poll over honest rings");
+    assert!(pending.is_empty(), "results never completed");
+    assert_eq!(fs.busy_slots(), 0, "slots still busy");
+    assert_eq!(
+        fs.notify_buffers(),
+        notify_total,
+        "notification buffers not reposted"
+    );
+    if server.counting && fs.init_info().is_some() {
+        assert_eq!(fs.stats().lost_references, 0);
+        let live = |m: &BTreeMap<u64, u64>| -> BTreeMap<u64, u64> {
+            m.iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, v)| (*k, *v))
+                .collect()
+        };
+        assert_eq!(
+            live(&server.given),
+            live(&server.forgotten),
+            "lookup references handed out and not returned"
+        );
+    }
 }
