@@ -244,6 +244,10 @@ impl BlkModel {
     }
 
     fn rearm(&self, sim: &Sim, queue: u16) {
+        // `avail_event` is written to memory: not without bus mastering.
+        if !sim.bus_master() {
+            return;
+        }
         let Some(info) = sim.queue_info(queue) else {
             return;
         };

@@ -381,6 +381,12 @@ pub struct ShimState {
     pub mem: IdentityMemory,
     pub irq: Mutex<SimIrq>,
     pub live_dma: Mutex<Vec<u64>>,
+    /// The function, to tell whether its device may still use memory when a region is
+    /// freed ([`Sim::may_dma`]).
+    pub sim: Sim,
+    /// Regions freed while the device could still read or write memory (not reset, bus
+    /// mastering on): memory a live device may have been given, handed back for reuse.
+    pub freed_while_live: Mutex<usize>,
 }
 
 fn st<'a>(ctx: *mut c_void) -> &'a ShimState {
@@ -462,6 +468,9 @@ unsafe extern "C" fn dma_free(ctx: *mut c_void, r: *const VkDmaRegion) {
     let s = st(ctx);
     // SAFETY: pointer from the Rust side.
     let r = unsafe { *r };
+    if s.sim.may_dma() {
+        *s.freed_while_live.lock().unwrap() += 1;
+    }
     let mut live = s.live_dma.lock().unwrap();
     let i = live
         .iter()
@@ -537,6 +546,8 @@ impl Family {
             mem: sim.memory(),
             irq: Mutex::new(sim.irq()),
             live_dma: Mutex::new(Vec::new()),
+            sim: sim.clone(),
+            freed_while_live: Mutex::new(0),
         });
         let platform = Box::new(VfamPlatform {
             ctx: &*state as *const ShimState as *mut c_void,
@@ -593,6 +604,22 @@ impl Family {
     /// DMA regions still allocated through the shim.
     pub fn live_dma(&self) -> usize {
         self.state.live_dma.lock().unwrap().len()
+    }
+
+    /// DMA regions freed while the device could still use memory (see
+    /// [`ShimState::freed_while_live`]); a region the device was never given counts too,
+    /// so tests read it around frees of regions the device had.
+    pub fn freed_while_live(&self) -> usize {
+        *self.state.freed_while_live.lock().unwrap()
+    }
+
+    /// `stop` of a device that may still use memory: destroys it and returns how many DMA
+    /// regions stay allocated (kept from a device that would not reset and whose DMA
+    /// could not be stopped), without the leak checks of [`Family::stop`].
+    pub fn stop_keeping(self) -> usize {
+        // SAFETY: the handle came from vfam_device_create and is not used again.
+        unsafe { (self.kext.shim.vfam_device_destroy)(self.dev) };
+        self.live_dma()
     }
 
     /// `stop`: destroys the device; every DMA region must be back, and (loaded kexts) every

@@ -16,6 +16,12 @@
 //! - BAR4: modern region, COMMON 0x0, ISR 0x1000, DEVICE 0x2000, NOTIFY 0x3000 with
 //!   `notify_off_multiplier` 4 and `queue_notify_off == queue index`.
 //!
+//! Bus mastering: the function starts with Bus Master Enable set (the platform's doing).
+//! While it is clear the device side touches no memory, as QEMU's bus-master address space
+//! is then disabled: popping chains finds none, reading and writing chains moves nothing,
+//! completions are not written, MSI-X messages are not sent; each refusal is counted
+//! ([`Sim::dma_refused`]). [`Sim::stick_bus_master`] makes the bit impossible to clear.
+//!
 //! Modes: [`SimMode::Modern`] (device ID 0x1040 + type, revision 1, no BAR0),
 //! [`SimMode::Transitional`] (0x1000-range ID, subsystem ID = type, revision 0, both
 //! interfaces), [`SimMode::Legacy`] (0x1000-range ID, no virtio capabilities; the MSI-X
@@ -58,6 +64,8 @@ const STATUS_DRIVER_OK: u8 = 4;
 const STATUS_FEATURES_OK: u8 = 8;
 const STATUS_NEEDS_RESET: u8 = 64;
 const STATUS_FAILED: u8 = 128;
+/// Bus Master Enable in the low byte of the PCI command register (PCI Local Bus 3.0 §6.2.2).
+const COMMAND_BUS_MASTER: u8 = 1 << 2;
 
 /// Config-space and BAR layout constants of the model.
 pub mod layout {
@@ -244,6 +252,8 @@ impl SimBuilder {
             config_generation: 0,
             generation_churn: 0,
             reset_refused: false,
+            bus_master_stuck: false,
+            dma_refused: 0,
             status: 0,
             device_feature_select: 0,
             driver_feature_select: 0,
@@ -514,6 +524,12 @@ struct State {
     generation_churn: u32,
     /// Writing status 0 changes nothing (a device that will not reset).
     reset_refused: bool,
+    /// Bus Master Enable cannot be cleared (a function, or a platform, where the bit does
+    /// not take): clearing it in the command register reads back set.
+    bus_master_stuck: bool,
+    /// Device memory accesses (ring and buffer reads and writes, MSI-X messages) refused
+    /// because Bus Master Enable was clear.
+    dma_refused: u64,
     status: u8,
     device_feature_select: u32,
     driver_feature_select: u32,
@@ -589,6 +605,9 @@ impl State {
         let revision = if self.mode == SimMode::Modern { 1 } else { 0 };
         self.put(0x00, &0x1AF4u16.to_le_bytes());
         self.put(0x02, &device_id.to_le_bytes());
+        // Bus Master Enable: set by the platform before a driver gets the function (IOKit's
+        // `setBusMasterEnable`, what `virtio_pci::caps::enable_function` does).
+        self.cfg[0x04] = COMMAND_BUS_MASTER;
         self.cfg[0x08] = revision;
         let class: [u8; 3] = match self.device_type {
             1 => [0x00, 0x00, 0x02],
@@ -716,6 +735,7 @@ impl State {
             let msix_ctl_hi = usize::from(CAP_MSIX) + 3;
             match at {
                 // Command register (low byte and INTx disable in the high byte).
+                0x04 if self.bus_master_stuck => self.cfg[at] = (b & 0x07) | COMMAND_BUS_MASTER,
                 0x04 => self.cfg[at] = b & 0x07,
                 0x05 => self.cfg[at] = b & 0x04,
                 0x3C => self.cfg[at] = b,
@@ -1282,6 +1302,17 @@ impl State {
 
     // ---- interrupts ----
 
+    /// Whether the device may access memory: Bus Master Enable is set (PCI Local Bus 3.0
+    /// §6.2.2; QEMU's bus-master address space is disabled while it is clear). Counts a
+    /// refusal.
+    fn dma_allowed(&mut self) -> bool {
+        let on = self.cfg[0x04] & COMMAND_BUS_MASTER != 0;
+        if !on {
+            self.dma_refused += 1;
+        }
+        on
+    }
+
     fn raise(&mut self, source: IrqSource) {
         let (bit, vector) = match source {
             IrqSource::Queue(q) => (
@@ -1294,7 +1325,8 @@ impl State {
         };
         self.isr |= bit;
         if self.msix_enabled() {
-            if vector == NO_VECTOR || self.msix_control() & 0x4000 != 0 {
+            // An MSI-X message is a memory write: not sent without bus mastering.
+            if vector == NO_VECTOR || !self.dma_allowed() || self.msix_control() & 0x4000 != 0 {
                 self.dropped_interrupts += 1;
             } else {
                 self.interrupts.push(SimInterrupt::Msix(vector));
@@ -1608,6 +1640,29 @@ impl Sim {
     pub fn refuse_reset(&self, refused: bool) {
         self.st().reset_refused = refused;
     }
+    /// While `stuck`, Bus Master Enable cannot be cleared (it reads back set), so a driver
+    /// cannot stop the device's DMA.
+    pub fn stick_bus_master(&self, stuck: bool) {
+        let mut st = self.st();
+        st.bus_master_stuck = stuck;
+        if stuck {
+            st.cfg[0x04] |= COMMAND_BUS_MASTER;
+        }
+    }
+    /// Bus Master Enable is set: the device may read and write memory.
+    pub fn bus_master(&self) -> bool {
+        self.st().cfg[0x04] & COMMAND_BUS_MASTER != 0
+    }
+    /// Whether the device can touch memory the driver gave it: not when it is reset
+    /// (status 0: it uses no driver memory, §2.1.2), nor when bus mastering is off.
+    pub fn may_dma(&self) -> bool {
+        let st = self.st();
+        st.status != 0 && st.cfg[0x04] & COMMAND_BUS_MASTER != 0
+    }
+    /// Device memory accesses refused so far because bus mastering was off.
+    pub fn dma_refused(&self) -> u64 {
+        self.st().dma_refused
+    }
     /// Sets DEVICE_NEEDS_RESET and sends a config interrupt (virtio 1.2 §2.1.2).
     pub fn trigger_needs_reset(&self) {
         let mut st = self.st();
@@ -1666,6 +1721,9 @@ impl Sim {
     /// Pops every available chain of `queue` (device side).
     pub fn pop_chains(&self, queue: u16) -> Vec<Chain> {
         let mut st = self.st();
+        if !st.dma_allowed() {
+            return Vec::new();
+        }
         let mem = st.mem.clone();
         if let Some(p) = st.packed_mut(queue) {
             return p.pop_all();
@@ -1694,6 +1752,9 @@ impl Sim {
 
     /// The bytes of a chain's device-readable descriptors, concatenated.
     pub fn read_chain(&self, chain: &Chain) -> Vec<u8> {
+        if !self.st().dma_allowed() {
+            return Vec::new();
+        }
         let mem = self.memory();
         let mut out = Vec::new();
         for d in chain.descs.iter().filter(|d| !d.write_only) {
@@ -1708,6 +1769,9 @@ impl Sim {
 
     /// Writes `data` across a chain's device-writable descriptors; returns bytes written.
     pub fn write_chain(&self, chain: &Chain, data: &[u8]) -> u32 {
+        if !self.st().dma_allowed() {
+            return 0;
+        }
         let mem = self.memory();
         let mut rest = data;
         let mut written = 0u32;
@@ -1728,6 +1792,9 @@ impl Sim {
     /// Puts `head` on the used ring with `written_len` bytes.
     pub fn complete(&self, queue: u16, head: u16, written_len: u32) {
         let mut st = self.st();
+        if !st.dma_allowed() {
+            return;
+        }
         let mem = st.mem.clone();
         if let Some(p) = st.packed_mut(queue) {
             p.return_used(head, written_len);
@@ -1746,6 +1813,9 @@ impl Sim {
     /// the used index by one.
     pub fn complete_raw(&self, queue: u16, id: u32, len: u32) {
         let mut st = self.st();
+        if !st.dma_allowed() {
+            return;
+        }
         let mem = st.mem.clone();
         if let Some(p) = st.packed_mut(queue) {
             // Everything available is read first, so a forged id is either one the device
@@ -1782,6 +1852,10 @@ impl Sim {
     /// avail ring's NO_INTERRUPT flag). Returns whether it was sent.
     pub fn signal_used(&self, queue: u16) -> bool {
         let mut st = self.st();
+        // The split ring's flags or used_event are read from memory.
+        if !st.dma_allowed() {
+            return false;
+        }
         let mem = st.mem.clone();
         if let Some(p) = st.packed_mut(queue) {
             let needed = p.device.needs_interrupt();
@@ -2096,5 +2170,60 @@ impl TestRing {
             self.last_used = self.last_used.wrapping_add(1);
         }
         out
+    }
+}
+
+/// DMA memory over the function's [`IdentityMemory`] that checks, whenever a region is
+/// freed, that the device can no longer use it: it is reset (status 0, §2.1.2) or its bus
+/// mastering is off ([`Sim::may_dma`]). A live device may still write to a ring or buffer
+/// it was given (§2.4), and freed memory goes to someone else. Panics otherwise.
+#[derive(Clone)]
+pub struct FreedOnlyWhenQuiet {
+    pub mem: IdentityMemory,
+    pub sim: Sim,
+}
+
+impl FreedOnlyWhenQuiet {
+    pub fn new(sim: &Sim) -> Self {
+        FreedOnlyWhenQuiet {
+            mem: sim.memory(),
+            sim: sim.clone(),
+        }
+    }
+}
+
+impl virtio_core::platform::Dma for FreedOnlyWhenQuiet {
+    fn alloc_coherent(
+        &self,
+        len: usize,
+        align: usize,
+    ) -> virtio_core::Result<virtio_core::platform::DmaRegion> {
+        self.mem.alloc_coherent(len, align)
+    }
+    unsafe fn free_coherent(&self, region: virtio_core::platform::DmaRegion) {
+        assert!(
+            !self.sim.may_dma(),
+            "a DMA region freed while the device may use it (status {:#x}, bus master {})",
+            self.sim.status(),
+            self.sim.bus_master()
+        );
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.mem.free_coherent(region) }
+    }
+    fn map(
+        &self,
+        vaddr: std::ptr::NonNull<u8>,
+        len: usize,
+        dir: virtio_core::platform::DmaDirection,
+    ) -> virtio_core::Result<virtio_core::platform::DeviceAddr> {
+        self.mem.map(vaddr, len, dir)
+    }
+    fn unmap(
+        &self,
+        daddr: virtio_core::platform::DeviceAddr,
+        len: usize,
+        dir: virtio_core::platform::DmaDirection,
+    ) {
+        self.mem.unmap(daddr, len, dir)
     }
 }

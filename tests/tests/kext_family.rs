@@ -9,11 +9,13 @@ mod kext_support;
 use std::ffi::c_void;
 
 use kext_support::{Family, FamilyKext, kext_tests};
+use virtio_blk::{BlkDriver, BlkOptions};
 use virtio_core::platform::InterruptMode;
 use virtio_core::{Bus, Error, Features, QueueSpec, Segment};
 use virtio_kext_abi::{VK_E_BAD_ARGUMENT, VK_E_TRANSPORT, VK_VECTOR_INTX};
 use virtio_kext_client::FamilyBus;
 use virtio_pci::Preference;
+use virtio_tests::blk_model::BlkModel;
 use virtio_tests::sim::{SimBuilder, SimMode};
 
 use virtio_tests::sim::MODES;
@@ -52,6 +54,7 @@ kext_tests!(FamilyKext:
     bad_arguments_and_non_virtio_functions,
     client_declarations_match_the_family_exports,
     lifecycle_across_sleep_wake_and_teardown,
+    a_device_that_will_not_reset_through_the_family,
 );
 
 fn client_bus_round_trip_in_every_mode(family: &'static FamilyKext) {
@@ -175,7 +178,7 @@ fn client_bus_round_trip_in_every_mode(family: &'static FamilyKext) {
             // An in-flight chain comes back on reset.
             bus.add(0, &[], &[Segment::new(inb.daddr, 8)], 7).unwrap();
             let mut back = Vec::new();
-            bus.reset(&mut |q, t| back.push((q, t)));
+            bus.reset(&mut |q, t| back.push((q, t))).unwrap();
             assert_eq!(back, vec![(0, 7)]);
             // SAFETY: the device was reset.
             unsafe {
@@ -355,7 +358,7 @@ fn lifecycle_across_sleep_wake_and_teardown(family: &'static FamilyKext) {
         bus.add(1, &[], &[Segment::new(buf.daddr, 8)], 2).unwrap();
         let resets = sim.resets();
         let mut back = Vec::new();
-        bus.reset(&mut |q, t| back.push((q, t)));
+        bus.reset(&mut |q, t| back.push((q, t))).unwrap();
         assert_eq!(back, vec![(1, 2)], "{what}");
         assert_eq!(sim.resets(), resets + 1, "{what}");
         // An interrupt while asleep (a shared line): acknowledged, nothing to pop.
@@ -390,10 +393,66 @@ fn lifecycle_across_sleep_wake_and_teardown(family: &'static FamilyKext) {
         );
         // The completion nobody popped: its token still comes back, once.
         let mut back = Vec::new();
-        bus.reset(&mut |q, t| back.push((q, t)));
+        bus.reset(&mut |q, t| back.push((q, t))).unwrap();
         assert_eq!(back, vec![(1, 4)], "{what}");
         // SAFETY: the device was reset; the buffer is ours.
         unsafe { bus.dma().free_coherent(buf) };
         fam.stop();
+    }
+}
+
+/// A device that will not reset, through the family's C ABI: `vfam_reset` switches bus
+/// mastering off and reports VK_OK (`FamilyBus::reset` is Ok), so a block driver over the
+/// family frees its slots (none while the device could use them) and the family its rings;
+/// on a function where bus mastering stays on it reports VK_E_RESET_TIMEOUT
+/// (Err(ResetTimeout)) and neither the driver nor the family frees anything the device had.
+fn a_device_that_will_not_reset_through_the_family(family: &'static FamilyKext) {
+    for stuck in [false, true] {
+        let sim = BlkModel::new(64)
+            .sim_builder(SimMode::Modern, 1 << 28, 16, 4 << 20)
+            .build();
+        sim.stick_bus_master(stuck);
+        let fam = Family::start(family, &sim, Preference::Auto).expect("start");
+        let mut seen = Vec::new();
+        let mut bus = attach_client(family, &fam, &mut seen);
+        bus.negotiate_features(Features::empty()).unwrap();
+        bus.setup_queues(&[QueueSpec::new(0)]).unwrap();
+        bus.driver_ok().unwrap();
+        sim.refuse_reset(true);
+        let expected = if stuck {
+            Err(Error::ResetTimeout)
+        } else {
+            Ok(())
+        };
+        assert_eq!(bus.reset(&mut |_, _| {}), expected, "stuck {stuck}");
+        assert_eq!(sim.bus_master(), stuck);
+        sim.refuse_reset(false);
+
+        let drv = BlkDriver::new(bus, BlkOptions::default()).expect("blk over the family");
+        assert!(sim.bus_master(), "back on after an acknowledged reset");
+        let regions = fam.live_dma();
+        sim.refuse_reset(true);
+        drop(drv);
+        assert_eq!(
+            fam.freed_while_live(),
+            0,
+            "stuck {stuck}: a region freed while the device could use it"
+        );
+        // SAFETY: live handle; the client stops.
+        unsafe {
+            (family.client.vfam_set_interrupt_handler)(
+                fam.client_handle(),
+                None,
+                std::ptr::null_mut(),
+            )
+        };
+        if stuck {
+            assert!(sim.bus_master());
+            assert_eq!(fam.live_dma(), regions, "slots and rings stay allocated");
+            assert_eq!(fam.stop_keeping(), regions);
+        } else {
+            assert!(!sim.bus_master());
+            fam.stop();
+        }
     }
 }

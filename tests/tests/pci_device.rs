@@ -2,13 +2,17 @@
 //! function, in all three modes: initialisation order, interrupt-vector fallback, config
 //! access at the right legacy offset, and a request round trip served by `virtio-queue`.
 
+use virtio_blk::{BlkDriver, BlkOptions};
 use virtio_core::platform::{Dma, InterruptMode};
 use virtio_core::transport::{NO_VECTOR, Transport};
 use virtio_core::{Bus, DeviceStatus, Error, Features, QueueSpec, Segment, VirtioDevice};
+use virtio_fs::{FsDriver, FsOptions};
 use virtio_pci::{PciTransport, Preference, TransportKind, probe};
+use virtio_tests::blk_model::BlkModel;
+use virtio_tests::fs_model::FsModel;
 use virtio_tests::mem::IdentityMemory;
 use virtio_tests::sim::{
-    IrqCall, Sim, SimBars, SimBuilder, SimConfig, SimInterrupt, SimIrq, SimMode,
+    FreedOnlyWhenQuiet, IrqCall, Sim, SimBars, SimBuilder, SimConfig, SimInterrupt, SimIrq, SimMode,
 };
 
 type Dev = VirtioDevice<PciTransport<SimConfig, SimBars>, IdentityMemory, SimIrq>;
@@ -122,7 +126,7 @@ fn per_queue_vectors_then_shared_then_intx() {
         assert_eq!(vectors, vec![1, 1, NO_VECTOR]);
         assert_eq!(queues_of(&mut d, 1), [0, 1]);
         // After a reset and a new setup the masks are built again.
-        d.reset(&mut |_, _| {});
+        d.reset(&mut |_, _| {}).unwrap();
         bring_up(&mut d);
         assert_eq!(queues_of(&mut d, 1), [0, 1]);
 
@@ -232,7 +236,7 @@ fn request_round_trip_and_interrupts() {
             };
             assert!(d.handle_interrupt(vector).needs_reset);
             let mut reclaimed = Vec::new();
-            d.reset(&mut |q, t| reclaimed.push((q, t)));
+            d.reset(&mut |q, t| reclaimed.push((q, t))).unwrap();
             assert_eq!(s.status(), 0);
             assert!(d.transport().status().is_empty());
             assert!(
@@ -263,50 +267,6 @@ fn refused_features_ok_fails_the_device() {
     assert_ne!(s.status() & DeviceStatus::FAILED.bits(), 0);
 }
 
-/// DMA memory that checks, whenever a region is freed, that the device is reset (status 0):
-/// a live device may still write to a ring (§2.4).
-#[derive(Clone)]
-struct FreedOnlyWhenReset {
-    mem: IdentityMemory,
-    sim: Sim,
-}
-
-impl Dma for FreedOnlyWhenReset {
-    fn alloc_coherent(
-        &self,
-        len: usize,
-        align: usize,
-    ) -> virtio_core::Result<virtio_core::platform::DmaRegion> {
-        self.mem.alloc_coherent(len, align)
-    }
-    unsafe fn free_coherent(&self, region: virtio_core::platform::DmaRegion) {
-        assert_eq!(
-            self.sim.status(),
-            0,
-            "a DMA region freed while the device is live (status {:#x})",
-            self.sim.status()
-        );
-        // SAFETY: the caller's contract, passed on.
-        unsafe { self.mem.free_coherent(region) }
-    }
-    fn map(
-        &self,
-        vaddr: std::ptr::NonNull<u8>,
-        len: usize,
-        dir: virtio_core::platform::DmaDirection,
-    ) -> virtio_core::Result<virtio_core::platform::DeviceAddr> {
-        self.mem.map(vaddr, len, dir)
-    }
-    fn unmap(
-        &self,
-        daddr: virtio_core::platform::DeviceAddr,
-        len: usize,
-        dir: virtio_core::platform::DmaDirection,
-    ) {
-        self.mem.unmap(daddr, len, dir)
-    }
-}
-
 /// Negotiating again on a live device (DRIVER_OK, queues set up) resets it before its rings
 /// are freed; so do `reset` and dropping the device.
 #[test]
@@ -314,18 +274,14 @@ fn rings_are_freed_only_after_a_reset() {
     for (mode, pref) in MODES {
         let s = sim(mode, None);
         let t = probe(s.config_space(), s.bars(), pref).unwrap();
-        let dma = FreedOnlyWhenReset {
-            mem: s.memory(),
-            sim: s.clone(),
-        };
-        let mut d = VirtioDevice::new(t, dma, s.irq());
+        let mut d = VirtioDevice::new(t, FreedOnlyWhenQuiet::new(&s), s.irq());
         d.negotiate_features(DRIVER).unwrap();
         d.setup_queues(&specs()).unwrap();
         d.driver_ok().unwrap();
         d.negotiate_features(DRIVER).unwrap();
         d.setup_queues(&specs()).unwrap();
         d.driver_ok().unwrap();
-        d.reset(&mut |_, _| {});
+        d.reset(&mut |_, _| {}).unwrap();
         d.negotiate_features(DRIVER).unwrap();
         d.setup_queues(&specs()).unwrap();
         d.driver_ok().unwrap();
@@ -333,8 +289,9 @@ fn rings_are_freed_only_after_a_reset() {
     }
 }
 
-/// A device that will not reset keeps its rings: `reset` leaves them allocated (the device
-/// may still write to them) instead of freeing memory that would be handed to others.
+/// A device that will not reset, on a function where bus mastering cannot be switched off,
+/// keeps its rings: `reset` is Err(ResetTimeout) and leaves them allocated (the device may
+/// still write to them) instead of freeing memory that would be handed to others.
 #[test]
 fn a_device_that_will_not_reset_keeps_its_rings() {
     for (mode, pref) in MODES {
@@ -342,18 +299,14 @@ fn a_device_that_will_not_reset_keeps_its_rings() {
         let mem = s.memory();
         let before = mem.free_bytes();
         let t = probe(s.config_space(), s.bars(), pref).unwrap();
-        let dma = FreedOnlyWhenReset {
-            mem: mem.clone(),
-            sim: s.clone(),
-        };
-        let mut d = VirtioDevice::new(t, dma, s.irq());
-        d.negotiate_features(DRIVER).unwrap();
-        d.setup_queues(&specs()).unwrap();
-        d.driver_ok().unwrap();
+        let mut d = VirtioDevice::new(t, FreedOnlyWhenQuiet::new(&s), s.irq());
+        bring_up_any(&mut d);
         let with_rings = mem.free_bytes();
         assert!(with_rings < before);
         s.refuse_reset(true);
-        d.reset(&mut |_, _| {});
+        s.stick_bus_master(true);
+        assert_eq!(d.reset(&mut |_, _| {}), Err(Error::ResetTimeout));
+        assert!(!d.dma_stopped());
         assert_eq!(
             mem.free_bytes(),
             with_rings,
@@ -362,6 +315,159 @@ fn a_device_that_will_not_reset_keeps_its_rings() {
         assert_eq!(d.negotiate_features(DRIVER), Err(Error::ResetTimeout));
         drop(d);
         assert_eq!(mem.free_bytes(), with_rings);
+    }
+}
+
+fn bring_up_any<T: Transport, D: Dma, I: virtio_core::platform::InterruptPlatform>(
+    d: &mut VirtioDevice<T, D, I>,
+) {
+    d.negotiate_features(DRIVER).unwrap();
+    d.setup_queues(&specs()).unwrap();
+    d.driver_ok().unwrap();
+}
+
+/// A device that will not reset has its bus mastering switched off (PCI command register,
+/// read back): `reset` is Ok, the device can no longer touch memory (its chains are not
+/// read, MSI-X not sent), so its rings are freed. Once it resets again the next
+/// initialisation turns bus mastering back on and the device works.
+#[test]
+fn a_device_that_will_not_reset_has_its_dma_stopped() {
+    for (mode, pref) in MODES {
+        let s = sim(mode, Some(4));
+        let mem = s.memory();
+        let before = mem.free_bytes();
+        let t = probe(s.config_space(), s.bars(), pref).unwrap();
+        let mut d = VirtioDevice::new(t, FreedOnlyWhenQuiet::new(&s), s.irq());
+        bring_up_any(&mut d);
+        assert!(s.bus_master(), "the platform enabled bus mastering");
+        let buf = mem.alloc_coherent(64, 8).unwrap();
+        d.add(0, &[], &[Segment::new(buf.daddr, 64)], 9).unwrap();
+        s.refuse_reset(true);
+        let mut back = Vec::new();
+        assert_eq!(d.reset(&mut |q, t| back.push((q, t))), Ok(()), "{mode:?}");
+        assert_eq!(back, [(0, 9)], "{mode:?}: the token comes back");
+        assert!(!s.bus_master(), "{mode:?}: bus mastering is off");
+        assert!(d.dma_stopped());
+        assert_ne!(s.status(), 0, "{mode:?}: the device did not reset");
+        assert_eq!(mem.free_bytes() + buf.len, before, "{mode:?}: rings freed");
+        // Nothing the device does reaches memory now.
+        assert!(s.pop_chains(0).is_empty());
+        assert!(s.dma_refused() > 0);
+        // Still refusing: no initialisation, bus mastering stays off.
+        assert_eq!(d.negotiate_features(DRIVER), Err(Error::ResetTimeout));
+        assert!(!s.bus_master());
+        // It resets again: bus mastering comes back with the reset, and a chain goes
+        // through.
+        s.refuse_reset(false);
+        bring_up_any(&mut d);
+        assert!(s.bus_master(), "{mode:?}: bus mastering back on");
+        assert!(!d.dma_stopped());
+        d.add(0, &[], &[Segment::new(buf.daddr, 64)], 10).unwrap();
+        d.kick(0).unwrap();
+        assert_eq!(s.serve(0, |c| s.write_chain(c, b"back")), 1, "{mode:?}");
+        assert_eq!(
+            d.pop_used(0).unwrap().map(|u| (u.token, u.len)),
+            Some((10, 4))
+        );
+        assert_eq!(d.reset(&mut |_, _| {}), Ok(()));
+        // SAFETY: the device was reset; the buffer is ours.
+        unsafe { mem.free_coherent(buf) };
+        drop(d);
+        assert_eq!(mem.free_bytes(), before, "{mode:?}");
+        assert!(
+            s.bad_accesses().is_empty(),
+            "{mode:?}: {:?}",
+            s.bad_accesses()
+        );
+    }
+}
+
+type QuietDev = VirtioDevice<PciTransport<SimConfig, SimBars>, FreedOnlyWhenQuiet, SimIrq>;
+
+/// A block device (and the free bytes of its memory before the driver came).
+fn blk_device(stuck: bool) -> (Sim, BlkDriver<QuietDev>, usize) {
+    let s = BlkModel::new(64)
+        .sim_builder(SimMode::Modern, 1 << 28, 16, 4 << 20)
+        .build();
+    s.stick_bus_master(stuck);
+    let before = s.memory().free_bytes();
+    let t = probe(s.config_space(), s.bars(), Preference::Auto).unwrap();
+    let d = VirtioDevice::new(t, FreedOnlyWhenQuiet::new(&s), s.irq());
+    let drv = BlkDriver::new(d, BlkOptions::default()).expect("blk");
+    (s, drv, before)
+}
+
+/// virtio-blk over a device that will not reset: with bus mastering switched off the
+/// driver frees its request slots safely (the DMA wrapper checks every free) and comes
+/// back once the device resets again; with bus mastering stuck on, the driver's slots and
+/// the rings stay allocated when it is dropped.
+#[test]
+fn blk_driver_of_a_device_that_will_not_reset() {
+    let mut model = BlkModel::new(64);
+    let (s, mut drv, before) = blk_device(false);
+    let mem = s.memory();
+    s.refuse_reset(true);
+    drv.get_id(0, 1).unwrap();
+    let mut aborted = Vec::new();
+    drv.abort_all(|t, r| aborted.push((t, r.is_err())));
+    assert_eq!(aborted, [(1, true)]);
+    assert!(!s.bus_master());
+    assert!(drv.restart().is_err(), "the device still does not reset");
+    s.refuse_reset(false);
+    drv.restart().expect("restart after an honest reset");
+    assert!(s.bus_master());
+    drv.get_id(0, 2).unwrap();
+    drv.kick_all().unwrap();
+    assert_eq!(model.serve(&s, 0), 1);
+    let mut done = Vec::new();
+    drv.poll_completions(0, |t, r| done.push((t, r.is_ok())))
+        .unwrap();
+    assert_eq!(done, [(2, true)]);
+    s.refuse_reset(true);
+    drop(drv);
+    assert!(!s.bus_master());
+    assert_eq!(mem.free_bytes(), before, "everything freed");
+
+    let (s, drv, _) = blk_device(true);
+    let mem = s.memory();
+    let with_driver = mem.free_bytes();
+    s.refuse_reset(true);
+    drop(drv);
+    assert!(s.bus_master());
+    assert_eq!(
+        mem.free_bytes(),
+        with_driver,
+        "slots and rings stay with the device"
+    );
+}
+
+/// virtio-fs over a device that will not reset: with bus mastering switched off its
+/// request, high-priority and notification buffers are freed safely; stuck on, none is.
+#[test]
+fn fs_driver_of_a_device_that_will_not_reset() {
+    for stuck in [false, true] {
+        let dir = std::env::temp_dir().join(format!("virtio-fs-reset-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = FsModel::new(&dir, "share");
+        let s = model
+            .sim_builder((1 << 28) | (1 << 29), 16, 8 << 20)
+            .build();
+        s.stick_bus_master(stuck);
+        let mem = s.memory();
+        let before = mem.free_bytes();
+        let t = probe(s.config_space(), s.bars(), Preference::Auto).unwrap();
+        let d = VirtioDevice::new(t, FreedOnlyWhenQuiet::new(&s), s.irq());
+        let fs = FsDriver::new(d, FsOptions::default()).expect("fs");
+        let with_driver = mem.free_bytes();
+        s.refuse_reset(true);
+        drop(fs);
+        if stuck {
+            assert_eq!(mem.free_bytes(), with_driver, "nothing freed");
+        } else {
+            assert!(!s.bus_master());
+            assert_eq!(mem.free_bytes(), before, "everything freed");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

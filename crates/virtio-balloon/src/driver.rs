@@ -241,6 +241,9 @@ pub struct BalloonDriver<B: Bus, P: PagePool> {
     pfn_scratch: [u8; MAX_PFNS * 4],
 
     stopped: bool,
+    /// The last reset failed (the device ignored it and its DMA could not be stopped): it
+    /// may still read and write `region`, which is then never freed.
+    device_holds_dma: bool,
     counters: BalloonCounters,
 }
 
@@ -323,6 +326,7 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
             }),
             pfn_scratch: [0; MAX_PFNS * 4],
             stopped: true,
+            device_holds_dma: false,
             counters: BalloonCounters::default(),
         };
         d.bring_up()?;
@@ -463,8 +467,12 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
     }
 
     /// Resets the device and gives everything back to the pool. Leaves the driver stopped.
+    ///
+    /// The pages and ranges go back even when the reset failed: they are the platform's,
+    /// which cannot do without them for ever (see `Bus::reset`); the driver's own `region`
+    /// is kept until a reset succeeds (`device_holds_dma`).
     fn reset_and_reclaim(&mut self) {
-        self.bus.reset(&mut |_, _| {});
+        self.device_holds_dma = self.bus.reset(&mut |_, _| {}).is_err();
         let mut back = 0u64;
         for p in self
             .ballooned
@@ -1345,10 +1353,10 @@ impl<B: Bus, P: PagePool> Drop for BalloonDriver<B, P> {
         // The device must forget the balloon before its pages and our buffers go back.
         // Idempotent: after an earlier reclaim there is nothing left to return.
         self.reset_and_reclaim();
-        if let Some(r) = self.region.take() {
-            // SAFETY: the device was reset just above, so it no longer accesses the region,
-            // which came from this bus's DMA allocator.
-            unsafe { self.bus.dma().free_coherent(r) };
-        }
+        let quiet = !self.device_holds_dma;
+        // SAFETY: the region came from this bus's DMA allocator and is taken (released
+        // once); `quiet`: the reset just above was acknowledged or the device's DMA stopped,
+        // so it no longer accesses the region (otherwise it is leaked).
+        unsafe { self.bus.release_dma(self.region.take(), quiet) };
     }
 }

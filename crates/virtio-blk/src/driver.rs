@@ -469,6 +469,9 @@ pub struct BlkDriver<B: Bus> {
     stopped: bool,
     /// Between `suspend` and a successful `resume`: submissions get `QueueFull` (hold).
     suspended: bool,
+    /// The last reset failed (the device ignored it and its DMA could not be stopped) while
+    /// it had the slot memory: `free_regions` leaks the regions instead of freeing them.
+    device_holds_dma: bool,
 }
 
 impl<B: Bus> BlkDriver<B> {
@@ -505,6 +508,7 @@ impl<B: Bus> BlkDriver<B> {
             ranges: Vec::new(),
             stopped: true,
             suspended: false,
+            device_holds_dma: false,
         };
         d.bring_up(None)?;
         Ok(d)
@@ -533,8 +537,9 @@ impl<B: Bus> BlkDriver<B> {
             Err(e) => {
                 log::error!("virtio-blk: initialisation failed: {e}");
                 // Stop the device before giving back memory it might know about, then tell
-                // it we gave up (§3.1.1: FAILED).
-                self.bus.reset(&mut |_, _| {});
+                // it we gave up (§3.1.1: FAILED). A device that would not stop keeps it.
+                let reset = self.bus.reset(&mut |_, _| {});
+                self.note_reset(reset);
                 self.bus.fail();
                 self.free_regions();
                 self.stopped = true;
@@ -649,12 +654,19 @@ impl<B: Bus> BlkDriver<B> {
             .drain(..)
             .filter_map(|mut q| q.region.take())
             .collect();
-        for r in regions {
-            // SAFETY: called only when the device is reset or was never given the queues
-            // (before bring-up, after a failed one, on abort, on drop), so it no longer
-            // accesses the slot memory; the region came from this bus's DMA allocator.
-            unsafe { self.bus.dma().free_coherent(r) };
-        }
+        // SAFETY: called only after a reset, or before the device was given the queues
+        // (before bring-up, after a failed one, on abort, on drop); the regions came from
+        // this bus's DMA allocator and were taken out of the queues. When a reset failed
+        // (`device_holds_dma`), the device may still use them and `release_dma` leaks them.
+        unsafe { self.bus.release_dma(regions, !self.device_holds_dma) };
+        self.device_holds_dma = false;
+    }
+
+    /// Records the outcome of a [`Bus::reset`]: after an Err the device may still use the
+    /// slot memory, which [`BlkDriver::free_regions`] then leaks instead of freeing; after
+    /// an Ok it cannot, whatever an earlier reset did.
+    fn note_reset(&mut self, reset: virtio_core::Result<()>) {
+        self.device_holds_dma = reset.is_err();
     }
 
     /// Device facts (capacity, block size, limits, cache mode).
@@ -1495,12 +1507,21 @@ impl<B: Bus> BlkDriver<B> {
     /// requests were aborted. Shared by `abort_all` and `suspend`.
     fn reset_and_abort(&mut self, f: &mut dyn FnMut(usize, Result<Completion, BlkError>)) -> usize {
         let mut aborted = 0;
-        let Self { bus, queues, .. } = self;
-        bus.reset(&mut |queue, token| {
+        let Self {
+            bus,
+            queues,
+            device_holds_dma,
+            ..
+        } = self;
+        // The callers' requests are completed even if the reset failed: their buffers
+        // belong to the OS, which cannot wait for ever (see `Bus::reset`); the slot memory
+        // is ours and is leaked on the next `free_regions`.
+        let reset = bus.reset(&mut |queue, token| {
             if let (Some(q), Ok(i)) = (queues.get_mut(usize::from(queue)), u16::try_from(token)) {
                 aborted += abort_part(q, i, f);
             }
         });
+        *device_holds_dma = reset.is_err();
         for q in queues.iter_mut() {
             let n = u16::try_from(q.slots.len()).unwrap_or(u16::MAX);
             for i in 0..n {
@@ -1615,8 +1636,10 @@ impl<B: Bus> BlkDriver<B> {
 
 impl<B: Bus> Drop for BlkDriver<B> {
     fn drop(&mut self) {
-        // The device must stop touching slot memory before it is freed.
-        self.bus.reset(&mut |_, _| {});
+        // The device must stop touching slot memory before it is freed; one that will not
+        // stop keeps it (`free_regions` leaks it).
+        let reset = self.bus.reset(&mut |_, _| {});
+        self.note_reset(reset);
         self.free_regions();
     }
 }

@@ -1329,11 +1329,12 @@ impl<B: Bus> VirtioConsole<B> {
         Ok(())
     }
 
-    /// Resets the device and frees every buffer. The driver is unusable afterwards.
+    /// Resets the device and frees every buffer (or, when the device will not reset and
+    /// its DMA cannot be stopped, leaks them: it may still write them). The driver is
+    /// unusable afterwards.
     pub fn shutdown(&mut self) {
-        self.bus.reset(&mut |_, _| {});
+        let quiet = self.bus.reset(&mut |_, _| {}).is_ok();
         self.state = State::Early;
-        let dma = self.bus.dma();
         let ctrl = self.ctrl.take();
         let regions = self
             .ports
@@ -1341,12 +1342,10 @@ impl<B: Bus> VirtioConsole<B> {
             .flat_map(|p| [p.rx.take(), p.tx.take()])
             .chain(ctrl.into_iter().flat_map(|c| [Some(c.rx), Some(c.tx)]))
             .flatten();
-        for r in regions {
-            // SAFETY: the device was reset above, so it no longer accesses any region; each
-            // came from this bus's `alloc_coherent` and is freed once (taken out of its
-            // owner).
-            unsafe { dma.free_coherent(r) };
-        }
+        // SAFETY: each region came from this bus's `alloc_coherent` and is taken out of its
+        // owner (released once); `quiet`: the reset above was acknowledged or the device's
+        // DMA stopped, so it no longer accesses them (otherwise they are leaked).
+        unsafe { self.bus.release_dma(regions, quiet) };
         for p in &mut self.ports {
             p.present = false;
         }

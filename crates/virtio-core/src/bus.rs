@@ -7,7 +7,7 @@
 //! implements this trait over them.
 
 use crate::error::{Error, Result};
-use crate::platform::{Dma, InterruptMode};
+use crate::platform::{Dma, DmaRegion, InterruptMode};
 use crate::queue::{QueueStats, Segment, Used};
 use crate::types::{DeviceType, Features};
 
@@ -194,9 +194,46 @@ pub trait Bus {
     fn setup_queues(&mut self, specs: &[QueueSpec]) -> Result<()>;
     /// Sets DRIVER_OK (§3.1.1 step 8): the device is live.
     fn driver_ok(&mut self) -> Result<()>;
-    /// Resets the device and releases its queues; `reclaim` receives every in-flight token
-    /// (so the driver frees its buffers). Negotiation must be redone afterwards.
-    fn reset(&mut self, reclaim: &mut dyn FnMut(u16, usize));
+    /// Resets the device and releases its queues; `reclaim` receives every in-flight token.
+    /// Negotiation must be redone afterwards.
+    ///
+    /// Ok: the device can no longer touch memory: it acknowledged the reset (status read
+    /// back 0, §2.1.2), or it did not and the transport stopped its DMA (PCI: Bus Master
+    /// Enable cleared, [`crate::transport::Transport::stop_dma`]). The driver may free its
+    /// DMA regions (request slots, headers, receive buffers).
+    ///
+    /// Err([`Error::ResetTimeout`]): the device ignored the reset and may still read and
+    /// write everything it was given. The caller must then neither free nor reuse any DMA
+    /// memory it gave the device: it leaks it (see [`Bus::release_dma`], which logs how
+    /// many bytes), as the bus does with the rings. The device stays unusable until a later
+    /// reset succeeds (`negotiate_features` resets first).
+    ///
+    /// The in-flight tokens go to `reclaim` either way, so the driver can complete its
+    /// callers' requests: an OS-owned buffer (a block I/O's pages, a network packet)
+    /// cannot be held for ever without hanging the OS's teardown, which waits for them.
+    /// After an Err such a buffer can still be written by the device: the bus cannot
+    /// prevent that, and the error (and its log line) is all there is to say so.
+    #[must_use = "on Err the device may still use the driver's DMA memory"]
+    fn reset(&mut self, reclaim: &mut dyn FnMut(u16, usize)) -> Result<()>;
+    /// Frees `regions`, DMA memory the driver gave the device, when the device cannot touch
+    /// them any more (`device_quiet`: `reset` was Ok since they were given, or they never
+    /// were); otherwise leaks them, for good, and logs how many bytes (a device that ignored
+    /// the reset may still read and write them). Returns the bytes leaked.
+    ///
+    /// # Safety
+    /// The regions came from this bus's `dma().alloc_coherent` and are not used afterwards;
+    /// when `device_quiet`, the device really no longer accesses them.
+    unsafe fn release_dma(
+        &self,
+        regions: impl IntoIterator<Item = DmaRegion>,
+        device_quiet: bool,
+    ) -> usize
+    where
+        Self: Sized,
+    {
+        // SAFETY: the caller's contract.
+        unsafe { free_or_leak(self.dma(), regions, device_quiet, self.device_type()) }
+    }
     /// Sets FAILED (§3.1.1: the driver gave up on the device, e.g. its config is invalid).
     /// The device stays unusable until `reset`.
     fn fail(&mut self);
@@ -258,6 +295,41 @@ pub trait Bus {
     /// Entry point from the platform's interrupt handler: `vector` is the MSI-X vector index,
     /// or `None` for INTx (and for polling), where the ISR is read (and cleared).
     fn handle_interrupt(&mut self, vector: Option<u16>) -> InterruptCause;
+}
+
+/// [`Bus::release_dma`]: frees `regions` (DMA memory a driver gave the device) when the
+/// device cannot touch them any more (`device_quiet`: [`Bus::reset`] was Ok since they were
+/// given, or they never were), or leaks them when it can (a reset that failed: the device
+/// may still read and write them, so they must never reach another owner). Logs how many
+/// bytes were leaked; returns it.
+///
+/// # Safety
+/// The regions came from `dma`'s `alloc_coherent` and are not used afterwards; when
+/// `device_quiet`, the device really no longer accesses them.
+unsafe fn free_or_leak<D: Dma>(
+    dma: &D,
+    regions: impl IntoIterator<Item = DmaRegion>,
+    device_quiet: bool,
+    device: DeviceType,
+) -> usize {
+    let mut leaked = 0usize;
+    for region in regions {
+        if !device_quiet {
+            leaked = leaked.saturating_add(region.len);
+            continue;
+        }
+        // SAFETY: the caller's contract: the region came from `dma`, is not used again,
+        // and the device no longer accesses it (`device_quiet`).
+        unsafe { dma.free_coherent(region) };
+    }
+    if leaked > 0 {
+        log::error!(
+            "virtio {}: the device did not reset and its DMA could not be stopped; \
+             {leaked} bytes of driver buffers stay allocated",
+            device.name()
+        );
+    }
+    leaked
 }
 
 #[cfg(test)]

@@ -87,6 +87,9 @@ pub struct VirtioDevice<T: Transport, D: Dma, I: InterruptPlatform> {
     vector_queues: Vec<VectorQueues>,
     isr_interrupts: u64,
     spurious_interrupts: u64,
+    /// The transport cut the device off from memory ([`Transport::stop_dma`]) after it
+    /// would not reset; turned back on by the next reset it acknowledges.
+    dma_stopped: bool,
 }
 
 impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
@@ -108,6 +111,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
             vector_queues: Vec::new(),
             isr_interrupts: 0,
             spurious_interrupts: 0,
+            dma_stopped: false,
         }
     }
 
@@ -139,16 +143,53 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
         self.spurious_interrupts
     }
 
-    /// Writes 0 and waits until the device reads back 0 (§2.1.2, §4.1.4.3.2).
+    /// Writes 0 and waits until the device reads back 0 (§2.1.2, §4.1.4.3.2). A device
+    /// whose DMA was stopped gets it back here, once the reset is acknowledged: reset, it
+    /// uses no driver memory until its queues are set up again (§2.1.2, §3.1.1), and it
+    /// needs bus mastering for them.
     fn reset_device(&mut self) -> Result<()> {
         self.transport.set_status(DeviceStatus::empty());
         for _ in 0..RESET_POLLS {
             if self.transport.status().is_empty() {
+                if self.dma_stopped {
+                    self.transport.restart_dma();
+                    self.dma_stopped = false;
+                }
                 return Ok(());
             }
             core::hint::spin_loop();
         }
         Err(Error::ResetTimeout)
+    }
+
+    /// Makes sure the device can no longer touch memory: a reset it acknowledges, or, when
+    /// it will not reset, the transport's DMA switch (PCI: Bus Master Enable cleared and
+    /// read back, [`Transport::stop_dma`]). Err(ResetTimeout) when neither worked: the
+    /// device may still read and write everything it was given.
+    fn quiesce(&mut self) -> Result<()> {
+        let Err(e) = self.reset_device() else {
+            return Ok(());
+        };
+        if self.transport.stop_dma() {
+            if !self.dma_stopped {
+                log::error!(
+                    "virtio {}: the device did not reset; its DMA is stopped (bus mastering off)",
+                    self.transport.device_type().name()
+                );
+            }
+            self.dma_stopped = true;
+            return Ok(());
+        }
+        log::error!(
+            "virtio {}: the device did not reset and its DMA cannot be stopped",
+            self.transport.device_type().name()
+        );
+        Err(e)
+    }
+
+    /// Whether the device's DMA is stopped because it would not reset (tests, reports).
+    pub fn dma_stopped(&self) -> bool {
+        self.dma_stopped
     }
 
     fn add_status(&mut self, bits: DeviceStatus) {
@@ -167,9 +208,9 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
 
     /// Takes every queue down: tokens in flight go to `reclaim`, statistics are kept, the
     /// rings are freed, interrupts are disabled. `device_quiet`: the device cannot use the
-    /// rings any more (it was reset, or never reached DRIVER_OK, §2.1.2); otherwise the
-    /// rings are left allocated, for ever: a device that would not reset may still write
-    /// to them, and freed memory would be handed to someone else.
+    /// rings any more (it was reset, its DMA is stopped, or it never reached DRIVER_OK,
+    /// §2.1.2); otherwise the rings are left allocated, for ever: a device that would not
+    /// reset may still write to them, and freed memory would be handed to someone else.
     fn release_queues(&mut self, reclaim: &mut dyn FnMut(u16, usize), device_quiet: bool) {
         let mut leaked = 0usize;
         for slot in self.queues.drain(..).flatten() {
@@ -188,8 +229,8 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
                 leaked += ring.len + indirect.map_or(0, |p| p.len);
                 continue;
             }
-            // SAFETY: the device was reset (or never started) before we get here, so it no
-            // longer accesses the rings; the regions came from `self.dma`.
+            // SAFETY: `device_quiet`: the device was reset, its DMA stopped, or it never
+            // started, so it no longer accesses the rings; the regions came from `self.dma`.
             unsafe {
                 self.dma.free_coherent(ring);
                 if let Some(p) = indirect {
@@ -397,7 +438,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
     fn negotiate_features(&mut self, driver: Features) -> Result<Features> {
         // Rings a live device may still use are freed only after it is reset (§2.4;
         // `negotiate` would reset it, but after the rings were gone).
-        let quiet = !self.queues.iter().any(Option::is_some) || self.reset_device().is_ok();
+        let quiet = !self.queues.iter().any(Option::is_some) || self.quiesce().is_ok();
         self.release_queues(&mut |_, _| {}, quiet);
         self.negotiate(driver)
     }
@@ -564,12 +605,14 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Bus for VirtioDevice<T, D, I> {
         Ok(())
     }
 
-    fn reset(&mut self, reclaim: &mut dyn FnMut(u16, usize)) {
-        // A device that will not reset is as stopped as we can make it; its rings stay.
-        let quiet = self.reset_device().is_ok();
-        self.release_queues(reclaim, quiet);
+    fn reset(&mut self, reclaim: &mut dyn FnMut(u16, usize)) -> Result<()> {
+        // A device that will not reset has its DMA stopped if the transport can; if not,
+        // its rings stay allocated for ever.
+        let quiet = self.quiesce();
+        self.release_queues(reclaim, quiet.is_ok());
         self.state = State::Reset;
         self.negotiated = Features::empty();
+        quiet
     }
 
     fn fail(&mut self) {
@@ -785,7 +828,9 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> Drop for VirtioDevice<T, D, I> 
             return;
         }
         let failed = self.state == State::Failed;
-        Bus::reset(self, &mut |_, _| {});
+        // On Err the rings were left allocated (`release_queues`) and logged; the owner
+        // is going away, so there is nobody else to tell.
+        let _ = Bus::reset(self, &mut |_, _| {});
         if failed {
             Bus::fail(self);
         }

@@ -90,4 +90,23 @@ pub trait Transport {
     fn notify(&self, index: u16);
     /// Reads (and thereby clears) the ISR status.
     fn read_isr(&self) -> IsrStatus;
+
+    /// Cuts the device off from memory without its cooperation, for a device that did not
+    /// acknowledge a reset (§2.1.2: status never read back 0), so that the memory it was
+    /// given can be reused. True only when the transport verified that the device can no
+    /// longer read or write memory; false when it cannot tell (the default: a transport
+    /// without such a switch) or the switch did not take.
+    ///
+    /// PCI: clears Bus Master Enable in the command register and reads it back (PCI Local
+    /// Bus 3.0 §6.2.2, PCIe Base 4.0 §7.5.1.1.3: with it clear a function issues no memory
+    /// requests, MSI/MSI-X writes included). Linux does the same on remove
+    /// (`pci_clear_master`), and QEMU routes a virtio device's DMA through the bus-master
+    /// address space, which is disabled while the bit is clear.
+    fn stop_dma(&mut self) -> bool {
+        false
+    }
+    /// Undoes [`Transport::stop_dma`] once the device has acknowledged a reset (status read
+    /// back 0, so it uses no driver memory until it is set up again, §2.1.2). Default:
+    /// nothing (a transport without the switch never stopped anything).
+    fn restart_dma(&mut self) {}
 }

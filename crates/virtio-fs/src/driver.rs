@@ -1340,27 +1340,26 @@ impl<B: Bus> FsDriver<B> {
     }
 
     /// Resets the device and frees every buffer. Requests in flight are lost; the driver
-    /// refuses further use.
+    /// refuses further use. A device that will not reset, and whose DMA cannot be stopped,
+    /// may still write the buffers: they are leaked (logged), not freed.
     pub fn shutdown(&mut self) {
-        self.bus.reset(&mut |_, _| {});
+        let quiet = self.bus.reset(&mut |_, _| {}).is_ok();
+        // Taken without allocating (this runs in Drop, possibly under memory pressure).
+        let regions = self
+            .queues
+            .iter_mut()
+            .filter_map(|q| q.region.take())
+            .chain(self.hiprio.take())
+            .chain(self.notify.as_mut().and_then(|n| n.region.take()));
+        // SAFETY: each region came from this bus's `alloc_coherent` and is taken out of
+        // its owner (released once); `quiet`: the reset above was acknowledged or the
+        // device's DMA stopped, so it no longer accesses them (otherwise they are leaked).
+        unsafe { self.bus.release_dma(regions, quiet) };
         for q in &mut self.queues {
-            if let Some(region) = q.region.take() {
-                // SAFETY: the device was reset above, so it no longer accesses the region;
-                // it came from this bus's `alloc_coherent` and is freed once (taken).
-                unsafe { self.bus.dma().free_coherent(region) };
-            }
             q.slots.iter_mut().for_each(|s| *s = IDLE);
-        }
-        if let Some(region) = self.hiprio.take() {
-            // SAFETY: as above: device reset, region from `alloc_coherent`, freed once.
-            unsafe { self.bus.dma().free_coherent(region) };
         }
         self.hiprio_busy = [false; HIPRIO_SLOTS];
         if let Some(n) = self.notify.as_mut() {
-            if let Some(region) = n.region.take() {
-                // SAFETY: as above: device reset, region from `alloc_coherent`, freed once.
-                unsafe { self.bus.dma().free_coherent(region) };
-            }
             n.posted.iter_mut().for_each(|p| *p = false);
             n.pending.clear();
         }

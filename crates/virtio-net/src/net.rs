@@ -560,6 +560,9 @@ impl FilterState {
 /// Buffers [`VirtioNet::reset_and_reclaim`] took back.
 #[derive(Copy, Clone, Debug, Default)]
 struct Reclaimed {
+    /// The reset was acknowledged or the device's DMA stopped ([`Bus::reset`] was Ok): it
+    /// no longer touches the driver's buffers. When false they stay where they are.
+    device_quiet: bool,
     tx_completed: usize,
     tx_reclaimed: usize,
     rx_reclaimed: usize,
@@ -1867,11 +1870,16 @@ impl<B: Bus> VirtioNet<B> {
                 r.rx_reclaimed += 1;
             }
         };
-        bus.reset(&mut |queue, token| match queue {
+        // The frames' tokens go back even if the reset failed: their packets belong to
+        // the OS, which cannot wait for ever (see `Bus::reset`). The driver's own buffers
+        // (headers, receive buffers) are not reused before a reset succeeds (`resume`
+        // negotiates, which resets first) and are leaked by `shutdown` if none does.
+        let reset = bus.reset(&mut |queue, token| match queue {
             TX if token != DEBUG_TOKEN => give_back_tx(token, &mut r),
             RX => give_back_rx(token, &mut r),
             _ => {}
         });
+        r.device_quiet = reset.is_ok();
         // Anything a bus failed to hand back is taken back all the same (the device no
         // longer owns it after the reset), so each token is still reported exactly once.
         for slot in 0..tx_slots {
@@ -2013,25 +2021,25 @@ impl<B: Bus> VirtioNet<B> {
     /// Resets the device and frees all memory; `tx_done` receives the token of every frame
     /// still in flight, exactly once. The driver is unusable afterwards (dropping it does
     /// the same without reporting tokens).
+    ///
+    /// A device that will not reset, and whose DMA cannot be stopped, may still write the
+    /// driver's buffers: they are leaked (logged), not freed.
     pub fn shutdown(&mut self, mut tx_done: impl FnMut(usize)) {
-        self.reset_and_reclaim(&mut tx_done);
+        let quiet = self.reset_and_reclaim(&mut tx_done).device_quiet;
         self.suspended = false;
-        let dma = self.bus.dma();
         let mut regions: [Option<DmaRegion>; 3] = [
             self.tx.hdrs.take(),
             self.tx.dbg.take(),
             self.ctrl.take().map(|c| c.region),
         ];
-        for r in regions
+        let regions = regions
             .iter_mut()
             .filter_map(Option::take)
-            .chain(self.rx.bufs.drain(..))
-        {
-            // SAFETY: the device was reset above, so it no longer accesses any of these
-            // regions; each came from this bus's `alloc_coherent` and is freed once (taken
-            // out of its owner).
-            unsafe { dma.free_coherent(r) };
-        }
+            .chain(self.rx.bufs.drain(..));
+        // SAFETY: each region came from this bus's `alloc_coherent` and is taken out of its
+        // owner (released once); `quiet`: the reset above was acknowledged or the device's
+        // DMA stopped, so it no longer accesses them (otherwise they are leaked).
+        unsafe { self.bus.release_dma(regions, quiet) };
         self.rx.free.clear();
         self.tx.free_slots.clear();
     }

@@ -562,6 +562,23 @@ pub fn enable_function(config: &impl PciConfigSpace, io: bool, memory: bool) {
     config.write16(header::COMMAND, cmd);
 }
 
+/// Sets or clears Bus Master Enable in the command register, leaving its other bits, and
+/// reads it back: true when the bit now reads as asked. With it clear the function may not
+/// issue memory requests (PCI Local Bus 3.0 §6.2.2; PCIe Base 4.0 §7.5.1.1.3), so a device
+/// that ignores a virtio reset stops reading and writing memory (and sending MSI/MSI-X,
+/// which are memory writes too). The read-back is a non-posted config read: the write has
+/// reached the function when it returns.
+pub fn set_bus_master(config: &impl PciConfigSpace, enabled: bool) -> bool {
+    let cmd = config.read16(header::COMMAND);
+    let cmd = if enabled {
+        cmd | header::COMMAND_BUS_MASTER
+    } else {
+        cmd & !header::COMMAND_BUS_MASTER
+    };
+    config.write16(header::COMMAND, cmd);
+    (config.read16(header::COMMAND) & header::COMMAND_BUS_MASTER != 0) == enabled
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -640,6 +657,23 @@ mod tests {
         fn write8(&self, _: u8, _: u64, _: u8) {}
         fn write16(&self, _: u8, _: u64, _: u16) {}
         fn write32(&self, _: u8, _: u64, _: u32) {}
+    }
+
+    #[test]
+    fn bus_master_is_switched_and_read_back() {
+        let c = Cfg::new();
+        enable_function(&c, false, true);
+        assert!(set_bus_master(&c, false));
+        assert_eq!(
+            c.read16(header::COMMAND),
+            header::COMMAND_MEMORY,
+            "other bits kept"
+        );
+        assert!(set_bus_master(&c, true));
+        assert_eq!(
+            c.read16(header::COMMAND),
+            header::COMMAND_MEMORY | header::COMMAND_BUS_MASTER
+        );
     }
 
     #[test]

@@ -352,6 +352,13 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for LegacyTransport<C, B> {
     fn read_isr(&self) -> IsrStatus {
         IsrStatus(self.bars.read8(0, regs::ISR).unwrap_or(0))
     }
+    /// Bus Master Enable off, read back ([`crate::caps::set_bus_master`]).
+    fn stop_dma(&mut self) -> bool {
+        crate::caps::set_bus_master(&self.config, false)
+    }
+    fn restart_dma(&mut self) {
+        crate::restart_bus_master(&self.config);
+    }
 }
 
 #[cfg(test)]

@@ -58,6 +58,15 @@ pub(crate) fn check_config_access(offset: u32, width: u32, len: u32) -> Result<(
     Ok(())
 }
 
+/// Sets Bus Master Enable again after a reset the device acknowledged ([`Transport::restart_dma`]);
+/// a function where it does not stick cannot run its queues, which the driver then finds
+/// out from requests that never complete (logged here, not an error: nothing is unsafe).
+pub(crate) fn restart_bus_master(config: &impl PciConfigSpace) {
+    if !caps::set_bus_master(config, true) {
+        log::warn!("virtio-pci: Bus Master Enable did not read back set");
+    }
+}
+
 /// Which interface the platform wants when a function offers both.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 pub enum Preference {
@@ -332,6 +341,12 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for PciTransport<C, B> {
     }
     fn read_isr(&self) -> IsrStatus {
         delegate!(self, t => t.read_isr())
+    }
+    fn stop_dma(&mut self) -> bool {
+        delegate!(self, t => t.stop_dma())
+    }
+    fn restart_dma(&mut self) {
+        delegate!(self, t => t.restart_dma())
     }
 }
 

@@ -498,4 +498,11 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for ModernTransport<C, B> {
         let isr = self.regions.isr;
         IsrStatus(self.bars.read8(isr.bar, u64::from(isr.offset)).unwrap_or(0))
     }
+    /// Bus Master Enable off, read back ([`crate::caps::set_bus_master`]).
+    fn stop_dma(&mut self) -> bool {
+        crate::caps::set_bus_master(&self.config, false)
+    }
+    fn restart_dma(&mut self) {
+        crate::restart_bus_master(&self.config);
+    }
 }

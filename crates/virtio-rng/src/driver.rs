@@ -227,14 +227,15 @@ impl<B: Bus> VirtioRng<B> {
 
     /// Resets the device and frees the buffers. The driver is unusable afterwards (every
     /// call returns an error); bytes not read are discarded.
+    ///
+    /// A device that will not reset, and whose DMA cannot be stopped, may still write the
+    /// buffers: they are leaked (logged), not freed.
     pub fn shutdown(&mut self) {
-        self.bus.reset(&mut |_, _| {});
-        if let Some(region) = self.region.take() {
-            // SAFETY: the device was reset above, so it no longer accesses the region; it
-            // came from this bus's `alloc_coherent` and is freed once (taken out of
-            // `self.region`).
-            unsafe { self.bus.dma().free_coherent(region) };
-        }
+        let quiet = self.bus.reset(&mut |_, _| {}).is_ok();
+        // SAFETY: the region came from this bus's `alloc_coherent` and is taken out of
+        // `self.region` (released once); `quiet`: the reset above was acknowledged or the
+        // device's DMA stopped, so it no longer accesses it (otherwise it is leaked).
+        unsafe { self.bus.release_dma(self.region.take(), quiet) };
         self.slots.iter_mut().for_each(|s| *s = Slot::Free);
         self.ready.clear();
         self.ready_bytes = 0;

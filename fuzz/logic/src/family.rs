@@ -10,7 +10,7 @@
 //!
 //! Oracles: every token `vfam_queue_add` accepted comes back exactly once, from
 //! `vfam_queue_pop_used`, `vfam_queue_drain` or `vfam_reset`'s reclaim, and none that was
-//! not added; a failed call leaves its out-pointers as they were (`found` excepted, set
+//! not added; `vfam_reset` reports VK_OK (the device acknowledges every reset); a failed call leaves its out-pointers as they were (`found` excepted, set
 //! false); every status is one of the header's codes; one drain hands over at most what
 //! was in flight; every DMA byte is back once the client freed its regions and the family
 //! stopped.
@@ -52,6 +52,14 @@ unsafe extern "C" fn on_reclaim(ctx: *mut c_void, queue: u16, token: usize) {
     // SAFETY: ctx is the target's `RefCell<Books>`, alive for the reset.
     let books = unsafe { &*(ctx as *const RefCell<Books>) };
     books.borrow_mut().reclaimed.push((queue, token));
+}
+
+/// `vfam_reset`'s status: a header code, and VK_OK, since the simulated device here always
+/// acknowledges a reset (VK_E_RESET_TIMEOUT would tell the client to leak its buffers,
+/// and the final accounting of DMA bytes would not hold). The tokens come back either way.
+fn reset_acknowledged(s: VkStatus) {
+    check_status(s, "reset");
+    assert_eq!(s.code, VK_OK, "vfam_reset of a device that resets returned {}", s.code);
 }
 
 fn check_status(s: VkStatus, what: &str) -> bool {
@@ -349,7 +357,7 @@ pub fn run(data: &[u8]) {
             17 => sim.trigger_needs_reset(),
             18 => {
                 // SAFETY: see above; `ctx` is `books`, alive for the call.
-                unsafe { vfam_reset(dev, Some(on_reclaim), ctx) };
+                reset_acknowledged(unsafe { vfam_reset(dev, Some(on_reclaim), ctx) });
                 let reclaimed = std::mem::take(&mut books.borrow_mut().reclaimed);
                 for (q, token) in reclaimed {
                     returned(&books, token, Some(q), "vfam_reset's reclaim");
@@ -374,7 +382,7 @@ pub fn run(data: &[u8]) {
     // The client's `stop`: reset (reclaiming what is in flight), its regions freed; then
     // the family's stop.
     // SAFETY: `dev` is live; `ctx` is `books`.
-    unsafe { vfam_reset(dev, Some(on_reclaim), ctx) };
+    reset_acknowledged(unsafe { vfam_reset(dev, Some(on_reclaim), ctx) });
     let reclaimed = std::mem::take(&mut books.borrow_mut().reclaimed);
     for (q, token) in reclaimed {
         returned(&books, token, Some(q), "vfam_reset's reclaim");

@@ -249,13 +249,19 @@ VkStatus vfam_driver_ok(VfamDevice *dev);
 
 /**
  * Resets the device and releases its queues; `reclaim` (may be null) receives every
- * in-flight token.
+ * in-flight token, whatever the outcome.
+ *
+ * `VK_OK`: the device can no longer touch memory (it acknowledged the reset, or it did
+ * not and its bus mastering was switched off). `VK_E_RESET_TIMEOUT`: it ignored the
+ * reset and its DMA could not be stopped: the caller must neither free nor reuse any DMA
+ * memory it gave the device (it leaks it); the family keeps the rings. See
+ * `virtio_core::Bus::reset`. `VK_E_BAD_ARGUMENT` for a null handle.
  *
  * # Safety
  * `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
  * null or valid for what they describe.
  */
-void vfam_reset(VfamDevice *dev, VfamReclaim reclaim, void *ctx);
+VkStatus vfam_reset(VfamDevice *dev, VfamReclaim reclaim, void *ctx);
 
 /**
  * Sets FAILED.

@@ -169,7 +169,7 @@ family_functions! {
     fn vfam_max_queue_size(dev: *mut VfamDevice, index: u16) -> u16;
     fn vfam_setup_queues(dev: *mut VfamDevice, specs: *const VkQueueSpec, count: usize) -> VkStatus;
     fn vfam_driver_ok(dev: *mut VfamDevice) -> VkStatus;
-    fn vfam_reset(dev: *mut VfamDevice, reclaim: Reclaim, ctx: *mut c_void);
+    fn vfam_reset(dev: *mut VfamDevice, reclaim: Reclaim, ctx: *mut c_void) -> VkStatus;
     fn vfam_fail(dev: *mut VfamDevice);
     fn vfam_needs_reset(dev: *mut VfamDevice) -> bool;
     fn vfam_interrupt_mode(dev: *mut VfamDevice, vectors: *mut u16) -> u32;
@@ -452,11 +452,13 @@ impl<A: FamilyApi> Bus for FamilyBus<A> {
         // SAFETY: live handle.
         unsafe { self.api.vfam_driver_ok(self.dev) }.into_result()
     }
-    fn reset(&mut self, reclaim: &mut dyn FnMut(u16, usize)) {
+    /// `vfam_reset`'s status mapped back: Err(ResetTimeout) when the device may still use
+    /// the driver's DMA memory (`Bus::reset`'s contract).
+    fn reset(&mut self, reclaim: &mut dyn FnMut(u16, usize)) -> Result<()> {
         let mut r: &mut dyn FnMut(u16, usize) = reclaim;
         let ctx = (&mut r as *mut &mut dyn FnMut(u16, usize)).cast::<c_void>();
         // SAFETY: live handle; the trampoline's context outlives the call.
-        unsafe { self.api.vfam_reset(self.dev, Some(reclaim_trampoline), ctx) }
+        unsafe { self.api.vfam_reset(self.dev, Some(reclaim_trampoline), ctx) }.into_result()
     }
     fn fail(&mut self) {
         // SAFETY: live handle.

@@ -215,7 +215,9 @@ pub unsafe extern "C" fn vfam_device_destroy(dev: *mut VfamDevice) {
     }
     // SAFETY: caller contract: the handle came from `Box::into_raw` and is dropped once.
     let mut d = unsafe { Box::from_raw(dev) };
-    d.bus.reset(&mut |_, _| {});
+    // On Err the bus keeps (leaks) the rings and logs it; the clients, which own the
+    // other buffers, reset through `vfam_reset` before this and saw the status there.
+    let _ = d.bus.reset(&mut |_, _| {});
 }
 
 /// The device's virtio type (1 net, 2 block, ...), 0 for a null handle.
@@ -422,21 +424,31 @@ pub unsafe extern "C" fn vfam_driver_ok(dev: *mut VfamDevice) -> VkStatus {
 }
 
 /// Resets the device and releases its queues; `reclaim` (may be null) receives every
-/// in-flight token.
+/// in-flight token, whatever the outcome.
+///
+/// `VK_OK`: the device can no longer touch memory (it acknowledged the reset, or it did
+/// not and its bus mastering was switched off). `VK_E_RESET_TIMEOUT`: it ignored the
+/// reset and its DMA could not be stopped: the caller must neither free nor reuse any DMA
+/// memory it gave the device (it leaks it); the family keeps the rings. See
+/// `virtio_core::Bus::reset`. `VK_E_BAD_ARGUMENT` for a null handle.
 ///
 /// # Safety
 /// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
 /// null or valid for what they describe.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfam_reset(dev: *mut VfamDevice, reclaim: VfamReclaim, ctx: *mut c_void) {
-    if let Some(d) = self::dev(dev) {
+pub unsafe extern "C" fn vfam_reset(
+    dev: *mut VfamDevice,
+    reclaim: VfamReclaim,
+    ctx: *mut c_void,
+) -> VkStatus {
+    with(dev, |d| {
         d.bus.reset(&mut |q, t| {
             if let Some(f) = reclaim {
                 // SAFETY: the caller's callback with its own context.
                 unsafe { f(ctx, q, t) }
             }
-        });
-    }
+        })
+    })
 }
 
 /// Sets FAILED.

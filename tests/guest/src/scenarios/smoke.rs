@@ -86,10 +86,15 @@ pub fn run(env: &mut Env) {
             ),
         };
         bus::stats(name, &mut dev);
-        dev.reset(&mut |_, _| {});
-        if let Ok((_, regions)) = result {
+        // A device that would not reset (and whose DMA could not be stopped) may still
+        // write the buffers: they are leaked then (`Bus::reset`).
+        let quiet = dev.reset(&mut |_, _| {}).is_ok();
+        if let Ok((_, regions)) = result
+            && quiet
+        {
             for r in regions {
-                // SAFETY: the device was reset just above, so it no longer accesses them.
+                // SAFETY: the device was reset (or its DMA stopped) just above, so it no
+                // longer accesses them.
                 unsafe { GuestDma.free_coherent(r) };
             }
         }
