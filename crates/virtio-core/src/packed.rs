@@ -37,6 +37,8 @@ pub const EVENT_FLAG_ENABLE: u16 = 0;
 pub const EVENT_FLAG_DISABLE: u16 = 1;
 /// At the descriptor named by `off_wrap` (EVENT_IDX only).
 pub const EVENT_FLAG_DESC: u16 = 2;
+/// What breaks the queue when the device writes flags in the wrong lap.
+const WRONG_LAP: &str = "used descriptor flags in the wrong lap";
 /// `off_wrap`'s wrap-counter bit.
 const WRAP_BIT: u16 = 1 << 15;
 
@@ -98,36 +100,90 @@ enum UsedFlags {
     WrongLap,
 }
 
-/// A ring position and the wrap counter that goes with it.
+/// AVAIL and USED together: a descriptor's flags masked with this tell its state in one
+/// compare (§2.8.1).
+const LAP_BITS: u16 = DESC_F_AVAIL | DESC_F_USED;
+/// Set in the used position's `lap` while the queue is broken: no descriptor's flags masked
+/// with `LAP_BITS` equal it then, so `pop_used`'s used test fails and its slow path refuses
+/// the broken queue (one test fewer on the hot path).
+const BROKEN_LAP: u16 = 1;
+
+/// A ring position and the wrap counter that goes with it, kept as AVAIL and USED bits
+/// (§2.8.1) that the position's use needs as they are: for the used position, those of a
+/// descriptor the device has used in that lap (both set for wrap counter 1, neither for
+/// 0), so that the used test is one mask and compare; for the avail position, those of a
+/// descriptor made available in that lap (AVAIL for wrap counter 1, USED for 0), written
+/// as they are. Either way a wrap flips both bits (one xor).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 struct Pos {
     idx: u16,
-    wrap: bool,
+    /// Used position: `LAP_BITS` for wrap counter 1, 0 for 0, and also `BROKEN_LAP` while
+    /// the queue is broken. Avail position: `DESC_F_AVAIL` for wrap counter 1,
+    /// `DESC_F_USED` for 0.
+    lap: u16,
 }
 
 impl Pos {
-    const START: Pos = Pos { idx: 0, wrap: true };
+    /// The used position at setup: wrap counter 1.
+    const USED_START: Pos = Pos {
+        idx: 0,
+        lap: LAP_BITS,
+    };
+    /// The avail position at setup: wrap counter 1.
+    const AVAIL_START: Pos = Pos {
+        idx: 0,
+        lap: DESC_F_AVAIL,
+    };
+
+    /// An avail position's wrap counter.
+    #[inline(always)]
+    fn avail_wrap(self) -> bool {
+        self.lap & DESC_F_AVAIL != 0
+    }
 
     /// `n` positions further on a ring of `size` (n <= size).
-    #[inline]
+    #[inline(always)]
     fn advance(self, n: u16, size: u16) -> Pos {
         let idx = u32::from(self.idx) + u32::from(n);
         if idx >= u32::from(size) {
             Pos {
                 idx: (idx - u32::from(size)) as u16,
-                wrap: !self.wrap,
+                lap: self.lap ^ LAP_BITS,
             }
         } else {
             Pos {
                 idx: idx as u16,
-                wrap: self.wrap,
+                lap: self.lap,
             }
         }
     }
 
-    /// `off_wrap` as the event suppression structures encode it.
+    /// An avail position's AVAIL and USED bits of a descriptor made available in this lap
+    /// (§2.8.1): AVAIL equal to the wrap counter, USED its inverse.
+    #[inline(always)]
+    fn avail_bits(self) -> u16 {
+        self.lap
+    }
+
+    /// `advance` in place, for the hot paths: the lap is stored only when it changes (once
+    /// a lap), and that conditional store makes the wrap a branch rather than the selects
+    /// the compiler makes of `advance`'s two values.
+    #[inline(always)]
+    fn step(&mut self, n: u16, size: u16) {
+        let idx = u32::from(self.idx) + u32::from(n);
+        if idx >= u32::from(size) {
+            self.idx = (idx - u32::from(size)) as u16;
+            self.lap ^= LAP_BITS;
+        } else {
+            self.idx = idx as u16;
+        }
+    }
+
+    /// A used position's `off_wrap`, as the event suppression structures encode it.
+    #[inline(always)]
     fn off_wrap(self) -> u16 {
-        self.idx | if self.wrap { WRAP_BIT } else { 0 }
+        // WRAP_BIT is USED's bit, set in `lap` exactly for wrap counter 1.
+        self.idx | (self.lap & WRAP_BIT)
     }
 }
 
@@ -139,7 +195,9 @@ pub struct PackedQueue {
     /// One indirect table per buffer id.
     indirect: IndirectPool,
     event_idx: bool,
-    ignore_used_len: bool,
+    /// Applied to every used length: 0 with `ignore_used_len` (the length is not reported),
+    /// all ones otherwise. One `and` in `pop_used` instead of a test and a select.
+    used_len_mask: u32,
 
     /// Per-id state, `size.next_power_of_two()` entries (those from `size` on are never
     /// used); indexed through [`PackedQueue::id_mut`] only.
@@ -150,13 +208,23 @@ pub struct PackedQueue {
     /// holds an id and at least one position, so `in_flight <= size - num_free`. The list
     /// ends in the value `size` (the last id's link), which is never taken.
     free_id: u16,
-    /// Free ring positions.
+    /// Free ring positions, except while `broken`: 0 then, so that the one-segment `add`
+    /// refuses a broken queue with the one test it makes anyway (`add_chain` then reports
+    /// `QueueBroken`). The count at the break is kept in `free_when_broken`.
     num_free: u16,
+    /// `num_free` when the queue broke (what [`PackedQueue::num_free`] reports then).
+    free_when_broken: u16,
+    /// `add`'s token on its way to `add_chain`, written just before each call and read
+    /// only by it (not state). Through the queue rather than as an argument: `add_chain`
+    /// then takes all its arguments in registers, so `add` needs no stack slot for the call.
+    chain_token: usize,
     in_flight: u16,
     next_avail: Pos,
     next_used: Pos,
-    /// Ring positions made available since the last notification decision.
-    added_since_kick: u32,
+    /// Ring positions made available since the last notification decision. A u64, which
+    /// 2^64 adds between two decisions would take to wrap: it need not saturate, and `add`
+    /// counts with one add to memory.
+    added_since_kick: u64,
     interrupts_enabled: bool,
     /// The driver event structure's flags are DESC (EVENT_IDX's interrupt point), as the
     /// last re-enable wrote them; false while they are ENABLE (after setup or a reset) or
@@ -196,15 +264,17 @@ impl PackedQueue {
             ring,
             indirect,
             event_idx: config.event_idx,
-            ignore_used_len: config.ignore_used_len,
+            used_len_mask: if config.ignore_used_len { 0 } else { u32::MAX },
             ids: vec![IdState::default(); id_slots].into_boxed_slice(),
             // 1 <= id_slots <= MAX_QUEUE_SIZE (checked above), so this fits.
             id_mask: (id_slots - 1) as u16,
             free_id: 0,
             num_free: size,
+            free_when_broken: 0,
+            chain_token: 0,
             in_flight: 0,
-            next_avail: Pos::START,
-            next_used: Pos::START,
+            next_avail: Pos::AVAIL_START,
+            next_used: Pos::USED_START,
             added_since_kick: 0,
             interrupts_enabled: true,
             event_desc: false,
@@ -226,7 +296,11 @@ impl PackedQueue {
         &self.layout
     }
     pub fn num_free(&self) -> u16 {
-        self.num_free
+        if self.broken {
+            self.free_when_broken
+        } else {
+            self.num_free
+        }
     }
     pub fn is_broken(&self) -> bool {
         self.broken
@@ -278,29 +352,33 @@ impl PackedQueue {
         let (seg, flags, capacity) = match (readable, writable) {
             ([], [seg]) => (seg, DescFlags::WRITE.bits(), seg.len),
             ([seg], []) => (seg, 0, 0),
-            _ => return self.add_chain(readable, writable, token),
+            _ => {
+                self.chain_token = token;
+                return self.add_chain(writable, readable);
+            }
         };
-        if self.broken || self.num_free == 0 {
-            return self.add_chain(readable, writable, token);
+        // `num_free` is 0 on a broken queue too (see the field).
+        if self.num_free == 0 {
+            self.chain_token = token;
+            return self.add_chain(writable, readable);
         }
-        let head = self.next_avail;
         let id = self.take_id(token, capacity, 1);
+        let head = self.next_avail;
+        let desc = self.desc_ptr(head.idx);
         // SAFETY: head.idx < size: an entry of the descriptor ring, not available to the
         // device until `publish` writes its flags.
-        unsafe { write_packed(self.desc_ptr(head.idx), seg.addr, seg.len, Some(id), None) };
-        self.publish(head, 1, flags | avail_bits(head.wrap));
+        unsafe { write_packed(desc, seg.addr, seg.len, Some(id), None) };
+        self.publish(head, desc, 1, flags | head.avail_bits());
         Ok(())
     }
 
     /// `add` for chains of more than one segment, and its errors (out of line: keeps the
-    /// one-segment path small).
+    /// one-segment path small), for the token in `chain_token`. Writable segments first:
+    /// the order in which a one-segment receive `add` already holds its arguments in
+    /// registers.
     #[inline(never)]
-    fn add_chain(
-        &mut self,
-        readable: &[Segment],
-        writable: &[Segment],
-        token: usize,
-    ) -> Result<()> {
+    fn add_chain(&mut self, writable: &[Segment], readable: &[Segment]) -> Result<()> {
+        let token = self.chain_token;
         if self.broken {
             return Err(Error::QueueBroken { queue: self.index });
         }
@@ -339,7 +417,7 @@ impl PackedQueue {
             .map(|s| (s, 0))
             .chain(writable.iter().map(|s| (s, DescFlags::WRITE.bits())));
         for (i, (seg, write)) in segments.enumerate() {
-            let mut flags = write | avail_bits(pos.wrap);
+            let mut flags = write | pos.avail_bits();
             if i + 1 < total {
                 flags |= DescFlags::NEXT.bits();
             }
@@ -356,7 +434,7 @@ impl PackedQueue {
             pos = pos.advance(1, size);
         }
         self.take_id(token, writable_len, descs);
-        self.publish(head, descs, head_flags);
+        self.publish(head, self.desc_ptr(head.idx), descs, head_flags);
         Ok(())
     }
 
@@ -381,19 +459,17 @@ impl PackedQueue {
                 unsafe { write_packed(p, seg.addr, seg.len, None, Some(flags.bits())) }
             })?;
         let head = self.next_avail;
+        let desc = self.desc_ptr(head.idx);
         // SAFETY: head.idx < size: an entry of the descriptor ring. Flags in `publish`.
-        unsafe {
-            write_packed(
-                self.desc_ptr(head.idx),
-                table.daddr,
-                table.len,
-                Some(id),
-                None,
-            )
-        };
+        unsafe { write_packed(desc, table.daddr, table.len, Some(id), None) };
         self.take_id(token, table.writable, 1);
         self.stats.indirect += 1;
-        self.publish(head, 1, DescFlags::INDIRECT.bits() | avail_bits(head.wrap));
+        self.publish(
+            head,
+            desc,
+            1,
+            DescFlags::INDIRECT.bits() | head.avail_bits(),
+        );
         Ok(())
     }
 
@@ -419,13 +495,22 @@ impl PackedQueue {
     /// (§2.8.21.3: "The driver ... performs a suitable memory barrier to ensure the device
     /// sees the updated descriptor table" before the flags that make it available).
     #[inline(always)]
-    fn publish(&mut self, head: Pos, descs: u16, head_flags: u16) {
-        self.next_avail = head.advance(descs, self.layout.size);
+    fn publish(&mut self, head: Pos, desc: NonNull<u8>, descs: u16, head_flags: u16) {
+        debug_assert_eq!(desc, self.desc_ptr(head.idx));
+        self.next_avail.step(descs, self.layout.size);
         self.num_free -= descs;
         self.in_flight += 1;
-        self.added_since_kick = self.added_since_kick.saturating_add(u32::from(descs));
+        self.added_since_kick = self.added_since_kick.wrapping_add(u64::from(descs));
         fence(Ordering::Release);
-        self.ring.write_u16(flags_offset(head.idx), head_flags);
+        // SAFETY: `desc` is the head's descriptor (`desc_ptr(head.idx)`, head.idx < size: 16
+        // bytes inside the ring memory, 16-aligned), taken before the fence so that the
+        // ring pointer is not loaded again; its flags are the 2-aligned u16 at 14. Volatile
+        // because the device reads it concurrently.
+        unsafe {
+            desc.add(14)
+                .cast::<u16>()
+                .write_volatile(head_flags.to_le())
+        };
         self.stats.added += 1;
     }
 
@@ -447,7 +532,7 @@ impl PackedQueue {
             EVENT_FLAG_DISABLE => false,
             EVENT_FLAG_DESC if self.event_idx => {
                 let size = self.layout.size;
-                if added >= u32::from(size) {
+                if added >= u64::from(size) {
                     // The whole ring went by: whatever position it named was crossed.
                     true
                 } else {
@@ -456,7 +541,7 @@ impl PackedQueue {
                     let new = self.next_avail.idx;
                     let old = new.wrapping_sub(added as u16);
                     let mut event = off_wrap & !WRAP_BIT;
-                    if (off_wrap & WRAP_BIT != 0) != self.next_avail.wrap {
+                    if (off_wrap & WRAP_BIT != 0) != self.next_avail.avail_wrap() {
                         event = event.wrapping_sub(size);
                     }
                     need_event(event, new, old)
@@ -478,24 +563,30 @@ impl PackedQueue {
     /// chain in flight, that descriptor was written by us in this lap (AVAIL = wrap,
     /// USED = !wrap), and the device may only mark it used in this lap (both = wrap).
     /// AVAIL != wrap there is a device writing in the wrong lap (a wrap counter out of
-    /// step), not "nothing yet".
+    /// step), not "nothing yet". Never `Used` on a broken queue (`BROKEN_LAP`): callers
+    /// that may run on one test `broken` first, or use `is_used`.
     #[inline(always)]
     fn used_flags(&self) -> UsedFlags {
         let pos = self.next_used;
         let flags = self.ring.read_u16(flags_offset(pos.idx));
-        if (flags & DESC_F_AVAIL != 0) != pos.wrap {
-            UsedFlags::WrongLap
-        } else if (flags & DESC_F_USED != 0) == pos.wrap {
+        if flags & LAP_BITS == pos.lap {
+            // AVAIL and USED both equal to the wrap counter.
             UsedFlags::Used
+        } else if (flags ^ pos.lap) & DESC_F_AVAIL != 0 {
+            // AVAIL not equal to it.
+            UsedFlags::WrongLap
         } else {
             UsedFlags::NotYet
         }
     }
 
-    /// Whether the device has used the descriptor at our used position (no lap check).
+    /// Whether the device has used the descriptor at our used position (no lap check),
+    /// broken queue or not.
     #[inline]
     fn is_used(&self) -> bool {
-        matches!(self.used_flags(), UsedFlags::Used)
+        let pos = self.next_used;
+        let flags = self.ring.read_u16(flags_offset(pos.idx));
+        flags & LAP_BITS == pos.lap & LAP_BITS
     }
 
     /// Whether the device has completed chains we have not popped yet.
@@ -508,13 +599,17 @@ impl PackedQueue {
     /// after validating it. Any invalid value breaks the queue until reset.
     #[inline]
     pub fn pop_used(&mut self) -> Result<Option<Used>> {
-        if self.broken {
-            return Err(Error::QueueBroken { queue: self.index });
-        }
-        if self.next_is_used()? {
-            self.take_used().map(Some)
-        } else {
-            Ok(None)
+        // `next_is_used` spelled out: the refusals then return this function's own result,
+        // built out of line, not a `Result<bool>` unpacked on the way back. A broken queue
+        // never reads `Used` (`BROKEN_LAP`), so it is refused after the used test, not
+        // before it.
+        match self.used_flags() {
+            UsedFlags::Used => self.take_used(),
+            _ if self.broken => self.pop_refused(),
+            UsedFlags::WrongLap if self.in_flight > 0 => {
+                self.pop_failed(|_| Error::DeviceProtocol { what: WRONG_LAP })
+            }
+            _ => Ok(None),
         }
     }
 
@@ -524,75 +619,114 @@ impl PackedQueue {
     fn next_is_used(&mut self) -> Result<bool> {
         match self.used_flags() {
             UsedFlags::Used => Ok(true),
-            UsedFlags::WrongLap if self.in_flight > 0 => Err(self.fail(Error::DeviceProtocol {
-                what: "used descriptor flags in the wrong lap",
-            })),
+            UsedFlags::WrongLap if self.in_flight > 0 => {
+                Err(self.fail(Error::DeviceProtocol { what: WRONG_LAP }))
+            }
             _ => Ok(false),
         }
     }
 
     /// Validates and takes the used descriptor at our used position, which
-    /// `next_is_used` found used.
+    /// `used_flags` found used: `Some` unless it returns an error.
     #[inline(always)]
-    fn take_used(&mut self) -> Result<Used> {
+    fn take_used(&mut self) -> Result<Option<Used>> {
         let pos = self.next_used;
-        if self.in_flight == 0 {
-            // A used descriptor in the current lap with nothing in flight: the device wrote
-            // one we never made available.
-            return Err(self.fail(Error::DeviceProtocol {
-                what: "used descriptor with no chain in flight",
-            }));
-        }
+        let size = self.layout.size;
+        // Taken before the fence: read through `self` after it, the ring pointer would be
+        // loaded again.
+        let desc = self.desc_ptr(pos.idx);
         // §2.8.21.2: read the flags before the id and length they cover (acquire pairs with
         // the device's write barrier before its flags write).
         fence(Ordering::Acquire);
-        let off = 16 * pos.idx as usize;
-        let len = self.ring.read_u32(off + 8);
-        let id = self.ring.read_u16(off + 12);
-        if id >= self.layout.size {
-            return Err(self.fail(Error::UsedIdOutOfRange {
-                queue: self.index,
-                id: u32::from(id),
-            }));
+        // SAFETY: `desc` is descriptor `pos.idx` (< size) of the ring: 16 bytes inside the
+        // ring memory, 16-aligned, so the length at 8 and the id at 12 are aligned;
+        // volatile because the device writes them concurrently.
+        let (len, id) = unsafe {
+            (
+                u32::from_le(desc.add(8).cast::<u32>().read_volatile()),
+                u16::from_le(desc.add(12).cast::<u16>().read_volatile()),
+            )
+        };
+        // A used descriptor with nothing in flight (one we never made available) is caught
+        // by the two tests below, which every id fails then (no id is in flight, each
+        // holding its chain's positions: `descs == 0` for all), and named as such on the
+        // cold path: one test fewer on the hot one.
+        if id >= size {
+            return self.pop_failed(move |q| {
+                q.not_in_flight().unwrap_or(Error::UsedIdOutOfRange {
+                    queue: q.index,
+                    id: u32::from(id),
+                })
+            });
         }
+        debug_assert!(usize::from(id) < self.ids.len());
+        // SAFETY: id < size <= ids.len() (checked just above; see `id_mut`): an index
+        // already in range is not masked again.
+        let state = unsafe { self.ids.get_unchecked_mut(usize::from(id)) };
         let IdState {
             token,
             writable,
             descs,
             ..
-        } = *self.id_mut(id);
+        } = *state;
         if descs == 0 {
-            return Err(self.fail(Error::UsedIdNotInFlight {
-                queue: self.index,
-                id: u32::from(id),
-            }));
+            return self.pop_failed(move |q| {
+                q.not_in_flight().unwrap_or(Error::UsedIdNotInFlight {
+                    queue: q.index,
+                    id: u32::from(id),
+                })
+            });
         }
-        let len = if self.ignore_used_len { 0 } else { len };
+        debug_assert!(self.in_flight > 0, "an id in flight with nothing in flight");
+        let len = len & self.used_len_mask;
         if len > writable {
-            return Err(self.fail(Error::UsedLenTooLarge {
-                queue: self.index,
+            return self.pop_failed(move |q| Error::UsedLenTooLarge {
+                queue: q.index,
                 len,
                 max: writable,
-            }));
+            });
         }
         // The device skips as many positions as the chain took (§2.8.21.2).
-        self.next_used = pos.advance(descs, self.layout.size);
-        let free = self.free_id;
-        let state = self.id_mut(id);
+        self.next_used.step(descs, size);
+        let next = self.next_used;
         state.descs = 0;
-        state.next = free;
+        state.next = self.free_id;
         self.free_id = id;
         self.num_free += descs;
         self.in_flight -= 1;
         self.stats.completions += 1;
         if self.event_idx && self.interrupts_enabled {
-            // Linux `virtqueue_get_buf_ctx_packed`: keep the interrupt point at our consumer
-            // position, visible before the next flags read (store→load).
-            self.ring
-                .write_u16(self.layout.driver, self.next_used.off_wrap());
+            // EVENT_IDX with interrupts enabled. Linux `virtqueue_get_buf_ctx_packed`: keep
+            // the interrupt point at our consumer position, visible before the next flags
+            // read (store→load).
+            self.ring.write_u16(self.layout.driver, next.off_wrap());
             fence(Ordering::SeqCst);
         }
-        Ok(Used { token, len })
+        Ok(Some(Used { token, len }))
+    }
+
+    /// The error for a used descriptor written with no chain in flight, if that is the
+    /// case (`take_used`'s cold paths).
+    fn not_in_flight(&self) -> Option<Error> {
+        (self.in_flight == 0).then_some(Error::DeviceProtocol {
+            what: "used descriptor with no chain in flight",
+        })
+    }
+
+    /// `pop_used` on a broken queue.
+    #[cold]
+    #[inline(never)]
+    fn pop_refused<T>(&self) -> Result<T> {
+        Err(Error::QueueBroken { queue: self.index })
+    }
+
+    /// `pop_used` found the device lying: breaks the queue. The error is built here, from
+    /// the few values the closure captures, so the hot path keeps no room for it.
+    #[cold]
+    #[inline(never)]
+    fn pop_failed(&mut self, error: impl FnOnce(&Self) -> Error) -> Result<Option<Used>> {
+        let e = error(self);
+        Err(self.fail(e))
     }
 
     /// Pops every completion into `f`, in device order; returns how many
@@ -631,8 +765,10 @@ impl PackedQueue {
             // position the device has not used, after the same wrong-lap check. Each round
             // starts at a position found used (the peek, or the re-enable's re-test).
             loop {
-                f(self.take_used()?);
-                n += 1;
+                if let Some(used) = self.take_used()? {
+                    f(used);
+                    n += 1;
+                }
                 if !self.next_is_used()? {
                     break;
                 }
@@ -682,7 +818,12 @@ impl PackedQueue {
     /// only after about 3/4 of the ring positions in flight were used (Linux
     /// `enable_cb_delayed_packed`).
     pub fn enable_interrupts_delayed(&mut self) -> bool {
-        let busy = self.layout.size - self.num_free;
+        if !self.event_idx {
+            // The interrupt point is EVENT_IDX's only: no delay to work out.
+            return self.enable_interrupts();
+        }
+        // `num_free()`, not the field: 0 on a broken queue.
+        let busy = self.layout.size - self.num_free();
         let delay = (u32::from(busy) * 3 / 4) as u16;
         // delay < size: `busy` <= size.
         self.enable_interrupts_at(self.next_used.advance(delay, self.layout.size))
@@ -724,9 +865,10 @@ impl PackedQueue {
         }
         self.link_free_ids();
         self.num_free = size;
+        self.free_when_broken = 0;
         self.in_flight = 0;
-        self.next_avail = Pos::START;
-        self.next_used = Pos::START;
+        self.next_avail = Pos::AVAIL_START;
+        self.next_used = Pos::USED_START;
         self.added_since_kick = 0;
         self.interrupts_enabled = true;
         self.event_desc = false;
@@ -752,11 +894,12 @@ impl PackedQueue {
         self.free_id = 0;
     }
 
-    // The only indexing site, without a bounds check: `ids` has `id_mask + 1` entries
-    // (built in `new`, never resized), so a masked index is always inside it. Every id
-    // passed here is one `take_id` takes (< size: the list's end, `size`, is never taken
-    // while a position is free) or a device's id already checked against the size; the
-    // mask makes the access sound whatever it is.
+    // Indexing without a bounds check: `ids` has `id_mask + 1` entries (built in `new`,
+    // never resized), so a masked index is always inside it. Every id passed here is one
+    // `take_id` takes (< size: the list's end, `size`, is never taken while a position is
+    // free); the mask makes the access sound whatever it is. The only other such site is
+    // `take_used`, which indexes by a device's id it has just checked against the size
+    // (<= ids.len()) without masking it again.
     #[inline(always)]
     fn id_mut(&mut self, id: u16) -> &mut IdState {
         let i = usize::from(id & self.id_mask);
@@ -770,6 +913,13 @@ impl PackedQueue {
     #[inline(never)]
     fn fail(&mut self, e: Error) -> Error {
         log::error!("virtqueue {}: {e}; queue disabled until reset", self.index);
+        if !self.broken {
+            // No chain is added or popped while broken: the count stays as it was.
+            self.free_when_broken = self.num_free;
+            self.num_free = 0;
+            // And `pop_used`'s used test fails (cleared by the reset's `Pos::USED_START`).
+            self.next_used.lap |= BROKEN_LAP;
+        }
         self.broken = true;
         e
     }
@@ -784,12 +934,6 @@ impl PackedQueue {
 #[inline(always)]
 fn flags_offset(idx: u16) -> usize {
     16 * usize::from(idx) + 14
-}
-
-/// AVAIL and USED bits of a descriptor made available in lap `wrap` (§2.8.1).
-#[inline]
-fn avail_bits(wrap: bool) -> u16 {
-    if wrap { DESC_F_AVAIL } else { DESC_F_USED }
 }
 
 /// Writes one packed descriptor with volatile stores: `addr`, `len`, the buffer `id` when
@@ -812,5 +956,128 @@ unsafe fn write_packed(p: NonNull<u8>, addr: u64, len: u32, id: Option<u16>, fla
         if let Some(f) = flags {
             base.add(14).cast::<u16>().write_volatile(f.to_le());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The checks the hot paths fold into other tests (a broken queue in `num_free` and in
+    //! the used position's lap, "nothing in flight" on the id tests' cold paths), seen from
+    //! the public API. The wider conformance suite is `tests/tests/conformance_packed.rs`.
+    use super::*;
+    use alloc::vec::Vec;
+
+    const SIZE: u16 = 8;
+
+    /// A queue of `SIZE` entries over leaked, zeroed, 16-aligned heap memory.
+    fn queue(event_idx: bool) -> PackedQueue {
+        let layout = PackedRingLayout::new(SIZE).unwrap();
+        let memory: &'static mut [u128] = Vec::leak(alloc::vec![0u128; layout.total.div_ceil(16)]);
+        let vaddr = NonNull::new(memory.as_mut_ptr().cast::<u8>()).unwrap();
+        let ring = DmaRegion {
+            vaddr,
+            daddr: vaddr.as_ptr() as u64,
+            len: layout.total,
+        };
+        let config = QueueConfig {
+            size: SIZE,
+            max_indirect: 0,
+            event_idx,
+            ignore_used_len: false,
+        };
+        PackedQueue::new(0, layout, ring, None, config).unwrap()
+    }
+
+    /// What a device writes to return chain `id` at position `idx` in lap `wrap`.
+    fn device_uses(q: &mut PackedQueue, idx: u16, wrap: bool, id: u16, len: u32) {
+        let off = 16 * usize::from(idx);
+        // SAFETY: descriptor `idx` < SIZE: its length at 8 and id at 12 are inside the ring
+        // memory, aligned (as in `write_packed`); no device runs in these tests.
+        unsafe {
+            let p = q.ring.ptr(off).as_ptr();
+            p.add(8).cast::<u32>().write_volatile(len);
+            p.add(12).cast::<u16>().write_volatile(id);
+        }
+        q.ring
+            .write_u16(off + 14, if wrap { DESC_F_AVAIL | DESC_F_USED } else { 0 });
+    }
+
+    #[test]
+    fn a_broken_queue_refuses_add_and_pop_but_reports_its_state() {
+        for event_idx in [false, true] {
+            let mut q = queue(event_idx);
+            let seg = [Segment::new(0x1000, 64)];
+            for t in 0..3 {
+                q.add(&[], &seg, t).unwrap();
+            }
+            // Chain 0 returned with too long a length: the queue breaks.
+            device_uses(&mut q, 0, true, 0, 65);
+            assert!(matches!(
+                q.pop_used(),
+                Err(Error::UsedLenTooLarge { len: 65, .. })
+            ));
+            assert!(q.is_broken());
+            // The counts as they were at the break, not the hot path's folded ones.
+            assert_eq!((q.num_free(), q.in_flight()), (SIZE - 3, 3));
+            assert!(matches!(
+                q.add(&[], &seg, 9),
+                Err(Error::QueueBroken { .. })
+            ));
+            // A used descriptor at the used position does not get past a broken queue...
+            assert!(matches!(q.pop_used(), Err(Error::QueueBroken { .. })));
+            assert!(matches!(
+                q.drain_used(true, |_| ()),
+                Err(Error::QueueBroken { .. })
+            ));
+            assert!(!q.has_used());
+            // ...and a re-enable still sees it there.
+            assert!(q.enable_interrupts());
+            let mut tokens = Vec::new();
+            q.reclaim_after_reset(|t| tokens.push(t));
+            tokens.sort();
+            assert_eq!(tokens, [0, 1, 2]);
+            assert!(!q.is_broken());
+            assert_eq!((q.num_free(), q.in_flight()), (SIZE, 0));
+            for t in 0..2 * usize::from(SIZE) {
+                q.add(&[], &seg, t).unwrap();
+                let pos = q.next_used;
+                device_uses(&mut q, pos.idx, pos.lap != 0, 0, 64);
+                let used = q.pop_used().unwrap().unwrap();
+                assert_eq!((used.token, used.len), (t, 64));
+            }
+        }
+    }
+
+    #[test]
+    fn a_used_descriptor_with_nothing_in_flight_is_named_so_for_any_id() {
+        for id in [0, 1, SIZE - 1, SIZE, 0xFFFF] {
+            let mut q = queue(false);
+            device_uses(&mut q, 0, true, id, 0);
+            assert!(
+                matches!(
+                    q.pop_used(),
+                    Err(Error::DeviceProtocol {
+                        what: "used descriptor with no chain in flight"
+                    })
+                ),
+                "id {id}"
+            );
+            assert!(q.is_broken());
+        }
+        // With a chain in flight, the id errors themselves.
+        let mut q = queue(false);
+        q.add(&[], &[Segment::new(0x1000, 64)], 7).unwrap();
+        device_uses(&mut q, 0, true, SIZE, 0);
+        assert!(matches!(
+            q.pop_used(),
+            Err(Error::UsedIdOutOfRange { id: 8, .. })
+        ));
+        let mut q = queue(false);
+        q.add(&[], &[Segment::new(0x1000, 64)], 7).unwrap();
+        device_uses(&mut q, 0, true, 1, 0);
+        assert!(matches!(
+            q.pop_used(),
+            Err(Error::UsedIdNotInFlight { id: 1, .. })
+        ));
     }
 }

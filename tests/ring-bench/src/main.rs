@@ -1,15 +1,17 @@
-//! `ring-bench <ours|virtio-drivers> <event-idx|no-event-idx> <rounds>`: runs `rounds`
-//! rounds of "add one 1-descriptor chain, the device completes it, pop it" on one split
-//! ring of [`QUEUE_SIZE`] entries, either ours (`virtio_core::SplitQueue`) or the
-//! `virtio-drivers` crate's `VirtQueue`, with or without EVENT_IDX.
+//! `ring-bench <ours|packed|virtio-drivers> <event-idx|no-event-idx> <rounds>`: runs
+//! `rounds` rounds of "add one 1-descriptor chain, the device completes it, pop it" on one
+//! ring of [`QUEUE_SIZE`] entries: our split ring (`virtio_core::SplitQueue`), our packed
+//! ring (`virtio_core::PackedQueue`) or the `virtio-drivers` crate's split `VirtQueue`,
+//! with or without EVENT_IDX.
 //!
 //! Built in release mode and run under callgrind by `cargo xtask bench ring`, which
 //! collects instructions only inside the `ring_bench_*_add` / `ring_bench_*_pop` functions
 //! (`--toggle-collect`): the driver's side of the ring, not the device's. Each of those is
 //! a thin, never-inlined wrapper whose body is the ring's own `add` or `pop`, so both rings
 //! pay the same call overhead. Ring memory is ordinary heap memory whose address is the
-//! device address (identity "DMA"), and the device side ([`RingDevice`]) is the same
-//! minimal split-ring device code for both.
+//! device address (identity "DMA"), and the device side is the same minimal split-ring
+//! device code for both split rings ([`RingDevice`]), and a minimal packed-ring device
+//! ([`PackedDevice`]) for the packed one.
 
 use std::alloc::{Layout, alloc_zeroed};
 use std::hint::black_box;
@@ -17,10 +19,14 @@ use std::process::ExitCode;
 use std::ptr::NonNull;
 use std::sync::atomic::{Ordering, fence};
 
+use virtio_core::packed::{
+    DESC_F_AVAIL, DESC_F_USED, EVENT_FLAG_DESC, EVENT_FLAG_DISABLE, EVENT_FLAG_ENABLE,
+    PackedRingLayout,
+};
 use virtio_core::platform::DmaRegion;
 use virtio_core::queue::QueueConfig;
-use virtio_core::ring::SplitRingLayout;
-use virtio_core::{RingLayoutKind, Segment, SplitQueue, Used};
+use virtio_core::ring::{DescFlags, SplitRingLayout};
+use virtio_core::{PackedQueue, RingLayoutKind, Segment, SplitQueue, Used};
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
@@ -155,6 +161,267 @@ fn run_ours(event_idx: bool, rounds: u64) -> Result<(), String> {
                 used.token, used.len
             ));
         }
+    }
+    Ok(())
+}
+
+// ---- ours, packed ----
+
+/// A position of a packed ring and the wrap counter that goes with it (§2.8.1).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+struct RingPos {
+    idx: u16,
+    wrap: bool,
+}
+
+impl RingPos {
+    /// `n` positions further on a ring of `size` (n <= size).
+    fn advance(self, n: u16, size: u16) -> RingPos {
+        let idx = u32::from(self.idx) + u32::from(n);
+        if idx >= u32::from(size) {
+            RingPos {
+                idx: (idx - u32::from(size)) as u16,
+                wrap: !self.wrap,
+            }
+        } else {
+            RingPos {
+                idx: idx as u16,
+                wrap: self.wrap,
+            }
+        }
+    }
+}
+
+/// The device side of a packed ring (virtio 1.2 §2.8.21, device side), just enough to
+/// complete chains in order: reads the descriptors made available in its lap (AVAIL equal
+/// to its wrap counter, USED not), writes one used descriptor per chain (the chain's buffer
+/// id, the bytes written, AVAIL and USED both equal to its used wrap counter, flags last),
+/// and decides whether it would interrupt from the driver event suppression structure
+/// (§2.8.10). Addresses are host pointers.
+struct PackedDevice {
+    /// Descriptor ring.
+    desc: *mut u8,
+    /// Driver event suppression structure (`off_wrap`, `flags`), which the driver writes.
+    driver_event: *const u8,
+    size: u16,
+    next_avail: RingPos,
+    next_used: RingPos,
+    /// Interrupts the device would have sent.
+    interrupts: u64,
+}
+
+impl PackedDevice {
+    fn new(desc: *mut u8, driver_event: *const u8, size: u16) -> Self {
+        let start = RingPos { idx: 0, wrap: true };
+        PackedDevice {
+            desc,
+            driver_event,
+            size,
+            next_avail: start,
+            next_used: start,
+            interrupts: 0,
+        }
+    }
+
+    /// Completes every chain made available since the last call, each with
+    /// [`WRITTEN_LEN`] bytes written (at most its writable bytes). Returns how many.
+    fn complete_all(&mut self) -> u16 {
+        let mut completed = 0;
+        let batch_start = self.next_used;
+        // SAFETY: `desc` is the descriptor ring of a live packed ring of `size` entries (the
+        // queue under test owns it and is not dropped while the device runs); every
+        // position read or written is < size, 16 bytes at 16 * position.
+        unsafe {
+            loop {
+                let head = self.next_avail;
+                let flags = self.read_flags(head.idx);
+                let avail = flags & DESC_F_AVAIL != 0;
+                let used = flags & DESC_F_USED != 0;
+                if avail != head.wrap || used == head.wrap {
+                    break;
+                }
+                // §2.8.21.1: the flags before the rest of the descriptor.
+                fence(Ordering::Acquire);
+                // The chain: NEXT links positions in order, its buffer id in its last
+                // descriptor (§2.8.6); the writable bytes bound what the device may report.
+                let mut pos = head;
+                let mut descs = 0u16;
+                let mut writable = 0u32;
+                let id = loop {
+                    assert!(descs < self.size, "a chain longer than the ring");
+                    let d = self.desc.add(16 * usize::from(pos.idx));
+                    let flags = d.add(14).cast::<u16>().read_volatile();
+                    assert!(
+                        flags & DescFlags::INDIRECT.bits() == 0,
+                        "the bench posts no indirect chains"
+                    );
+                    if flags & DescFlags::WRITE.bits() != 0 {
+                        writable += d.add(8).cast::<u32>().read_volatile();
+                    }
+                    descs += 1;
+                    pos = pos.advance(1, self.size);
+                    if flags & DescFlags::NEXT.bits() == 0 {
+                        break d.add(12).cast::<u16>().read_volatile();
+                    }
+                };
+                self.next_avail = pos;
+                // §2.8.21.2: id and length, then (after a write barrier) the flags that make
+                // the used descriptor visible, in the device's used lap.
+                let u = self.desc.add(16 * usize::from(self.next_used.idx));
+                u.add(8)
+                    .cast::<u32>()
+                    .write_volatile(WRITTEN_LEN.min(writable));
+                u.add(12).cast::<u16>().write_volatile(id);
+                fence(Ordering::Release);
+                let used_flags = if self.next_used.wrap {
+                    DESC_F_AVAIL | DESC_F_USED
+                } else {
+                    0
+                };
+                u.add(14).cast::<u16>().write_volatile(used_flags);
+                self.next_used = self.next_used.advance(descs, self.size);
+                completed += 1;
+            }
+        }
+        if completed != 0 && self.wants_interrupt(batch_start) {
+            self.interrupts += 1;
+        }
+        completed
+    }
+
+    /// The descriptor flags at position `idx` (< size).
+    ///
+    /// # Safety
+    /// As in `complete_all`.
+    unsafe fn read_flags(&self, idx: u16) -> u16 {
+        // SAFETY: the caller's (idx < size: inside the ring).
+        unsafe {
+            self.desc
+                .add(16 * usize::from(idx) + 14)
+                .cast::<u16>()
+                .read_volatile()
+        }
+    }
+
+    /// Whether the driver event suppression structure asks for an interrupt after the used
+    /// descriptors written from `old` to `self.next_used` (§2.8.10): ENABLE always, DISABLE
+    /// never, DESC when the position it names (in the lap its wrap bit names) was written.
+    fn wants_interrupt(&self, old: RingPos) -> bool {
+        // §2.8.21.2: the used flags before the driver's event structure (store→load).
+        fence(Ordering::SeqCst);
+        // SAFETY: the 4-aligned driver event structure of the live ring (see `new`'s caller).
+        let (off_wrap, flags) = unsafe {
+            (
+                self.driver_event.cast::<u16>().read_volatile(),
+                self.driver_event.add(2).cast::<u16>().read_volatile(),
+            )
+        };
+        match flags {
+            EVENT_FLAG_ENABLE => true,
+            EVENT_FLAG_DISABLE => false,
+            EVENT_FLAG_DESC => {
+                let size = i32::from(self.size);
+                // Positions counted from `old`'s lap: the event is in that lap, the next one
+                // (a smaller index in the other lap) or the previous one.
+                let (event_idx, event_wrap) = (off_wrap & 0x7fff, off_wrap & 0x8000 != 0);
+                let event = i32::from(event_idx)
+                    + if event_wrap == old.wrap {
+                        0
+                    } else if event_idx < old.idx {
+                        size
+                    } else {
+                        -size
+                    };
+                let new = i32::from(self.next_used.idx)
+                    + if self.next_used.wrap == old.wrap {
+                        0
+                    } else {
+                        size
+                    };
+                (i32::from(old.idx)..new).contains(&event)
+            }
+            other => panic!("driver event flags {other:#x}"),
+        }
+    }
+}
+
+/// Measured: our packed ring's `add` of one device-writable segment.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn ring_bench_packed_add(
+    queue: &mut PackedQueue,
+    writable: &[Segment],
+    token: usize,
+) -> virtio_core::Result<()> {
+    queue.add(&[], writable, token)
+}
+
+/// Measured: our packed ring's `pop_used`.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub fn ring_bench_packed_pop(queue: &mut PackedQueue) -> virtio_core::Result<Option<Used>> {
+    queue.pop_used()
+}
+
+fn run_packed(event_idx: bool, rounds: u64) -> Result<(), String> {
+    let layout = PackedRingLayout::new(QUEUE_SIZE).ok_or("packed ring layout")?;
+    let memory = zeroed_pages(layout.total);
+    let ring = DmaRegion {
+        vaddr: memory,
+        daddr: memory.as_ptr() as u64,
+        len: layout.total,
+    };
+    let config = QueueConfig {
+        size: QUEUE_SIZE,
+        max_indirect: 0,
+        event_idx,
+        ignore_used_len: false,
+    };
+    let mut queue =
+        PackedQueue::new(0, layout, ring, None, config).map_err(|e| format!("PackedQueue: {e}"))?;
+    // As a driver does once its queue is set up: interrupts on, and with EVENT_IDX the
+    // driver event structure naming the next used position (DESC), which every pop then
+    // moves on. Nothing is used yet.
+    if queue.enable_interrupts() {
+        return Err("enable_interrupts: used descriptors before any add".into());
+    }
+    let addresses = queue.addresses();
+    let mut device = PackedDevice::new(
+        addresses.desc as *mut u8,
+        addresses.driver as *const u8,
+        QUEUE_SIZE,
+    );
+    let buffer = zeroed_pages(BUFFER_LEN);
+    let segment = [Segment::new(buffer.as_ptr() as u64, BUFFER_LEN as u32)];
+    for round in 0..rounds {
+        let token = (round % 1000) as usize;
+        ring_bench_packed_add(black_box(&mut queue), black_box(&segment), token)
+            .map_err(|e| format!("add: {e}"))?;
+        if device.complete_all() != 1 {
+            return Err(format!(
+                "round {round}: the device found no chain available"
+            ));
+        }
+        let used = ring_bench_packed_pop(black_box(&mut queue))
+            .map_err(|e| format!("pop: {e}"))?
+            .ok_or("pop: nothing used")?;
+        if (used.token, used.len) != (token, WRITTEN_LEN) {
+            return Err(format!(
+                "pop: token {} len {}, expected {token} and {WRITTEN_LEN}",
+                used.token, used.len
+            ));
+        }
+    }
+    // Every completion crossed the driver's interrupt point (EVENT_IDX: each pop names the
+    // next used position) or found interrupts enabled.
+    if device.interrupts != rounds {
+        return Err(format!(
+            "the device would have interrupted {} times in {rounds} rounds",
+            device.interrupts
+        ));
+    }
+    if queue.stats().completions != rounds || queue.in_flight() != 0 {
+        return Err("packed queue statistics out of step".into());
     }
     Ok(())
 }
@@ -304,7 +571,7 @@ fn run_virtio_drivers(event_idx: bool, rounds: u64) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: ring-bench <ours|virtio-drivers> <event-idx|no-event-idx> <rounds>";
+    let usage = "usage: ring-bench <ours|packed|virtio-drivers> <event-idx|no-event-idx> <rounds>";
     let (Some(ring), Some(events), Some(rounds)) = (args.first(), args.get(1), args.get(2)) else {
         eprintln!("{usage}");
         return ExitCode::from(2);
@@ -323,6 +590,7 @@ fn main() -> ExitCode {
     };
     let result = match ring.as_str() {
         "ours" => run_ours(event_idx, rounds),
+        "packed" => run_packed(event_idx, rounds),
         "virtio-drivers" => run_virtio_drivers(event_idx, rounds),
         _ => Err(usage.to_string()),
     };

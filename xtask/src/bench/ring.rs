@@ -1,6 +1,8 @@
 //! `cargo xtask bench ring [--rounds N]`: instructions per add + pop of a 1-descriptor
-//! chain on our split ring (`virtio_core::SplitQueue`) and on the `virtio-drivers` crate's
-//! `VirtQueue`, in-process, release build, counted by valgrind's callgrind.
+//! chain on our split ring (`virtio_core::SplitQueue`), on our packed ring
+//! (`virtio_core::PackedQueue`) and on the `virtio-drivers` crate's `VirtQueue`,
+//! in-process, release build, counted by valgrind's callgrind. The targets compare our
+//! split ring with virtio-drivers; packed against split is printed for information.
 //!
 //! The program is `tests/ring-bench` (one ring, one configuration per process). Callgrind
 //! collects only inside its `ring_bench_<ring>_add` or `_pop` wrapper (`--toggle-collect`),
@@ -22,11 +24,16 @@ struct Ring {
     symbol_prefix: &'static str,
 }
 
-const RINGS: [Ring; 2] = [
+const RINGS: [Ring; 3] = [
     Ring {
         name: "ours (virtio-core SplitQueue)",
         arg: "ours",
         symbol_prefix: "ring_bench_ours",
+    },
+    Ring {
+        name: "ours (virtio-core packed)",
+        arg: "packed",
+        symbol_prefix: "ring_bench_packed",
     },
     Ring {
         name: "virtio-drivers 0.13 VirtQueue",
@@ -218,7 +225,8 @@ pub fn cmd(rounds: u64) -> Result<bool, String> {
     println!(
         "\nsplit ring, driver side: one add + pop of a 1-descriptor chain (one 4 KiB \
          device-writable buffer), queue size 256, release build, in-process on the host \
-         (x86_64); instructions counted by callgrind inside add and pop only, per round\n"
+         (x86_64); instructions counted by callgrind inside add and pop only, per round \
+         (our packed ring, the same chain on a packed ring of 256 entries, in its own row)\n"
     );
     println!("| ring                          | EVENT_IDX |   add |   pop | add + pop |");
     println!("|-------------------------------|-----------|------:|------:|----------:|");
@@ -262,6 +270,28 @@ pub fn cmd(rounds: u64) -> Result<bool, String> {
             bound: 1.5,
             at_most: false,
         });
+    }
+    println!(
+        "\nours, packed / split, add + pop (information, not a target; above 1: the packed \
+         ring executes more instructions)\n"
+    );
+    for event_idx in [true, false] {
+        let find = |arg: &str| {
+            costs
+                .iter()
+                .find(|(r, e, _)| r.arg == arg && *e == event_idx)
+                .map(|(_, _, c)| c.both())
+        };
+        let (Some(split), Some(packed)) = (find("ours"), find("packed")) else {
+            ok = false;
+            continue;
+        };
+        ok &= packed > 0.0;
+        println!(
+            "  {:15} {} ({packed:.0} / {split:.0})",
+            format!("EVENT_IDX {}:", if event_idx { "on" } else { "off" }),
+            super::ratio(packed, split)
+        );
     }
     let targets = super::targets::report("ratios of callgrind's counts", &targets);
     println!(
