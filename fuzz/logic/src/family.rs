@@ -59,7 +59,11 @@ unsafe extern "C" fn on_reclaim(ctx: *mut c_void, queue: u16, token: usize) {
 /// and the final accounting of DMA bytes would not hold). The tokens come back either way.
 fn reset_acknowledged(s: VkStatus) {
     check_status(s, "reset");
-    assert_eq!(s.code, VK_OK, "vfam_reset of a device that resets returned {}", s.code);
+    assert_eq!(
+        s.code, VK_OK,
+        "vfam_reset of a device that resets returned {}",
+        s.code
+    );
 }
 
 fn check_status(s: VkStatus, what: &str) -> bool {
