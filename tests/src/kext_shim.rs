@@ -309,7 +309,7 @@ crate::c_abi! {
         fn vfam_identify(u16, u16, u16) -> u32;
         fn vfam_type_deferred(u32, *const std::ffi::c_char) -> bool;
         fn vfam_device_create(*const VfamPlatform, u32, *mut *mut VfamDevice) -> VkStatus;
-        fn vfam_device_destroy(*mut VfamDevice);
+        fn vfam_device_destroy(*mut VfamDevice) -> VkStatus;
         fn vfam_transport_kind(*mut VfamDevice) -> u32;
         fn vfam_deliver_interrupt(*mut VfamDevice, i32);
         fn vfam_log_init();
@@ -380,7 +380,8 @@ pub struct ShimState {
     pub bars: SimBars,
     pub mem: IdentityMemory,
     pub irq: Mutex<SimIrq>,
-    pub live_dma: Mutex<Vec<u64>>,
+    /// Regions allocated through `dma_alloc` and not freed (the shim's `fDmaBuffers`).
+    pub live_dma: Mutex<Vec<VkDmaRegion>>,
     /// The function, to tell whether its device may still use memory when a region is
     /// freed ([`Sim::may_dma`]).
     pub sim: Sim,
@@ -450,15 +451,14 @@ unsafe extern "C" fn dma_alloc(
     let s = st(ctx);
     match s.mem.alloc_coherent(len as usize, align as usize) {
         Ok(r) => {
-            s.live_dma.lock().unwrap().push(r.daddr);
-            // SAFETY: out-pointer from the Rust side.
-            unsafe {
-                *out = VkDmaRegion {
-                    vaddr: r.vaddr.as_ptr(),
-                    daddr: r.daddr,
-                    len: r.len as u64,
-                }
+            let region = VkDmaRegion {
+                vaddr: r.vaddr.as_ptr(),
+                daddr: r.daddr,
+                len: r.len as u64,
             };
+            s.live_dma.lock().unwrap().push(region);
+            // SAFETY: out-pointer from the Rust side.
+            unsafe { *out = region };
             true
         }
         Err(_) => false,
@@ -468,16 +468,24 @@ unsafe extern "C" fn dma_free(ctx: *mut c_void, r: *const VkDmaRegion) {
     let s = st(ctx);
     // SAFETY: pointer from the Rust side.
     let r = unsafe { *r };
-    if s.sim.may_dma() {
-        *s.freed_while_live.lock().unwrap() += 1;
-    }
     let mut live = s.live_dma.lock().unwrap();
     let i = live
         .iter()
-        .position(|&d| d == r.daddr)
+        .position(|d| d.daddr == r.daddr)
         .expect("dma_free of a region the shim never allocated (or freed twice)");
     live.swap_remove(i);
-    // SAFETY: the family frees regions only after the device is reset.
+    drop(live);
+    release(s, r);
+}
+
+/// Gives a region back to memory, as releasing its `IOBufferMemoryDescriptor` does; one
+/// freed while the device could still use memory is counted (`freed_while_live`).
+fn release(s: &ShimState, r: VkDmaRegion) {
+    if s.sim.may_dma() {
+        *s.freed_while_live.lock().unwrap() += 1;
+    }
+    // SAFETY: a region of `s.mem` the shim allocated and no longer lists; whether the
+    // device was done with it is what `freed_while_live` records.
     unsafe {
         s.mem.free_coherent(DmaRegion {
             vaddr: NonNull::new(r.vaddr).unwrap(),
@@ -516,6 +524,20 @@ unsafe extern "C" fn irq_intx(ctx: *mut c_void) -> bool {
 }
 unsafe extern "C" fn irq_disable(ctx: *mut c_void) {
     st(ctx).irq.lock().unwrap().disable()
+}
+
+/// What the shim's `stop` (`releaseResources`) did: `vfam_device_destroy`'s status, and
+/// what became of the DMA buffers still allocated after it (regions neither the family nor
+/// its clients freed).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Stopped {
+    pub status: VkStatus,
+    /// Released by the shim (the status was VK_OK: the device is quiet).
+    pub released: usize,
+    /// Deliberately leaked by the shim (any other status: the device may still use them).
+    pub kept: usize,
+    /// [`Family::freed_while_live`] once stopped: the shim's releases included.
+    pub freed_while_live: usize,
 }
 
 /// The family driver's side of one PCI function: shim state + the Rust device handle.
@@ -613,22 +635,43 @@ impl Family {
         *self.state.freed_while_live.lock().unwrap()
     }
 
-    /// `stop` of a device that may still use memory: destroys it and returns how many DMA
-    /// regions stay allocated (kept from a device that would not reset and whose DMA
-    /// could not be stopped), without the leak checks of [`Family::stop`].
-    pub fn stop_keeping(self) -> usize {
+    /// The shim's `stop` (`releaseResources` with `destroyGated`): destroys the device,
+    /// then, if `vfam_device_destroy` reported VK_OK, releases every DMA buffer still in its
+    /// list (`fDmaBuffers`); on any other status it deliberately leaks them all (the device
+    /// may still read and write them). No leak checks (see [`Family::stop`]).
+    pub fn stop_keeping(self) -> Stopped {
         // SAFETY: the handle came from vfam_device_create and is not used again.
-        unsafe { (self.kext.shim.vfam_device_destroy)(self.dev) };
-        self.live_dma()
+        let status = unsafe { (self.kext.shim.vfam_device_destroy)(self.dev) };
+        let left = std::mem::take(&mut *self.state.live_dma.lock().unwrap());
+        let (released, kept) = if status.is_ok() {
+            for r in &left {
+                release(&self.state, *r);
+            }
+            (left.len(), 0)
+        } else {
+            // Deliberately leaked, as the shim's `leakDmaMemory` does.
+            (0, left.len())
+        };
+        Stopped {
+            status,
+            released,
+            kept,
+            freed_while_live: self.freed_while_live(),
+        }
     }
 
-    /// `stop`: destroys the device; every DMA region must be back, and (loaded kexts) every
-    /// kernel allocation: the family stops after its clients.
+    /// `stop` of a device that reset: the family and its clients gave every DMA region back
+    /// themselves (nothing left for the shim to release), and (loaded kexts) every kernel
+    /// allocation is back: the family stops after its clients.
     pub fn stop(self) {
-        // SAFETY: the handle came from vfam_device_create and is not used again.
-        unsafe { (self.kext.shim.vfam_device_destroy)(self.dev) };
-        assert_eq!(self.live_dma(), 0, "DMA regions leaked past stop");
-        if self.kext.bundle.is_some() {
+        let bundle = self.kext.bundle.is_some();
+        let s = self.stop_keeping();
+        assert_eq!(
+            (s.status, s.released, s.kept),
+            (VkStatus::OK, 0, 0),
+            "DMA regions leaked past stop"
+        );
+        if bundle {
             kernel::assert_no_leaks();
         }
     }

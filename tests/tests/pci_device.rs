@@ -2,8 +2,11 @@
 //! function, in all three modes: initialisation order, interrupt-vector fallback, config
 //! access at the right legacy offset, and a request round trip served by `virtio-queue`.
 
+use std::cell::Cell;
+use std::rc::Rc;
+
 use virtio_blk::{BlkDriver, BlkOptions};
-use virtio_core::platform::{Dma, InterruptMode};
+use virtio_core::platform::{Dma, InterruptMode, PciConfigSpace};
 use virtio_core::transport::{NO_VECTOR, Transport};
 use virtio_core::{Bus, DeviceStatus, Error, Features, QueueSpec, Segment, VirtioDevice};
 use virtio_fs::{FsDriver, FsOptions};
@@ -291,31 +294,68 @@ fn rings_are_freed_only_after_a_reset() {
 
 /// A device that will not reset, on a function where bus mastering cannot be switched off,
 /// keeps its rings: `reset` is Err(ResetTimeout) and leaves them allocated (the device may
-/// still write to them) instead of freeing memory that would be handed to others.
+/// still write to them) instead of freeing memory that would be handed to others. Nor are
+/// they written: the tokens in flight come back, but the ring stays as the device last saw
+/// it (no zeroing under a live device), split and packed: the device still finds the chain.
 #[test]
 fn a_device_that_will_not_reset_keeps_its_rings() {
-    for (mode, pref) in MODES {
-        let s = sim(mode, None);
-        let mem = s.memory();
-        let before = mem.free_bytes();
-        let t = probe(s.config_space(), s.bars(), pref).unwrap();
-        let mut d = VirtioDevice::new(t, FreedOnlyWhenQuiet::new(&s), s.irq());
-        bring_up_any(&mut d);
-        let with_rings = mem.free_bytes();
-        assert!(with_rings < before);
-        s.refuse_reset(true);
-        s.stick_bus_master(true);
-        assert_eq!(d.reset(&mut |_, _| {}), Err(Error::ResetTimeout));
-        assert!(!d.dma_stopped());
-        assert_eq!(
-            mem.free_bytes(),
-            with_rings,
-            "{mode:?}: the rings stay allocated"
-        );
-        assert_eq!(d.negotiate_features(DRIVER), Err(Error::ResetTimeout));
-        drop(d);
-        assert_eq!(mem.free_bytes(), with_rings);
+    let mut packed_runs = 0;
+    for packed in [false, true] {
+        for (mode, pref) in MODES {
+            let offered = if packed {
+                OFFERED | virtio_tests::sim::F_RING_PACKED
+            } else {
+                OFFERED
+            };
+            let s = SimBuilder::new(mode, 1)
+                .features(offered)
+                .queues(&[256, 256, 64])
+                .device_config(&MAC)
+                .build();
+            let what = format!("{mode:?}, packed {packed}");
+            let mem = s.memory();
+            let buf = mem.alloc_coherent(64, 8).unwrap();
+            let before = mem.free_bytes();
+            let t = probe(s.config_space(), s.bars(), pref).unwrap();
+            let mut d = VirtioDevice::new(t, FreedOnlyWhenQuiet::new(&s), s.irq());
+            bring_up_any(&mut d);
+            // A legacy interface cannot negotiate RING_PACKED (bit 34).
+            let packed_ring = d.features().contains(Features::RING_PACKED);
+            assert_eq!(
+                packed_ring,
+                packed && d.transport().kind() == TransportKind::Modern,
+                "{what}"
+            );
+            packed_runs += usize::from(packed_ring);
+            let with_rings = mem.free_bytes();
+            assert!(with_rings < before);
+            d.add(0, &[], &[Segment::new(buf.daddr, 64)], 7).unwrap();
+            d.kick(0).unwrap();
+            s.refuse_reset(true);
+            s.stick_bus_master(true);
+            let mut back = Vec::new();
+            assert_eq!(
+                d.reset(&mut |q, t| back.push((q, t))),
+                Err(Error::ResetTimeout)
+            );
+            assert_eq!(back, [(0, 7)], "{what}: the token comes back");
+            assert!(!d.dma_stopped());
+            assert_eq!(
+                mem.free_bytes(),
+                with_rings,
+                "{what}: the rings stay allocated"
+            );
+            assert_eq!(
+                s.pop_chains(0).len(),
+                1,
+                "{what}: the ring was left as the device had it"
+            );
+            assert_eq!(d.negotiate_features(DRIVER), Err(Error::ResetTimeout));
+            drop(d);
+            assert_eq!(mem.free_bytes(), with_rings);
+        }
     }
+    assert!(packed_runs > 0, "the packed ring was tested");
 }
 
 fn bring_up_any<T: Transport, D: Dma, I: virtio_core::platform::InterruptPlatform>(
@@ -379,6 +419,85 @@ fn a_device_that_will_not_reset_has_its_dma_stopped() {
             "{mode:?}: {:?}",
             s.bad_accesses()
         );
+    }
+}
+
+/// The function's config space, where Bus Master Enable (command register bit 2) can be
+/// cleared but, while `refuse_set`, not set again: writes setting it are dropped.
+struct BusMasterRefused {
+    cfg: SimConfig,
+    refuse_set: Rc<Cell<bool>>,
+}
+
+impl BusMasterRefused {
+    fn filter(&self, offset: u16, value: u32) -> u32 {
+        if self.refuse_set.get() && offset == 0x04 {
+            value & !0x04
+        } else {
+            value
+        }
+    }
+}
+
+impl PciConfigSpace for BusMasterRefused {
+    fn read8(&self, offset: u16) -> u8 {
+        self.cfg.read8(offset)
+    }
+    fn read16(&self, offset: u16) -> u16 {
+        self.cfg.read16(offset)
+    }
+    fn read32(&self, offset: u16) -> u32 {
+        self.cfg.read32(offset)
+    }
+    fn write8(&self, offset: u16, value: u8) {
+        self.cfg
+            .write8(offset, self.filter(offset, value.into()) as u8)
+    }
+    fn write16(&self, offset: u16, value: u16) {
+        self.cfg
+            .write16(offset, self.filter(offset, value.into()) as u16)
+    }
+    fn write32(&self, offset: u16, value: u32) {
+        self.cfg.write32(offset, self.filter(offset, value))
+    }
+}
+
+/// A device whose DMA was stopped (it would not reset) and whose bus mastering then cannot
+/// be turned back on: its next reset is acknowledged, but the initialisation fails
+/// (Err(ResetTimeout)) with DMA still stopped, instead of running queues the device cannot
+/// reach. `reset` stays Ok (the device is quiet). Once bus mastering sticks, it works.
+#[test]
+fn bus_mastering_that_will_not_come_back_fails_the_initialisation() {
+    for (mode, pref) in MODES {
+        let s = sim(mode, Some(4));
+        let refuse_set = Rc::new(Cell::new(false));
+        let cfg = BusMasterRefused {
+            cfg: s.config_space(),
+            refuse_set: refuse_set.clone(),
+        };
+        let t = probe(cfg, s.bars(), pref).unwrap();
+        let mut d = VirtioDevice::new(t, FreedOnlyWhenQuiet::new(&s), s.irq());
+        bring_up_any(&mut d);
+        s.refuse_reset(true);
+        assert_eq!(d.reset(&mut |_, _| {}), Ok(()), "{mode:?}");
+        assert!(d.dma_stopped());
+        assert!(!s.bus_master());
+        s.refuse_reset(false);
+        refuse_set.set(true);
+        assert_eq!(
+            d.negotiate_features(DRIVER),
+            Err(Error::ResetTimeout),
+            "{mode:?}: bus mastering did not come back"
+        );
+        assert!(d.dma_stopped(), "{mode:?}: DMA stays stopped");
+        assert!(!s.bus_master());
+        assert_eq!(d.reset(&mut |_, _| {}), Ok(()), "{mode:?}: quiet");
+        assert!(d.dma_stopped());
+        refuse_set.set(false);
+        bring_up_any(&mut d);
+        assert!(s.bus_master(), "{mode:?}: bus mastering back on");
+        assert!(!d.dma_stopped());
+        assert_eq!(d.reset(&mut |_, _| {}), Ok(()));
     }
 }
 

@@ -146,13 +146,24 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
     /// Writes 0 and waits until the device reads back 0 (§2.1.2, §4.1.4.3.2). A device
     /// whose DMA was stopped gets it back here, once the reset is acknowledged: reset, it
     /// uses no driver memory until its queues are set up again (§2.1.2, §3.1.1), and it
-    /// needs bus mastering for them.
+    /// needs bus mastering for them. Err(ResetTimeout) when the device did not reset, or
+    /// when its DMA could not be turned back on (then it stays stopped: the device is
+    /// quiet, but unusable).
     fn reset_device(&mut self) -> Result<()> {
         self.transport.set_status(DeviceStatus::empty());
         for _ in 0..RESET_POLLS {
             if self.transport.status().is_empty() {
                 if self.dma_stopped {
-                    self.transport.restart_dma();
+                    if !self.transport.restart_dma() {
+                        // Without bus mastering the device cannot run its queues: fail the
+                        // initialisation now rather than hang on requests that never
+                        // complete. DMA stays stopped (the device stays quiet).
+                        log::error!(
+                            "virtio {}: the device reset but its DMA cannot be turned back on",
+                            self.transport.device_type().name()
+                        );
+                        return Err(Error::ResetTimeout);
+                    }
                     self.dma_stopped = false;
                 }
                 return Ok(());
@@ -216,7 +227,13 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
         for slot in self.queues.drain(..).flatten() {
             let mut q = slot.queue;
             let index = q.index();
-            q.reclaim_after_reset(|t| reclaim(index, t));
+            // A device that is not quiet may still read and write the ring: its tokens come
+            // back without the ring being touched (no zeroing), and it is leaked below.
+            match (&mut q, device_quiet) {
+                (q, true) => q.reclaim_after_reset(|t| reclaim(index, t)),
+                (Virtqueue::Split(q), false) => q.reclaim_abandoned(|t| reclaim(index, t)),
+                (Virtqueue::Packed(q), false) => q.reclaim_abandoned(|t| reclaim(index, t)),
+            }
             let slot = usize::from(index);
             if self.retired_stats.len() <= slot {
                 self.retired_stats.resize(slot + 1, QueueStats::default());

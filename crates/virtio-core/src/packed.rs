@@ -855,7 +855,9 @@ impl PackedQueue {
     }
 
     /// After a device or queue reset: hands every in-flight token to `f` and returns the
-    /// queue to its initial state. Not an I/O path.
+    /// queue to its initial state (its ring zeroed). Only once the device no longer uses the
+    /// ring (reset acknowledged, or its DMA stopped); otherwise
+    /// [`PackedQueue::reclaim_abandoned`]. Not an I/O path.
     pub fn reclaim_after_reset(&mut self, mut f: impl FnMut(usize)) {
         let size = self.layout.size;
         for state in self.ids.iter().take(usize::from(size)) {
@@ -876,10 +878,31 @@ impl PackedQueue {
         self.reset_memory();
     }
 
+    /// After a reset the device did not acknowledge and whose DMA could not be stopped:
+    /// hands every in-flight token to `f` (each once) without touching the ring, which the
+    /// device may still read and write. The queue is broken afterwards (it refuses every
+    /// chain and pops nothing) and its memory must be leaked, never reused (see
+    /// `Bus::reset`). Not an I/O path.
+    pub fn reclaim_abandoned(&mut self, mut f: impl FnMut(usize)) {
+        let size = usize::from(self.layout.size);
+        for state in self.ids.iter_mut().take(size) {
+            if state.descs != 0 {
+                f(state.token);
+                state.descs = 0;
+            }
+        }
+        self.in_flight = 0;
+        self.free_when_broken = 0;
+        self.num_free = 0;
+        self.next_used.lap |= BROKEN_LAP;
+        self.broken = true;
+    }
+
     /// Zeroes the ring: no descriptor available or used in either lap (flags 0 are neither,
     /// with both wrap counters starting at 1), both event structures ENABLE.
     fn reset_memory(&mut self) {
-        // The device does not use the ring here (before setup, or after a reset).
+        // The device does not use the ring here (before setup, or after a reset it
+        // acknowledged or with its DMA stopped: `reclaim_after_reset`'s contract).
         self.ring.zero();
     }
 

@@ -892,7 +892,9 @@ impl SplitQueue {
     }
 
     /// After a device or queue reset: hands every in-flight token to `f` so the caller can
-    /// release its buffers, and returns the queue to its initial state. Not an I/O path.
+    /// release its buffers, and returns the queue to its initial state (its ring zeroed).
+    /// Only once the device no longer uses the ring (reset acknowledged, or its DMA
+    /// stopped); otherwise [`SplitQueue::reclaim_abandoned`]. Not an I/O path.
     pub fn reclaim_after_reset(&mut self, mut f: impl FnMut(usize)) {
         let size = self.layout.size;
         for (i, entry) in self.entries.iter_mut().enumerate() {
@@ -913,8 +915,26 @@ impl SplitQueue {
         self.interrupts_enabled = true;
         self.track_used_event = self.event_idx;
         self.broken = false;
-        // The device no longer uses the ring after a reset: zeroed, it is as new.
+        // SAFETY of the zeroing (callers' contract above): the device was reset (or its DMA
+        // stopped), so it no longer reads or writes the ring: zeroed, it is as new.
         self.ring.zero();
+    }
+
+    /// After a reset the device did not acknowledge and whose DMA could not be stopped:
+    /// hands every in-flight token to `f` (each once) without touching the ring, which the
+    /// device may still read and write. The queue is broken afterwards (it refuses every
+    /// chain) and its memory must be leaked, never reused (see `Bus::reset`). Not an I/O
+    /// path.
+    pub fn reclaim_abandoned(&mut self, mut f: impl FnMut(usize)) {
+        for entry in self.entries.iter_mut() {
+            if entry.descs != 0 {
+                f(entry.token);
+                entry.descs = 0;
+            }
+        }
+        self.free_when_broken = 0;
+        self.num_free = 0;
+        self.broken = true;
     }
 
     // Driver-private per-descriptor state. `entries` has exactly `size` elements (built in

@@ -67,12 +67,14 @@ impl RingMemory {
         }
     }
 
-    /// Zeroes the layout's bytes (before setup, or after a reset: the device does not use
-    /// the ring then).
+    /// Zeroes the layout's bytes (plain, non-volatile writes). Only while the device does
+    /// not use the ring: before setup, or after a reset it acknowledged or with its DMA
+    /// stopped — never after a reset that failed (`reclaim_abandoned` leaves the ring as
+    /// it is then).
     pub(crate) fn zero(&mut self) {
         if let Some(p) = self.region.ptr_at(0, self.len) {
-            // SAFETY: inside the allocation (checked by `ptr_at`); the device does not
-            // access the ring when this runs (callers' contract above).
+            // SAFETY: inside the allocation (checked by `ptr_at`); no concurrent device
+            // access, so plain writes do not race: the callers' contract above.
             unsafe { core::ptr::write_bytes(p.as_ptr(), 0, self.len) };
         }
     }

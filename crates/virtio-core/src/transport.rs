@@ -106,7 +106,12 @@ pub trait Transport {
         false
     }
     /// Undoes [`Transport::stop_dma`] once the device has acknowledged a reset (status read
-    /// back 0, so it uses no driver memory until it is set up again, §2.1.2). Default:
-    /// nothing (a transport without the switch never stopped anything).
-    fn restart_dma(&mut self) {}
+    /// back 0, so it uses no driver memory until it is set up again, §2.1.2). True when the
+    /// device can use memory again (PCI: Bus Master Enable read back set); false when the
+    /// switch did not take, and the device cannot run its queues. Default: true (a
+    /// transport without the switch never stopped anything).
+    #[must_use]
+    fn restart_dma(&mut self) -> bool {
+        true
+    }
 }

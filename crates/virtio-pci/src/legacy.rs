@@ -356,8 +356,9 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for LegacyTransport<C, B> {
     fn stop_dma(&mut self) -> bool {
         crate::caps::set_bus_master(&self.config, false)
     }
-    fn restart_dma(&mut self) {
-        crate::restart_bus_master(&self.config);
+    /// Bus Master Enable on, read back ([`crate::restart_bus_master`]).
+    fn restart_dma(&mut self) -> bool {
+        crate::restart_bus_master(&self.config)
     }
 }
 

@@ -58,13 +58,16 @@ pub(crate) fn check_config_access(offset: u32, width: u32, len: u32) -> Result<(
     Ok(())
 }
 
-/// Sets Bus Master Enable again after a reset the device acknowledged ([`Transport::restart_dma`]);
-/// a function where it does not stick cannot run its queues, which the driver then finds
-/// out from requests that never complete (logged here, not an error: nothing is unsafe).
-pub(crate) fn restart_bus_master(config: &impl PciConfigSpace) {
-    if !caps::set_bus_master(config, true) {
+/// Sets Bus Master Enable again after a reset the device acknowledged
+/// ([`Transport::restart_dma`]). False when it does not read back set: the function cannot
+/// run its queues, so the caller fails the initialisation instead of waiting for requests
+/// that would never complete.
+pub(crate) fn restart_bus_master(config: &impl PciConfigSpace) -> bool {
+    let on = caps::set_bus_master(config, true);
+    if !on {
         log::warn!("virtio-pci: Bus Master Enable did not read back set");
     }
+    on
 }
 
 /// Which interface the platform wants when a function offers both.
@@ -345,7 +348,7 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for PciTransport<C, B> {
     fn stop_dma(&mut self) -> bool {
         delegate!(self, t => t.stop_dma())
     }
-    fn restart_dma(&mut self) {
+    fn restart_dma(&mut self) -> bool {
         delegate!(self, t => t.restart_dma())
     }
 }

@@ -502,7 +502,8 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for ModernTransport<C, B> {
     fn stop_dma(&mut self) -> bool {
         crate::caps::set_bus_master(&self.config, false)
     }
-    fn restart_dma(&mut self) {
-        crate::restart_bus_master(&self.config);
+    /// Bus Master Enable on, read back ([`crate::restart_bus_master`]).
+    fn restart_dma(&mut self) -> bool {
+        crate::restart_bus_master(&self.config)
     }
 }

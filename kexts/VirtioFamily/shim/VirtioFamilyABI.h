@@ -123,10 +123,17 @@ VkStatus vfam_device_create(const VfamPlatform *platform, uint32_t preference, V
 /**
  * Resets the device, releases its queues and frees the handle.
  *
+ * `VK_OK`: the device can no longer touch memory, and no reset of it ever failed: the
+ * shim may free every DMA buffer it still holds. `VK_E_RESET_TIMEOUT`: this reset, or an
+ * earlier one ([`vfam_reset`]), was ignored by the device with its DMA not stopped: the
+ * rings the bus kept and the regions the clients leaked may still be read and written,
+ * so the shim must leak (never free nor unmap) every DMA buffer it still holds.
+ * `VK_E_BAD_ARGUMENT` for a null handle (nothing done).
+ *
  * # Safety
  * `dev` comes from [`vfam_device_create`] and is not used afterwards.
  */
-void vfam_device_destroy(VfamDevice *dev);
+VkStatus vfam_device_destroy(VfamDevice *dev);
 
 /**
  * The device's virtio type (1 net, 2 block, ...), 0 for a null handle.
@@ -254,8 +261,9 @@ VkStatus vfam_driver_ok(VfamDevice *dev);
  * `VK_OK`: the device can no longer touch memory (it acknowledged the reset, or it did
  * not and its bus mastering was switched off). `VK_E_RESET_TIMEOUT`: it ignored the
  * reset and its DMA could not be stopped: the caller must neither free nor reuse any DMA
- * memory it gave the device (it leaks it); the family keeps the rings. See
- * `virtio_core::Bus::reset`. `VK_E_BAD_ARGUMENT` for a null handle.
+ * memory it gave the device (it leaks it); the family keeps the rings, and from then on
+ * [`vfam_device_destroy`] reports VK_E_RESET_TIMEOUT so the shim keeps every DMA buffer.
+ * See `virtio_core::Bus::reset`. `VK_E_BAD_ARGUMENT` for a null handle.
  *
  * # Safety
  * `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are

@@ -195,8 +195,11 @@ IOReturn org_virtiodarwin_VirtioPCITransport::destroyGated(OSObject *owner, void
         return kIOReturnSuccess;
     VfamDevice *dev = me->fDevice;
     me->fDevice = NULL;
-    /* Resets the device and frees its queues (through opDmaFree). */
-    vfam_device_destroy(dev);
+    /* Resets the device and frees its queues (through opDmaFree). Not VK_OK: the device
+     * may still use memory it was given (see releaseResources). */
+    VkStatus st = vfam_device_destroy(dev);
+    if (st.code != VK_OK)
+        me->fDeviceMayDma = true;
     return kIOReturnSuccess;
 }
 
@@ -226,7 +229,9 @@ void org_virtiodarwin_VirtioPCITransport::releaseResources(void)
     for (int i = 0; i < 6; i++) {
         OSSafeReleaseNULL(fBars[i]);
     }
-    if (fDmaCommands) {
+    if (fDeviceMayDma) {
+        leakDmaMemory();
+    } else if (fDmaCommands) {
         for (unsigned i = 0; i < fDmaCommands->getCount(); i++) {
             IODMACommand *c = OSDynamicCast(IODMACommand, fDmaCommands->getObject(i));
             if (c)
@@ -238,6 +243,37 @@ void org_virtiodarwin_VirtioPCITransport::releaseResources(void)
     OSSafeReleaseNULL(fMapDescriptors);
     OSSafeReleaseNULL(fMapCommands);
     OSSafeReleaseNULL(fPCI);
+}
+
+/* DELIBERATE LEAK. The device ignored a reset and its Bus Master Enable could not be
+ * cleared (vfam_device_destroy did not return VK_OK), so it may still read and write every
+ * buffer it was given: the rings the Rust bus kept, the regions the client kexts leaked
+ * after vfam_reset reported VK_E_RESET_TIMEOUT (all allocated through opDmaAlloc and still
+ * in fDmaBuffers), and the streaming mappings still in fMapDescriptors. Completing,
+ * unmapping or releasing them would hand wired physical pages back to the kernel while a
+ * device can still write into them: memory corruption of whoever gets them next. Each
+ * buffer, descriptor and DMA command is retained once more and that reference is never
+ * dropped, so releasing the arrays afterwards frees none of them: they stay prepared
+ * (wired) and mapped for ever, which costs memory only. Same rule as
+ * virtio_core::Bus::reset for the Rust drivers. */
+void org_virtiodarwin_VirtioPCITransport::leakDmaMemory(void)
+{
+    OSArray *arrays[] = { fDmaBuffers, fDmaCommands, fMapDescriptors, fMapCommands };
+    if (!fDmaBuffers && !fDmaCommands && !fMapDescriptors && !fMapCommands)
+        return; /* already done (releaseResources runs again from free) */
+    for (unsigned a = 0; a < sizeof(arrays) / sizeof(arrays[0]); a++) {
+        if (!arrays[a])
+            continue;
+        for (unsigned i = 0; i < arrays[a]->getCount(); i++) {
+            OSObject *o = arrays[a]->getObject(i);
+            if (o)
+                o->retain();
+        }
+    }
+    IOLog("VirtioFamily: the device did not reset and its DMA could not be stopped: "
+          "keeping %u DMA buffers and %u mappings allocated (leaked)\n",
+          fDmaBuffers ? fDmaBuffers->getCount() : 0,
+          fMapDescriptors ? fMapDescriptors->getCount() : 0);
 }
 
 void org_virtiodarwin_VirtioPCITransport::free(void)

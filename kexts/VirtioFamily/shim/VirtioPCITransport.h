@@ -65,6 +65,10 @@ private:
     /* Streaming mappings (vfam_dma_map) and their DMA commands, in parallel. */
     OSArray *fMapDescriptors;
     OSArray *fMapCommands;
+    /* vfam_device_destroy reported that the device may still read and write memory (it
+     * ignored a reset and Bus Master Enable would not clear): releaseResources leaks every
+     * DMA buffer and mapping instead of freeing them. */
+    bool fDeviceMayDma;
     IOInterruptEventSource *fIrq[kVirtioMaxVectors];
     UInt32 fIrqCount;
     bool fMsix;
@@ -79,6 +83,7 @@ private:
     void mapBars(void);
     bool haveDriverFor(uint32_t type);
     void releaseResources(void);
+    void leakDmaMemory(void);
     static IOReturn destroyGated(OSObject *owner, void *, void *, void *, void *);
     static void interruptOccurred(OSObject *owner, IOInterruptEventSource *src, int count);
 

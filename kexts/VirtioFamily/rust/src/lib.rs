@@ -72,6 +72,12 @@ pub struct VfamDevice {
     handler: VfamInterruptHandler,
     handler_ctx: *mut c_void,
     kind: TransportKind,
+    /// Sticky: a reset returned Err (the device ignored it and its DMA could not be
+    /// stopped), so memory given to it — the rings the bus kept and the regions the
+    /// clients leaked through [`vfam_dma_alloc`] — may still be read and written. Reported
+    /// by [`vfam_device_destroy`] so the shim leaks, instead of freeing, every DMA buffer
+    /// it still holds.
+    may_dma: bool,
 }
 
 fn dev<'a>(p: *mut VfamDevice) -> Option<&'a mut VfamDevice> {
@@ -199,6 +205,7 @@ pub unsafe extern "C" fn vfam_device_create(
         handler: None,
         handler_ctx: core::ptr::null_mut(),
         kind,
+        may_dma: false,
     });
     put(out, Box::into_raw(d));
     VkStatus::OK
@@ -206,18 +213,34 @@ pub unsafe extern "C" fn vfam_device_create(
 
 /// Resets the device, releases its queues and frees the handle.
 ///
+/// `VK_OK`: the device can no longer touch memory, and no reset of it ever failed: the
+/// shim may free every DMA buffer it still holds. `VK_E_RESET_TIMEOUT`: this reset, or an
+/// earlier one ([`vfam_reset`]), was ignored by the device with its DMA not stopped: the
+/// rings the bus kept and the regions the clients leaked may still be read and written,
+/// so the shim must leak (never free nor unmap) every DMA buffer it still holds.
+/// `VK_E_BAD_ARGUMENT` for a null handle (nothing done).
+///
 /// # Safety
 /// `dev` comes from [`vfam_device_create`] and is not used afterwards.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn vfam_device_destroy(dev: *mut VfamDevice) {
+pub unsafe extern "C" fn vfam_device_destroy(dev: *mut VfamDevice) -> VkStatus {
     if dev.is_null() {
-        return;
+        return bad();
     }
     // SAFETY: caller contract: the handle came from `Box::into_raw` and is dropped once.
     let mut d = unsafe { Box::from_raw(dev) };
-    // On Err the bus keeps (leaks) the rings and logs it; the clients, which own the
-    // other buffers, reset through `vfam_reset` before this and saw the status there.
-    let _ = d.bus.reset(&mut |_, _| {});
+    // On Err the bus keeps (leaks) the rings and logs it.
+    if d.bus.reset(&mut |_, _| {}).is_err() {
+        d.may_dma = true;
+    }
+    if d.may_dma {
+        log::error!(
+            "virtio {}: the device may still use memory; its DMA buffers must stay allocated",
+            d.bus.device_type().name()
+        );
+        return Error::ResetTimeout.into();
+    }
+    VkStatus::OK
 }
 
 /// The device's virtio type (1 net, 2 block, ...), 0 for a null handle.
@@ -429,8 +452,9 @@ pub unsafe extern "C" fn vfam_driver_ok(dev: *mut VfamDevice) -> VkStatus {
 /// `VK_OK`: the device can no longer touch memory (it acknowledged the reset, or it did
 /// not and its bus mastering was switched off). `VK_E_RESET_TIMEOUT`: it ignored the
 /// reset and its DMA could not be stopped: the caller must neither free nor reuse any DMA
-/// memory it gave the device (it leaks it); the family keeps the rings. See
-/// `virtio_core::Bus::reset`. `VK_E_BAD_ARGUMENT` for a null handle.
+/// memory it gave the device (it leaks it); the family keeps the rings, and from then on
+/// [`vfam_device_destroy`] reports VK_E_RESET_TIMEOUT so the shim keeps every DMA buffer.
+/// See `virtio_core::Bus::reset`. `VK_E_BAD_ARGUMENT` for a null handle.
 ///
 /// # Safety
 /// `dev` is null or a live handle from [`vfam_device_create`]; pointer arguments are
@@ -442,12 +466,15 @@ pub unsafe extern "C" fn vfam_reset(
     ctx: *mut c_void,
 ) -> VkStatus {
     with(dev, |d| {
-        d.bus.reset(&mut |q, t| {
+        let r = d.bus.reset(&mut |q, t| {
             if let Some(f) = reclaim {
                 // SAFETY: the caller's callback with its own context.
                 unsafe { f(ctx, q, t) }
             }
-        })
+        });
+        // The client leaks what it gave the device; the shim must not free it at stop.
+        d.may_dma |= r.is_err();
+        r
     })
 }
 
