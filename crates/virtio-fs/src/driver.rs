@@ -535,6 +535,10 @@ struct Slot {
     result: FsResult<Reply>,
     /// What the accepted result handed out (the caller's once taken).
     handed: Handed,
+    /// The FUSE session the request was sent in ([`FsDriver::session`]): what a reply
+    /// of an earlier session handed out the device dropped at DESTROY, so nothing of it
+    /// is owed.
+    session: u64,
 }
 
 const IDLE: Slot = Slot {
@@ -546,6 +550,7 @@ const IDLE: Slot = Slot {
     orphan: false,
     result: Ok(Reply::Empty),
     handed: Handed::NONE,
+    session: 0,
 };
 
 /// An open handle the driver owes the device a RELEASE (RELEASEDIR with `dir`) for.
@@ -619,14 +624,27 @@ impl Owed {
 
     /// Owes one lookup of every node the READDIRPLUS reply of `len` bytes at `at` of
     /// `region` names; returns how many did not fit.
+    /// A reply that cannot be read (a region out of range) counts as one lost
+    /// reference: its records are not known, but the loss is visible.
     fn dirplus_in(&mut self, region: &DmaRegion, at: usize, len: usize) -> u64 {
         let mut lost = 0;
+        let mut unreadable = false;
         dirplus_references(
             len,
-            |off, buf| region.read_into(at + off, buf),
+            |off, buf| {
+                let ok = region.read_into(at + off, buf);
+                unreadable |= !ok;
+                ok
+            },
             |node| lost += u64::from(!self.forget(node, 1)),
         );
-        lost
+        lost + u64::from(unreadable)
+    }
+
+    /// Forgets everything owed: the session it was owed to ended.
+    fn clear(&mut self) {
+        self.forgets.clear();
+        self.releases.clear();
     }
 }
 
@@ -669,6 +687,8 @@ pub struct FsStats {
     /// Of those, references the bounded list could not hold (the device keeps them
     /// until DESTROY).
     pub lost_references: u64,
+    /// Attempts to send what was owed that failed (logged; the item stays owed).
+    pub owed_send_errors: u64,
 }
 
 /// What an interrupt meant for the file system device.
@@ -769,6 +789,10 @@ pub struct FsDriver<B: Bus> {
     hiprio_slots: usize,
     notify: Option<NotifyQueue>,
     owed: Owed,
+    /// The FUSE session: advanced when INIT starts one and when DESTROY is sent.
+    session: u64,
+    /// DESTROY was sent (or INIT is under way): nothing owed is paid until INIT succeeds.
+    ended: bool,
     next_unique: u64,
     init: Option<InitInfo>,
     stats: FsStats,
@@ -853,6 +877,8 @@ impl<B: Bus> FsDriver<B> {
                 forgets: Vec::new(),
                 releases: Vec::new(),
             },
+            session: 0,
+            ended: false,
             next_unique: 1,
             init: None,
             stats: FsStats::default(),
@@ -1068,6 +1094,7 @@ impl<B: Bus> FsDriver<B> {
             orphan: false,
             result: Ok(Reply::Empty),
             handed: Handed::NONE,
+            session: self.session,
         };
         self.next_unique = self.next_unique.wrapping_add(1).max(1);
         self.stats.requests += 1;
@@ -1124,17 +1151,19 @@ impl<B: Bus> FsDriver<B> {
                 arrived += 1;
             }
         }
-        self.pay_owed()?;
+        self.pay_owed();
         Ok(arrived)
     }
 
     /// Sends owed RELEASE/RELEASEDIRs (as requests nobody waits for) while request slots
     /// are free, then owed FORGETs as BATCH_FORGETs while hiprio slots are free. Never
-    /// waits; what does not go now waits for the next poll. Before FUSE_INIT (or after
-    /// DESTROY, which drops every reference) there is nothing to send.
-    fn pay_owed(&mut self) -> FsResult<()> {
-        if self.init.is_none() {
-            return Ok(());
+    /// waits; what does not go now waits for the next poll. Best effort: an error is
+    /// logged and counted in [`FsStats::owed_send_errors`], the item stays owed, and
+    /// `poll` does not fail for it. Before FUSE_INIT, and from DESTROY on (which drops
+    /// every reference), there is nothing to send.
+    fn pay_owed(&mut self) {
+        if self.init.is_none() || self.ended {
+            return;
         }
         let mut released = false;
         // Bounded: every round removes one element or ends the loop.
@@ -1157,23 +1186,32 @@ impl<B: Bus> FsDriver<B> {
                     self.abandon(t);
                     self.stats.unclaimed_handles_released += 1;
                     released = true;
+                    self.owed.releases.pop();
                 }
                 Err(FsError::QueueFull) => break,
                 Err(e) => {
+                    // Kept for a later poll.
                     log::error!("virtio-fs: owed RELEASE of fh {}: {e}", owed.fh.0);
-                    self.stats.lost_references += 1;
+                    self.stats.owed_send_errors += 1;
+                    break;
                 }
             }
-            self.owed.releases.pop();
         }
-        if released {
-            self.kick()?;
+        if released && let Err(e) = self.kick() {
+            log::error!("virtio-fs: kick after owed RELEASEs: {e}");
+            self.stats.owed_send_errors += 1;
         }
         let mut forgot = false;
         // Bounded: every round sends up to FORGET_BATCH_MAX elements or ends the loop.
         while !self.owed.forgets.is_empty() {
-            let Some(slot) = self.free_hiprio_slot()? else {
-                break;
+            let slot = match self.free_hiprio_slot() {
+                Ok(Some(slot)) => slot,
+                Ok(None) => break,
+                Err(e) => {
+                    log::error!("virtio-fs: hiprio for owed FORGETs: {e}");
+                    self.stats.owed_send_errors += 1;
+                    break;
+                }
             };
             let start = self.owed.forgets.len().saturating_sub(FORGET_BATCH_MAX);
             let mut batch = [(NodeId(0), 0u64); FORGET_BATCH_MAX];
@@ -1185,15 +1223,20 @@ impl<B: Bus> FsDriver<B> {
             };
             to.copy_from_slice(from);
             let batch = &*to;
-            self.send_forget(slot, batch)?;
+            if let Err(e) = self.send_forget(slot, batch) {
+                // Kept for a later poll.
+                log::error!("virtio-fs: owed FORGET of {} node(s): {e}", batch.len());
+                self.stats.owed_send_errors += 1;
+                break;
+            }
             self.stats.unclaimed_nodes_forgotten += batch.iter().map(|&(_, n)| n).sum::<u64>();
             self.owed.forgets.truncate(start);
             forgot = true;
         }
-        if forgot {
-            self.bus.kick(HIPRIO_QUEUE)?;
+        if forgot && let Err(e) = self.bus.kick(HIPRIO_QUEUE) {
+            log::error!("virtio-fs: kick after owed FORGETs: {e}");
+            self.stats.owed_send_errors += 1;
         }
-        Ok(())
     }
 
     /// The `unique` the next request will carry: requests (FORGETs too) are numbered in
@@ -1240,7 +1283,7 @@ impl<B: Bus> FsDriver<B> {
         if slot.state != SlotState::Done || slot.unique != t.unique {
             return Err(FsError::UnknownTicket);
         }
-        let (result, opcode) = (slot.result, slot.opcode);
+        let (result, opcode, session) = (slot.result, slot.opcode, slot.session);
         if let Ok(Reply::Data(n)) = result {
             // Checked before the slot is freed: a short buffer loses nothing.
             let dst = out.get_mut(..n as usize).ok_or(FsError::InvalidArgument)?;
@@ -1258,7 +1301,7 @@ impl<B: Bus> FsDriver<B> {
             if let Err(e) = validate_dir(records, plus) {
                 self.stats.protocol_errors += 1;
                 log::error!("virtio-fs: opcode {opcode}: {e}");
-                if plus {
+                if plus && session == self.session {
                     let owed = &mut self.owed;
                     let mut lost = 0;
                     dirplus_references(
@@ -1294,7 +1337,9 @@ impl<B: Bus> FsDriver<B> {
         else {
             return;
         };
+        let current = slot.session == self.session;
         match slot.state {
+            SlotState::Done if !current => *slot = IDLE,
             SlotState::Done => {
                 let mut lost = self.owed.handed(slot.handed);
                 if let (Ok(Reply::Data(n)), opcode::READDIRPLUS, Some(region)) =
@@ -1434,9 +1479,10 @@ impl<B: Bus> FsDriver<B> {
             Ok(Reply::Written(n)) => self.stats.bytes_written += u64::from(*n),
             _ => {}
         }
-        if slot.orphan || result.is_err() {
+        if (slot.orphan || result.is_err()) && slot.session == self.session {
             // Nobody will hold what the reply handed out (its caller is gone, or the
-            // reply was refused after the device took the reference): owed back.
+            // reply was refused after the device took the reference): owed back (unless
+            // the request was of an ended session, whose references the device dropped).
             let mut lost = self.owed.handed(handed);
             if let (true, Ok(Reply::Data(n)), opcode::READDIRPLUS) =
                 (slot.orphan, result, slot.opcode)
@@ -2049,6 +2095,8 @@ impl<B: Bus> FsDriver<B> {
     /// FUSE_INIT: offers protocol 7.31 and [`OFFERED_INIT_FLAGS`], and settles what the
     /// device answers. Must come first; may be repeated after [`FsDriver::destroy`].
     pub fn init<W: Waiter<B>>(&mut self, w: &mut W) -> FsResult<InitInfo> {
+        // A new session: nothing of an earlier one is owed to it.
+        self.end_session();
         let Reply::Init(out) = self.call(w, &Request::Init, &mut [])? else {
             return Err(FsError::Protocol {
                 what: "INIT answered with another reply",
@@ -2077,6 +2125,7 @@ impl<B: Bus> FsDriver<B> {
             },
         };
         self.init = Some(info);
+        self.ended = false;
         log::info!(
             "virtio-fs: FUSE {}.{}, max_write {}, max_pages {}, flags {:#x}; chunks read {} write {}",
             info.major,
@@ -2128,21 +2177,37 @@ impl<B: Bus> FsDriver<B> {
     }
 
     /// OPEN `node`. With O_TRUNC and no ATOMIC_O_TRUNC negotiated the OPEN goes
-    /// without it and a SETATTR of size 0 through the new handle follows (what Linux's
-    /// VFS does after `fuse_open`); if that fails, the handle is released and the error
-    /// returned.
+    /// without it and, for a regular file (a GETATTR before the OPEN tells), a SETATTR
+    /// of size 0 follows: what Linux's `handle_truncate` after `fuse_open` sends
+    /// (`fuse_do_setattr` with ATTR_OPEN: FATTR_SIZE by node, no FATTR_FH, so that
+    /// O_RDONLY|O_TRUNC truncates too and a late SETATTR cannot reach a reused handle;
+    /// no FATTR_MTIME, `update_mtime` leaves it to the server's truncate). If the
+    /// SETATTR fails, the handle is owed a RELEASE (sent by later polls, never waited
+    /// for) and the error returned.
     pub fn open<W: Waiter<B>>(&mut self, w: &mut W, node: NodeId, flags: u32) -> FsResult<Opened> {
+        let emulate =
+            flags & open_flags::O_TRUNC != 0 && !self.negotiated(init_flags::ATOMIC_O_TRUNC);
+        let truncate = emulate && {
+            let a = self.getattr(w, node, None)?;
+            a.attr.mode & mode::S_IFMT == mode::S_IFREG
+        };
         let Reply::Open(opened) = self.call(w, &Request::Open { node, flags }, &mut [])? else {
             return Err(unexpected());
         };
-        if flags & open_flags::O_TRUNC != 0 && !self.negotiated(init_flags::ATOMIC_O_TRUNC) {
+        if truncate {
             let set = SetAttr {
                 size: Some(0),
-                fh: Some(opened.fh),
                 ..SetAttr::default()
             };
             if let Err(e) = self.setattr(w, node, set) {
-                let _ = self.release(w, node, opened.fh, flags);
+                let owed = OwedRelease {
+                    node,
+                    fh: opened.fh,
+                    dir: false,
+                };
+                if !self.owed.release(owed) {
+                    self.stats.lost_references += 1;
+                }
                 return Err(e);
             }
         }
@@ -2378,7 +2443,8 @@ impl<B: Bus> FsDriver<B> {
     /// With `plus`, every record with an entry holds one lookup reference for the caller.
     /// A reply whose last record continues at the offset it was asked from (the next
     /// read would return it again), or more than [`MAX_DIR_ENTRIES`] records in all (a
-    /// cycle of offsets), is a protocol error; the records before it were handed out.
+    /// cycle of offsets), is a protocol error; the records before it were handed out, and
+    /// the references of the bounded reply's records after them go back to the device.
     pub fn read_dir<W: Waiter<B>>(
         &mut self,
         w: &mut W,
@@ -2397,8 +2463,18 @@ impl<B: Bus> FsDriver<B> {
             if n == 0 {
                 return Ok(count);
             }
-            for e in records {
+            let mut records = records;
+            while let Some(e) = records.next() {
                 if count == MAX_DIR_ENTRIES {
+                    // The rest of this reply's records were never handed out: their
+                    // references go back.
+                    for rest in records {
+                        if let Some(entry) = rest.entry
+                            && !self.owed.forget(entry.node, 1)
+                        {
+                            self.stats.lost_references += 1;
+                        }
+                    }
                     return Err(FsError::Protocol {
                         what: "directory did not end within the driver's bound",
                     });
@@ -2689,13 +2765,29 @@ impl<B: Bus> FsDriver<B> {
     }
 
     /// DESTROY: ends the FUSE session (the device drops every node). INIT may follow.
+    ///
+    /// Once DESTROY is on the queue the session is over for the driver, whatever the
+    /// reply: nothing owed is paid any more, and replies to the session's requests
+    /// still in flight owe nothing (the device drops every node and handle at DESTROY;
+    /// FORGETs and RELEASEs sent after it would name another session's nodes).
     pub fn destroy<W: Waiter<B>>(&mut self, w: &mut W) -> FsResult<()> {
-        self.call(w, &Request::Destroy, &mut [])?;
+        let t = self.submit_waiting(w, &Request::Destroy)?;
+        self.end_session();
+        if let Err(e) = self.kick().and_then(|_| self.wait_for(w, t)) {
+            self.abandon(t);
+            return Err(e);
+        }
+        self.take(t, &mut [])?;
         self.init = None;
-        // The device dropped every node and handle of the session: nothing is owed.
-        self.owed.forgets.clear();
-        self.owed.releases.clear();
         Ok(())
+    }
+
+    /// Ends the driver's side of the FUSE session: a new session number (slots of the
+    /// old one owe nothing), nothing owed, nothing paid until INIT succeeds.
+    fn end_session(&mut self) {
+        self.session = self.session.wrapping_add(1);
+        self.ended = true;
+        self.owed.clear();
     }
 }
 
@@ -2967,13 +3059,10 @@ fn decode_fixed(
         opcode::GETXATTR | opcode::LISTXATTR => {
             let o = read_wire::<GetxattrOut, { size_of::<GetxattrOut>() }>(region, at)
                 .ok_or_else(missing)?;
-            // Linux clamps to XATTR_SIZE_MAX / XATTR_LIST_MAX; more can never be read.
-            if o.size.get() > XATTR_SIZE_MAX {
-                return Err(FsError::Protocol {
-                    what: "xattr size above XATTR_SIZE_MAX (65536)",
-                });
-            }
-            Ok(Reply::XattrSize(o.size.get()))
+            // Linux `fuse_getxattr` / `fuse_listxattr` clamp the size to XATTR_SIZE_MAX
+            // / XATTR_LIST_MAX: more can never be read (a data reply longer than asked
+            // is refused).
+            Ok(Reply::XattrSize(o.size.get().min(XATTR_SIZE_MAX)))
         }
         opcode::LSEEK => {
             let o =
@@ -2997,6 +3086,28 @@ fn decode_fixed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A READDIRPLUS reply that cannot be read back (the region is shorter than the
+    /// length claimed) owes nothing it cannot see, but counts one lost reference.
+    #[test]
+    fn an_unreadable_readdirplus_reply_counts_a_lost_reference() {
+        let mut backing = [0u64; 4];
+        let Some(vaddr) = core::ptr::NonNull::new(backing.as_mut_ptr().cast::<u8>()) else {
+            panic!("null");
+        };
+        let region = DmaRegion {
+            vaddr,
+            daddr: 0,
+            len: 32,
+        };
+        let mut owed = Owed {
+            forgets: Vec::with_capacity(4),
+            releases: Vec::new(),
+        };
+        assert_eq!(owed.dirplus_in(&region, 0, 0), 0, "an empty reply");
+        assert_eq!(owed.dirplus_in(&region, 0, 4096), 1);
+        assert!(owed.forgets.is_empty());
+    }
 
     /// SETATTR's times: a fixed time sets FATTR_ATIME/FATTR_MTIME with its seconds and
     /// nanoseconds; `Now` sets the flag with its `*_NOW` companion and leaves the fields 0;

@@ -14,7 +14,8 @@
 //! The driver side: FUSE_INIT through the blocking API (the fuzzer answers every wait),
 //! then typed requests of every kind submitted, kicked, polled, taken and abandoned in any
 //! order, interrupts taken and re-enabled, and the blocking `read`, `write`, `read_dir`,
-//! `lookup`, `getattr`, `open`, `statfs` and `forget` through a waiter the fuzzer answers.
+//! `lookup`, `getattr`, `open` (with O_TRUNC and the access modes), `statfs`, `forget`,
+//! `destroy` and `init` through a waiter the fuzzer answers.
 //!
 //! Oracles: every reply's fate is predicted from what the server wrote, independently of
 //! the driver's decoders — a wrong `unique`, a header length other than the used length, a
@@ -33,17 +34,23 @@
 //! one `poll` collects at most one reply per slot and queue; the blocking calls return
 //! within their wait bound (a hang is a libFuzzer timeout); at the end every slot is free
 //! and every notification buffer posted again; after `shutdown` and drop, guest memory is
-//! back to what it was. Oracles that follow replies stop after a lie that hides them (a
-//! forged or repeated used element, a used length beyond the chain, NEEDS_RESET, a
-//! returned buffer rewritten; DESTROY ends reference counting).
+//! back to what it was. Open handles are counted too: the RELEASE/RELEASEDIRs the driver
+//! sends on its own name only handles OPEN, OPENDIR or CREATE replies it could read gave
+//! it, no more often than given. Both are counted per FUSE session (each INIT, and each
+//! DESTROY of `destroy`, starts one; `destroy` and `init` run again in some inputs): a
+//! FORGET or RELEASE names what its own session handed out, and at the end only the
+//! current session's references must all be back. Oracles that follow replies stop after
+//! a lie that hides them (a forged or repeated used element, a used length beyond the
+//! chain, NEEDS_RESET, a returned buffer rewritten; a DESTROY the harness submitted
+//! itself ends the counting).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use virtio_core::DeviceType;
 use virtio_fs::wire::{self, opcode};
 
 use virtio_fs::{
     DirIter, Entry, FileHandle, FsDriver, FsError, FsOptions, FsResult, NodeId, Reply, Request,
-    SetAttr, SetTime, Ticket, Timespec, Waiter,
+    SetAttr, SetTime, Ticket, Timespec, Waiter, open_flags,
 };
 use virtio_tests::sim::{Chain, MODES, Sim, SimBuilder, SimInterrupt, SimMode};
 
@@ -76,6 +83,9 @@ struct Pending {
     ticket: Ticket,
     /// READDIR (`Some(false)`) or READDIRPLUS (`Some(true)`).
     dir: Option<bool>,
+    /// The harness's session ([`Harness`]) it was submitted in: what a result of an
+    /// earlier session hands out the device dropped, so the harness does not hold it.
+    session: u32,
 }
 
 /// What the driver must make of one reply, predicted from the bytes the server wrote.
@@ -164,19 +174,84 @@ struct Server<'i> {
     /// The driver sees the replies as written (no lie above, no returned buffer
     /// rewritten): the predicted verdicts hold.
     faithful: bool,
-    /// Lookup references are counted (faithful, and no DESTROY dropped them).
+    /// Lookup references and open handles are counted (faithful, and no DESTROY the
+    /// harness submitted itself dropped them).
     counting: bool,
     verdicts: HashMap<u64, Expect>,
-    /// Lookup references per node: handed out in replies the driver could read, and
-    /// returned in FORGET/BATCH_FORGET.
-    given: BTreeMap<u64, u64>,
-    forgotten: BTreeMap<u64, u64>,
+    /// Where FUSE sessions start: the `unique` of every INIT and of every DESTROY the
+    /// driver's `destroy` sent (the harness's own DESTROYs, `raw_destroys`, stop the
+    /// counting instead). A request belongs to the session of the greatest start not
+    /// above its `unique`.
+    starts: BTreeSet<u64>,
+    raw_destroys: BTreeSet<u64>,
+    /// RELEASE/RELEASEDIRs the harness submitted itself (any handle it likes).
+    raw_releases: BTreeSet<u64>,
+    /// Lookup references per (request `unique`, node): handed out in replies the driver
+    /// could read, and returned in FORGET/BATCH_FORGET. Kept by `unique`, and put in
+    /// sessions when checked: a session's start may be read after requests that follow
+    /// it (a device answers in any order).
+    given: BTreeMap<(u64, u64), u64>,
+    forgotten: BTreeMap<(u64, u64), u64>,
+    /// Open handles per (request `unique`, fh): handed out in OPEN, OPENDIR and CREATE
+    /// replies the driver could read, and released by the driver's own
+    /// RELEASE/RELEASEDIRs.
+    handles: BTreeMap<(u64, u64), u64>,
+    released: BTreeMap<(u64, u64), u64>,
     /// READ, WRITE, READDIR(PLUS), LOOKUP, GETATTR, STATFS answers since the harness last
     /// cleared them.
     answers: Vec<Answer>,
+    /// The harness's session: advanced when it calls `destroy` (results of requests
+    /// submitted before are not held).
+    harness_session: u32,
+    /// The last `destroy` was followed by a successful `init` (or there was none): what
+    /// the session hands out must all come back by the end.
+    session_open: bool,
 }
 
 impl Server<'_> {
+    /// The session of request `unique` (by the starts read so far: one not read yet
+    /// merges two sessions, which can hide a wrong FORGET or RELEASE but not invent one;
+    /// `finish` checks again with every start read).
+    fn session(&self, unique: u64) -> u64 {
+        self.starts
+            .range(..=unique)
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// How many of `events` (by (unique, key)) fall in `session` for `key`.
+    fn in_session(&self, events: &BTreeMap<(u64, u64), u64>, session: u64, key: u64) -> u64 {
+        events
+            .iter()
+            .filter(|&(&(u, k), _)| k == key && self.session(u) == session)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    /// Per session: no node forgotten more often than handed out, no handle released
+    /// more often than handed out.
+    fn check_counts(&self) {
+        for &(u, node) in self.forgotten.keys() {
+            let session = self.session(u);
+            let f = self.in_session(&self.forgotten, session, node);
+            let given = self.in_session(&self.given, session, node);
+            assert!(
+                f <= given,
+                "node {node}: {f} lookups forgotten, {given} handed out in session {session}"
+            );
+        }
+        for &(u, fh) in self.released.keys() {
+            let session = self.session(u);
+            let r = self.in_session(&self.released, session, fh);
+            let given = self.in_session(&self.handles, session, fh);
+            assert!(
+                r <= given,
+                "fh {fh} of session {session}: released {r} times, handed out {given}"
+            );
+        }
+    }
+
     fn first_request_queue(&self) -> u16 {
         1 + u16::from(self.notification)
     }
@@ -225,6 +300,7 @@ impl Server<'_> {
     fn forgets(&mut self, c: &Chain) {
         let req = self.sim.read_chain(c);
         let word = |at: usize, n: usize| req.get(at..at + n).map_or(0, le);
+        let unique = word(8, 8);
         let mut returned = Vec::new();
         match word(4, 4) as u32 {
             opcode::FORGET => returned.push((word(16, 8), word(40, 8))),
@@ -240,15 +316,10 @@ impl Server<'_> {
         for (node, n) in returned {
             assert!(node > 1, "FORGET of node {node}");
             assert!(n > 0, "FORGET of no lookups");
-            let f = self.forgotten.entry(node).or_default();
-            *f += n;
-            if self.counting {
-                let given = self.given.get(&node).copied().unwrap_or(0);
-                assert!(
-                    *f <= given,
-                    "node {node}: {f} lookups forgotten, {given} handed out"
-                );
-            }
+            *self.forgotten.entry((unique, node)).or_default() += n;
+        }
+        if self.counting {
+            self.check_counts();
         }
     }
 
@@ -288,6 +359,27 @@ impl Server<'_> {
         let word = |at: usize, n: usize| request.get(at..at + n).map_or(0, le);
         let op = word(4, 4) as u32;
         let asked_unique = word(8, 8);
+        match op {
+            opcode::INIT => {
+                self.starts.insert(asked_unique);
+            }
+            opcode::DESTROY if !self.raw_destroys.contains(&asked_unique) => {
+                // The driver's `destroy`: the session ends here.
+                self.starts.insert(asked_unique);
+            }
+            opcode::RELEASE | opcode::RELEASEDIR if !self.raw_releases.contains(&asked_unique) => {
+                // The driver gives back a handle nobody held: one it was given, in this
+                // session, no more often than given.
+                *self
+                    .released
+                    .entry((asked_unique, word(40, 8)))
+                    .or_default() += 1;
+                if self.counting {
+                    self.check_counts();
+                }
+            }
+            _ => {}
+        }
         // READ, READDIR, WRITE: fh, offset, size after the 40-byte header.
         let (offset, size) = (word(48, 8), word(56, 4) as u32);
         let honest = self.honest || (op == opcode::INIT && self.honest_init);
@@ -350,8 +442,9 @@ impl Server<'_> {
             self.answered.remove(0);
         }
         self.answered.push(c.clone());
-        if op == opcode::DESTROY {
-            // The device drops every reference with the session.
+        if op == opcode::DESTROY && self.raw_destroys.contains(&asked_unique) {
+            // The device drops every reference with the session, and the driver does
+            // not know (only its `destroy` ends a session).
             self.counting = false;
         }
         // What the driver reads: the writable part as it is now, up to the used length
@@ -425,7 +518,17 @@ impl Server<'_> {
             _ => Vec::new(),
         };
         for node in nodes.into_iter().filter(|&n| n > 1) {
-            *self.given.entry(node).or_default() += 1;
+            *self.given.entry((unique, node)).or_default() += 1;
+        }
+        let fh = match op {
+            opcode::OPEN | opcode::OPENDIR if payload.len() == 16 => Some(le(&payload[..8])),
+            opcode::CREATE if payload.len() == ENTRY_LEN + 16 => {
+                Some(le(&payload[ENTRY_LEN..ENTRY_LEN + 8]))
+            }
+            _ => None,
+        };
+        if let Some(fh) = fh {
+            *self.handles.entry((unique, fh)).or_default() += 1;
         }
     }
 
@@ -1132,9 +1235,16 @@ pub fn run(data: &[u8]) {
         faithful: true,
         counting: true,
         verdicts: HashMap::new(),
+        starts: BTreeSet::new(),
+        raw_destroys: BTreeSet::new(),
+        raw_releases: BTreeSet::new(),
         given: BTreeMap::new(),
         forgotten: BTreeMap::new(),
+        handles: BTreeMap::new(),
+        released: BTreeMap::new(),
         answers: Vec::new(),
+        harness_session: 0,
+        session_open: true,
     };
     // Most inputs answer INIT truthfully at once, so the steps run initialised.
     let init = fs.init(&mut server);
@@ -1166,7 +1276,20 @@ pub fn run(data: &[u8]) {
             0..=3 => {
                 let (req, _, dir) = request(&mut server.input, &write_data, chunk);
                 if let Ok(ticket) = fs.submit(&req) {
-                    pending.push(Pending { ticket, dir });
+                    match req {
+                        Request::Destroy => {
+                            server.raw_destroys.insert(ticket.unique());
+                        }
+                        Request::Release { .. } | Request::Releasedir { .. } => {
+                            server.raw_releases.insert(ticket.unique());
+                        }
+                        _ => {}
+                    }
+                    pending.push(Pending {
+                        ticket,
+                        dir,
+                        session: server.harness_session,
+                    });
                 }
             }
             4 => {
@@ -1291,6 +1414,12 @@ fn take(
     {
         check_verdict(&expect, &result, out, p.dir == Some(true));
     }
+    // A result of an ended session: the device dropped what it handed out.
+    let held_refs = &mut if p.session == server.harness_session {
+        Some(held_refs)
+    } else {
+        None
+    };
     match result {
         Ok(Reply::Entry(e)) | Ok(Reply::Created(e, _)) => {
             check_entry(&e);
@@ -1316,9 +1445,11 @@ fn take(
 
 /// Keeps a lookup reference a result handed the harness (the root's are not counted:
 /// neither the server nor the driver forgets the root).
-fn hold(held_refs: &mut Vec<NodeId>, node: NodeId) {
-    if node != NodeId::ROOT {
-        held_refs.push(node);
+fn hold(held_refs: &mut Option<&mut Vec<NodeId>>, node: NodeId) {
+    if let Some(refs) = held_refs
+        && node != NodeId::ROOT
+    {
+        refs.push(node);
     }
 }
 
@@ -1327,7 +1458,10 @@ fn hold(held_refs: &mut Vec<NodeId>, node: NodeId) {
 fn blocking(fs: &mut Fs, server: &mut Server<'_>, write_data: &[u8], held_refs: &mut Vec<NodeId>) {
     server.answers.clear();
     let floor = fs.next_unique();
-    match server.input.u8() % 9 {
+    // References the call hands the harness, held once it returns.
+    let mut got: Vec<NodeId> = Vec::new();
+    let held = &mut Some(&mut got);
+    match server.input.u8() % 10 {
         0 => {
             let n = usize::from(server.input.u16() % 16384);
             let mut buf = vec![0u8; n];
@@ -1349,7 +1483,7 @@ fn blocking(fs: &mut Fs, server: &mut Server<'_>, write_data: &[u8], held_refs: 
                 })
             });
             for node in seen.iter().filter_map(|r| r.node) {
-                hold(held_refs, NodeId(node));
+                hold(held, NodeId(node));
             }
             if let Ok(count) = result {
                 assert_eq!(count, seen.len() as u64);
@@ -1360,7 +1494,7 @@ fn blocking(fs: &mut Fs, server: &mut Server<'_>, write_data: &[u8], held_refs: 
             let result = fs.lookup(server, NodeId(1), b"a");
             if let Ok(e) = &result {
                 check_entry(e);
-                hold(held_refs, e.node);
+                hold(held, e.node);
             }
             check_call(server, floor, opcode::LOOKUP, &result.map(Reply::Entry));
         }
@@ -1396,7 +1530,29 @@ fn blocking(fs: &mut Fs, server: &mut Server<'_>, write_data: &[u8], held_refs: 
             check_call(server, floor, opcode::GETATTR, &result.map(Reply::Attr));
         }
         7 => {
-            let _ = fs.open(server, NodeId(2), 0);
+            // O_TRUNC is emulated (GETATTR, OPEN, SETATTR by node) unless ATOMIC_O_TRUNC
+            // was negotiated; a failed SETATTR owes the handle's RELEASE.
+            const FLAGS: [u32; 6] = [
+                0,
+                open_flags::O_RDONLY | open_flags::O_TRUNC,
+                open_flags::O_WRONLY | open_flags::O_TRUNC,
+                open_flags::O_RDWR | open_flags::O_TRUNC,
+                open_flags::O_RDWR,
+                open_flags::O_WRONLY,
+            ];
+            let flags = FLAGS[usize::from(server.input.u8()) % FLAGS.len()];
+            let _ = fs.open(server, NodeId(2), flags);
+        }
+        8 => {
+            // End the session and start another: nothing the old one handed out is
+            // owed to the new one.
+            server.harness_session += 1;
+            server.session_open = false;
+            held_refs.clear();
+            let _ = fs.destroy(server);
+            if fs.init(server).is_ok() {
+                server.session_open = true;
+            }
         }
         _ => {
             // FORGET (one node) or BATCH_FORGET on hiprio of references the harness
@@ -1411,6 +1567,7 @@ fn blocking(fs: &mut Fs, server: &mut Server<'_>, write_data: &[u8], held_refs: 
             }
         }
     }
+    held_refs.append(&mut got);
 }
 
 /// The answers from `floor` on of the opcodes `ops`, in `unique` order.
@@ -1540,13 +1697,19 @@ fn finish(
         notify_total,
         "notification buffers not reposted"
     );
-    if server.counting && fs.init_info().is_some() {
+    if server.counting && server.session_open && fs.init_info().is_some() {
         assert_eq!(fs.stats().lost_references, 0);
-        let live = |m: &BTreeMap<u64, u64>| -> BTreeMap<u64, u64> {
-            m.iter()
-                .filter(|(_, n)| **n > 0)
-                .map(|(k, v)| (*k, *v))
-                .collect()
+        // The current session's (earlier ones' the device dropped at DESTROY).
+        server.check_counts();
+        let session = server.session(u64::MAX);
+        let live = |m: &BTreeMap<(u64, u64), u64>| -> BTreeMap<u64, u64> {
+            let mut per_node = BTreeMap::new();
+            for (&(u, k), &n) in m {
+                if server.session(u) == session && n > 0 {
+                    *per_node.entry(k).or_default() += n;
+                }
+            }
+            per_node
         };
         assert_eq!(
             live(&server.given),
