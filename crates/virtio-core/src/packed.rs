@@ -993,9 +993,29 @@ mod tests {
     const SIZE: u16 = 8;
 
     /// A queue of `SIZE` entries over leaked, zeroed, 16-aligned heap memory.
-    fn queue(event_idx: bool) -> PackedQueue {
+    /// A queue over zeroed heap memory it owns. Fields drop in order: the queue, then its
+    /// memory (Miri checks that nothing leaks).
+    struct TestQueue {
+        q: PackedQueue,
+        _memory: alloc::vec::Vec<u128>,
+    }
+
+    impl core::ops::Deref for TestQueue {
+        type Target = PackedQueue;
+        fn deref(&self) -> &PackedQueue {
+            &self.q
+        }
+    }
+
+    impl core::ops::DerefMut for TestQueue {
+        fn deref_mut(&mut self) -> &mut PackedQueue {
+            &mut self.q
+        }
+    }
+
+    fn queue(event_idx: bool) -> TestQueue {
         let layout = PackedRingLayout::new(SIZE).unwrap();
-        let memory: &'static mut [u128] = Vec::leak(alloc::vec![0u128; layout.total.div_ceil(16)]);
+        let mut memory = alloc::vec![0u128; layout.total.div_ceil(16)];
         let vaddr = NonNull::new(memory.as_mut_ptr().cast::<u8>()).unwrap();
         let ring = DmaRegion {
             vaddr,
@@ -1008,7 +1028,10 @@ mod tests {
             event_idx,
             ignore_used_len: false,
         };
-        PackedQueue::new(0, layout, ring, None, config).unwrap()
+        TestQueue {
+            q: PackedQueue::new(0, layout, ring, None, config).unwrap(),
+            _memory: memory,
+        }
     }
 
     /// What a device writes to return chain `id` at position `idx` in lap `wrap`.

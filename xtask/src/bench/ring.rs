@@ -187,6 +187,15 @@ impl Cost {
     }
 }
 
+/// Add + pop of the ring whose `ring-bench` argument is `arg`, EVENT_IDX as given, if it
+/// was measured.
+fn add_and_pop(costs: &[(&Ring, bool, Cost)], arg: &str, event_idx: bool) -> Option<f64> {
+    costs
+        .iter()
+        .find(|(r, e, _)| r.arg == arg && *e == event_idx)
+        .map(|(_, _, c)| c.both())
+}
+
 pub fn cmd(rounds: u64) -> Result<bool, String> {
     ensure_valgrind()?;
     eprintln!("xtask: bench ring: building {PACKAGE} (release)...");
@@ -244,12 +253,7 @@ pub fn cmd(rounds: u64) -> Result<bool, String> {
     let mut ok = true;
     let mut targets = Vec::new();
     for event_idx in [true, false] {
-        let find = |arg: &str| {
-            costs
-                .iter()
-                .find(|(r, e, _)| r.arg == arg && *e == event_idx)
-                .map(|(_, _, c)| c.both())
-        };
+        let find = |arg: &str| add_and_pop(&costs, arg, event_idx);
         let (Some(ours), Some(theirs)) = (find("ours"), find("virtio-drivers")) else {
             ok = false;
             continue;
@@ -276,12 +280,7 @@ pub fn cmd(rounds: u64) -> Result<bool, String> {
          ring executes more instructions)\n"
     );
     for event_idx in [true, false] {
-        let find = |arg: &str| {
-            costs
-                .iter()
-                .find(|(r, e, _)| r.arg == arg && *e == event_idx)
-                .map(|(_, _, c)| c.both())
-        };
+        let find = |arg: &str| add_and_pop(&costs, arg, event_idx);
         let (Some(split), Some(packed)) = (find("ours"), find("packed")) else {
             ok = false;
             continue;
