@@ -2112,11 +2112,9 @@ fn max_pages_zero_means_one_page() {
     assert_eq!(r.fs.read_chunk(), 4096);
 }
 
-#[test]
-fn init_flags_the_device_declined_are_not_used() {
-    use virtio_fs::wire::init_flags;
-    let declined = init_flags::DO_READDIRPLUS | init_flags::ATOMIC_O_TRUNC;
-    let mut r = rig_with("declined", FsOptions::default(), move |m| {
+/// A rig whose device answers INIT without the flags `declined` (then serves honestly).
+fn rig_declining(name: &str, opts: FsOptions, declined: u32) -> Rig {
+    let mut r = rig_with(name, opts, move |m| {
         m.tamper = Some(Box::new(move |o, b| {
             if o == op::INIT {
                 let f = u32::from_le_bytes(b[28..32].try_into().unwrap());
@@ -2125,6 +2123,14 @@ fn init_flags_the_device_declined_are_not_used() {
         }))
     });
     r.model.tamper = None;
+    r
+}
+
+#[test]
+fn init_flags_the_device_declined_are_not_used() {
+    use virtio_fs::wire::init_flags;
+    let declined = init_flags::DO_READDIRPLUS | init_flags::ATOMIC_O_TRUNC;
+    let mut r = rig_declining("declined", FsOptions::default(), declined);
     assert_eq!(r.fs.init_info().unwrap().flags & declined, 0);
     std::fs::write(r.root.join("f"), b"old contents").unwrap();
     let h = r.run(|fs, w| fs.opendir(w, NodeId::ROOT)).unwrap();
@@ -2165,15 +2171,11 @@ fn init_flags_the_device_declined_are_not_used() {
 #[test]
 fn open_truncate_is_a_setattr_by_node_of_regular_files_only() {
     use virtio_fs::wire::init_flags;
-    let mut r = rig_with("trunc-node", FsOptions::default(), |m| {
-        m.tamper = Some(Box::new(|o, b| {
-            if o == op::INIT {
-                let f = u32::from_le_bytes(b[28..32].try_into().unwrap());
-                set_u32(b, 28, f & !init_flags::ATOMIC_O_TRUNC)
-            }
-        }))
-    });
-    r.model.tamper = None;
+    let mut r = rig_declining(
+        "trunc-node",
+        FsOptions::default(),
+        init_flags::ATOMIC_O_TRUNC,
+    );
     std::fs::write(r.root.join("f"), b"old contents").unwrap();
     let e = r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"f")).unwrap();
     let o = r
@@ -2221,15 +2223,7 @@ fn a_failed_open_truncate_owes_the_release() {
         max_request_queues: 1,
         ..FsOptions::default()
     };
-    let mut r = rig_with("trunc-owed", opts, |m| {
-        m.tamper = Some(Box::new(|o, b| {
-            if o == op::INIT {
-                let f = u32::from_le_bytes(b[28..32].try_into().unwrap());
-                set_u32(b, 28, f & !init_flags::ATOMIC_O_TRUNC)
-            }
-        }))
-    });
-    r.model.tamper = None;
+    let mut r = rig_declining("trunc-owed", opts, init_flags::ATOMIC_O_TRUNC);
     std::fs::write(r.root.join("f"), b"old contents").unwrap();
     let e = r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"f")).unwrap();
     // GETATTR and OPEN are answered; the SETATTR's wait fails.

@@ -309,6 +309,17 @@ fn device_current(shim: &RefCell<Shim>, sim: &Sim, queue: Option<u16>) -> bool {
         && queue.is_some_and(|q| sim.queue_info(q).is_some_and(|i| i.ready))
 }
 
+/// The statuses the memory timer's checks document.
+fn check_timer_status(status: i32, what: &str) {
+    assert!(
+        matches!(
+            status,
+            VBAL_OK | VBAL_E_DEVICE | VBAL_E_STOPPED | VBAL_E_UNSUPPORTED | VBAL_E_UNAVAILABLE
+        ),
+        "{what} returned {status}"
+    );
+}
+
 /// A lie the device tells (a forged or repeated used entry, a queue completed behind the
 /// model's back): the view is not the driver's until the next reset.
 fn lie(shim: &RefCell<Shim>, sim: &Sim) {
@@ -354,12 +365,15 @@ pub(super) fn run(input: &mut Input) {
             u64::from(input.u16())
         },
     };
-    let mem = sim.memory();
-    let free_at_start = mem.free_bytes();
-    let Some(family) = super::start_family(&sim, preference) else {
+    let Some(super::Started {
+        family,
+        mem,
+        buffer,
+        free_at_start,
+    }) = super::start_family(&sim, preference, 4096)
+    else {
         return;
     };
-    let buffer = mem.alloc_buffer(4096);
     let shim = Box::new(RefCell::new(Shim {
         sim: sim.clone(),
         page_size: u64::from(page_size),
@@ -581,17 +595,7 @@ pub(super) fn run(input: &mut Input) {
                 let mut p = VbalPressure::default();
                 // SAFETY: the live handle; a local out-pointer.
                 let status = unsafe { vbal_pressure_check(dev, now_ms, &mut p) };
-                assert!(
-                    matches!(
-                        status,
-                        VBAL_OK
-                            | VBAL_E_DEVICE
-                            | VBAL_E_STOPPED
-                            | VBAL_E_UNSUPPORTED
-                            | VBAL_E_UNAVAILABLE
-                    ),
-                    "vbal_pressure_check returned {status}"
-                );
+                check_timer_status(status, "vbal_pressure_check");
                 let most = (u64::from(VBAL_PRESSURE_CRITICAL_MIB) << 20) / u64::from(page_size);
                 assert!(
                     p.released.saturating_add(p.pending) <= most,
@@ -600,17 +604,7 @@ pub(super) fn run(input: &mut Input) {
                 let mut r = VbalReport::default();
                 // SAFETY: the live handle; a local out-pointer.
                 let status = unsafe { vbal_report_check(dev, now_ms, &mut r) };
-                assert!(
-                    matches!(
-                        status,
-                        VBAL_OK
-                            | VBAL_E_DEVICE
-                            | VBAL_E_STOPPED
-                            | VBAL_E_UNSUPPORTED
-                            | VBAL_E_UNAVAILABLE
-                    ),
-                    "vbal_report_check returned {status}"
-                );
+                check_timer_status(status, "vbal_report_check");
                 assert!(r.outcome <= VBAL_REPORT_UNREADABLE, "{r:?}");
                 if r.outcome != VBAL_REPORT_SENT {
                     assert_eq!(r.ranges, 0, "ranges without a report: {r:?}");

@@ -241,12 +241,15 @@ pub(super) fn run(input: &mut Input) {
         preference,
         queue_size,
     } = crate::blk::setup(input);
-    let mem = sim.memory();
-    let free_at_start = mem.free_bytes();
-    let Some(family) = super::start_family(&sim, preference) else {
+    let Some(super::Started {
+        family,
+        mem,
+        buffer,
+        free_at_start,
+    }) = super::start_family(&sim, preference, BUFFER_BYTES)
+    else {
         return;
     };
-    let buffer = mem.alloc_buffer(BUFFER_BYTES);
     let shim = Box::new(RefCell::new(Shim {
         dev: std::ptr::null_mut(),
         outstanding: HashMap::new(),

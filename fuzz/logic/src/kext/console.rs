@@ -267,12 +267,15 @@ pub(super) fn run(input: &mut Input) {
         ..
     } = crate::console::setup(input);
     let mut model = model;
-    let mem = sim.memory();
-    let free_at_start = mem.free_bytes();
-    let Some(family) = super::start_family(&sim, preference) else {
+    let Some(super::Started {
+        family,
+        mem,
+        buffer,
+        free_at_start,
+    }) = super::start_family(&sim, preference, 4096)
+    else {
         return;
     };
-    let buffer = mem.alloc_buffer(4096);
     let shim = Box::new(RefCell::new(Shim {
         dev: std::ptr::null_mut(),
         nubs: BTreeMap::new(),

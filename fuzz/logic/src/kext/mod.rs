@@ -40,14 +40,31 @@ pub fn run(data: &[u8]) {
     }
 }
 
+/// What a kext part starts from: the family started, a buffer for the shim's own I/O, and
+/// guest memory's free bytes before either (what [`finish`] checks is back).
+struct Started {
+    family: Family,
+    mem: IdentityMemory,
+    buffer: DmaRegion,
+    free_at_start: usize,
+}
+
 /// The family's `start` over `sim` (the IOKit order: the family's start, then the device
-/// kext's). `None` when the family refused the function, after checking that its failed
-/// start gave back every DMA byte.
-fn start_family(sim: &Sim, preference: Preference) -> Option<Family> {
+/// kext's), and a shim buffer of `buffer_bytes`. `None` when the family refused the
+/// function, after checking that its failed start gave back every DMA byte.
+fn start_family(sim: &Sim, preference: Preference, buffer_bytes: usize) -> Option<Started> {
     let mem = sim.memory();
     let free_at_start = mem.free_bytes();
     match Family::start(FamilyKext::rlib(), sim, preference) {
-        Ok(family) => Some(family),
+        Ok(family) => {
+            let buffer = mem.alloc_buffer(buffer_bytes);
+            Some(Started {
+                family,
+                mem,
+                buffer,
+                free_at_start,
+            })
+        }
         Err(_) => {
             crate::assert_setup_freed(&mem, free_at_start);
             None

@@ -208,12 +208,15 @@ pub(super) fn run(input: &mut Input) {
         rx_size,
         tx_size,
     } = crate::net::setup(input);
-    let mem = sim.memory();
-    let free_at_start = mem.free_bytes();
-    let Some(family) = super::start_family(&sim, preference) else {
+    let Some(super::Started {
+        family,
+        mem,
+        buffer,
+        free_at_start,
+    }) = super::start_family(&sim, preference, BUFFER_BYTES)
+    else {
         return;
     };
-    let buffer = mem.alloc_buffer(BUFFER_BYTES);
     for (i, byte) in mem.slice(&buffer).iter_mut().enumerate() {
         *byte = i as u8;
     }

@@ -80,12 +80,15 @@ fn read(shim: &RefCell<Shim>, dev: *mut VrngDevice, len: usize) -> (i32, usize) 
 
 pub(super) fn run(input: &mut Input) {
     let (sim, preference, queue_size) = crate::rng::setup(input);
-    let mem = sim.memory();
-    let free_at_start = mem.free_bytes();
-    let Some(family) = super::start_family(&sim, preference) else {
+    let Some(super::Started {
+        family,
+        mem,
+        buffer,
+        free_at_start,
+    }) = super::start_family(&sim, preference, 4096)
+    else {
         return;
     };
-    let buffer = mem.alloc_buffer(4096);
     let shim = Box::new(RefCell::new(Shim {
         dev: std::ptr::null_mut(),
         stopped: false,
