@@ -6,6 +6,7 @@
 //! - `kext_shim`: the VirtioFamily shim's side of the kexts' C ABI, played over `sim`.
 
 pub mod balloon_model;
+pub mod balloon_shim;
 pub mod blk_model;
 pub mod capped_alloc;
 pub mod console_model;

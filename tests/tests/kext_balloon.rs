@@ -14,21 +14,22 @@ mod kext_support;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::{CStr, c_char, c_void};
+use std::ffi::{c_char, c_void};
 
 use kext_support::{Family, FamilyKext, c_abi, kext_tests};
 use virtio_balloon::wire::tag;
 use virtio_balloon_kext::*;
 use virtio_pci::Preference;
 use virtio_tests::balloon_model::{BalloonModel, bits};
+use virtio_tests::balloon_shim::{
+    ChunkMemory, FILE_BACKED, FREE, MEMSIZE, PRESSURE, kernel_sysctls,
+};
 use virtio_tests::capped_alloc::{CappedAllocator, largest_allocation};
 use virtio_tests::sim::{MODES, Sim, SimMode};
 
 const RING: u64 = bits::INDIRECT_DESC | bits::EVENT_IDX;
 /// QEMU's default offer plus MUST_TELL_HOST and DEFLATE_ON_OOM.
 const QEMU: u64 = bits::MUST_TELL_HOST | bits::STATS_VQ | bits::DEFLATE_ON_OOM;
-/// Where the test's "physical" pages live (the device never touches them).
-const BASE: u64 = 0x1_0000_0000;
 
 c_abi! {
     /// VirtioBalloon.kext's C functions (`VirtioBalloonABI.h`).
@@ -108,19 +109,11 @@ kext_tests!(Kexts:
 #[global_allocator]
 static ALLOCATOR: CappedAllocator = CappedAllocator;
 
-/// The shim's side of memory: chunks "wired" from a fake physical space, every one
-/// tracked, so that a chunk leaked or freed twice fails the test.
+/// The shim's side of memory ([`ChunkMemory`]: every chunk tracked, so that a chunk leaked
+/// or freed twice fails the test), with what the tests look at besides.
 #[derive(Default)]
 struct ShimMem {
-    page_size: u64,
-    /// Pages handed out so far (numbers them; the addresses are scattered).
-    next: u64,
-    next_cookie: usize,
-    live: BTreeMap<usize, Vec<u64>>,
-    /// Chunks the shim may have wired at once (`None`: no limit).
-    limit: Option<usize>,
-    /// Hand out physically contiguous chunks (the default scatters every page).
-    contiguous: bool,
+    chunks: ChunkMemory,
     /// Every chunk ever wired, by cookie (cookies grow: a round's chunks are those above
     /// the last cookie before it).
     ever: BTreeMap<usize, Vec<u64>>,
@@ -129,22 +122,38 @@ struct ShimMem {
     errors: Vec<String>,
     /// Each `changed` call's `starved`.
     changed: Vec<bool>,
-    /// What the shim's `sysctlbyname` answers: name -> value bytes (absent: ENOENT).
-    sysctls: BTreeMap<String, Vec<u8>>,
-    /// Every name read, in order.
+    /// Every sysctl name read, in order.
     sysctl_reads: Vec<String>,
 }
 
-impl ShimMem {
-    /// The page addresses of live chunks, as 4 KiB frames.
-    fn frames(&self) -> BTreeSet<u32> {
-        let fpp = self.page_size / 4096;
-        self.live
-            .values()
-            .flatten()
-            .flat_map(|&a| (0..fpp).map(move |k| ((a >> 12) + k) as u32))
-            .collect()
+impl std::ops::Deref for ShimMem {
+    type Target = ChunkMemory;
+    fn deref(&self) -> &ChunkMemory {
+        &self.chunks
     }
+}
+
+impl std::ops::DerefMut for ShimMem {
+    fn deref_mut(&mut self) -> &mut ChunkMemory {
+        &mut self.chunks
+    }
+}
+
+impl ShimMem {
+    fn new(page_size: u64, sysctls: BTreeMap<String, Vec<u8>>) -> Self {
+        ShimMem {
+            chunks: ChunkMemory {
+                sysctls,
+                ..ChunkMemory::new(page_size)
+            },
+            ..ShimMem::default()
+        }
+    }
+}
+
+fn shim_mem<'a>(ctx: *mut c_void) -> &'a RefCell<ShimMem> {
+    // SAFETY: ctx is the test's RefCell<ShimMem>, alive while the device lives.
+    unsafe { &*(ctx as *const RefCell<ShimMem>) }
 }
 
 unsafe extern "C" fn alloc_chunk(
@@ -153,105 +162,44 @@ unsafe extern "C" fn alloc_chunk(
     count: u32,
     cookie: *mut *mut c_void,
 ) -> bool {
-    // SAFETY: ctx is the test's RefCell<ShimMem>, alive while the device lives.
-    let mem = unsafe { &*(ctx as *const RefCell<ShimMem>) };
-    let mut m = mem.borrow_mut();
+    let mut m = shim_mem(ctx).borrow_mut();
     // Balloon chunks are VBAL_CHUNK_PAGES pages; reporting chunks at most that.
     assert!((1..=VBAL_CHUNK_PAGES).contains(&count), "{count}");
-    if m.limit.is_some_and(|l| m.live.len() >= l) {
+    // SAFETY: the pool passes room for `count` addresses and a valid out-pointer.
+    let Some(addrs) = (unsafe { m.alloc_chunk(pages, count, cookie) }) else {
         return false;
-    }
-    // A chunk's pages are not contiguous: an odd multiplier scatters them (bijective
-    // modulo 2^20 pages). Contiguous chunks come from another part of the space.
-    let addrs: Vec<u64> = (0..u64::from(count))
-        .map(|k| {
-            if m.contiguous {
-                BASE + (1 << 20) * m.page_size + (m.next + k) * m.page_size
-            } else {
-                let n = ((m.next + k).wrapping_mul(0x9E37_79B1)) & 0xF_FFFF;
-                BASE + n * m.page_size
-            }
-        })
-        .collect();
-    m.next += u64::from(count);
-    // SAFETY: the pool passes room for `count` addresses.
-    unsafe { std::ptr::copy_nonoverlapping(addrs.as_ptr(), pages, addrs.len()) };
-    m.next_cookie += 1;
+    };
     let c = m.next_cookie;
-    m.ever.insert(c, addrs.clone());
-    m.live.insert(c, addrs);
+    m.ever.insert(c, addrs);
     m.allocs += 1;
-    // SAFETY: a valid out-pointer from the pool.
-    unsafe { *cookie = c as *mut c_void };
     true
 }
 
 unsafe extern "C" fn free_chunk(ctx: *mut c_void, cookie: *mut c_void) {
-    // SAFETY: as in alloc_chunk.
-    let mem = unsafe { &*(ctx as *const RefCell<ShimMem>) };
-    let mut m = mem.borrow_mut();
-    if m.live.remove(&(cookie as usize)).is_none() {
+    let mut m = shim_mem(ctx).borrow_mut();
+    if m.unwire(cookie).is_none() {
         m.errors
             .push(format!("chunk {cookie:?} freed but not live"));
     }
     m.frees += 1;
 }
 
-const ENOENT: i32 = 2;
-const ENOMEM: i32 = 12;
-
-/// The shim's `sysctlbyname(name, buf, &len, NULL, 0)` over [`ShimMem::sysctls`].
+/// The shim's `sysctlbyname(name, buf, &len, NULL, 0)` over [`ChunkMemory::sysctls`].
 unsafe extern "C" fn read_sysctl(
     ctx: *mut c_void,
     name: *const c_char,
     buf: *mut c_void,
     len: *mut u32,
 ) -> i32 {
-    // SAFETY: as in alloc_chunk.
-    let mem = unsafe { &*(ctx as *const RefCell<ShimMem>) };
-    let mut m = mem.borrow_mut();
-    // SAFETY: the kext passes a NUL-terminated name.
-    let name = unsafe { CStr::from_ptr(name) }
-        .to_str()
-        .expect("a sysctl name in ASCII")
-        .to_owned();
-    m.sysctl_reads.push(name.clone());
-    let Some(value) = m.sysctls.get(&name) else {
-        return ENOENT;
-    };
-    // SAFETY: the kext passes its room in `*len`.
-    let room = unsafe { *len } as usize;
-    if value.len() > room {
-        return ENOMEM;
-    }
-    // SAFETY: `buf` has `room` bytes; `len` is valid.
-    unsafe {
-        std::ptr::copy_nonoverlapping(value.as_ptr(), buf.cast::<u8>(), value.len());
-        *len = value.len() as u32;
-    }
-    0
-}
-
-const MEMSIZE: &str = "hw.memsize";
-const FREE: &str = "vm.page_free_count";
-const FILE_BACKED: &str = "vm.page_pageable_external_count";
-const PRESSURE: &str = "kern.memorystatus_vm_pressure_level";
-
-/// A kernel's answers, as xnu gives them: `hw.memsize` a 64-bit quad, the page counts and
-/// the pressure level 32-bit integers.
-fn kernel(memsize: u64, free: u32, file_backed: u32, pressure: u32) -> BTreeMap<String, Vec<u8>> {
-    BTreeMap::from([
-        (MEMSIZE.into(), memsize.to_ne_bytes().to_vec()),
-        (FREE.into(), free.to_ne_bytes().to_vec()),
-        (FILE_BACKED.into(), file_backed.to_ne_bytes().to_vec()),
-        (PRESSURE.into(), pressure.to_ne_bytes().to_vec()),
-    ])
+    let mut m = shim_mem(ctx).borrow_mut();
+    // SAFETY: the kext passes a NUL-terminated name and its room in `*len`.
+    let (status, name) = unsafe { m.read_sysctl(name, buf, len) };
+    m.sysctl_reads.push(name);
+    status
 }
 
 unsafe extern "C" fn changed(ctx: *mut c_void, starved: bool) {
-    // SAFETY: as in alloc_chunk.
-    let mem = unsafe { &*(ctx as *const RefCell<ShimMem>) };
-    mem.borrow_mut().changed.push(starved);
+    shim_mem(ctx).borrow_mut().changed.push(starved);
 }
 
 /// The shim's side: the family (transport + nub), the device model, memory, the device.
@@ -343,11 +291,7 @@ impl Rig {
         let model = BalloonModel::new(features);
         let sim = model.sim_builder(mode, RING, msix).build();
         let fam = Family::start(kexts.family, &sim, pref).expect("family start");
-        let mem = Box::new(RefCell::new(ShimMem {
-            page_size: u64::from(page_size),
-            sysctls,
-            ..ShimMem::default()
-        }));
+        let mem = Box::new(RefCell::new(ShimMem::new(u64::from(page_size), sysctls)));
         let mut model = model;
         model.set_target(&sim, initial_target);
         let cb = VbalCallbacks {
@@ -476,11 +420,7 @@ impl Rig {
             u64::from(self.actual()),
             "{what}"
         );
-        assert_eq!(
-            i.pages_wired,
-            m.live.values().map(|c| c.len() as u64).sum::<u64>(),
-            "{what}"
-        );
+        assert_eq!(i.pages_wired, m.wired_pages(), "{what}");
         assert!(i.report_pages <= i.pages_wired, "{what}");
         // The balloon's pages are among the wired ones.
         assert!(i.pages_held <= i.pages_wired, "{what}");
@@ -873,7 +813,7 @@ fn stats_carry_the_kernels_memory_figures(kexts: Kexts) {
                 page,
                 8192,
                 0,
-                kernel(8 * GIB, 1000, 3000, 1),
+                kernel_sysctls(8 * GIB, 1000, 3000, 1),
             );
             let p = u64::from(page);
             r.set_target(128);
@@ -946,7 +886,7 @@ fn a_failing_sysctl_leaves_its_tag_unsent(kexts: Kexts) {
         ),
     ];
     for (name, value, tags) in cases {
-        let mut sysctls = kernel(MEM, 500, 600, 1);
+        let mut sysctls = kernel_sysctls(MEM, 500, 600, 1);
         match &value {
             Some(v) => sysctls.insert(name.into(), v.clone()),
             None => sysctls.remove(name),
@@ -986,7 +926,7 @@ fn a_failing_sysctl_leaves_its_tag_unsent(kexts: Kexts) {
         4096,
         8192,
         0,
-        kernel(MEM, 500, 600, 1),
+        kernel_sysctls(MEM, 500, 600, 1),
     );
     r.run();
     assert_eq!(r.info().sysctl_failures, 0);
@@ -1025,7 +965,7 @@ fn pressure_warning_deflates_a_bounded_amount_and_tells_the_host(kexts: Kexts) {
                 page,
                 16384,
                 0,
-                kernel(4 << 30, 100, 100, VBAL_PRESSURE_WARN),
+                kernel_sysctls(4 << 30, 100, 100, VBAL_PRESSURE_WARN),
             );
             r.set_target(8000);
             assert_eq!(r.actual(), 8000, "{}", r.what);
@@ -1092,7 +1032,7 @@ fn pressure_warning_deflates_a_bounded_amount_and_tells_the_host(kexts: Kexts) {
         4096,
         32768,
         0,
-        kernel(4 << 30, 100, 100, VBAL_PRESSURE_CRITICAL),
+        kernel_sysctls(4 << 30, 100, 100, VBAL_PRESSURE_CRITICAL),
     );
     r.set_target(20_000);
     let (s, p) = r.pressure(1);
@@ -1129,7 +1069,7 @@ fn repeated_pressure_is_rate_limited(kexts: Kexts) {
         4096,
         16384,
         0,
-        kernel(4 << 30, 100, 100, VBAL_PRESSURE_WARN),
+        kernel_sysctls(4 << 30, 100, 100, VBAL_PRESSURE_WARN),
     );
     r.set_target(16_000);
     let t0 = 1_000_000;
@@ -1177,7 +1117,7 @@ fn normal_or_unreadable_pressure_does_nothing(kexts: Kexts) {
         4096,
         8192,
         0,
-        kernel(4 << 30, 100, 100, VBAL_PRESSURE_NORMAL),
+        kernel_sysctls(4 << 30, 100, 100, VBAL_PRESSURE_NORMAL),
     );
     r.set_target(3000);
     let before = r.info();
@@ -1239,7 +1179,7 @@ fn normal_or_unreadable_pressure_does_nothing(kexts: Kexts) {
         4096,
         8192,
         0,
-        kernel(4 << 30, 100, 100, VBAL_PRESSURE_CRITICAL),
+        kernel_sysctls(4 << 30, 100, 100, VBAL_PRESSURE_CRITICAL),
     );
     r.set_target(1000);
     let (s, p) = r.pressure(1);
@@ -1262,7 +1202,7 @@ const ROUND_FRAMES: usize = (VBAL_REPORT_ROUND_MIB as usize) << 8;
 
 /// A kernel with plenty of free memory: 8 GiB, half of it free, pressure normal.
 fn roomy_kernel(page: u64) -> BTreeMap<String, Vec<u8>> {
-    kernel(
+    kernel_sysctls(
         8 << 30,
         ((4 << 30) / page) as u32,
         1000,
@@ -1294,11 +1234,9 @@ fn frames_of_ranges<'a>(ranges: impl IntoIterator<Item = &'a (u64, u32)>) -> Vec
 
 /// The 4 KiB frames of the chunks wired after cookie `after`.
 fn frames_wired_after(m: &ShimMem, after: usize) -> BTreeSet<u32> {
-    let fpp = m.page_size / 4096;
     m.ever
         .range(after + 1..)
-        .flat_map(|(_, c)| c.iter())
-        .flat_map(|&a| (0..fpp).map(move |k| ((a >> 12) + k) as u32))
+        .flat_map(|(_, c)| m.frames_of(c))
         .collect()
 }
 
@@ -1400,12 +1338,8 @@ fn a_reporting_round_reports_wired_frames_and_frees_them_after_the_device(kexts:
                 .collect();
             let sent: BTreeSet<u32> = r.reported_frames().into_iter().collect();
             let m = r.mem.borrow();
-            let fpp = m.page_size / 4096;
             for (cookie, pages) in m.ever.range(before + 1..) {
-                let frames: Vec<u32> = pages
-                    .iter()
-                    .flat_map(|&a| (0..fpp).map(move |k| ((a >> 12) + k) as u32))
-                    .collect();
+                let frames = m.frames_of(pages);
                 let in_held = frames.iter().any(|f| held.contains(f));
                 let reported = frames.iter().all(|f| sent.contains(f));
                 if in_held {
@@ -1775,7 +1709,7 @@ fn the_bound_is_at_most_the_guests_memory(kexts: Kexts) {
                 false,
                 cfg,
                 0,
-                kernel(GUEST, 1000, 1000, VBAL_PRESSURE_NORMAL),
+                kernel_sysctls(GUEST, 1000, 1000, VBAL_PRESSURE_NORMAL),
             );
             let what = format!("{} max_pages {max_pages}", r.what);
             // Tables for 64 MiB: about 16 bytes a page, far below a MiB.
@@ -1847,11 +1781,10 @@ fn tables_the_kernel_cannot_give_fail_create_cleanly(kexts: Kexts) {
     let sim = model.sim_builder(SimMode::Modern, RING, false).build();
     let fam = Family::start(kexts.family, &sim, Preference::Auto).expect("family start");
     let dma_before = fam.live_dma();
-    let mem = RefCell::new(ShimMem {
-        page_size: 4096,
-        sysctls: kernel(1 << 50, 1000, 1000, VBAL_PRESSURE_NORMAL),
-        ..ShimMem::default()
-    });
+    let mem = RefCell::new(ShimMem::new(
+        4096,
+        kernel_sysctls(1 << 50, 1000, 1000, VBAL_PRESSURE_NORMAL),
+    ));
     let cb = VbalCallbacks {
         ctx: (&mem as *const RefCell<ShimMem>).cast_mut().cast(),
         alloc_chunk: Some(alloc_chunk),

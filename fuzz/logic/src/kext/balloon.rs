@@ -23,47 +23,25 @@
 //! `vbal_stop` (or `vbal_destroy`) returned; every DMA byte is back after the family stops.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::{CStr, c_char, c_void};
+use std::collections::BTreeSet;
+use std::ffi::{c_char, c_void};
 
 use virtio_balloon_kext::*;
 use virtio_tests::balloon_model::{BalloonModel, bits};
+use virtio_tests::balloon_shim::{ChunkMemory, FILE_BACKED, FREE, MEMSIZE, PRESSURE};
 use virtio_tests::kext_shim::Family;
 use virtio_tests::sim::Sim;
 
 use crate::input::Input;
 
 const MAX_STEPS: usize = 192;
-/// Where the shim's "physical" pages live (the device never touches them).
-const BASE: u64 = 0x1_0000_0000;
-/// Pages the shim wires in one input at most: page numbers stay unique (the scatter below
-/// is a bijection modulo 2^20, and contiguous chunks are numbered from 2^20 up, so
-/// switching between the two never hands out a page twice), far above what 192 steps of a
-/// bounded balloon need.
-const PAGE_NUMBERS: u64 = 1 << 20;
-
-const MEMSIZE: &str = "hw.memsize";
-const FREE: &str = "vm.page_free_count";
-const FILE_BACKED: &str = "vm.page_pageable_external_count";
-const PRESSURE: &str = "kern.memorystatus_vm_pressure_level";
-const ENOENT: i32 = 2;
-const ENOMEM: i32 = 12;
 
 /// The shim's state, reached from the kext's callbacks through `ctx`.
 struct Shim {
     sim: Sim,
-    page_size: u64,
-    /// Pages numbered so far (the addresses are scattered unless `contiguous`).
-    next: u64,
-    next_cookie: usize,
-    /// Live chunks by cookie: their page addresses.
-    live: BTreeMap<usize, Vec<u64>>,
-    contiguous: bool,
-    /// The kernel has no memory to give.
-    dry: bool,
-    /// Most chunks wired at once (`None`: no limit).
-    limit: Option<usize>,
-    sysctls: BTreeMap<&'static str, Vec<u8>>,
+    /// The kernel's pages and sysctls; at most `PAGE_NUMBERS` pages in one input, far above
+    /// what 192 steps of a bounded balloon need.
+    chunks: ChunkMemory,
     /// `changed` said starved: the retry timer is armed.
     starved: bool,
     /// `vbal_stop` (or `vbal_destroy`) returned: no callback may come any more.
@@ -85,19 +63,20 @@ struct DeviceView {
     held_reports: BTreeSet<u32>,
 }
 
+impl std::ops::Deref for Shim {
+    type Target = ChunkMemory;
+    fn deref(&self) -> &ChunkMemory {
+        &self.chunks
+    }
+}
+
+impl std::ops::DerefMut for Shim {
+    fn deref_mut(&mut self) -> &mut ChunkMemory {
+        &mut self.chunks
+    }
+}
+
 impl Shim {
-    fn fpp(&self) -> u64 {
-        self.page_size / 4096
-    }
-
-    fn frames(&self, pages: &[u64]) -> Vec<u32> {
-        let fpp = self.fpp();
-        pages
-            .iter()
-            .flat_map(|&a| (0..fpp).map(move |k| ((a >> 12) + k) as u32))
-            .collect()
-    }
-
     /// The view is the device's own and the device has been honest since its last reset.
     fn trusted(&self) -> bool {
         self.view.resets == self.sim.resets() && self.honest_since_reset()
@@ -132,42 +111,19 @@ unsafe extern "C" fn alloc_chunk(
         (1..=VBAL_CHUNK_PAGES).contains(&count),
         "alloc_chunk of {count} pages"
     );
-    if s.dry
-        || s.limit.is_some_and(|l| s.live.len() >= l)
-        || s.next + u64::from(count) > PAGE_NUMBERS
-    {
-        return false;
-    }
-    let addrs: Vec<u64> = (0..u64::from(count))
-        .map(|k| {
-            let n = if s.contiguous {
-                PAGE_NUMBERS + s.next + k
-            } else {
-                ((s.next + k).wrapping_mul(0x9E37_79B1)) & (PAGE_NUMBERS - 1)
-            };
-            BASE + n * s.page_size
-        })
-        .collect();
-    s.next += u64::from(count);
-    // SAFETY: the pool passes room for `count` addresses.
-    unsafe { std::ptr::copy_nonoverlapping(addrs.as_ptr(), pages, addrs.len()) };
-    s.next_cookie += 1;
-    let c = s.next_cookie;
-    s.live.insert(c, addrs);
-    // SAFETY: a valid out-pointer from the pool.
-    unsafe { *cookie = c as *mut c_void };
-    true
+    // SAFETY: the pool passes room for `count` addresses and a valid out-pointer.
+    unsafe { s.alloc_chunk(pages, count, cookie) }.is_some()
 }
 
 unsafe extern "C" fn free_chunk(ctx: *mut c_void, cookie: *mut c_void) {
     let mut s = shim_of(ctx).borrow_mut();
     assert!(!s.stopped, "free_chunk after vbal_stop returned");
-    let Some(pages) = s.live.remove(&(cookie as usize)) else {
+    let Some(pages) = s.unwire(cookie) else {
         panic!("free_chunk({cookie:?}): not a live chunk (freed twice, or never given)");
     };
     if s.trusted() {
         let must_tell = s.must_tell();
-        for f in s.frames(&pages) {
+        for f in s.frames_of(&pages) {
             assert!(
                 !(must_tell && s.view.ballooned.contains(&f)),
                 "chunk {cookie:?} freed with frame {f:#x} in the device's balloon"
@@ -199,23 +155,8 @@ unsafe extern "C" fn read_sysctl(
 ) -> i32 {
     let s = shim_of(ctx).borrow();
     assert!(!s.stopped, "read_sysctl after vbal_stop returned");
-    assert!(!name.is_null() && !buf.is_null() && !len.is_null());
-    // SAFETY: the kext passes a NUL-terminated name.
-    let name = unsafe { CStr::from_ptr(name) }.to_str().unwrap_or("");
-    let Some(value) = s.sysctls.get(name) else {
-        return ENOENT;
-    };
-    // SAFETY: the kext passes its room in `*len`.
-    let room = unsafe { *len } as usize;
-    if value.len() > room {
-        return ENOMEM;
-    }
-    // SAFETY: `buf` has `room` bytes; `len` is valid.
-    unsafe {
-        std::ptr::copy_nonoverlapping(value.as_ptr(), buf.cast::<u8>(), value.len());
-        *len = value.len() as u32;
-    }
-    0
+    // SAFETY: the kext passes a NUL-terminated name and its room in `*len`.
+    unsafe { s.read_sysctl(name, buf, len) }.0
 }
 
 /// A sysctl's answer: absent, of an odd size, or 4 or 8 bytes of `value`.
@@ -260,7 +201,7 @@ fn fuzz_sysctls(input: &mut Input, s: &mut Shim) {
         (PRESSURE, level, false),
     ] {
         match sysctl_value(input, value, wide) {
-            Some(v) => s.sysctls.insert(name, v),
+            Some(v) => s.sysctls.insert(name.into(), v),
             None => s.sysctls.remove(name),
         };
     }
@@ -376,14 +317,10 @@ pub(super) fn run(input: &mut Input) {
     };
     let shim = Box::new(RefCell::new(Shim {
         sim: sim.clone(),
-        page_size: u64::from(page_size),
-        next: 0,
-        next_cookie: 0,
-        live: BTreeMap::new(),
-        contiguous: input.bool(),
-        dry: false,
-        limit: None,
-        sysctls: BTreeMap::new(),
+        chunks: ChunkMemory {
+            contiguous: input.bool(),
+            ..ChunkMemory::new(u64::from(page_size))
+        },
         starved: false,
         stopped: false,
         view: DeviceView::default(),
@@ -785,7 +722,7 @@ fn check_books(shim: &RefCell<Shim>, dev: *mut VbalDevice, bound: u64, fpp: u64,
     // SAFETY: the live handle (after stop too: destroy has not run); a local out-pointer.
     assert_eq!(unsafe { vbal_info(dev, &mut i) }, VBAL_OK);
     let s = shim.borrow();
-    let wired: u64 = s.live.values().map(|c| c.len() as u64).sum();
+    let wired = s.wired_pages();
     assert_eq!(
         i.pages_wired, wired,
         "the kext counts {} pages wired, the shim {wired}",
@@ -812,9 +749,8 @@ fn check_books(shim: &RefCell<Shim>, dev: *mut VbalDevice, bound: u64, fpp: u64,
             s.view.ballooned.len()
         );
         if s.must_tell() {
-            let live: BTreeSet<u32> = s.live.values().flat_map(|c| s.frames(c)).collect();
             assert!(
-                s.view.ballooned.is_subset(&live),
+                s.view.ballooned.is_subset(&s.frames()),
                 "frames in the device's balloon outside the wired chunks"
             );
         }
