@@ -559,6 +559,10 @@ impl Family {
     ) -> Result<Family, VkStatus> {
         let f = &kext.shim;
         let cfg = sim.config_space();
+        // The shim turns bus mastering off before it hands the function to the family
+        // (`VirtioPCITransport::start`), without looking at what it reads back (a stuck
+        // bit stays set): the family turns it on after the first reset.
+        virtio_pci::caps::set_bus_master(&cfg, false);
         // SAFETY: a pure function of three IDs.
         let ty = unsafe { (f.vfam_identify)(cfg.read16(0), cfg.read16(2), cfg.read16(0x2e)) };
         assert_ne!(ty, 0, "the sim function is a virtio function we drive");

@@ -254,6 +254,7 @@ impl SimBuilder {
             reset_refused: false,
             bus_master_stuck: false,
             dma_refused: 0,
+            bus_master_on_unreset: 0,
             status: 0,
             device_feature_select: 0,
             driver_feature_select: 0,
@@ -530,6 +531,9 @@ struct State {
     /// Device memory accesses (ring and buffer reads and writes, MSI-X messages) refused
     /// because Bus Master Enable was clear.
     dma_refused: u64,
+    /// Times Bus Master Enable was turned on while the device was not reset (status not
+    /// 0): it could then use rings it was given before, in memory no longer its own.
+    bus_master_on_unreset: u64,
     status: u8,
     device_feature_select: u32,
     driver_feature_select: u32,
@@ -736,7 +740,13 @@ impl State {
             match at {
                 // Command register (low byte and INTx disable in the high byte).
                 0x04 if self.bus_master_stuck => self.cfg[at] = (b & 0x07) | COMMAND_BUS_MASTER,
-                0x04 => self.cfg[at] = b & 0x07,
+                0x04 => {
+                    let turned_on = b & !self.cfg[at] & COMMAND_BUS_MASTER != 0;
+                    if turned_on && self.status != 0 {
+                        self.bus_master_on_unreset += 1;
+                    }
+                    self.cfg[at] = b & 0x07;
+                }
                 0x05 => self.cfg[at] = b & 0x04,
                 0x3C => self.cfg[at] = b,
                 _ if self.msix_vectors > 0 && at == msix_ctl_hi => self.cfg[at] = b & 0xC0,
@@ -1658,6 +1668,11 @@ impl Sim {
     pub fn may_dma(&self) -> bool {
         let st = self.st();
         st.status != 0 && st.cfg[0x04] & COMMAND_BUS_MASTER != 0
+    }
+    /// Times bus mastering was turned on while the device was not reset (its status not
+    /// 0): a driver must reset a device before letting it at memory.
+    pub fn bus_master_on_unreset(&self) -> u64 {
+        self.st().bus_master_on_unreset
     }
     /// Device memory accesses refused so far because bus mastering was off.
     pub fn dma_refused(&self) -> u64 {

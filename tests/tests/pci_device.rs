@@ -366,6 +366,48 @@ fn bring_up_any<T: Transport, D: Dma, I: virtio_core::platform::InterruptPlatfor
     d.driver_ok().unwrap();
 }
 
+/// Bus mastering comes on only once the device has reset. The VirtioFamily shim hands
+/// the function over with Bus Master Enable off (firmware may have left the device running
+/// on rings in memory the OS now owns, `VirtioPCITransport::start`): the initialisation
+/// resets the device first and then turns bus mastering on, so the device can run the new
+/// queues and never the old ones.
+#[test]
+fn bus_mastering_comes_on_only_after_the_first_reset() {
+    for (mode, pref) in MODES {
+        let s = sim(mode, Some(4));
+        // Firmware's driver left the device running...
+        let mut fw = probe(s.config_space(), s.bars(), pref).unwrap();
+        fw.set_status(
+            DeviceStatus::ACKNOWLEDGE
+                | DeviceStatus::DRIVER
+                | DeviceStatus::FEATURES_OK
+                | DeviceStatus::DRIVER_OK,
+        );
+        // ...and the shim switched its bus mastering off.
+        assert!(virtio_pci::caps::set_bus_master(&s.config_space(), false));
+        let mem = s.memory();
+        let mut d = device(&s, pref);
+        bring_up_any(&mut d);
+        assert!(s.bus_master(), "{mode:?}: bus mastering on after the reset");
+        assert_eq!(
+            s.bus_master_on_unreset(),
+            0,
+            "{mode:?}: bus mastering came on before the device reset"
+        );
+        let buf = mem.alloc_coherent(64, 8).unwrap();
+        d.add(0, &[], &[Segment::new(buf.daddr, 64)], 5).unwrap();
+        d.kick(0).unwrap();
+        assert_eq!(s.serve(0, |c| s.write_chain(c, b"on")), 1, "{mode:?}");
+        assert_eq!(
+            d.pop_used(0).unwrap().map(|u| (u.token, u.len)),
+            Some((5, 2)),
+            "{mode:?}"
+        );
+        assert_eq!(s.dma_refused(), 0, "{mode:?}");
+        assert_eq!(d.reset(&mut |_, _| {}), Ok(()));
+    }
+}
+
 /// A device that will not reset has its bus mastering switched off (PCI command register,
 /// read back): `reset` is Ok, the device can no longer touch memory (its chains are not
 /// read, MSI-X not sent), so its rings are freed. Once it resets again the next

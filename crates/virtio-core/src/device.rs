@@ -90,6 +90,13 @@ pub struct VirtioDevice<T: Transport, D: Dma, I: InterruptPlatform> {
     /// The transport cut the device off from memory ([`Transport::stop_dma`]) after it
     /// would not reset; turned back on by the next reset it acknowledges.
     dma_stopped: bool,
+    /// We turned the device's DMA on ([`Transport::restart_dma`]) after a reset it
+    /// acknowledged, and have not stopped it since. False at first whatever the platform
+    /// left the switch as: firmware may have left the device running on rings in memory
+    /// the OS now owns, so the VirtioFamily shim turns bus mastering off before handing
+    /// the function over, and it comes on only once the device has reset (§2.1.2: a reset
+    /// device uses no driver memory).
+    dma_started: bool,
 }
 
 impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
@@ -112,6 +119,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
             isr_interrupts: 0,
             spurious_interrupts: 0,
             dma_stopped: false,
+            dma_started: false,
         }
     }
 
@@ -143,27 +151,28 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
         self.spurious_interrupts
     }
 
-    /// Writes 0 and waits until the device reads back 0 (§2.1.2, §4.1.4.3.2). A device
-    /// whose DMA was stopped gets it back here, once the reset is acknowledged: reset, it
-    /// uses no driver memory until its queues are set up again (§2.1.2, §3.1.1), and it
-    /// needs bus mastering for them. Err(ResetTimeout) when the device did not reset, or
-    /// when its DMA could not be turned back on (then it stays stopped: the device is
-    /// quiet, but unusable).
+    /// Writes 0 and waits until the device reads back 0 (§2.1.2, §4.1.4.3.2). The device's
+    /// DMA is turned on here when we have not turned it on yet (the first reset) or
+    /// stopped it since, once the reset is acknowledged: reset, it uses no driver memory
+    /// until its queues are set up again (§2.1.2, §3.1.1), and it needs bus mastering for
+    /// them. Err(ResetTimeout) when the device did not reset, or when its DMA could not be
+    /// turned on (then it stays off: the device is quiet, but unusable).
     fn reset_device(&mut self) -> Result<()> {
         self.transport.set_status(DeviceStatus::empty());
         for _ in 0..RESET_POLLS {
             if self.transport.status().is_empty() {
-                if self.dma_stopped {
+                if !self.dma_started {
                     if !self.transport.restart_dma() {
                         // Without bus mastering the device cannot run its queues: fail the
                         // initialisation now rather than hang on requests that never
-                        // complete. DMA stays stopped (the device stays quiet).
+                        // complete. DMA stays off (the device stays quiet).
                         log::error!(
-                            "virtio {}: the device reset but its DMA cannot be turned back on",
+                            "virtio {}: the device reset but its DMA cannot be turned on",
                             self.transport.device_type().name()
                         );
                         return Err(Error::ResetTimeout);
                     }
+                    self.dma_started = true;
                     self.dma_stopped = false;
                 }
                 return Ok(());
@@ -189,6 +198,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
                 );
             }
             self.dma_stopped = true;
+            self.dma_started = false;
             return Ok(());
         }
         log::error!(

@@ -115,7 +115,11 @@ bool org_virtiodarwin_VirtioPCITransport::start(IOService *provider)
     }
     fPCI->setMemoryEnable(true);
     fPCI->setIOEnable(true);
-    fPCI->setBusMasterEnable(true);
+    /* Bus mastering off until the device has reset: firmware (or a previous driver whose
+     * reset did not take) may have left it running on rings in memory the kernel now owns.
+     * The Rust bus turns it on, through opConfigWrite, once the device acknowledges its
+     * first reset (virtio 1.2 §2.1.2: a reset device uses no driver memory). */
+    fPCI->setBusMasterEnable(false);
     mapBars();
 
     fPlatform.ctx = this;
