@@ -66,6 +66,8 @@ const STATUS_NEEDS_RESET: u8 = 64;
 const STATUS_FAILED: u8 = 128;
 /// Bus Master Enable in the low byte of the PCI command register (PCI Local Bus 3.0 §6.2.2).
 const COMMAND_BUS_MASTER: u8 = 1 << 2;
+/// Reads of `queue_reset` during which a queue reset is still ongoing (presents 1).
+const QUEUE_RESET_READS: u8 = 2;
 
 /// Config-space and BAR layout constants of the model.
 pub mod layout {
@@ -288,7 +290,10 @@ struct SimQueue {
     size: u16,
     vector: u16,
     enabled: bool,
-    reset_flag: bool,
+    /// Reads of `queue_reset` that still present 1 (the queue's reset is ongoing,
+    /// §4.1.4.3.1) before it presents 0 with `queue_enable` 0: [`QUEUE_RESET_READS`] after
+    /// a write of 1.
+    reset_reads_left: u8,
     desc: u64,
     driver: u64,
     device: u64,
@@ -352,7 +357,7 @@ impl SimQueue {
             size: max_size,
             vector: NO_VECTOR,
             enabled: false,
-            reset_flag: false,
+            reset_reads_left: 0,
             desc: 0,
             driver: 0,
             device: 0,
@@ -490,6 +495,8 @@ impl Chain {
 /// What the driver programmed for one queue.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct QueueInfo {
+    /// A queue reset is ongoing: `queue_reset` still presents 1.
+    pub resetting: bool,
     pub max_size: u16,
     pub size: u16,
     pub vector: u16,
@@ -933,7 +940,13 @@ impl State {
             (0x30, 4) => q.map_or(0, |q| q.device & 0xFFFF_FFFF),
             (0x34, 4) => q.map_or(0, |q| q.device >> 32),
             (0x38, 2) => 0,
-            (0x3A, 2) => q.map_or(0, |q| u64::from(q.reset_flag)),
+            (0x3A, 2) => match self.selected() {
+                Some(q) if q.reset_reads_left > 0 => {
+                    q.reset_reads_left -= 1;
+                    1
+                }
+                _ => 0,
+            },
             _ => {
                 self.bad(format!("common cfg read {off:#x}/{width}"));
                 0
@@ -1012,7 +1025,7 @@ impl State {
                 if v16 != 1 {
                     self.bad(format!("queue {sel}: queue_enable written {v16}"));
                 } else if let Some(q) = self.selected() {
-                    q.reset_flag = false;
+                    q.reset_reads_left = 0;
                     self.activate_queue(sel, true);
                 }
             }
@@ -1040,7 +1053,7 @@ impl State {
                     self.bad(format!("queue {sel}: queue_reset without RING_RESET"));
                 } else if let Some(q) = self.selected() {
                     q.reset();
-                    q.reset_flag = true;
+                    q.reset_reads_left = QUEUE_RESET_READS;
                     self.events.push(SimEvent::QueueReset { queue: sel });
                 }
             }
@@ -1473,6 +1486,7 @@ impl Sim {
         let st = self.st();
         let q = st.queues.get(usize::from(queue))?;
         Some(QueueInfo {
+            resetting: q.reset_reads_left > 0,
             max_size: q.max_size,
             size: q.size,
             vector: q.vector,

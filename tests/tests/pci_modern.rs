@@ -462,6 +462,11 @@ fn teardown_uses_queue_reset_only_when_negotiated() {
     t.setup_queue(0, 256, ring.addrs(), NO_VECTOR).unwrap();
     t.teardown_queue(0);
     assert!(!s.queue_info(0).unwrap().enabled);
+    assert!(
+        !s.queue_info(0).unwrap().resetting,
+        "teardown returned while the queue reset was ongoing (§4.1.4.3.2: complete once \
+         queue_reset reads 0)"
+    );
     assert!(s.events().contains(&SimEvent::QueueReset { queue: 0 }));
     // And it can be set up again.
     t.setup_queue(0, 128, ring.addrs(), NO_VECTOR).unwrap();

@@ -457,8 +457,11 @@ impl<C: PciConfigSpace, B: BarAccess> Transport for ModernTransport<C, B> {
         }
         self.w16(common_cfg::QUEUE_SELECT, index);
         self.w16(common_cfg::QUEUE_RESET, 1);
+        // §4.1.4.3.2: the reset is complete only once queue_reset reads back 0; the queue
+        // is then disabled (queue_enable reads 0), as Linux also waits for
+        // (`vp_modern_set_queue_reset`). Bounded: a device that never completes is logged.
         for _ in 0..RESET_POLL_LIMIT {
-            if self.r16(common_cfg::QUEUE_RESET) == 1 {
+            if self.r16(common_cfg::QUEUE_RESET) == 0 && self.r16(common_cfg::QUEUE_ENABLE) == 0 {
                 return;
             }
             core::hint::spin_loop();
