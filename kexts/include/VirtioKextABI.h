@@ -161,7 +161,11 @@ typedef struct {
    * 0: the driver polls this queue; 1: completions interrupt.
    */
   uint8_t interrupts;
-  uint8_t reserved;
+  /**
+   * 1: do not trust `used.len` on this queue (`QueueSpec::ignore_used_len`: completions
+   * report 0 and the length is not checked); 0: validate it.
+   */
+  uint8_t ignore_used_len;
 } VkQueueSpec;
 
 /**

@@ -103,6 +103,7 @@ kext_tests!(Kexts:
     reporting_is_off_unless_offered,
     the_bound_is_at_most_the_guests_memory,
     tables_the_kernel_cannot_give_fail_create_cleanly,
+    legacy_devices_may_write_any_used_length_on_the_page_queues,
 );
 
 /// Allocations above `ALLOCATION_CAP` fail, as in a kernel (`virtio_tests::capped_alloc`).
@@ -612,6 +613,38 @@ fn oom_hook_deflates_and_holds(kexts: Kexts) {
     );
     assert_eq!(r.info().deflate_on_oom, 0);
     r.unload();
+}
+
+/// Legacy balloon devices may write the buffer's length into `used.len` on the inflate and
+/// deflate queues (§5.5.6; older QEMU did): through the family too, the driver does not
+/// trust it there (`QueueSpec::ignore_used_len` crosses the kext ABI) and carries on,
+/// while a modern device that does it breaks the queue and the kext recovers.
+fn legacy_devices_may_write_any_used_length_on_the_page_queues(kexts: Kexts) {
+    for (mode, pref) in MODES {
+        let legacy = mode == SimMode::Legacy || pref == Preference::Legacy;
+        for queue in [0u16, 1] {
+            let mut r = Rig::start(kexts, mode, pref, QEMU, false);
+            r.set_target(300);
+            r.model.len_override = Some((queue, 1024));
+            r.set_target(if queue == 0 { 600 } else { 0 });
+            let recoveries = r.info().recoveries;
+            r.model.len_override = None;
+            if !legacy {
+                assert!(recoveries >= 1, "{} queue {queue}", r.what);
+                r.unload();
+                continue;
+            }
+            assert_eq!(recoveries, 0, "{} queue {queue}", r.what);
+            assert_eq!(
+                r.actual(),
+                if queue == 0 { 600 } else { 0 },
+                "{} queue {queue}",
+                r.what
+            );
+            r.check_consistent();
+            r.unload();
+        }
+    }
 }
 
 fn needs_reset_recovers_and_reinflates(kexts: Kexts) {

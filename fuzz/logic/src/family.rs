@@ -152,7 +152,7 @@ pub fn run(data: &[u8]) {
                         size: if input.bool() { 0 } else { input.u16() % 300 },
                         max_indirect: u16::from(input.u8() % 20),
                         interrupts: input.u8() & 1,
-                        reserved: 0,
+                        ignore_used_len: 0,
                     })
                     .collect();
                 let null = input.u8().is_multiple_of(8);

@@ -90,7 +90,9 @@ pub struct VkQueueSpec {
     pub max_indirect: u16,
     /// 0: the driver polls this queue; 1: completions interrupt.
     pub interrupts: u8,
-    pub reserved: u8,
+    /// 1: do not trust `used.len` on this queue (`QueueSpec::ignore_used_len`: completions
+    /// report 0 and the length is not checked); 0: validate it.
+    pub ignore_used_len: u8,
 }
 
 /// Counters of one virtqueue (`virtio_core::QueueStats`).

@@ -443,7 +443,7 @@ impl<A: FamilyApi> Bus for FamilyBus<A> {
             size: s.size,
             max_indirect: s.max_indirect,
             interrupts: s.interrupts.into(),
-            reserved: 0,
+            ignore_used_len: s.ignore_used_len.into(),
         }));
         // SAFETY: live handle; `c` holds `specs.len()` entries.
         unsafe { self.api.vfam_setup_queues(self.dev, c.as_ptr(), c.len()) }.into_result()

@@ -432,6 +432,7 @@ pub unsafe extern "C" fn vfam_setup_queues(
             .size(s.size)
             .interrupts(s.interrupts != 0)
             .indirect(s.max_indirect)
+            .ignore_used_len(s.ignore_used_len != 0)
     }));
     with(dev, |d| d.bus.setup_queues(&converted))
 }
