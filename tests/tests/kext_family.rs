@@ -11,7 +11,8 @@ use std::ffi::c_void;
 use kext_support::{Family, FamilyKext, kext_tests};
 use virtio_blk::{BlkDriver, BlkOptions};
 use virtio_core::platform::InterruptMode;
-use virtio_core::{Bus, Error, Features, QueueSpec, Segment};
+use virtio_core::transport::Transport;
+use virtio_core::{Bus, DeviceStatus, Error, Features, QueueSpec, Segment};
 use virtio_kext_abi::{VK_E_BAD_ARGUMENT, VK_E_RESET_TIMEOUT, VK_E_TRANSPORT, VK_VECTOR_INTX};
 use virtio_kext_client::FamilyBus;
 use virtio_pci::Preference;
@@ -55,7 +56,34 @@ kext_tests!(FamilyKext:
     client_declarations_match_the_family_exports,
     lifecycle_across_sleep_wake_and_teardown,
     a_device_that_will_not_reset_through_the_family,
+    a_device_left_running_is_reset_when_the_family_starts,
 );
+
+/// Firmware left the device running (DRIVER_OK, rings of its own): the family resets it
+/// as it starts, before any client comes, and bus mastering (which the shim turned off)
+/// comes back on only after that reset.
+fn a_device_left_running_is_reset_when_the_family_starts(family: &'static FamilyKext) {
+    for (mode, pref) in MODES {
+        let sim = BlkModel::new(64)
+            .sim_builder(mode, 1 << 28, 16, 4 << 20)
+            .build();
+        let mut firmware = virtio_pci::probe(sim.config_space(), sim.bars(), pref).unwrap();
+        firmware.set_status(
+            DeviceStatus::ACKNOWLEDGE
+                | DeviceStatus::DRIVER
+                | DeviceStatus::FEATURES_OK
+                | DeviceStatus::DRIVER_OK,
+        );
+        let fam = Family::start(family, &sim, pref).expect("start");
+        assert_eq!(sim.status(), 0, "{mode:?}: reset as the family starts");
+        assert!(
+            sim.bus_master(),
+            "{mode:?}: bus mastering on after the reset"
+        );
+        assert_eq!(sim.bus_master_on_unreset(), 0, "{mode:?}");
+        fam.stop();
+    }
+}
 
 fn client_bus_round_trip_in_every_mode(family: &'static FamilyKext) {
     for (mode, pref) in MODES {

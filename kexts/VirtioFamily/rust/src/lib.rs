@@ -200,13 +200,21 @@ pub unsafe extern "C" fn vfam_device_create(
         Err(e) => return Error::Transport(e).into(),
     };
     let kind = t.kind();
-    let d = Box::new(VfamDevice {
+    let mut d = Box::new(VfamDevice {
         bus: VirtioDevice::new(t, KextDma(ops), KextIrq(ops)),
         handler: None,
         handler_ctx: core::ptr::null_mut(),
         kind,
         may_dma: false,
     });
+    // §3.1.1 step 1, before anything else: firmware may have left the device running
+    // (DRIVER_OK, its INTx line, shared with other functions, possibly asserted), and a
+    // client kext may never come (not installed, not approved) to reset it. Linux resets at
+    // registration too. Its DMA stays off until the device acknowledges (the shim turned
+    // bus mastering off; `VirtioDevice` turns it on after the reset). Err: the device
+    // ignored the reset and its DMA could not be stopped; nothing was given to it yet, but
+    // the family remembers (`vfam_device_destroy`).
+    d.may_dma = d.bus.reset(&mut |_, _| {}).is_err();
     put(out, Box::into_raw(d));
     VkStatus::OK
 }
