@@ -121,6 +121,20 @@ impl Rig {
         (toks, r.restart)
     }
 
+    /// One `rx_poll` of `budget`: the frames it delivered and its summary.
+    fn poll_frames(&mut self, budget: usize) -> (Vec<Vec<u8>>, virtio_net::RxSummary) {
+        let mut frames = Vec::new();
+        let s = self
+            .net
+            .rx_poll(budget, |fr| {
+                let mut v = vec![0; fr.len()];
+                fr.copy_to(&mut v).unwrap();
+                frames.push(v);
+            })
+            .unwrap();
+        (frames, s)
+    }
+
     fn receive(&mut self) -> Vec<(Vec<u8>, virtio_net::RxInfo, usize)> {
         let mut out = Vec::new();
         let s = self
@@ -737,15 +751,7 @@ fn hostile_receive_values_are_dropped_and_the_driver_continues() {
             with(hdr(0, 0, 0, 0, 0, 0), 1, &good),
         ];
         r.model.inject_rx_raw(&bufs).unwrap();
-        let mut frames = Vec::new();
-        let s = r
-            .net
-            .rx_poll(100, |fr| {
-                let mut v = vec![0; fr.len()];
-                fr.copy_to(&mut v).unwrap();
-                frames.push(v);
-            })
-            .unwrap();
+        let (frames, s) = r.poll_frames(100);
         assert_eq!(frames, vec![good.clone()], "{mode:?}/{pref:?}");
         assert_eq!(s.dropped, 5);
         assert!(matches!(s.last_error, Some(NetError::Device(_))));
@@ -783,6 +789,51 @@ fn hostile_receive_values_are_dropped_and_the_driver_continues() {
         // Transmit still works on its own queue.
         assert!(r.send(&good, 1, &TxOffload::NONE, 1).is_ok());
         assert_eq!(r.model.take_tx().len(), 1);
+    }
+}
+
+/// A mergeable frame (§5.1.6.4) the driver rejects after validating its `num_buffers` (an
+/// unknown `gso_type` here) takes all of its buffers along: its second buffer, whose
+/// payload happens to start like a virtio header with `num_buffers` 1 over an Ethernet
+/// frame, used to be parsed as a frame of its own and handed to the stack (and to the
+/// debugger), garbage from the stack's point of view.
+#[test]
+fn a_rejected_mergeable_frame_drops_all_of_its_buffers() {
+    for (mode, pref) in MODES {
+        let what = format!("{mode:?}/{pref:?}");
+        let mut r = rig(mode, pref, QEMU);
+        assert_eq!(r.net.rx_mode(), RxMode::Mergeable, "{what}");
+        let mut first = hdr(0, 9, 0, 100, 0, 0).to_vec(); // gso_type 9: unknown
+        first[10..12].copy_from_slice(&2u16.to_le_bytes());
+        first.extend_from_slice(&frame(100, 1));
+        let mut second = hdr(0, 0, 0, 0, 0, 0).to_vec();
+        second[10..12].copy_from_slice(&1u16.to_le_bytes());
+        second.extend_from_slice(&frame(80, 2));
+        let (l1, l2) = (first.len() as u32, second.len() as u32);
+        r.model.inject_rx_raw(&[(first, l1), (second, l2)]).unwrap();
+        let good = frame(90, 3);
+        r.model.inject_rx(hdr(0, 0, 0, 0, 0, 0), &good).unwrap();
+        // The debugger steps over the whole rejected frame to the next real one.
+        let mut buf = vec![0u8; 2048];
+        assert_eq!(
+            r.net.debug_receive(&mut buf, 10).unwrap(),
+            Some(90),
+            "{what}"
+        );
+        assert_eq!(buf[..90], good[..], "{what}");
+        assert_eq!(r.net.debug_receive(&mut buf, 2).unwrap(), None, "{what}");
+        // The stack gets only the real frame; one frame was dropped.
+        let (frames, s) = r.poll_frames(100);
+        assert_eq!(frames, vec![good], "{what}");
+        assert_eq!(s.dropped, 1, "{what}");
+        let st = r.net.stats();
+        assert_eq!(
+            (st.rx_errors, st.rx_bad_header, st.rx_frames),
+            (1, 1, 1),
+            "{what}"
+        );
+        // Every buffer is back with the device.
+        assert_eq!(r.model.rx_available(), r.net.rx_buffers().0, "{what}");
     }
 }
 

@@ -22,7 +22,9 @@
 //! frame is parsed at the front of the FIFO: the header is validated, then (mergeable) its
 //! `num_buffers` entries are gathered; a frame whose buffers have not all arrived yet waits.
 //! The frame is lent to the caller's callback ([`RxFrame`] borrows the DMA buffers), then
-//! its buffers are reposted.
+//! its buffers are reposted. A frame dropped for a bad value goes with all of its buffers
+//! once its `num_buffers` is validated and gathered (§5.1.6.4: the others hold payload,
+//! never a header), else with its first buffer only.
 //!
 //! # Transmit completions (Linux's non-NAPI transmit policy)
 //! Transmit interrupts stay off while the ring has room: completed frames are reclaimed by
@@ -570,9 +572,31 @@ struct Reclaimed {
 }
 
 enum Parse {
-    Frame { n: usize, info: RxInfo },
-    Bad(NetError, &'static str),
+    Frame {
+        n: usize,
+        info: RxInfo,
+    },
+    /// A frame to drop: `bufs` is how many buffers it takes with it. A frame's own
+    /// `num_buffers` (§5.1.6.4) once it is validated and all of them have arrived (the
+    /// others carry payload, not a header: parsing them as frames would hand the stack
+    /// garbage, so Linux's `receive_mergeable` drains them too), otherwise 1.
+    Bad {
+        err: NetError,
+        kind: &'static str,
+        bufs: usize,
+    },
     Incomplete,
+}
+
+impl Parse {
+    /// A frame dropped with its first buffer only (its buffer count is not known).
+    fn bad(err: &'static str, kind: &'static str) -> Parse {
+        Parse::Bad {
+            err: NetError::Device(err),
+            kind,
+            bufs: 1,
+        }
+    }
 }
 
 /// The virtio network driver over bus `B`.
@@ -1322,8 +1346,8 @@ impl<B: Bus> VirtioNet<B> {
         };
         let len = len as usize;
         if len < self.hdr_len + ETH_HLEN {
-            return Parse::Bad(
-                NetError::Device("receive buffer shorter than header + Ethernet header"),
+            return Parse::bad(
+                "receive buffer shorter than header + Ethernet header",
                 "length",
             );
         }
@@ -1335,11 +1359,11 @@ impl<B: Bus> VirtioNet<B> {
         };
         let waiting = self.rx.ready.len() - p;
         if n == 0 {
-            return Parse::Bad(NetError::Device("num_buffers is 0"), "num_buffers");
+            return Parse::bad("num_buffers is 0", "num_buffers");
         }
         if n > waiting + self.rx.posted {
-            return Parse::Bad(
-                NetError::Device("num_buffers beyond the buffers the device holds"),
+            return Parse::bad(
+                "num_buffers beyond the buffers the device holds",
                 "num_buffers",
             );
         }
@@ -1351,15 +1375,22 @@ impl<B: Bus> VirtioNet<B> {
             let l = self.rx.ready.get(p + k).map_or(0, |e| e.1 as usize);
             total = total.saturating_add(l);
         }
+        // From here on `n` is validated and its buffers have all arrived: a rejected frame
+        // takes all of them (§5.1.6.4: buffers 2..n hold payload only).
         if total > MAX_RX_FRAME {
-            return Parse::Bad(
-                NetError::Device("frame longer than a big-packet buffer"),
-                "length",
-            );
+            return Parse::Bad {
+                err: NetError::Device("frame longer than a big-packet buffer"),
+                kind: "length",
+                bufs: n,
+            };
         }
         match wire::parse_rx_header(&hdr, total, &self.guest) {
             Ok(info) => Parse::Frame { n, info },
-            Err(what) => Parse::Bad(NetError::Device(what), "header"),
+            Err(what) => Parse::Bad {
+                err: NetError::Device(what),
+                kind: "header",
+                bufs: n,
+            },
         }
     }
 
@@ -1423,12 +1454,12 @@ impl<B: Bus> VirtioNet<B> {
                     sum.frames += 1;
                     self.release_front(n);
                 }
-                Parse::Bad(e, kind) => {
-                    log::warn!("virtio-net: dropping received frame: {e}");
+                Parse::Bad { err, kind, bufs } => {
+                    log::warn!("virtio-net: dropping received frame: {err}");
                     self.count_bad(kind);
                     sum.dropped += 1;
-                    sum.last_error = Some(e);
-                    self.release_front(1);
+                    sum.last_error = Some(err);
+                    self.release_front(bufs);
                 }
                 Parse::Incomplete => break,
             }
@@ -1728,8 +1759,10 @@ impl<B: Bus> VirtioNet<B> {
             let mut released = false;
             while self.rx.posted + self.rx.free.len() < min_posted && self.rx.dbg_cursor > 0 {
                 let n = match self.parse_at(0) {
-                    Parse::Frame { n, .. } => n.min(self.rx.dbg_cursor),
-                    _ => 1,
+                    Parse::Frame { n, .. } | Parse::Bad { bufs: n, .. } => {
+                        n.min(self.rx.dbg_cursor)
+                    }
+                    Parse::Incomplete => 1,
                 };
                 self.release_front(n);
                 self.stats.rx_debugger_dropped += 1;
@@ -1756,8 +1789,9 @@ impl<B: Bus> VirtioNet<B> {
                         }
                         self.stats.rx_debugger_oversize += 1;
                     }
-                    // The normal path will drop it (and count it) when it gets there.
-                    Parse::Bad(..) => self.rx.dbg_cursor += 1,
+                    // The normal path will drop it (and count it) when it gets there,
+                    // with the buffers it takes along.
+                    Parse::Bad { bufs, .. } => self.rx.dbg_cursor += bufs,
                     Parse::Incomplete => break,
                 }
             }
