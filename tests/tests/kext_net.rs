@@ -32,6 +32,7 @@ c_abi! {
     pub struct NetAbi from virtio_net_kext {
         fn vnet_create(
             *mut virtio_kext_client::VfamDevice,
+            *const VnetConfig,
             *const VnetCallbacks,
             *mut *mut VnetDevice,
         ) -> i32;
@@ -94,6 +95,7 @@ kext_tests!(Kexts:
     backpressure_stall_and_restart,
     kernel_debugger_send_receive_with_frames_in_flight,
     promiscuous_multicast_and_mac_through_the_control_queue,
+    random_mac_from_the_shims_entropy,
     bad_arguments,
     lifecycle_across_sleep_and_wake,
     receive_flood_is_polled_in_bounded_turns,
@@ -200,9 +202,22 @@ struct Rig {
 
 impl Rig {
     fn start(kexts: Kexts, mode: SimMode, pref: Preference, features: u64, queues: &[u16]) -> Rig {
+        Rig::start_with(kexts, mode, pref, features | RING, queues, 0x5EED)
+    }
+
+    /// [`Rig::start`] with the ring features (`RING`'s bits or fewer) in `features`, and
+    /// the shim's MAC seed.
+    fn start_with(
+        kexts: Kexts,
+        mode: SimMode,
+        pref: Preference,
+        features: u64,
+        queues: &[u16],
+        mac_seed: u64,
+    ) -> Rig {
         let version = if mode == SimMode::Legacy { 0 } else { 1 << 32 };
         let sim = SimBuilder::new(mode, 1)
-            .features(features | RING | version)
+            .features(features | version)
             .queues(queues)
             .device_config(&net_model::config_bytes(MAC, 1, 1500, 10_000, 1))
             .memory_len(24 << 20)
@@ -216,9 +231,10 @@ impl Rig {
             rx_frame: Some(on_rx),
             events: Some(on_events),
         };
+        let config = VnetConfig { mac_seed };
         let mut dev = std::ptr::null_mut();
         // SAFETY: the nub's live handle; the callbacks' context outlives the device.
-        let s = unsafe { (kexts.net.vnet_create)(fam.client_handle(), &cb, &mut dev) };
+        let s = unsafe { (kexts.net.vnet_create)(fam.client_handle(), &config, &cb, &mut dev) };
         assert_eq!(s, VNET_OK, "{mode:?}/{pref:?}: vnet_create");
         sim.check_init_order().unwrap();
         Rig {
@@ -629,6 +645,33 @@ fn promiscuous_multicast_and_mac_through_the_control_queue(kexts: Kexts) {
     r.unload();
 }
 
+/// §5.1.5: a device without a usable MAC address (none offered here) gets a random locally
+/// administered one. It comes from the shim's entropy: it used to come from a constant
+/// seed, so every such guest had the same address.
+fn random_mac_from_the_shims_entropy(kexts: Kexts) {
+    let no_mac = NET & !f::MAC;
+    let mac_of = |seed: u64| {
+        let r = Rig::start_with(
+            kexts,
+            SimMode::Modern,
+            Preference::Auto,
+            no_mac | RING,
+            &[256, 256],
+            seed,
+        );
+        let mac = r.info().mac;
+        r.unload();
+        mac
+    };
+    let (a, b) = (mac_of(0x0123_4567_89AB_CDEF), mac_of(0xFEDC_BA98_7654_3210));
+    assert_ne!(a, b, "two guests, two addresses");
+    for mac in [a, b] {
+        assert_eq!(mac[0] & 3, 2, "{mac:02x?}: locally administered unicast");
+        assert_ne!(mac, MAC);
+    }
+    assert_eq!(mac_of(0x0123_4567_89AB_CDEF), a, "the seed decides");
+}
+
 fn bad_arguments(kexts: Kexts) {
     let cb = VnetCallbacks {
         ctx: std::ptr::null_mut(),
@@ -640,7 +683,7 @@ fn bad_arguments(kexts: Kexts) {
     // SAFETY: refused before any use.
     unsafe {
         assert_eq!(
-            (kexts.net.vnet_create)(std::ptr::null_mut(), &cb, &mut d),
+            (kexts.net.vnet_create)(std::ptr::null_mut(), &VnetConfig::default(), &cb, &mut d),
             VNET_E_INVALID
         );
         assert_eq!(

@@ -163,7 +163,9 @@ pub struct NetConfig {
     pub max_tx_segments: u16,
     /// Bound on polls of the control queue for one command's completion.
     pub ctrl_spins: u32,
-    /// Seed for the random locally administered MAC used when the device has none.
+    /// Seed for the random locally administered MAC used when the device has none usable
+    /// (§5.1.5). The platform passes entropy: the default is a constant (for tests), which
+    /// would give every such guest the same address.
     pub mac_seed: u64,
 }
 

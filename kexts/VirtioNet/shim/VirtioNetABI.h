@@ -115,6 +115,18 @@
 typedef struct VnetDevice VnetDevice;
 
 /**
+ * The shim's choices, read once by [`vnet_create`].
+ */
+typedef struct {
+  /**
+   * Entropy (the kernel's random generator) for the MAC address the driver makes up when
+   * the device offers none, or an unusable one (§5.1.5: the driver generates a random
+   * locally administered address): a constant would give every such guest the same one.
+   */
+  uint64_t mac_seed;
+} VnetConfig;
+
+/**
  * One piece of a received frame (one receive buffer's bytes).
  */
 typedef struct {
@@ -250,13 +262,19 @@ extern "C" {
 /**
  * Brings up the network device behind the family handle `family` (the nub's
  * `virtioDevice()`), registers the interrupt entry with the family, and returns the handle
- * in `*out`. Receive frames are dropped until [`vnet_enable`].
+ * in `*out`. Receive frames are dropped until [`vnet_enable`]. A device without a usable
+ * MAC address (none offered, or multicast or all-zero) gets a random locally administered
+ * one from [`VnetConfig::mac_seed`].
  *
  * # Safety
- * `family` is a live family handle that outlives the returned device; `callbacks` points to
- * valid callbacks whose `ctx` stays valid until [`vnet_destroy`].
+ * `family` is a live family handle that outlives the returned device; `config` and
+ * `callbacks` point to valid values; the callbacks' `ctx` stays valid until
+ * [`vnet_destroy`].
  */
-int32_t vnet_create(VfamDevice *family, const VnetCallbacks *callbacks, VnetDevice **out);
+int32_t vnet_create(VfamDevice *family,
+                    const VnetConfig *config,
+                    const VnetCallbacks *callbacks,
+                    VnetDevice **out);
 
 /**
  * Fills `*out` with what the controller reports.

@@ -8,6 +8,7 @@
 #include <libkern/c++/OSNumber.h>
 #include <libkern/c++/OSString.h>
 #include <sys/kpi_mbuf.h>
+#include <uuid/uuid.h>
 
 #define super IOEthernetController
 OSDefineMetaClassAndStructors(org_virtiodarwin_VirtioNetController, IOEthernetController)
@@ -94,7 +95,15 @@ bool org_virtiodarwin_VirtioNetController::start(IOService *provider)
 
 IOReturn org_virtiodarwin_VirtioNetController::gatedCreate(int32_t *st)
 {
-    *st = vnet_create(fNub->virtioDevice(), &fCallbacks, &fDev);
+    /* A device without a usable MAC gets a random one (§5.1.5): its seed comes from the
+     * kernel's random generator (uuid_generate_random reads read_random; 122 of its 128
+     * bits are random, both halves folded), so no two guests share it. */
+    VnetConfig config = {};
+    uuid_t entropy;
+    uuid_generate_random(entropy);
+    for (unsigned i = 0; i < sizeof(entropy); i++)
+        config.mac_seed = (config.mac_seed << 8 | config.mac_seed >> 56) ^ entropy[i];
+    *st = vnet_create(fNub->virtioDevice(), &config, &fCallbacks, &fDev);
     if (*st == VNET_OK && fDev)
         *st = vnet_info(fDev, &fInfo);
     return kIOReturnSuccess;

@@ -144,6 +144,16 @@ pub struct VnetEvents {
     pub reserved: [u8; 3],
 }
 
+/// The shim's choices, read once by [`vnet_create`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VnetConfig {
+    /// Entropy (the kernel's random generator) for the MAC address the driver makes up when
+    /// the device offers none, or an unusable one (§5.1.5: the driver generates a random
+    /// locally administered address): a constant would give every such guest the same one.
+    pub mac_seed: u64,
+}
+
 /// The shim's callbacks; `ctx` is passed back unchanged (the controller object).
 ///
 /// - `tx_done`: the device is done with the frame submitted with `token` (free the mbuf);
@@ -486,14 +496,18 @@ unsafe extern "C" fn family_interrupt(ctx: *mut c_void, vector: i32) {
 
 /// Brings up the network device behind the family handle `family` (the nub's
 /// `virtioDevice()`), registers the interrupt entry with the family, and returns the handle
-/// in `*out`. Receive frames are dropped until [`vnet_enable`].
+/// in `*out`. Receive frames are dropped until [`vnet_enable`]. A device without a usable
+/// MAC address (none offered, or multicast or all-zero) gets a random locally administered
+/// one from [`VnetConfig::mac_seed`].
 ///
 /// # Safety
-/// `family` is a live family handle that outlives the returned device; `callbacks` points to
-/// valid callbacks whose `ctx` stays valid until [`vnet_destroy`].
+/// `family` is a live family handle that outlives the returned device; `config` and
+/// `callbacks` point to valid values; the callbacks' `ctx` stays valid until
+/// [`vnet_destroy`].
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vnet_create(
     family: *mut VfamDevice,
+    config: *const VnetConfig,
     callbacks: *const VnetCallbacks,
     out: *mut *mut VnetDevice,
 ) -> i32 {
@@ -503,7 +517,10 @@ pub unsafe extern "C" fn vnet_create(
     };
     *out = core::ptr::null_mut();
     // SAFETY: null or valid (C contract).
-    let Some(cb) = (unsafe { callbacks.as_ref() }).copied() else {
+    let (Some(cb), Some(config)) = (
+        unsafe { callbacks.as_ref() }.copied(),
+        unsafe { config.as_ref() }.copied(),
+    ) else {
         return VNET_E_INVALID;
     };
     if cb.tx_done.is_none() || cb.rx_frame.is_none() {
@@ -518,6 +535,7 @@ pub unsafe extern "C" fn vnet_create(
     let cfg = NetConfig {
         features: f::SUPPORTED & !refused,
         max_tx_segments: 32,
+        mac_seed: config.mac_seed,
         ..NetConfig::default()
     };
     let drv = match VirtioNet::new(bus, cfg) {
