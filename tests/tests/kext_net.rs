@@ -93,6 +93,7 @@ impl Kexts {
 kext_tests!(Kexts:
     start_enable_output_receive_link_stop_in_every_mode,
     backpressure_stall_and_restart,
+    segment_limit_reported_is_the_one_transmit_applies,
     kernel_debugger_send_receive_with_frames_in_flight,
     promiscuous_multicast_and_mac_through_the_control_queue,
     random_mac_from_the_shims_entropy,
@@ -514,6 +515,35 @@ fn backpressure_stall_and_restart(kexts: Kexts) {
     let (s, _) = r.output(&frame(100, 0xFF), 2, 0, 0, 0x2000);
     assert_eq!(s, VNET_OK);
     r.unload();
+}
+
+/// The segment limit the controller reports is the one transmit applies: on a 16-entry
+/// transmit ring without indirect descriptors a frame of 32 segments (the limit reported
+/// before) cannot fit beside the debugger's reserve, so the driver lowers its limit, and
+/// the shim, which builds its segment lists to the reported limit, must learn it (its
+/// longer frames were refused as bad and dropped).
+fn segment_limit_reported_is_the_one_transmit_applies(kexts: Kexts) {
+    let net = kexts.net;
+    let no_indirect = RING & !(1 << 28);
+    for (mode, pref) in MODES {
+        let what = format!("{mode:?}/{pref:?}");
+        let mut r = Rig::start_with(kexts, mode, pref, NET | no_indirect, &[256, 16], 1);
+        // SAFETY: live handle.
+        assert_eq!(unsafe { (net.vnet_enable)(r.dev, true) }, VNET_OK);
+        let limit = r.info().tx_max_segments as usize;
+        assert!(
+            (1..VNET_TX_SEGMENTS_MAX as usize).contains(&limit),
+            "{what}: {limit}"
+        );
+        let (s, _) = r.output(&frame(10 * limit, 1), limit, 0, 0, 0x10);
+        assert_eq!(s, VNET_OK, "{what}: a frame of exactly {limit} segments");
+        let sent = r.model.take_tx();
+        assert_eq!(sent.len(), 1, "{what}");
+        assert_eq!(sent[0].data, frame(10 * limit, 1), "{what}");
+        let (s, _) = r.output(&frame(10 * (limit + 1), 2), limit + 1, 0, 0, 0x11);
+        assert_eq!(s, VNET_E_BAD_FRAME, "{what}: one segment more");
+        r.unload();
+    }
 }
 
 /// KDP: polled send and receive while normal frames are in flight, and the try-lock that

@@ -994,6 +994,13 @@ impl<B: Bus> VirtioNet<B> {
     pub fn tx_stopped(&self) -> bool {
         self.tx.stopped
     }
+    /// Most data segments [`VirtioNet::transmit`] takes in one frame: the configured
+    /// `max_tx_segments`, lowered when a worst-case frame would not fit the transmit ring
+    /// (no indirect descriptors, or a small ring). It may shrink again at
+    /// [`VirtioNet::resume`] (a smaller ring), never grow.
+    pub fn max_tx_segments(&self) -> u16 {
+        self.tx.max_segs
+    }
     /// Receive buffers allocated, and how many the device holds now.
     pub fn rx_buffers(&self) -> (usize, usize) {
         (self.rx.bufs.len(), self.rx.posted)

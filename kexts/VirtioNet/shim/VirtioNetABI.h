@@ -94,6 +94,12 @@
 #define VNET_POLLS_PER_EVENT 3
 
 /**
+ * Most DMA segments the driver ever takes in one [`vnet_transmit`] (what the shim sizes its
+ * segment arrays for); the device's limit, at most this, is [`VnetInfo::tx_max_segments`].
+ */
+#define VNET_TX_SEGMENTS_MAX 32
+
+/**
  * Largest frame the debugger path moves.
  */
 #define VNET_DEBUG_FRAME_MAX 1518
@@ -202,7 +208,10 @@ typedef struct {
    */
   uint32_t max_packet;
   /**
-   * Segments one transmitted frame may have.
+   * Segments one transmitted frame may have (at most [`VNET_TX_SEGMENTS_MAX`]; fewer when
+   * the transmit ring cannot hold a frame of that many beside the debugger's reserve).
+   * A frame of more is refused with `VNET_E_BAD_FRAME`: coalesce it first. Read it
+   * again after a wake, when it may have shrunk (never grown).
    */
   uint32_t tx_max_segments;
   uint32_t header_len;

@@ -302,8 +302,10 @@ UInt32 org_virtiodarwin_VirtioNetController::outputPacket(mbuf_t m, void *param)
         freePacket(m);
         return kIOReturnOutputDropped;
     }
-    IOPhysicalSegment phys[32];
-    VkSegment segs[32];
+    IOPhysicalSegment phys[VNET_TX_SEGMENTS_MAX];
+    VkSegment segs[VNET_TX_SEGMENTS_MAX];
+    /* The driver's own limit (vnet_info), re-read after a wake, where it can only shrink:
+     * the cursor was made for the larger one, and the count passed here bounds it. */
     UInt32 n = fCursor->getPhysicalSegmentsWithCoalesce(m, phys, fInfo.tx_max_segments);
     if (n == 0) {
         freePacket(m);

@@ -106,6 +106,9 @@ pub const VNET_FRAMES_PER_POLL: u32 = 256;
 /// defers the rest to a later turn of its work loop: receive holds the work loop for at most
 /// `(1 + VNET_POLLS_PER_EVENT) * VNET_FRAMES_PER_POLL` frames at a time.
 pub const VNET_POLLS_PER_EVENT: u32 = 3;
+/// Most DMA segments the driver ever takes in one [`vnet_transmit`] (what the shim sizes its
+/// segment arrays for); the device's limit, at most this, is [`VnetInfo::tx_max_segments`].
+pub const VNET_TX_SEGMENTS_MAX: u32 = 32;
 /// Largest frame the debugger path moves.
 pub const VNET_DEBUG_FRAME_MAX: u32 = 1518;
 const _: () = assert!(VNET_DEBUG_FRAME_MAX as usize == virtio_net::DEBUG_FRAME_MAX);
@@ -192,7 +195,10 @@ pub struct VnetInfo {
     pub mtu: u32,
     /// `getMaxPacketSize`: MTU + Ethernet header + VLAN tag... as IOKit counts it (MTU + 18).
     pub max_packet: u32,
-    /// Segments one transmitted frame may have.
+    /// Segments one transmitted frame may have (at most [`VNET_TX_SEGMENTS_MAX`]; fewer when
+    /// the transmit ring cannot hold a frame of that many beside the debugger's reserve).
+    /// A frame of more is refused with `VNET_E_BAD_FRAME`: coalesce it first. Read it
+    /// again after a wake, when it may have shrunk (never grown).
     pub tx_max_segments: u32,
     pub header_len: u32,
     /// Transmit checksum offload (CSUM).
@@ -534,7 +540,7 @@ pub unsafe extern "C" fn vnet_create(
     let refused = f::GUEST_TSO4 | f::GUEST_TSO6 | f::GUEST_ECN | f::GUEST_UFO | f::HOST_UFO;
     let cfg = NetConfig {
         features: f::SUPPORTED & !refused,
-        max_tx_segments: 32,
+        max_tx_segments: VNET_TX_SEGMENTS_MAX as u16,
         mac_seed: config.mac_seed,
         ..NetConfig::default()
     };
@@ -605,7 +611,7 @@ pub unsafe extern "C" fn vnet_info(d: *mut VnetDevice, out: *mut VnetInfo) -> i3
             speed_mbps: drv.speed().unwrap_or(0),
             mtu,
             max_packet: mtu + 18,
-            tx_max_segments: 32,
+            tx_max_segments: drv.max_tx_segments().into(),
             header_len: drv.header_len() as u32,
             tx_csum: host.csum.into(),
             tso4: host.tso4.into(),
@@ -701,7 +707,11 @@ pub unsafe extern "C" fn vnet_transmit(
     token: usize,
     stop: *mut bool,
 ) -> i32 {
-    if segs.is_null() || nsegs == 0 || nsegs > 32 || (headers.is_null() && headers_len > 0) {
+    if segs.is_null()
+        || nsegs == 0
+        || nsegs > VNET_TX_SEGMENTS_MAX as usize
+        || (headers.is_null() && headers_len > 0)
+    {
         return VNET_E_INVALID;
     }
     // SAFETY: caller contract.
