@@ -135,17 +135,24 @@ void org_virtiodarwin_VirtioNetController::teardown(void)
         fRxPoll->getWorkLoop()->removeEventSource(fRxPoll);
 }
 
+/* Runs on the termination thread, outside the gate, in this order:
+ * 1. the debugger: KDP's entries read fDev without the gate;
+ * 2. the driver (teardown, gated): the device stops, its interrupt entry is unregistered
+ *    and the deferred poll taken off the work loop, so nothing on the work loop uses
+ *    fInterface any more (handleEvents' flushInputQueue, cbRxFrame's inputPacket);
+ * 3. only then the interface. Released first, it could be freed under an interrupt
+ *    action still running on the work loop. */
 void org_virtiodarwin_VirtioNetController::stop(IOService *provider)
 {
     if (fDebugger) {
         detachDebuggerClient(fDebugger);
         fDebugger = NULL;
     }
+    teardown();
     if (fInterface) {
         detachInterface(fInterface, true);
         OSSafeReleaseNULL(fInterface);
     }
-    teardown();
     super::stop(provider);
 }
 
