@@ -94,6 +94,7 @@ kext_tests!(Kexts:
     start_enable_output_receive_link_stop_in_every_mode,
     backpressure_stall_and_restart,
     segment_limit_reported_is_the_one_transmit_applies,
+    frames_in_flight_fit_the_shims_mapping_pool,
     kernel_debugger_send_receive_with_frames_in_flight,
     promiscuous_multicast_and_mac_through_the_control_queue,
     random_mac_from_the_shims_entropy,
@@ -544,6 +545,40 @@ fn segment_limit_reported_is_the_one_transmit_applies(kexts: Kexts) {
         assert_eq!(s, VNET_E_BAD_FRAME, "{what}: one segment more");
         r.unload();
     }
+}
+
+/// The shim maps each frame in flight with its own `IODMACommand`, from a pool of
+/// `tx_frames` made at start: a 1024-entry transmit ring still takes no more than
+/// `VNET_TX_FRAMES_MAX` frames at once (the last says stop, one more is BUSY), and every
+/// token is back before the queue restarts; a smaller ring reports its own size.
+fn frames_in_flight_fit_the_shims_mapping_pool(kexts: Kexts) {
+    let net = kexts.net;
+    let small = Rig::start(kexts, SimMode::Modern, Preference::Auto, NET, &[256, 64]);
+    assert_eq!(small.info().tx_frames, 64);
+    small.unload();
+    let mut r = Rig::start(kexts, SimMode::Modern, Preference::Auto, NET, &[256, 1024]);
+    let pool = r.info().tx_frames as usize;
+    assert_eq!(pool, VNET_TX_FRAMES_MAX as usize);
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (net.vnet_enable)(r.dev, true) }, VNET_OK);
+    for k in 0..pool {
+        let (s, stop) = r.output(&frame(60, k as u8), 1, 0, 0, 0x1000 + k);
+        assert_eq!((s, stop), (VNET_OK, k + 1 == pool), "frame {k}");
+    }
+    let (s, _) = r.output(&frame(60, 0), 1, 0, 0, 0x9999);
+    assert_eq!(s, VNET_E_BUSY, "beyond the pool");
+    let held = r.model.hold_tx();
+    assert_eq!(held.len(), pool);
+    let chains: Vec<_> = held.into_iter().map(|(c, _)| c).collect();
+    r.model.complete_tx(&chains);
+    r.fam().interrupts();
+    assert!(r.log.borrow().events.iter().any(|e| e.restart == 1));
+    assert_eq!(
+        r.take_done().len(),
+        pool,
+        "every token back before the restart"
+    );
+    r.unload();
 }
 
 /// KDP: polled send and receive while normal frames are in flight, and the try-lock that

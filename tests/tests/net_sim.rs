@@ -581,6 +581,40 @@ fn backpressure_stop_and_restart() {
     assert_eq!(r.reclaim(), (vec![50], false));
 }
 
+/// `max_tx_frames` bounds the frames in flight below the ring size (the kext maps each
+/// frame in flight with its own `IODMACommand`, from a pool of that size): the frame that
+/// takes the last slot says stop, the next one is Busy, and completions restart the queue.
+#[test]
+fn frames_in_flight_bounded_by_max_tx_frames() {
+    let with_cap = |tx_ring: u16, max_tx_frames: u16| {
+        rig_with(
+            SimMode::Modern,
+            Preference::Auto,
+            QEMU,
+            net_model::config_bytes(MAC, 1, 1500, 10_000, 1),
+            &[256, tx_ring, 64],
+            NetConfig {
+                max_tx_frames,
+                ..Default::default()
+            },
+        )
+    };
+    let mut r = with_cap(256, 4);
+    assert_eq!(r.net.tx_slots(), 4);
+    let d = frame(100, 1);
+    let stops: Vec<bool> = (0..4)
+        .map(|t| r.send(&d, 1, &TxOffload::NONE, t).unwrap())
+        .collect();
+    assert_eq!(stops, [false, false, false, true]);
+    assert_eq!(r.send(&d, 1, &TxOffload::NONE, 4), Err(NetError::Busy));
+    assert_eq!(r.model.take_tx().len(), 4);
+    let (toks, restart) = r.reclaim();
+    assert_eq!((toks, restart), (vec![0, 1, 2, 3], true));
+    assert_eq!(r.send(&d, 1, &TxOffload::NONE, 5), Ok(false));
+    // More than the ring holds is not granted.
+    assert_eq!(with_cap(16, 64).net.tx_slots(), 16);
+}
+
 /// The default segment limit (18) on a 16-entry ring without indirect descriptors: the
 /// driver shrinks the limit to what an empty ring can take beside the debugger's reserve,
 /// so a stalled queue always restarts (it used to wait for room that could never exist).

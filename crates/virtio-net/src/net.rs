@@ -6,9 +6,10 @@
 //! see [`crate::features`]), so: rx 0, tx 1, control 2.
 //!
 //! # Memory (allocated in [`VirtioNet::new`] only)
-//! - transmit: one header slot (16 bytes) per ring entry, indexed by the chain's token, so a
-//!   frame is `[header slot] + the caller's already-mapped segments`; plus one reserved slot
-//!   with its own frame buffer for the kernel debugger;
+//! - transmit: one header slot (16 bytes) per ring entry (at most `max_tx_frames`: one per
+//!   frame in flight), indexed by the chain's token, so a frame is `[header slot] + the
+//!   caller's already-mapped segments`; plus one reserved slot with its own frame buffer
+//!   for the kernel debugger;
 //! - receive: `rx_buffers` coherent buffers (at most what the ring holds and what fits
 //!   [`RX_MEMORY_MAX`], so the device's ring size does not decide), each posted whole (one descriptor; two —
 //!   header, data — on a legacy device without ANY_LAYOUT or MRG_RXBUF). Sizes: small mode
@@ -161,6 +162,11 @@ pub struct NetConfig {
     pub rx_buffers: u16,
     /// Most DMA segments one transmitted frame may have.
     pub max_tx_segments: u16,
+    /// Most frames in flight at once (0: one per transmit ring entry). A platform that
+    /// keeps a mapping per frame in flight (the kext's `IODMACommand`s) bounds its pool
+    /// with it, whatever ring size the device offers; [`VirtioNet::tx_slots`] says what
+    /// was granted. Beyond it, transmit answers [`NetError::Busy`] like a full ring.
+    pub max_tx_frames: u16,
     /// Bound on polls of the control queue for one command's completion.
     pub ctrl_spins: u32,
     /// Seed for the random locally administered MAC used when the device has none usable
@@ -177,6 +183,7 @@ impl Default for NetConfig {
             tx_queue_size: 0,
             rx_buffers: 0,
             max_tx_segments: 18,
+            max_tx_frames: 0,
             ctrl_spins: 10_000_000,
             mac_seed: 0x5EED_0FD4_2A1E_u64,
         }
@@ -823,6 +830,11 @@ impl<B: Bus> VirtioNet<B> {
         let indirect = feats.contains(Features::INDIRECT_DESC);
         let rx_size = bus.queue_size(RX)?;
         let tx_size = bus.queue_size(TX)?;
+        // One slot (header, token) per frame in flight: a ring entry each, or fewer.
+        let tx_slots = match cfg.max_tx_frames {
+            0 => tx_size,
+            n => n.min(tx_size),
+        };
         let max_segs = fit_tx_segments(&bus, cfg.max_tx_segments.clamp(1, 64))?;
         let rx_descs_per_buf: u16 = if split_header && !(indirect && rx_size >= 2) {
             2
@@ -867,9 +879,9 @@ impl<B: Bus> VirtioNet<B> {
             filter: FilterState::new(),
             tx: TxState {
                 hdrs: None,
-                slots: vec![TxSlot::Free; tx_size as usize],
-                free_slots: (0..tx_size).rev().collect(),
-                done: Fifo::new(tx_size as usize, 0),
+                slots: vec![TxSlot::Free; tx_slots as usize],
+                free_slots: (0..tx_slots).rev().collect(),
+                done: Fifo::new(tx_slots as usize, 0),
                 scratch: Vec::with_capacity(max_segs as usize + 1),
                 stopped: false,
                 max_segs,
@@ -892,7 +904,7 @@ impl<B: Bus> VirtioNet<B> {
             stats,
         };
         // From here on, `Drop` resets the device and frees whatever was allocated.
-        net.allocate(tx_size as usize, nbufs)?;
+        net.allocate(tx_slots as usize, nbufs)?;
         net.go_live()?;
         if push_mac {
             let mac = net.mac;
@@ -1000,6 +1012,11 @@ impl<B: Bus> VirtioNet<B> {
     /// [`VirtioNet::resume`] (a smaller ring), never grow.
     pub fn max_tx_segments(&self) -> u16 {
         self.tx.max_segs
+    }
+    /// Most frames in flight at once: one per transmit ring entry, or `max_tx_frames` if
+    /// fewer. Fixed for the driver's life (across [`VirtioNet::resume`] too).
+    pub fn tx_slots(&self) -> usize {
+        self.tx.slots.len()
     }
     /// Receive buffers allocated, and how many the device holds now.
     pub fn rx_buffers(&self) -> (usize, usize) {
@@ -1157,8 +1174,10 @@ impl<B: Bus> VirtioNet<B> {
         }
         self.stats.tx_frames += 1;
         self.stats.tx_bytes += len as u64;
-        // Linux `start_xmit`: stop when a worst-case frame would no longer fit.
-        let stop = free - descs < self.max_frame_descs() + DEBUG_TX_RESERVE;
+        // Linux `start_xmit`: stop when a worst-case frame would no longer fit (or no slot
+        // is left for another frame).
+        let stop = free - descs < self.max_frame_descs() + DEBUG_TX_RESERVE
+            || self.tx.free_slots.is_empty();
         if stop {
             self.stop_tx();
         }

@@ -100,6 +100,13 @@
 #define VNET_TX_SEGMENTS_MAX 32
 
 /**
+ * Most frames in flight at once, whatever the transmit ring size: the shim maps each with
+ * its own `IODMACommand`, from a pool of [`VnetInfo::tx_frames`] (at most this) made at
+ * start. Beyond it, [`vnet_transmit`] answers `VNET_E_BUSY` as for a full ring.
+ */
+#define VNET_TX_FRAMES_MAX 256
+
+/**
  * Largest frame the debugger path moves.
  */
 #define VNET_DEBUG_FRAME_MAX 1518
@@ -235,6 +242,12 @@ typedef struct {
   uint8_t mac_settable;
   uint8_t enabled;
   uint8_t reserved;
+  /**
+   * Most frames in flight at once (at most [`VNET_TX_FRAMES_MAX`]; fixed for the
+   * device's life): the size of the shim's transmit mapping pool. Every `token` of
+   * [`vnet_transmit`] is back through `tx_done` before another frame beyond these is taken.
+   */
+  uint32_t tx_frames;
   /**
    * Negotiated virtio features.
    */

@@ -109,6 +109,10 @@ pub const VNET_POLLS_PER_EVENT: u32 = 3;
 /// Most DMA segments the driver ever takes in one [`vnet_transmit`] (what the shim sizes its
 /// segment arrays for); the device's limit, at most this, is [`VnetInfo::tx_max_segments`].
 pub const VNET_TX_SEGMENTS_MAX: u32 = 32;
+/// Most frames in flight at once, whatever the transmit ring size: the shim maps each with
+/// its own `IODMACommand`, from a pool of [`VnetInfo::tx_frames`] (at most this) made at
+/// start. Beyond it, [`vnet_transmit`] answers `VNET_E_BUSY` as for a full ring.
+pub const VNET_TX_FRAMES_MAX: u32 = 256;
 /// Largest frame the debugger path moves.
 pub const VNET_DEBUG_FRAME_MAX: u32 = 1518;
 const _: () = assert!(VNET_DEBUG_FRAME_MAX as usize == virtio_net::DEBUG_FRAME_MAX);
@@ -213,6 +217,10 @@ pub struct VnetInfo {
     pub mac_settable: u8,
     pub enabled: u8,
     pub reserved: u8,
+    /// Most frames in flight at once (at most [`VNET_TX_FRAMES_MAX`]; fixed for the
+    /// device's life): the size of the shim's transmit mapping pool. Every `token` of
+    /// [`vnet_transmit`] is back through `tx_done` before another frame beyond these is taken.
+    pub tx_frames: u32,
     /// Negotiated virtio features.
     pub features: u64,
 }
@@ -541,6 +549,7 @@ pub unsafe extern "C" fn vnet_create(
     let cfg = NetConfig {
         features: f::SUPPORTED & !refused,
         max_tx_segments: VNET_TX_SEGMENTS_MAX as u16,
+        max_tx_frames: VNET_TX_FRAMES_MAX as u16,
         mac_seed: config.mac_seed,
         ..NetConfig::default()
     };
@@ -623,6 +632,7 @@ pub unsafe extern "C" fn vnet_info(d: *mut VnetDevice, out: *mut VnetInfo) -> i3
             .into(),
             enabled: i.enabled.into(),
             reserved: 0,
+            tx_frames: u32::try_from(drv.tx_slots()).unwrap_or(VNET_TX_FRAMES_MAX),
             features: feats.bits(),
         };
         VNET_OK
