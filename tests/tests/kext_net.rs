@@ -55,6 +55,7 @@ c_abi! {
         fn vnet_set_promiscuous(*mut VnetDevice, bool) -> i32;
         fn vnet_set_multicast(*mut VnetDevice, *const u8, usize) -> i32;
         fn vnet_set_mac_address(*mut VnetDevice, *const u8) -> i32;
+        fn vnet_ack_announce(*mut VnetDevice) -> i32;
         fn vnet_suspend(*mut VnetDevice) -> i32;
         fn vnet_resume(*mut VnetDevice) -> i32;
         fn vnet_debug_send(*mut VnetDevice, *const u8, usize, u32) -> i32;
@@ -98,6 +99,7 @@ kext_tests!(Kexts:
     kernel_debugger_send_receive_with_frames_in_flight,
     promiscuous_multicast_and_mac_through_the_control_queue,
     random_mac_from_the_shims_entropy,
+    announce_request_reaches_the_shim_before_the_ack,
     bad_arguments,
     lifecycle_across_sleep_and_wake,
     receive_flood_is_polled_in_bounded_turns,
@@ -249,6 +251,18 @@ impl Rig {
             dev,
             responder,
         }
+    }
+
+    /// A modern device with a control queue (rings 256, 256, 64), found by the default
+    /// transport preference.
+    fn with_ctrl_queue(kexts: Kexts, features: u64) -> Rig {
+        Rig::start(
+            kexts,
+            SimMode::Modern,
+            Preference::Auto,
+            features,
+            &[256, 256, 64],
+        )
     }
 
     fn fam(&self) -> &Family {
@@ -654,13 +668,7 @@ fn kernel_debugger_send_receive_with_frames_in_flight(kexts: Kexts) {
 
 fn promiscuous_multicast_and_mac_through_the_control_queue(kexts: Kexts) {
     let feats = NET | f::CTRL_VQ | f::CTRL_RX | f::CTRL_MAC_ADDR;
-    let r = Rig::start(
-        kexts,
-        SimMode::Modern,
-        Preference::Auto,
-        feats,
-        &[256, 256, 64],
-    );
+    let r = Rig::with_ctrl_queue(kexts, feats);
     let i = r.info();
     assert_eq!((i.ctrl_rx, i.mac_settable), (1, 1));
     let mc = [[0x01, 0x00, 0x5E, 0, 0, 1], [0x33, 0x33, 0, 0, 0, 1]];
@@ -735,6 +743,51 @@ fn random_mac_from_the_shims_entropy(kexts: Kexts) {
         assert_ne!(mac, MAC);
     }
     assert_eq!(mac_of(0x0123_4567_89AB_CDEF), a, "the seed decides");
+}
+
+/// GUEST_ANNOUNCE (§5.1.6.5.4): the device's ANNOUNCE request reaches the shim as an event
+/// (it sends the gratuitous packets), and the acknowledgement waits for its
+/// `vnet_ack_announce`. The request used to be acknowledged at once with nothing sent.
+fn announce_request_reaches_the_shim_before_the_ack(kexts: Kexts) {
+    let feats = NET | f::CTRL_VQ | f::GUEST_ANNOUNCE;
+    let ack = (3u8, 0u8); // VIRTIO_NET_CTRL_ANNOUNCE, _ACK
+    let acks = |r: &Rig| {
+        let cmds = r.responder.as_ref().unwrap().commands();
+        cmds.iter().filter(|c| (c.class, c.command) == ack).count()
+    };
+    let r = Rig::with_ctrl_queue(kexts, feats);
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (kexts.net.vnet_enable)(r.dev, true) }, VNET_OK);
+    r.model.set_status(true, true);
+    r.fam().interrupts();
+    let ev = r.log.borrow_mut().events.pop().unwrap();
+    assert_eq!((ev.announce, ev.link_changed), (1, 0), "{ev:?}");
+    assert_eq!(acks(&r), 0, "no ack before the shim announced");
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (kexts.net.vnet_ack_announce)(r.dev) }, VNET_OK);
+    assert_eq!(acks(&r), 1);
+    // The device clears ANNOUNCE after the ack (its own configuration change, which
+    // announces nothing again).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while r.sim.device_config()[6] & 2 != 0 {
+        assert!(Instant::now() < deadline, "ANNOUNCE never cleared");
+        std::thread::yield_now();
+    }
+    r.log.borrow_mut().events.clear();
+    r.fam().interrupts();
+    assert!(r.log.borrow().events.iter().all(|e| e.announce == 0));
+    // A configuration change without the request announces nothing.
+    r.model.set_status(false, false);
+    r.fam().interrupts();
+    let ev = r.log.borrow_mut().events.pop().unwrap();
+    assert_eq!((ev.announce, ev.link_changed), (0, 1), "{ev:?}");
+    r.unload();
+    // Without GUEST_ANNOUNCE there is nothing to acknowledge.
+    let r = Rig::with_ctrl_queue(kexts, NET | f::CTRL_VQ);
+    // SAFETY: live handle.
+    let s = unsafe { (kexts.net.vnet_ack_announce)(r.dev) };
+    assert_eq!(s, VNET_E_UNSUPPORTED);
+    r.unload();
 }
 
 fn bad_arguments(kexts: Kexts) {

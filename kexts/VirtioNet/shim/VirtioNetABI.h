@@ -173,7 +173,14 @@ typedef struct {
    * `needs_reset`, nor once stopped (unless busy).
    */
   uint8_t rx_more;
-  uint8_t reserved[3];
+  /**
+   * The device asks the driver to announce itself (GUEST_ANNOUNCE, §5.1.6.5.4; e.g.
+   * after a live migration): send gratuitous packets for the interface's addresses,
+   * then [`vnet_ack_announce`]. Reported again by every configuration change until
+   * acknowledged.
+   */
+  uint8_t announce;
+  uint8_t reserved[2];
 } VnetEvents;
 
 /**
@@ -398,6 +405,16 @@ int32_t vnet_set_multicast(VnetDevice *d, const uint8_t *addrs, size_t count);
  * `d` is null or a live handle; `mac` points to 6 bytes.
  */
 int32_t vnet_set_mac_address(VnetDevice *d, const uint8_t *mac);
+
+/**
+ * Acknowledges an announce request ([`VnetEvents::announce`]) once the gratuitous
+ * packets are sent (ANNOUNCE_ACK on the control queue, §5.1.6.5.4): the device then
+ * clears its ANNOUNCE status bit. `VNET_E_UNSUPPORTED` without GUEST_ANNOUNCE.
+ *
+ * # Safety
+ * `d` is null or a live handle.
+ */
+int32_t vnet_ack_announce(VnetDevice *d);
 
 /**
  * The kernel debugger's polled send (`IOKernelDebugger` `sendPacket`): waits at most

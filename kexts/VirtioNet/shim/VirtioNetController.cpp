@@ -7,7 +7,13 @@
 #include <libkern/c++/OSDictionary.h>
 #include <libkern/c++/OSNumber.h>
 #include <libkern/c++/OSString.h>
+#include <net/kpi_interface.h>
+/* in_arp.h declares C functions without extern "C". */
+extern "C" {
+#include <netinet/in_arp.h>
+}
 #include <sys/kpi_mbuf.h>
+#include <sys/socket.h>
 #include <uuid/uuid.h>
 
 #define super IOEthernetController
@@ -541,10 +547,11 @@ void org_virtiodarwin_VirtioNetController::cbEvents(void *ctx, const VnetEvents 
 void org_virtiodarwin_VirtioNetController::handleEvents(const VnetEvents *ev)
 {
     VnetEvents e = *ev;
-    bool restart = false, linkChanged = false, linkUp = false, needsReset = false;
+    bool restart = false, linkChanged = false, linkUp = false, needsReset = false, announce = false;
     for (uint32_t polls = 0;; polls++) {
         restart |= e.restart != 0;
         needsReset |= e.needs_reset != 0;
+        announce |= e.announce != 0;
         if (e.link_changed) {
             linkChanged = true;
             linkUp = e.link_up != 0;
@@ -564,6 +571,11 @@ void org_virtiodarwin_VirtioNetController::handleEvents(const VnetEvents *ev)
         getOutputQueue()->service(IOBasicOutputQueue::kServiceAsync);
     if (linkChanged || needsReset)
         updateLink(linkUp && !needsReset);
+    /* §5.1.6.5.4: gratuitous packets first, then the acknowledgement. */
+    if (announce && !needsReset && fDev) {
+        announceAddresses();
+        vnet_ack_announce(fDev);
+    }
     if (++fEvents % 4096 == 0)
         publishStats();
 }
@@ -580,6 +592,26 @@ void org_virtiodarwin_VirtioNetController::rxPollFired(OSObject *owner, IOTimerE
 }
 
 /* ---- link, addresses, filters ---- */
+
+/* The device asks to be announced (GUEST_ANNOUNCE, e.g. after a live migration: switches
+ * must learn where the MAC went). Linux sends a gratuitous ARP and an unsolicited neighbour
+ * advertisement per address (netdev_notify_peers); here inet_arp_init_ifaddr sends the
+ * gratuitous ARP for each IPv4 address, as the stack does when an address or the link
+ * address changes. IPv6 has no public KPI for an unsolicited advertisement: its peers
+ * learn the new path from the ARP-triggered traffic or neighbour unreachability
+ * detection. */
+void org_virtiodarwin_VirtioNetController::announceAddresses(void)
+{
+    if (!fInterface || !fEnabled)
+        return;
+    ifnet_t ifp = fInterface->getIfnet();
+    ifaddr_t *addrs = NULL;
+    if (!ifp || ifnet_get_address_list_family(ifp, &addrs, AF_INET) != 0 || !addrs)
+        return;
+    for (unsigned i = 0; addrs[i]; i++)
+        inet_arp_init_ifaddr(ifp, addrs[i]);
+    ifnet_free_address_list(addrs);
+}
 
 void org_virtiodarwin_VirtioNetController::updateLink(bool up)
 {

@@ -101,6 +101,7 @@ private:
     IOReturn gatedUpdateLink(void);
     void teardown(void);
     void updateLink(bool up);
+    void announceAddresses(void);
     void publishStats(void);
     void handleEvents(const VnetEvents *ev);
     bool allocTxSlots(void);

@@ -137,6 +137,7 @@ unsafe extern "C" fn on_events(ctx: *mut c_void, events: *const VnetEvents) {
 /// restart the output queue, note a dead device.
 fn handle_events(shim: &RefCell<Shim>, mut events: VnetEvents) {
     note(shim, &events);
+    announce(shim, &events);
     let mut rounds = 0;
     while events.rx_more != 0 {
         if rounds == VNET_POLLS_PER_EVENT {
@@ -148,7 +149,20 @@ fn handle_events(shim: &RefCell<Shim>, mut events: VnetEvents) {
         // SAFETY: the live handle, outside the kext's lock (events run after it).
         unsafe { vnet_poll(dev, &mut events) };
         note(shim, &events);
+        announce(shim, &events);
     }
+}
+
+/// An announce request: the shim's gratuitous ARPs (nothing to model here), then the ack.
+fn announce(shim: &RefCell<Shim>, events: &VnetEvents) {
+    if events.announce == 0 {
+        return;
+    }
+    assert_eq!(events.needs_reset, 0, "announce with NEEDS_RESET");
+    let dev = shim.borrow().dev;
+    // SAFETY: the live handle, outside the kext's lock (events run after it).
+    let status = unsafe { vnet_ack_announce(dev) };
+    assert!(status != VNET_E_LOCKED, "vnet_ack_announce answered LOCKED");
 }
 
 fn note(shim: &RefCell<Shim>, events: &VnetEvents) {

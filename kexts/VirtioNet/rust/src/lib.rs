@@ -13,7 +13,8 @@
 //! - interrupts → [`vnet_interrupt`]: received frames are lent to
 //!   [`VnetCallbacks::rx_frame`] as fragments (the shim copies them into an mbuf from
 //!   `allocatePacket` and queues it with `inputPacket`), then [`VnetCallbacks::events`]
-//!   says whether to restart the output queue, flush the input queue, or change the link;
+//!   says whether to restart the output queue, flush the input queue, change the link, or
+//!   announce the interface (a gratuitous ARP per IPv4 address, then [`vnet_ack_announce`]);
 //!   while it reports `rx_more` the shim calls [`vnet_poll`], at most
 //!   [`VNET_POLLS_PER_EVENT`] times, then defers the rest to a zero-delay timer on its work
 //!   loop, so a device that never stops sending cannot keep the work loop to itself;
@@ -148,7 +149,12 @@ pub struct VnetEvents {
     /// the ring as fast as buffers are reposted never clears this). Never set together with
     /// `needs_reset`, nor once stopped (unless busy).
     pub rx_more: u8,
-    pub reserved: [u8; 3],
+    /// The device asks the driver to announce itself (GUEST_ANNOUNCE, §5.1.6.5.4; e.g.
+    /// after a live migration): send gratuitous packets for the interface's addresses,
+    /// then [`vnet_ack_announce`]. Reported again by every configuration change until
+    /// acknowledged.
+    pub announce: u8,
+    pub reserved: [u8; 2],
 }
 
 /// The shim's choices, read once by [`vnet_create`].
@@ -457,12 +463,12 @@ impl Inner {
                     if c.needs_reset {
                         ev.needs_reset = 1;
                     }
+                    // §5.1.6.5.4: the driver SHOULD send gratuitous packets, then ack. The
+                    // shim sends them (only the stack knows the addresses) and acks with
+                    // vnet_ack_announce; a link that stayed up gives the stack no reason to
+                    // announce by itself.
                     if c.announce && !c.needs_reset {
-                        // The stack sends its own gratuitous ARP on link events; the
-                        // device only needs the acknowledgement (§5.1.6.5.4).
-                        if let Err(e) = self.drv.ack_announce() {
-                            log::warn!("VirtioNet: announce ack: {e}");
-                        }
+                        ev.announce = 1;
                     }
                 }
                 Err(e) => log::warn!("VirtioNet: config change: {e}"),
@@ -919,6 +925,25 @@ pub unsafe extern "C" fn vnet_set_mac_address(d: *mut VnetDevice, mac: *const u8
     with(d, |i| match i.drv.set_mac_address(m) {
         Ok(()) => VNET_OK,
         Err(e) => status_of(e),
+    })
+}
+
+/// Acknowledges an announce request ([`VnetEvents::announce`]) once the gratuitous
+/// packets are sent (ANNOUNCE_ACK on the control queue, §5.1.6.5.4): the device then
+/// clears its ANNOUNCE status bit. `VNET_E_UNSUPPORTED` without GUEST_ANNOUNCE.
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_ack_announce(d: *mut VnetDevice) -> i32 {
+    with(d, |i| {
+        if i.stopped {
+            return VNET_E_STOPPED;
+        }
+        match i.drv.ack_announce() {
+            Ok(()) => VNET_OK,
+            Err(e) => status_of(e),
+        }
     })
 }
 
