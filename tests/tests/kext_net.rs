@@ -97,6 +97,7 @@ kext_tests!(Kexts:
     segment_limit_reported_is_the_one_transmit_applies,
     frames_in_flight_fit_the_shims_mapping_pool,
     kernel_debugger_send_receive_with_frames_in_flight,
+    debugger_entries_from_inside_callbacks_find_the_driver_free,
     promiscuous_multicast_and_mac_through_the_control_queue,
     random_mac_from_the_shims_entropy,
     announce_request_reaches_the_shim_before_the_ack,
@@ -111,10 +112,12 @@ struct ShimLog {
     tx_done: Vec<usize>,
     rx: Vec<(Vec<u8>, u32)>,
     events: Vec<VnetEvents>,
-    /// Set by a test to play the debugger entering while the driver is busy: the kext and
-    /// the device it enters.
+    /// Set by a test to play KDP stopping the machine inside a callback (a panic in the
+    /// shim's `freePacket` or `inputPacket`, or KDP's freeze catching it there): the kext
+    /// and the device the debugger then enters, from the next `tx_done` or `rx_frame`.
     debugger_probe: Option<(NetAbi, *mut VnetDevice)>,
-    probe_result: Option<i32>,
+    /// What that debugger's send and receive answered, and from which callback.
+    probe_results: Vec<(&'static str, i32, i32)>,
     /// A device that refills the receive ring as fast as the driver reposts buffers.
     flood: Option<Flood>,
 }
@@ -156,7 +159,27 @@ fn shim<'a>(ctx: *mut c_void) -> &'a RefCell<ShimLog> {
     unsafe { &*(ctx as *const RefCell<ShimLog>) }
 }
 unsafe extern "C" fn on_tx_done(ctx: *mut c_void, token: usize) {
-    shim(ctx).borrow_mut().tx_done.push(token);
+    let mut s = shim(ctx).borrow_mut();
+    debugger_probe(&mut s, "tx_done");
+    s.tx_done.push(token);
+}
+
+/// The debugger's polled send and receive, from inside callback `from`, if a test asked.
+fn debugger_probe(s: &mut ShimLog, from: &'static str) {
+    let Some((net, d)) = s.debugger_probe.take() else {
+        return;
+    };
+    let frame = frame(64, 0xDB);
+    let mut buf = [0u8; 1518];
+    let mut len = 0;
+    // SAFETY: the live handle the test set; local buffers.
+    let (send, receive) = unsafe {
+        (
+            (net.vnet_debug_send)(d, frame.as_ptr(), frame.len(), 10),
+            (net.vnet_debug_receive)(d, buf.as_mut_ptr(), buf.len(), 1, &mut len),
+        )
+    };
+    s.probe_results.push((from, send, receive));
 }
 unsafe extern "C" fn on_rx(
     ctx: *mut c_void,
@@ -173,12 +196,7 @@ unsafe extern "C" fn on_rx(
     }
     assert_eq!(bytes.len(), len);
     let mut s = shim(ctx).borrow_mut();
-    if let Some((net, d)) = s.debugger_probe.take() {
-        // The debugger stops the machine while the driver is inside an entry.
-        let frame = frame(64, 1);
-        // SAFETY: live handle.
-        s.probe_result = Some(unsafe { (net.vnet_debug_send)(d, frame.as_ptr(), frame.len(), 10) });
-    }
+    debugger_probe(&mut s, "rx_frame");
     s.rx.push((bytes, flags));
     if let Some(f) = s.flood.as_mut() {
         f.feed();
@@ -595,8 +613,7 @@ fn frames_in_flight_fit_the_shims_mapping_pool(kexts: Kexts) {
     r.unload();
 }
 
-/// KDP: polled send and receive while normal frames are in flight, and the try-lock that
-/// keeps the debugger out of a driver entry it interrupted.
+/// KDP: polled send and receive while normal frames are in flight.
 fn kernel_debugger_send_receive_with_frames_in_flight(kexts: Kexts) {
     for (mode, pref) in MODES {
         let what = format!("{mode:?}/{pref:?}");
@@ -653,15 +670,75 @@ fn kernel_debugger_send_receive_with_frames_in_flight(kexts: Kexts) {
         let (s, _) = r.output(&frame(60, 2), 1, 0, 0, 0x301);
         assert_eq!(s, VNET_OK);
         assert_eq!(r.take_done(), vec![0x300], "{what}");
-
-        // The debugger entering during a driver entry is refused, not let in.
-        r.log.borrow_mut().debugger_probe = Some((kexts.net, r.dev));
-        r.model.inject_rx(Rig::rx_hdr(), &frame(64, 3)).unwrap();
-        r.fam().interrupts();
-        assert_eq!(r.log.borrow().probe_result, Some(VNET_E_LOCKED));
-        assert!(r.stats().debugger_locked_out >= 1);
         let st = r.stats();
         assert_eq!((st.debug_tx_frames, st.debug_rx_frames), (1, 2));
+        r.unload();
+    }
+}
+
+/// KDP stopping the machine inside a callback (a panic in the shim's `freePacket` from
+/// `tx_done`, or in `allocatePacket` / `inputPacket` from `rx_frame`; or KDP's freeze
+/// catching the work loop there) finds the driver free: the callbacks run with the
+/// driver's lock released. They used to run under it, so every debugger entry answered
+/// `VNET_E_LOCKED` for the whole debugging session. The frames lent to `rx_frame` stay out
+/// of the debugger's sight, and the normal path goes on afterwards.
+fn debugger_entries_from_inside_callbacks_find_the_driver_free(kexts: Kexts) {
+    for (mode, pref) in MODES {
+        let what = format!("{mode:?}/{pref:?}");
+        let mut r = Rig::start(kexts, mode, pref, NET, &[256, 256]);
+        // SAFETY: live handle.
+        assert_eq!(unsafe { (kexts.net.vnet_enable)(r.dev, true) }, VNET_OK);
+        let posted = r.model.rx_available();
+        // tx_done: a completed frame is reclaimed by the next transmit.
+        assert_eq!(r.output(&frame(60, 1), 1, 0, 0, 0x10).0, VNET_OK);
+        r.model.take_tx();
+        r.log.borrow_mut().debugger_probe = Some((kexts.net, r.dev));
+        assert_eq!(r.output(&frame(60, 2), 1, 0, 0, 0x11).0, VNET_OK);
+        assert_eq!(r.take_done(), vec![0x10], "{what}");
+        let probes = std::mem::take(&mut r.log.borrow_mut().probe_results);
+        assert_eq!(probes, vec![("tx_done", VNET_OK, VNET_OK)], "{what}");
+        let sent: Vec<Vec<u8>> = r.model.take_tx().into_iter().map(|f| f.data).collect();
+        assert!(
+            sent.contains(&frame(64, 0xDB)),
+            "{what}: the debugger's frame went out"
+        );
+        let mut ev = VnetEvents::default();
+        // SAFETY: live handle, local out-pointer.
+        assert_eq!(unsafe { (kexts.net.vnet_poll)(r.dev, &mut ev) }, VNET_OK);
+        assert_eq!(r.take_done(), vec![0x11], "{what}");
+        // rx_frame: two frames arrive; the debugger, entered from the first one's
+        // delivery, sees neither (both were lent to the stack) and its send goes out.
+        let (a, b) = (frame(90, 3), frame(95, 4));
+        r.model.write_rx(Rig::rx_hdr(), &a).unwrap();
+        r.model.inject_rx(Rig::rx_hdr(), &b).unwrap();
+        r.log.borrow_mut().debugger_probe = Some((kexts.net, r.dev));
+        r.fam().interrupts();
+        let probes = std::mem::take(&mut r.log.borrow_mut().probe_results);
+        assert_eq!(probes, vec![("rx_frame", VNET_OK, VNET_OK)], "{what}");
+        let got: Vec<Vec<u8>> = r.take_rx().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(got, vec![a, b], "{what}");
+        let sent: Vec<Vec<u8>> = r.model.take_tx().into_iter().map(|f| f.data).collect();
+        assert_eq!(sent, vec![frame(64, 0xDB)], "{what}");
+        let st = r.stats();
+        assert_eq!(
+            (
+                st.debug_tx_frames,
+                st.debug_rx_frames,
+                st.debugger_locked_out
+            ),
+            (2, 0, 0),
+            "{what}"
+        );
+        // The lent buffers went back to the device: receive goes on.
+        let c = frame(100, 5);
+        r.model.inject_rx(Rig::rx_hdr(), &c).unwrap();
+        r.fam().interrupts();
+        assert_eq!(r.take_rx(), vec![(c, VNET_RX_CSUM_VALID)], "{what}");
+        assert_eq!(
+            r.model.rx_available(),
+            posted,
+            "{what}: every receive buffer posted again"
+        );
         r.unload();
     }
 }

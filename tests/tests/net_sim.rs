@@ -871,6 +871,72 @@ fn a_rejected_mergeable_frame_drops_all_of_its_buffers() {
     }
 }
 
+/// `rx_poll_lend`: a delivered frame's buffers stay out of the ring, untouched, until
+/// `rx_return_lent` (so the kext can hand frames to its stack after releasing the lock
+/// the debugger needs); the debugger never sees them; at most `max_lent` buffers are lent
+/// (a frame of more alone), and the round then says `more`.
+#[test]
+fn lent_frames_stay_out_of_the_ring_until_returned() {
+    for (mode, pref) in MODES {
+        let what = format!("{mode:?}/{pref:?}");
+        let mut r = rig(mode, pref, QEMU);
+        let total = r.net.rx_buffers().0;
+        let big = frame(5000, 1); // several mergeable buffers
+        let n_big = r.model.inject_rx(hdr(0, 0, 0, 0, 0, 0), &big).unwrap();
+        assert!(n_big > 2, "{what}");
+        let small = [frame(100, 2), frame(200, 3)];
+        for f in &small {
+            r.model.inject_rx(hdr(0, 0, 0, 0, 0, 0), f).unwrap();
+        }
+        // Lend at most 2 buffers: the big frame goes alone, the round ends there.
+        let mut spans: Vec<Vec<(*const u8, usize)>> = Vec::new();
+        let s = r
+            .net
+            .rx_poll_lend(64, 2, |fr| {
+                spans.push(fr.fragments().map(|f| (f.as_ptr(), f.len())).collect());
+            })
+            .unwrap();
+        assert_eq!((s.frames, s.more), (1, true), "{what}");
+        assert_eq!(r.net.rx_lent(), n_big, "{what}");
+        assert_eq!(
+            r.net.rx_buffers().1,
+            total - n_big - 2,
+            "{what}: not reposted"
+        );
+        // The debugger sees the next frame, not the lent one.
+        let mut buf = vec![0u8; 2048];
+        assert_eq!(
+            r.net.debug_receive(&mut buf, 4).unwrap(),
+            Some(100),
+            "{what}"
+        );
+        // Still readable after the call: the buffers are the caller's until returned.
+        let joined: Vec<u8> = spans[0]
+            .iter()
+            // SAFETY: lent buffers stay valid and unwritten until `rx_return_lent`.
+            .flat_map(|&(p, l)| unsafe { std::slice::from_raw_parts(p, l) }.to_vec())
+            .collect();
+        assert_eq!(joined, big, "{what}");
+        assert_eq!(r.net.rx_return_lent().unwrap(), n_big, "{what}");
+        assert_eq!(
+            (r.net.rx_lent(), r.net.rx_buffers().1),
+            (0, total - 2),
+            "{what}"
+        );
+        // The small frames: both lent within the bound.
+        let mut lens = Vec::new();
+        let s = r.net.rx_poll_lend(64, 2, |fr| lens.push(fr.len())).unwrap();
+        assert_eq!((lens, s.more), (vec![100, 200], false), "{what}");
+        assert_eq!(r.net.rx_return_lent().unwrap(), 2, "{what}");
+        assert_eq!(
+            r.net.rx_buffers().1,
+            total,
+            "{what}: every buffer posted again"
+        );
+        assert_eq!(r.model.rx_available(), total, "{what}");
+    }
+}
+
 #[test]
 fn hostile_config_values() {
     // MTU 20 (below 68): renegotiated without MTU; multicast MAC: replaced by a random

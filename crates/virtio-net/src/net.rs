@@ -23,9 +23,11 @@
 //! frame is parsed at the front of the FIFO: the header is validated, then (mergeable) its
 //! `num_buffers` entries are gathered; a frame whose buffers have not all arrived yet waits.
 //! The frame is lent to the caller's callback ([`RxFrame`] borrows the DMA buffers), then
-//! its buffers are reposted. A frame dropped for a bad value goes with all of its buffers
-//! once its `num_buffers` is validated and gathered (§5.1.6.4: the others hold payload,
-//! never a header), else with its first buffer only.
+//! its buffers are reposted ([`VirtioNet::rx_poll`]), or kept out of the ring until the
+//! caller gives them back ([`VirtioNet::rx_poll_lend`], [`VirtioNet::rx_return_lent`]),
+//! for a platform that hands frames on after releasing a lock. A frame dropped for a bad
+//! value goes with all of its buffers once its `num_buffers` is validated and gathered
+//! (§5.1.6.4: the others hold payload, never a header), else with its first buffer only.
 //!
 //! # Transmit completions (Linux's non-NAPI transmit policy)
 //! Transmit interrupts stay off while the ring has room: completed frames are reclaimed by
@@ -457,6 +459,9 @@ enum BufState {
     Free,
     Posted,
     Ready,
+    /// Delivered by [`VirtioNet::rx_poll_lend`] and not yet given back
+    /// ([`VirtioNet::rx_return_lent`]): the caller may still read it.
+    Lent,
 }
 
 /// Exponentially weighted moving average of frame lengths, weight 1/64, 4 fraction bits
@@ -505,6 +510,9 @@ struct RxState {
     free: Vec<u16>,
     /// Completed buffers (index, written length) in device order.
     ready: Fifo<(u16, u32)>,
+    /// Buffers of frames delivered by `rx_poll_lend`, not yet returned (capacity: every
+    /// buffer, reserved in `new`).
+    lent: Vec<u16>,
     posted: usize,
     /// Entries at the front of `ready` the debugger has already seen.
     dbg_cursor: usize,
@@ -894,6 +902,7 @@ impl<B: Bus> VirtioNet<B> {
                 headers: vec![[0; wire::HDR_LEN_V1]; nbufs],
                 free: Vec::with_capacity(nbufs),
                 ready: Fifo::new(nbufs, (0, 0)),
+                lent: Vec::with_capacity(nbufs),
                 posted: 0,
                 dbg_cursor: 0,
                 cap,
@@ -1454,9 +1463,76 @@ impl<B: Bus> VirtioNet<B> {
     pub fn rx_poll(
         &mut self,
         budget: usize,
+        deliver: impl FnMut(&RxFrame<'_>),
+    ) -> Result<RxSummary, NetError> {
+        self.receive(budget, None, deliver)
+    }
+
+    /// Like [`VirtioNet::rx_poll`], except that a delivered frame's buffers are not
+    /// reposted when `deliver` returns: they stay lent, out of the device's and the
+    /// debugger's reach, until [`VirtioNet::rx_return_lent`]. So a platform may note the
+    /// fragments' addresses and lengths in `deliver` and hand the frames to its network
+    /// stack later, after releasing a lock the debugger needs (the kext does). At most
+    /// `max_lent` buffers are lent at once (one frame of more is lent alone): the round
+    /// then ends with `more` set, the receive interrupt still off.
+    ///
+    /// Lent buffers stay lent across [`VirtioNet::suspend`] and [`VirtioNet::resume`];
+    /// [`VirtioNet::shutdown`] frees them with the rest.
+    pub fn rx_poll_lend(
+        &mut self,
+        budget: usize,
+        max_lent: usize,
+        deliver: impl FnMut(&RxFrame<'_>),
+    ) -> Result<RxSummary, NetError> {
+        self.receive(budget, Some(max_lent), deliver)
+    }
+
+    /// Gives back the buffers of the frames [`VirtioNet::rx_poll_lend`] delivered (the
+    /// caller is done reading them) and reposts them. Returns how many came back.
+    pub fn rx_return_lent(&mut self) -> Result<usize, NetError> {
+        let n = self.rx.lent.len();
+        while let Some(buf) = self.rx.lent.pop() {
+            if let Some(s) = self.rx.state.get_mut(usize::from(buf)) {
+                *s = BufState::Free;
+                self.rx.free.push(buf);
+            }
+        }
+        // Suspended (or stopped) there is no queue to post to: `resume` posts them.
+        if n > 0 && self.live {
+            self.refill()?;
+        }
+        Ok(n)
+    }
+
+    /// Buffers lent by [`VirtioNet::rx_poll_lend`] and not yet returned.
+    pub fn rx_lent(&self) -> usize {
+        self.rx.lent.len()
+    }
+
+    /// Moves the first `n` ready buffers (a delivered frame) to the lent list.
+    fn lend_front(&mut self, n: usize) {
+        for _ in 0..n {
+            let Some((buf, _)) = self.rx.ready.pop() else {
+                break;
+            };
+            if let Some(s) = self.rx.state.get_mut(usize::from(buf)) {
+                *s = BufState::Lent;
+            }
+            // Within capacity: every buffer at most once.
+            self.rx.lent.push(buf);
+        }
+        self.rx.dbg_cursor = self.rx.dbg_cursor.saturating_sub(n);
+    }
+
+    /// `rx_poll` (`lend` None) and `rx_poll_lend` (`lend`: at most that many buffers lent).
+    fn receive(
+        &mut self,
+        budget: usize,
+        lend: Option<usize>,
         mut deliver: impl FnMut(&RxFrame<'_>),
     ) -> Result<RxSummary, NetError> {
         let mut sum = RxSummary::default();
+        let mut lent_out = false;
         if self.suspended {
             return Ok(sum);
         }
@@ -1468,6 +1544,12 @@ impl<B: Bus> VirtioNet<B> {
             }
             match self.parse_at(0) {
                 Parse::Frame { n, info } => {
+                    if lend
+                        .is_some_and(|max| !self.rx.lent.is_empty() && self.rx.lent.len() + n > max)
+                    {
+                        lent_out = true;
+                        break;
+                    }
                     let frame = RxFrame {
                         info,
                         rx: &self.rx,
@@ -1480,7 +1562,11 @@ impl<B: Bus> VirtioNet<B> {
                     self.stats.rx_frames += 1;
                     self.stats.rx_bytes += info.len as u64;
                     sum.frames += 1;
-                    self.release_front(n);
+                    if lend.is_some() {
+                        self.lend_front(n);
+                    } else {
+                        self.release_front(n);
+                    }
                 }
                 Parse::Bad { err, kind, bufs } => {
                     log::warn!("virtio-net: dropping received frame: {err}");
@@ -1496,9 +1582,10 @@ impl<B: Bus> VirtioNet<B> {
             }
         }
         self.refill()?;
-        // Budget exhausted: stay in polling mode. Otherwise re-enable; completions that
-        // arrived meanwhile mean another round.
-        sum.more = sum.frames + sum.dropped >= budget || self.bus.enable_interrupts(RX)?;
+        // Budget exhausted, or as much lent as allowed: stay in polling mode. Otherwise
+        // re-enable; completions that arrived meanwhile mean another round.
+        sum.more =
+            sum.frames + sum.dropped >= budget || lent_out || self.bus.enable_interrupts(RX)?;
         Ok(sum)
     }
 
@@ -2103,6 +2190,7 @@ impl<B: Bus> VirtioNet<B> {
         // DMA stopped, so it no longer accesses them (otherwise they are leaked).
         unsafe { self.bus.release_dma(regions, quiet) };
         self.rx.free.clear();
+        self.rx.lent.clear();
         self.tx.free_slots.clear();
     }
 }

@@ -189,8 +189,10 @@ typedef struct {
  * - `tx_done`: the device is done with the frame submitted with `token` (free the mbuf);
  * - `rx_frame`: a received frame of `len` bytes in `nfrags` fragments, `flags`
  *   `VNET_RX_*`; copy it out before returning (only called while enabled);
- * - `events` (may be null): called after an interrupt the family delivered was handled,
- *   outside the driver lock.
+ * - `events` (may be null): called after an interrupt the family delivered was handled.
+ *
+ * All three run with the driver lock released (see the crate documentation): `tx_done`
+ * and `rx_frame` from inside the entry that collected them, `events` after it.
  */
 typedef struct {
   void *ctx;

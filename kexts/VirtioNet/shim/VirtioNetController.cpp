@@ -491,7 +491,8 @@ UInt32 org_virtiodarwin_VirtioNetController::outputPacket(mbuf_t m, void *param)
     return kIOReturnOutputDropped;
 }
 
-/* ---- callbacks from Rust ---- */
+/* ---- callbacks from Rust: on the work loop, inside the vnet_* call that collected them,
+ * with the driver's lock released (so KDP entered from in here finds a working NIC) ---- */
 
 /* The device is done with the frame of slot `token`: unmapped, freed, the slot free. */
 void org_virtiodarwin_VirtioNetController::cbTxDone(void *ctx, size_t token)
