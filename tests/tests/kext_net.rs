@@ -32,6 +32,7 @@ c_abi! {
     pub struct NetAbi from virtio_net_kext {
         fn vnet_create(
             *mut virtio_kext_client::VfamDevice,
+            *const VnetConfig,
             *const VnetCallbacks,
             *mut *mut VnetDevice,
         ) -> i32;
@@ -54,6 +55,7 @@ c_abi! {
         fn vnet_set_promiscuous(*mut VnetDevice, bool) -> i32;
         fn vnet_set_multicast(*mut VnetDevice, *const u8, usize) -> i32;
         fn vnet_set_mac_address(*mut VnetDevice, *const u8) -> i32;
+        fn vnet_ack_announce(*mut VnetDevice) -> i32;
         fn vnet_suspend(*mut VnetDevice) -> i32;
         fn vnet_resume(*mut VnetDevice) -> i32;
         fn vnet_debug_send(*mut VnetDevice, *const u8, usize, u32) -> i32;
@@ -92,8 +94,13 @@ impl Kexts {
 kext_tests!(Kexts:
     start_enable_output_receive_link_stop_in_every_mode,
     backpressure_stall_and_restart,
+    segment_limit_reported_is_the_one_transmit_applies,
+    frames_in_flight_fit_the_shims_mapping_pool,
     kernel_debugger_send_receive_with_frames_in_flight,
+    debugger_entries_from_inside_callbacks_find_the_driver_free,
     promiscuous_multicast_and_mac_through_the_control_queue,
+    random_mac_from_the_shims_entropy,
+    announce_request_reaches_the_shim_before_the_ack,
     bad_arguments,
     lifecycle_across_sleep_and_wake,
     receive_flood_is_polled_in_bounded_turns,
@@ -105,10 +112,12 @@ struct ShimLog {
     tx_done: Vec<usize>,
     rx: Vec<(Vec<u8>, u32)>,
     events: Vec<VnetEvents>,
-    /// Set by a test to play the debugger entering while the driver is busy: the kext and
-    /// the device it enters.
+    /// Set by a test to play KDP stopping the machine inside a callback (a panic in the
+    /// shim's `freePacket` or `inputPacket`, or KDP's freeze catching it there): the kext
+    /// and the device the debugger then enters, from the next `tx_done` or `rx_frame`.
     debugger_probe: Option<(NetAbi, *mut VnetDevice)>,
-    probe_result: Option<i32>,
+    /// What that debugger's send and receive answered, and from which callback.
+    probe_results: Vec<(&'static str, i32, i32)>,
     /// A device that refills the receive ring as fast as the driver reposts buffers.
     flood: Option<Flood>,
 }
@@ -150,7 +159,27 @@ fn shim<'a>(ctx: *mut c_void) -> &'a RefCell<ShimLog> {
     unsafe { &*(ctx as *const RefCell<ShimLog>) }
 }
 unsafe extern "C" fn on_tx_done(ctx: *mut c_void, token: usize) {
-    shim(ctx).borrow_mut().tx_done.push(token);
+    let mut s = shim(ctx).borrow_mut();
+    debugger_probe(&mut s, "tx_done");
+    s.tx_done.push(token);
+}
+
+/// The debugger's polled send and receive, from inside callback `from`, if a test asked.
+fn debugger_probe(s: &mut ShimLog, from: &'static str) {
+    let Some((net, d)) = s.debugger_probe.take() else {
+        return;
+    };
+    let frame = frame(64, 0xDB);
+    let mut buf = [0u8; 1518];
+    let mut len = 0;
+    // SAFETY: the live handle the test set; local buffers.
+    let (send, receive) = unsafe {
+        (
+            (net.vnet_debug_send)(d, frame.as_ptr(), frame.len(), 10),
+            (net.vnet_debug_receive)(d, buf.as_mut_ptr(), buf.len(), 1, &mut len),
+        )
+    };
+    s.probe_results.push((from, send, receive));
 }
 unsafe extern "C" fn on_rx(
     ctx: *mut c_void,
@@ -167,12 +196,7 @@ unsafe extern "C" fn on_rx(
     }
     assert_eq!(bytes.len(), len);
     let mut s = shim(ctx).borrow_mut();
-    if let Some((net, d)) = s.debugger_probe.take() {
-        // The debugger stops the machine while the driver is inside an entry.
-        let frame = frame(64, 1);
-        // SAFETY: live handle.
-        s.probe_result = Some(unsafe { (net.vnet_debug_send)(d, frame.as_ptr(), frame.len(), 10) });
-    }
+    debugger_probe(&mut s, "rx_frame");
     s.rx.push((bytes, flags));
     if let Some(f) = s.flood.as_mut() {
         f.feed();
@@ -200,9 +224,22 @@ struct Rig {
 
 impl Rig {
     fn start(kexts: Kexts, mode: SimMode, pref: Preference, features: u64, queues: &[u16]) -> Rig {
+        Rig::start_with(kexts, mode, pref, features | RING, queues, 0x5EED)
+    }
+
+    /// [`Rig::start`] with the ring features (`RING`'s bits or fewer) in `features`, and
+    /// the shim's MAC seed.
+    fn start_with(
+        kexts: Kexts,
+        mode: SimMode,
+        pref: Preference,
+        features: u64,
+        queues: &[u16],
+        mac_seed: u64,
+    ) -> Rig {
         let version = if mode == SimMode::Legacy { 0 } else { 1 << 32 };
         let sim = SimBuilder::new(mode, 1)
-            .features(features | RING | version)
+            .features(features | version)
             .queues(queues)
             .device_config(&net_model::config_bytes(MAC, 1, 1500, 10_000, 1))
             .memory_len(24 << 20)
@@ -216,9 +253,10 @@ impl Rig {
             rx_frame: Some(on_rx),
             events: Some(on_events),
         };
+        let config = VnetConfig { mac_seed };
         let mut dev = std::ptr::null_mut();
         // SAFETY: the nub's live handle; the callbacks' context outlives the device.
-        let s = unsafe { (kexts.net.vnet_create)(fam.client_handle(), &cb, &mut dev) };
+        let s = unsafe { (kexts.net.vnet_create)(fam.client_handle(), &config, &cb, &mut dev) };
         assert_eq!(s, VNET_OK, "{mode:?}/{pref:?}: vnet_create");
         sim.check_init_order().unwrap();
         Rig {
@@ -231,6 +269,18 @@ impl Rig {
             dev,
             responder,
         }
+    }
+
+    /// A modern device with a control queue (rings 256, 256, 64), found by the default
+    /// transport preference.
+    fn with_ctrl_queue(kexts: Kexts, features: u64) -> Rig {
+        Rig::start(
+            kexts,
+            SimMode::Modern,
+            Preference::Auto,
+            features,
+            &[256, 256, 64],
+        )
     }
 
     fn fam(&self) -> &Family {
@@ -500,8 +550,70 @@ fn backpressure_stall_and_restart(kexts: Kexts) {
     r.unload();
 }
 
-/// KDP: polled send and receive while normal frames are in flight, and the try-lock that
-/// keeps the debugger out of a driver entry it interrupted.
+/// The segment limit the controller reports is the one transmit applies: on a 16-entry
+/// transmit ring without indirect descriptors a frame of 32 segments (the limit reported
+/// before) cannot fit beside the debugger's reserve, so the driver lowers its limit, and
+/// the shim, which builds its segment lists to the reported limit, must learn it (its
+/// longer frames were refused as bad and dropped).
+fn segment_limit_reported_is_the_one_transmit_applies(kexts: Kexts) {
+    let net = kexts.net;
+    let no_indirect = RING & !(1 << 28);
+    for (mode, pref) in MODES {
+        let what = format!("{mode:?}/{pref:?}");
+        let mut r = Rig::start_with(kexts, mode, pref, NET | no_indirect, &[256, 16], 1);
+        // SAFETY: live handle.
+        assert_eq!(unsafe { (net.vnet_enable)(r.dev, true) }, VNET_OK);
+        let limit = r.info().tx_max_segments as usize;
+        assert!(
+            (1..VNET_TX_SEGMENTS_MAX as usize).contains(&limit),
+            "{what}: {limit}"
+        );
+        let (s, _) = r.output(&frame(10 * limit, 1), limit, 0, 0, 0x10);
+        assert_eq!(s, VNET_OK, "{what}: a frame of exactly {limit} segments");
+        let sent = r.model.take_tx();
+        assert_eq!(sent.len(), 1, "{what}");
+        assert_eq!(sent[0].data, frame(10 * limit, 1), "{what}");
+        let (s, _) = r.output(&frame(10 * (limit + 1), 2), limit + 1, 0, 0, 0x11);
+        assert_eq!(s, VNET_E_BAD_FRAME, "{what}: one segment more");
+        r.unload();
+    }
+}
+
+/// The shim maps each frame in flight with its own `IODMACommand`, from a pool of
+/// `tx_frames` made at start: a 1024-entry transmit ring still takes no more than
+/// `VNET_TX_FRAMES_MAX` frames at once (the last says stop, one more is BUSY), and every
+/// token is back before the queue restarts; a smaller ring reports its own size.
+fn frames_in_flight_fit_the_shims_mapping_pool(kexts: Kexts) {
+    let net = kexts.net;
+    let small = Rig::start(kexts, SimMode::Modern, Preference::Auto, NET, &[256, 64]);
+    assert_eq!(small.info().tx_frames, 64);
+    small.unload();
+    let mut r = Rig::start(kexts, SimMode::Modern, Preference::Auto, NET, &[256, 1024]);
+    let pool = r.info().tx_frames as usize;
+    assert_eq!(pool, VNET_TX_FRAMES_MAX as usize);
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (net.vnet_enable)(r.dev, true) }, VNET_OK);
+    for k in 0..pool {
+        let (s, stop) = r.output(&frame(60, k as u8), 1, 0, 0, 0x1000 + k);
+        assert_eq!((s, stop), (VNET_OK, k + 1 == pool), "frame {k}");
+    }
+    let (s, _) = r.output(&frame(60, 0), 1, 0, 0, 0x9999);
+    assert_eq!(s, VNET_E_BUSY, "beyond the pool");
+    let held = r.model.hold_tx();
+    assert_eq!(held.len(), pool);
+    let chains: Vec<_> = held.into_iter().map(|(c, _)| c).collect();
+    r.model.complete_tx(&chains);
+    r.fam().interrupts();
+    assert!(r.log.borrow().events.iter().any(|e| e.restart == 1));
+    assert_eq!(
+        r.take_done().len(),
+        pool,
+        "every token back before the restart"
+    );
+    r.unload();
+}
+
+/// KDP: polled send and receive while normal frames are in flight.
 fn kernel_debugger_send_receive_with_frames_in_flight(kexts: Kexts) {
     for (mode, pref) in MODES {
         let what = format!("{mode:?}/{pref:?}");
@@ -558,28 +670,82 @@ fn kernel_debugger_send_receive_with_frames_in_flight(kexts: Kexts) {
         let (s, _) = r.output(&frame(60, 2), 1, 0, 0, 0x301);
         assert_eq!(s, VNET_OK);
         assert_eq!(r.take_done(), vec![0x300], "{what}");
-
-        // The debugger entering during a driver entry is refused, not let in.
-        r.log.borrow_mut().debugger_probe = Some((kexts.net, r.dev));
-        r.model.inject_rx(Rig::rx_hdr(), &frame(64, 3)).unwrap();
-        r.fam().interrupts();
-        assert_eq!(r.log.borrow().probe_result, Some(VNET_E_LOCKED));
-        assert!(r.stats().debugger_locked_out >= 1);
         let st = r.stats();
         assert_eq!((st.debug_tx_frames, st.debug_rx_frames), (1, 2));
         r.unload();
     }
 }
 
+/// KDP stopping the machine inside a callback (a panic in the shim's `freePacket` from
+/// `tx_done`, or in `allocatePacket` / `inputPacket` from `rx_frame`; or KDP's freeze
+/// catching the work loop there) finds the driver free: the callbacks run with the
+/// driver's lock released. They used to run under it, so every debugger entry answered
+/// `VNET_E_LOCKED` for the whole debugging session. The frames lent to `rx_frame` stay out
+/// of the debugger's sight, and the normal path goes on afterwards.
+fn debugger_entries_from_inside_callbacks_find_the_driver_free(kexts: Kexts) {
+    for (mode, pref) in MODES {
+        let what = format!("{mode:?}/{pref:?}");
+        let mut r = Rig::start(kexts, mode, pref, NET, &[256, 256]);
+        // SAFETY: live handle.
+        assert_eq!(unsafe { (kexts.net.vnet_enable)(r.dev, true) }, VNET_OK);
+        let posted = r.model.rx_available();
+        // tx_done: a completed frame is reclaimed by the next transmit.
+        assert_eq!(r.output(&frame(60, 1), 1, 0, 0, 0x10).0, VNET_OK);
+        r.model.take_tx();
+        r.log.borrow_mut().debugger_probe = Some((kexts.net, r.dev));
+        assert_eq!(r.output(&frame(60, 2), 1, 0, 0, 0x11).0, VNET_OK);
+        assert_eq!(r.take_done(), vec![0x10], "{what}");
+        let probes = std::mem::take(&mut r.log.borrow_mut().probe_results);
+        assert_eq!(probes, vec![("tx_done", VNET_OK, VNET_OK)], "{what}");
+        let sent: Vec<Vec<u8>> = r.model.take_tx().into_iter().map(|f| f.data).collect();
+        assert!(
+            sent.contains(&frame(64, 0xDB)),
+            "{what}: the debugger's frame went out"
+        );
+        let mut ev = VnetEvents::default();
+        // SAFETY: live handle, local out-pointer.
+        assert_eq!(unsafe { (kexts.net.vnet_poll)(r.dev, &mut ev) }, VNET_OK);
+        assert_eq!(r.take_done(), vec![0x11], "{what}");
+        // rx_frame: two frames arrive; the debugger, entered from the first one's
+        // delivery, sees neither (both were lent to the stack) and its send goes out.
+        let (a, b) = (frame(90, 3), frame(95, 4));
+        r.model.write_rx(Rig::rx_hdr(), &a).unwrap();
+        r.model.inject_rx(Rig::rx_hdr(), &b).unwrap();
+        r.log.borrow_mut().debugger_probe = Some((kexts.net, r.dev));
+        r.fam().interrupts();
+        let probes = std::mem::take(&mut r.log.borrow_mut().probe_results);
+        assert_eq!(probes, vec![("rx_frame", VNET_OK, VNET_OK)], "{what}");
+        let got: Vec<Vec<u8>> = r.take_rx().into_iter().map(|(f, _)| f).collect();
+        assert_eq!(got, vec![a, b], "{what}");
+        let sent: Vec<Vec<u8>> = r.model.take_tx().into_iter().map(|f| f.data).collect();
+        assert_eq!(sent, vec![frame(64, 0xDB)], "{what}");
+        let st = r.stats();
+        assert_eq!(
+            (
+                st.debug_tx_frames,
+                st.debug_rx_frames,
+                st.debugger_locked_out
+            ),
+            (2, 0, 0),
+            "{what}"
+        );
+        // The lent buffers went back to the device: receive goes on.
+        let c = frame(100, 5);
+        r.model.inject_rx(Rig::rx_hdr(), &c).unwrap();
+        r.fam().interrupts();
+        assert_eq!(r.take_rx(), vec![(c, VNET_RX_CSUM_VALID)], "{what}");
+        assert_eq!(
+            r.model.rx_available(),
+            posted,
+            "{what}: every receive buffer posted again"
+        );
+        r.unload();
+    }
+}
+
 fn promiscuous_multicast_and_mac_through_the_control_queue(kexts: Kexts) {
     let feats = NET | f::CTRL_VQ | f::CTRL_RX | f::CTRL_MAC_ADDR;
-    let r = Rig::start(
-        kexts,
-        SimMode::Modern,
-        Preference::Auto,
-        feats,
-        &[256, 256, 64],
-    );
+    let r = Rig::with_ctrl_queue(kexts, feats);
     let i = r.info();
     assert_eq!((i.ctrl_rx, i.mac_settable), (1, 1));
     let mc = [[0x01, 0x00, 0x5E, 0, 0, 1], [0x33, 0x33, 0, 0, 0, 1]];
@@ -629,6 +795,78 @@ fn promiscuous_multicast_and_mac_through_the_control_queue(kexts: Kexts) {
     r.unload();
 }
 
+/// §5.1.5: a device without a usable MAC address (none offered here) gets a random locally
+/// administered one. It comes from the shim's entropy: it used to come from a constant
+/// seed, so every such guest had the same address.
+fn random_mac_from_the_shims_entropy(kexts: Kexts) {
+    let no_mac = NET & !f::MAC;
+    let mac_of = |seed: u64| {
+        let r = Rig::start_with(
+            kexts,
+            SimMode::Modern,
+            Preference::Auto,
+            no_mac | RING,
+            &[256, 256],
+            seed,
+        );
+        let mac = r.info().mac;
+        r.unload();
+        mac
+    };
+    let (a, b) = (mac_of(0x0123_4567_89AB_CDEF), mac_of(0xFEDC_BA98_7654_3210));
+    assert_ne!(a, b, "two guests, two addresses");
+    for mac in [a, b] {
+        assert_eq!(mac[0] & 3, 2, "{mac:02x?}: locally administered unicast");
+        assert_ne!(mac, MAC);
+    }
+    assert_eq!(mac_of(0x0123_4567_89AB_CDEF), a, "the seed decides");
+}
+
+/// GUEST_ANNOUNCE (§5.1.6.5.4): the device's ANNOUNCE request reaches the shim as an event
+/// (it sends the gratuitous packets), and the acknowledgement waits for its
+/// `vnet_ack_announce`. The request used to be acknowledged at once with nothing sent.
+fn announce_request_reaches_the_shim_before_the_ack(kexts: Kexts) {
+    let feats = NET | f::CTRL_VQ | f::GUEST_ANNOUNCE;
+    let ack = (3u8, 0u8); // VIRTIO_NET_CTRL_ANNOUNCE, _ACK
+    let acks = |r: &Rig| {
+        let cmds = r.responder.as_ref().unwrap().commands();
+        cmds.iter().filter(|c| (c.class, c.command) == ack).count()
+    };
+    let r = Rig::with_ctrl_queue(kexts, feats);
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (kexts.net.vnet_enable)(r.dev, true) }, VNET_OK);
+    r.model.set_status(true, true);
+    r.fam().interrupts();
+    let ev = r.log.borrow_mut().events.pop().unwrap();
+    assert_eq!((ev.announce, ev.link_changed), (1, 0), "{ev:?}");
+    assert_eq!(acks(&r), 0, "no ack before the shim announced");
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (kexts.net.vnet_ack_announce)(r.dev) }, VNET_OK);
+    assert_eq!(acks(&r), 1);
+    // The device clears ANNOUNCE after the ack (its own configuration change, which
+    // announces nothing again).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while r.sim.device_config()[6] & 2 != 0 {
+        assert!(Instant::now() < deadline, "ANNOUNCE never cleared");
+        std::thread::yield_now();
+    }
+    r.log.borrow_mut().events.clear();
+    r.fam().interrupts();
+    assert!(r.log.borrow().events.iter().all(|e| e.announce == 0));
+    // A configuration change without the request announces nothing.
+    r.model.set_status(false, false);
+    r.fam().interrupts();
+    let ev = r.log.borrow_mut().events.pop().unwrap();
+    assert_eq!((ev.announce, ev.link_changed), (0, 1), "{ev:?}");
+    r.unload();
+    // Without GUEST_ANNOUNCE there is nothing to acknowledge.
+    let r = Rig::with_ctrl_queue(kexts, NET | f::CTRL_VQ);
+    // SAFETY: live handle.
+    let s = unsafe { (kexts.net.vnet_ack_announce)(r.dev) };
+    assert_eq!(s, VNET_E_UNSUPPORTED);
+    r.unload();
+}
+
 fn bad_arguments(kexts: Kexts) {
     let cb = VnetCallbacks {
         ctx: std::ptr::null_mut(),
@@ -640,7 +878,7 @@ fn bad_arguments(kexts: Kexts) {
     // SAFETY: refused before any use.
     unsafe {
         assert_eq!(
-            (kexts.net.vnet_create)(std::ptr::null_mut(), &cb, &mut d),
+            (kexts.net.vnet_create)(std::ptr::null_mut(), &VnetConfig::default(), &cb, &mut d),
             VNET_E_INVALID
         );
         assert_eq!(

@@ -121,6 +121,20 @@ impl Rig {
         (toks, r.restart)
     }
 
+    /// One `rx_poll` of `budget`: the frames it delivered and its summary.
+    fn poll_frames(&mut self, budget: usize) -> (Vec<Vec<u8>>, virtio_net::RxSummary) {
+        let mut frames = Vec::new();
+        let s = self
+            .net
+            .rx_poll(budget, |fr| {
+                let mut v = vec![0; fr.len()];
+                fr.copy_to(&mut v).unwrap();
+                frames.push(v);
+            })
+            .unwrap();
+        (frames, s)
+    }
+
     fn receive(&mut self) -> Vec<(Vec<u8>, virtio_net::RxInfo, usize)> {
         let mut out = Vec::new();
         let s = self
@@ -567,6 +581,40 @@ fn backpressure_stop_and_restart() {
     assert_eq!(r.reclaim(), (vec![50], false));
 }
 
+/// `max_tx_frames` bounds the frames in flight below the ring size (the kext maps each
+/// frame in flight with its own `IODMACommand`, from a pool of that size): the frame that
+/// takes the last slot says stop, the next one is Busy, and completions restart the queue.
+#[test]
+fn frames_in_flight_bounded_by_max_tx_frames() {
+    let with_cap = |tx_ring: u16, max_tx_frames: u16| {
+        rig_with(
+            SimMode::Modern,
+            Preference::Auto,
+            QEMU,
+            net_model::config_bytes(MAC, 1, 1500, 10_000, 1),
+            &[256, tx_ring, 64],
+            NetConfig {
+                max_tx_frames,
+                ..Default::default()
+            },
+        )
+    };
+    let mut r = with_cap(256, 4);
+    assert_eq!(r.net.tx_slots(), 4);
+    let d = frame(100, 1);
+    let stops: Vec<bool> = (0..4)
+        .map(|t| r.send(&d, 1, &TxOffload::NONE, t).unwrap())
+        .collect();
+    assert_eq!(stops, [false, false, false, true]);
+    assert_eq!(r.send(&d, 1, &TxOffload::NONE, 4), Err(NetError::Busy));
+    assert_eq!(r.model.take_tx().len(), 4);
+    let (toks, restart) = r.reclaim();
+    assert_eq!((toks, restart), (vec![0, 1, 2, 3], true));
+    assert_eq!(r.send(&d, 1, &TxOffload::NONE, 5), Ok(false));
+    // More than the ring holds is not granted.
+    assert_eq!(with_cap(16, 64).net.tx_slots(), 16);
+}
+
 /// The default segment limit (18) on a 16-entry ring without indirect descriptors: the
 /// driver shrinks the limit to what an empty ring can take beside the debugger's reserve,
 /// so a stalled queue always restarts (it used to wait for room that could never exist).
@@ -737,15 +785,7 @@ fn hostile_receive_values_are_dropped_and_the_driver_continues() {
             with(hdr(0, 0, 0, 0, 0, 0), 1, &good),
         ];
         r.model.inject_rx_raw(&bufs).unwrap();
-        let mut frames = Vec::new();
-        let s = r
-            .net
-            .rx_poll(100, |fr| {
-                let mut v = vec![0; fr.len()];
-                fr.copy_to(&mut v).unwrap();
-                frames.push(v);
-            })
-            .unwrap();
+        let (frames, s) = r.poll_frames(100);
         assert_eq!(frames, vec![good.clone()], "{mode:?}/{pref:?}");
         assert_eq!(s.dropped, 5);
         assert!(matches!(s.last_error, Some(NetError::Device(_))));
@@ -783,6 +823,117 @@ fn hostile_receive_values_are_dropped_and_the_driver_continues() {
         // Transmit still works on its own queue.
         assert!(r.send(&good, 1, &TxOffload::NONE, 1).is_ok());
         assert_eq!(r.model.take_tx().len(), 1);
+    }
+}
+
+/// A mergeable frame (§5.1.6.4) the driver rejects after validating its `num_buffers` (an
+/// unknown `gso_type` here) takes all of its buffers along: its second buffer, whose
+/// payload happens to start like a virtio header with `num_buffers` 1 over an Ethernet
+/// frame, used to be parsed as a frame of its own and handed to the stack (and to the
+/// debugger), garbage from the stack's point of view.
+#[test]
+fn a_rejected_mergeable_frame_drops_all_of_its_buffers() {
+    for (mode, pref) in MODES {
+        let what = format!("{mode:?}/{pref:?}");
+        let mut r = rig(mode, pref, QEMU);
+        assert_eq!(r.net.rx_mode(), RxMode::Mergeable, "{what}");
+        let mut first = hdr(0, 9, 0, 100, 0, 0).to_vec(); // gso_type 9: unknown
+        first[10..12].copy_from_slice(&2u16.to_le_bytes());
+        first.extend_from_slice(&frame(100, 1));
+        let mut second = hdr(0, 0, 0, 0, 0, 0).to_vec();
+        second[10..12].copy_from_slice(&1u16.to_le_bytes());
+        second.extend_from_slice(&frame(80, 2));
+        let (l1, l2) = (first.len() as u32, second.len() as u32);
+        r.model.inject_rx_raw(&[(first, l1), (second, l2)]).unwrap();
+        let good = frame(90, 3);
+        r.model.inject_rx(hdr(0, 0, 0, 0, 0, 0), &good).unwrap();
+        // The debugger steps over the whole rejected frame to the next real one.
+        let mut buf = vec![0u8; 2048];
+        assert_eq!(
+            r.net.debug_receive(&mut buf, 10).unwrap(),
+            Some(90),
+            "{what}"
+        );
+        assert_eq!(buf[..90], good[..], "{what}");
+        assert_eq!(r.net.debug_receive(&mut buf, 2).unwrap(), None, "{what}");
+        // The stack gets only the real frame; one frame was dropped.
+        let (frames, s) = r.poll_frames(100);
+        assert_eq!(frames, vec![good], "{what}");
+        assert_eq!(s.dropped, 1, "{what}");
+        let st = r.net.stats();
+        assert_eq!(
+            (st.rx_errors, st.rx_bad_header, st.rx_frames),
+            (1, 1, 1),
+            "{what}"
+        );
+        // Every buffer is back with the device.
+        assert_eq!(r.model.rx_available(), r.net.rx_buffers().0, "{what}");
+    }
+}
+
+/// `rx_poll_lend`: a delivered frame's buffers stay out of the ring, untouched, until
+/// `rx_return_lent` (so the kext can hand frames to its stack after releasing the lock
+/// the debugger needs); the debugger never sees them; at most `max_lent` buffers are lent
+/// (a frame of more alone), and the round then says `more`.
+#[test]
+fn lent_frames_stay_out_of_the_ring_until_returned() {
+    for (mode, pref) in MODES {
+        let what = format!("{mode:?}/{pref:?}");
+        let mut r = rig(mode, pref, QEMU);
+        let total = r.net.rx_buffers().0;
+        let big = frame(5000, 1); // several mergeable buffers
+        let n_big = r.model.inject_rx(hdr(0, 0, 0, 0, 0, 0), &big).unwrap();
+        assert!(n_big > 2, "{what}");
+        let small = [frame(100, 2), frame(200, 3)];
+        for f in &small {
+            r.model.inject_rx(hdr(0, 0, 0, 0, 0, 0), f).unwrap();
+        }
+        // Lend at most 2 buffers: the big frame goes alone, the round ends there.
+        let mut spans: Vec<Vec<(*const u8, usize)>> = Vec::new();
+        let s = r
+            .net
+            .rx_poll_lend(64, 2, |fr| {
+                spans.push(fr.fragments().map(|f| (f.as_ptr(), f.len())).collect());
+            })
+            .unwrap();
+        assert_eq!((s.frames, s.more), (1, true), "{what}");
+        assert_eq!(r.net.rx_lent(), n_big, "{what}");
+        assert_eq!(
+            r.net.rx_buffers().1,
+            total - n_big - 2,
+            "{what}: not reposted"
+        );
+        // The debugger sees the next frame, not the lent one.
+        let mut buf = vec![0u8; 2048];
+        assert_eq!(
+            r.net.debug_receive(&mut buf, 4).unwrap(),
+            Some(100),
+            "{what}"
+        );
+        // Still readable after the call: the buffers are the caller's until returned.
+        let joined: Vec<u8> = spans[0]
+            .iter()
+            // SAFETY: lent buffers stay valid and unwritten until `rx_return_lent`.
+            .flat_map(|&(p, l)| unsafe { std::slice::from_raw_parts(p, l) }.to_vec())
+            .collect();
+        assert_eq!(joined, big, "{what}");
+        assert_eq!(r.net.rx_return_lent().unwrap(), n_big, "{what}");
+        assert_eq!(
+            (r.net.rx_lent(), r.net.rx_buffers().1),
+            (0, total - 2),
+            "{what}"
+        );
+        // The small frames: both lent within the bound.
+        let mut lens = Vec::new();
+        let s = r.net.rx_poll_lend(64, 2, |fr| lens.push(fr.len())).unwrap();
+        assert_eq!((lens, s.more), (vec![100, 200], false), "{what}");
+        assert_eq!(r.net.rx_return_lent().unwrap(), 2, "{what}");
+        assert_eq!(
+            r.net.rx_buffers().1,
+            total,
+            "{what}: every buffer posted again"
+        );
+        assert_eq!(r.model.rx_available(), total, "{what}");
     }
 }
 

@@ -159,6 +159,7 @@ pub const KEXTS: &[KextSpec] = &[
             ("com.apple.kpi.bsd", KPI_VERSION),
             ("com.apple.kpi.iokit", KPI_VERSION),
             ("com.apple.kpi.libkern", KPI_VERSION),
+            ("com.apple.kpi.mach", KPI_VERSION),
             ("com.apple.iokit.IONetworkingFamily", "3.0"),
             (FAMILY_ID, COMPATIBLE_VERSION),
         ],

@@ -6,9 +6,10 @@
 //! see [`crate::features`]), so: rx 0, tx 1, control 2.
 //!
 //! # Memory (allocated in [`VirtioNet::new`] only)
-//! - transmit: one header slot (16 bytes) per ring entry, indexed by the chain's token, so a
-//!   frame is `[header slot] + the caller's already-mapped segments`; plus one reserved slot
-//!   with its own frame buffer for the kernel debugger;
+//! - transmit: one header slot (16 bytes) per ring entry (at most `max_tx_frames`: one per
+//!   frame in flight), indexed by the chain's token, so a frame is `[header slot] + the
+//!   caller's already-mapped segments`; plus one reserved slot with its own frame buffer
+//!   for the kernel debugger;
 //! - receive: `rx_buffers` coherent buffers (at most what the ring holds and what fits
 //!   [`RX_MEMORY_MAX`], so the device's ring size does not decide), each posted whole (one descriptor; two —
 //!   header, data — on a legacy device without ANY_LAYOUT or MRG_RXBUF). Sizes: small mode
@@ -22,7 +23,11 @@
 //! frame is parsed at the front of the FIFO: the header is validated, then (mergeable) its
 //! `num_buffers` entries are gathered; a frame whose buffers have not all arrived yet waits.
 //! The frame is lent to the caller's callback ([`RxFrame`] borrows the DMA buffers), then
-//! its buffers are reposted.
+//! its buffers are reposted ([`VirtioNet::rx_poll`]), or kept out of the ring until the
+//! caller gives them back ([`VirtioNet::rx_poll_lend`], [`VirtioNet::rx_return_lent`]),
+//! for a platform that hands frames on after releasing a lock. A frame dropped for a bad
+//! value goes with all of its buffers once its `num_buffers` is validated and gathered
+//! (§5.1.6.4: the others hold payload, never a header), else with its first buffer only.
 //!
 //! # Transmit completions (Linux's non-NAPI transmit policy)
 //! Transmit interrupts stay off while the ring has room: completed frames are reclaimed by
@@ -159,9 +164,16 @@ pub struct NetConfig {
     pub rx_buffers: u16,
     /// Most DMA segments one transmitted frame may have.
     pub max_tx_segments: u16,
+    /// Most frames in flight at once (0: one per transmit ring entry). A platform that
+    /// keeps a mapping per frame in flight (the kext's `IODMACommand`s) bounds its pool
+    /// with it, whatever ring size the device offers; [`VirtioNet::tx_slots`] says what
+    /// was granted. Beyond it, transmit answers [`NetError::Busy`] like a full ring.
+    pub max_tx_frames: u16,
     /// Bound on polls of the control queue for one command's completion.
     pub ctrl_spins: u32,
-    /// Seed for the random locally administered MAC used when the device has none.
+    /// Seed for the random locally administered MAC used when the device has none usable
+    /// (§5.1.5). The platform passes entropy: the default is a constant (for tests), which
+    /// would give every such guest the same address.
     pub mac_seed: u64,
 }
 
@@ -173,6 +185,7 @@ impl Default for NetConfig {
             tx_queue_size: 0,
             rx_buffers: 0,
             max_tx_segments: 18,
+            max_tx_frames: 0,
             ctrl_spins: 10_000_000,
             mac_seed: 0x5EED_0FD4_2A1E_u64,
         }
@@ -446,6 +459,9 @@ enum BufState {
     Free,
     Posted,
     Ready,
+    /// Delivered by [`VirtioNet::rx_poll_lend`] and not yet given back
+    /// ([`VirtioNet::rx_return_lent`]): the caller may still read it.
+    Lent,
 }
 
 /// Exponentially weighted moving average of frame lengths, weight 1/64, 4 fraction bits
@@ -494,6 +510,9 @@ struct RxState {
     free: Vec<u16>,
     /// Completed buffers (index, written length) in device order.
     ready: Fifo<(u16, u32)>,
+    /// Buffers of frames delivered by `rx_poll_lend`, not yet returned (capacity: every
+    /// buffer, reserved in `new`).
+    lent: Vec<u16>,
     posted: usize,
     /// Entries at the front of `ready` the debugger has already seen.
     dbg_cursor: usize,
@@ -570,9 +589,31 @@ struct Reclaimed {
 }
 
 enum Parse {
-    Frame { n: usize, info: RxInfo },
-    Bad(NetError, &'static str),
+    Frame {
+        n: usize,
+        info: RxInfo,
+    },
+    /// A frame to drop: `bufs` is how many buffers it takes with it. A frame's own
+    /// `num_buffers` (§5.1.6.4) once it is validated and all of them have arrived (the
+    /// others carry payload, not a header: parsing them as frames would hand the stack
+    /// garbage, so Linux's `receive_mergeable` drains them too), otherwise 1.
+    Bad {
+        err: NetError,
+        kind: &'static str,
+        bufs: usize,
+    },
     Incomplete,
+}
+
+impl Parse {
+    /// A frame dropped with its first buffer only (its buffer count is not known).
+    fn bad(err: &'static str, kind: &'static str) -> Parse {
+        Parse::Bad {
+            err: NetError::Device(err),
+            kind,
+            bufs: 1,
+        }
+    }
 }
 
 /// The virtio network driver over bus `B`.
@@ -797,6 +838,11 @@ impl<B: Bus> VirtioNet<B> {
         let indirect = feats.contains(Features::INDIRECT_DESC);
         let rx_size = bus.queue_size(RX)?;
         let tx_size = bus.queue_size(TX)?;
+        // One slot (header, token) per frame in flight: a ring entry each, or fewer.
+        let tx_slots = match cfg.max_tx_frames {
+            0 => tx_size,
+            n => n.min(tx_size),
+        };
         let max_segs = fit_tx_segments(&bus, cfg.max_tx_segments.clamp(1, 64))?;
         let rx_descs_per_buf: u16 = if split_header && !(indirect && rx_size >= 2) {
             2
@@ -841,9 +887,9 @@ impl<B: Bus> VirtioNet<B> {
             filter: FilterState::new(),
             tx: TxState {
                 hdrs: None,
-                slots: vec![TxSlot::Free; tx_size as usize],
-                free_slots: (0..tx_size).rev().collect(),
-                done: Fifo::new(tx_size as usize, 0),
+                slots: vec![TxSlot::Free; tx_slots as usize],
+                free_slots: (0..tx_slots).rev().collect(),
+                done: Fifo::new(tx_slots as usize, 0),
                 scratch: Vec::with_capacity(max_segs as usize + 1),
                 stopped: false,
                 max_segs,
@@ -856,6 +902,7 @@ impl<B: Bus> VirtioNet<B> {
                 headers: vec![[0; wire::HDR_LEN_V1]; nbufs],
                 free: Vec::with_capacity(nbufs),
                 ready: Fifo::new(nbufs, (0, 0)),
+                lent: Vec::with_capacity(nbufs),
                 posted: 0,
                 dbg_cursor: 0,
                 cap,
@@ -866,7 +913,7 @@ impl<B: Bus> VirtioNet<B> {
             stats,
         };
         // From here on, `Drop` resets the device and frees whatever was allocated.
-        net.allocate(tx_size as usize, nbufs)?;
+        net.allocate(tx_slots as usize, nbufs)?;
         net.go_live()?;
         if push_mac {
             let mac = net.mac;
@@ -967,6 +1014,18 @@ impl<B: Bus> VirtioNet<B> {
     }
     pub fn tx_stopped(&self) -> bool {
         self.tx.stopped
+    }
+    /// Most data segments [`VirtioNet::transmit`] takes in one frame: the configured
+    /// `max_tx_segments`, lowered when a worst-case frame would not fit the transmit ring
+    /// (no indirect descriptors, or a small ring). It may shrink again at
+    /// [`VirtioNet::resume`] (a smaller ring), never grow.
+    pub fn max_tx_segments(&self) -> u16 {
+        self.tx.max_segs
+    }
+    /// Most frames in flight at once: one per transmit ring entry, or `max_tx_frames` if
+    /// fewer. Fixed for the driver's life (across [`VirtioNet::resume`] too).
+    pub fn tx_slots(&self) -> usize {
+        self.tx.slots.len()
     }
     /// Receive buffers allocated, and how many the device holds now.
     pub fn rx_buffers(&self) -> (usize, usize) {
@@ -1124,8 +1183,10 @@ impl<B: Bus> VirtioNet<B> {
         }
         self.stats.tx_frames += 1;
         self.stats.tx_bytes += len as u64;
-        // Linux `start_xmit`: stop when a worst-case frame would no longer fit.
-        let stop = free - descs < self.max_frame_descs() + DEBUG_TX_RESERVE;
+        // Linux `start_xmit`: stop when a worst-case frame would no longer fit (or no slot
+        // is left for another frame).
+        let stop = free - descs < self.max_frame_descs() + DEBUG_TX_RESERVE
+            || self.tx.free_slots.is_empty();
         if stop {
             self.stop_tx();
         }
@@ -1322,8 +1383,8 @@ impl<B: Bus> VirtioNet<B> {
         };
         let len = len as usize;
         if len < self.hdr_len + ETH_HLEN {
-            return Parse::Bad(
-                NetError::Device("receive buffer shorter than header + Ethernet header"),
+            return Parse::bad(
+                "receive buffer shorter than header + Ethernet header",
                 "length",
             );
         }
@@ -1335,11 +1396,11 @@ impl<B: Bus> VirtioNet<B> {
         };
         let waiting = self.rx.ready.len() - p;
         if n == 0 {
-            return Parse::Bad(NetError::Device("num_buffers is 0"), "num_buffers");
+            return Parse::bad("num_buffers is 0", "num_buffers");
         }
         if n > waiting + self.rx.posted {
-            return Parse::Bad(
-                NetError::Device("num_buffers beyond the buffers the device holds"),
+            return Parse::bad(
+                "num_buffers beyond the buffers the device holds",
                 "num_buffers",
             );
         }
@@ -1351,15 +1412,22 @@ impl<B: Bus> VirtioNet<B> {
             let l = self.rx.ready.get(p + k).map_or(0, |e| e.1 as usize);
             total = total.saturating_add(l);
         }
+        // From here on `n` is validated and its buffers have all arrived: a rejected frame
+        // takes all of them (§5.1.6.4: buffers 2..n hold payload only).
         if total > MAX_RX_FRAME {
-            return Parse::Bad(
-                NetError::Device("frame longer than a big-packet buffer"),
-                "length",
-            );
+            return Parse::Bad {
+                err: NetError::Device("frame longer than a big-packet buffer"),
+                kind: "length",
+                bufs: n,
+            };
         }
         match wire::parse_rx_header(&hdr, total, &self.guest) {
             Ok(info) => Parse::Frame { n, info },
-            Err(what) => Parse::Bad(NetError::Device(what), "header"),
+            Err(what) => Parse::Bad {
+                err: NetError::Device(what),
+                kind: "header",
+                bufs: n,
+            },
         }
     }
 
@@ -1395,9 +1463,76 @@ impl<B: Bus> VirtioNet<B> {
     pub fn rx_poll(
         &mut self,
         budget: usize,
+        deliver: impl FnMut(&RxFrame<'_>),
+    ) -> Result<RxSummary, NetError> {
+        self.receive(budget, None, deliver)
+    }
+
+    /// Like [`VirtioNet::rx_poll`], except that a delivered frame's buffers are not
+    /// reposted when `deliver` returns: they stay lent, out of the device's and the
+    /// debugger's reach, until [`VirtioNet::rx_return_lent`]. So a platform may note the
+    /// fragments' addresses and lengths in `deliver` and hand the frames to its network
+    /// stack later, after releasing a lock the debugger needs (the kext does). At most
+    /// `max_lent` buffers are lent at once (one frame of more is lent alone): the round
+    /// then ends with `more` set, the receive interrupt still off.
+    ///
+    /// Lent buffers stay lent across [`VirtioNet::suspend`] and [`VirtioNet::resume`];
+    /// [`VirtioNet::shutdown`] frees them with the rest.
+    pub fn rx_poll_lend(
+        &mut self,
+        budget: usize,
+        max_lent: usize,
+        deliver: impl FnMut(&RxFrame<'_>),
+    ) -> Result<RxSummary, NetError> {
+        self.receive(budget, Some(max_lent), deliver)
+    }
+
+    /// Gives back the buffers of the frames [`VirtioNet::rx_poll_lend`] delivered (the
+    /// caller is done reading them) and reposts them. Returns how many came back.
+    pub fn rx_return_lent(&mut self) -> Result<usize, NetError> {
+        let n = self.rx.lent.len();
+        while let Some(buf) = self.rx.lent.pop() {
+            if let Some(s) = self.rx.state.get_mut(usize::from(buf)) {
+                *s = BufState::Free;
+                self.rx.free.push(buf);
+            }
+        }
+        // Suspended (or stopped) there is no queue to post to: `resume` posts them.
+        if n > 0 && self.live {
+            self.refill()?;
+        }
+        Ok(n)
+    }
+
+    /// Buffers lent by [`VirtioNet::rx_poll_lend`] and not yet returned.
+    pub fn rx_lent(&self) -> usize {
+        self.rx.lent.len()
+    }
+
+    /// Moves the first `n` ready buffers (a delivered frame) to the lent list.
+    fn lend_front(&mut self, n: usize) {
+        for _ in 0..n {
+            let Some((buf, _)) = self.rx.ready.pop() else {
+                break;
+            };
+            if let Some(s) = self.rx.state.get_mut(usize::from(buf)) {
+                *s = BufState::Lent;
+            }
+            // Within capacity: every buffer at most once.
+            self.rx.lent.push(buf);
+        }
+        self.rx.dbg_cursor = self.rx.dbg_cursor.saturating_sub(n);
+    }
+
+    /// `rx_poll` (`lend` None) and `rx_poll_lend` (`lend`: at most that many buffers lent).
+    fn receive(
+        &mut self,
+        budget: usize,
+        lend: Option<usize>,
         mut deliver: impl FnMut(&RxFrame<'_>),
     ) -> Result<RxSummary, NetError> {
         let mut sum = RxSummary::default();
+        let mut lent_out = false;
         if self.suspended {
             return Ok(sum);
         }
@@ -1409,6 +1544,12 @@ impl<B: Bus> VirtioNet<B> {
             }
             match self.parse_at(0) {
                 Parse::Frame { n, info } => {
+                    if lend
+                        .is_some_and(|max| !self.rx.lent.is_empty() && self.rx.lent.len() + n > max)
+                    {
+                        lent_out = true;
+                        break;
+                    }
                     let frame = RxFrame {
                         info,
                         rx: &self.rx,
@@ -1421,14 +1562,18 @@ impl<B: Bus> VirtioNet<B> {
                     self.stats.rx_frames += 1;
                     self.stats.rx_bytes += info.len as u64;
                     sum.frames += 1;
-                    self.release_front(n);
+                    if lend.is_some() {
+                        self.lend_front(n);
+                    } else {
+                        self.release_front(n);
+                    }
                 }
-                Parse::Bad(e, kind) => {
-                    log::warn!("virtio-net: dropping received frame: {e}");
+                Parse::Bad { err, kind, bufs } => {
+                    log::warn!("virtio-net: dropping received frame: {err}");
                     self.count_bad(kind);
                     sum.dropped += 1;
-                    sum.last_error = Some(e);
-                    self.release_front(1);
+                    sum.last_error = Some(err);
+                    self.release_front(bufs);
                 }
                 Parse::Incomplete => break,
             }
@@ -1437,9 +1582,10 @@ impl<B: Bus> VirtioNet<B> {
             }
         }
         self.refill()?;
-        // Budget exhausted: stay in polling mode. Otherwise re-enable; completions that
-        // arrived meanwhile mean another round.
-        sum.more = sum.frames + sum.dropped >= budget || self.bus.enable_interrupts(RX)?;
+        // Budget exhausted, or as much lent as allowed: stay in polling mode. Otherwise
+        // re-enable; completions that arrived meanwhile mean another round.
+        sum.more =
+            sum.frames + sum.dropped >= budget || lent_out || self.bus.enable_interrupts(RX)?;
         Ok(sum)
     }
 
@@ -1728,8 +1874,10 @@ impl<B: Bus> VirtioNet<B> {
             let mut released = false;
             while self.rx.posted + self.rx.free.len() < min_posted && self.rx.dbg_cursor > 0 {
                 let n = match self.parse_at(0) {
-                    Parse::Frame { n, .. } => n.min(self.rx.dbg_cursor),
-                    _ => 1,
+                    Parse::Frame { n, .. } | Parse::Bad { bufs: n, .. } => {
+                        n.min(self.rx.dbg_cursor)
+                    }
+                    Parse::Incomplete => 1,
                 };
                 self.release_front(n);
                 self.stats.rx_debugger_dropped += 1;
@@ -1756,8 +1904,9 @@ impl<B: Bus> VirtioNet<B> {
                         }
                         self.stats.rx_debugger_oversize += 1;
                     }
-                    // The normal path will drop it (and count it) when it gets there.
-                    Parse::Bad(..) => self.rx.dbg_cursor += 1,
+                    // The normal path will drop it (and count it) when it gets there,
+                    // with the buffers it takes along.
+                    Parse::Bad { bufs, .. } => self.rx.dbg_cursor += bufs,
                     Parse::Incomplete => break,
                 }
             }
@@ -2041,6 +2190,7 @@ impl<B: Bus> VirtioNet<B> {
         // DMA stopped, so it no longer accesses them (otherwise they are leaked).
         unsafe { self.bus.release_dma(regions, quiet) };
         self.rx.free.clear();
+        self.rx.lent.clear();
         self.tx.free_slots.clear();
     }
 }

@@ -94,6 +94,19 @@
 #define VNET_POLLS_PER_EVENT 3
 
 /**
+ * Most DMA segments the driver ever takes in one [`vnet_transmit`] (what the shim sizes its
+ * segment arrays for); the device's limit, at most this, is [`VnetInfo::tx_max_segments`].
+ */
+#define VNET_TX_SEGMENTS_MAX 32
+
+/**
+ * Most frames in flight at once, whatever the transmit ring size: the shim maps each with
+ * its own `IODMACommand`, from a pool of [`VnetInfo::tx_frames`] (at most this) made at
+ * start. Beyond it, [`vnet_transmit`] answers `VNET_E_BUSY` as for a full ring.
+ */
+#define VNET_TX_FRAMES_MAX 256
+
+/**
  * Largest frame the debugger path moves.
  */
 #define VNET_DEBUG_FRAME_MAX 1518
@@ -113,6 +126,18 @@
  * One virtio network device (opaque to C).
  */
 typedef struct VnetDevice VnetDevice;
+
+/**
+ * The shim's choices, read once by [`vnet_create`].
+ */
+typedef struct {
+  /**
+   * Entropy (the kernel's random generator) for the MAC address the driver makes up when
+   * the device offers none, or an unusable one (§5.1.5: the driver generates a random
+   * locally administered address): a constant would give every such guest the same one.
+   */
+  uint64_t mac_seed;
+} VnetConfig;
 
 /**
  * One piece of a received frame (one receive buffer's bytes).
@@ -148,7 +173,14 @@ typedef struct {
    * `needs_reset`, nor once stopped (unless busy).
    */
   uint8_t rx_more;
-  uint8_t reserved[3];
+  /**
+   * The device asks the driver to announce itself (GUEST_ANNOUNCE, §5.1.6.5.4; e.g.
+   * after a live migration): send gratuitous packets for the interface's addresses,
+   * then [`vnet_ack_announce`]. Reported again by every configuration change until
+   * acknowledged.
+   */
+  uint8_t announce;
+  uint8_t reserved[2];
 } VnetEvents;
 
 /**
@@ -157,8 +189,10 @@ typedef struct {
  * - `tx_done`: the device is done with the frame submitted with `token` (free the mbuf);
  * - `rx_frame`: a received frame of `len` bytes in `nfrags` fragments, `flags`
  *   `VNET_RX_*`; copy it out before returning (only called while enabled);
- * - `events` (may be null): called after an interrupt the family delivered was handled,
- *   outside the driver lock.
+ * - `events` (may be null): called after an interrupt the family delivered was handled.
+ *
+ * All three run with the driver lock released (see the crate documentation): `tx_done`
+ * and `rx_frame` from inside the entry that collected them, `events` after it.
  */
 typedef struct {
   void *ctx;
@@ -190,7 +224,10 @@ typedef struct {
    */
   uint32_t max_packet;
   /**
-   * Segments one transmitted frame may have.
+   * Segments one transmitted frame may have (at most [`VNET_TX_SEGMENTS_MAX`]; fewer when
+   * the transmit ring cannot hold a frame of that many beside the debugger's reserve).
+   * A frame of more is refused with `VNET_E_BAD_FRAME`: coalesce it first. Read it
+   * again after a wake, when it may have shrunk (never grown).
    */
   uint32_t tx_max_segments;
   uint32_t header_len;
@@ -214,6 +251,12 @@ typedef struct {
   uint8_t mac_settable;
   uint8_t enabled;
   uint8_t reserved;
+  /**
+   * Most frames in flight at once (at most [`VNET_TX_FRAMES_MAX`]; fixed for the
+   * device's life): the size of the shim's transmit mapping pool. Every `token` of
+   * [`vnet_transmit`] is back through `tx_done` before another frame beyond these is taken.
+   */
+  uint32_t tx_frames;
   /**
    * Negotiated virtio features.
    */
@@ -250,13 +293,19 @@ extern "C" {
 /**
  * Brings up the network device behind the family handle `family` (the nub's
  * `virtioDevice()`), registers the interrupt entry with the family, and returns the handle
- * in `*out`. Receive frames are dropped until [`vnet_enable`].
+ * in `*out`. Receive frames are dropped until [`vnet_enable`]. A device without a usable
+ * MAC address (none offered, or multicast or all-zero) gets a random locally administered
+ * one from [`VnetConfig::mac_seed`].
  *
  * # Safety
- * `family` is a live family handle that outlives the returned device; `callbacks` points to
- * valid callbacks whose `ctx` stays valid until [`vnet_destroy`].
+ * `family` is a live family handle that outlives the returned device; `config` and
+ * `callbacks` point to valid values; the callbacks' `ctx` stays valid until
+ * [`vnet_destroy`].
  */
-int32_t vnet_create(VfamDevice *family, const VnetCallbacks *callbacks, VnetDevice **out);
+int32_t vnet_create(VfamDevice *family,
+                    const VnetConfig *config,
+                    const VnetCallbacks *callbacks,
+                    VnetDevice **out);
 
 /**
  * Fills `*out` with what the controller reports.
@@ -358,6 +407,16 @@ int32_t vnet_set_multicast(VnetDevice *d, const uint8_t *addrs, size_t count);
  * `d` is null or a live handle; `mac` points to 6 bytes.
  */
 int32_t vnet_set_mac_address(VnetDevice *d, const uint8_t *mac);
+
+/**
+ * Acknowledges an announce request ([`VnetEvents::announce`]) once the gratuitous
+ * packets are sent (ANNOUNCE_ACK on the control queue, §5.1.6.5.4): the device then
+ * clears its ANNOUNCE status bit. `VNET_E_UNSUPPORTED` without GUEST_ANNOUNCE.
+ *
+ * # Safety
+ * `d` is null or a live handle.
+ */
+int32_t vnet_ack_announce(VnetDevice *d);
 
 /**
  * The kernel debugger's polled send (`IOKernelDebugger` `sendPacket`): waits at most

@@ -7,7 +7,14 @@
 #include <libkern/c++/OSDictionary.h>
 #include <libkern/c++/OSNumber.h>
 #include <libkern/c++/OSString.h>
+#include <net/kpi_interface.h>
+/* in_arp.h declares C functions without extern "C". */
+extern "C" {
+#include <netinet/in_arp.h>
+}
 #include <sys/kpi_mbuf.h>
+#include <sys/socket.h>
+#include <uuid/uuid.h>
 
 #define super IOEthernetController
 OSDefineMetaClassAndStructors(org_virtiodarwin_VirtioNetController, IOEthernetController)
@@ -57,8 +64,7 @@ bool org_virtiodarwin_VirtioNetController::start(IOService *provider)
         teardown();
         return false;
     }
-    fCursor = IOMbufNaturalMemoryCursor::withSpecification(fInfo.mtu + 18 + 65536, fInfo.tx_max_segments);
-    if (!fCursor) {
+    if (!allocTxSlots()) {
         teardown();
         return false;
     }
@@ -94,7 +100,15 @@ bool org_virtiodarwin_VirtioNetController::start(IOService *provider)
 
 IOReturn org_virtiodarwin_VirtioNetController::gatedCreate(int32_t *st)
 {
-    *st = vnet_create(fNub->virtioDevice(), &fCallbacks, &fDev);
+    /* A device without a usable MAC gets a random one (§5.1.5): its seed comes from the
+     * kernel's random generator (uuid_generate_random reads read_random; 122 of its 128
+     * bits are random, both halves folded), so no two guests share it. */
+    VnetConfig config = {};
+    uuid_t entropy;
+    uuid_generate_random(entropy);
+    for (unsigned i = 0; i < sizeof(entropy); i++)
+        config.mac_seed = (config.mac_seed << 8 | config.mac_seed >> 56) ^ entropy[i];
+    *st = vnet_create(fNub->virtioDevice(), &config, &fCallbacks, &fDev);
     if (*st == VNET_OK && fDev)
         *st = vnet_info(fDev, &fInfo);
     return kIOReturnSuccess;
@@ -126,17 +140,24 @@ void org_virtiodarwin_VirtioNetController::teardown(void)
         fRxPoll->getWorkLoop()->removeEventSource(fRxPoll);
 }
 
+/* Runs on the termination thread, outside the gate, in this order:
+ * 1. the debugger: KDP's entries read fDev without the gate;
+ * 2. the driver (teardown, gated): the device stops, its interrupt entry is unregistered
+ *    and the deferred poll taken off the work loop, so nothing on the work loop uses
+ *    fInterface any more (handleEvents' flushInputQueue, cbRxFrame's inputPacket);
+ * 3. only then the interface. Released first, it could be freed under an interrupt
+ *    action still running on the work loop. */
 void org_virtiodarwin_VirtioNetController::stop(IOService *provider)
 {
     if (fDebugger) {
         detachDebuggerClient(fDebugger);
         fDebugger = NULL;
     }
+    teardown();
     if (fInterface) {
         detachInterface(fInterface, true);
         OSSafeReleaseNULL(fInterface);
     }
-    teardown();
     super::stop(provider);
 }
 
@@ -168,7 +189,23 @@ void org_virtiodarwin_VirtioNetController::free(void)
     if (fDev)
         IOLog("VirtioNet: freed with a live driver (not destroyed: no work loop to do it on)\n");
     OSSafeReleaseNULL(fRxPoll);
-    OSSafeReleaseNULL(fCursor);
+    /* Every frame in flight came back through cbTxDone when the driver stopped. One that
+     * did not (a driver leaked because a debugger entry held it) may still be read by the
+     * device: its mapping is never torn down, so the pool is leaked whole. */
+    bool inFlight = false;
+    for (UInt32 i = 0; fTxSlots && i < fTxSlotCount; i++)
+        inFlight |= fTxSlots[i].packet != NULL;
+    if (fTxSlots && !inFlight) {
+        for (UInt32 i = 0; i < fTxSlotCount; i++) {
+            OSSafeReleaseNULL(fTxSlots[i].dma);
+            OSSafeReleaseNULL(fTxSlots[i].md);
+        }
+        IOFree(fTxSlots, sizeof(TxSlot) * fTxSlotCount);
+    } else if (fTxSlots) {
+        IOLog("VirtioNet: frames still in flight at free; their mappings are leaked\n");
+    }
+    fTxSlots = NULL;
+    fTxFree = NULL;
     OSSafeReleaseNULL(fMedium);
     super::free();
 }
@@ -287,24 +324,125 @@ static uint32_t offloadRequest(mbuf_t m, uint32_t *mss)
 }
 #pragma clang diagnostic pop
 
+/* The transmit mapping pool: one slot per frame the driver lets be in flight
+ * (VnetInfo::tx_frames), each with its DMA command (64-bit, kMapped: through the system
+ * mapper, the IOMMU, when there is one) and a memory descriptor to re-aim at each frame. */
+bool org_virtiodarwin_VirtioNetController::allocTxSlots(void)
+{
+    if (fInfo.tx_frames == 0 || fInfo.tx_frames > VNET_TX_FRAMES_MAX)
+        return false;
+    fTxSlots = (TxSlot *)IOMalloc(sizeof(TxSlot) * fInfo.tx_frames);
+    if (!fTxSlots)
+        return false;
+    bzero(fTxSlots, sizeof(TxSlot) * fInfo.tx_frames);
+    fTxSlotCount = fInfo.tx_frames;
+    for (UInt32 i = 0; i < fTxSlotCount; i++) {
+        TxSlot *slot = &fTxSlots[i];
+        /* Aimed at the slot itself until a frame uses it: never prepared like that. */
+        slot->ranges[0].address = (mach_vm_address_t)slot;
+        slot->ranges[0].length = sizeof(*slot);
+        slot->md = IOMemoryDescriptor::withAddressRanges(slot->ranges, 1, kIODirectionOut | kIOMemoryAsReference,
+                                                          kernel_task);
+        slot->dma = IODMACommand::withSpecification(kIODMACommandOutputHost64, 64, 0, IODMACommand::kMapped, 0, 1);
+        if (!slot->md || !slot->dma)
+            return false;
+        slot->next = fTxFree;
+        fTxFree = slot;
+    }
+    return true;
+}
+
+/* Maps the frame `m` through `slot` and writes its device segments to `segs`: their count,
+ * or 0 when it needs more than the driver takes (fInfo.tx_max_segments, re-read after a
+ * wake) or cannot be mapped. Nothing is allocated: the descriptor describes the mbufs'
+ * data in place. */
+UInt32 org_virtiodarwin_VirtioNetController::mapPacket(TxSlot *slot, mbuf_t m, VkSegment *segs)
+{
+    UInt32 max = fInfo.tx_max_segments;
+    if (max == 0 || max > VNET_TX_SEGMENTS_MAX)
+        return 0;
+    UInt32 ranges = 0;
+    UInt64 total = 0;
+    for (mbuf_t p = m; p; p = mbuf_next(p)) {
+        size_t len = mbuf_len(p);
+        if (len == 0)
+            continue;
+        /* Each range is at least one segment. */
+        if (ranges == max)
+            return 0;
+        slot->ranges[ranges].address = (mach_vm_address_t)mbuf_data(p);
+        slot->ranges[ranges].length = len;
+        ranges++;
+        total += len;
+    }
+    if (ranges == 0)
+        return 0;
+    if (!slot->md->initWithOptions(slot->ranges, ranges, 0, kernel_task,
+                                   kIOMemoryTypeVirtual64 | kIODirectionOut | kIOMemoryAsReference))
+        return 0;
+    if (slot->md->prepare(kIODirectionOut) != kIOReturnSuccess)
+        return 0;
+    if (slot->dma->setMemoryDescriptor(slot->md, true) != kIOReturnSuccess) {
+        slot->md->complete(kIODirectionOut);
+        return 0;
+    }
+    IODMACommand::Segment64 seg[VNET_TX_SEGMENTS_MAX];
+    UInt64 offset = 0;
+    UInt32 n = max;
+    /* All of the frame in at most `max` segments, or it needs coalescing. */
+    if (slot->dma->gen64IOVMSegments(&offset, seg, &n) != kIOReturnSuccess || n == 0 || offset != total) {
+        unmapSlot(slot);
+        return 0;
+    }
+    for (UInt32 i = 0; i < n; i++) {
+        segs[i].addr = seg[i].fIOVMAddr;
+        segs[i].len = (uint32_t)seg[i].fLength;
+        segs[i].reserved = 0;
+    }
+    return n;
+}
+
+/* Ends a frame's mapping (the device is done with it, or it was never handed over). */
+void org_virtiodarwin_VirtioNetController::unmapSlot(TxSlot *slot)
+{
+    slot->dma->clearMemoryDescriptor();
+    slot->md->complete(kIODirectionOut);
+}
+
+/* A copy of `m` in fewer, larger buffers (allocatePacket's), for a frame whose mbufs need
+ * more segments than the driver takes; NULL when there is no memory for it. */
+mbuf_t org_virtiodarwin_VirtioNetController::coalesce(mbuf_t m)
+{
+    mbuf_t c = allocatePacket((UInt32)mbuf_pkthdr_len(m));
+    if (!c)
+        return NULL;
+    size_t off = 0;
+    for (mbuf_t p = m; p; p = mbuf_next(p)) {
+        size_t len = mbuf_len(p);
+        if (len && mbuf_copyback(c, off, len, mbuf_data(p), MBUF_DONTWAIT) != 0) {
+            freePacket(c);
+            return NULL;
+        }
+        off += len;
+    }
+    return c;
+}
+
 UInt32 org_virtiodarwin_VirtioNetController::outputPacket(mbuf_t m, void *param)
 {
     if (!fEnabled || !fDev) {
         freePacket(m);
         return kIOReturnOutputDropped;
     }
-    IOPhysicalSegment phys[32];
-    VkSegment segs[32];
-    UInt32 n = fCursor->getPhysicalSegmentsWithCoalesce(m, phys, fInfo.tx_max_segments);
-    if (n == 0) {
+    /* Never empty: the driver keeps at most fInfo.tx_frames frames in flight, and answers
+     * VNET_E_BUSY before it would take more. */
+    TxSlot *slot = fTxFree;
+    if (!slot) {
         freePacket(m);
         return kIOReturnOutputDropped;
     }
-    for (UInt32 i = 0; i < n; i++) {
-        segs[i].addr = phys[i].location;
-        segs[i].len = (uint32_t)phys[i].length;
-        segs[i].reserved = 0;
-    }
+    /* The offload request and the header copy from the stack's own mbuf (a coalesced copy
+     * carries no request). */
     uint8_t headers[VNET_TX_HEADER_BYTES];
     size_t hlen = mbuf_pkthdr_len(m);
     if (hlen > sizeof(headers))
@@ -313,26 +451,59 @@ UInt32 org_virtiodarwin_VirtioNetController::outputPacket(mbuf_t m, void *param)
         hlen = 0;
     uint32_t mss = 0;
     uint32_t flags = offloadRequest(m, &mss);
+    VkSegment segs[VNET_TX_SEGMENTS_MAX];
+    mbuf_t sent = m;
+    UInt32 n = mapPacket(slot, m, segs);
+    if (n == 0) {
+        /* Too many pieces for the device: one fresh copy, as the mbuf cursor's coalescing
+         * did; the stack's mbuf is kept until the copy is taken (a stall resends it). */
+        sent = coalesce(m);
+        n = sent ? mapPacket(slot, sent, segs) : 0;
+        if (n == 0) {
+            if (sent)
+                freePacket(sent);
+            freePacket(m);
+            return kIOReturnOutputDropped;
+        }
+    }
+    fTxFree = slot->next;
+    slot->next = NULL;
+    slot->packet = sent;
     bool stop = false;
-    int32_t st = vnet_transmit(fDev, segs, n, flags, mss, headers, hlen, (size_t)m, &stop);
-    switch (st) {
-    case VNET_OK:
+    /* cbTxDone may run in here (completions are reclaimed first): slot is off the list. */
+    int32_t st = vnet_transmit(fDev, segs, n, flags, mss, headers, hlen, (size_t)slot, &stop);
+    if (st == VNET_OK) {
+        if (sent != m)
+            freePacket(m);
         return kIOReturnOutputSuccess;
-    case VNET_E_BUSY:
+    }
+    unmapSlot(slot);
+    slot->packet = NULL;
+    slot->next = fTxFree;
+    fTxFree = slot;
+    if (sent != m)
+        freePacket(sent);
+    if (st == VNET_E_BUSY) {
         /* Kept by the queue; cbEvents restarts it when the ring has room. */
         return kIOReturnOutputStall;
-    default:
-        freePacket(m);
-        return kIOReturnOutputDropped;
     }
+    freePacket(m);
+    return kIOReturnOutputDropped;
 }
 
-/* ---- callbacks from Rust ---- */
+/* ---- callbacks from Rust: on the work loop, inside the vnet_* call that collected them,
+ * with the driver's lock released (so KDP entered from in here finds a working NIC) ---- */
 
+/* The device is done with the frame of slot `token`: unmapped, freed, the slot free. */
 void org_virtiodarwin_VirtioNetController::cbTxDone(void *ctx, size_t token)
 {
     org_virtiodarwin_VirtioNetController *me = (org_virtiodarwin_VirtioNetController *)ctx;
-    me->freePacket((mbuf_t)token);
+    TxSlot *slot = (TxSlot *)token;
+    unmapSlot(slot);
+    me->freePacket(slot->packet);
+    slot->packet = NULL;
+    slot->next = me->fTxFree;
+    me->fTxFree = slot;
 }
 
 void org_virtiodarwin_VirtioNetController::cbRxFrame(void *ctx, const VnetFragment *frags, size_t nfrags,
@@ -377,10 +548,11 @@ void org_virtiodarwin_VirtioNetController::cbEvents(void *ctx, const VnetEvents 
 void org_virtiodarwin_VirtioNetController::handleEvents(const VnetEvents *ev)
 {
     VnetEvents e = *ev;
-    bool restart = false, linkChanged = false, linkUp = false, needsReset = false;
+    bool restart = false, linkChanged = false, linkUp = false, needsReset = false, announce = false;
     for (uint32_t polls = 0;; polls++) {
         restart |= e.restart != 0;
         needsReset |= e.needs_reset != 0;
+        announce |= e.announce != 0;
         if (e.link_changed) {
             linkChanged = true;
             linkUp = e.link_up != 0;
@@ -400,6 +572,11 @@ void org_virtiodarwin_VirtioNetController::handleEvents(const VnetEvents *ev)
         getOutputQueue()->service(IOBasicOutputQueue::kServiceAsync);
     if (linkChanged || needsReset)
         updateLink(linkUp && !needsReset);
+    /* §5.1.6.5.4: gratuitous packets first, then the acknowledgement. */
+    if (announce && !needsReset && fDev) {
+        announceAddresses();
+        vnet_ack_announce(fDev);
+    }
     if (++fEvents % 4096 == 0)
         publishStats();
 }
@@ -416,6 +593,26 @@ void org_virtiodarwin_VirtioNetController::rxPollFired(OSObject *owner, IOTimerE
 }
 
 /* ---- link, addresses, filters ---- */
+
+/* The device asks to be announced (GUEST_ANNOUNCE, e.g. after a live migration: switches
+ * must learn where the MAC went). Linux sends a gratuitous ARP and an unsolicited neighbour
+ * advertisement per address (netdev_notify_peers); here inet_arp_init_ifaddr sends the
+ * gratuitous ARP for each IPv4 address, as the stack does when an address or the link
+ * address changes. IPv6 has no public KPI for an unsolicited advertisement: its peers
+ * learn the new path from the ARP-triggered traffic or neighbour unreachability
+ * detection. */
+void org_virtiodarwin_VirtioNetController::announceAddresses(void)
+{
+    if (!fInterface || !fEnabled)
+        return;
+    ifnet_t ifp = fInterface->getIfnet();
+    ifaddr_t *addrs = NULL;
+    if (!ifp || ifnet_get_address_list_family(ifp, &addrs, AF_INET) != 0 || !addrs)
+        return;
+    for (unsigned i = 0; addrs[i]; i++)
+        inet_arp_init_ifaddr(ifp, addrs[i]);
+    ifnet_free_address_list(addrs);
+}
 
 void org_virtiodarwin_VirtioNetController::updateLink(bool up)
 {

@@ -16,13 +16,14 @@
 
 /* Before the networking headers: after them, -Woverloaded-virtual flags its init()s. */
 #include <IOKit/IOTimerEventSource.h>
+#include <IOKit/IODMACommand.h>
+#include <IOKit/IOMemoryDescriptor.h>
 /* IOPacketQueue.h has a `const` on a by-value return type. */
 #pragma clang diagnostic push
 #pragma clang diagnostic ignored "-Wignored-qualifiers"
 #include <IOKit/network/IOEthernetController.h>
 #include <IOKit/network/IOEthernetInterface.h>
 #include <IOKit/network/IOGatedOutputQueue.h>
-#include <IOKit/network/IOMbufMemoryCursor.h>
 #include <IOKit/network/IOKernelDebugger.h>
 #include <IOKit/network/IONetworkMedium.h>
 #pragma clang diagnostic pop
@@ -63,13 +64,28 @@ public:
     virtual void receivePacket(void *pkt, UInt32 *pktSize, UInt32 timeout) APPLE_KEXT_OVERRIDE;
 
 private:
+    /* One frame in flight (its vnet_transmit token): the mbuf, and its mapping for the
+     * device. The descriptor is re-aimed at each frame's mbufs (initWithOptions over
+     * `ranges`, kIOMemoryAsReference) and the DMA command maps it (kMapped: through the
+     * IOMMU when there is one, §6.1 VIRTIO_F_ACCESS_PLATFORM), so nothing is allocated per
+     * frame. */
+    struct TxSlot {
+        TxSlot *next;             /* the free list */
+        mbuf_t packet;
+        IOMemoryDescriptor *md;
+        IODMACommand *dma;
+        IOAddressRange ranges[VNET_TX_SEGMENTS_MAX];
+    };
+
     org_virtiodarwin_VirtioDevice *fNub;
     VnetDevice *fDev;
     VnetCallbacks fCallbacks;
     VnetInfo fInfo;
     IOEthernetInterface *fInterface;
     IOKernelDebugger *fDebugger;
-    IOMbufNaturalMemoryCursor *fCursor;
+    TxSlot *fTxSlots;       /* fInfo.tx_frames of them, made in start, freed in free */
+    UInt32 fTxSlotCount;
+    TxSlot *fTxFree;
     IONetworkMedium *fMedium;
     IOTimerEventSource *fRxPoll;  /* receive polling left over from an event (rx_more) */
     UInt32 fEvents;
@@ -85,8 +101,13 @@ private:
     IOReturn gatedUpdateLink(void);
     void teardown(void);
     void updateLink(bool up);
+    void announceAddresses(void);
     void publishStats(void);
     void handleEvents(const VnetEvents *ev);
+    bool allocTxSlots(void);
+    UInt32 mapPacket(TxSlot *slot, mbuf_t m, VkSegment *segs);
+    static void unmapSlot(TxSlot *slot);
+    mbuf_t coalesce(mbuf_t m);
 
     /* VnetCallbacks (ctx = this). */
     static void cbTxDone(void *ctx, size_t token);

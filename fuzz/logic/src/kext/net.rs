@@ -3,15 +3,16 @@
 //! `VNET_E_BUSY` stalls the output queue until an event says `restart`; the `events`
 //! callback polls again while `rx_more` (a bounded number of rounds, the rest deferred);
 //! enable/disable, filters, MAC address, sleep and wake, stop; and the kernel debugger's
-//! polled entries at any moment, including from inside a callback that runs under the
-//! kext's lock (a KDP trap on the same CPU). The device is hostile (`NetModel` frames with
-//! any header, raw receive buffers with any used length, forged completions, held
-//! transmits, config bytes, NEEDS_RESET).
+//! polled entries at any moment, including from inside a callback (a KDP trap on the same
+//! CPU there), which the kext makes with its lock released. The device is hostile
+//! (`NetModel` frames with any header, raw receive buffers with any used length, forged
+//! completions, held transmits, config bytes, NEEDS_RESET).
 //!
 //! Oracles: every frame `vnet_transmit` accepted reaches `tx_done` exactly once, and before
 //! `vnet_stop` returns; no callback after `vnet_stop`; `rx_frame` only while enabled, its
 //! fragments adding up to the frame's length and lying in guest memory; a debugger entry
-//! made while the lock is held answers `VNET_E_LOCKED`; a stalled output queue is
+//! made from inside `tx_done` or `rx_frame` finds the driver free (never `VNET_E_LOCKED`:
+//! the network stack is never entered under the lock); a stalled output queue is
 //! restarted once an honest device has completed everything; every DMA byte is back after
 //! the family stops.
 
@@ -64,17 +65,26 @@ struct Shim {
 }
 
 impl Shim {
-    /// For a callback the kext makes with its lock held (`tx_done`, `rx_frame`).
+    /// For `tx_done` and `rx_frame`, which the kext makes from inside an entry, with its
+    /// lock released.
     fn callback_checks(&self, what: &str) {
         assert!(!self.stopped, "{what} after vnet_stop returned");
         if self.debugger_in_callbacks {
             let frame = [0xAAu8; 60];
-            // SAFETY: the live handle; a local frame. The kext's lock is held by the call
-            // this callback runs in.
+            // SAFETY: the live handle; a local frame.
             let status = unsafe { vnet_debug_send(self.dev, frame.as_ptr(), frame.len(), 1) };
-            assert_eq!(
-                status, VNET_E_LOCKED,
-                "a debugger send from inside {what} (lock held) answered {status}"
+            assert!(
+                status != VNET_E_LOCKED,
+                "a debugger send from inside {what} found the driver locked"
+            );
+            let mut out = [0u8; 1518];
+            let mut len = 0;
+            // SAFETY: the live handle; local buffers.
+            let status =
+                unsafe { vnet_debug_receive(self.dev, out.as_mut_ptr(), 1518, 1, &mut len) };
+            assert!(
+                status != VNET_E_LOCKED,
+                "a debugger receive from inside {what} found the driver locked"
             );
         }
     }
@@ -137,6 +147,7 @@ unsafe extern "C" fn on_events(ctx: *mut c_void, events: *const VnetEvents) {
 /// restart the output queue, note a dead device.
 fn handle_events(shim: &RefCell<Shim>, mut events: VnetEvents) {
     note(shim, &events);
+    announce(shim, &events);
     let mut rounds = 0;
     while events.rx_more != 0 {
         if rounds == VNET_POLLS_PER_EVENT {
@@ -148,7 +159,20 @@ fn handle_events(shim: &RefCell<Shim>, mut events: VnetEvents) {
         // SAFETY: the live handle, outside the kext's lock (events run after it).
         unsafe { vnet_poll(dev, &mut events) };
         note(shim, &events);
+        announce(shim, &events);
     }
+}
+
+/// An announce request: the shim's gratuitous ARPs (nothing to model here), then the ack.
+fn announce(shim: &RefCell<Shim>, events: &VnetEvents) {
+    if events.announce == 0 {
+        return;
+    }
+    assert_eq!(events.needs_reset, 0, "announce with NEEDS_RESET");
+    let dev = shim.borrow().dev;
+    // SAFETY: the live handle, outside the kext's lock (events run after it).
+    let status = unsafe { vnet_ack_announce(dev) };
+    assert!(status != VNET_E_LOCKED, "vnet_ack_announce answered LOCKED");
 }
 
 fn note(shim: &RefCell<Shim>, events: &VnetEvents) {
@@ -241,9 +265,11 @@ pub(super) fn run(input: &mut Input) {
         rx_frame: Some(on_rx_frame),
         events: Some(on_events),
     };
+    // A fixed seed: the input's bytes keep their meaning for the corpus.
+    let config = VnetConfig { mac_seed: 0x5EED };
     let mut dev = std::ptr::null_mut();
     // SAFETY: the nub's live handle; the callbacks' context outlives the device.
-    let created = unsafe { vnet_create(family.client_handle(), &callbacks, &mut dev) };
+    let created = unsafe { vnet_create(family.client_handle(), &config, &callbacks, &mut dev) };
     if created != VNET_OK {
         assert!(dev.is_null(), "vnet_create failed but gave a handle");
         super::finish(family, &sim, &mem, buffer, free_at_start);

@@ -13,7 +13,8 @@
 //! - interrupts → [`vnet_interrupt`]: received frames are lent to
 //!   [`VnetCallbacks::rx_frame`] as fragments (the shim copies them into an mbuf from
 //!   `allocatePacket` and queues it with `inputPacket`), then [`VnetCallbacks::events`]
-//!   says whether to restart the output queue, flush the input queue, or change the link;
+//!   says whether to restart the output queue, flush the input queue, change the link, or
+//!   announce the interface (a gratuitous ARP per IPv4 address, then [`vnet_ack_announce`]);
 //!   while it reports `rx_more` the shim calls [`vnet_poll`], at most
 //!   [`VNET_POLLS_PER_EVENT`] times, then defers the rest to a zero-delay timer on its work
 //!   loop, so a device that never stops sending cannot keep the work loop to itself;
@@ -26,16 +27,34 @@
 //!
 //! Threading: the shim calls the normal entries from the family's work loop (the
 //! controller's command gate, a gated output queue, the interrupt actions), so they never
-//! run concurrently with each other. The debugger entries can run at any moment, even with
-//! a normal entry interrupted on the same CPU: every entry takes the device's try-lock, and
-//! a debugger entry that finds it held returns `VNET_E_LOCKED` (KDP drops the packet and
-//! retries). A normal entry finds it held only while a debugger entry runs on another CPU
-//! (KDP runs with interrupts off, so never beneath it): [`vnet_stop`] then returns
+//! run concurrently with each other. The driver is behind a try-lock that every entry
+//! takes. The debugger entries can run at any moment, on another CPU or on this one with a
+//! normal entry stopped beneath them (KDP stops the machine wherever it is); one that finds
+//! the lock held returns `VNET_E_LOCKED` (KDP drops the packet and retries).
+//!
+//! A normal entry holds the lock only while it works on the driver, never while it calls
+//! the shim. The entries that owe callbacks ([`vnet_transmit`], [`vnet_poll`],
+//! [`vnet_interrupt`], [`vnet_stop`], [`vnet_suspend`]) collect, under the lock, the tokens
+//! of completed frames and the frames received (whose buffers the driver keeps lent, out of
+//! the device's and the debugger's reach, until the entry's next turn under the lock gives
+//! them back), and call [`VnetCallbacks::tx_done`] / [`VnetCallbacks::rx_frame`] with the
+//! lock released, between turns and before they return. So the network stack
+//! (`freePacket`, `allocatePacket`, `inputPacket`) is never entered under the lock: a panic
+//! there, or KDP stopping the machine there, leaves the debugger a free driver. What
+//! remains: KDP stopping the work loop's CPU while a normal entry is inside the driver (its
+//! freeze interrupt arrives wherever interrupts are on; or a panic in the driver) leaves the
+//! lock held for the whole debugging session, and every debugger entry answers
+//! `VNET_E_LOCKED` until the machine resumes: that session cannot use this NIC. The window
+//! is the driver's own work in one turn: a transmit, a reclaim, one receive round of at most
+//! 64 frames, a control command's bounded wait, a reset.
+//!
+//! A normal entry finds the lock held only while a debugger entry runs on another CPU (KDP
+//! runs with interrupts off, so never beneath it): [`vnet_stop`] then returns
 //! `VNET_E_LOCKED` for the shim to retry, and [`vnet_poll`] / [`vnet_interrupt`] report
-//! `rx_more` so receive is polled again. Log records made with interrupts off (the
-//! debugger entries) are dropped ([`vnet_log_init`]). Callbacks run under the lock and must
-//! not call back into `vnet_*`, except [`VnetCallbacks::events`], which runs after it is
-//! released.
+//! `rx_more` so receive is polled again. A callback may call the debugger entries and the
+//! entries that owe no callbacks; the five above answer `VNET_E_LOCKED` from inside one.
+//! [`VnetCallbacks::events`] runs after the entry has returned. Log records made with
+//! interrupts off (the debugger entries) are dropped ([`vnet_log_init`]).
 //!
 //! Memory is allocated in [`vnet_create`] only; nothing here panics on device or caller
 //! input.
@@ -106,6 +125,13 @@ pub const VNET_FRAMES_PER_POLL: u32 = 256;
 /// defers the rest to a later turn of its work loop: receive holds the work loop for at most
 /// `(1 + VNET_POLLS_PER_EVENT) * VNET_FRAMES_PER_POLL` frames at a time.
 pub const VNET_POLLS_PER_EVENT: u32 = 3;
+/// Most DMA segments the driver ever takes in one [`vnet_transmit`] (what the shim sizes its
+/// segment arrays for); the device's limit, at most this, is [`VnetInfo::tx_max_segments`].
+pub const VNET_TX_SEGMENTS_MAX: u32 = 32;
+/// Most frames in flight at once, whatever the transmit ring size: the shim maps each with
+/// its own `IODMACommand`, from a pool of [`VnetInfo::tx_frames`] (at most this) made at
+/// start. Beyond it, [`vnet_transmit`] answers `VNET_E_BUSY` as for a full ring.
+pub const VNET_TX_FRAMES_MAX: u32 = 256;
 /// Largest frame the debugger path moves.
 pub const VNET_DEBUG_FRAME_MAX: u32 = 1518;
 const _: () = assert!(VNET_DEBUG_FRAME_MAX as usize == virtio_net::DEBUG_FRAME_MAX);
@@ -141,7 +167,22 @@ pub struct VnetEvents {
     /// the ring as fast as buffers are reposted never clears this). Never set together with
     /// `needs_reset`, nor once stopped (unless busy).
     pub rx_more: u8,
-    pub reserved: [u8; 3],
+    /// The device asks the driver to announce itself (GUEST_ANNOUNCE, §5.1.6.5.4; e.g.
+    /// after a live migration): send gratuitous packets for the interface's addresses,
+    /// then [`vnet_ack_announce`]. Reported again by every configuration change until
+    /// acknowledged.
+    pub announce: u8,
+    pub reserved: [u8; 2],
+}
+
+/// The shim's choices, read once by [`vnet_create`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VnetConfig {
+    /// Entropy (the kernel's random generator) for the MAC address the driver makes up when
+    /// the device offers none, or an unusable one (§5.1.5: the driver generates a random
+    /// locally administered address): a constant would give every such guest the same one.
+    pub mac_seed: u64,
 }
 
 /// The shim's callbacks; `ctx` is passed back unchanged (the controller object).
@@ -149,8 +190,10 @@ pub struct VnetEvents {
 /// - `tx_done`: the device is done with the frame submitted with `token` (free the mbuf);
 /// - `rx_frame`: a received frame of `len` bytes in `nfrags` fragments, `flags`
 ///   `VNET_RX_*`; copy it out before returning (only called while enabled);
-/// - `events` (may be null): called after an interrupt the family delivered was handled,
-///   outside the driver lock.
+/// - `events` (may be null): called after an interrupt the family delivered was handled.
+///
+/// All three run with the driver lock released (see the crate documentation): `tx_done`
+/// and `rx_frame` from inside the entry that collected them, `events` after it.
 #[repr(C)]
 #[derive(Copy, Clone)]
 pub struct VnetCallbacks {
@@ -182,7 +225,10 @@ pub struct VnetInfo {
     pub mtu: u32,
     /// `getMaxPacketSize`: MTU + Ethernet header + VLAN tag... as IOKit counts it (MTU + 18).
     pub max_packet: u32,
-    /// Segments one transmitted frame may have.
+    /// Segments one transmitted frame may have (at most [`VNET_TX_SEGMENTS_MAX`]; fewer when
+    /// the transmit ring cannot hold a frame of that many beside the debugger's reserve).
+    /// A frame of more is refused with `VNET_E_BAD_FRAME`: coalesce it first. Read it
+    /// again after a wake, when it may have shrunk (never grown).
     pub tx_max_segments: u32,
     pub header_len: u32,
     /// Transmit checksum offload (CSUM).
@@ -197,6 +243,10 @@ pub struct VnetInfo {
     pub mac_settable: u8,
     pub enabled: u8,
     pub reserved: u8,
+    /// Most frames in flight at once (at most [`VNET_TX_FRAMES_MAX`]; fixed for the
+    /// device's life): the size of the shim's transmit mapping pool. Every `token` of
+    /// [`vnet_transmit`] is back through `tx_done` before another frame beyond these is taken.
+    pub tx_frames: u32,
     /// Negotiated virtio features.
     pub features: u64,
 }
@@ -226,8 +276,9 @@ pub struct VnetStats {
 
 struct Inner {
     drv: VirtioNet<FamilyBus>,
-    cb: VnetCallbacks,
-    frags: Vec<VnetFragment>,
+    /// Most receive buffers lent out at once (a quarter: the debugger, which cannot touch
+    /// them, can still keep half of them posted).
+    max_lent: usize,
     enabled: bool,
     stopped: bool,
     promisc: bool,
@@ -240,7 +291,7 @@ struct Inner {
 pub struct VnetDevice {
     lock: AtomicBool,
     family: *mut VfamDevice,
-    /// The callbacks (immutable after creation; also in `Inner` for use under the lock).
+    /// The callbacks (immutable after creation).
     cb: VnetCallbacks,
     locked_out: core::sync::atomic::AtomicU64,
     /// Interrupts that found a debugger entry holding the driver ([`missed_bit`]): the next
@@ -248,6 +299,90 @@ pub struct VnetDevice {
     /// not lost. SeqCst: set outside the lock, taken under it.
     missed_interrupts: core::sync::atomic::AtomicU32,
     inner: UnsafeCell<Inner>,
+    /// Held by the normal entry that hands the shim its callbacks ([`normal`]); owns
+    /// `outbox`. The shim serialises these entries on its work loop, so it is taken only
+    /// by a callback calling back into one (refused); the debugger entries never take it.
+    normal: AtomicBool,
+    outbox: UnsafeCell<Outbox>,
+}
+
+/// What a normal entry owes the shim, collected under the driver lock and handed over
+/// after releasing it ([`Entry::deliver`]): the tokens of completed frames, and the frames
+/// received, whose buffers the driver keeps lent (`VirtioNet::rx_poll_lend`) until the
+/// entry's next turn under the lock gives them back.
+struct Outbox {
+    cb: VnetCallbacks,
+    /// Capacity: the driver's transmit slots (a token at most once per turn).
+    tx_done: Vec<usize>,
+    /// Capacity: a receive round's budget.
+    frames: Vec<OutFrame>,
+    /// One per lent receive buffer of `frames` (capacity: every receive buffer).
+    parts: Vec<VnetFragment>,
+    /// The fragment list of the frame being delivered: its parts, one of them split in
+    /// three around a completed checksum (capacity: every receive buffer + 2).
+    scratch: Vec<VnetFragment>,
+    /// The driver has receive buffers lent: the next turn under the lock returns them.
+    owed: bool,
+}
+
+/// A received frame waiting in the [`Outbox`].
+struct OutFrame {
+    /// Its parts: `parts[first..first + count]`.
+    first: usize,
+    count: usize,
+    len: usize,
+    flags: u32,
+    /// A completed partial checksum: the frame offset and the two bytes that go there.
+    patch: Option<(usize, [u8; 2])>,
+}
+
+impl Outbox {
+    /// A completed frame's token.
+    fn complete(&mut self, token: usize) {
+        if self.tx_done.len() < self.tx_done.capacity() {
+            self.tx_done.push(token);
+        } else if let Some(f) = self.cb.tx_done {
+            // Not reached: a turn reclaims each of the driver's slots at most once, and
+            // the list is emptied before every turn. Handed over at once rather than
+            // allocating or losing the shim's packet.
+            // SAFETY: the shim's callback with its own context and token.
+            unsafe { f(self.cb.ctx, token) }
+        }
+    }
+
+    /// Notes a received frame (its buffers stay lent) for delivery after the lock.
+    fn lend(&mut self, frame: &virtio_net::RxFrame<'_>) {
+        // Only what the device validated is reported as validated; a partial checksum
+        // (NEEDS_CSUM) is completed here and the stack checks it.
+        let (flags, patch) = match frame.info().csum {
+            RxCsum::None => (0, None),
+            RxCsum::Valid => (VNET_RX_CSUM_VALID, None),
+            RxCsum::Partial { start, offset } => (
+                0,
+                offload::complete_rx_checksum(frame.fragments(), frame.len(), start, offset),
+            ),
+        };
+        if self.frames.len() == self.frames.capacity() {
+            // Not reached: a round delivers at most its budget.
+            return;
+        }
+        let first = self.parts.len();
+        for part in frame.fragments() {
+            if self.parts.len() < self.parts.capacity() {
+                self.parts.push(VnetFragment {
+                    data: part.as_ptr(),
+                    len: part.len(),
+                });
+            }
+        }
+        self.frames.push(OutFrame {
+            first,
+            count: self.parts.len() - first,
+            len: frame.len(),
+            flags,
+            patch,
+        });
+    }
 }
 
 /// The device's try-lock, held for the duration of one entry.
@@ -298,6 +433,124 @@ fn with(p: *mut VnetDevice, f: impl FnOnce(&mut Inner) -> i32) -> i32 {
     }
 }
 
+/// A normal entry that owes the shim callbacks (transmit, poll, interrupt, stop, suspend).
+/// It takes the driver lock only for its turns with the driver ([`Entry::locked`]) and
+/// calls `tx_done` / `rx_frame` between them and at its end, with the lock released: a
+/// call into the network stack (freePacket, allocatePacket, inputPacket) never holds the
+/// lock the debugger's entries need. `VNET_E_LOCKED` when a callback calls back in.
+fn normal(p: *mut VnetDevice, f: impl FnOnce(&mut Entry<'_>) -> i32) -> i32 {
+    let Some(d) = dev(p) else {
+        return VNET_E_INVALID;
+    };
+    if d.normal
+        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        return VNET_E_LOCKED;
+    }
+    // SAFETY: `normal` is held: no other reference to the outbox exists until it is
+    // released below (only this function makes one).
+    let out = unsafe { &mut *d.outbox.get() };
+    let mut e = Entry { d, out };
+    let status = f(&mut e);
+    e.deliver();
+    if e.out.owed {
+        // Give the driver its buffers back now rather than at the next entry; a debugger
+        // entry holding the lock leaves that to the next entry.
+        e.locked(|_, _| ());
+    }
+    d.normal.store(false, Ordering::Release);
+    status
+}
+
+/// A normal entry under way (see [`normal`]).
+struct Entry<'a> {
+    d: &'a VnetDevice,
+    out: &'a mut Outbox,
+}
+
+impl Entry<'_> {
+    /// One turn with the driver: delivers what is owed first (so nothing waits undelivered
+    /// under the lock), takes the lock (`None`: a debugger entry holds it), gives the driver
+    /// back the buffers of frames delivered before, then runs `f`.
+    fn locked<R>(&mut self, f: impl FnOnce(&mut Inner, &mut Outbox) -> R) -> Option<R> {
+        self.deliver();
+        let (_g, inner) = self.d.try_lock()?;
+        if self.out.owed {
+            // The shim has copied them out (the frames were delivered).
+            if let Err(e) = inner.drv.rx_return_lent() {
+                log::error!("VirtioNet: reposting receive buffers: {e}");
+            }
+        }
+        let r = f(inner, self.out);
+        self.out.owed = inner.drv.rx_lent() > 0;
+        Some(r)
+    }
+
+    /// Hands the shim what the turns collected, the lock released.
+    fn deliver(&mut self) {
+        let Outbox {
+            cb,
+            tx_done,
+            frames,
+            parts,
+            scratch,
+            ..
+        } = &mut *self.out;
+        for &token in tx_done.iter() {
+            if let Some(f) = cb.tx_done {
+                // SAFETY: the shim's callback with its own context and token.
+                unsafe { f(cb.ctx, token) }
+            }
+        }
+        tx_done.clear();
+        for fr in frames.iter() {
+            let mine = parts.get(fr.first..fr.first + fr.count).unwrap_or(&[]);
+            let bytes = mine.iter().map(|p| {
+                // SAFETY: each part is a lent receive buffer's bytes (`rx_poll_lend`): out
+                // of the device's ring and the debugger's reach, unchanged and alive until
+                // the driver gets it back, at this entry's next turn under the lock.
+                unsafe { core::slice::from_raw_parts(p.data, p.len) }
+            });
+            scratch.clear();
+            let mut push = |part: &[u8]| {
+                if scratch.len() < scratch.capacity() {
+                    scratch.push(VnetFragment {
+                        data: part.as_ptr(),
+                        len: part.len(),
+                    });
+                }
+            };
+            match &fr.patch {
+                Some((at, completed)) => offload::patched_fragments(bytes, *at, completed, push),
+                None => bytes.for_each(&mut push),
+            }
+            if let Some(f) = cb.rx_frame {
+                // SAFETY: the shim's callback; the fragments point into lent receive
+                // buffers and `fr.patch`, both unchanged until it returns.
+                unsafe { f(cb.ctx, scratch.as_ptr(), scratch.len(), fr.len, fr.flags) };
+            }
+        }
+        frames.clear();
+        parts.clear();
+    }
+
+    /// Receive rounds after the first, while frames are waiting (at most
+    /// [`VNET_FRAMES_PER_POLL`] in all), each delivered before the next.
+    fn more_rounds(&mut self, ev: &mut VnetEvents) {
+        for _ in 1..RX_ROUNDS {
+            if ev.rx_more == 0 || ev.needs_reset != 0 {
+                return;
+            }
+            if self.locked(|i, out| i.receive_round(out, ev)).is_none() {
+                // A debugger entry holds the driver: poll again later.
+                ev.rx_more = 1;
+                return;
+            }
+        }
+    }
+}
+
 fn status_of(e: NetError) -> i32 {
     match e {
         NetError::Busy => VNET_E_BUSY,
@@ -316,14 +569,9 @@ const RX_ROUNDS: usize = VNET_FRAMES_PER_POLL as usize / RX_BUDGET;
 const _: () = assert!(RX_ROUNDS * RX_BUDGET == VNET_FRAMES_PER_POLL as usize);
 
 impl Inner {
-    fn reclaim(&mut self, ev: &mut VnetEvents) -> Result<(), NetError> {
-        let cb = self.cb;
-        let r = self.drv.tx_reclaim(|token| {
-            if let Some(f) = cb.tx_done {
-                // SAFETY: the shim's callback with its own context and token.
-                unsafe { f(cb.ctx, token) }
-            }
-        })?;
+    /// Reclaims completed frames; their tokens go to the outbox.
+    fn reclaim(&mut self, out: &mut Outbox, ev: &mut VnetEvents) -> Result<(), NetError> {
+        let r = self.drv.tx_reclaim(|token| out.complete(token))?;
         ev.tx_frames += r.frames as u32;
         if r.restart {
             ev.restart = 1;
@@ -331,88 +579,63 @@ impl Inner {
         Ok(())
     }
 
-    fn receive(&mut self, ev: &mut VnetEvents) -> Result<(), NetError> {
+    /// One receive round of [`RX_BUDGET`] frames, lent to the outbox (dropped, and
+    /// counted, while disabled); a device fault is reported as `needs_reset`.
+    fn receive_round(&mut self, out: &mut Outbox, ev: &mut VnetEvents) {
+        if self.stopped {
+            ev.rx_more = 0;
+            return;
+        }
         let Inner {
             drv,
-            cb,
-            frags,
+            max_lent,
             enabled,
             rx_dropped_disabled,
             ..
         } = self;
-        for _ in 0..RX_ROUNDS {
-            let s = drv.rx_poll(RX_BUDGET, |frame| {
-                if !*enabled {
-                    *rx_dropped_disabled += 1;
-                    return;
-                }
-                frags.clear();
-                let mut push = |part: &[u8]| {
-                    if frags.len() < frags.capacity() {
-                        frags.push(VnetFragment {
-                            data: part.as_ptr(),
-                            len: part.len(),
-                        });
-                    }
-                };
-                // Only what the device validated is reported as validated; a partial
-                // checksum (NEEDS_CSUM) is completed here and the stack checks it.
-                let mut completed = [0u8; 2];
-                let (flags, patch_at) = match frame.info().csum {
-                    RxCsum::None => (0, None),
-                    RxCsum::Valid => (VNET_RX_CSUM_VALID, None),
-                    RxCsum::Partial { start, offset } => {
-                        match offload::complete_rx_checksum(
-                            frame.fragments(),
-                            frame.len(),
-                            start,
-                            offset,
-                        ) {
-                            Some((at, bytes)) => {
-                                completed = bytes;
-                                (0, Some(at))
-                            }
-                            None => (0, None),
-                        }
-                    }
-                };
-                match patch_at {
-                    Some(at) => offload::patched_fragments(frame.fragments(), at, &completed, push),
-                    None => frame.fragments().for_each(&mut push),
-                }
-                if let Some(f) = cb.rx_frame {
-                    // SAFETY: the shim's callback; the fragments point into receive
-                    // buffers that stay valid until this closure returns.
-                    unsafe { f(cb.ctx, frags.as_ptr(), frags.len(), frame.len(), flags) };
-                }
-            })?;
-            ev.rx_frames += s.frames as u32;
-            if !s.more {
-                ev.rx_more = 0;
-                return Ok(());
+        let r = drv.rx_poll_lend(RX_BUDGET, *max_lent, |frame| {
+            if *enabled {
+                out.lend(frame);
+            } else {
+                *rx_dropped_disabled += 1;
             }
-            ev.rx_more = 1;
+        });
+        match r {
+            Ok(s) => {
+                ev.rx_frames += s.frames as u32;
+                ev.rx_more = s.more.into();
+            }
+            Err(e) => self.fault(e, ev),
         }
-        Ok(())
     }
 
-    /// Reclaim + receive; a device fault is reported as `needs_reset`.
-    fn poll(&mut self, ev: &mut VnetEvents) {
+    /// A broken queue: reported as `needs_reset`, and not polled again.
+    fn fault(&mut self, e: NetError, ev: &mut VnetEvents) {
+        log::error!("VirtioNet: queue fault: {e}");
+        ev.needs_reset = 1;
+        // A broken queue stays broken: polling it again would only repeat the fault.
+        ev.rx_more = 0;
+    }
+
+    /// Reclaim + the first receive round; the rest follow in [`Entry::more_rounds`].
+    fn poll(&mut self, out: &mut Outbox, ev: &mut VnetEvents) {
         if self.stopped {
             return;
         }
-        if let Err(e) = self.reclaim(ev).and_then(|()| self.receive(ev)) {
-            log::error!("VirtioNet: queue fault: {e}");
-            ev.needs_reset = 1;
-            // A broken queue stays broken: polling it again would only repeat the fault.
-            ev.rx_more = 0;
+        match self.reclaim(out, ev) {
+            Ok(()) => self.receive_round(out, ev),
+            Err(e) => self.fault(e, ev),
         }
     }
 
-    fn interrupt(&mut self, vector: i32, ev: &mut VnetEvents) {
-        if self.acknowledge(vector, ev) {
-            self.poll(ev);
+    /// An interrupt: its cause, then [`Inner::poll`]; false when there is nothing more to
+    /// poll.
+    fn interrupt(&mut self, vector: i32, out: &mut Outbox, ev: &mut VnetEvents) -> bool {
+        if !self.acknowledge(vector, ev) {
+            return false;
         }
+        self.poll(out, ev);
+        true
     }
 
     /// An interrupt's cause (the ISR on INTx), link and configuration changes; false when
@@ -433,12 +656,12 @@ impl Inner {
                     if c.needs_reset {
                         ev.needs_reset = 1;
                     }
+                    // §5.1.6.5.4: the driver SHOULD send gratuitous packets, then ack. The
+                    // shim sends them (only the stack knows the addresses) and acks with
+                    // vnet_ack_announce; a link that stayed up gives the stack no reason to
+                    // announce by itself.
                     if c.announce && !c.needs_reset {
-                        // The stack sends its own gratuitous ARP on link events; the
-                        // device only needs the acknowledgement (§5.1.6.5.4).
-                        if let Err(e) = self.drv.ack_announce() {
-                            log::warn!("VirtioNet: announce ack: {e}");
-                        }
+                        ev.announce = 1;
                     }
                 }
                 Err(e) => log::warn!("VirtioNet: config change: {e}"),
@@ -486,14 +709,18 @@ unsafe extern "C" fn family_interrupt(ctx: *mut c_void, vector: i32) {
 
 /// Brings up the network device behind the family handle `family` (the nub's
 /// `virtioDevice()`), registers the interrupt entry with the family, and returns the handle
-/// in `*out`. Receive frames are dropped until [`vnet_enable`].
+/// in `*out`. Receive frames are dropped until [`vnet_enable`]. A device without a usable
+/// MAC address (none offered, or multicast or all-zero) gets a random locally administered
+/// one from [`VnetConfig::mac_seed`].
 ///
 /// # Safety
-/// `family` is a live family handle that outlives the returned device; `callbacks` points to
-/// valid callbacks whose `ctx` stays valid until [`vnet_destroy`].
+/// `family` is a live family handle that outlives the returned device; `config` and
+/// `callbacks` point to valid values; the callbacks' `ctx` stays valid until
+/// [`vnet_destroy`].
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vnet_create(
     family: *mut VfamDevice,
+    config: *const VnetConfig,
     callbacks: *const VnetCallbacks,
     out: *mut *mut VnetDevice,
 ) -> i32 {
@@ -503,7 +730,10 @@ pub unsafe extern "C" fn vnet_create(
     };
     *out = core::ptr::null_mut();
     // SAFETY: null or valid (C contract).
-    let Some(cb) = (unsafe { callbacks.as_ref() }).copied() else {
+    let (Some(cb), Some(config)) = (
+        unsafe { callbacks.as_ref() }.copied(),
+        unsafe { config.as_ref() }.copied(),
+    ) else {
         return VNET_E_INVALID;
     };
     if cb.tx_done.is_none() || cb.rx_frame.is_none() {
@@ -517,7 +747,9 @@ pub unsafe extern "C" fn vnet_create(
     let refused = f::GUEST_TSO4 | f::GUEST_TSO6 | f::GUEST_ECN | f::GUEST_UFO | f::HOST_UFO;
     let cfg = NetConfig {
         features: f::SUPPORTED & !refused,
-        max_tx_segments: 32,
+        max_tx_segments: VNET_TX_SEGMENTS_MAX as u16,
+        max_tx_frames: VNET_TX_FRAMES_MAX as u16,
+        mac_seed: config.mac_seed,
         ..NetConfig::default()
     };
     let drv = match VirtioNet::new(bus, cfg) {
@@ -528,17 +760,26 @@ pub unsafe extern "C" fn vnet_create(
         }
     };
     let nbufs = drv.rx_buffers().0.max(1);
+    let outbox = Outbox {
+        cb,
+        tx_done: Vec::with_capacity(drv.tx_slots()),
+        frames: Vec::with_capacity(RX_BUDGET),
+        parts: Vec::with_capacity(nbufs),
+        // + 2: completing a partial checksum splits a fragment around the field.
+        scratch: Vec::with_capacity(nbufs + 2),
+        owed: false,
+    };
     let d = Box::new(VnetDevice {
         lock: AtomicBool::new(false),
         family,
         cb,
         locked_out: core::sync::atomic::AtomicU64::new(0),
         missed_interrupts: core::sync::atomic::AtomicU32::new(0),
+        normal: AtomicBool::new(false),
+        outbox: UnsafeCell::new(outbox),
         inner: UnsafeCell::new(Inner {
             drv,
-            cb,
-            // + 2: completing a partial checksum splits a fragment around the field.
-            frags: Vec::with_capacity(nbufs + 2),
+            max_lent: (nbufs / 4).max(1),
             enabled: false,
             stopped: false,
             promisc: false,
@@ -587,7 +828,7 @@ pub unsafe extern "C" fn vnet_info(d: *mut VnetDevice, out: *mut VnetInfo) -> i3
             speed_mbps: drv.speed().unwrap_or(0),
             mtu,
             max_packet: mtu + 18,
-            tx_max_segments: 32,
+            tx_max_segments: drv.max_tx_segments().into(),
             header_len: drv.header_len() as u32,
             tx_csum: host.csum.into(),
             tso4: host.tso4.into(),
@@ -599,6 +840,7 @@ pub unsafe extern "C" fn vnet_info(d: *mut VnetDevice, out: *mut VnetInfo) -> i3
             .into(),
             enabled: i.enabled.into(),
             reserved: 0,
+            tx_frames: u32::try_from(drv.tx_slots()).unwrap_or(VNET_TX_FRAMES_MAX),
             features: feats.bits(),
         };
         VNET_OK
@@ -683,7 +925,11 @@ pub unsafe extern "C" fn vnet_transmit(
     token: usize,
     stop: *mut bool,
 ) -> i32 {
-    if segs.is_null() || nsegs == 0 || nsegs > 32 || (headers.is_null() && headers_len > 0) {
+    if segs.is_null()
+        || nsegs == 0
+        || nsegs > VNET_TX_SEGMENTS_MAX as usize
+        || (headers.is_null() && headers_len > 0)
+    {
         return VNET_E_INVALID;
     }
     // SAFETY: caller contract.
@@ -694,12 +940,12 @@ pub unsafe extern "C" fn vnet_transmit(
         // SAFETY: caller contract.
         unsafe { core::slice::from_raw_parts(headers, headers_len) }
     };
-    with(d, |i| {
+    let turn = |i: &mut Inner, out: &mut Outbox| {
         if i.stopped || !i.enabled {
             return VNET_E_STOPPED;
         }
         let mut ev = VnetEvents::default();
-        if let Err(e) = i.reclaim(&mut ev) {
+        if let Err(e) = i.reclaim(out, &mut ev) {
             return status_of(e);
         }
         let off = match offload::tx_offload(hdrs, flags, mss) {
@@ -728,7 +974,8 @@ pub unsafe extern "C" fn vnet_transmit(
                 status_of(e)
             }
         }
-    })
+    };
+    normal(d, |e| e.locked(turn).unwrap_or(VNET_E_LOCKED))
 }
 
 /// Reclaims transmitted frames and receives waiting ones, at most
@@ -742,22 +989,34 @@ pub unsafe extern "C" fn vnet_transmit(
 pub unsafe extern "C" fn vnet_poll(d: *mut VnetDevice, events: *mut VnetEvents) -> i32 {
     let mut ev = VnetEvents::default();
     let missed = dev(d).map(|dv| &dv.missed_interrupts);
-    let r = with(d, |i| {
-        // A plain load first: the locked swap only when an interrupt was missed (rarely;
-        // this runs on every poll). SeqCst both: a load that reads 0 orders the same as a
-        // swap that returned 0, and the interrupt that sets a bit later also sets `rx_more`.
-        let missed = missed
-            .filter(|m| m.load(Ordering::SeqCst) != 0)
-            .map_or(0, |m| m.swap(0, Ordering::SeqCst));
-        let mut poll = true;
-        for bit in (0..32).filter(|b| missed & (1 << b) != 0) {
-            poll &= i.acknowledge(missed_vector(bit), &mut ev);
+    let r = normal(d, |e| {
+        let first = e.locked(|i, out| {
+            // A plain load first: the locked swap only when an interrupt was missed (rarely;
+            // this runs on every poll). SeqCst both: a load that reads 0 orders the same as
+            // a swap that returned 0, and the interrupt that sets a bit later also sets
+            // `rx_more`.
+            let missed = missed
+                .filter(|m| m.load(Ordering::SeqCst) != 0)
+                .map_or(0, |m| m.swap(0, Ordering::SeqCst));
+            let mut poll = true;
+            for bit in (0..32).filter(|b| missed & (1 << b) != 0) {
+                poll &= i.acknowledge(missed_vector(bit), &mut ev);
+            }
+            if poll {
+                i.poll(out, &mut ev);
+            }
+            ev.link_up = i.drv.link_up().into();
+            poll
+        });
+        match first {
+            None => VNET_E_LOCKED,
+            Some(poll) => {
+                if poll {
+                    e.more_rounds(&mut ev);
+                }
+                VNET_OK
+            }
         }
-        if poll {
-            i.poll(&mut ev);
-        }
-        ev.link_up = i.drv.link_up().into();
-        VNET_OK
     });
     if r == VNET_E_LOCKED {
         ev.rx_more = 1;
@@ -781,9 +1040,16 @@ pub unsafe extern "C" fn vnet_poll(d: *mut VnetDevice, events: *mut VnetEvents) 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vnet_interrupt(d: *mut VnetDevice, vector: i32, events: *mut VnetEvents) {
     let mut ev = VnetEvents::default();
-    let r = with(d, |i| {
-        i.interrupt(vector, &mut ev);
-        VNET_OK
+    let r = normal(d, |e| {
+        match e.locked(|i, out| i.interrupt(vector, out, &mut ev)) {
+            None => VNET_E_LOCKED,
+            Some(poll) => {
+                if poll {
+                    e.more_rounds(&mut ev);
+                }
+                VNET_OK
+            }
+        }
     });
     if r == VNET_E_LOCKED {
         if let Some(dv) = dev(d) {
@@ -884,6 +1150,25 @@ pub unsafe extern "C" fn vnet_set_mac_address(d: *mut VnetDevice, mac: *const u8
     })
 }
 
+/// Acknowledges an announce request ([`VnetEvents::announce`]) once the gratuitous
+/// packets are sent (ANNOUNCE_ACK on the control queue, §5.1.6.5.4): the device then
+/// clears its ANNOUNCE status bit. `VNET_E_UNSUPPORTED` without GUEST_ANNOUNCE.
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vnet_ack_announce(d: *mut VnetDevice) -> i32 {
+    with(d, |i| {
+        if i.stopped {
+            return VNET_E_STOPPED;
+        }
+        match i.drv.ack_announce() {
+            Ok(()) => VNET_OK,
+            Err(e) => status_of(e),
+        }
+    })
+}
+
 /// The kernel debugger's polled send (`IOKernelDebugger` `sendPacket`): waits at most
 /// `spins` polls for the debugger's transmit slot. `VNET_E_LOCKED` when the debugger
 /// entered during a normal entry (drop the packet; KDP retries).
@@ -965,9 +1250,9 @@ pub unsafe extern "C" fn vnet_stop(d: *mut VnetDevice) -> i32 {
         return VNET_E_INVALID;
     };
     let family = dv.family;
-    with(d, |i| {
+    let turn = |i: &mut Inner, out: &mut Outbox| {
         if i.stopped {
-            return VNET_OK;
+            return;
         }
         // SAFETY: the family handle outlives this device (vnet_create contract).
         unsafe {
@@ -975,15 +1260,9 @@ pub unsafe extern "C" fn vnet_stop(d: *mut VnetDevice) -> i32 {
         };
         i.stopped = true;
         i.enabled = false;
-        let cb = i.cb;
-        i.drv.shutdown(|token| {
-            if let Some(f) = cb.tx_done {
-                // SAFETY: the shim's callback with its own context and token.
-                unsafe { f(cb.ctx, token) }
-            }
-        });
-        VNET_OK
-    })
+        i.drv.shutdown(|token| out.complete(token));
+    };
+    normal(d, |e| e.locked(turn).map_or(VNET_E_LOCKED, |()| VNET_OK))
 }
 
 /// Polls of the transmit queue [`vnet_suspend`] spends waiting for frames in flight before
@@ -999,17 +1278,14 @@ pub const VNET_SUSPEND_DRAIN_POLLS: u32 = 10_000;
 /// `d` is null or a live handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn vnet_suspend(d: *mut VnetDevice) -> i32 {
-    with(d, |i| {
+    let turn = |i: &mut Inner, out: &mut Outbox| {
         if i.stopped {
             return VNET_E_STOPPED;
         }
-        let cb = i.cb;
-        match i.drv.suspend(VNET_SUSPEND_DRAIN_POLLS, |token| {
-            if let Some(f) = cb.tx_done {
-                // SAFETY: the shim's callback with its own context and token.
-                unsafe { f(cb.ctx, token) }
-            }
-        }) {
+        match i
+            .drv
+            .suspend(VNET_SUSPEND_DRAIN_POLLS, |token| out.complete(token))
+        {
             Ok(r) => {
                 log::info!(
                     "VirtioNet: asleep ({} frames completed, {} handed back, {} receive frames dropped)",
@@ -1021,7 +1297,8 @@ pub unsafe extern "C" fn vnet_suspend(d: *mut VnetDevice) -> i32 {
             }
             Err(e) => status_of(e),
         }
-    })
+    };
+    normal(d, |e| e.locked(turn).unwrap_or(VNET_E_LOCKED))
 }
 
 /// Wake (power state 1): the device is initialised from scratch (virtio keeps nothing
