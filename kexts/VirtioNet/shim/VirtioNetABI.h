@@ -469,7 +469,8 @@ int32_t vnet_suspend(VnetDevice *d);
  * posted, the MAC address, promiscuous/multicast filters and offloads replayed. `VNET_OK`
  * then the shim re-reads [`vnet_info`] (link, MTU) and restarts its output queue; an error
  * (the device no longer offers what it had: `VNET_E_DEVICE`) leaves it asleep and FAILED,
- * and resume may be retried.
+ * and resume may be retried. `VNET_OK` too, doing nothing, for a driver that is not
+ * suspended (the shim's sleep found it held by a debugger entry and left it running).
  *
  * # Safety
  * `d` is null or a live handle.

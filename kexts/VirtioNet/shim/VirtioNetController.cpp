@@ -240,8 +240,14 @@ IOReturn org_virtiodarwin_VirtioNetController::gatedSetPower(void *ordinal)
         fAsleep = true;
         if (getOutputQueue())
             getOutputQueue()->stop();
-        if (vnet_suspend(fDev) != VNET_OK)
-            IOLog("VirtioNet: the device did not quiesce cleanly before sleep\n");
+        /* VNET_E_LOCKED: a debugger entry holds the driver on another CPU; wait for it,
+         * bounded, as gatedStop does. Still held: the device keeps running through the
+         * sleep, and vnet_resume answers VNET_OK for a device that was never suspended. */
+        int32_t st;
+        for (uint32_t i = 0; (st = vnet_suspend(fDev)) == VNET_E_LOCKED && i < kStopRetries; i++)
+            IODelay(10);
+        if (st != VNET_OK)
+            IOLog("VirtioNet: the device did not quiesce cleanly before sleep (status %d)\n", (int)st);
         setLinkStatus(kIONetworkLinkValid, NULL);
     } else if (on && fAsleep) {
         if (vnet_resume(fDev) != VNET_OK) {
@@ -434,13 +440,14 @@ UInt32 org_virtiodarwin_VirtioNetController::outputPacket(mbuf_t m, void *param)
         freePacket(m);
         return kIOReturnOutputDropped;
     }
-    /* Never empty: the driver keeps at most fInfo.tx_frames frames in flight, and answers
-     * VNET_E_BUSY before it would take more. */
+    /* Empty exactly when the driver holds fInfo.tx_frames frames in flight: it stopped
+     * taking frames when it took the last of them (its transmit interrupt is armed), so
+     * this is a stall, not a drop: the frame stays queued and the reclaim that frees a
+     * slot reports restart (handleEvents services the queue). Dropping here would make
+     * IOBasicOutputQueue drop its whole backlog. */
     TxSlot *slot = fTxFree;
-    if (!slot) {
-        freePacket(m);
-        return kIOReturnOutputDropped;
-    }
+    if (!slot)
+        return kIOReturnOutputStall;
     /* The offload request and the header copy from the stack's own mbuf (a coalesced copy
      * carries no request). */
     uint8_t headers[VNET_TX_HEADER_BYTES];
@@ -575,7 +582,17 @@ void org_virtiodarwin_VirtioNetController::handleEvents(const VnetEvents *ev)
     /* §5.1.6.5.4: gratuitous packets first, then the acknowledgement. */
     if (announce && !needsReset && fDev) {
         announceAddresses();
-        vnet_ack_announce(fDev);
+        fAnnounceAckPending = true;
+    }
+    /* The device asks again only on its next configuration interrupt, and QEMU sends its
+     * next announce round only after the ack: an ack refused for now (a debugger entry
+     * holds the driver, the control queue timed out) is retried from the next events. */
+    if (fAnnounceAckPending && fDev && !needsReset) {
+        int32_t st = vnet_ack_announce(fDev);
+        if (st != VNET_E_LOCKED && st != VNET_E_TIMEOUT)
+            fAnnounceAckPending = false;
+        else if (!e.rx_more)
+            fRxPoll->setTimeoutMS(10);
     }
     if (++fEvents % 4096 == 0)
         publishStats();

@@ -93,6 +93,7 @@ private:
     bool fAsleep;           /* between power state 0 and a successful wake */
     bool fDebuggerEnabled;
     bool fMulticastActive;
+    bool fAnnounceAckPending; /* addresses announced, ANNOUNCE_ACK not yet taken */
 
     IOReturn gatedCreate(int32_t *st);
     IOReturn gatedStop(void);

@@ -1306,7 +1306,8 @@ pub unsafe extern "C" fn vnet_suspend(d: *mut VnetDevice) -> i32 {
 /// posted, the MAC address, promiscuous/multicast filters and offloads replayed. `VNET_OK`
 /// then the shim re-reads [`vnet_info`] (link, MTU) and restarts its output queue; an error
 /// (the device no longer offers what it had: `VNET_E_DEVICE`) leaves it asleep and FAILED,
-/// and resume may be retried.
+/// and resume may be retried. `VNET_OK` too, doing nothing, for a driver that is not
+/// suspended (the shim's sleep found it held by a debugger entry and left it running).
 ///
 /// # Safety
 /// `d` is null or a live handle.
@@ -1315,6 +1316,11 @@ pub unsafe extern "C" fn vnet_resume(d: *mut VnetDevice) -> i32 {
     with(d, |i| {
         if i.stopped {
             return VNET_E_STOPPED;
+        }
+        if !i.drv.is_suspended() {
+            // Never suspended (the shim's sleep found the driver held by a debugger entry
+            // for good): the device ran through the sleep and needs nothing.
+            return VNET_OK;
         }
         match i.drv.resume() {
             Ok(r) => {
