@@ -1091,3 +1091,101 @@ fn new_failing_at_any_allocation_frees_everything() {
         );
     }
 }
+
+/// A discard needing more device requests than the queue holds (`submit` answers
+/// `TooLarge`) goes with `submit_ranges_from` in shares, each queued all or nothing within
+/// the caller's bound and the ring (descriptors too: without indirect descriptors each device
+/// request takes three), each completing its token once; the device discards every sector,
+/// once. Misuse is refused before anything is queued.
+#[test]
+fn a_range_request_too_long_for_the_ring_goes_in_shares() {
+    for (generic, max_parts, per_share) in [
+        (RING, usize::MAX, 16),
+        (RING, 3, 3),
+        (RING, 0, 1),
+        (bits::EVENT_IDX, usize::MAX, 5),
+    ] {
+        let what = format!("features {generic:#x}, max_parts {max_parts}");
+        let mut m = BlkModel::new(SECTORS);
+        m.features = bits::DISCARD;
+        m.max_discard_sectors = 8;
+        m.max_discard_seg = 1;
+        m.discard_sector_alignment = 8;
+        let mut r = rig(
+            m,
+            RigSpec {
+                generic,
+                queue_size: 16,
+                ..Default::default()
+            },
+        );
+        let ranges = [SectorRange::new(64, 8 * 40)];
+        assert_eq!(
+            r.drv.discard(0, &ranges, 1),
+            Err(BlkError::TooLarge),
+            "{what}"
+        );
+        let req = Request::Discard { ranges: &ranges };
+        let mut from = Default::default();
+        let mut shares = Vec::new();
+        loop {
+            let before = r.model.records.len();
+            let rest = r
+                .drv
+                .submit_ranges_from(0, req, from, max_parts, 2)
+                .unwrap();
+            assert_eq!(r.wait(2), Ok(Completion::Done), "{what}");
+            shares.push(r.model.records.len() - before);
+            match rest {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+        assert!(shares.iter().all(|&n| n <= per_share), "{what}: {shares:?}");
+        assert_eq!(shares.iter().sum::<usize>(), 40, "{what}");
+        assert_eq!(shares.len(), 40usize.div_ceil(per_share), "{what}");
+        let discarded: Vec<(u64, u32, u32)> = r
+            .model
+            .records
+            .iter()
+            .flat_map(|x| x.ranges.clone())
+            .collect();
+        let want: Vec<(u64, u32, u32)> = (0..40).map(|k| (64 + 8 * k, 8, 0)).collect();
+        assert_eq!(discarded, want, "{what}: every sector once, in order");
+
+        // Not a range request; a position past the end of these ranges (from a longer
+        // list); a range the device cannot take. Nothing reaches the device.
+        let id = r
+            .drv
+            .submit_ranges_from(0, Request::GetId, Default::default(), 4, 3);
+        assert_eq!(id, Err(BlkError::InvalidRequest), "{what}");
+        let long = [SectorRange::new(0, 8 * 40)];
+        let past = r
+            .drv
+            .submit_ranges_from(
+                0,
+                Request::Discard { ranges: &long },
+                Default::default(),
+                39,
+                3,
+            )
+            .unwrap()
+            .expect("one share left");
+        assert_eq!(r.wait(3), Ok(Completion::Done));
+        let short = [SectorRange::new(0, 8)];
+        let at_end = r
+            .drv
+            .submit_ranges_from(0, Request::Discard { ranges: &short }, past, 4, 4);
+        assert_eq!(at_end, Err(BlkError::InvalidRequest), "{what}");
+        let beyond = [SectorRange::new(SECTORS - 8, 16)];
+        let beyond = Request::Discard { ranges: &beyond };
+        assert_eq!(
+            r.drv
+                .submit_ranges_from(0, beyond, Default::default(), 4, 4),
+            Err(BlkError::OutOfRange)
+        );
+        r.kick_and_run();
+        assert!(r.done.is_empty(), "{what}: {:?}", r.done);
+        r.assert_clean();
+    }
+}

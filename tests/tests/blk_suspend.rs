@@ -424,3 +424,56 @@ fn capacity_change_while_asleep_is_reported() {
     let kicks = r.drv.queue_stats(0).unwrap().kicks;
     assert_eq!(kicks, r.sim.kicks(0));
 }
+
+/// While the driver has the device reset (suspended, or aborted and not restarted) it leaves
+/// it alone: an interrupt announcing DEVICE_NEEDS_RESET or a configuration change is taken
+/// (the ISR read) but reports nothing to do, the configuration is not read (writeback may
+/// not be read before FEATURES_OK, §5.2.5.1) and the write cache not set; `resume` and
+/// `restart` then bring the device back and report what changed.
+#[test]
+fn a_reset_device_is_left_alone_until_it_is_brought_back() {
+    let mut m = model(1);
+    m.features |= bits::CONFIG_WCE;
+    m.writeback = 1;
+    let mut r = rig(SimMode::Modern, Preference::Auto, m, RING);
+    let nothing = virtio_blk::BlkInterrupt::default();
+    r.suspend(0);
+    r.sim.trigger_needs_reset();
+    assert_eq!(
+        r.drv.handle_interrupt(None),
+        Ok(nothing),
+        "DEVICE_NEEDS_RESET"
+    );
+    r.sim.set_device_config(0, &(SECTORS * 2).to_le_bytes());
+    r.sim.raise_config_interrupt();
+    assert_eq!(r.drv.handle_interrupt(None), Ok(nothing), "config change");
+    assert_eq!(r.sim.peek_isr(), 0, "both acknowledged");
+    assert_eq!(r.drv.poll_completions(0, |_, _| {}), Ok(0));
+    assert_eq!(
+        r.drv.handle_config_change(),
+        Err(BlkError::Virtio(Error::InvalidState))
+    );
+    assert_eq!(r.drv.set_writeback(false), Err(BlkError::QueueFull));
+    assert_eq!(r.sim.device_config()[32], 1, "writeback untouched");
+    let rep = r.drv.resume().unwrap();
+    assert_eq!((rep.capacity, rep.capacity_changed), (SECTORS * 2, true));
+    r.drv.set_writeback(false).unwrap();
+    assert_eq!(r.sim.device_config()[32], 0);
+
+    // Aborted (stopped, not suspended), until `restart`.
+    r.drv.abort_all(|_, _| {});
+    r.sim.trigger_needs_reset();
+    assert_eq!(r.drv.handle_interrupt(None), Ok(nothing));
+    assert_eq!(r.drv.poll_completions(0, |_, _| {}), Ok(0));
+    assert_eq!(
+        r.drv.set_writeback(true),
+        Err(BlkError::Virtio(Error::InvalidState))
+    );
+    assert_eq!(r.sim.device_config()[32], 0, "writeback untouched");
+    r.drv.restart().unwrap();
+    r.drv.set_writeback(true).unwrap();
+    r.write(0, 0).unwrap();
+    r.run();
+    assert_eq!(r.outcomes()[&0], Ok(Completion::Done));
+    r.assert_clean();
+}

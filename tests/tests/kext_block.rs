@@ -15,12 +15,12 @@ use std::ffi::c_void;
 
 use kext_support::{Family, FamilyKext, c_abi, kernel, kext_tests};
 use virtio_block_kext::*;
-use virtio_core::platform::DmaRegion;
+use virtio_core::platform::{Dma, DmaRegion};
 use virtio_kext_abi::VkSegment;
 use virtio_pci::Preference;
 use virtio_tests::blk_model::{BlkModel, bits, proto};
 use virtio_tests::mem::IdentityMemory;
-use virtio_tests::sim::{Sim, SimBuilder, SimMode};
+use virtio_tests::sim::{Chain, Sim, SimBuilder, SimMode};
 
 use virtio_tests::sim::MODES;
 const RING: u64 = bits::INDIRECT_DESC | bits::EVENT_IDX;
@@ -94,6 +94,13 @@ kext_tests!(Kexts:
     a_failed_recovery_fails_what_the_shim_holds,
     completions_fit_a_queue_that_grew_across_a_reset,
     an_unreadable_config_change_does_not_strand_completions,
+    max_segments_fit_a_ring_without_indirect_descriptors,
+    a_failed_wake_fails_what_the_shim_holds,
+    an_interrupt_while_asleep_leaves_the_device_alone,
+    a_resize_while_asleep_is_reported_in_blocks,
+    a_long_unmap_goes_in_shares,
+    a_long_unmap_waits_for_room_between_shares,
+    the_write_cache_is_left_alone_while_the_device_is_reset,
 );
 
 /// What the shim's callbacks record.
@@ -237,6 +244,109 @@ impl Rig {
         }
         self.buffers.push(r);
         segs
+    }
+
+    /// `count` segments of a buffer, none contiguous with the next (every other page), as
+    /// IODMACommand makes of fragmented memory: 4 KiB each, or (`mid_page`) the first
+    /// starting 256 bytes into its page and the last ending 256 bytes into its own, so that
+    /// neither is whole 512-byte blocks though the list is.
+    fn scattered(&mut self, count: usize, mid_page: bool, fill: u8) -> Vec<VkSegment> {
+        let r = self.mem.alloc_coherent(count * 2 * 4096, 4096).unwrap();
+        for (i, x) in self.mem.slice(&r).iter_mut().enumerate() {
+            *x = fill ^ (i as u8) ^ (i >> 12) as u8;
+        }
+        let mut segs: Vec<VkSegment> = (0..count)
+            .map(|i| VkSegment {
+                addr: r.daddr + (i * 2 * 4096) as u64,
+                len: 4096,
+                reserved: 0,
+            })
+            .collect();
+        if mid_page && count > 1 {
+            segs[0].addr += 256;
+            segs[0].len -= 256;
+            segs[count - 1].len = 256;
+        }
+        self.buffers.push(r);
+        segs
+    }
+
+    /// Serves and delivers interrupts until `request` completes; returns its status.
+    fn finish(&mut self, request: usize) -> i32 {
+        for _ in 0..10_000 {
+            if let Some(&(_, status)) = self
+                .log
+                .borrow()
+                .completions
+                .iter()
+                .find(|&&(t, _)| t == request)
+            {
+                return status;
+            }
+            assert!(self.step() > 0, "request {request:#x} stuck");
+        }
+        panic!("request {request:#x} never completed");
+    }
+
+    /// The device completes `chain` with status OK, apart from the model (a discard it
+    /// carried out, as far as the driver can tell).
+    fn complete_ok(&self, chain: &Chain) {
+        let status = chain.descs.last().expect("status descriptor");
+        self.mem.bytes_at(status.addr, 1)[0] = proto::S_OK;
+        self.sim.complete(0, chain.head, 1);
+    }
+
+    /// `setPowerState(0)`.
+    fn suspend(&self) -> i32 {
+        // SAFETY: live handle.
+        unsafe { (self.kexts.blk.vblk_suspend)(self.dev) }
+    }
+
+    /// `setPowerState(1)`.
+    fn resume(&self) -> i32 {
+        // SAFETY: live handle.
+        unsafe { (self.kexts.blk.vblk_resume)(self.dev) }
+    }
+
+    /// `stop`'s half of the unload (the handle stays valid until `unload` destroys it).
+    fn stop(&self) {
+        // SAFETY: live handle.
+        unsafe { (self.kexts.blk.vblk_stop)(self.dev) }
+    }
+
+    fn set_write_cache(&self, on: bool) -> i32 {
+        // SAFETY: live handle.
+        unsafe { (self.kexts.blk.vblk_set_write_cache)(self.dev, on) }
+    }
+
+    fn flush(&self, request: usize) -> i32 {
+        // SAFETY: live handle; `request` is an opaque context.
+        unsafe { (self.kexts.blk.vblk_flush)(self.dev, request as *mut c_void) }
+    }
+
+    /// The interrupt entry as the family's interrupt action calls it (-1: INTx).
+    fn interrupt(&self, vector: i32) {
+        // SAFETY: live handle.
+        unsafe { (self.kexts.blk.vblk_interrupt)(self.dev, vector) }
+    }
+
+    /// Chains made available on queue 0 so far (the split ring's avail index).
+    fn published(&self) -> u16 {
+        let avail = self.sim.queue_info(0).expect("queue 0").driver;
+        let idx = self.mem.bytes_at(avail + 2, 2);
+        u16::from_le_bytes([idx[0], idx[1]])
+    }
+
+    fn unmap(&self, extents: &[VblkExtent], request: usize) -> i32 {
+        // SAFETY: live handle; `extents` holds that many entries; `request` is opaque.
+        unsafe {
+            (self.kexts.blk.vblk_unmap)(
+                self.dev,
+                extents.as_ptr(),
+                extents.len(),
+                request as *mut c_void,
+            )
+        }
     }
 
     fn rw(&self, write: bool, block: u64, blocks: u64, segs: &[VkSegment], req: usize) -> i32 {
@@ -972,5 +1082,317 @@ fn an_unreadable_config_change_does_not_strand_completions(kexts: Kexts) {
     r.fam().interrupts();
     r.sim.set_generation_churn(0);
     assert_eq!(r.take(), vec![(0x300, VBLK_OK)]);
+    r.unload();
+}
+
+/// Without VIRTIO_F_INDIRECT_DESC every segment takes a ring descriptor of its own: a read
+/// or write of `max_segments` 4 KiB segments, none contiguous with the next, must still fit
+/// the ring (and not come back `VBLK_E_TOO_LARGE` for a request IOKit was told is legal),
+/// also when its first and last segments are not whole blocks (the driver then cuts its
+/// device requests back to block boundaries), taking no more than half the ring. Rings of
+/// 256 and 64 entries, devices taking 254 and 8 segments per request; what is written lands
+/// and reads back.
+fn max_segments_fit_a_ring_without_indirect_descriptors(kexts: Kexts) {
+    for queue_size in [256u16, 64] {
+        for seg_max in [254u32, 8] {
+            let mut model = full_model();
+            model.seg_max = seg_max;
+            let offered = model.features | bits::EVENT_IDX | bits::VERSION_1;
+            let mut r = Rig::start_with(
+                kexts,
+                model,
+                SimMode::Modern,
+                Preference::Auto,
+                queue_size,
+                |b| b.features(offered),
+            );
+            let n = r.info().max_segments as usize;
+            for (k, mid_page) in [false, true].into_iter().enumerate() {
+                let what = format!("ring {queue_size}, seg_max {seg_max}, mid_page {mid_page}");
+                let w = r.scattered(n, mid_page, 0x21 + k as u8);
+                let bytes: u64 = w.iter().map(|s| u64::from(s.len)).sum();
+                let (block, blocks) = (k as u64 * 2048, bytes / 512);
+                let before = r.model.records.len();
+                assert_eq!(r.rw(true, block, blocks, &w, 0x100 + k), VBLK_OK, "{what}");
+                assert_eq!(r.finish(0x100 + k), VBLK_OK, "{what}");
+                // Ring descriptors its device requests took ([header, data..., status]
+                // each): at most half the ring, or one device request if that is more.
+                let descs: Vec<usize> = r.model.records[before..]
+                    .iter()
+                    .map(|x| x.data_descs + 2)
+                    .collect();
+                let most = usize::from(queue_size / 2).max(descs.iter().copied().max().unwrap());
+                assert!(descs.iter().sum::<usize>() <= most, "{what}: {descs:?}");
+                let written = r.bytes(&w);
+                let at = block as usize * 512;
+                assert_eq!(
+                    &r.model.disk[at..at + written.len()],
+                    &written[..],
+                    "{what}"
+                );
+                let rd = r.scattered(n, mid_page, 0);
+                assert_eq!(
+                    r.rw(false, block, blocks, &rd, 0x200 + k),
+                    VBLK_OK,
+                    "{what}"
+                );
+                assert_eq!(r.finish(0x200 + k), VBLK_OK, "{what}");
+                assert_eq!(r.bytes(&rd), written, "{what}: read back");
+            }
+            assert!(r.take().iter().all(|&(_, s)| s == VBLK_OK));
+            r.unload();
+        }
+    }
+}
+
+/// The device does not come back after a wake (it no longer offers VERSION_1): the wake
+/// answers `VBLK_E_DEVICE` and the driver fails, so what the shim held while asleep fails
+/// with `VBLK_E_DEVICE` when the shim resubmits it, as does every later request, instead of
+/// being refused as busy for ever. The next sleep and wake, the device fixed meanwhile, brings
+/// it back (with the features it had).
+fn a_failed_wake_fails_what_the_shim_holds(kexts: Kexts) {
+    let mut r = Rig::start(kexts, full_model(), SimMode::Modern, Preference::Auto, 64);
+    let s = r.segments(4096, 1, Some(5));
+    assert_eq!(r.suspend(), VBLK_OK);
+    assert_eq!(
+        r.rw(false, 0, 8, &s, 0x500),
+        VBLK_E_BUSY,
+        "held while asleep"
+    );
+    let offered = r.sim.offered_features();
+    r.sim.set_offered_features(0);
+    assert_eq!(r.resume(), VBLK_E_DEVICE);
+    assert_eq!(r.rw(false, 0, 8, &s, 0x500), VBLK_E_DEVICE, "the held read");
+    assert_eq!(r.rw(true, 8, 8, &s, 0x501), VBLK_E_DEVICE);
+    assert_eq!(r.flush(0x502), VBLK_E_DEVICE);
+    assert_eq!(
+        r.unmap(&[VblkExtent { block: 0, count: 8 }], 0x503),
+        VBLK_E_DEVICE
+    );
+    assert!(r.take().is_empty());
+    // The next sleep and wake: the host fixed the device.
+    assert_eq!(r.suspend(), VBLK_OK);
+    r.sim.set_offered_features(offered);
+    assert_eq!(r.resume(), VBLK_OK);
+    r.sim.check_init_order().unwrap();
+    assert_eq!(r.rw(false, 0, 8, &s, 0x500), VBLK_OK, "the device is back");
+    assert_eq!(r.finish(0x500), VBLK_OK);
+    r.unload();
+}
+
+/// While asleep the device is reset; on INTx (the family's entry stays registered) an
+/// interrupt still reaches the driver. One announcing DEVICE_NEEDS_RESET, or a configuration
+/// change, is only acknowledged: no reset, no recovery that would fail the driver (it is
+/// suspended), no capacity read from a device short of FEATURES_OK. The wake then reports the
+/// new capacity, once, and I/O works.
+fn an_interrupt_while_asleep_leaves_the_device_alone(kexts: Kexts) {
+    let mut r = Rig::start_with(
+        kexts,
+        full_model(),
+        SimMode::Modern,
+        Preference::Auto,
+        64,
+        |b| b.msix_vectors(0),
+    );
+    assert_eq!(r.suspend(), VBLK_OK);
+    let resets = r.sim.resets();
+    r.sim.trigger_needs_reset();
+    r.interrupt(-1);
+    r.model.resize(SECTORS * 2);
+    r.sim.set_device_config(0, &(SECTORS * 2).to_le_bytes());
+    r.sim.raise_config_interrupt();
+    r.interrupt(-1);
+    assert_eq!(r.sim.resets(), resets, "reset by an interrupt while asleep");
+    assert_eq!(r.sim.peek_isr(), 0, "the interrupts were acknowledged");
+    assert!(
+        r.log.borrow().capacity.is_empty(),
+        "capacity read while asleep"
+    );
+    assert!(r.take().is_empty());
+    assert_eq!(r.log.borrow().restarts, 0);
+
+    assert_eq!(r.resume(), VBLK_OK);
+    assert_eq!(r.log.borrow().capacity, vec![SECTORS * 2]);
+    let s = r.segments(4096, 1, None);
+    assert_eq!(
+        r.rw(false, SECTORS, 8, &s, 0x600),
+        VBLK_OK,
+        "beyond the old end"
+    );
+    assert_eq!(r.finish(0x600), VBLK_OK);
+    r.unload();
+}
+
+/// `capacity_changed` is in logical blocks: a disk of 4096-byte blocks resized while asleep
+/// is reported at the wake as its new block count, not in 512-byte sectors (as the
+/// interrupt path reports it).
+fn a_resize_while_asleep_is_reported_in_blocks(kexts: Kexts) {
+    let mut model = full_model();
+    model.features |= bits::BLK_SIZE;
+    model.blk_size = 4096;
+    let mut r = Rig::start(kexts, model, SimMode::Modern, Preference::Auto, 64);
+    assert_eq!(
+        (r.info().block_size, r.info().block_count),
+        (4096, SECTORS / 8)
+    );
+    assert_eq!(r.suspend(), VBLK_OK);
+    r.model.resize(SECTORS * 2);
+    r.sim.set_device_config(0, &(SECTORS * 2).to_le_bytes());
+    assert_eq!(r.resume(), VBLK_OK);
+    assert_eq!(r.log.borrow().capacity, vec![SECTORS * 2 / 8]);
+    assert_eq!(r.info().block_count, SECTORS * 2 / 8);
+    r.unload();
+}
+
+/// A ring of 64 entries and a device that takes one range of 8 sectors per discard request
+/// (QEMU's `max_discard_seg` 1, at a smaller scale), with an extent of 65 × 8 blocks: more
+/// device requests than the ring holds.
+fn long_unmap_rig(kexts: Kexts) -> (Rig, [VblkExtent; 1]) {
+    let mut model = full_model();
+    model.max_discard_sectors = 8;
+    model.max_discard_seg = 1;
+    let r = Rig::start(kexts, model, SimMode::Modern, Preference::Auto, 64);
+    let long = VblkExtent {
+        block: 64,
+        count: 65 * 8,
+    };
+    (r, [long])
+}
+
+/// An unmap needing more device requests than the ring holds (the device takes one range
+/// of 8 sectors per request, the ring 64 requests; APFS trimming a large disk on QEMU, at a
+/// smaller scale) goes in shares, one after another: it completes once, OK, and the device
+/// was asked to discard every sector of it, each once. Meanwhile reads work, and a second
+/// unmap waits (`VBLK_E_BUSY`, then `restart`). A long unmap cut off by sleep or stop
+/// completes once, aborted.
+fn a_long_unmap_goes_in_shares(kexts: Kexts) {
+    let (mut r, long) = long_unmap_rig(kexts);
+    assert_eq!(r.unmap(&long, 0x700), VBLK_OK);
+    let s = r.segments(4096, 1, None);
+    assert_eq!(r.rw(false, 0, 8, &s, 0x701), VBLK_OK);
+    let short = [VblkExtent { block: 0, count: 8 }];
+    assert_eq!(
+        r.unmap(&short, 0x702),
+        VBLK_E_BUSY,
+        "one long unmap at a time"
+    );
+    assert_eq!(r.step(), 33, "the first share (half the ring) and the read");
+    assert_eq!(r.finish(0x700), VBLK_OK);
+    assert_eq!(r.log.borrow().restarts, 1, "the second unmap may go now");
+    let mut c = r.take();
+    c.sort();
+    assert_eq!(c, vec![(0x700, VBLK_OK), (0x701, VBLK_OK)]);
+    let mut discarded: Vec<(u64, u32)> = r
+        .model
+        .records
+        .iter()
+        .filter(|x| x.req_type == proto::T_DISCARD)
+        .flat_map(|x| x.ranges.iter().map(|&(s, n, _)| (s, n)))
+        .collect();
+    discarded.sort();
+    let want: Vec<(u64, u32)> = (0..65).map(|k| (64 + 8 * k, 8)).collect();
+    assert_eq!(discarded, want, "every sector of the extent, once");
+    assert_eq!(r.unmap(&short, 0x702), VBLK_OK);
+    assert_eq!(r.finish(0x702), VBLK_OK);
+
+    // Cut off by sleep (the shim sends it again after the wake), then by stop.
+    assert_eq!(r.unmap(&long, 0x710), VBLK_OK);
+    r.step();
+    assert_eq!(r.suspend(), VBLK_OK);
+    assert_eq!(r.resume(), VBLK_OK);
+    assert_eq!(r.unmap(&long, 0x711), VBLK_OK);
+    r.step();
+    r.stop();
+    let c: Vec<(usize, i32)> = r.take().into_iter().filter(|&(t, _)| t >= 0x710).collect();
+    assert_eq!(c, vec![(0x710, VBLK_E_ABORTED), (0x711, VBLK_E_ABORTED)]);
+    let mut st = VblkStats::default();
+    // SAFETY: the live handle (stopped, not destroyed); a local out-pointer.
+    assert_eq!(unsafe { (kexts.blk.vblk_stats)(r.dev, &mut st) }, VBLK_OK);
+    assert_eq!((st.unmaps, st.in_flight), (4, 0));
+    r.unload();
+}
+
+/// The write cache is set through the device's configuration, which is not touched while
+/// the device is reset (§5.2.5.1): asleep, `VBLK_E_BUSY` (the shim asks again after the
+/// wake, when it works); failed for good (after a failed wake too, when the shim, awake,
+/// would wait for ever on a `VBLK_E_BUSY`) or stopped, `VBLK_E_DEVICE`. The device's
+/// writeback field stays as it was meanwhile.
+fn the_write_cache_is_left_alone_while_the_device_is_reset(kexts: Kexts) {
+    let r = Rig::start(kexts, full_model(), SimMode::Modern, Preference::Auto, 64);
+    let writeback = || r.sim.device_config()[32];
+    assert_eq!(writeback(), 1);
+    let set = |on| r.set_write_cache(on);
+    assert_eq!(r.suspend(), VBLK_OK);
+    assert_eq!(set(false), VBLK_E_BUSY, "asleep");
+    assert_eq!(writeback(), 1);
+    assert_eq!(r.resume(), VBLK_OK);
+    assert_eq!(set(false), VBLK_OK, "awake");
+    assert_eq!(writeback(), 0);
+    // A wake the device does not come back from.
+    let offered = r.sim.offered_features();
+    assert_eq!(r.suspend(), VBLK_OK);
+    r.sim.set_offered_features(0);
+    assert_eq!(r.resume(), VBLK_E_DEVICE);
+    assert_eq!(set(true), VBLK_E_DEVICE, "failed at the wake");
+    assert_eq!(writeback(), 0);
+    // Back at the next wake; then a fault the device cannot be brought back from.
+    assert_eq!(r.suspend(), VBLK_OK);
+    r.sim.set_offered_features(offered);
+    assert_eq!(r.resume(), VBLK_OK);
+    r.sim.set_offered_features(0);
+    r.sim.trigger_needs_reset();
+    r.fam().interrupts();
+    assert_eq!(set(true), VBLK_E_DEVICE, "failed");
+    assert_eq!(writeback(), 0);
+    r.stop();
+    assert_eq!(set(true), VBLK_E_DEVICE, "stopped");
+    assert_eq!(writeback(), 0);
+    r.unload();
+}
+
+/// A share of a long unmap completes while reads hold more than half the ring: the next
+/// share does not fit yet and waits, and goes when the reads' completions free room (no
+/// stall, nothing lost). Waiting like that when the host sleeps, the unmap completes once,
+/// aborted (the shim sends it again after the wake).
+fn a_long_unmap_waits_for_room_between_shares(kexts: Kexts) {
+    let (mut r, long) = long_unmap_rig(kexts);
+    let s = r.segments(4096, 1, None);
+    for (round, unmap) in [0x800usize, 0x900].into_iter().enumerate() {
+        assert_eq!(r.unmap(&long, unmap), VBLK_OK);
+        // The first share: 32 device requests; half complete.
+        let share = r.sim.pop_chains(0);
+        assert_eq!(share.len(), 32);
+        for c in &share[..16] {
+            r.complete_ok(c);
+        }
+        r.sim.signal_used(0);
+        r.fam().interrupts();
+        // Reads take 33 of the 48 free entries; then the rest of the share completes,
+        // leaving 31 free for a share of 32.
+        for k in 0..33 {
+            assert_eq!(r.rw(false, 0, 8, &s, unmap + 1 + k), VBLK_OK, "read {k}");
+        }
+        let published = r.published();
+        for c in &share[16..] {
+            r.complete_ok(c);
+        }
+        r.sim.signal_used(0);
+        r.fam().interrupts();
+        assert_eq!(r.published(), published, "no room for the next share yet");
+        assert!(r.take().is_empty());
+        if round == 0 {
+            // The reads complete: the next share goes, and the unmap ends.
+            assert_eq!(r.finish(unmap), VBLK_OK);
+            let c = r.take();
+            assert_eq!(c.len(), 34);
+            assert!(c.iter().all(|&(_, st)| st == VBLK_OK), "{c:?}");
+        } else {
+            assert_eq!(r.suspend(), VBLK_OK);
+            let c = r.take();
+            assert_eq!(c.len(), 34);
+            assert!(c.iter().all(|&(_, st)| st == VBLK_E_ABORTED), "{c:?}");
+            assert_eq!(r.resume(), VBLK_OK);
+        }
+    }
     r.unload();
 }

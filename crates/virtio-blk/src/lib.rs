@@ -24,7 +24,9 @@
 //!   table) nothing is queued and the caller gets `QueueFull`. Otherwise every part is
 //!   added; the caller's token lives in the first part's slot and completes once, when the
 //!   last part completes, with the first error. Submissions do not notify: callers batch
-//!   and then [`BlkDriver::kick`] once.
+//!   and then [`BlkDriver::kick`] once. A range request needing more device requests than
+//!   the queue ever holds (`TooLarge`) goes in shares through
+//!   [`BlkDriver::submit_ranges_from`], each a request of its own.
 //! - **Completion** ([`BlkDriver::poll_completions`]) pops used entries (the bus validates
 //!   ids and lengths), checks the status byte (OK, IOERR → [`BlkError::Io`], UNSUPP →
 //!   [`BlkError::Unsupported`], anything else → `DeviceProtocol`) and the written length
@@ -42,6 +44,10 @@
 //!   rest with `Aborted`; resume negotiates exactly the previous features (fewer: an
 //!   error, device FAILED), re-reads the configuration and rebuilds every queue. Each
 //!   caller token completes exactly once; the caller resubmits what was held or aborted.
+//!   While the device is reset (suspended, or stopped by `abort_all`) the driver leaves it
+//!   alone: interrupts are acknowledged but report no configuration change and no
+//!   DEVICE_NEEDS_RESET, polling completes nothing, and its configuration is neither read
+//!   nor written (§5.2.5.1) until `resume` / `restart`.
 //!
 //! Logging goes through `log`: setup facts at info, failed requests at warn, device
 //! protocol violations at error.
@@ -70,4 +76,4 @@ pub use driver::{
     BlkDriver, BlkError, BlkInterrupt, BlkOptions, Completion, DeviceId, Lifetime, Request,
     ResumeReport, SuspendReport,
 };
-pub use split::SectorRange;
+pub use split::{RangeCursor, SectorRange};

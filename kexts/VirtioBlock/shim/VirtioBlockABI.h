@@ -256,7 +256,12 @@ int32_t vblk_submit_rw(VblkDevice *d,
 int32_t vblk_flush(VblkDevice *d, void *request);
 
 /**
- * Queues a discard of `count` extents (logical blocks), at most [`VBLK_MAX_EXTENTS`].
+ * Queues a discard of `count` extents (logical blocks), at most [`VBLK_MAX_EXTENTS`], of
+ * any length. One needing more device requests than fit in half the ring (the device's
+ * `max_discard_sectors` and `max_discard_seg` cut it) goes in shares, each sent when the one
+ * before completed OK; `request` completes once, after the last share or the first that
+ * failed. Such an unmap keeps its extents until its last share is on the ring: another
+ * unmap meanwhile answers `VBLK_E_BUSY` (resubmit it on `restart`).
  *
  * # Safety
  * `d` is null or a live handle; `extents` points to `count` entries.
@@ -265,7 +270,9 @@ int32_t vblk_unmap(VblkDevice *d, const VblkExtent *extents, size_t count, void 
 
 /**
  * Turns the device's write cache on (writeback) or off (write-through); needs
- * CONFIG_WCE.
+ * CONFIG_WCE. The device's configuration is not touched while it is reset (§5.2.5.1):
+ * asleep, `VBLK_E_BUSY` (ask again after [`vblk_resume`]); stopped or failed,
+ * `VBLK_E_DEVICE`.
  *
  * # Safety
  * `d` is null or a live handle.
@@ -275,8 +282,10 @@ int32_t vblk_set_write_cache(VblkDevice *d, bool enable);
 /**
  * The interrupt entry (the family calls it through the handler [`vblk_create`]
  * registered; `vector` is the MSI-X index or -1 for INTx): demultiplexes, completes
- * finished requests through the callback, reports a capacity change, and recovers from
- * DEVICE_NEEDS_RESET or a broken queue (in-flight requests complete as aborted).
+ * finished requests through the callback, reports a capacity change, sends the next share
+ * of a long unmap, and recovers from DEVICE_NEEDS_RESET or a broken queue (in-flight
+ * requests complete as aborted). Asleep, the device is reset and an interrupt means
+ * nothing to it (the driver only acknowledges it).
  *
  * # Safety
  * `d` is null or a live handle.
@@ -308,11 +317,14 @@ int32_t vblk_suspend(VblkDevice *d);
 /**
  * Wake (power state 1): the device is initialised from scratch (same features, all
  * queues rebuilt, configuration re-read: a capacity change while asleep is reported
- * through `capacity_changed`); then the shim resubmits what it held. An error leaves the
- * device asleep and FAILED (resume may be retried). A device that failed for good is
- * brought up again from scratch; if it still cannot be, `VBLK_OK` all the same (awake,
- * still failed: what the shim resubmits fails with `VBLK_E_DEVICE` rather than staying
- * held).
+ * through `capacity_changed`); then the shim resubmits what it held. A device that failed
+ * for good (a failed recovery, or an earlier failed wake) is tried again the same way.
+ *
+ * `VBLK_E_DEVICE` when the device did not come back (it offers fewer features, refuses
+ * FEATURES_OK, reports a bad configuration, or memory ran out): it is left reset and
+ * FAILED, and the driver failed: the shim is awake all the same and resubmits what it
+ * holds, which then fails with `VBLK_E_DEVICE` rather than staying held for ever; the next
+ * wake tries the device again. `VBLK_OK` on a device that is awake already.
  *
  * # Safety
  * `d` is null or a live handle.

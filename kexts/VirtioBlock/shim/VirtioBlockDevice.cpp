@@ -17,6 +17,8 @@ OSDefineMetaClassAndStructors(org_virtiodarwin_VirtioBlockDevice, IOBlockStorage
 
 /* How long `start` waits for the device's ID (GET_ID). */
 static const UInt32 kIdTimeoutSeconds = 5;
+/* Completions between two refreshes of the IORegistry's Statistics (statsTimerFired). */
+static const UInt32 kCompletionsPerStatsRefresh = 1024;
 
 static IOReturn toIOReturn(int32_t st)
 {
@@ -48,8 +50,14 @@ bool org_virtiodarwin_VirtioBlockDevice::start(IOService *provider)
     fGate = IOCommandGate::commandGate(this);
     fRequests = (Request *)IOMalloc(sizeof(Request) * kVirtioBlockMaxRequests);
     fResizeCall = thread_call_allocate(&org_virtiodarwin_VirtioBlockDevice::resizeCallout, this);
-    if (!fWorkLoop || !fGate || !fRequests || !fResizeCall ||
+    fStatsTimer = IOTimerEventSource::timerEventSource(this, statsTimerFired);
+    if (!fWorkLoop || !fGate || !fRequests || !fResizeCall || !fStatsTimer ||
         fWorkLoop->addEventSource(fGate) != kIOReturnSuccess) {
+        super::stop(provider);
+        return false;
+    }
+    if (fWorkLoop->addEventSource(fStatsTimer) != kIOReturnSuccess) {
+        fWorkLoop->removeEventSource(fGate);
         super::stop(provider);
         return false;
     }
@@ -62,6 +70,8 @@ bool org_virtiodarwin_VirtioBlockDevice::start(IOService *provider)
         IOLog("VirtioBlock: cannot drive this device\n");
         /* The device may be live already (a failure after vblk_create): destroyed gated. */
         fGate->runAction(gatedStop);
+        fStatsTimer->cancelTimeout();
+        fWorkLoop->removeEventSource(fStatsTimer);
         fWorkLoop->removeEventSource(fGate);
         super::stop(provider);
         return false;
@@ -100,11 +110,11 @@ IOReturn org_virtiodarwin_VirtioBlockDevice::gatedSetPower(OSObject *owner, void
         if (vblk_suspend(me->fDev) != VBLK_OK)
             IOLog("VirtioBlock: the device did not quiesce cleanly before sleep\n");
     } else if (on && me->fAsleep) {
-        if (vblk_resume(me->fDev) != VBLK_OK) {
-            /* Left asleep: requests stay held until a later wake succeeds or stop fails them. */
-            IOLog("VirtioBlock: the device did not come back after wake\n");
-            return kIOReturnSuccess;
-        }
+        /* Awake whatever the answer: a device that did not come back is failed, and what is
+         * held then fails (VBLK_E_DEVICE) instead of waiting for a wake that may never come;
+         * the next wake tries the device again. */
+        if (vblk_resume(me->fDev) != VBLK_OK)
+            IOLog("VirtioBlock: the device did not come back after wake; its requests fail until a later wake brings it back\n");
         me->fAsleep = false;
         me->refreshInfo();
         cbRestart(me);
@@ -155,6 +165,9 @@ void org_virtiodarwin_VirtioBlockDevice::stop(IOService *provider)
         release();
     if (fGate) {
         fGate->runAction(gatedStop);
+        /* After gatedStop: its aborted completions may have armed it. */
+        fStatsTimer->cancelTimeout();
+        fWorkLoop->removeEventSource(fStatsTimer);
         fWorkLoop->removeEventSource(fGate);
     }
     super::stop(provider);
@@ -194,6 +207,7 @@ void org_virtiodarwin_VirtioBlockDevice::free(void)
         fRequests = NULL;
     }
     OSSafeReleaseNULL(fGate);
+    OSSafeReleaseNULL(fStatsTimer);
     if (fResizeCall) {
         thread_call_free(fResizeCall);
         fResizeCall = NULL;
@@ -413,15 +427,23 @@ IOReturn org_virtiodarwin_VirtioBlockDevice::doUnmap(IOBlockStorageDeviceExtent 
 IOReturn org_virtiodarwin_VirtioBlockDevice::gatedWriteCache(OSObject *owner, void *enable, void *out, void *, void *)
 {
     org_virtiodarwin_VirtioBlockDevice *me = (org_virtiodarwin_VirtioBlockDevice *)owner;
-    if (!me->fDev)
-        return kIOReturnNotAttached;
-    IOReturn ret = kIOReturnSuccess;
-    if (!out)
-        ret = toIOReturn(vblk_set_write_cache(me->fDev, enable != NULL));
-    me->refreshInfo();
-    if (out)
-        *(bool *)out = me->fInfo.write_cache != 0;
-    return ret;
+    for (;;) {
+        if (!me->fDev || me->fStopping)
+            return kIOReturnNotAttached;
+        if (out) {
+            me->refreshInfo();
+            *(bool *)out = me->fInfo.write_cache != 0;
+            return kIOReturnSuccess;
+        }
+        int32_t st = vblk_set_write_cache(me->fDev, enable != NULL);
+        /* Asleep (VBLK_E_BUSY) the device is reset: set it once awake (cbRestart wakes us),
+         * as gatedSync sends its commands. */
+        if (st != VBLK_E_BUSY || me->fWorkLoop->onThread()) {
+            me->refreshInfo();
+            return toIOReturn(st);
+        }
+        me->fGate->commandSleep(&me->fRoomEvent, THREAD_UNINT);
+    }
 }
 
 IOReturn org_virtiodarwin_VirtioBlockDevice::getWriteCacheState(bool *enabled)
@@ -461,8 +483,10 @@ void org_virtiodarwin_VirtioBlockDevice::cbComplete(void *ctx, void *request, in
     IOStorageCompletion c = r->completion;
     r->dma->clearMemoryDescriptor();
     me->freeRequest(r);
-    if (++me->fCompletions % 1024 == 0)
-        me->publishProperties();
+    /* Publishing allocates (dictionaries, numbers): not here on the I/O path, but from the
+     * timer; arming it allocates nothing. */
+    if (++me->fCompletions % kCompletionsPerStatsRefresh == 0)
+        me->fStatsTimer->setTimeoutMS(0);
     IOStorage::complete(&c, toIOReturn(status), bytes);
 }
 
@@ -502,6 +526,12 @@ void org_virtiodarwin_VirtioBlockDevice::resizeCallout(thread_call_param_t self,
     if (!me->isInactive())
         me->messageClients(kIOMessageMediaParametersHaveChanged);
     me->release();
+}
+
+/* On the work loop's gate (a timer event source of its), apart from any completion. */
+void org_virtiodarwin_VirtioBlockDevice::statsTimerFired(OSObject *owner, IOTimerEventSource *)
+{
+    ((org_virtiodarwin_VirtioBlockDevice *)owner)->publishProperties();
 }
 
 /* ---- what IOBlockStorageDriver asks ---- */

@@ -15,6 +15,7 @@
 
 #include <IOKit/IOCommandGate.h>
 #include <IOKit/IODMACommand.h>
+#include <IOKit/IOTimerEventSource.h>
 #include <IOKit/storage/IOBlockStorageDevice.h>
 #include <kern/thread_call.h>
 
@@ -81,6 +82,8 @@ private:
     IOWorkLoop *fWorkLoop;
     /* Delivers kIOMessageMediaParametersHaveChanged off the work loop (see cbCapacityChanged). */
     thread_call_t fResizeCall;
+    /* Refreshes the IORegistry's Statistics off the completion path (see cbComplete). */
+    IOTimerEventSource *fStatsTimer;
     IOCommandGate *fGate;
     VblkDevice *fDev;
     VblkCallbacks fCallbacks;
@@ -111,6 +114,7 @@ private:
     IOReturn waitFor(Request *r, UInt32 seconds);
 
     static void resizeCallout(thread_call_param_t self, thread_call_param_t);
+    static void statsTimerFired(OSObject *owner, IOTimerEventSource *sender);
     static IOReturn gatedStart(OSObject *owner, void *, void *, void *, void *);
     static IOReturn gatedSetPower(OSObject *owner, void *ordinal, void *, void *, void *);
     static IOReturn gatedStop(OSObject *owner, void *, void *, void *, void *);

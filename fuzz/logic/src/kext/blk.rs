@@ -62,7 +62,7 @@ struct Shim {
     stopping: bool,
     /// `vblk_stop` returned: no callback may come any more.
     stopped: bool,
-    /// Between `vblk_suspend` and a successful `vblk_resume`.
+    /// Between `vblk_suspend` and `vblk_resume`.
     asleep: bool,
     /// A `VBLK_E_BUSY` came since the last `restart`.
     busy_seen: bool,
@@ -342,10 +342,15 @@ pub(super) fn run(input: &mut Input) {
                     }
                 } else {
                     // SAFETY: the live handle.
-                    if unsafe { vblk_resume(dev) } == VBLK_OK {
-                        shim.borrow_mut().asleep = false;
-                        resubmit_held(&shim);
-                    }
+                    let status = unsafe { vblk_resume(dev) };
+                    assert!(
+                        matches!(status, VBLK_OK | VBLK_E_DEVICE),
+                        "vblk_resume returned {status}"
+                    );
+                    // Awake whatever the answer (`gatedSetPower`): what is held goes again,
+                    // and fails if the device did not come back.
+                    shim.borrow_mut().asleep = false;
+                    resubmit_held(&shim);
                 }
             }
             _ => {
