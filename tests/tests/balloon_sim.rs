@@ -169,8 +169,9 @@ impl PagePool for TestPool {
             return;
         }
         s.returns.push((r, purpose, how));
-        // Reported ranges are not offered again (the platform marks them).
-        if how != RangeReturn::Reported {
+        // Reported ranges are not offered again (the platform marks them), nor leaked ones
+        // (the device may still write them).
+        if how != RangeReturn::Reported && how != RangeReturn::Leaked {
             s.free_ranges.insert((r.addr, r.len));
         }
     }
@@ -740,6 +741,135 @@ fn queue_numbering_on_the_device() {
         }
         r.finish();
     }
+}
+
+/// A device offering FREE_PAGE_HINT and PAGE_REPORTING (QEMU `free-page-hint=on,
+/// free-page-reporting=on`) has its reporting queue at 4 whatever the driver accepts: with
+/// hinting declined, queue 3 stays unused and the reports reach queue 4.
+#[test]
+fn declined_hinting_keeps_the_reporting_queue_at_four() {
+    for (mode, pref) in MODES {
+        let features = QEMU | bits::FREE_PAGE_HINT | bits::PAGE_REPORTING;
+        let pool = TestPool::new(4096, 1024).with_ranges(40, 0x20_0000);
+        let opts = BalloonOptions {
+            free_page_hint: false,
+            ..BalloonOptions::default()
+        };
+        let r = rig_with(mode, pref, features, pool, opts, false);
+        let what = r.what.clone();
+        assert_eq!(
+            r.model.layout().reporting,
+            Some(4),
+            "{what}: the device's numbering"
+        );
+        let l = r.drv.layout();
+        assert_eq!(
+            (l.stats, l.free_page, l.reporting),
+            (Some(2), None, Some(4)),
+            "{what}"
+        );
+        assert_eq!(r.sim.driver_features() & bits::FREE_PAGE_HINT, 0, "{what}");
+        for q in [0, 1, 2, 4] {
+            assert!(
+                r.sim.queue_info(q).unwrap().ready,
+                "{what}: queue {q} set up"
+            );
+        }
+        assert!(
+            !r.sim.queue_info(3).unwrap().ready,
+            "{what}: queue 3 set up"
+        );
+        // Reporting began after DRIVER_OK: 32 + 8 ranges, on the reporting queue.
+        let sizes: Vec<usize> = r.model.reports.iter().map(Vec::len).collect();
+        assert_eq!(sizes, vec![32, 8], "{what}");
+        assert_eq!(r.model.stale_hints, 0, "{what}: reports on the hint queue");
+        assert!(
+            r.pool
+                .st()
+                .returns
+                .iter()
+                .all(|(_, u, how)| *u == RangeUse::Report && *how == RangeReturn::Reported),
+            "{what}"
+        );
+        r.check_consistent();
+        r.finish();
+    }
+}
+
+/// A device that will not reset and whose bus mastering cannot be switched off while it
+/// holds a report: the report's ranges are device-writable buffers it may still write, so
+/// they come back `Leaked` (never reused), not `Reset`. The balloon's pages, which the
+/// device never writes, go back as before.
+#[test]
+fn ranges_a_device_may_still_write_are_leaked_after_a_failed_reset() {
+    let features = QEMU | bits::PAGE_REPORTING;
+    let pool = TestPool::new(4096, 1024);
+    let mut r = rig_with(
+        SimMode::Modern,
+        Preference::Auto,
+        features,
+        pool,
+        BalloonOptions::default(),
+        false,
+    );
+    r.set_target(100);
+    r.model.hold_reports = true;
+    r.pool
+        .0
+        .borrow_mut()
+        .free_ranges
+        .insert((0x90_0000_0000, 0x4000));
+    assert_eq!(r.drv.report_free_pages().unwrap(), 1);
+    r.run();
+    assert_eq!(r.model.held_report_heads().len(), 1);
+    r.sim.stick_bus_master(true);
+    r.sim.refuse_reset(true);
+    r.drv.shutdown();
+    let st = r.pool.st();
+    assert!(st.lent.is_empty(), "the balloon's pages went back");
+    assert_eq!(
+        st.returns
+            .last()
+            .map(|(range, u, how)| (range.addr, *u, *how)),
+        Some((0x90_0000_0000, RangeUse::Report, RangeReturn::Leaked))
+    );
+    assert!(
+        !st.free_ranges.contains(&(0x90_0000_0000, 0x4000)),
+        "a leaked range offered again"
+    );
+    drop(st);
+    assert_eq!(r.drv.counters().ranges_leaked, 1);
+    // The reset takes effect at last: nothing more is leaked, and the driver comes back.
+    r.sim.refuse_reset(false);
+    r.sim.stick_bus_master(false);
+    r.drv.restart().unwrap();
+    assert_eq!(r.drv.counters().ranges_leaked, 1);
+    r.run();
+    r.finish();
+}
+
+/// `deflate_all` empties the balloon until the next reset only: after `shutdown` and
+/// `restart` (sleep and wake) the driver follows the host's target again.
+#[test]
+fn a_restart_after_deflate_all_follows_the_target_again() {
+    let mut r = rig(SimMode::Modern, Preference::Auto, QEMU);
+    r.set_target(500);
+    r.drv.deflate_all().unwrap();
+    r.run();
+    assert!(r.drv.is_empty());
+    assert_eq!(r.actual(), 0);
+    r.drv.shutdown();
+    r.drv.restart().unwrap();
+    r.run();
+    assert_eq!(r.actual(), 500, "inflated to the target again");
+    r.check_consistent();
+    // After a fault's restart too.
+    r.drv.deflate_all().unwrap();
+    r.run();
+    r.drv.restart().unwrap();
+    r.run();
+    assert_eq!(r.actual(), 500);
+    r.finish();
 }
 
 #[test]

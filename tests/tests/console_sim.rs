@@ -565,6 +565,42 @@ fn hostile_used_lengths_and_tokens() {
     }
 }
 
+/// A control receive completion longer than the 256-byte buffer breaks the control queue:
+/// the error is kept (`control_error`), the iterators yield what was already queued and
+/// then nothing, and nothing is processed again (no log per call) until a new driver.
+#[test]
+fn a_broken_control_queue_is_reported_not_swallowed() {
+    for (mode, pref) in MODES {
+        let (mut m, mut c) = multiport_rig(mode, pref);
+        assert_eq!(c.control_error(), None);
+        m.resize(0, 3, 4).unwrap();
+        m.send_raw(&cm::control_bytes(1, cm::PORT_OPEN, 1, &[]), Some(300))
+            .unwrap();
+        // The resize queued before the broken completion still comes out.
+        assert_eq!(
+            events(&mut c),
+            vec![ConsoleEvent::Resize {
+                id: 0,
+                cols: 3,
+                rows: 4
+            }]
+        );
+        assert!(
+            matches!(c.control_error(), Some(ConsoleError::Core(_))),
+            "{mode:?}: {:?}",
+            c.control_error()
+        );
+        // Later messages go unheard, by both iterators; the error stays.
+        m.add_port(3).unwrap();
+        assert_eq!(events(&mut c), vec![]);
+        assert_eq!(c.next_event(), None);
+        assert!(c.control_error().is_some());
+        // The data queues still work.
+        assert_eq!(c.write(0, b"ok"), Ok(2));
+        assert_eq!(m.take_tx(0), b"ok");
+    }
+}
+
 #[test]
 fn hostile_config_values_degrade_gracefully() {
     for (mode, pref) in MODES {

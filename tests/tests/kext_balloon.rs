@@ -19,13 +19,14 @@ use std::ffi::{c_char, c_void};
 use kext_support::{Family, FamilyKext, c_abi, kext_tests};
 use virtio_balloon::wire::tag;
 use virtio_balloon_kext::*;
+use virtio_kext_abi::VK_E_RESET_TIMEOUT;
 use virtio_pci::Preference;
 use virtio_tests::balloon_model::{BalloonModel, bits};
 use virtio_tests::balloon_shim::{
     ChunkMemory, FILE_BACKED, FREE, MEMSIZE, PRESSURE, kernel_sysctls,
 };
 use virtio_tests::capped_alloc::{CappedAllocator, largest_allocation};
-use virtio_tests::sim::{MODES, Sim, SimMode};
+use virtio_tests::sim::{MODES, Sim, SimEvent, SimMode};
 
 const RING: u64 = bits::INDIRECT_DESC | bits::EVENT_IDX;
 /// QEMU's default offer plus MUST_TELL_HOST and DEFLATE_ON_OOM.
@@ -46,6 +47,7 @@ c_abi! {
         fn vbal_pressure_check(*mut VbalDevice, u64, *mut VbalPressure) -> i32;
         fn vbal_report_check(*mut VbalDevice, u64, *mut VbalReport) -> i32;
         fn vbal_info(*mut VbalDevice, *mut VbalInfo) -> i32;
+        fn vbal_drain(*mut VbalDevice, u64) -> i32;
         fn vbal_suspend(*mut VbalDevice) -> i32;
         fn vbal_resume(*mut VbalDevice) -> i32;
         fn vbal_stop(*mut VbalDevice);
@@ -92,6 +94,9 @@ kext_tests!(Kexts:
     oom_hook_deflates_and_holds,
     needs_reset_recovers_and_reinflates,
     lifecycle_across_sleep_and_wake,
+    stop_tells_the_host_of_every_page_before_the_reset,
+    sleep_tells_the_host_of_every_page_before_the_reset,
+    a_device_that_does_not_acknowledge_delays_stop_and_sleep_boundedly,
     null_arguments_are_refused,
     a_reporting_round_reports_wired_frames_and_frees_them_after_the_device,
     contiguous_pages_are_reported_as_one_range,
@@ -101,6 +106,8 @@ kext_tests!(Kexts:
     sleep_stop_or_reset_mid_report_frees_every_chunk,
     a_hostile_reporting_device_never_leaks_or_double_frees,
     reporting_is_off_unless_offered,
+    reporting_skips_the_queue_of_declined_hinting,
+    a_device_that_will_not_reset_keeps_its_report_wired,
     the_bound_is_at_most_the_guests_memory,
     tables_the_kernel_cannot_give_fail_create_cleanly,
     legacy_devices_may_write_any_used_length_on_the_page_queues,
@@ -214,6 +221,17 @@ struct Rig {
     what: String,
     /// The largest allocation `vbal_create` asked for.
     create_largest: usize,
+    /// The shim's clock (ms) for `vbal_drain`.
+    clock: u64,
+}
+
+/// What the shim's `drain()` saw.
+#[derive(Debug)]
+struct Drained {
+    /// `vbal_drain`'s last status (not VBAL_E_BUSY).
+    status: i32,
+    /// Milliseconds it took on the shim's clock.
+    ms: u64,
 }
 
 impl Rig {
@@ -319,6 +337,7 @@ impl Rig {
             dev,
             what,
             create_largest,
+            clock: 1_000_000,
         };
         r.run();
         r
@@ -432,14 +451,102 @@ impl Rig {
         );
     }
 
-    /// `stop` then `free`, then the family stops: every chunk and DMA region must be back
-    /// (and, for loaded kexts, every kernel allocation).
-    fn unload(mut self) {
+    /// The shim's `drain()` before sleep and stop: `vbal_drain` until it stops saying
+    /// VBAL_E_BUSY; between two calls the gate is open (`commandSleep` for at most
+    /// VBAL_DRAIN_POLL_MS): the device serves, the family delivers its interrupts, and
+    /// `during` plays whatever else happens then (given the ms since the drain began).
+    fn drain_with(&mut self, mut during: impl FnMut(&mut Rig, u64)) -> Drained {
+        let start = self.clock;
+        // The kext bounds the drain by time; the rig bounds its calls a little beyond that.
+        let most = u64::from(VBAL_DRAIN_MS / VBAL_DRAIN_POLL_MS) + 10;
+        for _ in 0..most {
+            // SAFETY: live handle.
+            let status = unsafe { (self.kexts.bal.vbal_drain)(self.dev, self.clock) };
+            if status != VBAL_E_BUSY {
+                return Drained {
+                    status,
+                    ms: self.clock - start,
+                };
+            }
+            self.run();
+            during(self, self.clock - start);
+            self.clock += u64::from(VBAL_DRAIN_POLL_MS);
+        }
+        panic!("{}: vbal_drain still busy after {most} calls", self.what);
+    }
+
+    fn drain(&mut self) -> Drained {
+        self.drain_with(|_, _| {})
+    }
+
+    /// `setPowerState(0)` as the shim has it: drain, then `vbal_suspend`.
+    fn sleep(&mut self) -> Drained {
+        let d = self.drain();
+        // SAFETY: live handle.
+        assert_eq!(unsafe { (self.kexts.bal.vbal_suspend)(self.dev) }, VBAL_OK);
+        d
+    }
+
+    /// Clears the sim's event log: [`Rig::actual_at_reset`] looks at what follows.
+    fn mark(&self) -> u32 {
+        self.sim.clear_events();
+        self.actual()
+    }
+
+    /// `actual` as the device had it at the first reset after [`Rig::mark`] (which
+    /// returned what it was then): the last 32-bit write of it before that reset. The sim
+    /// keeps the device configuration across a reset, as QEMU's
+    /// `virtio_balloon_device_reset` keeps `actual`.
+    fn actual_at_reset(&self, at_mark: u32) -> Option<u32> {
+        let mut actual = at_mark;
+        for e in self.sim.events() {
+            match e {
+                SimEvent::DeviceConfigWrite {
+                    offset: 4,
+                    value,
+                    width: 4,
+                } => actual = value,
+                SimEvent::Reset => return Some(actual),
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// The shim's `gatedStop`: drain, `vbal_stop`, then `free` (`vbal_destroy`).
+    fn stop(&mut self) -> Drained {
+        let d = self.drain();
         // SAFETY: live handle, not used after destroy.
         unsafe {
             (self.kexts.bal.vbal_stop)(self.dev);
             (self.kexts.bal.vbal_destroy)(self.dev);
         }
+        d
+    }
+
+    /// [`Rig::unload`], checking that the stop's reset is the first since `resets` and that
+    /// `actual` read as it does now then (see [`Rig::actual_at_reset`]).
+    fn unload_checked(mut self, resets: u64, at_mark: u32) {
+        let actual = self.actual();
+        self.stop();
+        assert_eq!(
+            self.sim.resets(),
+            resets + 1,
+            "{}: the stop's reset",
+            self.what
+        );
+        assert_eq!(self.actual_at_reset(at_mark), Some(actual), "{}", self.what);
+        self.finish_unload();
+    }
+
+    /// `stop` then `free`, then the family stops: every chunk and DMA region must be back
+    /// (and, for loaded kexts, every kernel allocation).
+    fn unload(mut self) {
+        self.stop();
+        self.finish_unload();
+    }
+
+    fn finish_unload(mut self) {
         assert_eq!(
             self.sim.status(),
             0,
@@ -672,9 +779,9 @@ fn lifecycle_across_sleep_and_wake(kexts: Kexts) {
         r.check_consistent();
         let resets = r.sim.resets();
 
-        // setPowerState(0): reset, every page back to the kernel.
-        // SAFETY: live handle.
-        assert_eq!(unsafe { (kexts.bal.vbal_suspend)(r.dev) }, VBAL_OK);
+        // setPowerState(0): the balloon emptied through the deflate queue, then a reset;
+        // every page back to the kernel.
+        assert_eq!(r.sleep().status, VBAL_OK, "{}", r.what);
         assert_eq!(r.sim.resets(), resets + 1, "{}: reset for sleep", r.what);
         assert_eq!(r.sim.status(), 0);
         assert!(
@@ -704,6 +811,173 @@ fn lifecycle_across_sleep_and_wake(kexts: Kexts) {
         assert_eq!(r.info().suspends, 1);
         r.unload();
     }
+}
+
+/// The frames the device was told to deflate since `from` (an index into its deflates).
+fn deflated_since(r: &Rig, from: usize) -> Vec<u32> {
+    r.model.deflates[from..].iter().flatten().copied().collect()
+}
+
+/// Unload (`gatedStop`): before the reset the balloon goes back through the deflate queue,
+/// every frame the device holds named once, and `actual` reads 0 when the device is reset
+/// (§5.5.6.1; QEMU's reset leaves `actual` as it was).
+fn stop_tells_the_host_of_every_page_before_the_reset(kexts: Kexts) {
+    for (mode, pref) in MODES {
+        for features in [QEMU, QEMU & !bits::MUST_TELL_HOST] {
+            let mut r = Rig::start(kexts, mode, pref, features, true);
+            r.set_target(300);
+            assert_eq!(r.actual(), 300, "{}", r.what);
+            let held = r.model.ballooned.clone();
+            let deflates = r.model.deflates.len();
+            let at_mark = r.mark();
+            let d = r.drain();
+            assert_eq!(d.status, VBAL_OK, "{}: {d:?}", r.what);
+            assert!(
+                r.model.ballooned.is_empty(),
+                "{}: the host still holds frames",
+                r.what
+            );
+            let told = deflated_since(&r, deflates);
+            assert_eq!(told.len(), 300, "{}", r.what);
+            assert_eq!(
+                told.iter().copied().collect::<BTreeSet<u32>>(),
+                held,
+                "{}: exactly the balloon's frames",
+                r.what
+            );
+            assert_eq!(r.actual(), 0, "{}", r.what);
+            assert!(r.mem.borrow().live.is_empty(), "{}", r.what);
+            r.check_consistent();
+            let resets = r.sim.resets();
+            r.unload_checked(resets, at_mark);
+        }
+    }
+}
+
+/// Sleep likewise: the balloon is emptied through the deflate queue, `actual` reads 0 at
+/// the reset, and the wake inflates to the host's target again.
+fn sleep_tells_the_host_of_every_page_before_the_reset(kexts: Kexts) {
+    for (mode, pref) in MODES {
+        let mut r = Rig::start(kexts, mode, pref, QEMU, true);
+        r.set_target(300);
+        let deflates = r.model.deflates.len();
+        let resets = r.sim.resets();
+        let at_mark = r.mark();
+        let d = r.sleep();
+        assert_eq!(d.status, VBAL_OK, "{}: {d:?}", r.what);
+        assert_eq!(deflated_since(&r, deflates).len(), 300, "{}", r.what);
+        assert_eq!(r.sim.resets(), resets + 1, "{}", r.what);
+        assert_eq!(r.actual_at_reset(at_mark), Some(0), "{}", r.what);
+        assert!(r.mem.borrow().live.is_empty(), "{}", r.what);
+        // SAFETY: live handle.
+        assert_eq!(unsafe { (kexts.bal.vbal_resume)(r.dev) }, VBAL_OK);
+        r.run();
+        assert_eq!(r.actual(), 300, "{}: inflated again after the wake", r.what);
+        r.check_consistent();
+        // A second sleep and wake in a row work the same.
+        assert_eq!(r.sleep().status, VBAL_OK, "{}", r.what);
+        // SAFETY: live handle.
+        assert_eq!(unsafe { (kexts.bal.vbal_resume)(r.dev) }, VBAL_OK);
+        r.run();
+        assert_eq!(r.actual(), 300, "{}", r.what);
+        r.unload();
+    }
+}
+
+/// A device that never acknowledges the deflates: stop and sleep give up after
+/// VBAL_DRAIN_STALL_MS and reset it anyway; until the reset, with MUST_TELL_HOST, no chunk
+/// with a frame in the unacknowledged deflate goes back to the kernel; after it, every
+/// chunk does. A device that acknowledges slowly is waited for VBAL_DRAIN_MS at most. A
+/// device that breaks mid-drain ends it at once, without a recovery (which would inflate).
+fn a_device_that_does_not_acknowledge_delays_stop_and_sleep_boundedly(kexts: Kexts) {
+    let stall = u64::from(VBAL_DRAIN_STALL_MS);
+    let poll = u64::from(VBAL_DRAIN_POLL_MS);
+    for sleep in [false, true] {
+        let mut r = Rig::start(kexts, SimMode::Modern, Preference::Auto, QEMU, true);
+        r.set_target(300);
+        r.model.hold_deflates = true;
+        let frees = r.mem.borrow().frees;
+        let resets = r.sim.resets();
+        let at_mark = r.mark();
+        let d = r.drain();
+        assert_eq!(d.status, VBAL_E_TIMEOUT, "sleep {sleep}: {d:?}");
+        assert!((stall..=stall + poll).contains(&d.ms), "{d:?}");
+        // The deflate went out; its frames are still the device's, their chunks wired.
+        assert!(r.model.held_deflates() > 0);
+        assert_eq!(
+            r.mem.borrow().frees,
+            frees,
+            "a chunk freed before the host's answer"
+        );
+        assert_eq!(r.sim.resets(), resets, "no reset before the drain ends");
+        // Asked again, the drain says the same (the shim's loop may call once more).
+        // SAFETY: live handle.
+        let again = unsafe { (kexts.bal.vbal_drain)(r.dev, r.clock) };
+        assert_eq!(again, VBAL_E_TIMEOUT);
+        if sleep {
+            // SAFETY: live handle.
+            assert_eq!(unsafe { (kexts.bal.vbal_suspend)(r.dev) }, VBAL_OK);
+            assert!(r.mem.borrow().live.is_empty(), "chunks kept asleep");
+            // The host still counted the pages at the reset (logged by the kext).
+            assert_eq!(r.actual_at_reset(at_mark), Some(300));
+            r.model.hold_deflates = false;
+            // SAFETY: live handle.
+            assert_eq!(unsafe { (kexts.bal.vbal_resume)(r.dev) }, VBAL_OK);
+            r.run();
+            assert_eq!(r.actual(), 300, "inflated again after the wake");
+            r.check_consistent();
+            r.unload();
+        } else {
+            r.unload_checked(resets, at_mark);
+        }
+    }
+
+    // Slow but steady: one deflate acknowledged every 900 ms. Never stalled, but bounded.
+    let mut r = Rig::start_with(
+        kexts,
+        SimMode::Modern,
+        Preference::Auto,
+        QEMU,
+        true,
+        4096,
+        16384,
+        0,
+    );
+    r.set_target(16000);
+    r.model.hold_deflates = true;
+    let d = r.drain_with(|r, ms| {
+        if ms % 900 < u64::from(VBAL_DRAIN_POLL_MS) {
+            r.model.release_deflates(&r.sim);
+            r.run();
+        }
+    });
+    assert_eq!(d.status, VBAL_E_TIMEOUT, "{d:?}");
+    let most = u64::from(VBAL_DRAIN_MS);
+    assert!((most..=most + poll).contains(&d.ms), "{d:?}");
+    assert!(r.actual() < 16000, "acknowledged deflates were counted");
+    r.model.hold_deflates = false;
+    r.unload();
+
+    // DEVICE_NEEDS_RESET mid-drain: over at once, no recovery, then the reset of stop.
+    let mut r = Rig::start(kexts, SimMode::Modern, Preference::Auto, QEMU, true);
+    r.set_target(1000);
+    r.model.hold_deflates = true;
+    let d = r.drain_with(|r, ms| {
+        if ms == 0 {
+            r.sim.trigger_needs_reset();
+            r.run();
+        }
+    });
+    assert_eq!(d.status, VBAL_E_DEVICE, "{d:?}");
+    assert!(d.ms <= poll, "{d:?}");
+    assert_eq!(
+        r.info().recoveries,
+        0,
+        "recovered (and inflated) while emptying"
+    );
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (kexts.bal.vbal_poll)(r.dev) }, VBAL_E_STOPPED);
+    r.unload();
 }
 
 fn null_arguments_are_refused(kexts: Kexts) {
@@ -1196,8 +1470,7 @@ fn normal_or_unreadable_pressure_does_nothing(kexts: Kexts) {
     assert_eq!(after.pressure_deflates, 0);
     assert!(after.sysctl_failures >= 2);
     // Asleep: no check.
-    // SAFETY: live handle.
-    assert_eq!(unsafe { (kexts.bal.vbal_suspend)(r.dev) }, VBAL_OK);
+    assert_eq!(r.sleep().status, VBAL_OK);
     r.set_sysctl(PRESSURE, &VBAL_PRESSURE_CRITICAL.to_ne_bytes());
     assert_eq!(r.pressure(t + 30_000).0, VBAL_E_STOPPED);
     r.unload();
@@ -1593,8 +1866,7 @@ fn sleep_stop_or_reset_mid_report_frees_every_chunk(kexts: Kexts) {
         assert!(r.live_chunks() > balloon_chunks);
 
         // Sleep: reset, the balloon and the reporting chunks all back.
-        // SAFETY: live handle.
-        assert_eq!(unsafe { (kexts.bal.vbal_suspend)(r.dev) }, VBAL_OK);
+        assert_eq!(r.sleep().status, VBAL_OK, "{}", r.what);
         assert_eq!(r.live_chunks(), 0, "{}: kept asleep", r.what);
         assert!(r.mem.borrow().errors.is_empty());
         assert_eq!(r.info().report_pages, 0);
@@ -1717,6 +1989,109 @@ fn reporting_is_off_unless_offered(kexts: Kexts) {
     assert_eq!(r.mem.borrow().allocs, 0);
     assert_eq!(r.pressure(10_000).0, VBAL_OK);
     r.unload();
+}
+
+/// QEMU with `free-page-hint=on,free-page-reporting=on` has queues 0 to 4 (numbered over
+/// what it offers); the kext declines hinting, so queue 3 (QEMU's free page queue) stays
+/// unused and reports go to queue 4.
+fn reporting_skips_the_queue_of_declined_hinting(kexts: Kexts) {
+    for (mode, pref) in MODES {
+        let mut r = Rig::start_kernel(
+            kexts,
+            mode,
+            pref,
+            REPORTING | bits::FREE_PAGE_HINT,
+            false,
+            4096,
+            8192,
+            0,
+            roomy_kernel(4096),
+        );
+        let what = r.what.clone();
+        assert_eq!(r.sim.driver_features() & bits::FREE_PAGE_HINT, 0, "{what}");
+        assert_eq!(r.reporting_q(), 4, "{what}");
+        assert!(
+            r.sim.queue_info(3).is_none_or(|i| !i.ready),
+            "{what}: the free page queue was set up"
+        );
+        r.set_target(64);
+        let (s, rep) = r.report(10_000);
+        assert_eq!((s, rep.outcome), (VBAL_OK, VBAL_REPORT_SENT), "{what}");
+        r.run();
+        assert_eq!(r.reported_frames().len(), ROUND_FRAMES, "{what}");
+        assert_eq!(r.model.stale_hints, 0, "{what}: reports on the hint queue");
+        assert!(r.model.hints.is_empty(), "{what}");
+        let i = r.info();
+        assert_eq!(
+            i.bytes_reported,
+            u64::from(VBAL_REPORT_ROUND_MIB) * MIB,
+            "{what}"
+        );
+        assert_eq!(
+            i.report_pages, 0,
+            "{what}: every chunk back after the device"
+        );
+        assert_eq!(i.recoveries, 0, "{what}");
+        r.check_consistent();
+        r.unload();
+    }
+}
+
+/// A device that will not reset and whose bus mastering cannot be switched off, holding a
+/// report: the reset of stop fails, and the chunk of the report stays wired (the device may
+/// still write it), while the balloon's chunks and the other reporting chunks go back.
+/// Sleep likewise, with the chunk counted in `report_chunks_leaked`.
+fn a_device_that_will_not_reset_keeps_its_report_wired(kexts: Kexts) {
+    for sleep in [false, true] {
+        let mut r = reporting_rig(kexts, SimMode::Modern, Preference::Auto, 4096);
+        r.set_target(64);
+        r.model.hold_reports = true;
+        let before = r.cookie();
+        assert_eq!(r.report(10_000).1.outcome, VBAL_REPORT_SENT);
+        r.run();
+        let held: BTreeSet<u32> = r.reported_frames().into_iter().collect();
+        assert!(!held.is_empty());
+        // The chunks holding the report's frames (the round's are all after `before`).
+        let holding: BTreeSet<usize> = {
+            let m = r.mem.borrow();
+            m.ever
+                .range(before + 1..)
+                .filter(|(_, pages)| m.frames_of(pages).iter().any(|f| held.contains(f)))
+                .map(|(c, _)| *c)
+                .collect()
+        };
+        assert!(!holding.is_empty());
+        r.sim.stick_bus_master(true);
+        r.sim.refuse_reset(true);
+        if sleep {
+            assert_eq!(r.sleep().status, VBAL_OK);
+            assert_eq!(r.info().report_chunks_leaked, holding.len() as u64);
+        } else {
+            r.stop();
+        }
+        let m = r.mem.borrow();
+        assert!(m.errors.is_empty(), "sleep {sleep}: {:?}", m.errors);
+        let live: BTreeSet<usize> = m.live.keys().copied().collect();
+        assert_eq!(
+            live, holding,
+            "sleep {sleep}: only the report's chunks stay wired"
+        );
+        drop(m);
+        if sleep {
+            // SAFETY: live handle, not used after destroy.
+            unsafe {
+                (kexts.bal.vbal_stop)(r.dev);
+                (kexts.bal.vbal_destroy)(r.dev);
+            }
+            let live: BTreeSet<usize> = r.mem.borrow().live.keys().copied().collect();
+            assert_eq!(live, holding, "still wired after stop");
+        }
+        // The family keeps every DMA buffer of a device that may still use it.
+        let stopped = r.fam.take().unwrap().stop_keeping();
+        assert_eq!(stopped.status.code, VK_E_RESET_TIMEOUT);
+        assert_eq!(stopped.freed_while_live, 0);
+        assert!(stopped.kept > 0);
+    }
 }
 
 /// The bound (the shim's `max_pages`: `virtiodarwin_balloon_max_mib`, clamped to 32 bits)

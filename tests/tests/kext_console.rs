@@ -110,10 +110,12 @@ kext_tests!(Kexts:
     hot_plug_withdraws_and_publishes_with_fresh_keys,
     open_and_close_reach_the_host_and_carrier_follows_it,
     flow_control_is_the_rings_backpressure,
+    blocking_transfers_wait_only_while_the_state_says_so,
     line_settings_round_trip_and_queues_report_levels,
     resize_reaches_the_shim,
     sleep_and_wake_keep_ports_and_sessions,
     needs_reset_recovers_with_the_same_ports,
+    a_broken_control_queue_recovers_and_hears_the_device_again,
     hostile_control_messages_change_nothing,
     null_arguments_and_stale_keys_are_refused,
     remove_add_remove_in_one_batch_withdraws_the_delivered_nub,
@@ -235,9 +237,22 @@ impl Rig {
         features: u64,
         ports: &[PortSpec],
     ) -> Rig {
+        Rig::start_ring(kexts, mode, pref, msix, features, ports, RING)
+    }
+
+    /// As `start`, with the ring feature bits `ring` offered instead of [`RING`].
+    fn start_ring(
+        kexts: Kexts,
+        mode: SimMode,
+        pref: Preference,
+        msix: Option<u16>,
+        features: u64,
+        ports: &[PortSpec],
+        ring: u64,
+    ) -> Rig {
         let nports = 8;
         let mut b = SimBuilder::new(mode, 3)
-            .features(features | RING | if mode == SimMode::Legacy { 0 } else { V1 })
+            .features(features | ring | if mode == SimMode::Legacy { 0 } else { V1 })
             .queues(&cm::queue_sizes(nports, 64))
             .device_config(&cm::config_bytes(80, 25, nports))
             .memory_len(16 << 20);
@@ -754,6 +769,85 @@ fn flow_control_is_the_rings_backpressure(kexts: Kexts) {
     r.unload();
 }
 
+/// A device that answers as soon as it is notified: completions arrive while
+/// `vcon_port_enqueue_data` / `vcon_port_dequeue_data` run, and their `refresh` collects
+/// them, changing the state word while nobody sleeps. A blocking caller told to wait then
+/// would sleep until the next change of the word, which the next interrupt (finding
+/// nothing new) does not bring. So VCON_WAIT comes only while the word says TXQ_FULL (write)
+/// or RXQ_EMPTY (read); otherwise the call goes on.
+fn blocking_transfers_wait_only_while_the_state_says_so(kexts: Kexts) {
+    use std::sync::{Arc, Mutex};
+    // Without EVENT_IDX every buffer is kicked (the model does not move avail_event), so
+    // the device sees each one at once.
+    let mut r = Rig::start_ring(
+        kexts,
+        SimMode::Modern,
+        Preference::Modern,
+        Some(4),
+        QEMU,
+        &[(0, None, true, true)],
+        1 << 28,
+    );
+    let key = r.open(0);
+    let (tx, rx) = (cm::tx_queue(0), cm::rx_queue(0));
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    // Receive buffers the device fills (1 KiB each) as soon as they are posted again.
+    let refills = Arc::new(Mutex::new(0usize));
+    let (sent_by_hook, refills_by_hook) = (Arc::clone(&sent), Arc::clone(&refills));
+    let chunk: Vec<u8> = (0..1024u32).map(|i| (i % 239) as u8).collect();
+    let fill = chunk.clone();
+    r.m.sim.on_notify(Some(Arc::new(move |sim, queue| {
+        if queue == tx {
+            sim.serve(tx, |c| {
+                sent_by_hook.lock().unwrap().extend(sim.read_chain(c));
+                0
+            });
+        } else if queue == rx {
+            let mut left = refills_by_hook.lock().unwrap();
+            for c in sim.pop_chains(rx) {
+                if *left == 0 {
+                    break;
+                }
+                *left -= 1;
+                let n = sim.write_chain(&c, &fill);
+                sim.complete(rx, c.head, n);
+            }
+            sim.signal_used(rx);
+        }
+    })));
+
+    // A 10 KiB write: 8 KiB fit the slots, the device takes them at the kick, and the rest
+    // goes in the same call.
+    let big: Vec<u8> = (0..10 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let (st, n) = r.write(key, &big);
+    assert!(
+        st != VCON_WAIT || r.state(key) & pd::S_TXQ_FULL != 0,
+        "told to wait with room in the ring ({n} of {} written)",
+        big.len()
+    );
+    assert_eq!((st, n), (VCON_OK, big.len() as u32));
+    assert_eq!(*sent.lock().unwrap(), big);
+    r.pump();
+
+    // A read of at least 2 KiB with 1 KiB there: the buffer it frees is posted again and
+    // filled at once; that data is read in the same call.
+    r.m.inject_rx(0, &chunk).unwrap();
+    r.pump();
+    *refills.lock().unwrap() = 4;
+    let (st, got) = r.read(key, 4096, 2048);
+    assert!(
+        st != VCON_WAIT || r.state(key) & pd::S_RXQ_EMPTY != 0,
+        "told to wait with data there ({} of 2048 read)",
+        got.len()
+    );
+    assert_eq!(st, VCON_OK);
+    assert!(got.len() >= 2048, "{}", got.len());
+    assert_eq!(got, [chunk.clone(), chunk.clone()].concat()[..got.len()]);
+    r.m.sim.on_notify(None);
+    r.pump();
+    r.unload();
+}
+
 fn line_settings_round_trip_and_queues_report_levels(kexts: Kexts) {
     let mut r = Rig::qemu(kexts, &[(0, None, true, true)]);
     let key = r.key(0);
@@ -845,6 +939,7 @@ fn sleep_and_wake_keep_ports_and_sessions(kexts: Kexts) {
         "asleep: the writer waits"
     );
     assert_eq!(r.read(k1, 8, 1).0, VCON_WAIT);
+    r.log.state_changes.borrow_mut().clear();
     // While asleep the host drops port 2.
     r.m.ports.remove(&2);
     r.m.device_ready = None;
@@ -858,6 +953,10 @@ fn sleep_and_wake_keep_ports_and_sessions(kexts: Kexts) {
         "DEVICE_READY again after the wake"
     );
     assert_eq!(r.key(1), k1, "same nub, same key");
+    assert!(
+        r.log.state_changes.borrow().contains(&k1),
+        "the port is back: the writer and reader told to wait while it was away are woken"
+    );
     assert_eq!(
         &r.port_opens(1)[before..],
         &[1],
@@ -886,6 +985,49 @@ fn needs_reset_recovers_with_the_same_ports(kexts: Kexts) {
     assert_eq!(r.write(k1, b"ok"), (VCON_OK, 2));
     assert_eq!(r.m.take_tx(1), b"ok");
     r.unload();
+}
+
+/// A device that breaks the control receive queue (a used length beyond the 256-byte
+/// buffer, an id that is not in flight; the bus marks the queue broken) is reset as for a
+/// data queue's fault: the ports stay published with their sessions, and what the device
+/// says next (PORT_ADD of port 2) is heard, and answered.
+fn a_broken_control_queue_recovers_and_hears_the_device_again(kexts: Kexts) {
+    for long in [true, false] {
+        let mut r = Rig::qemu(kexts, &[(0, None, true, true), (1, Some("t"), false, true)]);
+        assert_eq!(r.m.device_ready, Some(1));
+        let k1 = r.open(1);
+        r.m.device_ready = None;
+        if long {
+            r.m.send_raw(&cm::control_bytes(1, cm::PORT_OPEN, 1, &[]), Some(300))
+                .unwrap();
+        } else {
+            r.m.sim.complete_raw(cm::CONTROL_RX, 0xffff, 8);
+            r.m.sim.signal_used(cm::CONTROL_RX);
+            // The queue's interrupt may be suppressed (EVENT_IDX counts raw entries apart):
+            // the driver finds the entry at its next interrupt.
+            r.m.sim.raise_config_interrupt();
+        }
+        r.pump();
+        assert_eq!(r.stats().recoveries, 1, "long {long}");
+        assert_eq!(r.m.device_ready, Some(1), "long {long}: brought up again");
+        r.m.add_port(2).unwrap();
+        r.pump();
+        r.settle();
+        assert_eq!(r.tty(2), "/dev/tty.virtio2", "long {long}");
+        assert!(
+            r.m.guest_messages()
+                .iter()
+                .any(|g| g.id == 2 && g.event == cm::PORT_READY && g.value == 1),
+            "long {long}: PORT_READY for port 2"
+        );
+        // The session on port 1 survived; the host hears it open again.
+        assert_eq!(r.key(1), k1, "long {long}");
+        assert_eq!(r.port_opens(1).last(), Some(&1), "long {long}");
+        assert_eq!(r.write(k1, b"ok"), (VCON_OK, 2), "long {long}");
+        assert_eq!(r.m.take_tx(1), b"ok", "long {long}");
+        assert_eq!(r.stats().recoveries, 1, "long {long}");
+        r.unload();
+    }
 }
 
 fn hostile_control_messages_change_nothing(kexts: Kexts) {

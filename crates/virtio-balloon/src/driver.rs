@@ -161,6 +161,9 @@ pub struct BalloonCounters {
     pub ranges_reported: u64,
     /// Pages and ranges given back because the device was reset while holding them.
     pub reclaimed_at_reset: u64,
+    /// Free ranges (reports, hints) leaked because a reset failed and the device's DMA
+    /// could not be stopped ([`RangeReturn::Leaked`]).
+    pub ranges_leaked: u64,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -343,7 +346,11 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
 
     /// Asks for the balloon to be emptied (towards a target of 0, telling the host each
     /// batch like any deflate); progress comes from interrupts or `poll`. [`is_empty`]
-    /// says when it is done; then `shutdown`.
+    /// says when it is done; then `shutdown`. Before a reset that is how the host learns
+    /// which pages the guest takes back (§5.5.6.1: the driver MUST use the deflateq and
+    /// MUST update `actual`; QEMU's reset does not clear `actual`), as Linux's
+    /// `remove_common` and `virtballoon_freeze` do. The target is ignored until the next
+    /// reset (`shutdown`, `restart`), after which the driver follows it again.
     ///
     /// [`is_empty`]: BalloonDriver::is_empty
     pub fn deflate_all(&mut self) -> Result<BalloonEvent, BalloonError> {
@@ -390,7 +397,10 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
         }
         let features = self.bus.negotiate_features(want)?;
         self.features = features;
-        let layout = QueueLayout::for_features(features);
+        // Numbered over what the device offers (its queues exist whatever we accept:
+        // QEMU creates them from its offer), set up for what was negotiated; see
+        // `QueueLayout`.
+        let layout = QueueLayout::new(self.bus.offered_features(), features);
         self.layout = layout;
         let indirect = features.contains(Features::INDIRECT_DESC);
         // Legacy balloon devices may write the buffer length into used.len (virtio 1.2
@@ -468,11 +478,23 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
 
     /// Resets the device and gives everything back to the pool. Leaves the driver stopped.
     ///
-    /// The pages and ranges go back even when the reset failed: they are the platform's,
-    /// which cannot do without them for ever (see `Bus::reset`); the driver's own `region`
-    /// is kept until a reset succeeds (`device_holds_dma`).
+    /// The balloon's pages go back even when the reset failed: they are the platform's,
+    /// which cannot do without them for ever (see `Bus::reset`), and the device never
+    /// writes them (it reads their frame numbers from `region`). The free ranges of
+    /// reports and hints are device-writable buffers (§5.5.6.4, §5.5.6.6): after a failed
+    /// reset the device may still write those it has not used, so they are leaked
+    /// ([`RangeReturn::Leaked`]), as the driver's own `region` is kept until a reset
+    /// succeeds (`device_holds_dma`).
     fn reset_and_reclaim(&mut self) {
         self.device_holds_dma = self.bus.reset(&mut |_, _| {}).is_err();
+        // The drain (if any) ends with the reset: the device forgot the balloon, and after
+        // a restart the driver follows the target again.
+        self.draining = false;
+        let how = if self.device_holds_dma {
+            RangeReturn::Leaked
+        } else {
+            RangeReturn::Reset
+        };
         let mut back = 0u64;
         for p in self
             .ballooned
@@ -483,12 +505,23 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
             self.pool.free_page(p);
             back += 1;
         }
+        // Ranges still posted (the device has not used their buffers).
+        let mut posted = 0u64;
         if let Some(h) = self.hint.as_mut() {
             for (i, s) in h.slots.iter_mut().enumerate() {
-                if let HintSlot::InFlight(r) | HintSlot::Held(r) = *s {
-                    self.pool
-                        .return_free_range(r, RangeUse::Hint, RangeReturn::Reset);
-                    back += 1;
+                match *s {
+                    HintSlot::InFlight(r) => {
+                        self.pool.return_free_range(r, RangeUse::Hint, how);
+                        posted += 1;
+                    }
+                    // Used: the device is done with the buffer (§2.7.14), whatever else
+                    // it ignores.
+                    HintSlot::Held(r) => {
+                        self.pool
+                            .return_free_range(r, RangeUse::Hint, RangeReturn::Reset);
+                        back += 1;
+                    }
+                    HintSlot::Free | HintSlot::Orphan => {}
                 }
                 if *s != HintSlot::Free {
                     *s = HintSlot::Free;
@@ -502,12 +535,21 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
             h.stop_pending = false;
         }
         if let Some(r) = self.report.as_mut() {
+            // Held only while their report is posted.
             for range in r.ranges.drain(..) {
-                self.pool
-                    .return_free_range(range, RangeUse::Report, RangeReturn::Reset);
-                back += 1;
+                self.pool.return_free_range(range, RangeUse::Report, how);
+                posted += 1;
             }
             r.in_flight = false;
+        }
+        if !self.device_holds_dma {
+            back += posted;
+        } else if posted > 0 {
+            self.counters.ranges_leaked += posted;
+            log::error!(
+                "virtio-balloon: the device did not reset and its DMA could not be \
+                 stopped: {posted} free ranges it may still write are leaked"
+            );
         }
         self.counters.reclaimed_at_reset += back;
         self.inflate_in_flight = false;

@@ -1,6 +1,6 @@
 //! Balloon feature bits (virtio 1.2 §5.5.3): one table saying, for every bit, whether this
 //! driver negotiates and implements it, or why it refuses it; and the queue numbering that
-//! follows from the negotiated set.
+//! follows from the offered and the negotiated sets.
 //!
 //! Generic ring/transport bits (INDIRECT_DESC, EVENT_IDX, VERSION_1, ACCESS_PLATFORM) are
 //! accepted by the bus (`virtio_core::device::BUS_FEATURES`).
@@ -73,13 +73,19 @@ pub fn name(bit: u32) -> Option<&'static str> {
     FeatureBit::name_in(&FEATURE_TABLE, bit)
 }
 
-/// Queue indices for a negotiated feature set.
+/// Queue indices: numbered over the features the device *offers*, present for the
+/// features *negotiated*.
 ///
 /// The spec lists inflateq 0, deflateq 1, statsq 2, free_page_vq 3, reporting_vq 4, each
-/// optional one existing only with its feature. Linux and QEMU number the queues that exist
-/// sequentially (QEMU creates inflate, deflate, stats, then free_page, then reporting; Linux
-/// skips the absent ones when it assigns indices), so that is what this does: with
-/// PAGE_REPORTING but not FREE_PAGE_HINT, reporting_vq is queue 3.
+/// optional one existing only with its feature (virtio 1.2 §5.5.2). QEMU creates its
+/// queues from what it offers (`virtio_balloon_device_realize`: inflate, deflate, stats,
+/// then free_page with FREE_PAGE_HINT offered, then reporting with PAGE_REPORTING offered)
+/// and numbers them sequentially; Linux skips the absent ones when it assigns indices, and
+/// accepts every one of these features it is offered, so for Linux offered and negotiated
+/// coincide. A driver that declines an offered feature must still skip that feature's
+/// index: with FREE_PAGE_HINT and PAGE_REPORTING offered and only reporting accepted,
+/// reporting_vq is queue 4 (as the spec's table has it), not 3, which is QEMU's free page
+/// queue. With PAGE_REPORTING but not FREE_PAGE_HINT offered, reporting_vq is queue 3.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct QueueLayout {
     pub inflate: u16,
@@ -90,18 +96,29 @@ pub struct QueueLayout {
 }
 
 impl QueueLayout {
+    /// The layout when the driver negotiates everything the device offers.
     pub fn for_features(features: Features) -> Self {
+        Self::new(features, features)
+    }
+
+    /// The layout of a device that offered `offered` with `negotiated` accepted: a queue
+    /// takes its index among the offered features' queues and is present only when its
+    /// feature was negotiated. (A negotiated bit is always offered; one that was not is
+    /// numbered as if it were, so a present queue always has an index.)
+    pub fn new(offered: Features, negotiated: Features) -> Self {
+        let numbered = offered | negotiated;
         let mut next = 2u16;
-        let mut take = |present: bool| {
-            present.then(|| {
-                let q = next;
-                next += 1;
-                q
-            })
+        let mut take = |feature: Features| {
+            if !numbered.contains(feature) {
+                return None;
+            }
+            let q = next;
+            next += 1;
+            negotiated.contains(feature).then_some(q)
         };
-        let stats = take(features.contains(STATS_VQ));
-        let free_page = take(features.contains(FREE_PAGE_HINT));
-        let reporting = take(features.contains(PAGE_REPORTING));
+        let stats = take(STATS_VQ);
+        let free_page = take(FREE_PAGE_HINT);
+        let reporting = take(PAGE_REPORTING);
         QueueLayout {
             inflate: 0,
             deflate: 1,
@@ -111,14 +128,14 @@ impl QueueLayout {
         }
     }
 
-    /// Number of queues.
+    /// Number of queues in use (present).
     pub fn count(&self) -> u16 {
         2 + u16::from(self.stats.is_some())
             + u16::from(self.free_page.is_some())
             + u16::from(self.reporting.is_some())
     }
 
-    /// Every queue index, in order.
+    /// Every index of a queue in use, in order.
     pub fn indices(&self) -> impl Iterator<Item = u16> + use<> {
         let all = [
             Some(self.inflate),
@@ -193,5 +210,40 @@ mod tests {
         );
         let l = QueueLayout::for_features(PAGE_REPORTING);
         assert_eq!((l.stats, l.reporting), (None, Some(2)));
+    }
+
+    #[test]
+    fn a_declined_offer_keeps_its_index() {
+        // QEMU `free-page-hint=on,free-page-reporting=on`: queues 0..=4 exist on the device
+        // whatever the driver accepts; declining hinting leaves queue 3 unused.
+        let offered = STATS_VQ | FREE_PAGE_HINT | PAGE_REPORTING;
+        let l = QueueLayout::new(offered, STATS_VQ | PAGE_REPORTING);
+        assert_eq!(
+            (l.stats, l.free_page, l.reporting),
+            (Some(2), None, Some(4))
+        );
+        assert_eq!(l.count(), 4);
+        assert_eq!(l.indices().collect::<Vec<_>>(), [0, 1, 2, 4]);
+        // Declining statistics moves nothing either.
+        let l = QueueLayout::new(offered, PAGE_REPORTING);
+        assert_eq!((l.stats, l.free_page, l.reporting), (None, None, Some(4)));
+        // Every offered set and every accepted subset of it: an index is the one the
+        // fully negotiated layout gives, present exactly when negotiated.
+        for bits in 0u64..64 {
+            let offered = Features::from_bits_retain(bits);
+            let full = QueueLayout::for_features(offered);
+            for accepted in 0u64..64 {
+                let negotiated = Features::from_bits_retain(bits & accepted);
+                let l = QueueLayout::new(offered, negotiated);
+                let keep = |f: Features, q: Option<u16>| q.filter(|_| negotiated.contains(f));
+                assert_eq!(
+                    l.stats,
+                    keep(STATS_VQ, full.stats),
+                    "{bits:#x}/{accepted:#x}"
+                );
+                assert_eq!(l.free_page, keep(FREE_PAGE_HINT, full.free_page));
+                assert_eq!(l.reporting, keep(PAGE_REPORTING, full.reporting));
+            }
+        }
     }
 }

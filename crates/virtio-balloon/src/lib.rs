@@ -11,7 +11,8 @@
 //!   inflate or deflate request in flight, or back in the pool: nothing leaks, nothing is
 //!   returned twice, and [`BalloonDriver::shutdown`] (or drop) gives everything back.
 //! - **Setup** ([`BalloonDriver::new`]): negotiates [`features::FEATURE_TABLE`], numbers the
-//!   queues sequentially over the negotiated features ([`QueueLayout`]), allocates one DMA
+//!   queues sequentially over the features the device offers and sets up those of the
+//!   negotiated ones ([`QueueLayout`]), allocates one DMA
 //!   region (two 256-frame PFN arrays, the stats buffer, the hint command IDs), primes the
 //!   stats queue, sets DRIVER_OK, reads the target and starts moving towards it.
 //! - **Inflate/deflate** follow `num_pages` (read on config-change interrupts and `poll`),
@@ -34,10 +35,16 @@
 //! - **Free page reporting** (PAGE_REPORTING): up to `report_capacity` ranges per request,
 //!   returned to the platform once the device used the buffer; a full report is followed
 //!   by another.
+//! - **Emptying before a reset** ([`BalloonDriver::deflate_all`]): every page goes back
+//!   through the deflate queue, `actual` follows, and [`BalloonDriver::is_empty`] says when
+//!   the device has acknowledged the last one; then `shutdown` (§5.5.6.1; Linux does the
+//!   same at remove and freeze).
 //! - **Faults**: the bus validates used ids and lengths; a device fault, or
 //!   DEVICE_NEEDS_RESET, stops the driver until [`BalloonDriver::restart`], which resets the
 //!   device (the device forgets the balloon), returns everything to the pool and inflates to
-//!   the target again.
+//!   the target again. When the reset fails and the device's DMA cannot be stopped, the
+//!   free ranges of reports and hints still posted are leaked ([`RangeReturn::Leaked`]):
+//!   the device may still write them.
 //!
 //! Known limitation: §5.5.6 legacy says drivers SHOULD ignore used lengths on the balloon
 //! queues (old devices wrote the buffer length there). The bus treats a length beyond a

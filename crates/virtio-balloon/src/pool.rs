@@ -47,6 +47,10 @@ pub enum RangeReturn {
     Unused,
     /// The device was reset while it held the range.
     Reset,
+    /// The device held the range and would not reset, and its DMA could not be stopped
+    /// (`virtio_core::Bus::reset` failed): it may still write the range. The platform must
+    /// never use it again (leak it).
+    Leaked,
 }
 
 /// Memory statistics the platform can supply (§5.5.6.3); `None` = not available here.
@@ -87,7 +91,8 @@ impl MemStats {
 ///
 /// The driver never leaks or double-returns: every page from `alloc_page` comes back
 /// through `free_page` exactly once (at the latest at `shutdown` or drop), every range from
-/// `take_free_range` through `return_free_range` exactly once.
+/// `take_free_range` through `return_free_range` exactly once (as
+/// [`RangeReturn::Leaked`] when the platform must never use it again).
 pub trait PagePool {
     /// Size of a platform page in bytes: a power of two from 4 KiB to 1 MiB (Darwin: 4 KiB
     /// on x86_64, 16 KiB on arm64). A page is `page_size / 4096` consecutive balloon frames.

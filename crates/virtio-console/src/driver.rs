@@ -438,6 +438,8 @@ pub struct VirtioConsole<B: Bus> {
     ctrl: Option<Control>,
     events: Fifo<ConsoleEvent>,
     stats: ConsoleStats,
+    /// The error that broke the control queues (see [`VirtioConsole::control_error`]).
+    control_error: Option<ConsoleError>,
 }
 
 /// Posts every free receive buffer of `port` on queue `q`. Returns whether any was posted.
@@ -563,6 +565,7 @@ impl<B: Bus> VirtioConsole<B> {
                 ConsoleEvent::PortRemoved { id: 0 },
             ),
             stats: ConsoleStats::default(),
+            control_error: None,
         })
     }
 
@@ -1077,8 +1080,22 @@ impl<B: Bus> VirtioConsole<B> {
         self.process_control_at_most(usize::MAX)
     }
 
-    /// [`VirtioConsole::process_control`], handling at most `max` messages.
+    /// [`VirtioConsole::process_control`], handling at most `max` messages. An error is
+    /// kept as [`VirtioConsole::control_error`].
     fn process_control_at_most(&mut self, max: usize) -> Result<usize> {
+        let r = self.process_control_inner(max);
+        if let Err(e) = r
+            && self.control_error.is_none()
+        {
+            log::error!(
+                "virtio-console: control queue: {e}; no control message is handled until the device is reset"
+            );
+            self.control_error = Some(e);
+        }
+        r
+    }
+
+    fn process_control_inner(&mut self, max: usize) -> Result<usize> {
         if self.state != State::Live || self.ctrl.is_none() {
             return Ok(0);
         }
@@ -1255,25 +1272,38 @@ impl<B: Bus> VirtioConsole<B> {
         Ok(())
     }
 
-    /// The next event, processing control messages when none is queued. Errors of the
-    /// control queue (a device fault breaks it) are logged and end the iteration.
+    /// The next event, processing control messages when none is queued. An error of the
+    /// control queues (a device fault breaks them) ends the iteration and is kept: see
+    /// [`VirtioConsole::control_error`].
     pub fn next_event(&mut self) -> Option<ConsoleEvent> {
-        if self.events.is_empty()
-            && let Err(e) = self.process_control()
-        {
-            log::error!("virtio-console: control queue: {e}");
+        if self.events.is_empty() && self.control_error.is_none() {
+            // Kept in `control_error` (and logged) when it fails.
+            let _ = self.process_control();
         }
         self.events.pop()
     }
 
+    /// The error that broke the control queues, if one did (a device fault: a used length
+    /// beyond a control buffer, an id not in flight; the bus has marked the queue broken).
+    /// From then on [`VirtioConsole::next_event`] and [`VirtioConsole::poll_events`] yield
+    /// only the events already queued, and the device's PORT_ADD, PORT_REMOVE, PORT_OPEN
+    /// and PORT_NAME go unheard, as do the driver's PORT_READY and PORT_OPEN: the platform
+    /// should reset the device and start a new driver, as after any device fault.
+    pub fn control_error(&self) -> Option<ConsoleError> {
+        self.control_error
+    }
+
     /// Iterates over pending events: the queued ones, then those of the control messages
-    /// in the ring. Bounded: one iteration handles at most as many control messages as the
+    /// in the ring (none once the control queues broke: [`VirtioConsole::control_error`]). Bounded: one iteration handles at most as many control messages as the
     /// control queue has receive buffers (every message pending when it started, whatever
     /// a device that answers each repost at once adds meanwhile waits for the next call),
     /// so it ends even while the device floods the control queue (§5.3.6.2 sets no limit
     /// on how many messages a device sends; the driver must bound its own work).
     pub fn poll_events(&mut self) -> Events<'_, B> {
-        let budget = self.ctrl.as_ref().map_or(0, |c| c.rx_posted.len());
+        let budget = match self.control_error {
+            Some(_) => 0,
+            None => self.ctrl.as_ref().map_or(0, |c| c.rx_posted.len()),
+        };
         Events {
             console: self,
             budget,
@@ -1374,10 +1404,8 @@ impl<B: Bus> Iterator for Events<'_, B> {
             match self.console.process_control_at_most(self.budget) {
                 Ok(0) => self.budget = 0,
                 Ok(n) => self.budget = self.budget.saturating_sub(n),
-                Err(e) => {
-                    log::error!("virtio-console: control queue: {e}");
-                    self.budget = 0;
-                }
+                // Kept in `control_error` (and logged).
+                Err(_) => self.budget = 0,
             }
         }
         self.console.events.pop()

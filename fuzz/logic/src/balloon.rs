@@ -133,7 +133,8 @@ impl PagePool for Pool {
         let mut s = self.0.borrow_mut();
         if !s.lent_ranges.remove(&(r.addr, r.len)) {
             s.errors.push(format!("range {r:?} returned but not lent"));
-        } else if how != RangeReturn::Reported {
+        } else if how != RangeReturn::Reported && how != RangeReturn::Leaked {
+            // Reported ranges are marked; leaked ones the device may still write.
             s.free_ranges.insert((r.addr, r.len));
         }
     }

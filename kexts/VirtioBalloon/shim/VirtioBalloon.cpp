@@ -107,20 +107,48 @@ IOReturn org_virtiodarwin_VirtioBalloon::setPowerState(unsigned long ordinal, IO
     return IOPMAckImplied;
 }
 
-/* Sleep: the device is reset and every page goes back to the kernel (the host forgets the
- * balloon at the reset; wired pages would also go into a hibernation image). Wake: the
- * device is brought up from scratch and inflates to the host's target again. */
+static uint64_t uptimeMS(void);
+
+/* Gated, before the reset of sleep and stop: the balloon is emptied through the deflate
+ * queue so that the host learns which pages the guest takes back (virtio 1.2 §5.5.6.1;
+ * QEMU's reset leaves `actual` as it was). commandSleep opens the gate while it waits, so
+ * the family's interrupt action (on this work loop) delivers the acknowledgements; cbChanged
+ * wakes the wait, which also ends after VBAL_DRAIN_POLL_MS (vbal_drain polls the rings).
+ * vbal_drain bounds the whole (VBAL_DRAIN_STALL_MS without progress, VBAL_DRAIN_MS in all);
+ * the loop's own deadline only guards against a clock that stands still. fDev is read again
+ * after each wait: a stop may have run meanwhile. */
+void org_virtiodarwin_VirtioBalloon::drain(void)
+{
+    uint64_t start = uptimeMS();
+    fDraining = true;
+    while (fDev && vbal_drain(fDev, uptimeMS()) == VBAL_E_BUSY &&
+           uptimeMS() - start < (uint64_t)VBAL_DRAIN_MS + VBAL_DRAIN_STALL_MS) {
+        uint64_t deadline = 0;
+        clock_interval_to_deadline(VBAL_DRAIN_POLL_MS, kMillisecondScale, &deadline);
+        fGate->commandSleep(&fDraining, deadline, THREAD_UNINT);
+    }
+    fDraining = false;
+}
+
+/* Sleep: the balloon is emptied (the host told of every page), the device is reset and
+ * every page goes back to the kernel (wired pages would go into a hibernation image). Wake:
+ * the device is brought up from scratch and inflates to the host's target again. */
 IOReturn org_virtiodarwin_VirtioBalloon::gatedSetPower(OSObject *owner, void *ordinal, void *, void *, void *)
 {
     org_virtiodarwin_VirtioBalloon *me = (org_virtiodarwin_VirtioBalloon *)owner;
     bool on = (uintptr_t)ordinal != 0;
-    if (!me->fDev || me->fStopping)
+    if (!me->fDev || me->fStopping || me->fDraining)
         return kIOReturnSuccess;
     if (!on && !me->fAsleep) {
         me->fAsleep = true;
         me->fStarved = false;
         me->fTimer->cancelTimeout();
         me->fPressureTimer->cancelTimeout();
+        me->drain();
+        /* The gate was open during the wait: checked again, although PMstop (stop's first
+         * step) waits for a setPowerState in progress, so no stop comes between. */
+        if (!me->fDev || me->fStopping)
+            return kIOReturnSuccess;
         vbal_suspend(me->fDev);
     } else if (on && me->fAsleep) {
         if (vbal_resume(me->fDev) != VBAL_OK) {
@@ -160,7 +188,9 @@ IOReturn org_virtiodarwin_VirtioBalloon::gatedStop(OSObject *owner, void *, void
     org_virtiodarwin_VirtioBalloon *me = (org_virtiodarwin_VirtioBalloon *)owner;
     me->fStopping = true;
     if (me->fDev) {
-        /* Resets the device and frees every chunk through cbFreeChunk. */
+        /* The host is told of every page first; then vbal_stop resets the device and frees
+         * every chunk through cbFreeChunk. */
+        me->drain();
         vbal_stop(me->fDev);
         vbal_destroy(me->fDev);
         me->fDev = NULL;
@@ -225,6 +255,11 @@ void org_virtiodarwin_VirtioBalloon::cbChanged(void *ctx, bool starved)
 {
     org_virtiodarwin_VirtioBalloon *me = (org_virtiodarwin_VirtioBalloon *)ctx;
     me->fStarved = starved;
+    /* An interrupt while the balloon is emptied: drain() calls vbal_drain again now. */
+    if (me->fDraining) {
+        me->fGate->commandWakeup(&me->fDraining, false);
+        return;
+    }
     if (!me->fInTimer && !me->fStopping)
         me->fTimer->setTimeoutMS(starved ? VBAL_RETRY_MS : 0);
 }
@@ -343,6 +378,7 @@ void org_virtiodarwin_VirtioBalloon::publishProperties(void)
         { "Reports", s.reports },
         { "Bytes reported", s.bytes_reported },
         { "Report rounds cut short", s.report_cut_short },
+        { "Report chunks leaked", s.report_chunks_leaked },
     };
     for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++) {
         OSNumber *n = OSNumber::withNumber(counters[i].value, 64);

@@ -41,16 +41,23 @@
  *   IOBufferMemoryDescriptors: pages from the kernel's free pool), reports them, and frees
  *   them through cbFreeChunk once the device has returned the report. No interface to the
  *   kernel's free lists is public; this is the closest public-KPI equivalent.
- * - Sleep: the device is reset and every page given back (vbal_suspend), reporting chunks
- *   included; wake re-inflates to the host's target (vbal_resume). See the Rust crate for
- *   why.
+ * - Sleep and stop: the balloon is emptied first, through the deflate queue (vbal_drain,
+ *   called again while it says VBAL_E_BUSY; between calls the gate is open, in
+ *   commandSleep with a deadline of VBAL_DRAIN_POLL_MS, so the device's acknowledgements
+ *   arrive through the family's interrupt action; cbChanged ends the wait early). The host
+ *   is told of every page it gets back before the reset; a device that does not
+ *   acknowledge is reset after VBAL_DRAIN_STALL_MS without progress (VBAL_DRAIN_MS in
+ *   all). Then sleep resets the device and gives every page back (vbal_suspend), reporting
+ *   chunks included, and wake re-inflates to the host's target (vbal_resume); stop resets
+ *   it (vbal_stop). See the Rust crate for why.
  *
  * IORegistry: org_virtiodarwin_VirtioDevice -> org_virtiodarwin_VirtioBalloon, with
  * "TargetFrames" and "ActualFrames" (4 KiB frames), "PagesHeld" (kernel pages in the
  * balloon), "PagesWired" (balloon and reporting chunks), "PageSize", "DeflateOnOOM",
  * "MemoryPressure" (the level last read: 1 normal, 2 warning, 4 critical, 0 unknown),
  * "PageReporting", "ReportPages" (kernel pages out for reporting now), and counters in
- * "Statistics" (including "Report rounds", "Reports", "Bytes reported").
+ * "Statistics" (including "Report rounds", "Reports", "Bytes reported", "Report chunks
+ * leaked").
  */
 #ifndef VIRTIO_BALLOON_H
 #define VIRTIO_BALLOON_H
@@ -88,9 +95,12 @@ private:
     bool fInTimer;
     bool fStopping;
     bool fAsleep;
+    /* In drain(): the event cbChanged wakes it on. */
+    bool fDraining;
 
     void publishProperties(void);
     void armPressureTimer(void);
+    void drain(void);
 
     static IOReturn gatedStart(OSObject *owner, void *, void *, void *, void *);
     static IOReturn gatedSetPower(OSObject *owner, void *ordinal, void *, void *, void *);

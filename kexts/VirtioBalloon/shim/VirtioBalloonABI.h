@@ -49,6 +49,35 @@
 #define VBAL_E_NO_MEMORY 6
 
 /**
+ * [`vbal_drain`]: the device still holds pages; wait for `changed` (an interrupt) or
+ * [`VBAL_DRAIN_POLL_MS`], with the gate open, and call again.
+ */
+#define VBAL_E_BUSY 7
+
+/**
+ * [`vbal_drain`]: the device acknowledged no deflate for [`VBAL_DRAIN_STALL_MS`], or
+ * emptying took [`VBAL_DRAIN_MS`]; what is left goes back to the kernel at the reset.
+ */
+#define VBAL_E_TIMEOUT 8
+
+/**
+ * [`vbal_drain`] gives up when the device has acknowledged nothing for this long...
+ */
+#define VBAL_DRAIN_STALL_MS 1000
+
+/**
+ * ...or when emptying the balloon has taken this long in all (a few thousand requests of
+ * 1 MiB for a balloon of gigabytes; bounded because sleep waits for it).
+ */
+#define VBAL_DRAIN_MS 10000
+
+/**
+ * While [`vbal_drain`] says [`VBAL_E_BUSY`] the shim waits at most this long for an
+ * interrupt before it calls again (the call also polls the rings).
+ */
+#define VBAL_DRAIN_POLL_MS 10
+
+/**
  * Kernel pages per chunk the shim wires (256 KiB with 4 KiB pages): few enough
  * allocations for a balloon of gigabytes, small enough that a chunk partly in the balloon
  * keeps little memory from the guest. One bit per page in a 64-bit mask.
@@ -362,6 +391,11 @@ typedef struct {
    * Rounds ended early: the kernel gave no chunk, or the gate closed mid-round.
    */
   uint64_t report_cut_short;
+  /**
+   * Reporting chunks kept wired for good: a reset failed and the device's DMA could
+   * not be stopped while it held a report of them (it may still write them).
+   */
+  uint64_t report_chunks_leaked;
 } VbalInfo;
 
 #ifdef __cplusplus
@@ -456,8 +490,30 @@ int32_t vbal_report_check(VbalDevice *d, uint64_t now_ms, VbalReport *out);
 int32_t vbal_info(VbalDevice *d, VbalInfo *out);
 
 /**
- * System sleep (power state 0): the device is reset and every page goes back to the
- * kernel (see the crate documentation for why).
+ * Empties the balloon before sleep or stop, telling the host of every page it gives back
+ * (see the crate documentation). The first call closes reporting, stops following the
+ * target and posts the first deflate; each call handles what the device has acknowledged
+ * (writing `actual`) and posts the next request. `now_ms` is a monotonic clock in
+ * milliseconds.
+ *
+ * Returns [`VBAL_OK`] once the device has acknowledged every page; [`VBAL_E_BUSY`] while
+ * it holds some: wait, with the gate open so that interrupts are delivered, for `changed`
+ * or [`VBAL_DRAIN_POLL_MS`], then call again; [`VBAL_E_TIMEOUT`] when the device
+ * acknowledged nothing for [`VBAL_DRAIN_STALL_MS`] or emptying took [`VBAL_DRAIN_MS`];
+ * [`VBAL_E_DEVICE`] when the device broke (DEVICE_NEEDS_RESET or a fault: it is not
+ * recovered); [`VBAL_E_STOPPED`] stopped or asleep. Once it has returned anything but
+ * [`VBAL_E_BUSY`] it returns the same again. Either way [`vbal_suspend`] or [`vbal_stop`]
+ * follows and resets the device; until then every call but [`vbal_interrupt`],
+ * [`vbal_drain`] and [`vbal_info`] answers [`VBAL_E_STOPPED`].
+ *
+ * # Safety
+ * `d` is null or a live handle.
+ */
+int32_t vbal_drain(VbalDevice *d, uint64_t now_ms);
+
+/**
+ * System sleep (power state 0), after [`vbal_drain`]: the device is reset and every page
+ * goes back to the kernel (see the crate documentation for why).
  *
  * # Safety
  * `d` is null or a live handle.
@@ -474,9 +530,9 @@ int32_t vbal_suspend(VbalDevice *d);
 int32_t vbal_resume(VbalDevice *d);
 
 /**
- * Stops the device: unregisters the interrupt entry, resets the device, gives every page
- * and chunk back to the kernel and frees the driver. Later calls fail with
- * `VBAL_E_STOPPED`.
+ * Stops the device, after [`vbal_drain`]: unregisters the interrupt entry, resets the
+ * device, gives every page and chunk back to the kernel and frees the driver. Later calls
+ * fail with `VBAL_E_STOPPED`.
  *
  * # Safety
  * `d` is null or a live handle.

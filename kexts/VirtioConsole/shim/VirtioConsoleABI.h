@@ -408,8 +408,11 @@ int32_t vcon_port_request_event(VconDevice *d, uint32_t key, uint32_t event, uin
 
 /**
  * `enqueueData(buffer, size, &count, sleep)`: copies what the port's free transmit slots
- * take and kicks once; `*count` says how much. [`VCON_WAIT`] when not everything fit (a
- * sleeping caller waits for the transmit interrupt and calls again with the rest).
+ * take and kicks; `*count` says how much. [`VCON_WAIT`] when not everything fit and the
+ * state word says TXQ_FULL (or the port is away: asleep, or not added again yet): a
+ * sleeping caller waits for the transmit interrupt (or the port's return), which changes
+ * the word and wakes it, and calls again with the rest. Slots the device freed meanwhile
+ * are filled in the same call.
  *
  * # Safety
  * `d` is null or a live handle; `buf` is valid for `size` bytes; `count` is null or valid.
@@ -422,8 +425,9 @@ int32_t vcon_port_enqueue_data(VconDevice *d,
 
 /**
  * `dequeueData(buffer, size, &count, min)`: copies up to `size` received bytes; their
- * buffers go back to the device. [`VCON_WAIT`] while fewer than `min` were copied (the
- * caller sleeps until data arrives and calls again for the rest);
+ * buffers go back to the device. [`VCON_WAIT`] while fewer than `min` were copied and the
+ * state word says RXQ_EMPTY (or the port is away): the caller sleeps until data arrives
+ * and calls again for the rest; data that arrived meanwhile is copied in the same call.
  * [`VCON_E_INACTIVE`] when the port is not open.
  *
  * # Safety

@@ -2,7 +2,8 @@
 //!
 //! Attaches `virtio-balloon-pci,id=balloon0` itself (behind a `pcie-root-port` on q35 with
 //! the modern transport), with `deflate-on-oom=on` for `balloon_test=oom` and
-//! `free-page-reporting=on` for `balloon_test=report`, and tells the guest its memory size
+//! `free-page-reporting=on` for `balloon_test=report` (with `free-page-hint=on` and its
+//! iothread for `balloon_test=report_nohint`), and tells the guest its memory size
 //! (`balloon_mem=`, from `RunConfig::memory_mib`: QMP's `balloon value=` is the memory the
 //! guest keeps, so the balloon holds `memory - value`). Over QMP it:
 //!
@@ -103,12 +104,18 @@ pub fn start(ctx: &HostContext<'_>) -> io::Result<HostSide> {
     }
 
     let mut props = transport_props(cfg.transport).to_string();
+    let mut qemu_args: Vec<String> = Vec::new();
     match test.as_str() {
         "oom" => props += ",deflate-on-oom=on",
         "report" => props += ",free-page-reporting=on",
+        "report_nohint" => {
+            // QEMU's free page hinting needs an iothread; the guest declines it.
+            qemu_args.push("-object".into());
+            qemu_args.push("iothread,id=balloon-io".into());
+            props += ",free-page-hint=on,iothread=balloon-io,free-page-reporting=on";
+        }
         _ => {}
     }
-    let mut qemu_args: Vec<String> = Vec::new();
     let mut bus = String::new();
     if cfg.machine == Machine::Q35 && cfg.transport == Transport::Modern {
         qemu_args.push("-device".into());

@@ -5,7 +5,10 @@
 //! (absent, wrong sizes, any values); the retry timer's `vbal_poll` after `changed` said
 //! starved, the memory timer's `vbal_pressure_check` and `vbal_report_check` with a fuzzed
 //! clock, the OOM hook, `vbal_info`, sleep and wake (wake possibly failing: a queue the
-//! device no longer offers), stop in the middle, destroy with or without stop. The device
+//! device no longer offers), stop in the middle, destroy with or without stop; sleep and
+//! stop empty the balloon first as the shim's `drain()` does (`vbal_drain` until it is not
+//! busy, the device serving and interrupts delivered between calls), and a lone
+//! `vbal_drain` may come at any time. The device
 //! (`BalloonModel`) moves `num_pages`, completes every queue honestly or with any used
 //! length, holds deflates and reports, forges and repeats used ids, writes raw config
 //! bytes and free page hint command ids, sets NEEDS_RESET.
@@ -20,7 +23,10 @@
 //! request batches (pages in flight), `actual` within the bound; the driver keeps the
 //! balloon protocol (`BalloonModel::violations`) over every step of a device that has not
 //! lied since its last reset; the statuses are the documented ones; no callback after
-//! `vbal_stop` (or `vbal_destroy`) returned; every DMA byte is back after the family stops.
+//! `vbal_stop` (or `vbal_destroy`) returned; every DMA byte is back after the family stops;
+//! a drain ends within the kext's bound ([`VBAL_DRAIN_MS`] on the shim's clock), and one
+//! that says [`VBAL_OK`] over a device that has not lied since its last reset leaves the
+//! device's balloon empty and `actual` 0 before the reset that follows.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -558,9 +564,13 @@ pub(super) fn run(input: &mut Input) {
                 }
             }
             17 => {
-                // setPowerState: sleep, or wake (possibly failing: a queue the device no
-                // longer offers).
+                // setPowerState: sleep (after the drain), or wake (possibly failing: a
+                // queue the device no longer offers).
                 if !asleep {
+                    let drained = drain(&mut model, &sim, &family, &shim, dev, &mut now_ms);
+                    if stopped {
+                        assert_eq!(drained, VBAL_E_STOPPED);
+                    }
                     // SAFETY: the live handle.
                     let status = unsafe { vbal_suspend(dev) };
                     if stopped {
@@ -594,12 +604,24 @@ pub(super) fn run(input: &mut Input) {
                     }
                 }
             }
-            18 => {
-                if input.u8().is_multiple_of(4) {
-                    stop(&shim, dev);
+            18 => match input.u8() % 8 {
+                0 => {
+                    stop(&mut model, &sim, &family, &shim, dev, &mut now_ms);
                     stopped = true;
                 }
-            }
+                1 => {
+                    // A lone drain call: the kext stays in its drain (everything but the
+                    // interrupt entry, the drain and vbal_info answers STOPPED) until sleep
+                    // or stop.
+                    // SAFETY: the live handle.
+                    let status = unsafe { vbal_drain(dev, now_ms) };
+                    check_drain_status(status);
+                    if asleep || stopped {
+                        assert_eq!(status, VBAL_E_STOPPED);
+                    }
+                }
+                _ => {}
+            },
             _ if input.bool() => {
                 if !asleep && !stopped {
                     settle(&mut model, &sim, &family, &shim, dev, fpp);
@@ -636,7 +658,7 @@ pub(super) fn run(input: &mut Input) {
     }
 
     if input.bool() {
-        stop(&shim, dev);
+        stop(&mut model, &sim, &family, &shim, dev, &mut now_ms);
     }
     // SAFETY: the handle from vbal_create, not used again (destroy stops it if needed).
     unsafe { vbal_destroy(dev) };
@@ -702,8 +724,69 @@ fn settle(
     );
 }
 
-/// `gatedStop`: `vbal_stop`, after which every chunk is back and no callback comes.
-fn stop(shim: &RefCell<Shim>, dev: *mut VbalDevice) {
+/// The statuses `vbal_drain` documents.
+fn check_drain_status(status: i32) {
+    assert!(
+        matches!(
+            status,
+            VBAL_OK | VBAL_E_BUSY | VBAL_E_TIMEOUT | VBAL_E_DEVICE | VBAL_E_STOPPED
+        ),
+        "vbal_drain returned {status}"
+    );
+}
+
+/// The shim's `drain()` before the reset of sleep and stop: `vbal_drain` until it is not
+/// busy; between calls the gate is open (the device serves as it is set to, the family
+/// delivers its interrupts) and the shim's clock moves on by [`VBAL_DRAIN_POLL_MS`]. The
+/// kext must end it within [`VBAL_DRAIN_MS`]. Returns the last status.
+fn drain(
+    model: &mut BalloonModel,
+    sim: &Sim,
+    family: &Family,
+    shim: &RefCell<Shim>,
+    dev: *mut VbalDevice,
+    now_ms: &mut u64,
+) -> i32 {
+    let start = *now_ms;
+    loop {
+        // SAFETY: the live handle.
+        let status = unsafe { vbal_drain(dev, *now_ms) };
+        check_drain_status(status);
+        if status != VBAL_E_BUSY {
+            if status == VBAL_OK && shim.borrow().trusted() && !lying_len(model) {
+                // Told of every page: the device holds none and `actual` says so, before
+                // the reset that follows (QEMU's reset keeps `actual`).
+                assert!(
+                    model.ballooned.is_empty(),
+                    "drained, the device still holds {} frames",
+                    model.ballooned.len()
+                );
+                assert_eq!(model.actual(sim), 0, "drained, actual not 0");
+            }
+            return status;
+        }
+        assert!(
+            *now_ms - start <= u64::from(VBAL_DRAIN_MS),
+            "vbal_drain still busy after {} ms",
+            *now_ms - start
+        );
+        serve(model, sim, shim);
+        family.interrupts();
+        *now_ms += u64::from(VBAL_DRAIN_POLL_MS);
+    }
+}
+
+/// `gatedStop`: the drain, then `vbal_stop`, after which every chunk is back and no
+/// callback comes.
+fn stop(
+    model: &mut BalloonModel,
+    sim: &Sim,
+    family: &Family,
+    shim: &RefCell<Shim>,
+    dev: *mut VbalDevice,
+    now_ms: &mut u64,
+) {
+    drain(model, sim, family, shim, dev, now_ms);
     // SAFETY: the live handle.
     unsafe { vbal_stop(dev) };
     let mut s = shim.borrow_mut();

@@ -55,7 +55,10 @@
 //!   [`VBAL_REPORT_ROUND_MIB`] MiB are taken; the gate is read again before each further
 //!   chunk of the round. A round is reported a request (at most the queue's chain, 32
 //!   ranges; physically contiguous pages are one range) at a time; a device reset (fault,
-//!   sleep, stop) gives every chunk back. Which free pages are reported is the kernel's
+//!   sleep, stop) gives every chunk back, except when the device would not reset and its
+//!   DMA could not be stopped: a chunk in a report it still holds may still be written, so
+//!   it stays wired for good (counted in [`VbalInfo::report_chunks_leaked`], logged).
+//!   Which free pages are reported is the kernel's
 //!   choice (whatever its allocator hands out: mostly recently freed pages), not a walk
 //!   of its free lists as Linux's `page_reporting` does.
 //! - **Free page hinting** (FREE_PAGE_HINT) is not negotiated: with this mechanism each
@@ -64,12 +67,25 @@
 //!   the kernel's free memory.
 //! - **Faults**: DEVICE_NEEDS_RESET or a device breaking the protocol: the driver restarts
 //!   (reset; every page back to the pool; inflate to the target again).
-//! - **Sleep** ([`vbal_suspend`]): the device is reset and every page given back to the
-//!   kernel; wake ([`vbal_resume`]) re-initialises it and inflates to the target the host
-//!   sets then. Why not keep the pages: the reset makes the host forget the balloon
-//!   (`actual` is 0 again), so kept pages would be wired memory neither side counts, and
+//! - **Emptying before a reset** ([`vbal_drain`], before sleep and stop): the balloon
+//!   gives every page back through the deflate queue and writes `actual` after each
+//!   acknowledged request, so the host knows which pages the guest takes back (virtio 1.2
+//!   §5.5.6.1: the driver MUST use the deflateq and MUST update `actual`; with
+//!   MUST_TELL_HOST it MUST NOT use a page before the device acknowledged it). A reset
+//!   alone is not enough: QEMU's `virtio_balloon_device_reset` leaves `actual` as it was,
+//!   so the host would go on counting the memory as ballooned. Linux's `remove_common` and
+//!   `virtballoon_freeze` deflate everything before the reset too. The shim waits with
+//!   its gate open (interrupts deliver the acknowledgements) and calls again; the wait is
+//!   bounded ([`VBAL_DRAIN_STALL_MS`] without an acknowledgement, [`VBAL_DRAIN_MS`] in
+//!   all). A device that does not acknowledge is reset anyway (logged): the reset makes it
+//!   forget the balloon, and the pages go back to the kernel then, as after any reset.
+//! - **Sleep** ([`vbal_suspend`], after [`vbal_drain`]): the device is reset and every
+//!   page given back to the kernel; wake ([`vbal_resume`]) re-initialises it and inflates
+//!   to the target the host sets then. Why not keep the pages: the reset makes the host
+//!   forget the balloon, so kept pages would be wired memory neither side counts, and
 //!   wired pages go into a hibernation image.
-//! - `stop` → [`vbal_stop`] (reset, every page and chunk back), then [`vbal_destroy`].
+//! - `stop` → [`vbal_drain`], then [`vbal_stop`] (reset, every page and chunk back), then
+//!   [`vbal_destroy`].
 //!
 //! Threading: the shim calls everything under its command gate on the family's work loop,
 //! where the family also delivers interrupts, so a handle is never used concurrently.
@@ -120,6 +136,21 @@ pub const VBAL_E_UNAVAILABLE: i32 = 5;
 /// The kernel could not give the tables [`vbal_create`] sizes from the bound (about 16
 /// bytes a page at 4 KiB): a smaller `virtiodarwin_balloon_max_mib` may fit.
 pub const VBAL_E_NO_MEMORY: i32 = 6;
+/// [`vbal_drain`]: the device still holds pages; wait for `changed` (an interrupt) or
+/// [`VBAL_DRAIN_POLL_MS`], with the gate open, and call again.
+pub const VBAL_E_BUSY: i32 = 7;
+/// [`vbal_drain`]: the device acknowledged no deflate for [`VBAL_DRAIN_STALL_MS`], or
+/// emptying took [`VBAL_DRAIN_MS`]; what is left goes back to the kernel at the reset.
+pub const VBAL_E_TIMEOUT: i32 = 8;
+
+/// [`vbal_drain`] gives up when the device has acknowledged nothing for this long...
+pub const VBAL_DRAIN_STALL_MS: u32 = 1_000;
+/// ...or when emptying the balloon has taken this long in all (a few thousand requests of
+/// 1 MiB for a balloon of gigabytes; bounded because sleep waits for it).
+pub const VBAL_DRAIN_MS: u32 = 10_000;
+/// While [`vbal_drain`] says [`VBAL_E_BUSY`] the shim waits at most this long for an
+/// interrupt before it calls again (the call also polls the rings).
+pub const VBAL_DRAIN_POLL_MS: u32 = 10;
 
 /// Kernel pages per chunk the shim wires (256 KiB with 4 KiB pages): few enough
 /// allocations for a balloon of gigabytes, small enough that a chunk partly in the balloon
@@ -298,6 +329,9 @@ pub struct VbalInfo {
     pub report_pages: u64,
     /// Rounds ended early: the kernel gave no chunk, or the gate closed mid-round.
     pub report_cut_short: u64,
+    /// Reporting chunks kept wired for good: a reset failed and the device's DMA could
+    /// not be stopped while it held a report of them (it may still write them).
+    pub report_chunks_leaked: u64,
 }
 
 /// Result of [`vbal_report_check`].
@@ -368,6 +402,9 @@ struct ReportChunk {
     /// Ranges handed out and not yet returned.
     out: usize,
     live: bool,
+    /// A range of it came back [`RangeReturn::Leaked`]: the device may still write it, so
+    /// the chunk is never freed (the record stays taken).
+    leaked: bool,
 }
 
 const NO_REPORT_CHUNK: ReportChunk = ReportChunk {
@@ -377,6 +414,7 @@ const NO_REPORT_CHUNK: ReportChunk = ReportChunk {
     cursor: 0,
     out: 0,
     live: false,
+    leaked: false,
 };
 
 /// Why the reporting gate is closed.
@@ -444,9 +482,15 @@ impl Reporting {
         self.chunks.iter().filter(|c| c.live).map(|c| c.count).sum()
     }
 
-    /// A round is under way, or one of its reports is still with the device.
+    /// A round is under way, or one of its reports is still with the device (a leaked
+    /// chunk is no report: it is never coming back).
     fn busy(&self) -> bool {
-        self.active || self.chunks.iter().any(|c| c.live)
+        self.active || self.chunks.iter().any(|c| c.live && !c.leaked)
+    }
+
+    /// Chunks kept wired for good because the device may still write them.
+    fn leaked(&self) -> usize {
+        self.chunks.iter().filter(|c| c.leaked).count()
     }
 
     /// Bytes one round takes at most.
@@ -662,6 +706,7 @@ impl ChunkPool {
             cursor: 0,
             out: 0,
             live: true,
+            leaked: false,
             ..*c
         };
         self.chunks_allocated += 1;
@@ -698,12 +743,12 @@ impl ChunkPool {
         Some(FreeRange { addr: first, len })
     }
 
-    /// Gives a reporting chunk back to the kernel.
+    /// Gives a reporting chunk back to the kernel, unless it is leaked.
     fn release_report_chunk(&mut self, i: usize) {
         let Some(c) = self.reporting.chunks.get_mut(i) else {
             return;
         };
-        if !c.live {
+        if !c.live || c.leaked {
             return;
         }
         let cookie = c.cookie;
@@ -860,7 +905,7 @@ impl PagePool for ChunkPool {
             .reporting
             .chunks
             .iter()
-            .position(|c| c.live && c.cursor < c.count);
+            .position(|c| c.live && !c.leaked && c.cursor < c.count);
         let i = match partial {
             Some(i) => i,
             None if self.reporting.left == 0 => {
@@ -925,6 +970,14 @@ impl PagePool for ChunkPool {
         let Some(c) = self.reporting.chunks.get_mut(i) else {
             return;
         };
+        if how == RangeReturn::Leaked && !c.leaked {
+            // The device would not reset and its DMA could not be stopped: it may still
+            // write these pages, so they never go back to the kernel.
+            c.leaked = true;
+            log::error!(
+                "VirtioBalloon: a reporting chunk the device may still write stays wired for good"
+            );
+        }
         c.out -= 1;
         if c.out == 0 && (c.cursor >= c.count || !active) {
             self.release_report_chunk(i);
@@ -982,9 +1035,15 @@ impl Drop for ChunkPool {
             self.release(i);
         }
         for i in 0..self.reporting.chunks.len() {
-            if self.reporting.chunks.get(i).is_some_and(|c| c.out != 0) {
+            if self
+                .reporting
+                .chunks
+                .get(i)
+                .is_some_and(|c| c.out != 0 && !c.leaked)
+            {
                 log::error!("VirtioBalloon: a reported chunk still out at teardown; freed");
             }
+            // A leaked chunk is not freed: the device may still write it.
             self.release_report_chunk(i);
         }
     }
@@ -1012,6 +1071,29 @@ pub struct VbalDevice {
     pressure_deflates: u64,
     /// When the last reporting round started (the shim's clock, ms).
     last_report_ms: Option<u64>,
+    /// Emptying the balloon before sleep or stop ([`vbal_drain`]), until the reset.
+    drain: Option<Drain>,
+}
+
+/// [`vbal_drain`]'s progress, on the shim's clock (ms).
+#[derive(Copy, Clone, Debug)]
+struct Drain {
+    started_ms: u64,
+    /// When the device last acknowledged a request (or the drain started).
+    progress_ms: u64,
+    /// The latest clock reading (an earlier one passed later counts as this).
+    now_ms: u64,
+    /// Pages the device had acknowledged (inflated and deflated) at `progress_ms`.
+    acked: u64,
+    /// The final status once decided (not [`VBAL_E_BUSY`]): later calls repeat it.
+    outcome: Option<i32>,
+}
+
+/// Pages whose inflate or deflate the device has acknowledged: grows with every
+/// acknowledged request.
+fn acked_pages(drv: &Driver) -> u64 {
+    let c = drv.counters();
+    c.pages_inflated.wrapping_add(c.pages_deflated)
 }
 
 fn dev<'a>(p: *mut VbalDevice) -> Option<&'a mut VbalDevice> {
@@ -1028,6 +1110,12 @@ unsafe extern "C" fn family_interrupt(ctx: *mut c_void, vector: i32) {
 }
 
 impl VbalDevice {
+    /// Stopped, asleep, or emptying the balloon before one of them: only the interrupt
+    /// entry, [`vbal_drain`] and [`vbal_info`] do anything.
+    fn idle(&self) -> bool {
+        self.stopped || self.asleep || self.drain.is_some()
+    }
+
     /// After DEVICE_NEEDS_RESET or a device fault: reset (every page back to the pool)
     /// and inflate to the target again. A failed restart leaves the driver stopped until
     /// the next wake.
@@ -1055,6 +1143,19 @@ impl VbalDevice {
 
     /// Takes in the outcome of one interrupt or poll.
     fn settle(&mut self, r: Result<virtio_balloon::BalloonEvent, BalloonError>) {
+        if let Some(drain) = self.drain.as_mut() {
+            // Emptying before a reset: a device that breaks now is not recovered (that
+            // would inflate again); the drain ends and the reset follows.
+            let broken = match r {
+                Ok(ev) => ev.needs_reset,
+                Err(_) => true,
+            };
+            if broken && drain.outcome.is_none() {
+                log::error!("VirtioBalloon: the device broke while the balloon was emptied");
+                drain.outcome = Some(VBAL_E_DEVICE);
+            }
+            return;
+        }
         match r {
             Ok(ev) if ev.needs_reset => self.recover(&"DEVICE_NEEDS_RESET"),
             Ok(ev) => {
@@ -1236,6 +1337,7 @@ pub unsafe extern "C" fn vbal_create(
         last_pressure_ms: None,
         pressure_deflates: 0,
         last_report_ms: None,
+        drain: None,
     });
     d.restarted();
     d.notify();
@@ -1284,7 +1386,7 @@ pub unsafe extern "C" fn vbal_poll(d: *mut VbalDevice) -> i32 {
     let Some(d) = dev(d) else {
         return VBAL_E_INVALID;
     };
-    if d.stopped || d.asleep {
+    if d.idle() {
         return VBAL_E_STOPPED;
     }
     let Some(drv) = d.drv.as_mut() else {
@@ -1318,7 +1420,7 @@ pub unsafe extern "C" fn vbal_deflate_for_oom(
         return VBAL_E_INVALID;
     };
     *out = VbalOom::default();
-    if d.stopped || d.asleep {
+    if d.idle() {
         return VBAL_E_STOPPED;
     }
     match d.oom_deflate(pages) {
@@ -1352,7 +1454,7 @@ pub unsafe extern "C" fn vbal_pressure_check(
         return VBAL_E_INVALID;
     };
     *out = VbalPressure::default();
-    if d.stopped || d.asleep {
+    if d.idle() {
         return VBAL_E_STOPPED;
     }
     let Some(drv) = d.drv.as_mut() else {
@@ -1413,7 +1515,7 @@ pub unsafe extern "C" fn vbal_report_check(
         return VBAL_E_INVALID;
     };
     *out = VbalReport::default();
-    if d.stopped || d.asleep {
+    if d.idle() {
         return VBAL_E_STOPPED;
     }
     let Some(drv) = d.drv.as_mut() else {
@@ -1465,6 +1567,7 @@ pub unsafe extern "C" fn vbal_info(d: *mut VbalDevice, out: *mut VbalInfo) -> i3
         i.bytes_reported = p.reporting.bytes_reported;
         i.report_pages = report_pages as u64;
         i.report_cut_short = p.reporting.cut_short;
+        i.report_chunks_leaked = p.reporting.leaked() as u64;
         i.inflate_requests = c.inflate_requests;
         i.deflate_requests = c.deflate_requests;
         i.stats_buffers = c.stats_buffers;
@@ -1478,8 +1581,117 @@ pub unsafe extern "C" fn vbal_info(d: *mut VbalDevice, out: *mut VbalInfo) -> i3
     VBAL_OK
 }
 
-/// System sleep (power state 0): the device is reset and every page goes back to the
-/// kernel (see the crate documentation for why).
+/// Empties the balloon before sleep or stop, telling the host of every page it gives back
+/// (see the crate documentation). The first call closes reporting, stops following the
+/// target and posts the first deflate; each call handles what the device has acknowledged
+/// (writing `actual`) and posts the next request. `now_ms` is a monotonic clock in
+/// milliseconds.
+///
+/// Returns [`VBAL_OK`] once the device has acknowledged every page; [`VBAL_E_BUSY`] while
+/// it holds some: wait, with the gate open so that interrupts are delivered, for `changed`
+/// or [`VBAL_DRAIN_POLL_MS`], then call again; [`VBAL_E_TIMEOUT`] when the device
+/// acknowledged nothing for [`VBAL_DRAIN_STALL_MS`] or emptying took [`VBAL_DRAIN_MS`];
+/// [`VBAL_E_DEVICE`] when the device broke (DEVICE_NEEDS_RESET or a fault: it is not
+/// recovered); [`VBAL_E_STOPPED`] stopped or asleep. Once it has returned anything but
+/// [`VBAL_E_BUSY`] it returns the same again. Either way [`vbal_suspend`] or [`vbal_stop`]
+/// follows and resets the device; until then every call but [`vbal_interrupt`],
+/// [`vbal_drain`] and [`vbal_info`] answers [`VBAL_E_STOPPED`].
+///
+/// # Safety
+/// `d` is null or a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn vbal_drain(d: *mut VbalDevice, now_ms: u64) -> i32 {
+    let Some(d) = dev(d) else {
+        return VBAL_E_INVALID;
+    };
+    if d.stopped || d.asleep {
+        return VBAL_E_STOPPED;
+    }
+    let Some(drv) = d.drv.as_mut() else {
+        return VBAL_E_STOPPED;
+    };
+    let result = match d.drain.as_mut() {
+        None => {
+            d.drain = Some(Drain {
+                started_ms: now_ms,
+                progress_ms: now_ms,
+                now_ms,
+                acked: acked_pages(drv),
+                outcome: None,
+            });
+            d.starved = false;
+            // No new report while emptying: one the device holds comes back or is
+            // returned at the reset.
+            drv.pool_mut().end_report_round();
+            log::info!(
+                "VirtioBalloon: giving {} pages back to the host before the reset",
+                drv.ballooned_pages()
+            );
+            drv.deflate_all()
+        }
+        Some(Drain {
+            outcome: Some(status),
+            ..
+        }) => return *status,
+        Some(_) => drv.poll(),
+    };
+    let status = match result {
+        Ok(ev) if ev.needs_reset => {
+            log::error!("VirtioBalloon: the device needs a reset while the balloon is emptied");
+            VBAL_E_DEVICE
+        }
+        Ok(_) if drv.is_empty() => {
+            log::info!(
+                "VirtioBalloon: balloon empty, actual {} frames",
+                drv.actual()
+            );
+            VBAL_OK
+        }
+        Ok(_) => {
+            let acked = acked_pages(drv);
+            let Some(drain) = d.drain.as_mut() else {
+                return VBAL_E_STOPPED;
+            };
+            let now = now_ms.max(drain.now_ms);
+            drain.now_ms = now;
+            if acked != drain.acked {
+                drain.acked = acked;
+                drain.progress_ms = now;
+            }
+            let stalled = now - drain.progress_ms >= u64::from(VBAL_DRAIN_STALL_MS);
+            let late = now - drain.started_ms >= u64::from(VBAL_DRAIN_MS);
+            if stalled || late {
+                log::error!(
+                    "VirtioBalloon: {}; {} pages left in the balloon go back to the kernel at \
+                     the reset (the host may still count them: actual {} frames)",
+                    if stalled {
+                        "the device stopped acknowledging deflates"
+                    } else {
+                        "emptying the balloon takes too long"
+                    },
+                    drv.ballooned_pages(),
+                    drv.actual()
+                );
+                VBAL_E_TIMEOUT
+            } else {
+                VBAL_E_BUSY
+            }
+        }
+        Err(e) => {
+            log::error!("VirtioBalloon: the device broke while the balloon was emptied: {e}");
+            VBAL_E_DEVICE
+        }
+    };
+    if status != VBAL_E_BUSY
+        && let Some(drain) = d.drain.as_mut()
+    {
+        drain.outcome = Some(status);
+    }
+    status
+}
+
+/// System sleep (power state 0), after [`vbal_drain`]: the device is reset and every page
+/// goes back to the kernel (see the crate documentation for why).
 ///
 /// # Safety
 /// `d` is null or a live handle.
@@ -1495,6 +1707,8 @@ pub unsafe extern "C" fn vbal_suspend(d: *mut VbalDevice) -> i32 {
         d.asleep = true;
         d.suspends += 1;
         d.starved = false;
+        // The reset ends the drain: after the wake the balloon follows the target again.
+        d.drain = None;
         if let Some(drv) = d.drv.as_mut() {
             drv.shutdown();
             // The reset gave every reported range back; no round survives sleep.
@@ -1535,9 +1749,9 @@ pub unsafe extern "C" fn vbal_resume(d: *mut VbalDevice) -> i32 {
     VBAL_OK
 }
 
-/// Stops the device: unregisters the interrupt entry, resets the device, gives every page
-/// and chunk back to the kernel and frees the driver. Later calls fail with
-/// `VBAL_E_STOPPED`.
+/// Stops the device, after [`vbal_drain`]: unregisters the interrupt entry, resets the
+/// device, gives every page and chunk back to the kernel and frees the driver. Later calls
+/// fail with `VBAL_E_STOPPED`.
 ///
 /// # Safety
 /// `d` is null or a live handle.

@@ -25,9 +25,12 @@
 //! - Resize (RESIZE, or SIZE's config change for port 0) → [`VconCallbacks::resized`].
 //! - Emergency write ([`vcon_emergency_write`], and the start banner written between
 //!   FEATURES_OK and DRIVER_OK) when EMERG_WRITE is negotiated.
-//! - Sleep and wake ([`vcon_suspend`], [`vcon_resume`]) and DEVICE_NEEDS_RESET: the device
-//!   is reset and brought up again; published ports and their sessions stay, and a port
-//!   the device does not add again within the settle time is withdrawn.
+//! - Sleep and wake ([`vcon_suspend`], [`vcon_resume`]), DEVICE_NEEDS_RESET and a device
+//!   fault on any queue (a data queue's, or the control queue's: without the control queue
+//!   no PORT_ADD, PORT_REMOVE, PORT_OPEN or PORT_NAME would be heard again): the device is
+//!   reset and brought up again; published ports and their sessions stay (their sleepers
+//!   are woken when the device adds them again), and a port the device does not add again
+//!   within the settle time is withdrawn.
 //!
 //! Threading: the shim calls everything under its command gate on the family's work loop,
 //! where the family delivers interrupts, so a handle is never used concurrently. Callbacks
@@ -482,13 +485,21 @@ impl VconDevice {
         self.notes.any = true;
     }
 
-    /// Handles what the device said on the control queue (and config changes).
-    fn handle_events(&mut self) {
+    /// Handles what the device said on the control queue (and config changes). Returns
+    /// the error that broke the control queues, if one did: the caller recovers (resets
+    /// the device), as from a fault of a data queue, or no PORT_ADD, PORT_REMOVE,
+    /// PORT_OPEN or PORT_NAME would be heard again, nor the driver's PORT_READY and
+    /// PORT_OPEN, until the next wake.
+    fn handle_events(&mut self) -> Result<(), ConsoleError> {
         for _ in 0..EVENT_BUDGET {
             let Some(ev) = self.drv.as_mut().and_then(|d| d.next_event()) else {
-                return;
+                break;
             };
             self.handle_event(ev);
+        }
+        match self.drv.as_ref().and_then(|d| d.control_error()) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 
@@ -510,7 +521,7 @@ impl VconDevice {
                         {
                             let _ = drv.open_port(id, true);
                         }
-                        self.refresh(id);
+                        self.came_back(id);
                     }
                     _ if id == 0 || name.is_some() => self.publish(id),
                     _ => {
@@ -598,7 +609,10 @@ impl VconDevice {
         if self.multiport {
             self.resync = true;
             self.schedule_settle();
-            self.handle_events();
+            // Broken again at once: the error stays with the driver and the next
+            // `handle_events` (an interrupt, or the settle scheduled above) recovers, so a
+            // recovery never recurses.
+            let _ = self.handle_events();
         } else {
             let size = self.drv.as_ref().and_then(|c| c.console_size());
             if let Some(s0) = self.slot(0) {
@@ -606,11 +620,23 @@ impl VconDevice {
                 s0.seen = true;
                 s0.size = size;
             }
+            self.came_back(0);
         }
         for id in 0..PORTS as u32 {
             self.refresh(id);
         }
         Ok(())
+    }
+
+    /// A published port is usable again (added again after a wake or a recovery): its
+    /// sleepers are woken even when its state word did not change. A transfer told to
+    /// wait while the port was away (`data_ready` false: the word said nothing about it)
+    /// would otherwise sleep until some later change.
+    fn came_back(&mut self, id: u32) {
+        self.refresh(id);
+        if let Some(k) = self.slot(id).and_then(|s| s.key()) {
+            self.note_state(id, k);
+        }
     }
 
     /// After a device fault: reset and bring up again (data in flight is lost: the device
@@ -633,6 +659,11 @@ impl VconDevice {
             }
             _ => VCON_E_OFFLINE,
         }
+    }
+
+    /// Port `id`'s state word (0 for an id beyond the slots).
+    fn state_of(&self, id: u32) -> u32 {
+        self.slots.get(id as usize).map_or(0, |s| s.serial.state())
     }
 
     /// Port `id` is usable for data: present on the device, driver live.
@@ -771,7 +802,9 @@ pub unsafe extern "C" fn vcon_create(
     if let Some(d) = dev(raw) {
         if multiport {
             // DEVICE_READY went out in start; PORT_ADDs the device already sent are here.
-            d.handle_events();
+            if let Err(e) = d.handle_events() {
+                d.recover(&e);
+            }
         } else {
             let size = d.drv.as_ref().and_then(|c| c.console_size());
             if let Some(s0) = d.slot(0) {
@@ -817,7 +850,12 @@ pub unsafe extern "C" fn vcon_interrupt(d: *mut VconDevice, vector: i32) {
             d.recover(&"DEVICE_NEEDS_RESET");
             return VCON_OK;
         }
-        d.handle_events();
+        if let Err(e) = d.handle_events() {
+            // The control queue broke: reset the device as for a data queue's fault
+            // (`fault`); the bring-up refreshes every port.
+            d.recover(&e);
+            return VCON_OK;
+        }
         for id in r.readable.iter().chain(r.writable.iter()) {
             d.refresh(id);
         }
@@ -837,7 +875,11 @@ pub unsafe extern "C" fn vcon_settle(d: *mut VconDevice) {
         if d.stopped || d.asleep {
             return VCON_OK;
         }
-        d.handle_events();
+        if let Err(e) = d.handle_events() {
+            // The recovery schedules the next settle (and resyncs then).
+            d.recover(&e);
+            return VCON_OK;
+        }
         let resync = core::mem::take(&mut d.resync);
         for id in 0..PORTS as u32 {
             let Some(s) = d.slot(id) else { continue };
@@ -1140,8 +1182,11 @@ pub unsafe extern "C" fn vcon_port_request_event(
 }
 
 /// `enqueueData(buffer, size, &count, sleep)`: copies what the port's free transmit slots
-/// take and kicks once; `*count` says how much. [`VCON_WAIT`] when not everything fit (a
-/// sleeping caller waits for the transmit interrupt and calls again with the rest).
+/// take and kicks; `*count` says how much. [`VCON_WAIT`] when not everything fit and the
+/// state word says TXQ_FULL (or the port is away: asleep, or not added again yet): a
+/// sleeping caller waits for the transmit interrupt (or the port's return), which changes
+/// the word and wakes it, and calls again with the rest. Slots the device freed meanwhile
+/// are filled in the same call.
 ///
 /// # Safety
 /// `d` is null or a live handle; `buf` is valid for `size` bytes; `count` is null or valid.
@@ -1178,23 +1223,42 @@ pub unsafe extern "C" fn vcon_port_enqueue_data(
             // Asleep, or the port is between a wake and its PORT_ADD.
             return VCON_WAIT;
         }
-        let Some(drv) = d.drv.as_mut() else {
-            return VCON_WAIT;
-        };
-        let n = match drv.write(id, data) {
-            Ok(n) => n,
-            Err(ConsoleError::Busy) => 0,
-            Err(e) => return d.fault(e),
-        };
+        // `refresh` collects completions and may change the state word, waking nobody (the
+        // caller is not asleep yet): after it, a completion the device made meanwhile would
+        // change nothing. So the caller is told to wait only while the word still says
+        // TXQ_FULL (the transmit interrupt that frees a slot then changes it and wakes the
+        // caller); while there is room, more is written now. Bounded: room means a free
+        // slot and descriptor, so every round after the first writes a whole slot or the
+        // rest, at most `len / slot + 2` rounds.
+        let slot = (d.opts.tx_buffer_size as usize).max(1);
+        let mut n = 0;
+        for _ in 0..data.len() / slot + 2 {
+            let Some(drv) = d.drv.as_mut() else { break };
+            match drv.write(id, data.get(n..).unwrap_or(&[])) {
+                Ok(k) => n += k,
+                Err(ConsoleError::Busy) => {}
+                // A device fault: the device is reset, what was in flight is lost, and the
+                // count stays 0 (as for any error).
+                Err(e) => return d.fault(e),
+            }
+            d.refresh(id);
+            if n >= data.len() {
+                *count = n as u32;
+                return VCON_OK;
+            }
+            if d.state_of(id) & pd::S_TXQ_FULL != 0 {
+                break;
+            }
+        }
         *count = n as u32;
-        d.refresh(id);
-        if n < data.len() { VCON_WAIT } else { VCON_OK }
+        VCON_WAIT
     })
 }
 
 /// `dequeueData(buffer, size, &count, min)`: copies up to `size` received bytes; their
-/// buffers go back to the device. [`VCON_WAIT`] while fewer than `min` were copied (the
-/// caller sleeps until data arrives and calls again for the rest);
+/// buffers go back to the device. [`VCON_WAIT`] while fewer than `min` were copied and the
+/// state word says RXQ_EMPTY (or the port is away): the caller sleeps until data arrives
+/// and calls again for the rest; data that arrived meanwhile is copied in the same call.
 /// [`VCON_E_INACTIVE`] when the port is not open.
 ///
 /// # Safety
@@ -1226,22 +1290,34 @@ pub unsafe extern "C" fn vcon_port_dequeue_data(
         if !active {
             return VCON_E_INACTIVE;
         }
+        // As in `vcon_port_enqueue_data`: `refresh` may collect data that arrived after the
+        // read, changing the state word while nobody sleeps; the caller is told to wait only
+        // while the word still says RXQ_EMPTY (the receive interrupt then changes it), and
+        // while data is there it is read now. Bounded: every round after the first reads at
+        // least a byte, at most `want + 2` rounds.
+        let want = min.min(size) as usize;
         let mut n = 0;
-        if d.data_ready(id)
-            && let Some(drv) = d.drv.as_mut()
-        {
-            n = match drv.read(id, out) {
-                Ok(n) => n,
-                Err(e) => return d.fault(e),
-            };
+        for _ in 0..want.saturating_add(2) {
+            if d.data_ready(id)
+                && let Some(drv) = d.drv.as_mut()
+            {
+                match drv.read(id, out.get_mut(n..).unwrap_or(&mut [])) {
+                    Ok(k) => n += k,
+                    // As in `vcon_port_enqueue_data`: the count stays 0.
+                    Err(e) => return d.fault(e),
+                }
+            }
+            d.refresh(id);
+            if n >= want {
+                *count = n as u32;
+                return VCON_OK;
+            }
+            if !d.data_ready(id) || d.state_of(id) & pd::S_RXQ_EMPTY != 0 {
+                break;
+            }
         }
         *count = n as u32;
-        d.refresh(id);
-        if (n as u32) < min.min(size) {
-            VCON_WAIT
-        } else {
-            VCON_OK
-        }
+        VCON_WAIT
     })
 }
 

@@ -17,13 +17,15 @@
 //!    below the target (`STAT balloon.oom=done`; the host sees `actual` rise by as much);
 //! 5. `balloon_test=report` (`free-page-reporting=on`): `balloon_report_ranges` free ranges
 //!    reported at bring-up and again after the first target, all acknowledged and back in
-//!    the heap (zeroed: QEMU discarded them);
+//!    the heap (zeroed: QEMU discarded them); `balloon_test=report_nohint` (QEMU also
+//!    offers `free-page-hint=on`) the same with hinting declined: QEMU's reporting queue is
+//!    4 whatever the driver accepts, and queue 3 stays unused;
 //! 6. `balloon.deflate_all`: after the host's end signal (one more target), the balloon is
 //!    emptied with `deflate_all`;
 //! 7. `balloon.pool`: after `shutdown` every page lent came back exactly once.
 //!
 //! Parameters: `balloon_mem=` (bytes of guest RAM, required: QEMU's targets are relative to
-//! it), `balloon_targets=` (MiB, comma-separated), `balloon_test=main|oom|report`,
+//! it), `balloon_targets=` (MiB, comma-separated), `balloon_test=main|oom|report|report_nohint`,
 //! `balloon_oom_pages=` (default 1024), `balloon_report_ranges=` (default 64, 256 KiB each).
 
 mod pool;
@@ -38,7 +40,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use pool::HeapPool;
-use virtio_balloon::features::{DEFLATE_ON_OOM, PAGE_REPORTING, STATS_VQ};
+use virtio_balloon::features::{DEFLATE_ON_OOM, FREE_PAGE_HINT, PAGE_REPORTING, STATS_VQ};
 use virtio_balloon::{BalloonDriver, BalloonEvent, BalloonOptions};
 use virtio_core::platform::InterruptMode;
 use virtio_core::{Bus, DeviceType};
@@ -137,13 +139,17 @@ pub fn run(env: &mut Env) {
             return;
         }
     };
+    // QEMU offers free page hinting too; the driver declines it.
+    let decline_hint = test == "report_nohint";
+    let want_report = test == "report" || decline_hint;
     let mut pool = HeapPool::new(mem);
-    if test == "report" {
+    if want_report {
         pool.range_budget = report_ranges;
     }
     let opts = BalloonOptions {
         // The balloon may take up to 3/4 of the guest's memory.
         max_pages: (mem / FRAME * 3 / 4) as usize,
+        free_page_hint: !decline_hint,
         ..BalloonOptions::default()
     };
     let mut d = match BalloonDriver::new(dev, pool, opts) {
@@ -166,11 +172,16 @@ pub fn run(env: &mut Env) {
     };
     let f = d.features();
     let want_oom = test == "oom";
-    let want_report = test == "report";
+    let layout = d.layout();
+    // QEMU numbers its queues over what it offers: with hinting offered (and declined)
+    // reporting is queue 4, else 3.
+    let reporting_queue = if decline_hint { 4 } else { 3 };
     let features_ok = f.contains(STATS_VQ)
         && f.contains(DEFLATE_ON_OOM) == want_oom
-        && f.contains(PAGE_REPORTING) == want_report;
-    let layout = d.layout();
+        && f.contains(PAGE_REPORTING) == want_report
+        && !f.contains(FREE_PAGE_HINT)
+        && layout.free_page.is_none()
+        && (!want_report || layout.reporting == Some(reporting_queue));
     check!(
         "balloon.init",
         mode_ok && features_ok && !d.is_stopped(),

@@ -227,6 +227,12 @@ impl PagePool for HeapPool {
             return;
         };
         self.ranges_out.swap_remove(i);
+        if how == RangeReturn::Leaked {
+            // The device would not reset and may still write it: never reused, never freed.
+            self.acct.range_errors += 1;
+            log::error!("balloon pool: range {range:?} leaked (the device may still write it)");
+            return;
+        }
         if how == RangeReturn::Reported {
             self.acct.ranges_reported += 1;
         } else {
