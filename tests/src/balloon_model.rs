@@ -87,6 +87,9 @@ pub struct BalloonModel {
     /// Hold deflate requests (do not acknowledge) until `release_deflates`.
     pub hold_deflates: bool,
     held_deflates: Vec<u16>,
+    /// Hold inflate requests (read, never acknowledged; a reset forgets them).
+    pub hold_inflates: bool,
+    held_inflates: Vec<u16>,
     /// Statistics buffers received, as (tag, value) lists.
     pub stats: Vec<Vec<(u16, u64)>>,
     stats_held: Option<u16>,
@@ -117,6 +120,8 @@ impl BalloonModel {
             deflates: Vec::new(),
             hold_deflates: false,
             held_deflates: Vec::new(),
+            hold_inflates: false,
+            held_inflates: Vec::new(),
             stats: Vec::new(),
             stats_held: None,
             hint_status: HintStatus::Idle,
@@ -226,6 +231,10 @@ impl BalloonModel {
         self.held_deflates.len()
     }
 
+    pub fn held_inflates(&self) -> usize {
+        self.held_inflates.len()
+    }
+
     /// Heads of the report chains held (not yet used), for hostile completions.
     pub fn held_report_heads(&self) -> &[u16] {
         &self.held_reports
@@ -254,6 +263,7 @@ impl BalloonModel {
             self.ballooned.clear();
             self.stats_held = None;
             self.held_deflates.clear();
+            self.held_inflates.clear();
             self.held_reports.clear();
             if self.hint_status == HintStatus::Started {
                 self.hint_status = HintStatus::Stopped;
@@ -323,6 +333,10 @@ impl BalloonModel {
         }
         if q == 0 {
             self.inflates.push(pfns);
+            if self.hold_inflates {
+                self.held_inflates.push(c.head);
+                return None;
+            }
         } else {
             self.deflates.push(pfns);
             if self.hold_deflates {

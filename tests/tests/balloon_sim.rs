@@ -51,6 +51,8 @@ struct PoolState {
     /// Pages that may still be lent (a limit lets tests starve the driver).
     free: BTreeSet<u64>,
     lent: BTreeSet<u64>,
+    /// Pages given up for good (`leak_page`): never lent again.
+    leaked: BTreeSet<u64>,
     free_ranges: BTreeSet<(u64, u32)>,
     lent_ranges: BTreeSet<(u64, u32)>,
     returns: Vec<(FreeRange, RangeUse, RangeReturn)>,
@@ -148,6 +150,15 @@ impl PagePool for TestPool {
         if page.addr.is_multiple_of(s.page_size as u64) {
             s.free.insert(page.addr);
         }
+    }
+    fn leak_page(&mut self, page: Page) {
+        let mut s = self.0.borrow_mut();
+        if !s.lent.remove(&page.addr) {
+            s.errors
+                .push(format!("page {:#x} leaked but not lent", page.addr));
+            return;
+        }
+        s.leaked.insert(page.addr);
     }
     fn stats(&mut self) -> MemStats {
         self.st().stats
@@ -846,6 +857,82 @@ fn ranges_a_device_may_still_write_are_leaked_after_a_failed_reset() {
     assert_eq!(r.drv.counters().ranges_leaked, 1);
     r.run();
     r.finish();
+}
+
+/// An inflate the device has not used when a reset fails with bus mastering stuck on
+/// (stop, sleep, or a restart): the device may still process it and make the host discard
+/// the pages' backing, so they are leaked, never given back to the platform. The balloon's
+/// acknowledged pages go back.
+#[test]
+fn an_inflate_a_device_may_still_process_is_leaked_after_a_failed_reset() {
+    for restart in [false, true] {
+        let pool = TestPool::new(4096, 1024);
+        let mut r = rig_with(
+            SimMode::Modern,
+            Preference::Auto,
+            QEMU,
+            pool,
+            BalloonOptions::default(),
+            false,
+        );
+        r.set_target(100);
+        // The device sees the new target and the driver posts an inflate: left unserved.
+        r.model.set_target(&r.sim, 150);
+        for irq in r.sim.take_interrupts() {
+            let vector = match irq {
+                SimInterrupt::Msix(v) => Some(v),
+                SimInterrupt::Intx => None,
+            };
+            r.drv.handle_interrupt(vector).unwrap();
+        }
+        assert!(!r.drv.at_target());
+        let ballooned: BTreeSet<u64> = r
+            .pool
+            .st()
+            .lent
+            .iter()
+            .copied()
+            .filter(|&a| r.model.ballooned.contains(&((a >> 12) as u32)))
+            .collect();
+        let inflating: BTreeSet<u64> = r.pool.st().lent.difference(&ballooned).copied().collect();
+        assert_eq!((ballooned.len(), inflating.len()), (100, 50));
+        r.sim.stick_bus_master(true);
+        r.sim.refuse_reset(true);
+        if restart {
+            assert!(r.drv.restart().is_err());
+        } else {
+            r.drv.shutdown();
+        }
+        {
+            let st = r.pool.st();
+            assert!(st.errors.is_empty(), "{:?}", st.errors);
+            assert!(st.lent.is_empty(), "restart {restart}: nothing left lent");
+            assert_eq!(
+                st.leaked, inflating,
+                "restart {restart}: the inflate leaked"
+            );
+            assert!(
+                st.free.is_disjoint(&inflating),
+                "a leaked page offered again"
+            );
+            assert!(
+                ballooned.is_subset(&st.free),
+                "the balloon's pages went back"
+            );
+        }
+        assert_eq!(r.drv.counters().pages_leaked, 50);
+        // The reset takes effect at last: nothing more is leaked, and the driver comes back
+        // (never lending a leaked page again).
+        r.sim.refuse_reset(false);
+        r.sim.stick_bus_master(false);
+        r.drv.restart().unwrap();
+        r.run();
+        assert_eq!(r.actual(), 150);
+        assert_eq!(r.drv.counters().pages_leaked, 50);
+        assert!(r.pool.st().lent.is_disjoint(&inflating));
+        r.check_consistent();
+        r.finish();
+    }
 }
 
 /// `deflate_all` empties the balloon until the next reset only: after `shutdown` and

@@ -108,6 +108,8 @@ kext_tests!(Kexts:
     reporting_is_off_unless_offered,
     reporting_skips_the_queue_of_declined_hinting,
     a_device_that_will_not_reset_keeps_its_report_wired,
+    a_device_that_will_not_reset_keeps_an_inflate_wired,
+    leaked_report_chunks_leave_their_records_to_later_rounds,
     the_bound_is_at_most_the_guests_memory,
     tables_the_kernel_cannot_give_fail_create_cleanly,
     legacy_devices_may_write_any_used_length_on_the_page_queues,
@@ -2037,6 +2039,39 @@ fn reporting_skips_the_queue_of_declined_hinting(kexts: Kexts) {
     }
 }
 
+impl Rig {
+    /// After stop, or sleep, whose reset the device ignored with its bus mastering stuck
+    /// on: exactly the chunks `holding` (cookies) stay wired, after a stop that follows the
+    /// sleep too, and the family keeps every DMA buffer of the device that may still use it.
+    fn only_these_stay_wired(
+        mut self,
+        holding: &BTreeSet<usize>,
+        sleep: bool,
+    ) -> kext_support::Stopped {
+        let m = self.mem.borrow();
+        assert!(m.errors.is_empty(), "sleep {sleep}: {:?}", m.errors);
+        let live: BTreeSet<usize> = m.live.keys().copied().collect();
+        assert_eq!(
+            &live, holding,
+            "sleep {sleep}: only these chunks stay wired"
+        );
+        drop(m);
+        if sleep {
+            // SAFETY: live handle, not used after destroy.
+            unsafe {
+                (self.kexts.bal.vbal_stop)(self.dev);
+                (self.kexts.bal.vbal_destroy)(self.dev);
+            }
+            let live: BTreeSet<usize> = self.mem.borrow().live.keys().copied().collect();
+            assert_eq!(&live, holding, "still wired after stop");
+        }
+        let stopped = self.fam.take().unwrap().stop_keeping();
+        assert_eq!(stopped.status.code, VK_E_RESET_TIMEOUT);
+        assert_eq!(stopped.freed_while_live, 0);
+        stopped
+    }
+}
+
 /// A device that will not reset and whose bus mastering cannot be switched off, holding a
 /// report: the reset of stop fails, and the chunk of the report stays wired (the device may
 /// still write it), while the balloon's chunks and the other reporting chunks go back.
@@ -2069,29 +2104,113 @@ fn a_device_that_will_not_reset_keeps_its_report_wired(kexts: Kexts) {
         } else {
             r.stop();
         }
-        let m = r.mem.borrow();
-        assert!(m.errors.is_empty(), "sleep {sleep}: {:?}", m.errors);
-        let live: BTreeSet<usize> = m.live.keys().copied().collect();
-        assert_eq!(
-            live, holding,
-            "sleep {sleep}: only the report's chunks stay wired"
-        );
-        drop(m);
-        if sleep {
-            // SAFETY: live handle, not used after destroy.
-            unsafe {
-                (kexts.bal.vbal_stop)(r.dev);
-                (kexts.bal.vbal_destroy)(r.dev);
-            }
-            let live: BTreeSet<usize> = r.mem.borrow().live.keys().copied().collect();
-            assert_eq!(live, holding, "still wired after stop");
-        }
-        // The family keeps every DMA buffer of a device that may still use it.
-        let stopped = r.fam.take().unwrap().stop_keeping();
-        assert_eq!(stopped.status.code, VK_E_RESET_TIMEOUT);
-        assert_eq!(stopped.freed_while_live, 0);
+        let stopped = r.only_these_stay_wired(&holding, sleep);
         assert!(stopped.kept > 0);
     }
+}
+
+/// A device that will not reset and whose bus mastering cannot be switched off, holding an
+/// inflate (the drain before stop or sleep times out waiting for it): the device may still
+/// inflate those pages, and the host discard their contents, so the chunks holding them
+/// stay wired for good, never lent again, while the balloon's other chunks go back.
+fn a_device_that_will_not_reset_keeps_an_inflate_wired(kexts: Kexts) {
+    const CHUNK: u64 = VBAL_CHUNK_PAGES as u64;
+    for sleep in [false, true] {
+        let mut r = Rig::start(kexts, SimMode::Modern, Preference::Auto, QEMU, false);
+        r.set_target(64);
+        r.model.hold_inflates = true;
+        r.set_target(64 + 200);
+        assert_eq!(r.model.held_inflates(), 1, "sleep {sleep}");
+        let held: BTreeSet<u32> = r.model.inflates.last().unwrap().iter().copied().collect();
+        assert_eq!(held.len(), 200);
+        let holding: BTreeSet<usize> = {
+            let m = r.mem.borrow();
+            m.live
+                .iter()
+                .filter(|(_, pages)| m.frames_of(pages).iter().any(|f| held.contains(f)))
+                .map(|(c, _)| *c)
+                .collect()
+        };
+        assert!(!holding.is_empty() && holding.len() < r.live_chunks());
+        r.sim.stick_bus_master(true);
+        r.sim.refuse_reset(true);
+        let d = if sleep { r.sleep() } else { r.stop() };
+        assert_eq!(d.status, VBAL_E_TIMEOUT, "sleep {sleep}: {d:?}");
+        if sleep {
+            let i = r.info();
+            assert_eq!(i.balloon_chunks_leaked, holding.len() as u64);
+            assert_eq!(i.pages_leaked, holding.len() as u64 * CHUNK);
+            assert_eq!(i.pages_held, 0);
+            assert_eq!(i.pages_wired, r.mem.borrow().wired_pages());
+        }
+        r.only_these_stay_wired(&holding, sleep);
+    }
+}
+
+/// Reporting chunks leaked (a device that would not reset held their report at each
+/// sleep) keep no record: rounds after a reset that succeeds take all of theirs, and the
+/// leaked chunks, wired for good, count as leaked, not as out for reporting.
+fn leaked_report_chunks_leave_their_records_to_later_rounds(kexts: Kexts) {
+    const CHUNK: u64 = VBAL_CHUNK_PAGES as u64;
+    let mut r = reporting_rig(kexts, SimMode::Modern, Preference::Auto, 4096);
+    r.set_target(64);
+    let mut now = 10_000;
+    let mut leaked = BTreeSet::new();
+    for cycle in 0..16 {
+        r.model.hold_reports = true;
+        let before = r.cookie();
+        let (s, rep) = r.report(now);
+        assert_eq!(
+            (s, rep.outcome),
+            (VBAL_OK, VBAL_REPORT_SENT),
+            "cycle {cycle}"
+        );
+        r.run();
+        // Every chunk of this round holds a report the device keeps.
+        leaked.extend(r.mem.borrow().live.range(before + 1..).map(|(c, _)| *c));
+        r.sim.stick_bus_master(true);
+        r.sim.refuse_reset(true);
+        assert_eq!(r.sleep().status, VBAL_OK, "cycle {cycle}");
+        r.sim.refuse_reset(false);
+        r.sim.stick_bus_master(false);
+        // SAFETY: live handle.
+        assert_eq!(unsafe { (kexts.bal.vbal_resume)(r.dev) }, VBAL_OK);
+        r.run();
+        now += u64::from(VBAL_REPORT_MS);
+    }
+    assert!(leaked.len() >= 16, "a chunk leaked each cycle");
+    // A round against a device that resets and returns its reports.
+    r.model.hold_reports = false;
+    let before = r.cookie();
+    let (s, rep) = r.report(now);
+    assert_eq!((s, rep.outcome), (VBAL_OK, VBAL_REPORT_SENT));
+    r.run();
+    assert!(r.cookie() > before);
+    let i = r.info();
+    assert_eq!(i.report_chunks_leaked, leaked.len() as u64);
+    assert_eq!(i.pages_leaked, i.report_chunks_leaked * CHUNK);
+    assert_eq!(
+        i.report_pages, 0,
+        "the round's chunks back after the device; leaked ones are not out for reporting"
+    );
+    assert_eq!(
+        i.bytes_reported,
+        u64::from(VBAL_REPORT_ROUND_MIB) * (1 << 20),
+        "a whole round"
+    );
+    r.check_consistent();
+    let balloon_and_leaked = r.mem.borrow().live.len();
+    r.stop();
+    let m = r.mem.borrow();
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    let live: BTreeSet<usize> = m.live.keys().copied().collect();
+    assert_eq!(live, leaked, "only the leaked chunks stay wired");
+    assert!(balloon_and_leaked > leaked.len());
+    drop(m);
+    // A reset of the device once failed: the family keeps every DMA buffer it still holds.
+    let stopped = r.fam.take().unwrap().stop_keeping();
+    assert_eq!(stopped.status.code, VK_E_RESET_TIMEOUT);
+    assert_eq!(stopped.freed_while_live, 0);
 }
 
 /// The bound (the shim's `max_pages`: `virtiodarwin_balloon_max_mib`, clamped to 32 bits)

@@ -164,6 +164,9 @@ pub struct BalloonCounters {
     /// Free ranges (reports, hints) leaked because a reset failed and the device's DMA
     /// could not be stopped ([`RangeReturn::Leaked`]).
     pub ranges_leaked: u64,
+    /// Pages of an inflate request the device still held when a reset failed and its DMA
+    /// could not be stopped, given up for good ([`PagePool::leak_page`]).
+    pub pages_leaked: u64,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -478,13 +481,23 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
 
     /// Resets the device and gives everything back to the pool. Leaves the driver stopped.
     ///
-    /// The balloon's pages go back even when the reset failed: they are the platform's,
-    /// which cannot do without them for ever (see `Bus::reset`), and the device never
-    /// writes them (it reads their frame numbers from `region`). The free ranges of
-    /// reports and hints are device-writable buffers (§5.5.6.4, §5.5.6.6): after a failed
-    /// reset the device may still write those it has not used, so they are leaked
-    /// ([`RangeReturn::Leaked`]), as the driver's own `region` is kept until a reset
-    /// succeeds (`device_holds_dma`).
+    /// After a failed reset (the device ignored it and its DMA could not be stopped, see
+    /// `Bus::reset`) the device may still process what it has not used, and `region` is
+    /// kept until a reset succeeds (`device_holds_dma`). Then:
+    /// - the pages of an inflate request in flight are leaked ([`PagePool::leak_page`]):
+    ///   the device reads their frame numbers from `region`, and inflating them makes the
+    ///   host discard their backing (§5.5.6.1; QEMU's `ram_block_discard_range`), which
+    ///   would wipe them under the platform's next user;
+    /// - the free ranges of reports and hints still posted are device-writable buffers
+    ///   (§5.5.6.4, §5.5.6.6), leaked likewise ([`RangeReturn::Leaked`]);
+    /// - the balloon's acknowledged pages and those of a deflate in flight go back: they
+    ///   are the platform's, which cannot do without them for ever. Nothing the device
+    ///   can still do harms them: it has done with the acknowledged inflates, and a late
+    ///   deflate only gives the host's backing back (§5.5.6.1: deflating tells the device
+    ///   the guest uses the pages again; QEMU discards nothing). MUST_TELL_HOST's rule
+    ///   (no use before the acknowledgement) is for hosts that back the pages only then;
+    ///   a device that ignores the reset has not forgotten the acknowledged pages either,
+    ///   which go back all the same, so holding the deflate's would protect nothing.
     fn reset_and_reclaim(&mut self) {
         self.device_holds_dma = self.bus.reset(&mut |_, _| {}).is_err();
         // The drain (if any) ends with the reset: the device forgot the balloon, and after
@@ -496,12 +509,24 @@ impl<B: Bus, P: PagePool> BalloonDriver<B, P> {
             RangeReturn::Reset
         };
         let mut back = 0u64;
-        for p in self
-            .ballooned
-            .drain(..)
-            .chain(self.inflating.drain(..))
-            .chain(self.deflating.drain(..))
-        {
+        for p in self.ballooned.drain(..).chain(self.deflating.drain(..)) {
+            self.pool.free_page(p);
+            back += 1;
+        }
+        // `inflating` holds pages only while their request is posted (`post_inflate`
+        // gives them back when it cannot post it; `inflate_done` moves them on).
+        if self.device_holds_dma && self.inflate_in_flight && !self.inflating.is_empty() {
+            let n = self.inflating.len() as u64;
+            for p in self.inflating.drain(..) {
+                self.pool.leak_page(p);
+            }
+            self.counters.pages_leaked += n;
+            log::error!(
+                "virtio-balloon: the device did not reset and its DMA could not be \
+                 stopped: the {n} pages of the inflate it holds are leaked"
+            );
+        }
+        for p in self.inflating.drain(..) {
             self.pool.free_page(p);
             back += 1;
         }

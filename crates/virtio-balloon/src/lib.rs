@@ -9,7 +9,8 @@
 //!   ([`wire::encode_pfns`]). Every page the driver takes is either in the balloon (an
 //!   array sized at setup for [`BalloonOptions::max_pages`], never grown), in the one
 //!   inflate or deflate request in flight, or back in the pool: nothing leaks, nothing is
-//!   returned twice, and [`BalloonDriver::shutdown`] (or drop) gives everything back.
+//!   returned twice, and [`BalloonDriver::shutdown`] (or drop) gives everything back (but
+//!   an inflate a device that would not reset still holds: see **Faults**).
 //! - **Setup** ([`BalloonDriver::new`]): negotiates [`features::FEATURE_TABLE`], numbers the
 //!   queues sequentially over the features the device offers and sets up those of the
 //!   negotiated ones ([`QueueLayout`]), allocates one DMA
@@ -44,7 +45,9 @@
 //!   device (the device forgets the balloon), returns everything to the pool and inflates to
 //!   the target again. When the reset fails and the device's DMA cannot be stopped, the
 //!   free ranges of reports and hints still posted are leaked ([`RangeReturn::Leaked`]):
-//!   the device may still write them.
+//!   the device may still write them; so are the pages of an inflate request in flight
+//!   ([`PagePool::leak_page`]): the device may still inflate them, and the host then
+//!   discards their contents. The balloon's other pages go back.
 //!
 //! Known limitation: §5.5.6 legacy says drivers SHOULD ignore used lengths on the balloon
 //! queues (old devices wrote the buffer length there). The bus treats a length beyond a

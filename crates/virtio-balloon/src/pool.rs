@@ -90,7 +90,8 @@ impl MemStats {
 /// The platform's memory, as the balloon uses it.
 ///
 /// The driver never leaks or double-returns: every page from `alloc_page` comes back
-/// through `free_page` exactly once (at the latest at `shutdown` or drop), every range from
+/// through `free_page` exactly once (at the latest at `shutdown` or drop), or through
+/// `leak_page` when the platform must never use it again, every range from
 /// `take_free_range` through `return_free_range` exactly once (as
 /// [`RangeReturn::Leaked`] when the platform must never use it again).
 pub trait PagePool {
@@ -108,6 +109,15 @@ pub trait PagePool {
     /// Gives back a page from `alloc_page`. Its contents are undefined: the host may have
     /// discarded them while it was in the balloon.
     fn free_page(&mut self, page: Page);
+
+    /// Gives up a page from `alloc_page` for good: it was in an inflate request the device
+    /// had not used when a reset failed and the device's DMA could not be stopped
+    /// (`virtio_core::Bus::reset`). Such a device may still process the request, and
+    /// inflating makes the host discard the pages' backing (§5.5.6.1; QEMU:
+    /// `ram_block_discard_range`), which would wipe the page under its next user. The
+    /// platform must never use it again (leak it, as [`RangeReturn::Leaked`] ranges). The
+    /// default forgets it.
+    fn leak_page(&mut self, _page: Page) {}
 
     /// Current statistics. The driver fixes the set of tags at setup from the first call
     /// (§5.5.6.3.1: the same subset in every buffer); a tag missing later is sent with its

@@ -358,6 +358,7 @@ void org_virtiodarwin_VirtioBalloon::publishProperties(void)
     setProperty("MemoryPressure", (unsigned long long)s.pressure_level, 32);
     setProperty("PageReporting", s.page_reporting != 0);
     setProperty("ReportPages", (unsigned long long)s.report_pages, 64);
+    setProperty("PagesLeaked", (unsigned long long)s.pages_leaked, 64);
     OSDictionary *d = OSDictionary::withCapacity(18);
     if (!d)
         return;
@@ -379,6 +380,7 @@ void org_virtiodarwin_VirtioBalloon::publishProperties(void)
         { "Bytes reported", s.bytes_reported },
         { "Report rounds cut short", s.report_cut_short },
         { "Report chunks leaked", s.report_chunks_leaked },
+        { "Balloon chunks leaked", s.balloon_chunks_leaked },
     };
     for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++) {
         OSNumber *n = OSNumber::withNumber(counters[i].value, 64);

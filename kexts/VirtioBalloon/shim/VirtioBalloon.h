@@ -49,15 +49,18 @@
  *   acknowledge is reset after VBAL_DRAIN_STALL_MS without progress (VBAL_DRAIN_MS in
  *   all). Then sleep resets the device and gives every page back (vbal_suspend), reporting
  *   chunks included, and wake re-inflates to the host's target (vbal_resume); stop resets
- *   it (vbal_stop). See the Rust crate for why.
+ *   it (vbal_stop). A device that will not reset, its bus mastering stuck on, keeps the
+ *   chunks of an inflate or a report it still holds wired for good (never cbFreeChunk'd).
+ *   See the Rust crate for why.
  *
  * IORegistry: org_virtiodarwin_VirtioDevice -> org_virtiodarwin_VirtioBalloon, with
  * "TargetFrames" and "ActualFrames" (4 KiB frames), "PagesHeld" (kernel pages in the
  * balloon), "PagesWired" (balloon and reporting chunks), "PageSize", "DeflateOnOOM",
  * "MemoryPressure" (the level last read: 1 normal, 2 warning, 4 critical, 0 unknown),
- * "PageReporting", "ReportPages" (kernel pages out for reporting now), and counters in
- * "Statistics" (including "Report rounds", "Reports", "Bytes reported", "Report chunks
- * leaked").
+ * "PageReporting", "ReportPages" (kernel pages out for reporting now), "PagesLeaked"
+ * (kernel pages of chunks kept wired for good after a reset the device ignored), and
+ * counters in "Statistics" (including "Report rounds", "Reports", "Bytes reported",
+ * "Report chunks leaked", "Balloon chunks leaked").
  */
 #ifndef VIRTIO_BALLOON_H
 #define VIRTIO_BALLOON_H

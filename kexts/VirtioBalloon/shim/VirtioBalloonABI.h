@@ -316,8 +316,8 @@ typedef struct {
    */
   uint64_t pages_held;
   /**
-   * Kernel pages wired in chunks (the balloon's pages, the chunks' spare ones, and
-   * reporting's [`VbalInfo::report_pages`]).
+   * Kernel pages wired in chunks (the balloon's pages, the chunks' spare ones,
+   * reporting's [`VbalInfo::report_pages`], and [`VbalInfo::pages_leaked`]).
    */
   uint64_t pages_wired;
   /**
@@ -384,7 +384,8 @@ typedef struct {
    */
   uint64_t bytes_reported;
   /**
-   * Kernel pages wired for reporting now (in a report, or waiting for the next one).
+   * Kernel pages wired for reporting now (in a report, or waiting for the next one;
+   * leaked chunks are not counted: see [`VbalInfo::pages_leaked`]).
    */
   uint64_t report_pages;
   /**
@@ -396,6 +397,16 @@ typedef struct {
    * not be stopped while it held a report of them (it may still write them).
    */
   uint64_t report_chunks_leaked;
+  /**
+   * Balloon chunks kept wired for good: a reset failed and the device's DMA could not
+   * be stopped while it held an inflate of some of their pages (it may still inflate
+   * them, and the host discard them).
+   */
+  uint64_t balloon_chunks_leaked;
+  /**
+   * Kernel pages in the chunks kept wired for good (balloon and reporting chunks).
+   */
+  uint64_t pages_leaked;
 } VbalInfo;
 
 #ifdef __cplusplus

@@ -57,7 +57,9 @@
 //!   ranges; physically contiguous pages are one range) at a time; a device reset (fault,
 //!   sleep, stop) gives every chunk back, except when the device would not reset and its
 //!   DMA could not be stopped: a chunk in a report it still holds may still be written, so
-//!   it stays wired for good (counted in [`VbalInfo::report_chunks_leaked`], logged).
+//!   it stays wired for good (counted in [`VbalInfo::report_chunks_leaked`] and
+//!   [`VbalInfo::pages_leaked`], logged). Its record is reused: only counters remember
+//!   it, so leaks never use up a round's records.
 //!   Which free pages are reported is the kernel's
 //!   choice (whatever its allocator hands out: mostly recently freed pages), not a walk
 //!   of its free lists as Linux's `page_reporting` does.
@@ -67,6 +69,12 @@
 //!   the kernel's free memory.
 //! - **Faults**: DEVICE_NEEDS_RESET or a device breaking the protocol: the driver restarts
 //!   (reset; every page back to the pool; inflate to the target again).
+//! - **A device that will not reset** (stop, sleep, a restart), with its bus mastering
+//!   stuck on: the pages of an inflate request it still holds may still be inflated, and
+//!   the host would discard their contents under the kernel's next user
+//!   ([`PagePool::leak_page`]); each chunk holding one stays wired for good, never lent
+//!   again (counted in [`VbalInfo::balloon_chunks_leaked`] and [`VbalInfo::pages_leaked`],
+//!   logged), and its record is reused.
 //! - **Emptying before a reset** ([`vbal_drain`], before sleep and stop): the balloon
 //!   gives every page back through the deflate queue and writes `actual` after each
 //!   acknowledged request, so the host knows which pages the guest takes back (virtio 1.2
@@ -287,8 +295,8 @@ pub struct VbalInfo {
     pub actual_frames: u32,
     /// Kernel pages in the balloon (including a request in flight).
     pub pages_held: u64,
-    /// Kernel pages wired in chunks (the balloon's pages, the chunks' spare ones, and
-    /// reporting's [`VbalInfo::report_pages`]).
+    /// Kernel pages wired in chunks (the balloon's pages, the chunks' spare ones,
+    /// reporting's [`VbalInfo::report_pages`], and [`VbalInfo::pages_leaked`]).
     pub pages_wired: u64,
     /// The kernel's page size.
     pub page_size: u32,
@@ -325,13 +333,20 @@ pub struct VbalInfo {
     pub reports: u64,
     /// Bytes in reports the device returned (the host had them to discard).
     pub bytes_reported: u64,
-    /// Kernel pages wired for reporting now (in a report, or waiting for the next one).
+    /// Kernel pages wired for reporting now (in a report, or waiting for the next one;
+    /// leaked chunks are not counted: see [`VbalInfo::pages_leaked`]).
     pub report_pages: u64,
     /// Rounds ended early: the kernel gave no chunk, or the gate closed mid-round.
     pub report_cut_short: u64,
     /// Reporting chunks kept wired for good: a reset failed and the device's DMA could
     /// not be stopped while it held a report of them (it may still write them).
     pub report_chunks_leaked: u64,
+    /// Balloon chunks kept wired for good: a reset failed and the device's DMA could not
+    /// be stopped while it held an inflate of some of their pages (it may still inflate
+    /// them, and the host discard them).
+    pub balloon_chunks_leaked: u64,
+    /// Kernel pages in the chunks kept wired for good (balloon and reporting chunks).
+    pub pages_leaked: u64,
 }
 
 /// Result of [`vbal_report_check`].
@@ -378,6 +393,9 @@ struct Chunk {
     /// Bit i: `pages[i]` is lent to the driver.
     lent: u64,
     live: bool,
+    /// A page of it was leaked ([`PagePool::leak_page`]): the chunk is never freed and lends
+    /// nothing more; its record is forgotten once no page of it is lent.
+    leaked: bool,
 }
 
 const NO_CHUNK: Chunk = Chunk {
@@ -385,6 +403,7 @@ const NO_CHUNK: Chunk = Chunk {
     pages: [0; CHUNK],
     lent: 0,
     live: false,
+    leaked: false,
 };
 
 /// A chunk wired for free page reporting (or an unused record). Its pages are handed to
@@ -403,7 +422,7 @@ struct ReportChunk {
     out: usize,
     live: bool,
     /// A range of it came back [`RangeReturn::Leaked`]: the device may still write it, so
-    /// the chunk is never freed (the record stays taken).
+    /// the chunk is never freed; its record is forgotten once no range of it is out.
     leaked: bool,
 }
 
@@ -449,6 +468,8 @@ struct Reporting {
     bytes_reported: u64,
     cut_short: u64,
     bad_returns: u64,
+    /// Chunks kept wired for good (their records forgotten).
+    chunks_leaked: u64,
     /// The last gate reading, for the caller's result.
     last_level: u32,
     last_free: u64,
@@ -471,6 +492,7 @@ impl Reporting {
             bytes_reported: 0,
             cut_short: 0,
             bad_returns: 0,
+            chunks_leaked: 0,
             last_level: 0,
             last_free: 0,
             outcome: VBAL_REPORT_NONE,
@@ -486,11 +508,6 @@ impl Reporting {
     /// chunk is no report: it is never coming back).
     fn busy(&self) -> bool {
         self.active || self.chunks.iter().any(|c| c.live && !c.leaked)
-    }
-
-    /// Chunks kept wired for good because the device may still write them.
-    fn leaked(&self) -> usize {
-        self.chunks.iter().filter(|c| c.leaked).count()
     }
 
     /// Bytes one round takes at most.
@@ -517,6 +534,10 @@ struct ChunkPool {
     hint: usize,
     chunks_allocated: u64,
     chunks_freed: u64,
+    /// Balloon chunks kept wired for good (their records forgotten).
+    chunks_leaked: u64,
+    /// Kernel pages of every chunk kept wired for good, balloon's and reporting's.
+    pages_leaked: u64,
     alloc_failures: u64,
     bad_returns: u64,
     sysctl_failures: u64,
@@ -604,6 +625,8 @@ impl ChunkPool {
             hint: 0,
             chunks_allocated: 0,
             chunks_freed: 0,
+            chunks_leaked: 0,
+            pages_leaked: 0,
             alloc_failures: 0,
             bad_returns: 0,
             sysctl_failures: 0,
@@ -761,6 +784,22 @@ impl ChunkPool {
         }
     }
 
+    /// Forgets the record of leaked reporting chunk `i` once no range of it is out: the
+    /// chunk stays wired for good (never freed; the device may still write it) and only
+    /// the counters remember it, so the record serves later rounds.
+    fn retire_report_chunk(&mut self, i: usize) {
+        let Some(c) = self.reporting.chunks.get_mut(i) else {
+            return;
+        };
+        if !c.live || !c.leaked || c.out != 0 {
+            return;
+        }
+        let count = c.count as u64;
+        *c = NO_REPORT_CHUNK;
+        self.reporting.chunks_leaked += 1;
+        self.pages_leaked += count;
+    }
+
     /// An unsigned number from the kernel through the shim (4- or 8-byte sysctls, native
     /// byte order); `None` (counted) when there is no callback, the sysctl fails or it
     /// answers with another size.
@@ -781,9 +820,10 @@ impl ChunkPool {
         self.chunks.len() - self.free_records.len()
     }
 
-    /// A live chunk with an unlent page: the hint first, then the first one found.
+    /// A live chunk with an unlent page (a leaked chunk lends nothing): the hint first,
+    /// then the first one found.
     fn chunk_with_spare(&self) -> Option<usize> {
-        let has = |c: &Chunk| c.live && c.lent != u64::MAX;
+        let has = |c: &Chunk| c.live && !c.leaked && c.lent != u64::MAX;
         if self.chunks.get(self.hint).is_some_and(has) {
             return Some(self.hint);
         }
@@ -813,6 +853,7 @@ impl ChunkPool {
         c.cookie = cookie;
         c.lent = 0;
         c.live = true;
+        c.leaked = false;
         self.free_records.pop();
         self.spare += CHUNK;
         self.chunks_allocated += 1;
@@ -845,12 +886,12 @@ impl ChunkPool {
         None
     }
 
-    /// Gives a chunk back to the kernel.
+    /// Gives a chunk back to the kernel, unless it is leaked.
     fn release(&mut self, i: usize) {
         let Some(c) = self.chunks.get_mut(i) else {
             return;
         };
-        if !c.live {
+        if !c.live || c.leaked {
             return;
         }
         let cookie = c.cookie;
@@ -864,6 +905,24 @@ impl ChunkPool {
             // returned once (the record is cleared above).
             unsafe { free(self.cb.ctx, cookie) };
         }
+    }
+}
+
+impl ChunkPool {
+    /// Forgets the record of leaked balloon chunk `i` once none of its pages is lent: the
+    /// chunk stays wired for good (never freed) and only the counters remember it, so the
+    /// record serves the balloon again.
+    fn retire(&mut self, i: usize) {
+        let Some(c) = self.chunks.get_mut(i) else {
+            return;
+        };
+        if !c.live || !c.leaked || c.lent != 0 {
+            return;
+        }
+        *c = NO_CHUNK;
+        self.free_records.push(i);
+        self.chunks_leaked += 1;
+        self.pages_leaked += CHUNK as u64;
     }
 }
 
@@ -979,7 +1038,9 @@ impl PagePool for ChunkPool {
             );
         }
         c.out -= 1;
-        if c.out == 0 && (c.cursor >= c.count || !active) {
+        if c.leaked {
+            self.retire_report_chunk(i);
+        } else if c.out == 0 && (c.cursor >= c.count || !active) {
             self.release_report_chunk(i);
         }
         if !active {
@@ -1015,10 +1076,46 @@ impl PagePool for ChunkPool {
             return;
         };
         c.lent &= !(1u64 << slot);
+        if c.leaked {
+            // Lends nothing more (its spare pages left `spare` when it was leaked).
+            if c.lent == 0 {
+                self.retire(i);
+            }
+            return;
+        }
         self.spare += 1;
         // Deflated memory goes back to the kernel at once, a chunk at a time.
         if c.lent == 0 {
             self.release(i);
+        }
+    }
+
+    /// A page of an inflate the device still holds after a failed reset: it may still be
+    /// inflated (the host discarding it), so its chunk stays wired for good and lends
+    /// nothing more.
+    fn leak_page(&mut self, page: Page) {
+        let Some((i, slot)) = self.find_lent(page.addr) else {
+            self.bad_returns += 1;
+            log::error!(
+                "VirtioBalloon: page {:#x} leaked but not lent; ignored",
+                page.addr
+            );
+            return;
+        };
+        let Some(c) = self.chunks.get_mut(i) else {
+            return;
+        };
+        if !c.leaked {
+            c.leaked = true;
+            // Its unlent pages are lent no more.
+            self.spare -= CHUNK - c.lent.count_ones() as usize;
+            log::error!(
+                "VirtioBalloon: a chunk with pages the device may still inflate stays wired for good"
+            );
+        }
+        c.lent &= !(1u64 << slot);
+        if c.lent == 0 {
+            self.retire(i);
         }
     }
 }
@@ -1029,9 +1126,10 @@ impl Drop for ChunkPool {
         // driver, dropped after the driver's own reset and reclaim); anything still live is
         // a chunk with spare pages only.
         for i in 0..self.chunks.len() {
-            if self.chunks.get(i).is_some_and(|c| c.lent != 0) {
+            if self.chunks.get(i).is_some_and(|c| c.lent != 0 && !c.leaked) {
                 log::error!("VirtioBalloon: a chunk still lent at teardown; freed");
             }
+            // A leaked chunk is not freed (the driver leaked a page of it).
             self.release(i);
         }
         for i in 0..self.reporting.chunks.len() {
@@ -1556,7 +1654,8 @@ pub unsafe extern "C" fn vbal_info(d: *mut VbalDevice, out: *mut VbalInfo) -> i3
         i.actual_frames = drv.actual();
         let report_pages = p.reporting.pages();
         i.pages_held = (p.live_chunks() * CHUNK - p.spare) as u64;
-        i.pages_wired = (p.live_chunks() * CHUNK + report_pages) as u64;
+        i.pages_wired =
+            ((p.live_chunks() * CHUNK + report_pages) as u64).saturating_add(p.pages_leaked);
         i.page_size = p.page_size as u32;
         i.deflate_on_oom = u32::from(drv.features().contains(DEFLATE_ON_OOM));
         i.pressure_level = p.pressure_level;
@@ -1567,7 +1666,9 @@ pub unsafe extern "C" fn vbal_info(d: *mut VbalDevice, out: *mut VbalInfo) -> i3
         i.bytes_reported = p.reporting.bytes_reported;
         i.report_pages = report_pages as u64;
         i.report_cut_short = p.reporting.cut_short;
-        i.report_chunks_leaked = p.reporting.leaked() as u64;
+        i.report_chunks_leaked = p.reporting.chunks_leaked;
+        i.balloon_chunks_leaked = p.chunks_leaked;
+        i.pages_leaked = p.pages_leaked;
         i.inflate_requests = c.inflate_requests;
         i.deflate_requests = c.deflate_requests;
         i.stats_buffers = c.stats_buffers;
