@@ -215,8 +215,9 @@ impl Book {
             self.stats.errors += 1;
         }
         self.stats.in_flight = self.stats.in_flight.saturating_sub(1);
-        // One entry per request slot was reserved at creation and after every rebuild of
-        // the queue (`fit_queue`); the driver never has more requests in flight than slots.
+        // One entry per request slot, and one for a long unmap whose next share waits for
+        // room (it holds no slot then), was reserved at creation and after every rebuild of
+        // the queue (`fit_queue`): no batch completes more requests than that.
         if self.done.len() < self.done.capacity() {
             self.done.push((token, status));
         } else {
@@ -263,20 +264,29 @@ impl Book {
     }
 
     /// After the queue was rebuilt (restart, resume): room for one completion per slot of
-    /// its new size, which the device may have made larger than at creation. A failed
-    /// allocation is logged, not fatal (a kernel panic would be worse than a lost entry).
+    /// its new size, which the device may have made larger than at creation, and one more
+    /// ([`completion_entries`]). A failed allocation is logged, not fatal (a kernel panic
+    /// would be worse than a lost entry).
     fn fit_queue(&mut self, drv: &BlkDriver<FamilyBus>) {
-        let slots = usize::from(drv.bus().queue_size(0).unwrap_or(0).max(1));
-        let missing = slots.saturating_sub(self.done.capacity());
+        let entries = completion_entries(drv.bus().queue_size(0).unwrap_or(0));
+        let missing = entries.saturating_sub(self.done.capacity());
         if missing > 0
             && self
                 .done
-                .try_reserve_exact(slots - self.done.len())
+                .try_reserve_exact(entries - self.done.len())
                 .is_err()
         {
-            log::error!("VirtioBlock: no memory for {slots} completion entries");
+            log::error!("VirtioBlock: no memory for {entries} completion entries");
         }
     }
+}
+
+/// Completions one batch may hold on a queue of `slots` entries: every request in flight
+/// holds at least one slot, except a long unmap whose next share waits for room
+/// ([`LongUnmap::due`]), which holds none; a reset (sleep, stop, a fault) completes all of
+/// them at once.
+fn completion_entries(slots: u16) -> usize {
+    usize::from(slots.max(1)) + 1
 }
 
 fn dev<'a>(p: *mut VblkDevice) -> Option<&'a mut VblkDevice> {
@@ -471,7 +481,7 @@ pub unsafe extern "C" fn vblk_create(
         family,
         cb,
         book: Book {
-            done: Vec::with_capacity(usize::from(slots.max(1))),
+            done: Vec::with_capacity(completion_entries(slots)),
             id_request: 0,
             id: None,
             stats: VblkStats::default(),
