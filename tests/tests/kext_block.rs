@@ -100,6 +100,7 @@ kext_tests!(Kexts:
     a_resize_while_asleep_is_reported_in_blocks,
     a_long_unmap_goes_in_shares,
     a_long_unmap_waits_for_room_between_shares,
+    a_long_unmap_progresses_under_sustained_io,
     the_write_cache_is_left_alone_while_the_device_is_reset,
 );
 
@@ -1259,6 +1260,22 @@ fn long_unmap_rig(kexts: Kexts) -> (Rig, [VblkExtent; 1]) {
     (r, [long])
 }
 
+impl Rig {
+    /// [`long_unmap_rig`]'s unmap as `request`: its first share (32 device requests, half the
+    /// ring) goes, and half of it completes. Returns the share's chains.
+    fn start_long_unmap(&mut self, long: &[VblkExtent], request: usize) -> Vec<Chain> {
+        assert_eq!(self.unmap(long, request), VBLK_OK);
+        let share = self.sim.pop_chains(0);
+        assert_eq!(share.len(), 32);
+        for c in &share[..16] {
+            self.complete_ok(c);
+        }
+        self.sim.signal_used(0);
+        self.fam().interrupts();
+        share
+    }
+}
+
 /// An unmap needing more device requests than the ring holds (the device takes one range
 /// of 8 sectors per request, the ring 64 requests; APFS trimming a large disk on QEMU, at a
 /// smaller scale) goes in shares, one after another: it completes once, OK, and the device
@@ -1351,24 +1368,17 @@ fn the_write_cache_is_left_alone_while_the_device_is_reset(kexts: Kexts) {
 }
 
 /// A share of a long unmap completes while reads hold more than half the ring: the next
-/// share does not fit yet and waits, and goes when the reads' completions free room (no
-/// stall, nothing lost). Waiting like that when the host sleeps, the unmap completes once,
-/// aborted (the shim sends it again after the wake).
+/// share goes at once with the room there is, not waiting for a share of half the ring
+/// (which other I/O may never leave), and the unmap ends OK with nothing lost. Cut off by
+/// sleep with the ring full of reads and its share, it completes once, aborted, with every
+/// read (the shim sends them again after the wake).
 fn a_long_unmap_waits_for_room_between_shares(kexts: Kexts) {
     let (mut r, long) = long_unmap_rig(kexts);
     let s = r.segments(4096, 1, None);
     for (round, unmap) in [0x800usize, 0x900].into_iter().enumerate() {
-        assert_eq!(r.unmap(&long, unmap), VBLK_OK);
-        // The first share: 32 device requests; half complete.
-        let share = r.sim.pop_chains(0);
-        assert_eq!(share.len(), 32);
-        for c in &share[..16] {
-            r.complete_ok(c);
-        }
-        r.sim.signal_used(0);
-        r.fam().interrupts();
+        let share = r.start_long_unmap(&long, unmap);
         // Reads take 33 of the 48 free entries; then the rest of the share completes,
-        // leaving 31 free for a share of 32.
+        // leaving 31 free: the next share takes them.
         for k in 0..33 {
             assert_eq!(r.rw(false, 0, 8, &s, unmap + 1 + k), VBLK_OK, "read {k}");
         }
@@ -1378,28 +1388,91 @@ fn a_long_unmap_waits_for_room_between_shares(kexts: Kexts) {
         }
         r.sim.signal_used(0);
         r.fam().interrupts();
-        assert_eq!(r.published(), published, "no room for the next share yet");
+        assert_eq!(
+            r.published(),
+            published.wrapping_add(31),
+            "the next share, in the room there is"
+        );
         assert!(r.take().is_empty());
+        assert_eq!(
+            r.rw(false, 0, 8, &s, unmap + 34),
+            VBLK_E_BUSY,
+            "the ring is full"
+        );
         if round == 0 {
-            // The reads complete: the next share goes, and the unmap ends.
+            // The reads complete, and the unmap ends.
             assert_eq!(r.finish(unmap), VBLK_OK);
-            let c = r.take();
+            let mut c = r.take();
+            while c.len() < 34 {
+                assert!(r.step() > 0);
+                c.extend(r.take());
+            }
             assert_eq!(c.len(), 34);
             assert!(c.iter().all(|&(_, st)| st == VBLK_OK), "{c:?}");
         } else {
-            // Reads fill the ring: 64 requests in flight, and the unmap, which holds no
-            // slot while its share waits. The reset completes all 65; none is lost (the
-            // shim's doUnmap would wait for ever).
-            for k in 33..64 {
-                assert_eq!(r.rw(false, 0, 8, &s, unmap + 1 + k), VBLK_OK, "read {k}");
-            }
             assert_eq!(r.suspend(), VBLK_OK);
             let mut c = r.take();
             c.sort();
-            let want: Vec<(usize, i32)> = (0..65).map(|k| (unmap + k, VBLK_E_ABORTED)).collect();
+            let want: Vec<(usize, i32)> = (0..34).map(|k| (unmap + k, VBLK_E_ABORTED)).collect();
             assert_eq!(c, want);
             assert_eq!(r.resume(), VBLK_OK);
         }
     }
+    r.unload();
+}
+
+/// Reads keep 40 of the 64 entries busy, one completing and another taking its place at
+/// every interrupt, when a long unmap's share completes: the unmap still progresses (its
+/// shares take the room there is, at least one device request), and ends OK within a few
+/// interrupts instead of waiting for half the ring to be free at once, which never comes.
+fn a_long_unmap_progresses_under_sustained_io(kexts: Kexts) {
+    let (mut r, long) = long_unmap_rig(kexts);
+    let s = r.segments(4096, 1, None);
+    let unmap = 0xa00usize;
+    let share = r.start_long_unmap(&long, unmap);
+    let mut next_read = unmap + 1;
+    for _ in 0..40 {
+        assert_eq!(r.rw(false, 0, 8, &s, next_read), VBLK_OK);
+        next_read += 1;
+    }
+    let mut reads: std::collections::VecDeque<Chain> = r.sim.pop_chains(0).into();
+    assert_eq!(reads.len(), 40);
+    for c in &share[16..] {
+        r.complete_ok(c);
+    }
+    r.sim.signal_used(0);
+    r.fam().interrupts();
+    let done = |r: &Rig| {
+        r.log
+            .borrow()
+            .completions
+            .iter()
+            .find(|&&(t, _)| t == unmap)
+            .map(|&(_, st)| st)
+    };
+    let mut interrupts = 0;
+    while done(&r).is_none() {
+        interrupts += 1;
+        assert!(
+            interrupts <= 8,
+            "the unmap starves behind 40 reads in flight"
+        );
+        // The device: every discard it was given, and the oldest read.
+        for c in r.sim.pop_chains(0) {
+            let header = r.mem.bytes_at(c.descs[0].addr, 4);
+            if u32::from_le_bytes(header.try_into().unwrap()) == proto::T_DISCARD {
+                r.complete_ok(&c);
+            } else {
+                reads.push_back(c);
+            }
+        }
+        let oldest = reads.pop_front().unwrap();
+        r.complete_ok(&oldest);
+        r.sim.signal_used(0);
+        r.fam().interrupts();
+        assert_eq!(r.rw(false, 0, 8, &s, next_read), VBLK_OK, "a new read");
+        next_read += 1;
+    }
+    assert_eq!(done(&r), Some(VBLK_OK));
     r.unload();
 }

@@ -178,9 +178,10 @@ struct Book {
     unmap: Option<LongUnmap>,
 }
 
-/// An unmap needing more device requests than fit in half the ring ([`vblk_unmap`]) goes in
-/// shares, one after another, so that no discard is too long for the ring (a whole-disk
-/// trim where the device takes one range of a few GiB per request). Its sector ranges stay
+/// An unmap needing more device requests than fit in half the ring, or in the room the ring
+/// has at the time ([`vblk_unmap`]), goes in shares, one after another, so that no discard
+/// is too long for the ring (a whole-disk trim where the device takes one range of a few GiB
+/// per request) and none waits for room other I/O may never leave. Its sector ranges stay
 /// in [`VblkDevice::ranges`] until the last share is on the ring.
 #[derive(Copy, Clone, Debug)]
 struct LongUnmap {
@@ -344,18 +345,28 @@ impl VblkDevice {
         (size / per / 2).max(1)
     }
 
+    /// Device requests of an unmap's share: at most half the ring, and no more than fit now,
+    /// at least one (with none free, `submit_ranges_from` answers `QueueFull`). A share
+    /// waiting for a fixed size would wait for ever under I/O that keeps more than half the
+    /// ring busy; one of what fits goes at once (the share before it just freed room).
+    fn unmap_share(&self) -> usize {
+        // Header, the range array, status.
+        let room = self.drv.room_for(0, 3).unwrap_or(0);
+        self.half_ring_parts(3).min(room).max(1)
+    }
+
     /// Sends the next share of the long unmap whose share on the ring completed OK (after
-    /// the completions of an interrupt were recorded). With no room now (other requests hold
-    /// the ring) it stays due: their completions interrupt, and the next interrupt tries
-    /// again. Out of line: most interrupts have no long unmap to see to.
+    /// the completions of an interrupt were recorded), as large as fits now
+    /// ([`VblkDevice::unmap_share`]). With no room at all (other requests hold the ring) it
+    /// stays due: their completions interrupt, and the next interrupt tries again. Out of
+    /// line: most interrupts have no long unmap to see to.
     #[inline(never)]
     fn continue_unmap(&mut self) {
         self.book.settle_unmap();
         let Some(job) = self.book.unmap.filter(|u| u.due) else {
             return;
         };
-        // Header, the range array, status.
-        let share = self.half_ring_parts(3);
+        let share = self.unmap_share();
         let VblkDevice {
             drv, ranges, book, ..
         } = self;
@@ -694,8 +705,9 @@ pub unsafe extern "C" fn vblk_flush(d: *mut VblkDevice, request: *mut c_void) ->
 }
 
 /// Queues a discard of `count` extents (logical blocks), at most [`VBLK_MAX_EXTENTS`], of
-/// any length. One needing more device requests than fit in half the ring (the device's
-/// `max_discard_sectors` and `max_discard_seg` cut it) goes in shares, each sent when the one
+/// any length. One needing more device requests than fit in half the ring, or than fit in
+/// the ring now (the device's `max_discard_sectors` and `max_discard_seg` cut it), goes in
+/// shares of at most half the ring and no more than fit at the time, each sent when the one
 /// before completed OK; `request` completes once, after the last share or the first that
 /// failed. Such an unmap keeps its extents until its last share is on the ring: another
 /// unmap meanwhile answers `VBLK_E_BUSY` (resubmit it on `restart`).
@@ -736,8 +748,7 @@ pub unsafe extern "C" fn vblk_unmap(
         }
     }
     let token = request as usize;
-    // Header, the range array, status.
-    let share = d.half_ring_parts(3);
+    let share = d.unmap_share();
     let mut rest = None;
     let r = d.submit(|d| {
         let VblkDevice { drv, ranges, .. } = d;
