@@ -98,6 +98,7 @@ kext_tests!(Kexts:
     a_failed_wake_fails_what_the_shim_holds,
     an_interrupt_while_asleep_leaves_the_device_alone,
     a_resize_while_asleep_is_reported_in_blocks,
+    a_resize_is_reported_after_a_failed_wake_and_a_recovery,
     a_long_unmap_goes_in_shares,
     a_long_unmap_waits_for_room_between_shares,
     a_long_unmap_progresses_under_sustained_io,
@@ -1150,11 +1151,18 @@ fn max_segments_fit_a_ring_without_indirect_descriptors(kexts: Kexts) {
 /// answers `VBLK_E_DEVICE` and the driver fails, so what the shim held while asleep fails
 /// with `VBLK_E_DEVICE` when the shim resubmits it, as does every later request, instead of
 /// being refused as busy for ever. The next sleep and wake, the device fixed meanwhile, brings
-/// it back (with the features it had).
+/// it back (with the features it had). Asleep and failed, the device has no queue; the
+/// transfer limits reported stay those of before the sleep (the shim sizes what it holds by
+/// them: one segment would fail a held multi-segment read as too large instead of holding
+/// it, or, failed, as a bad argument instead of `kIOReturnNotAttached`).
 fn a_failed_wake_fails_what_the_shim_holds(kexts: Kexts) {
     let mut r = Rig::start(kexts, full_model(), SimMode::Modern, Preference::Auto, 64);
     let s = r.segments(4096, 1, Some(5));
+    let limits = |i: VblkInfo| (i.max_segments, i.max_segment_bytes, i.max_transfer_bytes);
+    let awake = limits(r.info());
+    assert!(awake.0 > 1, "{awake:?}");
     assert_eq!(r.suspend(), VBLK_OK);
+    assert_eq!(limits(r.info()), awake, "asleep");
     assert_eq!(
         r.rw(false, 0, 8, &s, 0x500),
         VBLK_E_BUSY,
@@ -1163,6 +1171,7 @@ fn a_failed_wake_fails_what_the_shim_holds(kexts: Kexts) {
     let offered = r.sim.offered_features();
     r.sim.set_offered_features(0);
     assert_eq!(r.resume(), VBLK_E_DEVICE);
+    assert_eq!(limits(r.info()), awake, "failed at the wake");
     assert_eq!(r.rw(false, 0, 8, &s, 0x500), VBLK_E_DEVICE, "the held read");
     assert_eq!(r.rw(true, 8, 8, &s, 0x501), VBLK_E_DEVICE);
     assert_eq!(r.flush(0x502), VBLK_E_DEVICE);
@@ -1242,6 +1251,39 @@ fn a_resize_while_asleep_is_reported_in_blocks(kexts: Kexts) {
     assert_eq!(r.resume(), VBLK_OK);
     assert_eq!(r.log.borrow().capacity, vec![SECTORS * 2 / 8]);
     assert_eq!(r.info().block_count, SECTORS * 2 / 8);
+    r.unload();
+}
+
+/// A resize is reported once the shim can be told of it, whatever came between: a wake
+/// that read the new capacity and then failed (no ring), after which the next wake finds
+/// the capacity it read unchanged; and a recovery from a fault, which reads the
+/// configuration afresh with no configuration-change interrupt.
+fn a_resize_is_reported_after_a_failed_wake_and_a_recovery(kexts: Kexts) {
+    let mut r = Rig::start(kexts, full_model(), SimMode::Modern, Preference::Auto, 64);
+    let resize = |r: &mut Rig, sectors: u64| {
+        r.model.resize(sectors);
+        r.sim.set_device_config(0, &sectors.to_le_bytes());
+    };
+    assert_eq!(r.suspend(), VBLK_OK);
+    resize(&mut r, SECTORS * 2);
+    r.sim.set_queue_max_size(0, 0);
+    assert_eq!(r.resume(), VBLK_E_DEVICE, "no ring");
+    assert!(r.log.borrow().capacity.is_empty());
+    assert_eq!(r.info().block_count, SECTORS, "as the shim was told");
+    r.sim.set_queue_max_size(0, 64);
+    assert_eq!(r.suspend(), VBLK_OK);
+    assert_eq!(r.resume(), VBLK_OK);
+    assert_eq!(r.log.borrow().capacity, vec![SECTORS * 2]);
+    assert_eq!(r.info().block_count, SECTORS * 2);
+    // A fault: the recovery reads the configuration, resized meanwhile.
+    resize(&mut r, SECTORS * 3);
+    r.sim.trigger_needs_reset();
+    r.fam().interrupts();
+    assert_eq!(r.log.borrow().capacity, vec![SECTORS * 2, SECTORS * 3]);
+    assert_eq!(r.info().block_count, SECTORS * 3);
+    let s = r.segments(4096, 1, None);
+    assert_eq!(r.rw(false, SECTORS * 2, 8, &s, 0xb00), VBLK_OK);
+    assert_eq!(r.finish(0xb00), VBLK_OK);
     r.unload();
 }
 
