@@ -98,8 +98,10 @@ kext_tests!(Kexts:
     a_failed_wake_fails_what_the_shim_holds,
     an_interrupt_while_asleep_leaves_the_device_alone,
     a_resize_while_asleep_is_reported_in_blocks,
+    a_resize_is_reported_after_a_failed_wake_and_a_recovery,
     a_long_unmap_goes_in_shares,
     a_long_unmap_waits_for_room_between_shares,
+    a_long_unmap_progresses_under_sustained_io,
     the_write_cache_is_left_alone_while_the_device_is_reset,
 );
 
@@ -1149,11 +1151,18 @@ fn max_segments_fit_a_ring_without_indirect_descriptors(kexts: Kexts) {
 /// answers `VBLK_E_DEVICE` and the driver fails, so what the shim held while asleep fails
 /// with `VBLK_E_DEVICE` when the shim resubmits it, as does every later request, instead of
 /// being refused as busy for ever. The next sleep and wake, the device fixed meanwhile, brings
-/// it back (with the features it had).
+/// it back (with the features it had). Asleep and failed, the device has no queue; the
+/// transfer limits reported stay those of before the sleep (the shim sizes what it holds by
+/// them: one segment would fail a held multi-segment read as too large instead of holding
+/// it, or, failed, as a bad argument instead of `kIOReturnNotAttached`).
 fn a_failed_wake_fails_what_the_shim_holds(kexts: Kexts) {
     let mut r = Rig::start(kexts, full_model(), SimMode::Modern, Preference::Auto, 64);
     let s = r.segments(4096, 1, Some(5));
+    let limits = |i: VblkInfo| (i.max_segments, i.max_segment_bytes, i.max_transfer_bytes);
+    let awake = limits(r.info());
+    assert!(awake.0 > 1, "{awake:?}");
     assert_eq!(r.suspend(), VBLK_OK);
+    assert_eq!(limits(r.info()), awake, "asleep");
     assert_eq!(
         r.rw(false, 0, 8, &s, 0x500),
         VBLK_E_BUSY,
@@ -1162,6 +1171,7 @@ fn a_failed_wake_fails_what_the_shim_holds(kexts: Kexts) {
     let offered = r.sim.offered_features();
     r.sim.set_offered_features(0);
     assert_eq!(r.resume(), VBLK_E_DEVICE);
+    assert_eq!(limits(r.info()), awake, "failed at the wake");
     assert_eq!(r.rw(false, 0, 8, &s, 0x500), VBLK_E_DEVICE, "the held read");
     assert_eq!(r.rw(true, 8, 8, &s, 0x501), VBLK_E_DEVICE);
     assert_eq!(r.flush(0x502), VBLK_E_DEVICE);
@@ -1244,6 +1254,39 @@ fn a_resize_while_asleep_is_reported_in_blocks(kexts: Kexts) {
     r.unload();
 }
 
+/// A resize is reported once the shim can be told of it, whatever came between: a wake
+/// that read the new capacity and then failed (no ring), after which the next wake finds
+/// the capacity it read unchanged; and a recovery from a fault, which reads the
+/// configuration afresh with no configuration-change interrupt.
+fn a_resize_is_reported_after_a_failed_wake_and_a_recovery(kexts: Kexts) {
+    let mut r = Rig::start(kexts, full_model(), SimMode::Modern, Preference::Auto, 64);
+    let resize = |r: &mut Rig, sectors: u64| {
+        r.model.resize(sectors);
+        r.sim.set_device_config(0, &sectors.to_le_bytes());
+    };
+    assert_eq!(r.suspend(), VBLK_OK);
+    resize(&mut r, SECTORS * 2);
+    r.sim.set_queue_max_size(0, 0);
+    assert_eq!(r.resume(), VBLK_E_DEVICE, "no ring");
+    assert!(r.log.borrow().capacity.is_empty());
+    assert_eq!(r.info().block_count, SECTORS, "as the shim was told");
+    r.sim.set_queue_max_size(0, 64);
+    assert_eq!(r.suspend(), VBLK_OK);
+    assert_eq!(r.resume(), VBLK_OK);
+    assert_eq!(r.log.borrow().capacity, vec![SECTORS * 2]);
+    assert_eq!(r.info().block_count, SECTORS * 2);
+    // A fault: the recovery reads the configuration, resized meanwhile.
+    resize(&mut r, SECTORS * 3);
+    r.sim.trigger_needs_reset();
+    r.fam().interrupts();
+    assert_eq!(r.log.borrow().capacity, vec![SECTORS * 2, SECTORS * 3]);
+    assert_eq!(r.info().block_count, SECTORS * 3);
+    let s = r.segments(4096, 1, None);
+    assert_eq!(r.rw(false, SECTORS * 2, 8, &s, 0xb00), VBLK_OK);
+    assert_eq!(r.finish(0xb00), VBLK_OK);
+    r.unload();
+}
+
 /// A ring of 64 entries and a device that takes one range of 8 sectors per discard request
 /// (QEMU's `max_discard_seg` 1, at a smaller scale), with an extent of 65 × 8 blocks: more
 /// device requests than the ring holds.
@@ -1257,6 +1300,22 @@ fn long_unmap_rig(kexts: Kexts) -> (Rig, [VblkExtent; 1]) {
         count: 65 * 8,
     };
     (r, [long])
+}
+
+impl Rig {
+    /// [`long_unmap_rig`]'s unmap as `request`: its first share (32 device requests, half the
+    /// ring) goes, and half of it completes. Returns the share's chains.
+    fn start_long_unmap(&mut self, long: &[VblkExtent], request: usize) -> Vec<Chain> {
+        assert_eq!(self.unmap(long, request), VBLK_OK);
+        let share = self.sim.pop_chains(0);
+        assert_eq!(share.len(), 32);
+        for c in &share[..16] {
+            self.complete_ok(c);
+        }
+        self.sim.signal_used(0);
+        self.fam().interrupts();
+        share
+    }
 }
 
 /// An unmap needing more device requests than the ring holds (the device takes one range
@@ -1351,24 +1410,17 @@ fn the_write_cache_is_left_alone_while_the_device_is_reset(kexts: Kexts) {
 }
 
 /// A share of a long unmap completes while reads hold more than half the ring: the next
-/// share does not fit yet and waits, and goes when the reads' completions free room (no
-/// stall, nothing lost). Waiting like that when the host sleeps, the unmap completes once,
-/// aborted (the shim sends it again after the wake).
+/// share goes at once with the room there is, not waiting for a share of half the ring
+/// (which other I/O may never leave), and the unmap ends OK with nothing lost. Cut off by
+/// sleep with the ring full of reads and its share, it completes once, aborted, with every
+/// read (the shim sends them again after the wake).
 fn a_long_unmap_waits_for_room_between_shares(kexts: Kexts) {
     let (mut r, long) = long_unmap_rig(kexts);
     let s = r.segments(4096, 1, None);
     for (round, unmap) in [0x800usize, 0x900].into_iter().enumerate() {
-        assert_eq!(r.unmap(&long, unmap), VBLK_OK);
-        // The first share: 32 device requests; half complete.
-        let share = r.sim.pop_chains(0);
-        assert_eq!(share.len(), 32);
-        for c in &share[..16] {
-            r.complete_ok(c);
-        }
-        r.sim.signal_used(0);
-        r.fam().interrupts();
+        let share = r.start_long_unmap(&long, unmap);
         // Reads take 33 of the 48 free entries; then the rest of the share completes,
-        // leaving 31 free for a share of 32.
+        // leaving 31 free: the next share takes them.
         for k in 0..33 {
             assert_eq!(r.rw(false, 0, 8, &s, unmap + 1 + k), VBLK_OK, "read {k}");
         }
@@ -1378,21 +1430,91 @@ fn a_long_unmap_waits_for_room_between_shares(kexts: Kexts) {
         }
         r.sim.signal_used(0);
         r.fam().interrupts();
-        assert_eq!(r.published(), published, "no room for the next share yet");
+        assert_eq!(
+            r.published(),
+            published.wrapping_add(31),
+            "the next share, in the room there is"
+        );
         assert!(r.take().is_empty());
+        assert_eq!(
+            r.rw(false, 0, 8, &s, unmap + 34),
+            VBLK_E_BUSY,
+            "the ring is full"
+        );
         if round == 0 {
-            // The reads complete: the next share goes, and the unmap ends.
+            // The reads complete, and the unmap ends.
             assert_eq!(r.finish(unmap), VBLK_OK);
-            let c = r.take();
+            let mut c = r.take();
+            while c.len() < 34 {
+                assert!(r.step() > 0);
+                c.extend(r.take());
+            }
             assert_eq!(c.len(), 34);
             assert!(c.iter().all(|&(_, st)| st == VBLK_OK), "{c:?}");
         } else {
             assert_eq!(r.suspend(), VBLK_OK);
-            let c = r.take();
-            assert_eq!(c.len(), 34);
-            assert!(c.iter().all(|&(_, st)| st == VBLK_E_ABORTED), "{c:?}");
+            let mut c = r.take();
+            c.sort();
+            let want: Vec<(usize, i32)> = (0..34).map(|k| (unmap + k, VBLK_E_ABORTED)).collect();
+            assert_eq!(c, want);
             assert_eq!(r.resume(), VBLK_OK);
         }
     }
+    r.unload();
+}
+
+/// Reads keep 40 of the 64 entries busy, one completing and another taking its place at
+/// every interrupt, when a long unmap's share completes: the unmap still progresses (its
+/// shares take the room there is, at least one device request), and ends OK within a few
+/// interrupts instead of waiting for half the ring to be free at once, which never comes.
+fn a_long_unmap_progresses_under_sustained_io(kexts: Kexts) {
+    let (mut r, long) = long_unmap_rig(kexts);
+    let s = r.segments(4096, 1, None);
+    let unmap = 0xa00usize;
+    let share = r.start_long_unmap(&long, unmap);
+    let mut next_read = unmap + 1;
+    for _ in 0..40 {
+        assert_eq!(r.rw(false, 0, 8, &s, next_read), VBLK_OK);
+        next_read += 1;
+    }
+    let mut reads: std::collections::VecDeque<Chain> = r.sim.pop_chains(0).into();
+    assert_eq!(reads.len(), 40);
+    for c in &share[16..] {
+        r.complete_ok(c);
+    }
+    r.sim.signal_used(0);
+    r.fam().interrupts();
+    let done = |r: &Rig| {
+        r.log
+            .borrow()
+            .completions
+            .iter()
+            .find(|&&(t, _)| t == unmap)
+            .map(|&(_, st)| st)
+    };
+    let mut interrupts = 0;
+    while done(&r).is_none() {
+        interrupts += 1;
+        assert!(
+            interrupts <= 8,
+            "the unmap starves behind 40 reads in flight"
+        );
+        // The device: every discard it was given, and the oldest read.
+        for c in r.sim.pop_chains(0) {
+            let header = r.mem.bytes_at(c.descs[0].addr, 4);
+            if u32::from_le_bytes(header.try_into().unwrap()) == proto::T_DISCARD {
+                r.complete_ok(&c);
+            } else {
+                reads.push_back(c);
+            }
+        }
+        let oldest = reads.pop_front().unwrap();
+        r.complete_ok(&oldest);
+        r.sim.signal_used(0);
+        r.fam().interrupts();
+        assert_eq!(r.rw(false, 0, 8, &s, next_read), VBLK_OK, "a new read");
+        next_read += 1;
+    }
+    assert_eq!(done(&r), Some(VBLK_OK));
     r.unload();
 }

@@ -709,6 +709,17 @@ impl<B: Bus> BlkDriver<B> {
             .max(1);
         Ok((free / per).min(q.free.len()) as u16)
     }
+    /// Device requests of `descriptors` descriptors each (`[header, ..., status]`) that fit
+    /// on `queue` now: free request slots, and free ring descriptors (without
+    /// VIRTIO_F_INDIRECT_DESC each descriptor of a chain takes one of the ring, §2.7.5).
+    /// For sizing a share of [`BlkDriver::submit_ranges_from`] to what fits rather than
+    /// waiting for a fixed share's room, which other I/O may never leave.
+    pub fn room_for(&self, queue: u16, descriptors: usize) -> Result<usize, BlkError> {
+        let q = self.queue(queue)?;
+        let free = usize::from(self.bus.free_descriptors(queue)?);
+        let per = self.bus.descriptors_for(queue, descriptors)?.max(1);
+        Ok((free / per).min(q.free.len()))
+    }
     /// Requests (caller tokens) not yet completed on `queue`.
     pub fn in_flight(&self, queue: u16) -> Result<usize, BlkError> {
         let q = self.queue(queue)?;

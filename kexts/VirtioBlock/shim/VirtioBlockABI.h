@@ -257,8 +257,9 @@ int32_t vblk_flush(VblkDevice *d, void *request);
 
 /**
  * Queues a discard of `count` extents (logical blocks), at most [`VBLK_MAX_EXTENTS`], of
- * any length. One needing more device requests than fit in half the ring (the device's
- * `max_discard_sectors` and `max_discard_seg` cut it) goes in shares, each sent when the one
+ * any length. One needing more device requests than fit in half the ring, or than fit in
+ * the ring now (the device's `max_discard_sectors` and `max_discard_seg` cut it), goes in
+ * shares of at most half the ring and no more than fit at the time, each sent when the one
  * before completed OK; `request` completes once, after the last share or the first that
  * failed. Such an unmap keeps its extents until its last share is on the ring: another
  * unmap meanwhile answers `VBLK_E_BUSY` (resubmit it on `restart`).

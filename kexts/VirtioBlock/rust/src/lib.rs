@@ -163,6 +163,23 @@ pub struct VblkDevice {
     /// The device could not be brought back after a fault: every request fails with
     /// `VBLK_E_DEVICE` until `vblk_stop` (which still unregisters the interrupt entry).
     failed: bool,
+    /// The transfer limits [`vblk_info`] last worked out from a live queue, reported while
+    /// the device has none (asleep, failed, stopped): the shim sizes the requests it holds
+    /// by them, and limits of a missing queue (one segment) would fail them as too large.
+    limits: Limits,
+    /// The capacity (sectors) the shim was last told of, at creation or through
+    /// `capacity_changed`: the driver's own value may have moved on without a report (a wake
+    /// that read the new configuration and then failed, a recovery from a fault), so every
+    /// successful wake and recovery compares against this one.
+    reported_sectors: u64,
+}
+
+/// [`VblkInfo`]'s transfer limits.
+#[derive(Copy, Clone, Debug, Default)]
+struct Limits {
+    max_segments: u32,
+    max_segment_bytes: u64,
+    max_transfer_bytes: u64,
 }
 
 /// Completion bookkeeping, apart from the driver so its callbacks can fill it.
@@ -178,9 +195,10 @@ struct Book {
     unmap: Option<LongUnmap>,
 }
 
-/// An unmap needing more device requests than fit in half the ring ([`vblk_unmap`]) goes in
-/// shares, one after another, so that no discard is too long for the ring (a whole-disk
-/// trim where the device takes one range of a few GiB per request). Its sector ranges stay
+/// An unmap needing more device requests than fit in half the ring, or in the room the ring
+/// has at the time ([`vblk_unmap`]), goes in shares, one after another, so that no discard
+/// is too long for the ring (a whole-disk trim where the device takes one range of a few GiB
+/// per request) and none waits for room other I/O may never leave. Its sector ranges stay
 /// in [`VblkDevice::ranges`] until the last share is on the ring.
 #[derive(Copy, Clone, Debug)]
 struct LongUnmap {
@@ -215,8 +233,9 @@ impl Book {
             self.stats.errors += 1;
         }
         self.stats.in_flight = self.stats.in_flight.saturating_sub(1);
-        // One entry per request slot was reserved at creation and after every rebuild of
-        // the queue (`fit_queue`); the driver never has more requests in flight than slots.
+        // One entry per request slot, and one for a long unmap whose next share waits for
+        // room (it holds no slot then), was reserved at creation and after every rebuild of
+        // the queue (`fit_queue`): no batch completes more requests than that.
         if self.done.len() < self.done.capacity() {
             self.done.push((token, status));
         } else {
@@ -263,20 +282,29 @@ impl Book {
     }
 
     /// After the queue was rebuilt (restart, resume): room for one completion per slot of
-    /// its new size, which the device may have made larger than at creation. A failed
-    /// allocation is logged, not fatal (a kernel panic would be worse than a lost entry).
+    /// its new size, which the device may have made larger than at creation, and one more
+    /// ([`completion_entries`]). A failed allocation is logged, not fatal (a kernel panic
+    /// would be worse than a lost entry).
     fn fit_queue(&mut self, drv: &BlkDriver<FamilyBus>) {
-        let slots = usize::from(drv.bus().queue_size(0).unwrap_or(0).max(1));
-        let missing = slots.saturating_sub(self.done.capacity());
+        let entries = completion_entries(drv.bus().queue_size(0).unwrap_or(0));
+        let missing = entries.saturating_sub(self.done.capacity());
         if missing > 0
             && self
                 .done
-                .try_reserve_exact(slots - self.done.len())
+                .try_reserve_exact(entries - self.done.len())
                 .is_err()
         {
-            log::error!("VirtioBlock: no memory for {slots} completion entries");
+            log::error!("VirtioBlock: no memory for {entries} completion entries");
         }
     }
+}
+
+/// Completions one batch may hold on a queue of `slots` entries: every request in flight
+/// holds at least one slot, except a long unmap whose next share waits for room
+/// ([`LongUnmap::due`]), which holds none; a reset (sleep, stop, a fault) completes all of
+/// them at once.
+fn completion_entries(slots: u16) -> usize {
+    usize::from(slots.max(1)) + 1
 }
 
 fn dev<'a>(p: *mut VblkDevice) -> Option<&'a mut VblkDevice> {
@@ -334,18 +362,28 @@ impl VblkDevice {
         (size / per / 2).max(1)
     }
 
+    /// Device requests of an unmap's share: at most half the ring, and no more than fit now,
+    /// at least one (with none free, `submit_ranges_from` answers `QueueFull`). A share
+    /// waiting for a fixed size would wait for ever under I/O that keeps more than half the
+    /// ring busy; one of what fits goes at once (the share before it just freed room).
+    fn unmap_share(&self) -> usize {
+        // Header, the range array, status.
+        let room = self.drv.room_for(0, 3).unwrap_or(0);
+        self.half_ring_parts(3).min(room).max(1)
+    }
+
     /// Sends the next share of the long unmap whose share on the ring completed OK (after
-    /// the completions of an interrupt were recorded). With no room now (other requests hold
-    /// the ring) it stays due: their completions interrupt, and the next interrupt tries
-    /// again. Out of line: most interrupts have no long unmap to see to.
+    /// the completions of an interrupt were recorded), as large as fits now
+    /// ([`VblkDevice::unmap_share`]). With no room at all (other requests hold the ring) it
+    /// stays due: their completions interrupt, and the next interrupt tries again. Out of
+    /// line: most interrupts have no long unmap to see to.
     #[inline(never)]
     fn continue_unmap(&mut self) {
         self.book.settle_unmap();
         let Some(job) = self.book.unmap.filter(|u| u.due) else {
             return;
         };
-        // Header, the range array, status.
-        let share = self.half_ring_parts(3);
+        let share = self.unmap_share();
         let VblkDevice {
             drv, ranges, book, ..
         } = self;
@@ -366,6 +404,66 @@ impl VblkDevice {
                 book.unmap = None;
                 book.finish(job.request, status_of(e));
             }
+        }
+    }
+
+    /// The transfer limits: worked out from the queue while the device has one, else the
+    /// last ones that were (`limits`).
+    fn limits(&mut self) -> Limits {
+        if self.stopped || self.failed || self.drv.is_suspended() {
+            return self.limits;
+        }
+        let Ok(per_part) = self.drv.max_segments(0) else {
+            return self.limits;
+        };
+        // Data segments per device request, and how many such requests one read or write
+        // may take: half the ring, in descriptors (`[header, data..., status]` each).
+        let per_part = per_part.max(1);
+        let parts = self.half_ring_parts(per_part + 2);
+        // The driver cuts a request into device requests of whole blocks
+        // (`virtio_blk::split`): a part after the first may begin with the rest of a segment
+        // its predecessor was cut back from to a block boundary, leaving it one descriptor
+        // fewer for segments of its own. Exact when every segment but the first and the last
+        // is whole blocks (what IODMACommand makes of a buffer, with blocks no larger than a
+        // page).
+        let max_segments = if per_part > 1 {
+            parts.saturating_mul(per_part - 1).saturating_add(1)
+        } else {
+            parts
+        };
+        let max_segments = max_segments.min(VBLK_MAX_SEGMENTS as usize) as u32;
+        let i = self.drv.info();
+        let block_size = u64::from(i.block_size);
+        // At most 1 MiB per I/O, whole blocks, and never more parts than half the ring.
+        let seg_bytes = i.size_max.map_or(0, u64::from);
+        let mut max_bytes: u64 = 1 << 20;
+        if seg_bytes != 0 {
+            max_bytes = max_bytes.min(seg_bytes.saturating_mul(max_segments.into()));
+        }
+        max_bytes = (max_bytes / block_size.max(1)).max(1) * block_size;
+        self.limits = Limits {
+            max_segments,
+            max_segment_bytes: seg_bytes,
+            max_transfer_bytes: max_bytes,
+        };
+        self.limits
+    }
+
+    /// Tells the shim of a capacity other than the one it was last told of (after a
+    /// configuration change, a wake, a recovery). Out of line: rare.
+    #[inline(never)]
+    fn report_capacity(p: *mut VblkDevice) {
+        let Some(d) = dev(p) else { return };
+        let sectors = d.drv.info().capacity;
+        if sectors == d.reported_sectors {
+            return;
+        }
+        d.reported_sectors = sectors;
+        let cb = d.cb;
+        let blocks = sectors / d.block_sectors();
+        if let Some(f) = cb.capacity_changed {
+            // SAFETY: the shim's callback with its own context.
+            unsafe { f(cb.ctx, blocks) };
         }
     }
 
@@ -466,12 +564,13 @@ pub unsafe extern "C" fn vblk_create(
         }
     };
     let slots = drv.bus().queue_size(0).unwrap_or(0);
+    let reported_sectors = drv.info().capacity;
     let mut d = Box::new(VblkDevice {
         drv,
         family,
         cb,
         book: Book {
-            done: Vec::with_capacity(usize::from(slots.max(1))),
+            done: Vec::with_capacity(completion_entries(slots)),
             id_request: 0,
             id: None,
             stats: VblkStats::default(),
@@ -481,7 +580,10 @@ pub unsafe extern "C" fn vblk_create(
         blocked: false,
         stopped: false,
         failed: false,
+        limits: Limits::default(),
+        reported_sectors,
     });
+    d.limits();
     let raw: *mut VblkDevice = &mut *d;
     // SAFETY: live family handle; the context is the boxed device, unregistered in
     // vblk_stop / vblk_destroy before it is freed.
@@ -509,35 +611,14 @@ pub unsafe extern "C" fn vblk_info(d: *mut VblkDevice, out: *mut VblkInfo) -> i3
     };
     let i = *d.drv.info();
     let bs = d.block_sectors();
-    // Data segments per device request, and how many such requests one read or write may
-    // take: half the ring, in descriptors (`[header, data..., status]` each).
-    let per_part = d.drv.max_segments(0).unwrap_or(1).max(1);
-    let parts = d.half_ring_parts(per_part + 2);
-    // The driver cuts a request into device requests of whole blocks (`virtio_blk::split`):
-    // a part after the first may begin with the rest of a segment its predecessor was cut
-    // back from to a block boundary, leaving it one descriptor fewer for segments of its
-    // own. Exact when every segment but the first and the last is whole blocks (what
-    // IODMACommand makes of a buffer, with blocks no larger than a page).
-    let max_segments = if per_part > 1 {
-        parts.saturating_mul(per_part - 1).saturating_add(1)
-    } else {
-        parts
-    };
-    let max_segments = max_segments.min(VBLK_MAX_SEGMENTS as usize) as u32;
-    let block_size = u64::from(i.block_size);
-    // At most 1 MiB per I/O, whole blocks, and never more parts than half the ring.
-    let seg_bytes = i.size_max.map_or(0, u64::from);
-    let mut max_bytes: u64 = 1 << 20;
-    if seg_bytes != 0 {
-        max_bytes = max_bytes.min(seg_bytes.saturating_mul(max_segments.into()));
-    }
-    max_bytes = (max_bytes / block_size.max(1)).max(1) * block_size;
+    let limits = d.limits();
     let mut info = VblkInfo {
         block_size: i.block_size,
-        max_segments,
-        block_count: i.capacity / bs,
-        max_segment_bytes: seg_bytes,
-        max_transfer_bytes: max_bytes,
+        max_segments: limits.max_segments,
+        // What the shim was told of: the driver's value may be one a failed wake read.
+        block_count: d.reported_sectors / bs,
+        max_segment_bytes: limits.max_segment_bytes,
+        max_transfer_bytes: limits.max_transfer_bytes,
         features: d.drv.features().bits(),
         read_only: i.read_only.into(),
         write_cache: i.writeback.into(),
@@ -684,8 +765,9 @@ pub unsafe extern "C" fn vblk_flush(d: *mut VblkDevice, request: *mut c_void) ->
 }
 
 /// Queues a discard of `count` extents (logical blocks), at most [`VBLK_MAX_EXTENTS`], of
-/// any length. One needing more device requests than fit in half the ring (the device's
-/// `max_discard_sectors` and `max_discard_seg` cut it) goes in shares, each sent when the one
+/// any length. One needing more device requests than fit in half the ring, or than fit in
+/// the ring now (the device's `max_discard_sectors` and `max_discard_seg` cut it), goes in
+/// shares of at most half the ring and no more than fit at the time, each sent when the one
 /// before completed OK; `request` completes once, after the last share or the first that
 /// failed. Such an unmap keeps its extents until its last share is on the ring: another
 /// unmap meanwhile answers `VBLK_E_BUSY` (resubmit it on `restart`).
@@ -726,8 +808,7 @@ pub unsafe extern "C" fn vblk_unmap(
         }
     }
     let token = request as usize;
-    // Header, the range array, status.
-    let share = d.half_ring_parts(3);
+    let share = d.unmap_share();
     let mut rest = None;
     let r = d.submit(|d| {
         let VblkDevice { drv, ranges, .. } = d;
@@ -786,8 +867,12 @@ pub unsafe extern "C" fn vblk_interrupt(d: *mut VblkDevice, vector: i32) {
     if d.stopped || d.failed {
         return;
     }
-    let (capacity, mut broken, queues) = match d.drv.handle_interrupt(vector_from_abi(vector)) {
-        Ok(cause) => (cause.capacity_changed, cause.needs_reset, cause.queues),
+    let (mut capacity, mut broken, queues) = match d.drv.handle_interrupt(vector_from_abi(vector)) {
+        Ok(cause) => (
+            cause.capacity_changed.is_some(),
+            cause.needs_reset,
+            cause.queues,
+        ),
         Err(e) => {
             // The configuration could not be re-read; the interrupt (read, and so
             // acknowledged, from the ISR on INTx) may also have announced completions:
@@ -795,7 +880,7 @@ pub unsafe extern "C" fn vblk_interrupt(d: *mut VblkDevice, vector: i32) {
             log::warn!("VirtioBlock: interrupt: {e}");
             let mut queue = QueueMask::default();
             queue.insert(0);
-            (None, false, queue)
+            (false, false, queue)
         }
     };
     if !broken {
@@ -816,6 +901,8 @@ pub unsafe extern "C" fn vblk_interrupt(d: *mut VblkDevice, vector: i32) {
             Ok(()) => {
                 d.blocked = true;
                 d.book.fit_queue(&d.drv);
+                // The configuration was read afresh: a resize meanwhile is reported.
+                capacity = true;
             }
             Err(e) => {
                 log::error!("VirtioBlock: restart failed: {e}");
@@ -825,12 +912,9 @@ pub unsafe extern "C" fn vblk_interrupt(d: *mut VblkDevice, vector: i32) {
     } else if d.book.unmap.is_some() {
         d.continue_unmap();
     }
-    let cb = d.cb;
-    let bs = d.block_sectors();
     VblkDevice::deliver(p);
-    if let (Some(c), Some(f)) = (capacity, cb.capacity_changed) {
-        // SAFETY: the shim's callback with its own context.
-        unsafe { f(cb.ctx, c / bs) };
+    if capacity {
+        VblkDevice::report_capacity(p);
     }
 }
 
@@ -921,7 +1005,6 @@ pub unsafe extern "C" fn vblk_resume(d: *mut VblkDevice) -> i32 {
     if dv.stopped {
         return VBLK_E_DEVICE;
     }
-    let sectors_before = dv.drv.info().capacity;
     // Still suspended (asleep, or a failed wake): the features of before, as the shim has
     // reported the disk with them. Failed while awake (a failed recovery): from scratch.
     let woken = if dv.drv.is_suspended() {
@@ -938,15 +1021,9 @@ pub unsafe extern "C" fn vblk_resume(d: *mut VblkDevice) -> i32 {
     }
     dv.failed = false;
     dv.book.fit_queue(&dv.drv);
-    let sectors = dv.drv.info().capacity;
-    if sectors != sectors_before {
-        let cb = dv.cb;
-        let blocks = sectors / dv.block_sectors();
-        if let Some(f) = cb.capacity_changed {
-            // SAFETY: the shim's callback with its own context.
-            unsafe { f(cb.ctx, blocks) };
-        }
-    }
+    // Against what the shim was told, not the driver's value before this wake: a failed wake
+    // before this one may have read the new capacity already.
+    VblkDevice::report_capacity(d);
     VBLK_OK
 }
 
