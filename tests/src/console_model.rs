@@ -111,6 +111,8 @@ pub struct ConsoleModel {
     tx_data: BTreeMap<u32, Vec<u8>>,
     guest_msgs: Vec<GuestControl>,
     pub device_ready: Option<u16>,
+    /// The device's resets when the held buffers were last taken: a reset drops them.
+    resets: u64,
 }
 
 impl ConsoleModel {
@@ -124,6 +126,7 @@ impl ConsoleModel {
             tx_data: BTreeMap::new(),
             guest_msgs: Vec::new(),
             device_ready: None,
+            resets: sim.resets(),
         }
     }
 
@@ -145,8 +148,20 @@ impl ConsoleModel {
         self.sim.driver_features() & F_MULTIPORT != 0
     }
 
+    /// Buffers held from before a reset belong to rings that are gone (QEMU drops its
+    /// in-flight elements on reset): completing one would name a buffer of the new rings.
+    fn forget_after_reset(&mut self) {
+        let resets = self.sim.resets();
+        if resets != self.resets {
+            self.resets = resets;
+            self.control_bufs.clear();
+            self.rx_bufs.clear();
+        }
+    }
+
     /// Control receive buffers the driver posted and the model holds.
     pub fn control_buffers(&mut self) -> usize {
+        self.forget_after_reset();
         self.control_bufs.extend(self.sim.pop_chains(CONTROL_RX));
         self.control_bufs.len()
     }
@@ -168,6 +183,17 @@ impl ConsoleModel {
     /// Sends one control message.
     pub fn send(&mut self, id: u32, event: u16, value: u16, payload: &[u8]) -> Result<(), String> {
         self.send_raw(&control_bytes(id, event, value, payload), None)
+    }
+
+    /// PORT_NAME as QEMU 7.2's `send_control_msg` sends it: the name and a NUL, copied as
+    /// far as the buffer goes, completed with the whole length (`8 + strlen + 1`) even when
+    /// that is more than the buffer holds.
+    pub fn send_name(&mut self, id: u32, name: &str) -> Result<(), String> {
+        let mut payload = name.as_bytes().to_vec();
+        payload.push(0);
+        let msg = control_bytes(id, PORT_NAME, 1, &payload);
+        let len = msg.len() as u32;
+        self.send_raw(&msg, Some(len))
     }
 
     /// PORT_ADD for `id` (QEMU hot-plug).
@@ -247,7 +273,7 @@ impl ConsoleModel {
                             self.send(m.id, CONSOLE_PORT, 1, &[])?;
                         }
                         if let Some(n) = &p.name {
-                            self.send(m.id, PORT_NAME, 1, n.as_bytes())?;
+                            self.send_name(m.id, n)?;
                         }
                         if p.host_open {
                             self.send(m.id, PORT_OPEN, 1, &[])?;
@@ -306,6 +332,7 @@ impl ConsoleModel {
 
     /// Receive buffers the driver posted for `port` (held by the model).
     pub fn rx_buffers(&mut self, port: u32) -> usize {
+        self.forget_after_reset();
         let chains = self.sim.pop_chains(rx_queue(port));
         let q = self.rx_bufs.entry(port).or_default();
         q.extend(chains);

@@ -429,14 +429,21 @@ fn hostile_control_messages_are_rejected_without_disturbing_ports() {
                 ControlError::BadName(NameError::ControlCharacter)
             ]
         );
-        // Truncated messages: 5 bytes; a RESIZE without its payload.
-        m.send_raw(&[1, 0, 0, 0, 1], None).unwrap();
-        m.send(1, cm::RESIZE, 0, &[80, 0]).unwrap();
+        // Messages cut short: the control queue's used length is not read (QEMU reports
+        // more than fits), so what the device did not write reads as the zeros the buffer
+        // was posted with, and is validated like the rest: an event 42, a PORT_OPEN 7, a
+        // 3-byte header (event 0, DEVICE_READY), nothing at all with a used length of 300.
+        m.send_raw(&[1, 0, 0, 0, 42], None).unwrap();
+        m.send_raw(&[1, 0, 0, 0, 6, 0, 7], None).unwrap();
+        m.send_raw(&[1, 0, 0], None).unwrap();
+        m.send_raw(&[], Some(300)).unwrap();
         assert_eq!(
             reject(&mut c),
             vec![
-                ControlError::Truncated { len: 5 },
-                ControlError::Truncated { len: 10 }
+                ControlError::UnknownEvent { event: 42 },
+                ControlError::BadOpenValue { value: 7 },
+                ControlError::WrongDirection { event: 0 },
+                ControlError::WrongDirection { event: 0 },
             ]
         );
         // Unknown event, wrong direction, bad open value.
@@ -473,7 +480,7 @@ fn hostile_control_messages_are_rejected_without_disturbing_ports() {
                 },
             ]
         );
-        assert_eq!(c.stats().control_rejected, 15);
+        assert_eq!(c.stats().control_rejected, 17);
         // The driver answered none of them (only port 5's PORT_READY went out).
         let sent = m.process().unwrap();
         assert_eq!(
@@ -565,17 +572,17 @@ fn hostile_used_lengths_and_tokens() {
     }
 }
 
-/// A control receive completion longer than the 256-byte buffer breaks the control queue:
-/// the error is kept (`control_error`), the iterators yield what was already queued and
-/// then nothing, and nothing is processed again (no log per call) until a new driver.
+/// A control receive completion the bus refuses (a used id out of range) breaks the control
+/// queue: the error is kept (`control_error`), the iterators yield what was already queued
+/// and then nothing, and nothing is processed again (no log per call) until a new driver.
 #[test]
 fn a_broken_control_queue_is_reported_not_swallowed() {
     for (mode, pref) in MODES {
         let (mut m, mut c) = multiport_rig(mode, pref);
         assert_eq!(c.control_error(), None);
         m.resize(0, 3, 4).unwrap();
-        m.send_raw(&cm::control_bytes(1, cm::PORT_OPEN, 1, &[]), Some(300))
-            .unwrap();
+        m.sim.complete_raw(cm::CONTROL_RX, 0xffff, 8);
+        m.sim.signal_used(cm::CONTROL_RX);
         // The resize queued before the broken completion still comes out.
         assert_eq!(
             events(&mut c),
@@ -598,6 +605,39 @@ fn a_broken_control_queue_is_reported_not_swallowed() {
         // The data queues still work.
         assert_eq!(c.write(0, b"ok"), Ok(2));
         assert_eq!(m.take_tx(0), b"ok");
+    }
+}
+
+/// QEMU completes a control buffer with the whole message's length however much of it fit
+/// (`send_control_msg`): a PORT_NAME of 300 characters arrives with used length 309 in a
+/// 256-byte buffer. The name is refused as too long; the control queue is not broken.
+#[test]
+fn a_control_message_longer_than_its_buffer_is_refused_not_a_fault() {
+    for (mode, pref) in MODES {
+        let (mut m, mut c) = multiport_rig(mode, pref);
+        m.add_port(5).unwrap();
+        assert_eq!(
+            events(&mut c),
+            vec![ConsoleEvent::PortAdded { id: 5, name: None }]
+        );
+        m.send_name(5, &"n".repeat(300)).unwrap();
+        m.send_name(5, "org.qemu.guest_agent.0").unwrap();
+        let evs = events(&mut c);
+        assert_eq!(c.control_error(), None, "{mode:?}");
+        assert!(
+            matches!(
+                evs.as_slice(),
+                [
+                    ConsoleEvent::Rejected {
+                        id: 5,
+                        error: ControlError::BadName(NameError::TooLong { len: 248 })
+                    },
+                    ConsoleEvent::PortNamed { id: 5, name }
+                ] if name.as_str() == "org.qemu.guest_agent.0"
+            ),
+            "{mode:?}: {evs:?}"
+        );
+        assert_eq!(c.find_port("org.qemu.guest_agent.0"), Some(5));
     }
 }
 

@@ -116,6 +116,9 @@ kext_tests!(Kexts:
     sleep_and_wake_keep_ports_and_sessions,
     needs_reset_recovers_with_the_same_ports,
     a_broken_control_queue_recovers_and_hears_the_device_again,
+    a_long_port_name_as_qemu_reports_it_is_refused_not_a_fault,
+    recoveries_in_a_row_are_capped_and_leave_every_port_withdrawn,
+    a_forged_transmit_completion_recovers_and_wakes_the_writer,
     hostile_control_messages_change_nothing,
     null_arguments_and_stale_keys_are_refused,
     remove_add_remove_in_one_batch_withdraws_the_delivered_nub,
@@ -299,6 +302,20 @@ impl Rig {
             Some(4),
             QEMU,
             ports,
+        )
+    }
+
+    /// As `qemu` with port 0 only, offering INDIRECT_DESC without EVENT_IDX: every buffer
+    /// is kicked and every completion interrupts.
+    fn qemu_without_event_idx(kexts: Kexts) -> Rig {
+        Rig::start_ring(
+            kexts,
+            SimMode::Modern,
+            Preference::Modern,
+            Some(4),
+            QEMU,
+            &[(0, None, true, true)],
+            1 << 28,
         )
     }
 
@@ -779,15 +796,7 @@ fn blocking_transfers_wait_only_while_the_state_says_so(kexts: Kexts) {
     use std::sync::{Arc, Mutex};
     // Without EVENT_IDX every buffer is kicked (the model does not move avail_event), so
     // the device sees each one at once.
-    let mut r = Rig::start_ring(
-        kexts,
-        SimMode::Modern,
-        Preference::Modern,
-        Some(4),
-        QEMU,
-        &[(0, None, true, true)],
-        1 << 28,
-    );
+    let mut r = Rig::qemu_without_event_idx(kexts);
     let key = r.open(0);
     let (tx, rx) = (cm::tx_queue(0), cm::rx_queue(0));
     let sent = Arc::new(Mutex::new(Vec::new()));
@@ -992,42 +1001,181 @@ fn needs_reset_recovers_with_the_same_ports(kexts: Kexts) {
 /// data queue's fault: the ports stay published with their sessions, and what the device
 /// says next (PORT_ADD of port 2) is heard, and answered.
 fn a_broken_control_queue_recovers_and_hears_the_device_again(kexts: Kexts) {
-    for long in [true, false] {
+    // An id out of range breaks the queue (twice: the second device, for a fresh rig); a
+    // used length beyond the buffer does not (it is not read on the control queue: QEMU
+    // reports the whole message length however much fit).
+    for id in [0xffff, 0x1_0000] {
         let mut r = Rig::qemu(kexts, &[(0, None, true, true), (1, Some("t"), false, true)]);
         assert_eq!(r.m.device_ready, Some(1));
         let k1 = r.open(1);
         r.m.device_ready = None;
-        if long {
-            r.m.send_raw(&cm::control_bytes(1, cm::PORT_OPEN, 1, &[]), Some(300))
-                .unwrap();
-        } else {
-            r.m.sim.complete_raw(cm::CONTROL_RX, 0xffff, 8);
-            r.m.sim.signal_used(cm::CONTROL_RX);
-            // The queue's interrupt may be suppressed (EVENT_IDX counts raw entries apart):
-            // the driver finds the entry at its next interrupt.
-            r.m.sim.raise_config_interrupt();
-        }
+        r.m.sim.complete_raw(cm::CONTROL_RX, id, 8);
+        r.m.sim.signal_used(cm::CONTROL_RX);
+        // The queue's interrupt may be suppressed (EVENT_IDX counts raw entries apart):
+        // the driver finds the entry at its next interrupt.
+        r.m.sim.raise_config_interrupt();
         r.pump();
-        assert_eq!(r.stats().recoveries, 1, "long {long}");
-        assert_eq!(r.m.device_ready, Some(1), "long {long}: brought up again");
+        assert_eq!(r.stats().recoveries, 1, "id {id}");
+        assert_eq!(r.m.device_ready, Some(1), "id {id}: brought up again");
         r.m.add_port(2).unwrap();
         r.pump();
         r.settle();
-        assert_eq!(r.tty(2), "/dev/tty.virtio2", "long {long}");
+        assert_eq!(r.tty(2), "/dev/tty.virtio2", "id {id}");
         assert!(
             r.m.guest_messages()
                 .iter()
                 .any(|g| g.id == 2 && g.event == cm::PORT_READY && g.value == 1),
-            "long {long}: PORT_READY for port 2"
+            "id {id}: PORT_READY for port 2"
         );
         // The session on port 1 survived; the host hears it open again.
-        assert_eq!(r.key(1), k1, "long {long}");
-        assert_eq!(r.port_opens(1).last(), Some(&1), "long {long}");
-        assert_eq!(r.write(k1, b"ok"), (VCON_OK, 2), "long {long}");
-        assert_eq!(r.m.take_tx(1), b"ok", "long {long}");
-        assert_eq!(r.stats().recoveries, 1, "long {long}");
+        assert_eq!(r.key(1), k1, "id {id}");
+        assert_eq!(r.port_opens(1).last(), Some(&1), "id {id}");
+        assert_eq!(r.write(k1, b"ok"), (VCON_OK, 2), "id {id}");
+        assert_eq!(r.m.take_tx(1), b"ok", "id {id}");
+        assert_eq!(r.stats().recoveries, 1, "id {id}");
         r.unload();
     }
+    let mut r = Rig::qemu(kexts, &[(0, None, true, true), (1, Some("t"), false, true)]);
+    r.m.send_raw(&cm::control_bytes(1, cm::PORT_OPEN, 0, &[]), Some(300))
+        .unwrap();
+    r.pump();
+    assert_eq!(r.stats().recoveries, 0, "used length 300");
+    assert!(
+        !r.info(r.key(1)).unwrap().host_open,
+        "the PORT_OPEN 0 was heard"
+    );
+    r.unload();
+}
+
+/// QEMU's `send_control_msg` copies what fits in the 256-byte control buffer and completes
+/// it with the whole length: a port named with 300 characters arrives as a PORT_NAME with
+/// used length 309 on every bring-up. The name is refused (the port is published unnamed
+/// after the settle time), the control queue carries on, nothing is reset.
+fn a_long_port_name_as_qemu_reports_it_is_refused_not_a_fault(kexts: Kexts) {
+    let long: &'static str = Box::leak("n".repeat(300).into_boxed_str());
+    let mut r = Rig::qemu(
+        kexts,
+        &[(0, None, true, true), (1, Some(long), false, true)],
+    );
+    r.settle();
+    let s = r.stats();
+    assert_eq!(s.recoveries, 0);
+    assert!(s.control_rejected >= 1, "{s:?}");
+    assert_eq!(r.tty(1), "/dev/tty.virtio1");
+    // The control queue still works: the host opens port 1, a new port is added.
+    r.m.host_open(1, false).unwrap();
+    r.m.add_port(2).unwrap();
+    r.pump();
+    r.settle();
+    assert!(!r.info(r.key(1)).unwrap().host_open);
+    assert_eq!(r.tty(2), "/dev/tty.virtio2");
+    let key = r.open(0);
+    assert_eq!(r.write(key, b"still here"), (VCON_OK, 10));
+    assert_eq!(r.m.take_tx(0), b"still here");
+    assert_eq!(r.stats().recoveries, 0);
+    r.unload();
+}
+
+/// Breaks the control queue (a used id out of range), found by the next interrupt or, with
+/// `at_settle`, by the settle.
+fn break_control(r: &mut Rig, at_settle: bool) {
+    r.m.sim.complete_raw(cm::CONTROL_RX, 0xffff, 8);
+    if at_settle {
+        r.settle();
+    } else {
+        r.m.sim.signal_used(cm::CONTROL_RX);
+        r.m.sim.raise_config_interrupt();
+        r.pump();
+    }
+}
+
+/// A device that breaks the control queue on every bring-up is recovered
+/// `VCON_MAX_RECOVERIES` times in a row, then left down: every port withdrawn, sessions
+/// asleep on them woken (and told the port is gone), no more resets. A device that stays
+/// up for a settle time after a recovery starts the count afresh.
+fn recoveries_in_a_row_are_capped_and_leave_every_port_withdrawn(kexts: Kexts) {
+    for at_settle in [false, true] {
+        let what = format!("fault found at settle {at_settle}");
+        let mut r = Rig::qemu(kexts, &[(0, None, true, true), (1, Some("t"), false, true)]);
+        let (k0, k1) = (r.key(0), r.open(1));
+        // One fault, then the device stays up for a settle time (two settles): forgotten.
+        break_control(&mut r, at_settle);
+        r.settle();
+        r.settle();
+        assert_eq!(r.stats().recoveries, 1, "{what}");
+        // A reader asleep on port 1 (nothing received).
+        assert_eq!(r.read(k1, 16, 1), (VCON_WAIT, vec![]), "{what}");
+        for n in 1..=VCON_MAX_RECOVERIES {
+            r.m.device_ready = None;
+            break_control(&mut r, at_settle);
+            assert_eq!(r.stats().recoveries, 1 + u64::from(n), "{what}");
+            assert_eq!(r.m.device_ready, Some(1), "{what}: brought up again");
+            assert_eq!(r.key(1), k1, "{what}: port 1 came back");
+        }
+        r.log.state_changes.borrow_mut().clear();
+        r.m.device_ready = None;
+        let status = r.m.sim.status();
+        break_control(&mut r, at_settle);
+        let s = r.stats();
+        assert_eq!(s.recoveries, 1 + u64::from(VCON_MAX_RECOVERIES), "{what}");
+        assert_eq!(r.m.device_ready, None, "{what}: not brought up again");
+        assert_ne!(r.m.sim.status(), status, "{what}: the device was reset");
+        assert_eq!(s.ports, 0, "{what}: every port withdrawn");
+        assert!(r.log.nubs.borrow().is_empty(), "{what}");
+        let unpublished = r.log.unpublished.borrow().clone();
+        assert!(
+            unpublished.ends_with(&[k0, k1]) || unpublished.ends_with(&[k1, k0]),
+            "{what}: {unpublished:x?}"
+        );
+        assert!(
+            r.log.state_changes.borrow().contains(&k1),
+            "{what}: the reader on port 1 is woken"
+        );
+        assert_eq!(r.read(k1, 16, 1).0, VCON_E_OFFLINE, "{what}");
+        // Nothing more happens: no interrupt source, settles do nothing.
+        r.m.sim.raise_config_interrupt();
+        r.pump();
+        r.settle();
+        r.settle();
+        assert_eq!(r.stats().recoveries, s.recoveries, "{what}");
+        assert_eq!(r.stats().ports, 0, "{what}");
+        r.unload();
+    }
+}
+
+/// A device that answers the first transmit with a used id that is not in flight breaks
+/// the transmit queue while the writer waits for room (TXQ_FULL): the transmit interrupt
+/// finds the fault while computing the state word, the device is recovered once, and the
+/// writer is woken when port 0 comes back and writes the rest.
+fn a_forged_transmit_completion_recovers_and_wakes_the_writer(kexts: Kexts) {
+    // Without EVENT_IDX the transmit queue's interrupt is never suppressed.
+    let mut r = Rig::qemu_without_event_idx(kexts);
+    let key = r.open(0);
+    let data = vec![b'x'; 10 * 1024];
+    let (st, n) = r.write(key, &data);
+    assert_eq!(st, VCON_WAIT);
+    assert!(n > 0 && (n as usize) < data.len(), "{n}");
+    assert_ne!(r.state(key) & pd::S_TXQ_FULL, 0);
+    let held = r.m.hold_tx(0);
+    assert!(!held.is_empty());
+    r.log.state_changes.borrow_mut().clear();
+    // Id 60 of the 64-entry ring: in range, not in flight.
+    let q = cm::tx_queue(0);
+    r.m.sim.complete_raw(q, 60, 0);
+    r.m.sim.signal_used(q);
+    r.pump();
+    assert_eq!(r.stats().recoveries, 1);
+    assert!(
+        r.log.state_changes.borrow().contains(&key),
+        "the writer is woken"
+    );
+    assert_eq!(r.key(0), key, "same port, same session");
+    // What was in flight is lost with the reset; the rest goes out.
+    let rest = &data[n as usize..];
+    assert_eq!(r.write(key, rest), (VCON_OK, rest.len() as u32));
+    assert_eq!(r.m.take_tx(0), rest);
+    assert_eq!(r.stats().recoveries, 1);
+    r.unload();
 }
 
 fn hostile_control_messages_change_nothing(kexts: Kexts) {

@@ -23,7 +23,8 @@
 //!
 //! # Untrusted device
 //! Used lengths and tokens are checked by the bus and again here (a token that is not a
-//! buffer we posted is counted and ignored); control messages are parsed by
+//! buffer we posted is counted and ignored), except the used length on the control
+//! receive queue, which is not read (see [`CONTROL_BUF`]); control messages are parsed by
 //! [`crate::wire::parse_control`] (length, event code, direction, values, names) and then
 //! checked against port state (ids below `max_nr_ports` and the driver's limit, no duplicate
 //! PORT_ADD or PORT_NAME, no message for a port that does not exist). A rejected message is
@@ -68,6 +69,16 @@ pub const MAX_PORTS: u32 = 63;
 /// Size of one control receive buffer: a header plus a name of up to
 /// [`wire::MAX_NAME_LEN`] fits with room to spare, so an over-long name is seen as such
 /// (the device truncates to the buffer) rather than silently cut.
+///
+/// The used length of the control receive queue is not trusted
+/// (`QueueSpec::ignore_used_len`): QEMU's `send_control_msg` copies what fits in the
+/// buffer but completes it with the message's whole length, so a PORT_NAME of 248 bytes or
+/// more (8 + name + NUL) would otherwise be a used length beyond the buffer, which the bus
+/// treats as a fault that breaks the queue, on every bring-up. Each buffer is zeroed before
+/// it is posted instead, and a message's length is found from its content
+/// ([`wire::control_message_len`]): an over-long name is refused as too long and the queue
+/// carries on. Linux avoids the fault with page-sized buffers and clamps the length
+/// (`buf->len = min(len, buf->size)`); every other queue keeps the bus's check.
 pub const CONTROL_BUF: usize = 256;
 /// Stride of one control transmit slot.
 const CONTROL_TX_STRIDE: usize = 8;
@@ -589,7 +600,12 @@ impl<B: Bus> VirtioConsole<B> {
             specs.push(QueueSpec::new(queues::rx(p)).size(self.opts.queue_size));
             specs.push(QueueSpec::new(queues::tx(p)).size(self.opts.queue_size));
             if p == 0 && multiport {
-                specs.push(QueueSpec::new(queues::CONTROL_RX).size(self.opts.control_buffers));
+                specs.push(
+                    QueueSpec::new(queues::CONTROL_RX)
+                        .size(self.opts.control_buffers)
+                        // See `CONTROL_BUF`: QEMU reports lengths beyond the buffer.
+                        .ignore_used_len(true),
+                );
                 specs.push(
                     QueueSpec::new(queues::CONTROL_TX)
                         .size(self.opts.control_buffers)
@@ -1007,6 +1023,11 @@ impl<B: Bus> VirtioConsole<B> {
             if *posted {
                 continue;
             }
+            // Zeroed before the device sees it: the message's length is found from its
+            // content (`CONTROL_BUF`), so no byte of an earlier message may remain.
+            if !c.rx.write_at(i * CONTROL_BUF, &[0u8; CONTROL_BUF]) {
+                continue;
+            }
             let seg = Segment::new(c.rx.daddr + (i * CONTROL_BUF) as u64, CONTROL_BUF as u32);
             match self.bus.add(queues::CONTROL_RX, &[], &[seg], i) {
                 Ok(()) => {
@@ -1114,12 +1135,11 @@ impl<B: Bus> VirtioConsole<B> {
                 continue;
             };
             *posted = false;
-            // The bus bounds `len` by the posted capacity (CONTROL_BUF).
-            let len = (u.len as usize).min(CONTROL_BUF);
-            // Once, into driver memory (`read_into`): the message is parsed from the copy.
-            let msg = buf.get_mut(..len).unwrap_or(&mut []);
-            let n = if c.rx.read_into(u.token * CONTROL_BUF, msg) {
-                msg.len()
+            // The used length is not reported on this queue (`CONTROL_BUF`): the whole
+            // buffer is copied once, into driver memory (`read_into`), and the message's
+            // length is found in the copy (the buffer was zeroed before it was posted).
+            let n = if c.rx.read_into(u.token * CONTROL_BUF, &mut buf) {
+                wire::control_message_len(&buf)
             } else {
                 0
             };
@@ -1283,8 +1303,8 @@ impl<B: Bus> VirtioConsole<B> {
         self.events.pop()
     }
 
-    /// The error that broke the control queues, if one did (a device fault: a used length
-    /// beyond a control buffer, an id not in flight; the bus has marked the queue broken).
+    /// The error that broke the control queues, if one did (a device fault: an id not in
+    /// flight, a used index that jumps; the bus has marked the queue broken).
     /// From then on [`VirtioConsole::next_event`] and [`VirtioConsole::poll_events`] yield
     /// only the events already queued, and the device's PORT_ADD, PORT_REMOVE, PORT_OPEN
     /// and PORT_NAME go unheard, as do the driver's PORT_READY and PORT_OPEN: the platform

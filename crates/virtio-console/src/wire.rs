@@ -40,7 +40,8 @@ pub mod event {
     pub const RESIZE: u16 = 5;
     /// Both ways: the sender opened (1) or closed (0) the port.
     pub const PORT_OPEN: u16 = 6;
-    /// Device → driver: the port's name follows the header (not NUL-terminated).
+    /// Device → driver: the port's name follows the header (the spec does not terminate
+    /// it; QEMU sends a NUL after it and counts it in the length).
     pub const PORT_NAME: u16 = 7;
 }
 
@@ -243,7 +244,34 @@ impl fmt::Display for ControlError {
     }
 }
 
-/// Parses a control buffer of `bytes` (exactly the length the device said it wrote) into
+/// The length of the control message at the start of `buf`, a receive buffer zeroed before
+/// the device wrote into it, found from its content (the driver does not use the used
+/// length of the control receive queue: `driver::CONTROL_BUF`). The header (8 bytes) and
+/// RESIZE's payload (4) have fixed lengths; a PORT_NAME runs to the first NUL, which is
+/// included (QEMU sends one; [`PortName::parse`] drops it), or to the end of the buffer
+/// when there is none (a name the buffer cut is then refused as too long). A device that
+/// wrote less than that leaves zeros, which are validated like any other bytes.
+pub fn control_message_len(buf: &[u8]) -> usize {
+    let event = buf
+        .get(..CONTROL_LEN)
+        .and_then(|h| ControlHeader::read_from_bytes(h).ok())
+        .map(|h| h.event.get());
+    let len = match event {
+        Some(event::PORT_NAME) => {
+            let payload = buf.get(CONTROL_LEN..).unwrap_or(&[]);
+            CONTROL_LEN
+                + payload
+                    .iter()
+                    .position(|&b| b == 0)
+                    .map_or(payload.len(), |p| p + 1)
+        }
+        Some(event::RESIZE) => CONTROL_LEN + size_of::<ResizeWire>(),
+        _ => CONTROL_LEN,
+    };
+    len.min(buf.len())
+}
+
+/// Parses a control message of `bytes` (its length from [`control_message_len`]) into
 /// the port id and the message. Validates length, event code, direction, PORT_OPEN value,
 /// RESIZE payload and name.
 pub fn parse_control(bytes: &[u8]) -> Result<(u32, DeviceControl), (u32, ControlError)> {
@@ -290,6 +318,54 @@ mod tests {
     use super::*;
     use alloc::string::ToString;
     use alloc::vec::Vec;
+
+    /// Lengths from a zeroed 256-byte buffer's content: fixed for headers and RESIZE, to
+    /// the NUL for PORT_NAME (QEMU's `8 + strlen + 1`), the whole buffer for a name it cut.
+    #[test]
+    fn control_message_len_from_content() {
+        let buf = |bytes: &[u8]| {
+            let mut b = [0u8; 256];
+            let n = bytes.len().min(256);
+            b[..n].copy_from_slice(&bytes[..n]);
+            b
+        };
+        let msg = |id: u32, ev: u16, value: u16, payload: &[u8]| {
+            let mut v = ControlHeader::new(id, ev, value).as_bytes().to_vec();
+            v.extend_from_slice(payload);
+            v
+        };
+        assert_eq!(
+            control_message_len(&buf(&msg(1, event::PORT_ADD, 0, &[]))),
+            8
+        );
+        assert_eq!(
+            control_message_len(&buf(&msg(1, event::RESIZE, 0, &[80, 0, 25, 0]))),
+            12
+        );
+        let b = buf(&msg(1, event::PORT_NAME, 1, b"org.qemu.guest_agent.0\0"));
+        let n = control_message_len(&b);
+        assert_eq!(n, 8 + 22 + 1);
+        assert_eq!(
+            parse_control(&b[..n]).map(|(id, m)| (
+                id,
+                matches!(m, DeviceControl::PortName(p) if p.as_str() == "org.qemu.guest_agent.0")
+            )),
+            Ok((1, true))
+        );
+        // Without a NUL the zeros that follow end it.
+        let b = buf(&msg(1, event::PORT_NAME, 1, b"t"));
+        assert_eq!(control_message_len(&b), 10);
+        // 300 name bytes cut at the buffer: the whole buffer, refused as too long.
+        let b = buf(&msg(1, event::PORT_NAME, 1, &[b'n'; 300]));
+        assert_eq!(control_message_len(&b), 256);
+        assert_eq!(
+            parse_control(&b),
+            Err((1, ControlError::BadName(NameError::TooLong { len: 248 })))
+        );
+        // Shorter buffers never yield more than they hold.
+        assert_eq!(control_message_len(&[7, 0, 0, 0, 7]), 5);
+        assert_eq!(control_message_len(&[]), 0);
+    }
 
     #[test]
     fn control_header_bytes_exactly() {

@@ -80,6 +80,15 @@
 #define VCON_SUFFIX_CAP 8
 
 /**
+ * Recoveries in a row the device gets: a recovery within a settle time
+ * ([`VCON_SETTLE_MS`]) of bringing the device back counts towards this; one more fault
+ * leaves the device down (reset, every port withdrawn) until the next wake. A device
+ * that breaks on every bring-up would otherwise be reset on every interrupt and settle,
+ * its ports flapping for ever.
+ */
+#define VCON_MAX_RECOVERIES 4
+
+/**
  * `PD_E_MASK`: the event without its data-size bits.
  */
 #define E_MASK ~3

@@ -30,7 +30,11 @@
 //!   no PORT_ADD, PORT_REMOVE, PORT_OPEN or PORT_NAME would be heard again): the device is
 //!   reset and brought up again; published ports and their sessions stay (their sleepers
 //!   are woken when the device adds them again), and a port the device does not add again
-//!   within the settle time is withdrawn.
+//!   within the settle time is withdrawn. A fault found while computing a port's state word
+//!   (a completion that breaks a data queue) recovers too. At most
+//!   [`VCON_MAX_RECOVERIES`] recoveries in a row (each within a settle time of the last
+//!   bring-up): past that the device stays down until the next wake and every port is
+//!   withdrawn, its sleepers woken.
 //!
 //! Threading: the shim calls everything under its command gate on the family's work loop,
 //! where the family delivers interrupts, so a handle is never used concurrently. Callbacks
@@ -104,6 +108,12 @@ const KEY_ID_BITS: u32 = 8;
 /// Events handled per interrupt: every port's add, name, console, open and resize plus
 /// slack. More wait for the next interrupt (the device's messages stay in the ring).
 const EVENT_BUDGET: usize = 5 * PORTS + 32;
+/// Recoveries in a row the device gets: a recovery within a settle time
+/// ([`VCON_SETTLE_MS`]) of bringing the device back counts towards this; one more fault
+/// leaves the device down (reset, every port withdrawn) until the next wake. A device
+/// that breaks on every bring-up would otherwise be reset on every interrupt and settle,
+/// its ports flapping for ever.
+pub const VCON_MAX_RECOVERIES: u32 = 4;
 
 /// The shim's callbacks; `ctx` is passed back unchanged (the shim's driver object). Each
 /// may be null.
@@ -250,6 +260,11 @@ pub struct VconDevice {
     past: ConsoleStats,
     interrupts: u64,
     recoveries: u64,
+    /// Recoveries since the device last stayed up for a whole settle time.
+    recent_recoveries: u32,
+    /// A recovery since the last settle (the settle after it looks again one settle time
+    /// later before `recent_recoveries` is cleared).
+    recovered_since_settle: bool,
     suspends: u64,
     publications: u64,
     asleep: bool,
@@ -344,6 +359,17 @@ fn bring_up(
     Ok(drv)
 }
 
+/// A driver query's answer, with only device faults ([`ConsoleError::Core`],
+/// [`ConsoleError::Device`]) kept as errors: any other (the port is gone on the driver's
+/// side, say) reads as 0, as the port's slot decides what it is.
+fn device_fault(r: Result<usize, ConsoleError>) -> Result<usize, ConsoleError> {
+    match r {
+        Ok(n) => Ok(n),
+        Err(e @ (ConsoleError::Core(_) | ConsoleError::Device(_))) => Err(e),
+        Err(_) => Ok(0),
+    }
+}
+
 fn add_stats(a: &mut ConsoleStats, b: ConsoleStats) {
     a.tx_bytes += b.tx_bytes;
     a.tx_chains += b.tx_chains;
@@ -382,36 +408,62 @@ impl VconDevice {
         u32::from(self.opts.rx_buffers).saturating_mul(self.opts.rx_buffer_size)
     }
 
-    /// Queue levels and carrier of port `id` now (collecting completed buffers).
-    fn levels(&mut self, id: u32) -> Levels {
+    /// Queue levels and carrier of port `id` now (collecting completed buffers). A device
+    /// fault found on the way (a completion that breaks a data queue) is returned, never
+    /// read as an empty or full queue: a word saying TXQ_FULL or RXQ_EMPTY because of it
+    /// would put a transfer to sleep that nothing wakes (the broken queue interrupts no
+    /// more, and every later look fails the same way).
+    fn levels(&mut self, id: u32) -> Result<Levels, ConsoleError> {
         let (tx_cap, rx_cap, multiport) = (self.tx_capacity(), self.rx_capacity(), self.multiport);
         let present = self.slot(id).is_some_and(|s| s.present);
         let carrier = self.slot(id).is_some_and(|s| s.carrier || !multiport);
         let (mut rx_pending, mut tx_in_flight) = (0, 0);
         if present && let Some(drv) = self.drv.as_mut() {
-            rx_pending = drv.rx_pending(id).unwrap_or(0).min(rx_cap as usize) as u32;
-            let room = drv.tx_room(id).unwrap_or(0).min(tx_cap as usize) as u32;
+            rx_pending = device_fault(drv.rx_pending(id))?.min(rx_cap as usize) as u32;
+            let room = device_fault(drv.tx_room(id))?.min(tx_cap as usize) as u32;
             tx_in_flight = tx_cap - room;
         }
-        Levels {
+        Ok(Levels {
             rx_pending,
             rx_capacity: rx_cap,
             tx_in_flight,
             tx_capacity: tx_cap,
             carrier,
-        }
+        })
     }
 
-    /// Recomputes port `id`'s state word; a change wakes its sleepers.
-    fn refresh(&mut self, id: u32) {
-        let l = self.levels(id);
+    /// Recomputes port `id`'s state word; a change wakes its sleepers. A device fault is
+    /// returned and the word left as it was: entry points recover ([`VconDevice::fault`]
+    /// via [`VconDevice::refresh_or_recover`]).
+    fn try_refresh(&mut self, id: u32) -> Result<(), ConsoleError> {
+        let l = self.levels(id)?;
         let Some(s) = self.slots.get_mut(id as usize) else {
-            return;
+            return Ok(());
         };
         if s.serial.update(l)
             && let Some(k) = s.key()
         {
             self.note_state(id, k);
+        }
+        Ok(())
+    }
+
+    /// [`VconDevice::try_refresh`] inside a bring-up or an event, where recovering would
+    /// recurse: a fault is left where it is (a broken queue stays broken) for the entry
+    /// point that called, or the next transfer or interrupt, to find and recover from.
+    fn refresh(&mut self, id: u32) {
+        if let Err(e) = self.try_refresh(id) {
+            log::warn!("VirtioConsole: port {id}: {e}");
+        }
+    }
+
+    /// [`VconDevice::try_refresh`] from an entry point: a device fault recovers (resets
+    /// the device; every port's sleepers are woken as it comes back, or as it is
+    /// withdrawn) and gives [`VconDevice::fault`]'s status.
+    fn refresh_or_recover(&mut self, id: u32) -> Result<(), i32> {
+        match self.try_refresh(id) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fault(e)),
         }
     }
 
@@ -640,13 +692,42 @@ impl VconDevice {
     }
 
     /// After a device fault: reset and bring up again (data in flight is lost: the device
-    /// is untrusted once it broke the protocol).
+    /// is untrusted once it broke the protocol). Bounded: past [`VCON_MAX_RECOVERIES`] in a
+    /// row (see there), or when the device does not come back, it is left down
+    /// ([`VconDevice::give_up`]).
     fn recover(&mut self, why: &dyn core::fmt::Display) {
-        log::warn!("VirtioConsole: device fault ({why}); resetting it");
         self.shut_down();
+        if self.recent_recoveries >= VCON_MAX_RECOVERIES {
+            log::error!(
+                "VirtioConsole: device fault ({why}) after {VCON_MAX_RECOVERIES} recoveries in a row; leaving the device down and withdrawing its ports"
+            );
+            self.give_up();
+            return;
+        }
+        log::warn!("VirtioConsole: device fault ({why}); resetting it");
         self.recoveries += 1;
+        self.recent_recoveries += 1;
+        self.recovered_since_settle = true;
         if let Err(e) = self.bring_back() {
-            log::error!("VirtioConsole: the device did not come back: {e}");
+            log::error!("VirtioConsole: the device did not come back: {e}; withdrawing its ports");
+            self.shut_down();
+            self.give_up();
+        }
+    }
+
+    /// Leaves the device down (reset, no driver: interrupts and settles do nothing) and
+    /// withdraws every port, as a settle would withdraw ports the device did not add again:
+    /// sessions on them, asleep in a transfer or a wait, wake and get [`VCON_E_OFFLINE`].
+    /// A wake ([`vcon_resume`]) brings it up from scratch.
+    fn give_up(&mut self) {
+        self.resync = false;
+        for id in 0..PORTS as u32 {
+            if self.slot(id).is_some_and(|s| s.key().is_some()) {
+                self.withdraw(id);
+            }
+            if let Some(s) = self.slot(id) {
+                *s = Slot::EMPTY;
+            }
         }
     }
 
@@ -793,6 +874,8 @@ pub unsafe extern "C" fn vcon_create(
         past: ConsoleStats::default(),
         interrupts: 0,
         recoveries: 0,
+        recent_recoveries: 0,
+        recovered_since_settle: false,
         suspends: 0,
         publications: 0,
         asleep: false,
@@ -857,7 +940,11 @@ pub unsafe extern "C" fn vcon_interrupt(d: *mut VconDevice, vector: i32) {
             return VCON_OK;
         }
         for id in r.readable.iter().chain(r.writable.iter()) {
-            d.refresh(id);
+            // A completion that broke the queue: recover (which refreshes every port and
+            // wakes each as it comes back), and stop looking at the old driver's queues.
+            if d.refresh_or_recover(id).is_err() {
+                break;
+            }
         }
         VCON_OK
     });
@@ -876,9 +963,19 @@ pub unsafe extern "C" fn vcon_settle(d: *mut VconDevice) {
             return VCON_OK;
         }
         if let Err(e) = d.handle_events() {
-            // The recovery schedules the next settle (and resyncs then).
+            // The recovery schedules the next settle (and resyncs then); past the limit it
+            // leaves the device down with every port withdrawn (`give_up`).
             d.recover(&e);
             return VCON_OK;
+        }
+        // Recoveries count as in a row until the device stays up for a whole settle time:
+        // the first settle after one only looks again later.
+        if d.recent_recoveries > 0 {
+            if core::mem::take(&mut d.recovered_since_settle) {
+                d.schedule_settle();
+            } else {
+                d.recent_recoveries = 0;
+            }
         }
         let resync = core::mem::take(&mut d.resync);
         for id in 0..PORTS as u32 {
@@ -945,7 +1042,8 @@ pub unsafe extern "C" fn vcon_port_acquire(d: *mut VconDevice, key: u32) -> i32 
             Err(e) => return e,
         };
         d.note_state(id, key);
-        d.refresh(id);
+        // The port is acquired whatever the device did: a fault recovers here.
+        let _ = d.refresh_or_recover(id);
         VCON_OK
     })
 }
@@ -1009,6 +1107,8 @@ pub unsafe extern "C" fn vcon_port_get_state(d: *mut VconDevice, key: u32) -> u3
     let mut out = 0;
     with_dev(d, |d| {
         if let Ok((id, _)) = d.by_key(key) {
+            // A query: a fault is left for the interrupt or transfer that recovers (a
+            // recovery here would change other ports' words under a caller reading them).
             d.refresh(id);
             if let Ok((_, s)) = d.by_key(key) {
                 out = s.serial.state();
@@ -1042,7 +1142,9 @@ pub unsafe extern "C" fn vcon_port_watch_state(
             Ok((id, _)) => id,
             Err(e) => return e,
         };
-        d.refresh(id);
+        // A fault recovers; the watch then sees the word the port had and waits for the
+        // port to come back (which wakes it) if it must.
+        let _ = d.refresh_or_recover(id);
         match d.by_key(key) {
             Ok((_, s)) => {
                 let r = step_status(s.serial.watch(*state, mask));
@@ -1123,7 +1225,8 @@ pub unsafe extern "C" fn vcon_port_execute_event(
             },
         };
         d.note_state(id, key);
-        d.refresh(id);
+        // The event is done whatever the device did: a fault recovers here.
+        let _ = d.refresh_or_recover(id);
         r
     })
 }
@@ -1167,7 +1270,10 @@ pub unsafe extern "C" fn vcon_port_request_event(
             Ok((id, _)) => id,
             Err(e) => return e,
         };
-        let l = d.levels(id);
+        let l = match d.levels(id) {
+            Ok(l) => l,
+            Err(e) => return d.fault(e),
+        };
         match d.by_key(key) {
             Ok((_, s)) => match s.serial.request(event, l) {
                 Ok(v) => {
@@ -1241,7 +1347,11 @@ pub unsafe extern "C" fn vcon_port_enqueue_data(
                 // count stays 0 (as for any error).
                 Err(e) => return d.fault(e),
             }
-            d.refresh(id);
+            // As for the write: a fault found while collecting completions recovers (the
+            // word must not say TXQ_FULL for a queue that broke: nothing would wake us).
+            if let Err(status) = d.refresh_or_recover(id) {
+                return status;
+            }
             if n >= data.len() {
                 *count = n as u32;
                 return VCON_OK;
@@ -1307,7 +1417,10 @@ pub unsafe extern "C" fn vcon_port_dequeue_data(
                     Err(e) => return d.fault(e),
                 }
             }
-            d.refresh(id);
+            // As in `vcon_port_enqueue_data` (RXQ_EMPTY for a broken queue).
+            if let Err(status) = d.refresh_or_recover(id) {
+                return status;
+            }
             if n >= want {
                 *count = n as u32;
                 return VCON_OK;
@@ -1465,6 +1578,9 @@ pub unsafe extern "C" fn vcon_resume(d: *mut VconDevice) -> i32 {
             return VCON_OK;
         }
         d.asleep = false;
+        // A fresh start: recoveries before the sleep do not count against this bring-up.
+        d.recent_recoveries = 0;
+        d.recovered_since_settle = false;
         match d.bring_back() {
             Ok(()) => VCON_OK,
             Err(e) => {
