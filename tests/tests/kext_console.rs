@@ -115,6 +115,7 @@ kext_tests!(Kexts:
     resize_reaches_the_shim,
     sleep_and_wake_keep_ports_and_sessions,
     needs_reset_recovers_with_the_same_ports,
+    without_multiport_the_cap_decays_and_a_wake_brings_port_0_back,
     a_broken_control_queue_recovers_and_hears_the_device_again,
     a_long_port_name_as_qemu_reports_it_is_refused_not_a_fault,
     recoveries_in_a_row_are_capped_and_leave_every_port_withdrawn,
@@ -982,6 +983,53 @@ fn sleep_and_wake_keep_ports_and_sessions(kexts: Kexts) {
     r.unload();
 }
 
+/// Without MULTIPORT the recovery count decays the same way (each recovery schedules the
+/// settles that time it), and a wake after the device was left down publishes port 0
+/// again: it is the device's only port, and no PORT_ADD will bring it back.
+fn without_multiport_the_cap_decays_and_a_wake_brings_port_0_back(kexts: Kexts) {
+    let mut r = Rig::start(
+        kexts,
+        SimMode::Modern,
+        Preference::Modern,
+        Some(3),
+        F_EMERG_WRITE,
+        &[],
+    );
+    let needs_reset = |r: &mut Rig| {
+        r.m.sim.trigger_needs_reset();
+        r.pump();
+    };
+    // Isolated faults, each followed by a device that stays up: never given up on.
+    for n in 1..=2 * u64::from(VCON_MAX_RECOVERIES) {
+        let scheduled = r.log.settles.borrow().len();
+        needs_reset(&mut r);
+        assert_eq!(r.stats().recoveries, n);
+        assert!(
+            r.log.settles.borrow().len() > scheduled,
+            "fault {n}: the recovery schedules the settles that time it"
+        );
+        assert_eq!(r.stats().ports, 1, "fault {n}: port 0 stays");
+        for _ in 0..VCON_STABLE_SETTLES {
+            r.settle();
+        }
+    }
+    // Faults in a row: left down.
+    for _ in 0..=VCON_MAX_RECOVERIES {
+        needs_reset(&mut r);
+    }
+    assert_eq!(r.stats().ports, 0, "left down, port 0 withdrawn");
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (r.kexts.con.vcon_suspend)(r.dev) }, VCON_OK);
+    // SAFETY: live handle.
+    assert_eq!(unsafe { (r.kexts.con.vcon_resume)(r.dev) }, VCON_OK);
+    r.pump();
+    assert_eq!(r.stats().ports, 1, "the wake brings port 0 back");
+    let k0 = r.open(0);
+    assert_eq!(r.write(k0, b"back"), (VCON_OK, 4));
+    assert_eq!(r.m.take_tx(0), b"back");
+    r.unload();
+}
+
 fn needs_reset_recovers_with_the_same_ports(kexts: Kexts) {
     let mut r = Rig::qemu(kexts, &[(0, None, true, true), (1, Some("t"), false, true)]);
     let k1 = r.open(1);
@@ -1092,20 +1140,26 @@ fn break_control(r: &mut Rig, at_settle: bool) {
 /// A device that breaks the control queue on every bring-up is recovered
 /// `VCON_MAX_RECOVERIES` times in a row, then left down: every port withdrawn, sessions
 /// asleep on them woken (and told the port is gone), no more resets. A device that stays
-/// up for a settle time after a recovery starts the count afresh.
+/// up for `VCON_STABLE_SETTLES` settle times after a recovery starts the count afresh; one
+/// that faults again sooner does not.
 fn recoveries_in_a_row_are_capped_and_leave_every_port_withdrawn(kexts: Kexts) {
     for at_settle in [false, true] {
         let what = format!("fault found at settle {at_settle}");
         let mut r = Rig::qemu(kexts, &[(0, None, true, true), (1, Some("t"), false, true)]);
         let (k0, k1) = (r.key(0), r.open(1));
-        // One fault, then the device stays up for a settle time (two settles): forgotten.
+        // One fault, then the device stays up for VCON_STABLE_SETTLES settles: forgotten.
         break_control(&mut r, at_settle);
-        r.settle();
-        r.settle();
+        for _ in 0..VCON_STABLE_SETTLES {
+            r.settle();
+        }
         assert_eq!(r.stats().recoveries, 1, "{what}");
         // A reader asleep on port 1 (nothing received).
         assert_eq!(r.read(k1, 16, 1), (VCON_WAIT, vec![]), "{what}");
         for n in 1..=VCON_MAX_RECOVERIES {
+            // Up for a while, not long enough: still in a row.
+            for _ in 1..VCON_STABLE_SETTLES - 1 {
+                r.settle();
+            }
             r.m.device_ready = None;
             break_control(&mut r, at_settle);
             assert_eq!(r.stats().recoveries, 1 + u64::from(n), "{what}");

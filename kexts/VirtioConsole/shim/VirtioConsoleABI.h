@@ -80,13 +80,20 @@
 #define VCON_SUFFIX_CAP 8
 
 /**
- * Recoveries in a row the device gets: a recovery within a settle time
- * ([`VCON_SETTLE_MS`]) of bringing the device back counts towards this; one more fault
- * leaves the device down (reset, every port withdrawn) until the next wake. A device
- * that breaks on every bring-up would otherwise be reset on every interrupt and settle,
- * its ports flapping for ever.
+ * Recoveries in a row the device gets: a recovery before the device has stayed up for
+ * [`VCON_STABLE_SETTLES`] settle times ([`VCON_SETTLE_MS`] each, 5 s) since the last one
+ * counts towards this; one more fault leaves the device down (reset, every port
+ * withdrawn) until the next wake. A device that breaks on every bring-up would otherwise
+ * be reset on every interrupt and settle, its ports flapping for ever; one that breaks
+ * less often than every 5 s is reset each time.
  */
 #define VCON_MAX_RECOVERIES 4
+
+/**
+ * Settle times the device must stay up after a recovery before the recoveries before it
+ * stop counting as in a row (see [`VCON_MAX_RECOVERIES`]).
+ */
+#define VCON_STABLE_SETTLES 20
 
 /**
  * `PD_E_MASK`: the event without its data-size bits.

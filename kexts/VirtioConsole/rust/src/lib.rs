@@ -32,9 +32,10 @@
 //!   are woken when the device adds them again), and a port the device does not add again
 //!   within the settle time is withdrawn. A fault found while computing a port's state word
 //!   (a completion that breaks a data queue) recovers too. At most
-//!   [`VCON_MAX_RECOVERIES`] recoveries in a row (each within a settle time of the last
-//!   bring-up): past that the device stays down until the next wake and every port is
-//!   withdrawn, its sleepers woken.
+//!   [`VCON_MAX_RECOVERIES`] recoveries in a row (each before the device stayed up for
+//!   [`VCON_STABLE_SETTLES`] settle times after the last): past that the device stays down
+//!   until the next wake, which brings it up from scratch, and every port is withdrawn,
+//!   its sleepers woken.
 //!
 //! Threading: the shim calls everything under its command gate on the family's work loop,
 //! where the family delivers interrupts, so a handle is never used concurrently. Callbacks
@@ -108,12 +109,16 @@ const KEY_ID_BITS: u32 = 8;
 /// Events handled per interrupt: every port's add, name, console, open and resize plus
 /// slack. More wait for the next interrupt (the device's messages stay in the ring).
 const EVENT_BUDGET: usize = 5 * PORTS + 32;
-/// Recoveries in a row the device gets: a recovery within a settle time
-/// ([`VCON_SETTLE_MS`]) of bringing the device back counts towards this; one more fault
-/// leaves the device down (reset, every port withdrawn) until the next wake. A device
-/// that breaks on every bring-up would otherwise be reset on every interrupt and settle,
-/// its ports flapping for ever.
+/// Recoveries in a row the device gets: a recovery before the device has stayed up for
+/// [`VCON_STABLE_SETTLES`] settle times ([`VCON_SETTLE_MS`] each, 5 s) since the last one
+/// counts towards this; one more fault leaves the device down (reset, every port
+/// withdrawn) until the next wake. A device that breaks on every bring-up would otherwise
+/// be reset on every interrupt and settle, its ports flapping for ever; one that breaks
+/// less often than every 5 s is reset each time.
 pub const VCON_MAX_RECOVERIES: u32 = 4;
+/// Settle times the device must stay up after a recovery before the recoveries before it
+/// stop counting as in a row (see [`VCON_MAX_RECOVERIES`]).
+pub const VCON_STABLE_SETTLES: u32 = 20;
 
 /// The shim's callbacks; `ctx` is passed back unchanged (the shim's driver object). Each
 /// may be null.
@@ -260,11 +265,11 @@ pub struct VconDevice {
     past: ConsoleStats,
     interrupts: u64,
     recoveries: u64,
-    /// Recoveries since the device last stayed up for a whole settle time.
+    /// Recoveries since the device last stayed up for [`VCON_STABLE_SETTLES`] settle times.
     recent_recoveries: u32,
-    /// A recovery since the last settle (the settle after it looks again one settle time
-    /// later before `recent_recoveries` is cleared).
-    recovered_since_settle: bool,
+    /// Settles since the last recovery (each recovery schedules one, and each settle the
+    /// next while `recent_recoveries` is not 0).
+    settles_since_recovery: u32,
     suspends: u64,
     publications: u64,
     asleep: bool,
@@ -667,12 +672,20 @@ impl VconDevice {
             let _ = self.handle_events();
         } else {
             let size = self.drv.as_ref().and_then(|c| c.console_size());
+            let mut published = true;
             if let Some(s0) = self.slot(0) {
                 s0.present = true;
                 s0.seen = true;
                 s0.size = size;
+                published = s0.key().is_some();
             }
-            self.came_back(0);
+            if published {
+                self.came_back(0);
+            } else {
+                // Withdrawn when the device was left down (`give_up`): the only port of a
+                // device without MULTIPORT comes back with the device, as at create.
+                self.publish(0);
+            }
         }
         for id in 0..PORTS as u32 {
             self.refresh(id);
@@ -707,7 +720,9 @@ impl VconDevice {
         log::warn!("VirtioConsole: device fault ({why}); resetting it");
         self.recoveries += 1;
         self.recent_recoveries += 1;
-        self.recovered_since_settle = true;
+        self.settles_since_recovery = 0;
+        // Whatever MULTIPORT says: the settles measure how long the device stays up.
+        self.schedule_settle();
         if let Err(e) = self.bring_back() {
             log::error!("VirtioConsole: the device did not come back: {e}; withdrawing its ports");
             self.shut_down();
@@ -875,7 +890,7 @@ pub unsafe extern "C" fn vcon_create(
         interrupts: 0,
         recoveries: 0,
         recent_recoveries: 0,
-        recovered_since_settle: false,
+        settles_since_recovery: 0,
         suspends: 0,
         publications: 0,
         asleep: false,
@@ -968,13 +983,14 @@ pub unsafe extern "C" fn vcon_settle(d: *mut VconDevice) {
             d.recover(&e);
             return VCON_OK;
         }
-        // Recoveries count as in a row until the device stays up for a whole settle time:
-        // the first settle after one only looks again later.
+        // Recoveries count as in a row until the device stays up for VCON_STABLE_SETTLES
+        // settle times after the last one.
         if d.recent_recoveries > 0 {
-            if core::mem::take(&mut d.recovered_since_settle) {
-                d.schedule_settle();
-            } else {
+            d.settles_since_recovery += 1;
+            if d.settles_since_recovery >= VCON_STABLE_SETTLES {
                 d.recent_recoveries = 0;
+            } else {
+                d.schedule_settle();
             }
         }
         let resync = core::mem::take(&mut d.resync);
@@ -1580,7 +1596,7 @@ pub unsafe extern "C" fn vcon_resume(d: *mut VconDevice) -> i32 {
         d.asleep = false;
         // A fresh start: recoveries before the sleep do not count against this bring-up.
         d.recent_recoveries = 0;
-        d.recovered_since_settle = false;
+        d.settles_since_recovery = 0;
         match d.bring_back() {
             Ok(()) => VCON_OK,
             Err(e) => {
