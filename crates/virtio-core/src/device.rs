@@ -87,16 +87,24 @@ pub struct VirtioDevice<T: Transport, D: Dma, I: InterruptPlatform> {
     vector_queues: Vec<VectorQueues>,
     isr_interrupts: u64,
     spurious_interrupts: u64,
-    /// The transport cut the device off from memory ([`Transport::stop_dma`]) after it
-    /// would not reset; turned back on by the next reset it acknowledges.
-    dma_stopped: bool,
-    /// We turned the device's DMA on ([`Transport::restart_dma`]) after a reset it
-    /// acknowledged, and have not stopped it since. False at first whatever the platform
-    /// left the switch as: firmware may have left the device running on rings in memory
-    /// the OS now owns, so the VirtioFamily shim turns bus mastering off before handing
-    /// the function over, and it comes on only once the device has reset (§2.1.2: a reset
-    /// device uses no driver memory).
-    dma_started: bool,
+    /// Where the device's DMA switch ([`Transport::stop_dma`] / [`Transport::restart_dma`])
+    /// stands, as far as we set it.
+    dma_switch: DmaSwitch,
+}
+
+/// The device's DMA switch (PCI: Bus Master Enable), as [`VirtioDevice`] set it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum DmaSwitch {
+    /// Not turned on by us yet, whatever the platform left it as: firmware may have left
+    /// the device running on rings in memory the OS now owns, so the VirtioFamily shim turns
+    /// bus mastering off before handing the function over, and it comes on only once the
+    /// device has reset (§2.1.2: a reset device uses no driver memory).
+    NotYetOn,
+    /// Turned on after a reset the device acknowledged.
+    On,
+    /// Cut off ([`Transport::stop_dma`]) after the device would not reset; turned back on
+    /// by the next reset it acknowledges.
+    Stopped,
 }
 
 impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
@@ -118,8 +126,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
             vector_queues: Vec::new(),
             isr_interrupts: 0,
             spurious_interrupts: 0,
-            dma_stopped: false,
-            dma_started: false,
+            dma_switch: DmaSwitch::NotYetOn,
         }
     }
 
@@ -161,7 +168,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
         self.transport.set_status(DeviceStatus::empty());
         for _ in 0..RESET_POLLS {
             if self.transport.status().is_empty() {
-                if !self.dma_started {
+                if self.dma_switch != DmaSwitch::On {
                     if !self.transport.restart_dma() {
                         // Without bus mastering the device cannot run its queues: fail the
                         // initialisation now rather than hang on requests that never
@@ -172,8 +179,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
                         );
                         return Err(Error::ResetTimeout);
                     }
-                    self.dma_started = true;
-                    self.dma_stopped = false;
+                    self.dma_switch = DmaSwitch::On;
                 }
                 return Ok(());
             }
@@ -191,14 +197,13 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
             return Ok(());
         };
         if self.transport.stop_dma() {
-            if !self.dma_stopped {
+            if self.dma_switch != DmaSwitch::Stopped {
                 log::error!(
                     "virtio {}: the device did not reset; its DMA is stopped (bus mastering off)",
                     self.transport.device_type().name()
                 );
             }
-            self.dma_stopped = true;
-            self.dma_started = false;
+            self.dma_switch = DmaSwitch::Stopped;
             return Ok(());
         }
         log::error!(
@@ -210,7 +215,7 @@ impl<T: Transport, D: Dma, I: InterruptPlatform> VirtioDevice<T, D, I> {
 
     /// Whether the device's DMA is stopped because it would not reset (tests, reports).
     pub fn dma_stopped(&self) -> bool {
-        self.dma_stopped
+        self.dma_switch == DmaSwitch::Stopped
     }
 
     fn add_status(&mut self, bits: DeviceStatus) {

@@ -102,6 +102,37 @@ impl RingDevice {
 
 // ---- ours ----
 
+/// Zeroed memory for a ring of `total` bytes; device address = host address.
+fn ring_memory(total: usize) -> DmaRegion {
+    let memory = zeroed_pages(total);
+    DmaRegion {
+        vaddr: memory,
+        daddr: memory.as_ptr() as u64,
+        len: total,
+    }
+}
+
+/// Both of our rings' configuration in every round: no indirect tables.
+fn config(event_idx: bool) -> QueueConfig {
+    QueueConfig {
+        size: QUEUE_SIZE,
+        max_indirect: 0,
+        event_idx,
+        ignore_used_len: false,
+    }
+}
+
+/// The chain popped is the one added (`token`), with the bytes the bench device wrote.
+fn expect_used(used: Used, token: usize) -> Result<(), String> {
+    if (used.token, used.len) != (token, WRITTEN_LEN) {
+        return Err(format!(
+            "pop: token {} len {}, expected {token} and {WRITTEN_LEN}",
+            used.token, used.len
+        ));
+    }
+    Ok(())
+}
+
 /// Measured: our ring's `add` of one device-writable segment.
 #[unsafe(no_mangle)]
 #[inline(never)]
@@ -122,20 +153,14 @@ pub fn ring_bench_ours_pop(queue: &mut SplitQueue) -> virtio_core::Result<Option
 
 fn run_ours(event_idx: bool, rounds: u64) -> Result<(), String> {
     let layout = SplitRingLayout::new(RingLayoutKind::Modern, QUEUE_SIZE).ok_or("ring layout")?;
-    let memory = zeroed_pages(layout.total);
-    let ring = DmaRegion {
-        vaddr: memory,
-        daddr: memory.as_ptr() as u64,
-        len: layout.total,
-    };
-    let config = QueueConfig {
-        size: QUEUE_SIZE,
-        max_indirect: 0,
-        event_idx,
-        ignore_used_len: false,
-    };
-    let mut queue =
-        SplitQueue::new(0, layout, ring, None, config).map_err(|e| format!("SplitQueue: {e}"))?;
+    let mut queue = SplitQueue::new(
+        0,
+        layout,
+        ring_memory(layout.total),
+        None,
+        config(event_idx),
+    )
+    .map_err(|e| format!("SplitQueue: {e}"))?;
     let addresses = queue.addresses();
     let mut device = RingDevice {
         desc: addresses.desc as *const u8,
@@ -155,12 +180,7 @@ fn run_ours(event_idx: bool, rounds: u64) -> Result<(), String> {
         let used = ring_bench_ours_pop(black_box(&mut queue))
             .map_err(|e| format!("pop: {e}"))?
             .ok_or("pop: nothing used")?;
-        if (used.token, used.len) != (token, WRITTEN_LEN) {
-            return Err(format!(
-                "pop: token {} len {}, expected {token} and {WRITTEN_LEN}",
-                used.token, used.len
-            ));
-        }
+        expect_used(used, token)?;
     }
     Ok(())
 }
@@ -365,20 +385,14 @@ pub fn ring_bench_packed_pop(queue: &mut PackedQueue) -> virtio_core::Result<Opt
 
 fn run_packed(event_idx: bool, rounds: u64) -> Result<(), String> {
     let layout = PackedRingLayout::new(QUEUE_SIZE).ok_or("packed ring layout")?;
-    let memory = zeroed_pages(layout.total);
-    let ring = DmaRegion {
-        vaddr: memory,
-        daddr: memory.as_ptr() as u64,
-        len: layout.total,
-    };
-    let config = QueueConfig {
-        size: QUEUE_SIZE,
-        max_indirect: 0,
-        event_idx,
-        ignore_used_len: false,
-    };
-    let mut queue =
-        PackedQueue::new(0, layout, ring, None, config).map_err(|e| format!("PackedQueue: {e}"))?;
+    let mut queue = PackedQueue::new(
+        0,
+        layout,
+        ring_memory(layout.total),
+        None,
+        config(event_idx),
+    )
+    .map_err(|e| format!("PackedQueue: {e}"))?;
     // As a driver does once its queue is set up: interrupts on, and with EVENT_IDX the
     // driver event structure naming the next used position (DESC), which every pop then
     // moves on. Nothing is used yet.
@@ -405,12 +419,7 @@ fn run_packed(event_idx: bool, rounds: u64) -> Result<(), String> {
         let used = ring_bench_packed_pop(black_box(&mut queue))
             .map_err(|e| format!("pop: {e}"))?
             .ok_or("pop: nothing used")?;
-        if (used.token, used.len) != (token, WRITTEN_LEN) {
-            return Err(format!(
-                "pop: token {} len {}, expected {token} and {WRITTEN_LEN}",
-                used.token, used.len
-            ));
-        }
+        expect_used(used, token)?;
     }
     // Every completion crossed the driver's interrupt point (EVENT_IDX: each pop names the
     // next used position) or found interrupts enabled.
