@@ -425,6 +425,39 @@ fn capacity_change_while_asleep_is_reported() {
     assert_eq!(kicks, r.sim.kicks(0));
 }
 
+/// Changes are reported against the capacity the caller last heard of, whatever re-read it
+/// in between: a resume that failed after reading the configuration (no memory for the
+/// rings), then the one that works, reports the resize; so does the first configuration
+/// change after a `restart` (which reports nothing itself) that found the disk resized.
+#[test]
+fn a_resize_is_reported_even_when_a_failed_resume_or_a_restart_read_it_first() {
+    let mut r = rig(SimMode::Modern, Preference::Auto, model(1), RING);
+    r.suspend(0);
+    r.model.resize(SECTORS * 2);
+    r.sim.set_device_config(0, &(SECTORS * 2).to_le_bytes());
+    let mem = r.sim.memory();
+    mem.fail_allocations_after(Some(0));
+    assert_eq!(r.drv.resume(), Err(BlkError::Virtio(Error::DmaAlloc)));
+    mem.fail_allocations_after(None);
+    assert_eq!(
+        r.drv.info().capacity,
+        SECTORS * 2,
+        "the failed resume read it"
+    );
+    let rep = r.drv.resume().unwrap();
+    assert_eq!((rep.capacity, rep.capacity_changed), (SECTORS * 2, true));
+
+    r.drv.abort_all(|_, _| {});
+    r.model.resize(SECTORS * 3);
+    r.sim.set_device_config(0, &(SECTORS * 3).to_le_bytes());
+    r.drv.restart().unwrap();
+    assert_eq!(r.drv.info().capacity, SECTORS * 3, "the restart read it");
+    r.sim.raise_config_interrupt();
+    let irq = r.drv.handle_interrupt(None).unwrap();
+    assert_eq!(irq.capacity_changed, Some(SECTORS * 3));
+    assert_eq!(r.drv.handle_config_change(), Ok(None), "reported once");
+}
+
 /// While the driver has the device reset (suspended, or aborted and not restarted) it leaves
 /// it alone: an interrupt announcing DEVICE_NEEDS_RESET or a configuration change is taken
 /// (the ISR read) but reports nothing to do, the configuration is not read (writeback may

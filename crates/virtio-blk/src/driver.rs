@@ -209,7 +209,8 @@ impl core::fmt::Display for SuspendReport {
 pub struct ResumeReport {
     /// Negotiated again: the previous set (plus, possibly, ring bits the bus implements).
     pub features: Features,
-    /// Capacity in sectors now, and whether it differs from before the suspend.
+    /// Capacity in sectors now, and whether it differs from the one the caller last heard of
+    /// (before the suspend, or reported since).
     pub capacity: u64,
     pub capacity_changed: bool,
     /// Request queues rebuilt.
@@ -469,6 +470,11 @@ pub struct BlkDriver<B: Bus> {
     stopped: bool,
     /// Between `suspend` and a successful `resume`: submissions get `QueueFull` (hold).
     suspended: bool,
+    /// The capacity (sectors) the caller last heard of: at probe, from a reported
+    /// configuration change, from a resume. Changes are reported against it, not against
+    /// `info`, which a `restart` or a resume that failed after reading the configuration
+    /// has already updated.
+    capacity_reported: u64,
     /// The last reset failed (the device ignored it and its DMA could not be stopped) while
     /// it had the slot memory: `free_regions` leaks the regions instead of freeing them.
     device_holds_dma: bool,
@@ -508,9 +514,11 @@ impl<B: Bus> BlkDriver<B> {
             ranges: Vec::new(),
             stopped: true,
             suspended: false,
+            capacity_reported: 0,
             device_holds_dma: false,
         };
         d.bring_up(None)?;
+        d.capacity_reported = d.info.capacity;
         Ok(d)
     }
 
@@ -1520,7 +1528,8 @@ impl<B: Bus> BlkDriver<B> {
     }
 
     /// Re-reads the configuration after a config-change notification; returns the new
-    /// capacity (sectors) if it changed. Values `read_info` would refuse at init are
+    /// capacity (sectors) if it differs from the one the caller last heard of (a `restart`
+    /// re-reads it without reporting). Values `read_info` would refuse at init are
     /// refused here too (`Error::DeviceProtocol`), and the previous ones kept. Stopped, the
     /// device is reset and nothing is read (§5.2.5.1): `Virtio(InvalidState)`.
     pub fn handle_config_change(&mut self) -> Result<Option<u64>, BlkError> {
@@ -1531,15 +1540,16 @@ impl<B: Bus> BlkDriver<B> {
         if self.info.config_wce {
             self.info.writeback = config::read_writeback(&BusConfig(&self.bus))?;
         }
-        if capacity == self.info.capacity {
+        self.info.capacity = capacity;
+        if capacity == self.capacity_reported {
             return Ok(None);
         }
         log::info!(
             "virtio-blk: capacity changed from {} to {} sectors",
-            self.info.capacity,
+            self.capacity_reported,
             capacity
         );
-        self.info.capacity = capacity;
+        self.capacity_reported = capacity;
         Ok(Some(capacity))
     }
 
@@ -1746,15 +1756,15 @@ impl<B: Bus> BlkDriver<B> {
         if !self.suspended {
             return Err(BlkError::Virtio(Error::InvalidState));
         }
-        let capacity_before = self.info.capacity;
         self.bring_up(Some(self.features))?;
         self.suspended = false;
         let report = ResumeReport {
             features: self.features,
             capacity: self.info.capacity,
-            capacity_changed: self.info.capacity != capacity_before,
+            capacity_changed: self.info.capacity != self.capacity_reported,
             queues: self.num_queues(),
         };
+        self.capacity_reported = self.info.capacity;
         log::info!("virtio-blk: resumed: {report}");
         Ok(report)
     }
