@@ -158,6 +158,8 @@ pub struct Record {
     pub nodeid: u64,
     /// READ/READDIR size asked for, or WRITE bytes sent.
     pub size: u32,
+    /// READ/WRITE/READDIR(PLUS) offset asked for (0 for other requests).
+    pub offset: u64,
     /// Position of this request in its batch (requests popped together were in flight
     /// together).
     pub batch_len: usize,
@@ -496,12 +498,17 @@ impl FsModel {
                 Err(e) => (e, Vec::new(), 0),
             };
         self.in_flight.remove(&unique);
+        let offset = match opcode {
+            op::READ | op::WRITE | op::READDIR | op::READDIRPLUS => u64_at(body, 8),
+            _ => 0,
+        };
         self.records.push(Record {
             queue,
             opcode,
             unique,
             nodeid,
             size,
+            offset,
             batch_len,
             errno,
         });

@@ -2010,6 +2010,76 @@ fn forget_fits_a_small_hiprio_queue_and_owes_what_it_could_not_send() {
     r.no_violations();
 }
 
+/// A waiter that sleeps until the device interrupts, as a kext thread does: each slice
+/// the device serves what is queued (slowly: only while the driver sleeps), and the wait
+/// returns once an interrupt was raised and fed to the driver, or fails after `slices`.
+struct InterruptOnlyWaiter<'a> {
+    sim: &'a Sim,
+    model: &'a mut FsModel,
+    slices: u32,
+    woken: u32,
+}
+
+impl Waiter<Dev> for InterruptOnlyWaiter<'_> {
+    fn wait(&mut self, fs: &mut Fs) -> FsResult<()> {
+        for _ in 0..self.slices {
+            for q in 0..self.model.queue_count() {
+                self.model.serve(self.sim, q);
+            }
+            let irqs = self.sim.take_interrupts();
+            for irq in &irqs {
+                let vector = match irq {
+                    virtio_tests::sim::SimInterrupt::Msix(v) => Some(*v),
+                    virtio_tests::sim::SimInterrupt::Intx => None,
+                };
+                fs.handle_interrupt(vector)?;
+            }
+            if !irqs.is_empty() {
+                self.woken += 1;
+                return Ok(());
+            }
+        }
+        Err(FsError::Timeout)
+    }
+}
+
+/// `forget` waiting for a hiprio buffer is woken by the interrupt of the completion that
+/// frees one: a waiter that only returns on interrupts does not sleep to its deadline.
+#[test]
+fn forget_waiting_for_hiprio_is_woken_by_its_completion() {
+    let mut r = rig_with("hiprio-wake", FsOptions::default(), |m| {
+        m.hiprio_queue_size = Some(2)
+    });
+    assert!(matches!(
+        r.fs.bus().interrupt_mode(),
+        InterruptMode::MsiX { .. }
+    ));
+    std::fs::write(r.root.join("f"), b"").unwrap();
+    let mut node = NodeId(0);
+    for _ in 0..200 {
+        node = r
+            .run(|fs, w| fs.lookup(w, NodeId::ROOT, b"f"))
+            .unwrap()
+            .node;
+    }
+    r.sim.take_interrupts();
+    let mut w = InterruptOnlyWaiter {
+        sim: &r.sim,
+        model: &mut r.model,
+        slices: 100,
+        woken: 0,
+    };
+    // 61 + 61 nodes fill hiprio's two entries; the third and fourth batches each wait
+    // for the device to complete one.
+    assert_eq!(r.fs.forget(&mut w, &[(node, 1); 200]), Ok(()));
+    assert!(w.woken >= 1, "forget waited for hiprio");
+    r.model.serve(&r.sim, 0);
+    assert_eq!(r.model.lookups(node.0), 0, "every lookup forgotten, once");
+    assert_eq!(r.fs.stats().forgotten_nodes, 200);
+    assert_eq!(r.fs.stats().unclaimed_nodes_forgotten, 0, "nothing owed");
+    r.no_violations();
+}
+
 #[test]
 fn read_dir_refuses_a_reply_that_does_not_advance() {
     let mut r = rig("stuck");
@@ -2163,6 +2233,50 @@ fn init_flags_the_device_declined_are_not_used() {
     assert_eq!(ops, [op::GETATTR, op::OPEN, op::SETATTR]);
     assert_eq!(std::fs::metadata(r.root.join("f")).unwrap().len(), 0);
     r.no_violations();
+}
+
+/// Without ASYNC_READ the FUSE server may assume at most one READ of a handle pending, in
+/// increasing offset order (Linux reads synchronously then); with it, `read` pipelines.
+#[test]
+fn read_pipelines_only_with_async_read() {
+    use virtio_fs::wire::init_flags;
+    let opts = FsOptions {
+        data_size: 4096,
+        ..FsOptions::default()
+    };
+    for declined in [init_flags::ASYNC_READ, 0] {
+        let mut r = rig_declining("async-read", opts, declined);
+        let data = pattern(64 * 1024, 3);
+        std::fs::write(r.root.join("f"), &data).unwrap();
+        let e = r.run(|fs, w| fs.lookup(w, NodeId::ROOT, b"f")).unwrap();
+        let o = r
+            .run(|fs, w| fs.open(w, e.node, open_flags::O_RDONLY))
+            .unwrap();
+        let mut back = vec![0u8; data.len()];
+        assert_eq!(
+            r.run(|fs, w| fs.read(w, e.node, o.fh, 0, &mut back)),
+            Ok(data.len())
+        );
+        assert_eq!(back, data);
+        let reads: Vec<_> = r
+            .model
+            .records
+            .iter()
+            .filter(|x| x.opcode == op::READ)
+            .collect();
+        assert_eq!(reads.len(), 16, "64 KiB in 4 KiB chunks");
+        let most_at_once = reads.iter().map(|x| x.batch_len).max().unwrap();
+        if declined == 0 {
+            assert!(most_at_once > 1, "ASYNC_READ accepted: READs pipelined");
+        } else {
+            assert_eq!(most_at_once, 1, "ASYNC_READ declined: one READ at a time");
+            let offsets: Vec<u64> = reads.iter().map(|x| x.offset).collect();
+            let expected: Vec<u64> = (0..16).map(|i| i * 4096).collect();
+            assert_eq!(offsets, expected, "in increasing offset order");
+        }
+        r.run(|fs, w| fs.release(w, e.node, o.fh, 0)).unwrap();
+        r.no_violations();
+    }
 }
 
 /// O_TRUNC emulated as Linux's `handle_truncate` does it: the SETATTR goes by node (no
@@ -2337,17 +2451,33 @@ fn errors_from_512_up_are_protocol_errors() {
 }
 
 /// `read_dir` stops at MAX_DIR_ENTRIES records (a device cycling its offsets): the records
-/// of the last reply it did not hand out hold references too, and they go back.
+/// of the last reply it did not hand out hold references too, and they go back — the
+/// record the bound falls on included.
 #[test]
 fn read_dir_gives_back_the_records_past_its_bound() {
+    // Each reply is `pads` records of node id 0 (no reference), then the model's records
+    // from the offset asked ("." and ".." without a reference, a, b and c with one each),
+    // every record continuing at 2 or 1 in turn: so the replies hold pads + 5 (from 0),
+    // then pads + 3 (from 2) and pads + 4 (from 1) records alternately.
+    // 95 pads: record 2^20 + 1 is the 43rd of a reply from 2, a pad; a, b and c follow.
+    // 60 pads: it is the 64th and last of a reply from 1, c itself; nothing follows.
+    for (pads, last_handed_out, owed) in [(95, "x", 3), (60, "b", 1)] {
+        let (last, stats_owed) = read_dir_past_the_bound(pads);
+        assert_eq!(last, last_handed_out, "{pads} pads: where the bound fell");
+        assert_eq!(stats_owed, owed, "{pads} pads: the references given back");
+    }
+}
+
+/// Runs the `read_dir` of [`read_dir_gives_back_the_records_past_its_bound`] with `pads`
+/// padding records per reply, forgets what it handed out and checks the device holds no
+/// reference after; returns the name of the last record handed out and how many lookups
+/// the driver gave back on its own.
+fn read_dir_past_the_bound(pads: usize) -> (String, u64) {
     let mut r = rig("dir-bound");
     for n in ["a", "b", "c"] {
         std::fs::write(r.root.join(n), b"").unwrap();
     }
     let h = r.run(|fs, w| fs.opendir(w, NodeId::ROOT)).unwrap();
-    // Each reply: 95 records of node id 0 (no reference), then the model's five (".",
-    // "..", and a, b, c with one reference each), every one continuing at 1 or 2 in
-    // turn. 2^20 = 10485 * 100 + 76: the bound falls inside the last reply's padding.
     let mut turn = 0u64;
     r.model.tamper = Some(Box::new(move |o, b| {
         if o != op::READDIRPLUS || b.len() <= 16 {
@@ -2359,7 +2489,7 @@ fn read_dir_gives_back_the_records_past_its_bound() {
         pad[148..152].copy_from_slice(&8u32.to_le_bytes());
         pad[152] = b'x';
         let records = b.split_off(16);
-        for _ in 0..95 {
+        for _ in 0..pads {
             b.extend_from_slice(&pad);
         }
         b.extend_from_slice(&records);
@@ -2370,8 +2500,10 @@ fn read_dir_gives_back_the_records_past_its_bound() {
     }));
     let mut buf = vec![0u8; 32 * 1024];
     let mut held: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut last = String::new();
     let res = r.run(|fs, w| {
         fs.read_dir(w, NodeId::ROOT, h.fh, true, &mut buf, |e| {
+            last = String::from_utf8_lossy(e.name).into_owned();
             if let Some(e) = e.entry {
                 *held.entry(e.node.0).or_default() += 1;
             }
@@ -2385,7 +2517,12 @@ fn read_dir_gives_back_the_records_past_its_bound() {
     let refs: Vec<(NodeId, u64)> = held.iter().map(|(&n, &c)| (NodeId(n), c)).collect();
     r.run(|fs, w| fs.forget(w, &refs)).unwrap();
     settle(&mut r);
-    assert_eq!(r.model.live_nodes(), 0, "every reference came back");
-    assert_eq!(r.fs.stats().unclaimed_nodes_forgotten, 3);
+    assert_eq!(
+        r.model.live_nodes(),
+        0,
+        "{pads} pads: every reference came back"
+    );
+    assert_eq!(r.fs.stats().lost_references, 0);
     r.no_violations();
+    (last, r.fs.stats().unclaimed_nodes_forgotten)
 }

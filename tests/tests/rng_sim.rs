@@ -286,6 +286,40 @@ fn interrupts_deliver_bytes_in_every_mode() {
     }
 }
 
+/// A buffer returned empty has no bytes for `read` to take, so nothing else would post
+/// it again: collecting it (interrupt or poll) reposts it, or a device that returns every
+/// buffer empty is left with none and a caller sleeping for an interrupt never wakes.
+#[test]
+fn empty_buffers_are_reposted_when_collected() {
+    for (mode, pref) in MODES {
+        let (mut src, mut rng) = rig(mode, pref, RngOptions::default());
+        let mode_now = rng.bus().interrupt_mode();
+        for round in 0..3 {
+            src.sim.take_interrupts();
+            assert_eq!(
+                src.serve(|_, _| 0),
+                8,
+                "{mode:?} round {round}: buffers posted"
+            );
+            // The documented consumer: handle the interrupt (or poll, in polling mode),
+            // then re-enable interrupts and sleep if nothing is pending.
+            for irq in src.sim.take_interrupts() {
+                let vector = match irq {
+                    SimInterrupt::Msix(v) => Some(v),
+                    SimInterrupt::Intx => None,
+                };
+                assert_eq!(rng.handle_interrupt(vector).unwrap().bytes_ready, 0);
+            }
+            assert_eq!(rng.poll().unwrap(), 0);
+            assert!(!rng.enable_interrupts().unwrap(), "{mode:?} {mode_now:?}");
+            // Every buffer is posted again without a `read` (the next round serves them).
+        }
+        assert_eq!(src.sim.pop_chains(REQUEST_QUEUE).len(), 8, "{mode:?}");
+        let s = rng.stats();
+        assert_eq!(s.empty_completions, 24, "{mode:?}");
+    }
+}
+
 #[test]
 fn shutdown_resets_and_stops() {
     let (mut src, mut rng) = rig(

@@ -65,7 +65,8 @@ const OWED_FORGETS_MAX: usize = FORGET_BATCH_MAX * HIPRIO_SLOTS;
 /// The page size FUSE's `max_pages` counts in.
 const PAGE: u32 = 4096;
 /// Flags this driver offers in FUSE_INIT, each because it implements what it implies:
-/// - ASYNC_READ: several READs of one file are in flight at once (`read`);
+/// - ASYNC_READ: several READs of one file are in flight at once (`read`; without it,
+///   one at a time in offset order);
 /// - ATOMIC_O_TRUNC: `open` passes O_TRUNC to the device instead of a separate SETATTR;
 /// - BIG_WRITES: WRITEs up to `max_write`, not one page;
 /// - DO_READDIRPLUS: the caller may read directories with READDIRPLUS;
@@ -832,11 +833,13 @@ impl<B: Bus> FsDriver<B> {
         let wanted = u32::from(options.max_request_queues.clamp(1, MAX_REQUEST_QUEUES));
         let count = config.num_request_queues.min(wanted) as u16;
         let mut specs: Vec<QueueSpec> = Vec::with_capacity(usize::from(count) + 1);
-        // hiprio never interrupts: its buffers are reclaimed when the next FORGET goes out.
+        // hiprio interrupts like the request queues (Linux gives it a vector too): a
+        // `forget` that finds every hiprio buffer in use waits for the device, and only the
+        // completion freeing one can end that wait. Its buffers are reclaimed on every poll.
         specs.push(
             QueueSpec::new(HIPRIO_QUEUE)
                 .size(HIPRIO_SLOTS as u16)
-                .interrupts(false),
+                .interrupts(options.interrupts),
         );
         if notification {
             // §5.11.2: queue 1 is the notification queue; its buffers are posted below.
@@ -1369,10 +1372,11 @@ impl<B: Bus> FsDriver<B> {
         })
     }
 
-    /// Re-enables the request queues' interrupts before the caller sleeps; true when
-    /// replies arrived meanwhile (poll instead of sleeping).
+    /// Re-enables the interrupts of hiprio, the notification queue and the request queues
+    /// before the caller sleeps; true when completions arrived meanwhile (poll instead of
+    /// sleeping).
     pub fn enable_interrupts(&mut self) -> FsResult<bool> {
-        let mut more = false;
+        let mut more = self.bus.enable_interrupts(HIPRIO_QUEUE)?;
         if self.notify.is_some() {
             more |= self.bus.enable_interrupts(NOTIFICATION_QUEUE)?;
         }
@@ -1927,8 +1931,9 @@ impl<B: Bus> FsDriver<B> {
     }
 
     /// Sends FORGET (one node) or BATCH_FORGET (several) on hiprio for `nodes` (node,
-    /// lookup count), waiting for hiprio buffers when all are in use. The device sends
-    /// no reply (§5.11.6.1: hiprio requests have no device-writable part).
+    /// lookup count), waiting for hiprio buffers when all are in use (the completion
+    /// freeing one interrupts, as a request's does). The device sends no reply
+    /// (§5.11.6.1: hiprio requests have no device-writable part).
     ///
     /// All or nothing for the caller: whatever it returns, the references of `nodes`
     /// are the driver's from now on. When sending fails part-way (a wait ends in an
@@ -2245,7 +2250,8 @@ impl<B: Bus> FsDriver<B> {
 
     /// Reads into `buf` from `offset`: split into READs of at most
     /// [`FsDriver::read_chunk`] bytes, up to 32 in flight at once across the request
-    /// queues. Returns the bytes read: fewer than `buf.len()` at end of file (the first
+    /// queues when the device accepted ASYNC_READ, else one at a time in increasing offset
+    /// order. Returns the bytes read: fewer than `buf.len()` at end of file (the first
     /// short READ ends the result, whatever later ones returned).
     pub fn read<W: Waiter<B>>(
         &mut self,
@@ -2256,10 +2262,19 @@ impl<B: Bus> FsDriver<B> {
         buf: &mut [u8],
     ) -> FsResult<usize> {
         let chunk = self.read_chunk() as usize;
+        // Without ASYNC_READ the server may assume one READ per handle pending at a time,
+        // in offset order (Linux then waits for each, `fuse_send_readpages`), so the
+        // pipeline is one deep.
+        let depth = if self.negotiated(init_flags::ASYNC_READ) {
+            MAX_PIPELINE
+        } else {
+            1
+        };
         self.pipeline(
             w,
             buf.len(),
             chunk,
+            depth,
             |fs, at, len| {
                 fs.submit(&Request::Read {
                     node,
@@ -2279,7 +2294,8 @@ impl<B: Bus> FsDriver<B> {
     }
 
     /// Writes `data` at `offset`: split into WRITEs of at most [`FsDriver::write_chunk`]
-    /// bytes, up to 32 in flight. Returns the bytes written (fewer after a short WRITE).
+    /// bytes, up to 32 in flight (no INIT flag restricts WRITEs in flight). Returns the
+    /// bytes written (fewer after a short WRITE).
     pub fn write<W: Waiter<B>>(
         &mut self,
         w: &mut W,
@@ -2293,6 +2309,7 @@ impl<B: Bus> FsDriver<B> {
             w,
             data.len(),
             chunk,
+            MAX_PIPELINE,
             |fs, at, len| {
                 let piece = data.get(at..at + len).ok_or(FsError::InvalidArgument)?;
                 fs.submit(&Request::Write {
@@ -2310,21 +2327,26 @@ impl<B: Bus> FsDriver<B> {
         )
     }
 
-    /// Runs `total` bytes as chunks of at most `chunk`, several in flight: `start`
-    /// submits the chunk at byte `at` of `len` bytes, `finish` takes its result (bytes
-    /// done). Every submitted chunk is taken or abandoned before returning.
+    /// Runs `total` bytes as chunks of at most `chunk`, up to `depth` (at most
+    /// [`MAX_PIPELINE`]) in flight, started in increasing order: `start` submits the chunk
+    /// at byte `at` of `len` bytes, `finish` takes its result (bytes done). Every
+    /// submitted chunk is taken or abandoned before returning.
     fn pipeline<W: Waiter<B>>(
         &mut self,
         w: &mut W,
         total: usize,
         chunk: usize,
+        depth: usize,
         mut start: impl FnMut(&mut Self, usize, usize) -> FsResult<Ticket>,
         mut finish: impl FnMut(&mut Self, Ticket, usize, usize) -> FsResult<usize>,
     ) -> FsResult<usize> {
         if chunk == 0 {
             return Err(FsError::InvalidArgument);
         }
-        let mut inflight: [Option<(Ticket, usize, usize)>; MAX_PIPELINE] = [None; MAX_PIPELINE];
+        let mut slots: [Option<(Ticket, usize, usize)>; MAX_PIPELINE] = [None; MAX_PIPELINE];
+        let inflight = slots
+            .get_mut(..depth.clamp(1, MAX_PIPELINE))
+            .ok_or(FsError::InvalidArgument)?;
         let mut next = 0usize;
         // The end of the first short chunk, and the first error (by position).
         let mut short_at: Option<usize> = None;
@@ -2356,7 +2378,7 @@ impl<B: Bus> FsDriver<B> {
                 break;
             }
             if let Err(e) = self.kick().and_then(|_| self.poll()) {
-                self.abandon_all(&mut inflight);
+                self.abandon_all(inflight);
                 return Err(e);
             }
             let mut progressed = false;
@@ -2382,11 +2404,11 @@ impl<B: Bus> FsDriver<B> {
             if !progressed {
                 waits += 1;
                 if waits > self.options.max_waits {
-                    self.abandon_all(&mut inflight);
+                    self.abandon_all(inflight);
                     return Err(FsError::Timeout);
                 }
                 if let Err(e) = w.wait(self) {
-                    self.abandon_all(&mut inflight);
+                    self.abandon_all(inflight);
                     return Err(e);
                 }
             }
@@ -2466,9 +2488,9 @@ impl<B: Bus> FsDriver<B> {
             let mut records = records;
             while let Some(e) = records.next() {
                 if count == MAX_DIR_ENTRIES {
-                    // The rest of this reply's records were never handed out: their
-                    // references go back.
-                    for rest in records {
+                    // `e` and the rest of this reply's records were never handed out:
+                    // their references go back.
+                    for rest in core::iter::once(e).chain(records) {
                         if let Some(entry) = rest.entry
                             && !self.owed.forget(entry.node, 1)
                         {

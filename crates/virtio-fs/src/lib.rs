@@ -8,9 +8,10 @@
 //!   interface), NOTIFICATION is negotiated when offered ([`features`]); the
 //!   configuration's `tag` must be non-empty NUL-padded UTF-8, `num_request_queues`
 //!   non-zero and, with NOTIFICATION, `notify_buf_size` 16..=64 KiB. Queue 0 is `hiprio`
-//!   (FORGET / BATCH_FORGET, no replies, no interrupts: its buffers are reclaimed when
-//!   the next one goes out); with NOTIFICATION queue 1 is the notification queue and the
-//!   request queues are 2.., without it 1.. (§5.11.2). Every byte the I/O
+//!   (FORGET / BATCH_FORGET, no replies; it interrupts when the request queues do, so a
+//!   `forget` waiting for a free hiprio buffer is woken by the completion that frees one;
+//!   every poll reclaims its buffers); with NOTIFICATION queue 1 is the notification
+//!   queue and the request queues are 2.., without it 1.. (§5.11.2). Every byte the I/O
 //!   path touches is allocated here: per request queue a slab of slots, each with a
 //!   request area (header, arguments, names), a reply area (header and the fixed reply)
 //!   and a data buffer of `data_size` bytes (READ/READDIR land in it, WRITE data is copied
@@ -21,7 +22,8 @@
 //!   MAX_PAGES, `max_pages` (at least 1, as Linux takes it): READ and WRITE chunks are the
 //!   slot buffer within those. Only flags the device accepted are used: READDIRPLUS
 //!   needs DO_READDIRPLUS (else `readdir` reads with READDIR), O_TRUNC goes with OPEN
-//!   only with ATOMIC_O_TRUNC (else `open` truncates with SETATTR).
+//!   only with ATOMIC_O_TRUNC (else `open` truncates with SETATTR), several READs in
+//!   flight need ASYNC_READ (else `read` sends one at a time, in offset order).
 //! - **Requests** ([`FsDriver::submit`], [`Request`]) are typed; the wire structures are
 //!   all in [`wire`]. A request takes a free slot on the least busy request queue and a
 //!   `unique` from a 64-bit counter; its chain is `[request (+ write data)]` readable and
@@ -55,7 +57,8 @@
 //! - **Blocking operations** (`lookup`, `read`, `write`, `read_dir`, `create`, ...) wait
 //!   through a caller's [`Waiter`] (interrupts in the guest, a simulated device in
 //!   tests), bounded by `max_waits`. `read`/`write` split the caller's buffer into chunks
-//!   and keep up to 32 in flight; the first short chunk ends the result.
+//!   and keep up to 32 in flight (`read` only with ASYNC_READ, else one); the first short
+//!   chunk ends the result.
 //! - **Errors are values** ([`FsError`]): a negative errno is [`FsError::Errno`] with a
 //!   typed [`Errno`]; anything the device gets wrong is [`FsError::Protocol`].
 //! - **The device is hostile.** A reply whose `unique` is not its request's, whose header
