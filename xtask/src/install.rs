@@ -10,8 +10,8 @@
 //! Two generations of kext tooling, chosen by the running kernel (`uname -r`: Darwin 20 and
 //! later, or `/usr/bin/kmutil` present, is macOS 11+):
 //! - macOS 10.13–10.15 and PureDarwin (Darwin 17–19): copy, `kextcache -i /` (the prelinked
-//!   kernel, so the kexts win boot-time matching over AppleVirtIO), then, when none of them
-//!   is loaded, `kextutil`, family first;
+//!   kernel, so the kexts are there at boot and match in the same pass as AppleVirtIO, where
+//!   their probe score wins), then, when none of them is loaded, `kextutil`, family first;
 //! - macOS 11 and later: copy, then, when none of them is loaded, one `kmutil load -p
 //!   <family> -p <device> ...` (a new third-party kext needs the user's approval and a
 //!   reboot: the failure of that load is expected the first time); when a build is loaded,
@@ -21,12 +21,17 @@
 //! What is loaded is read from the kernel (`kextstat -l -b <id>`, `kmutil showloaded
 //! --bundle-identifier <id>`), and a loaded UUID is compared with the built executable's
 //! `LC_UUID`. `KEXT_INSTALL_DIR=<volume>/Library/Extensions` installs onto another system's
-//! volume: files only (and `kextcache -i <volume>` on 10.x), nothing loaded, nothing of the
-//! running system touched.
+//! volume: files only, nothing loaded, nothing of the running system touched. Its caches are
+//! those of the system on that volume, whose generation is read from the volume
+//! ([`volume_generation`]) or given with `--target-macos`, not this host's: `kextcache -i
+//! <volume>` for a 10.x system when this host is 10.x too; otherwise nothing is run (a macOS
+//! 11+ host cannot build a Darwin 17–19 prelinked kernel, and a macOS 11+ system rebuilds its
+//! auxiliary collection when it boots), and the last line says what is left to do there.
 //!
 //! `--uninstall` undoes it; `--remove-console-log` removes only the console's launchd pieces.
 //! The plan is data ([`plan`]): `--dry-run` prints it on any host (both generations on a host
-//! that is not Darwin, or the one named by `--target-macos`) and the tests check it.
+//! that is not Darwin, or the one named by `--target-macos`; for another volume, that
+//! volume's system from each kind of host) and the tests check it.
 //! Signing and security settings: `docs/install.md`.
 
 use std::path::{Component, Path, PathBuf};
@@ -47,6 +52,14 @@ pub enum Generation {
 }
 
 impl Generation {
+    /// Which systems, in short.
+    fn name(self) -> &'static str {
+        match self {
+            Generation::Kextcache => "macOS 10.13-10.15 or PureDarwin",
+            Generation::Kmutil => "macOS 11 or later",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Generation::Kextcache => {
@@ -86,34 +99,176 @@ impl Generation {
     }
 }
 
-/// The generation of a `--target-macos` value: `10.13`..`10.15`, or `10.16` (what macOS 11
-/// reports to software built against an older SDK) and `11` and later (a minor version may
-/// follow).
-pub fn parse_target(v: &str) -> Result<Generation, String> {
-    let bad = || {
-        format!(
-            "--target-macos {}: give a macOS version, 10.13 to 10.15 (also PureDarwin's \
-             kext tooling) or 11 and later, e.g. --target-macos 10.15 or --target-macos 13",
-            quote(v)
-        )
-    };
+/// The kext tools of this host and of the system whose caches a plan rebuilds: the same for
+/// the running system; for another volume, that volume's own (see [`volume_generation`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tools {
+    /// What this host runs (its kernel's `uname -r`).
+    pub host: Generation,
+    /// What the system installed to uses.
+    pub target: Generation,
+}
+
+impl Tools {
+    /// The running system: the host is the target.
+    pub fn same(g: Generation) -> Tools {
+        Tools { host: g, target: g }
+    }
+}
+
+/// What a macOS version (`10.15.7`, `13`) says about the kext tooling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MacosVersion {
+    Tools(Generation),
+    /// 10.12 or older: the kexts do not load there.
+    TooOld,
+    Unreadable,
+}
+
+/// `10.13`..`10.15`, or `10.16` (what macOS 11 reports to software built against an older
+/// SDK) and `11` and later (a minor version may follow).
+fn macos_version(v: &str) -> MacosVersion {
     let mut parts = v.trim().split('.');
-    let major: u32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-    let minor: Option<u32> = match parts.next() {
+    let Some(major) = parts.next().and_then(|p| p.parse::<u32>().ok()) else {
+        return MacosVersion::Unreadable;
+    };
+    let minor: Option<u32> = match parts.next().map(str::parse) {
         None => None,
-        Some(p) => Some(p.parse().map_err(|_| bad())?),
+        Some(Ok(m)) => Some(m),
+        Some(Err(_)) => return MacosVersion::Unreadable,
     };
     match (major, minor) {
-        (10, Some(13..=15)) => Ok(Generation::Kextcache),
-        (10, Some(16)) => Ok(Generation::Kmutil),
-        (10, Some(m)) if m < 13 => Err(format!(
+        (10, Some(13..=15)) => MacosVersion::Tools(Generation::Kextcache),
+        (10, Some(16)) => MacosVersion::Tools(Generation::Kmutil),
+        (10, Some(m)) if m < 13 => MacosVersion::TooOld,
+        (11.., _) => MacosVersion::Tools(Generation::Kmutil),
+        _ => MacosVersion::Unreadable,
+    }
+}
+
+/// The generation of a `--target-macos` value (see [`macos_version`]).
+pub fn parse_target(v: &str) -> Result<Generation, String> {
+    match macos_version(v) {
+        MacosVersion::Tools(g) => Ok(g),
+        MacosVersion::TooOld => Err(format!(
             "--target-macos {}: the kexts need macOS 10.13 or later (they declare the \
              com.apple.kpi.* libraries at 17.0.0)",
             quote(v)
         )),
-        (11.., _) => Ok(Generation::Kmutil),
-        _ => Err(bad()),
+        MacosVersion::Unreadable => Err(format!(
+            "--target-macos {}: give a macOS version, 10.13 to 10.15 (also PureDarwin's \
+             kext tooling) or 11 and later, e.g. --target-macos 10.15 or --target-macos 13",
+            quote(v)
+        )),
     }
+}
+
+/// The generation of a Darwin kernel's major version (`uname -r`: 17 is macOS 10.13, 20 is
+/// macOS 11); `None` below 17, where the kexts do not load.
+fn darwin_generation(major: u32) -> Option<Generation> {
+    match major {
+        20.. => Some(Generation::Kmutil),
+        17..=19 => Some(Generation::Kextcache),
+        _ => None,
+    }
+}
+
+/// Paths, relative to a volume's root, that tell the system on it.
+const KERNEL_COLLECTIONS: [&str; 2] = [
+    // The boot and system kext collections (macOS 11 and later)...
+    "System/Library/KernelCollections",
+    // ...and the auxiliary one, on the data volume (kernelmanagerd(8)).
+    "Library/KernelCollections",
+];
+const SYSTEM_VERSION: &str = "System/Library/CoreServices/SystemVersion.plist";
+const KERNEL: &str = "System/Library/Kernels/kernel";
+const PRELINKED_KERNELS: [&str; 2] = [
+    "System/Library/PrelinkedKernels/prelinkedkernel",
+    "System/Library/Caches/com.apple.kext.caches/Startup/kernelcache",
+];
+
+/// The Darwin release in a kernel image's version string (`Darwin Kernel Version 17.7.0:
+/// ...`, what `uname -r` reports when that kernel runs); at most 64 MiB is read.
+fn kernel_release(p: &Path) -> Option<String> {
+    const MARK: &[u8] = b"Darwin Kernel Version ";
+    if std::fs::metadata(p).ok()?.len() > 64 << 20 {
+        return None;
+    }
+    let data = std::fs::read(p).ok()?;
+    let at = data.windows(MARK.len()).position(|w| w == MARK)? + MARK.len();
+    let release: String = data[at..]
+        .iter()
+        .take(16)
+        .take_while(|c| c.is_ascii_digit() || **c == b'.')
+        .map(|&c| c as char)
+        .collect();
+    (!release.is_empty()).then_some(release)
+}
+
+/// The kext tooling of the system on the volume mounted at `root`, and what told it, in
+/// this order: kext collections (`System/Library/KernelCollections`, or the auxiliary
+/// collection's `Library/KernelCollections`) are macOS 11 or later; else the macOS version
+/// in `SystemVersion.plist` (only when its `ProductName` is macOS: PureDarwin's is not a
+/// macOS version); else the Darwin release of its kernel (`System/Library/Kernels/kernel`,
+/// what `uname -r` says on that system, as for the running system); else a prelinked
+/// kernel (`System/Library/PrelinkedKernels/prelinkedkernel` or
+/// `.../com.apple.kext.caches/Startup/kernelcache`) is 10.13-10.15 or PureDarwin. A system
+/// older than 10.13 (Darwin 17), or one none of these tell, is an error.
+pub fn volume_generation(root: &Path) -> Result<(Generation, String), String> {
+    if let Some(kc) = KERNEL_COLLECTIONS.iter().find(|p| root.join(p).is_dir()) {
+        return Ok((Generation::Kmutil, format!("its kext collections ({kc})")));
+    }
+    let plist = plist::Value::from_file(root.join(SYSTEM_VERSION)).ok();
+    let field = |key: &str| {
+        plist
+            .as_ref()
+            .and_then(plist::Value::as_dictionary)
+            .and_then(|d| d.get(key))
+            .and_then(plist::Value::as_string)
+    };
+    if let (Some(name @ ("Mac OS X" | "macOS")), Some(version)) =
+        (field("ProductName"), field("ProductVersion"))
+    {
+        match macos_version(version) {
+            MacosVersion::Tools(g) => {
+                return Ok((g, format!("its {SYSTEM_VERSION} ({name} {version})")));
+            }
+            MacosVersion::TooOld => {
+                return Err(format!(
+                    "the system there is {name} {version} (its {SYSTEM_VERSION}); the kexts \
+                     need macOS 10.13 or later"
+                ));
+            }
+            MacosVersion::Unreadable => {}
+        }
+    }
+    if let Some(release) = kernel_release(&root.join(KERNEL)) {
+        let major = release.split('.').next().and_then(|m| m.parse().ok());
+        match major.map(darwin_generation) {
+            Some(Some(g)) => return Ok((g, format!("its kernel ({KERNEL}: Darwin {release})"))),
+            Some(None) => {
+                return Err(format!(
+                    "the system there runs Darwin {release} (its {KERNEL}); the kexts need \
+                     Darwin 17 (macOS 10.13) or later"
+                ));
+            }
+            None => {}
+        }
+    }
+    if let Some(p) = PRELINKED_KERNELS.iter().find(|p| root.join(p).is_file()) {
+        return Ok((
+            Generation::Kextcache,
+            format!("its prelinked kernel ({p}) and no kext collections"),
+        ));
+    }
+    Err(format!(
+        "which kext tools the system there uses cannot be told: it has none of \
+         System/Library/KernelCollections (macOS 11 and later), a macOS {SYSTEM_VERSION}, a \
+         {KERNEL} with a Darwin version, a prelinked kernel ({}); name it with \
+         --target-macos 10.15 (macOS 10.13-10.15 and PureDarwin) or --target-macos 13 (macOS \
+         11 and later)",
+        PRELINKED_KERNELS.join(", ")
+    ))
 }
 
 /// The generation of the running system: Darwin's major version (`uname -r`), else whether
@@ -151,8 +306,9 @@ fn is_root() -> bool {
 pub enum Dest {
     /// The running system's `/Library/Extensions`: caches rebuilt, loaded, launchd jobs.
     Running,
-    /// Another system's volume mounted at this root (`/Volumes/Guest`): files only, and on
-    /// 10.x `kextcache -i <root>`; nothing of the running system is touched.
+    /// Another system's volume mounted at this root (`/Volumes/Guest`): files only, and
+    /// that system's cache rebuild where this host can do it ([`cache_refresh`]); nothing of
+    /// the running system is touched.
     Volume(PathBuf),
 }
 
@@ -245,6 +401,9 @@ pub enum Action {
     },
     /// Nothing to run: what is known or kept (an identical bundle, what is loaded).
     Note,
+    /// A command this host does not run: it is left for the system on another volume, to run
+    /// there as root once that system is up.
+    OnThatSystem(Vec<String>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -289,6 +448,10 @@ impl Step {
                 contents.len()
             ),
             Action::Note => "(no command)".into(),
+            Action::OnThatSystem(cmd) => format!(
+                "(not run here; on that system, as root: {})",
+                cmd.iter().map(|w| quote(w)).collect::<Vec<_>>().join(" ")
+            ),
         }
     }
 }
@@ -533,15 +696,10 @@ fn kernel_note(kernel: &Kernel) -> Step {
     })
 }
 
-/// The steps, in order, for `tools`. `bundles` lists the family first (the device kexts link
-/// against it). Nothing is ever unloaded (see the module's documentation).
-pub fn plan(
-    tools: Generation,
-    mode: Mode,
-    dest: &Dest,
-    bundles: &[Bundle],
-    root: &Path,
-) -> Vec<Step> {
+/// The steps, in order, for `tools` (on the running system `tools.target` is the host's own
+/// generation). `bundles` lists the family first (the device kexts link against it). Nothing
+/// is ever unloaded (see the module's documentation).
+pub fn plan(tools: Tools, mode: Mode, dest: &Dest, bundles: &[Bundle], root: &Path) -> Vec<Step> {
     let mut steps = Vec::new();
     let kernel = kernel_state(bundles);
     let changed = bundles.iter().any(|b| b.installed != Installed::Identical);
@@ -571,9 +729,10 @@ pub fn plan(
             steps.push(kernel_note(&kernel));
             copy_steps(bundles, &mut steps);
             let load = kernel == Kernel::NoneLoaded;
-            match tools {
+            match tools.target {
                 Generation::Kextcache => {
-                    // The prelinked kernel: the kexts match at boot, before AppleVirtIO.
+                    // The prelinked kernel: the kexts are there at boot and match in the
+                    // same pass as AppleVirtIO (the probe score decides).
                     steps.push(cache_refresh(tools, dest, "with them"));
                     if let (true, Some((family, devices))) = (load, bundles.split_first()) {
                         let fam = path(&family.dst);
@@ -626,33 +785,41 @@ pub fn plan(
     steps
 }
 
-/// The cache rebuild of `dest`'s system: 10.x `kextcache -i <volume root>`; 11+ on the
-/// running system `kmutil install --update-all`, on another volume nothing (that system
-/// rebuilds its auxiliary collection when it boots and the user approves).
-fn cache_refresh(tools: Generation, dest: &Dest, how: &str) -> Step {
-    match (tools, dest) {
-        (Generation::Kextcache, _) => {
-            let vol = match dest {
-                Dest::Running => "/".to_string(),
-                Dest::Volume(r) => path(r),
-            };
-            let what = match dest {
-                Dest::Running => format!("rebuild the prelinked kernel {how}"),
-                Dest::Volume(_) => format!("rebuild that volume's prelinked kernel {how}"),
-            };
-            run_step(what, &["kextcache", "-i", &vol], OnFail::Warn)
-        }
-        (Generation::Kmutil, Dest::Running) => run_step(
+/// The cache rebuild of `dest`'s system, with the tools of that system (`tools.target`):
+/// 10.x `kextcache -i <volume root>`; 11+ on the running system `kmutil install
+/// --update-all`, on another volume nothing (that system rebuilds its auxiliary collection
+/// when it boots and the user approves). A 10.x volume on a macOS 11+ host gets nothing
+/// either: that host's tools build kext collections, not a prelinked kernel for Darwin
+/// 17-19, and the verdict says what to run on that system instead.
+fn cache_refresh(tools: Tools, dest: &Dest, how: &str) -> Step {
+    match (dest, tools.target, tools.host) {
+        (Dest::Running, Generation::Kextcache, _) => run_step(
+            format!("rebuild the prelinked kernel {how}"),
+            &["kextcache", "-i", "/"],
+            OnFail::Warn,
+        ),
+        (Dest::Running, Generation::Kmutil, _) => run_step(
             format!("rebuild the auxiliary kext collection {how}"),
             &["kmutil", "install", "--update-all"],
             OnFail::Warn,
         ),
-        (Generation::Kmutil, Dest::Volume(_)) => note(format!(
+        (Dest::Volume(r), Generation::Kextcache, Generation::Kextcache) => run_step(
+            format!("rebuild that volume's prelinked kernel {how}"),
+            &["kextcache", "-i", &path(r)],
+            OnFail::Warn,
+        ),
+        (Dest::Volume(_), Generation::Kextcache, Generation::Kmutil) => Step {
+            what: format!("that volume's prelinked kernel: NOT rebuilt {how}"),
+            action: Action::OnThatSystem(words(&["kextcache", "-i", "/"])),
+            on_fail: OnFail::Ignore,
+        },
+        (Dest::Volume(_), Generation::Kmutil, _) => note(format!(
             "auxiliary kext collection: rebuilt {how} when that system boots and the user \
              approves"
         )),
     }
 }
+
 /// Whether the trees at `a` and `b` hold the same files with the same contents (and nothing
 /// else: no stray `_CodeSignature`, say).
 fn same_tree(a: &Path, b: &Path) -> bool {
@@ -699,8 +866,46 @@ pub struct InstallOptions {
     pub target_macos: Option<String>,
 }
 
-fn print_plan(label: &str, steps: &[Step]) {
-    println!("  for {label}:");
+/// `--target-macos` without `--dry-run` names the system on another volume; the running
+/// system's kext tools are those of its own kernel.
+pub fn check_target(target_given: bool, dry_run: bool, dest: &Dest) -> Result<(), String> {
+    if target_given && !dry_run && *dest == Dest::Running {
+        return Err(
+            "--target-macos without --dry-run names the system on another volume \
+             (KEXT_INSTALL_DIR=<volume>/Library/Extensions); the running system's kext tools \
+             are those of its own kernel (uname -r): drop --target-macos, or add --dry-run to \
+             print the plan for another version"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// The generation of the system on the volume at `root` and what told it:
+/// `--target-macos` when given (`given`: its text and generation; the volume's own
+/// evidence is mentioned when it disagrees), else [`volume_generation`].
+pub fn volume_target(
+    root: &Path,
+    given: Option<(&str, Generation)>,
+) -> Result<(Generation, String), String> {
+    let seen = volume_generation(root);
+    let Some((text, g)) = given else {
+        return seen;
+    };
+    let mut by = format!("--target-macos {}", quote(text));
+    if let Ok((other, evidence)) = seen
+        && other != g
+    {
+        by.push_str(&format!(
+            "; the volume itself looks like {}, by {evidence}",
+            other.name()
+        ));
+    }
+    Ok((g, by))
+}
+
+fn print_plan(heading: &str, steps: &[Step]) {
+    println!("  {heading}:");
     let width = steps.iter().map(|s| s.what.len()).max().unwrap_or(0);
     for s in steps {
         println!("    {:width$}  {}", s.what, s.shown());
@@ -725,6 +930,18 @@ pub fn cmd_install(o: &InstallOptions) -> Result<bool, String> {
     };
     let (dir, dest) = dest_from_env()?;
     check_mode(mode, &dest)?;
+    check_target(target.is_some(), o.dry_run, &dest)?;
+    // Another volume: the kext tools of the system on it, not this host's.
+    let volume = match &dest {
+        Dest::Running => None,
+        Dest::Volume(r) => {
+            let given = o.target_macos.as_deref().zip(target);
+            Some(
+                volume_target(r, given)
+                    .map_err(|e| format!("KEXT_INSTALL_DIR={}: {e}", quote(&path(&dir))))?,
+            )
+        }
+    };
     let built = root.join("target/kexts");
     let host = host_generation();
     // What is loaded is read from this kernel, with its own tools, for the running system
@@ -767,16 +984,43 @@ pub fn cmd_install(o: &InstallOptions) -> Result<bool, String> {
     };
 
     if o.dry_run {
-        let gens: Vec<Generation> = match (target, host) {
-            (Some(g), _) | (None, Some(g)) => vec![g],
+        let both = [Generation::Kextcache, Generation::Kmutil];
+        let plans: Vec<(String, Tools)> = match (&volume, target, host) {
+            (Some((t, _)), _, Some(h)) => vec![(
+                format!("on this host, {}", h.label()),
+                Tools {
+                    host: h,
+                    target: *t,
+                },
+            )],
+            (Some((t, _)), _, None) => both
+                .iter()
+                .map(|&h| {
+                    (
+                        format!("on a host running {}", h.label()),
+                        Tools {
+                            host: h,
+                            target: *t,
+                        },
+                    )
+                })
+                .collect(),
+            (None, Some(g), _) | (None, None, Some(g)) => {
+                vec![(format!("for {}", g.label()), Tools::same(g))]
+            }
             // The same on every system.
-            (None, None) if mode == Mode::RemoveConsoleLog => vec![Generation::Kmutil],
-            (None, None) => {
+            (None, None, None) if mode == Mode::RemoveConsoleLog => vec![(
+                "for every macOS and PureDarwin".into(),
+                Tools::same(Generation::Kmutil),
+            )],
+            (None, None, None) => {
                 println!(
                     "this host is not Darwin: both plans follow (one only: --target-macos \
                      10.15 or --target-macos 13, say)"
                 );
-                vec![Generation::Kextcache, Generation::Kmutil]
+                both.iter()
+                    .map(|&g| (format!("for {}", g.label()), Tools::same(g)))
+                    .collect()
             }
         };
         let on = match &dest {
@@ -808,15 +1052,26 @@ pub fn cmd_install(o: &InstallOptions) -> Result<bool, String> {
                  them were loaded)"
             );
         }
+        if let Some((t, by)) = &volume {
+            println!("  that volume's system: {}, told by {by}", t.label());
+        }
+        let mut planned: Vec<(String, Vec<Step>)> = plans
+            .into_iter()
+            .map(|(heading, tools)| (heading, plan(tools, mode, &dest, &bundles, &root)))
+            .collect();
+        if let [(_, a), (_, b)] = planned.as_slice()
+            && a == b
+        {
+            // Another volume's plan that does not depend on the host.
+            let steps = planned.swap_remove(0).1;
+            planned = vec![("on any macOS or PureDarwin host".into(), steps)];
+        } else if volume.is_some() && host.is_none() {
+            println!("  this host is not Darwin: the plan from each kind of Darwin host follows");
+        }
         let mut counts = Vec::new();
-        for g in gens {
-            let steps = plan(g, mode, &dest, &bundles, &root);
+        for (heading, steps) in &planned {
             counts.push(steps.len().to_string());
-            let label = match mode {
-                Mode::RemoveConsoleLog => "every macOS and PureDarwin",
-                _ => g.label(),
-            };
-            print_plan(label, &steps);
+            print_plan(heading, steps);
         }
         if !unlinked.is_empty() {
             // Nothing half-installable: a plan with a bundle that cannot load is a failure.
@@ -826,9 +1081,15 @@ pub fn cmd_install(o: &InstallOptions) -> Result<bool, String> {
                 unlinked.join(", ")
             ));
         }
+        let how = match dest {
+            Dest::Running => {
+                "on the VM: `install` as root, docs/install.md, with the same flags but \
+                 --dry-run and --target-macos"
+            }
+            Dest::Volume(_) => "to run it: the same command as root, without --dry-run",
+        };
         println!(
-            "dry run: {} steps planned, nothing changed (on the VM: `install` as root, \
-             docs/install.md, with the same flags but --dry-run and --target-macos)",
+            "dry run: {} steps planned, nothing changed ({how})",
             counts.join(" and ")
         );
         return Ok(true);
@@ -856,13 +1117,23 @@ pub fn cmd_install(o: &InstallOptions) -> Result<bool, String> {
                 .into(),
         );
     }
+    let tools = match &volume {
+        None => Tools::same(tools),
+        Some((t, by)) => {
+            println!("install: that volume's system: {}, told by {by}", t.label());
+            Tools {
+                host: tools,
+                target: *t,
+            }
+        }
+    };
     let steps = plan(tools, mode, &dest, &bundles, &root);
     execute(tools, mode, &dest, &kernel_state(&bundles), &steps)
 }
 
 /// Runs the steps and ends with the verdict.
 fn execute(
-    tools: Generation,
+    tools: Tools,
     mode: Mode,
     dest: &Dest,
     kernel: &Kernel,
@@ -875,6 +1146,10 @@ fn execute(
         let cmd = match &s.action {
             Action::Note => {
                 println!("install: {}", s.what);
+                continue;
+            }
+            Action::OnThatSystem(_) => {
+                println!("install: {} {}", s.what, s.shown());
                 continue;
             }
             Action::Write {
@@ -942,7 +1217,7 @@ fn execute(
 
 /// The last line: what was done and what is left to do.
 fn verdict(
-    tools: Generation,
+    tools: Tools,
     mode: Mode,
     dest: &Dest,
     kernel: &Kernel,
@@ -955,32 +1230,14 @@ fn verdict(
         1 => " (but 1 step failed: see the warning above)".into(),
         n => format!(" (but {n} steps failed: see the warnings above)"),
     };
+    if let Dest::Volume(r) = dest {
+        return volume_verdict(tools, mode, &quote(&path(r)), warnings, &failed);
+    }
+    let tools = tools.target;
     let check = format!(
         "`{}` and `ioreg -l -w0 -r -c org_virtiodarwin_VirtioPCITransport`",
         tools.showloaded()
     );
-    if let Dest::Volume(r) = dest {
-        let r = quote(&path(r));
-        return match (mode, tools) {
-            (Mode::Uninstall, Generation::Kextcache) => {
-                format!("removed from {r}{failed}; its prelinked kernel was rebuilt without them")
-            }
-            (Mode::Uninstall, Generation::Kmutil) => format!(
-                "removed from {r}{failed}; that system drops them from its auxiliary kext \
-                 collection when it boots"
-            ),
-            (_, Generation::Kextcache) => format!(
-                "copied to {r}{failed}; its prelinked kernel holds them: boot that system \
-                 (nothing was loaded here)"
-            ),
-            (_, Generation::Kmutil) => format!(
-                "copied to {r}{failed}; the auxiliary kext collection is rebuilt when that \
-                 system boots and the user approves ({}), then reboot it once more (nothing \
-                 was loaded here)",
-                tools.approval()
-            ),
-        };
-    }
     match mode {
         Mode::RemoveConsoleLog => format!("console log daemon and login prompt removed{failed}"),
         Mode::Uninstall => format!(
@@ -1013,7 +1270,8 @@ fn verdict(
                     }
                     Generation::Kmutil => {
                         "no need to re-run this command after the reboot: the auxiliary kext \
-                         collection holds them"
+                         collection holds them, loaded once the system is up (not in time for \
+                         its boot disk; a device AppleVirtIO already drives stays with it)"
                     }
                 };
                 if load_failed {
@@ -1025,7 +1283,9 @@ fn verdict(
                 } else if loads > 0 {
                     let then = match tools {
                         Generation::Kextcache => format!("; {boot}"),
-                        Generation::Kmutil => String::new(),
+                        Generation::Kmutil => {
+                            "; a device AppleVirtIO already drives stays with it".to_string()
+                        }
                     };
                     format!("installed and loaded{failed}{then}; check with {check}")
                 } else {
@@ -1033,6 +1293,52 @@ fn verdict(
                 }
             }
         },
+    }
+}
+
+/// The last line for another volume `r`: whether that system's caches hold what was done,
+/// and if not, what to run and where. With a 10.x system, the only step that can warn is
+/// its `kextcache -i`, so a warning means its prelinked kernel was not rebuilt.
+fn volume_verdict(tools: Tools, mode: Mode, r: &str, warnings: usize, failed: &str) -> String {
+    let why = match tools.host {
+        Generation::Kmutil => {
+            "this host runs macOS 11 or later, whose kext tools build kext collections, not \
+             a prelinked kernel for macOS 10.13-10.15 or PureDarwin"
+        }
+        Generation::Kextcache => "`kextcache -i` failed: see the warning above",
+    };
+    let rebuilt = tools.host == Generation::Kextcache && warnings == 0;
+    let or_here = match tools.host {
+        Generation::Kmutil => ", or run this install from a macOS 10.13-10.15 or PureDarwin host",
+        Generation::Kextcache => "",
+    };
+    match (mode, tools.target) {
+        (Mode::Uninstall, Generation::Kextcache) if rebuilt => {
+            format!("removed from {r}; its prelinked kernel was rebuilt without them")
+        }
+        (Mode::Uninstall, Generation::Kextcache) => format!(
+            "removed from {r}, but its prelinked kernel was NOT rebuilt and still holds them \
+             ({why}): on that system, once it is up, run `sudo kextcache -i /` and reboot it"
+        ),
+        (Mode::Uninstall, Generation::Kmutil) => format!(
+            "removed from {r}{failed}; that system drops them from its auxiliary kext \
+             collection when it boots"
+        ),
+        (_, Generation::Kextcache) if rebuilt => format!(
+            "copied to {r}; its prelinked kernel holds them: boot that system (nothing was \
+             loaded here)"
+        ),
+        (_, Generation::Kextcache) => format!(
+            "copied to {r}, but they are NOT yet in its prelinked kernel ({why}); boot that \
+             system (it starts without them, so not from a virtio disk), run `sudo kextcache \
+             -i /` on it and reboot it{or_here} (nothing was loaded here)"
+        ),
+        (_, Generation::Kmutil) => format!(
+            "copied to {r}{failed}; they are NOT yet in that system's auxiliary kext \
+             collection: it is rebuilt when that system boots and the user approves ({}), \
+             then reboot it once more (nothing was loaded here)",
+            Generation::Kmutil.approval()
+        ),
     }
 }
 
@@ -1113,7 +1419,7 @@ mod tests {
         let b = bundles(&[Installed::Absent; 3]);
         assert_eq!(kernel_state(&b), Kernel::NoneLoaded);
         let old = shown(&plan(
-            Generation::Kextcache,
+            Tools::same(Generation::Kextcache),
             INSTALL,
             &Dest::Running,
             &b,
@@ -1134,7 +1440,7 @@ mod tests {
         assert!(!has(&old, "kmutil"));
 
         let new = shown(&plan(
-            Generation::Kmutil,
+            Tools::same(Generation::Kmutil),
             INSTALL,
             &Dest::Running,
             &b,
@@ -1153,7 +1459,7 @@ mod tests {
             "the load stages the collection"
         );
         for g in GENS {
-            let p = plan(g, INSTALL, &Dest::Running, &b, root());
+            let p = plan(Tools::same(g), INSTALL, &Dest::Running, &b, root());
             // Loads may fail (approval): never a step that stops the rest.
             assert!(
                 p.iter()
@@ -1191,7 +1497,7 @@ mod tests {
                     .flat_map(|g| ALL_MODES.iter().map(move |m| (*g, *m)))
                     .flat_map(|(g, m)| dests.iter().map(move |d| (g, m, d)))
                 {
-                    let c = shown(&plan(g, mode, dest, &b, root()));
+                    let c = shown(&plan(Tools::same(g), mode, dest, &b, root()));
                     assert!(!has(&c, "unload"), "{c:#?}");
                 }
             }
@@ -1206,7 +1512,7 @@ mod tests {
             Installed::Identical,
         ]);
         for g in GENS {
-            let c = shown(&plan(g, INSTALL, &Dest::Running, &b, root()));
+            let c = shown(&plan(Tools::same(g), INSTALL, &Dest::Running, &b, root()));
             assert_eq!(c.iter().filter(|c| c.starts_with("cp -R")).count(), 1);
             assert!(has(&c, "cp -R /src/target/kexts/VirtioNet.kext"));
             for n in NAMES {
@@ -1214,6 +1520,40 @@ mod tests {
                 index(&c, &format!("chown -R root:wheel {dst}"));
                 index(&c, &format!("chmod -R go-w {dst}"));
             }
+        }
+    }
+
+    /// The last line after a fresh install promises boot-time matching only where the kexts
+    /// are in the prelinked kernel (10.13-10.15, PureDarwin); on 11+ it says that they come
+    /// after the system is up and leave a device AppleVirtIO drives alone.
+    #[test]
+    fn verdicts_promise_boot_time_matching_only_on_10x() {
+        let none = Kernel::NoneLoaded;
+        for (loads, failed) in [(1, false), (1, true)] {
+            let old = verdict(
+                Tools::same(Generation::Kextcache),
+                INSTALL,
+                &Dest::Running,
+                &none,
+                loads,
+                failed,
+                0,
+            );
+            assert!(old.contains("take the virtio devices at boot"), "{old}");
+            let new = verdict(
+                Tools::same(Generation::Kmutil),
+                INSTALL,
+                &Dest::Running,
+                &none,
+                loads,
+                failed,
+                0,
+            );
+            assert!(!new.contains("at boot"), "{new}");
+            assert!(
+                new.contains("a device AppleVirtIO already drives stays with it"),
+                "{new}"
+            );
         }
     }
 
@@ -1232,7 +1572,7 @@ mod tests {
         assert!(matches!(kernel_state(&unknown), Kernel::Unknown(w) if w.contains("odd")));
         for b in [&older, &unread, &unknown] {
             let old = shown(&plan(
-                Generation::Kextcache,
+                Tools::same(Generation::Kextcache),
                 INSTALL,
                 &Dest::Running,
                 b,
@@ -1241,7 +1581,7 @@ mod tests {
             assert!(!has(&old, "kextutil"), "{old:#?}");
             index(&old, "kextcache -i /");
             let new = shown(&plan(
-                Generation::Kmutil,
+                Tools::same(Generation::Kmutil),
                 INSTALL,
                 &Dest::Running,
                 b,
@@ -1250,13 +1590,21 @@ mod tests {
             assert!(!has(&new, "kmutil load"), "{new:#?}");
             assert!(index(&new, "chmod") < index(&new, "kmutil install --update-all"));
             for g in GENS {
-                let v = verdict(g, INSTALL, &Dest::Running, &kernel_state(b), 0, false, 0);
+                let v = verdict(
+                    Tools::same(g),
+                    INSTALL,
+                    &Dest::Running,
+                    &kernel_state(b),
+                    0,
+                    false,
+                    0,
+                );
                 assert!(v.contains("reboot"), "{v}");
                 assert!(!v.contains("installed and loaded"), "{v}");
             }
         }
         let v = verdict(
-            Generation::Kmutil,
+            Tools::same(Generation::Kmutil),
             INSTALL,
             &Dest::Running,
             &kernel_state(&older),
@@ -1277,7 +1625,7 @@ mod tests {
         );
         assert_eq!(kernel_state(&same), Kernel::ThisBuild);
         let new = shown(&plan(
-            Generation::Kmutil,
+            Tools::same(Generation::Kmutil),
             INSTALL,
             &Dest::Running,
             &same,
@@ -1285,7 +1633,7 @@ mod tests {
         ));
         assert!(!has(&new, "kmutil"), "{new:#?}");
         let old = shown(&plan(
-            Generation::Kextcache,
+            Tools::same(Generation::Kextcache),
             INSTALL,
             &Dest::Running,
             &same,
@@ -1293,7 +1641,7 @@ mod tests {
         ));
         assert!(!has(&old, "kextutil"));
         let v = verdict(
-            Generation::Kextcache,
+            Tools::same(Generation::Kextcache),
             INSTALL,
             &Dest::Running,
             &Kernel::ThisBuild,
@@ -1428,7 +1776,7 @@ mod tests {
         );
         for mode in [INSTALL, Mode::Uninstall] {
             for g in GENS {
-                let p = plan(g, mode, &vol, &b, root());
+                let p = plan(Tools::same(g), mode, &vol, &b, root());
                 let c = shown(&p);
                 for word in ["kextutil", "kmutil", "launchctl", "kextstat"] {
                     assert!(!has(&c, word), "{word}: {c:#?}");
@@ -1454,7 +1802,7 @@ mod tests {
             }
         }
         let v = verdict(
-            Generation::Kmutil,
+            Tools::same(Generation::Kmutil),
             INSTALL,
             &vol,
             &Kernel::NoneLoaded,
@@ -1487,11 +1835,321 @@ mod tests {
         }
     }
 
+    /// A temporary tree shaped like a mounted volume: `files` (relative path, contents),
+    /// `dirs` (relative paths).
+    fn volume_tree(name: &str, dirs: &[&str], files: &[(&str, &[u8])]) -> PathBuf {
+        let root =
+            std::env::temp_dir().join(format!("virtio-install-vol-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        for d in dirs {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for (f, contents) in files {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, contents).unwrap();
+        }
+        root
+    }
+
+    fn system_version(name: &str, version: &str) -> Vec<u8> {
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<plist version=\"1.0\">\n<dict>\n\
+             \t<key>ProductName</key>\n\t<string>{name}</string>\n\
+             \t<key>ProductVersion</key>\n\t<string>{version}</string>\n</dict>\n</plist>\n"
+        )
+        .into_bytes()
+    }
+
+    /// A kernel image as far as its version string goes.
+    fn kernel_image(release: &str) -> Vec<u8> {
+        let mut k = vec![0xcf, 0xfa, 0xed, 0xfe, 0, 0, 0, 0];
+        k.extend(std::iter::repeat_n(0x90u8, 4096));
+        k.extend_from_slice(
+            format!(
+                "Darwin Kernel Version {release}: Thu Jun 21 22:53:14 PDT 2018; \
+                 root:xnu-4570.71.2~1/RELEASE_X86_64\0"
+            )
+            .as_bytes(),
+        );
+        k.extend(std::iter::repeat_n(0u8, 512));
+        k
+    }
+
+    /// The generation of another volume's system comes from the volume, whatever the host.
+    #[test]
+    fn volume_generation_is_read_from_the_volume() {
+        let sv = SYSTEM_VERSION;
+        let kernel = KERNEL;
+        let prelinked = PRELINKED_KERNELS[0];
+        let (mac13, mac10_15) = (
+            system_version("macOS", "13.6.1"),
+            system_version("Mac OS X", "10.15.7"),
+        );
+        /// A volume: its name, folders, files, the generation and the evidence expected.
+        type Case<'a> = (
+            &'a str,
+            Vec<&'a str>,
+            Vec<(&'a str, Vec<u8>)>,
+            Generation,
+            &'a str,
+        );
+        let cases: Vec<Case> = vec![
+            // macOS 11+: kext collections, even next to a prelinked kernel and a kernel.
+            (
+                "mac13",
+                vec!["System/Library/KernelCollections"],
+                vec![
+                    (sv, mac13.clone()),
+                    (prelinked, b"x".to_vec()),
+                    (kernel, kernel_image("22.6.0")),
+                ],
+                Generation::Kmutil,
+                "KernelCollections",
+            ),
+            // A macOS 11+ data volume: the auxiliary collection's folder.
+            (
+                "data",
+                vec!["Library/KernelCollections", "Library/Extensions"],
+                vec![],
+                Generation::Kmutil,
+                "Library/KernelCollections",
+            ),
+            // macOS 11 by its SystemVersion.plist alone.
+            (
+                "mac11",
+                vec![],
+                vec![(sv, system_version("macOS", "11.7"))],
+                Generation::Kmutil,
+                "macOS 11.7",
+            ),
+            (
+                "mac10_15",
+                vec![],
+                vec![(sv, mac10_15.clone()), (prelinked, b"x".to_vec())],
+                Generation::Kextcache,
+                "Mac OS X 10.15.7",
+            ),
+            // PureDarwin without SystemVersion.plist: its kernel's Darwin release.
+            (
+                "pd-kernel",
+                vec![],
+                vec![(kernel, kernel_image("17.7.0"))],
+                Generation::Kextcache,
+                "Darwin 17.7.0",
+            ),
+            // A SystemVersion.plist that is not macOS's is not read as a macOS version
+            // (17.4 would otherwise be "11 and later").
+            (
+                "pd-named",
+                vec![],
+                vec![
+                    (sv, system_version("PureDarwin", "17.4")),
+                    (kernel, kernel_image("17.4.0")),
+                ],
+                Generation::Kextcache,
+                "Darwin 17.4.0",
+            ),
+            // Only a prelinked kernel (in the older cache folder).
+            (
+                "pd-cache",
+                vec![],
+                vec![(PRELINKED_KERNELS[1], b"x".to_vec())],
+                Generation::Kextcache,
+                "com.apple.kext.caches",
+            ),
+            // A kernel with no version string: the prelinked kernel decides.
+            (
+                "pd-stripped",
+                vec![],
+                vec![(kernel, vec![0; 64]), (prelinked, b"x".to_vec())],
+                Generation::Kextcache,
+                "prelinked kernel",
+            ),
+        ];
+        for (name, dirs, files, want, evidence) in cases {
+            let files: Vec<(&str, &[u8])> = files.iter().map(|(f, c)| (*f, c.as_slice())).collect();
+            let root = volume_tree(name, &dirs, &files);
+            let (g, by) = volume_generation(&root).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(g, want, "{name}: {by}");
+            assert!(by.contains(evidence), "{name}: {by}");
+            let _ = std::fs::remove_dir_all(&root);
+        }
+        // A binary SystemVersion.plist reads the same.
+        let root = volume_tree("binary", &[], &[]);
+        let mut d = plist::Dictionary::new();
+        d.insert("ProductName".into(), "Mac OS X".into());
+        d.insert("ProductVersion".into(), "10.14.6".into());
+        std::fs::create_dir_all(root.join("System/Library/CoreServices")).unwrap();
+        plist::Value::Dictionary(d)
+            .to_file_binary(root.join(sv))
+            .unwrap();
+        assert_eq!(
+            volume_generation(&root).map(|(g, _)| g),
+            Ok(Generation::Kextcache)
+        );
+        let _ = std::fs::remove_dir_all(&root);
+
+        // Too old, and nothing to tell: refused, saying why and what to give.
+        for (name, files, says) in [
+            (
+                "mac10_12",
+                vec![(sv, system_version("Mac OS X", "10.12.6"))],
+                "10.13",
+            ),
+            (
+                "darwin16",
+                vec![(kernel, kernel_image("16.7.0"))],
+                "Darwin 17",
+            ),
+            ("empty", vec![], "--target-macos"),
+            (
+                "garbage",
+                vec![
+                    (sv, b"not a plist".to_vec()),
+                    (kernel, b"no version".to_vec()),
+                ],
+                "--target-macos",
+            ),
+        ] {
+            let files: Vec<(&str, &[u8])> = files.iter().map(|(f, c)| (*f, c.as_slice())).collect();
+            let root = volume_tree(name, &[], &files);
+            let e = volume_generation(&root).unwrap_err();
+            assert!(e.contains(says), "{name}: {e}");
+            let _ = std::fs::remove_dir_all(&root);
+        }
+    }
+
+    /// `--target-macos` overrides what the volume says (and the plan says both); without
+    /// `--dry-run` it is taken only for another volume.
+    #[test]
+    fn target_macos_names_the_volume_system() {
+        let kernel = kernel_image("17.7.0");
+        let root = volume_tree("override", &[], &[(KERNEL, &kernel)]);
+        let (g, by) = volume_target(&root, Some(("13", Generation::Kmutil))).unwrap();
+        assert_eq!(g, Generation::Kmutil);
+        assert!(
+            by.starts_with("--target-macos 13") && by.contains("Darwin 17.7.0"),
+            "{by}"
+        );
+        let (g, by) = volume_target(&root, Some(("10.15", Generation::Kextcache))).unwrap();
+        assert_eq!(
+            (g, by.as_str()),
+            (Generation::Kextcache, "--target-macos 10.15")
+        );
+        assert_eq!(volume_target(&root, None).unwrap().0, Generation::Kextcache);
+        // Nothing on the volume: --target-macos still names it.
+        let empty = volume_tree("override-empty", &[], &[]);
+        assert!(volume_target(&empty, None).is_err());
+        assert_eq!(
+            volume_target(&empty, Some(("11", Generation::Kmutil))).map(|(g, _)| g),
+            Ok(Generation::Kmutil)
+        );
+        for r in [&root, &empty] {
+            let _ = std::fs::remove_dir_all(r);
+        }
+
+        let vol = Dest::Volume("/Volumes/PD".into());
+        assert_eq!(check_target(true, false, &vol), Ok(()));
+        assert_eq!(check_target(true, true, &Dest::Running), Ok(()));
+        assert_eq!(check_target(false, false, &Dest::Running), Ok(()));
+        let e = check_target(true, false, &Dest::Running).unwrap_err();
+        assert!(
+            e.starts_with("--target-macos")
+                && e.contains("KEXT_INSTALL_DIR")
+                && e.contains("--dry-run"),
+            "{e}"
+        );
+    }
+
+    /// Another volume gets its own system's cache rebuild, run only when this host's tools
+    /// can do it; otherwise no wrong tool runs, and the last line says the kexts are not yet
+    /// in that volume's caches and what to run where.
+    #[test]
+    fn volume_plans_follow_that_systems_tools_not_the_hosts() {
+        let vol = Dest::Volume("/Volumes/PD".into());
+        let b = bundles_in(
+            "/Volumes/PD/Library/Extensions",
+            &[Installed::Absent; 3],
+            &[Loaded::No, Loaded::No, Loaded::No],
+        );
+        let k = Kernel::NoneLoaded;
+        for mode in [INSTALL, Mode::Uninstall] {
+            for host in GENS {
+                for target in GENS {
+                    let tools = Tools { host, target };
+                    let p = plan(tools, mode, &vol, &b, root());
+                    let c = shown(&p);
+                    let last = p.last().unwrap();
+                    let ran_kextcache = c.iter().any(|c| c.starts_with("kextcache"));
+                    assert!(!has(&c, "kmutil") && !has(&c, "kextutil"), "{c:#?}");
+                    let v = |warnings| verdict(tools, mode, &vol, &k, 0, false, warnings);
+                    match (host, target) {
+                        (Generation::Kextcache, Generation::Kextcache) => {
+                            assert_eq!(c.last().unwrap(), "kextcache -i /Volumes/PD");
+                            assert_eq!(last.on_fail, OnFail::Warn);
+                            assert!(!v(0).contains("NOT"), "{}", v(0));
+                            // Its kextcache failed: the caches do not hold what was done.
+                            assert!(v(1).contains("NOT"), "{}", v(1));
+                            assert!(v(1).contains("sudo kextcache -i /"), "{}", v(1));
+                            assert!(!v(1).contains("run this install from"), "{}", v(1));
+                        }
+                        (Generation::Kmutil, Generation::Kextcache) => {
+                            // A PureDarwin image on a macOS 11+ host: nothing run, and said.
+                            assert!(!ran_kextcache, "{c:#?}");
+                            assert_eq!(
+                                last.action,
+                                Action::OnThatSystem(words(&["kextcache", "-i", "/"]))
+                            );
+                            assert!(last.what.contains("NOT rebuilt"), "{}", last.what);
+                            assert!(last.shown().contains("not run here"), "{}", last.shown());
+                            let v = v(0);
+                            assert!(v.contains("NOT"), "{v}");
+                            assert!(v.contains("prelinked kernel"), "{v}");
+                            assert!(v.contains("sudo kextcache -i /"), "{v}");
+                            assert!(v.contains("macOS 11 or later"), "{v}");
+                        }
+                        (_, Generation::Kmutil) => {
+                            // A kernel-collection system: never the host's kextcache.
+                            assert!(!ran_kextcache, "{c:#?}");
+                            assert!(
+                                last.what.contains("when that system boots"),
+                                "{}",
+                                last.what
+                            );
+                            if mode == INSTALL {
+                                let v = v(0);
+                                assert!(v.contains("NOT yet in that system's auxiliary"), "{v}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let v = verdict(
+            Tools {
+                host: Generation::Kmutil,
+                target: Generation::Kextcache,
+            },
+            INSTALL,
+            &vol,
+            &k,
+            0,
+            false,
+            0,
+        );
+        assert!(
+            v.starts_with("copied to /Volumes/PD, but they are NOT yet in its prelinked kernel"),
+            "{v}"
+        );
+    }
+
     #[test]
     fn console_log_steps_follow_the_loads() {
         let b = bundles(&[Installed::Absent; 3]);
         for g in GENS {
-            let p = plan(g, CONSOLE, &Dest::Running, &b, root());
+            let p = plan(Tools::same(g), CONSOLE, &Dest::Running, &b, root());
             let c = shown(&p);
             let last_load = c
                 .iter()
@@ -1536,7 +2194,7 @@ mod tests {
             (Generation::Kextcache, "kextcache -i /"),
             (Generation::Kmutil, "kmutil install --update-all"),
         ] {
-            let p = plan(g, Mode::Uninstall, &Dest::Running, &b, root());
+            let p = plan(Tools::same(g), Mode::Uninstall, &Dest::Running, &b, root());
             let c = shown(&p);
             assert!(c[0].starts_with("launchctl bootout system/"), "{c:#?}");
             let rm = index(&c, "rm -rf /Library/Extensions/VirtioFamily.kext");
@@ -1552,7 +2210,7 @@ mod tests {
             assert_eq!(c.last().unwrap(), refresh);
             assert_eq!(p.last().unwrap().on_fail, OnFail::Warn);
             let v = verdict(
-                g,
+                Tools::same(g),
                 Mode::Uninstall,
                 &Dest::Running,
                 &Kernel::NoneLoaded,
@@ -1633,7 +2291,7 @@ mod tests {
         let sh = |what: &str, script: &str, on_fail| run_step(what, &["sh", "-c", script], on_fail);
         let (a, b) = (mark("after-load"), mark("load-ran"));
         let k = Kernel::NoneLoaded;
-        let run = |g, steps: &[Step]| execute(g, INSTALL, &Dest::Running, &k, steps);
+        let run = |g, steps: &[Step]| execute(Tools::same(g), INSTALL, &Dest::Running, &k, steps);
         let steps = [
             sh(
                 "bootout",

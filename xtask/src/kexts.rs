@@ -11,11 +11,11 @@
 //!    (`kexts/targets/x86_64-apple-macos-kext.json`: no red zone, soft-float, panic=abort,
 //!    static relocation model; `-Zbuild-std` with Debian's rustc-web), and checks that its
 //!    exported C symbols are exactly the header's functions;
-//! 3. compiles the C++ shims with `-fapple-kext -mkernel` when Kernel.framework headers are
-//!    available (`KERNEL_SDK`, or Xcode's on macOS), checks with `ld64.lld -bundle` that every
-//!    symbol the shim needs from Rust is defined, and links the kext executable with a
-//!    kext-capable linker (`KEXT_LD`, or Xcode's `ld` on macOS). Each part that cannot run
-//!    here is named in the output as skipped, with the reason.
+//! 3. compiles the C++ shims with `-fapple-kext -mkernel` when Kernel.framework headers that
+//!    suit the deployment target are available (`KERNEL_SDK`, one fetched with
+//!    `--fetch-sdk`, or Xcode's on macOS: [`kernel_headers`], [`sdk_refusal`]), links each
+//!    kext executable with `kextld` (or `KEXT_LD`, Apple's `ld -kext`) and checks it. Each
+//!    part that cannot run here is named in the output as skipped, with the reason.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -130,10 +130,13 @@ pub const KEXTS: &[KextSpec] = &[
             properties: &[
                 // Filled from virtio-pci's ID table (see `personality_properties`).
                 ("IOPCIPrimaryMatch", Value::Str("")),
-                // Outbid Apple's own virtio drivers where both are installed.
                 // Outbid macOS's own virtio drivers (AppleVirtIO drives blk on 10.14+ and net
                 // on 10.15+) for the types we drive: installing these kexts means choosing
-                // them. Types without a device kext here are refused in probe, so they stay
+                // them. A score only counts among drivers matching in the same pass: on
+                // 10.13-10.15, where ours are in the prelinked kernel. On 11+ ours come with
+                // the auxiliary kext collection after user space starts, and a device a
+                // system driver took while booting (the boot disk at least) stays with it.
+                // Types without a device kext here are refused in probe, so they stay
                 // with whatever else drives them; the `virtiodarwin_defer` boot-arg hands
                 // chosen types back (docs/install.md).
                 ("IOProbeScore", Value::Int(6000)),
@@ -393,8 +396,10 @@ pub fn info_plist(k: &KextSpec) -> String {
     if k.is_library {
         kv(&mut o, "OSBundleCompatibleVersion", COMPATIBLE_VERSION);
     }
-    // `Root`: in the boot caches for local-disk boot, and loaded for network boot as well
-    // (`Network-Root` alone would leave the driver out of a local-boot cache).
+    // `Root`: in the prelinked kernel (10.13-10.15, PureDarwin) for local-disk boot, and
+    // loaded for network boot as well (`Network-Root` alone would leave the driver out of a
+    // local-boot cache). On 11+ no key puts a third-party kext into the boot kext
+    // collection: ours load from the auxiliary one once user space runs (docs/install.md).
     kv(&mut o, "OSBundleRequired", "Root");
     o.push_str("</dict>\n</plist>\n");
     o
@@ -771,9 +776,22 @@ fn fetched_sdk(root: &Path) -> PathBuf {
     root.join("target/MacKernelSDK")
 }
 
+/// Where the Kernel SDK's headers came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SdkSource {
+    /// `KERNEL_SDK`.
+    Env,
+    /// `--fetch-sdk`, in `target/MacKernelSDK`.
+    Fetched,
+    /// Xcode's macOS SDK (Kernel.framework), found by itself on macOS.
+    Xcode,
+}
+
 /// The Kernel SDK: `KERNEL_SDK` (its root, or its `Headers` directory), else one fetched
-/// with `--fetch-sdk` into `target/`, else Xcode's on macOS. Returns the headers directory.
-fn kernel_headers(root: &Path) -> Option<PathBuf> {
+/// with `--fetch-sdk` into `target/`, else Xcode's on macOS. Returns the headers directory
+/// and where it came from; whether those headers suit the deployment target is
+/// [`sdk_refusal`]'s to say.
+fn kernel_headers(root: &Path) -> Option<(PathBuf, SdkSource)> {
     let from_root = |p: PathBuf| {
         if p.join("Headers").is_dir() {
             p.join("Headers")
@@ -782,16 +800,111 @@ fn kernel_headers(root: &Path) -> Option<PathBuf> {
         }
     };
     if let Ok(p) = std::env::var("KERNEL_SDK") {
-        return Some(from_root(PathBuf::from(p)));
+        return Some((from_root(PathBuf::from(p)), SdkSource::Env));
     }
     if fetched_sdk(root).join("Headers").is_dir() {
-        return Some(fetched_sdk(root).join("Headers"));
+        return Some((fetched_sdk(root).join("Headers"), SdkSource::Fetched));
     }
     if cfg!(target_os = "macos") {
         let h = xcode_sdk()?.join("System/Library/Frameworks/Kernel.framework/Headers");
-        return h.is_dir().then_some(h);
+        return h.is_dir().then_some((h, SdkSource::Xcode));
     }
     None
+}
+
+/// Whether the text of an `OSMetaClass.h` declares `OSMetaClassBase::Dispatch(const
+/// IORPC)` outside any conditional on the deployment target (`__MAC_OS_X_VERSION_MIN_
+/// REQUIRED`). xnu's own headers from macOS 10.15 on (xnu-6153; Xcode's Kernel.framework is
+/// them) declare it unconditionally, in the vtable slot that was `_RESERVEDOSMetaClassBase3`;
+/// MacKernelSDK declares it only `#if __MAC_OS_X_VERSION_MIN_REQUIRED >= __MAC_10_15` and
+/// keeps the pad slot below that. Lines of a `#define` (the `_OS_ADD_METAMETHODS_dispatch`
+/// macro, used only through the `...WithDispatch` macros) and comments are not
+/// declarations and are skipped.
+pub fn declares_unguarded_dispatch(header: &str) -> bool {
+    // One entry per open conditional: whether its condition names the deployment target.
+    let mut guards: Vec<bool> = Vec::new();
+    let mut in_define = false;
+    for line in header.lines() {
+        let t = line.trim();
+        let continued = t.ends_with('\\');
+        if in_define {
+            in_define = continued;
+            continue;
+        }
+        if let Some(d) = t.strip_prefix('#') {
+            let d = d.trim_start();
+            let names_target = d.contains("MAC_OS_X_VERSION_MIN_REQUIRED");
+            if d.starts_with("define") {
+                in_define = continued;
+            } else if d.starts_with("if") {
+                guards.push(names_target);
+            } else if d.starts_with("elif") {
+                if let Some(top) = guards.last_mut() {
+                    *top = names_target;
+                }
+            } else if d.starts_with("endif") {
+                guards.pop();
+            }
+            continue;
+        }
+        if t.starts_with("//") || t.starts_with("/*") || t.starts_with('*') {
+            continue;
+        }
+        if t.contains("Dispatch(const IORPC") && !guards.iter().any(|&g| g) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Why the headers in `headers` cannot build kexts for deployment target `min` (`None` when
+/// they can): below 10.15, an unconditional `OSMetaClassBase::Dispatch(const IORPC)`
+/// ([`declares_unguarded_dispatch`]) puts `Dispatch` into every class's vtable, in the slot
+/// that 10.13 and 10.14 kernels have as a pad (`_RESERVEDOSMetaClassBase3`): each shim class
+/// then imports `IOService::Dispatch(IORPC)` (and the like), which the kernels of 10.13 and
+/// 10.14 do not export, so the bundles would fail the check or not load there.
+pub fn sdk_refusal(headers: &Path, min: (u16, u8, u8)) -> Option<String> {
+    if min >= (10, 15, 0) {
+        return None;
+    }
+    let text = std::fs::read_to_string(headers.join("libkern/c++/OSMetaClass.h")).ok()?;
+    declares_unguarded_dispatch(&text).then(|| {
+        format!(
+            "libkern/c++/OSMetaClass.h there declares OSMetaClassBase::Dispatch(const IORPC) \
+             for every deployment target (as xnu's headers from macOS 10.15 on do, Xcode's \
+             Kernel.framework among them); the kexts are built for macOS {}.{}, whose kernel \
+             has a reserved slot there and no Dispatch, so every C++ class of the shims would \
+             import Dispatch and the bundles would not load on 10.13 or 10.14. Use a Kernel \
+             SDK that declares it only for 10.15 and later: `cargo xtask kexts --fetch-sdk` \
+             (clones {SDK_REPOSITORY} into target/), or KERNEL_SDK=<a clone of it>",
+            min.0, min.1
+        )
+    })
+}
+
+/// The headers to compile the shims with, from what [`kernel_headers`] found, for
+/// deployment target `min`: headers [`sdk_refusal`] refuses are not used when they were
+/// found by themselves (Xcode's: the second value says why, for each kext's line), and
+/// refuse the build when they were asked for (`KERNEL_SDK`, or a clone in `target/`).
+fn usable_headers(
+    found: Option<(PathBuf, SdkSource)>,
+    min: (u16, u8, u8),
+) -> Result<(Option<PathBuf>, Option<String>), String> {
+    let Some((h, source)) = found else {
+        return Ok((None, None));
+    };
+    match (sdk_refusal(&h, min), source) {
+        (None, _) => Ok((Some(h), None)),
+        (Some(why), SdkSource::Xcode) => Ok((
+            None,
+            Some(format!(
+                "Xcode's Kernel.framework headers ({}) are not used: {why}",
+                h.display()
+            )),
+        )),
+        (Some(why), SdkSource::Env) => Err(format!("KERNEL_SDK={}: {why}", h.display())),
+        (Some(why), SdkSource::Fetched) => Err(format!("the Kernel SDK in {}: {why}", h.display())),
+    }
 }
 
 fn xcode_sdk() -> Option<PathBuf> {
@@ -1077,7 +1190,10 @@ pub fn cmd_kexts(args: &[String]) -> Result<bool, String> {
         }
     }
 
-    let headers = kernel_headers(&root);
+    let (headers, no_sdk) = usable_headers(kernel_headers(&root), macos_min())?;
+    if let (None, Some(why)) = (&headers, &no_sdk) {
+        println!("Kernel SDK: {why}");
+    }
     let kext_ld = std::env::var("KEXT_LD").ok().map(PathBuf::from);
     let mut outcomes: Vec<(&KextSpec, Outcome)> = Vec::new();
     // The family's exports, once linked: what device kexts may import from it.
@@ -1155,13 +1271,13 @@ pub fn cmd_kexts(args: &[String]) -> Result<bool, String> {
 
         let Some(h) = &headers else {
             println!("  shim: not compiled (no Kernel SDK headers)");
-            outcomes.push((
-                k,
-                Outcome::NotInstallable(format!(
-                    "no Kernel SDK to compile its C++ shim: set KERNEL_SDK=<path> to a Kernel SDK \
-                     (git clone {SDK_REPOSITORY}), or run `cargo xtask kexts --fetch-sdk`"
-                )),
-            ));
+            let why = no_sdk.clone().unwrap_or_else(|| {
+                format!(
+                    "no Kernel SDK to compile its C++ shim: set KERNEL_SDK=<path> to a Kernel \
+                     SDK (git clone {SDK_REPOSITORY}), or run `cargo xtask kexts --fetch-sdk`"
+                )
+            });
+            outcomes.push((k, Outcome::NotInstallable(why)));
             continue;
         };
         let includes = vec![
@@ -1388,6 +1504,156 @@ mod tests {
         let mut all_used = *net;
         all_used.libraries = &[("com.apple.kpi.iokit", KPI_VERSION), (FAMILY_ID, VERSION)];
         check_libraries_used(&all_used, &bytes, &["_vfam_reset".to_string()]).unwrap();
+    }
+
+    /// `OSMetaClass.h` shaped like xnu's from macOS 10.15 on (Xcode's Kernel.framework):
+    /// `Dispatch` declared for every deployment target, plus the macro that declares it
+    /// again (a `#define`, not a declaration).
+    const XNU_OSMETACLASS: &str = "\
+#ifndef _LIBKERN_OSMETACLASS_H
+#define _LIBKERN_OSMETACLASS_H
+class OSMetaClassBase
+{
+public:
+\t// WAS:  virtual void _RESERVEDOSMetaClassBase2();
+\tvirtual void taggedRelease(const void * tag, const int freeWhen) const = 0;
+
+public:
+\tvirtual kern_return_t
+\tDispatch(const IORPC rpc);
+
+private:
+#if APPLE_KEXT_VTABLE_PADDING
+#if defined(__arm64__) || defined(__arm__)
+\tvirtual void _RESERVEDOSMetaClassBase3();
+#endif
+\tvirtual void _RESERVEDOSMetaClassBase4();
+#endif
+};
+#define _OS_ADD_METAMETHODS_dispatch                            \\
+    virtual kern_return_t Dispatch(const IORPC rpc) APPLE_KEXT_OVERRIDE;
+#endif
+";
+
+    /// The same shaped like MacKernelSDK's: `Dispatch` only for a 10.15+ target, the pad
+    /// slot below it.
+    const SDK_OSMETACLASS: &str = "\
+#ifndef _LIBKERN_OSMETACLASS_H
+#define _LIBKERN_OSMETACLASS_H
+class OSMetaClassBase
+{
+public:
+#if __MAC_OS_X_VERSION_MIN_REQUIRED >= __MAC_10_15
+\tvirtual kern_return_t
+\tDispatch(const IORPC rpc);
+
+\tkern_return_t
+\tInvoke(const IORPC rpc);
+#endif
+
+private:
+#if APPLE_KEXT_VTABLE_PADDING
+#if __MAC_OS_X_VERSION_MIN_REQUIRED < __MAC_10_15
+\tvirtual void _RESERVEDOSMetaClassBase3();
+#endif
+\tvirtual void _RESERVEDOSMetaClassBase4();
+#endif
+};
+#define _OS_ADD_METAMETHODS_dispatch                            \\
+    virtual kern_return_t Dispatch(const IORPC rpc) APPLE_KEXT_OVERRIDE;
+#endif
+";
+
+    /// Headers that would put `Dispatch` into the vtables of a 10.13 build are refused,
+    /// saying why and how to get a Kernel SDK that guards it; guarded ones are taken.
+    #[test]
+    fn headers_declaring_dispatch_for_every_target_are_refused_below_10_15() {
+        assert!(declares_unguarded_dispatch(XNU_OSMETACLASS));
+        assert!(!declares_unguarded_dispatch(SDK_OSMETACLASS));
+        // xnu before 10.15 (no Dispatch at all), a comment, the macro alone, an #elif/#else
+        // branch of a deployment-target guard.
+        for guarded in [
+            "class OSMetaClassBase {\n\tvirtual void _RESERVEDOSMetaClassBase3();\n};\n",
+            "// Dispatch(const IORPC rpc) arrived in 10.15\n",
+            " * Dispatch(const IORPC rpc): see IORPC.h\n",
+            "#define X \\\n  virtual kern_return_t Dispatch(const IORPC rpc); \\\n  int y;\n",
+            "#if 0\n#elif __MAC_OS_X_VERSION_MIN_REQUIRED >= 101500\nDispatch(const IORPC rpc);\n#endif\n",
+            "#if __MAC_OS_X_VERSION_MIN_REQUIRED < __MAC_10_15\n#else\nDispatch(const IORPC rpc);\n#endif\n",
+        ] {
+            assert!(!declares_unguarded_dispatch(guarded), "{guarded}");
+        }
+        // A guard on something else, and a guard closed before the declaration, do not
+        // guard it.
+        assert!(declares_unguarded_dispatch(
+            "#if APPLE_KEXT_VTABLE_PADDING\nDispatch(const IORPC rpc);\n#endif\n"
+        ));
+        assert!(declares_unguarded_dispatch(
+            "#if __MAC_OS_X_VERSION_MIN_REQUIRED >= __MAC_10_15\n#endif\n\
+             virtual kern_return_t Dispatch(const IORPC rpc);\n"
+        ));
+
+        let tmp = std::env::temp_dir().join(format!("virtio-kexts-sdk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let tree = |name: &str, text: Option<&str>| {
+            let h = tmp.join(name).join("Headers");
+            std::fs::create_dir_all(h.join("libkern/c++")).unwrap();
+            if let Some(t) = text {
+                std::fs::write(h.join("libkern/c++/OSMetaClass.h"), t).unwrap();
+            }
+            h
+        };
+        let (xcode, sdk, empty) = (
+            tree("xcode", Some(XNU_OSMETACLASS)),
+            tree("sdk", Some(SDK_OSMETACLASS)),
+            tree("empty", None),
+        );
+        let why = sdk_refusal(&xcode, macos_min()).expect("xnu's headers refused for 10.13");
+        for part in [
+            "Dispatch(const IORPC)",
+            "macOS 10.13",
+            "10.14",
+            "--fetch-sdk",
+            SDK_REPOSITORY,
+            "KERNEL_SDK=",
+        ] {
+            assert!(why.contains(part), "{part}: {why}");
+        }
+        assert_eq!(sdk_refusal(&sdk, macos_min()), None);
+        assert_eq!(
+            sdk_refusal(&xcode, (10, 15, 0)),
+            None,
+            "fine for a 10.15 target"
+        );
+        assert_eq!(
+            sdk_refusal(&empty, macos_min()),
+            None,
+            "left to the compiler"
+        );
+
+        // Xcode's, found by themselves: not used, and said; asked for: the build is refused,
+        // naming how they were given.
+        let (h, why) =
+            usable_headers(Some((xcode.clone(), SdkSource::Xcode)), macos_min()).unwrap();
+        let why = why.unwrap();
+        assert!(
+            h.is_none() && why.starts_with("Xcode's Kernel.framework headers ("),
+            "{why}"
+        );
+        let e = usable_headers(Some((xcode.clone(), SdkSource::Env)), macos_min()).unwrap_err();
+        assert!(
+            e.starts_with("KERNEL_SDK=") && e.contains("Dispatch"),
+            "{e}"
+        );
+        let e = usable_headers(Some((xcode.clone(), SdkSource::Fetched)), macos_min()).unwrap_err();
+        assert!(e.starts_with("the Kernel SDK in "), "{e}");
+        for source in [SdkSource::Env, SdkSource::Fetched, SdkSource::Xcode] {
+            assert_eq!(
+                usable_headers(Some((sdk.clone(), source)), macos_min()),
+                Ok((Some(sdk.clone()), None))
+            );
+        }
+        assert_eq!(usable_headers(None, macos_min()), Ok((None, None)));
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 
     /// The declared KPI versions are the kernel version of the deployment target.

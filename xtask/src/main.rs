@@ -84,14 +84,17 @@ enum Cmd {
     /// loaded; never unloads (that would terminate a running disk or NIC driver): a loaded
     /// older build, told by its UUID, is replaced at the next reboot.
     /// KEXT_INSTALL_DIR=<volume>/Library/Extensions installs onto another system's volume:
-    /// files only (and kextcache -i <volume> on 10.x). Running it as root, signing,
-    /// approval and security settings: docs/install.md.
+    /// files only, and that volume's prelinked kernel (kextcache -i <volume>) when the system
+    /// on it is 10.13-10.15 or PureDarwin and this host is too; the kext tools are those of
+    /// the system on the volume, told by its files (or --target-macos). Running it as root,
+    /// signing, approval and security settings: docs/install.md.
     #[command(after_help = "Examples (docs/install.md: running cargo as root):
   sudo -E env \"PATH=$PATH\" cargo xtask install
   sudo -E env \"PATH=$PATH\" cargo xtask install --console-log --getty org.virtiodarwin.login
   cargo build -p xtask && sudo ./target/debug/xtask install --uninstall
   sudo ./target/debug/xtask install --remove-console-log
   sudo KEXT_INSTALL_DIR=/Volumes/Guest/Library/Extensions ./target/debug/xtask install
+  sudo KEXT_INSTALL_DIR=/Volumes/PD/Library/Extensions ./target/debug/xtask install --target-macos 10.15
   cargo xtask install --dry-run --console-log
   cargo xtask install --dry-run --target-macos 10.15")]
     Install {
@@ -99,9 +102,11 @@ enum Cmd {
         /// not Darwin, the plans for both kext tool generations unless --target-macos)
         #[arg(long)]
         dry_run: bool,
-        /// With --dry-run: the plan for this macOS version (10.13 to 10.15, also PureDarwin,
-        /// or 11 and later; 10.16 is 11) instead of the running system's
-        #[arg(long, value_name = "VERSION", requires = "dry_run")]
+        /// The macOS version of the system installed to (10.13 to 10.15, also PureDarwin, or 11
+        /// and later; 10.16 is 11): with KEXT_INSTALL_DIR, the system on that volume, instead
+        /// of what its files say; otherwise only with --dry-run, for the plan of that version
+        /// instead of the running system's
+        #[arg(long, value_name = "VERSION")]
         target_macos: Option<String>,
         /// Also install the console log daemon: the kernel's log and the last panic report
         /// to /dev/cu.virtio from boot (docs/kernel-debugging.md)
