@@ -1086,7 +1086,13 @@ pub fn cmd_install(o: &InstallOptions) -> Result<bool, String> {
                 "on the VM: `install` as root, docs/install.md, with the same flags but \
                  --dry-run and --target-macos"
             }
-            Dest::Volume(_) => "to run it: the same command as root, without --dry-run",
+            Dest::Volume(_) if host.is_some() => {
+                "to run it: the same command as root, without --dry-run"
+            }
+            Dest::Volume(_) => {
+                "to run it: the same command as root, without --dry-run, on a macOS or \
+                 PureDarwin host with that volume mounted"
+            }
         };
         println!(
             "dry run: {} steps planned, nothing changed ({how})",

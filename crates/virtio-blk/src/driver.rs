@@ -470,10 +470,10 @@ pub struct BlkDriver<B: Bus> {
     stopped: bool,
     /// Between `suspend` and a successful `resume`: submissions get `QueueFull` (hold).
     suspended: bool,
-    /// The capacity (sectors) the caller last heard of: at probe, from a reported
-    /// configuration change, from a resume. Changes are reported against it, not against
-    /// `info`, which a `restart` or a resume that failed after reading the configuration
-    /// has already updated.
+    /// The capacity (sectors) the caller last heard of: at probe, from a configuration
+    /// change, a restart or a resume that reported it. Changes are reported against it,
+    /// not against `info`, which a resume that failed after reading the configuration has
+    /// already updated.
     capacity_reported: u64,
     /// The last reset failed (the device ignored it and its DMA could not be stopped) while
     /// it had the slot memory: `free_regions` leaks the regions instead of freeing them.
@@ -523,13 +523,22 @@ impl<B: Bus> BlkDriver<B> {
     }
 
     /// Re-initialises the device after `abort_all` (e.g. on DEVICE_NEEDS_RESET or a queue
-    /// broken by a device fault). Config is re-read; queue sizes may change. A suspended
-    /// driver comes back through [`BlkDriver::resume`] instead.
-    pub fn restart(&mut self) -> Result<(), BlkError> {
+    /// broken by a device fault). Config is re-read; queue sizes may change. Returns the
+    /// capacity (sectors) when it differs from the one the caller last heard of. A
+    /// suspended driver comes back through [`BlkDriver::resume`] instead.
+    pub fn restart(&mut self) -> Result<Option<u64>, BlkError> {
         if !self.stopped || self.suspended {
             return Err(BlkError::Virtio(Error::InvalidState));
         }
-        self.bring_up(None)
+        self.bring_up(None)?;
+        Ok(self.capacity_news())
+    }
+
+    /// The capacity now when it differs from the one the caller last heard of, which it
+    /// becomes (each change is reported once, by whichever call found it).
+    fn capacity_news(&mut self) -> Option<u64> {
+        let now = self.info.capacity;
+        (core::mem::replace(&mut self.capacity_reported, now) != now).then_some(now)
     }
 
     /// Initialisation (§3.1.1), for `new` and `restart` (`previous`: `None`, negotiate
@@ -1528,8 +1537,7 @@ impl<B: Bus> BlkDriver<B> {
     }
 
     /// Re-reads the configuration after a config-change notification; returns the new
-    /// capacity (sectors) if it differs from the one the caller last heard of (a `restart`
-    /// re-reads it without reporting). Values `read_info` would refuse at init are
+    /// capacity (sectors) if it differs from the one the caller last heard of. Values `read_info` would refuse at init are
     /// refused here too (`Error::DeviceProtocol`), and the previous ones kept. Stopped, the
     /// device is reset and nothing is read (§5.2.5.1): `Virtio(InvalidState)`.
     pub fn handle_config_change(&mut self) -> Result<Option<u64>, BlkError> {
@@ -1541,16 +1549,12 @@ impl<B: Bus> BlkDriver<B> {
             self.info.writeback = config::read_writeback(&BusConfig(&self.bus))?;
         }
         self.info.capacity = capacity;
-        if capacity == self.capacity_reported {
-            return Ok(None);
+        let before = self.capacity_reported;
+        let news = self.capacity_news();
+        if news.is_some() {
+            log::info!("virtio-blk: capacity changed from {before} to {capacity} sectors");
         }
-        log::info!(
-            "virtio-blk: capacity changed from {} to {} sectors",
-            self.capacity_reported,
-            capacity
-        );
-        self.capacity_reported = capacity;
-        Ok(Some(capacity))
+        Ok(news)
     }
 
     /// Switches the cache between writeback (true) and write-through (CONFIG_WCE).
@@ -1761,10 +1765,9 @@ impl<B: Bus> BlkDriver<B> {
         let report = ResumeReport {
             features: self.features,
             capacity: self.info.capacity,
-            capacity_changed: self.info.capacity != self.capacity_reported,
+            capacity_changed: self.capacity_news().is_some(),
             queues: self.num_queues(),
         };
-        self.capacity_reported = self.info.capacity;
         log::info!("virtio-blk: resumed: {report}");
         Ok(report)
     }

@@ -150,9 +150,11 @@ impl<B: Bus> VirtioRng<B> {
     }
 
     /// Collects completed buffers (no interrupt needed) and posts again those returned
-    /// empty: returns the bytes now ready.
+    /// empty: returns the bytes now ready. A caller that sleeps until the next interrupt
+    /// calls this (or `read`) first, or buffers returned empty would stay unposted.
     pub fn poll(&mut self) -> Result<usize> {
         self.collect()?;
+        self.refill()?;
         Ok(self.ready_bytes)
     }
 
@@ -208,7 +210,10 @@ impl<B: Bus> VirtioRng<B> {
     }
 
     /// Demultiplexes an interrupt (`vector`: MSI-X index; `None` for INTx, which reads and
-    /// clears the ISR) and collects what the device returned (as [`VirtioRng::poll`]).
+    /// clears the ISR) and collects what the device returned. Posts nothing: buffers go
+    /// back at the consumer's pace ([`VirtioRng::poll`], [`VirtioRng::read`]), as Linux's
+    /// `virtio_read` requests them, so a device answering every buffer empty at once
+    /// cannot keep the interrupt path kicking it.
     pub fn handle_interrupt(&mut self, vector: Option<u16>) -> Result<RngInterrupt> {
         let cause = self.bus.handle_interrupt(vector);
         if cause.queues.contains(REQUEST_QUEUE) {
@@ -242,17 +247,16 @@ impl<B: Bus> VirtioRng<B> {
         self.ready_bytes = 0;
     }
 
-    /// Moves every buffer the device returned into the ready FIFO, and posts the ones it
-    /// returned empty again. Bounded: the bus hands back only chains in flight, at most one
-    /// per slot.
+    /// Moves every buffer the device returned into the ready FIFO (one returned empty is
+    /// free at once). Bounded: the bus hands back only chains in flight, at most one per
+    /// slot.
     fn collect(&mut self) -> Result<()> {
         if self.region.is_none() {
             return Err(Error::InvalidState);
         }
-        let mut emptied = false;
         for _ in 0..=self.slots.len() {
             let Some(used) = self.bus.pop_used(REQUEST_QUEUE)? else {
-                break;
+                return Ok(());
             };
             let slot = u16::try_from(used.token)
                 .ok()
@@ -267,7 +271,6 @@ impl<B: Bus> VirtioRng<B> {
             if used.len == 0 {
                 self.stats.empty_completions += 1;
                 *slot = Slot::Free;
-                emptied = true;
                 continue;
             }
             *slot = Slot::Filled {
@@ -281,12 +284,6 @@ impl<B: Bus> VirtioRng<B> {
             }
             self.stats.bytes_received += u64::from(used.len);
             self.ready_bytes += used.len as usize;
-        }
-        // An empty buffer has no bytes for `read` to take, so no `read` would post it
-        // again: left alone, a device returning every buffer empty would end up with none
-        // and a caller sleeping until its interrupt would never wake.
-        if emptied {
-            self.refill()?;
         }
         Ok(())
     }

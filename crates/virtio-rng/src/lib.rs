@@ -17,9 +17,10 @@
 //! - **Hostile device.** The bus validates every used element (an id out of range or not
 //!   in flight, a length beyond the buffer, a used index that jumps): the error is returned
 //!   and the queue stays broken until [`VirtioRng::shutdown`]. A completion with length 0
-//!   is legal: the buffer is posted again where it is collected (`handle_interrupt`,
-//!   `poll` or `read`), since no `read` would ever empty it. Every loop fed by the device
-//!   is bounded by the number of buffers.
+//!   is legal: the buffer is posted again by the next `poll` or `read`, since no `read`
+//!   would ever empty it (not by `handle_interrupt`: buffers go back at the consumer's
+//!   pace, so a device answering every buffer empty at once cannot keep the interrupt path
+//!   kicking it). Every loop fed by the device is bounded by the number of buffers.
 //! - **No allocation on the I/O path**: `read`, `poll` and `handle_interrupt` use only
 //!   what `new` set up.
 //! - **Interrupts** start enabled. The platform calls [`VirtioRng::handle_interrupt`]

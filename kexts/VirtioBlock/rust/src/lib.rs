@@ -898,7 +898,7 @@ pub unsafe extern "C" fn vblk_interrupt(d: *mut VblkDevice, vector: i32) {
         book.abandon_unmap();
         match drv.restart() {
             // The shim resubmits what it holds.
-            Ok(()) => {
+            Ok(_) => {
                 d.blocked = true;
                 d.book.fit_queue(&d.drv);
                 // The configuration was read afresh: a resize meanwhile is reported.
@@ -1010,7 +1010,7 @@ pub unsafe extern "C" fn vblk_resume(d: *mut VblkDevice) -> i32 {
     let woken = if dv.drv.is_suspended() {
         dv.drv.resume().map(drop)
     } else if dv.failed {
-        dv.drv.restart()
+        dv.drv.restart().map(drop)
     } else {
         return VBLK_OK;
     };
