@@ -472,8 +472,8 @@ pub struct BlkDriver<B: Bus> {
     suspended: bool,
     /// The capacity (sectors) the caller last heard of: at probe, from a configuration
     /// change, a restart or a resume that reported it. Changes are reported against it,
-    /// not against `info`, which a resume that failed after reading the configuration has
-    /// already updated.
+    /// not against `info`, which a resume or restart that failed after reading the
+    /// configuration has already updated.
     capacity_reported: u64,
     /// The last reset failed (the device ignored it and its DMA could not be stopped) while
     /// it had the slot memory: `free_regions` leaks the regions instead of freeing them.
@@ -1537,9 +1537,10 @@ impl<B: Bus> BlkDriver<B> {
     }
 
     /// Re-reads the configuration after a config-change notification; returns the new
-    /// capacity (sectors) if it differs from the one the caller last heard of. Values `read_info` would refuse at init are
-    /// refused here too (`Error::DeviceProtocol`), and the previous ones kept. Stopped, the
-    /// device is reset and nothing is read (§5.2.5.1): `Virtio(InvalidState)`.
+    /// capacity (sectors) if it differs from the one the caller last heard of. Values
+    /// `read_info` would refuse at init are refused here too (`Error::DeviceProtocol`), and
+    /// the previous ones kept. Stopped, the device is reset and nothing is read (§5.2.5.1):
+    /// `Virtio(InvalidState)`.
     pub fn handle_config_change(&mut self) -> Result<Option<u64>, BlkError> {
         if self.stopped {
             return Err(BlkError::Virtio(Error::InvalidState));

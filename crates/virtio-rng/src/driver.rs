@@ -225,8 +225,9 @@ impl<B: Bus> VirtioRng<B> {
         })
     }
 
-    /// Re-enables the queue's interrupt before the caller sleeps; true when buffers came
-    /// back meanwhile (poll again instead of sleeping).
+    /// Re-enables the queue's interrupt before the caller sleeps (after a `read` or `poll`,
+    /// which post the free buffers again); true when buffers came back meanwhile (poll
+    /// again instead of sleeping).
     pub fn enable_interrupts(&mut self) -> Result<bool> {
         self.bus.enable_interrupts(REQUEST_QUEUE)
     }

@@ -25,8 +25,10 @@
 //!   what `new` set up.
 //! - **Interrupts** start enabled. The platform calls [`VirtioRng::handle_interrupt`]
 //!   (MSI-X vector, or `None` for INTx, which reads the ISR); a caller about to sleep for
-//!   more bytes calls [`VirtioRng::enable_interrupts`] and polls again if it says work
-//!   arrived meanwhile (the race-free re-enable of `virtio_core::Bus`).
+//!   more bytes calls `read` or `poll` last (they post every free buffer again;
+//!   `handle_interrupt` posts none), then [`VirtioRng::enable_interrupts`], and polls
+//!   again if it says work arrived meanwhile (the race-free re-enable of
+//!   `virtio_core::Bus`).
 #![no_std]
 // The device is untrusted: no panicking construct may be reachable from device values.
 #![cfg_attr(

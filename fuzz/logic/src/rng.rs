@@ -175,8 +175,9 @@ pub fn run(data: &[u8]) {
             }
             7 => {
                 for irq in sim.take_interrupts() {
-                    // One `handle_interrupt` call per queued interrupt (each may refill and
-                    // notify once): the flood bound holds per call, as in `balloon`.
+                    // One `handle_interrupt` call per queued interrupt (it collects, and
+                    // posts and notifies nothing): the flood bound holds per call, as in
+                    // `balloon`.
                     let vector = match irq {
                         SimInterrupt::Msix(v) => Some(v),
                         SimInterrupt::Intx => None,
