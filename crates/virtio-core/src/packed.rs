@@ -678,6 +678,10 @@ impl PackedQueue {
             });
         }
         debug_assert!(self.in_flight > 0, "an id in flight with nothing in flight");
+        // The length is used whatever the used descriptor's WRITE flag says, although
+        // §2.8.4 reserves it where WRITE is clear: QEMU (`virtqueue_packed_fill_desc`)
+        // never sets WRITE on a used descriptor and puts the bytes written there, and
+        // Linux's `virtqueue_get_buf_ctx_packed` reads it the same way.
         let len = len & self.used_len_mask;
         if len > writable {
             return self.pop_failed(move |q| Error::UsedLenTooLarge {

@@ -766,10 +766,12 @@ impl SplitQueue {
     /// round, and each pop is checked against that read.
     ///
     /// With `interrupts`, interrupts stay suppressed while it pops and are re-enabled at
-    /// the end without a race (§2.7.10); it returns with them enabled. Under EVENT_IDX
-    /// suppressing writes nothing: after a plain re-enable `used_event` holds our position,
-    /// which the device's used index has already passed (that is why there is something to
-    /// pop), so it raises no interrupt until the re-enable at the end moves `used_event` on
+    /// the end without a race (§2.7.10); it returns with them enabled when it popped
+    /// anything (with nothing to pop it changes nothing, as `Bus::drain_used`). Under
+    /// EVENT_IDX suppressing writes nothing: after a plain re-enable `used_event` holds our
+    /// position, which the device's used index has already passed (that is why there is
+    /// something to pop), so it raises no interrupt until the re-enable at the end moves
+    /// `used_event` on
     /// (what Linux's `virtqueue_disable_cb_split` does once an event has triggered). After
     /// a delayed re-enable `used_event` lies ahead and the device may interrupt once while
     /// we pop: suppression is only a hint, and that interrupt finds the queue drained.
