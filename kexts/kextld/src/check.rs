@@ -808,7 +808,7 @@ fn slot_section<'i>(image: &'i Image<'_>, address: i32, width: u64) -> Result<&'
 /// contents, and the 8-byte value there inside the section it names. External:
 /// `X86_64_RELOC_UNSIGNED` length 3 absolute, or `X86_64_RELOC_BRANCH` length 2
 /// pc-relative inside a section of instructions; `r_extern` 1, naming an undefined
-/// symbol. No address relocated twice.
+/// symbol; the slot holds 0 (no addend). No address relocated twice.
 ///
 /// kxld: `process_relocs_from_tables` (kxld_object.c) applies only the `LC_DYSYMTAB`
 /// tables to a final image (`kxld_sect_init_from_macho_64` reads section relocations but
@@ -825,6 +825,14 @@ fn slot_section<'i>(image: &'i Image<'_>, address: i32, width: u64) -> Result<&'
 /// image before the kernel sets segment protections (every `BRANCH` to an import is in
 /// `__TEXT,__text`), and nothing in kxld forbids a pointer slot in `__TEXT`. Whether
 /// kmutil's auxiliary collection (macOS 11+) minds is not known here, so no rule is made.
+///
+/// No addend on an external relocation: kxld (10.13–10.15) adds the symbol's address to
+/// the slot (`x86_64_process_reloc`, kxld_reloc.c), but the kext collection builder of
+/// macOS 11+ drops the addend that `MachOAnalyzer::forEachBind` (dyld
+/// common/MachOAnalyzer.cpp) reads from the slot: `DylibFixups::processFixups` (dyld
+/// kernel-collection-builder/AppCacheBuilder.cpp) stores the bare symbol address for a
+/// pointer and `target - (pc + 4)` for a call, so `&import + 8` would silently become
+/// `&import` there.
 ///
 /// At least one external relocation: kxld takes an image without any for one it already
 /// linked (`kxld_object.c`, `kxld_object_is_linked`: "has external relocations"), skips
@@ -937,12 +945,32 @@ pub fn check_relocations(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> 
         }
         let width = if call { 4 } else { 8 };
         match slot_section(image, reloc.address, width) {
-            Err(why) => found.push(format!("{at}: {why}")),
+            Err(why) => {
+                found.push(format!("{at}: {why}"));
+                continue;
+            }
             Ok(section) if call && !section.has_instructions() => found.push(format!(
                 "{at} is a call (X86_64_RELOC_BRANCH) in {}, which holds no instructions",
                 section.full_name()
             )),
             Ok(_) => {}
+        }
+        let addend = u64::try_from(reloc.address).ok().and_then(|address| {
+            let bytes = image.bytes_at(address, width as usize)?;
+            Some(if call {
+                i64::from(i32::from_le_bytes(bytes.try_into().ok()?))
+            } else {
+                i64::from_le_bytes(bytes.try_into().ok()?)
+            })
+        });
+        if let Some(addend) = addend.filter(|&addend| addend != 0) {
+            let name = image
+                .symbols
+                .get(reloc.symbolnum as usize)
+                .map_or("?", |symbol| symbol.name.as_str());
+            found.push(format!(
+                "{at} ({name}) holds the addend {addend:+}: macOS 11+ (kmutil) ignores it and binds to {name} itself, while kxld adds it; an external relocation's slot must hold 0"
+            ));
         }
     }
     found
@@ -1323,7 +1351,13 @@ pub fn check_vtables(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> {
             continue;
         }
         // kxld reads on to the first zero slot without an external relocation; stopping
-        // at the next symbol as well keeps the scan inside this object in any case.
+        // at the next symbol as well keeps the scan inside this object in any case. The
+        // symbol table alone would not bound it: objects named by linker-private labels
+        // (Rust's `l_anon.*`) lose them in the output. The zero slot does: clang
+        // `-fapple-kext` ends every vtable with one, inside the vtable's own object (kxld
+        // depends on it; kmutil's `calculateVTableEntries` in `VTablePatcher::patchVTables`,
+        // dyld kernel-collection-builder/AppCacheBuilder.cpp, likewise stops at the first
+        // slot without a fixup), so the scan never reaches the following object's data.
         let end = object_end(image, vtable, section);
         let mut slot = vtable.n_value.saturating_add(VTABLE_HEADER_SIZE);
         while slot.checked_add(8).is_some_and(|slot_end| slot_end <= end) {
@@ -1711,6 +1745,45 @@ mod tests {
         );
         assert_only(Rule::Relocations, &bundle, &plain_context());
 
+        // An external pointer slot holding an addend (`&external_counter + 1` as an int
+        // pointer): kxld would add it, kmutil (11+) would drop it.
+        let image = parsed(&good);
+        let (index, pointer) = image
+            .external_relocs
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.kind == macho::X86_64_RELOC_UNSIGNED && r.length == 3)
+            .expect("plain_kext.c has an external pointer (demo_counter_ref)");
+        let slot = file_offset_of(&good, pointer.address as u64);
+        let mut bundle = good.clone();
+        put_u64(&mut bundle, slot, 8);
+        let violations = assert_only(Rule::Relocations, &bundle, &plain_context());
+        assert!(
+            violations.iter().any(|v| v.message.contains(&format!(
+                "external relocation {index} at {:#x} (_external_counter) holds the addend +8",
+                pointer.address
+            ))),
+            "{violations:?}"
+        );
+        // The same for a call to an import + 4.
+        let (index, call) = image
+            .external_relocs
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.kind == macho::X86_64_RELOC_BRANCH)
+            .expect("plain_kext.c calls imports");
+        let slot = file_offset_of(&good, call.address as u64);
+        let mut bundle = good.clone();
+        put_u32(&mut bundle, slot, 4);
+        let violations = assert_only(Rule::Relocations, &bundle, &plain_context());
+        assert!(
+            violations.iter().any(|v| v
+                .message
+                .starts_with(&format!("external relocation {index} at"))
+                && v.message.contains("holds the addend +4")),
+            "{violations:?}"
+        );
+
         // No external relocation at all: kxld would take it for linked already.
         let dysymtab = command_offset(&good, macho::LC_DYSYMTAB);
         let mut bundle = good.clone();
@@ -1887,14 +1960,102 @@ mod tests {
             "{violations:?}"
         );
 
-        // An inherited slot holding an addend.
+        // An inherited slot holding an addend: kxld could not patch it, and as any
+        // external relocation's addend kmutil would drop it (check_relocations).
         let mut bundle = good.clone();
         put_u64(&mut bundle, file_offset_of(&good, inherited), 8);
-        let violations = assert_only(Rule::VTables, &bundle, &ctx);
+        let violations = check(&bundle, &ctx);
         assert!(
-            violations[0].message.contains("must be 0"),
+            violations
+                .iter()
+                .all(|v| matches!(v.rule, Rule::VTables | Rule::Relocations)),
             "{violations:?}"
         );
+        assert!(
+            violations
+                .iter()
+                .any(|v| v.rule == Rule::VTables && v.message.contains("must be 0")),
+            "{violations:?}"
+        );
+    }
+
+    /// A shim's `__DATA,__const` ending with a vtable, followed in the output by a Rust
+    /// member's anonymous constants (`l_anon.*`, dropped from the symbol table), so that no
+    /// symbol marks where the vtable ends: the scan stops at the vtable's own terminating
+    /// zero slot (clang `-fapple-kext` ends every vtable with one; kxld's
+    /// `init_by_entries_and_relocs` relies on it) and never reads the Rust data.
+    #[test]
+    fn vtable_rule_stops_at_the_vtable_end_before_anonymous_rust_data() {
+        let Some(driver) = compile("clang++", CXX_FLAGS, "iokit_style_driver.cpp") else {
+            return;
+        };
+        let Some(rust_like) = compile(
+            "clang",
+            &["-target", "x86_64-apple-macos10.13"],
+            "rust_like_const.s",
+        ) else {
+            return;
+        };
+        let inputs = [
+            crate::link::Input {
+                name: "iokit_style_driver.o".into(),
+                data: driver,
+            },
+            crate::link::Input {
+                name: "rust_like_const.o".into(),
+                data: rust_like,
+            },
+        ];
+        let options = crate::link::Options {
+            exports: DRIVER_EXPORT_PATTERNS
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            roots: vec![
+                "_kmod_info".into(),
+                "__RNvCs1a2b3c4d5e6_9rust_like5TABLE".into(),
+            ],
+            min_macos: (10, 13, 0),
+            uuid: None,
+        };
+        let linked = crate::link::link(&inputs, &options).expect("links");
+        let image = parsed(&linked.bytes);
+
+        // The scenario is real: the last vtable of __DATA,__const ends (its zero slot) right
+        // where the Rust data starts, and no symbol lies in between.
+        let last_vtable = image
+            .symbols
+            .iter()
+            .filter(|s| s.is_section_defined() && s.name.starts_with("__ZTV"))
+            .max_by_key(|s| s.n_value)
+            .expect("the driver has vtables");
+        let external = relocs_by_address(&image.external_relocs);
+        let mut terminator = last_vtable.n_value + VTABLE_HEADER_SIZE;
+        while image.u64_at(terminator).expect("inside the section") != 0
+            || external.contains_key(&(terminator as i64))
+        {
+            terminator += 8;
+        }
+        let helper = image
+            .symbol("__RNvCs1a2b3c4d5e6_9rust_like6helper")
+            .expect("kept")
+            .n_value;
+        assert_eq!(
+            image.u64_at(terminator + 8),
+            Some(helper),
+            "the Rust-like data follows {}'s terminating slot",
+            last_vtable.name
+        );
+        assert!(
+            image.symbols.iter().all(|s| !(s.is_section_defined()
+                && s.n_value > last_vtable.n_value
+                && s.n_value <= terminator + 8)),
+            "no symbol bounds the vtable"
+        );
+
+        let ctx = CheckContext::new(linked.imports.clone(), DRIVER_EXPORT_PATTERNS);
+        let violations = check(&linked.bytes, &ctx);
+        assert!(violations.is_empty(), "{violations:#?}");
     }
 
     #[test]

@@ -542,6 +542,25 @@ fn section_rank(seg: Seg, name: &str, flags: u32) -> u8 {
     }
 }
 
+/// Refuses an external relocation whose slot holds a non-zero addend (`&import + 8`, a
+/// call to `import + 4`).
+///
+/// kxld (10.13–10.15) adds the symbol's address to the slot (`x86_64_process_reloc`,
+/// xnu libkern/kxld/kxld_reloc.c), but the kext collection builder of macOS 11+ ignores
+/// the addend that `MachOAnalyzer::forEachBind` reads from the slot (dyld common/MachOAnalyzer.cpp): the
+/// bind in `AppCacheBuilder::processFixups` (dyld
+/// kernel-collection-builder/AppCacheBuilder.cpp) stores the bare symbol address for a
+/// pointer and `target - (pc + 4)` for a call. The same bundle would bind differently on
+/// the two loaders, silently wrong on 11+, so the link fails instead.
+fn refuse_import_addend(at: &str, name: &str, addend: i64, what: &str) -> Result<(), LinkError> {
+    if addend == 0 {
+        return Ok(());
+    }
+    err(format!(
+        "{at}: {what} to imported {name} {addend:+}: macOS 11+ (kmutil) binds an imported symbol without its addend, so this would reach {name} itself there; reference the symbol itself (or compute the offset at run time)"
+    ))
+}
+
 fn align_up(value: u64, align: u64) -> u64 {
     value.div_ceil(align) * align
 }
@@ -560,16 +579,28 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
     }
 
     // Imports: external references nothing defines, sorted (LC_DYSYMTAB's undefined
-    // symbols are sorted by name).
-    let mut import_names: BTreeSet<String> = BTreeSet::new();
+    // symbols are sorted by name), each with whether it is a weak reference.
+    //
+    // An import stays weak (`N_WEAK_REF`, from `__attribute__((weak_import))`) only if
+    // every object referencing it does so weakly: one strong reference makes it strong, as
+    // ld64 decides by default (`kWeakReferenceMismatchNonWeak`, ld64 src/ld/Options.cpp;
+    // applied per reference in src/ld/passes/dylibs.cpp, `doPass`). The bit must reach the
+    // output: kxld marks such a symbol weak (`init_predicates`, xnu
+    // libkern/kxld/kxld_sym.c) and binds it, when no library defines it, to
+    // `kext_weak_symbol_referenced` (`resolve_symbols`, kxld_kext.c), the address
+    // `gOSKextUnresolved` holds; kmutil reads the bit the same way
+    // (`weakImport`, `MachOAnalyzer::forEachBind`, dyld common/MachOAnalyzer.cpp). Without
+    // it a kext testing for an optional symbol refuses to load where the symbol is missing.
+    let mut import_weak: BTreeMap<String, bool> = BTreeMap::new();
     for object in &objects {
         for s in &object.symbols {
             if s.is_undefined() && s.is_external() && !globals.contains_key(&s.name) {
-                import_names.insert(s.name.clone());
+                let weak = s.n_desc & macho::N_WEAK_REF != 0;
+                *import_weak.entry(s.name.clone()).or_insert(weak) &= weak;
             }
         }
     }
-    let imports: Vec<String> = import_names.into_iter().collect();
+    let imports: Vec<String> = import_weak.keys().cloned().collect();
     let import_index: HashMap<&str, usize> = imports
         .iter()
         .enumerate()
@@ -862,14 +893,15 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
                 match r.kind {
                     macho::X86_64_RELOC_UNSIGNED if !r.pcrel && width == 8 => {
                         if r.is_extern {
-                            match symbol_target(oi, r.symbolnum)?.0 {
-                                Target::Defined(t) => {
+                            match symbol_target(oi, r.symbolnum)? {
+                                (Target::Defined(t), _) => {
                                     write_u64(data, at, t.wrapping_add(content as u64));
                                     local_relocs.push((p as u32, section_of(t)));
                                 }
-                                Target::Import(imp) => {
-                                    // The slot holds the addend; the kernel linker adds
-                                    // the symbol's address.
+                                (Target::Import(imp), name) => {
+                                    refuse_import_addend(&ctx(), &name, content, "pointer")?;
+                                    // The slot holds the (zero) addend; the kernel linker
+                                    // stores the symbol's address there.
                                     external_relocs.push((p as u32, imp as u32, r.kind));
                                 }
                             }
@@ -901,8 +933,9 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
                                     (t as i64).wrapping_add(content).wrapping_sub(p as i64 + 4)
                                 }
                                 Target::Import(imp) if r.kind == macho::X86_64_RELOC_BRANCH => {
+                                    refuse_import_addend(&ctx(), &name, content, "call")?;
                                     external_relocs.push((p as u32, imp as u32, r.kind));
-                                    content // the slot keeps only the addend
+                                    content // the slot keeps only the (zero) addend
                                 }
                                 Target::Import(_) => {
                                     return err(format!(
@@ -963,6 +996,8 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
                             return err(format!("{}: malformed SUBTRACTOR pair", ctx()));
                         }
                         if !r.is_extern {
+                            // ld64 refuses it too ("X86_64_RELOC_SUBTRACTOR must have
+                            // r_extern=1", `Section<x86_64>::addRelocFixup`).
                             return err(format!("{}: section-relative SUBTRACTOR", ctx()));
                         }
                         let (b, b_name) = symbol_target(oi, r.symbolnum)?;
@@ -979,10 +1014,17 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
                             };
                             (a as i64).wrapping_sub(b as i64).wrapping_add(content)
                         } else {
-                            // The content is A_orig - B_orig (+ addend): recover A_orig.
-                            let b_sym = &object.symbols[r.symbolnum as usize];
-                            let a_orig = (b_sym.n_value as i64).wrapping_add(content) as u64;
-                            let a = section_target(oi, minuend.symbolnum, a_orig)?;
+                            // A has no symbol (a temporary label in a section without
+                            // one): the slot holds A's original address + the addend -
+                            // (B - the symbol named), not a difference. LLVM's
+                            // X86_64MachObjectWriter (`RecordX86_64Relocation`) writes
+                            // that; ld64 reads the content as an address in the section
+                            // the UNSIGNED names (`findTargetFromAddressAndSectionNum`,
+                            // `Section<x86_64>::addRelocFixup`, ld64
+                            // src/ld/parsers/macho_relocatable_file.cpp) and subtracts
+                            // the SUBTRACTOR's symbol. Sections move whole, so B's offset
+                            // from that symbol carries over.
+                            let a = section_target(oi, minuend.symbolnum, content as u64)?;
                             (a as i64).wrapping_sub(b as i64)
                         };
                         let data = &mut out[o].data;
@@ -1087,8 +1129,9 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
         put_symbol(name, *t, *sect, *desc, *value);
     }
     let undef_base = locals.len() + extdefs.len();
-    for name in &imports {
-        put_symbol(name, macho::N_UNDF | macho::N_EXT, 0, 0, 0);
+    for (name, &weak) in &import_weak {
+        let n_desc = if weak { macho::N_WEAK_REF } else { 0 };
+        put_symbol(name, macho::N_UNDF | macho::N_EXT, 0, n_desc, 0);
     }
     while !strings.len().is_multiple_of(8) {
         strings.push(0);

@@ -5,10 +5,14 @@
 //!    0, so the slide is the base); file contents are copied, the rest stays zero;
 //! 2. local relocations (`X86_64_RELOC_UNSIGNED`, length 3): the slide is added to the
 //!    8-byte slot at `r_address`;
-//! 3. external relocations: `X86_64_RELOC_UNSIGNED` length 3 → slot = symbol + the addend
-//!    already in the slot; `X86_64_RELOC_BRANCH` (pc-relative, length 2) → the call's rel32
-//!    reaches a trampoline (`jmp *0(%rip)` + the 8-byte target) in a region right after the
-//!    image, because the functions a test binds imports to may lie more than ±2 GiB away;
+//! 3. external relocations: `X86_64_RELOC_UNSIGNED` length 3 → slot = symbol;
+//!    `X86_64_RELOC_BRANCH` (pc-relative, length 2) → the call's rel32 reaches a trampoline
+//!    (`jmp *0(%rip)` + the 8-byte target) in a region right after the image, because the
+//!    functions a test binds imports to may lie more than ±2 GiB away. A slot holding an
+//!    addend is refused: kxld (10.13–10.15) would add it (`x86_64_process_reloc`, xnu
+//!    kxld_reloc.c) but macOS 11+'s kext collection builder drops it
+//!    (`DylibFixups::processFixups`, dyld kernel-collection-builder/AppCacheBuilder.cpp),
+//!    so no single answer is right and the linker must never produce one;
 //! 4. `__TEXT` becomes read+execute and every other segment read+write (kxld's strict
 //!    protections).
 //!
@@ -426,11 +430,17 @@ fn apply_fixups(
             }
             Fixup::Pointer { offset, target } => {
                 let addend = read_u64(memory, offset);
-                write_u64(memory, offset, target.wrapping_add(addend));
+                if addend != 0 {
+                    return Err(addend_refused(offset, addend as i64));
+                }
+                write_u64(memory, offset, target);
             }
             Fixup::Branch { offset, target } => {
                 let addend = i64::from(read_i32(memory, offset));
-                let destination = target.wrapping_add_signed(addend);
+                if addend != 0 {
+                    return Err(addend_refused(offset, addend));
+                }
+                let destination = target;
                 let trampoline = match trampolines.get(&destination) {
                     Some(&t) => t,
                     None => {
@@ -454,6 +464,13 @@ fn apply_fixups(
         }
     }
     Ok(())
+}
+
+/// Why an external relocation's slot must hold 0 (module docs, step 3).
+fn addend_refused(offset: usize, addend: i64) -> String {
+    format!(
+        "external relocation at {offset:#x}: the slot holds the addend {addend:+}, which kxld would add and macOS 11+ would drop"
+    )
 }
 
 fn read_u64(memory: &[u8], offset: usize) -> u64 {
@@ -570,23 +587,26 @@ mod tests {
     }
 
     #[test]
-    fn external_pointer_is_target_plus_the_addend_in_the_slot() {
+    fn external_pointer_is_the_target_and_an_addend_is_refused() {
         let mut memory = vec![0u8; 0x20];
-        write_u64(&mut memory, 0, 16);
-        write_u64(&mut memory, 8, (-8i64) as u64);
-        let fixups = [
-            Fixup::Pointer {
-                offset: 0,
-                target: 0x1234_5678_9000,
-            },
-            Fixup::Pointer {
+        let fixups = [Fixup::Pointer {
+            offset: 0,
+            target: 0x1234_5678_9000,
+        }];
+        apply_fixups(&mut memory, 0x4000, 0x20, &fixups).unwrap();
+        assert_eq!(read_u64(&memory, 0), 0x1234_5678_9000);
+
+        // kxld would store target + 16, kmutil (11+) the bare target: refused.
+        for addend in [16i64, -8] {
+            let mut memory = vec![0u8; 0x20];
+            write_u64(&mut memory, 8, addend as u64);
+            let fixups = [Fixup::Pointer {
                 offset: 8,
                 target: 0x1000,
-            },
-        ];
-        apply_fixups(&mut memory, 0x4000, 0x20, &fixups).unwrap();
-        assert_eq!(read_u64(&memory, 0), 0x1234_5678_9010);
-        assert_eq!(read_u64(&memory, 8), 0xff8);
+            }];
+            let e = apply_fixups(&mut memory, 0x4000, 0x20, &fixups).unwrap_err();
+            assert!(e.contains(&format!("holds the addend {addend:+}")), "{e}");
+        }
     }
 
     #[test]
@@ -594,8 +614,7 @@ mod tests {
         // Image of 0x100 bytes; three call sites; room for three trampolines after it.
         let image_len = 0x100;
         let mut memory = vec![0u8; image_len + 3 * TRAMPOLINE_BYTES];
-        // Two calls to one function (addend 0), one to the same function + 4.
-        memory[0x11..0x15].copy_from_slice(&4i32.to_le_bytes());
+        // Two calls to one function, one to another.
         let far = 0x7fff_0000_1000u64;
         let fixups = [
             Fixup::Branch {
@@ -604,7 +623,7 @@ mod tests {
             },
             Fixup::Branch {
                 offset: 0x11,
-                target: far,
+                target: far + 4,
             },
             Fixup::Branch {
                 offset: 0x21,
@@ -619,7 +638,7 @@ mod tests {
         assert_eq!(
             lands(0x11),
             image_len + TRAMPOLINE_BYTES,
-            "addend: another one"
+            "another destination, another one"
         );
         let stub = |at: usize| {
             assert_eq!(memory[at..at + 6], TRAMPOLINE_JMP, "jmp *0(%rip)");
@@ -627,6 +646,16 @@ mod tests {
         };
         assert_eq!(stub(image_len), far);
         assert_eq!(stub(image_len + TRAMPOLINE_BYTES), far + 4);
+
+        // A call to an import + 4: kxld would reach far + 4, kmutil (11+) far. Refused.
+        let mut memory = vec![0u8; image_len + TRAMPOLINE_BYTES];
+        memory[0x11..0x15].copy_from_slice(&4i32.to_le_bytes());
+        let fixups = [Fixup::Branch {
+            offset: 0x11,
+            target: far,
+        }];
+        let e = apply_fixups(&mut memory, 0x5555_0000_0000, image_len, &fixups).unwrap_err();
+        assert!(e.contains("holds the addend +4"), "{e}");
     }
 
     /// A hand-made `MH_KEXT_BUNDLE`, laid out as `link` lays one out: `__TEXT` at 0 (header
@@ -649,7 +678,7 @@ mod tests {
     impl TestBundle {
         /// `_f`: calls `_external_function` and adds 1 (BRANCH); `_g`: returns the pointer
         /// at `__data+0` (local relocation, holds `_f`); `_h`: returns the pointer at
-        /// `__data+8` (UNSIGNED to `_external_data` + 16); `__mod_init_func` holds `_g`.
+        /// `__data+8` (UNSIGNED to `_external_data`); `__mod_init_func` holds `_g`.
         fn new() -> TestBundle {
             TestBundle {
                 local_relocs: vec![(DATA as i32, 2), (DATA as i32 + 0x20, 3)],
@@ -672,7 +701,6 @@ mod tests {
                 file[at..at + 8].copy_from_slice(&code);
             }
             file[DATA..DATA + 8].copy_from_slice(&(TEXT as u64).to_le_bytes());
-            file[DATA + 8..DATA + 16].copy_from_slice(&16u64.to_le_bytes());
             file[DATA + 0x20..DATA + 0x28].copy_from_slice(&(TEXT as u64 + 0x10).to_le_bytes());
 
             // __LINKEDIT: local relocations, external relocations, symbols, strings.
@@ -872,8 +900,8 @@ mod tests {
         assert_eq!(g_fn() as usize, f, "the local relocation slid the pointer");
         assert_eq!(
             h_fn() as usize,
-            EXTERNAL_DATA.as_ptr() as usize + 16,
-            "the external pointer is the symbol plus the slot's addend"
+            EXTERNAL_DATA.as_ptr() as usize,
+            "the external pointer is the symbol"
         );
         // SAFETY: `__DATA`'s zero-filled tail (vmsize 0x2000, filesize 0x1000) is mapped
         // read+write while `loaded` lives.

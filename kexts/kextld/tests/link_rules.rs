@@ -174,3 +174,129 @@ fn a_root_nothing_defines_is_an_error() {
         "{e}"
     );
 }
+
+/// An assembly fixture (`tests/fixtures/link/<source>.s`), assembled by clang for the
+/// kext target.
+fn assembled(source: &str) -> Option<Input> {
+    let data = fixture::compile(
+        "clang",
+        &["-target", "x86_64-apple-macos10.13"],
+        &format!("link/{source}"),
+    )?;
+    Some(Input {
+        name: source.replace(".s", ".o"),
+        data,
+    })
+}
+
+/// `n_desc` of the undefined symbol `name` in a linked bundle.
+fn import_desc(linked: &Linked, name: &str) -> u16 {
+    Image::parse(&linked.bytes)
+        .expect("parses")
+        .symbols
+        .iter()
+        .find(|s| s.name == name && s.is_undefined())
+        .unwrap_or_else(|| panic!("{name} is imported"))
+        .n_desc
+}
+
+#[test]
+fn an_addend_on_an_imported_symbol_is_refused() {
+    // &kernel_table[2]: kxld would bind kernel_table + 8, kmutil (11+) kernel_table.
+    let Some(pointer) = object("import_pointer_addend.c", &[]) else {
+        return;
+    };
+    let e = link(&[pointer], &options(&["_get_third_entry"], &[]))
+        .err()
+        .expect("refused");
+    assert!(e.message.starts_with("import_pointer_addend.o: "), "{e}");
+    assert!(
+        e.message.contains("pointer to imported _kernel_table +8"),
+        "{e}"
+    );
+    assert!(e.message.contains("macOS 11+"), "{e}");
+
+    // call kernel_function+4.
+    let Some(call) = assembled("import_call_addend.s") else {
+        return;
+    };
+    let e = link(&[call], &options(&["_call_past_entry"], &[]))
+        .err()
+        .expect("refused");
+    assert!(
+        e.message.contains("call to imported _kernel_function +4"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_weak_import_stays_weak_unless_another_object_references_it_strongly() {
+    let (Some(weak), Some(strong)) = (object("weak_import.c", &[]), object("strong_import.c", &[]))
+    else {
+        return;
+    };
+    let linked = link(
+        std::slice::from_ref(&weak),
+        &options(&["_weak_user"], &["_weak_user"]),
+    )
+    .unwrap();
+    assert_ne!(
+        import_desc(&linked, "_maybe_there") & object::macho::N_WEAK_REF,
+        0,
+        "weak_import reaches the output"
+    );
+    assert_eq!(
+        import_desc(&linked, "_always_there") & object::macho::N_WEAK_REF,
+        0
+    );
+    // No library exports _maybe_there: kxld binds it to kext_weak_symbol_referenced
+    // because the kext tests for it (references gOSKextUnresolved). Only the kmod_info
+    // rule (the fixture has none) may fire.
+    let violations = check(
+        &linked.bytes,
+        &CheckContext::new(["_always_there", "_gOSKextUnresolved"], ["_weak_user"]),
+    );
+    assert!(
+        violations.iter().all(|v| v.message.contains("kmod_info")),
+        "{violations:?}"
+    );
+
+    // One strong reference anywhere makes it strong (ld64's default), in either order.
+    for inputs in [
+        [weak.clone(), strong.clone()],
+        [strong.clone(), weak.clone()],
+    ] {
+        let linked = link(&inputs, &options(&["_weak_user", "_strong_user"], &[])).unwrap();
+        assert_eq!(
+            import_desc(&linked, "_maybe_there") & object::macho::N_WEAK_REF,
+            0,
+            "a strong reference wins"
+        );
+    }
+}
+
+#[test]
+fn a_difference_with_a_section_relative_minuend_is_the_linked_distance() {
+    let Some(input) = assembled("section_minuend.s") else {
+        return;
+    };
+    let linked = link(&[input], &options(&["_section_minuend_entry"], &["_*"])).unwrap();
+    #[cfg(all(unix, target_arch = "x86_64"))]
+    {
+        let loaded =
+            kextld::load::LoadedBundle::load(&linked.bytes, &mut |_| None).expect("no imports");
+        let at = |name: &str| loaded.symbol(name).unwrap_or_else(|| panic!("{name}"));
+        // SAFETY: each symbol is an aligned 8-byte datum in the mapped bundle.
+        let quad = |name: &str| unsafe { *(at(name) as *const i64) };
+        // _ptr_a (a local relocation) holds L_a's loaded address.
+        let a = quad("_ptr_a");
+        let b = at("_b") as i64;
+        assert_eq!(quad("_diff"), a - b, "L_a - _b");
+        assert_eq!(quad("_diff_plus"), a + 8 - b, "L_a + 8 - _b");
+        assert_eq!(quad("_diff_mid"), a - (b + 8), "L_a - L_b_mid");
+        // SAFETY: as above, a 4-byte datum.
+        let long = unsafe { *(at("_diff32") as *const i32) };
+        assert_eq!(i64::from(long), a - b, "32-bit L_a - _b");
+    }
+    let _ = linked;
+}
