@@ -808,7 +808,8 @@ fn slot_section<'i>(image: &'i Image<'_>, address: i32, width: u64) -> Result<&'
 /// contents, and the 8-byte value there inside the section it names. External:
 /// `X86_64_RELOC_UNSIGNED` length 3 absolute, or `X86_64_RELOC_BRANCH` length 2
 /// pc-relative inside a section of instructions; `r_extern` 1, naming an undefined
-/// symbol; the slot holds 0 (no addend). No address relocated twice.
+/// symbol, and a call not to a weak import; the slot holds 0 (no addend). No address
+/// relocated twice.
 ///
 /// kxld: `process_relocs_from_tables` (kxld_object.c) applies only the `LC_DYSYMTAB`
 /// tables to a final image (`kxld_sect_init_from_macho_64` reads section relocations but
@@ -833,6 +834,10 @@ fn slot_section<'i>(image: &'i Image<'_>, address: i32, width: u64) -> Result<&'
 /// kernel-collection-builder/AppCacheBuilder.cpp) stores the bare symbol address for a
 /// pointer and `target - (pc + 4)` for a call, so `&import + 8` would silently become
 /// `&import` there.
+///
+/// No call to a weak import: the same builder binds a weak import it cannot find only
+/// where a pointer holds it (`!foundSymbol && weakImport` in `processFixups`); a call
+/// fails the whole collection with "Unexpected bind type". kxld would bind either.
 ///
 /// At least one external relocation: kxld takes an image without any for one it already
 /// linked (`kxld_object.c`, `kxld_object_is_linked`: "has external relocations"), skips
@@ -938,6 +943,15 @@ pub fn check_relocations(image: &Image<'_>, _ctx: &CheckContext) -> Vec<String> 
             Some(symbol) if symbol.is_stab() || symbol.kind() != macho::N_UNDF => {
                 found.push(format!(
                     "{at} names {}, which is not an undefined symbol: internal references are local relocations",
+                    symbol.name
+                ))
+            }
+            // dyld's kext collection builder (AppCacheBuilder.cpp, `!foundSymbol &&
+            // weakImport`) binds a missing weak import only where a pointer holds it:
+            // any other bind type fails the collection ("Unexpected bind type").
+            Some(symbol) if call && symbol.n_desc & macho::N_WEAK_REF != 0 => {
+                found.push(format!(
+                    "{at} calls {}, a weak import, directly: macOS 11 and later cannot build a kext collection holding a direct call to a weak symbol the kernel lacks; call it through a function pointer (loaded after OSKextSymbolIsResolved)",
                     symbol.name
                 ))
             }

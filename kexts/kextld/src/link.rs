@@ -589,8 +589,10 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
     // libkern/kxld/kxld_sym.c) and binds it, when no library defines it, to
     // `kext_weak_symbol_referenced` (`resolve_symbols`, kxld_kext.c), the address
     // `gOSKextUnresolved` holds; kmutil reads the bit the same way
-    // (`weakImport`, `MachOAnalyzer::forEachBind`, dyld common/MachOAnalyzer.cpp). Without
-    // it a kext testing for an optional symbol refuses to load where the symbol is missing.
+    // (`weakImport`, `MachOAnalyzer::forEachBind`, dyld common/MachOAnalyzer.cpp), but
+    // binds a missing one only where a pointer holds it (the check refuses direct calls).
+    // Without the bit a kext testing for an optional symbol refuses to load where the
+    // symbol is missing.
     let mut import_weak: BTreeMap<String, bool> = BTreeMap::new();
     for object in &objects {
         for s in &object.symbols {
@@ -823,7 +825,11 @@ pub fn link(inputs: &[Input], options: &Options) -> Result<Linked, LinkError> {
                 object.name, input.segname, input.sectname
             ));
         };
-        Ok(addrs[*o] + offset + orig.wrapping_sub(input.addr))
+        // Wrapping: `orig` may lie before the section's start (a negative addend, as in
+        // ld64's `findTargetFromAddressAndSectionNum`); the sum is the target modulo 2^64.
+        Ok(addrs[*o]
+            .wrapping_add(*offset)
+            .wrapping_add(orig.wrapping_sub(input.addr)))
     };
 
     // ---- relocate
