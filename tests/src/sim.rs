@@ -452,6 +452,17 @@ pub enum SimInterrupt {
     Intx,
 }
 
+impl SimInterrupt {
+    /// What a driver's `handle_interrupt` takes for it: the MSI-X vector, or `None` for
+    /// INTx (the bus then reads the ISR).
+    pub fn vector(self) -> Option<u16> {
+        match self {
+            SimInterrupt::Msix(v) => Some(v),
+            SimInterrupt::Intx => None,
+        }
+    }
+}
+
 /// What the platform-side [`InterruptPlatform`] handle was asked to do.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum IrqCall {

@@ -91,11 +91,7 @@ impl SimWaiter<'_> {
         }
         let irqs = self.sim.take_interrupts();
         for irq in &irqs {
-            let vector = match irq {
-                virtio_tests::sim::SimInterrupt::Msix(v) => Some(*v),
-                virtio_tests::sim::SimInterrupt::Intx => None,
-            };
-            fs.handle_interrupt(vector)?;
+            fs.handle_interrupt(irq.vector())?;
         }
         if served == 0 && irqs.is_empty() {
             self.idle += 1;
@@ -2028,11 +2024,7 @@ impl Waiter<Dev> for InterruptOnlyWaiter<'_> {
             }
             let irqs = self.sim.take_interrupts();
             for irq in &irqs {
-                let vector = match irq {
-                    virtio_tests::sim::SimInterrupt::Msix(v) => Some(*v),
-                    virtio_tests::sim::SimInterrupt::Intx => None,
-                };
-                fs.handle_interrupt(vector)?;
+                fs.handle_interrupt(irq.vector())?;
             }
             if !irqs.is_empty() {
                 self.woken += 1;

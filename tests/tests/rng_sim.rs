@@ -307,11 +307,7 @@ fn empty_buffers_are_reposted_at_the_consumers_pace() {
             // path posts nothing (the consumer's pace, not the device's).
             let kicks = src.sim.kicks(REQUEST_QUEUE);
             for irq in src.sim.take_interrupts() {
-                let vector = match irq {
-                    SimInterrupt::Msix(v) => Some(v),
-                    SimInterrupt::Intx => None,
-                };
-                assert_eq!(rng.handle_interrupt(vector).unwrap().bytes_ready, 0);
+                assert_eq!(rng.handle_interrupt(irq.vector()).unwrap().bytes_ready, 0);
             }
             assert_eq!(src.sim.kicks(REQUEST_QUEUE), kicks, "{mode:?}: kicked");
             assert_eq!(rng.poll().unwrap(), 0);
